@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   — create .venv (CPU torch 2.13.0 from local disk), install gradguard, run `gradguard demo`
+#   make test   — same set-up plus dev tools, then ruff, mypy and the whole test suite
+# pip only: uv and poetry ignore the local torch file and would download a CUDA build.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test lint setup clean bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_PIN)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]" "$(TORCH_PIN)"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/gradguard demo
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/clip.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

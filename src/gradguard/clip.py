@@ -1,0 +1,629 @@
+"""Gradient clipping: norm, value, AGC, per-layer, AutoClip, ZClip and ``auto`` — sync-free.
+
+Functions clip in place and return the pre-clip statistic as a device tensor, like
+:func:`torch.nn.utils.clip_grad_norm_`. Stateful clippers are callables
+``clipper(parameters, norm=None) -> pre-clip norm`` with ``state_dict`` / ``load_state_dict``;
+pass ``norm`` when it was already measured, so the gradients are read only once more (to scale).
+
+What gradguard does differently from torch, on purpose:
+
+* A non-finite norm leaves the gradients untouched (coefficient 1): torch multiplies by
+  ``τ/inf = 0`` or by NaN, zeroing every finite gradient or turning it into NaN. Detect the
+  non-finite step from the returned norm (or let :class:`gradguard.Guard` skip it).
+* float16/bfloat16 norms accumulate in float32 (a float16 norm above 65504 is measured, not
+  ``inf``), and the total accumulates in float64 (see :mod:`gradguard.stats`).
+* A tensor ``max_norm`` is never read on the host.
+* Adaptive clippers update their state with finite norms only: one NaN step never poisons them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradguard.errors import GradGuardError, NonFiniteError
+from gradguard.stats import (
+    LayerIndex,
+    as_tensor_list,
+    check_norm_type,
+    check_tensors,
+    grads_of,
+    tensor_norms,
+    total_norm,
+)
+
+__all__ = [
+    "AGC",
+    "Auto",
+    "AutoClip",
+    "Clipper",
+    "Norm",
+    "NormClipper",
+    "PerLayer",
+    "Value",
+    "ZClip",
+    "clip_grad_agc_",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "coefficient",
+    "from_spec",
+    "scale_",
+]
+
+_STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def _check_threshold(value: float | Tensor, name: str, *, allow_inf: bool = True) -> float | Tensor:
+    """A float threshold must be a number ≥ 0; a tensor one is left on device (not validated: that would sync)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise GradGuardError(
+                f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}."
+            )
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise GradGuardError(f"{name} must be a number, got {value!r}.") from None
+    if math.isnan(v) or v < 0 or (math.isinf(v) and not allow_inf):
+        raise GradGuardError(
+            f"{name} must be a finite number ≥ 0, got {value!r}. Pick one from the observed gradient norms "
+            "(`gradguard diagnose` recommends one), e.g. 1.0."
+        )
+    return v
+
+
+def coefficient(norm: Tensor, threshold: float | Tensor) -> Tensor:
+    """The norm-clipping coefficient ``min(1, τ / (‖g‖ + 1e-6))`` as a float32 device tensor.
+
+    1 (leave the gradients alone) where the norm or the threshold is non-finite, and clamped at 0
+    for a negative tensor threshold, so the coefficient itself never zeroes finite gradients by
+    accident nor writes NaN. No host sync.
+    """
+    n = norm.to(torch.float32) if norm.dtype != torch.float64 else norm
+    tau = threshold.to(device=n.device, dtype=n.dtype) if isinstance(threshold, Tensor) else threshold
+    coef = (tau / (n + 1e-6)).clamp(0.0, 1.0)
+    ok = torch.isfinite(n) & torch.isfinite(coef)
+    return torch.where(ok, coef, torch.ones_like(coef))
+
+
+def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = None) -> None:
+    """Multiply every tensor in place by a 0-D device tensor (one write pass, grouped by device/dtype)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for (device, _), ts in groups.items():
+        c = coef.to(device)
+        if (foreach is not False and device.type != "meta") or foreach:
+            torch._foreach_mul_(ts, c)
+        else:
+            for t in ts:
+                t.mul_(c)
+
+
+# ----------------------------------------------------------------------------- functions
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float | Tensor,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Clip the global gradient norm in place: ``g ← τ·g/‖g‖`` when ``‖g‖ ≥ τ`` (Pascanu et al. 2013).
+
+    A drop-in for :func:`torch.nn.utils.clip_grad_norm_` (same result to float tolerance wherever
+    torch's is finite) that is overflow-safe for float16 and never zeroes or NaN-fills finite
+    gradients when the norm is non-finite (it leaves them untouched and returns the non-finite
+    norm). ``max_norm`` may be a device tensor; it is never read on the host.
+
+    Args:
+        parameters: tensors (or one tensor) whose ``.grad`` is clipped.
+        max_norm: the threshold τ ≥ 0 (float or 1-element tensor).
+        norm_type: p > 0 or ``inf``.
+        error_if_nonfinite: raise :class:`gradguard.NonFiniteError` on a non-finite norm. This
+            reads the norm on the host (one sync), as torch does.
+        foreach: use the foreach kernels (default: where supported).
+
+    Returns:
+        The pre-clip global norm (float32; float64 for float64 gradients).
+
+    Example:
+        >>> import torch, gradguard
+        >>> w = torch.nn.Parameter(torch.ones(4)); w.grad = torch.full((4,), 10.0)
+        >>> float(gradguard.clip_grad_norm_([w], max_norm=1.0))
+        20.0
+        >>> round(float(w.grad.norm()), 4)
+        1.0
+    """
+    threshold = _check_threshold(max_norm, "max_norm")
+    p = check_norm_type(norm_type)
+    grads = grads_of(parameters)
+    total = total_norm(tensor_norms(grads, p, foreach=foreach), p)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: opt-in, as in torch
+        raise NonFiniteError(
+            f"the total norm of order {p} of the gradients is {float(total)}; the gradients cannot be clipped. "
+            "Pass error_if_nonfinite=False to leave them untouched (gradguard never zeroes them), or find the "
+            "first non-finite value with `gradguard.locate`."
+        )
+    if grads:
+        scale_(grads, coefficient(total, threshold), foreach=foreach)
+    return total
+
+
+def clip_grad_value_(
+    parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None
+) -> Tensor:
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place.
+
+    Returns the pre-clip max-abs of the gradients, so an overflow is still visible: value
+    clipping maps ±inf to ±clip_value and lets NaN through, hiding what went wrong.
+    """
+    v = float(_check_threshold(clip_value, "clip_value"))
+    grads = grads_of(parameters)
+    maxabs = total_norm(tensor_norms(grads, math.inf, foreach=foreach), math.inf)
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), ts in groups.items():
+        if (foreach is not False and device.type != "meta") or foreach:
+            torch._foreach_clamp_min_(ts, -v)
+            torch._foreach_clamp_max_(ts, v)
+        else:
+            for t in ts:
+                t.clamp_(-v, v)
+    return maxabs
+
+
+def _unitwise_norm(t: Tensor) -> Tensor:
+    """Norm per output unit for PyTorch layouts (dim 0 = output), kept broadcastable; whole norm for rank ≤ 1."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t, dtype=acc)
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=acc)
+
+
+def clip_grad_agc_(
+    parameters: Tensor | Iterable[Tensor],
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    *,
+    exclude: Iterable[Tensor] = (),
+) -> Tensor:
+    """Adaptive Gradient Clipping (Brock, De, Smith, Simonyan, ICML 2021 — NFNets), in place.
+
+    Per output unit i (row i of a Linear/Embedding weight, output channel of a ConvNd weight;
+    the whole tensor for biases and other rank ≤ 1 tensors)::
+
+        ‖W_i‖* = max(‖W_i‖, eps);  if ‖G_i‖ > λ‖W_i‖*:  G_i ← λ‖W_i‖* / max(‖G_i‖, 1e-6) · G_i
+
+    The paper uses λ = 0.01 at batch 4096 (larger batches want smaller λ), ε = 1e-3, and does not
+    clip the final classifier: pass its parameters in ``exclude``. A unit whose gradient is
+    non-finite is left untouched. ``ConvTranspose`` weights put the output channel in dim 1:
+    exclude them or expect per-input-channel units.
+
+    Returns:
+        The pre-clip global 2-norm of all gradients (excluded ones included).
+    """
+    lam = _check_threshold(clip_factor, "clip_factor", allow_inf=False)
+    e = _check_threshold(eps, "eps", allow_inf=False)
+    params = as_tensor_list(parameters)
+    skip = {id(t) for t in exclude}
+    clipped = [p for p in params if p.grad is not None and id(p) not in skip]
+    others = [p.grad for p in params if p.grad is not None and id(p) in skip]
+    others = [g for g in others if g is not None]
+    check_tensors([p.grad for p in clipped if p.grad is not None] + others, what="gradient")
+    sq: list[Tensor] = []
+    with torch.no_grad():
+        for p in clipped:
+            g = p.grad
+            assert g is not None
+            gn = _unitwise_norm(g)
+            max_n = _unitwise_norm(p.detach()).clamp_min(e) * lam
+            coef = torch.where(gn > max_n, max_n / gn.clamp_min(1e-6), torch.ones_like(gn))
+            coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+            g.mul_(coef.to(g.dtype))
+            sq.append(gn.to(torch.float64).square().sum())
+        if others:
+            sq.append(tensor_norms(others).to(torch.float64).square().sum())
+    if not sq:
+        return torch.zeros(())
+    return torch.stack(sq).sum().sqrt().to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- stateful clippers
+class Clipper:
+    """Base class: ``clipper(parameters, norm=None) -> pre-clip global norm``, with state.
+
+    Subclasses that only need a threshold from the global norm derive from :class:`NormClipper`.
+    """
+
+    norm_type: float = 2.0
+
+    def __call__(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and Python scalars only (``torch.load(weights_only=True)`` loads it)."""
+        return {"version": _STATE_VERSION}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version = state.get("version")
+        if version != _STATE_VERSION:
+            raise GradGuardError(
+                f"{type(self).__name__} state has version {version!r}; this gradguard reads version "
+                f"{_STATE_VERSION}. Save it again with this version or start the clipper fresh."
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NormClipper(Clipper):
+    """Global-norm clipping with a threshold chosen per step by :meth:`threshold`.
+
+    The :class:`gradguard.Guard` calls :meth:`threshold` with the norm it measured and folds the
+    coefficient into the optimizer step; calling the clipper does the same on its own.
+    """
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        """Observe this step's global norm (finite values only) and return τ for this step."""
+        raise NotImplementedError
+
+    def __call__(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
+        grads = grads_of(parameters)
+        if norm is None:
+            norm = total_norm(tensor_norms(grads, self.norm_type), self.norm_type)
+        tau = self.threshold(norm)
+        if grads:
+            scale_(grads, coefficient(norm, tau))
+        return norm
+
+
+class Norm(NormClipper):
+    """Fixed-threshold global-norm clipping (``"norm:5"``); ``max_norm`` may be a device tensor."""
+
+    def __init__(self, max_norm: float | Tensor, norm_type: float = 2.0) -> None:
+        self.max_norm = _check_threshold(max_norm, "max_norm")
+        self.norm_type = check_norm_type(norm_type)
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        if isinstance(self.max_norm, Tensor):
+            return self.max_norm.to(device=norm.device, dtype=torch.float32).reshape(())
+        return torch.full((), self.max_norm, dtype=torch.float32, device=norm.device)
+
+    def __repr__(self) -> str:
+        return f"Norm(max_norm={self.max_norm})"
+
+
+class AutoClip(NormClipper):
+    """AutoClip (Seetharaman, Wichern, Pardo, Le Roux, MLSP 2020): τ_t = p-th percentile of past norms.
+
+    The history (current norm included) lives in a fixed window of ``window`` steps on device;
+    the percentile is numpy's/torch's linear interpolation over the finite entries. A
+    non-finite step takes its slot as "missing", so it never enters the percentile. The paper
+    recommends p = 10 (it clips ~90% of steps by design: judge it by progress, not clip rate).
+    """
+
+    def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
+        try:
+            pct = float(percentile)
+        except (TypeError, ValueError):
+            pct = math.nan
+        if not 0.0 < pct <= 100.0:
+            raise GradGuardError(
+                f'percentile must be in (0, 100], got {percentile!r}. The paper\'s choice is 10 ("autoclip:10").'
+            )
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise GradGuardError(f"window must be a positive int, got {window!r}. The default is 1000 steps.")
+        self.percentile = pct
+        self.window = window
+        self._history = torch.full((window,), math.nan, dtype=torch.float32)
+        self._count = 0
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        if self._history.device != norm.device:
+            self._history = self._history.to(norm.device)
+        n = norm.detach().to(torch.float32).reshape(())
+        self._history[self._count % self.window] = torch.where(
+            torch.isfinite(n), n, torch.full_like(n, math.nan)
+        )
+        self._count += 1
+        return torch.nanquantile(self._history, self.percentile / 100.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "percentile": self.percentile,
+            "window": self.window,
+            "history": self._history.detach().clone(),
+            "count": self._count,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.percentile = float(state["percentile"])
+        self.window = int(state["window"])
+        self._history = state["history"].detach().clone().to(torch.float32)
+        self._count = int(state["count"])
+
+    def __repr__(self) -> str:
+        return f"AutoClip(percentile={self.percentile}, window={self.window})"
+
+
+class ZClip(NormClipper):
+    """ZClip (Kumar, Owen, Roy Chowdhury, Güra 2025): z-score spike clipping with EMA statistics.
+
+    The first ``warmup`` finite norms give μ and σ² (no clipping meanwhile). After that, with
+    ``z = (g − μ)/(σ + eps)``: if ``z > z_thresh`` the threshold is ``τ = μ + z_thresh²·σ/z``
+    (bigger spikes are clipped harder), and μ, σ² follow an EMA (``alpha``) of the *clipped*
+    value: ``μ ← αμ + (1−α)g'``, ``σ² ← ασ² + (1−α)(g' − μ)²``. Non-finite norms change nothing.
+    ``max_norm`` optionally caps τ (the PyPI package caps at 1.0 by default; here off).
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup: int = 25,
+        eps: float = 1e-6,
+        max_norm: float | None = None,
+    ) -> None:
+        if not 0.0 < float(alpha) < 1.0:
+            raise GradGuardError(f"alpha must be in (0, 1), got {alpha!r}. The paper uses 0.97.")
+        self.z_thresh = float(_check_threshold(z_thresh, "z_thresh", allow_inf=False))
+        if self.z_thresh <= 0:
+            raise GradGuardError(f"z_thresh must be > 0, got {z_thresh!r}. The paper uses 2.5.")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
+            raise GradGuardError(f"warmup must be a positive int, got {warmup!r}. The paper uses 25.")
+        self.alpha = float(alpha)
+        self.warmup = warmup
+        self.eps = float(_check_threshold(eps, "eps", allow_inf=False))
+        self.max_norm = None if max_norm is None else float(_check_threshold(max_norm, "max_norm"))
+        # μ, σ² (population variance of the warm-up norms, then the EMA) and the number of finite
+        # norms seen; float64 scalars on the norm's device.
+        self._state = torch.zeros(3, dtype=torch.float64)
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        if self._state.device != norm.device:
+            self._state = self._state.to(norm.device)
+        mean, var, seen = self._state.unbind()
+        g = norm.detach().to(torch.float64).reshape(())
+        finite = torch.isfinite(g)
+        g0 = torch.where(finite, g, torch.zeros_like(g))
+        warm = seen < self.warmup
+        # warm-up: Welford update of the mean and population variance
+        n1 = seen + 1
+        d = g0 - mean
+        w_mean = mean + d / n1
+        w_var = (var * seen + d * (g0 - w_mean)) / n1
+        # after warm-up: z-score test and EMA of the clipped value
+        std = var.clamp_min(0).sqrt()
+        z = (g0 - mean) / (std + self.eps)
+        spike = z > self.z_thresh
+        tau_spike = mean + self.z_thresh**2 * std / z
+        g_eff = torch.where(spike, tau_spike, g0)
+        e_mean = self.alpha * mean + (1 - self.alpha) * g_eff
+        e_var = self.alpha * var + (1 - self.alpha) * (g_eff - e_mean) ** 2
+        new = torch.stack(
+            [torch.where(warm, w_mean, e_mean), torch.where(warm, w_var, e_var), torch.where(warm, n1, seen)]
+        )
+        self._state = torch.where(finite, new, self._state)
+        inf = torch.full_like(g, math.inf)
+        tau = torch.where(finite & ~warm & spike, tau_spike, inf)
+        if self.max_norm is not None:
+            tau = tau.clamp_max(self.max_norm)
+        return tau.to(torch.float32)
+
+    @property
+    def mean(self) -> Tensor:
+        """EMA mean of the (clipped) norms, on device."""
+        return self._state[0]
+
+    @property
+    def std(self) -> Tensor:
+        """EMA standard deviation of the (clipped) norms, on device."""
+        return self._state[1].clamp_min(0).sqrt()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "alpha": self.alpha,
+            "z_thresh": self.z_thresh,
+            "warmup": self.warmup,
+            "eps": self.eps,
+            "max_norm": self.max_norm,
+            "stats": self._state.detach().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.alpha = float(state["alpha"])
+        self.z_thresh = float(state["z_thresh"])
+        self.warmup = int(state["warmup"])
+        self.eps = float(state["eps"])
+        self.max_norm = None if state["max_norm"] is None else float(state["max_norm"])
+        self._state = state["stats"].detach().clone().to(torch.float64)
+
+    def __repr__(self) -> str:
+        return f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup={self.warmup}, max_norm={self.max_norm})"
+
+
+class Auto(ZClip):
+    """The ``"auto"`` clipper: ZClip's spike clipping, never tighter than a floor of healthy norms.
+
+    A z-score rule alone clips only outliers and keeps training un-stalled, but a slow, steady
+    growth of the norm (an explosion over many steps) moves the EMA with it. ``auto`` therefore
+    also caps τ at ``growth`` × the mean of the warm-up norms (the healthy scale), so gradients
+    that grow by orders of magnitude are held at the scale where training was healthy; it never
+    clips the healthy steps themselves (τ ≥ that scale).
+    """
+
+    def __init__(self, growth: float = 10.0, **zclip: Any) -> None:
+        super().__init__(**zclip)
+        self.growth = float(_check_threshold(growth, "growth", allow_inf=False))
+        if self.growth < 1:
+            raise GradGuardError(f"growth must be ≥ 1, got {growth!r}. The default is 10.")
+        self._anchor = torch.full((), math.nan, dtype=torch.float64)
+
+    def threshold(self, norm: Tensor) -> Tensor:
+        was_warm = self._state[2] < self.warmup
+        tau = super().threshold(norm)
+        if self._anchor.device != norm.device:
+            self._anchor = self._anchor.to(norm.device)
+        just_done = was_warm & (self._state[2] >= self.warmup)
+        self._anchor = torch.where(just_done, self._state[0], self._anchor)
+        cap = torch.where(
+            torch.isfinite(self._anchor), self._anchor * self.growth, torch.full_like(self._anchor, math.inf)
+        )
+        return torch.minimum(tau, cap.to(torch.float32))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "growth": self.growth, "anchor": self._anchor.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.growth = float(state["growth"])
+        self._anchor = state["anchor"].detach().clone().to(torch.float64)
+
+    def __repr__(self) -> str:
+        return f"Auto(growth={self.growth}, z_thresh={self.z_thresh}, warmup={self.warmup})"
+
+
+class Value(Clipper):
+    """Element-wise value clipping (``"value:1"``); returns the pre-clip max-abs."""
+
+    def __init__(self, clip_value: float) -> None:
+        self.clip_value = float(_check_threshold(clip_value, "clip_value"))
+
+    def __call__(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
+        return clip_grad_value_(parameters, self.clip_value)
+
+    def __repr__(self) -> str:
+        return f"Value(clip_value={self.clip_value})"
+
+
+class AGC(Clipper):
+    """Adaptive Gradient Clipping as a clipper (``"agc:0.01"``); see :func:`clip_grad_agc_`.
+
+    ``exclude`` takes parameters, or qualified-name prefixes when the clipper is called with
+    ``(name, parameter)`` pairs (e.g. ``exclude=["fc"]`` for the final classifier).
+    """
+
+    def __init__(
+        self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Iterable[Tensor | str] = ()
+    ) -> None:
+        self.clip_factor = float(_check_threshold(clip_factor, "clip_factor", allow_inf=False))
+        self.eps = float(_check_threshold(eps, "eps", allow_inf=False))
+        self.exclude = list(exclude)
+
+    def __call__(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
+        items = as_tensor_list(parameters) if isinstance(parameters, Tensor) else list(parameters)
+        names = [s for s in self.exclude if isinstance(s, str)]
+        excluded = [t for t in self.exclude if isinstance(t, Tensor)]
+        params: list[Tensor] = []
+        for item in items:
+            if isinstance(item, tuple):
+                name, p = item
+                if any(name == s or name.startswith(s + ".") for s in names):
+                    excluded.append(p)
+                params.append(p)
+            else:
+                params.append(item)
+        return clip_grad_agc_(params, self.clip_factor, self.eps, exclude=excluded)
+
+    def __repr__(self) -> str:
+        return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
+
+
+class PerLayer(Clipper):
+    """Clip each layer's (or each tensor's) gradient norm to ``max_norm`` separately (``"layer:1"``).
+
+    Called with ``(name, parameter)`` pairs (``model.named_parameters()``), a layer is the module
+    that owns the parameters; with plain tensors, each tensor is its own group. Returns the
+    pre-clip global norm.
+    """
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        self.max_norm = float(_check_threshold(max_norm, "max_norm"))
+        self.norm_type = check_norm_type(norm_type)
+        self._index: LayerIndex | None = None
+
+    def __call__(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
+        items = as_tensor_list(parameters) if isinstance(parameters, Tensor) else list(parameters)
+        named = bool(items) and isinstance(items[0], tuple)
+        names = [n for n, _ in items] if named else [str(i) + ".t" for i in range(len(items))]
+        params = [p for _, p in items] if named else items
+        if self._index is None or self._index.param_names != names:
+            self._index = LayerIndex(names)
+        present = [i for i, p in enumerate(params) if p.grad is not None]
+        grads = grads_of(params)
+        if not grads:
+            return torch.zeros(())
+        norms = tensor_norms(grads, self.norm_type)
+        layer_norms = self._index.reduce(norms, self.norm_type, present)
+        coefs = coefficient(layer_norms, self.max_norm)
+        index = self._index._index(present, coefs.device)
+        per_tensor = coefs[index]
+        with torch.no_grad():
+            for g, c in zip(grads, per_tensor.unbind()):
+                g.mul_(c.to(g.dtype))
+        return total_norm(norms, self.norm_type)
+
+    def __repr__(self) -> str:
+        return f"PerLayer(max_norm={self.max_norm})"
+
+
+_SPECS = {
+    "norm": "norm:MAX_NORM (global norm clipping, e.g. norm:5)",
+    "value": "value:CLIP_VALUE (element-wise, e.g. value:1)",
+    "agc": "agc[:LAMBDA] (adaptive gradient clipping, default 0.01)",
+    "autoclip": "autoclip[:PERCENTILE] (default 10)",
+    "zclip": "zclip[:Z_THRESH] (default 2.5)",
+    "layer": "layer:MAX_NORM (per-layer norm clipping)",
+    "auto": "auto (ZClip spike clipping capped at 10x the healthy norm)",
+    "none": "none (measure only)",
+}
+
+
+def from_spec(spec: str | Clipper | None) -> Clipper | None:
+    """A clipper from a spec string (``"norm:5"``, ``"autoclip:10"``, ``"auto"``, ``"none"``…) or as is.
+
+    Raises:
+        GradGuardError: an unknown name or a bad number, listing the accepted forms.
+    """
+    if spec is None or isinstance(spec, Clipper):
+        return spec
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return Norm(float(spec))
+    if not isinstance(spec, str):
+        raise GradGuardError(
+            f"clip must be a spec string, a number or a gradguard.clip.Clipper, got {spec!r}."
+        )
+    name, _, arg = spec.strip().lower().partition(":")
+    allowed = "; ".join(_SPECS.values())
+    try:
+        num = float(arg) if arg else None
+    except ValueError:
+        raise GradGuardError(f"clip spec {spec!r}: {arg!r} is not a number. Accepted: {allowed}.") from None
+    if name == "none" and num is None:
+        return None
+    if name == "auto" and num is None:
+        return Auto()
+    if name == "norm" and num is not None:
+        return Norm(num)
+    if name == "value" and num is not None:
+        return Value(num)
+    if name == "layer" and num is not None:
+        return PerLayer(num)
+    if name == "agc":
+        return AGC(0.01 if num is None else num)
+    if name == "autoclip":
+        return AutoClip(10.0 if num is None else num)
+    if name == "zclip":
+        return ZClip(z_thresh=2.5 if num is None else num)
+    raise GradGuardError(f"unknown clip spec {spec!r}. Accepted: {allowed}.")

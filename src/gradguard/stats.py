@@ -1,0 +1,300 @@
+"""Statistics about a step's gradients, weights and updates — device tensors only, no host sync.
+
+Everything here returns tensors on the gradients' device and never reads a value on the host,
+so a training step on a GPU never waits for these numbers. The gradients are read **once**:
+per-tensor norms come from one foreach pass, and the global norm, the per-layer norms and the
+non-finite flags are all derived from that small vector of norms.
+
+Numerics:
+
+* Norms accumulate in float32 for float16/bfloat16 gradients (float64 stays float64), so a
+  float16 gradient whose norm is above 65504 is measured exactly instead of becoming ``inf``.
+* The global and per-layer norms are the norms of the per-tensor norms, accumulated in float64,
+  so many large but finite tensors never overflow the total.
+* A single float32/bfloat16 tensor whose own norm exceeds float32's range (elements of about
+  ``1.8e19`` and up) still measures ``inf`` in the one-pass path: telling it apart from a real
+  ``inf`` needs a second read of that tensor. :func:`exact_norms` does that read (scaled by the
+  max-abs, overflow-free); :class:`gradguard.Guard` calls it only on the steps whose norm came
+  out non-finite, so healthy steps never pay for it.
+
+Example:
+    >>> import torch, gradguard.stats as S
+    >>> model = torch.nn.Linear(3, 2)
+    >>> model(torch.ones(4, 3)).sum().backward()
+    >>> g = S.grad_stats(model.parameters())
+    >>> bool(torch.isclose(g.total, torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradguard.errors import GradGuardError
+
+__all__ = [
+    "GradStats",
+    "LayerIndex",
+    "as_tensor_list",
+    "check_norm_type",
+    "exact_norms",
+    "grad_stats",
+    "grads_of",
+    "layer_name",
+    "tensor_norms",
+    "total_norm",
+    "update_ratios",
+]
+
+_FOREACH_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "meta"})
+
+
+def as_tensor_list(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """A list from a tensor, a list of tensors or a generator (consumed once)."""
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    return list(parameters)
+
+
+def grads_of(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """The ``.grad`` of each parameter that has one, checked for what gradguard can measure.
+
+    Raises:
+        GradGuardError: a sparse gradient, or gradients on more than one device.
+    """
+    grads = [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
+    check_tensors(grads, what="gradient")
+    return grads
+
+
+def check_tensors(tensors: Sequence[Tensor], what: str = "tensor") -> None:
+    """Refuse sparse tensors and tensors spread over several devices, with a fix in the message."""
+    devices = set()
+    for t in tensors:
+        if t.layout != torch.strided:
+            raise GradGuardError(
+                f"gradguard got a {t.layout} {what} of shape {tuple(t.shape)}; it measures dense "
+                f"{what}s only. Make it dense with `.to_dense()`, or use dense embeddings "
+                "(`nn.Embedding(..., sparse=False)`)."
+            )
+        devices.add(t.device)
+    if len(devices) > 1:
+        raise GradGuardError(
+            f"gradguard got {what}s on several devices {sorted(map(str, devices))}; one call measures one "
+            "device. Call it once per device group (e.g. per pipeline stage), or move the model to one device."
+        )
+
+
+def check_norm_type(norm_type: float | int | str) -> float:
+    """``norm_type`` as a float: any p > 0, or ``inf``. Raises a clear error otherwise."""
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise GradGuardError(
+            f"norm_type must be a number > 0 or 'inf', got {norm_type!r}. Use 2.0 (the default) or float('inf')."
+        ) from None
+    if math.isnan(p) or p <= 0:
+        raise GradGuardError(
+            f"norm_type must be > 0 (or inf), got {norm_type!r}. Use 2.0 (the default), 1.0 or float('inf')."
+        )
+    return p
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None) -> Tensor:
+    """The p-norm of each tensor, as one 1-D tensor in input order (one read of each tensor).
+
+    Float16/bfloat16 inputs are accumulated in float32; the result is float32, or float64 when
+    any input is float64. Empty input gives an empty float32 CPU tensor.
+
+    Args:
+        tensors: tensors on one device (any mix of floating dtypes).
+        norm_type: p > 0 or ``inf``.
+        foreach: use the foreach kernels (default: where the device supports them).
+    """
+    p = check_norm_type(norm_type)
+    if not tensors:
+        return torch.zeros(0)
+    groups = _groups(tensors)
+    out_dtype = torch.float64 if any(dt == torch.float64 for _, dt in groups) else torch.float32
+    parts: list[Tensor] = []
+    order: list[int] = []
+    for (device, dtype), idx in groups.items():
+        ts = [tensors[i] for i in idx]
+        acc = _acc_dtype(dtype)
+        use_foreach = foreach if foreach is not None else device.type in _FOREACH_DEVICES
+        norms: Sequence[Tensor]
+        if use_foreach:
+            norms = torch._foreach_norm(ts, p, dtype=None if acc == dtype else acc)
+        else:
+            norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
+        parts.append(torch.stack(norms).to(out_dtype))
+        order.extend(idx)
+    if len(parts) == 1:
+        return parts[0]
+    flat = torch.cat(parts)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return flat[inverse.to(flat.device)]
+
+
+def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The norm of a vector of per-tensor norms: the global norm of all those tensors.
+
+    Accumulated in float64, returned in ``norms.dtype`` (at least float32); 0 for no tensors.
+    Same semantics as :func:`torch.nn.utils.get_total_norm`.
+    """
+    p = check_norm_type(norm_type)
+    out_dtype = norms.dtype if norms.dtype == torch.float64 else torch.float32
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=out_dtype, device=norms.device)
+    return torch.linalg.vector_norm(norms.to(torch.float64), p).to(out_dtype)
+
+
+def exact_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Overflow-free per-tensor norms: ``m · ‖t / m‖`` with ``m`` the max-abs, in float64.
+
+    Two extra reads of each tensor; use it where :func:`tensor_norms` returned ``inf`` to tell a
+    finite-but-huge tensor (a finite result here) from one that holds an ``inf`` (``inf`` here).
+    NaN stays NaN. No host sync.
+    """
+    p = check_norm_type(norm_type)
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    out = []
+    for t in tensors:
+        m = torch.linalg.vector_norm(t, math.inf, dtype=_acc_dtype(t.dtype)).to(torch.float64)
+        if math.isinf(p):
+            out.append(m)
+            continue
+        safe_m = torch.where(torch.isfinite(m) & (m > 0), m, torch.ones_like(m))
+        scaled = torch.linalg.vector_norm(t.to(torch.float64) / safe_m, p)
+        out.append(torch.where(torch.isfinite(m), scaled * safe_m, m + scaled))
+    return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class GradStats:
+    """One step's gradient measurements (all device tensors).
+
+    Attributes:
+        norms: per-tensor p-norms (1-D, float32 or float64).
+        total: the global p-norm (0-D).
+        norm_type: p.
+    """
+
+    norms: Tensor
+    total: Tensor
+    norm_type: float
+
+    @property
+    def nan(self) -> Tensor:
+        """Per-tensor flag: the tensor holds a NaN."""
+        return torch.isnan(self.norms)
+
+    @property
+    def inf(self) -> Tensor:
+        """Per-tensor flag: the tensor holds ±inf (or, for float32/bfloat16, overflows float32)."""
+        return torch.isinf(self.norms)
+
+    @property
+    def nonfinite(self) -> Tensor:
+        """0-D flag: any tensor holds NaN or ±inf."""
+        return ~torch.isfinite(self.total)
+
+    @property
+    def any_nan(self) -> Tensor:
+        """0-D flag: any tensor holds a NaN."""
+        return torch.isnan(self.total)
+
+
+def grad_stats(
+    parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None
+) -> GradStats:
+    """Per-tensor norms, the global norm and non-finite flags of the gradients, in one pass.
+
+    Parameters without a gradient are left out (as torch does). No host sync.
+    """
+    grads = grads_of(parameters)
+    norms = tensor_norms(grads, norm_type, foreach=foreach)
+    return GradStats(norms, total_norm(norms, norm_type), check_norm_type(norm_type))
+
+
+def layer_name(param_name: str) -> str:
+    """The qualified name of the module that owns a parameter: ``"encoder.0.weight" -> "encoder.0"``."""
+    return param_name.rpartition(".")[0]
+
+
+class LayerIndex:
+    """Groups per-tensor norms by the module that owns each tensor (built once per model).
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> idx = LayerIndex([n for n, _ in m.named_parameters()])
+        >>> idx.layers
+        ['0', '1']
+        >>> idx.reduce(torch.tensor([3.0, 4.0, 0.0, 1.0])).tolist()
+        [5.0, 1.0]
+    """
+
+    def __init__(self, param_names: Sequence[str]) -> None:
+        self.param_names = list(param_names)
+        self.layers: list[str] = list(dict.fromkeys(layer_name(n) for n in self.param_names))
+        pos = {name: i for i, name in enumerate(self.layers)}
+        self._layer_of = [pos[layer_name(n)] for n in self.param_names]
+        self._cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+    def _index(self, present: Sequence[int] | None, device: torch.device) -> Tensor:
+        key = (tuple(present) if present is not None else (), device)
+        if key not in self._cache:
+            rows = present if present is not None else range(len(self.param_names))
+            self._cache[key] = torch.tensor(
+                [self._layer_of[i] for i in rows], dtype=torch.long, device=device
+            )
+        return self._cache[key]
+
+    def reduce(self, norms: Tensor, norm_type: float = 2.0, present: Sequence[int] | None = None) -> Tensor:
+        """Per-layer norms (1-D, one per entry of :attr:`layers`) from per-tensor norms.
+
+        Args:
+            norms: per-tensor norms, for all parameters or for those listed in ``present``.
+            norm_type: p of the norms.
+            present: positions (in ``param_names``) of the tensors ``norms`` holds, when only
+                some parameters had a gradient. Layers with no tensor get 0.
+        """
+        p = check_norm_type(norm_type)
+        index = self._index(present, norms.device)
+        acc = torch.zeros(len(self.layers), dtype=torch.float64, device=norms.device)
+        n64 = norms.to(torch.float64)
+        if math.isinf(p):
+            out = acc.scatter_reduce(0, index, n64, reduce="amax", include_self=True)
+            # scatter amax drops NaN on some backends: put NaN back explicitly
+            nan_rows = torch.zeros_like(acc).index_add_(0, index, torch.isnan(n64).to(torch.float64))
+            out = torch.where(nan_rows > 0, torch.full_like(out, math.nan), out)
+        else:
+            out = acc.index_add(0, index, n64.pow(p)).pow(1.0 / p)
+        return out.to(norms.dtype)
+
+
+def update_ratios(update_norms: Tensor, weight_norms: Tensor, eps: float = 1e-12) -> Tensor:
+    """‖Δw‖ / ‖w‖ elementwise over per-tensor (or per-layer) norms.
+
+    ``update_norms`` are the norms of the optimizer's update (or of ``w_after - w_before``);
+    ``weight_norms`` those of the pre-step weights. A zero weight gives ``‖Δw‖ / eps``.
+    """
+    return update_norms / weight_norms.clamp_min(eps)
