@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH_PIN)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]" "$(TORCH_PIN)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,demo]" "$(TORCH_PIN)"
 	touch $@
 
 setup: $(VENV)/.installed

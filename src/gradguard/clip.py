@@ -86,7 +86,11 @@ def coefficient(norm: Tensor, threshold: float | Tensor) -> Tensor:
     accident nor writes NaN. No host sync.
     """
     n = norm.to(torch.float32) if norm.dtype != torch.float64 else norm
-    tau = threshold.to(device=n.device, dtype=n.dtype) if isinstance(threshold, Tensor) else threshold
+    tau: float | Tensor = threshold
+    if isinstance(threshold, Tensor):
+        tau = threshold.to(device=n.device, dtype=n.dtype)
+        if tau.numel() == 1:  # a (1,)-shaped max_norm scales like a scalar (foreach needs 0-D)
+            tau = tau.reshape(())
     coef = (tau / (n + 1e-6)).clamp(0.0, 1.0)
     ok = torch.isfinite(n) & torch.isfinite(coef)
     return torch.where(ok, coef, torch.ones_like(coef))
@@ -166,6 +170,11 @@ def clip_grad_value_(
     v = float(_check_threshold(clip_value, "clip_value"))
     grads = grads_of(parameters)
     maxabs = total_norm(tensor_norms(grads, math.inf, foreach=foreach), math.inf)
+    _clamp_(grads, v, foreach=foreach)
+    return maxabs
+
+
+def _clamp_(grads: Sequence[Tensor], v: float, *, foreach: bool | None = None) -> None:
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)
@@ -176,7 +185,6 @@ def clip_grad_value_(
         else:
             for t in ts:
                 t.clamp_(-v, v)
-    return maxabs
 
 
 def _unitwise_norm(t: Tensor) -> Tensor:
@@ -225,7 +233,8 @@ def clip_grad_agc_(
             gn = _unitwise_norm(g)
             max_n = _unitwise_norm(p.detach()).clamp_min(e) * lam
             coef = torch.where(gn > max_n, max_n / gn.clamp_min(1e-6), torch.ones_like(gn))
-            coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+            # a unit with a non-finite gradient norm is left untouched (λ‖W‖*/inf = 0 would zero it)
+            coef = torch.where(torch.isfinite(coef) & torch.isfinite(gn), coef, torch.ones_like(coef))
             g.mul_(coef.to(g.dtype))
             sq.append(gn.to(torch.float64).square().sum())
         if others:
@@ -303,9 +312,9 @@ class Norm(NormClipper):
 class AutoClip(NormClipper):
     """AutoClip (Seetharaman, Wichern, Pardo, Le Roux, MLSP 2020): τ_t = p-th percentile of past norms.
 
-    The history (current norm included) lives in a fixed window of ``window`` steps on device;
-    the percentile is numpy's/torch's linear interpolation over the finite entries. A
-    non-finite step takes its slot as "missing", so it never enters the percentile. The paper
+    The history (current norm included) lives in a fixed window of the last ``window`` finite
+    norms on device; the percentile is numpy's/torch's linear interpolation over them. A
+    non-finite step changes nothing (no slot, no count), so it never enters the percentile. The paper
     recommends p = 10 (it clips ~90% of steps by design: judge it by progress, not clip rate).
     """
 
@@ -323,16 +332,18 @@ class AutoClip(NormClipper):
         self.percentile = pct
         self.window = window
         self._history = torch.full((window,), math.nan, dtype=torch.float32)
-        self._count = 0
+        self._count = torch.zeros((), dtype=torch.long)  # finite norms seen, on device
 
     def threshold(self, norm: Tensor) -> Tensor:
         if self._history.device != norm.device:
             self._history = self._history.to(norm.device)
-        n = norm.detach().to(torch.float32).reshape(())
-        self._history[self._count % self.window] = torch.where(
-            torch.isfinite(n), n, torch.full_like(n, math.nan)
-        )
-        self._count += 1
+            self._count = self._count.to(norm.device)
+        n = norm.detach().to(torch.float32).reshape(1)
+        finite = torch.isfinite(n)
+        slot = self._count.remainder(self.window).reshape(1)
+        # a non-finite norm rewrites its slot with the value already there and is not counted
+        self._history.index_copy_(0, slot, torch.where(finite, n, self._history.index_select(0, slot)))
+        self._count = self._count + finite.to(torch.long).reshape(())
         return torch.nanquantile(self._history, self.percentile / 100.0)
 
     def state_dict(self) -> dict[str, Any]:
@@ -341,7 +352,7 @@ class AutoClip(NormClipper):
             "percentile": self.percentile,
             "window": self.window,
             "history": self._history.detach().clone(),
-            "count": self._count,
+            "count": self._count.detach().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -349,7 +360,7 @@ class AutoClip(NormClipper):
         self.percentile = float(state["percentile"])
         self.window = int(state["window"])
         self._history = state["history"].detach().clone().to(torch.float32)
-        self._count = int(state["count"])
+        self._count = torch.as_tensor(state["count"], dtype=torch.long).detach().clone().reshape(())
 
     def __repr__(self) -> str:
         return f"AutoClip(percentile={self.percentile}, window={self.window})"
@@ -495,13 +506,20 @@ class Auto(ZClip):
 
 
 class Value(Clipper):
-    """Element-wise value clipping (``"value:1"``); returns the pre-clip max-abs."""
+    """Element-wise value clipping (``"value:1"``).
+
+    Returns the pre-clip max-abs, or ``norm`` unchanged when it is given (then the gradients
+    are only read to clamp them).
+    """
 
     def __init__(self, clip_value: float) -> None:
         self.clip_value = float(_check_threshold(clip_value, "clip_value"))
 
     def __call__(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
-        return clip_grad_value_(parameters, self.clip_value)
+        if norm is None:
+            return clip_grad_value_(parameters, self.clip_value)
+        _clamp_(grads_of(parameters), self.clip_value)  # the norm was measured: clamp only
+        return norm
 
     def __repr__(self) -> str:
         return f"Value(clip_value={self.clip_value})"
@@ -587,6 +605,7 @@ _SPECS = {
     "layer": "layer:MAX_NORM (per-layer norm clipping)",
     "auto": "auto (ZClip spike clipping capped at 10x the healthy norm)",
     "none": "none (measure only)",
+    "number": "a bare number N (same as norm:N)",
 }
 
 
@@ -606,6 +625,13 @@ def from_spec(spec: str | Clipper | None) -> Clipper | None:
         )
     name, _, arg = spec.strip().lower().partition(":")
     allowed = "; ".join(_SPECS.values())
+    if not arg:  # a bare number ("5", as a command line passes it): global norm clipping
+        try:
+            number: float | None = float(name)
+        except ValueError:
+            number = None
+        if number is not None:
+            return Norm(number)
     try:
         num = float(arg) if arg else None
     except ValueError:

@@ -120,37 +120,48 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: 
     """The p-norm of each tensor, as one 1-D tensor in input order (one read of each tensor).
 
     Float16/bfloat16 inputs are accumulated in float32; the result is float32, or float64 when
-    any input is float64. Empty input gives an empty float32 CPU tensor.
+    any input is float64. Empty input gives an empty float32 CPU tensor; a tensor with no
+    elements has norm 0 (for ``inf`` too, where torch raises).
 
     Args:
         tensors: tensors on one device (any mix of floating dtypes).
         norm_type: p > 0 or ``inf``.
         foreach: use the foreach kernels (default: where the device supports them).
+
+    Raises:
+        GradGuardError: tensors on more than one device.
     """
     p = check_norm_type(norm_type)
     if not tensors:
         return torch.zeros(0)
     groups = _groups(tensors)
+    if len({device for device, _ in groups}) > 1:
+        check_tensors(tensors)  # raises a GradGuardError naming the devices
     out_dtype = torch.float64 if any(dt == torch.float64 for _, dt in groups) else torch.float32
-    parts: list[Tensor] = []
-    order: list[int] = []
+    found: dict[int, Tensor] = {}
     for (device, dtype), idx in groups.items():
-        ts = [tensors[i] for i in idx]
         acc = _acc_dtype(dtype)
-        use_foreach = foreach if foreach is not None else device.type in _FOREACH_DEVICES
-        norms: Sequence[Tensor]
-        if use_foreach:
-            norms = torch._foreach_norm(ts, p, dtype=None if acc == dtype else acc)
-        else:
-            norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
-        parts.append(torch.stack(norms).to(out_dtype))
-        order.extend(idx)
-    if len(parts) == 1:
-        return parts[0]
-    flat = torch.cat(parts)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return flat[inverse.to(flat.device)]
+        # the inf norm (a max) of an empty tensor is 0; torch refuses to reduce it
+        live = [i for i in idx if tensors[i].numel() > 0] if math.isinf(p) else idx
+        if live:
+            ts = [tensors[i] for i in live]
+            use_foreach = foreach if foreach is not None else device.type in _FOREACH_DEVICES
+            norms: Sequence[Tensor]
+            if use_foreach:
+                norms = torch._foreach_norm(ts, p, dtype=None if acc == dtype else acc)
+            else:
+                norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
+            vec = torch.stack(norms)
+            if vec.dtype != out_dtype:
+                vec = vec.to(out_dtype)
+            if len(live) == len(tensors):
+                return vec
+            found.update(zip(live, vec.unbind()))
+        for i in idx:
+            if i not in found:
+                found[i] = torch.zeros((), dtype=out_dtype, device=device)
+    # back to input order on device: no index tensor built on the host (that would be a copy)
+    return torch.stack([found[i] for i in range(len(tensors))])
 
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
@@ -178,6 +189,9 @@ def exact_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         return torch.zeros(0, dtype=torch.float64)
     out = []
     for t in tensors:
+        if t.numel() == 0:
+            out.append(torch.zeros((), dtype=torch.float64, device=t.device))
+            continue
         m = torch.linalg.vector_norm(t, math.inf, dtype=_acc_dtype(t.dtype)).to(torch.float64)
         if math.isinf(p):
             out.append(m)
@@ -257,10 +271,10 @@ class LayerIndex:
         self.layers: list[str] = list(dict.fromkeys(layer_name(n) for n in self.param_names))
         pos = {name: i for i, name in enumerate(self.layers)}
         self._layer_of = [pos[layer_name(n)] for n in self.param_names]
-        self._cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+        self._cache: dict[tuple[tuple[int, ...] | None, torch.device], Tensor] = {}
 
     def _index(self, present: Sequence[int] | None, device: torch.device) -> Tensor:
-        key = (tuple(present) if present is not None else (), device)
+        key = (tuple(present) if present is not None else None, device)
         if key not in self._cache:
             rows = present if present is not None else range(len(self.param_names))
             self._cache[key] = torch.tensor(

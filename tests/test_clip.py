@@ -1,0 +1,1111 @@
+"""Tests of gradguard.clip: oracles (torch, the papers' rules in plain Python), invariants, faults,
+no host sync, state round trips and bad input."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradguard
+import gradguard.clip as C
+from gradguard.errors import GradGuardError, NonFiniteError
+from nosync import HostSyncError, NoSync
+
+NORM_TYPES = [2.0, 1.0, math.inf, 0.5, 3.0]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# gradguard vs torch after clipping: torch computes the float16/bfloat16 coefficient in that dtype
+GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+NORM_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FAST = settings(max_examples=30, deadline=None)
+
+shapes = st.lists(st.lists(st.integers(0, 5), max_size=3), min_size=1, max_size=5)
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_params(shape_list, dtype=torch.float32, seed=0, scale=1.0, none_every=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for i, s in enumerate(shape_list):
+        p = torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device))
+        if not (none_every and i % none_every == 0):
+            p.grad = (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+        params.append(p)
+    return params
+
+
+def clone_params(params):
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        if p.grad is not None:
+            q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def grads(params):
+    return [p.grad for p in params if p.grad is not None]
+
+
+def ref_total(gs, p=2.0) -> float:
+    """Exact global p-norm in float64 (empty tensors contribute 0)."""
+    norms = [float(torch.linalg.vector_norm(g.double(), p)) for g in gs if g.numel() > 0]
+    return float(torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), p)) if norms else 0.0
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical values, NaN included."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.isnan(), b.isnan())
+        and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+    )
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def set_global_norm(params, target: float, step: int, bad: float | None = None) -> None:
+    """Fresh random gradients (a function of `step` only) scaled to a global 2-norm `target`;
+    `bad` (nan / inf / -inf) goes into one element of the second tensor."""
+    g = torch.Generator().manual_seed(1000 + step)
+    raw = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    n = math.sqrt(sum(float(r.square().sum()) for r in raw))
+    for p, r in zip(params, raw):
+        p.grad = (r * (target / n)).to(p.dtype)
+    if bad is not None:
+        params[1].grad.view(-1)[0] = bad
+
+
+def norm_sequence(
+    n=100, seed=0, spikes=(30, 31, 55, 80, 81, 82), growth_from: int | None = None
+) -> list[float]:
+    rng = random.Random(seed)
+    seq = [math.exp(rng.gauss(0.0, 0.3)) for _ in range(n)]
+    for s in spikes:
+        if s < n:
+            seq[s] *= 50.0
+    if growth_from is not None:
+        seq = [v * 1.08 ** max(0, i - growth_from) for i, v in enumerate(seq)]
+    return seq
+
+
+def drive(clipper, params, seq, bad_at: dict[int, float] | None = None):
+    """Run `clipper` over steps with given global norms; return (returned norm, post-clip norm) per step."""
+    out = []
+    for i, target in enumerate(seq):
+        set_global_norm(params, target, i, (bad_at or {}).get(i))
+        ret = clipper(params)
+        out.append((float(ret), ref_total(grads(params))))
+    return out
+
+
+def coef(norm: float, tau: float) -> float:
+    if not math.isfinite(norm) or math.isnan(tau):
+        return 1.0
+    return min(1.0, tau / (norm + 1e-6))
+
+
+# ----------------------------------------------------------------------------- plain-Python references
+class RefAutoClip:
+    """Seetharaman et al. 2020: τ_t = p-th percentile (numpy linear) of the past finite norms, current included."""
+
+    def __init__(self, percentile, window=None):
+        self.p, self.window, self.hist = percentile, window, []
+
+    def tau(self, g):
+        if math.isfinite(g):
+            self.hist.append(g)
+        h = self.hist if self.window is None else self.hist[-self.window :]
+        return float(np.percentile(h, self.p)) if h else math.nan
+
+
+class RefZClip:
+    """bluorion-com/ZClip zclip.py (mode="zscore", clip_option="adaptive_scaling"), non-finite norms skipped."""
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6, max_norm=None):
+        self.alpha, self.z_thresh, self.warmup, self.eps, self.max_norm = (
+            alpha,
+            z_thresh,
+            warmup,
+            eps,
+            max_norm,
+        )
+        self.buffer: list[float] = []
+        self.mean: float | None = None
+        self.var = 0.0
+
+    def tau(self, g):
+        t = math.inf
+        if not math.isfinite(g):
+            pass
+        elif self.mean is None:
+            self.buffer.append(g)
+            if len(self.buffer) >= self.warmup:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+        else:
+            std = self.var**0.5
+            z = (g - self.mean) / (std + self.eps)
+            clip_val = None
+            if z > self.z_thresh:
+                eta = z / self.z_thresh
+                clip_val = self.mean + (self.z_thresh * std) / eta
+            eff = clip_val if clip_val is not None else g
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * eff
+            self.var = self.alpha * self.var + (1 - self.alpha) * (eff - self.mean) ** 2
+            t = clip_val if clip_val is not None else math.inf
+        return min(t, self.max_norm) if self.max_norm is not None else t
+
+
+class RefAuto(RefZClip):
+    """ZClip, with τ capped at growth × the mean of the warm-up norms once the warm-up is done."""
+
+    def __init__(self, growth=10.0, **kw):
+        super().__init__(**kw)
+        self.growth, self.anchor = growth, None
+
+    def tau(self, g):
+        t = super().tau(g)
+        if self.anchor is None and self.mean is not None:
+            self.anchor = self.mean
+        return min(t, self.growth * self.anchor) if self.anchor is not None else t
+
+
+def ref_agc(params, lam=0.01, eps=1e-3, exclude=()):
+    """Brock et al. 2021, unit by unit in float64; returns the clipped gradients."""
+    out = []
+    for p in params:
+        if p.grad is None:
+            out.append(None)
+            continue
+        g = p.grad.detach().double().clone()
+        if any(p is e for e in exclude):
+            out.append(g)
+            continue
+        w = p.detach().double()
+        units = [(w, g)] if g.ndim <= 1 else [(w[i], g[i]) for i in range(g.shape[0])]
+        for wu, gu in units:
+            wn = max(float(wu.norm()), eps)
+            gn = float(gu.norm())
+            if math.isfinite(gn) and gn > lam * wn:
+                gu.mul_(lam * wn / max(gn, 1e-6))
+        out.append(g)
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. torch oracles
+@FAST
+@given(
+    shape_list=shapes,
+    dtype=st.sampled_from(DTYPES),
+    p=st.sampled_from(NORM_TYPES),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1e-3, 1.0, 20.0]),
+    frac=st.sampled_from([0.0, 0.1, 0.5, 0.999, 2.0, math.inf]),
+    none_every=st.sampled_from([0, 2]),
+    form=st.sampled_from(["list", "generator", "single", "tensor_max_norm"]),
+    foreach=st.sampled_from([None, False]),
+)
+def test_clip_grad_norm_matches_torch(shape_list, dtype, p, seed, scale, frac, none_every, form, foreach):
+    ours = make_params(shape_list, dtype, seed, scale, 0 if form == "single" else none_every)
+    if form == "single":
+        ours = ours[:1]
+    theirs = clone_params(ours)
+    total = ref_total(grads(ours), p)
+    max_norm = frac * total if math.isfinite(frac) else math.inf
+
+    def args(ps):
+        if form == "generator":
+            return (q for q in ps)
+        if form == "single":
+            return ps[0]
+        return ps
+
+    mn = torch.tensor(max_norm) if form == "tensor_max_norm" else max_norm
+    # torch refuses the inf norm of an empty tensor, which holds nothing to clip
+    nonempty = [q for q in theirs if q.grad is None or q.grad.numel() > 0]
+    want = torch.nn.utils.clip_grad_norm_(nonempty, mn, p, foreach=foreach)
+    got = gradguard.clip_grad_norm_(args(ours), mn, p, foreach=foreach)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 and grads(ours) else torch.float32)
+    if not math.isfinite(float(want)):
+        return  # torch overflowed (float16): covered by the fault tests
+    assert float(got) == pytest.approx(float(want), rel=NORM_RTOL[dtype], abs=1e-6)
+    for a, b in zip(ours, theirs):
+        if a.grad is None:
+            assert b.grad is None
+            continue
+        torch.testing.assert_close(a.grad, b.grad, rtol=GRAD_RTOL[dtype], atol=1e-6 * max(1.0, total))
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_tensor_max_norm_any_one_element_shape(shape):
+    ps = make_params([[3, 4], [], [5]], seed=1, scale=10.0)
+    theirs = clone_params(ps)
+    got = gradguard.clip_grad_norm_(ps, torch.full(shape, 0.5))
+    want = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    for a, b in zip(ps, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
+    n = C.Norm(torch.tensor([0.5]))
+    n(theirs)
+    assert ref_total(grads(theirs)) == pytest.approx(0.5, rel=1e-5)
+
+
+@FAST
+@given(
+    shape_list=shapes,
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+    value=st.sampled_from([0.0, 0.01, 0.5, 2.0, math.inf]),
+    none_every=st.sampled_from([0, 2]),
+    foreach=st.sampled_from([None, False]),
+)
+def test_clip_grad_value_matches_torch(shape_list, dtype, seed, value, none_every, foreach):
+    ours = make_params(shape_list, dtype, seed, 1.0, none_every)
+    theirs = clone_params(ours)
+    want_max = max((float(g.abs().max()) for g in grads(ours) if g.numel()), default=0.0)
+    if grads(theirs):  # torch raises on an empty list of gradients
+        torch.nn.utils.clip_grad_value_(theirs, value, foreach=foreach)
+    got = gradguard.clip_grad_value_(ours, value, foreach=foreach)
+    assert float(got) == want_max
+    for a, b in zip(ours, theirs):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad)
+
+
+def test_clip_grad_value_single_tensor_and_empty():
+    w = torch.nn.Parameter(torch.zeros(3))
+    assert float(gradguard.clip_grad_value_(w, 1.0)) == 0.0  # no gradient
+    w.grad = torch.tensor([-3.0, 0.5, 2.0])
+    assert float(gradguard.clip_grad_value_(w, 1.0)) == 3.0
+    assert w.grad.tolist() == [-1.0, 0.5, 1.0]
+    e = torch.nn.Parameter(torch.zeros(0))
+    e.grad = torch.zeros(0)
+    assert float(gradguard.clip_grad_value_([e, w], 1.0)) == 1.0
+
+
+def test_clip_grad_norm_no_grads_returns_zero():
+    ps = make_params([[2, 3]], none_every=1)
+    assert float(gradguard.clip_grad_norm_(ps, 1.0)) == 0.0
+    assert float(gradguard.clip_grad_norm_([], 1.0)) == 0.0
+    assert float(torch.nn.utils.clip_grad_norm_([], 1.0)) == 0.0
+
+
+def test_error_if_nonfinite():
+    ps = make_params([[3], [2, 2]])
+    gradguard.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)  # finite: no error
+    ps[1].grad[0, 1] = math.nan
+    before = [g.clone() for g in grads(ps)]
+    with pytest.raises(NonFiniteError, match=r"nan.*error_if_nonfinite=False.*gradguard\.locate"):
+        gradguard.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)
+    assert all(same(a, b) for a, b in zip(grads(ps), before))
+    with pytest.raises(HostSyncError), NoSync():  # the opt-in check is a documented sync
+        gradguard.clip_grad_norm_(ps, 1.0, error_if_nonfinite=True)
+
+
+# ----------------------------------------------------------------------------- 2. AGC
+class AGCNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.conv = torch.nn.Conv2d(4, 5, 3)
+        self.lin = torch.nn.Linear(5, 6)
+        self.fc = torch.nn.Linear(6, 3)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+
+def agc_net(seed=0, zero_weight=False):
+    torch.manual_seed(seed)
+    net = AGCNet()
+    if zero_weight:
+        torch.nn.init.zeros_(net.lin.weight)
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in net.parameters():
+        # unit scales spread over 4 decades, so some units clip and some do not
+        unit = torch.logspace(-5, -1, p.shape[0] if p.ndim else 1, dtype=torch.float64)
+        unit = unit[torch.randperm(unit.numel(), generator=g)]
+        s = unit.reshape(-1, *([1] * (p.ndim - 1))) if p.ndim else unit[0]
+        p.grad = (
+            torch.randn(p.shape, generator=g, dtype=torch.float64) * s * p.detach().abs().mean()
+        ).float()
+        if zero_weight and p is net.lin.weight:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-4
+    return net
+
+
+@pytest.mark.parametrize("lam", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize("zero_weight", [False, True])
+@pytest.mark.parametrize("exclude", ["none", "fc"])
+def test_agc_matches_paper_loop(lam, zero_weight, exclude):
+    net = agc_net(zero_weight=zero_weight)
+    params = list(net.parameters())
+    ex = list(net.fc.parameters()) if exclude == "fc" else []
+    want = ref_agc(params, lam, 1e-3, ex)
+    pre = ref_total(grads(params))
+    got = gradguard.clip_grad_agc_(net.parameters(), lam, exclude=ex)
+    assert float(got) == pytest.approx(pre, rel=1e-5)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad.double(), w, rtol=2e-6, atol=1e-12)
+    for p in ex:
+        assert same(p.grad, next(w for q, w in zip(params, want) if q is p).float())
+    # the data exercise both branches: some units clipped, some untouched (λ = 1: none clipped)
+    before = agc_net(zero_weight=zero_weight)
+    ratios = [
+        (p.grad.double() / q.grad.double()).nan_to_num(nan=1.0)
+        for p, q in zip(params, before.parameters())
+        if p.ndim >= 2
+    ]
+    flat = torch.cat([r.flatten() for r in ratios])
+    if lam < 1:
+        assert (flat < 1 - 1e-6).any() and (flat == 1).any()
+    else:
+        assert (flat == 1).all()
+
+
+def test_agc_zero_weight_floor_is_lambda_eps():
+    lin = torch.nn.Linear(4, 3, bias=False)
+    torch.nn.init.zeros_(lin.weight)
+    lin.weight.grad = torch.ones(3, 4)
+    gradguard.clip_grad_agc_([lin.weight], 0.01, eps=1e-3)
+    assert lin.weight.grad.norm(dim=1).tolist() == pytest.approx([1e-5] * 3, rel=1e-4)
+
+
+def test_agc_clipper_named_exclude_and_tensor_exclude():
+    a, b = agc_net(), agc_net()
+    want = ref_agc(list(a.parameters()), 0.01, 1e-3, list(a.fc.parameters()))
+    C.AGC(exclude=["fc"])(a.named_parameters())
+    C.AGC(exclude=list(b.fc.parameters()))(b.parameters())
+    for p, q, w in zip(a.parameters(), b.parameters(), want):
+        torch.testing.assert_close(p.grad.double(), w, rtol=2e-6, atol=1e-12)
+        assert same(p.grad, q.grad)
+    c = agc_net()
+    C.AGC(exclude=["f"])(c.named_parameters())  # a prefix is a module name, not a string prefix
+    assert not same(c.fc.weight.grad, agc_net().fc.weight.grad)
+
+
+# ----------------------------------------------------------------------------- 3. adaptive clippers
+def check_against(clipper, ref_tau: Callable[[float], float], seq, bad_at=None, params=None):
+    params = params if params is not None else list(small_model().parameters())
+    res = drive(clipper, params, seq, bad_at)
+    n_clipped = 0
+    for i, ((ret, post), g) in enumerate(zip(res, seq)):
+        bad = (bad_at or {}).get(i)
+        tau = ref_tau(bad if bad is not None else g)
+        if bad is not None:
+            assert not math.isfinite(ret)
+            continue
+        assert ret == pytest.approx(g, rel=1e-5)
+        want = g * coef(g, tau)
+        assert post == pytest.approx(want, rel=2e-5), (i, g, tau, post)
+        n_clipped += int(want < g * (1 - 1e-5))
+    return n_clipped
+
+
+@pytest.mark.parametrize("percentile", [10.0, 50.0, 90.0, 100.0])
+@pytest.mark.parametrize("window", [1000, 7])
+def test_autoclip_matches_percentile_rule(percentile, window):
+    ref = RefAutoClip(percentile, window)
+    n = check_against(C.AutoClip(percentile, window=window), ref.tau, norm_sequence())
+    if percentile < 100:
+        assert n > 0
+
+
+@pytest.mark.parametrize("z_thresh", [2.5, 1.5])
+@pytest.mark.parametrize("warmup", [25, 1, 5])
+def test_zclip_matches_reference_package(z_thresh, warmup):
+    ref = RefZClip(z_thresh=z_thresh, warmup=warmup)
+    n = check_against(C.ZClip(z_thresh=z_thresh, warmup=warmup), ref.tau, norm_sequence())
+    assert n >= 3  # the spikes
+
+
+def test_zclip_options_match_reference():
+    ref = RefZClip(alpha=0.9, z_thresh=2.0, warmup=10, eps=1e-3, max_norm=3.0)
+    clipper = C.ZClip(alpha=0.9, z_thresh=2.0, warmup=10, eps=1e-3, max_norm=3.0)
+    check_against(clipper, ref.tau, norm_sequence(growth_from=50))
+    assert float(clipper.mean) == pytest.approx(ref.mean, rel=1e-6)
+    assert float(clipper.std) == pytest.approx(ref.var**0.5, rel=1e-5)
+
+
+def test_zclip_constant_warmup_norms():
+    ref = RefZClip(warmup=5)
+    seq = [1.0] * 10 + [1.5, 1.0, 1.0, 20.0, 1.0]
+    assert check_against(C.ZClip(warmup=5), ref.tau, seq) >= 2
+
+
+def slow_growth(n=200, rate=1.02, start=5, sigma=0.3, seed=0) -> list[float]:
+    """Noisy norms growing slowly enough that ZClip's EMA follows them (no z-score spike)."""
+    rng = random.Random(seed)
+    return [math.exp(rng.gauss(0.0, sigma)) * rate ** max(0, i - start) for i in range(n)]
+
+
+@pytest.mark.parametrize("growth", [10.0, 3.0])
+def test_auto_matches_capped_zclip(growth):
+    seq = slow_growth()
+    ref = RefAuto(growth=growth, warmup=5)
+    check_against(C.Auto(growth=growth, warmup=5), ref.tau, seq)
+    # the data make the cap bind where ZClip alone would not clip
+    auto, zclip = RefAuto(growth=growth, warmup=5), RefZClip(warmup=5)
+    capped = [i for i, g in enumerate(seq) if auto.tau(g) < min(zclip.tau(g), g)]
+    assert len(capped) > 20
+
+
+def test_norm_clipper_matches_fixed_threshold():
+    check_against(C.Norm(2.0), lambda g: 2.0, norm_sequence())
+    check_against(C.Norm(torch.tensor(2.0)), lambda g: 2.0, norm_sequence())
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize("named", [True, False])
+def test_per_layer_matches_loop(p, named):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(12, 4),
+        torch.nn.Linear(4, 2),
+    )
+    scales = {0: 10.0, 3: 0.01, 4: 3.0}
+    for i, m in enumerate(net):
+        for q in m.parameters(recurse=False):
+            q.grad = torch.randn_like(q) * scales[i]
+    net[3].bias.grad = None  # a tensor without a gradient
+    max_norm = 1.0
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, q in net.named_parameters():
+        if q.grad is not None:
+            groups.setdefault(name.rpartition(".")[0] if named else name, []).append(q)
+    want = {}
+    for qs in groups.values():
+        ln = ref_total([q.grad for q in qs], p)
+        for q in qs:
+            want[id(q)] = q.grad.double() * coef(ln, max_norm)
+    pre = ref_total(grads(net.parameters()), p)
+    got = C.PerLayer(max_norm, p)(net.named_parameters() if named else net.parameters())
+    assert float(got) == pytest.approx(pre, rel=1e-5)
+    for q in net.parameters():
+        if q.grad is not None:
+            torch.testing.assert_close(q.grad.double(), want[id(q)], rtol=1e-5, atol=1e-9)
+    assert float(C.PerLayer(1.0)([torch.nn.Parameter(torch.ones(2))])) == 0.0
+
+
+def test_value_clipper_matches_torch_and_passes_norm_through():
+    ps = make_params([[3, 3], [4]], scale=2.0)
+    theirs = clone_params(ps)
+    torch.nn.utils.clip_grad_value_(theirs, 0.5)
+    want_max = max(float(g.abs().max()) for g in grads(ps))
+    assert float(C.Value(0.5)(ps)) == want_max
+    for a, b in zip(ps, theirs):
+        assert torch.equal(a.grad, b.grad)
+    ps2 = make_params([[3, 3], [4]], scale=2.0)
+    n = torch.tensor(7.0)
+    assert C.Value(0.5)(ps2, norm=n) is n
+    for a, b in zip(ps2, theirs):
+        assert torch.equal(a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------- 4. invariants
+def norm_of(params, p=2.0):
+    return ref_total(grads(params), p)
+
+
+def cosine(a, b):
+    x = torch.cat([g.double().flatten() for g in a])
+    y = torch.cat([g.double().flatten() for g in b])
+    return float(x @ y / (x.norm() * y.norm()))
+
+
+@FAST
+@given(
+    shape_list=shapes,
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    p=st.sampled_from(NORM_TYPES),
+    seed=st.integers(0, 2**31 - 1),
+    frac=st.sampled_from([0.01, 0.3, 0.99, 1.5, 10.0]),
+)
+def test_norm_clipping_invariants(shape_list, dtype, p, seed, frac):
+    ps = make_params(shape_list, dtype, seed, scale=5.0)
+    before = [g.clone() for g in grads(ps)]
+    total = norm_of(ps, p)
+    if total == 0.0:
+        return
+    tau = frac * total
+    gradguard.clip_grad_norm_(ps, tau, p)
+    after = [g.clone() for g in grads(ps)]
+    assert norm_of(ps, p) <= tau * (1 + 1e-5)
+    if tau >= total * (1 + 1e-6):
+        assert all(same(a, b) for a, b in zip(after, before))  # untouched below the threshold
+    else:
+        assert norm_of(ps, p) == pytest.approx(tau * total / (total + 1e-6), rel=1e-5)  # torch's 1e-6
+    assert cosine(after, before) == pytest.approx(1.0, abs=1e-6)  # direction kept
+    gradguard.clip_grad_norm_(ps, tau, p)  # idempotent, up to the 1e-6 that torch adds to the norm
+    for a, b in zip(grads(ps), after):
+        torch.testing.assert_close(a, b, rtol=2e-6 + 2e-6 / tau, atol=0.0)
+
+
+def clipper_factories():
+    return {
+        "Norm": lambda: C.Norm(1.0),
+        "AutoClip": lambda: C.AutoClip(10.0),
+        "ZClip": lambda: C.ZClip(warmup=5),
+        "Auto": lambda: C.Auto(warmup=5),
+        "PerLayer": lambda: C.PerLayer(1.0),
+        "Value": lambda: C.Value(0.05),
+        "AGC": lambda: C.AGC(0.01),
+    }
+
+
+@pytest.mark.parametrize("name", list(clipper_factories()))
+def test_clipper_invariants(name):
+    clipper = clipper_factories()[name]()
+    params = list(small_model().parameters())
+    seq = norm_sequence(40)
+    for i, g in enumerate(seq):
+        set_global_norm(params, g, i)
+        before = [q.grad.clone() for q in params]
+        clipper(params)
+        after = [q.grad.clone() for q in params]
+        post = norm_of(params)
+        assert math.isfinite(post) and post > 0
+        if name in ("Norm", "AutoClip", "ZClip", "Auto"):
+            assert post <= g * (1 + 1e-5)
+            assert cosine(after, before) == pytest.approx(1.0, abs=1e-6)
+        if name == "Norm":
+            assert post <= 1.0 * (1 + 1e-5)
+            if g < 1.0:
+                assert all(same(a, b) for a, b in zip(after, before))
+        if name == "PerLayer":
+            for a, b in zip(after, before):  # each tensor scaled, never flipped or grown
+                assert a.norm() <= b.norm() * (1 + 1e-6) and float(a.flatten() @ b.flatten()) >= 0
+        if name == "Value":
+            assert max(float(a.abs().max()) for a in after) <= float(torch.tensor(0.05))
+        if name in ("Norm", "Value", "PerLayer", "AGC"):  # stateless: idempotent
+            clipper(params)
+            for a, b in zip((q.grad for q in params), after):
+                torch.testing.assert_close(a, b, rtol=4e-6, atol=0.0)
+
+
+# ----------------------------------------------------------------------------- 5. faults
+BADS = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("bad", BADS)
+@pytest.mark.parametrize("name", ["Norm", "AutoClip", "ZClip", "Auto", "clip_grad_norm_"])
+def test_nonfinite_norm_leaves_grads_untouched(bad, name):
+    params = list(small_model().parameters())
+    clipper = clipper_factories()[name]() if name != "clip_grad_norm_" else None
+    for i in range(8):  # past the warm-up, with a state
+        set_global_norm(params, 1.0 + i, i)
+        if clipper is not None:
+            clipper(params)
+    set_global_norm(params, 100.0, 99, bad)
+    before = [q.grad.clone() for q in params]
+    ret = clipper(params) if clipper is not None else gradguard.clip_grad_norm_(params, 1.0)
+    assert math.isnan(float(ret)) if math.isnan(bad) else float(ret) == math.inf
+    assert all(same(q.grad, b) for q, b in zip(params, before))
+    # torch, for the record: every gradient becomes NaN or 0
+    theirs = clone_params([torch.nn.Parameter(q.detach()) for q in params])
+    for t, b in zip(theirs, before):
+        t.grad = b.clone()
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert any(not same(t.grad, b) for t, b in zip(theirs, before))
+
+
+@pytest.mark.parametrize("bad", BADS)
+def test_nonfinite_per_layer_and_agc_touch_only_the_bad_unit(bad):
+    net = agc_net()
+    params = list(net.parameters())
+    net.lin.weight.grad[2, 1] = bad
+    want = ref_agc(params, 0.01)  # its unit is skipped: non-finite norm
+    before = net.lin.weight.grad.clone()
+    ret = gradguard.clip_grad_agc_(params, 0.01)
+    assert not math.isfinite(float(ret))
+    assert same(net.lin.weight.grad[2], before[2])  # the bad unit: untouched, not NaN-filled
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad.double(), w, rtol=2e-6, atol=1e-12, equal_nan=True)
+    # per-layer: the bad layer is untouched, the others clipped as usual
+    net = agc_net()
+    for q in net.parameters():
+        q.grad = q.grad * 1e6
+    net.lin.weight.grad[0, 0] = bad
+    lin_before = [q.grad.clone() for q in net.lin.parameters()]
+    ret = C.PerLayer(1.0)(net.named_parameters())
+    assert not math.isfinite(float(ret))
+    assert all(same(q.grad, b) for q, b in zip(net.lin.parameters(), lin_before))
+    assert ref_total([q.grad for q in net.conv.parameters()]) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", BADS)
+def test_value_clipping_hides_nothing_in_its_return(bad):
+    ps = make_params([[3], [2, 2]])
+    ps[1].grad[0, 0] = bad
+    ret = float(gradguard.clip_grad_value_(ps, 0.5))
+    assert math.isnan(ret) if math.isnan(bad) else ret == math.inf
+    got = float(ps[1].grad[0, 0])
+    assert math.isnan(got) if math.isnan(bad) else got == math.copysign(0.5, bad)  # as torch does
+
+
+def test_float16_norm_above_65504_clips_correctly():
+    g = torch.full((100,), 1e4, dtype=torch.float16)  # norm 1e5
+    ours = torch.nn.Parameter(torch.zeros(100, dtype=torch.float16))
+    ours.grad = g.clone()
+    theirs = torch.nn.Parameter(torch.zeros(100, dtype=torch.float16))
+    theirs.grad = g.clone()
+    assert float(torch.nn.utils.clip_grad_norm_(theirs, 1.0)) == math.inf
+    assert float(theirs.grad.abs().max()) == 0.0  # torch zeroes everything
+    got = gradguard.clip_grad_norm_(ours, 1.0)
+    assert float(got) == pytest.approx(1e5, rel=1e-6)
+    assert float(ours.grad.double().norm()) == pytest.approx(1.0, rel=2e-3)
+    assert torch.allclose(ours.grad, torch.full_like(ours.grad, 0.1), rtol=2e-3)
+    for clipper in [C.Norm(1.0), C.AutoClip(), C.ZClip(warmup=1), C.Auto(warmup=1)]:
+        ours.grad = g.clone()
+        assert float(clipper(ours)) == pytest.approx(1e5, rel=1e-6)
+        assert torch.isfinite(ours.grad).all() and float(ours.grad.double().norm()) > 0
+
+
+@pytest.mark.parametrize("name", [*clipper_factories(), "clip_grad_norm_"])
+def test_float32_overflowing_norm_never_zeroes_or_nans(name):
+    ps = make_params([[3, 3], [5]])
+    ps[0].grad[1, 1] = 1e30  # the squared sum overflows float32: the one-pass norm is inf
+    before = [g.clone() for g in grads(ps)]
+    clipper = None if name == "clip_grad_norm_" else clipper_factories()[name]()
+    ret = gradguard.clip_grad_norm_(ps, 1.0) if clipper is None else clipper(ps)
+    for g, b in zip(grads(ps), before):
+        assert torch.isfinite(g).all()
+        assert (g != 0).sum() == (b != 0).sum()  # nothing turned into zeros
+    if name in ("Norm", "AutoClip", "ZClip", "Auto", "clip_grad_norm_"):
+        assert float(ret) == math.inf
+        assert all(same(g, b) for g, b in zip(grads(ps), before))  # documented: left untouched
+    theirs = clone_params(ps)
+    for t, b in zip(theirs, before):
+        t.grad = b.clone()
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert float(theirs[1].grad.abs().max()) == 0.0  # torch: all zeros
+
+
+def test_max_norm_inf_never_writes_nan_over_inf_grads():
+    ps = make_params([[3], [4]])
+    ps[0].grad[0] = math.inf
+    before = [g.clone() for g in grads(ps)]
+    gradguard.clip_grad_norm_(ps, math.inf)
+    assert all(same(g, b) for g, b in zip(grads(ps), before))
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and same(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+STATEFUL = {
+    "AutoClip": lambda: C.AutoClip(10.0),
+    "AutoClip-window": lambda: C.AutoClip(50.0, window=5),
+    "ZClip": lambda: C.ZClip(warmup=5),
+    "Auto": lambda: C.Auto(warmup=5, growth=3.0),
+}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("bad_step", [2, 4, 20])  # mid-warm-up, the last warm-up step, after it
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_nonfinite_step_does_not_poison_state(name, bad_step, bad):
+    seq = norm_sequence(40, growth_from=25)
+    seen, clean = STATEFUL[name](), STATEFUL[name]()
+    params = list(small_model().parameters())
+    out_seen, out_clean = [], []
+    for i, g in enumerate(seq):
+        if i == bad_step:
+            set_global_norm(params, g, 500, bad)
+            state_before = seen.state_dict()
+            seen(params)
+            assert state_equal(seen.state_dict(), state_before), "a non-finite step changed the state"
+        set_global_norm(params, g, i)
+        out_seen.append(seen(params).clone())
+        out_seen.append(torch.cat([q.grad.flatten() for q in params]))
+        set_global_norm(params, g, i)
+        out_clean.append(clean(params).clone())
+        out_clean.append(torch.cat([q.grad.flatten() for q in params]))
+    assert all(same(a, b) for a, b in zip(out_seen, out_clean))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_reference_thresholds_skip_nonfinite_steps(bad):
+    """The rule tests above, with non-finite steps mixed in at fixed places."""
+    bad_at = {3: bad, 26: bad, 31: bad, 70: bad}
+    check_against(C.AutoClip(10.0, window=9), RefAutoClip(10.0, 9).tau, norm_sequence(), bad_at)
+    check_against(C.ZClip(), RefZClip().tau, norm_sequence(), bad_at)
+    check_against(C.Auto(), RefAuto().tau, norm_sequence(growth_from=40), bad_at)
+
+
+# ----------------------------------------------------------------------------- 6. no host sync
+def meta_model_params():
+    params = []
+    for i, (shape, dt) in enumerate(
+        [((4, 3), torch.float32), ((4,), torch.float32), ((2, 3, 3, 3), torch.float16), ((5,), torch.float64)]
+    ):
+        p = torch.nn.Parameter(torch.empty(shape, device="meta", dtype=dt))
+        p.grad = torch.empty(shape, device="meta", dtype=dt)
+        params.append((f"m{i // 2}.p{i}", p))
+    return params
+
+
+def every_clip_call():
+    return {
+        "clip_grad_norm_": lambda ps: gradguard.clip_grad_norm_(ps, 1.0),
+        "clip_grad_norm_-p": lambda ps: torch.stack(
+            [gradguard.clip_grad_norm_(ps, 1.0, p) for p in NORM_TYPES]
+        ),
+        "clip_grad_norm_-tensor": lambda ps: gradguard.clip_grad_norm_(ps, torch.tensor(1.0, device="meta")),
+        "clip_grad_norm_-foreach": lambda ps: gradguard.clip_grad_norm_(ps, 1.0, foreach=True),
+        "clip_grad_norm_-loop": lambda ps: gradguard.clip_grad_norm_(ps, 1.0, foreach=False),
+        "clip_grad_value_": lambda ps: gradguard.clip_grad_value_(ps, 1.0),
+        "clip_grad_agc_": lambda ps: gradguard.clip_grad_agc_(ps, 0.01, exclude=ps[-1:]),
+        "coefficient": lambda ps: C.coefficient(
+            torch.empty((), device="meta"), torch.empty(1, device="meta")
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(every_clip_call()))
+def test_clip_functions_run_on_meta_without_sync(name):
+    named = meta_model_params()
+    ps = [p for _, p in named]
+    with NoSync(watch=[p.grad for p in ps]) as ns:
+        out = every_clip_call()[name](ps)
+    assert out.device.type == "meta"
+    assert ns.h2d == []
+
+
+SPECS = [
+    "norm:5",
+    "value:1",
+    "agc:0.01",
+    "agc",
+    "autoclip:10",
+    "autoclip",
+    "zclip",
+    "zclip:3",
+    "layer:1",
+    "auto",
+]
+
+
+@pytest.mark.parametrize(
+    "spec", [*SPECS, "autoclip-window", "zclip-max", "agc-named", "layer-named", "norm-tensor"]
+)
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_every_clipper_runs_on_meta_without_sync(spec, with_norm):
+    named = meta_model_params()
+    ps = [p for _, p in named]
+    extra = {
+        "autoclip-window": C.AutoClip(10.0, window=3),
+        "zclip-max": C.ZClip(warmup=2, max_norm=1.0),
+        "agc-named": C.AGC(exclude=["m1"]),
+        "layer-named": C.PerLayer(1.0),
+        "norm-tensor": C.Norm(torch.tensor(1.0, device="meta")),
+    }
+    clipper = extra[spec] if spec in extra else C.from_spec(spec)
+    assert clipper is not None
+    arg = named if spec.endswith("-named") else ps
+    norm = torch.empty((), device="meta") if with_norm else None
+    clipper(arg, norm=norm)  # first call: state moves to the device (a one-time copy)
+    with NoSync(watch=[p.grad for p in ps]) as ns:
+        for _ in range(30):  # through any warm-up
+            out = clipper(arg, norm=norm)
+        state = clipper.state_dict()
+    assert out.device.type == "meta"
+    assert ns.h2d == []
+    for v in state.values():
+        assert not isinstance(v, torch.Tensor) or v.device.type == "meta"
+
+
+def real_grads_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    m(torch.randn(4, 5)).square().sum().backward()
+    for q in m.parameters():
+        q.grad.mul_(100.0)  # so that every clipper clips
+    return m
+
+
+def test_clip_grad_norm_reads_each_grad_twice():
+    m = real_grads_model()
+    gs = [q.grad for q in m.parameters()]
+    for foreach in [None, False]:
+        with NoSync(watch=gs) as ns:
+            gradguard.clip_grad_norm_(m.parameters(), 0.1, foreach=foreach)
+        assert ns.reads == [2] * len(gs), ns.read_ops  # one norm pass + one scale pass
+        assert ns.writes == [1] * len(gs)
+        assert ns.h2d == [] and ns.syncs == []
+    with NoSync(watch=gs) as ns:
+        gradguard.clip_grad_norm_(m.parameters(), torch.tensor(0.1))
+    assert ns.reads == [2] * len(gs)
+
+
+# reads of each gradient by `clipper(params, norm=measured)`: the scale pass only, except
+# Value (clamp_min + clamp_max, as torch), PerLayer (needs per-tensor norms), AGC (needs per-unit norms)
+READS_WITH_NORM = {
+    "norm:5": 1,
+    "autoclip": 1,
+    "zclip": 1,
+    "auto": 1,
+    "value:1": 2,
+    "layer:1": 2,
+    "agc": 2,
+}
+
+
+@pytest.mark.parametrize("spec", list(READS_WITH_NORM))
+def test_clipper_with_norm_reads_each_grad_once(spec):
+    m = real_grads_model()
+    clipper = C.from_spec(spec)
+    assert clipper is not None
+    for _ in range(30):  # through any warm-up, so the clipping branch runs
+        gs = [q.grad for q in m.parameters()]
+        norm = gradguard.stats.grad_stats(m.parameters()).total
+        with NoSync(watch=gs) as ns:
+            clipper(m.parameters(), norm=norm)
+        assert ns.reads == [READS_WITH_NORM[spec]] * len(gs), ns.read_ops
+        assert ns.syncs == []
+        for q in m.parameters():
+            q.grad.mul_(1.3)
+
+
+# ----------------------------------------------------------------------------- 7. state round trip
+ROUND_TRIP = {
+    "Norm": lambda: C.Norm(2.0),
+    "Value": lambda: C.Value(0.1),
+    "AGC": lambda: C.AGC(0.05),
+    "PerLayer": lambda: C.PerLayer(1.0),
+    "AutoClip": lambda: C.AutoClip(10.0),
+    "AutoClip-window": lambda: C.AutoClip(30.0, window=6),
+    "ZClip": lambda: C.ZClip(warmup=10),
+    "ZClip-max": lambda: C.ZClip(warmup=3, max_norm=5.0, alpha=0.9),
+    "Auto": lambda: C.Auto(warmup=10, growth=4.0),
+}
+
+
+@pytest.mark.parametrize("stop_at", [5, 30])  # inside and after the warm-up
+@pytest.mark.parametrize("name", list(ROUND_TRIP))
+def test_state_round_trip_equals_not_stopping(name, stop_at):
+    seq = norm_sequence(60, growth_from=35)
+    bad_at = {stop_at - 1: math.nan, 40: math.inf}
+    a = ROUND_TRIP[name]()
+    params = list(small_model().parameters())
+
+    def step(clipper, i):
+        set_global_norm(params, seq[i], i, bad_at.get(i))
+        ret = clipper(params)
+        return ret.clone(), [q.grad.clone() for q in params]
+
+    for i in range(stop_at):
+        step(a, i)
+    state = a.state_dict()
+    assert state["version"] == 1
+    for v in state.values():
+        assert v is None or isinstance(v, (torch.Tensor, int, float, str))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    b = ROUND_TRIP[name]()
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert state_equal(b.state_dict(), state)
+    for i in range(stop_at, len(seq)):
+        ra, ga = step(a, i)
+        rb, gb = step(b, i)
+        assert same(ra, rb), (i, ra, rb)
+        assert all(same(x, y) for x, y in zip(ga, gb)), i
+
+
+def test_load_state_dict_refuses_other_versions():
+    c = C.ZClip()
+    state = c.state_dict()
+    state["version"] = 99
+    with pytest.raises(GradGuardError, match=r"version 99.*reads version 1.*start the clipper fresh"):
+        c.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- 8. bad input
+BAD_NUMBERS = [-1.0, math.nan, "x", None]
+
+
+@pytest.mark.parametrize("bad", BAD_NUMBERS)
+def test_bad_thresholds(bad):
+    ps = make_params([[2]])
+    for call, name in [
+        (lambda: gradguard.clip_grad_norm_(ps, bad), "max_norm"),
+        (lambda: gradguard.clip_grad_value_(ps, bad), "clip_value"),
+        (lambda: C.Norm(bad), "max_norm"),
+        (lambda: C.Value(bad), "clip_value"),
+        (lambda: C.PerLayer(bad), "max_norm"),
+        (lambda: C.AGC(bad), "clip_factor"),
+        (lambda: C.AGC(0.01, eps=bad), "eps"),
+        (lambda: gradguard.clip_grad_agc_(ps, bad), "clip_factor"),
+        (lambda: C.ZClip(z_thresh=bad), "z_thresh"),
+        *([] if bad is None else [(lambda: C.ZClip(max_norm=bad), "max_norm")]),  # None: no cap
+        (lambda: C.Auto(growth=bad), "growth"),
+    ]:
+        with pytest.raises(GradGuardError, match=name) as e:
+            call()
+        assert repr(bad) in str(e.value) or str(bad) in str(e.value), str(e.value)
+
+
+def test_bad_threshold_messages_say_how_to_fix():
+    with pytest.raises(GradGuardError, match=r"max_norm must be .*≥ 0, got -1.*e\.g\. 1\.0"):
+        gradguard.clip_grad_norm_(make_params([[2]]), -1)
+    with pytest.raises(
+        GradGuardError, match=r"max_norm must be a number or a 1-element tensor, got shape \(2,\)"
+    ):
+        gradguard.clip_grad_norm_(make_params([[2]]), torch.ones(2))
+    with pytest.raises(GradGuardError, match="clip_factor"):
+        C.AGC(math.inf)
+
+
+@pytest.mark.parametrize("pct", [0, -5, 100.1, math.nan, "ten", None])
+def test_autoclip_percentile_outside_range(pct):
+    with pytest.raises(GradGuardError, match=r"percentile must be in \(0, 100\].*autoclip:10"):
+        C.AutoClip(pct)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: C.AutoClip(window=0), r"window must be a positive int, got 0"),
+        (lambda: C.AutoClip(window=2.5), r"window must be a positive int"),
+        (lambda: C.ZClip(alpha=1.0), r"alpha must be in \(0, 1\), got 1\.0.*0\.97"),
+        (lambda: C.ZClip(alpha=0.0), r"alpha must be in \(0, 1\)"),
+        (lambda: C.ZClip(alpha=math.nan), r"alpha must be in \(0, 1\)"),
+        (lambda: C.ZClip(z_thresh=0.0), r"z_thresh must be > 0.*2\.5"),
+        (lambda: C.ZClip(warmup=0), r"warmup must be a positive int, got 0.*25"),
+        (lambda: C.ZClip(warmup=True), r"warmup must be a positive int"),
+        (lambda: C.Auto(growth=0.5), r"growth must be ≥ 1, got 0\.5"),
+        (lambda: C.Norm(1.0, norm_type=0), r"norm_type must be > 0"),
+        (lambda: C.PerLayer(1.0, norm_type="fro"), r"norm_type must be a number"),
+        (lambda: gradguard.clip_grad_norm_(make_params([[2]]), 1.0, -2), r"norm_type must be > 0"),
+    ],
+)
+def test_bad_options(make, match):
+    with pytest.raises(GradGuardError, match=match):
+        make()
+
+
+def mixed_device_params():
+    a = torch.nn.Parameter(torch.ones(2))
+    b = torch.nn.Parameter(torch.ones(2, device="meta"))
+    a.grad, b.grad = torch.ones(2), torch.ones(2, device="meta")
+    return [a, b]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ps: gradguard.clip_grad_norm_(ps, 1.0),
+        lambda ps: gradguard.clip_grad_value_(ps, 1.0),
+        lambda ps: gradguard.clip_grad_agc_(ps),
+        *[(lambda ps, s=s: C.from_spec(s)(ps)) for s in SPECS],
+    ],
+)
+def test_mixed_devices_are_refused(call):
+    with pytest.raises(GradGuardError, match=r"several devices \['cpu', 'meta'\].*Call it once per device"):
+        call(mixed_device_params())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ps: gradguard.clip_grad_norm_(ps, 1.0),
+        lambda ps: gradguard.clip_grad_value_(ps, 1.0),
+        lambda ps: gradguard.clip_grad_agc_(ps),
+        *[(lambda ps, s=s: C.from_spec(s)(ps)) for s in SPECS],
+    ],
+)
+def test_sparse_grads_are_refused(call):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(GradGuardError, match=r"sparse.*\.to_dense\(\).*sparse=False"):
+        call(list(emb.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "attrs"),
+    [
+        ("norm:5", C.Norm, {"max_norm": 5.0}),
+        (" NORM: 2.5 ", C.Norm, {"max_norm": 2.5}),
+        ("value:1", C.Value, {"clip_value": 1.0}),
+        ("agc:0.01", C.AGC, {"clip_factor": 0.01}),
+        ("agc:0.05", C.AGC, {"clip_factor": 0.05}),
+        ("agc", C.AGC, {"clip_factor": 0.01, "eps": 1e-3}),
+        ("autoclip:10", C.AutoClip, {"percentile": 10.0}),
+        ("autoclip:25", C.AutoClip, {"percentile": 25.0}),
+        ("autoclip", C.AutoClip, {"percentile": 10.0, "window": 1000}),
+        ("zclip", C.ZClip, {"z_thresh": 2.5, "alpha": 0.97, "warmup": 25, "max_norm": None}),
+        ("zclip:3", C.ZClip, {"z_thresh": 3.0}),
+        ("layer:1", C.PerLayer, {"max_norm": 1.0}),
+        ("auto", C.Auto, {"growth": 10.0, "z_thresh": 2.5, "warmup": 25}),
+        (5, C.Norm, {"max_norm": 5.0}),
+        (0.5, C.Norm, {"max_norm": 0.5}),
+        ("5", C.Norm, {"max_norm": 5.0}),
+    ],
+)
+def test_from_spec_accepted_forms(spec, kind, attrs):
+    clipper = C.from_spec(spec)
+    assert type(clipper) is kind
+    for k, v in attrs.items():
+        assert getattr(clipper, k) == v
+    assert kind.__name__ in repr(clipper)
+
+
+def test_from_spec_none_and_passthrough():
+    assert C.from_spec("none") is None
+    assert C.from_spec(" None ") is None
+    assert C.from_spec(None) is None
+    z = C.ZClip()
+    assert C.from_spec(z) is z
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("bogus", r"unknown clip spec 'bogus'\. Accepted: norm:MAX_NORM.*autoclip"),
+        ("", r"unknown clip spec ''"),
+        ("norm", r"unknown clip spec 'norm'\. Accepted"),
+        ("layer", r"unknown clip spec 'layer'"),
+        ("value", r"unknown clip spec 'value'"),
+        ("auto:3", r"unknown clip spec 'auto:3'"),
+        ("none:1", r"unknown clip spec 'none:1'"),
+        ("norm:abc", r"'abc' is not a number\. Accepted: norm:MAX_NORM"),
+        ("norm:-1", r"max_norm must be .*≥ 0, got -1\.0"),
+        ("norm:nan", r"max_norm must be .*got nan"),
+        ("-3", r"max_norm must be .*got -3\.0"),
+        ("autoclip:0", r"percentile must be in \(0, 100\]"),
+        ("autoclip:101", r"percentile must be in \(0, 100\]"),
+        ("zclip:0", r"z_thresh must be > 0"),
+        ("agc:-1", r"clip_factor must be"),
+        ("value:-1", r"clip_value must be"),
+        (True, r"clip must be a spec string, a number or a gradguard\.clip\.Clipper, got True"),
+        (object, r"clip must be a spec string"),
+        ([5], r"clip must be a spec string"),
+    ],
+)
+def test_from_spec_bad(spec, match):
+    with pytest.raises(GradGuardError, match=match):
+        C.from_spec(spec)
