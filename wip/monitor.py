@@ -1,0 +1,147 @@
+"""An on-device ring buffer of step records, copied to the host once per flush interval.
+
+The guard records a handful of device scalars and the per-layer gradient norms every step;
+nothing leaves the device until :meth:`Monitor.flush` (every ``every`` steps), which makes one
+host copy of the buffer and appends the records to the run log. Device memory is
+``every × (scalars + layers)`` floats, whatever the number of parameters or steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradguard.runlog import RunWriter
+
+__all__ = ["SCALARS", "Monitor"]
+
+#: The per-step device scalars, in buffer column order.
+SCALARS = (
+    "loss",
+    "grad_norm",
+    "clip_coef",
+    "threshold",
+    "nonfinite",
+    "loss_nonfinite",
+    "grad_nan",
+    "grad_inf",
+    "skipped",
+    "spike",
+)
+
+_FLAGS = frozenset({"nonfinite", "loss_nonfinite", "grad_nan", "grad_inf", "skipped", "spike"})
+
+
+class Monitor:
+    """Ring buffer of per-step records on device; one host copy per flush.
+
+    Args:
+        layers: qualified names of the layers whose gradient norms are recorded each step.
+        every: flush interval in steps (the buffer length).
+        writer: where records go (``None``: kept only for :attr:`on_flush`).
+        on_flush: called with the host records of each flush (the guard derives events there).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        every: int = 50,
+        writer: RunWriter | None = None,
+        on_flush: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        self.layers = list(layers)
+        self.every = every
+        self.writer = writer
+        self.on_flush = on_flush
+        self._scalars: Tensor | None = None
+        self._layer_grads: Tensor | None = None
+        self._steps: list[int] = []
+        self._host: list[dict[str, Any]] = []  # host-side fields of the pending rows (lr, …)
+        self._sparse: list[tuple[int, str, Tensor]] = []  # (row, field, per-layer tensor) on cadence steps
+
+    def _ensure(self, device: torch.device) -> None:
+        if self._scalars is None or self._scalars.device != device:
+            self._scalars = torch.zeros(self.every, len(SCALARS), dtype=torch.float32, device=device)
+            self._layer_grads = torch.zeros(self.every, len(self.layers), dtype=torch.float32, device=device)
+
+    @property
+    def pending(self) -> int:
+        """Records waiting in the buffer."""
+        return len(self._steps)
+
+    def record(
+        self,
+        step: int,
+        scalars: Tensor,
+        layer_grad_norms: Tensor | None = None,
+        host: dict[str, Any] | None = None,
+        layer_extras: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Store one step (device copies only); flushes when the buffer is full.
+
+        Args:
+            step: the step index.
+            scalars: 1-D device tensor in :data:`SCALARS` order.
+            layer_grad_norms: per-layer gradient norms (same order as ``layers``).
+            host: fields already on the host (``lr``…), stored as they are.
+            layer_extras: per-layer tensors measured on this step only (``weight_norm``,
+                ``update_ratio``), kept as device tensors until the flush.
+        """
+        self._ensure(scalars.device)
+        assert self._scalars is not None and self._layer_grads is not None
+        row = len(self._steps)
+        self._scalars[row].copy_(scalars.detach())
+        if layer_grad_norms is not None and self.layers:
+            self._layer_grads[row].copy_(layer_grad_norms.detach())
+        else:
+            self._layer_grads[row].fill_(math.nan)
+        for name, value in (layer_extras or {}).items():
+            self._sparse.append((row, name, value.detach()))
+        self._steps.append(step)
+        self._host.append(dict(host or {}))
+        if len(self._steps) >= self.every:
+            self.flush()
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Copy the pending records to the host (one copy), write them, and return them."""
+        n = len(self._steps)
+        if n == 0 or self._scalars is None or self._layer_grads is None:
+            return []
+        parts = [self._scalars[:n], self._layer_grads[:n]]
+        flat = torch.cat([p.reshape(-1) for p in parts] + [t.reshape(-1).to(torch.float32) for _, _, t in self._sparse])
+        values = flat.cpu().tolist()  # host sync: the one copy per flush interval
+        k, nl = len(SCALARS), len(self.layers)
+        scalars = values[: n * k]
+        grads = values[n * k : n * k + n * nl]
+        rest = values[n * k + n * nl :]
+        records: list[dict[str, Any]] = []
+        for r in range(n):
+            rec: dict[str, Any] = {"step": self._steps[r]}
+            for j, name in enumerate(SCALARS):
+                v = scalars[r * k + j]
+                rec[name] = bool(v) if name in _FLAGS else v
+            rec.update(self._host[r])
+            layers = {name: {"grad_norm": grads[r * nl + j]} for j, name in enumerate(self.layers)}
+            rec["layers"] = layers
+            records.append(rec)
+        pos = 0
+        for row, field, t in self._sparse:
+            size = t.numel()
+            vals = rest[pos : pos + size]
+            pos += size
+            for j, name in enumerate(self.layers[:size]):
+                records[row]["layers"][name][field] = vals[j]
+        self._steps.clear()
+        self._host.clear()
+        self._sparse.clear()
+        if self.writer is not None:
+            self.writer.write_metrics(records)
+        if self.on_flush is not None:
+            self.on_flush(records)
+        return records
