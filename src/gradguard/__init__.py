@@ -2,6 +2,7 @@
 
 Public API (everything else lives in the submodules ``gradguard.stats``, ``gradguard.clip``…)::
 
+    guard = gradguard.Guard(model, optimizer, clip="auto")          # then guard.step(loss) per step
     gradguard.clip_grad_norm_(model.parameters(), max_norm=5.0)   # torch-compatible, sync-free
     clipper = gradguard.AutoClip(percentile=10)                     # or ZClip(), "auto", "norm:5"
 """
@@ -20,12 +21,14 @@ from gradguard.clip import (
     clip_grad_value_,
 )
 from gradguard.errors import GradGuardError, NonFiniteError
+from gradguard.guard import Guard
 
 __all__ = [
     "AGC",
     "Auto",
     "AutoClip",
     "GradGuardError",
+    "Guard",
     "NonFiniteError",
     "Norm",
     "PerLayer",

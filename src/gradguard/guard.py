@@ -10,11 +10,23 @@ Example:
     >>> _ = guard.step(loss)      # replaces opt.step()
     >>> guard.close()
 
-Host syncs: with a fused optimizer (``fused=True`` Adam/AdamW/SGD/Adagrad) and
-``on_nonfinite`` in ``skip``/``warn``, or with any optimizer in ``warn``, a step never waits for
-the device: the clip coefficient and the non-finite flag go into the optimizer through the
-``grad_scale``/``found_inf`` protocol of :class:`torch.amp.GradScaler`, so the kernel itself
-skips the step. Otherwise one host read per step decides (in :meth:`Guard._decide`).
+Host syncs. A step never waits for the device when nothing on it needs the host:
+
+* with a fused optimizer (``fused=True`` Adam/AdamW/SGD/Adagrad) and ``on_nonfinite="skip"``,
+  the clip coefficient and the skip flag go into the optimizer through the ``grad_scale`` /
+  ``found_inf`` protocol of :class:`torch.amp.GradScaler`, so the kernel itself skips the step;
+* with ``on_nonfinite="warn"`` (and ``on_spike`` not ``"skip"``) nothing is ever skipped.
+
+Otherwise the step makes **one** host read, in :meth:`Guard._decide`, to choose between stepping
+and skipping (the cost :class:`torch.amp.GradScaler` pays on every unfused step). On the
+sync-free path the host learns about bad steps at the next flush (every ``every`` steps): their
+events are written then, and ``max_consecutive`` is checked then.
+
+Known torch trap, handled: fused SGD with momentum that skips its *first* step (via
+``found_inf``) leaves its momentum buffers uninitialised (``torch.empty_like``), and the next
+step reads garbage. The guard decides such a first step on the host instead (one sync, once).
+A fused Adam/AdamW/Adagrad that skips its first step creates its state (zeros, ``step`` 0); the
+next step gives exactly the result of a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import runlog
-from gradguard.clip import Clipper, NormClipper, ZClip, coefficient, from_spec, scale_
+from gradguard.clip import AGC, Clipper, NormClipper, PerLayer, ZClip, coefficient, from_spec, scale_
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.monitor import SCALARS, Monitor
 from gradguard.stats import LayerIndex, check_tensors, exact_norms, tensor_norms, total_norm, update_ratios
@@ -42,6 +54,8 @@ OnNonFinite = Literal["skip", "rollback", "raise", "warn"]
 OnSpike = Literal["ignore", "warn", "clip", "skip"]
 _STATE_VERSION = 1
 _FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+_COL = {name: i for i, name in enumerate(SCALARS)}
+_MAX_LAYERS_IN_EVENT = 20
 
 
 def _check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
@@ -50,11 +64,9 @@ def _check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
     return str(value)
 
 
-def _positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
+def _positive_int(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise GradGuardError(f"{name} must be a positive int{' or None' if allow_none else ''}; got {value!r}.")
+        raise GradGuardError(f"{name} must be a positive int; got {value!r}.")
     return value
 
 
@@ -67,13 +79,28 @@ def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
+def _unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """``scaler.unscale_(optimizer)`` unless the user already called it since the last ``update()``."""
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(optimizer)]  # GradScaler's own bookkeeping
+    if state["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+
+
 class Guard:
     """Measure, clip and guard every optimizer step of a model.
 
     Call :meth:`step` where you called ``optimizer.step()``.
 
+    Memory: the always-on part keeps an on-device buffer of ``every × (10 + layers)`` floats and
+    never copies a gradient. On the steps where weight norms are measured (``weight_every``) it
+    holds a temporary copy of the weights. With ``on_nonfinite="rollback"`` a snapshot costs one
+    copy of the model and optimizer state, in **host memory** (plus a file with ``snapshot_dir``).
+
     Args:
-        model: the root module (its ``named_parameters()`` name the layers in the log).
+        model: the root module (its ``named_parameters()`` name the layers in the log). Only the
+            parameters that the optimizer holds and that require grad are measured.
         optimizer: the optimizer that steps the model's parameters.
         clip: a spec (``"auto"``, ``"norm:5"``, ``"autoclip:10"``, ``"zclip"``, ``"agc:0.01"``,
             ``"value:1"``, ``"layer:1"``, ``"none"``), a number (norm clipping) or a
@@ -84,7 +111,7 @@ class Guard:
             log is flushed) or ``"warn"`` (measure and log only; the step is taken).
         on_spike: a finite step whose norm is a z-score outlier (ZClip statistics, ``spike_z``):
             ``"ignore"``, ``"warn"`` (log a ``spike`` event), ``"clip"`` (clip it to the spike
-            threshold) or ``"skip"``.
+            threshold) or ``"skip"`` (the batch's step index is logged in a ``skip`` event).
         spike_z: the z-score of a spike.
         log_dir: the run directory (``None``: no files; ``"auto"``: ``gradguard-runs/<time>-<name>``).
         name: the run's name in the default run directory.
@@ -92,11 +119,13 @@ class Guard:
         layer_every: record per-layer gradient norms every this many steps (1: every step).
         weight_every: measure weight norms and update/weight ratios every this many steps
             (a temporary copy of the weights on those steps only); ``None`` never.
-        snapshot_every: ``rollback`` snapshot cadence in good steps. A snapshot is one copy of
-            the model and optimizer state in **host memory**; ``snapshot_dir`` also writes it to
-            disk (atomically).
+        snapshot_every: ``rollback`` snapshot cadence in steps (a snapshot is taken after a good
+            step at least this many steps after the last one).
+        snapshot_dir: also write the snapshot to ``snapshot_dir/snapshot.pt`` (atomically).
         lr_backoff: multiply every group's learning rate by this after a rollback (``None``: keep).
-        max_consecutive: abort (``NonFiniteError``, log flushed) after this many bad steps in a row.
+            An LR scheduler that sets the LR from its base values overrides it.
+        max_consecutive: abort (``NonFiniteError``, log flushed) after this many skipped steps in
+            a row (on the sync-free path: checked at the next flush).
         norm_type: p of the gradient norms.
         exist_ok: append to an existing run directory instead of refusing it.
     """
@@ -125,33 +154,31 @@ class Guard:
         if not isinstance(model, nn.Module):
             raise GradGuardError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise GradGuardError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+            raise GradGuardError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
         self.model = model
         self.optimizer = optimizer
         self.on_nonfinite = _check_choice(on_nonfinite, "on_nonfinite", get_args(OnNonFinite))
         self.on_spike = _check_choice(on_spike, "on_spike", get_args(OnSpike))
-        self.clipper = from_spec(clip)
+        self.clipper = from_spec(clip)  # type: ignore[arg-type]  # a number means norm clipping
         self.norm_type = float(norm_type)
         self.every = _positive_int(every, "every")
         self.layer_every = _positive_int(layer_every, "layer_every")
-        self.weight_every = _positive_int(weight_every, "weight_every", allow_none=True)
+        self.weight_every = None if weight_every is None else _positive_int(weight_every, "weight_every")
         self.snapshot_every = _positive_int(snapshot_every, "snapshot_every")
         self.max_consecutive = _positive_int(max_consecutive, "max_consecutive")
         if lr_backoff is not None and not 0.0 < float(lr_backoff) <= 1.0:
-            raise GradGuardError(f"lr_backoff must be in (0, 1] or None; got {lr_backoff!r}. 0.5 halves the LR.")
+            raise GradGuardError(
+                f"lr_backoff must be in (0, 1] or None; got {lr_backoff!r}. 0.5 halves the LR."
+            )
         self.lr_backoff = None if lr_backoff is None else float(lr_backoff)
         self._spike = ZClip(z_thresh=float(spike_z)) if self.on_spike != "ignore" else None
+        # norm clipping folds into one coefficient; other clippers (value, AGC, per-layer) run on the grads
+        self._scales = isinstance(self.clipper, NormClipper) or self.on_spike == "clip"
 
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise GradGuardError(
-                f"{type(model).__name__} has no trainable parameters (all have requires_grad=False); "
-                "there is nothing to guard. Unfreeze some parameters or guard the module that trains."
-            )
-        self._names = [n for n, _ in named]
-        self._params = [p for _, p in named]
-        check_tensors(self._params, what="parameter")
         own = {id(p) for p in model.parameters()}
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
         if foreign:
             shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
@@ -160,18 +187,28 @@ class Guard:
                 "Pass the model the optimizer trains (build it as `optimizer = Opt(model.parameters())`), "
                 "or the root module that owns all of them."
             )
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in held]
+        if not named:
+            raise GradGuardError(
+                f"{type(model).__name__} has no trainable parameter that the optimizer holds (all have "
+                "requires_grad=False, or the optimizer trains none of them); there is nothing to guard. "
+                "Unfreeze some parameters or guard the module that trains."
+            )
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        check_tensors(self._params, what="parameter")
         self._index = LayerIndex(self._names)
         self.fused = _is_fused(optimizer)
-        # the one-host-read path is needed unless the kernel can skip by itself, or nothing is skipped
-        self.sync_free = self.on_nonfinite == "warn" or (
-            self.fused and self.on_nonfinite == "skip" and self.on_spike != "skip"
+        self._momentum_sgd = isinstance(optimizer, torch.optim.SGD) and any(
+            g.get("momentum", 0) for g in optimizer.param_groups
         )
         self.step_count = 0  # guard.step() calls
         self.skipped_steps = 0
         self._consecutive = 0
-        self._consecutive_dev: Tensor | None = None
         self._last_skipped: Tensor | bool = False
-        self._reported: set[int] = set()
+        self._last_reported = -1  # the last step whose non-finite event was written
+        self._weights_reported = False
+        self._stop: NonFiniteError | None = None
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_step = -snapshot_every  # the first good step takes a snapshot
         self._snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
@@ -181,7 +218,9 @@ class Guard:
         if log_dir is not None:
             run_dir = runlog.default_run_dir(name) if str(log_dir) == "auto" else Path(log_dir)
             self.writer = runlog.RunWriter(run_dir, self._meta(), exist_ok=exist_ok)
-        self.monitor = Monitor(self._index.layers, every=self.every, writer=self.writer, on_flush=self._on_flush)
+        self.monitor = Monitor(
+            self._index.layers, every=self.every, writer=self.writer, on_flush=self._on_flush
+        )
 
     # ------------------------------------------------------------------ public
     @property
@@ -191,9 +230,13 @@ class Guard:
 
     @property
     def last_step_skipped(self) -> bool:
-        """Whether the last :meth:`step` was skipped. Reading it syncs with the device on the sync-free path."""
-        s = self._last_skipped
-        return bool(s)  # host sync: only when the user asks
+        """Whether the last :meth:`step` was skipped.
+
+        On the sync-free path the answer is still on the device: reading this property waits
+        for it (one host sync). Unlike Accelerate's ``step_was_skipped``, it is right for fused
+        optimizers too.
+        """
+        return bool(self._last_skipped)  # host sync: only when the user asks
 
     def step(
         self,
@@ -206,19 +249,27 @@ class Guard:
         Args:
             loss_or_closure: this step's loss (checked for NaN/inf), or a closure that zeroes the
                 gradients, recomputes the loss, calls ``backward()`` and returns the loss.
-            scaler: the :class:`torch.amp.GradScaler` of an AMP loop; gradguard unscales (if you
-                have not) before measuring and steps through the scaler.
+            scaler: the :class:`torch.amp.GradScaler` of an AMP loop. The guard unscales (unless
+                you already called ``scaler.unscale_(optimizer)``), measures and clips the unscaled
+                gradients, steps the optimizer unless the step is skipped, and calls
+                ``scaler.update()`` (which lowers the scale after an overflow).
 
         Returns:
             The loss (what the closure returned, or what was passed).
         """
+        if self._closed:
+            raise GradGuardError(
+                "this Guard is closed; create a new Guard (log_dir=..., exist_ok=True) to go on."
+            )
         if callable(loss_or_closure) and not isinstance(loss_or_closure, Tensor):
             with torch.enable_grad():
                 loss = loss_or_closure()
         else:
             loss = loss_or_closure
-        if scaler is not None and scaler.is_enabled():
-            scaler.unscale_(self.optimizer)  # measured and clipped unscaled (no-op if already done)
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
+        if scaler is not None:
+            _unscale_once(scaler, self.optimizer)
         self._step(loss, scaler)
         return loss
 
@@ -230,11 +281,15 @@ class Guard:
         """Flush and close the run log. Safe to call twice."""
         if self._closed:
             return
+        self._closed = True
         self.flush()
         if self.writer is not None:
-            self.writer.update_meta(end_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), steps=self.step_count)
+            self.writer.update_meta(
+                end_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                steps=self.step_count,
+                skipped_steps=self.skipped_steps,
+            )
             self.writer.close()
-        self._closed = True
 
     def __enter__(self) -> Guard:
         return self
@@ -243,7 +298,11 @@ class Guard:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and the clipper's / spike detector's state (tensors and Python scalars only)."""
+        """Counters and the clipper's / spike detector's state (tensors and Python scalars only).
+
+        Pending records are flushed first, so the counters include every step taken.
+        """
+        self.flush()
         return {
             "version": _STATE_VERSION,
             "step_count": self.step_count,
@@ -255,9 +314,11 @@ class Guard:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next steps equal those of a guard that never stopped."""
-        if state.get("version") != _STATE_VERSION:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise GradGuardError(
-                f"Guard state has version {state.get('version')!r}; this gradguard reads {_STATE_VERSION}."
+                f"Guard state has version {got!r}; this gradguard reads {_STATE_VERSION}. "
+                "Pass what Guard.state_dict() returned."
             )
         self.step_count = int(state["step_count"])
         self.skipped_steps = int(state["skipped_steps"])
@@ -268,9 +329,22 @@ class Guard:
             self._spike.load_state_dict(state["spike"])
 
     # ------------------------------------------------------------------ the step
+    def _sync_free(self) -> bool:
+        """Can this step be decided without a host read?"""
+        if self.on_nonfinite in ("rollback", "raise"):
+            return False  # a bad step needs the host at once
+        if self.on_nonfinite == "warn" and self.on_spike != "skip":
+            return True  # nothing is ever skipped
+        if not self.fused:
+            return False
+        # fused SGD skipping its first step leaves empty_like momentum buffers: decide that one on the host
+        return not (
+            self._momentum_sgd and any("momentum_buffer" not in self.optimizer.state[p] for p in self._params)
+        )
+
     def _step(self, loss: Tensor | float | None, scaler: torch.amp.GradScaler | None) -> None:
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
-        grads = [g for g in (self._params[i].grad for i in present) if g is not None]
+        grads: list[Tensor] = [self._params[i].grad for i in present]  # type: ignore[misc]
         check_tensors(grads, what="gradient")
         device = grads[0].device if grads else self._params[0].device
         p = self.norm_type
@@ -278,26 +352,23 @@ class Guard:
         norms = tensor_norms(grads, p)  # the one read of the gradients
         total = total_norm(norms, p).to(device)
         if isinstance(loss, Tensor):
-            loss_val = loss.detach().float().sum() if loss.numel() != 1 else loss.detach().float().reshape(())
-            loss_val = loss_val.to(device)
-        elif loss is None:
-            loss_val = torch.full((), math.nan, device=device)
+            loss_val = loss.detach().reshape(-1).sum().to(device=device, dtype=torch.float32)
+            loss_bad = ~torch.isfinite(loss_val)
         else:
-            loss_val = torch.full((), float(loss), device=device)
-        loss_bad = ~torch.isfinite(loss_val) if loss is not None else torch.zeros((), dtype=torch.bool, device=device)
+            loss_val = torch.full((), math.nan if loss is None else float(loss), device=device)
+            loss_bad = torch.full((), loss is not None and not math.isfinite(float(loss)), device=device)
         grad_nan = torch.isnan(total)
         grad_inf = torch.isinf(total)
         bad = loss_bad | grad_nan | grad_inf
-        # adaptive state sees only the norms of good steps
-        observed = torch.where(bad, torch.full_like(total, math.nan), total)
+        observed = torch.where(bad, math.nan, total)  # adaptive state only sees the norms of good steps
 
-        spike = torch.zeros((), dtype=torch.bool, device=device)
         threshold = torch.full((), math.inf, device=device)
+        spike = torch.zeros((), dtype=torch.bool, device=device)
         if self._spike is not None:
             spike_tau = self._spike.threshold(observed)
             spike = torch.isfinite(spike_tau)
             if self.on_spike == "clip":
-                threshold = torch.minimum(threshold, spike_tau)
+                threshold = spike_tau
         if isinstance(self.clipper, NormClipper):
             threshold = torch.minimum(threshold, self.clipper.threshold(observed).to(device))
         coef = coefficient(total, threshold)
@@ -307,9 +378,9 @@ class Guard:
 
         scalars = torch.stack(
             [
-                loss_val.float(),
+                loss_val,
                 total.float(),
-                coef.float() if isinstance(self.clipper, NormClipper) or self.on_spike == "clip" else coef * math.nan,
+                coef.float() if self._scales else torch.full_like(loss_val, math.nan),
                 threshold.float(),
                 bad.float(),
                 loss_bad.float(),
@@ -324,48 +395,64 @@ class Guard:
         measure_weights = self.weight_every is not None and step % self.weight_every == 0
         before = [w.detach().clone() for w in self._params] if measure_weights else None
 
-        if self.sync_free:
-            took = self._step_sync_free(grads, coef, skip, scaler)
+        sync_free = self._sync_free()
+        if sync_free:
+            self._step_sync_free(grads, coef, skip, scaler)
+            self._last_skipped = skip
         else:
             took = self._step_with_sync(grads, norms, present, coef, skip, scaler, scalars)
-        self._last_skipped = skip if self.sync_free else not took
+            self._last_skipped = not took
 
         extras: dict[str, Tensor] = {}
         if before is not None:
             with torch.no_grad():
-                w_norms = tensor_norms(before, p)
-                u_norms = tensor_norms(torch._foreach_sub([w.detach() for w in self._params], before), p)
-            extras["weight_norm"] = self._index.reduce(w_norms, p)
-            extras["update_ratio"] = update_ratios(self._index.reduce(u_norms, p), extras["weight_norm"])
+                w_norms = self._index.reduce(tensor_norms(before, p), p)
+                u_norms = self._index.reduce(
+                    tensor_norms(torch._foreach_sub([w.detach() for w in self._params], before), p), p
+                )
+            extras["weight_norm"] = w_norms
+            extras["update_ratio"] = update_ratios(u_norms, w_norms)
             del before
         lr = self.optimizer.param_groups[0].get("lr")
-        host = {"lr": float(lr) if isinstance(lr, (int, float)) else None}
-        if not self.sync_free:
+        host: dict[str, Any] = {"lr": float(lr) if isinstance(lr, (int, float)) else None}
+        if not sync_free:
             host["skipped"] = not took
+            host["_decided"] = True  # the host already handled this step (events, counters)
         self.monitor.record(step, scalars, layer_grads, host, extras)
         self.step_count += 1
+        if self._stop is not None:  # raise / abort, with this step's record in the log
+            err, self._stop = self._stop, None
+            self.flush()
+            raise err
+
+    def _run_clipper(self) -> None:
+        """Value / AGC / per-layer clippers act on the gradients themselves (norm clipping is a coefficient)."""
+        if self.clipper is None or isinstance(self.clipper, NormClipper):
+            return
+        if isinstance(self.clipper, (AGC, PerLayer)):
+            self.clipper(list(zip(self._names, self._params)))
+        else:
+            self.clipper(self._params)
 
     def _step_sync_free(
         self, grads: list[Tensor], coef: Tensor, skip: Tensor, scaler: torch.amp.GradScaler | None
-    ) -> bool:
+    ) -> None:
         """No host read: fold clip and skip into the fused kernel, or clip and always step (warn)."""
-        if self.clipper is not None and not isinstance(self.clipper, NormClipper):
-            self.clipper(self._named_or_params(), None)
-        if self.fused and scaler is None:
-            dev = grads[0].device if grads else self._params[0].device
-            self.optimizer.grad_scale = (1.0 / coef).to(device=dev, dtype=torch.float32)  # type: ignore[attr-defined]
-            self.optimizer.found_inf = skip.to(device=dev, dtype=torch.float32)  # type: ignore[attr-defined]
+        self._run_clipper()
+        if self.fused:
+            self.optimizer.grad_scale = coef.reciprocal().to(torch.float32)  # type: ignore[attr-defined]
+            self.optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
             try:
                 self.optimizer.step()
             finally:
                 del self.optimizer.grad_scale  # type: ignore[attr-defined]
                 del self.optimizer.found_inf  # type: ignore[attr-defined]
         else:
-            if grads and (isinstance(self.clipper, NormClipper) or self.on_spike == "clip"):
+            if grads and self._scales:
                 scale_(grads, coef)
-            self._optimizer_step(scaler)
-        # skipped steps are counted at flush (their flags reach the host then)
-        return True
+            self.optimizer.step()
+        if scaler is not None:
+            scaler.update()
 
     def _decide(self, skip: Tensor) -> bool:
         """The step's one host read: is this step skipped?"""
@@ -383,42 +470,58 @@ class Guard:
     ) -> bool:
         skipped = self._decide(skip)
         # anomaly path from here on: extra host reads are fine
-        if skipped and bool(scalars[4]) and self._overflow_only(grads, norms, scalars):
-            skipped, coef = False, scalars[2]
+        if skipped and bool(scalars[_COL["nonfinite"]]) and self._overflow_only(grads, norms, scalars):
+            skipped, coef = False, scalars[_COL["clip_coef"]]
         if not skipped:
             self._consecutive = 0
-            self._apply_clip(grads, coef)
-            self._optimizer_step(scaler)
-            if self.on_nonfinite == "rollback" and self.step_count - self._snapshot_step >= self.snapshot_every:
+            self._run_clipper()
+            if grads and self._scales:
+                scale_(grads, coef)
+            self.optimizer.step()
+            if scaler is not None:
+                scaler.update()
+            if (
+                self.on_nonfinite == "rollback"
+                and self.step_count - self._snapshot_step >= self.snapshot_every
+            ):
                 self._take_snapshot()
             return True
+        if scaler is not None:
+            scaler.update()  # the scaler still learns about an overflow (and lowers its scale)
         step = self.step_count
-        is_bad = bool(scalars[4])
+        is_bad = bool(scalars[_COL["nonfinite"]])
         self.skipped_steps += 1
         self._consecutive += 1
         if is_bad:
-            self._report_nonfinite(step, scalars, norms, present)
+            layer_norms = self._index.reduce(norms, self.norm_type, present).tolist()
+            self._emit_nonfinite(step, scalars.tolist(), layer_norms)
         if self._consecutive >= self.max_consecutive:
-            self._abort(step)
+            self._stop = self._abort(step)
+            return False
         if is_bad and self.on_nonfinite == "raise":
-            self.flush()
-            raise NonFiniteError(self._nonfinite_message(step, scalars))
+            self._stop = NonFiniteError(self._nonfinite_message(step, scalars.tolist()))
+            return False
         if is_bad and self.on_nonfinite == "rollback":
             self._rollback(step)
         else:
             reason = "nonfinite" if is_bad else "spike"
-            self._event({"type": "skip", "step": step, "reason": reason, "grad_norm": float(scalars[1])})
+            self._event(
+                {
+                    "type": "skip",
+                    "step": step,
+                    "reason": reason,
+                    "grad_norm": float(scalars[_COL["grad_norm"]]),
+                }
+            )
         return False
 
-    def _apply_clip(self, grads: list[Tensor], coef: Tensor) -> None:
-        if self.clipper is not None and not isinstance(self.clipper, NormClipper):
-            self.clipper(self._named_or_params(), None)
-        if grads and (isinstance(self.clipper, NormClipper) or self.on_spike == "clip"):
-            scale_(grads, coef)
-
     def _overflow_only(self, grads: list[Tensor], norms: Tensor, scalars: Tensor) -> bool:
-        """On a bad step: are all gradients finite and only their float32 norm overflowed?"""
-        if bool(scalars[5]) or bool(scalars[6]):  # loss non-finite, or a NaN gradient
+        """On a bad step: are all gradients finite, and only their float32 norm overflowed?
+
+        If so, measure them exactly (scaled by the max-abs), put the exact norm and coefficient
+        into ``scalars`` and let the step go on, clipped.
+        """
+        if bool(scalars[_COL["loss_nonfinite"]]) or bool(scalars[_COL["grad_nan"]]):
             return False
         suspects = [g for g, inf in zip(grads, torch.isinf(norms).tolist()) if inf]
         if not suspects:
@@ -426,31 +529,24 @@ class Guard:
         exact = exact_norms(suspects, self.norm_type)
         if not bool(torch.isfinite(exact).all()):
             return False
-        # rebuild the norms with the exact values and recompute the coefficient on the exact total
         fixed = norms.to(torch.float64).clone()
         fixed[torch.isinf(norms)] = exact.to(fixed.device)
         total = total_norm(fixed, self.norm_type)
-        threshold = scalars[3].to(torch.float64)
-        scalars[1] = total.float()
-        scalars[2] = coefficient(total, threshold).float()
-        scalars[4] = scalars[7] = 0.0
+        threshold = scalars[_COL["threshold"]].to(torch.float64)
+        scalars[_COL["grad_norm"]] = total.float()
+        scalars[_COL["clip_coef"]] = coefficient(total, threshold).float()
+        scalars[_COL["nonfinite"]] = scalars[_COL["grad_inf"]] = scalars[_COL["skipped"]] = 0.0
         self._event(
-            {"type": "overflow", "step": self.step_count, "grad_norm": float(total), "note": "finite gradients "
-             "whose norm overflows float32; measured exactly and clipped"}
+            {
+                "type": "overflow",
+                "step": self.step_count,
+                "grad_norm": float(total),
+                "note": "finite gradients whose float32 norm overflows; measured exactly and clipped",
+            }
         )
         return True
 
     # ------------------------------------------------------------------ helpers
-    def _named_or_params(self) -> list[Any]:
-        return list(zip(self._names, self._params))
-
-    def _optimizer_step(self, scaler: torch.amp.GradScaler | None) -> None:
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-
     def _meta(self) -> dict[str, Any]:
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -473,7 +569,6 @@ class Guard:
                 "lr_backoff": self.lr_backoff,
                 "max_consecutive": self.max_consecutive,
                 "norm_type": self.norm_type,
-                "sync_free": self.sync_free,
             },
         }
 
@@ -481,72 +576,80 @@ class Guard:
         if self.writer is not None:
             self.writer.write_event(event)
 
-    def _nonfinite_layers(self, layer_norms: list[float]) -> tuple[list[str], str]:
-        bad = [(n, v) for n, v in zip(self._index.layers, layer_norms) if not math.isfinite(v)]
-        kind = "nan" if any(math.isnan(v) for _, v in bad) else "inf"
-        return [n for n, _ in bad], kind
-
-    def _report_nonfinite(self, step: int, scalars: Tensor, norms: Tensor, present: list[int]) -> None:
-        vals = scalars.tolist()
-        layer_norms = self._index.reduce(norms, self.norm_type, present).tolist()
-        self._emit_nonfinite(step, vals, layer_norms)
-
     def _emit_nonfinite(self, step: int, vals: list[float], layer_norms: list[float]) -> None:
-        if step in self._reported:
+        """Write the ``nonfinite`` event of a step (once), from the always-on flags (``located_by="norm"``)."""
+        if step <= self._last_reported:
             return
-        self._reported.add(step)
-        layers, kind = self._nonfinite_layers(layer_norms)
-        loss_bad = bool(vals[5])
-        loss = vals[0]
+        self._last_reported = step
+        bad_layers = [(n, v) for n, v in zip(self._index.layers, layer_norms) if not math.isfinite(v)]
+        loss_bad = bool(vals[_COL["loss_nonfinite"]])
+        loss = vals[_COL["loss"]]
         if loss_bad:
             kind = "nan" if math.isnan(loss) else ("inf" if loss > 0 else "-inf")
+        else:
+            kind = "nan" if vals[_COL["grad_nan"]] else "inf"
         self._event(
             {
                 "type": "nonfinite",
                 "step": step,
                 "phase": "loss" if loss_bad else "backward",
-                "module": layers[0] if layers and not loss_bad else None,
+                "module": None,
                 "op": None,
                 "tensor": "output" if loss_bad else "grad",
                 "kind": kind,
                 "source": None,
                 "located_by": "norm",
-                "layers": layers,
+                "layers": [n for n, _ in bad_layers[:_MAX_LAYERS_IN_EVENT]],
+                "layers_nonfinite": len(bad_layers),
                 "loss": loss,
-                "grad_norm": vals[1],
+                "grad_norm": vals[_COL["grad_norm"]],
                 "policy": self.on_nonfinite,
             }
         )
 
-    def _nonfinite_message(self, step: int, scalars: Tensor) -> str:
-        vals = scalars.tolist()
-        what = f"the loss is {vals[0]}" if vals[5] else f"the gradient norm is {vals[1]}"
+    def _nonfinite_message(self, step: int, vals: list[float]) -> str:
+        what = (
+            f"the loss is {vals[_COL['loss']]}"
+            if vals[_COL["loss_nonfinite"]]
+            else (f"the gradient norm is {vals[_COL['grad_norm']]}")
+        )
         where = f" Run log: {self.run_dir}." if self.run_dir else ""
         return (
             f"step {step}: {what}.{where} Use on_nonfinite='skip' to drop such steps, 'rollback' to restore "
-            "the last good state, or locate the first non-finite value with `gradguard diagnose`."
+            "the last good state, or look at the run with `gradguard diagnose`."
         )
 
-    def _abort(self, step: int) -> None:
-        weights_bad = not bool(torch.isfinite(total_norm(tensor_norms([p.detach() for p in self._params]))))
+    def _abort(self, step: int) -> NonFiniteError:
+        """Log the abort and return the error to raise (after the log is flushed)."""
+        with torch.no_grad():
+            weights_bad = not bool(
+                torch.isfinite(total_norm(tensor_norms([p.detach() for p in self._params])))
+            )
         msg = (
-            f"{self._consecutive} consecutive non-finite/skipped steps (last: step {step}); gradguard stopped the run."
+            f"{self._consecutive} consecutive skipped steps (last: step {step}); gradguard stopped the run."
             + (" The weights themselves are non-finite: use on_nonfinite='rollback'." if weights_bad else "")
-            + " Lower the learning rate or clip harder (`gradguard diagnose` recommends a threshold)."
-            + (f" Run log: {self.run_dir}." if self.run_dir else "")
+            + " Lower the learning rate or clip harder (`gradguard diagnose` recommends a threshold), or raise "
+            "max_consecutive." + (f" Run log: {self.run_dir}." if self.run_dir else "")
         )
-        self._event({"type": "abort", "step": step, "consecutive": self._consecutive, "weights_nonfinite": weights_bad})
-        self.flush()
+        self._event(
+            {
+                "type": "abort",
+                "step": step,
+                "consecutive": self._consecutive,
+                "weights_nonfinite": weights_bad,
+            }
+        )
         if self.writer is not None:
             self.writer.update_meta(aborted=True, abort_step=step)
-        raise NonFiniteError(msg)
+        return NonFiniteError(msg)
 
     # ------------------------------------------------------------------ rollback
     def _take_snapshot(self) -> None:
         state = {
             "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
             "optimizer": _to_cpu(self.optimizer.state_dict()),
-            "guard": self.state_dict(),
+            "clipper": self.clipper.state_dict() if self.clipper is not None else None,
+            "spike": self._spike.state_dict() if self._spike is not None else None,
             "step": self.step_count,
         }
         self._snapshot = state
@@ -554,7 +657,7 @@ class Guard:
         if self._snapshot_dir is not None:
             self._snapshot_dir.mkdir(parents=True, exist_ok=True)
             target = self._snapshot_dir / "snapshot.pt"
-            tmp = target.with_suffix(".pt.tmp")
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             torch.save(state, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -562,43 +665,95 @@ class Guard:
 
     def _rollback(self, step: int) -> None:
         if self._snapshot is None:
-            self._event({"type": "skip", "step": step, "reason": "nonfinite (no snapshot yet to roll back to)"})
+            self._event(
+                {"type": "skip", "step": step, "reason": "nonfinite (no snapshot yet to roll back to)"}
+            )
             return
         snap = self._snapshot
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.model.load_state_dict(snap["model"])
+        # the optimizer keeps references to what it loads: give it copies, the snapshot stays intact
         self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-        if self.clipper is not None and snap["guard"]["clipper"] is not None:
-            self.clipper.load_state_dict(snap["guard"]["clipper"])
+        if self.clipper is not None and snap["clipper"] is not None:
+            self.clipper.load_state_dict(snap["clipper"])
+        if self._spike is not None and snap["spike"] is not None:
+            self._spike.load_state_dict(snap["spike"])
+        for g, lr in zip(self.optimizer.param_groups, lrs):  # the LR of now, not of the snapshot
+            g["lr"] = lr
         self._event({"type": "rollback", "step": step, "to_step": snap["step"]})
         if self.lr_backoff is not None:
             for g in self.optimizer.param_groups:
-                old = g["lr"]
-                g["lr"] = old * self.lr_backoff if not isinstance(old, Tensor) else old.mul_(self.lr_backoff)
-            self._event(
-                {"type": "lr_backoff", "step": step, "factor": self.lr_backoff, "lr": _lr(self.optimizer)}
-            )
+                g["lr"] = (
+                    g["lr"] * self.lr_backoff
+                    if not isinstance(g["lr"], Tensor)
+                    else g["lr"].mul_(self.lr_backoff)
+                )
+            lr0 = self.optimizer.param_groups[0]["lr"]
+            self._event({"type": "lr_backoff", "step": step, "factor": self.lr_backoff, "lr": float(lr0)})
 
     # ------------------------------------------------------------------ flush → events
+    def _weights_nonfinite(self, rec: dict[str, Any]) -> bool:
+        """A weight that went non-finite without a non-finite loss or gradient (e.g. behind a tanh).
+
+        Seen at the ``weight_every`` cadence, where weight norms are measured; reported once.
+        """
+        layers = rec.get("layers", {})
+        bad = [n for n in self._index.layers if not math.isfinite(layers.get(n, {}).get("weight_norm", 0.0))]
+        if not bad:
+            return False
+        first = layers[bad[0]]["weight_norm"]
+        self._event(
+            {
+                "type": "nonfinite",
+                "step": rec["step"],
+                "phase": "optimizer",
+                "module": bad[0],
+                "op": None,
+                "tensor": "param",
+                "kind": "nan" if math.isnan(first) else "inf",
+                "source": None,
+                "located_by": "norm",
+                "layers": bad[:_MAX_LAYERS_IN_EVENT],
+                "layers_nonfinite": len(bad),
+                "policy": self.on_nonfinite,
+            }
+        )
+        return True
+
     def _on_flush(self, records: list[dict[str, Any]]) -> None:
+        """Events of the steps the host had not seen yet (the sync-free path), from one host copy."""
         events: list[dict[str, Any]] = []
         for rec in records:
             step = rec["step"]
-            if self.sync_free and rec["skipped"]:
-                self.skipped_steps += 1
-            if rec["nonfinite"] and step not in self._reported:
-                layer_norms = [rec["layers"][n]["grad_norm"] for n in self._index.layers]
-                before = len(self._reported)
-                self._emit_nonfinite(step, [rec[k] for k in SCALARS], layer_norms)
-                if len(self._reported) > before and self.sync_free and rec["skipped"]:
-                    events.append({"type": "skip", "step": step, "reason": "nonfinite"})
-            if rec["spike"] and not rec["nonfinite"] and self.on_spike in ("warn", "clip"):
-                events.append({"type": "spike", "step": step, "grad_norm": rec["grad_norm"], "action": self.on_spike})
-            if self.sync_free:
+            if not rec.get("_decided"):
+                if rec["nonfinite"]:
+                    layer_norms = [
+                        rec["layers"].get(n, {}).get("grad_norm", math.nan) for n in self._index.layers
+                    ]
+                    self._emit_nonfinite(step, [float(rec[k]) for k in SCALARS], layer_norms)
+                if rec["skipped"]:
+                    self.skipped_steps += 1
+                    reason = "nonfinite" if rec["nonfinite"] else "spike"
+                    events.append(
+                        {"type": "skip", "step": step, "reason": reason, "grad_norm": rec["grad_norm"]}
+                    )
                 self._consecutive = self._consecutive + 1 if rec["skipped"] else 0
+            if not self._weights_reported and self._weights_nonfinite(rec):
+                self._weights_reported = True
+            if rec["spike"] and not rec["nonfinite"] and self.on_spike in ("warn", "clip"):
+                events.append(
+                    {"type": "spike", "step": step, "grad_norm": rec["grad_norm"], "action": self.on_spike}
+                )
         if events and self.writer is not None:
             self.writer.write_events(events)
-        if self.sync_free and self._consecutive >= self.max_consecutive and self.on_nonfinite != "warn":
-            self._abort(records[-1]["step"])
+        # the sync path checks at once; here the host learns of skipped steps only now
+        if (
+            self._consecutive >= self.max_consecutive
+            and not self._closed
+            and records
+            and not records[-1].get("_decided")
+        ):
+            raise self._abort(records[-1]["step"])
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -611,10 +766,3 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_to_cpu(v) for v in obj)
     return copy.deepcopy(obj)
-
-
-def _lr(optimizer: torch.optim.Optimizer) -> float | None:
-    lr = optimizer.param_groups[0].get("lr")
-    return float(lr) if lr is not None else None
-
-

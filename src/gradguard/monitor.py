@@ -8,13 +8,13 @@ host copy of the buffer and appends the records to the run log. Device memory is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradguard.errors import GradGuardError
 from gradguard.runlog import RunWriter
 
 __all__ = ["SCALARS", "Monitor"]
@@ -54,7 +54,7 @@ class Monitor:
         on_flush: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
+            raise GradGuardError(f"every must be a positive int, got {every!r}. The default is 50 steps.")
         self.layers = list(layers)
         self.every = every
         self.writer = writer
@@ -63,6 +63,7 @@ class Monitor:
         self._layer_grads: Tensor | None = None
         self._steps: list[int] = []
         self._host: list[dict[str, Any]] = []  # host-side fields of the pending rows (lr, …)
+        self._has_layers: list[bool] = []
         self._sparse: list[tuple[int, str, Tensor]] = []  # (row, field, per-layer tensor) on cadence steps
 
     def _ensure(self, device: torch.device) -> None:
@@ -97,10 +98,11 @@ class Monitor:
         assert self._scalars is not None and self._layer_grads is not None
         row = len(self._steps)
         self._scalars[row].copy_(scalars.detach())
-        if layer_grad_norms is not None and self.layers:
+        has_layers = layer_grad_norms is not None and bool(self.layers)
+        if has_layers:
+            assert layer_grad_norms is not None
             self._layer_grads[row].copy_(layer_grad_norms.detach())
-        else:
-            self._layer_grads[row].fill_(math.nan)
+        self._has_layers.append(has_layers)
         for name, value in (layer_extras or {}).items():
             self._sparse.append((row, name, value.detach()))
         self._steps.append(step)
@@ -109,13 +111,16 @@ class Monitor:
             self.flush()
 
     def flush(self) -> list[dict[str, Any]]:
-        """Copy the pending records to the host (one copy), write them, and return them."""
+        """Copy the pending records to the host (one copy), write them, and return them.
+
+        Host fields whose name starts with ``_`` are passed to :attr:`on_flush` but not written.
+        """
         n = len(self._steps)
         if n == 0 or self._scalars is None or self._layer_grads is None:
             return []
-        parts = [self._scalars[:n], self._layer_grads[:n]]
-        flat = torch.cat([p.reshape(-1) for p in parts] + [t.reshape(-1).to(torch.float32) for _, _, t in self._sparse])
-        values = flat.cpu().tolist()  # host sync: the one copy per flush interval
+        parts = [self._scalars[:n].reshape(-1), self._layer_grads[:n].reshape(-1)]
+        parts += [t.reshape(-1).to(torch.float32) for _, _, t in self._sparse]
+        values = torch.cat(parts).cpu().tolist()  # host sync: the one copy per flush interval
         k, nl = len(SCALARS), len(self.layers)
         scalars = values[: n * k]
         grads = values[n * k : n * k + n * nl]
@@ -127,21 +132,24 @@ class Monitor:
                 v = scalars[r * k + j]
                 rec[name] = bool(v) if name in _FLAGS else v
             rec.update(self._host[r])
-            layers = {name: {"grad_norm": grads[r * nl + j]} for j, name in enumerate(self.layers)}
-            rec["layers"] = layers
+            if self._has_layers[r]:
+                rec["layers"] = {name: {"grad_norm": grads[r * nl + j]} for j, name in enumerate(self.layers)}
             records.append(rec)
         pos = 0
         for row, field, t in self._sparse:
-            size = t.numel()
-            vals = rest[pos : pos + size]
-            pos += size
-            for j, name in enumerate(self.layers[:size]):
-                records[row]["layers"][name][field] = vals[j]
+            vals = rest[pos : pos + t.numel()]
+            pos += t.numel()
+            layers = records[row].setdefault("layers", {})
+            for name, v in zip(self.layers, vals):
+                layers.setdefault(name, {})[field] = v
         self._steps.clear()
         self._host.clear()
+        self._has_layers.clear()
         self._sparse.clear()
         if self.writer is not None:
-            self.writer.write_metrics(records)
+            self.writer.write_metrics(
+                [{k: v for k, v in rec.items() if not k.startswith("_")} for rec in records]
+            )
         if self.on_flush is not None:
             self.on_flush(records)
         return records

@@ -1,0 +1,715 @@
+"""Tests of gradguard.Guard: skip = the step never happened, rollback, raise/warn/abort, spikes,
+no host sync and one pass, state round trip, a SIGKILLed run, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+from gradguard.errors import GradGuardError, NonFiniteError
+from gradguard.runlog import read_run
+from nosync import HostSyncError, NoSync
+
+BAD = [math.nan, math.inf, -math.inf]
+BAD_IDS = ["nan", "inf", "-inf"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g)
+
+
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "sgd-momentum-wd-forloop": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, weight_decay=1e-2, foreach=False
+    ),
+    "sgd-momentum-wd-foreach": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, weight_decay=1e-2, foreach=True
+    ),
+    "sgd-momentum-wd-fused": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, weight_decay=1e-2, fused=True
+    ),
+    "adam-forloop": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False),
+    "adam-foreach": lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+    "adamw-forloop": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=False),
+    "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+    "adagrad-fused": lambda p: torch.optim.Adagrad(p, lr=1e-2, fused=True),
+}
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[list[torch.Tensor], dict]:
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {
+        k: {n: (v.clone() if isinstance(v, torch.Tensor) else v) for n, v in s.items()}
+        for k, s in opt.state.items()
+    }
+    return params, state
+
+
+def assert_bit_identical(a: tuple[list[torch.Tensor], dict], b: tuple[list[torch.Tensor], dict]) -> None:
+    pa, sa = a
+    pb, sb = b
+    for x, y in zip(pa, pb, strict=True):
+        assert torch.equal(x, y) or (
+            (x.isnan() == y.isnan()).all() and torch.equal(x.nan_to_num(), y.nan_to_num())
+        )
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].keys() == sb[k].keys()
+        for n in sa[k]:
+            va, vb = sa[k][n], sb[k][n]
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, vb), f"optimizer state {n!r} changed"
+            else:
+                assert va == vb
+
+
+def train(
+    guard: gradguard.Guard,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: range,
+    *,
+    fault: Callable[[int, nn.Module, torch.Tensor], torch.Tensor] | None = None,
+) -> list[float]:
+    """The plain loop of the README; ``fault(step, model, loss) -> loss`` may inject a bad value."""
+    losses = []
+    for step in steps:
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        loss = (model(x) - y).pow(2).mean()
+        if fault is not None:
+            loss = fault(step, model, loss)
+        loss.backward()
+        if fault is not None:
+            fault(step, model, None)  # type: ignore[arg-type]
+        guard.step(loss)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def grad_fault(at: int, value: float) -> Callable:
+    """One element of one gradient becomes ``value`` after backward, at step ``at``."""
+
+    def fault(step, model, loss):
+        if loss is None and step == at:
+            with torch.no_grad():
+                model[2].weight.grad[3, 5] = value
+        return loss
+
+    return fault
+
+
+def loss_fault(at: int, value: float) -> Callable:
+    """The loss becomes ``value`` (its gradients stay finite: ``loss + (value - loss.detach())``)."""
+
+    def fault(step, model, loss):
+        if loss is not None and step == at:
+            return loss + (torch.tensor(value) - loss.detach())
+        return loss
+
+    return fault
+
+
+# ----------------------------------------------------------------------------- skip
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("where", ["grad", "loss"])
+@pytest.mark.parametrize("value", BAD, ids=BAD_IDS)
+def test_skip_leaves_params_and_state_bit_identical_and_training_goes_on_as_without_the_batch(
+    opt_name: str, where: str, value: float
+) -> None:
+    at = 4
+    fault = grad_fault(at, value) if where == "grad" else loss_fault(at, value)
+    # the guarded run, with a fault at step `at`
+    model = make_model()
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    guard = gradguard.Guard(model, opt, clip="norm:1.0", on_nonfinite="skip", every=3)
+    train(guard, model, opt, range(at), fault=fault)
+    before = snapshot(model, opt)
+    train(guard, model, opt, range(at, at + 1), fault=fault)
+    assert_bit_identical(before, snapshot(model, opt))
+    assert guard.last_step_skipped
+    train(guard, model, opt, range(at + 1, at + 4), fault=fault)
+    guard.close()
+    assert guard.skipped_steps == 1
+    # reference: the same run with a plain loop that never saw batch `at`
+    ref = make_model()
+    ref_opt = OPTIMIZERS[opt_name](list(ref.parameters()))
+    for step in [s for s in range(at + 4) if s != at]:
+        x, y = batch(step)
+        ref_opt.zero_grad(set_to_none=True)
+        (ref(x) - y).pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "opt_name", ["sgd-momentum-wd-fused", "adamw-fused", "adam-foreach", "sgd-momentum-wd-forloop"]
+)
+def test_skipping_the_very_first_step_then_training_equals_a_fresh_optimizer(opt_name: str) -> None:
+    """torch's fused SGD leaves empty_like momentum buffers when its first step is skipped via found_inf."""
+    model = make_model()
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    guard = gradguard.Guard(model, opt, clip=None, on_nonfinite="skip", on_spike="ignore")
+    train(guard, model, opt, range(3), fault=grad_fault(0, math.nan))
+    ref = make_model()
+    ref_opt = OPTIMIZERS[opt_name](list(ref.parameters()))
+    for step in (1, 2):
+        x, y = batch(step)
+        ref_opt.zero_grad(set_to_none=True)
+        (ref(x) - y).pow(2).mean().backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", BAD, ids=BAD_IDS)
+def test_a_nonfinite_weight_makes_the_loss_nonfinite_and_the_step_is_skipped(
+    tmp_path: Path, value: float
+) -> None:
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gradguard.Guard(model, opt, on_nonfinite="skip", log_dir=tmp_path / "run", every=100)
+    train(guard, model, opt, range(3))
+    with torch.no_grad():
+        model[4].weight[0, 0] = value  # the head: no tanh after it to saturate an inf
+    before = snapshot(model, opt)
+    train(guard, model, opt, range(3, 4))
+    assert_bit_identical(before, snapshot(model, opt))
+    guard.close()
+    ev = read_run(tmp_path / "run").first_event("nonfinite")
+    assert ev is not None and ev["step"] == 3 and ev["phase"] == "loss"
+    assert ev["kind"] in ("nan", "inf", "-inf")
+
+
+def test_a_nonfinite_weight_hidden_by_a_saturating_layer_is_reported_at_the_weight_cadence(
+    tmp_path: Path,
+) -> None:
+    """tanh(inf) = 1: the loss and every gradient stay finite, only the weight norms show it."""
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "run", every=4, weight_every=5)
+    train(guard, model, opt, range(3))
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.inf
+    train(guard, model, opt, range(3, 12))
+    guard.close()
+    log = read_run(tmp_path / "run")
+    assert not any(r["nonfinite"] for r in log.metrics)
+    events = log.events_of("nonfinite")
+    assert [(e["step"], e["tensor"], e["kind"], e["module"]) for e in events] == [(5, "param", "inf", "0")]
+
+
+def test_events_name_step_kind_and_phase_for_each_fault(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r", every=4)
+    faults = {
+        2: grad_fault(2, math.inf),
+        5: grad_fault(5, -math.inf),
+        7: loss_fault(7, -math.inf),
+        9: loss_fault(9, math.nan),
+    }
+
+    def fault(step, model, loss):
+        return faults[step](step, model, loss) if step in faults else loss
+
+    train(guard, model, opt, range(11), fault=fault)
+    guard.close()
+    log = read_run(tmp_path / "r")
+    nonfinite = {e["step"]: e for e in log.events_of("nonfinite")}
+    assert sorted(nonfinite) == [2, 5, 7, 9]
+    assert (nonfinite[2]["phase"], nonfinite[2]["kind"], nonfinite[2]["tensor"]) == (
+        "backward",
+        "inf",
+        "grad",
+    )
+    assert nonfinite[2]["layers"] == ["2"]  # only the layer whose gradient holds the inf
+    assert (nonfinite[5]["phase"], nonfinite[5]["kind"]) == ("backward", "inf")
+    assert (nonfinite[7]["phase"], nonfinite[7]["kind"]) == ("loss", "-inf")
+    assert (nonfinite[9]["phase"], nonfinite[9]["kind"]) == ("loss", "nan")
+    assert sorted(e["step"] for e in log.events_of("skip")) == [2, 5, 7, 9]
+    skipped = [r["step"] for r in log.metrics if r["skipped"]]
+    assert skipped == [2, 5, 7, 9]
+    assert [r["step"] for r in log.metrics] == list(range(11))
+
+
+# ----------------------------------------------------------------------------- no host sync, one pass
+def _reads_of_optimizer_step(opt_name: str) -> list[int]:
+    model = make_model()
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    for step in range(2):  # state exists
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        (model(x) - y).pow(2).mean().backward()
+        if step == 1:
+            with NoSync(watch=[p.grad for p in model.parameters()]) as ns, ns.allow():
+                opt.step()
+            return ns.reads
+        opt.step()
+    raise AssertionError
+
+
+@pytest.mark.parametrize("clip", ["auto", "norm:1", "autoclip", "zclip", "none"])
+@pytest.mark.parametrize("opt_name", ["adamw-fused", "sgd-momentum-wd-fused", "adam-fused", "adagrad-fused"])
+def test_fused_path_makes_no_host_read_and_reads_each_gradient_once(opt_name: str, clip: str) -> None:
+    model = make_model()
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite="skip", every=1000, weight_every=None)
+    train(guard, model, opt, range(3))  # warm: optimizer state exists
+    x, y = batch(3)
+    opt.zero_grad(set_to_none=True)
+    loss = (model(x) - y).pow(2).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    with NoSync(watch=grads) as ns:
+        guard.step(loss)
+    optimizer_reads = _reads_of_optimizer_step(opt_name)
+    assert [r - o for r, o in zip(ns.reads, optimizer_reads)] == [1] * len(grads), ns.read_ops
+    assert all(ops[0] == "aten._foreach_norm.Scalar" for ops in ns.read_ops)
+
+
+@pytest.mark.parametrize("clip", ["auto", "norm:1", "none"])
+@pytest.mark.parametrize("opt_name", ["adamw-foreach", "sgd-momentum-wd-forloop", "adam-forloop"])
+def test_unfused_path_makes_exactly_one_named_host_read(opt_name: str, clip: str) -> None:
+    model = make_model()
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite="skip", every=1000, weight_every=None)
+    train(guard, model, opt, range(3))
+    x, y = batch(3)
+    opt.zero_grad(set_to_none=True)
+    loss = (model(x) - y).pow(2).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    decided = []
+    with NoSync(watch=grads) as ns:
+        inner = guard._decide
+
+        def decide(skip):
+            with ns.allow():
+                decided.append(inner(skip))
+            return decided[-1]
+
+        guard._decide = decide  # type: ignore[method-assign]
+        opt_step = opt.step
+
+        def step_allowed():  # the optimizer's own reads (Adam's step count on CPU) are not gradguard's
+            with ns.allow():
+                return opt_step()
+
+        opt.step = step_allowed  # type: ignore[method-assign]
+        guard.step(loss)
+    assert decided == [False]
+    extra = 2 if clip != "none" else 1  # the norm pass, and the scale pass when clipping
+    optimizer_reads = _reads_of_optimizer_step(opt_name)
+    assert [r - o for r, o in zip(ns.reads, optimizer_reads)] == [extra] * len(grads), ns.read_ops
+
+
+def test_warn_mode_is_sync_free_for_any_optimizer_and_runs_on_meta() -> None:
+    """On the meta device any host read raises outside the dispatcher too."""
+    with torch.device("meta"):
+        model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    guard = gradguard.Guard(model, opt, clip="auto", on_nonfinite="warn", every=1000, weight_every=1)
+    for _ in range(3):
+        x = torch.randn(8, 6, device="meta")
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        with NoSync(watch=[p.grad for p in model.parameters()]):
+            guard.step(loss)
+    assert guard.step_count == 3
+
+
+def test_the_one_host_read_is_real_an_unfused_skip_guard_refuses_meta() -> None:
+    """The counterpart: the unfused skip path does read the device (so the meta test can fail)."""
+    with torch.device("meta"):
+        model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, on_nonfinite="skip", every=1000)
+    loss = model(torch.randn(8, 6, device="meta")).pow(2).mean()
+    loss.backward()
+    with pytest.raises((RuntimeError, NotImplementedError, HostSyncError)), NoSync():
+        guard.step(loss)
+
+
+def test_last_step_skipped_is_right_on_the_fused_path() -> None:
+    model = make_model()
+    opt = OPTIMIZERS["adamw-fused"](list(model.parameters()))
+    guard = gradguard.Guard(model, opt, on_nonfinite="skip")
+    flags = []
+    for step in range(4):
+        train(guard, model, opt, range(step, step + 1), fault=grad_fault(2, math.nan))
+        flags.append(guard.last_step_skipped)
+    assert flags == [False, False, True, False]
+
+
+# ----------------------------------------------------------------------------- policies
+def test_rollback_restores_exactly_the_snapshot_and_backs_off_the_lr(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    guard = gradguard.Guard(
+        model,
+        opt,
+        on_nonfinite="rollback",
+        snapshot_every=3,
+        lr_backoff=0.5,
+        log_dir=tmp_path / "r",
+        snapshot_dir=tmp_path / "snap",
+    )
+    states = {}
+    for step in range(8):
+        train(guard, model, opt, range(step, step + 1))
+        states[step] = (
+            {k: v.clone() for k, v in model.state_dict().items()},
+            [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()],
+        )
+    # snapshots were taken after steps 0, 3, 6: corrupt a weight, then the next step rolls back to 6
+    with torch.no_grad():
+        model[4].weight[0, 0] = math.nan
+    train(guard, model, opt, range(8, 9))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, states[6][0][k])
+    for p, buf in zip(model.parameters(), states[6][1]):
+        assert torch.equal(opt.state[p]["momentum_buffer"], buf)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    # a second rollback compounds the back-off
+    with torch.no_grad():
+        model[4].weight[0, 0] = math.inf
+    train(guard, model, opt, range(9, 10))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    train(guard, model, opt, range(10, 12))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    guard.close()
+    log = read_run(tmp_path / "r")
+    assert [(e["step"], e["to_step"]) for e in log.events_of("rollback")] == [(8, 6), (9, 6)]
+    assert [e["lr"] for e in log.events_of("lr_backoff")] == pytest.approx([0.05, 0.025])
+    on_disk = torch.load(tmp_path / "snap" / "snapshot.pt", weights_only=True)
+    assert on_disk["step"] == 10  # taken 3+ steps after the one it rolled back to
+    for k, v in on_disk["model"].items():
+        assert torch.equal(v, guard._snapshot["model"][k])
+    assert not list((tmp_path / "snap").glob("*.tmp"))
+
+
+def test_raise_policy_flushes_the_log_then_raises(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gradguard.Guard(model, opt, on_nonfinite="raise", log_dir=tmp_path / "r", every=100)
+    with pytest.raises(NonFiniteError, match=r"step 5: the loss is nan.*on_nonfinite='skip'"):
+        train(guard, model, opt, range(10), fault=loss_fault(5, math.nan))
+    log = read_run(tmp_path / "r")
+    assert [r["step"] for r in log.metrics] == list(range(6))  # flushed before raising
+    assert log.first_event("nonfinite")["step"] == 5
+
+
+def test_warn_policy_takes_the_step_and_logs_it(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(model, opt, clip=None, on_nonfinite="warn", log_dir=tmp_path / "r", every=4)
+    train(guard, model, opt, range(6), fault=grad_fault(3, math.nan))
+    guard.close()
+    assert not torch.isfinite(model[2].weight).all()  # warn really took the step
+    log = read_run(tmp_path / "r")
+    assert log.first_event("nonfinite")["step"] == 3
+    assert not log.events_of("skip")
+
+
+@pytest.mark.parametrize("opt_name", ["adam-forloop", "adamw-fused"])
+def test_abort_after_n_consecutive_bad_steps_with_the_log_flushed(tmp_path: Path, opt_name: str) -> None:
+    model = make_model()
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    guard = gradguard.Guard(
+        model, opt, on_nonfinite="skip", max_consecutive=4, log_dir=tmp_path / "r", every=5
+    )
+    train(guard, model, opt, range(3))
+    with torch.no_grad():
+        model[0].bias[0] = math.nan  # every later step is bad
+    with pytest.raises(NonFiniteError, match=r"consecutive skipped steps.*weights themselves are non-finite"):
+        train(guard, model, opt, range(3, 30))
+    log = read_run(tmp_path / "r")
+    abort = log.first_event("abort")
+    # unfused: decided at the 4th bad step; fused (sync-free): at the next flush after it
+    assert abort["step"] == 6 if opt_name == "adam-forloop" else abort["step"] == 9
+    assert log.meta["aborted"] is True
+    assert [r["step"] for r in log.metrics] == list(range(abort["step"] + 1))
+
+
+def test_spike_policies_skip_clip_and_warn(tmp_path: Path) -> None:
+    def spike(step, model, loss):
+        if loss is None and step == 40:
+            for p in model.parameters():
+                p.grad.mul_(1e4)
+        return loss
+
+    results = {}
+    for policy in ("skip", "clip", "warn"):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gradguard.Guard(model, opt, clip=None, on_spike=policy, log_dir=tmp_path / policy, every=10)
+        train(guard, model, opt, range(40))
+        before = [p.detach().clone() for p in model.parameters()]
+        train(guard, model, opt, range(40, 41), fault=spike)
+        moved = sum(float((p.detach() - b).norm()) for p, b in zip(model.parameters(), before))
+        guard.close()
+        results[policy] = (moved, read_run(tmp_path / policy))
+    assert results["skip"][0] == 0.0
+    skip = results["skip"][1].events_of("skip")
+    assert [(e["step"], e["reason"]) for e in skip] == [(40, "spike")]
+    clip_rec = results["clip"][1].metrics[40]
+    assert clip_rec["spike"] and clip_rec["clip_coef"] < 1e-2
+    assert 0 < results["clip"][0] < results["warn"][0] / 50
+    assert [e["step"] for e in results["warn"][1].events_of("spike")] == [40]
+    assert not any(r["spike"] for r in results["warn"][1].metrics[:40])
+
+
+def test_finite_gradients_whose_float32_norm_overflows_are_clipped_not_skipped(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, clip="norm:1", log_dir=tmp_path / "r")
+
+    def huge(step, model, loss):
+        if loss is None and step == 1:
+            model[2].weight.grad[0, 0] = 3e30  # finite; its square overflows float32
+        return loss
+
+    train(guard, model, opt, range(1), fault=huge)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(guard, model, opt, range(1, 2), fault=huge)
+    step_norm = math.sqrt(
+        sum(float((p - b).double().pow(2).sum()) for p, b in zip(model.parameters(), before))
+    )
+    assert not guard.last_step_skipped
+    assert step_norm == pytest.approx(0.1, rel=1e-3)  # lr × clipped norm 1
+    guard.close()
+    log = read_run(tmp_path / "r")
+    assert log.metrics[1]["grad_norm"] == pytest.approx(3e30, rel=1e-5)
+    assert log.first_event("overflow")["step"] == 1 and not log.events_of("nonfinite")
+
+
+def test_closure_form_recomputes_and_returns_the_loss() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(model, opt, clip="norm:1")
+    x, y = batch(0)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    first = float(guard.step(closure))
+    second = float(guard.step(closure))
+    assert second < first and guard.step_count == 2
+
+
+def test_grad_scaler_overflow_lowers_the_scale_a_nan_loss_does_not() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = gradguard.Guard(model, opt, clip="norm:1")
+    scales = []
+    for step in range(4):
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        loss = (model(x) - y).pow(2).mean()
+        if step == 3:
+            loss = loss + (torch.tensor(math.nan) - loss.detach())
+        scaler.scale(loss).backward()
+        if step == 1:
+            model[2].weight.grad[0, 0] = math.inf  # an overflow
+        before = [p.detach().clone() for p in model.parameters()]
+        guard.step(loss, scaler=scaler)
+        scales.append(scaler.get_scale())
+        moved = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert moved == (step in (0, 2))
+    assert scales == [2.0**10, 2.0**9, 2.0**9, 2.0**9]
+
+
+# ----------------------------------------------------------------------------- state
+def test_state_dict_round_trip_resumes_exactly(tmp_path: Path) -> None:
+    def run(stop_at: int | None) -> list[torch.Tensor]:
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        guard = gradguard.Guard(model, opt, clip="autoclip:10", on_spike="clip", spike_z=2.0)
+        fault = grad_fault(7, math.nan)
+        if stop_at is None:
+            train(guard, model, opt, range(60), fault=fault)
+            return [p.detach() for p in model.parameters()]
+        train(guard, model, opt, range(stop_at), fault=fault)
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "guard": guard.state_dict()}, buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        model2 = make_model(seed=1)
+        opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+        guard2 = gradguard.Guard(model2, opt2, clip="autoclip:10", on_spike="clip", spike_z=2.0)
+        model2.load_state_dict(saved["model"])
+        opt2.load_state_dict(saved["opt"])
+        guard2.load_state_dict(saved["guard"])
+        assert guard2.step_count == stop_at and guard2.skipped_steps == 1
+        train(guard2, model2, opt2, range(stop_at, 60), fault=fault)
+        return [p.detach() for p in model2.parameters()]
+
+    straight = run(None)
+    resumed = run(31)
+    for a, b in zip(straight, resumed, strict=True):
+        assert torch.equal(a, b)
+    fresh = make_model()
+    with pytest.raises(GradGuardError, match="version"):
+        gradguard.Guard(fresh, torch.optim.SGD(fresh.parameters(), lr=1)).load_state_dict({"version": 99})
+
+
+def test_memory_stays_flat_over_many_steps() -> None:
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gradguard.Guard(model, opt, clip="auto", every=50, weight_every=10)
+    x = torch.randn(4, 4)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+
+    def guard_bytes() -> int:  # what is allocated under gradguard's frames (torch's own caches aside)
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, "*/gradguard/*", all_frames=True)]
+        )
+        return sum(stat.size for stat in snap.statistics("filename"))
+
+    steps(300)
+    tracemalloc.start(40)
+    try:
+        steps(200)
+        first = guard_bytes()
+        steps(1000)
+        second = guard_bytes()
+    finally:
+        tracemalloc.stop()
+    assert guard.monitor.pending < guard.every
+    assert second - first < 8_000, f"grew by {second - first} bytes over 1000 steps"
+
+
+# ----------------------------------------------------------------------------- crash
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+def test_a_sigkilled_run_leaves_a_readable_log(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import math, sys, time, torch, gradguard
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gradguard.Guard(model, opt, log_dir={str(run)!r}, every=5)
+        for step in range(100000):
+            opt.zero_grad(set_to_none=True)
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            if step == 3:
+                loss = loss * math.nan
+            loss.backward()
+            guard.step(loss)
+            if step == 12:
+                print("ready", flush=True)
+            time.sleep(0.002)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    log = read_run(run)
+    steps = [r["step"] for r in log.metrics]
+    assert len(steps) >= 10 and steps == list(range(len(steps)))
+    assert log.first_event("nonfinite")["step"] == 3
+    assert json.loads((run / "meta.json").read_text())["config"]["on_nonfinite"] == "skip"
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_frozen_parameters_and_parameters_without_grads_are_measured_as_documented(tmp_path: Path) -> None:
+    model = make_model()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r", every=2)
+    assert guard.run_dir == tmp_path / "r"
+    x, y = batch(0)
+    loss = (model(x) - y).pow(2).mean()
+    loss.backward()
+    model[2].weight.grad = None  # a parameter without a gradient this step
+    guard.step(loss)
+    guard.close()
+    rec = read_run(tmp_path / "r").metrics[0]
+    assert set(rec["layers"]) == {"2", "4"}  # the frozen layer is not measured
+    assert rec["layers"]["2"]["grad_norm"] > 0  # its bias still has a gradient
+    expected = math.sqrt(
+        sum(float(p.grad.double().norm()) ** 2 for p in model.parameters() if p.grad is not None)
+    )
+    assert rec["grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_input_gets_clear_errors() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        GradGuardError, match=r"on_nonfinite must be one of 'skip', 'rollback', 'raise', 'warn'; got 'ignore'"
+    ):
+        gradguard.Guard(model, opt, on_nonfinite="ignore")  # type: ignore[arg-type]
+    with pytest.raises(GradGuardError, match="on_spike must be one of"):
+        gradguard.Guard(model, opt, on_spike="stop")  # type: ignore[arg-type]
+    with pytest.raises(GradGuardError, match="unknown clip spec 'norm5'"):
+        gradguard.Guard(model, opt, clip="norm5")
+    with pytest.raises(GradGuardError, match="every must be a positive int; got 0"):
+        gradguard.Guard(model, opt, every=0)
+    with pytest.raises(GradGuardError, match="lr_backoff"):
+        gradguard.Guard(model, opt, lr_backoff=2.0)
+    other = nn.Linear(3, 3)
+    with pytest.raises(GradGuardError, match=r"2 parameter\(s\) that are not the model's"):
+        gradguard.Guard(model, torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1))
+    frozen = make_model().requires_grad_(False)
+    with pytest.raises(GradGuardError, match="no trainable parameter"):
+        gradguard.Guard(frozen, torch.optim.SGD(frozen.parameters(), lr=0.1))
+    with pytest.raises(GradGuardError, match=r"must be a torch\.optim\.Optimizer"):
+        gradguard.Guard(model, "adam")  # type: ignore[arg-type]
+    guard = gradguard.Guard(model, opt)
+    guard.close()
+    with pytest.raises(GradGuardError, match="closed"):
+        guard.step(torch.tensor(1.0))
+
+
+def test_only_the_parameters_the_optimizer_holds_are_guarded() -> None:
+    """A GAN-style model with two optimizers: each guard measures its own part."""
+    model = make_model()
+    opt = torch.optim.SGD(model[4].parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt)
+    assert guard._index.layers == ["4"]
