@@ -174,8 +174,6 @@ class Guard:
             )
         self.lr_backoff = None if lr_backoff is None else float(lr_backoff)
         self._spike = ZClip(z_thresh=float(spike_z)) if self.on_spike != "ignore" else None
-        # norm clipping folds into one coefficient; other clippers (value, AGC, per-layer) run on the grads
-        self._scales = isinstance(self.clipper, NormClipper) or self.on_spike == "clip"
 
         own = {id(p) for p in model.parameters()}
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -209,6 +207,7 @@ class Guard:
         self._last_reported = -1  # the last step whose non-finite event was written
         self._weights_reported = False
         self._stop: NonFiniteError | None = None
+        self._consts: dict[tuple[str, torch.device], Tensor] = {}
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_step = -snapshot_every  # the first good step takes a snapshot
         self._snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
@@ -329,6 +328,20 @@ class Guard:
             self._spike.load_state_dict(state["spike"])
 
     # ------------------------------------------------------------------ the step
+    def _false(self, device: torch.device) -> Tensor:
+        """A cached 0-D ``False`` on ``device`` (no allocation per step)."""
+        t = self._consts.get(("false", device))
+        if t is None:
+            t = self._consts[("false", device)] = torch.zeros((), dtype=torch.bool, device=device)
+        return t
+
+    def _no_clip(self, device: torch.device) -> Tensor:
+        """The logged ``[clip_coef, threshold]`` of a step with no norm clipping: ``[nan, inf]``."""
+        t = self._consts.get(("no_clip", device))
+        if t is None:
+            t = self._consts[("no_clip", device)] = torch.tensor([math.nan, math.inf], device=device)
+        return t
+
     def _sync_free(self) -> bool:
         """Can this step be decided without a host read?"""
         if self.on_nonfinite in ("rollback", "raise"):
@@ -353,43 +366,35 @@ class Guard:
         total = total_norm(norms, p).to(device)
         if isinstance(loss, Tensor):
             loss_val = loss.detach().reshape(-1).sum().to(device=device, dtype=torch.float32)
-            loss_bad = ~torch.isfinite(loss_val)
-        else:
-            loss_val = torch.full((), math.nan if loss is None else float(loss), device=device)
-            loss_bad = torch.full((), loss is not None and not math.isfinite(float(loss)), device=device)
+        else:  # a float, or no loss (then only the gradients are checked; the log says null)
+            loss_val = torch.full((), 0.0 if loss is None else float(loss), device=device)
+        # flags with few small ops (each costs ~5 µs of dispatch on a CPU): x - x is NaN iff x is not finite
+        values = torch.stack([loss_val, total.float()])
+        nonfinite = torch.isnan(values - values)  # [loss, gradients]
         grad_nan = torch.isnan(total)
-        grad_inf = torch.isinf(total)
-        bad = loss_bad | grad_nan | grad_inf
+        bad = nonfinite.any()
         observed = torch.where(bad, math.nan, total)  # adaptive state only sees the norms of good steps
 
-        threshold = torch.full((), math.inf, device=device)
-        spike = torch.zeros((), dtype=torch.bool, device=device)
+        threshold: Tensor | None = None
+        spike = self._false(device)
         if self._spike is not None:
             spike_tau = self._spike.threshold(observed)
-            spike = torch.isfinite(spike_tau)
+            spike = spike_tau < math.inf
             if self.on_spike == "clip":
                 threshold = spike_tau
         if isinstance(self.clipper, NormClipper):
-            threshold = torch.minimum(threshold, self.clipper.threshold(observed).to(device))
-        coef = coefficient(total, threshold)
-        skip = bad if self.on_nonfinite != "warn" else torch.zeros_like(bad)
+            tau = self.clipper.threshold(observed).to(device)
+            threshold = tau if threshold is None else torch.minimum(threshold, tau)
+        coef = coefficient(total, threshold) if threshold is not None else None
+        skip = bad if self.on_nonfinite != "warn" else self._false(device)
         if self.on_spike == "skip":
             skip = skip | spike
 
-        scalars = torch.stack(
-            [
-                loss_val,
-                total.float(),
-                coef.float() if self._scales else torch.full_like(loss_val, math.nan),
-                threshold.float(),
-                bad.float(),
-                loss_bad.float(),
-                grad_nan.float(),
-                grad_inf.float(),
-                skip.float(),
-                spike.float(),
-            ]
+        clip_stats = (
+            torch.stack([coef, threshold]).float() if coef is not None and threshold is not None else None
         )
+        flags = torch.stack([bad, nonfinite[0], nonfinite[1], grad_nan, skip, spike]).float()
+        scalars = torch.cat([values, self._no_clip(device) if clip_stats is None else clip_stats, flags])
         step = self.step_count
         layer_grads = self._index.reduce(norms, p, present) if step % self.layer_every == 0 else None
         measure_weights = self.weight_every is not None and step % self.weight_every == 0
@@ -415,6 +420,8 @@ class Guard:
             del before
         lr = self.optimizer.param_groups[0].get("lr")
         host: dict[str, Any] = {"lr": float(lr) if isinstance(lr, (int, float)) else None}
+        if loss is None:
+            host["loss"] = None
         if not sync_free:
             host["skipped"] = not took
             host["_decided"] = True  # the host already handled this step (events, counters)
@@ -435,20 +442,22 @@ class Guard:
             self.clipper(self._params)
 
     def _step_sync_free(
-        self, grads: list[Tensor], coef: Tensor, skip: Tensor, scaler: torch.amp.GradScaler | None
+        self, grads: list[Tensor], coef: Tensor | None, skip: Tensor, scaler: torch.amp.GradScaler | None
     ) -> None:
         """No host read: fold clip and skip into the fused kernel, or clip and always step (warn)."""
         self._run_clipper()
         if self.fused:
-            self.optimizer.grad_scale = coef.reciprocal().to(torch.float32)  # type: ignore[attr-defined]
+            # the GradScaler protocol: the kernel divides the gradients by grad_scale, skips on found_inf
+            if coef is not None:
+                self.optimizer.grad_scale = coef.reciprocal().to(torch.float32)  # type: ignore[attr-defined]
             self.optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.grad_scale  # type: ignore[attr-defined]
+                self.optimizer.__dict__.pop("grad_scale", None)
                 del self.optimizer.found_inf  # type: ignore[attr-defined]
         else:
-            if grads and self._scales:
+            if grads and coef is not None:
                 scale_(grads, coef)
             self.optimizer.step()
         if scaler is not None:
@@ -463,7 +472,7 @@ class Guard:
         grads: list[Tensor],
         norms: Tensor,
         present: list[int],
-        coef: Tensor,
+        coef: Tensor | None,
         skip: Tensor,
         scaler: torch.amp.GradScaler | None,
         scalars: Tensor,
@@ -475,7 +484,7 @@ class Guard:
         if not skipped:
             self._consecutive = 0
             self._run_clipper()
-            if grads and self._scales:
+            if grads and coef is not None:
                 scale_(grads, coef)
             self.optimizer.step()
             if scaler is not None:
@@ -535,7 +544,7 @@ class Guard:
         threshold = scalars[_COL["threshold"]].to(torch.float64)
         scalars[_COL["grad_norm"]] = total.float()
         scalars[_COL["clip_coef"]] = coefficient(total, threshold).float()
-        scalars[_COL["nonfinite"]] = scalars[_COL["grad_inf"]] = scalars[_COL["skipped"]] = 0.0
+        scalars[_COL["nonfinite"]] = scalars[_COL["grad_nonfinite"]] = scalars[_COL["skipped"]] = 0.0
         self._event(
             {
                 "type": "overflow",

@@ -27,13 +27,13 @@ SCALARS = (
     "threshold",
     "nonfinite",
     "loss_nonfinite",
+    "grad_nonfinite",
     "grad_nan",
-    "grad_inf",
     "skipped",
     "spike",
 )
 
-_FLAGS = frozenset({"nonfinite", "loss_nonfinite", "grad_nan", "grad_inf", "skipped", "spike"})
+_FLAGS = frozenset({"nonfinite", "loss_nonfinite", "grad_nonfinite", "grad_nan", "skipped", "spike"})
 
 
 class Monitor:
