@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import runlog
+from gradguard._distributed import Reducer, is_rank0, local, sharded, world
 from gradguard.clip import AGC, Clipper, NormClipper, PerLayer, ZClip, coefficient, from_spec, scale_
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.monitor import SCALARS, Monitor
@@ -128,6 +129,11 @@ class Guard:
             a row (on the sync-free path: checked at the next flush).
         norm_type: p of the gradient norms.
         exist_ok: append to an existing run directory instead of refusing it.
+        process_group: under ``torch.distributed``, the group whose ranks train together
+            (``None``: the default group). Every step makes one all-reduce over it of
+            ``4 + (number of FSDP2-sharded tensors)`` floats, so that every rank sees the same
+            mean loss, full-tensor norms and non-finite flags and takes the same decision; only
+            rank 0 writes the run log.
     """
 
     def __init__(
@@ -150,6 +156,7 @@ class Guard:
         max_consecutive: int = 10,
         norm_type: float = 2.0,
         exist_ok: bool = False,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradGuardError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -185,7 +192,9 @@ class Guard:
                 "Pass the model the optimizer trains (build it as `optimizer = Opt(model.parameters())`), "
                 "or the root module that owns all of them."
             )
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) in held]
+        # DDP's wrapper adds "module." to every name: name the layers after the user's model
+        root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and id(p) in held]
         if not named:
             raise GradGuardError(
                 f"{type(model).__name__} has no trainable parameter that the optimizer holds (all have "
@@ -196,6 +205,19 @@ class Guard:
         self._params = [p for _, p in named]
         check_tensors(self._params, what="parameter")
         self._index = LayerIndex(self._names)
+        self._reducer: Reducer | None = None
+        if world(process_group) > 1:
+            mask = sharded(self._params)
+            if any(mask) and self.on_nonfinite == "rollback":
+                raise GradGuardError(
+                    "on_nonfinite='rollback' is not supported for FSDP2 (sharded DTensor parameters) yet; "
+                    "use 'skip' (every rank skips the same step) or checkpoint with torch.distributed.checkpoint."
+                )
+            if any(mask) and isinstance(self.clipper, PerLayer):
+                raise GradGuardError(
+                    "clip='layer:…' needs full-layer norms on every rank, which FSDP2 shards; use 'norm:…' or 'auto'."
+                )
+            self._reducer = Reducer(mask, self.norm_type, process_group)
         self.fused = _is_fused(optimizer)
         self._momentum_sgd = isinstance(optimizer, torch.optim.SGD) and any(
             g.get("momentum", 0) for g in optimizer.param_groups
@@ -214,7 +236,7 @@ class Guard:
         self._closed = False
 
         self.writer: runlog.RunWriter | None = None
-        if log_dir is not None:
+        if log_dir is not None and is_rank0():  # one run log per job, written by rank 0
             run_dir = runlog.default_run_dir(name) if str(log_dir) == "auto" else Path(log_dir)
             self.writer = runlog.RunWriter(run_dir, self._meta(), exist_ok=exist_ok)
         self.monitor = Monitor(
@@ -362,16 +384,29 @@ class Guard:
         device = grads[0].device if grads else self._params[0].device
         p = self.norm_type
 
+        if self._reducer is not None:
+            grads = [local(g) for g in grads]  # FSDP2: this rank's shards
         norms = tensor_norms(grads, p)  # the one read of the gradients
-        total = total_norm(norms, p).to(device)
         if isinstance(loss, Tensor):
             loss_val = loss.detach().reshape(-1).sum().to(device=device, dtype=torch.float32)
         else:  # a float, or no loss (then only the gradients are checked; the log says null)
             loss_val = torch.full((), 0.0 if loss is None else float(loss), device=device)
+        rank_flags = None
+        if self._reducer is not None:  # the same numbers on every rank: one all-reduce
+            if len(present) != len(self._params):  # same vector on every rank: a missing grad has norm 0
+                norms = torch.zeros(len(self._params), dtype=norms.dtype, device=device).index_copy(
+                    0, torch.tensor(present, device=device), norms
+                )
+                present = list(range(len(self._params)))
+            norms, loss_val, rank_flags = self._reducer.reduce(norms, loss_val, present)
+        total = total_norm(norms, p).to(device)
         # flags with few small ops (each costs ~5 µs of dispatch on a CPU): x - x is NaN iff x is not finite
         values = torch.stack([loss_val, total.float()])
         nonfinite = torch.isnan(values - values)  # [loss, gradients]
         grad_nan = torch.isnan(total)
+        if rank_flags is not None:  # a value on one rank only (its loss, or its copy of a gradient)
+            nonfinite = nonfinite | rank_flags[:2]
+            grad_nan = grad_nan | rank_flags[2]
         bad = nonfinite.any()
         observed = torch.where(bad, math.nan, total)  # adaptive state only sees the norms of good steps
 
@@ -411,10 +446,12 @@ class Guard:
         extras: dict[str, Tensor] = {}
         if before is not None:
             with torch.no_grad():
-                w_norms = self._index.reduce(tensor_norms(before, p), p)
-                u_norms = self._index.reduce(
-                    tensor_norms(torch._foreach_sub([w.detach() for w in self._params], before), p), p
-                )
+                before = [local(w) for w in before]
+                after = [local(w.detach()) for w in self._params]
+                w_t, u_t = tensor_norms(before, p), tensor_norms(torch._foreach_sub(after, before), p)
+                if self._reducer is not None:
+                    w_t, u_t = self._reducer.full_norms(w_t), self._reducer.full_norms(u_t)
+                w_norms, u_norms = self._index.reduce(w_t, p), self._index.reduce(u_t, p)
             extras["weight_norm"] = w_norms
             extras["update_ratio"] = update_ratios(u_norms, w_norms)
             del before
@@ -479,7 +516,12 @@ class Guard:
     ) -> bool:
         skipped = self._decide(skip)
         # anomaly path from here on: extra host reads are fine
-        if skipped and bool(scalars[_COL["nonfinite"]]) and self._overflow_only(grads, norms, scalars):
+        if (
+            skipped
+            and self._reducer is None  # a host decision from local values could differ between ranks
+            and bool(scalars[_COL["nonfinite"]])
+            and self._overflow_only(grads, norms, scalars)
+        ):
             skipped, coef = False, scalars[_COL["clip_coef"]]
         if not skipped:
             self._consecutive = 0
@@ -557,11 +599,10 @@ class Guard:
 
     # ------------------------------------------------------------------ helpers
     def _meta(self) -> dict[str, Any]:
-        dist = torch.distributed
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return {
             "torch_version": torch.__version__,
-            "world_size": world,
+            "world_size": world(),
+            "allreduce_floats_per_step": self._reducer.floats_per_step if self._reducer is not None else 0,
             "model": type(self.model).__name__,
             "parameters": {n: list(p.shape) for n, p in zip(self._names, self._params)},
             "layers": self._index.layers,

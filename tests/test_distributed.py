@@ -1,0 +1,83 @@
+"""Real multi-process runs (torchrun, gloo, CPU, 2 ranks): every rank makes the same decision.
+
+A NaN written after the all-reduce into one rank's local gradient (DDP), or into one element of one
+shard (FSDP2), makes every rank skip the same step, and all ranks stay bit-identical; FSDP2's guarded
+global norm equals the single-process norm of the same model and batch, and so do the clipped
+gradients. The worker is tests/distributed_worker.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradguard.runlog import read_run
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+BAD_STEP = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(mode: str, out: Path) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(WORKER), mode, str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "ddp-fused", "fsdp", "fsdp-fused"])
+def test_a_nan_on_one_rank_after_the_reduction_makes_every_rank_skip_the_same_step(
+    tmp_path: Path, mode: str
+) -> None:
+    ranks = launch(mode, tmp_path)
+    expected = [step == BAD_STEP for step in range(6)]
+    for r in ranks:
+        assert r["skipped"] == expected
+        assert r["sync_free"] == mode.endswith("fused")
+        # the skipped step changed nothing
+        for a, b in zip(r["params"][BAD_STEP - 1], r["params"][BAD_STEP], strict=True):
+            assert torch.equal(a, b)
+        assert all(torch.isfinite(p).all() for p in r["params"][-1])
+    for step in range(6):  # the ranks stay bit-identical
+        for a, b in zip(ranks[0]["params"][step], ranks[1]["params"][step], strict=True):
+            assert torch.equal(a, b)
+    log = read_run(tmp_path / "run")  # written by rank 0 only
+    assert [e["step"] for e in log.events_of("skip")] == [BAD_STEP]
+    event = log.first_event("nonfinite")
+    assert event["step"] == BAD_STEP and event["kind"] == "nan" and event["phase"] == "backward"
+    assert log.meta["world_size"] == 2
+    if mode.startswith("fsdp"):
+        assert ranks[0]["floats_per_step"] == 4 + 6  # the loss, three flags and six sharded tensors
+    else:
+        assert ranks[0]["floats_per_step"] == 4
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_the_guarded_global_norm_and_clipped_gradients_equal_the_single_process_ones(
+    tmp_path: Path, mode: str
+) -> None:
+    ranks = launch(mode, tmp_path)
+    log = read_run(tmp_path / "run")
+    norm0 = log.metrics[0]["grad_norm"]
+    ref = ranks[0]["ref_norm0"]
+    assert ref > 0.05 * 4  # the step really clips
+    assert abs(norm0 - ref) <= 1e-6 * ref
+    assert log.metrics[0]["loss"] == pytest.approx(ranks[0]["ref_loss0"], rel=1e-6)  # the mean over ranks
+    for r in ranks:
+        for got, want in zip(r["grads0"], ranks[0]["ref_grads0"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
