@@ -57,6 +57,7 @@ _STATE_VERSION = 1
 _FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 _COL = {name: i for i, name in enumerate(SCALARS)}
 _MAX_LAYERS_IN_EVENT = 20
+_SCALE_HISTORY = 20  # loss scales kept as evidence for a loss_scale_collapse event
 
 
 def _check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
@@ -129,6 +130,8 @@ class Guard:
             a row (on the sync-free path: checked at the next flush).
         norm_type: p of the gradient norms.
         exist_ok: append to an existing run directory instead of refusing it.
+        loss_scale_floor: under a GradScaler, a scale below this (or ``max_consecutive``
+            overflows in a row) is a ``loss_scale_collapse`` event (checked at flush).
         process_group: under ``torch.distributed``, the group whose ranks train together
             (``None``: the default group). Every step makes one all-reduce over it of
             ``4 + (number of FSDP2-sharded tensors)`` floats, so that every rank sees the same
@@ -157,6 +160,7 @@ class Guard:
         norm_type: float = 2.0,
         exist_ok: bool = False,
         process_group: Any = None,
+        loss_scale_floor: float = 1.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradGuardError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -180,6 +184,7 @@ class Guard:
                 f"lr_backoff must be in (0, 1] or None; got {lr_backoff!r}. 0.5 halves the LR."
             )
         self.lr_backoff = None if lr_backoff is None else float(lr_backoff)
+        self.loss_scale_floor = float(loss_scale_floor)
         self._spike = ZClip(z_thresh=float(spike_z)) if self.on_spike != "ignore" else None
 
         own = {id(p) for p in model.parameters()}
@@ -230,6 +235,9 @@ class Guard:
         self._weights_reported = False
         self._stop: NonFiniteError | None = None
         self._consts: dict[tuple[str, torch.device], Tensor] = {}
+        self._overflow_run = 0  # AMP overflows in a row (seen at flush)
+        self._scale_history: list[tuple[int, float]] = []
+        self._collapsed = False
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_step = -snapshot_every  # the first good step takes a snapshot
         self._snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
@@ -357,6 +365,13 @@ class Guard:
             t = self._consts[("false", device)] = torch.zeros((), dtype=torch.bool, device=device)
         return t
 
+    def _nan(self, device: torch.device) -> Tensor:
+        """A cached 1-element NaN (the loss-scale column when there is no scaler)."""
+        t = self._consts.get(("nan", device))
+        if t is None:
+            t = self._consts[("nan", device)] = torch.full((1,), math.nan, device=device)
+        return t
+
     def _no_clip(self, device: torch.device) -> Tensor:
         """The logged ``[clip_coef, threshold]`` of a step with no norm clipping: ``[nan, inf]``."""
         t = self._consts.get(("no_clip", device))
@@ -364,12 +379,12 @@ class Guard:
             t = self._consts[("no_clip", device)] = torch.tensor([math.nan, math.inf], device=device)
         return t
 
-    def _sync_free(self) -> bool:
+    def _sync_free(self, scaler: torch.amp.GradScaler | None = None) -> bool:
         """Can this step be decided without a host read?"""
         if self.on_nonfinite in ("rollback", "raise"):
             return False  # a bad step needs the host at once
-        if self.on_nonfinite == "warn" and self.on_spike != "skip":
-            return True  # nothing is ever skipped
+        if self.on_nonfinite == "warn" and self.on_spike != "skip" and scaler is None:
+            return True  # nothing is ever skipped (under a scaler, overflows are)
         if not self.fused:
             return False
         # fused SGD skipping its first step leaves empty_like momentum buffers: decide that one on the host
@@ -421,27 +436,35 @@ class Guard:
             tau = self.clipper.threshold(observed).to(device)
             threshold = tau if threshold is None else torch.minimum(threshold, tau)
         coef = coefficient(total, threshold) if threshold is not None else None
-        skip = bad if self.on_nonfinite != "warn" else self._false(device)
+        # under a GradScaler, non-finite gradients with a finite loss are an fp16 overflow: the
+        # scaler's normal business (skipped whatever the policy; the scaler lowers its scale)
+        overflow = nonfinite[1] & ~nonfinite[0] if scaler is not None else self._false(device)
+        skip = bad if self.on_nonfinite != "warn" else overflow
         if self.on_spike == "skip":
             skip = skip | spike
 
         clip_stats = (
             torch.stack([coef, threshold]).float() if coef is not None and threshold is not None else None
         )
-        flags = torch.stack([bad, nonfinite[0], nonfinite[1], grad_nan, skip, spike]).float()
-        scalars = torch.cat([values, self._no_clip(device) if clip_stats is None else clip_stats, flags])
+        flags = torch.stack([bad, nonfinite[0], nonfinite[1], grad_nan, skip, spike, overflow]).float()
+        clip_part = self._no_clip(device) if clip_stats is None else clip_stats
+        scalars = torch.cat([values, clip_part, flags, self._nan(device)])
         step = self.step_count
         layer_grads = self._index.reduce(norms, p, present) if step % self.layer_every == 0 else None
         measure_weights = self.weight_every is not None and step % self.weight_every == 0
         before = [w.detach().clone() for w in self._params] if measure_weights else None
 
-        sync_free = self._sync_free()
+        sync_free = self._sync_free(scaler)
         if sync_free:
             self._step_sync_free(grads, coef, skip, scaler)
             self._last_skipped = skip
         else:
             took = self._step_with_sync(grads, norms, present, coef, skip, scaler, scalars)
             self._last_skipped = not took
+        if scaler is not None:  # the scale after update(), for the loss-scale collapse check at flush
+            scale = scaler._get_scale_async()
+            if scale is not None:
+                scalars[_COL["loss_scale"]] = scale
 
         extras: dict[str, Tensor] = {}
         if before is not None:
@@ -540,8 +563,11 @@ class Guard:
         if scaler is not None:
             scaler.update()  # the scaler still learns about an overflow (and lowers its scale)
         step = self.step_count
-        is_bad = bool(scalars[_COL["nonfinite"]])
         self.skipped_steps += 1
+        if bool(scalars[_COL["amp_overflow"]]):  # normal under AMP: logged, not an anomaly
+            self._event(self._overflow_event(step, scaler))
+            return False
+        is_bad = bool(scalars[_COL["nonfinite"]])
         self._consecutive += 1
         if is_bad:
             layer_norms = self._index.reduce(norms, self.norm_type, present).tolist()
@@ -742,6 +768,36 @@ class Guard:
             self._event({"type": "lr_backoff", "step": step, "factor": self.lr_backoff, "lr": float(lr0)})
 
     # ------------------------------------------------------------------ flush → events
+    def _overflow_event(self, step: int, scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+        event: dict[str, Any] = {"type": "skip", "step": step, "reason": "amp_overflow"}
+        if scaler is not None:
+            event["loss_scale"] = scaler.get_scale()  # host sync: on an overflow step only
+        return event
+
+    def _check_loss_scale(self, rec: dict[str, Any], events: list[dict[str, Any]]) -> None:
+        """A ``loss_scale_collapse`` event when the scale falls below the floor or overflows repeat."""
+        scale = rec["loss_scale"]
+        if math.isnan(scale):
+            return
+        self._overflow_run = self._overflow_run + 1 if rec["amp_overflow"] else 0
+        self._scale_history.append((rec["step"], scale))
+        del self._scale_history[:-_SCALE_HISTORY]
+        collapsed = scale < self.loss_scale_floor or self._overflow_run >= self.max_consecutive
+        if collapsed and not self._collapsed:
+            events.append(
+                {
+                    "type": "loss_scale_collapse",
+                    "step": rec["step"],
+                    "loss_scale": scale,
+                    "floor": self.loss_scale_floor,
+                    "consecutive_overflows": self._overflow_run,
+                    "recent_scales": list(self._scale_history),
+                    "message": "the GradScaler keeps overflowing: fp16 cannot hold these gradients. Lower the "
+                    "learning rate, clip harder, or train in bf16 (torch.autocast(dtype=torch.bfloat16)).",
+                }
+            )
+        self._collapsed = collapsed
+
     def _weights_nonfinite(self, rec: dict[str, Any]) -> bool:
         """A weight that went non-finite without a non-finite loss or gradient (e.g. behind a tanh).
 
@@ -775,7 +831,11 @@ class Guard:
         events: list[dict[str, Any]] = []
         for rec in records:
             step = rec["step"]
-            if not rec.get("_decided"):
+            self._check_loss_scale(rec, events)
+            if not rec.get("_decided") and rec["amp_overflow"]:
+                self.skipped_steps += 1
+                events.append(self._overflow_event(step, None))
+            elif not rec.get("_decided"):
                 if rec["nonfinite"]:
                     layer_norms = [
                         rec["layers"].get(n, {}).get("grad_norm", math.nan) for n in self._index.layers

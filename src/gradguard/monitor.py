@@ -31,9 +31,13 @@ SCALARS = (
     "grad_nan",
     "skipped",
     "spike",
+    "amp_overflow",
+    "loss_scale",
 )
 
-_FLAGS = frozenset({"nonfinite", "loss_nonfinite", "grad_nonfinite", "grad_nan", "skipped", "spike"})
+_FLAGS = frozenset(
+    {"nonfinite", "loss_nonfinite", "grad_nonfinite", "grad_nan", "skipped", "spike", "amp_overflow"}
+)
 
 
 class Monitor:
