@@ -65,7 +65,13 @@ def main(mode: str, out: Path) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     log_dir = out / "run"
     guard = gradguard.Guard(
-        model, opt, clip=f"norm:{MAX_NORM}", on_nonfinite="skip", log_dir=log_dir, every=2
+        model,
+        opt,
+        clip=f"norm:{MAX_NORM}",
+        on_nonfinite="skip",
+        log_dir=log_dir,
+        every=2,
+        rank_logs=mode == "ddp",
     )
     result: dict[str, object] = {"skipped": [], "params": [], "sync_free": guard._sync_free()}
     for step in range(STEPS):

@@ -61,6 +61,12 @@ def test_a_nan_on_one_rank_after_the_reduction_makes_every_rank_skip_the_same_st
     event = log.first_event("nonfinite")
     assert event["step"] == BAD_STEP and event["kind"] == "nan" and event["phase"] == "backward"
     assert log.meta["world_size"] == 2
+    rank1 = tmp_path / "run" / "ranks" / "rank1"
+    assert rank1.exists() == (mode == "ddp")  # per-rank logs only when asked (rank_logs=True)
+    if mode == "ddp":
+        rank1_log = read_run(rank1)
+        assert rank1_log.meta["rank"] == 1 and len(rank1_log.metrics) == 6
+        assert [e["step"] for e in rank1_log.events_of("skip")] == [BAD_STEP]
     if mode.startswith("fsdp"):
         assert ranks[0]["floats_per_step"] == 4 + 6  # the loss, three flags and six sharded tensors
     else:

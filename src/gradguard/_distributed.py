@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from gradguard.errors import GradGuardError
 
-__all__ = ["Reducer", "is_rank0", "local", "sharded", "world"]
+__all__ = ["Reducer", "local", "rank", "same_on_all_ranks", "sharded", "world"]
 
 
 def world(group: dist.ProcessGroup | None = None) -> int:
@@ -34,8 +34,18 @@ def world(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_world_size(group)
 
 
-def is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+def rank() -> int:
+    """This process's rank (0 when torch.distributed is not initialised)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def same_on_all_ranks(value: object) -> object:
+    """Rank 0's ``value`` on every rank (a broadcast; ``value`` itself without torch.distributed)."""
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def local(t: Tensor) -> Tensor:

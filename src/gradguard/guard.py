@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import runlog
-from gradguard._distributed import Reducer, is_rank0, local, sharded, world
+from gradguard._distributed import Reducer, local, rank, same_on_all_ranks, sharded, world
 from gradguard.clip import AGC, Clipper, NormClipper, PerLayer, ZClip, coefficient, from_spec, scale_
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.monitor import SCALARS, Monitor
@@ -136,7 +136,8 @@ class Guard:
             (``None``: the default group). Every step makes one all-reduce over it of
             ``4 + (number of FSDP2-sharded tensors)`` floats, so that every rank sees the same
             mean loss, full-tensor norms and non-finite flags and takes the same decision; only
-            rank 0 writes the run log.
+            rank 0 writes the run log (``rank_logs=True``: every other rank also writes its own, in
+            ``<run dir>/ranks/rank<r>/``).
     """
 
     def __init__(
@@ -161,6 +162,7 @@ class Guard:
         exist_ok: bool = False,
         process_group: Any = None,
         loss_scale_floor: float = 1.0,
+        rank_logs: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradGuardError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -244,9 +246,15 @@ class Guard:
         self._closed = False
 
         self.writer: runlog.RunWriter | None = None
-        if log_dir is not None and is_rank0():  # one run log per job, written by rank 0
+        if log_dir is not None:
             run_dir = runlog.default_run_dir(name) if str(log_dir) == "auto" else Path(log_dir)
-            self.writer = runlog.RunWriter(run_dir, self._meta(), exist_ok=exist_ok)
+            if self._reducer is not None:
+                run_dir = Path(str(same_on_all_ranks(str(run_dir))))  # "auto" names it once, on rank 0
+            if rank() == 0:  # the job's run log
+                self.writer = runlog.RunWriter(run_dir, self._meta(), exist_ok=exist_ok)
+            elif rank_logs:  # what this rank saw, beside it
+                meta = {**self._meta(), "rank": rank()}
+                self.writer = runlog.RunWriter(run_dir / "ranks" / f"rank{rank()}", meta, exist_ok=exist_ok)
         self.monitor = Monitor(
             self._index.layers, every=self.every, writer=self.writer, on_flush=self._on_flush
         )
