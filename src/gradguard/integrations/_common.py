@@ -1,0 +1,197 @@
+"""What the framework integrations share: the flush listeners, record summaries, optimizer helpers.
+
+Stdlib and torch only; no framework is imported here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradguard import runlog
+from gradguard._distributed import same_on_all_ranks
+from gradguard.errors import GradGuardError
+from gradguard.guard import Guard
+
+__all__ = [
+    "FlushListener",
+    "MonitorOnly",
+    "add_flush_listener",
+    "clip_rate",
+    "drop_grads",
+    "fresh_run_dir",
+    "has_grads",
+    "post_clip_norm",
+    "scalars_of",
+    "unwrap_optimizer",
+]
+
+#: A callable that receives the host records of each flush (the rows of ``metrics.jsonl`` plus the
+#: step flags), after the guard has written them and derived its events.
+FlushListener = Callable[[list[dict[str, Any]]], None]
+
+_LISTENERS: weakref.WeakKeyDictionary[Guard, list[FlushListener]] = weakref.WeakKeyDictionary()
+
+
+class ListenerHandle:
+    """Returned by :func:`add_flush_listener`; ``remove()`` detaches the listener."""
+
+    def __init__(self, guard: Guard, listener: FlushListener) -> None:
+        self._guard = weakref.ref(guard)
+        self._listener = listener
+
+    def remove(self) -> None:
+        guard = self._guard()
+        if guard is None:
+            return
+        listeners = _LISTENERS.get(guard, [])
+        if self._listener in listeners:
+            listeners.remove(self._listener)
+
+
+def add_flush_listener(guard: Guard, listener: FlushListener) -> ListenerHandle:
+    """Call ``listener(records)`` at each flush of ``guard``, after the guard's own handling.
+
+    The records are the host copies that the flush made anyway (one copy per ``every`` steps), so a
+    listener adds no host sync. A listener still runs when the guard's own handling raises (an abort
+    at flush), so the last steps reach the dashboards too.
+
+    This chains onto ``guard.monitor.on_flush``; a ``Guard.add_flush_callback`` in the core would
+    make it unnecessary.
+    """
+    if not isinstance(guard, Guard):
+        raise GradGuardError(f"expected a gradguard.Guard, got {type(guard).__name__}.")
+    if not callable(listener):
+        raise GradGuardError(f"a flush listener must be callable with the records, got {listener!r}.")
+    listeners = _LISTENERS.get(guard)
+    if listeners is None:
+        listeners = _LISTENERS[guard] = []
+        own = guard.monitor.on_flush
+        ref = weakref.ref(guard)
+
+        def dispatch(records: list[dict[str, Any]]) -> None:
+            try:
+                if own is not None:
+                    own(records)
+            finally:
+                g = ref()
+                for fn in list(_LISTENERS.get(g, [])) if g is not None else []:
+                    fn(records)
+
+        guard.monitor.on_flush = dispatch
+    listeners.append(listener)
+    return ListenerHandle(guard, listener)
+
+
+# ----------------------------------------------------------------------------- records → scalars
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def post_clip_norm(rec: dict[str, Any]) -> float:
+    """The global norm after norm clipping: ``grad_norm × clip_coef`` (``grad_norm`` without one)."""
+    norm, coef = rec.get("grad_norm", math.nan), rec.get("clip_coef", math.nan)
+    return float(norm) * float(coef) if _finite(coef) else float(norm)
+
+
+def _clipped(rec: dict[str, Any]) -> bool:
+    coef = rec.get("clip_coef", math.nan)
+    return _finite(coef) and coef < 1.0 and not rec.get("skipped")
+
+
+def clip_rate(records: Iterable[dict[str, Any]]) -> float:
+    """The fraction of the steps taken whose gradients norm clipping scaled down (NaN: no step)."""
+    taken = [r for r in records if not r.get("skipped")]
+    return sum(_clipped(r) for r in taken) / len(taken) if taken else math.nan
+
+
+_KEYS = ("loss", "grad_norm", "clip_coef", "threshold", "lr", "loss_scale")
+_FLAG_KEYS = ("skipped", "nonfinite", "spike", "amp_overflow")
+
+
+def scalars_of(rec: dict[str, Any], *, layers: bool = True) -> Iterator[tuple[str, float]]:
+    """``(name, value)`` pairs of one record for a dashboard: norms, clip, flags, per-layer numbers.
+
+    ``grad_norm`` is the pre-clip norm, ``grad_norm_clipped`` the norm the optimizer stepped with.
+    Non-finite values are kept (dashboards that drop them still get the ``nonfinite`` flag); values
+    a step does not have (no loss scaler, no norm clipping) are left out.
+    """
+    for key in _KEYS:
+        value = rec.get(key)
+        if _finite(value) or (key in ("loss", "grad_norm") and isinstance(value, float)):
+            yield key, float(value)  # type: ignore[arg-type]
+    if isinstance(rec.get("grad_norm"), float):
+        yield "grad_norm_clipped", post_clip_norm(rec)
+    for key in _FLAG_KEYS:
+        if key in rec:
+            yield key, float(bool(rec[key]))
+    if layers:
+        for name, stats in (rec.get("layers") or {}).items():
+            for field, value in stats.items():
+                if isinstance(value, (int, float)):
+                    yield f"layers/{name or '(root)'}/{field}", float(value)
+
+
+def fresh_run_dir(root: str | os.PathLike[str], name: str) -> Path:
+    """A new ``<root>/<time>-<name>`` run directory path, named once on rank 0 under torch.distributed."""
+    return Path(str(same_on_all_ranks(str(runlog.default_run_dir(name, root=root)))))
+
+
+# ----------------------------------------------------------------------------- optimizers
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a framework's wrapper (Accelerate's, Lightning's)."""
+    opt = optimizer
+    for _ in range(8):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is opt:
+            break
+        opt = inner
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise GradGuardError(
+            f"expected a torch.optim.Optimizer (or a wrapper with .optimizer), got {type(optimizer).__name__}."
+        )
+    return opt
+
+
+def _params(optimizer: torch.optim.Optimizer) -> Iterator[Tensor]:
+    for group in optimizer.param_groups:
+        yield from group["params"]
+
+
+def has_grads(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether any parameter of ``optimizer`` has a gradient (host-side check, no sync)."""
+    return any(p.grad is not None for p in _params(optimizer))
+
+
+def drop_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Set every gradient to ``None``: a following ``optimizer.step()`` then leaves parameters and
+    optimizer state bit-identical (zeroing would not: momentum and weight decay still move them)."""
+    for p in _params(optimizer):
+        p.grad = None
+
+
+class MonitorOnly(torch.optim.Optimizer):
+    """Stands for a framework's optimizer in a measure-only :class:`~gradguard.Guard`.
+
+    It shares the optimizer's parameter groups (so the log has the live learning rate) and state,
+    and its :meth:`step` does nothing: the framework clips and steps the real optimizer itself.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__: nothing is copied
+        self.optimizer = optimizer
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        return None
+
+    def __repr__(self) -> str:
+        return f"MonitorOnly({type(self.optimizer).__name__})"

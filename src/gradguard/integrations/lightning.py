@@ -1,0 +1,346 @@
+"""The Lightning callback: ``Trainer(callbacks=[GradGuard()])``.
+
+Example:
+    >>> import lightning as L
+    >>> from gradguard.integrations.lightning import GradGuard
+    >>> trainer = L.Trainer(callbacks=[GradGuard(clip="auto", on_nonfinite="skip")])  # doctest: +SKIP
+
+How it fits into Lightning's step. Lightning calls ``on_before_optimizer_step`` after the backward
+pass, with the gradients already unscaled under ``16-mixed`` AMP (except for fused optimizers,
+whose unscaling Lightning leaves to the kernel: the callback unscales them itself, so it measures
+and clips the true gradients, the case where Lightning's own clipping refuses). There the callback
+runs :meth:`gradguard.Guard.step`: measure → clip → step the optimizer or skip the step. Then it
+sets every gradient to ``None``, so that the ``optimizer.step()`` Lightning runs right after the
+hook changes nothing: a skipped step leaves the weights and the optimizer state bit-identical.
+On CPU, Lightning turns ``precision="16-mixed"`` into ``"bf16-mixed"`` (no loss scaler); nothing
+changes for the callback.
+
+Clipping happens once. A ``Trainer(gradient_clip_val=...)`` would clip again after gradguard, so
+the callback refuses it, unless ``monitor_only=True``: then the callback only measures (the
+pre-clip gradients, before Lightning clips and steps) and never touches the gradients or the
+optimizer.
+
+Checkpoints: the guard's state (step counters, adaptive clipper and spike statistics) goes into
+Lightning checkpoints under the callback's ``state_key``; ``Trainer.fit(ckpt_path=...)`` restores
+it, and the adaptive clipper continues exactly as if the run had not stopped.
+
+Logging: the run directory (``<trainer.log_dir>/gradguard`` by default) is the source of truth;
+at the guard's flush cadence (``every`` steps, one host copy) the same numbers also go to the
+Trainer's loggers (``gradguard/grad_norm``, ``gradguard/grad_norm_clipped``, ``gradguard/clip_rate``…)
+and to any extra ``sinks`` (:mod:`gradguard.integrations.sinks`).
+
+Manual optimization works the same: ``self.manual_backward(loss)`` shows the loss to the callback
+and ``opt.step()`` calls the hook. With several optimizers (a GAN), each gets its own guard and run
+directory (``optimizer_0``, ``optimizer_1``…); the loss of the last ``manual_backward`` before an
+optimizer's step is that step's loss.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from gradguard.clip import Clipper, from_spec
+from gradguard.errors import GradGuardError
+from gradguard.guard import Guard, OnNonFinite
+from gradguard.integrations._common import (
+    FlushListener,
+    MonitorOnly,
+    add_flush_listener,
+    clip_rate,
+    drop_grads,
+    fresh_run_dir,
+    has_grads,
+    scalars_of,
+    unwrap_optimizer,
+)
+
+__all__ = ["GradGuard"]
+
+_STATE_VERSION = 1
+_UNSET: Any = object()
+
+
+class _LoggerSink:
+    """Sends the flushed records to the Trainer's loggers (rank zero only)."""
+
+    def __init__(self, trainer: pl.Trainer, prefix: str, layers: bool) -> None:
+        self.trainer = trainer
+        self.prefix = prefix
+        self.layers = layers
+
+    def __call__(self, records: list[dict[str, Any]]) -> None:
+        if not records or not self.trainer.is_global_zero or not self.trainer.loggers:
+            return
+        rows = [
+            (r["step"], {self.prefix + k: v for k, v in scalars_of(r, layers=self.layers)}) for r in records
+        ]
+        rate = clip_rate(records)
+        if rate == rate:
+            rows[-1][1][self.prefix + "clip_rate"] = rate
+        for logger in self.trainer.loggers:
+            for step, metrics in rows:
+                logger.log_metrics(metrics, step=step)
+
+
+class GradGuard(pl.Callback):
+    """Measure, clip and guard every optimizer step of a Lightning run.
+
+    Args:
+        clip: how gradguard clips (see :class:`gradguard.Guard`): ``"auto"`` (default), ``"norm:1.0"``,
+            ``"zclip"``, a number, a :class:`gradguard.clip.Clipper`, or ``"none"``. Not with
+            ``monitor_only=True``.
+        on_nonfinite: ``"skip"`` (default), ``"rollback"``, ``"raise"`` or ``"warn"``; with
+            ``monitor_only=True`` only ``"warn"`` (default) or ``"raise"``.
+        monitor_only: only measure and log; Lightning (``gradient_clip_val``) clips and steps.
+        log_dir: the run directory; default ``<trainer.log_dir>/gradguard`` (beside the logger's
+            files), or a new ``<default_root_dir>/gradguard-runs/<time>-lightning`` without a logger. With several optimizers, one
+            folder per optimizer inside it.
+        every: the flush interval in steps (the only host copy of the metrics).
+        log_to_logger: also send the numbers to the Trainer's loggers at each flush.
+        log_layers: include per-layer norms in what goes to the loggers.
+        sinks: extra flush listeners, e.g. :class:`~gradguard.integrations.sinks.TensorBoardSink`.
+        guard_kwargs: any other :class:`gradguard.Guard` argument (``on_spike``, ``spike_z``,
+            ``weight_every``, ``max_consecutive``, ``snapshot_every``, ``lr_backoff``…).
+
+    Raises:
+        GradGuardError: at ``fit`` start, for a ``Trainer(gradient_clip_val=...)`` without
+            ``monitor_only=True`` (clipping twice), an LBFGS optimizer, or bad arguments.
+    """
+
+    def __init__(
+        self,
+        clip: str | float | Clipper | None = _UNSET,
+        on_nonfinite: OnNonFinite | None = None,
+        *,
+        monitor_only: bool = False,
+        log_dir: str | os.PathLike[str] | None = None,
+        every: int = 50,
+        log_to_logger: bool = True,
+        log_layers: bool = False,
+        sinks: Sequence[FlushListener] = (),
+        **guard_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if monitor_only:
+            if clip is not _UNSET and clip not in (None, "none"):
+                raise GradGuardError(
+                    f"GradGuard(monitor_only=True) only measures, but got clip={clip!r}. Let Lightning clip "
+                    "(Trainer(gradient_clip_val=...)), or drop monitor_only to let gradguard clip."
+                )
+            on_nonfinite = on_nonfinite or "warn"
+            if on_nonfinite not in ("warn", "raise"):
+                raise GradGuardError(
+                    f"GradGuard(monitor_only=True) never touches the step, so on_nonfinite must be 'warn' or "
+                    f"'raise'; got {on_nonfinite!r}. Drop monitor_only to skip or roll back bad steps."
+                )
+            if guard_kwargs.get("on_spike") in ("clip", "skip"):
+                raise GradGuardError(
+                    f"GradGuard(monitor_only=True) cannot act on spikes; got on_spike={guard_kwargs['on_spike']!r}. "
+                    "Use 'warn' or 'ignore'."
+                )
+            clip = None
+        else:
+            clip = "auto" if clip is _UNSET else clip
+            on_nonfinite = on_nonfinite or "skip"
+        for bad in ("model", "optimizer", "exist_ok"):
+            if bad in guard_kwargs:
+                raise GradGuardError(f"GradGuard sets {bad!r} itself (from the Trainer); do not pass it.")
+        self.clip = clip
+        self.on_nonfinite: OnNonFinite = on_nonfinite
+        self.monitor_only = bool(monitor_only)
+        self.log_dir = log_dir
+        self.every = every
+        self.log_to_logger = log_to_logger
+        self.log_layers = log_layers
+        self.sinks = list(sinks)
+        self.guard_kwargs = guard_kwargs
+        self.guards: list[Guard] = []
+        self._by_optimizer: dict[int, Guard] = {}
+        self._loss: Tensor | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._active = False  # guards built and open (between fit start and teardown)
+        # bad arguments fail here, not when fit starts
+        from_spec(clip)  # type: ignore[arg-type]
+        if on_nonfinite not in get_args(OnNonFinite):
+            raise GradGuardError(
+                f"on_nonfinite must be one of {', '.join(map(repr, get_args(OnNonFinite)))}; got {on_nonfinite!r}."
+            )
+
+    # ------------------------------------------------------------------ public
+    @property
+    def guard(self) -> Guard:
+        """The guard of the (first) optimizer; exists from ``on_fit_start`` on (closed after ``fit``)."""
+        if not self.guards:
+            raise GradGuardError("GradGuard has no guard yet: it is created when Trainer.fit starts.")
+        return self.guards[0]
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory of the (first) optimizer's guard."""
+        return self.guards[0].run_dir if self.guards else None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        clip_val = trainer.gradient_clip_val
+        if clip_val is not None and float(clip_val) > 0 and not self.monitor_only:
+            algo = trainer.gradient_clip_algorithm or "norm"
+            same = f"clip='{algo}:{float(clip_val):g}'"
+            raise GradGuardError(
+                f"Trainer(gradient_clip_val={clip_val!r}) would clip the gradients again after GradGuard "
+                f"(clip={self.clip!r}) has clipped them. Remove gradient_clip_val and let gradguard clip "
+                f"(GradGuard({same}) does what Lightning did), or use GradGuard(monitor_only=True) to only measure."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active:
+            return
+        self.guards = []
+        optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
+        if not optimizers:
+            raise GradGuardError(
+                "GradGuard found no optimizer: configure_optimizers() returned none. Return the optimizer that "
+                "trains the model."
+            )
+        if not self.monitor_only:
+            for opt in optimizers:
+                if isinstance(opt, torch.optim.LBFGS):
+                    raise GradGuardError(
+                        "GradGuard cannot step LBFGS (it calls its closure several times per step); use "
+                        "GradGuard(monitor_only=True), or a first-order optimizer."
+                    )
+        resumed = self._pending_state is not None
+        base = self._base_dir(trainer)
+        for i, opt in enumerate(optimizers):
+            if base is None or str(base) == "auto":
+                log_dir: Any = base
+            else:
+                log_dir = Path(base) if len(optimizers) == 1 else Path(base) / f"optimizer_{i}"
+            guard = Guard(
+                pl_module,
+                MonitorOnly(opt) if self.monitor_only else opt,
+                clip=self.clip,
+                on_nonfinite=self.on_nonfinite,
+                log_dir=log_dir,
+                name="lightning",
+                every=self.every,
+                exist_ok=resumed,
+                **self.guard_kwargs,
+            )
+            if self.log_to_logger:
+                add_flush_listener(guard, _LoggerSink(trainer, "gradguard/", self.log_layers))
+            for sink in self.sinks:
+                add_flush_listener(guard, sink)
+            self.guards.append(guard)
+            self._by_optimizer[id(opt)] = guard
+        self._active = True
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        loss = loss.detach()
+        scaler = self._scaler(trainer)
+        if scaler is not None:  # Lightning scaled the loss before this hook under fp16 AMP
+            scale = scaler._get_scale_async()
+            if scale is not None:
+                loss = loss / scale
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        opt = unwrap_optimizer(optimizer)
+        guard = self._by_optimizer.get(id(opt))
+        loss, self._loss = self._loss, None
+        if guard is None or not has_grads(opt):  # training_step returned None: nothing to guard
+            return
+        scaler = self._scaler(trainer)
+        if scaler is not None:
+            self._unscale(scaler, opt)
+        guard.step(loss)
+        if not self.monitor_only:
+            # the guard has stepped (or skipped): Lightning's optimizer.step() after this hook is a no-op
+            drop_grads(opt)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The guards' states (tensors and Python scalars), saved in Lightning checkpoints."""
+        if not self._active:
+            return dict(self._pending_state) if self._pending_state is not None else {}
+        return {"version": _STATE_VERSION, "guards": [g.state_dict() for g in self.guards]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore from a checkpoint; Lightning calls this before ``on_fit_start`` builds the guards."""
+        if not state_dict:
+            return
+        if state_dict.get("version") != _STATE_VERSION or not isinstance(state_dict.get("guards"), list):
+            raise GradGuardError(
+                f"GradGuard checkpoint state has version {state_dict.get('version')!r}; this gradguard reads "
+                f"{_STATE_VERSION}. Resume with the gradguard version that wrote the checkpoint."
+            )
+        if self._active:
+            self._apply_state(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    # ------------------------------------------------------------------ helpers
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        states = state["guards"]
+        if len(states) != len(self.guards):
+            raise GradGuardError(
+                f"the checkpoint holds GradGuard state for {len(states)} optimizer(s), this run has "
+                f"{len(self.guards)}; resume with the same configure_optimizers()."
+            )
+        for guard, s in zip(self.guards, states):
+            guard.load_state_dict(s)
+
+    def _base_dir(self, trainer: pl.Trainer) -> str | os.PathLike[str] | None:
+        if self.log_dir is not None:
+            return self.log_dir
+        if trainer.loggers:  # beside the logger's own files, in its new version folder
+            return Path(trainer.log_dir or trainer.default_root_dir) / "gradguard"
+        return fresh_run_dir(Path(trainer.default_root_dir) / "gradguard-runs", "lightning")
+
+    @staticmethod
+    def _scaler(trainer: pl.Trainer) -> Any:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    @staticmethod
+    def _unscale(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        """Unscale unless Lightning did (it leaves fused optimizers to unscale in their kernel)."""
+        from torch.amp.grad_scaler import OptState
+
+        if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+            scaler.unscale_(optimizer)  # its found_inf still tells Lightning's scaler.step() to skip
+
+    def _close(self) -> None:
+        """Flush and close the run logs and sinks; a later ``fit`` goes on from the same state."""
+        if not self._active:
+            return
+        self._pending_state = self.state_dict()
+        for guard in self.guards:
+            guard.close()
+        self._active, self._by_optimizer, self._loss = False, {}, None
+        for sink in self.sinks:
+            close: Callable[[], None] | None = getattr(sink, "close", None)
+            if close is not None:
+                close()

@@ -1,0 +1,204 @@
+"""The Lightning callback against a real ``lightning.Trainer`` (CPU, tiny model, a few dozen steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+L = pytest.importorskip("lightning")
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+
+from gradguard import runlog  # noqa: E402
+from gradguard.errors import GradGuardError  # noqa: E402
+from gradguard.integrations.lightning import GradGuard  # noqa: E402
+
+NAN_STEP = 5
+STEPS_PER_EPOCH = 8
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared 2-core machine
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        yield
+    torch.set_num_threads(threads)
+
+
+def _data() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(STEPS_PER_EPOCH * 4, 8, generator=g), torch.randn(STEPS_PER_EPOCH * 4, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+
+
+class Tiny(L.LightningModule):
+    """8 → 16 → 1 MLP; a NaN loss at optimizer step ``nan_step``; keeps weights and Adam state after each batch."""
+
+    def __init__(self, fused: bool = False, nan_step: int | None = NAN_STEP, manual: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.fused, self.nan_step = fused, nan_step
+        self.automatic_optimization = not manual
+        self.after: list[tuple[list[torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def _loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        if self.global_step == self.nan_step:
+            loss = loss * math.nan
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return self._loss(batch)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self._loss(batch))
+        opt.step()
+        return None
+
+    def on_train_batch_end(self, *args) -> None:
+        opt = self.optimizers().optimizer
+        first = next(self.parameters())
+        state = {k: v.clone() for k, v in opt.state[first].items()}
+        self.after.append(([p.detach().clone() for p in self.parameters()], state))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1, fused=self.fused)
+
+
+def _trainer(tmp_path, callbacks, max_epochs=2, **kw) -> L.Trainer:
+    kw.setdefault("logger", CSVLogger(tmp_path / "logs"))
+    return L.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kw,
+    )
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _events(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("fused", "precision", "manual"),
+    [(False, "32-true", False), (True, "32-true", False), (True, "16-mixed", False), (False, "32-true", True)],
+    ids=["adamw", "fused", "fused-16mixed", "manual"],
+)
+def test_nan_step_is_skipped_bit_identical(tmp_path, fused, precision, manual):
+    model = Tiny(fused=fused, manual=manual)
+    cb = GradGuard(clip="norm:0.5", every=4)
+    trainer = _trainer(tmp_path, [cb], precision=precision)
+    trainer.fit(model, _data())
+
+    assert trainer.global_step == 2 * STEPS_PER_EPOCH
+    weights, state = zip(*model.after)
+    # the step with the NaN loss never happened: weights and AdamW state (step, moments) unchanged
+    assert _same(weights[NAN_STEP], weights[NAN_STEP - 1])
+    assert _same(list(state[NAN_STEP].values()), list(state[NAN_STEP - 1].values()))
+    assert int(state[NAN_STEP]["step"]) == NAN_STEP
+    # every other step moved the weights
+    assert not _same(weights[NAN_STEP + 1], weights[NAN_STEP])
+    assert all(torch.isfinite(w).all() for w in weights[-1])
+
+    run = runlog.read_run(cb.run_dir)
+    assert len(run.metrics) == 2 * STEPS_PER_EPOCH
+    first = run.first_event("nonfinite")
+    assert first is not None and first["step"] == NAN_STEP and first["kind"] == "nan"
+    assert [e["step"] for e in run.events_of("skip")] == [NAN_STEP]
+    assert cb.run_dir.parent == tmp_path / "logs" / "lightning_logs" / "version_0"
+    # the same numbers went to the module's logger (CSVLogger) at the flush cadence
+    header = (cb.run_dir.parent / "metrics.csv").read_text().splitlines()[0]
+    assert "gradguard/grad_norm" in header and "gradguard/clip_rate" in header
+
+
+def test_clipping_matches_norm_and_logs_post_clip(tmp_path):
+    model = Tiny(nan_step=None)
+    cb = GradGuard(clip="norm:0.05", every=16)
+    _trainer(tmp_path, [cb], max_epochs=1).fit(model, _data())
+    run = runlog.read_run(cb.run_dir)
+    clipped = [r for r in run.metrics if r["clip_coef"] < 1]
+    assert clipped, "threshold 0.05 should clip this model's gradients"
+    for r in clipped:
+        assert r["grad_norm"] * r["clip_coef"] <= 0.05 * (1 + 1e-5)
+
+
+def test_refuses_to_clip_twice(tmp_path):
+    trainer = _trainer(tmp_path, [GradGuard()], gradient_clip_val=1.0)
+    with pytest.raises(GradGuardError, match=r"gradient_clip_val=1\.0.*monitor_only=True"):
+        trainer.fit(Tiny(), _data())
+
+
+def test_monitor_only_leaves_training_unchanged(tmp_path):
+    """Lightning clips and steps; gradguard measures the pre-clip norm and changes nothing."""
+    plain = Tiny(nan_step=None)
+    _trainer(tmp_path / "a", [], gradient_clip_val=0.05, max_epochs=1).fit(plain, _data())
+    watched = Tiny(nan_step=None)
+    cb = GradGuard(monitor_only=True, every=4)
+    _trainer(tmp_path / "b", [cb], gradient_clip_val=0.05, max_epochs=1).fit(watched, _data())
+    assert _same(plain.after[-1][0], watched.after[-1][0])
+    run = runlog.read_run(cb.run_dir)
+    assert max(r["grad_norm"] for r in run.metrics) > 0.05  # pre-clip norms: Lightning clipped after
+    with pytest.raises(GradGuardError, match=r"monitor_only=True\) only measures"):
+        GradGuard(monitor_only=True, clip="norm:1")
+    with pytest.raises(GradGuardError, match="'warn' or 'raise'"):
+        GradGuard(monitor_only=True, on_nonfinite="skip")
+
+
+def test_fused_16mixed_clip_where_lightning_refuses(tmp_path):
+    """Lightning refuses gradient_clip_val for a fused optimizer under AMP; the callback clips it."""
+    trainer = _trainer(tmp_path / "lightning", [], gradient_clip_val=0.05, precision="16-mixed", max_epochs=1)
+    with pytest.raises(RuntimeError, match="fused"):
+        trainer.fit(Tiny(fused=True, nan_step=None), _data())
+    cb = GradGuard(clip="norm:0.05", every=4)
+    _trainer(tmp_path / "gg", [cb], precision="16-mixed", max_epochs=1).fit(Tiny(fused=True, nan_step=None), _data())
+    run = runlog.read_run(cb.run_dir)
+    assert sum(r["clip_coef"] < 1 for r in run.metrics) > 0
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    """fit 1 epoch → checkpoint → new Trainer and callback resume to 3 epochs == 3 epochs straight."""
+    spec = dict(clip="zclip", every=5, spike_z=3.0)
+    straight = Tiny(nan_step=None)
+    cb_straight = GradGuard(**spec)
+    _trainer(tmp_path / "straight", [cb_straight], max_epochs=4).fit(straight, _data())
+
+    first = Tiny(nan_step=None)
+    trainer = _trainer(tmp_path / "first", [GradGuard(**spec)], max_epochs=1)
+    trainer.fit(first, _data())
+    ckpt = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert any(k.startswith("GradGuard") for k in saved)
+
+    resumed = Tiny(nan_step=None)
+    cb_resumed = GradGuard(**spec)
+    _trainer(tmp_path / "resumed", [cb_resumed], max_epochs=4).fit(resumed, _data(), ckpt_path=ckpt)
+
+    assert _same(resumed.after[-1][0], straight.after[-1][0])
+    a, b = cb_straight.state_dict()["guards"][0], cb_resumed.state_dict()["guards"][0]
+    assert a["step_count"] == b["step_count"] == 4 * STEPS_PER_EPOCH
+    assert a["clipper"].keys() == b["clipper"].keys()
+    for key, value in a["clipper"].items():  # the ZClip statistics continued, not restarted
+        other = b["clipper"][key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+    # the resumed fit took 24 steps, fewer than ZClip's 25 warm-up steps: a restarted clipper would
+    # still be warming up; this one counts the 8 steps before the checkpoint too
+    assert float(b["clipper"]["stats"][2]) == 25
