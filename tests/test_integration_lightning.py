@@ -99,7 +99,12 @@ def _events(run_dir) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("fused", "precision", "manual"),
-    [(False, "32-true", False), (True, "32-true", False), (True, "16-mixed", False), (False, "32-true", True)],
+    [
+        (False, "32-true", False),
+        (True, "32-true", False),
+        (True, "16-mixed", False),
+        (False, "32-true", True),
+    ],
     ids=["adamw", "fused", "fused-16mixed", "manual"],
 )
 def test_nan_step_is_skipped_bit_identical(tmp_path, fused, precision, manual):
@@ -168,7 +173,9 @@ def test_fused_16mixed_clip_where_lightning_refuses(tmp_path):
     with pytest.raises(RuntimeError, match="fused"):
         trainer.fit(Tiny(fused=True, nan_step=None), _data())
     cb = GradGuard(clip="norm:0.05", every=4)
-    _trainer(tmp_path / "gg", [cb], precision="16-mixed", max_epochs=1).fit(Tiny(fused=True, nan_step=None), _data())
+    _trainer(tmp_path / "gg", [cb], precision="16-mixed", max_epochs=1).fit(
+        Tiny(fused=True, nan_step=None), _data()
+    )
     run = runlog.read_run(cb.run_dir)
     assert sum(r["clip_coef"] < 1 for r in run.metrics) > 0
 
