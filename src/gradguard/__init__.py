@@ -22,6 +22,7 @@ from gradguard.clip import (
 )
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.guard import Guard
+from gradguard.locate import locate
 
 __all__ = [
     "AGC",
@@ -38,4 +39,5 @@ __all__ = [
     "clip_grad_agc_",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "locate",
 ]

@@ -31,6 +31,7 @@ next step gives exactly the result of a fresh optimizer.
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import os
@@ -41,11 +42,13 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from gradguard import runlog
 from gradguard._distributed import Reducer, local, rank, same_on_all_ranks, sharded, world
 from gradguard.clip import AGC, Clipper, NormClipper, PerLayer, ZClip, coefficient, from_spec, scale_
 from gradguard.errors import GradGuardError, NonFiniteError
+from gradguard.locate import Locator, explosion, rng_state
 from gradguard.monitor import SCALARS, Monitor
 from gradguard.stats import LayerIndex, check_tensors, exact_norms, tensor_norms, total_norm, update_ratios
 
@@ -58,6 +61,7 @@ _FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch
 _COL = {name: i for i, name in enumerate(SCALARS)}
 _MAX_LAYERS_IN_EVENT = 20
 _SCALE_HISTORY = 20  # loss scales kept as evidence for a loss_scale_collapse event
+_HISTORY = 512  # host copies of the last steps' norms, for telling an explosion from a single bad op
 
 
 def _check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
@@ -130,6 +134,12 @@ class Guard:
             a row (on the sync-free path: checked at the next flush).
         norm_type: p of the gradient norms.
         exist_ok: append to an existing run directory instead of refusing it.
+        locate: on a non-finite step, find where the first non-finite value was born (phase,
+            module, op, source line): the step is replayed under full instrumentation (exactly
+            with ``guard.step(closure)``; otherwise the model's forward is replayed from its
+            captured inputs), or, for an explosion, the first spiking step and layer are named.
+            Healthy steps only keep references to the model's inputs and the RNG state.
+        max_replays: replay at most this many anomalous steps (the first ones).
         loss_scale_floor: under a GradScaler, a scale below this (or ``max_consecutive``
             overflows in a row) is a ``loss_scale_collapse`` event (checked at flush).
         process_group: under ``torch.distributed``, the group whose ranks train together
@@ -163,6 +173,8 @@ class Guard:
         process_group: Any = None,
         loss_scale_floor: float = 1.0,
         rank_logs: bool = False,
+        locate: bool = True,
+        max_replays: int = 3,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradGuardError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -237,6 +249,20 @@ class Guard:
         self._weights_reported = False
         self._stop: NonFiniteError | None = None
         self._consts: dict[tuple[str, torch.device], Tensor] = {}
+        self._history: collections.deque[tuple[int, float, dict[str, float]]] = collections.deque(
+            maxlen=_HISTORY
+        )
+        self.max_replays = _positive_int(max_replays, "max_replays")
+        self._replays = 0
+        self._closure: Callable[[], Any] | None = None
+        self._external = False
+        self._armed: tuple[Locator, Any, int] | None = None
+        self._closure_rng: dict[str, Any] | None = None
+        self._captured: tuple[Any, Any, dict[str, Any]] | None = None
+        self._root = root
+        self._capture_handle = (
+            root.register_forward_pre_hook(self._capture, with_kwargs=True) if locate else None
+        )
         self._overflow_run = 0  # AMP overflows in a row (seen at flush)
         self._scale_history: list[tuple[int, float]] = []
         self._collapsed = False
@@ -298,7 +324,9 @@ class Guard:
             raise GradGuardError(
                 "this Guard is closed; create a new Guard (log_dir=..., exist_ok=True) to go on."
             )
+        self._closure = None
         if callable(loss_or_closure) and not isinstance(loss_or_closure, Tensor):
+            self._closure, self._closure_rng = loss_or_closure, rng_state()
             with torch.enable_grad():
                 loss = loss_or_closure()
         else:
@@ -307,8 +335,33 @@ class Guard:
             scaler = None
         if scaler is not None:
             _unscale_once(scaler, self.optimizer)
-        self._step(loss, scaler)
+        try:
+            self._step(loss, scaler)
+        finally:
+            self._closure = None
+            self._captured = None  # hold the batch no longer than its step
         return loss
+
+    def before_step(self, loss: Tensor | float | None = None) -> bool:
+        """Measure, clip and decide, for callers that call ``optimizer.step()`` themselves.
+
+        The zero-code runner and framework callbacks use it where they cannot replace
+        ``optimizer.step()``. It always decides on the host (one sync).
+
+        Returns:
+            ``True`` when the optimizer should step. On ``False`` every guarded gradient is set to
+            ``None``, so a following ``optimizer.step()`` leaves parameters and optimizer state
+            untouched (the step is skipped).
+        """
+        if self._closed:
+            raise GradGuardError("this Guard is closed; create a new Guard to go on.")
+        self._external = True
+        try:
+            self._step(loss, None)
+        finally:
+            self._external = False
+            self._captured = None
+        return not bool(self._last_skipped)
 
     def flush(self) -> None:
         """Write the pending records and events now (one host copy)."""
@@ -319,6 +372,9 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+        self._finish_armed(None)
         self.flush()
         if self.writer is not None:
             self.writer.update_meta(
@@ -389,6 +445,8 @@ class Guard:
 
     def _sync_free(self, scaler: torch.amp.GradScaler | None = None) -> bool:
         """Can this step be decided without a host read?"""
+        if self._external:
+            return False  # the caller steps: a skip must be decided (grads set to None) before that
         if self.on_nonfinite in ("rollback", "raise"):
             return False  # a bad step needs the host at once
         if self.on_nonfinite == "warn" and self.on_spike != "skip" and scaler is None:
@@ -401,6 +459,7 @@ class Guard:
         )
 
     def _step(self, loss: Tensor | float | None, scaler: torch.amp.GradScaler | None) -> None:
+        self._finish_armed(loss)
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
         grads: list[Tensor] = [self._params[i].grad for i in present]  # type: ignore[misc]
         check_tensors(grads, what="gradient")
@@ -559,7 +618,8 @@ class Guard:
             self._run_clipper()
             if grads and coef is not None:
                 scale_(grads, coef)
-            self.optimizer.step()
+            if not self._external:
+                self.optimizer.step()
             if scaler is not None:
                 scaler.update()
             if (
@@ -570,6 +630,9 @@ class Guard:
             return True
         if scaler is not None:
             scaler.update()  # the scaler still learns about an overflow (and lowers its scale)
+        if self._external:  # the caller's optimizer.step() then leaves parameters and state untouched
+            for p in self._params:
+                p.grad = None
         step = self.step_count
         self.skipped_steps += 1
         if bool(scalars[_COL["amp_overflow"]]):  # normal under AMP: logged, not an anomaly
@@ -579,7 +642,8 @@ class Guard:
         self._consecutive += 1
         if is_bad:
             layer_norms = self._index.reduce(norms, self.norm_type, present).tolist()
-            self._emit_nonfinite(step, scalars.tolist(), layer_norms)
+            located = self._locate(step, scalars.tolist()) if step > self._last_reported else None
+            self._emit_nonfinite(step, scalars.tolist(), layer_norms, located)
         if self._consecutive >= self.max_consecutive:
             self._stop = self._abort(step)
             return False
@@ -660,8 +724,11 @@ class Guard:
         if self.writer is not None:
             self.writer.write_event(event)
 
-    def _emit_nonfinite(self, step: int, vals: list[float], layer_norms: list[float]) -> None:
-        """Write the ``nonfinite`` event of a step (once), from the always-on flags (``located_by="norm"``)."""
+    def _emit_nonfinite(
+        self, step: int, vals: list[float], layer_norms: list[float], located: dict[str, Any] | None = None
+    ) -> None:
+        """Write the ``nonfinite`` event of a step (once): from the always-on flags (``located_by="norm"``),
+        with what :meth:`_locate` found in ``located`` taking precedence."""
         if step <= self._last_reported:
             return
         self._last_reported = step
@@ -688,8 +755,93 @@ class Guard:
                 "loss": loss,
                 "grad_norm": vals[_COL["grad_norm"]],
                 "policy": self.on_nonfinite,
+                **(located or {}),
             }
         )
+
+    # ------------------------------------------------------------------ locate
+    def _arm(self, step: int) -> None:
+        """Instrument from now until the next :meth:`step` (the user's next forward, loss and backward)."""
+        loc = Locator(self._root)
+        ctx = loc.watch()
+        ctx.__enter__()
+        self._armed = (loc, ctx, step)
+
+    def _finish_armed(self, loss: Tensor | float | None) -> None:
+        """End the armed instrumentation; if the failure recurred, write where it was born."""
+        if self._armed is None:
+            return
+        loc, ctx, step = self._armed
+        self._armed = None
+        ctx.__exit__(None, None, None)
+        target = loss if isinstance(loss, Tensor) else loc.loss
+        birth = loc.answer(target) if target is not None or loc.backward_birth is not None else None
+        if birth is not None:
+            self._event(
+                {
+                    "type": "nonfinite",
+                    "step": step,
+                    **birth.event(),
+                    "located_by": "hooks",
+                    "seen_at_step": self.step_count,
+                    "note": f"step {step} failed without a way to replay it; the failure recurred at step "
+                    f"{self.step_count}, which ran instrumented",
+                }
+            )
+
+    def _capture(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """Root forward pre-hook: what a replay of this step's forward needs (references, no copies)."""
+        self._captured = (args, kwargs, rng_state())
+
+    def _locate(self, step: int, vals: list[float]) -> dict[str, Any] | None:
+        """Where the first non-finite value of this (skipped, not yet stepped) step was born.
+
+        The anomaly path: host reads and a replay are fine here. Weights are unchanged (the step
+        has not been taken), so the replay sees what the failed step saw.
+        """
+        if self._capture_handle is None:
+            return None
+        self.flush()  # the steps before this one, into the history
+        exploded = explosion(list(self._history))
+        birth = None
+        how = "replay"
+        if self._replays < self.max_replays and self._reducer is None:
+            self._replays += 1
+            loc = Locator(self._root)
+            loss_bad = bool(vals[_COL["loss_nonfinite"]])
+            if self._closure is not None:
+                birth, _ = loc.replay(self._closure, self._closure_rng, grads=self._params)
+            elif self._captured is not None:
+                args, kwargs, rng = self._captured
+                birth, out = loc.replay(lambda: self._root(*args, **kwargs), rng, grads=self._params)
+                outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+                if birth is None and outs:  # the forward was finite: the loss code or the backward
+                    birth = loc.answer(outs[0], loss_nonfinite=False)
+                if birth is not None and birth.phase == "backward":
+                    birth = None  # no backward was replayed: a forward-only birth check
+                if birth is None and loss_bad:
+                    how = "replay (forward only: the model's output was finite; the loss code made it non-finite)"
+        located: dict[str, Any] = {}
+        if birth is not None:
+            located = {**birth.event(), "located_by": "replay"}
+        else:
+            if how != "replay":
+                located = {"phase": "loss", "located_by": "replay", "evidence": {"reason": how}}
+            if exploded is None and self._closure is None and self._armed is None:
+                self._arm(step)  # the next step runs under full instrumentation, in case it recurs
+        if exploded is not None:  # the answer is the explosion, the op where it overflowed is evidence
+            evidence = {**exploded, "overflow": located or None}
+            return {
+                "phase": "backward",
+                "module": exploded["module"],
+                "op": None,
+                "tensor": "grad",
+                "source": None,
+                "cause": "explosion",
+                "located_by": "norm",
+                "evidence": evidence,
+            }
+        return located or None
 
     def _nonfinite_message(self, step: int, vals: list[float]) -> str:
         what = (
@@ -839,6 +991,8 @@ class Guard:
         events: list[dict[str, Any]] = []
         for rec in records:
             step = rec["step"]
+            layers = {n: v.get("grad_norm", math.nan) for n, v in rec.get("layers", {}).items()}
+            self._history.append((step, rec["grad_norm"] if not rec["nonfinite"] else math.nan, layers))
             self._check_loss_scale(rec, events)
             if not rec.get("_decided") and rec["amp_overflow"]:
                 self.skipped_steps += 1

@@ -1,0 +1,571 @@
+"""Find where the first non-finite value was born: phase, module, op, tensor role, source line.
+
+Healthy steps pay nothing here: the :class:`gradguard.Guard` only keeps references to the
+step's inputs and RNG state. When a step goes non-finite, the guard *replays* it under full
+instrumentation (:class:`Locator`), or you run a block of your own under it::
+
+    with gradguard.locate(model) as loc:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+    print(loc.event)     # {"phase": "forward", "module": "attn", "op": "softmax", "kind": "nan", ...}
+
+How an answer is found:
+
+* **Forward** (and the data and loss code around the model): a :class:`TorchFunctionMode` sees
+  every torch-level call with its user-facing name (``softmax``, ``log``, ``div``, ``linear``…) and
+  checks its outputs. Each non-finite tensor carries a *taint*: the op where its value was born.
+  An op whose inputs are all finite and whose output is not is a birth (``log`` of 0, ``exp``
+  overflow, ``0/0``, an fp16 ``linear`` above 65504). A value written on purpose (a non-finite
+  Python scalar argument, as in ``masked_fill(mask, -inf)`` or ``torch.full(..., -inf)``) is
+  *intentional*: it is not a fault, and a NaN born from intentional infinities (a softmax over a
+  row that is all ``-inf``) is a birth of its own. Otherwise the output inherits its inputs'
+  taint, so a NaN that followed an overflow is blamed on the overflow. The answer for a
+  non-finite loss is the earliest birth in the loss's taint.
+* **Backward**: every autograd node created during the forward gets a hook; the answer is the
+  first node that *returned* a non-finite gradient from finite incoming gradients, named by the
+  forward op that created it (``sqrt`` for ``SqrtBackward0``, ``pow`` for ``x ** 0.5``), with the
+  module and source line of that forward call and the node's saved inputs as evidence.
+* **Data** and **optimizer**: a non-finite model input, or a non-finite parameter before the
+  forward (born in an earlier optimizer step), is the root of everything it touches.
+* ``phase`` follows the root module: before its forward ``data``, inside it ``forward``, after
+  it ``loss``, then ``backward``. NaN and ±inf are checked separately (``kind``).
+
+Replay leaves no trace: :meth:`Locator.replay` restores buffers, RNG streams and ``.grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import sys
+import sysconfig
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["Birth", "Locator", "explosion", "locate", "rng_state", "set_rng_state"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_USER_DIRS_IN_PKG = (os.path.join(_PKG_DIR, "demos"),)
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_INTENTIONAL = "intentional"
+_SKIP_FUNCS = frozenset(
+    {"__get__", "__set__", "__repr__", "__format__", "__bool__", "__len__", "dim", "size"}
+)
+_BACKWARD_FUNCS = frozenset({"backward"})
+_DUNDER = re.compile(r"^__(?:r|i)?([a-z_]+?)__$")
+_DUNDER_NAMES = {
+    "truediv": "div",
+    "floordiv": "floor_divide",
+    "matmul": "matmul",
+    "neg": "neg",
+    "getitem": "index",
+}
+
+
+def op_name(func: Any) -> str:
+    """The torch-level name of a function: ``torch.Tensor.__truediv__`` → ``div``, ``F.softmax`` → ``softmax``."""
+    name = getattr(func, "__name__", None) or repr(func)
+    m = _DUNDER.match(name)
+    if m:
+        base = m.group(1)
+        return _DUNDER_NAMES.get(base, base)
+    return name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
+
+
+def node_op_name(node: Any) -> str:
+    """``SqrtBackward0`` → ``sqrt``, ``NllLossBackward0`` → ``nll_loss``."""
+    base = re.sub(r"Backward\d*$", "", type(node).__name__ if not hasattr(node, "name") else node.name())
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
+
+
+def user_source(skip: int = 2) -> str | None:
+    """``file:line`` of the innermost frame in the user's code (not torch, not gradguard's core, not the stdlib)."""
+    frame = sys._getframe(skip)
+    while frame is not None:
+        fn = frame.f_code.co_filename
+        internal = (
+            fn.startswith(_TORCH_DIR)
+            or (fn.startswith(_PKG_DIR) and not fn.startswith(_USER_DIRS_IN_PKG))
+            or fn.startswith(_STDLIB)
+            or fn.startswith("<frozen")
+        )
+        if not internal:
+            return f"{fn}:{frame.f_lineno}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """The CPU (and, where present, CUDA) RNG state, to replay a step with the same randomness."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _floats(tree: Any) -> list[Tensor]:
+    return [
+        t
+        for t in tree_flatten(tree)[0]
+        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
+    ]
+
+
+def _kinds(t: Tensor) -> list[str]:
+    """Which non-finite kinds ``t`` holds (host reads; the anomaly path only)."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    out = []
+    if bool(torch.isnan(t).any()):
+        out.append("nan")
+    if bool((t == math.inf).any()):
+        out.append("inf")
+    if bool((t == -math.inf).any()):
+        out.append("-inf")
+    return out
+
+
+def _finite(t: Tensor) -> bool:
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return bool(torch.isfinite(t).all())
+
+
+def _describe(t: Tensor) -> dict[str, Any]:
+    """A few numbers that explain a tensor: shape, dtype, non-finite counts, zeros, range."""
+    d = t.detach()
+    if hasattr(d, "full_tensor"):
+        d = d.full_tensor()
+    d = d.float() if d.is_floating_point() else d
+    info: dict[str, Any] = {"shape": list(d.shape), "dtype": str(t.dtype).replace("torch.", "")}
+    if d.numel() == 0 or not d.is_floating_point():
+        return info
+    finite = d[torch.isfinite(d)]
+    info.update(
+        nan=int(torch.isnan(d).sum()),
+        posinf=int((d == math.inf).sum()),
+        neginf=int((d == -math.inf).sum()),
+        zeros=int((d == 0).sum()),
+        negative=int((d < 0).sum()),
+    )
+    if finite.numel():
+        info.update(min=float(finite.min()), max=float(finite.max()), absmax=float(finite.abs().max()))
+    if d.ndim >= 2:  # rows that are entirely -inf (a fully masked attention row)
+        rows = (d == -math.inf).all(dim=-1)
+        if bool(rows.any()):
+            info["rows_all_neginf"] = int(rows.sum())
+    return info
+
+
+def explain(op: str, inputs: list[dict[str, Any]], kind: str, dtype_max: float | None = None) -> str:
+    """A one-line reason from the op and what its inputs held."""
+    first = inputs[0] if inputs else {}
+    if any(i.get("nan") for i in inputs):
+        return "a NaN was already in the input"
+    if any(i.get("rows_all_neginf") for i in inputs) and op in (
+        "softmax",
+        "log_softmax",
+        "scaled_dot_product_attention",
+    ):
+        return "a row of all -inf (every key masked) gives 0/0"
+    if op in ("log", "log2", "log10") and first.get("zeros"):
+        return "log of 0"
+    if op in ("log", "log2", "log10", "sqrt", "pow") and first.get("negative"):
+        return f"{op} of a negative number"
+    if op in ("div", "reciprocal", "rsqrt") and any(i.get("zeros") for i in inputs[1:] or inputs):
+        return "division by zero"
+    if op in ("sqrt", "pow", "norm", "linalg_vector_norm", "hypot", "atan2", "cdist") and any(
+        i.get("zeros") for i in inputs
+    ):
+        return f"{op} at 0 (infinite or undefined derivative)"
+    if op == "exp" or op.startswith("exp"):
+        return "exp overflow"
+    if dtype_max is not None and kind in ("inf", "-inf"):
+        return f"a value above the dtype's max ({dtype_max:g})"
+    if op == "ctc_loss":
+        return "the target cannot be aligned to the input (impossible CTC target)"
+    return f"{op} produced {kind} from finite inputs"
+
+
+@dataclass
+class Birth:
+    """Where a non-finite value was born (the fields of a ``nonfinite`` event, plus evidence)."""
+
+    phase: str
+    module: str | None
+    op: str | None
+    tensor: str
+    kind: str
+    source: str | None
+    order: int
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def event(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "module": self.module,
+            "op": self.op,
+            "tensor": self.tensor,
+            "kind": self.kind,
+            "source": self.source,
+            "evidence": self.evidence,
+        }
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, loc: Locator) -> None:
+        super().__init__()
+        self.loc = loc
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _SKIP_FUNCS:
+            return func(*args, **kwargs)
+        if name in _BACKWARD_FUNCS or func is torch.autograd.backward:
+            self.loc.phase = "backward"
+            if args and isinstance(args[0], Tensor) and args[0].numel() == 1:
+                self.loc.loss = args[0]  # what the block differentiates: the loss
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.loc._after_op(func, args, kwargs, out)
+        return out
+
+
+class Locator:
+    """Full instrumentation of a model for one block of code (a replayed step, or a notebook cell).
+
+    Costs a host read per op output and per autograd node: use it on anomalies only.
+
+    Args:
+        model: the root module (its ``named_modules()`` name the modules in the answer).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._params = {name: p for name, p in model.named_parameters()}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.phase = "data"
+        self.stack: list[str] = []
+        self.order = 0
+        self.births: list[Birth] = []
+        self.backward_birth: Birth | None = None
+        self._taint: dict[int, tuple[weakref.ref[Tensor], frozenset[int]]] = {}
+        self._hooked: list[Any] = []  # nodes kept alive while their hooks may fire
+        self._handles: list[Any] = []
+        self.first_output: Tensor | None = None
+        self.loss: Tensor | None = None
+
+    # ------------------------------------------------------------------ taint bookkeeping
+    def _taint_of(self, t: Tensor) -> frozenset[int] | None:
+        entry = self._taint.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        return entry[1]
+
+    def _set_taint(self, t: Tensor, taint: frozenset[int]) -> None:
+        self._taint[id(t)] = (weakref.ref(t), taint)
+
+    def _birth(self, phase: str, module: str | None, op: str | None, tensor: str, kind: str, source: str | None,
+               evidence: dict[str, Any]) -> int:  # fmt: skip
+        self.births.append(Birth(phase, module, op, tensor, kind, source, self.order, evidence))
+        return len(self.births) - 1
+
+    def _module(self) -> str | None:
+        return self.stack[-1] if self.stack else None
+
+    # ------------------------------------------------------------------ forward
+    def _after_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        self.order += 1
+        outs = _floats(out)
+        if not outs:
+            return
+        name = op_name(func)
+        bad_outs = [o for o in outs if not _finite(o)]
+        if bad_outs:
+            self._classify(name, args, kwargs, bad_outs)
+        if self.phase != "backward":
+            source = None
+            for o in outs:
+                node = o.grad_fn
+                if node is not None and o.requires_grad and not any(n is node for n in self._hooked[-8:]):
+                    if source is None:
+                        source = user_source(3)
+                    self._hook_node(node, name, self._module(), source, self.phase)
+
+    def _classify(self, name: str, args: Any, kwargs: Any, bad_outs: list[Tensor]) -> None:
+        leaves = tree_flatten((args, kwargs))[0]
+        scalar_written = any(isinstance(v, float) and not math.isfinite(v) for v in leaves)
+        inputs = [t for t in leaves if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+        bad_inputs = [t for t in inputs if not _finite(t)]
+        in_taint: set[int] = set()
+        for t in bad_inputs:
+            taint = self._taint_of(t)
+            in_taint |= taint if taint is not None else self._untracked(t)
+        out_kinds = sorted({k for o in bad_outs for k in _kinds(o)})
+        in_nan = any("nan" in _kinds(t) for t in bad_inputs)
+        kind = "nan" if "nan" in out_kinds else out_kinds[0]
+        if scalar_written and not bad_inputs:
+            taint = frozenset({-1})  # written on purpose: masked_fill(-inf), full(-inf)
+        elif not bad_inputs or ("nan" in out_kinds and not in_nan and in_taint <= {-1}):
+            source = user_source(4)
+            ev_inputs = [_describe(t) for t in inputs[:4]]
+            dtype = bad_outs[0].dtype
+            dmax = float(torch.finfo(dtype).max) if dtype.is_floating_point else None
+            evidence = {"inputs": ev_inputs, "reason": explain(name, ev_inputs, kind, dmax)}
+            phase = self.phase if self.phase != "backward" else "backward"
+            taint = frozenset({self._birth(phase, self._module(), name, "output", kind, source, evidence)})
+        else:
+            taint = frozenset(in_taint)
+        for o in bad_outs:
+            self._set_taint(o, taint)
+            if self.first_output is None:
+                self.first_output = o
+
+    def _untracked(self, t: Tensor) -> set[int]:
+        """A non-finite tensor we did not see born: a parameter (optimizer phase) or an input (data)."""
+        for name, p in self._params.items():
+            if t is p or (t.data_ptr() == p.data_ptr() and t.shape == p.shape):
+                owner = name.rpartition(".")[0]
+                kind = _kinds(p)[0]
+                ev = {"parameter": name, **_describe(p), "reason": "the parameter was already non-finite before this "
+                      "forward: an earlier optimizer step wrote it"}  # fmt: skip
+                idx = self._birth("optimizer", owner, None, "param", kind, None, ev)
+                self._set_taint(t, frozenset({idx}))
+                return {idx}
+        return set()
+
+    # ------------------------------------------------------------------ module hooks
+    def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        name = self._names.get(id(module))
+        if name is None:
+            return
+        if module is self.model:
+            self.phase = "forward"
+            for t in _floats((args, kwargs)):
+                if self._taint_of(t) is None and not _finite(t):
+                    kind = _kinds(t)[0]
+                    ev = {"input": _describe(t), "reason": "the input batch holds non-finite values"}
+                    idx = self._birth("data", None, None, "input", kind, user_source(3), ev)
+                    self._set_taint(t, frozenset({idx}))
+        self.stack.append(name)
+
+    def _post(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        if self._names.get(id(module)) is None:
+            return
+        if self.stack:
+            self.stack.pop()
+        if module is self.model:
+            self.phase = "loss"
+
+    # ------------------------------------------------------------------ backward
+    def _hook_node(self, node: Any, name: str, module: str | None, source: str | None, phase: str) -> None:
+        def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> None:
+            self.phase = "backward"
+            if self.backward_birth is not None:
+                return
+            returned = [g for g in grad_inputs if g is not None]
+            incoming = [g for g in grad_outputs if g is not None]
+            if not returned or all(_finite(g) for g in returned) or not all(_finite(g) for g in incoming):
+                return
+            kinds = sorted({k for g in returned for k in _kinds(g)})
+            saved = {
+                attr[len("_saved_") :]: _describe(v)
+                for attr in dir(node)
+                if attr.startswith("_saved_") and isinstance(v := getattr(node, attr, None), Tensor)
+            }
+            ev_inputs = list(saved.values())
+            kind = "nan" if "nan" in kinds else kinds[0]
+            op = name if name else node_op_name(node)
+            evidence = {
+                "node": node.name(),
+                "saved": saved,
+                "reason": explain(op, ev_inputs, kind) + " (in backward: the forward was finite)",
+            }
+            self.backward_birth = Birth("backward", module, op, "grad", kind, source, self.order, evidence)
+
+        self._handles.append(node.register_hook(hook))
+        self._hooked.append(node)
+
+    # ------------------------------------------------------------------ run
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[Locator]:
+        """Instrument the block: module hooks, the function mode and node hooks; removed on exit."""
+        self._reset()
+        for module in self.model.modules():
+            self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        mode = _Mode(self)
+        try:
+            with mode:
+                yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self._hooked.clear()
+
+    def answer(self, loss: Tensor | None = None, loss_nonfinite: bool | None = None) -> Birth | None:
+        """The birth that explains the failure.
+
+        Args:
+            loss: the loss tensor of the block, if known (its taint names the forward birth).
+            loss_nonfinite: whether the loss was non-finite (``None``: unknown).
+        """
+        if loss is not None and loss_nonfinite is None:
+            loss_nonfinite = not _finite(loss)
+        forward: Birth | None = None
+        if loss is not None and loss_nonfinite:
+            taint: frozenset[int] | set[int] = self._taint_of(loss) or set()
+            roots = [self.births[i] for i in taint if i >= 0]
+            forward = min(roots, key=lambda b: b.order) if roots else None
+        if forward is None and loss_nonfinite is not False and self.births:
+            candidates = [b for b in self.births if b.phase != "backward"]
+            forward = candidates[0] if candidates else None
+        if forward is not None and loss_nonfinite is not False:
+            return forward
+        if self.backward_birth is not None:
+            return self.backward_birth
+        data_or_params = [b for b in self.births if b.phase in ("data", "optimizer")]
+        return data_or_params[0] if data_or_params else forward
+
+    def replay(
+        self,
+        fn: Callable[[], Any],
+        rng: dict[str, Any] | None = None,
+        *,
+        grads: list[nn.Parameter] | None = None,
+    ) -> tuple[Birth | None, Any]:
+        """Run ``fn`` (a step's forward, loss and backward) under instrumentation, leaving no trace.
+
+        Buffers (BatchNorm running statistics…), the RNG streams and the parameters' ``.grad`` are
+        what they were before the call; ``rng`` is the RNG state to replay with (the state the
+        original step started from).
+
+        Returns:
+            ``(birth, result)``: the answer (or ``None``) and what ``fn`` returned.
+        """
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        params = grads if grads is not None else list(self.model.parameters())
+        saved_grads = [p.grad for p in params]
+        rng_after = rng_state()
+        result: Any = None
+        try:
+            if rng is not None:
+                set_rng_state(rng)
+            for p in params:
+                p.grad = None
+            with self.watch():
+                result = fn()
+            loss = result if isinstance(result, Tensor) else None
+            birth = self.answer(loss)
+        finally:
+            with torch.no_grad():
+                for n, b in self.model.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
+            for p, g in zip(params, saved_grads):
+                p.grad = g
+            set_rng_state(rng_after)
+        return birth, result
+
+    @property
+    def event(self) -> dict[str, Any] | None:
+        """The answer as the fields of a ``nonfinite`` event (``located_by="replay"``), or ``None``."""
+        loss = self.loss if self.loss is not None else self.first_output
+        birth = self.answer(loss)
+        if birth is None:
+            return None
+        return {"type": "nonfinite", **birth.event(), "located_by": "replay"}
+
+
+@contextlib.contextmanager
+def locate(model: nn.Module) -> Iterator[Locator]:
+    """Instrument a block of code and say where its first non-finite value came from.
+
+    Expensive (a host read per op): for debugging one step, e.g. in a notebook.
+
+    Example:
+        >>> import torch, gradguard
+        >>> model = torch.nn.Linear(3, 1)
+        >>> with gradguard.locate(model) as loc:
+        ...     loss = (model(torch.ones(2, 3)) * 0).sum() + torch.tensor(-1.0).sqrt()
+        >>> loc.event["op"], loc.event["kind"], loc.event["phase"], loc.event["evidence"]["reason"]
+        ('sqrt', 'nan', 'loss', 'sqrt of a negative number')
+    """
+    loc = Locator(model)
+    with loc.watch():
+        yield loc
+
+
+def explosion(
+    history: list[tuple[int, float, dict[str, float]]], *, growth: float = 100.0
+) -> dict[str, Any] | None:
+    """Whether the steps before a failure were an explosion: a norm that grew by orders of magnitude.
+
+    An explosion has no single bad op (values grow over steps until they overflow), so its answer
+    is the first spiking step and the layer whose norm grew first, not the op where the overflow
+    finally landed.
+
+    Args:
+        history: ``(step, global grad norm, {layer: grad norm})`` of the steps before the failure,
+            oldest first (non-finite norms are ignored).
+        growth: the peak of the last steps over the median of the early steps that makes it one.
+
+    Returns:
+        ``{"cause": "explosion", "first_spike_step", "module", "baseline_norm", "peak_norm", "growth"}``
+        or ``None``.
+    """
+    finite = [(s, g, layers) for s, g, layers in history if math.isfinite(g)]
+    if len(finite) < 4:
+        return None
+    head = finite[: max(3, len(finite) // 2)]
+    base = sorted(g for _, g, _ in head)[len(head) // 2]
+    peak = max(g for _, g, _ in finite[-5:])
+    if not base > 0 or peak < growth * base:
+        return None
+    first = next(s for s, g, _ in finite if g > 10 * base)
+    layer_base: dict[str, float] = {}
+    for name in finite[0][2]:
+        vals = sorted(v for _, _, layers in head if math.isfinite(v := layers.get(name, math.nan)))
+        if vals:
+            layer_base[name] = vals[len(vals) // 2]
+    grew_first: str | None = None
+    best = (math.inf, 0.0)
+    for name, b in layer_base.items():
+        for s, _, layers in finite:
+            v = layers.get(name, math.nan)
+            if math.isfinite(v) and b > 0 and v > 10 * b:
+                key = (s, -v / b)
+                if key < best:
+                    best, grew_first = key, name
+                break
+    return {
+        "cause": "explosion",
+        "first_spike_step": first,
+        "module": grew_first,
+        "baseline_norm": base,
+        "peak_norm": peak,
+        "growth": peak / base,
+    }
