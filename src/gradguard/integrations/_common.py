@@ -5,8 +5,10 @@ Stdlib and torch only; no framework is imported here.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "post_clip_norm",
     "scalars_of",
     "unwrap_optimizer",
+    "write_report",
 ]
 
 #: A callable that receives the host records of each flush (the rows of ``metrics.jsonl`` plus the
@@ -195,3 +198,26 @@ class MonitorOnly(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"MonitorOnly({type(self.optimizer).__name__})"
+
+
+def write_report(run_dir: Path | None, mode: bool | None) -> Path | None:
+    """Write ``report.html`` into ``run_dir`` at the end of a run (the ``report`` extra: plotly).
+
+    ``mode``: ``True`` writes it or warns why not; ``None`` writes it when the report extra is
+    installed and says nothing otherwise; ``False`` never.
+    """
+    if run_dir is None or mode is False:
+        return None
+    try:
+        report = importlib.import_module("gradguard.report")  # lazily: the core never needs plotly
+        path: Path = report.write_report(run_dir)
+        return path
+    except (ImportError, GradGuardError) as e:
+        if mode:
+            warnings.warn(
+                f"gradguard could not write the HTML report of {run_dir}: {e}. Install the report extra "
+                f'(pip install "gradguard[report]") or run `gradguard report {run_dir}` later.',
+                UserWarning,
+                stacklevel=3,
+            )
+        return None

@@ -59,6 +59,7 @@ from gradguard.integrations._common import (
     has_grads,
     scalars_of,
     unwrap_optimizer,
+    write_report,
 )
 
 __all__ = ["GradGuard"]
@@ -106,6 +107,9 @@ class GradGuard(pl.Callback):
         log_to_logger: also send the numbers to the Trainer's loggers at each flush.
         log_layers: include per-layer norms in what goes to the loggers.
         sinks: extra flush listeners, e.g. :class:`~gradguard.integrations.sinks.TensorBoardSink`.
+        report: write ``report.html`` into the run directory when the fit ends (also after an
+            error): ``None`` (default) when the ``report`` extra is installed, ``True`` always (or
+            warn why not), ``False`` never.
         guard_kwargs: any other :class:`gradguard.Guard` argument (``on_spike``, ``spike_z``,
             ``weight_every``, ``max_consecutive``, ``snapshot_every``, ``lr_backoff``…).
 
@@ -125,6 +129,7 @@ class GradGuard(pl.Callback):
         log_to_logger: bool = True,
         log_layers: bool = False,
         sinks: Sequence[FlushListener] = (),
+        report: bool | None = None,
         **guard_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -160,6 +165,7 @@ class GradGuard(pl.Callback):
         self.log_to_logger = log_to_logger
         self.log_layers = log_layers
         self.sinks = list(sinks)
+        self.report = report
         self.guard_kwargs = guard_kwargs
         self.guards: list[Guard] = []
         self._by_optimizer: dict[int, Guard] = {}
@@ -339,6 +345,7 @@ class GradGuard(pl.Callback):
         self._pending_state = self.state_dict()
         for guard in self.guards:
             guard.close()
+            write_report(guard.run_dir, self.report)
         self._active, self._by_optimizer, self._loss = False, {}, None
         for sink in self.sinks:
             close: Callable[[], None] | None = getattr(sink, "close", None)
