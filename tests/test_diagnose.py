@@ -1,0 +1,275 @@
+"""Diagnosis rules on real guarded runs: each rule fires where it should and stays silent on health."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import guard_runs as G
+from gradguard.diagnose import (
+    RULES,
+    Finding,
+    diagnose,
+    first_nonfinite,
+    healthy_window,
+    recommended_max_norm,
+    to_json,
+)
+from gradguard.runlog import FINDINGS_FILE, METRICS_FILE, RunWriter, read_run
+
+ISSUE_IDS = {
+    "explosion",
+    "over_clipping",
+    "vanishing",
+    "divergence",
+    "nonfinite_op",
+    "bad_data",
+    "lr_too_high",
+    "weight_growth",
+    "loss_scale_collapse",
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    names = [
+        "healthy",
+        "too_high_lr",
+        "lr_jump",
+        "over_clipped",
+        "nan_in_data",
+        "finite_divergence",
+        "vanishing",
+        "log_of_zero",
+        "loss_scale_collapse",
+    ]
+    return {name: getattr(G, name)(root / name) for name in names}
+
+
+def ids(findings: list[Finding]) -> set[str]:
+    return {f.id for f in findings}
+
+
+def by_id(findings: list[Finding], rule: str) -> Finding:
+    found = [f for f in findings if f.id == rule]
+    assert found, f"{rule} did not fire; got {[(f.id, f.message) for f in findings]}"
+    return found[0]
+
+
+def healthy_norms(path: Path) -> list[float]:
+    return [r["grad_norm"] for r in read_run(path).metrics if math.isfinite(r["grad_norm"])]
+
+
+def test_rule_ids_are_the_issues_stable_names() -> None:
+    assert set(RULES) == ISSUE_IDS
+
+
+def test_a_healthy_run_has_no_findings(runs: dict[str, Path]) -> None:
+    assert diagnose(runs["healthy"]) == []
+    window = healthy_window(runs["healthy"])
+    assert window.onset_step is None and window.end_reason == "end"
+    assert window.first_step == 0 and window.last_step == G.STEPS - 1
+
+
+def test_a_too_high_lr_is_an_explosion_with_its_onset_first_layer_and_a_healthy_threshold(
+    runs: dict[str, Path],
+) -> None:
+    findings = diagnose(runs["too_high_lr"])
+    assert findings[0].id == "explosion" and findings[0].severity == "error"
+    boom = findings[0]
+    nonfinite = first_nonfinite(runs["too_high_lr"])
+    assert nonfinite is not None
+    assert boom.step is not None and boom.step < nonfinite["step"]
+    assert boom.evidence["first_nonfinite_step"] == nonfinite["step"]
+    assert boom.evidence["peak_over_healthy_median"] >= 10
+    assert boom.evidence["first_layer"] in {"0", "2", "4"}
+    # the threshold comes from the steps before the climb, not from the climb
+    window = healthy_window(runs["too_high_lr"])
+    assert window.last_step is not None and window.last_step < boom.step
+    max_norm = boom.recommendation["max_norm"]
+    assert max_norm == recommended_max_norm(findings)
+    assert min(window.norms) <= max_norm <= max(window.norms)
+    assert max_norm < boom.evidence["peak_norm"] / 100
+    assert {"lr_too_high", "weight_growth"} <= ids(findings)
+    assert by_id(findings, "lr_too_high").evidence["update_ratio_median_by_layer"]
+
+
+def test_an_lr_increase_right_before_the_climb_is_blamed(runs: dict[str, Path]) -> None:
+    findings = diagnose(runs["lr_jump"])
+    boom = by_id(findings, "explosion")
+    assert 60 <= boom.step <= 70
+    lr = by_id(findings, "lr_too_high")
+    assert lr.evidence["lr_jump_step"] == 60
+    assert lr.evidence["lr_before"] == pytest.approx(0.05) and lr.evidence["lr_after"] == pytest.approx(0.4)
+    # 60 healthy steps: the threshold is about their 90th percentile, never the climb's
+    window = healthy_window(runs["lr_jump"])
+    assert window.last_step is not None and window.last_step < 62
+    healthy = healthy_norms(runs["healthy"])
+    assert min(healthy) <= boom.recommendation["max_norm"] <= max(healthy)
+
+
+def test_over_clipping_is_diagnosed_and_following_the_recommendation_unstalls_training(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    findings = diagnose(runs["over_clipped"])
+    over = by_id(findings, "over_clipping")
+    assert over.severity == "error"
+    ev = over.evidence
+    assert ev["clip_rate_window"] == 1.0 and ev["clip_rate_overall"] == 1.0
+    assert ev["threshold"] == 0.01
+    assert ev["median_norm_over_threshold"] > 100
+    assert ev["effective_lr_scale"] < 0.01
+    assert ev["effective_lr"] == pytest.approx(0.05 * ev["effective_lr_scale"], rel=0.01)
+    assert ev["loss_progress"] < 0.2  # the loss barely moved
+    max_norm = over.recommendation["max_norm"]
+    # the recommendation lies within the norms of the same model trained without clipping
+    healthy = healthy_norms(runs["healthy"])
+    assert min(healthy) <= max_norm <= max(healthy)
+    assert max_norm > 0.01
+    # and following it unstalls training: ≤ 50% clipped, finite, a loss ≤ 1/5 of the stalled run's
+    rerun = G.over_clipped(tmp_path / "rerun", max_norm=max_norm)
+    log, stalled = read_run(rerun), read_run(runs["over_clipped"])
+    rate = sum(r["grad_norm"] > r["threshold"] for r in log.metrics) / len(log.metrics)
+    assert rate <= 0.5
+    assert not log.events_of("nonfinite")
+    final = sum(r["loss"] for r in log.metrics[-20:]) / 20
+    stalled_final = sum(r["loss"] for r in stalled.metrics[-20:]) / 20
+    assert final <= stalled_final / 5
+    assert "over_clipping" not in ids(diagnose(rerun))
+
+
+def test_adaptive_clippers_clipping_most_steps_are_not_over_clipping(tmp_path: Path) -> None:
+    run = G.train(tmp_path / "autoclip", lr=0.05, clip="autoclip:10")
+    log = read_run(run)
+    taken = [r for r in log.metrics if math.isfinite(r["threshold"])]
+    assert sum(r["grad_norm"] > r["threshold"] for r in taken) / len(taken) > 0.5  # by design
+    assert "over_clipping" not in ids(diagnose(run))
+
+
+def test_a_nan_in_the_input_batch_is_bad_data_not_an_explosion(runs: dict[str, Path]) -> None:
+    findings = diagnose(runs["nan_in_data"])
+    bad = by_id(findings, "bad_data")
+    assert bad.step == 100
+    assert 100 in bad.evidence["bad_steps"]
+    assert "explosion" not in ids(findings) and "nonfinite_op" not in ids(findings)
+    # one bad batch does not end the healthy window: the threshold is the healthy run's
+    window = healthy_window(runs["nan_in_data"])
+    assert window.end_reason == "end" and window.last_step == G.STEPS - 1
+
+
+def test_divergence_without_nan_is_reported(runs: dict[str, Path]) -> None:
+    log = read_run(runs["finite_divergence"])
+    assert all(math.isfinite(r["loss"]) for r in log.metrics)  # finite from start to end...
+    findings = diagnose(log)
+    div = by_id(findings, "divergence")  # ...and still not healthy
+    assert div.severity == "error"
+    assert div.evidence["all_finite"] is True
+    assert div.evidence["loss_peak"] >= 100 * div.evidence["loss_best"]
+    assert "nonfinite_op" not in ids(findings)
+    assert "weight_growth" in ids(findings)
+
+
+def test_vanishing_gradients_toward_the_input(runs: dict[str, Path]) -> None:
+    findings = diagnose(runs["vanishing"])
+    van = by_id(findings, "vanishing")
+    assert van.evidence["orders_of_magnitude"] >= 2
+    by_layer = van.evidence["median_grad_norm_by_layer"]
+    assert next(iter(by_layer)) == "0" and by_layer["0"] < by_layer["18"] / 100
+    assert "vanishing" not in ids(diagnose(runs["healthy"]))
+
+
+def test_a_log_of_zero_every_step_is_a_nonfinite_op_with_a_fix(runs: dict[str, Path]) -> None:
+    findings = diagnose(runs["log_of_zero"])
+    op = by_id(findings, "nonfinite_op")
+    assert op.severity == "error" and op.step == 30
+    assert "explosion" not in ids(findings) and "bad_data" not in ids(findings)
+    if op.evidence.get("op"):  # located (replay or hooks): the op and the specific fix
+        assert op.evidence["op"] == "log"
+        assert "clamp" in op.recommendation["text"]
+    else:  # the always-on flags only: how to get the op
+        assert "closure" in op.recommendation["text"]
+
+
+def test_amp_loss_scale_collapse(runs: dict[str, Path]) -> None:
+    findings = diagnose(runs["loss_scale_collapse"])
+    collapse = by_id(findings, "loss_scale_collapse")
+    assert collapse.severity == "error" and collapse.step == 10
+    assert collapse.evidence["loss_scale"] == 0.5
+    assert collapse.recommendation["dtype"] == "bfloat16"
+    assert "explosion" not in ids(findings) and "nonfinite_op" not in ids(findings)
+
+
+def test_findings_json_is_written_on_request(runs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    run = shutil.copytree(runs["too_high_lr"], tmp_path / "copy")
+    findings = diagnose(run)
+    assert not (run / FINDINGS_FILE).exists()  # a pure function unless asked
+    assert diagnose(run, write=True) == findings
+    on_disk = json.loads((run / FINDINGS_FILE).read_text())
+    assert on_disk == json.loads(json.dumps([f.as_dict() for f in findings]))
+    assert [f["id"] for f in on_disk] == [f.id for f in findings]
+    for f in on_disk:
+        assert set(f) == {"id", "severity", "step", "message", "evidence", "recommendation"}
+    assert not list(run.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_a_log_cut_off_mid_line_is_read_and_the_note_reported(runs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    run = shutil.copytree(runs["too_high_lr"], tmp_path / "killed")
+    with open(run / METRICS_FILE, "a") as f:
+        f.write('{"step": 200, "loss": 1.5, "grad_no')  # a process killed mid-write
+    log = read_run(run)
+    assert any("cut off" in note for note in log.skipped)
+    findings = diagnose(log)
+    assert [f.id for f in findings] == [f.id for f in diagnose(runs["too_high_lr"])]
+    out = to_json(findings, log)
+    assert any("cut off" in note for note in out["reader_notes"])
+
+
+def test_json_shape(runs: dict[str, Path]) -> None:
+    log = read_run(runs["too_high_lr"])
+    out = to_json(diagnose(log), log)
+    assert out["first_nonfinite"] == log.first_event("nonfinite")
+    assert out["first_nonfinite"]["type"] == "nonfinite"
+    assert {"step", "phase", "kind", "located_by"} <= set(out["first_nonfinite"])
+    healthy = read_run(runs["healthy"])
+    assert to_json([], healthy)["first_nonfinite"] is None
+
+
+def test_records_without_optional_keys_and_an_empty_run(tmp_path: Path) -> None:
+    """Logs written by other tools: only step and loss, or nothing at all."""
+    with RunWriter(tmp_path / "sparse") as w:
+        w.write_metrics([{"step": s, "loss": 1.0 / (s + 1)} for s in range(30)])
+    assert diagnose(tmp_path / "sparse") == []
+    with RunWriter(tmp_path / "empty"):
+        pass
+    assert diagnose(tmp_path / "empty") == []
+
+
+def test_a_100k_step_run_is_diagnosed_quickly(tmp_path: Path) -> None:
+    import time
+
+    with RunWriter(tmp_path / "long", {"config": {"clip": "Norm(max_norm=1.0)"}}) as w:
+        w.write_metrics(
+            [
+                {
+                    "step": s,
+                    "loss": 1.0 + math.sin(s / 50) * 0.1,
+                    "grad_norm": 0.5 + 0.2 * math.sin(s * 0.7) + (50.0 if s % 10_000 == 5 else 0.0),
+                    "threshold": 1.0,
+                    "lr": 0.01,
+                    "skipped": False,
+                }
+                for s in range(100_000)
+            ]
+        )
+    start = time.perf_counter()
+    findings = diagnose(tmp_path / "long")
+    assert time.perf_counter() - start < 20
+    assert "over_clipping" not in ids(findings)
