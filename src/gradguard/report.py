@@ -1,0 +1,780 @@
+"""The HTML report and the terminal summary of a run directory (or of a folder of runs).
+
+:func:`write_report` writes one self-contained HTML file that opens offline (plotly's JavaScript is
+inlined): the findings and recommendations at the top, then interactive plots (zoom, hover) of the
+loss; the global pre-clip gradient norm on a log scale with the threshold, the clipped and skipped
+steps and the recommended threshold; the clip and skip rates; a per-layer gradient-norm heatmap
+(layers × steps); weight norms and update/weight ratios per layer; and a timeline of every event.
+Runs longer than :data:`MAX_POINTS` steps are downsampled for the plots (each bin keeps its first,
+smallest, largest and last value, so spikes survive); events never are.
+
+A folder of runs (e.g. a demo's) gives one page: a table of the runs, then each run's section.
+
+:func:`print_summary` prints the same findings as tables in the terminal (``rich`` when installed).
+
+Needs the ``report`` extra (``pip install 'gradguard[report]'``: plotly, rich); nothing else in
+gradguard imports it.
+
+Example:
+    >>> from gradguard.report import write_report
+    >>> write_report("gradguard-runs/20250101-120000-run")   # doctest: +SKIP
+    PosixPath('gradguard-runs/20250101-120000-run/report.html')
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from gradguard.diagnose import Finding, diagnose, first_nonfinite, healthy_window, recommended_max_norm
+from gradguard.errors import GradGuardError
+from gradguard.runlog import REPORT_FILE, RunLog, atomic_write_text, find_runs, is_run_dir, read_run
+
+__all__ = ["MAX_POINTS", "MAX_RUNS", "print_summary", "render_html", "write_report"]
+
+MAX_POINTS = 2000
+"""Most points per plotted series; longer series are downsampled (events never are)."""
+MAX_RUNS = 12
+"""Most runs of a folder drawn in full on one page (the others are listed in its table)."""
+_HEATMAP_COLUMNS = 400
+_LINES_MAX_LAYERS = 20  # more layers than this: a heatmap instead of one line per layer
+_SEVERITY_COLOURS = {"error": "#c62828", "warning": "#ef6c00", "info": "#1565c0"}
+_EVENT_SYMBOLS = {
+    "nonfinite": "x",
+    "skip": "triangle-down",
+    "spike": "star",
+    "rollback": "square",
+    "lr_backoff": "diamond",
+    "abort": "x-thin",
+    "overflow": "circle",
+    "loss_scale_collapse": "hexagram",
+}
+
+
+def _plotly() -> Any:
+    try:
+        import plotly.graph_objects as go
+    except ImportError as e:
+        raise GradGuardError(
+            "the HTML report needs plotly, which is not installed: pip install 'gradguard[report]' "
+            "(or pip install plotly)."
+        ) from e
+    return go
+
+
+# ============================================================================================
+# Series
+# ============================================================================================
+
+
+def _num(x: Any) -> float | None:
+    """A finite float, or None (JSON null: a gap in a plot)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def _downsample_idx(values: Sequence[float | None], max_points: int = MAX_POINTS) -> list[int]:
+    """Indices to plot: all when few; else per bin the first, min, max and last finite value."""
+    n = len(values)
+    if n <= max_points:
+        return list(range(n))
+    bins = max(1, max_points // 4)
+    keep: set[int] = set()
+    for b in range(bins):
+        lo, hi = b * n // bins, (b + 1) * n // bins
+        if lo >= hi:
+            continue
+        keep.update((lo, hi - 1))
+        finite = [(values[i], i) for i in range(lo, hi) if values[i] is not None]
+        if finite:
+            keep.add(min(finite)[1])
+            keep.add(max(finite)[1])
+    return sorted(keep)
+
+
+class _Series:
+    """Columns of a run's metrics for plotting."""
+
+    def __init__(self, log: RunLog) -> None:
+        rows = [r for r in log.metrics if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
+        self.rows = rows
+        self.steps = [int(r["step"]) for r in rows]
+        self.n = len(rows)
+        names = log.meta.get("layers")
+        layers: list[str] = [str(x) for x in names] if isinstance(names, list) else []
+        seen = set(layers)
+        for r in rows:
+            lay = r.get("layers")
+            if isinstance(lay, dict):
+                for name in lay:
+                    if name not in seen:
+                        seen.add(name)
+                        layers.append(name)
+        self.layers = layers
+
+    def col(self, key: str) -> list[float | None]:
+        return [_num(r.get(key)) for r in self.rows]
+
+    def raw(self, key: str) -> list[Any]:
+        return [r.get(key) for r in self.rows]
+
+    def layer(self, name: str, key: str) -> list[float | None]:
+        out: list[float | None] = []
+        for r in self.rows:
+            lay = r.get("layers")
+            entry = lay.get(name) if isinstance(lay, dict) else None
+            out.append(_num(entry.get(key)) if isinstance(entry, dict) else None)
+        return out
+
+    def has_layer_key(self, key: str) -> bool:
+        for r in self.rows:
+            lay = r.get("layers")
+            if isinstance(lay, dict) and any(isinstance(v, dict) and key in v for v in lay.values()):
+                return True
+        return False
+
+
+def _pick(xs: Sequence[Any], idx: Sequence[int]) -> list[Any]:
+    return [xs[i] for i in idx]
+
+
+def _nonfinite_steps(s: _Series, key: str) -> list[int]:
+    out = []
+    for step, v in zip(s.steps, s.raw(key)):
+        if isinstance(v, float) and not math.isfinite(v):
+            out.append(step)
+    return out
+
+
+# ============================================================================================
+# Figures
+# ============================================================================================
+
+_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+def _layout(go: Any, title: str, ytitle: str, *, log_y: bool = False, height: int = 340) -> Any:
+    return go.Layout(
+        title={"text": title, "x": 0.01},
+        template="plotly_white",
+        height=height,
+        margin={"l": 70, "r": 20, "t": 50, "b": 45},
+        xaxis={"title": {"text": "step"}},
+        yaxis={"title": {"text": ytitle}, "type": "log" if log_y else "linear"},
+        legend={"orientation": "h", "y": -0.2},
+        hovermode="closest",
+    )
+
+
+def _top_markers(go: Any, steps: list[int], y: float | None, name: str, colour: str, symbol: str) -> Any:
+    """Markers for steps with no plottable value (non-finite), drawn at the top of the plot."""
+    shown = steps[:MAX_POINTS]
+    return go.Scatter(
+        x=shown,
+        y=[y] * len(shown),
+        mode="markers",
+        name=name,
+        marker={"color": colour, "symbol": symbol, "size": 9},
+        hovertemplate="step %{x}: " + name + "<extra></extra>",
+    )
+
+
+def _fig_loss(go: Any, s: _Series) -> Any:
+    loss = s.col("loss")
+    idx = _downsample_idx(loss)
+    finite = [v for v in loss if v is not None]
+    log_y = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 1e3
+    fig = go.Figure(layout=_layout(go, "Training loss", "loss", log_y=log_y))
+    fig.add_trace(go.Scatter(x=_pick(s.steps, idx), y=_pick(loss, idx), mode="lines", name="loss"))
+    bad = _nonfinite_steps(s, "loss")
+    if bad and finite:
+        fig.add_trace(_top_markers(go, bad, max(finite), "non-finite loss", "#c62828", "x"))
+    return fig
+
+
+def _fig_norm(go: Any, s: _Series, log: RunLog, findings: Sequence[Finding]) -> Any:
+    norm = s.col("grad_norm")
+    thr = s.col("threshold")
+    idx = _downsample_idx(norm)
+    fig = go.Figure(
+        layout=_layout(go, "Global gradient norm (pre-clip), log scale", "‖g‖", log_y=True, height=380)
+    )
+    fig.add_trace(go.Scatter(x=_pick(s.steps, idx), y=_pick(norm, idx), mode="lines", name="pre-clip norm"))
+    if any(t is not None for t in thr):
+        tidx = _downsample_idx(thr)
+        fig.add_trace(
+            go.Scatter(
+                x=_pick(s.steps, tidx),
+                y=_pick(thr, tidx),
+                mode="lines",
+                name="threshold",
+                line={"color": "#6a1b9a", "dash": "dot"},
+            )
+        )
+    clipped = [
+        i
+        for i in range(s.n)
+        if norm[i] is not None and thr[i] is not None and norm[i] > thr[i] * (1 + 1e-6)  # type: ignore[operator]
+    ]
+    if clipped:
+        cvals: list[float | None] = [norm[i] for i in clipped]
+        keep = _downsample_idx(cvals)
+        fig.add_trace(
+            go.Scatter(
+                x=[s.steps[clipped[k]] for k in keep],
+                y=[cvals[k] for k in keep],
+                mode="markers",
+                name=f"clipped ({len(clipped)} steps)",
+                marker={"color": "#ef6c00", "size": 5},
+            )
+        )
+    finite = [v for v in norm if v is not None]
+    top = max(finite) if finite else 1.0
+    skipped = sorted(
+        {e["step"] for e in log.events if e.get("type") == "skip" and isinstance(e.get("step"), int)}
+        | {st for st, sk in zip(s.steps, s.raw("skipped")) if sk is True}
+    )
+    if skipped:
+        fig.add_trace(
+            _top_markers(go, skipped, top, f"skipped ({len(skipped)} steps)", "#c62828", "triangle-down")
+        )
+    rec = recommended_max_norm(findings)
+    if rec is not None and s.n:
+        fig.add_trace(
+            go.Scatter(
+                x=[s.steps[0], s.steps[-1]],
+                y=[rec, rec],
+                mode="lines",
+                name=f"recommended max_norm = {rec:g}",
+                line={"color": "#2e7d32", "dash": "dash"},
+            )
+        )
+    return fig
+
+
+def _rolling_rate(flags: Sequence[bool | None], width: int) -> list[float | None]:
+    out: list[float | None] = []
+    total = count = 0
+    window: list[bool | None] = []
+    for f in flags:
+        window.append(f)
+        if f is not None:
+            total += 1
+            count += bool(f)
+        if len(window) > width:
+            old = window.pop(0)
+            if old is not None:
+                total -= 1
+                count -= bool(old)
+        out.append(count / total if total else None)
+    return out
+
+
+def _fig_rates(go: Any, s: _Series) -> Any:
+    norm, thr = s.col("grad_norm"), s.col("threshold")
+    skipped = s.raw("skipped")
+    width = max(10, s.n // 100)
+    clip_flags: list[bool | None] = [
+        (n > t * (1 + 1e-6)) if (n is not None and t is not None and sk is not True) else None
+        for n, t, sk in zip(norm, thr, skipped)
+    ]
+    clip = _rolling_rate(clip_flags, width)
+    skip = _rolling_rate([sk is True for sk in skipped], width)
+    idx = _downsample_idx(clip)
+    fig = go.Figure(
+        layout=_layout(go, f"Clip and skip rate (rolling, {width} steps)", "fraction of steps", height=300)
+    )
+    fig.update_yaxes(range=[-0.02, 1.02])
+    fig.add_trace(go.Scatter(x=_pick(s.steps, idx), y=_pick(clip, idx), mode="lines", name="clipped"))
+    fig.add_trace(go.Scatter(x=_pick(s.steps, idx), y=_pick(skip, idx), mode="lines", name="skipped"))
+    if s.n:
+        fig.add_trace(
+            go.Scatter(
+                x=[s.steps[0], s.steps[-1]],
+                y=[0.5, 0.5],
+                mode="lines",
+                name="50%: aggressive",
+                line={"color": "#9e9e9e", "dash": "dot"},
+            )
+        )
+    return fig
+
+
+def _bins(n: int, columns: int) -> list[tuple[int, int]]:
+    if n <= columns:
+        return [(i, i + 1) for i in range(n)]
+    return [(b * n // columns, (b + 1) * n // columns) for b in range(columns)]
+
+
+def _heatmap(go: Any, s: _Series, key: str, title: str, colour_title: str) -> Any:
+    """log10 of ``layers[*][key]`` as layers × steps; each column is the max over its bin of steps."""
+    present = [i for i in range(s.n) if isinstance(s.rows[i].get("layers"), dict)]
+    rows_z: list[list[float | None]] = []
+    for name in s.layers:
+        series = s.layer(name, key)
+        vals = [series[i] for i in present]
+        z: list[float | None] = []
+        for lo, hi in _bins(len(vals), _HEATMAP_COLUMNS):
+            finite = [v for v in vals[lo:hi] if v is not None and v > 0]
+            z.append(math.log10(max(finite)) if finite else None)
+        rows_z.append(z)
+    xs = [s.steps[present[lo]] for lo, _ in _bins(len(present), _HEATMAP_COLUMNS)]
+    labels = [name if name else "(root)" for name in s.layers]
+    fig = go.Figure(layout=_layout(go, title, "layer", height=max(300, min(900, 60 + 18 * len(labels)))))
+    fig.add_trace(
+        go.Heatmap(
+            x=xs,
+            y=labels,
+            z=rows_z,
+            colorscale="Viridis",
+            colorbar={"title": {"text": colour_title}},
+            hovertemplate="step %{x}<br>%{y}<br>log10 = %{z:.2f}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(type="category", autorange="reversed")
+    return fig
+
+
+def _layer_lines(go: Any, s: _Series, key: str, title: str, ytitle: str, ref: float | None = None) -> Any:
+    if len(s.layers) > _LINES_MAX_LAYERS:
+        return _heatmap(go, s, key, title + " (log10)", "log10")
+    fig = go.Figure(layout=_layout(go, title, ytitle, log_y=True))
+    for name in s.layers:
+        series = s.layer(name, key)
+        pts = [(st, v) for st, v in zip(s.steps, series) if v is not None and v > 0]
+        if not pts:
+            continue
+        vals: list[float | None] = [v for _, v in pts]
+        idx = _downsample_idx(vals)
+        fig.add_trace(
+            go.Scatter(
+                x=[pts[i][0] for i in idx],
+                y=[pts[i][1] for i in idx],
+                mode="lines+markers" if len(pts) < 60 else "lines",
+                name=name if name else "(root)",
+                marker={"size": 4},
+            )
+        )
+    if ref is not None and s.n:
+        fig.add_trace(
+            go.Scatter(
+                x=[s.steps[0], s.steps[-1]],
+                y=[ref, ref],
+                mode="lines",
+                name=f"{ref:g} (typical)",
+                line={"color": "#9e9e9e", "dash": "dot"},
+            )
+        )
+    return fig
+
+
+def _event_text(e: dict[str, Any]) -> str:
+    parts = []
+    for k, v in e.items():
+        if k in ("type", "step"):
+            continue
+        text = json.dumps(v, default=str) if not isinstance(v, str) else v
+        if len(text) > 120:
+            text = text[:117] + "…"
+        parts.append(f"{html.escape(k)}: {html.escape(text)}")
+    return "<br>".join(parts[:14])
+
+
+def _fig_events(go: Any, log: RunLog) -> Any:
+    events = [
+        e
+        for e in log.events
+        if isinstance(e.get("step"), (int, float)) and not isinstance(e.get("step"), bool)
+    ]
+    types = sorted({str(e.get("type")) for e in events})
+    fig = go.Figure(layout=_layout(go, f"Events ({len(events)})", "", height=max(220, 80 + 40 * len(types))))
+    for t in types:
+        mine = [e for e in events if str(e.get("type")) == t]
+        fig.add_trace(
+            go.Scatter(
+                x=[e["step"] for e in mine],
+                y=[t] * len(mine),
+                mode="markers",
+                name=f"{t} ({len(mine)})",
+                marker={"symbol": _EVENT_SYMBOLS.get(t, "circle"), "size": 10},
+                text=[_event_text(e) for e in mine],
+                hovertemplate="step %{x}: " + html.escape(t) + "<br>%{text}<extra></extra>",
+            )
+        )
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def _figures(log: RunLog, findings: Sequence[Finding]) -> list[tuple[str, Any]]:
+    go = _plotly()
+    s = _Series(log)
+    figs: list[tuple[str, Any]] = []
+    if s.n:
+        figs.append(("loss", _fig_loss(go, s)))
+        figs.append(("grad-norm", _fig_norm(go, s, log, findings)))
+        figs.append(("clip-rate", _fig_rates(go, s)))
+        if s.layers and s.has_layer_key("grad_norm"):
+            figs.append(
+                (
+                    "layer-heatmap",
+                    _heatmap(go, s, "grad_norm", "Per-layer gradient norm (log10)", "log10 ‖g‖"),
+                )
+            )
+        if s.has_layer_key("weight_norm"):
+            figs.append(("weight-norms", _layer_lines(go, s, "weight_norm", "Weight norm per layer", "‖w‖")))
+        if s.has_layer_key("update_ratio"):
+            figs.append(
+                (
+                    "update-ratios",
+                    _layer_lines(go, s, "update_ratio", "Update/weight ratio per layer", "‖Δw‖/‖w‖", 1e-3),
+                )
+            )
+    if log.events:
+        figs.append(("events", _fig_events(go, log)))
+    return figs
+
+
+# ============================================================================================
+# HTML
+# ============================================================================================
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#fafafa;color:#212121}
+main{max-width:1200px;margin:0 auto;padding:16px 24px}
+h1{font-size:1.5em;margin:.4em 0} h2{font-size:1.25em;margin:1.2em 0 .4em;border-bottom:1px solid #ddd}
+.meta{color:#555;font-size:.9em} .meta code{background:#eee;padding:0 3px}
+.finding{background:#fff;border-left:6px solid #999;margin:10px 0;padding:8px 14px;box-shadow:0 1px 2px #0002}
+.finding .sev{font-weight:700;text-transform:uppercase;font-size:.8em;margin-right:.6em}
+.finding .rec{background:#e8f5e9;padding:6px 10px;margin:6px 0}
+.finding pre{background:#263238;color:#eceff1;padding:6px 10px;overflow-x:auto;margin:4px 0}
+.ok{background:#e8f5e9;padding:8px 14px} .notes{background:#fff8e1;padding:6px 14px;font-size:.9em}
+table{border-collapse:collapse;font-size:.9em;background:#fff} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+.plot{background:#fff;margin:12px 0;box-shadow:0 1px 2px #0002}
+details summary{cursor:pointer;color:#555}
+nav a{margin-right:1em}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return _e(f"{v:.4g}")
+    if isinstance(v, (dict, list)):
+        return _e(json.dumps(v, default=str))
+    return _e(v)
+
+
+def _findings_html(findings: Sequence[Finding]) -> str:
+    if not findings:
+        return '<div class="ok">No findings: the rules saw nothing wrong in this run.</div>'
+    out = []
+    for f in findings:
+        colour = _SEVERITY_COLOURS.get(f.severity, "#999")
+        rec = f.recommendation
+        rec_html = ""
+        if rec.get("text"):
+            rec_html += f"<div><b>Recommendation:</b> {_e(rec['text'])}</div>"
+        if rec.get("code"):
+            rec_html += f"<pre>{_e(rec['code'])}</pre>"
+        extra = {k: v for k, v in rec.items() if k not in ("text", "code")}
+        if extra:
+            rec_html += (
+                "<div>"
+                + ", ".join(f"<code>{_e(k)}</code> = {_value(v)}" for k, v in extra.items())
+                + "</div>"
+            )
+        evidence = "".join(f"<tr><th>{_e(k)}</th><td>{_value(v)}</td></tr>" for k, v in f.evidence.items())
+        out.append(
+            f'<div class="finding" data-id="{_e(f.id)}" style="border-left-color:{colour}">'
+            f'<span class="sev" style="color:{colour}">{_e(f.severity)}</span><b>{_e(f.id)}</b>'
+            f"{' at step ' + _e(f.step) if f.step is not None else ''}"
+            f"<p>{_e(f.message)}</p>"
+            + (f'<div class="rec">{rec_html}</div>' if rec_html else "")
+            + (f"<details><summary>evidence</summary><table>{evidence}</table></details>" if evidence else "")
+            + "</div>"
+        )
+    return "\n".join(out)
+
+
+def _run_facts(log: RunLog, findings: Sequence[Finding]) -> dict[str, Any]:
+    """The numbers of a run's one-line summary (terminal and HTML tables)."""
+    s = _Series(log)
+    norm, thr, skipped = s.col("grad_norm"), s.col("threshold"), s.raw("skipped")
+    taken = [i for i in range(s.n) if skipped[i] is not True and norm[i] is not None]
+    clipped = [i for i in taken if thr[i] is not None and norm[i] > thr[i] * (1 + 1e-6)]  # type: ignore[operator]
+    losses = [v for v in s.col("loss") if v is not None]
+    tail = losses[-20:]
+    event = first_nonfinite(log)
+    config = log.meta.get("config") if isinstance(log.meta.get("config"), dict) else {}
+    return {
+        "run": log.path.name,
+        "steps": s.n,
+        "last_step": s.steps[-1] if s.steps else None,
+        "skipped": sum(1 for x in skipped if x is True),
+        "clip": _clip_name((config or {}).get("clip"), thr),
+        "clip_rate": len(clipped) / len(taken) if taken else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "first_nonfinite": event,
+        "findings": [f.id for f in findings],
+        "max_norm": recommended_max_norm(findings),
+    }
+
+
+def _clip_name(spec: Any, thr: Sequence[float | None]) -> str | None:
+    if spec not in (None, "None"):
+        return str(spec)
+    if any(t is not None for t in thr):
+        return "threshold in the log"
+    return "none" if spec == "None" else None
+
+
+def _where(event: dict[str, Any] | None) -> str:
+    if not event:
+        return "—"
+    parts = [f"step {event.get('step')}"]
+    for key in ("phase", "module", "op", "source"):
+        v = event.get(key)
+        if v not in (None, ""):
+            parts.append(f"{key} {v}")
+    return ", ".join(parts)
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _run_section(log: RunLog, findings: Sequence[Finding], anchor: str, *, level: int = 1) -> str:
+    facts = _run_facts(log, findings)
+    meta = log.meta
+    h = healthy_window(log)
+    info = [
+        ("run directory", str(log.path)),
+        (
+            "steps recorded",
+            f"{facts['steps']} (last step {_fmt(facts['last_step'])}, {facts['skipped']} skipped)",
+        ),
+        ("model / optimizer", f"{meta.get('model', '?')} / {meta.get('optimizer', '?')}"),
+        ("clipping", f"{_fmt(facts['clip'])}, clip rate {_fmt(facts['clip_rate'])}"),
+        ("final loss (last 20)", _fmt(facts["final_loss"])),
+        ("first non-finite", _where(facts["first_nonfinite"])),
+        (
+            "healthy pre-clip norms",
+            f"steps {_fmt(h.first_step)}–{_fmt(h.last_step)}: p50 {_fmt(h.p50)}, p90 {_fmt(h.p90)}"
+            if h.norms
+            else "—",
+        ),
+        ("started", _fmt(meta.get("start_time"))),
+        ("torch / gradguard", f"{meta.get('torch_version', '?')} / {meta.get('gradguard_version', '?')}"),
+    ]
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in info)
+    notes = (
+        '<div class="notes"><b>Reader notes</b> (lines skipped while reading the log):<ul>'
+        + "".join(f"<li>{_e(n)}</li>" for n in log.skipped)
+        + "</ul></div>"
+        if log.skipped
+        else ""
+    )
+    plots = []
+    for name, fig in _figures(log, findings):
+        div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"{anchor}-{name}", config=_CONFIG)
+        plots.append(f'<div class="plot" data-plot="{_e(name)}">{div}</div>')
+    tag = f"h{level}"
+    sub = f"h{level + 1}"
+    return (
+        f'<section id="{_e(anchor)}"><{tag}>{_e(log.path.name)}</{tag}>'
+        f'<table class="meta">{rows}</table>{notes}'
+        f"<{sub}>Findings and recommendations</{sub}>{_findings_html(findings)}"
+        f"<{sub}>Plots</{sub}>"
+        + ("\n".join(plots) if plots else "<p>No step records to plot.</p>")
+        + "</section>"
+    )
+
+
+def _page(title: str, body: str) -> str:
+    from plotly.offline import get_plotlyjs
+
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<style>{_CSS}</style>"
+        f'<script type="text/javascript">{get_plotlyjs()}</script>'
+        f"</head><body><main>{body}"
+        '<p class="meta">Written by <code>gradguard report</code>; plots are interactive '
+        "(drag to zoom, double-click to reset, hover for values).</p></main></body></html>\n"
+    )
+
+
+def _runs_table(entries: Sequence[tuple[RunLog, list[Finding], str | None]]) -> str:
+    head = "<tr><th>run</th><th>steps</th><th>clip</th><th>clip rate</th><th>first non-finite</th><th>final loss</th><th>max_norm rec.</th><th>findings</th></tr>"
+    rows = []
+    for log, findings, anchor in entries:
+        f = _run_facts(log, findings)
+        name = f'<a href="#{_e(anchor)}">{_e(f["run"])}</a>' if anchor else _e(f["run"])
+        rows.append(
+            f"<tr><td>{name}</td><td>{_e(f['steps'])}</td><td>{_e(_fmt(f['clip']))}</td>"
+            f"<td>{_e(_fmt(f['clip_rate']))}</td><td>{_e(_where(f['first_nonfinite']))}</td>"
+            f"<td>{_e(_fmt(f['final_loss']))}</td><td>{_e(_fmt(f['max_norm']))}</td>"
+            f"<td>{_e(', '.join(f['findings']) or '—')}</td></tr>"
+        )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render_html(run: RunLog | str | os.PathLike[str], findings: Sequence[Finding] | None = None) -> str:
+    """The report page of one run as an HTML string (see :func:`write_report`)."""
+    log = run if isinstance(run, RunLog) else read_run(run)
+    found = list(findings) if findings is not None else diagnose(log)
+    body = _run_section(log, found, "run")
+    return _page(f"gradguard report: {log.path.name}", body)
+
+
+def _render_folder(folder: Path, runs: Sequence[Path]) -> str:
+    ordered = list(reversed(runs))  # find_runs is newest first; a page reads oldest first
+    entries: list[tuple[RunLog, list[Finding], str | None]] = []
+    for i, path in enumerate(ordered):
+        log = read_run(path)
+        shown = i >= len(ordered) - MAX_RUNS
+        entries.append((log, diagnose(log), f"run-{i}" if shown else None))
+    nav = "".join(f'<a href="#{_e(a)}">{_e(log.path.name)}</a>' for log, _, a in entries if a)
+    sections = "\n".join(
+        _run_section(log, found, anchor, level=2) for log, found, anchor in entries if anchor is not None
+    )
+    hidden = sum(1 for _, _, a in entries if a is None)
+    note = (
+        f"<p>{hidden} older run(s) are listed but not drawn (at most {MAX_RUNS} per page).</p>"
+        if hidden
+        else ""
+    )
+    body = (
+        f"<h1>gradguard report: {_e(folder.name)} ({len(entries)} runs)</h1>"
+        f'<p class="meta">{_e(str(folder))}</p>{_runs_table(entries)}{note}<nav>{nav}</nav>{sections}'
+    )
+    return _page(f"gradguard report: {folder.name}", body)
+
+
+def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    """Write the HTML report of a run directory, or one page for a folder of runs.
+
+    ``run`` may be a run directory (its report) or a folder whose subfolders are runs (one page:
+    a table of every run, then each run's findings and plots, the newest :data:`MAX_RUNS` drawn).
+    An existing file at the output path is replaced atomically (the report is derived data; a
+    reader never sees half a file).
+
+    Args:
+        run: a run directory or a folder of runs.
+        out: the HTML file (default: ``report.html`` inside ``run``); an existing folder means
+            ``<folder>/report.html``. Missing parent folders are created.
+
+    Returns:
+        The path written.
+
+    Raises:
+        GradGuardError: ``run`` holds no run, or plotly is missing.
+    """
+    _plotly()
+    src = Path(run)
+    if src.is_dir() and not is_run_dir(src):
+        runs = find_runs(src)
+        if not runs:
+            read_run(src)  # raises the reader's message: no run here
+        text = _render_folder(src, runs) if len(runs) > 1 else render_html(runs[0])
+        base = src
+    else:
+        log = read_run(src)
+        text = render_html(log)
+        base = log.path
+    target = Path(out) if out is not None else base / REPORT_FILE
+    if target.is_dir():
+        target = target / REPORT_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, text)
+    return target
+
+
+# ============================================================================================
+# Terminal
+# ============================================================================================
+
+
+def print_summary(log: RunLog, findings: Sequence[Finding], file: IO[str] | None = None) -> None:
+    """Print a run's summary and findings as tables (``rich`` when installed, else plain text)."""
+    stream = file if file is not None else sys.stdout
+    facts = _run_facts(log, findings)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        _print_plain(log, facts, findings, stream)
+        return
+    console = Console(file=stream, highlight=False, soft_wrap=False)
+    info = Table(show_header=False, box=None, pad_edge=False)
+    info.add_column(style="bold")
+    info.add_column()
+    info.add_row("run", str(log.path))
+    info.add_row("steps", f"{facts['steps']} recorded, {facts['skipped']} skipped")
+    info.add_row("clipping", f"{_fmt(facts['clip'])} (clip rate {_fmt(facts['clip_rate'])})")
+    info.add_row("final loss", _fmt(facts["final_loss"]))
+    info.add_row("first non-finite", _where(facts["first_nonfinite"]))
+    console.print(info)
+    for note in log.skipped:
+        console.print(f"[yellow]reader:[/] {note}", markup=True)
+    if not findings:
+        console.print("[green]No findings: the rules saw nothing wrong in this run.[/]")
+        return
+    table = Table(title="Findings")
+    table.add_column("severity", no_wrap=True)
+    table.add_column("finding", no_wrap=True)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("recommends")
+    colours = {"error": "red", "warning": "yellow", "info": "blue"}
+    for f in findings:
+        colour = colours.get(f.severity, "white")
+        table.add_row(f"[{colour}]{f.severity}[/]", f.id, _fmt(f.step), _short_rec(f))
+    console.print(table)
+    for f in findings:
+        colour = colours.get(f.severity, "white")
+        console.print(f"[bold {colour}]{f.severity.upper()}[/] [bold]{f.id}[/] (step {_fmt(f.step)})")
+        console.print(f.message, markup=False)
+        if f.recommendation.get("text"):
+            console.print(f"→ {f.recommendation['text']}", markup=False, style="green")
+        console.print()
+
+
+def _short_rec(f: Finding) -> str:
+    rec = f.recommendation
+    parts = [f"{k}={rec[k]:g}" for k in ("max_norm", "lr") if isinstance(rec.get(k), (int, float))]
+    for k in ("on_nonfinite", "dtype", "op"):
+        if rec.get(k):
+            parts.append(f"{k}={rec[k]}")
+    return ", ".join(parts) or "see below"
+
+
+def _print_plain(log: RunLog, facts: dict[str, Any], findings: Sequence[Finding], stream: IO[str]) -> None:
+    print(f"run: {log.path}", file=stream)
+    print(f"steps: {facts['steps']} recorded, {facts['skipped']} skipped", file=stream)
+    print(f"clipping: {_fmt(facts['clip'])} (clip rate {_fmt(facts['clip_rate'])})", file=stream)
+    print(f"first non-finite: {_where(facts['first_nonfinite'])}", file=stream)
+    print(f"final loss: {_fmt(facts['final_loss'])}", file=stream)
+    for note in log.skipped:
+        print(f"reader: {note}", file=stream)
+    if not findings:
+        print("No findings: the rules saw nothing wrong in this run.", file=stream)
+    for f in findings:
+        print(f"[{f.severity}] {f.id} (step {_fmt(f.step)}; {_short_rec(f)}): {f.message}", file=stream)
+        if f.recommendation.get("text"):
+            print(f"    → {f.recommendation['text']}", file=stream)
