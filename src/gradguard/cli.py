@@ -1,4 +1,19 @@
-"""The ``gradguard`` command line: ``demo`` (more commands arrive with the guard and report)."""
+"""The ``gradguard`` command line: ``demo``, ``diagnose`` and ``report``.
+
+Exit codes of ``gradguard diagnose RUN_DIR [--json]``:
+
+* 0 — the run was read and no finding has severity ``error``;
+* 1 — at least one finding has severity ``error`` (non-finite steps, an explosion, a divergence,
+  heavy over-clipping, a loss-scale collapse): scripts and CI can stop on it;
+* 2 — bad usage, or no run at ``RUN_DIR`` (the message says what was expected).
+
+Exit codes of ``gradguard report RUN_DIR [-o FILE]``: 0 — the report was written (an existing
+file there is replaced atomically, and the command says so); 2 — bad usage, no run at
+``RUN_DIR``, or plotly missing (``pip install 'gradguard[report]'``).
+
+``RUN_DIR`` is a run directory, or a folder of runs: ``diagnose`` then reads the newest run
+(``runlog.find_runs``); ``report`` writes one page holding every run of the folder.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +28,80 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.name, out=args.out)
 
 
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"gradguard: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    import json
+    import warnings
+
+    from gradguard.diagnose import diagnose, to_json, write_findings
+    from gradguard.errors import GradGuardError
+    from gradguard.runlog import FINDINGS_FILE, find_runs, is_run_dir, read_run, to_jsonable
+
+    try:
+        log = read_run(args.run_dir)
+    except GradGuardError as e:
+        return _fail(str(e))
+    if not is_run_dir(args.run_dir) and log.path.parent.resolve() != log.path.resolve():
+        count = len(find_runs(log.path.parent))
+        if count > 1:
+            print(f"gradguard: reading the newest of {count} runs: {log.path}", file=sys.stderr)
+    findings = diagnose(log)
+    if not args.no_write:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            write_findings(log, findings)
+        for w in caught:
+            print(f"gradguard: warning: {w.message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(to_jsonable(to_json(findings, log)), indent=2, allow_nan=False))
+    else:
+        from gradguard.report import print_summary
+
+        print_summary(log, findings)
+        if not args.no_write and (log.path / FINDINGS_FILE).exists():
+            print(f"findings: {log.path / FINDINGS_FILE}; HTML report: gradguard report {log.path}")
+    return EXIT_FINDINGS if any(f.severity == "error" for f in findings) else EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gradguard.errors import GradGuardError
+    from gradguard.report import write_report
+    from gradguard.runlog import REPORT_FILE, find_runs, is_run_dir
+
+    src = Path(args.run_dir)
+    if not src.exists():
+        return _fail(
+            f"no run log at {str(src)!r}: the path does not exist; pass a run directory "
+            "(with meta.json / metrics.jsonl / events.jsonl) or a folder of runs such as gradguard-runs/."
+        )
+    if args.out is not None:
+        planned = Path(args.out) / REPORT_FILE if Path(args.out).is_dir() else Path(args.out)
+    elif src.is_dir() and (is_run_dir(src) or len(find_runs(src)) > 1):
+        planned = src / REPORT_FILE
+    else:
+        planned = None  # a folder holding one run: its run directory decides
+    existed = planned is not None and planned.exists()
+    try:
+        path = write_report(src, args.out)
+    except GradGuardError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"could not write the report ({e}); pass -o FILE in a folder you can write to.")
+    print(f"report: {path}" + (" (replaced the existing file)" if existed else ""))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradguard", description="Find, explain and stop exploding gradients and NaN losses."
@@ -22,6 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("name", nargs="?", default=None, help="one scenario (default: all)")
     demo.add_argument("--out", default=None, help="folder for the demo's run directories")
     demo.set_defaults(func=_demo)
+
+    diag = sub.add_parser(
+        "diagnose",
+        help="what went wrong in a run and what to do (exit 1 if a finding is an error)",
+        description="Run the diagnosis rules over a run log; print the findings and write findings.json. "
+        "Exit codes: 0 no error-severity finding, 1 at least one, 2 bad usage or no run.",
+    )
+    diag.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or a folder of runs (the newest)")
+    diag.add_argument("--json", action="store_true", help="print {findings, first_nonfinite} as JSON")
+    diag.add_argument("--no-write", action="store_true", help=f"do not write findings.json into {'RUN_DIR'}")
+    diag.set_defaults(func=_diagnose)
+
+    rep = sub.add_parser(
+        "report",
+        help="write the self-contained HTML report of a run (or of a folder of runs)",
+        description="Write one HTML file that opens offline: findings, then interactive plots. "
+        "An existing report file is replaced. Exit codes: 0 written, 2 bad usage, no run, or plotly missing.",
+    )
+    rep.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run directory, or a folder of runs (one page for all)"
+    )
+    rep.add_argument(
+        "-o", "--out", default=None, metavar="FILE", help="the HTML file (default: RUN_DIR/report.html)"
+    )
+    rep.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,145 @@
+"""`gradguard diagnose` and `gradguard report`: output, exit codes, folders of runs, existing files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import guard_runs as G
+from gradguard.cli import EXIT_FINDINGS, EXIT_OK, EXIT_USAGE, main
+from gradguard.runlog import FINDINGS_FILE, REPORT_FILE
+
+FINDING_KEYS = {"id", "severity", "step", "message", "evidence", "recommendation"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    G.healthy(root / "20250101-000001-healthy")
+    time.sleep(0.01)
+    G.too_high_lr(root / "20250101-000002-too-high-lr")
+    return root
+
+
+@pytest.fixture()
+def runs(folder: Path, tmp_path: Path) -> Path:
+    """A fresh copy per test (the commands write findings.json and report.html)."""
+    return shutil.copytree(folder, tmp_path / "runs")
+
+
+def test_diagnose_exit_codes(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diagnose", str(runs / "20250101-000001-healthy")]) == EXIT_OK == 0
+    assert "No findings" in capsys.readouterr().out
+    assert main(["diagnose", str(runs / "20250101-000002-too-high-lr")]) == EXIT_FINDINGS == 1
+    out = capsys.readouterr().out
+    assert "explosion" in out and "max_norm=" in out
+    assert (runs / "20250101-000002-too-high-lr" / FINDINGS_FILE).exists()
+
+
+def test_diagnose_without_a_run_is_a_usage_error_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["diagnose", str(tmp_path / "nope")]) == EXIT_USAGE == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and str(tmp_path / "nope") in err and "run directory" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["diagnose", str(tmp_path / "empty")]) == EXIT_USAGE
+    assert "no run log" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["diagnose"])  # argparse: missing RUN_DIR
+    assert exc.value.code == EXIT_USAGE
+
+
+def test_diagnose_json_shape(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["diagnose", str(runs / "20250101-000002-too-high-lr"), "--json"])
+    assert code == EXIT_FINDINGS
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert {"findings", "first_nonfinite"} <= set(out)
+    assert out["findings"] and all(set(f) == FINDING_KEYS for f in out["findings"])
+    assert out["findings"][0]["id"] == "explosion"
+    assert isinstance(out["findings"][0]["recommendation"]["max_norm"], float)
+    first = out["first_nonfinite"]
+    assert first["type"] == "nonfinite" and isinstance(first["step"], int)
+    assert {"phase", "module", "op", "tensor", "kind", "source", "located_by"} <= set(first)
+    on_disk = json.loads((runs / "20250101-000002-too-high-lr" / FINDINGS_FILE).read_text())
+    assert on_disk == out["findings"]
+
+    assert main(["diagnose", str(runs / "20250101-000001-healthy"), "--json"]) == EXIT_OK
+    out = json.loads(capsys.readouterr().out)
+    assert out["findings"] == [] and out["first_nonfinite"] is None
+
+
+def test_diagnose_a_folder_reads_the_newest_run(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diagnose", str(runs), "--json", "--no-write"]) == EXIT_FINDINGS
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["run"].endswith("20250101-000002-too-high-lr")
+    assert "newest of 2 runs" in captured.err
+    assert not list(runs.rglob(FINDINGS_FILE))  # --no-write
+
+
+def test_diagnose_still_answers_where_findings_json_cannot_be_written(
+    runs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = runs / "20250101-000002-too-high-lr"
+    (run / FINDINGS_FILE).mkdir()  # unwritable even for root (a read-only copy behaves the same)
+    assert main(["diagnose", str(run), "--json"]) == EXIT_FINDINGS
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["findings"]
+    assert "could not write findings.json" in captured.err
+
+
+def test_report_writes_replaces_and_honours_out(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = runs / "20250101-000002-too-high-lr"
+    assert main(["report", str(run)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"report: {run / REPORT_FILE}" in out and "replaced" not in out
+    first = (run / REPORT_FILE).stat().st_mtime_ns
+    # an existing report is replaced (atomically), and the command says so
+    assert main(["report", str(run)]) == EXIT_OK
+    assert "(replaced the existing file)" in capsys.readouterr().out
+    assert (run / REPORT_FILE).stat().st_mtime_ns >= first
+    assert not list(run.glob(".*.tmp"))
+    # -o FILE, in a folder that does not exist yet
+    target = tmp_path / "out" / "deep" / "r.html"
+    assert main(["report", str(run), "-o", str(target)]) == EXIT_OK
+    assert target.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    capsys.readouterr()
+    # -o DIR: DIR/report.html
+    assert main(["report", str(run), "-o", str(tmp_path / "out")]) == EXIT_OK
+    assert (tmp_path / "out" / REPORT_FILE).exists()
+    # a folder of runs: one page in the folder
+    assert main(["report", str(runs)]) == EXIT_OK
+    page = (runs / REPORT_FILE).read_text(encoding="utf-8")
+    assert "20250101-000001-healthy" in page and "20250101-000002-too-high-lr" in page
+
+
+def test_report_without_a_run_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == EXIT_USAGE
+    assert "no run log" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / REPORT_FILE).exists()
+
+
+def test_python_m_gradguard_diagnose(runs: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradguard", "diagnose", str(runs / "20250101-000001-healthy"), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["findings"] == []
+    helped = subprocess.run(
+        [sys.executable, "-m", "gradguard", "--help"], capture_output=True, text=True, check=False
+    )
+    assert "diagnose" in helped.stdout and "report" in helped.stdout and "demo" in helped.stdout
