@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test lint setup clean bench
+.PHONY: demo test lint setup clean bench browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,13 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+# Debian's chromium for the report's browser test (playwright drives it; no browser download).
+# Needs root and the Debian mirrors; without them the test says why it is skipped.
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "make browser: could not install chromium; the report's browser test will be skipped"
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 bench: setup
