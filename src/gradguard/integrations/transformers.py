@@ -247,6 +247,11 @@ class GradGuardMixin:
     def _gradguard_begin(self) -> None:
         if self._gg_open:
             return
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise GradGuardError(
+                "GradGuardTrainer steps the optimizer itself, which DeepSpeed's engine does not allow; use "
+                "Trainer(..., callbacks=[GradGuardCallback()]) to monitor a DeepSpeed run."
+            )
         optimizer = unwrap_optimizer(self.optimizer)
         if isinstance(optimizer, torch.optim.LBFGS):
             raise GradGuardError("GradGuardTrainer cannot step LBFGS; use GradGuardCallback to monitor it.")
