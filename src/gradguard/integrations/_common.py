@@ -204,7 +204,7 @@ def write_report(run_dir: Path | None, mode: bool | None) -> Path | None:
     """Write ``report.html`` into ``run_dir`` at the end of a run (the ``report`` extra: plotly).
 
     ``mode``: ``True`` writes it or warns why not; ``None`` writes it when the report extra is
-    installed and says nothing otherwise; ``False`` never.
+    installed (and warns only if drawing it fails); ``False`` never. It never raises: the run is over.
     """
     if run_dir is None or mode is False:
         return None
@@ -212,8 +212,8 @@ def write_report(run_dir: Path | None, mode: bool | None) -> Path | None:
         report = importlib.import_module("gradguard.report")  # lazily: the core never needs plotly
         path: Path = report.write_report(run_dir)
         return path
-    except (ImportError, GradGuardError) as e:
-        if mode:
+    except Exception as e:  # a report that cannot be drawn must not fail a finished run
+        if mode or not isinstance(e, ImportError):
             warnings.warn(
                 f"gradguard could not write the HTML report of {run_dir}: {e}. Install the report extra "
                 f'(pip install "gradguard[report]") or run `gradguard report {run_dir}` later.',
