@@ -42,13 +42,12 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from gradguard import runlog
 from gradguard._distributed import Reducer, local, rank, same_on_all_ranks, sharded, world
 from gradguard.clip import AGC, Clipper, NormClipper, PerLayer, ZClip, coefficient, from_spec, scale_
 from gradguard.errors import GradGuardError, NonFiniteError
-from gradguard.locate import Locator, explosion, rng_state
+from gradguard.locate import Locator, LossWatch, StepCapture, explosion, rng_state
 from gradguard.monitor import SCALARS, Monitor
 from gradguard.stats import LayerIndex, check_tensors, exact_norms, tensor_norms, total_norm, update_ratios
 
@@ -140,6 +139,8 @@ class Guard:
             captured inputs), or, for an explosion, the first spiking step and layer are named.
             Healthy steps only keep references to the model's inputs and the RNG state.
         max_replays: replay at most this many anomalous steps (the first ones).
+        capture: a :class:`gradguard.locate.StepCapture` already on the model (the zero-code
+            runner starts one before the first optimizer step creates the guard).
         loss_scale_floor: under a GradScaler, a scale below this (or ``max_consecutive``
             overflows in a row) is a ``loss_scale_collapse`` event (checked at flush).
         process_group: under ``torch.distributed``, the group whose ranks train together
@@ -175,6 +176,7 @@ class Guard:
         rank_logs: bool = False,
         locate: bool = True,
         max_replays: int = 3,
+        capture: StepCapture | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradGuardError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -258,11 +260,9 @@ class Guard:
         self._external = False
         self._armed: tuple[Locator, Any, int] | None = None
         self._closure_rng: dict[str, Any] | None = None
-        self._captured: tuple[Any, Any, dict[str, Any]] | None = None
         self._root = root
-        self._capture_handle = (
-            root.register_forward_pre_hook(self._capture, with_kwargs=True) if locate else None
-        )
+        self._capture: StepCapture | None = (capture or StepCapture(root)) if locate else None
+        self._last_watch: LossWatch | None = None
         self._overflow_run = 0  # AMP overflows in a row (seen at flush)
         self._scale_history: list[tuple[int, float]] = []
         self._collapsed = False
@@ -339,7 +339,8 @@ class Guard:
             self._step(loss, scaler)
         finally:
             self._closure = None
-            self._captured = None  # hold the batch no longer than its step
+            if self._capture is not None:
+                self._capture.release()  # hold the batch no longer than its step
         return loss
 
     def before_step(self, loss: Tensor | float | None = None) -> bool:
@@ -360,7 +361,8 @@ class Guard:
             self._step(loss, None)
         finally:
             self._external = False
-            self._captured = None
+            if self._capture is not None:
+                self._capture.release()
         return not bool(self._last_skipped)
 
     def flush(self) -> None:
@@ -372,8 +374,8 @@ class Guard:
         if self._closed:
             return
         self._closed = True
-        if self._capture_handle is not None:
-            self._capture_handle.remove()
+        if self._capture is not None:
+            self._capture.remove()
         self._finish_armed(None)
         self.flush()
         if self.writer is not None:
@@ -459,6 +461,9 @@ class Guard:
         )
 
     def _step(self, loss: Tensor | float | None, scaler: torch.amp.GradScaler | None) -> None:
+        self._last_watch = self._capture.end_step() if self._capture is not None else None
+        if loss is None and self._last_watch is not None and self._last_watch.loss is not None:
+            loss = self._last_watch.loss  # zero-code: the tensor the script called backward() on
         self._finish_armed(loss)
         present = [i for i, p in enumerate(self._params) if p.grad is not None]
         grads: list[Tensor] = [self._params[i].grad for i in present]  # type: ignore[misc]
@@ -789,21 +794,17 @@ class Guard:
                 }
             )
 
-    def _capture(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        """Root forward pre-hook: what a replay of this step's forward needs (references, no copies)."""
-        self._captured = (args, kwargs, rng_state())
-
     def _locate(self, step: int, vals: list[float]) -> dict[str, Any] | None:
         """Where the first non-finite value of this (skipped, not yet stepped) step was born.
 
         The anomaly path: host reads and a replay are fine here. Weights are unchanged (the step
         has not been taken), so the replay sees what the failed step saw.
         """
-        if self._capture_handle is None:
+        if self._capture is None:
             return None
         self.flush()  # the steps before this one, into the history
         exploded = explosion(list(self._history))
-        birth = None
+        birth: Any = None
         how = "replay"
         if self._replays < self.max_replays and self._reducer is None:
             self._replays += 1
@@ -811,19 +812,14 @@ class Guard:
             loss_bad = bool(vals[_COL["loss_nonfinite"]])
             if self._closure is not None:
                 birth, _ = loc.replay(self._closure, self._closure_rng, grads=self._params)
-            elif self._captured is not None:
-                args, kwargs, rng = self._captured
-                birth, out = loc.replay(lambda: self._root(*args, **kwargs), rng, grads=self._params)
-                outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-                if birth is None and outs:  # the forward was finite: the loss code or the backward
-                    birth = loc.answer(outs[0], loss_nonfinite=False)
-                if birth is not None and birth.phase == "backward":
-                    birth = None  # no backward was replayed: a forward-only birth check
-                if birth is None and loss_bad:
-                    how = "replay (forward only: the model's output was finite; the loss code made it non-finite)"
+            elif self._capture.inputs is not None:
+                found, how = self._capture.replay(loc)
+                birth = _Found(found) if isinstance(found, dict) else found
+                if birth is None and loss_bad and how == "replay":
+                    how = "the model's output was finite: the loss code made the loss non-finite"
         located: dict[str, Any] = {}
         if birth is not None:
-            located = {**birth.event(), "located_by": "replay"}
+            located = {**birth.event(), "located_by": "watch" if isinstance(birth, _Found) else "replay"}
         else:
             if how != "replay":
                 located = {"phase": "loss", "located_by": "replay", "evidence": {"reason": how}}
@@ -1026,6 +1022,17 @@ class Guard:
             and not records[-1].get("_decided")
         ):
             raise self._abort(records[-1]["step"])
+
+
+class _Found:
+    """A ready event (from the loss watch) that quacks like a :class:`gradguard.locate.Birth`."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self.phase = fields["phase"]
+
+    def event(self) -> dict[str, Any]:
+        return dict(self.fields)
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -36,6 +36,7 @@ Replay leaves no trace: :meth:`Locator.replay` restores buffers, RNG streams and
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -51,7 +52,16 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Birth", "Locator", "explosion", "locate", "rng_state", "set_rng_state"]
+__all__ = [
+    "Birth",
+    "Locator",
+    "LossWatch",
+    "StepCapture",
+    "explosion",
+    "locate",
+    "rng_state",
+    "set_rng_state",
+]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -478,7 +488,11 @@ class Locator:
                 p.grad = None
             with self.watch():
                 result = fn()
-            loss = result if isinstance(result, Tensor) else None
+            if self.loss is not None:  # fn called backward() on a loss: judge by it
+                loss: Tensor | None = self.loss
+            else:  # fn returned the model's output: a birth that never reached it was harmless
+                outs = _floats(result)
+                loss = outs[0] if outs else None
             birth = self.answer(loss)
         finally:
             with torch.no_grad():
@@ -538,9 +552,9 @@ def explosion(
         or ``None``.
     """
     finite = [(s, g, layers) for s, g, layers in history if math.isfinite(g)]
-    if len(finite) < 4:
+    if len(finite) < 2:
         return None
-    head = finite[: max(3, len(finite) // 2)]
+    head = finite[: max(1, len(finite) // 2)]
     base = sorted(g for _, g, _ in head)[len(head) // 2]
     peak = max(g for _, g, _ in finite[-5:])
     if not base > 0 or peak < growth * base:
@@ -569,3 +583,218 @@ def explosion(
         "peak_norm": peak,
         "growth": peak / base,
     }
+
+
+class LossWatch(TorchFunctionMode):
+    """A light watch over the code between the model's forward and ``backward()`` (the loss code).
+
+    For the zero-code runner, which cannot replay the user's loss function: each op of the loss
+    code and each autograd node it creates records device-side flags (no host read, a few small
+    ops each, at most ``limit`` ops a step); :meth:`answer` reads them once, on an anomalous step,
+    and names the first op (forward) or node (backward) that produced a non-finite value from
+    finite inputs. It also captures the loss (what ``backward()`` is called on).
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        super().__init__()
+        self.limit = limit
+        self.entries: list[tuple[str, str | None, str, Tensor]] = []  # (op, source, phase, flags)
+        self.loss: Tensor | None = None
+        self._flag_of: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
+        self._handles: list[Any] = []
+
+    @staticmethod
+    def _bad(ts: list[Tensor]) -> Tensor:
+        """0-D float: 1 if any of ``ts`` holds a non-finite value (device ops only)."""
+        sums = torch.stack([t.detach().sum(dtype=torch.float32) for t in ts])
+        return torch.isnan(sums - sums).any().float()
+
+    @staticmethod
+    def _total(ts: list[Tensor]) -> Tensor:
+        return torch.stack([t.detach().sum(dtype=torch.float32) for t in ts]).sum()
+
+    def _flag(self, t: Tensor) -> Tensor:
+        entry = self._flag_of.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        return self._bad([t])
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _SKIP_FUNCS:
+            return func(*args, **kwargs)
+        if name in _BACKWARD_FUNCS or func is torch.autograd.backward:
+            if args and isinstance(args[0], Tensor):
+                self.loss = args[0]
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        outs = _floats(out)
+        if not outs or len(self.entries) >= self.limit:
+            return out
+        inputs = _floats((args, kwargs))
+        flag_out = self._bad(outs)
+        flag_in = torch.stack([self._flag(t) for t in inputs]).amax() if inputs else torch.zeros(())
+        source = user_source(2)
+        op = op_name(func)
+        self.entries.append((op, source, "loss", torch.stack([flag_out, flag_in, self._total(outs)])))
+        for o in outs:
+            self._flag_of[id(o)] = (weakref.ref(o), flag_out)
+            node = o.grad_fn
+            if node is not None and o.requires_grad:
+                self._handles.append(node.register_hook(self._node_hook(op, source)))
+        return out
+
+    def _node_hook(self, op: str, source: str | None) -> Callable[..., None]:
+        def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> None:
+            returned = [g for g in grad_inputs if g is not None]
+            incoming = [g for g in grad_outputs if g is not None]
+            if returned and len(self.entries) < 2 * self.limit:
+                bad_in = self._bad(incoming) if incoming else torch.zeros(())
+                flags = torch.stack([self._bad(returned), bad_in, self._total(returned)])
+                self.entries.append((op, source, "backward", flags))
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._flag_of.clear()
+
+    def answer(self) -> dict[str, Any] | None:
+        """The first loss-code op (or its backward node) that made a non-finite value from finite inputs."""
+        if not self.entries:
+            return None
+        flags = torch.stack([f.to("cpu") for *_, f in self.entries]).tolist()  # host sync: anomaly path only
+        for (op, source, phase, _), (bad_out, bad_in, total) in zip(self.entries, flags):
+            if bad_out and not bad_in:
+                suffix = " (in backward: the forward was finite)" if phase == "backward" else ""
+                return {
+                    "phase": phase,
+                    "module": None,
+                    "op": op,
+                    "tensor": "output" if phase == "loss" else "grad",
+                    "kind": "nan" if math.isnan(total) else ("inf" if total > 0 else "-inf"),
+                    "source": source,
+                    "evidence": {
+                        "reason": f"{op} in the loss code made a non-finite value from finite inputs{suffix}"
+                    },
+                }
+        return None
+
+
+class StepCapture:
+    """What a replay of a step needs, kept by hooks on the root module (references, no copies).
+
+    * forward pre-hook: the root's inputs and the RNG state (a replay runs the same forward);
+    * forward hook: a reference to the gradient that will flow into the root's output (a replay
+      runs the model's backward from it, without the user's loss code); outputs above
+      ``max_output`` elements are not kept (their gradient may be large): a replay then checks the
+      forward only; and, with ``watch_loss``, a :class:`LossWatch` over the loss code until the
+      next step (the zero-code runner, which has no loss function to replay).
+
+    Args:
+        root: the model.
+        watch_loss: watch the loss code (a few small device ops per loss-code op).
+        max_output: the largest output (in elements) whose gradient is kept.
+    """
+
+    def __init__(self, root: nn.Module, *, watch_loss: bool = False, max_output: int = 2**24) -> None:
+        self.root = root
+        self.watch_loss = watch_loss
+        self.max_output = max_output
+        self.inputs: tuple[Any, Any, dict[str, Any]] | None = None
+        self.out_grads: list[Tensor | None] = []
+        self.watch: LossWatch | None = None  # the loss watch of the step that ended last
+        self.replaying = False
+        self._active: LossWatch | None = None
+        self._handles = [
+            root.register_forward_pre_hook(self.pre, with_kwargs=True),
+            root.register_forward_hook(self.post),
+        ]
+
+    def pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.replaying:
+            return
+        self._stop_watch()
+        self.inputs = (args, kwargs, rng_state())
+
+    def post(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self.replaying or not torch.is_grad_enabled():
+            return
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+        self.out_grads = [None] * len(outs)
+        if outs and sum(t.numel() for t in outs) <= self.max_output:
+            for i, t in enumerate(outs):
+                t.register_hook(functools.partial(self._keep, i))
+        if self.watch_loss:
+            self._active = LossWatch()
+            self._active.__enter__()
+
+    def _keep(self, i: int, grad: Tensor) -> None:
+        if i < len(self.out_grads):
+            self.out_grads[i] = grad
+
+    def _stop_watch(self) -> None:
+        active, self._active = self._active, None
+        if active is not None:
+            active.__exit__(None, None, None)
+            active.close()
+            self.watch = active
+
+    def end_step(self) -> LossWatch | None:
+        """At the optimizer step: stop watching the loss code; return the step's watch."""
+        self._stop_watch()
+        return self.watch
+
+    def release(self) -> None:
+        """Drop the references to the step's inputs and gradients (after its step)."""
+        self.inputs = None
+        self.out_grads = []
+        self.watch = None
+
+    def remove(self) -> None:
+        self._stop_watch()
+        for h in self._handles:
+            h.remove()
+        self.release()
+
+    def replay(self, loc: Locator) -> tuple[Birth | dict[str, Any] | None, str]:
+        """Replay the captured step: the model's forward from its inputs, its backward from the kept
+        output gradient; the loss code (not replayable) from the loss watch.
+
+        Returns:
+            ``(answer, how)``: a :class:`Birth`, the loss watch's answer (a dict), or ``None``.
+        """
+        assert self.inputs is not None
+        args, kwargs, rng = self.inputs
+        out_grads = list(self.out_grads)
+        backward = bool(out_grads) and all(g is not None for g in out_grads)
+        grads_ok = backward and all(_finite(g) for g in out_grads if g is not None)
+
+        def forward_backward() -> Any:
+            out = self.root(*args, **kwargs)
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+            if grads_ok and len(outs) == len(out_grads):
+                torch.autograd.backward(outs, out_grads)
+            return out
+
+        self.replaying = True
+        try:
+            birth, _ = loc.replay(forward_backward, rng)
+        finally:
+            self.replaying = False
+        if birth is not None and birth.phase == "backward" and not grads_ok:
+            birth = None  # no faithful backward was replayed
+        if birth is not None:
+            return birth, "replay"
+        found = self.watch.answer() if self.watch is not None else None
+        if found is not None:
+            return found, "watch"
+        if backward and not grads_ok:
+            return (
+                None,
+                "the model's output was finite: the loss code made the loss or its gradient non-finite",
+            )
+        return None, "replay"

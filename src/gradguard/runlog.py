@@ -644,6 +644,22 @@ class RunLog:
         """The first event whose ``type`` is ``type``, or ``None``."""
         return next((e for e in self.events if e.get("type") == type), None)
 
+    def first_nonfinite(self) -> dict[str, Any] | None:
+        """The ``nonfinite`` event of the earliest failing step, the most precise one for that step.
+
+        A step can have two: the one written at once from the always-on flags, and one written a
+        step later by armed instrumentation (``located_by="hooks"``). An event that names an op or
+        a cause (``replay``, ``hooks``, an explosion) wins over one located by the norm alone.
+        """
+        events = [e for e in self.events_of("nonfinite") if _is_step(e.get("step"))]
+        if not events:
+            return None
+        first = min(e["step"] for e in events)
+        same = [e for e in events if e["step"] == first]
+        return max(
+            same, key=lambda e: (e.get("located_by") in ("replay", "hooks") or "cause" in e, -same.index(e))
+        )
+
     def series(self, key: str) -> list[tuple[int, Any]]:
         """``(step, value)`` for a top-level metric key, in file order.
 

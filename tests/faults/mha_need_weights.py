@@ -1,0 +1,32 @@
+"""nn.MultiheadAttention with need_weights=True (the default) and a key_padding_mask that masks
+every key of one sample: the attention weights of that sample are NaN."""
+
+import torch
+from torch import nn
+
+EXPECTED = {"phase": "forward", "module": "mha", "op": "multi_head_attention_forward", "kind": "nan"}
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x, mask):
+        y, attn = self.mha(x, x, x, key_padding_mask=mask)
+        return self.out(y).squeeze(-1).mean(1)
+
+
+torch.manual_seed(0)
+model = Model()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+for step in range(6):
+    x = torch.randn(3, 5, 16)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    if step == 3:
+        mask[1] = True  # a sample whose keys are all padding
+    loss = (model(x, mask) - 1).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
