@@ -1,4 +1,7 @@
-"""The ``gradguard`` command line: ``demo``, ``diagnose`` and ``report``.
+"""The ``gradguard`` command line: ``demo``, ``run``, ``diagnose`` and ``report``.
+
+``gradguard run [OPTIONS] SCRIPT [ARGS...]`` exits with the script's own exit code (1 if it raised;
+2 if SCRIPT does not exist or an option is bad).
 
 Exit codes of ``gradguard diagnose RUN_DIR [--json]``:
 
@@ -102,6 +105,15 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run(args: argparse.Namespace) -> int:
+    from gradguard.integrations.zerocode import run_script
+
+    options = {"clip": args.clip, "on_nonfinite": args.on_nonfinite, "every": args.every}
+    if args.out is not None:
+        options["out"] = args.out
+    return run_script(args.script, list(args.args), report=not args.no_report, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradguard", description="Find, explain and stop exploding gradients and NaN losses."
@@ -136,6 +148,35 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--out", default=None, metavar="FILE", help="the HTML file (default: RUN_DIR/report.html)"
     )
     rep.set_defaults(func=_report)
+
+    run = sub.add_parser(
+        "run",
+        help="run an unmodified training script under the guard (no code change)",
+        description="Run SCRIPT as __main__ with a gradguard.Guard on every optimizer it steps (torch's global "
+        "optimizer and module hooks): norms are measured, the first non-finite value is located, non-finite "
+        "steps are handled per --on-nonfinite, and the run directory and report are written. The script's "
+        "output and exit code are kept; gradguard's own messages go to stderr.",
+    )
+    run.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="the run directory (default: gradguard-runs/<time>-<script>)",
+    )
+    run.add_argument(
+        "--clip", default="none", help="clip spec: none (default: measure only), auto, norm:5, autoclip:10 …"
+    )
+    run.add_argument(
+        "--on-nonfinite",
+        default="skip",
+        choices=["skip", "rollback", "raise", "warn"],
+        help="what a non-finite step does (default: skip — parameters and optimizer state untouched)",
+    )
+    run.add_argument("--every", type=int, default=50, help="flush interval in steps (default 50)")
+    run.add_argument("--no-report", action="store_true", help="do not write report.html at exit")
+    run.add_argument("script", metavar="SCRIPT", help="the training script")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    run.set_defaults(func=_run)
     return parser
 
 

@@ -164,10 +164,11 @@ class ZeroCode:
         return "\n".join(lines)
 
 
-def run_script(path: str, argv: list[str], **options: Any) -> int:
+def run_script(path: str, argv: list[str], *, report: bool = True, **options: Any) -> int:
     """Run a script as ``__main__`` under :class:`ZeroCode`; its exit code, its output kept.
 
-    gradguard's own messages go to stderr.
+    gradguard's own messages go to stderr. With ``report`` (and plotly installed), ``report.html``
+    is written into the run directory at exit.
     """
     import runpy
     import traceback
@@ -196,4 +197,19 @@ def run_script(path: str, argv: list[str], **options: Any) -> int:
     finally:
         sys.argv, sys.path[:] = old_argv, old_path
     print(zc.summary(), file=sys.stderr)
+    if report and zc.guards:
+        _write_report(zc.out)
     return code
+
+
+def _write_report(run_dir: Path) -> None:
+    try:
+        from gradguard.report import write_report
+    except ImportError:  # the report extra is optional
+        return
+    try:
+        path = write_report(run_dir)
+    except Exception as e:  # a report must never turn a finished run into a failure
+        print(f"gradguard: could not write the report ({e}).", file=sys.stderr)
+        return
+    print(f"gradguard: report: {path}", file=sys.stderr)
