@@ -270,6 +270,8 @@ class Guard:
         self._snapshot_step = -snapshot_every  # the first good step takes a snapshot
         self._snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self._closed = False
+        self._flush_callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
+        self._last_norm: Tensor | None = None
 
         self.writer: runlog.RunWriter | None = None
         if log_dir is not None:
@@ -364,6 +366,27 @@ class Guard:
             if self._capture is not None:
                 self._capture.release()
         return not bool(self._last_skipped)
+
+    def add_flush_callback(self, fn: Callable[[list[dict[str, Any]]], None]) -> Any:
+        """Call ``fn(records)`` at every flush, after the guard's own handling (even if that raises).
+
+        The records are the host copies the flush makes anyway (one per ``every`` steps): a sink
+        (TensorBoard, W&B, a framework logger) adds no host sync. Returns a handle with ``remove()``.
+        """
+        if not callable(fn):
+            raise GradGuardError(f"a flush callback must be callable with the records, got {fn!r}.")
+        self._flush_callbacks.append(fn)
+        return _Handle(self._flush_callbacks, fn)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def last_grad_norm(self) -> Tensor | None:
+        """The last step's pre-clip global gradient norm, a device tensor (reading it on the host syncs)."""
+        return self._last_norm
 
     def flush(self) -> None:
         """Write the pending records and events now (one host copy)."""
@@ -497,6 +520,7 @@ class Guard:
         bad = nonfinite.any()
         observed = torch.where(bad, math.nan, total)  # adaptive state only sees the norms of good steps
 
+        self._last_norm = total
         threshold: Tensor | None = None
         spike = self._false(device)
         if self._spike is not None:
@@ -983,6 +1007,14 @@ class Guard:
         return True
 
     def _on_flush(self, records: list[dict[str, Any]]) -> None:
+        """The monitor's flush: the guard's own handling, then the flush callbacks (sinks)."""
+        try:
+            self._handle_flush(records)
+        finally:
+            for fn in list(self._flush_callbacks):
+                fn(records)
+
+    def _handle_flush(self, records: list[dict[str, Any]]) -> None:
         """Events of the steps the host had not seen yet (the sync-free path), from one host copy."""
         events: list[dict[str, Any]] = []
         for rec in records:
@@ -1022,6 +1054,17 @@ class Guard:
             and not records[-1].get("_decided")
         ):
             raise self._abort(records[-1]["step"])
+
+
+class _Handle:
+    """``remove()`` takes a callback out of its list."""
+
+    def __init__(self, callbacks: list[Any], fn: Any) -> None:
+        self._callbacks, self._fn = callbacks, fn
+
+    def remove(self) -> None:
+        if self._fn in self._callbacks:
+            self._callbacks.remove(self._fn)
 
 
 class _Found:

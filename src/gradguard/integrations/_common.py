@@ -9,7 +9,6 @@ import importlib
 import math
 import os
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,57 +39,20 @@ __all__ = [
 #: step flags), after the guard has written them and derived its events.
 FlushListener = Callable[[list[dict[str, Any]]], None]
 
-_LISTENERS: weakref.WeakKeyDictionary[Guard, list[FlushListener]] = weakref.WeakKeyDictionary()
-
-
-class ListenerHandle:
-    """Returned by :func:`add_flush_listener`; ``remove()`` detaches the listener."""
-
-    def __init__(self, guard: Guard, listener: FlushListener) -> None:
-        self._guard = weakref.ref(guard)
-        self._listener = listener
-
-    def remove(self) -> None:
-        guard = self._guard()
-        if guard is None:
-            return
-        listeners = _LISTENERS.get(guard, [])
-        if self._listener in listeners:
-            listeners.remove(self._listener)
+ListenerHandle = Any  # what Guard.add_flush_callback returns: an object with remove()
 
 
 def add_flush_listener(guard: Guard, listener: FlushListener) -> ListenerHandle:
     """Call ``listener(records)`` at each flush of ``guard``, after the guard's own handling.
 
     The records are the host copies that the flush made anyway (one copy per ``every`` steps), so a
-    listener adds no host sync. A listener still runs when the guard's own handling raises (an abort
-    at flush), so the last steps reach the dashboards too.
-
-    This chains onto ``guard.monitor.on_flush``; a ``Guard.add_flush_callback`` in the core would
-    make it unnecessary.
+    listener adds no host sync; it still runs when the guard's own handling raises (an abort at
+    flush), so the last steps reach the dashboards too. A thin check over
+    :meth:`gradguard.Guard.add_flush_callback`.
     """
     if not isinstance(guard, Guard):
         raise GradGuardError(f"expected a gradguard.Guard, got {type(guard).__name__}.")
-    if not callable(listener):
-        raise GradGuardError(f"a flush listener must be callable with the records, got {listener!r}.")
-    listeners = _LISTENERS.get(guard)
-    if listeners is None:
-        listeners = _LISTENERS[guard] = []
-        own = guard.monitor.on_flush
-        ref = weakref.ref(guard)
-
-        def dispatch(records: list[dict[str, Any]]) -> None:
-            try:
-                if own is not None:
-                    own(records)
-            finally:
-                g = ref()
-                for fn in list(_LISTENERS.get(g, [])) if g is not None else []:
-                    fn(records)
-
-        guard.monitor.on_flush = dispatch
-    listeners.append(listener)
-    return ListenerHandle(guard, listener)
+    return guard.add_flush_callback(listener)
 
 
 # ----------------------------------------------------------------------------- records → scalars
