@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gradguard
 from gradguard.errors import NonFiniteError
 from gradguard.integrations.zerocode import ZeroCode
 from gradguard.runlog import read_run
@@ -51,3 +52,87 @@ def test_the_first_nonfinite_value_is_located(script: Path, tmp_path: Path) -> N
     assert event is not None
     got = {k: event.get(k) for k in expected}
     assert got == expected, event
+
+
+# ----------------------------------------------------------------------------- replay leaves no trace
+class _Feat(torch.nn.Module):
+    def forward(self, x):
+        return torch.log(x.abs())  # log(0) = -inf when a feature is exactly 0
+
+
+def _bn_dropout_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(16, 16),
+        _Feat(),
+        torch.nn.Linear(16, 1),
+    )
+
+
+def _train(
+    locate: bool, closure_form: bool, steps: int = 8, bad: int = 4
+) -> tuple[dict, dict, torch.Tensor, list]:
+    model = _bn_dropout_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    guard = gradguard.Guard(model, opt, clip="norm:1", locate=locate, every=100)
+    events = []
+    guard._event = events.append  # type: ignore[method-assign]  # keep the events in memory
+    torch.manual_seed(123)
+    for step in range(steps):
+        x = torch.randn(16, 6)
+        y = torch.randn(16, 1)
+        if step == bad:
+            with torch.no_grad():  # a batch on which the first layer's unit 3 outputs exactly 0 ...
+                model[3].weight[3].zero_()
+                model[3].bias[3] = 0.0
+
+        def closure(x=x, y=y):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        if closure_form:
+            guard.step(closure)
+        else:
+            guard.step(closure())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(opt.state.values())}
+    return state, opt_state, torch.get_rng_state(), events
+
+
+@pytest.mark.parametrize("closure_form", [True, False], ids=["closure", "captured-inputs"])
+def test_replay_leaves_no_trace_with_dropout_and_batchnorm(closure_form: bool) -> None:
+    """Parameters, BatchNorm buffers, optimizer state and the RNG stream equal a run without replay."""
+    with_replay = _train(locate=True, closure_form=closure_form)
+    without = _train(locate=False, closure_form=closure_form)
+    for k in without[0]:
+        assert torch.equal(with_replay[0][k], without[0][k]), k
+    for i in without[1]:
+        for k in without[1][i]:
+            assert torch.equal(with_replay[1][i][k], without[1][i][k])
+    assert torch.equal(with_replay[2], without[2])  # the RNG stream is where it would have been
+    located = [e for e in with_replay[3] if e.get("type") == "nonfinite"]
+    assert located and located[0]["located_by"] == "replay" and located[0]["step"] == 4
+    assert (located[0]["phase"], located[0]["module"], located[0]["op"], located[0]["kind"]) == (
+        "forward", "4", "log", "-inf",
+    )  # fmt: skip
+    assert all(e.get("located_by") == "norm" for e in without[3] if e.get("type") == "nonfinite")
+
+
+def test_locate_context_manager_names_op_module_and_line() -> None:
+    model = _bn_dropout_model().eval()
+    with torch.no_grad():
+        model[3].weight[5].zero_()
+        model[3].bias[5] = 0.0
+    with gradguard.locate(model) as loc:
+        loss = model(torch.randn(4, 6)).sum()
+        loss.backward()
+    event = loc.event
+    assert event is not None
+    assert (event["phase"], event["module"], event["op"], event["kind"]) == ("forward", "4", "log", "-inf")
+    assert event["source"].endswith("test_locate.py:" + str(_Feat.forward.__code__.co_firstlineno + 1))
+    assert event["evidence"]["reason"] == "log of 0"

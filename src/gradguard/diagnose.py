@@ -322,17 +322,7 @@ class _Facts:
         return len(self.steps)
 
     def _layer_names(self) -> list[str]:
-        names = self.log.meta.get("layers")
-        order: list[str] = [str(n) for n in names] if isinstance(names, list) else []
-        seen = set(order)
-        for r in self.rows:
-            layers = r.get("layers")
-            if isinstance(layers, dict):
-                for name in layers:
-                    if name not in seen:
-                        seen.add(name)
-                        order.append(name)
-        return order
+        return self.log.layer_names()
 
     def layer(self, name: str, key: str) -> list[float]:
         """``layers[name][key]`` per row (nan where absent)."""

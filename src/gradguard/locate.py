@@ -93,8 +93,9 @@ def op_name(func: Any) -> str:
 
 
 def node_op_name(node: Any) -> str:
-    """``SqrtBackward0`` → ``sqrt``, ``NllLossBackward0`` → ``nll_loss``."""
-    base = re.sub(r"Backward\d*$", "", type(node).__name__ if not hasattr(node, "name") else node.name())
+    """``SqrtBackward0`` → ``sqrt``, ``NllLossBackward0`` → ``nll_loss`` (an autograd node or its name)."""
+    name = node if isinstance(node, str) else (node.name() if hasattr(node, "name") else type(node).__name__)
+    base = re.sub(r"Backward\d*$", "", name)
     return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
 
 
@@ -240,10 +241,8 @@ class Birth:
         }
 
 
-class _Mode(TorchFunctionMode):
-    def __init__(self, loc: Locator) -> None:
-        super().__init__()
-        self.loc = loc
+class _OpWatch(TorchFunctionMode):
+    """Sees every torch-level call: ``on_backward(args)`` for ``backward()``, ``on_op`` after the others."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -251,13 +250,36 @@ class _Mode(TorchFunctionMode):
         if name in _SKIP_FUNCS:
             return func(*args, **kwargs)
         if name in _BACKWARD_FUNCS or func is torch.autograd.backward:
-            self.loc.phase = "backward"
-            if args and isinstance(args[0], Tensor) and args[0].numel() == 1:
-                self.loc.loss = args[0]  # what the block differentiates: the loss
+            self.on_backward(args)
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        self.loc._after_op(func, args, kwargs, out)
+        try:
+            self.on_op(func, args, kwargs, out)
+        except Exception:  # instrumentation must never break the user's op (e.g. a no_grad view)
+            self.failed_ops += 1
         return out
+
+    failed_ops = 0
+
+    def on_backward(self, args: Any) -> None:
+        raise NotImplementedError
+
+    def on_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        raise NotImplementedError
+
+
+class _Mode(_OpWatch):
+    def __init__(self, loc: Locator) -> None:
+        super().__init__()
+        self.loc = loc
+
+    def on_backward(self, args: Any) -> None:
+        self.loc.phase = "backward"
+        if args and isinstance(args[0], Tensor) and args[0].numel() == 1:
+            self.loc.loss = args[0]  # what the block differentiates: the loss
+
+    def on_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        self.loc._after_op(func, args, kwargs, out)
 
 
 class Locator:
@@ -585,7 +607,7 @@ def explosion(
     }
 
 
-class LossWatch(TorchFunctionMode):
+class LossWatch(_OpWatch):
     """A light watch over the code between the model's forward and ``backward()`` (the loss code).
 
     For the zero-code runner, which cannot replay the user's loss function: each op of the loss
@@ -619,19 +641,25 @@ class LossWatch(TorchFunctionMode):
             return entry[1]
         return self._bad([t])
 
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in _SKIP_FUNCS:
-            return func(*args, **kwargs)
-        if name in _BACKWARD_FUNCS or func is torch.autograd.backward:
-            if args and isinstance(args[0], Tensor):
-                self.loss = args[0]
-            return func(*args, **kwargs)
-        out = func(*args, **kwargs)
+    def on_backward(self, args: Any) -> None:
+        if args and isinstance(args[0], Tensor):
+            self.loss = args[0]
+
+    def on_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         outs = _floats(out)
         if not outs or len(self.entries) >= self.limit:
-            return out
+            return
+        inputs = _floats((args, kwargs))
+        flag_out = self._bad(outs)
+        flag_in = torch.stack([self._flag(t) for t in inputs]).amax() if inputs else torch.zeros(())
+        source = user_source(2)
+        op = op_name(func)
+        self.entries.append((op, source, "loss", torch.stack([flag_out, flag_in, self._total(outs)])))
+        for o in outs:
+            self._flag_of[id(o)] = (weakref.ref(o), flag_out)
+            node = o.grad_fn
+            if node is not None and o.requires_grad:
+                self._handles.append(node.register_hook(self._node_hook(op, source)))
         inputs = _floats((args, kwargs))
         flag_out = self._bad(outs)
         flag_in = torch.stack([self._flag(t) for t in inputs]).amax() if inputs else torch.zeros(())

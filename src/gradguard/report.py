@@ -108,17 +108,7 @@ class _Series:
         self.rows = rows
         self.steps = [int(r["step"]) for r in rows]
         self.n = len(rows)
-        names = log.meta.get("layers")
-        layers: list[str] = [str(x) for x in names] if isinstance(names, list) else []
-        seen = set(layers)
-        for r in rows:
-            lay = r.get("layers")
-            if isinstance(lay, dict):
-                for name in lay:
-                    if name not in seen:
-                        seen.add(name)
-                        layers.append(name)
-        self.layers = layers
+        self.layers = log.layer_names()
 
     def col(self, key: str) -> list[float | None]:
         return [_num(r.get(key)) for r in self.rows]

@@ -660,6 +660,20 @@ class RunLog:
             same, key=lambda e: (e.get("located_by") in ("replay", "hooks") or "cause" in e, -same.index(e))
         )
 
+    def layer_names(self) -> list[str]:
+        """The layers of the run: ``meta.json``'s ``layers`` in order, then any other name the records hold."""
+        names = self.meta.get("layers")
+        order: list[str] = [str(n) for n in names] if isinstance(names, list) else []
+        seen = set(order)
+        for r in self.metrics:
+            layers = r.get("layers")
+            if isinstance(layers, dict):
+                for name in layers:
+                    if name not in seen:
+                        seen.add(name)
+                        order.append(name)
+        return order
+
     def series(self, key: str) -> list[tuple[int, Any]]:
         """``(step, value)`` for a top-level metric key, in file order.
 
