@@ -422,15 +422,16 @@ def fmt_target(t: float | None) -> str:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| comparison | model | candidate µs | reference µs | ratio | target | met | same result |",
-        "|---|---|---:|---:|---:|---|:-:|:-:|",
+        "| comparison | model | candidate µs | reference µs | ratio | target | met | same result | contention % |",
+        "|---|---|---:|---:|---:|---|:-:|:-:|---:|",
     ]
     for r in results:
         met = "—" if r.met is None else ("yes" if r.met else "**NO**")
         same = "—" if r.same_result is None else ("yes" if r.same_result else "**NO**")
+        cont = "—" if r.contention_pct is None else f"{r.contention_pct:.1f}"
         lines.append(
             f"| {r.comparison} | {r.model} | {r.candidate_us:,.0f} | {r.reference_us:,.0f} | "
-            f"{r.ratio:.3f}{' (noisy)' if r.noisy else ''} | {fmt_target(r.target)} | {met} | {same} |"
+            f"{r.ratio:.3f}{' (noisy)' if r.noisy else ''} | {fmt_target(r.target)} | {met} | {same} | {cont} |"
         )
     return "\n".join(lines)
 

@@ -396,6 +396,94 @@ def test_agc_clipper_named_exclude_and_tensor_exclude():
     assert not same(c.fc.weight.grad, agc_net().fc.weight.grad)
 
 
+# (rtol, atol) against the float64 loop; float16's atol is one subnormal step
+AGC_TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-6, 1e-12),
+    torch.float16: (2e-3, 6e-8),
+    torch.bfloat16: (1.6e-2, 1e-12),
+}
+AGC_SHAPES = [(6, 5), (4, 3, 2, 2), (7,), (), (0,), (0, 3), (3, 0), (2, 0, 4), (1, 9), (5, 1, 1, 3, 2)]
+
+
+def agc_mixed_params(dtypes: str, seed: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    kinds = [torch.float32] if dtypes == "f32" else list(AGC_TOL)
+    params = []
+    for i, shape in enumerate(AGC_SHAPES * 2):
+        dt = kinds[i % len(kinds)]
+        p = torch.nn.Parameter((torch.randn(shape, generator=g, dtype=torch.float64) * 0.5).to(dt))
+        units = max(shape[0], 1) if len(shape) >= 2 else 1
+        # unit scales over four decades: some units are clipped, some are not
+        s = torch.logspace(-5, -1, units, dtype=torch.float64)[torch.randperm(units, generator=g)]
+        s = s.reshape(-1, *([1] * (len(shape) - 1))) if len(shape) >= 2 else s[0]
+        p.grad = (torch.randn(shape, generator=g, dtype=torch.float64) * s * 10).to(dt)
+        params.append(p)
+    params[3].grad = None  # no gradient
+    with torch.no_grad():
+        params[10].zero_()  # a zero weight: the λ·eps floor
+    return params
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtypes", ["f32", "mixed"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_agc_batched_matches_plain_loop_over_dtypes_ranks_and_empties(dtypes, seed, foreach, monkeypatch):
+    """The grouped coefficients (one concatenation per dtype, one foreach multiply) against the paper's
+    loop, unit by unit, in one call: ranks 0–5, empty tensors, float16/bfloat16/float32/float64, a
+    missing gradient, excluded tensors, a zero weight and a non-finite unit. `foreach=False`: the
+    per-tensor path of devices without foreach kernels."""
+    if not foreach:
+        monkeypatch.setattr(C, "_FOREACH_DEVICES", frozenset())
+    params = agc_mixed_params(dtypes, seed)
+    excluded = [params[5], params[16]]
+    pre = ref_total(grads(params))
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    want = ref_agc(params, 0.01, 1e-3, excluded)
+    got = gradguard.clip_grad_agc_(params, 0.01, 1e-3, exclude=excluded)
+    assert got.dtype == torch.float32 and got.shape == ()
+    assert float(got) == pytest.approx(pre, rel=1e-5)
+    n_clipped = n_kept = 0
+    for p, w, b in zip(params, want, before):
+        if w is None:
+            assert p.grad is None
+            continue
+        rtol, atol = AGC_TOL[p.dtype]
+        torch.testing.assert_close(p.grad.double(), w.to(p.dtype).double(), rtol=rtol, atol=atol)
+        units = [(p.grad, b)] if p.ndim <= 1 else list(zip(p.grad, b))
+        for u, ub in units:
+            if ub.numel():
+                n_kept += same(u, ub)
+                n_clipped += not same(u, ub)
+    assert n_clipped > 5 and n_kept > 5
+    for p, b in zip(excluded, (before[5], before[16])):
+        assert same(p.grad, b)
+    # a non-finite unit: left untouched, the other units of its tensor clipped as usual, the norm NaN
+    params = agc_mixed_params(dtypes, seed)
+    params[11].grad[1, 0, 0, 1] = math.nan
+    want = ref_agc(params, 0.01, 1e-3)
+    bad_before = params[11].grad.clone()
+    assert math.isnan(float(gradguard.clip_grad_agc_(params, 0.01, 1e-3)))
+    assert same(params[11].grad[1], bad_before[1])
+    for p, w in zip(params, want):
+        if w is not None:
+            rtol, atol = AGC_TOL[p.dtype]
+            torch.testing.assert_close(
+                p.grad.double(), w.to(p.dtype).double(), rtol=rtol, atol=atol, equal_nan=True
+            )
+
+
+def test_agc_empty_and_all_excluded():
+    assert float(gradguard.clip_grad_agc_([])) == 0.0
+    ps = make_params([[0], [0, 4]])
+    assert float(gradguard.clip_grad_agc_(ps)) == 0.0
+    ps = make_params([[3, 4], [5]], scale=100.0)
+    before = [g.clone() for g in grads(ps)]
+    got = gradguard.clip_grad_agc_(ps, exclude=ps)
+    assert float(got) == pytest.approx(ref_total(before), rel=1e-6)
+    assert all(same(a, b) for a, b in zip(grads(ps), before))
+
+
 # ----------------------------------------------------------------------------- 3. adaptive clippers
 def check_against(clipper, ref_tau: Callable[[float], float], seq, bad_at=None, params=None):
     params = params if params is not None else list(small_model().parameters())
@@ -443,6 +531,105 @@ def test_zclip_constant_warmup_norms():
     ref = RefZClip(warmup=5)
     seq = [1.0] * 10 + [1.5, 1.0, 1.0, 20.0, 1.0]
     assert check_against(C.ZClip(warmup=5), ref.tau, seq) >= 2
+
+
+def norm_stream(n: int, seed: int, bad_at: dict[int, float]) -> list[float]:
+    """Log-normal norms with ties (repeats), an 8x spike every 9th step and non-finite values at `bad_at`."""
+    rng = random.Random(seed)
+    out: list[float] = []
+    for i in range(n):
+        v = out[-1] if out and i % 11 == 5 and math.isfinite(out[-1]) else math.exp(rng.gauss(0.0, 0.4))
+        out.append(bad_at.get(i, v * (8.0 if i % 9 == 4 else 1.0)))
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 2, 7, 64])
+@pytest.mark.parametrize("percentile", [0.5, 10.0, 37.5, 50.0, 99.9, 100.0])
+def test_autoclip_threshold_is_the_percentile_of_the_window(percentile, window):
+    """threshold() step by step, from count 0 through count < window to many wrap-arounds, with non-finite
+    steps (the first one before any finite norm): numpy's linear percentile of the finite norms in the
+    window, and bit for bit torch.nanquantile of that window (the former implementation)."""
+    bad_at = {0: math.nan, 3: math.inf, window: -math.inf, window + 1: math.nan, 2 * window + 3: math.inf}
+    seq = norm_stream(3 * window + 25, window, bad_at)
+    clipper = C.AutoClip(percentile, window=window)
+    hist: list[float] = []
+    for i, v in enumerate(seq):
+        norm = torch.tensor(v, dtype=torch.float64 if i % 3 == 0 else torch.float32)
+        tau = clipper.threshold(norm)
+        assert tau.shape == () and tau.dtype == torch.float32
+        if math.isfinite(v):
+            hist.append(float(torch.tensor(v, dtype=torch.float32)))
+        h = hist[-window:]
+        if not h:
+            assert math.isnan(float(tau))
+            continue
+        assert float(tau) == pytest.approx(float(np.percentile(h, percentile)), rel=1e-6), i
+        window_now = torch.full((window,), math.nan)
+        window_now[: len(h)] = torch.tensor(h)
+        assert same(tau, torch.nanquantile(window_now, percentile / 100.0)), i
+    assert int(clipper.state_dict()["count"]) == len(hist)
+
+
+def test_autoclip_float64_norm_beyond_float32_is_non_finite():
+    clipper = C.AutoClip(50.0, window=3)
+    clipper.threshold(torch.tensor(2.0))
+    tau = clipper.threshold(torch.tensor(1e39, dtype=torch.float64))  # inf in the float32 history: skipped
+    assert float(tau) == 2.0 and int(clipper.state_dict()["count"]) == 1
+
+
+def test_autoclip_load_refuses_a_history_of_another_window():
+    state = C.AutoClip(window=5).state_dict()
+    state["window"] = 6
+    with pytest.raises(GradGuardError, match=r"history has shape \(5,\), expected \(6,\).*same window"):
+        C.AutoClip().load_state_dict(state)
+
+
+@pytest.mark.parametrize("warmup", [1, 2, 25])
+def test_zclip_and_auto_thresholds_match_reference_step_by_step(warmup):
+    """threshold() and the statistics after every step, through the warm-up (non-finite norms in it, on its
+    last step and after it), spikes and ties, against the plain-Python rules."""
+    bad_at = {1: math.nan, warmup - 1: math.inf, warmup + 2: -math.inf, warmup + 9: math.nan, 60: math.inf}
+    seq = norm_stream(90, warmup, bad_at)
+    z, ref = C.ZClip(warmup=warmup), RefZClip(warmup=warmup)
+    a, ref_a = C.Auto(warmup=warmup, growth=3.0), RefAuto(warmup=warmup, growth=3.0)
+    finite_taus = {"z": 0, "a": 0}
+    for i, v in enumerate(seq):
+        for name, clipper, r in (("z", z, ref), ("a", a, ref_a)):
+            x = torch.tensor(v, dtype=torch.float64 if i % 2 else torch.float32)
+            tau, want = float(clipper.threshold(x)), r.tau(float(x))  # the reference sees the same value
+            if math.isinf(want):
+                assert tau == want, (name, i, v)
+            else:
+                assert tau == pytest.approx(want, rel=1e-6), (name, i, v)
+                finite_taus[name] += 1
+            if r.mean is not None:
+                assert float(clipper.mean) == pytest.approx(r.mean, rel=1e-12)
+                assert float(clipper.std) == pytest.approx(r.var**0.5, rel=1e-9, abs=1e-12)
+    assert finite_taus["z"] >= 2  # spikes were clipped
+    # Auto's cap is finite from the step that ends the warm-up on, non-finite steps included
+    end = next(i for i in range(len(seq)) if sum(map(math.isfinite, seq[: i + 1])) == warmup)
+    assert finite_taus["a"] == len(seq) - end
+
+
+def test_zclip_loads_a_hand_written_state():
+    """The state_dict format: [μ, σ², count] in float64; a count above the warm-up is "after the warm-up",
+    a negative variance reads as 0."""
+    state = {"version": 1, "alpha": 0.9, "z_thresh": 2.0, "warmup": 3, "eps": 1e-6, "max_norm": None}
+    ref = RefZClip(alpha=0.9, z_thresh=2.0, warmup=3)
+    ref.buffer, ref.mean, ref.var = [2.0] * 3, 2.0, 0.25
+    for stats in ([2.0, 0.25, 3.0], [2.0, 0.25, 7.0]):
+        z = C.ZClip()
+        z.load_state_dict({**state, "stats": torch.tensor(stats, dtype=torch.float64)})
+        r = RefZClip(alpha=0.9, z_thresh=2.0, warmup=3)
+        r.buffer, r.mean, r.var = list(ref.buffer), ref.mean, ref.var
+        for v in [2.1, 1.9, 9.0, math.nan, 2.0, 30.0]:
+            want = r.tau(v)
+            got = float(z.threshold(torch.tensor(v)))
+            assert got == want if math.isinf(want) else got == pytest.approx(want, rel=1e-6)
+    z = C.ZClip()
+    z.load_state_dict({**state, "stats": torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64)})
+    assert float(z.std) == 0.0
+    assert float(z.threshold(torch.tensor(2.5))) == 2.0  # σ = 0: any rise is a spike, τ = μ
 
 
 def slow_growth(n=200, rate=1.02, start=5, sigma=0.3, seed=0) -> list[float]:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.stats import (
+    _FOREACH_DEVICES,
     LayerIndex,
     as_tensor_list,
     check_norm_type,
@@ -187,12 +188,21 @@ def _clamp_(grads: Sequence[Tensor], v: float, *, foreach: bool | None = None) -
                 t.clamp_(-v, v)
 
 
-def _unitwise_norm(t: Tensor) -> Tensor:
-    """Norm per output unit for PyTorch layouts (dim 0 = output), kept broadcastable; whole norm for rank ≤ 1."""
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if t.ndim <= 1:
-        return torch.linalg.vector_norm(t, dtype=acc)
-    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True, dtype=acc)
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit_norms(mats: list[Tensor], vecs: list[Tensor], acc: torch.dtype, foreach: bool) -> Tensor:
+    """The 2-norms of the output units of tensors of one dtype, as one 1-D ``acc`` tensor: the rows
+    (dim 0) of each rank ≥ 2 tensor of ``mats`` in order, then one norm per tensor of ``vecs``."""
+    parts = [torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=acc) for t in mats]
+    if vecs:
+        if foreach:
+            norms = torch._foreach_norm(vecs, 2.0, dtype=None if vecs[0].dtype == acc else acc)
+        else:
+            norms = tuple(torch.linalg.vector_norm(t, dtype=acc) for t in vecs)
+        parts.append(torch.stack(norms))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def clip_grad_agc_(
@@ -214,34 +224,62 @@ def clip_grad_agc_(
     non-finite is left untouched. ``ConvTranspose`` weights put the output channel in dim 1:
     exclude them or expect per-input-channel units.
 
+    The coefficients of all units are computed at once per (gradient dtype, weight dtype) group
+    (norms accumulated in float32 for float16/bfloat16, float64 for float64), then applied with
+    one foreach multiply: no per-tensor coefficient math, no host sync.
+
     Returns:
-        The pre-clip global 2-norm of all gradients (excluded ones included).
+        The pre-clip global 2-norm of all gradients (excluded ones included), float32.
     """
-    lam = _check_threshold(clip_factor, "clip_factor", allow_inf=False)
-    e = _check_threshold(eps, "eps", allow_inf=False)
-    params = as_tensor_list(parameters)
+    lam = float(_check_threshold(clip_factor, "clip_factor", allow_inf=False))
+    e = float(_check_threshold(eps, "eps", allow_inf=False))
     skip = {id(t) for t in exclude}
-    clipped = [p for p in params if p.grad is not None and id(p) not in skip]
-    others = [p.grad for p in params if p.grad is not None and id(p) in skip]
-    others = [g for g in others if g is not None]
-    check_tensors([p.grad for p in clipped if p.grad is not None] + others, what="gradient")
-    sq: list[Tensor] = []
+    # per (gradient dtype, weight dtype): gradients and weights of the rank ≥ 2 tensors, then of the others
+    groups: dict[tuple[torch.dtype, torch.dtype], tuple[list[Tensor], ...]] = {}
+    others: list[Tensor] = []
+    for p in as_tensor_list(parameters):
+        g = p.grad
+        if g is None:
+            continue
+        if id(p) in skip:
+            others.append(g)
+            continue
+        g_mats, w_mats, g_vecs, w_vecs = groups.setdefault((g.dtype, p.dtype), ([], [], [], []))
+        if g.ndim >= 2:
+            g_mats.append(g)
+            w_mats.append(p.detach())
+        else:
+            g_vecs.append(g)
+            w_vecs.append(p.detach())
+    check_tensors([g for lists in groups.values() for g in lists[0] + lists[2]] + others, what="gradient")
+    unit_norms: list[Tensor] = []
     with torch.no_grad():
-        for p in clipped:
-            g = p.grad
-            assert g is not None
-            gn = _unitwise_norm(g)
-            max_n = _unitwise_norm(p.detach()).clamp_min(e) * lam
-            coef = torch.where(gn > max_n, max_n / gn.clamp_min(1e-6), torch.ones_like(gn))
+        for (g_dtype, w_dtype), (g_mats, w_mats, g_vecs, w_vecs) in groups.items():
+            foreach = (g_mats + g_vecs)[0].device.type in _FOREACH_DEVICES
+            gn = _unit_norms(g_mats, g_vecs, _acc(g_dtype), foreach)
+            max_n = _unit_norms(w_mats, w_vecs, _acc(w_dtype), foreach).clamp_min(e).mul_(lam)
             # a unit with a non-finite gradient norm is left untouched (λ‖W‖*/inf = 0 would zero it)
-            coef = torch.where(torch.isfinite(coef) & torch.isfinite(gn), coef, torch.ones_like(coef))
-            g.mul_(coef.to(g.dtype))
-            sq.append(gn.to(torch.float64).square().sum())
+            gf = gn.nan_to_num(nan=0.0, posinf=0.0)
+            coef = torch.where(gf > max_n, max_n / gf.clamp_min(1e-6), 1.0)
+            if coef.dtype != g_dtype:
+                coef = coef.to(g_dtype)
+            pieces = coef.split([g.shape[0] for g in g_mats] + [len(g_vecs)])
+            # back to the units' shapes: (rows, 1, …) for the rank ≥ 2 tensors, 0-D for the others
+            coefs = [c.view((c.shape[0],) + (1,) * (g.ndim - 1)) for c, g in zip(pieces, g_mats)]
+            coefs.extend(pieces[-1].unbind())
+            if foreach:
+                torch._foreach_mul_(g_mats + g_vecs, coefs)
+            else:
+                for g, c in zip(g_mats + g_vecs, coefs):
+                    g.mul_(c)
+            unit_norms.append(gn)
         if others:
-            sq.append(tensor_norms(others).to(torch.float64).square().sum())
-    if not sq:
+            unit_norms.append(tensor_norms(others))
+    if not unit_norms:
         return torch.zeros(())
-    return torch.stack(sq).sum().sqrt().to(torch.float32)
+    # the global norm is the norm of the unit norms (each tensor's norm is the norm of its units')
+    allnorms = unit_norms[0] if len(unit_norms) == 1 else torch.cat(unit_norms)
+    return torch.linalg.vector_norm(allnorms, dtype=torch.float64).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------- stateful clippers
@@ -316,6 +354,11 @@ class AutoClip(NormClipper):
     norms on device; the percentile is numpy's/torch's linear interpolation over them. A
     non-finite step changes nothing (no slot, no count), so it never enters the percentile. The paper
     recommends p = 10 (it clips ~90% of steps by design: judge it by progress, not clip rate).
+
+    Per step: one write into the ring buffer, one partial sort (``topk`` of the few smallest
+    values the percentile can need), and a table lookup of the two ranks and the interpolation
+    weight for the number of norms in the window (the same float32 ranks as
+    :func:`torch.nanquantile`), all on device.
     """
 
     def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
@@ -331,27 +374,71 @@ class AutoClip(NormClipper):
             raise GradGuardError(f"window must be a positive int, got {window!r}. The default is 1000 steps.")
         self.percentile = pct
         self.window = window
-        self._history = torch.full((window,), math.nan, dtype=torch.float32)
         self._count = torch.zeros((), dtype=torch.long)  # finite norms seen, on device
+        self._set_history(torch.full((window,), math.nan, dtype=torch.float32))
+
+    def _set_history(self, history: Tensor) -> None:
+        """Take ``history`` (``window`` norms, NaN where unfilled) and build, on its device, the ring
+        buffer and the lookup tables of :meth:`threshold`."""
+        w = self.window
+        if tuple(history.shape) != (w,):
+            raise GradGuardError(
+                f"AutoClip history has shape {tuple(history.shape)}, expected ({w},) for window={w}. "
+                "Load a state saved by an AutoClip with the same window, or start the clipper fresh."
+            )
+        device = history.device
+        # the 'linear' percentile of n sorted values lerps the values at ranks ⌊r⌋ and ⌈r⌉ by r − ⌊r⌋,
+        # r = q·(n − 1) in float32 as torch.nanquantile computes it; tabulated for n = 0…window
+        q = torch.tensor(self.percentile / 100.0, dtype=torch.float32)
+        ranks = (q * (torch.arange(w + 1) - 1)).clamp_min(0.0)
+        below = ranks.to(torch.long)
+        above = ranks.ceil().to(torch.long)
+        k = int(above[-1]) + 1  # the percentile never needs more than the k smallest norms (a CPU tensor)
+        # ring buffer: the window, then a spare slot that takes the writes of non-finite norms
+        spare = torch.full((1,), math.nan, dtype=torch.float32, device=device)
+        self._buf = torch.cat([history.detach().to(torch.float32), spare])
+        self._window_view = self._buf[:w]
+        # [the k smallest norms (written by topk) | the interpolation weights]; a row of `_take` holds
+        # the positions in it of the two values and the weight for n norms in the window
+        vals = torch.cat([torch.full((k,), math.nan, dtype=torch.float32), ranks - below])
+        take = torch.stack([below, above, k + torch.arange(w + 1)], 1)
+        self._vals, self._take = vals.to(device), take.to(device)
+        self._topk_out = (self._vals[:k], torch.empty(k, dtype=torch.long, device=device))
+        # the two values and the weight picked for this step, and 0-D views of them for the lerp
+        self._picked = torch.empty(1, 3, dtype=torch.float32, device=device)
+        self._lerp_args = self._picked[0].unbind()
+        self._spare = torch.tensor(w, device=device)
+        self._count = self._count.to(device)
+
+    def _to(self, device: torch.device) -> None:
+        self._set_history(self._window_view.to(device))
 
     def threshold(self, norm: Tensor) -> Tensor:
-        if self._history.device != norm.device:
-            self._history = self._history.to(norm.device)
-            self._count = self._count.to(norm.device)
-        n = norm.detach().to(torch.float32).reshape(1)
-        finite = torch.isfinite(n)
-        slot = self._count.remainder(self.window).reshape(1)
-        # a non-finite norm rewrites its slot with the value already there and is not counted
-        self._history.index_copy_(0, slot, torch.where(finite, n, self._history.index_select(0, slot)))
-        self._count = self._count + finite.to(torch.long).reshape(())
-        return torch.nanquantile(self._history, self.percentile / 100.0)
+        if self._buf.device != norm.device:
+            self._to(norm.device)
+        g = norm.detach() if norm.requires_grad else norm
+        if g.dim():
+            g = g.reshape(())
+        if g.dtype != torch.float32:
+            g = g.to(torch.float32)  # a float64 norm beyond float32's range is non-finite here
+        finite = g.abs() < math.inf
+        count = self._count
+        # a non-finite norm goes to the spare slot (never read) and is not counted
+        slot = torch.where(finite, count.remainder(self.window), self._spare)
+        self._buf.index_put_((slot,), g)
+        self._count = count = count + finite
+        # the k smallest norms of the window, ascending (unfilled NaN slots sort last, past any rank used)
+        torch.topk(self._window_view, self._topk_out[0].shape[0], largest=False, out=self._topk_out)
+        rows = self._take.index_select(0, count.clamp_max(self.window))
+        torch.take(self._vals, rows, out=self._picked)
+        return torch.lerp(*self._lerp_args)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "percentile": self.percentile,
             "window": self.window,
-            "history": self._history.detach().clone(),
+            "history": self._window_view.detach().clone(),
             "count": self._count.detach().clone(),
         }
 
@@ -359,8 +446,9 @@ class AutoClip(NormClipper):
         super().load_state_dict(state)
         self.percentile = float(state["percentile"])
         self.window = int(state["window"])
-        self._history = state["history"].detach().clone().to(torch.float32)
+        history = state["history"].detach()
         self._count = torch.as_tensor(state["count"], dtype=torch.long).detach().clone().reshape(())
+        self._set_history(history)
 
     def __repr__(self) -> str:
         return f"AutoClip(percentile={self.percentile}, window={self.window})"
@@ -374,6 +462,10 @@ class ZClip(NormClipper):
     (bigger spikes are clipped harder), and μ, σ² follow an EMA (``alpha``) of the *clipped*
     value: ``μ ← αμ + (1−α)g'``, ``σ² ← ασ² + (1−α)(g' − μ)²``. Non-finite norms change nothing.
     ``max_norm`` optionally caps τ (the PyPI package caps at 1.0 by default; here off).
+
+    Both phases are one update ``[μ, σ², n] ← A·[μ, σ², n] + B·[Δ, Δ², 1]`` with ``Δ = g' − μ``,
+    whose coefficients A, B (and the z threshold, inf during the warm-up) are looked up on
+    device by the count n of finite norms seen: about 20 small ops per step, no host sync.
     """
 
     def __init__(
@@ -396,49 +488,69 @@ class ZClip(NormClipper):
         self.eps = float(_check_threshold(eps, "eps", allow_inf=False))
         self.max_norm = None if max_norm is None else float(_check_threshold(max_norm, "max_norm"))
         # μ, σ² (population variance of the warm-up norms, then the EMA) and the number of finite
-        # norms seen; float64 scalars on the norm's device.
-        self._state = torch.zeros(3, dtype=torch.float64)
+        # norms seen (it stops at warmup); float64 on the norm's device.
+        self._set_state(torch.zeros(3, dtype=torch.float64))
+
+    def _set_state(self, stats: Tensor) -> None:
+        """Take ``stats`` ([μ, σ², n]) as the state and build the update table on its device."""
+        self._state = stats.detach().to(torch.float64).reshape(1, 3)
+        rows = []
+        for n in range(self.warmup):  # Welford, k = 1/(n+1): μ + kΔ, (1−k)σ² + k(1−k)Δ², n + 1
+            k = 1.0 / (n + 1)
+            rows.append([[math.inf] * 3, [1.0, 1.0 - k, 1.0], [k, k * (1.0 - k), 1.0]])
+        # EMA of the clipped value g' = μ + Δ: αμ + (1−α)g' = μ + (1−α)Δ and, since g' − μ_new = αΔ,
+        # ασ² + (1−α)(g' − μ_new)² = ασ² + (1−α)α²Δ²; n stays at warmup
+        a = self.alpha
+        rows.append([[self.z_thresh] * 3, [1.0, a, 1.0], [1.0 - a, (1.0 - a) * a * a, 0.0]])
+        # per n: the z threshold (inf: no clipping during the warm-up), A, B
+        device = self._state.device
+        self._table = torch.tensor(rows, dtype=torch.float64).to(device)
+        # Δ ** powers = [Δ, Δ², 1]; eps; z_thresh²
+        self._consts = torch.tensor(
+            [1.0, 2.0, 0.0, self.eps, self.z_thresh**2, math.inf], dtype=torch.float64
+        )
+        self._consts = self._consts.to(device)
+        self._powers, self._eps_t, self._zt2, self._inf = self._consts.split((3, 1, 1, 1))
+
+    def _to(self, device: torch.device) -> None:
+        self._set_state(self._state.to(device))
+
+    def _observe(self, norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Update the state with a finite ``norm``; return (τ, float64, shape (1, 3) with 3 equal
+        values; the finite flag; the count n before the update, shape (1,))."""
+        s = self._state  # (1, 3)
+        if s.device != norm.device:
+            self._to(norm.device)
+            s = self._state
+        mean, var, n = s.unbind(1)  # (1,) each; var ≥ 0
+        n = n.long()  # ≤ warmup
+        zt, a, b = self._table.index_select(0, n).unbind(1)  # (1, 3) each
+        d = (norm.detach() if norm.requires_grad else norm) - mean
+        d = d + d * 0.0  # ±inf → NaN: a non-finite norm gives no spike and leaves the state as it is
+        finite = self._inf > d
+        std = var.sqrt()
+        z = d / (std + self._eps_t)
+        spike = z > zt  # never during the warm-up (zt = inf) nor for a non-finite norm
+        off = self._zt2 * std / z  # τ − μ on a spike
+        delta = torch.where(spike, off, d)  # g' − μ, three times
+        self._state = torch.where(finite, torch.addcmul(a * s, b, delta.pow(self._powers)), s)
+        return torch.where(spike, mean + off, self._inf), finite, n
 
     def threshold(self, norm: Tensor) -> Tensor:
-        if self._state.device != norm.device:
-            self._state = self._state.to(norm.device)
-        mean, var, seen = self._state.unbind()
-        g = norm.detach().to(torch.float64).reshape(())
-        finite = torch.isfinite(g)
-        g0 = torch.where(finite, g, torch.zeros_like(g))
-        warm = seen < self.warmup
-        # warm-up: Welford update of the mean and population variance
-        n1 = seen + 1
-        d = g0 - mean
-        w_mean = mean + d / n1
-        w_var = (var * seen + d * (g0 - w_mean)) / n1
-        # after warm-up: z-score test and EMA of the clipped value
-        std = var.clamp_min(0).sqrt()
-        z = (g0 - mean) / (std + self.eps)
-        spike = z > self.z_thresh
-        tau_spike = mean + self.z_thresh**2 * std / z
-        g_eff = torch.where(spike, tau_spike, g0)
-        e_mean = self.alpha * mean + (1 - self.alpha) * g_eff
-        e_var = self.alpha * var + (1 - self.alpha) * (g_eff - e_mean) ** 2
-        new = torch.stack(
-            [torch.where(warm, w_mean, e_mean), torch.where(warm, w_var, e_var), torch.where(warm, n1, seen)]
-        )
-        self._state = torch.where(finite, new, self._state)
-        inf = torch.full_like(g, math.inf)
-        tau = torch.where(finite & ~warm & spike, tau_spike, inf)
+        tau = self._observe(norm)[0]
         if self.max_norm is not None:
             tau = tau.clamp_max(self.max_norm)
-        return tau.to(torch.float32)
+        return tau[0, 0].to(torch.float32)
 
     @property
     def mean(self) -> Tensor:
         """EMA mean of the (clipped) norms, on device."""
-        return self._state[0]
+        return self._state[0, 0].clone()
 
     @property
     def std(self) -> Tensor:
         """EMA standard deviation of the (clipped) norms, on device."""
-        return self._state[1].clamp_min(0).sqrt()
+        return self._state[0, 1].sqrt()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -448,7 +560,7 @@ class ZClip(NormClipper):
             "warmup": self.warmup,
             "eps": self.eps,
             "max_norm": self.max_norm,
-            "stats": self._state.detach().clone(),
+            "stats": self._state.detach().reshape(3).clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -458,7 +570,10 @@ class ZClip(NormClipper):
         self.warmup = int(state["warmup"])
         self.eps = float(state["eps"])
         self.max_norm = None if state["max_norm"] is None else float(state["max_norm"])
-        self._state = state["stats"].detach().clone().to(torch.float64)
+        stats = state["stats"].detach().to(torch.float64).reshape(3).clone()
+        stats[1:].clamp_min_(0.0)  # a variance ≥ 0 (the update keeps it so)
+        stats[2:].clamp_max_(self.warmup)  # the count indexes the update table (no host read)
+        self._set_state(stats)
 
     def __repr__(self) -> str:
         return f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, warmup={self.warmup}, max_norm={self.max_norm})"
@@ -479,27 +594,32 @@ class Auto(ZClip):
         self.growth = float(_check_threshold(growth, "growth", allow_inf=False))
         if self.growth < 1:
             raise GradGuardError(f"growth must be ≥ 1, got {growth!r}. The default is 10.")
-        self._anchor = torch.full((), math.nan, dtype=torch.float64)
+        self._set_anchor(torch.full((), math.nan, dtype=torch.float64))
 
-    def threshold(self, norm: Tensor) -> Tensor:
-        was_warm = self._state[2] < self.warmup
-        tau = super().threshold(norm)
-        if self._anchor.device != norm.device:
-            self._anchor = self._anchor.to(norm.device)
-        just_done = was_warm & (self._state[2] >= self.warmup)
-        self._anchor = torch.where(just_done, self._state[0], self._anchor)
-        cap = torch.where(
-            torch.isfinite(self._anchor), self._anchor * self.growth, torch.full_like(self._anchor, math.inf)
-        )
-        return torch.minimum(tau, cap.to(torch.float32))
+    def _set_anchor(self, anchor: Tensor) -> None:
+        """[anchor, cap]: the mean of the warm-up norms (NaN until the warm-up ends) and growth × it (inf until then)."""
+        a = anchor.detach().to(device=self._state.device, dtype=torch.float64).reshape(())
+        self._anchor_cap = torch.stack([a, torch.where(torch.isfinite(a), a * self.growth, math.inf)])
+        self._times = torch.tensor([1.0, self.growth], dtype=torch.float64).to(self._state.device)
+
+    def _to(self, device: torch.device) -> None:
+        super()._to(device)
+        self._anchor_cap = self._anchor_cap.to(device)
+        self._times = self._times.to(device)
+
+    def _observe(self, norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        tau, finite, n = super()._observe(norm)
+        done = finite & (n == self.warmup - 1)  # this finite norm ended the warm-up: μ is the anchor
+        self._anchor_cap = ac = torch.where(done, self._state[0, 0] * self._times, self._anchor_cap)
+        return torch.minimum(tau, ac[1]), finite, n
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "growth": self.growth, "anchor": self._anchor.detach().clone()}
+        return {**super().state_dict(), "growth": self.growth, "anchor": self._anchor_cap[0].detach().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.growth = float(state["growth"])
-        self._anchor = state["anchor"].detach().clone().to(torch.float64)
+        self._set_anchor(state["anchor"])
 
     def __repr__(self) -> str:
         return f"Auto(growth={self.growth}, z_thresh={self.z_thresh}, warmup={self.warmup})"
