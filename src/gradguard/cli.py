@@ -3,6 +3,10 @@
 ``gradguard run [OPTIONS] SCRIPT [ARGS...]`` exits with the script's own exit code (1 if it raised;
 2 if SCRIPT does not exist or an option is bad).
 
+Exit codes of ``gradguard demo [NAME] [--out DIR] [--seed N]``: 0 — every configuration ran and the
+report was written; 1 — the report could not be written (plotly missing); 2 — an unknown scenario,
+or ``--out`` names a file or a folder that is not empty (the demo never writes into earlier runs).
+
 Exit codes of ``gradguard diagnose RUN_DIR [--json]``:
 
 * 0 — the run was read and no finding has severity ``error``;
@@ -28,7 +32,7 @@ from collections.abc import Sequence
 def _demo(args: argparse.Namespace) -> int:
     from gradguard.demos import run_demo
 
-    return run_demo(args.name, out=args.out)
+    return run_demo(args.name, out=args.out, seed=args.seed, steps=args.steps)
 
 
 EXIT_OK = 0
@@ -120,8 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the embedded scenarios that really diverge")
-    demo.add_argument("name", nargs="?", default=None, help="one scenario (default: all)")
-    demo.add_argument("--out", default=None, help="folder for the demo's run directories")
+    demo.add_argument("name", nargs="?", default=None, help="one scenario: rnn or deepsad (default: both)")
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="a new folder for the demo's run directories (default gradguard-runs/<time>-demo)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and data order (default 0)")
+    demo.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)  # quick runs and tests
     demo.set_defaults(func=_demo)
 
     diag = sub.add_parser(

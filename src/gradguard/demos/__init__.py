@@ -1,9 +1,22 @@
-"""Embedded scenarios that really diverge (filled in by the demo work)."""
+"""Embedded scenarios that really diverge, run side by side through :class:`gradguard.Guard`.
+
+``gradguard demo`` (or :func:`run_demo`) trains each scenario's configurations — no clipping,
+the story's threshold, the one ``gradguard diagnose`` recommends, ``auto``, Adam — each with
+its own run directory in one demo folder, prints a summary table and writes one HTML report:
+
+* ``rnn`` (:mod:`gradguard.demos.rnn`): a character-level LSTM language model trained with SGD
+  at learning rate 1, the textbook recipe for clipping (Zaremba et al. 2014).
+* ``deepsad`` (:mod:`gradguard.demos.deepsad`): Deep SAD anomaly detection on scikit-learn's
+  digits — an explosion, the over-clipping that looks like vanishing gradients, and the fix.
+
+Example:
+    >>> from gradguard.demos import run_demo
+    >>> run_demo("deepsad", out="demo-runs")  # doctest: +SKIP
+    0
+"""
 
 from __future__ import annotations
 
+from gradguard.demos._run import SCENARIOS, STEPS_ENV, Row, run_demo, run_scenario
 
-def run_demo(name: str | None = None, out: str | None = None) -> int:
-    """Run the embedded scenarios; returns a process exit code."""
-    print("gradguard demo: no scenarios yet")
-    return 0
+__all__ = ["SCENARIOS", "STEPS_ENV", "Row", "run_demo", "run_scenario"]

@@ -57,6 +57,14 @@ class RunConfig:
         lr: learning rate.
         momentum: SGD momentum (ignored by Adam).
         weight_decay: L2 weight decay passed to the optimizer.
+        on_nonfinite: the :class:`gradguard.Guard` policy when the demo runs it guarded.
+        stop_at_nonfinite: end the run at its first non-finite step (what an unguarded loop
+            meets: the next ``optimizer.step()`` would write NaN into the weights); otherwise
+            the guard's skip keeps it going.
+        recommend_from: the demo takes this configuration's clip threshold from
+            :func:`gradguard.diagnose.diagnose` of an earlier run: of the first configuration named
+            here whose diagnosis recommends one (``clip`` is then ignored).
+        note: one line for the demo's output.
     """
 
     name: str
@@ -65,6 +73,10 @@ class RunConfig:
     lr: float = 1.0
     momentum: float = 0.0
     weight_decay: float = 0.0
+    on_nonfinite: str = "skip"
+    stop_at_nonfinite: bool = False
+    recommend_from: tuple[str, ...] = ()
+    note: str = ""
 
     def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
@@ -117,12 +129,14 @@ class Scenario:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What the update did: pre-clip global norm, threshold (``inf``: none) and whether it stepped."""
+    """What the update did: pre-clip global norm, threshold (``inf``: none), whether it stepped,
+    and whether the loop should end (``stop``: e.g. a guard that gave up after repeated skips)."""
 
     grad_norm: float
     threshold: float = math.inf
     clipped: bool = False
     stepped: bool = True
+    stop: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,7 +191,7 @@ class RunResult:
     first_nonfinite: int | None
     metrics: dict[str, float]
     wall_s: float
-    stopped: str  # "steps" | "nonfinite" | "time"
+    stopped: str  # "steps" | "nonfinite" | "time" | "aborted"
 
     @property
     def steps(self) -> int:
@@ -221,6 +235,7 @@ def train(
     time_budget_s: float | None = None,
     update: Callable[[Tensor], StepOutcome] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    stop_on_nonfinite: bool = True,
 ) -> RunResult:
     """Train ``scenario.model`` in place with ``config``; stop at the first non-finite loss or norm.
 
@@ -233,6 +248,8 @@ def train(
         update: replaces "clip + optimizer.step()": ``update(loss) -> StepOutcome`` (a guard).
             When given, pass the ``optimizer`` it steps, or the loop makes one from ``config``.
         optimizer: the optimizer to use (default: ``scenario.make_optimizer(config)``).
+        stop_on_nonfinite: stop at the first non-finite loss or norm (``False``: record it and go
+            on, for an ``update`` that skips such steps, as a guard does).
     """
     model = scenario.model
     n_steps = scenario.steps if steps is None else steps
@@ -254,10 +271,17 @@ def train(
         records.append(rec)
         if step_hook is not None:
             step_hook(rec)
-        if not (math.isfinite(rec.loss) and math.isfinite(rec.grad_norm)):
-            first_nonfinite = step
-            stopped = "nonfinite"
+        if out.stop:
+            stopped = "aborted"
+            if first_nonfinite is None and not (math.isfinite(rec.loss) and math.isfinite(rec.grad_norm)):
+                first_nonfinite = step
             break
+        if not (math.isfinite(rec.loss) and math.isfinite(rec.grad_norm)):
+            if first_nonfinite is None:
+                first_nonfinite = step
+            if stop_on_nonfinite:
+                stopped = "nonfinite"
+                break
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
             stopped = "time"
             break

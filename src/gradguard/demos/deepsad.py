@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from gradguard.demos._common import RunConfig, Scenario, roc_auc
 
-__all__ = ["HPARAMS", "Autoencoder", "Encoder", "build", "configs", "pretrained"]
+__all__ = ["HPARAMS", "Autoencoder", "Encoder", "build", "configs", "demo_configs", "pretrained"]
 
 HPARAMS: dict[str, Any] = {
     "normal_class": 0,
@@ -80,6 +80,31 @@ def configs(recommended: float | None = None) -> list[RunConfig]:
     if recommended is not None:
         out.append(RunConfig(f"norm:{recommended:.3g} (recommended)", f"norm:{recommended}", **kw))
     return out
+
+
+def demo_configs() -> list[RunConfig]:
+    """What ``gradguard demo deepsad`` runs, each through a :class:`gradguard.Guard` (``on_nonfinite="skip"``).
+
+    The recommended configuration takes its threshold from ``gradguard.diagnose`` of the
+    ``norm:5`` run (its ``over_clipping`` finding), as the user of the story would; when that run
+    is not diagnosed as over-clipped, from the diagnosis of the unclipped run.
+    """
+    hp = HPARAMS
+    kw: dict[str, Any] = {
+        "optimizer": "sgd",
+        "lr": hp["lr"],
+        "momentum": hp["momentum"],
+        "weight_decay": hp["weight_decay"],
+    }
+    return [
+        RunConfig("none", "none", **kw, stop_at_nonfinite=True, note="SGD+momentum, no clipping"),
+        RunConfig("norm:5", "norm:5", **kw, note="the story's first fix"),
+        RunConfig("recommended", None, **kw, recommend_from=("norm:5", "none"), note="from diagnose"),
+        RunConfig("auto", "auto", **kw, note="gradguard's default"),
+        RunConfig(
+            "adam", "none", "adam", 1e-3, weight_decay=hp["weight_decay"], note="Adam lr 1e-3, no clipping"
+        ),
+    ]
 
 
 class Encoder(nn.Module):

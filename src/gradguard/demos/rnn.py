@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from gradguard.demos._common import RunConfig, Scenario
 
-__all__ = ["HPARAMS", "CharLSTM", "build", "configs", "corpus"]
+__all__ = ["HPARAMS", "CharLSTM", "build", "configs", "corpus", "demo_configs"]
 
 #: The chosen configuration (see the module docstring and ``benchmarks/demo_probe.py``).
 HPARAMS: dict[str, Any] = {
@@ -67,6 +67,18 @@ def configs() -> list[RunConfig]:
         RunConfig("auto", "auto", "sgd", lr),
         RunConfig("adam", "none", "adam", 2e-3),
         RunConfig("adam+norm:5", "norm:5", "adam", 2e-3),
+    ]
+
+
+def demo_configs() -> list[RunConfig]:
+    """What ``gradguard demo rnn`` runs, each through a :class:`gradguard.Guard` (``on_nonfinite="skip"``)."""
+    lr = HPARAMS["lr"]
+    return [
+        RunConfig("none", "none", "sgd", lr, stop_at_nonfinite=True, note="SGD lr=1, no clipping"),
+        RunConfig("norm:5", "norm:5", "sgd", lr, note="the textbook recipe"),
+        RunConfig("auto", "auto", "sgd", lr, note="gradguard's default"),
+        RunConfig("adam", "none", "adam", 2e-3, note="Adam lr 2e-3, no clipping"),
+        RunConfig("adam+norm:5", "norm:5", "adam", 2e-3, note="Adam lr 2e-3"),
     ]
 
 

@@ -1,0 +1,623 @@
+"""The engine of ``gradguard demo``: each scenario's configurations through the real :class:`gradguard.Guard`.
+
+For every configuration of a scenario (see each scenario's ``demo_configs()``) the plain loop of
+:func:`gradguard.demos._common.train` runs with a :class:`gradguard.Guard` in place of
+"clip + ``optimizer.step()``", logging to its own run directory inside one demo folder. Nothing
+is planted: a non-finite step is whatever the training produced; the guard skips it, locates
+where it was born and logs it. Afterwards every run is read back from its run directory and
+diagnosed (:func:`gradguard.diagnose.diagnose`, ``findings.json`` written), a configuration with
+``recommend_from`` takes its threshold from the diagnosis of an earlier run, a summary table is
+printed, and one HTML report (:func:`gradguard.report.write_report`) covers the folder.
+
+Every step reads the guard's numbers on the host (a per-step progress line on a CPU); the
+library's hot path does not.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any
+
+import torch
+from torch import Tensor
+
+from gradguard.demos._common import RunConfig, RunResult, StepOutcome, StepRecord, train
+from gradguard.diagnose import Finding, diagnose, recommended_max_norm
+from gradguard.errors import GradGuardError, NonFiniteError
+from gradguard.guard import Guard
+from gradguard.monitor import SCALARS
+from gradguard.runlog import RunLog, default_run_dir, read_run
+
+__all__ = ["SCENARIOS", "STEPS_ENV", "Row", "run_demo", "run_scenario"]
+
+SCENARIOS = ("rnn", "deepsad")
+"""The embedded scenarios, in the order ``gradguard demo`` runs them."""
+
+STEPS_ENV = "GRADGUARD_DEMO_STEPS"
+"""Environment variable: cap every configuration at this many steps (quick checks and tests)."""
+
+_COL = {name: i for i, name in enumerate(SCALARS)}
+
+
+def _module(name: str) -> ModuleType:
+    if name == "rnn":
+        from gradguard.demos import rnn
+
+        return rnn
+    if name == "deepsad":
+        from gradguard.demos import deepsad
+
+        return deepsad
+    raise GradGuardError(f"no demo scenario {name!r}; choose one of {', '.join(SCENARIOS)}.")
+
+
+class GuardUpdate:
+    """The loop's ``update(loss)`` seam, filled by a :class:`gradguard.Guard` (``guard.step(loss)``).
+
+    Reads back the step the guard just recorded (pre-clip norm, threshold, clip coefficient,
+    skipped) for the progress line. When the guard gives up (``max_consecutive`` skipped steps in
+    a row, :class:`gradguard.NonFiniteError`) it asks the loop to stop and keeps the error.
+    """
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.error: NonFiniteError | None = None
+
+    def __call__(self, loss: Tensor) -> StepOutcome:
+        try:
+            self.guard.step(loss)
+        except NonFiniteError as e:
+            self.error = e
+            return StepOutcome(math.nan, stepped=False, stop=True)
+        mon = self.guard.monitor
+        buffer = mon._scalars  # the row this step just wrote (a host read per step: fine on a CPU demo)
+        assert buffer is not None
+        row = buffer[(mon.pending - 1) % mon.every].tolist()
+        norm, coef, tau = row[_COL["grad_norm"]], row[_COL["clip_coef"]], row[_COL["threshold"]]
+        skipped = bool(row[_COL["skipped"]])
+        return StepOutcome(
+            grad_norm=math.nan if skipped and math.isfinite(norm) else norm,
+            threshold=tau,
+            clipped=bool(coef < 1.0) and not skipped,  # NaN (no clipper) compares False
+            stepped=not skipped,
+        )
+
+
+@dataclass
+class Row:
+    """One configuration's result, read back from its run directory."""
+
+    scenario: str
+    config: RunConfig
+    seed: int
+    run_dir: Path
+    planned_steps: int
+    result: RunResult
+    log: RunLog
+    findings: list[Finding]
+    metric: str
+    threshold: float | None = None  # a recommended threshold this configuration used
+    recommended_from: str | None = None  # the configuration whose diagnosis gave it
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(1 for r in self.log.metrics if isinstance(r.get("step"), int) and not r.get("skipped"))
+
+    @property
+    def skipped(self) -> int:
+        return sum(1 for r in self.log.metrics if r.get("skipped"))
+
+    @property
+    def first_nonfinite(self) -> dict[str, Any] | None:
+        return self.log.first_nonfinite()
+
+    @property
+    def clip_rate(self) -> float:
+        taken = [r for r in self.log.metrics if isinstance(r.get("step"), int) and not r.get("skipped")]
+        clipped = [r for r in taken if _is_number(r.get("clip_coef")) and float(r["clip_coef"]) < 1.0]
+        return len(clipped) / len(taken) if taken else 0.0
+
+    @property
+    def final_loss(self) -> float:
+        return self.result.final_loss
+
+    @property
+    def metric_value(self) -> float:
+        return self.result.metrics.get(self.metric, math.nan)
+
+    @property
+    def finding_ids(self) -> list[str]:
+        return [f.id for f in self.findings]
+
+    def finding(self, finding_id: str) -> Finding | None:
+        return next((f for f in self.findings if f.id == finding_id), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready numbers of this row (for tests and benchmarks)."""
+        first = self.first_nonfinite
+        return {
+            "scenario": self.scenario,
+            "config": self.name,
+            "seed": self.seed,
+            "run_dir": str(self.run_dir),
+            "steps": self.steps_taken,
+            "planned_steps": self.planned_steps,
+            "skipped": self.skipped,
+            "stopped": self.result.stopped,
+            "first_nonfinite_step": None if first is None else first.get("step"),
+            "first_nonfinite": first,
+            "where": where(first),
+            "final_loss": self.final_loss,
+            self.metric: self.metric_value,
+            "clip_rate": self.clip_rate,
+            "findings": self.finding_ids,
+            "threshold": self.threshold,
+            "recommended_from": self.recommended_from,
+            "wall_s": self.result.wall_s,
+        }
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def where(event: dict[str, Any] | None, *, short: bool = False) -> str:
+    """The first non-finite step and where it was born, in words (from the located event).
+
+    ``short``: the step and the cause or op only (for the table); otherwise the explosion's first
+    step and layer, and the op where it overflowed with its source line, where the guard found them.
+    """
+    if event is None:
+        return "—"
+    step = event.get("step")
+    raw = event.get("evidence")
+    ev: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    if event.get("cause") == "explosion":
+        module = event.get("module")
+        if short:
+            return f"{step}: explosion" + (f" ({module})" if module else "")
+        first = ev.get("first_spike_step")
+        growth = ev.get("growth")
+        text = f"step {step}: an explosion"
+        if _is_number(growth):
+            text += f" (the gradient norm grew {growth:.0e}×"
+            text += f" from step {first}" if isinstance(first, int) else ""
+            text += f", first in layer {module})" if module else ")"
+        overflow = ev.get("overflow")
+        if isinstance(overflow, dict) and overflow.get("op"):
+            text += f"; it overflowed in {_site(overflow)}"
+        return text
+    if short:
+        return f"{step}: " + " · ".join(str(event[k]) for k in ("phase", "module", "op") if event.get(k))
+    return f"step {step}: {_site(event)}"
+
+
+def _site(event: dict[str, Any]) -> str:
+    """``backward of code (linear, -inf) at deepsad.py:121, found by replay``."""
+    text = str(event.get("phase") or "?")
+    if event.get("module"):
+        text += f" of {event['module']}"
+    detail = [str(event[k]) for k in ("op", "kind") if event.get(k)]
+    if detail:
+        text += f" ({', '.join(detail)})"
+    source = event.get("source")
+    if source:
+        text += f" at {Path(str(source).rsplit(':', 1)[0]).name}:{str(source).rsplit(':', 1)[-1]}"
+    if event.get("located_by"):
+        text += f", found by {event['located_by']}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return format(x, spec)
+
+
+class Progress:
+    """One line per configuration; redrawn in place (a bar) when the stream is a terminal."""
+
+    def __init__(self, stream: IO[str], label: str, total: int) -> None:
+        self.stream = stream
+        self.label = label
+        self.total = max(1, total)
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.start = time.perf_counter()
+        self.last_draw = 0.0
+        self.last: StepRecord | None = None
+
+    def bar(self, done: int, width: int = 20) -> str:
+        filled = min(width, round(width * done / self.total))
+        return "█" * filled + "·" * (width - filled)
+
+    def __call__(self, rec: StepRecord) -> None:
+        self.last = rec
+        now = time.perf_counter()
+        if self.tty and (now - self.last_draw > 0.1 or rec.step + 1 == self.total):
+            self.last_draw = now
+            text = (
+                f"\r  {self.label} {self.bar(rec.step + 1)} {rec.step + 1}/{self.total}  "
+                f"loss {_fmt(rec.loss)}  ‖g‖ {_fmt(rec.grad_norm)}  {now - self.start:.1f}s"
+            )
+            self.stream.write(text + "\x1b[K")
+            self.stream.flush()
+
+    def done(self, summary: str) -> None:
+        n = 0 if self.last is None else self.last.step + 1
+        elapsed = time.perf_counter() - self.start
+        line = f"  {self.label} {self.bar(n)} {n}/{self.total}  {summary}  {elapsed:.1f}s"
+        self.stream.write(("\r" + line + "\x1b[K\n") if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def _describe(name: str, module: ModuleType) -> str:
+    doc = (module.__doc__ or name).strip().splitlines()[0]
+    return doc.rstrip(".")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def _run_config(
+    module: ModuleType,
+    scenario: str,
+    config: RunConfig,
+    seed: int,
+    run_dir: Path,
+    steps: int | None,
+    stream: IO[str],
+    label: str,
+    recommended_from: str | None = None,
+) -> Row:
+    sc = module.build(seed)
+    n_steps = sc.steps if steps is None else min(steps, sc.steps)
+    optimizer = sc.make_optimizer(config)
+    guard = Guard(
+        sc.model,
+        optimizer,
+        clip=config.clip,  # type: ignore[arg-type]  # a spec string or a clipper
+        on_nonfinite=config.on_nonfinite,  # type: ignore[arg-type]
+        log_dir=run_dir,
+        name=f"{scenario}-{config.name}",
+    )
+    update = GuardUpdate(guard)
+    progress = Progress(stream, label, n_steps)
+    try:
+        result = train(
+            sc,
+            config,
+            steps=n_steps,
+            update=update,
+            optimizer=optimizer,
+            step_hook=progress,
+            stop_on_nonfinite=config.stop_at_nonfinite,
+        )
+        if guard.writer is not None:
+            guard.writer.update_meta(
+                demo={
+                    "scenario": scenario,
+                    "configuration": config.name,
+                    "note": config.note,
+                    "recommended_from": recommended_from,
+                    "seed": seed,
+                    "optimizer": config.optimizer,
+                    "lr": config.lr,
+                    "steps_planned": n_steps,
+                    "stopped": result.stopped,
+                    "final_loss": result.final_loss,
+                    "metric": sc.metric,
+                    "metrics": result.metrics,
+                    "baseline": sc.baseline,
+                    "loss_unit": sc.loss_unit,
+                    "hparams": {k: v for k, v in sc.info.items() if isinstance(v, (int, float, str, tuple))},
+                }
+            )
+    finally:
+        guard.close()
+    log = read_run(run_dir)
+    findings = diagnose(log, write=True)
+    row = Row(scenario, config, seed, run_dir, n_steps, result, log, findings, sc.metric)
+    progress.done(_progress_summary(row, sc.metric, update.error))
+    return row
+
+
+def _progress_summary(row: Row, metric: str, error: NonFiniteError | None) -> str:
+    first = row.first_nonfinite
+    if row.result.stopped == "nonfinite" and first is not None:
+        return f"non-finite at step {first.get('step')} (skipped by the guard and located); stopped there"
+    text = (
+        f"loss {_fmt(row.final_loss)}  {metric} {_fmt(row.metric_value, '.3f')}  clipped {row.clip_rate:.0%}"
+    )
+    if row.skipped:
+        text += f"  skipped {row.skipped}"
+    if error is not None:
+        text += "  (the guard gave up: too many skipped steps in a row)"
+    return text
+
+
+def _recommended(rows: Sequence[Row], sources: Sequence[str]) -> tuple[float | None, str | None]:
+    """The threshold ``diagnose`` recommends from the first run of ``sources`` that has one.
+
+    From an over-clipped run, its ``over_clipping`` finding's ``max_norm``; otherwise the first
+    recommendation among its findings (e.g. the ``explosion`` of an unclipped run).
+    """
+    for source in sources:
+        src = next((r for r in rows if r.name == source), None)
+        if src is None:
+            continue
+        over = src.finding("over_clipping")
+        value = over.recommendation.get("max_norm") if over is not None else None
+        if not _is_number(value):
+            value = recommended_max_norm(src.findings)
+        if value is not None and _is_number(value):
+            return float(value), source
+    return None, None
+
+
+def run_scenario(
+    name: str,
+    folder: Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    stream: IO[str] | None = None,
+    start_index: int = 1,
+) -> list[Row]:
+    """Run every demo configuration of scenario ``name``; one run directory each under ``folder``."""
+    out = stream if stream is not None else sys.stdout
+    module = _module(name)
+    configs: list[RunConfig] = module.demo_configs()
+    rows: list[Row] = []
+    out.write(f"\n{name}: {_describe(name, module)} (seed {seed})\n")
+    listed = "; ".join(f"{c.name} ({c.note})" if c.note else c.name for c in configs)
+    out.write(f"  configurations: {listed}\n")
+    width = max(len(c.name) for c in configs) + 2
+    for i, config in enumerate(configs):
+        threshold: float | None = None
+        source: str | None = None
+        if config.recommend_from:
+            threshold, source = _recommended(rows, config.recommend_from)
+            if threshold is None:
+                tried = " or ".join(config.recommend_from)
+                out.write(f"  {config.name}: not run (diagnose of {tried} recommended no threshold)\n")
+                continue
+            config = replace(config, name=f"norm:{threshold:g}", clip=f"norm:{threshold}")
+        label = f"[{i + 1}/{len(configs)}] {config.name:<{max(width, len(config.name) + 1)}}"
+
+        run_dir = folder / f"{start_index + len(rows):02d}-{name}-{_slug(config.name)}"
+        row = _run_config(module, name, config, seed, run_dir, steps, out, label, source)
+        if threshold is not None:
+            row.threshold, row.recommended_from = threshold, source
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- summary
+
+
+def _metric_label(row: Row) -> str:
+    return {"bpc": "bits/char", "roc_auc": "ROC-AUC"}.get(row.metric, row.metric)
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """The summary of the runs of one scenario as an aligned text table."""
+    if not rows:
+        return ""
+    head = [
+        "configuration",
+        "steps",
+        "first non-finite",
+        "final loss",
+        _metric_label(rows[0]),
+        "clipped",
+        "findings",
+    ]
+    body = []
+    for r in rows:
+        name = r.name
+        steps = f"{r.steps_taken}/{r.planned_steps}" + (f" ({r.skipped} skipped)" if r.skipped else "")
+        body.append(
+            [
+                name,
+                steps,
+                where(r.first_nonfinite, short=True),
+                _fmt(r.final_loss),
+                _fmt(r.metric_value, ".3f"),
+                f"{r.clip_rate:.0%}",
+                ", ".join(r.finding_ids) or "—",
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    lines.append("  ".join("─" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in body]
+    return "\n".join(lines)
+
+
+def takeaways(name: str, rows: Sequence[Row]) -> list[str]:
+    """What the runs show, in sentences computed from them (never from expectations)."""
+    out: list[str] = []
+    by = {r.name: r for r in rows}
+    none = by.get("none")
+    if none is not None:
+        first = none.first_nonfinite
+        if first is not None:
+            out.append(f"none: non-finite at {where(first)}.")
+        else:
+            out.append("none: no non-finite step in this run.")
+    for r in rows:
+        over = r.finding("over_clipping")
+        if over is not None and not r.config.recommend_from:
+            rec = over.recommendation.get("max_norm")
+            out.append(
+                f"{r.name}: clipped {r.clip_rate:.0%} of the steps — diagnosed as over_clipping"
+                + (f"; diagnose recommends max_norm={rec:g}" if _is_number(rec) else "")
+                + "."
+            )
+    for r in rows:
+        if r.threshold is not None:
+            src = by.get(r.recommended_from or "")
+            ratio = (
+                f", {src.final_loss / r.final_loss:.0f}× lower than {src.name}'s"
+                if src is not None and r.final_loss > 0 and math.isfinite(src.final_loss)
+                else ""
+            )
+            nf = "no non-finite step" if r.first_nonfinite is None else "went non-finite"
+            out.append(
+                f"{r.name} (recommended by diagnose of {r.recommended_from}): clipped {r.clip_rate:.0%}, {nf}, final loss "
+                f"{_fmt(r.final_loss)}{ratio}."
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------- entry
+
+
+def _steps_from_env() -> int | None:
+    raw = os.environ.get(STEPS_ENV)
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        raise GradGuardError(f"{STEPS_ENV} must be a positive int, got {raw!r}.") from None
+    if n < 1:
+        raise GradGuardError(f"{STEPS_ENV} must be a positive int, got {raw!r}.")
+    return n
+
+
+def _baseline_line(name: str, rows: Sequence[Row]) -> str:
+    if not rows:
+        return ""
+    meta = rows[0].log.meta.get("demo") or {}
+    base = meta.get("baseline") or {}
+    if name == "rnn" and _is_number(base.get("unigram_bpc")):
+        return (
+            f"  bits/char on held-out text; the unigram baseline (no context) is {base['unigram_bpc']:.2f}: "
+            "below it, the model learned."
+        )
+    if name == "deepsad":
+        return "  ROC-AUC of the anomaly score on the test digits (0.5 = chance); the training loss shows the stall."
+    return ""
+
+
+def run_demo(
+    name: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    stream: IO[str] | None = None,
+    progress_stream: IO[str] | None = None,
+) -> int:
+    """Run the embedded scenarios (or one), print the summary, write one report; return an exit code.
+
+    Args:
+        name: ``"rnn"``, ``"deepsad"`` or ``None`` (all, in :data:`SCENARIOS` order).
+        out: the demo folder (default ``gradguard-runs/<time>-demo``); it must be new or empty.
+        seed: the seed of every scenario (weights, data order).
+        steps: cap every configuration at this many steps (default: each scenario's own;
+            also read from :data:`STEPS_ENV`).
+        stream: where the summary goes (default stdout).
+        progress_stream: where the progress lines go (default: ``stream``).
+
+    Returns:
+        0 when every run finished and the report was written; 1 when the report could not be
+        written (e.g. plotly missing); 2 for an unknown scenario or an unusable ``out`` folder.
+    """
+    stream = stream if stream is not None else sys.stdout
+    progress = progress_stream if progress_stream is not None else stream
+    names = list(SCENARIOS) if name is None else [name]
+    if name is not None and name not in SCENARIOS:
+        print(f"gradguard demo: no scenario {name!r}; choose one of: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    try:
+        steps = steps if steps is not None else _steps_from_env()
+    except GradGuardError as e:
+        print(f"gradguard demo: {e}", file=sys.stderr)
+        return 2
+    if out is None:
+        folder = default_run_dir("demo", create=True)
+    else:
+        folder = Path(out)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            print(
+                f"gradguard demo: {str(folder)!r} exists and is not an empty folder; pass a new folder to --out "
+                "(the demo writes one run directory per configuration into it).",
+                file=sys.stderr,
+            )
+            return 2
+        folder.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread is as fast, never oversubscribed, and reproducible
+    try:
+        return _run_all(names, folder, seed, steps, stream, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_all(
+    names: Sequence[str], folder: Path, seed: int, steps: int | None, stream: IO[str], progress: IO[str]
+) -> int:
+    start = time.perf_counter()
+    stream.write(
+        f"gradguard demo: {', '.join(names)} — each configuration trained through gradguard.Guard, "
+        f"run directories in {folder}/\n"
+    )
+    if steps is not None:
+        stream.write(f"  (every configuration capped at {steps} steps: {STEPS_ENV} / --steps)\n")
+    stream.flush()
+    results: dict[str, list[Row]] = {}
+    count = 1
+    for scenario in names:
+        rows = run_scenario(scenario, folder, seed=seed, steps=steps, stream=progress, start_index=count)
+        count += len(rows)
+        results[scenario] = rows
+    train_s = time.perf_counter() - start
+    for scenario, rows in results.items():
+        stream.write(f"\nSummary — {scenario} (seed {seed}):\n{summary_table(rows)}\n")
+        base = _baseline_line(scenario, rows)
+        if base:
+            stream.write(base + "\n")
+        for line in takeaways(scenario, rows):
+            stream.write(f"  • {line}\n")
+    code = 0
+    try:
+        from gradguard.report import write_report
+
+        report = write_report(folder)
+    except GradGuardError as e:
+        stream.write(f"\nNo report: {e}\n")
+        code = 1
+    else:
+        stream.write(f"\nReport (one page, every run): {report}\n")
+    stream.write(
+        f"Run directories: {folder}/ — `gradguard diagnose DIR` explains any of them. "
+        f"Demo time {time.perf_counter() - start:.0f} s (training {train_s:.0f} s).\n"
+    )
+    stream.flush()
+    return code

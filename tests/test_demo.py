@@ -1,0 +1,180 @@
+"""`gradguard demo`: the embedded scenarios through the real CLI entry and the real Guard.
+
+The fast test runs one scenario with few steps (``GRADGUARD_DEMO_STEPS``) and checks what the
+demo leaves behind: one run directory per configuration, the summary, the report. The slow test
+runs the whole demo (seed 0, every step) and checks the claims of issue 6 from the run
+directories it wrote: nothing is planted, the numbers are whatever the training produced.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gradguard.cli import main
+from gradguard.clip import Auto
+from gradguard.demos import STEPS_ENV
+from gradguard.errors import GradGuardError
+from gradguard.runlog import FINDINGS_FILE, REPORT_FILE, RunLog, is_run_dir, read_run
+
+needs_sklearn = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None,
+    reason="the deepsad scenario trains on scikit-learn's digits (pip install 'gradguard[demo]')",
+)
+
+
+def run_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_run_dir(p))
+
+
+def demo_meta(log: RunLog) -> dict[str, Any]:
+    meta = log.meta.get("demo")
+    assert isinstance(meta, dict), f"{log.path}: meta.json has no demo section"
+    return meta
+
+
+def finding_ids(run: Path) -> list[str]:
+    return [f["id"] for f in json.loads((run / FINDINGS_FILE).read_text())]
+
+
+def clip_rate(log: RunLog) -> float:
+    taken = [r for r in log.metrics if not r.get("skipped")]
+    clipped = [r for r in taken if isinstance(r.get("clip_coef"), float) and r["clip_coef"] < 1.0]
+    return len(clipped) / len(taken)
+
+
+def by_config(folder: Path) -> dict[str, RunLog]:
+    logs = [read_run(p) for p in run_dirs(folder)]
+    return {f"{demo_meta(log)['scenario']}/{demo_meta(log)['configuration']}": log for log in logs}
+
+
+@needs_sklearn
+def test_demo_one_scenario_quick_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(STEPS_ENV, "40")
+    out = tmp_path / "demo"
+    assert main(["demo", "deepsad", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+
+    runs = run_dirs(out)
+    assert [p.name for p in runs][:2] == ["01-deepsad-none", "02-deepsad-norm-5"]
+    assert len(runs) >= 4 and all(p.name.startswith(f"{i + 1:02d}-deepsad-") for i, p in enumerate(runs))
+    for run in runs:
+        for name in ("meta.json", "metrics.jsonl", "events.jsonl", FINDINGS_FILE):
+            assert (run / name).is_file(), run / name
+        log = read_run(run)
+        meta = demo_meta(log)
+        assert meta["scenario"] == "deepsad" and meta["seed"] == 0 and meta["steps_planned"] == 40
+        assert log.meta["config"]["on_nonfinite"] == "skip"
+        assert "roc_auc" in meta["metrics"]
+        assert 1 <= len(log.metrics) <= 40
+
+    # the unclipped run met a real non-finite step within 40 steps; the guard skipped and located it
+    none = read_run(runs[0])
+    event = none.first_nonfinite()
+    assert event is not None and event["located_by"] in ("replay", "hooks", "norm", "watch")
+    assert event.get("cause") == "explosion" or event.get("op")
+    assert demo_meta(none)["stopped"] == "nonfinite"
+    assert none.metrics[-1]["skipped"] and none.metrics[-1]["step"] == event["step"]
+
+    # the summary: one table row per configuration, the first non-finite step, then the report
+    assert "Summary — deepsad (seed 0)" in text
+    for header in (
+        "configuration",
+        "steps",
+        "first non-finite",
+        "final loss",
+        "ROC-AUC",
+        "clipped",
+        "findings",
+    ):
+        assert header in text
+    for log in map(read_run, runs):
+        assert f"\n{demo_meta(log)['configuration']} " in text
+    assert f"{event['step']}: " in text
+    report = out / REPORT_FILE
+    assert f"Report (one page, every run): {report}" in text
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>") and all(p.name in page for p in runs)
+
+
+def test_demo_refuses_unknown_scenarios_and_used_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "nope", "--out", str(tmp_path / "a")]) == 2
+    assert "no scenario 'nope'" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "something").write_text("x")
+    assert main(["demo", "deepsad", "--out", str(used)]) == 2
+    err = capsys.readouterr().err
+    assert "not an empty folder" in err and str(used) in err
+    assert sorted(p.name for p in used.iterdir()) == ["something"]
+
+
+# ------------------------------------------------------------------ Auto(first=…): the rule "auto" runs
+# (Auto's warm-up rule itself is checked against its reference in test_clip.py.)
+
+
+def norms(n: int = 80, seed: int = 0) -> list[float]:
+    """Log-normal norms with a climb from step 40 and an 8x spike every 9th step."""
+    rng = random.Random(seed)
+    return [
+        math.exp(rng.gauss(0.0, 0.4)) * (8.0 if i % 9 == 4 else 1.0) * 1.1 ** max(0, i - 40) for i in range(n)
+    ]
+
+
+def taus(clipper: Auto, seq: list[float]) -> list[float]:
+    return [float(clipper.threshold(torch.tensor(g))) for g in seq]
+
+
+@pytest.mark.parametrize("first", [0.5, 2.0])
+def test_auto_first_caps_the_warm_up_rule_at_a_multiple_of_the_first_finite_norm(first: float) -> None:
+    seq = [math.nan, math.inf, *norms()]  # non-finite norms are never "the first norm"
+    got, base = taus(Auto(first=first, warmup=5), seq), taus(Auto(warmup=5), seq)
+    g0 = seq[2]
+    assert got[:3] == base[:3]  # nothing to cap with before the first finite norm has been seen
+    for g, t in zip(got[3:], base[3:]):
+        assert g == pytest.approx(min(t, first * g0), rel=1e-6)
+    assert sum(g < t for g, t in zip(got, base)) > 10  # the cap binds
+
+
+def test_auto_first_is_validated() -> None:
+    assert Auto().first is None
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(GradGuardError, match="first"):
+            Auto(first=bad)
+
+
+def test_auto_first_state_round_trips_and_resumes_exactly() -> None:
+    seq = norms()
+    whole = Auto(first=0.5, warmup=5)
+    want = taus(whole, seq)
+    for cut in (0, 1, 3, 30):
+        head = Auto(first=0.5, warmup=5)
+        taus(head, seq[:cut])
+        buffer = io.BytesIO()
+        torch.save(head.state_dict(), buffer)
+        buffer.seek(0)
+        tail = Auto(warmup=5)  # first comes from the state
+        tail.load_state_dict(torch.load(buffer, weights_only=True))
+        assert tail.first == 0.5
+        assert taus(head, seq[cut:]) == taus(tail, seq[cut:]) == want[cut:]
+
+
+def test_auto_loads_a_state_saved_before_first_existed() -> None:
+    old = Auto(warmup=5)
+    taus(old, norms()[:10])
+    state = {k: v for k, v in old.state_dict().items() if k not in ("first", "first_norm")}
+    new = Auto(warmup=5)
+    new.load_state_dict(state)
+    assert new.first is None and taus(new, norms()[10:]) == taus(old, norms()[10:])
