@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gradguard.cli import main
-from gradguard.clip import Auto
+from gradguard.clip import Auto, from_spec
 from gradguard.demos import STEPS_ENV
 from gradguard.errors import GradGuardError
 from gradguard.runlog import FINDINGS_FILE, REPORT_FILE, RunLog, is_run_dir, read_run
@@ -121,6 +121,51 @@ def test_demo_refuses_unknown_scenarios_and_used_folders(
     assert sorted(p.name for p in used.iterdir()) == ["something"]
 
 
+@needs_sklearn
+@pytest.mark.slow
+def test_demo_claims_hold_on_seed_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 6's claims for both scenarios on seed 0 (the README's table has seeds 0-2)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Summary — rnn" in text and "Summary — deepsad" in text and (out / REPORT_FILE).is_file()
+    runs = by_config(out)
+
+    # rnn: unclipped SGD lr=1 reaches a non-finite step, located
+    none = runs["rnn/none"]
+    event = none.first_nonfinite()
+    assert event is not None and event.get("located_by") and (event.get("cause") or event.get("op"))
+    unigram = demo_meta(none)["baseline"]["unigram_bpc"]
+    # clipped and auto: never non-finite, and well below the unigram bits/char (no context)
+    for name in ("rnn/norm:5", "rnn/auto"):
+        log = runs[name]
+        meta = demo_meta(log)
+        assert log.first_nonfinite() is None and not any(r.get("skipped") for r in log.metrics), name
+        assert meta["stopped"] == "steps" and len(log.metrics) == meta["steps_planned"]
+        assert meta["metrics"]["bpc"] < unigram - 1.0, (name, meta["metrics"], unigram)
+
+    # deepsad: unclipped → non-finite, located
+    event = runs["deepsad/none"].first_nonfinite()
+    assert event is not None and event.get("located_by") and (event.get("cause") or event.get("op"))
+    # max_norm=5 is diagnosed as over-clipping
+    over = runs["deepsad/norm:5"]
+    assert "over_clipping" in finding_ids(over.path)
+    # the run that follows the recommendation
+    rec = [log for key, log in runs.items() if demo_meta(log).get("recommended_from")]
+    assert len(rec) == 1
+    log = rec[0]
+    assert demo_meta(log)["recommended_from"] in ("norm:5", "none")
+    assert clip_rate(log) <= 0.5
+    assert log.first_nonfinite() is None and not any(r.get("skipped") for r in log.metrics)
+    assert demo_meta(log)["final_loss"] <= demo_meta(over)["final_loss"] / 5
+    # ROC-AUC reported for every configuration
+    for key, log in runs.items():
+        if key.startswith("deepsad/"):
+            assert isinstance(demo_meta(log)["metrics"]["roc_auc"], float), key
+            if log.first_nonfinite() is None:
+                assert math.isfinite(demo_meta(log)["metrics"]["roc_auc"]), key
+
+
 # ------------------------------------------------------------------ Auto(first=…): the rule "auto" runs
 # (Auto's warm-up rule itself is checked against its reference in test_clip.py.)
 
@@ -148,7 +193,9 @@ def test_auto_first_caps_the_warm_up_rule_at_a_multiple_of_the_first_finite_norm
     assert sum(g < t for g, t in zip(got, base)) > 10  # the cap binds
 
 
-def test_auto_first_is_validated() -> None:
+def test_auto_spec_is_auto_with_first_half_and_validates_first() -> None:
+    auto = from_spec("auto")
+    assert isinstance(auto, Auto) and auto.first == 0.5 and repr(auto).endswith("first=0.5)")
     assert Auto().first is None
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(GradGuardError, match="first"):

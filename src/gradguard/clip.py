@@ -594,8 +594,8 @@ class Auto(ZClip):
     cap that exists from the second step on: τ ≤ ``first`` × the first finite norm — the only
     norm measured before any update could have started an explosion. Pascanu, Mikolov & Bengio
     (ICML 2013) found thresholds of 0.5–10× the average norm to converge; ``first=0.5`` is the
-    lower end, with the first norm standing in for the average. ``Auto()`` alone keeps the
-    warm-up-only rule.
+    lower end, with the first norm standing in for the average. The ``"auto"`` spec uses
+    ``first=0.5``; ``Auto()`` alone keeps the warm-up-only rule.
 
     Measured (``gradguard demo``, seeds 0-2; see :mod:`gradguard.demos`): with ``first=0.5`` the
     LSTM at lr = 1 trains for its 500 steps (no non-finite step, 2.85-2.98 bits/char on held-out
@@ -781,7 +781,7 @@ _SPECS = {
     "autoclip": "autoclip[:PERCENTILE] (default 10)",
     "zclip": "zclip[:Z_THRESH] (default 2.5)",
     "layer": "layer:MAX_NORM (per-layer norm clipping)",
-    "auto": "auto (ZClip spike clipping capped at 10x the healthy norm)",
+    "auto": "auto (ZClip spike clipping, capped at half the first norm and 10x the warm-up norm)",
     "none": "none (measure only)",
     "number": "a bare number N (same as norm:N)",
 }
@@ -817,7 +817,7 @@ def from_spec(spec: str | Clipper | None) -> Clipper | None:
     if name == "none" and num is None:
         return None
     if name == "auto" and num is None:
-        return Auto()
+        return Auto(first=0.5)
     if name == "norm" and num is not None:
         return Norm(num)
     if name == "value" and num is not None:
