@@ -224,6 +224,12 @@ def _site(event: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------- output
 
 
+def _pct(x: float) -> str:
+    """A rate in percent, with a decimal where rounding would show 0% or 100% for a rate that is neither."""
+    text = f"{x:.0%}"
+    return f"{x:.1%}" if text in ("0%", "100%") and 0.0 < x < 1.0 else text
+
+
 def _fmt(x: float | None, spec: str = ".3g") -> str:
     if x is None:
         return "—"
@@ -349,9 +355,7 @@ def _progress_summary(row: Row, metric: str, error: NonFiniteError | None) -> st
     first = row.first_nonfinite
     if row.result.stopped == "nonfinite" and first is not None:
         return f"non-finite at step {first.get('step')} (skipped by the guard and located); stopped there"
-    text = (
-        f"loss {_fmt(row.final_loss)}  {metric} {_fmt(row.metric_value, '.3f')}  clipped {row.clip_rate:.0%}"
-    )
+    text = f"loss {_fmt(row.final_loss)}  {metric} {_fmt(row.metric_value, '.3f')}  clipped {_pct(row.clip_rate)}"
     if row.skipped:
         text += f"  skipped {row.skipped}"
     if error is not None:
@@ -447,7 +451,7 @@ def summary_table(rows: Sequence[Row]) -> str:
                 where(r.first_nonfinite, short=True),
                 _fmt(r.final_loss),
                 _fmt(r.metric_value, ".3f"),
-                f"{r.clip_rate:.0%}",
+                _pct(r.clip_rate),
                 ", ".join(r.finding_ids) or "—",
             ]
         )
@@ -472,12 +476,14 @@ def takeaways(name: str, rows: Sequence[Row]) -> list[str]:
     for r in rows:
         over = r.finding("over_clipping")
         if over is not None and not r.config.recommend_from:
+            ev = over.evidence
+            text = f"{r.name}: clipped {_pct(r.clip_rate)} of the steps — diagnose: over_clipping"
+            if _is_number(ev.get("loss_start")) and _is_number(ev.get("loss_end")):
+                text += f" (loss {_fmt(ev['loss_start'])} → {_fmt(ev['loss_end'])})"
             rec = over.recommendation.get("max_norm")
-            out.append(
-                f"{r.name}: clipped {r.clip_rate:.0%} of the steps — diagnosed as over_clipping"
-                + (f"; diagnose recommends max_norm={rec:g}" if _is_number(rec) else "")
-                + "."
-            )
+            if _is_number(rec) and any(x.recommended_from == r.name for x in rows):
+                text += f"; it recommends max_norm={rec:g}"
+            out.append(text + ".")
     for r in rows:
         if r.threshold is not None:
             src = by.get(r.recommended_from or "")
@@ -488,7 +494,7 @@ def takeaways(name: str, rows: Sequence[Row]) -> list[str]:
             )
             nf = "no non-finite step" if r.first_nonfinite is None else "went non-finite"
             out.append(
-                f"{r.name} (recommended by diagnose of {r.recommended_from}): clipped {r.clip_rate:.0%}, {nf}, final loss "
+                f"{r.name} (recommended by diagnose of {r.recommended_from}): clipped {_pct(r.clip_rate)}, {nf}, final loss "
                 f"{_fmt(r.final_loss)}{ratio}."
             )
     return out
