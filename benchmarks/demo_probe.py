@@ -15,7 +15,10 @@ candidate rules for a better ``auto`` (defined here, not in the library):
   25 steps (a warm-up that clips, anchored at 1× the healthy median instead of 10× the mean);
 * ``cand:first/2``: a fixed threshold of half the first step's norm (Pascanu et al.'s
   "0.5× to 10× the average norm", lower end, with the first norm as the average);
-* ``auto(warmup=5)``: the library's rule with a 5-step warm-up.
+* ``auto(warmup=5)``: the library's warm-up rule (``Auto()``, no first-norm cap) with a 5-step warm-up.
+
+``cand:first/2`` kept both scenarios finite on every seed and became the ``first=0.5`` cap of the
+library's ``auto`` (:class:`gradguard.clip.Auto`); ``auto`` in the rows below is that rule.
 
 Run ``python benchmarks/demo_probe.py`` (about 3-4 minutes on 2 CPU cores), ``--scenario rnn``,
 ``--seeds 0 1 2``, ``--json out.json``. Timings are wall-clock on a possibly shared machine.
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", choices=["rnn", "deepsad", "all"], default="all")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1, as gradguard demo)")
     ap.add_argument("--json", help="write the rows to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -21,7 +21,15 @@ step 10; ``norm:5`` clips 99.6 % of the steps (the recipe is normalized SGD: the
 ~10) and reaches 2.85-2.98 bits/char on held-out text against a unigram entropy of 4.79;
 Adam (lr 2e-3) reaches 2.95-3.01 with or without ``norm:5``. The stable window is narrow:
 ``norm:10`` (1× the first norm) goes non-finite at step 134-217, ``norm:20`` near step 65, and the
-adaptive rules that follow the norms upward (``autoclip:10``, ``zclip``, ``auto``) all fail.
+adaptive rules that follow the norms upward (``autoclip:10``, ``zclip``, ``Auto()``) all fail.
+``auto`` (:class:`gradguard.clip.Auto` with ``first=0.5``: never above half the first norm)
+trains like ``norm:5``: 2.85-2.98 bits/char, 99 % clipped, no non-finite step.
+
+Through ``gradguard demo`` (one thread, the guard in the loop; seeds 0-2): ``none`` is non-finite
+at step 11 (located: the norm grew ~1e14× from step 4, then the decoder's ``linear`` overflowed in
+the forward pass); ``norm:5`` 2.89-3.02 bits/char; ``auto`` 2.85-2.98; Adam 2.96-3.01; ``norm:10``
+non-finite at step 199-235 and ``norm:28`` (what ``gradguard diagnose`` recommends from the
+``norm:5`` run) at step 52-105.
 """
 
 from __future__ import annotations
