@@ -136,3 +136,33 @@ def test_locate_context_manager_names_op_module_and_line() -> None:
     assert (event["phase"], event["module"], event["op"], event["kind"]) == ("forward", "4", "log", "-inf")
     assert event["source"].endswith("test_locate.py:" + str(_Feat.forward.__code__.co_firstlineno + 1))
     assert event["evidence"]["reason"] == "log of 0"
+
+
+def test_without_a_replayable_backward_the_next_forward_is_instrumented() -> None:
+    """No gradient of the output kept (a huge output): the failed step cannot replay its backward, so
+    the guard instruments the model's next forward; the fault recurs there and is located by hooks."""
+    from gradguard.locate import StepCapture
+
+    class Dist(torch.nn.Module):
+        def forward(self, d):
+            return (d * d).sum(-1) ** 0.5  # infinite derivative at 0
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), Dist())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, capture=StepCapture(model, max_output=0), every=100)
+    events = []
+    guard._event = events.append  # type: ignore[method-assign]
+    x = torch.randn(4, 3)
+    x[0] = 0.0  # a sample at the origin, in every batch
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).sum()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    nonfinite = [e for e in events if e.get("type") == "nonfinite"]
+    hooks = [e for e in nonfinite if e["located_by"] == "hooks"]
+    assert nonfinite[0]["step"] == 0 and nonfinite[0]["located_by"] == "norm"
+    assert hooks and hooks[0]["step"] == 0 and hooks[0]["seen_at_step"] == 1
+    assert (hooks[0]["phase"], hooks[0]["module"], hooks[0]["op"]) == ("backward", "1", "pow")
+    assert torch._C._len_torch_function_stack() == 0  # the instrumentation never outlives its forward

@@ -258,7 +258,7 @@ class Guard:
         self._replays = 0
         self._closure: Callable[[], Any] | None = None
         self._external = False
-        self._armed: tuple[Locator, Any, int] | None = None
+        self._armed: tuple[Locator, dict[str, Any], int] | None = None
         self._closure_rng: dict[str, Any] | None = None
         self._root = root
         self._capture: StepCapture | None = (capture or StepCapture(root)) if locate else None
@@ -790,20 +790,47 @@ class Guard:
 
     # ------------------------------------------------------------------ locate
     def _arm(self, step: int) -> None:
-        """Instrument from now until the next :meth:`step` (the user's next forward, loss and backward)."""
+        """Instrument the model's next forward call (and, through the autograd-node hooks it leaves,
+        that forward's backward), in case the failure recurs.
+
+        The instrumentation is a :class:`TorchFunctionMode`: it is entered in the root's forward
+        pre-hook and left in its forward hook, around exactly one forward call, so it never
+        outlives that call (an unclosed guard cannot leave it on the mode stack).
+        """
         loc = Locator(self._root)
-        ctx = loc.watch()
-        ctx.__enter__()
-        self._armed = (loc, ctx, step)
+        state: dict[str, Any] = {}
+
+        def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if "ctx" in state or (self._capture is not None and self._capture.replaying):
+                return
+            state["ctx"] = loc.watch()
+            state["ctx"].__enter__()
+            loc._pre(module, args, kwargs)  # the watch's own pre-hook joins from the next call
+            # registered after the watch's hooks, so it runs after them when this call ends
+            state["handles"].append(self._root.register_forward_hook(leave, always_call=True))
+
+        def leave(module: nn.Module, args: Any, out: Any) -> None:
+            ctx = state.pop("ctx", None)
+            if ctx is None:
+                return
+            ctx.__exit__(None, None, None)
+            for h in state.pop("handles", ()):
+                h.remove()
+            outs = [t for t in _tensors(out) if t.is_floating_point()]
+            state["out"] = outs[0] if outs else None
+
+        state["handles"] = [self._root.register_forward_pre_hook(enter, with_kwargs=True)]
+        self._armed = (loc, state, step)
 
     def _finish_armed(self, loss: Tensor | float | None) -> None:
-        """End the armed instrumentation; if the failure recurred, write where it was born."""
+        """End the armed window; if the failure recurred, write where it was born (``located_by="hooks"``)."""
         if self._armed is None:
             return
-        loc, ctx, step = self._armed
+        loc, state, step = self._armed
         self._armed = None
-        ctx.__exit__(None, None, None)
-        target = loss if isinstance(loss, Tensor) else loc.loss
+        for h in state.pop("handles", ()):  # the model never ran: nothing was instrumented
+            h.remove()
+        target = loss if isinstance(loss, Tensor) else state.get("out")
         birth = loc.answer(target) if target is not None or loc.backward_birth is not None else None
         if birth is not None:
             self._event(
@@ -814,7 +841,7 @@ class Guard:
                     "located_by": "hooks",
                     "seen_at_step": self.step_count,
                     "note": f"step {step} failed without a way to replay it; the failure recurred at step "
-                    f"{self.step_count}, which ran instrumented",
+                    f"{self.step_count}, whose forward ran instrumented",
                 }
             )
 
@@ -1054,6 +1081,17 @@ class Guard:
             and not records[-1].get("_decided")
         ):
             raise self._abort(records[-1]["step"])
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    """The tensors in a module's output (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for x in tree for t in _tensors(x)]
+    if isinstance(tree, dict):
+        return [t for x in tree.values() for t in _tensors(x)]
+    return []
 
 
 class _Handle:

@@ -437,7 +437,7 @@ class Locator:
             }
             self.backward_birth = Birth("backward", module, op, "grad", kind, source, self.order, evidence)
 
-        self._handles.append(node.register_hook(hook))
+        node.register_hook(hook)  # lives as long as the graph: it fires in the backward after the watch
         self._hooked.append(node)
 
     # ------------------------------------------------------------------ run
@@ -660,18 +660,6 @@ class LossWatch(_OpWatch):
             node = o.grad_fn
             if node is not None and o.requires_grad:
                 self._handles.append(node.register_hook(self._node_hook(op, source)))
-        inputs = _floats((args, kwargs))
-        flag_out = self._bad(outs)
-        flag_in = torch.stack([self._flag(t) for t in inputs]).amax() if inputs else torch.zeros(())
-        source = user_source(2)
-        op = op_name(func)
-        self.entries.append((op, source, "loss", torch.stack([flag_out, flag_in, self._total(outs)])))
-        for o in outs:
-            self._flag_of[id(o)] = (weakref.ref(o), flag_out)
-            node = o.grad_fn
-            if node is not None and o.requires_grad:
-                self._handles.append(node.register_hook(self._node_hook(op, source)))
-        return out
 
     def _node_hook(self, op: str, source: str | None) -> Callable[..., None]:
         def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> None:
