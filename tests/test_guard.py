@@ -709,3 +709,24 @@ def test_only_the_parameters_the_optimizer_holds_are_guarded() -> None:
     opt = torch.optim.SGD(model[4].parameters(), lr=0.1)
     guard = gradguard.Guard(model, opt)
     assert guard._index.layers == ["4"]
+
+
+def test_the_host_spike_detector_of_warn_agrees_with_zclip_on_device() -> None:
+    """on_spike="warn" runs ZClip's z-score on the host at flush; it flags the same steps as ZClip."""
+    from gradguard.guard import _HostSpike
+
+    g = torch.Generator().manual_seed(0)
+    norms = (1 + 0.1 * torch.randn(300, generator=g, dtype=torch.float64)).tolist()
+    for i in (40, 41, 90, 200):
+        norms[i] *= 20
+    norms[120] = math.nan
+    for z in (2.5, 6.0):
+        device = gradguard.ZClip(z_thresh=z)
+        host = _HostSpike(z)
+        dev_flags = [
+            bool(torch.isfinite(device.threshold(torch.tensor(n, dtype=torch.float64)))) for n in norms
+        ]
+        host_flags = [host.observe(n) for n in norms]
+        assert host_flags == dev_flags
+        assert host.mean == pytest.approx(float(device.mean), rel=1e-9)
+    assert sum(dev_flags) >= 3

@@ -93,8 +93,9 @@ def coefficient(norm: Tensor, threshold: float | Tensor) -> Tensor:
         if tau.numel() == 1:  # a (1,)-shaped max_norm scales like a scalar (foreach needs 0-D)
             tau = tau.reshape(())
     coef = (tau / (n + 1e-6)).clamp(0.0, 1.0)
-    ok = torch.isfinite(n) & torch.isfinite(coef)
-    return torch.where(ok, coef, torch.ones_like(coef))
+    # 1 where the norm or the coefficient is not finite: n·coef·0 is 0 exactly when both are finite
+    # (7 small ops instead of 15: isfinite is 4 ops on CPU, and each costs ~5 µs of dispatch)
+    return torch.where(n * coef * 0 == 0, coef, 1.0)
 
 
 def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = None) -> None:

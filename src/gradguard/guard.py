@@ -201,7 +201,13 @@ class Guard:
             )
         self.lr_backoff = None if lr_backoff is None else float(lr_backoff)
         self.loss_scale_floor = float(loss_scale_floor)
-        self._spike = ZClip(z_thresh=float(spike_z)) if self.on_spike != "ignore" else None
+        # spikes that act on the step (clip, skip) are found on device; "warn" only logs them, so its
+        # z-score runs on the host at flush, over the norms the flush copies anyway (no per-step ops)
+        self._spike: ZClip | _HostSpike | None = None
+        if self.on_spike in ("clip", "skip"):
+            self._spike = ZClip(z_thresh=float(spike_z))
+        elif self.on_spike == "warn":
+            self._spike = _HostSpike(float(spike_z))
 
         own = {id(p) for p in model.parameters()}
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -284,7 +290,11 @@ class Guard:
                 meta = {**self._meta(), "rank": rank()}
                 self.writer = runlog.RunWriter(run_dir / "ranks" / f"rank{rank()}", meta, exist_ok=exist_ok)
         self.monitor = Monitor(
-            self._index.layers, every=self.every, writer=self.writer, on_flush=self._on_flush
+            self._index.layers,
+            every=self.every,
+            writer=self.writer,
+            on_flush=self._on_flush,
+            prepare=self._prepare_records,
         )
 
     # ------------------------------------------------------------------ public
@@ -498,7 +508,9 @@ class Guard:
             grads = [local(g) for g in grads]  # FSDP2: this rank's shards
         norms = tensor_norms(grads, p)  # the one read of the gradients
         if isinstance(loss, Tensor):
-            loss_val = loss.detach().reshape(-1).sum().to(device=device, dtype=torch.float32)
+            loss_val = loss.detach()
+            loss_val = loss_val.reshape(()) if loss_val.numel() == 1 else loss_val.sum()
+            loss_val = loss_val.to(device=device, dtype=torch.float32)  # a no-op for a float32 loss
         else:  # a float, or no loss (then only the gradients are checked; the log says null)
             loss_val = torch.full((), 0.0 if loss is None else float(loss), device=device)
         rank_flags = None
@@ -523,7 +535,7 @@ class Guard:
         self._last_norm = total
         threshold: Tensor | None = None
         spike = self._false(device)
-        if self._spike is not None:
+        if isinstance(self._spike, ZClip):
             spike_tau = self._spike.threshold(observed)
             spike = spike_tau < math.inf
             if self.on_spike == "clip":
@@ -1041,6 +1053,13 @@ class Guard:
             for fn in list(self._flush_callbacks):
                 fn(records)
 
+    def _prepare_records(self, records: list[dict[str, Any]]) -> None:
+        """Before the records are written: the host-side spike flags of ``on_spike="warn"``."""
+        if isinstance(self._spike, _HostSpike):
+            for rec in records:
+                if not rec["nonfinite"] and not rec["skipped"]:
+                    rec["spike"] = self._spike.observe(rec["grad_norm"])
+
     def _handle_flush(self, records: list[dict[str, Any]]) -> None:
         """Events of the steps the host had not seen yet (the sync-free path), from one host copy."""
         events: list[dict[str, Any]] = []
@@ -1092,6 +1111,47 @@ def _tensors(tree: Any) -> list[Tensor]:
     if isinstance(tree, dict):
         return [t for x in tree.values() for t in _tensors(x)]
     return []
+
+
+class _HostSpike:
+    """ZClip's z-score rule (:class:`gradguard.clip.ZClip`, Kumar et al. 2025) on the host, for logging.
+
+    Same statistics: the first ``warmup`` finite norms give μ and σ²; then a norm with
+    ``z = (g − μ)/(σ + eps) > z_thresh`` is a spike, and μ, σ² follow an EMA of the clipped value
+    ``μ + z_thresh²·σ/z``. Fed at flush with the norms of the steps that were taken.
+    """
+
+    def __init__(self, z_thresh: float, alpha: float = 0.97, warmup: int = 25, eps: float = 1e-6) -> None:
+        if not z_thresh > 0:
+            raise GradGuardError(f"spike_z must be > 0, got {z_thresh!r}. The default is 6.")
+        self.z_thresh, self.alpha, self.warmup, self.eps = z_thresh, alpha, warmup, eps
+        self.mean = self.var = 0.0
+        self.seen = 0
+
+    def observe(self, g: float) -> bool:
+        if not math.isfinite(g):
+            return False
+        if self.seen < self.warmup:  # Welford: mean and population variance of the warm-up norms
+            self.seen += 1
+            d = g - self.mean
+            self.mean += d / self.seen
+            self.var += (d * (g - self.mean) - self.var) / self.seen
+            return False
+        std = math.sqrt(max(self.var, 0.0))
+        z = (g - self.mean) / (std + self.eps)
+        spike = z > self.z_thresh
+        g_eff = self.mean + self.z_thresh**2 * std / z if spike else g
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * g_eff
+        self.var = self.alpha * self.var + (1 - self.alpha) * (g_eff - self.mean) ** 2
+        return spike
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "host": True, "mean": self.mean, "var": self.var, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state.get("host"):
+            return  # a device spike detector's state (on_spike changed between runs): start afresh
+        self.mean, self.var, self.seen = float(state["mean"]), float(state["var"]), int(state["seen"])
 
 
 class _Handle:

@@ -48,6 +48,7 @@ class Monitor:
         every: flush interval in steps (the buffer length).
         writer: where records go (``None``: kept only for :attr:`on_flush`).
         on_flush: called with the host records of each flush (the guard derives events there).
+        prepare: called with the records before they are written (to fill host-computed fields).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class Monitor:
         every: int = 50,
         writer: RunWriter | None = None,
         on_flush: Callable[[list[dict[str, Any]]], None] | None = None,
+        prepare: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise GradGuardError(f"every must be a positive int, got {every!r}. The default is 50 steps.")
@@ -63,6 +65,7 @@ class Monitor:
         self.every = every
         self.writer = writer
         self.on_flush = on_flush
+        self.prepare = prepare
         self._scalars: Tensor | None = None
         self._layer_grads: Tensor | None = None
         self._steps: list[int] = []
@@ -150,6 +153,8 @@ class Monitor:
         self._host.clear()
         self._has_layers.clear()
         self._sparse.clear()
+        if self.prepare is not None:
+            self.prepare(records)
         if self.writer is not None:
             self.writer.write_metrics(
                 [{k: v for k, v in rec.items() if not k.startswith("_")} for rec in records]
