@@ -682,14 +682,15 @@ class Guard:
         is_bad = bool(scalars[_COL["nonfinite"]])
         self._consecutive += 1
         if is_bad:
-            layer_norms = self._index.reduce(norms, self.norm_type, present).tolist()
-            located = self._locate(step, scalars.tolist()) if step > self._last_reported else None
-            self._emit_nonfinite(step, scalars.tolist(), layer_norms, located)
+            vals = scalars.tolist()  # host sync: a skipped, non-finite step (the anomaly path)
+            layer_norms = self._index.reduce(norms, self.norm_type, present).tolist()  # host sync: same
+            located = self._locate(step, vals) if step > self._last_reported else None
+            self._emit_nonfinite(step, vals, layer_norms, located)
         if self._consecutive >= self.max_consecutive:
             self._stop = self._abort(step)
             return False
         if is_bad and self.on_nonfinite == "raise":
-            self._stop = NonFiniteError(self._nonfinite_message(step, scalars.tolist()))
+            self._stop = NonFiniteError(self._nonfinite_message(step, scalars.tolist()))  # host sync: anomaly
             return False
         if is_bad and self.on_nonfinite == "rollback":
             self._rollback(step)
@@ -713,7 +714,7 @@ class Guard:
         """
         if bool(scalars[_COL["loss_nonfinite"]]) or bool(scalars[_COL["grad_nan"]]):
             return False
-        suspects = [g for g, inf in zip(grads, torch.isinf(norms).tolist()) if inf]
+        suspects = [g for g, inf in zip(grads, torch.isinf(norms).tolist()) if inf]  # host sync: anomaly path
         if not suspects:
             return False
         exact = exact_norms(suspects, self.norm_type)
