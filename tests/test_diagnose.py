@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,29 @@ def test_a_100k_step_run_is_diagnosed_quickly(tmp_path: Path) -> None:
     findings = diagnose(tmp_path / "long")
     assert time.perf_counter() - start < 20
     assert "over_clipping" not in ids(findings)
+
+
+def test_a_norm_that_rises_while_the_loss_keeps_falling_is_not_an_explosion(tmp_path: Path) -> None:
+    """Adam's early steps often raise the norm 10-20× while training is fine (the rnn demo's Adam run):
+    without a non-finite step, an explosion must show in the loss too."""
+
+    def run(name: str, loss_of: Callable[[int], float]) -> Path:
+        with RunWriter(tmp_path / name, {"config": {"clip": "None"}}) as w:
+            w.write_metrics(
+                [
+                    {
+                        "step": s,
+                        "loss": loss_of(s),
+                        "grad_norm": 1.0 if s < 20 else 15.0,
+                        "lr": 1e-3,
+                        "skipped": False,
+                    }
+                    for s in range(200)
+                ]
+            )
+        return tmp_path / name
+
+    healthy = run("adam_like", lambda s: 2.0 / (1 + s / 20))
+    diverging = run("diverging", lambda s: 0.5 * (1 + s / 10))
+    assert "explosion" not in ids(diagnose(healthy))
+    assert "explosion" in ids(diagnose(diverging))

@@ -500,6 +500,13 @@ def _explosion(c: _Context) -> Finding | None:
     climbed = h.onset_step is not None and went_bad and math.isfinite(ratio) and ratio >= GROWTH_FACTOR
     if not (big or climbed or overflow):
         return None
+    if not went_bad and not overflow and f.clip_kind != "fixed":
+        # a norm that rose while the loss kept falling (Adam's early steps often do) harmed nothing:
+        # an explosion shows in the loss, or in a non-finite step
+        losses = f.loss_at(0, len(f.rows))
+        k = max(1, min(len(losses) // 10, 50))
+        if len(losses) >= 20 and _median(losses[-k:]) < _median(losses[:k]):
+            return None
     logs = [math.log(v) for v in h.norms if v > 0]
     sd = statistics.pstdev(logs) if len(logs) > 1 else 0.0
     z = (math.log(peak) - statistics.fmean(logs)) / (sd + 1e-6) if math.isfinite(peak) and logs else math.nan
