@@ -164,6 +164,13 @@ def _layout(go: Any, title: str, ytitle: str, *, log_y: bool = False, height: in
     )
 
 
+def _hline(go: Any, s: Any, y: float, name: str, color: str, dash: str) -> Any:
+    """A horizontal reference line across the run's steps."""
+    return go.Scatter(
+        x=[s.steps[0], s.steps[-1]], y=[y, y], mode="lines", name=name, line={"color": color, "dash": dash}
+    )
+
+
 def _top_markers(go: Any, steps: list[int], y: float | None, name: str, colour: str, symbol: str) -> Any:
     """Markers for steps with no plottable value (non-finite), drawn at the top of the plot."""
     shown = steps[:MAX_POINTS]
@@ -238,15 +245,7 @@ def _fig_norm(go: Any, s: _Series, log: RunLog, findings: Sequence[Finding]) -> 
         )
     rec = recommended_max_norm(findings)
     if rec is not None and s.n:
-        fig.add_trace(
-            go.Scatter(
-                x=[s.steps[0], s.steps[-1]],
-                y=[rec, rec],
-                mode="lines",
-                name=f"recommended max_norm = {rec:g}",
-                line={"color": "#2e7d32", "dash": "dash"},
-            )
-        )
+        fig.add_trace(_hline(go, s, rec, f"recommended max_norm = {rec:g}", "#2e7d32", "dash"))
     return fig
 
 
@@ -354,15 +353,7 @@ def _layer_lines(go: Any, s: _Series, key: str, title: str, ytitle: str, ref: fl
             )
         )
     if ref is not None and s.n:
-        fig.add_trace(
-            go.Scatter(
-                x=[s.steps[0], s.steps[-1]],
-                y=[ref, ref],
-                mode="lines",
-                name=f"{ref:g} (typical)",
-                line={"color": "#9e9e9e", "dash": "dot"},
-            )
-        )
+        fig.add_trace(_hline(go, s, ref, f"{ref:g} (typical)", "#9e9e9e", "dot"))
     return fig
 
 

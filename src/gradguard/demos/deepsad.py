@@ -75,15 +75,19 @@ HPARAMS: dict[str, Any] = {
 }
 
 
+def _sgd() -> dict[str, Any]:
+    """The scenario's optimizer settings (SGD with momentum and weight decay, from :data:`HPARAMS`)."""
+    return {
+        "optimizer": "sgd",
+        "lr": HPARAMS["lr"],
+        "momentum": HPARAMS["momentum"],
+        "weight_decay": HPARAMS["weight_decay"],
+    }
+
+
 def configs(recommended: float | None = None) -> list[RunConfig]:
     """The demo's configurations; ``recommended`` adds ``norm:<recommended>`` (see :func:`healthy_median`)."""
-    hp = HPARAMS
-    kw: dict[str, Any] = {
-        "optimizer": "sgd",
-        "lr": hp["lr"],
-        "momentum": hp["momentum"],
-        "weight_decay": hp["weight_decay"],
-    }
+    kw = _sgd()
     out = [RunConfig(spec, spec, **kw) for spec in ("none", "norm:5", "autoclip:10", "zclip", "auto")]
     if recommended is not None:
         out.append(RunConfig(f"norm:{recommended:.3g} (recommended)", f"norm:{recommended}", **kw))
@@ -97,20 +101,19 @@ def demo_configs() -> list[RunConfig]:
     ``norm:5`` run (its ``over_clipping`` finding), as the user of the story would; when that run
     is not diagnosed as over-clipped, from the diagnosis of the unclipped run.
     """
-    hp = HPARAMS
-    kw: dict[str, Any] = {
-        "optimizer": "sgd",
-        "lr": hp["lr"],
-        "momentum": hp["momentum"],
-        "weight_decay": hp["weight_decay"],
-    }
+    kw = _sgd()
     return [
         RunConfig("none", "none", **kw, stop_at_nonfinite=True, note="SGD+momentum, no clipping"),
         RunConfig("norm:5", "norm:5", **kw, note="the story's first fix"),
         RunConfig("recommended", None, **kw, recommend_from=("norm:5", "none"), note="from diagnose"),
         RunConfig("auto", "auto", **kw, note="gradguard's default"),
         RunConfig(
-            "adam", "none", "adam", 1e-3, weight_decay=hp["weight_decay"], note="Adam lr 1e-3, no clipping"
+            "adam",
+            "none",
+            "adam",
+            1e-3,
+            weight_decay=HPARAMS["weight_decay"],
+            note="Adam lr 1e-3, no clipping",
         ),
     ]
 
