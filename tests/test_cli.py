@@ -143,3 +143,12 @@ def test_python_m_gradguard_diagnose(runs: Path) -> None:
         [sys.executable, "-m", "gradguard", "--help"], capture_output=True, text=True, check=False
     )
     assert "diagnose" in helped.stdout and "report" in helped.stdout and "demo" in helped.stdout
+
+
+def test_run_and_demo_report_only_a_missing_torch_as_such(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without torch they say so (tests/test_imports.py); another missing module is not hidden."""
+    monkeypatch.setitem(sys.modules, "gradguard.demos", None)  # import gradguard.demos → ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError, match=r"gradguard\.demos"):
+        main(["demo", "rnn", "--out", str(tmp_path / "demo")])

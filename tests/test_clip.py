@@ -4,6 +4,7 @@ no host sync, state round trips and bad input."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 from collections.abc import Callable
@@ -1296,3 +1297,379 @@ def test_from_spec_none_and_passthrough():
 def test_from_spec_bad(spec, match):
     with pytest.raises(GradGuardError, match=match):
         C.from_spec(spec)
+
+
+# ----------------------------------------------------------------------------- 9. what a clipper did: clip_
+def ref_unit_fraction(params, lam=0.01, eps=1e-3, exclude=()):
+    """AGC's units clipped / units (excluded tensors are not units), unit by unit in float64."""
+    clipped = units = 0
+    for p in params:
+        if p.grad is None or any(p is e for e in exclude):
+            continue
+        g, w = p.grad.double(), p.detach().double()
+        for wu, gu in [(w, g)] if g.ndim <= 1 else [(w[i], g[i]) for i in range(g.shape[0])]:
+            gn = float(gu.norm())
+            units += 1
+            clipped += math.isfinite(gn) and gn > lam * max(float(wu.norm()), eps)
+    return clipped / units
+
+
+def check_fraction(got: torch.Tensor, want: float, device="cpu") -> None:
+    assert got.shape == () and got.dtype == torch.float32 and got.device.type == device
+    assert float(got) == pytest.approx(want, abs=1e-7)
+
+
+@pytest.mark.parametrize("lam", [0.01, 0.1, 1.0])
+@pytest.mark.parametrize("exclude", ["none", "fc"])
+def test_agc_fraction_is_the_units_clipped(lam, exclude):
+    net = agc_net()
+    ex_names = ["fc"] if exclude == "fc" else []
+    want = ref_unit_fraction(list(net.parameters()), lam, 1e-3, list(net.fc.parameters()) if ex_names else [])
+    assert (0 < want < 1) if lam < 1 else want == 0
+    check_fraction(C.AGC(lam, exclude=ex_names).clip_(net.named_parameters()), want)
+
+
+def test_value_fraction_is_the_elements_clamped():
+    ps = make_params([[3, 3], [4], [0]], scale=2.0)
+    ps[1].grad[0] = math.nan  # passes through value clipping: not clamped
+    want = sum(int((g.abs() > 0.5).sum()) for g in grads(ps)) / sum(g.numel() for g in grads(ps))
+    assert 0 < want < 1
+    theirs = clone_params(ps)
+    torch.nn.utils.clip_grad_value_(theirs, 0.5)
+    check_fraction(C.Value(0.5).clip_(ps), want)
+    assert all(same(a.grad, b.grad) for a, b in zip(ps, theirs))
+    check_fraction(C.Value(0.5).clip_(ps), 0.0)  # clamped already
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_per_layer_fraction_is_the_layers_clipped(named):
+    net = agc_net()
+    for q in net.conv.parameters():
+        q.grad = q.grad * 1e6  # the conv layer clips, the others do not
+    # layers: emb, conv, lin, fc and the root (scale); without names, each of the 8 tensors
+    want = 1 / 5 if named else 2 / 8
+    check_fraction(C.PerLayer(1.0).clip_(net.named_parameters() if named else net.parameters()), want)
+
+
+@pytest.mark.parametrize("spec", ["norm:1", "zclip", "auto", "autoclip"])
+def test_norm_clipper_fraction_is_one_when_it_scaled(spec):
+    clipper = C.from_spec(spec)
+    params = list(small_model().parameters())
+    for i, g in enumerate(norm_sequence(40)):
+        set_global_norm(params, g, i)
+        before = [q.grad.clone() for q in params]
+        frac = clipper.clip_(params)
+        scaled = not all(same(q.grad, b) for q, b in zip(params, before))
+        check_fraction(frac, float(scaled))
+
+
+@pytest.mark.parametrize("spec", ["norm:0", "agc:0", "layer:0", "value:0"])
+def test_a_threshold_of_zero_zeroes_everything_and_says_so(spec):
+    """Accepted specs that zero every gradient (refusing them is another matter): their effect is
+    visible as a coefficient of 0 and a clip fraction of 1."""
+    net = agc_net()
+    clipper = C.from_spec(spec)
+    check_fraction(clipper.clip_(net.named_parameters() if clipper.takes_names else net.parameters()), 1.0)
+    assert all(float(q.grad.abs().max()) == 0.0 for q in net.parameters())
+    if isinstance(clipper, C.NormClipper):
+        norm = torch.tensor(3.0)
+        coef = C.coefficient(norm, clipper.threshold(norm))
+        assert float(coef) == 0.0 and float(C.fraction_clipped(coef)) == 1.0
+
+
+def test_nonfinite_units_are_not_counted_as_clipped():
+    net = agc_net()
+    net.lin.weight.grad[2, 1] = math.nan
+    want = ref_unit_fraction(list(net.parameters()))
+    check_fraction(C.AGC().clip_(net.parameters()), want)
+    net = agc_net()
+    net.lin.weight.grad[0, 0] = math.inf
+    check_fraction(C.PerLayer(1e-12).clip_(net.named_parameters()), 4 / 5)  # every layer but lin
+    check_fraction(C.fraction_clipped(C.coefficient(torch.tensor(math.nan), 1.0)), 0.0)
+
+
+@pytest.mark.parametrize("spec", [*SPECS, "norm:0"])
+def test_clip_and_call_clip_the_same(spec):
+    """clip_ clips exactly as the call does (and keeps the same state)."""
+    a, b = C.from_spec(spec), C.from_spec(spec)
+    pa, pb = list(small_model().parameters()), list(small_model().parameters())
+    for i, g in enumerate(norm_sequence(40)):
+        set_global_norm(pa, g, i)
+        set_global_norm(pb, g, i)
+        a(pa)
+        b.clip_(pb)
+        assert all(same(x.grad, y.grad) for x, y in zip(pa, pb)), i
+    assert state_equal(a.state_dict(), b.state_dict())
+
+
+def test_clip_fraction_when_there_is_nothing_to_clip():
+    empty = [torch.nn.Parameter(torch.ones(2))]  # no gradient
+    for spec in SPECS:
+        check_fraction(C.from_spec(spec).clip_(empty), 0.0)
+    check_fraction(C.AGC().clip_(make_params([[0, 3]])), 0.0)  # no units
+    ps = make_params([[2, 3]], scale=100.0)
+    check_fraction(C.AGC(exclude=ps).clip_(ps), 0.0)  # every unit excluded
+
+
+@pytest.mark.parametrize(
+    "spec", [*SPECS, "autoclip-window", "zclip-max", "agc-named", "layer-named", "norm-tensor"]
+)
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_clip_fraction_runs_on_meta_without_sync(spec, with_norm):
+    named = meta_model_params()
+    ps = [p for _, p in named]
+    extra = {
+        "autoclip-window": C.AutoClip(10.0, window=3),
+        "zclip-max": C.ZClip(warmup=2, max_norm=1.0),
+        "agc-named": C.AGC(exclude=["m1"]),
+        "layer-named": C.PerLayer(1.0),
+        "norm-tensor": C.Norm(torch.tensor(1.0, device="meta")),
+    }
+    clipper = extra[spec] if spec in extra else C.from_spec(spec)
+    arg = named if spec.endswith("-named") else ps
+    norm = torch.empty((), device="meta") if with_norm else None
+    clipper.clip_(arg, norm=norm)  # first call: state moves to the device (a one-time copy)
+    with NoSync(watch=[p.grad for p in ps]) as ns:
+        for _ in range(30):  # through any warm-up
+            out = clipper.clip_(arg, norm=norm)
+    assert out.device.type == "meta" and out.shape == () and out.dtype == torch.float32
+    assert ns.h2d == []
+
+
+# reads of each gradient by `clipper.clip_(params, norm=measured)`: as the call (READS_WITH_NORM), plus
+# one for Value (the count of the elements clamped)
+@pytest.mark.parametrize("spec", list(READS_WITH_NORM))
+def test_clip_fraction_reads_each_grad_as_the_call_does(spec):
+    m = real_grads_model()
+    clipper = C.from_spec(spec)
+    for _ in range(30):
+        gs = [q.grad for q in m.parameters()]
+        norm = gradguard.stats.grad_stats(m.parameters()).total
+        with NoSync(watch=gs) as ns:
+            clipper.clip_(m.parameters(), norm=norm)
+        assert ns.reads == [READS_WITH_NORM[spec] + (spec == "value:1")] * len(gs), ns.read_ops
+        assert ns.syncs == []
+        for q in m.parameters():
+            q.grad.mul_(1.3)
+
+
+def test_a_clipper_written_before_clip_reports_nan():
+    class Legacy(C.Clipper):  # defines only the call, as clippers did before clip_ existed
+        def __call__(self, parameters, norm=None):
+            return gradguard.clip_grad_norm_(parameters, 1.0)
+
+    ps = make_params([[3]], scale=10.0)
+    assert math.isnan(float(Legacy().clip_(ps)))
+    assert float(ps[0].grad.norm()) == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(NotImplementedError, match=r"must define clip_\(parameters, norm=None\)"):
+        C.Clipper().clip_(ps)
+
+
+# ----------------------------------------------------------------------------- 10. a clipper as data; the registry
+CONFIGS = {
+    "norm:5": {"kind": "norm", "max_norm": 5.0, "norm_type": 2.0},
+    "value:1": {"kind": "value", "clip_value": 1.0},
+    "agc": {"kind": "agc", "clip_factor": 0.01, "eps": 1e-3, "exclude": []},
+    "autoclip:25": {"kind": "autoclip", "percentile": 25.0, "window": 1000},
+    "zclip:3": {"kind": "zclip", "alpha": 0.97, "z_thresh": 3.0, "warmup": 25, "eps": 1e-6, "max_norm": None},
+    "layer:1": {"kind": "layer", "max_norm": 1.0, "norm_type": 2.0},
+    "auto": {
+        "kind": "auto",
+        "alpha": 0.97,
+        "z_thresh": 2.5,
+        "warmup": 25,
+        "eps": 1e-6,
+        "max_norm": None,
+        "growth": 10.0,
+        "first": 0.5,
+    },
+}
+
+
+@pytest.mark.parametrize("spec", list(CONFIGS))
+def test_config_is_json_data_that_rebuilds_the_clipper(spec):
+    clipper = C.from_spec(spec)
+    config = clipper.config()
+    assert config == CONFIGS[spec]
+    assert clipper.kind == config["kind"] == spec.partition(":")[0]
+    assert C.CLIPPERS[clipper.kind] is type(clipper)
+    rebuilt = C.from_spec(json.loads(json.dumps(config)))
+    assert type(rebuilt) is type(clipper) and rebuilt.config() == config
+    assert type(clipper).from_config(config).config() == config
+    assert repr(rebuilt) == repr(clipper)
+    pa, pb = list(small_model().parameters()), list(small_model().parameters())
+    for i, g in enumerate(norm_sequence(40)):  # the same clipper: the same clipping
+        set_global_norm(pa, g, i)
+        set_global_norm(pb, g, i)
+        assert same(clipper(pa), rebuilt(pb))
+        assert all(same(x.grad, y.grad) for x, y in zip(pa, pb))
+
+
+def test_config_of_options_and_of_what_is_not_data():
+    c = C.ZClip(alpha=0.9, z_thresh=2.0, warmup=3, eps=1e-3, max_norm=4.0)
+    assert state_equal(C.from_spec(c.config()).state_dict(), c.state_dict())
+    assert C.Auto().config()["first"] is None
+    assert C.Norm(torch.tensor(2.5)).config() == {"kind": "norm", "max_norm": 2.5, "norm_type": 2.0}
+    assert C.Norm(torch.tensor(2.5, device="meta")).config()["max_norm"] is None
+    assert C.Norm(1.0, norm_type=math.inf).config()["norm_type"] == math.inf
+    lin = torch.nn.Linear(2, 2)
+    agc = C.AGC(exclude=["fc", lin.weight])  # a tensor is not data: its name is unknown here
+    assert agc.config()["exclude"] == ["fc"]
+    with pytest.raises(GradGuardError, match=r"unknown kind 'bogus'\. Known: norm, value, agc"):
+        C.from_spec({"kind": "bogus"})
+
+
+class TensorNorm(C.Clipper):
+    """A clipper as a new file would define it: each tensor's gradient norm clipped to ``max_norm``."""
+
+    kind = "mykind"
+    usage = "mykind:MAX_NORM (each tensor's norm)"
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+        self.calls = 0
+
+    @classmethod
+    def from_arg(cls, arg):
+        return cls(C.spec_number(arg))
+
+    def config(self):
+        return {**super().config(), "max_norm": self.max_norm}
+
+    def clip_(self, parameters, norm=None):
+        self.calls += 1
+        gs = gradguard.stats.grads_of(parameters)
+        coefs = C.coefficient(gradguard.stats.tensor_norms(gs), self.max_norm)
+        for g, c in zip(gs, coefs.unbind()):
+            g.mul_(c.to(g.dtype))
+        return C.fraction_clipped(coefs)
+
+
+def test_a_new_clipper_is_a_class_and_one_registry_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(C.CLIPPERS, TensorNorm.kind, TensorNorm)  # the one line
+    clipper = C.from_spec("mykind:3")
+    assert isinstance(clipper, TensorNorm) and clipper.max_norm == 3.0
+    assert C.from_spec(clipper.config()).config() == {"kind": "mykind", "max_norm": 3.0}
+    with pytest.raises(GradGuardError, match=r"unknown clip spec 'mykind'\. Accepted: .*mykind:MAX_NORM"):
+        C.from_spec("mykind")
+    with pytest.raises(GradGuardError, match=r"clip spec 'mykind:x': 'x' is not a number"):
+        C.from_spec("mykind:x")
+    ps = make_params([[3, 3], [4]], scale=10.0)
+    pre = ref_total(grads(ps))
+    assert float(clipper(ps)) == pytest.approx(pre, rel=1e-6)  # the call: the base class's, via clip_
+    assert all(float(g.norm()) == pytest.approx(3.0, rel=1e-5) for g in grads(ps))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, clip="mykind:3", log_dir=tmp_path)
+    assert isinstance(guard.clipper, TensorNorm)
+    before = [q.detach().clone() for q in model.parameters()]
+    for _ in range(5):
+        opt.zero_grad()
+        x = torch.randn(8, 6)
+        loss = model(x).square().mean() * 100.0
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    assert guard.clipper.calls == 5
+    assert all(not torch.equal(q, b) for q, b in zip(model.parameters(), before))
+
+
+def test_every_kind_is_in_the_accepted_forms():
+    with pytest.raises(GradGuardError) as e:
+        C.from_spec("bogus")
+    for cls in C.CLIPPERS.values():
+        assert cls.usage in str(e.value)
+
+
+# ----------------------------------------------------------------------------- 11. HostZClip: ZClip's rule on the host
+def test_host_zclip_flags_the_steps_zclip_flags_on_device():
+    """The guard's spike warning (on_spike="warn") runs ZClip's rule on the host at flush; it flags
+    the same steps as ZClip on device, with the same statistics."""
+    g = torch.Generator().manual_seed(0)
+    norms = (1 + 0.1 * torch.randn(300, generator=g, dtype=torch.float64)).tolist()
+    for i in (40, 41, 90, 200):
+        norms[i] *= 20
+    norms[120] = math.nan
+    for z in (2.5, 6.0):
+        device = gradguard.ZClip(z_thresh=z)
+        host = C.HostZClip(z)
+        dev_flags = [
+            bool(torch.isfinite(device.threshold(torch.tensor(n, dtype=torch.float64)))) for n in norms
+        ]
+        host_flags = [host.observe(n) for n in norms]
+        assert host_flags == dev_flags
+        assert host.mean == pytest.approx(float(device.mean), rel=1e-9)
+    assert sum(dev_flags) >= 3
+
+
+@pytest.mark.parametrize(("z_thresh", "warmup", "eps"), [(2.5, 25, 1e-6), (1.0, 1, 1e-9), (1.5, 5, 1e-3)])
+def test_host_and_device_zclip_follow_the_reference_for_3000_steps(z_thresh, warmup, eps):
+    """One rule, two arithmetics: over 3000 steps (spikes, ties, non-finite norms, a constant stretch),
+    the device thresholds and the host spike flags match the plain-Python rule."""
+    rng = random.Random(warmup)
+    seq = [math.exp(rng.gauss(0.0, 0.3)) * (30.0 if i % 97 == 50 else 1.0) for i in range(3000)]
+    for i in range(0, 3000, 211):
+        seq[i] = [math.nan, math.inf, -math.inf][i % 3]
+    seq[1000:1100] = [1.0] * 100
+    ref = RefZClip(z_thresh=z_thresh, warmup=warmup, eps=eps)
+    device, host = (
+        C.ZClip(z_thresh=z_thresh, warmup=warmup, eps=eps),
+        C.HostZClip(z_thresh, warmup=warmup, eps=eps),
+    )
+    spikes = 0
+    for i, v in enumerate(seq):
+        want = ref.tau(v)
+        got = float(device.threshold(torch.tensor(v, dtype=torch.float64)))
+        assert got == want if math.isinf(want) else got == pytest.approx(want, rel=1e-6), i
+        assert host.observe(v) == math.isfinite(want), i
+        spikes += math.isfinite(want)
+    assert host.mean == pytest.approx(ref.mean, rel=1e-9) and host.var == pytest.approx(ref.var, rel=1e-6)
+    assert host.seen == warmup and spikes >= 30
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_host_zclip_divides_by_zero_as_the_device_does(eps):
+    """σ = 0 and g = μ make z = 0/eps or 0/0 and τ − μ = 0/0: IEEE on device, the same on the host
+    (where Python would raise ZeroDivisionError)."""
+    seq = [1.0, 1.0, 1.0, 1.0, 2.0, 1.0, -math.inf, 1.0, 3.0]
+    device, host = C.ZClip(warmup=3, eps=eps), C.HostZClip(2.5, warmup=3, eps=eps)
+    flags = [bool(torch.isfinite(device.threshold(torch.tensor(v, dtype=torch.float64)))) for v in seq]
+    assert [host.observe(v) for v in seq] == flags
+    assert flags[4] and flags[8]
+    assert [host.mean, host.var] == device._state[0, :2].tolist()
+
+
+def test_host_zclip_state():
+    host = C.HostZClip(2.5, warmup=3)
+    for v in [1.0, 1.2, math.nan, 0.9, 1.1, 5.0]:
+        host.observe(v)
+    state = host.state_dict()
+    assert state == {"version": 1, "host": True, "mean": host.mean, "var": host.var, "seen": 3}
+    assert all(isinstance(state[k], float) for k in ("mean", "var")) and isinstance(state["seen"], int)
+    a, b = C.HostZClip(2.5, warmup=3), C.HostZClip(2.5, warmup=3)
+    a.load_state_dict(json.loads(json.dumps(state)))
+    for v in [1.0, 9.0, 1.05, math.inf, 30.0, 1.0]:  # resuming equals not stopping
+        assert a.observe(v) == host.observe(v)
+    assert a.state_dict() == host.state_dict()
+    b.load_state_dict(C.ZClip().state_dict())  # a device ZClip's state (on_spike changed): start afresh
+    assert b.state_dict() == {"version": 1, "host": True, "mean": 0.0, "var": 0.0, "seen": 0}
+    b.load_state_dict({"host": True, "mean": 2.0, "var": -1.0, "seen": 99})  # clamped like the device's
+    assert (b.var, b.seen) == (0.0, 3)
+    assert b.observe(2.5) and not b.observe(2.0)  # σ = 0: any rise is a spike
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: C.HostZClip(0.0), r"z_thresh must be > 0, got 0\.0"),
+        (lambda: C.HostZClip(-1.0), r"z_thresh must be a finite number ≥ 0"),
+        (lambda: C.HostZClip(2.5, alpha=1.0), r"alpha must be in \(0, 1\)"),
+        (lambda: C.HostZClip(2.5, warmup=0), r"warmup must be a positive int"),
+        (lambda: C.HostZClip(2.5, eps=math.nan), r"eps must be a finite number"),
+    ],
+)
+def test_host_zclip_bad_options(make, match):
+    with pytest.raises(GradGuardError, match=match):
+        make()

@@ -300,3 +300,14 @@ def test_a_norm_that_rises_while_the_loss_keeps_falling_is_not_an_explosion(tmp_
     diverging = run("diverging", lambda s: 0.5 * (1 + s / 10))
     assert "explosion" not in ids(diagnose(healthy))
     assert "explosion" in ids(diagnose(diverging))
+
+
+@pytest.mark.parametrize("clip", ["norm:0", "agc:0"])
+def test_a_clipper_that_zeroes_every_gradient_is_a_finding_not_a_healthy_run(
+    tmp_path: Path, clip: str
+) -> None:
+    """`clip="norm:0"` / `"agc:0"` zero every gradient while every number stays finite."""
+    findings = diagnose(G.train(tmp_path / "zero", clip=clip, steps=40))
+    over = by_id(findings, "over_clipping")
+    assert over.severity == "error" and over.evidence["zeroed_rate"] == 1.0
+    assert over.recommendation["max_norm"] > 0

@@ -418,7 +418,7 @@ def test_rollback_restores_exactly_the_snapshot_and_backs_off_the_lr(tmp_path: P
     on_disk = torch.load(tmp_path / "snap" / "snapshot.pt", weights_only=True)
     assert on_disk["step"] == 10  # taken 3+ steps after the one it rolled back to
     for k, v in on_disk["model"].items():
-        assert torch.equal(v, guard._snapshot["model"][k])
+        assert torch.equal(v, guard._recovery.snapshot["model"][k])
     assert not list((tmp_path / "snap").glob("*.tmp"))
 
 
@@ -534,6 +534,91 @@ def test_closure_form_recomputes_and_returns_the_loss() -> None:
     assert second < first and guard.step_count == 2
 
 
+# ----------------------------------------------------------------------------- caller steps
+def _backward(
+    model: nn.Module, opt: torch.optim.Optimizer, step: int, fault: Callable | None = None
+) -> torch.Tensor:
+    x, y = batch(step)
+    opt.zero_grad(set_to_none=True)
+    loss = (model(x) - y).pow(2).mean()
+    loss.backward()
+    if fault is not None:
+        fault(step, model, None)
+    return loss
+
+
+def test_before_step_clips_in_place_and_on_a_skip_leaves_the_gradients_as_they_are(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gradguard.Guard(model, opt, clip="norm:0.1", log_dir=tmp_path / "r", every=4)
+    for step in range(4):
+        loss = _backward(model, opt, step, grad_fault(2, math.nan))
+        grads = [p.grad.clone() for p in model.parameters()]
+        before = snapshot(model, opt)
+        if guard.before_step(loss):
+            norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+            assert norm == pytest.approx(0.1, rel=1e-4)  # clipped in place
+            opt.step()
+        else:
+            assert step == 2
+            assert_bit_identical(before, snapshot(model, opt))  # the guard itself never steps
+            for p, g in zip(model.parameters(), grads):  # left as they are: the caller must not step
+                assert p.grad is not None and torch.equal(p.grad.nan_to_num(), g.nan_to_num())
+    guard.close()
+    assert (guard.step_count, guard.skipped_steps) == (4, 1)
+    log = read_run(tmp_path / "r")
+    assert [e["step"] for e in log.events_of("skip")] == [2]
+    assert log.first_event("nonfinite")["step"] == 2
+
+
+def test_monitor_only_measures_and_logs_but_never_clips_skips_or_steps(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = gradguard.Guard(
+        model, opt, clip=None, on_nonfinite="warn", monitor_only=True, log_dir=tmp_path / "r", every=3
+    )
+    for step in range(5):
+        loss = _backward(model, opt, step, grad_fault(3, math.inf))
+        grads = [p.grad.clone() for p in model.parameters()]
+        before = snapshot(model, opt)
+        if step % 2:
+            assert guard.before_step(loss)  # never a skip, step 3 (non-finite) included
+        else:
+            guard.step(loss)
+        assert_bit_identical(before, snapshot(model, opt))  # not stepped
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # not clipped
+        if step != 3:
+            opt.step()  # the caller steps
+    guard.close()
+    log = read_run(tmp_path / "r")
+    assert log.meta["config"]["monitor_only"] is True
+    assert not any(r["skipped"] for r in log.metrics) and not log.events_of("skip")
+    assert [e["step"] for e in log.events_of("nonfinite")] == [3]
+    assert guard.skipped_steps == 0
+
+
+def test_monitor_only_with_raise_raises_on_a_bad_step() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(
+        model, opt, clip="none", on_nonfinite="raise", on_spike="ignore", monitor_only=True
+    )
+    guard.step(_backward(model, opt, 0))
+    with pytest.raises(NonFiniteError, match="step 1: the gradient norm is nan"):
+        guard.step(_backward(model, opt, 1, grad_fault(1, math.nan)))
+
+
+def test_monitor_only_refuses_settings_that_touch_the_step() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(GradGuardError, match="never clips, but got clip=Norm"):
+        gradguard.Guard(model, opt, clip="norm:1", on_nonfinite="warn", monitor_only=True)
+    with pytest.raises(GradGuardError, match="on_nonfinite must be 'warn' or 'raise'; got 'skip'"):
+        gradguard.Guard(model, opt, clip=None, monitor_only=True)
+    with pytest.raises(GradGuardError, match="cannot act on spikes; got on_spike='clip'"):
+        gradguard.Guard(model, opt, clip=None, on_nonfinite="warn", on_spike="clip", monitor_only=True)
+
+
 # ----------------------------------------------------------------------------- state
 def test_state_dict_round_trip_resumes_exactly(tmp_path: Path) -> None:
     def run(stop_at: int | None) -> list[torch.Tensor]:
@@ -572,8 +657,8 @@ _MEMORY_CHILD = """
 import gc, sys, tracemalloc
 import torch
 from torch import nn
-import gradguard, gradguard.guard
-gradguard.guard._HISTORY = 64  # the bounded host history turns over quickly
+import gradguard, gradguard._guard.anomaly
+gradguard._guard.anomaly.HISTORY = 64  # the bounded host history turns over quickly
 model = nn.Linear(4, 2)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 guard = gradguard.Guard(model, opt, clip="auto", every=50, weight_every=10)
@@ -711,22 +796,30 @@ def test_only_the_parameters_the_optimizer_holds_are_guarded() -> None:
     assert guard._index.layers == ["4"]
 
 
-def test_the_host_spike_detector_of_warn_agrees_with_zclip_on_device() -> None:
-    """on_spike="warn" runs ZClip's z-score on the host at flush; it flags the same steps as ZClip."""
-    from gradguard.guard import _HostSpike
-
+def test_the_spike_warnings_of_warn_are_the_steps_zclip_flags_on_device(tmp_path: Path) -> None:
+    """on_spike="warn" runs ZClip's rule on the host at flush (clip.HostZClip); it flags the same
+    steps as a device ZClip fed the same norms."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gradguard.Guard(
+        model, opt, clip=None, on_spike="warn", spike_z=2.5, log_dir=tmp_path / "r", every=7
+    )
     g = torch.Generator().manual_seed(0)
-    norms = (1 + 0.1 * torch.randn(300, generator=g, dtype=torch.float64)).tolist()
-    for i in (40, 41, 90, 200):
-        norms[i] *= 20
-    norms[120] = math.nan
-    for z in (2.5, 6.0):
-        device = gradguard.ZClip(z_thresh=z)
-        host = _HostSpike(z)
-        dev_flags = [
-            bool(torch.isfinite(device.threshold(torch.tensor(n, dtype=torch.float64)))) for n in norms
-        ]
-        host_flags = [host.observe(n) for n in norms]
-        assert host_flags == dev_flags
-        assert host.mean == pytest.approx(float(device.mean), rel=1e-9)
+    for step in range(150):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(8, 6, generator=g)).pow(2).mean().backward()
+        if step in (40, 41, 90, 120):
+            for p in model.parameters():
+                p.grad.mul_(20.0)
+        guard.step()
+    guard.close()
+    log = read_run(tmp_path / "r")
+    device = gradguard.ZClip(z_thresh=2.5)
+    dev_flags = [
+        bool(torch.isfinite(device.threshold(torch.tensor(r["grad_norm"], dtype=torch.float64))))
+        for r in log.metrics
+    ]
+    assert [r["spike"] for r in log.metrics] == dev_flags
+    assert [e["step"] for e in log.events_of("spike")] == [s for s, f in enumerate(dev_flags) if f]
     assert sum(dev_flags) >= 3

@@ -591,3 +591,93 @@ def test_runlog_dataclass_defaults() -> None:
     log = RunLog(path=Path("x"))
     assert log.meta == {} and log.metrics == [] and log.events == [] and log.skipped == []
     assert log.series("loss") == [] and log.first_event("nonfinite") is None
+
+
+# ------------------------------------------------------------------------------------------
+# faults, lock, end marker and rewinds (the fault-matrix cases are in tests/test_faults.py)
+# ------------------------------------------------------------------------------------------
+
+
+def test_close_writes_end_time_once_and_keeps_the_callers(tmp_path: Path) -> None:
+    with RunWriter(tmp_path / "a") as w:
+        pass
+    assert read_run(tmp_path / "a").closed and w.meta["end_time"]
+    with RunWriter(tmp_path / "b") as w:
+        w.update_meta(end_time="2025-01-01T00:00:00Z")
+    assert read_run(tmp_path / "b").meta["end_time"] == "2025-01-01T00:00:00Z"
+    assert "lost" not in read_run(tmp_path / "b").meta  # only written when something was lost
+    assert not RunLog(path=Path("x")).closed
+    assert RunLog(path=Path("x")).superseded == [] and RunLog(path=Path("x")).superseded_events == []
+
+
+def test_a_failed_construction_leaves_the_holders_meta_alone(tmp_path: Path) -> None:
+    if runlog.fcntl is None:
+        pytest.skip("needs fcntl.flock")
+    run = tmp_path / "r"
+    holder = RunWriter(run, {"who": "holder"})
+    before = (run / "meta.json").read_text()
+    with pytest.raises(GradGuardError, match="in use"):
+        RunWriter(run, {"who": "intruder"}, exist_ok=True)
+    assert (run / "meta.json").read_text() == before
+    holder.close()
+    assert read_run(run).meta["who"] == "holder"
+
+
+def test_resume_reads_the_last_logged_step_from_the_file_end(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    wide = {f"layer{j}": {"grad_norm": 1.0} for j in range(4000)}  # lines of ~100 KB: several chunks
+    with RunWriter(run) as w:
+        w.write_metrics([{"step": s, "layers": wide} for s in range(5)])
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 5, "layers": {"lay')  # killed mid-line
+    with RunWriter(run, exist_ok=True) as w:
+        w.resume(3)
+        w.write_metrics([{"step": 3}])
+    resume = read_run(run).first_event("resume")
+    assert resume is not None and resume["last_logged_step"] == 4
+    assert isinstance(resume["metrics_offset"], int)
+    with RunWriter(tmp_path / "empty") as w:
+        w.resume(0)
+    assert read_run(tmp_path / "empty").first_event("resume")["last_logged_step"] is None  # type: ignore[index]
+
+
+def test_resume_refuses_a_bad_step(tmp_path: Path) -> None:
+    with RunWriter(tmp_path / "r") as w:
+        for bad in (-1, "5", 1.5, True, None):
+            with pytest.raises(GradGuardError, match="integer step >= 0"):
+                w.resume(bad)  # type: ignore[arg-type]
+    with pytest.raises(GradGuardError, match="closed"):
+        w.resume(1)
+
+
+def test_rewinds_keep_records_without_a_step_and_apply_in_order(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    with RunWriter(run) as w:
+        w.write_metrics([{"step": s} for s in range(10)])
+        w.write_metrics({"note": "no step"})
+        w.resume(8)
+        w.write_metrics([{"step": s, "try": 2} for s in range(8, 12)])
+        w.write_event({"type": "skip", "step": 0})
+        w.resume(5)
+        w.write_metrics([{"step": s, "try": 3} for s in range(5, 7)])
+    log = read_run(run)
+    assert [(r.get("step"), r.get("try")) for r in log.metrics] == [
+        *[(s, None) for s in range(5)],
+        (None, None),
+        (5, 3),
+        (6, 3),
+    ]
+    assert [r["step"] for r in log.superseded] == [8, 9, 5, 6, 7, 8, 9, 10, 11]
+    assert [(e["type"], e["step"]) for e in log.events] == [("skip", 0), ("resume", 5)]
+    assert [(e["type"], e["step"]) for e in log.superseded_events] == [("resume", 8)]
+    assert len(log.skipped) == 2 and "resumed at step 8, 5" in log.skipped[0]
+
+
+def test_reader_streams_and_reports_offsets_of_whole_lines(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    run.mkdir()
+    body = b'{"step": 0}\n\n{"step": 1}\n'
+    (run / "metrics.jsonl").write_bytes(body)
+    got = list(runlog._read_jsonl(run / "metrics.jsonl", []))
+    assert got == [(0, {"step": 0}), (13, {"step": 1})]
+    assert body[13:].startswith(b'{"step": 1}')

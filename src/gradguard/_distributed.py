@@ -9,20 +9,26 @@ float64 vector: the loss, the p-th powers of the sharded tensors' local norms, a
 MAX for ``p = inf``) of ``4 + (sharded tensors)`` floats. Every rank then sees the same mean loss, the same full-tensor
 norms and the same flags, so every rank makes the same decision.
 
-Nothing here reads a value on the host.
+Nothing here reads a value on the host, and nothing here imports ``torch.distributed.tensor``: that
+module pulls sympy (about 0.5 s, more than the rest of gradguard), and a DTensor cannot exist before
+its module is imported, so the DTensor checks look for the class where it already is (:func:`_dtensor`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from gradguard.errors import GradGuardError
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["Reducer", "local", "rank", "same_on_all_ranks", "sharded", "world"]
 
@@ -48,9 +54,18 @@ def same_on_all_ranks(value: object) -> object:
     return box[0]
 
 
+def _dtensor() -> type[DTensor] | None:
+    """The DTensor class if some code of this process imported it (FSDP2, ``distribute_tensor``…), else None.
+
+    Without it no tensor can be a DTensor, so the checks below need not import it (and sympy with it).
+    """
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
 def local(t: Tensor) -> Tensor:
     """The part of ``t`` this rank holds (the local shard of a DTensor; ``t`` itself otherwise)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    dtensor = _dtensor()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
 
 
 def sharded(tensors: Sequence[Tensor]) -> list[bool]:
@@ -60,9 +75,10 @@ def sharded(tensors: Sequence[Tensor]) -> list[bool]:
         GradGuardError: a DTensor on a mesh of more than one dimension (HSDP, TP × FSDP), whose
             norm needs a reduction over some mesh dimensions only.
     """
+    dtensor = _dtensor()
     out = []
     for t in tensors:
-        if not isinstance(t, DTensor):
+        if dtensor is None or not isinstance(t, dtensor):
             out.append(False)
             continue
         if t.device_mesh.ndim != 1:

@@ -1,11 +1,12 @@
 """The ``gradguard`` command line: ``demo``, ``run``, ``diagnose`` and ``report``.
 
 ``gradguard run [OPTIONS] SCRIPT [ARGS...]`` exits with the script's own exit code (1 if it raised;
-2 if SCRIPT does not exist or an option is bad).
+2 if SCRIPT does not exist, an option is bad, or PyTorch is not installed).
 
 Exit codes of ``gradguard demo [NAME] [--out DIR] [--seed N]``: 0 — every configuration ran and the
 report was written; 1 — the report could not be written (plotly missing); 2 — an unknown scenario,
-or ``--out`` names a file or a folder that is not empty (the demo never writes into earlier runs).
+``--out`` names a file or a folder that is not empty (the demo never writes into earlier runs), or
+PyTorch is not installed.
 
 Exit codes of ``gradguard diagnose RUN_DIR [--json]``:
 
@@ -20,6 +21,9 @@ file there is replaced atomically, and the command says so); 2 — bad usage, no
 
 ``RUN_DIR`` is a run directory, or a folder of runs: ``diagnose`` then reads the newest run
 (``runlog.find_runs``); ``report`` writes one page holding every run of the folder.
+
+``diagnose`` and ``report`` only read files and work where PyTorch is not installed: this module
+imports what needs torch only inside ``run`` and ``demo`` (tests/test_architecture.py holds it to that).
 """
 
 from __future__ import annotations
@@ -27,13 +31,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from gradguard.demos import run_demo
-
-    return run_demo(args.name, out=args.out, seed=args.seed, steps=args.steps)
-
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -43,6 +40,24 @@ EXIT_USAGE = 2
 def _fail(message: str) -> int:
     print(f"gradguard: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _no_torch(command: str, error: ModuleNotFoundError) -> int:
+    """The usage error of ``run`` and ``demo`` where PyTorch is not installed (another missing module raises)."""
+    if error.name != "torch":
+        raise error
+    return _fail(
+        f"gradguard {command} trains with PyTorch, which is not installed here ({error}); install it "
+        "(pip install torch). `gradguard diagnose` and `gradguard report` work without it."
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from gradguard.demos import run_demo
+    except ModuleNotFoundError as e:
+        return _no_torch("demo", e)
+    return run_demo(args.name, out=args.out, seed=args.seed, steps=args.steps)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -110,7 +125,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gradguard.integrations.zerocode import run_script
+    try:
+        from gradguard.integrations.zerocode import run_script
+    except ModuleNotFoundError as e:
+        return _no_torch("run", e)
 
     options = {"clip": args.clip, "on_nonfinite": args.on_nonfinite, "every": args.every}
     if args.out is not None:

@@ -1,9 +1,23 @@
 """Gradient clipping: norm, value, AGC, per-layer, AutoClip, ZClip and ``auto`` — sync-free.
 
 Functions clip in place and return the pre-clip statistic as a device tensor, like
-:func:`torch.nn.utils.clip_grad_norm_`. Stateful clippers are callables
+:func:`torch.nn.utils.clip_grad_norm_`. Stateful clippers (:class:`Clipper`) are callables
 ``clipper(parameters, norm=None) -> pre-clip norm`` with ``state_dict`` / ``load_state_dict``;
 pass ``norm`` when it was already measured, so the gradients are read only once more (to scale).
+
+Every clipper also says what it did and what it is:
+
+* ``clipper.clip_(parameters, norm=None)`` clips like the call and returns the fraction of its
+  units clipped this step (a 0-D float32 device tensor, no host read): the elements clamped
+  (value), the units (AGC), the layers (per-layer), or 1.0 / 0.0 for global-norm clippers
+  (:func:`fraction_clipped` of the coefficient). ``"norm:0"`` and ``"agc:0"`` read 1.0.
+* ``clipper.kind`` and ``clipper.config()`` are the clipper as data (``{"kind": "zclip",
+  "z_thresh": 2.5, ...}``, JSON-able); ``from_spec(config)`` rebuilds it.
+* :data:`CLIPPERS` maps each kind to its class; :func:`from_spec` reads it, so a new clipper is a
+  class (with ``kind``, ``from_arg``, ``clip_`` and ``config``) plus one line in that registry.
+
+ZClip's rule is written once (:func:`_zclip_step`) and runs on device tensors (:class:`ZClip`,
+:class:`Auto`) and on host floats (:class:`HostZClip`, the guard's spike warning).
 
 What gradguard does differently from torch, on purpose:
 
@@ -12,7 +26,7 @@ What gradguard does differently from torch, on purpose:
   non-finite step from the returned norm (or let :class:`gradguard.Guard` skip it).
 * float16/bfloat16 norms accumulate in float32 (a float16 norm above 65504 is measured, not
   ``inf``), and the total accumulates in float64 (see :mod:`gradguard.stats`).
-* A tensor ``max_norm`` is never read on the host.
+* A tensor ``max_norm`` is never read on the host (except by ``config()``, once, for the run's metadata).
 * Adaptive clippers update their state with finite norms only: one NaN step never poisons them.
 """
 
@@ -20,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -39,20 +53,26 @@ from gradguard.stats import (
 
 __all__ = [
     "AGC",
+    "CLIPPERS",
     "Auto",
     "AutoClip",
     "Clipper",
+    "HostZClip",
     "Norm",
     "NormClipper",
     "PerLayer",
+    "SpecArgError",
     "Value",
     "ZClip",
     "clip_grad_agc_",
     "clip_grad_norm_",
     "clip_grad_value_",
     "coefficient",
+    "fraction_clipped",
     "from_spec",
     "scale_",
+    "spec_no_arg",
+    "spec_number",
 ]
 
 _STATE_VERSION = 1
@@ -96,6 +116,16 @@ def coefficient(norm: Tensor, threshold: float | Tensor) -> Tensor:
     # 1 where the norm or the coefficient is not finite: n·coef·0 is 0 exactly when both are finite
     # (7 small ops instead of 15: isfinite is 4 ops on CPU, and each costs ~5 µs of dispatch)
     return torch.where(n * coef * 0 == 0, coef, 1.0)
+
+
+def fraction_clipped(coef: Tensor) -> Tensor:
+    """The fraction of the coefficients below 1 (units scaled down), as a 0-D float32 device tensor.
+
+    For a global-norm clipper's one coefficient this is the step's clip fraction: 1.0 when it
+    clipped, 0.0 when not (a non-finite norm has coefficient 1: not clipped; ``"norm:0"`` has
+    coefficient 0: 1.0). Per-layer clipping applies it to its per-layer coefficients. No host sync.
+    """
+    return (coef < 1.0).mean(dtype=torch.float32)
 
 
 def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = None) -> None:
@@ -189,6 +219,17 @@ def _clamp_(grads: Sequence[Tensor], v: float, *, foreach: bool | None = None) -
                 t.clamp_(-v, v)
 
 
+def _clamped_fraction(grads: Sequence[Tensor], v: float) -> Tensor:
+    """The fraction of the elements of ``grads`` that clamping to ``[-v, v]`` changes (``|g| > v``;
+    NaN passes through unclamped), as a 0-D float32 tensor on their device. One extra read of each
+    gradient (a count cannot come out of the clamp itself); no host sync."""
+    numel = sum(g.numel() for g in grads)
+    if numel == 0:
+        return torch.zeros((), device=grads[0].device if grads else None)
+    counts = torch.stack([(g.abs() > v).sum() for g in grads])
+    return counts.sum().div(numel).to(torch.float32)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -232,10 +273,59 @@ def clip_grad_agc_(
     Returns:
         The pre-clip global 2-norm of all gradients (excluded ones included), float32.
     """
+    unit_norms, _ = _agc_(parameters, clip_factor, eps, exclude)
+    if not unit_norms:
+        return torch.zeros(())
+    # the global norm is the norm of the unit norms (each tensor's norm is the norm of its units')
+    allnorms = unit_norms[0] if len(unit_norms) == 1 else torch.cat(unit_norms)
+    return torch.linalg.vector_norm(allnorms, dtype=torch.float64).to(torch.float32)
+
+
+def _agc_(
+    parameters: Tensor | Iterable[Tensor], clip_factor: float, eps: float, exclude: Iterable[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """AGC in place (see :func:`clip_grad_agc_`). Returns the pre-clip gradient norms of the units
+    (then of the excluded tensors), the pieces of the global norm, and per group which units were
+    clipped, the pieces of the clip fraction: the caller finishes the one it reports."""
     lam = float(_check_threshold(clip_factor, "clip_factor", allow_inf=False))
     e = float(_check_threshold(eps, "eps", allow_inf=False))
+    groups, others = _agc_groups(parameters, exclude)
+    check_tensors([g for lists in groups.values() for g in lists[0] + lists[2]] + others, what="gradient")
+    unit_norms: list[Tensor] = []
+    clipped: list[Tensor] = []
+    with torch.no_grad():
+        for (g_dtype, w_dtype), (g_mats, w_mats, g_vecs, w_vecs) in groups.items():
+            foreach = (g_mats + g_vecs)[0].device.type in _FOREACH_DEVICES
+            gn = _unit_norms(g_mats, g_vecs, _acc(g_dtype), foreach)
+            max_n = _unit_norms(w_mats, w_vecs, _acc(w_dtype), foreach).clamp_min(e).mul_(lam)
+            # a unit with a non-finite gradient norm is left untouched (λ‖W‖*/inf = 0 would zero it)
+            gf = gn.nan_to_num(nan=0.0, posinf=0.0)
+            over = gf > max_n
+            coef = torch.where(over, max_n / gf.clamp_min(1e-6), 1.0)
+            if coef.dtype != g_dtype:
+                coef = coef.to(g_dtype)
+            pieces = coef.split([g.shape[0] for g in g_mats] + [len(g_vecs)])
+            # back to the units' shapes: (rows, 1, …) for the rank ≥ 2 tensors, 0-D for the others
+            coefs = [c.view((c.shape[0],) + (1,) * (g.ndim - 1)) for c, g in zip(pieces, g_mats)]
+            coefs.extend(pieces[-1].unbind())
+            if foreach:
+                torch._foreach_mul_(g_mats + g_vecs, coefs)
+            else:
+                for g, c in zip(g_mats + g_vecs, coefs):
+                    g.mul_(c)
+            unit_norms.append(gn)
+            clipped.append(over)
+        if others:
+            unit_norms.append(tensor_norms(others))
+    return unit_norms, clipped
+
+
+def _agc_groups(
+    parameters: Tensor | Iterable[Tensor], exclude: Iterable[Tensor]
+) -> tuple[dict[tuple[torch.dtype, torch.dtype], tuple[list[Tensor], ...]], list[Tensor]]:
+    """Per (gradient dtype, weight dtype): the gradients and weights of the rank ≥ 2 tensors, then of
+    the others; and the gradients of the excluded tensors. Tensors without a gradient are left out."""
     skip = {id(t) for t in exclude}
-    # per (gradient dtype, weight dtype): gradients and weights of the rank ≥ 2 tensors, then of the others
     groups: dict[tuple[torch.dtype, torch.dtype], tuple[list[Tensor], ...]] = {}
     others: list[Tensor] = []
     for p in as_tensor_list(parameters):
@@ -252,48 +342,124 @@ def clip_grad_agc_(
         else:
             g_vecs.append(g)
             w_vecs.append(p.detach())
-    check_tensors([g for lists in groups.values() for g in lists[0] + lists[2]] + others, what="gradient")
-    unit_norms: list[Tensor] = []
-    with torch.no_grad():
-        for (g_dtype, w_dtype), (g_mats, w_mats, g_vecs, w_vecs) in groups.items():
-            foreach = (g_mats + g_vecs)[0].device.type in _FOREACH_DEVICES
-            gn = _unit_norms(g_mats, g_vecs, _acc(g_dtype), foreach)
-            max_n = _unit_norms(w_mats, w_vecs, _acc(w_dtype), foreach).clamp_min(e).mul_(lam)
-            # a unit with a non-finite gradient norm is left untouched (λ‖W‖*/inf = 0 would zero it)
-            gf = gn.nan_to_num(nan=0.0, posinf=0.0)
-            coef = torch.where(gf > max_n, max_n / gf.clamp_min(1e-6), 1.0)
-            if coef.dtype != g_dtype:
-                coef = coef.to(g_dtype)
-            pieces = coef.split([g.shape[0] for g in g_mats] + [len(g_vecs)])
-            # back to the units' shapes: (rows, 1, …) for the rank ≥ 2 tensors, 0-D for the others
-            coefs = [c.view((c.shape[0],) + (1,) * (g.ndim - 1)) for c, g in zip(pieces, g_mats)]
-            coefs.extend(pieces[-1].unbind())
-            if foreach:
-                torch._foreach_mul_(g_mats + g_vecs, coefs)
-            else:
-                for g, c in zip(g_mats + g_vecs, coefs):
-                    g.mul_(c)
-            unit_norms.append(gn)
-        if others:
-            unit_norms.append(tensor_norms(others))
-    if not unit_norms:
-        return torch.zeros(())
-    # the global norm is the norm of the unit norms (each tensor's norm is the norm of its units')
-    allnorms = unit_norms[0] if len(unit_norms) == 1 else torch.cat(unit_norms)
-    return torch.linalg.vector_norm(allnorms, dtype=torch.float64).to(torch.float32)
+    return groups, others
+
+
+def _mean_of(masks: list[Tensor], device: torch.device | None) -> Tensor:
+    """The fraction of True in the bool tensors ``masks`` (0 when there are none), 0-D float32."""
+    if sum(m.numel() for m in masks) == 0:  # no units (shapes are known on the host)
+        return torch.zeros((), device=device)
+    mask = masks[0] if len(masks) == 1 else torch.cat(masks)
+    return mask.mean(dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- specs
+class SpecArgError(GradGuardError):
+    """The argument of a spec ``"kind:arg"`` does not fit its kind (raised by ``from_arg``).
+
+    :func:`from_spec` turns it into an error that names the whole spec and the accepted forms.
+    ``reason`` is None when the kind takes no argument or needs one that is missing (then the spec
+    is not one of the accepted forms).
+    """
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason or "the spec's argument does not fit its kind")
+        self.reason = reason
+
+
+def spec_number(arg: str | None, default: float | None = None) -> float:
+    """The number after the colon of a spec; ``default`` when there is none (None: it is required)."""
+    if arg is None:
+        if default is None:
+            raise SpecArgError()
+        return default
+    try:
+        return float(arg)
+    except ValueError:
+        raise SpecArgError(f"{arg!r} is not a number") from None
+
+
+def spec_no_arg(arg: str | None) -> None:
+    """Refuse an argument for a kind that takes none (``"auto"``)."""
+    if arg is not None:
+        raise SpecArgError()
+
+
+def _tensors(parameters: Any) -> list[Any]:
+    """Tensors, or ``(name, tensor)`` pairs, as a list (a generator is read once)."""
+    return [parameters] if isinstance(parameters, Tensor) else list(parameters)
+
+
+def _json_number(x: float | Tensor) -> float | None:
+    """A threshold as a JSON number: a tensor's value now (one host read; None on ``meta``)."""
+    if isinstance(x, Tensor):
+        return None if x.device.type == "meta" else float(x.reshape(()))
+    return x
 
 
 # ----------------------------------------------------------------------------- stateful clippers
 class Clipper:
-    """Base class: ``clipper(parameters, norm=None) -> pre-clip global norm``, with state.
+    """Base class of the stateful clippers. Every clipper
 
-    Subclasses that only need a threshold from the global norm derive from :class:`NormClipper`.
+    * clips in place when called, ``clipper(parameters, norm=None) -> Tensor``, and returns the
+      pre-clip statistic (the global norm; :class:`Value`: the max-abs), as the clipping functions do;
+      pass ``norm`` when it was already measured;
+    * says what it did: :meth:`clip_` clips the same way and returns the fraction of its units
+      clipped this step (0-D float32, on the gradients' device, no host read);
+    * is data: :attr:`kind` names it in specs and in :meth:`config`, whose dict
+      :meth:`from_config` (or :func:`from_spec`) rebuilds it; :meth:`from_arg` builds it from the
+      argument of a spec ``"kind:arg"``;
+    * saves its state: ``state_dict`` / ``load_state_dict`` (tensors and Python scalars only).
+
+    A new clipper implements :meth:`clip_` (the call then measures the global norm and clips with
+    it), sets :attr:`kind` and :attr:`usage`, and adds the constructor's parameters to :meth:`config`;
+    one line ``CLIPPERS[MyClipper.kind] = MyClipper`` makes ``from_spec("mykind:3")`` and
+    ``Guard(..., clip="mykind:3")`` build it. Subclasses that only need a threshold from the global
+    norm derive from :class:`NormClipper`.
     """
 
+    kind: ClassVar[str]
+    """The clipper's name in specs (``"norm"`` in ``"norm:5"``) and in :meth:`config`."""
+    usage: ClassVar[str] = ""
+    """How to write its spec, listed by :func:`from_spec`'s errors: ``"norm:MAX_NORM (…)"``."""
+    takes_names: ClassVar[bool] = False
+    """True: call it with ``(name, parameter)`` pairs (``model.named_parameters()``) when there are names."""
     norm_type: float = 2.0
 
-    def __call__(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+    @classmethod
+    def from_arg(cls, arg: str | None) -> Clipper:
+        """The clipper of the spec ``"kind:arg"`` (``arg`` None for ``"kind"``); raise
+        :class:`SpecArgError` for an argument it does not take (see :func:`spec_number`)."""
+        raise NotImplementedError(f"{cls.__name__} has no spec: define from_arg(arg) to build it from one.")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Clipper:
+        """The clipper that :meth:`config` describes: the constructor called with its parameters."""
+        return cls(**{k: v for k, v in config.items() if k != "kind"})
+
+    def config(self) -> dict[str, Any]:
+        """The clipper as data: ``{"kind": ..., **constructor parameters}``, JSON-able (for ``meta.json``)."""
+        return {"kind": getattr(self, "kind", type(self).__name__)}
+
+    def __call__(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
+        """Clip in place; return the pre-clip global norm (``norm`` when given, else measured here)."""
+        items = _tensors(parameters)
+        if norm is None:
+            plain = [p[1] if isinstance(p, tuple) else p for p in items]
+            norm = total_norm(tensor_norms(grads_of(plain), self.norm_type), self.norm_type)
+        self.clip_(items, norm)
+        return norm
+
+    def clip_(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
+        """Clip in place, like the call; return the fraction of this clipper's units clipped this step.
+
+        A 0-D float32 tensor on the gradients' device, computed without a host read. A clipper
+        written before this method existed (it defines only the call) reports NaN: unknown.
+        """
+        if type(self).__call__ is Clipper.__call__:
+            raise NotImplementedError(f"{type(self).__name__} must define clip_(parameters, norm=None).")
+        self(parameters, norm)
+        return torch.full((), math.nan, device=None if norm is None else norm.device)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and Python scalars only (``torch.load(weights_only=True)`` loads it)."""
@@ -315,7 +481,8 @@ class NormClipper(Clipper):
     """Global-norm clipping with a threshold chosen per step by :meth:`threshold`.
 
     The :class:`gradguard.Guard` calls :meth:`threshold` with the norm it measured and folds the
-    coefficient into the optimizer step; calling the clipper does the same on its own.
+    coefficient into the optimizer step (its clip fraction: :func:`fraction_clipped` of that
+    coefficient); calling the clipper does the same on its own.
     """
 
     def threshold(self, norm: Tensor) -> Tensor:
@@ -323,21 +490,42 @@ class NormClipper(Clipper):
         raise NotImplementedError
 
     def __call__(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
+        return self._scale(parameters, norm)[0]
+
+    def clip_(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
+        """Clip; return 1.0 if the coefficient was below 1 (the gradients were scaled down), else 0.0."""
+        return fraction_clipped(self._scale(parameters, norm)[1])
+
+    def _scale(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Scale the gradients by this step's coefficient; return (the pre-clip norm, the coefficient:
+        1 without gradients, as nothing was scaled)."""
         grads = grads_of(parameters)
         if norm is None:
             norm = total_norm(tensor_norms(grads, self.norm_type), self.norm_type)
-        tau = self.threshold(norm)
-        if grads:
-            scale_(grads, coefficient(norm, tau))
-        return norm
+        coef = coefficient(norm, self.threshold(norm))  # the threshold observes the norm either way
+        if not grads:
+            return norm, torch.ones_like(coef)
+        scale_(grads, coef)
+        return norm, coef
 
 
 class Norm(NormClipper):
     """Fixed-threshold global-norm clipping (``"norm:5"``); ``max_norm`` may be a device tensor."""
 
+    kind = "norm"
+    usage = "norm:MAX_NORM (global norm clipping, e.g. norm:5)"
+
     def __init__(self, max_norm: float | Tensor, norm_type: float = 2.0) -> None:
         self.max_norm = _check_threshold(max_norm, "max_norm")
         self.norm_type = check_norm_type(norm_type)
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> Norm:
+        return cls(spec_number(arg))
+
+    def config(self) -> dict[str, Any]:
+        """A tensor ``max_norm`` is read once here (its value now; None on ``meta``)."""
+        return {**super().config(), "max_norm": _json_number(self.max_norm), "norm_type": self.norm_type}
 
     def threshold(self, norm: Tensor) -> Tensor:
         if isinstance(self.max_norm, Tensor):
@@ -362,6 +550,9 @@ class AutoClip(NormClipper):
     :func:`torch.nanquantile`), all on device.
     """
 
+    kind = "autoclip"
+    usage = "autoclip[:PERCENTILE] (default 10)"
+
     def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
         try:
             pct = float(percentile)
@@ -377,6 +568,13 @@ class AutoClip(NormClipper):
         self.window = window
         self._count = torch.zeros((), dtype=torch.long)  # finite norms seen, on device
         self._set_history(torch.full((window,), math.nan, dtype=torch.float32))
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> AutoClip:
+        return cls(spec_number(arg, 10.0))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "percentile": self.percentile, "window": self.window}
 
     def _set_history(self, history: Tensor) -> None:
         """Take ``history`` (``window`` norms, NaN where unfilled) and build, on its device, the ring
@@ -455,6 +653,147 @@ class AutoClip(NormClipper):
         return f"AutoClip(percentile={self.percentile}, window={self.window})"
 
 
+# ----------------------------------------------------------------------------- ZClip's rule, written once
+def _zclip_params(alpha: float, z_thresh: float, warmup: int, eps: float) -> tuple[float, float, int, float]:
+    """ZClip's parameters, checked: (alpha, z_thresh, warmup, eps)."""
+    if not 0.0 < float(alpha) < 1.0:
+        raise GradGuardError(f"alpha must be in (0, 1), got {alpha!r}. The paper uses 0.97.")
+    zt = float(_check_threshold(z_thresh, "z_thresh", allow_inf=False))
+    if zt <= 0:
+        raise GradGuardError(f"z_thresh must be > 0, got {z_thresh!r}. The paper uses 2.5.")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
+        raise GradGuardError(f"warmup must be a positive int, got {warmup!r}. The paper uses 25.")
+    return float(alpha), zt, warmup, float(_check_threshold(eps, "eps", allow_inf=False))
+
+
+def _zclip_rows(alpha: float, z_thresh: float, warmup: int) -> list[list[list[float]]]:
+    """ZClip's update as data: for each count n of finite norms seen (0 … warmup; the last row
+    stays), ``[z threshold ×3, A, B]`` of ``[μ, σ², n] ← A·[μ, σ², n] + B·[Δ, Δ², 1]``, Δ = g' − μ."""
+    rows = []
+    for n in range(warmup):  # Welford, k = 1/(n+1): μ + kΔ, (1−k)σ² + k(1−k)Δ², n + 1
+        k = 1.0 / (n + 1)
+        rows.append([[math.inf] * 3, [1.0, 1.0 - k, 1.0], [k, k * (1.0 - k), 1.0]])
+    # EMA of the clipped value g' = μ + Δ: αμ + (1−α)g' = μ + (1−α)Δ and, since g' − μ_new = αΔ,
+    # ασ² + (1−α)(g' − μ_new)² = ασ² + (1−α)α²Δ²; n stays at warmup. The z threshold is inf
+    # during the warm-up: no clipping then.
+    a = alpha
+    rows.append([[z_thresh] * 3, [1.0, a, 1.0], [1.0 - a, (1.0 - a) * a * a, 0.0]])
+    return rows
+
+
+class _Arith(Protocol):
+    """The arithmetic :func:`_zclip_step` runs on: device tensors or host floats."""
+
+    eps: Any  # ZClip's eps
+    zt2: Any  # z_thresh²
+    inf: Any
+
+    def split(self, s: Any) -> tuple[Any, Any, Any]: ...  # the state → μ, σ², n (an index)
+    def row(self, n: Any) -> tuple[Any, Any, Any]: ...  # the z threshold, A, B for n
+    def update(self, a: Any, s: Any, b: Any, delta: Any) -> Any: ...  # A·s + B·[Δ, Δ², 1]
+    def where(self, c: Any, x: Any, y: Any) -> Any: ...
+    def sqrt(self, x: Any) -> Any: ...
+    def div(self, x: Any, y: Any) -> Any: ...  # IEEE: x/0 is ±inf or NaN
+
+
+def _zclip_step(r: _Arith, s: Any, g: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """ZClip's rule for one norm ``g`` (Kumar et al. 2025), the one implementation of it.
+
+    With ``z = (g − μ)/(σ + eps)``, a spike is ``z > z_thresh`` (never during the warm-up), its
+    threshold ``τ = μ + z_thresh²·σ/z``, and the state ``s`` = [μ, σ², n] moves by the row of
+    :func:`_zclip_rows` for n with the clipped value ``g' = μ + Δ``. A non-finite norm is no spike and
+    leaves the state as it is. Written without branches over ``r``'s arithmetic, so it runs on
+    device tensors (:class:`ZClip`: no host read) and on host floats (:class:`HostZClip`).
+
+    Returns (the new state, τ (inf when no spike), the spike flag, the finite flag, n before the step).
+    """
+    mean, var, n = r.split(s)
+    zt, a, b = r.row(n)
+    d = g - mean
+    d = d + d * 0.0  # ±inf → NaN: a non-finite norm gives no spike and leaves the state as it is
+    finite = r.inf > d
+    std = r.sqrt(var)
+    z = r.div(d, std + r.eps)
+    spike = z > zt  # never during the warm-up (zt = inf) nor for a non-finite norm
+    off = r.div(r.zt2 * std, z)  # τ − μ on a spike
+    delta = r.where(spike, off, d)  # g' − μ
+    new = r.where(finite, r.update(a, s, b, delta), s)
+    return new, r.where(spike, mean + off, r.inf), spike, finite, n
+
+
+class _TensorArith:
+    """:func:`_zclip_step` on device: the state is a (1, 3) float64 tensor, the rows a table indexed
+    on device by n (spike, τ and Δ come out as (1, 3) with 3 equal values, so one ``addcmul`` updates
+    all three statistics); about 20 small ops, no host read."""
+
+    def __init__(
+        self, rows: list[list[list[float]]], eps: float, z_thresh: float, device: torch.device
+    ) -> None:
+        self.table = torch.tensor(rows, dtype=torch.float64).to(device)
+        # Δ ** powers = [Δ, Δ², 1]; eps; z_thresh²; inf
+        consts = torch.tensor([1.0, 2.0, 0.0, eps, z_thresh**2, math.inf], dtype=torch.float64).to(device)
+        self.powers, self.eps, self.zt2, self.inf = consts.split((3, 1, 1, 1))
+
+    @staticmethod
+    def split(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean, var, n = s.unbind(1)  # (1,) each
+        return mean, var, n.long()  # n ≤ warmup
+
+    def row(self, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        zt, a, b = self.table.index_select(0, n).unbind(1)  # (1, 3) each
+        return zt, a, b
+
+    def update(self, a: Tensor, s: Tensor, b: Tensor, delta: Tensor) -> Tensor:
+        return torch.addcmul(a * s, b, delta.pow(self.powers))
+
+    @staticmethod
+    def where(c: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return torch.where(c, x, y)
+
+    @staticmethod
+    def sqrt(x: Tensor) -> Tensor:
+        return torch.sqrt(x)
+
+    @staticmethod
+    def div(x: Tensor, y: Tensor) -> Tensor:
+        return torch.div(x, y)
+
+
+class _FloatArith:
+    """:func:`_zclip_step` on the host: the state is a tuple (μ, σ², n) of Python floats."""
+
+    inf = math.inf
+
+    def __init__(self, rows: list[list[list[float]]], eps: float, z_thresh: float) -> None:
+        self.rows = [(zt[0], a, b) for zt, a, b in rows]
+        self.eps, self.zt2 = eps, z_thresh**2
+
+    @staticmethod
+    def split(s: tuple[float, float, float]) -> tuple[float, float, int]:
+        return s[0], s[1], int(s[2])
+
+    def row(self, n: int) -> tuple[float, list[float], list[float]]:
+        return self.rows[n]
+
+    @staticmethod
+    def update(a: list[float], s: tuple[float, ...], b: list[float], delta: float) -> tuple[float, ...]:
+        return a[0] * s[0] + b[0] * delta, a[1] * s[1] + b[1] * (delta * delta), a[2] * s[2] + b[2]
+
+    @staticmethod
+    def where(c: bool, x: Any, y: Any) -> Any:
+        return x if c else y
+
+    @staticmethod
+    def sqrt(x: float) -> float:
+        return math.sqrt(x)
+
+    @staticmethod
+    def div(x: float, y: float) -> float:
+        if y:
+            return x / y
+        return math.nan if x == 0 or math.isnan(x) else math.copysign(math.inf, x) * math.copysign(1.0, y)
+
+
 class ZClip(NormClipper):
     """ZClip (Kumar, Owen, Roy Chowdhury, Güra 2025): z-score spike clipping with EMA statistics.
 
@@ -466,8 +805,12 @@ class ZClip(NormClipper):
 
     Both phases are one update ``[μ, σ², n] ← A·[μ, σ², n] + B·[Δ, Δ², 1]`` with ``Δ = g' − μ``,
     whose coefficients A, B (and the z threshold, inf during the warm-up) are looked up on
-    device by the count n of finite norms seen: about 20 small ops per step, no host sync.
+    device by the count n of finite norms seen: about 20 small ops per step, no host sync. The rule
+    is :func:`_zclip_step`, shared with :class:`HostZClip`.
     """
+
+    kind = "zclip"
+    usage = "zclip[:Z_THRESH] (default 2.5)"
 
     def __init__(
         self,
@@ -477,41 +820,31 @@ class ZClip(NormClipper):
         eps: float = 1e-6,
         max_norm: float | None = None,
     ) -> None:
-        if not 0.0 < float(alpha) < 1.0:
-            raise GradGuardError(f"alpha must be in (0, 1), got {alpha!r}. The paper uses 0.97.")
-        self.z_thresh = float(_check_threshold(z_thresh, "z_thresh", allow_inf=False))
-        if self.z_thresh <= 0:
-            raise GradGuardError(f"z_thresh must be > 0, got {z_thresh!r}. The paper uses 2.5.")
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-            raise GradGuardError(f"warmup must be a positive int, got {warmup!r}. The paper uses 25.")
-        self.alpha = float(alpha)
-        self.warmup = warmup
-        self.eps = float(_check_threshold(eps, "eps", allow_inf=False))
+        self.alpha, self.z_thresh, self.warmup, self.eps = _zclip_params(alpha, z_thresh, warmup, eps)
         self.max_norm = None if max_norm is None else float(_check_threshold(max_norm, "max_norm"))
         # μ, σ² (population variance of the warm-up norms, then the EMA) and the number of finite
         # norms seen (it stops at warmup); float64 on the norm's device.
         self._set_state(torch.zeros(3, dtype=torch.float64))
 
+    @classmethod
+    def from_arg(cls, arg: str | None) -> ZClip:
+        return cls(z_thresh=spec_number(arg, 2.5))
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "alpha": self.alpha,
+            "z_thresh": self.z_thresh,
+            "warmup": self.warmup,
+            "eps": self.eps,
+            "max_norm": self.max_norm,
+        }
+
     def _set_state(self, stats: Tensor) -> None:
-        """Take ``stats`` ([μ, σ², n]) as the state and build the update table on its device."""
+        """Take ``stats`` ([μ, σ², n]) as the state and build the rule's table on its device."""
         self._state = stats.detach().to(torch.float64).reshape(1, 3)
-        rows = []
-        for n in range(self.warmup):  # Welford, k = 1/(n+1): μ + kΔ, (1−k)σ² + k(1−k)Δ², n + 1
-            k = 1.0 / (n + 1)
-            rows.append([[math.inf] * 3, [1.0, 1.0 - k, 1.0], [k, k * (1.0 - k), 1.0]])
-        # EMA of the clipped value g' = μ + Δ: αμ + (1−α)g' = μ + (1−α)Δ and, since g' − μ_new = αΔ,
-        # ασ² + (1−α)(g' − μ_new)² = ασ² + (1−α)α²Δ²; n stays at warmup
-        a = self.alpha
-        rows.append([[self.z_thresh] * 3, [1.0, a, 1.0], [1.0 - a, (1.0 - a) * a * a, 0.0]])
-        # per n: the z threshold (inf: no clipping during the warm-up), A, B
-        device = self._state.device
-        self._table = torch.tensor(rows, dtype=torch.float64).to(device)
-        # Δ ** powers = [Δ, Δ², 1]; eps; z_thresh²
-        self._consts = torch.tensor(
-            [1.0, 2.0, 0.0, self.eps, self.z_thresh**2, math.inf], dtype=torch.float64
-        )
-        self._consts = self._consts.to(device)
-        self._powers, self._eps_t, self._zt2, self._inf = self._consts.split((3, 1, 1, 1))
+        rows = _zclip_rows(self.alpha, self.z_thresh, self.warmup)
+        self._rule = _TensorArith(rows, self.eps, self.z_thresh, self._state.device)
 
     def _to(self, device: torch.device) -> None:
         self._set_state(self._state.to(device))
@@ -519,23 +852,11 @@ class ZClip(NormClipper):
     def _observe(self, norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Update the state with a finite ``norm``; return (τ, float64, shape (1, 3) with 3 equal
         values; the finite flag; the count n before the update, shape (1,))."""
-        s = self._state  # (1, 3)
-        if s.device != norm.device:
+        if self._state.device != norm.device:
             self._to(norm.device)
-            s = self._state
-        mean, var, n = s.unbind(1)  # (1,) each; var ≥ 0
-        n = n.long()  # ≤ warmup
-        zt, a, b = self._table.index_select(0, n).unbind(1)  # (1, 3) each
-        d = (norm.detach() if norm.requires_grad else norm) - mean
-        d = d + d * 0.0  # ±inf → NaN: a non-finite norm gives no spike and leaves the state as it is
-        finite = self._inf > d
-        std = var.sqrt()
-        z = d / (std + self._eps_t)
-        spike = z > zt  # never during the warm-up (zt = inf) nor for a non-finite norm
-        off = self._zt2 * std / z  # τ − μ on a spike
-        delta = torch.where(spike, off, d)  # g' − μ, three times
-        self._state = torch.where(finite, torch.addcmul(a * s, b, delta.pow(self._powers)), s)
-        return torch.where(spike, mean + off, self._inf), finite, n
+        g = norm.detach() if norm.requires_grad else norm
+        self._state, tau, _, finite, n = _zclip_step(self._rule, self._state, g)
+        return tau, finite, n
 
     def threshold(self, norm: Tensor) -> Tensor:
         tau = self._observe(norm)[0]
@@ -614,6 +935,9 @@ class Auto(ZClip):
         **zclip: :class:`ZClip`'s ``alpha``, ``z_thresh``, ``warmup``, ``eps``, ``max_norm``.
     """
 
+    kind = "auto"
+    usage = "auto (ZClip spike clipping, capped at half the first norm and 10x the warm-up norm)"
+
     def __init__(self, growth: float = 10.0, first: float | None = None, **zclip: Any) -> None:
         super().__init__(**zclip)
         self.growth = float(_check_threshold(growth, "growth", allow_inf=False))
@@ -626,6 +950,14 @@ class Auto(ZClip):
         self.first = first
         self._set_anchor(torch.full((), math.nan, dtype=torch.float64))
         self._set_first(torch.full((), math.nan, dtype=torch.float64))
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> Auto:
+        spec_no_arg(arg)
+        return cls(first=0.5)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "growth": self.growth, "first": self.first}
 
     def _set_anchor(self, anchor: Tensor) -> None:
         """[anchor, cap]: the mean of the warm-up norms (NaN until the warm-up ends) and growth × it (inf until then)."""
@@ -684,21 +1016,94 @@ class Auto(ZClip):
         return f"Auto(growth={self.growth}, z_thresh={self.z_thresh}, warmup={self.warmup}{first})"
 
 
+class HostZClip:
+    """ZClip's spike rule on host floats: ``observe(g) -> bool`` flags the spikes of a stream of norms.
+
+    The same rule as :class:`ZClip` (:func:`_zclip_step`, the one implementation): the first
+    ``warmup`` finite norms give μ and σ²; then a norm with ``z = (g − μ)/(σ + eps) > z_thresh`` is a
+    spike, and μ, σ² follow an EMA of the clipped value ``μ + z_thresh²·σ/z``; non-finite norms
+    change nothing. For work off the device: the guard feeds it, at flush, the norms it already
+    copied to the host (``on_spike="warn"``), so the spike warning costs no per-step device op.
+    """
+
+    def __init__(self, z_thresh: float, alpha: float = 0.97, warmup: int = 25, eps: float = 1e-6) -> None:
+        self.alpha, self.z_thresh, self.warmup, self.eps = _zclip_params(alpha, z_thresh, warmup, eps)
+        self._rule = _FloatArith(_zclip_rows(self.alpha, self.z_thresh, self.warmup), self.eps, self.z_thresh)
+        self._state: tuple[float, ...] = (0.0, 0.0, 0.0)  # μ, σ², finite norms seen (≤ warmup)
+
+    def observe(self, g: float) -> bool:
+        """Take the next norm; True when it is a spike (never during the warm-up nor when non-finite)."""
+        self._state, _, spike, _, _ = _zclip_step(self._rule, self._state, float(g))
+        return bool(spike)
+
+    @property
+    def mean(self) -> float:
+        """EMA mean of the (clipped) norms."""
+        return self._state[0]
+
+    @property
+    def var(self) -> float:
+        """EMA variance of the (clipped) norms."""
+        return self._state[1]
+
+    @property
+    def seen(self) -> int:
+        """Finite norms seen, up to ``warmup``."""
+        return int(self._state[2])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "host": True,
+            "mean": self.mean,
+            "var": self.var,
+            "seen": self.seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take a saved state; a device :class:`ZClip`'s state (no ``"host"`` key) is ignored: start afresh."""
+        if not state.get("host"):
+            return
+        var, seen = max(float(state["var"]), 0.0), min(int(state["seen"]), self.warmup)
+        self._state = (float(state["mean"]), var, float(seen))
+
+    def __repr__(self) -> str:
+        return f"HostZClip(z_thresh={self.z_thresh}, alpha={self.alpha}, warmup={self.warmup})"
+
+
 class Value(Clipper):
     """Element-wise value clipping (``"value:1"``).
 
     Returns the pre-clip max-abs, or ``norm`` unchanged when it is given (then the gradients
-    are only read to clamp them).
+    are only read to clamp them). :meth:`clip_` reports the fraction of elements clamped (one
+    more read of the gradients, to count them).
     """
+
+    kind = "value"
+    usage = "value:CLIP_VALUE (element-wise, e.g. value:1)"
 
     def __init__(self, clip_value: float) -> None:
         self.clip_value = float(_check_threshold(clip_value, "clip_value"))
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> Value:
+        return cls(spec_number(arg))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "clip_value": self.clip_value}
 
     def __call__(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
         if norm is None:
             return clip_grad_value_(parameters, self.clip_value)
         _clamp_(grads_of(parameters), self.clip_value)  # the norm was measured: clamp only
         return norm
+
+    def clip_(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
+        """Clamp; return the fraction of the gradient elements clamped (``|g| > clip_value``)."""
+        grads = grads_of(parameters)
+        fraction = _clamped_fraction(grads, self.clip_value)
+        _clamp_(grads, self.clip_value)
+        return fraction
 
     def __repr__(self) -> str:
         return f"Value(clip_value={self.clip_value})"
@@ -709,7 +1114,12 @@ class AGC(Clipper):
 
     ``exclude`` takes parameters, or qualified-name prefixes when the clipper is called with
     ``(name, parameter)`` pairs (e.g. ``exclude=["fc"]`` for the final classifier).
+    :meth:`clip_` reports the fraction of the (not excluded) units clipped.
     """
+
+    kind = "agc"
+    usage = "agc[:LAMBDA] (adaptive gradient clipping, default 0.01)"
+    takes_names = True
 
     def __init__(
         self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Iterable[Tensor | str] = ()
@@ -718,12 +1128,31 @@ class AGC(Clipper):
         self.eps = float(_check_threshold(eps, "eps", allow_inf=False))
         self.exclude = list(exclude)
 
+    @classmethod
+    def from_arg(cls, arg: str | None) -> AGC:
+        return cls(spec_number(arg, 0.01))
+
+    def config(self) -> dict[str, Any]:
+        """The excluded names; excluded tensors are not data and are left out."""
+        names = [s for s in self.exclude if isinstance(s, str)]
+        return {**super().config(), "clip_factor": self.clip_factor, "eps": self.eps, "exclude": names}
+
     def __call__(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
-        items = as_tensor_list(parameters) if isinstance(parameters, Tensor) else list(parameters)
+        params, excluded = self._split(parameters)
+        return clip_grad_agc_(params, self.clip_factor, self.eps, exclude=excluded)
+
+    def clip_(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
+        """Clip; return the fraction of the units clipped."""
+        params, excluded = self._split(parameters)
+        unit_norms, clipped = _agc_(params, self.clip_factor, self.eps, excluded)
+        return _mean_of(clipped, unit_norms[0].device if unit_norms else None)
+
+    def _split(self, parameters: Any) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters, and those of them that ``exclude`` names or holds."""
         names = [s for s in self.exclude if isinstance(s, str)]
         excluded = [t for t in self.exclude if isinstance(t, Tensor)]
         params: list[Tensor] = []
-        for item in items:
+        for item in _tensors(parameters):
             if isinstance(item, tuple):
                 name, p = item
                 if any(name == s or name.startswith(s + ".") for s in names):
@@ -731,7 +1160,7 @@ class AGC(Clipper):
                 params.append(p)
             else:
                 params.append(item)
-        return clip_grad_agc_(params, self.clip_factor, self.eps, exclude=excluded)
+        return params, excluded
 
     def __repr__(self) -> str:
         return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
@@ -742,16 +1171,38 @@ class PerLayer(Clipper):
 
     Called with ``(name, parameter)`` pairs (``model.named_parameters()``), a layer is the module
     that owns the parameters; with plain tensors, each tensor is its own group. Returns the
-    pre-clip global norm.
+    pre-clip global norm; :meth:`clip_` reports the fraction of layers clipped.
     """
+
+    kind = "layer"
+    usage = "layer:MAX_NORM (per-layer norm clipping)"
+    takes_names = True
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
         self.max_norm = float(_check_threshold(max_norm, "max_norm"))
         self.norm_type = check_norm_type(norm_type)
         self._index: LayerIndex | None = None
 
+    @classmethod
+    def from_arg(cls, arg: str | None) -> PerLayer:
+        return cls(spec_number(arg))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "max_norm": self.max_norm, "norm_type": self.norm_type}
+
     def __call__(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
-        items = as_tensor_list(parameters) if isinstance(parameters, Tensor) else list(parameters)
+        scaled = self._scale(parameters)
+        return torch.zeros(()) if scaled is None else total_norm(scaled[0], self.norm_type)
+
+    def clip_(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
+        """Clip; return the fraction of the layers (with gradients) clipped."""
+        scaled = self._scale(parameters)
+        return torch.zeros(()) if scaled is None else fraction_clipped(scaled[1])
+
+    def _scale(self, parameters: Any) -> tuple[Tensor, Tensor] | None:
+        """Scale each layer's gradients by its coefficient; return (the gradients' norms, the layers'
+        coefficients), or None without gradients."""
+        items = _tensors(parameters)
         named = bool(items) and isinstance(items[0], tuple)
         names = [n for n, _ in items] if named else [str(i) + ".t" for i in range(len(items))]
         params = [p for _, p in items] if named else items
@@ -760,7 +1211,7 @@ class PerLayer(Clipper):
         present = [i for i, p in enumerate(params) if p.grad is not None]
         grads = grads_of(params)
         if not grads:
-            return torch.zeros(())
+            return None
         norms = tensor_norms(grads, self.norm_type)
         layer_norms = self._index.reduce(norms, self.norm_type, present)
         coefs = coefficient(layer_norms, self.max_norm)
@@ -769,27 +1220,29 @@ class PerLayer(Clipper):
         with torch.no_grad():
             for g, c in zip(grads, per_tensor.unbind()):
                 g.mul_(c.to(g.dtype))
-        return total_norm(norms, self.norm_type)
+        return norms, coefs
 
     def __repr__(self) -> str:
         return f"PerLayer(max_norm={self.max_norm})"
 
 
-_SPECS = {
-    "norm": "norm:MAX_NORM (global norm clipping, e.g. norm:5)",
-    "value": "value:CLIP_VALUE (element-wise, e.g. value:1)",
-    "agc": "agc[:LAMBDA] (adaptive gradient clipping, default 0.01)",
-    "autoclip": "autoclip[:PERCENTILE] (default 10)",
-    "zclip": "zclip[:Z_THRESH] (default 2.5)",
-    "layer": "layer:MAX_NORM (per-layer norm clipping)",
-    "auto": "auto (ZClip spike clipping, capped at half the first norm and 10x the warm-up norm)",
-    "none": "none (measure only)",
-    "number": "a bare number N (same as norm:N)",
-}
+# ----------------------------------------------------------------------------- the registry
+CLIPPERS: dict[str, type[Clipper]] = {c.kind: c for c in (Norm, Value, AGC, AutoClip, ZClip, PerLayer, Auto)}
+"""Each clipper's class by its kind: what :func:`from_spec` builds. A new clipper is one more line:
+``CLIPPERS[MyClipper.kind] = MyClipper``."""
 
 
-def from_spec(spec: str | Clipper | None) -> Clipper | None:
-    """A clipper from a spec string (``"norm:5"``, ``"autoclip:10"``, ``"auto"``, ``"none"``…) or as is.
+def _accepted() -> str:
+    """The accepted spec forms, for error messages."""
+    forms = [c.usage or f"{c.kind}[:ARG]" for c in CLIPPERS.values()]
+    return "; ".join([*forms, "none (measure only)", "a bare number N (same as norm:N)"])
+
+
+def from_spec(spec: str | float | dict[str, Any] | Clipper | None) -> Clipper | None:
+    """A clipper from a spec string (``"norm:5"``, ``"autoclip:10"``, ``"auto"``, ``"none"``…), a number
+    (``norm:N``), a :meth:`Clipper.config` dict, or a clipper (returned as is).
+
+    ``"kind:arg"`` is ``CLIPPERS[kind].from_arg(arg)``; ``"none"`` and None mean no clipper.
 
     Raises:
         GradGuardError: an unknown name or a bad number, listing the accepted forms.
@@ -798,37 +1251,41 @@ def from_spec(spec: str | Clipper | None) -> Clipper | None:
         return spec
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return Norm(float(spec))
+    if isinstance(spec, dict):
+        return _from_config(spec)
     if not isinstance(spec, str):
         raise GradGuardError(
             f"clip must be a spec string, a number or a gradguard.clip.Clipper, got {spec!r}."
         )
     name, _, arg = spec.strip().lower().partition(":")
-    allowed = "; ".join(_SPECS.values())
-    if not arg:  # a bare number ("5", as a command line passes it): global norm clipping
-        try:
-            number: float | None = float(name)
-        except ValueError:
-            number = None
-        if number is not None:
-            return Norm(number)
-    try:
-        num = float(arg) if arg else None
-    except ValueError:
-        raise GradGuardError(f"clip spec {spec!r}: {arg!r} is not a number. Accepted: {allowed}.") from None
-    if name == "none" and num is None:
+    if not arg and _is_number(name):  # a bare number ("5", as a command line passes it): norm clipping
+        return Norm(float(name))
+    if name == "none" and not arg:
         return None
-    if name == "auto" and num is None:
-        return Auto(first=0.5)
-    if name == "norm" and num is not None:
-        return Norm(num)
-    if name == "value" and num is not None:
-        return Value(num)
-    if name == "layer" and num is not None:
-        return PerLayer(num)
-    if name == "agc":
-        return AGC(0.01 if num is None else num)
-    if name == "autoclip":
-        return AutoClip(10.0 if num is None else num)
-    if name == "zclip":
-        return ZClip(z_thresh=2.5 if num is None else num)
-    raise GradGuardError(f"unknown clip spec {spec!r}. Accepted: {allowed}.")
+    cls = CLIPPERS.get(name)
+    try:
+        if cls is None:
+            raise SpecArgError()
+        return cls.from_arg(arg or None)
+    except SpecArgError as e:
+        if e.reason is None:
+            raise GradGuardError(f"unknown clip spec {spec!r}. Accepted: {_accepted()}.") from None
+        raise GradGuardError(f"clip spec {spec!r}: {e.reason}. Accepted: {_accepted()}.") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _from_config(config: dict[str, Any]) -> Clipper:
+    """The clipper a :meth:`Clipper.config` dict describes."""
+    cls = CLIPPERS.get(config.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise GradGuardError(
+            f"clip config {config!r}: unknown kind {config.get('kind')!r}. Known: {', '.join(CLIPPERS)}."
+        )
+    return cls.from_config(config)

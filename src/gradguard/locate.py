@@ -52,6 +52,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from gradguard import optable, runtable
+
 __all__ = [
     "Birth",
     "Locator",
@@ -187,33 +189,8 @@ def _describe(t: Tensor) -> dict[str, Any]:
 
 
 def explain(op: str, inputs: list[dict[str, Any]], kind: str, dtype_max: float | None = None) -> str:
-    """A one-line reason from the op and what its inputs held."""
-    first = inputs[0] if inputs else {}
-    if any(i.get("nan") for i in inputs):
-        return "a NaN was already in the input"
-    if any(i.get("rows_all_neginf") for i in inputs) and op in (
-        "softmax",
-        "log_softmax",
-        "scaled_dot_product_attention",
-    ):
-        return "a row of all -inf (every key masked) gives 0/0"
-    if op in ("log", "log2", "log10") and first.get("zeros"):
-        return "log of 0"
-    if op in ("log", "log2", "log10", "sqrt", "pow") and first.get("negative"):
-        return f"{op} of a negative number"
-    if op in ("div", "reciprocal", "rsqrt") and any(i.get("zeros") for i in inputs[1:] or inputs):
-        return "division by zero"
-    if op in ("sqrt", "pow", "norm", "linalg_vector_norm", "hypot", "atan2", "cdist") and any(
-        i.get("zeros") for i in inputs
-    ):
-        return f"{op} at 0 (infinite or undefined derivative)"
-    if op == "exp" or op.startswith("exp"):
-        return "exp overflow"
-    if dtype_max is not None and kind in ("inf", "-inf"):
-        return f"a value above the dtype's max ({dtype_max:g})"
-    if op == "ctc_loss":
-        return "the target cannot be aligned to the input (impossible CTC target)"
-    return f"{op} produced {kind} from finite inputs"
+    """A one-line reason from the op and what its inputs held (see :func:`gradguard.optable.reason`)."""
+    return optable.reason(op, inputs, kind, dtype_max)
 
 
 @dataclass
@@ -561,8 +538,9 @@ def explosion(
     """Whether the steps before a failure were an explosion: a norm that grew by orders of magnitude.
 
     An explosion has no single bad op (values grow over steps until they overflow), so its answer
-    is the first spiking step and the layer whose norm grew first, not the op where the overflow
-    finally landed.
+    is the step where the climb started and the layer whose norm grew first
+    (:func:`gradguard.runtable.explosion_onset`, the definition ``gradguard diagnose`` uses too),
+    not the op where the overflow finally landed.
 
     Args:
         history: ``(step, global grad norm, {layer: grad norm})`` of the steps before the failure,
@@ -581,26 +559,16 @@ def explosion(
     peak = max(g for _, g, _ in finite[-5:])
     if not base > 0 or peak < growth * base:
         return None
-    first = next(s for s, g, _ in finite if g > 10 * base)
-    layer_base: dict[str, float] = {}
-    for name in finite[0][2]:
-        vals = sorted(v for _, _, layers in head if math.isfinite(v := layers.get(name, math.nan)))
-        if vals:
-            layer_base[name] = vals[len(vals) // 2]
-    grew_first: str | None = None
-    best = (math.inf, 0.0)
-    for name, b in layer_base.items():
-        for s, _, layers in finite:
-            v = layers.get(name, math.nan)
-            if math.isfinite(v) and b > 0 and v > 10 * b:
-                key = (s, -v / b)
-                if key < best:
-                    best, grew_first = key, name
-                break
+    names = dict.fromkeys(name for _, _, layers in history for name in layers)
+    onset = runtable.explosion_onset(
+        [s for s, _, _ in history],
+        [g for _, g, _ in history],
+        {name: [layers.get(name, math.nan) for _, _, layers in history] for name in names},
+    )
     return {
         "cause": "explosion",
-        "first_spike_step": first,
-        "module": grew_first,
+        "first_spike_step": onset.step,
+        "module": onset.layer.name if onset.layer is not None else None,
         "baseline_norm": base,
         "peak_norm": peak,
         "growth": peak / base,

@@ -1,8 +1,9 @@
 """An on-device ring buffer of step records, copied to the host once per flush interval.
 
-The guard records a handful of device scalars and the per-layer gradient norms every step;
-nothing leaves the device until :meth:`Monitor.flush` (every ``every`` steps), which makes one
-host copy of the buffer and appends the records to the run log. Device memory is
+The guard records a handful of device scalars (the columns of :data:`gradguard.record.SCALARS`,
+re-exported here) and the per-layer gradient norms every step; nothing leaves the device until
+:meth:`Monitor.flush` (every ``every`` steps), which makes one host copy of the buffer and appends
+the records to the run log. Device memory is
 ``every × (scalars + layers)`` floats, whatever the number of parameters or steps.
 """
 
@@ -15,29 +16,10 @@ import torch
 from torch import Tensor
 
 from gradguard.errors import GradGuardError
+from gradguard.record import FLAGS, SCALARS
 from gradguard.runlog import RunWriter
 
 __all__ = ["SCALARS", "Monitor"]
-
-#: The per-step device scalars, in buffer column order.
-SCALARS = (
-    "loss",
-    "grad_norm",
-    "clip_coef",
-    "threshold",
-    "nonfinite",
-    "loss_nonfinite",
-    "grad_nonfinite",
-    "grad_nan",
-    "skipped",
-    "spike",
-    "amp_overflow",
-    "loss_scale",
-)
-
-_FLAGS = frozenset(
-    {"nonfinite", "loss_nonfinite", "grad_nonfinite", "grad_nan", "skipped", "spike", "amp_overflow"}
-)
 
 
 class Monitor:
@@ -117,11 +99,35 @@ class Monitor:
         if len(self._steps) >= self.every:
             self.flush()
 
+    def peek(self) -> list[dict[str, Any]]:
+        """The pending records, as the next flush will see them (one host copy); nothing is written,
+        cleared or passed on. For readers in the middle of an interval (``Guard.state_dict``)."""
+        return self._host_records()
+
     def flush(self) -> list[dict[str, Any]]:
         """Copy the pending records to the host (one copy), write them, and return them.
 
         Host fields whose name starts with ``_`` are passed to :attr:`on_flush` but not written.
         """
+        records = self._host_records()
+        if not records:
+            return []
+        self._steps.clear()
+        self._host.clear()
+        self._has_layers.clear()
+        self._sparse.clear()
+        if self.prepare is not None:
+            self.prepare(records)
+        if self.writer is not None:
+            self.writer.write_metrics(
+                [{k: v for k, v in rec.items() if not k.startswith("_")} for rec in records]
+            )
+        if self.on_flush is not None:
+            self.on_flush(records)
+        return records
+
+    def _host_records(self) -> list[dict[str, Any]]:
+        """The pending rows as host records (one copy of the buffer), the buffer left as it is."""
         n = len(self._steps)
         if n == 0 or self._scalars is None or self._layer_grads is None:
             return []
@@ -137,7 +143,7 @@ class Monitor:
             rec: dict[str, Any] = {"step": self._steps[r]}
             for j, name in enumerate(SCALARS):
                 v = scalars[r * k + j]
-                rec[name] = bool(v) if name in _FLAGS else v
+                rec[name] = bool(v) if name in FLAGS else v
             rec.update(self._host[r])
             if self._has_layers[r]:
                 rec["layers"] = {name: {"grad_norm": grads[r * nl + j]} for j, name in enumerate(self.layers)}
@@ -149,16 +155,4 @@ class Monitor:
             layers = records[row].setdefault("layers", {})
             for name, v in zip(self.layers, vals):
                 layers.setdefault(name, {})[field] = v
-        self._steps.clear()
-        self._host.clear()
-        self._has_layers.clear()
-        self._sparse.clear()
-        if self.prepare is not None:
-            self.prepare(records)
-        if self.writer is not None:
-            self.writer.write_metrics(
-                [{k: v for k, v in rec.items() if not k.startswith("_")} for rec in records]
-            )
-        if self.on_flush is not None:
-            self.on_flush(records)
         return records

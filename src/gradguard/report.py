@@ -35,6 +35,7 @@ from typing import IO, Any
 from gradguard.diagnose import Finding, diagnose, first_nonfinite, healthy_window, recommended_max_norm
 from gradguard.errors import GradGuardError
 from gradguard.runlog import REPORT_FILE, RunLog, atomic_write_text, find_runs, is_run_dir, read_run
+from gradguard.runtable import ClipConfig, RunTable, clip_config
 
 __all__ = ["MAX_POINTS", "MAX_RUNS", "print_summary", "render_html", "write_report"]
 
@@ -101,35 +102,27 @@ def _downsample_idx(values: Sequence[float | None], max_points: int = MAX_POINTS
 
 
 class _Series:
-    """Columns of a run's metrics for plotting."""
+    """A run's table (:class:`gradguard.runtable.RunTable`) for plotting: values are finite floats or
+    ``None`` (a gap in a plot)."""
 
     def __init__(self, log: RunLog) -> None:
-        rows = [r for r in log.metrics if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
-        self.rows = rows
-        self.steps = [int(r["step"]) for r in rows]
-        self.n = len(rows)
-        self.layers = log.layer_names()
+        self.table = RunTable.from_log(log)
+        self.rows = self.table.rows
+        self.steps = self.table.steps
+        self.n = len(self.table)
+        self.layers = self.table.layers
 
     def col(self, key: str) -> list[float | None]:
-        return [_num(r.get(key)) for r in self.rows]
+        return [_num(v) for v in self.table.column(key)]
 
     def raw(self, key: str) -> list[Any]:
         return [r.get(key) for r in self.rows]
 
     def layer(self, name: str, key: str) -> list[float | None]:
-        out: list[float | None] = []
-        for r in self.rows:
-            lay = r.get("layers")
-            entry = lay.get(name) if isinstance(lay, dict) else None
-            out.append(_num(entry.get(key)) if isinstance(entry, dict) else None)
-        return out
+        return [_num(v) for v in self.table.layer(name, key)]
 
     def has_layer_key(self, key: str) -> bool:
-        for r in self.rows:
-            lay = r.get("layers")
-            if isinstance(lay, dict) and any(isinstance(v, dict) and key in v for v in lay.values()):
-                return True
-        return False
+        return self.table.has_layer_key(key)
 
 
 def _pick(xs: Sequence[Any], idx: Sequence[int]) -> list[Any]:
@@ -216,11 +209,7 @@ def _fig_norm(go: Any, s: _Series, log: RunLog, findings: Sequence[Finding]) -> 
                 line={"color": "#6a1b9a", "dash": "dot"},
             )
         )
-    clipped = [
-        i
-        for i in range(s.n)
-        if norm[i] is not None and thr[i] is not None and norm[i] > thr[i] * (1 + 1e-6)  # type: ignore[operator]
-    ]
+    clipped = [i for i in range(s.n) if s.table.clipped[i] and norm[i] is not None]
     if clipped:
         cvals: list[float | None] = [norm[i] for i in clipped]
         keep = _downsample_idx(cvals)
@@ -237,7 +226,7 @@ def _fig_norm(go: Any, s: _Series, log: RunLog, findings: Sequence[Finding]) -> 
     top = max(finite) if finite else 1.0
     skipped = sorted(
         {e["step"] for e in log.events if e.get("type") == "skip" and isinstance(e.get("step"), int)}
-        | {st for st, sk in zip(s.steps, s.raw("skipped")) if sk is True}
+        | {st for st, sk in zip(s.steps, s.table.skipped) if sk}
     )
     if skipped:
         fig.add_trace(
@@ -268,15 +257,12 @@ def _rolling_rate(flags: Sequence[bool | None], width: int) -> list[float | None
 
 
 def _fig_rates(go: Any, s: _Series) -> Any:
-    norm, thr = s.col("grad_norm"), s.col("threshold")
-    skipped = s.raw("skipped")
+    skipped = s.table.skipped
     width = max(10, s.n // 100)
-    clip_flags: list[bool | None] = [
-        (n > t * (1 + 1e-6)) if (n is not None and t is not None and sk is not True) else None
-        for n, t, sk in zip(norm, thr, skipped)
-    ]
+    # the clip rate's own definition (runtable): clipped steps over the steps taken
+    clip_flags: list[bool | None] = [None if sk else c for c, sk in zip(s.table.clipped, skipped)]
     clip = _rolling_rate(clip_flags, width)
-    skip = _rolling_rate([sk is True for sk in skipped], width)
+    skip = _rolling_rate(list(skipped), width)
     idx = _downsample_idx(clip)
     fig = go.Figure(
         layout=_layout(go, f"Clip and skip rate (rolling, {width} steps)", "fraction of steps", height=300)
@@ -491,20 +477,17 @@ def _findings_html(findings: Sequence[Finding]) -> str:
 def _run_facts(log: RunLog, findings: Sequence[Finding]) -> dict[str, Any]:
     """The numbers of a run's one-line summary (terminal and HTML tables)."""
     s = _Series(log)
-    norm, thr, skipped = s.col("grad_norm"), s.col("threshold"), s.raw("skipped")
-    taken = [i for i in range(s.n) if skipped[i] is not True and norm[i] is not None]
-    clipped = [i for i in taken if thr[i] is not None and norm[i] > thr[i] * (1 + 1e-6)]  # type: ignore[operator]
+    rate = s.table.clip_rate
     losses = [v for v in s.col("loss") if v is not None]
     tail = losses[-20:]
     event = first_nonfinite(log)
-    config = log.meta.get("config") if isinstance(log.meta.get("config"), dict) else {}
     return {
         "run": log.path.name,
         "steps": s.n,
         "last_step": s.steps[-1] if s.steps else None,
-        "skipped": sum(1 for x in skipped if x is True),
-        "clip": _clip_name((config or {}).get("clip"), thr),
-        "clip_rate": len(clipped) / len(taken) if taken else None,
+        "skipped": sum(s.table.skipped),
+        "clip": _clip_name(clip_config(log.meta), s.col("threshold")),
+        "clip_rate": rate if math.isfinite(rate) else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "first_nonfinite": event,
         "findings": [f.id for f in findings],
@@ -512,12 +495,12 @@ def _run_facts(log: RunLog, findings: Sequence[Finding]) -> dict[str, Any]:
     }
 
 
-def _clip_name(spec: Any, thr: Sequence[float | None]) -> str | None:
-    if spec not in (None, "None"):
-        return str(spec)
+def _clip_name(clip: ClipConfig, thr: Sequence[float | None]) -> str | None:
+    if clip.kind not in ("", "none"):
+        return clip.label
     if any(t is not None for t in thr):
         return "threshold in the log"
-    return "none" if spec == "None" else None
+    return "none" if clip.kind == "none" else None
 
 
 def _where(event: dict[str, Any] | None) -> str:

@@ -16,6 +16,17 @@ written at flush cadence (``fsync`` optional); events are ``fsync``-ed as soon a
 ``meta.json`` and every other whole-file write go through :func:`atomic_write_text` (temp file,
 ``fsync``, ``os.replace``), so a reader sees the old file or the new one, never half of one.
 
+Faults (see :class:`RunWriter`): a full disk, an I/O error or a deleted run directory never stops
+training: one :class:`RunLogWarning` says which file, which error and what was lost, and the log
+stays whole lines (a record is never glued to a cut line). One live writer per run directory
+(an ``flock`` on ``metrics.jsonl``). ``meta.json``'s ``end_time`` marks a closed run
+(:attr:`RunLog.closed`).
+
+Rewinds: a run resumed from an earlier checkpoint logs some steps again. The writer marks it with
+a ``resume`` event (:meth:`RunWriter.resume`) and the reader keeps the latest record of each step:
+records and events of the abandoned attempt are dropped, into :attr:`RunLog.superseded` and
+:attr:`RunLog.superseded_events`, with a note.
+
 Encoding: standard JSON only. ``float('nan')``, ``inf`` and ``-inf`` are written as the strings
 ``"nan"``, ``"inf"`` and ``"-inf"`` (anywhere in nested dicts and lists) and the reader turns
 exactly those strings back into floats, except under the keys of :data:`TEXT_KEYS` (``kind``,
@@ -26,7 +37,8 @@ arrays, tuples, sets, :class:`pathlib.Path`, dataclasses, datetimes, anything wi
 so logging never stops a training run.
 
 The reader (:func:`read_run`) loads everything up to the last complete line, skips what it cannot
-parse and says what it skipped in :attr:`RunLog.skipped`.
+parse (including lines nested too deeply to parse) and says what it skipped in
+:attr:`RunLog.skipped`.
 
 Example:
     >>> import tempfile, pathlib
@@ -46,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import io
 import json
 import math
@@ -57,12 +70,18 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from gradguard._version import __version__
 from gradguard.errors import GradGuardError
+
+try:  # POSIX: the one-writer-per-run-directory lock
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: runs go unlocked
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "EVENTS_FILE",
@@ -73,6 +92,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TEXT_KEYS",
     "RunLog",
+    "RunLogWarning",
     "RunWriter",
     "atomic_write_json",
     "atomic_write_text",
@@ -383,38 +403,218 @@ def default_run_dir(
 # --------------------------------------------------------------------------------------------
 
 
+class RunLogWarning(RuntimeWarning):
+    """A run log could not be written (full disk, I/O error, directory deleted): training goes on.
+
+    Issued once per :class:`RunWriter`; silence it with
+    ``warnings.filterwarnings("ignore", category=RunLogWarning)``.
+    """
+
+
+_TAIL_CHUNK = 1 << 16  # bytes read at a time from the end of metrics.jsonl
+_TAIL_LIMIT = 64 << 20  # at most this much of it is read to find the last logged step
+_MAX_LISTED = 3  # lost events named one by one in a warning
+
+
 def _utc_now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat()
 
 
-def _open_append(path: Path) -> io.FileIO:
-    """Open ``path`` for appending, unbuffered; if it ends mid-line (a killed writer), end that line.
-
-    The cut line then stays a line of its own that the reader skips, instead of swallowing the
-    first new record.
-    """
-    f = io.FileIO(path, "ab")
-    try:
-        size = os.fstat(f.fileno()).st_size
-        if size:
-            with open(path, "rb") as r:
-                r.seek(size - 1)
-                if r.read(1) != b"\n":
-                    _write_all(f, b"\n")
-    except BaseException:
-        f.close()
-        raise
-    return f
-
-
-def _write_all(f: io.FileIO, data: bytes) -> None:
-    """One ``write`` call (repeated only for the rest of a short write, which regular files rarely do)."""
+def _write_all(fd: int, data: bytes) -> None:
+    """One ``os.write`` call (repeated only for the rest of a short write, which regular files rarely do)."""
     view = memoryview(data)
     while view:
-        written = f.write(view)
-        if written is None:  # pragma: no cover - only for non-blocking files
-            continue
-        view = view[written:]
+        view = view[os.write(fd, view) :]
+
+
+def _as_step(value: Any) -> int | None:
+    """``value`` as a step number (ints and int-like scalars such as numpy's), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+class _LogFile:
+    """One append-only ``.jsonl`` file of a run directory, written in whole lines only.
+
+    Opened unbuffered in append mode (``O_APPEND``), so each :meth:`append` is one ``write`` at
+    the end of the file. :attr:`cut` is the size the file had before a write that failed: that
+    write may have left part of a line, which is truncated away (or, where truncating fails too,
+    ended with a newline so the reader skips it as one bad line) before anything new is written.
+    A record is never glued to a cut line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = io.FileIO(path, "a+")
+        self.cut: int | None = None
+
+    def lock(self, run_dir: Path) -> None:
+        """Take the run directory's writer lock: an exclusive ``flock`` on this file, released on
+        :meth:`close` and when the process dies. Where the OS or file system has no ``flock``
+        (Windows, some network mounts) the run goes on unlocked."""
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use_error(run_dir) from None
+        except OSError:
+            return
+
+    def end_cut_line(self) -> None:
+        """If the file ends mid-line (a killed writer), end that line: the cut line stays a line of
+        its own that the reader skips, instead of swallowing the first new record."""
+        fd = self.file.fileno()
+        size = os.fstat(fd).st_size
+        if size:
+            os.lseek(fd, size - 1, os.SEEK_SET)  # reads only: writes go to the end (O_APPEND)
+            if os.read(fd, 1) != b"\n":
+                _write_all(fd, b"\n")
+
+    def size(self) -> int:
+        """The file's size, at a line boundary (a cut line is repaired first).
+
+        Raises:
+            FileNotFoundError: the file was deleted (e.g. with its run directory) while open.
+            OSError: the repair failed.
+        """
+        st = os.fstat(self.file.fileno())
+        if st.st_nlink == 0:
+            raise FileNotFoundError(errno.ENOENT, "deleted while the run was writing to it", str(self.path))
+        return st.st_size if self.cut is None else self._repair(st.st_size, self.cut)
+
+    def _repair(self, size: int, cut: int) -> int:
+        """Remove what a failed write left after ``cut`` (the size before it); return the new size."""
+        fd = self.file.fileno()
+        if size > cut:
+            try:
+                os.ftruncate(fd, cut)
+                size = cut
+            except OSError:
+                _write_all(fd, b"\n")  # cannot remove the cut line: end it, the reader skips it
+                size += 1
+        self.cut = None
+        return size
+
+    def append(self, data: bytes) -> None:
+        """Append ``data`` (whole lines) in one write; on failure leave no part of it behind
+        (at once if possible, else before the next append) and raise the ``OSError``."""
+        self.cut = self.size()
+        try:
+            _write_all(self.file.fileno(), data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.size()  # repair now, so the file is whole even if nothing more is written
+            raise
+        self.cut = None
+
+    def sync(self) -> None:
+        """``os.fsync`` the file."""
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        """Sync, unlock and close; never raises for I/O."""
+        with contextlib.suppress(OSError):
+            self.sync()
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            self.file.close()
+
+
+def _in_use_error(run_dir: Path) -> GradGuardError:
+    return GradGuardError(
+        f"run directory {str(run_dir)!r} is in use: a live RunWriter (a Guard in this or another process) "
+        f"holds its lock on {METRICS_FILE}, and two writers would interleave their records. "
+        "Pass another log_dir (e.g. log_dir='auto' or gradguard.runlog.default_run_dir()), "
+        "or close the other run (guard.close() / writer.close()) first."
+    )
+
+
+def _is_locked(path: Path) -> bool:
+    """Whether a live writer holds the lock on ``path`` (a metrics file); ``False`` where locks are unknown."""
+    if fcntl is None:
+        return False
+    try:
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+def _step_of_line(raw: bytes) -> int | None:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return _step(obj) if isinstance(obj, dict) else None
+
+
+def _last_step_in(path: Path) -> int | None:
+    """The ``step`` of the last complete record of a metrics file, read backwards from its end
+    (at most :data:`_TAIL_LIMIT` bytes); ``None`` if there is none or the file cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            end = pos = f.seek(0, os.SEEK_END)
+            carry, in_tail = b"", True  # in_tail: still inside the text after the last newline
+            while pos > 0 and end - pos < _TAIL_LIMIT:
+                n = min(_TAIL_CHUNK, pos)
+                pos -= n
+                f.seek(pos)
+                lines = (f.read(n) + carry).split(b"\n")
+                if in_tail:
+                    if len(lines) == 1:
+                        carry = b""
+                        continue
+                    lines.pop()  # empty, or a line cut by a killed writer
+                    in_tail = False
+                carry = lines.pop(0) if pos > 0 else b""
+                for raw in reversed(lines):
+                    step = _step_of_line(raw)
+                    if step is not None:
+                        return step
+    except OSError:
+        return None
+    return None
+
+
+def _describe_records(records: list[Mapping[str, Any]]) -> str:
+    steps = [s for s in (_as_step(r.get("step")) for r in records) if s is not None]
+    noun = "step record" if len(records) == 1 else "step records"
+    if not steps:
+        return f"{len(records)} {noun}"
+    span = f"step {steps[0]}" if len(steps) == 1 else f"steps {min(steps)}–{max(steps)}"
+    return f"{len(records)} {noun} ({span})"
+
+
+def _describe_events(events: list[Mapping[str, Any]]) -> str:
+    named = [f"{e.get('type', '?')} at step {e.get('step', '?')}" for e in events[:_MAX_LISTED]]
+    more = f", +{len(events) - _MAX_LISTED} more" if len(events) > _MAX_LISTED else ""
+    return f"{len(events)} event{'s' if len(events) != 1 else ''} ({', '.join(named)}{more})"
+
+
+def _error_text(error: OSError) -> str:
+    code = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
+    text = error.strerror or str(error) or type(error).__name__
+    return f"{text} ({code})" if code else text
+
+
+def _fix_for(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free space on that file system to go on logging."
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "Make the run directory writable to go on logging."
+    return "Check the disk or file system holding the run directory."
 
 
 class RunWriter:
@@ -427,15 +627,35 @@ class RunWriter:
     Every write to a ``.jsonl`` file is one ``write`` call that ends with a newline, on a file
     opened in append mode, so a crash can only cut the last line. Methods are thread-safe.
 
+    **One writer per run directory.** The writer holds an exclusive ``flock`` on
+    ``metrics.jsonl`` from construction to :meth:`close` (the OS drops it when the process
+    dies); a second writer of the same directory, in this process or another, gets a
+    :class:`GradGuardError`, whatever ``exist_ok`` says. Without ``flock`` (Windows, some network
+    file systems) there is no such check.
+
+    **Storage faults never stop training.** A write that fails (full disk, I/O error, read-only
+    file system, the run directory deleted) issues **one** :class:`RunLogWarning` per writer
+    naming the file, the error and what was lost; what was lost is counted in :attr:`lost`
+    (and saved in ``meta.json``'s ``lost`` at :meth:`close`, where possible). Later writes keep
+    trying, in whole lines: what a failed write left of a line is removed before the next one.
+    Once a file is found deleted (with its run directory, say) the writer stops writing: the
+    log is gone and writing on into unlinked files would only hide that. Only writing after
+    :meth:`close` is an error; :meth:`close` never raises for I/O.
+
+    **End and resume.** :meth:`close` writes ``end_time`` to ``meta.json`` (unless the caller
+    did), the marker of a run that was closed (:attr:`RunLog.closed`). :meth:`resume` marks that
+    training goes on from an earlier step, so readers drop the superseded records.
+
     Args:
         run_dir: the run directory (see :func:`default_run_dir`).
         meta: extra metadata, e.g. torch version, world size, module tree, guard configuration.
-        exist_ok: append to a directory that already holds a run log. ``meta.json`` is then
-            merged: the first ``start_time`` is kept and this start is added to ``resumed_at``.
+        exist_ok: append to a directory that already holds a run log (that no live writer holds).
+            ``meta.json`` is then merged: the first ``start_time`` is kept, this start is added to
+            ``resumed_at`` and the old ``end_time`` is dropped (the run is open again).
 
     Raises:
-        GradGuardError: ``run_dir`` already holds ``metrics.jsonl`` or ``events.jsonl`` and
-            ``exist_ok`` is false, or ``run_dir`` is a file.
+        GradGuardError: ``run_dir`` is empty text or a file; it already holds ``metrics.jsonl``
+            or ``events.jsonl`` and ``exist_ok`` is false; another live writer holds it.
 
     Example:
         >>> import tempfile, pathlib
@@ -460,51 +680,38 @@ class RunWriter:
                 "pass a dict of metadata (or None)."
             )
         self._lock = threading.Lock()
-        self._metrics: io.FileIO | None = None
-        self._events: io.FileIO | None = None
+        self._metrics: _LogFile | None = None
+        self._events: _LogFile | None = None
         self._closed = False
-        self.path = Path(run_dir)
-        if self.path.exists() and not self.path.is_dir():
-            raise GradGuardError(
-                f"run directory {str(self.path)!r} is a file, not a directory; "
-                "pass a directory path (it is created if missing)."
-            )
+        self._gone = False  # a log file was deleted: writing stopped
+        self._warned = False
+        self._lost = {"records": 0, "events": 0}
+        self._last_step: int | None = None
+        self._meta: dict[str, Any] = {}
+        self.path = _checked_run_dir(run_dir)
         self.path.mkdir(parents=True, exist_ok=True)
         existing = [n for n in (METRICS_FILE, EVENTS_FILE) if (self.path / n).exists()]
         if existing and not exist_ok:
-            raise GradGuardError(
-                f"run directory {str(self.path)!r} already holds a run log ({', '.join(existing)}); "
-                "pass a new directory (e.g. gradguard.runlog.default_run_dir()) for a new run, "
-                "or exist_ok=True to append to this one."
-            )
-
-        now = _utc_now_iso()
-        fresh: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "gradguard_version": __version__,
-            "start_time": now,
-            "argv": list(sys.argv),
-            "python": platform.python_version(),
-        }
-        fresh.update(meta or {})
-        fresh["schema_version"] = SCHEMA_VERSION
-        merged = fresh
-        if existing:
-            old = _read_json_quiet(self.path / META_FILE)
-            if isinstance(old, dict):
-                merged = {**old, **fresh}
-                merged["start_time"] = old.get("start_time", fresh["start_time"])
-                resumed = old.get("resumed_at")
-                merged["resumed_at"] = [*(resumed if isinstance(resumed, list) else []), now]
-        self._meta: dict[str, Any] = merged
-        atomic_write_json(self.path / META_FILE, self._meta)
+            if _is_locked(self.path / METRICS_FILE):
+                raise _in_use_error(self.path)
+            raise _exists_error(self.path, existing)
         try:
-            self._metrics = _open_append(self.path / METRICS_FILE)
-            self._events = _open_append(self.path / EVENTS_FILE)
+            self._open(meta, reopened=bool(existing))
         except BaseException:
-            self.close()
+            self._release()
             raise
         _fsync_dir(self.path)
+
+    def _open(self, meta: Mapping[str, Any] | None, *, reopened: bool) -> None:
+        """Lock the run directory first, then end cut lines and write ``meta.json``: a writer
+        refused by the lock has changed nothing."""
+        self._metrics = _LogFile(self.path / METRICS_FILE)
+        self._metrics.lock(self.path)
+        self._metrics.end_cut_line()
+        self._meta = _start_meta(self.path, meta, reopened=reopened)
+        atomic_write_json(self.path / META_FILE, self._meta)
+        self._events = _LogFile(self.path / EVENTS_FILE)
+        self._events.end_cut_line()
 
     # -- properties -----------------------------------------------------------------------
 
@@ -518,9 +725,14 @@ class RunWriter:
         """Whether :meth:`close` was called."""
         return self._closed
 
+    @property
+    def lost(self) -> dict[str, int]:
+        """What failed writes lost so far: ``{"records": n, "events": m}`` (zeros when nothing)."""
+        return dict(self._lost)
+
     # -- writing --------------------------------------------------------------------------
 
-    def _file(self, f: io.FileIO | None, what: str) -> io.FileIO:
+    def _file(self, f: _LogFile | None, what: str) -> _LogFile:
         if self._closed or f is None:
             raise GradGuardError(
                 f"cannot write {what} to run directory {str(self.path)!r}: the RunWriter is closed; "
@@ -528,25 +740,73 @@ class RunWriter:
             )
         return f
 
+    def _fault(self, path: Path, error: OSError, lost: str) -> None:
+        """Note a failed write: stop writing if the log was deleted; warn the first time."""
+        if isinstance(error, FileNotFoundError) or not self.path.is_dir():
+            self._gone = True
+        if self._warned:
+            return
+        self._warned = True
+        if self._gone:
+            message = (
+                f"gradguard: the run log {str(path)!r} was deleted while the run was writing to it "
+                f"({_error_text(error)}): {lost} and everything after are not logged. Training goes on "
+                f"without a run log; keep the run directory {str(self.path)!r} in place for the whole run."
+            )
+        else:
+            message = (
+                f"gradguard: cannot write the run log {str(path)!r}: {_error_text(error)}. Lost: {lost}. "
+                "Training goes on; later writes keep trying, in whole lines (this warning is not repeated, "
+                f"RunWriter.lost counts what is lost). {_fix_for(error)}"
+            )
+        warnings.warn(message, RunLogWarning, stacklevel=4)
+
+    def _append(self, f: _LogFile, data: bytes, kind: str, items: list[Mapping[str, Any]]) -> bool:
+        """Append ``data`` to ``f`` (lock held); on an I/O error count ``items`` as lost, warn once
+        and return ``False``."""
+        if not data:
+            return True
+        if self._gone:
+            self._lost[kind] += len(items)
+            return False
+        try:
+            f.append(data)
+        except OSError as e:
+            self._lost[kind] += len(items)
+            lost = _describe_records(items) if kind == "records" else _describe_events(items)
+            self._fault(f.path, e, lost)
+            return False
+        return True
+
+    def _sync(self, f: _LogFile) -> None:
+        try:
+            f.sync()
+        except OSError as e:
+            self._fault(f.path, e, "lines written since the last sync may not be on disk")
+
     def write_metrics(
         self, records: Iterable[Mapping[str, Any]] | Mapping[str, Any], *, fsync: bool = False
     ) -> None:
         """Append records to ``metrics.jsonl``, one JSON object per line, in one write call.
+
+        An I/O error does not raise: see the class docs (one warning, :attr:`lost`).
 
         Args:
             records: step records (``step``, ``loss``, ``grad_norm``, ``layers``, ...). A single
                 dict is taken as one record.
             fsync: also ``os.fsync`` the file (the data is always handed to the OS at once).
         """
-        if isinstance(records, Mapping):
-            records = [records]
-        data = "".join(_line(r) for r in records).encode("utf-8")
+        batch = [records] if isinstance(records, Mapping) else list(records)
+        data = "".join(_line(r) for r in batch).encode("utf-8")
         with self._lock:
             f = self._file(self._metrics, "metrics")
-            if data:
-                _write_all(f, data)
+            if not self._append(f, data, "records", batch):
+                return
+            steps = [s for s in (_as_step(r.get("step")) for r in batch) if s is not None]
+            if steps:
+                self._last_step = steps[-1]
             if fsync:
-                os.fsync(f.fileno())
+                self._sync(f)
 
     def write_event(self, event: Mapping[str, Any]) -> None:
         """Append one event to ``events.jsonl`` and ``os.fsync`` it before returning.
@@ -559,20 +819,68 @@ class RunWriter:
     def write_events(self, events: Iterable[Mapping[str, Any]] | Mapping[str, Any]) -> None:
         """Append several events to ``events.jsonl`` in one write call, then one ``os.fsync``.
 
+        An I/O error does not raise: see the class docs (one warning, :attr:`lost`).
+
         Args:
             events: the events; a single dict is taken as one event.
         """
-        if isinstance(events, Mapping):
-            events = [events]
-        data = "".join(_line(e) for e in events).encode("utf-8")
+        batch = [events] if isinstance(events, Mapping) else list(events)
         with self._lock:
-            f = self._file(self._events, "events")
-            if data:
-                _write_all(f, data)
-                os.fsync(f.fileno())
+            self._write_events(batch)
+
+    def _write_events(self, batch: list[Mapping[str, Any]]) -> None:
+        f = self._file(self._events, "events")
+        data = "".join(_line(e) for e in batch).encode("utf-8")
+        if data and self._append(f, data, "events", batch):
+            self._sync(f)
+
+    def resume(self, step: int) -> None:
+        """Mark that training goes on from ``step`` (a checkpoint of that step was loaded).
+
+        Appends ``{"type": "resume", "step": step, "last_logged_step": ..., "metrics_offset": ...}``
+        to ``events.jsonl``: ``last_logged_step`` is the step of the last record in
+        ``metrics.jsonl`` (``None`` if none), ``metrics_offset`` the size of ``metrics.jsonl``
+        at the resume (``None`` if unknown). :func:`read_run` then drops the records of steps
+        ``>= step`` written before the resume, and the events of steps ``>= step`` written before
+        it, so a rewound run is not counted twice. :class:`gradguard.Guard` calls this from
+        ``load_state_dict``.
+
+        Args:
+            step: the first step that will be logged again (the checkpoint's step count).
+
+        Raises:
+            GradGuardError: ``step`` is not an integer ``>= 0``, or the writer is closed.
+        """
+        value = _as_step(step)
+        if value is None or value < 0:
+            raise GradGuardError(
+                f"RunWriter.resume(step) needs an integer step >= 0, got {_safe_repr(step)[:200]}; "
+                "pass the step count of the checkpoint that was loaded."
+            )
+        with self._lock:
+            metrics = self._file(self._metrics, "a resume")
+            offset: int | None = None
+            if not self._gone:
+                with contextlib.suppress(OSError):
+                    offset = metrics.size()
+            last = self._last_step if self._last_step is not None else _last_step_in(metrics.path)
+            event = {"type": "resume", "step": value, "last_logged_step": last, "metrics_offset": offset}
+            self._write_events([event])
+
+    def _write_meta(self, fields: Iterable[str]) -> None:
+        """Rewrite ``meta.json`` from :attr:`_meta` (lock held); an I/O error warns once."""
+        if self._gone:
+            return
+        try:
+            atomic_write_json(self.path / META_FILE, self._meta)
+        except OSError as e:
+            self._fault(self.path / META_FILE, e, f"the update of {META_FILE} ({', '.join(fields)})")
 
     def update_meta(self, **fields: Any) -> None:
         """Merge ``fields`` into the metadata and rewrite ``meta.json`` atomically.
+
+        An I/O error does not raise: it warns once (see the class docs); the fields are kept and
+        written with the next update that succeeds.
 
         Example:
             >>> import tempfile, pathlib
@@ -585,22 +893,40 @@ class RunWriter:
         with self._lock:
             self._meta.update(fields)
             self._meta["schema_version"] = SCHEMA_VERSION
-            atomic_write_json(self.path / META_FILE, self._meta)
+            self._write_meta(fields)
+
+    def _finish_meta(self) -> None:
+        """Write the close marker (``end_time``) and what was lost to ``meta.json`` (lock held)."""
+        fields = []
+        if self._meta.get("end_time") is None:
+            self._meta["end_time"] = _utc_now_iso()
+            fields.append("end_time")
+        if any(self._lost.values()):
+            before = self._meta.get("lost")
+            earlier = before if isinstance(before, dict) else {}
+            self._meta["lost"] = {k: (_as_step(earlier.get(k)) or 0) + n for k, n in self._lost.items()}
+            fields.append("lost")
+        if fields:
+            self._write_meta(fields)
 
     def close(self) -> None:
-        """``fsync`` and close the log files. Safe to call more than once."""
+        """Write ``end_time`` to ``meta.json`` (unless set), ``fsync`` and close the log files, and
+        release the run directory. Never raises for I/O. Safe to call more than once."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._finish_meta()
+        self._release()
+
+    def _release(self) -> None:
+        """Close the files and drop the lock, nothing else (also after a failed construction)."""
         with self._lock:
             self._closed = True
             files = [f for f in (self._metrics, self._events) if f is not None]
             self._metrics = self._events = None
         for f in files:
-            try:
-                if not f.closed:
-                    os.fsync(f.fileno())
-            except OSError:
-                pass
-            finally:
-                f.close()
+            f.close()
 
     def __enter__(self) -> RunWriter:
         return self
@@ -611,6 +937,52 @@ class RunWriter:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"RunWriter({str(self.path)!r}, {state})"
+
+
+def _checked_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    if isinstance(run_dir, str) and not run_dir.strip():
+        raise GradGuardError(
+            f"run directory {run_dir!r} is empty: it would write into the current directory; "
+            "pass a directory path, or 'auto' for gradguard-runs/<timestamp>-<name>."
+        )
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise GradGuardError(
+            f"run directory {str(path)!r} is a file, not a directory; "
+            "pass a directory path (it is created if missing)."
+        )
+    return path
+
+
+def _exists_error(run_dir: Path, existing: list[str]) -> GradGuardError:
+    return GradGuardError(
+        f"run directory {str(run_dir)!r} already holds a run log ({', '.join(existing)}); "
+        "pass a new directory (e.g. gradguard.runlog.default_run_dir()) for a new run, "
+        "or exist_ok=True to append to this one."
+    )
+
+
+def _start_meta(run_dir: Path, meta: Mapping[str, Any] | None, *, reopened: bool) -> dict[str, Any]:
+    """The metadata a writer starts with; when ``reopened``, merged with the run's ``meta.json``."""
+    now = _utc_now_iso()
+    fresh: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "gradguard_version": __version__,
+        "start_time": now,
+        "argv": list(sys.argv),
+        "python": platform.python_version(),
+    }
+    fresh.update(meta or {})
+    fresh["schema_version"] = SCHEMA_VERSION
+    old = _read_json_quiet(run_dir / META_FILE) if reopened else None
+    if not isinstance(old, dict):
+        return fresh
+    merged = {**old, **fresh}
+    merged.pop("end_time", None)  # open again: the run has not ended
+    merged["start_time"] = old.get("start_time", fresh["start_time"])
+    resumed = old.get("resumed_at")
+    merged["resumed_at"] = [*(resumed if isinstance(resumed, list) else []), now]
+    return merged
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,9 +997,14 @@ class RunLog:
     Attributes:
         path: the run directory.
         meta: the contents of ``meta.json`` (empty if missing or unreadable).
-        metrics: the step records of ``metrics.jsonl``, in file order.
-        events: the events of ``events.jsonl``, in file order.
+        metrics: the step records of ``metrics.jsonl``, in file order, without superseded ones:
+            their steps strictly increase.
+        events: the events of ``events.jsonl``, in file order, without superseded ones
+            (``resume`` events included).
         skipped: human-readable notes on what the reader skipped or could not read.
+        superseded: records dropped because the run was rewound (a ``resume`` event, or records
+            of the same steps written again later), in the order they were superseded.
+        superseded_events: events of steps ``>=`` a resume's step written before that resume.
     """
 
     path: Path
@@ -635,6 +1012,18 @@ class RunLog:
     metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    superseded: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    superseded_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the run was closed: ``meta.json`` holds its ``end_time`` (written by
+        :meth:`RunWriter.close` and ``Guard.close``).
+
+        ``False`` for a run still going, one that was killed, or whose ``close()`` was never
+        called (its last records may be missing), and when ``meta.json`` is unreadable.
+        """
+        return self.meta.get("end_time") is not None
 
     def events_of(self, type: str) -> list[dict[str, Any]]:
         """The events whose ``type`` is ``type``, in file order."""
@@ -705,10 +1094,22 @@ def _is_step(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _step(item: Mapping[str, Any]) -> int | None:
+    """A record's or event's ``step`` if it is an integer, else ``None``."""
+    step = item.get("step")
+    return step if _is_step(step) else None
+
+
+def _at_or_after(item: Mapping[str, Any], step: int) -> bool:
+    """Whether ``item`` has an integer ``step`` that is ``>= step``."""
+    own = _step(item)
+    return own is not None and own >= step
+
+
 def _read_json_quiet(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -716,49 +1117,163 @@ def _needs_decode(text: str) -> bool:
     return '"nan"' in text or 'inf"' in text
 
 
-def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """Every complete JSON-object line of ``path``; what is skipped goes to ``notes``."""
-    name = path.name
+class _Notes:
+    """The notes of one file: at most :data:`_MAX_NOTES_PER_FILE`, then a count."""
+
+    def __init__(self, name: str, notes: list[str]) -> None:
+        self.name, self.notes, self.problems = name, notes, 0
+
+    def add(self, message: str) -> None:
+        self.problems += 1
+        if self.problems <= _MAX_NOTES_PER_FILE:
+            self.notes.append(f"{self.name}: {message}")
+
+    def finish(self) -> None:
+        if self.problems > _MAX_NOTES_PER_FILE:
+            self.notes.append(
+                f"{self.name}: {self.problems - _MAX_NOTES_PER_FILE} more unreadable lines skipped"
+            )
+
+
+def _parse_line(raw: bytes, number: int, is_tail: bool, note: _Notes) -> dict[str, Any] | None:
+    """One JSONL line as a JSON object, or ``None`` (with a note) if it is not one."""
     try:
-        data = path.read_bytes()
+        text = raw.decode("utf-8")
+        obj = json.loads(text)
+        if isinstance(obj, dict) and _needs_decode(text):
+            obj = from_jsonable(obj)
+    except RecursionError:
+        note.add(f"line {number} is nested too deeply to read; skipped")
+        return None
+    except (UnicodeDecodeError, ValueError) as e:
+        if is_tail:
+            note.add(f"line {number} is cut off (the process stopped mid-write); skipped")
+        else:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            note.add(f"line {number} is not valid JSON ({reason}); skipped")
+        return None
+    if not isinstance(obj, dict):
+        note.add(f"line {number} is a JSON {type(obj).__name__}, not an object; skipped")
+        return None
+    return obj
+
+
+def _read_jsonl(path: Path, notes: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(byte offset, object)`` of every complete JSON-object line of ``path``, read as a stream;
+    what is skipped goes to ``notes``."""
+    note = _Notes(path.name, notes)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the generator is consumed
     except FileNotFoundError:
-        notes.append(f"{name}: missing; read as empty")
-        return []
+        notes.append(f"{path.name}: missing; read as empty")
+        return
     except OSError as e:
-        notes.append(f"{name}: cannot be read ({e.strerror or e}); read as empty")
-        return []
-    records: list[dict[str, Any]] = []
-    lines = data.split(b"\n")
-    tail = lines.pop()  # the text after the last newline: b"" unless the last line was cut
-    problems = 0
-
-    def note(message: str) -> None:
-        nonlocal problems
-        problems += 1
-        if problems <= _MAX_NOTES_PER_FILE:
-            notes.append(message)
-
-    for number, raw in enumerate([*lines, tail], start=1):
-        is_tail = number == len(lines) + 1
-        if not raw.strip():
-            continue
+        notes.append(f"{path.name}: cannot be read ({e.strerror or e}); read as empty")
+        return
+    with f:
+        offset = 0
         try:
-            text = raw.decode("utf-8")
-            obj = json.loads(text)
-        except (UnicodeDecodeError, ValueError) as e:
-            if is_tail:
-                note(f"{name}: line {number} is cut off (the process stopped mid-write); skipped")
+            for number, raw in enumerate(f, start=1):
+                start, offset = offset, offset + len(raw)
+                is_tail = not raw.endswith(b"\n")  # only the last line: cut off unless it parses
+                if raw.strip():
+                    obj = _parse_line(raw, number, is_tail, note)
+                    if obj is not None:
+                        yield start, obj
+        except OSError as e:
+            notes.append(
+                f"{path.name}: read failed after byte {offset} ({e.strerror or e}); read up to there"
+            )
+    note.finish()
+
+
+@dataclasses.dataclass
+class _Timeline:
+    """Records or events in file order, minus those a rewind superseded (see :func:`read_run`)."""
+
+    kept: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    dropped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rewinds: list[int] = dataclasses.field(default_factory=list)  # the step of each rewind that dropped some
+
+    def supersede_tail(self, step: int) -> int | None:
+        """Drop the kept records of steps ``>= step`` — the last ones, as kept steps increase —
+        and return the step of the last record kept (``None``: none)."""
+        others: list[dict[str, Any]] = []  # records without a step stay where they are
+        gone: list[dict[str, Any]] = []
+        head: int | None = None
+        while self.kept:
+            s = _step(self.kept[-1])
+            if s is None:
+                others.append(self.kept.pop())
+            elif s >= step:
+                gone.append(self.kept.pop())
             else:
-                reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-                note(f"{name}: line {number} is not valid JSON ({reason}); skipped")
-            continue
-        if not isinstance(obj, dict):
-            note(f"{name}: line {number} is a JSON {type(obj).__name__}, not an object; skipped")
-            continue
-        records.append(from_jsonable(obj) if _needs_decode(text) else obj)
-    if problems > _MAX_NOTES_PER_FILE:
-        notes.append(f"{name}: {problems - _MAX_NOTES_PER_FILE} more unreadable lines skipped")
-    return records
+                head = s
+                break
+        self.kept.extend(reversed(others))
+        self._dropped(step, gone[::-1])
+        return head
+
+    def supersede_all(self, step: int) -> None:
+        """Drop the kept items of steps ``>= step``, wherever they are (events are not in step order)."""
+        gone = [e for e in self.kept if _at_or_after(e, step)]
+        if gone:
+            self.kept = [e for e in self.kept if not _at_or_after(e, step)]
+        self._dropped(step, gone)
+
+    def _dropped(self, step: int, gone: list[dict[str, Any]]) -> None:
+        if gone:
+            self.dropped.extend(gone)
+            self.rewinds.append(step)
+
+    def note(self, name: str, noun: str, notes: list[str]) -> None:
+        if not self.dropped:
+            return
+        steps = ", ".join(str(s) for s in self.rewinds[:_MAX_LISTED])
+        more = ", ..." if len(self.rewinds) > _MAX_LISTED else ""
+        notes.append(
+            f"{name}: {len(self.dropped)} {noun} superseded by a rewind of the run (resumed at step "
+            f"{steps}{more}: the later {noun} of those steps count); read without them"
+        )
+
+
+def _resume_cuts(events: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """``(metrics_offset, step)`` of every ``resume`` event that has both, by offset."""
+    cuts = [
+        (e["metrics_offset"], e["step"])
+        for e in events
+        if e.get("type") == "resume" and _is_step(e.get("step")) and _is_step(e.get("metrics_offset"))
+    ]
+    return sorted(cuts, key=lambda c: c[0])
+
+
+def _read_metrics(path: Path, notes: list[str], cuts: list[tuple[int, int]]) -> _Timeline:
+    """The records of ``metrics.jsonl`` with rewinds applied: a resume cut (offset, step) drops the
+    records of steps ``>= step`` before ``offset``; a record drops the earlier ones of its step or later."""
+    timeline, head, pending = _Timeline(), None, list(reversed(cuts))
+    for offset, record in _read_jsonl(path, notes):
+        while pending and pending[-1][0] <= offset:
+            head = timeline.supersede_tail(pending.pop()[1])
+        step = _step(record)
+        if step is not None:
+            if head is not None and step <= head:
+                timeline.supersede_tail(step)
+            head = step
+        timeline.kept.append(record)
+    while pending:
+        timeline.supersede_tail(pending.pop()[1])
+    return timeline
+
+
+def _read_events(path: Path, notes: list[str]) -> _Timeline:
+    """The events of ``events.jsonl``; each ``resume`` drops the earlier events of its step or later."""
+    timeline = _Timeline()
+    for _, event in _read_jsonl(path, notes):
+        step = _step(event)
+        if event.get("type") == "resume" and step is not None:
+            timeline.supersede_all(step)
+        timeline.kept.append(event)
+    return timeline
 
 
 def _read_meta(path: Path, notes: list[str]) -> dict[str, Any]:
@@ -773,19 +1288,22 @@ def _read_meta(path: Path, notes: list[str]) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(text)
+        decoded = from_jsonable(meta) if isinstance(meta, dict) else meta
+    except RecursionError:
+        notes.append(f"{META_FILE}: nested too deeply to read; run metadata is empty")
+        return {}
     except ValueError as e:
         notes.append(f"{META_FILE}: not valid JSON ({e}); run metadata is empty")
         return {}
-    if not isinstance(meta, dict):
-        notes.append(f"{META_FILE}: a JSON {type(meta).__name__}, not an object; run metadata is empty")
+    if not isinstance(decoded, dict):
+        notes.append(f"{META_FILE}: a JSON {type(decoded).__name__}, not an object; run metadata is empty")
         return {}
-    version = meta.get("schema_version")
+    version = decoded.get("schema_version")
     if isinstance(version, int) and version > SCHEMA_VERSION:
         notes.append(
             f"{META_FILE}: schema_version {version} is newer than this gradguard reads "
             f"({SCHEMA_VERSION}); read anyway, unknown fields kept as they are"
         )
-    decoded: dict[str, Any] = from_jsonable(meta)
     return decoded
 
 
@@ -844,8 +1362,19 @@ def read_run(path: str | os.PathLike[str]) -> RunLog:
     """Read a run directory, or the newest run in a folder of runs, tolerating damage.
 
     Everything up to the last complete line is loaded; a line cut off by a killed process, a
-    malformed line, a missing or broken ``meta.json`` are skipped and described in
-    :attr:`RunLog.skipped`. Only a path with no run at all is an error.
+    malformed or too deeply nested line, a missing or broken ``meta.json`` are skipped and
+    described in :attr:`RunLog.skipped`. Only a path with no run at all is an error.
+
+    Rewinds are not counted twice; the later attempt wins:
+
+    * a ``resume`` event (``step`` s, ``metrics_offset`` o) drops the records of steps ``>= s``
+      that start before byte o of ``metrics.jsonl``, and the events of steps ``>= s`` written
+      before it in ``events.jsonl`` (the resume events themselves are kept);
+    * a record whose step is not above the step of the record kept before it drops the earlier
+      records of its step or later (a rewind without a ``resume`` event).
+
+    So :attr:`RunLog.metrics`' steps strictly increase. The dropped records and events are in
+    :attr:`RunLog.superseded` and :attr:`RunLog.superseded_events`, with one note per file.
 
     Args:
         path: a run directory (holding meta.json, metrics.jsonl or events.jsonl), one of those
@@ -885,6 +1414,19 @@ def read_run(path: str | os.PathLike[str]) -> RunLog:
         p = runs[0]
     notes: list[str] = []
     meta = _read_meta(p, notes)
-    metrics = _read_jsonl(p / METRICS_FILE, notes)
-    events = _read_jsonl(p / EVENTS_FILE, notes)
-    return RunLog(path=p, meta=meta, metrics=metrics, events=events, skipped=notes)
+    event_notes: list[str] = []
+    events = _read_events(p / EVENTS_FILE, event_notes)
+    resumes = _resume_cuts([*events.kept, *events.dropped])
+    metrics = _read_metrics(p / METRICS_FILE, notes, resumes)
+    notes += event_notes
+    metrics.note(METRICS_FILE, "records", notes)
+    events.note(EVENTS_FILE, "events", notes)
+    return RunLog(
+        path=p,
+        meta=meta,
+        metrics=metrics.kept,
+        events=events.kept,
+        skipped=notes,
+        superseded=metrics.dropped,
+        superseded_events=events.dropped,
+    )

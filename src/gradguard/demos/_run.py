@@ -33,8 +33,9 @@ from gradguard.demos._common import RunConfig, RunResult, StepOutcome, StepRecor
 from gradguard.diagnose import Finding, diagnose, recommended_max_norm
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.guard import Guard
-from gradguard.monitor import SCALARS
+from gradguard.record import COLUMN
 from gradguard.runlog import RunLog, default_run_dir, read_run
+from gradguard.runtable import RunTable, clipped
 
 __all__ = ["SCENARIOS", "STEPS_ENV", "Row", "run_demo", "run_scenario"]
 
@@ -43,8 +44,6 @@ SCENARIOS = ("rnn", "deepsad")
 
 STEPS_ENV = "GRADGUARD_DEMO_STEPS"
 """Environment variable: cap every configuration at this many steps (quick checks and tests)."""
-
-_COL = {name: i for i, name in enumerate(SCALARS)}
 
 
 def _module(name: str) -> ModuleType:
@@ -81,12 +80,13 @@ class GuardUpdate:
         buffer = mon._scalars  # the row this step just wrote (a host read per step: fine on a CPU demo)
         assert buffer is not None
         row = buffer[(mon.pending - 1) % mon.every].tolist()
-        norm, coef, tau = row[_COL["grad_norm"]], row[_COL["clip_coef"]], row[_COL["threshold"]]
-        skipped = bool(row[_COL["skipped"]])
+        rec = {name: row[i] for name, i in COLUMN.items()}  # the step's record, by the record's columns
+        skipped = bool(rec["skipped"])
+        norm = rec["grad_norm"]
         return StepOutcome(
             grad_norm=math.nan if skipped and math.isfinite(norm) else norm,
-            threshold=tau,
-            clipped=bool(coef < 1.0) and not skipped,  # NaN (no clipper) compares False
+            threshold=rec["threshold"],
+            clipped=clipped(rec),
             stepped=not skipped,
         )
 
@@ -126,9 +126,9 @@ class Row:
 
     @property
     def clip_rate(self) -> float:
-        taken = [r for r in self.log.metrics if isinstance(r.get("step"), int) and not r.get("skipped")]
-        clipped = [r for r in taken if _is_number(r.get("clip_coef")) and float(r["clip_coef"]) < 1.0]
-        return len(clipped) / len(taken) if taken else 0.0
+        """The run table's clip rate (:mod:`gradguard.runtable`); 0 when no step was taken."""
+        rate = RunTable.from_log(self.log).clip_rate
+        return rate if math.isfinite(rate) else 0.0
 
     @property
     def final_loss(self) -> float:

@@ -1,4 +1,4 @@
-"""What the framework integrations share: the flush listeners, record summaries, optimizer helpers.
+"""What the framework integrations share: flush listeners, record summaries, optimizer helpers, the step gate.
 
 Stdlib and torch only; no framework is imported here.
 """
@@ -8,8 +8,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from gradguard import runlog
 from gradguard._distributed import same_on_all_ranks
 from gradguard.errors import GradGuardError
 from gradguard.guard import Guard
+from gradguard.runtable import clip_rate, post_clip_norm  # the one definition (re-exported)
 
 __all__ = [
     "FlushListener",
-    "MonitorOnly",
+    "StepGate",
     "add_flush_listener",
     "clip_rate",
     "drop_grads",
@@ -58,23 +60,6 @@ def add_flush_listener(guard: Guard, listener: FlushListener) -> ListenerHandle:
 # ----------------------------------------------------------------------------- records → scalars
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def post_clip_norm(rec: dict[str, Any]) -> float:
-    """The global norm after norm clipping: ``grad_norm × clip_coef`` (``grad_norm`` without one)."""
-    norm, coef = rec.get("grad_norm", math.nan), rec.get("clip_coef", math.nan)
-    return float(norm) * float(coef) if _finite(coef) else float(norm)
-
-
-def _clipped(rec: dict[str, Any]) -> bool:
-    coef = rec.get("clip_coef", math.nan)
-    return _finite(coef) and coef < 1.0 and not rec.get("skipped")
-
-
-def clip_rate(records: Iterable[dict[str, Any]]) -> float:
-    """The fraction of the steps taken whose gradients norm clipping scaled down (NaN: no step)."""
-    taken = [r for r in records if not r.get("skipped")]
-    return sum(_clipped(r) for r in taken) / len(taken) if taken else math.nan
 
 
 _KEYS = ("loss", "grad_norm", "clip_coef", "threshold", "lr", "loss_scale")
@@ -142,24 +127,77 @@ def drop_grads(optimizer: torch.optim.Optimizer) -> None:
         p.grad = None
 
 
-class MonitorOnly(torch.optim.Optimizer):
-    """Stands for a framework's optimizer in a measure-only :class:`~gradguard.Guard`.
+class StepGate:
+    """The framework's own ``optimizer.step()``, skipped when the guard decided to skip the step.
 
-    It shares the optimizer's parameter groups (so the log has the live learning rate) and state,
-    and its :meth:`step` does nothing: the framework clips and steps the real optimizer itself.
+    The integrations measure, clip and decide in a framework hook (:meth:`gradguard.Guard.before_step`)
+    and let the framework take the one real optimizer step. The gate is that step: installed as the
+    optimizer instance's ``step`` (what Lightning's precision plugins, ``GradScaler.step`` and
+    Accelerate's optimizer wrapper call), it returns without stepping after :meth:`decide` ``(False)``.
+    So a skipped step leaves parameters and optimizer state untouched, the optimizer's step pre/post
+    hooks fire once per step taken (never for a skipped one), and the gradients stay as the guard left
+    them for every later hook of the step.
+
+    ``step(closure)`` (Lightning's plain precision plugin: the closure runs the backward pass and the
+    ``on_before_optimizer_step`` hooks, where the guard decides) calls the closure first, then steps
+    without it, and returns what the closure returned. An LR scheduler or Accelerate that wraps the
+    gate later still goes through it.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__: nothing is copied
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
+        self.active = True
+        self._skip = False
+        self._own = optimizer.__dict__.get("step")  # an instance wrapper already there (an LR scheduler's)
+        self._inner: Callable[..., Any] = optimizer.step
 
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        return None
+        def step(opt: torch.optim.Optimizer, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+            return self._step(closure, **kwargs)
 
-    def __repr__(self) -> str:
-        return f"MonitorOnly({type(self.optimizer).__name__})"
+        step._gradguard_gate = self  # type: ignore[attr-defined]
+        if hasattr(self._inner, "_wrapped_by_lr_sched"):  # the scheduler's wrapper is still called
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        self._bound = types.MethodType(step, optimizer)  # bound, as a scheduler wrapping it expects
+        optimizer.step = self._bound  # type: ignore[method-assign]
+
+    @classmethod
+    def on(cls, optimizer: torch.optim.Optimizer) -> StepGate:
+        """The gate on ``optimizer.step``, installed on first use (one per optimizer)."""
+        gate = getattr(optimizer.step, "_gradguard_gate", None)  # wrappers made with functools.wraps keep it
+        if not isinstance(gate, StepGate):
+            gate = cls(optimizer)
+        gate.active = True
+        return gate
+
+    def decide(self, take: bool) -> None:
+        """Whether the framework's next ``optimizer.step()`` steps (what ``before_step`` returned)."""
+        self._skip = not take
+
+    def remove(self) -> None:
+        """Give the optimizer its own ``step`` back (or pass every step through, if wrapped since)."""
+        self.active, self._skip = False, False
+        if self.optimizer.__dict__.get("step") is self._bound:
+            if self._own is None:
+                del self.optimizer.step
+            else:
+                self.optimizer.step = self._own  # type: ignore[method-assign]
+
+    def _step(self, closure: Callable[[], Any] | None, **kwargs: Any) -> Any:
+        if not self.active:
+            return self._inner(closure, **kwargs)
+        if closure is None:
+            return self._inner(**kwargs) if self._take() else None
+        self._skip = False  # decided inside the closure
+        with torch.enable_grad():
+            result = closure()
+        if self._take():
+            self._inner(**kwargs)
+        return result
+
+    def _take(self) -> bool:
+        """The decision for this step; it holds for one step (a GradScaler overflow never calls step)."""
+        skip, self._skip = self._skip, False
+        return not skip
 
 
 def write_report(run_dir: Path | None, mode: bool | None) -> Path | None:

@@ -9,11 +9,14 @@ How it fits into Lightning's step. Lightning calls ``on_before_optimizer_step`` 
 pass, with the gradients already unscaled under ``16-mixed`` AMP (except for fused optimizers,
 whose unscaling Lightning leaves to the kernel: the callback unscales them itself, so it measures
 and clips the true gradients, the case where Lightning's own clipping refuses). There the callback
-runs :meth:`gradguard.Guard.step`: measure → clip → step the optimizer or skip the step. Then it
-sets every gradient to ``None``, so that the ``optimizer.step()`` Lightning runs right after the
-hook changes nothing: a skipped step leaves the weights and the optimizer state bit-identical.
-On CPU, Lightning turns ``precision="16-mixed"`` into ``"bf16-mixed"`` (no loss scaler); nothing
-changes for the callback.
+runs :meth:`gradguard.Guard.before_step`: measure → clip in place → decide. Lightning then takes
+its one real ``optimizer.step()`` (through ``GradScaler.step`` under AMP), unless the guard decided
+to skip: the callback gates the optimizer's ``step`` (:class:`~gradguard.integrations._common.StepGate`),
+so a skipped step leaves the weights and the optimizer state bit-identical. The gradients stay in
+place: the LightningModule's own ``on_before_optimizer_step`` (called after the callbacks') sees
+what the optimizer steps with (unscaled, clipped; ``lightning.pytorch.utilities.grad_norm`` works
+there), and the optimizer's step pre/post hooks fire once per step taken. On CPU, Lightning turns
+``precision="16-mixed"`` into ``"bf16-mixed"`` (no loss scaler); nothing changes for the callback.
 
 Clipping happens once. A ``Trainer(gradient_clip_val=...)`` would clip again after gradguard, so
 the callback refuses it, unless ``monitor_only=True``: then the callback only measures (the
@@ -48,13 +51,12 @@ from torch import Tensor
 
 from gradguard.clip import Clipper, from_spec
 from gradguard.errors import GradGuardError
-from gradguard.guard import Guard, OnNonFinite
+from gradguard.guard import Guard, OnNonFinite, _unscale_once
 from gradguard.integrations._common import (
     FlushListener,
-    MonitorOnly,
+    StepGate,
     add_flush_listener,
     clip_rate,
-    drop_grads,
     fresh_run_dir,
     has_grads,
     scalars_of,
@@ -169,6 +171,7 @@ class GradGuard(pl.Callback):
         self.guard_kwargs = guard_kwargs
         self.guards: list[Guard] = []
         self._by_optimizer: dict[int, Guard] = {}
+        self._gates: dict[int, StepGate] = {}  # the gate on each optimizer's step (not when monitoring)
         self._loss: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
         self._active = False  # guards built and open (between fit start and teardown)
@@ -232,13 +235,14 @@ class GradGuard(pl.Callback):
                 log_dir = Path(base) if len(optimizers) == 1 else Path(base) / f"optimizer_{i}"
             guard = Guard(
                 pl_module,
-                MonitorOnly(opt) if self.monitor_only else opt,
+                opt,
                 clip=self.clip,
                 on_nonfinite=self.on_nonfinite,
                 log_dir=log_dir,
                 name="lightning",
                 every=self.every,
                 exist_ok=resumed,
+                monitor_only=self.monitor_only,
                 **self.guard_kwargs,
             )
             if self.log_to_logger:
@@ -247,6 +251,8 @@ class GradGuard(pl.Callback):
                 add_flush_listener(guard, sink)
             self.guards.append(guard)
             self._by_optimizer[id(opt)] = guard
+            if not self.monitor_only:
+                self._gates[id(opt)] = StepGate.on(opt)
         self._active = True
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
@@ -267,15 +273,17 @@ class GradGuard(pl.Callback):
         opt = unwrap_optimizer(optimizer)
         guard = self._by_optimizer.get(id(opt))
         loss, self._loss = self._loss, None
-        if guard is None or not has_grads(opt):  # training_step returned None: nothing to guard
+        if guard is None:
             return
-        scaler = self._scaler(trainer)
-        if scaler is not None:
-            self._unscale(scaler, opt)
-        guard.step(loss)
-        if not self.monitor_only:
-            # the guard has stepped (or skipped): Lightning's optimizer.step() after this hook is a no-op
-            drop_grads(opt)
+        gate = self._gates.get(id(opt))
+        take = True
+        if has_grads(opt):  # none: training_step returned None, nothing to guard
+            scaler = self._scaler(trainer)
+            if scaler is not None:  # Lightning unscaled, except a fused optimizer's (left to its kernel)
+                _unscale_once(scaler, opt)  # its found_inf still tells Lightning's scaler.step() to skip
+            take = self._measure(guard, loss)
+        if gate is not None:
+            gate.decide(take)  # Lightning's optimizer.step() after the hooks steps, or not
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -330,13 +338,12 @@ class GradGuard(pl.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None
 
-    @staticmethod
-    def _unscale(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
-        """Unscale unless Lightning did (it leaves fused optimizers to unscale in their kernel)."""
-        from torch.amp.grad_scaler import OptState
-
-        if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
-            scaler.unscale_(optimizer)  # its found_inf still tells Lightning's scaler.step() to skip
+    def _measure(self, guard: Guard, loss: Tensor | None) -> bool:
+        """Measure, clip and decide this step; whether the optimizer steps."""
+        if self.monitor_only:
+            guard.step(loss)  # monitor_only: measures and logs, never steps; no host read
+            return True
+        return guard.before_step(loss)
 
     def _close(self) -> None:
         """Flush and close the run logs and sinks; a later ``fit`` goes on from the same state."""
@@ -346,7 +353,9 @@ class GradGuard(pl.Callback):
         for guard in self.guards:
             guard.close()
             write_report(guard.run_dir, self.report)
-        self._active, self._by_optimizer, self._loss = False, {}, None
+        for gate in self._gates.values():
+            gate.remove()
+        self._active, self._by_optimizer, self._gates, self._loss = False, {}, {}, None
         for sink in self.sinks:
             close: Callable[[], None] | None = getattr(sink, "close", None)
             if close is not None:

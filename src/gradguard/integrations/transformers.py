@@ -5,8 +5,9 @@ Two front doors, because the callback API cannot do everything:
 * :class:`GradGuardTrainer` (or :class:`GradGuardMixin` for your own ``Trainer`` subclass, e.g. TRL's
   ``SFTTrainer``) — **gradguard clips, and the Trainer's own clipping is off.** It sees the loss of
   every step (``training_step``), measures the raw gradients, clips them (by default at
-  ``args.max_grad_norm``, so nothing changes for a run that used it), steps or skips the optimizer,
-  and does not advance the LR scheduler on a skipped step. One line in place of ``Trainer``::
+  ``args.max_grad_norm``, so nothing changes for a run that used it) and decides; the Trainer then
+  takes its own ``optimizer.step()``, or none on a skipped step, and the LR scheduler does not
+  advance on a skipped step. One line in place of ``Trainer``::
 
       trainer = GradGuardTrainer(model=model, args=args, train_dataset=ds, gradguard={"clip": "auto"})
 
@@ -25,6 +26,16 @@ and hides the raw norm, and ``clip_grad_norm_`` writes NaN over inf gradients. T
 (transformers ≥ 5) so that nothing touches the gradients before the guard. It warns when you
 pass both a ``clip`` and a ``max_grad_norm > 0`` (only the former applies).
 
+How a step is skipped under :class:`GradGuardTrainer`: the guard measures, clips and decides
+(:meth:`gradguard.Guard.before_step`) right before the Trainer's ``on_pre_optimizer_step``
+(transformers 4.x: in it, after the callbacks passed to the Trainer). The Trainer's one
+``optimizer.step()`` (through Accelerate's wrapper and its ``GradScaler``) then goes through a gate
+on the torch optimizer's ``step``, installed when the Trainer creates the optimizer
+(:class:`~gradguard.integrations._common.StepGate`), which returns without stepping after a skip.
+The gradients stay in place, so your callbacks' ``on_pre_optimizer_step`` / ``on_optimizer_step``
+see what the optimizer steps with (unscaled, clipped), and the optimizer's step pre/post hooks fire
+once per step taken.
+
 Logs: the run directory (``<output_dir>/gradguard-runs/<time>-transformers`` by default; ``gradguard
 diagnose <output_dir>/gradguard-runs`` reads the newest) is the source of truth. At each
 Trainer log step, :class:`GradGuardTrainer` adds to the logs (and so to TensorBoard, W&B…, whatever
@@ -33,9 +44,9 @@ the optimizer stepped with), ``clip_rate`` (fraction of the steps since the last
 scaled down) and ``skipped_steps`` (running total).
 
 Host syncs: the Trainer already reads the loss on the host every step (``logging_nan_inf_filter``);
-:class:`GradGuardTrainer` adds one read per step, ``guard.last_step_skipped``, to gate the LR
-scheduler. Checkpoints: ``gradguard.pt`` in each ``checkpoint-N`` folder; ``train(resume_from_checkpoint=...)``
-restores it, and the adaptive clipper continues exactly.
+:class:`GradGuardTrainer` adds one read per step, the guard's decision, which gates both the
+optimizer step and the LR scheduler. Checkpoints: ``gradguard.pt`` in each ``checkpoint-N``
+folder; ``train(resume_from_checkpoint=...)`` restores it, and the adaptive clipper continues exactly.
 """
 
 from __future__ import annotations
@@ -56,10 +67,9 @@ from gradguard.errors import GradGuardError
 from gradguard.guard import Guard
 from gradguard.integrations._common import (
     FlushListener,
-    MonitorOnly,
+    StepGate,
     add_flush_listener,
     clip_rate,
-    drop_grads,
     fresh_run_dir,
     has_grads,
     post_clip_norm,
@@ -83,7 +93,7 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - 
         'pip install -U "gradguard[transformers]".'
     )
 
-_NOT_FOR_GUARD = ("model", "optimizer", "exist_ok")
+_NOT_FOR_GUARD = ("model", "optimizer", "exist_ok", "monitor_only")
 
 
 def _check_guard_kwargs(kwargs: dict[str, Any], who: str) -> None:
@@ -194,7 +204,8 @@ class GradGuardMixin:
         self._gg_open = False  # the guard of the current train() is open
         self._gg_loss: Tensor | None = None
         self._gg_pending = False  # a backward happened since the last guarded step
-        self._gg_gate_open = False  # the guard ran since the scheduler last stepped
+        self._gg_gate: StepGate | None = None  # on the torch optimizer's step
+        self._gg_skipped = False  # the guard skipped the step the LR scheduler is about to follow
         self._gg_window: list[dict[str, Any]] = []
         self._gg_resume: dict[str, Any] | None = None
         self.add_callback(_Hooks(self))  # type: ignore[attr-defined]
@@ -218,11 +229,18 @@ class GradGuardMixin:
         self._gg_pending = True
         return loss
 
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        optimizer = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        if not getattr(self, "is_deepspeed_enabled", False):  # refused when train() begins
+            # gate the step before Accelerate wraps it: its fp16 wrapper keeps the step it found
+            StepGate.on(unwrap_optimizer(optimizer))
+        return optimizer
+
     def _clip_grad_norm(self, model: nn.Module) -> Any:  # transformers >= 5: the Trainer does not clip
         return None
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:  # transformers >= 5
-        # called right before on_pre_optimizer_step and optimizer.step(): the guard's step goes here,
+        # called right before on_pre_optimizer_step and optimizer.step(): the guard decides here,
         # so that the Trainer's clip_grad_norm_(inf) never runs over the gradients
         self._gradguard_step()
         return None  # the pre-clip norm goes into the logs at the log step (see log()), without a sync here
@@ -265,6 +283,7 @@ class GradGuardMixin:
         self.guard = Guard(
             self.model, optimizer, log_dir=log_dir, exist_ok=resume is not None, name="transformers", **config
         )
+        self._gg_gate = self._gradguard_gate(optimizer)
         if self.guard.writer is not None:
             self.guard.writer.update_meta(
                 integration="transformers.GradGuardTrainer",
@@ -283,32 +302,42 @@ class GradGuardMixin:
         ):
             self.lr_scheduler = _SkipGate(scheduler, self._gradguard_skipped)
 
+    def _gradguard_gate(self, optimizer: torch.optim.Optimizer) -> StepGate:
+        """The gate on the optimizer's step (from :meth:`create_optimizer`, or installed now)."""
+        gate = StepGate.on(optimizer)
+        wrapper = self.optimizer
+        captured = getattr(wrapper, "_optimizer_original_step_method", None)
+        if captured is not None and getattr(captured, "_gradguard_gate", None) is not gate:
+            # an Accelerate fp16 wrapper prepared before the gate existed: it steps what it captured then
+            from accelerate.optimizer import patch_optimizer_step
+
+            wrapper._optimizer_original_step_method = optimizer.step
+            wrapper._optimizer_patched_step_method = patch_optimizer_step(wrapper, optimizer.step)
+        return gate
+
     def _gradguard_step(self) -> None:
-        """Measure → clip → step or skip the optimizer; the Trainer's own ``optimizer.step()`` is then a no-op."""
+        """Measure → clip → decide; the Trainer's own ``optimizer.step()`` then steps, or not (the gate)."""
         if not self._gg_pending:
             return
         self._gg_pending = False
         if not self._gg_open:
             self._gradguard_begin()
-        assert self.guard is not None
+        assert self.guard is not None and self._gg_gate is not None
         loss, self._gg_loss = self._gg_loss, None
-        optimizer = self.guard.optimizer
-        if not has_grads(optimizer):
-            return
-        if getattr(self.accelerator, "scaler", None) is not None:
-            # fp16 AMP: unscale now; the scaler keeps its found_inf, so Accelerate's scaler.step() and
-            # update() still see an overflow and lower the scale
-            self.accelerator.unscale_gradients()
-        self.guard.step(loss)
-        self._gg_gate_open = True
-        drop_grads(optimizer)
+        take = True
+        if has_grads(self.guard.optimizer):
+            if getattr(self.accelerator, "scaler", None) is not None:
+                # fp16 AMP: unscale now; the scaler keeps its found_inf, so Accelerate's scaler.step() and
+                # update() still see an overflow and lower the scale
+                self.accelerator.unscale_gradients()
+            take = self.guard.before_step(loss)
+        self._gg_gate.decide(take)
+        self._gg_skipped = not take
 
     def _gradguard_skipped(self) -> bool:
-        """Whether the step the scheduler is about to follow was skipped (one host read per step)."""
-        if not self._gg_gate_open or self.guard is None:
-            return False
-        self._gg_gate_open = False
-        return self.guard.last_step_skipped
+        """Whether the guard skipped the step the scheduler is about to follow."""
+        skipped, self._gg_skipped = self._gg_skipped, False
+        return skipped
 
     def _gradguard_save(self, global_step: int) -> None:
         if self.guard is None or not self._gg_open:
@@ -441,12 +470,13 @@ class GradGuardCallback(TrainerCallback):
         every = self.every if self.every is not None else max(1, int(args.logging_steps))
         self.guard = Guard(
             model,
-            MonitorOnly(optimizer),
+            optimizer,
             clip=None,
             on_nonfinite=self.on_nonfinite,  # type: ignore[arg-type]
             log_dir=log_dir,
             every=every,
             name="transformers",
+            monitor_only=True,
             **self.guard_kwargs,
         )
         if self.guard.writer is not None:
@@ -471,7 +501,7 @@ class GradGuardCallback(TrainerCallback):
         if not has_grads(self.guard.optimizer):
             return
         loss = torch.stack(losses).mean() if losses else None  # the model returned no loss: grads only
-        self.guard.step(loss)
+        self.guard.step(loss)  # monitor_only: measures and logs, never steps; no host read
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._hook is not None:

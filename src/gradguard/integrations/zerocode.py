@@ -8,8 +8,9 @@ Nothing in the script changes. While :class:`ZeroCode` is active:
   :class:`gradguard.Guard` over its root model, and calls :meth:`Guard.before_step` before each
   of its steps: the gradients are measured (and clipped if asked); a non-finite step is located
   (the guard replays the model's forward from its captured inputs, or instruments the next step)
-  and skipped by setting the gradients to ``None``, so the script's own ``optimizer.step()``
-  leaves the parameters and the optimizer state untouched.
+  and skipped: when ``before_step`` says so, the runner sets the gradients to ``None`` (a step
+  pre-hook cannot cancel the step), so the script's own ``optimizer.step()`` leaves the parameters
+  and the optimizer state untouched.
 
 No global full-backward module hook is used (they break in-place ops on module outputs).
 
@@ -34,6 +35,7 @@ from torch import nn
 
 from gradguard import runlog
 from gradguard.guard import Guard
+from gradguard.integrations._common import drop_grads
 from gradguard.locate import StepCapture
 
 __all__ = ["ZeroCode"]
@@ -112,7 +114,8 @@ class ZeroCode:
             capture = self._captures.pop(id(root), None)
             guard = Guard(root, optimizer, log_dir=log_dir, name=self.name, capture=capture, **self.options)
             self.guards[id(optimizer)] = guard
-        guard.before_step(None)
+        if not guard.before_step(None):
+            drop_grads(optimizer)  # the step that runs right after this hook then changes nothing
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> ZeroCode:

@@ -1,0 +1,291 @@
+"""Anomaly handling: capture a step's inputs, locate a non-finite step, arm the next forward, and
+write each step's ``nonfinite`` event once.
+
+Healthy steps only keep references (the model's inputs, the RNG state; the closure) and the host
+copies of the norms that the flush makes anyway (:attr:`Anomalies.history`, a bounded window). On
+a non-finite step the guard asks :meth:`Anomalies.locate` where the first non-finite value was
+born: the step is replayed under full instrumentation (exactly with a closure; otherwise the
+model's forward from its captured inputs), or, for an explosion, the first spiking step and layer
+are named. When the step cannot be replayed, the model's next forward runs instrumented
+(:meth:`Anomalies.arm`), in case the failure recurs.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard import events
+from gradguard.locate import Locator, LossWatch, StepCapture, explosion, rng_state
+
+__all__ = ["HISTORY", "Anomalies", "flagged_nonfinite"]
+
+HISTORY = 512  #: host copies of the last steps' norms, for telling an explosion from a single bad op
+_MAX_LAYERS_IN_EVENT = 20
+
+History = collections.deque[tuple[int, float, dict[str, float]]]
+
+
+def flagged_nonfinite(
+    step: int, vals: Mapping[str, Any], layer_norms: Mapping[str, float], policy: str
+) -> events.Event:
+    """The ``nonfinite`` event of a step from its always-on flags (``located_by="norm"``).
+
+    ``vals``: the step's record columns; ``layer_norms``: the per-layer gradient norms it has.
+    """
+    bad_layers = [n for n, v in layer_norms.items() if not math.isfinite(v)]
+    loss_bad = bool(vals["loss_nonfinite"])
+    loss = vals["loss"]
+    return events.nonfinite(
+        step,
+        phase="loss" if loss_bad else "backward",
+        tensor="output" if loss_bad else "grad",
+        kind=events.kind_of(loss) if loss_bad else ("nan" if vals["grad_nan"] else "inf"),
+        located_by="norm",
+        layers=bad_layers[:_MAX_LAYERS_IN_EVENT],
+        layers_nonfinite=len(bad_layers),
+        loss=loss,
+        grad_norm=vals["grad_norm"],
+        policy=policy,
+    )
+
+
+def weights_nonfinite(step: int, weight_norms: Mapping[str, float], policy: str) -> events.Event | None:
+    """The ``nonfinite`` event of weights that went non-finite without a non-finite loss or
+    gradient (e.g. behind a tanh), seen in the weight norms of a cadence step; else ``None``."""
+    bad = [n for n, v in weight_norms.items() if not math.isfinite(v)]
+    if not bad:
+        return None
+    return events.nonfinite(
+        step,
+        phase="optimizer",
+        module=bad[0],
+        tensor="param",
+        kind=events.kind_of(weight_norms[bad[0]]),
+        located_by="norm",
+        layers=bad[:_MAX_LAYERS_IN_EVENT],
+        layers_nonfinite=len(bad),
+        policy=policy,
+    )
+
+
+class Anomalies:
+    """The guard's anomaly handling.
+
+    Args:
+        root: the user's root module (replays and instrumentation run it).
+        params: the guarded parameters (a closure replay checks their gradients).
+        capture: the step capture (``None``: ``locate=False``, nothing is captured or replayed).
+        max_replays: replay at most this many anomalous steps.
+        can_replay: a replay is allowed (not under torch.distributed: ranks would diverge).
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        params: list[nn.Parameter],
+        capture: StepCapture | None,
+        *,
+        max_replays: int,
+        can_replay: bool,
+    ) -> None:
+        self.root = root
+        self.params = params
+        self.capture = capture
+        self.max_replays = max_replays
+        self.can_replay = can_replay
+        self.replays = 0
+        self.history: History = collections.deque(maxlen=HISTORY)
+        self._closure: Callable[[], Any] | None = None
+        self._closure_rng: dict[str, Any] | None = None
+        self._armed: tuple[Locator, dict[str, Any], int] | None = None
+        self._last_reported = -1  # the last step whose nonfinite event was written
+
+    # ------------------------------------------------------------------ per step
+    def run_closure(self, closure: Callable[[], Any]) -> Any:
+        """Run the step's closure, keeping it and the RNG state for an exact replay."""
+        self._closure, self._closure_rng = closure, rng_state()
+        with torch.enable_grad():
+            return closure()
+
+    def begin(
+        self, loss: Tensor | float | None, step: int
+    ) -> tuple[Tensor | float | None, events.Event | None]:
+        """At the optimizer step: stop watching the loss code, end an armed window.
+
+        Returns the loss (the zero-code runner's: the tensor the script called ``backward()`` on,
+        when none was given) and the located event of a failure that recurred in the armed window.
+        """
+        watch: LossWatch | None = self.capture.end_step() if self.capture is not None else None
+        if loss is None and watch is not None and watch.loss is not None:
+            loss = watch.loss
+        return loss, self.finish_armed(loss, step)
+
+    def end_step(self) -> None:
+        """Hold the batch and the closure no longer than their step."""
+        self._closure = None
+        if self.capture is not None:
+            self.capture.release()
+
+    def remember(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Keep the host norms of flushed records (the explosion evidence)."""
+        self.history.extend(_norms(rec) for rec in records)
+
+    def report_once(self, event: events.Event) -> events.Event | None:
+        """``event`` (a step's ``nonfinite`` event) unless that step's was written already."""
+        if event["step"] <= self._last_reported:
+            return None
+        self._last_reported = event["step"]
+        return event
+
+    def close(self, now: int) -> events.Event | None:
+        """Remove the capture's hooks; end an armed window (its event, if the failure recurred)."""
+        if self.capture is not None:
+            self.capture.remove()
+        return self.finish_armed(None, now)
+
+    # ------------------------------------------------------------------ locate
+    def reported(self, step: int) -> bool:
+        return step <= self._last_reported
+
+    def locate(
+        self, step: int, loss_bad: bool, pending: Callable[[], Iterable[Mapping[str, Any]]] = list
+    ) -> dict[str, Any] | None:
+        """Where the first non-finite value of this (skipped, not yet stepped) step was born.
+
+        The anomaly path: host reads and a replay are fine here. Weights are unchanged (the step
+        has not been taken), so the replay sees what the failed step saw. ``pending()``: the
+        records of the steps before this one that are not flushed yet (read, not flushed: nothing
+        is written and nothing can abort here).
+        """
+        if self.capture is None:
+            return None
+        exploded = explosion([*self.history, *(_norms(rec) for rec in pending())])
+        birth, how = self._replay(loss_bad)
+        located: dict[str, Any] = {}
+        if birth is not None:
+            located = {**birth.event(), "located_by": "watch" if isinstance(birth, _Found) else "replay"}
+        else:
+            if how != "replay":
+                located = {"phase": "loss", "located_by": "replay", "evidence": {"reason": how}}
+            if exploded is None and self._closure is None and self._armed is None:
+                self.arm(step)  # the next step runs under full instrumentation, in case it recurs
+        if exploded is not None:  # the answer is the explosion, the op where it overflowed is evidence
+            return {
+                "phase": "backward",
+                "module": exploded["module"],
+                "op": None,
+                "tensor": "grad",
+                "source": None,
+                "cause": "explosion",
+                "located_by": "norm",
+                "evidence": {**exploded, "overflow": located or None},
+            }
+        return located or None
+
+    def _replay(self, loss_bad: bool) -> tuple[Any, str]:
+        """Replay the step (the closure, or the captured forward): ``(birth or None, how)``."""
+        assert self.capture is not None
+        if self.replays >= self.max_replays or not self.can_replay:
+            return None, "replay"
+        self.replays += 1
+        loc = Locator(self.root)
+        if self._closure is not None:
+            replayed, _ = loc.replay(self._closure, self._closure_rng, grads=self.params)
+            return replayed, "replay"
+        if self.capture.inputs is None:
+            return None, "replay"
+        found, how = self.capture.replay(loc)
+        birth: Any = _Found(found) if isinstance(found, dict) else found
+        if birth is None and loss_bad and how == "replay":
+            how = "the model's output was finite: the loss code made the loss non-finite"
+        return birth, how
+
+    # ------------------------------------------------------------------ arm the next forward
+    def arm(self, step: int) -> None:
+        """Instrument the model's next forward call (and, through the autograd-node hooks it leaves,
+        that forward's backward), in case the failure recurs.
+
+        The instrumentation is a :class:`TorchFunctionMode`: it is entered in the root's forward
+        pre-hook and left in its forward hook, around exactly one forward call, so it never
+        outlives that call (an unclosed guard cannot leave it on the mode stack).
+        """
+        loc = Locator(self.root)
+        state: dict[str, Any] = {}
+        capture = self.capture
+
+        def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if "ctx" in state or (capture is not None and capture.replaying):
+                return
+            state["ctx"] = loc.watch()
+            state["ctx"].__enter__()
+            loc._pre(module, args, kwargs)  # the watch's own pre-hook joins from the next call
+            # registered after the watch's hooks, so it runs after them when this call ends
+            state["handles"].append(self.root.register_forward_hook(leave, always_call=True))
+
+        def leave(module: nn.Module, args: Any, out: Any) -> None:
+            ctx = state.pop("ctx", None)
+            if ctx is None:
+                return
+            ctx.__exit__(None, None, None)
+            for h in state.pop("handles", ()):
+                h.remove()
+            outs = [t for t in _tensors(out) if t.is_floating_point()]
+            state["out"] = outs[0] if outs else None
+
+        state["handles"] = [self.root.register_forward_pre_hook(enter, with_kwargs=True)]
+        self._armed = (loc, state, step)
+
+    def finish_armed(self, loss: Tensor | float | None, now: int) -> events.Event | None:
+        """End the armed window; if the failure recurred, where it was born (``located_by="hooks"``)."""
+        if self._armed is None:
+            return None
+        loc, state, step = self._armed
+        self._armed = None
+        for h in state.pop("handles", ()):  # the model never ran: nothing was instrumented
+            h.remove()
+        target = loss if isinstance(loss, Tensor) else state.get("out")
+        birth = loc.answer(target) if target is not None or loc.backward_birth is not None else None
+        if birth is None:
+            return None
+        return events.nonfinite(
+            step,
+            **birth.event(),
+            located_by="hooks",
+            seen_at_step=now,
+            note=f"step {step} failed without a way to replay it; the failure recurred at step "
+            f"{now}, whose forward ran instrumented",
+        )
+
+
+def _norms(rec: Mapping[str, Any]) -> tuple[int, float, dict[str, float]]:
+    """A record's ``(step, global norm or NaN on a non-finite step, {layer: grad norm})``."""
+    layers = {n: v.get("grad_norm", math.nan) for n, v in rec.get("layers", {}).items()}
+    return rec["step"], rec["grad_norm"] if not rec["nonfinite"] else math.nan, layers
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    """The tensors in a module's output (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, (tuple, list)):
+        return [t for x in tree for t in _tensors(x)]
+    if isinstance(tree, dict):
+        return [t for x in tree.values() for t in _tensors(x)]
+    return []
+
+
+class _Found:
+    """A ready event (from the loss watch) that quacks like a :class:`gradguard.locate.Birth`."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self.phase = fields["phase"]
+
+    def event(self) -> dict[str, Any]:
+        return dict(self.fields)

@@ -1,0 +1,217 @@
+"""How a step is applied: clip and step the optimizer, or skip — chosen once, at construction.
+
+Each strategy is a callable ``apply(step, decide) -> Outcome``. ``step`` is what the guard planned
+(:class:`Planned`); ``decide(step)`` is the guard's one host read (:meth:`gradguard.Guard._decide`
+and the anomaly handling around it), which a strategy calls only when it needs the host.
+
+* :class:`HostDecided`: one host read picks step or skip (the cost GradScaler pays on every
+  unfused step). Also the external step (``Guard.before_step``: the caller steps) and the
+  monitor-only ``raise`` mode (nothing stepped, a bad step raises).
+* :class:`Fused`: a fused optimizer takes the coefficient and the skip flag through the
+  ``grad_scale`` / ``found_inf`` protocol of GradScaler: the kernel itself skips, no host read.
+  The first step of a fused momentum SGD is decided on the host instead (torch leaves its momentum
+  buffers ``empty_like`` when that step is skipped).
+* :class:`NeverSkip`: ``on_nonfinite="warn"``: nothing is skipped, so nothing is read; under a
+  GradScaler overflows are skipped, by its ``under_scaler`` strategy.
+* :class:`Observe`: monitor only, ``warn``: nothing is clipped, stepped or read.
+
+:func:`choose` picks one from the guard's settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from gradguard._guard.config import GuardConfig
+from gradguard.clip import scale_
+
+__all__ = ["Apply", "Fused", "HostDecided", "NeverSkip", "Observe", "Outcome", "Planned", "choose"]
+
+
+@dataclass
+class Planned:
+    """A measured, planned step, ready to apply."""
+
+    grads: list[Tensor]  # the gradients present (this rank's shards under FSDP2)
+    coef: Tensor | None  # the norm-clipping coefficient (None: no norm clipping)
+    skip: Tensor  # the policy's skip flag (device bool)
+    scaler: torch.amp.GradScaler | None
+    clip_in_place: Callable[[], None]  # runs a value / AGC / per-layer clipper on the gradients
+
+
+class Outcome(NamedTuple):
+    """Whether the step was skipped: a host bool when ``on_host``, else the device flag."""
+
+    skipped: Tensor | bool
+    on_host: bool
+
+
+Decide = Callable[[Planned], bool]
+
+
+class Apply(Protocol):
+    """How a step is applied."""
+
+    sync_free: bool  # the step makes no host read (the usual case; see each strategy)
+
+    def __call__(self, step: Planned, decide: Decide) -> Outcome: ...
+
+
+def _update(scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is not None:
+        scaler.update()  # lowers the scale after an overflow
+
+
+def _clip(step: Planned) -> None:
+    """Clip in place: the in-place clipper, then the norm coefficient."""
+    step.clip_in_place()
+    if step.grads and step.coef is not None:
+        scale_(step.grads, step.coef)
+
+
+def _fused_step(optimizer: torch.optim.Optimizer, step: Planned) -> None:
+    """The GradScaler protocol: the kernel divides the gradients by ``grad_scale``, skips on ``found_inf``."""
+    step.clip_in_place()
+    if step.coef is not None:
+        optimizer.grad_scale = step.coef.reciprocal().to(torch.float32)  # type: ignore[attr-defined]
+    optimizer.found_inf = step.skip.to(torch.float32)  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.__dict__.pop("grad_scale", None)
+        del optimizer.found_inf  # type: ignore[attr-defined]
+
+
+class HostDecided:
+    """One host read decides; a taken step is clipped, stepped (``steps``) and the scaler updated.
+
+    ``steps=False``: the caller steps the optimizer (``Guard.before_step``). ``clips=False`` and
+    ``updates_scaler=False``: monitor only, the caller clips, steps and updates its scaler itself.
+    """
+
+    sync_free = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        steps: bool = True,
+        clips: bool = True,
+        updates_scaler: bool = True,
+    ) -> None:
+        self.optimizer = optimizer
+        self.steps, self.clips, self.updates_scaler = steps, clips, updates_scaler
+
+    def __call__(self, step: Planned, decide: Decide) -> Outcome:
+        skipped = decide(step)  # the one host read (and, on a bad step, the anomaly path)
+        if not skipped:
+            if self.clips:
+                _clip(step)
+            if self.steps:
+                self.optimizer.step()
+        if self.updates_scaler:
+            _update(step.scaler)  # after a skip too: the scaler learns of an overflow
+        return Outcome(skipped, on_host=True)
+
+
+class Fused:
+    """Sync-free: clip and skip go into the fused kernel (``grad_scale`` / ``found_inf``)."""
+
+    sync_free = True
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Sequence[Tensor],
+        *,
+        momentum_sgd: bool,
+        host: HostDecided,
+    ) -> None:
+        self.optimizer = optimizer
+        self.params = params  # the guarded parameters (frozen ones never get a momentum buffer)
+        self.momentum_sgd = momentum_sgd
+        self.host = host
+
+    def _first_momentum_step(self) -> bool:
+        """Fused SGD skipping its first step leaves ``empty_like`` momentum buffers: that one goes to the host."""
+        if not self.momentum_sgd:
+            return False
+        return any("momentum_buffer" not in self.optimizer.state[p] for p in self.params)
+
+    def __call__(self, step: Planned, decide: Decide) -> Outcome:
+        if self._first_momentum_step():
+            return self.host(step, decide)
+        _fused_step(self.optimizer, step)
+        _update(step.scaler)
+        return Outcome(step.skip, on_host=False)
+
+
+class NeverSkip:
+    """Sync-free: nothing is skipped, so every step is clipped and taken without a host read.
+
+    Under a GradScaler an overflow is skipped (the scaler's business): ``under_scaler`` applies it.
+    """
+
+    sync_free = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, fused: bool, under_scaler: Apply) -> None:
+        self.optimizer = optimizer
+        self.fused = fused
+        self.under_scaler = under_scaler
+
+    def __call__(self, step: Planned, decide: Decide) -> Outcome:
+        if step.scaler is not None:
+            return self.under_scaler(step, decide)
+        if self.fused:
+            _fused_step(self.optimizer, step)  # the coefficient folded into the kernel
+        else:
+            _clip(step)
+            self.optimizer.step()
+        return Outcome(step.skip, on_host=False)
+
+
+class Observe:
+    """Monitor only (``warn``): measure and log; nothing is clipped, stepped or read on the host."""
+
+    sync_free = True
+
+    def __call__(self, step: Planned, decide: Decide) -> Outcome:
+        return Outcome(step.skip, on_host=False)
+
+
+def choose(
+    config: GuardConfig,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    *,
+    fused: bool,
+    momentum_sgd: bool,
+) -> Apply:
+    """The strategy of ``Guard.step`` for these settings (:func:`choose_external`: of ``before_step``)."""
+    if config.monitor_only:
+        return _monitor(config, optimizer)
+    host = HostDecided(optimizer)
+    if config.on_nonfinite in ("rollback", "raise"):
+        return host  # a bad step needs the host at once
+    fused_apply = Fused(optimizer, params, momentum_sgd=momentum_sgd, host=host) if fused else None
+    if config.on_nonfinite == "warn" and config.on_spike != "skip":
+        return NeverSkip(optimizer, fused=fused, under_scaler=fused_apply or host)
+    return fused_apply or host
+
+
+def choose_external(config: GuardConfig, optimizer: torch.optim.Optimizer) -> Apply:
+    """The strategy of ``Guard.before_step``: decided on the host, clipped in place, stepped by the caller."""
+    if config.monitor_only:
+        return _monitor(config, optimizer)
+    return HostDecided(optimizer, steps=False)
+
+
+def _monitor(config: GuardConfig, optimizer: torch.optim.Optimizer) -> Apply:
+    if config.on_nonfinite == "raise":  # a bad step raises: the host must know at once
+        return HostDecided(optimizer, steps=False, clips=False, updates_scaler=False)
+    return Observe()

@@ -1,0 +1,110 @@
+"""Plan the clip of a step, and clip in place.
+
+:meth:`Clipping.plan` composes the step's norm threshold from the norm clipper and, under
+``on_spike="clip"``, the spike detector (the smaller wins), and the coefficient that goes into the
+step (folded into the fused kernel or scaled in). Value, AGC and per-layer clippers act on the
+gradients themselves: :meth:`Clipping.in_place`, which the apply strategy runs on a step it takes.
+
+What the clipper did reaches the record as ``clip_fraction``: for norm clippers
+:func:`gradguard.clip.fraction_clipped` of the coefficient (in the plan, on the device), for the
+others the fraction their ``clip_`` returns, NaN without a clipper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from gradguard._guard.measure import Constants, Measurement
+from gradguard.clip import Clipper, HostZClip, NormClipper, ZClip, coefficient, fraction_clipped
+
+__all__ = ["ClipPlan", "Clipping", "reports_fraction", "spike_detector"]
+
+
+class ClipPlan(NamedTuple):
+    """The clip of one step (device tensors)."""
+
+    coef: Tensor | None  # the norm-clipping coefficient (None: no norm clipping this step)
+    threshold: Tensor | None  # τ
+    spike: Tensor  # the norm is a spike (device detector; False otherwise)
+    fraction: Tensor | None  # a norm clipper's clip_fraction (coef < 1); None: see Clipping.in_place
+
+
+def spike_detector(on_spike: str, spike_z: float) -> ZClip | HostZClip | None:
+    """Spikes that act on the step (``clip``, ``skip``) are found on the device; ``warn`` only logs
+    them, so its z-score runs on the host at flush, over the norms the flush copies anyway."""
+    if on_spike in ("clip", "skip"):
+        return ZClip(z_thresh=float(spike_z))
+    if on_spike == "warn":
+        return HostZClip(float(spike_z))
+    return None
+
+
+def reports_fraction(clipper: Clipper | None) -> bool:
+    """Whether an in-place clipper says what it did: its ``clip_`` returns the fraction of its units
+    clipped. A clipper written before ``clip_`` existed is called as before; its fraction is NaN."""
+    return clipper is not None and type(clipper).clip_ is not Clipper.clip_
+
+
+class Clipping:
+    """The clipper and the device spike detector of a guard.
+
+    Args:
+        clipper: the guard's clipper (``None``: no clipping).
+        spike: the spike detector (only a device :class:`ZClip` plays a part in the plan).
+        clip_spikes: ``on_spike="clip"``: a spike's threshold caps the step's threshold.
+        named: the guarded ``(name, parameter)`` pairs (AGC and per-layer clippers use the names).
+    """
+
+    def __init__(
+        self,
+        clipper: Clipper | None,
+        spike: ZClip | HostZClip | None,
+        clip_spikes: bool,
+        named: Sequence[tuple[str, Tensor]],
+        consts: Constants,
+    ) -> None:
+        self.clipper = clipper
+        self.spike = spike if isinstance(spike, ZClip) else None
+        self.clip_spikes = clip_spikes
+        self.named = named
+        self.consts = consts
+        self.norm_clipper = clipper if isinstance(clipper, NormClipper) else None
+        self.norm = self.norm_clipper is not None
+        self._fraction = reports_fraction(clipper)
+
+    def plan(self, m: Measurement) -> ClipPlan:
+        """The threshold (the smaller of the clipper's and, under ``clip_spikes``, the spike's),
+        the coefficient and the spike flag of this step (no host read)."""
+        threshold: Tensor | None = None
+        spike = self.consts.false(m.device)
+        if self.spike is not None:
+            spike_tau = self.spike.threshold(m.observed)
+            spike = spike_tau < math.inf
+            if self.clip_spikes:
+                threshold = spike_tau
+        if self.norm_clipper is not None:
+            tau = self.norm_clipper.threshold(m.observed).to(m.device)
+            threshold = tau if threshold is None else threshold.minimum(tau)
+        coef = coefficient(m.total, threshold) if threshold is not None else None
+        return ClipPlan(coef, threshold, spike, self.fraction(coef))
+
+    def fraction(self, coef: Tensor | None) -> Tensor | None:
+        """A norm clipper's ``clip_fraction``: 1.0 when it scaled the gradients down, else 0.0."""
+        return fraction_clipped(coef) if self.norm and coef is not None else None
+
+    def in_place(self) -> Tensor | None:
+        """Run a value / AGC / per-layer clipper on the gradients (norm clipping is the coefficient).
+
+        Returns the fraction of units it clipped (a 0-D device tensor), ``None`` when it cannot say.
+        """
+        if self.clipper is None or self.norm:
+            return None
+        items: Sequence[Any] = self.named if self.clipper.takes_names else [p for _, p in self.named]
+        if self._fraction:
+            return self.clipper.clip_(list(items))
+        self.clipper(list(items))
+        return None

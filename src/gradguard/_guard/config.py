@@ -1,0 +1,197 @@
+"""The guard's settings, checked once at construction: each check a small function whose error says
+what is wrong, the value, and how to fix it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from gradguard._distributed import sharded
+from gradguard.clip import Clipper, PerLayer
+from gradguard.errors import GradGuardError
+
+__all__ = [
+    "GuardConfig",
+    "OnNonFinite",
+    "OnSpike",
+    "check_choice",
+    "check_distributed",
+    "check_model",
+    "check_monitor_only",
+    "check_optimizer",
+    "guarded_parameters",
+    "is_fused",
+    "momentum_sgd",
+    "positive_int",
+]
+
+OnNonFinite = Literal["skip", "rollback", "raise", "warn"]
+OnSpike = Literal["ignore", "warn", "clip", "skip"]
+_FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The validated settings of a :class:`gradguard.Guard` (see its arguments)."""
+
+    on_nonfinite: str
+    on_spike: str
+    spike_z: float
+    norm_type: float
+    every: int
+    layer_every: int
+    weight_every: int | None
+    snapshot_every: int
+    max_consecutive: int
+    lr_backoff: float | None
+    loss_scale_floor: float
+    max_replays: int
+    monitor_only: bool
+
+    @classmethod
+    def checked(cls, **settings: Any) -> GuardConfig:
+        """Check every setting (``GradGuardError`` on the first bad one) and return the config."""
+        weight_every = settings["weight_every"]
+        return cls(
+            on_nonfinite=check_choice(settings["on_nonfinite"], "on_nonfinite", get_args(OnNonFinite)),
+            on_spike=check_choice(settings["on_spike"], "on_spike", get_args(OnSpike)),
+            spike_z=settings["spike_z"],  # checked by the spike detector that uses it
+            norm_type=float(settings["norm_type"]),
+            every=positive_int(settings["every"], "every"),
+            layer_every=positive_int(settings["layer_every"], "layer_every"),
+            weight_every=None if weight_every is None else positive_int(weight_every, "weight_every"),
+            snapshot_every=positive_int(settings["snapshot_every"], "snapshot_every"),
+            max_consecutive=positive_int(settings["max_consecutive"], "max_consecutive"),
+            lr_backoff=check_lr_backoff(settings["lr_backoff"]),
+            loss_scale_floor=float(settings["loss_scale_floor"]),
+            max_replays=positive_int(settings["max_replays"], "max_replays"),
+            monitor_only=bool(settings["monitor_only"]),
+        )
+
+    def as_meta(self) -> dict[str, Any]:
+        """The settings a run's ``meta.json`` records under ``config`` (besides the clipper)."""
+        return {
+            "on_nonfinite": self.on_nonfinite,
+            "on_spike": self.on_spike,
+            "every": self.every,
+            "layer_every": self.layer_every,
+            "weight_every": self.weight_every,
+            "snapshot_every": self.snapshot_every,
+            "lr_backoff": self.lr_backoff,
+            "max_consecutive": self.max_consecutive,
+            "norm_type": self.norm_type,
+            **({"monitor_only": True} if self.monitor_only else {}),
+        }
+
+
+def check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise GradGuardError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+    return str(value)
+
+
+def positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise GradGuardError(f"{name} must be a positive int; got {value!r}.")
+    return value
+
+
+def check_lr_backoff(value: Any) -> float | None:
+    if value is not None and not 0.0 < float(value) <= 1.0:
+        raise GradGuardError(f"lr_backoff must be in (0, 1] or None; got {value!r}. 0.5 halves the LR.")
+    return None if value is None else float(value)
+
+
+def check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise GradGuardError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    return model
+
+
+def check_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise GradGuardError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    return optimizer
+
+
+def check_monitor_only(config: GuardConfig, clipper: Clipper | None) -> None:
+    """``monitor_only=True`` measures, logs and checks; it never clips, skips or steps."""
+    if not config.monitor_only:
+        return
+    how = "Guard(model, optimizer, clip=None, on_nonfinite='warn', monitor_only=True)"
+    if clipper is not None:
+        raise GradGuardError(
+            f"monitor_only=True never clips, but got clip={clipper!r}. Pass clip=None ({how}), or drop "
+            "monitor_only to let gradguard clip."
+        )
+    if config.on_nonfinite not in ("warn", "raise"):
+        raise GradGuardError(
+            f"monitor_only=True never skips a step, so on_nonfinite must be 'warn' or 'raise'; got "
+            f"{config.on_nonfinite!r} ({how}). Drop monitor_only to skip or roll back bad steps."
+        )
+    if config.on_spike in ("clip", "skip"):
+        raise GradGuardError(
+            f"monitor_only=True cannot act on spikes; got on_spike={config.on_spike!r}. Use 'warn' or 'ignore'."
+        )
+
+
+def guarded_parameters(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[nn.Module, list[str], list[nn.Parameter]]:
+    """The user's root module (DDP unwrapped), and the names and tensors of the parameters guarded:
+    those of the model that the optimizer holds and that require grad."""
+    own = {id(p) for p in model.parameters()}
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+    if foreign:
+        shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
+        raise GradGuardError(
+            f"the optimizer holds {len(foreign)} parameter(s) that are not the model's (shapes {shapes}). "
+            "Pass the model the optimizer trains (build it as `optimizer = Opt(model.parameters())`), "
+            "or the root module that owns all of them."
+        )
+    # DDP's wrapper adds "module." to every name: name the layers after the user's model
+    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and id(p) in held]
+    if not named:
+        raise GradGuardError(
+            f"{type(model).__name__} has no trainable parameter that the optimizer holds (all have "
+            "requires_grad=False, or the optimizer trains none of them); there is nothing to guard. "
+            "Unfreeze some parameters or guard the module that trains."
+        )
+    return root, [n for n, _ in named], [p for _, p in named]
+
+
+def check_distributed(params: Sequence[Tensor], config: GuardConfig, clipper: Clipper | None) -> list[bool]:
+    """Which parameters FSDP2 shards; refuses the settings that need whole tensors on every rank."""
+    mask = sharded(params)
+    if any(mask) and config.on_nonfinite == "rollback":
+        raise GradGuardError(
+            "on_nonfinite='rollback' is not supported for FSDP2 (sharded DTensor parameters) yet; "
+            "use 'skip' (every rank skips the same step) or checkpoint with torch.distributed.checkpoint."
+        )
+    if any(mask) and isinstance(clipper, PerLayer):
+        raise GradGuardError(
+            "clip='layer:…' needs full-layer norms on every rank, which FSDP2 shards; use 'norm:…' or 'auto'."
+        )
+    return mask
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """All groups fused, and the optimizer honours ``grad_scale``/``found_inf`` (GradScaler protocol)."""
+    return (
+        isinstance(optimizer, _FUSED_OPTIMIZERS)
+        and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        and all(g.get("fused") for g in optimizer.param_groups)
+    )
+
+
+def momentum_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """SGD with momentum in some group (its momentum buffers appear at its first step)."""
+    return isinstance(optimizer, torch.optim.SGD) and any(
+        g.get("momentum", 0) for g in optimizer.param_groups
+    )

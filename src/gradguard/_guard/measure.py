@@ -1,0 +1,163 @@
+"""Measure a step: gradient norms, the loss and the non-finite flags, as device tensors.
+
+The gradients are read once (one foreach norm pass); under torch.distributed one all-reduce makes
+the numbers the same on every rank. Nothing here reads a device value on the host, except
+:meth:`Meter.exact_total` and :meth:`Meter.weights_finite`, which run on the anomaly path only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradguard._distributed import Reducer, local
+from gradguard.stats import (
+    LayerIndex,
+    check_tensors,
+    exact_norms,
+    tensor_norms,
+    total_norm,
+    update_ratios,
+)
+
+__all__ = ["Constants", "Measurement", "Meter"]
+
+
+class Constants:
+    """Small device constants, made once per device (no allocation per step)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, torch.device], Tensor] = {}
+
+    def _get(self, key: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
+        t = self._cache.get((key, device))
+        if t is None:
+            t = self._cache[(key, device)] = make()
+        return t
+
+    def false(self, device: torch.device) -> Tensor:
+        """A 0-D ``False``."""
+        return self._get("false", device, lambda: torch.zeros((), dtype=torch.bool, device=device))
+
+    def nans(self, n: int, device: torch.device) -> Tensor:
+        """``n`` NaNs (the columns a step has no value for)."""
+        return self._get(f"nan{n}", device, lambda: torch.full((n,), math.nan, device=device))
+
+    def no_clip(self, device: torch.device) -> Tensor:
+        """The ``[clip_coef, threshold]`` of a step without norm clipping: ``[nan, inf]``."""
+        return self._get("no_clip", device, lambda: torch.tensor([math.nan, math.inf], device=device))
+
+
+@dataclass
+class Measurement:
+    """What a step measured (device tensors)."""
+
+    device: torch.device
+    grads: list[Tensor]  # the gradients present (this rank's shards under FSDP2)
+    present: list[int]  # their indices among the guarded parameters
+    norms: Tensor  # per-tensor norms (full-tensor norms under FSDP2)
+    total: Tensor  # the global norm
+    values: Tensor  # [loss, global norm] as float32
+    nonfinite: Tensor  # [loss non-finite, gradients non-finite]
+    grad_nan: Tensor  # a gradient holds a NaN
+    bad: Tensor  # the loss or a gradient is non-finite
+    observed: Tensor  # the global norm, NaN on a bad step: what adaptive state may learn from
+
+
+class Meter:
+    """Measures the guarded parameters' gradients (and, on cadence steps, their weights)."""
+
+    def __init__(
+        self, params: Sequence[Tensor], norm_type: float, index: LayerIndex, reducer: Reducer | None
+    ) -> None:
+        self.params = params
+        self.norm_type = norm_type
+        self.index = index
+        self.reducer = reducer
+
+    def measure(self, loss: Tensor | float | None) -> Measurement:
+        """Norms, loss and flags of this step (no host read)."""
+        p = self.norm_type
+        present = [i for i, w in enumerate(self.params) if w.grad is not None]
+        grads: list[Tensor] = [self.params[i].grad for i in present]  # type: ignore[misc]
+        check_tensors(grads, what="gradient")
+        device = grads[0].device if grads else self.params[0].device
+        if self.reducer is not None:
+            grads = [local(g) for g in grads]  # FSDP2: this rank's shards
+        norms = tensor_norms(grads, p)  # the one read of the gradients
+        loss_val = _loss_value(loss, device)
+        rank_flags = None
+        if self.reducer is not None:  # the same numbers on every rank: one all-reduce
+            if len(present) != len(self.params):  # same vector on every rank: a missing grad has norm 0
+                norms = torch.zeros(len(self.params), dtype=norms.dtype, device=device).index_copy(
+                    0, torch.tensor(present, device=device), norms
+                )
+                present = list(range(len(self.params)))
+            norms, loss_val, rank_flags = self.reducer.reduce(norms, loss_val, present)
+        total = total_norm(norms, p).to(device)
+        # flags with few small ops (each costs ~5 µs of dispatch on a CPU): x - x is NaN iff x is not finite
+        values = torch.stack([loss_val, total.float()])
+        nonfinite = torch.isnan(values - values)  # [loss, gradients]
+        grad_nan = torch.isnan(total)
+        if rank_flags is not None:  # a value on one rank only (its loss, or its copy of a gradient)
+            nonfinite = nonfinite | rank_flags[:2]
+            grad_nan = grad_nan | rank_flags[2]
+        bad = nonfinite.any()
+        observed = torch.where(bad, math.nan, total)  # adaptive state only sees the norms of good steps
+        return Measurement(device, grads, present, norms, total, values, nonfinite, grad_nan, bad, observed)
+
+    def layer_norms(self, m: Measurement) -> Tensor:
+        """Per-layer gradient norms (in the order of the layer index)."""
+        return self.index.reduce(m.norms, self.norm_type, m.present)
+
+    def copy_weights(self) -> list[Tensor]:
+        """A copy of the weights before the step (for the update ratios of a cadence step)."""
+        return [w.detach().clone() for w in self.params]
+
+    def weight_stats(self, before: list[Tensor]) -> dict[str, Tensor]:
+        """Per-layer weight norms and update/weight ratios, from the weights before the step."""
+        p = self.norm_type
+        with torch.no_grad():
+            before = [local(w) for w in before]
+            after = [local(w.detach()) for w in self.params]
+            w_t, u_t = tensor_norms(before, p), tensor_norms(torch._foreach_sub(after, before), p)
+            if self.reducer is not None:
+                w_t, u_t = self.reducer.full_norms(w_t), self.reducer.full_norms(u_t)
+            w_norms, u_norms = self.index.reduce(w_t, p), self.index.reduce(u_t, p)
+        return {"weight_norm": w_norms, "update_ratio": update_ratios(u_norms, w_norms)}
+
+    def exact_total(self, m: Measurement) -> Tensor | None:
+        """On a bad step whose gradients are all finite but whose float32 norm overflowed: the exact
+        global norm (float64, the overflowing tensors measured scaled by their max-abs); else ``None``.
+
+        Host reads: the anomaly path only. Call it when the loss is finite and no gradient is NaN.
+        """
+        overflowed = torch.isinf(m.norms)
+        suspects = [g for g, inf in zip(m.grads, overflowed.tolist()) if inf]  # host sync: anomaly path
+        if not suspects:
+            return None
+        exact = exact_norms(suspects, self.norm_type)
+        if not bool(torch.isfinite(exact).all()):  # host sync: anomaly path
+            return None
+        fixed = m.norms.to(torch.float64).clone()
+        fixed[overflowed] = exact.to(fixed.device)
+        return total_norm(fixed, self.norm_type)
+
+    def weights_finite(self) -> bool:
+        """Whether every guarded weight is finite (host read: the abort path only)."""
+        with torch.no_grad():
+            norm = total_norm(tensor_norms([w.detach() for w in self.params]))
+        return bool(torch.isfinite(norm))  # host sync: abort path
+
+
+def _loss_value(loss: Tensor | float | None, device: torch.device) -> Tensor:
+    """The loss as a 0-D float32 on ``device`` (0 without one: the log then says null)."""
+    if isinstance(loss, Tensor):
+        val = loss.detach()
+        val = val.reshape(()) if val.numel() == 1 else val.sum()
+        return val.to(device=device, dtype=torch.float32)  # a no-op for a float32 loss
+    return torch.full((), 0.0 if loss is None else float(loss), device=device)

@@ -1,0 +1,140 @@
+"""Recovery for ``on_nonfinite="rollback"``: snapshots of the last good state, rollback, LR back-off.
+
+A snapshot is one copy of the model's and the optimizer's state (and of the guard's stateful
+parts: clipper, spike detector) in **host memory**, taken after a good step at least
+``snapshot_every`` steps after the last one; with ``snapshot_dir`` it is also written to
+``snapshot_dir/snapshot.pt`` (atomically), at the step that takes it. Rolling back restores it,
+keeps the learning rate of now, and multiplies it by ``lr_backoff``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from gradguard import events
+from gradguard.errors import GradGuardError
+
+__all__ = ["Recovery", "Stateful"]
+
+_STATE_VERSION = 1
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Recovery:
+    """Snapshots and rollback of ``model`` + ``optimizer`` (+ ``parts``, by name).
+
+    Args:
+        parts: the guard's other stateful parts (``{"clipper": ..., "spike": ...}``, ``None`` for absent).
+        every: snapshot cadence in good steps.
+        lr_backoff: multiply every group's LR by this after a rollback (``None``: keep it).
+        snapshot_dir: also write each snapshot to ``snapshot_dir/snapshot.pt``.
+        active: take snapshots at all (``on_nonfinite="rollback"``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parts: dict[str, Stateful | None],
+        *,
+        every: int,
+        lr_backoff: float | None,
+        snapshot_dir: str | os.PathLike[str] | None,
+        active: bool,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.parts = parts
+        self.every = every
+        self.lr_backoff = lr_backoff
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self.active = active
+        self.snapshot: dict[str, Any] | None = None
+        self.snapshot_step = -every  # the first good step takes a snapshot
+
+    def after_good_step(self, step: int) -> None:
+        """Take a snapshot if one is due (``step`` was taken and is good)."""
+        if self.active and step - self.snapshot_step >= self.every:
+            self.take(step)
+
+    def take(self, step: int) -> None:
+        """Copy the state of now to host memory (and to ``snapshot_dir``)."""
+        state = {
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            **{name: part.state_dict() if part is not None else None for name, part in self.parts.items()},
+            "step": step,
+        }
+        self.snapshot, self.snapshot_step = state, step
+        if self.snapshot_dir is not None:
+            _save_atomically(state, self.snapshot_dir / "snapshot.pt")
+
+    def rollback(self, step: int) -> list[events.Event]:
+        """Restore the snapshot (the learning rate of now, backed off); the events that say so."""
+        snap = self.snapshot
+        if snap is None:
+            return [events.skip(step, events.SKIP_NO_SNAPSHOT)]
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.model.load_state_dict(snap["model"])
+        # the optimizer keeps references to what it loads: give it copies, the snapshot stays intact
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        for name, part in self.parts.items():
+            if part is not None and snap.get(name) is not None:
+                part.load_state_dict(snap[name])
+        for g, lr in zip(self.optimizer.param_groups, lrs):  # the LR of now, not of the snapshot
+            g["lr"] = lr
+        done = [events.rollback(step, snap["step"])]
+        if self.lr_backoff is not None:
+            done.append(self._back_off(step, self.lr_backoff))
+        return done
+
+    def _back_off(self, step: int, factor: float) -> events.Event:
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"].mul_(factor) if isinstance(g["lr"], Tensor) else g["lr"] * factor
+        return events.lr_backoff(step, factor, float(self.optimizer.param_groups[0]["lr"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The snapshot held (host tensors and Python scalars) and its step. No I/O."""
+        return {"version": _STATE_VERSION, "snapshot_step": self.snapshot_step, "snapshot": self.snapshot}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise GradGuardError(
+                f"recovery state has version {got!r}; this gradguard reads {_STATE_VERSION}. "
+                "Pass what Recovery.state_dict() returned."
+            )
+        self.snapshot_step = int(state["snapshot_step"])
+        self.snapshot = state["snapshot"]
+
+
+def _save_atomically(state: dict[str, Any], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)

@@ -1,0 +1,80 @@
+"""The run's metadata (``meta.json``) and its run log, opened once at construction.
+
+``config.clip`` is the clipper's ``config()`` (a JSON-able dict: its kind and parameters, data for
+the readers) or ``null``; ``config.clip_repr`` keeps the repr for humans.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard import runlog
+from gradguard._distributed import rank, same_on_all_ranks, world
+from gradguard._guard.config import GuardConfig
+from gradguard.clip import Clipper
+
+__all__ = ["clip_config", "open_run_log", "run_meta"]
+
+
+def clip_config(clipper: Clipper | None) -> dict[str, Any] | str | None:
+    """The clipper as data: its ``config()``; its repr for a clipper without one."""
+    if clipper is None:
+        return None
+    config = getattr(clipper, "config", None)
+    return config() if callable(config) else repr(clipper)
+
+
+def run_meta(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    named: Sequence[tuple[str, Tensor]],
+    layers: list[str],
+    fused: bool,
+    allreduce_floats: int,
+    config: GuardConfig,
+    clipper: Clipper | None,
+) -> dict[str, Any]:
+    """What ``meta.json`` says about the run: the model, optimizer, layers and the guard's settings."""
+    return {
+        "torch_version": torch.__version__,
+        "world_size": world(),
+        "allreduce_floats_per_step": allreduce_floats,
+        "model": type(model).__name__,
+        "parameters": {n: list(p.shape) for n, p in named},
+        "layers": layers,
+        "optimizer": type(optimizer).__name__,
+        "fused": fused,
+        "config": {"clip": clip_config(clipper), "clip_repr": repr(clipper), **config.as_meta()},
+    }
+
+
+def open_run_log(
+    log_dir: str | os.PathLike[str] | None,
+    name: str,
+    meta: dict[str, Any],
+    *,
+    distributed: bool,
+    exist_ok: bool,
+    rank_logs: bool,
+) -> runlog.RunWriter | None:
+    """The run log (``None`` without ``log_dir``): rank 0 writes the job's; with ``rank_logs`` every
+    other rank writes what it saw in ``<run dir>/ranks/rank<r>/``."""
+    if log_dir is None:
+        return None
+    run_dir = runlog.default_run_dir(name) if str(log_dir) == "auto" else Path(log_dir)
+    if distributed:
+        run_dir = Path(str(same_on_all_ranks(str(run_dir))))  # "auto" names it once, on rank 0
+    if rank() == 0:
+        return runlog.RunWriter(run_dir, meta, exist_ok=exist_ok)
+    if rank_logs:
+        return runlog.RunWriter(
+            run_dir / "ranks" / f"rank{rank()}", {**meta, "rank": rank()}, exist_ok=exist_ok
+        )
+    return None

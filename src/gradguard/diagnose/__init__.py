@@ -1,0 +1,175 @@
+"""Rules over a run log → findings, each with its evidence and a recommendation (reads files only).
+
+:func:`diagnose` reads a run directory (see :mod:`gradguard.runlog`) and returns a list of
+:class:`Finding`. Each finding has a stable ``id``:
+
+============================ ========================================================================
+``explosion``                the gradient norm grew by an order of magnitude or more over its healthy
+                             level (growth trend, z-score, the layer that grew first, weights growing)
+``over_clipping``            a fixed threshold clips more than half of the steps: the stall that looks
+                             like vanishing gradients (clip rate, median norm / threshold, effective
+                             LR); an adaptive clipper that stalled the loss; a threshold of 0 that
+                             zeroed the gradients
+``vanishing``                per-layer gradient norms decaying toward the input by orders of magnitude
+``divergence``               the loss (or the weights) growing by orders of magnitude while finite
+``nonfinite_op``             the op that produced the first NaN/inf (from the locate event) and its fix
+``bad_data``                 a non-finite input batch (or a lone non-finite step amid healthy ones)
+``lr_too_high``              update/weight ratios far above ~1e-3, or an LR increase right before growth
+``weight_growth``            a layer's weight norm growing by an order of magnitude
+``loss_scale_collapse``      the AMP GradScaler's scale collapsing: fp16 cannot hold the gradients
+============================ ========================================================================
+
+How it is built: the facts layer (:mod:`gradguard.diagnose.facts`, over the run table of
+:mod:`gradguard.runtable`) reads the run once; each rule is a module of
+:mod:`gradguard.diagnose.rules` (detect → evidence, explain → finding); the precedence between
+rules (which runs first, which gives way to which) is the registry there, and nowhere else.
+
+The recommended clipping threshold (``finding.recommendation["max_norm"]``) always comes from the
+**healthy** pre-clip norms (:func:`healthy_window`): the finite norms recorded before the norm
+started growing (the first step at 3× the median of the norms before it that stays there), before
+the first non-finite or overflowing step, with spikes and lone bad batches left out. From a window
+of 50 norms or more, or from a run that never went wrong, it is ``min(p90, 2 × p50)``: about the
+90th percentile of the Deep Learning Tuning Playbook, capped at twice the median so that the first
+steps of a climb cannot loosen it (within the 0.5–10× the mean norm that Pascanu, Mikolov &
+Bengio, ICML 2013, found to converge). From a shorter window that ends in trouble (a run that went
+wrong early) it is the median: a 90th percentile taken over a start that is already climbing was
+too loose in a Deep SAD probe, where the median kept all seeds finite. For over-clipping it is
+never below the median pre-clip norm of the run's first steps, the closest the clipped run comes
+to the unclipped one.
+
+Example:
+    >>> from gradguard.diagnose import diagnose, recommended_max_norm
+    >>> findings = diagnose("gradguard-runs")             # doctest: +SKIP
+    >>> [(f.id, f.severity, f.step) for f in findings]     # doctest: +SKIP
+    [('explosion', 'error', 61), ('lr_too_high', 'warning', 60)]
+    >>> recommended_max_norm(findings)                     # doctest: +SKIP
+    0.93
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from gradguard.diagnose import rules
+from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.finding import SEVERITIES, Finding
+from gradguard.diagnose.healthy import HealthyWindow
+from gradguard.runlog import FINDINGS_FILE, RunLog, atomic_write_json, read_run
+
+__all__ = [
+    "RULES",
+    "SEVERITIES",
+    "Finding",
+    "HealthyWindow",
+    "diagnose",
+    "first_nonfinite",
+    "healthy_window",
+    "recommended_max_norm",
+    "to_json",
+    "write_findings",
+]
+
+RULES: tuple[str, ...] = rules.finding_ids()
+"""The stable finding ids, in report order (the registry's, :data:`gradguard.diagnose.rules.REGISTRY`)."""
+
+
+def _as_log(run: RunLog | str | os.PathLike[str]) -> RunLog:
+    return run if isinstance(run, RunLog) else read_run(run)
+
+
+def diagnose(run: RunLog | str | os.PathLike[str], *, write: bool = False) -> list[Finding]:
+    """Run every rule over a run log; return the findings, most severe first.
+
+    A healthy run gives ``[]``. Rules and thresholds are listed in the module docstring
+    (:mod:`gradguard.diagnose`); every threshold recommendation comes from the healthy norms
+    (:func:`healthy_window`).
+
+    Args:
+        run: a :class:`~gradguard.runlog.RunLog`, a run directory, or a folder of runs (the newest).
+        write: also write ``findings.json`` into the run directory (atomically). A run directory
+            that cannot be written to is reported with a :class:`RuntimeWarning`, not an error.
+
+    Returns:
+        The findings (see :class:`Finding`).
+
+    Raises:
+        GradGuardError: ``run`` is a path holding no run directory.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from gradguard.runlog import RunWriter
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "run"
+        >>> with RunWriter(path) as w:
+        ...     w.write_metrics([{"step": s, "loss": 1.0 / (s + 1), "grad_norm": 1.0} for s in range(50)])
+        >>> diagnose(path)
+        []
+    """
+    log = _as_log(run)
+    findings = rules.evaluate(Facts(log))
+    if write:
+        write_findings(log, findings)
+    return findings
+
+
+def healthy_window(run: RunLog | str | os.PathLike[str]) -> HealthyWindow:
+    """The healthy pre-clip norms of a run: before growth, before the first non-finite step.
+
+    Args:
+        run: a :class:`~gradguard.runlog.RunLog` or a path :func:`~gradguard.runlog.read_run` accepts.
+
+    Returns:
+        The :class:`HealthyWindow`, with ``max_norm`` the recommended threshold (``None`` when the
+        run has no finite norm).
+    """
+    return Facts(_as_log(run)).healthy
+
+
+def write_findings(log: RunLog, findings: Iterable[Finding]) -> None:
+    """Write ``findings.json`` (a list of finding objects) into the run directory, atomically."""
+    try:
+        atomic_write_json(log.path / FINDINGS_FILE, [x.as_dict() for x in findings])
+    except OSError as e:
+        warnings.warn(
+            f"could not write {FINDINGS_FILE} into {str(log.path)!r} ({e.strerror or e}); the findings are "
+            "still returned. Copy the run directory somewhere writable to keep them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def first_nonfinite(run: RunLog | str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The first ``nonfinite`` event of the run (DESIGN.md's fields), or ``None``.
+
+    Where the earliest failing step has several events (the always-on one and a located one),
+    the reader's choice (``RunLog.first_nonfinite``: the most precise) is taken.
+    """
+    log = _as_log(run)
+    pick = getattr(log, "first_nonfinite", None)  # the reader's own choice, where it has one
+    return pick() if callable(pick) else log.first_event("nonfinite")
+
+
+def recommended_max_norm(findings: Iterable[Finding]) -> float | None:
+    """The first recommended clip threshold among ``findings`` (most severe first), or ``None``."""
+    for finding in findings:
+        value = finding.recommendation.get("max_norm")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def to_json(findings: Iterable[Finding], run: RunLog) -> dict[str, Any]:
+    """The ``gradguard diagnose --json`` object.
+
+    ``{"findings": [...], "first_nonfinite": <the first nonfinite event> | null, "run": path,
+    "reader_notes": [...]}``.
+    """
+    return {
+        "findings": [x.as_dict() for x in findings],
+        "first_nonfinite": first_nonfinite(run),
+        "run": str(run.path),
+        "reader_notes": list(run.skipped),
+    }

@@ -1,0 +1,174 @@
+"""The facts layer: what every rule reads about a run, computed once.
+
+:class:`Facts` holds the run table's columns (:class:`gradguard.runtable.RunTable`), the events,
+the clipper the run was guarded with, the first step that went wrong, and the healthy window
+(:mod:`gradguard.diagnose.healthy`). Rules read facts; they never read the run log themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+from typing import Any
+
+from gradguard.diagnose.healthy import HealthyWindow, window
+from gradguard.runlog import RunLog
+from gradguard.runtable import EXPLOSION_FACTOR, RunTable, clip_config
+
+__all__ = ["Facts"]
+
+_LONE_BEFORE = 20  # healthy norms before a lone non-finite step that it is compared with
+_LONE_AFTER = 6  # steps after it that must be healthy again
+
+
+class Facts:
+    """Columns of the metrics, the events and the guard's configuration of one run, read once.
+
+    Attributes (one value per record, in file order, unless said otherwise):
+        steps, loss, norm (pre-clip), thr (threshold), lr, scale (loss scale), clip_coef,
+        clip_fraction: floats, ``nan`` where absent.
+        skipped, amp (AMP overflow), bad (non-finite, not an overflow), ok (healthy: taken, finite),
+        clipped (see :func:`gradguard.runtable.clipped`), spike (flag or ``spike`` event): flags.
+        events: the events (dicts). data_bad: indices of steps with a ``data``-phase non-finite
+        event. lone: indices of lone non-finite steps between healthy ones (one bad batch).
+        layers: layer names. clip: the clipper (:class:`gradguard.runtable.ClipConfig`).
+        clip_kind: ``fixed``, ``adaptive``, ``other`` or ``none``. clip_spec: the clipper in words.
+        trouble, trouble_reason: index of the first non-finite (or overflowing) step and why
+        (``len(steps)``, ``"end"`` when none).
+    """
+
+    def __init__(self, log: RunLog) -> None:
+        self.log = log
+        t = self.table = RunTable.from_log(log)
+        self.rows, self.steps, self.loss, self.norm = t.rows, t.steps, t.loss, t.grad_norm
+        self.thr, self.lr, self.scale = t.threshold, t.lr, t.loss_scale
+        self.clip_coef, self.clip_fraction, self.clipped = t.clip_coef, t.clip_fraction, t.clipped
+        self.skipped, self.amp, self.bad, self.ok = t.skipped, t.amp_overflow, t.bad, t.healthy
+        self.layers = t.layers
+        self.events = [e for e in log.events if isinstance(e, dict)]
+        self.spike = self._spikes()
+        self.data_bad = {i for i, s in enumerate(self.steps) if s in self._data_event_steps()}
+        self.lone = self._lone_bad()
+        self.clip = clip_config(log.meta)
+        self.clip_spec = self.clip.label
+        self.clip_kind = self._clip_kind()
+        self.trouble, self.trouble_reason = self._first_trouble()
+
+    # -- events ---------------------------------------------------------------------------
+    @property
+    def nonfinite_events(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == "nonfinite"]
+
+    def events_of(self, type: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == type]
+
+    def _data_event_steps(self) -> set[int]:
+        return {
+            e["step"]
+            for e in self.nonfinite_events
+            if e.get("phase") == "data" and isinstance(e.get("step"), int)
+        }
+
+    def _spikes(self) -> list[bool]:
+        """The spike flag of each record, or a ``spike`` event at its step."""
+        steps = {e["step"] for e in self.events_of("spike") if isinstance(e.get("step"), int)}
+        return [flag or s in steps for flag, s in zip(self.table.spike, self.steps)]
+
+    def first_located(self) -> dict[str, Any] | None:
+        """The first ``nonfinite`` event that names an op or a module (a located one)."""
+        for e in self.nonfinite_events:
+            if e.get("op") or e.get("module") or e.get("located_by") in ("replay", "hooks"):
+                return e
+        return None
+
+    # -- steps ----------------------------------------------------------------------------
+    def _lone_bad(self) -> set[int]:
+        """Non-finite steps between healthy neighbours: finite norms close to the recent median on
+        both sides, no other non-finite step next to them (the signature of one bad batch)."""
+        lone: set[int] = set()
+        bad, n = self.bad, len(self.bad)
+        for i, b in enumerate(bad):
+            if not b or (i > 0 and bad[i - 1]) or (i + 1 < n and bad[i + 1]):
+                continue
+            before = [self.norm[j] for j in range(max(0, i - _LONE_BEFORE), i) if self.ok[j]]
+            after = [self.norm[j] for j in range(i + 1, min(n, i + _LONE_AFTER)) if self.ok[j]]
+            if len(before) < 2 or not after:
+                continue
+            if max(before[-5:] + after) < EXPLOSION_FACTOR * statistics.median(before):
+                lone.add(i)
+        return lone
+
+    def _first_trouble(self) -> tuple[int, str]:
+        """Index of the first non-finite (or float32-overflowing) step and why; ``(len, "end")`` if none.
+
+        A lone bad step and a bad input batch are not trouble: they are not the norm's doing.
+        """
+        first, reason = len(self.rows), "end"
+        for i, b in enumerate(self.bad):
+            if b and i not in self.lone and i not in self.data_bad:
+                first, reason = i, "nonfinite"
+                break
+        for e in self.events:
+            if e.get("type") not in ("nonfinite", "overflow") or not isinstance(e.get("step"), int):
+                continue
+            if e.get("type") == "nonfinite" and e.get("phase") == "data":
+                continue
+            i = self.index_of(e["step"])
+            if i not in self.lone and i < first:
+                first, reason = i, "nonfinite" if e["type"] == "nonfinite" else "overflow"
+        return first, reason
+
+    @property
+    def went_bad(self) -> bool:
+        """Whether the run reached a non-finite (or overflowing) step."""
+        return self.trouble < len(self.rows)
+
+    def index_of(self, step: int) -> int:
+        """Index of the first record at or after ``step`` (``len(rows)`` when none)."""
+        return self.table.index_of(step)
+
+    def loss_at(self, lo: int, hi: int) -> list[float]:
+        """The finite losses of records ``lo:hi``."""
+        return [v for v in self.loss[lo:hi] if math.isfinite(v)]
+
+    # -- layers and the clipper -----------------------------------------------------------
+    def layer(self, name: str, key: str) -> list[float]:
+        """``layers[name][key]`` per record (nan where absent)."""
+        return self.table.layer(name, key)
+
+    @functools.cached_property
+    def weight_ratios(self) -> dict[str, tuple[float, int]]:
+        """Per layer: (largest finite weight norm / the first measured one, the step of it), when > 1."""
+        out: dict[str, tuple[float, int]] = {}
+        for name in self.layers:
+            series = [
+                (self.steps[i], v) for i, v in enumerate(self.layer(name, "weight_norm")) if math.isfinite(v)
+            ]
+            start = next((v for _, v in series if v > 1e-8), None)
+            if start is None:
+                continue
+            peak_step, peak = max(series, key=lambda sv: sv[1])
+            if peak / start > 1.0:
+                out[name] = (peak / start, peak_step)
+        return out
+
+    def _clip_kind(self) -> str:
+        """``"none"``, ``"fixed"`` (a constant global-norm threshold), ``"adaptive"`` or ``"other"``.
+
+        From the clipper in ``meta.json``; a run directory that does not say (another tool's log)
+        is judged by its thresholds: one value is fixed, several adaptive.
+        """
+        family = self.clip.family
+        if family in ("adaptive", "other"):
+            return family
+        finite = {t for t in self.thr if math.isfinite(t)}
+        said = bool(self.clip.kind)
+        if family == "fixed" or (not said and len(finite) == 1):
+            return "fixed" if finite else "none"
+        return "adaptive" if not said and len(finite) > 1 else "none"
+
+    @functools.cached_property
+    def healthy(self) -> HealthyWindow:
+        """The healthy window of the run (see :func:`gradguard.diagnose.healthy.window`)."""
+        return window(self)

@@ -1,0 +1,181 @@
+"""The rules, and the precedence between them: the one place that says which rules run, in which
+order, and which rule gives way to which.
+
+Every rule is a module of this package holding ``RULE = Rule(name, detect, explain)``:
+``detect(facts, seen)`` returns the rule's evidence (or ``None``: nothing to report) and
+``explain(facts, evidence)`` turns it into a :class:`~gradguard.diagnose.Finding`.
+
+:data:`REGISTRY` lists the rules in report order (findings of equal severity are reported in this
+order) and declares, as data, how they depend on each other:
+
+* ``needs``: the rules whose conclusions this rule reads through ``seen`` (they are evaluated
+  first; ``seen`` refuses any other);
+* ``yields_to``: ``{rule: severities}``: this rule is not evaluated, and reports nothing, when that
+  rule found something of one of these severities.
+
+Adding a rule is one new module here plus one line in :data:`REGISTRY` (``entry("module")``); a
+rule defined elsewhere is registered with ``entry(Rule(...))`` or ``entry("package.module")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from gradguard.diagnose.finding import SEVERITIES, Finding
+from gradguard.errors import GradGuardError
+
+if TYPE_CHECKING:
+    from gradguard.diagnose.facts import Facts
+
+__all__ = ["REGISTRY", "Entry", "Rule", "Seen", "entry", "evaluate", "finding_ids", "order"]
+
+ANY = SEVERITIES
+"""``yields_to`` severities: whatever the other rule found."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One rule.
+
+    Attributes:
+        name: the rule's name (unique in the registry).
+        detect: ``detect(facts, seen) -> evidence | None``.
+        explain: ``explain(facts, evidence) -> Finding``.
+        finding: the id of the findings it reports (default: ``name``); several rules may report
+            one id (``over_clipping`` is a fixed threshold's, an adaptive clipper's, or a zero one's).
+    """
+
+    name: str
+    detect: Callable[[Facts, Seen], Any]
+    explain: Callable[[Facts, Any], Finding]
+    finding: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.finding or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A rule in the registry, with the rules it reads (``needs``) and gives way to (``yields_to``)."""
+
+    rule: Rule
+    needs: tuple[str, ...] = ()
+    yields_to: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def after(self) -> tuple[str, ...]:
+        """The rules evaluated before this one."""
+        return (*self.needs, *self.yields_to)
+
+
+def entry(
+    rule: str | Rule, *, needs: Sequence[str] = (), yields_to: Mapping[str, Sequence[str]] | None = None
+) -> Entry:
+    """A registry entry: ``rule`` is a :class:`Rule`, or the module holding ``RULE`` (a module of
+    this package by its short name, any other by its dotted name)."""
+    if isinstance(rule, str):
+        module = rule if "." in rule else f"{__name__}.{rule}"
+        rule = importlib.import_module(module).RULE
+    assert isinstance(rule, Rule)
+    return Entry(rule, tuple(needs), dict(yields_to or {}))
+
+
+class Seen:
+    """What the rules evaluated so far concluded, as far as the asking rule declared it ``needs``."""
+
+    def __init__(self, done: Mapping[str, tuple[Any, Finding | None]], allowed: Sequence[str]) -> None:
+        self._done = done
+        self._allowed = set(allowed)
+
+    def _get(self, name: str) -> tuple[Any, Finding | None]:
+        if name not in self._allowed:
+            raise GradGuardError(
+                f"a rule read rule {name!r} without declaring it: add needs=({name!r},) to its registry entry."
+            )
+        return self._done.get(name, (None, None))
+
+    def evidence(self, name: str) -> Any:
+        """What rule ``name`` detected (``None``: nothing, or it gave way)."""
+        return self._get(name)[0]
+
+    def finding(self, name: str) -> Finding | None:
+        """The finding of rule ``name``, or ``None``."""
+        return self._get(name)[1]
+
+
+def finding_ids(registry: Sequence[Entry] | None = None) -> tuple[str, ...]:
+    """The finding ids the registry can report, in report order."""
+    return tuple(dict.fromkeys(e.rule.id for e in (REGISTRY if registry is None else registry)))
+
+
+def order(registry: Sequence[Entry]) -> list[Entry]:
+    """The entries in evaluation order: registry order, except that a rule runs after those it names.
+
+    Raises:
+        GradGuardError: a rule names one that is not registered, or two rules wait for each other.
+    """
+    names = [e.rule.name for e in registry]
+    for e in registry:
+        unknown = [n for n in e.after if n not in names]
+        if unknown:
+            raise GradGuardError(f"diagnose rule {e.rule.name!r} names unregistered rule(s) {unknown}.")
+    done: list[Entry] = []
+    waiting = list(registry)
+    while waiting:
+        ready = next((e for e in waiting if all(n in {d.rule.name for d in done} for n in e.after)), None)
+        if ready is None:
+            raise GradGuardError(f"diagnose rules wait for each other: {[e.rule.name for e in waiting]}.")
+        done.append(ready)
+        waiting.remove(ready)
+    return done
+
+
+def _gives_way(e: Entry, done: Mapping[str, tuple[Any, Finding | None]]) -> bool:
+    for other, severities in e.yields_to.items():
+        found = done.get(other, (None, None))[1]
+        if found is not None and found.severity in severities:
+            return True
+    return False
+
+
+def evaluate(facts: Facts, registry: Sequence[Entry] | None = None) -> list[Finding]:
+    """Every rule of the registry over ``facts``: the findings, most severe first, then in report order."""
+    entries = REGISTRY if registry is None else registry
+    done: dict[str, tuple[Any, Finding | None]] = {}
+    for e in order(entries):
+        if _gives_way(e, done):
+            continue
+        evidence = e.rule.detect(facts, Seen(done, e.needs))
+        done[e.rule.name] = (evidence, None if evidence is None else e.rule.explain(facts, evidence))
+    ids = finding_ids(entries)
+    findings = [found for _, found in done.values() if found is not None]
+    return sorted(findings, key=lambda f: _rank(f, ids))
+
+
+def _rank(finding: Finding, ids: Sequence[str]) -> tuple[int, int]:
+    severity = SEVERITIES.index(finding.severity) if finding.severity in SEVERITIES else len(SEVERITIES)
+    return severity, ids.index(finding.id) if finding.id in ids else len(ids)
+
+
+# ============================================================================================
+# The registry: every rule, in report order, and the precedence between them (the one place)
+# ============================================================================================
+
+REGISTRY: list[Entry] = [
+    entry("nonfinite_op", needs=("bad_data",), yields_to={"explosion": ("error",)}),
+    entry("bad_data"),
+    entry("explosion"),
+    entry("divergence"),
+    entry("over_clipping"),
+    entry("adaptive_clipping", yields_to={"explosion": ANY}),
+    entry("zeroed_gradients"),
+    entry("lr_too_high"),
+    entry("weight_growth"),
+    entry("vanishing"),
+    entry("loss_scale_collapse"),
+]
+"""Every rule, in report order, with its dependencies (see the module docstring)."""

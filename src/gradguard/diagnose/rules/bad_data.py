@@ -1,0 +1,90 @@
+"""``bad_data``: a non-finite input batch (a ``data``-phase event), or a lone non-finite step.
+
+A confirmed ``data``-phase event is an error. A lone step — healthy norms before it, no climb,
+finite steps again after it was skipped — is the signature of one bad batch; it is reported as a
+warning (the always-on flags cannot see the batch itself), when such steps are at least half of
+the non-finite ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.numbers import sig
+from gradguard.diagnose.rules import Rule, Seen
+
+_EVENT_KEYS = ("step", "batch", "tensor", "kind", "source", "evidence", "cause")
+_MAX_LISTED = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """The bad steps (all of them); the first ``data`` event, or ``None`` for lone steps."""
+
+    steps: list[int]
+    event: dict[str, Any] | None
+    nonfinite_steps: int
+
+
+def detect(f: Facts, seen: Seen) -> Evidence | None:
+    data_events = [e for e in f.nonfinite_events if e.get("phase") == "data"]
+    if data_events:
+        steps = sorted({e["step"] for e in data_events if isinstance(e.get("step"), int)})
+        return Evidence(steps, data_events[0], len(steps))
+    bad = sum(f.bad)
+    lone = sorted(f.lone)
+    if not lone or len(lone) < bad / 2:
+        return None
+    return Evidence([f.steps[i] for i in lone], None, bad)
+
+
+def explain(f: Facts, ev: Evidence) -> Finding:
+    return _confirmed(ev) if ev.event is not None else _lone(f, ev)
+
+
+def _confirmed(ev: Evidence) -> Finding:
+    e0 = ev.event or {}
+    evidence = {k: e0.get(k) for k in _EVENT_KEYS if e0.get(k) is not None}
+    evidence["bad_batches"] = len(ev.steps)
+    evidence["bad_steps"] = ev.steps[:_MAX_LISTED]
+    first = ev.steps[0] if ev.steps else None
+    message = (
+        f"Step {first if first is not None else '?'}: the input batch itself held "
+        f"{e0.get('kind', 'non-finite values')} ({len(ev.steps)} bad batch(es) in all); the model is not at fault."
+    )
+    rec = {
+        "text": "Clean the data: drop or repair samples with torch.isfinite(x).all() in the dataset or "
+        "collate_fn; meanwhile on_nonfinite='skip' drops those steps without touching the weights.",
+        "on_nonfinite": "skip",
+        "code": "assert torch.isfinite(x).all(), 'non-finite input'",
+    }
+    return Finding("bad_data", "error", first, message, evidence, rec)
+
+
+def _lone(f: Facts, ev: Evidence) -> Finding:
+    steps = ev.steps
+    evidence = {
+        "bad_steps": steps[:_MAX_LISTED],
+        "lone_nonfinite_steps": len(steps),
+        "nonfinite_steps": ev.nonfinite_steps,
+        "healthy_p50": sig(f.healthy.p50, 4),
+        "located_by": "norm",
+    }
+    message = (
+        f"Step {steps[0]}: a lone non-finite step ({len(steps)} in all) between healthy steps — the norms "
+        "before it were normal and training went on finite after it. The usual cause is a bad batch "
+        "(NaN/inf in the inputs or targets); otherwise an op at its numerical edge on that batch only."
+    )
+    rec = {
+        "text": f"Check the batch of step {steps[0]} with torch.isfinite(x).all() (inputs and targets); "
+        "keep on_nonfinite='skip' meanwhile. guard.step(closure) lets gradguard replay the step and tell "
+        "the data from an op.",
+        "on_nonfinite": "skip",
+    }
+    return Finding("bad_data", "warning", steps[0], message, evidence, rec)
+
+
+RULE = Rule("bad_data", detect, explain)

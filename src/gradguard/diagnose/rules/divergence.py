@@ -1,0 +1,85 @@
+"""``divergence``: the loss grew ≥ 100× above its best and ≥ 10× above its start while finite.
+
+Finiteness is not health: a z-score clipper can keep every value finite while the loss climbs to
+1e17. Reported when no non-finite step follows (then the explosion tells the story). Weight norms
+growing by ≥ 100× while finite are evidence too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.numbers import clip_advice, fmt, rolling_median, sig
+from gradguard.diagnose.rules import Rule, Seen
+
+DIVERGENCE_FACTOR = 100.0  # loss above its best by two orders of magnitude...
+DIVERGENCE_START_FACTOR = 10.0  # ...and above where it started by one
+_SMOOTH = 5  # rolling-median width for the loss
+_TINY = 1e-30
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """The smoothed loss of the steps taken (``rows``: their indices), its best and where it diverged."""
+
+    rows: list[int]
+    smooth: list[float]
+    best: float
+    best_at: int
+    hit: int
+
+
+def detect(f: Facts, seen: Seen) -> Evidence | None:
+    rows = [i for i in range(len(f.rows)) if math.isfinite(f.loss[i]) and not f.skipped[i]]
+    if len(rows) < _SMOOTH:
+        return None
+    smooth = rolling_median([f.loss[i] for i in rows], _SMOOTH)
+    start, best, best_at = smooth[0], math.inf, 0
+    for j, v in enumerate(smooth):
+        if v < best:
+            best, best_at = v, j
+        floor = max(abs(best), _TINY) if best > 0 else max(abs(start), _TINY)
+        above_best = v - best >= (DIVERGENCE_FACTOR - 1) * floor
+        if above_best and v >= DIVERGENCE_START_FACTOR * max(abs(start), _TINY):
+            if any(f.bad[i] for i in range(rows[j], len(f.rows))):
+                return None  # it went non-finite after all: the explosion finding covers it
+            return Evidence(rows, smooth, best, best_at, j)
+    return None
+
+
+def explain(f: Facts, ev: Evidence) -> Finding:
+    start, peak = ev.smooth[0], max(ev.smooth[ev.hit :])
+    step = f.steps[ev.rows[ev.hit]]
+    evidence: dict[str, Any] = {
+        "loss_start": sig(start, 4),
+        "loss_best": sig(ev.best, 4),
+        "loss_best_step": f.steps[ev.rows[ev.best_at]],
+        "loss_peak": sig(peak, 4),
+        "loss_final": sig(ev.smooth[-1], 4),
+        "all_finite": not any(f.bad),
+    }
+    grown = {n: sig(r, 3) for n, (r, _) in f.weight_ratios.items() if r >= DIVERGENCE_FACTOR}
+    if grown:
+        evidence["weight_norm_growth"] = grown
+    message = (
+        f"Divergence without NaN: from step {step} the loss climbed from its best {fmt(ev.best)} to "
+        f"{fmt(peak)} (it started at {fmt(start)}) while every value stayed finite — finiteness is not health."
+    )
+    rec: dict[str, Any] = {
+        "text": "Lower the learning rate (3–10×) or add warm-up; a spike-only clipper keeps values finite but "
+        "does not stop a climb.",
+    }
+    h = f.healthy
+    if h.max_norm is not None and h.onset_step is not None:
+        rec.update(clip_advice(h.max_norm))
+        rec["text"] += (
+            f" A fixed threshold at {h.max_norm:g} (the healthy norms before step {h.onset_step}) bounds every step."
+        )
+    return Finding("divergence", "error", step, message, evidence, rec)
+
+
+RULE = Rule("divergence", detect, explain)

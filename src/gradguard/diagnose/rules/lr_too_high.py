@@ -1,0 +1,96 @@
+"""``lr_too_high``: a layer's median update/weight ratio ≥ 0.1 while healthy (≈1e-3 is typical),
+or the LR rose ≥ 2× within the few steps before the norm started growing."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.numbers import fmt, layer_name, median, sig
+from gradguard.diagnose.rules import Rule, Seen
+
+UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
+LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth
+_JUMP_LOOKBACK = 10  # steps before the onset an LR increase is looked for
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """Median update ratio per layer (healthy steps after warm-up, before ``end``), the worst one
+    when it is high, and an LR jump ``(step, before, after)`` right before the onset."""
+
+    per_layer: dict[str, float]
+    worst: tuple[str, float] | None
+    jump: tuple[int, float, float] | None
+    end: int
+    warm: int
+
+
+def detect(f: Facts, seen: Seen) -> Evidence | None:
+    h = f.healthy
+    end = f.index_of(h.onset_step) if h.onset_step is not None else f.trouble
+    warm = max(3, len(f.rows) // 50)
+    per_layer: dict[str, float] = {}
+    for name in f.layers:
+        series = f.layer(name, "update_ratio")
+        vals = [series[i] for i in range(warm, end) if f.ok[i] and math.isfinite(series[i]) and series[i] > 0]
+        if vals:
+            per_layer[name] = median(vals)
+    worst = max(per_layer.items(), key=lambda kv: kv[1], default=None)
+    high = worst if worst is not None and worst[1] >= UPDATE_RATIO_HIGH else None
+    jump = _lr_jump(f, end) if h.onset_step is not None else None
+    if not (high or jump):
+        return None
+    return Evidence(per_layer, high, jump, end, warm)
+
+
+def _lr_jump(f: Facts, end: int) -> tuple[int, float, float] | None:
+    for i in range(max(0, end - _JUMP_LOOKBACK) + 1, min(end + 2, len(f.rows))):
+        prev, now = f.lr[i - 1], f.lr[i]
+        if math.isfinite(prev) and prev > 0 and math.isfinite(now) and now >= LR_JUMP * prev:
+            return f.steps[i], prev, now
+    return None
+
+
+def explain(f: Facts, ev: Evidence) -> Finding:
+    ranked = sorted(ev.per_layer.items(), key=lambda kv: -kv[1])[:8]
+    evidence: dict[str, Any] = {
+        "update_ratio_median_by_layer": {n: sig(v, 3) for n, v in ranked},
+        "typical_update_ratio": 1e-3,
+    }
+    lrs = [v for v in f.lr[: ev.end] if math.isfinite(v)]
+    lr = lrs[-1] if lrs else math.nan
+    rec: dict[str, Any] = {}
+    parts: list[str] = []
+    step: int | None = None
+    if ev.jump is not None:
+        at, before, after = ev.jump
+        evidence.update({"lr_jump_step": at, "lr_before": before, "lr_after": after})
+        parts.append(
+            f"the learning rate rose from {fmt(before)} to {fmt(after)} at step {at}, "
+            f"right before the norm started growing (step {f.healthy.onset_step})"
+        )
+        step, rec["lr"] = at, before
+    if ev.worst is not None:
+        name, ratio = ev.worst
+        parts.append(
+            f"layer {layer_name(name)} moves {fmt(ratio)} of its weight norm per step (median; ~1e-3 is typical)"
+        )
+        step = step if step is not None else f.steps[min(ev.warm, len(f.steps) - 1)]
+        if math.isfinite(lr) and "lr" not in rec:
+            rec["lr"] = sig(lr * min(0.5, 1e-2 / ratio), 1)
+    evidence["lr"] = lr if math.isfinite(lr) else None
+    lower = (
+        f"Lower the learning rate to ~{fmt(rec['lr'])} (or warm it up)"
+        if "lr" in rec
+        else "Lower the learning rate"
+    )
+    rec["text"] = lower + "; clipping bounds a step's size but not a learning rate that is too large."
+    message = "Learning rate too high: " + "; ".join(parts) + "."
+    return Finding("lr_too_high", "warning", step, message, evidence, rec)
+
+
+RULE = Rule("lr_too_high", detect, explain)

@@ -1,0 +1,151 @@
+"""The events of ``events.jsonl``: one constructor per event type, the one place each is built.
+
+Every event is a dict with a ``type`` and a ``step``; the readers (diagnose, report, the sinks)
+select them by type and read their fields by name, so the type strings and field names here are
+the format. Plain Python, no torch: the readers import it on machines without torch.
+
+Example:
+    >>> from gradguard import events
+    >>> events.skip(7, events.SKIP_SPIKE, grad_norm=12.5)
+    {'type': 'skip', 'step': 7, 'reason': 'spike', 'grad_norm': 12.5}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = [
+    "SKIP_AMP_OVERFLOW",
+    "SKIP_NONFINITE",
+    "SKIP_NO_SNAPSHOT",
+    "SKIP_SPIKE",
+    "TYPES",
+    "Event",
+    "abort",
+    "kind_of",
+    "loss_scale_collapse",
+    "lr_backoff",
+    "nonfinite",
+    "overflow",
+    "rollback",
+    "skip",
+    "spike",
+]
+
+Event = dict[str, Any]
+
+#: Every event type, in the order of the constructors below.
+TYPES = (
+    "nonfinite",
+    "skip",
+    "spike",
+    "overflow",
+    "rollback",
+    "lr_backoff",
+    "abort",
+    "loss_scale_collapse",
+)
+
+#: The ``reason`` of a ``skip`` event.
+SKIP_NONFINITE = "nonfinite"
+SKIP_SPIKE = "spike"
+SKIP_AMP_OVERFLOW = "amp_overflow"
+SKIP_NO_SNAPSHOT = "nonfinite (no snapshot yet to roll back to)"
+
+_OVERFLOW_NOTE = "finite gradients whose float32 norm overflows; measured exactly and clipped"
+_COLLAPSE_MESSAGE = (
+    "the GradScaler keeps overflowing: fp16 cannot hold these gradients. Lower the learning rate, "
+    "clip harder, or train in bf16 (torch.autocast(dtype=torch.bfloat16))."
+)
+
+
+def kind_of(value: float) -> str:
+    """The ``kind`` of a non-finite value: ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    if math.isnan(value):
+        return "nan"
+    return "inf" if value > 0 else "-inf"
+
+
+def nonfinite(
+    step: int,
+    *,
+    phase: str | None,
+    tensor: str | None,
+    kind: str | None,
+    located_by: str,
+    module: str | None = None,
+    op: str | None = None,
+    source: str | None = None,
+    **fields: Any,
+) -> Event:
+    """Where a NaN/±inf was born: ``phase`` (``data``, ``forward``, ``loss``, ``backward``,
+    ``optimizer``), ``module``, ``op``, ``tensor`` (``output``, ``grad``, ``param``…), ``kind``,
+    ``source`` (file:line), and how it was found (``located_by``: ``norm``, ``replay``, ``watch``,
+    ``hooks``). ``fields`` add the evidence (``layers``, ``loss``, ``policy``, ``evidence``…)."""
+    return {
+        "type": "nonfinite",
+        "step": step,
+        "phase": phase,
+        "module": module,
+        "op": op,
+        "tensor": tensor,
+        "kind": kind,
+        "source": source,
+        "located_by": located_by,
+        **fields,
+    }
+
+
+def skip(step: int, reason: str, *, grad_norm: float | None = None, loss_scale: float | None = None) -> Event:
+    """The optimizer step did not happen (``reason``: one of the ``SKIP_*`` constants)."""
+    event: Event = {"type": "skip", "step": step, "reason": reason}
+    if grad_norm is not None:
+        event["grad_norm"] = grad_norm
+    if loss_scale is not None:
+        event["loss_scale"] = loss_scale
+    return event
+
+
+def spike(step: int, grad_norm: float, action: str) -> Event:
+    """A finite step whose norm is a z-score outlier; ``action`` is the ``on_spike`` policy."""
+    return {"type": "spike", "step": step, "grad_norm": grad_norm, "action": action}
+
+
+def overflow(step: int, grad_norm: float) -> Event:
+    """Finite gradients whose float32 norm overflowed: measured exactly (``grad_norm``) and clipped."""
+    return {"type": "overflow", "step": step, "grad_norm": grad_norm, "note": _OVERFLOW_NOTE}
+
+
+def rollback(step: int, to_step: int) -> Event:
+    """Model and optimizer restored to the snapshot taken after step ``to_step``."""
+    return {"type": "rollback", "step": step, "to_step": to_step}
+
+
+def lr_backoff(step: int, factor: float, lr: float) -> Event:
+    """Every group's learning rate multiplied by ``factor`` after a rollback (``lr``: group 0's)."""
+    return {"type": "lr_backoff", "step": step, "factor": factor, "lr": lr}
+
+
+def abort(step: int, consecutive: int, weights_nonfinite: bool) -> Event:
+    """The guard stopped the run after ``consecutive`` skipped steps in a row."""
+    return {"type": "abort", "step": step, "consecutive": consecutive, "weights_nonfinite": weights_nonfinite}
+
+
+def loss_scale_collapse(
+    step: int,
+    loss_scale: float,
+    floor: float,
+    consecutive_overflows: int,
+    recent_scales: list[tuple[int, float]],
+) -> Event:
+    """The GradScaler's scale fell below ``floor``, or it overflowed too many steps in a row."""
+    return {
+        "type": "loss_scale_collapse",
+        "step": step,
+        "loss_scale": loss_scale,
+        "floor": floor,
+        "consecutive_overflows": consecutive_overflows,
+        "recent_scales": list(recent_scales),
+        "message": _COLLAPSE_MESSAGE,
+    }

@@ -1,0 +1,424 @@
+"""The run table: a run's step records as columns, and the series every reader derives from them.
+
+One owner for what a step *was* (standard library only, no torch): diagnose, the report, the
+integrations' dashboards and the demos read their columns and derived series here instead of each
+recomputing them from the records.
+
+Columns (one value per record that has an integer ``step``, ``nan`` where a record lacks the key):
+``loss``, ``grad_norm`` (pre-clip), ``clip_coef``, ``threshold``, ``clip_fraction``, ``lr``,
+``loss_scale``; flags ``skipped``, ``spike``, ``amp_overflow``. Derived series:
+
+* **clipped** (:func:`clipped`): the clipper changed a step that was taken — ``clip_fraction > 0``
+  (the fraction of the clipper's units clipped: AGC, value and per-layer clipping too) or
+  ``clip_coef < 1`` (norm clipping); a log without either (another tool's, or an old one) falls
+  back to ``grad_norm > threshold``. A skipped step is never clipped: its gradients were dropped.
+* **clip rate** (:func:`clip_rate`): clipped steps / steps taken. Skipped steps are left out of
+  the denominator (they reached no weights); ``nan`` when no step was taken.
+* **bad**: a non-finite step (the flag, or a non-finite loss or norm) that is not an AMP overflow.
+* **healthy**: a step taken with a finite norm, neither bad nor an AMP overflow.
+
+And the one definition of **explosion onset** (:func:`climb_onset`, :func:`first_layer_to_grow`,
+:func:`explosion_onset`), used by :func:`gradguard.locate.explosion` on the guard's host history
+and by ``gradguard.diagnose`` on a whole run: the first step of a sustained climb of the norm
+(three times the median of the norms before it, held for the next steps), and the layer whose own
+norm first rose ten times over its healthy median.
+
+Example:
+    >>> table = RunTable.from_records(
+    ...     [{"step": 0, "grad_norm": 2.0, "clip_coef": 0.5}, {"step": 1, "grad_norm": 0.5, "clip_coef": 1.0}]
+    ... )
+    >>> table.clipped, table.clip_rate
+    ([True, False], 0.5)
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gradguard.runlog import RunLog
+
+__all__ = [
+    "CLIP_KINDS",
+    "EXPLOSION_FACTOR",
+    "GROWTH_FACTOR",
+    "ClipConfig",
+    "LayerGrowth",
+    "Onset",
+    "RunTable",
+    "climb_onset",
+    "clip_config",
+    "clip_rate",
+    "clipped",
+    "explosion_onset",
+    "first_above",
+    "first_layer_to_grow",
+    "num",
+    "post_clip_norm",
+]
+
+EXPLOSION_FACTOR = 10.0
+"""A norm this many times its healthy median has exploded (a layer's: has grown first)."""
+GROWTH_FACTOR = 3.0
+"""A climb starts where the norm is this many times the median of the norms before it."""
+ONSET_WINDOW = 200  # norms before a step that its climb is measured against
+SUSTAIN = 3  # values after a climb's first step that must stay as high
+MIN_HISTORY = 3  # fewest norms before a climb (and fewest a healthy stretch holds)
+_CLIP_SLACK = 1e-6  # grad_norm > threshold × (1 + slack): clipped, in logs without a coefficient
+
+
+# ============================================================================================
+# One record
+# ============================================================================================
+
+
+def num(x: Any) -> float:
+    """A record value as a float; missing, boolean or non-numeric → ``nan``."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return math.nan
+    return float(x)
+
+
+def _is_step(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def clipped(rec: Mapping[str, Any]) -> bool:
+    """Whether the clipper changed this (taken) step's gradients; see the module docstring."""
+    if rec.get("skipped"):
+        return False
+    fraction, coef = num(rec.get("clip_fraction")), num(rec.get("clip_coef"))
+    if math.isfinite(fraction) or math.isfinite(coef):  # what the clipper said it did
+        return fraction > 0 or coef < 1.0  # a nan compares False
+    norm, threshold = num(rec.get("grad_norm")), num(rec.get("threshold"))
+    return math.isfinite(norm) and math.isfinite(threshold) and norm > threshold * (1 + _CLIP_SLACK)
+
+
+def _rate(skipped: Iterable[bool], clipped_: Iterable[bool]) -> float:
+    """Clipped steps / steps taken (``nan`` when none was taken): THE clip rate."""
+    taken = [c for s, c in zip(skipped, clipped_) if not s]
+    return sum(taken) / len(taken) if taken else math.nan
+
+
+def clip_rate(records: Iterable[Mapping[str, Any]]) -> float:
+    """The fraction of the steps taken that the clipper changed (``nan``: no step taken)."""
+    rows = list(records)
+    return _rate((bool(r.get("skipped")) for r in rows), (clipped(r) for r in rows))
+
+
+def post_clip_norm(rec: Mapping[str, Any]) -> float:
+    """The global norm after norm clipping: ``grad_norm × clip_coef`` (``grad_norm`` without one)."""
+    norm, coef = num(rec.get("grad_norm")), num(rec.get("clip_coef"))
+    return norm * coef if math.isfinite(coef) else norm
+
+
+# ============================================================================================
+# The table
+# ============================================================================================
+
+_FLOATS = ("loss", "grad_norm", "clip_coef", "threshold", "clip_fraction", "lr", "loss_scale")
+
+
+def _nonfinite(rec: Mapping[str, Any], key: str) -> bool:
+    """Whether ``rec[key]`` is present and a non-finite float."""
+    value = rec.get(key)
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTable:
+    """The step records of a run as columns (see the module docstring); index ``i`` is one record.
+
+    Build it with :meth:`from_records` or :meth:`from_log`; a column not listed as an attribute
+    is :meth:`column`, a layer's value :meth:`layer`.
+    """
+
+    rows: list[dict[str, Any]]
+    layers: list[str]
+    steps: list[int]
+    loss: list[float]
+    grad_norm: list[float]
+    clip_coef: list[float]
+    threshold: list[float]
+    clip_fraction: list[float]
+    lr: list[float]
+    loss_scale: list[float]
+    skipped: list[bool]
+    spike: list[bool]
+    amp_overflow: list[bool]
+    clipped: list[bool]
+    bad: list[bool]
+    healthy: list[bool]
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]], layers: Sequence[str] = ()) -> RunTable:
+        """The table of ``records`` (those without an integer ``step`` are left out)."""
+        rows = [dict(r) for r in records if _is_step(r.get("step"))]
+        floats = {key: [num(r.get(key)) for r in rows] for key in _FLOATS}
+        skipped = [bool(r.get("skipped")) for r in rows]
+        amp = [bool(r.get("amp_overflow")) for r in rows]
+        bad = [
+            not a and (bool(r.get("nonfinite")) or _nonfinite(r, "loss") or _nonfinite(r, "grad_norm"))
+            for r, a in zip(rows, amp)
+        ]
+        healthy = [
+            not (b or s or a) and math.isfinite(g)
+            for b, s, a, g in zip(bad, skipped, amp, floats["grad_norm"])
+        ]
+        return cls(
+            rows=rows,
+            layers=list(layers) or _layer_names(rows),
+            steps=[int(r["step"]) for r in rows],
+            **floats,
+            skipped=skipped,
+            spike=[bool(r.get("spike")) for r in rows],
+            amp_overflow=amp,
+            clipped=[clipped(r) for r in rows],
+            bad=bad,
+            healthy=healthy,
+        )
+
+    @classmethod
+    def from_log(cls, log: RunLog) -> RunTable:
+        """The table of a :class:`~gradguard.runlog.RunLog`'s metrics, with its layer names."""
+        return cls.from_records(log.metrics, log.layer_names())
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def clip_rate(self) -> float:
+        """Clipped steps / steps taken (see :func:`clip_rate`)."""
+        return _rate(self.skipped, self.clipped)
+
+    def column(self, key: str) -> list[float]:
+        """``rows[i][key]`` as floats (``nan`` where absent or not a number)."""
+        return [num(r.get(key)) for r in self.rows]
+
+    def layer(self, name: str, key: str) -> list[float]:
+        """``layers[name][key]`` per record (``nan`` where absent)."""
+        out: list[float] = []
+        for r in self.rows:
+            layers = r.get("layers")
+            entry = layers.get(name) if isinstance(layers, dict) else None
+            out.append(num(entry.get(key)) if isinstance(entry, dict) else math.nan)
+        return out
+
+    def has_layer_key(self, key: str) -> bool:
+        """Whether any record has ``key`` for some layer."""
+        for r in self.rows:
+            layers = r.get("layers")
+            if isinstance(layers, dict) and any(isinstance(v, dict) and key in v for v in layers.values()):
+                return True
+        return False
+
+    def index_of(self, step: int) -> int:
+        """Index of the first record at or after ``step`` (``len(self)`` when none)."""
+        for i, s in enumerate(self.steps):
+            if s >= step:
+                return i
+        return len(self.steps)
+
+
+def _layer_names(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    order: dict[str, None] = {}
+    for r in rows:
+        layers = r.get("layers")
+        if isinstance(layers, dict):
+            order.update(dict.fromkeys(layers))
+    return list(order)
+
+
+# ============================================================================================
+# The clipper of a run (meta.json config.clip)
+# ============================================================================================
+
+CLIP_KINDS: dict[str, str] = {
+    "norm": "fixed",
+    "autoclip": "adaptive",
+    "zclip": "adaptive",
+    "auto": "adaptive",
+    "value": "other",
+    "agc": "other",
+    "layer": "other",
+    "perlayer": "other",
+}
+"""A clipper's kind → how diagnose judges it: ``fixed`` (one global-norm threshold), ``adaptive``
+(a threshold that follows the norms) or ``other`` (clips units, not the global norm)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+    """The clipper a run was guarded with, as ``meta.json`` says.
+
+    Attributes:
+        kind: the clipper's kind (``"norm"``, ``"autoclip"``, ``"agc"``…), ``"none"`` for no clipper,
+            ``""`` when the run directory does not say.
+        label: the clipper for a person (today's ``repr``), ``None`` when the run does not say.
+        params: the clipper's parameters (``{"max_norm": 5.0}``); empty for old run directories.
+    """
+
+    kind: str
+    label: str | None
+    params: dict[str, Any]
+
+    @property
+    def family(self) -> str:
+        """``fixed``, ``adaptive``, ``other`` (see :data:`CLIP_KINDS`) or ``none``."""
+        return CLIP_KINDS.get(self.kind, "none")
+
+
+_REPR_NAME = re.compile(r"^\s*([A-Za-z_]\w*)")
+
+
+def clip_config(meta: Mapping[str, Any]) -> ClipConfig:
+    """The run's clipper from ``meta["config"]``: ``clip`` as a dict (``clipper.config()``), or as
+    the ``repr`` string of older run directories (``"Norm(max_norm=5.0)"``, ``"None"``)."""
+    config = meta.get("config")
+    spec = config.get("clip") if isinstance(config, dict) else None
+    label = config.get("clip_repr") if isinstance(config, dict) else None
+    if isinstance(spec, dict):
+        kind = str(spec.get("kind", "")).lower()
+        params = {k: v for k, v in spec.items() if k != "kind"}
+        return ClipConfig(kind, str(label) if label is not None else _label(kind, params), params)
+    if spec is None or str(spec).strip() in ("", "None"):
+        said = isinstance(config, dict) and "clip" in config
+        return ClipConfig("none" if said else "", "None" if said else None, {})
+    match = _REPR_NAME.match(str(spec))
+    return ClipConfig(match.group(1).lower() if match else "unknown", str(spec), {})
+
+
+def _label(kind: str, params: Mapping[str, Any]) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in params.items())
+    return f"{kind}({args})"
+
+
+# ============================================================================================
+# Explosion onset: the one definition
+# ============================================================================================
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def climb_onset(norms: Sequence[float], *, ends_in_trouble: bool) -> int | None:
+    """Index where positive norms start a sustained climb that is an explosion; ``None``: none.
+
+    A climb starts at the first ``i`` (after :data:`MIN_HISTORY` norms) whose norm is at least
+    :data:`GROWTH_FACTOR` × the median of the (up to :data:`ONSET_WINDOW`) norms before it, and
+    whose next :data:`SUSTAIN` norms stay that high (a lone spike is not a climb). It counts when
+    the run then went wrong (``ends_in_trouble``) or the norm rose :data:`EXPLOSION_FACTOR` × over
+    that median. Sliding median: O(n·window).
+    """
+    y = [math.log(v) for v in norms]
+    bar = math.log(GROWTH_FACTOR)
+    past: list[float] = []  # sorted values of the sliding window
+    for i, v in enumerate(y):
+        if len(past) >= MIN_HISTORY:
+            m = len(past)
+            med = past[m // 2] if m % 2 else 0.5 * (past[m // 2 - 1] + past[m // 2])
+            if v - med >= bar and all(w - med >= bar for w in y[i + 1 : i + 1 + SUSTAIN]):
+                rise = max(y[i:]) - _median(y[max(0, i - ONSET_WINDOW) : i])
+                return i if ends_in_trouble or rise >= math.log(EXPLOSION_FACTOR) else None
+        bisect.insort(past, v)
+        if len(past) > ONSET_WINDOW:
+            past.pop(bisect.bisect_left(past, y[i - ONSET_WINDOW]))
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGrowth:
+    """The layer whose gradient norm grew first: at row ``index``, ``ratio`` × its healthy median."""
+
+    name: str
+    index: int
+    ratio: float
+
+
+def first_layer_to_grow(
+    layers: Mapping[str, Sequence[float]], healthy: range, bad: Sequence[bool]
+) -> LayerGrowth | None:
+    """The layer whose grad norm first reached :data:`EXPLOSION_FACTOR` × its own median over the
+    ``healthy`` rows (or went non-finite), scanning the rows after them; ties go to the larger rise.
+
+    Args:
+        layers: per layer, its grad norm per row (``nan`` where not measured).
+        healthy: the rows of the healthy stretch (the baseline).
+        bad: per row, whether the step was non-finite (a ``nan`` there counts as grown).
+    """
+    best: LayerGrowth | None = None
+    for name, series in layers.items():
+        base = _median([v for v in series[healthy.start : healthy.stop] if math.isfinite(v) and v > 0])
+        if not base > 0:
+            continue
+        for i in range(healthy.stop, len(series)):
+            v = series[i]
+            if math.isnan(v) and not bad[i]:
+                continue  # not measured this step
+            if not math.isfinite(v) or v >= EXPLOSION_FACTOR * base:
+                ratio = v / base if math.isfinite(v) else math.inf
+                if best is None or (i, -ratio, name) < (best.index, -best.ratio, best.name):
+                    best = LayerGrowth(name, i, ratio)
+                break
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Onset:
+    """Where an explosion started in a run's history (see :func:`explosion_onset`).
+
+    Attributes:
+        step: the first step of the climb (else the first step at :data:`EXPLOSION_FACTOR` × the
+            healthy median); ``None`` when the norm never rose that far.
+        healthy: the rows before it whose norms are the baseline.
+        layer: the layer that grew first, or ``None``.
+    """
+
+    step: int | None
+    healthy: range
+    layer: LayerGrowth | None
+
+
+def explosion_onset(
+    steps: Sequence[int], norms: Sequence[float], layers: Mapping[str, Sequence[float]]
+) -> Onset:
+    """The onset of an explosion in a history that ended in a non-finite step (the guard's).
+
+    Non-finite norms are not part of the climb; the first :data:`MIN_HISTORY` finite norms are the
+    healthy baseline at least. ``gradguard.diagnose`` applies the same :func:`climb_onset` and
+    :func:`first_layer_to_grow` to a whole run, whose healthy window also leaves out spikes and
+    lone bad batches.
+    """
+    idx = [i for i, g in enumerate(norms) if math.isfinite(g) and g > 0]
+    k = climb_onset([norms[i] for i in idx], ends_in_trouble=True)
+    healthy_idx = idx[: max(k if k is not None else len(idx), MIN_HISTORY)]
+    if not healthy_idx:
+        return Onset(None, range(0), None)
+    healthy = range(healthy_idx[0], healthy_idx[-1] + 1)
+    bad = [not math.isfinite(g) for g in norms]
+    if k is not None:
+        onset: int | None = steps[idx[k]]
+    else:
+        bar = EXPLOSION_FACTOR * _median([norms[i] for i in healthy_idx])
+        big = first_above(norms, bar, healthy.stop)
+        onset = steps[big] if big is not None else None
+    return Onset(onset, healthy, first_layer_to_grow(layers, healthy, bad))
+
+
+def first_above(
+    norms: Sequence[float], bar: float, start: int, ignore: Sequence[bool] | None = None
+) -> int | None:
+    """The first index from ``start`` whose norm is non-finite or at least ``bar`` (rows marked in
+    ``ignore``, e.g. AMP overflows, left out): where no climb was found, the explosion's first step."""
+    for i in range(start, len(norms)):
+        v = norms[i]
+        if (not math.isfinite(v) or v >= bar) and not (ignore is not None and ignore[i]):
+            return i
+    return None

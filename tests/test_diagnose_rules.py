@@ -1,0 +1,313 @@
+"""Each diagnose rule on synthetic columns, the registry that orders them, and adding a rule.
+
+The runs here are written by hand (a few columns each), so every rule is checked on exactly the
+signal it reads; tests/test_diagnose.py checks the same rules on real guarded runs.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradguard.diagnose import RULES, Finding, diagnose, rules
+from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.rules import REGISTRY, Entry, Rule, Seen, entry, evaluate, order
+from gradguard.errors import GradGuardError
+from gradguard.runlog import RunLog, RunWriter
+
+NAN = math.nan
+
+
+def run(
+    norms: Sequence[float],
+    *,
+    loss: Sequence[float] | None = None,
+    clip: Any = None,
+    events: Sequence[dict[str, Any]] = (),
+    **columns: Sequence[Any],
+) -> RunLog:
+    """An in-memory run: one record per norm, with ``loss`` (default: falling) and any other column.
+
+    A column named ``layer__<name>__<field>`` goes to ``layers[name][field]``.
+    """
+    losses = loss if loss is not None else [2.0 / (1 + s / 10) for s in range(len(norms))]
+    metrics: list[dict[str, Any]] = []
+    for s, g in enumerate(norms):
+        rec: dict[str, Any] = {"step": s, "loss": losses[s], "grad_norm": g, "skipped": False, "lr": 0.1}
+        for key, values in columns.items():
+            if key.startswith("layer__"):
+                _, name, field = key.split("__")
+                rec.setdefault("layers", {}).setdefault(name, {})[field] = values[s]
+            else:
+                rec[key] = values[s]
+        rec["nonfinite"] = not (math.isfinite(g) and math.isfinite(rec["loss"]))
+        metrics.append(rec)
+    meta = {"config": {"clip": clip}} if clip is not None else {}
+    return RunLog(path=Path("synthetic"), meta=meta, metrics=metrics, events=list(events))
+
+
+def conclude(log: RunLog, name: str) -> Finding | None:
+    """One rule on its own: detect → evidence, explain → finding, after the rules it ``needs``."""
+    f = Facts(log)
+    by_name = {e.rule.name: e for e in REGISTRY}
+    done: dict[str, tuple[Any, Finding | None]] = {}
+    for rule_name in [*by_name[name].needs, name]:
+        e = by_name[rule_name]
+        evidence = e.rule.detect(f, Seen(done, e.needs))
+        done[rule_name] = (evidence, None if evidence is None else e.rule.explain(f, evidence))
+    return done[name][1]
+
+
+def ids(findings: list[Finding]) -> list[str]:
+    return [f.id for f in findings]
+
+
+CLIMB = [1.0] * 30 + [3.0 * 2.0**k for k in range(12)] + [NAN]
+
+
+# ----------------------------------------------------------------------------- explosion
+def test_explosion_names_the_onset_the_first_layer_and_the_first_nonfinite_step() -> None:
+    n = len(CLIMB)
+    lead = [1.0] * 30 + [30.0 * 2.0**k for k in range(12)] + [NAN]
+    log = run(CLIMB, loss=[1.0] * (n - 1) + [NAN], layer__a__grad_norm=[0.5] * n, layer__b__grad_norm=lead)
+    boom = conclude(log, "explosion")
+    assert boom is not None and boom.severity == "error" and boom.step == 30
+    assert boom.evidence["first_layer"] == "b" and boom.evidence["first_nonfinite_step"] == n - 1
+    assert boom.evidence["healthy_steps"] == [0, 29] and boom.recommendation["max_norm"] == 1.0
+
+
+def test_a_norm_rising_while_the_loss_falls_is_an_explosion_only_under_a_fixed_threshold() -> None:
+    norms = [1.0] * 20 + [15.0] * 180
+    assert conclude(run(norms, clip="None"), "explosion") is None
+    caught = conclude(run(norms, clip={"kind": "norm", "max_norm": 1.0}, threshold=[1.0] * 200), "explosion")
+    assert caught is not None and caught.severity == "info"
+
+
+# ----------------------------------------------------------------------------- over-clipping
+def test_a_fixed_threshold_clipping_every_step_is_over_clipping() -> None:
+    n = 60
+    log = run(
+        [1.0] * n,
+        loss=[1.0] * n,
+        clip={"kind": "norm", "max_norm": 0.1},
+        threshold=[0.1] * n,
+        clip_coef=[0.1] * n,
+    )
+    over = conclude(log, "over_clipping")
+    assert over is not None and over.severity == "error"
+    assert over.evidence["clip_rate_window"] == 1.0 and over.evidence["effective_lr_scale"] == 0.1
+    assert over.recommendation["max_norm"] >= 1.0
+    # another tool's log (a threshold, no coefficient), clipping 40% of the steps: not over-clipping
+    some = [2.0 if s % 5 < 2 else 0.05 for s in range(n)]
+    assert conclude(run(some, loss=[1.0] * n, threshold=[0.1] * n), "over_clipping") is None
+
+
+def test_an_adaptive_clipper_is_over_clipping_only_when_the_loss_stalls_in_a_healthy_run() -> None:
+    n = 60
+    kw: dict[str, Any] = {"clip": {"kind": "autoclip", "percentile": 10.0}, "clip_coef": [0.5] * n}
+    kw["threshold"] = [0.5 + 0.01 * (s % 3) for s in range(n)]
+    stalled = conclude(run([1.0] * n, loss=[1.0] * n, **kw), "adaptive_clipping")
+    assert stalled is not None and stalled.id == "over_clipping" and stalled.severity == "warning"
+    assert conclude(run([1.0] * n, **kw), "adaptive_clipping") is None  # the loss fell: by design
+    assert (
+        conclude(run([1.0] * (n - 1) + [NAN], loss=[1.0] * n, **kw), "adaptive_clipping") is None
+    )  # went bad
+    # a norm that rose 20× while the loss stalled: on its own the rule fires, but an explosion
+    # explains the stall and the rule gives way to it (the registry: yields_to explosion)
+    rose = run([1.0] * 30 + [20.0] * (n - 30), loss=[1.0] * n, **kw)
+    assert conclude(rose, "adaptive_clipping") is not None
+    assert ids(diagnose(rose)) == ["explosion"]
+
+
+@pytest.mark.parametrize(
+    ("clip", "column"),
+    [
+        ({"kind": "norm", "max_norm": 0.0}, {"clip_coef": 0.0, "threshold": 0.0, "clip_fraction": 1.0}),
+        ({"kind": "agc", "clip_factor": 0.0, "eps": 1e-3}, {"clip_coef": NAN, "clip_fraction": 1.0}),
+        ({"kind": "value", "clip_value": 0.0}, {"clip_coef": NAN, "clip_fraction": 1.0}),
+    ],
+    ids=["norm:0", "agc:0", "value:0"],
+)
+def test_a_clipper_that_zeroes_every_gradient_is_over_clipping(
+    tmp_path: Path, clip: dict, column: dict
+) -> None:
+    """A synthetic run directory of ``clip="norm:0"`` / ``"agc:0"``: every number finite, no step moved."""
+    n = 200
+    with RunWriter(tmp_path / "zero", {"config": {"clip": clip, "clip_repr": "the clipper"}}) as w:
+        w.write_metrics(
+            [{"step": s, "loss": 2.3, "grad_norm": 1.5, "skipped": False, **column} for s in range(n)]
+        )
+    findings = diagnose(tmp_path / "zero")
+    assert ids(findings) == ["over_clipping"]
+    zero = findings[0]
+    assert zero.severity == "error" and zero.step == 0 and "zero" in zero.message
+    assert zero.evidence["zeroed_rate"] == 1.0 and zero.recommendation["max_norm"] == 1.5
+
+
+def test_an_agc_that_clips_every_unit_with_a_positive_factor_is_not_zeroing() -> None:
+    n = 50
+    log = run(
+        [1.0] * n, clip={"kind": "agc", "clip_factor": 0.01}, clip_coef=[NAN] * n, clip_fraction=[1.0] * n
+    )
+    assert conclude(log, "zeroed_gradients") is None
+    assert Facts(log).table.clip_rate == 1.0  # but the clipping is visible in the clip rate
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_a_finite_loss_climbing_by_orders_of_magnitude_is_divergence() -> None:
+    loss = [1.0 - 0.01 * s for s in range(20)] + [0.8 * 3.0**k for k in range(20)]
+    div = conclude(run([1.0] * 40, loss=loss), "divergence")
+    assert div is not None and div.severity == "error" and div.evidence["all_finite"] is True
+    assert div.evidence["loss_peak"] >= 100 * div.evidence["loss_best"]
+    then_nan = run([1.0] * 40 + [NAN], loss=[*loss, NAN])
+    assert conclude(then_nan, "divergence") is None  # the explosion tells that story
+
+
+# ----------------------------------------------------------------------------- non-finite
+LOG_EVENT = {
+    "type": "nonfinite",
+    "step": 30,
+    "phase": "loss",
+    "op": "log",
+    "kind": "-inf",
+    "located_by": "replay",
+    "evidence": {"reason": "log of 0"},
+}
+
+
+def test_a_located_nonfinite_op_gets_its_fix_from_the_op_table() -> None:
+    norms = [1.0] * 30 + [NAN] * 10
+    op = conclude(run(norms, events=[LOG_EVENT]), "nonfinite_op")
+    assert op is not None and op.step == 30 and "`log`" in op.message and "log of 0" in op.message
+    assert "clamp" in op.recommendation["text"] and op.recommendation["on_nonfinite"] == "skip"
+    flags_only = conclude(run(norms), "nonfinite_op")
+    assert flags_only is not None and "closure" in flags_only.recommendation["text"]
+
+
+def test_the_nonfinite_op_gives_way_to_an_explosion_error() -> None:
+    event = {
+        **LOG_EVENT,
+        "step": len(CLIMB) - 1,
+        "op": "linear",
+        "evidence": {"reason": "a value above the dtype's max"},
+    }
+    findings = diagnose(run(CLIMB, events=[event]))
+    assert "explosion" in ids(findings) and "nonfinite_op" not in ids(findings)
+
+
+def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
+    norms = [1.0] * 50 + [NAN] + [1.0] * 49
+    data = {"type": "nonfinite", "step": 50, "phase": "data", "kind": "nan", "tensor": "input"}
+    confirmed = diagnose(run(norms, events=[data]))
+    assert ids(confirmed) == ["bad_data"] and confirmed[0].severity == "error"
+    lone = diagnose(run(norms))
+    assert (
+        ids(lone) == ["bad_data"] and lone[0].severity == "warning" and lone[0].evidence["bad_steps"] == [50]
+    )
+
+
+# ----------------------------------------------------------------------------- learning rate, weights, layers
+def test_update_ratios_far_above_1e_3_are_a_learning_rate_too_high() -> None:
+    n = 60
+    high = conclude(
+        run([1.0] * n, layer__fc__update_ratio=[0.3] * n, layer__out__update_ratio=[1e-3] * n), "lr_too_high"
+    )
+    assert high is not None and high.evidence["update_ratio_median_by_layer"]["fc"] == 0.3
+    assert high.recommendation["lr"] < 0.1
+    assert conclude(run([1.0] * n, layer__fc__update_ratio=[1e-3] * n), "lr_too_high") is None
+
+
+def test_an_lr_jump_right_before_the_climb_is_blamed() -> None:
+    lr = [0.05] * 28 + [0.4] * (len(CLIMB) - 28)
+    jump = conclude(run(CLIMB, lr=lr), "lr_too_high")
+    assert jump is not None and jump.evidence["lr_jump_step"] == 28 and jump.recommendation["lr"] == 0.05
+
+
+def test_weights_growing_tenfold_are_weight_growth() -> None:
+    n = 40
+    grown = conclude(run([1.0] * n, layer__fc__weight_norm=[1.0 + s for s in range(n)]), "weight_growth")
+    assert grown is not None and grown.evidence["layer"] == "fc" and grown.step == 9
+    assert conclude(run([1.0] * n, layer__fc__weight_norm=[1.0] * n), "weight_growth") is None
+
+
+def test_grad_norms_decaying_toward_the_input_are_vanishing() -> None:
+    n = 40
+    cols = {f"layer__{i}__grad_norm": [10.0 ** (i - 4)] * n for i in range(5)}
+    van = conclude(run([1.0] * n, **cols), "vanishing")
+    assert van is not None and van.evidence["orders_of_magnitude"] == 4.0
+    flat = {f"layer__{i}__grad_norm": [1.0] * n for i in range(5)}
+    assert conclude(run([1.0] * n, **flat), "vanishing") is None
+
+
+def test_a_loss_scale_below_one_is_a_collapse() -> None:
+    scale = [2.0**8 / 2**s for s in range(12)]
+    collapse = conclude(run([1.0] * 12, loss_scale=scale), "loss_scale_collapse")
+    assert collapse is not None and collapse.step == 9 and collapse.recommendation["dtype"] == "bfloat16"
+    assert conclude(run([1.0] * 12, loss_scale=[256.0] * 12), "loss_scale_collapse") is None
+
+
+# ----------------------------------------------------------------------------- the registry
+def test_the_registry_is_the_one_list_of_rules() -> None:
+    assert RULES == rules.finding_ids() == tuple(dict.fromkeys(e.rule.id for e in REGISTRY))
+    names = [e.rule.name for e in order(REGISTRY)]
+    for e in REGISTRY:  # a rule runs after the rules it reads or gives way to
+        assert all(names.index(n) < names.index(e.rule.name) for n in e.after)
+
+
+def test_a_rule_reading_an_undeclared_rule_is_refused_and_bad_registries_are_named() -> None:
+    def nosy(f: Facts, seen: Seen) -> None:
+        seen.evidence("bad_data")
+
+    with pytest.raises(GradGuardError, match="needs=\\('bad_data',\\)"):
+        evaluate(Facts(run([1.0] * 5)), [entry("bad_data"), Entry(Rule("nosy", nosy, lambda f, e: e))])
+    with pytest.raises(GradGuardError, match="unregistered"):
+        order([entry("nonfinite_op", needs=("bad_data",))])
+    a = Rule("a", lambda f, s: None, lambda f, e: e)
+    b = Rule("b", lambda f, s: None, lambda f, e: e)
+    with pytest.raises(GradGuardError, match="wait for each other"):
+        order([Entry(a, needs=("b",)), Entry(b, needs=("a",))])
+
+
+def test_adding_a_rule_is_one_new_file_and_one_registry_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test-local rule: its own module (detect → evidence, explain → finding), registered with one
+    line that also says, as data, that it gives way to an explosion."""
+    package = tmp_path / "my_rules"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "loss_plateau.py").write_text(
+        textwrap.dedent(
+            '''
+            """``loss_plateau``: the loss did not move at all over the run."""
+            from gradguard.diagnose import Finding
+            from gradguard.diagnose.rules import Rule
+
+
+            def detect(f, seen):
+                losses = f.loss_at(0, len(f.rows))
+                return losses[0] if len(losses) >= 20 and max(losses) == min(losses) else None
+
+
+            def explain(f, loss):
+                return Finding("loss_plateau", "warning", f.steps[0], f"The loss stayed at {loss:g}.", {"loss": loss})
+
+
+            RULE = Rule("loss_plateau", detect, explain)
+            '''
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = [*REGISTRY, entry("my_rules.loss_plateau", yields_to={"explosion": ("error", "warning")})]
+    monkeypatch.setattr(rules, "REGISTRY", registry)
+
+    plateau = diagnose(run([1.0] * 30, loss=[0.7] * 30))
+    assert ids(plateau) == ["loss_plateau"] and plateau[0].evidence == {"loss": 0.7}
+    assert "loss_plateau" not in ids(diagnose(run([1.0] * 30)))  # the loss fell
+    exploded = diagnose(run([*CLIMB[:-1], 1e12], loss=[0.7] * len(CLIMB)))
+    assert "explosion" in ids(exploded) and "loss_plateau" not in ids(exploded)  # it gave way

@@ -1,0 +1,480 @@
+"""Tests of the Guard's private parts (gradguard._guard), the record fields and the event constructors:
+counters, apply strategies chosen at construction, recovery, the device row, the events of a flush,
+and the guard's promises that rest on them (state_dict does no I/O, locating a step never flushes)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+from gradguard import events, monitor, record
+from gradguard._guard import apply as applying
+from gradguard._guard.anomaly import Anomalies, flagged_nonfinite, weights_nonfinite
+from gradguard._guard.clipping import ClipPlan
+from gradguard._guard.config import GuardConfig
+from gradguard._guard.counters import Counters
+from gradguard._guard.flush import FlushEvents, LossScaleWatch
+from gradguard._guard.measure import Constants, Measurement
+from gradguard._guard.recovery import Recovery
+from gradguard._guard.row import device_row, host_values
+from gradguard._guard.runmeta import clip_config
+from gradguard.errors import GradGuardError
+from gradguard.runlog import read_run
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def backward(model: nn.Module, opt: torch.optim.Optimizer, step: int, bad: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    x, y = torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g)
+    opt.zero_grad(set_to_none=True)
+    loss = (model(x) - y).pow(2).mean()
+    loss.backward()
+    if bad:
+        with torch.no_grad():
+            model[2].weight.grad[0, 0] = math.nan
+    return loss
+
+
+def config(**kw: Any) -> GuardConfig:
+    settings: dict[str, Any] = {
+        "on_nonfinite": "skip",
+        "on_spike": "warn",
+        "spike_z": 6.0,
+        "norm_type": 2.0,
+        "every": 50,
+        "layer_every": 1,
+        "weight_every": 50,
+        "snapshot_every": 100,
+        "max_consecutive": 10,
+        "lr_backoff": None,
+        "loss_scale_floor": 1.0,
+        "max_replays": 3,
+        "monitor_only": False,
+        **kw,
+    }
+    return GuardConfig.checked(**settings)
+
+
+def rec(step: int, **flags: Any) -> dict[str, Any]:
+    """A host record with every column (flags False, numbers finite) and ``flags`` set."""
+    row: dict[str, Any] = {name: (False if name in record.FLAGS else 1.0) for name in record.SCALARS}
+    row["loss_scale"] = math.nan
+    return {"step": step, **row, **flags}
+
+
+# ----------------------------------------------------------------------------- record, events
+def test_record_fields_are_defined_once_and_the_monitor_re_exports_them() -> None:
+    assert monitor.SCALARS is record.SCALARS
+    assert record.SCALARS[-1] == "clip_fraction" and len(record.SCALARS) == 13
+    assert all(record.SCALARS[record.COLUMN[name]] == name for name in record.SCALARS)
+    assert set(record.SCALARS) > record.FLAGS
+
+
+def test_each_event_type_has_one_constructor_with_todays_fields() -> None:
+    assert events.skip(3, events.SKIP_AMP_OVERFLOW) == {"type": "skip", "step": 3, "reason": "amp_overflow"}
+    assert events.skip(3, events.SKIP_SPIKE, grad_norm=2.0)["grad_norm"] == 2.0
+    assert events.spike(4, 9.0, "warn") == {"type": "spike", "step": 4, "grad_norm": 9.0, "action": "warn"}
+    assert events.rollback(5, 2) == {"type": "rollback", "step": 5, "to_step": 2}
+    assert events.lr_backoff(5, 0.5, 0.1) == {"type": "lr_backoff", "step": 5, "factor": 0.5, "lr": 0.1}
+    assert events.abort(6, 10, True) == {
+        "type": "abort",
+        "step": 6,
+        "consecutive": 10,
+        "weights_nonfinite": True,
+    }
+    assert set(events.overflow(7, 1e39)) == {"type", "step", "grad_norm", "note"}
+    collapse = events.loss_scale_collapse(8, 0.5, 1.0, 3, [(7, 1.0), (8, 0.5)])
+    assert (collapse["type"], collapse["floor"], collapse["consecutive_overflows"]) == (
+        "loss_scale_collapse",
+        1.0,
+        3,
+    )
+    nonfinite = events.nonfinite(
+        9, phase="loss", tensor="output", kind="nan", located_by="norm", policy="skip"
+    )
+    assert list(nonfinite)[:9] == [
+        "type",
+        "step",
+        "phase",
+        "module",
+        "op",
+        "tensor",
+        "kind",
+        "source",
+        "located_by",
+    ]
+    assert nonfinite["policy"] == "skip" and nonfinite["module"] is None
+    assert [events.kind_of(v) for v in (math.nan, math.inf, -math.inf)] == ["nan", "inf", "-inf"]
+    assert {e["type"] for e in (nonfinite, collapse, events.rollback(0, 0))} <= set(events.TYPES)
+
+
+def test_the_nonfinite_event_of_a_step_from_its_flags() -> None:
+    vals = rec(3, loss=-math.inf, loss_nonfinite=True, nonfinite=True)
+    event = flagged_nonfinite(3, vals, {"0": 1.0, "2": math.nan}, "skip")
+    assert (event["phase"], event["tensor"], event["kind"], event["layers"]) == (
+        "loss",
+        "output",
+        "-inf",
+        ["2"],
+    )
+    grads = flagged_nonfinite(4, rec(4, grad_nan=True, nonfinite=True), {}, "warn")
+    assert (grads["phase"], grads["kind"], grads["layers_nonfinite"]) == ("backward", "nan", 0)
+    weights = weights_nonfinite(5, {"0": 1.0, "2": math.inf}, "skip")
+    assert weights is not None and (weights["module"], weights["tensor"], weights["kind"]) == (
+        "2",
+        "param",
+        "inf",
+    )
+    assert weights_nonfinite(5, {"0": 1.0}, "skip") is None
+
+
+# ----------------------------------------------------------------------------- counters
+def test_counters_change_in_one_place_whichever_path_learns_of_the_step() -> None:
+    c = Counters()
+    c.taken()
+    c.skipped()
+    c.skipped()
+    c.overflowed()  # an AMP overflow: skipped, but neither counts nor breaks a run of bad steps
+    assert (c.skipped_steps, c.consecutive) == (3, 2)
+    c.taken()
+    assert c.consecutive == 0
+    for _ in range(4):
+        c.advance()
+    assert c.step_count == 4
+    flushed = Counters()
+    for r in [rec(0), rec(1, skipped=True), rec(2, skipped=True, amp_overflow=True), rec(3, skipped=True)]:
+        flushed.learn(r)
+    assert (flushed.skipped_steps, flushed.consecutive) == (3, 2)
+    flushed.learn(rec(4, skipped=True, **{record.DECIDED: True}))  # the host counted it already
+    assert flushed.skipped_steps == 3
+
+
+def test_counters_after_pending_records_leave_the_counters_alone_and_round_trip() -> None:
+    c = Counters(step_count=5, skipped_steps=1, consecutive=1)
+    later = c.after([rec(5, skipped=True), rec(6, skipped=True)])
+    assert (later.skipped_steps, later.consecutive) == (3, 3) and (c.skipped_steps, c.consecutive) == (1, 1)
+    fresh = Counters()
+    fresh.load_state_dict(later.state_dict())
+    assert fresh == later
+
+
+# ----------------------------------------------------------------------------- apply strategies
+@pytest.mark.parametrize(
+    ("settings", "fused", "expected"),
+    [
+        ({}, False, applying.HostDecided),
+        ({}, True, applying.Fused),
+        ({"on_nonfinite": "rollback"}, True, applying.HostDecided),
+        ({"on_nonfinite": "raise"}, True, applying.HostDecided),
+        ({"on_nonfinite": "warn"}, False, applying.NeverSkip),
+        ({"on_nonfinite": "warn", "on_spike": "skip"}, False, applying.HostDecided),
+        ({"on_nonfinite": "warn", "monitor_only": True}, False, applying.Observe),
+        ({"on_nonfinite": "raise", "monitor_only": True}, True, applying.HostDecided),
+    ],
+)
+def test_the_apply_strategy_is_chosen_once_from_the_settings(
+    settings: dict[str, Any], fused: bool, expected: type
+) -> None:
+    opt = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    chosen = applying.choose(config(**settings), opt, [], fused=fused, momentum_sgd=False)
+    assert type(chosen) is expected
+
+
+def test_a_guard_picks_its_strategies_at_construction() -> None:
+    model = make_model()
+    fused = gradguard.Guard(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True))
+    assert isinstance(fused._apply, applying.Fused) and fused._sync_free()
+    plain = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(plain._apply, applying.HostDecided) and plain._apply.steps and not plain._sync_free()
+    external = plain._apply_external  # before_step: decided on the host, the caller steps
+    assert isinstance(external, applying.HostDecided) and not external.steps and external.clips
+    monitor_only = gradguard.Guard(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), clip=None, on_nonfinite="warn", monitor_only=True
+    )
+    assert (
+        isinstance(monitor_only._apply, applying.Observe)
+        and type(monitor_only._apply_external) is applying.Observe
+    )
+
+
+class _Opt:
+    """An optimizer stand-in that counts its steps."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.state: dict[Any, Any] = {}
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+def _planned(skip: bool, scaler: Any = None) -> tuple[applying.Planned, list[str]]:
+    calls: list[str] = []
+    grads = [torch.ones(3)]
+    planned = applying.Planned(
+        grads, torch.tensor(0.5), torch.tensor(skip), scaler, lambda: calls.append("clip")
+    )
+    return planned, calls
+
+
+def test_host_decided_reads_once_clips_and_steps_a_taken_step_only() -> None:
+    opt = _Opt()
+    host = applying.HostDecided(opt)  # type: ignore[arg-type]
+    reads: list[bool] = []
+
+    def decide(p: applying.Planned) -> bool:
+        reads.append(bool(p.skip))
+        return reads[-1]
+
+    taken, calls = _planned(False)
+    assert host(taken, decide) == applying.Outcome(False, on_host=True)
+    assert calls == ["clip"] and opt.steps == 1 and torch.equal(taken.grads[0], torch.full((3,), 0.5))
+    skipped, calls = _planned(True)
+    assert host(skipped, decide) == applying.Outcome(True, on_host=True)
+    assert calls == [] and opt.steps == 1 and reads == [False, True]
+    external = applying.HostDecided(opt, steps=False)  # type: ignore[arg-type]
+    assert external(_planned(False)[0], decide).skipped is False and opt.steps == 1
+
+
+def test_sync_free_strategies_never_call_decide_and_hand_the_device_flag_back() -> None:
+    opt = _Opt()
+
+    def decide(p: applying.Planned) -> bool:
+        raise AssertionError("no host read")
+
+    never = applying.NeverSkip(opt, fused=False, under_scaler=applying.HostDecided(opt))  # type: ignore[arg-type]
+    planned, calls = _planned(False)
+    outcome = never(planned, decide)
+    assert outcome.skipped is planned.skip and not outcome.on_host and calls == ["clip"] and opt.steps == 1
+    assert applying.Observe()(planned, decide).skipped is planned.skip and opt.steps == 1
+
+
+def test_never_skip_hands_a_scaler_step_to_its_under_scaler_strategy() -> None:
+    opt = _Opt()
+    seen: list[str] = []
+
+    class Under:
+        sync_free = False
+
+        def __call__(self, step: applying.Planned, decide: Any) -> applying.Outcome:
+            seen.append("under")
+            return applying.Outcome(True, on_host=True)
+
+    never = applying.NeverSkip(opt, fused=False, under_scaler=Under())  # type: ignore[arg-type]
+    assert never(_planned(False, scaler=object())[0], lambda p: False).on_host and seen == ["under"]
+
+
+def test_fused_momentum_sgd_decides_its_first_step_on_the_host() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    params = list(model.parameters())
+    decided: list[bool] = []
+    fused = applying.Fused(opt, params, momentum_sgd=True, host=applying.HostDecided(opt))
+
+    def step() -> applying.Outcome:
+        backward(model, opt, 0)
+        planned = applying.Planned([p.grad for p in params], None, torch.tensor(False), None, lambda: None)  # type: ignore[misc]
+        return fused(planned, lambda p: decided.append(bool(p.skip)) or False)  # type: ignore[func-returns-value]
+
+    assert step().on_host and decided == [False]  # no momentum buffers yet
+    assert not step().on_host and decided == [False]  # now the kernel decides
+
+
+# ----------------------------------------------------------------------------- recovery
+def test_recovery_snapshot_rollback_backoff_and_its_state_dict_round_trip(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    clipper = gradguard.AutoClip()
+    rec_ = Recovery(
+        model,
+        opt,
+        {"clipper": clipper, "spike": None},
+        every=2,
+        lr_backoff=0.5,
+        snapshot_dir=tmp_path,
+        active=True,
+    )
+    assert rec_.rollback(0) == [events.skip(0, events.SKIP_NO_SNAPSHOT)]
+    backward(model, opt, 0)
+    opt.step()
+    rec_.after_good_step(0)  # due: the first good step
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in (1, 2):
+        backward(model, opt, step)
+        opt.step()
+        rec_.after_good_step(step)  # step 1: not due; step 2: due
+    assert rec_.snapshot_step == 2 and torch.load(tmp_path / "snapshot.pt", weights_only=True)["step"] == 2
+    state = rec_.state_dict()
+    other = Recovery(
+        model,
+        opt,
+        {"clipper": clipper, "spike": None},
+        every=2,
+        lr_backoff=0.5,
+        snapshot_dir=None,
+        active=True,
+    )
+    other.load_state_dict(state)
+    assert other.snapshot_step == 2 and other.snapshot is not None
+    backward(model, opt, 3)
+    opt.step()
+    done = other.rollback(3)
+    assert [e["type"] for e in done] == ["rollback", "lr_backoff"] and done[0]["to_step"] == 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert not all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())  # step 2's, not step 0's
+    with pytest.raises(GradGuardError, match="recovery state has version 7"):
+        other.load_state_dict({"version": 7})
+
+
+def test_an_inactive_recovery_takes_no_snapshot() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec_ = Recovery(model, opt, {}, every=1, lr_backoff=None, snapshot_dir=None, active=False)
+    rec_.after_good_step(0)
+    assert rec_.snapshot is None
+
+
+# ----------------------------------------------------------------------------- the row, the flush
+def test_the_device_row_is_in_record_column_order() -> None:
+    consts = Constants()
+    dev = torch.device("cpu")
+    t, f = torch.tensor(True), torch.tensor(False)
+    m = Measurement(
+        dev, [], [], torch.zeros(0), torch.tensor(3.0), torch.tensor([2.0, 3.0]),
+        torch.tensor([False, True]), t, t, torch.tensor(math.nan),
+    )  # fmt: skip
+    plan = ClipPlan(torch.tensor(0.25), torch.tensor(0.75), f, torch.tensor(1.0))
+    vals = host_values(device_row(m, plan, t, f, consts))
+    assert list(vals) == list(record.SCALARS)
+    assert (vals["loss"], vals["grad_norm"], vals["clip_coef"], vals["threshold"]) == (2.0, 3.0, 0.25, 0.75)
+    assert (vals["nonfinite"], vals["loss_nonfinite"], vals["grad_nonfinite"], vals["grad_nan"]) == (
+        1,
+        0,
+        1,
+        1,
+    )
+    assert (vals["skipped"], vals["spike"], vals["amp_overflow"]) == (1, 0, 0)
+    assert math.isnan(vals["loss_scale"]) and vals["clip_fraction"] == 1.0
+    unclipped = host_values(device_row(m, ClipPlan(None, None, f, None), f, f, consts))
+    assert math.isnan(unclipped["clip_coef"]) and unclipped["threshold"] == math.inf
+    assert math.isnan(unclipped["clip_fraction"])
+
+
+def _flush_events(**kw: Any) -> tuple[FlushEvents, Counters]:
+    model = make_model()
+    counters = Counters()
+    anomalies = Anomalies(model, list(model.parameters()), None, max_replays=3, can_replay=True)
+    return FlushEvents(config(**kw), counters, anomalies), counters
+
+
+def test_the_events_of_a_flush_in_step_order_and_the_steps_counted() -> None:
+    derive, counters = _flush_events(on_spike="warn")
+    found = derive(
+        [
+            rec(0, spike=True),
+            rec(1, nonfinite=True, grad_nonfinite=True, skipped=True, layers={"2": {"grad_norm": math.inf}}),
+            rec(2, skipped=True, nonfinite=True, **{record.DECIDED: True}),
+            rec(3, layers={"0": {"weight_norm": math.nan}}),
+            rec(4, layers={"0": {"weight_norm": math.nan}}),  # reported once
+        ]
+    )
+    assert [(e["type"], e["step"]) for e in found] == [
+        ("spike", 0),
+        ("nonfinite", 1),
+        ("skip", 1),
+        ("nonfinite", 3),
+    ]
+    assert found[1]["layers"] == ["2"] and found[3]["tensor"] == "param"
+    assert (counters.skipped_steps, counters.consecutive) == (1, 0)
+    assert derive([rec(1, nonfinite=True, skipped=True)])[0]["type"] == "skip"  # step 1's nonfinite: once
+
+
+def test_a_loss_scale_collapse_is_reported_once_per_collapse() -> None:
+    watch = LossScaleWatch(floor=1.0, max_overflows=3)
+    scales = [(8.0, True), (4.0, True), (2.0, True), (1.0, True), (2.0, False), (0.5, False)]
+    found = [watch.check(rec(i, loss_scale=s, amp_overflow=o)) for i, (s, o) in enumerate(scales)]
+    assert [e["step"] if e else None for e in found] == [None, None, 2, None, None, 5]
+    assert found[2] is not None and found[2]["recent_scales"] == [(0, 8.0), (1, 4.0), (2, 2.0)]
+
+
+# ----------------------------------------------------------------------------- promises of the guard
+def test_state_dict_writes_nothing_and_counts_the_steps_still_on_the_device(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # sync-free: learnt at flush
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r", every=100)
+    for step in range(6):
+        guard.step(backward(model, opt, step, bad=step in (3, 4)))
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    state = guard.state_dict()
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics == ""  # nothing flushed
+    assert guard.monitor.pending == 6 and guard.skipped_steps == 0
+    assert (state["step_count"], state["skipped_steps"], state["consecutive"]) == (6, 2, 0)
+    guard.flush()
+    assert guard.state_dict()["skipped_steps"] == guard.skipped_steps == 2
+    guard.close()
+
+
+def test_locating_a_bad_step_flushes_nothing_mid_step(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # host-decided: the bad step is located at once
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r", every=100)
+    for step in range(5):
+        guard.step(backward(model, opt, step, bad=step == 4))
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == ""
+    assert guard.monitor.pending == 5
+    guard.close()
+    ev = read_run(tmp_path / "r").first_event("nonfinite")
+    assert ev["step"] == 4 and ev["located_by"] in ("replay", "norm")
+
+
+def test_meta_records_the_clipper_as_data_and_its_repr(tmp_path: Path) -> None:
+    model = make_model()
+    guard = gradguard.Guard(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), clip="norm:2", log_dir=tmp_path / "r"
+    )
+    guard.close()
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert meta["config"]["clip"] == clip_config(guard.clipper)
+    assert meta["config"]["clip_repr"] == repr(guard.clipper)
+    assert isinstance(meta["config"]["clip"], dict) and meta["config"]["clip"]["kind"] == "norm"
+    assert clip_config(None) is None
+
+
+@pytest.mark.parametrize(
+    ("clip", "expected"),
+    [("norm:1e-3", [1.0] * 4), ("norm:1e6", [0.0] * 4), (None, [math.nan] * 4), ("value:1e6", [0.0] * 4)],
+)
+def test_the_clip_fraction_column_says_what_the_clipper_did(
+    tmp_path: Path, clip: str | None, expected: list
+) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gradguard.Guard(model, opt, clip=clip, log_dir=tmp_path / "r", every=2)
+    for step in range(4):
+        guard.step(backward(model, opt, step))
+    guard.close()
+    got = [r["clip_fraction"] for r in read_run(tmp_path / "r").metrics]
+    assert got == pytest.approx(expected, nan_ok=True)
+
+
+def test_a_value_clipper_reports_the_fraction_of_elements_it_clamped(tmp_path: Path) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gradguard.Guard(model, opt, clip="value:1e-3", log_dir=tmp_path / "r", every=2)
+    loss = backward(model, opt, 0)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    expected = float((grads.abs() > 1e-3).float().mean())
+    guard.step(loss)
+    guard.close()
+    assert read_run(tmp_path / "r").metrics[0]["clip_fraction"] == pytest.approx(expected)
