@@ -50,7 +50,7 @@ TORCH_FREE = ("base", "contracts", "readers")
 # THE DEPENDENCY RULES (docs/architecture.md shows the same table).
 RULES: dict[str, Rule] = {
     # no gradguard import at all
-    "base": Rule(("gradguard._version", "gradguard.errors"), ()),
+    "base": Rule(("gradguard._version", "gradguard.errors", "gradguard.safetext"), ()),
     # the torch-free contracts: the run log, the step record, the events, the run table, the op table
     "contracts": Rule(
         (

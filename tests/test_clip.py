@@ -966,6 +966,14 @@ def every_clip_call():
         "clip_grad_norm_-foreach": lambda ps: gradguard.clip_grad_norm_(ps, 1.0, foreach=True),
         "clip_grad_norm_-loop": lambda ps: gradguard.clip_grad_norm_(ps, 1.0, foreach=False),
         "clip_grad_value_": lambda ps: gradguard.clip_grad_value_(ps, 1.0),
+        "get_total_norm": lambda ps: C.get_total_norm([p.grad for p in ps], 2.0, foreach=True),
+        "get_total_norm-p": lambda ps: torch.stack(
+            [C.get_total_norm([p.grad for p in ps], p) for p in NORM_TYPES]
+        ),
+        "clip_grads_with_norm_": lambda ps: (
+            C.clip_grads_with_norm_(ps, 1.0, torch.empty((), device="meta")),
+            ps[0].grad,
+        )[1],
         "clip_grad_agc_": lambda ps: gradguard.clip_grad_agc_(ps, 0.01, exclude=ps[-1:]),
         "coefficient": lambda ps: C.coefficient(
             torch.empty((), device="meta"), torch.empty(1, device="meta")
@@ -1047,6 +1055,27 @@ def test_clip_grad_norm_reads_each_grad_twice():
     with NoSync(watch=gs) as ns:
         gradguard.clip_grad_norm_(m.parameters(), torch.tensor(0.1))
     assert ns.reads == [2] * len(gs)
+
+
+def test_decomposed_api_reads_each_grad_once_and_equals_clip_grad_norm_():
+    m = real_grads_model()
+    gs = [q.grad for q in m.parameters()]
+    before = [g.clone() for g in gs]
+    for foreach in [None, False]:
+        with NoSync(watch=gs) as ns:
+            total = C.get_total_norm(gs, 2.0, foreach=foreach)
+        assert ns.reads == [1] * len(gs) and ns.writes == [0] * len(gs), ns.read_ops
+        with NoSync(watch=gs) as ns:
+            C.clip_grads_with_norm_(m.parameters(), 0.1, total, foreach=foreach)
+        assert ns.reads == [1] * len(gs) and ns.writes == [1] * len(gs), ns.read_ops
+        assert ns.syncs == [] and ns.h2d == []
+        decomposed = [g.clone() for g in gs]
+        for g, b in zip(gs, before):
+            g.copy_(b)
+        assert same(gradguard.clip_grad_norm_(m.parameters(), 0.1, foreach=foreach), total)
+        assert all(same(g, d) for g, d in zip(gs, decomposed))
+        for g, b in zip(gs, before):
+            g.copy_(b)
 
 
 # reads of each gradient by `clipper(params, norm=measured)`: the scale pass only, except
@@ -1363,12 +1392,20 @@ def test_norm_clipper_fraction_is_one_when_it_scaled(spec):
         check_fraction(frac, float(scaled))
 
 
-@pytest.mark.parametrize("spec", ["norm:0", "agc:0", "layer:0", "value:0"])
+ZERO_THRESHOLD = {
+    "norm:0": lambda: C.Norm(0.0),
+    "agc:0": lambda: C.AGC(0.0),
+    "layer:0": lambda: C.PerLayer(0.0),
+    "value:0": lambda: C.Value(0.0),
+}
+
+
+@pytest.mark.parametrize("spec", list(ZERO_THRESHOLD))
 def test_a_threshold_of_zero_zeroes_everything_and_says_so(spec):
-    """Accepted specs that zero every gradient (refusing them is another matter): their effect is
-    visible as a coefficient of 0 and a clip fraction of 1."""
+    """Clippers built with a threshold of 0 zero every gradient (from_spec refuses their specs;
+    see tests/test_faults.py): their effect is visible as a coefficient of 0 and a clip fraction of 1."""
     net = agc_net()
-    clipper = C.from_spec(spec)
+    clipper = ZERO_THRESHOLD[spec]()
     check_fraction(clipper.clip_(net.named_parameters() if clipper.takes_names else net.parameters()), 1.0)
     assert all(float(q.grad.abs().max()) == 0.0 for q in net.parameters())
     if isinstance(clipper, C.NormClipper):
@@ -1391,7 +1428,8 @@ def test_nonfinite_units_are_not_counted_as_clipped():
 @pytest.mark.parametrize("spec", [*SPECS, "norm:0"])
 def test_clip_and_call_clip_the_same(spec):
     """clip_ clips exactly as the call does (and keeps the same state)."""
-    a, b = C.from_spec(spec), C.from_spec(spec)
+    make = ZERO_THRESHOLD.get(spec, lambda: C.from_spec(spec))
+    a, b = make(), make()
     pa, pb = list(small_model().parameters()), list(small_model().parameters())
     for i, g in enumerate(norm_sequence(40)):
         set_global_norm(pa, g, i)

@@ -31,6 +31,7 @@ ISSUE_IDS = {
     "lr_too_high",
     "weight_growth",
     "loss_scale_collapse",
+    "incomplete_log",  # issue 14: a run not closed, or records lost to failed disk writes
 }
 
 
@@ -302,12 +303,16 @@ def test_a_norm_that_rises_while_the_loss_keeps_falling_is_not_an_explosion(tmp_
     assert "explosion" in ids(diagnose(diverging))
 
 
-@pytest.mark.parametrize("clip", ["norm:0", "agc:0"])
+@pytest.mark.parametrize("kind", ["norm", "agc"])
 def test_a_clipper_that_zeroes_every_gradient_is_a_finding_not_a_healthy_run(
-    tmp_path: Path, clip: str
+    tmp_path: Path, kind: str
 ) -> None:
-    """`clip="norm:0"` / `"agc:0"` zero every gradient while every number stays finite."""
-    findings = diagnose(G.train(tmp_path / "zero", clip=clip, steps=40))
+    """A threshold of 0 zeroes every gradient while every number stays finite. The spec strings
+    `"norm:0"` / `"agc:0"` are refused now; a clipper built directly (or an older run) still can."""
+    from gradguard.clip import AGC, Norm
+
+    clipper = Norm(0.0) if kind == "norm" else AGC(0.0)
+    findings = diagnose(G.train(tmp_path / "zero", clip=clipper, steps=40))
     over = by_id(findings, "over_clipping")
     assert over.severity == "error" and over.evidence["zeroed_rate"] == 1.0
     assert over.recommendation["max_norm"] > 0

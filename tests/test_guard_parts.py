@@ -18,10 +18,11 @@ from gradguard import events, monitor, record
 from gradguard._guard import apply as applying
 from gradguard._guard.anomaly import Anomalies, flagged_nonfinite, weights_nonfinite
 from gradguard._guard.clipping import ClipPlan
-from gradguard._guard.config import GuardConfig
+from gradguard._guard.config import GuardConfig, layer_cadence
 from gradguard._guard.counters import Counters
 from gradguard._guard.flush import FlushEvents, LossScaleWatch
 from gradguard._guard.measure import Constants, Measurement
+from gradguard._guard.params import GuardedParams
 from gradguard._guard.recovery import Recovery
 from gradguard._guard.row import device_row, host_values
 from gradguard._guard.runmeta import clip_config
@@ -61,6 +62,9 @@ def config(**kw: Any) -> GuardConfig:
         "loss_scale_floor": 1.0,
         "max_replays": 3,
         "monitor_only": False,
+        "min_lr": 1e-8,
+        "max_rollbacks": 5,
+        "rollback_window": 1000,
         **kw,
     }
     return GuardConfig.checked(**settings)
@@ -92,6 +96,14 @@ def test_each_event_type_has_one_constructor_with_todays_fields() -> None:
         "step": 6,
         "consecutive": 10,
         "weights_nonfinite": True,
+    }
+    bounded = events.abort(6, 0, False, reason=events.ABORT_MIN_LR, message="m", lr=1e-8)
+    assert (bounded["reason"], bounded["message"], bounded["lr"]) == ("min_lr", "m", 1e-8)
+    assert events.layers(3, ["0.weight"], ["0"]) == {
+        "type": "layers",
+        "step": 3,
+        "parameters": ["0.weight"],
+        "added": ["0"],
     }
     assert set(events.overflow(7, 1e39)) == {"type", "step", "grad_norm", "note"}
     collapse = events.loss_scale_collapse(8, 0.5, 1.0, 3, [(7, 1.0), (8, 0.5)])
@@ -335,6 +347,85 @@ def test_recovery_snapshot_rollback_backoff_and_its_state_dict_round_trip(tmp_pa
     assert not all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())  # step 2's, not step 0's
     with pytest.raises(GradGuardError, match="recovery state has version 7"):
         other.load_state_dict({"version": 7})
+
+
+def test_recovery_bounds_end_a_rollback_loop_and_survive_its_state_dict() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec_ = Recovery(
+        model, opt, {}, every=1, lr_backoff=0.5, snapshot_dir=None, active=True, max_rollbacks=2, window=10
+    )
+    assert rec_.limit(0) is None  # no snapshot: nothing to roll back to
+    rec_.take(0)
+    for step in (1, 2):
+        assert rec_.limit(step) is None
+        rec_.rollback(step)
+    limit = rec_.limit(3)  # a 3rd rollback within 10 steps
+    assert limit is not None and limit.reason == events.ABORT_MAX_ROLLBACKS
+    assert limit.fields == {"lr": 0.025, "to_step": 0, "rollbacks": 3, "window": 10, "max_rollbacks": 2}
+    assert rec_.limit(12) is None  # the window moved on
+    other = Recovery(model, opt, {}, every=1, lr_backoff=0.5, snapshot_dir=None, active=True, max_rollbacks=2)
+    other.load_state_dict(rec_.state_dict())
+    assert other.rollbacks == [1, 2] and other.limit(3) is not None
+    floor = Recovery(model, opt, {}, every=1, lr_backoff=0.5, snapshot_dir=None, active=True, min_lr=0.02)
+    floor.take(0)
+    limit = floor.limit(5)  # 0.025 * 0.5 < 0.02
+    assert limit is not None and limit.reason == events.ABORT_MIN_LR and "below min_lr=0.02" in limit.why
+    assert [e["type"] for e in floor.rollback(5, back_off=False)] == ["rollback"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)  # the run stops: no back-off
+    floor.forget()  # the optimizer changed: the next good step takes a new snapshot
+    assert floor.snapshot is None and floor.limit(6) is None
+    floor.after_good_step(6)
+    assert floor.snapshot_step == 6
+
+
+def test_the_recovery_bounds_and_the_layer_cadence_are_checked_settings() -> None:
+    with pytest.raises(GradGuardError, match="min_lr must be a number >= 0; got -1"):
+        config(min_lr=-1)
+    with pytest.raises(GradGuardError, match="min_lr must be a number >= 0; got 'x'"):
+        config(min_lr="x")
+    with pytest.raises(GradGuardError, match="max_rollbacks must be a positive int; got 0"):
+        config(max_rollbacks=0)
+    with pytest.raises(GradGuardError, match="rollback_window must be a positive int"):
+        config(rollback_window=0)
+    assert config(max_rollbacks=None).max_rollbacks is None
+    assert [layer_cadence(n) for n in (1, 64, 65, 128, 129, 2500)] == [1, 1, 2, 2, 3, 40]
+    auto = config(layer_every=None).for_layers(200)
+    assert (auto.layer_every, auto.layers_auto, auto.for_layers(10).layer_every) == (4, True, 1)
+    assert config(layer_every=3).for_layers(2500).layer_every == 3  # asked for: kept
+    assert auto.as_meta()["layer_every_auto"] is True and "layer_every_auto" not in config().as_meta()
+
+
+def test_parameters_wait_until_their_first_gradient_then_join() -> None:
+    model = make_model()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    opt.add_param_group({"params": [model[2].weight]})
+    changes: list[int] = []
+    guarded = GuardedParams(model, opt, on_change=lambda: changes.append(1))
+    assert guarded.names == ["2.weight"] and [n for n, _ in guarded.waiting] == ["0.weight", "0.bias"]
+    assert guarded.joining() == [] and changes == []
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    assert [n for n, _ in guarded.joining()] == ["0.weight"]
+    assert guarded.names == ["2.weight", "0.weight"] and guarded.params[-1] is model[0].weight
+    opt.add_param_group({"params": [model[2].bias]})
+    assert guarded.joining() == [] and changes == [1]  # waits for its gradient
+    model[2].bias.grad = torch.zeros_like(model[2].bias)
+    assert [n for n, _ in guarded.joining()] == ["2.bias"]
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(GradGuardError, match="not the model's"):
+        guarded.joining()
+
+
+def test_the_monitor_grows_its_layers_after_flushing_the_pending_records() -> None:
+    written: list[list[dict[str, Any]]] = []
+    mon = monitor.Monitor(["a"], every=10, on_flush=written.append)
+    row = torch.zeros(len(record.SCALARS))
+    mon.record(0, row, torch.tensor([1.0]))
+    mon.add_layers(["b"])
+    assert mon.pending == 0 and written[0][0]["layers"] == {"a": {"grad_norm": 1.0}}
+    mon.record(1, row, torch.tensor([2.0, 3.0]), absent=(1,))
+    assert mon.flush()[0]["layers"] == {"a": {"grad_norm": 2.0}, "b": {"grad_norm": None}}
 
 
 def test_an_inactive_recovery_takes_no_snapshot() -> None:

@@ -206,6 +206,46 @@ def test_float32_overflow_is_inf_one_pass_and_exact_in_exact_norms(dtype):
     assert S.exact_norms([t], math.inf).tolist() == [float(t[3].double())]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_wide_norms_measure_float32_overflow_in_one_read(dtype, foreach):
+    t = torch.ones(10, dtype=dtype)
+    t[3] = 1e30 if dtype != torch.float16 else 6e4
+    for p in [2.0, 1.0, 3.0, 0.5, math.inf]:
+        (got,) = S.tensor_norms([t], p, foreach=foreach, wide=True).tolist()
+        assert got == pytest.approx(ref_norm(t, p), rel=1e-6), p
+    assert S.tensor_norms([t], wide=True).dtype == torch.float32  # same dtype as the narrow path
+    with NoSync(watch=[t]) as ns:
+        S.tensor_norms([t], foreach=foreach, wide=True)
+    assert ns.reads == [1], ns.read_ops  # one read: no second pass
+    inf = torch.tensor([1.0, math.inf, 1e30])
+    nan = torch.tensor([1.0, math.nan, 1e30])
+    got = S.tensor_norms([inf, nan], wide=True).tolist()  # a real inf or NaN stays what it is
+    assert got[0] == math.inf and math.isnan(got[1])
+
+
+def test_wide_norms_beyond_float32_range_are_inf():
+    t = torch.full((4,), 3e38)  # finite elements, but the norm itself (6e38) is beyond float32
+    assert S.tensor_norms([t], wide=True).tolist() == [math.inf]
+    assert S.tensor_norms([t.double()], wide=True).tolist()[0] == pytest.approx(6e38)
+
+
+@FAST
+@given(
+    shape_list=shapes,
+    dtype=st.sampled_from(DTYPES),
+    p=st.sampled_from(NORM_TYPES),
+    seed=st.integers(0, 2**31 - 1),
+    foreach=st.sampled_from([None, False]),
+)
+def test_wide_norms_match_float64_reference(shape_list, dtype, p, seed, foreach):
+    ts = make(shape_list, dtype, seed)
+    got = S.tensor_norms(ts, p, foreach=foreach, wide=True)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 and ts else torch.float32)
+    for g, t in zip(got.tolist(), ts):
+        assert close(g, ref_norm(t, p), RTOL[dtype]), (g, ref_norm(t, p), t.shape)
+
+
 def test_exact_norms_float64_beyond_squared_range():
     t = torch.tensor([1e200, -1e200, 3.0], dtype=torch.float64)
     assert S.tensor_norms([t]).tolist() == [math.inf]
@@ -320,6 +360,24 @@ def test_sparse_grads_are_refused():
         GradGuardError, match=r"sparse_coo gradient of shape \(10, 3\).*to_dense\(\).*sparse=False"
     ):
         S.grad_stats(emb.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_tensors_are_refused_naming_shape_dtype_and_fix(dtype):
+    w = torch.nn.Parameter(torch.ones(2, 3, dtype=dtype))
+    w.grad = torch.ones(2, 3, dtype=dtype)
+    match = rf"complex gradient of shape \(2, 3\) and dtype {dtype}.*real.*view_as_real.*clip_grad_norm_"
+    with pytest.raises(GradGuardError, match=match):
+        S.grad_stats([w])
+    with pytest.raises(GradGuardError, match=r"complex parameter of shape \(2, 3\)"):
+        S.check_tensors([w], what="parameter")
+    with pytest.raises(GradGuardError, match=r"complex tensor of shape \(2, 3\)"):
+        S.check_tensors([torch.ones(2), w.grad])
+
+
+def test_integer_tensors_are_refused():
+    with pytest.raises(GradGuardError, match=r"tensor of shape \(3,\) and dtype torch.int64.*\.float\(\)"):
+        S.check_tensors([torch.arange(3)])
 
 
 # ----------------------------------------------------------------------------- no host sync

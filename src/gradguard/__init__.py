@@ -34,6 +34,8 @@ if TYPE_CHECKING:
         clip_grad_agc_,
         clip_grad_norm_,
         clip_grad_value_,
+        clip_grads_with_norm_,
+        get_total_norm,
     )
     from gradguard.guard import Guard
     from gradguard.locate import locate
@@ -53,6 +55,8 @@ __all__ = [
     "clip_grad_agc_",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
     "locate",
 ]
 
@@ -67,6 +71,8 @@ _CLIP_NAMES = (
     "clip_grad_agc_",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
 )
 # public name → the module that defines it (each needs torch, so each loads on first access)
 _LAZY = {

@@ -32,13 +32,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from gradguard.safetext import safe_text
+
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
 
 
 def _fail(message: str) -> int:
-    print(f"gradguard: error: {message}", file=sys.stderr)
+    print(f"gradguard: error: {safe_text(message)}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -69,20 +71,20 @@ def _diagnose(args: argparse.Namespace) -> int:
     from gradguard.runlog import FINDINGS_FILE, find_runs, is_run_dir, read_run, to_jsonable
 
     try:
-        log = read_run(args.run_dir)
+        log = read_run(args.run_dir, records=False)  # the run table only: memory bounded by its columns
     except GradGuardError as e:
         return _fail(str(e))
     if not is_run_dir(args.run_dir) and log.path.parent.resolve() != log.path.resolve():
         count = len(find_runs(log.path.parent))
         if count > 1:
-            print(f"gradguard: reading the newest of {count} runs: {log.path}", file=sys.stderr)
+            print(f"gradguard: reading the newest of {count} runs: {safe_text(log.path)}", file=sys.stderr)
     findings = diagnose(log)
     if not args.no_write:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             write_findings(log, findings)
         for w in caught:
-            print(f"gradguard: warning: {w.message}", file=sys.stderr)
+            print(f"gradguard: warning: {safe_text(w.message)}", file=sys.stderr)
     if args.json:
         print(json.dumps(to_jsonable(to_json(findings, log)), indent=2, allow_nan=False))
     else:
@@ -90,7 +92,8 @@ def _diagnose(args: argparse.Namespace) -> int:
 
         print_summary(log, findings)
         if not args.no_write and (log.path / FINDINGS_FILE).exists():
-            print(f"findings: {log.path / FINDINGS_FILE}; HTML report: gradguard report {log.path}")
+            where = safe_text(log.path)
+            print(f"findings: {safe_text(log.path / FINDINGS_FILE)}; HTML report: gradguard report {where}")
     return EXIT_FINDINGS if any(f.severity == "error" for f in findings) else EXIT_OK
 
 
@@ -120,7 +123,7 @@ def _report(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"could not write the report ({e}); pass -o FILE in a folder you can write to.")
-    print(f"report: {path}" + (" (replaced the existing file)" if existed else ""))
+    print(f"report: {safe_text(path)}" + (" (replaced the existing file)" if existed else ""))
     return EXIT_OK
 
 

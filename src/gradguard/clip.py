@@ -10,7 +10,8 @@ Every clipper also says what it did and what it is:
 * ``clipper.clip_(parameters, norm=None)`` clips like the call and returns the fraction of its
   units clipped this step (a 0-D float32 device tensor, no host read): the elements clamped
   (value), the units (AGC), the layers (per-layer), or 1.0 / 0.0 for global-norm clippers
-  (:func:`fraction_clipped` of the coefficient). ``"norm:0"`` and ``"agc:0"`` read 1.0.
+  (:func:`fraction_clipped` of the coefficient). ``Norm(0)`` and ``AGC(0)`` read 1.0 (their
+  specs ``"norm:0"``, ``"agc:0"`` are refused: they zero every gradient).
 * ``clipper.kind`` and ``clipper.config()`` are the clipper as data (``{"kind": "zclip",
   "z_thresh": 2.5, ...}``, JSON-able); ``from_spec(config)`` rebuilds it.
 * :data:`CLIPPERS` maps each kind to its class; :func:`from_spec` reads it, so a new clipper is a
@@ -19,13 +20,22 @@ Every clipper also says what it did and what it is:
 ZClip's rule is written once (:func:`_zclip_step`) and runs on device tensors (:class:`ZClip`,
 :class:`Auto`) and on host floats (:class:`HostZClip`, the guard's spike warning).
 
-What gradguard does differently from torch, on purpose:
+The functions :func:`clip_grad_norm_`, :func:`get_total_norm`, :func:`clip_grads_with_norm_` and
+:func:`clip_grad_value_` have torch.nn.utils's signatures and semantics (no_grad, ``foreach=``, the
+empty-generator warning, ``error_if_nonfinite``'s message). What they do differently, on purpose
+(the README's parity table lists every difference):
 
 * A non-finite norm leaves the gradients untouched (coefficient 1): torch multiplies by
   ``τ/inf = 0`` or by NaN, zeroing every finite gradient or turning it into NaN. Detect the
   non-finite step from the returned norm (or let :class:`gradguard.Guard` skip it).
-* float16/bfloat16 norms accumulate in float32 (a float16 norm above 65504 is measured, not
-  ``inf``), and the total accumulates in float64 (see :mod:`gradguard.stats`).
+* Norms are overflow-safe: float16/bfloat16 norms are float32 (a float16 norm above 65504 is
+  measured, not ``inf``); the functions accumulate float32 gradients in float64 in their one read
+  (elements of 1.8e19 and more are measured and clipped), and the total accumulates in float64
+  (see :mod:`gradguard.stats`). The clippers called on their own measure in float32, as the
+  :class:`gradguard.Guard` does (it re-measures a step whose float32 norm overflowed).
+* Bad input is refused with a :class:`gradguard.GradGuardError` (what, the value, the fix): a
+  negative or NaN threshold, ``norm_type`` ≤ 0 or NaN, complex or sparse gradients, gradients on
+  several devices.
 * A tensor ``max_norm`` is never read on the host (except by ``config()``, once, for the run's metadata).
 * Adaptive clippers update their state with finite norms only: one NaN step never poisons them.
 """
@@ -33,6 +43,8 @@ What gradguard does differently from torch, on purpose:
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Protocol
 
@@ -67,9 +79,11 @@ __all__ = [
     "clip_grad_agc_",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "clip_grads_with_norm_",
     "coefficient",
     "fraction_clipped",
     "from_spec",
+    "get_total_norm",
     "scale_",
     "spec_no_arg",
     "spec_number",
@@ -122,7 +136,7 @@ def fraction_clipped(coef: Tensor) -> Tensor:
     """The fraction of the coefficients below 1 (units scaled down), as a 0-D float32 device tensor.
 
     For a global-norm clipper's one coefficient this is the step's clip fraction: 1.0 when it
-    clipped, 0.0 when not (a non-finite norm has coefficient 1: not clipped; ``"norm:0"`` has
+    clipped, 0.0 when not (a non-finite norm has coefficient 1: not clipped; ``Norm(0)`` has
     coefficient 0: 1.0). Per-layer clipping applies it to its per-layer coefficients. No host sync.
     """
     return (coef < 1.0).mean(dtype=torch.float32)
@@ -143,6 +157,62 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = No
 
 
 # ----------------------------------------------------------------------------- functions
+# torch.nn.utils's clipping functions, same signatures: clip_grad_norm_ is get_total_norm followed by
+# clip_grads_with_norm_. Every one runs under no_grad (after backward(create_graph=True) the returned
+# norm does not require grad and the clip is not recorded in the graph). The differences from torch
+# are deliberate and listed in the README ("Drop-in parity with torch.nn.utils").
+def get_total_norm(
+    tensors: Tensor | Iterable[Tensor],
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """The global p-norm of ``tensors`` (the norm of their norms), like :func:`torch.nn.utils.get_total_norm`.
+
+    One read of each tensor. Off the CPU every dtype accumulates in float64 (``wide`` in
+    :func:`gradguard.stats.tensor_norms`), so float32 elements of 1.8e19 and more, whose squares
+    overflow float32, give their finite norm; on the CPU, where float64 would cost 15-50x, such a
+    tensor's norm is ``inf`` (as in torch) and the gradients are left untouched (torch zeroes them;
+    :class:`gradguard.Guard` re-measures such a step exactly and clips it). The total of the
+    per-tensor norms always accumulates in float64. No host sync (except ``error_if_nonfinite=True``, one read, as in torch).
+
+    Args:
+        tensors: tensors (e.g. gradients; not parameters), or one tensor, on one device.
+        norm_type: p > 0 or ``inf``.
+        error_if_nonfinite: raise :class:`gradguard.NonFiniteError` (a ``RuntimeError``) when the
+            norm is NaN or infinite.
+        foreach: use the foreach kernels (default: where supported).
+
+    Returns:
+        The norm as a 0-D tensor: float32 (float64 when any tensor is float64; float32 for
+        float16/bfloat16 tensors, where torch returns their dtype); 0 for no tensors.
+    """
+    p = check_norm_type(norm_type)
+    ts = as_tensor_list(tensors)
+    check_tensors(ts)
+    return _total(ts, p, error_if_nonfinite, foreach)
+
+
+def clip_grads_with_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float | Tensor,
+    total_norm: Tensor | float,
+    foreach: bool | None = None,
+) -> None:
+    """Scale the gradients by ``min(1, max_norm / (total_norm + 1e-6))`` in place, like
+    :func:`torch.nn.utils.clip_grads_with_norm_`, except that a non-finite ``total_norm`` leaves them
+    untouched (torch zeroes them or fills them with NaN). No host sync.
+
+    Args:
+        parameters: tensors (or one tensor) whose ``.grad`` is scaled.
+        max_norm: the threshold τ ≥ 0 (float or 1-element tensor, never read on the host).
+        total_norm: the norm to clip with, e.g. from :func:`get_total_norm`.
+        foreach: use the foreach kernels (default: where supported).
+    """
+    threshold = _check_threshold(max_norm, "max_norm")
+    _scale_to(grads_of(parameters), threshold, total_norm, foreach)
+
+
 def clip_grad_norm_(
     parameters: Tensor | Iterable[Tensor],
     max_norm: float | Tensor,
@@ -153,16 +223,20 @@ def clip_grad_norm_(
     """Clip the global gradient norm in place: ``g ← τ·g/‖g‖`` when ``‖g‖ ≥ τ`` (Pascanu et al. 2013).
 
     A drop-in for :func:`torch.nn.utils.clip_grad_norm_` (same result to float tolerance wherever
-    torch's is finite) that is overflow-safe for float16 and never zeroes or NaN-fills finite
-    gradients when the norm is non-finite (it leaves them untouched and returns the non-finite
-    norm). ``max_norm`` may be a device tensor; it is never read on the host.
+    torch's is finite): :func:`get_total_norm` of the gradients, then :func:`clip_grads_with_norm_`.
+    Overflow-safe (float16 norms above 65504 and float32 gradients whose squares overflow are
+    measured and clipped), and it never zeroes or NaN-fills finite gradients when the norm is
+    non-finite: it leaves them untouched and returns the non-finite norm. ``max_norm`` may be a
+    device tensor; it is never read on the host. No host sync.
 
     Args:
-        parameters: tensors (or one tensor) whose ``.grad`` is clipped.
+        parameters: tensors (or one tensor) whose ``.grad`` is clipped. An empty generator (e.g.
+            ``model.parameters()`` consumed by an earlier call) warns, as torch does.
         max_norm: the threshold τ ≥ 0 (float or 1-element tensor).
         norm_type: p > 0 or ``inf``.
-        error_if_nonfinite: raise :class:`gradguard.NonFiniteError` on a non-finite norm. This
-            reads the norm on the host (one sync), as torch does.
+        error_if_nonfinite: raise :class:`gradguard.NonFiniteError` (a ``RuntimeError``, torch's
+            message) on a non-finite norm, before touching the gradients. This reads the norm on
+            the host (one sync), as torch does.
         foreach: use the foreach kernels (default: where supported).
 
     Returns:
@@ -178,31 +252,81 @@ def clip_grad_norm_(
     """
     threshold = _check_threshold(max_norm, "max_norm")
     p = check_norm_type(norm_type)
-    grads = grads_of(parameters)
-    total = total_norm(tensor_norms(grads, p, foreach=foreach), p)
-    if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: opt-in, as in torch
-        raise NonFiniteError(
-            f"the total norm of order {p} of the gradients is {float(total)}; the gradients cannot be clipped. "
-            "Pass error_if_nonfinite=False to leave them untouched (gradguard never zeroes them), or find the "
-            "first non-finite value with `gradguard.locate`."
-        )
-    if grads:
-        scale_(grads, coefficient(total, threshold), foreach=foreach)
+    grads = grads_of(_parameter_list(parameters))
+    total = _total(grads, p, error_if_nonfinite, foreach)
+    _scale_to(grads, threshold, total, foreach)
     return total
+
+
+def _parameter_list(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """The parameters as a list; warns (as torch does) when they came from a generator that gave nothing."""
+    is_generator = isinstance(parameters, types.GeneratorType)
+    params = as_tensor_list(parameters)
+    if is_generator and not params:
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur. A generator such as "
+            "`model.parameters()` is used up by its first pass: pass `list(model.parameters())` to "
+            "reuse it.",
+            stacklevel=3,  # the caller of clip_grad_norm_
+        )
+    return params
+
+
+def _total(tensors: list[Tensor], p: float, error_if_nonfinite: bool, foreach: bool | None) -> Tensor:
+    """The overflow-safe global p-norm of checked tensors, under no_grad; raises on a non-finite one
+    when asked (the only host read here)."""
+    with torch.no_grad():
+        total = total_norm(tensor_norms(tensors, p, foreach=foreach, wide=_wide_is_cheap(tensors)), p)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: opt-in, as in torch
+        raise NonFiniteError(_nonfinite_message(p, total))
+    return total
+
+
+def _wide_is_cheap(tensors: list[Tensor]) -> bool:
+    """Accumulate the per-tensor norms in float64 where that costs nothing measurable: off the CPU
+    (the foreach kernel reads float32 and accumulates wider). On the CPU a float64 norm converts each
+    tensor first: measured 15-50x a float32 norm (2-core x86_64, torch 2.13, a 3.9M-parameter GPT's
+    gradients), so the CPU keeps torch's float32 accumulation (see the README's parity table)."""
+    return bool(tensors) and tensors[0].device.type != "cpu"
+
+
+def _nonfinite_message(p: float, total: Tensor) -> str:
+    """torch's message for ``error_if_nonfinite=True``, word for word, then gradguard's own note."""
+    return (
+        f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be "
+        "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+        f"`error_if_nonfinite=False`. gradguard: the norm is {float(total)}; with error_if_nonfinite=False "
+        "gradguard leaves the gradients untouched (it never scales them by a non-finite norm). Find the "
+        "first non-finite value with `gradguard.locate`."
+    )
+
+
+def _scale_to(
+    grads: list[Tensor], threshold: float | Tensor, total: Tensor | float, foreach: bool | None
+) -> None:
+    """Scale ``grads`` in place by :func:`coefficient` of ``total`` and ``threshold``, under no_grad."""
+    if not grads:
+        return
+    if not isinstance(total, Tensor):
+        total = torch.tensor(float(total))  # a host number; moved with the coefficient
+    with torch.no_grad():
+        scale_(grads, coefficient(total, threshold), foreach=foreach)
 
 
 def clip_grad_value_(
     parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None
 ) -> Tensor:
-    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place.
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place, like
+    :func:`torch.nn.utils.clip_grad_value_` (under no_grad; no host sync).
 
-    Returns the pre-clip max-abs of the gradients, so an overflow is still visible: value
-    clipping maps ±inf to ±clip_value and lets NaN through, hiding what went wrong.
+    Returns the pre-clip max-abs of the gradients (torch returns None), so an overflow is still
+    visible: value clipping maps ±inf to ±clip_value and lets NaN through, hiding what went wrong.
     """
     v = float(_check_threshold(clip_value, "clip_value"))
     grads = grads_of(parameters)
-    maxabs = total_norm(tensor_norms(grads, math.inf, foreach=foreach), math.inf)
-    _clamp_(grads, v, foreach=foreach)
+    with torch.no_grad():
+        maxabs = total_norm(tensor_norms(grads, math.inf, foreach=foreach), math.inf)
+        _clamp_(grads, v, foreach=foreach)
     return maxabs
 
 
@@ -390,6 +514,11 @@ def _tensors(parameters: Any) -> list[Any]:
     return [parameters] if isinstance(parameters, Tensor) else list(parameters)
 
 
+def _is_zero(threshold: float | Tensor) -> bool:
+    """A float threshold of 0 (a tensor one is never read on the host)."""
+    return not isinstance(threshold, Tensor) and threshold == 0
+
+
 def _json_number(x: float | Tensor) -> float | None:
     """A threshold as a JSON number: a tensor's value now (one host read; None on ``meta``)."""
     if isinstance(x, Tensor):
@@ -440,6 +569,11 @@ class Clipper:
     def config(self) -> dict[str, Any]:
         """The clipper as data: ``{"kind": ..., **constructor parameters}``, JSON-able (for ``meta.json``)."""
         return {"kind": getattr(self, "kind", type(self).__name__)}
+
+    def zeroes_every_gradient(self) -> bool:
+        """True when a threshold of 0 makes this clipper scale or clamp every gradient to 0 (the
+        weights would never move): :func:`from_spec` refuses such a spec. False by default."""
+        return False
 
     def __call__(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
         """Clip in place; return the pre-clip global norm (``norm`` when given, else measured here)."""
@@ -526,6 +660,9 @@ class Norm(NormClipper):
     def config(self) -> dict[str, Any]:
         """A tensor ``max_norm`` is read once here (its value now; None on ``meta``)."""
         return {**super().config(), "max_norm": _json_number(self.max_norm), "norm_type": self.norm_type}
+
+    def zeroes_every_gradient(self) -> bool:
+        return _is_zero(self.max_norm)
 
     def threshold(self, norm: Tensor) -> Tensor:
         if isinstance(self.max_norm, Tensor):
@@ -858,6 +995,10 @@ class ZClip(NormClipper):
         self._state, tau, _, finite, n = _zclip_step(self._rule, self._state, g)
         return tau, finite, n
 
+    def zeroes_every_gradient(self) -> bool:
+        """True with a cap ``max_norm`` of 0 (every step after the warm-up is clipped to nothing)."""
+        return self.max_norm is not None and _is_zero(self.max_norm)
+
     def threshold(self, norm: Tensor) -> Tensor:
         tau = self._observe(norm)[0]
         if self.max_norm is not None:
@@ -1092,6 +1233,9 @@ class Value(Clipper):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "clip_value": self.clip_value}
 
+    def zeroes_every_gradient(self) -> bool:
+        return _is_zero(self.clip_value)
+
     def __call__(self, parameters: Tensor | Iterable[Tensor], norm: Tensor | None = None) -> Tensor:
         if norm is None:
             return clip_grad_value_(parameters, self.clip_value)
@@ -1136,6 +1280,9 @@ class AGC(Clipper):
         """The excluded names; excluded tensors are not data and are left out."""
         names = [s for s in self.exclude if isinstance(s, str)]
         return {**super().config(), "clip_factor": self.clip_factor, "eps": self.eps, "exclude": names}
+
+    def zeroes_every_gradient(self) -> bool:
+        return _is_zero(self.clip_factor)
 
     def __call__(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
         params, excluded = self._split(parameters)
@@ -1189,6 +1336,9 @@ class PerLayer(Clipper):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "max_norm": self.max_norm, "norm_type": self.norm_type}
+
+    def zeroes_every_gradient(self) -> bool:
+        return _is_zero(self.max_norm)
 
     def __call__(self, parameters: Any, norm: Tensor | None = None) -> Tensor:
         scaled = self._scale(parameters)
@@ -1244,11 +1394,29 @@ def from_spec(spec: str | float | dict[str, Any] | Clipper | None) -> Clipper | 
 
     ``"kind:arg"`` is ``CLIPPERS[kind].from_arg(arg)``; ``"none"`` and None mean no clipper.
 
+    A spec whose threshold is 0 (``"norm:0"``, ``"value:0"``, ``"agc:0"``, ``"layer:0"``, ``0``, or
+    such a config) is refused: it would zero every gradient, so the weights would never move. A
+    clipper built directly (``Norm(0.0)``) is taken as it is, and the functions keep torch's
+    behaviour (``clip_grad_norm_(ps, 0)`` zeroes the gradients, as torch does).
+
     Raises:
-        GradGuardError: an unknown name or a bad number, listing the accepted forms.
+        GradGuardError: an unknown name, a bad number or a zero threshold, with the accepted forms
+            or the fix.
     """
     if spec is None or isinstance(spec, Clipper):
         return spec
+    clipper = _build(spec)
+    if clipper is not None and clipper.zeroes_every_gradient():
+        raise GradGuardError(
+            f"clip spec {spec!r} zeroes every gradient: a threshold of 0 scales (or clamps) each one to 0, "
+            "so the weights never move. Use a positive threshold (`gradguard diagnose` recommends one from "
+            f"a run's norms), or 'none' to measure without clipping. Accepted: {_accepted()}."
+        )
+    return clipper
+
+
+def _build(spec: str | float | dict[str, Any]) -> Clipper | None:
+    """The clipper of a spec (see :func:`from_spec`), before the zero-threshold check."""
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return Norm(float(spec))
     if isinstance(spec, dict):

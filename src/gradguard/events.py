@@ -16,6 +16,9 @@ import math
 from typing import Any
 
 __all__ = [
+    "ABORT_CONSECUTIVE",
+    "ABORT_MAX_ROLLBACKS",
+    "ABORT_MIN_LR",
     "SKIP_AMP_OVERFLOW",
     "SKIP_NONFINITE",
     "SKIP_NO_SNAPSHOT",
@@ -24,6 +27,7 @@ __all__ = [
     "Event",
     "abort",
     "kind_of",
+    "layers",
     "loss_scale_collapse",
     "lr_backoff",
     "nonfinite",
@@ -45,6 +49,7 @@ TYPES = (
     "lr_backoff",
     "abort",
     "loss_scale_collapse",
+    "layers",
 )
 
 #: The ``reason`` of a ``skip`` event.
@@ -52,6 +57,11 @@ SKIP_NONFINITE = "nonfinite"
 SKIP_SPIKE = "spike"
 SKIP_AMP_OVERFLOW = "amp_overflow"
 SKIP_NO_SNAPSHOT = "nonfinite (no snapshot yet to roll back to)"
+
+#: The ``reason`` of an ``abort`` event (an abort without one is an old run's: ``max_consecutive``).
+ABORT_CONSECUTIVE = "max_consecutive"  # too many skipped steps in a row
+ABORT_MAX_ROLLBACKS = "max_rollbacks"  # too many rollbacks within rollback_window steps
+ABORT_MIN_LR = "min_lr"  # one more LR back-off would take the learning rate below min_lr
 
 _OVERFLOW_NOTE = "finite gradients whose float32 norm overflows; measured exactly and clipped"
 _COLLAPSE_MESSAGE = (
@@ -127,9 +137,24 @@ def lr_backoff(step: int, factor: float, lr: float) -> Event:
     return {"type": "lr_backoff", "step": step, "factor": factor, "lr": lr}
 
 
-def abort(step: int, consecutive: int, weights_nonfinite: bool) -> Event:
-    """The guard stopped the run after ``consecutive`` skipped steps in a row."""
-    return {"type": "abort", "step": step, "consecutive": consecutive, "weights_nonfinite": weights_nonfinite}
+def abort(
+    step: int, consecutive: int, weights_nonfinite: bool, *, reason: str | None = None, **fields: Any
+) -> Event:
+    """The guard stopped the run at ``step``; ``consecutive``: skipped steps in a row by then.
+
+    ``reason`` (one of the ``ABORT_*`` constants) says which bound stopped it; ``fields`` add what a
+    reader shows (``message``, and for a rollback loop ``rollbacks``, ``window``, ``lr``,
+    ``min_lr``, ``to_step``). An event without ``reason`` is ``ABORT_CONSECUTIVE``'s.
+    """
+    event: Event = {
+        "type": "abort",
+        "step": step,
+        "consecutive": consecutive,
+        "weights_nonfinite": weights_nonfinite,
+    }
+    if reason is not None:
+        event["reason"] = reason
+    return {**event, **fields}
 
 
 def loss_scale_collapse(
@@ -149,3 +174,10 @@ def loss_scale_collapse(
         "recent_scales": list(recent_scales),
         "message": _COLLAPSE_MESSAGE,
     }
+
+
+def layers(step: int, parameters: list[str], added: list[str]) -> Event:
+    """Parameters joined the guard at ``step`` (unfrozen, or added with ``add_param_group``): from
+    this step on they are measured, clipped and checked. ``added``: the layers new to the log
+    (``meta.json``'s ``layers`` lists them too); a parameter of a known layer adds none."""
+    return {"type": "layers", "step": step, "parameters": list(parameters), "added": list(added)}

@@ -28,6 +28,17 @@ and skipping (the cost :class:`torch.amp.GradScaler` pays on every unfused step)
 sync-free path the host learns about bad steps at the next flush (every ``every`` steps): their
 events are written then, and ``max_consecutive`` is checked then.
 
+Guarded from the step they join: every parameter the optimizer steps is measured, clipped and
+checked from the first step it has a gradient, also when it joins after construction (unfrozen
+with ``requires_grad_(True)``, or added with ``optimizer.add_param_group``). Finding those costs
+one look at each parameter group and one ``grad is None`` test per still-frozen parameter a step
+(:mod:`gradguard._guard.params`); the step a parameter joins flushes the pending records once and
+writes a ``layers`` event (``meta.json``'s ``layers`` grows with it).
+
+The log is not lost when the script forgets :meth:`Guard.close`: a guard still open at interpreter
+exit (a normal exit, or an exception that ends the script) is closed then, its pending records
+written; ``with Guard(...) as guard:`` closes it when the block ends, exception or not.
+
 Known torch trap, handled: fused SGD with momentum that skips its *first* step (via
 ``found_inf``) leaves its momentum buffers uninitialised (``torch.empty_like``), and the next
 step reads garbage. The guard decides such a first step on the host instead (one sync, once).
@@ -37,9 +48,12 @@ next step gives exactly the result of a fresh optimizer.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,24 +65,25 @@ from gradguard import events
 from gradguard._distributed import Reducer, world
 from gradguard._guard import apply as applying
 from gradguard._guard.anomaly import Anomalies, flagged_nonfinite
-from gradguard._guard.apply import Apply, Outcome, Planned
+from gradguard._guard.apply import Apply, Outcome, Planned, reuse_first_call
 from gradguard._guard.clipping import Clipping, spike_detector
 from gradguard._guard.config import (
     GuardConfig,
     OnNonFinite,
     OnSpike,
     check_distributed,
+    check_log_dir,
     check_model,
     check_monitor_only,
     check_optimizer,
-    guarded_parameters,
     is_fused,
     momentum_sgd,
 )
 from gradguard._guard.counters import Counters
 from gradguard._guard.flush import FlushEvents, mark_host_spikes
-from gradguard._guard.measure import Constants, Measurement, Meter
-from gradguard._guard.recovery import Recovery
+from gradguard._guard.measure import Constants, Measurement, Meter, check_loss
+from gradguard._guard.params import GuardedParams
+from gradguard._guard.recovery import Limit, Recovery
 from gradguard._guard.row import column, device_row, host_values, rescued, set_column
 from gradguard._guard.runmeta import open_run_log, run_meta
 from gradguard.clip import Clipper, HostZClip, coefficient, from_spec
@@ -82,6 +97,27 @@ from gradguard.stats import LayerIndex, check_tensors
 __all__ = ["Guard", "OnNonFinite", "OnSpike"]
 
 _STATE_VERSION = 1
+
+#: The guards not closed yet (weakly: a guard dropped by the script can still be collected).
+_OPEN: weakref.WeakSet[Guard] = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    """Interpreter exit: close the guards the script left open, so their last records are written."""
+    for guard in list(_OPEN):
+        if guard._pid != os.getpid():  # a forked child inherits the set: the log is its parent's
+            continue
+        try:
+            guard._close(at_exit=True)
+        except Exception as e:  # never fail the exit
+            warnings.warn(
+                f"gradguard: could not close the run log {guard.run_dir} at exit: {e!r}",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+
+
+atexit.register(_close_at_exit)
 
 
 class _Setting:
@@ -99,14 +135,23 @@ class Guard:
 
     Call :meth:`step` where you called ``optimizer.step()``.
 
+    Every parameter of ``model`` that ``optimizer`` steps is guarded from the first step it has a
+    gradient, also those that join later (unfrozen, or added with ``optimizer.add_param_group``).
+    Complex parameters are refused. A layer none of whose parameters has a gradient at a step is
+    logged with ``grad_norm`` null (not 0.0).
+
+    The log is written every ``every`` steps, at :meth:`close`, at the end of a ``with`` block
+    (exception or not) and, for a guard never closed, at interpreter exit.
+
     Memory: the always-on part keeps an on-device buffer of ``every × (13 + layers)`` floats and
     never copies a gradient. On the steps where weight norms are measured (``weight_every``) it
     holds a temporary copy of the weights. With ``on_nonfinite="rollback"`` a snapshot costs one
-    copy of the model and optimizer state, in **host memory** (plus a file with ``snapshot_dir``).
+    copy of the model and optimizer state, in **host memory** (plus a file with ``snapshot_dir``);
+    it is part of :meth:`state_dict`, so a resumed run rolls back as one that never stopped.
 
     Args:
-        model: the root module (its ``named_parameters()`` name the layers in the log). Only the
-            parameters that the optimizer holds and that require grad are measured.
+        model: the root module (its ``named_parameters()`` name the layers in the log). The
+            parameters that the optimizer holds are measured from their first gradient on.
         optimizer: the optimizer that steps the model's parameters.
         clip: a spec (``"auto"``, ``"norm:5"``, ``"autoclip:10"``, ``"zclip"``, ``"agc:0.01"``,
             ``"value:1"``, ``"layer:1"``, ``"none"``), a number (norm clipping) or a
@@ -119,10 +164,16 @@ class Guard:
             ``"ignore"``, ``"warn"`` (log a ``spike`` event), ``"clip"`` (clip it to the spike
             threshold) or ``"skip"`` (the batch's step index is logged in a ``skip`` event).
         spike_z: the z-score of a spike.
-        log_dir: the run directory (``None``: no files; ``"auto"``: ``gradguard-runs/<time>-<name>``).
+        log_dir: the run directory (``None``: no files; ``"auto"``: a new
+            ``gradguard-runs/<time>-<name>``, created at once so two guards never share it). Empty
+            text is refused (it would write into the current directory).
         name: the run's name in the default run directory.
         every: flush interval in steps (the only host copy of the metrics).
         layer_every: record per-layer gradient norms every this many steps (1: every step).
+            ``None`` (the default) keeps wide models' logs small: every step for up to 64 layers,
+            every ``ceil(layers / 64)`` steps for wider models (a 2,500-layer model: every 40
+            steps), so a record carries at most about 64 layer norms a step on average; chosen
+            again when parameters join.
         weight_every: measure weight norms and update/weight ratios every this many steps
             (a temporary copy of the weights on those steps only); ``None`` never.
         snapshot_every: ``rollback`` snapshot cadence in steps (a snapshot is taken after a good
@@ -130,9 +181,17 @@ class Guard:
         snapshot_dir: also write the snapshot to ``snapshot_dir/snapshot.pt`` (atomically).
         lr_backoff: multiply every group's learning rate by this after a rollback (``None``: keep).
             An LR scheduler that sets the LR from its base values overrides it.
+        min_lr: a rollback whose back-off would take the largest group learning rate below this
+            stops the run instead (``NonFiniteError``, an ``abort`` event with reason ``min_lr``);
+            0 never stops. Below ~1e-8 fp32 weights barely move.
+        max_rollbacks: at most this many rollbacks within ``rollback_window`` steps; one more
+            stops the run (reason ``max_rollbacks``). ``None``: no cap. The run stops with the
+            model and optimizer restored to the last snapshot.
+        rollback_window: the window of ``max_rollbacks``, in steps.
         max_consecutive: abort (``NonFiniteError``, log flushed) after this many skipped steps in
             a row (on the sync-free path: checked at the next flush).
-        norm_type: p of the gradient norms.
+        norm_type: p of the gradient norms: a number > 0 or ``inf`` (checked as
+            :func:`gradguard.clip_grad_norm_` checks it).
         exist_ok: append to an existing run directory instead of refusing it.
         locate: on a non-finite step, find where the first non-finite value was born (phase,
             module, op, source line): the step is replayed under full instrumentation (exactly
@@ -167,6 +226,9 @@ class Guard:
     loss_scale_floor = _Setting()
     max_replays = _Setting()
     monitor_only = _Setting()
+    min_lr = _Setting()
+    max_rollbacks = _Setting()
+    rollback_window = _Setting()
 
     def __init__(
         self,
@@ -180,11 +242,14 @@ class Guard:
         log_dir: str | os.PathLike[str] | None = None,
         name: str = "run",
         every: int = 50,
-        layer_every: int = 1,
+        layer_every: int | None = None,
         weight_every: int | None = 50,
         snapshot_every: int = 100,
         snapshot_dir: str | os.PathLike[str] | None = None,
         lr_backoff: float | None = None,
+        min_lr: float = 1e-8,
+        max_rollbacks: int | None = 5,
+        rollback_window: int = 1000,
         max_consecutive: int = 10,
         norm_type: float = 2.0,
         exist_ok: bool = False,
@@ -198,7 +263,8 @@ class Guard:
     ) -> None:
         self.model = check_model(model)
         self.optimizer = check_optimizer(optimizer)
-        self.config = config = GuardConfig.checked(
+        check_log_dir(log_dir)
+        config = GuardConfig.checked(
             on_nonfinite=on_nonfinite,
             on_spike=on_spike,
             spike_z=spike_z,
@@ -212,24 +278,35 @@ class Guard:
             loss_scale_floor=loss_scale_floor,
             max_replays=max_replays,
             monitor_only=monitor_only,
+            min_lr=min_lr,
+            max_rollbacks=max_rollbacks,
+            rollback_window=rollback_window,
         )
         self.clipper = from_spec(clip)  # type: ignore[arg-type]  # a number means norm clipping
         check_monitor_only(config, self.clipper)
-        root, names, self._params = guarded_parameters(model, optimizer)
+        self._guarded = GuardedParams(model, optimizer, on_change=lambda: self._recovery.forget())
+        self._params = self._guarded.params  # grows in place when parameters join
         check_tensors(self._params, what="parameter")
-        self._index = LayerIndex(names)
+        self._index = LayerIndex(self._guarded.names)
+        self.config = config.for_layers(len(self._index.layers))
+        self._process_group = process_group
         self._reducer = _reducer(self._params, config, self.clipper, process_group)
-        self.fused = is_fused(optimizer)
         self._spike = spike_detector(config.on_spike, spike_z)
-        self._build_parts(root, names, (capture or StepCapture(root)) if locate else None, snapshot_dir)
-        self.writer: RunWriter | None = open_run_log(
-            log_dir,
-            name,
-            self._meta(names),
-            distributed=self._reducer is not None,
-            exist_ok=exist_ok,
-            rank_logs=rank_logs,
-        )
+        root = self._guarded.root
+        self._build_parts(root, (capture or StepCapture(root)) if locate else None, snapshot_dir)
+        try:
+            self.writer: RunWriter | None = open_run_log(
+                log_dir,
+                name,
+                self._meta(),
+                distributed=self._reducer is not None,
+                exist_ok=exist_ok,
+                rank_logs=rank_logs,
+            )
+        except BaseException:
+            if capture is None:
+                self._anomaly.close(0)  # the hooks of the capture it made go with the guard that failed
+            raise
         self.monitor = Monitor(
             self._index.layers,
             every=config.every,
@@ -237,11 +314,12 @@ class Guard:
             on_flush=self._on_flush,
             prepare=lambda records: mark_host_spikes(self._spike, records),
         )
+        self._pid = os.getpid()
+        _OPEN.add(self)  # closed at interpreter exit if the script never closes it
 
     def _build_parts(
         self,
         root: nn.Module,
-        names: list[str],
         capture: StepCapture | None,
         snapshot_dir: str | os.PathLike[str] | None,
     ) -> None:
@@ -249,12 +327,9 @@ class Guard:
         config, optimizer = self.config, self.optimizer
         self._consts = Constants()
         self._meter = Meter(self._params, config.norm_type, self._index, self._reducer)
-        named = list(zip(names, self._params))
+        named = self._guarded.named  # grows in place when parameters join
         self._clipping = Clipping(self.clipper, self._spike, config.on_spike == "clip", named, self._consts)
-        self._apply = applying.choose(
-            config, optimizer, self._params, fused=self.fused, momentum_sgd=momentum_sgd(optimizer)
-        )
-        self._apply_external = applying.choose_external(config, optimizer)  # before_step: the caller steps
+        self._choose_apply()
         self.counters = Counters()
         self._anomaly = Anomalies(
             root, self._params, capture, max_replays=config.max_replays, can_replay=self._reducer is None
@@ -267,6 +342,9 @@ class Guard:
             lr_backoff=config.lr_backoff,
             snapshot_dir=snapshot_dir,
             active=config.on_nonfinite == "rollback",
+            min_lr=config.min_lr,
+            max_rollbacks=config.max_rollbacks,
+            window=config.rollback_window,
         )
         self._flush_events = FlushEvents(config, self.counters, self._anomaly)
         self._flush_callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
@@ -275,12 +353,22 @@ class Guard:
         self._stop: NonFiniteError | None = None  # raised once the step's record is in the log
         self._closed = False
 
-    def _meta(self, names: list[str]) -> dict[str, Any]:
+    def _choose_apply(self) -> None:
+        """How a step is applied (see :mod:`gradguard._guard.apply`), chosen from the settings and the
+        optimizer: at construction, and again when parameters join (a new group may not be fused)."""
+        config, optimizer = self.config, self.optimizer
+        self.fused = is_fused(optimizer)
+        self._apply = applying.choose(
+            config, optimizer, self._params, fused=self.fused, momentum_sgd=momentum_sgd(optimizer)
+        )
+        self._apply_external = applying.choose_external(config, optimizer)  # before_step: the caller steps
+
+    def _meta(self) -> dict[str, Any]:
         """The run's ``meta.json`` (see :func:`gradguard._guard.runmeta.run_meta`)."""
         return run_meta(
             model=self.model,
             optimizer=self.optimizer,
-            named=list(zip(names, self._params)),
+            named=self._guarded.named,
             layers=self._index.layers,
             fused=self.fused,
             allreduce_floats=self._reducer.floats_per_step if self._reducer is not None else 0,
@@ -341,12 +429,18 @@ class Guard:
                 ``scaler.update()`` (which lowers the scale after an overflow). With
                 ``monitor_only`` it only unscales: you step and update the scaler.
 
+        A closure is also handed to ``optimizer.step(closure)`` (LBFGS needs it): its first call
+        returns the loss already computed (the gradients the guard checked and clipped); later
+        calls (LBFGS's line search) run it again, unguarded. A skipped step calls neither.
+
         Returns:
             The loss (what the closure returned, or what was passed).
         """
         self._check_open()
+        closure = None
         if callable(loss_or_closure) and not isinstance(loss_or_closure, Tensor):
             loss = self._anomaly.run_closure(loss_or_closure)
+            closure = reuse_first_call(loss_or_closure, loss)
         else:
             loss = loss_or_closure
         if scaler is not None and not scaler.is_enabled():
@@ -354,7 +448,7 @@ class Guard:
         if scaler is not None:
             _unscale_once(scaler, self.optimizer)
         try:
-            self._step(loss, scaler, self._apply)
+            self._step(loss, scaler, external=False, closure=closure)
         finally:
             self._anomaly.end_step()
         return loss
@@ -372,7 +466,7 @@ class Guard:
         """
         self._check_open()
         try:
-            self._step(loss, None, self._apply_external)
+            self._step(loss, None, external=True)
         finally:
             self._anomaly.end_step()
         return not bool(self._last_skipped)  # host sync: the decision
@@ -394,20 +488,29 @@ class Guard:
 
     def close(self) -> None:
         """Flush and close the run log. Safe to call twice."""
+        self._close(at_exit=False)
+
+    def _close(self, *, at_exit: bool) -> None:
+        """Flush and close; ``at_exit``: at interpreter exit, for a guard the script never closed
+        (``meta.json`` says ``closed_at_exit``)."""
         if self._closed:
             return
         self._closed = True
-        recurred = self._anomaly.close(self.counters.step_count)
-        if recurred is not None:
-            self._event(recurred)
-        self.flush()
-        if self.writer is not None:
-            self.writer.update_meta(
-                end_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                steps=self.step_count,
-                skipped_steps=self.skipped_steps,
-            )
-            self.writer.close()
+        _OPEN.discard(self)
+        try:
+            recurred = self._anomaly.close(self.counters.step_count)
+            if recurred is not None:
+                self._event(recurred)
+            self.flush()
+        finally:  # a flush callback that raises still leaves a closed run log
+            if self.writer is not None:
+                self.writer.update_meta(
+                    end_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    steps=self.step_count,
+                    skipped_steps=self.skipped_steps,
+                    **({"closed_at_exit": True} if at_exit else {}),
+                )
+                self.writer.close()
 
     def __enter__(self) -> Guard:
         return self
@@ -416,7 +519,9 @@ class Guard:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and the clipper's / spike detector's state (tensors and Python scalars only).
+        """Counters, the clipper's / spike detector's state and, under ``on_nonfinite="rollback"``,
+        the recovery's (the snapshot in host memory, its step, the recent rollbacks): tensors and
+        Python containers of scalars, read back by ``torch.load(..., weights_only=True)``.
 
         No I/O: the steps still in the monitor's buffer are read (one host copy) and counted in
         the state as the next flush will count them; nothing is flushed or written.
@@ -431,26 +536,54 @@ class Guard:
             **self.counters.after(pending).state_dict(),
             "clipper": self.clipper.state_dict() if self.clipper is not None else None,
             "spike": spike.state_dict() if spike is not None else None,
+            "recovery": self._recovery.state_dict() if self._recovery.active else None,
+            "anomaly": self._anomaly.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next steps equal those of a guard that never stopped."""
+        """Resume: the next steps equal those of a guard that never stopped.
+
+        When logging, the run log is told (:meth:`gradguard.runlog.RunWriter.resume`): the records
+        of the steps from the checkpoint's on, logged before, are superseded by the new ones.
+        """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise GradGuardError(
                 f"Guard state has version {got!r}; this gradguard reads {_STATE_VERSION}. "
                 "Pass what Guard.state_dict() returned."
             )
+        self.flush()  # this guard's own pending steps, before the step count moves
         self.counters.load_state_dict(state)
         if self.clipper is not None and state["clipper"] is not None:
             self.clipper.load_state_dict(state["clipper"])
         if self._spike is not None and state["spike"] is not None:
             self._spike.load_state_dict(state["spike"])
+        if self._recovery.active and state.get("recovery") is not None:
+            self._recovery.load_state_dict(state["recovery"])
+        if state.get("anomaly") is not None:
+            self._anomaly.load_state_dict(state["anomaly"])
+        if self.writer is not None:
+            self.writer.resume(self.counters.step_count)
 
     # ------------------------------------------------------------------ the step
-    def _step(self, loss: Tensor | float | None, scaler: torch.amp.GradScaler | None, apply: Apply) -> None:
-        """Measure → plan the clip → decide → apply → record."""
+    def _step(
+        self,
+        loss: Tensor | float | None,
+        scaler: torch.amp.GradScaler | None,
+        *,
+        external: bool,
+        closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """(Parameters join) → measure → plan the clip → decide → apply → record.
+
+        ``external``: ``before_step``, the caller steps the optimizer.
+        """
+        check_loss(loss)
         step = self.counters.step_count
+        joined = self._guarded.joining()
+        if joined:
+            self._join(joined, step)
+        apply: Apply = self._apply_external if external else self._apply
         loss, recurred = self._anomaly.begin(loss, step)
         if recurred is not None:
             self._event(recurred)
@@ -460,12 +593,30 @@ class Guard:
         skip, overflow = self._skip_flags(m, plan.spike, scaler)
         row = device_row(m, plan, skip, overflow, self._consts)
         weights = self._meter.copy_weights() if self._weight_step(step) else None
-        planned = Planned(m.grads, plan.coef, skip, scaler, lambda: self._clip_in_place(row))
+        planned = Planned(m.grads, plan.coef, skip, scaler, lambda: self._clip_in_place(row), closure)
         outcome = apply(planned, lambda p: self._decide_on_host(p, m, row))
         self._last_skipped = outcome.skipped
         if outcome.on_host:
             self._decided(step, bool(outcome.skipped), m, row, scaler)
         self._record(step, loss, m, row, outcome, scaler, weights)
+
+    def _join(self, joined: list[tuple[str, nn.Parameter]], step: int) -> None:
+        """Parameters joined at ``step`` (unfrozen, or added to the optimizer; the rare path): from
+        this step on they are measured, clipped and checked. The layer index, the all-reduce, the
+        apply strategy and the log's layer list grow with them; pending records are flushed first."""
+        check_tensors(self._params, what="parameter")
+        known = len(self._index.layers)
+        self._index = LayerIndex(self._guarded.names)
+        added = self._index.layers[known:]
+        if self._reducer is not None:
+            self._reducer = _reducer(self._params, self.config, self.clipper, self._process_group)
+        self._meter.reindex(self._index, self._reducer)
+        self.config = self.config.for_layers(len(self._index.layers))
+        self._choose_apply()
+        self.monitor.add_layers(added)
+        if self.writer is not None:
+            self.writer.update_meta(**self._meta())
+        self._event(events.layers(step, [n for n, _ in joined], added))
 
     def _skip_flags(
         self, m: Measurement, spike: Tensor, scaler: torch.amp.GradScaler | None
@@ -537,11 +688,19 @@ class Guard:
         elif bad and self.config.on_nonfinite == "raise":
             self._stop = NonFiniteError(self._nonfinite_message(step, vals))
         elif bad and self.config.on_nonfinite == "rollback":
-            for event in self._recovery.rollback(step):
-                self._event(event)
+            self._roll_back(step)
         else:
             reason = events.SKIP_NONFINITE if bad else events.SKIP_SPIKE
             self._event(events.skip(step, reason, grad_norm=vals["grad_norm"]))
+
+    def _roll_back(self, step: int) -> None:
+        """Restore the last snapshot (and back off the LR); past a bound of recovery (``max_rollbacks``,
+        ``min_lr``) restore it without a back-off and stop the run."""
+        limit = self._recovery.limit(step)
+        for event in self._recovery.rollback(step, back_off=limit is None):
+            self._event(event)
+        if limit is not None:
+            self._stop = self._stop_recovery(step, limit)
 
     def _report_nonfinite(self, step: int, vals: dict[str, float], m: Measurement) -> None:
         """The step's ``nonfinite`` event (once): where it was born, the always-on flags as evidence."""
@@ -570,7 +729,7 @@ class Guard:
             if scale is not None:
                 set_column(row, "loss_scale", scale)
         extras = self._meter.weight_stats(weights) if weights is not None else {}
-        layer_grads = self._meter.layer_norms(m) if step % self.config.layer_every == 0 else None
+        layer_grads = self._meter.layer_norms(m) if self.config.layer_step(step) else None
         lr = self.optimizer.param_groups[0].get("lr")
         host: dict[str, Any] = {LR: float(lr) if isinstance(lr, (int, float)) else None}
         if loss is None:
@@ -578,7 +737,7 @@ class Guard:
         if outcome.on_host:
             host["skipped"] = bool(outcome.skipped)
             host[DECIDED] = True  # the host already handled this step (events, counters)
-        self.monitor.record(step, row, layer_grads, host, extras)
+        self.monitor.record(step, row, layer_grads, host, extras, absent=m.absent)
         self.counters.advance()
         if self._stop is not None:  # raise / abort, with this step's record in the log
             err, self._stop = self._stop, None
@@ -608,7 +767,7 @@ class Guard:
         )
 
     def _abort(self, step: int) -> NonFiniteError:
-        """Log the abort and return the error to raise (after the log is flushed)."""
+        """Too many skipped steps in a row: log the abort, return the error to raise (after the flush)."""
         weights_bad = not self._meter.weights_finite()
         consecutive = self.counters.consecutive
         msg = (
@@ -617,9 +776,23 @@ class Guard:
             + " Lower the learning rate or clip harder (`gradguard diagnose` recommends a threshold), or raise "
             "max_consecutive." + (f" Run log: {self.run_dir}." if self.run_dir else "")
         )
-        self._event(events.abort(step, consecutive, weights_bad))
+        return self._aborted(step, msg, events.ABORT_CONSECUTIVE, weights_bad)
+
+    def _stop_recovery(self, step: int, limit: Limit) -> NonFiniteError:
+        """A rollback loop passed a bound (``limit``): log the abort, return the error to raise."""
+        msg = (
+            f"step {step}: {limit.why} gradguard stopped the run; the model and optimizer hold the snapshot "
+            f"of step {limit.fields['to_step']}. {limit.fix}"
+            + (f" Run log: {self.run_dir}." if self.run_dir else "")
+        )
+        return self._aborted(step, msg, limit.reason, False, **limit.fields)
+
+    def _aborted(self, step: int, msg: str, reason: str, weights_bad: bool, **fields: Any) -> NonFiniteError:
+        """Write the ``abort`` event (its ``reason`` and ``message``) and mark the run aborted."""
+        consecutive = self.counters.consecutive
+        self._event(events.abort(step, consecutive, weights_bad, reason=reason, message=msg, **fields))
         if self.writer is not None:
-            self.writer.update_meta(aborted=True, abort_step=step)
+            self.writer.update_meta(aborted=True, abort_step=step, abort_reason=reason)
         return NonFiniteError(msg)
 
     def _check_open(self) -> None:

@@ -36,6 +36,7 @@ Replay leaves no trace: :meth:`Locator.replay` restores buffers, RNG streams and
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import functools
 import math
 import os
@@ -60,6 +61,7 @@ __all__ = [
     "LossWatch",
     "StepCapture",
     "explosion",
+    "keep_out_of_pickles",
     "locate",
     "rng_state",
     "set_rng_state",
@@ -578,53 +580,47 @@ def explosion(
 class LossWatch(_OpWatch):
     """A light watch over the code between the model's forward and ``backward()`` (the loss code).
 
-    For the zero-code runner, which cannot replay the user's loss function: each op of the loss
-    code and each autograd node it creates records device-side flags (no host read, a few small
-    ops each, at most ``limit`` ops a step); :meth:`answer` reads them once, on an anomalous step,
-    and names the first op (forward) or node (backward) that produced a non-finite value from
-    finite inputs. It also captures the loss (what ``backward()`` is called on).
+    For the zero-code runner, which cannot replay the user's loss function. On a healthy step it
+    costs a Python call per op and keeps *references*: each of the first ``limit`` loss-code ops
+    (its name, source line, float inputs and outputs with their version counters) and, through a
+    hook on each autograd node those ops create, the gradients that node received and returned.
+    Nothing is read and no device op runs. :meth:`answer` reads them on an anomalous step and names
+    the first op (forward) or node (backward) that produced a non-finite value from finite inputs.
+
+    :meth:`compact` (a window that is not its step's last, e.g. an earlier micro-batch of gradient
+    accumulation) turns the references into one small device tensor of sums (a few device ops, no
+    host read) so the window no longer keeps its tensors alive. A tensor changed in place after its
+    op was watched (its version moved) is not judged.
+
+    It also notes the loss (what ``backward()`` is called on); after ``backward()`` the ops that
+    follow (clipping, logging) are not the loss code and are not kept.
     """
 
     def __init__(self, limit: int = 64) -> None:
         super().__init__()
         self.limit = limit
-        self.entries: list[tuple[str, str | None, str, Tensor]] = []  # (op, source, phase, flags)
+        self.entries: list[_Watched] = []  # the loss-code ops, then the backward nodes, in order
         self.loss: Tensor | None = None
-        self._flag_of: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
+        self.done = False  # backward() was called: the loss code is over
+        self._sums: list[float] | Tensor | None = None  # after compact(): one sum per kept tensor
         self._handles: list[Any] = []
-
-    @staticmethod
-    def _bad(ts: list[Tensor]) -> Tensor:
-        """0-D float: 1 if any of ``ts`` holds a non-finite value (device ops only)."""
-        sums = torch.stack([t.detach().sum(dtype=torch.float32) for t in ts])
-        return torch.isnan(sums - sums).any().float()
-
-    @staticmethod
-    def _total(ts: list[Tensor]) -> Tensor:
-        return torch.stack([t.detach().sum(dtype=torch.float32) for t in ts]).sum()
-
-    def _flag(self, t: Tensor) -> Tensor:
-        entry = self._flag_of.get(id(t))
-        if entry is not None and entry[0]() is t:
-            return entry[1]
-        return self._bad([t])
+        self._pid = os.getpid()
 
     def on_backward(self, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
             self.loss = args[0]
+        self.done = True
 
     def on_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        if self.done or len(self.entries) >= self.limit or os.getpid() != self._pid:
+            return  # a forked child (a DataLoader worker) inherits the mode: it watches nothing there
         outs = _floats(out)
-        if not outs or len(self.entries) >= self.limit:
+        if not outs:
             return
-        inputs = _floats((args, kwargs))
-        flag_out = self._bad(outs)
-        flag_in = torch.stack([self._flag(t) for t in inputs]).amax() if inputs else torch.zeros(())
-        source = user_source(2)
         op = op_name(func)
-        self.entries.append((op, source, "loss", torch.stack([flag_out, flag_in, self._total(outs)])))
+        source = user_source(2)
+        self.entries.append(_Watched(op, source, "loss", outs, _floats((args, kwargs))))
         for o in outs:
-            self._flag_of[id(o)] = (weakref.ref(o), flag_out)
             node = o.grad_fn
             if node is not None and o.requires_grad:
                 self._handles.append(node.register_hook(self._node_hook(op, source)))
@@ -632,77 +628,160 @@ class LossWatch(_OpWatch):
     def _node_hook(self, op: str, source: str | None) -> Callable[..., None]:
         def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> None:
             returned = [g for g in grad_inputs if g is not None]
-            incoming = [g for g in grad_outputs if g is not None]
-            if returned and len(self.entries) < 2 * self.limit:
-                bad_in = self._bad(incoming) if incoming else torch.zeros(())
-                flags = torch.stack([self._bad(returned), bad_in, self._total(returned)])
-                self.entries.append((op, source, "backward", flags))
+            if returned and len(self.entries) < 2 * self.limit and self._sums is None:
+                incoming = [g for g in grad_outputs if g is not None]
+                self.entries.append(_Watched(op, source, "backward", returned, incoming))
 
         return hook
+
+    def compact(self) -> None:
+        """Keep one device sum per watched tensor instead of the tensor (no host read)."""
+        if self._sums is not None:
+            return
+        self.close()
+        tensors = [t for e in self.entries for t in e.tensors() if e.unchanged()]
+        for e in self.entries:
+            e.judged = e.unchanged()
+            e.drop()
+        self._sums = torch.stack([_sum(t) for t in tensors]) if tensors else []
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._flag_of.clear()
 
     def answer(self) -> dict[str, Any] | None:
         """The first loss-code op (or its backward node) that made a non-finite value from finite inputs."""
         if not self.entries:
             return None
-        flags = torch.stack([f.to("cpu") for *_, f in self.entries]).tolist()  # host sync: anomaly path only
-        for (op, source, phase, _), (bad_out, bad_in, total) in zip(self.entries, flags):
-            if bad_out and not bad_in:
-                suffix = " (in backward: the forward was finite)" if phase == "backward" else ""
-                return {
-                    "phase": phase,
-                    "module": None,
-                    "op": op,
-                    "tensor": "output" if phase == "loss" else "grad",
-                    "kind": "nan" if math.isnan(total) else ("inf" if total > 0 else "-inf"),
-                    "source": source,
-                    "evidence": {
-                        "reason": f"{op} in the loss code made a non-finite value from finite inputs{suffix}"
-                    },
-                }
+        sums = self._host_sums()  # host sync: the anomaly path only
+        i = 0
+        for e in self.entries:
+            if not e.judged:
+                continue
+            outs, ins = sums[i : i + e.n_out], sums[i + e.n_out : i + e.n_out + e.n_in]
+            i += e.n_out + e.n_in
+            bad = [s for s in outs if not math.isfinite(s)]
+            if bad and all(math.isfinite(s) for s in ins):
+                return e.event(bad[0])
         return None
+
+    def _host_sums(self) -> list[float]:
+        if self._sums is None:
+            for e in self.entries:
+                e.judged = e.unchanged()
+            tensors = [t for e in self.entries if e.judged for t in e.tensors()]
+            return torch.stack([_sum(t) for t in tensors]).tolist() if tensors else []
+        return self._sums.tolist() if isinstance(self._sums, Tensor) else list(self._sums)
+
+
+def _sum(t: Tensor) -> Tensor:
+    """A float32 sum on the device: non-finite when ``t`` holds a NaN or an infinity (the kind tells which)."""
+    d = t.detach()
+    if hasattr(d, "full_tensor"):
+        d = d.full_tensor()
+    return d.sum(dtype=torch.float32) if d.is_floating_point() else d.abs().sum().float()
+
+
+class _Watched:
+    """One op of the loss code (or one autograd node of its backward), by reference."""
+
+    __slots__ = ("_ins", "_outs", "judged", "n_in", "n_out", "op", "phase", "source", "versions")
+
+    def __init__(self, op: str, source: str | None, phase: str, outs: list[Tensor], ins: list[Tensor]) -> None:
+        self.op, self.source, self.phase = op, source, phase
+        self._outs, self._ins = outs, ins
+        self.n_out, self.n_in = len(outs), len(ins)
+        self.versions = [t._version for t in (*outs, *ins)]
+        self.judged = True
+
+    def tensors(self) -> list[Tensor]:
+        return [*self._outs, *self._ins]
+
+    def unchanged(self) -> bool:
+        """No watched tensor was written in place since the op (its values are the op's)."""
+        return [t._version for t in self.tensors()] == self.versions
+
+    def drop(self) -> None:
+        self._outs, self._ins = [], []
+
+    def event(self, total: float) -> dict[str, Any]:
+        suffix = " (in backward: the forward was finite)" if self.phase == "backward" else ""
+        return {
+            "phase": self.phase,
+            "module": None,
+            "op": self.op,
+            "tensor": "output" if self.phase == "loss" else "grad",
+            "kind": "nan" if math.isnan(total) else ("inf" if total > 0 else "-inf"),
+            "source": self.source,
+            "evidence": {"reason": f"{self.op} in the loss code made a non-finite value from finite inputs{suffix}"},
+        }
 
 
 class StepCapture:
     """What a replay of a step needs, kept by hooks on the root module (references, no copies).
 
-    * forward pre-hook: the root's inputs and the RNG state (a replay runs the same forward);
-    * forward hook: a reference to the gradient that will flow into the root's output (a replay
-      runs the model's backward from it, without the user's loss code); outputs above
+    * at the root's forward call (pre): the root's inputs and the RNG state (a replay runs the same
+      forward); forwards under ``no_grad`` (evaluation) are not kept;
+    * when it returns (post): a reference to the gradient that will flow into the root's output (a
+      replay runs the model's backward from it, without the user's loss code); outputs above
       ``max_output`` elements are not kept (their gradient may be large): a replay then checks the
       forward only; and, with ``watch_loss``, a :class:`LossWatch` over the loss code until the
-      next step (the zero-code runner, which has no loss function to replay).
+      next forward or the step (the zero-code runner, which has no loss function to replay), for
+      the first ``max_windows`` forwards of a step (gradient accumulation; an RL rollout calls the
+      model far more often, and its later forwards are not watched).
+
+    With ``hooks=True`` (the guard's own use) the capture hooks the root module; the hooks are kept
+    out of anything pickled or deep-copied while they are on (:func:`keep_out_of_pickles`):
+    ``torch.save(model)`` writes what it writes without gradguard. With ``hooks=False`` the caller
+    (the zero-code runner, through torch's global module hooks) calls :meth:`pre` and
+    :meth:`post_with_kwargs` itself: nothing is put on the module at all.
 
     Args:
-        root: the model.
-        watch_loss: watch the loss code (a few small device ops per loss-code op).
+        root: the model (what a replay runs).
+        watch_loss: watch the loss code (a Python call per loss-code op; see :class:`LossWatch`).
         max_output: the largest output (in elements) whose gradient is kept.
+        hooks: register the forward hooks on ``root``.
+        max_windows: loss-code windows watched per step.
     """
 
-    def __init__(self, root: nn.Module, *, watch_loss: bool = False, max_output: int = 2**24) -> None:
+    def __init__(
+        self,
+        root: nn.Module,
+        *,
+        watch_loss: bool = False,
+        max_output: int = 2**24,
+        hooks: bool = True,
+        max_windows: int = 8,
+    ) -> None:
         self.root = root
         self.watch_loss = watch_loss
         self.max_output = max_output
+        self.max_windows = max_windows
         self.inputs: tuple[Any, Any, dict[str, Any]] | None = None
         self.out_grads: list[Tensor | None] = []
-        self.watch: LossWatch | None = None  # the loss watch of the step that ended last
+        self.watches: list[LossWatch] = []  # the loss-code windows of this step, oldest first
         self.replaying = False
         self._active: LossWatch | None = None
-        self._handles = [
-            root.register_forward_pre_hook(self.pre, with_kwargs=True),
-            root.register_forward_hook(self.post),
-        ]
+        self._handles: list[Any] = []
+        if hooks:
+            self._handles = [
+                root.register_forward_pre_hook(self.pre, with_kwargs=True),
+                root.register_forward_hook(self.post),
+                keep_out_of_pickles(type(root)),
+            ]
+
+    @property
+    def watch(self) -> LossWatch | None:
+        """The loss watch of the window that ended last (``None``: none this step)."""
+        return self.watches[-1] if self.watches else None
 
     def pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.replaying:
             return
-        self._stop_watch()
-        self.inputs = (args, kwargs, rng_state())
+        self._stop_watch(compact=True)  # a new forward: the last window was not the step's last
+        if torch.is_grad_enabled():
+            self.inputs = (args, kwargs, rng_state())
 
     def post(self, module: nn.Module, args: Any, out: Any) -> None:
         if self.replaying or not torch.is_grad_enabled():
@@ -712,37 +791,58 @@ class StepCapture:
         if outs and sum(t.numel() for t in outs) <= self.max_output:
             for i, t in enumerate(outs):
                 t.register_hook(functools.partial(self._keep, i))
-        if self.watch_loss:
+        if self.watch_loss and len(self.watches) < self.max_windows:
             self._active = LossWatch()
             self._active.__enter__()
+
+    def post_with_kwargs(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        """:meth:`post` for a caller that sees the keyword arguments only when the call returns."""
+        if self.inputs is not None and kwargs and not self.replaying and torch.is_grad_enabled():
+            self.inputs = (self.inputs[0], kwargs, self.inputs[2])
+        self.post(module, args, out)
 
     def _keep(self, i: int, grad: Tensor) -> None:
         if i < len(self.out_grads):
             self.out_grads[i] = grad
 
-    def _stop_watch(self) -> None:
+    def _stop_watch(self, *, compact: bool = False) -> None:
         active, self._active = self._active, None
         if active is not None:
             active.__exit__(None, None, None)
             active.close()
-            self.watch = active
+            if compact:
+                active.compact()
+            self.watches.append(active)
+
+    def stop_watching(self) -> None:
+        """Leave the loss watch's mode now (another model's forward starts)."""
+        self._stop_watch(compact=True)
 
     def end_step(self) -> LossWatch | None:
-        """At the optimizer step: stop watching the loss code; return the step's watch."""
+        """At the optimizer step: stop watching the loss code; return the step's last watch."""
         self._stop_watch()
         return self.watch
 
     def release(self) -> None:
-        """Drop the references to the step's inputs and gradients (after its step)."""
+        """Drop the references to the step's inputs, gradients and loss-code tensors (after its step)."""
+        self._stop_watch()
         self.inputs = None
         self.out_grads = []
-        self.watch = None
+        self.watches = []
 
     def remove(self) -> None:
-        self._stop_watch()
         for h in self._handles:
             h.remove()
+        self._handles.clear()
         self.release()
+
+    def loss_watch_answer(self) -> dict[str, Any] | None:
+        """The first non-finite birth any loss-code window of this step saw (host reads)."""
+        for watch in self.watches:
+            found = watch.answer()
+            if found is not None:
+                return found
+        return None
 
     def replay(self, loc: Locator) -> tuple[Birth | dict[str, Any] | None, str]:
         """Replay the captured step: the model's forward from its inputs, its backward from the kept
@@ -773,7 +873,7 @@ class StepCapture:
             birth = None  # no faithful backward was replayed
         if birth is not None:
             return birth, "replay"
-        found = self.watch.answer() if self.watch is not None else None
+        found = self.loss_watch_answer()
         if found is not None:
             return found, "watch"
         if backward and not grads_ok:
@@ -782,3 +882,76 @@ class StepCapture:
                 "the model's output was finite: the loss code made the loss or its gradient non-finite",
             )
         return None, "replay"
+
+
+# ----------------------------------------------------------------------------- no trace in pickles
+_HOOK_DICTS = {
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_backward_pre_hooks": (),
+    "_backward_hooks": (),
+}
+_KEPT_OUT: dict[type, int] = {}  # class → captures alive on instances of it
+
+
+def _ours(hook: Any) -> bool:
+    """Whether a hook was defined in gradguard (a function, a bound method, a partial of one)."""
+    fn = getattr(hook, "func", hook)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    return str(getattr(fn, "__module__", "")).split(".")[0] == "gradguard"
+
+
+def _reduce_without_gradguard(module: nn.Module) -> Any:
+    """``module.__reduce_ex__(2)`` with gradguard's hooks left out of the state (copy and pickle)."""
+    rv = module.__reduce_ex__(2)
+    state = rv[2] if isinstance(rv, tuple) and len(rv) > 2 else None
+    if not isinstance(state, dict):
+        return rv
+    for name, companions in _HOOK_DICTS.items():
+        hooks = state.get(name)
+        if not hooks or not any(_ours(h) for h in hooks.values()):
+            continue
+        ours = {k for k, h in hooks.items() if _ours(h)}
+        state[name] = type(hooks)((k, h) for k, h in hooks.items() if k not in ours)
+        for companion in companions:
+            extra = state.get(companion)
+            if extra:
+                state[companion] = type(extra)((k, v) for k, v in extra.items() if k not in ours)
+    return rv
+
+
+class _KeptOut:
+    """The handle of :func:`keep_out_of_pickles`: ``remove()`` ends it."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls: type | None = cls
+
+    def remove(self) -> None:
+        cls, self.cls = self.cls, None
+        if cls is None or cls not in _KEPT_OUT:
+            return
+        _KEPT_OUT[cls] -= 1
+        if _KEPT_OUT[cls] == 0:
+            del _KEPT_OUT[cls]
+            if copyreg.dispatch_table.get(cls) is _reduce_without_gradguard:
+                del copyreg.dispatch_table[cls]
+
+
+def keep_out_of_pickles(cls: type) -> _KeptOut:
+    """While the handle lives, pickling or deep-copying an instance of ``cls`` leaves out the hooks
+    gradguard put on it: ``torch.save(model)`` writes the bytes a run without gradguard writes, the
+    file loads where gradguard is not installed, and a copy (an EMA model) carries no capture.
+
+    Through :data:`copyreg.dispatch_table` (which :mod:`pickle`, ``torch.save`` and :mod:`copy`
+    consult before the class's own ``__reduce_ex__``); a class that has an entry there already is
+    left alone.
+    """
+    handle = _KeptOut(cls)
+    if cls in _KEPT_OUT:
+        _KEPT_OUT[cls] += 1
+    elif cls not in copyreg.dispatch_table:
+        _KEPT_OUT[cls] = 1
+        copyreg.dispatch_table[cls] = _reduce_without_gradguard
+    else:
+        handle.cls = None
+    return handle

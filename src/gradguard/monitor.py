@@ -1,7 +1,8 @@
 """An on-device ring buffer of step records, copied to the host once per flush interval.
 
 The guard records a handful of device scalars (the columns of :data:`gradguard.record.SCALARS`,
-re-exported here) and the per-layer gradient norms every step; nothing leaves the device until
+re-exported here) every step and the per-layer gradient norms on the steps of its per-layer
+cadence; nothing leaves the device until
 :meth:`Monitor.flush` (every ``every`` steps), which makes one host copy of the buffer and appends
 the records to the run log. Device memory is
 ``every × (scalars + layers)`` floats, whatever the number of parameters or steps.
@@ -53,12 +54,22 @@ class Monitor:
         self._steps: list[int] = []
         self._host: list[dict[str, Any]] = []  # host-side fields of the pending rows (lr, …)
         self._has_layers: list[bool] = []
+        self._absent: list[tuple[int, ...]] = []  # per row: the layers without a gradient (null)
         self._sparse: list[tuple[int, str, Tensor]] = []  # (row, field, per-layer tensor) on cadence steps
 
     def _ensure(self, device: torch.device) -> None:
         if self._scalars is None or self._scalars.device != device:
             self._scalars = torch.zeros(self.every, len(SCALARS), dtype=torch.float32, device=device)
             self._layer_grads = torch.zeros(self.every, len(self.layers), dtype=torch.float32, device=device)
+
+    def add_layers(self, layers: Sequence[str]) -> None:
+        """More layers from now on (parameters joined the guard): the pending records, which have
+        the old layers, are flushed first (one host copy, on the step the layers are added)."""
+        if not layers:
+            return
+        self.flush()
+        self.layers += layers
+        self._scalars = self._layer_grads = None  # reallocated, one column per layer, at the next record
 
     @property
     def pending(self) -> int:
@@ -72,6 +83,7 @@ class Monitor:
         layer_grad_norms: Tensor | None = None,
         host: dict[str, Any] | None = None,
         layer_extras: dict[str, Tensor] | None = None,
+        absent: tuple[int, ...] = (),
     ) -> None:
         """Store one step (device copies only); flushes when the buffer is full.
 
@@ -82,6 +94,8 @@ class Monitor:
             host: fields already on the host (``lr``…), stored as they are.
             layer_extras: per-layer tensors measured on this step only (``weight_norm``,
                 ``update_ratio``), kept as device tensors until the flush.
+            absent: positions of the layers that had no gradient this step: their ``grad_norm``
+                is written as null (not 0.0).
         """
         self._ensure(scalars.device)
         assert self._scalars is not None and self._layer_grads is not None
@@ -92,6 +106,7 @@ class Monitor:
             assert layer_grad_norms is not None
             self._layer_grads[row].copy_(layer_grad_norms.detach())
         self._has_layers.append(has_layers)
+        self._absent.append(absent if has_layers else ())
         for name, value in (layer_extras or {}).items():
             self._sparse.append((row, name, value.detach()))
         self._steps.append(step)
@@ -115,6 +130,7 @@ class Monitor:
         self._steps.clear()
         self._host.clear()
         self._has_layers.clear()
+        self._absent.clear()
         self._sparse.clear()
         if self.prepare is not None:
             self.prepare(records)
@@ -146,7 +162,10 @@ class Monitor:
                 rec[name] = bool(v) if name in FLAGS else v
             rec.update(self._host[r])
             if self._has_layers[r]:
-                rec["layers"] = {name: {"grad_norm": grads[r * nl + j]} for j, name in enumerate(self.layers)}
+                layers = {name: {"grad_norm": grads[r * nl + j]} for j, name in enumerate(self.layers)}
+                for j in self._absent[r]:
+                    layers[self.layers[j]]["grad_norm"] = None
+                rec["layers"] = layers
             records.append(rec)
         pos = 0
         for row, field, t in self._sparse:

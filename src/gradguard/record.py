@@ -62,8 +62,9 @@ LR = "lr"  #: the first parameter group's learning rate (null when it is a tenso
 LAYERS = "layers"  #: ``{layer: {field: value}}`` on the steps that measure layers
 HOST_FIELDS: tuple[str, ...] = (STEP, LR, LAYERS)
 
-#: The per-layer fields under ``layers``: every ``layer_every`` steps the gradient norms, every
-#: ``weight_every`` steps the weight norms and update/weight ratios.
+#: The per-layer fields under ``layers``: every ``layer_every`` steps the gradient norms (null for a
+#: layer none of whose parameters had a gradient that step), every ``weight_every`` steps the weight
+#: norms and update/weight ratios.
 LAYER_FIELDS: tuple[str, ...] = ("grad_norm", "weight_norm", "update_ratio")
 
 #: A host-only marker (never written: fields starting with ``_`` are not): the guard already

@@ -23,11 +23,13 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import html
 import json
 import math
 import os
 import sys
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +38,7 @@ from gradguard.diagnose import Finding, diagnose, first_nonfinite, healthy_windo
 from gradguard.errors import GradGuardError
 from gradguard.runlog import REPORT_FILE, RunLog, atomic_write_text, find_runs, is_run_dir, read_run
 from gradguard.runtable import ClipConfig, RunTable, clip_config
+from gradguard.safetext import safe_text
 
 __all__ = ["MAX_POINTS", "MAX_RUNS", "print_summary", "render_html", "write_report"]
 
@@ -107,7 +110,6 @@ class _Series:
 
     def __init__(self, log: RunLog) -> None:
         self.table = RunTable.from_log(log)
-        self.rows = self.table.rows
         self.steps = self.table.steps
         self.n = len(self.table)
         self.layers = self.table.layers
@@ -115,11 +117,10 @@ class _Series:
     def col(self, key: str) -> list[float | None]:
         return [_num(v) for v in self.table.column(key)]
 
-    def raw(self, key: str) -> list[Any]:
-        return [r.get(key) for r in self.rows]
-
-    def layer(self, name: str, key: str) -> list[float | None]:
-        return [_num(v) for v in self.table.layer(name, key)]
+    def layer_points(self, name: str, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of a layer's positive finite values."""
+        rows, values = self.table.layer_values(name, key)
+        return [(self.steps[r], v) for r, v in zip(rows, values) if math.isfinite(v) and v > 0]
 
     def has_layer_key(self, key: str) -> bool:
         return self.table.has_layer_key(key)
@@ -129,12 +130,9 @@ def _pick(xs: Sequence[Any], idx: Sequence[int]) -> list[Any]:
     return [xs[i] for i in idx]
 
 
-def _nonfinite_steps(s: _Series, key: str) -> list[int]:
-    out = []
-    for step, v in zip(s.steps, s.raw(key)):
-        if isinstance(v, float) and not math.isfinite(v):
-            out.append(step)
-    return out
+def _label(name: str) -> str:
+    """A name from the run log as plot text: shown literally (plotly reads a subset of HTML)."""
+    return html.escape(safe_text(name)) if name else "(root)"
 
 
 # ============================================================================================
@@ -184,7 +182,7 @@ def _fig_loss(go: Any, s: _Series) -> Any:
     log_y = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 1e3
     fig = go.Figure(layout=_layout(go, "Training loss", "loss", log_y=log_y))
     fig.add_trace(go.Scatter(x=_pick(s.steps, idx), y=_pick(loss, idx), mode="lines", name="loss"))
-    bad = _nonfinite_steps(s, "loss")
+    bad = [step for step, b in zip(s.steps, s.table.nonfinite_loss) if b]
     if bad and finite:
         fig.add_trace(_top_markers(go, bad, max(finite), "non-finite loss", "#c62828", "x"))
     return fig
@@ -241,14 +239,14 @@ def _fig_norm(go: Any, s: _Series, log: RunLog, findings: Sequence[Finding]) -> 
 def _rolling_rate(flags: Sequence[bool | None], width: int) -> list[float | None]:
     out: list[float | None] = []
     total = count = 0
-    window: list[bool | None] = []
+    window: collections.deque[bool | None] = collections.deque()
     for f in flags:
         window.append(f)
         if f is not None:
             total += 1
             count += bool(f)
         if len(window) > width:
-            old = window.pop(0)
+            old = window.popleft()
             if old is not None:
                 total -= 1
                 count -= bool(old)
@@ -289,20 +287,39 @@ def _bins(n: int, columns: int) -> list[tuple[int, int]]:
     return [(b * n // columns, (b + 1) * n // columns) for b in range(columns)]
 
 
+def _bin_of(bins: Sequence[tuple[int, int]], n: int) -> array[int]:
+    """For each of ``n`` positions, the index of its bin."""
+    out = array("l", bytes(array("l").itemsize * n))
+    for b, (lo, hi) in enumerate(bins):
+        out[lo:hi] = array("l", [b]) * (hi - lo)
+    return out
+
+
+def _binned_max(
+    rows: Sequence[int], values: Sequence[float], present: Sequence[int], bin_of: array[int], bins: int
+) -> list[float | None]:
+    """log10 of the largest positive finite value per bin (``None``: none); ``rows`` ⊆ ``present``, both sorted."""
+    best: list[float | None] = [None] * bins
+    pos = 0
+    for row, v in zip(rows, values):
+        while pos + 1 < len(present) and present[pos] < row:
+            pos += 1
+        if math.isfinite(v) and v > 0:
+            b = bin_of[pos]
+            top = best[b]
+            best[b] = v if top is None else max(top, v)
+    return [math.log10(v) if v is not None else None for v in best]
+
+
 def _heatmap(go: Any, s: _Series, key: str, title: str, colour_title: str) -> Any:
-    """log10 of ``layers[*][key]`` as layers × steps; each column is the max over its bin of steps."""
-    present = [i for i in range(s.n) if isinstance(s.rows[i].get("layers"), dict)]
-    rows_z: list[list[float | None]] = []
-    for name in s.layers:
-        series = s.layer(name, key)
-        vals = [series[i] for i in present]
-        z: list[float | None] = []
-        for lo, hi in _bins(len(vals), _HEATMAP_COLUMNS):
-            finite = [v for v in vals[lo:hi] if v is not None and v > 0]
-            z.append(math.log10(max(finite)) if finite else None)
-        rows_z.append(z)
-    xs = [s.steps[present[lo]] for lo, _ in _bins(len(present), _HEATMAP_COLUMNS)]
-    labels = [name if name else "(root)" for name in s.layers]
+    """log10 of ``layers[*][key]`` as layers × steps (the steps that hold per-layer numbers); each
+    column is the max over its bin of steps."""
+    present = s.table.layer_rows
+    bins = _bins(len(present), _HEATMAP_COLUMNS)
+    bin_of = _bin_of(bins, len(present))
+    rows_z = [_binned_max(*s.table.layer_values(name, key), present, bin_of, len(bins)) for name in s.layers]
+    xs = [s.steps[present[lo]] for lo, _ in bins]
+    labels = [_label(name) for name in s.layers]
     fig = go.Figure(layout=_layout(go, title, "layer", height=max(300, min(900, 60 + 18 * len(labels)))))
     fig.add_trace(
         go.Heatmap(
@@ -323,8 +340,7 @@ def _layer_lines(go: Any, s: _Series, key: str, title: str, ytitle: str, ref: fl
         return _heatmap(go, s, key, title + " (log10)", "log10")
     fig = go.Figure(layout=_layout(go, title, ytitle, log_y=True))
     for name in s.layers:
-        series = s.layer(name, key)
-        pts = [(st, v) for st, v in zip(s.steps, series) if v is not None and v > 0]
+        pts = s.layer_points(name, key)
         if not pts:
             continue
         vals: list[float | None] = [v for _, v in pts]
@@ -334,7 +350,7 @@ def _layer_lines(go: Any, s: _Series, key: str, title: str, ytitle: str, ref: fl
                 x=[pts[i][0] for i in idx],
                 y=[pts[i][1] for i in idx],
                 mode="lines+markers" if len(pts) < 60 else "lines",
-                name=name if name else "(root)",
+                name=_label(name),
                 marker={"size": 4},
             )
         )
@@ -351,7 +367,7 @@ def _event_text(e: dict[str, Any]) -> str:
         text = json.dumps(v, default=str) if not isinstance(v, str) else v
         if len(text) > 120:
             text = text[:117] + "…"
-        parts.append(f"{html.escape(k)}: {html.escape(text)}")
+        parts.append(f"{_e(k)}: {_e(text)}")
     return "<br>".join(parts[:14])
 
 
@@ -370,10 +386,10 @@ def _fig_events(go: Any, log: RunLog) -> Any:
                 x=[e["step"] for e in mine],
                 y=[t] * len(mine),
                 mode="markers",
-                name=f"{t} ({len(mine)})",
+                name=f"{_e(t)} ({len(mine)})",
                 marker={"symbol": _EVENT_SYMBOLS.get(t, "circle"), "size": 10},
                 text=[_event_text(e) for e in mine],
-                hovertemplate="step %{x}: " + html.escape(t) + "<br>%{text}<extra></extra>",
+                hovertemplate="step %{x}: " + _e(t) + "<br>%{text}<extra></extra>",
             )
         )
     fig.update_yaxes(type="category")
@@ -431,7 +447,8 @@ nav a{margin-right:1em}
 
 
 def _e(x: Any) -> str:
-    return html.escape(str(x))
+    """Text for the page: control characters escaped visibly (:func:`gradguard.safetext.safe_text`), then HTML."""
+    return html.escape(safe_text(x))
 
 
 def _value(v: Any) -> str:
@@ -601,7 +618,7 @@ def _runs_table(entries: Sequence[tuple[RunLog, list[Finding], str | None]]) -> 
 
 def render_html(run: RunLog | str | os.PathLike[str], findings: Sequence[Finding] | None = None) -> str:
     """The report page of one run as an HTML string (see :func:`write_report`)."""
-    log = run if isinstance(run, RunLog) else read_run(run)
+    log = run if isinstance(run, RunLog) else read_run(run, records=False)
     found = list(findings) if findings is not None else diagnose(log)
     body = _run_section(log, found, "run")
     return _page(f"gradguard report: {log.path.name}", body)
@@ -611,7 +628,7 @@ def _render_folder(folder: Path, runs: Sequence[Path]) -> str:
     ordered = list(reversed(runs))  # find_runs is newest first; a page reads oldest first
     entries: list[tuple[RunLog, list[Finding], str | None]] = []
     for i, path in enumerate(ordered):
-        log = read_run(path)
+        log = read_run(path, records=False)
         shown = i >= len(ordered) - MAX_RUNS
         entries.append((log, diagnose(log), f"run-{i}" if shown else None))
     nav = "".join(f'<a href="#{_e(a)}">{_e(log.path.name)}</a>' for log, _, a in entries if a)
@@ -659,7 +676,7 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
         text = _render_folder(src, runs) if len(runs) > 1 else render_html(runs[0])
         base = src
     else:
-        log = read_run(src)
+        log = read_run(src, records=False)
         text = render_html(log)
         base = log.path
     target = Path(out) if out is not None else base / REPORT_FILE
@@ -676,46 +693,81 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
 
 
 def print_summary(log: RunLog, findings: Sequence[Finding], file: IO[str] | None = None) -> None:
-    """Print a run's summary and findings as tables (``rich`` when installed, else plain text)."""
+    """Print a run's summary and findings as tables (``rich`` when installed, else plain text).
+
+    Text from the run log (the path, names, ops, source lines, the clipper's label) is shown
+    literally: control characters escaped visibly (:func:`gradguard.safetext.safe_text`), no markup.
+    """
     stream = file if file is not None else sys.stdout
-    facts = _run_facts(log, findings)
+    rows = _summary_rows(log, _run_facts(log, findings))
     try:
-        from rich.console import Console
-        from rich.table import Table
+        import rich  # noqa: F401
     except ImportError:
-        _print_plain(log, facts, findings, stream)
-        return
-    console = Console(file=stream, highlight=False, soft_wrap=False)
+        _print_plain(rows, log.skipped, findings, stream)
+    else:
+        _print_rich(rows, log.skipped, findings, stream)
+
+
+def _summary_rows(log: RunLog, facts: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run's summary as ``(label, value)`` lines."""
+    return [
+        ("run", str(log.path)),
+        ("steps", f"{facts['steps']} recorded, {facts['skipped']} skipped"),
+        ("clipping", f"{_fmt(facts['clip'])} (clip rate {_fmt(facts['clip_rate'])})"),
+        ("final loss", _fmt(facts["final_loss"])),
+        ("first non-finite", _where(facts["first_nonfinite"])),
+    ]
+
+
+_COLOURS = {"error": "red", "warning": "yellow", "info": "blue"}
+
+
+def _print_rich(
+    rows: Sequence[tuple[str, str]], notes: Sequence[str], findings: Sequence[Finding], stream: IO[str]
+) -> None:
+    """The summary with ``rich``: every piece of text a :class:`rich.text.Text` (never markup)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    def text(value: Any, style: str = "") -> Text:
+        return Text(safe_text(value), style=style)
+
+    console = Console(file=stream, highlight=False, soft_wrap=False, markup=False, emoji=False)
     info = Table(show_header=False, box=None, pad_edge=False)
     info.add_column(style="bold")
     info.add_column()
-    info.add_row("run", str(log.path))
-    info.add_row("steps", f"{facts['steps']} recorded, {facts['skipped']} skipped")
-    info.add_row("clipping", f"{_fmt(facts['clip'])} (clip rate {_fmt(facts['clip_rate'])})")
-    info.add_row("final loss", _fmt(facts["final_loss"]))
-    info.add_row("first non-finite", _where(facts["first_nonfinite"]))
+    for label, value in rows:
+        info.add_row(text(label), text(value))
     console.print(info)
-    for note in log.skipped:
-        console.print(f"[yellow]reader:[/] {note}", markup=True)
+    for note in notes:
+        console.print(Text.assemble(text("reader:", "yellow"), " ", text(note)))
     if not findings:
-        console.print("[green]No findings: the rules saw nothing wrong in this run.[/]")
+        console.print(text("No findings: the rules saw nothing wrong in this run.", "green"))
         return
     table = Table(title="Findings")
     table.add_column("severity", no_wrap=True)
     table.add_column("finding", no_wrap=True)
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("recommends")
-    colours = {"error": "red", "warning": "yellow", "info": "blue"}
     for f in findings:
-        colour = colours.get(f.severity, "white")
-        table.add_row(f"[{colour}]{f.severity}[/]", f.id, _fmt(f.step), _short_rec(f))
+        colour = _COLOURS.get(f.severity, "white")
+        table.add_row(text(f.severity, colour), text(f.id), text(_fmt(f.step)), text(_short_rec(f)))
     console.print(table)
     for f in findings:
-        colour = colours.get(f.severity, "white")
-        console.print(f"[bold {colour}]{f.severity.upper()}[/] [bold]{f.id}[/] (step {_fmt(f.step)})")
-        console.print(f.message, markup=False)
+        colour = _COLOURS.get(f.severity, "white")
+        console.print(
+            Text.assemble(
+                text(f.severity.upper(), f"bold {colour}"),
+                " ",
+                text(f.id, "bold"),
+                " ",
+                text(f"(step {_fmt(f.step)})"),
+            )
+        )
+        console.print(text(f.message))
         if f.recommendation.get("text"):
-            console.print(f"→ {f.recommendation['text']}", markup=False, style="green")
+            console.print(text(f"→ {f.recommendation['text']}", "green"))
         console.print()
 
 
@@ -728,17 +780,21 @@ def _short_rec(f: Finding) -> str:
     return ", ".join(parts) or "see below"
 
 
-def _print_plain(log: RunLog, facts: dict[str, Any], findings: Sequence[Finding], stream: IO[str]) -> None:
-    print(f"run: {log.path}", file=stream)
-    print(f"steps: {facts['steps']} recorded, {facts['skipped']} skipped", file=stream)
-    print(f"clipping: {_fmt(facts['clip'])} (clip rate {_fmt(facts['clip_rate'])})", file=stream)
-    print(f"first non-finite: {_where(facts['first_nonfinite'])}", file=stream)
-    print(f"final loss: {_fmt(facts['final_loss'])}", file=stream)
-    for note in log.skipped:
-        print(f"reader: {note}", file=stream)
+def _print_plain(
+    rows: Sequence[tuple[str, str]], notes: Sequence[str], findings: Sequence[Finding], stream: IO[str]
+) -> None:
+    """The summary as plain lines, every one through :func:`gradguard.safetext.safe_text`."""
+
+    def line(text: str) -> None:
+        print(safe_text(text), file=stream)
+
+    for label, value in rows:
+        line(f"{label}: {value}")
+    for note in notes:
+        line(f"reader: {note}")
     if not findings:
-        print("No findings: the rules saw nothing wrong in this run.", file=stream)
+        line("No findings: the rules saw nothing wrong in this run.")
     for f in findings:
-        print(f"[{f.severity}] {f.id} (step {_fmt(f.step)}; {_short_rec(f)}): {f.message}", file=stream)
+        line(f"[{f.severity}] {f.id} (step {_fmt(f.step)}; {_short_rec(f)}): {f.message}")
         if f.recommendation.get("text"):
-            print(f"    → {f.recommendation['text']}", file=stream)
+            line(f"    → {f.recommendation['text']}")

@@ -38,7 +38,9 @@ so logging never stops a training run.
 
 The reader (:func:`read_run`) loads everything up to the last complete line, skips what it cannot
 parse (including lines nested too deeply to parse) and says what it skipped in
-:attr:`RunLog.skipped`.
+:attr:`RunLog.skipped`. It reads the lines as a stream; with ``records=False`` it keeps the run
+table's columns only (:attr:`RunLog.table`, :mod:`gradguard.runtable`), not one dict per record,
+so a million steps, or thousands of layers, read in a fraction of the log's size.
 
 Example:
     >>> import tempfile, pathlib
@@ -73,10 +75,11 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gradguard._version import __version__
 from gradguard.errors import GradGuardError
+from gradguard.runtable import RunTable, TableBuilder
 
 try:  # POSIX: the one-writer-per-run-directory lock
     import fcntl
@@ -998,13 +1001,18 @@ class RunLog:
         path: the run directory.
         meta: the contents of ``meta.json`` (empty if missing or unreadable).
         metrics: the step records of ``metrics.jsonl``, in file order, without superseded ones:
-            their steps strictly increase.
+            their steps strictly increase. Empty when read with ``records=False`` (then the
+            records are in :attr:`table` only).
         events: the events of ``events.jsonl``, in file order, without superseded ones
             (``resume`` events included).
         skipped: human-readable notes on what the reader skipped or could not read.
         superseded: records dropped because the run was rewound (a ``resume`` event, or records
-            of the same steps written again later), in the order they were superseded.
+            of the same steps written again later), in the order they were superseded. Empty when
+            read with ``records=False`` (the note in :attr:`skipped` counts them).
         superseded_events: events of steps ``>=`` a resume's step written before that resume.
+        modified: when the run's files were last written (the newest modification time of
+            ``meta.json``, ``metrics.jsonl`` and ``events.jsonl``, seconds since the epoch); ``None``
+            for a log built in memory.
     """
 
     path: Path
@@ -1014,6 +1022,18 @@ class RunLog:
     skipped: list[str] = dataclasses.field(default_factory=list)
     superseded: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     superseded_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    modified: float | None = None
+    _table: RunTable | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _streamed: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
+
+    @property
+    def table(self) -> RunTable:
+        """The run table of the records (:class:`gradguard.runtable.RunTable`): built on first use
+        from :attr:`metrics` and kept (build a new ``RunLog`` after changing :attr:`metrics`), or
+        built while reading when read with ``records=False``."""
+        if self._table is None:
+            self._table = RunTable.from_records(self.metrics, self.layer_names())
+        return self._table
 
     @property
     def closed(self) -> bool:
@@ -1024,6 +1044,15 @@ class RunLog:
         called (its last records may be missing), and when ``meta.json`` is unreadable.
         """
         return self.meta.get("end_time") is not None
+
+    @property
+    def lost(self) -> dict[str, int]:
+        """What failed disk writes lost, as the writer saved it in ``meta.json``'s ``lost``:
+        ``{"records": n, "events": m}`` with the positive counts only (``{}``: nothing known lost)."""
+        lost = self.meta.get("lost")
+        if not isinstance(lost, dict):
+            return {}
+        return {str(k): v for k, v in lost.items() if _is_step(v) and v > 0}
 
     def events_of(self, type: str) -> list[dict[str, Any]]:
         """The events whose ``type`` is ``type``, in file order."""
@@ -1051,8 +1080,9 @@ class RunLog:
 
     def layer_names(self) -> list[str]:
         """The layers of the run: ``meta.json``'s ``layers`` in order, then any other name the records hold."""
-        names = self.meta.get("layers")
-        order: list[str] = [str(n) for n in names] if isinstance(names, list) else []
+        if self._streamed:
+            return list(self.table.layers)
+        order = _meta_layers(self.meta)
         seen = set(order)
         for r in self.metrics:
             layers = r.get("layers")
@@ -1068,13 +1098,22 @@ class RunLog:
 
         Records without an integer ``step``, without ``key`` or with ``key`` null are left out.
         Non-finite values come back as floats (``nan``, ``inf``, ``-inf``).
+
+        Raises:
+            GradGuardError: the log was read with ``records=False`` (read :attr:`table`).
         """
+        self._need_records("series")
         return [
             (r["step"], r[key]) for r in self.metrics if _is_step(r.get("step")) and r.get(key) is not None
         ]
 
     def layer_series(self, layer: str, key: str = "grad_norm") -> list[tuple[int, Any]]:
-        """``(step, value)`` of ``layers[layer][key]`` (e.g. a layer's ``grad_norm``), in file order."""
+        """``(step, value)`` of ``layers[layer][key]`` (e.g. a layer's ``grad_norm``), in file order.
+
+        Raises:
+            GradGuardError: the log was read with ``records=False`` (read :attr:`table`).
+        """
+        self._need_records("layer_series")
         out: list[tuple[int, Any]] = []
         for r in self.metrics:
             layers = r.get("layers")
@@ -1083,9 +1122,17 @@ class RunLog:
                 out.append((r["step"], entry[key]))
         return out
 
+    def _need_records(self, what: str) -> None:
+        if self._streamed:
+            raise GradGuardError(
+                f"RunLog.{what}() reads the records, and {str(self.path)!r} was read with records=False "
+                "(its records are in RunLog.table only); read it with read_run(path) to keep them."
+            )
+
     def __repr__(self) -> str:
+        records = len(self.table) if self._streamed else len(self.metrics)
         return (
-            f"RunLog(path={str(self.path)!r}, metrics={len(self.metrics)} records, "
+            f"RunLog(path={str(self.path)!r}, metrics={records} records, "
             f"events={len(self.events)}, skipped={len(self.skipped)} notes)"
         )
 
@@ -1187,18 +1234,56 @@ def _read_jsonl(path: Path, notes: list[str]) -> Iterator[tuple[int, dict[str, A
     note.finish()
 
 
+class RecordSink(Protocol):
+    """Where :func:`read_run` puts the step records it keeps: a list of dicts (the default) or a
+    :class:`gradguard.runtable.TableBuilder` (``records=False``)."""
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Add the next record (file order)."""
+
+    def drop_from(self, step: int) -> tuple[int, int | None]:
+        """Drop the last records, those of steps ``>= step`` (a rewind); return how many were
+        dropped and the step of the last record kept (``None``: none)."""
+        ...
+
+
 @dataclasses.dataclass
-class _Timeline:
-    """Records or events in file order, minus those a rewind superseded (see :func:`read_run`)."""
+class _Rewinds:
+    """What the rewinds of a run dropped from one file: how many items, at which steps."""
+
+    dropped: int = 0
+    steps: list[int] = dataclasses.field(default_factory=list)  # the step of each rewind that dropped some
+
+    def add(self, step: int, count: int) -> None:
+        if count:
+            self.dropped += count
+            self.steps.append(step)
+
+    def note(self, name: str, noun: str, notes: list[str]) -> None:
+        if not self.dropped:
+            return
+        steps = ", ".join(str(s) for s in self.steps[:_MAX_LISTED])
+        more = ", ..." if len(self.steps) > _MAX_LISTED else ""
+        notes.append(
+            f"{name}: {self.dropped} {noun} superseded by a rewind of the run (resumed at step "
+            f"{steps}{more}: the later {noun} of those steps count); read without them"
+        )
+
+
+@dataclasses.dataclass
+class _Records:
+    """The records kept as dicts, in file order, and those a rewind dropped (a :class:`RecordSink`)."""
 
     kept: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     dropped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    rewinds: list[int] = dataclasses.field(default_factory=list)  # the step of each rewind that dropped some
 
-    def supersede_tail(self, step: int) -> int | None:
-        """Drop the kept records of steps ``>= step`` — the last ones, as kept steps increase —
-        and return the step of the last record kept (``None``: none)."""
-        others: list[dict[str, Any]] = []  # records without a step stay where they are
+    def append(self, record: dict[str, Any]) -> None:
+        self.kept.append(record)
+
+    def drop_from(self, step: int) -> tuple[int, int | None]:
+        """Drop the kept records of steps ``>= step`` — the last ones, as kept steps increase;
+        records without a step stay where they are."""
+        others: list[dict[str, Any]] = []
         gone: list[dict[str, Any]] = []
         head: int | None = None
         while self.kept:
@@ -1211,30 +1296,25 @@ class _Timeline:
                 head = s
                 break
         self.kept.extend(reversed(others))
-        self._dropped(step, gone[::-1])
-        return head
+        self.dropped.extend(reversed(gone))
+        return len(gone), head
+
+
+@dataclasses.dataclass
+class _Events:
+    """The events in file order, minus those a ``resume`` superseded (see :func:`read_run`)."""
+
+    kept: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    dropped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rewinds: _Rewinds = dataclasses.field(default_factory=_Rewinds)
 
     def supersede_all(self, step: int) -> None:
-        """Drop the kept items of steps ``>= step``, wherever they are (events are not in step order)."""
+        """Drop the kept events of steps ``>= step``, wherever they are (events are not in step order)."""
         gone = [e for e in self.kept if _at_or_after(e, step)]
         if gone:
             self.kept = [e for e in self.kept if not _at_or_after(e, step)]
-        self._dropped(step, gone)
-
-    def _dropped(self, step: int, gone: list[dict[str, Any]]) -> None:
-        if gone:
             self.dropped.extend(gone)
-            self.rewinds.append(step)
-
-    def note(self, name: str, noun: str, notes: list[str]) -> None:
-        if not self.dropped:
-            return
-        steps = ", ".join(str(s) for s in self.rewinds[:_MAX_LISTED])
-        more = ", ..." if len(self.rewinds) > _MAX_LISTED else ""
-        notes.append(
-            f"{name}: {len(self.dropped)} {noun} superseded by a rewind of the run (resumed at step "
-            f"{steps}{more}: the later {noun} of those steps count); read without them"
-        )
+        self.rewinds.add(step, len(gone))
 
 
 def _resume_cuts(events: list[dict[str, Any]]) -> list[tuple[int, int]]:
@@ -1247,33 +1327,55 @@ def _resume_cuts(events: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return sorted(cuts, key=lambda c: c[0])
 
 
-def _read_metrics(path: Path, notes: list[str], cuts: list[tuple[int, int]]) -> _Timeline:
-    """The records of ``metrics.jsonl`` with rewinds applied: a resume cut (offset, step) drops the
-    records of steps ``>= step`` before ``offset``; a record drops the earlier ones of its step or later."""
-    timeline, head, pending = _Timeline(), None, list(reversed(cuts))
+def _read_metrics(path: Path, notes: list[str], cuts: list[tuple[int, int]], into: RecordSink) -> _Rewinds:
+    """Stream the records of ``metrics.jsonl`` into ``into`` with rewinds applied: a resume cut
+    (offset, step) drops the records of steps ``>= step`` before ``offset``; a record drops the
+    earlier ones of its step or later. Returns what the rewinds dropped."""
+    rewinds, head, pending = _Rewinds(), None, list(reversed(cuts))
+
+    def drop_from(step: int) -> int | None:
+        count, last = into.drop_from(step)
+        rewinds.add(step, count)
+        return last
+
     for offset, record in _read_jsonl(path, notes):
         while pending and pending[-1][0] <= offset:
-            head = timeline.supersede_tail(pending.pop()[1])
+            head = drop_from(pending.pop()[1])
         step = _step(record)
         if step is not None:
             if head is not None and step <= head:
-                timeline.supersede_tail(step)
+                drop_from(step)
             head = step
-        timeline.kept.append(record)
+        into.append(record)
     while pending:
-        timeline.supersede_tail(pending.pop()[1])
-    return timeline
+        drop_from(pending.pop()[1])
+    return rewinds
 
 
-def _read_events(path: Path, notes: list[str]) -> _Timeline:
+def _read_events(path: Path, notes: list[str]) -> _Events:
     """The events of ``events.jsonl``; each ``resume`` drops the earlier events of its step or later."""
-    timeline = _Timeline()
+    events = _Events()
     for _, event in _read_jsonl(path, notes):
         step = _step(event)
         if event.get("type") == "resume" and step is not None:
-            timeline.supersede_all(step)
-        timeline.kept.append(event)
-    return timeline
+            events.supersede_all(step)
+        events.kept.append(event)
+    return events
+
+
+def _meta_layers(meta: Mapping[str, Any]) -> list[str]:
+    """``meta.json``'s ``layers`` (the layer names in order), or ``[]``."""
+    names = meta.get("layers")
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def _modified(run: Path) -> float | None:
+    """The newest modification time of the run's files (``None`` when none can be read)."""
+    times = []
+    for name in _RUN_MARKERS:
+        with contextlib.suppress(OSError):
+            times.append((run / name).stat().st_mtime)
+    return max(times, default=None)
 
 
 def _read_meta(path: Path, notes: list[str]) -> dict[str, Any]:
@@ -1358,7 +1460,7 @@ def find_runs(root: str | os.PathLike[str]) -> list[Path]:
     return [c for _, _, c in keyed]
 
 
-def read_run(path: str | os.PathLike[str]) -> RunLog:
+def read_run(path: str | os.PathLike[str], *, records: bool = True) -> RunLog:
     """Read a run directory, or the newest run in a folder of runs, tolerating damage.
 
     Everything up to the last complete line is loaded; a line cut off by a killed process, a
@@ -1376,9 +1478,16 @@ def read_run(path: str | os.PathLike[str]) -> RunLog:
     So :attr:`RunLog.metrics`' steps strictly increase. The dropped records and events are in
     :attr:`RunLog.superseded` and :attr:`RunLog.superseded_events`, with one note per file.
 
+    Memory: the lines are read as a stream. With ``records=False`` each record goes into the run
+    table (:attr:`RunLog.table`, compact columns) and is not kept: reading costs a fraction of
+    ``metrics.jsonl``'s size however long or wide the run (``gradguard diagnose`` and ``report``
+    read this way); :attr:`RunLog.metrics` and :attr:`RunLog.superseded` are then empty.
+
     Args:
         path: a run directory (holding meta.json, metrics.jsonl or events.jsonl), one of those
             files, or a folder whose subfolders are run directories (the newest is read).
+        records: keep every record as a dict in :attr:`RunLog.metrics` (default), or only the
+            run table's columns (``False``).
 
     Returns:
         The :class:`RunLog`.
@@ -1417,16 +1526,21 @@ def read_run(path: str | os.PathLike[str]) -> RunLog:
     event_notes: list[str] = []
     events = _read_events(p / EVENTS_FILE, event_notes)
     resumes = _resume_cuts([*events.kept, *events.dropped])
-    metrics = _read_metrics(p / METRICS_FILE, notes, resumes)
+    sink: _Records | TableBuilder = _Records() if records else TableBuilder(_meta_layers(meta))
+    rewinds = _read_metrics(p / METRICS_FILE, notes, resumes, sink)
     notes += event_notes
-    metrics.note(METRICS_FILE, "records", notes)
-    events.note(EVENTS_FILE, "events", notes)
-    return RunLog(
+    rewinds.note(METRICS_FILE, "records", notes)
+    events.rewinds.note(EVENTS_FILE, "events", notes)
+    log = RunLog(
         path=p,
         meta=meta,
-        metrics=metrics.kept,
         events=events.kept,
         skipped=notes,
-        superseded=metrics.dropped,
         superseded_events=events.dropped,
+        modified=_modified(p),
     )
+    if isinstance(sink, _Records):
+        log.metrics, log.superseded = sink.kept, sink.dropped
+    else:
+        log._table, log._streamed = sink.table(), True
+    return log

@@ -38,11 +38,9 @@ import dataclasses
 import math
 import re
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from gradguard.runlog import RunLog
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeGuard
 
 __all__ = [
     "CLIP_KINDS",
@@ -52,6 +50,7 @@ __all__ = [
     "LayerGrowth",
     "Onset",
     "RunTable",
+    "TableBuilder",
     "climb_onset",
     "clip_config",
     "clip_rate",
@@ -85,18 +84,22 @@ def num(x: Any) -> float:
     return float(x)
 
 
-def _is_step(x: Any) -> bool:
+def _is_step(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def clipped(rec: Mapping[str, Any]) -> bool:
     """Whether the clipper changed this (taken) step's gradients; see the module docstring."""
-    if rec.get("skipped"):
+    numbers = (num(rec.get(key)) for key in ("clip_fraction", "clip_coef", "grad_norm", "threshold"))
+    return _clipped(bool(rec.get("skipped")), *numbers)
+
+
+def _clipped(skipped: bool, fraction: float, coef: float, norm: float, threshold: float) -> bool:
+    """:func:`clipped` of a record's numbers (the one definition)."""
+    if skipped:
         return False
-    fraction, coef = num(rec.get("clip_fraction")), num(rec.get("clip_coef"))
     if math.isfinite(fraction) or math.isfinite(coef):  # what the clipper said it did
         return fraction > 0 or coef < 1.0  # a nan compares False
-    norm, threshold = num(rec.get("grad_norm")), num(rec.get("threshold"))
     return math.isfinite(norm) and math.isfinite(threshold) and norm > threshold * (1 + _CLIP_SLACK)
 
 
@@ -123,6 +126,7 @@ def post_clip_norm(rec: Mapping[str, Any]) -> float:
 # ============================================================================================
 
 _FLOATS = ("loss", "grad_norm", "clip_coef", "threshold", "clip_fraction", "lr", "loss_scale")
+_FLAGS = ("skipped", "spike", "amp_overflow", "clipped", "bad", "healthy", "nonfinite_loss")
 
 
 def _nonfinite(rec: Mapping[str, Any], key: str) -> bool:
@@ -131,92 +135,129 @@ def _nonfinite(rec: Mapping[str, Any], key: str) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+def _flags(rec: Mapping[str, Any], numbers: Sequence[float]) -> tuple[bool, ...]:
+    """The flag columns of one record, in :data:`_FLAGS` order (``numbers``: its :data:`_FLOATS`)."""
+    _, norm, coef, threshold, fraction, *_ = numbers
+    skipped, amp = bool(rec.get("skipped")), bool(rec.get("amp_overflow"))
+    nonfinite_loss = _nonfinite(rec, "loss")
+    bad = not amp and (bool(rec.get("nonfinite")) or nonfinite_loss or _nonfinite(rec, "grad_norm"))
+    healthy = not (bad or skipped or amp) and math.isfinite(norm)
+    was_clipped = _clipped(skipped, fraction, coef, norm, threshold)
+    return skipped, bool(rec.get("spike")), amp, was_clipped, bad, healthy, nonfinite_loss
+
+
+@dataclasses.dataclass
+class _Sparse:
+    """One layer's values of one field, where recorded: the rows and the values (compact arrays)."""
+
+    rows: array[int] = dataclasses.field(default_factory=lambda: array("q"))
+    values: array[float] = dataclasses.field(default_factory=lambda: array("d"))
+
+    def cut(self, row: int) -> None:
+        """Drop the values of rows ``>= row``."""
+        if self.rows and self.rows[-1] >= row:
+            keep = bisect.bisect_left(self.rows, row)
+            del self.rows[keep:]
+            del self.values[keep:]
+
+
 @dataclasses.dataclass(frozen=True)
 class RunTable:
     """The step records of a run as columns (see the module docstring); index ``i`` is one record.
 
-    Build it with :meth:`from_records` or :meth:`from_log`; a column not listed as an attribute
-    is :meth:`column`, a layer's value :meth:`layer`.
+    Build it with :meth:`from_records`, :class:`TableBuilder` or :meth:`from_log`. The columns are
+    compact (floats in ``array('d')``, flags in lists of ``bool``) and no record is kept, so a
+    table costs a fraction of its log's size: ``gradguard diagnose`` reads a million steps this
+    way. Per-layer values are kept where recorded only (:meth:`layer` spreads one over the rows).
+
+    Attributes:
+        layers: the layer names, in order.
+        steps: the step of each row (strictly increasing in a table read from a run directory).
+        loss, grad_norm, clip_coef, threshold, clip_fraction, lr, loss_scale: the record's numbers
+            (``nan`` where absent or not a number).
+        skipped, spike, amp_overflow: the record's flags. clipped, bad, healthy: derived (see the
+            module docstring). nonfinite_loss: the record holds a loss and it is NaN or ±inf.
+        layer_rows: the rows of the records that hold per-layer numbers.
     """
 
-    rows: list[dict[str, Any]]
     layers: list[str]
     steps: list[int]
-    loss: list[float]
-    grad_norm: list[float]
-    clip_coef: list[float]
-    threshold: list[float]
-    clip_fraction: list[float]
-    lr: list[float]
-    loss_scale: list[float]
+    loss: array[float]
+    grad_norm: array[float]
+    clip_coef: array[float]
+    threshold: array[float]
+    clip_fraction: array[float]
+    lr: array[float]
+    loss_scale: array[float]
     skipped: list[bool]
     spike: list[bool]
     amp_overflow: list[bool]
     clipped: list[bool]
     bad: list[bool]
     healthy: list[bool]
+    nonfinite_loss: list[bool]
+    layer_rows: array[int]
+    _by_field: dict[str, dict[str, _Sparse]] = dataclasses.field(repr=False, compare=False)
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]], layers: Sequence[str] = ()) -> RunTable:
-        """The table of ``records`` (those without an integer ``step`` are left out)."""
-        rows = [dict(r) for r in records if _is_step(r.get("step"))]
-        floats = {key: [num(r.get(key)) for r in rows] for key in _FLOATS}
-        skipped = [bool(r.get("skipped")) for r in rows]
-        amp = [bool(r.get("amp_overflow")) for r in rows]
-        bad = [
-            not a and (bool(r.get("nonfinite")) or _nonfinite(r, "loss") or _nonfinite(r, "grad_norm"))
-            for r, a in zip(rows, amp)
-        ]
-        healthy = [
-            not (b or s or a) and math.isfinite(g)
-            for b, s, a, g in zip(bad, skipped, amp, floats["grad_norm"])
-        ]
-        return cls(
-            rows=rows,
-            layers=list(layers) or _layer_names(rows),
-            steps=[int(r["step"]) for r in rows],
-            **floats,
-            skipped=skipped,
-            spike=[bool(r.get("spike")) for r in rows],
-            amp_overflow=amp,
-            clipped=[clipped(r) for r in rows],
-            bad=bad,
-            healthy=healthy,
-        )
+        """The table of ``records`` (those without an integer ``step`` are left out).
+
+        Args:
+            records: step records, e.g. :attr:`gradguard.runlog.RunLog.metrics`.
+            layers: the layer names; by default every name the records hold, in order of appearance.
+        """
+        builder = TableBuilder(layers, more_layers=not layers)
+        for rec in records:
+            builder.append(rec)
+        return builder.table()
 
     @classmethod
-    def from_log(cls, log: RunLog) -> RunTable:
-        """The table of a :class:`~gradguard.runlog.RunLog`'s metrics, with its layer names."""
-        return cls.from_records(log.metrics, log.layer_names())
+    def from_log(cls, log: _HasTable) -> RunTable:
+        """The table of a :class:`~gradguard.runlog.RunLog`: :attr:`~gradguard.runlog.RunLog.table`
+        (built once per log)."""
+        return log.table
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.steps)
 
     @property
     def clip_rate(self) -> float:
         """Clipped steps / steps taken (see :func:`clip_rate`)."""
         return _rate(self.skipped, self.clipped)
 
-    def column(self, key: str) -> list[float]:
-        """``rows[i][key]`` as floats (``nan`` where absent or not a number)."""
-        return [num(r.get(key)) for r in self.rows]
+    def column(self, key: str) -> array[float]:
+        """The float column ``key`` (one of ``loss``, ``grad_norm``, ``clip_coef``, ``threshold``,
+        ``clip_fraction``, ``lr``, ``loss_scale``)."""
+        if key not in _FLOATS:
+            raise KeyError(
+                f"the run table has no float column {key!r}; its float columns are {list(_FLOATS)}"
+            )
+        column: array[float] = getattr(self, key)
+        return column
 
-    def layer(self, name: str, key: str) -> list[float]:
-        """``layers[name][key]`` per record (``nan`` where absent)."""
-        out: list[float] = []
-        for r in self.rows:
-            layers = r.get("layers")
-            entry = layers.get(name) if isinstance(layers, dict) else None
-            out.append(num(entry.get(key)) if isinstance(entry, dict) else math.nan)
+    def layer(self, name: str, key: str) -> array[float]:
+        """``layers[name][key]`` per row (``nan`` where absent)."""
+        out = array("d", [math.nan]) * len(self.steps)
+        sparse = self._by_field.get(key, {}).get(name)
+        if sparse is not None:
+            for row, value in zip(sparse.rows, sparse.values):
+                out[row] = value
         return out
+
+    def layer_values(self, name: str, key: str) -> tuple[Sequence[int], Sequence[float]]:
+        """``(rows, values)`` of ``layers[name][key]`` where recorded (no row spread)."""
+        sparse = self._by_field.get(key, {}).get(name)
+        return (sparse.rows, sparse.values) if sparse is not None else ((), ())
+
+    def layer_columns(self, key: str) -> Mapping[str, Sequence[float]]:
+        """``{layer: layer(layer, key)}`` for every layer, each column built when it is read (one at a
+        time while iterating): for :func:`first_layer_to_grow` on wide models."""
+        return _LayerColumns(self, key)
 
     def has_layer_key(self, key: str) -> bool:
         """Whether any record has ``key`` for some layer."""
-        for r in self.rows:
-            layers = r.get("layers")
-            if isinstance(layers, dict) and any(isinstance(v, dict) and key in v for v in layers.values()):
-                return True
-        return False
+        return any(sparse.rows for sparse in self._by_field.get(key, {}).values())
 
     def index_of(self, step: int) -> int:
         """Index of the first record at or after ``step`` (``len(self)`` when none)."""
@@ -226,13 +267,129 @@ class RunTable:
         return len(self.steps)
 
 
-def _layer_names(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    order: dict[str, None] = {}
-    for r in rows:
-        layers = r.get("layers")
+class _HasTable(Protocol):
+    @property
+    def table(self) -> RunTable: ...
+
+
+class _LayerColumns(Mapping[str, Sequence[float]]):
+    """A read-only ``{layer: column}`` view whose columns are built on access (see :meth:`RunTable.layer_columns`)."""
+
+    def __init__(self, table: RunTable, key: str) -> None:
+        self._table, self._key = table, key
+
+    def __getitem__(self, name: str) -> Sequence[float]:
+        if name not in self._table.layers:
+            raise KeyError(name)
+        return self._table.layer(name, self._key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table.layers)
+
+    def __len__(self) -> int:
+        return len(self._table.layers)
+
+
+class TableBuilder:
+    """Builds a :class:`RunTable` one record at a time, keeping columns only (no record).
+
+    :func:`gradguard.runlog.read_run` streams a run's records into one (``records=False``), and
+    applies the run's rewinds with :meth:`drop_from`; :meth:`RunTable.from_records` uses one too.
+
+    Args:
+        layers: the layer names known before the records (``meta.json``'s ``layers``).
+        more_layers: also take the other names the records hold, in order of appearance.
+    """
+
+    def __init__(self, layers: Sequence[str] = (), *, more_layers: bool = True) -> None:
+        self._steps: list[int] = []
+        self._floats: dict[str, array[float]] = {key: array("d") for key in _FLOATS}
+        self._flags: dict[str, list[bool]] = {key: [] for key in _FLAGS}
+        self._names: dict[str, int] = dict.fromkeys(layers, -1)  # name → the row it first came in (-1: given)
+        self._more = more_layers
+        self._layer_rows: array[int] = array("q")
+        self._by_field: dict[str, dict[str, _Sparse]] = {}
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def append(self, rec: Mapping[str, Any]) -> None:
+        """Add one record as a row (a record without an integer ``step`` is left out)."""
+        step = rec.get("step")
+        if not _is_step(step):
+            return
+        row = len(self._steps)
+        self._steps.append(step)
+        numbers = [v if type(v) is float else num(v) for v in map(rec.get, _FLOATS)]  # floats first: fast
+        for column, value in zip(self._floats.values(), numbers):
+            column.append(value)
+        for flags, flag in zip(self._flags.values(), _flags(rec, numbers)):
+            flags.append(flag)
+        layers = rec.get("layers")
         if isinstance(layers, dict):
-            order.update(dict.fromkeys(layers))
-    return list(order)
+            self._add_layers(row, layers)
+
+    def _add_layers(self, row: int, layers: Mapping[str, Any]) -> None:
+        self._layer_rows.append(row)
+        names, by_field = self._names, self._by_field
+        for name, entry in layers.items():
+            if name not in names:
+                if not self._more:
+                    continue
+                names[name] = row
+            if not isinstance(entry, dict):
+                continue
+            for key, value in entry.items():
+                by_name = by_field.get(key)
+                if by_name is None:
+                    by_name = by_field[key] = {}
+                sparse = by_name.get(name)
+                if sparse is None:
+                    sparse = by_name[name] = _Sparse()
+                sparse.rows.append(row)
+                sparse.values.append(value if type(value) is float else num(value))
+
+    def drop_from(self, step: int) -> tuple[int, int | None]:
+        """Drop the last rows, those of steps ``>= step`` (a rewind of the run).
+
+        Returns:
+            How many rows were dropped, and the step of the last row kept (``None``: none).
+        """
+        keep = len(self._steps)
+        while keep and self._steps[keep - 1] >= step:
+            keep -= 1
+        dropped = len(self._steps) - keep
+        if dropped:
+            self._cut(keep)
+        return dropped, self._steps[keep - 1] if keep else None
+
+    def _cut(self, row: int) -> None:
+        """Keep rows ``< row`` only; forget the layers that first came in a dropped row."""
+        del self._steps[row:]
+        for column in self._floats.values():
+            del column[row:]
+        for flags in self._flags.values():
+            del flags[row:]
+        del self._layer_rows[bisect.bisect_left(self._layer_rows, row) :]
+        gone = [name for name, first in self._names.items() if first >= row]
+        for name in gone:
+            del self._names[name]
+        for by_name in self._by_field.values():
+            for name in gone:
+                by_name.pop(name, None)
+            for sparse in by_name.values():
+                sparse.cut(row)
+
+    def table(self) -> RunTable:
+        """The table of the records added so far (the builder's columns, not copies)."""
+        columns: dict[str, Any] = {**self._floats, **self._flags}
+        return RunTable(
+            layers=list(self._names),
+            steps=self._steps,
+            layer_rows=self._layer_rows,
+            _by_field=self._by_field,
+            **columns,
+        )
 
 
 # ============================================================================================

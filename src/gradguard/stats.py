@@ -11,11 +11,18 @@ Numerics:
   float16 gradient whose norm is above 65504 is measured exactly instead of becoming ``inf``.
 * The global and per-layer norms are the norms of the per-tensor norms, accumulated in float64,
   so many large but finite tensors never overflow the total.
-* A single float32/bfloat16 tensor whose own norm exceeds float32's range (elements of about
-  ``1.8e19`` and up) still measures ``inf`` in the one-pass path: telling it apart from a real
+* A single float32/bfloat16 tensor whose squares exceed float32's range (elements of about
+  ``1.8e19`` and up) measures ``inf`` in the default one-pass path: telling it apart from a real
   ``inf`` needs a second read of that tensor. :func:`exact_norms` does that read (scaled by the
   max-abs, overflow-free); :class:`gradguard.Guard` calls it only on the steps whose norm came
   out non-finite, so healthy steps never pay for it.
+* ``tensor_norms(..., wide=True)`` accumulates every dtype in float64 instead, in the same one
+  read: such a tensor is measured exactly (finite), and only a real ``inf`` (or a norm beyond
+  float32's ``3.4e38`` itself) is ``inf``. The functions of :mod:`gradguard.clip`
+  (``clip_grad_norm_``, ``get_total_norm``) measure so. The cost is float64 arithmetic: on CUDA
+  for p = 1 and 2 it happens inside the foreach kernel (no extra memory traffic); on the CPU,
+  and for other p, each tensor is converted to float64 as it is measured (a transient copy of
+  one tensor at a time; on the CPU the norm takes several times as long as a float32 one).
 
 Example:
     >>> import torch, gradguard.stats as S
@@ -73,7 +80,8 @@ def grads_of(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
 
 
 def check_tensors(tensors: Sequence[Tensor], what: str = "tensor") -> None:
-    """Refuse sparse tensors and tensors spread over several devices, with a fix in the message."""
+    """Refuse sparse, complex or integer tensors and tensors spread over several devices, with a
+    fix in the message (host metadata only: no device value is read)."""
     devices = set()
     for t in tensors:
         if t.layout != torch.strided:
@@ -82,12 +90,30 @@ def check_tensors(tensors: Sequence[Tensor], what: str = "tensor") -> None:
                 f"{what}s only. Make it dense with `.to_dense()`, or use dense embeddings "
                 "(`nn.Embedding(..., sparse=False)`)."
             )
+        if not t.is_floating_point():
+            raise GradGuardError(_not_real(t, what))
         devices.add(t.device)
     if len(devices) > 1:
         raise GradGuardError(
             f"gradguard got {what}s on several devices {sorted(map(str, devices))}; one call measures one "
             "device. Call it once per device group (e.g. per pipeline stage), or move the model to one device."
         )
+
+
+def _not_real(t: Tensor, what: str) -> str:
+    """The message for a complex or integer tensor."""
+    shape, dtype = tuple(t.shape), t.dtype
+    if t.is_complex():
+        return (
+            f"gradguard got a complex {what} of shape {shape} and dtype {dtype}; it measures real "
+            f"floating-point {what}s only. Keep the parameter real (store `torch.view_as_real(w)` and "
+            "use `torch.view_as_complex` in forward), or leave it out of what gradguard guards and "
+            "clip it with torch.nn.utils.clip_grad_norm_."
+        )
+    return (
+        f"gradguard got a {what} of shape {shape} and dtype {dtype}; it measures floating-point "
+        f"{what}s only. Convert it with `.float()`, or leave it out."
+    )
 
 
 def check_norm_type(norm_type: float | int | str) -> float:
@@ -105,8 +131,9 @@ def check_norm_type(norm_type: float | int | str) -> float:
     return p
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _acc_dtype(dtype: torch.dtype, wide: bool = False) -> torch.dtype:
+    """The dtype a norm of ``dtype`` accumulates in: float32 (float64 for float64, or ``wide``)."""
+    return torch.float64 if wide or dtype == torch.float64 else torch.float32
 
 
 def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -116,7 +143,9 @@ def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype],
     return groups
 
 
-def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None) -> Tensor:
+def tensor_norms(
+    tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: bool | None = None, wide: bool = False
+) -> Tensor:
     """The p-norm of each tensor, as one 1-D tensor in input order (one read of each tensor).
 
     Float16/bfloat16 inputs are accumulated in float32; the result is float32, or float64 when
@@ -127,6 +156,9 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: 
         tensors: tensors on one device (any mix of floating dtypes).
         norm_type: p > 0 or ``inf``.
         foreach: use the foreach kernels (default: where the device supports them).
+        wide: accumulate in float64 (p < inf): a float32/bfloat16 tensor whose squares overflow
+            float32 is measured, not ``inf`` (see the module's numerics). The result's dtype is
+            the same.
 
     Raises:
         GradGuardError: tensors on more than one device.
@@ -140,7 +172,7 @@ def tensor_norms(tensors: Sequence[Tensor], norm_type: float = 2.0, *, foreach: 
     out_dtype = torch.float64 if any(dt == torch.float64 for _, dt in groups) else torch.float32
     found: dict[int, Tensor] = {}
     for (device, dtype), idx in groups.items():
-        acc = _acc_dtype(dtype)
+        acc = _acc_dtype(dtype, wide and not math.isinf(p))  # a max never overflows
         # the inf norm (a max) of an empty tensor is 0; torch refuses to reduce it
         live = [i for i in idx if tensors[i].numel() > 0] if math.isinf(p) else idx
         if live:

@@ -143,6 +143,14 @@ class Anomalies:
         self._last_reported = event["step"]
         return event
 
+    def state_dict(self) -> dict[str, int]:
+        """What changes later steps' events: the replays spent, the last step reported."""
+        return {"replays": self.replays, "last_reported": self._last_reported}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.replays = int(state["replays"])
+        self._last_reported = int(state["last_reported"])
+
     def close(self, now: int) -> events.Event | None:
         """Remove the capture's hooks; end an armed window (its event, if the failure recurred)."""
         if self.capture is not None:
@@ -264,8 +272,10 @@ class Anomalies:
 
 
 def _norms(rec: Mapping[str, Any]) -> tuple[int, float, dict[str, float]]:
-    """A record's ``(step, global norm or NaN on a non-finite step, {layer: grad norm})``."""
+    """A record's ``(step, global norm or NaN on a non-finite step, {layer: grad norm})`` (a layer
+    without gradients that step, logged as null, is left out)."""
     layers = {n: v.get("grad_norm", math.nan) for n, v in rec.get("layers", {}).items()}
+    layers = {n: v for n, v in layers.items() if v is not None}
     return rec["step"], rec["grad_norm"] if not rec["nonfinite"] else math.nan, layers
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -30,7 +30,17 @@ from torch import Tensor
 from gradguard._guard.config import GuardConfig
 from gradguard.clip import scale_
 
-__all__ = ["Apply", "Fused", "HostDecided", "NeverSkip", "Observe", "Outcome", "Planned", "choose"]
+__all__ = [
+    "Apply",
+    "Fused",
+    "HostDecided",
+    "NeverSkip",
+    "Observe",
+    "Outcome",
+    "Planned",
+    "choose",
+    "reuse_first_call",
+]
 
 
 @dataclass
@@ -42,6 +52,29 @@ class Planned:
     skip: Tensor  # the policy's skip flag (device bool)
     scaler: torch.amp.GradScaler | None
     clip_in_place: Callable[[], None]  # runs a value / AGC / per-layer clipper on the gradients
+    closure: Callable[[], Any] | None = None  # guard.step(closure): passed to optimizer.step
+
+
+def reuse_first_call(closure: Callable[[], Any], loss: Any) -> Callable[[], Any]:
+    """The closure ``optimizer.step`` gets in ``guard.step(closure)``: its first call returns the loss
+    the guard already computed (the gradients it measured, checked and clipped are in place);
+    later calls (LBFGS's line search and inner iterations) run the closure again."""
+    calls = 0
+
+    def again() -> Any:
+        nonlocal calls
+        calls += 1
+        return loss if calls == 1 else closure()
+
+    return again
+
+
+def _step_optimizer(optimizer: torch.optim.Optimizer, step: Planned) -> None:
+    """``optimizer.step()``, with the closure when the caller gave one (LBFGS needs it)."""
+    if step.closure is not None:
+        optimizer.step(step.closure)
+    else:
+        optimizer.step()
 
 
 class Outcome(NamedTuple):
@@ -81,7 +114,7 @@ def _fused_step(optimizer: torch.optim.Optimizer, step: Planned) -> None:
         optimizer.grad_scale = step.coef.reciprocal().to(torch.float32)  # type: ignore[attr-defined]
     optimizer.found_inf = step.skip.to(torch.float32)  # type: ignore[attr-defined]
     try:
-        optimizer.step()
+        _step_optimizer(optimizer, step)
     finally:
         optimizer.__dict__.pop("grad_scale", None)
         del optimizer.found_inf  # type: ignore[attr-defined]
@@ -113,7 +146,7 @@ class HostDecided:
             if self.clips:
                 _clip(step)
             if self.steps:
-                self.optimizer.step()
+                _step_optimizer(self.optimizer, step)
         if self.updates_scaler:
             _update(step.scaler)  # after a skip too: the scaler learns of an overflow
         return Outcome(skipped, on_host=True)
@@ -171,7 +204,7 @@ class NeverSkip:
             _fused_step(self.optimizer, step)  # the coefficient folded into the kernel
         else:
             _clip(step)
-            self.optimizer.step()
+            _step_optimizer(self.optimizer, step)
         return Outcome(step.skip, on_host=False)
 
 

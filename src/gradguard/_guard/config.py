@@ -3,8 +3,10 @@ what is wrong, the value, and how to fix it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 from gradguard._distributed import sharded
 from gradguard.clip import Clipper, PerLayer
 from gradguard.errors import GradGuardError
+from gradguard.stats import check_norm_type
 
 __all__ = [
     "GuardConfig",
@@ -20,11 +23,14 @@ __all__ = [
     "OnSpike",
     "check_choice",
     "check_distributed",
+    "check_log_dir",
     "check_model",
     "check_monitor_only",
     "check_optimizer",
+    "check_parameters",
     "guarded_parameters",
     "is_fused",
+    "layer_cadence",
     "momentum_sgd",
     "positive_int",
 ]
@@ -32,6 +38,16 @@ __all__ = [
 OnNonFinite = Literal["skip", "rollback", "raise", "warn"]
 OnSpike = Literal["ignore", "warn", "clip", "skip"]
 _FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+#: ``layer_every=None``: per-layer gradient norms every step for up to this many layers; a wider
+#: model every ``ceil(layers / LAYER_BUDGET)`` steps, so a record carries at most about this many
+#: layer norms a step on average (about 3 kB of JSON), whatever the model's width.
+LAYER_BUDGET = 64
+
+
+def layer_cadence(layers: int) -> int:
+    """The default per-layer cadence for a model of ``layers`` layers (see :data:`LAYER_BUDGET`)."""
+    return max(1, math.ceil(layers / LAYER_BUDGET))
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,7 @@ class GuardConfig:
     spike_z: float
     norm_type: float
     every: int
-    layer_every: int
+    layer_every: int | None  # None: the default cadence for the model's width (see for_layers)
     weight_every: int | None
     snapshot_every: int
     max_consecutive: int
@@ -51,26 +67,43 @@ class GuardConfig:
     loss_scale_floor: float
     max_replays: int
     monitor_only: bool
+    min_lr: float
+    max_rollbacks: int | None
+    rollback_window: int
+    layers_auto: bool = False  # layer_every was chosen from the model's width
 
     @classmethod
     def checked(cls, **settings: Any) -> GuardConfig:
         """Check every setting (``GradGuardError`` on the first bad one) and return the config."""
-        weight_every = settings["weight_every"]
         return cls(
             on_nonfinite=check_choice(settings["on_nonfinite"], "on_nonfinite", get_args(OnNonFinite)),
             on_spike=check_choice(settings["on_spike"], "on_spike", get_args(OnSpike)),
             spike_z=settings["spike_z"],  # checked by the spike detector that uses it
-            norm_type=float(settings["norm_type"]),
+            norm_type=check_norm_type(settings["norm_type"]),
             every=positive_int(settings["every"], "every"),
-            layer_every=positive_int(settings["layer_every"], "layer_every"),
-            weight_every=None if weight_every is None else positive_int(weight_every, "weight_every"),
+            layer_every=optional_positive_int(settings["layer_every"], "layer_every"),
+            weight_every=optional_positive_int(settings["weight_every"], "weight_every"),
             snapshot_every=positive_int(settings["snapshot_every"], "snapshot_every"),
             max_consecutive=positive_int(settings["max_consecutive"], "max_consecutive"),
             lr_backoff=check_lr_backoff(settings["lr_backoff"]),
             loss_scale_floor=float(settings["loss_scale_floor"]),
             max_replays=positive_int(settings["max_replays"], "max_replays"),
             monitor_only=bool(settings["monitor_only"]),
+            min_lr=check_min_lr(settings["min_lr"]),
+            max_rollbacks=optional_positive_int(settings["max_rollbacks"], "max_rollbacks"),
+            rollback_window=positive_int(settings["rollback_window"], "rollback_window"),
         )
+
+    def for_layers(self, layers: int) -> GuardConfig:
+        """The config with the default per-layer cadence (``layer_every=None``) chosen for a model
+        of ``layers`` layers; chosen again when parameters join and the model grows wider."""
+        if self.layer_every is not None and not self.layers_auto:
+            return self
+        return replace(self, layer_every=layer_cadence(layers), layers_auto=True)
+
+    def layer_step(self, step: int) -> bool:
+        """Whether ``step`` records per-layer gradient norms."""
+        return step % (self.layer_every or 1) == 0
 
     def as_meta(self) -> dict[str, Any]:
         """The settings a run's ``meta.json`` records under ``config`` (besides the clipper)."""
@@ -79,9 +112,13 @@ class GuardConfig:
             "on_spike": self.on_spike,
             "every": self.every,
             "layer_every": self.layer_every,
+            **({"layer_every_auto": True} if self.layers_auto else {}),
             "weight_every": self.weight_every,
             "snapshot_every": self.snapshot_every,
             "lr_backoff": self.lr_backoff,
+            "min_lr": self.min_lr,
+            "max_rollbacks": self.max_rollbacks,
+            "rollback_window": self.rollback_window,
             "max_consecutive": self.max_consecutive,
             "norm_type": self.norm_type,
             **({"monitor_only": True} if self.monitor_only else {}),
@@ -100,10 +137,43 @@ def positive_int(value: Any, name: str) -> int:
     return value
 
 
+def optional_positive_int(value: Any, name: str) -> int | None:
+    return None if value is None else positive_int(value, name)
+
+
 def check_lr_backoff(value: Any) -> float | None:
     if value is not None and not 0.0 < float(value) <= 1.0:
         raise GradGuardError(f"lr_backoff must be in (0, 1] or None; got {value!r}. 0.5 halves the LR.")
     return None if value is None else float(value)
+
+
+def check_min_lr(value: Any) -> float:
+    try:
+        lr = float(value)
+    except (TypeError, ValueError):
+        lr = math.nan
+    if isinstance(value, bool) or not (math.isfinite(lr) and lr >= 0.0):
+        raise GradGuardError(
+            f"min_lr must be a number >= 0; got {value!r}. It is the learning rate below which a "
+            "rollback loop stops the run (the default 1e-8; 0 never stops it)."
+        )
+    return lr
+
+
+def check_log_dir(value: Any) -> None:
+    """``log_dir`` is ``None``, ``"auto"`` or a directory path (not empty text: that would write into
+    the current directory)."""
+    if value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        raise GradGuardError(
+            f"log_dir must be a directory path, 'auto' or None; got {type(value).__name__} {value!r}."
+        )
+    if isinstance(value, str) and not value.strip():
+        raise GradGuardError(
+            f"log_dir={value!r} is empty: it would write the run log into the current directory. Pass "
+            "a directory path, log_dir='auto' (gradguard-runs/<time>-<name>), or None for no files."
+        )
 
 
 def check_model(model: Any) -> nn.Module:
@@ -141,12 +211,30 @@ def check_monitor_only(config: GuardConfig, clipper: Clipper | None) -> None:
 
 def guarded_parameters(
     model: nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[nn.Module, list[str], list[nn.Parameter]]:
-    """The user's root module (DDP unwrapped), and the names and tensors of the parameters guarded:
-    those of the model that the optimizer holds and that require grad."""
-    own = {id(p) for p in model.parameters()}
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+) -> tuple[nn.Module, list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """The user's root module (DDP unwrapped), the ``(name, parameter)`` pairs guarded from the
+    first step (the model's parameters the optimizer holds that require grad), and those that wait
+    (held, but frozen: they join at the first step they have a gradient)."""
+    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    held = check_parameters(root, (p for g in optimizer.param_groups for p in g["params"]))
+    # DDP's wrapper adds "module." to every name: name the layers after the user's model
+    named = [(n, p) for n, p in root.named_parameters() if id(p) in held]
+    guarded = [(n, p) for n, p in named if p.requires_grad]
+    if not guarded:
+        raise GradGuardError(
+            f"{type(model).__name__} has no trainable parameter that the optimizer holds (all have "
+            "requires_grad=False, or the optimizer trains none of them); there is nothing to guard. "
+            "Unfreeze some parameters or guard the module that trains."
+        )
+    return root, guarded, [(n, p) for n, p in named if not p.requires_grad]
+
+
+def check_parameters(root: nn.Module, held: Iterable[Tensor]) -> set[int]:
+    """The ids of ``held`` (the optimizer's parameters), refused where one is not ``root``'s or is
+    complex (the guard measures real tensors)."""
+    names = {id(p): n for n, p in root.named_parameters()}
+    params = list(held)
+    foreign = [p for p in params if id(p) not in names]
     if foreign:
         shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
         raise GradGuardError(
@@ -154,16 +242,16 @@ def guarded_parameters(
             "Pass the model the optimizer trains (build it as `optimizer = Opt(model.parameters())`), "
             "or the root module that owns all of them."
         )
-    # DDP's wrapper adds "module." to every name: name the layers after the user's model
-    root = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    named = [(n, p) for n, p in root.named_parameters() if p.requires_grad and id(p) in held]
-    if not named:
+    complex_ = [p for p in params if p.is_complex()]
+    if complex_:
+        p = complex_[0]
         raise GradGuardError(
-            f"{type(model).__name__} has no trainable parameter that the optimizer holds (all have "
-            "requires_grad=False, or the optimizer trains none of them); there is nothing to guard. "
-            "Unfreeze some parameters or guard the module that trains."
+            f"parameter {names[id(p)]!r} is complex ({p.dtype}, shape {tuple(p.shape)}); gradguard measures "
+            f"real tensors only ({len(complex_)} complex parameter(s)). Store it as a real tensor "
+            "(`nn.Parameter(torch.view_as_real(w))`, viewed back with `torch.view_as_complex` in forward), "
+            "or leave complex parameters out of the guarded optimizer."
         )
-    return root, [n for n, _ in named], [p for _, p in named]
+    return {id(p) for p in params}
 
 
 def check_distributed(params: Sequence[Tensor], config: GuardConfig, clipper: Clipper | None) -> list[bool]:

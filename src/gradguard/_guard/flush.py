@@ -26,8 +26,8 @@ _SCALE_HISTORY = 20  # loss scales kept as evidence for a loss_scale_collapse ev
 
 
 def layer_field(rec: Mapping[str, Any], field: str) -> dict[str, float]:
-    """``{layer: value}`` of one per-layer field of a record (the layers that have it)."""
-    return {n: v[field] for n, v in rec.get(LAYERS, {}).items() if field in v}
+    """``{layer: value}`` of one per-layer field of a record (the layers that have a value)."""
+    return {n: v[field] for n, v in rec.get(LAYERS, {}).items() if v.get(field) is not None}
 
 
 def mark_host_spikes(spike: Any, records: Iterable[dict[str, Any]]) -> None:

@@ -8,23 +8,29 @@ the numbers the same on every rank. Nothing here reads a device value on the hos
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradguard._distributed import Reducer, local
+from gradguard.errors import GradGuardError
 from gradguard.stats import (
     LayerIndex,
     check_tensors,
     exact_norms,
+    layer_name,
     tensor_norms,
     total_norm,
     update_ratios,
 )
 
-__all__ = ["Constants", "Measurement", "Meter"]
+__all__ = ["Constants", "Measurement", "Meter", "check_loss"]
+
+_ABSENT_CACHE = 64  # patterns of missing gradients remembered (a model usually has one or two)
 
 
 class Constants:
@@ -66,6 +72,7 @@ class Measurement:
     grad_nan: Tensor  # a gradient holds a NaN
     bad: Tensor  # the loss or a gradient is non-finite
     observed: Tensor  # the global norm, NaN on a bad step: what adaptive state may learn from
+    absent: tuple[int, ...] = ()  # layers none of whose parameters has a gradient (logged as null)
 
 
 class Meter:
@@ -78,6 +85,27 @@ class Meter:
         self.norm_type = norm_type
         self.index = index
         self.reducer = reducer
+        self._absent: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def reindex(self, index: LayerIndex, reducer: Reducer | None) -> None:
+        """Parameters joined: the new layer index (and the all-reduce that covers them)."""
+        self.index, self.reducer = index, reducer
+        self._absent.clear()
+
+    def absent_layers(self, present: Sequence[int]) -> tuple[int, ...]:
+        """The layers none of whose parameters is in ``present`` (cached per pattern: host work only
+        on a step whose set of gradients differs from all the steps before)."""
+        if len(present) == len(self.params):
+            return ()
+        key = tuple(present)
+        found = self._absent.get(key)
+        if found is None:
+            have = {layer_name(self.index.param_names[i]) for i in present}
+            found = tuple(j for j, name in enumerate(self.index.layers) if name not in have)
+            if len(self._absent) >= _ABSENT_CACHE:
+                self._absent.clear()
+            self._absent[key] = found
+        return found
 
     def measure(self, loss: Tensor | float | None) -> Measurement:
         """Norms, loss and flags of this step (no host read)."""
@@ -86,6 +114,7 @@ class Meter:
         grads: list[Tensor] = [self.params[i].grad for i in present]  # type: ignore[misc]
         check_tensors(grads, what="gradient")
         device = grads[0].device if grads else self.params[0].device
+        absent = self.absent_layers(present) if self.reducer is None else ()  # all ranks' norms: not local
         if self.reducer is not None:
             grads = [local(g) for g in grads]  # FSDP2: this rank's shards
         norms = tensor_norms(grads, p)  # the one read of the gradients
@@ -108,7 +137,9 @@ class Meter:
             grad_nan = grad_nan | rank_flags[2]
         bad = nonfinite.any()
         observed = torch.where(bad, math.nan, total)  # adaptive state only sees the norms of good steps
-        return Measurement(device, grads, present, norms, total, values, nonfinite, grad_nan, bad, observed)
+        return Measurement(
+            device, grads, present, norms, total, values, nonfinite, grad_nan, bad, observed, absent
+        )
 
     def layer_norms(self, m: Measurement) -> Tensor:
         """Per-layer gradient norms (in the order of the layer index)."""
@@ -152,6 +183,27 @@ class Meter:
         with torch.no_grad():
             norm = total_norm(tensor_norms([w.detach() for w in self.params]))
         return bool(torch.isfinite(norm))  # host sync: abort path
+
+
+def check_loss(loss: Any) -> None:
+    """Refuse, at the call, a loss that is not a number, a non-empty real tensor or ``None``."""
+    if loss is None or (isinstance(loss, numbers.Real) and not isinstance(loss, bool)):
+        return
+    if not isinstance(loss, Tensor):
+        raise GradGuardError(
+            f"the loss must be a tensor, a number or None; got {type(loss).__name__} {repr(loss)[:80]}. "
+            "Pass the loss you called backward() on: guard.step(loss) (or a closure that returns it)."
+        )
+    if loss.numel() == 0:
+        raise GradGuardError(
+            f"the loss is an empty tensor (shape {tuple(loss.shape)}): there is no value to check. Pass "
+            "the scalar loss you called backward() on (a mean over an empty batch is NaN: skip the batch)."
+        )
+    if loss.is_complex():
+        raise GradGuardError(
+            f"the loss is a complex tensor ({loss.dtype}); gradguard checks a real loss. Pass the real "
+            "scalar you called backward() on (e.g. `loss.abs()` or `loss.real`)."
+        )
 
 
 def _loss_value(loss: Tensor | float | None, device: torch.device) -> Tensor:

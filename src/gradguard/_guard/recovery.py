@@ -5,12 +5,24 @@ parts: clipper, spike detector) in **host memory**, taken after a good step at l
 ``snapshot_every`` steps after the last one; with ``snapshot_dir`` it is also written to
 ``snapshot_dir/snapshot.pt`` (atomically), at the step that takes it. Rolling back restores it,
 keeps the learning rate of now, and multiplies it by ``lr_backoff``.
+
+Recovery is bounded: a run that keeps failing after each restore would otherwise roll back for
+ever while the back-off drives the learning rate to nothing (0.1 → 1e-303 in 3,000 steps with a
+NaN every third step). :meth:`Recovery.limit` says when a rollback would pass a bound: more than
+``max_rollbacks`` rollbacks within ``window`` steps, or a back-off that takes the largest learning
+rate below ``min_lr``. The guard then restores the snapshot one last time (no back-off) and stops
+the run with an ``abort`` event.
+
+The snapshot, its step (the cadence) and the recent rollbacks are the recovery's state
+(:meth:`Recovery.state_dict`, part of the guard's): a resumed run rolls back to the same snapshot
+at the same steps as one that never stopped.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +32,7 @@ from torch import Tensor, nn
 from gradguard import events
 from gradguard.errors import GradGuardError
 
-__all__ = ["Recovery", "Stateful"]
+__all__ = ["Limit", "Recovery", "Stateful"]
 
 _STATE_VERSION = 1
 
@@ -29,6 +41,16 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A bound that one more rollback would pass: why the run stops."""
+
+    reason: str  # events.ABORT_MAX_ROLLBACKS or events.ABORT_MIN_LR
+    why: str  # what happened, in a sentence (the error's first words)
+    fix: str  # what to change
+    fields: dict[str, Any] = field(default_factory=dict)  # for the abort event
 
 
 class Recovery:
@@ -40,6 +62,9 @@ class Recovery:
         lr_backoff: multiply every group's LR by this after a rollback (``None``: keep it).
         snapshot_dir: also write each snapshot to ``snapshot_dir/snapshot.pt``.
         active: take snapshots at all (``on_nonfinite="rollback"``).
+        min_lr: a back-off may not take the largest group LR below this.
+        max_rollbacks: at most this many rollbacks within ``window`` steps (``None``: no cap).
+        window: the window of ``max_rollbacks``, in steps.
     """
 
     def __init__(
@@ -52,6 +77,9 @@ class Recovery:
         lr_backoff: float | None,
         snapshot_dir: str | os.PathLike[str] | None,
         active: bool,
+        min_lr: float = 0.0,
+        max_rollbacks: int | None = None,
+        window: int = 1000,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -60,8 +88,12 @@ class Recovery:
         self.lr_backoff = lr_backoff
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self.active = active
+        self.min_lr = min_lr
+        self.max_rollbacks = max_rollbacks
+        self.window = window
         self.snapshot: dict[str, Any] | None = None
         self.snapshot_step = -every  # the first good step takes a snapshot
+        self.rollbacks: list[int] = []  # the steps of the rollbacks within the window
 
     def after_good_step(self, step: int) -> None:
         """Take a snapshot if one is due (``step`` was taken and is good)."""
@@ -80,11 +112,50 @@ class Recovery:
         if self.snapshot_dir is not None:
             _save_atomically(state, self.snapshot_dir / "snapshot.pt")
 
-    def rollback(self, step: int) -> list[events.Event]:
-        """Restore the snapshot (the learning rate of now, backed off); the events that say so."""
+    def _recent(self, step: int) -> list[int]:
+        """The rollbacks within ``window`` steps of ``step``."""
+        return [s for s in self.rollbacks if step - s < self.window]
+
+    def limit(self, step: int) -> Limit | None:
+        """The bound a rollback at ``step`` would pass (then the run stops), or ``None``."""
+        if self.snapshot is None:
+            return None  # nothing to roll back to: the step is skipped
+        lr = max(float(g["lr"]) for g in self.optimizer.param_groups)  # host read: the rollback path
+        at = {"lr": lr, "to_step": self.snapshot["step"]}
+        count = len(self._recent(step)) + 1
+        if self.max_rollbacks is not None and count > self.max_rollbacks:
+            return Limit(
+                events.ABORT_MAX_ROLLBACKS,
+                f"{count} rollbacks within {self.window} steps (max_rollbacks={self.max_rollbacks}): the run "
+                f"keeps failing after each restore of the snapshot of step {at['to_step']} (learning rate now "
+                f"{lr:.3g}).",
+                "Find what makes the steps non-finite (`gradguard diagnose`): lower the learning rate, clip "
+                "harder, check the data; or raise max_rollbacks / lower rollback_window.",
+                {**at, "rollbacks": count, "window": self.window, "max_rollbacks": self.max_rollbacks},
+            )
+        if self.lr_backoff is not None and lr * self.lr_backoff < self.min_lr:
+            return Limit(
+                events.ABORT_MIN_LR,
+                f"one more back-off (lr_backoff={self.lr_backoff}) would take the learning rate from {lr:.3g} "
+                f"to {lr * self.lr_backoff:.3g}, below min_lr={self.min_lr:g}: the weights would barely move.",
+                "Find what makes the steps non-finite (`gradguard diagnose`): lower the learning rate, clip "
+                "harder, check the data; or lower min_lr.",
+                {**at, "min_lr": self.min_lr, "lr_backoff": self.lr_backoff},
+            )
+        return None
+
+    def forget(self) -> None:
+        """The optimizer's parameter groups changed: the snapshot no longer fits it; the next good
+        step takes a new one."""
+        self.snapshot, self.snapshot_step = None, -self.every
+
+    def rollback(self, step: int, *, back_off: bool = True) -> list[events.Event]:
+        """Restore the snapshot (the learning rate of now, backed off unless ``back_off`` is false);
+        the events that say so."""
         snap = self.snapshot
         if snap is None:
             return [events.skip(step, events.SKIP_NO_SNAPSHOT)]
+        self.rollbacks = [*self._recent(step), step]
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.model.load_state_dict(snap["model"])
         # the optimizer keeps references to what it loads: give it copies, the snapshot stays intact
@@ -95,7 +166,7 @@ class Recovery:
         for g, lr in zip(self.optimizer.param_groups, lrs):  # the LR of now, not of the snapshot
             g["lr"] = lr
         done = [events.rollback(step, snap["step"])]
-        if self.lr_backoff is not None:
+        if self.lr_backoff is not None and back_off:
             done.append(self._back_off(step, self.lr_backoff))
         return done
 
@@ -105,8 +176,14 @@ class Recovery:
         return events.lr_backoff(step, factor, float(self.optimizer.param_groups[0]["lr"]))
 
     def state_dict(self) -> dict[str, Any]:
-        """The snapshot held (host tensors and Python scalars) and its step. No I/O."""
-        return {"version": _STATE_VERSION, "snapshot_step": self.snapshot_step, "snapshot": self.snapshot}
+        """The snapshot held (host tensors and Python scalars), its step and the recent rollbacks.
+        No I/O; ``torch.load(..., weights_only=True)`` reads it back."""
+        return {
+            "version": _STATE_VERSION,
+            "snapshot_step": self.snapshot_step,
+            "snapshot": self.snapshot,
+            "rollbacks": list(self.rollbacks),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
@@ -117,6 +194,7 @@ class Recovery:
             )
         self.snapshot_step = int(state["snapshot_step"])
         self.snapshot = state["snapshot"]
+        self.rollbacks = [int(s) for s in state.get("rollbacks", ())]
 
 
 def _save_atomically(state: dict[str, Any], target: Path) -> None:

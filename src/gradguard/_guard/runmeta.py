@@ -65,10 +65,17 @@ def open_run_log(
     rank_logs: bool,
 ) -> runlog.RunWriter | None:
     """The run log (``None`` without ``log_dir``): rank 0 writes the job's; with ``rank_logs`` every
-    other rank writes what it saw in ``<run dir>/ranks/rank<r>/``."""
+    other rank writes what it saw in ``<run dir>/ranks/rank<r>/``.
+
+    ``log_dir="auto"``: rank 0 creates ``gradguard-runs/<time>-<name>`` (atomically: two guards
+    started in the same second get two directories) and every rank learns its name.
+    """
     if log_dir is None:
         return None
-    run_dir = runlog.default_run_dir(name) if str(log_dir) == "auto" else Path(log_dir)
+    if str(log_dir) == "auto":
+        run_dir = runlog.default_run_dir(name, create=True) if rank() == 0 else Path()
+    else:
+        run_dir = Path(log_dir)
     if distributed:
         run_dir = Path(str(same_on_all_ranks(str(run_dir))))  # "auto" names it once, on rank 0
     if rank() == 0:

@@ -17,6 +17,8 @@
 ``lr_too_high``              update/weight ratios far above ~1e-3, or an LR increase right before growth
 ``weight_growth``            a layer's weight norm growing by an order of magnitude
 ``loss_scale_collapse``      the AMP GradScaler's scale collapsing: fp16 cannot hold the gradients
+``incomplete_log``           the log may lack records: the run was not closed (killed, crashed, or still
+                             going: said so when it was written recently), or disk writes lost some
 ============================ ========================================================================
 
 How it is built: the facts layer (:mod:`gradguard.diagnose.facts`, over the run table of
@@ -78,7 +80,8 @@ RULES: tuple[str, ...] = rules.finding_ids()
 
 
 def _as_log(run: RunLog | str | os.PathLike[str]) -> RunLog:
-    return run if isinstance(run, RunLog) else read_run(run)
+    """``run`` read as its run table (no record kept: memory bounded by the columns), or as given."""
+    return run if isinstance(run, RunLog) else read_run(run, records=False)
 
 
 def diagnose(run: RunLog | str | os.PathLike[str], *, write: bool = False) -> list[Finding]:

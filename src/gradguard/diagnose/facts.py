@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 from gradguard.diagnose.healthy import HealthyWindow, window
@@ -26,6 +27,7 @@ class Facts:
     """Columns of the metrics, the events and the guard's configuration of one run, read once.
 
     Attributes (one value per record, in file order, unless said otherwise):
+        rows: the row indices, ``range(len(table))``.
         steps, loss, norm (pre-clip), thr (threshold), lr, scale (loss scale), clip_coef,
         clip_fraction: floats, ``nan`` where absent.
         skipped, amp (AMP overflow), bad (non-finite, not an overflow), ok (healthy: taken, finite),
@@ -36,24 +38,34 @@ class Facts:
         clip_kind: ``fixed``, ``adaptive``, ``other`` or ``none``. clip_spec: the clipper in words.
         trouble, trouble_reason: index of the first non-finite (or overflowing) step and why
         (``len(steps)``, ``"end"`` when none).
+        The log itself: opened (``meta.json`` holds the ``start_time`` a RunWriter writes), closed
+        (it holds the ``end_time`` of ``close()``), lost (what failed disk writes lost:
+        ``{"records": n, "events": m}``), modified (when the run's files were last written; ``None``
+        for a log built in memory), flush_every (the guard's ``every``: records are written in
+        batches of that many steps; ``None`` when the run does not say).
     """
 
     def __init__(self, log: RunLog) -> None:
         self.log = log
         t = self.table = RunTable.from_log(log)
-        self.rows, self.steps, self.loss, self.norm = t.rows, t.steps, t.loss, t.grad_norm
+        self.rows, self.steps, self.loss, self.norm = range(len(t)), t.steps, t.loss, t.grad_norm
         self.thr, self.lr, self.scale = t.threshold, t.lr, t.loss_scale
         self.clip_coef, self.clip_fraction, self.clipped = t.clip_coef, t.clip_fraction, t.clipped
         self.skipped, self.amp, self.bad, self.ok = t.skipped, t.amp_overflow, t.bad, t.healthy
         self.layers = t.layers
         self.events = [e for e in log.events if isinstance(e, dict)]
         self.spike = self._spikes()
-        self.data_bad = {i for i, s in enumerate(self.steps) if s in self._data_event_steps()}
+        data_steps = self._data_event_steps()
+        self.data_bad = {i for i, s in enumerate(self.steps) if s in data_steps}
         self.lone = self._lone_bad()
         self.clip = clip_config(log.meta)
         self.clip_spec = self.clip.label
         self.clip_kind = self._clip_kind()
         self.trouble, self.trouble_reason = self._first_trouble()
+        self.opened = isinstance(log.meta.get("start_time"), str)
+        self.closed, self.lost, self.modified = log.closed, log.lost, log.modified
+        every = config.get("every") if isinstance(config := log.meta.get("config"), dict) else None
+        self.flush_every = every if isinstance(every, int) and not isinstance(every, bool) else None
 
     # -- events ---------------------------------------------------------------------------
     @property
@@ -133,7 +145,7 @@ class Facts:
         return [v for v in self.loss[lo:hi] if math.isfinite(v)]
 
     # -- layers and the clipper -----------------------------------------------------------
-    def layer(self, name: str, key: str) -> list[float]:
+    def layer(self, name: str, key: str) -> Sequence[float]:
         """``layers[name][key]`` per record (nan where absent)."""
         return self.table.layer(name, key)
 
@@ -142,9 +154,8 @@ class Facts:
         """Per layer: (largest finite weight norm / the first measured one, the step of it), when > 1."""
         out: dict[str, tuple[float, int]] = {}
         for name in self.layers:
-            series = [
-                (self.steps[i], v) for i, v in enumerate(self.layer(name, "weight_norm")) if math.isfinite(v)
-            ]
+            rows, values = self.table.layer_values(name, "weight_norm")
+            series = [(self.steps[i], v) for i, v in zip(rows, values) if math.isfinite(v)]
             start = next((v for _, v in series if v > 1e-8), None)
             if start is None:
                 continue

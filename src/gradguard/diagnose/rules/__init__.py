@@ -177,5 +177,6 @@ REGISTRY: list[Entry] = [
     entry("weight_growth"),
     entry("vanishing"),
     entry("loss_scale_collapse"),
+    entry("incomplete_log"),
 ]
 """Every rule, in report order, with its dependencies (see the module docstring)."""

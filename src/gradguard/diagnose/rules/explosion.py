@@ -120,7 +120,7 @@ def _first_layer(f: Facts, h: HealthyWindow) -> dict[str, Any]:
     if h.first_step is None or h.last_step is None or not f.layers:
         return {}
     healthy = range(f.index_of(h.first_step), f.index_of(h.last_step) + 1)
-    grew = first_layer_to_grow({n: f.layer(n, "grad_norm") for n in f.layers}, healthy, f.bad)
+    grew = first_layer_to_grow(f.table.layer_columns("grad_norm"), healthy, f.bad)
     if grew is None:
         return {}
     return {

@@ -1,0 +1,108 @@
+"""``incomplete_log``: the run log may lack records — the run was not closed, or disk writes failed.
+
+* **Not closed** (``info``): ``meta.json`` has the ``start_time`` a RunWriter writes but no
+  ``end_time`` (:attr:`gradguard.runlog.RunLog.closed` is false). The process was killed or
+  crashed, ``close()`` was never called, or the run is still going: records are written in batches
+  of ``every`` steps, so the steps after the last batch may be missing. A log written in the last
+  :data:`RECENT` seconds may belong to a run that is still going, and is worded so: nothing says
+  it was killed.
+* **Lost** (``warning``): failed disk writes (a full disk, I/O errors) lost records or events;
+  the writer counts them in ``meta.json``'s ``lost`` when it closes.
+
+The other rules judge the records that are there; this one says what may be missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.rules import Rule, Seen
+
+RECENT = 900.0
+"""Seconds: a run whose log was written this recently may still be going."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """Whether the run was closed, how long ago its log was last written, what writes lost."""
+
+    unclosed: bool
+    age: float | None  # seconds since the run's files were last written (None: unknown)
+    lost: dict[str, int]
+
+    @property
+    def maybe_running(self) -> bool:
+        return self.unclosed and self.age is not None and self.age < RECENT
+
+
+def detect(f: Facts, seen: Seen) -> Evidence | None:
+    unclosed = f.opened and not f.closed
+    if not unclosed and not f.lost:
+        return None
+    age = max(0.0, time.time() - f.modified) if f.modified is not None else None
+    return Evidence(unclosed, age, dict(f.lost))
+
+
+def explain(f: Facts, ev: Evidence) -> Finding:
+    last = f.steps[-1] if f.steps else None
+    parts, advice = [], []
+    if ev.unclosed:
+        parts.append(_unclosed(f, ev, last))
+        advice.append(
+            "Close the guard when training ends (guard.close(), or `with Guard(...)`) so the last records "
+            "are written; after a kill, the records up to the last flush are all there is"
+        )
+    if ev.lost:
+        parts.append(f"Failed disk writes lost {_counted(ev.lost)} (meta.json's lost): the log has gaps.")
+        advice.append(
+            "Keep the run directory on a disk with room (the RunLogWarning at training time named the "
+            "file and the error)"
+        )
+    evidence: dict[str, Any] = {
+        "closed": not ev.unclosed,
+        "last_step": last,
+        "seconds_since_last_write": round(ev.age) if ev.age is not None else None,
+        "maybe_still_running": ev.maybe_running,
+        "flush_every": f.flush_every,
+    }
+    evidence.update({f"lost_{k}": n for k, n in ev.lost.items()})
+    severity = "warning" if ev.lost else "info"
+    rec = {"text": "; ".join(advice) + "."}
+    message = " ".join(parts) + " The findings are about the records that were written."
+    return Finding("incomplete_log", severity, last if ev.unclosed else None, message, evidence, rec)
+
+
+def _unclosed(f: Facts, ev: Evidence, last: int | None) -> str:
+    batch = f"up to {f.flush_every - 1} steps" if f.flush_every and f.flush_every > 1 else "the last steps"
+    after = f"after step {last}" if last is not None else "of the run"
+    if ev.maybe_running and ev.age is not None:
+        return (
+            f"The run is not closed and its log was written {_ago(ev.age)} ago: it may still be running "
+            f"(this is a snapshot), or it stopped without closing — then the records {after} ({batch}) "
+            "may be missing."
+        )
+    when = f", last written {_ago(ev.age)} ago" if ev.age is not None else ""
+    return (
+        f"The run was not closed (meta.json has no end_time{when}): it was killed or crashed, or close() "
+        f"was never called; the records {after} ({batch}) may be missing."
+    )
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if unit == 'day' and n != 1 else ''}"
+    return f"{int(seconds)} s"
+
+
+def _counted(lost: dict[str, int]) -> str:
+    names = {"records": "step record", "events": "event"}
+    return " and ".join(f"{n} {names.get(k, k)}{'s' if n != 1 else ''}" for k, n in lost.items())
+
+
+RULE = Rule("incomplete_log", detect, explain)
