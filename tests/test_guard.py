@@ -571,6 +571,89 @@ def test_before_step_clips_in_place_and_on_a_skip_leaves_the_gradients_as_they_a
     assert log.first_event("nonfinite")["step"] == 2
 
 
+def _layer_stats(run: Path) -> list[dict[str, dict[str, float]]]:
+    return [
+        {name: {k: v for k, v in stats.items() if k != "grad_norm"} for name, stats in r["layers"].items()}
+        for r in read_run(run).metrics
+    ]
+
+
+def test_before_step_then_the_callers_step_logs_the_update_ratio_of_guard_step(tmp_path: Path) -> None:
+    """The weight norms and update ratios of a ``before_step`` step are measured after the caller's
+    ``optimizer.step()`` (a step post-hook): the same numbers as ``guard.step`` on the same data."""
+    runs = {}
+    for how in ("step", "before_step"):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        run = tmp_path / how
+        guard = gradguard.Guard(model, opt, clip="norm:0.5", log_dir=run, every=4, weight_every=2)
+        for step in range(6):
+            loss = _backward(model, opt, step)
+            if how == "step":
+                guard.step(loss)
+            elif guard.before_step(loss):
+                opt.step()
+        guard.close()
+        runs[how] = _layer_stats(run)
+    assert runs["before_step"] == runs["step"]
+    ratios = [stats["update_ratio"] for rec in runs["step"][::2] for stats in rec.values()]
+    assert len(ratios) == 3 * 3 and all(r > 0 for r in ratios)
+
+
+def test_before_step_without_the_callers_step_drops_its_post_step_work(tmp_path: Path) -> None:
+    """A caller that does not step: the next call (or close) drops the work; its record has no weight
+    stats, the records around it are whole, and a step of the optimizer later measures nothing."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(model, opt, clip="norm:0.5", log_dir=tmp_path / "r", every=2, weight_every=1)
+    for step in range(5):
+        assert guard.before_step(_backward(model, opt, step))
+        if step not in (1, 4):  # no step after steps 1 and 4 (the last: dropped at close)
+            opt.step()
+    guard.close()
+    opt.step()  # after close: not the guard's
+    records = read_run(tmp_path / "r").metrics
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert [all("update_ratio" in stats for stats in r["layers"].values()) for r in records] == [
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
+    assert not opt._optimizer_step_post_hooks  # the guard's hook left with it
+
+
+def test_before_step_snapshots_the_state_after_the_callers_step() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gradguard.Guard(model, opt, clip="norm:0.5", on_nonfinite="rollback", snapshot_every=2)
+    for step in range(3):
+        if guard.before_step(_backward(model, opt, step)):
+            opt.step()
+    snap = guard._recovery.snapshot
+    assert snap is not None and snap["step"] == 2
+    assert all(torch.equal(snap["model"][k], v) for k, v in model.state_dict().items())  # after step 2
+    guard.close()
+
+
+def test_before_step_in_monitor_only_warn_mode_reads_nothing_on_the_host() -> None:
+    """Nothing is ever skipped in monitor-only ``warn`` mode: ``before_step`` answers without a host read."""
+    with torch.device("meta"):
+        model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(
+        model, opt, clip=None, on_nonfinite="warn", monitor_only=True, every=1000, weight_every=1
+    )
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(8, 6, device="meta")).pow(2).mean().backward()
+        with NoSync(watch=[p.grad for p in model.parameters()]):
+            assert guard.before_step(None) is True
+            opt.step()  # the caller steps; the update ratio is measured after it
+    assert guard.step_count == 3
+
+
 def test_monitor_only_measures_and_logs_but_never_clips_skips_or_steps(tmp_path: Path) -> None:
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

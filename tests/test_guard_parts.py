@@ -23,6 +23,7 @@ from gradguard._guard.counters import Counters
 from gradguard._guard.flush import FlushEvents, LossScaleWatch
 from gradguard._guard.measure import Constants, Measurement
 from gradguard._guard.params import GuardedParams
+from gradguard._guard.poststep import AfterStep
 from gradguard._guard.recovery import Recovery
 from gradguard._guard.row import device_row, host_values
 from gradguard._guard.runmeta import clip_config
@@ -426,6 +427,46 @@ def test_the_monitor_grows_its_layers_after_flushing_the_pending_records() -> No
     assert mon.pending == 0 and written[0][0]["layers"] == {"a": {"grad_norm": 1.0}}
     mon.record(1, row, torch.tensor([2.0, 3.0]), absent=(1,))
     assert mon.flush()[0]["layers"] == {"a": {"grad_norm": 2.0}, "b": {"grad_norm": None}}
+
+
+def test_a_held_row_waits_for_what_is_measured_after_its_step() -> None:
+    """``held``: a full buffer waits for :meth:`Monitor.complete` (the update ratios measured after
+    the caller's step); a row never completed goes out as it is at the next record or flush."""
+    written: list[list[dict[str, Any]]] = []
+    mon = monitor.Monitor(["a"], every=2, on_flush=written.append)
+    row = torch.zeros(len(record.SCALARS))
+    mon.record(0, row, torch.tensor([1.0]))
+    mon.record(1, row, torch.tensor([1.0]), held=True)
+    assert mon.pending == 2 and not written  # full, but held
+    mon.complete({"update_ratio": torch.tensor([0.5])})
+    assert [r["layers"]["a"] for r in written[0]] == [
+        {"grad_norm": 1.0},
+        {"grad_norm": 1.0, "update_ratio": 0.5},
+    ]
+    mon.record(2, row, held=True)
+    mon.record(3, row, held=True)  # step 2 never completed: released as it is
+    mon.complete({"update_ratio": torch.tensor([0.25])})
+    assert [r["step"] for r in written[1]] == [2, 3] and "layers" not in written[1][0]
+    assert written[1][1]["layers"] == {"a": {"update_ratio": 0.25}}
+    mon.record(4, row, held=True)
+    mon.flush()  # written as it is; a later complete finds nothing to complete
+    mon.complete({"update_ratio": torch.tensor([1.0])})
+    assert mon.pending == 0 and "layers" not in written[2][0]
+
+
+def test_after_step_runs_its_work_once_after_the_next_step_and_can_be_dropped() -> None:
+    opt = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    after, ran = AfterStep(opt), []
+    after.arm(lambda: ran.append(1))
+    opt.step()
+    opt.step()
+    assert ran == [1] and not after.armed
+    after.arm(lambda: ran.append(2))
+    after.drop()
+    opt.step()
+    assert ran == [1] and len(opt._optimizer_step_post_hooks) == 1
+    after.close()
+    assert not opt._optimizer_step_post_hooks
 
 
 def test_an_inactive_recovery_takes_no_snapshot() -> None:

@@ -351,11 +351,6 @@ def test_skip_through_accelerate_grad_scaler(tmp_path, trainer_cls):
     assert trainer.accelerator.scaler.get_scale() == 2.0**16  # no overflow: the scale never dropped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Guard.before_step measures the update (weight_every) before the Trainer's step: needs the "
-    "GUARD part to measure it after the caller's step (e.g. a one-shot optimizer step post-hook)",
-)
 def test_update_ratio_measures_the_trainers_step(tmp_path):
     trainer = GradGuardTrainer(
         model=_model(),

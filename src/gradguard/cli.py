@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from gradguard.errors import GradGuardError
 from gradguard.safetext import safe_text
 
 EXIT_OK = 0
@@ -133,10 +135,167 @@ def _run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         return _no_torch("run", e)
 
-    options = {"clip": args.clip, "on_nonfinite": args.on_nonfinite, "every": args.every}
+    options = {dest: getattr(args, dest) for dest in RUN_GUARD_OPTIONS if hasattr(args, dest)}
     if args.out is not None:
         options["out"] = args.out
-    return run_script(args.script, list(args.args), report=not args.no_report, **options)
+    if args.quiet:
+        options["live"] = False
+    try:
+        return run_script(args.script, list(args.args), report=not args.no_report, **options)
+    except GradGuardError as e:  # a bad option, refused when the first guard is made
+        return _fail(str(e))
+
+
+def _number_or_none(kind: type) -> Callable[[str], object]:
+    """An argparse type: ``none`` → ``None``, else ``kind(text)``."""
+
+    def parse(text: str) -> object:
+        if text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or none, got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+#: The options of ``gradguard run`` that go to every :class:`gradguard.Guard` it makes:
+#: ``(flag, Guard parameter, argparse settings)``. An option not given is not passed, so the
+#: guard's own default applies (one owner: ``Guard.__init__``); ``--clip`` alone has a default of
+#: its own under ``run`` (``none``: measure, let the script clip). tests/test_run_cli.py checks
+#: that every Guard policy is here, under its own name.
+_RUN_GUARD_FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
+    (
+        "--clip",
+        "clip",
+        dict(
+            metavar="SPEC",
+            help="clip spec: none (default under run: measure only, the script's "
+            "own clipping stays), auto, norm:5, autoclip:10, zclip, agc:0.01, value:1, layer:1; anything but none "
+            "replaces the script's clip_grad_norm_ / clip_grad_value_",
+        ),
+    ),
+    (
+        "--on-nonfinite",
+        "on_nonfinite",
+        dict(
+            choices=["skip", "rollback", "raise", "warn"],
+            help="what a "
+            "non-finite step does (Guard's default: skip — parameters and optimizer state untouched)",
+        ),
+    ),
+    (
+        "--on-spike",
+        "on_spike",
+        dict(
+            choices=["ignore", "warn", "clip", "skip"],
+            help="what a finite norm spike does (Guard's default: warn)",
+        ),
+    ),
+    ("--spike-z", "spike_z", dict(type=float, metavar="Z", help="the z-score of a spike")),
+    ("--every", "every", dict(type=int, metavar="N", help="flush interval in steps")),
+    (
+        "--layer-every",
+        "layer_every",
+        dict(
+            type=_number_or_none(int), metavar="N|none", help="record per-layer gradient norms every N steps"
+        ),
+    ),
+    (
+        "--weight-every",
+        "weight_every",
+        dict(
+            type=_number_or_none(int),
+            metavar="N|none",
+            help="measure weight norms and update ratios every N steps (none: never)",
+        ),
+    ),
+    ("--snapshot-every", "snapshot_every", dict(type=int, metavar="N", help="rollback snapshot cadence")),
+    ("--snapshot-dir", "snapshot_dir", dict(metavar="DIR", help="also write the rollback snapshot here")),
+    (
+        "--lr-backoff",
+        "lr_backoff",
+        dict(
+            type=_number_or_none(float),
+            metavar="F|none",
+            help="multiply the learning rate by F after a rollback",
+        ),
+    ),
+    (
+        "--min-lr",
+        "min_lr",
+        dict(type=float, metavar="LR", help="the learning rate a backoff never goes below"),
+    ),
+    (
+        "--max-rollbacks",
+        "max_rollbacks",
+        dict(
+            type=_number_or_none(int),
+            metavar="N|none",
+            help="stop the run after this many rollbacks within --rollback-window steps",
+        ),
+    ),
+    (
+        "--rollback-window",
+        "rollback_window",
+        dict(type=int, metavar="N", help="the window of --max-rollbacks"),
+    ),
+    (
+        "--max-consecutive",
+        "max_consecutive",
+        dict(type=int, metavar="N", help="stop the run after N skipped steps in a row"),
+    ),
+    ("--norm-type", "norm_type", dict(type=float, metavar="P", help="p of the gradient norms (inf allowed)")),
+    (
+        "--loss-scale-floor",
+        "loss_scale_floor",
+        dict(type=float, metavar="S", help="a GradScaler scale below S is a loss-scale collapse"),
+    ),
+    ("--max-replays", "max_replays", dict(type=int, metavar="N", help="replay at most N anomalous steps")),
+    (
+        "--no-locate",
+        "locate",
+        dict(action="store_false", help="do not locate non-finite values (no capture of the model's inputs)"),
+    ),
+    (
+        "--rank-logs",
+        "rank_logs",
+        dict(action="store_true", help="under torch.distributed, every rank writes a log"),
+    ),
+    ("--exist-ok", "exist_ok", dict(action="store_true", help="append to an existing run directory")),
+)
+RUN_GUARD_OPTIONS: tuple[str, ...] = tuple(dest for _, dest, _ in _RUN_GUARD_FLAGS)
+
+
+def _add_run_parser(sub: Any) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run an unmodified training script under the guard (no code change)",
+        description="Run SCRIPT as __main__ with a gradguard.Guard on every optimizer it steps (and every model "
+        "it updates by hand), through torch's global hooks: nothing is put on the script's objects, so what it "
+        "saves is what it saves without gradguard. Norms are measured before the script's own clipping, the "
+        "first non-finite value is located, bad steps are handled per --on-nonfinite, and the run directory "
+        "and report are written (also on Ctrl-C, SIGTERM or an exception). The script's output and exit code "
+        "are kept; gradguard's messages go to stderr. When the guard itself stops the run (--on-nonfinite "
+        "raise, --max-consecutive, --max-rollbacks) it raises NonFiniteError inside the script: exit code 1, "
+        "as for any uncaught exception. Guard options not given keep the guard's defaults.",
+    )
+    run.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="the run directory (default: gradguard-runs/<time>-<script>)",
+    )
+    for flag, dest, settings in _RUN_GUARD_FLAGS:
+        default = "none" if dest == "clip" else argparse.SUPPRESS
+        run.add_argument(flag, dest=dest, default=default, **settings)  # type: ignore[arg-type]
+    run.add_argument("--no-report", action="store_true", help="do not write report.html at exit")
+    run.add_argument("--quiet", action="store_true", help="no live lines on stderr while the script runs")
+    run.add_argument("script", metavar="SCRIPT", help="the training script")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    run.set_defaults(func=_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,34 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.set_defaults(func=_report)
 
-    run = sub.add_parser(
-        "run",
-        help="run an unmodified training script under the guard (no code change)",
-        description="Run SCRIPT as __main__ with a gradguard.Guard on every optimizer it steps (torch's global "
-        "optimizer and module hooks): norms are measured, the first non-finite value is located, non-finite "
-        "steps are handled per --on-nonfinite, and the run directory and report are written. The script's "
-        "output and exit code are kept; gradguard's own messages go to stderr.",
-    )
-    run.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="the run directory (default: gradguard-runs/<time>-<script>)",
-    )
-    run.add_argument(
-        "--clip", default="none", help="clip spec: none (default: measure only), auto, norm:5, autoclip:10 …"
-    )
-    run.add_argument(
-        "--on-nonfinite",
-        default="skip",
-        choices=["skip", "rollback", "raise", "warn"],
-        help="what a non-finite step does (default: skip — parameters and optimizer state untouched)",
-    )
-    run.add_argument("--every", type=int, default=50, help="flush interval in steps (default 50)")
-    run.add_argument("--no-report", action="store_true", help="do not write report.html at exit")
-    run.add_argument("script", metavar="SCRIPT", help="the training script")
-    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
-    run.set_defaults(func=_run)
+    _add_run_parser(sub)
     return parser
 
 

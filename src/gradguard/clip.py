@@ -58,6 +58,7 @@ from gradguard.stats import (
     as_tensor_list,
     check_norm_type,
     check_tensors,
+    exact_norms,
     grads_of,
     tensor_norms,
     total_norm,
@@ -169,12 +170,11 @@ def get_total_norm(
 ) -> Tensor:
     """The global p-norm of ``tensors`` (the norm of their norms), like :func:`torch.nn.utils.get_total_norm`.
 
-    One read of each tensor. Off the CPU every dtype accumulates in float64 (``wide`` in
-    :func:`gradguard.stats.tensor_norms`), so float32 elements of 1.8e19 and more, whose squares
-    overflow float32, give their finite norm; on the CPU, where float64 would cost 15-50x, such a
-    tensor's norm is ``inf`` (as in torch) and the gradients are left untouched (torch zeroes them;
-    :class:`gradguard.Guard` re-measures such a step exactly and clips it). The total of the
-    per-tensor norms always accumulates in float64. No host sync (except ``error_if_nonfinite=True``, one read, as in torch).
+    Overflow-safe in one read of each tensor: float32 elements of 1.8e19 and more, whose squares
+    overflow float32, give their finite norm. Off the CPU every dtype accumulates in float64 in
+    that read (``wide`` in :func:`gradguard.stats.tensor_norms`); on the CPU, where a float64 norm
+    costs 15-50x a float32 one, only a tensor whose float32 norm overflowed is measured again,
+    exactly. The total of the per-tensor norms accumulates in float64. No host sync (except ``error_if_nonfinite=True``, one read, as in torch).
 
     Args:
         tensors: tensors (e.g. gradients; not parameters), or one tensor, on one device.
@@ -276,7 +276,8 @@ def _total(tensors: list[Tensor], p: float, error_if_nonfinite: bool, foreach: b
     """The overflow-safe global p-norm of checked tensors, under no_grad; raises on a non-finite one
     when asked (the only host read here)."""
     with torch.no_grad():
-        total = total_norm(tensor_norms(tensors, p, foreach=foreach, wide=_wide_is_cheap(tensors)), p)
+        norms = tensor_norms(tensors, p, foreach=foreach, wide=_wide_is_cheap(tensors))
+        total = total_norm(_exact_where_overflowed_on_cpu(tensors, norms, p), p)
     if error_if_nonfinite and not bool(torch.isfinite(total)):  # host sync: opt-in, as in torch
         raise NonFiniteError(_nonfinite_message(p, total))
     return total
@@ -288,6 +289,25 @@ def _wide_is_cheap(tensors: list[Tensor]) -> bool:
     tensor first: measured 15-50x a float32 norm (2-core x86_64, torch 2.13, a 3.9M-parameter GPT's
     gradients), so the CPU keeps torch's float32 accumulation (see the README's parity table)."""
     return bool(tensors) and tensors[0].device.type != "cpu"
+
+
+def _exact_where_overflowed_on_cpu(tensors: list[Tensor], norms: Tensor, p: float) -> Tensor:
+    """On the CPU, re-measure exactly (:func:`gradguard.stats.exact_norms`) the tensors whose float32
+    norm overflowed, so that finite gradients of 1.8e19 and more are measured and clipped.
+
+    Reading a CPU tensor waits for nothing (there is no device queue), so the check is one small op
+    and a list; the extra reads happen only for the tensors that overflowed. Off the CPU the norms
+    already accumulated in float64 (:func:`_wide_is_cheap`) and nothing is read here."""
+    if math.isinf(p) or not tensors or tensors[0].device.type != "cpu":
+        return norms
+    overflowed = torch.isinf(norms).tolist()  # CPU memory: no device sync
+    # float64 overflows where torch's does too (|x| ≥ ~1.3e154): kept, as off the CPU
+    over = [i for i, bad in enumerate(overflowed) if bad and tensors[i].dtype != torch.float64]
+    if not over:
+        return norms
+    fixed = norms.to(torch.float64)  # a copy: the caller's norms stay as measured
+    fixed[over] = exact_norms([tensors[i] for i in over], p)
+    return fixed
 
 
 def _nonfinite_message(p: float, total: Tensor) -> str:

@@ -83,6 +83,7 @@ from gradguard._guard.counters import Counters
 from gradguard._guard.flush import FlushEvents, mark_host_spikes
 from gradguard._guard.measure import Constants, Measurement, Meter, check_loss
 from gradguard._guard.params import GuardedParams
+from gradguard._guard.poststep import AfterStep
 from gradguard._guard.recovery import Limit, Recovery
 from gradguard._guard.row import column, device_row, host_values, rescued, set_column
 from gradguard._guard.runmeta import open_run_log, run_meta
@@ -346,6 +347,7 @@ class Guard:
             max_rollbacks=config.max_rollbacks,
             window=config.rollback_window,
         )
+        self._after = AfterStep(optimizer)  # before_step: the work that waits for the caller's step
         self._flush_events = FlushEvents(config, self.counters, self._anomaly)
         self._flush_callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
         self._last_skipped: Tensor | bool = False
@@ -458,7 +460,15 @@ class Guard:
 
         Framework integrations and the zero-code runner use it where they cannot replace
         ``optimizer.step()``. It decides on the host (one sync) and does the step's bookkeeping
-        (counters, events, rollback under ``on_nonfinite="rollback"``).
+        (counters, events, rollback under ``on_nonfinite="rollback"``). With ``monitor_only`` and
+        ``on_nonfinite="warn"`` nothing is ever skipped: it returns ``True`` without a host read.
+
+        What needs the weights after the step (the weight norms and update ratios of a
+        ``weight_every`` step, the ``rollback`` snapshot) runs right after the caller's next
+        ``optimizer.step()``, from a step post-hook (:mod:`gradguard._guard.poststep`). Step once
+        per ``True``: if the optimizer does not step before the next ``before_step`` / :meth:`step`
+        or :meth:`close`, that work is dropped (the step's record has no weight norms or update
+        ratios; no snapshot is taken for it).
 
         Returns:
             ``True`` when the optimizer should step. On ``False`` the gradients are left as they
@@ -466,10 +476,10 @@ class Guard:
         """
         self._check_open()
         try:
-            self._step(loss, None, external=True)
+            outcome = self._step(loss, None, external=True)
         finally:
             self._anomaly.end_step()
-        return not bool(self._last_skipped)  # host sync: the decision
+        return _caller_steps(outcome)
 
     def add_flush_callback(self, fn: Callable[[list[dict[str, Any]]], None]) -> Any:
         """Call ``fn(records)`` at every flush, after the guard's own handling (even if that raises).
@@ -497,6 +507,7 @@ class Guard:
             return
         self._closed = True
         _OPEN.discard(self)
+        self._after.close()  # a step after close is not the guard's
         try:
             recurred = self._anomaly.close(self.counters.step_count)
             if recurred is not None:
@@ -552,6 +563,7 @@ class Guard:
                 f"Guard state has version {got!r}; this gradguard reads {_STATE_VERSION}. "
                 "Pass what Guard.state_dict() returned."
             )
+        self._after.drop()  # the post-step work of a step from before the checkpoint
         self.flush()  # this guard's own pending steps, before the step count moves
         self.counters.load_state_dict(state)
         if self.clipper is not None and state["clipper"] is not None:
@@ -573,12 +585,14 @@ class Guard:
         *,
         external: bool,
         closure: Callable[[], Any] | None = None,
-    ) -> None:
+    ) -> Outcome:
         """(Parameters join) → measure → plan the clip → decide → apply → record.
 
-        ``external``: ``before_step``, the caller steps the optimizer.
+        ``external``: ``before_step``, the caller steps the optimizer; on a step it takes, the
+        post-step work waits for its step (:meth:`_after_callers_step`).
         """
         check_loss(loss)
+        self._after.drop()  # the caller did not step after the last before_step
         step = self.counters.step_count
         joined = self._guarded.joining()
         if joined:
@@ -596,9 +610,14 @@ class Guard:
         planned = Planned(m.grads, plan.coef, skip, scaler, lambda: self._clip_in_place(row), closure)
         outcome = apply(planned, lambda p: self._decide_on_host(p, m, row))
         self._last_skipped = outcome.skipped
+        later = external and _caller_steps(outcome)  # the caller steps: the post-step work waits for it
         if outcome.on_host:
-            self._decided(step, bool(outcome.skipped), m, row, scaler)
-        self._record(step, loss, m, row, outcome, scaler, weights)
+            self._decided(step, bool(outcome.skipped), m, row, scaler, stepped=not later)
+        held = later and weights is not None  # the weight stats come after the caller's step
+        self._record(step, loss, m, row, outcome, scaler, None if held else weights, held=held)
+        if held or (later and self._recovery.active):
+            self._after.arm(lambda: self._after_callers_step(step, weights))
+        return outcome
 
     def _join(self, joined: list[tuple[str, nn.Parameter]], step: int) -> None:
         """Parameters joined at ``step`` (unfrozen, or added to the optimizer; the rare path): from
@@ -665,13 +684,22 @@ class Guard:
         return False
 
     def _decided(
-        self, step: int, skipped: bool, m: Measurement, row: Tensor, scaler: torch.amp.GradScaler | None
+        self,
+        step: int,
+        skipped: bool,
+        m: Measurement,
+        row: Tensor,
+        scaler: torch.amp.GradScaler | None,
+        *,
+        stepped: bool = True,
     ) -> None:
-        """The host decided this step: count it; a good step may be snapshotted, a skipped one is
-        logged and its policy followed (raise, roll back, abort after too many in a row)."""
+        """The host decided this step: count it; a good step may be snapshotted (``stepped``: now,
+        else after the caller's step), a skipped one is logged and its policy followed (raise, roll
+        back, abort after too many in a row)."""
         if not skipped:
             self.counters.taken()
-            self._recovery.after_good_step(step)
+            if stepped:
+                self._recovery.after_good_step(step)
             return
         vals = host_values(row)  # host sync: a skipped step (the anomaly path)
         if vals["amp_overflow"]:  # normal under AMP: logged, not an anomaly
@@ -692,6 +720,13 @@ class Guard:
         else:
             reason = events.SKIP_NONFINITE if bad else events.SKIP_SPIKE
             self._event(events.skip(step, reason, grad_norm=vals["grad_norm"]))
+
+    def _after_callers_step(self, step: int, weights: list[Tensor] | None) -> None:
+        """Right after the caller's optimizer step (``before_step`` returned ``True``): the weight
+        stats of a ``weight_every`` step into its held record, a due ``rollback`` snapshot."""
+        if weights is not None:
+            self.monitor.complete(self._meter.weight_stats(weights))
+        self._recovery.after_good_step(step)
 
     def _roll_back(self, step: int) -> None:
         """Restore the last snapshot (and back off the LR); past a bound of recovery (``max_rollbacks``,
@@ -722,8 +757,13 @@ class Guard:
         outcome: Outcome,
         scaler: torch.amp.GradScaler | None,
         weights: list[Tensor] | None,
+        *,
+        held: bool = False,
     ) -> None:
-        """The step's record into the monitor's buffer (device copies); a pending raise / abort."""
+        """The step's record into the monitor's buffer (device copies); a pending raise / abort.
+
+        ``held``: the weight stats come later (:meth:`_after_callers_step`); the monitor holds the row.
+        """
         if scaler is not None:  # the scale after update(), for the loss-scale collapse check at flush
             scale = scaler._get_scale_async()
             if scale is not None:
@@ -737,7 +777,7 @@ class Guard:
         if outcome.on_host:
             host["skipped"] = bool(outcome.skipped)
             host[DECIDED] = True  # the host already handled this step (events, counters)
-        self.monitor.record(step, row, layer_grads, host, extras, absent=m.absent)
+        self.monitor.record(step, row, layer_grads, host, extras, absent=m.absent, held=held)
         self.counters.advance()
         if self._stop is not None:  # raise / abort, with this step's record in the log
             err, self._stop = self._stop, None
@@ -832,6 +872,12 @@ def _reducer(
     if world(process_group) <= 1:
         return None
     return Reducer(check_distributed(params, config, clipper), config.norm_type, process_group)
+
+
+def _caller_steps(outcome: Outcome) -> bool:
+    """``before_step``'s answer: whether the caller steps. Its strategies decide on the host
+    (``HostDecided``) or never skip (``Observe``: monitor only, ``"warn"``): no device value is read."""
+    return not outcome.skipped if outcome.on_host else True
 
 
 def _unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils._pytree import tree_flatten
 
 from gradguard import optable, runtable
@@ -688,7 +688,9 @@ class _Watched:
 
     __slots__ = ("_ins", "_outs", "judged", "n_in", "n_out", "op", "phase", "source", "versions")
 
-    def __init__(self, op: str, source: str | None, phase: str, outs: list[Tensor], ins: list[Tensor]) -> None:
+    def __init__(
+        self, op: str, source: str | None, phase: str, outs: list[Tensor], ins: list[Tensor]
+    ) -> None:
         self.op, self.source, self.phase = op, source, phase
         self._outs, self._ins = outs, ins
         self.n_out, self.n_in = len(outs), len(ins)
@@ -714,7 +716,9 @@ class _Watched:
             "tensor": "output" if self.phase == "loss" else "grad",
             "kind": "nan" if math.isnan(total) else ("inf" if total > 0 else "-inf"),
             "source": self.source,
-            "evidence": {"reason": f"{self.op} in the loss code made a non-finite value from finite inputs{suffix}"},
+            "evidence": {
+                "reason": f"{self.op} in the loss code made a non-finite value from finite inputs{suffix}"
+            },
         }
 
 
@@ -763,6 +767,7 @@ class StepCapture:
         self.watches: list[LossWatch] = []  # the loss-code windows of this step, oldest first
         self.replaying = False
         self._active: LossWatch | None = None
+        self._pending: list[LossWatch] = []  # closed windows whose mode could not be left yet
         self._handles: list[Any] = []
         if hooks:
             self._handles = [
@@ -806,13 +811,39 @@ class StepCapture:
             self.out_grads[i] = grad
 
     def _stop_watch(self, *, compact: bool = False) -> None:
+        """Close the open loss-code window: leave its mode, keep it (compacted) for the step's answer.
+
+        Called from inside the watch's own dispatch (a hook that runs within ``backward()``, which
+        the watch itself dispatched), the mode is not on the stack and cannot be left there: it
+        stays, passing every op through, and is left at the next chance (:meth:`_leave_pending`).
+        """
+        self._leave_pending()
         active, self._active = self._active, None
-        if active is not None:
+        if active is None:
+            return
+        active.done = True
+        if _top_mode() is active:
             active.__exit__(None, None, None)
-            active.close()
-            if compact:
-                active.compact()
-            self.watches.append(active)
+        else:
+            self._pending.append(active)
+        active.close()
+        if compact:
+            active.compact()
+        self.watches.append(active)
+
+    def _leave_pending(self) -> None:
+        while self._pending and _top_mode() is self._pending[-1]:
+            self._pending.pop().__exit__(None, None, None)
+
+    @property
+    def watching(self) -> bool:
+        """Whether a loss-code window is open (its watch is on the mode stack)."""
+        return self._active is not None
+
+    def loss_code_done(self) -> None:
+        """``backward()`` was called: the open window keeps no more ops (its backward nodes still report)."""
+        if self._active is not None:
+            self._active.done = True
 
     def stop_watching(self) -> None:
         """Leave the loss watch's mode now (another model's forward starts)."""
@@ -882,6 +913,12 @@ class StepCapture:
                 "the model's output was finite: the loss code made the loss or its gradient non-finite",
             )
         return None, "replay"
+
+
+def _top_mode() -> Any:
+    """The innermost torch function mode on the stack (``None``: none), e.g. an open loss watch."""
+    stack = _get_current_function_mode_stack()
+    return stack[-1] if stack else None
 
 
 # ----------------------------------------------------------------------------- no trace in pickles

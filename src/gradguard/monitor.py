@@ -56,6 +56,7 @@ class Monitor:
         self._has_layers: list[bool] = []
         self._absent: list[tuple[int, ...]] = []  # per row: the layers without a gradient (null)
         self._sparse: list[tuple[int, str, Tensor]] = []  # (row, field, per-layer tensor) on cadence steps
+        self._held: int | None = None  # the row waiting for measurements taken after its step (complete)
 
     def _ensure(self, device: torch.device) -> None:
         if self._scalars is None or self._scalars.device != device:
@@ -84,6 +85,7 @@ class Monitor:
         host: dict[str, Any] | None = None,
         layer_extras: dict[str, Tensor] | None = None,
         absent: tuple[int, ...] = (),
+        held: bool = False,
     ) -> None:
         """Store one step (device copies only); flushes when the buffer is full.
 
@@ -96,7 +98,10 @@ class Monitor:
                 ``update_ratio``), kept as device tensors until the flush.
             absent: positions of the layers that had no gradient this step: their ``grad_norm``
                 is written as null (not 0.0).
+            held: more of this row is measured after the step (:meth:`complete`); until then a full
+                buffer is not flushed. A row still held at the next record is released as it is.
         """
+        self._release()  # a row still held: what it waited for never came
         self._ensure(scalars.device)
         assert self._scalars is not None and self._layer_grads is not None
         row = len(self._steps)
@@ -111,6 +116,28 @@ class Monitor:
             self._sparse.append((row, name, value.detach()))
         self._steps.append(step)
         self._host.append(dict(host or {}))
+        if held:
+            self._held = row
+        else:
+            self._flush_if_full()
+
+    def complete(self, layer_extras: dict[str, Tensor]) -> None:
+        """Add the held row's per-layer measurements taken after its step (``weight_norm``,
+        ``update_ratio`` after the caller's optimizer step), then let it flush. Nothing when no row
+        is held (a flush wrote it since, as it was)."""
+        if self._held is None:
+            return
+        for name, value in layer_extras.items():
+            self._sparse.append((self._held, name, value.detach()))
+        self._release()
+
+    def _release(self) -> None:
+        """The held row is complete, or will never be: flush if the buffer is full."""
+        if self._held is not None:
+            self._held = None
+            self._flush_if_full()
+
+    def _flush_if_full(self) -> None:
         if len(self._steps) >= self.every:
             self.flush()
 
@@ -132,6 +159,7 @@ class Monitor:
         self._has_layers.clear()
         self._absent.clear()
         self._sparse.clear()
+        self._held = None  # written as it is
         if self.prepare is not None:
             self.prepare(records)
         if self.writer is not None:

@@ -55,7 +55,7 @@ class Corpus:
     def tokenize(self, lines):
         ids = []
         for line in lines:
-            for word in line.split() + ["<eos>"]:
+            for word in [*line.split(), "<eos>"]:
                 ids.append(self.dictionary.add_word(word))
         return torch.tensor(ids, dtype=torch.int64)
 
@@ -139,7 +139,9 @@ def main():
             print(f"| epoch {epoch:3d} | batch {batch:3d} | loss {loss.item():8.4f} | norm {norm.item():.6f}")
             if batch % args.log_interval == 0 and batch > 0:
                 cur_loss = total_loss / args.log_interval
-                print(f"| epoch {epoch:3d} | lr {lr:05.2f} | loss {cur_loss:5.2f} | ppl {math.exp(min(cur_loss, 50)):8.2f}")
+                print(
+                    f"| epoch {epoch:3d} | lr {lr:05.2f} | loss {cur_loss:5.2f} | ppl {math.exp(min(cur_loss, 50)):8.2f}"
+                )
                 total_loss = 0.0
 
     lr = args.lr

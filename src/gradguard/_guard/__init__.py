@@ -13,6 +13,8 @@ The guard's step reads top to bottom over them (see :meth:`gradguard.guard.Guard
 * :mod:`.row` — the step's device row, in :data:`gradguard.record.SCALARS` order;
 * :mod:`.apply` — **apply**: how a step is applied (fused ``found_inf``/``grad_scale``, decided on
   the host, never skipped, left to the caller, monitor only), chosen once at construction;
+* :mod:`.poststep` — the work of a ``before_step`` step that waits for the caller's optimizer step
+  (update ratios, the ``rollback`` snapshot), run by a step post-hook;
 * :mod:`.counters` — the step counters, changed in one place;
 * :mod:`.anomaly` — anomaly handling: capture of the step's inputs, replay, arming the next
   forward, locating, the ``nonfinite`` event of a step (once);

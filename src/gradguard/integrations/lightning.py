@@ -339,10 +339,9 @@ class GradGuard(pl.Callback):
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     def _measure(self, guard: Guard, loss: Tensor | None) -> bool:
-        """Measure, clip and decide this step; whether the optimizer steps."""
-        if self.monitor_only:
-            guard.step(loss)  # monitor_only: measures and logs, never steps; no host read
-            return True
+        """Measure, clip and decide this step; whether the optimizer steps (always, under
+        ``monitor_only``: then nothing is clipped or read on the host). The update ratio is
+        measured after Lightning's own step."""
         return guard.before_step(loss)
 
     def _close(self) -> None:

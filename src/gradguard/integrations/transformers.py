@@ -501,7 +501,7 @@ class GradGuardCallback(TrainerCallback):
         if not has_grads(self.guard.optimizer):
             return
         loss = torch.stack(losses).mean() if losses else None  # the model returned no loss: grads only
-        self.guard.step(loss)  # monitor_only: measures and logs, never steps; no host read
+        self.guard.before_step(loss)  # monitor_only: measures and logs, no host read; the Trainer steps
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._hook is not None:
