@@ -484,7 +484,7 @@ def test_the_device_row_is_in_record_column_order() -> None:
     t, f = torch.tensor(True), torch.tensor(False)
     m = Measurement(
         dev, [], [], torch.zeros(0), torch.tensor(3.0), torch.tensor([2.0, 3.0]),
-        torch.tensor([False, True]), t, t, torch.tensor(math.nan),
+        torch.tensor([False, True]), t, t,
     )  # fmt: skip
     plan = ClipPlan(torch.tensor(0.25), torch.tensor(0.75), f, torch.tensor(1.0))
     vals = host_values(device_row(m, plan, t, f, consts))

@@ -82,7 +82,9 @@ def test_options_reach_every_guard_and_the_run_log(tmp_path: Path) -> None:
         *("--norm-type", "inf", "--clip", "norm:2"),
         str(script),
     ]
-    got = subprocess.run([sys.executable, "-m", "gradguard", *cmd], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    got = subprocess.run(
+        [sys.executable, "-m", "gradguard", *cmd], cwd=tmp_path, env=ENV, capture_output=True, text=True
+    )
     assert got.returncode == 0, got.stderr
     config = json.loads((out / "meta.json").read_text())["config"]
     expected = {

@@ -314,6 +314,7 @@ class Guard:
             writer=self.writer,
             on_flush=self._on_flush,
             prepare=lambda records: mark_host_spikes(self._spike, records),
+            reduce=self._meter.reduce_rows if self._meter.reduces_at_flush else None,
         )
         self._pid = os.getpid()
         _OPEN.add(self)  # closed at interpreter exit if the script never closes it
@@ -607,7 +608,8 @@ class Guard:
         skip, overflow = self._skip_flags(m, plan.spike, scaler)
         row = device_row(m, plan, skip, overflow, self._consts)
         weights = self._meter.copy_weights() if self._weight_step(step) else None
-        planned = Planned(m.grads, plan.coef, skip, scaler, lambda: self._clip_in_place(row), closure)
+        clip_in_place = lambda: self._clip_in_place(row)  # noqa: E731
+        planned = Planned(m.grads, plan.coef, skip, scaler, clip_in_place, closure, column(row, "skipped"))
         outcome = apply(planned, lambda p: self._decide_on_host(p, m, row))
         self._last_skipped = outcome.skipped
         later = external and _caller_steps(outcome)  # the caller steps: the post-step work waits for it
@@ -624,15 +626,15 @@ class Guard:
         this step on they are measured, clipped and checked. The layer index, the all-reduce, the
         apply strategy and the log's layer list grow with them; pending records are flushed first."""
         check_tensors(self._params, what="parameter")
-        known = len(self._index.layers)
-        self._index = LayerIndex(self._guarded.names)
-        added = self._index.layers[known:]
+        index = LayerIndex(self._guarded.names)
+        added = index.layers[len(self._index.layers) :]
+        self.monitor.add_layers(added)  # the pending records are flushed over the layers they measured
+        self._index = index
         if self._reducer is not None:
             self._reducer = _reducer(self._params, self.config, self.clipper, self._process_group)
         self._meter.reindex(self._index, self._reducer)
         self.config = self.config.for_layers(len(self._index.layers))
         self._choose_apply()
-        self.monitor.add_layers(added)
         if self.writer is not None:
             self.writer.update_meta(**self._meta())
         self._event(events.layers(step, [n for n, _ in joined], added))
@@ -769,7 +771,7 @@ class Guard:
             if scale is not None:
                 set_column(row, "loss_scale", scale)
         extras = self._meter.weight_stats(weights) if weights is not None else {}
-        layer_grads = self._meter.layer_norms(m) if self.config.layer_step(step) else None
+        layer_grads = self._meter.layer_record(m) if self.config.layer_step(step) else None
         lr = self.optimizer.param_groups[0].get("lr")
         host: dict[str, Any] = {LR: float(lr) if isinstance(lr, (int, float)) else None}
         if loss is None:

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode, _push_mode
 from torch.utils._pytree import tree_flatten
 
 from gradguard import optable, runtable
@@ -180,6 +180,7 @@ def _describe(t: Tensor) -> dict[str, Any]:
         neginf=int((d == -math.inf).sum()),
         zeros=int((d == 0).sum()),
         negative=int((d < 0).sum()),
+        unit=int((d.abs() == 1).sum()),
     )
     if finite.numel():
         info.update(min=float(finite.min()), max=float(finite.max()), absmax=float(finite.abs().max()))
@@ -796,7 +797,9 @@ class StepCapture:
         if outs and sum(t.numel() for t in outs) <= self.max_output:
             for i, t in enumerate(outs):
                 t.register_hook(functools.partial(self._keep, i))
-        if self.watch_loss and len(self.watches) < self.max_windows:
+        if self.watch_loss and len(self.watches) < self.max_windows and not isinstance(_top_mode(), _OpWatch):
+            # (not inside gradguard's own instrumentation: an armed forward, whose forward hook
+            # leaves its mode after this one runs)
             self._active = LossWatch()
             self._active.__enter__()
 
@@ -822,9 +825,7 @@ class StepCapture:
         if active is None:
             return
         active.done = True
-        if _top_mode() is active:
-            active.__exit__(None, None, None)
-        else:
+        if not _leave(active):
             self._pending.append(active)
         active.close()
         if compact:
@@ -832,8 +833,7 @@ class StepCapture:
         self.watches.append(active)
 
     def _leave_pending(self) -> None:
-        while self._pending and _top_mode() is self._pending[-1]:
-            self._pending.pop().__exit__(None, None, None)
+        self._pending = [w for w in self._pending if not _leave(w)]
 
     @property
     def watching(self) -> bool:
@@ -866,6 +866,15 @@ class StepCapture:
             h.remove()
         self._handles.clear()
         self.release()
+
+    def forget(self) -> None:
+        """In a forked child: leave the watch's mode, drop every reference; no device work (a
+        forked child may not touch the parent's CUDA context)."""
+        for watch in (self._active, *self._pending):
+            if watch is not None:
+                _leave(watch)
+        self._active, self._pending = None, []
+        self.inputs, self.out_grads, self.watches = None, [], []
 
     def loss_watch_answer(self) -> dict[str, Any] | None:
         """The first non-finite birth any loss-code window of this step saw (host reads)."""
@@ -919,6 +928,20 @@ def _top_mode() -> Any:
     """The innermost torch function mode on the stack (``None``: none), e.g. an open loss watch."""
     stack = _get_current_function_mode_stack()
     return stack[-1] if stack else None
+
+
+def _leave(mode: TorchFunctionMode) -> bool:
+    """Take ``mode`` off the torch function mode stack wherever it is (the modes above it stay, in
+    order). ``False``: it is not on the stack now (its own dispatch is running)."""
+    if not any(m is mode for m in _get_current_function_mode_stack()):
+        return False
+    above = []
+    while _top_mode() is not mode:
+        above.append(_pop_mode())
+    _pop_mode()
+    for m in reversed(above):
+        _push_mode(m)
+    return True
 
 
 # ----------------------------------------------------------------------------- no trace in pickles

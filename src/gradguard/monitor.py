@@ -22,6 +22,8 @@ from gradguard.runlog import RunWriter
 
 __all__ = ["SCALARS", "Monitor"]
 
+_FLAG_COLUMNS = [j for j, name in enumerate(SCALARS) if name in FLAGS]  # 0/1 on the device, bool in a record
+
 
 class Monitor:
     """Ring buffer of per-step records on device; one host copy per flush.
@@ -32,6 +34,10 @@ class Monitor:
         writer: where records go (``None``: kept only for :attr:`on_flush`).
         on_flush: called with the host records of each flush (the guard derives events there).
         prepare: called with the records before they are written (to fill host-computed fields).
+        reduce: turns gradient norms recorded per tensor into the per-layer norms of the records, at
+            the flush, all rows at once (``rows × tensors`` → ``rows × layers``): a step records its
+            per-tensor norms with one copy instead of reducing them itself. ``None``: a step
+            records per-layer norms.
     """
 
     def __init__(
@@ -41,6 +47,7 @@ class Monitor:
         writer: RunWriter | None = None,
         on_flush: Callable[[list[dict[str, Any]]], None] | None = None,
         prepare: Callable[[list[dict[str, Any]]], None] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise GradGuardError(f"every must be a positive int, got {every!r}. The default is 50 steps.")
@@ -49,8 +56,9 @@ class Monitor:
         self.writer = writer
         self.on_flush = on_flush
         self.prepare = prepare
+        self.reduce = reduce
         self._scalars: Tensor | None = None
-        self._layer_grads: Tensor | None = None
+        self._layer_grads: Tensor | None = None  # per layer, or per tensor (float64) with ``reduce``
         self._steps: list[int] = []
         self._host: list[dict[str, Any]] = []  # host-side fields of the pending rows (lr, …)
         self._has_layers: list[bool] = []
@@ -58,10 +66,18 @@ class Monitor:
         self._sparse: list[tuple[int, str, Tensor]] = []  # (row, field, per-layer tensor) on cadence steps
         self._held: int | None = None  # the row waiting for measurements taken after its step (complete)
 
-    def _ensure(self, device: torch.device) -> None:
+    def _ensure(self, device: torch.device, width: int) -> None:
+        """The buffers on ``device``, the gradient norms' ``width`` columns wide (per-tensor norms
+        widen when parameters join an existing layer: the pending rows keep theirs, 0 for the new)."""
         if self._scalars is None or self._scalars.device != device:
             self._scalars = torch.zeros(self.every, len(SCALARS), dtype=torch.float32, device=device)
-            self._layer_grads = torch.zeros(self.every, len(self.layers), dtype=torch.float32, device=device)
+            self._layer_grads = None
+        grads = self._layer_grads
+        if grads is None or grads.device != device or grads.shape[1] < width:
+            dtype = torch.float32 if self.reduce is None else torch.float64
+            self._layer_grads = torch.zeros(self.every, width, dtype=dtype, device=device)
+            if grads is not None and grads.device == device and self._steps:
+                self._layer_grads[:, : grads.shape[1]].copy_(grads)
 
     def add_layers(self, layers: Sequence[str]) -> None:
         """More layers from now on (parameters joined the guard): the pending records, which have
@@ -92,7 +108,8 @@ class Monitor:
         Args:
             step: the step index.
             scalars: 1-D device tensor in :data:`SCALARS` order.
-            layer_grad_norms: per-layer gradient norms (same order as ``layers``).
+            layer_grad_norms: per-layer gradient norms (same order as ``layers``); with ``reduce``,
+                the per-tensor norms (every tensor, in the order ``reduce`` expects).
             host: fields already on the host (``lr``…), stored as they are.
             layer_extras: per-layer tensors measured on this step only (``weight_norm``,
                 ``update_ratio``), kept as device tensors until the flush.
@@ -102,18 +119,18 @@ class Monitor:
                 buffer is not flushed. A row still held at the next record is released as it is.
         """
         self._release()  # a row still held: what it waited for never came
-        self._ensure(scalars.device)
+        self._ensure(scalars.device, _width(self.layers, layer_grad_norms, self.reduce))
         assert self._scalars is not None and self._layer_grads is not None
         row = len(self._steps)
-        self._scalars[row].copy_(scalars.detach())
+        self._scalars[row].copy_(_detached(scalars))
         has_layers = layer_grad_norms is not None and bool(self.layers)
         if has_layers:
             assert layer_grad_norms is not None
-            self._layer_grads[row].copy_(layer_grad_norms.detach())
+            self._layer_grads[row].copy_(_detached(layer_grad_norms))
         self._has_layers.append(has_layers)
         self._absent.append(absent if has_layers else ())
         for name, value in (layer_extras or {}).items():
-            self._sparse.append((row, name, value.detach()))
+            self._sparse.append((row, name, _detached(value)))
         self._steps.append(step)
         self._host.append(dict(host or {}))
         if held:
@@ -128,7 +145,7 @@ class Monitor:
         if self._held is None:
             return
         for name, value in layer_extras.items():
-            self._sparse.append((self._held, name, value.detach()))
+            self._sparse.append((self._held, name, _detached(value)))
         self._release()
 
     def _release(self) -> None:
@@ -175,26 +192,33 @@ class Monitor:
         n = len(self._steps)
         if n == 0 or self._scalars is None or self._layer_grads is None:
             return []
-        parts = [self._scalars[:n].reshape(-1), self._layer_grads[:n].reshape(-1)]
+        with_layers = any(self._has_layers)
+        parts = [self._scalars[:n].reshape(-1)]
+        if with_layers:
+            grads = self._layer_grads[:n]
+            if self.reduce is not None:  # every row at once: one pass, not one per step
+                grads = self.reduce(grads).to(torch.float32)
+            parts.append(grads.reshape(-1))
         parts += [t.reshape(-1).to(torch.float32) for _, _, t in self._sparse]
         values = torch.cat(parts).cpu().tolist()  # host sync: the one copy per flush interval
         k, nl = len(SCALARS), len(self.layers)
-        scalars = values[: n * k]
-        grads = values[n * k : n * k + n * nl]
-        rest = values[n * k + n * nl :]
+        end = n * k + (n * nl if with_layers else 0)
         records: list[dict[str, Any]] = []
         for r in range(n):
+            row = values[r * k : (r + 1) * k]
+            for j in _FLAG_COLUMNS:
+                row[j] = bool(row[j])
             rec: dict[str, Any] = {"step": self._steps[r]}
-            for j, name in enumerate(SCALARS):
-                v = scalars[r * k + j]
-                rec[name] = bool(v) if name in FLAGS else v
+            rec.update(zip(SCALARS, row))
             rec.update(self._host[r])
             if self._has_layers[r]:
-                layers = {name: {"grad_norm": grads[r * nl + j]} for j, name in enumerate(self.layers)}
+                start = n * k + r * nl
+                layers = {name: {"grad_norm": v} for name, v in zip(self.layers, values[start : start + nl])}
                 for j in self._absent[r]:
                     layers[self.layers[j]]["grad_norm"] = None
                 rec["layers"] = layers
             records.append(rec)
+        rest = values[end:]
         pos = 0
         for row, field, t in self._sparse:
             vals = rest[pos : pos + t.numel()]
@@ -203,3 +227,15 @@ class Monitor:
             for name, v in zip(self.layers, vals):
                 layers.setdefault(name, {})[field] = v
         return records
+
+
+def _width(layers: Sequence[str], norms: Tensor | None, reduce: Callable[[Tensor], Tensor] | None) -> int:
+    """The columns a step's gradient norms need: one per layer, or (``reduce``) one per tensor."""
+    if reduce is None:
+        return len(layers)
+    return 0 if norms is None else len(norms)
+
+
+def _detached(t: Tensor) -> Tensor:
+    """``t`` out of the autograd graph (no op for the guard's tensors, which are in none)."""
+    return t.detach() if t.requires_grad else t

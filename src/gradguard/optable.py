@@ -7,7 +7,10 @@ names the reason of a located op from what its inputs held (:func:`reason`), and
 Each :class:`OpEntry` says which ops it covers (a regular expression over the torch-level name,
 ``aten::`` prefix and overload removed), why they produce a NaN or an inf in general, the fix, and
 the specific causes :func:`reason` checks against the inputs' descriptions (``zeros``,
-``negative``, ``rows_all_neginf`` counts, as :mod:`gradguard.locate` describes a tensor).
+``negative``, ``unit``, ``rows_all_neginf`` counts, as :mod:`gradguard.locate` describes a tensor),
+each with its own fix: :func:`advice` picks the fix from the evidence (the reason the replay gave:
+a zero denominator, a fully masked row, log of 0, an argument at ±1, a value above the dtype's
+maximum, a negative base to a fractional power), not from the op's name alone.
 
 Example:
     >>> reason("log", [{"zeros": 3}], "-inf")
@@ -23,7 +26,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["NAN_INPUT", "OPS", "OpEntry", "advice", "lookup", "reason"]
+__all__ = ["NAN_INPUT", "OPS", "Cause", "OpEntry", "advice", "lookup", "reason"]
 
 Inputs = Sequence[Mapping[str, Any]]
 """Descriptions of an op's tensor inputs (``zeros``, ``negative``, ``nan``, ``rows_all_neginf``…)."""
@@ -38,10 +41,31 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
     "rows_all_neginf": lambda inputs: any(i.get("rows_all_neginf") for i in inputs),
     "zero_input": lambda inputs: bool(inputs and inputs[0].get("zeros")),
     "negative_input": lambda inputs: bool(inputs and inputs[0].get("negative")),
+    "unit_input": lambda inputs: bool(inputs and inputs[0].get("unit")),
     "zero_denominator": lambda inputs: any(i.get("zeros") for i in inputs[1:] or inputs),
     "any_zero": lambda inputs: any(i.get("zeros") for i in inputs),
     "always": lambda inputs: True,
 }
+
+
+_NAN_ONLY = {"negative_input"}
+"""Conditions that can only explain a NaN (a negative number under a root, a log or a fractional power)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cause:
+    """One specific cause of an op's failure: when it applies, the reason, and its own fix.
+
+    Attributes:
+        condition: a key of ``_HOLDS``, checked against the descriptions of the op's inputs.
+        reason: the reason in words (``{op}`` is the op's name); also how :func:`advice` recognises
+            the cause in an event's ``evidence.reason``.
+        fix: the fix for this cause (``None``: the entry's general fix).
+    """
+
+    condition: str
+    reason: str
+    fix: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,22 +75,25 @@ class OpEntry:
     Attributes:
         pattern: the ops (torch-level names, e.g. ``log``, ``scaled_dot_product_attention``).
         why: why they produce a non-finite value, in general.
-        fix: the specific fix.
-        causes: ``(condition, reason)`` checked in order against the inputs (conditions: the keys
-            of ``_HOLDS``); ``{op}`` in a reason is the op's name.
+        fix: the general fix (when the evidence names no specific cause).
+        causes: the specific causes, checked in order against the inputs; the fix follows the
+            evidence (``(op, evidence) → fix``), not the op's name alone.
         otherwise: the reason when no cause holds and the value is not above the dtype's max.
     """
 
     pattern: re.Pattern[str]
     why: str
     fix: str
-    causes: tuple[tuple[str, str], ...] = ()
+    causes: tuple[Cause, ...] = ()
     otherwise: str | None = None
 
+    def cause_of(self, why: str, op: str = "") -> Cause | None:
+        """The cause whose reason ``why`` states (an event's ``evidence.reason``), or ``None``."""
+        text = why.lower()
+        return next((c for c in self.causes if c.reason.format(op=op).lower() in text), None)
 
-def _entry(
-    pattern: str, why: str, fix: str, *causes: tuple[str, str], otherwise: str | None = None
-) -> OpEntry:
+
+def _entry(pattern: str, why: str, fix: str, *causes: Cause, otherwise: str | None = None) -> OpEntry:
     return OpEntry(re.compile(pattern), why, fix, tuple(causes), otherwise)
 
 
@@ -76,8 +103,9 @@ _LOG = (
     "or BCEWithLogitsLoss",
 )
 _DIV = (
-    "a zero denominator (a zero count, a zero standard deviation)",
-    "divide by y.clamp_min(eps) (or y + eps), and guard empty counts",
+    "a zero denominator (a zero count, a zero standard deviation, an all-zero row's norm)",
+    "divide by y.clamp_min(eps) (or y + eps) and guard empty counts (a batch with nothing to average); "
+    "for x / x.norm() use F.normalize(x, dim=-1, eps=1e-12)",
 )
 _SQRT = (
     "sqrt (or a fractional power) at exactly 0: its gradient is infinite there",
@@ -85,29 +113,67 @@ _SQRT = (
 )
 _EXP = (
     "exp of a large argument overflows",
-    "work in log space (torch.logsumexp, log_softmax), clamp the argument, compute in float32",
+    "clamp the argument before exp (e.g. logvar.clamp(max=20)), or work in log space (torch.logsumexp, "
+    "log_softmax)",
+)
+_FRACTIONAL_NEGATIVE = (
+    "a negative base to a fractional power is NaN: clamp the base first, x.clamp_min(0) ** p (or "
+    "x.abs() ** p * x.sign() where the sign matters)"
+)
+_POW_AT_ZERO = (
+    "a fractional power at 0 has an infinite gradient: add eps to the base, (x + eps) ** p or "
+    "x.clamp_min(eps) ** p (focal loss: (1 - p).clamp_min(eps) ** gamma)"
 )
 
 OPS: tuple[OpEntry, ...] = (
     _entry(
         r"^(_?log_)?softmax$|^_softmax$|^_log_softmax$|attention",
-        "a row whose entries are all -inf (every key masked) gives 0/0; very large logits overflow exp",
-        "leave at least one key unmasked per row (or fill the mask with torch.finfo(dtype).min instead of "
-        "-inf), and compute the softmax in float32",
-        ("rows_all_neginf", "a row of all -inf (every key masked) gives 0/0"),
+        "very large logits overflow exp (a learning rate too high, fp16 scores), or a row whose entries "
+        "are all -inf (every key masked) gives 0/0",
+        "keep the logits in range: compute the softmax in float32, scale the scores, and lower the learning "
+        "rate if the logits grew over the steps",
+        Cause(
+            "rows_all_neginf",
+            "a row of all -inf (every key masked) gives 0/0",
+            "leave at least one key unmasked per row (or fill the mask with torch.finfo(dtype).min instead "
+            "of -inf, and zero the fully masked rows' output)",
+        ),
     ),
     _entry(
         r"^binary_cross_entropy$",
         "log of a probability that saturated at 0 or 1",
         "use torch.nn.BCEWithLogitsLoss on the logits (or F.logsigmoid) instead of sigmoid + BCELoss",
     ),
-    _entry(r"^log(2|10)?$", *_LOG, ("zero_input", "log of 0"), ("negative_input", _NEGATIVE)),
+    _entry(
+        r"^(cross_entropy|nll_loss|nll_loss_nd|nll_loss2d)$",
+        "every target is ignored (ignore_index): the mean over zero targets is 0 / 0",
+        "skip a batch with no valid target (if (target != ignore_index).any()), or average with "
+        "reduction='sum' / (target != ignore_index).sum().clamp_min(1)",
+    ),
+    _entry(r"^log(2|10)?$", *_LOG, Cause("zero_input", "log of 0"), Cause("negative_input", _NEGATIVE)),
     _entry(r"^log1p$|^xlogy$", *_LOG),
-    _entry(r"^(div|reciprocal|rsqrt)$", *_DIV, ("zero_denominator", "division by zero")),
+    _entry(r"^(div|reciprocal|rsqrt)$", *_DIV, Cause("zero_denominator", "division by zero")),
     _entry(r"^(div|true_divide|reciprocal|rsqrt|remainder|fmod|std|var)", *_DIV),
-    _entry(r"^(sqrt|pow)$", *_SQRT, ("negative_input", _NEGATIVE), ("any_zero", _AT_ZERO)),
-    _entry(r"^(hypot|norm|linalg_vector_norm|cdist|_cdist_backward)$", *_SQRT, ("any_zero", _AT_ZERO)),
-    _entry(r"^exp(m1|2)?$", *_EXP, ("always", "exp overflow")),
+    _entry(
+        r"^pow$",
+        "a fractional power of a negative number (NaN), or at exactly 0 (infinite gradient)",
+        _POW_AT_ZERO,
+        Cause("negative_input", "a negative base to a fractional power", _FRACTIONAL_NEGATIVE),
+        Cause(
+            "any_zero",
+            "pow at 0 (a negative power is infinite there, a fractional one has an infinite gradient)",
+            _POW_AT_ZERO,
+        ),
+    ),
+    _entry(r"^sqrt$", *_SQRT, Cause("negative_input", _NEGATIVE), Cause("any_zero", _AT_ZERO)),
+    _entry(
+        r"^hypot$",
+        "hypot at the origin (0, 0): its gradient x / hypot(x, y) is 0 / 0",
+        "add eps under the root, torch.sqrt(x * x + y * y + eps), or mask the points at the origin out",
+        Cause("any_zero", _AT_ZERO),
+    ),
+    _entry(r"^(norm|linalg_vector_norm|cdist|_cdist_backward)$", *_SQRT, Cause("any_zero", _AT_ZERO)),
+    _entry(r"^exp(m1|2)?$", *_EXP, Cause("always", "exp overflow")),
     _entry(r"^(sinh|cosh|softplus)$", *_EXP),
     _entry(
         r"^ctc_loss$",
@@ -119,11 +185,19 @@ OPS: tuple[OpEntry, ...] = (
         r"^atan2$",
         "atan2 at the origin (0, 0)",
         "add eps to one argument, or mask the origin out",
-        ("any_zero", _AT_ZERO),
+        Cause("any_zero", _AT_ZERO),
     ),
     _entry(
-        r"^(acos|asin|atanh|acosh)$",
-        "an argument outside the function's domain (e.g. |x| > 1 for acos)",
+        r"^(acos|asin)$",
+        "an argument at ±1 (the edge of the domain, where the derivative 1/sqrt(1 - x²) is infinite) or "
+        "outside it",
+        "clamp the argument strictly inside the domain, x.clamp(-1 + 1e-6, 1 - 1e-6) (a cosine of exactly "
+        "±1 is common: identical or opposite vectors)",
+        Cause("unit_input", "{op} of ±1 (infinite derivative at the edge of the domain)"),
+    ),
+    _entry(
+        r"^(atanh|acosh)$",
+        "an argument outside the function's domain (e.g. |x| ≥ 1 for atanh)",
         "clamp the argument into the domain, e.g. x.clamp(-1 + eps, 1 - eps)",
     ),
     _entry(
@@ -159,9 +233,11 @@ def reason(op: str, inputs: Inputs, kind: str, dtype_max: float | None = None) -
         return NAN_INPUT
     entry = lookup(op)
     causes = entry.causes if entry is not None else ()
-    for condition, text in causes:
-        if _HOLDS[condition](inputs):
-            return text.format(op=op)
+    for cause in causes:
+        if cause.condition in _NAN_ONLY and kind != "nan":
+            continue
+        if _HOLDS[cause.condition](inputs):
+            return cause.reason.format(op=_base(op))
     if dtype_max is not None and kind in ("inf", "-inf"):
         return _DTYPE_MAX.format(dtype_max)
     if entry is not None and entry.otherwise is not None:
@@ -191,7 +267,9 @@ def advice(op: str | None, why: str | None = None, cause: str | None = None) -> 
         )
     entry = lookup(op)
     if entry is not None:
-        return str(why or entry.why), entry.fix
+        cause = entry.cause_of(str(why or ""), _base(op or ""))
+        fix = cause.fix if cause is not None and cause.fix is not None else entry.fix
+        return str(why or entry.why), fix
     return (
         str(why or "its inputs put it at a numerical edge"),
         "check the op's inputs at that line and keep them in range (clamp_min(eps), log-space, float32)",

@@ -34,7 +34,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from gradguard.diagnose import Finding, diagnose, first_nonfinite, healthy_window, recommended_max_norm
+from gradguard.diagnose import (
+    Finding,
+    diagnose,
+    first_nonfinite,
+    headline,
+    healthy_window,
+    recommended_max_norm,
+)
 from gradguard.errors import GradGuardError
 from gradguard.runlog import REPORT_FILE, RunLog, atomic_write_text, find_runs, is_run_dir, read_run
 from gradguard.runtable import ClipConfig, RunTable, clip_config
@@ -47,6 +54,7 @@ MAX_POINTS = 2000
 MAX_RUNS = 12
 """Most runs of a folder drawn in full on one page (the others are listed in its table)."""
 _HEATMAP_COLUMNS = 400
+_HEATMAP_ROWS = 200  # more layers than this: each row is the max over a group of neighbouring layers
 _LINES_MAX_LAYERS = 20  # more layers than this: a heatmap instead of one line per layer
 _SEVERITY_COLOURS = {"error": "#c62828", "warning": "#ef6c00", "info": "#1565c0"}
 _EVENT_SYMBOLS = {
@@ -313,13 +321,22 @@ def _binned_max(
 
 def _heatmap(go: Any, s: _Series, key: str, title: str, colour_title: str) -> Any:
     """log10 of ``layers[*][key]`` as layers × steps (the steps that hold per-layer numbers); each
-    column is the max over its bin of steps."""
+    column is the max over its bin of steps, and beyond :data:`_HEATMAP_ROWS` layers each row the
+    max over a group of neighbouring layers (a wide model's page stays small)."""
     present = s.table.layer_rows
     bins = _bins(len(present), _HEATMAP_COLUMNS)
     bin_of = _bin_of(bins, len(present))
-    rows_z = [_binned_max(*s.table.layer_values(name, key), present, bin_of, len(bins)) for name in s.layers]
+    rows_z: list[list[float | None]] = []
+    labels: list[str] = []
+    for lo, hi in _bins(len(s.layers), _HEATMAP_ROWS):
+        group = [
+            _binned_max(*s.table.layer_values(name, key), present, bin_of, len(bins))
+            for name in s.layers[lo:hi]
+        ]
+        rows_z.append([max((v for v in column if v is not None), default=None) for column in zip(*group)])
+        first, last = _label(s.layers[lo]), _label(s.layers[hi - 1])
+        labels.append(first if hi - lo == 1 else f"{first} … {last} ({hi - lo} layers)")
     xs = [s.steps[present[lo]] for lo, _ in bins]
-    labels = [_label(name) for name in s.layers]
     fig = go.Figure(layout=_layout(go, title, "layer", height=max(300, min(900, 60 + 18 * len(labels)))))
     fig.add_trace(
         go.Heatmap(
@@ -699,6 +716,8 @@ def print_summary(log: RunLog, findings: Sequence[Finding], file: IO[str] | None
     literally: control characters escaped visibly (:func:`gradguard.safetext.safe_text`), no markup.
     """
     stream = file if file is not None else sys.stdout
+    for text in _headline_lines(findings):
+        print(safe_text(text), file=stream)
     rows = _summary_rows(log, _run_facts(log, findings))
     try:
         import rich  # noqa: F401
@@ -706,6 +725,17 @@ def print_summary(log: RunLog, findings: Sequence[Finding], file: IO[str] | None
         _print_plain(rows, log.skipped, findings, stream)
     else:
         _print_rich(rows, log.skipped, findings, stream)
+
+
+def _headline_lines(findings: Sequence[Finding]) -> list[str]:
+    """The verdict first (:func:`gradguard.diagnose.headline`): what went wrong, and the fix."""
+    top = headline(findings)
+    if top is None:
+        return []
+    lines = [f"verdict: {top.id} at step {_fmt(top.step)}: {top.message}"]
+    if top.recommendation.get("text"):
+        lines.append(f"fix: {top.recommendation['text']}")
+    return lines
 
 
 def _summary_rows(log: RunLog, facts: dict[str, Any]) -> list[tuple[str, str]]:

@@ -304,6 +304,7 @@ class LayerIndex:
         pos = {name: i for i, name in enumerate(self.layers)}
         self._layer_of = [pos[layer_name(n)] for n in self.param_names]
         self._cache: dict[tuple[tuple[int, ...] | None, torch.device], Tensor] = {}
+        self._acc: dict[tuple[int, torch.device], Tensor] = {}
 
     def _index(self, present: Sequence[int] | None, device: torch.device) -> Tensor:
         key = (tuple(present) if present is not None else None, device)
@@ -314,19 +315,59 @@ class LayerIndex:
             )
         return self._cache[key]
 
-    def reduce(self, norms: Tensor, norm_type: float = 2.0, present: Sequence[int] | None = None) -> Tensor:
-        """Per-layer norms (1-D, one per entry of :attr:`layers`) from per-tensor norms.
+    @staticmethod
+    def exact_in_rows(norm_type: float) -> bool:
+        """Whether :meth:`reduce` over many rows at once gives each row bit for bit what it gives
+        alone: for p = 0.5, 1, 2 (powers that are products, square roots or nothing) and inf (a max).
+        Another p's ``pow`` may round an element differently in torch's vectorized loop and in its
+        scalar tail, and where an element falls depends on the shape."""
+        return norm_type in (0.5, 1.0, 2.0) or math.isinf(norm_type)
+
+    def _zeros(self, n: int, device: torch.device) -> Tensor:
+        """The float64 zeros the per-layer sums start from (only read: made once per device and size)."""
+        key = (n, device)
+        if key not in self._acc:
+            self._acc[key] = torch.zeros(n, dtype=torch.float64, device=device)
+        return self._acc[key]
+
+    def _flat_index(self, rows: int, device: torch.device) -> Tensor:
+        """Where each element of ``rows × tensors`` norms goes in the ``rows × layers`` sums, flat: one
+        1-D ``index_add`` then sums every row in the order one row alone sums (made on the device)."""
+        key = ((-rows,), device)  # apart from the keys of `present` tuples
+        if key not in self._cache:
+            index = self._index(None, device)
+            start = torch.arange(rows, device=device).unsqueeze(1) * len(self.layers)
+            self._cache[key] = (start + index).reshape(-1)
+        return self._cache[key]
+
+    def reduce(
+        self,
+        norms: Tensor,
+        norm_type: float = 2.0,
+        present: Sequence[int] | None = None,
+        *,
+        wide: Tensor | None = None,
+    ) -> Tensor:
+        """Per-layer norms (one per entry of :attr:`layers`) from per-tensor norms.
 
         Args:
-            norms: per-tensor norms, for all parameters or for those listed in ``present``.
+            norms: per-tensor norms, for all parameters or for those listed in ``present``; or
+                many rows of them (``rows × tensors``, all parameters): then ``rows × layers``,
+                each row what it gives alone (bit for bit for the p of :meth:`exact_in_rows`).
             norm_type: p of the norms.
             present: positions (in ``param_names``) of the tensors ``norms`` holds, when only
                 some parameters had a gradient. Layers with no tensor get 0.
+            wide: ``norms`` already in float64 (the caller converted them for the global norm):
+                the conversion is not made twice.
         """
         p = check_norm_type(norm_type)
-        index = self._index(present, norms.device)
-        acc = torch.zeros(len(self.layers), dtype=torch.float64, device=norms.device)
-        n64 = norms.to(torch.float64)
+        rows = norms.shape[0] if norms.dim() == 2 else None
+        if rows is None:
+            index = self._index(present, norms.device)
+        else:
+            index = self._flat_index(rows, norms.device)
+        acc = self._zeros(len(self.layers) * (rows or 1), norms.device)
+        n64 = (wide if wide is not None else norms.to(torch.float64)).reshape(-1)
         if math.isinf(p):
             out = acc.scatter_reduce(0, index, n64, reduce="amax", include_self=True)
             # scatter amax drops NaN on some backends: put NaN back explicitly
@@ -334,6 +375,8 @@ class LayerIndex:
             out = torch.where(nan_rows > 0, torch.full_like(out, math.nan), out)
         else:
             out = acc.index_add(0, index, n64.pow(p)).pow(1.0 / p)
+        if rows is not None:
+            out = out.reshape(rows, len(self.layers))
         return out.to(norms.dtype)
 
 

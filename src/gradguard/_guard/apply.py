@@ -53,6 +53,7 @@ class Planned:
     scaler: torch.amp.GradScaler | None
     clip_in_place: Callable[[], None]  # runs a value / AGC / per-layer clipper on the gradients
     closure: Callable[[], Any] | None = None  # guard.step(closure): passed to optimizer.step
+    found_inf: Tensor | None = None  # ``skip`` as float32 where the guard has it already (its row)
 
 
 def reuse_first_call(closure: Callable[[], Any], loss: Any) -> Callable[[], Any]:
@@ -112,7 +113,8 @@ def _fused_step(optimizer: torch.optim.Optimizer, step: Planned) -> None:
     step.clip_in_place()
     if step.coef is not None:
         optimizer.grad_scale = step.coef.reciprocal().to(torch.float32)  # type: ignore[attr-defined]
-    optimizer.found_inf = step.skip.to(torch.float32)  # type: ignore[attr-defined]
+    found_inf = step.found_inf if step.found_inf is not None else step.skip.to(torch.float32)
+    optimizer.found_inf = found_inf  # type: ignore[attr-defined]
     try:
         _step_optimizer(optimizer, step)
     finally:

@@ -16,10 +16,11 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from gradguard._guard.measure import Constants, Measurement
-from gradguard.clip import Clipper, HostZClip, NormClipper, ZClip, coefficient, fraction_clipped
+from gradguard.clip import Clipper, HostZClip, Norm, NormClipper, ZClip, coefficient, fraction_clipped
 
 __all__ = ["ClipPlan", "Clipping", "reports_fraction", "spike_detector"]
 
@@ -40,6 +41,16 @@ def spike_detector(on_spike: str, spike_z: float) -> ZClip | HostZClip | None:
         return ZClip(z_thresh=float(spike_z))
     if on_spike == "warn":
         return HostZClip(float(spike_z))
+    return None
+
+
+def _fixed_threshold(clipper: NormClipper) -> float | None:
+    """The threshold of a :class:`Norm` clipper with a number ``max_norm`` (what its ``threshold``
+    returns, whatever the norm: made once as a device constant, and no norm to observe); ``None``
+    for the clippers whose threshold is a tensor or follows the norms."""
+    if isinstance(clipper, Norm) and type(clipper).threshold is Norm.threshold:
+        max_norm = clipper.max_norm
+        return None if isinstance(max_norm, Tensor) else float(max_norm)
     return None
 
 
@@ -82,15 +93,24 @@ class Clipping:
         threshold: Tensor | None = None
         spike = self.consts.false(m.device)
         if self.spike is not None:
-            spike_tau = self.spike.threshold(m.observed)
+            spike_tau = self.spike.threshold(m.observed(self.consts))
             spike = spike_tau < math.inf
             if self.clip_spikes:
                 threshold = spike_tau
         if self.norm_clipper is not None:
-            tau = self.norm_clipper.threshold(m.observed).to(m.device)
+            tau = self._threshold(m)
             threshold = tau if threshold is None else threshold.minimum(tau)
         coef = coefficient(m.total, threshold) if threshold is not None else None
         return ClipPlan(coef, threshold, spike, self.fraction(coef))
+
+    def _threshold(self, m: Measurement) -> Tensor:
+        """The norm clipper's τ for this step: a fixed ``Norm`` threshold is a device constant, made
+        once (it observes no norm); the others observe the step's norm."""
+        assert self.norm_clipper is not None
+        fixed = _fixed_threshold(self.norm_clipper)
+        if fixed is not None:
+            return self.consts.number(fixed, m.device)
+        return self.norm_clipper.threshold(m.observed(self.consts)).to(m.device)
 
     def fraction(self, coef: Tensor | None) -> Tensor | None:
         """A norm clipper's ``clip_fraction``: 1.0 when it scaled the gradients down, else 0.0."""

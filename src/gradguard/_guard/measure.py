@@ -37,9 +37,9 @@ class Constants:
     """Small device constants, made once per device (no allocation per step)."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, torch.device], Tensor] = {}
+        self._cache: dict[tuple[Any, torch.device], Tensor] = {}
 
-    def _get(self, key: str, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
+    def _get(self, key: Any, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
         t = self._cache.get((key, device))
         if t is None:
             t = self._cache[(key, device)] = make()
@@ -49,13 +49,21 @@ class Constants:
         """A 0-D ``False``."""
         return self._get("false", device, lambda: torch.zeros((), dtype=torch.bool, device=device))
 
-    def nans(self, n: int, device: torch.device) -> Tensor:
-        """``n`` NaNs (the columns a step has no value for)."""
-        return self._get(f"nan{n}", device, lambda: torch.full((n,), math.nan, device=device))
+    def number(self, value: float, device: torch.device) -> Tensor:
+        """A 0-D float32 ``value`` (NaN for a column a step has no value for, a fixed threshold)."""
+        key = ("number", _key(value))
+        return self._get(key, device, lambda: torch.full((), value, dtype=torch.float32, device=device))
 
-    def no_clip(self, device: torch.device) -> Tensor:
-        """The ``[clip_coef, threshold]`` of a step without norm clipping: ``[nan, inf]``."""
-        return self._get("no_clip", device, lambda: torch.tensor([math.nan, math.inf], device=device))
+    def numbers(self, values: tuple[float, ...], device: torch.device) -> Tensor:
+        """A 1-D float32 of ``values`` (e.g. the ``[clip_coef, threshold]`` of a step without norm
+        clipping: ``[nan, inf]``)."""
+        key = ("numbers", tuple(_key(v) for v in values))
+        return self._get(key, device, lambda: torch.tensor(values, dtype=torch.float32).to(device))
+
+
+def _key(value: float) -> float | str:
+    """``value`` as a cache key (NaN is not equal to itself)."""
+    return "nan" if math.isnan(value) else value
 
 
 @dataclass
@@ -67,12 +75,20 @@ class Measurement:
     present: list[int]  # their indices among the guarded parameters
     norms: Tensor  # per-tensor norms (full-tensor norms under FSDP2)
     total: Tensor  # the global norm
-    values: Tensor  # [loss, global norm] as float32
+    values: Tensor  # [loss, global norm] as float32 (the loss 0 without one)
     nonfinite: Tensor  # [loss non-finite, gradients non-finite]
     grad_nan: Tensor  # a gradient holds a NaN
     bad: Tensor  # the loss or a gradient is non-finite
-    observed: Tensor  # the global norm, NaN on a bad step: what adaptive state may learn from
     absent: tuple[int, ...] = ()  # layers none of whose parameters has a gradient (logged as null)
+    wide: Tensor | None = None  # ``norms`` in float64, where the global norm was summed from them
+    _observed: Tensor | None = None
+
+    def observed(self, consts: Constants) -> Tensor:
+        """The global norm, NaN on a bad step: what adaptive state (an adaptive clipper, the spike
+        detector) may learn from. Made on first use (a step with a fixed threshold needs none)."""
+        if self._observed is None:
+            self._observed = torch.where(self.bad, consts.number(math.nan, self.device), self.total)
+        return self._observed
 
 
 class Meter:
@@ -86,11 +102,15 @@ class Meter:
         self.index = index
         self.reducer = reducer
         self._absent: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+        # a layer step records its per-tensor norms, reduced to per-layer norms at the flush
+        self.reduces_at_flush = LayerIndex.exact_in_rows(norm_type)
 
     def reindex(self, index: LayerIndex, reducer: Reducer | None) -> None:
         """Parameters joined: the new layer index (and the all-reduce that covers them)."""
         self.index, self.reducer = index, reducer
         self._absent.clear()
+        self._positions.clear()
 
     def absent_layers(self, present: Sequence[int]) -> tuple[int, ...]:
         """The layers none of whose parameters is in ``present`` (cached per pattern: host work only
@@ -127,7 +147,8 @@ class Meter:
                 )
                 present = list(range(len(self.params)))
             norms, loss_val, rank_flags = self.reducer.reduce(norms, loss_val, present)
-        total = total_norm(norms, p).to(device)
+        wide = norms.to(torch.float64)  # the global norm sums these, and so do the per-layer norms
+        total = total_norm(wide, p).to(device=device, dtype=norms.dtype)
         # flags with few small ops (each costs ~5 µs of dispatch on a CPU): x - x is NaN iff x is not finite
         values = torch.stack([loss_val, total.float()])
         nonfinite = torch.isnan(values - values)  # [loss, gradients]
@@ -136,14 +157,39 @@ class Meter:
             nonfinite = nonfinite | rank_flags[:2]
             grad_nan = grad_nan | rank_flags[2]
         bad = nonfinite.any()
-        observed = torch.where(bad, math.nan, total)  # adaptive state only sees the norms of good steps
         return Measurement(
-            device, grads, present, norms, total, values, nonfinite, grad_nan, bad, observed, absent
+            device, grads, present, norms, total, values, nonfinite, grad_nan, bad, absent, wide
         )
 
     def layer_norms(self, m: Measurement) -> Tensor:
         """Per-layer gradient norms (in the order of the layer index)."""
-        return self.index.reduce(m.norms, self.norm_type, m.present)
+        return self.index.reduce(m.norms, self.norm_type, m.present, wide=m.wide)
+
+    def layer_record(self, m: Measurement) -> Tensor:
+        """What a layer step records of its gradient norms: the per-tensor norms (float64, every
+        tensor; 0 for those without a gradient), which the monitor reduces for all its rows at once at
+        the flush (:meth:`reduce_rows`); the per-layer norms where that would not be exact."""
+        if not self.reduces_at_flush:
+            return self.layer_norms(m)
+        assert m.wide is not None
+        if len(m.present) == len(self.params):
+            return m.wide
+        key = (tuple(m.present), m.device)
+        at = self._positions.get(key)
+        if at is None:
+            if len(self._positions) >= _ABSENT_CACHE:
+                self._positions.clear()
+            at = self._positions[key] = torch.tensor(m.present, dtype=torch.long).to(m.device)
+        return m.wide.new_zeros(len(self.params)).index_copy_(0, at, m.wide)
+
+    def reduce_rows(self, rows: Tensor) -> Tensor:
+        """Per-layer gradient norms of many recorded rows at once (``rows × tensors``): the monitor's
+        ``reduce`` (each row bit for bit what :meth:`layer_norms` gives for its step). Rows recorded
+        before parameters joined an existing layer are narrower: the joined tensors count 0 there."""
+        missing = len(self.index.param_names) - rows.shape[-1]
+        if missing > 0:
+            rows = torch.cat([rows, rows.new_zeros(rows.shape[0], missing)], dim=-1)
+        return self.index.reduce(rows, self.norm_type)
 
     def copy_weights(self) -> list[Tensor]:
         """A copy of the weights before the step (for the update ratios of a cadence step)."""
@@ -210,6 +256,7 @@ def _loss_value(loss: Tensor | float | None, device: torch.device) -> Tensor:
     """The loss as a 0-D float32 on ``device`` (0 without one: the log then says null)."""
     if isinstance(loss, Tensor):
         val = loss.detach()
-        val = val.reshape(()) if val.numel() == 1 else val.sum()
+        if val.dim() != 0:
+            val = val.reshape(()) if val.numel() == 1 else val.sum()
         return val.to(device=device, dtype=torch.float32)  # a no-op for a float32 loss
     return torch.full((), 0.0 if loss is None else float(loss), device=device)

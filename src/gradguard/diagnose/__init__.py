@@ -69,6 +69,7 @@ __all__ = [
     "HealthyWindow",
     "diagnose",
     "first_nonfinite",
+    "headline",
     "healthy_window",
     "recommended_max_norm",
     "to_json",
@@ -116,6 +117,13 @@ def diagnose(run: RunLog | str | os.PathLike[str], *, write: bool = False) -> li
     if write:
         write_findings(log, findings)
     return findings
+
+
+def headline(findings: Iterable[Finding]) -> Finding | None:
+    """The headline verdict: the first finding of severity ``error`` after the registry's precedence
+    (:data:`gradguard.diagnose.rules.REGISTRY`: bad data, then an explosion, then the op at fault,
+    then divergence…), or ``None`` for a run with no error. ``gradguard diagnose`` prints it first."""
+    return rules.headline(list(findings))
 
 
 def healthy_window(run: RunLog | str | os.PathLike[str]) -> HealthyWindow:

@@ -21,6 +21,8 @@ __all__ = ["Facts"]
 
 _LONE_BEFORE = 20  # healthy norms before a lone non-finite step that it is compared with
 _LONE_AFTER = 6  # steps after it that must be healthy again
+WEIGHT_MOVED = 2.0
+"""A layer whose weight norm grew by this factor moved: an unstable optimizer moves the weights far."""
 
 
 class Facts:
@@ -163,6 +165,17 @@ class Facts:
             if peak / start > 1.0:
                 out[name] = (peak / start, peak_step)
         return out
+
+    @functools.cached_property
+    def weights_still(self) -> bool:
+        """Whether the weight norms were logged (two or more measurements of a layer) and no layer's
+        grew by :data:`WEIGHT_MOVED` or more: the model barely moved. A loss or a gradient that grew
+        meanwhile grew with the objective (longer episodes, a larger target), not from instability."""
+        logged = any(
+            sum(1 for v in self.table.layer_values(name, "weight_norm")[1] if math.isfinite(v)) >= 2
+            for name in self.layers
+        )
+        return logged and all(r < WEIGHT_MOVED for r, _ in self.weight_ratios.values())
 
     def _clip_kind(self) -> str:
         """``"none"``, ``"fixed"`` (a constant global-norm threshold), ``"adaptive"`` or ``"other"``.

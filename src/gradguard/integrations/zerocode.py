@@ -59,10 +59,10 @@ from gradguard._guard.apply import HostDecided
 from gradguard.errors import GradGuardError
 from gradguard.guard import Guard
 from gradguard.integrations._common import drop_grads
-from gradguard.locate import StepCapture
+from gradguard.locate import StepCapture, keep_out_of_pickles
 from gradguard.record import COLUMN
 
-__all__ = ["LIVE_EVERY_S", "ManualUpdate", "ZeroCode", "run_script"]
+__all__ = ["LIVE_EVERY_S", "ManualUpdate", "ZeroCode", "check_options", "run_script"]
 
 LIVE_EVERY_S = 30.0  #: at most one live stderr line per this many seconds while a problem lasts
 _CLIP_EPS = 1e-6  #: torch's clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
@@ -74,6 +74,16 @@ class ManualUpdate(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
         super().__init__(list(params), {})
+
+    # torch's own versions of these two are wrapped to import torch._dynamo (~2 s on a first use)
+
+    def _patch_step_function(self) -> None:
+        """Nothing to patch: it never steps."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        self.param_groups.append(param_group)
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         raise GradGuardError("ManualUpdate stands for a hand-written update; it is never stepped.")
@@ -144,6 +154,8 @@ class _Root:
         self.captures: list[StepCapture] = []
         self.unused: StepCapture | None = None  # the capture waiting for the first guard
         self.kind: str | None = None  # "optimizer" or "manual", once its first backward is seen
+        # the guard's own anomaly path may hook the model for one forward: never into a pickle
+        self.kept_out = keep_out_of_pickles(type(module))
 
     @property
     def model(self) -> nn.Module | None:
@@ -171,13 +183,22 @@ class ZeroCode:
             ``None``: ``gradguard-runs/<time>-<name>``.
         name: the run's name (the script's).
         live: report the first bad step (and spikes) on stderr as they happen.
+        scan_existing: optimizers may exist before the runner starts (it looks for them once, when
+            a model's first backward needs to know whether an optimizer or a hand-written update
+            trains it); ``gradguard run`` starts before the script, so it passes ``False``.
         **guard: :class:`gradguard.Guard` options (``clip``, ``on_nonfinite``, ``every``…).
             Defaults here: ``clip="none"`` (measure only), ``on_nonfinite="skip"``; the others are
             the guard's. A ``clip`` other than ``"none"`` replaces the script's own clipping.
     """
 
     def __init__(
-        self, out: str | os.PathLike[str] | None = None, name: str = "run", *, live: bool = True, **guard: Any
+        self,
+        out: str | os.PathLike[str] | None = None,
+        name: str = "run",
+        *,
+        live: bool = True,
+        scan_existing: bool = True,
+        **guard: Any,
     ) -> None:
         self.out = Path(out) if out is not None else runlog.default_run_dir(name)
         self.name = name
@@ -198,6 +219,8 @@ class ZeroCode:
         self._backwards = 0
         self._norm_type: float | None = None  # of the clip_grad_norm_ call under way
         self._said: set[str] = set()
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self.scan_existing = scan_existing
         self.live = _Live(enabled=live)
         self._patches = _Patches(self)
         self._active = False
@@ -226,6 +249,7 @@ class ZeroCode:
         for root in self._roots.values():
             for capture in root.captures:
                 capture.remove()
+            root.kept_out.remove()
         errors = []
         for session in self._order:
             try:
@@ -236,17 +260,18 @@ class ZeroCode:
             self._say(f"could not close a run log ({errors[0]})")
 
     def forked(self) -> None:
-        """In a forked child (a DataLoader worker): switch everything off, write nothing."""
+        """In a forked child (a DataLoader worker): take off every hook, wrapper and mode, forget
+        the captures and the run logs (the parent's files are never written from here)."""
         self._active = False
         self._patches.remove()
-        self._sessions_off()
-
-    def _sessions_off(self) -> None:
+        for root in self._roots.values():
+            for capture in root.captures:
+                capture.forget()
+            root.kept_out.remove()
         for session in self._order:
-            writer = session.guard.writer
             session.guard.writer = None
             session.guard.monitor.writer = None
-            del writer  # the parent's files: never written from here
+        self._order, self.sessions, self._roots = [], {}, {}
 
     # ------------------------------------------------------------------ module calls
     def on_call(self, module: nn.Module, args: Any) -> None:
@@ -366,13 +391,26 @@ class ZeroCode:
         self._order.append(session)
         return session
 
+    def _optimizers_holding(self, ids: set[int]) -> list[torch.optim.Optimizer]:
+        """The optimizers that hold any of these parameters (one that has not stepped yet is
+        known only from its creation, seen through ``add_param_group``)."""
+        if self.scan_existing:  # optimizers made before the runner started: looked for once
+            self.scan_existing = False
+            self._optimizers.update(_all_optimizers())
+        return [o for o in self._optimizers if any(id(p) in ids for g in o.param_groups for p in g["params"])]
+
+    def on_param_group(self, optimizer: torch.optim.Optimizer) -> None:
+        """``Optimizer.add_param_group`` (also how an optimizer is built): note the optimizer."""
+        if not isinstance(optimizer, ManualUpdate):
+            self._optimizers.add(optimizer)
+
     def _session_for_params(self, params: list[Tensor]) -> _Session | None:
         """The session whose model these parameters belong to (a clip call): made if needed."""
         ids = {id(p) for p in params}
         for session in self._order:
             if ids & session.param_ids:
                 return session
-        for optimizer in _optimizers_holding(ids):
+        for optimizer in self._optimizers_holding(ids):
             found = self._session_of(optimizer)
             if found is not None:
                 return found
@@ -420,7 +458,7 @@ class ZeroCode:
         if model is None:
             return "optimizer"
         ids = {id(p) for p in model.parameters()}
-        return "optimizer" if _optimizers_holding(ids) else "manual"
+        return "optimizer" if self._optimizers_holding(ids) else "manual"
 
     def _session_of_root(self, root: _Root) -> _Session | None:
         model = root.model
@@ -544,14 +582,16 @@ class ZeroCode:
         if isinstance(optimizer, ManualUpdate):
             return None
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
-        session = self._session_of(optimizer)
-        if session is None:
-            return None
-        if closure is not None:
-            wrapped = self._closure(session, closure)
+        if closure is not None:  # the model runs inside the closure: the session waits for it
+            if id(optimizer) in self._unguarded:
+                return None
+            wrapped = self._closure(optimizer, closure)
             if len(args) > 1:
                 return (args[0], wrapped, *args[2:]), kwargs
             return args, {**kwargs, "closure": wrapped}
+        session = self._session_of(optimizer)
+        if session is None:
+            return None
         if self._fresh(session):
             self._measure(session)
         if session.skip:
@@ -559,7 +599,7 @@ class ZeroCode:
         session.end_step()
         return None
 
-    def _closure(self, session: _Session, closure: Callable[[], Any]) -> Callable[[], Any]:
+    def _closure(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
         """The closure ``optimizer.step`` gets: its first evaluation (the step's loss and gradients)
         is measured; a bad one has its gradients dropped (LBFGS then stops with the weights as they
         were)."""
@@ -572,12 +612,19 @@ class ZeroCode:
                 first = False
                 self._losses = []
                 value = loss.detach() if isinstance(loss, Tensor) else loss
-                if not self._measure(session, loss=value):
-                    drop_grads(session.guard.optimizer)
-                session.end_step()
+                self._patches.call("optimizer.step(closure)", self._call_once, optimizer, value)
             return loss
 
         return guarded
+
+    def _call_once(self, optimizer: torch.optim.Optimizer, loss: Tensor | float | None) -> None:
+        """The first evaluation of a closure: measure the step (the session is made here if needed)."""
+        session = self._session_of(optimizer)
+        if session is None:
+            return
+        if not self._measure(session, loss=loss):
+            drop_grads(optimizer)
+        session.end_step()
 
     def on_scaler_step(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
         """Before ``GradScaler.step``: unscale as it would, measure with the scaler. ``False``: skip it."""
@@ -655,18 +702,12 @@ def _summary_lines(session: _Session) -> list[str]:
     return lines
 
 
-def _optimizers_holding(ids: set[int]) -> list[torch.optim.Optimizer]:
-    """The optimizers (anywhere in the process) that hold any of these parameters.
-
-    Once per model or clip call that no guard knows yet: a walk over the objects the garbage
-    collector tracks (an optimizer that has not stepped yet is seen nowhere else).
-    """
+def _all_optimizers() -> list[torch.optim.Optimizer]:
+    """Every optimizer in the process: a walk over the objects the garbage collector tracks."""
     found = []
     for obj in gc.get_objects():
         kind = type(obj)  # not isinstance: it reads __class__, which some objects warn or raise on
-        if not issubclass(kind, torch.optim.Optimizer) or issubclass(kind, ManualUpdate):
-            continue
-        if any(id(p) in ids for g in obj.param_groups for p in g["params"]):
+        if issubclass(kind, torch.optim.Optimizer) and not issubclass(kind, ManualUpdate):
             found.append(obj)
     return found
 
@@ -811,6 +852,7 @@ class _Patches:
             register_optimizer_step_pre_hook(self._guarded("optimizer.step", zc.on_step)),
         ]
         self._wrap(torch.autograd, "backward", self._backward)
+        self._wrap(torch.optim.Optimizer, "add_param_group", self._add_param_group)
         self._wrap(GradScaler, "scale", self._scale)
         self._wrap(GradScaler, "step", self._scaler_step)
         clip_norm = self._clip_norm(clip_grad.clip_grad_norm_)
@@ -857,7 +899,8 @@ class _Patches:
 
         return hook
 
-    def _call(self, where: str, fn: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+    def call(self, where: str, fn: Callable[..., Any], *args: Any, default: Any = None) -> Any:
+        """``fn(*args)`` unless the runner is off; gradguard's own bugs reported, not raised."""
         if not self._on():
             return default
         try:
@@ -870,17 +913,25 @@ class _Patches:
 
     def _backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-            self._call("loss.backward()", self.zc.on_backward, tensors)
+            self.call("loss.backward()", self.zc.on_backward, tensors)
             result = original(tensors, *args, **kwargs)
-            self._call("loss.backward()", self.zc.after_backward)
+            self.call("loss.backward()", self.zc.after_backward)
             return result
 
         return _like(original, backward)
 
+    def _add_param_group(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def add_param_group(optimizer: Any, param_group: Any) -> Any:
+            result = original(optimizer, param_group)
+            self.call("Optimizer.add_param_group", self.zc.on_param_group, optimizer)
+            return result
+
+        return _like(original, add_param_group)
+
     def _scale(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def scale(scaler: Any, outputs: Any) -> Any:
             scaled = original(scaler, outputs)
-            self._call("GradScaler.scale", self.zc.on_scale, scaler, outputs, scaled)
+            self.call("GradScaler.scale", self.zc.on_scale, scaler, outputs, scaled)
             return scaled
 
         return _like(original, scale)
@@ -889,7 +940,7 @@ class _Patches:
         def step(scaler: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
             if args or kwargs or not scaler.is_enabled():
                 return original(scaler, optimizer, *args, **kwargs)
-            if not self._call("GradScaler.step", self.zc.on_scaler_step, scaler, optimizer, default=True):
+            if not self.call("GradScaler.step", self.zc.on_scaler_step, scaler, optimizer, default=True):
                 return None  # skipped: GradScaler.update() still learns of an overflow
             return original(scaler, optimizer)
 
@@ -913,7 +964,7 @@ class _Patches:
         ) -> Any:
             if isinstance(parameters, Iterable) and not isinstance(parameters, (Tensor, list, tuple)):
                 parameters = list(parameters)  # a generator: read once here, once by torch
-            if not self._call(
+            if not self.call(
                 "clip_grad_norm_", self.zc.on_clip_norm, parameters, max_norm, total_norm, default=True
             ):
                 return None
@@ -925,9 +976,7 @@ class _Patches:
         def clip_grad_value_(parameters: Any, clip_value: float, *args: Any, **kwargs: Any) -> Any:
             if isinstance(parameters, Iterable) and not isinstance(parameters, (Tensor, list, tuple)):
                 parameters = list(parameters)
-            if not self._call(
-                "clip_grad_value_", self.zc.on_clip_value, parameters, clip_value, default=True
-            ):
+            if not self.call("clip_grad_value_", self.zc.on_clip_value, parameters, clip_value, default=True):
                 return None
             return original(parameters, clip_value, *args, **kwargs)
 
@@ -972,6 +1021,7 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
             file=sys.stderr,
         )
         return 2
+    check_options(options)  # a bad option is refused before the script starts, not at its first step
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [str(script), *argv]
     sys.path.insert(0, str(script.resolve().parent))
@@ -980,7 +1030,7 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
         signal.signal(signal.SIGTERM, _on_signal)
     code: int = 0
     killed_by: int | None = None
-    zc = ZeroCode(name=script.stem, **options)
+    zc = ZeroCode(name=script.stem, scan_existing=False, **options)
     try:
         with zc:
             try:
@@ -1007,6 +1057,16 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
         signal.signal(killed_by, signal.SIG_DFL)
         os.kill(os.getpid(), killed_by)
     return code
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse bad Guard options now (:class:`GradGuardError`, the guard's own message): a guard is
+    built on a stand-in model with them (no run log) and closed."""
+    guard_options = {k: v for k, v in options.items() if k not in ("out", "name", "live")}
+    guard_options.setdefault("clip", "none")
+    probe = nn.Linear(1, 1)
+    guard = Guard(probe, torch.optim.SGD(probe.parameters(), lr=0.0), log_dir=None, **guard_options)
+    guard.close()
 
 
 def _exit_code(e: SystemExit) -> int:

@@ -30,7 +30,7 @@ from gradguard.errors import GradGuardError
 if TYPE_CHECKING:
     from gradguard.diagnose.facts import Facts
 
-__all__ = ["REGISTRY", "Entry", "Rule", "Seen", "entry", "evaluate", "finding_ids", "order"]
+__all__ = ["REGISTRY", "Entry", "Rule", "Seen", "entry", "evaluate", "finding_ids", "headline", "order"]
 
 ANY = SEVERITIES
 """``yields_to`` severities: whatever the other rule found."""
@@ -166,9 +166,14 @@ def _rank(finding: Finding, ids: Sequence[str]) -> tuple[int, int]:
 # ============================================================================================
 
 REGISTRY: list[Entry] = [
-    entry("nonfinite_op", needs=("bad_data",), yields_to={"explosion": ("error",)}),
+    # the headline (the first error of this list) is decided here, in this order:
+    # 1. a tensor entering the step was non-finite: the data (or the carried state), not the model;
     entry("bad_data"),
-    entry("explosion"),
+    # 2. an explosion (norms growing over steps) explains the overflow it ends in;
+    entry("explosion", needs=("divergence",)),
+    # 3. otherwise an op that made a NaN/inf from finite inputs is the fault, with that op's fix;
+    entry("nonfinite_op", needs=("bad_data",), yields_to={"explosion": ("error",)}),
+    # 4. then a run that diverged while finite, and the rest.
     entry("divergence"),
     entry("over_clipping"),
     entry("adaptive_clipping", yields_to={"explosion": ANY}),
@@ -179,4 +184,11 @@ REGISTRY: list[Entry] = [
     entry("loss_scale_collapse"),
     entry("incomplete_log"),
 ]
-"""Every rule, in report order, with its dependencies (see the module docstring)."""
+"""Every rule, in report order, with its dependencies (see the module docstring). The headline
+verdict (:func:`headline`) is the first finding of severity ``error`` in this order."""
+
+
+def headline(findings: Sequence[Finding]) -> Finding | None:
+    """The verdict a user reads first: the first ``error`` of ``findings`` (as :func:`evaluate` sorts
+    them: severity, then registry order), or ``None`` when nothing went wrong."""
+    return next((f for f in findings if f.severity == "error"), None)

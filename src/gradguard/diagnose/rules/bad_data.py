@@ -1,9 +1,11 @@
-"""``bad_data``: a non-finite input batch (a ``data``-phase event), or a lone non-finite step.
+"""``bad_data``: a tensor entering the step (input, target, label, carried state) was non-finite.
 
-A confirmed ``data``-phase event is an error. A lone step — healthy norms before it, no climb,
-finite steps again after it was skipped — is the signature of one bad batch; it is reported as a
-warning (the always-on flags cannot see the batch itself), when such steps are at least half of
-the non-finite ones.
+A confirmed ``data``-phase event is an error, and says which tensor. A lone step — healthy norms
+before it, no climb, finite steps again after it was skipped — is only a *possible* bad batch: it
+is a warning, and only for lone steps nobody located. A lone step whose replay located an op that
+made the non-finite value from finite inputs is that op's fault (``nonfinite_op``), not the data's:
+a softmax over a fully masked row or a division by a zero count is isolated too, and
+``torch.isfinite(x)`` on that batch finds nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gradguard import optable
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import sig
@@ -18,6 +21,12 @@ from gradguard.diagnose.rules import Rule, Seen
 
 _EVENT_KEYS = ("step", "batch", "tensor", "kind", "source", "evidence", "cause")
 _MAX_LISTED = 50
+_TENSOR_WORDS = {
+    "input": "the model's input",
+    "target": "the target",
+    "label": "the label",
+    "state": "the state carried from the previous step",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +44,27 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         steps = sorted({e["step"] for e in data_events if isinstance(e.get("step"), int)})
         return Evidence(steps, data_events[0], len(steps))
     bad = sum(f.bad)
-    lone = sorted(f.lone)
+    located = _op_fault_steps(f)
+    lone = sorted(i for i in f.lone if f.steps[i] not in located)
     if not lone or len(lone) < bad / 2:
         return None
     return Evidence([f.steps[i] for i in lone], None, bad)
+
+
+def _op_fault_steps(f: Facts) -> set[int]:
+    """Steps whose non-finite value a located op made from finite inputs (not the data's doing)."""
+    return {
+        e["step"]
+        for e in f.nonfinite_events
+        if isinstance(e.get("step"), int) and e.get("op") and e.get("phase") != "data" and not _passed_on(e)
+    }
+
+
+def _passed_on(e: dict[str, Any]) -> bool:
+    """Whether the located op only passed on a non-finite value it was given."""
+    details = e.get("evidence")
+    reason = details.get("reason") if isinstance(details, dict) else None
+    return isinstance(reason, str) and reason == optable.NAN_INPUT
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
@@ -51,8 +77,13 @@ def _confirmed(ev: Evidence) -> Finding:
     evidence["bad_batches"] = len(ev.steps)
     evidence["bad_steps"] = ev.steps[:_MAX_LISTED]
     first = ev.steps[0] if ev.steps else None
+    tensor = (
+        _TENSOR_WORDS.get(str(e0.get("tensor")), f"the tensor {e0.get('tensor')!r}")
+        if e0.get("tensor")
+        else "the input batch"
+    )
     message = (
-        f"Step {first if first is not None else '?'}: the input batch itself held "
+        f"Step {first if first is not None else '?'}: {tensor} entering the step already held "
         f"{e0.get('kind', 'non-finite values')} ({len(ev.steps)} bad batch(es) in all); the model is not at fault."
     )
     rec = {
@@ -74,7 +105,7 @@ def _lone(f: Facts, ev: Evidence) -> Finding:
         "located_by": "norm",
     }
     message = (
-        f"Step {steps[0]}: a lone non-finite step ({len(steps)} in all) between healthy steps — the norms "
+        f"Step {steps[0]}: a lone non-finite step ({len(steps)} in all, no op located) between healthy steps — the norms "
         "before it were normal and training went on finite after it. The usual cause is a bad batch "
         "(NaN/inf in the inputs or targets); otherwise an op at its numerical edge on that batch only."
     )

@@ -1,8 +1,14 @@
-"""``divergence``: the loss grew ≥ 100× above its best and ≥ 10× above its start while finite.
+"""``divergence``: the loss climbed by orders of magnitude while finite, and the model moved.
 
 Finiteness is not health: a z-score clipper can keep every value finite while the loss climbs to
-1e17. Reported when no non-finite step follows (then the explosion tells the story). Weight norms
-growing by ≥ 100× while finite are evidence too.
+1e17. Reported when no non-finite step follows (then the explosion tells the story). How far the
+loss must climb depends on what else the log shows:
+
+* the weight norms grew (≥ 2× in a layer): the optimizer drove the climb; 10× above the loss's best
+  and its start is divergence (a loss going 4.5 → 271);
+* the weight norms were logged and stayed put (``Facts.weights_still``): the loss grew with the
+  objective (an RL loss summed over episodes that get longer), not with the model: not divergence;
+* no weight norms in the log: the loss alone, 100× above its best and 10× above its start.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ import dataclasses
 import math
 from typing import Any
 
-from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.facts import WEIGHT_MOVED, Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import clip_advice, fmt, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
 
 DIVERGENCE_FACTOR = 100.0  # loss above its best by two orders of magnitude...
 DIVERGENCE_START_FACTOR = 10.0  # ...and above where it started by one
+MOVED_FACTOR = 10.0  # above its best by one order of magnitude, when the weights grew too
 _SMOOTH = 5  # rolling-median width for the loss
 _TINY = 1e-30
 
@@ -35,15 +42,17 @@ class Evidence:
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
     rows = [i for i in range(len(f.rows)) if math.isfinite(f.loss[i]) and not f.skipped[i]]
-    if len(rows) < _SMOOTH:
+    if len(rows) < _SMOOTH or f.weights_still:
         return None
+    moved = any(r >= WEIGHT_MOVED for r, _ in f.weight_ratios.values())
+    factor = MOVED_FACTOR if moved else DIVERGENCE_FACTOR
     smooth = rolling_median([f.loss[i] for i in rows], _SMOOTH)
     start, best, best_at = smooth[0], math.inf, 0
     for j, v in enumerate(smooth):
         if v < best:
             best, best_at = v, j
         floor = max(abs(best), _TINY) if best > 0 else max(abs(start), _TINY)
-        above_best = v - best >= (DIVERGENCE_FACTOR - 1) * floor
+        above_best = v - best >= (factor - 1) * floor
         if above_best and v >= DIVERGENCE_START_FACTOR * max(abs(start), _TINY):
             if any(f.bad[i] for i in range(rows[j], len(f.rows))):
                 return None  # it went non-finite after all: the explosion finding covers it

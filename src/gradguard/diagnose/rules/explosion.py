@@ -5,7 +5,10 @@ locator uses too) and rate, the peak and its z-score against the healthy log-nor
 whose norm grew first (:func:`gradguard.runtable.first_layer_to_grow`), weight norms growing, the
 guard's spike and overflow events. A norm that rose while the loss kept falling and nothing went
 non-finite (Adam's early steps often do) harmed nothing and is not reported, unless a fixed
-threshold was there to catch it (then it is ``info``).
+threshold was there to catch it (then it is ``info``); nor is a norm that grew in a finite run
+whose weights stayed put (``Facts.weights_still``: the gradient grew with the objective, e.g. an RL
+loss summed over longer episodes). Severity: an error when the run went non-finite or diverged
+(the ``divergence`` rule), so a CI gate fails on it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Evidence:
     peak: float
     ratio: float
     overflows: int
+    diverged: bool = False
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -51,7 +55,9 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         return None
     if not f.went_bad and not overflows and f.clip_kind != "fixed" and _loss_kept_falling(f):
         return None
-    return Evidence(peak_i, peak, ratio, overflows)
+    if not f.went_bad and not overflows and f.weights_still:
+        return None
+    return Evidence(peak_i, peak, ratio, overflows, seen.finding("divergence") is not None)
 
 
 def _loss_kept_falling(f: Facts) -> bool:
@@ -81,7 +87,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         **_weights(f),
         **_end(f),
     }
-    return Finding("explosion", _severity(f), onset, _message(f, ev, onset, evidence), evidence, _advice(f))
+    return Finding(
+        "explosion", _severity(f, ev), onset, _message(f, ev, onset, evidence), evidence, _advice(f)
+    )
 
 
 def _after(f: Facts, h: HealthyWindow) -> int:
@@ -146,8 +154,8 @@ def _end(f: Facts) -> dict[str, Any]:
     return out
 
 
-def _severity(f: Facts) -> str:
-    if f.went_bad:
+def _severity(f: Facts, ev: Evidence) -> str:
+    if f.went_bad or ev.diverged:
         return "error"
     return "info" if f.clip_kind == "fixed" else "warning"  # a fixed threshold caught it
 

@@ -1,20 +1,29 @@
 """``lr_too_high``: a layer's median update/weight ratio ≥ 0.1 while healthy (≈1e-3 is typical),
-or the LR rose ≥ 2× within the few steps before the norm started growing."""
+the LR jumped ≥ 2× within the few steps before the norm started growing, or a warm-up that never
+stopped: the LR still rising when the loss turned up.
+
+By evidence, not by the schedule's name: an ordinary warm-up rises in a ramp and then holds, and
+its first steps double the LR from a tiny value; that is no jump. A jump is a step change from an
+LR that held (the LR one step before equals the one before that).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt, layer_name, median, sig
+from gradguard.diagnose.numbers import fmt, layer_name, median, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
 
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth
 _JUMP_LOOKBACK = 10  # steps before the onset an LR increase is looked for
+_RISING_MIN = 20  # fewest healthy steps to judge a warm-up that never stops
+_SMOOTH = 5  # rolling-median width for the loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +36,7 @@ class Evidence:
     jump: tuple[int, float, float] | None
     end: int
     warm: int
+    rising: tuple[int, float, float] | None = None
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -42,17 +52,35 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     worst = max(per_layer.items(), key=lambda kv: kv[1], default=None)
     high = worst if worst is not None and worst[1] >= UPDATE_RATIO_HIGH else None
     jump = _lr_jump(f, end) if h.onset_step is not None else None
-    if not (high or jump):
+    rising = _still_rising(f)
+    if not (high or jump or rising):
         return None
-    return Evidence(per_layer, high, jump, end, warm)
+    return Evidence(per_layer, high, jump, end, warm, rising)
 
 
 def _lr_jump(f: Facts, end: int) -> tuple[int, float, float] | None:
-    for i in range(max(0, end - _JUMP_LOOKBACK) + 1, min(end + 2, len(f.rows))):
-        prev, now = f.lr[i - 1], f.lr[i]
-        if math.isfinite(prev) and prev > 0 and math.isfinite(now) and now >= LR_JUMP * prev:
+    """A step change of the LR (≥ 2× from an LR that held) in the steps before the onset."""
+    for i in range(max(1, end - _JUMP_LOOKBACK + 1), min(end + 2, len(f.rows))):
+        before, prev, now = f.lr[i - 2] if i >= 2 else math.nan, f.lr[i - 1], f.lr[i]
+        held = math.isfinite(before) and math.isclose(before, prev, rel_tol=1e-6)
+        if held and prev > 0 and math.isfinite(now) and now >= LR_JUMP * prev:
             return f.steps[i], prev, now
     return None
+
+
+def _still_rising(f: Facts) -> tuple[int, float, float] | None:
+    """A warm-up that never stopped: the LR rose ≥ 2× from where the loss was best to the end,
+    rising all the way, while the smoothed loss climbed ≥ 2× above its best: ``(step, lr at the
+    loss's best, last lr)``."""
+    rows = [i for i in f.rows if f.ok[i] and math.isfinite(f.loss[i]) and math.isfinite(f.lr[i])]
+    if len(rows) < _RISING_MIN:
+        return None
+    smooth = rolling_median([f.loss[i] for i in rows], _SMOOTH)
+    best = min(range(len(smooth)), key=smooth.__getitem__)
+    after = [f.lr[i] for i in rows[best:]]
+    rose = all(b >= a for a, b in itertools.pairwise(after)) and after[-1] >= LR_JUMP * after[0] > 0
+    climbed = smooth[best] > 0 and smooth[-1] >= LR_JUMP * smooth[best]
+    return (f.steps[rows[best]], after[0], after[-1]) if rose and climbed else None
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
@@ -74,6 +102,15 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             f"right before the norm started growing (step {f.healthy.onset_step})"
         )
         step, rec["lr"] = at, before
+    if ev.rising is not None:
+        at, lr_best, lr_last = ev.rising
+        evidence.update({"lr_still_rising_from_step": at, "lr_at_best_loss": lr_best, "lr_last": lr_last})
+        parts.append(
+            f"the learning rate kept rising ({fmt(lr_best)} → {fmt(lr_last)}) after the loss was best at "
+            f"step {at}, and the loss climbed since: a warm-up that never stops"
+        )
+        step = step if step is not None else at
+        rec.setdefault("lr", lr_best)
     if ev.worst is not None:
         name, ratio = ev.worst
         parts.append(

@@ -1,0 +1,164 @@
+"""CPU benchmark: the realistic scripts of tests/run_scripts/ plain against under ``gradguard run``.
+
+Each measurement is a fresh process that imports torch (and, for ``run``, gradguard), then times
+the script itself — ``runpy.run_path`` of the unmodified file, its own argument list — plain, or
+inside :class:`gradguard.integrations.zerocode.ZeroCode` (what ``gradguard run`` does, without the
+terminal summary and the HTML report; closing the run log is timed). The script's stdout goes to
+/dev/null. Plain and guarded runs alternate (A B, B A, …) so a drift of the machine's speed falls on
+both; the figure is the **median of the per-pair ratios** run / plain (targets from issue 13:
+≤ 1.3 on tiny-step scripts such as the RL loop, ≤ 1.1 on the small GPT trainer). The interpreter
+and import start-up (the same in both, plus gradguard's import) are outside the timed span and
+printed apart.
+
+Run ``python benchmarks/run_overhead.py`` (a few minutes), ``--pairs 3`` for a quick look,
+``--only actor_critic`` for one script, ``--json out.json`` to keep the numbers, ``--markdown`` for
+the table of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = HERE.parent / "tests" / "run_scripts"
+
+#: name → (script, its arguments): long enough that the loop, not the script's set-up, dominates.
+CASES: dict[str, tuple[str, list[str]]] = {
+    "actor_critic": ("actor_critic.py", ["--episodes", "60"]),
+    "char_gpt": ("char_gpt.py", ["--max-iters", "40", "--eval-interval", "1000"]),
+    "char_gpt_amp": ("char_gpt.py", ["--max-iters", "40", "--eval-interval", "1000", "--amp"]),
+    "word_lm": ("word_lm.py", ["--epochs", "2"]),
+    "lbfgs_sine": ("lbfgs_sine.py", ["--steps", "4"]),
+    "toy_gan": ("toy_gan.py", ["--niter", "4"]),
+}
+
+
+def child(mode: str, script: str, args: list[str]) -> None:
+    """One measurement (in its own process): print ``{"import_s", "script_s"}`` as JSON."""
+    t0 = time.perf_counter()
+    import runpy
+
+    import torch
+
+    torch.set_num_threads(1)
+    zerocode = None
+    if mode == "run":
+        from gradguard.integrations import zerocode
+    imported = time.perf_counter() - t0
+    path = SCRIPTS / script
+    sys.argv = [str(path), *args]
+    sys.path.insert(0, str(path.parent))
+    with tempfile.TemporaryDirectory() as work:
+        os.chdir(work)
+        with contextlib.redirect_stdout(io.StringIO()):
+            t1 = time.perf_counter()
+            if zerocode is not None:
+                with zerocode.ZeroCode(
+                    out=Path(work) / "run", name=path.stem, live=False, scan_existing=False
+                ):
+                    _run(runpy, path)
+            else:
+                _run(runpy, path)
+            elapsed = time.perf_counter() - t1
+    print(json.dumps({"import_s": imported, "script_s": elapsed}))
+
+
+def _run(runpy: object, path: Path) -> None:
+    try:
+        runpy.run_path(str(path), run_name="__main__")  # type: ignore[attr-defined]
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+
+
+def measure(mode: str, name: str) -> dict[str, float]:
+    script, args = CASES[name]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, script, *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench(name: str, pairs: int) -> dict[str, object]:
+    """Alternating plain / run measurements of one script (one warm-up pair, not counted)."""
+    plain: list[float] = []
+    run: list[float] = []
+    imports: dict[str, list[float]] = {"plain": [], "run": []}
+    for i in range(pairs + 1):
+        order = ("plain", "run") if i % 2 == 0 else ("run", "plain")
+        got = {mode: measure(mode, name) for mode in order}
+        if i == 0:
+            continue
+        plain.append(got["plain"]["script_s"])
+        run.append(got["run"]["script_s"])
+        for mode in imports:
+            imports[mode].append(got[mode]["import_s"])
+    ratios = [r / p for r, p in zip(run, plain)]
+    return {
+        "script": name,
+        "args": CASES[name][1],
+        "pairs": pairs,
+        "plain_s": statistics.median(plain),
+        "run_s": statistics.median(run),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "import_extra_s": statistics.median(imports["run"]) - statistics.median(imports["plain"]),
+    }
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| script | arguments | plain (s) | under `run` (s) | ratio, median (min–max) | gradguard import (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{CASES[str(r['script'])][0]}` | `{' '.join(r['args'])}` | {r['plain_s']:.2f} | {r['run_s']:.2f} "  # type: ignore[arg-type]
+            f"| **{r['ratio']:.2f}** ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) | {r['import_extra_s']:+.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=7, help="counted plain/run pairs per script")
+    parser.add_argument("--only", action="append", choices=sorted(CASES), help="only these scripts")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.child[2:])
+        return
+    rows = []
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+    )
+    for name in args.only or list(CASES):
+        row = bench(name, args.pairs)
+        rows.append(row)
+        print(
+            f"{name:14s} plain {row['plain_s']:7.2f}s  run {row['run_s']:7.2f}s  ratio {row['ratio']:.3f} "
+            f"({row['ratio_min']:.3f}–{row['ratio_max']:.3f})  import +{row['import_extra_s']:.2f}s",
+            flush=True,
+        )
+    if args.markdown:
+        print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

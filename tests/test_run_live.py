@@ -1,0 +1,257 @@
+"""``gradguard run`` logs the loss the script means, sees the script's own clipping, reports a bad
+step on stderr as it happens, and writes its summary and report however the script ends."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gradguard.runlog import read_run
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+
+
+def _script(tmp_path: Path, loop: str, name: str = "train.py", *, head: str | None = None) -> Path:
+    """A script: ``HEAD`` (a model, an optimizer, data), then ``loop`` (dedented)."""
+    path = tmp_path / name
+    path.write_text((HEAD if head is None else head) + textwrap.dedent(loop))
+    return path
+
+
+def _run(tmp_path: Path, script: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gradguard", "run", "--out", str(tmp_path / "run"), *options, str(script)]
+    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _plain(tmp_path: Path, script: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
+    )
+
+
+HEAD = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+data = [(torch.randn(16, 8), torch.randn(16, 1)) for _ in range(40)]
+"""
+
+
+def test_an_accumulated_step_logs_the_loss_of_all_its_micro_batches(tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        k = 4
+        for step in range(6):
+            total = 0.0
+            for micro in range(k):
+                x, y = data[step * k + micro]
+                loss = nn.functional.mse_loss(model(x), y) / k
+                loss.backward()
+                total += loss.item()
+            opt.step()
+            opt.zero_grad()
+            print(f"step {step} loss {total!r}")
+        """,
+    )
+    got = _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    printed = [float(line.split()[-1]) for line in got.stdout.splitlines()]
+    logged = [r["loss"] for r in read_run(tmp_path / "run").metrics]
+    assert logged == pytest.approx(printed, rel=1e-6)  # not the last micro-batch's loss / k
+
+
+def test_a_gradscaler_run_logs_the_unscaled_loss_the_scale_and_its_overflows(tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        blow = {"on": False}
+        model[0].weight.register_hook(lambda g: g * float("inf") if blow["on"] else g)
+        for step in range(8):
+            x, y = data[step]
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            loss = nn.functional.mse_loss(out.float(), y)
+            blow["on"] = step == 3  # a finite loss, infinite gradients: an fp16-style overflow
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            scaler.step(opt)
+            scaler.update()
+            print(f"step {step} loss {loss.item()!r} scale {scaler.get_scale()}")
+        """,
+    )
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == ref.stdout  # the scaler skipped step 3 and halved its scale, as without gradguard
+    log = read_run(tmp_path / "run")
+    printed = [float(line.split()[3]) for line in got.stdout.splitlines()]
+    assert [r["loss"] for r in log.metrics] == pytest.approx(printed, rel=1e-6)  # unscaled
+    assert [r["loss_scale"] for r in log.metrics[:4]] == [1024.0] * 4  # the scale the step ran with
+    assert log.metrics[3]["amp_overflow"] and log.metrics[3]["skipped"]
+    assert not log.events_of("nonfinite")  # an overflow is the scaler's business
+    assert [e["step"] for e in log.events_of("skip")] == [3]
+
+
+def test_a_finite_loss_is_never_logged_as_null_or_zero(tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        for step in range(12):
+            x, y = data[step]
+            if step in (4, 5, 6):
+                x = x.clone()
+                x[0, 0] = float("nan")  # three bad batches in a row
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+        """,
+    )
+    got = _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    for rec in read_run(tmp_path / "run").metrics:
+        if rec["step"] in (4, 5, 6):
+            assert rec["skipped"] and rec["loss_nonfinite"]
+        else:
+            assert isinstance(rec["loss"], float) and math.isfinite(rec["loss"]) and rec["loss"] > 0
+
+
+def test_the_first_bad_step_is_on_stderr_at_once_then_rate_limited(tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        import sys
+        for step in range(30):
+            x, y = data[step]
+            if step >= 10:
+                x = x * float("nan")
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            if step == 10:
+                print("after the first bad step", file=sys.stderr, flush=True)
+        """,
+    )
+    got = _run(tmp_path, script, "--max-consecutive", "100")
+    assert got.returncode == 0, got.stderr
+    lines = got.stderr.splitlines()
+    live = [i for i, line in enumerate(lines) if "is not finite" in line]
+    assert len(live) == 1 and live[0] < lines.index("after the first bad step")  # before the script goes on
+    assert "step 10 of SGD on Sequential is not finite (phase=data" in lines[live[0]]
+    assert "skipped" in lines[live[0]]
+
+
+def test_the_scripts_clip_grad_value_is_seen_and_clip_replaces_the_scripts_clip(tmp_path: Path) -> None:
+    body = (
+        """
+        for step in range(6):
+            x, y = data[step]
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y) * 100
+            loss.backward()
+            CLIP
+            opt.step()
+            print(f"loss {loss.item():.6f}")
+        """
+    )
+    value = _script(
+        tmp_path, body.replace("CLIP", "torch.nn.utils.clip_grad_value_(model.parameters(), 0.5)")
+    )
+    got = _run(tmp_path, value)
+    assert got.returncode == 0 and got.stdout == _plain(tmp_path, value).stdout, got.stderr
+    fractions = [r["clip_fraction"] for r in read_run(tmp_path / "run").metrics]
+    assert all(0 < f < 1 for f in fractions), fractions  # the share of elements the script clamped
+
+    norm = _script(
+        tmp_path, body.replace("CLIP", "torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)"), "n.py"
+    )
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradguard",
+            "run",
+            "--out",
+            str(tmp_path / "r2"),
+            "--clip",
+            "norm:2",
+            str(norm),
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert got.returncode == 0, got.stderr
+    assert got.stderr.count("replaces the script's own clip_grad_norm_(max_norm=0.5)") == 1
+    records = read_run(tmp_path / "r2").metrics
+    assert all(r["threshold"] == 2.0 for r in records)  # gradguard's clipper, not the script's
+    meta = json.loads((tmp_path / "r2" / "meta.json").read_text())
+    assert meta["config"]["clip"]["max_norm"] == 2.0
+
+
+LONG = (
+    """
+import sys, time
+for step in range(100000):
+    x, y = data[step % 40]
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    if step == 20:
+        print("ready", flush=True)
+    time.sleep(0.002)
+"""
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_killed_run_still_writes_its_summary_and_report_and_dies_by_the_signal(
+    tmp_path: Path, signum: int
+) -> None:
+    script = _script(tmp_path, LONG)
+    cmd = [sys.executable, "-m", "gradguard", "run", "--out", str(tmp_path / "run"), str(script)]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signum, err  # as the plain script ends
+    assert "gradguard: SGD on Sequential:" in err and "report:" in err
+    log = read_run(tmp_path / "run")
+    assert len(log.metrics) >= 21 and log.meta.get("end_time")  # flushed and closed
+    assert (tmp_path / "run" / "report.html").exists()
+
+
+def test_an_uncaught_exception_keeps_exit_code_1_with_the_summary(tmp_path: Path) -> None:
+    script = _script(tmp_path, LONG.replace('print("ready", flush=True)', 'raise ValueError("bad config")'))
+    got = _run(tmp_path, script)
+    assert got.returncode == 1
+    assert "ValueError: bad config" in got.stderr and "gradguard: SGD on Sequential: 21 steps" in got.stderr
+    assert (tmp_path / "run" / "report.html").exists()
+
+
+def test_sys_exit_with_a_message_prints_it_and_exits_1(tmp_path: Path) -> None:
+    script = _script(tmp_path, "import sys\nsys.exit('no data found')\n", head="")
+    got = _run(tmp_path, script)
+    assert got.returncode == 1 and "no data found" in got.stderr

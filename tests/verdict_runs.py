@@ -1,0 +1,228 @@
+"""Real short Guard runs for the verdict tests: healthy runs of many kinds and runs that diverged.
+
+Every run really trains (a few hundred milliseconds on a CPU) under :class:`gradguard.Guard` with
+its defaults, as a user would; nothing is a hand-written log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import gradguard
+
+Batch = Callable[[int], torch.Tensor]  # step → the loss of that step's batch
+
+
+def train(
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_of: Callable[[int], torch.Tensor],
+    steps: int,
+    lr_of: Callable[[int], float] | None = None,
+    **guard_kw: Any,
+) -> Path:
+    """Train ``steps`` steps under a Guard logging into ``path``; ``lr_of(step)`` sets the LR."""
+    guard = gradguard.Guard(model, opt, log_dir=path, **guard_kw)
+    for step in range(steps):
+        if lr_of is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_of(step)
+        loss = loss_of(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    return path
+
+
+def _tokens(seed: int, vocab: int, n: int = 4096) -> torch.Tensor:
+    """A token stream with structure to learn: a noisy cycle through the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.arange(n) % vocab
+    noise = torch.randint(0, vocab, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < 0.2, noise, base)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int, d: int = 32, lstm: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.body: nn.Module = (
+            nn.LSTM(d, d, batch_first=True) if lstm else nn.Sequential(nn.Linear(d, d), nn.GELU())
+        )
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h = self.body(h)[0] if isinstance(self.body, nn.LSTM) else self.body(h)
+        return self.head(h)
+
+
+def _lm_loss(
+    model: nn.Module, stream: torch.Tensor, vocab: int, batch: int = 8, seq: int = 16
+) -> Callable[[int], torch.Tensor]:
+    def loss_of(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(step)
+        starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=g)
+        x = torch.stack([stream[s : s + seq] for s in starts])
+        y = torch.stack([stream[s + 1 : s + seq + 1] for s in starts])
+        return nn.functional.cross_entropy(model(x).reshape(-1, vocab), y.reshape(-1))
+
+    return loss_of
+
+
+def _regression(seed: int = 0, d: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, d, generator=g)
+    return x, x @ torch.randn(d, 1, generator=g) + 0.1 * torch.randn(256, 1, generator=g)
+
+
+def _mlp_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0
+) -> Callable[[int], torch.Tensor]:
+    def loss_of(step: int) -> torch.Tensor:
+        i = (step * 32) % len(x)
+        return nn.functional.mse_loss(model(x[i : i + 32]), scale * y[i : i + 32])
+
+    return loss_of
+
+
+def _mlp(seed: int = 0, d: int = 8) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+
+
+# ------------------------------------------------------------------------------- healthy runs
+def adam_lm(path: Path) -> Path:
+    """A small LM (embedding → MLP → vocabulary) with Adam 3e-3."""
+    torch.manual_seed(0)
+    vocab = 64
+    model = TinyLM(vocab)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return train(path, model, opt, _lm_loss(model, _tokens(0, vocab), vocab), 200)
+
+
+def sgd_momentum(path: Path) -> Path:
+    """An MLP regression with SGD(lr=0.01, momentum=0.9)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return train(path, model, opt, _mlp_loss(model, *_regression()), 200)
+
+
+def rl_episodic(path: Path) -> Path:
+    """A value function learnt on episodes that get longer as the agent improves (5 → 205 steps):
+    the loss (summed over the episode) grows because the returns do, not because training failed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss_of(step: int) -> torch.Tensor:
+        length = 5 + step
+        g = torch.Generator().manual_seed(step)
+        states = torch.randn(length, 4, generator=g)
+        returns = torch.arange(length, 0, -1, dtype=torch.float32)[:, None]  # reward 1 per step, γ = 1
+        return ((model(states) - returns) ** 2).sum() / 100
+
+    return train(path, model, opt, loss_of, 200)
+
+
+def warmup(path: Path) -> Path:
+    """Adam with a linear warm-up (1e-5 → 1e-3 over 50 steps), then a flat LR."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    return train(
+        path, model, opt, _mlp_loss(model, *_regression()), 200, lr_of=lambda s: 1e-3 * min(1.0, (s + 1) / 50)
+    )
+
+
+def sparse_embeddings(path: Path) -> Path:
+    """A bag-of-embeddings classifier over 5,000 rows (sparse=False): most rows get no gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.EmbeddingBag(5000, 16, mode="mean", sparse=False), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def loss_of(step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(step)
+        ids = (torch.rand(16, 8, generator=g) ** 3 * 5000).long()  # a few frequent rows, many rare ones
+        labels = (ids[:, 0] < 100).long()
+        return nn.functional.cross_entropy(model(ids), labels)
+
+    return train(path, model, opt, loss_of, 200)
+
+
+def lstm_lm(path: Path) -> Path:
+    """A small LSTM language model with Adam 3e-3."""
+    torch.manual_seed(0)
+    vocab = 64
+    model = TinyLM(vocab, lstm=True)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return train(path, model, opt, _lm_loss(model, _tokens(1, vocab), vocab), 150)
+
+
+HEALTHY = {
+    "adam_lm": adam_lm,
+    "sgd_momentum": sgd_momentum,
+    "rl_episodic": rl_episodic,
+    "warmup": warmup,
+    "sparse_embeddings": sparse_embeddings,
+    "lstm_lm": lstm_lm,
+}
+
+
+# ------------------------------------------------------------------------------- diverged runs
+def lm_diverges(path: Path) -> Path:
+    """An LM under SGD with momentum at an LR far too high: the loss climbs from ~4.5 to hundreds
+    within a few steps, every value finite when the run stops."""
+    torch.manual_seed(0)
+    vocab = 90
+    model = TinyLM(vocab)
+    opt = torch.optim.SGD(model.parameters(), lr=14.0, momentum=0.9)
+    return train(path, model, opt, _lm_loss(model, _tokens(2, vocab), vocab), 11, clip="none")
+
+
+def regression_diverges(path: Path) -> Path:
+    """A regression (loss ~9 at the start) under SGD slightly past its stable LR: the loss grows
+    geometrically to thousands and stays finite within the run."""
+    x, y = _regression(3)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    return train(path, model, opt, _mlp_loss(model, x, y), 14, clip="none")
+
+
+def explodes(path: Path) -> Path:
+    """SGD at lr 0.3 on an MLP: the norm climbs until float32 overflows (non-finite)."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    return train(
+        path,
+        model,
+        opt,
+        _mlp_loss(model, *_regression(), scale=3.0),
+        200,
+        clip="none",
+        on_nonfinite="skip",
+        max_consecutive=10**6,
+    )
+
+
+DIVERGED = {"lm_diverges": lm_diverges, "regression_diverges": regression_diverges, "explodes": explodes}
+
+
+def endless_warmup(path: Path) -> Path:
+    """A warm-up that never stops (warmup_steps set past the run's end): the LR keeps rising after
+    the loss was best, and the loss climbs."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    return train(
+        path, model, opt, _mlp_loss(model, *_regression()), 150, lr_of=lambda s: 2e-3 * (s + 1), clip="none"
+    )
