@@ -20,10 +20,12 @@ and the CPU contention while timing (Linux PSI ``cpu some``: the % of the wall t
 of this machine waited for a core; and the load average) — timings on a shared machine move with
 it, so read a ratio with its contention.
 
-Op counts (deterministic, unlike the timings): the aten ops dispatched inside one warm ``guard.step``
-and inside the plain ``clip_grad_norm_`` + ``opt.step()`` (a ``TorchDispatchMode`` that counts every
-op; ``compute`` leaves out views and metadata ops, which launch no kernel), for a typical step and on
-average over 100 steps (weight-norm and flush steps included).
+Op counts (deterministic, unlike the timings): the aten ops that launch a kernel (a
+``TorchDispatchMode`` that counts them; views, metadata ops and host reads left out) inside one warm
+``guard.step``, the guard's own apart from those of the optimizer step it calls, against those of
+``clip_grad_norm_`` and of the plain ``opt.step()``; the guard's own for a typical step and on
+average over 100 steps (weight-norm and flush steps included). On a CPU each costs ~3-5 µs of
+dispatch; on a GPU each is a kernel launch.
 
 Run ``python benchmarks/fixed_cost.py`` (about 2 minutes), ``--quick``, ``--ops`` (op counts only,
 seconds), ``--json out.json``.
@@ -50,6 +52,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard
+from guard import contention_pct, cpu_wait_us  # benchmarks/guard.py
 
 CASES = {"mlp2x32": (2, 32), "mlp4x256": (4, 256), "deep100x16": (100, 16)}
 BATCH = 32
@@ -106,27 +109,50 @@ class _Twin:
 
 
 # ----------------------------------------------------------------------------- op counts
+# ops that launch no kernel besides views: autograd bookkeeping, the profiler's markers, a host read
 _NO_KERNEL = {"aten.detach.default", "aten.lift_fresh.default", "aten.alias.default"}
 
 
 class OpCount(TorchDispatchMode):
-    """Counts every aten op dispatched inside it (``compute``: those that are no view / metadata op)."""
+    """Counts the aten ops dispatched inside it that launch a kernel (no views, no metadata ops),
+    apart for those inside an optimizer's step (see :meth:`watch`) and the host reads."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-        self.compute = 0
+        self.own: collections.Counter[str] = collections.Counter()  # outside the optimizer step
+        self.in_step = 0  # inside the optimizer step
+        self.syncs = 0  # host reads (``.item()``, ``bool(t)``)
+        self._stepping = False
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+    def watch(self, opt: torch.optim.Optimizer) -> None:
+        """Count the ops of ``opt.step()`` apart (the optimizer's, not the guard's)."""
+        step = opt.step
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._stepping = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self._stepping = False
+
+        opt.step = counted  # type: ignore[method-assign]
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
         name = str(func)
-        self.ops[name] += 1
-        if not func.is_view and name not in _NO_KERNEL:
-            self.compute += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += not self._stepping
+        elif not (func.is_view or name in _NO_KERNEL or name.startswith("profiler")):
+            if self._stepping:
+                self.in_step += 1
+            else:
+                self.own[name] += 1
         return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
-        return sum(self.ops.values())
+        return sum(self.own.values())
 
 
 @dataclass
@@ -134,12 +160,13 @@ class Ops:
     case: str
     optimizer: str
     clip: str
-    plain: int  # clip_grad_norm_ + opt.step()
-    plain_compute: int
-    guard: int  # guard.step, a typical step
-    guard_compute: int
-    guard_mean: float  # per step over 100 steps (weight-norm and flush steps included)
-    guard_ops: dict[str, int]  # the typical step's ops, by name
+    clip_grad_norm: int  # torch.nn.utils.clip_grad_norm_
+    plain_step: int  # the plain loop's opt.step()
+    guard_own: int  # guard.step outside the optimizer step, a typical step
+    guard_step: int  # the optimizer step under the guard (found_inf / grad_scale: a few more)
+    guard_syncs: int  # the guard's host reads (the host-decided path: 1), outside the optimizer step
+    guard_mean: float  # the guard's own ops per step over 100 steps (weight-norm and flush steps in)
+    guard_ops: dict[str, int]  # the typical step's own ops, by name
 
 
 def count_ops(case: str, opt_kind: str, clip: str, steps: int = 100, **guard_kw: Any) -> Ops:
@@ -148,14 +175,21 @@ def count_ops(case: str, opt_kind: str, clip: str, steps: int = 100, **guard_kw:
     for _ in range(3):
         twin.plain()
         twin.guarded()
+    clip_ops, plain_ops = OpCount(), OpCount()
+    plain_ops.watch(twin.plain_opt)
     twin.backward(twin.plain_model, twin.plain_opt)
-    with OpCount() as plain:
-        twin.plain_update()
+    with clip_ops:
+        torch.nn.utils.clip_grad_norm_(twin.plain_model.parameters(), 1.0)
+    with plain_ops:
+        twin.plain_opt.step()
     counts: list[OpCount] = []
     for _ in range(steps):
         loss = twin.backward(twin.guard_model, twin.guard_opt)
-        with OpCount() as c:
+        c = OpCount()
+        c.watch(twin.guard_opt)
+        with c:
             twin.guard.step(loss)
+        twin.guard_opt.__dict__.pop("step")  # the optimizer's own step again
         counts.append(c)
     twin.guard.close()
     typical = collections.Counter(c.total for c in counts).most_common(1)[0][0]
@@ -164,25 +198,53 @@ def count_ops(case: str, opt_kind: str, clip: str, steps: int = 100, **guard_kw:
         case,
         opt_kind,
         clip,
-        plain.total,
-        plain.compute,
+        clip_ops.total,
+        plain_ops.in_step,
         one.total,
-        one.compute,
+        one.in_step,
+        one.syncs,
         statistics.mean(c.total for c in counts),
-        dict(sorted(one.ops.items())),
+        dict(sorted(one.own.items())),
     )
 
 
+def op_matrix(case: str = "mlp2x32") -> list[dict[str, Any]]:
+    """The guard's own ops (outside the optimizer step) of a warm layer step and a warm step without
+    per-layer norms, for the common settings: fused / foreach AdamW × ``on_nonfinite`` skip / warn ×
+    clip ``auto`` / ``norm:1`` / none (``layer_every=2``; no weight norms, no flush in the window)."""
+    rows = []
+    for opt_kind, policy in (("fused", "skip"), ("foreach", "skip"), ("foreach", "warn"), ("fused", "warn")):
+        for clip in ("auto", "norm:1", "none"):
+            twin = _Twin(
+                case, opt_kind, clip, on_nonfinite=policy, layer_every=2, weight_every=None, every=1000
+            )
+            for _ in range(4):
+                twin.guarded()
+            counts = []
+            for _ in range(2):  # a layer step (even), then one without
+                loss = twin.backward(twin.guard_model, twin.guard_opt)
+                c = OpCount()
+                c.watch(twin.guard_opt)
+                with c:
+                    twin.guard.step(loss)
+                twin.guard_opt.__dict__.pop("step")
+                counts.append(c)
+            twin.guard.close()
+            rows.append(
+                {
+                    "optimizer": opt_kind,
+                    "on_nonfinite": policy,
+                    "clip": clip,
+                    "layer_step": counts[0].total,
+                    "other_step": counts[1].total,
+                    "in_optimizer_step": counts[1].in_step,
+                    "host_reads": counts[1].syncs,
+                }
+            )
+    return rows
+
+
 # ----------------------------------------------------------------------------- timings
-def _psi_total() -> float | None:
-    """Linux PSI ``cpu some total``: µs in which a task waited for a core (None where not available)."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return float(f.readline().split("total=")[1].split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 @dataclass
 class Timing:
     case: str
@@ -208,7 +270,7 @@ def time_case(case: str, opt_kind: str, clip: str, pairs: int, warmup: int, **gu
         twin.guarded()
     times: dict[str, list[float]] = {"plain": [], "guard": []}
     runs: list[tuple[str, Callable[[], None]]] = [("plain", twin.plain), ("guard", twin.guarded)]
-    before, t_start = _psi_total(), time.monotonic()
+    before, t_start = cpu_wait_us(), time.monotonic()
     gc.disable()
     try:
         for i in range(pairs):
@@ -218,11 +280,8 @@ def time_case(case: str, opt_kind: str, clip: str, pairs: int, warmup: int, **gu
                 times[name].append(time.perf_counter() - t0)
     finally:
         gc.enable()
-    after, elapsed = _psi_total(), time.monotonic() - t_start
+    contention = contention_pct(before, cpu_wait_us(), time.monotonic() - t_start)
     twin.guard.close()
-    contention = None
-    if before is not None and after is not None and elapsed > 0:
-        contention = 100.0 * (after - before) / (elapsed * 1e6)
     ratios = sorted(g / p for g, p in zip(times["guard"], times["plain"]))
     q = statistics.quantiles(ratios, n=4)
     diffs = [1e6 * (g - p) for g, p in zip(times["guard"], times["plain"])]
@@ -257,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", nargs="+", default=["norm:1", "auto"])
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--verbose", action="store_true", help="list the guard's ops by name")
+    ap.add_argument("--matrix", action="store_true", help="also the op counts of the common settings")
     ap.add_argument("--json", default=None, help="also write every number to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -264,15 +324,29 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 20
     configs = [(c, o, k) for c in args.cases for o in args.optim for k in args.clip]
     ops = [count_ops(*cfg) for cfg in configs]
-    print("| model | optimizer | clip | plain ops (compute) | guard.step ops (compute) | mean over 100 steps |")
-    print("|---|---|---|---:|---:|---:|")
+    print(
+        "| model | optimizer | clip | clip_grad_norm_ ops | guard's own ops (mean over 100 steps) "
+        "| optimizer step ops: plain / guarded | the guard's host reads |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|")
     for o in ops:
         print(
-            f"| {o.case} | AdamW {o.optimizer} | `{o.clip}` | {o.plain} ({o.plain_compute}) | "
-            f"{o.guard} ({o.guard_compute}) | {o.guard_mean:.1f} |"
+            f"| {o.case} | AdamW {o.optimizer} | `{o.clip}` | {o.clip_grad_norm} | {o.guard_own} "
+            f"({o.guard_mean:.1f}) | {o.plain_step} / {o.guard_step} | {o.guard_syncs} |"
         )
         if args.verbose:
             print("   ", o.guard_ops)
+    matrix = op_matrix() if args.matrix else []
+    if matrix:
+        print(
+            "\n| AdamW | on_nonfinite | clip | layer step | step without layer norms | in the optimizer step | host reads |"
+        )
+        print("|---|---|---|---:|---:|---:|---:|")
+        for m in matrix:
+            print(
+                f"| {m['optimizer']} | {m['on_nonfinite']} | `{m['clip']}` | {m['layer_step']} | {m['other_step']} "
+                f"| {m['in_optimizer_step']} | {m['host_reads']} |"
+            )
     timings: list[Timing] = []
     if not args.ops:
         print(
@@ -296,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(
                 {
                     "ops": [asdict(o) for o in ops],
+                    "op_matrix": matrix,
                     "timings": [asdict(t) for t in timings],
                     "machine": {
                         "python": platform.python_version(),

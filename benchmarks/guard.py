@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gradguard
-from clip import GPT, LSTMLM, cpu_pressure, wait_idle
+from clip import GPT, LSTMLM, wait_idle
 
 
 class MLP(nn.Module):
@@ -88,6 +88,23 @@ class Result:
     contention_pct: float | None
 
 
+def cpu_wait_us() -> float | None:
+    """Linux PSI ``cpu some total``: µs in which a task of this machine waited for a core (None where
+    the kernel does not say)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split("total=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def contention_pct(before: float | None, after: float | None, elapsed_s: float) -> float | None:
+    """The % of ``elapsed_s`` in which a task waited for a core (from two :func:`cpu_wait_us` readings)."""
+    if before is None or after is None or elapsed_s <= 0:
+        return None
+    return 100.0 * (after - before) / (elapsed_s * 1e6)
+
+
 def run_case(
     model_name: str, opt_kind: str, clip: str, pairs: int, warmup: int, log_dir: str | None
 ) -> Result:
@@ -119,7 +136,7 @@ def run_case(
         plain()
         guarded()
     times: dict[str, list[float]] = {"plain": [], "guard": []}
-    before = cpu_pressure()
+    before = cpu_wait_us()
     t_start = time.monotonic()
     gc.disable()
     try:
@@ -133,12 +150,8 @@ def run_case(
                 times[name].append(time.perf_counter() - t0)
     finally:
         gc.enable()
-    after = cpu_pressure()
-    elapsed = time.monotonic() - t_start
+    contention = contention_pct(before, cpu_wait_us(), time.monotonic() - t_start)
     guard.close()
-    contention = None
-    if before is not None and after is not None and elapsed > 0:
-        contention = 100.0 * (after - before) / (elapsed * 1e6)
     ratios = sorted(g / p for g, p in zip(times["guard"], times["plain"]))
     q = statistics.quantiles(ratios, n=4)
     return Result(

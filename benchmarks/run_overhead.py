@@ -5,7 +5,8 @@ the script itself — ``runpy.run_path`` of the unmodified file, its own argumen
 inside :class:`gradguard.integrations.zerocode.ZeroCode` (what ``gradguard run`` does, without the
 terminal summary and the HTML report; closing the run log is timed). The script's stdout goes to
 /dev/null. Plain and guarded runs alternate (A B, B A, …) so a drift of the machine's speed falls on
-both; the figure is the **median of the per-pair ratios** run / plain (targets from issue 13:
+both; the figure is the **median of the per-pair ratios** run / plain of the script's CPU time
+(its wall time beside it: on a shared machine the CPU time is the steadier of the two; targets from issue 13:
 ≤ 1.3 on tiny-step scripts such as the RL loop, ≤ 1.1 on the small GPT trainer). The interpreter
 and import start-up (the same in both, plus gradguard's import) are outside the timed span and
 printed apart.
@@ -38,14 +39,15 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "actor_critic": ("actor_critic.py", ["--episodes", "60"]),
     "char_gpt": ("char_gpt.py", ["--max-iters", "40", "--eval-interval", "1000"]),
     "char_gpt_amp": ("char_gpt.py", ["--max-iters", "40", "--eval-interval", "1000", "--amp"]),
-    "word_lm": ("word_lm.py", ["--epochs", "2"]),
+    "word_lm": ("word_lm.py", ["--epochs", "6"]),
     "lbfgs_sine": ("lbfgs_sine.py", ["--steps", "4"]),
     "toy_gan": ("toy_gan.py", ["--niter", "4"]),
 }
 
 
 def child(mode: str, script: str, args: list[str]) -> None:
-    """One measurement (in its own process): print ``{"import_s", "script_s"}`` as JSON."""
+    """One measurement (in its own process): print ``{"import_s", "script_s", "cpu_s"}`` as JSON
+    (the script's wall and CPU seconds)."""
     t0 = time.perf_counter()
     import runpy
 
@@ -62,7 +64,7 @@ def child(mode: str, script: str, args: list[str]) -> None:
     with tempfile.TemporaryDirectory() as work:
         os.chdir(work)
         with contextlib.redirect_stdout(io.StringIO()):
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             if zerocode is not None:
                 with zerocode.ZeroCode(
                     out=Path(work) / "run", name=path.stem, live=False, scan_existing=False
@@ -70,8 +72,8 @@ def child(mode: str, script: str, args: list[str]) -> None:
                     _run(runpy, path)
             else:
                 _run(runpy, path)
-            elapsed = time.perf_counter() - t1
-    print(json.dumps({"import_s": imported, "script_s": elapsed}))
+            elapsed, cpu = time.perf_counter() - t1, time.process_time() - c1
+    print(json.dumps({"import_s": imported, "script_s": elapsed, "cpu_s": cpu}))
 
 
 def _run(runpy: object, path: Path) -> None:
@@ -92,41 +94,43 @@ def measure(mode: str, name: str) -> dict[str, float]:
 
 def bench(name: str, pairs: int) -> dict[str, object]:
     """Alternating plain / run measurements of one script (one warm-up pair, not counted)."""
-    plain: list[float] = []
-    run: list[float] = []
-    imports: dict[str, list[float]] = {"plain": [], "run": []}
+    got: dict[str, dict[str, list[float]]] = {m: {"script_s": [], "cpu_s": [], "import_s": []} for m in MODES}
     for i in range(pairs + 1):
-        order = ("plain", "run") if i % 2 == 0 else ("run", "plain")
-        got = {mode: measure(mode, name) for mode in order}
+        order = MODES if i % 2 == 0 else MODES[::-1]
+        once = {mode: measure(mode, name) for mode in order}
         if i == 0:
             continue
-        plain.append(got["plain"]["script_s"])
-        run.append(got["run"]["script_s"])
-        for mode in imports:
-            imports[mode].append(got[mode]["import_s"])
-    ratios = [r / p for r, p in zip(run, plain)]
-    return {
-        "script": name,
-        "args": CASES[name][1],
-        "pairs": pairs,
-        "plain_s": statistics.median(plain),
-        "run_s": statistics.median(run),
-        "ratio": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "import_extra_s": statistics.median(imports["run"]) - statistics.median(imports["plain"]),
-    }
+        for mode in MODES:
+            for key in got[mode]:
+                got[mode][key].append(once[mode][key])
+    row: dict[str, object] = {"script": name, "args": CASES[name][1], "pairs": pairs}
+    for key, label in (("script_s", "wall"), ("cpu_s", "cpu")):
+        ratios = [r / p for r, p in zip(got["run"][key], got["plain"][key])]
+        row[f"plain_{label}_s"] = statistics.median(got["plain"][key])
+        row[f"run_{label}_s"] = statistics.median(got["run"][key])
+        row[f"{label}_ratio"] = statistics.median(ratios)
+        row[f"{label}_ratio_range"] = (min(ratios), max(ratios))
+    row["import_extra_s"] = statistics.median(got["run"]["import_s"]) - statistics.median(
+        got["plain"]["import_s"]
+    )
+    return row
+
+
+MODES = ("plain", "run")
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
     lines = [
-        "| script | arguments | plain (s) | under `run` (s) | ratio, median (min–max) | gradguard import (s) |",
+        "| script | arguments | plain CPU (s) | `run` CPU (s) | CPU ratio, median (min–max) | wall ratio, median (min–max) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        cpu_lo, cpu_hi = r["cpu_ratio_range"]  # type: ignore[misc]
+        wall_lo, wall_hi = r["wall_ratio_range"]  # type: ignore[misc]
         lines.append(
-            f"| `{CASES[str(r['script'])][0]}` | `{' '.join(r['args'])}` | {r['plain_s']:.2f} | {r['run_s']:.2f} "  # type: ignore[arg-type]
-            f"| **{r['ratio']:.2f}** ({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) | {r['import_extra_s']:+.2f} |"
+            f"| `{CASES[str(r['script'])][0]}` | `{' '.join(r['args'])}` | {r['plain_cpu_s']:.2f} "  # type: ignore[arg-type]
+            f"| {r['run_cpu_s']:.2f} | **{r['cpu_ratio']:.2f}** ({cpu_lo:.2f}–{cpu_hi:.2f}) "
+            f"| {r['wall_ratio']:.2f} ({wall_lo:.2f}–{wall_hi:.2f}) |"
         )
     return "\n".join(lines)
 
@@ -150,8 +154,9 @@ def main() -> None:
         row = bench(name, args.pairs)
         rows.append(row)
         print(
-            f"{name:14s} plain {row['plain_s']:7.2f}s  run {row['run_s']:7.2f}s  ratio {row['ratio']:.3f} "
-            f"({row['ratio_min']:.3f}–{row['ratio_max']:.3f})  import +{row['import_extra_s']:.2f}s",
+            f"{name:14s} cpu plain {row['plain_cpu_s']:6.2f}s run {row['run_cpu_s']:6.2f}s "
+            f"ratio {row['cpu_ratio']:.3f} {row['cpu_ratio_range']}  wall ratio {row['wall_ratio']:.3f}  "
+            f"import +{row['import_extra_s']:.2f}s",
             flush=True,
         )
     if args.markdown:

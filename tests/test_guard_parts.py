@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard
 from gradguard import events, monitor, record
 from gradguard._guard import apply as applying
 from gradguard._guard.anomaly import Anomalies, flagged_nonfinite, weights_nonfinite
-from gradguard._guard.clipping import ClipPlan
+from gradguard._guard.clipping import Clipping, ClipPlan
 from gradguard._guard.config import GuardConfig, layer_cadence
 from gradguard._guard.counters import Counters
 from gradguard._guard.flush import FlushEvents, LossScaleWatch
@@ -27,8 +28,10 @@ from gradguard._guard.poststep import AfterStep
 from gradguard._guard.recovery import Recovery
 from gradguard._guard.row import device_row, host_values
 from gradguard._guard.runmeta import clip_config
+from gradguard.clip import Norm
 from gradguard.errors import GradGuardError
 from gradguard.runlog import read_run
+from gradguard.stats import LayerIndex
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -610,3 +613,119 @@ def test_a_value_clipper_reports_the_fraction_of_elements_it_clamped(tmp_path: P
     guard.step(loss)
     guard.close()
     assert read_run(tmp_path / "r").metrics[0]["clip_fraction"] == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- the per-step cost
+@pytest.mark.parametrize("p", [2.0, 1.0, 0.5, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_rows_reduce_to_the_layer_norms_each_row_gives_alone(p: float, dtype: torch.dtype) -> None:
+    """The monitor reduces a flush's rows of per-tensor norms at once: each row bit for bit what it
+    gives alone (the p of ``exact_in_rows``), NaN and inf included."""
+    names = [f"l{i % 7}.w{i}" for i in range(40)]  # tensors of a layer apart from each other
+    index = LayerIndex(names)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.rand(13, 40, generator=g) * 10.0 ** torch.randint(-30, 30, (13, 40), generator=g)
+    rows[rows > 1e28] = math.inf
+    rows[2, 5] = math.nan
+    rows = rows.to(dtype)
+    together = index.reduce(rows, p)
+    assert LayerIndex.exact_in_rows(p) and together.shape == (13, len(index.layers))
+    for r in range(13):
+        alone = index.reduce(rows[r], p)
+        assert torch.equal(together[r].nan_to_num(7.0), alone.nan_to_num(7.0))
+    assert not LayerIndex.exact_in_rows(3.0)  # pow(1/3) rounds by where an element falls: per step
+
+
+def test_the_monitor_reduces_per_tensor_norms_at_the_flush_as_each_step_would() -> None:
+    """A layer step records its per-tensor norms (one copy); the flush reduces all rows at once. A
+    tensor that joins an existing layer widens the rows; the rows before it count it 0."""
+    index = LayerIndex(["a.w", "a.b", "b.w"])
+    mon = monitor.Monitor(["a", "b"], every=10, reduce=lambda rows: index.reduce(rows))
+    row = torch.zeros(len(record.SCALARS))
+    mon.record(0, row, torch.tensor([3.0, 4.0, 1.0], dtype=torch.float64))
+    mon.record(1, row)  # not a layer step
+    mon.record(2, row, torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64), absent=(0,))
+    index = LayerIndex(["a.w", "a.b", "b.w", "b.b"])  # b.b joined layer b
+    mon.record(3, row, torch.tensor([6.0, 8.0, 3.0, 4.0], dtype=torch.float64))
+    got = [r.get("layers") for r in mon.flush()]
+    assert got == [
+        {"a": {"grad_norm": 5.0}, "b": {"grad_norm": 1.0}},
+        None,
+        {"a": {"grad_norm": None}, "b": {"grad_norm": 2.0}},
+        {"a": {"grad_norm": 10.0}, "b": {"grad_norm": 5.0}},
+    ]
+
+
+def test_a_fixed_norm_threshold_is_a_constant_equal_to_the_clippers_own() -> None:
+    norm = Norm(0.5)
+    clipping = Clipping(norm, None, False, [], Constants())
+    total = torch.tensor(2.0)
+    m = Measurement(total.device, [], [], total.reshape(1), total, torch.tensor([1.0, 2.0]),
+                    torch.tensor([False, False]), torch.tensor(False), torch.tensor(False))  # fmt: skip
+    first, second = clipping.plan(m), clipping.plan(m)
+    assert first.threshold is second.threshold  # made once
+    want = norm.threshold(total)
+    assert (
+        first.threshold is not None
+        and first.threshold.dtype == want.dtype
+        and torch.equal(first.threshold, want)
+    )
+    norm.max_norm = 0.25  # a changed threshold is a new constant
+    assert float(clipping.plan(m).threshold) == 0.25  # type: ignore[arg-type]
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the device ops (no views, no host reads) outside the optimizer's own step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func)
+        if not (self.paused or func.is_view or name.startswith("profiler") or name in _NOT_COUNTED):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+_NOT_COUNTED = {"aten.detach.default", "aten.lift_fresh.default", "aten._local_scalar_dense.default"}
+
+
+@pytest.mark.parametrize(
+    ("fused", "clip", "on_nonfinite", "budget"),
+    [
+        (True, "norm:1", "skip", 28),
+        (False, "norm:1", "skip", 28),
+        (False, "norm:1", "warn", 28),
+        (True, None, "skip", 15),
+        (False, None, "warn", 15),
+    ],
+)
+def test_a_guarded_step_issues_few_device_ops(
+    fused: bool, clip: str | None, on_nonfinite: str, budget: int
+) -> None:
+    """The fixed cost of a step: each small device op costs ~3-5 µs of dispatch on a CPU and a kernel
+    launch on a GPU. Counted in a warm layer step, outside the optimizer's own step: the norms and
+    flags (10 ops), the clip coefficient and fraction (``clip.coefficient`` and
+    ``clip.fraction_clipped``: 10), the row (5), the clip or ``grad_scale`` (1), the record (2)."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None, foreach=None if fused else True)
+    guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite=on_nonfinite, layer_every=1)  # type: ignore[arg-type]
+    ops, step = _Ops(), opt.step
+
+    def optimizer_step(*args: Any, **kwargs: Any) -> Any:
+        ops.paused = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            ops.paused = False
+
+    opt.step = optimizer_step  # type: ignore[method-assign]
+    for i in range(3):
+        guard.step(backward(model, opt, i))
+    loss = backward(model, opt, 3)
+    with ops:
+        guard.step(loss)
+    guard.close()
+    assert ops.count <= budget

@@ -158,8 +158,7 @@ def test_the_first_bad_step_is_on_stderr_at_once_then_rate_limited(tmp_path: Pat
 
 
 def test_the_scripts_clip_grad_value_is_seen_and_clip_replaces_the_scripts_clip(tmp_path: Path) -> None:
-    body = (
-        """
+    body = """
         for step in range(6):
             x, y = data[step]
             opt.zero_grad()
@@ -169,7 +168,6 @@ def test_the_scripts_clip_grad_value_is_seen_and_clip_replaces_the_scripts_clip(
             opt.step()
             print(f"loss {loss.item():.6f}")
         """
-    )
     value = _script(
         tmp_path, body.replace("CLIP", "torch.nn.utils.clip_grad_value_(model.parameters(), 0.5)")
     )
@@ -206,8 +204,7 @@ def test_the_scripts_clip_grad_value_is_seen_and_clip_replaces_the_scripts_clip(
     assert meta["config"]["clip"]["max_norm"] == 2.0
 
 
-LONG = (
-    """
+LONG = """
 import sys, time
 for step in range(100000):
     x, y = data[step % 40]
@@ -219,7 +216,6 @@ for step in range(100000):
         print("ready", flush=True)
     time.sleep(0.002)
 """
-)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -255,3 +251,21 @@ def test_sys_exit_with_a_message_prints_it_and_exits_1(tmp_path: Path) -> None:
     script = _script(tmp_path, "import sys\nsys.exit('no data found')\n", head="")
     got = _run(tmp_path, script)
     assert got.returncode == 1 and "no data found" in got.stderr
+
+
+def test_a_gradient_norm_spike_is_on_stderr_by_the_next_flush(tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        for step in range(60):
+            x, y = data[step % 40]
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y) * (1000.0 if step == 45 else 1.0)
+            loss.backward()
+            opt.step()
+        """,
+    )
+    got = _run(tmp_path, script, "--every", "10")
+    assert got.returncode == 0, got.stderr
+    spikes = [line for line in got.stderr.splitlines() if "gradient norm spike" in line]
+    assert len(spikes) == 1 and "at step 45 of SGD on Sequential" in spikes[0], got.stderr

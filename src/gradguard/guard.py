@@ -144,8 +144,10 @@ class Guard:
     The log is written every ``every`` steps, at :meth:`close`, at the end of a ``with`` block
     (exception or not) and, for a guard never closed, at interpreter exit.
 
-    Memory: the always-on part keeps an on-device buffer of ``every × (13 + layers)`` floats and
-    never copies a gradient. On the steps where weight norms are measured (``weight_every``) it
+    Memory: the always-on part keeps an on-device buffer of ``every × 13`` floats and
+    ``every × tensors`` doubles (the per-tensor gradient norms, reduced to per-layer norms at the
+    flush; ``every × layers`` floats for a ``norm_type`` other than 0.5, 1, 2 and inf) and never
+    copies a gradient. On the steps where weight norms are measured (``weight_every``) it
     holds a temporary copy of the weights. With ``on_nonfinite="rollback"`` a snapshot costs one
     copy of the model and optimizer state, in **host memory** (plus a file with ``snapshot_dir``);
     it is part of :meth:`state_dict`, so a resumed run rolls back as one that never stopped.

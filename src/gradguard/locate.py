@@ -615,12 +615,12 @@ class LossWatch(_OpWatch):
     def on_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         if self.done or len(self.entries) >= self.limit or os.getpid() != self._pid:
             return  # a forked child (a DataLoader worker) inherits the mode: it watches nothing there
-        outs = _floats(out)
+        outs = _float_outputs(out)
         if not outs:
-            return
+            return  # indexing, integer data: nothing that can turn non-finite
         op = op_name(func)
         source = user_source(2)
-        self.entries.append(_Watched(op, source, "loss", outs, _floats((args, kwargs))))
+        self.entries.append(_Watched(op, source, "loss", outs, _float_inputs(args, kwargs)))
         for o in outs:
             node = o.grad_fn
             if node is not None and o.requires_grad:
@@ -674,6 +674,20 @@ class LossWatch(_OpWatch):
             tensors = [t for e in self.entries if e.judged for t in e.tensors()]
             return torch.stack([_sum(t) for t in tensors]).tolist() if tensors else []
         return self._sums.tolist() if isinstance(self._sums, Tensor) else list(self._sums)
+
+
+def _float_outputs(out: Any) -> list[Tensor]:
+    """:func:`_floats` of an op's output, without a tree walk for the usual single tensor."""
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() or out.is_complex() else []
+    return _floats(out)
+
+
+def _float_inputs(args: Any, kwargs: Any) -> list[Tensor]:
+    """:func:`_floats` of an op's arguments, without a tree walk when they are flat."""
+    if kwargs or any(isinstance(a, (list, tuple, dict)) for a in args):
+        return _floats((args, kwargs))
+    return [a for a in args if isinstance(a, Tensor) and (a.is_floating_point() or a.is_complex())]
 
 
 def _sum(t: Tensor) -> Tensor:
@@ -733,14 +747,16 @@ class StepCapture:
       ``max_output`` elements are not kept (their gradient may be large): a replay then checks the
       forward only; and, with ``watch_loss``, a :class:`LossWatch` over the loss code until the
       next forward or the step (the zero-code runner, which has no loss function to replay), for
-      the first ``max_windows`` forwards of a step (gradient accumulation; an RL rollout calls the
-      model far more often, and its later forwards are not watched).
+      the first ``max_windows`` forwards of a step (gradient accumulation), and not at all while
+      steps run more forwards than that (an RL rollout: its loss code follows the last of
+      hundreds of forwards, and watching them all would cost more than the step).
 
     With ``hooks=True`` (the guard's own use) the capture hooks the root module; the hooks are kept
     out of anything pickled or deep-copied while they are on (:func:`keep_out_of_pickles`):
     ``torch.save(model)`` writes what it writes without gradguard. With ``hooks=False`` the caller
-    (the zero-code runner, through torch's global module hooks) calls :meth:`pre` and
-    :meth:`post_with_kwargs` itself: nothing is put on the module at all.
+    (the zero-code runner, through torch's global module hooks) calls :meth:`pre`,
+    :meth:`post_with_kwargs` and :meth:`before_backward` itself: nothing is put on the module at
+    all, and only the last forward before a backward gets a gradient keeper.
 
     Args:
         root: the model (what a replay runs).
@@ -769,6 +785,12 @@ class StepCapture:
         self.replaying = False
         self._active: LossWatch | None = None
         self._pending: list[LossWatch] = []  # closed windows whose mode could not be left yet
+        self._hooks = hooks
+        self._outs: list[Any] = []  # the last forwards' outputs, until their backward (hooks=False)
+        self._pins = 0  # pinned(): a release waits
+        self._release_due = False
+        self._forwards = 0  # grad-enabled forwards this step
+        self._last_forwards = 0  # ... and in the step before
         self._handles: list[Any] = []
         if hooks:
             self._handles = [
@@ -788,20 +810,46 @@ class StepCapture:
         self._stop_watch(compact=True)  # a new forward: the last window was not the step's last
         if torch.is_grad_enabled():
             self.inputs = (args, kwargs, rng_state())
+            self._forwards += 1
 
     def post(self, module: nn.Module, args: Any, out: Any) -> None:
         if self.replaying or not torch.is_grad_enabled():
             return
+        if self._hooks:
+            self.out_grads = []
+            self._keep_grads_of(out)
+        else:  # the gradient keepers wait for the backward (before_backward)
+            self._outs = [*self._outs[1 - self.max_windows :], out]
+        if self.watch_loss and self._may_watch() and not isinstance(_top_mode(), _OpWatch):
+            # (not inside gradguard's own instrumentation: an armed forward, whose forward hook
+            # leaves its mode after this one runs)
+            self._active = LossWatch()
+            self._active.__enter__()
+
+    def _may_watch(self) -> bool:
+        """Whether this forward's loss code is watched: the first ``max_windows`` forwards of a
+        step, unless the last step ran more than that (a rollout: its loss code comes after
+        forwards too many to watch)."""
+        return len(self.watches) < self.max_windows and self._last_forwards <= self.max_windows
+
+    def before_backward(self) -> None:
+        """A backward starts (the zero-code runner): keep the gradient that reaches the outputs of
+        the root's last forwards (at most ``max_windows``; an RL rollout calls the model hundreds
+        of times a step, and only its last calls get a hook)."""
+        outs, self._outs = self._outs, []
+        if outs:
+            self.out_grads = []
+        for out in outs:
+            self._keep_grads_of(out)
+
+    def _keep_grads_of(self, out: Any) -> None:
+        """Hook the output's tensors: the gradient each receives lands in :attr:`out_grads` (the
+        last forward's count; with several forwards, the last gradient to arrive wins)."""
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
         self.out_grads = [None] * len(outs)
         if outs and sum(t.numel() for t in outs) <= self.max_output:
             for i, t in enumerate(outs):
                 t.register_hook(functools.partial(self._keep, i))
-        if self.watch_loss and len(self.watches) < self.max_windows and not isinstance(_top_mode(), _OpWatch):
-            # (not inside gradguard's own instrumentation: an armed forward, whose forward hook
-            # leaves its mode after this one runs)
-            self._active = LossWatch()
-            self._active.__enter__()
 
     def post_with_kwargs(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         """:meth:`post` for a caller that sees the keyword arguments only when the call returns."""
@@ -840,26 +888,48 @@ class StepCapture:
         """Whether a loss-code window is open (its watch is on the mode stack)."""
         return self._active is not None
 
+    def loss_code_over(self) -> bool:
+        """Whether the open window saw its ``backward()`` (the loss code is over)."""
+        return self._active is not None and self._active.done
+
     def loss_code_done(self) -> None:
         """``backward()`` was called: the open window keeps no more ops (its backward nodes still report)."""
         if self._active is not None:
             self._active.done = True
 
-    def stop_watching(self) -> None:
-        """Leave the loss watch's mode now (another model's forward starts)."""
-        self._stop_watch(compact=True)
+    def stop_watching(self, *, compact: bool = True) -> None:
+        """Leave the loss watch's mode now (another model's forward starts; the loss code is over)."""
+        self._stop_watch(compact=compact)
 
     def end_step(self) -> LossWatch | None:
         """At the optimizer step: stop watching the loss code; return the step's last watch."""
         self._stop_watch()
         return self.watch
 
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Keep the step's references through the block (a :meth:`release` in it waits for its end):
+        for a caller that replays the step after the guard is done with it."""
+        self._pins += 1
+        try:
+            yield
+        finally:
+            self._pins -= 1
+            if self._pins == 0 and self._release_due:
+                self.release()
+
     def release(self) -> None:
         """Drop the references to the step's inputs, gradients and loss-code tensors (after its step)."""
+        if self._pins:
+            self._release_due = True
+            return
+        self._release_due = False
         self._stop_watch()
         self.inputs = None
         self.out_grads = []
         self.watches = []
+        self._outs = []
+        self._last_forwards, self._forwards = self._forwards, 0
 
     def remove(self) -> None:
         for h in self._handles:
@@ -874,7 +944,7 @@ class StepCapture:
             if watch is not None:
                 _leave(watch)
         self._active, self._pending = None, []
-        self.inputs, self.out_grads, self.watches = None, [], []
+        self.inputs, self.out_grads, self.watches, self._outs = None, [], [], []
 
     def loss_watch_answer(self) -> dict[str, Any] | None:
         """The first non-finite birth any loss-code window of this step saw (host reads)."""

@@ -1,11 +1,12 @@
 """An on-device ring buffer of step records, copied to the host once per flush interval.
 
 The guard records a handful of device scalars (the columns of :data:`gradguard.record.SCALARS`,
-re-exported here) every step and the per-layer gradient norms on the steps of its per-layer
-cadence; nothing leaves the device until
-:meth:`Monitor.flush` (every ``every`` steps), which makes one host copy of the buffer and appends
-the records to the run log. Device memory is
-``every × (scalars + layers)`` floats, whatever the number of parameters or steps.
+re-exported here) every step and the gradient norms on the steps of its per-layer cadence; nothing
+leaves the device until :meth:`Monitor.flush` (every ``every`` steps), which makes one host copy of
+the buffer and appends the records to the run log. With ``reduce`` a step records its per-tensor
+norms with one copy, and the flush reduces every row to per-layer norms at once (a few ops per
+flush instead of a few per step). Device memory is ``every × scalars`` floats and ``every × layers``
+floats (or, with ``reduce``, ``every × tensors`` doubles), whatever the number of steps.
 """
 
 from __future__ import annotations
@@ -205,11 +206,11 @@ class Monitor:
         end = n * k + (n * nl if with_layers else 0)
         records: list[dict[str, Any]] = []
         for r in range(n):
-            row = values[r * k : (r + 1) * k]
+            columns = values[r * k : (r + 1) * k]
             for j in _FLAG_COLUMNS:
-                row[j] = bool(row[j])
+                columns[j] = bool(columns[j])
             rec: dict[str, Any] = {"step": self._steps[r]}
-            rec.update(zip(SCALARS, row))
+            rec.update(zip(SCALARS, columns))
             rec.update(self._host[r])
             if self._has_layers[r]:
                 start = n * k + r * nl

@@ -267,8 +267,8 @@ def advice(op: str | None, why: str | None = None, cause: str | None = None) -> 
         )
     entry = lookup(op)
     if entry is not None:
-        cause = entry.cause_of(str(why or ""), _base(op or ""))
-        fix = cause.fix if cause is not None and cause.fix is not None else entry.fix
+        found = entry.cause_of(str(why or ""), _base(op or ""))
+        fix = found.fix if found is not None and found.fix is not None else entry.fix
         return str(why or entry.why), fix
     return (
         str(why or "its inputs put it at a numerical edge"),

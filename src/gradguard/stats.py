@@ -167,25 +167,19 @@ def tensor_norms(
     if not tensors:
         return torch.zeros(0)
     groups = _groups(tensors)
+    if len(groups) == 1 and not math.isinf(p):  # one device and dtype (the usual case): one call
+        ((device, dtype),) = groups
+        ts = tensors if isinstance(tensors, (list, tuple)) else list(tensors)
+        return _as(_group_norms(ts, device, dtype, p, foreach, wide), _out_dtype(groups))
     if len({device for device, _ in groups}) > 1:
         check_tensors(tensors)  # raises a GradGuardError naming the devices
-    out_dtype = torch.float64 if any(dt == torch.float64 for _, dt in groups) else torch.float32
+    out_dtype = _out_dtype(groups)
     found: dict[int, Tensor] = {}
     for (device, dtype), idx in groups.items():
-        acc = _acc_dtype(dtype, wide and not math.isinf(p))  # a max never overflows
         # the inf norm (a max) of an empty tensor is 0; torch refuses to reduce it
         live = [i for i in idx if tensors[i].numel() > 0] if math.isinf(p) else idx
         if live:
-            ts = [tensors[i] for i in live]
-            use_foreach = foreach if foreach is not None else device.type in _FOREACH_DEVICES
-            norms: Sequence[Tensor]
-            if use_foreach:
-                norms = torch._foreach_norm(ts, p, dtype=None if acc == dtype else acc)
-            else:
-                norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
-            vec = torch.stack(norms)
-            if vec.dtype != out_dtype:
-                vec = vec.to(out_dtype)
+            vec = _as(_group_norms([tensors[i] for i in live], device, dtype, p, foreach, wide), out_dtype)
             if len(live) == len(tensors):
                 return vec
             found.update(zip(live, vec.unbind()))
@@ -194,6 +188,32 @@ def tensor_norms(
                 found[i] = torch.zeros((), dtype=out_dtype, device=device)
     # back to input order on device: no index tensor built on the host (that would be a copy)
     return torch.stack([found[i] for i in range(len(tensors))])
+
+
+def _out_dtype(groups: dict[tuple[torch.device, torch.dtype], list[int]]) -> torch.dtype:
+    """The dtype of the norms: float64 when any tensor is float64, else float32."""
+    return torch.float64 if any(dt == torch.float64 for _, dt in groups) else torch.float32
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (no call when it is already: a no-op ``to`` still costs ~1 µs on the host)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _group_norms(
+    ts: list[Tensor] | tuple[Tensor, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    p: float,
+    foreach: bool | None,
+    wide: bool,
+) -> Tensor:
+    """The norms of tensors of one device and dtype (none empty when p is inf), as one 1-D tensor."""
+    acc = _acc_dtype(dtype, wide and not math.isinf(p))  # a max never overflows
+    use_foreach = foreach if foreach is not None else device.type in _FOREACH_DEVICES
+    if use_foreach:
+        return torch.stack(torch._foreach_norm(ts, p, dtype=None if acc == dtype else acc))
+    return torch.stack([torch.linalg.vector_norm(t, p, dtype=acc) for t in ts])
 
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
@@ -206,7 +226,7 @@ def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
     out_dtype = norms.dtype if norms.dtype == torch.float64 else torch.float32
     if norms.numel() == 0:
         return torch.zeros((), dtype=out_dtype, device=norms.device)
-    return torch.linalg.vector_norm(norms.to(torch.float64), p).to(out_dtype)
+    return _as(torch.linalg.vector_norm(_as(norms, torch.float64), p), out_dtype)
 
 
 def exact_norms(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
@@ -362,10 +382,7 @@ class LayerIndex:
         """
         p = check_norm_type(norm_type)
         rows = norms.shape[0] if norms.dim() == 2 else None
-        if rows is None:
-            index = self._index(present, norms.device)
-        else:
-            index = self._flat_index(rows, norms.device)
+        index = self._index(present, norms.device) if rows is None else self._flat_index(rows, norms.device)
         acc = self._zeros(len(self.layers) * (rows or 1), norms.device)
         n64 = (wide if wide is not None else norms.to(torch.float64)).reshape(-1)
         if math.isinf(p):

@@ -204,11 +204,13 @@ class Anomalies:
         self.replays += 1
         loc = Locator(self.root)
         if self._closure is not None:
-            replayed, _ = loc.replay(self._closure, self._closure_rng, grads=self.params)
+            with _eager():
+                replayed, _ = loc.replay(self._closure, self._closure_rng, grads=self.params)
             return replayed, "replay"
         if self.capture.inputs is None:
             return None, "replay"
-        found, how = self.capture.replay(loc)
+        with _eager():
+            found, how = self.capture.replay(loc)
         birth: Any = _Found(found) if isinstance(found, dict) else found
         if birth is None and loss_bad and how == "replay":
             how = "the model's output was finite: the loss code made the loss non-finite"
@@ -228,8 +230,9 @@ class Anomalies:
         capture = self.capture
 
         def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
-            if "ctx" in state or (capture is not None and capture.replaying):
-                return
+            if "ctx" in state or (capture is not None and capture.replaying) or torch.compiler.is_compiling():
+                return  # a forward inside the user's compiled region is not instrumented (no graph break)
+            state["eager"] = _eager()  # a compiled forward of the root runs eagerly under the watch
             state["ctx"] = loc.watch()
             state["ctx"].__enter__()
             loc._pre(module, args, kwargs)  # the watch's own pre-hook joins from the next call
@@ -241,6 +244,7 @@ class Anomalies:
             if ctx is None:
                 return
             ctx.__exit__(None, None, None)
+            state.pop("eager").__exit__(None, None, None)
             for h in state.pop("handles", ()):
                 h.remove()
             outs = [t for t in _tensors(out) if t.is_floating_point()]
@@ -257,6 +261,8 @@ class Anomalies:
         self._armed = None
         for h in state.pop("handles", ()):  # the model never ran: nothing was instrumented
             h.remove()
+        if "eager" in state:  # a forward entered and never left: compiled code runs compiled again
+            state.pop("eager").__exit__(None, None, None)
         target = loss if isinstance(loss, Tensor) else state.get("out")
         birth = loc.answer(target) if target is not None or loc.backward_birth is not None else None
         if birth is None:
@@ -269,6 +275,13 @@ class Anomalies:
             note=f"step {step} failed without a way to replay it; the failure recurred at step "
             f"{now}, whose forward ran instrumented",
         )
+
+
+def _eager() -> Any:
+    """From now until its ``__exit__``: ``torch.compile``d code runs eagerly (a replay instruments the
+    model with hooks and a dispatch mode, which a compiled forward would trace, break on, or fail
+    on). Entered on the host only: never inside a compiled region."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def _norms(rec: Mapping[str, Any]) -> tuple[int, float, dict[str, float]]:

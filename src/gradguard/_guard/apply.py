@@ -112,7 +112,7 @@ def _fused_step(optimizer: torch.optim.Optimizer, step: Planned) -> None:
     """The GradScaler protocol: the kernel divides the gradients by ``grad_scale``, skips on ``found_inf``."""
     step.clip_in_place()
     if step.coef is not None:
-        optimizer.grad_scale = step.coef.reciprocal().to(torch.float32)  # type: ignore[attr-defined]
+        optimizer.grad_scale = step.coef.reciprocal().float()  # type: ignore[attr-defined]
     found_inf = step.found_inf if step.found_inf is not None else step.skip.to(torch.float32)
     optimizer.found_inf = found_inf  # type: ignore[attr-defined]
     try:

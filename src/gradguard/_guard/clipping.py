@@ -16,7 +16,6 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor
 
 from gradguard._guard.measure import Constants, Measurement

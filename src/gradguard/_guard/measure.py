@@ -31,6 +31,7 @@ from gradguard.stats import (
 __all__ = ["Constants", "Measurement", "Meter", "check_loss"]
 
 _ABSENT_CACHE = 64  # patterns of missing gradients remembered (a model usually has one or two)
+_CONSTANTS = 64  # device constants kept (a handful in use)
 
 
 class Constants:
@@ -42,6 +43,8 @@ class Constants:
     def _get(self, key: Any, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
         t = self._cache.get((key, device))
         if t is None:
+            if len(self._cache) >= _CONSTANTS:  # e.g. a norm threshold the user changes every step
+                self._cache.clear()
             t = self._cache[(key, device)] = make()
         return t
 
@@ -258,5 +261,7 @@ def _loss_value(loss: Tensor | float | None, device: torch.device) -> Tensor:
         val = loss.detach()
         if val.dim() != 0:
             val = val.reshape(()) if val.numel() == 1 else val.sum()
-        return val.to(device=device, dtype=torch.float32)  # a no-op for a float32 loss
+        if val.dtype == torch.float32 and val.device == device:
+            return val  # the usual loss: no call at all (a no-op ``to`` still costs ~1 µs)
+        return val.to(device=device, dtype=torch.float32)
     return torch.full((), 0.0 if loss is None else float(loss), device=device)

@@ -13,7 +13,7 @@
 ``vanishing``                per-layer gradient norms decaying toward the input by orders of magnitude
 ``divergence``               the loss (or the weights) growing by orders of magnitude while finite
 ``nonfinite_op``             the op that produced the first NaN/inf (from the locate event) and its fix
-``bad_data``                 a non-finite input batch (or a lone non-finite step amid healthy ones)
+``bad_data``                 a non-finite tensor entering the step (named); a lone unlocated step: warning
 ``lr_too_high``              update/weight ratios far above ~1e-3, or an LR increase right before growth
 ``weight_growth``            a layer's weight norm growing by an order of magnitude
 ``loss_scale_collapse``      the AMP GradScaler's scale collapsing: fp16 cannot hold the gradients

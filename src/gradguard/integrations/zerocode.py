@@ -23,8 +23,16 @@ DataLoader worker):
   own ``optimizer.step()`` leaves the parameters and the optimizer state untouched. A closure
   (LBFGS) is wrapped: its first evaluation is measured, and a bad one ends the step unchanged.
 
+* ``Optimizer.add_param_group`` (how every optimizer is built): the optimizers are known before
+  their first step, so a clip call or a backward can be matched to its optimizer.
+
 A model updated by hand (``p.data.add_(p.grad, alpha=-lr)``, no optimizer) is measured after each
-``backward()`` (or at its clip) and located; such a step cannot be skipped, which is said once.
+``backward()`` (from its second step on, at its clip when the script clips) and a non-finite step
+is replayed and located (one host read a step); such a step cannot be skipped, which is said once.
+
+Known limits: a fused optimizer under a GradScaler whose script does not call ``unscale_`` is
+measured on scaled gradients (its kernel unscales inside the step); two clip calls in one step log
+the first one's threshold.
 
 The first non-finite or skipped step, and the first gradient-norm spike, are reported on stderr
 as they happen, then at most every :data:`LIVE_EVERY_S` seconds while it lasts.
@@ -46,6 +54,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -54,12 +63,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard import runlog
+from gradguard import events, runlog
 from gradguard._guard.apply import HostDecided
 from gradguard.errors import GradGuardError
 from gradguard.guard import Guard
 from gradguard.integrations._common import drop_grads
-from gradguard.locate import StepCapture, keep_out_of_pickles
+from gradguard.locate import Birth, Locator, StepCapture, keep_out_of_pickles
 from gradguard.record import COLUMN
 
 __all__ = ["LIVE_EVERY_S", "ManualUpdate", "ZeroCode", "check_options", "run_script"]
@@ -102,6 +111,8 @@ class _Session:
         self.clips = False  # the script clips this model's gradients (its steps are measured there)
         self.script_clips = 0  # steps the script's own clip_grad_norm_ ran on
         self.script_threshold: float | None = None
+        self.capture: StepCapture | None = None  # the guard's capture (a hand-updated model's replay)
+        self.replays = 0
         self._amend: dict[str, Tensor | float] | None = None
         self._record = guard.monitor.record
         guard.monitor.record = self._amended_record  # type: ignore[method-assign]
@@ -207,7 +218,8 @@ class ZeroCode:
         self.sessions: dict[int, _Session] = {}  # id(optimizer) → session
         self._order: list[_Session] = []
         self._roots: dict[int, _Root] = {}
-        self._inner: set[int] = set()  # submodules of known roots (never a root themselves)
+        self._inner: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # submodules of roots (never roots)
+        self._not_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # called, without parameters
         self._called: dict[int, _Root] = {}  # roots called with grad since the last backward
         self._depth = 0
         self._watching: StepCapture | None = None
@@ -276,8 +288,8 @@ class ZeroCode:
     # ------------------------------------------------------------------ module calls
     def on_call(self, module: nn.Module, args: Any) -> None:
         """The global forward pre-hook: a root's call starts (feed its captures)."""
-        if self._depth == 0 and id(module) not in self._inner and torch._C._current_graph_task_id() == -1:
-            root = self._roots.get(id(module)) or self._new_root(module)
+        if self._depth == 0 and module not in self._inner and torch._C._current_graph_task_id() == -1:
+            root = self._root_of(module)
             if root is not None:
                 if self._watching is not None:
                     self._watching.stop_watching()
@@ -294,19 +306,30 @@ class ZeroCode:
         if self._depth != 0:
             return
         root = self._roots.get(id(module))
-        if root is None or torch._C._current_graph_task_id() != -1:
+        if root is None or root.ref() is not module or torch._C._current_graph_task_id() != -1:
             return
         for capture in root.captures:
             capture.post_with_kwargs(module, args, kwargs, out)
             if capture.watching:
                 self._watching = capture
 
-    def _new_root(self, module: nn.Module) -> _Root | None:
-        if next(module.parameters(), None) is None:  # a loss module, not a model
+    def _root_of(self, module: nn.Module) -> _Root | None:
+        """The root entry of a module called at the top level (made at its first call); ``None``
+        for a module without parameters (a loss module)."""
+        root = self._roots.get(id(module))
+        if root is not None and root.ref() is module:
+            return root
+        if module in self._not_models:
             return None
+        if next(module.parameters(), None) is None:
+            self._not_models.add(module)
+            return None
+        return self._new_root(module)
+
+    def _new_root(self, module: nn.Module) -> _Root:
         root = _Root(module)
-        self._roots[id(module)] = root
-        self._inner.update(id(m) for m in module.modules() if m is not module)
+        self._roots[id(module)] = root  # (an entry whose module died is replaced here)
+        self._inner.update(m for m in module.modules() if m is not module)
         # capture from this very call on (a guard comes at the first step); only the first model
         # watches its loss code (the watches are modes: one at a time)
         root.unused = root.new_capture(
@@ -342,7 +365,7 @@ class ZeroCode:
             )
             return None
         root.kind = "optimizer"
-        guard = self._guard(root, optimizer, dict(self.options))
+        guard, _ = self._guard(root, optimizer, dict(self.options))
         return self._add(id(optimizer), _Session(guard, manual=False))
 
     def _manual_session(self, root: _Root) -> _Session | None:
@@ -366,14 +389,19 @@ class ZeroCode:
         ):
             options.pop(unused, None)
         stand_in = ManualUpdate(params)
-        guard = self._guard(root, stand_in, options)
+        guard, capture = self._guard(root, stand_in, options)
         self._say(
             f"{type(model).__name__}'s parameters are updated by hand (no torch.optim optimizer steps "
             "them): each step is measured and a non-finite one is located, but gradguard cannot skip it."
         )
-        return self._add(id(stand_in), _Session(guard, manual=True))
+        session = self._add(id(stand_in), _Session(guard, manual=True))
+        session.capture = capture
+        return session
 
-    def _guard(self, root: _Root, optimizer: torch.optim.Optimizer, options: dict[str, Any]) -> Guard:
+    def _guard(
+        self, root: _Root, optimizer: torch.optim.Optimizer, options: dict[str, Any]
+    ) -> tuple[Guard, StepCapture | None]:
+        """A guard of ``root``'s model for ``optimizer`` (its run directory, its capture)."""
         k = len(self._order)
         log_dir = self.out if k == 0 else self.out / f"optimizer{k}"
         locate = options.pop("locate", True)
@@ -384,7 +412,7 @@ class ZeroCode:
             model, optimizer, log_dir=log_dir, name=self.name, capture=capture, locate=locate, **options
         )
         guard.add_flush_callback(self.live.flushed(guard))
-        return guard
+        return guard, capture
 
     def _add(self, key: int, session: _Session) -> _Session:
         self.sessions[key] = session
@@ -432,13 +460,24 @@ class ZeroCode:
             self._scaled[id(scaled)] = (weakref.ref(scaled), outputs.detach())
 
     def on_backward(self, tensors: Any) -> None:
-        """``torch.autograd.backward``: a loss (a one-element tensor) joins the step's loss."""
+        """``torch.autograd.backward``: a loss (a one-element tensor) joins the step's loss; the
+        captures of the models called since the last backward keep the gradient of their output."""
         if self._watching is not None:
             self._watching.loss_code_done()
+        for root in self._called.values():
+            for capture in root.captures:
+                capture.before_backward()
         if isinstance(tensors, Tensor) and tensors.numel() == 1:
             entry = self._scaled.pop(id(tensors), None)
             loss = entry[1] if entry is not None and entry[0]() is tensors else tensors.detach()
             self._losses.append(loss.reshape(()))
+
+    def end_loss_code(self) -> None:
+        """After ``backward()``, at the runner's next hook (clip, step): leave the loss watch's mode,
+        so the ops that follow (clipping, the optimizer's update) run without it."""
+        if self._watching is not None and self._watching.loss_code_over():
+            self._watching.stop_watching(compact=False)  # the step's last window: read or released soon
+            self._watching = None
 
     def after_backward(self) -> None:
         """A backward ended: measure the models updated by hand (unless their clip comes next)."""
@@ -494,7 +533,10 @@ class ZeroCode:
             loss = self._take_loss()
         session._amend = amend
         try:
-            ok = _before_step(session.guard, loss, scaler if not session.manual else None)
+            if session.manual:
+                ok = self._measure_by_hand(session, loss)
+            else:
+                ok = _before_step(session.guard, loss, scaler)
         finally:
             session._amend = None
         session.measured_at = self._backwards
@@ -502,6 +544,35 @@ class ZeroCode:
         if not ok:
             self.live.bad_step(session.guard)
         return ok
+
+    def _measure_by_hand(self, session: _Session, loss: Tensor | float | None) -> bool:
+        """A hand-updated step: measured (monitor only, nothing skipped); a non-finite one is then
+        replayed and located here, from the capture the guard is done with (one host read a step:
+        the script updates its weights whatever the answer)."""
+        guard, capture = session.guard, session.capture
+        if capture is None:
+            return guard.before_step(loss)
+        with capture.pinned():
+            guard.before_step(loss)
+            norm = guard.last_grad_norm
+            if norm is None or bool(torch.isfinite(norm)):  # host sync: see the docstring
+                return True
+            if session.replays < guard.max_replays and capture.inputs is not None:
+                session.replays += 1
+                self._locate_by_hand(session, capture)
+        return False
+
+    def _locate_by_hand(self, session: _Session, capture: StepCapture) -> None:
+        """Replay a bad hand-updated step and write where its first non-finite value was born."""
+        guard = session.guard
+        found, how = capture.replay(Locator(guard.model))
+        if found is None:
+            return
+        fields = found.event() if isinstance(found, Birth) else dict(found)
+        located_by = "watch" if how == "watch" else "replay"
+        event = events.nonfinite(guard.step_count - 1, **fields, located_by=located_by, policy="warn")
+        if guard.writer is not None:
+            guard.writer.write_event(event)
 
     def _scaler_of(self, optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:
         """The GradScaler that scaled this step's loss, if it unscaled this optimizer's gradients."""
@@ -517,6 +588,7 @@ class ZeroCode:
     def on_clip_norm(self, parameters: Any, max_norm: float, total_norm: Tensor) -> bool:
         """Inside ``clip_grad_norm_``, after torch computed the total norm and before it clips:
         measure the step on the pre-clip gradients. ``False``: the script's clip is replaced."""
+        self.end_loss_code()
         params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
         session = self._session_for_params(params)
         if session is None:
@@ -546,6 +618,7 @@ class ZeroCode:
     def on_clip_value(self, parameters: Any, clip_value: float) -> bool:
         """Before ``clip_grad_value_``: measure the step on the unclipped gradients (and the
         fraction of elements the script's clip will clamp). ``False``: the clip is replaced."""
+        self.end_loss_code()
         params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
         session = self._session_for_params(params)
         if session is None:
@@ -581,6 +654,7 @@ class ZeroCode:
         """The global optimizer step pre-hook (``args[0]`` is the optimizer; a further argument is a closure)."""
         if isinstance(optimizer, ManualUpdate):
             return None
+        self.end_loss_code()
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is not None:  # the model runs inside the closure: the session waits for it
             if id(optimizer) in self._unguarded:
@@ -630,6 +704,7 @@ class ZeroCode:
         """Before ``GradScaler.step``: unscale as it would, measure with the scaler. ``False``: skip it."""
         from torch.amp.grad_scaler import OptState
 
+        self.end_loss_code()
         session = self._session_of(optimizer)
         if session is None:
             return True
@@ -836,6 +911,7 @@ class _Patches:
         self.zc = zc
         self._handles: list[Any] = []
         self._saved: list[tuple[Any, str, Any]] = []
+        self._filter: Any = None
 
     def install(self) -> None:
         from torch.amp.grad_scaler import GradScaler
@@ -844,6 +920,13 @@ class _Patches:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         zc = self.zc
+        # torch warns that global hooks fire "an extra time" for a torch.compile'd module: these
+        # know (the compiled module is the root; its inner module is not one), so the script's
+        # user does not need to read it
+        warnings.filterwarnings(
+            "ignore", message=r"Using `torch.compile\(module\)` when there are global hooks"
+        )
+        self._filter = warnings.filters[0]
         self._handles = [
             register_module_forward_pre_hook(self._guarded("a model's call", zc.on_call)),
             register_module_forward_hook(
@@ -868,6 +951,9 @@ class _Patches:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._filter in warnings.filters:
+            warnings.filters.remove(self._filter)  # type: ignore[attr-defined]
+            warnings._filters_mutated()  # type: ignore[attr-defined]
         for owner, name, original in reversed(self._saved):
             setattr(owner, name, original)
         self._saved.clear()
@@ -1065,7 +1151,7 @@ def check_options(options: dict[str, Any]) -> None:
     guard_options = {k: v for k, v in options.items() if k not in ("out", "name", "live")}
     guard_options.setdefault("clip", "none")
     probe = nn.Linear(1, 1)
-    guard = Guard(probe, torch.optim.SGD(probe.parameters(), lr=0.0), log_dir=None, **guard_options)
+    guard = Guard(probe, ManualUpdate(probe.parameters()), log_dir=None, **guard_options)
     guard.close()
 
 

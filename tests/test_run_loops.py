@@ -1,0 +1,125 @@
+"""``gradguard run`` on every loop shape: a hand-written update (measured and located, never skipped),
+an LBFGS closure (a bad evaluation ends the step with the weights as they were), two optimizers
+(each step logs its own loss)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from gradguard.runlog import read_run
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _run(tmp_path: Path, script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradguard",
+        "run",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-report",
+        str(script),
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _plain(tmp_path: Path, script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(script), *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+MANUAL = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    for step in range(8):
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        if step == 3:
+            x[5, 1] = float("nan")  # a missing value in the batch
+        model.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-0.1)
+        print(f"step {step} loss {loss.item():.6f}")
+    """
+)
+
+
+def test_a_hand_written_update_is_measured_and_located_but_not_skipped(tmp_path: Path) -> None:
+    script = tmp_path / "manual.py"
+    script.write_text(MANUAL)
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert got.returncode == ref.returncode == 0, got.stderr
+    assert got.stdout == ref.stdout  # nothing skipped: the NaN reaches the weights, as without gradguard
+    assert got.stderr.count("are updated by hand") == 1 and "cannot skip" in got.stderr
+    assert "step 3 of Sequential (updated by hand) is not finite" in got.stderr
+    log = read_run(tmp_path / "run")
+    assert [r["step"] for r in log.metrics] == list(range(8))
+    assert log.metrics[2]["loss"] > 0 and not log.metrics[2]["nonfinite"]
+    first = log.first_nonfinite()
+    assert first is not None and first["step"] == 3 and first["phase"] == "data", first
+
+
+LBFGS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    for step in range(5):
+        batch = x.clone()
+        if step == 2:
+            batch[0, 0] = float("nan")
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(batch), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        print(f"step {step} weight {model.weight.sum().item():.6f}")
+    """
+)
+
+
+def test_an_lbfgs_step_whose_closure_is_not_finite_leaves_the_weights(tmp_path: Path) -> None:
+    script = tmp_path / "lbfgs.py"
+    script.write_text(LBFGS)
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    weights = [line.split()[-1] for line in got.stdout.splitlines()]
+    assert ref.stdout.splitlines()[:2] == got.stdout.splitlines()[:2]  # the same up to the bad step
+    assert "nan" in ref.stdout.splitlines()[2]  # plain: the NaN reaches the weights
+    assert weights[2] == weights[1] and "nan" not in got.stdout  # guarded: step 2 changed nothing
+    log = read_run(tmp_path / "run")
+    assert [r["skipped"] for r in log.metrics] == [False, False, True, False, False]
+    assert all(r["loss"] > 0 for i, r in enumerate(log.metrics) if i != 2)
+    first = log.first_nonfinite()
+    assert first is not None and first["step"] == 2 and first["phase"] == "data", first
+
+
+def test_two_optimizers_each_log_their_own_steps_loss(tmp_path: Path) -> None:
+    got = _run(tmp_path, HERE / "run_scripts" / "toy_gan.py", "--niter", "1")
+    assert got.returncode == 0, got.stderr
+    printed = re.findall(r"Loss_D: (\S+) Loss_G: (\S+)", got.stdout)
+    d_log, g_log = read_run(tmp_path / "run"), read_run(tmp_path / "run" / "optimizer1")
+    assert "Discriminator" in str(d_log.meta) and "Generator" in str(g_log.meta)
+    assert [f"{r['loss']:.4f}" for r in d_log.metrics] == [d for d, _ in printed]  # errD_real + errD_fake
+    assert [f"{r['loss']:.4f}" for r in g_log.metrics] == [g for _, g in printed]
