@@ -1036,6 +1036,7 @@ class _Patches:
         def clip_grad_norm_(
             parameters: Any, max_norm: float, norm_type: float = 2.0, *args: Any, **kwargs: Any
         ) -> Any:
+            self.call("clip_grad_norm_", self.zc.end_loss_code)  # before torch's norm pass
             self.zc._norm_type = float(norm_type)
             try:
                 return original(parameters, max_norm, norm_type, *args, **kwargs)
