@@ -672,8 +672,11 @@ class LossWatch(_OpWatch):
             for e in self.entries:
                 e.judged = e.unchanged()
             tensors = [t for e in self.entries if e.judged for t in e.tensors()]
-            return torch.stack([_sum(t) for t in tensors]).tolist() if tensors else []
-        return self._sums.tolist() if isinstance(self._sums, Tensor) else list(self._sums)
+            if not tensors:
+                return []
+            return torch.stack([_sum(t) for t in tensors]).tolist()  # host sync: anomaly path
+        sums = self._sums
+        return sums.tolist() if isinstance(sums, Tensor) else list(sums)  # host sync: anomaly path
 
 
 def _float_outputs(out: Any) -> list[Tensor]:
