@@ -59,6 +59,7 @@ RULES: dict[str, Rule] = {
             "gradguard.events",
             "gradguard.runtable",
             "gradguard.optable",
+            "gradguard.tunelog",
         ),
         ("base", "contracts"),
     ),
@@ -84,11 +85,14 @@ RULES: dict[str, Rule] = {
             "gradguard.clip.*",
             "gradguard.monitor",
             "gradguard.locate",
+            "gradguard._replay",  # what a replay needs beyond the inputs: autocast, custom Functions, wrappers
+            "gradguard._inputs",  # what enters a step besides the batch: targets, labels, carried state
             "gradguard.guard",
             "gradguard.guard.*",
             "gradguard._guard",  # the guard's parts
             "gradguard._guard.*",
             "gradguard._distributed",
+            "gradguard.tune",
         ),
         ("base", "contracts", "core", "torch"),
     ),

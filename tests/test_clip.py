@@ -1523,6 +1523,7 @@ CONFIGS = {
         "max_norm": None,
         "growth": 10.0,
         "first": 0.5,
+        "polyak": 0.5,  # issue 15: the learning-rate-aware cap (tests/test_auto.py)
     },
 }
 

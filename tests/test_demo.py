@@ -195,7 +195,7 @@ def test_auto_first_caps_the_warm_up_rule_at_a_multiple_of_the_first_finite_norm
 
 def test_auto_spec_is_auto_with_first_half_and_validates_first() -> None:
     auto = from_spec("auto")
-    assert isinstance(auto, Auto) and auto.first == 0.5 and repr(auto).endswith("first=0.5)")
+    assert isinstance(auto, Auto) and auto.first == 0.5 and "first=0.5" in repr(auto)
     assert Auto().first is None
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(GradGuardError, match="first"):

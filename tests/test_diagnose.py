@@ -32,6 +32,7 @@ ISSUE_IDS = {
     "weight_growth",
     "loss_scale_collapse",
     "incomplete_log",  # issue 14: a run not closed, or records lost to failed disk writes
+    "unbounded_loss",  # issue 12: a loss with no lower bound (a WGAN critic without its Lipschitz constraint)
 }
 
 

@@ -480,6 +480,94 @@ def test_an_inactive_recovery_takes_no_snapshot() -> None:
     assert rec_.snapshot is None
 
 
+def test_an_explosion_recovery_keeps_two_snapshots_and_picks_one_from_before_the_onset() -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw: dict[str, Any] = {"lr_backoff": None, "snapshot_dir": None, "active": True, "keep_earlier": True}
+    rec_ = Recovery(model, opt, {}, every=2, **kw)
+    calm = [True]
+    rec_.healthy = lambda: calm[0]
+    rec_.take(-1)  # the initial state
+    for step in range(12):
+        rec_.after_good_step(step)  # due every max(every, MIN_GAP) = 5 steps
+    assert (rec_.earlier["step"], rec_.snapshot["step"]) == (4, 9)  # type: ignore[index]
+    calm[0] = False  # the norm climbs: a due snapshot waits
+    rec_.after_good_step(20)
+    assert rec_.snapshot["step"] == 9  # type: ignore[index]
+    assert rec_.before(11)["step"] == 9 and rec_.before(10)["step"] == 4  # type: ignore[index]
+    assert rec_.before(5) is None  # step 4's state gave the norm of step 5: not from before
+    snap = rec_.before(10)
+    assert snap is not None
+    rec_.keep_until(snap, 21)  # rewound to it: the newer one (from the climb) is dropped
+    assert (rec_.snapshot, rec_.earlier, rec_.snapshot_step) == (snap, None, 21)
+    state = rec_.state_dict()
+    assert state["earlier"] is None and state["snapshot"]["step"] == 4
+
+
+def explosion_series(n_flat: int = 30) -> list[float]:
+    g = torch.Generator().manual_seed(0)
+    flat = (1.0 + 0.2 * torch.rand(n_flat, generator=g)).tolist()
+    return flat + [4.0 * 3.0**i for i in range(8)]
+
+
+def test_the_explosion_watch_confirms_the_runtables_onset_sustain_steps_after_it() -> None:
+    from gradguard._guard.explosion import ExplosionWatch
+    from gradguard.runtable import SUSTAIN, climb_onset
+
+    norms = explosion_series()
+    watch = ExplosionWatch()
+    found = [watch.add(100 + i, v) for i, v in enumerate(norms)]
+    k = climb_onset(norms, ends_in_trouble=False)
+    assert k == 30
+    first = next(i for i, f in enumerate(found) if f is not None)
+    assert first == k + SUSTAIN
+    explosion = found[first]
+    assert explosion is not None
+    assert (explosion.onset, explosion.at, explosion.healthy) == (100 + k, 100 + first, k)
+    assert explosion.baseline == pytest.approx(sorted(norms[:k])[k // 2 - 1 : k // 2 + 1][0], rel=0.2)
+    # a lone spike, and a non-finite step without a climb, are not explosions; the watch calms down
+    lone = ExplosionWatch()
+    assert [lone.add(i, v) for i, v in enumerate([1.0] * 10 + [50.0] + [1.0] * 5)] == [None] * 16
+    assert lone.calm and lone.add(16, math.nan) is None and lone.calm
+    # a climb that ends non-finite is one at once, before it was held SUSTAIN steps
+    short = ExplosionWatch()
+    for i, v in enumerate([1.0] * 10 + [20.0]):
+        short.add(i, v)
+    assert not short.calm
+    hit = short.add(11, math.inf)
+    assert hit is not None and hit.onset == 10
+
+
+def test_a_new_level_of_the_norm_is_not_an_explosion_and_the_watch_settles_on_it() -> None:
+    from gradguard._guard.explosion import SETTLE, ExplosionWatch
+
+    watch = ExplosionWatch()
+    norms = [1.0] * 20 + [5.0] * (SETTLE + 5) + [5.0 * 4**i for i in range(6)]
+    found = [watch.add(i, v) for i, v in enumerate(norms)]
+    assert found[: 20 + SETTLE] == [None] * (20 + SETTLE)  # ×5 and held: a new level
+    assert watch.calm or found[20 + SETTLE + 1] is None
+    hit = next(f for f in found if f is not None)
+    assert hit.onset >= 20 + SETTLE + 5 and hit.baseline == pytest.approx(5.0)  # measured from the new level
+    # restart: norms after the state rewound to are forgotten; the restored scale stands for missing ones
+    watch.restart(30, healthy=7.0)  # the new level began at step 20: 11 norms are kept
+    assert (watch.steps, watch.seeded, watch.calm) == (list(range(20, 31)), 0, True)
+    fresh = ExplosionWatch()
+    fresh.restart(-1, healthy=7.0)
+    assert (fresh.steps, fresh.norms, fresh.seeded) == ([-3, -2, -1], [7.0] * 3, 3)
+    state = fresh.state_dict()
+    other = ExplosionWatch()
+    other.load_state_dict(state)
+    assert (other.steps, other.norms, other.seeded) == (fresh.steps, fresh.norms, 3)
+
+
+def test_on_explosion_is_a_checked_setting_and_recover_keeps_snapshots() -> None:
+    with pytest.raises(GradGuardError, match="on_explosion must be one of 'ignore', 'warn', 'recover'; got"):
+        config(on_explosion="x")
+    assert config().on_explosion == "ignore" and not config().snapshots
+    assert config(on_explosion="recover").snapshots and config(on_nonfinite="rollback").snapshots
+    assert config(on_explosion="warn").as_meta()["on_explosion"] == "warn"
+
+
 # ----------------------------------------------------------------------------- the row, the flush
 def test_the_device_row_is_in_record_column_order() -> None:
     consts = Constants()

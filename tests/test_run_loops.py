@@ -4,6 +4,7 @@ an LBFGS closure (a bad evaluation ends the step with the weights as they were),
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -123,3 +124,86 @@ def test_two_optimizers_each_log_their_own_steps_loss(tmp_path: Path) -> None:
     assert "Discriminator" in str(d_log.meta) and "Generator" in str(g_log.meta)
     assert [f"{r['loss']:.4f}" for r in d_log.metrics] == [d for d, _ in printed]  # errD_real + errD_fake
     assert [f"{r['loss']:.4f}" for r in g_log.metrics] == [g for _, g in printed]
+    # contract 2: which optimizer each run dir holds, the root's children, one process-wide step count
+    assert d_log.meta["optimizer"] == {"index": 0, "class": "Adam", "params": "Discriminator"}
+    assert g_log.meta["optimizer"] == {"index": 1, "class": "Adam", "params": "Generator"}
+    assert d_log.meta["children"] == ["optimizer1"]
+    steps = sorted([r["global_step"] for r in d_log.metrics] + [r["global_step"] for r in g_log.metrics])
+    assert steps == list(range(2 * len(printed)))
+    assert all(r["global_step"] % 2 == 0 for r in d_log.metrics)  # D steps first, then G, every iteration
+
+
+TWO_CLIPS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    encoder, decoder = nn.Linear(6, 12), nn.Linear(12, 3)
+    opt = torch.optim.SGD([{"params": encoder.parameters()}, {"params": decoder.parameters(), "lr": 0.01}], lr=0.05)
+    model = nn.Sequential(encoder, nn.Tanh(), decoder)
+    for step in range(6):
+        x, y = torch.randn(16, 6) * (1 + step), torch.randn(16, 3)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        n_enc = torch.nn.utils.clip_grad_norm_(encoder.parameters(), 0.5)
+        n_dec = torch.nn.utils.clip_grad_norm_(decoder.parameters(), 2.0)
+        opt.step()
+        print(f"step {step} total {total.item():.6f} enc {n_enc.item():.6f} dec {n_dec.item():.6f}")
+    """
+)
+
+
+def test_two_clip_calls_in_one_step_are_both_recorded(tmp_path: Path) -> None:
+    script = tmp_path / "two_clips.py"
+    script.write_text(TWO_CLIPS)
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == ref.stdout
+    printed = [tuple(map(float, m)) for m in re.findall(r"total (\S+) enc (\S+) dec (\S+)", ref.stdout)]
+    log = read_run(tmp_path / "run")
+    for rec, (total, enc, dec) in zip(log.metrics, printed, strict=True):
+        assert math.isclose(rec["grad_norm"], total, rel_tol=1e-5)  # the whole pre-clip norm, not one group's
+        assert math.isclose(rec["threshold"], math.hypot(0.5, 2.0), rel_tol=1e-6)
+        assert rec["clip_fraction"] == ((enc > 0.5) + (dec > 2.0)) / 2
+        clipped = math.hypot(min(enc, 0.5), min(dec, 2.0))
+        assert math.isclose(rec["clip_coef"], clipped / total, rel_tol=1e-4)
+
+
+FUSED_AMP = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(6):
+        x, y = torch.randn(32, 8), torch.randn(32, 1)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaled = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        scaler.step(opt)  # no unscale_: the fused kernel unscales inside the step
+        scaler.update()
+        print(f"step {step} loss {loss.item():.6f} norm {scaled.item() / 1024.0:.6f} w {model[0].weight.sum().item():.6f}")
+    """
+)
+
+
+def test_a_fused_optimizer_under_a_grad_scaler_is_measured_unscaled(tmp_path: Path) -> None:
+    script = tmp_path / "fused_amp.py"
+    script.write_text(FUSED_AMP)
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert ref.returncode == 0, ref.stderr
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == ref.stdout  # the same weights: the kernel is told the gradients are unscaled
+    printed = re.findall(r"loss (\S+) norm (\S+)", ref.stdout)
+    log = read_run(tmp_path / "run")
+    assert [f"{r['loss']:.6f}" for r in log.metrics] == [loss for loss, _ in printed]  # unscaled
+    for rec, (_, norm) in zip(log.metrics, printed, strict=True):  # the true norm, not 1024 times it
+        assert math.isclose(rec["grad_norm"], float(norm), rel_tol=1e-5)
+    assert all(r["loss_scale"] == 1024.0 for r in log.metrics)

@@ -77,6 +77,8 @@ CASES = [
     Script("actor_critic", "actor_critic.py", diverge=("--diverge", "--episodes", "30")),
     Script("lbfgs_sine", "lbfgs_sine.py", (), ("predictions.pt",)),
     Script("toy_gan", "toy_gan.py", (), ("*.pth",)),
+    Script("lightning", "lightning_classifier.py", (), ("*.ckpt",), r"norm (\d+\.\d+)"),
+    Script("hf_trainer", "hf_trainer.py", (), ("hf-out/*.bin",), r"norm (\d+\.\d+)"),
 ]
 BY_ID = {c.id: c for c in CASES}
 

@@ -1,4 +1,4 @@
-"""The ``gradguard`` command line: ``demo``, ``run``, ``diagnose`` and ``report``.
+"""The ``gradguard`` command line: ``demo``, ``run``, ``tune``, ``diagnose`` and ``report``.
 
 ``gradguard run [OPTIONS] SCRIPT [ARGS...]`` exits with the script's own exit code (1 if it raised;
 2 if SCRIPT does not exist, an option is bad, or PyTorch is not installed).
@@ -23,7 +23,11 @@ file there is replaced atomically, and the command says so); 2 — bad usage, no
 (``runlog.find_runs``); ``report`` writes one page holding every run of the folder.
 
 ``diagnose`` and ``report`` only read files and work where PyTorch is not installed: this module
-imports what needs torch only inside ``run`` and ``demo`` (tests/test_architecture.py holds it to that).
+imports what needs torch only inside ``run``, ``tune`` and ``demo`` (tests/test_architecture.py holds it to that).
+
+Exit codes of ``gradguard tune SCRIPT [--max-norm LIST] [--steps N] [--run RUN_DIR]``: 0 — a
+candidate trained (the verified recommendation is printed); 1 — none of the candidates trained;
+2 — bad usage (no such script, a bad list, a script that takes no step), or PyTorch missing.
 """
 
 from __future__ import annotations
@@ -146,6 +150,92 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def _tune(args: argparse.Namespace) -> int:
+    """``gradguard tune SCRIPT``: one short trial of the script per candidate threshold; the table and
+    the verified recommendation (exit 0), or that none of the candidates trained (exit 1)."""
+    try:
+        from gradguard.integrations.tune_script import tune_script
+    except ModuleNotFoundError as e:
+        return _no_torch("tune", e)
+    try:
+        result = tune_script(
+            args.script,
+            list(args.args),
+            max_norms=args.max_norm,
+            steps=args.steps,
+            run=args.run,
+            out=args.out,
+            timeout_s=args.timeout,
+        )
+    except GradGuardError as e:
+        return _fail(str(e))
+    for line in result.summary().splitlines():
+        print(safe_text(line))
+    if args.run is not None:
+        print(
+            f"tune.json written into {safe_text(args.run)}: `gradguard diagnose {safe_text(args.run)}` now quotes it"
+        )
+    return EXIT_OK if result.recommended is not None else EXIT_FINDINGS
+
+
+def _thresholds(text: str) -> list[float | None]:
+    """An argparse type: ``0.5,1,2,none`` → ``[0.5, 1.0, 2.0, None]`` (positive finite numbers)."""
+    out: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected numbers or none separated by commas, got {part!r}"
+            ) from None
+        if not (0 < value < float("inf")):
+            raise argparse.ArgumentTypeError(
+                f"every threshold must be a positive finite number, got {part!r}"
+            )
+        out.append(value)
+    return out
+
+
+def _add_tune_parser(sub: Any) -> None:
+    tune = sub.add_parser(
+        "tune",
+        help="verify candidate clip thresholds on an unmodified training script (exit 1 if none trains)",
+        description="Run SCRIPT once per candidate max_norm for a few dozen optimizer steps (each in a fresh "
+        "process, under the zero-code runner, RNGs seeded to 0, the script's own clipping replaced), judge "
+        "each trial (did the loss fall, without a non-finite step or an explosion of the norm?) and print a "
+        "table and the verified recommendation. With --run, tune.json goes into that run directory and "
+        "`gradguard diagnose` quotes it. Exit codes: 0 a candidate trained, 1 none did, 2 bad usage.",
+    )
+    tune.add_argument(
+        "--max-norm",
+        type=_thresholds,
+        default=None,
+        metavar="LIST",
+        help="thresholds to try, e.g. 0.5,1,2,none (default: a ladder around the norms of --run, or of an "
+        "unclipped probe trial)",
+    )
+    tune.add_argument(
+        "--steps", type=int, default=30, metavar="N", help="optimizer steps per trial (default 30)"
+    )
+    tune.add_argument(
+        "--run",
+        default=None,
+        metavar="RUN_DIR",
+        help="a run directory of this script: candidates from its healthy norms; tune.json written there",
+    )
+    tune.add_argument("--out", default=None, metavar="DIR", help="the folder of the trials' run directories")
+    tune.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="give up on a trial after S seconds"
+    )
+    tune.add_argument("script", metavar="SCRIPT", help="the training script")
+    tune.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    tune.set_defaults(func=_tune)
+
+
 def _number_or_none(kind: type) -> Callable[[str], object]:
     """An argparse type: ``none`` → ``None``, else ``kind(text)``."""
 
@@ -192,6 +282,15 @@ _RUN_GUARD_FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
         dict(
             choices=["ignore", "warn", "clip", "skip"],
             help="what a finite norm spike does (Guard's default: warn)",
+        ),
+    ),
+    (
+        "--on-explosion",
+        "on_explosion",
+        dict(
+            choices=["ignore", "warn", "recover"],
+            help="what the onset of an explosion of the gradient norm does (Guard's default: ignore); "
+            "recover: rewind to the last snapshot before it, clip harder from then on, go on",
         ),
     ),
     ("--spike-z", "spike_z", dict(type=float, metavar="Z", help="the z-score of a spike")),
@@ -340,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_report)
 
     _add_run_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 

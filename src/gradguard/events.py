@@ -26,6 +26,7 @@ __all__ = [
     "TYPES",
     "Event",
     "abort",
+    "explosion",
     "kind_of",
     "layers",
     "loss_scale_collapse",
@@ -50,6 +51,7 @@ TYPES = (
     "abort",
     "loss_scale_collapse",
     "layers",
+    "explosion",
 )
 
 #: The ``reason`` of a ``skip`` event.
@@ -181,3 +183,12 @@ def layers(step: int, parameters: list[str], added: list[str]) -> Event:
     this step on they are measured, clipped and checked. ``added``: the layers new to the log
     (``meta.json``'s ``layers`` lists them too); a parameter of a known layer adds none."""
     return {"type": "layers", "step": step, "parameters": list(parameters), "added": list(added)}
+
+
+def explosion(step: int, onset_step: int, *, action: str, **fields: Any) -> Event:
+    """The gradient norm exploded: a climb that began at ``onset_step`` (the run table's onset),
+    confirmed at ``step``. ``action`` is the ``on_explosion`` policy (``"warn"``, ``"recover"``);
+    ``fields`` add the evidence (``baseline_norm``, ``peak_norm``) and, for a recovery, what was done
+    (``to_step``: the snapshot rewound to; ``max_norm``: the clip threshold from now on; ``lr``;
+    ``recoveries`` so far; or ``recovered`` false and a ``note``)."""
+    return {"type": "explosion", "step": step, "onset_step": onset_step, "action": action, **fields}

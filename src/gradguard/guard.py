@@ -50,11 +50,12 @@ from __future__ import annotations
 
 import atexit
 import copy
+import dataclasses
 import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,12 @@ from gradguard._distributed import Reducer, world
 from gradguard._guard import apply as applying
 from gradguard._guard.anomaly import Anomalies, flagged_nonfinite
 from gradguard._guard.apply import Apply, Outcome, Planned, reuse_first_call
+from gradguard._guard.births import OptimizerBirths
+from gradguard._guard.callerclip import CallerClip
 from gradguard._guard.clipping import Clipping, spike_detector
 from gradguard._guard.config import (
     GuardConfig,
+    OnExplosion,
     OnNonFinite,
     OnSpike,
     check_distributed,
@@ -80,6 +84,7 @@ from gradguard._guard.config import (
     momentum_sgd,
 )
 from gradguard._guard.counters import Counters
+from gradguard._guard.explosion import Explosion, Explosions, read_step
 from gradguard._guard.flush import FlushEvents, mark_host_spikes
 from gradguard._guard.measure import Constants, Measurement, Meter, check_loss
 from gradguard._guard.params import GuardedParams
@@ -94,6 +99,7 @@ from gradguard.monitor import Monitor
 from gradguard.record import DECIDED, LR
 from gradguard.runlog import RunWriter
 from gradguard.stats import LayerIndex, check_tensors
+from gradguard.tunelog import TuneResult, write_tune
 
 __all__ = ["Guard", "OnNonFinite", "OnSpike"]
 
@@ -191,6 +197,16 @@ class Guard:
             stops the run (reason ``max_rollbacks``). ``None``: no cap. The run stops with the
             model and optimizer restored to the last snapshot.
         rollback_window: the window of ``max_rollbacks``, in steps.
+        on_explosion: a finite gradient norm that takes off (the onset of an explosion as
+            ``gradguard diagnose`` defines it: :func:`gradguard.runtable.climb_onset`): ``"ignore"``,
+            ``"warn"`` (an ``explosion`` event) or ``"recover"``: PaLM's procedure, automated —
+            rewind the model and optimizer to the last snapshot from before the onset (the batches
+            since are not seen again: a plain loop goes on with its next batches), clip every later
+            step at the healthy median norm (halved at each further recovery; ``lr_backoff`` also
+            lowers the learning rate) and go on. Recoveries count against ``max_rollbacks``. Seen
+            from the host values the guard reads anyway: at once on the host-decided path, at the
+            next flush on the sync-free paths (``every``). Keeps two snapshots in host memory
+            (``snapshot_every``; the first is the initial state). See :mod:`gradguard._guard.explosion`.
         max_consecutive: abort (``NonFiniteError``, log flushed) after this many skipped steps in
             a row (on the sync-free path: checked at the next flush).
         norm_type: p of the gradient norms: a number > 0 or ``inf`` (checked as
@@ -232,6 +248,7 @@ class Guard:
     min_lr = _Setting()
     max_rollbacks = _Setting()
     rollback_window = _Setting()
+    on_explosion = _Setting()
 
     def __init__(
         self,
@@ -253,6 +270,7 @@ class Guard:
         min_lr: float = 1e-8,
         max_rollbacks: int | None = 5,
         rollback_window: int = 1000,
+        on_explosion: OnExplosion = "ignore",
         max_consecutive: int = 10,
         norm_type: float = 2.0,
         exist_ok: bool = False,
@@ -284,6 +302,7 @@ class Guard:
             min_lr=min_lr,
             max_rollbacks=max_rollbacks,
             rollback_window=rollback_window,
+            on_explosion=on_explosion,
         )
         self.clipper = from_spec(clip)  # type: ignore[arg-type]  # a number means norm clipping
         check_monitor_only(config, self.clipper)
@@ -332,7 +351,9 @@ class Guard:
         self._consts = Constants()
         self._meter = Meter(self._params, config.norm_type, self._index, self._reducer)
         named = self._guarded.named  # grows in place when parameters join
-        self._clipping = Clipping(self.clipper, self._spike, config.on_spike == "clip", named, self._consts)
+        self._clipping = Clipping(
+            self.clipper, self._spike, config.on_spike == "clip", named, self._consts, optimizer
+        )
         self._choose_apply()
         self.counters = Counters()
         self._anomaly = Anomalies(
@@ -345,17 +366,22 @@ class Guard:
             every=config.snapshot_every,
             lr_backoff=config.lr_backoff,
             snapshot_dir=snapshot_dir,
-            active=config.on_nonfinite == "rollback",
+            active=config.snapshots,
             min_lr=config.min_lr,
             max_rollbacks=config.max_rollbacks,
             window=config.rollback_window,
+            keep_earlier=config.on_explosion == "recover",
         )
+        self._explosions = Explosions(config.on_explosion, self._recovery)
         self._after = AfterStep(optimizer)  # before_step: the work that waits for the caller's step
+        self._births = OptimizerBirths(optimizer, self._guarded.named, active=self._reducer is None)
         self._flush_events = FlushEvents(config, self.counters, self._anomaly)
         self._flush_callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
         self._last_skipped: Tensor | bool = False
         self._last_norm: Tensor | None = None
         self._stop: NonFiniteError | None = None  # raised once the step's record is in the log
+        self._caller_clip: CallerClip | None = None  # before_step(clip=...): of the last step
+        self._fields: dict[str, Any] = {}  # before_step(fields=...): the last step's host fields
         self._closed = False
 
     def _choose_apply(self) -> None:
@@ -458,7 +484,14 @@ class Guard:
             self._anomaly.end_step()
         return loss
 
-    def before_step(self, loss: Tensor | float | None = None) -> bool:
+    def before_step(
+        self,
+        loss: Tensor | float | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        clip: CallerClip | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> bool:
         """Measure, clip in place and decide, for callers that call ``optimizer.step()`` themselves.
 
         Framework integrations and the zero-code runner use it where they cannot replace
@@ -473,16 +506,43 @@ class Guard:
         or :meth:`close`, that work is dropped (the step's record has no weight norms or update
         ratios; no snapshot is taken for it).
 
+        Args:
+            loss: this step's loss (checked for NaN/inf).
+            scaler: the caller's :class:`torch.amp.GradScaler`: the gradients are unscaled (unless
+                the caller did), an fp16 overflow is a skipped ``amp_overflow`` step (not a
+                non-finite one) and the scale is logged; ``scaler.step`` / ``scaler.update()``
+                stay the caller's.
+            clip: the caller's own norm clipping of this step's gradients (measured before it
+                clipped): its threshold, coefficient and clip rate go into the step's row.
+                Further clip calls of the same step: :meth:`record_clip`.
+            fields: host fields for this step's record and for the events written during it
+                (``gradguard run`` adds ``global_step``).
+
         Returns:
             ``True`` when the optimizer should step. On ``False`` the gradients are left as they
             are: the caller must not step (drop them, or skip its ``optimizer.step()``).
         """
         self._check_open()
+        if scaler is not None and not scaler.is_enabled():
+            scaler = None
+        if scaler is not None:
+            _unscale_once(scaler, self.optimizer)
         try:
-            outcome = self._step(loss, None, external=True)
+            outcome = self._step(loss, scaler, external=True, clip=clip, fields=fields)
         finally:
             self._anomaly.end_step()
         return _caller_steps(outcome)
+
+    def record_clip(self, threshold: float, norm: Tensor, *, norm_type: float = 2.0) -> bool:
+        """A further norm clip by the caller of the step :meth:`before_step` just measured (a second
+        ``clip_grad_norm_`` call, on another parameter group): its threshold and pre-clip norm join
+        the step's row (see :class:`~gradguard._guard.callerclip.CallerClip`). ``False`` when the
+        row was flushed already (``every=1``): it keeps the first clip's numbers."""
+        clip = self._caller_clip
+        if clip is None:
+            clip = self._caller_clip = CallerClip(norm_type=norm_type)
+        clip.add(threshold, norm)
+        return self.monitor.amend(self.counters.step_count - 1, clip.columns(self.norm_type))
 
     def add_flush_callback(self, fn: Callable[[list[dict[str, Any]]], None]) -> Any:
         """Call ``fn(records)`` at every flush, after the guard's own handling (even if that raises).
@@ -498,6 +558,22 @@ class Guard:
     def flush(self) -> None:
         """Write the pending records and events now (one host copy)."""
         self.monitor.flush()
+
+    def tune(
+        self, loss_fn: Callable[..., Tensor], batches: Iterable[Any] | None = None, **options: Any
+    ) -> TuneResult:
+        """Verify candidate thresholds (and/or learning rates) from the state of now: :func:`gradguard.tune.tune`
+        on this guard's model and optimizer (both restored exactly afterwards). The result (a
+        :class:`gradguard.tunelog.TuneResult`) is also written to ``tune.json`` in the run directory,
+        where ``gradguard diagnose`` quotes it as verified advice."""
+        from gradguard.tune import tune
+
+        self._check_open()
+        result = tune(self.model, self.optimizer, loss_fn, batches, **options)
+        result = dataclasses.replace(result, start_step=self.step_count)
+        if self.run_dir is not None:
+            write_tune(self.run_dir, result)
+        return result
 
     def close(self) -> None:
         """Flush and close the run log. Safe to call twice."""
@@ -517,6 +593,7 @@ class Guard:
                 self._event(recurred)
             self.flush()
         finally:  # a flush callback that raises still leaves a closed run log
+            self._births.close()
             if self.writer is not None:
                 self.writer.update_meta(
                     end_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -533,9 +610,10 @@ class Guard:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, the clipper's / spike detector's state and, under ``on_nonfinite="rollback"``,
-        the recovery's (the snapshot in host memory, its step, the recent rollbacks): tensors and
-        Python containers of scalars, read back by ``torch.load(..., weights_only=True)``.
+        """Counters, the clipper's / spike detector's state and, under ``on_nonfinite="rollback"`` or
+        ``on_explosion="recover"``, the recovery's (the snapshots in host memory, their step, the
+        recent rollbacks) and the explosion watch's (its norms, the recovery's clip threshold):
+        tensors and Python containers of scalars, read back by ``torch.load(..., weights_only=True)``.
 
         No I/O: the steps still in the monitor's buffer are read (one host copy) and counted in
         the state as the next flush will count them; nothing is flushed or written.
@@ -552,6 +630,7 @@ class Guard:
             "spike": spike.state_dict() if spike is not None else None,
             "recovery": self._recovery.state_dict() if self._recovery.active else None,
             "anomaly": self._anomaly.state_dict(),
+            "explosion": self._explosions.state_dict(pending) if self._explosions.active else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -577,6 +656,8 @@ class Guard:
             self._recovery.load_state_dict(state["recovery"])
         if state.get("anomaly") is not None:
             self._anomaly.load_state_dict(state["anomaly"])
+        if self._explosions.active and state.get("explosion") is not None:
+            self._explosions.load_state_dict(state["explosion"])
         if self.writer is not None:
             self.writer.resume(self.counters.step_count)
 
@@ -588,25 +669,31 @@ class Guard:
         *,
         external: bool,
         closure: Callable[[], Any] | None = None,
+        clip: CallerClip | None = None,
+        fields: dict[str, Any] | None = None,
     ) -> Outcome:
         """(Parameters join) → measure → plan the clip → decide → apply → record.
 
         ``external``: ``before_step``, the caller steps the optimizer; on a step it takes, the
-        post-step work waits for its step (:meth:`_after_callers_step`).
+        post-step work waits for its step (:meth:`_after_callers_step`). ``clip`` and ``fields``:
+        see :meth:`before_step`.
         """
         check_loss(loss)
+        self._caller_clip, self._fields = clip, dict(fields or {})
         self._after.drop()  # the caller did not step after the last before_step
         step = self.counters.step_count
+        self._births.begin(step)  # the optimizer step that follows is checked for a birth
         joined = self._guarded.joining()
         if joined:
             self._join(joined, step)
+        self._explosions.initial_snapshot(step)
         apply: Apply = self._apply_external if external else self._apply
         loss, recurred = self._anomaly.begin(loss, step)
         if recurred is not None:
             self._event(recurred)
         m = self._meter.measure(loss)
         self._last_norm = m.total
-        plan = self._clipping.plan(m)
+        plan = self._explosions.tighten(self._clipping.plan(m), m, self._consts)
         skip, overflow = self._skip_flags(m, plan.spike, scaler)
         row = device_row(m, plan, skip, overflow, self._consts)
         weights = self._meter.copy_weights() if self._weight_step(step) else None
@@ -617,6 +704,9 @@ class Guard:
         later = external and _caller_steps(outcome)  # the caller steps: the post-step work waits for it
         if outcome.on_host:
             self._decided(step, bool(outcome.skipped), m, row, scaler, stepped=not later)
+        if clip is not None:  # what the caller's own clip did, measured before it clipped
+            for name, value in clip.columns(self.config.norm_type).items():
+                set_column(row, name, value)
         held = later and weights is not None  # the weight stats come after the caller's step
         self._record(step, loss, m, row, outcome, scaler, None if held else weights, held=held)
         if held or (later and self._recovery.active):
@@ -671,8 +761,17 @@ class Guard:
 
     def _decide_on_host(self, planned: Planned, m: Measurement, row: Tensor) -> bool:
         """The one host read; then, on a bad step, the anomaly path: finite gradients whose float32
-        norm only overflowed are measured exactly and the step goes on, clipped."""
-        if not self._decide(planned.skip):
+        norm only overflowed are measured exactly and the step goes on, clipped. Watching for
+        explosions, the one read brings the norm too; a confirmed onset may rewind (step not taken)."""
+        if self._explosions.active:
+            vals = read_step(row)  # host sync: the step's one read, the norm with the skip flag
+            found = self._explosions.see_step(self.counters.step_count, vals)
+            if found is not None and self._explode(found, self.counters.step_count):
+                return True  # rewound to before the onset: this step is not taken
+            skipped = bool(vals["skipped"])
+        else:
+            skipped = self._decide(planned.skip)
+        if not skipped:
             return False
         if self._reducer is not None:  # a host decision from local values could differ between ranks
             return True
@@ -700,6 +799,9 @@ class Guard:
         """The host decided this step: count it; a good step may be snapshotted (``stepped``: now,
         else after the caller's step), a skipped one is logged and its policy followed (raise, roll
         back, abort after too many in a row)."""
+        if skipped and self._explosions.rewound(step):  # its events (explosion, rollback) are written
+            self.counters.skipped_steps += 1
+            return
         if not skipped:
             self.counters.taken()
             if stepped:
@@ -741,6 +843,18 @@ class Guard:
         if limit is not None:
             self._stop = self._stop_recovery(step, limit)
 
+    def _explode(self, found: Explosion, step: int) -> bool:
+        """An explosion's onset, confirmed at ``step``: its events; under ``on_explosion="recover"``
+        the rewind (past a bound: restored, and the run stops). Returns whether it rewound."""
+        done, limit, rewound = self._explosions.respond(found, step)
+        for event in done:
+            self._event(event)
+        if rewound:
+            self.counters.consecutive = 0
+        if limit is not None:
+            self._stop = self._stop_recovery(step, limit)
+        return rewound
+
     def _report_nonfinite(self, step: int, vals: dict[str, float], m: Measurement) -> None:
         """The step's ``nonfinite`` event (once): where it was born, the always-on flags as evidence."""
         if self._anomaly.reported(step):
@@ -775,7 +889,7 @@ class Guard:
         extras = self._meter.weight_stats(weights) if weights is not None else {}
         layer_grads = self._meter.layer_record(m) if self.config.layer_step(step) else None
         lr = self.optimizer.param_groups[0].get("lr")
-        host: dict[str, Any] = {LR: float(lr) if isinstance(lr, (int, float)) else None}
+        host: dict[str, Any] = {LR: float(lr) if isinstance(lr, (int, float)) else None, **self._fields}
         if loss is None:
             host["loss"] = None
         if outcome.on_host:
@@ -794,9 +908,9 @@ class Guard:
 
     # ------------------------------------------------------------------ events
     def _event(self, event: events.Event) -> None:
-        """Write one event now (the step's path)."""
+        """Write one event now (the step's path), with the step's host fields (``before_step(fields=)``)."""
         if self.writer is not None:
-            self.writer.write_event(event)
+            self.writer.write_event({**event, **self._fields} if self._fields else event)
 
     def _nonfinite_message(self, step: int, vals: dict[str, float]) -> str:
         what = (
@@ -856,9 +970,12 @@ class Guard:
 
     def _handle_flush(self, records: list[dict[str, Any]]) -> None:
         """Events of the steps the host had not seen yet (the sync-free path), from one host copy."""
-        found = self._flush_events(records)
+        derived = [*self._births.found(records), *self._flush_events(records)]
+        found = _with_step_fields(derived, records, self._fields)
         if found and self.writer is not None:
             self.writer.write_events(found)
+        if self._explosions.active and records and not self._closed:
+            self._explosions_at_flush(records)
         # the host-decided path checks at once; here the host learns of skipped steps only now
         if (
             self.counters.consecutive >= self.config.max_consecutive
@@ -868,6 +985,16 @@ class Guard:
         ):
             raise self._abort(records[-1]["step"])
 
+    def _explosions_at_flush(self, records: list[dict[str, Any]]) -> None:
+        """The sync-free path's explosion watch: the flushed steps' norms (a confirmed onset rewinds
+        the state of now, after the last of them), else a due snapshot of a calm run."""
+        exploded = self._explosions.see_records(records)
+        if exploded is None:
+            self._explosions.snapshot_at_flush(records)
+        elif self._explode(exploded, records[-1]["step"]) and self._stop is not None:
+            err, self._stop = self._stop, None
+            raise err
+
 
 def _reducer(
     params: Sequence[Tensor], config: GuardConfig, clipper: Clipper | None, process_group: Any
@@ -876,6 +1003,16 @@ def _reducer(
     if world(process_group) <= 1:
         return None
     return Reducer(check_distributed(params, config, clipper), config.norm_type, process_group)
+
+
+def _with_step_fields(found: list[Any], records: list[dict[str, Any]], names: Iterable[str]) -> list[Any]:
+    """Events derived at a flush, with the host fields ``names`` (``before_step(fields=...)``, e.g.
+    ``global_step``) that the record of their step has."""
+    names = tuple(names)
+    if not names or not found:
+        return found
+    extra = {rec["step"]: {k: rec[k] for k in names if k in rec} for rec in records}
+    return [{**e, **extra.get(e.get("step"), {})} for e in found]
 
 
 def _caller_steps(outcome: Outcome) -> bool:

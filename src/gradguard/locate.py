@@ -53,7 +53,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode, _push_mode
 from torch.utils._pytree import tree_flatten
 
-from gradguard import optable, runtable
+from gradguard import _inputs, _replay, events, optable, runtable
+from gradguard._replay import rng_state, set_rng_state  # (the replay's RNG, owned there)
 
 __all__ = [
     "Birth",
@@ -72,6 +73,7 @@ _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _USER_DIRS_IN_PKG = (os.path.join(_PKG_DIR, "demos"),)
 _STDLIB = sysconfig.get_paths()["stdlib"]
 _INTENTIONAL = "intentional"
+_MAX_RERUNS = 16  # births per replay whose op is rerun for evidence (inside a wrapper, in float32)
 _SKIP_FUNCS = frozenset(
     {"__get__", "__set__", "__repr__", "__format__", "__bool__", "__len__", "dim", "size"}
 )
@@ -118,20 +120,6 @@ def user_source(skip: int = 2) -> str | None:
             return f"{fn}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return None
-
-
-def rng_state() -> dict[str, Any]:
-    """The CPU (and, where present, CUDA) RNG state, to replay a step with the same randomness."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _floats(tree: Any) -> list[Tensor]:
@@ -189,6 +177,48 @@ def _describe(t: Tensor) -> dict[str, Any]:
         if bool(rows.any()):
             info["rows_all_neginf"] = int(rows.sum())
     return info
+
+
+def _saved(node: Any) -> dict[str, dict[str, Any]]:
+    """What an autograd node saved from its forward, described: a built-in node's ``_saved_*``
+    tensors, a custom Function's ``ctx.saved_tensors``."""
+    if _replay.function_class(node) is not None:
+        try:
+            tensors = node.saved_tensors
+        except RuntimeError:  # freed already
+            return {}
+        return {f"saved_tensors[{i}]": _describe(t) for i, t in enumerate(tensors) if isinstance(t, Tensor)}
+    return {
+        attr[len("_saved_") :]: _describe(v)
+        for attr in dir(node)
+        if attr.startswith("_saved_") and isinstance(v := getattr(node, attr, None), Tensor)
+    }
+
+
+def _custom_reason(cls: str, kind: str, saved: list[dict[str, Any]]) -> str:
+    """Why a custom Function's backward is blamed, with what its saved tensors held."""
+    zeros = sum(d.get("zeros", 0) for d in saved)
+    what = f"; its saved tensors hold {zeros} zero(s) (a division by a saved zero?)" if zeros else ""
+    return (f"the custom autograd Function {cls}'s backward returned {kind} from finite incoming gradients"
+            f"{what}")  # fmt: skip
+
+
+def _precision_overflow(
+    func: Any, name: str, args: Any, kwargs: Any, dtype: torch.dtype
+) -> tuple[str, dict[str, Any]] | None:
+    """For an op born non-finite in a 16-bit float: its reason and evidence if the same op in
+    float32 is finite (the dtype's range is the fault, under autocast or not), else ``None``."""
+    fp32 = _replay.float32_absmax(func, args, kwargs, name) if _replay.reduced(dtype) else None
+    if fp32 is None:
+        return None
+    amp = _replay.active()
+    dtype_name, dmax = str(dtype).replace("torch.", ""), float(torch.finfo(dtype).max)
+    under = f", under autocast to {amp[0]['dtype']}" if amp else ""
+    reason = (
+        f"a value above the dtype's max ({dmax:g}) in {dtype_name}{under}: the same {name} in float32 is "
+        f"finite (largest magnitude {fp32:.4g})"
+    )
+    return reason, {"dtype": dtype_name, "dtype_max": dmax, "float32_absmax": fp32, "autocast": amp}
 
 
 def explain(op: str, inputs: list[dict[str, Any]], kind: str, dtype_max: float | None = None) -> str:
@@ -249,11 +279,21 @@ class _OpWatch(TorchFunctionMode):
 
 
 class _Mode(_OpWatch):
+    """The :class:`Locator`'s watch. Before a functional wrapper (``multi_head_attention_forward``,
+    SDPA) it notes the RNG state, so the wrapper can be rerun as it ran (see :meth:`Locator._inner`)."""
+
     def __init__(self, loc: Locator) -> None:
         super().__init__()
         self.loc = loc
 
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        self.loc._wrapper_rng = rng_state() if _replay.is_wrapper(func, name) else None
+        return super().__torch_function__(func, types, args, kwargs)
+
     def on_backward(self, args: Any) -> None:
+        if self.loc.phase != "backward":  # the graph's nodes no op of the watch made (a custom Function's)
+            self.loc._hook_graph(_floats(args[:1]), None, None)
         self.loc.phase = "backward"
         if args and isinstance(args[0], Tensor) and args[0].numel() == 1:
             self.loc.loss = args[0]  # what the block differentiates: the loss
@@ -285,6 +325,9 @@ class Locator:
         self.backward_birth: Birth | None = None
         self._taint: dict[int, tuple[weakref.ref[Tensor], frozenset[int]]] = {}
         self._hooked: list[Any] = []  # nodes kept alive while their hooks may fire
+        self._seen_nodes: set[int] = set()  # ids of the nodes in _hooked (hooked, or walked past)
+        self._first_node = 0  # the sequence number of the first autograd node made in the watch
+        self._wrapper_rng: dict[str, Any] | None = None  # the RNG before the current wrapper call
         self._handles: list[Any] = []
         self.first_output: Tensor | None = None
         self.loss: Tensor | None = None
@@ -316,17 +359,32 @@ class Locator:
         name = op_name(func)
         bad_outs = [o for o in outs if not _finite(o)]
         if bad_outs:
-            self._classify(name, args, kwargs, bad_outs)
+            self._classify(name, args, kwargs, bad_outs, func)
         if self.phase != "backward":
-            source = None
-            for o in outs:
-                node = o.grad_fn
-                if node is not None and o.requires_grad and not any(n is node for n in self._hooked[-8:]):
-                    if source is None:
-                        source = user_source(3)
-                    self._hook_node(node, name, self._module(), source, self.phase)
+            self._hook_graph(outs, name, None)
 
-    def _classify(self, name: str, args: Any, kwargs: Any, bad_outs: list[Tensor]) -> None:
+    def _hook_graph(self, outs: list[Tensor], name: str | None, source: str | None) -> None:
+        """Hook the autograd nodes the op made: its output's node (named by the op) and the nodes
+        behind it that no watched call made: a functional wrapper's inner ops (each by its own
+        name: ``softmax`` inside ``multi_head_attention_forward``), a custom Function's node
+        (``MyClampGrad.backward``, its source the Function's ``backward``)."""
+        for o in outs:
+            root = o.grad_fn
+            if root is None or not o.requires_grad or id(root) in self._seen_nodes:
+                continue
+            if source is None:
+                source = user_source(3)
+            for node in _replay.new_nodes(root, self._seen_nodes, self._hooked, self._first_node):
+                if node is not root and _replay.moves_only(node):
+                    continue
+                custom = _replay.function_class(node)
+                if custom is not None:
+                    label, where = _replay.function_name(custom), _replay.function_source(custom)
+                else:
+                    label, where = (name if node is root and name else node_op_name(node)), source
+                self._hook_node(node, label, self._module(), where, self.phase)
+
+    def _classify(self, name: str, args: Any, kwargs: Any, bad_outs: list[Tensor], func: Any = None) -> None:
         leaves = tree_flatten((args, kwargs))[0]
         scalar_written = any(isinstance(v, float) and not math.isfinite(v) for v in leaves)
         inputs = [t for t in leaves if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
@@ -342,18 +400,48 @@ class Locator:
             taint = frozenset({-1})  # written on purpose: masked_fill(-inf), full(-inf)
         elif not bad_inputs or ("nan" in out_kinds and not in_nan and in_taint <= {-1}):
             source = user_source(4)
-            ev_inputs = [_describe(t) for t in inputs[:4]]
-            dtype = bad_outs[0].dtype
-            dmax = float(torch.finfo(dtype).max) if dtype.is_floating_point else None
-            evidence = {"inputs": ev_inputs, "reason": explain(name, ev_inputs, kind, dmax)}
+            op, evidence = self._evidence(name, func, args, kwargs, inputs, bad_outs, kind)
             phase = self.phase if self.phase != "backward" else "backward"
-            taint = frozenset({self._birth(phase, self._module(), name, "output", kind, source, evidence)})
+            taint = frozenset({self._birth(phase, self._module(), op, "output", kind, source, evidence)})
         else:
             taint = frozenset(in_taint)
         for o in bad_outs:
             self._set_taint(o, taint)
             if self.first_output is None:
                 self.first_output = o
+
+    def _evidence(self, name: str, func: Any, args: Any, kwargs: Any, inputs: list[Tensor], bad_outs: list[Tensor],
+                  kind: str) -> tuple[str, dict[str, Any]]:  # fmt: skip
+        """The op to name for a birth and what explains it: the innermost op of a functional wrapper
+        (with the wrapper as evidence), its inputs, the reason; a 16-bit float result that is
+        finite in float32 is a precision overflow (the dtype's range is the fault). Only the first
+        :data:`_MAX_RERUNS` births are rerun (the answer is the earliest; the replay stays bounded)."""
+        op, extra = name, dict[str, Any]()
+        func = func if len(self.births) < _MAX_RERUNS else None
+        inner = self._inner(func, name, args, kwargs)
+        if inner is not None:
+            inputs = inner.inputs
+            op = name if "loss" in inner.op else _replay.inner_name(inner.op, name)
+            extra = {"inside": name, "inner_op": inner.op} if op != name else {"inner_op": inner.op}
+        ev_inputs = [_describe(t) for t in inputs[:4]]
+        dtype = bad_outs[0].dtype
+        dmax = float(torch.finfo(dtype).max) if dtype.is_floating_point else None
+        reason = explain(op, ev_inputs, kind, dmax)
+        overflow = _precision_overflow(func, name, args, kwargs, dtype) if func is not None else None
+        if overflow is not None:
+            reason, extra["precision"] = overflow
+        custom = _replay.running_forward()
+        if custom is not None:  # born inside a custom autograd Function's forward: its fault too
+            extra["function"] = f"{custom.__qualname__}.forward"
+            reason += f" (inside the custom autograd Function {custom.__name__}.forward)"
+        return op, {"inputs": ev_inputs, "reason": reason, **extra}
+
+    def _inner(self, func: Any, name: str, args: Any, kwargs: Any) -> _replay.Inner | None:
+        """For a functional wrapper born non-finite: the innermost op that made the value (the
+        wrapper rerun once from the RNG state it started from), else ``None``."""
+        if func is None or not _replay.is_wrapper(func, name):
+            return None
+        return _replay.innermost_birth(func, args, kwargs, self._wrapper_rng)
 
     def _untracked(self, t: Tensor) -> set[int]:
         """A non-finite tensor we did not see born: a parameter (optimizer phase) or an input (data)."""
@@ -366,6 +454,15 @@ class Locator:
                 idx = self._birth("optimizer", owner, None, "param", kind, None, ev)
                 self._set_taint(t, frozenset({idx}))
                 return {idx}
+        custom = _replay.function_class(t.grad_fn)
+        if custom is not None:  # a custom Function's forward made it with no op the watch saw
+            op = _replay.function_name(custom, "forward")
+            ev = {"function": custom.__qualname__, "output": _describe(t),
+                  "reason": f"the custom autograd Function {custom.__name__}'s forward returned {_kinds(t)[0]}"}  # fmt: skip
+            idx = self._birth(self.phase, self._module(), op, "output", _kinds(t)[0],
+                              _replay.function_source(custom, "forward"), ev)  # fmt: skip
+            self._set_taint(t, frozenset({idx}))
+            return {idx}
         return set()
 
     # ------------------------------------------------------------------ module hooks
@@ -386,6 +483,14 @@ class Locator:
     def _post(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         if self._names.get(id(module)) is None:
             return
+        if self.phase != "backward":  # nodes made in this module by no watched call: a custom Function's
+            outs = _floats(out)
+            self._hook_graph(outs, None, None)
+            for o in outs:  # a custom Function's output born in this module, opaque to the watch
+                if _replay.function_class(o.grad_fn) is None or self._taint_of(o) is not None:
+                    continue
+                if not _finite(o):
+                    self._set_taint(o, frozenset(self._untracked(o)))
         if self.stack:
             self.stack.pop()
         if module is self.model:
@@ -402,29 +507,33 @@ class Locator:
             if not returned or all(_finite(g) for g in returned) or not all(_finite(g) for g in incoming):
                 return
             kinds = sorted({k for g in returned for k in _kinds(g)})
-            saved = {
-                attr[len("_saved_") :]: _describe(v)
-                for attr in dir(node)
-                if attr.startswith("_saved_") and isinstance(v := getattr(node, attr, None), Tensor)
-            }
+            saved = _saved(node)
             ev_inputs = list(saved.values())
             kind = "nan" if "nan" in kinds else kinds[0]
             op = name if name else node_op_name(node)
+            dtype = next(g.dtype for g in returned if not _finite(g))
+            dmax = float(torch.finfo(dtype).max) if _replay.reduced(dtype) else None
+            why = explain(op, ev_inputs, kind, dmax)
+            custom = _replay.function_class(node)
+            if custom is not None:
+                why = _custom_reason(custom.__name__, kind, ev_inputs)
             evidence = {
                 "node": node.name(),
                 "saved": saved,
-                "reason": explain(op, ev_inputs, kind) + " (in backward: the forward was finite)",
+                "reason": why + " (in backward: the forward was finite)",
             }
+            if custom is not None:
+                evidence["function"] = custom.__qualname__
             self.backward_birth = Birth("backward", module, op, "grad", kind, source, self.order, evidence)
 
         node.register_hook(hook)  # lives as long as the graph: it fires in the backward after the watch
-        self._hooked.append(node)
 
     # ------------------------------------------------------------------ run
     @contextlib.contextmanager
     def watch(self) -> Iterator[Locator]:
         """Instrument the block: module hooks, the function mode and node hooks; removed on exit."""
         self._reset()
+        self._first_node = _replay.sequence_now()
         for module in self.model.modules():
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
@@ -437,6 +546,7 @@ class Locator:
                 h.remove()
             self._handles.clear()
             self._hooked.clear()
+            self._seen_nodes.clear()
 
     def answer(self, loss: Tensor | None = None, loss_nonfinite: bool | None = None) -> Birth | None:
         """The birth that explains the failure.
@@ -593,19 +703,38 @@ class LossWatch(_OpWatch):
     host read) so the window no longer keeps its tensors alive. A tensor changed in place after its
     op was watched (its version moved) is not judged.
 
-    It also notes the loss (what ``backward()`` is called on); after ``backward()`` the ops that
-    follow (clipping, logging) are not the loss code and are not kept.
+    It also notes the loss (what ``backward()`` is called on); after ``backward()`` only ops run
+    under grad mode are kept (a second loss on the same forward, another optimizer's), not
+    clipping (``no_grad``); the window closes at the next step or forward.
+
+    Evidence, as the replay gives it: the answer describes the located op's inputs (for a backward
+    node, its forward op's inputs: zeros, negatives, ±1, fully masked rows; a cross-entropy's
+    ignored targets) so the reason and fix come from what the op saw. A tensor *entering* the loss
+    code — neither the model's output (``made``) nor made by a watched op nor a parameter, e.g. a
+    regression target or a soft label — is noted at its op (two attribute reads per input); if it
+    held NaN/±inf the answer is the data's (``phase: "data"``, ``tensor``: ``target``, ``label`` or
+    ``loss input``; see :mod:`gradguard._inputs`), not the op that received it.
+
+    Args:
+        limit: loss-code ops kept per window (the budget of one forward's loss code, or of one
+            optimizer's when several step the model: see :meth:`StepCapture.release`).
+        made: the model's output tensors (what the loss code gets from the model, not the data).
+        grad_only: keep only ops run under grad mode (a window opened at an optimizer step, whose
+            own ops run under ``no_grad``).
     """
 
-    def __init__(self, limit: int = 64) -> None:
+    def __init__(self, limit: int = 64, made: list[Tensor] | None = None, *, grad_only: bool = False) -> None:
         super().__init__()
         self.limit = limit
+        self.grad_only = grad_only  # keep only ops under grad mode (not an optimizer's own step)
         self.entries: list[_Watched] = []  # the loss-code ops, then the backward nodes, in order
         self.loss: Tensor | None = None
         self.done = False  # backward() was called: the loss code is over
         self._sums: list[float] | Tensor | None = None  # after compact(): one sum per kept tensor
         self._handles: list[Any] = []
         self._pid = os.getpid()
+        self._made = {id(t) for t in made or ()}  # tensors the model or a watched op made
+        self.entered: Tensor | None = None  # the non-finite tensor that entered (after answer())
 
     def on_backward(self, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
@@ -613,25 +742,47 @@ class LossWatch(_OpWatch):
         self.done = True
 
     def on_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
-        if self.done or len(self.entries) >= self.limit or os.getpid() != self._pid:
+        if len(self.entries) >= self.limit or os.getpid() != self._pid:
             return  # a forked child (a DataLoader worker) inherits the mode: it watches nothing there
+        if self.grad_only and not torch.is_grad_enabled():
+            return
         outs = _float_outputs(out)
-        if not outs:
-            return  # indexing, integer data: nothing that can turn non-finite
+        if not outs or (self.done and not torch.is_grad_enabled()):
+            return  # integer data; after backward(), clipping (a no_grad block)
         op = op_name(func)
         source = user_source(2)
-        self.entries.append(_Watched(op, source, "loss", outs, _float_inputs(args, kwargs)))
+        ins = _float_inputs(args, kwargs)
+        entry = _Watched(op, source, "loss", outs, ins)
+        entry.entering = self._entering(op, args, kwargs, ins)
+        entry.target = _inputs.target_of(op, args, kwargs)
+        self.entries.append(entry)
         for o in outs:
+            self._made.add(id(o))
             node = o.grad_fn
             if node is not None and o.requires_grad:
-                self._handles.append(node.register_hook(self._node_hook(op, source)))
+                self._handles.append(node.register_hook(self._node_hook(entry)))
 
-    def _node_hook(self, op: str, source: str | None) -> Callable[..., None]:
+    def leaves(self) -> list[Tensor]:
+        """The floating tensors that entered the loss code (while the references are kept)."""
+        return [t for e in self.entries if e.entering for t, r in zip(e._ins, e.entering) if r is not None]
+
+    def _entering(self, op: str, args: Any, kwargs: Any, ins: list[Tensor]) -> tuple[str | None, ...] | None:
+        """The role of each input that enters the loss code here (``None``: made in the step), or
+        ``None`` when all were made in the step (the usual op: no allocation)."""
+        made = self._made
+        fresh = [id(t) not in made and t.grad_fn is None and not t.requires_grad for t in ins]
+        if not any(fresh):
+            return None
+        return tuple(_inputs.entering_role(op, args, kwargs, t) if f else None for t, f in zip(ins, fresh))
+
+    def _node_hook(self, forward: _Watched) -> Callable[..., None]:
         def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]) -> None:
             returned = [g for g in grad_inputs if g is not None]
             if returned and len(self.entries) < 2 * self.limit and self._sums is None:
                 incoming = [g for g in grad_outputs if g is not None]
-                self.entries.append(_Watched(op, source, "backward", returned, incoming))
+                entry = _Watched(forward.op, forward.source, "backward", returned, incoming)
+                entry.forward = forward
+                self.entries.append(entry)
 
         return hook
 
@@ -652,7 +803,9 @@ class LossWatch(_OpWatch):
         self._handles.clear()
 
     def answer(self) -> dict[str, Any] | None:
-        """The first loss-code op (or its backward node) that made a non-finite value from finite inputs."""
+        """The first loss-code op (or its backward node) that made a non-finite value from finite
+        inputs — or from intentional infinities only (a NaN out of ±inf, e.g. a softmax over a row
+        a mask filled with -inf) — or the first non-finite tensor that entered the loss code."""
         if not self.entries:
             return None
         sums = self._host_sums()  # host sync: the anomaly path only
@@ -662,8 +815,12 @@ class LossWatch(_OpWatch):
                 continue
             outs, ins = sums[i : i + e.n_out], sums[i + e.n_out : i + e.n_out + e.n_in]
             i += e.n_out + e.n_in
+            entered = e.bad_entering(ins)
+            if entered is not None:
+                self.entered = e._ins[entered] if entered < len(e._ins) else None
+                return e.data_event(entered, ins[entered])
             bad = [s for s in outs if not math.isfinite(s)]
-            if bad and all(math.isfinite(s) for s in ins):
+            if bad and (all(math.isfinite(s) for s in ins) or e.nan_from_infinities(bad[0], ins)):
                 return e.event(bad[0])
         return None
 
@@ -702,9 +859,17 @@ def _sum(t: Tensor) -> Tensor:
 
 
 class _Watched:
-    """One op of the loss code (or one autograd node of its backward), by reference."""
+    """One op of the loss code (or one autograd node of its backward), by reference.
 
-    __slots__ = ("_ins", "_outs", "judged", "n_in", "n_out", "op", "phase", "source", "versions")
+    ``entering``: per input, its role if it entered the loss code here (see :class:`LossWatch`);
+    ``target``: a cross-entropy's integer target and ``ignore_index``; ``forward``: for a backward
+    node, the forward op that made it (whose inputs explain a non-finite gradient).
+    """
+
+    __slots__ = (
+        "_ins", "_outs", "entering", "forward", "judged", "n_in", "n_out", "op", "phase", "source", "target",
+        "versions",
+    )  # fmt: skip
 
     def __init__(
         self, op: str, source: str | None, phase: str, outs: list[Tensor], ins: list[Tensor]
@@ -714,6 +879,9 @@ class _Watched:
         self.n_out, self.n_in = len(outs), len(ins)
         self.versions = [t._version for t in (*outs, *ins)]
         self.judged = True
+        self.entering: tuple[str | None, ...] | None = None
+        self.target: tuple[Tensor, int] | None = None
+        self.forward: _Watched | None = None
 
     def tensors(self) -> list[Tensor]:
         return [*self._outs, *self._ins]
@@ -724,19 +892,75 @@ class _Watched:
 
     def drop(self) -> None:
         self._outs, self._ins = [], []
+        self.target = None
+
+    def bad_entering(self, ins: list[float]) -> int | None:
+        """The index of the first input that entered the loss code here non-finite (an infinite
+        one at an op that takes ±inf masks on purpose is left alone), or ``None``."""
+        if self.entering is None or self.phase != "loss":
+            return None
+        for k, (role, total) in enumerate(zip(self.entering, ins)):
+            intentional = not math.isnan(total) and _inputs.is_mask_op(self.op)  # a ±inf mask
+            if role is not None and not math.isfinite(total) and not intentional:
+                return k
+        return None
+
+    def nan_from_infinities(self, out: float, ins: list[float]) -> bool:
+        """A loss-code op that made NaN from inputs holding ±inf but no NaN (a softmax over a row a
+        mask filled with -inf): a birth of its own, as in the replay."""
+        return self.phase == "loss" and math.isnan(out) and not any(map(math.isnan, ins))
+
+    def data_event(self, k: int, total: float) -> dict[str, Any]:
+        """The answer for a non-finite tensor that entered the loss code as this op's input ``k``."""
+        role = self.entering[k] if self.entering is not None else "loss input"
+        kind = events.kind_of(total)
+        evidence: dict[str, Any] = {"consumer": self.op, "argument": k}
+        if k < len(self._ins):
+            evidence["input"] = _describe(self._ins[k])  # host reads: the anomaly path
+        evidence["reason"] = f"the {role} entering the loss code (at {self.op}) already held {kind}"
+        return {
+            "phase": "data",
+            "module": None,
+            "op": None,
+            "tensor": role,
+            "kind": kind,
+            "source": self.source,
+            "evidence": evidence,
+        }
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What the op's inputs held (a backward node: its forward op's), as the replay describes
+        them; ``[]`` once the references were dropped (host reads: the anomaly path)."""
+        op = self.forward if self.forward is not None else self
+        if (not op._ins and op.n_in) or not op.unchanged():
+            return []
+        described = [_describe(t) for t in op._ins[:4]]
+        if op.target is not None:
+            described.append(_inputs.target_description(*op.target))
+        return described
 
     def event(self, total: float) -> dict[str, Any]:
         suffix = " (in backward: the forward was finite)" if self.phase == "backward" else ""
+        kind = events.kind_of(total)
+        inputs = self.describe()
+        if inputs or (self.forward or self).n_in == 0:
+            # an inf from finite inputs is an overflow only in a reduced dtype (fp16 under autocast);
+            # in float32 it is the op's own edge (an impossible CTC target, exp's overflow has its cause)
+            dtype = self._outs[0].dtype if self._outs and self.phase == "loss" else None
+            dmax = float(torch.finfo(dtype).max) if dtype in (torch.float16, torch.bfloat16) else None
+            why = explain(self.op, inputs, kind, dmax)
+            evidence: dict[str, Any] = {"inputs": inputs, "reason": why + suffix}
+        else:
+            why = f"{self.op} in the loss code made a non-finite value from finite inputs"
+            evidence = {"reason": why + suffix}
         return {
             "phase": self.phase,
             "module": None,
             "op": self.op,
             "tensor": "output" if self.phase == "loss" else "grad",
-            "kind": "nan" if math.isnan(total) else ("inf" if total > 0 else "-inf"),
+            "kind": kind,
             "source": self.source,
-            "evidence": {
-                "reason": f"{self.op} in the loss code made a non-finite value from finite inputs{suffix}"
-            },
+            "evidence": evidence,
         }
 
 
@@ -783,6 +1007,7 @@ class StepCapture:
         self.max_output = max_output
         self.max_windows = max_windows
         self.inputs: tuple[Any, Any, dict[str, Any]] | None = None
+        self.autocast: tuple[_replay.Autocast, ...] | None = None  # the forward's autocast state
         self.out_grads: list[Tensor | None] = []
         self.watches: list[LossWatch] = []  # the loss-code windows of this step, oldest first
         self.replaying = False
@@ -794,6 +1019,11 @@ class StepCapture:
         self._release_due = False
         self._forwards = 0  # grad-enabled forwards this step
         self._last_forwards = 0  # ... and in the step before
+        self.steps = 0  # steps released so far: the index of the step being captured
+        self.carried = _inputs.CarriedState()  # last forwards' inputs and outputs, weakly (carried state)
+        self._made: list[weakref.ref[Tensor]] = []  # the last watched forward's outputs
+        self._removed = False
+        _CAPTURES.setdefault(root, weakref.WeakSet()).add(self)
         self._handles: list[Any] = []
         if hooks:
             self._handles = [
@@ -813,11 +1043,16 @@ class StepCapture:
         self._stop_watch(compact=True)  # a new forward: the last window was not the step's last
         if torch.is_grad_enabled():
             self.inputs = (args, kwargs, rng_state())
+            self.autocast = _replay.autocast_state()  # the replay's forward runs under the same
             self._forwards += 1
 
     def post(self, module: nn.Module, args: Any, out: Any) -> None:
         if self.replaying or not torch.is_grad_enabled():
             return
+        made = _float_outputs(out)
+        if not torch.compiler.is_compiling():  # (storages are not traced in a compiled region)
+            took = _float_inputs(*self.inputs[:2]) if self.inputs is not None else []
+            self.carried.note(took, made, self.steps)
         if self._hooks:
             self.out_grads = []
             self._keep_grads_of(out)
@@ -826,7 +1061,8 @@ class StepCapture:
         if self.watch_loss and self._may_watch() and not isinstance(_top_mode(), _OpWatch):
             # (not inside gradguard's own instrumentation: an armed forward, whose forward hook
             # leaves its mode after this one runs)
-            self._active = LossWatch()
+            self._made = [weakref.ref(t) for t in made]
+            self._active = LossWatch(made=made)
             self._active.__enter__()
 
     def _may_watch(self) -> bool:
@@ -879,6 +1115,7 @@ class StepCapture:
         if not _leave(active):
             self._pending.append(active)
         active.close()
+        self.carried.note(active.leaves(), [], self.steps)  # a buffer kept across steps: a memory bank
         if compact:
             active.compact()
         self.watches.append(active)
@@ -905,9 +1142,39 @@ class StepCapture:
         self._stop_watch(compact=compact)
 
     def end_step(self) -> LossWatch | None:
-        """At the optimizer step: stop watching the loss code; return the step's last watch."""
+        """At the optimizer step: stop watching the loss code; return the step's last watch.
+
+        With several optimizers, the open window (the watching capture's, of this model or of
+        another model the loss code called: a GAN's discriminator) held this optimizer's loss code:
+        it closes too, and :meth:`loss_watch_answer` reads it."""
         self._stop_watch()
-        return self.watch
+        for other in _live_captures(self):
+            other._stop_watch()
+        return self.watch  # (its loss: this optimizer's, never another's)
+
+    def _siblings(self) -> list[StepCapture]:
+        """The other live captures of the same model (one per optimizer that steps it)."""
+        return [c for c in _CAPTURES.get(self.root, ()) if c is not self and not c._removed]
+
+    def _continue_watching(self) -> None:
+        """After one optimizer's step, when several step this model: the loss code that follows may
+        be the next optimizer's (an actor-critic's second loss, a GAN's generator loss on the same
+        forward). The watching capture opens a new window for it — each optimizer's loss code has
+        its own budget — that keeps only grad-mode ops (the optimizer's own step runs under
+        ``no_grad``); the model's next forward or the next step closes it."""
+        siblings = self._siblings()
+        if not siblings or self._removed:
+            return
+        watcher = self if self.watch_loss else next((c for c in siblings if c.watch_loss), None)
+        if watcher is None or watcher._active is not None or watcher.replaying:
+            return
+        if watcher is not self:  # its closed windows were read at this step: keep sums only
+            for w in watcher.watches:
+                w.compact()
+        made = [t for t in (r() for r in watcher._made) if t is not None]
+        if made and watcher._may_watch() and not isinstance(_top_mode(), _OpWatch):
+            watcher._active = LossWatch(made=made, grad_only=True)
+            watcher._active.__enter__()
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
@@ -933,8 +1200,11 @@ class StepCapture:
         self.watches = []
         self._outs = []
         self._last_forwards, self._forwards = self._forwards, 0
+        self.steps += 1
+        self._continue_watching()
 
     def remove(self) -> None:
+        self._removed = True
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -943,6 +1213,7 @@ class StepCapture:
     def forget(self) -> None:
         """In a forked child: leave the watch's mode, drop every reference; no device work (a
         forked child may not touch the parent's CUDA context)."""
+        self._removed = True
         for watch in (self._active, *self._pending):
             if watch is not None:
                 _leave(watch)
@@ -950,12 +1221,35 @@ class StepCapture:
         self.inputs, self.out_grads, self.watches, self._outs = None, [], [], []
 
     def loss_watch_answer(self) -> dict[str, Any] | None:
-        """The first non-finite birth any loss-code window of this step saw (host reads)."""
-        for watch in self.watches:
+        """The first non-finite birth any loss-code window of this step saw (host reads): this
+        capture's, then those of the model's other captures (the watching one, when several
+        optimizers step the model), then those of other models' captures not released yet (a GAN's
+        generator loss runs in a window opened by the discriminator's forward)."""
+        others = sorted(_live_captures(self), key=lambda c: c.root is not self.root)
+        for watch in [*self.watches, *(w for c in others for w in c.watches)]:
             found = watch.answer()
+            if found is not None and watch.entered is not None:
+                self._name_carried_loss_input(found, watch.entered)
             if found is not None:
                 return found
         return None
+
+    def _name_carried_loss_input(self, found: dict[str, Any], t: Tensor) -> None:
+        """A non-finite tensor that entered the loss code and is state from an earlier step (the
+        model's own earlier output used as a target, a memory bank written in place between steps)
+        is named so, as a carried model input is."""
+        origin = self.carried.origin(t, self.steps)
+        if origin is None:
+            return
+        k = origin["carried_from_step"]
+        how = (
+            f"the model's own output at step {k}, used as {found['tensor']}"
+            if origin["carried"] == "output"
+            else f"a tensor kept across steps (a memory bank, a running buffer) and written in place since step {k}"
+        )
+        found["tensor"] = "state"
+        why = f"the state carried into this step's loss code is non-finite: {how}"
+        found["evidence"].update(origin, reason=why)
 
     def replay(self, loc: Locator) -> tuple[Birth | dict[str, Any] | None, str]:
         """Replay the captured step: the model's forward from its inputs, its backward from the kept
@@ -967,14 +1261,17 @@ class StepCapture:
         assert self.inputs is not None
         args, kwargs, rng = self.inputs
         out_grads = list(self.out_grads)
-        backward = bool(out_grads) and all(g is not None for g in out_grads)
+        # an output the loss did not use (an RNN's final state) has no gradient: the others replay
+        backward = any(g is not None for g in out_grads)
         grads_ok = backward and all(_finite(g) for g in out_grads if g is not None)
 
         def forward_backward() -> Any:
-            out = self.root(*args, **kwargs)
+            with _replay.under(self.autocast):  # the step's autocast state; the backward as it ran
+                out = self.root(*args, **kwargs)
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
             if grads_ok and len(outs) == len(out_grads):
-                torch.autograd.backward(outs, out_grads)
+                used = [(t, g) for t, g in zip(outs, out_grads) if g is not None]
+                torch.autograd.backward([t for t, _ in used], [g for _, g in used])
             return out
 
         self.replaying = True
@@ -982,6 +1279,8 @@ class StepCapture:
             birth, _ = loc.replay(forward_backward, rng)
         finally:
             self.replaying = False
+        if isinstance(birth, Birth) and birth.phase == "data" and birth.tensor == "input":
+            self._name_carried_state(birth, args, kwargs)
         if birth is not None and birth.phase == "backward" and not grads_ok:
             birth = None  # no faithful backward was replayed
         if birth is not None:
@@ -995,6 +1294,33 @@ class StepCapture:
                 "the model's output was finite: the loss code made the loss or its gradient non-finite",
             )
         return None, "replay"
+
+    def _name_carried_state(self, birth: Birth, args: Any, kwargs: Any) -> None:
+        """A non-finite model input that is state carried from an earlier step (an output fed back,
+        a buffer written in place between steps) is named so: ``tensor: "state"``, and the step it
+        came from (host reads: the anomaly path)."""
+        for t in _floats((args, kwargs)):
+            origin = self.carried.origin(t, self.steps) if not _finite(t) else None
+            if origin is None:
+                continue
+            birth.tensor = "state"
+            k = origin["carried_from_step"]
+            how = (
+                f"the model's own output at step {k}, fed back as its input"
+                if origin["carried"] == "output"
+                else f"a tensor kept across steps and written in place since step {k}"
+            )
+            birth.evidence.update(origin, reason=f"the state carried into this step is non-finite: {how}")
+            return
+
+
+#: The live captures of each model (several optimizers on one model: one capture each).
+_CAPTURES: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[StepCapture]] = weakref.WeakKeyDictionary()
+
+
+def _live_captures(but: StepCapture) -> list[StepCapture]:
+    """Every live capture of every model, but ``but``."""
+    return [c for group in list(_CAPTURES.values()) for c in group if c is not but and not c._removed]
 
 
 def _top_mode() -> Any:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gradguard.errors import GradGuardError
-from gradguard.record import FLAGS, SCALARS
+from gradguard.record import COLUMN, FLAGS, SCALARS
 from gradguard.runlog import RunWriter
 
 __all__ = ["SCALARS", "Monitor"]
@@ -148,6 +148,16 @@ class Monitor:
         for name, value in layer_extras.items():
             self._sparse.append((self._held, name, _detached(value)))
         self._release()
+
+    def amend(self, step: int, columns: dict[str, Any]) -> bool:
+        """Overwrite columns of the pending row of ``step`` (device tensors or numbers; no host
+        read). ``False`` when that row was flushed already (it is written as it was)."""
+        if not self._steps or self._steps[-1] != step or self._scalars is None:
+            return False
+        row = self._scalars[len(self._steps) - 1]
+        for name, value in columns.items():
+            row[COLUMN[name]] = value
+        return True
 
     def _release(self) -> None:
         """The held row is complete, or will never be: flush if the buffer is full."""

@@ -26,12 +26,40 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["NAN_INPUT", "OPS", "Cause", "OpEntry", "advice", "lookup", "reason"]
+__all__ = [
+    "CUSTOM_FUNCTION",
+    "MASKED_NAN",
+    "NAN_INPUT",
+    "OPS",
+    "Cause",
+    "OpEntry",
+    "advice",
+    "lookup",
+    "masked_nan",
+    "reason",
+]
 
 Inputs = Sequence[Mapping[str, Any]]
 """Descriptions of an op's tensor inputs (``zeros``, ``negative``, ``nan``, ``rows_all_neginf``…)."""
 
 NAN_INPUT = "a NaN was already in the input"
+CUSTOM_FUNCTION = re.compile(r"^[A-Za-z_][\w]*\.(forward|backward)$")
+"""A located custom ``torch.autograd.Function`` is named ``Class.forward`` or ``Class.backward``."""
+MASKED_NAN = "its forward output held NaN that the forward then discarded (torch.where or a mask)"
+"""The reason of a backward op whose forward made a NaN that was selected away (see :func:`masked_nan`)."""
+_WHERE_FIX = (
+    "torch.where (or a mask) evaluates both branches, and the discarded branch's NaN still reaches the "
+    "gradient: make the unsafe op's input safe before it, e.g. torch.sqrt(torch.where(x > 0, x, 1)) "
+    "instead of torch.where(x > 0, torch.sqrt(x), 0)"
+)
+_AUTOCAST_FIX = (
+    "run this op outside autocast so it computes in float32 (with torch.autocast(device_type, enabled=False): "
+    "on .float() inputs), or autocast to bfloat16, whose range is float32's; keep a GradScaler for fp16 gradients"
+)
+_DTYPE_FIX = (
+    "compute this op in float32 (or autocast to bfloat16, whose range is float32's), or scale its input "
+    "down (normalise the data; keep a GradScaler for fp16 gradients)"
+)
 _DTYPE_MAX = "a value above the dtype's max ({:g})"
 _AT_ZERO = "{op} at 0 (infinite or undefined derivative)"
 _NEGATIVE = "{op} of a negative number"
@@ -44,6 +72,7 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
     "unit_input": lambda inputs: bool(inputs and inputs[0].get("unit")),
     "zero_denominator": lambda inputs: any(i.get("zeros") for i in inputs[1:] or inputs),
     "any_zero": lambda inputs: any(i.get("zeros") for i in inputs),
+    "all_ignored": lambda inputs: any(i.get("numel") and i.get("ignored") == i.get("numel") for i in inputs),
     "always": lambda inputs: True,
 }
 
@@ -78,7 +107,7 @@ class OpEntry:
         fix: the general fix (when the evidence names no specific cause).
         causes: the specific causes, checked in order against the inputs; the fix follows the
             evidence (``(op, evidence) → fix``), not the op's name alone.
-        otherwise: the reason when no cause holds and the value is not above the dtype's max.
+        otherwise: the reason when no cause holds (before an overflow: the op makes its own inf there).
     """
 
     pattern: re.Pattern[str]
@@ -121,13 +150,13 @@ _FRACTIONAL_NEGATIVE = (
     "x.abs() ** p * x.sign() where the sign matters)"
 )
 _POW_AT_ZERO = (
-    "a fractional power at 0 has an infinite gradient: add eps to the base, (x + eps) ** p or "
-    "x.clamp_min(eps) ** p (focal loss: (1 - p).clamp_min(eps) ** gamma)"
+    "a negative power at 0 is infinite and a fractional one has an infinite gradient there: add eps to "
+    "the base, (x + eps) ** p or x.clamp_min(eps) ** p (focal loss: (1 - p).clamp_min(eps) ** gamma)"
 )
 
 OPS: tuple[OpEntry, ...] = (
     _entry(
-        r"^(_?log_)?softmax$|^_softmax$|^_log_softmax$|attention",
+        r"^(_?log_)?softmax$|^_softmax$|^_log_softmax$|attention|^logsumexp$",
         "very large logits overflow exp (a learning rate too high, fp16 scores), or a row whose entries "
         "are all -inf (every key masked) gives 0/0",
         "keep the logits in range: compute the softmax in float32, scale the scores, and lower the learning "
@@ -149,14 +178,33 @@ OPS: tuple[OpEntry, ...] = (
         "every target is ignored (ignore_index): the mean over zero targets is 0 / 0",
         "skip a batch with no valid target (if (target != ignore_index).any()), or average with "
         "reduction='sum' / (target != ignore_index).sum().clamp_min(1)",
+        Cause("all_ignored", "every target is ignored (ignore_index): the mean over zero targets is 0 / 0"),
     ),
-    _entry(r"^log(2|10)?$", *_LOG, Cause("zero_input", "log of 0"), Cause("negative_input", _NEGATIVE)),
+    _entry(
+        r"^log(2|10)?$",
+        *_LOG,
+        Cause("zero_input", "log of 0"),
+        Cause(
+            "negative_input",
+            _NEGATIVE,
+            "the argument is negative: find why (a difference that should be "
+            "positive, a missing abs or softplus), then clamp it, torch.log(x.clamp_min(eps))",
+        ),
+    ),
     _entry(r"^log1p$|^xlogy$", *_LOG),
     _entry(r"^(div|reciprocal|rsqrt)$", *_DIV, Cause("zero_denominator", "division by zero")),
+    _entry(
+        r"^(std|var)(_mean)?$",
+        "the unbiased std or var of a single value (n - 1 = 0 degrees of freedom) is 0 / 0: a batch or a "
+        "group of one (the last batch of an epoch)",
+        "use correction=0 (unbiased=False), or give every group at least 2 values (DataLoader(..., "
+        "drop_last=True) for a last batch of one)",
+    ),
     _entry(r"^(div|true_divide|reciprocal|rsqrt|remainder|fmod|std|var)", *_DIV),
     _entry(
         r"^pow$",
-        "a fractional power of a negative number (NaN), or at exactly 0 (infinite gradient)",
+        "a fractional power of a negative number (NaN), or a negative or fractional power at exactly 0 "
+        "(an infinite value or gradient)",
         _POW_AT_ZERO,
         Cause("negative_input", "a negative base to a fractional power", _FRACTIONAL_NEGATIVE),
         Cause(
@@ -165,7 +213,17 @@ OPS: tuple[OpEntry, ...] = (
             _POW_AT_ZERO,
         ),
     ),
-    _entry(r"^sqrt$", *_SQRT, Cause("negative_input", _NEGATIVE), Cause("any_zero", _AT_ZERO)),
+    _entry(
+        r"^sqrt$",
+        *_SQRT,
+        Cause(
+            "negative_input",
+            _NEGATIVE,
+            "clamp the argument: torch.sqrt(x.clamp_min(eps)) — a variance "
+            "computed as E[x²] − E[x]² can come out slightly negative (prefer torch.var)",
+        ),
+        Cause("any_zero", _AT_ZERO),
+    ),
     _entry(
         r"^hypot$",
         "hypot at the origin (0, 0): its gradient x / hypot(x, y) is 0 / 0",
@@ -175,6 +233,13 @@ OPS: tuple[OpEntry, ...] = (
     _entry(r"^(norm|linalg_vector_norm|cdist|_cdist_backward)$", *_SQRT, Cause("any_zero", _AT_ZERO)),
     _entry(r"^exp(m1|2)?$", *_EXP, Cause("always", "exp overflow")),
     _entry(r"^(sinh|cosh|softplus)$", *_EXP),
+    _entry(
+        r"^(lgamma|digamma|polygamma|mvlgamma)$",
+        "lgamma / digamma at 0 (or a negative integer) are infinite: a Gamma, Beta or Dirichlet parameter "
+        "(a concentration, a rate) that reached 0",
+        "keep the parameter positive and away from 0: F.softplus(x) + eps (or x.clamp_min(eps)) for "
+        "concentrations and rates",
+    ),
     _entry(
         r"^ctc_loss$",
         "a target that cannot be aligned (longer than the input) gives an infinite loss",
@@ -196,14 +261,14 @@ OPS: tuple[OpEntry, ...] = (
         Cause("unit_input", "{op} of ±1 (infinite derivative at the edge of the domain)"),
     ),
     _entry(
-        r"^(atanh|acosh)$",
+        r"^(atanh|acosh|erfinv)$",
         "an argument outside the function's domain (e.g. |x| ≥ 1 for atanh)",
         "clamp the argument into the domain, e.g. x.clamp(-1 + eps, 1 - eps)",
     ),
     _entry(
         r"^where$",
         "torch.where evaluates both branches: the unselected one's NaN gradient still flows",
-        "make the unselected branch safe too (apply where to the argument before the unsafe op)",
+        _WHERE_FIX,
     ),
 )
 """The table, first match wins."""
@@ -238,10 +303,12 @@ def reason(op: str, inputs: Inputs, kind: str, dtype_max: float | None = None) -
             continue
         if _HOLDS[cause.condition](inputs):
             return cause.reason.format(op=_base(op))
+    if entry is not None and entry.otherwise is not None:
+        return (
+            entry.otherwise
+        )  # the op's own non-finite result (an impossible CTC alignment), not an overflow
     if dtype_max is not None and kind in ("inf", "-inf"):
         return _DTYPE_MAX.format(dtype_max)
-    if entry is not None and entry.otherwise is not None:
-        return entry.otherwise
     return f"{op} produced {kind} from finite inputs"
 
 
@@ -251,26 +318,56 @@ def advice(op: str | None, why: str | None = None, cause: str | None = None) -> 
     Args:
         op: the op a ``nonfinite`` event names.
         why: the event's own reason (``evidence.reason``) where it has one: it is kept as the reason.
-        cause: the event's ``cause``, if any. An overflow or an input that was already NaN (in the
-            reason or the cause) get their own fix, whatever the op.
+            A reason that names no specific cause (``"log in the loss code made a non-finite value
+            from finite inputs"``: the loss code's watch does not describe the inputs) gets the op's
+            usual cause added, so the user reads what to look for.
+        cause: the event's ``cause``, if any. An overflow, a NaN masked out in the forward, or an
+            input that was already NaN (in the reason or the cause) get their own fix, whatever the op.
     """
     text = f"{why or ''} {cause or ''}".lower()
     if "dtype's max" in text or "65504" in text or "float16" in text:
-        return (
-            str(why or "a value above float16's largest (65504)"),
-            "compute this op in float32 (or autocast to bfloat16, whose range is float32's)",
-        )
+        fix = _AUTOCAST_FIX if "under autocast" in text else _DTYPE_FIX
+        return (str(why or "a value above float16's largest (65504)"), fix)
+    if MASKED_NAN.lower() in text:
+        return str(why), _WHERE_FIX
     if "already in the input" in text:
         return (
             str(why),
             "the op only passed it on: find where its input became non-finite (an earlier op, or the data)",
         )
+    if op is not None and CUSTOM_FUNCTION.match(op):
+        return str(why or f"the custom autograd Function {op} made a non-finite value"), _custom_fix(op)
     entry = lookup(op)
     if entry is not None:
         found = entry.cause_of(str(why or ""), _base(op or ""))
-        fix = found.fix if found is not None and found.fix is not None else entry.fix
-        return str(why or entry.why), fix
+        if found is not None:
+            return str(why), found.fix or entry.fix
+        return (f"{why}; the usual cause: {entry.why}" if why else entry.why), entry.fix
     return (
         str(why or "its inputs put it at a numerical edge"),
         "check the op's inputs at that line and keep them in range (clamp_min(eps), log-space, float32)",
     )
+
+
+def _custom_fix(op: str) -> str:
+    """The fix for a custom ``torch.autograd.Function`` (``op`` is ``Class.forward`` / ``Class.backward``)."""
+    return (
+        f"fix {op} (your torch.autograd.Function, at its source line): it computes by hand a non-finite "
+        "value where the built-in ops would not — guard its divisions and roots against the zeros it saved "
+        "(x / d.clamp_min(eps)), or drop the hand-written backward and let autograd derive it; check it with "
+        "torch.autograd.gradcheck on double inputs, including the edge case (two equal points, a zero norm)"
+    )
+
+
+def masked_nan(phase: str | None, evidence: Mapping[str, Any] | None) -> bool:
+    """Whether a backward op's own forward output held NaN while the loss stayed finite: the forward
+    NaN was selected away (``torch.where``, a mask, indexing), but its gradient is 0 × NaN = NaN.
+
+    Args:
+        phase: the event's phase.
+        evidence: the event's ``evidence`` (``saved``: the backward node's saved tensors, described).
+    """
+    saved = evidence.get("saved") if phase == "backward" and isinstance(evidence, Mapping) else None
+    if not isinstance(saved, Mapping):
+        return False
+    return any(isinstance(d, Mapping) and (d.get("nan") or 0) > 0 for d in saved.values())

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "backward", "module": None, "op": "acos", "kind": "-inf"}
+VERDICT = {"id": "nonfinite_op", "cause": "±1", "fix": "x.clamp(-1 + 1e-6, 1 - 1e-6)"}
 
 torch.manual_seed(0)
 model = nn.Linear(3, 3, bias=False)

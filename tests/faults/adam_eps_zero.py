@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "optimizer", "module": "emb", "op": None, "kind": "nan", "tensor": "param"}
+VERDICT = {"id": "nonfinite_op", "cause": "inside Adam.step()", "fix": "eps > 0"}
 
 
 class Model(nn.Module):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "loss", "module": None, "op": "log", "kind": "-inf"}
+VERDICT = {"id": "nonfinite_op", "cause": "log of 0", "fix": "BCEWithLogitsLoss"}
 
 torch.manual_seed(0)
 model = nn.Linear(3, 1)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "loss", "module": None, "op": "cross_entropy", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "every target is ignored", "fix": "no valid target"}
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 20))

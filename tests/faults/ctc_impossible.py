@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "loss", "module": None, "op": "ctc_loss", "kind": "inf"}
+VERDICT = {"id": "nonfinite_op", "cause": "cannot be aligned", "fix": "zero_infinity=True"}
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 6))

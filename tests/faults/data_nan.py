@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "data", "module": None, "op": None, "kind": "nan"}
+VERDICT = {"id": "bad_data", "cause": "the model's input", "fix": "torch.isfinite"}
 
 torch.manual_seed(0)
 table = torch.randn(64, 5)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "loss", "module": None, "op": "pow", "kind": "inf"}
+VERDICT = {"id": "nonfinite_op", "cause": "pow at 0", "fix": "(x + eps) ** p"}
 
 torch.manual_seed(0)
 net = nn.Sequential(nn.Linear(10, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "backward", "module": None, "op": "sqrt", "kind": "inf"}
+VERDICT = {"id": "nonfinite_op", "cause": "sqrt at 0", "fix": "torch.sqrt(x + eps)"}
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "backward", "module": None, "op": "pow", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "pow at 0", "fix": "(1 - p).clamp_min(eps) ** gamma"}
 
 
 def focal_loss(logits, target, gamma=0.5):

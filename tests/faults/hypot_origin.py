@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "backward", "module": "polar", "op": "hypot", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "hypot at 0", "fix": "torch.sqrt(x * x + y * y + eps)"}
 
 
 class Polar(nn.Module):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"cause": "explosion"}
+VERDICT = {"id": "explosion", "cause": "Gradient explosion", "fix": "learning rate"}
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "forward", "module": "attn", "op": "softmax", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "every key masked", "fix": "leave at least one key unmasked"}
 
 
 class Attention(nn.Module):

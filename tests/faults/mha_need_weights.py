@@ -1,10 +1,13 @@
 """nn.MultiheadAttention with need_weights=True (the default) and a key_padding_mask that masks
-every key of one sample: the attention weights of that sample are NaN."""
+every key of one sample: the attention weights of that sample are NaN. The NaN is born in the
+softmax inside ``F.multi_head_attention_forward`` (a row of all -inf); the wrapper is only where
+the user called it."""
 
 import torch
 from torch import nn
 
-EXPECTED = {"phase": "forward", "module": "mha", "op": "multi_head_attention_forward", "kind": "nan"}
+EXPECTED = {"phase": "forward", "module": "mha", "op": "softmax", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "every key masked", "fix": "leave at least one key unmasked"}
 
 
 class Model(nn.Module):

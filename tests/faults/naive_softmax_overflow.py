@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "forward", "module": "classifier", "op": "exp", "kind": "inf"}
+VERDICT = {"id": "nonfinite_op", "cause": "exp overflow", "fix": "log space"}
 
 
 class NaiveSoftmaxClassifier(nn.Module):

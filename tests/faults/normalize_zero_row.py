@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "forward", "module": "embed", "op": "div", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "division by zero", "fix": "F.normalize"}
 
 
 class Embed(nn.Module):

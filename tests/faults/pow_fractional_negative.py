@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "forward", "module": "gamma", "op": "pow", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "negative base to a fractional power", "fix": "x.clamp_min(0) ** p"}
 
 
 class Gamma(nn.Module):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "backward", "module": "dist", "op": "pow", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "pow at 0", "fix": "x.clamp_min(eps) ** p"}
 
 
 class PairDistance(nn.Module):

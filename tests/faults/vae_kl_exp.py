@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "loss", "module": None, "op": "exp", "kind": "inf"}
+VERDICT = {"id": "nonfinite_op", "cause": "exp overflow", "fix": "clamp the argument before exp"}
 
 
 class VAE(nn.Module):

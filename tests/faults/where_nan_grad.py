@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "backward", "module": "feat", "op": "sqrt", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "torch.where", "fix": "make the unsafe op's input safe"}
 
 
 class SafeSqrt(nn.Module):

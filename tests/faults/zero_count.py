@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "loss", "module": None, "op": "div", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "division by zero", "fix": "guard empty counts"}
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 30))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "forward", "module": "norm", "op": "div", "kind": "nan"}
+VERDICT = {"id": "nonfinite_op", "cause": "division by zero", "fix": "clamp_min(eps)"}
 
 
 class Standardize(nn.Module):

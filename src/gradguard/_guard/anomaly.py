@@ -5,8 +5,9 @@ Healthy steps only keep references (the model's inputs, the RNG state; the closu
 copies of the norms that the flush makes anyway (:attr:`Anomalies.history`, a bounded window). On
 a non-finite step the guard asks :meth:`Anomalies.locate` where the first non-finite value was
 born: the step is replayed under full instrumentation (exactly with a closure; otherwise the
-model's forward from its captured inputs), or, for an explosion, the first spiking step and layer
-are named. When the step cannot be replayed, the model's next forward runs instrumented
+model's forward from its captured inputs, under the autocast state that forward ran under, and its
+backward from the gradient the step sent into the output, loss scale included), or, for an
+explosion, the first spiking step and layer are named. When the step cannot be replayed, the model's next forward runs instrumented
 (:meth:`Anomalies.arm`), in case the failure recurs.
 """
 

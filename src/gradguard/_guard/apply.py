@@ -243,7 +243,7 @@ def choose_external(config: GuardConfig, optimizer: torch.optim.Optimizer) -> Ap
     """The strategy of ``Guard.before_step``: decided on the host, clipped in place, stepped by the caller."""
     if config.monitor_only:
         return _monitor(config, optimizer)
-    return HostDecided(optimizer, steps=False)
+    return HostDecided(optimizer, steps=False, updates_scaler=False)  # the caller updates its scaler
 
 
 def _monitor(config: GuardConfig, optimizer: torch.optim.Optimizer) -> Apply:

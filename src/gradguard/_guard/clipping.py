@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from gradguard._guard.measure import Constants, Measurement
@@ -67,6 +68,8 @@ class Clipping:
         spike: the spike detector (only a device :class:`ZClip` plays a part in the plan).
         clip_spikes: ``on_spike="clip"``: a spike's threshold caps the step's threshold.
         named: the guarded ``(name, parameter)`` pairs (AGC and per-layer clippers use the names).
+        optimizer: the optimizer that steps them; the clipper is bound to it
+            (:meth:`gradguard.clip.Clipper.attach`: ``auto`` reads its learning rate every step).
     """
 
     def __init__(
@@ -76,8 +79,11 @@ class Clipping:
         clip_spikes: bool,
         named: Sequence[tuple[str, Tensor]],
         consts: Constants,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.clipper = clipper
+        if clipper is not None and optimizer is not None:
+            clipper.attach(optimizer)
         self.spike = spike if isinstance(spike, ZClip) else None
         self.clip_spikes = clip_spikes
         self.named = named
@@ -97,6 +103,8 @@ class Clipping:
             if self.clip_spikes:
                 threshold = spike_tau
         if self.norm_clipper is not None:
+            if self.norm_clipper.takes_loss:  # the loss as measured (0 without one: no loss-based cap)
+                self.norm_clipper.observe_loss(m.values[0])
             tau = self._threshold(m)
             threshold = tau if threshold is None else threshold.minimum(tau)
         coef = coefficient(m.total, threshold) if threshold is not None else None

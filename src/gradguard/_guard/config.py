@@ -19,6 +19,7 @@ from gradguard.stats import check_norm_type
 
 __all__ = [
     "GuardConfig",
+    "OnExplosion",
     "OnNonFinite",
     "OnSpike",
     "check_choice",
@@ -37,6 +38,7 @@ __all__ = [
 
 OnNonFinite = Literal["skip", "rollback", "raise", "warn"]
 OnSpike = Literal["ignore", "warn", "clip", "skip"]
+OnExplosion = Literal["ignore", "warn", "recover"]
 _FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 
 #: ``layer_every=None``: per-layer gradient norms every step for up to this many layers; a wider
@@ -70,6 +72,7 @@ class GuardConfig:
     min_lr: float
     max_rollbacks: int | None
     rollback_window: int
+    on_explosion: str = "ignore"
     layers_auto: bool = False  # layer_every was chosen from the model's width
 
     @classmethod
@@ -92,7 +95,16 @@ class GuardConfig:
             min_lr=check_min_lr(settings["min_lr"]),
             max_rollbacks=optional_positive_int(settings["max_rollbacks"], "max_rollbacks"),
             rollback_window=positive_int(settings["rollback_window"], "rollback_window"),
+            on_explosion=check_choice(
+                settings.get("on_explosion", "ignore"), "on_explosion", get_args(OnExplosion)
+            ),
         )
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether the guard keeps snapshots to restore: ``on_nonfinite="rollback"`` or
+        ``on_explosion="recover"``."""
+        return self.on_nonfinite == "rollback" or self.on_explosion == "recover"
 
     def for_layers(self, layers: int) -> GuardConfig:
         """The config with the default per-layer cadence (``layer_every=None``) chosen for a model
@@ -110,6 +122,7 @@ class GuardConfig:
         return {
             "on_nonfinite": self.on_nonfinite,
             "on_spike": self.on_spike,
+            "on_explosion": self.on_explosion,
             "every": self.every,
             "layer_every": self.layer_every,
             **({"layer_every_auto": True} if self.layers_auto else {}),
@@ -207,6 +220,11 @@ def check_monitor_only(config: GuardConfig, clipper: Clipper | None) -> None:
         raise GradGuardError(
             f"monitor_only=True cannot act on spikes; got on_spike={config.on_spike!r}. Use 'warn' or 'ignore'."
         )
+    if config.on_explosion == "recover":
+        raise GradGuardError(
+            "monitor_only=True cannot rewind the model, so on_explosion must be 'warn' or 'ignore'; got "
+            "'recover'. Drop monitor_only to let gradguard recover from explosions."
+        )
 
 
 def guarded_parameters(
@@ -261,6 +279,12 @@ def check_distributed(params: Sequence[Tensor], config: GuardConfig, clipper: Cl
         raise GradGuardError(
             "on_nonfinite='rollback' is not supported for FSDP2 (sharded DTensor parameters) yet; "
             "use 'skip' (every rank skips the same step) or checkpoint with torch.distributed.checkpoint."
+        )
+    if any(mask) and config.on_explosion == "recover":
+        raise GradGuardError(
+            "on_explosion='recover' is not supported for FSDP2 (sharded DTensor parameters) yet: it restores "
+            "a snapshot of the whole model. Use on_explosion='warn' (every rank sees the same onset) and "
+            "restart from a torch.distributed.checkpoint taken before it."
         )
     if any(mask) and isinstance(clipper, PerLayer):
         raise GradGuardError(

@@ -1,4 +1,5 @@
-"""Recovery for ``on_nonfinite="rollback"``: snapshots of the last good state, rollback, LR back-off.
+"""Recovery for ``on_nonfinite="rollback"`` and ``on_explosion="recover"``: snapshots of good states,
+rollback, LR back-off.
 
 A snapshot is one copy of the model's and the optimizer's state (and of the guard's stateful
 parts: clipper, spike detector) in **host memory**, taken after a good step at least
@@ -13,7 +14,12 @@ NaN every third step). :meth:`Recovery.limit` says when a rollback would pass a 
 rate below ``min_lr``. The guard then restores the snapshot one last time (no back-off) and stops
 the run with an ``abort`` event.
 
-The snapshot, its step (the cadence) and the recent rollbacks are the recovery's state
+For explosions (``keep_earlier``) the recovery also keeps the snapshot before the newest one, at
+least :data:`MIN_GAP` steps older: an explosion is confirmed some steps after its onset, and the
+newest snapshot may already be from the climb; :meth:`Recovery.before` picks the newest one from
+before the onset. A gate (``healthy``) holds a due snapshot back while the norm climbs.
+
+The snapshots, their steps (the cadence) and the recent rollbacks are the recovery's state
 (:meth:`Recovery.state_dict`, part of the guard's): a resumed run rolls back to the same snapshot
 at the same steps as one that never stopped.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,10 +38,17 @@ from torch import Tensor, nn
 
 from gradguard import events
 from gradguard.errors import GradGuardError
+from gradguard.runtable import SUSTAIN
 
-__all__ = ["Limit", "Recovery", "Stateful"]
+__all__ = ["MIN_GAP", "Limit", "Recovery", "Stateful"]
 
 _STATE_VERSION = 1
+
+MIN_GAP = SUSTAIN + 2
+"""The fewest steps between the two snapshots an explosion recovery keeps: an onset is confirmed
+:data:`gradguard.runtable.SUSTAIN` steps after it, so the earlier snapshot is from before it."""
+
+Snapshot = dict[str, Any]
 
 
 class Stateful(Protocol):
@@ -65,6 +79,8 @@ class Recovery:
         min_lr: a back-off may not take the largest group LR below this.
         max_rollbacks: at most this many rollbacks within ``window`` steps (``None``: no cap).
         window: the window of ``max_rollbacks``, in steps.
+        keep_earlier: also keep the snapshot before the newest (explosion recovery), taken at least
+            :data:`MIN_GAP` steps after it.
     """
 
     def __init__(
@@ -80,6 +96,7 @@ class Recovery:
         min_lr: float = 0.0,
         max_rollbacks: int | None = None,
         window: int = 1000,
+        keep_earlier: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -91,17 +108,27 @@ class Recovery:
         self.min_lr = min_lr
         self.max_rollbacks = max_rollbacks
         self.window = window
-        self.snapshot: dict[str, Any] | None = None
+        self.keep_earlier = keep_earlier
+        self.snapshot: Snapshot | None = None
+        self.earlier: Snapshot | None = None  # keep_earlier: the snapshot before ``snapshot``
         self.snapshot_step = -every  # the first good step takes a snapshot
         self.rollbacks: list[int] = []  # the steps of the rollbacks within the window
+        self.healthy: Callable[[], bool] = lambda: True  # a due snapshot waits while this is False
+
+    def due(self, step: int) -> bool:
+        """Whether a snapshot is due after ``step`` (the cadence, and the gate)."""
+        every = max(self.every, MIN_GAP) if self.keep_earlier else self.every
+        return self.active and step - self.snapshot_step >= every and self.healthy()
 
     def after_good_step(self, step: int) -> None:
         """Take a snapshot if one is due (``step`` was taken and is good)."""
-        if self.active and step - self.snapshot_step >= self.every:
+        if self.due(step):
             self.take(step)
 
     def take(self, step: int) -> None:
-        """Copy the state of now to host memory (and to ``snapshot_dir``)."""
+        """Copy the state of now (after ``step``) to host memory (and to ``snapshot_dir``)."""
+        if self.keep_earlier and self.snapshot is not None:
+            self.earlier = self.snapshot
         state = {
             "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
             "optimizer": _to_cpu(self.optimizer.state_dict()),
@@ -116,12 +143,19 @@ class Recovery:
         """The rollbacks within ``window`` steps of ``step``."""
         return [s for s in self.rollbacks if step - s < self.window]
 
-    def limit(self, step: int) -> Limit | None:
-        """The bound a rollback at ``step`` would pass (then the run stops), or ``None``."""
-        if self.snapshot is None:
+    def limit(self, step: int, to: Snapshot | None = None, cause: str = "non-finite") -> Limit | None:
+        """The bound a rollback at ``step`` (to ``to``, by default the newest snapshot) would pass
+        (then the run stops), or ``None``. ``cause``: what makes the run fail, for the message."""
+        snap = to if to is not None else self.snapshot
+        if snap is None:
             return None  # nothing to roll back to: the step is skipped
         lr = max(float(g["lr"]) for g in self.optimizer.param_groups)  # host read: the rollback path
-        at = {"lr": lr, "to_step": self.snapshot["step"]}
+        at = {"lr": lr, "to_step": snap["step"]}
+        find = (
+            "Find what makes the steps non-finite (`gradguard diagnose`)"
+            if cause == "non-finite"
+            else "Find what makes the gradient norm explode (`gradguard diagnose`)"
+        )
         count = len(self._recent(step)) + 1
         if self.max_rollbacks is not None and count > self.max_rollbacks:
             return Limit(
@@ -129,8 +163,8 @@ class Recovery:
                 f"{count} rollbacks within {self.window} steps (max_rollbacks={self.max_rollbacks}): the run "
                 f"keeps failing after each restore of the snapshot of step {at['to_step']} (learning rate now "
                 f"{lr:.3g}).",
-                "Find what makes the steps non-finite (`gradguard diagnose`): lower the learning rate, clip "
-                "harder, check the data; or raise max_rollbacks / lower rollback_window.",
+                f"{find}: lower the learning rate, clip harder, check the data; or raise max_rollbacks / "
+                "lower rollback_window.",
                 {**at, "rollbacks": count, "window": self.window, "max_rollbacks": self.max_rollbacks},
             )
         if self.lr_backoff is not None and lr * self.lr_backoff < self.min_lr:
@@ -138,21 +172,35 @@ class Recovery:
                 events.ABORT_MIN_LR,
                 f"one more back-off (lr_backoff={self.lr_backoff}) would take the learning rate from {lr:.3g} "
                 f"to {lr * self.lr_backoff:.3g}, below min_lr={self.min_lr:g}: the weights would barely move.",
-                "Find what makes the steps non-finite (`gradguard diagnose`): lower the learning rate, clip "
-                "harder, check the data; or lower min_lr.",
+                f"{find}: lower the learning rate, clip harder, check the data; or lower min_lr.",
                 {**at, "min_lr": self.min_lr, "lr_backoff": self.lr_backoff},
             )
         return None
 
     def forget(self) -> None:
-        """The optimizer's parameter groups changed: the snapshot no longer fits it; the next good
+        """The optimizer's parameter groups changed: the snapshots no longer fit it; the next good
         step takes a new one."""
-        self.snapshot, self.snapshot_step = None, -self.every
+        self.snapshot, self.earlier, self.snapshot_step = None, None, -self.every
 
-    def rollback(self, step: int, *, back_off: bool = True) -> list[events.Event]:
-        """Restore the snapshot (the learning rate of now, backed off unless ``back_off`` is false);
-        the events that say so."""
-        snap = self.snapshot
+    def before(self, onset: int) -> Snapshot | None:
+        """The newest snapshot whose weights gave a norm from before ``onset`` (a snapshot taken
+        after step ``s`` is what step ``s + 1`` measured: ``s + 1 < onset``), or ``None``."""
+        for snap in (self.snapshot, self.earlier):
+            if snap is not None and snap["step"] + 1 < onset:
+                return snap
+        return None
+
+    def keep_until(self, snap: Snapshot, step: int) -> None:
+        """After a rewind to ``snap`` at ``step``: the snapshots taken after it (in the climb) are
+        dropped; the next one is due ``every`` steps from now."""
+        if self.snapshot is not snap:
+            self.snapshot, self.earlier = snap, None
+        self.snapshot_step = step
+
+    def rollback(self, step: int, *, back_off: bool = True, to: Snapshot | None = None) -> list[events.Event]:
+        """Restore the snapshot (``to``, by default the newest; the learning rate of now, backed off
+        unless ``back_off`` is false); the events that say so."""
+        snap = to if to is not None else self.snapshot
         if snap is None:
             return [events.skip(step, events.SKIP_NO_SNAPSHOT)]
         self.rollbacks = [*self._recent(step), step]
@@ -176,12 +224,13 @@ class Recovery:
         return events.lr_backoff(step, factor, float(self.optimizer.param_groups[0]["lr"]))
 
     def state_dict(self) -> dict[str, Any]:
-        """The snapshot held (host tensors and Python scalars), its step and the recent rollbacks.
-        No I/O; ``torch.load(..., weights_only=True)`` reads it back."""
+        """The snapshots held (host tensors and Python scalars), the cadence's step and the recent
+        rollbacks. No I/O; ``torch.load(..., weights_only=True)`` reads it back."""
         return {
             "version": _STATE_VERSION,
             "snapshot_step": self.snapshot_step,
             "snapshot": self.snapshot,
+            "earlier": self.earlier,
             "rollbacks": list(self.rollbacks),
         }
 
@@ -194,6 +243,7 @@ class Recovery:
             )
         self.snapshot_step = int(state["snapshot_step"])
         self.snapshot = state["snapshot"]
+        self.earlier = state.get("earlier")
         self.rollbacks = [int(s) for s in state.get("rollbacks", ())]
 
 

@@ -62,8 +62,9 @@ class RunConfig:
             meets: the next ``optimizer.step()`` would write NaN into the weights); otherwise
             the guard's skip keeps it going.
         recommend_from: the demo takes this configuration's clip threshold from
-            :func:`gradguard.diagnose.diagnose` of an earlier run: of the first configuration named
-            here whose diagnosis recommends one (``clip`` is then ignored).
+            :func:`gradguard.diagnose.diagnose` of an earlier run — the first configuration named
+            here whose diagnosis recommends one — after verifying it with :func:`gradguard.tune.tune`
+            (the threshold tune recommends is the one followed; ``clip`` is then ignored).
         note: one line for the demo's output.
     """
 

@@ -9,6 +9,12 @@ diagnosed (:func:`gradguard.diagnose.diagnose`, ``findings.json`` written), a co
 ``recommend_from`` takes its threshold from the diagnosis of an earlier run, a summary table is
 printed, and one HTML report (:func:`gradguard.report.write_report`) covers the folder.
 
+Advice is verified before it is given: a threshold a diagnosis recommends is tried first by
+:func:`gradguard.tune.tune` from the scenario's fresh start (candidates halving down from it, a
+few dozen steps each, :func:`verify`); ``tune.json`` goes into that run directory, the run is
+diagnosed again (its findings now quote the verified threshold), and a configuration with
+``recommend_from`` follows the verified threshold. The takeaways quote only verified advice.
+
 Every step reads the guard's numbers on the host (a per-step progress line on a CPU); the
 library's hot path does not.
 """
@@ -36,6 +42,8 @@ from gradguard.guard import Guard
 from gradguard.record import COLUMN
 from gradguard.runlog import RunLog, default_run_dir, read_run
 from gradguard.runtable import RunTable, clipped
+from gradguard.tune import tune
+from gradguard.tunelog import TuneResult, ladder, write_tune
 
 __all__ = ["SCENARIOS", "STEPS_ENV", "Row", "run_demo", "run_scenario"]
 
@@ -44,6 +52,9 @@ SCENARIOS = ("rnn", "deepsad")
 
 STEPS_ENV = "GRADGUARD_DEMO_STEPS"
 """Environment variable: cap every configuration at this many steps (quick checks and tests)."""
+
+TUNE_STEPS = 60
+"""Steps of each :func:`gradguard.tune.tune` trial that verifies a recommended threshold (capped by the demo's steps)."""
 
 
 def _module(name: str) -> ModuleType:
@@ -106,6 +117,7 @@ class Row:
     metric: str
     threshold: float | None = None  # a recommended threshold this configuration used
     recommended_from: str | None = None  # the configuration whose diagnosis gave it
+    tuned: TuneResult | None = None  # what tune verified for this run's advice (also in its tune.json)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -363,23 +375,63 @@ def _progress_summary(row: Row, metric: str, error: NonFiniteError | None) -> st
     return text
 
 
-def _recommended(rows: Sequence[Row], sources: Sequence[str]) -> tuple[float | None, str | None]:
-    """The threshold ``diagnose`` recommends from the first run of ``sources`` that has one.
+def _estimate(row: Row) -> float | None:
+    """The threshold the diagnosis of ``row`` recommends (verified or not), or ``None``."""
+    over = row.finding("over_clipping")
+    value = over.recommendation.get("max_norm") if over is not None else None
+    if not _is_number(value):
+        value = recommended_max_norm(row.findings)
+    return float(value) if value is not None and _is_number(value) else None
 
-    From an over-clipped run, its ``over_clipping`` finding's ``max_norm``; otherwise the first
-    recommendation among its findings (e.g. the ``explosion`` of an unclipped run).
+
+def _unverified(row: Row) -> bool:
+    """Whether a finding of ``row`` recommends a threshold that was not verified."""
+    return any(
+        _is_number(f.recommendation.get("max_norm")) and not f.recommendation.get("verified")
+        for f in row.findings
+    )
+
+
+def verify(module: ModuleType, row: Row, steps: int | None) -> TuneResult:
+    """Verify ``row``'s advice before it is given: :func:`gradguard.tune.tune` from the scenario's
+    fresh start (what following the advice means: train again with it), candidates halving down
+    from the diagnosed threshold; ``tune.json`` written into the run directory and the run
+    re-diagnosed, so its findings quote the verified threshold."""
+    estimate = _estimate(row)
+    sc = module.build(row.seed)
+    optimizer = sc.make_optimizer(row.config)
+    n = TUNE_STEPS if steps is None else max(2, min(TUNE_STEPS, steps))
+    candidates = ladder(estimate) if estimate is not None else [1.0]
+    result = tune(
+        sc.model,
+        optimizer,
+        lambda b: sc.loss_fn(sc.model, b),
+        sc.batches(),
+        max_norms=candidates,
+        steps=n,
+        reset=sc.reset,
+    )
+    write_tune(row.run_dir, result)
+    row.findings = diagnose(read_run(row.run_dir), write=True)
+    row.tuned = result
+    return result
+
+
+def _recommended(
+    module: ModuleType, rows: Sequence[Row], sources: Sequence[str], steps: int | None
+) -> tuple[float | None, str | None, TuneResult | None]:
+    """The verified threshold for the first run of ``sources`` whose diagnosis recommends one.
+
+    The diagnosed threshold is an estimate: it is verified with :func:`verify` first, and the
+    threshold tune recommends is the one followed (``None``: none of the candidates trained).
     """
     for source in sources:
         src = next((r for r in rows if r.name == source), None)
-        if src is None:
+        if src is None or _estimate(src) is None:
             continue
-        over = src.finding("over_clipping")
-        value = over.recommendation.get("max_norm") if over is not None else None
-        if not _is_number(value):
-            value = recommended_max_norm(src.findings)
-        if value is not None and _is_number(value):
-            return float(value), source
-    return None, None
+        result = src.tuned or verify(module, src, steps)
+        return result.max_norm, source, result
+    return None, None, None
 
 
 def run_scenario(
@@ -404,10 +456,13 @@ def run_scenario(
         threshold: float | None = None
         source: str | None = None
         if config.recommend_from:
-            threshold, source = _recommended(rows, config.recommend_from)
+            threshold, source, tuned = _recommended(module, rows, config.recommend_from, steps)
             if threshold is None:
                 tried = " or ".join(config.recommend_from)
-                out.write(f"  {config.name}: not run (diagnose of {tried} recommended no threshold)\n")
+                why = (
+                    tuned.verdict() if tuned is not None else f"diagnose of {tried} recommended no threshold"
+                )
+                out.write(f"  {config.name}: not run ({why})\n")
                 continue
             config = replace(config, name=f"norm:{threshold:g}", clip=f"norm:{threshold}")
         label = f"[{i + 1}/{len(configs)}] {config.name:<{max(width, len(config.name) + 1)}}"
@@ -417,6 +472,9 @@ def run_scenario(
         if threshold is not None:
             row.threshold, row.recommended_from = threshold, source
         rows.append(row)
+    for row in rows:  # advice is verified before it is given
+        if _unverified(row) and row.tuned is None:
+            verify(module, row, steps)
     return rows
 
 
@@ -481,21 +539,31 @@ def takeaways(name: str, rows: Sequence[Row]) -> list[str]:
             if _is_number(ev.get("loss_start")) and _is_number(ev.get("loss_end")):
                 text += f" (loss {_fmt(ev['loss_start'])} → {_fmt(ev['loss_end'])})"
             rec = over.recommendation.get("max_norm")
-            if _is_number(rec) and any(x.recommended_from == r.name for x in rows):
-                text += f"; it recommends max_norm={rec:g}"
+            if over.severity == "info":
+                text += ", as info only: the run trained"
+            elif _is_number(rec) and over.recommendation.get("verified"):
+                text += f"; it recommends max_norm={rec:g}, verified by gradguard tune"
             out.append(text + ".")
+    for r in rows:
+        if r.tuned is not None:
+            out.append(
+                f"{r.name}: gradguard tune tried {', '.join(t.label for t in r.tuned.trials)}. {r.tuned.verdict()}"
+            )
     for r in rows:
         if r.threshold is not None:
             src = by.get(r.recommended_from or "")
             ratio = (
                 f", {src.final_loss / r.final_loss:.0f}× lower than {src.name}'s"
-                if src is not None and r.final_loss > 0 and math.isfinite(src.final_loss)
+                if src is not None
+                and r.final_loss > 0
+                and math.isfinite(src.final_loss)
+                and src.first_nonfinite is None
                 else ""
             )
             nf = "no non-finite step" if r.first_nonfinite is None else "went non-finite"
             out.append(
-                f"{r.name} (recommended by diagnose of {r.recommended_from}): clipped {_pct(r.clip_rate)}, {nf}, final loss "
-                f"{_fmt(r.final_loss)}{ratio}."
+                f"{r.name} (recommended by diagnose of {r.recommended_from}, verified by gradguard tune): clipped "
+                f"{_pct(r.clip_rate)}, {nf}, final loss {_fmt(r.final_loss)}{ratio}."
             )
     return out
 

@@ -105,7 +105,13 @@ def demo_configs() -> list[RunConfig]:
     return [
         RunConfig("none", "none", **kw, stop_at_nonfinite=True, note="SGD+momentum, no clipping"),
         RunConfig("norm:5", "norm:5", **kw, note="the story's first fix"),
-        RunConfig("recommended", None, **kw, recommend_from=("norm:5", "none"), note="from diagnose"),
+        RunConfig(
+            "recommended",
+            None,
+            **kw,
+            recommend_from=("norm:5", "none"),
+            note="from diagnose, verified by tune",
+        ),
         RunConfig("auto", "auto", **kw, note="gradguard's default"),
         RunConfig(
             "adam",

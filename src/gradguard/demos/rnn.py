@@ -84,6 +84,14 @@ def demo_configs() -> list[RunConfig]:
     return [
         RunConfig("none", "none", "sgd", lr, stop_at_nonfinite=True, note="SGD lr=1, no clipping"),
         RunConfig("norm:5", "norm:5", "sgd", lr, note="the textbook recipe"),
+        RunConfig(
+            "recommended",
+            None,
+            "sgd",
+            lr,
+            recommend_from=("norm:5", "none"),
+            note="from diagnose, verified by tune",
+        ),
         RunConfig("auto", "auto", "sgd", lr, note="gradguard's default"),
         RunConfig("adam", "none", "adam", 2e-3, note="Adam lr 2e-3, no clipping"),
         RunConfig("adam+norm:5", "norm:5", "adam", 2e-3, note="Adam lr 2e-3"),

@@ -4,22 +4,38 @@
 :class:`Finding`. Each finding has a stable ``id``:
 
 ============================ ========================================================================
+``unbounded_loss``           the loss fell without a floor (negative, by orders of magnitude) until the run
+                             went non-finite: an objective with no lower bound (a WGAN critic without its
+                             Lipschitz constraint); bound it (gradient penalty, spectral norm)
 ``explosion``                the gradient norm grew by an order of magnitude or more over its healthy
-                             level (growth trend, z-score, the layer that grew first, weights growing)
+                             level (growth trend, z-score, the layer that grew first, weights growing);
+                             or growth too fast for the norms to show (a float32 overflow in an ordinary
+                             op, an update as large as the weights)
 ``over_clipping``            a fixed threshold clips more than half of the steps: the stall that looks
                              like vanishing gradients (clip rate, median norm / threshold, effective
                              LR); an adaptive clipper that stalled the loss; a threshold of 0 that
                              zeroed the gradients
 ``vanishing``                per-layer gradient norms decaying toward the input by orders of magnitude
 ``divergence``               the loss (or the weights) growing by orders of magnitude while finite
-``nonfinite_op``             the op that produced the first NaN/inf (from the locate event) and its fix
-``bad_data``                 a non-finite tensor entering the step (named); a lone unlocated step: warning
+``nonfinite_op``             the op that produced the first NaN/inf (from the locate event) and the fix its
+                             evidence points to (a zero denominator, a masked row, …; a custom Function's
+                             backward by name; a NaN born inside ``optimizer.step()`` with the optimizer,
+                             its parameters and hyperparameters)
+``bad_data``                 a non-finite tensor entering the step, named (input, target, label, state
+                             carried from an earlier step); a lone unlocated step: warning
 ``lr_too_high``              update/weight ratios far above ~1e-3, or an LR increase right before growth
 ``weight_growth``            a layer's weight norm growing by an order of magnitude
 ``loss_scale_collapse``      the AMP GradScaler's scale collapsing: fp16 cannot hold the gradients
 ``incomplete_log``           the log may lack records: the run was not closed (killed, crashed, or still
                              going: said so when it was written recently), or disk writes lost some
 ============================ ========================================================================
+
+Several optimizers (a GAN, an actor-critic; ``gradguard run`` writes the first optimizer's log in
+the run directory the user named and the others' in its ``children``, ``optimizer1``, …):
+:func:`diagnose` on that root reads every child too. Each finding's message starts with its
+optimizer (class, what it steps) and the global step (the process-wide optimizer step), its
+evidence holds them and the run directory, and the run that went non-finite first (by global step)
+leads, so the headline is the failing optimizer's.
 
 How it is built: the facts layer (:mod:`gradguard.diagnose.facts`, over the run table of
 :mod:`gradguard.runtable`) reads the run once; each rule is a module of
@@ -50,6 +66,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -57,7 +74,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from gradguard.diagnose import rules
-from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import SEVERITIES, Finding
 from gradguard.diagnose.healthy import HealthyWindow
 from gradguard.runlog import FINDINGS_FILE, RunLog, atomic_write_json, read_run
@@ -113,16 +130,80 @@ def diagnose(run: RunLog | str | os.PathLike[str], *, write: bool = False) -> li
         []
     """
     log = _as_log(run)
-    findings = rules.evaluate(Facts(log))
+    children = _children(log)
+    findings = rules.evaluate(Facts(log)) if not children else _of_every_optimizer(log, children)
     if write:
         write_findings(log, findings)
     return findings
 
 
+def _children(log: RunLog) -> list[RunLog]:
+    """The run directories of the other optimizers of the process (``meta.json``'s ``children``,
+    written by ``gradguard run``: ``optimizer1``, …, each a run directory inside this one)."""
+    names = log.meta.get("children")
+    if not isinstance(names, list):
+        return []
+    found = []
+    for name in names:
+        path = log.path / str(name)
+        if isinstance(name, str) and "/" not in name and ".." not in name and (path / "meta.json").exists():
+            found.append(read_run(path, records=False))
+    return found
+
+
+def _of_every_optimizer(root: RunLog, children: list[RunLog]) -> list[Finding]:
+    """Several optimizers in one process: every run directory's findings, each naming its optimizer
+    and the global step; the run that went wrong first (by global step) leads, so the headline is its."""
+    per_run: list[tuple[bool, float, int, list[Finding]]] = []
+    for log in (root, *children):
+        facts = Facts(log)
+        bad_at = _first_bad_global_step(facts)
+        found = [_tagged(x, log, facts, bad_at) for x in rules.evaluate(facts)]
+        failed = rules.headline(found) is not None
+        per_run.append((not failed, bad_at if bad_at is not None else math.inf, len(per_run), found))
+    ordered = [x for *_, found in sorted(per_run, key=lambda r: r[:3]) for x in found]
+    return sorted(ordered, key=lambda x: SEVERITIES.index(x.severity) if x.severity in SEVERITIES else 9)
+
+
+def _tagged(finding: Finding, log: RunLog, facts: Facts, bad_at: int | None) -> Finding:
+    """``finding`` of one optimizer's run: its message starts with the optimizer (class, what it
+    steps) and the global step (of the finding's step, else of the run's first non-finite step);
+    its evidence holds them and the run directory."""
+    info = fields(log.meta.get("optimizer"))
+    name = str(info.get("class") or "optimizer")
+    steps = f" over {info['params']}" if info.get("params") else ""
+    index = info.get("index")
+    label = f"{name}{steps} (optimizer {index})" if index is not None else f"{name}{steps}"
+    at = _global_step(facts, finding.step)
+    if at is not None:
+        when = f", global step {at}"
+    else:
+        when = f", non-finite from global step {bad_at}" if bad_at is not None else ""
+    evidence = {**finding.evidence, "optimizer": info, "run_dir": str(log.path), "global_step": at}
+    return dataclasses.replace(finding, message=f"[{label}{when}] {finding.message}", evidence=evidence)
+
+
+def _global_step(facts: Facts, step: int | None) -> int | None:
+    """The process-wide step (``global_step``) of this run's ``step``, from an event of that step."""
+    if step is None:
+        return None
+    at = (e.get("global_step") for e in facts.events if e.get("step") == step)
+    return next((g for g in at if isinstance(g, int) and not isinstance(g, bool)), None)
+
+
+def _first_bad_global_step(facts: Facts) -> int | None:
+    """The global step of the run's first ``nonfinite`` event (``None``: none, or not recorded)."""
+    at = [e.get("global_step") for e in facts.nonfinite_events]
+    known = [g for g in at if isinstance(g, int) and not isinstance(g, bool)]
+    return min(known) if known else None
+
+
 def headline(findings: Iterable[Finding]) -> Finding | None:
     """The headline verdict: the first finding of severity ``error`` after the registry's precedence
-    (:data:`gradguard.diagnose.rules.REGISTRY`: bad data, then an explosion, then the op at fault,
-    then divergence…), or ``None`` for a run with no error. ``gradguard diagnose`` prints it first."""
+    (:data:`gradguard.diagnose.rules.REGISTRY`: a non-finite tensor entering the step, then an
+    objective with no lower bound, then an explosion (or growth too fast for the norms), then the op
+    at fault, then divergence…), or ``None`` for a run with no error. Of several optimizers', the one
+    that went non-finite first. ``gradguard diagnose`` prints it first."""
     return rules.headline(list(findings))
 
 
@@ -156,11 +237,21 @@ def first_nonfinite(run: RunLog | str | os.PathLike[str]) -> dict[str, Any] | No
     """The first ``nonfinite`` event of the run (DESIGN.md's fields), or ``None``.
 
     Where the earliest failing step has several events (the always-on one and a located one),
-    the reader's choice (``RunLog.first_nonfinite``: the most precise) is taken.
+    the reader's choice (``RunLog.first_nonfinite``: the most precise) is taken. A run of several
+    optimizers (``meta.json``'s ``children``) gives the event of the earliest ``global_step`` over
+    all of them, with ``run_dir`` (the child's folder name) and ``optimizer`` added.
     """
     log = _as_log(run)
-    pick = getattr(log, "first_nonfinite", None)  # the reader's own choice, where it has one
-    return pick() if callable(pick) else log.first_event("nonfinite")
+    found = []
+    for i, each in enumerate((log, *_children(log))):
+        pick = getattr(each, "first_nonfinite", None)  # the reader's own choice, where it has one
+        event = pick() if callable(pick) else each.first_event("nonfinite")
+        if event is not None:
+            if each is not log:
+                event = {**event, "run_dir": each.path.name, "optimizer": each.meta.get("optimizer")}
+            at = event.get("global_step")
+            found.append((at if isinstance(at, int) else math.inf, i, event))
+    return min(found, key=lambda x: x[:2])[2] if found else None
 
 
 def recommended_max_norm(findings: Iterable[Finding]) -> float | None:

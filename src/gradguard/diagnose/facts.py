@@ -17,12 +17,18 @@ from gradguard.diagnose.healthy import HealthyWindow, window
 from gradguard.runlog import RunLog
 from gradguard.runtable import EXPLOSION_FACTOR, RunTable, clip_config
 
-__all__ = ["Facts"]
+__all__ = ["Facts", "fields"]
 
 _LONE_BEFORE = 20  # healthy norms before a lone non-finite step that it is compared with
 _LONE_AFTER = 6  # steps after it that must be healthy again
 WEIGHT_MOVED = 2.0
 """A layer whose weight norm grew by this factor moved: an unstable optimizer moves the weights far."""
+
+
+def fields(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object (an event's ``evidence``, a meta entry), else ``{}``: a log
+    written by another tool, or damaged, may hold anything there."""
+    return value if isinstance(value, dict) else {}
 
 
 class Facts:
@@ -88,6 +94,20 @@ class Facts:
         """The spike flag of each record, or a ``spike`` event at its step."""
         steps = {e["step"] for e in self.events_of("spike") if isinstance(e.get("step"), int)}
         return [flag or s in steps for flag, s in zip(self.table.spike, self.steps)]
+
+    def births(self) -> list[dict[str, Any]]:
+        """The ``nonfinite`` events that say where a non-finite value was born — an op (forward,
+        backward, loss code, a custom Function) or an optimizer step — earliest step first (file
+        order within a step). Not ``data`` events: a tensor entering the step was born elsewhere.
+        An optimizer's check is written after the step it judges, so file order is not step order."""
+        found = [
+            e
+            for e in self.nonfinite_events
+            if isinstance(e.get("step"), int)
+            and e.get("phase") != "data"
+            and (e.get("op") or e.get("phase") == "optimizer")
+        ]
+        return sorted(found, key=lambda e: e["step"])
 
     def first_located(self) -> dict[str, Any] | None:
         """The first ``nonfinite`` event that names an op or a module (a located one)."""

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gradguard.diagnose.numbers import quantile, sig, sig_floor
-from gradguard.runtable import MIN_HISTORY, climb_onset
+from gradguard.runtable import EXPLOSION_FACTOR, GROWTH_FACTOR, MIN_HISTORY, climb_onset
 
 __all__ = ["LONG_WINDOW", "HealthyWindow", "window"]
 
@@ -90,6 +90,8 @@ def window(f: Columns) -> HealthyWindow:
     reason = f.trouble_reason
     idx = [i for i in range(f.trouble) if f.ok[i] and f.norm[i] > 0]
     k = climb_onset([f.norm[i] for i in idx], ends_in_trouble=reason != "end")
+    if k is None and reason != "end":
+        k = _short_climb([f.norm[i] for i in idx])
     onset_step = None
     if k is not None:
         onset_step, reason = f.steps[idx[k]], "growth"
@@ -97,7 +99,7 @@ def window(f: Columns) -> HealthyWindow:
         k = len(idx)
     rows = [i for i in idx[:k] if not f.spike[i]] or idx[:k]
     if len(rows) < MIN_HISTORY:  # growth from the very start: the first finite norms are all we have
-        rows = idx[:MIN_HISTORY]
+        rows = idx[: min(MIN_HISTORY, k)] or idx[:MIN_HISTORY]
     norms = [f.norm[i] for i in rows]
     if not norms:
         return HealthyWindow([], None, None, onset_step, reason, math.nan, math.nan, math.nan, None, "")
@@ -115,6 +117,18 @@ def window(f: Columns) -> HealthyWindow:
         max_norm=max_norm,
         rule=rule,
     )
+
+
+def _short_climb(norms: Sequence[float]) -> int | None:
+    """Where a run too short for :func:`~gradguard.runtable.climb_onset` (fewer norms than its history
+    and sustain need) climbed before it went wrong: the first norm ≥ :data:`EXPLOSION_FACTOR` × the
+    median of those before it, with every later one ≥ :data:`GROWTH_FACTOR` × that median (a ReLU RNN
+    at lr 1: 6.4 → 4742 → NaN). Without it the spike would sit in the healthy window."""
+    for i in range(1, len(norms)):
+        base = statistics.median(norms[:i])
+        if norms[i] >= EXPLOSION_FACTOR * base and all(v >= GROWTH_FACTOR * base for v in norms[i:]):
+            return i
+    return None
 
 
 def _threshold(p50: float, p90: float, reason: str, count: int) -> tuple[float | None, str]:

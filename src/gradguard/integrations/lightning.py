@@ -19,9 +19,9 @@ there), and the optimizer's step pre/post hooks fire once per step taken. On CPU
 ``precision="16-mixed"`` into ``"bf16-mixed"`` (no loss scaler); nothing changes for the callback.
 
 Clipping happens once. A ``Trainer(gradient_clip_val=...)`` would clip again after gradguard, so
-the callback refuses it, unless ``monitor_only=True``: then the callback only measures (the
-pre-clip gradients, before Lightning clips and steps) and never touches the gradients or the
-optimizer.
+the callback refuses it, unless gradguard does not clip: ``clip="none"`` (measure the pre-clip
+gradients, skip bad steps, let Lightning clip; what ``gradguard run`` attaches) or
+``monitor_only=True`` (only measure; never touch the gradients or the optimizer).
 
 Checkpoints: the guard's state (step counters, adaptive clipper and spike statistics) goes into
 Lightning checkpoints under the callback's ``state_key``; ``Trainer.fit(ckpt_path=...)`` restores
@@ -112,6 +112,8 @@ class GradGuard(pl.Callback):
         report: write ``report.html`` into the run directory when the fit ends (also after an
             error): ``None`` (default) when the ``report`` extra is installed, ``True`` always (or
             warn why not), ``False`` never.
+        save_state: put the guards' state into Lightning checkpoints (``gradguard run`` attaches the
+            callback with ``False``: the script's checkpoints stay what a plain run writes).
         guard_kwargs: any other :class:`gradguard.Guard` argument (``on_spike``, ``spike_z``,
             ``weight_every``, ``max_consecutive``, ``snapshot_every``, ``lr_backoff``…).
 
@@ -132,6 +134,7 @@ class GradGuard(pl.Callback):
         log_layers: bool = False,
         sinks: Sequence[FlushListener] = (),
         report: bool | None = None,
+        save_state: bool = True,
         **guard_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -168,6 +171,7 @@ class GradGuard(pl.Callback):
         self.log_layers = log_layers
         self.sinks = list(sinks)
         self.report = report
+        self.save_state = save_state
         self.guard_kwargs = guard_kwargs
         self.guards: list[Guard] = []
         self._by_optimizer: dict[int, Guard] = {}
@@ -200,7 +204,8 @@ class GradGuard(pl.Callback):
         if stage != "fit":
             return
         clip_val = trainer.gradient_clip_val
-        if clip_val is not None and float(clip_val) > 0 and not self.monitor_only:
+        clips = not self.monitor_only and from_spec(self.clip) is not None  # type: ignore[arg-type]
+        if clip_val is not None and float(clip_val) > 0 and clips:
             algo = trainer.gradient_clip_algorithm or "norm"
             same = f"clip='{algo}:{float(clip_val):g}'"
             raise GradGuardError(
@@ -296,7 +301,10 @@ class GradGuard(pl.Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The guards' states (tensors and Python scalars), saved in Lightning checkpoints."""
+        """The guards' states (tensors and Python scalars), saved in Lightning checkpoints (nothing
+        without ``save_state``)."""
+        if not self.save_state:
+            return {}
         if not self._active:
             return dict(self._pending_state) if self._pending_state is not None else {}
         return {"version": _STATE_VERSION, "guards": [g.state_dict() for g in self.guards]}

@@ -169,11 +169,20 @@ REGISTRY: list[Entry] = [
     # the headline (the first error of this list) is decided here, in this order:
     # 1. a tensor entering the step was non-finite: the data (or the carried state), not the model;
     entry("bad_data"),
-    # 2. an explosion (norms growing over steps) explains the overflow it ends in;
+    # 2. an objective with no lower bound (a WGAN critic without its Lipschitz constraint) explains the
+    #    explosion it drives;
+    entry("unbounded_loss"),
+    # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     entry("explosion", needs=("divergence",)),
-    # 3. otherwise an op that made a NaN/inf from finite inputs is the fault, with that op's fix;
-    entry("nonfinite_op", needs=("bad_data",), yields_to={"explosion": ("error",)}),
-    # 4. then a run that diverged while finite, and the rest.
+    #    (and growth too fast for the norms to show: a float32 overflow, an update as large as the weights);
+    entry("sudden_growth", yields_to={"explosion": ANY}),
+    # 4. otherwise an op that made a NaN/inf from finite inputs is the fault, with that op's fix;
+    entry(
+        "nonfinite_op",
+        needs=("bad_data",),
+        yields_to={"explosion": ("error",), "sudden_growth": ("error",)},
+    ),
+    # 5. then a run that diverged while finite, and the rest.
     entry("divergence"),
     entry("over_clipping"),
     entry("adaptive_clipping", yields_to={"explosion": ANY}),

@@ -1,7 +1,11 @@
-"""What the clipping rules share: the steps a threshold clipped, over the run and its last quarter.
+"""What the clipping rules share: the steps a threshold clipped, and advice that says whether it was verified.
 
 Not a rule (no ``RULE``): the window that ``over_clipping`` (a fixed threshold) and
-``adaptive_clipping`` (an adaptive one) judge, and the evidence they both report.
+``adaptive_clipping`` (an adaptive one) judge, and the evidence they both report; and
+:func:`threshold_advice`, the one way a rule recommends a ``max_norm``: from ``tune.json``
+(:mod:`gradguard.tunelog`, written by ``gradguard tune`` / ``Guard.tune``) when the run directory
+holds one — verified advice — otherwise the rule's estimate, marked unverified, never at or above
+a level the run itself showed to fail at, with the ``gradguard tune`` command line that verifies it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import statistics
 from typing import Any
 
 from gradguard.diagnose.facts import Facts
-from gradguard.diagnose.numbers import median, sig
+from gradguard.diagnose.numbers import clip_advice, fmt, median, sig, sig_floor
+from gradguard.tunelog import TUNE_FILE, TuneResult, read_tune
 
 OVERCLIP_RATE = 0.5  # > 50% of steps clipped is aggressive (Tuning Playbook)
 _MIN_STEPS = 10  # fewest thresholded steps to judge
@@ -104,3 +109,116 @@ def _loss_change(f: Facts, w: ClipWindow) -> dict[str, Any]:
         "loss_change_per_clipped_step": sig(statistics.fmean(deltas[True]), 3),
         "loss_change_per_unclipped_step": sig(statistics.fmean(deltas[False]), 3),
     }
+
+
+# ============================================================================================
+# Advice: verified by tune.json, or an estimate that says it is one
+# ============================================================================================
+
+SCALE_FREE_OPTIMIZERS = frozenset(
+    {"adam", "adamw", "adamax", "nadam", "radam", "sparseadam", "adagrad", "adadelta", "rmsprop", "adafactor"}
+    | {"lamb", "lion", "sophia", "adan", "fusedadam", "adam8bit", "adamw8bit", "pagedadamw"}
+)
+"""Optimizers whose step barely depends on the gradient's scale: clipping the norm does not shrink
+their step the way it shrinks SGD's (a clipped Adam run is not "an effective learning rate of lr × scale")."""
+
+
+def optimizer_class(f: Facts) -> str:
+    """The optimizer's class name from ``meta.json`` (``"optimizer": "Adam"`` or ``{"class": "Adam", …}``)."""
+    opt = f.log.meta.get("optimizer")
+    name = opt.get("class") if isinstance(opt, dict) else opt
+    return name if isinstance(name, str) else ""
+
+
+def scale_free(f: Facts) -> bool:
+    """Whether the run's optimizer normalizes its step (Adam and its kin): see :data:`SCALE_FREE_OPTIMIZERS`."""
+    return optimizer_class(f).lower() in SCALE_FREE_OPTIMIZERS
+
+
+def tuned(f: Facts) -> TuneResult | None:
+    """The run directory's ``tune.json`` (verified evidence), if it holds one."""
+    return read_tune(f.log.path)
+
+
+def tune_command(f: Facts) -> str:
+    """The ``gradguard tune`` command line that verifies advice for this run (one line to paste)."""
+    script = f.log.meta.get("script")
+    name = script if isinstance(script, str) and script else "train.py"
+    return f"gradguard tune {_quote(name)} --run {_quote(str(f.log.path))}"
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def failed_levels(f: Facts) -> list[float]:
+    """The clip levels the run was clipped to when it failed (went non-finite or its norm climbed):
+    thresholds the run itself showed not to hold."""
+    h = f.healthy
+    start = f.index_of(h.onset_step) if h.onset_step is not None else f.trouble
+    if start >= len(f.steps):
+        return []
+    stop = min(len(f.steps), f.trouble + 1)
+    return sorted({f.thr[i] for i in range(start, stop) if math.isfinite(f.thr[i]) and f.thr[i] > 0})
+
+
+def exploding_norm(f: Facts) -> float | None:
+    """The smallest pre-clip norm of the run's climb (from the onset to the first non-finite step):
+    a norm the run showed to be exploding at; ``None`` without a climb."""
+    h = f.healthy
+    if h.onset_step is None:
+        return None
+    lo = f.index_of(h.onset_step)
+    climb = [f.norm[i] for i in range(lo, f.trouble) if f.ok[i] and f.norm[i] > 0]
+    return min(climb) if climb else None
+
+
+def threshold_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
+    """The recommendation entries for a global-norm threshold.
+
+    With ``tune.json`` in the run directory: its verified threshold (``verified: True``), or — when
+    none of its candidates trained — no threshold and the advice to lower the learning rate.
+    Otherwise ``estimate`` (from ``why``), lowered below every level the run showed to fail at
+    (:func:`failed_levels`, :func:`exploding_norm`), marked ``verified: False`` with the command
+    line that verifies it (``tune``); no threshold when nothing below those levels is left.
+    """
+    result = tuned(f)
+    if result is not None:
+        return _verified(f, result)
+    command = tune_command(f)
+    unsafe = [x for x in (*failed_levels(f), exploding_norm(f)) if x is not None]
+    if estimate is not None and unsafe and estimate >= min(unsafe):
+        estimate = sig_floor(min(unsafe) / 2)
+        why = f"half the lowest level this run failed at ({fmt(min(unsafe))})"
+    if estimate is None or not (math.isfinite(estimate) and estimate > 0):
+        return {"verified": False, "tune": command, "text": f"Verify a threshold first: {command}"}
+    rec = clip_advice(estimate)
+    rec.update(
+        verified=False,
+        tune=command,
+        text=f"Try max_norm={estimate:g} ({why}) — unverified: check it trains before a long run with `{command}`",
+    )
+    return rec
+
+
+def _verified(f: Facts, result: TuneResult) -> dict[str, Any]:
+    """Advice from ``tune.json``: the threshold that trained there, with its evidence."""
+    rec = result.recommended
+    tried = ", ".join(t.label for t in result.trials)
+    evidence = {"tuned": {"trials": len(result.trials), "steps": result.steps, "file": TUNE_FILE}}
+    if rec is None:
+        return {
+            "verified": True,
+            **evidence,
+            "text": f"gradguard tune tried {tried} for {result.steps} steps each and none trained: lower the "
+            "learning rate (3–10×), then tune again.",
+        }
+    out: dict[str, Any] = clip_advice(rec.max_norm) if rec.max_norm is not None else {"clip": "none"}
+    out.update(evidence)
+    if rec.lr is not None:
+        out["lr"] = rec.lr
+    out["verified"] = True
+    out["text"] = f"{result.verdict()} (gradguard tune, from {tried}; {TUNE_FILE} in the run directory)"
+    return out

@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any
 
 from gradguard import optable
-from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import sig
 from gradguard.diagnose.rules import Rule, Seen
@@ -25,8 +25,14 @@ _TENSOR_WORDS = {
     "input": "the model's input",
     "target": "the target",
     "label": "the label",
+    "loss input": "a tensor entering the loss code (a target or label)",
     "state": "the state carried from the previous step",
+    "carried state": "the state carried from the previous step",
 }
+_CLEAN = (
+    "Clean the data: drop or repair samples with torch.isfinite({x}).all() in the dataset or collate_fn; "
+    "meanwhile on_nonfinite='skip' drops those steps without touching the weights."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +45,7 @@ class Evidence:
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
-    data_events = [e for e in f.nonfinite_events if e.get("phase") == "data"]
+    data_events = _entering(f)
     if data_events:
         steps = sorted({e["step"] for e in data_events if isinstance(e.get("step"), int)})
         return Evidence(steps, data_events[0], len(steps))
@@ -51,20 +57,36 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     return Evidence([f.steps[i] for i in lone], None, bad)
 
 
+def _entering(f: Facts) -> list[dict[str, Any]]:
+    """The ``data`` events that start a failure: state carried from a step that already failed — a
+    located birth there (``nonfinite_op``), a bad batch there, or state carried there in turn — only
+    passed the value on, step after step, and is left out."""
+    explained = {e["step"] for e in f.births()}
+    kept: list[dict[str, Any]] = []
+    events = [e for e in f.nonfinite_events if e.get("phase") == "data" and isinstance(e.get("step"), int)]
+    for e in sorted(events, key=lambda e: e["step"]):
+        origin = fields(e.get("evidence")).get("carried_from_step")
+        if isinstance(origin, int) and origin in explained:
+            explained.add(e["step"])
+        else:
+            kept.append(e)
+            explained.add(e["step"])
+    return kept
+
+
 def _op_fault_steps(f: Facts) -> set[int]:
-    """Steps whose non-finite value a located op made from finite inputs (not the data's doing)."""
-    return {
-        e["step"]
-        for e in f.nonfinite_events
-        if isinstance(e.get("step"), int) and e.get("op") and e.get("phase") != "data" and not _passed_on(e)
-    }
+    """Steps whose non-finite value a located op (or the optimizer step) made from finite inputs (not
+    the data's doing)."""
+    return {e["step"] for e in f.births() if not _passed_on(e)}
 
 
 def _passed_on(e: dict[str, Any]) -> bool:
-    """Whether the located op only passed on a non-finite value it was given."""
-    details = e.get("evidence")
-    reason = details.get("reason") if isinstance(details, dict) else None
-    return isinstance(reason, str) and reason == optable.NAN_INPUT
+    """Whether the located op only passed on a non-finite value it was given — unless, in backward,
+    that NaN is its own forward's, selected away by a ``torch.where`` (then the op made it)."""
+    details = fields(e.get("evidence"))
+    reason = details.get("reason")
+    given = isinstance(reason, str) and reason.startswith(optable.NAN_INPUT)
+    return given and not optable.masked_nan(e.get("phase"), details)
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
@@ -77,20 +99,42 @@ def _confirmed(ev: Evidence) -> Finding:
     evidence["bad_batches"] = len(ev.steps)
     evidence["bad_steps"] = ev.steps[:_MAX_LISTED]
     first = ev.steps[0] if ev.steps else None
-    tensor = (
-        _TENSOR_WORDS.get(str(e0.get("tensor")), f"the tensor {e0.get('tensor')!r}")
-        if e0.get("tensor")
-        else "the input batch"
-    )
+    tensor = str(e0.get("tensor") or "input")
+    details = fields(e0.get("evidence"))
+    if tensor in ("state", "carried state"):
+        return _carried(ev, e0, details, evidence)
+    words = _TENSOR_WORDS.get(tensor, f"the tensor {tensor!r}")
+    consumer = f" (into `{details['consumer']}`)" if details.get("consumer") else ""
     message = (
-        f"Step {first if first is not None else '?'}: {tensor} entering the step already held "
+        f"Step {first if first is not None else '?'}: {words}{consumer} entering the step already held "
         f"{e0.get('kind', 'non-finite values')} ({len(ev.steps)} bad batch(es) in all); the model is not at fault."
     )
+    x = "x" if tensor == "input" else "y"
     rec = {
-        "text": "Clean the data: drop or repair samples with torch.isfinite(x).all() in the dataset or "
-        "collate_fn; meanwhile on_nonfinite='skip' drops those steps without touching the weights.",
+        "text": _CLEAN.format(x=x) + ("" if tensor == "input" else f" Check {words} as well as the inputs."),
         "on_nonfinite": "skip",
-        "code": "assert torch.isfinite(x).all(), 'non-finite input'",
+        "code": f"assert torch.isfinite({x}).all(), 'non-finite {tensor}'",
+    }
+    return Finding("bad_data", "error", first, message, evidence, rec)
+
+
+def _carried(ev: Evidence, e0: dict[str, Any], details: dict[str, Any], evidence: dict[str, Any]) -> Finding:
+    """State the model carries across steps (an RNN's hidden state fed back, a buffer written in
+    place) that went non-finite in an earlier step nobody located: not the data, and not this step."""
+    first = ev.steps[0] if ev.steps else None
+    origin = details.get("carried_from_step")
+    since = f"step {origin}" if isinstance(origin, int) else "an earlier step"
+    what = "a buffer kept across steps" if details.get("carried") == "buffer" else "the recurrent state"
+    message = (
+        f"Step {first if first is not None else '?'}: the state carried from {since} into this step already held "
+        f"{e0.get('kind', 'non-finite values')}: {what} went non-finite there; the batch is not at fault."
+    )
+    rec = {
+        "text": f"{what[0].upper()}{what[1:]} went non-finite at {since}: find what made it so there (clip or "
+        "normalise the state), and reset the state when it is non-finite (h = torch.zeros_like(h) if not "
+        "torch.isfinite(h).all()) or at each sequence/episode boundary.",
+        "on_nonfinite": "skip",
+        "code": "if not torch.isfinite(h).all(): h = torch.zeros_like(h)",
     }
     return Finding("bad_data", "error", first, message, evidence, rec)
 

@@ -9,6 +9,10 @@ threshold was there to catch it (then it is ``info``); nor is a norm that grew i
 whose weights stayed put (``Facts.weights_still``: the gradient grew with the objective, e.g. an RL
 loss summed over longer episodes). Severity: an error when the run went non-finite or diverged
 (the ``divergence`` rule), so a CI gate fails on it.
+
+Advice: a threshold from the healthy norms, never at or above a level the run was clipped to when
+it failed (then: lower the learning rate), verified by ``tune.json`` or marked unverified with the
+``gradguard tune`` command line that verifies it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.healthy import HealthyWindow
-from gradguard.diagnose.numbers import clip_advice, fmt, layer_name, median, sig
+from gradguard.diagnose.numbers import fmt, layer_name, median, sig
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import failed_levels, threshold_advice, tune_command, tuned
 from gradguard.runtable import EXPLOSION_FACTOR, GROWTH_FACTOR, first_above, first_layer_to_grow
 
 _LOSS_SAMPLES = 20  # fewest finite losses that can show the loss kept falling
@@ -174,22 +179,36 @@ def _message(f: Facts, ev: Evidence, onset: int | None, evidence: dict[str, Any]
 
 
 def _advice(f: Facts) -> dict[str, Any]:
+    """Clip at the healthy norms — or, where the run was clipped and still exploded, lower the LR.
+
+    A threshold at or above a level this run was clipped to when it failed is never recommended:
+    that level did not hold. Every threshold is verified by ``tune.json`` or marked unverified
+    (:func:`~gradguard.diagnose.rules._clipping.threshold_advice`).
+    """
     h = f.healthy
-    rec = clip_advice(h.max_norm) if h.max_norm is not None else {}
-    current = [t for t in f.thr if math.isfinite(t)]
-    if current and h.max_norm is not None and min(current) <= h.max_norm:
-        text = (
-            f"The norm was already clipped at {fmt(min(current))} and still exploded: lower the learning "
-            "rate (3–10×) or add warm-up; clipping alone keeps the step bounded, not the weights"
+    failed = failed_levels(f)
+    if failed and h.max_norm is not None and min(failed) <= h.max_norm:
+        command = tune_command(f)
+        rec: dict[str, Any] = {
+            "verified": False,
+            "tune": command,
+            "text": f"The norm was already clipped at {fmt(min(failed))} and still exploded: lower the learning "
+            "rate (3–10×) or add warm-up; clipping alone keeps the step bounded, not the weights. Verify the new "
+            f"learning rate before a long run: {command} --lr ...",
+        }
+        result = tuned(f)
+        if result is not None:
+            rec.update(threshold_advice(f, None, ""))
+        return rec
+    why = f"from {len(h.norms)} healthy norms, steps {h.first_step}–{h.last_step}"
+    rec = threshold_advice(f, h.max_norm, why)
+    if not rec.get("verified"):
+        rec["text"] = (
+            "Lower the learning rate (3–10×) or clip the global norm. "
+            + rec["text"]
+            + "; keep on_nonfinite='skip' so a bad step never reaches the weights"
         )
-    elif h.max_norm is not None:
-        text = (
-            f"Clip the global norm at {h.max_norm:g} (from {len(h.norms)} healthy norms, steps "
-            f"{h.first_step}–{h.last_step}) and keep on_nonfinite='skip' so a bad step never reaches the weights"
-        )
-    else:
-        text = "Clip the global norm"
-    rec["text"] = text + "."
+    rec["text"] += "."
     return rec
 
 

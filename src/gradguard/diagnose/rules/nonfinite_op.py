@@ -12,8 +12,9 @@ import math
 from typing import Any
 
 from gradguard import optable
-from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.numbers import fmt, layer_name
 from gradguard.diagnose.rules import Rule, Seen
 
 _EVENT_KEYS = (
@@ -46,13 +47,34 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         return None
     if events and _is_explosion_event(events[0]):
         return None
-    event = next((e for e in events if e.get("op")), None) or (events[0] if events else None)
-    if event is None:  # the flags only: the first non-finite step
-        if f.steps[f.trouble] in data_steps:
-            return None
-        kind = "nan" if math.isnan(f.loss[f.trouble]) else "inf"
-        event = {"step": f.steps[f.trouble], "phase": None, "kind": kind}
-    return Evidence(event, sum(f.bad))
+    births = [e for e in f.births() if e.get("step") not in data_steps]
+    event = _most_precise(births)
+    if event is not None:
+        return Evidence(event, sum(f.bad))
+    first = events[0] if events else None  # no birth located: what the flags (or an unlocated event) say
+    i = f.index_of(first["step"]) if first is not None and isinstance(first.get("step"), int) else f.trouble
+    if i >= len(f.rows) or f.steps[i] in data_steps or _continues(f, i):
+        return None
+    kind = "nan" if math.isnan(f.loss[i]) else "inf"
+    return Evidence(first or {"step": f.steps[i], "phase": None, "kind": kind}, sum(f.bad))
+
+
+def _continues(f: Facts, i: int) -> bool:
+    """Whether unlocated step ``i`` only continues a failure whose start a ``data`` event explained
+    (the steps since were all non-finite: the state the bad batch left behind)."""
+    j = i - 1
+    while j >= 0 and f.bad[j] and j not in f.data_bad:
+        j -= 1
+    return j >= 0 and j in f.data_bad and j < i
+
+
+def _most_precise(births: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first step's birth; of an optimizer's, the one that names the optimizer (its own check,
+    not the next forward's replay that found the parameter already non-finite)."""
+    if not births:
+        return None
+    same = [e for e in births if e["step"] == births[0]["step"]]
+    return next((e for e in same if _optimizer_of(e)), same[0])
 
 
 def _is_explosion_event(e: dict[str, Any]) -> bool:
@@ -65,7 +87,13 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     step = event.get("step") if isinstance(event.get("step"), int) else None
     evidence: dict[str, Any] = {k: event.get(k) for k in _EVENT_KEYS if event.get(k) is not None}
     evidence["nonfinite_steps"] = ev.nonfinite_steps
-    message, rec = _located(event, step) if event.get("op") else _unlocated(event, step, ev.nonfinite_steps)
+    if event.get("op"):
+        message, rec = _located(event, step)
+        message, rec = _after_growth(f, event, message, rec)
+    elif event.get("phase") == "optimizer":
+        message, rec = _in_optimizer(event, step)
+    else:
+        message, rec = _unlocated(event, step, ev.nonfinite_steps)
     rec["on_nonfinite"] = "skip"
     return Finding("nonfinite_op", "error", step, message, evidence, rec)
 
@@ -74,6 +102,8 @@ def _located(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, An
     """The op, where it ran, why it failed (the event's own reason first) and the op's fix."""
     details = event.get("evidence")
     reason = details.get("reason") if isinstance(details, dict) else None
+    if optable.masked_nan(event.get("phase"), details if isinstance(details, dict) else None):
+        reason = optable.MASKED_NAN  # "already in the input" of a backward node: its own forward's NaN
     why, fix = optable.advice(str(event.get("op") or ""), reason, event.get("cause"))
     where = f" in module {event['module']!r}" if event.get("module") not in (None, "") else ""
     at = f" at {event['source']}" if event.get("source") else ""
@@ -82,6 +112,97 @@ def _located(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, An
         f"({event.get('phase', '?')}){where}{at}: {why}."
     )
     return message, {"text": f"Fix: {fix}.", "op": event["op"]}
+
+
+GREW = 10.0  # a layer's weight norm this many times its first one, before the birth: the weights ran away
+
+
+def _after_growth(
+    f: Facts, event: dict[str, Any], message: str, rec: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """An overflow (an inf, an exp overflow, a dtype's max) after the weights grew by orders of
+    magnitude: the op's input grew with them, so the learning rate comes first, the op's clamp second."""
+    text = f"{event.get('kind')} {fields(event.get('evidence')).get('reason', '')}".lower()
+    step = event.get("step")
+    if not isinstance(step, int) or not ("inf" in text or "overflow" in text or "dtype's max" in text):
+        return message, rec
+    grown = [(r, n) for n, (r, at) in f.weight_ratios.items() if r >= GREW and at <= step]
+    if not grown:
+        return message, rec
+    ratio, name = max(grown)
+    message += (
+        f" The weights grew first: layer {layer_name(name)} to {fmt(ratio)}× its first norm before step {step}, "
+        "and the op's input grew with them."
+    )
+    rec["text"] = (
+        "Lower the learning rate (3–10×) or add warm-up / weight decay: the overflow follows the weights' "
+        f"growth. Then, to keep the op in range: {rec['text'].removeprefix('Fix: ')}"
+    )
+    return message, rec
+
+
+_TORCH_OPTIMIZERS = frozenset(
+    [
+        "SGD",
+        "Adam",
+        "AdamW",
+        "Adamax",
+        "Adagrad",
+        "Adadelta",
+        "Adafactor",
+        "ASGD",
+        "LBFGS",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Rprop",
+        "SparseAdam",
+        "Muon",
+    ]
+)
+
+
+def _optimizer_of(event: dict[str, Any]) -> str | None:
+    details = fields(event.get("evidence"))
+    name = event.get("optimizer") or details.get("optimizer")
+    return str(name) if name else None
+
+
+def _in_optimizer(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, Any]]:
+    """A NaN born inside ``optimizer.step()``: the optimizer, the parameters it wrote, and the fix its
+    hyperparameters point to (``eps = 0``; a hand-written optimizer; otherwise the LR)."""
+    details = fields(event.get("evidence"))
+    name = _optimizer_of(event)
+    params = (
+        event.get("parameters")
+        or details.get("parameters")
+        or [details.get("parameter") or event.get("module")]
+    )
+    names = ", ".join(str(p) for p in params[:5] if p) or "a parameter"
+    inside = f"{name}.step()" if name else "optimizer.step()"
+    reason = details.get("reason") or "the weights were finite before it and non-finite after it"
+    message = (
+        f"Step {step}: {event.get('kind', 'a non-finite value')} was born inside {inside}, in {names}, from "
+        f"finite gradients: {reason}. The model's ops did not make it."
+    )
+    hyper = fields(details.get("hyperparameters"))
+    if hyper.get("eps") == 0:
+        fix = (
+            f"set eps > 0 in {name or 'the optimizer'} (e.g. eps=1e-8): with eps=0 a parameter whose second "
+            "moment is still 0 (an embedding row no batch has used, a branch with no gradient) gets 0 / 0"
+        )
+    elif name is not None and name not in _TORCH_OPTIMIZERS:
+        fix = (
+            f"{name} is not a torch.optim optimizer: guard the divisions and roots in its step "
+            "(norm.clamp_min(eps), sqrt(v) + eps) — a zero gradient or a zero norm gives 0 / 0 there"
+        )
+    else:
+        shown = ", ".join(f"{k}={v}" for k, v in list(hyper.items())[:6])
+        fix = (
+            f"check {inside}'s hyperparameters{f' ({shown})' if shown else ''}: an eps of 0 or a tiny one "
+            "divides by zero; else lower the learning rate"
+        )
+    return message, {"text": f"Fix: {fix}.", "optimizer": name, "parameters": params[:20]}
 
 
 def _unlocated(event: dict[str, Any], step: int | None, count: int) -> tuple[str, dict[str, Any]]:

@@ -2,9 +2,22 @@
 
 Evidence: the clip rate (window and whole run), median pre-clip norm / threshold, the effective
 learning-rate scale (median of ``threshold / norm`` capped at 1) and the loss's progress, against
-the unclipped steps where there are some. An error from 90% clipped: the stall that looks like
-vanishing gradients. The recommended threshold is never below the median pre-clip norm of the
-run's first steps, the closest the clipped run comes to the unclipped one.
+the unclipped steps where there are some.
+
+Clipping most steps is a failure only when training stalled under it — the stall that looks like
+vanishing gradients: the loss fell by less than :data:`STALLED` over the run. Then it is an error
+from 90% clipped (a warning below), and the advice raises the threshold (never below the median
+pre-clip norm of the run's first steps, the closest the clipped run comes to the unclipped one).
+It is at most an ``info``, with no threshold recommended, when the run reached its target anyway
+(the loss fell and stayed finite to a healthy end) or when the optimizer normalizes its step (Adam
+and its kin: clipping does not shrink their step). It is not reported at all for a run whose loss
+grew (clipping slows a run, it does not make its loss grow: an RL loss summed over longer episodes),
+nor for a run that went non-finite or whose norm climbed: a threshold that did not hold is not too
+tight, and raising it is the wrong advice (``explosion`` reports that run).
+
+Every threshold comes through :func:`~gradguard.diagnose.rules._clipping.threshold_advice`:
+verified by ``tune.json`` when the run directory holds one, otherwise marked unverified with the
+``gradguard tune`` command line that checks it.
 """
 
 from __future__ import annotations
@@ -14,24 +27,46 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import clip_advice, fmt, median, sig, sig_floor
+from gradguard.diagnose.numbers import fmt, median, sig, sig_floor
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import OVERCLIP_RATE, ClipWindow, clip_window, window_evidence
+from gradguard.diagnose.rules._clipping import (
+    OVERCLIP_RATE,
+    ClipWindow,
+    clip_window,
+    optimizer_class,
+    scale_free,
+    threshold_advice,
+    tune_command,
+    window_evidence,
+)
 
 OVERCLIP_ERROR_RATE = 0.9  # almost every step clipped: the effective LR is the threshold's
+STALLED = 0.2  # the loss fell by less than this fraction of its start: training stalled
+GREW = -0.1  # the loss grew by more than this fraction: not a stall clipping could cause
 
 
 def detect(f: Facts, seen: Seen) -> ClipWindow | None:
-    if f.clip_kind != "fixed":
+    if f.clip_kind != "fixed" or f.went_bad or f.healthy.onset_step is not None:
         return None
     w = clip_window(f)
-    return w if w is not None and w.rate > OVERCLIP_RATE else None
+    if w is None or not w.rate > OVERCLIP_RATE:
+        return None
+    if math.isfinite(w.progress) and w.progress < GREW:
+        return None
+    return w
+
+
+def stalled(f: Facts, w: ClipWindow) -> bool:
+    """Whether training stalled under the clipping (an SGD-like optimizer, the loss barely fell)."""
+    return not scale_free(f) and not (math.isfinite(w.progress) and w.progress >= STALLED)
 
 
 def explain(f: Facts, w: ClipWindow) -> Finding:
     evidence = window_evidence(f, w)
     early = [f.norm[i] for i in w.rows[: min(10, max(3, len(w.rows) // 20))]]
     evidence["early_median_norm"] = sig(median(early), 4)
+    if not stalled(f, w):
+        return _not_a_failure(f, w, evidence)
     severity = "error" if w.rate >= OVERCLIP_ERROR_RATE else "warning"
     lr, scale = w.lr, w.scale
     message = (
@@ -44,6 +79,25 @@ def explain(f: Facts, w: ClipWindow) -> Finding:
     return Finding("over_clipping", severity, f.steps[w.window[0]], message, evidence, _advice(f, w, early))
 
 
+def _not_a_failure(f: Facts, w: ClipWindow, evidence: dict[str, Any]) -> Finding:
+    """An ``info``: most steps clipped, but the run trained (or Adam-like steps ignore the scale)."""
+    if scale_free(f):
+        why = f"{optimizer_class(f)} normalizes its step, so clipping the norm barely changes it"
+    else:
+        why = f"the loss fell {fmt(w.loss_start)} → {fmt(w.loss_end)} and stayed finite to a healthy end"
+    message = (
+        f"max_norm={fmt(w.threshold)} clipped {w.rate:.0%} of the last {len(w.window)} steps, but this is not "
+        f"a failure: {why}."
+    )
+    command = tune_command(f)
+    rec = {
+        "verified": False,
+        "tune": command,
+        "text": f"Keep the threshold that trained. A looser one may train faster; verify it first: {command}",
+    }
+    return Finding("over_clipping", "info", f.steps[w.window[0]], message, evidence, rec)
+
+
 def _advice(f: Facts, w: ClipWindow, early: list[float]) -> dict[str, Any]:
     """Raise the threshold to the healthy one (never below the first steps' median), or lower the LR.
 
@@ -53,24 +107,25 @@ def _advice(f: Facts, w: ClipWindow, early: list[float]) -> dict[str, Any]:
     h = f.healthy
     early_med = sig_floor(median(early))
     candidates = [x for x in (h.max_norm, early_med) if x is not None and math.isfinite(x) and x > 0]
-    if not candidates:
-        return {}
-    max_norm = max(candidates)
+    max_norm = max(candidates) if candidates else None
     why = (
         f"the median pre-clip norm of the first {len(early)} steps, before clipping bent the trajectory"
         if max_norm == early_med and max_norm != h.max_norm
         else f"{h.rule} over {len(h.norms)} steps"
     )
-    rec = clip_advice(max_norm)
-    would = sum(1 for i in w.rows if f.norm[i] > max_norm) / len(w.rows)
-    rec["expected_clip_rate"] = round(would, 4)
-    rec["text"] = (
-        f"Raise max_norm to {max_norm:g} ({why}; it would have clipped {would:.0%} of this run's "
-        f"steps), or keep the threshold and lower the "
-        f"learning rate to ~{fmt(sig(w.lr * w.scale, 2))} — more than 50% clipped is extremely aggressive."
-    )
+    rec = threshold_advice(f, max_norm, why)
+    value = rec.get("max_norm")
+    if isinstance(value, float | int) and not rec.get("verified"):
+        would = sum(1 for i in w.rows if f.norm[i] > value) / len(w.rows)
+        rec["expected_clip_rate"] = round(would, 4)
+        rec["text"] += f" (it would have clipped {would:.0%} of this run's steps)"
     if math.isfinite(w.lr):
-        rec["lr"] = sig(w.lr * w.scale, 2)
+        rec["lr"] = rec.get("lr", sig(w.lr * w.scale, 2))
+        rec["text"] += (
+            f"; or keep the threshold and lower the learning rate to ~{fmt(sig(w.lr * w.scale, 2))} — more than "
+            "50% clipped is extremely aggressive"
+        )
+    rec["text"] += "."
     return rec
 
 

@@ -1,0 +1,88 @@
+"""The caller's own norm clipping of a step (``clip_grad_norm_`` in a script), as columns of its row.
+
+A guard that only measures (``clip=None``) still logs what the caller's clip did: its threshold,
+its coefficient and whether it clipped. :class:`CallerClip` gathers the clip calls of one step
+(a script may clip two parameter groups with two calls) and gives the row's columns:
+
+* one call: ``threshold`` τ, ``clip_coef`` = min(1, τ / (‖g‖ + 1e-6)) (torch's own formula),
+  ``clip_fraction`` 1.0 or 0.0; and ``grad_norm`` = torch's total norm when the call covered
+  every gradient the guard measures with the guard's norm type (the same number, to the last bit);
+* several calls over disjoint parts: ``threshold`` = the p-norm of the thresholds (the norm the
+  whole gradient is held to when every call clips), ``clip_coef`` = ‖clipped g‖ / ‖g‖ (what the
+  clipping did to the whole gradient), ``clip_fraction`` = the fraction of the calls that
+  clipped; ``grad_norm`` stays the guard's own (measured before any of them).
+
+Everything stays on the device (no host read).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gradguard.errors import GradGuardError
+
+__all__ = ["CLIP_EPS", "CallerClip"]
+
+CLIP_EPS = 1e-6  #: torch's clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
+
+
+@dataclass
+class CallerClip:
+    """The norm-clip calls the caller made on one step's gradients (see the module docstring)."""
+
+    norm_type: float = 2.0
+    thresholds: list[float] = field(default_factory=list)
+    norms: list[Tensor] = field(default_factory=list)  # each call's pre-clip total norm (device)
+    covers_all: bool = False  # a single call over every gradient the guard measures
+    value_fraction: Tensor | None = None  # clip_grad_value_: the fraction of elements it clamps
+
+    def add(self, threshold: float, norm: Tensor, *, covers_all: bool = False) -> None:
+        """One clip call: its threshold and torch's total norm of its gradients (before it clipped)."""
+        threshold = float(threshold)
+        if not threshold > 0 or math.isnan(threshold):
+            raise GradGuardError(
+                f"a clip threshold must be a positive number, got {threshold!r}; pass the max_norm of the clip."
+            )
+        self.thresholds.append(threshold)
+        self.norms.append(norm.detach().float().reshape(()))
+        self.covers_all = covers_all and len(self.norms) == 1
+
+    def add_value(self, clip_value: float, grads: list[Tensor]) -> None:
+        """A ``clip_grad_value_`` call (before it clamps): the fraction of elements it will clamp
+        is the step's ``clip_fraction``."""
+        if grads:
+            clamped = torch.stack([(g.detach().abs() > clip_value).sum() for g in grads]).sum()
+            self.value_fraction = clamped.float() / max(1, sum(g.numel() for g in grads))
+
+    def columns(self, norm_type: float) -> dict[str, Tensor | float]:
+        """The row's columns for the calls so far (``norm_type``: the guard's, for ``grad_norm``)."""
+        if not self.norms:
+            return {} if self.value_fraction is None else {"clip_fraction": self.value_fraction}
+        if len(self.norms) == 1:  # the usual case: two device ops
+            norm = self.norms[0]
+            coef = torch.clamp(self.thresholds[0] / (norm + CLIP_EPS), max=1.0)
+            out: dict[str, Tensor | float] = {
+                "threshold": self.thresholds[0],
+                "clip_coef": coef,
+                "clip_fraction": (coef < 1.0).float(),
+            }
+            if self.covers_all and self.norm_type == norm_type:
+                out["grad_norm"] = norm
+            return out
+        norms = torch.stack(self.norms)
+        thresholds = torch.tensor(self.thresholds)
+        coefs = torch.clamp(thresholds.to(norms.device) / (norms + CLIP_EPS), max=1.0)
+        return {
+            "threshold": _pnorm(thresholds, self.norm_type).item(),  # a host tensor: no sync
+            "clip_coef": _pnorm(coefs * norms, self.norm_type)
+            / _pnorm(norms, self.norm_type).clamp_min(1e-30),
+            "clip_fraction": (coefs < 1.0).float().mean(),
+        }
+
+
+def _pnorm(x: Tensor, p: float) -> Tensor:
+    return x.abs().amax() if math.isinf(p) else x.abs().pow(p).sum().pow(1.0 / p)

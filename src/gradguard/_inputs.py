@@ -1,0 +1,139 @@
+"""The tensors that enter a step without being made in it: targets, labels, state carried across steps.
+
+A non-finite value that *enters* the step is the data's fault, not an op's; the verdict must say
+which tensor it was (issue 12). Two kinds enter besides the model's input batch:
+
+* **loss inputs**: tensors the loss code reads that neither the model nor a watched loss-code op
+  made (a regression target, a soft label, a class-weight vector). :func:`entering_role` names
+  them by where they enter (``target``, ``label``, ``loss input``) at the op's call, from
+  references only (no device work); :func:`target_description` adds the integer target of a
+  cross-entropy (how many of its entries are ``ignore_index``) on the anomaly path.
+* **carried state**: a tensor the model (or the script) made in an earlier step and feeds back, an
+  RNN's hidden state (``h = h.detach()``) or a buffer written in place between steps (a memory
+  bank). :class:`CarriedState` keeps a weak identity of each forward's outputs and inputs — a weak
+  reference to their *storage*, which lives exactly as long as a tensor (a detached copy, a view)
+  shares it, so a freed block reused by a new batch is never mistaken for the old one — and
+  :meth:`CarriedState.origin` says, on the anomaly path, whether a non-finite input is one of them.
+
+Costs on a healthy step: per root forward, one ``untyped_storage()`` and one weak reference per
+floating output and input tensor; per loss-code op, two attribute reads per floating input.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+__all__ = ["CarriedState", "entering_role", "is_mask_op", "target_description", "target_of"]
+
+#: Loss functions whose second argument (or ``target=``) is the target.
+_LOSS_OPS = re.compile(
+    r"(_loss|^cross_entropy|^binary_cross_entropy(_with_logits)?|^kl_div|^nll_loss\w*|^poisson_nll_loss"
+    r"|^gaussian_nll_loss|^cosine_embedding_loss|^margin_ranking_loss)$"
+)
+#: Ops whose integer target may be all ``ignore_index`` (a mean over zero targets is 0 / 0).
+_IGNORING = frozenset({"cross_entropy", "nll_loss", "nll_loss_nd", "nll_loss2d"})
+#: Ops that commonly take an intentional ±inf mask (``scores + mask``, ``masked_fill``, ``where``).
+_MASK_OPS = frozenset(
+    {"add", "sub", "where", "masked_fill", "softmax", "log_softmax", "maximum", "minimum", "max", "min",
+     "clamp", "scaled_dot_product_attention", "logsumexp", "amax", "amin"}
+)  # fmt: skip
+_KEPT_FORWARDS = 32  # forwards whose outputs / inputs are remembered (about two steps of a loop)
+
+
+def is_mask_op(op: str) -> bool:
+    """Whether ``op`` commonly takes a ±inf mask on purpose (an infinite leaf there is not bad data)."""
+    return op in _MASK_OPS
+
+
+def entering_role(op: str, args: Any, kwargs: Any, t: Tensor) -> str:
+    """What ``t``, a tensor entering the loss code at ``op``, is: the ``target`` of a loss function,
+    a floating ``label`` of a cross-entropy (soft labels), or another ``loss input``."""
+    if _LOSS_OPS.search(op):
+        target = args[1] if len(args) > 1 else (kwargs or {}).get("target")
+        if target is t:
+            return "label" if op == "cross_entropy" else "target"
+    return "loss input"
+
+
+def target_of(op: str, args: Any, kwargs: Any) -> tuple[Tensor, int] | None:
+    """The integer target of a cross-entropy / NLL call and its ``ignore_index`` (references, no
+    device work), or ``None``."""
+    if op not in _IGNORING:
+        return None
+    target = args[1] if len(args) > 1 else (kwargs or {}).get("target")
+    if not isinstance(target, Tensor) or target.is_floating_point():
+        return None
+    ignore = (kwargs or {}).get("ignore_index", args[3] if op == "nll_loss" and len(args) > 3 else -100)
+    return target, int(ignore) if isinstance(ignore, int) else -100
+
+
+def target_description(target: Tensor, ignore_index: int) -> dict[str, Any]:
+    """How many entries of an integer target are ``ignore_index`` (host reads: the anomaly path)."""
+    return {
+        "shape": list(target.shape),
+        "dtype": str(target.dtype).replace("torch.", ""),
+        "role": "target",
+        "ignore_index": ignore_index,
+        "ignored": int((target == ignore_index).sum()),
+        "numel": target.numel(),
+    }
+
+
+class _Seen:
+    """One tensor a forward took or returned: a weak reference to its storage, its version, the step."""
+
+    __slots__ = ("role", "shape", "step", "storage", "version")
+
+    def __init__(self, t: Tensor, step: int, role: str) -> None:
+        self.storage = weakref.ref(t.untyped_storage())
+        self.version, self.step, self.role, self.shape = t._version, step, role, tuple(t.shape)
+
+
+class CarriedState:
+    """A weak identity of the last forwards' outputs and inputs, to tell carried state from data.
+
+    :meth:`note` runs at each root forward (references only); :meth:`origin` runs on the anomaly
+    path: a non-finite input that shares its storage with an earlier forward's *output* is state
+    the model made and the script fed back (``h = h.detach()``); one that shares its storage with
+    an earlier step's *input* and was written in place since (its version moved) is a buffer kept
+    across steps (a memory bank, a running statistic). A tensor freed in between cannot match: the
+    weak reference to its storage died with it.
+    """
+
+    def __init__(self, kept: int = _KEPT_FORWARDS) -> None:
+        self._seen: deque[list[_Seen]] = deque(maxlen=kept)
+
+    def note(self, inputs: list[Tensor], outputs: list[Tensor], step: int) -> None:
+        """A forward at ``step`` took ``inputs`` and returned ``outputs`` (floating tensors)."""
+        seen = [_Seen(t, step, "input") for t in inputs if _has_storage(t)]
+        seen += [_Seen(t, step, "output") for t in outputs if _has_storage(t)]
+        if seen:
+            self._seen.append(seen)
+
+    def origin(self, t: Tensor, step: int) -> dict[str, Any] | None:
+        """Where ``t`` (an input at ``step``) came from, if it is carried state (host work, no device
+        read): ``{"carried": "output" | "buffer", "carried_from_step": k}``, else ``None``."""
+        if not _has_storage(t):
+            return None
+        storage = t.untyped_storage()
+        for seen in reversed(self._seen):
+            for s in seen:
+                if s.storage() is not storage:
+                    continue
+                if s.role == "output":
+                    return {"carried": "output", "carried_from_step": s.step}
+                if s.step < step and s.version != t._version:
+                    return {"carried": "buffer", "carried_from_step": s.step}
+        return None
+
+
+def _has_storage(t: Tensor) -> bool:
+    """Whether ``t`` is a plain strided tensor (its storage names it; not sparse, not a subclass)."""
+    return type(t) in (Tensor, Parameter) and t.layout == torch.strided

@@ -1,0 +1,84 @@
+"""``unbounded_loss``: the loss fell without a floor — negative, its size growing by orders of
+magnitude until the run went non-finite (or the weights ran away).
+
+An objective with no lower bound is minimised by scaling the model's outputs up: a WGAN critic
+without its Lipschitz constraint (no weight clipping, gradient penalty or spectral norm), a
+Gaussian likelihood whose learned variance has no floor, a loss that rewards an output's size.
+The gradient norm then explodes too, but the explosion is the symptom: clipping the norm only
+slows the drift, and the advice is to bound the objective. Reported before ``explosion`` (the
+registry), so it heads the verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.numbers import fmt, median, sig
+from gradguard.diagnose.rules import Rule, Seen
+
+FALL_FACTOR = 100.0  # the most negative loss, over the size of the first losses
+FINITE_FALL_FACTOR = 1e4  # the same, for a run that stayed finite (then the weights must have run away)
+_START = 5  # first finite losses that give the loss's scale
+_LATE = 0.2  # the most negative loss lies in this last share of the finite losses: still falling
+_TINY = 1e-3  # a floor on the scale of losses that start at about 0
+_RAN_AWAY = 10.0  # a layer's weight norm grew this much
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """The finite losses' scale at the start, the most negative loss and its step."""
+
+    scale: float
+    low: float
+    low_step: int
+    start: float
+
+
+def detect(f: Facts, seen: Seen) -> Evidence | None:
+    rows = [i for i in f.rows if math.isfinite(f.loss[i]) and not f.skipped[i]]
+    if len(rows) < _START + 1:
+        return None
+    first = [f.loss[i] for i in rows[:_START]]
+    scale = max(median([abs(v) for v in first]), _TINY)
+    at = min(range(len(rows)), key=lambda j: f.loss[rows[j]])
+    low = f.loss[rows[at]]
+    if not low < 0 or at < (1 - _LATE) * (len(rows) - 1):
+        return None
+    ran_away = any(r >= _RAN_AWAY for r, _ in f.weight_ratios.values())
+    factor = FALL_FACTOR if f.went_bad else FINITE_FALL_FACTOR
+    if -low < factor * scale or not (f.went_bad or ran_away):
+        return None
+    return Evidence(scale, low, f.steps[rows[at]], median(first))
+
+
+def explain(f: Facts, ev: Evidence) -> Finding:
+    evidence: dict[str, Any] = {
+        "loss_start": sig(ev.start, 4),
+        "loss_lowest": sig(ev.low, 4),
+        "loss_lowest_step": ev.low_step,
+        "fall_over_start": sig(-ev.low / ev.scale, 3),
+        "went_nonfinite": f.went_bad,
+    }
+    grown = {n: sig(r, 3) for n, (r, _) in f.weight_ratios.items() if r >= _RAN_AWAY}
+    if grown:
+        evidence["weight_norm_growth"] = grown
+    end = f"; the run went non-finite at step {f.steps[f.trouble]}" if f.went_bad else ""
+    message = (
+        f"Unbounded loss: the loss fell from {fmt(ev.start)} to {fmt(ev.low)} by step {ev.low_step} — "
+        f"{fmt(-ev.low / ev.scale)}× its starting size, still falling{end}. The objective has no lower bound: "
+        "the model lowers it by scaling its outputs up, and the gradients explode with them."
+    )
+    rec = {
+        "text": "Bound the objective. A WGAN critic needs its Lipschitz constraint: a gradient penalty (WGAN-GP, "
+        "λ·(‖∇D(x̂)‖ − 1)² on interpolates) or torch.nn.utils.parametrizations.spectral_norm on its layers. "
+        "Other losses: a floor on a learned variance (log_var.clamp(min=-10)), a margin, or weight decay. "
+        "Clipping the gradient norm only slows the drift.",
+    }
+    return Finding("unbounded_loss", "error", ev.low_step, message, evidence, rec)
+
+
+RULE = Rule("unbounded_loss", detect, explain)

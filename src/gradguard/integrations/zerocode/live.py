@@ -1,0 +1,130 @@
+"""What ``gradguard run`` says on stderr while the script runs: the first non-finite or skipped
+step and the first gradient-norm spike at once, then at most every :data:`LIVE_EVERY_S` seconds
+while it lasts (rank 0 only under torchrun)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gradguard import runlog
+from gradguard.guard import Guard
+from gradguard.integrations.zerocode.sessions import ManualUpdate
+
+__all__ = ["LIVE_EVERY_S", "Live", "rank"]
+
+LIVE_EVERY_S = 30.0  #: at most one live stderr line per this many seconds while a problem lasts
+
+
+# ----------------------------------------------------------------------------- live lines
+class Live:
+    """stderr lines while the run goes: the first bad step and spike at once, then rate-limited."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def _line(self, key: str, first: Callable[[], str], again: Callable[[int], str]) -> None:
+        """The first occurrence of ``key`` at once; then a count at most every :data:`LIVE_EVERY_S`."""
+        if not self.enabled or rank() != 0:
+            return
+        n = self._count[key] = self._count.get(key, 0) + 1
+        now = time.monotonic()
+        if n == 1:
+            message = first()
+        elif now - self._last.get(key, 0.0) >= LIVE_EVERY_S:
+            message = again(n)
+        else:
+            return
+        self._last[key] = now
+        print(f"gradguard: {message}", file=sys.stderr, flush=True)
+
+    def bad_step(self, guard: Guard) -> None:
+        """A step the guard decided on the host was bad (skipped, rolled back, or not skippable)."""
+        step = guard.step_count - 1
+        self._line(
+            f"bad{id(guard)}",
+            lambda: (
+                f"step {step} of {_name(guard)} is not finite{_where(guard)}: "
+                + ("measured only." if isinstance(guard.optimizer, ManualUpdate) else f"{_policy(guard)}.")
+            ),
+            lambda n: (
+                f"{n} bad steps so far (last: step {step}); `gradguard diagnose {guard.run_dir}` explains."
+            ),
+        )
+
+    def flushed(self, guard: Guard) -> Callable[[list[dict[str, Any]]], None]:
+        """A flush callback: non-finite steps the host learns of at a flush, and norm spikes."""
+
+        def seen(records: list[dict[str, Any]]) -> None:
+            for rec in records:
+                if rec.get("nonfinite") and not rec.get("_decided"):
+                    self._nonfinite_at_flush(guard, rec["step"])
+                if rec.get("spike") and _finite(rec.get("grad_norm")):
+                    self._spike(guard, rec["step"], rec["grad_norm"])
+
+        return seen
+
+    def _nonfinite_at_flush(self, guard: Guard, step: int) -> None:
+        self._line(
+            f"bad{id(guard)}",
+            lambda: f"step {step} of {_name(guard)} is not finite{_where(guard)}.",
+            lambda n: f"{n} non-finite steps so far (last: step {step}).",
+        )
+
+    def _spike(self, guard: Guard, step: int, norm: float) -> None:
+        self._line(
+            f"spike{id(guard)}",
+            lambda: f"gradient norm spike at step {step} of {_name(guard)}: {norm:.4g}.",
+            lambda n: f"{n} gradient norm spikes so far (last: step {step}, {norm:.4g}).",
+        )
+
+
+def _name(guard: Guard) -> str:
+    if isinstance(guard.optimizer, ManualUpdate):
+        return f"{type(guard.model).__name__} (updated by hand)"
+    return f"{type(guard.optimizer).__name__} on {type(guard.model).__name__}"
+
+
+_POLICY = {
+    "skip": "skipped (parameters and optimizer state untouched)",
+    "rollback": "rolled back to the last snapshot",
+    "raise": "the run stops",
+    "warn": "taken anyway (--on-nonfinite warn)",
+}
+
+
+def _policy(guard: Guard) -> str:
+    return _POLICY.get(str(guard.on_nonfinite), str(guard.on_nonfinite))
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, float) and math.isfinite(x)
+
+
+def _where(guard: Guard) -> str:
+    """Where the last non-finite event of this guard located it (read back from its events file)."""
+    if guard.run_dir is None:
+        return ""
+    try:
+        event = runlog.read_run(guard.run_dir, records=False).first_nonfinite()
+    except Exception:
+        return ""
+    if event is None:
+        return ""
+    parts = [f"{k}={event[k]}" for k in ("phase", "module", "op", "source") if event.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def rank() -> int:
+    """This process's rank under torch.distributed (or torchrun's ``RANK`` once the group is gone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)

@@ -1,0 +1,121 @@
+"""``gradguard run SCRIPT``: the script as ``__main__`` under a :class:`ZeroCode`, its output and
+exit code kept; the summary and the report also after Ctrl-C, SIGTERM or an uncaught exception."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gradguard.guard import Guard
+from gradguard.integrations.zerocode.live import rank
+from gradguard.integrations.zerocode.runner import ZeroCode
+from gradguard.integrations.zerocode.sessions import ManualUpdate
+
+__all__ = ["check_options", "run_script"]
+
+
+# ----------------------------------------------------------------------------- gradguard run
+class _Stopped(BaseException):
+    """Raised inside the script by a signal handler, so that the summary and report are written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
+
+
+def run_script(path: str, argv: list[str], *, report: bool = True, **options: Any) -> int:
+    """Run a script as ``__main__`` under :class:`ZeroCode`; its exit code, its output kept.
+
+    gradguard's own messages go to stderr. With ``report`` (and plotly installed), ``report.html``
+    is written into the run directory at exit — also after an uncaught exception, Ctrl-C or a
+    SIGTERM (the process then ends by that signal, as the plain script would).
+    """
+    import runpy
+
+    script = Path(path)
+    if not script.is_file():
+        print(
+            f"gradguard run: no such script {path!r}; pass the path of a Python training script.",
+            file=sys.stderr,
+        )
+        return 2
+    check_options(options)  # a bad option is refused before the script starts, not at its first step
+    old_argv, old_path = sys.argv, list(sys.path)
+    sys.argv = [str(script), *argv]
+    sys.path.insert(0, str(script.resolve().parent))
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_signal)
+    code: int = 0
+    killed_by: int | None = None
+    zc = ZeroCode(name=script.stem, scan_existing=False, **options)
+    try:
+        with zc:
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+            except SystemExit as e:
+                code = _exit_code(e)
+            except _Stopped as e:
+                killed_by = e.signum
+            except KeyboardInterrupt:
+                traceback.print_exc()
+                killed_by = signal.SIGINT
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, sys.path[:] = old_argv, old_path
+        if signal.getsignal(signal.SIGTERM) is _on_signal:
+            signal.signal(signal.SIGTERM, previous)
+    if rank() == 0:  # under torchrun rank 0 speaks and writes the report, as it writes the log
+        print(zc.summary(), file=sys.stderr)
+        if report and zc.sessions:
+            _write_report(zc.out)
+    if killed_by is not None:  # end the way the plain script would have: by that signal
+        sys.stderr.flush()
+        signal.signal(killed_by, signal.SIG_DFL)
+        os.kill(os.getpid(), killed_by)
+    return code
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse bad Guard options now (:class:`GradGuardError`, the guard's own message): a guard is
+    built on a stand-in model with them (no run log) and closed."""
+    guard_options = {k: v for k, v in options.items() if k not in ("out", "name", "live")}
+    guard_options.setdefault("clip", "none")
+    probe = nn.Linear(1, 1)
+    guard = Guard(probe, ManualUpdate(probe.parameters()), log_dir=None, **guard_options)
+    guard.close()
+
+
+def _exit_code(e: SystemExit) -> int:
+    """The exit status of ``sys.exit(code)`` as Python gives it (a message is printed, status 1)."""
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def _write_report(run_dir: Path) -> None:
+    try:
+        from gradguard.report import write_report
+    except ImportError:  # the report extra is optional
+        return
+    try:
+        path = write_report(run_dir)
+    except Exception as e:  # a report must never turn a finished run into a failure
+        print(f"gradguard: could not write the report ({e}).", file=sys.stderr)
+        return
+    print(f"gradguard: report: {path}", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""The runner's bookkeeping of what it guards: a :class:`Session` per optimizer (or hand-updated
+model), a :class:`Root` per model the script calls, and :class:`ManualUpdate`, the stand-in
+optimizer of a hand-written update; the summary lines and the optimizer facts for meta.json."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard import runlog
+from gradguard.errors import GradGuardError
+from gradguard.guard import Guard
+from gradguard.locate import StepCapture, keep_out_of_pickles
+
+__all__ = ["ManualUpdate", "Root", "Session", "all_optimizers", "covers", "stepped", "summary_lines"]
+
+
+class ManualUpdate(torch.optim.Optimizer):
+    """Stands for a hand-written parameter update (no ``torch.optim`` optimizer): what a
+    :class:`~gradguard.Guard` that only measures needs. It never steps."""
+
+    def __init__(self, params: Iterable[nn.Parameter]) -> None:
+        super().__init__(list(params), {})
+
+    # torch's own versions of these two are wrapped to import torch._dynamo (~2 s on a first use)
+
+    def _patch_step_function(self) -> None:
+        """Nothing to patch: it never steps."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        self.param_groups.append(param_group)
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        raise GradGuardError("ManualUpdate stands for a hand-written update; it is never stepped.")
+
+
+# ----------------------------------------------------------------------------- one optimizer's guard
+class Session:
+    """The guard of one optimizer (or one hand-updated model) and the state of its current step."""
+
+    def __init__(self, guard: Guard, *, manual: bool, framework: bool = False) -> None:
+        self.guard = guard
+        self.manual = manual
+        self.framework = framework  # a framework's callback measures and gates its steps (frameworks.py)
+        self.param_ids = {id(p) for g in guard.optimizer.param_groups for p in g["params"]}
+        self.measured_at: int | None = None  # the backward count when this step was measured
+        self.skip = False
+        self.clips = False  # the script clips this model's gradients (its steps are measured there)
+        self.script_clips = 0  # steps the script's own clip_grad_norm_ ran on
+        self.script_threshold: float | None = None
+        self.capture: StepCapture | None = None  # the guard's capture (a hand-updated model's replay)
+        self.replays = 0
+
+    def end_step(self) -> None:
+        self.measured_at = None
+        self.skip = False
+
+
+# ----------------------------------------------------------------------------- roots
+class Root:
+    """A model the script called at the top level, and the captures (one per guard) fed from its calls."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.ref = weakref.ref(module)
+        model = getattr(module, "_orig_mod", module)  # torch.compile: replay and name the eager model
+        self.model_ref = weakref.ref(model)
+        self.captures: list[StepCapture] = []
+        self.unused: StepCapture | None = None  # the capture waiting for the first guard
+        self.kind: str | None = None  # "optimizer" or "manual", once its first backward is seen
+        # the guard's own anomaly path may hook the model for one forward: never into a pickle
+        self.kept_out = keep_out_of_pickles(type(module))
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self.model_ref()
+
+    def new_capture(self, *, watch: bool) -> StepCapture:
+        model = self.model
+        assert model is not None
+        capture = StepCapture(model, hooks=False, watch_loss=watch)
+        self.captures.append(capture)
+        return capture
+
+    def take_capture(self) -> StepCapture:
+        """The capture for a new guard of this model: the one fed since its first call, else a new one."""
+        capture, self.unused = self.unused, None
+        return capture if capture is not None else self.new_capture(watch=False)
+
+
+def summary_lines(session: Session) -> list[str]:
+    guard = session.guard
+    model = type(guard.model).__name__
+    if session.manual:
+        head = f"gradguard: hand-written update of {model}: {guard.step_count} steps measured (none can be skipped)"
+    else:
+        head = (
+            f"gradguard: {type(guard.optimizer).__name__} on {model}: {guard.step_count} steps, "
+            f"{guard.skipped_steps} skipped"
+        )
+    lines = [f"{head}. Run log: {guard.run_dir}"]
+    if session.script_clips and session.script_threshold is not None:
+        lines.append(
+            f"  the script clipped the gradient norm to {session.script_threshold:g} itself on "
+            f"{session.script_clips} steps (the log has the pre-clip norms)"
+        )
+    if guard.run_dir is None:
+        return lines
+    first = runlog.read_run(guard.run_dir).first_nonfinite()
+    if first is not None:
+        where = ", ".join(
+            f"{k}={first.get(k)}" for k in ("phase", "module", "op", "kind", "source") if first.get(k)
+        )
+        reason = (first.get("evidence") or {}).get("reason")
+        lines.append(
+            f"  first non-finite value at step {first['step']}: {where}"
+            + (f" — {reason}" if reason else "")
+            + f" (located by {first.get('located_by')})"
+        )
+    return lines
+
+
+def covers(params: list[Tensor], optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a clip call's gradients are exactly the optimizer's (its norm is then the guard's)."""
+    mine = {id(p) for p in params if p.grad is not None}
+    theirs = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
+    return bool(mine) and mine == theirs
+
+
+def stepped(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """What an optimizer steps, for meta.json: the model's class, or the submodules (by name) that
+    hold its parameters when it steps only part of the model."""
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    name = type(model).__name__
+    if all(id(p) in ids for p in model.parameters() if p.requires_grad):
+        return name
+    parts = [n for n, child in model.named_children() if any(id(p) in ids for p in child.parameters())]
+    return ", ".join(f"{name}.{n}" for n in parts) or name
+
+
+def all_optimizers() -> list[torch.optim.Optimizer]:
+    """Every optimizer in the process: a walk over the objects the garbage collector tracks."""
+    found = []
+    for obj in gc.get_objects():
+        kind = type(obj)  # not isinstance: it reads __class__, which some objects warn or raise on
+        if issubclass(kind, torch.optim.Optimizer) and not issubclass(kind, ManualUpdate):
+            found.append(obj)
+    return found

@@ -1,0 +1,372 @@
+"""What ``gradguard tune`` found, and how a trial is judged: the one definition of "this candidate trained".
+
+A **trial** trains one candidate (a global-norm ``max_norm``, ``None`` for no clipping, and/or a
+learning rate) for a few dozen steps from the same starting state on the same batches. Its
+outcome (:func:`judge`) is read from its losses and pre-clip norms only, so the in-memory tuner
+(:func:`gradguard.tune.tune`, torch) and the script tuner (``gradguard tune SCRIPT``, one run
+directory per trial) judge alike:
+
+* **non-finite**: a loss or a norm was NaN/±inf (the trial ends there);
+* **exploded**: the norm climbed the way :func:`gradguard.runtable.climb_onset` defines an
+  explosion (a sustained 3× rise that reaches 10× the norms before it) — the same definition
+  ``gradguard diagnose`` and the guard's locator use;
+* **diverged**: finite, but the loss rose by more than its own first value (a learning rate too
+  high for the step the threshold allows: finite is not healthy);
+* **trained**: none of these, and the loss fell: the mean of the last quarter of the trial's losses
+  is below its first loss (taken before any update, the same for every candidate).
+
+The **recommendation** (:func:`choose`): order the candidates from tight to loose (``max_norm``,
+then learning rate); the **edge** is the tightest one that went non-finite, exploded or diverged.
+Among the candidates tighter than the edge, those that trained *well* (their loss fell by at least
+:data:`WELL` of the best one's fall) are safe; the recommendation is the loosest of them, moved
+:data:`MARGIN` rungs back when an edge exists (one rung when its own norm had started to climb). A
+few dozen steps show where training breaks, not where it breaks after a few thousand: measured on
+the adding problem at lr 1, the loosest threshold that survives 60 steps stalls over 1,500, the one
+two halvings below trains (``benchmarks/advice.py``). Not simply the lowest loss after a few dozen
+steps either: that short horizon favours the tightest thresholds, which then over-clip the long
+run. ``None`` when no candidate trained.
+
+``tune.json`` in a run directory (:data:`TUNE_FILE`, :func:`write_tune`, :func:`read_tune`) holds a
+:class:`TuneResult`: ``gradguard diagnose`` then quotes verified advice instead of an unverified
+estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradguard.errors import GradGuardError
+from gradguard.runlog import atomic_write_json
+from gradguard.runtable import SUSTAIN, climb_onset
+
+__all__ = [
+    "TUNE_FILE",
+    "Trial",
+    "TuneResult",
+    "candidates_around",
+    "choose",
+    "explosion_onset",
+    "judge",
+    "ladder",
+    "read_tune",
+    "spec",
+    "write_tune",
+]
+
+WELL = 0.5
+"""A candidate trained well when its loss fell by at least this fraction of the best candidate's fall."""
+MARGIN = 2
+"""Rungs (halvings) back from the loosest safe candidate when a looser one failed."""
+TUNE_FILE = "tune.json"
+"""The file ``gradguard tune`` / :meth:`gradguard.Guard.tune` write into a run directory."""
+_VERSION = 1
+
+
+def spec(max_norm: float | None) -> str:
+    """A threshold as a clip spec: ``norm:5`` or ``none``."""
+    return "none" if max_norm is None else f"norm:{max_norm:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One candidate's evidence.
+
+    Attributes:
+        max_norm: the global-norm threshold tried (``None``: no clipping).
+        lr: the learning rate tried (``None``: the optimizer's own).
+        steps: steps trained (fewer than planned when the trial went non-finite).
+        loss_start: the first loss (before any update; the same for every candidate).
+        loss_final: the mean of the last quarter of the finite losses.
+        loss_min: the smallest finite loss.
+        exploded: the pre-clip norm climbed as :func:`gradguard.runtable.climb_onset` defines it.
+        nonfinite: a loss or norm was non-finite; ``nonfinite_step`` the first such step.
+        clip_rate: the fraction of steps the threshold clipped.
+        peak_norm: the largest finite pre-clip norm.
+        climbing: the norm started a sustained 3× climb (short of an explosion).
+    """
+
+    max_norm: float | None
+    lr: float | None
+    steps: int
+    loss_start: float
+    loss_final: float
+    loss_min: float
+    exploded: bool
+    nonfinite: bool
+    nonfinite_step: int | None
+    clip_rate: float
+    peak_norm: float
+    climbing: bool = False
+
+    @property
+    def trained(self) -> bool:
+        """Finite, no explosion, and the loss fell."""
+        return not (self.nonfinite or self.exploded) and self.loss_final < self.loss_start
+
+    @property
+    def diverged(self) -> bool:
+        """Finite, but the loss rose by more than its first value's magnitude."""
+        return not self.nonfinite and self.loss_final - self.loss_start > abs(self.loss_start)
+
+    @property
+    def failed(self) -> bool:
+        """Non-finite, exploded or diverged: looser candidates than this one are not safe."""
+        return self.nonfinite or self.exploded or self.diverged
+
+    @property
+    def label(self) -> str:
+        """``norm:5``, ``none``, ``norm:5 lr=0.1``."""
+        return spec(self.max_norm) + ("" if self.lr is None else f" lr={self.lr:g}")
+
+    @property
+    def outcome(self) -> str:
+        """``trained``, ``non-finite at step N``, ``exploded`` or ``loss did not fall``."""
+        if self.nonfinite:
+            return f"non-finite at step {self.nonfinite_step}"
+        if self.exploded:
+            return "exploded"
+        if self.diverged:
+            return "diverged (loss rose)"
+        return "trained" if self.trained else "loss did not fall"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "trained": self.trained,
+            "diverged": self.diverged,
+            "outcome": self.outcome,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Trial:
+        step = d.get("nonfinite_step")
+        return cls(
+            max_norm=_number_or_none(d.get("max_norm")),
+            lr=_number_or_none(d.get("lr")),
+            steps=int(d.get("steps") or 0),
+            loss_start=_float_or(d.get("loss_start")),
+            loss_final=_float_or(d.get("loss_final")),
+            loss_min=_float_or(d.get("loss_min")),
+            exploded=bool(d.get("exploded")),
+            nonfinite=bool(d.get("nonfinite")),
+            nonfinite_step=step if isinstance(step, int) else None,
+            clip_rate=_float_or(d.get("clip_rate")),
+            peak_norm=_float_or(d.get("peak_norm")),
+            climbing=bool(d.get("climbing")),
+        )
+
+
+def _number_or_none(x: Any) -> float | None:
+    return None if x is None else _float_or(x)
+
+
+def _float_or(x: Any) -> float:
+    if isinstance(x, str):  # runlog writes non-finite floats as "nan" / "inf"
+        return float(x)
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
+def explosion_onset(norms: Sequence[float]) -> int | None:
+    """Where a trial's finite positive ``norms`` started to explode (:func:`gradguard.runtable.climb_onset`),
+    counted once the climb was sustained within the trial (its next values seen): a trial stopped
+    there is judged as the whole trial would be."""
+    k = climb_onset(norms, ends_in_trouble=False)
+    return k if k is not None and k + SUSTAIN < len(norms) else None
+
+
+def judge(max_norm: float | None, lr: float | None, losses: Sequence[float], norms: Sequence[float]) -> Trial:
+    """A trial's :class:`Trial` from its per-step losses and pre-clip global norms (see the module docstring)."""
+    if len(losses) != len(norms):
+        raise GradGuardError(
+            f"a trial needs one norm per loss; got {len(losses)} losses and {len(norms)} norms."
+        )
+    bad = next(
+        (i for i, (x, g) in enumerate(zip(losses, norms)) if not (math.isfinite(x) and math.isfinite(g))),
+        None,
+    )
+    end = len(losses) if bad is None else bad
+    finite_losses, finite_norms = list(losses[:end]), [g for g in norms[:end] if g > 0]
+    tail = finite_losses[-max(1, len(finite_losses) // 4) :] if finite_losses else []
+    clipped = [g > max_norm for g in norms[:end]] if max_norm is not None else []
+    return Trial(
+        max_norm=max_norm,
+        lr=lr,
+        steps=end,
+        loss_start=finite_losses[0] if finite_losses else math.nan,
+        loss_final=statistics.fmean(tail) if tail else math.nan,
+        loss_min=min(finite_losses) if finite_losses else math.nan,
+        exploded=explosion_onset(finite_norms) is not None,
+        climbing=climb_onset(finite_norms, ends_in_trouble=True) is not None,
+        nonfinite=bad is not None,
+        nonfinite_step=bad,
+        clip_rate=sum(clipped) / len(clipped) if clipped else 0.0,
+        peak_norm=max(finite_norms, default=math.nan),
+    )
+
+
+def _looseness(t: Trial) -> tuple[float, float]:
+    """Order candidates from tight to loose: the threshold (none = ∞), then the learning rate."""
+    return (math.inf if t.max_norm is None else t.max_norm, t.lr if t.lr is not None else 0.0)
+
+
+def choose(trials: Sequence[Trial]) -> Trial | None:
+    """The verified recommendation (see the module docstring); ``None`` when no trial trained."""
+    ordered = sorted(trials, key=_looseness)
+    edge = next((i for i, t in enumerate(ordered) if t.failed), len(ordered))
+    safe = [t for t in ordered[:edge] if t.trained]
+    if not safe:
+        return None
+    fall = max(t.loss_start - t.loss_final for t in safe)
+    well = [t for t in safe if t.loss_start - t.loss_final >= WELL * fall]
+    back = MARGIN if edge < len(ordered) else int(well[-1].climbing)
+    return well[max(0, len(well) - 1 - back)]
+
+
+def ladder(top: float, rungs: int = 12) -> list[float]:
+    """``rungs`` candidate thresholds halving down from ``top`` (two significant digits), tight to loose."""
+    if not (math.isfinite(top) and top > 0):
+        raise GradGuardError(f"a ladder of thresholds needs a positive finite top, got {top!r}.")
+    return sorted({float(f"{top * 0.5**k:.2g}") for k in range(rungs)})
+
+
+def candidates_around(norm: float) -> list[float]:
+    """Candidate thresholds from 4× down to 1/512× a healthy pre-clip ``norm`` (a ladder of halvings:
+    a stable threshold at a high learning rate is often far below the norm)."""
+    if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not (math.isfinite(norm) and norm > 0):
+        raise GradGuardError(
+            f"candidate thresholds need a positive finite gradient norm, got {norm!r}; pass max_norms."
+        )
+    return ladder(4 * norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """What a tuning found: every trial and the verified recommendation.
+
+    Attributes:
+        trials: one per candidate, in the order tried.
+        steps: the step budget of each trial.
+        source: ``"memory"`` (:func:`gradguard.tune.tune`) or ``"script"`` (``gradguard tune SCRIPT``).
+        start_step: the step of the run the trials started from (``None``: a fresh start).
+        command: the command that reproduces it (the script tuner), or ``""``.
+    """
+
+    trials: list[Trial]
+    steps: int
+    source: str = "memory"
+    start_step: int | None = None
+    command: str = ""
+
+    @property
+    def recommended(self) -> Trial | None:
+        """The verified recommendation (:func:`choose`), or ``None``: none of the candidates trained."""
+        return choose(self.trials)
+
+    @property
+    def max_norm(self) -> float | None:
+        """The recommended threshold (``None``: no clipping recommended, or nothing trained)."""
+        rec = self.recommended
+        return None if rec is None else rec.max_norm
+
+    def failed_thresholds(self) -> list[float]:
+        """The thresholds that went non-finite or exploded."""
+        return sorted(
+            t.max_norm for t in self.trials if t.max_norm is not None and (t.nonfinite or t.exploded)
+        )
+
+    def summary(self) -> str:
+        """The trials as a text table, then the verdict."""
+        head = [
+            "candidate",
+            "steps",
+            "first loss",
+            "final loss",
+            "min loss",
+            "clipped",
+            "peak norm",
+            "outcome",
+        ]
+        body = [
+            [
+                t.label,
+                str(t.steps),
+                f"{t.loss_start:.4g}",
+                f"{t.loss_final:.4g}",
+                f"{t.loss_min:.4g}",
+                f"{t.clip_rate:.0%}",
+                f"{t.peak_norm:.3g}",
+                t.outcome,
+            ]
+            for t in self.trials
+        ]
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
+        lines.insert(1, "  ".join("─" * w for w in widths))
+        return "\n".join([*lines, self.verdict()])
+
+    def verdict(self) -> str:
+        """One sentence: the verified recommendation, or that none of the candidates trained."""
+        rec = self.recommended
+        if rec is None:
+            return (
+                f"None of the {len(self.trials)} candidates trained in {self.steps} steps (each went non-finite, "
+                "exploded, diverged or its loss did not fall): lower the learning rate, then tune again."
+            )
+        what = "no clipping" if rec.max_norm is None else f"max_norm={rec.max_norm:g}"
+        lr = "" if rec.lr is None else f" at lr={rec.lr:g}"
+        return (
+            f"Verified: {what}{lr} trained for {rec.steps} steps (loss {rec.loss_start:.4g} → {rec.loss_final:.4g}, "
+            f"clipped {rec.clip_rate:.0%}, no explosion, no non-finite step)."
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        rec = self.recommended
+        return {
+            "version": _VERSION,
+            "source": self.source,
+            "steps": self.steps,
+            "start_step": self.start_step,
+            "command": self.command,
+            "trials": [t.as_dict() for t in self.trials],
+            "recommended": None if rec is None else rec.as_dict(),
+            "verdict": self.verdict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TuneResult:
+        if (
+            not isinstance(d, Mapping)
+            or d.get("version") != _VERSION
+            or not isinstance(d.get("trials"), list)
+        ):
+            raise GradGuardError(f"not a {TUNE_FILE} this gradguard reads (version {_VERSION} with trials).")
+        return cls(
+            trials=[Trial.from_dict(t) for t in d["trials"]],
+            steps=int(d.get("steps", 0)),
+            source=str(d.get("source", "memory")),
+            start_step=d.get("start_step"),
+            command=str(d.get("command", "")),
+        )
+
+
+def write_tune(run_dir: str | Path, result: TuneResult) -> Path:
+    """Write ``tune.json`` into ``run_dir`` (atomically); its path."""
+    path = Path(run_dir) / TUNE_FILE
+    atomic_write_json(path, result.as_dict())
+    return path
+
+
+def read_tune(run_dir: str | Path) -> TuneResult | None:
+    """The :class:`TuneResult` in ``run_dir/tune.json``; ``None`` when there is none or it is unreadable."""
+    import json
+
+    path = Path(run_dir) / TUNE_FILE
+    try:
+        return TuneResult.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, GradGuardError):
+        return None

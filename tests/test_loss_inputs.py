@@ -1,0 +1,214 @@
+"""Every input of the loss code, state carried across steps, births inside ``optimizer.step()`` (issue 12).
+
+* the loss-code watch describes the located op's inputs (the fix follows the evidence);
+* a non-finite target or label is the data's fault, and the event says which tensor;
+* a non-finite model input that the model itself made in an earlier step is carried state;
+* a NaN written by the optimizer from finite gradients is reported at that step, with the
+  optimizer and the parameters;
+* several optimizers on one model: each one's loss code is watched with its own budget.
+
+The fault scripts live in tests/faults/ (their location and verdict are checked by test_locate.py
+and test_verdict.py); here: the fields a reader needs from them, and the unit behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import runpy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+from gradguard._guard.births import OptimizerBirths
+from gradguard._inputs import CarriedState, entering_role
+from gradguard.errors import NonFiniteError
+from gradguard.integrations.zerocode import ZeroCode
+from gradguard.locate import LossWatch
+from gradguard.runlog import read_run
+from nosync import NoSync
+
+FAULTS = Path(__file__).parent / "faults"
+
+
+def _run(script: str, tmp_path: Path) -> list[dict]:
+    """Run a fault script under the zero-code runner; its ``nonfinite`` events, in step order."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(NonFiniteError), ZeroCode(out=tmp_path / "run", name=script, every=10):
+            runpy.run_path(str(FAULTS / f"{script}.py"), run_name="__main__")
+    return sorted(read_run(tmp_path / "run").events_of("nonfinite"), key=lambda e: e["step"])
+
+
+# ----------------------------------------------------------------------------- evidence at loss-code ops
+def test_a_loss_code_op_is_described_like_a_replayed_one(tmp_path: Path) -> None:
+    first = _run("ce_all_ignored", tmp_path)[0]
+    assert first["located_by"] == "watch" and first["op"] == "cross_entropy"
+    logits, target = first["evidence"]["inputs"]
+    assert logits["nan"] == 0 and target["ignored"] == target["numel"] == 24
+
+
+def test_a_backward_birth_is_described_by_its_forward_ops_inputs(tmp_path: Path) -> None:
+    first = _run("acos_cosine", tmp_path)[0]
+    assert first["phase"] == "backward" and first["op"] == "acos"
+    assert first["evidence"]["inputs"][0]["unit"] > 0
+    assert first["evidence"]["reason"].startswith("acos of ±1")
+
+
+def _watched(fn) -> dict | None:
+    """Run ``fn(made)`` under a loss watch whose model output is ``made``; the watch's answer."""
+    made = torch.randn(4, 3, requires_grad=True) * 1.0
+    with LossWatch(made=[made]) as watch:
+        fn(made)
+    return watch.answer()
+
+
+def test_an_intentional_mask_is_not_data_and_the_fully_masked_softmax_is_the_birth() -> None:
+    mask = torch.zeros(4, 3)
+    mask[2] = -math.inf  # a row with every key masked, made before the loss code
+
+    found = _watched(lambda scores: torch.softmax(scores + mask, dim=-1).sum().backward())
+    assert found is not None and found["op"] == "softmax" and found["phase"] == "loss"
+
+
+def test_a_nan_target_is_data_and_names_the_tensor() -> None:
+    target = torch.randn(4, 3)
+    target[1, 1] = math.nan
+    found = _watched(lambda out: nn.functional.mse_loss(out, target).backward())
+    assert found is not None and found["phase"] == "data" and found["tensor"] == "target"
+    assert found["evidence"]["consumer"] == "mse_loss" and found["evidence"]["input"]["nan"] == 1
+
+
+def test_the_role_of_a_tensor_entering_the_loss_code() -> None:
+    logits, labels, weights = torch.randn(2, 3), torch.rand(2, 3), torch.rand(3)
+    assert entering_role("cross_entropy", (logits, labels), {}, labels) == "label"
+    assert entering_role("mse_loss", (logits,), {"target": labels}, labels) == "target"
+    assert entering_role("mul", (logits, weights), {}, weights) == "loss input"
+
+
+@pytest.mark.parametrize(("script", "tensor", "consumer"), [("target_nan", "target", "mse_loss"),
+                                                            ("soft_label_inf", "label", "cross_entropy")])  # fmt: skip
+def test_a_non_finite_target_or_label_is_reported_as_data(
+    tmp_path: Path, script: str, tensor: str, consumer: str
+) -> None:
+    first = _run(script, tmp_path)[0]
+    assert (first["phase"], first["tensor"], first["op"]) == ("data", tensor, None)
+    assert first["evidence"]["consumer"] == consumer and "forward was finite" not in str(first)
+
+
+# ----------------------------------------------------------------------------- carried state
+def test_a_state_fed_back_from_an_earlier_step_is_carried_state(tmp_path: Path) -> None:
+    found = _run("rnn_state_carried", tmp_path)
+    assert found[0]["step"] == 3 and found[0]["op"] == "log"
+    state = [e for e in found if e.get("tensor") == "state"]
+    assert state and state[0]["step"] == 4 and state[0]["phase"] == "data"
+    assert state[0]["evidence"]["carried"] == "output" and state[0]["evidence"]["carried_from_step"] == 3
+
+
+def test_a_memory_bank_written_in_place_between_steps_is_carried_state(tmp_path: Path) -> None:
+    first = _run("memory_bank_nan", tmp_path)[0]
+    assert (first["step"], first["phase"], first["tensor"]) == (4, "data", "state")
+    assert first["evidence"]["carried"] == "buffer" and first["evidence"]["carried_from_step"] == 3
+    assert first["evidence"]["consumer"] == "matmul"
+
+
+def test_carried_state_is_told_by_storage_not_by_address() -> None:
+    carried = CarriedState()
+    out = torch.randn(64, 64)
+    buffer = torch.zeros(8)
+    carried.note([buffer], [out], step=0)
+    h = out.detach()[:, :4]  # a detached view: the same storage
+    assert carried.origin(h, step=1) == {"carried": "output", "carried_from_step": 0}
+    del out, h
+    fresh = torch.randn(64, 64)  # may reuse the freed block: never the old output
+    assert carried.origin(fresh, step=1) is None
+    assert carried.origin(buffer, step=1) is None  # the same buffer, unchanged: not carried
+    buffer.add_(1.0)  # written in place between steps (a memory bank)
+    assert carried.origin(buffer, step=1) == {"carried": "buffer", "carried_from_step": 0}
+
+
+# ----------------------------------------------------------------------------- births in optimizer.step()
+def test_adam_eps_zero_is_reported_at_the_step_that_wrote_the_nan(tmp_path: Path) -> None:
+    first = _run("adam_eps_zero", tmp_path)[0]
+    assert (first["step"], first["phase"], first["located_by"]) == (0, "optimizer", "check")
+    assert first["optimizer"] == "Adam" and first["parameters"] == ["emb.weight"]
+    assert first["evidence"]["hyperparameters"]["eps"] == 0.0
+    assert "optimizer.step()" in first["evidence"]["reason"]
+
+
+def test_a_hand_written_optimizer_is_named_and_flagged_custom(tmp_path: Path) -> None:
+    first = _run("custom_optimizer_zero_norm", tmp_path)[0]
+    assert (first["step"], first["phase"], first["optimizer"]) == (0, "optimizer", "NormalizedSGD")
+    assert first["evidence"]["custom_optimizer"] is True
+    assert all(".ff." in name for name in first["parameters"])
+
+
+class _DivideByNorm(torch.optim.SGD):
+    """SGD whose step normalises the update: 0 / 0 for a parameter with a zero gradient."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(group["lr"] * p.grad / p.grad.norm())
+
+
+def test_a_guard_reports_an_optimizer_birth_without_a_host_read_on_the_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    opt = _DivideByNorm(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, clip=None, on_nonfinite="warn", log_dir=tmp_path / "g", every=100)
+    for step in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean() * (0.0 if step == 1 else 1.0)  # step 1: zero grads
+        loss.backward()
+        with NoSync():
+            guard.step(loss)  # sync-free ("warn"): the check after the step reads nothing
+    guard.close()
+    born = [e for e in read_run(tmp_path / "g").events_of("nonfinite") if e.get("located_by") == "check"]
+    assert len(born) == 1 and born[0]["step"] == 1 and born[0]["optimizer"] == "_DivideByNorm"
+    assert born[0]["parameters"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+def test_a_nan_passed_on_from_non_finite_gradients_is_not_an_optimizer_birth() -> None:
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    births = OptimizerBirths(opt, [("w", p)])
+    for step, grad in enumerate([torch.ones(3), torch.full((3,), math.nan)]):
+        births.begin(step)
+        p.grad = grad
+        opt.step()
+    records = [{"step": 0, "nonfinite": False}, {"step": 1, "nonfinite": True}]
+    assert births.found(records) == []
+    births.close()
+
+
+def test_a_healthy_run_has_no_birth_and_no_data_event(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.GRU(3, 8, batch_first=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    h = None
+    with ZeroCode(out=tmp_path / "run", name="healthy", every=5):
+        for _ in range(12):
+            out, h = model(torch.randn(2, 5, 3), h)
+            loss = nn.functional.mse_loss(out, torch.randn(2, 5, 8))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            h = h.detach()
+    assert read_run(tmp_path / "run").events_of("nonfinite") == []
+
+
+# ----------------------------------------------------------------------------- several optimizers
+def test_the_second_optimizers_loss_code_is_watched(tmp_path: Path) -> None:
+    first = _run("actor_critic_zero_std", tmp_path)[0]
+    assert (first["op"], first["located_by"], first["evidence"]["reason"]) == (
+        "div",
+        "watch",
+        "division by zero",
+    )

@@ -1,0 +1,237 @@
+"""``on_explosion``: real training runs whose gradient norm explodes while finite, rescued by the guard.
+
+Each run really trains (a too-high learning rate, a warm-up that overshoots, data whose scale runs
+away); without the option the same run goes non-finite. Also: the bound (``max_rollbacks``), the
+state_dict round trip in the middle of a recovery, the events, the settings, and no added host read.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard
+import guard_runs
+from gradguard import events
+from gradguard.errors import GradGuardError
+from gradguard.runlog import read_run
+from nosync import NoSync
+
+
+def final_loss(run: Path) -> float:
+    losses = [r["loss"] for r in read_run(run).metrics]
+    return sum(losses[-20:]) / 20
+
+
+def nonfinite_steps(run: Path) -> list[int]:
+    return [r["step"] for r in read_run(run).metrics if r["nonfinite"]]
+
+
+# ----------------------------------------------------------------------------- rescued runs
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"lr": 0.3},  # too high from the start: ~15 healthy steps, then the norm climbs to inf at 46
+        {"lr": 0.05, "lr_at": {60: 0.4}},  # a warm-up that overshoots: explodes after 60, inf at 83
+    ],
+    ids=["too_high_lr", "lr_jump"],
+)
+def test_an_explosion_while_finite_is_rewound_and_the_run_trains_to_the_end(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    plain = guard_runs.train(tmp_path / "plain", locate=False, steps=90, **settings)
+    assert nonfinite_steps(plain)  # without the option the run is lost (by step 90)
+
+    run = guard_runs.train(tmp_path / "recover", on_explosion="recover", **settings)
+    assert nonfinite_steps(run) == []
+    assert final_loss(run) < 1.0  # it trains: the loss starts at 5.5
+    log = read_run(run)
+    (explosion,) = log.events_of("explosion")
+    assert explosion["action"] == "recover" and explosion["recoveries"] == 1
+    assert explosion["to_step"] + 1 < explosion["onset_step"] < explosion["step"]  # rewound to before it
+    assert explosion["peak_norm"] > 10 * explosion["baseline_norm"]
+    assert 0 < explosion["max_norm"] <= explosion["baseline_norm"]
+    (rollback,) = log.events_of("rollback")
+    assert (rollback["step"], rollback["to_step"]) == (explosion["step"], explosion["to_step"])
+    rewound = next(r for r in log.metrics if r["step"] == explosion["step"])
+    assert rewound["skipped"]  # the step that confirmed it was not taken
+    after = [r for r in log.metrics if r["step"] > explosion["step"]]
+    assert all(
+        r["clip_coef"] <= 1.0 and r["threshold"] == pytest.approx(explosion["max_norm"]) for r in after
+    )
+    assert log.meta["config"]["on_explosion"] == "recover"
+
+
+def test_the_sync_free_path_recovers_at_the_flush(tmp_path: Path) -> None:
+    """``on_nonfinite="warn"`` never reads the device: the onset is seen in the flushed records."""
+    x, y = guard_runs.data()
+    model = guard_runs.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    guard = gradguard.Guard(
+        model, opt, clip=None, on_nonfinite="warn", on_explosion="recover", every=5, log_dir=tmp_path / "r"
+    )
+    assert guard._sync_free()
+    for step in range(120):
+        i = (step * 16) % 64
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x[i : i + 16]), y[i : i + 16])
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    log = read_run(tmp_path / "r")
+    (explosion,) = log.events_of("explosion")
+    assert explosion["step"] % 5 == 4  # the last step of a flush
+    assert explosion["to_step"] + 1 < explosion["onset_step"]
+    assert final_loss(tmp_path / "r") < 1.0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- a data-driven explosion
+def runaway(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A regression batch whose scale runs away from step 20 on (×2 a step): the gradient norm
+    climbs whatever the weights, so every recovery is followed by another explosion."""
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 4, generator=g) * (2.0 ** max(0, step - 19))
+    return x, x.sum(1, keepdim=True)
+
+
+def train_runaway(guard: gradguard.Guard, model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        x, y = runaway(step)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+
+
+def test_on_explosion_warn_logs_the_onset_once_and_changes_nothing(tmp_path: Path) -> None:
+    norms = []
+    for policy in ("ignore", "warn"):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        guard = gradguard.Guard(
+            model, opt, clip=None, on_explosion=policy, log_dir=tmp_path / policy, every=10
+        )
+        train_runaway(guard, model, opt, range(30))
+        guard.close()
+        norms.append([r["grad_norm"] for r in read_run(tmp_path / policy).metrics])
+    assert norms[0] == norms[1]
+    (explosion,) = read_run(tmp_path / "warn").events_of("explosion")
+    assert (explosion["action"], explosion["onset_step"], explosion["step"]) == ("warn", 20, 23)
+    assert read_run(tmp_path / "warn").events_of("rollback") == []
+
+
+def test_max_rollbacks_bounds_the_recoveries_and_the_run_stops_restored(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gradguard.Guard(
+        model, opt, clip=None, on_explosion="recover", max_rollbacks=2, log_dir=tmp_path / "r", every=10
+    )
+    with pytest.raises(gradguard.NonFiniteError, match="3 rollbacks within 1000 steps"):
+        train_runaway(guard, model, opt, range(100))
+    snapshot = guard._recovery.snapshot
+    assert snapshot is not None
+    assert all(torch.equal(v, snapshot["model"][k]) for k, v in model.state_dict().items())  # restored
+    guard.close()
+    log = read_run(tmp_path / "r")
+    explosions = log.events_of("explosion")
+    assert [e["recoveries"] for e in explosions] == [1, 2, 2]
+    assert [e["max_norm"] for e in explosions[1:]] == [pytest.approx(explosions[0]["max_norm"] / 2)] * 2
+    abort = log.first_event("abort")
+    assert abort["reason"] == events.ABORT_MAX_ROLLBACKS and abort["step"] == explosions[-1]["step"]
+    assert "explode" in abort["message"] and log.meta["aborted"] is True
+
+
+def test_the_state_dict_in_the_middle_of_a_recovery_resumes_identically() -> None:
+    def make() -> tuple[nn.Module, torch.optim.Optimizer, gradguard.Guard]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        guard = gradguard.Guard(model, opt, clip=None, on_explosion="recover", max_rollbacks=None, every=7)
+        return model, opt, guard
+
+    model, opt, guard = make()
+    train_runaway(guard, model, opt, range(26))
+    assert guard._explosions.recoveries == 1 and guard._explosions.watch.watching  # a climb again
+    state = copy.deepcopy({"guard": guard.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()})
+    train_runaway(guard, model, opt, range(26, 40))
+    expected = ([p.detach().clone() for p in model.parameters()], guard._explosions.cap, guard.skipped_steps)
+
+    model2, opt2, guard2 = make()
+    train_runaway(guard2, model2, opt2, range(3))  # a guard that has seen other steps
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    guard2.load_state_dict(_saved_and_loaded(state["guard"]))
+    train_runaway(guard2, model2, opt2, range(26, 40))
+    assert guard2._explosions.recoveries == guard._explosions.recoveries > 1
+    got = ([p.detach().clone() for p in model2.parameters()], guard2._explosions.cap, guard2.skipped_steps)
+    assert got[1:] == expected[1:]
+    for a, b in zip(got[0], expected[0], strict=True):
+        assert torch.equal(a, b)
+
+
+def _saved_and_loaded(state: dict[str, Any]) -> dict[str, Any]:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded: dict[str, Any] = torch.load(buf, weights_only=True)
+    return loaded
+
+
+# ----------------------------------------------------------------------------- settings, host reads
+def test_the_setting_is_checked() -> None:
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        GradGuardError, match="on_explosion must be one of 'ignore', 'warn', 'recover'; got 'rewind'"
+    ):
+        gradguard.Guard(model, opt, on_explosion="rewind")  # type: ignore[arg-type]
+    with pytest.raises(GradGuardError, match="monitor_only=True cannot rewind"):
+        gradguard.Guard(model, opt, clip=None, on_nonfinite="warn", monitor_only=True, on_explosion="recover")
+    guard = gradguard.Guard(model, opt, on_explosion="warn")
+    assert guard.on_explosion == "warn" and guard.state_dict()["explosion"]["cap"] is None
+    assert gradguard.Guard(model, opt).on_explosion == "ignore"
+
+
+def _backward_of_step_3(guard: gradguard.Guard, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    train_runaway(guard, model, opt, range(3))  # the initial snapshot and the optimizer state exist
+    x, y = runaway(3)
+    opt.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()
+
+
+def test_watching_adds_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host-decided path: the step's one read brings the norm with the skip flag; sync-free: none."""
+    import gradguard.guard as guard_module
+
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gradguard.Guard(model, opt, on_explosion="recover", every=1000, weight_every=None)
+    _backward_of_step_3(guard, model, opt)
+    inner, reads = guard_module.read_step, []
+    with NoSync() as ns:
+
+        def named_read(row: torch.Tensor) -> dict[str, float]:
+            reads.append(row)
+            with ns.allow():
+                return inner(row)
+
+        monkeypatch.setattr(guard_module, "read_step", named_read)
+        guard.step()
+    assert len(reads) == 1  # and no other host read (NoSync raises on any)
+
+    free = gradguard.Guard(
+        model, opt, on_explosion="recover", on_nonfinite="warn", every=1000, weight_every=None
+    )
+    _backward_of_step_3(free, model, opt)
+    with NoSync():
+        free.step()
+    assert free._sync_free()

@@ -1,0 +1,101 @@
+"""``gradguard run`` inside ``torchrun`` (``torchrun --nproc-per-node 2 -m gradguard run script.py``) on a
+DDP script (gloo, 2 ranks, CPU): the healthy run prints, saves and exits as the plain run; rank 0
+writes the one run log (as a :class:`gradguard.Guard` does under DDP) with the script's pre-clip norms
+and the loss averaged over the ranks; one summary and one report; the diverging variant is
+located and diagnosed, with the plain run's exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from gradguard.runlog import read_run
+
+SCRIPT = Path(__file__).parent / "run_scripts" / "ddp_regression.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun with gloo on Linux")
+
+
+def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    where = ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    return subprocess.run(
+        [*torchrun, *where, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
+    )
+
+
+@cache
+def _runs(
+    root: Path, *extra: str
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    plain_dir, guarded_dir = root / "plain", root / "guarded"
+    plain_dir.mkdir(parents=True)
+    guarded_dir.mkdir(parents=True)
+    plain = _torchrun(str(SCRIPT), *extra, cwd=plain_dir)
+    guarded = _torchrun(
+        "-m", "gradguard", "run", "--out", str(root / "run"), str(SCRIPT), *extra, cwd=guarded_dir
+    )
+    return plain, guarded
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    _runs(root)
+    return root
+
+
+def test_the_healthy_ddp_run_prints_saves_and_exits_as_the_plain_run(healthy: Path) -> None:
+    plain, guarded = _runs(healthy)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert guarded.returncode == 0, guarded.stderr[-2000:]
+    assert guarded.stdout == plain.stdout
+    saved = (healthy / "guarded" / "regressor.pt").read_bytes()
+    assert saved == (healthy / "plain" / "regressor.pt").read_bytes()
+    assert guarded.stderr.count("Run log:") == 1  # rank 0's summary only
+    assert guarded.stderr.count("gradguard: report:") <= 1
+
+
+def test_rank_zero_logs_the_scripts_pre_clip_norms_and_the_mean_loss(healthy: Path) -> None:
+    plain, _ = _runs(healthy)
+    printed = re.findall(r"loss (\d+\.\d+) norm (\d+\.\d+)", plain.stdout)
+    log = read_run(healthy / "run")
+    assert log.meta["world_size"] == 2
+    assert not (healthy / "run" / "ranks").exists()
+    assert [(f"{r['loss']:.6f}", f"{r['grad_norm']:.4f}") for r in log.metrics] == printed
+    assert [r["global_step"] for r in log.metrics] == list(range(len(printed)))
+    assert all(r["threshold"] == pytest.approx(0.3) for r in log.metrics)
+    assert [r["clip_fraction"] for r in log.metrics] == [1.0 if float(n) > 0.3 else 0.0 for _, n in printed]
+
+
+def test_a_diverging_ddp_run_is_located_and_diagnosed(tmp_path: Path) -> None:
+    plain, guarded = _runs(tmp_path, "--diverge")
+    assert plain.returncode != 0 and guarded.returncode != 0
+    event = read_run(tmp_path / "run").first_nonfinite()
+    assert event is not None and event["located_by"] and event["phase"], event
+    assert f"first non-finite value at step {event['step']}" in guarded.stderr
+    diag = subprocess.run(
+        [sys.executable, "-m", "gradguard", "diagnose", "--json", "--no-write", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert diag.returncode == 1
+    assert {f["id"] for f in json.loads(diag.stdout)["findings"]} & {"explosion", "nonfinite", "divergence"}
