@@ -1,8 +1,10 @@
 """Does following gradguard's advice make training succeed? Old (estimated) vs new (verified) advice.
 
 A cell is a task × learning rate × seed × starting point. The starting point is a run a user
-would ask about: **over-clipped** (a fixed threshold far below the norms) or **exploding** (no
-clipping). Each cell:
+would ask about: **over-clipped** (a fixed threshold far below the norms), **exploding** (no
+clipping) or **textbook** (a common fixed threshold: ``norm:1`` for the adding problem, the
+recipe's ``norm:5`` for the LM — runs that often succeed, where the old advice could turn a success
+into a failure). Each cell:
 
 1. trains the starting run under a :class:`gradguard.Guard` (``on_nonfinite="raise"``: the first
    non-finite step ends it) and diagnoses its run directory;
@@ -10,10 +12,11 @@ clipping). Each cell:
    ``over_clipping``'s ``max(healthy max_norm, median of the first norms)`` when over-clipping
    fired, else the first ``max_norm`` of the findings (``explosion``'s healthy ``max_norm``),
    re-derived here from the same healthy window; then trains from scratch with it;
-3. **new advice** — what diagnose says now: no threshold when the run trained (``over_clipping`` is
-   an info), else its estimate, **verified** the way the demo verifies (``gradguard.tune.tune`` from
-   the fresh start, candidates halving down from the estimate, 60 steps each) and the verified
-   threshold followed from scratch; a cell whose tune found nothing that trains counts as no advice.
+3. **new advice** — what diagnose says now, followed the way it says: its estimate **verified**
+   the way the demo verifies (``gradguard.tune.tune`` from the fresh start, 12 candidates halving
+   down from the estimate, 60 steps each) and the verified threshold followed from scratch; an
+   ``info`` that only points to ``gradguard tune`` (a run that trained) is followed the same way
+   from 4× its healthy median norm; a cell whose tune found nothing that trains gets no advice.
 
 Success = the task's target reached at the end with no non-finite step. A recommendation cell is
 one where the advice names a threshold; "turned a success into a failure" counts cells whose
@@ -109,8 +112,18 @@ def char_lm(seed: int) -> Task:
 
 TASKS: dict[str, tuple[Callable[[int], Task], list[float], int, dict[str, str]]] = {
     # name: (build, learning rates, steps, starting points)
-    "adding10": (adding, [0.1, 1.0], 1500, {"over-clipped": "norm:0.001", "exploding": "none"}),
-    "char_lstm": (char_lm, [1.0], 300, {"over-clipped": "norm:0.05", "exploding": "none"}),
+    "adding10": (
+        adding,
+        [0.1, 1.0],
+        1500,
+        {"over-clipped": "norm:0.001", "exploding": "none", "textbook": "norm:1"},
+    ),
+    "char_lstm": (
+        char_lm,
+        [1.0],
+        300,
+        {"over-clipped": "norm:0.05", "exploding": "none", "textbook": "norm:5"},
+    ),
 }
 
 
@@ -155,15 +168,20 @@ def old_advice(run_dir: Path) -> float | None:
         early = rows[: min(10, max(3, len(rows) // 20))]
         values = [x for x in (h.max_norm, sig_floor(median(early))) if x is not None and x > 0]
         return max(values) if values else None
-    return h.max_norm
+    # the other old threshold advice: explosion's (and divergence's) healthy max_norm
+    return h.max_norm if any(f.id in ("explosion", "divergence") for f in diagnose(run_dir)) else None
 
 
-def new_advice(task_of: Callable[[], Task], run_dir: Path, lr: float) -> tuple[float | None, str]:
+def new_advice(
+    task_of: Callable[[], Task], run_dir: Path, lr: float, current: float | None
+) -> tuple[float | None, str]:
     """diagnose's advice now, verified by tune from the fresh start (``None``: no change advised).
 
     A threshold diagnose estimates is verified on a ladder of halvings from it; an ``info`` that
-    points to ``gradguard tune`` (a run that trained, or an Adam-like one) is followed the same way
-    from 4× its healthy median norm (what ``gradguard tune --run`` tries).
+    points to ``gradguard tune`` (a run that trained, or an Adam-like one: "keep the threshold; a
+    looser one may train faster, verify it first") is followed the same way from 4× its healthy
+    median norm (what ``gradguard tune --run`` tries), and only when tune verifies a looser
+    threshold than ``current``: otherwise the advice is to keep it (``"keep"``).
     """
     findings = diagnose(run_dir)
     estimate = next(
@@ -192,6 +210,8 @@ def new_advice(task_of: Callable[[], Task], run_dir: Path, lr: float) -> tuple[f
     )
     if result.recommended is None:
         return None, "tune: none trained"
+    if how.startswith("tune pointer") and current is not None and not (result.max_norm or math.inf) > current:
+        return current, "keep"
     return result.max_norm, how.format(estimate)
 
 
@@ -205,11 +225,15 @@ def cell(name: str, lr: float, seed: int, start: str, clip: str, root: Path) -> 
     row.update(
         outcome("old", train(build(seed), lr, f"norm:{old}", steps, None) if old is not None else None)
     )
-    new, how = new_advice(lambda: build(seed), run_dir, lr)
+    current = float(clip.split(":")[1]) if clip.startswith("norm:") else None
+    new, how = new_advice(lambda: build(seed), run_dir, lr, current)
     row["new_advice"], row["new_how"] = new, how
-    row.update(
-        outcome("new", train(build(seed), lr, f"norm:{new}", steps, None) if new is not None else None)
-    )
+    if how == "keep":  # the run trained: keep its threshold (its outcome is the start's)
+        row.update(outcome("new", first))
+    else:
+        row.update(
+            outcome("new", train(build(seed), lr, f"norm:{new}", steps, None) if new is not None else None)
+        )
     return row
 
 
@@ -237,6 +261,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument(
+        "--starts", default=None, help="only these starting points (over-clipped,exploding,textbook)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -247,6 +274,8 @@ def main() -> None:
             for lr in lrs:
                 for seed in range(args.seeds):
                     for start_name, clip in starts.items():
+                        if args.starts and start_name not in args.starts.split(","):
+                            continue
                         row = cell(name, lr, seed, start_name, clip, Path(tmp))
                         rows.append(row)
                         print(json.dumps(row), flush=True)

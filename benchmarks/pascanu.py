@@ -266,7 +266,7 @@ def train(group: Group, method: str, lr: float, seed: int, recovery: bool) -> Ru
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     # with recovery: the guard rewinds explosions and rolls back non-finite steps; a run fails when
     # the guard gives up (NonFiniteError) or misses the target, not at the first non-finite step
-    extra = {RECOVERY_OPTION: RECOVERY_VALUE, "on_nonfinite": "rollback"} if recovery else {}
+    extra: dict[str, Any] = {RECOVERY_OPTION: RECOVERY_VALUE, "on_nonfinite": "rollback"} if recovery else {}
     guard = gradguard.Guard(
         model, optimizer, clip=clipper_of(method), locate=False, weight_every=None, **extra
     )
@@ -341,7 +341,7 @@ def groups(quick: bool) -> list[Group]:
         rnn_group(Task("adding", 10), steps=1000, **rnn),  # type: ignore[arg-type]
         rnn_group(Task("order", 10), steps=300, **rnn),  # type: ignore[arg-type]
         rnn_group(Task("order", 20), steps=400, **rnn),  # type: ignore[arg-type]
-        lstm_group(lrs=[0.25, 1.0, 4.0], steps=250, eval_every=50),
+        lstm_group(lrs=[0.25, 1.0, 4.0], steps=400, eval_every=50),
     ]
 
 

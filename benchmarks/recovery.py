@@ -41,7 +41,7 @@ from gradguard._guard import explosion
 
 TARGET = 0.04
 HIDDEN, SIGMA, BATCH = 32, 1.2, 32
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "none": {},
     "recover": {"on_explosion": "recover"},
     "recover+lr": {"on_explosion": "recover", "lr_backoff": 0.5},
@@ -69,7 +69,8 @@ class TanhRNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, _ = self.rnn(x)
-        return self.out(h[:, -1]).squeeze(-1)
+        out: Tensor = self.out(h[:, -1])
+        return out.squeeze(-1)
 
 
 @dataclass

@@ -62,6 +62,7 @@ FAMILIES: dict[str, str] = {
     "target_nan": "tensor entering the step (input, target, label)",
     "soft_label_inf": "tensor entering the step (input, target, label)",
     "rnn_state_carried": "state carried across steps",
+    "memory_bank_nan": "state carried across steps",
     "adam_eps_zero": "born inside optimizer.step()",
     "custom_optimizer_zero_norm": "born inside optimizer.step()",
     "gan_two_optimizers": "several optimizers",

@@ -83,6 +83,31 @@ def test_a_nan_target_is_data_and_names_the_tensor() -> None:
     assert found["evidence"]["consumer"] == "mse_loss" and found["evidence"]["input"]["nan"] == 1
 
 
+class _Distance(torch.autograd.Function):
+    """A hand-written distance whose backward divides by the distance: 0 / 0 where it is 0."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        d = (a - b).pow(2).sum(-1).sqrt()
+        ctx.save_for_backward(a, b, d)
+        return d
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, d = ctx.saved_tensors
+        grad = g.unsqueeze(-1) * (a - b) / d.unsqueeze(-1)
+        return grad, -grad
+
+
+def test_a_custom_functions_backward_in_the_loss_code_is_named_by_its_class() -> None:
+    found = _watched(lambda out: _Distance.apply(out, out.detach()).mean().backward())
+    assert found is not None and (found["phase"], found["op"]) == ("backward", "_Distance.backward")
+    assert found["evidence"]["function"] == "_Distance" and found["source"].endswith(
+        f"test_loss_inputs.py:{_Distance.backward.__code__.co_firstlineno + 1}"
+    )
+    assert "saved tensors hold 4 zero(s)" in found["evidence"]["reason"]
+
+
 def test_the_role_of_a_tensor_entering_the_loss_code() -> None:
     logits, labels, weights = torch.randn(2, 3), torch.rand(2, 3), torch.rand(3)
     assert entering_role("cross_entropy", (logits, labels), {}, labels) == "label"
@@ -185,6 +210,51 @@ def test_a_nan_passed_on_from_non_finite_gradients_is_not_an_optimizer_birth() -
         opt.step()
     records = [{"step": 0, "nonfinite": False}, {"step": 1, "nonfinite": True}]
     assert births.found(records) == []
+    births.close()
+
+
+def test_a_callers_step_checked_after_its_record_was_flushed_still_knows_its_gradients() -> None:
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    births = OptimizerBirths(opt, [("w", p)])
+    births.begin(0)  # before_step: the record of step 0 is flushed before the caller steps
+    assert births.found([{"step": 0, "nonfinite": True}]) == []
+    p.grad = torch.full((3,), math.nan)
+    opt.step()  # the caller's step, with the NaN gradient ("warn" never skips)
+    assert births.found([]) == []  # passed on from the gradients: not the optimizer's birth
+    births.close()
+
+
+def _taken_steps(n: int) -> list[dict]:
+    return [{"step": s, "nonfinite": False, "skipped": False} for s in range(n)]
+
+
+def test_the_anomaly_path_check_adds_no_device_op_to_a_healthy_step() -> None:
+    p = nn.Parameter(torch.ones(3))
+    opt = _DivideByNorm([p], lr=0.1)
+    births = OptimizerBirths(opt, [("w", p)], bad_steps_applied=False)
+    for step in range(3):
+        births.begin(step)
+        p.grad = torch.ones(3) if step < 2 else torch.zeros(3)  # step 2: 0 / 0 inside the step
+        with NoSync(watch=[p]) as watch:
+            opt.step()
+        assert watch.reads == [1]  # the optimizer's own update: nothing of the check
+    assert births.found(_taken_steps(3)) == []  # the flush reads nothing of the weights either
+    born = births.at_bad_step(3, list)  # step 3 is non-finite: the anomaly path reads the weights
+    assert [(e["step"], e["optimizer"], e["parameters"]) for e in born] == [(2, "_DivideByNorm", ["w"])]
+    births.close()
+
+
+def test_a_value_the_script_writes_between_steps_is_not_the_optimizers() -> None:
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    births = OptimizerBirths(opt, [("w", p)], bad_steps_applied=False)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+    with torch.no_grad():
+        p[0] = math.nan  # the script, between steps
+    assert births.at_bad_step(3, lambda: _taken_steps(3)) == []
     births.close()
 
 

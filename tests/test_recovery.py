@@ -8,6 +8,9 @@ state_dict round trip in the middle of a recovery, the events, the settings, and
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +238,28 @@ def test_watching_adds_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
     with NoSync():
         free.step()
     assert free._sync_free()
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+@pytest.mark.parametrize("mode", ["ddp", "ddp-warn"])
+def test_every_rank_sees_the_same_onset_and_rewinds_alike(tmp_path: Path, mode: str) -> None:
+    """Real torchrun (gloo, 2 ranks, each its own half of the batch): the decision rests on the
+    all-reduced norms, so both ranks rewind at the same steps and stay bit-identical."""
+    from test_distributed import free_port
+
+    worker = Path(__file__).with_name("explosion_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(worker), mode, str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["sync_free"] == (mode == "ddp-warn")
+    assert ranks[0]["recoveries"] == ranks[1]["recoveries"] >= 2
+    assert ranks[0]["skipped"] == ranks[1]["skipped"]
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    explosions = read_run(tmp_path / "run").events_of("explosion")  # rank 0's log
+    assert len(explosions) == ranks[0]["recoveries"] and all(e["action"] == "recover" for e in explosions)

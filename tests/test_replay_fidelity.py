@@ -446,3 +446,25 @@ def test_a_scaled_gradient_overflow_in_the_models_backward_is_replayed_from_the_
     assert (event["phase"], event["op"]) == ("backward", "linear") and event["kind"] in ("inf", "-inf")
     assert event["located_by"] == "replay" and event["module"] == "b"
     assert "dtype's max (65504)" in event["evidence"]["reason"]
+
+
+def test_nodes_that_only_move_gradients_are_walked_but_not_hooked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A view, a transpose or a cat cannot make a finite gradient non-finite: the replay spends no
+    hook (host reads in the backward) on them, and still walks past them to a custom Function."""
+    hooked: list[str] = []
+    monkeypatch.setattr(Locator, "_hook_node", lambda self, node, label, *a: hooked.append(label))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = ClampGradOK.apply(self.lin(x)).t().reshape(-1)
+            return torch.cat([y, y]).exp()
+
+    model = Model()
+    with gradguard.locate(model):
+        model(torch.randn(2, 4))
+    assert "ClampGradOK.backward" in hooked and "exp" in hooked
+    assert not {"t", "reshape", "view", "cat"} & set(hooked), hooked

@@ -211,6 +211,8 @@ def test_a_diverging_variant_is_located_and_diagnosed(tmp_path: Path, case_id: s
     nonfinite = log.first_nonfinite()
     diag = _python("-m", "gradguard", "diagnose", "--json", "--no-write", str(run_dir), cwd=tmp_path)
     findings = {f["id"] for f in json.loads(diag.stdout)["findings"]}
+    if nonfinite is not None or "divergence" in findings:  # an error: scripts and CI can stop on it
+        assert diag.returncode == 1, findings
     if nonfinite is not None:
         assert nonfinite.get("located_by") and nonfinite.get("phase"), nonfinite
         assert f"first non-finite value at step {nonfinite['step']}" in got.stderr

@@ -5,7 +5,10 @@
 * One headline with its precedence written once (the registry): bad data only when a tensor
   entering the step was non-finite; a located op on finite inputs is an op fault.
 * Fixes from evidence: each fault script (tests/faults/) fails on torch without gradguard; run
-  through ``gradguard run``, its headline, cause and fix are what a user should read.
+  through ``gradguard run``, it is located as its ``EXPECTED = {...}`` line says, and its headline id,
+  cause and fix are what its ``VERDICT = {...}`` line says (contract 1 of the corpus).
+* Several optimizers: ``diagnose`` on the run directory the user named reads every optimizer's log
+  and heads with the one that failed first (by global step), naming it.
 """
 
 from __future__ import annotations
@@ -397,6 +400,19 @@ def test_of_several_failing_optimizers_the_first_by_global_step_heads(tmp_path: 
 
 # ------------------------------------------------------------------ fixes from evidence
 FAULTS_ALL = sorted(FAULTS.glob("*.py"))
+PENDING: dict[str, str] = {
+    # a script whose location waits on a fix elsewhere (not on the verdict): xfail, not strict
+}
+
+
+def _runs_of(scripts: list[Path]) -> list[object]:
+    """The scripts as parameters, those of :data:`PENDING` marked xfail with their reason."""
+    return [
+        pytest.param(p, id=p.stem, marks=pytest.mark.xfail(reason=PENDING[p.stem], strict=False))
+        if p.stem in PENDING
+        else pytest.param(p, id=p.stem)
+        for p in scripts
+    ]
 
 
 def line_of(script: Path, name: str) -> dict[str, object]:
@@ -417,7 +433,7 @@ def test_every_fault_script_says_the_verdict_a_user_should_read(script: Path) ->
     assert verdict["id"] in RULES, verdict
 
 
-@pytest.mark.parametrize("script", FAULTS_ALL, ids=[p.stem for p in FAULTS_ALL])
+@pytest.mark.parametrize("script", _runs_of(FAULTS_ALL))
 def test_the_verdict_a_user_reads_names_the_fault_its_cause_and_its_fix(tmp_path: Path, script: Path) -> None:
     """The script under ``gradguard run``: located as its EXPECTED says; the headline, its cause and
     its fix as its VERDICT says; ``gradguard diagnose`` prints that headline first and exits 1."""

@@ -379,7 +379,9 @@ def _add_run_parser(sub: Any) -> None:
         "and report are written (also on Ctrl-C, SIGTERM or an exception). The script's output and exit code "
         "are kept; gradguard's messages go to stderr. When the guard itself stops the run (--on-nonfinite "
         "raise, --max-consecutive, --max-rollbacks) it raises NonFiniteError inside the script: exit code 1, "
-        "as for any uncaught exception. Guard options not given keep the guard's defaults.",
+        "as for any uncaught exception. Guard options not given keep the guard's defaults. A script that builds a "
+        "lightning.Trainer gets gradguard's Lightning callback attached (its gradient_clip_val stays). Under "
+        "torchrun: `torchrun --nproc-per-node N -m gradguard run SCRIPT` (rank 0 writes the run log).",
     )
     run.add_argument(
         "--out",

@@ -202,8 +202,9 @@ class Guard:
             ``"warn"`` (an ``explosion`` event) or ``"recover"``: PaLM's procedure, automated —
             rewind the model and optimizer to the last snapshot from before the onset (the batches
             since are not seen again: a plain loop goes on with its next batches), clip every later
-            step at the healthy median norm (halved at each further recovery; ``lr_backoff`` also
-            lowers the learning rate) and go on. Recoveries count against ``max_rollbacks``. Seen
+            step at the healthy norm scale (the median before the onset; a tenth of the first norm
+            for a run that climbed from its start; halved at each further recovery; ``lr_backoff``
+            also lowers the learning rate) and go on. Recoveries count against ``max_rollbacks``. Seen
             from the host values the guard reads anyway: at once on the host-decided path, at the
             next flush on the sync-free paths (``every``). Keeps two snapshots in host memory
             (``snapshot_every``; the first is the initial state). See :mod:`gradguard._guard.explosion`.
@@ -374,7 +375,12 @@ class Guard:
         )
         self._explosions = Explosions(config.on_explosion, self._recovery)
         self._after = AfterStep(optimizer)  # before_step: the work that waits for the caller's step
-        self._births = OptimizerBirths(optimizer, self._guarded.named, active=self._reducer is None)
+        self._births = OptimizerBirths(
+            optimizer,
+            self._guarded.named,
+            active=self._reducer is None,
+            bad_steps_applied=config.on_nonfinite == "warn",  # else: checked on the anomaly path only
+        )
         self._flush_events = FlushEvents(config, self.counters, self._anomaly)
         self._flush_callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
         self._last_skipped: Tensor | bool = False
@@ -682,7 +688,7 @@ class Guard:
         self._caller_clip, self._fields = clip, dict(fields or {})
         self._after.drop()  # the caller did not step after the last before_step
         step = self.counters.step_count
-        self._births.begin(step)  # the optimizer step that follows is checked for a birth
+        self._births.begin(step)  # under "warn": the optimizer step that follows is checked for a birth
         joined = self._guarded.joining()
         if joined:
             self._join(joined, step)
@@ -727,8 +733,8 @@ class Guard:
         self._meter.reindex(self._index, self._reducer)
         self.config = self.config.for_layers(len(self._index.layers))
         self._choose_apply()
-        if self.writer is not None:
-            self.writer.update_meta(**self._meta())
+        if self.writer is not None:  # what the new parameters change; the optimizer entry stays as written
+            self.writer.update_meta(**{k: v for k, v in self._meta().items() if k != "optimizer"})
         self._event(events.layers(step, [n for n, _ in joined], added))
 
     def _skip_flags(
@@ -856,7 +862,10 @@ class Guard:
         return rewound
 
     def _report_nonfinite(self, step: int, vals: dict[str, float], m: Measurement) -> None:
-        """The step's ``nonfinite`` event (once): where it was born, the always-on flags as evidence."""
+        """The step's ``nonfinite`` event (once): where it was born, the always-on flags as evidence;
+        before it, a birth in the last optimizer step taken (the weights read: the anomaly path)."""
+        for born in self._births.at_bad_step(step, self.monitor.peek):
+            self._event(born)
         if self._anomaly.reported(step):
             return
         layer_norms = dict(zip(self._index.layers, self._meter.layer_norms(m).tolist()))  # host sync: anomaly

@@ -367,7 +367,8 @@ class Locator:
         """Hook the autograd nodes the op made: its output's node (named by the op) and the nodes
         behind it that no watched call made: a functional wrapper's inner ops (each by its own
         name: ``softmax`` inside ``multi_head_attention_forward``), a custom Function's node
-        (``MyClampGrad.backward``, its source the Function's ``backward``)."""
+        (``MyClampGrad.backward``, its source the Function's ``backward``). Nodes that only move
+        gradients (views, transposes, cat) are walked past, not hooked: they cannot be a birth."""
         for o in outs:
             root = o.grad_fn
             if root is None or not o.requires_grad or id(root) in self._seen_nodes:
@@ -375,7 +376,7 @@ class Locator:
             if source is None:
                 source = user_source(3)
             for node in _replay.new_nodes(root, self._seen_nodes, self._hooked, self._first_node):
-                if node is not root and _replay.moves_only(node):
+                if _replay.moves_only(node):
                     continue
                 custom = _replay.function_class(node)
                 if custom is not None:
@@ -735,11 +736,32 @@ class LossWatch(_OpWatch):
         self._pid = os.getpid()
         self._made = {id(t) for t in made or ()}  # tensors the model or a watched op made
         self.entered: Tensor | None = None  # the non-finite tensor that entered (after answer())
+        self._functions: set[int] = set()  # custom Function nodes hooked (ids; the graph keeps them alive)
 
     def on_backward(self, args: Any) -> None:
         if args and isinstance(args[0], Tensor):
             self.loss = args[0]
+            if not self.done and os.getpid() == self._pid:
+                self._hook_functions([args[0]])
         self.done = True
+
+    def _hook_functions(self, ins: list[Tensor]) -> None:
+        """Hook the node of a custom ``torch.autograd.Function`` whose output reaches the loss code
+        (``Function.apply`` never reaches the watch's dispatch): its backward is watched as an op of
+        its own, ``Cls.backward``, at its ``def backward`` line (one attribute read per input)."""
+        for t in ins:
+            node: Any = t.grad_fn
+            cls = _replay.function_class(node) if node is not None else None
+            if cls is None or id(node) in self._functions:
+                continue
+            self._functions.add(id(node))
+            try:  # what its backward will read (references, kept until the window ends)
+                saved = [s for s in node.saved_tensors if isinstance(s, Tensor) and s.is_floating_point()]
+            except RuntimeError:  # freed already, or a Function that saved nothing readable
+                saved = []
+            entry = _Watched(_replay.function_name(cls), _replay.function_source(cls), "loss", [], saved)
+            entry.function = cls.__qualname__
+            self._handles.append(node.register_hook(self._node_hook(entry)))
 
     def on_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         if len(self.entries) >= self.limit or os.getpid() != self._pid:
@@ -754,6 +776,7 @@ class LossWatch(_OpWatch):
         ins = _float_inputs(args, kwargs)
         entry = _Watched(op, source, "loss", outs, ins)
         entry.entering = self._entering(op, args, kwargs, ins)
+        self._hook_functions(ins)
         entry.target = _inputs.target_of(op, args, kwargs)
         self.entries.append(entry)
         for o in outs:
@@ -867,8 +890,8 @@ class _Watched:
     """
 
     __slots__ = (
-        "_ins", "_outs", "entering", "forward", "judged", "n_in", "n_out", "op", "phase", "source", "target",
-        "versions",
+        "_ins", "_outs", "entering", "forward", "function", "judged", "n_in", "n_out", "op", "phase", "source",
+        "target", "versions",
     )  # fmt: skip
 
     def __init__(
@@ -882,6 +905,7 @@ class _Watched:
         self.entering: tuple[str | None, ...] | None = None
         self.target: tuple[Tensor, int] | None = None
         self.forward: _Watched | None = None
+        self.function: str | None = None  # a custom autograd Function's class (its backward is the op)
 
     def tensors(self) -> list[Tensor]:
         return [*self._outs, *self._ins]
@@ -943,13 +967,17 @@ class _Watched:
         suffix = " (in backward: the forward was finite)" if self.phase == "backward" else ""
         kind = events.kind_of(total)
         inputs = self.describe()
-        if inputs or (self.forward or self).n_in == 0:
+        function = self.forward.function if self.forward is not None else self.function
+        if function is not None:  # a custom Function's backward: named by class, its saved tensors
+            evidence: dict[str, Any] = {"saved": inputs, "function": function}
+            evidence["reason"] = _custom_reason(function.rsplit(".", 1)[-1], kind, inputs) + suffix
+        elif inputs or (self.forward or self).n_in == 0:
             # an inf from finite inputs is an overflow only in a reduced dtype (fp16 under autocast);
             # in float32 it is the op's own edge (an impossible CTC target, exp's overflow has its cause)
             dtype = self._outs[0].dtype if self._outs and self.phase == "loss" else None
             dmax = float(torch.finfo(dtype).max) if dtype in (torch.float16, torch.bfloat16) else None
             why = explain(self.op, inputs, kind, dmax)
-            evidence: dict[str, Any] = {"inputs": inputs, "reason": why + suffix}
+            evidence = {"inputs": inputs, "reason": why + suffix}
         else:
             why = f"{self.op} in the loss code made a non-finite value from finite inputs"
             evidence = {"reason": why + suffix}

@@ -169,6 +169,13 @@ OPS: tuple[OpEntry, ...] = (
         ),
     ),
     _entry(
+        r"^masked_fill_?$",
+        "a mask filled with -inf on purpose: a row where every entry is masked then reduces to -inf (logsumexp, "
+        "max) or to 0/0 (softmax)",
+        "fill with torch.finfo(x.dtype).min instead of -inf, and leave out the rows with nothing unmasked (a "
+        "sample with no negative or no key in the batch)",
+    ),
+    _entry(
         r"^binary_cross_entropy$",
         "log of a probability that saturated at 0 or 1",
         "use torch.nn.BCEWithLogitsLoss on the logits (or F.logsigmoid) instead of sigmoid + BCELoss",

@@ -556,6 +556,14 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _optimizer_text(info: object) -> str:
+    """meta.json's ``optimizer``: a class name, or (under ``gradguard run``) ``{class, params, index}``."""
+    if isinstance(info, dict):
+        what = f" over {info['params']}" if info.get("params") else ""
+        return f"{info.get('class', '?')}{what}"
+    return "?" if info is None else str(info)
+
+
 def _run_section(log: RunLog, findings: Sequence[Finding], anchor: str, *, level: int = 1) -> str:
     facts = _run_facts(log, findings)
     meta = log.meta
@@ -566,7 +574,7 @@ def _run_section(log: RunLog, findings: Sequence[Finding], anchor: str, *, level
             "steps recorded",
             f"{facts['steps']} (last step {_fmt(facts['last_step'])}, {facts['skipped']} skipped)",
         ),
-        ("model / optimizer", f"{meta.get('model', '?')} / {meta.get('optimizer', '?')}"),
+        ("model / optimizer", f"{meta.get('model', '?')} / {_optimizer_text(meta.get('optimizer'))}"),
         ("clipping", f"{_fmt(facts['clip'])}, clip rate {_fmt(facts['clip_rate'])}"),
         ("final loss (last 20)", _fmt(facts["final_loss"])),
         ("first non-finite", _where(facts["first_nonfinite"])),

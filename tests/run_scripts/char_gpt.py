@@ -4,8 +4,10 @@ groups, a warm-up + cosine learning rate set by hand every iteration, gradient a
 GradScaler (a no-op unless ``--amp``), ``clip_grad_norm_``, periodic evaluation, a checkpoint
 (``ckpt.pt``: state dicts) saved and resumed with ``--init-from resume``, and ``--compile``.
 
-``--diverge``: a learning rate far too high for AdamW, without clipping: the weights grow until the
-residual stream overflows float32 and the loss becomes NaN.
+``--diverge``: a learning rate far too high for AdamW, without clipping: within a few dozen
+iterations the loss climbs by orders of magnitude while every value stays finite (a divergence
+without NaN, which ``gradguard diagnose`` reports as an error); left running, the weights keep
+growing.
 """
 
 import argparse

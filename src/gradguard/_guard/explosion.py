@@ -19,9 +19,13 @@ does that inside the loop:
    keeps two, and takes none while the norm climbs). The steps since are undone; the batches they
    used are not seen again: in a plain loop the script simply goes on with its next batches, so
    the batches of the bad window are skipped, as in PaLM's procedure;
-3. **tighten**: every later step is clipped at the healthy norm scale (the median norm before the
-   onset; halved at each further recovery) on top of the guard's own clipper, and with
-   ``lr_backoff`` the learning rate is multiplied by it too;
+3. **tighten**: every later step is clipped at the healthy norm scale on top of the guard's own
+   clipper (the smaller threshold wins): the median norm before the onset, measured over at least
+   :data:`SETTLE` healthy steps; a run that climbed from its first steps never had a stable scale
+   (its first norm led into the climb), so it gets a tenth of that norm. Each further recovery
+   halves the threshold (:data:`TIGHTEN`). With ``lr_backoff`` the learning rate is multiplied by
+   it too. Measured on Pascanu's adding problem (``benchmarks/recovery.py``), clipping rescues
+   more runs than lowering the learning rate, which only slows the run down;
 4. **bounded**: recoveries are rollbacks, counted against ``max_rollbacks`` within
    ``rollback_window`` steps (and ``min_lr``); one more stops the run (``NonFiniteError``, an
    ``abort`` event), the model restored.

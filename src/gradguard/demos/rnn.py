@@ -28,8 +28,16 @@ trains like ``norm:5``: 2.85-2.98 bits/char, 99 % clipped, no non-finite step.
 Through ``gradguard demo`` (one thread, the guard in the loop; seeds 0-2): ``none`` is non-finite
 at step 11 (located: the norm grew ~1e14× from step 4, then the decoder's ``linear`` overflowed in
 the forward pass); ``norm:5`` 2.89-3.02 bits/char; ``auto`` 2.85-2.98; Adam 2.96-3.01; ``norm:10``
-non-finite at step 199-235 and ``norm:28`` (what ``gradguard diagnose`` recommends from the
-``norm:5`` run) at step 52-105.
+non-finite at step 199-235 and ``norm:28`` (what ``gradguard diagnose`` recommended from the
+``norm:5`` run before issue 15) at step 52-105.
+
+Advice verified before it is given (issue 15): ``norm:5`` trains (the loss falls 132 → 59), so its
+``over_clipping`` is an info with no threshold; the ``explosion`` of ``none`` estimates 200-220,
+which :func:`gradguard.tune.tune` (12 candidates halving down from it, 60 steps each from the
+fresh start) rejects — every candidate from ~6 up explodes within 7-33 steps — and the demo follows the verified
+threshold instead: ``norm:0.78`` / ``norm:0.86`` / ``norm:0.74`` (seeds 0 / 1 / 2) train all 500
+steps with no non-finite step, 3.25 / 3.19 / 3.29 bits per character (``benchmarks/README.md``,
+``advice.py``).
 """
 
 from __future__ import annotations

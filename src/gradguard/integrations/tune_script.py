@@ -3,8 +3,8 @@
 Each candidate ``max_norm`` is one **trial**: the script runs as ``__main__`` in a fresh Python
 process under the zero-code runner (:class:`gradguard.integrations.zerocode.ZeroCode`, with
 ``clip="norm:<max_norm>"`` replacing the script's own clipping; ``None`` runs it unclipped,
-``norm:inf``), with Python's, NumPy's and torch's RNGs seeded to 0 first (so a script that does not
-seed itself sees the same batches in every trial), and stops after ``steps`` optimizer steps or at
+``norm:inf``), with Python's and torch's RNGs seeded to 0 first (so a script that does not seed
+itself sees the same batches in every trial), and stops after ``steps`` optimizer steps or at
 its first non-finite step. Each trial writes its own run directory; the trial is judged from it by
 :func:`gradguard.tunelog.judge` (the definition the in-memory :func:`gradguard.tune.tune` uses) and
 the recommendation is :func:`gradguard.tunelog.choose`'s.
@@ -150,18 +150,14 @@ def _trial(
 
 
 def _seed_everything() -> None:
-    """Seed Python's, NumPy's and torch's RNGs to 0: every trial of an unseeded script sees the same data."""
+    """Seed Python's and torch's RNGs to 0: every trial of an unseeded script sees the same data
+    (a script that draws from NumPy's global RNG without seeding it should seed it itself)."""
     import random
 
     import torch
 
     random.seed(0)
     torch.manual_seed(0)
-    try:
-        import numpy as np
-    except ImportError:
-        return
-    np.random.seed(0)
 
 
 def _trial_main(args: list[str]) -> int:

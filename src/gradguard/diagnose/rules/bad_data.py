@@ -66,11 +66,9 @@ def _entering(f: Facts) -> list[dict[str, Any]]:
     events = [e for e in f.nonfinite_events if e.get("phase") == "data" and isinstance(e.get("step"), int)]
     for e in sorted(events, key=lambda e: e["step"]):
         origin = fields(e.get("evidence")).get("carried_from_step")
-        if isinstance(origin, int) and origin in explained:
-            explained.add(e["step"])
-        else:
+        if not (isinstance(origin, int) and origin in explained):
             kept.append(e)
-            explained.add(e["step"])
+        explained.add(e["step"])
     return kept
 
 

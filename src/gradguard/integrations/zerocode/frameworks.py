@@ -21,10 +21,7 @@ import importlib.machinery
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from gradguard.integrations.zerocode.runner import ZeroCode
+from typing import Any
 
 __all__ = ["Frameworks"]
 
@@ -37,7 +34,7 @@ _NOT_FOR_CALLBACK = ("exist_ok", "locate", "clip", "on_nonfinite")
 class Frameworks:
     """Attaches gradguard's Lightning callback to every ``Trainer`` built while the runner is active."""
 
-    def __init__(self, zc: ZeroCode) -> None:
+    def __init__(self, zc: Any) -> None:  # the ZeroCode (runner.py imports this module)
         self.zc = zc
         self.callbacks: list[Any] = []  # the GradGuard callbacks attached so far
         self._patched: list[tuple[type, Any]] = []

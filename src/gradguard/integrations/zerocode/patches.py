@@ -8,22 +8,19 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradguard.errors import GradGuardError
 
-if TYPE_CHECKING:
-    from gradguard.integrations.zerocode.runner import ZeroCode
-
 __all__ = ["ACTIVE", "Patches"]
 
 _is_compiling = torch.compiler.is_compiling  # looked up once: every hook call asks
 
 # ----------------------------------------------------------------------------- hooks and wrappers
-ACTIVE: weakref.WeakSet[ZeroCode] = weakref.WeakSet()
+ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # the active runners (ZeroCode)
 
 
 def _in_forked_child() -> None:
@@ -41,7 +38,7 @@ class Patches:
     enter, restored on exit). Every wrapper passes straight through when the runner is off or
     while torch.compile traces, and a bug in gradguard never breaks the script's call."""
 
-    def __init__(self, zc: ZeroCode) -> None:
+    def __init__(self, zc: Any) -> None:  # the ZeroCode (runner.py imports this module)
         self.zc = zc
         self._handles: list[Any] = []
         self._saved: list[tuple[Any, str, Any]] = []

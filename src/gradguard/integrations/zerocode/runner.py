@@ -188,11 +188,9 @@ class ZeroCode:
         root = Root(module)
         self._roots[id(module)] = root  # (an entry whose module died is replaced here)
         self._inner.update(m for m in module.modules() if m is not module)
-        # capture from this very call on (a guard comes at the first step); only the first model
-        # watches its loss code (the watches are modes: one at a time)
-        root.unused = root.new_capture(
-            watch=not any(r.captures for r in self._roots.values() if r is not root)
-        )
+        # capture from this very call on (a guard comes at the first step); every model watches its
+        # loss code (one window open at a time: the runner closes it at every root forward)
+        root.unused = root.new_capture(watch=True)
         return root
 
     def _root_owning(self, ids: set[int]) -> Root | None:
