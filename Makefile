@@ -33,8 +33,10 @@ browser:
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "make browser: could not install chromium; the report's browser test will be skipped"
 
+# One torch thread per process: the models under test are tiny, and on a shared 2-core machine
+# more threads only oversubscribe (test files ran 5–10× slower without it under load).
 test: lint browser
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/clip.py

@@ -225,10 +225,14 @@ class _Writes:
         return [p._version for _, p in self.named]
 
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():  # inside a compiled optimizer step: reading a version counter
+            return  # is a graph break; the step is not counted, so the flush's check stays silent
         if self.named:
             self._before = self._one._version if self._ref is not None else self._counters()
 
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():  # see _pre
+            return
         before, self._before = self._before, None
         if isinstance(before, int):
             self.steps += self._one._version != before
@@ -308,6 +312,8 @@ class _EachStep:
             self._checks.append((step, len(named), norms, after))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if torch.compiler.is_compiling():  # a compiled optimizer step: no version reads inside it
+            return
         step, self._step = self._step, None  # once per guard step (LBFGS's line search steps once too)
         if step is None or self.births._done or not self.births.named:
             return
