@@ -17,26 +17,27 @@ directory per trial) judge alike:
 
 The **recommendation** (:func:`choose`): order the candidates from tight to loose (``max_norm``,
 then learning rate); the **edge** is the tightest one that went non-finite, exploded or diverged.
-Candidates tighter than the edge that trained are safe. When an edge exists, only those at most
-half its step (``max_norm`` × learning rate, :data:`EDGE_RATIO`) that clipped nearly every step
-of their trial (:data:`BINDING`) qualify (the tightest safe candidate when none does). Among
-them, those that trained *well* (their loss fell by at least :data:`WELL` of the best one's fall)
-qualify, and the recommendation is the loosest of them. Measured (``benchmarks/advice.py``, the
-demos, seeds 0–2):
+Candidates tighter than the edge that trained are safe; among them, those that trained *well*
+(their loss fell by at least :data:`WELL` of the best one's fall) qualify, and the recommendation
+is the loosest of them, kept below the edge by a margin that depends on how the looser candidates
+failed (measured with ``benchmarks/advice.py`` and the demos, seeds 0–2):
 
-* rnn demo (LSTM LM, SGD lr 1): 6.2 explodes within 10 steps, 3.1 (clipped 100%) trains all 500
-  steps (2.76 bits/char, better than the recipe's ``norm:5`` at 2.99);
-* Deep SAD demo: 150 explodes, 38 (clipped 97%) trains to a loss of 0.005 where 9.4 (two
-  halvings below the loosest survivor, the rule before) stalls at 3.7;
-* the adding problem at lr 1: 0.97 explodes, 0.48 (clipped 58%) and 0.24 (90%) "train" for 60
-  steps with losses as low as any, but stall over 1,500 steps (0.12–0.21, target 0.08), while
-  0.12 (100%) reaches it. A threshold the norms often stayed under, just below an edge, has not
-  shown that it holds the run; one that bound every step has.
+* **they exploded or went non-finite** (the norm took off): the edge is a gradient-norm edge, and
+  the loosest candidate at most half its step (``max_norm`` × learning rate, :data:`EDGE_RATIO`)
+  holds. rnn demo (LSTM LM, SGD lr 1): 6.2 explodes within 10 steps, 3.1 trains all 500 steps
+  (2.76 bits/char, better than the recipe's ``norm:5`` at 2.99, where the old two-halvings margin
+  gave 0.78 at 3.25); Deep SAD demo: 150 explodes, 38 trains to a loss of 0.005 where 9.4 (the
+  old margin) stalls at 3.7.
+* **one looser than the chosen overshot** (finite, no explosion, the loss rose or did not fall):
+  the learning rate is too high for steps of that size, and the loosest survivors below it only
+  oscillate; :data:`MARGIN` halvings below the loosest candidate that trained well. Adding problem
+  at lr 1: 0.48 and 0.24 "train" for 60 steps with losses as low as any but stall over 1,500 steps
+  (0.12–0.21, target 0.08), while 0.12 reaches it.
 
 With no edge: the loosest candidate that trained well. One rung further back when the chosen
 candidate's own norm had started to climb. Not simply the lowest loss after a few dozen steps:
-that short horizon favours tight thresholds that then over-clip the long run (Deep SAD: 2.3 has the lowest 60-step loss, 38 the lowest after 400).
-``None`` when no candidate trained.
+that short horizon favours tight thresholds that then over-clip the long run (Deep SAD: 2.3 has
+the lowest 60-step loss, 38 the lowest after 400). ``None`` when no candidate trained.
 
 ``tune.json`` in a run directory (:data:`TUNE_FILE`, :func:`write_tune`, :func:`read_tune`) holds a
 :class:`TuneResult`: ``gradguard diagnose`` then quotes verified advice instead of an unverified
@@ -75,8 +76,8 @@ WELL = 0.5
 EDGE_RATIO = 0.55
 """The largest step (``max_norm`` × lr) allowed, as a fraction of the step of a looser candidate that
 failed: half, with room for the ladder's two-significant-digit rounding."""
-BINDING = 0.95
-"""Below an edge, the fraction of its trial's steps a candidate must have clipped to qualify."""
+MARGIN = 2
+"""Rungs (halvings) back from the loosest candidate that trained well when a looser one overshot."""
 TUNE_FILE = "tune.json"
 """The file ``gradguard tune`` / :meth:`gradguard.Guard.tune` write into a run directory."""
 _VERSION = 1
@@ -244,11 +245,10 @@ def _back(well: Sequence[Trial], rungs: int) -> Trial:
     return well[max(0, len(well) - 1 - rungs)]
 
 
-def _below_edge(safe: Sequence[Trial], edge: Trial) -> list[Trial]:
-    """The safe candidates at most :data:`EDGE_RATIO` of the edge's step that clipped at least
-    :data:`BINDING` of their steps (the tightest safe one when none does)."""
-    near = [t for t in safe if _step(t) <= EDGE_RATIO * _step(edge)]
-    return [t for t in near if t.max_norm is not None and t.clip_rate >= BINDING] or list(safe[:1])
+def _overshoots(t: Trial) -> bool:
+    """Finite, no explosion, and the loss did not fall (or rose): every step bounded, and still too
+    large — the learning rate overshoots at that step size."""
+    return not (t.trained or t.exploded or t.nonfinite)
 
 
 def choose(trials: Sequence[Trial]) -> Trial | None:
@@ -258,8 +258,12 @@ def choose(trials: Sequence[Trial]) -> Trial | None:
     safe = [t for t in ordered[:k] if t.trained]
     if not safe:
         return None
+    well = _well(safe)
+    looser = [t for t in ordered if _looseness(t) > _looseness(well[-1])]
+    if k < len(ordered) and any(_overshoots(t) for t in looser):
+        return _back(well, MARGIN)
     if k < len(ordered):
-        safe = _below_edge(safe, ordered[k])
+        safe = [t for t in safe if _step(t) <= EDGE_RATIO * _step(ordered[k])] or safe[:1]
     well = _well(safe)
     return _back(well, int(well[-1].climbing))
 

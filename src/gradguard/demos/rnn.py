@@ -35,9 +35,9 @@ Advice verified before it is given (issue 15): ``norm:5`` trains (the loss falls
 ``over_clipping`` is an info with no threshold; the ``explosion`` of ``none`` estimates 200-220,
 which :func:`gradguard.tune.tune` (12 candidates halving down from it, 60 steps each from the
 fresh start) rejects — every candidate from ~6 up explodes within 7-33 steps — and the demo follows the verified
-threshold instead: ``norm:0.78`` / ``norm:0.86`` / ``norm:0.74`` (seeds 0 / 1 / 2) train all 500
-steps with no non-finite step, 3.25 / 3.19 / 3.29 bits per character (``benchmarks/README.md``,
-``advice.py``).
+threshold instead: ``norm:3.1`` / ``norm:3.4`` / ``norm:3`` (seeds 0 / 1 / 2; half the tightest
+candidate that exploded) train all 500 steps with no non-finite step, 2.76 / 2.77 / 2.76 bits per
+character (``benchmarks/README.md``, ``advice.py``).
 """
 
 from __future__ import annotations
