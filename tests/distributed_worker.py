@@ -101,6 +101,7 @@ def main(mode: str, out: Path) -> None:
         result["ref_grads0"] = [g.clone() for g in ref_grads]
         result["floats_per_step"] = guard._reducer.floats_per_step if guard._reducer is not None else None
     torch.save(result, out / f"rank{rank}.pt")
+    dist.barrier()  # both ranks done before teardown (a rank tearing gloo down early aborted once under load)
     dist.destroy_process_group()
 
 

@@ -59,6 +59,7 @@ def main(mode: str, out: Path) -> None:
     }
     guard.close()
     torch.save(result, out / f"rank{rank}.pt")
+    dist.barrier()  # both ranks done before teardown (a rank tearing gloo down early aborted once under load)
     dist.destroy_process_group()
 
 

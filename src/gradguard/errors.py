@@ -5,7 +5,10 @@ Every message says what went wrong, the offending value, and how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["GradGuardError", "NonFiniteError"]
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["GradGuardError", "NonFiniteError", "check_state_version"]
 
 
 class GradGuardError(ValueError):
@@ -18,3 +21,12 @@ class NonFiniteError(GradGuardError, RuntimeError):
     Raised by :class:`gradguard.Guard` with ``on_nonfinite="raise"`` (after the run log is
     flushed) and by ``clip_grad_norm_(..., error_if_nonfinite=True)``.
     """
+
+
+def check_state_version(state: Any, version: int, what: str, fix: str) -> None:
+    """Refuse a saved state that is not a mapping of this ``version``: what was passed, what this
+    gradguard reads, and ``fix`` (how to get a state it reads). One check for every ``load_state_dict``."""
+    if isinstance(state, Mapping) and state.get("version") == version:
+        return
+    got = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+    raise GradGuardError(f"{what} state has version {got!r}; this gradguard reads {version}. {fix}")

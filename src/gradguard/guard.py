@@ -93,7 +93,7 @@ from gradguard._guard.recovery import Limit, Recovery
 from gradguard._guard.row import column, device_row, host_values, rescued, set_column
 from gradguard._guard.runmeta import open_run_log, run_meta
 from gradguard.clip import Clipper, HostZClip, coefficient, from_spec
-from gradguard.errors import GradGuardError, NonFiniteError
+from gradguard.errors import GradGuardError, NonFiniteError, check_state_version
 from gradguard.locate import StepCapture
 from gradguard.monitor import Monitor
 from gradguard.record import DECIDED, LR
@@ -645,12 +645,7 @@ class Guard:
         When logging, the run log is told (:meth:`gradguard.runlog.RunWriter.resume`): the records
         of the steps from the checkpoint's on, logged before, are superseded by the new ones.
         """
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            got = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise GradGuardError(
-                f"Guard state has version {got!r}; this gradguard reads {_STATE_VERSION}. "
-                "Pass what Guard.state_dict() returned."
-            )
+        check_state_version(state, _STATE_VERSION, "Guard", "Pass what Guard.state_dict() returned.")
         self._after.drop()  # the post-step work of a step from before the checkpoint
         self.flush()  # this guard's own pending steps, before the step count moves
         self.counters.load_state_dict(state)

@@ -56,7 +56,7 @@ from gradguard._guard.measure import Constants, Measurement
 from gradguard._guard.recovery import Limit, Recovery
 from gradguard._guard.row import host_values
 from gradguard.clip import coefficient, fraction_clipped
-from gradguard.errors import GradGuardError
+from gradguard.errors import check_state_version
 from gradguard.record import DECIDED
 from gradguard.runtable import (
     EXPLOSION_FACTOR,
@@ -358,12 +358,7 @@ class Explosions:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            got = state.get("version") if isinstance(state, Mapping) else type(state).__name__
-            raise GradGuardError(
-                f"explosion state has version {got!r}; this gradguard reads {_STATE_VERSION}. "
-                "Pass what Guard.state_dict() returned."
-            )
+        check_state_version(state, _STATE_VERSION, "explosion", "Pass what Guard.state_dict() returned.")
         self.watch.load_state_dict(state["watch"])
         self.cap = None if state["cap"] is None else float(state["cap"])
         self.recoveries = int(state["recoveries"])

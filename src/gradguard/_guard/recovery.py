@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import events
-from gradguard.errors import GradGuardError
+from gradguard.errors import check_state_version
 from gradguard.runtable import SUSTAIN
 
 __all__ = ["MIN_GAP", "Limit", "Recovery", "Stateful"]
@@ -235,12 +235,7 @@ class Recovery:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            got = state.get("version") if isinstance(state, dict) else type(state).__name__
-            raise GradGuardError(
-                f"recovery state has version {got!r}; this gradguard reads {_STATE_VERSION}. "
-                "Pass what Recovery.state_dict() returned."
-            )
+        check_state_version(state, _STATE_VERSION, "recovery", "Pass what Recovery.state_dict() returned.")
         self.snapshot_step = int(state["snapshot_step"])
         self.snapshot = state["snapshot"]
         self.earlier = state.get("earlier")
