@@ -193,7 +193,8 @@ def _default_max_norms(
     """Thresholds around the first batch's pre-clip norm, and no clipping (then the state is restored)."""
     snap.optimizer.zero_grad(set_to_none=True)
     _loss(loss_fn, data, 0).backward()
-    norm = float(get_total_norm([p.grad for p in _params(snap.optimizer) if p.grad is not None], norm_type))
+    grads = [p.grad for p in _params(snap.optimizer) if p.grad is not None]
+    norm = float(get_total_norm(grads, norm_type))  # host sync: tuning, not a training step
     snap.restore()
     return [*candidates_around(norm), None]
 
@@ -232,7 +233,7 @@ def _trial(
         else:
             norm = clip_grad_norm_(grads, max_norm, norm_type)
         losses.append(float(loss.detach()))
-        norms.append(float(norm))
+        norms.append(float(norm))  # host sync: a tuning trial, not a training step
         if not (math.isfinite(losses[-1]) and math.isfinite(norms[-1])):
             break  # never step on a non-finite gradient: the trial has failed
         if explosion_onset([g for g in norms if g > 0]) is not None:
