@@ -328,8 +328,9 @@ class _EachStep:
         births = self.births
         if not checks or births._done:
             return []
-        # host sync: at the flush, right after the monitor's own copy (the device is idle)
-        rows = torch.cat([v.double() for _, _, v, _ in checks]).tolist()
+        # read right after the monitor's own copy (the device is idle)
+        values = torch.cat([v.double() for _, _, v, _ in checks])
+        rows = values.tolist()  # host sync: at the flush
         at = 0
         for step, n, _, after in checks:
             row, at = rows[at : at + n], at + n

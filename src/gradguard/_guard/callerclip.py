@@ -77,7 +77,7 @@ class CallerClip:
         thresholds = torch.tensor(self.thresholds)
         coefs = torch.clamp(thresholds.to(norms.device) / (norms + CLIP_EPS), max=1.0)
         return {
-            "threshold": _pnorm(thresholds, self.norm_type).item(),  # a host tensor: no sync
+            "threshold": _pnorm(thresholds, self.norm_type).item(),  # host sync: none, a host tensor
             "clip_coef": _pnorm(coefs * norms, self.norm_type)
             / _pnorm(norms, self.norm_type).clamp_min(1e-30),
             "clip_fraction": (coefs < 1.0).float().mean(),
