@@ -25,6 +25,13 @@ starting run succeeded and whose followed advice failed.
 Tasks: the adding problem (Hochreiter & Schmidhuber 1997; Pascanu et al. 2013) with a tanh RNN
 at length 10, SGD at two learning rates, 1,500 steps; the rnn demo's character LSTM LM (SGD lr=1, Zaremba et
 al.), 300 steps. 3 seeds. Run: ``OMP_NUM_THREADS=1 python benchmarks/advice.py`` (a few minutes).
+
+**Learning-rate advice** (``--lr-row``): the adding problem at learning rates too high for it
+and at 0.1, where it trains (``LR_ROW``: is a success ever broken?), started unclipped and at ``norm:1``. Where ``gradguard diagnose`` finds ``lr_too_high``,
+the **estimate** is its recommended ``lr`` (unverified), and the **verified** rate is what
+:func:`gradguard.tune.tune` verifies from the fresh start among halvings down from the run's rate
+(what ``gradguard tune --lr auto`` tries), at the run's own clipping; each is followed from scratch
+with that clipping. A cell without ``lr_too_high`` gets no learning-rate advice.
 """
 
 from __future__ import annotations
@@ -256,6 +263,66 @@ def broke(rows: list[dict[str, Any]], key: str) -> int:
     return sum(1 for r in rows if r["start_success"] and r[key] is False)
 
 
+LR_ROW: dict[str, Any] = {
+    "task": "adding10",
+    "lrs": [0.1, 1.0, 3.0],
+    "starts": {"exploding": "none", "textbook": "norm:1"},
+}
+"""The learning-rate row: the adding problem at 0.1 and at rates too high for it, unclipped and at ``norm:1``."""
+LR_RUNGS = 8
+
+
+def lr_cell(lr: float, seed: int, start: str, clip: str, root: Path) -> dict[str, Any]:
+    """One learning-rate advice cell: the start, diagnose's ``lr_too_high`` estimate and tune's verified rate."""
+    name = LR_ROW["task"]
+    build, _, steps, _ = TASKS[name]
+    run_dir = root / f"lr-{name}-lr{lr:g}-s{seed}-{start}"
+    first = train(build(seed), lr, clip, steps, run_dir)
+    row: dict[str, Any] = {
+        "task": f"{name} lr",
+        "lr": lr,
+        "seed": seed,
+        "start": start,
+        **outcome("start", first),
+    }
+    high = next((f for f in diagnose(run_dir) if f.id == "lr_too_high"), None)
+    estimate = high.recommendation.get("lr") if high is not None else None
+    row["old_advice"] = estimate
+    row.update(outcome("old", train(build(seed), estimate, clip, steps, None) if estimate else None))
+    verified = verified_lr(lambda: build(seed), lr, clip) if high is not None else None
+    row["new_advice"], row["new_how"] = verified, "tune --lr" if high is not None else "no lr_too_high"
+    row.update(outcome("new", train(build(seed), verified, clip, steps, None) if verified else None))
+    return row
+
+
+def verified_lr(task_of: Callable[[], Task], lr: float, clip: str) -> float | None:
+    """The rate :func:`gradguard.tune.tune` verifies among halvings down from ``lr``, at the run's clipping."""
+    task = task_of()
+    opt = torch.optim.SGD(task.model.parameters(), lr=lr)
+    threshold = float(clip.split(":")[1]) if clip.startswith("norm:") else None
+    result = tune(
+        task.model,
+        opt,
+        task.loss_fn,
+        task.batches(),
+        max_norms=[threshold],
+        lrs=ladder(lr, LR_RUNGS),
+        steps=TUNE_STEPS,
+        reset=task.reset,
+    )
+    return result.lr
+
+
+def lr_rows(seeds: int, root: Path) -> list[dict[str, Any]]:
+    rows = []
+    for lr in LR_ROW["lrs"]:
+        for seed in range(seeds):
+            for start, clip in LR_ROW["starts"].items():
+                rows.append(lr_cell(lr, seed, start, clip, root))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -264,12 +331,13 @@ def main() -> None:
     parser.add_argument(
         "--starts", default=None, help="only these starting points (over-clipped,exploding,textbook)"
     )
+    parser.add_argument("--lr-row", action="store_true", help="also the learning-rate advice row (LR_ROW)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.tasks.split(","):
+        for name in filter(None, args.tasks.split(",")):
             _, lrs, _, starts = TASKS[name]
             for lr in lrs:
                 for seed in range(args.seeds):
@@ -279,8 +347,10 @@ def main() -> None:
                         row = cell(name, lr, seed, start_name, clip, Path(tmp))
                         rows.append(row)
                         print(json.dumps(row), flush=True)
+        if args.lr_row:
+            rows += lr_rows(args.seeds, Path(tmp))
     print(f"\n{len(rows)} cells in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    for name in args.tasks.split(","):
+    for name in dict.fromkeys(r["task"] for r in rows):
         sub = [r for r in rows if r["task"] == name]
         print(
             f"{name}: start succeeds {sum(r['start_success'] for r in sub)}/{len(sub)}; "

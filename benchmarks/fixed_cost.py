@@ -28,7 +28,10 @@ average over 100 steps (weight-norm and flush steps included). On a CPU each cos
 dispatch; on a GPU each is a kernel launch.
 
 Run ``python benchmarks/fixed_cost.py`` (about 2 minutes), ``--quick``, ``--ops`` (op counts only,
-seconds), ``--json out.json``.
+seconds), ``--json out.json``. ``--baseline DIR`` (an older tree's ``src/gradguard``, e.g. from
+``git archive HEAD src/gradguard | tar -x -C /tmp/base``): plain / that guard / this guard as
+interleaved triples in one process, with the median ratios guard / baseline (``--clock thread``:
+CPU time, steadier on a busy machine).
 """
 
 from __future__ import annotations
@@ -36,11 +39,15 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import importlib
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -75,7 +82,7 @@ def optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
 class _Twin:
     """A plain and a guarded copy of one model, one batch; ``plain()`` and ``guarded()`` run one step."""
 
-    def __init__(self, case: str, opt_kind: str, clip: str, **guard_kw: Any) -> None:
+    def __init__(self, case: str, opt_kind: str, clip: str, module: Any = gradguard, **guard_kw: Any) -> None:
         depth, width = CASES[case]
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(BATCH, width, generator=g)
@@ -86,7 +93,7 @@ class _Twin:
         self.guard_model = mlp(depth, width)
         self.plain_opt = optimizer(opt_kind, self.plain_model)
         self.guard_opt = optimizer(opt_kind, self.guard_model)
-        self.guard = gradguard.Guard(self.guard_model, self.guard_opt, clip=clip, **guard_kw)
+        self.guard = module.Guard(self.guard_model, self.guard_opt, clip=clip, **guard_kw)
         self.params = sum(p.numel() for p in self.plain_model.parameters())
         self.tensors = len(list(self.plain_model.parameters()))
 
@@ -303,6 +310,120 @@ def time_case(case: str, opt_kind: str, clip: str, pairs: int, warmup: int, **gu
     )
 
 
+# ----------------------------------------------------------------------------- against a baseline
+def load_baseline(src: str) -> Any:
+    """An older gradguard package directory (e.g. ``git archive <rev> src/gradguard | tar -x -C DIR``,
+    then ``DIR/src/gradguard``) imported beside this one as ``gradguard_baseline``: copied to a
+    temporary directory with its imports of ``gradguard`` renamed."""
+    if not os.path.isfile(os.path.join(src, "guard.py")):
+        raise SystemExit(f"--baseline {src!r} is not a gradguard package directory (no guard.py in it)")
+    root = tempfile.mkdtemp(prefix="gradguard_baseline_")
+    dest = os.path.join(root, "gradguard_baseline")
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for dirpath, _, files in os.walk(dest):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    text = f.read()
+                text = re.sub(r"\bfrom gradguard(\.| import)", r"from gradguard_baseline\1", text)
+                text = re.sub(r"\bimport gradguard\b", "import gradguard_baseline as gradguard", text)
+                text = text.replace('"gradguard.', '"gradguard_baseline.')
+                with open(path, "w") as f:
+                    f.write(text)
+    sys.path.insert(0, root)
+    return importlib.import_module("gradguard_baseline")
+
+
+@dataclass
+class VsBaseline:
+    case: str
+    optimizer: str
+    clip: str
+    plain_us: float  # medians
+    baseline_us: float
+    guard_us: float
+    baseline_ratio: float  # median of the ratios to the plain step of the same triple
+    ratio: float
+    vs_baseline: float  # median of the ratios guard / baseline
+    triples: int
+    clock: str
+    contention_pct: float | None
+
+
+def time_vs_baseline(
+    case: str, opt_kind: str, clip: str, baseline: Any, triples: int, warmup: int, clock: str
+) -> VsBaseline:
+    """Plain, the baseline's guard and this guard on triplets of one model and batch, interleaved
+    (the order rotated and reversed triple by triple)."""
+    twin = _Twin(case, opt_kind, clip)
+    base = _Twin(case, opt_kind, clip, module=baseline)
+    runs: list[tuple[str, Callable[[], None]]] = [
+        ("plain", twin.plain),
+        ("baseline", base.guarded),
+        ("guard", twin.guarded),
+    ]
+    for _ in range(warmup):
+        for _, fn in runs:
+            fn()
+    now = time.thread_time if clock == "thread" else time.perf_counter
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    before, t_start = cpu_wait_us(), time.monotonic()
+    gc.disable()
+    try:
+        for i in range(triples):
+            order = runs[i % 3 :] + runs[: i % 3]
+            for name, fn in order if i % 2 == 0 else order[::-1]:
+                t0 = now()
+                fn()
+                times[name].append(now() - t0)
+    finally:
+        gc.enable()
+    contention = contention_pct(before, cpu_wait_us(), time.monotonic() - t_start)
+    twin.guard.close()
+    base.guard.close()
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    med = {name: 1e6 * statistics.median(v) for name, v in times.items()}
+    return VsBaseline(
+        case,
+        opt_kind,
+        clip,
+        med["plain"],
+        med["baseline"],
+        med["guard"],
+        ratio("baseline", "plain"),
+        ratio("guard", "plain"),
+        ratio("guard", "baseline"),
+        triples,
+        clock,
+        contention,
+    )
+
+
+def print_vs_baseline(configs: list[tuple[str, str, str]], baseline: Any, args: Any) -> list[VsBaseline]:
+    triples = args.pairs or (100 if args.quick else 400)
+    print(f"\nAgainst the baseline ({args.clock} clock; medians over {triples} interleaved triples):\n")
+    print(
+        "| model | optimizer | clip | plain µs | baseline µs | guard µs | baseline / plain | guard / plain "
+        "| guard / baseline | contention % |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    found = []
+    for cfg in configs:
+        v = time_vs_baseline(*cfg, baseline, triples, 20, args.clock)
+        found.append(v)
+        cont = "—" if v.contention_pct is None else f"{v.contention_pct:.1f}"
+        print(
+            f"| {v.case} | AdamW {v.optimizer} | `{v.clip}` | {v.plain_us:.0f} | {v.baseline_us:.0f} | "
+            f"{v.guard_us:.0f} | {v.baseline_ratio:.3f} | {v.ratio:.3f} | {v.vs_baseline:.3f} | {cont} |",
+            flush=True,
+        )
+    return found
+
+
 # ----------------------------------------------------------------------------- main
 TARGETS = {"mlp2x32": 1.15, "mlp4x256": 1.05}
 
@@ -318,6 +439,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true", help="list the guard's ops by name")
     ap.add_argument("--matrix", action="store_true", help="also the op counts of the common settings")
     ap.add_argument("--json", default=None, help="also write every number to this file")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        metavar="DIR",
+        help="an older gradguard package directory: time plain / its guard / this guard as interleaved "
+        "triples (instead of the plain / guard pairs)",
+    )
+    ap.add_argument(
+        "--clock", default="wall", choices=["wall", "thread"], help="--baseline's clock (thread: CPU time)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     pairs = args.pairs or (100 if args.quick else 400)
@@ -348,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {m['in_optimizer_step']} | {m['host_reads']} |"
             )
     timings: list[Timing] = []
-    if not args.ops:
+    vs_baseline: list[VsBaseline] = []
+    if args.baseline and not args.ops:
+        vs_baseline = print_vs_baseline(configs, load_baseline(args.baseline), args)
+    elif not args.ops:
         print(
             "\n| model | optimizer | clip | tensors | plain µs | guard µs | ratio (median of pairs) | IQR "
             "| diff µs | target | contention % | load |"
@@ -372,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ops": [asdict(o) for o in ops],
                     "op_matrix": matrix,
                     "timings": [asdict(t) for t in timings],
+                    "vs_baseline": [asdict(v) for v in vs_baseline],
                     "machine": {
                         "python": platform.python_version(),
                         "torch": torch.__version__,

@@ -9,7 +9,11 @@ both; the figure is the **median of the per-pair ratios** run / plain of the scr
 (its wall time beside it: on a shared machine the CPU time is the steadier of the two; targets from issue 13:
 ≤ 1.3 on tiny-step scripts such as the RL loop, ≤ 1.1 on the small GPT trainer). The interpreter
 and import start-up (the same in both, plus gradguard's import) are outside the timed span and
-printed apart.
+printed apart; so is the process's first full garbage collection: both children run ``gc.collect()``
+right before the timed span (after ``import torch`` the first generation-2 pass walks torch's
+objects, ~0.15 s once per process, and whichever run's allocations happen to trigger it inside a
+0.2 s script would look 1.8× slower for it). The collections that still run inside the span are
+counted and timed (``gc_s``, ``gc_full``).
 
 Run ``python benchmarks/run_overhead.py`` (a few minutes), ``--pairs 3`` for a quick look,
 ``--only actor_critic`` for one script, ``--json out.json`` to keep the numbers, ``--markdown`` for
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -29,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,14 +46,17 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "char_gpt": ("char_gpt.py", ["--max-iters", "40", "--eval-interval", "1000"]),
     "char_gpt_amp": ("char_gpt.py", ["--max-iters", "40", "--eval-interval", "1000", "--amp"]),
     "word_lm": ("word_lm.py", ["--epochs", "6"]),
+    # the same ~1.5 ms steps, 480 of them: the fixed cost of a run (the guard's construction, its
+    # run directory, closing the log) spread as over any run longer than a fifth of a second
+    "word_lm_480": ("word_lm.py", ["--epochs", "30"]),
     "lbfgs_sine": ("lbfgs_sine.py", ["--steps", "4"]),
     "toy_gan": ("toy_gan.py", ["--niter", "4"]),
 }
 
 
 def child(mode: str, script: str, args: list[str]) -> None:
-    """One measurement (in its own process): print ``{"import_s", "script_s", "cpu_s"}`` as JSON
-    (the script's wall and CPU seconds)."""
+    """One measurement (in its own process): print ``{"import_s", "script_s", "cpu_s", "gc_s",
+    "gc_full"}`` as JSON (the script's wall and CPU seconds; the garbage collections inside it)."""
     t0 = time.perf_counter()
     import runpy
 
@@ -63,7 +72,7 @@ def child(mode: str, script: str, args: list[str]) -> None:
     sys.path.insert(0, str(path.parent))
     with tempfile.TemporaryDirectory() as work:
         os.chdir(work)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _gc_timed() as collected:
             t1, c1 = time.perf_counter(), time.process_time()
             if zerocode is not None:
                 with zerocode.ZeroCode(
@@ -73,7 +82,29 @@ def child(mode: str, script: str, args: list[str]) -> None:
             else:
                 _run(runpy, path)
             elapsed, cpu = time.perf_counter() - t1, time.process_time() - c1
-    print(json.dumps({"import_s": imported, "script_s": elapsed, "cpu_s": cpu}))
+    print(json.dumps({"import_s": imported, "script_s": elapsed, "cpu_s": cpu, **collected}))
+
+
+@contextlib.contextmanager
+def _gc_timed() -> Iterator[dict[str, float]]:
+    """A full collection first (outside the span), then the time and number of full collections
+    the block runs (``gc_s``, ``gc_full``)."""
+    gc.collect()
+    got = {"gc_s": 0.0, "gc_full": 0}
+    started: list[float] = []
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            got["gc_s"] += time.perf_counter() - started.pop()
+            got["gc_full"] += info["generation"] == 2
+
+    gc.callbacks.append(note)
+    try:
+        yield got
+    finally:
+        gc.callbacks.remove(note)
 
 
 def _run(runpy: object, path: Path) -> None:
@@ -94,7 +125,9 @@ def measure(mode: str, name: str) -> dict[str, float]:
 
 def bench(name: str, pairs: int) -> dict[str, object]:
     """Alternating plain / run measurements of one script (one warm-up pair, not counted)."""
-    got: dict[str, dict[str, list[float]]] = {m: {"script_s": [], "cpu_s": [], "import_s": []} for m in MODES}
+    got: dict[str, dict[str, list[float]]] = {
+        m: {"script_s": [], "cpu_s": [], "import_s": [], "gc_s": [], "gc_full": []} for m in MODES
+    }
     for i in range(pairs + 1):
         order = MODES if i % 2 == 0 else MODES[::-1]
         once = {mode: measure(mode, name) for mode in order}
@@ -110,6 +143,9 @@ def bench(name: str, pairs: int) -> dict[str, object]:
         row[f"run_{label}_s"] = statistics.median(got["run"][key])
         row[f"{label}_ratio"] = statistics.median(ratios)
         row[f"{label}_ratio_range"] = (min(ratios), max(ratios))
+    for mode in MODES:
+        row[f"{mode}_gc_s"] = statistics.median(got[mode]["gc_s"])
+        row[f"{mode}_gc_full"] = max(got[mode]["gc_full"])
     row["import_extra_s"] = statistics.median(got["run"]["import_s"]) - statistics.median(
         got["plain"]["import_s"]
     )
@@ -156,7 +192,7 @@ def main() -> None:
         print(
             f"{name:14s} cpu plain {row['plain_cpu_s']:6.2f}s run {row['run_cpu_s']:6.2f}s "
             f"ratio {row['cpu_ratio']:.3f} {row['cpu_ratio_range']}  wall ratio {row['wall_ratio']:.3f}  "
-            f"import +{row['import_extra_s']:.2f}s",
+            f"import +{row['import_extra_s']:.2f}s  full GCs in span plain {row['plain_gc_full']} run {row['run_gc_full']}",
             flush=True,
         )
     if args.markdown:

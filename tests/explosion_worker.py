@@ -5,7 +5,8 @@ host-decided path, the onset seen at the step's one read) or ``ddp-warn`` (``on_
 the sync-free path, the onset seen at the flush).
 
 Every rank trains a DDP linear model on its own half of a batch whose scale runs away from step 20
-on, under ``Guard(on_explosion="recover")``: the explosion recurs after each rewind. Each rank saves
+on, under ``Guard(on_explosion="recover")``: an explosion, then non-finite steps under the recovery's
+threshold, each a further recovery. Each rank saves
 which steps it skipped and its parameters after every step to ``OUT_DIR/rank{r}.pt``.
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 
 import gradguard
 
-STEPS = 40
+STEPS = 100  # the batch's scale overflows float32 by ~step 85: non-finite steps recover again
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

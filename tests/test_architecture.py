@@ -43,6 +43,7 @@ PACKAGES: dict[str, tuple[str, ...]] = {
     ),
     "numpy/sklearn": ("numpy", "sklearn"),
     "plotly/rich": ("plotly", "rich"),
+    "triton": ("triton",),
 }
 
 TORCH_FREE = ("base", "contracts", "readers")
@@ -93,8 +94,10 @@ RULES: dict[str, Rule] = {
             "gradguard._guard.*",
             "gradguard._distributed",
             "gradguard.tune",
+            "gradguard._kernels",  # the Triton norm/clip kernels (CUDA; triton loaded on first use)
         ),
         ("base", "contracts", "core", "torch"),
+        lazily=("triton",),
     ),
     # thin adapters to the frameworks
     "integrations": Rule(

@@ -46,7 +46,28 @@ def sgd(lr: float = 0.2, **kw) -> torch.optim.SGD:
 # ----------------------------------------------------------------------------- the cap, by hand
 def test_the_spec_builds_the_polyak_rule():
     a = C.from_spec("auto")
-    assert isinstance(a, C.Auto) and a.polyak == 0.5 and a.first == 0.5 and a.takes_loss
+    assert isinstance(a, C.Auto) and a.polyak == 0.5 and a.first == 0.5 and a.takes_loss and a.ramp
+
+
+def test_the_ramp_grows_the_cap_as_the_square_root_of_the_warm_up_steps():
+    """With ``ramp`` the Polyak cap of the k-th finite step (k = 1 … warmup) is √(k/warmup) of the full
+    cap: 1/√warmup on the first step, the full cap from the end of the warm-up on."""
+    a = auto_on(sgd(lr=0.2), ramp=True, warmup=4)
+    full = 0.5 * 2.0 / (0.2 * 4.0)
+    got = [tau(a, 4.0, 2.0) for _ in range(6)]  # equal norms: ZClip and the growth cap never bind
+    assert got == pytest.approx([full * math.sqrt(k / 4) for k in (1, 2, 3, 4)] + [full, full])
+
+
+def test_the_ramp_counts_finite_steps_only():
+    a = auto_on(sgd(lr=0.2), ramp=True, warmup=4)
+    tau(a, math.nan, 1.0)
+    tau(a, math.inf, 1.0)
+    assert tau(a, 4.0, 2.0) == pytest.approx(0.5 * 2.0 / (0.2 * 4.0) * math.sqrt(1 / 4))
+
+
+def test_the_ramp_is_refused_unless_a_bool():
+    with pytest.raises(GradGuardError, match="ramp"):
+        C.Auto(polyak=0.5, ramp=1)  # type: ignore[arg-type]
 
 
 def test_cap_is_polyak_times_loss_over_lr_times_norm():
@@ -189,7 +210,17 @@ def test_a_state_saved_before_polyak_loads_as_the_previous_auto():
     state.pop("polyak")
     new = C.from_spec("auto")
     new.load_state_dict(state)
-    assert new.polyak is None and new.first == 0.5
+    assert new.polyak is None and new.first == 0.5 and not new.ramp
+
+
+def test_a_state_saved_before_the_ramp_loads_without_it():
+    a = auto_on(sgd(lr=0.2), warmup=3)
+    tau(a, 4.0, 2.0)
+    state = a.state_dict()
+    state.pop("ramp")
+    b = C.from_spec("auto")
+    b.load_state_dict(state)
+    assert b.polyak == 0.5 and not b.ramp
 
 
 def test_the_cap_reads_nothing_on_the_host():

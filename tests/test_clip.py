@@ -1524,6 +1524,7 @@ CONFIGS = {
         "growth": 10.0,
         "first": 0.5,
         "polyak": 0.5,  # issue 15: the learning-rate-aware cap (tests/test_auto.py)
+        "ramp": True,  # issue 15: the cap ramps up over the warm-up (tests/test_auto.py)
     },
 }
 

@@ -88,6 +88,27 @@ def test_a_norm_rising_while_the_loss_falls_is_an_explosion_only_under_a_fixed_t
     assert caught is not None and caught.severity == "info"
 
 
+def test_under_adam_a_clipped_rise_with_a_falling_loss_is_no_explosion_under_sgd_an_info() -> None:
+    """A fixed threshold catching a rise while the loss falls: under SGD it bounded the step (an
+    ``info``: settled → "held", still climbing → an explosion); Adam normalizes its step, so the
+    threshold bounded nothing that harmed it: no finding, settled or not. A loss that did not fall
+    makes the same rise a warning (a CI gate passes it; a person looks)."""
+    n = 200
+    clip = {"kind": "norm", "max_norm": 1.0}
+    settled = [1.0] * 20 + [2.0, 6.0, 15.0, 25.0, 9.0] + [3.0] * (n - 25)
+    climbing = [1.0] * 20 + [3.0 * 1.02**s for s in range(n - 20)]
+    for norms, held in ((settled, True), (climbing, False)):
+        sgd = run(norms, clip=clip, threshold=[1.0] * n)
+        found = conclude(sgd, "explosion")
+        assert found is not None and found.severity == "info" and found.evidence.get("settled", False) is held
+        adam = RunLog(
+            path=Path("synthetic"), meta={**sgd.meta, "optimizer": "AdamW"}, metrics=sgd.metrics, events=[]
+        )
+        assert conclude(adam, "explosion") is None
+    flat = run(climbing, clip=clip, threshold=[1.0] * n, loss=[1.0 + 0.01 * math.sin(s) for s in range(n)])
+    assert getattr(conclude(flat, "explosion"), "severity", None) == "warning"
+
+
 # ----------------------------------------------------------------------------- over-clipping
 def test_a_fixed_threshold_clipping_every_step_is_over_clipping() -> None:
     n = 60
@@ -158,6 +179,21 @@ def test_an_agc_that_clips_every_unit_with_a_positive_factor_is_not_zeroing() ->
     assert Facts(log).table.clip_rate == 1.0  # but the clipping is visible in the clip rate
 
 
+def test_the_callers_own_clip_is_the_runs_clipper_where_the_guard_clipped_nothing() -> None:
+    """Under ``gradguard run`` the guard clips nothing (``config.clip`` None) and the script's own
+    ``clip_grad_norm_(model.parameters(), 0.01)`` fills every record's threshold: judged as a fixed
+    threshold (an SGD run stalled under it is over-clipped), named as the caller's. Thresholds on a few
+    steps only (``on_spike="clip"`` capping spikes) are not a clipper."""
+    n = 200
+    flat = [1.0 + 0.01 * math.sin(s) for s in range(n)]
+    script = run([1.0] * n, loss=flat, clip="None", threshold=[0.01] * n, clip_coef=[0.01] * n)
+    facts = Facts(script)
+    assert facts.clip_kind == "fixed" and "clip_grad_norm_" in str(facts.clip_spec)
+    assert conclude(script, "over_clipping") is not None
+    spikes = [0.5 if s % 50 == 7 else NAN for s in range(n)]
+    assert Facts(run([1.0] * n, loss=flat, clip="None", threshold=spikes)).clip_kind == "none"
+
+
 # ----------------------------------------------------------------------------- divergence
 def test_a_finite_loss_climbing_by_orders_of_magnitude_is_divergence() -> None:
     loss = [1.0 - 0.01 * s for s in range(20)] + [0.8 * 3.0**k for k in range(20)]
@@ -166,6 +202,72 @@ def test_a_finite_loss_climbing_by_orders_of_magnitude_is_divergence() -> None:
     assert div.evidence["loss_peak"] >= 100 * div.evidence["loss_best"]
     then_nan = run([1.0] * 40 + [NAN], loss=[*loss, NAN])
     assert conclude(then_nan, "divergence") is None  # the explosion tells that story
+
+
+# ----------------------------------------------------------------------------- advice: one owner
+def _advice_case(path: Path, rule: str) -> Path:
+    """A run directory where ``rule`` recommends a ``max_norm`` (every number written by hand)."""
+    n, meta, events = 60, {}, []
+    rows: list[dict[str, Any]] = [{"step": s, "loss": 1.0, "grad_norm": 1.0, "lr": 0.1} for s in range(n)]
+    if rule == "adaptive_clipping":  # AutoClip clips every step and the loss stalls
+        meta = {"config": {"clip": {"kind": "autoclip", "percentile": 10.0}}}
+        for s, r in enumerate(rows):
+            r.update(clip_coef=0.5, threshold=0.5 + 0.01 * (s % 3))
+    elif rule == "zeroed_gradients":  # clip="norm:0"
+        meta = {"config": {"clip": {"kind": "norm", "max_norm": 0.0}}}
+        for r in rows:
+            r.update(clip_coef=0.0, threshold=0.0, clip_fraction=1.0)
+    elif rule == "divergence":  # the norm and the loss climb, finite to the end
+        for s, r in enumerate(rows[20:]):
+            r.update(grad_norm=2.0 ** (s + 1), loss=0.8 * 3.0**s)
+    else:  # sudden_growth: an update 1,680× the weights, then a NaN born in a linear layer
+        for s, r in enumerate(rows[:-1]):
+            ratio = 1680.0 if s == n - 2 else 1e-3
+            r["layers"] = {"rec": {"grad_norm": 1.0, "weight_norm": 7.0, "update_ratio": ratio}}
+        rows[-1].update(loss=NAN, grad_norm=NAN, nonfinite=True, skipped=True)
+        event = {"type": "nonfinite", "step": n - 1, "phase": "forward", "module": "rec", "op": "linear"}
+        events = [{**event, "kind": "inf", "evidence": {"reason": "linear produced inf"}}]
+    with RunWriter(path, meta) as w:
+        w.write_metrics(rows)
+        w.write_events(events)
+    return path
+
+
+@pytest.mark.parametrize("rule", ["adaptive_clipping", "zeroed_gradients", "divergence", "sudden_growth"])
+def test_every_threshold_a_rule_recommends_is_verified_or_marked_unverified(
+    tmp_path: Path, rule: str
+) -> None:
+    """One owner for "what max_norm to recommend" (``_clipping.threshold_advice``): an estimate is
+    marked unverified with the ``gradguard tune`` line that checks it; with ``tune.json`` in the run
+    directory, every rule quotes the threshold it verified instead."""
+    from gradguard.tunelog import TuneResult, judge, write_tune
+
+    path = _advice_case(tmp_path / rule, rule)
+    finding = next(f for f in diagnose(path) if _by(f, rule))
+    rec = finding.recommendation
+    assert (
+        rec["verified"] is False and rec["tune"].startswith("gradguard tune ") and rec["tune"] in rec["text"]
+    )
+    assert 0 < rec["max_norm"] < 2.0 and rec["clip"] == f"norm:{rec['max_norm']:g}", rec
+    assert rec["text"].endswith(".") and not rec["text"].endswith("..")
+    falling, flat = [1.0 - 0.02 * k for k in range(10)], [1.0] * 10
+    trained = judge(0.25, None, falling, flat)
+    exploded = judge(0.5, None, falling, [1.0] * 3 + [10.0**k for k in range(1, 8)])
+    write_tune(path, TuneResult([trained, exploded], 10))
+    verified = next(f for f in diagnose(path) if f.id == finding.id and f.step == finding.step)
+    assert verified.recommendation["verified"] is True and verified.recommendation["max_norm"] == 0.25
+    assert "gradguard tune" in verified.recommendation["text"]
+
+
+def _by(finding: Finding, rule: str) -> bool:
+    """Whether ``finding`` is the one ``rule`` reports (several rules share a finding id)."""
+    if rule == "zeroed_gradients":
+        return "zeroed_rate" in finding.evidence
+    if rule == "adaptive_clipping":
+        return finding.id == "over_clipping" and "zeroed_rate" not in finding.evidence
+    if rule == "sudden_growth":
+        return finding.id == "explosion" and "birth" in finding.evidence
+    return finding.id == rule
 
 
 # ----------------------------------------------------------------------------- non-finite
@@ -226,6 +328,69 @@ def test_an_lr_jump_right_before_the_climb_is_blamed() -> None:
     lr = [0.05] * 28 + [0.4] * (len(CLIMB) - 28)
     jump = conclude(run(CLIMB, lr=lr), "lr_too_high")
     assert jump is not None and jump.evidence["lr_jump_step"] == 28 and jump.recommendation["lr"] == 0.05
+
+
+def _lr_case(path: Path, rule: str) -> Path:
+    """A run directory at lr 0.4 that fails the way ``rule`` reports: after a jump from 0.05
+    (``lr_too_high``), a finite climb of the loss (``divergence``), a climb while clipped at 0.5
+    (``explosion``: clipped and still exploded)."""
+    rows: list[dict[str, Any]] = []
+    for s, g in enumerate(CLIMB):
+        rows.append({"step": s, "loss": 1.0 if math.isfinite(g) else NAN, "grad_norm": g, "lr": 0.4})
+        if rule == "lr_too_high" and s < 28:
+            rows[-1]["lr"] = 0.05
+        if rule == "explosion":
+            rows[-1].update(threshold=0.5, clip_coef=min(1.0, 0.5 / g) if math.isfinite(g) else NAN)
+    if rule == "divergence":  # finite to the end, the loss 3× a step
+        rows = [{**r, "grad_norm": 1.0, "loss": 0.8 * 3.0 ** max(0, s - 20)} for s, r in enumerate(rows[:-1])]
+    meta = {"config": {"clip": {"kind": "norm", "max_norm": 0.5}}} if rule == "explosion" else {}
+    with RunWriter(path, meta) as w:
+        w.write_metrics(rows)
+    return path
+
+
+@pytest.mark.parametrize("rule", ["lr_too_high", "divergence", "explosion"])
+def test_every_learning_rate_a_rule_recommends_is_verified_or_marked_unverified(
+    tmp_path: Path, rule: str
+) -> None:
+    """One owner for "what learning rate to recommend" (``_clipping.lr_advice``): an estimate below the
+    rate the run failed at, marked unverified with the ``gradguard tune --lr`` line that checks it and
+    its neighbours; with learning-rate candidates in ``tune.json``, the rate that trained there."""
+    from gradguard.tunelog import TuneResult, judge, write_tune
+
+    path = _lr_case(tmp_path / rule, rule)
+    rec = next(f for f in diagnose(path) if f.id == rule).recommendation
+    assert rec["lr_verified"] is False and rec["lr"] < 0.4 and "--lr " in rec["lr_tune"], rec
+    assert rec["lr_tune"] in rec["text"] and f"Try lr={rec['lr']:g}" in rec["text"]
+    assert all(float(x) < 0.4 for x in rec["lr_tune"].split("--lr ")[1].split()[0].split(","))
+    if "max_norm" not in rec:  # the learning rate is the whole recommendation
+        assert rec["verified"] is False and rec["tune"] == rec["lr_tune"]
+    falling, flat = [1.0 - 0.02 * k for k in range(10)], [1.0] * 10
+    exploded = [1.0] * 3 + [10.0**k for k in range(1, 8)]
+    trials = [
+        judge(None, 0.05, falling, flat),
+        judge(None, 0.1, falling, flat),
+        judge(None, 0.2, falling, exploded),
+    ]
+    write_tune(path, TuneResult(trials, 10))
+    verified = next(f for f in diagnose(path) if f.id == rule).recommendation
+    assert verified["lr_verified"] is True and verified["lr"] == 0.1 and "lr_tune" not in verified
+    assert (
+        "Verified: no clipping at lr=0.1" in verified["text"]
+        and "learning rates 0.05, 0.1, 0.2" in verified["text"]
+    )
+    if "max_norm" in verified:  # tune.json tried learning rates only: the threshold is still an estimate
+        assert verified["verified"] is False
+
+
+def test_learning_rates_tune_json_says_none_trained_are_not_recommended(tmp_path: Path) -> None:
+    from gradguard.tunelog import TuneResult, judge, write_tune
+
+    path = _lr_case(tmp_path / "run", "lr_too_high")
+    exploded = [1.0] * 3 + [10.0**k for k in range(1, 8)]
+    write_tune(path, TuneResult([judge(None, lr, [1.0] * 10, exploded) for lr in (0.01, 0.02)], 10))
+    rec = next(f for f in diagnose(path) if f.id == "lr_too_high").recommendation
+    assert rec["lr_verified"] is True and "lr" not in rec and "go below 0.01" in rec["text"]
 
 
 def test_weights_growing_tenfold_are_weight_growth() -> None:

@@ -638,13 +638,16 @@ def test_before_step_snapshots_the_state_after_the_callers_step() -> None:
 
 
 def test_before_step_in_monitor_only_warn_mode_reads_nothing_on_the_host() -> None:
-    """Nothing is ever skipped in monitor-only ``warn`` mode: ``before_step`` answers without a host read."""
+    """Nothing is ever skipped in monitor-only ``warn`` mode without ``locate``: ``before_step``
+    answers without a host read (with ``locate``, a step's row is read while replays are left, so
+    that a bad step is located before the caller's update makes it unreplayable: issue 13)."""
     with torch.device("meta"):
         model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = gradguard.Guard(
-        model, opt, clip=None, on_nonfinite="warn", monitor_only=True, every=1000, weight_every=1
-    )
+        model, opt, clip=None, on_nonfinite="warn", monitor_only=True, every=1000, weight_every=1,
+        locate=False,
+    )  # fmt: skip
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
         model(torch.randn(8, 6, device="meta")).pow(2).mean().backward()

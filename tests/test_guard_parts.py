@@ -594,6 +594,52 @@ def test_the_device_row_is_in_record_column_order() -> None:
     assert math.isnan(unclipped["clip_fraction"])
 
 
+def test_the_row_stores_a_clip_fraction_of_any_form_and_can_be_made_in_place() -> None:
+    """A norm clipper's fraction is the 0-D bool ``coef < 1`` (stored 1.0 / 0.0), another's a float
+    (an in-place clipper's, or the recovery's ``fraction_clipped``), none NaN; ``m.row`` (the
+    monitor's next row) receives the row itself."""
+    consts = Constants()
+    dev = torch.device("cpu")
+    f = torch.tensor(False)
+    m = Measurement(dev, [], [], torch.zeros(0), torch.tensor(3.0), torch.tensor([2.0, 3.0]), torch.tensor([False, False]), f, f)  # fmt: skip
+    coef, tau = torch.tensor(0.25), torch.tensor(0.75)
+    clipping = Clipping(Norm(0.75), None, False, [], consts)
+    assert clipping.fraction(coef) is not None and clipping.fraction(coef).dtype == torch.bool  # type: ignore[union-attr]
+    for fraction, want in ((clipping.fraction(coef), 1.0), (clipping.fraction(torch.tensor(1.0)), 0.0), (torch.tensor(0.375), 0.375)):  # fmt: skip
+        vals = host_values(device_row(m, ClipPlan(coef, tau, f, fraction), f, f, consts))
+        assert vals["clip_fraction"] == want and math.isnan(vals["loss_scale"]), fraction
+        assert (vals["nonfinite"], vals["skipped"], vals["clip_coef"]) == (0.0, 0.0, 0.25)
+    into = torch.full((len(record.SCALARS),), -1.0)
+    m.row = into
+    row = device_row(m, ClipPlan(None, None, f, None), f, f, consts)
+    assert row.data_ptr() == into.data_ptr() and math.isnan(host_values(into)["clip_fraction"])
+
+
+def test_a_step_made_in_the_monitors_next_rows_is_recorded_without_a_copy() -> None:
+    """``next_rows``: the views of the buffers the next record keeps; a row made there is recorded
+    as it is (the same as a copied one); while a full buffer waits for a held row there are none."""
+    written: list[list[dict[str, Any]]] = []
+    mon = monitor.Monitor(["a", "b"], every=2, on_flush=written.append, reduce=lambda rows: rows[:, :2] * 2)
+    row, norms = mon.next_rows(torch.device("cpu"), 3)
+    assert row is not None and norms is not None and norms.dtype == torch.float64 and norms.shape == (3,)
+    first_row = row.data_ptr()
+    row.copy_(torch.arange(len(record.SCALARS), dtype=torch.float32))
+    norms.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    with _Ops() as ops:
+        mon.record(0, row, norms)
+    assert ops.count == 0  # nothing copied
+    mon.record(
+        1, torch.zeros(len(record.SCALARS)), torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64), held=True
+    )
+    assert mon.next_rows(torch.device("cpu"), 3) == (None, None)  # full, waiting for the held row
+    mon.complete({})
+    (first, second) = written[0]
+    assert first["grad_norm"] == 1.0 and first["layers"] == {"a": {"grad_norm": 2.0}, "b": {"grad_norm": 4.0}}
+    assert second["grad_norm"] == 0.0 and second["layers"]["b"] == {"grad_norm": 10.0}
+    row, _ = mon.next_rows(torch.device("cpu"), 3)  # after the flush: the first row again
+    assert row is not None and row.data_ptr() == first_row
+
+
 def _flush_events(**kw: Any) -> tuple[FlushEvents, Counters]:
     model = make_model()
     counters = Counters()
@@ -783,11 +829,11 @@ _NOT_COUNTED = {"aten.detach.default", "aten.lift_fresh.default", "aten._local_s
 @pytest.mark.parametrize(
     ("fused", "clip", "on_nonfinite", "budget"),
     [
-        (True, "norm:1", "skip", 28),
-        (False, "norm:1", "skip", 28),
-        (False, "norm:1", "warn", 28),
-        (True, None, "skip", 15),
-        (False, None, "warn", 15),
+        (True, "norm:1", "skip", 22),
+        (False, "norm:1", "skip", 22),
+        (False, "norm:1", "warn", 22),
+        (True, None, "skip", 13),
+        (False, None, "warn", 13),
     ],
 )
 def test_a_guarded_step_issues_few_device_ops(
@@ -795,8 +841,9 @@ def test_a_guarded_step_issues_few_device_ops(
 ) -> None:
     """The fixed cost of a step: each small device op costs ~3-5 µs of dispatch on a CPU and a kernel
     launch on a GPU. Counted in a warm layer step, outside the optimizer's own step: the norms and
-    flags (10 ops), the clip coefficient and fraction (``clip.coefficient`` and
-    ``clip.fraction_clipped``: 10), the row (5), the clip or ``grad_scale`` (1), the record (2)."""
+    flags (10 ops: the float64 norms made in the record's row), the clip coefficient
+    (``clip.coefficient``: 7) and fraction (``coef < 1``: 1), the row (3, made in the record's row:
+    no copy), the clip or ``grad_scale`` (1)."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None, foreach=None if fused else True)
     guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite=on_nonfinite, layer_every=1)  # type: ignore[arg-type]

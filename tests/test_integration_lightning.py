@@ -138,6 +138,41 @@ def test_nan_step_is_skipped_bit_identical(tmp_path, fused, precision, manual):
     assert "gradguard/grad_norm" in header and "gradguard/clip_rate" in header
 
 
+class Scheduled(Tiny):
+    """Tiny with an LR decayed linearly every step; records the LR each step uses."""
+
+    def __init__(self, nan_step: int | None = NAN_STEP) -> None:
+        super().__init__(nan_step=nan_step)
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.lrs.append(self.optimizers().param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 64)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+def test_a_skipped_step_does_not_advance_the_lr_schedule(tmp_path):
+    """Lightning steps its scheduler after every batch; after the skipped step the callback holds it:
+    the LR is the plain run's one step behind, the schedule of a run that never took that step."""
+    plain = Scheduled(nan_step=None)
+    _trainer(tmp_path / "plain", []).fit(plain, _data())
+    guarded = Scheduled()
+    trainer = _trainer(tmp_path / "guarded", [GradGuard(clip="none", every=4)])
+    trainer.fit(guarded, _data())
+    assert len(plain.lrs) == len(guarded.lrs) == 2 * STEPS_PER_EPOCH
+    assert guarded.lrs == plain.lrs[: NAN_STEP + 1] + plain.lrs[NAN_STEP:-1]
+    assert guarded.lrs[NAN_STEP + 1] == guarded.lrs[NAN_STEP] > plain.lrs[NAN_STEP + 1]
+    # nothing of gradguard stays in the Trainer: its scheduler is the module's own again
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert (
+        type(scheduler) is torch.optim.lr_scheduler.LambdaLR
+        and scheduler.last_epoch == 2 * STEPS_PER_EPOCH - 1
+    )
+
+
 def test_clipping_matches_norm_and_logs_post_clip(tmp_path):
     model = Tiny(nan_step=None)
     cb = GradGuard(clip="norm:0.05", every=16)

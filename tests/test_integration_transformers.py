@@ -119,6 +119,13 @@ def test_nan_step_skipped_and_lr_schedule_holds(tmp_path, optim):
     # the plain schedule stepped 24 times; this one 23 (the lr_scheduler's own counter)
     assert trainer.lr_scheduler.scheduler.last_epoch == STEPS - 1
 
+    # the schedule is that of a run that never took the bad step: the plain one, a step behind
+    plain = Recorder()
+    Trainer(
+        model=_model(), args=_args(tmp_path / "plain", optim=optim), train_dataset=_data(), callbacks=[plain]
+    ).train()
+    assert rec.lrs == plain.lrs[:BAD_STEP] + plain.lrs[BAD_STEP - 1 : STEPS - 1]
+
     logs = [h for h in trainer.state.log_history if "grad_norm" in h]
     assert len(logs) == STEPS // 4
     assert {"grad_norm", "grad_norm_clipped", "clip_rate", "skipped_steps"} <= logs[-1].keys()

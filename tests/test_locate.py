@@ -166,3 +166,35 @@ def test_without_a_replayable_backward_the_next_forward_is_instrumented() -> Non
     assert hooks and hooks[0]["step"] == 0 and hooks[0]["seen_at_step"] == 1
     assert (hooks[0]["phase"], hooks[0]["module"], hooks[0]["op"]) == ("backward", "1", "pow")
     assert torch._C._len_torch_function_stack() == 0  # the instrumentation never outlives its forward
+
+
+# ----------------------------------------------------------------------------- the capture's tree walk
+def test_the_captures_tensor_walk_matches_the_pytree_order_on_every_container() -> None:
+    """The step capture walks outputs and arguments with its own fast walk (plain tuples, lists,
+    dicts) and hands anything else to the pytree walk: the tensors and their order are pytree's
+    (the kept output gradients are matched to the replayed outputs by position)."""
+    from collections import OrderedDict, namedtuple
+
+    from torch.utils._pytree import tree_flatten
+
+    from gradguard.locate import _floats, _tensors
+
+    Pair = namedtuple("Pair", "a b")
+    t = [torch.randn(2) for _ in range(6)]
+    ints = torch.arange(3)
+    trees = [
+        t[0],
+        (t[0], (t[1], t[2])),  # an LSTM's (output, (h, c))
+        [t[0], {"x": t[1], "y": [t[2], None, 3, "s"]}, ints],
+        {"logits": t[3], "aux": (t[4],), "n": 2.0},
+        Pair(t[0], Pair(t[1], t[2])),  # a namedtuple: the pytree walk
+        OrderedDict(b=t[5], a=t[4]),
+        ((t[0], 1), {"k": OrderedDict(z=t[1])}, torch.max(torch.stack(t[:2]), dim=0)),
+        (torch.float32, torch.device("cpu"), slice(1, 2), None),
+    ]
+    for tree in trees:
+        want = [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+        got = _tensors(tree)
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want)), tree
+        floats = [x for x in want if x.is_floating_point()]
+        assert [id(x) for x in _floats(tree)] == [id(x) for x in floats]

@@ -134,6 +134,25 @@ def test_a_path_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
         write_report(tmp_path / "empty")
 
 
+def test_the_summary_marks_every_recommended_number_that_was_not_verified() -> None:
+    """The "recommends" column: a threshold or a learning rate that ``gradguard tune`` did not verify
+    says so; a verified one does not."""
+    from gradguard.diagnose import Finding
+    from gradguard.report import _short_rec
+
+    estimate = {"max_norm": 0.5, "verified": False, "lr": 0.01, "lr_verified": False, "text": "t"}
+    checked = {"max_norm": 0.25, "verified": True, "lr": 0.02, "lr_verified": True, "text": "t"}
+    only_lr = {"lr": 0.03, "verified": False, "text": "t"}  # a recommendation of a rate alone
+    shown = [
+        _short_rec(Finding("explosion", "error", 3, "m", {}, rec)) for rec in (estimate, checked, only_lr)
+    ]
+    assert shown == [
+        "max_norm=0.5 (unverified), lr=0.01 (unverified)",
+        "max_norm=0.25, lr=0.02",
+        "lr=0.03 (unverified)",
+    ]
+
+
 def test_the_terminal_summary(runs: Path) -> None:
     log = read_run(runs / "20250101-000002-too-high-lr")
     buf = io.StringIO()

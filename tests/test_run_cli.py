@@ -3,19 +3,25 @@ default (an option not given is not passed on)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import typing
 from pathlib import Path
 
 from gradguard.cli import RUN_GUARD_OPTIONS, build_parser
+from gradguard.runlog import read_run
 
 #: Guard parameters that are not a policy of ``run``: its objects, where it logs (``--out``), the
-#: integrations' own switches.
-NOT_RUN_OPTIONS = {"model", "optimizer", "log_dir", "name", "process_group", "capture", "monitor_only"}
+#: capture the runner makes itself.
+NOT_RUN_OPTIONS = {"model", "optimizer", "log_dir", "name", "process_group", "capture"}
+#: GuardConfig fields that are not settings (derived from one)
+DERIVED = {"layers_auto"}
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -58,11 +64,83 @@ def test_an_option_not_given_keeps_the_guards_default() -> None:
     assert args.args == ["--lr", "3"]  # the script's own options stay the script's
 
 
+def _run_actions() -> dict[str, argparse.Action]:
+    parser = build_parser()
+    run = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["run"]  # type: ignore[union-attr]
+    return {a.dest: a for a in run._actions}
+
+
+def test_every_guard_setting_has_a_run_flag_with_the_guards_default() -> None:
+    """Each setting the guard checks (``GuardConfig``) is a ``run`` flag of the same name; the flag
+    given the Guard's default parses to that default (a switch turns it over); a default quoted in
+    a flag's help is the Guard's. Fails when a setting is added without a flag, or defaults drift."""
+    from gradguard._guard.config import GuardConfig
+
+    settings = {f.name for f in dataclasses.fields(GuardConfig)} - DERIVED
+    assert settings - set(RUN_GUARD_OPTIONS) == set(), "a Guard setting without a `gradguard run` flag"
+    parser, actions = build_parser(), _run_actions()
+    defaults = {name: p.default for name, p in _guard_parameters().items()}
+    for dest in RUN_GUARD_OPTIONS:
+        action, default = actions[dest], defaults[dest]
+        quoted = re.search(r"Guard's default: ([\w.]+)", action.help or "")
+        assert quoted is None or quoted[1] == str(default), (dest, quoted, default)
+        if action.nargs == 0:  # a switch (--no-locate, --monitor-only): given, it turns the default over
+            assert action.const is (not default), dest
+            continue
+        if default is None and action.type is None:  # a path: not given is the default
+            continue
+        text = "none" if default is None else str(default)
+        parsed = getattr(parser.parse_args(["run", action.option_strings[0], text, "x.py"]), dest)
+        assert parsed == default, (dest, text, parsed, default)
+
+
+def test_monitor_only_watches_a_run_and_never_skips(tmp_path: Path) -> None:
+    """``--monitor-only`` (then ``--on-nonfinite`` warn): the script's own updates all happen (its
+    output is the plain run's), the bad step is still located."""
+    script = tmp_path / "nan.py"
+    script.write_text(
+        TINY.replace(
+            "    opt.zero_grad()", "    opt.zero_grad()\n    x[0, 0] = float('nan') if step == 7 else x[0, 0]"
+        )
+    )
+    plain = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True
+    )
+    out = tmp_path / "run"
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradguard",
+            "run",
+            "--out",
+            str(out),
+            "--no-report",
+            "--monitor-only",
+            str(script),
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert got.returncode == plain.returncode == 0, got.stderr
+    assert got.stdout == plain.stdout == "loss nan\n"
+    config = json.loads((out / "meta.json").read_text())["config"]
+    assert config["monitor_only"] is True and config["on_nonfinite"] == "warn"
+    first = read_run(out).first_nonfinite()
+    assert first is not None and first["step"] == 7 and first["located_by"] == "replay", first
+
+
 def test_the_choices_are_the_guards() -> None:
-    from gradguard._guard.config import OnNonFinite, OnSpike
+    from gradguard._guard.config import OnExplosion, OnNonFinite, OnSpike
 
     parser = build_parser()
-    for dest, literal in (("on_nonfinite", OnNonFinite), ("on_spike", OnSpike)):
+    for dest, literal in (
+        ("on_nonfinite", OnNonFinite),
+        ("on_spike", OnSpike),
+        ("on_explosion", OnExplosion),
+    ):
         args = parser.parse_args(["run", f"--{dest.replace('_', '-')}", typing.get_args(literal)[0], "x.py"])
         assert getattr(args, dest) == typing.get_args(literal)[0]
         run_actions = next(a for a in parser._subparsers._group_actions).choices["run"]._actions  # type: ignore[union-attr]

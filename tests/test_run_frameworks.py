@@ -1,14 +1,17 @@
 """``gradguard run`` on framework scripts: a script that builds a ``lightning.Trainer`` gets gradguard's
 Lightning callback attached (zero code): its numbers reach the Trainer's loggers, Lightning's own
 ``gradient_clip_val`` stays and is logged, its checkpoints stay what a plain run writes; ``--clip``
-replaces ``gradient_clip_val`` (said once). The healthy / diverging runs of the Lightning and HF
-Trainer scripts themselves are in tests/test_run_scripts.py.
+replaces ``gradient_clip_val`` (said once). A ``transformers.Trainer``'s LR scheduler does not
+advance on a step the guard skipped: its schedule is that of a run that never took that step. The
+healthy / diverging runs of the Lightning and HF Trainer scripts themselves are in
+tests/test_run_scripts.py.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +20,14 @@ import pytest
 
 from gradguard.runlog import read_run
 
-pytest.importorskip("lightning")
+SCRIPTS = Path(__file__).parent / "run_scripts"
+SCRIPT = SCRIPTS / "lightning_classifier.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
 
-SCRIPT = Path(__file__).parent / "run_scripts" / "lightning_classifier.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+@pytest.fixture
+def lightning() -> None:
+    pytest.importorskip("lightning")
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -28,6 +35,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.usefixtures("lightning")
 def test_a_lightning_trainer_gets_the_callback_and_its_loggers_the_numbers(tmp_path: Path) -> None:
     got = _run(tmp_path, str(SCRIPT), "--epochs", "1", "--csv-logs", "logs")
     assert got.returncode == 0, got.stderr[-3000:]
@@ -39,6 +47,7 @@ def test_a_lightning_trainer_gets_the_callback_and_its_loggers_the_numbers(tmp_p
     assert log.metrics[0]["clip_fraction"] in (0.0, 1.0)
 
 
+@pytest.mark.usefixtures("lightning")
 def test_clip_on_the_command_line_replaces_gradient_clip_val(tmp_path: Path) -> None:
     got = _run(tmp_path, "--clip", "norm:0.2", str(SCRIPT), "--epochs", "1")
     assert got.returncode == 0, got.stderr[-3000:]
@@ -46,3 +55,31 @@ def test_clip_on_the_command_line_replaces_gradient_clip_val(tmp_path: Path) -> 
     log = read_run(tmp_path / "run")
     assert all(r["threshold"] == pytest.approx(0.2) for r in log.metrics)
     assert sum(r["clip_fraction"] for r in log.metrics) > 0
+
+
+def _lrs(stdout: str) -> list[float]:
+    """The learning rate hf_trainer.py printed for each step (the one that step used)."""
+    return [float(x) for x in re.findall(r" lr (\S+)$", stdout, re.MULTILINE)]
+
+
+def test_a_skipped_hf_trainer_step_does_not_advance_its_lr_schedule(tmp_path: Path) -> None:
+    """hf_trainer.py (warm-up 2 steps, then linear decay over 12) with a NaN loss at step 5: the guard
+    skips that step and the Trainer's scheduler holds, as on an fp16 overflow; from then on the LR
+    is the plain run's one step behind — the schedule of a run that never took that step."""
+    pytest.importorskip("transformers")
+    hf = str(SCRIPTS / "hf_trainer.py")
+    (tmp_path / "plain").mkdir()
+    plain = subprocess.run(
+        [sys.executable, hf], cwd=tmp_path / "plain", env=ENV, capture_output=True, text=True, timeout=600
+    )
+    got = _run(tmp_path, hf, "--nan-at", "5")
+    assert plain.returncode == got.returncode == 0, got.stderr[-3000:]
+    ref, lrs = _lrs(plain.stdout), _lrs(got.stdout)
+    assert len(ref) == len(lrs) == 12 and ref[0] < ref[2] > ref[-1]  # warm-up, then decay
+    # the Trainer logs step s (1-based) with the LR it used; guard step 5 is the Trainer's step 6
+    assert lrs == ref[:6] + ref[5:11]
+    assert lrs[6] == ref[5] != ref[6]  # held on the step after the skip
+    assert "12 steps, 1 skipped" in got.stderr
+    log = read_run(tmp_path / "run")
+    assert [r["step"] for r in log.metrics if r["skipped"]] == [5]
+    assert [r["lr"] for r in log.metrics] == pytest.approx(lrs)  # the guard logs the LR each step used

@@ -5,6 +5,7 @@ scaler=...)`` measures unscaled gradients and leaves ``scaler.update()`` to the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import nn
 from gradguard import Guard
 from gradguard._guard.callerclip import CallerClip
 from gradguard.runlog import read_run
+from nosync import NoSync
 
 
 def _model() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -111,3 +113,106 @@ def test_one_clip_call_over_every_gradient_logs_torchs_own_norm(tmp_path: Path) 
 def test_a_bad_clip_threshold_is_refused() -> None:
     with pytest.raises(Exception, match="positive number"):
         CallerClip().add(-1.0, torch.tensor(1.0))
+
+
+class _Log1p(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(x)
+
+
+BAD_STEP = 4
+
+
+def _monitored_loop(tmp_path: Path, **guard: object) -> tuple[Guard, list[bool | None], list[int]]:
+    """A plain loop with a monitor-only guard that the caller steps; batch ``BAD_STEP`` is scaled
+    up so that ``log1p`` inside the model gets inputs below -1 (NaN). Returns the guard, its
+    ``last_step_nonfinite`` after each step and, after each step, how many ``nonfinite`` events the
+    run log held before the caller's update."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), _Log1p(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)  # log1p's inputs stay above -1 on ordinary batches
+        model[0].weight.mul_(0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    locates = guard.get("locate", True)
+    g = Guard(
+        model,
+        opt,
+        clip=None,
+        on_nonfinite="warn",
+        monitor_only=True,
+        log_dir=tmp_path / "run",
+        every=1000,
+        **guard,
+    )  # type: ignore[arg-type]
+    seen, written = [], []
+    for step in range(8):
+        x = torch.rand(16, 4)
+        if step == BAD_STEP:
+            x = x * -1000.0
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), torch.zeros(16, 1))
+        loss.backward()
+        with NoSync() if not locates else contextlib.nullcontext():
+            took = g.before_step(loss)
+        assert took is True  # monitor only: the caller steps, bad step or not
+        seen.append(g.last_step_nonfinite)
+        written.append(len(read_run(tmp_path / "run", records=False).events_of("nonfinite")))
+        opt.step()
+    g.close()
+    return g, seen, written
+
+
+def test_a_monitor_only_guard_locates_a_nan_at_its_step_before_the_callers_update(tmp_path: Path) -> None:
+    """The caller applies every step under ``monitor_only``: the bad one is replayed and located at
+    once (before the caller's update makes the weights non-finite), not at the flush."""
+    _, seen, written = _monitored_loop(tmp_path)
+    assert seen[:BAD_STEP] == [False] * BAD_STEP and seen[BAD_STEP] is True
+    assert written[BAD_STEP - 1] == 0 and written[BAD_STEP] == 1  # at its step, flush 1000 steps away
+    first = read_run(tmp_path / "run").first_nonfinite()
+    assert first is not None and first["step"] == BAD_STEP, first
+    assert (first["phase"], first["module"], first["op"]) == ("forward", "1", "log1p"), first
+    assert first["located_by"] == "replay" and first["policy"] == "warn"
+
+
+def test_a_monitor_only_guard_without_locate_reads_nothing(tmp_path: Path) -> None:
+    """``locate=False``: sync-free (``NoSync`` around every ``before_step``); the bad step is seen
+    at the flush."""
+    _, seen, written = _monitored_loop(tmp_path, locate=False)
+    assert seen == [None] * 8 and written == [0] * 8
+    first = read_run(tmp_path / "run").first_nonfinite()
+    assert first is not None and first["step"] == BAD_STEP and first["located_by"] == "norm"
+
+
+def test_under_warn_a_bad_step_the_caller_takes_is_located_then_still_reported(tmp_path: Path) -> None:
+    """``before_step`` with ``on_nonfinite="warn"`` (what ``gradguard run --on-nonfinite warn``
+    does): the host decides every step, so a bad step is located at once, before the caller's
+    update; once replays are spent, later bad steps are still reported from their flags."""
+    model, opt = _model()
+    guard = Guard(model, opt, clip=None, on_nonfinite="warn", log_dir=tmp_path / "run", max_replays=1)
+    for step in range(5):
+        opt.zero_grad()
+        loss = _backward(model, bad=step == 2)  # the NaN then lives in the weights: every later step is bad
+        assert guard.before_step(loss) is True
+        assert guard.last_step_nonfinite is (step >= 2)
+        opt.step()
+    guard.close()
+    found = [(e["step"], e["located_by"]) for e in read_run(tmp_path / "run").events_of("nonfinite")]
+    assert found == [(2, "replay"), (3, "norm"), (4, "norm")]
+    first = read_run(tmp_path / "run").first_nonfinite()
+    assert first is not None and (first["phase"], first["module"]) == ("backward", "0"), (
+        first
+    )  # inf·0 in grad
+
+
+def test_under_warn_a_step_the_guard_took_on_the_host_is_reported(tmp_path: Path) -> None:
+    """``guard.step`` with ``on_nonfinite="warn"`` and ``on_spike="skip"`` decides on the host and
+    steps a bad step itself: it is reported from its flags (its update ran: no replay)."""
+    model, opt = _model()
+    guard = Guard(model, opt, clip=None, on_nonfinite="warn", on_spike="skip", log_dir=tmp_path / "run")
+    for step in range(4):
+        opt.zero_grad()
+        guard.step(_backward(model, bad=step == 1))
+    guard.close()
+    found = [(e["step"], e["located_by"]) for e in read_run(tmp_path / "run").events_of("nonfinite")]
+    assert found == [(1, "norm"), (2, "norm"), (3, "norm")]

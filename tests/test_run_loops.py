@@ -74,6 +74,29 @@ def test_a_hand_written_update_is_measured_and_located_but_not_skipped(tmp_path:
     assert first is not None and first["step"] == 3 and first["phase"] == "data", first
 
 
+def test_a_word_lm_hand_update_is_located_at_the_step_its_nan_appears(tmp_path: Path) -> None:
+    """word_lm.py (``p.data.add_(p.grad, alpha=-lr)``): batch 5 has every target padded, a 0/0 mean
+    loss. The hand-updated model's monitor-only guard locates it at that step, on stderr at once."""
+    for name in ("word_lm.py", "word_lm_model.py"):
+        (tmp_path / name).write_text((HERE / "run_scripts" / name).read_text())
+    args = ("--nan-at", "5", "--epochs", "1")
+    ref, got = (
+        _plain(tmp_path, tmp_path / "word_lm.py", *args),
+        _run(tmp_path, tmp_path / "word_lm.py", *args),
+    )
+    assert got.returncode == ref.returncode == 0, got.stderr
+    assert got.stdout == ref.stdout  # measured only: every update is the script's
+    live = "step 5 of RNNModel (updated by hand) is not finite (phase=loss, op=nll_loss"
+    assert live in got.stderr, got.stderr
+    first = read_run(tmp_path / "run").first_nonfinite()
+    assert first is not None and first["step"] == 5, first
+    assert (first["phase"], first["op"], first["located_by"]) == ("loss", "nll_loss", "watch"), first
+    lines = (tmp_path / "word_lm.py").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.strip() == "loss = criterion(output, targets)")
+    assert first["global_step"] == 5 and first["source"].endswith(f"word_lm.py:{line}"), first
+    assert "ignore_index" in first["evidence"]["reason"]
+
+
 LBFGS = textwrap.dedent(
     """
     import torch

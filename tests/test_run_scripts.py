@@ -6,6 +6,13 @@ the plain run's; every file it saved is byte-identical to the plain run's and lo
 where gradguard cannot be imported; the pre-clip norms in the run log are the ones the script got
 from its own ``clip_grad_norm_``. For every ``--diverge`` variant: the run log has a located
 non-finite event, or ``gradguard diagnose`` finds an explosion or a divergence.
+
+char_gpt's ``--diverge`` (AdamW at lr 30, no clipping) stays finite: Adam bounds every update to
+about the learning rate per weight, so a learning rate far too high drives the loss up by orders of
+magnitude (3.8 → ~5e4 in 40 iterations) without an overflow — what AdamW does with a learning rate
+that is too high, where a NaN comes, if ever, much later. It is kept as the finite-divergence
+case; its test holds the verdict a user reads (``verdict: divergence`` with ``fix: Lower the
+learning rate``, an ``lr`` below the run's).
 """
 
 from __future__ import annotations
@@ -41,13 +48,23 @@ class Script:
     norm: str | None = None  # a regex whose group 1 is the norm the script printed, once per step
     setup: tuple[str, ...] | None = None  # arguments of a first plain run (e.g. to make a checkpoint)
     diverge: tuple[str, ...] = ("--diverge",)
+    verdict: tuple[str, ...] = ()  # a finite divergence: the findings diagnose may lead with
     xfail: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 GPT = ("--max-iters", "12", "--eval-interval", "8")
 GPT_DIVERGE = ("--diverge", "--max-iters", "40")
+GPT_VERDICT = ("divergence", "explosion")  # lr 30 under AdamW: all finite (module docstring)
 CASES = [
-    Script("char_gpt", "char_gpt.py", GPT, ("out-char/*.pt",), r"norm (\d+\.\d+)", diverge=GPT_DIVERGE),
+    Script(
+        "char_gpt",
+        "char_gpt.py",
+        GPT,
+        ("out-char/*.pt",),
+        r"norm (\d+\.\d+)",
+        diverge=GPT_DIVERGE,
+        verdict=GPT_VERDICT,
+    ),
     Script(
         "char_gpt_amp",
         "char_gpt.py",
@@ -55,6 +72,7 @@ CASES = [
         ("out-char/*.pt",),
         r"norm (\d+\.\d+)",
         diverge=GPT_DIVERGE,
+        verdict=GPT_VERDICT,
     ),
     Script(
         "char_gpt_resume",
@@ -64,6 +82,7 @@ CASES = [
         r"norm (\d+\.\d+)",
         setup=GPT,
         diverge=GPT_DIVERGE,
+        verdict=GPT_VERDICT,
     ),
     Script(
         "char_gpt_compile",
@@ -72,6 +91,7 @@ CASES = [
         ("out-char/*.pt",),
         r"norm (\d+\.\d+)",
         diverge=GPT_DIVERGE,
+        verdict=GPT_VERDICT,
     ),
     Script("word_lm", "word_lm.py", (), ("model.pt",), r"\| norm (\d+\.\d+)"),
     Script("actor_critic", "actor_critic.py", diverge=("--diverge", "--episodes", "30")),
@@ -218,3 +238,22 @@ def test_a_diverging_variant_is_located_and_diagnosed(tmp_path: Path, case_id: s
         assert f"first non-finite value at step {nonfinite['step']}" in got.stderr
     else:  # a divergence that stays finite: diagnosed from the norms and the loss
         assert findings & {"explosion", "divergence"}, (findings, got.stderr[-2000:])
+    if case.verdict:
+        _assert_lr_verdict(run_dir, case.verdict, tmp_path)
+
+
+def _assert_lr_verdict(run_dir: Path, verdicts: tuple[str, ...], cwd: Path) -> None:
+    """What a user reads first: the verdict names the failure (one of ``verdicts``), the fix lowers
+    the learning rate below the one the run failed at, and the run exits 1 (a CI gate stops on it)."""
+    text = _python("-m", "gradguard", "diagnose", "--no-write", str(run_dir), cwd=cwd)
+    assert text.returncode == 1, text.stdout[-2000:]
+    first = text.stdout.splitlines()[:2]
+    verdict = re.match(r"verdict: (\w+) at step \d+", first[0])
+    assert verdict is not None and verdict[1] in verdicts, first
+    assert first[1].startswith("fix: ") and "lower the learning rate" in first[1].lower(), first
+    diag = json.loads(
+        _python("-m", "gradguard", "diagnose", "--json", "--no-write", str(run_dir), cwd=cwd).stdout
+    )
+    found = next(f for f in diag["findings"] if f["id"] == verdict[1])
+    failed_at = max(r["lr"] for r in read_run(run_dir).metrics)
+    assert found["severity"] == "error" and found["recommendation"]["lr"] < failed_at, found

@@ -182,3 +182,18 @@ def test_the_table_reads_the_records_fields_by_their_names() -> None:
 
     assert set(T._FLOATS) <= set(record.SCALARS) | {record.LR}
     assert {"skipped", "spike", "amp_overflow", "nonfinite"} <= record.FLAGS
+
+
+def test_the_global_step_column_names_each_records_process_wide_step() -> None:
+    """Several optimizers under ``gradguard run``: every record carries ``global_step``; a reader asks
+    the table for the global step of any step, not only of one that has an event."""
+    records = [{"step": s, "grad_norm": 1.0, "global_step": 2 * s + 1} for s in range(4)]
+    records += [{"step": 4, "grad_norm": 1.0}, {"step": 5, "grad_norm": 1.0, "global_step": True}]
+    table = RunTable.from_records(records)
+    assert list(table.global_steps) == [1, 3, 5, 7, -1, -1]
+    assert [table.global_step(s) for s in (0, 3, 4, 5, 99)] == [1, 7, None, None, None]
+    builder = T.TableBuilder()
+    for rec in records:
+        builder.append(rec)
+    builder.drop_from(2)  # a rewind drops the rows and their global steps
+    assert list(builder.table().global_steps) == [1, 3] and builder.table().global_step(2) is None

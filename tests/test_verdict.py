@@ -388,6 +388,24 @@ def test_diagnose_on_the_root_reads_every_optimizer_and_names_the_failing_one(tm
     )
 
 
+def test_a_finding_at_a_step_with_no_event_names_its_own_global_step(tmp_path: Path) -> None:
+    """The generator's norm climbs from its step 30 (global step 61) and goes NaN at step 45, with no
+    event at the onset: the explosion names global step 61 from the record, not the run's non-finite step."""
+    root = tmp_path / "gan"
+    _optimizer_run(root, 0, "Adam", "Discriminator", None, 0, children=("optimizer1",))
+    child = root / "optimizer1"
+    rows: list[dict[str, object]] = []
+    for s in range(46):
+        norm = 1.0 if s < 30 else 3.0 * 2.0 ** (s - 30)
+        rows.append({"step": s, "loss": 1.0, "grad_norm": norm, "global_step": 2 * s + 1})
+    rows[-1].update(loss=float("nan"), grad_norm=float("nan"), nonfinite=True, skipped=True)
+    with RunWriter(child, meta={"optimizer": {"index": 1, "class": "Adam", "params": "Generator"}}) as w:
+        w.write_metrics(rows)
+    top = headline(diagnose(root))
+    assert top is not None and top.id == "explosion" and top.step == 30
+    assert top.evidence["global_step"] == 61 and "global step 61]" in top.message, top.message
+
+
 def test_of_several_failing_optimizers_the_first_by_global_step_heads(tmp_path: Path) -> None:
     root = tmp_path / "ac"
     _optimizer_run(root, 0, "Adam", "Actor", 30, 0, children=("optimizer1",))  # global step 60

@@ -168,6 +168,35 @@ def lstm_lm(path: Path) -> Path:
     return train(path, model, opt, _lm_loss(model, _tokens(1, vocab), vocab), 150)
 
 
+def char_lstm(
+    path: Path, *, optimizer: str = "adam", lr: float = 2e-3, clip: str = "norm:5", steps: int = 120
+) -> Path:
+    """A small version of the rnn demo (a character LSTM LM with a projection, truncated BPTT, the
+    loss summed over 20 time steps) under a Guard (about 2 s on a CPU). With Adam at 2e-3 and
+    ``norm:5`` — the demo's ``adam+norm:5`` — the pre-clip norm surges ~10-20× over the first steps,
+    then settles while the loss keeps falling."""
+    from gradguard.demos import rnn
+
+    sc = rnn.build(0, hidden=100, proj=50, batch=10, bptt=20)
+    make = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    opt = make(sc.model.parameters(), lr=lr)
+    batches = sc.batches()
+    return train(
+        path,
+        sc.model,
+        opt,
+        lambda _: sc.loss_fn(sc.model, next(batches)),
+        steps,
+        clip=clip,
+        max_consecutive=10**6,
+    )
+
+
+def adam_clipped_surge(path: Path) -> Path:
+    """Adam + a fixed clip through an early norm surge that settles (:func:`char_lstm`): healthy."""
+    return char_lstm(path)
+
+
 HEALTHY = {
     "adam_lm": adam_lm,
     "sgd_momentum": sgd_momentum,
@@ -175,6 +204,7 @@ HEALTHY = {
     "warmup": warmup,
     "sparse_embeddings": sparse_embeddings,
     "lstm_lm": lstm_lm,
+    "adam_clipped_surge": adam_clipped_surge,
 }
 
 

@@ -86,14 +86,9 @@ def target_description(target: Tensor, ignore_index: int) -> dict[str, Any]:
     }
 
 
-class _Seen:
-    """One tensor a forward took or returned: a weak reference to its storage, its version, the step."""
-
-    __slots__ = ("role", "shape", "step", "storage", "version")
-
-    def __init__(self, t: Tensor, step: int, role: str) -> None:
-        self.storage = weakref.ref(t.untyped_storage())
-        self.version, self.step, self.role, self.shape = t._version, step, role, tuple(t.shape)
+#: One tensor a forward took or returned: a weak reference to its storage, its version, the step,
+#: its role (``"input"`` or ``"output"``). A tuple: a few are made at every forward.
+_Seen = tuple[weakref.ref[Any], int, int, str]
 
 
 class CarriedState:
@@ -112,8 +107,9 @@ class CarriedState:
 
     def note(self, inputs: list[Tensor], outputs: list[Tensor], step: int) -> None:
         """A forward at ``step`` took ``inputs`` and returned ``outputs`` (floating tensors)."""
-        seen = [_Seen(t, step, "input") for t in inputs if _has_storage(t)]
-        seen += [_Seen(t, step, "output") for t in outputs if _has_storage(t)]
+        ref = weakref.ref
+        seen = [(ref(t.untyped_storage()), t._version, step, "input") for t in inputs if _has_storage(t)]
+        seen += [(ref(t.untyped_storage()), t._version, step, "output") for t in outputs if _has_storage(t)]
         if seen:
             self._seen.append(seen)
 
@@ -124,13 +120,13 @@ class CarriedState:
             return None
         storage = t.untyped_storage()
         for seen in reversed(self._seen):
-            for s in seen:
-                if s.storage() is not storage:
+            for storage_ref, version, seen_at, role in seen:
+                if storage_ref() is not storage:
                     continue
-                if s.role == "output":
-                    return {"carried": "output", "carried_from_step": s.step}
-                if s.step < step and s.version != t._version:
-                    return {"carried": "buffer", "carried_from_step": s.step}
+                if role == "output":
+                    return {"carried": "output", "carried_from_step": seen_at}
+                if seen_at < step and version != t._version:
+                    return {"carried": "buffer", "carried_from_step": seen_at}
         return None
 
 

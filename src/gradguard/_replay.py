@@ -89,8 +89,8 @@ MAX_NODES = 100_000  #: autograd nodes a replay hooks at most (a bound on the wa
 # ----------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
     """The CPU (and, where present, CUDA) RNG state, to replay a step with the same randomness."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    state: dict[str, Any] = {"cpu": torch.default_generator.get_state()}
+    if torch.cuda.is_initialized():  # (initialized implies available; the cheaper test, each forward)
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

@@ -25,7 +25,7 @@ file there is replaced atomically, and the command says so); 2 — bad usage, no
 ``diagnose`` and ``report`` only read files and work where PyTorch is not installed: this module
 imports what needs torch only inside ``run``, ``tune`` and ``demo`` (tests/test_architecture.py holds it to that).
 
-Exit codes of ``gradguard tune SCRIPT [--max-norm LIST] [--steps N] [--run RUN_DIR]``: 0 — a
+Exit codes of ``gradguard tune SCRIPT [--max-norm LIST] [--lr LIST|auto] [--steps N] [--run RUN_DIR]``: 0 — a
 candidate trained (the verified recommendation is printed); 1 — none of the candidates trained;
 2 — bad usage (no such script, a bad list, a script that takes no step), or PyTorch missing.
 """
@@ -166,6 +166,7 @@ def _tune(args: argparse.Namespace) -> int:
             run=args.run,
             out=args.out,
             timeout_s=args.timeout,
+            lrs=args.lr,
         )
     except GradGuardError as e:
         return _fail(str(e))
@@ -200,12 +201,33 @@ def _thresholds(text: str) -> list[float | None]:
     return out
 
 
+def _rates(text: str) -> list[float] | str:
+    """An argparse type: ``1e-3,3e-4`` → ``[0.001, 0.0003]`` (positive finite numbers), or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    out: list[float] = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected learning rates separated by commas (e.g. 1e-3,3e-4) or auto, got {part.strip()!r}"
+            ) from None
+        if not (0 < value < float("inf")):
+            raise argparse.ArgumentTypeError(
+                f"every learning rate must be a positive finite number, got {part.strip()!r}"
+            )
+        out.append(value)
+    return out
+
+
 def _add_tune_parser(sub: Any) -> None:
     tune = sub.add_parser(
         "tune",
-        help="verify candidate clip thresholds on an unmodified training script (exit 1 if none trains)",
-        description="Run SCRIPT once per candidate max_norm for a few dozen optimizer steps (each in a fresh "
-        "process, under the zero-code runner, RNGs seeded to 0, the script's own clipping replaced), judge "
+        help="verify candidate clip thresholds or learning rates on an unmodified training script (exit 1 if none trains)",
+        description="Run SCRIPT once per candidate max_norm (or --lr learning rate) for a few dozen optimizer steps "
+        "(each in a fresh process, under the zero-code runner, RNGs seeded to 0, the script's own clipping replaced "
+        "by the candidate's; with --lr alone, kept), judge "
         "each trial (did the loss fall, without a non-finite step or an explosion of the norm?) and print a "
         "table and the verified recommendation. With --run, tune.json goes into that run directory and "
         "`gradguard diagnose` quotes it. Exit codes: 0 a candidate trained, 1 none did, 2 bad usage.",
@@ -217,6 +239,14 @@ def _add_tune_parser(sub: Any) -> None:
         metavar="LIST",
         help="thresholds to try, e.g. 0.5,1,2,none (default: a ladder around the norms of --run, or of an "
         "unclipped probe trial)",
+    )
+    tune.add_argument(
+        "--lr",
+        type=_rates,
+        default=None,
+        metavar="LIST",
+        help="learning rates to try, e.g. 1e-3,3e-4,1e-4, or auto (the script's own rate and 7 halvings below it); "
+        "each trial keeps the script's own clipping unless --max-norm is given too",
     )
     tune.add_argument(
         "--steps", type=int, default=30, metavar="N", help="optimizer steps per trial (default 30)"
@@ -359,6 +389,15 @@ _RUN_GUARD_FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
         dict(action="store_false", help="do not locate non-finite values (no capture of the model's inputs)"),
     ),
     (
+        "--monitor-only",
+        "monitor_only",
+        dict(
+            action="store_true",
+            help="only measure, log and locate: never skip, clip or touch a step (the script's own clipping "
+            "stays); --on-nonfinite then defaults to warn (raise also allowed)",
+        ),
+    ),
+    (
         "--rank-logs",
         "rank_logs",
         dict(action="store_true", help="under torch.distributed, every rank writes a log"),
@@ -380,7 +419,8 @@ def _add_run_parser(sub: Any) -> None:
         "are kept; gradguard's messages go to stderr. When the guard itself stops the run (--on-nonfinite "
         "raise, --max-consecutive, --max-rollbacks) it raises NonFiniteError inside the script: exit code 1, "
         "as for any uncaught exception. Guard options not given keep the guard's defaults. A script that builds a "
-        "lightning.Trainer gets gradguard's Lightning callback attached (its gradient_clip_val stays). Under "
+        "lightning.Trainer gets gradguard's Lightning callback attached (its gradient_clip_val stays); a skipped "
+        "step does not advance a Lightning or transformers.Trainer LR schedule. Under "
         "torchrun: `torchrun --nproc-per-node N -m gradguard run SCRIPT` (rank 0 writes the run log).",
     )
     run.add_argument(

@@ -203,8 +203,11 @@ class Guard:
             rewind the model and optimizer to the last snapshot from before the onset (the batches
             since are not seen again: a plain loop goes on with its next batches), clip every later
             step at the healthy norm scale (the median before the onset; a tenth of the first norm
-            for a run that climbed from its start; halved at each further recovery; ``lr_backoff``
-            also lowers the learning rate) and go on. Recoveries count against ``max_rollbacks``. Seen
+            for a run that climbed from its start; under SGD lowered as the learning rate rises
+            above the one it was set at; ``lr_backoff`` also lowers the learning rate) and go on;
+            recover again, the threshold halved, when a non-finite step or a diverging loss shows
+            it too loose. The norm watched is the one applied after the guard's clipping (a climb
+            the clipper holds is no explosion). Recoveries count against ``max_rollbacks``. Seen
             from the host values the guard reads anyway: at once on the host-decided path, at the
             next flush on the sync-free paths (``every``). Keeps two snapshots in host memory
             (``snapshot_every``; the first is the initial state). See :mod:`gradguard._guard.explosion`.
@@ -217,7 +220,11 @@ class Guard:
             module, op, source line): the step is replayed under full instrumentation (exactly
             with ``guard.step(closure)``; otherwise the model's forward is replayed from its
             captured inputs), or, for an explosion, the first spiking step and layer are named.
-            Healthy steps only keep references to the model's inputs and the RNG state.
+            Healthy steps only keep references to the model's inputs and the RNG state; under
+            ``monitor_only`` with ``on_nonfinite="warn"`` they also cost one host read each (the
+            caller applies a bad step, so it is located before that: until ``max_replays`` bad
+            steps are located; ``locate=False`` reads nothing). Under ``"warn"`` with
+            ``before_step`` a bad step is located before the caller's update too.
         max_replays: replay at most this many anomalous steps (the first ones).
         capture: a :class:`gradguard.locate.StepCapture` already on the model (the zero-code
             runner starts one before the first optimizer step creates the guard).
@@ -232,6 +239,7 @@ class Guard:
         monitor_only: measure, log and check only: never clip, skip or step (the caller steps;
             for framework integrations that own the step). Needs ``clip=None``,
             ``on_nonfinite="warn"`` or ``"raise"``, and ``on_spike`` ``"warn"`` or ``"ignore"``.
+            A non-finite step is located at that step, before the caller applies it (see ``locate``).
     """
 
     on_nonfinite = _Setting()
@@ -358,7 +366,12 @@ class Guard:
         self._choose_apply()
         self.counters = Counters()
         self._anomaly = Anomalies(
-            root, self._params, capture, max_replays=config.max_replays, can_replay=self._reducer is None
+            root,
+            self._params,
+            capture,
+            max_replays=config.max_replays,
+            can_replay=self._reducer is None,
+            applied=config.monitor_only and config.on_nonfinite == "warn",  # the caller applies bad steps
         )
         self._recovery = Recovery(
             self.model,
@@ -385,6 +398,7 @@ class Guard:
         self._flush_callbacks: list[Callable[[list[dict[str, Any]]], None]] = []
         self._last_skipped: Tensor | bool = False
         self._last_norm: Tensor | None = None
+        self._last_nonfinite: bool | None = None  # what the host saw of the last step (last_step_nonfinite)
         self._stop: NonFiniteError | None = None  # raised once the step's record is in the log
         self._caller_clip: CallerClip | None = None  # before_step(clip=...): of the last step
         self._fields: dict[str, Any] = {}  # before_step(fields=...): the last step's host fields
@@ -438,6 +452,16 @@ class Guard:
         optimizers too.
         """
         return bool(self._last_skipped)  # host sync: only when the user asks
+
+    @property
+    def last_step_nonfinite(self) -> bool | None:
+        """Whether the last step's loss or gradients were non-finite, as the host saw it during the
+        step (no device read here): ``True`` for a bad step it handled then (skipped, rolled back,
+        raised, or — under ``monitor_only`` with ``on_nonfinite="warn"`` and ``locate`` — located
+        before the caller applies it); ``False`` when it read the step and found it finite;
+        ``None`` when it read nothing that tells (the sync-free paths learn of a bad step at the
+        next flush, ``every``)."""
+        return self._last_nonfinite
 
     @property
     def last_grad_norm(self) -> Tensor | None:
@@ -692,7 +716,7 @@ class Guard:
         loss, recurred = self._anomaly.begin(loss, step)
         if recurred is not None:
             self._event(recurred)
-        m = self._meter.measure(loss)
+        m = self._meter.measure(loss, self.monitor.next_rows)  # made in the record's rows: no copies
         self._last_norm = m.total
         plan = self._explosions.tighten(self._clipping.plan(m), m, self._consts)
         skip, overflow = self._skip_flags(m, plan.spike, scaler)
@@ -702,9 +726,12 @@ class Guard:
         planned = Planned(m.grads, plan.coef, skip, scaler, clip_in_place, closure, column(row, "skipped"))
         outcome = apply(planned, lambda p: self._decide_on_host(p, m, row))
         self._last_skipped = outcome.skipped
+        self._last_nonfinite = None
         later = external and _caller_steps(outcome)  # the caller steps: the post-step work waits for it
         if outcome.on_host:
             self._decided(step, bool(outcome.skipped), m, row, scaler, stepped=not later)
+        elif self._anomaly.reads_each_step:  # monitor only, warn: the caller applies it next
+            self._report_applied(step, m, row, replayable=True)
         if clip is not None:  # what the caller's own clip did, measured before it clipped
             for name, value in clip.columns(self.config.norm_type).items():
                 set_column(row, name, value)
@@ -805,6 +832,8 @@ class Guard:
             return
         if not skipped:
             self.counters.taken()
+            if self.config.on_nonfinite == "warn":  # a bad step is taken: the flush will not report it
+                self._report_applied(step, m, row, replayable=not stepped)
             if stepped:
                 self._recovery.after_good_step(step)
             return
@@ -856,15 +885,33 @@ class Guard:
             self._stop = self._stop_recovery(step, limit)
         return rewound
 
-    def _report_nonfinite(self, step: int, vals: dict[str, float], m: Measurement) -> None:
-        """The step's ``nonfinite`` event (once): where it was born, the always-on flags as evidence;
-        before it, a birth in the last optimizer step taken (the weights read: the anomaly path)."""
+    def _report_applied(self, step: int, m: Measurement, row: Tensor, *, replayable: bool) -> None:
+        """``on_nonfinite="warn"``: a step applied whatever it holds, read on the host now (under
+        ``monitor_only``, one read a step while replays are left: :attr:`Anomalies.reads_each_step`;
+        on the host-decided path, after its one read). A bad one gets its ``nonfinite`` event here,
+        located while replays are left and its update has not run (``replayable``: the caller steps
+        next; after the update a replay would see other weights)."""
+        vals = host_values(row)  # host sync: see the docstring
+        bad = bool(vals["nonfinite"]) and not vals["amp_overflow"]  # an overflow is the scaler's business
+        self._last_nonfinite = bad
+        if bad:
+            self._report_nonfinite(step, vals, m, locate=replayable and self._anomaly.replays_left)
+
+    def _report_nonfinite(
+        self, step: int, vals: dict[str, float], m: Measurement, *, locate: bool = True
+    ) -> None:
+        """The step's ``nonfinite`` event (once): where it was born (``locate``: replayed), the
+        always-on flags as evidence; before it, a birth in the last optimizer step taken (the
+        weights read: the anomaly path)."""
+        self._last_nonfinite = True
         for born in self._births.at_bad_step(step, self.monitor.peek):
             self._event(born)
         if self._anomaly.reported(step):
             return
         layer_norms = dict(zip(self._index.layers, self._meter.layer_norms(m).tolist()))  # host sync: anomaly
-        located = self._anomaly.locate(step, bool(vals["loss_nonfinite"]), self.monitor.peek)
+        located = (
+            self._anomaly.locate(step, bool(vals["loss_nonfinite"]), self.monitor.peek) if locate else None
+        )
         flagged = flagged_nonfinite(step, vals, layer_norms, self.config.on_nonfinite)
         event = self._anomaly.report_once({**flagged, **(located or {})})
         if event is not None:

@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_is_compiling = torch.compiler.is_compiling  # looked up once: the capture's hooks ask at every forward
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _USER_DIRS_IN_PKG = (os.path.join(_PKG_DIR, "demos"),)
 _STDLIB = sysconfig.get_paths()["stdlib"]
@@ -98,6 +99,22 @@ def op_name(func: Any) -> str:
     return name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
 
 
+_OP_NAMES: dict[Any, str] = {}  # func → op_name(func), for the loss watch's per-op path
+
+
+def _op_name_kept(func: Any) -> str:
+    """:func:`op_name`, remembered (a few hundred distinct functions in a process)."""
+    try:
+        name = _OP_NAMES.get(func)
+    except TypeError:  # an unhashable callable
+        return op_name(func)
+    if name is None:
+        name = op_name(func)
+        if len(_OP_NAMES) < 4096:
+            _OP_NAMES[func] = name
+    return name
+
+
 def node_op_name(node: Any) -> str:
     """``SqrtBackward0`` → ``sqrt``, ``NllLossBackward0`` → ``nll_loss`` (an autograd node or its name)."""
     name = node if isinstance(node, str) else (node.name() if hasattr(node, "name") else type(node).__name__)
@@ -122,12 +139,33 @@ def user_source(skip: int = 2) -> str | None:
     return None
 
 
+#: Leaves that hold no tensor: skipped without asking the pytree registry.
+_ATOMS = frozenset({int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, slice})
+
+
+def _tensors(tree: Any, into: list[Tensor] | None = None) -> list[Tensor]:
+    """The tensors of ``tree`` in :func:`~torch.utils._pytree.tree_flatten`'s order. Plain tuples,
+    lists and dicts (an RNN's ``(output, (h, c))``, an op's arguments) are walked here, a few
+    hundred nanoseconds where the pytree walk costs tens of microseconds; any other container
+    (a namedtuple, a ``ModelOutput``, a registered node) goes to the pytree walk."""
+    found = [] if into is None else into
+    kind = type(tree)
+    if kind is Tensor or isinstance(tree, Tensor):
+        found.append(tree)
+    elif kind is tuple or kind is list:
+        for item in tree:
+            _tensors(item, found)
+    elif kind is dict:
+        for item in tree.values():
+            _tensors(item, found)
+    elif kind not in _ATOMS:
+        found.extend(t for t in tree_flatten(tree)[0] if isinstance(t, Tensor))
+    return found
+
+
 def _floats(tree: Any) -> list[Tensor]:
-    return [
-        t
-        for t in tree_flatten(tree)[0]
-        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
-    ]
+    """The floating (and complex) tensors of ``tree``, in order."""
+    return [t for t in _tensors(tree) if t.is_floating_point() or t.is_complex()]
 
 
 def _kinds(t: Tensor) -> list[str]:
@@ -768,12 +806,12 @@ class LossWatch(_OpWatch):
             return  # a forked child (a DataLoader worker) inherits the mode: it watches nothing there
         if self.grad_only and not torch.is_grad_enabled():
             return
-        outs = _float_outputs(out)
+        outs = _floats(out)
         if not outs or (self.done and not torch.is_grad_enabled()):
             return  # integer data; after backward(), clipping (a no_grad block)
-        op = op_name(func)
+        op = _op_name_kept(func)
         source = user_source(2)
-        ins = _float_inputs(args, kwargs)
+        ins = _floats((args, kwargs))
         entry = _Watched(op, source, "loss", outs, ins)
         entry.entering = self._entering(op, args, kwargs, ins)
         self._hook_functions(ins)
@@ -857,20 +895,6 @@ class LossWatch(_OpWatch):
             return torch.stack([_sum(t) for t in tensors]).tolist()  # host sync: anomaly path
         sums = self._sums
         return sums.tolist() if isinstance(sums, Tensor) else list(sums)  # host sync: anomaly path
-
-
-def _float_outputs(out: Any) -> list[Tensor]:
-    """:func:`_floats` of an op's output, without a tree walk for the usual single tensor."""
-    if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() or out.is_complex() else []
-    return _floats(out)
-
-
-def _float_inputs(args: Any, kwargs: Any) -> list[Tensor]:
-    """:func:`_floats` of an op's arguments, without a tree walk when they are flat."""
-    if kwargs or any(isinstance(a, (list, tuple, dict)) for a in args):
-        return _floats((args, kwargs))
-    return [a for a in args if isinstance(a, Tensor) and (a.is_floating_point() or a.is_complex())]
 
 
 def _sum(t: Tensor) -> Tensor:
@@ -1034,7 +1058,7 @@ class StepCapture:
         self.watch_loss = watch_loss
         self.max_output = max_output
         self.max_windows = max_windows
-        self.inputs: tuple[Any, Any, dict[str, Any]] | None = None
+        self.inputs: tuple[Any, Any, dict[str, Any] | None] | None = None  # (rng None: a compiled forward)
         self.autocast: tuple[_replay.Autocast, ...] | None = None  # the forward's autocast state
         self.out_grads: list[Tensor | None] = []
         self.watches: list[LossWatch] = []  # the loss-code windows of this step, oldest first
@@ -1068,19 +1092,31 @@ class StepCapture:
     def pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.replaying:
             return
-        self._stop_watch(compact=True)  # a new forward: the last window was not the step's last
+        if _is_compiling():  # traced into the user's compiled forward: what Dynamo traces, no more
+            self._pre_compiled(args, kwargs)
+            return
+        if self._active is not None or self._pending:
+            self._stop_watch(compact=True)  # a new forward: the last window was not the step's last
         if torch.is_grad_enabled():
             self.inputs = (args, kwargs, rng_state())
             self.autocast = _replay.autocast_state()  # the replay's forward runs under the same
             self._forwards += 1
 
+    def _pre_compiled(self, args: Any, kwargs: Any) -> None:
+        """The inputs of a forward traced by torch.compile: kept as an attribute store (a side effect
+        Dynamo replays at each call), without the RNG state (a host read there would split the
+        user's graph, and a compiled forward draws its randomness its own way): a replay runs the
+        same inputs eagerly."""
+        if torch.is_grad_enabled():
+            self.inputs = (args, kwargs, None)
+            self.autocast = None
+
     def post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self.replaying or not torch.is_grad_enabled():
+        if self.replaying or not torch.is_grad_enabled() or _is_compiling():
             return
-        made = _float_outputs(out)
-        if not torch.compiler.is_compiling():  # (storages are not traced in a compiled region)
-            took = _float_inputs(*self.inputs[:2]) if self.inputs is not None else []
-            self.carried.note(took, made, self.steps)
+        made = _floats(out)
+        took = _floats(self.inputs[:2]) if self.inputs is not None else []
+        self.carried.note(took, made, self.steps)
         if self._hooks:
             self.out_grads = []
             self._keep_grads_of(out)
@@ -1112,11 +1148,15 @@ class StepCapture:
     def _keep_grads_of(self, out: Any) -> None:
         """Hook the output's tensors: the gradient each receives lands in :attr:`out_grads` (the
         last forward's count; with several forwards, the last gradient to arrive wins)."""
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+        outs = [t for t in _tensors(out) if t.requires_grad]
         self.out_grads = [None] * len(outs)
         if outs and sum(t.numel() for t in outs) <= self.max_output:
             for i, t in enumerate(outs):
-                t.register_hook(functools.partial(self._keep, i))
+                node = t.grad_fn
+                if node is None:  # a leaf the model returned as it is
+                    t.register_hook(functools.partial(self._keep, i))
+                else:  # the node's pre-hook: what reaches this output (cheaper than a tensor hook)
+                    node.register_prehook(functools.partial(self._keep_output, i, t.output_nr))
 
     def post_with_kwargs(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         """:meth:`post` for a caller that sees the keyword arguments only when the call returns."""
@@ -1127,6 +1167,10 @@ class StepCapture:
     def _keep(self, i: int, grad: Tensor) -> None:
         if i < len(self.out_grads):
             self.out_grads[i] = grad
+
+    def _keep_output(self, i: int, k: int, grads: tuple[Tensor | None, ...]) -> None:
+        if i < len(self.out_grads) and k < len(grads):
+            self.out_grads[i] = grads[k]
 
     def _stop_watch(self, *, compact: bool = False) -> None:
         """Close the open loss-code window: leave its mode, keep it (compacted) for the step's answer.
@@ -1190,8 +1234,10 @@ class StepCapture:
         forward). The watching capture opens a new window for it — each optimizer's loss code has
         its own budget — that keeps only grad-mode ops (the optimizer's own step runs under
         ``no_grad``); the model's next forward or the next step closes it."""
+        if self._removed or len(_CAPTURES.get(self.root, ())) < 2:
+            return  # the usual model: one optimizer, no sibling (no walk over a weak set per step)
         siblings = self._siblings()
-        if not siblings or self._removed:
+        if not siblings:
             return
         watcher = self if self.watch_loss else next((c for c in siblings if c.watch_loss), None)
         if watcher is None or watcher._active is not None or watcher.replaying:
@@ -1296,7 +1342,7 @@ class StepCapture:
         def forward_backward() -> Any:
             with _replay.under(self.autocast):  # the step's autocast state; the backward as it ran
                 out = self.root(*args, **kwargs)
-            outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad]
+            outs = [t for t in _tensors(out) if t.requires_grad]
             if grads_ok and len(outs) == len(out_grads):
                 used = [(t, g) for t, g in zip(outs, out_grads) if g is not None]
                 torch.autograd.backward([t for t, _ in used], [g for _, g in used])
@@ -1348,18 +1394,23 @@ _CAPTURES: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[StepCapture]] = 
 
 def _live_captures(but: StepCapture) -> list[StepCapture]:
     """Every live capture of every model, but ``but``."""
+    if len(_CAPTURES) == 1 and len(_CAPTURES.get(but.root, ())) == 1:
+        return []  # the usual run: one model, one capture (no walk over weak sets per step)
     return [c for group in list(_CAPTURES.values()) for c in group if c is not but and not c._removed]
 
 
 def _top_mode() -> Any:
     """The innermost torch function mode on the stack (``None``: none), e.g. an open loss watch."""
-    stack = _get_current_function_mode_stack()
-    return stack[-1] if stack else None
+    depth = torch._C._len_torch_function_stack()
+    return torch._C._get_function_stack_at(depth - 1) if depth else None
 
 
 def _leave(mode: TorchFunctionMode) -> bool:
     """Take ``mode`` off the torch function mode stack wherever it is (the modes above it stay, in
     order). ``False``: it is not on the stack now (its own dispatch is running)."""
+    if _top_mode() is mode:  # the usual case: it is the innermost
+        _pop_mode()
+        return True
     if not any(m is mode for m in _get_current_function_mode_stack()):
         return False
     above = []

@@ -23,6 +23,7 @@ from gradguard.runlog import RunWriter
 
 __all__ = ["SCALARS", "Monitor"]
 
+_VIEW_CACHE = 1024  # buffers up to this many rows keep their row views
 _FLAG_COLUMNS = [j for j, name in enumerate(SCALARS) if name in FLAGS]  # 0/1 on the device, bool in a record
 
 
@@ -60,6 +61,10 @@ class Monitor:
         self.reduce = reduce
         self._scalars: Tensor | None = None
         self._layer_grads: Tensor | None = None  # per layer, or per tensor (float64) with ``reduce``
+        # the buffers' rows as views made once (a view made per record costs ~1 µs on the host)
+        # for buffers up to _VIEW_CACHE rows; a longer one makes each row's view when it records
+        self._rows: list[Tensor] = []
+        self._grad_rows: list[Tensor] = []
         self._steps: list[int] = []
         self._host: list[dict[str, Any]] = []  # host-side fields of the pending rows (lr, …)
         self._has_layers: list[bool] = []
@@ -72,11 +77,13 @@ class Monitor:
         widen when parameters join an existing layer: the pending rows keep theirs, 0 for the new)."""
         if self._scalars is None or self._scalars.device != device:
             self._scalars = torch.zeros(self.every, len(SCALARS), dtype=torch.float32, device=device)
+            self._rows = _row_views(self._scalars)
             self._layer_grads = None
         grads = self._layer_grads
         if grads is None or grads.device != device or grads.shape[1] < width:
             dtype = torch.float32 if self.reduce is None else torch.float64
             self._layer_grads = torch.zeros(self.every, width, dtype=dtype, device=device)
+            self._grad_rows = _row_views(self._layer_grads)
             if grads is not None and grads.device == device and self._steps:
                 self._layer_grads[:, : grads.shape[1]].copy_(grads)
 
@@ -88,6 +95,7 @@ class Monitor:
         self.flush()
         self.layers += layers
         self._scalars = self._layer_grads = None  # reallocated, one column per layer, at the next record
+        self._rows, self._grad_rows = [], []
 
     @property
     def pending(self) -> int:
@@ -120,14 +128,20 @@ class Monitor:
                 buffer is not flushed. A row still held at the next record is released as it is.
         """
         self._release()  # a row still held: what it waited for never came
-        self._ensure(scalars.device, _width(self.layers, layer_grad_norms, self.reduce))
-        assert self._scalars is not None and self._layer_grads is not None
         row = len(self._steps)
-        self._scalars[row].copy_(_detached(scalars))
+        in_place = row < len(self._rows) and self._rows[row] is scalars  # made in next_rows' view
+        if not in_place:  # (next_rows made the buffers ready for it)
+            self._ensure(scalars.device, _width(self.layers, layer_grad_norms, self.reduce))
+        assert self._scalars is not None and self._layer_grads is not None
+        target = _row(self._rows, self._scalars, row)
+        if target is not scalars:
+            target.copy_(_detached(scalars))
         has_layers = layer_grad_norms is not None and bool(self.layers)
         if has_layers:
             assert layer_grad_norms is not None
-            self._layer_grads[row].copy_(_detached(layer_grad_norms))
+            target = _row(self._grad_rows, self._layer_grads, row)
+            if target is not layer_grad_norms:
+                target.copy_(_detached(layer_grad_norms))
         self._has_layers.append(has_layers)
         self._absent.append(absent if has_layers else ())
         for name, value in (layer_extras or {}).items():
@@ -138,6 +152,21 @@ class Monitor:
             self._held = row
         else:
             self._flush_if_full()
+
+    def next_rows(self, device: torch.device, tensors: int) -> tuple[Tensor | None, Tensor | None]:
+        """Where the next :meth:`record` keeps its row, and (with ``reduce``) its per-tensor norms
+        of ``tensors`` columns: views of the buffers on ``device`` that a step may fill in place, so
+        that its record copies nothing. ``(None, None)`` while a full buffer waits for a held row.
+        The views are the buffers' rows: valid until the next record, flush or new layers."""
+        i = len(self._steps)
+        if i >= self.every:
+            return None, None
+        self._ensure(device, tensors if self.reduce is not None else len(self.layers))
+        assert self._scalars is not None and self._layer_grads is not None
+        row = _row(self._rows, self._scalars, i)
+        if self.reduce is None or self._layer_grads.shape[1] != tensors:
+            return row, None
+        return row, _row(self._grad_rows, self._layer_grads, i)
 
     def complete(self, layer_extras: dict[str, Tensor]) -> None:
         """Add the held row's per-layer measurements taken after its step (``weight_norm``,
@@ -245,6 +274,16 @@ def _width(layers: Sequence[str], norms: Tensor | None, reduce: Callable[[Tensor
     if reduce is None:
         return len(layers)
     return 0 if norms is None else len(norms)
+
+
+def _row_views(buffer: Tensor) -> list[Tensor]:
+    """The rows of a buffer as views, made once (none for a buffer longer than ``_VIEW_CACHE``)."""
+    return list(buffer.unbind(0)) if buffer.shape[0] <= _VIEW_CACHE else []
+
+
+def _row(views: list[Tensor], buffer: Tensor, i: int) -> Tensor:
+    """Row ``i`` of ``buffer``: its view made once, or made now."""
+    return views[i] if views else buffer[i]
 
 
 def _detached(t: Tensor) -> Tensor:

@@ -6,7 +6,9 @@ recomputing them from the records.
 
 Columns (one value per record that has an integer ``step``, ``nan`` where a record lacks the key):
 ``loss``, ``grad_norm`` (pre-clip), ``clip_coef``, ``threshold``, ``clip_fraction``, ``lr``,
-``loss_scale``; flags ``skipped``, ``spike``, ``amp_overflow``. Derived series:
+``loss_scale``; flags ``skipped``, ``spike``, ``amp_overflow``; ``global_step`` (the process-wide
+optimizer step ``gradguard run`` writes into every record of a process with several optimizers;
+``-1`` where a record has none). Derived series:
 
 * **clipped** (:func:`clipped`): the clipper changed a step that was taken — ``clip_fraction > 0``
   (the fraction of the clipper's units clipped: AGC, value and per-layer clipping too) or
@@ -178,6 +180,8 @@ class RunTable:
         skipped, spike, amp_overflow: the record's flags. clipped, bad, healthy: derived (see the
             module docstring). nonfinite_loss: the record holds a loss and it is NaN or ±inf.
         layer_rows: the rows of the records that hold per-layer numbers.
+        global_steps: the record's ``global_step`` (the process-wide optimizer step, several
+            optimizers under ``gradguard run``), ``-1`` where it has none; see :meth:`global_step`.
     """
 
     layers: list[str]
@@ -197,6 +201,7 @@ class RunTable:
     healthy: list[bool]
     nonfinite_loss: list[bool]
     layer_rows: array[int]
+    global_steps: array[int]
     _by_field: dict[str, dict[str, _Sparse]] = dataclasses.field(repr=False, compare=False)
 
     @classmethod
@@ -266,6 +271,14 @@ class RunTable:
                 return i
         return len(self.steps)
 
+    def global_step(self, step: int) -> int | None:
+        """The process-wide optimizer step (``global_step``) of this run's ``step``, from the record
+        of that step; ``None`` when there is no such record or it has none."""
+        row = self.index_of(step)
+        if row >= len(self.steps) or self.steps[row] != step or self.global_steps[row] < 0:
+            return None
+        return self.global_steps[row]
+
 
 class _HasTable(Protocol):
     @property
@@ -308,6 +321,7 @@ class TableBuilder:
         self._names: dict[str, int] = dict.fromkeys(layers, -1)  # name → the row it first came in (-1: given)
         self._more = more_layers
         self._layer_rows: array[int] = array("q")
+        self._global_steps: array[int] = array("q")
         self._by_field: dict[str, dict[str, _Sparse]] = {}
 
     def __len__(self) -> int:
@@ -325,6 +339,8 @@ class TableBuilder:
             column.append(value)
         for flags, flag in zip(self._flags.values(), _flags(rec, numbers)):
             flags.append(flag)
+        at = rec.get("global_step")
+        self._global_steps.append(at if _is_step(at) and 0 <= at < 2**63 else -1)
         layers = rec.get("layers")
         if isinstance(layers, dict):
             self._add_layers(row, layers)
@@ -370,6 +386,7 @@ class TableBuilder:
             del column[row:]
         for flags in self._flags.values():
             del flags[row:]
+        del self._global_steps[row:]
         del self._layer_rows[bisect.bisect_left(self._layer_rows, row) :]
         gone = [name for name, first in self._names.items() if first >= row]
         for name in gone:
@@ -387,6 +404,7 @@ class TableBuilder:
             layers=list(self._names),
             steps=self._steps,
             layer_rows=self._layer_rows,
+            global_steps=self._global_steps,
             _by_field=self._by_field,
             **columns,
         )

@@ -12,10 +12,11 @@ nothing but what you know.
 Example::
 
     batches = [next(it) for _ in range(40)]
-    result = gradguard.tune(model, optimizer, lambda b: loss_fn(model(b[0]), b[1]), batches,
-                            max_norms=[0.5, 1, 2, 5, None])
+    loss_of = lambda b: loss_fn(model(b[0]), b[1])
+    result = gradguard.tune.tune(model, optimizer, loss_of, batches, max_norms=[0.5, 1, 2, 5, None])
     print(result.summary())          # per-candidate evidence, then the verified recommendation
     result.max_norm                  # e.g. 1.0 (None: nothing to clip, or nothing trained)
+    gradguard.tune.tune(model, optimizer, loss_of, batches, lrs=[1e-3, 3e-4, 1e-4]).lr   # a verified learning rate
 
 Every step reads its loss and norm on the host: tuning is a short, deliberate detour, not the hot path.
 """
@@ -98,10 +99,11 @@ def tune(
         batches: where the trial's batches come from: the first ``steps`` are taken once and
             replayed for every candidate (a list, a DataLoader, a generator).
         max_norms: global-norm thresholds to try (``None`` in the list: no clipping). Default:
-            a ladder of halvings from 4× the first batch's pre-clip norm down to 1/512× of it, and no clipping.
+            a ladder of halvings from 4× the first batch's pre-clip norm down to 1/512× of it, and
+            no clipping; with ``lrs`` and no ``max_norms``: no clipping only (the rates are the candidates).
         lrs: learning rates to try (each candidate threshold at each rate); the optimizer's largest
             group rate becomes this one, the other groups keep their ratio to it. Default: the
-            optimizer's own.
+            optimizer's own. The recommended rate is :attr:`TuneResult.lr`.
         steps: optimizer steps per trial (a few dozen: enough for an explosion to show).
         reset: called before each trial (e.g. to forget an RNN's carried hidden state).
         norm_type: the p of the global norm.
@@ -119,9 +121,13 @@ def tune(
     data = _take(batches, steps)
     snap = Snapshot(model, optimizer)
     try:
-        thresholds = (
-            list(max_norms) if max_norms is not None else _default_max_norms(snap, loss_fn, data, norm_type)
-        )
+        thresholds: list[float | None]
+        if max_norms is not None:
+            thresholds = list(max_norms)
+        elif lrs is not None:
+            thresholds = [None]  # the rates are the candidates
+        else:
+            thresholds = _default_max_norms(snap, loss_fn, data, norm_type)
         rates: list[float | None] = list(lrs) if lrs is not None else [None]
         trials: list[Trial] = []
         for max_norm, lr in itertools.product(thresholds, rates):

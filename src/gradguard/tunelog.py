@@ -39,9 +39,22 @@ candidate's own norm had started to climb. Not simply the lowest loss after a fe
 that short horizon favours tight thresholds that then over-clip the long run (Deep SAD: 2.3 has
 the lowest 60-step loss, 38 the lowest after 400). ``None`` when no candidate trained.
 
+**Learning rates** are candidates the same way: at one threshold (or with none, or with the
+training script's own clipping, :attr:`Trial.own_clip`) the candidates order by rate and the same
+rule picks, kept at most :data:`RATE_EDGE_RATIO` (not half) of a rate that failed, with one more
+kind of overshoot: a rate **past the valley** (above the rate whose loss fell most, and falling at
+least :data:`PAST_VALLEY` less) counts as the edge, as a loss that did not fall does — two rungs
+back (:func:`_past_valley`). Past the valley a rate still lowers the loss for a
+few dozen steps, then stalls: without this the highest rate that "trained" was the too-high rate
+itself (AdamW at 0.03 on ``benchmarks/transformer_lr.py``). A grid of thresholds × rates is ordered
+by threshold first, then rate.
+
 ``tune.json`` in a run directory (:data:`TUNE_FILE`, :func:`write_tune`, :func:`read_tune`) holds a
 :class:`TuneResult`: ``gradguard diagnose`` then quotes verified advice instead of an unverified
-estimate.
+estimate. Its fields: ``version``, ``source``, ``steps``, ``start_step``, ``command``, ``trials``
+(each :meth:`Trial.as_dict`, with ``max_norm``, ``lr``, ``own_clip``, ``outcome``…),
+``recommended`` (the chosen trial, or ``null``), ``verdict`` (one sentence), ``lr_candidates`` (the
+rates tried; empty when only thresholds were) and ``recommended_lr`` (the chosen trial's rate, or ``null``).
 """
 
 from __future__ import annotations
@@ -76,7 +89,16 @@ WELL = 0.5
 EDGE_RATIO = 0.55
 """The largest step (``max_norm`` × lr) allowed, as a fraction of the step of a looser candidate that
 failed: half, with room for the ladder's two-significant-digit rounding."""
+RATE_EDGE_RATIO = 0.3
+"""The largest learning rate allowed, as a fraction of a higher rate that failed at the same threshold: two
+halvings (with room for rounding). Half is not enough for a rate: the loss surface sharpens as training goes
+on (Cohen et al. 2021), so a rate half the one that blew up in the first dozens of steps can cross the edge
+later (``benchmarks/transformer_lr.py``, SGD: 1 goes non-finite at step 13; 0.5 trains 60 steps, then misses
+the target over 400 on one seed of three; 0.25 reaches it on all three)."""
 MARGIN = 2
+PAST_VALLEY = 0.1
+"""A learning rate above the one whose loss fell most, whose loss fell at least this fraction less, is past
+the valley: it overshoots (two rungs back, :data:`MARGIN`)."""
 """Rungs (halvings) back from the loosest candidate that trained well when a looser one overshot."""
 TUNE_FILE = "tune.json"
 """The file ``gradguard tune`` / :meth:`gradguard.Guard.tune` write into a run directory."""
@@ -104,6 +126,8 @@ class Trial:
         clip_rate: the fraction of steps the threshold clipped.
         peak_norm: the largest finite pre-clip norm.
         climbing: the norm started a sustained 3× climb (short of an explosion).
+        own_clip: the trial kept the training script's own clipping (``gradguard tune SCRIPT --lr``
+            without ``--max-norm``): only its learning rate was a candidate.
     """
 
     max_norm: float | None
@@ -118,6 +142,7 @@ class Trial:
     clip_rate: float
     peak_norm: float
     climbing: bool = False
+    own_clip: bool = False
 
     @property
     def trained(self) -> bool:
@@ -136,8 +161,11 @@ class Trial:
 
     @property
     def label(self) -> str:
-        """``norm:5``, ``none``, ``norm:5 lr=0.1``."""
-        return spec(self.max_norm) + ("" if self.lr is None else f" lr={self.lr:g}")
+        """``norm:5``, ``none``, ``norm:5 lr=0.1``, ``lr=0.1`` (the script's own clipping)."""
+        lr = "" if self.lr is None else f"lr={self.lr:g}"
+        if self.own_clip:
+            return lr or "as is"
+        return spec(self.max_norm) + (f" {lr}" if lr else "")
 
     @property
     def outcome(self) -> str:
@@ -174,6 +202,7 @@ class Trial:
             clip_rate=_float_or(d.get("clip_rate")),
             peak_norm=_float_or(d.get("peak_norm")),
             climbing=bool(d.get("climbing")),
+            own_clip=bool(d.get("own_clip")),
         )
 
 
@@ -195,8 +224,16 @@ def explosion_onset(norms: Sequence[float]) -> int | None:
     return k if k is not None and k + SUSTAIN < len(norms) else None
 
 
-def judge(max_norm: float | None, lr: float | None, losses: Sequence[float], norms: Sequence[float]) -> Trial:
-    """A trial's :class:`Trial` from its per-step losses and pre-clip global norms (see the module docstring)."""
+def judge(
+    max_norm: float | None,
+    lr: float | None,
+    losses: Sequence[float],
+    norms: Sequence[float],
+    *,
+    own_clip: bool = False,
+) -> Trial:
+    """A trial's :class:`Trial` from its per-step losses and pre-clip global norms (see the module
+    docstring); ``own_clip``: the trial kept the script's own clipping (a learning-rate candidate)."""
     if len(losses) != len(norms):
         raise GradGuardError(
             f"a trial needs one norm per loss; got {len(losses)} losses and {len(norms)} norms."
@@ -222,6 +259,7 @@ def judge(max_norm: float | None, lr: float | None, losses: Sequence[float], nor
         nonfinite_step=bad,
         clip_rate=sum(clipped) / len(clipped) if clipped else 0.0,
         peak_norm=max(finite_norms, default=math.nan),
+        own_clip=own_clip,
     )
 
 
@@ -233,6 +271,15 @@ def _looseness(t: Trial) -> tuple[float, float]:
 def _step(t: Trial) -> float:
     """The largest update a candidate allows, up to the optimizer's scaling: ``max_norm`` × lr."""
     return (math.inf if t.max_norm is None else t.max_norm) * (1.0 if t.lr is None else t.lr)
+
+
+def _within_edge(t: Trial, edge: Trial) -> bool:
+    """Whether ``t`` is far enough below the failed ``edge``: at the same threshold (or none, or the
+    script's own) its rate at most :data:`RATE_EDGE_RATIO` of the edge's; else its step at most
+    :data:`EDGE_RATIO` of the edge's."""
+    if (t.max_norm, t.own_clip) == (edge.max_norm, edge.own_clip) and t.lr != edge.lr:
+        return (t.lr or 1.0) <= RATE_EDGE_RATIO * (edge.lr or 1.0)
+    return _step(t) <= EDGE_RATIO * _step(edge)
 
 
 def _well(safe: Sequence[Trial]) -> list[Trial]:
@@ -253,19 +300,47 @@ def _overshoots(t: Trial) -> bool:
 
 def choose(trials: Sequence[Trial]) -> Trial | None:
     """The verified recommendation (see the module docstring); ``None`` when no trial trained."""
+    past = _past_valley(trials)  # learning rates past the valley count as overshooting
     ordered = sorted(trials, key=_looseness)
-    k = next((i for i, t in enumerate(ordered) if t.failed), len(ordered))
+    k = next((i for i, t in enumerate(ordered) if t.failed or id(t) in past), len(ordered))
     safe = [t for t in ordered[:k] if t.trained]
     if not safe:
         return None
     well = _well(safe)
     looser = [t for t in ordered if _looseness(t) > _looseness(well[-1])]
-    if k < len(ordered) and any(_overshoots(t) for t in looser):
+    if k < len(ordered) and any(_overshoots(t) or id(t) in past for t in looser):
         return _back(well, MARGIN)
     if k < len(ordered):
-        safe = [t for t in safe if _step(t) <= EDGE_RATIO * _step(ordered[k])] or safe[:1]
+        safe = [t for t in safe if _within_edge(t, ordered[k])] or safe[:1]
     well = _well(safe)
     return _back(well, int(well[-1].climbing))
+
+
+def _rates_only(trials: Sequence[Trial]) -> bool:
+    """Whether the candidates differ by learning rate alone (one threshold, or none, or the script's own)."""
+    return len({t.lr for t in trials}) > 1 and len({(t.max_norm, t.own_clip) for t in trials}) == 1
+
+
+def _past_valley(trials: Sequence[Trial]) -> set[int]:
+    """Rate candidates past the LR finder's valley (ids): trained, at a higher rate than the one whose
+    loss fell most (below the first failure), yet fell at least :data:`PAST_VALLEY` less than it — a rate
+    that still lowers the loss for a few dozen steps and then stalls (``benchmarks/transformer_lr.py``:
+    AdamW at 0.03 falls 4.8 → 3.2 nats in 60 steps where 0.0075 reaches 2.56, and ends at the unigram
+    entropy after 400). Empty unless the candidates differ by rate alone."""
+    if not _rates_only(trials):
+        return set()
+    ordered = sorted(trials, key=lambda t: t.lr or 0.0)
+    k = next((i for i, t in enumerate(ordered) if t.failed), len(ordered))
+    trained = [t for t in ordered[:k] if t.trained]
+    if not trained:
+        return set()
+    best = max(trained, key=lambda t: t.loss_start - t.loss_final)
+    most = best.loss_start - best.loss_final
+    return {
+        id(t)
+        for t in trained
+        if (t.lr or 0.0) > (best.lr or 0.0) and t.loss_start - t.loss_final < (1 - PAST_VALLEY) * most
+    }
 
 
 def ladder(top: float, rungs: int = 12) -> list[float]:
@@ -314,6 +389,16 @@ class TuneResult:
         rec = self.recommended
         return None if rec is None else rec.max_norm
 
+    @property
+    def lr(self) -> float | None:
+        """The recommended learning rate (``None``: learning rates were not candidates, or nothing trained)."""
+        rec = self.recommended
+        return None if rec is None else rec.lr
+
+    def lr_candidates(self) -> list[float]:
+        """The learning rates tried (empty when only thresholds were candidates)."""
+        return sorted({t.lr for t in self.trials if t.lr is not None})
+
     def failed_thresholds(self) -> list[float]:
         """The thresholds that went non-finite or exploded."""
         return sorted(
@@ -360,6 +445,11 @@ class TuneResult:
             )
         what = "no clipping" if rec.max_norm is None else f"max_norm={rec.max_norm:g}"
         lr = "" if rec.lr is None else f" at lr={rec.lr:g}"
+        if rec.own_clip:  # only the learning rate was a candidate
+            what, lr = (
+                ("the script as is" if rec.lr is None else f"lr={rec.lr:g}"),
+                " (the script's own clipping)",
+            )
         return (
             f"Verified: {what}{lr} trained for {rec.steps} steps (loss {rec.loss_start:.4g} → {rec.loss_final:.4g}, "
             f"clipped {rec.clip_rate:.0%}, no explosion, no non-finite step)."
@@ -376,6 +466,8 @@ class TuneResult:
             "trials": [t.as_dict() for t in self.trials],
             "recommended": None if rec is None else rec.as_dict(),
             "verdict": self.verdict(),
+            "lr_candidates": self.lr_candidates(),
+            "recommended_lr": None if rec is None else rec.lr,
         }
 
     @classmethod

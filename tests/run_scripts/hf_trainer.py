@@ -6,6 +6,8 @@ accumulation, a callback that prints the logged loss and pre-clip ``grad_norm`` 
 
 ``--diverge``: a learning rate far too high and no clipping: the weights blow up and the loss
 becomes non-finite.
+
+``--nan-at K``: the loss of step K is NaN (a forward hook multiplies it by NaN).
 """
 
 import argparse
@@ -40,7 +42,10 @@ class CharBlocks(Dataset):
 class PrintLogs(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            print(f"step {state.global_step} loss {logs['loss']:.4f} norm {logs['grad_norm']:.4f}")
+            print(
+                f"step {state.global_step} loss {logs['loss']:.4f} norm {logs['grad_norm']:.4f} "
+                f"lr {logs['learning_rate']:.8e}"
+            )
 
 
 def main():
@@ -50,6 +55,7 @@ def main():
     parser.add_argument("--max-grad-norm", type=float, default=1.05)
     parser.add_argument("--output-dir", default="hf-out")
     parser.add_argument("--diverge", action="store_true")
+    parser.add_argument("--nan-at", type=int, default=None, help="a NaN loss at this step")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -85,6 +91,14 @@ def main():
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=[PrintLogs()])
     trainer.remove_callback(PrinterCallback)
+    if args.nan_at is not None:
+
+        def nan_loss(module, inputs, out):
+            if module.training and trainer.state.global_step == args.nan_at:
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.register_forward_hook(nan_loss)
     trainer.train()
     trainer.save_model(args.output_dir)
     if args.diverge and not all(torch.isfinite(p).all() for p in model.parameters()):

@@ -6,6 +6,9 @@ saved whole with ``torch.save(model, f)`` and loaded back with ``torch.load`` fo
 
 ``--diverge``: a learning rate far too high and no real clipping: the gradients explode and the
 loss becomes NaN.
+
+``--nan-at K``: batch K of the first epoch has every target padded (``ignore_index``): the mean
+loss over zero tokens is 0/0, NaN, and the hand-written update writes it into the weights.
 """
 
 import argparse
@@ -94,6 +97,7 @@ def main():
     parser.add_argument("--log-interval", type=int, default=4)
     parser.add_argument("--save", type=str, default="model.pt")
     parser.add_argument("--diverge", action="store_true")
+    parser.add_argument("--nan-at", type=int, default=None, help="pad every target of this batch")
     args = parser.parse_args()
     if args.diverge:
         args.lr, args.clip = 3000.0, 1e9
@@ -127,6 +131,8 @@ def main():
         hidden = model.init_hidden(args.batch_size)
         for batch, i in enumerate(range(0, train_data.size(0) - 1, args.bptt)):
             data, targets = get_batch(train_data, i, args.bptt)
+            if epoch == 1 and batch == args.nan_at:
+                targets = torch.full_like(targets, criterion.ignore_index)
             model.zero_grad()
             hidden = repackage_hidden(hidden)
             output, hidden = model(data, hidden)

@@ -9,6 +9,15 @@ model's forward from its captured inputs, under the autocast state that forward 
 backward from the gradient the step sent into the output, loss scale included), or, for an
 explosion, the first spiking step and layer are named. When the step cannot be replayed, the model's next forward runs instrumented
 (:meth:`Anomalies.arm`), in case the failure recurs.
+
+A replay needs the weights the bad step saw, so it runs before that step's update. Where the guard
+skips a bad step, the host decides on it anyway. Under ``on_nonfinite="warn"`` a bad step is
+applied: where the caller steps after ``before_step`` the host has read the step already and it is
+located before the caller's update; under ``monitor_only`` (a framework's step, a hand-written
+update under ``gradguard run``) nothing would be read until the flush, long after the update, so
+the guard reads each step's flags (one host read a step, while replays are left:
+:attr:`Anomalies.reads_each_step`) and locates a bad step before the caller updates the weights.
+A bad step the guard itself applied (``warn`` under ``Guard.step``) is reported, not replayed.
 """
 
 from __future__ import annotations
@@ -84,6 +93,8 @@ class Anomalies:
         capture: the step capture (``None``: ``locate=False``, nothing is captured or replayed).
         max_replays: replay at most this many anomalous steps.
         can_replay: a replay is allowed (not under torch.distributed: ranks would diverge).
+        applied: the caller applies every step, bad ones included (``monitor_only`` with
+            ``on_nonfinite="warn"``): see :attr:`reads_each_step`.
     """
 
     def __init__(
@@ -94,12 +105,14 @@ class Anomalies:
         *,
         max_replays: int,
         can_replay: bool,
+        applied: bool = False,
     ) -> None:
         self.root = root
         self.params = params
         self.capture = capture
         self.max_replays = max_replays
         self.can_replay = can_replay
+        self.applied = applied
         self.replays = 0
         self.history: History = collections.deque(maxlen=HISTORY)
         self._closure: Callable[[], Any] | None = None
@@ -159,6 +172,18 @@ class Anomalies:
         return self.finish_armed(None, now)
 
     # ------------------------------------------------------------------ locate
+    @property
+    def replays_left(self) -> bool:
+        """Whether a bad step can still be replayed (a capture, replays allowed and not spent)."""
+        return self.capture is not None and self.can_replay and self.replays < self.max_replays
+
+    @property
+    def reads_each_step(self) -> bool:
+        """Whether the guard reads this step's flags on the host now, to locate a bad step before
+        the caller applies it (see the module docstring): only where the caller applies bad steps
+        and replays are left (then it is sync-free again)."""
+        return self.applied and self.replays_left
+
     def reported(self, step: int) -> bool:
         return step <= self._last_reported
 

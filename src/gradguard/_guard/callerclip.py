@@ -48,7 +48,10 @@ class CallerClip:
                 f"a clip threshold must be a positive number, got {threshold!r}; pass the max_norm of the clip."
             )
         self.thresholds.append(threshold)
-        self.norms.append(norm.detach().float().reshape(()))
+        norm = norm.detach()
+        if norm.dtype != torch.float32:  # (each no-op call still costs ~1 µs on the host)
+            norm = norm.float()
+        self.norms.append(norm if norm.dim() == 0 else norm.reshape(()))
         self.covers_all = covers_all and len(self.norms) == 1
 
     def add_value(self, clip_value: float, grads: list[Tensor]) -> None:
@@ -62,13 +65,15 @@ class CallerClip:
         """The row's columns for the calls so far (``norm_type``: the guard's, for ``grad_norm``)."""
         if not self.norms:
             return {} if self.value_fraction is None else {"clip_fraction": self.value_fraction}
-        if len(self.norms) == 1:  # the usual case: two device ops
+        if len(self.norms) == 1:  # the usual case: six small device ops, no number to wrap
             norm = self.norms[0]
-            coef = torch.clamp(self.thresholds[0] / (norm + CLIP_EPS), max=1.0)
+            eps, one, threshold = _constants(norm.device, self.thresholds[0])
+            # torch's τ / (‖g‖ + 1e-6), as torch's Tensor.__rtruediv__ computes it: (‖g‖ + 1e-6)⁻¹ · τ
+            coef = torch.clamp((norm + eps).reciprocal() * threshold, max=one)
             out: dict[str, Tensor | float] = {
-                "threshold": self.thresholds[0],
+                "threshold": threshold,
                 "clip_coef": coef,
-                "clip_fraction": (coef < 1.0).float(),
+                "clip_fraction": (coef < one).float(),
             }
             if self.covers_all and self.norm_type == norm_type:
                 out["grad_norm"] = norm
@@ -82,6 +87,26 @@ class CallerClip:
             / _pnorm(norms, self.norm_type).clamp_min(1e-30),
             "clip_fraction": (coefs < 1.0).float().mean(),
         }
+
+
+_CONSTANTS: dict[tuple[torch.device, float], tuple[Tensor, Tensor, Tensor]] = {}
+_MAX_CONSTANTS = 64  # (device, threshold) pairs kept (a script clips with one or two thresholds)
+
+
+def _constants(device: torch.device, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``CLIP_EPS``, 1 and ``threshold`` as 0-D float32 tensors on ``device``, made once: an op with
+    a Python number wraps it into a tensor on every call (~1.5 µs on a CPU); in float32 the results
+    are bit-identical to the numbers' (a number meets a float32 tensor as a float32)."""
+    key = (device, threshold)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.clear()
+        eps, one, tau = (
+            torch.tensor(v, dtype=torch.float32, device=device) for v in (CLIP_EPS, 1.0, threshold)
+        )
+        found = _CONSTANTS[key] = (eps, one, tau)
+    return found
 
 
 def _pnorm(x: Tensor, p: float) -> Tensor:

@@ -31,7 +31,7 @@ class ClipPlan(NamedTuple):
     coef: Tensor | None  # the norm-clipping coefficient (None: no norm clipping this step)
     threshold: Tensor | None  # τ
     spike: Tensor  # the norm is a spike (device detector; False otherwise)
-    fraction: Tensor | None  # a norm clipper's clip_fraction (coef < 1); None: see Clipping.in_place
+    fraction: Tensor | None  # clip_fraction: 0-D bool coef < 1 (a norm clipper) or float; None: see in_place
 
 
 def spike_detector(on_spike: str, spike_z: float) -> ZClip | HostZClip | None:
@@ -120,8 +120,15 @@ class Clipping:
         return self.norm_clipper.threshold(m.observed(self.consts)).to(m.device)
 
     def fraction(self, coef: Tensor | None) -> Tensor | None:
-        """A norm clipper's ``clip_fraction``: 1.0 when it scaled the gradients down, else 0.0."""
-        return fraction_clipped(coef) if self.norm and coef is not None else None
+        """A norm clipper's ``clip_fraction``: whether it scaled the gradients down, as the 0-D
+        bool ``coef < 1`` (the row stores it as 1.0 / 0.0: what
+        :func:`gradguard.clip.fraction_clipped` gives for one coefficient, in one op instead of
+        two); a coefficient with more than one element goes to ``fraction_clipped``."""
+        if not self.norm or coef is None:
+            return None
+        if coef.dim() != 0:
+            return fraction_clipped(coef)
+        return torch.lt(coef, self.consts.number(1.0, coef.device))  # a device 1.0: no scalar to wrap
 
     def in_place(self) -> Tensor | None:
         """Run a value / AGC / per-layer clipper on the gradients (norm clipping is the coefficient).

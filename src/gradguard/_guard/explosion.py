@@ -14,19 +14,29 @@ does that inside the loop:
    that ``gradguard diagnose`` uses: a climb to :data:`~gradguard.runtable.GROWTH_FACTOR` × the
    median norm before it, held for :data:`~gradguard.runtable.SUSTAIN` steps, that rose
    :data:`~gradguard.runtable.EXPLOSION_FACTOR` × over that median (or ended in a non-finite step).
-   No host read is added: a step's norm is looked at only when it already is on the host;
+   The norm watched is the one the step applied, after the guard's clipping
+   (:func:`gradguard.runtable.post_clip_norm`; unclipped: the norm): a climb the clipper holds is
+   no explosion to rewind. No host read is added: a step's norm is looked at only when it already
+   is on the host;
 2. **rewind** to the newest snapshot from before the onset (:meth:`Recovery.before`; the recovery
    keeps two, and takes none while the norm climbs). The steps since are undone; the batches they
    used are not seen again: in a plain loop the script simply goes on with its next batches, so
-   the batches of the bad window are skipped, as in PaLM's procedure;
+   the batches of the bad window are skipped, as in PaLM's procedure. Later climbs are measured
+   from the norm the restored state gave;
 3. **tighten**: every later step is clipped at the healthy norm scale on top of the guard's own
-   clipper (the smaller threshold wins): the median norm before the onset, measured over at least
-   :data:`SETTLE` healthy steps; a run that climbed from its first steps never had a stable scale
-   (its first norm led into the climb), so it gets a tenth of that norm. Each further recovery
-   halves the threshold (:data:`TIGHTEN`). With ``lr_backoff`` the learning rate is multiplied by
-   it too. Measured on Pascanu's adding problem (``benchmarks/recovery.py``), clipping rescues
+   clipper (the smaller threshold wins), and the threshold is kept: the median norm before the
+   onset, measured over at least :data:`SETTLE` healthy steps; a run that climbed from its first
+   steps never had a stable scale (its first norm led into the climb), so it gets a tenth of that
+   norm. Under SGD-like optimizers (the step is lr × the gradient) the threshold falls in
+   proportion when the learning rate rises above the one it was set at (a warm-up still under
+   way), so the step stays as long as it was. With ``lr_backoff`` the learning rate is multiplied
+   by it too. Measured on Pascanu's adding problem (``benchmarks/recovery.py``), clipping rescues
    more runs than lowering the learning rate, which only slows the run down;
-4. **bounded**: recoveries are rollbacks, counted against ``max_rollbacks`` within
+4. **a further recovery** (the threshold halved, :data:`TIGHTEN`) when the threshold does not hold:
+   a climb below it, a non-finite step, or a loss that diverges in a window of :data:`PROBE` steps
+   after the rewind (:meth:`Explosions._relapse`: the threshold keeps the norm bounded, but the
+   steps are still too long and the run wanders at a higher loss);
+5. **bounded**: recoveries are rollbacks, counted against ``max_rollbacks`` within
    ``rollback_window`` steps (and ``min_lr``); one more stops the run (``NonFiniteError``, an
    ``abort`` event), the model restored.
 
@@ -48,6 +58,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradguard import events
@@ -55,7 +66,7 @@ from gradguard._guard.clipping import ClipPlan
 from gradguard._guard.measure import Constants, Measurement
 from gradguard._guard.recovery import Limit, Recovery
 from gradguard._guard.row import host_values
-from gradguard.clip import coefficient, fraction_clipped
+from gradguard.clip import PLAIN_UPDATE, coefficient, fraction_clipped
 from gradguard.errors import check_state_version
 from gradguard.record import DECIDED
 from gradguard.runtable import (
@@ -65,15 +76,18 @@ from gradguard.runtable import (
     ONSET_WINDOW,
     SUSTAIN,
     climb_onset,
+    post_clip_norm,
 )
 
-__all__ = ["SETTLE", "TIGHTEN", "Explosion", "ExplosionWatch", "Explosions", "read_step"]
+__all__ = ["PROBE", "SETTLE", "TIGHTEN", "Explosion", "ExplosionWatch", "Explosions", "read_step"]
 
 SETTLE = 50
 """A climb that held this many steps without rising :data:`~gradguard.runtable.EXPLOSION_FACTOR` ×
 is a new level of the norm, not an explosion: the watch measures later climbs from it."""
 TIGHTEN = 0.5
 """Each recovery after the first multiplies the recovery's clip threshold by this."""
+PROBE = SETTLE
+"""Steps after a rewind whose losses say whether its threshold holds (:meth:`Explosions._relapse`)."""
 _KEEP = 2 * ONSET_WINDOW  # norms the watch keeps while no climb is in sight (it trims to half)
 _STATE_VERSION = 1
 
@@ -232,11 +246,15 @@ class Explosions:
         self.recovery = recovery
         self.watch = ExplosionWatch()
         self.cap: float | None = None  # the recovery's clip threshold (None: not tightened)
+        self.cap_lr: float | None = None  # the learning rate the threshold was set at (SGD-like optimizers)
         self.recoveries = 0
         self.seen_until = -1  # steps up to this one are not looked at again (a rewind undid them)
         self.rewound_at: int | None = None  # the step whose host decision was a rewind
-        if self.recovers:
-            recovery.healthy = lambda: self.watch.calm
+        self.probe: list[float] | None = None  # after a recovery: the losses of the window under way
+        self.probe_ref: float | None = None  # the loss the window is compared with (None: the first window)
+        self.probe_from = 0  # where a rise seen at the window's end may have begun
+        if self.recovers:  # no snapshot while the norm climbs, nor in the first window after a rewind
+            recovery.healthy = lambda: self.watch.calm and (self.probe is None or self.probe_ref is not None)
 
     @property
     def active(self) -> bool:
@@ -257,26 +275,90 @@ class Explosions:
         """The step's clip plan under the recovery's threshold (the smaller one wins); no host read."""
         if self.cap is None:
             return plan
-        cap = consts.number(self.cap, m.device)
+        cap = self._threshold(m.device, consts)
         threshold = cap if plan.threshold is None else plan.threshold.minimum(cap)
         coef = coefficient(m.total, threshold)
         return ClipPlan(coef, threshold, plan.spike, fraction_clipped(coef))
+
+    def _threshold(self, device: torch.device, consts: Constants) -> Tensor:
+        """The recovery's threshold now: ``cap``, lowered in proportion where the learning rate rose
+        above ``cap_lr`` (SGD-like optimizers, whose step is lr × the gradient: a warm-up or a
+        schedule that keeps raising the learning rate would otherwise lengthen the steps the
+        threshold was measured healthy at, and explode again). Never loosened when it falls.
+        A tensor learning rate stays on the device; no host read."""
+        assert self.cap is not None
+        lrs = [g["lr"] for g in self.recovery.optimizer.param_groups if g["params"]]
+        if self.cap_lr is None or not lrs:
+            return consts.number(self.cap, device)
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            on_device = torch.stack([torch.as_tensor(lr).to(device, torch.float32).reshape(()) for lr in lrs])
+            return (self.cap_lr / on_device.max()).clamp(max=1.0).mul(self.cap).float()
+        top = max(float(lr) for lr in lrs)
+        scale = min(1.0, self.cap_lr / top) if top > 0 else 1.0
+        return consts.number(self.cap * scale, device)
 
     def see_step(self, step: int, vals: Mapping[str, float]) -> Explosion | None:
         """A host-decided step's norm (from :func:`read_step`)."""
         if vals["amp_overflow"] or step <= self.seen_until:
             return None
-        return self.watch.add(step, vals["grad_norm"] if not vals["nonfinite"] else math.nan)
+        return self._see(step, self._watched(vals), vals["loss"])
 
     def see_records(self, records: Iterable[Mapping[str, Any]]) -> Explosion | None:
         """The flushed records the host had not decided (the sync-free path); the first explosion."""
         for rec in records:
             if rec.get(DECIDED) or rec["amp_overflow"] or rec["step"] <= self.seen_until:
                 continue
-            found = self.watch.add(rec["step"], rec["grad_norm"] if not rec["nonfinite"] else math.nan)
+            found = self._see(rec["step"], self._watched(rec), rec["loss"])
             if found is not None:
                 return found
         return None
+
+    def _see(self, step: int, norm: float, loss: float) -> Explosion | None:
+        """One step's watched norm and loss; the explosion it confirms. After a recovery a
+        non-finite step is one too, climb or not (the recovery's threshold holds the norm the watch
+        sees: a run that still goes non-finite under it needs a tighter one), and so is a loss that
+        rose (:meth:`_relapse`). Both are bounded by ``max_rollbacks``."""
+        found = self.watch.add(step, norm)
+        if found is not None or self.cap is None or step <= self.watch.reported:
+            return found
+        onset = self._relapse(step, loss) if math.isfinite(norm) else step
+        if onset is None:
+            return None
+        self.watch.reported = step
+        held = self.watch.norms[-ONSET_WINDOW:]
+        baseline = statistics.median(held) if held else self.cap
+        return Explosion(onset, baseline, max(held, default=baseline), step, len(held))
+
+    def _relapse(self, step: int, loss: float) -> int | None:
+        """Whether the loss since the last rewind shows its threshold too loose; the step where the
+        rise may have begun, or ``None``. The losses come in windows of :data:`PROBE` steps: the
+        median of a window's second half is compared with the median of the first
+        :data:`~gradguard.runtable.MIN_HISTORY` losses after the rewind (then with the previous
+        window's second half); a rise by more than its magnitude is a *divergence* (``tunelog``'s
+        definition for a trial). A threshold that lets through steps of lr × threshold that are
+        still too long keeps the norm bounded, but the run wanders at a loss above where it was
+        rewound to (adding problem at lr 1: 2–4× the restored state's loss; rescued runs fall to
+        a fifth of it or less)."""
+        if self.probe is None:
+            return None
+        self.probe.append(loss if math.isfinite(loss) else math.inf)
+        if len(self.probe) < PROBE:
+            return None
+        ref = statistics.median(self.probe[:MIN_HISTORY]) if self.probe_ref is None else self.probe_ref
+        later = statistics.median(self.probe[PROBE // 2 :])
+        onset = self.probe_from
+        self.probe, self.probe_ref, self.probe_from = [], later, step + 1 - (PROBE - PROBE // 2)
+        return onset if later - ref > abs(ref) else None
+
+    def _watched(self, rec: Mapping[str, Any]) -> float:
+        """The norm a step is watched by (NaN: a non-finite step): the norm the step applied, after
+        the guard's clipping (:func:`gradguard.runtable.post_clip_norm`). A climb the clipper holds
+        is not an explosion: ``auto`` bounds the update, and the raw norm of an RNN learning a long
+        dependency climbs 10× under it (order-20 at lr 0.1: watching the raw norm, recovery cut
+        those runs to a tenth of their scale and lost 4 of 5). After a recovery its threshold holds
+        the norm: the threshold is kept (a climb below it still counts), non-finite steps call the
+        next recovery (:meth:`_see`)."""
+        return math.nan if rec["nonfinite"] else post_clip_norm(rec)
 
     def snapshot_at_flush(self, records: list[dict[str, Any]]) -> None:
         """Under ``"recover"`` on the sync-free path: a due snapshot at the flush (the state after
@@ -307,12 +389,14 @@ class Explosions:
         done = self.recovery.rollback(step, back_off=limit is None, to=snap)
         self.recovery.keep_until(snap, step)
         healthy = self._healthy_norm(found, snap["step"])
-        self.watch.restart(snap["step"], healthy)
+        self.watch.restart(snap["step"], self._restored_scale(found, snap["step"]))
+        lr = float(self.recovery.optimizer.param_groups[0]["lr"])
         if limit is None:
             self.recoveries += 1
             self.cap = self._tighter(found, healthy)
+            self.cap_lr = self._top_lr() if isinstance(self.recovery.optimizer, PLAIN_UPDATE) else None
         self.rewound_at = step
-        lr = float(self.recovery.optimizer.param_groups[0]["lr"])
+        self.probe, self.probe_ref, self.probe_from = ([] if limit is None else None), None, step + 1
         event = events.explosion(
             step, found.onset, action="recover", to_step=snap["step"], max_norm=self.cap, lr=lr,
             recoveries=self.recoveries, **fields,
@@ -325,13 +409,29 @@ class Explosions:
         first = self.watch.first_after(to_step)
         return found.baseline if first is None else min(found.baseline, first)
 
+    def _restored_scale(self, found: Explosion, to_step: int) -> float:
+        """The norm scale the watch measures later climbs from: what the restored state gave (the
+        first norm held after ``to_step``), else the healthy median. Not the smaller of the two: a
+        state whose norm was above the median (a run that was rewound to its start, where the norm
+        is still high) would look like a new climb at once, and every recovery would call the next."""
+        first = self.watch.first_after(to_step)
+        return found.baseline if first is None else first
+
+    def _top_lr(self) -> float:
+        """The largest learning rate of the optimizer's groups (a host read of a tensor lr: the
+        rewind path)."""
+        return max(float(g["lr"]) for g in self.recovery.optimizer.param_groups)
+
     def _tighter(self, found: Explosion, healthy: float) -> float:
         """The recovery's clip threshold: the healthy norm, trusted when it was measured over a
         healthy stretch (:data:`SETTLE` steps). A run that climbed from its first steps never had a
         stable scale — its first norm led into the climb — so it gets a tenth of it
-        (1 / ``EXPLOSION_FACTOR``). Each further recovery multiplies it by :data:`TIGHTEN`."""
-        cap = healthy if found.healthy >= SETTLE else healthy / EXPLOSION_FACTOR
-        return cap if self.cap is None else TIGHTEN * min(self.cap, cap)
+        (1 / ``EXPLOSION_FACTOR``). A further recovery multiplies the threshold that did not hold
+        (or the healthy norm since, where smaller: it was measured under that threshold) by
+        :data:`TIGHTEN`."""
+        if self.cap is not None:
+            return TIGHTEN * min(self.cap, healthy)
+        return healthy if found.healthy >= SETTLE else healthy / EXPLOSION_FACTOR
 
     def rewound(self, step: int) -> bool:
         """Whether ``step``'s host decision was a rewind (its events are written already)."""
@@ -339,20 +439,26 @@ class Explosions:
 
     # ------------------------------------------------------------------ state
     def state_dict(self, pending: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
-        """The watch (with the ``pending`` records the next flush will show it), the recovery's
-        clip threshold, the recoveries so far."""
-        watch = self.watch
+        """The watch and the probe (with the ``pending`` records the next flush will show them),
+        the recovery's clip threshold and its learning rate, the recoveries so far."""
+        watch, probe = self.watch, None if self.probe is None else list(self.probe)
         rows = [r for r in pending if not r.get(DECIDED)]
         if rows and self.active:
             watch = ExplosionWatch()
             watch.load_state_dict(self.watch.state_dict())
             for rec in rows:
                 if not rec["amp_overflow"] and rec["step"] > self.seen_until:
-                    watch.add(rec["step"], rec["grad_norm"] if not rec["nonfinite"] else math.nan)
+                    watch.add(rec["step"], self._watched(rec))
+                    if probe is not None and len(probe) < PROBE - 1:  # the flush judges a full window
+                        probe.append(rec["loss"] if math.isfinite(rec["loss"]) else math.inf)
         return {
             "version": _STATE_VERSION,
             "watch": watch.state_dict(),
             "cap": self.cap,
+            "cap_lr": self.cap_lr,
+            "probe": probe,
+            "probe_ref": self.probe_ref,
+            "probe_from": self.probe_from,
             "recoveries": self.recoveries,
             "seen_until": self.seen_until,
         }
@@ -361,5 +467,11 @@ class Explosions:
         check_state_version(state, _STATE_VERSION, "explosion", "Pass what Guard.state_dict() returned.")
         self.watch.load_state_dict(state["watch"])
         self.cap = None if state["cap"] is None else float(state["cap"])
+        cap_lr = state.get("cap_lr")  # absent from states saved before it existed: a fixed threshold
+        self.cap_lr = None if cap_lr is None else float(cap_lr)
+        probe = state.get("probe")
+        self.probe = None if probe is None else [float(v) for v in probe]
+        self.probe_ref = None if state.get("probe_ref") is None else float(state["probe_ref"])
+        self.probe_from = int(state.get("probe_from", 0))
         self.recoveries = int(state["recoveries"])
         self.seen_until = int(state["seen_until"])

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gradguard._distributed import Reducer, local
+from gradguard._kernels import grad_norms
 from gradguard.errors import GradGuardError
 from gradguard.stats import (
     LayerIndex,
@@ -28,7 +29,11 @@ from gradguard.stats import (
     update_ratios,
 )
 
-__all__ = ["Constants", "Measurement", "Meter", "check_loss"]
+__all__ = ["Constants", "Measurement", "Meter", "NextRows", "check_loss"]
+
+#: ``(device, tensors) -> (row, norms)``: the views of the monitor's buffers the next record uses
+#: (:meth:`gradguard.monitor.Monitor.next_rows`); either may be ``None``.
+NextRows = Callable[[torch.device, int], tuple[Tensor | None, Tensor | None]]
 
 _ABSENT_CACHE = 64  # patterns of missing gradients remembered (a model usually has one or two)
 _CONSTANTS = 64  # device constants kept (a handful in use)
@@ -60,8 +65,12 @@ class Constants:
     def numbers(self, values: tuple[float, ...], device: torch.device) -> Tensor:
         """A 1-D float32 of ``values`` (e.g. the ``[clip_coef, threshold]`` of a step without norm
         clipping: ``[nan, inf]``)."""
-        key = ("numbers", tuple(_key(v) for v in values))
-        return self._get(key, device, lambda: torch.tensor(values, dtype=torch.float32).to(device))
+        found = self._cache.get((values, device))  # a module-level tuple: found as it is (NaN by identity)
+        if found is None:
+            key = ("numbers", tuple(_key(v) for v in values))
+            found = self._get(key, device, lambda: torch.tensor(values, dtype=torch.float32).to(device))
+            self._cache[(values, device)] = found
+        return found
 
 
 def _key(value: float) -> float | str:
@@ -84,6 +93,7 @@ class Measurement:
     bad: Tensor  # the loss or a gradient is non-finite
     absent: tuple[int, ...] = ()  # layers none of whose parameters has a gradient (logged as null)
     wide: Tensor | None = None  # ``norms`` in float64, where the global norm was summed from them
+    row: Tensor | None = None  # where the step's row goes (the monitor's next row); None: a new tensor
     _observed: Tensor | None = None
 
     def observed(self, consts: Constants) -> Tensor:
@@ -106,6 +116,7 @@ class Meter:
         self.reducer = reducer
         self._absent: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+        self._every: list[int] = []  # range(len(params)): the indices of a step with every gradient
         # a layer step records its per-tensor norms, reduced to per-layer norms at the flush
         self.reduces_at_flush = LayerIndex.exact_in_rows(norm_type)
 
@@ -130,17 +141,29 @@ class Meter:
             self._absent[key] = found
         return found
 
-    def measure(self, loss: Tensor | float | None) -> Measurement:
-        """Norms, loss and flags of this step (no host read)."""
+    def _gradients(self) -> tuple[list[Tensor], list[int]]:
+        """The gradients present and their indices (one ``.grad`` read per parameter; the indices
+        of a step where every parameter has one are made once)."""
+        grads = [g for w in self.params if (g := w.grad) is not None]
+        if len(grads) == len(self.params):
+            if len(self._every) != len(grads):
+                self._every = list(range(len(grads)))
+            return grads, self._every
+        return grads, [i for i, w in enumerate(self.params) if w.grad is not None]
+
+    def measure(self, loss: Tensor | float | None, rows: NextRows | None = None) -> Measurement:
+        """Norms, loss and flags of this step (no host read).
+
+        ``rows(device, tensors)``: where the step's record goes (:meth:`gradguard.monitor.Monitor.next_rows`):
+        the float64 per-tensor norms are made there (the record then copies neither them nor the row).
+        """
         p = self.norm_type
-        present = [i for i, w in enumerate(self.params) if w.grad is not None]
-        grads: list[Tensor] = [self.params[i].grad for i in present]  # type: ignore[misc]
-        check_tensors(grads, what="gradient")
+        grads, present = self._gradients()
         device = grads[0].device if grads else self.params[0].device
         absent = self.absent_layers(present) if self.reducer is None else ()  # all ranks' norms: not local
         if self.reducer is not None:
             grads = [local(g) for g in grads]  # FSDP2: this rank's shards
-        norms = tensor_norms(grads, p)  # the one read of the gradients
+        norms = self.tensor_norms(grads)  # the one read of the gradients
         loss_val = _loss_value(loss, device)
         rank_flags = None
         if self.reducer is not None:  # the same numbers on every rank: one all-reduce
@@ -150,7 +173,8 @@ class Meter:
                 )
                 present = list(range(len(self.params)))
             norms, loss_val, rank_flags = self.reducer.reduce(norms, loss_val, present)
-        wide = norms.to(torch.float64)  # the global norm sums these, and so do the per-layer norms
+        row, into = rows(device, len(self.params)) if rows is not None else (None, None)
+        wide = _wide(norms, into)  # the global norm sums these, and so do the per-layer norms
         total = total_norm(wide, p).to(device=device, dtype=norms.dtype)
         # flags with few small ops (each costs ~5 µs of dispatch on a CPU): x - x is NaN iff x is not finite
         values = torch.stack([loss_val, total.float()])
@@ -161,8 +185,23 @@ class Meter:
             grad_nan = grad_nan | rank_flags[2]
         bad = nonfinite.any()
         return Measurement(
-            device, grads, present, norms, total, values, nonfinite, grad_nan, bad, absent, wide
+            device, grads, present, norms, total, values, nonfinite, grad_nan, bad, absent, wide, row
         )
+
+    def tensor_norms(self, grads: list[Tensor]) -> Tensor:
+        """The per-tensor norms of the gradients present, as one 1-D tensor: the step's one read of
+        the gradients (the place for a device kernel that reads them once).
+
+        The gradients are not checked one by one each step (~0.3 µs a tensor): torch keeps a
+        gradient's dtype and device those of its parameter, which the guard checked when it joined;
+        a sparse gradient (or another the norm cannot read) fails the norm, and then gets its clear
+        error from :func:`~gradguard.stats.check_tensors`.
+        """
+        try:
+            return grad_norms(grads, self.norm_type)  # Triton kernels on CUDA (_kernels); else tensor_norms
+        except (RuntimeError, NotImplementedError):
+            check_tensors(grads, what="gradient")  # raises the clear error, if it is one of those
+            raise
 
     def layer_norms(self, m: Measurement) -> Tensor:
         """Per-layer gradient norms (in the order of the layer index)."""
@@ -253,6 +292,14 @@ def check_loss(loss: Any) -> None:
             f"the loss is a complex tensor ({loss.dtype}); gradguard checks a real loss. Pass the real "
             "scalar you called backward() on (e.g. `loss.abs()` or `loss.real`)."
         )
+
+
+def _wide(norms: Tensor, into: Tensor | None) -> Tensor:
+    """``norms`` in float64: converted into ``into`` (the monitor's row for them) when it fits, in
+    one copy that the step's record then skips; else a new tensor."""
+    if into is not None and into.shape == norms.shape and into.device == norms.device:
+        return into.copy_(norms)
+    return norms.to(torch.float64)
 
 
 def _loss_value(loss: Tensor | float | None, device: torch.device) -> Tensor:

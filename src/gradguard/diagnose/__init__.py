@@ -10,7 +10,8 @@
 ``explosion``                the gradient norm grew by an order of magnitude or more over its healthy
                              level (growth trend, z-score, the layer that grew first, weights growing);
                              or growth too fast for the norms to show (a float32 overflow in an ordinary
-                             op, an update as large as the weights)
+                             op, an update as large as the weights); not a rise while the loss kept
+                             falling in a finite run (Adam's early surge), at most an info there
 ``over_clipping``            a fixed threshold clips more than half of the steps: the stall that looks
                              like vanishing gradients (clip rate, median norm / threshold, effective
                              LR); an adaptive clipper that stalled the loss; a threshold of 0 that
@@ -23,7 +24,8 @@
                              its parameters and hyperparameters)
 ``bad_data``                 a non-finite tensor entering the step, named (input, target, label, state
                              carried from an earlier step); a lone unlocated step: warning
-``lr_too_high``              update/weight ratios far above ~1e-3, or an LR increase right before growth
+``lr_too_high``              update/weight ratios far above ~1e-3, or an LR increase right before growth;
+                             the rate ``gradguard tune --lr`` verified, else an estimate marked unverified
 ``weight_growth``            a layer's weight norm growing by an order of magnitude
 ``loss_scale_collapse``      the AMP GradScaler's scale collapsing: fp16 cannot hold the gradients
 ``incomplete_log``           the log may lack records: the run was not closed (killed, crashed, or still
@@ -184,18 +186,25 @@ def _tagged(finding: Finding, log: RunLog, facts: Facts, bad_at: int | None) -> 
 
 
 def _global_step(facts: Facts, step: int | None) -> int | None:
-    """The process-wide step (``global_step``) of this run's ``step``, from an event of that step."""
+    """The process-wide step (``global_step``) of this run's ``step``: from the record of that step
+    (the run table's column), else from an event of that step."""
     if step is None:
         return None
+    recorded = facts.table.global_step(step)
+    if recorded is not None:
+        return recorded
     at = (e.get("global_step") for e in facts.events if e.get("step") == step)
     return next((g for g in at if isinstance(g, int) and not isinstance(g, bool)), None)
 
 
 def _first_bad_global_step(facts: Facts) -> int | None:
-    """The global step of the run's first ``nonfinite`` event (``None``: none, or not recorded)."""
+    """The global step of the run's first ``nonfinite`` event, else of its first non-finite record
+    (``None``: the run stayed finite, or it was not recorded)."""
     at = [e.get("global_step") for e in facts.nonfinite_events]
     known = [g for g in at if isinstance(g, int) and not isinstance(g, bool)]
-    return min(known) if known else None
+    if known:
+        return min(known)
+    return _global_step(facts, facts.steps[facts.trouble]) if facts.went_bad else None
 
 
 def headline(findings: Iterable[Finding]) -> Finding | None:

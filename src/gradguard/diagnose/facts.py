@@ -67,8 +67,8 @@ class Facts:
         self.data_bad = {i for i, s in enumerate(self.steps) if s in data_steps}
         self.lone = self._lone_bad()
         self.clip = clip_config(log.meta)
-        self.clip_spec = self.clip.label
         self.clip_kind = self._clip_kind()
+        self.clip_spec = self._clip_label()
         self.trouble, self.trouble_reason = self._first_trouble()
         self.opened = isinstance(log.meta.get("start_time"), str)
         self.closed, self.lost, self.modified = log.closed, log.lost, log.modified
@@ -200,17 +200,29 @@ class Facts:
     def _clip_kind(self) -> str:
         """``"none"``, ``"fixed"`` (a constant global-norm threshold), ``"adaptive"`` or ``"other"``.
 
-        From the clipper in ``meta.json``; a run directory that does not say (another tool's log)
-        is judged by its thresholds: one value is fixed, several adaptive.
+        From the clipper in ``meta.json``. A run directory that does not say (another tool's log) is
+        judged by its thresholds: one value is fixed, several adaptive. So is a run whose guard
+        clipped nothing but whose records hold a threshold on at least half of the steps: the
+        caller's own clipping (a script's ``clip_grad_norm_`` under ``gradguard run``,
+        ``before_step(clip=...)``), not ``on_spike="clip"``'s caps of a few spikes.
         """
         family = self.clip.family
         if family in ("adaptive", "other"):
             return family
-        finite = {t for t in self.thr if math.isfinite(t)}
-        said = bool(self.clip.kind)
-        if family == "fixed" or (not said and len(finite) == 1):
+        thresholds = [t for t in self.thr if math.isfinite(t)]
+        finite = set(thresholds)
+        if family == "fixed":
             return "fixed" if finite else "none"
-        return "adaptive" if not said and len(finite) > 1 else "none"
+        if self.clip.kind and 2 * len(thresholds) < len(self.thr):
+            return "none"  # the guard said it clipped nothing, and the records agree
+        return "fixed" if len(finite) == 1 else "adaptive" if finite else "none"
+
+    def _clip_label(self) -> str | None:
+        """The clipper in words: the guard's, or the caller's own threshold (see :meth:`_clip_kind`)."""
+        if self.clip.family != "none" or self.clip_kind == "none":
+            return self.clip.label
+        finite = sorted({t for t in self.thr if math.isfinite(t)})
+        return f"the caller's clip_grad_norm_ (max_norm {finite[0]:g}{'…' if len(finite) > 1 else ''})"
 
     @functools.cached_property
     def healthy(self) -> HealthyWindow:

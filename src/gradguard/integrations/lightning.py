@@ -12,8 +12,11 @@ and clips the true gradients, the case where Lightning's own clipping refuses). 
 runs :meth:`gradguard.Guard.before_step`: measure → clip in place → decide. Lightning then takes
 its one real ``optimizer.step()`` (through ``GradScaler.step`` under AMP), unless the guard decided
 to skip: the callback gates the optimizer's ``step`` (:class:`~gradguard.integrations._common.StepGate`),
-so a skipped step leaves the weights and the optimizer state bit-identical. The gradients stay in
-place: the LightningModule's own ``on_before_optimizer_step`` (called after the callbacks') sees
+so a skipped step leaves the weights and the optimizer state bit-identical, and the LR schedule
+too: Lightning steps its schedulers after every batch, so the callback holds the next step of a
+skipped step's scheduler (:class:`~gradguard.integrations._schedule.HeldScheduler`, in
+``trainer.lr_scheduler_configs`` while the fit runs; checkpoints get the scheduler's own state).
+The gradients stay in place: the LightningModule's own ``on_before_optimizer_step`` (called after the callbacks') sees
 what the optimizer steps with (unscaled, clipped; ``lightning.pytorch.utilities.grad_norm`` works
 there), and the optimizer's step pre/post hooks fire once per step taken. On CPU, Lightning turns
 ``precision="16-mixed"`` into ``"bf16-mixed"`` (no loss scaler); nothing changes for the callback.
@@ -40,6 +43,7 @@ optimizer's step is that step's loss.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +67,7 @@ from gradguard.integrations._common import (
     unwrap_optimizer,
     write_report,
 )
+from gradguard.integrations._schedule import HeldScheduler, holds
 
 __all__ = ["GradGuard"]
 
@@ -176,6 +181,8 @@ class GradGuard(pl.Callback):
         self.guards: list[Guard] = []
         self._by_optimizer: dict[int, Guard] = {}
         self._gates: dict[int, StepGate] = {}  # the gate on each optimizer's step (not when monitoring)
+        self._held: set[int] = set()  # optimizers with a step skipped since their scheduler stepped
+        self._held_configs: list[Any] = []  # Lightning's scheduler configs holding a HeldScheduler
         self._loss: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
         self._active = False  # guards built and open (between fit start and teardown)
@@ -258,10 +265,29 @@ class GradGuard(pl.Callback):
             self._by_optimizer[id(opt)] = guard
             if not self.monitor_only:
                 self._gates[id(opt)] = StepGate.on(opt)
+        self._hold_schedulers(trainer)
         self._active = True
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
+
+    def _hold_schedulers(self, trainer: pl.Trainer) -> None:
+        """Put a :class:`HeldScheduler` in place of each per-step LR scheduler of a gated optimizer:
+        its next ``step()`` after a skipped step does nothing (undone when the fit ends). An
+        ``interval="epoch"`` scheduler still steps once an epoch (the epoch ends either way)."""
+        for config in trainer.lr_scheduler_configs:
+            inner = getattr(config.scheduler, "optimizer", None)
+            key = id(unwrap_optimizer(inner)) if inner is not None else -1
+            if key in self._gates and config.interval == "step" and holds(config.scheduler):
+                held = HeldScheduler(config.scheduler, functools.partial(self._unhold, key))
+                config.scheduler = held  # type: ignore[assignment]  # the scheduler's stand-in
+                self._held_configs.append(config)
+
+    def _unhold(self, key: int) -> bool:
+        """Whether a step of this optimizer was skipped since its scheduler last stepped (forgotten now)."""
+        held = key in self._held
+        self._held.discard(key)
+        return held
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         loss = loss.detach()
@@ -289,6 +315,8 @@ class GradGuard(pl.Callback):
             take = self._measure(guard, loss)
         if gate is not None:
             gate.decide(take)  # Lightning's optimizer.step() after the hooks steps, or not
+        if not take:
+            self._held.add(id(opt))  # its scheduler's next step is held
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -348,8 +376,8 @@ class GradGuard(pl.Callback):
 
     def _measure(self, guard: Guard, loss: Tensor | None) -> bool:
         """Measure, clip and decide this step; whether the optimizer steps (always, under
-        ``monitor_only``: then nothing is clipped or read on the host). The update ratio is
-        measured after Lightning's own step."""
+        ``monitor_only``: then nothing is clipped, and a bad step is located before Lightning's
+        step, see ``Guard(locate=...)``). The update ratio is measured after Lightning's own step."""
         return guard.before_step(loss)
 
     def _close(self) -> None:
@@ -362,6 +390,9 @@ class GradGuard(pl.Callback):
             write_report(guard.run_dir, self.report)
         for gate in self._gates.values():
             gate.remove()
+        for config in self._held_configs:
+            config.scheduler = config.scheduler.scheduler
+        self._held_configs, self._held = [], set()
         self._active, self._by_optimizer, self._gates, self._loss = False, {}, {}, None
         for sink in self.sinks:
             close: Callable[[], None] | None = getattr(sink, "close", None)

@@ -76,6 +76,7 @@ from gradguard.integrations._common import (
     unwrap_optimizer,
     write_report,
 )
+from gradguard.integrations._schedule import HeldScheduler, holds
 
 __all__ = ["CHECKPOINT_FILE", "GradGuardCallback", "GradGuardMixin", "GradGuardTrainer"]
 
@@ -107,25 +108,6 @@ def _close_sinks(sinks: Sequence[Any]) -> None:
         close: Callable[[], None] | None = getattr(sink, "close", None)
         if close is not None:
             close()
-
-
-class _SkipGate:
-    """The Trainer's LR scheduler, except that ``step()`` does nothing after a skipped step.
-
-    Everything else (``state_dict``, ``get_last_lr``…) is the scheduler's own.
-    """
-
-    def __init__(self, scheduler: Any, skipped: Callable[[], bool]) -> None:
-        self.scheduler = scheduler
-        self._skipped = skipped
-
-    def step(self, *args: Any, **kwargs: Any) -> Any:
-        if self._skipped():
-            return None
-        return self.scheduler.step(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.scheduler, name)
 
 
 class _Hooks(TrainerCallback):
@@ -296,11 +278,8 @@ class GradGuardMixin:
         if resume is not None:
             self.guard.load_state_dict(resume["guard"])
             self._gg_resume = None
-        scheduler = self.lr_scheduler
-        if scheduler is not None and not isinstance(
-            scheduler, (_SkipGate, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        ):
-            self.lr_scheduler = _SkipGate(scheduler, self._gradguard_skipped)
+        if holds(self.lr_scheduler):
+            self.lr_scheduler = HeldScheduler(self.lr_scheduler, self._gradguard_skipped)
 
     def _gradguard_gate(self, optimizer: torch.optim.Optimizer) -> StepGate:
         """The gate on the optimizer's step (from :meth:`create_optimizer`, or installed now)."""
@@ -501,7 +480,7 @@ class GradGuardCallback(TrainerCallback):
         if not has_grads(self.guard.optimizer):
             return
         loss = torch.stack(losses).mean() if losses else None  # the model returned no loss: grads only
-        self.guard.before_step(loss)  # monitor_only: measures and logs, no host read; the Trainer steps
+        self.guard.before_step(loss)  # monitor_only: measures, logs, locates a bad step; the Trainer steps
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._hook is not None:

@@ -13,10 +13,20 @@ Candidates: ``max_norms`` when given; else, with ``run`` (a run directory of the
 a ladder of halvings from 4× the median healthy pre-clip norm ``gradguard diagnose`` found there;
 else an unclipped probe trial first and the same ladder from its first norm. With ``run``, ``tune.json`` is also written
 into that run directory: ``gradguard diagnose RUN`` then quotes the verified threshold.
+
+**Learning rates** (``lrs``, ``gradguard tune SCRIPT --lr LIST``): each trial also sets the
+script's learning rate when it builds its optimizer — the largest group rate becomes the candidate,
+the others keep their ratio to it, and a scheduler made afterwards starts from it — and keeps the
+script's own clipping (``clip="none"``: measured, not replaced; :attr:`Trial.own_clip`) unless
+``max_norms`` are given too (then each threshold at each rate). ``lrs="auto"``: :data:`LR_RUNGS`
+halvings down from the script's own (largest) learning rate, read from ``run`` or, without one,
+from a probe trial of the script as it is (the top candidate). ``tune.json`` then holds the verified
+rate (``recommended_lr``), which ``gradguard diagnose`` quotes for ``lr_too_high``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,9 +40,13 @@ from typing import Any
 from gradguard import runlog
 from gradguard.errors import GradGuardError
 from gradguard.runtable import RunTable
-from gradguard.tunelog import Trial, TuneResult, candidates_around, judge, write_tune
+from gradguard.tunelog import Trial, TuneResult, candidates_around, judge, ladder, write_tune
 
-__all__ = ["tune_script"]
+__all__ = ["LR_RUNGS", "tune_script"]
+
+LR_RUNGS = 8
+"""Learning-rate candidates of ``lrs="auto"``: the script's own rate and 7 halvings below it (128× lower)."""
+_OWN = "own"  # a trial that keeps the script's own clipping (a learning-rate candidate)
 
 _TRIAL_FAILED = 3  # the child's exit code when the script itself raised
 
@@ -51,13 +65,15 @@ def tune_script(
     run: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     timeout_s: float | None = None,
+    lrs: Sequence[float] | str | None = None,
 ) -> TuneResult:
-    """Run ``script`` once per candidate threshold for ``steps`` steps; the judged trials.
+    """Run ``script`` once per candidate (threshold and/or learning rate) for ``steps`` steps; the judged trials.
 
     Args:
         script: the training script (run as ``__main__``, unmodified).
         argv: its own arguments.
         max_norms: thresholds to try (``None``: unclipped). Default: see the module docstring.
+        lrs: learning rates to try, or ``"auto"`` (see the module docstring); ``None``: thresholds only.
         steps: optimizer steps per trial.
         run: a run directory of the same script: candidates from its healthy norms, and
             ``tune.json`` written there.
@@ -65,7 +81,7 @@ def tune_script(
         timeout_s: give up on a trial after this many seconds (it counts as not trained).
 
     Raises:
-        GradGuardError: no such script, a bad ``steps`` / ``max_norms``, ``run`` not a run
+        GradGuardError: no such script, a bad ``steps`` / ``max_norms`` / ``lrs``, ``run`` not a run
             directory, or a script that failed before its first step.
     """
     path = Path(script)
@@ -77,23 +93,100 @@ def tune_script(
         raise GradGuardError(
             f"gradguard tune: --steps must be an int ≥ 2 (a few dozen is typical), got {steps!r}."
         )
+    _check_lrs(lrs)
     folder = Path(out) if out is not None else runlog.default_run_dir(f"tune-{path.stem}", create=True)
     folder.mkdir(parents=True, exist_ok=True)
-    trials: list[Trial] = []
-    candidates: list[float | None] | None = list(max_norms) if max_norms is not None else _from_run(run)
-    if candidates is None:  # an unclipped probe first: its first norm gives the ladder
-        trials.append(_trial(path, argv, None, steps, folder, 0, timeout_s))
-        candidates = [*candidates_around(_first_norm(folder / _name(0, None)))]
-    for k, max_norm in enumerate(candidates, start=len(trials)):
-        trials.append(_trial(path, argv, max_norm, steps, folder, k, timeout_s))
+    job = _Job(path, list(argv), steps, folder, timeout_s)
+    trials = (
+        _lr_trials(job, max_norms, lrs, run) if lrs is not None else _threshold_trials(job, max_norms, run)
+    )
+    lr_flag = (
+        [] if lrs is None else ["--lr", lrs if isinstance(lrs, str) else ",".join(f"{x:g}" for x in lrs)]
+    )
     command = shlex.join(
-        ["gradguard", "tune", str(path), *(["--run", str(run)] if run is not None else []), *argv]
+        # tune's options before the script: what follows the script is the script's own
+        ["gradguard", "tune", *(["--run", str(run)] if run is not None else []), *lr_flag, str(path), *argv]
     )
     result = TuneResult(trials, steps, source="script", command=command)
     write_tune(folder, result)
     if run is not None:
         write_tune(runlog.read_run(run, records=False).path, result)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every trial of one tuning shares: the script, its arguments, the budget, the folder."""
+
+    script: Path
+    argv: list[str]
+    steps: int
+    folder: Path
+    timeout_s: float | None
+
+    def trial(self, k: int, max_norm: float | str | None, lr: float | None = None) -> Trial:
+        """Trial ``k`` (``max_norm`` :data:`_OWN`: the script's own clipping)."""
+        return _trial(self.script, self.argv, max_norm, self.steps, self.folder, k, self.timeout_s, lr)
+
+
+def _threshold_trials(job: _Job, max_norms: Sequence[float | None] | None, run: Any) -> list[Trial]:
+    """One trial per threshold: ``max_norms``, or a ladder around the norms of ``run`` or of a probe."""
+    trials: list[Trial] = []
+    candidates: list[float | None] | None = list(max_norms) if max_norms is not None else _from_run(run)
+    if candidates is None:  # an unclipped probe first: its first norm gives the ladder
+        trials.append(job.trial(0, None))
+        candidates = [*candidates_around(_first_norm(job.folder / _name(0, None)))]
+    for k, max_norm in enumerate(candidates, start=len(trials)):
+        trials.append(job.trial(k, max_norm))
+    return trials
+
+
+def _lr_trials(
+    job: _Job, max_norms: Sequence[float | None] | None, lrs: Sequence[float] | str, run: Any
+) -> list[Trial]:
+    """One trial per learning rate (× threshold when ``max_norms``; else the script's own clipping)."""
+    thresholds: list[float | str | None] = list(max_norms) if max_norms is not None else [_OWN]
+    trials: list[Trial] = []
+    if isinstance(lrs, str):  # "auto": halvings down from the script's own rate
+        top = _run_lr(run) if run is not None else None
+        if top is None:  # the script as it is: the top candidate (with its own clipping)
+            trials.append(job.trial(0, _OWN))
+            top = _run_lr(job.folder / _name(0, _OWN))
+            trials[0] = dataclasses.replace(trials[0], lr=top)
+        rates = ladder(top, LR_RUNGS)
+        if trials:  # the probe was the top rung
+            rates = rates[:-1]
+    else:
+        rates = list(lrs)
+    for max_norm in thresholds:
+        for lr in rates:
+            trials.append(job.trial(len(trials), max_norm, lr))
+    return trials
+
+
+def _check_lrs(lrs: Sequence[float] | str | None) -> None:
+    if lrs is None or lrs == "auto":
+        return
+    if isinstance(lrs, (str, bytes)) or not isinstance(lrs, Sequence) or not lrs:
+        raise GradGuardError(
+            f"gradguard tune: --lr must be a non-empty list of learning rates or 'auto', got {lrs!r}."
+        )
+    for v in lrs:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise GradGuardError(
+                f"gradguard tune: every learning rate must be a positive finite number, got {v!r} in {list(lrs)!r}."
+            )
+
+
+def _run_lr(run: Any) -> float:
+    """The largest finite learning rate a run (of the same script) recorded: the rate to halve down from."""
+    table = RunTable.from_log(runlog.read_run(run, records=False))
+    rates = [x for x in table.lr if math.isfinite(x) and x > 0]
+    if not rates:
+        raise GradGuardError(
+            f"gradguard tune --lr auto: the run {str(run)!r} recorded no learning rate; pass the rates, e.g. --lr 1e-3,3e-4,1e-4."
+        )
+    return max(rates)
 
 
 def _from_run(run: str | os.PathLike[str] | None) -> list[float | None] | None:
@@ -110,8 +203,9 @@ def _from_run(run: str | os.PathLike[str] | None) -> list[float | None] | None:
     return [*candidates_around(window.p50)]
 
 
-def _name(k: int, max_norm: float | None) -> str:
-    return f"trial{k:02d}-" + ("none" if max_norm is None else f"norm-{max_norm:g}")
+def _name(k: int, max_norm: float | str | None, lr: float | None = None) -> str:
+    clip = "none" if max_norm is None else "own" if max_norm == _OWN else f"norm-{max_norm:g}"
+    return f"trial{k:02d}-" + clip + ("" if lr is None else f"-lr-{lr:g}")
 
 
 def _first_norm(run_dir: Path) -> float:
@@ -124,21 +218,32 @@ def _first_norm(run_dir: Path) -> float:
 def _trial(
     script: Path,
     argv: Sequence[str],
-    max_norm: float | None,
+    max_norm: float | str | None,
     steps: int,
     folder: Path,
     k: int,
     timeout_s: float | None,
+    lr: float | None = None,
 ) -> Trial:
-    """One trial in a fresh process; judged from the run directory it wrote."""
-    run_dir = folder / _name(k, max_norm)
-    clip = "norm:inf" if max_norm is None else f"norm:{max_norm!r}"
-    job = {"script": str(script), "argv": list(argv), "clip": clip, "steps": steps, "out": str(run_dir)}
+    """One trial in a fresh process; judged from the run directory it wrote (``max_norm``
+    :data:`_OWN`: the script's own clipping, measured; ``lr``: the rate its optimizer starts at)."""
+    run_dir = folder / _name(k, max_norm, lr)
+    own = max_norm == _OWN
+    threshold = None if isinstance(max_norm, str) else max_norm
+    clip = "none" if own else "norm:inf" if threshold is None else f"norm:{threshold!r}"
+    job = {
+        "script": str(script),
+        "argv": list(argv),
+        "clip": clip,
+        "steps": steps,
+        "out": str(run_dir),
+        "lr": lr,
+    }
     cmd = [sys.executable, "-m", "gradguard.integrations.tune_script", json.dumps(job)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
-        return judge(max_norm, None, [], [])  # no step finished in time: not trained
+        return judge(threshold, lr, [], [], own_clip=own)  # no step finished in time: not trained
     if not runlog.is_run_dir(run_dir):
         tail = " | ".join(line.strip() for line in (done.stderr or "").strip().splitlines()[-3:])
         raise GradGuardError(
@@ -146,7 +251,7 @@ def _trial(
             f"check that it trains under `gradguard run --clip {clip} {script}`. Its last output: {tail}"
         )
     table = RunTable.from_log(runlog.read_run(run_dir, records=False))
-    return judge(max_norm, None, list(table.loss), list(table.grad_norm))
+    return judge(threshold, lr, list(table.loss), list(table.grad_norm), own_clip=own)
 
 
 def _seed_everything() -> None:
@@ -179,6 +284,8 @@ def _trial_main(args: list[str]) -> int:
             raise _Done
 
     handle = register_optimizer_step_post_hook(after_step)
+    if job.get("lr") is not None:
+        _start_at_lr(float(job["lr"]))
     sys.argv = [str(script), *job["argv"]]
     sys.path.insert(0, str(script.resolve().parent))
     _seed_everything()
@@ -202,6 +309,27 @@ def _trial_main(args: list[str]) -> int:
     finally:
         handle.remove()
     return code
+
+
+def _start_at_lr(lr: float) -> None:
+    """Every optimizer the script builds starts at ``lr``: its largest group rate becomes ``lr``, the
+    other groups (and the default of groups added later) keep their ratio to it. Done as the optimizer
+    is built, so a learning-rate scheduler made afterwards starts from it. The child process only."""
+    import torch
+
+    init = torch.optim.Optimizer.__init__
+
+    def started_at_lr(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        rates = [float(g["lr"]) for g in self.param_groups if isinstance(g.get("lr"), (int, float))]
+        top = max(rates, default=0.0)
+        if top <= 0:
+            return
+        for group in [*self.param_groups, self.defaults]:
+            if isinstance(group.get("lr"), (int, float)) and not isinstance(group["lr"], bool):
+                group["lr"] = float(group["lr"]) * lr / top
+
+    torch.optim.Optimizer.__init__ = started_at_lr  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

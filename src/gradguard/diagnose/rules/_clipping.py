@@ -1,11 +1,16 @@
 """What the clipping rules share: the steps a threshold clipped, and advice that says whether it was verified.
 
 Not a rule (no ``RULE``): the window that ``over_clipping`` (a fixed threshold) and
-``adaptive_clipping`` (an adaptive one) judge, and the evidence they both report; and
-:func:`threshold_advice`, the one way a rule recommends a ``max_norm``: from ``tune.json``
-(:mod:`gradguard.tunelog`, written by ``gradguard tune`` / ``Guard.tune``) when the run directory
-holds one — verified advice — otherwise the rule's estimate, marked unverified, never at or above
-a level the run itself showed to fail at, with the ``gradguard tune`` command line that verifies it.
+``adaptive_clipping`` (an adaptive one) judge, and the evidence they both report; and the two
+ways a rule recommends a number:
+
+* :func:`threshold_advice`, the one way to recommend a ``max_norm``: from ``tune.json``
+  (:mod:`gradguard.tunelog`, written by ``gradguard tune`` / ``Guard.tune``) when the run directory
+  holds one — verified advice — otherwise the rule's estimate, marked unverified, never at or above
+  a level the run itself showed to fail at, with the ``gradguard tune`` command line that verifies it;
+* :func:`lr_advice`, the one way to recommend a learning rate: the rate ``tune.json`` verified
+  (``gradguard tune --lr``) or the rule's estimate, marked unverified, at most half the rate the run
+  failed at, with the ``gradguard tune --lr`` command line that verifies it.
 """
 
 from __future__ import annotations
@@ -140,11 +145,29 @@ def tuned(f: Facts) -> TuneResult | None:
     return read_tune(f.log.path)
 
 
-def tune_command(f: Facts) -> str:
-    """The ``gradguard tune`` command line that verifies advice for this run (one line to paste)."""
-    script = f.log.meta.get("script")
-    name = script if isinstance(script, str) and script else "train.py"
-    return f"gradguard tune {_quote(name)} --run {_quote(str(f.log.path))}"
+def tune_command(f: Facts, options: str = "") -> str:
+    """The ``gradguard tune`` command line that verifies advice for this run (one line to paste).
+
+    The script and its arguments are the run's (``meta.json``'s ``argv``, as ``gradguard run`` and a
+    plain ``python train.py`` write it; ``train.py`` when the run does not say, or ran something
+    else: :func:`_a_script`); ``--run`` and
+    ``options`` (``"--lr auto"``) come before the script, since what follows it is the script's own.
+    """
+    argv = f.log.meta.get("argv")
+    words = [a for a in argv if isinstance(a, str)] if isinstance(argv, list) else []
+    script, args = (words[0], words[1:]) if words and _a_script(words[0]) else ("train.py", [])
+    named = f.log.meta.get("script")
+    if isinstance(named, str) and named:
+        script, args = named, []
+    line = ["gradguard tune", "--run", _quote(str(f.log.path)), options, _quote(script), *map(_quote, args)]
+    return " ".join(w for w in line if w)
+
+
+def _a_script(path: str) -> bool:
+    """Whether ``argv[0]`` is the user's training script: a ``.py`` file, not a package's
+    ``__main__`` (``python -m``) nor an installed launcher (a notebook kernel's, pytest's)."""
+    installed = any(part in path for part in ("site-packages", "dist-packages"))
+    return path.endswith(".py") and not path.endswith("__main__.py") and not installed
 
 
 def _quote(text: str) -> str:
@@ -178,14 +201,18 @@ def exploding_norm(f: Facts) -> float | None:
 def threshold_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
     """The recommendation entries for a global-norm threshold.
 
-    With ``tune.json`` in the run directory: its verified threshold (``verified: True``), or — when
-    none of its candidates trained — no threshold and the advice to lower the learning rate.
+    With ``tune.json`` in the run directory (and thresholds among its candidates, not only learning
+    rates): its verified threshold (``verified: True``), or — when none of its candidates trained —
+    no threshold and the advice to lower the learning rate.
     Otherwise ``estimate`` (from ``why``), lowered below every level the run showed to fail at
     (:func:`failed_levels`, :func:`exploding_norm`), marked ``verified: False`` with the command
     line that verifies it (``tune``); no threshold when nothing below those levels is left.
+
+    Every rule that recommends a ``max_norm`` takes it from here. ``text`` is a clause without its
+    final period: the rule puts its own advice around it and ends the sentence.
     """
     result = tuned(f)
-    if result is not None:
+    if result is not None and thresholds_tried(result):
         return _verified(f, result)
     command = tune_command(f)
     unsafe = [x for x in (*failed_levels(f), exploding_norm(f)) if x is not None]
@@ -213,12 +240,114 @@ def _verified(f: Facts, result: TuneResult) -> dict[str, Any]:
             "verified": True,
             **evidence,
             "text": f"gradguard tune tried {tried} for {result.steps} steps each and none trained: lower the "
-            "learning rate (3–10×), then tune again.",
+            "learning rate (3–10×), then tune again",
         }
     out: dict[str, Any] = clip_advice(rec.max_norm) if rec.max_norm is not None else {"clip": "none"}
     out.update(evidence)
     if rec.lr is not None:
         out["lr"] = rec.lr
     out["verified"] = True
-    out["text"] = f"{result.verdict()} (gradguard tune, from {tried}; {TUNE_FILE} in the run directory)"
+    out["text"] = (
+        f"{result.verdict().rstrip('.')} (gradguard tune, from {tried}; {TUNE_FILE} in the run directory)"
+    )
+    return out
+
+
+def thresholds_tried(result: TuneResult) -> bool:
+    """Whether ``tune.json`` tried thresholds (not only learning rates under the script's own clipping,
+    or without clipping at all)."""
+    return any(t.max_norm is not None and not t.own_clip for t in result.trials)
+
+
+# ============================================================================================
+# Learning-rate advice: verified by tune.json's rate candidates, or an estimate that says it is one
+# ============================================================================================
+
+
+def failed_lr(f: Facts) -> float | None:
+    """The learning rate the run failed at: the last finite one up to where its norm started climbing
+    or, without a climb, its first non-finite step (a run that never failed: its last one); ``None``
+    when the run logs no learning rate."""
+    h = f.healthy
+    end = f.index_of(h.onset_step) if h.onset_step is not None else f.trouble
+    rates = [v for v in f.lr[: end + 1] if math.isfinite(v) and v > 0]
+    return rates[-1] if rates else None
+
+
+def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
+    """The recommendation entries for a learning rate: the one way a rule recommends an ``lr``.
+
+    With learning rates among ``tune.json``'s candidates: the rate that trained there
+    (``lr_verified: True``), or — when none did — the advice to go below the lowest one tried.
+    Otherwise ``estimate`` (from ``why``), kept at most half the rate the run failed at
+    (:func:`failed_lr`), marked ``lr_verified: False`` with the ``gradguard tune --lr`` command line
+    that verifies it (``lr_tune``: the estimate and its neighbours below that rate as candidates).
+    ``text`` is a sentence without its final period, as :func:`threshold_advice`'s.
+    """
+    result = tuned(f)
+    if result is not None and result.lr_candidates():
+        return _verified_lr(result)
+    failed = failed_lr(f)
+    if estimate is not None and failed is not None and estimate > failed / 2:
+        estimate, why = sig(failed / 2, 1), f"half this run's learning rate, {fmt(failed)}"
+    if estimate is None or not (math.isfinite(estimate) and estimate > 0):
+        command = tune_command(f, "--lr auto")
+        return {
+            "lr_verified": False,
+            "lr_tune": command,
+            "text": f"Verify a lower learning rate first: {command}",
+        }
+    rungs = [sig(estimate * 2.0**k, 2) for k in (1, 0, -1, -2)]
+    ladder = ",".join(f"{r:g}" for r in rungs if failed is None or r < failed)
+    command = tune_command(f, f"--lr {ladder}")
+    return {
+        "lr": estimate,
+        "lr_verified": False,
+        "lr_tune": command,
+        "text": f"Try lr={estimate:g} ({why}) — unverified: check it trains before a long run with `{command}`",
+    }
+
+
+def lower_lr(f: Facts, factor: float = 10.0) -> dict[str, Any]:
+    """:func:`lr_advice` for "lower the learning rate": ``1/factor`` of the rate the run failed at."""
+    failed = failed_lr(f)
+    if failed is None:
+        return lr_advice(f, None, "")
+    return lr_advice(
+        f, sig(failed / factor, 1), f"1/{factor:g} of the rate this run failed at, {fmt(failed)}"
+    )
+
+
+def with_lr(rec: dict[str, Any], lr: dict[str, Any]) -> dict[str, Any]:
+    """``rec`` (a rule's recommendation) with the entries of :func:`lr_advice`'s ``lr`` but its text.
+
+    ``verified`` and ``tune`` stay the threshold's where ``rec`` recommends one; in a recommendation
+    without a threshold they are the learning rate's.
+    """
+    rec.update({k: v for k, v in lr.items() if k != "text"})
+    if "max_norm" not in rec:
+        rec["verified"] = lr["lr_verified"]
+        if "lr_tune" in lr:
+            rec["tune"] = lr["lr_tune"]
+    return rec
+
+
+def _verified_lr(result: TuneResult) -> dict[str, Any]:
+    """Learning-rate advice from ``tune.json``: the rate that trained there, with its evidence."""
+    rates = result.lr_candidates()
+    tried = ", ".join(f"{r:g}" for r in rates)
+    evidence = {"tuned": {"trials": len(result.trials), "steps": result.steps, "file": TUNE_FILE}}
+    rec = result.recommended
+    if rec is None:
+        return {
+            "lr_verified": True,
+            **evidence,
+            "text": f"gradguard tune tried learning rates {tried} for {result.steps} steps each and none trained: "
+            f"go below {min(rates):g} (or add warm-up), then tune again",
+        }
+    out: dict[str, Any] = {"lr": rec.lr} if rec.lr is not None else {}  # None: the run's own rate won
+    out.update(evidence, lr_verified=True)
+    out["text"] = (
+        f"{result.verdict().rstrip('.')} (gradguard tune, from learning rates {tried}; {TUNE_FILE} in the run directory)"
+    )
     return out

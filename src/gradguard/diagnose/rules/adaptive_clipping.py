@@ -3,19 +3,25 @@
 Adaptive clippers clip most steps by design, so the clip rate alone says nothing: reported when
 more than half of the last quarter of the steps were clipped and the loss made no progress
 (< 10%), in a run that neither went non-finite nor exploded (the registry: it gives way to any
-``explosion``).
+``explosion``). The fixed threshold it recommends comes through
+:func:`~gradguard.diagnose.rules._clipping.threshold_advice` (verified, or marked unverified).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import clip_advice, fmt
+from gradguard.diagnose.numbers import fmt
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import OVERCLIP_RATE, ClipWindow, clip_window, window_evidence
+from gradguard.diagnose.rules._clipping import (
+    OVERCLIP_RATE,
+    ClipWindow,
+    clip_window,
+    threshold_advice,
+    window_evidence,
+)
 
 STALLED = 0.1  # the loss fell by less than this fraction
 
@@ -34,9 +40,11 @@ def explain(f: Facts, w: ClipWindow) -> Finding:
         f"{f.clip_spec} clips {w.rate:.0%} of the last {len(w.window)} steps (adaptive clippers do by design), "
         f"but the loss made no progress ({fmt(w.loss_start)} → {fmt(w.loss_end)})."
     )
-    rec: dict[str, Any] = {"text": "Try a fixed threshold from the healthy norms, or a lower learning rate."}
-    if f.healthy.max_norm is not None:
-        rec.update(clip_advice(f.healthy.max_norm))
+    h = f.healthy
+    rec = threshold_advice(f, h.max_norm, f"{h.rule}, {len(h.norms)} steps")
+    rec["text"] = (
+        f"Use a fixed threshold instead of the adaptive clipper, or a lower learning rate. {rec['text']}."
+    )
     evidence = window_evidence(f, w)
     return Finding("over_clipping", "warning", f.steps[w.window[0]], message, evidence, rec)
 

@@ -9,6 +9,10 @@ loss must climb depends on what else the log shows:
 * the weight norms were logged and stayed put (``Facts.weights_still``): the loss grew with the
   objective (an RL loss summed over episodes that get longer), not with the model: not divergence;
 * no weight norms in the log: the loss alone, 100× above its best and 10× above its start.
+
+Advice: lower the learning rate (the rate ``gradguard tune --lr`` verified, or a tenth of the
+run's, marked unverified); where the norms climbed, a fixed threshold from the healthy norms
+through :func:`~gradguard.diagnose.rules._clipping.threshold_advice` (verified, or marked unverified).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 
 from gradguard.diagnose.facts import WEIGHT_MOVED, Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import clip_advice, fmt, rolling_median, sig
+from gradguard.diagnose.numbers import fmt, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import lower_lr, threshold_advice, with_lr
 
 DIVERGENCE_FACTOR = 100.0  # loss above its best by two orders of magnitude...
 DIVERGENCE_START_FACTOR = 10.0  # ...and above where it started by one
@@ -78,17 +83,24 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         f"Divergence without NaN: from step {step} the loss climbed from its best {fmt(ev.best)} to "
         f"{fmt(peak)} (it started at {fmt(start)}) while every value stayed finite — finiteness is not health."
     )
-    rec: dict[str, Any] = {
-        "text": "Lower the learning rate (3–10×) or add warm-up; a spike-only clipper keeps values finite but "
-        "does not stop a climb.",
-    }
+    return Finding("divergence", "error", step, message, evidence, _advice(f))
+
+
+def _advice(f: Facts) -> dict[str, Any]:
+    """Lower the learning rate (:func:`~gradguard.diagnose.rules._clipping.lower_lr`: verified, or
+    marked unverified); where the norms climbed, a fixed threshold from the healthy ones (through
+    :func:`~gradguard.diagnose.rules._clipping.threshold_advice`) bounds every step."""
+    text = (
+        "Lower the learning rate (3–10×) or add warm-up; a spike-only clipper keeps values finite but does not "
+        "stop a climb."
+    )
+    lr = lower_lr(f)
     h = f.healthy
-    if h.max_norm is not None and h.onset_step is not None:
-        rec.update(clip_advice(h.max_norm))
-        rec["text"] += (
-            f" A fixed threshold at {h.max_norm:g} (the healthy norms before step {h.onset_step}) bounds every step."
-        )
-    return Finding("divergence", "error", step, message, evidence, rec)
+    if h.onset_step is None:
+        return {**with_lr({}, lr), "text": f"{text} {lr['text']}."}
+    rec = threshold_advice(f, h.max_norm, f"the healthy norms before step {h.onset_step}")
+    rec["text"] = f"{text} {lr['text']}. A fixed threshold bounds every step. {rec['text']}."
+    return with_lr(rec, lr)
 
 
 RULE = Rule("divergence", detect, explain)

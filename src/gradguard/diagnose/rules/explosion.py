@@ -3,12 +3,24 @@
 Evidence: the growth onset (:func:`gradguard.runtable.climb_onset`, the definition the guard's
 locator uses too) and rate, the peak and its z-score against the healthy log-norms, the layer
 whose norm grew first (:func:`gradguard.runtable.first_layer_to_grow`), weight norms growing, the
-guard's spike and overflow events. A norm that rose while the loss kept falling and nothing went
-non-finite (Adam's early steps often do) harmed nothing and is not reported, unless a fixed
-threshold was there to catch it (then it is ``info``); nor is a norm that grew in a finite run
-whose weights stayed put (``Facts.weights_still``: the gradient grew with the objective, e.g. an RL
-loss summed over longer episodes). Severity: an error when the run went non-finite or diverged
-(the ``divergence`` rule), so a CI gate fails on it.
+guard's spike and overflow events.
+
+Not every rise is an explosion. In a finite run (no non-finite step, no overflow):
+
+* a norm that rose while the loss kept falling (Adam's early steps often raise it 10-20×) harmed
+  nothing and is not reported, unless a fixed threshold was there to catch it under an optimizer
+  whose step clipping bounds (SGD and its kin; not Adam and its kin, which normalize their step:
+  the rnn demo's ``adam+norm:5`` surges ~20× and trains fine);
+* there, a **surge that settled** — the norm stopped climbing after its peak (no climb onset after
+  it, the last quarter no higher than :data:`SETTLE` × the median since the peak) while the loss
+  kept falling, also after the peak — is an ``info`` saying the threshold held it, with nothing to
+  change; a rise still climbing at the end is an ``info`` explosion;
+* a norm that grew while the weights stayed put (``Facts.weights_still``: the gradient grew with
+  the objective, e.g. an RL loss summed over longer episodes) is not reported.
+
+Severity: an error when the run went non-finite or diverged (the ``divergence`` rule), so a CI
+gate fails on it; in a finite run a warning, or an ``info`` when a fixed threshold caught the rise
+and the loss kept falling.
 
 Advice: a threshold from the healthy norms, never at or above a level the run was clipped to when
 it failed (then: lower the learning rate), verified by ``tune.json`` or marked unverified with the
@@ -27,10 +39,23 @@ from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.healthy import HealthyWindow
 from gradguard.diagnose.numbers import fmt, layer_name, median, sig
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import failed_levels, threshold_advice, tune_command, tuned
-from gradguard.runtable import EXPLOSION_FACTOR, GROWTH_FACTOR, first_above, first_layer_to_grow
+from gradguard.diagnose.rules._clipping import (
+    failed_levels,
+    lower_lr,
+    scale_free,
+    threshold_advice,
+    thresholds_tried,
+    tuned,
+    with_lr,
+)
+from gradguard.runtable import EXPLOSION_FACTOR, GROWTH_FACTOR, climb_onset, first_above, first_layer_to_grow
 
-_LOSS_SAMPLES = 20  # fewest finite losses that can show the loss kept falling
+_LOSS_SAMPLES = 20  # fewest finite losses (and norms after a peak) that can show a trend
+FELL = 0.05
+"""The loss fell when its end is below its start by at least this fraction of the start's size."""
+SETTLE = 2.0
+"""A surge settled when the median of the last quarter of the norms after its peak is at most this
+many times the median of all of them (and no new climb started): the norm stopped growing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +67,8 @@ class Evidence:
     ratio: float
     overflows: int
     diverged: bool = False
+    falling: bool = False
+    settled_at: float | None = None  # the norm's level after a surge that settled (see _settled)
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -58,17 +85,42 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     climbed = h.onset_step is not None and f.went_bad and math.isfinite(ratio) and ratio >= GROWTH_FACTOR
     if not (big or climbed or overflows):
         return None
-    if not f.went_bad and not overflows and f.clip_kind != "fixed" and _loss_kept_falling(f):
+    finite = not f.went_bad and not overflows
+    if finite and f.weights_still:
         return None
-    if not f.went_bad and not overflows and f.weights_still:
-        return None
-    return Evidence(peak_i, peak, ratio, overflows, seen.finding("divergence") is not None)
+    falling = finite and _falling(f.loss_at(0, len(f.rows)))
+    if falling and (f.clip_kind != "fixed" or scale_free(f)):
+        return None  # nothing bounded it, or clipping barely changes the step (Adam): it harmed nothing
+    settled = _settled(f, peak_i) if falling and peak_i is not None else None
+    return Evidence(peak_i, peak, ratio, overflows, seen.finding("divergence") is not None, falling, settled)
 
 
-def _loss_kept_falling(f: Facts) -> bool:
-    losses = f.loss_at(0, len(f.rows))
+def _ends(losses: list[float]) -> tuple[float, float]:
+    """The medians of the first and of the last tenth (at most 50) of ``losses``: batches differ."""
     k = max(1, min(len(losses) // 10, 50))
-    return len(losses) >= _LOSS_SAMPLES and median(losses[-k:]) < median(losses[:k])
+    return median(losses[:k]), median(losses[-k:])
+
+
+def _falling(losses: list[float]) -> bool:
+    """Whether finite ``losses`` fell: the end at least :data:`FELL` of its size below the start
+    (:func:`_ends`; a flat loss that wobbles down by a hair did not fall)."""
+    if len(losses) < _LOSS_SAMPLES:
+        return False
+    start, end = _ends(losses)
+    return end < start - FELL * abs(start)
+
+
+def _settled(f: Facts, peak_i: int) -> float | None:
+    """Where the norm settled after its peak (row ``peak_i``): the median of the last quarter of the
+    norms since, when there are enough of them, no new climb started, that quarter is no higher than
+    :data:`SETTLE` × the median since the peak, and the loss kept falling after the peak too;
+    ``None``: it did not settle."""
+    after = [f.norm[i] for i in range(peak_i + 1, f.trouble) if f.ok[i] and f.norm[i] > 0]
+    if len(after) < _LOSS_SAMPLES or climb_onset(after, ends_in_trouble=False) is not None:
+        return None
+    level = median(after[-max(5, len(after) // 4) :])
+    calm = level <= SETTLE * median(after) and _falling(f.loss_at(peak_i, len(f.rows)))
+    return level if calm else None
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
@@ -92,9 +144,28 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         **_weights(f),
         **_end(f),
     }
+    if ev.settled_at is not None:
+        return _surge_held(f, ev, ev.settled_at, onset, evidence)
     return Finding(
         "explosion", _severity(f, ev), onset, _message(f, ev, onset, evidence), evidence, _advice(f)
     )
+
+
+def _surge_held(f: Facts, ev: Evidence, level: float, onset: int | None, evidence: dict[str, Any]) -> Finding:
+    """An ``info``: a fixed threshold clipped a surge that then settled (at ``level``) while the loss
+    kept falling."""
+    evidence.update(
+        settled=True, settled_norm=sig(level, 4), settled_over_healthy_median=sig(level / f.healthy.p50, 3)
+    )
+    start, end = _ends(f.loss_at(0, len(f.rows)))
+    message = (
+        f"A surge of the gradient norm that settled, not an explosion: the pre-clip norm rose from a healthy "
+        f"median of {fmt(f.healthy.p50)} to {fmt(ev.peak)} ({fmt(ev.ratio)}×) from step {onset}, then settled "
+        f"near {fmt(level)} while the loss kept falling ({fmt(start)} → {fmt(end)}); "
+        f"the threshold ({f.clip_spec}) bounded those steps."
+    )
+    rec = {"text": "Nothing to fix: keep the threshold, which bounded the surge."}
+    return Finding("explosion", "info", onset, message, evidence, rec)
 
 
 def _after(f: Facts, h: HealthyWindow) -> int:
@@ -162,7 +233,7 @@ def _end(f: Facts) -> dict[str, Any]:
 def _severity(f: Facts, ev: Evidence) -> str:
     if f.went_bad or ev.diverged:
         return "error"
-    return "info" if f.clip_kind == "fixed" else "warning"  # a fixed threshold caught it
+    return "info" if f.clip_kind == "fixed" and ev.falling else "warning"  # a fixed threshold caught it
 
 
 def _message(f: Facts, ev: Evidence, onset: int | None, evidence: dict[str, Any]) -> str:
@@ -183,23 +254,22 @@ def _advice(f: Facts) -> dict[str, Any]:
 
     A threshold at or above a level this run was clipped to when it failed is never recommended:
     that level did not hold. Every threshold is verified by ``tune.json`` or marked unverified
-    (:func:`~gradguard.diagnose.rules._clipping.threshold_advice`).
+    (:func:`~gradguard.diagnose.rules._clipping.threshold_advice`), and so is the learning rate
+    (:func:`~gradguard.diagnose.rules._clipping.lower_lr`).
     """
     h = f.healthy
     failed = failed_levels(f)
     if failed and h.max_norm is not None and min(failed) <= h.max_norm:
-        command = tune_command(f)
+        lr = lower_lr(f)
         rec: dict[str, Any] = {
-            "verified": False,
-            "tune": command,
             "text": f"The norm was already clipped at {fmt(min(failed))} and still exploded: lower the learning "
-            "rate (3–10×) or add warm-up; clipping alone keeps the step bounded, not the weights. Verify the new "
-            f"learning rate before a long run: {command} --lr ...",
+            f"rate (3–10×) or add warm-up; clipping alone keeps the step bounded, not the weights. {lr['text']}.",
         }
         result = tuned(f)
-        if result is not None:
-            rec.update(threshold_advice(f, None, ""))
-        return rec
+        if result is not None and thresholds_tried(result):
+            verified = threshold_advice(f, None, "")
+            rec.update(verified, text=f"{rec['text']} {verified['text']}.")
+        return with_lr(rec, lr)
     why = f"from {len(h.norms)} healthy norms, steps {h.first_step}–{h.last_step}"
     rec = threshold_advice(f, h.max_norm, why)
     if not rec.get("verified"):
@@ -208,8 +278,9 @@ def _advice(f: Facts) -> dict[str, Any]:
             + rec["text"]
             + "; keep on_nonfinite='skip' so a bad step never reaches the weights"
         )
-    rec["text"] += "."
-    return rec
+    lr = lower_lr(f)
+    rec["text"] += f". {lr['text']}."
+    return with_lr(rec, lr)
 
 
 RULE = Rule("explosion", detect, explain)

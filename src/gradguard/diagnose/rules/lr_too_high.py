@@ -5,6 +5,11 @@ stopped: the LR still rising when the loss turned up.
 By evidence, not by the schedule's name: an ordinary warm-up rises in a ramp and then holds, and
 its first steps double the LR from a tiny value; that is no jump. A jump is a step change from an
 LR that held (the LR one step before equals the one before that).
+
+Advice: the rate before the jump, where the loss was best, or one giving update ratios near 1e-2 —
+through :func:`~gradguard.diagnose.rules._clipping.lr_advice`: the rate ``gradguard tune --lr``
+verified when ``tune.json`` holds one, else the estimate marked unverified with the command line
+that verifies it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name, median, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import lr_advice, with_lr
 
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth
@@ -91,7 +97,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     }
     lrs = [v for v in f.lr[: ev.end] if math.isfinite(v)]
     lr = lrs[-1] if lrs else math.nan
-    rec: dict[str, Any] = {}
+    estimate: tuple[float, str] | None = None  # the rate to recommend, and why
     parts: list[str] = []
     step: int | None = None
     if ev.jump is not None:
@@ -101,7 +107,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             f"the learning rate rose from {fmt(before)} to {fmt(after)} at step {at}, "
             f"right before the norm started growing (step {f.healthy.onset_step})"
         )
-        step, rec["lr"] = at, before
+        step, estimate = at, (before, f"the rate before its jump at step {at}")
     if ev.rising is not None:
         at, lr_best, lr_last = ev.rising
         evidence.update({"lr_still_rising_from_step": at, "lr_at_best_loss": lr_best, "lr_last": lr_last})
@@ -110,24 +116,33 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             f"step {at}, and the loss climbed since: a warm-up that never stops"
         )
         step = step if step is not None else at
-        rec.setdefault("lr", lr_best)
+        estimate = estimate or (
+            lr_best,
+            f"the rate where the loss was best, step {at}: stop the warm-up there",
+        )
     if ev.worst is not None:
         name, ratio = ev.worst
         parts.append(
             f"layer {layer_name(name)} moves {fmt(ratio)} of its weight norm per step (median; ~1e-3 is typical)"
         )
         step = step if step is not None else f.steps[min(ev.warm, len(f.steps) - 1)]
-        if math.isfinite(lr) and "lr" not in rec:
-            rec["lr"] = sig(lr * min(0.5, 1e-2 / ratio), 1)
+        if math.isfinite(lr) and estimate is None:
+            estimate = (sig(lr * min(0.5, 1e-2 / ratio), 1), "an update/weight ratio near 1e-2")
     evidence["lr"] = lr if math.isfinite(lr) else None
-    lower = (
-        f"Lower the learning rate to ~{fmt(rec['lr'])} (or warm it up)"
-        if "lr" in rec
-        else "Lower the learning rate"
-    )
-    rec["text"] = lower + "; clipping bounds a step's size but not a learning rate that is too large."
     message = "Learning rate too high: " + "; ".join(parts) + "."
-    return Finding("lr_too_high", "warning", step, message, evidence, rec)
+    return Finding("lr_too_high", "warning", step, message, evidence, _advice(f, estimate))
+
+
+def _advice(f: Facts, estimate: tuple[float, str] | None) -> dict[str, Any]:
+    """Lower the learning rate: the verified rate, or the estimate marked unverified
+    (:func:`~gradguard.diagnose.rules._clipping.lr_advice`)."""
+    lr = lr_advice(f, *(estimate or (None, "")))
+    rec = with_lr({}, lr)
+    rec["text"] = (
+        "Lower the learning rate (or warm it up); clipping bounds a step's size but not a learning rate that is "
+        f"too large. {lr['text']}."
+    )
+    return rec
 
 
 RULE = Rule("lr_too_high", detect, explain)

@@ -15,9 +15,10 @@ grew (clipping slows a run, it does not make its loss grow: an RL loss summed ov
 nor for a run that went non-finite or whose norm climbed: a threshold that did not hold is not too
 tight, and raising it is the wrong advice (``explosion`` reports that run).
 
-Every threshold comes through :func:`~gradguard.diagnose.rules._clipping.threshold_advice`:
-verified by ``tune.json`` when the run directory holds one, otherwise marked unverified with the
-``gradguard tune`` command line that checks it.
+Every threshold comes through :func:`~gradguard.diagnose.rules._clipping.threshold_advice` and the
+learning rate (the effective one the clipping gave) through
+:func:`~gradguard.diagnose.rules._clipping.lr_advice`: verified by ``tune.json`` when the run
+directory holds one, otherwise marked unverified with the ``gradguard tune`` command line that checks it.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from gradguard.diagnose.rules._clipping import (
     OVERCLIP_RATE,
     ClipWindow,
     clip_window,
+    lr_advice,
     optimizer_class,
     scale_free,
     threshold_advice,
     tune_command,
     window_evidence,
+    with_lr,
 )
 
 OVERCLIP_ERROR_RATE = 0.9  # almost every step clipped: the effective LR is the threshold's
@@ -119,13 +122,14 @@ def _advice(f: Facts, w: ClipWindow, early: list[float]) -> dict[str, Any]:
         would = sum(1 for i in w.rows if f.norm[i] > value) / len(w.rows)
         rec["expected_clip_rate"] = round(would, 4)
         rec["text"] += f" (it would have clipped {would:.0%} of this run's steps)"
-    if math.isfinite(w.lr):
-        rec["lr"] = rec.get("lr", sig(w.lr * w.scale, 2))
-        rec["text"] += (
-            f"; or keep the threshold and lower the learning rate to ~{fmt(sig(w.lr * w.scale, 2))} — more than "
-            "50% clipped is extremely aggressive"
-        )
     rec["text"] += "."
+    if math.isfinite(w.lr) and "lr" not in rec:  # a verified threshold may come with its own rate
+        lr = lr_advice(f, sig(w.lr * w.scale, 2), "the effective learning rate the clipping gave")
+        rec["text"] += (
+            f" Or keep the threshold and lower the learning rate — more than 50% clipped is extremely aggressive. "
+            f"{lr['text']}."
+        )
+        rec = with_lr(rec, lr)
     return rec
 
 

@@ -14,7 +14,8 @@ of evidence below then says "growth" for the first located birth:
   backward of scaled_dot_product_attention at lr 100).
 
 Reported only where the ``explosion`` rule saw no climb (the registry); the fix is the learning
-rate (and clipping), never the op's clamp.
+rate (and clipping, its threshold through :func:`~gradguard.diagnose.rules._clipping.threshold_advice`),
+never the op's clamp.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from typing import Any
 from gradguard import optable
 from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import clip_advice, fmt, layer_name, sig
+from gradguard.diagnose.numbers import fmt, layer_name, sig
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import lower_lr, threshold_advice, with_lr
 from gradguard.runtable import MIN_HISTORY
 
 WIDE = 1e38  # a dtype whose largest value is at least this has float32's range (float32, bfloat16)
@@ -122,16 +124,20 @@ def explain(f: Facts, ev: Evidence) -> Finding:
 
 
 def _advice(f: Facts, lrs: list[float]) -> dict[str, Any]:
+    """Lower the learning rate and clip: a threshold from the healthy norms when there were enough
+    of them (else the norms seen were already growing), through
+    :func:`~gradguard.diagnose.rules._clipping.threshold_advice`."""
     h = f.healthy
-    known = h.max_norm is not None and len(h.norms) >= MIN_HISTORY  # else the norms seen were already growing
-    rec = clip_advice(h.max_norm) if known and h.max_norm is not None else {}
+    known = len(h.norms) >= MIN_HISTORY
+    rec = threshold_advice(f, h.max_norm if known else None, f"the {len(h.norms)} healthy pre-clip norms")
+    lr = lower_lr(f)
     now = f" (now {fmt(lrs[-1])})" if lrs else ""
-    clip = f" and clip the global norm at {h.max_norm:g}" if known else " and clip the global norm"
     rec["text"] = (
-        f"Lower the learning rate{now} 10× or more, or add warm-up,{clip}; keep on_nonfinite='skip' so a bad "
-        "step never reaches the weights. A wider dtype or clamping the op's output only delays the overflow."
+        f"Lower the learning rate{now} 10× or more, or add warm-up, and clip the global norm; keep "
+        "on_nonfinite='skip' so a bad step never reaches the weights. A wider dtype or clamping the op's output "
+        f"only delays the overflow. {rec['text']}. {lr['text']}."
     )
-    return rec
+    return with_lr(rec, lr)
 
 
 RULE = Rule("sudden_growth", detect, explain, finding="explosion")

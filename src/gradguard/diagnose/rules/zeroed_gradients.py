@@ -3,7 +3,8 @@
 ``clip="norm:0"`` logs ``clip_coef`` 0 on every step; ``"agc:0"``, ``"value:0"`` and
 ``"layer:0"`` clip every unit (``clip_fraction`` 1) to nothing. The weights never move while every
 number stays finite, so no other rule sees anything wrong. Reported as an error when at least
-half of the steps taken were zeroed.
+half of the steps taken were zeroed. The threshold it recommends comes through
+:func:`~gradguard.diagnose.rules._clipping.threshold_advice` (verified, or marked unverified).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import clip_advice, fmt, median, sig
+from gradguard.diagnose.numbers import fmt, median, sig
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import threshold_advice
 
 ZEROED_RATE = 0.5  # this share of the steps taken zeroed is a finding
 _ZERO_PARAMS = ("max_norm", "clip_value", "clip_factor")  # a clipper parameter that zeroes at 0
@@ -70,12 +72,11 @@ def explain(f: Facts, ev: Evidence) -> Finding:
 
 
 def _advice(f: Facts) -> dict[str, Any]:
-    max_norm = f.healthy.max_norm
-    rec: dict[str, Any] = clip_advice(max_norm) if max_norm is not None else {}
-    rec["text"] = "Give the clipper a threshold above 0" + (
-        f": max_norm={max_norm:g} from the healthy pre-clip norms ({f.healthy.rule}), or clip='auto'."
-        if max_norm is not None
-        else ", e.g. clip='auto' (AGC's usual factor is 0.01)."
+    """A threshold above 0, through :func:`~gradguard.diagnose.rules._clipping.threshold_advice`."""
+    h = f.healthy
+    rec = threshold_advice(f, h.max_norm, h.rule)
+    rec["text"] = (
+        f"Give the clipper a threshold above 0, or clip='auto' (AGC's usual factor is 0.01). {rec['text']}."
     )
     return rec
 

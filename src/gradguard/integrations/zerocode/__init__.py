@@ -27,8 +27,9 @@ DataLoader worker):
   their first step, so a clip call or a backward can be matched to its optimizer.
 
 A model updated by hand (``p.data.add_(p.grad, alpha=-lr)``, no optimizer) is measured after each
-``backward()`` (from its second step on, at its clip when the script clips) and a non-finite step
-is replayed and located (one host read a step); such a step cannot be skipped, which is said once.
+``backward()`` (from its second step on, at its clip when the script clips) by a monitor-only
+:class:`~gradguard.Guard`, which locates a non-finite step before the script's update (one host read a
+step, see ``Guard(locate=...)``); such a step cannot be skipped, which is said once.
 
 A fused optimizer under a GradScaler is unscaled by the runner before ``GradScaler.step`` (as
 ``scaler.unscale_`` would; the scaler then gives the kernel no ``grad_scale``), so it is measured on

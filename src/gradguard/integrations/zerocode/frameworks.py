@@ -8,10 +8,13 @@ runner leaves the optimizers it guards alone. A ``--clip`` given to ``gradguard 
 
 A ``transformers.Trainer`` needs nothing attached: it clips with ``clip_grad_norm_`` and steps the
 optimizer, which the runner guards like any script's (pre-clip norms, the Trainer's
-``max_grad_norm`` logged as the threshold, a bad step's gradients dropped).
+``max_grad_norm`` logged as the threshold, a bad step's gradients dropped). Its LR scheduler does
+not advance on a step the guard skipped, as on an fp16 overflow: the Trainer asks Accelerate's
+``AcceleratedOptimizer.step_was_skipped`` before it steps the scheduler, and that answers ``True``
+after a skipped step too (the Trainer's ``global_step`` counts the step, as it counts an overflow).
 
-The Trainer class is patched when its module is imported (an import hook on ``sys.meta_path``),
-or at once if the script imported it before the runner started; all of it is undone on exit.
+The classes are patched when their module is imported (an import hook on ``sys.meta_path``), or
+at once if the script imported it before the runner started; all of it is undone on exit.
 """
 
 from __future__ import annotations
@@ -27,34 +30,68 @@ __all__ = ["Frameworks"]
 
 #: the modules that define Lightning's Trainer (the unified package and the older one)
 _LIGHTNING = ("lightning.pytorch.trainer.trainer", "pytorch_lightning.trainer.trainer")
+#: the module of Accelerate's optimizer wrapper (what a transformers.Trainer steps through)
+_ACCELERATE = "accelerate.optimizer"
 #: run options the callback does not take (it sets them itself, or they are the runner's)
 _NOT_FOR_CALLBACK = ("exist_ok", "locate", "clip", "on_nonfinite")
 
 
 class Frameworks:
-    """Attaches gradguard's Lightning callback to every ``Trainer`` built while the runner is active."""
+    """Attaches gradguard's Lightning callback to every ``Trainer`` built while the runner is
+    active, and holds a ``transformers.Trainer``'s LR scheduler on a skipped step."""
 
     def __init__(self, zc: Any) -> None:  # the ZeroCode (runner.py imports this module)
         self.zc = zc
         self.callbacks: list[Any] = []  # the GradGuard callbacks attached so far
-        self._patched: list[tuple[type, Any]] = []
+        self._patched: list[tuple[type, str, Any]] = []  # (class, attribute, the original)
         self._finder: _AfterImport | None = None
 
     def install(self) -> None:
-        for name in _LIGHTNING:
+        patches: dict[str, Callable[[ModuleType], None]] = dict.fromkeys(_LIGHTNING, self._patch)
+        patches[_ACCELERATE] = self._patch_accelerate
+        for name, patch in patches.items():
             module = sys.modules.get(name)
             if module is not None:
-                self._patch(module)
-        self._finder = _AfterImport(dict.fromkeys(_LIGHTNING, self._patch))
+                patch(module)
+        self._finder = _AfterImport(patches)
         sys.meta_path.insert(0, self._finder)
 
     def remove(self) -> None:
         if self._finder is not None and self._finder in sys.meta_path:
             sys.meta_path.remove(self._finder)
         self._finder = None
-        for cls, original in reversed(self._patched):
-            cls.__init__ = original
+        for cls, name, original in reversed(self._patched):
+            setattr(cls, name, original)
         self._patched.clear()
+
+    def skipped(self, optimizer: Any) -> bool:
+        """Whether the runner's guard skipped this optimizer's last step (no host read: a step
+        decided on the host; a Lightning callback's optimizer is the callback's business)."""
+        session = self.zc.sessions.get(id(optimizer))
+        return session is not None and not session.framework and session.guard.last_step_skipped
+
+    def _patch_accelerate(self, module: ModuleType) -> None:
+        """``AcceleratedOptimizer.step_was_skipped`` (a property the Trainer reads before it steps
+        its LR scheduler): also ``True`` after a step the guard skipped."""
+        cls: Any = getattr(module, "AcceleratedOptimizer", None)
+        original = getattr(cls, "__dict__", {}).get("step_was_skipped")
+        if not isinstance(original, property) or original.fget is None or self._has(cls):
+            return
+        frameworks, was_skipped = self, original.fget
+
+        def step_was_skipped(wrapper: Any) -> bool:
+            if was_skipped(wrapper):
+                return True
+            inner = getattr(wrapper, "optimizer", None)
+            return bool(
+                frameworks.zc.patches.call("a Trainer's step", frameworks.skipped, inner, default=False)
+            )
+
+        cls.step_was_skipped = property(step_was_skipped, doc=original.__doc__)
+        self._patched.append((cls, "step_was_skipped", original))
+
+    def _has(self, cls: Any) -> bool:
+        return any(c is cls for c, _, _ in self._patched)
 
     def guard_of(self, optimizer: Any) -> Any:
         """The guard an attached callback made for this optimizer (``None``: not a framework's)."""
@@ -66,7 +103,7 @@ class Frameworks:
 
     def _patch(self, module: ModuleType) -> None:
         cls = getattr(module, "Trainer", None)
-        if cls is None or any(c is cls for c, _ in self._patched):
+        if cls is None or self._has(cls):
             return
         original = cls.__init__
         frameworks = self
@@ -78,7 +115,7 @@ class Frameworks:
 
         __init__.__wrapped__ = original  # type: ignore[attr-defined]
         cls.__init__ = __init__
-        self._patched.append((cls, original))
+        self._patched.append((cls, "__init__", original))
 
     def attach(self, trainer: Any) -> None:
         """A new Lightning Trainer: add a ``GradGuard`` callback writing into the runner's run dir."""

@@ -103,15 +103,17 @@ class Patches:
         """``fn`` as a hook: off while torch.compile traces or the runner is off; gradguard's own
         bugs reported, not raised (a guard's stop — :class:`GradGuardError` — is raised)."""
 
+        zc = self.zc  # (every module call of the script runs this: no attribute chain, no method call)
+
         def hook(*args: Any, **kwargs: Any) -> Any:
-            if not self._on():
+            if not zc.active or _is_compiling():
                 return None
             try:
                 return fn(*args, **kwargs)
             except GradGuardError:
                 raise
             except Exception as e:
-                self.zc.internal_error(where, e)
+                zc.internal_error(where, e)
                 return None
 
         return hook

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard import events, runlog
+from gradguard import runlog
 from gradguard._guard.callerclip import CallerClip
 from gradguard.guard import Guard
 from gradguard.integrations._common import drop_grads
@@ -32,7 +32,7 @@ from gradguard.integrations.zerocode.sessions import (
     stepped,
     summary_lines,
 )
-from gradguard.locate import Birth, Locator, StepCapture
+from gradguard.locate import StepCapture
 
 __all__ = ["ZeroCode"]
 
@@ -146,7 +146,10 @@ class ZeroCode:
     # ------------------------------------------------------------------ module calls
     def on_call(self, module: nn.Module, args: Any) -> None:
         """The global forward pre-hook: a root's call starts (feed its captures)."""
-        if self._depth == 0 and module not in self._inner and torch._C._current_graph_task_id() == -1:
+        if self._depth:  # a submodule inside a call (the usual call: a counter, nothing else)
+            self._depth += 1
+            return
+        if module not in self._inner and torch._C._current_graph_task_id() == -1:
             root = self._root_of(module)
             if root is not None:
                 if self._watching is not None:
@@ -160,9 +163,10 @@ class ZeroCode:
 
     def on_return(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         """The global forward hook: a root's call returned (start watching its loss code)."""
-        self._depth = max(0, self._depth - 1)
-        if self._depth != 0:
+        if self._depth > 1:  # a submodule's return
+            self._depth -= 1
             return
+        self._depth = 0
         root = self._roots.get(id(module))
         if root is None or root.ref() is not module or torch._C._current_graph_task_id() != -1:
             return
@@ -249,14 +253,12 @@ class ZeroCode:
         ):
             options.pop(unused, None)
         stand_in = ManualUpdate(params)
-        guard, capture = self._guard(root, stand_in, options)
+        guard, _ = self._guard(root, stand_in, options)
         self._say(
             f"{type(model).__name__}'s parameters are updated by hand (no torch.optim optimizer steps "
             "them): each step is measured and a non-finite one is located, but gradguard cannot skip it."
         )
-        session = self._add(id(stand_in), Session(guard, manual=True))
-        session.capture = capture
-        return session
+        return self._add(id(stand_in), Session(guard, manual=True))
 
     def _guard(
         self, root: Root, optimizer: torch.optim.Optimizer, options: dict[str, Any]
@@ -347,7 +349,7 @@ class ZeroCode:
         if isinstance(tensors, Tensor) and tensors.numel() == 1:
             entry = self._scaled.pop(id(tensors), None)
             loss = entry[1] if entry is not None and entry[0]() is tensors else tensors.detach()
-            self._losses.append(loss.reshape(()))
+            self._losses.append(loss if loss.dim() == 0 else loss.reshape(()))
 
     def end_loss_code(self) -> None:
         """After ``backward()``, at the runner's next hook (clip, step): leave the loss watch's mode,
@@ -428,39 +430,11 @@ class ZeroCode:
         clip: CallerClip | None,
         fields: dict[str, Any],
     ) -> bool:
-        """A hand-updated step: measured (monitor only, nothing skipped); a non-finite one is then
-        replayed and located here, from the capture the guard is done with (one host read a step:
-        the script updates its weights whatever the answer)."""
-        guard, capture = session.guard, session.capture
-        if capture is None:
-            return guard.before_step(loss, clip=clip, fields=fields)
-        with capture.pinned():
-            guard.before_step(loss, clip=clip, fields=fields)
-            norm = guard.last_grad_norm
-            if norm is None or bool(torch.isfinite(norm)):  # host sync: see the docstring
-                return True
-            if session.replays < guard.max_replays and capture.inputs is not None:
-                session.replays += 1
-                self._locate_by_hand(session, capture)
-        return False
-
-    def _locate_by_hand(self, session: Session, capture: StepCapture) -> None:
-        """Replay a bad hand-updated step and write where its first non-finite value was born."""
-        guard = session.guard
-        found, how = capture.replay(Locator(guard.model))
-        if found is None:
-            return
-        fields = found.event() if isinstance(found, Birth) else dict(found)
-        located_by = "watch" if how == "watch" else "replay"
-        event = events.nonfinite(
-            guard.step_count - 1,
-            **fields,
-            located_by=located_by,
-            policy="warn",
-            global_step=self.global_step - 1,
-        )
-        if guard.writer is not None:
-            guard.writer.write_event(event)
+        """A hand-updated step, measured by its monitor-only guard (nothing skipped), which
+        locates a non-finite step itself before the script's update (``Guard.last_step_nonfinite``).
+        ``False``: the step was seen non-finite (the script updates its weights anyway)."""
+        session.guard.before_step(loss, clip=clip, fields=fields)
+        return not session.guard.last_step_nonfinite
 
     def _scaler_of(self, optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:
         """The GradScaler that scaled this step's loss, if it unscaled this optimizer's gradients."""

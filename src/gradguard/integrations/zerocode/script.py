@@ -49,6 +49,8 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
             file=sys.stderr,
         )
         return 2
+    if options.get("monitor_only"):  # watching only: a bad step is reported, not skipped (as Lightning's)
+        options.setdefault("on_nonfinite", "warn")
     check_options(options)  # a bad option is refused before the script starts, not at its first step
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [str(script), *argv]

@@ -55,8 +55,6 @@ class Session:
         self.clips = False  # the script clips this model's gradients (its steps are measured there)
         self.script_clips = 0  # steps the script's own clip_grad_norm_ ran on
         self.script_threshold: float | None = None
-        self.capture: StepCapture | None = None  # the guard's capture (a hand-updated model's replay)
-        self.replays = 0
 
     def end_step(self) -> None:
         self.measured_at = None

@@ -1,0 +1,406 @@
+"""The Triton norm and clip kernels (gradguard._kernels) against the torch path, on CPU tensors
+under Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The torch path is :func:`gradguard.stats.tensor_norms` (what the guard measures with today) and
+``torch._foreach_mul_`` (what :func:`gradguard.clip.scale_` clips with): the kernels must give the
+same norms within float rounding, the same NaN / inf pattern, and bit-identical clipped gradients.
+
+Triton decides at import whether it interprets, and in a test session torch has imported it long
+before (an optimizer step imports ``torch._dynamo``, which imports triton): each check runs in one
+worker process spawned with ``TRITON_INTERPRET=1`` set before anything imports triton. Where
+Triton is not installed the kernel checks are skipped (the fallback test still runs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from gradguard import _kernels as K
+from gradguard.clip import scale_
+from gradguard.stats import tensor_norms
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# shapes around the kernel's block and chunk edges, an empty tensor and a large one
+SHAPES = [
+    (0,),
+    (1,),
+    (7,),
+    (3, 33, 5),
+    (K.BLOCK,),
+    (K.BLOCK + 1,),
+    (K.CHUNK - 1,),
+    (K.CHUNK + 3,),
+    (200_003,),
+]
+# float32 accumulation: torch's CPU path itself is up to 1.6e-5 off the exact norm of 200k elements
+# here (p = 1, bfloat16); the kernels stay within 1e-7 of it (checked against float64: EXACT_RTOL)
+RTOL = {torch.float32: 5e-5, torch.bfloat16: 5e-5, torch.float16: 5e-5, torch.float64: 1e-13}
+EXACT_RTOL = {torch.float32: 1e-6, torch.bfloat16: 1e-6, torch.float16: 1e-6, torch.float64: 1e-13}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _interpret() -> None:
+    """The worker's start: Triton interprets (set before its first import, in this process only)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[ProcessPoolExecutor]:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton): the kernel checks are skipped")
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: triton not yet imported
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_interpret) as pool:
+        yield pool
+
+
+@pytest.fixture
+def run(worker: ProcessPoolExecutor) -> Callable[..., Any]:
+    """``run(check, *args)``: ``check(*args)`` in the interpreter worker (its assertion errors here)."""
+    return lambda check, *args: worker.submit(check, *args).result(timeout=300)
+
+
+def assert_same_norms(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Same dtype, same NaN/inf pattern, finite values within ``rtol``."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), (got, want)
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=rtol, atol=0.0)
+
+
+def counts_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([int((~torch.isfinite(t)).sum()) for t in tensors], dtype=torch.int64)
+
+
+def gradients(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype) * 3 for s in SHAPES]
+
+
+def poisoned(dtype: torch.dtype) -> list[torch.Tensor]:
+    """One tensor per kind of value: NaN, inf, -inf, inf with NaN, zeros, huge, the dtype's max, ±inf."""
+    huge = 6e4 if dtype == torch.float16 else 3e19  # float32 squares overflow (float16: its own max)
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(n, generator=g).to(dtype) for n in (9, 4099, 1, 40_000, 17, 5000, 3, 2)]
+    ts[0][4] = math.nan
+    ts[1][4098] = math.inf
+    ts[2][0] = -math.inf
+    ts[3][[7, 33_000]] = torch.tensor([math.inf, math.nan]).to(dtype)
+    ts[4].zero_()
+    ts[5][:100] = huge
+    ts[6][:] = torch.finfo(dtype).max
+    ts[7][:] = torch.tensor([-math.inf, math.inf]).to(dtype)
+    return ts
+
+
+# ----------------------------------------------------------------------------- checks (in the worker)
+def check_norms(dtype: torch.dtype, p: float) -> None:
+    ts = gradients(dtype)
+    got = K.norms_and_counts(ts, p)
+    assert_same_norms(got.norms, tensor_norms(ts, p), RTOL[dtype])
+    assert torch.equal(got.nonfinite, torch.zeros(len(ts), dtype=torch.int64))
+    exact = torch.stack([torch.linalg.vector_norm(t.double(), p) for t in ts]).to(got.norms.dtype)
+    assert_same_norms(got.norms, exact, EXACT_RTOL[dtype])  # and closer to the exact norm
+
+
+def check_poisoned(dtype: torch.dtype, p: float) -> None:
+    ts = poisoned(dtype)
+    got = K.norms_and_counts(ts, p)
+    assert_same_norms(got.norms, tensor_norms(ts, p), RTOL[dtype])
+    assert torch.equal(got.nonfinite, counts_of(ts))
+    # the count tells an overflow of finite values (an inf norm, count 0) from a real inf
+    overflowed = (torch.isinf(got.norms) & (got.nonfinite == 0)).tolist()
+    wide_enough = [dtype == torch.float16 or dtype == torch.float64 or p == 1.0, dtype == torch.float16]
+    assert overflowed[5:7] == [not w for w in wide_enough], (overflowed, got.norms)
+
+
+def check_mixed_dtypes() -> None:
+    ts = [t for i, d in enumerate(DTYPES) for t in gradients(d, seed=i)[2:6]]
+    for p in (2.0, 1.0):
+        assert_same_norms(K.norms_and_counts(ts, p).norms, tensor_norms(ts, p), 5e-5)  # float64 out
+    no_double = [t for t in ts if t.dtype != torch.float64]
+    assert K.norms_and_counts(no_double).norms.dtype == torch.float32
+
+
+def check_many_chunks() -> None:
+    """A tensor of more chunks than the finishing kernel adds per iteration (small chunks here)."""
+    chunk, block = K.CHUNK, K.BLOCK
+    K.CHUNK, K.BLOCK = 1024, 256
+    try:
+        ts = [torch.randn(K.FINISH_BLOCK * 1024 * 2 + 5), torch.randn(3)]
+        ts[0][-1] = math.inf
+        got = K.norms_and_counts(ts)
+        assert_same_norms(got.norms, tensor_norms(ts), 5e-5)
+        assert got.nonfinite.tolist() == [1, 0]
+        ts[0][-1] = 1.0
+        assert_same_norms(K.norms_and_counts(ts).norms, tensor_norms(ts), 5e-5)
+    finally:
+        K.CHUNK, K.BLOCK = chunk, block
+
+
+def check_unaligned_views() -> None:
+    """Gradients as views into one flat buffer (DDP's gradient buckets), not on a 16-byte boundary."""
+    flat = torch.randn(10_000)
+    ts = [flat[1:4100], flat[4100:4107], flat[4107:]]
+    assert not K._pointers(ts, ts[0].device)[1]
+    assert_same_norms(K.norms_and_counts(ts).norms, tensor_norms(ts), 5e-5)
+
+
+def check_deterministic() -> None:
+    ts = gradients(torch.float32)
+    assert torch.equal(K.norms_and_counts(ts).norms, K.norms_and_counts(ts).norms)
+
+
+def check_scale(dtype: torch.dtype, value: float) -> None:
+    """What torch does on CUDA: the coefficient rounded to the gradients' dtype (its multi-tensor
+    route needs one dtype; a float32 one scales bfloat16 per tensor, with a dynamic cast), the
+    product in float32 (float64), rounded back. (Torch's CPU ``mul_`` keeps a float32 coefficient
+    unrounded for bfloat16/float16; the kernels follow CUDA, where they run.)"""
+    ts = gradients(dtype) + poisoned(dtype)
+    coef = torch.tensor(value, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    acc = coef.dtype
+    want = [(t.to(acc) * coef.to(dtype).to(acc)).to(dtype) for t in ts]
+    if dtype in (torch.float32, torch.float64):
+        same = [t.clone() for t in ts]
+        torch._foreach_mul_(same, coef)
+        assert all(torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)) for a, b in zip(same, want))
+    K.scale_(ts, coef)
+    for got, ref in zip(ts, want):
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf())
+        if dtype == torch.bfloat16:  # the interpreter's float32 -> bfloat16 cast truncates (1 ulp);
+            # on a GPU it rounds to nearest even (benchmarks/gpu.py checks against torch bit for bit)
+            ulps = (got.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+            assert bool((ulps[torch.isfinite(ref)] <= 1).all()), ulps.max()
+        else:
+            assert torch.equal(got.nan_to_num(0.0), ref.nan_to_num(0.0))
+
+
+def check_guard_on_the_kernels() -> None:
+    """A guarded run measured by the kernels (the Meter's norms) equals the same run on the torch
+    path: the same clipped weights, the same skipped step (a NaN gradient), the same last norm."""
+    import gradguard
+    import gradguard._guard.measure as measure_mod
+
+    def run(kernel: bool) -> tuple[list[torch.Tensor], int, float]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        names = [n for n in ("tensor_norms", "grad_norms") if hasattr(measure_mod, n)]  # (wired or not)
+        saved, calls = {n: getattr(measure_mod, n) for n in names}, []
+
+        def kernel_norms(ts: list[torch.Tensor], p: float = 2.0) -> torch.Tensor:
+            calls.append(len(ts))
+            return K.norms_and_counts(ts, p).norms
+
+        for name in names if kernel else ():
+            setattr(measure_mod, name, kernel_norms)
+        try:
+            guard = gradguard.Guard(model, opt, clip=0.5, locate=False)
+            for step in range(6):
+                x = torch.randn(4, 8) * (1e6 if step == 3 else 1.0)
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                if step == 4:
+                    next(model.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
+                guard.step(loss)
+            norm = guard.last_grad_norm
+            guard.close()
+        finally:
+            for name, fn in saved.items():
+                setattr(measure_mod, name, fn)
+        assert len(calls) >= 6 * kernel  # the Meter measured every step with the kernels
+        return [p.detach().clone() for p in model.parameters()], guard.skipped_steps, float(norm)  # type: ignore[arg-type]
+
+    (w_k, skipped_k, norm_k), (w_t, skipped_t, norm_t) = run(True), run(False)
+    assert skipped_k == skipped_t == 1
+    assert math.isclose(norm_k, norm_t, rel_tol=1e-5)
+    for a, b in zip(w_k, w_t):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def check_refusals() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        K.norms_and_counts([torch.randn(4, 6).t()])
+    with pytest.raises(ValueError, match="p = 1 or 2"):
+        K.norms_and_counts([torch.randn(4)], math.inf)
+    with pytest.raises(ValueError, match="no tensors"):
+        K.norms_and_counts([])
+    with pytest.raises(ValueError, match="one device"):
+        K.norms_and_counts([torch.randn(4), torch.randn(2, device="meta")])
+    with pytest.raises(ValueError, match="one-element coefficient"):
+        K.scale_([torch.randn(4)], torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_norms_match_the_torch_path(run: Callable[..., Any], dtype: torch.dtype, p: float) -> None:
+    run(check_norms, dtype, p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_nan_inf_overflow_and_zeros_as_the_torch_path(
+    run: Callable[..., Any], dtype: torch.dtype, p: float
+) -> None:
+    run(check_poisoned, dtype, p)
+
+
+def test_mixed_dtypes_keep_the_input_order(run: Callable[..., Any]) -> None:
+    run(check_mixed_dtypes)
+
+
+def test_many_chunks_per_tensor(run: Callable[..., Any]) -> None:
+    run(check_many_chunks)
+
+
+def test_views_not_on_a_16_byte_boundary(run: Callable[..., Any]) -> None:
+    run(check_unaligned_views)
+
+
+def test_deterministic(run: Callable[..., Any]) -> None:
+    run(check_deterministic)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [0.37, 1.0, 0.0])
+def test_scale_as_torch_on_cuda(run: Callable[..., Any], dtype: torch.dtype, value: float) -> None:
+    run(check_scale, dtype, value)
+
+
+def test_a_guarded_run_on_the_kernels_is_the_run_on_the_torch_path(run: Callable[..., Any]) -> None:
+    run(check_guard_on_the_kernels)
+
+
+def test_refuses_what_it_cannot_read(run: Callable[..., Any]) -> None:
+    run(check_refusals)
+
+
+def test_the_cpu_keeps_the_torch_path() -> None:
+    """No kernel on the CPU (nor for other p): the guard measures exactly as before."""
+    ts = [t.clone() for t in gradients(torch.float32) * 8]  # (distinct tensors: scaled in place)
+    assert not K.usable(ts, 2.0)
+    assert torch.equal(K.grad_norms(ts, 2.0), tensor_norms(ts, 2.0))
+    assert torch.equal(K.grad_norms([], 2.0), tensor_norms([], 2.0))
+    assert not K.usable(ts, math.inf)
+    coef = torch.tensor(0.37)
+    want = [t.clone() for t in ts]
+    scale_(want, coef)
+    K.scale_grads_(ts, coef)
+    assert all(torch.equal(a, b) for a, b in zip(ts, want))
+
+
+# ----------------------------------------------------------------------------- compiled for a GPU
+def test_the_kernels_compile_for_an_h100_with_vector_loads() -> None:
+    """Every kernel variant compiled ahead of time for sm_90 (Triton's own ptxas; no GPU needed):
+    what the interpreter cannot check — the code generator takes the kernels, 16-byte-aligned
+    tensors get vector loads (the unmasked whole blocks), and bfloat16 rounds to nearest."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set in this process: the kernels are jitted for the interpreter")
+    import re
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = K._build(False)
+    tables = {"ptrs": "*i64", "sizes": "*i64", "chunk_tensor": "*i64", "chunk_index": "*i64"}
+    blocks = {"CHUNK": K.CHUNK, "BLOCK": K.BLOCK}
+
+    def ptx(kernel: Any, pointers: dict[str, str], constants: dict[str, Any]) -> str:
+        signature = pointers | dict.fromkeys(constants, "constexpr")
+        source = ASTSource(kernel, signature, constants)
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": 8, "enable_fp_fusion": K.FP_FUSION},
+        )
+        return compiled.asm["ptx"]
+
+    for dtype in DTYPES:
+        t, acc = (
+            kernels.types[dtype],
+            kernels.types[torch.float64 if dtype == torch.float64 else torch.float32],
+        )
+        sq = "*fp64" if dtype == torch.float64 else "*fp32"
+        for aligned in (True, False):
+            for p in (1, 2):
+                code = ptx(
+                    kernels.partials,
+                    tables | {"part_sq": sq, "part_bad": "*i32"},
+                    {"DTYPE": t, "ACC": acc, "P": p, "ALIGNED": aligned} | blocks,
+                )
+                vector = re.search(r"ld\.global(\.nc)?\.v[24]\.b(32|64)", code)
+                assert bool(vector) == aligned, (dtype, aligned, p)
+            code = ptx(
+                kernels.scale,
+                tables | {"coef": "*fp32"},
+                {"DTYPE": t, "ACC": acc, "ALIGNED": aligned} | blocks,
+            )
+            assert bool(re.search(r"st\.global\.v[24]\.b(32|64)", code)) == aligned, (dtype, aligned)
+            if dtype == torch.bfloat16:
+                assert "cvt.rn.bf16" in code  # round to nearest even, as torch
+        for p in (1, 2):
+            outs = {"norms": "*fp32", "counts": "*i64"}
+            ptx(kernels.finish, {"part_sq": sq, "part_bad": "*i32", "chunk_first": "*i64", "position": "*i64"} | outs,
+                {"ACC": acc, "P": p, "FBLOCK": K.FINISH_BLOCK})  # fmt: skip
+    assert tl.float32 in kernels.types.values()
+
+
+# ----------------------------------------------------------------------------- benchmarks/gpu.py
+def _gpu_benchmark() -> Any:
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (its dataclasses look it up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_measures_the_issue_s_parameter_set() -> None:
+    """291 transformer-shaped tensors, 1.31e9 parameters (5.25 GB of float32 gradients)."""
+    shapes = _gpu_benchmark().transformer_shapes(2048, 24, 50257)
+    assert len(shapes) == 291
+    assert round(sum(math.prod(s) for _, s in shapes) / 1e9, 2) == 1.31
+
+
+def test_the_gpu_benchmark_dry_run(tmp_path: Path) -> None:
+    """``benchmarks/gpu.py --dry-run``: the whole script on the CPU at tiny sizes (the kernel rows
+    under the interpreter where triton is installed; the CUDA-only rows skipped), no section failing."""
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    failed = {k: v for k, v in results.items() if isinstance(v, dict) and "error" in v}
+    assert not failed, failed
+    assert "| 1.3B set (291 tensors) |" in proc.stdout
+    for rows in results["1.3B set"].values():
+        assert isinstance(rows["torch clip_grad_norm_"], float)
+        assert isinstance(rows["guard measure + clip + flags (torch path)"], float)
+        if importlib.util.find_spec("triton") is not None:
+            assert isinstance(rows["guard measure + clip + flags (kernel)"], float), rows
+            assert rows["kernel vs torch norms: max relative difference"] < 1e-4
+    for name in ("GPT step", "fixed cost"):
+        assert any("guarded / plain" in key for key in results[name]), results[name]
+    assert results["host syncs"] == {"skipped": "skipped: needs CUDA (dry run)"}
