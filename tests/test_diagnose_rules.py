@@ -372,11 +372,13 @@ def test_every_learning_rate_a_rule_recommends_is_verified_or_marked_unverified(
         judge(None, 0.1, falling, flat),
         judge(None, 0.2, falling, exploded),
     ]
-    write_tune(path, TuneResult(trials, 10))
+    result = TuneResult(trials, 10)
+    assert result.lr is not None and result.lr < 0.2  # tunelog.choose: below the rate that exploded
+    write_tune(path, result)
     verified = next(f for f in diagnose(path) if f.id == rule).recommendation
-    assert verified["lr_verified"] is True and verified["lr"] == 0.1 and "lr_tune" not in verified
+    assert verified["lr_verified"] is True and verified["lr"] == result.lr and "lr_tune" not in verified
     assert (
-        "Verified: no clipping at lr=0.1" in verified["text"]
+        f"Verified: no clipping at lr={result.lr:g}" in verified["text"]
         and "learning rates 0.05, 0.1, 0.2" in verified["text"]
     )
     if "max_norm" in verified:  # tune.json tried learning rates only: the threshold is still an estimate

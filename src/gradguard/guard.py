@@ -69,7 +69,7 @@ from gradguard._guard.anomaly import Anomalies, flagged_nonfinite
 from gradguard._guard.apply import Apply, Outcome, Planned, reuse_first_call
 from gradguard._guard.births import OptimizerBirths
 from gradguard._guard.callerclip import CallerClip
-from gradguard._guard.clipping import Clipping, spike_detector
+from gradguard._guard.clipping import Clipping, ClipPlan, spike_detector
 from gradguard._guard.config import (
     GuardConfig,
     OnExplosion,
@@ -720,10 +720,12 @@ class Guard:
         self._last_norm = m.total
         plan = self._explosions.tighten(self._clipping.plan(m), m, self._consts)
         skip, overflow = self._skip_flags(m, plan.spike, scaler)
-        row = device_row(m, plan, skip, overflow, self._consts)
+        row_plan, clip_columns = self._caller_clip_in_row(plan, clip, apply)
+        row = device_row(m, row_plan, skip, overflow, self._consts)
         weights = self._meter.copy_weights() if self._weight_step(step) else None
         clip_in_place = lambda: self._clip_in_place(row)  # noqa: E731
-        planned = Planned(m.grads, plan.coef, skip, scaler, clip_in_place, closure, column(row, "skipped"))
+        found_inf = column(row, "skipped") if self.fused else None  # the fused kernel's skip flag
+        planned = Planned(m.grads, plan.coef, skip, scaler, clip_in_place, closure, found_inf)
         outcome = apply(planned, lambda p: self._decide_on_host(p, m, row))
         self._last_skipped = outcome.skipped
         self._last_nonfinite = None
@@ -732,9 +734,8 @@ class Guard:
             self._decided(step, bool(outcome.skipped), m, row, scaler, stepped=not later)
         elif self._anomaly.reads_each_step:  # monitor only, warn: the caller applies it next
             self._report_applied(step, m, row, replayable=True)
-        if clip is not None:  # what the caller's own clip did, measured before it clipped
-            for name, value in clip.columns(self.config.norm_type).items():
-                set_column(row, name, value)
+        for name, value in clip_columns.items():  # what the caller's own clip did, measured before it clipped
+            set_column(row, name, value)
         held = later and weights is not None  # the weight stats come after the caller's step
         self._record(step, loss, m, row, outcome, scaler, None if held else weights, held=held)
         if held or (later and self._recovery.active):
@@ -758,6 +759,29 @@ class Guard:
         if self.writer is not None:  # what the new parameters change; the optimizer entry stays as written
             self.writer.update_meta(**{k: v for k, v in self._meta().items() if k != "optimizer"})
         self._event(events.layers(step, [n for n, _ in joined], added))
+
+    def _caller_clip_in_row(
+        self, plan: ClipPlan, clip: CallerClip | None, apply: Apply
+    ) -> tuple[ClipPlan, dict[str, Tensor | float]]:
+        """The plan the step's row is built from, and the caller's clip columns written into the
+        row after the step is decided (``clip``: see :meth:`before_step`).
+
+        Monitor only (:class:`~gradguard._guard.apply.Observe`: nothing decided or clipped by the
+        guard), one caller clip's coefficient, threshold and clip flag go into the row as it is
+        built (no write after it); ``grad_norm`` (torch's total norm) is still written after, so
+        the step's flags and its ``nonfinite`` event keep the guard's own measurement. Elsewhere the
+        decision reads the guard's own columns (an overflow rescue, its threshold): all are written
+        after it."""
+        if clip is None:
+            return plan, {}
+        one_call = clip.single() if isinstance(apply, applying.Observe) else None
+        if one_call is None:
+            return plan, clip.columns(self.config.norm_type)
+        coef, threshold, clipped = one_call
+        norm = clip.grad_norm(self.config.norm_type)
+        return plan._replace(coef=coef, threshold=threshold, fraction=clipped), (
+            {} if norm is None else {"grad_norm": norm}
+        )
 
     def _skip_flags(
         self, m: Measurement, spike: Tensor, scaler: torch.amp.GradScaler | None

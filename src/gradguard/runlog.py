@@ -14,7 +14,8 @@ Durability: each write to a ``.jsonl`` file is **one** ``write`` call on a file 
 mode that ends with ``"\\n"``, so a crash or ``SIGKILL`` can only cut the last line. Metrics are
 written at flush cadence (``fsync`` optional); events are ``fsync``-ed as soon as they are written.
 ``meta.json`` and every other whole-file write go through :func:`atomic_write_text` (temp file,
-``fsync``, ``os.replace``), so a reader sees the old file or the new one, never half of one.
+``fsync``, ``os.replace``), so a reader sees the old file or the new one, never half of one;
+``meta.json`` is ``fsync``-ed once, at close (a killed process still leaves it whole).
 
 Faults (see :class:`RunWriter`): a full disk, an I/O error or a deleted run directory never stops
 training: one :class:`RunLogWarning` says which file, which error and what was lost, and the log
@@ -260,10 +261,14 @@ def from_jsonable(obj: Any, keep: frozenset[str] = TEXT_KEYS) -> Any:
     return obj
 
 
+_ENCODE_LINE = json.JSONEncoder(allow_nan=False).encode
+"""One-line strict JSON, built once: ``json.dumps`` builds an encoder on every call (~1.5 µs a record)."""
+
+
 def _dumps(obj: Any, indent: int | None = None) -> str:
     """Standard JSON text of ``obj`` (see :func:`to_jsonable`); never raises."""
     try:  # fast path: plain data, all floats finite (the C encoder)
-        return json.dumps(obj, allow_nan=False, indent=indent)
+        return _ENCODE_LINE(obj) if indent is None else json.dumps(obj, allow_nan=False, indent=indent)
     except (TypeError, ValueError, OverflowError, RecursionError):
         pass
     try:
@@ -296,7 +301,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, fsync: bool = True) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically: readers see the old file or the new one.
 
     Writes a temporary file in the same folder, flushes and ``fsync``-s it, renames it over
@@ -306,6 +311,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     Args:
         path: the file to write; its folder must exist.
         text: the whole new content.
+        fsync: ``False``: no ``fsync`` (still atomic for readers and when the process dies; the
+            caller makes it durable later, e.g. with :func:`_fsync_file`). Saves ~0.1–1 ms a write.
 
     Example:
         >>> import tempfile, pathlib
@@ -324,7 +331,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
@@ -332,10 +340,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if fsync:
+        _fsync_dir(target.parent)
+
+
+def _fsync_file(path: str | os.PathLike[str]) -> None:
+    """``fsync`` an existing file and its folder: makes an earlier ``atomic_write_text(...,
+    fsync=False)`` durable. Raises :class:`OSError` as ``os.open`` / ``os.fsync`` do."""
+    target = Path(path)
+    fd = os.open(target, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     _fsync_dir(target.parent)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
+def atomic_write_json(
+    path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2, fsync: bool = True
+) -> None:
     """Write ``obj`` as standard JSON to ``path`` atomically (see :func:`atomic_write_text`).
 
     Non-finite floats become ``"nan"``/``"inf"``/``"-inf"`` and other values are converted as by
@@ -345,8 +368,9 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
         path: the file to write; its folder must exist.
         obj: the value to write.
         indent: JSON indentation (``None`` for one line).
+        fsync: see :func:`atomic_write_text`.
     """
-    atomic_write_text(path, _dumps(obj, indent=indent) + "\n")
+    atomic_write_text(path, _dumps(obj, indent=indent) + "\n", fsync=fsync)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,6 +712,7 @@ class RunWriter:
         self._closed = False
         self._gone = False  # a log file was deleted: writing stopped
         self._warned = False
+        self._meta_unsynced = False  # meta.json rewritten since its last fsync (done at close)
         self._lost = {"records": 0, "events": 0}
         self._last_step: int | None = None
         self._meta: dict[str, Any] = {}
@@ -712,7 +737,8 @@ class RunWriter:
         self._metrics.lock(self.path)
         self._metrics.end_cut_line()
         self._meta = _start_meta(self.path, meta, reopened=reopened)
-        atomic_write_json(self.path / META_FILE, self._meta)
+        atomic_write_json(self.path / META_FILE, self._meta, fsync=False)  # fsync-ed at close
+        self._meta_unsynced = True
         self._events = _LogFile(self.path / EVENTS_FILE)
         self._events.end_cut_line()
 
@@ -871,13 +897,28 @@ class RunWriter:
             self._write_events([event])
 
     def _write_meta(self, fields: Iterable[str]) -> None:
-        """Rewrite ``meta.json`` from :attr:`_meta` (lock held); an I/O error warns once."""
+        """Rewrite ``meta.json`` from :attr:`_meta` (lock held); an I/O error warns once.
+
+        Atomic but not ``fsync``-ed (a process that dies leaves the old or the new file, whole):
+        :meth:`close` syncs it once, not every update (~1 ms each)."""
         if self._gone:
             return
         try:
-            atomic_write_json(self.path / META_FILE, self._meta)
+            atomic_write_json(self.path / META_FILE, self._meta, fsync=False)
         except OSError as e:
             self._fault(self.path / META_FILE, e, f"the update of {META_FILE} ({', '.join(fields)})")
+            return
+        self._meta_unsynced = True
+
+    def _sync_meta(self) -> None:
+        """``fsync`` ``meta.json`` if it changed since the last sync (lock held); warns once."""
+        if self._gone or not self._meta_unsynced:
+            return
+        self._meta_unsynced = False
+        try:
+            _fsync_file(self.path / META_FILE)
+        except OSError as e:
+            self._fault(self.path / META_FILE, e, f"{META_FILE} may not be on disk")
 
     def update_meta(self, **fields: Any) -> None:
         """Merge ``fields`` into the metadata and rewrite ``meta.json`` atomically.
@@ -920,6 +961,7 @@ class RunWriter:
                 return
             self._closed = True
             self._finish_meta()
+            self._sync_meta()
         self._release()
 
     def _release(self) -> None:

@@ -48,7 +48,8 @@ class CallerClip:
                 f"a clip threshold must be a positive number, got {threshold!r}; pass the max_norm of the clip."
             )
         self.thresholds.append(threshold)
-        norm = norm.detach()
+        if norm.requires_grad:  # (torch's clip computes it under no_grad: no call then)
+            norm = norm.detach()
         if norm.dtype != torch.float32:  # (each no-op call still costs ~1 µs on the host)
             norm = norm.float()
         self.norms.append(norm if norm.dim() == 0 else norm.reshape(()))
@@ -61,21 +62,39 @@ class CallerClip:
             clamped = torch.stack([(g.detach().abs() > clip_value).sum() for g in grads]).sum()
             self.value_fraction = clamped.float() / max(1, sum(g.numel() for g in grads))
 
+    def single(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """One norm-clip call (the usual case): its ``(clip_coef, threshold, clipped)`` as 0-D
+        device tensors (``clipped``: the bool ``coef < 1``, stored as 1.0 / 0.0), in five small
+        ops with no number to wrap; ``None`` for no call or several."""
+        if len(self.norms) != 1:
+            return None
+        norm = self.norms[0]
+        eps, one, threshold = _constants(norm.device, self.thresholds[0])
+        # torch's τ / (‖g‖ + 1e-6), as torch's Tensor.__rtruediv__ computes it: (‖g‖ + 1e-6)⁻¹ · τ
+        coef = torch.clamp((norm + eps).reciprocal() * threshold, max=one)
+        return coef, threshold, coef < one
+
+    def grad_norm(self, norm_type: float) -> Tensor | None:
+        """Torch's total norm of the one call, when it is the step's ``grad_norm`` (the call
+        covered every gradient the guard measures, with the guard's ``norm_type``); else ``None``."""
+        if len(self.norms) == 1 and self.covers_all and self.norm_type == norm_type:
+            return self.norms[0]
+        return None
+
     def columns(self, norm_type: float) -> dict[str, Tensor | float]:
         """The row's columns for the calls so far (``norm_type``: the guard's, for ``grad_norm``)."""
         if not self.norms:
             return {} if self.value_fraction is None else {"clip_fraction": self.value_fraction}
-        if len(self.norms) == 1:  # the usual case: six small device ops, no number to wrap
-            norm = self.norms[0]
-            eps, one, threshold = _constants(norm.device, self.thresholds[0])
-            # torch's τ / (‖g‖ + 1e-6), as torch's Tensor.__rtruediv__ computes it: (‖g‖ + 1e-6)⁻¹ · τ
-            coef = torch.clamp((norm + eps).reciprocal() * threshold, max=one)
+        one_call = self.single()
+        if one_call is not None:
+            coef, threshold, clipped = one_call
             out: dict[str, Tensor | float] = {
                 "threshold": threshold,
                 "clip_coef": coef,
-                "clip_fraction": (coef < one).float(),
+                "clip_fraction": clipped,
             }
-            if self.covers_all and self.norm_type == norm_type:
+            norm = self.grad_norm(norm_type)
+            if norm is not None:
                 out["grad_norm"] = norm
             return out
         norms = torch.stack(self.norms)

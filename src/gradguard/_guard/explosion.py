@@ -386,6 +386,7 @@ class Explosions:
                 False,
             )
         limit = self.recovery.limit(step, to=snap, cause="explosion")
+        stepped_at = self._top_lr()  # the rate of the steps so far: the threshold holds their length
         done = self.recovery.rollback(step, back_off=limit is None, to=snap)
         self.recovery.keep_until(snap, step)
         healthy = self._healthy_norm(found, snap["step"])
@@ -394,7 +395,7 @@ class Explosions:
         if limit is None:
             self.recoveries += 1
             self.cap = self._tighter(found, healthy)
-            self.cap_lr = self._top_lr() if isinstance(self.recovery.optimizer, PLAIN_UPDATE) else None
+            self.cap_lr = stepped_at if isinstance(self.recovery.optimizer, PLAIN_UPDATE) else None
         self.rewound_at = step
         self.probe, self.probe_ref, self.probe_from = ([] if limit is None else None), None, step + 1
         event = events.explosion(

@@ -175,7 +175,7 @@ class Meter:
             norms, loss_val, rank_flags = self.reducer.reduce(norms, loss_val, present)
         row, into = rows(device, len(self.params)) if rows is not None else (None, None)
         wide = _wide(norms, into)  # the global norm sums these, and so do the per-layer norms
-        total = total_norm(wide, p).to(device=device, dtype=norms.dtype)
+        total = _total(wide, p, norms.dtype)
         # flags with few small ops (each costs ~5 µs of dispatch on a CPU): x - x is NaN iff x is not finite
         values = torch.stack([loss_val, total.float()])
         nonfinite = torch.isnan(values - values)  # [loss, gradients]
@@ -275,9 +275,11 @@ class Meter:
 
 def check_loss(loss: Any) -> None:
     """Refuse, at the call, a loss that is not a number, a non-empty real tensor or ``None``."""
-    if loss is None or (isinstance(loss, numbers.Real) and not isinstance(loss, bool)):
+    if loss is None:
         return
-    if not isinstance(loss, Tensor):
+    if not isinstance(loss, Tensor):  # (a tensor first: an ABC check costs ~1 µs a step)
+        if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            return
         raise GradGuardError(
             f"the loss must be a tensor, a number or None; got {type(loss).__name__} {repr(loss)[:80]}. "
             "Pass the loss you called backward() on: guard.step(loss) (or a closure that returns it)."
@@ -302,10 +304,20 @@ def _wide(norms: Tensor, into: Tensor | None) -> Tensor:
     return norms.to(torch.float64)
 
 
+def _total(wide: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """The global norm from the float64 per-tensor norms, in ``dtype`` (the norms'): what
+    :func:`~gradguard.stats.total_norm` gives, without its checks on the step's path (``p`` was
+    checked when the guard was made; ``wide`` is float64 on the norms' device)."""
+    if wide.numel() == 0:
+        return total_norm(wide, p).to(dtype)
+    total = torch.linalg.vector_norm(wide, p)
+    return total if dtype == torch.float64 else total.to(dtype)
+
+
 def _loss_value(loss: Tensor | float | None, device: torch.device) -> Tensor:
     """The loss as a 0-D float32 on ``device`` (0 without one: the log then says null)."""
     if isinstance(loss, Tensor):
-        val = loss.detach()
+        val = loss.detach() if loss.requires_grad else loss  # (``gradguard run`` passes it detached)
         if val.dim() != 0:
             val = val.reshape(()) if val.numel() == 1 else val.sum()
         if val.dtype == torch.float32 and val.device == device:

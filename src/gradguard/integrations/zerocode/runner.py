@@ -438,11 +438,11 @@ class ZeroCode:
 
     def _scaler_of(self, optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:
         """The GradScaler that scaled this step's loss, if it unscaled this optimizer's gradients."""
-        from torch.amp.grad_scaler import OptState
-
         scaler = self._scaler() if self._scaler is not None else None
         if scaler is None or not scaler.is_enabled():
             return None
+        from torch.amp.grad_scaler import OptState  # (a scaler is in use: not on every plain step)
+
         state = scaler._per_optimizer_states.get(id(optimizer))  # GradScaler's own bookkeeping
         return scaler if state is not None and state["stage"] is OptState.UNSCALED else None
 
