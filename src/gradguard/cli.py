@@ -179,6 +179,17 @@ def _tune(args: argparse.Namespace) -> int:
     return EXIT_OK if result.recommended is not None else EXIT_FINDINGS
 
 
+def _positive(part: str, expected: str, what: str) -> float:
+    """One item of a comma-separated list (``_thresholds``, ``_rates``): a positive finite number."""
+    try:
+        value = float(part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {part!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"every {what} must be a positive finite number, got {part!r}")
+    return value
+
+
 def _thresholds(text: str) -> list[float | None]:
     """An argparse type: ``0.5,1,2,none`` → ``[0.5, 1.0, 2.0, None]`` (positive finite numbers)."""
     out: list[float | None] = []
@@ -187,17 +198,7 @@ def _thresholds(text: str) -> list[float | None]:
         if part.lower() == "none":
             out.append(None)
             continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected numbers or none separated by commas, got {part!r}"
-            ) from None
-        if not (0 < value < float("inf")):
-            raise argparse.ArgumentTypeError(
-                f"every threshold must be a positive finite number, got {part!r}"
-            )
-        out.append(value)
+        out.append(_positive(part, "numbers or none separated by commas", "threshold"))
     return out
 
 
@@ -207,18 +208,17 @@ def _rates(text: str) -> list[float] | str:
         return "auto"
     out: list[float] = []
     for part in text.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected learning rates separated by commas (e.g. 1e-3,3e-4) or auto, got {part.strip()!r}"
-            ) from None
-        if not (0 < value < float("inf")):
-            raise argparse.ArgumentTypeError(
-                f"every learning rate must be a positive finite number, got {part.strip()!r}"
-            )
-        out.append(value)
+        expected = "learning rates separated by commas (e.g. 1e-3,3e-4) or auto"
+        out.append(_positive(part.strip(), expected, "learning rate"))
     return out
+
+
+def _add_script_arguments(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
+    """What ``run`` and ``tune`` end with: ``SCRIPT [ARGS...]`` (the script's arguments kept as they
+    are) and the command's function."""
+    parser.add_argument("script", metavar="SCRIPT", help="the training script")
+    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    parser.set_defaults(func=func)
 
 
 def _add_tune_parser(sub: Any) -> None:
@@ -261,9 +261,7 @@ def _add_tune_parser(sub: Any) -> None:
     tune.add_argument(
         "--timeout", type=float, default=None, metavar="S", help="give up on a trial after S seconds"
     )
-    tune.add_argument("script", metavar="SCRIPT", help="the training script")
-    tune.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
-    tune.set_defaults(func=_tune)
+    _add_script_arguments(tune, _tune)
 
 
 def _number_or_none(kind: type) -> Callable[[str], object]:
@@ -434,9 +432,7 @@ def _add_run_parser(sub: Any) -> None:
         run.add_argument(flag, dest=dest, default=default, **settings)  # type: ignore[arg-type]
     run.add_argument("--no-report", action="store_true", help="do not write report.html at exit")
     run.add_argument("--quiet", action="store_true", help="no live lines on stderr while the script runs")
-    run.add_argument("script", metavar="SCRIPT", help="the training script")
-    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
-    run.set_defaults(func=_run)
+    _add_script_arguments(run, _run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,8 +54,8 @@ Example::
         runpy.run_path("train.py", run_name="__main__")
     print(zc.summary())
 
-The package: :mod:`.script` (``gradguard run``), :mod:`.runner` (:class:`ZeroCode`),
-:mod:`.patches` (the hooks and wrapped torch functions), :mod:`.sessions` (what is guarded),
+The package: :mod:`.script` (``gradguard run``), :mod:`.runner` (:class:`ZeroCode`; its parts
+:mod:`._lookup`, :mod:`._steps`, :mod:`._clip`), :mod:`.patches` (the hooks and wrapped torch functions), :mod:`.sessions` (what is guarded),
 :mod:`.live` (stderr while the script runs), :mod:`.frameworks` (Lightning's Trainer).
 """
 

@@ -1,0 +1,95 @@
+"""The script's own clipping (``clip_grad_norm_``, ``clip_grad_value_``): the step is measured on
+the pre-clip gradients, the row gets the script's clip, or ``--clip`` replaces it (see
+:class:`~gradguard.integrations.zerocode.runner.ZeroCode`).
+
+Each function takes the runner (``zc``, typed ``Any``: runner.py imports this module)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from gradguard._guard.callerclip import CallerClip
+from gradguard.integrations.zerocode._lookup import session_for_params
+from gradguard.integrations.zerocode._steps import fresh, measure_step
+from gradguard.integrations.zerocode.sessions import Session, covers
+
+
+def on_clip_norm(zc: Any, parameters: Any, max_norm: float, total_norm: Tensor) -> bool:
+    """Inside ``clip_grad_norm_``, after torch computed the total norm and before it clips (see
+    :func:`script_clip`); the row gets the script's threshold and coefficient, and torch's own
+    total norm (to the last bit) when the call covered the whole optimizer."""
+    norm_type = zc.norm_type if zc.norm_type is not None else math.nan  # nan: not known
+
+    def first(session: Session, params: list[Tensor]) -> CallerClip:
+        clip = CallerClip(norm_type=norm_type)
+        clip.add(max_norm, total_norm, covers_all=covers(params, session.guard.optimizer))
+        return clip
+
+    def further(session: Session) -> None:  # another group of a measured step
+        session.guard.record_clip(max_norm, total_norm, norm_type=norm_type)
+
+    call = f"clip_grad_norm_(max_norm={max_norm})"
+    return script_clip(zc, parameters, call, first, further, threshold=float(max_norm))
+
+
+def on_clip_value(zc: Any, parameters: Any, clip_value: float) -> bool:
+    """Before ``clip_grad_value_`` (see :func:`script_clip`); the row gets the fraction of
+    elements the script's clip will clamp."""
+
+    def first(session: Session, params: list[Tensor]) -> CallerClip:
+        clip = CallerClip()
+        clip.add_value(clip_value, [p.grad for p in params if p.grad is not None])
+        return clip
+
+    return script_clip(zc, parameters, f"clip_grad_value_(clip_value={clip_value})", first, None)
+
+
+def script_clip(
+    zc: Any,
+    parameters: Any,
+    call: str,
+    first: Callable[[Session, list[Tensor]], CallerClip],
+    further: Callable[[Session], None] | None,
+    *,
+    threshold: float | None = None,
+) -> bool:
+    """The script's own clip call, before it touches the gradients: the step is measured here,
+    on the pre-clip gradients, with what ``first`` says of the clip; a later clip call of the
+    same step goes to ``further``. ``False``: the script's clip is replaced (``--clip``)."""
+    zc.end_loss_code()
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    session = session_for_params(zc, params)
+    if session is None:
+        return True
+    session.clips = True
+    if session.framework:  # the callback measured this step: its row gets the Trainer's clip
+        if further is not None and not zc.replace_clip:
+            session.script_clips += 1
+            session.script_threshold = threshold
+            further(session)
+        return not zc.replace_clip
+    if zc.replace_clip:
+        replaced(zc, call)
+        if fresh(zc, session):
+            measure_step(zc, session)
+        return False
+    session.script_clips += 1
+    if threshold is not None:
+        session.script_threshold = threshold
+    if fresh(zc, session):
+        measure_step(zc, session, clip=first(session, params))
+    elif further is not None:
+        further(session)
+    return True
+
+
+def replaced(zc: Any, call: str) -> None:
+    zc.say_once(
+        "clip",
+        f"--clip {zc.options['clip']} replaces the script's own {call}; the script's call "
+        "returns the pre-clip norm and leaves the gradients to gradguard's clipper.",
+    )

@@ -1,0 +1,189 @@
+"""The runner's lookups: the root (model) a module call or a set of parameters belongs to, and the
+session (guard) of an optimizer, of a clip call's parameters or of a model updated by hand, made
+the first time it is needed (see :class:`~gradguard.integrations.zerocode.runner.ZeroCode`).
+
+Each function takes the runner (``zc``, typed ``Any``: runner.py imports this module)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard.guard import Guard
+from gradguard.integrations.zerocode.sessions import (
+    ManualUpdate,
+    Root,
+    Session,
+    all_optimizers,
+    stepped,
+)
+from gradguard.locate import StepCapture
+
+
+# ----------------------------------------------------------------------------- roots
+def root_of(zc: Any, module: nn.Module) -> Root | None:
+    """The root entry of a module called at the top level (made at its first call); ``None``
+    for a module without parameters (a loss module)."""
+    root = zc._roots.get(id(module))
+    if root is not None and root.ref() is module:
+        return root
+    if module in zc._not_models:
+        return None
+    if next(module.parameters(), None) is None:
+        zc._not_models.add(module)
+        return None
+    return new_root(zc, module)
+
+
+def new_root(zc: Any, module: nn.Module) -> Root:
+    root = Root(module)
+    zc._roots[id(module)] = root  # (an entry whose module died is replaced here)
+    zc._inner.update(m for m in module.modules() if m is not module)
+    # capture from this very call on (a guard comes at the first step); every model watches its
+    # loss code (one window open at a time: the runner closes it at every root forward)
+    root.unused = root.new_capture(watch=True)
+    return root
+
+
+def root_owning(zc: Any, ids: set[int]) -> Root | None:
+    """The smallest root (model) that owns every parameter in ``ids``."""
+    best: tuple[int, Root | None] = (0, None)
+    for root in zc._roots.values():
+        model = root.model
+        if model is None or root.ref() is None:
+            continue
+        owned = {id(p) for p in model.parameters()}
+        if ids <= owned and (best[1] is None or len(owned) < best[0]):
+            best = (len(owned), root)
+    return best[1]
+
+
+def kind_of(zc: Any, root: Root) -> str:
+    """``"optimizer"`` when an optimizer holds the root's parameters, else ``"manual"``."""
+    model = root.model
+    if model is None:
+        return "optimizer"
+    ids = {id(p) for p in model.parameters()}
+    return "optimizer" if optimizers_holding(zc, ids) else "manual"
+
+
+# ----------------------------------------------------------------------------- sessions
+def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
+    """The optimizer's session; made at its first step (or clip). ``None``: not guarded."""
+    session = zc.sessions.get(id(optimizer))
+    if session is not None or id(optimizer) in zc._unguarded:
+        return session
+    framework = zc.frameworks.guard_of(optimizer)
+    if framework is not None:  # a Trainer's callback guards it
+        framework.add_flush_callback(zc.live.flushed(framework))
+        return add(zc, id(optimizer), Session(framework, manual=False, framework=True))
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    root = root_owning(zc, ids)
+    if root is None:
+        zc._unguarded.add(id(optimizer))
+        zc._say(
+            f"{type(optimizer).__name__} steps parameters that no model called so far owns; "
+            "this optimizer is not guarded."
+        )
+        return None
+    root.kind = "optimizer"
+    guard, _ = new_guard(zc, root, optimizer, dict(zc.options))
+    return add(zc, id(optimizer), Session(guard, manual=False))
+
+
+def manual_session(zc: Any, root: Root) -> Session | None:
+    """The session of a model updated by hand: measured and located, never skipped."""
+    model = root.model
+    if model is None:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    options = {**zc.options, "clip": None, "monitor_only": True}
+    if options.get("on_nonfinite") != "raise":
+        options["on_nonfinite"] = "warn"
+    if options.get("on_spike") in ("clip", "skip"):
+        options["on_spike"] = "warn"
+    for unused in (
+        "snapshot_every",
+        "snapshot_dir",
+        "lr_backoff",
+        "min_lr",
+        "max_rollbacks",
+        "rollback_window",
+    ):
+        options.pop(unused, None)
+    stand_in = ManualUpdate(params)
+    guard, _ = new_guard(zc, root, stand_in, options)
+    zc._say(
+        f"{type(model).__name__}'s parameters are updated by hand (no torch.optim optimizer steps "
+        "them): each step is measured and a non-finite one is located, but gradguard cannot skip it."
+    )
+    return add(zc, id(stand_in), Session(guard, manual=True))
+
+
+def session_of_root(zc: Any, root: Root) -> Session | None:
+    """The hand-updated session of the root's model, if made already."""
+    model = root.model
+    return next((s for s in zc._order if s.manual and s.guard.model is model), None)
+
+
+def session_for_params(zc: Any, params: list[Tensor]) -> Session | None:
+    """The session whose model these parameters belong to (a clip call): made if needed."""
+    ids = {id(p) for p in params}
+    for session in zc._order:
+        if ids & session.param_ids:
+            return session
+    for optimizer in optimizers_holding(zc, ids):
+        found = session_of(zc, optimizer)
+        if found is not None:
+            return found
+    root = root_owning(zc, ids)
+    if root is None or root.kind == "optimizer":
+        return None
+    root.kind = "manual"
+    return manual_session(zc, root)
+
+
+def optimizers_holding(zc: Any, ids: set[int]) -> list[torch.optim.Optimizer]:
+    """The optimizers that hold any of these parameters (one that has not stepped yet is
+    known only from its creation, seen through ``add_param_group``)."""
+    if zc.scan_existing:  # optimizers made before the runner started: looked for once
+        zc.scan_existing = False
+        zc._optimizers.update(all_optimizers())
+    return [o for o in zc._optimizers if any(id(p) in ids for g in o.param_groups for p in g["params"])]
+
+
+# ----------------------------------------------------------------------------- guards
+def new_guard(
+    zc: Any, root: Root, optimizer: torch.optim.Optimizer, options: dict[str, Any]
+) -> tuple[Guard, StepCapture | None]:
+    """A guard of ``root``'s model for ``optimizer`` (its run directory, its capture)."""
+    k = zc._run_dirs
+    log_dir = zc.next_run_dir()
+    locate = options.pop("locate", True)
+    capture = root.take_capture() if locate else None
+    model = root.model
+    assert model is not None
+    guard = Guard(model, optimizer, log_dir=log_dir, name=zc.name, capture=capture, locate=locate, **options)
+    guard.add_flush_callback(zc.live.flushed(guard))
+    describe(zc, guard, k, model, optimizer)
+    return guard, capture
+
+
+def describe(zc: Any, guard: Guard, k: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """meta.json of a new run dir: which optimizer it is (``index``, ``class``, the ``params`` it
+    steps); the root's lists its children (``optimizer<k>``), kept current."""
+    kind = "manual update" if isinstance(optimizer, ManualUpdate) else type(optimizer).__name__
+    info = {"index": k, "class": kind, "params": stepped(model, optimizer)}
+    if guard.writer is not None:
+        guard.writer.update_meta(optimizer=info)
+    root = zc._order[0].guard.writer if zc._order else None
+    if k > 0 and root is not None:
+        root.update_meta(children=[f"optimizer{i}" for i in range(1, k + 1)])
+
+
+def add(zc: Any, key: int, session: Session) -> Session:
+    zc.sessions[key] = session
+    zc._order.append(session)
+    return session

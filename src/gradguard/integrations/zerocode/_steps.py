@@ -1,0 +1,173 @@
+"""The runner's step path: a step's loss, measuring (and deciding) a step, and the hooks of an
+optimizer's step, its closure and ``GradScaler.step`` (see
+:class:`~gradguard.integrations.zerocode.runner.ZeroCode`).
+
+Each function takes the runner (``zc``, typed ``Any``: runner.py imports this module)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradguard._guard.callerclip import CallerClip
+from gradguard.integrations._common import drop_grads
+from gradguard.integrations.zerocode._lookup import session_of
+from gradguard.integrations.zerocode.sessions import ManualUpdate, Session
+
+
+# ----------------------------------------------------------------------------- measuring a step
+def take_loss(zc: Any) -> Tensor | None:
+    """The step's loss: the sum of what was back-propagated since the last step."""
+    losses, zc._losses = zc._losses, []
+    zc._scaled.clear()
+    if losses:
+        zc._last_loss = losses[0] if len(losses) == 1 else torch.stack([x.float() for x in losses]).sum()
+    return zc._last_loss  # several optimizers stepping after one backward share it
+
+
+def fresh(zc: Any, session: Session) -> bool:
+    """Whether this step is not measured yet (a new backward since the last measurement)."""
+    if session.measured_at is not None and session.measured_at != zc._backwards:
+        session.end_step()  # the script skipped its own step: that one is over
+    return session.measured_at is None
+
+
+def measure(
+    zc: Any,
+    session: Session,
+    *,
+    loss: Tensor | float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    clip: CallerClip | None = None,
+) -> bool:
+    """Measure (and decide) the session's step now; ``True``: the step may be taken. Its record
+    and events carry ``global_step``: the optimizer steps measured before it, in the process."""
+    if loss is None:
+        loss = take_loss(zc)
+    fields = {"global_step": zc.global_step}
+    zc.global_step += 1
+    if session.manual:
+        ok = measure_by_hand(session, loss, clip, fields)
+    else:
+        ok = session.guard.before_step(loss, scaler=scaler, clip=clip, fields=fields)
+    session.measured_at = zc._backwards
+    session.skip = not ok and not session.manual
+    if not ok:
+        zc.live.bad_step(session.guard)
+    return ok
+
+
+def measure_by_hand(
+    session: Session,
+    loss: Tensor | float | None,
+    clip: CallerClip | None,
+    fields: dict[str, Any],
+) -> bool:
+    """A hand-updated step, measured by its monitor-only guard (nothing skipped), which
+    locates a non-finite step itself before the script's update (``Guard.last_step_nonfinite``).
+    ``False``: the step was seen non-finite (the script updates its weights anyway)."""
+    session.guard.before_step(loss, clip=clip, fields=fields)
+    return not session.guard.last_step_nonfinite
+
+
+def scaler_of(zc: Any, optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:
+    """The GradScaler that scaled this step's loss, if it unscaled this optimizer's gradients."""
+    scaler = zc._scaler() if zc._scaler is not None else None
+    if scaler is None or not scaler.is_enabled():
+        return None
+    from torch.amp.grad_scaler import OptState  # (a scaler is in use: not on every plain step)
+
+    state = scaler._per_optimizer_states.get(id(optimizer))  # GradScaler's own bookkeeping
+    return scaler if state is not None and state["stage"] is OptState.UNSCALED else None
+
+
+def measure_step(zc: Any, session: Session, *, clip: CallerClip | None = None) -> None:
+    """Measure the session's step with the scaler that unscaled it (if any)."""
+    measure(zc, session, scaler=scaler_of(zc, session.guard.optimizer), clip=clip)
+
+
+# ----------------------------------------------------------------------------- optimizer steps
+def on_step(zc: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+    """The global optimizer step pre-hook (``args[0]`` is the optimizer; a further argument is a closure)."""
+    if isinstance(optimizer, ManualUpdate):
+        return None
+    zc.end_loss_code()
+    if zc.frameworks.callbacks:
+        session = session_of(zc, optimizer)
+        if session is not None and session.framework:  # the Trainer's callback measured, gates it
+            zc._losses = []
+            return None
+    closure = args[1] if len(args) > 1 else kwargs.get("closure")
+    if closure is not None:  # the model runs inside the closure: the session waits for it
+        if id(optimizer) in zc._unguarded:
+            return None
+        wrapped = guarded_closure(zc, optimizer, closure)
+        if len(args) > 1:
+            return (args[0], wrapped, *args[2:]), kwargs
+        return args, {**kwargs, "closure": wrapped}
+    session = session_of(zc, optimizer)
+    if session is None:
+        return None
+    if fresh(zc, session):
+        measure(zc, session)
+    if session.skip:
+        drop_grads(optimizer)  # the step that runs right after this hook then changes nothing
+    session.end_step()
+    return None
+
+
+def guarded_closure(
+    zc: Any, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]
+) -> Callable[[], Any]:
+    """The closure ``optimizer.step`` gets: its first evaluation (the step's loss and gradients)
+    is measured; a bad one has its gradients dropped (LBFGS then stops with the weights as they
+    were)."""
+    first = True
+
+    def guarded() -> Any:
+        nonlocal first
+        loss = closure()
+        if first:
+            first = False
+            zc._losses = []
+            value = loss.detach() if isinstance(loss, Tensor) else loss
+            zc.patches.call("optimizer.step(closure)", call_once, zc, optimizer, value)
+        return loss
+
+    return guarded
+
+
+def call_once(zc: Any, optimizer: torch.optim.Optimizer, loss: Tensor | float | None) -> None:
+    """The first evaluation of a closure: measure the step (the session is made here if needed)."""
+    session = session_of(zc, optimizer)
+    if session is None:
+        return
+    if fresh(zc, session):  # else measured inside the closure, at the script's clip (Lightning)
+        measure(zc, session, loss=loss)
+    if session.skip:
+        drop_grads(optimizer)
+    session.end_step()
+
+
+def on_scaler_step(zc: Any, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Before ``GradScaler.step``: unscale as it would, measure with the scaler. ``False``: skip it."""
+    from torch.amp.grad_scaler import OptState
+
+    zc.end_loss_code()
+    session = session_of(zc, optimizer)
+    if session is None or session.framework:
+        return True
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.READY:
+        # what GradScaler.step does first itself; a fused optimizer then gets no grad_scale (its
+        # kernel would unscale): the step is measured on the true gradients either way
+        scaler.unscale_(optimizer)
+    if fresh(zc, session):
+        measure(zc, session, scaler=scaler if state["stage"] is OptState.UNSCALED else None)
+    if session.skip:
+        session.end_step()
+        return False
+    return True
