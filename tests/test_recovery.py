@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -335,15 +332,10 @@ def test_watching_adds_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_rank_sees_the_same_onset_and_rewinds_alike(tmp_path: Path, mode: str) -> None:
     """Real torchrun (gloo, 2 ranks, each its own half of the batch): the decision rests on the
     all-reduced norms, so both ranks rewind at the same steps and stay bit-identical."""
-    from test_distributed import free_port
+    from torchrun import torchrun
 
     worker = Path(__file__).with_name("explosion_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(worker), mode, str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = torchrun(str(worker), mode, str(tmp_path), timeout=180, fresh=[tmp_path])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["sync_free"] == (mode == "ddp-warn")

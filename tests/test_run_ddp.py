@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from functools import cache
@@ -19,39 +18,25 @@ from pathlib import Path
 import pytest
 
 from gradguard.runlog import read_run
+from torchrun import torchrun
 
 SCRIPT = Path(__file__).parent / "run_scripts" / "ddp_regression.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun with gloo on Linux")
-
-
-def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    where = ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    return subprocess.run(
-        [*torchrun, *where, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
-    )
 
 
 @cache
 def _runs(
     root: Path, *extra: str
 ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
-    plain_dir, guarded_dir = root / "plain", root / "guarded"
-    plain_dir.mkdir(parents=True)
-    guarded_dir.mkdir(parents=True)
-    plain = _torchrun(str(SCRIPT), *extra, cwd=plain_dir)
-    guarded = _torchrun(
-        "-m", "gradguard", "run", "--out", str(root / "run"), str(SCRIPT), *extra, cwd=guarded_dir
-    )
+    plain_dir, guarded_dir, run_dir = root / "plain", root / "guarded", root / "run"
+    plain = torchrun(str(SCRIPT), *extra, cwd=plain_dir, env=ENV, fresh=[plain_dir])
+    guarded = torchrun(
+        "-m", "gradguard", "run", "--out", str(run_dir), str(SCRIPT), *extra,
+        cwd=guarded_dir, env=ENV, fresh=[guarded_dir, run_dir],
+    )  # fmt: skip
     return plain, guarded
 
 
