@@ -20,6 +20,11 @@ candidate rules for a better ``auto`` (defined here, not in the library):
 ``cand:first/2`` kept both scenarios finite on every seed and became the ``first=0.5`` cap of the
 library's ``auto`` (:class:`gradguard.clip.Auto`); ``auto`` in the rows below is that rule.
 
+``--advice`` checks the demo's advice instead (issue 15): it runs the demo's own pipeline on each
+seed (runs, diagnoses, ``gradguard tune``'s verification), collects every threshold and learning
+rate the re-diagnosed runs recommend as verified, and follows each for the scenario's full run on
+every seed: every one must take all its steps with no non-finite step (exit code 1 otherwise).
+
 Run ``python benchmarks/demo_probe.py`` (about 3-4 minutes on 2 CPU cores), ``--scenario rnn``,
 ``--seeds 0 1 2``, ``--json out.json``. Timings are wall-clock on a possibly shared machine.
 """
@@ -27,19 +32,23 @@ Run ``python benchmarks/demo_probe.py`` (about 3-4 minutes on 2 CPU cores), ``--
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradguard.clip import Auto, NormClipper
-from gradguard.demos import deepsad, rnn
+from gradguard.demos import deepsad, rnn, run_scenario, verified_advice
 from gradguard.demos._common import RunConfig, RunResult, Scenario, healthy_median, train
 
 # ----------------------------------------------------------------------------- candidate rules
@@ -190,17 +199,81 @@ def probe(name: str, seeds: list[int], rows: list[dict[str, Any]]) -> None:
             rows.append({**result.row(), "total_s": total, "threshold": tau})
 
 
+# ----------------------------------------------------------------------------- the demo's advice, followed
+
+
+def demo_advice(name: str, seeds: list[int], folder: Path) -> list[tuple[int, str, RunConfig]]:
+    """Every piece of verified advice ``gradguard demo`` gives on ``name`` for each seed:
+    ``(seed, the run it came from, the configuration that follows it)``.
+
+    Runs the demo's own pipeline (:func:`gradguard.demos.run_scenario`: the runs, their diagnoses,
+    tune's verification) and reads what each re-diagnosed run recommends as verified: a threshold
+    (followed at the run's learning rate) and a learning rate (followed with the run's clipping).
+    """
+    out: list[tuple[int, str, RunConfig]] = []
+    for seed in seeds:
+        rows = run_scenario(name, folder / f"{name}-{seed}", seed=seed, stream=io.StringIO())
+        for r in rows:
+            tau, lr = verified_advice(r, "max_norm"), verified_advice(r, "lr")
+            if tau is not None:
+                out.append((seed, r.name, replace(r.config, name=f"norm:{tau:g}", clip=f"norm:{tau}")))
+            if lr is not None:
+                clip = r.config.clip if isinstance(r.config.clip, str) else "none"
+                out.append((seed, r.name, replace(r.config, name=f"{clip} lr={lr:g}", lr=lr)))
+    return out
+
+
+def follow_advice(names: list[str], seeds: list[int], rows: list[dict[str, Any]]) -> None:
+    """Each piece of the demo's advice (from any seed) trained for the scenario's full run on every seed.
+
+    Passes when every followed run takes all its steps without a non-finite one (issue 15: "every
+    threshold gradguard recommends there trains to the end").
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            build: Callable[[int], Scenario] = rnn.build if name == "rnn" else deepsad.build
+            advice = demo_advice(name, seeds, Path(tmp))
+            print(f"\n== {name}: the demo's verified advice, followed for the full run on seeds {seeds}")
+            for seed, source, config in advice:
+                print(f"   seed {seed}: {source} → {config.name}")
+            print(HEADER)
+            unique = {(c.clip, c.lr, c.optimizer): c for _, _, c in advice}
+            for config in unique.values():
+                for seed in seeds:
+                    result, total = run_one(build, config, seed)
+                    print_row(result, total, build(seed).metric)
+                    ok = result.stopped == "steps" and result.first_nonfinite is None
+                    rows.append({**result.row(), "total_s": total, "advice": True, "trained_to_end": ok})
+    followed = [r for r in rows if r.get("advice")]
+    good = sum(r["trained_to_end"] for r in followed)
+    print(f"\nfollowed advice: {good}/{len(followed)} runs trained to the end with no non-finite step")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", choices=["rnn", "deepsad", "all"], default="all")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1, as gradguard demo)")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument(
+        "--advice",
+        action="store_true",
+        help="instead: run the demo's pipeline per seed and follow every piece of its verified advice "
+        "for the full run on every seed",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     names = ["rnn", "deepsad"] if args.scenario == "all" else [args.scenario]
     start = time.perf_counter()
+    if args.advice:
+        follow_advice(names, args.seeds, rows)
+        print(
+            f"\nadvice check: {time.perf_counter() - start:.1f} s (torch {torch.__version__}, {args.threads} threads)"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+        return 0 if all(r["trained_to_end"] for r in rows) else 1
     for name in names:
         probe(name, args.seeds, rows)
     print(

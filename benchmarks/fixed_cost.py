@@ -28,7 +28,9 @@ average over 100 steps (weight-norm and flush steps included). On a CPU each cos
 dispatch; on a GPU each is a kernel launch.
 
 Run ``python benchmarks/fixed_cost.py`` (about 2 minutes), ``--quick``, ``--ops`` (op counts only,
-seconds), ``--json out.json``. ``--baseline DIR`` (an older tree's ``src/gradguard``, e.g. from
+seconds), ``--parts`` (where the µs of a step go: each part timed alone, the fastest of 7 rounds),
+``--json out.json``, ``--identical DIR`` (this tree logs bit for bit what an older one logs: 67 runs
+of 60 steps over the common settings; ~2 minutes). ``--baseline DIR`` (an older tree's ``src/gradguard``, e.g. from
 ``git archive HEAD src/gradguard | tar -x -C /tmp/base``): plain / that guard / this guard as
 interleaved triples in one process, with the median ratios guard / baseline (``--clock thread``:
 CPU time, steadier on a busy machine).
@@ -41,6 +43,7 @@ import collections
 import gc
 import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -251,6 +254,77 @@ def op_matrix(case: str = "mlp2x32") -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- where the µs go
+def parts(case: str, opt_kind: str, clip: str, number: int = 200, repeat: int = 7) -> dict[str, float]:
+    """µs per call of each part of a plain and a guarded step (the fastest of ``repeat`` rounds of
+    ``number`` calls: a quiet-core estimate, steadier than pairs on a busy machine), on a warm twin.
+
+    The guard's parts are its own calls on the step's tensors (``Meter.measure``, ``Clipping.plan``,
+    ``device_row``), the optimizer step under the fused protocol (``grad_scale`` / ``found_inf`` set,
+    as the guard sets them), the forward and backward with locate's capture hooks; ``guard.step``
+    is the whole call (of a typical step: no flush, no weight norms), its glue what the parts leave of it."""
+    from gradguard._guard.row import column, device_row
+
+    twin = _Twin(case, opt_kind, clip, every=4000, weight_every=None)  # typical steps: no flush among them
+    for _ in range(20):
+        twin.plain()
+        twin.guarded()
+    g, gm, go, pm, po = twin.guard, twin.guard_model, twin.guard_opt, twin.plain_model, twin.plain_opt
+    loss = twin.backward(gm, go)
+    twin.backward(pm, po)
+    m = g._meter.measure(loss, g.monitor.next_rows)
+    plan = g._clipping.plan(m)
+    skip, overflow = g._skip_flags(m, plan.spike, None)
+    row = device_row(m, plan, skip, overflow, g._consts)
+
+    def guarded_backward() -> None:
+        twin.backward(gm, go)
+        g._anomaly.end_step()  # (the capture keeps the step's inputs until its step)
+
+    def protocol_step() -> None:  # the optimizer step as the guard calls it (fused: grad_scale, found_inf)
+        if twin.guard.fused and plan.coef is not None:
+            go.grad_scale, go.found_inf = plan.coef.reciprocal(), column(row, "skipped")  # type: ignore[attr-defined]
+            go.step()
+            del go.grad_scale, go.found_inf  # type: ignore[attr-defined]
+        else:
+            go.step()
+
+    calls: dict[str, Callable[[], Any]] = {
+        "forward + backward, plain": lambda: twin.backward(pm, po),
+        "forward + backward, guarded (locate's capture)": guarded_backward,
+        "clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(pm.parameters(), 1.0),
+        "opt.step(), plain": po.step,
+        "opt.step(), as the guard calls it": protocol_step,
+        "guard.step": lambda: g.step(loss),
+        "Meter.measure": lambda: g._meter.measure(loss, g.monitor.next_rows),
+        "Clipping.plan": lambda: g._clipping.plan(m),
+        "device_row": lambda: device_row(m, plan, skip, overflow, g._consts),
+    }
+    import timeit
+
+    assert 20 + number * repeat < 4000  # (guard.step's calls: no flush)
+    found = {
+        name: 1e6 * min(timeit.repeat(fn, number=number, repeat=repeat)) / number
+        for name, fn in calls.items()
+    }
+    g.close()
+    own = sum(
+        found[k]
+        for k in ("Meter.measure", "Clipping.plan", "device_row", "opt.step(), as the guard calls it")
+    )
+    found["guard.step's glue (the rest)"] = found["guard.step"] - own
+    return found
+
+
+def print_parts(configs: list[tuple[str, str, str]]) -> None:
+    for cfg in configs:
+        found = parts(*cfg)
+        print(f"\n{cfg[0]}, AdamW {cfg[1]}, `{cfg[2]}` (µs per call, fastest of 7 rounds):\n")
+        print("| part | µs |\n|---|---:|")
+        for name, us in found.items():
+            print(f"| {name} | {us:.1f} |", flush=True)
+
+
 # ----------------------------------------------------------------------------- timings
 @dataclass
 class Timing:
@@ -424,6 +498,81 @@ def print_vs_baseline(configs: list[tuple[str, str, str]], baseline: Any, args: 
     return found
 
 
+# ----------------------------------------------------------------------------- bit-identity
+def _identity_run(module: Any, clip: str, policy: str, opt_kind: str, dtype: torch.dtype, **kw: Any) -> Any:
+    """60 steps of a small MLP under ``module.Guard`` (a flush every 7 steps; a NaN loss at step 20
+    and an inf one at 40, a 50× batch at 30): every flushed record, every event, the final weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).to(
+        dtype
+    )
+    if opt_kind == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=opt_kind == "fused" or None)
+    records: list[Any] = []
+    with tempfile.TemporaryDirectory() as d:
+        guard = module.Guard(model, opt, clip=clip, on_nonfinite=policy, every=7, log_dir=d, **kw)
+        guard.add_flush_callback(
+            lambda rs: records.extend(json.loads(json.dumps(r, default=str)) for r in rs)
+        )
+        gen = torch.Generator().manual_seed(1)
+        for i in range(60):
+            x = torch.randn(16, 8, generator=gen).to(dtype) * (50.0 if i == 30 else 1.0)
+            y = torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y) * {20: math.nan, 40: math.inf}.get(i, 1.0)
+            loss.backward()
+            try:
+                guard.step(loss)
+            except Exception as exc:  # raise / abort: part of what is compared
+                records.append({"raised": type(exc).__name__})
+                break
+        guard.close()
+        events = []
+        for root, _, files in os.walk(d):
+            for name in sorted(f for f in files if f.endswith("events.jsonl")):
+                with open(os.path.join(root, name)) as f:
+                    events += [json.loads(line.replace(d, "DIR")) for line in f]
+    return json.dumps([records, events], sort_keys=True), [p.detach().clone() for p in model.parameters()]
+
+
+IDENTITY_SETTINGS: list[tuple[str, str, str, torch.dtype, dict[str, Any]]] = [
+    *(
+        (clip, policy, opt_kind, torch.float32, {})
+        for clip in ("norm:1", "auto", "none", "norm:0.01", "zclip", "value:0.1", "agc")
+        for policy in ("skip", "warn", "rollback", "raise")
+        for opt_kind in ("fused", "foreach")
+    ),
+    *(
+        ("norm:1", "skip", k, torch.float32, {"on_spike": s})
+        for s in ("skip", "clip")
+        for k in ("fused", "foreach")
+    ),
+    ("norm:1", "skip", "foreach", torch.float64, {}),
+    ("auto", "skip", "fused", torch.float64, {}),
+    ("norm:1", "skip", "sgd", torch.float32, {}),
+    ("norm:1", "skip", "foreach", torch.float32, {"layer_every": 3}),
+    ("norm:1", "skip", "fused", torch.float32, {"norm_type": 1.0}),
+    ("norm:1", "skip", "fused", torch.float32, {"norm_type": math.inf}),
+    ("none", "warn", "fused", torch.float32, {"monitor_only": True}),
+]
+
+
+def identical_to(baseline: Any) -> tuple[int, list[str]]:
+    """Run every setting of :data:`IDENTITY_SETTINGS` under the baseline package and this one: the
+    runs whose records, events or final weights differ (compared bit for bit)."""
+    differ = []
+    for clip, policy, opt_kind, dtype, kw in IDENTITY_SETTINGS:
+        (a, wa), (b, wb) = (
+            _identity_run(mod, clip, policy, opt_kind, dtype, **kw) for mod in (baseline, gradguard)
+        )
+        same_weights = all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(wa, wb))
+        if a != b or not same_weights:
+            differ.append(f"{clip} {policy} {opt_kind} {dtype} {kw}")
+    return len(IDENTITY_SETTINGS), differ
+
+
 # ----------------------------------------------------------------------------- main
 TARGETS = {"mlp2x32": 1.15, "mlp4x256": 1.05}
 
@@ -438,6 +587,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--verbose", action="store_true", help="list the guard's ops by name")
     ap.add_argument("--matrix", action="store_true", help="also the op counts of the common settings")
+    ap.add_argument("--parts", action="store_true", help="where the µs go: each part of the steps (timeit)")
+    ap.add_argument(
+        "--identical",
+        default=None,
+        metavar="DIR",
+        help="an older gradguard package directory: check that this one logs the same numbers (records, "
+        "events, final weights, bit for bit) over many settings, then exit",
+    )
     ap.add_argument("--json", default=None, help="also write every number to this file")
     ap.add_argument(
         "--baseline",
@@ -451,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.identical:
+        runs, differ = identical_to(load_baseline(args.identical))
+        print(f"{runs} runs (60 steps each), {runs - len(differ)} bit-identical to {args.identical}")
+        for line in differ:
+            print("  differs:", line)
+        return 1 if differ else 0
     pairs = args.pairs or (100 if args.quick else 400)
     warmup = 20
     configs = [(c, o, k) for c in args.cases for o in args.optim for k in args.clip]
@@ -478,9 +641,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {m['optimizer']} | {m['on_nonfinite']} | `{m['clip']}` | {m['layer_step']} | {m['other_step']} "
                 f"| {m['in_optimizer_step']} | {m['host_reads']} |"
             )
+    if args.parts:
+        print_parts(configs)
     timings: list[Timing] = []
     vs_baseline: list[VsBaseline] = []
-    if args.baseline and not args.ops:
+    if args.parts:
+        pass
+    elif args.baseline and not args.ops:
         vs_baseline = print_vs_baseline(configs, load_baseline(args.baseline), args)
     elif not args.ops:
         print(

@@ -267,6 +267,10 @@ def clipper_of(method: str) -> Any:
         return Auto(first=0.5)
     if method == "auto-s11":
         return Auto(polyak=0.5, first=0.5)
+    if method.startswith("trust:"):  # the per-layer trust-ratio candidate (auto_momentum.py)
+        from auto_momentum import AutoTrust
+
+        return AutoTrust(float(method.split(":")[1]))
     return method
 
 

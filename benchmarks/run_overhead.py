@@ -116,33 +116,41 @@ def _run(runpy: object, path: Path) -> None:
 
 
 def measure(mode: str, name: str) -> dict[str, float]:
+    """One child: ``plain``, ``run``, or ``base`` (``run`` importing gradguard from ``BASELINE``)."""
     script, args = CASES[name]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if mode == "base":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [BASELINE, env.get("PYTHONPATH")]))
+        mode = "run"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, script, *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=900)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench(name: str, pairs: int) -> dict[str, object]:
-    """Alternating plain / run measurements of one script (one warm-up pair, not counted)."""
+    """Alternating plain / run measurements of one script (one warm-up pair, not counted); with
+    ``--baseline``, rounds of three (plain, run, base) in rotating order."""
+    modes = MODES + (("base",) if BASELINE else ())
     got: dict[str, dict[str, list[float]]] = {
-        m: {"script_s": [], "cpu_s": [], "import_s": [], "gc_s": [], "gc_full": []} for m in MODES
+        m: {"script_s": [], "cpu_s": [], "import_s": [], "gc_s": [], "gc_full": []} for m in modes
     }
     for i in range(pairs + 1):
-        order = MODES if i % 2 == 0 else MODES[::-1]
+        order = modes[i % len(modes) :] + modes[: i % len(modes)] if BASELINE else modes[:: 1 - 2 * (i % 2)]
         once = {mode: measure(mode, name) for mode in order}
         if i == 0:
             continue
-        for mode in MODES:
+        for mode in modes:
             for key in got[mode]:
                 got[mode][key].append(once[mode][key])
     row: dict[str, object] = {"script": name, "args": CASES[name][1], "pairs": pairs}
     for key, label in (("script_s", "wall"), ("cpu_s", "cpu")):
-        ratios = [r / p for r, p in zip(got["run"][key], got["plain"][key])]
+        for mode in modes[1:]:
+            ratios = [r / p for r, p in zip(got[mode][key], got["plain"][key])]
+            prefix = "" if mode == "run" else "base_"
+            row[f"{prefix}run_{label}_s"] = statistics.median(got[mode][key])
+            row[f"{prefix}{label}_ratio"] = statistics.median(ratios)
+            row[f"{prefix}{label}_ratio_range"] = (min(ratios), max(ratios))
         row[f"plain_{label}_s"] = statistics.median(got["plain"][key])
-        row[f"run_{label}_s"] = statistics.median(got["run"][key])
-        row[f"{label}_ratio"] = statistics.median(ratios)
-        row[f"{label}_ratio_range"] = (min(ratios), max(ratios))
     for mode in MODES:
         row[f"{mode}_gc_s"] = statistics.median(got[mode]["gc_s"])
         row[f"{mode}_gc_full"] = max(got[mode]["gc_full"])
@@ -153,6 +161,7 @@ def bench(name: str, pairs: int) -> dict[str, object]:
 
 
 MODES = ("plain", "run")
+BASELINE = ""  # --baseline: a gradguard source tree (its ``src``) the ``base`` children import
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
@@ -177,8 +186,15 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=sorted(CASES), help="only these scripts")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="also time `run` importing gradguard from this src directory (before/after)",
+    )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global BASELINE
+    BASELINE = str(Path(args.baseline).resolve()) if args.baseline else ""
     if args.child:
         child(args.child[0], args.child[1], args.child[2:])
         return
@@ -192,7 +208,12 @@ def main() -> None:
         print(
             f"{name:14s} cpu plain {row['plain_cpu_s']:6.2f}s run {row['run_cpu_s']:6.2f}s "
             f"ratio {row['cpu_ratio']:.3f} {row['cpu_ratio_range']}  wall ratio {row['wall_ratio']:.3f}  "
-            f"import +{row['import_extra_s']:.2f}s  full GCs in span plain {row['plain_gc_full']} run {row['run_gc_full']}",
+            f"import +{row['import_extra_s']:.2f}s  full GCs in span plain {row['plain_gc_full']} run {row['run_gc_full']}"
+            + (
+                f"  | baseline ratio {row['base_cpu_ratio']:.3f} {row['base_cpu_ratio_range']}"
+                if BASELINE
+                else ""
+            ),
             flush=True,
         )
     if args.markdown:

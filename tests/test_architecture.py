@@ -56,6 +56,7 @@ RULES: dict[str, Rule] = {
     "contracts": Rule(
         (
             "gradguard.runlog",
+            "gradguard.runlog.*",  # its parts: _format, _encoding, _files, _writer, _reader
             "gradguard.record",
             "gradguard.events",
             "gradguard.runtable",

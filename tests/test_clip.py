@@ -1428,6 +1428,21 @@ def test_nonfinite_units_are_not_counted_as_clipped():
     check_fraction(C.fraction_clipped(C.coefficient(torch.tensor(math.nan), 1.0)), 0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_coefficient_with_the_nonfinite_flag_is_bit_identical(dtype):
+    """The guard's shortcut (it knows whether the norm is finite): same coefficient for a number
+    threshold, for finite, tiny, huge, infinite and NaN norms; a tensor threshold ignores the flag."""
+    for n in [0.0, 1e-9, 0.5, 1.0, 3.0, 1e30, math.inf, -math.inf, math.nan]:
+        norm = torch.tensor(n, dtype=dtype)
+        flag = ~torch.isfinite(norm)
+        for tau in [0.0, 0.5, 1.0, 1e10, math.inf]:
+            want = C.coefficient(norm, tau)
+            assert torch.equal(C.coefficient(norm, tau, norm_nonfinite=flag), want), (n, tau)
+            assert torch.equal(C.coefficient(norm, torch.tensor(tau, dtype=dtype)), want), (n, tau)
+    nan_tau = torch.tensor(math.nan)  # a tensor threshold is not validated: the full test stays
+    assert C.coefficient(torch.tensor(2.0), nan_tau, norm_nonfinite=torch.tensor(False)) == 1.0
+
+
 @pytest.mark.parametrize("spec", [*SPECS, "norm:0"])
 def test_clip_and_call_clip_the_same(spec):
     """clip_ clips exactly as the call does (and keeps the same state)."""

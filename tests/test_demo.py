@@ -13,6 +13,8 @@ import io
 import json
 import math
 import random
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,12 @@ import torch
 
 from gradguard.cli import main
 from gradguard.clip import Auto, from_spec
-from gradguard.demos import STEPS_ENV
+from gradguard.demos import STEPS_ENV, Row, run_scenario, takeaways
+from gradguard.demos._common import RunConfig, RunResult, StepRecord
 from gradguard.errors import GradGuardError
 from gradguard.runlog import FINDINGS_FILE, REPORT_FILE, RunLog, is_run_dir, read_run
-from gradguard.tunelog import read_tune
+from gradguard.runtable import clip_rate
+from gradguard.tunelog import TuneResult, read_tune
 
 needs_sklearn = pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None,
@@ -44,12 +48,6 @@ def demo_meta(log: RunLog) -> dict[str, Any]:
 
 def finding_ids(run: Path) -> list[str]:
     return [f["id"] for f in json.loads((run / FINDINGS_FILE).read_text())]
-
-
-def clip_rate(log: RunLog) -> float:
-    taken = [r for r in log.metrics if not r.get("skipped")]
-    clipped = [r for r in taken if isinstance(r.get("clip_coef"), float) and r["clip_coef"] < 1.0]
-    return len(clipped) / len(taken)
 
 
 def by_config(folder: Path) -> dict[str, RunLog]:
@@ -106,6 +104,109 @@ def test_demo_one_scenario_quick_through_the_cli(
     assert f"Report (one page, every run): {report}" in text
     page = report.read_text()
     assert page.startswith("<!DOCTYPE html>") and all(p.name in page for p in runs)
+
+
+VERIFIED = re.compile(r"verified: (max_norm|lr)=([0-9.e+-]+)")
+
+
+def verified_in_findings(run: Path) -> dict[str, set[float]]:
+    """The thresholds and learning rates a run's findings.json recommends as verified (the rest must not exist)."""
+    out: dict[str, set[float]] = {"max_norm": set(), "lr": set()}
+    for f in json.loads((run / FINDINGS_FILE).read_text()):
+        rec = f["recommendation"]
+        if isinstance(rec.get("max_norm"), (int, float)):
+            assert rec.get("verified") is True, (run.name, f["id"], rec)  # no unverified threshold is given
+            out["max_norm"].add(float(rec["max_norm"]))
+        if isinstance(rec.get("lr"), (int, float)):
+            assert rec.get("lr_verified") is True, (run.name, f["id"], rec)  # nor an unverified rate
+            out["lr"].add(float(rec["lr"]))
+        assert rec.get("lr_verified") is not False, (run.name, f["id"], rec)
+    return out
+
+
+def part(tuned: TuneResult, rates: bool) -> TuneResult:
+    """One question of a tune.json the demo wrote: the rate trials (own clipping) or the threshold trials."""
+    return replace(tuned, trials=[t for t in tuned.trials if t.own_clip == rates])
+
+
+def check_takeaways(runs: dict[str, Path], lines: list[str]) -> int:
+    """What users read (``runs``: configuration name → its run directory): every number a takeaway
+    calls verified is the one the run's findings.json recommends as verified and the one its
+    tune.json's trials chose; never a threshold tune saw explode there; never over-clipping for a run
+    diagnose says trained. Returns how many verified numbers were quoted."""
+    quoted = 0
+    longest_first = sorted(runs, key=len, reverse=True)  # "norm:5" is not "norm:50"'s run
+    for line in lines:
+        name = next((n for n in longest_first if line.startswith((f"{n}:", f"{n} ("))), None)
+        for key, text in VERIFIED.findall(line):
+            assert name is not None, line
+            value = float(text.rstrip("."))
+            assert value in verified_in_findings(runs[name])[key], (line, runs[name])
+            tuned = read_tune(runs[name])
+            assert tuned is not None, line
+            chosen = part(tuned, rates=key == "lr").recommended
+            assert chosen is not None and getattr(chosen, key) == value and chosen.trained, line
+            if key == "max_norm":  # never a threshold the same run showed to explode
+                assert all(value < t.max_norm for t in tuned.trials if t.failed and t.max_norm), line
+            quoted += 1
+        if name is not None:
+            info = [
+                f for f in json.loads((runs[name] / FINDINGS_FILE).read_text()) if f["severity"] == "info"
+            ]
+            if any(f["id"] == "over_clipping" for f in info):  # the run trained: never called over-clipped
+                assert "diagnose: over_clipping" not in line and "over-clipped" not in line, line
+    return quoted
+
+
+def check_followed(rows: list[Row], lines: list[str]) -> None:
+    """The run that followed a verified threshold: named as such, and the numbers quoted are its own."""
+    followed = [r for r in rows if r.threshold is not None]
+    assert followed
+    for row in followed:
+        line = next(x for x in lines if x.startswith(f"{row.name} (recommended by diagnose"))
+        assert f"recommended by diagnose of {row.recommended_from}" in line
+        assert f"followed for {row.steps_taken}/{row.planned_steps} steps" in line
+        nf = "no non-finite step" if row.first_nonfinite is None else "non-finite at step"
+        assert nf in line and f"final loss {row.final_loss:.3g}" in line
+
+
+@needs_sklearn
+def test_demo_takeaways_quote_only_verified_advice(tmp_path: Path) -> None:
+    """deepsad, 40 steps: the unclipped run's explosion recommends a threshold and a lower learning rate;
+    both are verified by tune (one tune.json) before the takeaways quote them."""
+    rows = run_scenario("deepsad", tmp_path, steps=40, stream=io.StringIO())
+    lines = takeaways("deepsad", rows)
+    by = {r.name: r for r in rows}
+    none = by["none"]
+    assert none.verification is not None
+    assert none.verification.thresholds is not None and none.verification.rates is not None
+    # the rates tried are the ones diagnose's own `gradguard tune --lr` command named
+    assert none.verification.lr is not None and none.verification.rates.lr_candidates()
+    assert none.verification.lr in none.verification.rates.lr_candidates()
+    assert check_takeaways({r.name: r.run_dir for r in rows}, lines) >= 2  # a threshold and a rate, verified
+    check_followed(rows, lines)
+    assert any("verified: lr=" in x for x in lines) and any("verified: max_norm=" in x for x in lines)
+    # the followed threshold is the verified one, and it is the one the run's diagnosis now gives
+    rec = next(r for r in rows if r.threshold is not None)
+    assert rec.recommended_from == "none" and rec.threshold in verified_in_findings(none.run_dir)["max_norm"]
+    assert rec.name == f"norm:{rec.threshold:g}" and rec.first_nonfinite is None
+    # every run's advice is verified, and the demo's clip rate is the run table's
+    for r in rows:
+        verified_in_findings(r.run_dir)
+        assert r.result.clip_rate == pytest.approx(r.clip_rate) or (r.steps_taken == 0 and r.clip_rate == 0.0)
+
+
+def test_demo_run_result_clip_rate_is_the_run_tables() -> None:
+    """RunResult.clip_rate is runtable's: skipped steps leave the denominator, none taken is nan."""
+    recs = [
+        StepRecord(0, 1.0, 9.0, 5.0, True, True),
+        StepRecord(1, 1.0, 2.0, 5.0, False, True),
+        StepRecord(2, math.nan, math.nan, 5.0, False, False),
+        StepRecord(3, 1.0, 7.0, 5.0, True, True),
+    ]
+    result = RunResult("x", RunConfig("norm:5", "norm:5"), 0, recs, 2, {}, 0.0, "steps")
+    assert result.clip_rate == pytest.approx(2 / 3) == clip_rate([r.as_record() for r in recs])
+    assert math.isnan(RunResult("x", RunConfig("none"), 0, recs[2:3], 2, {}, 0.0, "nonfinite").clip_rate)
 
 
 def test_demo_refuses_unknown_scenarios_and_used_folders(
@@ -165,14 +266,21 @@ def test_demo_claims_hold_on_seed_0(tmp_path: Path, capsys: pytest.CaptureFixtur
         source = demo_meta(log)["recommended_from"]
         assert source in ("norm:5", "none")
         tuned = read_tune(runs[f"{scenario}/{source}"].path)
-        assert tuned is not None and log.meta["config"]["clip"]["max_norm"] == tuned.max_norm
+        followed = log.meta["config"]["clip"]["max_norm"]
+        assert tuned is not None and followed == part(tuned, rates=False).max_norm
+        assert followed in verified_in_findings(runs[f"{scenario}/{source}"].path)["max_norm"]
         assert log.first_nonfinite() is None and not any(r.get("skipped") for r in log.metrics)
         assert demo_meta(log)["stopped"] == "steps" and len(log.metrics) == demo_meta(log)["steps_planned"]
-        for key, other in runs.items():  # every threshold the demo's diagnoses recommend is verified
-            if key.startswith(scenario):
-                for f in json.loads((other.path / FINDINGS_FILE).read_text()):
-                    if isinstance(f["recommendation"].get("max_norm"), (int, float)):
-                        assert f["recommendation"].get("verified") is True, (key, f)
+        # every threshold and learning rate the demo's diagnoses recommend is verified, and every
+        # number its takeaways call verified is one of those (what users read)
+        section = text.split(f"Summary — {scenario}")[1].split("Summary — ")[0]
+        lines = [x.strip()[2:] for x in section.splitlines() if x.strip().startswith("• ")]
+        names = {
+            key.split("/", 1)[1]: other.path for key, other in runs.items() if key.startswith(f"{scenario}/")
+        }
+        assert check_takeaways(names, lines) >= 1, section
+    # rnn: the unclipped run's lower-learning-rate advice was verified too (its estimate, 0.1, explodes)
+    assert verified_in_findings(runs["rnn/none"].path)["lr"]
     # ROC-AUC reported for every configuration
     for key, log in runs.items():
         if key.startswith("deepsad/"):

@@ -204,6 +204,31 @@ def test_a_finite_loss_climbing_by_orders_of_magnitude_is_divergence() -> None:
     assert conclude(then_nan, "divergence") is None  # the explosion tells that story
 
 
+def test_the_divergence_message_quotes_the_loss_the_run_started_at_not_a_rolling_median() -> None:
+    """The climb is judged on a rolling median, but the numbers a user reads are the log's own: a
+    run that starts at 3.84 and jumps to ~400 started at 3.84 (the rolling median there is 351)."""
+    loss = [3.84, 400.0, 351.0] + [351.0 * 3.0**k for k in range(1, 12)]
+    div = conclude(run([1.0] * len(loss), loss=loss), "divergence")
+    assert div is not None
+    assert "3.84 (step 0, the start of the run)" in div.message and "351" not in div.message, div.message
+    assert div.evidence["loss_start"] == 3.84 and div.evidence["loss_start_step"] == 0
+    assert div.evidence["loss_peak"] == pytest.approx(max(loss), rel=1e-3)  # a loss the log holds
+    later = [5.0, 4.0, 3.0, 3.5, 3.2] + [3.0 * 3.0**k for k in range(1, 12)]
+    div = conclude(run([1.0] * len(later), loss=later), "divergence")
+    assert (
+        div is not None and "its lowest 3 (step 2; it was 5 at the start of the run, step 0)" in div.message
+    )
+
+
+def test_the_unbounded_loss_message_quotes_the_first_loss_and_labels_the_median() -> None:
+    loss = [3.84, 2.0, 1.0, 0.5, 0.2] + [-(10.0**k) for k in range(1, 9)] + [NAN]
+    found = conclude(run([1.0] * (len(loss) - 1) + [NAN], loss=loss), "unbounded_loss")
+    assert found is not None
+    assert "from 3.84 at the start of the run (step 0)" in found.message, found.message
+    assert "first 5 losses (their median)" in found.message
+    assert found.evidence["loss_start"] == 3.84 and found.evidence["loss_start_median"] == 1.0
+
+
 # ----------------------------------------------------------------------------- advice: one owner
 def _advice_case(path: Path, rule: str) -> Path:
     """A run directory where ``rule`` recommends a ``max_norm`` (every number written by hand)."""
@@ -257,6 +282,37 @@ def test_every_threshold_a_rule_recommends_is_verified_or_marked_unverified(
     verified = next(f for f in diagnose(path) if f.id == finding.id and f.step == finding.step)
     assert verified.recommendation["verified"] is True and verified.recommendation["max_norm"] == 0.25
     assert "gradguard tune" in verified.recommendation["text"]
+
+
+def test_tune_json_is_read_once_a_diagnosis_however_many_rules_quote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Facts.tuned`` owns the run directory's ``tune.json``: the explosion and the divergence both
+    quote its verified threshold and learning rate, from one read (each rule's advice read it again)."""
+    import gradguard.diagnose.facts as facts_module
+    from gradguard.tunelog import TuneResult, judge, read_tune, write_tune
+
+    path = _advice_case(tmp_path / "run", "divergence")
+    falling, flat = [1.0 - 0.02 * k for k in range(10)], [1.0] * 10
+    write_tune(path, TuneResult([judge(0.25, None, falling, flat)], 10))
+    reads: list[Path] = []
+    monkeypatch.setattr(facts_module, "read_tune", lambda p: reads.append(p) or read_tune(p))
+    findings = diagnose(path)
+    verified = [f for f in findings if f.recommendation.get("verified") is True]
+    assert {f.id for f in verified} >= {"explosion", "divergence"}, [
+        (f.id, f.recommendation) for f in findings
+    ]
+    assert reads == [path]
+
+
+def test_a_loss_a_clipping_message_quotes_as_start_and_end_is_labelled_as_medians() -> None:
+    """Over-clipping's "the loss went A → B" are medians of a tenth of the steps: the message says so."""
+    losses = [1.0 - 0.001 * s for s in range(100)]
+    log = run([10.0] * 100, loss=losses, threshold=[0.01] * 100, clip_coef=[0.001] * 100)
+    log.meta.update(optimizer="SGD", config={"clip": {"kind": "norm", "max_norm": 0.01}})
+    found = conclude(log, "over_clipping")
+    assert found is not None and "(medians of the first and last 10 steps)" in found.message, found
+    assert found.evidence["loss_ends_median_of"] == 10
 
 
 def _by(finding: Finding, rule: str) -> bool:
@@ -315,13 +371,113 @@ def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
 
 # ----------------------------------------------------------------------------- learning rate, weights, layers
 def test_update_ratios_far_above_1e_3_are_a_learning_rate_too_high() -> None:
+    """In a run that did not train (the loss flat): a warning, and a lower rate to verify."""
     n = 60
-    high = conclude(
-        run([1.0] * n, layer__fc__update_ratio=[0.3] * n, layer__out__update_ratio=[1e-3] * n), "lr_too_high"
-    )
+    ratios = {"layer__fc__update_ratio": [0.3] * n, "layer__out__update_ratio": [1e-3] * n}
+    high = conclude(run([1.0] * n, loss=[1.0] * n, **ratios), "lr_too_high")
     assert high is not None and high.evidence["update_ratio_median_by_layer"]["fc"] == 0.3
-    assert high.recommendation["lr"] < 0.1
+    assert high.severity == "warning" and high.recommendation["lr"] < 0.1
+    assert 0.1 not in high.recommendation["lr_candidates"]  # the run's own rate did not train
     assert conclude(run([1.0] * n, layer__fc__update_ratio=[1e-3] * n), "lr_too_high") is None
+
+
+@pytest.mark.parametrize("ratio", [0.11, 0.3, 2.0])
+def test_high_update_ratios_in_a_run_that_trained_are_info_with_no_lower_rate_advised(ratio: float) -> None:
+    """Issue 15: advice never turns a run that trained into a failed one. The rnn demo's ``norm:5``
+    recipe (lr 1, decoder ratio ~0.11, loss 132 → 59) trains better than the lower rate ``lr_too_high``
+    used to send it to: the same "trained" test as ``over_clipping`` (falling loss, finite, no climb)
+    makes it an info with no ``lr``, and the rates to verify include the run's own (tune may keep it)."""
+    n = 80
+    loss = [3.0 * 0.98**s + 0.01 * (s % 3) for s in range(n)]
+    clipped = run([8.0] * n, loss=loss, clip={"kind": "norm", "max_norm": 5.0},
+                  threshold=[5.0] * n, layer__decoder__update_ratio=[ratio] * n)  # fmt: skip
+    lr = conclude(clipped, "lr_too_high")
+    assert lr is not None and lr.severity == "info", lr
+    assert "not a failure" in lr.message and "medians of the first and last" in lr.message
+    rec = lr.recommendation
+    assert "lr" not in rec and rec["lr_verified"] is False and 0.1 in rec["lr_candidates"], rec
+    assert "Keep the learning rate" in rec["text"] and rec["lr_tune"] in rec["text"]
+    assert "0.1" in rec["lr_tune"].split("--lr ")[1].split()[0].split(",")
+    stalled = conclude(
+        run([8.0] * n, loss=[3.0] * n, layer__decoder__update_ratio=[ratio] * n), "lr_too_high"
+    )
+    assert stalled is not None and stalled.severity == "warning" and stalled.recommendation["lr"] < 0.1
+
+
+def test_tune_keeps_the_run_s_own_rate_only_when_it_trains_best(tmp_path: Path) -> None:
+    """The candidates a trained run's ``lr_too_high`` asks to verify include its own rate; tune's
+    verdict (``tunelog.choose``) keeps it when it trains as well as the lower ones, and picks a lower
+    one on evidence: the own rate past the valley (its loss fell ≥ 10% less)."""
+    from gradguard.tunelog import TuneResult, judge, write_tune
+
+    n = 80
+    path = tmp_path / "run"
+    rows = [
+        {
+            "step": s,
+            "loss": 3.0 * 0.98**s,
+            "grad_norm": 1.0,
+            "lr": 0.4,
+            "layers": {"fc": {"update_ratio": 0.3}},
+        }
+        for s in range(n)
+    ]
+    with RunWriter(path) as w:
+        w.write_metrics(rows)
+    rec = next(f for f in diagnose(path) if f.id == "lr_too_high").recommendation
+    rates = rec["lr_candidates"]
+    assert max(rates) == 0.4 and len(rates) >= 3, rates
+    flat = [1.0] * 10
+
+    def falls(by: float) -> list[float]:
+        return [1.0 - by * k / 9 for k in range(10)]
+
+    write_tune(path, TuneResult([judge(None, r, falls(0.5), flat, own_clip=True) for r in rates], 10))
+    kept = next(f for f in diagnose(path) if f.id == "lr_too_high")
+    assert kept.severity == "info" and kept.recommendation["lr_keep"] is True, kept.recommendation
+    assert kept.recommendation["lr"] == 0.4 and "Keep the learning rate" in kept.recommendation["text"]
+    falls_less = [judge(None, r, falls(0.5 if r < 0.4 else 0.2), flat, own_clip=True) for r in rates]
+    write_tune(path, TuneResult(falls_less, 10))
+    lower = next(f for f in diagnose(path) if f.id == "lr_too_high").recommendation
+    assert lower["lr_verified"] is True and lower["lr"] < 0.4 and "lr_keep" not in lower, lower
+
+
+def _exploded_run(path: Path) -> Path:
+    """Unclipped at lr 0.4: 40 healthy steps, then the norm climbs 2× a step to non-finite."""
+    norms = [1.0 + 0.05 * (s % 3) for s in range(40)] + [2.0**k for k in range(1, 30)] + [NAN]
+    rows = [
+        {"step": s, "loss": 1.0 if math.isfinite(g) else NAN, "grad_norm": g, "lr": 0.4,
+         "nonfinite": not math.isfinite(g), "skipped": not math.isfinite(g)}
+        for s, g in enumerate(norms)
+    ]  # fmt: skip
+    with RunWriter(path) as w:
+        w.write_metrics(rows)
+    return path
+
+
+def test_an_explosion_s_threshold_and_learning_rate_are_either_or(tmp_path: Path) -> None:
+    """``explosion`` recommends a ``max_norm`` and an ``lr``; tune verifies each with the other setting
+    unchanged, so they are alternatives, not one combined change: the text says "either … or"."""
+    from gradguard.tunelog import TuneResult, judge, write_tune
+
+    path = _exploded_run(tmp_path / "run")
+    rec = next(f for f in diagnose(path) if f.id == "explosion").recommendation
+    assert "max_norm" in rec and "lr" in rec, rec
+    text = rec["text"]
+    assert (
+        text.startswith("Either clip the global norm. Try max_norm=")
+        and ". Or, instead, lower the learning rate. Try lr=" in text
+    )
+    assert text.index("max_norm=") < text.index("Or, instead") < text.index("lr=")
+    falling, flat = [1.0 - 0.02 * k for k in range(10)], [1.0] * 10
+    exploded = [1.0] * 3 + [10.0**k for k in range(1, 8)]
+    trials = [judge(m, None, falling, flat) for m in (0.5, 1.0)] + [judge(2.0, None, falling, exploded)]
+    trials += [judge(None, r, falling, flat, own_clip=True) for r in (0.01, 0.02)]
+    write_tune(path, TuneResult(trials, 10))
+    verified = next(f for f in diagnose(path) if f.id == "explosion").recommendation
+    assert verified["verified"] is True and verified["lr_verified"] is True, verified
+    assert verified["text"].startswith("Either clip the global norm. Verified: max_norm=")
+    assert ". Or, instead, lower the learning rate. Verified: lr=" in verified["text"]
 
 
 def test_an_lr_jump_right_before_the_climb_is_blamed() -> None:

@@ -22,16 +22,16 @@ from gradguard._guard.clipping import Clipping, ClipPlan
 from gradguard._guard.config import GuardConfig, layer_cadence
 from gradguard._guard.counters import Counters
 from gradguard._guard.flush import FlushEvents, LossScaleWatch
-from gradguard._guard.measure import Constants, Measurement
+from gradguard._guard.measure import Constants, Measurement, Meter
 from gradguard._guard.params import GuardedParams
 from gradguard._guard.poststep import AfterStep
 from gradguard._guard.recovery import Recovery
 from gradguard._guard.row import device_row, host_values
 from gradguard._guard.runmeta import clip_config
-from gradguard.clip import Norm
+from gradguard.clip import Norm, ZClip, from_spec
 from gradguard.errors import GradGuardError
 from gradguard.runlog import read_run
-from gradguard.stats import LayerIndex
+from gradguard.stats import LayerIndex, tensor_norms, uniform_norms
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -864,3 +864,85 @@ def test_a_guarded_step_issues_few_device_ops(
         guard.step(loss)
     guard.close()
     assert ops.count <= budget
+
+
+def _meter(params: list[torch.Tensor], p: float = 2.0) -> Meter:
+    return Meter(params, p, LayerIndex([f"l{i}.weight" for i in range(len(params))]), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
+def test_a_meter_of_one_dtype_measures_as_tensor_norms_without_its_checks(
+    dtype: torch.dtype, p: float
+) -> None:
+    """The Meter's per-step norms (one dtype on a CPU: the checks and grouping made once) are bit for
+    bit what :func:`gradguard.stats.tensor_norms` gives; after ``model.half()`` it groups again."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in ((3, 4), (4,), (0,), (7, 2))]
+    for w in params:
+        w.grad = torch.randn(w.shape, generator=g).to(dtype) * 5
+    meter = _meter(params, p)
+    grads = [w.grad for w in params]
+    assert torch.equal(meter.tensor_norms(grads), tensor_norms(grads, p))  # type: ignore[arg-type]
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    assert uniform_norms(params, math.inf) is None and uniform_norms([params[0], params[1].to(other)]) is None
+    for w in params:  # the parameters change dtype after the meter was made
+        w.data, w.grad = w.data.to(other), w.grad.to(other)  # type: ignore[union-attr]
+    grads = [w.grad for w in params]
+    assert torch.equal(meter.tensor_norms(grads), tensor_norms(grads, p))  # type: ignore[arg-type]
+
+
+def test_a_meter_uses_norms_its_caller_computed_only_where_they_are_its_own() -> None:
+    """``measure(known=(grads, norms))`` (the script's own clip under ``gradguard run``): the caller's
+    norms of the same gradient objects, float32 on the torch path, stand in for the meter's read;
+    anything else is ignored and the gradients are read as usual."""
+    params = [torch.randn(3, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
+    for w in params:
+        w.grad = torch.randn(w.shape)
+    meter, grads = _meter(params), [w.grad for w in params]
+    theirs = torch.stack(torch._foreach_norm(grads, 2.0))  # type: ignore[arg-type]
+    assert meter.measure(torch.tensor(1.0), known=(grads, theirs)).norms is theirs  # type: ignore[arg-type]
+    wrong = torch.tensor([7.0, 7.0])
+    for known in (
+        ([g.clone() for g in grads], wrong),  # other gradient objects
+        (grads[:1], wrong[:1]),  # not all of them
+        (grads, wrong.double()),  # not float32
+        (grads, wrong[:1]),  # not one norm per gradient
+    ):
+        m = meter.measure(torch.tensor(1.0), known=known)  # type: ignore[arg-type]
+        assert torch.equal(m.norms, theirs)
+
+
+def test_the_coefficient_reuses_the_norms_flag_only_for_a_fixed_number_threshold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The guard's ``grad_nonfinite`` flag stands in for ``clip.coefficient``'s own finiteness test
+    only where it says exactly that the coefficient's norm is non-finite and the threshold cannot be
+    NaN: a fixed ``Norm`` number (its device constant), a float32 norm, flags of this rank alone."""
+    import gradguard._guard.clipping as clipping_mod
+
+    seen: list[Any] = []
+    real = clipping_mod.coefficient
+
+    def spy(norm: torch.Tensor, threshold: Any, *, norm_nonfinite: Any = None) -> torch.Tensor:
+        seen.append(norm_nonfinite)
+        return real(norm, threshold, norm_nonfinite=norm_nonfinite)
+
+    monkeypatch.setattr(clipping_mod, "coefficient", spy)
+
+    def measured(total: torch.Tensor, **kw: Any) -> Measurement:
+        flags = torch.isnan(torch.stack([torch.tensor(1.0), total.float()]) * 0)
+        return Measurement(total.device, [], [], total.reshape(1), total, torch.tensor([1.0, 2.0]),
+                           flags, torch.tensor(False), flags.any(), **kw)  # fmt: skip
+
+    fixed = Clipping(Norm(0.5), None, False, [], Constants())
+    m = measured(torch.tensor(2.0))
+    fixed.plan(m)
+    assert seen[-1] is m.flags()[1]
+    fixed.plan(measured(torch.tensor(2.0, dtype=torch.float64)))  # flagged after a float32 cast
+    fixed.plan(measured(torch.tensor(2.0), local_flags=False))  # holds other ranks' copies too
+    spiky = Clipping(Norm(0.5), ZClip(), True, [], Constants())  # a spike threshold may be inf / NaN
+    spiky.plan(measured(torch.tensor(2.0)))
+    auto = Clipping(from_spec("auto"), None, False, [], Constants())  # an adaptive threshold
+    auto.plan(measured(torch.tensor(2.0)))
+    assert seen[1:] == [None] * 4

@@ -208,6 +208,9 @@ def check_guard_on_the_kernels() -> None:
 
         for name in names if kernel else ():
             setattr(measure_mod, name, kernel_norms)
+        uniform = measure_mod._uniform  # (a CPU model's norms skip grad_norms: routed through it here)
+        if kernel:
+            measure_mod._uniform = lambda params, p: None  # type: ignore[assignment]
         try:
             guard = gradguard.Guard(model, opt, clip=0.5, locate=False)
             for step in range(6):
@@ -223,6 +226,7 @@ def check_guard_on_the_kernels() -> None:
         finally:
             for name, fn in saved.items():
                 setattr(measure_mod, name, fn)
+            measure_mod._uniform = uniform  # type: ignore[assignment]
         assert len(calls) >= 6 * kernel  # the Meter measured every step with the kernels
         return [p.detach().clone() for p in model.parameters()], guard.skipped_steps, float(norm)  # type: ignore[arg-type]
 
@@ -231,6 +235,43 @@ def check_guard_on_the_kernels() -> None:
     assert math.isclose(norm_k, norm_t, rel_tol=1e-5)
     for a, b in zip(w_k, w_t):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def check_guard_clips_with_the_kernel() -> None:
+    """Where the kernels read the gradients (CUDA; here every list, under the interpreter), a guard
+    whose optimizer is not fused clips them with the kernel's one pass (``_kernels.scale_``), and
+    the run is bit for bit the run that clips with ``torch._foreach_mul_`` (float32)."""
+    import gradguard
+
+    def run(kernel: bool) -> tuple[list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+        usable, scale, calls = K.usable, K._scale, []
+
+        def counted(ts: list[torch.Tensor], coef: torch.Tensor) -> None:
+            calls.append(len(ts))
+            scale(ts, coef)
+
+        if kernel:
+            K.usable = lambda ts, p: bool(ts) and float(p) == 2.0  # type: ignore[assignment]
+            K._scale = counted  # type: ignore[assignment]
+        try:
+            guard = gradguard.Guard(model, opt, clip=0.5, locate=False)
+            for step in range(6):
+                x = torch.randn(4, 8) * (30.0 if step % 2 else 1.0)  # every other step clipped
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                guard.step(loss)
+            guard.close()
+        finally:
+            K.usable, K._scale = usable, scale  # type: ignore[assignment]
+        return [p.detach().clone() for p in model.parameters()], len(calls)
+
+    (w_k, calls_k), (w_t, calls_t) = run(True), run(False)
+    assert calls_k == 6 and calls_t == 0  # every taken step clipped through the kernel (coef 1: no write)
+    assert all(torch.equal(a, b) for a, b in zip(w_k, w_t))
 
 
 def check_refusals() -> None:
@@ -285,6 +326,10 @@ def test_scale_as_torch_on_cuda(run: Callable[..., Any], dtype: torch.dtype, val
 
 def test_a_guarded_run_on_the_kernels_is_the_run_on_the_torch_path(run: Callable[..., Any]) -> None:
     run(check_guard_on_the_kernels)
+
+
+def test_the_guard_clips_with_the_kernel_where_it_reads_the_gradients(run: Callable[..., Any]) -> None:
+    run(check_guard_clips_with_the_kernel)
 
 
 def test_refuses_what_it_cannot_read(run: Callable[..., Any]) -> None:

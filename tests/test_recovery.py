@@ -56,15 +56,15 @@ def test_an_explosion_while_finite_is_rewound_and_the_run_trains_to_the_end(
     assert explosion["action"] == "recover" and explosion["recoveries"] == 1
     assert explosion["to_step"] + 1 < explosion["onset_step"] < explosion["step"]  # rewound to before it
     assert explosion["peak_norm"] > 10 * explosion["baseline_norm"]
-    assert 0 < explosion["max_norm"] <= explosion["baseline_norm"]
+    # SGD: from the restored state on, auto's bound (no step longer than half the Polyak step)
+    assert (explosion["clip"], explosion["polyak"], explosion["max_norm"]) == ("auto", 0.5, None)
     (rollback,) = log.events_of("rollback")
     assert (rollback["step"], rollback["to_step"]) == (explosion["step"], explosion["to_step"])
     rewound = next(r for r in log.metrics if r["step"] == explosion["step"])
     assert rewound["skipped"]  # the step that confirmed it was not taken
     after = [r for r in log.metrics if r["step"] > explosion["step"]]
-    assert all(
-        r["clip_coef"] <= 1.0 and r["threshold"] == pytest.approx(explosion["max_norm"]) for r in after
-    )
+    assert all(r["clip_coef"] <= 1.0 for r in after)
+    assert all(r["threshold"] * r["lr"] * r["grad_norm"] <= 0.5 * r["loss"] * (1 + 1e-5) for r in after)
     assert log.meta["config"]["on_explosion"] == "recover"
 
 
@@ -143,9 +143,13 @@ def test_max_rollbacks_bounds_the_recoveries_and_the_run_stops_restored(tmp_path
     log = read_run(tmp_path / "r")
     explosions = log.events_of("explosion")
     assert [e["recoveries"] for e in explosions] == [1, 2, 2]
-    assert [e["max_norm"] for e in explosions[1:]] == [pytest.approx(explosions[0]["max_norm"] / 2)] * 2
+    assert [e["polyak"] for e in explosions] == [0.5, 0.25, 0.25]  # halved by the second; the third stops
     abort = log.first_event("abort")
-    assert abort["reason"] == events.ABORT_MAX_ROLLBACKS and abort["step"] == explosions[-1]["step"]
+    assert (
+        abort is not None
+        and abort["reason"] == events.ABORT_MAX_ROLLBACKS
+        and abort["step"] == explosions[-1]["step"]
+    )
     assert "explode" in abort["message"] and log.meta["aborted"] is True
 
 
@@ -165,9 +169,11 @@ def test_a_climb_the_clipper_holds_is_not_an_explosion(tmp_path: Path) -> None:
     assert log.events_of("explosion") == [] and guard._explosions.recoveries == 0
 
 
-def test_the_recovery_threshold_holds_the_step_when_the_learning_rate_rises(tmp_path: Path) -> None:
-    """SGD moves the weights by lr × the clipped gradient: after a recovery a learning rate raised
-    k× (a warm-up still under way) divides the threshold by k; a lower one does not loosen it."""
+def test_the_recovery_bound_follows_the_learning_rate(tmp_path: Path) -> None:
+    """SGD moves the weights by lr × the clipped gradient: after a recovery every step is held to
+    ``polyak`` × the Polyak step loss / ‖g‖ (ramped up over its first 25 steps from the restored
+    state), whatever the learning rate does — raised 4× (a warm-up still under way) or lowered 10×.
+    The runaway data explodes again: the second recovery halves the fraction."""
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -179,11 +185,17 @@ def test_the_recovery_threshold_holds_the_step_when_the_learning_rate_rises(tmp_
             group["lr"] = lr
         train_runaway(guard, model, opt, steps)
     guard.close()
-    (explosion,) = read_run(tmp_path / "r").events_of("explosion")
-    thresholds = {r["step"]: r["threshold"] for r in read_run(tmp_path / "r").metrics}
-    assert thresholds[25] == pytest.approx(explosion["max_norm"])
-    assert thresholds[28] == pytest.approx(explosion["max_norm"] / 4)
-    assert thresholds[31] == pytest.approx(explosion["max_norm"])
+    log = read_run(tmp_path / "r")
+    explosions = log.events_of("explosion")
+    assert [e["polyak"] for e in explosions] == [0.5, 0.25]
+    checked = set()
+    for e, until in zip(explosions, [*(e["step"] for e in explosions[1:]), 32], strict=True):
+        taken = [r for r in log.metrics if e["step"] < r["step"] < until and not r["skipped"]]
+        for n, r in enumerate(taken):  # the n-th step under this bound: √((n+1)/25) of the cap
+            step_length = r["threshold"] * r["lr"] * r["grad_norm"]
+            assert step_length == pytest.approx(e["polyak"] * math.sqrt((n + 1) / 25) * r["loss"], rel=1e-5)
+            checked.add(r["lr"])
+    assert checked == {1e-3, 4e-3, 1e-4}
 
 
 def _records(steps: range, norm: float, loss: float, coef: float = math.nan) -> list[dict[str, Any]]:
@@ -200,16 +212,31 @@ def _records(steps: range, norm: float, loss: float, coef: float = math.nan) -> 
     ]
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 @pytest.mark.parametrize("later_loss, relapses", [(3.0, True), (0.5, False), (1.9, False)])
-def test_a_loss_that_diverges_after_a_recovery_calls_a_tighter_one(later_loss: float, relapses: bool) -> None:
-    """After a rewind the threshold may still let through steps that are too long: the norm stays
+def test_a_loss_that_diverges_after_a_recovery_calls_a_tighter_one(
+    later_loss: float, relapses: bool, optimizer: str
+) -> None:
+    """After a rewind the bound may still let through steps that are too long: the norm stays
     bounded, the loss wanders above where it was rewound to. A window of PROBE steps whose loss rose
-    by more than its magnitude is a further recovery (the threshold halved); a falling loss is not."""
+    by more than its magnitude is a further recovery (the bound halved); a falling loss is not.
+    SGD's bound is auto's Polyak fraction; Adam's a clip at the healthy median norm; SGD with
+    momentum gets both (its update is longer than the Polyak cap sees)."""
     from gradguard._guard.explosion import PROBE, TIGHTEN, Explosions
     from gradguard._guard.recovery import Recovery
 
     model = nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt: torch.optim.Optimizer = (
+        torch.optim.Adam(model.parameters())
+        if optimizer == "adam"
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9 if optimizer == "momentum" else 0.0)
+    )
+    polyak = None if optimizer == "adam" else 0.5
+    cap = None if optimizer == "sgd" else 1.0  # the healthy median (60 steps of norm 1)
+
+    def bound() -> tuple[float | None, float | None]:
+        return (None if explosions.bound is None else explosions.bound.polyak), explosions.cap
+
     recovery = Recovery(
         model,
         opt,
@@ -226,7 +253,7 @@ def test_a_loss_that_diverges_after_a_recovery_calls_a_tighter_one(later_loss: f
     found = explosions.see_records(_records(range(60), 1.0, 1.0) + _records(range(60, 70), 1e4, 1.0))
     assert found is not None and found.onset == 60
     explosions.respond(found, 69)
-    assert explosions.cap == pytest.approx(1.0)  # the healthy median (60 steps of norm 1)
+    assert bound() == (polyak, cap)
     after = _records(range(70, 73), 5.0, 1.0, coef=0.2) + _records(
         range(73, 70 + PROBE), 5.0, later_loss, coef=0.2
     )
@@ -235,7 +262,8 @@ def test_a_loss_that_diverges_after_a_recovery_calls_a_tighter_one(later_loss: f
     if found is not None:
         assert found.onset == 70  # the first step after the rewind
         explosions.respond(found, found.at)
-        assert explosions.recoveries == 2 and explosions.cap == pytest.approx(TIGHTEN)
+        assert explosions.recoveries == 2
+        assert bound() == tuple(None if b is None else b * TIGHTEN for b in (polyak, cap))
 
 
 def test_the_state_dict_in_the_middle_of_a_recovery_resumes_identically() -> None:
@@ -251,7 +279,7 @@ def test_the_state_dict_in_the_middle_of_a_recovery_resumes_identically() -> Non
     assert guard._explosions.recoveries == 1  # the recovery's threshold holds the norm from here on
     state = copy.deepcopy({"guard": guard.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()})
     train_runaway(guard, model, opt, range(26, 90))  # the data's scale overflows: non-finite steps recover
-    expected = ([p.detach().clone() for p in model.parameters()], guard._explosions.cap, guard.skipped_steps)
+    expected = ([p.detach().clone() for p in model.parameters()], _polyak(guard), guard.skipped_steps)
 
     model2, opt2, guard2 = make()
     train_runaway(guard2, model2, opt2, range(3))  # a guard that has seen other steps
@@ -260,10 +288,16 @@ def test_the_state_dict_in_the_middle_of_a_recovery_resumes_identically() -> Non
     guard2.load_state_dict(_saved_and_loaded(state["guard"]))
     train_runaway(guard2, model2, opt2, range(26, 90))
     assert guard2._explosions.recoveries == guard._explosions.recoveries > 1
-    got = ([p.detach().clone() for p in model2.parameters()], guard2._explosions.cap, guard2.skipped_steps)
+    got = ([p.detach().clone() for p in model2.parameters()], _polyak(guard2), guard2.skipped_steps)
     assert got[1:] == expected[1:]
     for a, b in zip(got[0], expected[0], strict=True):
         assert torch.equal(a, b)
+
+
+def _polyak(guard: gradguard.Guard) -> float:
+    bound = guard._explosions.bound
+    assert bound is not None and bound.polyak is not None
+    return bound.polyak
 
 
 def _saved_and_loaded(state: dict[str, Any]) -> dict[str, Any]:
@@ -325,6 +359,24 @@ def test_watching_adds_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
     with NoSync():
         free.step()
     assert free._sync_free()
+
+
+def test_the_recovery_bound_adds_no_host_read() -> None:
+    """After a recovery (seen at the flush on the sync-free path) auto's bound runs on the device."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gradguard.Guard(
+        model, opt, clip=None, on_explosion="recover", on_nonfinite="warn", every=1000, weight_every=None
+    )
+    train_runaway(guard, model, opt, range(24))
+    guard.flush()
+    assert guard._explosions.bound is not None
+    x, y = runaway(3)
+    opt.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    with NoSync():
+        guard.step(nn.functional.mse_loss(model(x), y).detach())
 
 
 # ----------------------------------------------------------------------------- torch.distributed

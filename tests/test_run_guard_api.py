@@ -216,3 +216,36 @@ def test_under_warn_a_step_the_guard_took_on_the_host_is_reported(tmp_path: Path
     guard.close()
     found = [(e["step"], e["located_by"]) for e in read_run(tmp_path / "run").events_of("nonfinite")]
     assert found == [(1, "norm"), (2, "norm"), (3, "norm")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_under_run_clip_grad_norm_returns_and_clips_what_torch_does(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """Under the runner, ``clip_grad_norm_`` of float32 gradients computes torch's total norm with
+    torch's own ops (its per-tensor norms kept for the step's measurement): the returned norm, the
+    clipped gradients and the logged pre-clip norm are torch's to the last bit, for every dtype."""
+    from gradguard.integrations.zerocode import ZeroCode
+
+    def train(guarded: bool) -> tuple[list[float], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        norms = []
+        with ZeroCode(out=tmp_path / f"run{guarded}", live=False) if guarded else contextlib.nullcontext():
+            for _ in range(3):
+                opt.zero_grad()
+                x = torch.randn(16, 4, dtype=dtype)
+                model(x).pow(2).mean().mul(50).backward()
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+                opt.step()
+        return norms, [p.detach().clone() for p in model.parameters()]
+
+    (ref, ref_w), (got, got_w) = train(False), train(True)
+    assert got == ref
+    assert all(torch.equal(a, b) for a, b in zip(ref_w, got_w))
+    logged = [rec["grad_norm"] for rec in read_run(tmp_path / "runTrue").metrics]
+    if dtype == torch.float32:
+        assert logged == ref  # torch's own norm, as float32
+    else:
+        assert logged == pytest.approx(ref, rel=1e-2)

@@ -27,6 +27,7 @@ from gradguard.runlog import (
     SCHEMA_VERSION,
     RunLog,
     RunWriter,
+    _reader,
     atomic_write_json,
     atomic_write_text,
     default_run_dir,
@@ -518,6 +519,24 @@ def test_default_run_dir_naming_and_suffixes(tmp_path: Path, monkeypatch: pytest
 # ------------------------------------------------------------------------------------------
 
 
+def test_the_public_names_come_from_gradguard_runlog_each_defined_once_in_its_part() -> None:
+    """``gradguard.runlog`` is a package of parts (the format, the encoding, the files, the writer,
+    the reader); every public name is imported from the package as before, and each is one object
+    defined in one part (no second copy)."""
+    import importlib
+
+    parts = ("_format", "_encoding", "_files", "_writer", "_reader")
+    modules = [importlib.import_module(f"gradguard.runlog.{p}") for p in parts]
+    for name in runlog.__all__:
+        value = getattr(runlog, name)
+        defined = [m.__name__ for m in modules if name in vars(m) and vars(m)[name] is value]
+        assert defined or getattr(value, "__module__", None) == "gradguard.runlog", name
+        if callable(value):
+            assert value.__module__ in {"gradguard.runlog", *(m.__name__ for m in modules)}, name
+    assert runlog.RunWriter.__module__ == "gradguard.runlog._writer"
+    assert runlog.read_run.__module__ == runlog.RunLog.__module__ == "gradguard.runlog._reader"
+
+
 def test_runlog_imports_the_standard_library_only() -> None:
     code = CHILD_PRELUDE + textwrap.dedent(
         """
@@ -678,6 +697,6 @@ def test_reader_streams_and_reports_offsets_of_whole_lines(tmp_path: Path) -> No
     run.mkdir()
     body = b'{"step": 0}\n\n{"step": 1}\n'
     (run / "metrics.jsonl").write_bytes(body)
-    got = list(runlog._read_jsonl(run / "metrics.jsonl", []))
+    got = list(_reader._read_jsonl(run / "metrics.jsonl", []))
     assert got == [(0, {"step": 0}), (13, {"step": 1})]
     assert body[13:].startswith(b'{"step": 1}')

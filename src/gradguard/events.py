@@ -189,6 +189,7 @@ def explosion(step: int, onset_step: int, *, action: str, **fields: Any) -> Even
     """The gradient norm exploded: a climb that began at ``onset_step`` (the run table's onset),
     confirmed at ``step``. ``action`` is the ``on_explosion`` policy (``"warn"``, ``"recover"``);
     ``fields`` add the evidence (``baseline_norm``, ``peak_norm``) and, for a recovery, what was done
-    (``to_step``: the snapshot rewound to; ``max_norm``: the clip threshold from now on; ``lr``;
+    (``to_step``: the snapshot rewound to; ``clip`` ``"auto"`` and its ``polyak`` fraction: the
+    bound from now on under SGD; ``max_norm``: the clip threshold from now on (Adam-like, momentum); ``lr``;
     ``recoveries`` so far; or ``recovered`` false and a ``note``)."""
     return {"type": "explosion", "step": step, "onset_step": onset_step, "action": action, **fields}

@@ -201,12 +201,12 @@ class Guard:
             ``gradguard diagnose`` defines it: :func:`gradguard.runtable.climb_onset`): ``"ignore"``,
             ``"warn"`` (an ``explosion`` event) or ``"recover"``: PaLM's procedure, automated —
             rewind the model and optimizer to the last snapshot from before the onset (the batches
-            since are not seen again: a plain loop goes on with its next batches), clip every later
-            step at the healthy norm scale (the median before the onset; a tenth of the first norm
-            for a run that climbed from its start; under SGD lowered as the learning rate rises
-            above the one it was set at; ``lr_backoff`` also lowers the learning rate) and go on;
-            recover again, the threshold halved, when a non-finite step or a diverging loss shows
-            it too loose. The norm watched is the one applied after the guard's clipping (a climb
+            since are not seen again: a plain loop goes on with its next batches), bound every
+            later step by ``auto``'s rule from the restored state on (under SGD-like optimizers no
+            step longer than half the Polyak step, following the learning rate; under Adam-like
+            ones, and with momentum too, a clip at the healthy norm scale, the median before the
+            onset; ``lr_backoff`` also lowers the learning rate) and go on; recover again, the bound halved, when a non-finite
+            step or a diverging loss shows it too loose. The norm watched is the one applied after the guard's clipping (a climb
             the clipper holds is no explosion). Recoveries count against ``max_rollbacks``. Seen
             from the host values the guard reads anyway: at once on the host-decided path, at the
             next flush on the sync-free paths (``every``). Keeps two snapshots in host memory
@@ -642,7 +642,7 @@ class Guard:
     def state_dict(self) -> dict[str, Any]:
         """Counters, the clipper's / spike detector's state and, under ``on_nonfinite="rollback"`` or
         ``on_explosion="recover"``, the recovery's (the snapshots in host memory, their step, the
-        recent rollbacks) and the explosion watch's (its norms, the recovery's clip threshold):
+        recent rollbacks) and the explosion watch's (its norms, the recovery's bound):
         tensors and Python containers of scalars, read back by ``torch.load(..., weights_only=True)``.
 
         No I/O: the steps still in the monitor's buffer are read (one host copy) and counted in
@@ -716,7 +716,8 @@ class Guard:
         loss, recurred = self._anomaly.begin(loss, step)
         if recurred is not None:
             self._event(recurred)
-        m = self._meter.measure(loss, self.monitor.next_rows)  # made in the record's rows: no copies
+        known = clip.known_norms(self.config.norm_type) if clip is not None else None  # the caller's norms
+        m = self._meter.measure(loss, self.monitor.next_rows, known=known)  # in the record's rows: no copies
         self._last_norm = m.total
         plan = self._explosions.tighten(self._clipping.plan(m), m, self._consts)
         skip, overflow = self._skip_flags(m, plan.spike, scaler)

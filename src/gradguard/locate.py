@@ -1118,8 +1118,7 @@ class StepCapture:
         took = _floats(self.inputs[:2]) if self.inputs is not None else []
         self.carried.note(took, made, self.steps)
         if self._hooks:
-            self.out_grads = []
-            self._keep_grads_of(out)
+            self._keep_grads_of(out, made)
         else:  # the gradient keepers wait for the backward (before_backward)
             self._outs = [*self._outs[1 - self.max_windows :], out]
         if self.watch_loss and self._may_watch() and not isinstance(_top_mode(), _OpWatch):
@@ -1145,10 +1144,11 @@ class StepCapture:
         for out in outs:
             self._keep_grads_of(out)
 
-    def _keep_grads_of(self, out: Any) -> None:
+    def _keep_grads_of(self, out: Any, floats: list[Tensor] | None = None) -> None:
         """Hook the output's tensors: the gradient each receives lands in :attr:`out_grads` (the
-        last forward's count; with several forwards, the last gradient to arrive wins)."""
-        outs = [t for t in _tensors(out) if t.requires_grad]
+        last forward's count; with several forwards, the last gradient to arrive wins).
+        ``floats``: ``_floats(out)`` where the caller has it (only those can require grad)."""
+        outs = [t for t in (_tensors(out) if floats is None else floats) if t.requires_grad]
         self.out_grads = [None] * len(outs)
         if outs and sum(t.numel() for t in outs) <= self.max_output:
             for i, t in enumerate(outs):
@@ -1179,6 +1179,8 @@ class StepCapture:
         the watch itself dispatched), the mode is not on the stack and cannot be left there: it
         stays, passing every op through, and is left at the next chance (:meth:`_leave_pending`).
         """
+        if self._active is None and not self._pending:
+            return  # the usual step (no loss watch): nothing open, nothing waiting
         self._leave_pending()
         active, self._active = self._active, None
         if active is None:

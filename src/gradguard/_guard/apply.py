@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from gradguard._guard.config import GuardConfig
-from gradguard.clip import scale_
+from gradguard._kernels import scale_grads_
 
 __all__ = [
     "Apply",
@@ -105,14 +105,15 @@ def _clip(step: Planned) -> None:
     """Clip in place: the in-place clipper, then the norm coefficient."""
     step.clip_in_place()
     if step.grads and step.coef is not None:
-        scale_(step.grads, step.coef)
+        scale_grads_(step.grads, step.coef)  # CUDA: the Triton kernel where it reads them (_kernels)
 
 
 def _fused_step(optimizer: torch.optim.Optimizer, step: Planned) -> None:
     """The GradScaler protocol: the kernel divides the gradients by ``grad_scale``, skips on ``found_inf``."""
     step.clip_in_place()
     if step.coef is not None:
-        optimizer.grad_scale = step.coef.reciprocal().float()  # type: ignore[attr-defined]
+        scale = step.coef.reciprocal()
+        optimizer.grad_scale = scale if scale.dtype is torch.float32 else scale.float()  # type: ignore[attr-defined]
     found_inf = step.found_inf if step.found_inf is not None else step.skip.to(torch.float32)
     optimizer.found_inf = found_inf  # type: ignore[attr-defined]
     try:

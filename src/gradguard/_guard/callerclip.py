@@ -39,6 +39,9 @@ class CallerClip:
     norms: list[Tensor] = field(default_factory=list)  # each call's pre-clip total norm (device)
     covers_all: bool = False  # a single call over every gradient the guard measures
     value_fraction: Tensor | None = None  # clip_grad_value_: the fraction of elements it clamps
+    #: ``(grads, norms)``: the one call's per-tensor norms of these gradients (``stack`` of
+    #: ``_foreach_norm``), where the caller has them: the guard's measurement may reuse them
+    known: tuple[list[Tensor], Tensor] | None = None
 
     def add(self, threshold: float, norm: Tensor, *, covers_all: bool = False) -> None:
         """One clip call: its threshold and torch's total norm of its gradients (before it clipped)."""
@@ -71,7 +74,8 @@ class CallerClip:
         norm = self.norms[0]
         eps, one, threshold = _constants(norm.device, self.thresholds[0])
         # torch's τ / (‖g‖ + 1e-6), as torch's Tensor.__rtruediv__ computes it: (‖g‖ + 1e-6)⁻¹ · τ
-        coef = torch.clamp((norm + eps).reciprocal() * threshold, max=one)
+        # (in place on the one new tensor: the same values, three allocations fewer)
+        coef = torch.add(norm, eps).reciprocal_().mul_(threshold).clamp_max_(one)
         return coef, threshold, coef < one
 
     def grad_norm(self, norm_type: float) -> Tensor | None:
@@ -79,6 +83,14 @@ class CallerClip:
         covered every gradient the guard measures, with the guard's ``norm_type``); else ``None``."""
         if len(self.norms) == 1 and self.covers_all and self.norm_type == norm_type:
             return self.norms[0]
+        return None
+
+    def known_norms(self, norm_type: float) -> tuple[list[Tensor], Tensor] | None:
+        """The one call's ``(grads, per-tensor norms)`` (:attr:`known`) when they were taken with the
+        guard's ``norm_type``: the guard's measurement may use them instead of reading the gradients
+        again (it checks they are its own gradients); else ``None``."""
+        if self.known is not None and len(self.norms) == 1 and self.norm_type == norm_type:
+            return self.known
         return None
 
     def columns(self, norm_type: float) -> dict[str, Tensor | float]:

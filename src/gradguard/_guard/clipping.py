@@ -50,7 +50,9 @@ def _fixed_threshold(clipper: NormClipper) -> float | None:
     for the clippers whose threshold is a tensor or follows the norms."""
     if isinstance(clipper, Norm) and type(clipper).threshold is Norm.threshold:
         max_norm = clipper.max_norm
-        return None if isinstance(max_norm, Tensor) else float(max_norm)
+        return (
+            None if isinstance(max_norm, Tensor) else max_norm if type(max_norm) is float else float(max_norm)
+        )
     return None
 
 
@@ -91,6 +93,8 @@ class Clipping:
         self.norm_clipper = clipper if isinstance(clipper, NormClipper) else None
         self.norm = self.norm_clipper is not None
         self._fraction = reports_fraction(clipper)
+        self._maybe_fixed = isinstance(clipper, Norm) and type(clipper).threshold is Norm.threshold
+        self._fixed_constant: Tensor | None = None  # the device constant of the last fixed threshold
 
     def plan(self, m: Measurement) -> ClipPlan:
         """The threshold (the smaller of the clipper's and, under ``clip_spikes``, the spike's),
@@ -107,16 +111,36 @@ class Clipping:
                 self.norm_clipper.observe_loss(m.values[0])
             tau = self._threshold(m)
             threshold = tau if threshold is None else threshold.minimum(tau)
-        coef = coefficient(m.total, threshold) if threshold is not None else None
+        coef = (
+            coefficient(m.total, threshold, norm_nonfinite=self._norm_nonfinite(m, threshold))
+            if threshold is not None
+            else None
+        )
         return ClipPlan(coef, threshold, spike, self.fraction(coef))
+
+    def _norm_nonfinite(self, m: Measurement, threshold: Tensor | None) -> Tensor | None:
+        """The flag that the norm is non-finite, where it may stand in for the coefficient's own
+        finiteness test (:func:`~gradguard.clip.coefficient`: 3 device ops fewer): the threshold is
+        the fixed number's constant (never NaN), not a spike's or an adaptive clipper's; and the
+        flag is of the norm the coefficient reads and of nothing else (float32: a float64 norm is
+        flagged after its float32 cast, which may overflow where the norm does not; under
+        torch.distributed the flag also holds each rank's own copies)."""
+        if threshold is None or threshold is not self._fixed_constant or m.total.dtype != torch.float32:
+            return None
+        if not m.local_flags:  # (a rank's own non-finite copy is flagged too: not the norm's finiteness)
+            return None
+        return m.flags()[1]
 
     def _threshold(self, m: Measurement) -> Tensor:
         """The norm clipper's τ for this step: a fixed ``Norm`` threshold is a device constant, made
         once (it observes no norm); the others observe the step's norm."""
         assert self.norm_clipper is not None
-        fixed = _fixed_threshold(self.norm_clipper)
+        fixed = _fixed_threshold(self.norm_clipper) if self._maybe_fixed else None  # (max_norm may change)
         if fixed is not None:
-            return self.consts.number(fixed, m.device)
+            tau = self.consts.number(fixed, m.device)
+            # (a NaN set by hand on the clipper is not a checked number: the coefficient tests it)
+            self._fixed_constant = tau if fixed == fixed else None
+            return tau
         return self.norm_clipper.threshold(m.observed(self.consts)).to(m.device)
 
     def fraction(self, coef: Tensor | None) -> Tensor | None:

@@ -23,25 +23,32 @@ does that inside the loop:
    used are not seen again: in a plain loop the script simply goes on with its next batches, so
    the batches of the bad window are skipped, as in PaLM's procedure. Later climbs are measured
    from the norm the restored state gave;
-3. **tighten**: every later step is clipped at the healthy norm scale on top of the guard's own
-   clipper (the smaller threshold wins), and the threshold is kept: the median norm before the
-   onset, measured over at least :data:`SETTLE` healthy steps; a run that climbed from its first
-   steps never had a stable scale (its first norm led into the climb), so it gets a tenth of that
-   norm. Under SGD-like optimizers (the step is lr × the gradient) the threshold falls in
-   proportion when the learning rate rises above the one it was set at (a warm-up still under
-   way), so the step stays as long as it was. With ``lr_backoff`` the learning rate is multiplied
-   by it too. Measured on Pascanu's adding problem (``benchmarks/recovery.py``), clipping rescues
-   more runs than lowering the learning rate, which only slows the run down;
-4. **a further recovery** (the threshold halved, :data:`TIGHTEN`) when the threshold does not hold:
-   a climb below it, a non-finite step, or a loss that diverges in a window of :data:`PROBE` steps
-   after the rewind (:meth:`Explosions._relapse`: the threshold keeps the norm bounded, but the
-   steps are still too long and the run wanders at a higher loss);
+3. **tighten**: from the restored state on, every step is also bounded by ``auto``'s rule
+   (:class:`gradguard.clip.Auto`, fresh: under SGD-like optimizers, whose step is lr × the
+   gradient, no step longer than half the Polyak step f/‖g‖², ramped up over its first 25 steps,
+   and following the learning rate at every step — a warm-up still under way, a schedule; ZClip's
+   spike and growth caps), on top of the guard's own clipper (the smaller threshold wins). An
+   unclipped run that explodes then trains like a clipped one: on ``benchmarks/recovery.py`` (the
+   ``pascanu.py`` family, 5 seeds) it rescues 47 of the 58 unclipped runs that explode, where a
+   clip at the healthy median norm (the previous rule) rescued 19: that bound is fixed, too loose
+   at high learning rates and too tight for the char-LSTM, whose norm grows as it learns.
+   Adam-like optimizers take steps of about lr per element whatever the gradient's norm (``auto``
+   only clips spikes there): they are clipped at the healthy norm scale instead — the median norm
+   before the onset, over at least :data:`SETTLE` healthy steps, or a tenth of the first norm
+   for a run that climbed from its first steps. SGD with momentum gets both (its update is up to
+   1/(1 − β) × the clipped gradient, which the Polyak cap does not see: :meth:`Explosions._momentum`).
+   With ``lr_backoff`` the learning rate is multiplied by it too;
+4. **a further recovery** (the bound halved, :data:`TIGHTEN`: the Polyak fraction, or the
+   threshold) when the bound does not hold: a climb under it, a non-finite step, or a loss that
+   diverges in a window of :data:`PROBE` steps after the rewind (:meth:`Explosions._relapse`: the
+   norm stays bounded, but the steps are still too long and the run wanders at a higher loss);
 5. **bounded**: recoveries are rollbacks, counted against ``max_rollbacks`` within
    ``rollback_window`` steps (and ``min_lr``); one more stops the run (``NonFiniteError``, an
    ``abort`` event), the model restored.
 
 Every onset is an ``explosion`` event (what was done: ``action`` ``"warn"`` or ``"recover"``, the
-snapshot rewound to, the clip threshold and learning rate now), followed by the ``rollback`` (and
+snapshot rewound to, the bound now: ``clip="auto"`` and its ``polyak`` fraction, or ``max_norm``;
+the learning rate), followed by the ``rollback`` (and
 ``lr_backoff``) events of the rewind. Under torch.distributed the norms the guard records are the
 globally reduced ones, so every rank sees the same onset at the same step and rewinds alike.
 
@@ -58,7 +65,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from gradguard import events
@@ -66,7 +72,7 @@ from gradguard._guard.clipping import ClipPlan
 from gradguard._guard.measure import Constants, Measurement
 from gradguard._guard.recovery import Limit, Recovery
 from gradguard._guard.row import host_values
-from gradguard.clip import PLAIN_UPDATE, coefficient, fraction_clipped
+from gradguard.clip import PLAIN_UPDATE, Auto, coefficient, fraction_clipped
 from gradguard.errors import check_state_version
 from gradguard.record import DECIDED
 from gradguard.runtable import (
@@ -85,9 +91,10 @@ SETTLE = 50
 """A climb that held this many steps without rising :data:`~gradguard.runtable.EXPLOSION_FACTOR` ×
 is a new level of the norm, not an explosion: the watch measures later climbs from it."""
 TIGHTEN = 0.5
-"""Each recovery after the first multiplies the recovery's clip threshold by this."""
+"""Each recovery after the first multiplies the recovery's bound by this (``auto``'s Polyak fraction,
+or the clip threshold)."""
 PROBE = SETTLE
-"""Steps after a rewind whose losses say whether its threshold holds (:meth:`Explosions._relapse`)."""
+"""Steps after a rewind whose losses say whether its bound holds (:meth:`Explosions._relapse`)."""
 _KEEP = 2 * ONSET_WINDOW  # norms the watch keeps while no climb is in sight (it trims to half)
 _STATE_VERSION = 1
 
@@ -234,7 +241,7 @@ class ExplosionWatch:
 
 
 class Explosions:
-    """The guard's ``on_explosion`` policy: the watch, the recovery's clip threshold, the response.
+    """The guard's ``on_explosion`` policy: the watch, the recovery's bound, the response.
 
     Args:
         policy: ``"ignore"``, ``"warn"`` (an ``explosion`` event) or ``"recover"`` (rewind, tighten).
@@ -245,8 +252,8 @@ class Explosions:
         self.policy = policy
         self.recovery = recovery
         self.watch = ExplosionWatch()
-        self.cap: float | None = None  # the recovery's clip threshold (None: not tightened)
-        self.cap_lr: float | None = None  # the learning rate the threshold was set at (SGD-like optimizers)
+        self.cap: float | None = None  # Adam-like, SGD with momentum: the recovery's clip threshold
+        self.bound: Auto | None = None  # SGD-like optimizers: auto's step bound, from the restored state on
         self.recoveries = 0
         self.seen_until = -1  # steps up to this one are not looked at again (a rewind undid them)
         self.rewound_at: int | None = None  # the step whose host decision was a rewind
@@ -264,6 +271,11 @@ class Explosions:
     def recovers(self) -> bool:
         return self.policy == "recover"
 
+    @property
+    def tightened(self) -> bool:
+        """A recovery bounds the steps from now on (:meth:`tighten`)."""
+        return self.bound is not None or self.cap is not None
+
     # ------------------------------------------------------------------ the step
     def initial_snapshot(self, step: int) -> None:
         """Under ``"recover"``, before the first step (and after the snapshots were forgotten): the
@@ -272,30 +284,18 @@ class Explosions:
             self.recovery.take(step - 1)
 
     def tighten(self, plan: ClipPlan, m: Measurement, consts: Constants) -> ClipPlan:
-        """The step's clip plan under the recovery's threshold (the smaller one wins); no host read."""
-        if self.cap is None:
+        """The step's clip plan under the recovery's bound (the smaller threshold wins); no host read."""
+        if not self.tightened:
             return plan
-        cap = self._threshold(m.device, consts)
+        cap = None if self.cap is None else consts.number(self.cap, m.device)
+        if self.bound is not None:
+            self.bound.observe_loss(m.values[0])  # the loss as measured (0 without one: the first-norm cap)
+            tau = self.bound.threshold(m.observed(consts)).to(m.device)
+            cap = tau if cap is None else cap.minimum(tau)
+        assert cap is not None
         threshold = cap if plan.threshold is None else plan.threshold.minimum(cap)
         coef = coefficient(m.total, threshold)
         return ClipPlan(coef, threshold, plan.spike, fraction_clipped(coef))
-
-    def _threshold(self, device: torch.device, consts: Constants) -> Tensor:
-        """The recovery's threshold now: ``cap``, lowered in proportion where the learning rate rose
-        above ``cap_lr`` (SGD-like optimizers, whose step is lr × the gradient: a warm-up or a
-        schedule that keeps raising the learning rate would otherwise lengthen the steps the
-        threshold was measured healthy at, and explode again). Never loosened when it falls.
-        A tensor learning rate stays on the device; no host read."""
-        assert self.cap is not None
-        lrs = [g["lr"] for g in self.recovery.optimizer.param_groups if g["params"]]
-        if self.cap_lr is None or not lrs:
-            return consts.number(self.cap, device)
-        if any(isinstance(lr, Tensor) for lr in lrs):
-            on_device = torch.stack([torch.as_tensor(lr).to(device, torch.float32).reshape(()) for lr in lrs])
-            return (self.cap_lr / on_device.max()).clamp(max=1.0).mul(self.cap).float()
-        top = max(float(lr) for lr in lrs)
-        scale = min(1.0, self.cap_lr / top) if top > 0 else 1.0
-        return consts.number(self.cap * scale, device)
 
     def see_step(self, step: int, vals: Mapping[str, float]) -> Explosion | None:
         """A host-decided step's norm (from :func:`read_step`)."""
@@ -315,22 +315,22 @@ class Explosions:
 
     def _see(self, step: int, norm: float, loss: float) -> Explosion | None:
         """One step's watched norm and loss; the explosion it confirms. After a recovery a
-        non-finite step is one too, climb or not (the recovery's threshold holds the norm the watch
+        non-finite step is one too, climb or not (the recovery's bound holds the norm the watch
         sees: a run that still goes non-finite under it needs a tighter one), and so is a loss that
         rose (:meth:`_relapse`). Both are bounded by ``max_rollbacks``."""
         found = self.watch.add(step, norm)
-        if found is not None or self.cap is None or step <= self.watch.reported:
+        if found is not None or not self.tightened or step <= self.watch.reported:
             return found
         onset = self._relapse(step, loss) if math.isfinite(norm) else step
         if onset is None:
             return None
         self.watch.reported = step
         held = self.watch.norms[-ONSET_WINDOW:]
-        baseline = statistics.median(held) if held else self.cap
+        baseline = statistics.median(held) if held else math.nan
         return Explosion(onset, baseline, max(held, default=baseline), step, len(held))
 
     def _relapse(self, step: int, loss: float) -> int | None:
-        """Whether the loss since the last rewind shows its threshold too loose; the step where the
+        """Whether the loss since the last rewind shows its bound too loose; the step where the
         rise may have begun, or ``None``. The losses come in windows of :data:`PROBE` steps: the
         median of a window's second half is compared with the median of the first
         :data:`~gradguard.runtable.MIN_HISTORY` losses after the rewind (then with the previous
@@ -355,9 +355,9 @@ class Explosions:
         the guard's clipping (:func:`gradguard.runtable.post_clip_norm`). A climb the clipper holds
         is not an explosion: ``auto`` bounds the update, and the raw norm of an RNN learning a long
         dependency climbs 10× under it (order-20 at lr 0.1: watching the raw norm, recovery cut
-        those runs to a tenth of their scale and lost 4 of 5). After a recovery its threshold holds
-        the norm: the threshold is kept (a climb below it still counts), non-finite steps call the
-        next recovery (:meth:`_see`)."""
+        those runs to a tenth of their scale and lost 4 of 5). After a recovery its bound holds the
+        norm: the bound is kept (a climb under it still counts), non-finite steps call the next
+        recovery (:meth:`_see`)."""
         return math.nan if rec["nonfinite"] else post_clip_norm(rec)
 
     def snapshot_at_flush(self, records: list[dict[str, Any]]) -> None:
@@ -386,21 +386,24 @@ class Explosions:
                 False,
             )
         limit = self.recovery.limit(step, to=snap, cause="explosion")
-        stepped_at = self._top_lr()  # the rate of the steps so far: the threshold holds their length
         done = self.recovery.rollback(step, back_off=limit is None, to=snap)
         self.recovery.keep_until(snap, step)
-        healthy = self._healthy_norm(found, snap["step"])
+        healthy = self._healthy_norm(found, snap["step"])  # before the restart forgets the climb
         self.watch.restart(snap["step"], self._restored_scale(found, snap["step"]))
         lr = float(self.recovery.optimizer.param_groups[0]["lr"])
         if limit is None:
             self.recoveries += 1
-            self.cap = self._tighter(found, healthy)
-            self.cap_lr = stepped_at if isinstance(self.recovery.optimizer, PLAIN_UPDATE) else None
+            plain = isinstance(self.recovery.optimizer, PLAIN_UPDATE)
+            if plain:
+                self.bound = self._new_bound()
+            if not plain or self._momentum():
+                self.cap = self._tighter(found, healthy)
         self.rewound_at = step
         self.probe, self.probe_ref, self.probe_from = ([] if limit is None else None), None, step + 1
+        bound = {"clip": "auto", "polyak": self.bound.polyak} if self.bound is not None else {}
         event = events.explosion(
             step, found.onset, action="recover", to_step=snap["step"], max_norm=self.cap, lr=lr,
-            recoveries=self.recoveries, **fields,
+            recoveries=self.recoveries, **bound, **fields,
         )  # fmt: skip
         return [event, *done], limit, True
 
@@ -418,11 +421,6 @@ class Explosions:
         first = self.watch.first_after(to_step)
         return found.baseline if first is None else first
 
-    def _top_lr(self) -> float:
-        """The largest learning rate of the optimizer's groups (a host read of a tensor lr: the
-        rewind path)."""
-        return max(float(g["lr"]) for g in self.recovery.optimizer.param_groups)
-
     def _tighter(self, found: Explosion, healthy: float) -> float:
         """The recovery's clip threshold: the healthy norm, trusted when it was measured over a
         healthy stretch (:data:`SETTLE` steps). A run that climbed from its first steps never had a
@@ -434,6 +432,22 @@ class Explosions:
             return TIGHTEN * min(self.cap, healthy)
         return healthy if found.healthy >= SETTLE else healthy / EXPLOSION_FACTOR
 
+    def _momentum(self) -> bool:
+        """SGD with momentum: its update is up to 1/(1 − β) × lr × the clipped gradient, which
+        ``auto``'s Polyak cap does not see (a known limit of ``auto``: on
+        ``benchmarks/transformer_lr.py`` at SGD lr 1, momentum 0.9, its bound lets the run wander at
+        4.5 bits/char, the healthy-norm clip trains it); the healthy-norm clip bounds it too."""
+        return any(float(g.get("momentum", 0.0) or 0.0) > 0.0 for g in self.recovery.optimizer.param_groups)
+
+    def _new_bound(self, state: dict[str, Any] | None = None) -> Auto:
+        """``auto``'s bound, fresh from the restored state (its Polyak fraction halved for each
+        recovery after the first), or as saved in ``state``; bound to the optimizer."""
+        bound = Auto(**{**Auto.SPEC, "polyak": Auto.SPEC["polyak"] * TIGHTEN ** max(0, self.recoveries - 1)})
+        if state is not None:
+            bound.load_state_dict(state)
+        bound.attach(self.recovery.optimizer)
+        return bound
+
     def rewound(self, step: int) -> bool:
         """Whether ``step``'s host decision was a rewind (its events are written already)."""
         return self.rewound_at == step
@@ -441,7 +455,7 @@ class Explosions:
     # ------------------------------------------------------------------ state
     def state_dict(self, pending: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
         """The watch and the probe (with the ``pending`` records the next flush will show them),
-        the recovery's clip threshold and its learning rate, the recoveries so far."""
+        the recovery's bound (``auto``'s state, or the clip threshold), the recoveries so far."""
         watch, probe = self.watch, None if self.probe is None else list(self.probe)
         rows = [r for r in pending if not r.get(DECIDED)]
         if rows and self.active:
@@ -456,7 +470,7 @@ class Explosions:
             "version": _STATE_VERSION,
             "watch": watch.state_dict(),
             "cap": self.cap,
-            "cap_lr": self.cap_lr,
+            "bound": None if self.bound is None else self.bound.state_dict(),
             "probe": probe,
             "probe_ref": self.probe_ref,
             "probe_from": self.probe_from,
@@ -468,8 +482,7 @@ class Explosions:
         check_state_version(state, _STATE_VERSION, "explosion", "Pass what Guard.state_dict() returned.")
         self.watch.load_state_dict(state["watch"])
         self.cap = None if state["cap"] is None else float(state["cap"])
-        cap_lr = state.get("cap_lr")  # absent from states saved before it existed: a fixed threshold
-        self.cap_lr = None if cap_lr is None else float(cap_lr)
+        self.bound = None if state.get("bound") is None else self._new_bound(state["bound"])
         probe = state.get("probe")
         self.probe = None if probe is None else [float(v) for v in probe]
         self.probe_ref = None if state.get("probe_ref") is None else float(state["probe_ref"])

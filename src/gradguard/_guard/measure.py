@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradguard._distributed import Reducer, local
-from gradguard._kernels import grad_norms
+from gradguard._kernels import grad_norms, usable
 from gradguard.errors import GradGuardError
 from gradguard.stats import (
     LayerIndex,
@@ -26,6 +26,7 @@ from gradguard.stats import (
     layer_name,
     tensor_norms,
     total_norm,
+    uniform_norms,
     update_ratios,
 )
 
@@ -59,8 +60,12 @@ class Constants:
 
     def number(self, value: float, device: torch.device) -> Tensor:
         """A 0-D float32 ``value`` (NaN for a column a step has no value for, a fixed threshold)."""
-        key = ("number", _key(value))
-        return self._get(key, device, lambda: torch.full((), value, dtype=torch.float32, device=device))
+        found = self._cache.get((value, device))  # the number as it is (NaN: found by identity)
+        if found is None:
+            key = ("number", _key(value))
+            found = self._get(key, device, lambda: torch.full((), value, dtype=torch.float32, device=device))
+            self._cache[(value, device)] = found
+        return found
 
     def numbers(self, values: tuple[float, ...], device: torch.device) -> Tensor:
         """A 1-D float32 of ``values`` (e.g. the ``[clip_coef, threshold]`` of a step without norm
@@ -94,7 +99,18 @@ class Measurement:
     absent: tuple[int, ...] = ()  # layers none of whose parameters has a gradient (logged as null)
     wide: Tensor | None = None  # ``norms`` in float64, where the global norm was summed from them
     row: Tensor | None = None  # where the step's row goes (the monitor's next row); None: a new tensor
+    local_flags: bool = (
+        True  # ``nonfinite`` says only whether the loss and the global norm are (no rank's own)
+    )
     _observed: Tensor | None = None
+    _flags: tuple[Tensor, ...] | None = None
+
+    def flags(self) -> tuple[Tensor, ...]:
+        """``nonfinite`` as two 0-D views ``(loss non-finite, gradients non-finite)``, made once (the
+        clip coefficient and the row both use them; each view costs ~1 µs on the host)."""
+        if self._flags is None:
+            self._flags = self.nonfinite.unbind()
+        return self._flags
 
     def observed(self, consts: Constants) -> Tensor:
         """The global norm, NaN on a bad step: what adaptive state (an adaptive clipper, the spike
@@ -117,12 +133,14 @@ class Meter:
         self._absent: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
         self._every: list[int] = []  # range(len(params)): the indices of a step with every gradient
+        self._uniform = _uniform(params, norm_type)
         # a layer step records its per-tensor norms, reduced to per-layer norms at the flush
         self.reduces_at_flush = LayerIndex.exact_in_rows(norm_type)
 
     def reindex(self, index: LayerIndex, reducer: Reducer | None) -> None:
         """Parameters joined: the new layer index (and the all-reduce that covers them)."""
         self.index, self.reducer = index, reducer
+        self._uniform = _uniform(self.params, self.norm_type)
         self._absent.clear()
         self._positions.clear()
 
@@ -151,11 +169,21 @@ class Meter:
             return grads, self._every
         return grads, [i for i, w in enumerate(self.params) if w.grad is not None]
 
-    def measure(self, loss: Tensor | float | None, rows: NextRows | None = None) -> Measurement:
+    def measure(
+        self,
+        loss: Tensor | float | None,
+        rows: NextRows | None = None,
+        *,
+        known: tuple[Sequence[Tensor], Tensor] | None = None,
+    ) -> Measurement:
         """Norms, loss and flags of this step (no host read).
 
         ``rows(device, tensors)``: where the step's record goes (:meth:`gradguard.monitor.Monitor.next_rows`):
         the float64 per-tensor norms are made there (the record then copies neither them nor the row).
+        ``known = (grads, norms)``: per-tensor norms the caller computed already as
+        ``torch.stack(torch._foreach_norm(grads, p))`` (the script's own clip, under ``gradguard
+        run``): used instead of reading the gradients again where they are exactly what this meter
+        computes (see :meth:`_known_norms`), else ignored.
         """
         p = self.norm_type
         grads, present = self._gradients()
@@ -163,7 +191,9 @@ class Meter:
         absent = self.absent_layers(present) if self.reducer is None else ()  # all ranks' norms: not local
         if self.reducer is not None:
             grads = [local(g) for g in grads]  # FSDP2: this rank's shards
-        norms = self.tensor_norms(grads)  # the one read of the gradients
+        norms = self._known_norms(grads, known) if known is not None else None
+        if norms is None:
+            norms = self.tensor_norms(grads)  # the one read of the gradients
         loss_val = _loss_value(loss, device)
         rank_flags = None
         if self.reducer is not None:  # the same numbers on every rank: one all-reduce
@@ -177,7 +207,7 @@ class Meter:
         wide = _wide(norms, into)  # the global norm sums these, and so do the per-layer norms
         total = _total(wide, p, norms.dtype)
         # flags with few small ops (each costs ~5 µs of dispatch on a CPU): x - x is NaN iff x is not finite
-        values = torch.stack([loss_val, total.float()])
+        values = torch.stack([loss_val, total if total.dtype is torch.float32 else total.float()])
         nonfinite = torch.isnan(values - values)  # [loss, gradients]
         grad_nan = torch.isnan(total)
         if rank_flags is not None:  # a value on one rank only (its loss, or its copy of a gradient)
@@ -185,7 +215,19 @@ class Meter:
             grad_nan = grad_nan | rank_flags[2]
         bad = nonfinite.any()
         return Measurement(
-            device, grads, present, norms, total, values, nonfinite, grad_nan, bad, absent, wide, row
+            device,
+            grads,
+            present,
+            norms,
+            total,
+            values,
+            nonfinite,
+            grad_nan,
+            bad,
+            absent,
+            wide,
+            row,
+            local_flags=rank_flags is None,
         )
 
     def tensor_norms(self, grads: list[Tensor]) -> Tensor:
@@ -197,11 +239,29 @@ class Meter:
         a sparse gradient (or another the norm cannot read) fails the norm, and then gets its clear
         error from :func:`~gradguard.stats.check_tensors`.
         """
+        uniform = self._uniform
         try:
+            if uniform is not None and grads and grads[0].dtype is uniform[1]:  # (after model.half(): not)
+                return uniform[0](grads)  # a CPU's one dtype: tensor_norms without its checks
             return grad_norms(grads, self.norm_type)  # Triton kernels on CUDA (_kernels); else tensor_norms
         except (RuntimeError, NotImplementedError):
             check_tensors(grads, what="gradient")  # raises the clear error, if it is one of those
             raise
+
+    def _known_norms(self, grads: list[Tensor], known: tuple[Sequence[Tensor], Tensor]) -> Tensor | None:
+        """The caller's norms of these very gradients, where they are bit for bit what
+        :meth:`tensor_norms` would give: no all-reduce, the same gradient objects in the same order,
+        float32 norms of float32 gradients measured on the torch path (not the Triton kernels)."""
+        theirs, norms = known
+        if self.reducer is not None or norms.dtype != torch.float32 or norms.shape != (len(grads),):
+            return None
+        if len(theirs) != len(grads) or not all(a is b for a, b in zip(theirs, grads)):
+            return None
+        if any(g.dtype != torch.float32 for g in grads):
+            return None
+        if grads and usable(grads, self.norm_type):  # (CUDA: the kernels' rounding differs)
+            return None
+        return norms
 
     def layer_norms(self, m: Measurement) -> Tensor:
         """Per-layer gradient norms (in the order of the layer index)."""
@@ -294,6 +354,18 @@ def check_loss(loss: Any) -> None:
             f"the loss is a complex tensor ({loss.dtype}); gradguard checks a real loss. Pass the real "
             "scalar you called backward() on (e.g. `loss.abs()` or `loss.real`)."
         )
+
+
+def _uniform(
+    params: Sequence[Tensor], p: float
+) -> tuple[Callable[[list[Tensor]], Tensor], torch.dtype] | None:
+    """Parameters of one dtype on one device that is not CUDA (where the Triton kernels may read the
+    gradients): the norms function of :func:`~gradguard.stats.uniform_norms` and that dtype; else
+    ``None`` (:func:`~gradguard._kernels.grad_norms` then groups the gradients every step)."""
+    if not params or params[0].device.type == "cuda":
+        return None
+    norms = uniform_norms(params, p)
+    return None if norms is None else (norms, params[0].dtype)
 
 
 def _wide(norms: Tensor, into: Tensor | None) -> Tensor:

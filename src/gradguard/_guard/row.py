@@ -33,7 +33,7 @@ def device_row(m: Measurement, plan: ClipPlan, skip: Tensor, overflow: Tensor, c
     writes the scaler's scale; ``clip_fraction`` is the norm clipper's (see :class:`ClipPlan`) or
     NaN until an in-place clipper's is written. Made in ``m.row`` (the monitor's next row) where
     the measurement has one."""
-    loss_nonfinite, grad_nonfinite = m.nonfinite.unbind()
+    loss_nonfinite, grad_nonfinite = m.flags()
     fraction = plan.fraction
     as_bit = fraction is not None and fraction.dtype == torch.bool  # a norm clipper's coef < 1
     bits = [m.bad, loss_nonfinite, grad_nonfinite, m.grad_nan, skip, plan.spike, overflow, m.bad]

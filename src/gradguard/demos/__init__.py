@@ -17,6 +17,26 @@ Example:
 
 from __future__ import annotations
 
-from gradguard.demos._run import SCENARIOS, STEPS_ENV, Row, run_demo, run_scenario
+from gradguard.demos._run import (
+    SCENARIOS,
+    STEPS_ENV,
+    Row,
+    Verification,
+    run_demo,
+    run_scenario,
+    takeaways,
+    verified_advice,
+    verify,
+)
 
-__all__ = ["SCENARIOS", "STEPS_ENV", "Row", "run_demo", "run_scenario"]
+__all__ = [
+    "SCENARIOS",
+    "STEPS_ENV",
+    "Row",
+    "Verification",
+    "run_demo",
+    "run_scenario",
+    "takeaways",
+    "verified_advice",
+    "verify",
+]

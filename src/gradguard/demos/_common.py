@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.clip import Clipper, NormClipper, coefficient, from_spec, scale_
+from gradguard.runtable import clip_rate
 from gradguard.stats import grads_of, tensor_norms, total_norm
 
 __all__ = [
@@ -142,12 +143,26 @@ class StepOutcome:
 
 @dataclass(frozen=True)
 class StepRecord:
+    """One step of :func:`train`: its loss, pre-clip norm and threshold, whether the update clipped it
+    and whether it was taken (a non-finite step is recorded but not taken)."""
+
     step: int
     loss: float
     grad_norm: float
     threshold: float
     clipped: bool
     stepped: bool
+
+    def as_record(self) -> dict[str, Any]:
+        """This step in the run log's record fields (:mod:`gradguard.record`), for :mod:`gradguard.runtable`."""
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "threshold": self.threshold,
+            "clip_fraction": 1.0 if self.clipped else 0.0,  # one unit, the global norm: clipped or not
+            "skipped": not self.stepped,
+        }
 
 
 class ClipThenStep:
@@ -201,8 +216,8 @@ class RunResult:
 
     @property
     def clip_rate(self) -> float:
-        taken = [r for r in self.records if r.stepped]
-        return sum(r.clipped for r in taken) / len(taken) if taken else 0.0
+        """The run table's clip rate (:func:`gradguard.runtable.clip_rate`; ``nan`` when no step was taken)."""
+        return clip_rate(r.as_record() for r in self.records)
 
     @property
     def final_loss(self) -> float:

@@ -9,11 +9,13 @@ diagnosed (:func:`gradguard.diagnose.diagnose`, ``findings.json`` written), a co
 ``recommend_from`` takes its threshold from the diagnosis of an earlier run, a summary table is
 printed, and one HTML report (:func:`gradguard.report.write_report`) covers the folder.
 
-Advice is verified before it is given: a threshold a diagnosis recommends is tried first by
-:func:`gradguard.tune.tune` from the scenario's fresh start (candidates halving down from it, a
-few dozen steps each, :func:`verify`); ``tune.json`` goes into that run directory, the run is
-diagnosed again (its findings now quote the verified threshold), and a configuration with
-``recommend_from`` follows the verified threshold. The takeaways quote only verified advice.
+Advice is verified before it is given (:func:`verify`): a threshold a diagnosis recommends is
+tried first by :func:`gradguard.tune.tune` from the scenario's fresh start (candidates halving down
+from it, a few dozen steps each), and a lower learning rate it recommends is tried the same way
+(the candidates of its own ``gradguard tune --lr`` command, at the run's clipping); both go into
+that run's ``tune.json``, the run is diagnosed again (its findings now quote what was verified),
+and a configuration with ``recommend_from`` follows the verified threshold. The takeaways quote
+only verified advice (:func:`verified_advice`), and never call a run that trained over-clipped.
 
 Every step reads the guard's numbers on the host (a per-step progress line on a CPU); the
 library's hot path does not.
@@ -21,6 +23,7 @@ library's hot path does not.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -35,6 +38,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from gradguard.clip import Norm, from_spec
 from gradguard.demos._common import RunConfig, RunResult, StepOutcome, StepRecord, train
 from gradguard.diagnose import Finding, diagnose, recommended_max_norm
 from gradguard.errors import GradGuardError, NonFiniteError
@@ -45,7 +49,17 @@ from gradguard.runtable import RunTable, clipped
 from gradguard.tune import tune
 from gradguard.tunelog import TuneResult, ladder, write_tune
 
-__all__ = ["SCENARIOS", "STEPS_ENV", "Row", "run_demo", "run_scenario"]
+__all__ = [
+    "SCENARIOS",
+    "STEPS_ENV",
+    "Row",
+    "Verification",
+    "run_demo",
+    "run_scenario",
+    "takeaways",
+    "verified_advice",
+    "verify",
+]
 
 SCENARIOS = ("rnn", "deepsad")
 """The embedded scenarios, in the order ``gradguard demo`` runs them."""
@@ -117,7 +131,7 @@ class Row:
     metric: str
     threshold: float | None = None  # a recommended threshold this configuration used
     recommended_from: str | None = None  # the configuration whose diagnosis gave it
-    tuned: TuneResult | None = None  # what tune verified for this run's advice (also in its tune.json)
+    verification: Verification | None = None  # what tune verified of this run's advice (also its tune.json)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -384,53 +398,141 @@ def _estimate(row: Row) -> float | None:
     return float(value) if value is not None and _is_number(value) else None
 
 
+def _lr_estimate(row: Row) -> float | None:
+    """The learning rate the diagnosis of ``row`` recommends without having verified it, or ``None``."""
+    return next(
+        (
+            float(f.recommendation["lr"])
+            for f in row.findings
+            if f.recommendation.get("lr_verified") is False and _is_number(f.recommendation.get("lr"))
+        ),
+        None,
+    )
+
+
+def verified_advice(row: Row, key: str) -> float | None:
+    """The value of ``key`` (``"max_norm"`` or ``"lr"``) that a finding of ``row`` recommends as verified
+    (``verified`` / ``lr_verified``: read from ``tune.json`` by diagnose), or ``None``."""
+    flag = "verified" if key == "max_norm" else "lr_verified"
+    return next(
+        (
+            float(f.recommendation[key])
+            for f in row.findings
+            if f.recommendation.get(flag) is True and _is_number(f.recommendation.get(key))
+        ),
+        None,
+    )
+
+
 def _unverified(row: Row) -> bool:
-    """Whether a finding of ``row`` recommends a threshold that was not verified."""
+    """Whether a finding of ``row`` recommends a threshold or a learning rate that was not verified."""
     return any(
-        _is_number(f.recommendation.get("max_norm")) and not f.recommendation.get("verified")
+        (_is_number(f.recommendation.get("max_norm")) and not f.recommendation.get("verified"))
+        or f.recommendation.get("lr_verified") is False
         for f in row.findings
     )
 
 
-def verify(module: ModuleType, row: Row, steps: int | None) -> TuneResult:
-    """Verify ``row``'s advice before it is given: :func:`gradguard.tune.tune` from the scenario's
-    fresh start (what following the advice means: train again with it), candidates halving down
-    from the diagnosed threshold; ``tune.json`` written into the run directory and the run
-    re-diagnosed, so its findings quote the verified threshold."""
-    estimate = _estimate(row)
+def _lr_candidates(row: Row) -> list[float]:
+    """The learning rates ``row``'s diagnosis asks to verify (the candidates of its unverified advice's
+    ``gradguard tune --lr`` command, every finding's together)."""
+    rates = {
+        float(x)
+        for f in row.findings
+        if f.recommendation.get("lr_verified") is False
+        for x in f.recommendation.get("lr_candidates") or ()
+        if _is_number(x) and x > 0
+    }
+    return sorted(rates)
+
+
+def _own_threshold(config: RunConfig) -> tuple[bool, float | None]:
+    """Whether a trial can keep ``config``'s own clipping, and its threshold (``None``: no clipping):
+    only a fixed global-norm threshold or none can (an adaptive clipper's state is the run's)."""
+    clipper = from_spec(config.clip)  # type: ignore[arg-type]  # a spec string or a clipper
+    if clipper is None:
+        return True, None
+    if isinstance(clipper, Norm):
+        return True, float(clipper.max_norm)
+    return False, None
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What the demo verified of one run's advice, before giving it.
+
+    ``max_norm`` and ``lr``: the diagnosis's estimates (unverified); ``thresholds``: tune's trials of
+    thresholds at the run's learning rate; ``rates``: its trials of learning rates at the run's own
+    clipping (``None``: that question was not asked). ``tune.json`` holds both.
+    """
+
+    max_norm: float | None
+    lr: float | None
+    thresholds: TuneResult | None
+    rates: TuneResult | None
+
+
+def verify(module: ModuleType, row: Row, steps: int | None) -> Verification | None:
+    """Verify ``row``'s advice before it is given, the way following it means: train again from the
+    scenario's fresh start with :func:`gradguard.tune.tune`, a few dozen steps per candidate.
+
+    * a threshold the diagnosis estimates: candidates halving down from it, at the run's learning rate;
+    * a learning rate it estimates: the candidates its ``gradguard tune --lr`` command names, at the
+      run's own clipping (as that command tries them: :attr:`~gradguard.tunelog.Trial.own_clip`).
+
+    Both go into one ``tune.json`` in the run directory (diagnose reads each question's own trials)
+    and the run is re-diagnosed, so its findings quote what was verified. ``None``: nothing to verify
+    (or a learning rate under an adaptive clipper, whose state a trial cannot reproduce).
+    """
+    estimate, lr = _estimate(row), _lr_estimate(row)
+    rates = _lr_candidates(row)
+    keeps, own = _own_threshold(row.config)
+    n = TUNE_STEPS if steps is None else max(2, min(TUNE_STEPS, steps))
+    thresholds = _tune(module, row, n, max_norms=ladder(estimate)) if estimate is not None else None
+    by_rate = _tune(module, row, n, max_norms=[own], lrs=rates) if rates and keeps else None
+    if by_rate is not None:  # the run's own clipping kept: only the rate is a candidate
+        by_rate = dataclasses.replace(
+            by_rate, trials=[dataclasses.replace(t, own_clip=True) for t in by_rate.trials]
+        )
+    if thresholds is None and by_rate is None:
+        return None
+    trials = [*(thresholds.trials if thresholds else ()), *(by_rate.trials if by_rate else ())]
+    write_tune(row.run_dir, TuneResult(trials, n))
+    row.findings = diagnose(read_run(row.run_dir), write=True)
+    row.verification = Verification(estimate, lr, thresholds, by_rate)
+    return row.verification
+
+
+def _tune(module: ModuleType, row: Row, steps: int, **candidates: Any) -> TuneResult:
+    """:func:`gradguard.tune.tune` of ``row``'s configuration from the scenario's fresh start."""
     sc = module.build(row.seed)
     optimizer = sc.make_optimizer(row.config)
-    n = TUNE_STEPS if steps is None else max(2, min(TUNE_STEPS, steps))
-    candidates = ladder(estimate) if estimate is not None else [1.0]
-    result = tune(
+    return tune(
         sc.model,
         optimizer,
         lambda b: sc.loss_fn(sc.model, b),
         sc.batches(),
-        max_norms=candidates,
-        steps=n,
+        steps=steps,
         reset=sc.reset,
+        **candidates,
     )
-    write_tune(row.run_dir, result)
-    row.findings = diagnose(read_run(row.run_dir), write=True)
-    row.tuned = result
-    return result
 
 
 def _recommended(
     module: ModuleType, rows: Sequence[Row], sources: Sequence[str], steps: int | None
-) -> tuple[float | None, str | None, TuneResult | None]:
+) -> tuple[float | None, str | None, Verification | None]:
     """The verified threshold for the first run of ``sources`` whose diagnosis recommends one.
 
     The diagnosed threshold is an estimate: it is verified with :func:`verify` first, and the
-    threshold tune recommends is the one followed (``None``: none of the candidates trained).
+    threshold the re-diagnosed run recommends as verified is the one followed (``None``: none of the
+    candidates trained).
     """
     for source in sources:
         src = next((r for r in rows if r.name == source), None)
         if src is None or _estimate(src) is None:
             continue
-        result = src.tuned or verify(module, src, steps)
-        return result.max_norm, source, result
+        check = src.verification or verify(module, src, steps)
+        return verified_advice(src, "max_norm"), source, check
     return None, None, None
 
 
@@ -456,11 +558,13 @@ def run_scenario(
         threshold: float | None = None
         source: str | None = None
         if config.recommend_from:
-            threshold, source, tuned = _recommended(module, rows, config.recommend_from, steps)
+            threshold, source, check = _recommended(module, rows, config.recommend_from, steps)
             if threshold is None:
                 tried = " or ".join(config.recommend_from)
                 why = (
-                    tuned.verdict() if tuned is not None else f"diagnose of {tried} recommended no threshold"
+                    check.thresholds.verdict()
+                    if check is not None and check.thresholds is not None
+                    else f"diagnose of {tried} recommended no verified threshold"
                 )
                 out.write(f"  {config.name}: not run ({why})\n")
                 continue
@@ -473,7 +577,7 @@ def run_scenario(
             row.threshold, row.recommended_from = threshold, source
         rows.append(row)
     for row in rows:  # advice is verified before it is given
-        if _unverified(row) and row.tuned is None:
+        if _unverified(row) and row.verification is None:
             verify(module, row, steps)
     return rows
 
@@ -510,7 +614,7 @@ def summary_table(rows: Sequence[Row]) -> str:
                 _fmt(r.final_loss),
                 _fmt(r.metric_value, ".3f"),
                 _pct(r.clip_rate),
-                ", ".join(r.finding_ids) or "—",
+                ", ".join(f.id + (" (info)" if f.severity == "info" else "") for f in r.findings) or "—",
             ]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
@@ -521,51 +625,124 @@ def summary_table(rows: Sequence[Row]) -> str:
 
 
 def takeaways(name: str, rows: Sequence[Row]) -> list[str]:
-    """What the runs show, in sentences computed from them (never from expectations)."""
+    """What the runs show, in sentences computed from them (never from expectations).
+
+    Advice is quoted only as verified: a threshold or a learning rate the run's re-diagnosed findings
+    recommend as verified (:func:`verified_advice`), with the trials of ``gradguard tune`` behind it;
+    a clip rate is never called over-clipping in a run that trained (diagnose's ``info``).
+    """
     out: list[str] = []
     by = {r.name: r for r in rows}
     none = by.get("none")
     if none is not None:
         first = none.first_nonfinite
-        if first is not None:
-            out.append(f"none: non-finite at {where(first)}.")
-        else:
-            out.append("none: no non-finite step in this run.")
+        out.append(
+            f"none: non-finite at {where(first)}." if first else "none: no non-finite step in this run."
+        )
+    out += [line for r in rows if (line := _clip_rate_line(r))]
     for r in rows:
-        over = r.finding("over_clipping")
-        if over is not None and not r.config.recommend_from:
-            ev = over.evidence
-            text = f"{r.name}: clipped {_pct(r.clip_rate)} of the steps — diagnose: over_clipping"
-            if _is_number(ev.get("loss_start")) and _is_number(ev.get("loss_end")):
-                text += f" (loss {_fmt(ev['loss_start'])} → {_fmt(ev['loss_end'])})"
-            rec = over.recommendation.get("max_norm")
-            if over.severity == "info":
-                text += ", as info only: the run trained"
-            elif _is_number(rec) and over.recommendation.get("verified"):
-                text += f"; it recommends max_norm={rec:g}, verified by gradguard tune"
-            out.append(text + ".")
-    for r in rows:
-        if r.tuned is not None:
-            out.append(
-                f"{r.name}: gradguard tune tried {', '.join(t.label for t in r.tuned.trials)}. {r.tuned.verdict()}"
-            )
+        out += _verification_lines(r)
     for r in rows:
         if r.threshold is not None:
-            src = by.get(r.recommended_from or "")
-            ratio = (
-                f", {src.final_loss / r.final_loss:.0f}× lower than {src.name}'s"
-                if src is not None
-                and r.final_loss > 0
-                and math.isfinite(src.final_loss)
-                and src.first_nonfinite is None
-                else ""
-            )
-            nf = "no non-finite step" if r.first_nonfinite is None else "went non-finite"
-            out.append(
-                f"{r.name} (recommended by diagnose of {r.recommended_from}, verified by gradguard tune): clipped "
-                f"{_pct(r.clip_rate)}, {nf}, final loss {_fmt(r.final_loss)}{ratio}."
-            )
+            out.append(_followed_line(r, by.get(r.recommended_from or "")))
     return out
+
+
+def _clip_rate_line(r: Row) -> str | None:
+    """A configuration that clipped most steps: over-clipped only when diagnose says so (not ``info``)."""
+    over = r.finding("over_clipping")
+    if over is None or r.config.recommend_from:
+        return None
+    ev = over.evidence
+    loss = (
+        f"loss {_fmt(ev['loss_start'])} → {_fmt(ev['loss_end'])}"
+        if _is_number(ev.get("loss_start")) and _is_number(ev.get("loss_end"))
+        else ""
+    )
+    if over.severity == "info":
+        return (
+            f"{r.name}: clipped {_pct(r.clip_rate)} of the steps and still trained"
+            + (f" ({loss})" if loss else "")
+            + ": not over-clipping (diagnose notes the clip rate as info and recommends no threshold for it)."
+        )
+    text = f"{r.name}: clipped {_pct(r.clip_rate)} of the steps — diagnose: over_clipping" + (
+        f" ({loss})" if loss else ""
+    )
+    rec = verified_advice(r, "max_norm")
+    return text + (f"; verified by gradguard tune: max_norm={rec:g}." if rec is not None else ".")
+
+
+def _verification_lines(r: Row) -> list[str]:
+    """What ``gradguard tune`` found of ``r``'s advice: each question's candidates, outcomes and verdict."""
+    v = r.verification
+    if v is None:
+        return []
+    lines = []
+    if v.thresholds is not None:
+        estimate = f"diagnose estimated max_norm={v.max_norm:g}; " if v.max_norm is not None else ""
+        verified = verified_advice(r, "max_norm")
+        verdict = (
+            f"verified: max_norm={verified:g} ({_trained(v.thresholds, verified, 'max_norm')})"
+            if verified is not None
+            else "none of them trained: no threshold recommended"
+        )
+        lines.append(
+            f"{r.name}: {estimate}gradguard tune tried {_tried(v.thresholds, 'max_norm')} "
+            f"({v.thresholds.steps} steps each, from the fresh start) — {verdict}."
+        )
+    if v.rates is not None:
+        estimate = f" (estimate lr={v.lr:g}, unverified)" if v.lr is not None else ""
+        clip = "no clipping" if _own_threshold(r.config)[1] is None else f"its {r.config.clip}"
+        verified = verified_advice(r, "lr")
+        verdict = (
+            f"verified: lr={verified:g} ({_trained(v.rates, verified, 'lr')})"
+            if verified is not None
+            else f"none of them trained: go below lr={min(v.rates.lr_candidates()):g}"
+        )
+        lines.append(
+            f"{r.name}: diagnose advised a lower learning rate{estimate}; gradguard tune tried "
+            f"{_tried(v.rates, 'lr')} with {clip} ({v.rates.steps} steps each) — {verdict}."
+        )
+    return lines
+
+
+def _tried(result: TuneResult, key: str) -> str:
+    """The candidates of one question, tight to loose, the failed ones with their outcome."""
+    trials = sorted(result.trials, key=lambda t: getattr(t, key) or 0.0)
+    return ", ".join(
+        f"{'lr=' if key == 'lr' else ''}{getattr(t, key):g}" + ("" if t.trained else f" ({t.outcome})")
+        for t in trials
+    )
+
+
+def _trained(result: TuneResult, value: float, key: str) -> str:
+    """The evidence of the trial that verified ``value``: its loss and clip rate."""
+    t = next((t for t in result.trials if getattr(t, key) == value), None)
+    if t is None:
+        return "verified by gradguard tune"
+    return f"loss {t.loss_start:.4g} → {t.loss_final:.4g}, clipped {_pct(t.clip_rate)}, no explosion"
+
+
+def _followed_line(r: Row, src: Row | None) -> str:
+    """The run that followed a verified threshold, to the end."""
+    ratio = (
+        f", {src.final_loss / r.final_loss:.0f}× lower than {src.name}'s"
+        if src is not None
+        and r.final_loss > 0
+        and math.isfinite(src.final_loss)
+        and src.first_nonfinite is None
+        else ""
+    )
+    nf = (
+        "no non-finite step"
+        if r.first_nonfinite is None
+        else f"non-finite at step {r.first_nonfinite.get('step')}"
+    )
+    return (
+        f"{r.name} (recommended by diagnose of {r.recommended_from}, verified by gradguard tune, followed for "
+        f"{r.steps_taken}/{r.planned_steps} steps): clipped {_pct(r.clip_rate)}, {nf}, final loss "
+        f"{_fmt(r.final_loss)}{ratio}."
+    )
 
 
 # ---------------------------------------------------------------------------------------- entry

@@ -38,6 +38,15 @@ fresh start) rejects — every candidate from ~6 up explodes within 7-33 steps �
 threshold instead: ``norm:3.1`` / ``norm:3.4`` / ``norm:3`` (seeds 0 / 1 / 2; half the tightest
 candidate that exploded) train all 500 steps with no non-finite step, 2.76 / 2.77 / 2.76 bits per
 character (``benchmarks/README.md``, ``advice.py``).
+
+Learning-rate advice is verified the same way (session 13): the ``explosion`` of ``none`` also
+advises lr=0.1 (1/10 of the rate it failed at); :func:`gradguard.tune.tune` over the candidates of
+its ``gradguard tune --lr`` command (0.025, 0.05, 0.1, 0.2, no clipping, 60 steps) sees 0.05-0.2
+explode on seeds 0-2 and verifies 0.025, which trains all 500 steps (3.83-3.91 bits/char, no
+non-finite step). ``lr_too_high`` on ``norm:5`` (the decoder moves ~0.11 of its weight norm per
+step) advises 0.09; at ``norm:5`` every candidate (0.022-0.18) trains and tune verifies 0.18, which
+trains all 500 steps at 3.15-3.18 bits/char — slower than the recipe's own rate (2.99-3.02): the
+verified rate is safe, not better (``benchmarks/demo_probe.py --advice``).
 """
 
 from __future__ import annotations

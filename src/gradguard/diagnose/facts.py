@@ -16,6 +16,7 @@ from typing import Any
 from gradguard.diagnose.healthy import HealthyWindow, window
 from gradguard.runlog import RunLog
 from gradguard.runtable import EXPLOSION_FACTOR, RunTable, clip_config
+from gradguard.tunelog import TuneResult, read_tune
 
 __all__ = ["Facts", "fields"]
 
@@ -46,6 +47,8 @@ class Facts:
         clip_kind: ``fixed``, ``adaptive``, ``other`` or ``none``. clip_spec: the clipper in words.
         trouble, trouble_reason: index of the first non-finite (or overflowing) step and why
         (``len(steps)``, ``"end"`` when none).
+        tuned: the run directory's ``tune.json`` (what ``gradguard tune`` verified; ``None`` when it
+        holds none), read once on first use however many rules quote it.
         The log itself: opened (``meta.json`` holds the ``start_time`` a RunWriter writes), closed
         (it holds the ``end_time`` of ``close()``), lost (what failed disk writes lost:
         ``{"records": n, "events": m}``), modified (when the run's files were last written; ``None``
@@ -223,6 +226,12 @@ class Facts:
             return self.clip.label
         finite = sorted({t for t in self.thr if math.isfinite(t)})
         return f"the caller's clip_grad_norm_ (max_norm {finite[0]:g}{'…' if len(finite) > 1 else ''})"
+
+    @functools.cached_property
+    def tuned(self) -> TuneResult | None:
+        """The run directory's ``tune.json`` (verified advice), read on first use and kept: every rule
+        that recommends a threshold or a learning rate quotes it, one read a diagnosis."""
+        return read_tune(self.log.path)
 
     @functools.cached_property
     def healthy(self) -> HealthyWindow:

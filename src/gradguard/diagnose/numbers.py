@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["clip_advice", "fmt", "layer_name", "median", "quantile", "rolling_median", "sig", "sig_floor"]
+__all__ = [
+    "Ends",
+    "clip_advice",
+    "ends",
+    "fmt",
+    "layer_name",
+    "median",
+    "quantile",
+    "rolling_median",
+    "sig",
+    "sig_floor",
+]
 
 
 def median(values: Sequence[float]) -> float:
@@ -57,6 +69,32 @@ def rolling_median(values: Sequence[float], width: int) -> list[float]:
     """The centred rolling median (``width`` values, fewer at the ends)."""
     half = width // 2
     return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ends:
+    """Where a series of losses started and ended: the medians of its first and of its last ``k``
+    values (batches differ, so one loss is a noisy start).
+
+    A message that quotes them says they are medians (:meth:`text`): the start a user reads in the
+    log is the first loss, and a median of the first ``k`` is another number.
+    """
+
+    start: float
+    end: float
+    k: int
+
+    def text(self) -> str:
+        """``"3.58 → 3.39 (medians of the first and last 15 steps)"``; no label where ``k`` is 1."""
+        arrow = f"{fmt(self.start)} → {fmt(self.end)}"
+        return arrow if self.k <= 1 else f"{arrow} (medians of the first and last {self.k} steps)"
+
+
+def ends(values: Sequence[float]) -> Ends:
+    """The :class:`Ends` of ``values``: medians of the first and of the last tenth of them, at least
+    one and at most 50 (``nan`` when empty)."""
+    k = max(1, min(len(values) // 10, 50))
+    return Ends(median(values[:k]), median(values[-k:]), k)
 
 
 def clip_advice(max_norm: float) -> dict[str, Any]:

@@ -21,10 +21,11 @@ import statistics
 from typing import Any
 
 from gradguard.diagnose.facts import Facts
-from gradguard.diagnose.numbers import clip_advice, fmt, median, sig, sig_floor
-from gradguard.tunelog import TUNE_FILE, TuneResult, read_tune
+from gradguard.diagnose.numbers import Ends, clip_advice, ends, fmt, median, sig, sig_floor
+from gradguard.tunelog import TUNE_FILE, TuneResult
 
 OVERCLIP_RATE = 0.5  # > 50% of steps clipped is aggressive (Tuning Playbook)
+STALLED = 0.2  # a loss that fell by less than this fraction of its start did not train (trained())
 _MIN_STEPS = 10  # fewest thresholded steps to judge
 _MIN_DELTAS = 10  # fewest loss changes after clipped (and unclipped) steps to compare them
 
@@ -33,8 +34,9 @@ _MIN_DELTAS = 10  # fewest loss changes after clipped (and unclipped) steps to c
 class ClipWindow:
     """The healthy steps with a threshold (``rows``), and the last quarter of them (``window``).
 
-    ``rate``: clip rate of the window; ``overall``: of all ``rows``; ``progress``: 1 − the loss at
-    the end over the loss at the start (medians of a tenth of the steps). Over the window:
+    ``rate``: clip rate of the window; ``overall``: of all ``rows``; ``loss``: where the loss of
+    ``rows`` started and ended (:class:`~gradguard.diagnose.numbers.Ends`: medians of a tenth of the
+    steps; ``loss_start``, ``loss_end``); ``progress``: 1 − its end over its start. Over the window:
     ``threshold`` and ``median_norm`` (medians), ``scale`` (the median of ``threshold / norm``
     capped at 1: the effective learning-rate scale), ``lr`` (median; ``nan`` when not logged).
     """
@@ -43,13 +45,20 @@ class ClipWindow:
     window: list[int]
     rate: float
     overall: float
-    loss_start: float
-    loss_end: float
+    loss: Ends
     progress: float
     threshold: float
     median_norm: float
     scale: float
     lr: float
+
+    @property
+    def loss_start(self) -> float:
+        return self.loss.start
+
+    @property
+    def loss_end(self) -> float:
+        return self.loss.end
 
 
 def clip_window(f: Facts) -> ClipWindow | None:
@@ -59,24 +68,41 @@ def clip_window(f: Facts) -> ClipWindow | None:
         return None
     width = max(_MIN_STEPS, min(500, len(rows) // 4))
     window = rows[-width:]
-    losses = f.loss_at(rows[0], rows[-1] + 1)
-    k = max(1, min(len(losses) // 10, 50))
-    start, end = median(losses[:k]), median(losses[-k:])
-    progress = 1 - end / start if start and math.isfinite(start) and start > 0 else math.nan
+    loss = ends(f.loss_at(rows[0], rows[-1] + 1))
     lrs = [f.lr[i] for i in window if math.isfinite(f.lr[i])]
     return ClipWindow(
         rows=rows,
         window=window,
         rate=sum(f.clipped[i] for i in window) / len(window),
         overall=sum(f.clipped[i] for i in rows) / len(rows),
-        loss_start=start,
-        loss_end=end,
-        progress=progress,
+        loss=loss,
+        progress=progress(loss),
         threshold=median([f.thr[i] for i in window]),
         median_norm=median([f.norm[i] for i in window]),
         scale=median([min(1.0, f.thr[i] / f.norm[i]) for i in window if f.norm[i] > 0]),
         lr=median(lrs) if lrs else math.nan,
     )
+
+
+def progress(loss: Ends) -> float:
+    """How far the loss fell: 1 − its end over its start (``nan`` without a positive finite start)."""
+    start = loss.start
+    return 1 - loss.end / start if math.isfinite(start) and start > 0 else math.nan
+
+
+def trained(f: Facts, loss: Ends | None = None) -> Ends | None:
+    """Whether the run trained — the one test every rule asks before calling a run a failure: it
+    stayed finite to a healthy end (no non-finite step, no climb of the norm) and its loss fell by
+    at least :data:`STALLED` of its start. Its loss's :class:`~gradguard.diagnose.numbers.Ends`
+    when it did (for the message), ``None`` when it did not.
+
+    ``loss``: the span judged (``over_clipping``: the clipped steps); the whole run by default.
+    """
+    if f.went_bad or f.healthy.onset_step is not None:
+        return None
+    loss = loss if loss is not None else ends(f.loss_at(0, len(f.rows)))
+    fell = progress(loss)
+    return loss if math.isfinite(fell) and fell >= STALLED else None
 
 
 def window_evidence(f: Facts, w: ClipWindow) -> dict[str, Any]:
@@ -95,6 +121,7 @@ def window_evidence(f: Facts, w: ClipWindow) -> dict[str, Any]:
         "effective_lr": sig(lr * scale, 3) if math.isfinite(lr) else None,
         "loss_start": sig(w.loss_start, 4),
         "loss_end": sig(w.loss_end, 4),
+        "loss_ends_median_of": w.loss.k,  # loss_start, loss_end: medians of this many steps
         "loss_progress": sig(w.progress, 3),
     }
     evidence.update(_loss_change(f, w))
@@ -141,8 +168,9 @@ def scale_free(f: Facts) -> bool:
 
 
 def tuned(f: Facts) -> TuneResult | None:
-    """The run directory's ``tune.json`` (verified evidence), if it holds one."""
-    return read_tune(f.log.path)
+    """The run directory's ``tune.json`` (verified evidence), if it holds one: :attr:`Facts.tuned`,
+    read once a diagnosis however many rules ask."""
+    return f.tuned
 
 
 def tune_command(f: Facts, options: str = "") -> str:
@@ -213,7 +241,7 @@ def threshold_advice(f: Facts, estimate: float | None, why: str) -> dict[str, An
     """
     result = tuned(f)
     if result is not None and thresholds_tried(result):
-        return _verified(f, result)
+        return _verified(f, threshold_part(result))
     command = tune_command(f)
     unsafe = [x for x in (*failed_levels(f), exploding_norm(f)) if x is not None]
     if estimate is not None and unsafe and estimate >= min(unsafe):
@@ -259,6 +287,25 @@ def thresholds_tried(result: TuneResult) -> bool:
     return any(t.max_norm is not None and not t.own_clip for t in result.trials)
 
 
+def threshold_part(result: TuneResult) -> TuneResult:
+    """The threshold question of ``tune.json``: its candidates at the run's own rate (``lr`` ``None``).
+
+    A ``tune.json`` may answer two questions from the same start (the demo verifies a finding's
+    threshold and its learning rate together): thresholds at the run's rate, and rates. Each advice
+    reads its own part; a file whose every trial sets a rate (one question: rates, or thresholds ×
+    rates) is read whole.
+    """
+    own_rate = [t for t in result.trials if t.lr is None]
+    mixed = own_rate and len(own_rate) < len(result.trials)
+    return dataclasses.replace(result, trials=own_rate) if mixed else result
+
+
+def rate_part(result: TuneResult) -> TuneResult:
+    """The learning-rate question of ``tune.json``: its candidates that set a rate (see :func:`threshold_part`)."""
+    rates = [t for t in result.trials if t.lr is not None]
+    return dataclasses.replace(result, trials=rates) if rates and len(rates) < len(result.trials) else result
+
+
 # ============================================================================================
 # Learning-rate advice: verified by tune.json's rate candidates, or an estimate that says it is one
 # ============================================================================================
@@ -281,12 +328,13 @@ def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
     (``lr_verified: True``), or — when none did — the advice to go below the lowest one tried.
     Otherwise ``estimate`` (from ``why``), kept at most half the rate the run failed at
     (:func:`failed_lr`), marked ``lr_verified: False`` with the ``gradguard tune --lr`` command line
-    that verifies it (``lr_tune``: the estimate and its neighbours below that rate as candidates).
+    that verifies it (``lr_tune``: the estimate and its neighbours below that rate as candidates, and
+    the run's own rate where the run trained, :func:`own_lr`, so tune can answer "keep it").
     ``text`` is a sentence without its final period, as :func:`threshold_advice`'s.
     """
     result = tuned(f)
     if result is not None and result.lr_candidates():
-        return _verified_lr(result)
+        return _verified_lr(f, rate_part(result))
     failed = failed_lr(f)
     if estimate is not None and failed is not None and estimate > failed / 2:
         estimate, why = sig(failed / 2, 1), f"half this run's learning rate, {fmt(failed)}"
@@ -297,15 +345,30 @@ def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
             "lr_tune": command,
             "text": f"Verify a lower learning rate first: {command}",
         }
-    rungs = [sig(estimate * 2.0**k, 2) for k in (1, 0, -1, -2)]
-    ladder = ",".join(f"{r:g}" for r in rungs if failed is None or r < failed)
-    command = tune_command(f, f"--lr {ladder}")
+    rungs = lr_candidates(f, estimate)
+    command = tune_command(f, "--lr " + ",".join(f"{r:g}" for r in rungs))
     return {
         "lr": estimate,
         "lr_verified": False,
         "lr_tune": command,
+        "lr_candidates": rungs,  # what the command tries (the demo verifies these in memory)
         "text": f"Try lr={estimate:g} ({why}) — unverified: check it trains before a long run with `{command}`",
     }
+
+
+def own_lr(f: Facts) -> float | None:
+    """The run's own learning rate where the run trained at it (:func:`trained`): its last one — a
+    candidate every verification of a rate includes; ``None`` where the run failed (or logs no rate)."""
+    return failed_lr(f) if trained(f) is not None else None
+
+
+def lr_candidates(f: Facts, estimate: float) -> list[float]:
+    """The rates that verify ``estimate``: it and its neighbours (2×, ½×, ¼×) below the rate the run
+    failed at, and the run's own rate where the run trained (:func:`own_lr`): then tune keeps the
+    own rate unless a lower one trains better (:func:`gradguard.tunelog.choose`); low to high."""
+    failed, own = failed_lr(f), own_lr(f)
+    rungs = {r for r in (sig(estimate * 2.0**k, 2) for k in (1, 0, -1, -2)) if failed is None or r < failed}
+    return sorted(rungs | ({own} if own is not None else set()))
 
 
 def lower_lr(f: Facts, factor: float = 10.0) -> dict[str, Any]:
@@ -332,8 +395,16 @@ def with_lr(rec: dict[str, Any], lr: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def _verified_lr(result: TuneResult) -> dict[str, Any]:
-    """Learning-rate advice from ``tune.json``: the rate that trained there, with its evidence."""
+def either(threshold: str, rate: str) -> str:
+    """A threshold's advice and a learning rate's (the ``text`` of :func:`threshold_advice` and of
+    :func:`lr_advice`) as the alternatives they are: tune verifies each with the run's other setting
+    unchanged, so both at once is a change nobody checked. One sentence, with its period."""
+    return f"Either clip the global norm. {threshold}. Or, instead, lower the learning rate. {rate}."
+
+
+def _verified_lr(f: Facts, result: TuneResult) -> dict[str, Any]:
+    """Learning-rate advice from ``tune.json``: the rate that trained there, with its evidence —
+    "keep it" (``lr_keep``) when that is the run's own rate (:func:`own_lr`)."""
     rates = result.lr_candidates()
     tried = ", ".join(f"{r:g}" for r in rates)
     evidence = {"tuned": {"trials": len(result.trials), "steps": result.steps, "file": TUNE_FILE}}
@@ -347,6 +418,14 @@ def _verified_lr(result: TuneResult) -> dict[str, Any]:
         }
     out: dict[str, Any] = {"lr": rec.lr} if rec.lr is not None else {}  # None: the run's own rate won
     out.update(evidence, lr_verified=True)
+    own = own_lr(f)
+    if rec.lr is None or (own is not None and math.isclose(rec.lr, own, rel_tol=1e-6)):
+        out["lr_keep"] = True
+        out["text"] = (
+            f"Keep the learning rate: the run's own{'' if own is None else f' (lr={own:g})'} trained best of "
+            f"the rates gradguard tune tried ({tried}, {result.steps} steps each; {TUNE_FILE} in the run directory)"
+        )
+        return out
     out["text"] = (
         f"{result.verdict().rstrip('.')} (gradguard tune, from learning rates {tried}; {TUNE_FILE} in the run directory)"
     )

@@ -13,7 +13,6 @@ import math
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import (
     OVERCLIP_RATE,
@@ -38,7 +37,7 @@ def detect(f: Facts, seen: Seen) -> ClipWindow | None:
 def explain(f: Facts, w: ClipWindow) -> Finding:
     message = (
         f"{f.clip_spec} clips {w.rate:.0%} of the last {len(w.window)} steps (adaptive clippers do by design), "
-        f"but the loss made no progress ({fmt(w.loss_start)} → {fmt(w.loss_end)})."
+        f"but the loss made no progress ({w.loss.text()})."
     )
     h = f.healthy
     rec = threshold_advice(f, h.max_norm, f"{h.rule}, {len(h.norms)} steps")

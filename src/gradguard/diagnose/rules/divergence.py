@@ -25,7 +25,7 @@ from gradguard.diagnose.facts import WEIGHT_MOVED, Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import lower_lr, threshold_advice, with_lr
+from gradguard.diagnose.rules._clipping import either, lower_lr, threshold_advice, with_lr
 
 DIVERGENCE_FACTOR = 100.0  # loss above its best by two orders of magnitude...
 DIVERGENCE_START_FACTOR = 10.0  # ...and above where it started by one
@@ -36,7 +36,9 @@ _TINY = 1e-30
 
 @dataclasses.dataclass(frozen=True)
 class Evidence:
-    """The smoothed loss of the steps taken (``rows``: their indices), its best and where it diverged."""
+    """The smoothed loss of the steps taken (``rows``: their indices; ``smooth``: the rolling median of
+    :data:`_SMOOTH` steps, which the climb is judged on), its best and where it diverged (``hit``, an
+    index of ``rows``)."""
 
     rows: list[int]
     smooth: list[float]
@@ -66,22 +68,34 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
-    start, peak = ev.smooth[0], max(ev.smooth[ev.hit :])
+    """The message quotes losses as the log holds them: the first (the start of the run), the lowest
+    before the climb and the highest since (the smoothed loss only decides that it climbed)."""
+    losses = [f.loss[i] for i in ev.rows]
+    low = min(range(ev.hit + 1), key=losses.__getitem__)
+    high = max(range(ev.hit, len(losses)), key=losses.__getitem__)
     step = f.steps[ev.rows[ev.hit]]
+    at = {j: f.steps[ev.rows[j]] for j in (0, low, high)}
     evidence: dict[str, Any] = {
-        "loss_start": sig(start, 4),
-        "loss_best": sig(ev.best, 4),
-        "loss_best_step": f.steps[ev.rows[ev.best_at]],
-        "loss_peak": sig(peak, 4),
-        "loss_final": sig(ev.smooth[-1], 4),
+        "loss_start": sig(losses[0], 4),
+        "loss_start_step": at[0],
+        "loss_best": sig(losses[low], 4),
+        "loss_best_step": at[low],
+        "loss_peak": sig(losses[high], 4),
+        "loss_peak_step": at[high],
+        "loss_final": sig(losses[-1], 4),
         "all_finite": not any(f.bad),
     }
     grown = {n: sig(r, 3) for n, (r, _) in f.weight_ratios.items() if r >= DIVERGENCE_FACTOR}
     if grown:
         evidence["weight_norm_growth"] = grown
+    began = (
+        f"(step {at[low]}, the start of the run)"
+        if low == 0
+        else f"(step {at[low]}; it was {fmt(losses[0])} at the start of the run, step {at[0]})"
+    )
     message = (
-        f"Divergence without NaN: from step {step} the loss climbed from its best {fmt(ev.best)} to "
-        f"{fmt(peak)} (it started at {fmt(start)}) while every value stayed finite — finiteness is not health."
+        f"Divergence without NaN: from step {step} the loss climbed from its lowest {fmt(losses[low])} {began} "
+        f"to {fmt(losses[high])} (step {at[high]}) while every value stayed finite — finiteness is not health."
     )
     return Finding("divergence", "error", step, message, evidence, _advice(f))
 
@@ -99,7 +113,8 @@ def _advice(f: Facts) -> dict[str, Any]:
     if h.onset_step is None:
         return {**with_lr({}, lr), "text": f"{text} {lr['text']}."}
     rec = threshold_advice(f, h.max_norm, f"the healthy norms before step {h.onset_step}")
-    rec["text"] = f"{text} {lr['text']}. A fixed threshold bounds every step. {rec['text']}."
+    both = either(rec["text"], lr["text"]) if "max_norm" in rec else f"{lr['text']}. {rec['text']}."
+    rec["text"] = f"{text} A fixed threshold bounds every step. {both}"
     return with_lr(rec, lr)
 
 

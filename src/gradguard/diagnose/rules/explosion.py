@@ -37,9 +37,10 @@ from typing import Any
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.healthy import HealthyWindow
-from gradguard.diagnose.numbers import fmt, layer_name, median, sig
+from gradguard.diagnose.numbers import ends, fmt, layer_name, median, sig
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import (
+    either,
     failed_levels,
     lower_lr,
     scale_free,
@@ -95,19 +96,13 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     return Evidence(peak_i, peak, ratio, overflows, seen.finding("divergence") is not None, falling, settled)
 
 
-def _ends(losses: list[float]) -> tuple[float, float]:
-    """The medians of the first and of the last tenth (at most 50) of ``losses``: batches differ."""
-    k = max(1, min(len(losses) // 10, 50))
-    return median(losses[:k]), median(losses[-k:])
-
-
 def _falling(losses: list[float]) -> bool:
     """Whether finite ``losses`` fell: the end at least :data:`FELL` of its size below the start
-    (:func:`_ends`; a flat loss that wobbles down by a hair did not fall)."""
+    (:func:`~gradguard.diagnose.numbers.ends`; a flat loss that wobbles down by a hair did not fall)."""
     if len(losses) < _LOSS_SAMPLES:
         return False
-    start, end = _ends(losses)
-    return end < start - FELL * abs(start)
+    loss = ends(losses)
+    return loss.end < loss.start - FELL * abs(loss.start)
 
 
 def _settled(f: Facts, peak_i: int) -> float | None:
@@ -157,11 +152,11 @@ def _surge_held(f: Facts, ev: Evidence, level: float, onset: int | None, evidenc
     evidence.update(
         settled=True, settled_norm=sig(level, 4), settled_over_healthy_median=sig(level / f.healthy.p50, 3)
     )
-    start, end = _ends(f.loss_at(0, len(f.rows)))
+    loss = ends(f.loss_at(0, len(f.rows)))
     message = (
         f"A surge of the gradient norm that settled, not an explosion: the pre-clip norm rose from a healthy "
         f"median of {fmt(f.healthy.p50)} to {fmt(ev.peak)} ({fmt(ev.ratio)}×) from step {onset}, then settled "
-        f"near {fmt(level)} while the loss kept falling ({fmt(start)} → {fmt(end)}); "
+        f"near {fmt(level)} while the loss kept falling ({loss.text()}); "
         f"the threshold ({f.clip_spec}) bounded those steps."
     )
     rec = {"text": "Nothing to fix: keep the threshold, which bounded the surge."}
@@ -260,27 +255,32 @@ def _advice(f: Facts) -> dict[str, Any]:
     h = f.healthy
     failed = failed_levels(f)
     if failed and h.max_norm is not None and min(failed) <= h.max_norm:
-        lr = lower_lr(f)
-        rec: dict[str, Any] = {
-            "text": f"The norm was already clipped at {fmt(min(failed))} and still exploded: lower the learning "
-            f"rate (3–10×) or add warm-up; clipping alone keeps the step bounded, not the weights. {lr['text']}.",
-        }
-        result = tuned(f)
-        if result is not None and thresholds_tried(result):
-            verified = threshold_advice(f, None, "")
-            rec.update(verified, text=f"{rec['text']} {verified['text']}.")
-        return with_lr(rec, lr)
+        return _clipped_and_exploded(f, min(failed))
     why = f"from {len(h.norms)} healthy norms, steps {h.first_step}–{h.last_step}"
     rec = threshold_advice(f, h.max_norm, why)
-    if not rec.get("verified"):
-        rec["text"] = (
-            "Lower the learning rate (3–10×) or clip the global norm. "
-            + rec["text"]
-            + "; keep on_nonfinite='skip' so a bad step never reaches the weights"
-        )
     lr = lower_lr(f)
-    rec["text"] += f". {lr['text']}."
+    text = either(rec["text"], lr["text"]) if "max_norm" in rec else f"{rec['text']}. {lr['text']}."
+    if not rec.get("verified"):
+        text += " Keep on_nonfinite='skip' so a bad step never reaches the weights."
+    rec["text"] = text
     return with_lr(rec, lr)
+
+
+def _clipped_and_exploded(f: Facts, level: float) -> dict[str, Any]:
+    """Clipped at ``level`` and still exploded: lower the learning rate — or, where ``tune.json``
+    verified a tighter threshold that held, either that threshold or the lower rate."""
+    lr = lower_lr(f)
+    said = f"The norm was already clipped at {fmt(level)} and still exploded"
+    text = (
+        f"{said}: lower the learning rate (3–10×) or add warm-up; clipping alone keeps the step bounded, "
+        f"not the weights. {lr['text']}."
+    )
+    rec: dict[str, Any] = {}
+    result = tuned(f)
+    if result is not None and thresholds_tried(result):
+        rec = threshold_advice(f, None, "")
+        text = f"{said}. {either(rec['text'], lr['text'])}" if "max_norm" in rec else f"{text} {rec['text']}."
+    return with_lr({**rec, "text": text}, lr)
 
 
 RULE = Rule("explosion", detect, explain)

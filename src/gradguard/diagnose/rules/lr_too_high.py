@@ -10,6 +10,12 @@ Advice: the rate before the jump, where the loss was best, or one giving update 
 through :func:`~gradguard.diagnose.rules._clipping.lr_advice`: the rate ``gradguard tune --lr``
 verified when ``tune.json`` holds one, else the estimate marked unverified with the command line
 that verifies it.
+
+High update ratios in a run that trained (:func:`~gradguard.diagnose.rules._clipping.trained`, the
+test ``over_clipping`` asks too) are an ``info``, not a failure, with no lower rate recommended that
+nothing backs: keep the rate, or verify a lower one first — tune's candidates include the run's own
+rate, so it can answer "keep it" (the rnn demo's ``norm:5`` recipe at lr 1, decoder ratio ~0.11,
+trains to 2.99–3.02 bits/char where the 0.18 it used to be told to try reaches 3.15–3.18).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name, median, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import lr_advice, with_lr
+from gradguard.diagnose.rules._clipping import lr_advice, trained, tune_command, with_lr
 
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth
@@ -129,8 +135,31 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         if math.isfinite(lr) and estimate is None:
             estimate = (sig(lr * min(0.5, 1e-2 / ratio), 1), "an update/weight ratio near 1e-2")
     evidence["lr"] = lr if math.isfinite(lr) else None
+    loss = trained(f) if ev.rising is None else None  # a loss climbing at the end did not train
+    if loss is not None:
+        message = (
+            "High update ratios, not a failure: " + "; ".join(parts) + f", but the loss fell {loss.text()} "
+            "and stayed finite to a healthy end."
+        )
+        return Finding("lr_too_high", "info", step, message, evidence, _keep(f, lr, estimate))
     message = "Learning rate too high: " + "; ".join(parts) + "."
     return Finding("lr_too_high", "warning", step, message, evidence, _advice(f, estimate))
+
+
+def _keep(f: Facts, lr: float, estimate: tuple[float, str] | None) -> dict[str, Any]:
+    """A run that trained: keep its rate — no lower one is recommended unverified; ``tune.json``'s
+    verdict when it holds rate candidates (the own rate among them), else the command that asks it."""
+    verify = lr_advice(f, *(estimate or (None, "")))
+    if verify["lr_verified"]:
+        return {**with_lr({}, verify), "text": f"{verify['text']}."}
+    rec = {k: v for k, v in with_lr({}, verify).items() if k != "lr"}  # candidates to verify, no advice
+    rate = f" (lr={fmt(lr)})" if math.isfinite(lr) else ""
+    command = rec.get("lr_tune") or tune_command(f, "--lr auto")
+    rec["text"] = (
+        f"Keep the learning rate that trained{rate}. A lower one may train more steadily: verify it against "
+        f"this rate first with `{command}`"
+    )
+    return rec
 
 
 def _advice(f: Facts, estimate: tuple[float, str] | None) -> dict[str, Any]:

@@ -5,7 +5,8 @@ learning-rate scale (median of ``threshold / norm`` capped at 1) and the loss's 
 the unclipped steps where there are some.
 
 Clipping most steps is a failure only when training stalled under it — the stall that looks like
-vanishing gradients: the loss fell by less than :data:`STALLED` over the run. Then it is an error
+vanishing gradients: the run did not train (:func:`~gradguard.diagnose.rules._clipping.trained`,
+the one test: finite to a healthy end, the loss down by at least ``STALLED``). Then it is an error
 from 90% clipped (a warning below), and the advice raises the threshold (never below the median
 pre-clip norm of the run's first steps, the closest the clipped run comes to the unclipped one).
 It is at most an ``info``, with no threshold recommended, when the run reached its target anyway
@@ -38,13 +39,13 @@ from gradguard.diagnose.rules._clipping import (
     optimizer_class,
     scale_free,
     threshold_advice,
+    trained,
     tune_command,
     window_evidence,
     with_lr,
 )
 
 OVERCLIP_ERROR_RATE = 0.9  # almost every step clipped: the effective LR is the threshold's
-STALLED = 0.2  # the loss fell by less than this fraction of its start: training stalled
 GREW = -0.1  # the loss grew by more than this fraction: not a stall clipping could cause
 
 
@@ -60,8 +61,9 @@ def detect(f: Facts, seen: Seen) -> ClipWindow | None:
 
 
 def stalled(f: Facts, w: ClipWindow) -> bool:
-    """Whether training stalled under the clipping (an SGD-like optimizer, the loss barely fell)."""
-    return not scale_free(f) and not (math.isfinite(w.progress) and w.progress >= STALLED)
+    """Whether training stalled under the clipping: an SGD-like optimizer, and the run did not train
+    (:func:`~gradguard.diagnose.rules._clipping.trained` over the clipped steps)."""
+    return not scale_free(f) and trained(f, w.loss) is None
 
 
 def explain(f: Facts, w: ClipWindow) -> Finding:
@@ -76,7 +78,7 @@ def explain(f: Facts, w: ClipWindow) -> Finding:
         f"Over-clipping: max_norm={fmt(w.threshold)} clipped {w.rate:.0%} of the last {len(w.window)} steps "
         f"({w.overall:.0%} of the run); the median pre-clip norm is {fmt(w.median_norm / w.threshold)}× the "
         f"threshold, so every step is scaled by ~{fmt(scale)} — an effective learning rate of {fmt(lr * scale)} "
-        f"instead of {fmt(lr)}. The loss went {fmt(w.loss_start)} → {fmt(w.loss_end)}. This stall looks like "
+        f"instead of {fmt(lr)}. The loss went {w.loss.text()}. This stall looks like "
         "vanishing gradients."
     )
     return Finding("over_clipping", severity, f.steps[w.window[0]], message, evidence, _advice(f, w, early))
@@ -87,7 +89,7 @@ def _not_a_failure(f: Facts, w: ClipWindow, evidence: dict[str, Any]) -> Finding
     if scale_free(f):
         why = f"{optimizer_class(f)} normalizes its step, so clipping the norm barely changes it"
     else:
-        why = f"the loss fell {fmt(w.loss_start)} → {fmt(w.loss_end)} and stayed finite to a healthy end"
+        why = f"the loss fell {w.loss.text()} and stayed finite to a healthy end"
     message = (
         f"max_norm={fmt(w.threshold)} clipped {w.rate:.0%} of the last {len(w.window)} steps, but this is not "
         f"a failure: {why}."

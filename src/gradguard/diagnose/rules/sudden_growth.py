@@ -30,7 +30,7 @@ from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name, sig
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import lower_lr, threshold_advice, with_lr
+from gradguard.diagnose.rules._clipping import either, lower_lr, threshold_advice, with_lr
 from gradguard.runtable import MIN_HISTORY
 
 WIDE = 1e38  # a dtype whose largest value is at least this has float32's range (float32, bfloat16)
@@ -132,10 +132,11 @@ def _advice(f: Facts, lrs: list[float]) -> dict[str, Any]:
     rec = threshold_advice(f, h.max_norm if known else None, f"the {len(h.norms)} healthy pre-clip norms")
     lr = lower_lr(f)
     now = f" (now {fmt(lrs[-1])})" if lrs else ""
+    advice = either(rec["text"], lr["text"]) if "max_norm" in rec else f"{rec['text']}. {lr['text']}."
     rec["text"] = (
-        f"Lower the learning rate{now} 10× or more, or add warm-up, and clip the global norm; keep "
+        f"Lower the learning rate{now} 10× or more, or add warm-up, or clip the global norm; keep "
         "on_nonfinite='skip' so a bad step never reaches the weights. A wider dtype or clamping the op's output "
-        f"only delays the overflow. {rec['text']}. {lr['text']}."
+        f"only delays the overflow. {advice}"
     )
     return with_lr(rec, lr)
 

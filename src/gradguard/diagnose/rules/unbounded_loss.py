@@ -30,12 +30,16 @@ _RAN_AWAY = 10.0  # a layer's weight norm grew this much
 
 @dataclasses.dataclass(frozen=True)
 class Evidence:
-    """The finite losses' scale at the start, the most negative loss and its step."""
+    """The finite losses' scale at the start (the median size of the first :data:`_START`), the most
+    negative loss and its step, the median of the first losses (``start``) and the first loss itself
+    (``first``, at ``first_step``: the start of the run a user reads in the log)."""
 
     scale: float
     low: float
     low_step: int
     start: float
+    first: float
+    first_step: int
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -52,12 +56,14 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     factor = FALL_FACTOR if f.went_bad else FINITE_FALL_FACTOR
     if -low < factor * scale or not (f.went_bad or ran_away):
         return None
-    return Evidence(scale, low, f.steps[rows[at]], median(first))
+    return Evidence(scale, low, f.steps[rows[at]], median(first), first[0], f.steps[rows[0]])
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
     evidence: dict[str, Any] = {
-        "loss_start": sig(ev.start, 4),
+        "loss_start": sig(ev.first, 4),
+        "loss_start_step": ev.first_step,
+        "loss_start_median": sig(ev.start, 4),  # of the first _START losses
         "loss_lowest": sig(ev.low, 4),
         "loss_lowest_step": ev.low_step,
         "fall_over_start": sig(-ev.low / ev.scale, 3),
@@ -68,8 +74,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["weight_norm_growth"] = grown
     end = f"; the run went non-finite at step {f.steps[f.trouble]}" if f.went_bad else ""
     message = (
-        f"Unbounded loss: the loss fell from {fmt(ev.start)} to {fmt(ev.low)} by step {ev.low_step} — "
-        f"{fmt(-ev.low / ev.scale)}× its starting size, still falling{end}. The objective has no lower bound: "
+        f"Unbounded loss: the loss fell from {fmt(ev.first)} at the start of the run (step {ev.first_step}) to "
+        f"{fmt(ev.low)} by step {ev.low_step} — {fmt(-ev.low / ev.scale)}× the size of its first {_START} losses "
+        f"(their median), still falling{end}. The objective has no lower bound: "
         "the model lowers it by scaling its outputs up, and the gradients explode with them."
     )
     rec = {

@@ -55,8 +55,8 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     }
     message = (
         f"Vanishing gradients: the gradient norm falls {orders} orders of magnitude from "
-        f"the output-side layer {layer_name(last_name)} ({fmt(last)}) to the input-side layer "
-        f"{layer_name(first_name)} ({fmt(first)})."
+        f"the output-side layer {layer_name(last_name)} (median {fmt(last)}) to the input-side layer "
+        f"{layer_name(first_name)} (median {fmt(first)}) over the healthy steps."
     )
     rec = {
         "text": "Use non-saturating activations (ReLU/GELU instead of sigmoid/tanh), residual connections, "

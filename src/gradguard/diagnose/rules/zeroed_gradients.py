@@ -15,7 +15,7 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt, median, sig
+from gradguard.diagnose.numbers import ends, sig
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import threshold_advice
 
@@ -50,8 +50,7 @@ def _zeroed(f: Facts, i: int, zero_param: bool) -> bool:
 def explain(f: Facts, ev: Evidence) -> Finding:
     rate = len(ev.zeroed) / len(ev.taken)
     losses = [f.loss[i] for i in ev.taken if math.isfinite(f.loss[i])]
-    k = max(1, min(len(losses) // 10, 50))  # medians of a tenth of the steps: batches differ
-    start, end = median(losses[:k]), median(losses[-k:])
+    loss = ends(losses)
     label = f.clip_spec or "the clipper"
     evidence: dict[str, Any] = {
         "clipper": f.clip_spec,
@@ -59,14 +58,15 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "steps_taken": len(ev.taken),
         "zeroed_rate": round(rate, 4),
         "first_zeroed_step": f.steps[ev.zeroed[0]],
-        "loss_start": sig(start, 4),
-        "loss_end": sig(end, 4),
+        "loss_start": sig(loss.start, 4),
+        "loss_end": sig(loss.end, 4),
+        "loss_ends_median_of": loss.k,
         **f.healthy.evidence(),
     }
-    loss = f" (the loss went {fmt(start)} → {fmt(end)})" if losses else ""
+    went = f" (the loss went {loss.text()})" if losses else ""
     message = (
         f"Over-clipping to zero: {label} set the gradients of {len(ev.zeroed)} of {len(ev.taken)} steps taken "
-        f"({rate:.0%}) to zero — a threshold of 0 — so those steps did not move the weights{loss}."
+        f"({rate:.0%}) to zero — a threshold of 0 — so those steps did not move the weights{went}."
     )
     return Finding("over_clipping", "error", f.steps[ev.zeroed[0]], message, evidence, _advice(f))
 

@@ -10,12 +10,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradguard._guard.callerclip import CallerClip
-from gradguard.integrations.zerocode._lookup import session_for_params
+from gradguard.integrations.zerocode._lookup import clip_target
 from gradguard.integrations.zerocode._steps import fresh, measure_step
-from gradguard.integrations.zerocode.sessions import Session, covers
+from gradguard.integrations.zerocode.sessions import Session
 
 
 def on_clip_norm(zc: Any, parameters: Any, max_norm: float, total_norm: Tensor) -> bool:
@@ -24,9 +25,10 @@ def on_clip_norm(zc: Any, parameters: Any, max_norm: float, total_norm: Tensor) 
     total norm (to the last bit) when the call covered the whole optimizer."""
     norm_type = zc.norm_type if zc.norm_type is not None else math.nan  # nan: not known
 
-    def first(session: Session, params: list[Tensor]) -> CallerClip:
+    def first(session: Session, params: list[Tensor], covers_all: bool) -> CallerClip:
         clip = CallerClip(norm_type=norm_type)
-        clip.add(max_norm, total_norm, covers_all=covers(params, session.guard.optimizer))
+        clip.add(max_norm, total_norm, covers_all=covers_all)
+        clip.known, zc.script_norms = zc.script_norms, None
         return clip
 
     def further(session: Session) -> None:  # another group of a measured step
@@ -36,11 +38,31 @@ def on_clip_norm(zc: Any, parameters: Any, max_norm: float, total_norm: Tensor) 
     return script_clip(zc, parameters, call, first, further, threshold=float(max_norm))
 
 
+def total_norm(zc: Any, grads: Any, norm_type: float) -> Tensor | None:
+    """Inside the script's ``clip_grad_norm_``, in place of torch's ``_get_total_norm``: for plain
+    float32 gradients of one CPU / CUDA device (torch's foreach path), the total norm with torch's
+    own ops (``_foreach_norm``, ``stack``, ``vector_norm``: the same number to the last bit), its
+    per-tensor norms kept for the step's measurement (:attr:`CallerClip.known`: the guard reads the
+    gradients once less). ``None`` for any other call: torch computes it."""
+    p = float(norm_type)
+    if not isinstance(grads, list) or not grads or math.isinf(p) or math.isnan(p):
+        return None
+    if grads[0].device.type not in ("cpu", "cuda"):
+        return None
+    index = grads[0].get_device()  # (-1: the CPU; no device object made a tensor)
+    for g in grads:
+        if type(g) is not Tensor or g.dtype is not torch.float32 or g.get_device() != index or g.is_sparse:
+            return None
+    norms = torch.stack(torch._foreach_norm(grads, p))
+    zc.script_norms = (grads, norms)
+    return torch.linalg.vector_norm(norms, p)
+
+
 def on_clip_value(zc: Any, parameters: Any, clip_value: float) -> bool:
     """Before ``clip_grad_value_`` (see :func:`script_clip`); the row gets the fraction of
     elements the script's clip will clamp."""
 
-    def first(session: Session, params: list[Tensor]) -> CallerClip:
+    def first(session: Session, params: list[Tensor], covers_all: bool) -> CallerClip:
         clip = CallerClip()
         clip.add_value(clip_value, [p.grad for p in params if p.grad is not None])
         return clip
@@ -52,7 +74,7 @@ def script_clip(
     zc: Any,
     parameters: Any,
     call: str,
-    first: Callable[[Session, list[Tensor]], CallerClip],
+    first: Callable[[Session, list[Tensor], bool], CallerClip],
     further: Callable[[Session], None] | None,
     *,
     threshold: float | None = None,
@@ -62,7 +84,7 @@ def script_clip(
     same step goes to ``further``. ``False``: the script's clip is replaced (``--clip``)."""
     zc.end_loss_code()
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    session = session_for_params(zc, params)
+    session, covers_all = clip_target(zc, params)
     if session is None:
         return True
     session.clips = True
@@ -81,7 +103,7 @@ def script_clip(
     if threshold is not None:
         session.script_threshold = threshold
     if fresh(zc, session):
-        measure_step(zc, session, clip=first(session, params))
+        measure_step(zc, session, clip=first(session, params, covers_all))
     elif further is not None:
         further(session)
     return True

@@ -6,7 +6,8 @@ Each function takes the runner (``zc``, typed ``Any``: runner.py imports this mo
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from gradguard.integrations.zerocode.sessions import (
     Root,
     Session,
     all_optimizers,
+    covers,
     stepped,
 )
 from gradguard.locate import StepCapture
@@ -126,6 +128,56 @@ def session_of_root(zc: Any, root: Root) -> Session | None:
     """The hand-updated session of the root's model, if made already."""
     model = root.model
     return next((s for s in zc._order if s.manual and s.guard.model is model), None)
+
+
+def manual_session_of(zc: Any, root: Root) -> Session | None:
+    """The hand-updated session of the root's model, made if needed and kept on the root (its
+    every backward asks)."""
+    if root.session is None:
+        root.session = session_of_root(zc, root) or manual_session(zc, root)
+    return root.session
+
+
+def clip_target(zc: Any, params: list[Tensor]) -> tuple[Session | None, bool]:
+    """The session of a clip call's parameters (made if needed) and whether the call covers
+    exactly its optimizer's gradients (:func:`~.sessions.covers`: its norm is then the guard's).
+
+    A script clips the same parameters every step: the answer is kept per parameter list (by
+    ids, checked against the first parameter itself: a dead one's id may be reused) and per size
+    of the optimizer's groups; then a step costs one ``any`` over the gradients, not two sets."""
+    key = tuple(map(id, params))
+    hit = zc._clip_targets.get(key)
+    if hit is not None and hit.ref() is params[0]:
+        session = hit.session
+        if hit.size == _size(session.guard.optimizer):
+            return session, hit.same and any(p.grad is not None for p in params)
+    session = session_for_params(zc, params)
+    if session is None:
+        return None, False
+    optimizer = session.guard.optimizer
+    if params:
+        if len(zc._clip_targets) >= _MAX_CLIP_TARGETS:
+            zc._clip_targets.clear()
+        same = set(key) == {id(p) for g in optimizer.param_groups for p in g["params"]}
+        zc._clip_targets[key] = ClipTarget(weakref.ref(params[0]), session, same, _size(optimizer))
+    return session, covers(params, optimizer)
+
+
+_MAX_CLIP_TARGETS = 16  # parameter lists kept (a script clips one or two)
+
+
+class ClipTarget(NamedTuple):
+    """A clip call's parameter list: its first parameter, its session, whether the list holds
+    exactly the optimizer's parameters, and the optimizer's number of parameters then."""
+
+    ref: weakref.ref[Tensor]
+    session: Session
+    same: bool
+    size: int
+
+
+def _size(optimizer: torch.optim.Optimizer) -> int:
+    return sum(len(g["params"]) for g in optimizer.param_groups)
 
 
 def session_for_params(zc: Any, params: list[Tensor]) -> Session | None:

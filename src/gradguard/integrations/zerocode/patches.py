@@ -70,6 +70,8 @@ class Patches:
         self._wrap(GradScaler, "scale", self._scale)
         self._wrap(GradScaler, "step", self._scaler_step)
         clip_norm = self._clip_norm(clip_grad.clip_grad_norm_)
+        # clip_grad_norm_'s own total norm (a module global, looked up at each call)
+        self._wrap(clip_grad, "_get_total_norm", self._total_norm)
         clip_with_norm = self._clip_with_norm(clip_grad._clip_grads_with_norm_)
         clip_value = self._clip_value(clip_grad.clip_grad_value_)
         for module in (clip_grad, torch.nn.utils):
@@ -174,9 +176,24 @@ class Patches:
             try:
                 return original(parameters, max_norm, norm_type, *args, **kwargs)
             finally:
-                self.zc.norm_type = None
+                self.zc.norm_type = self.zc.script_norms = None
 
         return _like(original, clip_grad_norm_)
+
+    def _total_norm(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def _get_total_norm(
+            tensors: Any,
+            norm_type: float = 2.0,
+            error_if_nonfinite: bool = False,
+            foreach: bool | None = None,
+        ) -> Any:
+            if self.zc.norm_type is not None and not error_if_nonfinite and foreach is not False:
+                total = self.call("clip_grad_norm_", self.zc.total_norm, tensors, norm_type)
+                if total is not None:
+                    return total
+            return original(tensors, norm_type, error_if_nonfinite, foreach)
+
+        return _like(original, _get_total_norm)
 
     def _clip_with_norm(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def clip_grads_with_norm_(

@@ -82,7 +82,9 @@ class ZeroCode:
         self._backwards = 0
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
         self.norm_type: float | None = None  # of the clip_grad_norm_ call under way
+        self.script_norms: tuple[list[Tensor], Tensor] | None = None  # its tensors' norms (_clip)
         self._said: set[str] = set()
+        self._clip_targets: dict[tuple[int, ...], _lookup.ClipTarget] = {}  # see _lookup.clip_target
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self.scan_existing = scan_existing
         self.live = Live(enabled=live)
@@ -225,7 +227,7 @@ class ZeroCode:
                 root.kind = _lookup.kind_of(self, root)
             if root.kind != "manual":
                 continue
-            session = _lookup.session_of_root(self, root) or _lookup.manual_session(self, root)
+            session = _lookup.manual_session_of(self, root)
             if session is not None and not session.clips:
                 _steps.measure(self, session)  # the step ends with the next backward (see _steps.fresh)
 
@@ -233,6 +235,10 @@ class ZeroCode:
     def on_clip_norm(self, parameters: Any, max_norm: float, total_norm: Tensor) -> bool:
         """Inside ``clip_grad_norm_``, before it clips: see :func:`._clip.on_clip_norm`."""
         return _clip.on_clip_norm(self, parameters, max_norm, total_norm)
+
+    def total_norm(self, grads: Any, norm_type: float) -> Tensor | None:
+        """Torch's total norm inside ``clip_grad_norm_``: see :func:`._clip.total_norm`."""
+        return _clip.total_norm(self, grads, norm_type)
 
     def on_clip_value(self, parameters: Any, clip_value: float) -> bool:
         """Before ``clip_grad_value_``: see :func:`._clip.on_clip_value`."""

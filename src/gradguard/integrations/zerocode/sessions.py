@@ -72,6 +72,7 @@ class Root:
         self.captures: list[StepCapture] = []
         self.unused: StepCapture | None = None  # the capture waiting for the first guard
         self.kind: str | None = None  # "optimizer" or "manual", once its first backward is seen
+        self.session: Session | None = None  # "manual": its session, once made
         # the guard's own anomaly path may hook the model for one forward: never into a pickle
         self.kept_out = keep_out_of_pickles(type(module))
 
