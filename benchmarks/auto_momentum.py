@@ -46,46 +46,13 @@ METHODS = ["none", "auto", "auto10"]
 CLASSIFIER_STEPS, BATCH, ACCURACY = 300, 64, 0.9
 
 
-class AutoTrust(Auto):
-    """The ``"auto"`` spec plus a per-layer trust-ratio cap (the candidate of session 13, measured here):
-    τ ≤ η·‖g‖ / max_l(lr·‖g_l‖/‖w_l‖) over the matrices (rank ≥ 2), i.e. no matrix's plain SGD step
-    ``lr·‖g_l‖`` longer than η of its norm. Experimental: it reads the gradients a second time."""
-
-    def __init__(self, eta: float, floor: bool = False) -> None:
-        super().__init__(**Auto.SPEC)
-        self.eta = eta
-        self.floor = floor
-        self._mats: list[Tensor] = []
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        super().attach(optimizer)
-        self._mats = [p for g in optimizer.param_groups for p in g["params"] if p.ndim >= 2]
-
-    def _trust_cap(self, norm: Tensor) -> Tensor:
-        assert self._optimizer is not None
-        ps = [p for p in self._mats if p.grad is not None]
-        gn = torch.stack(torch._foreach_norm([p.grad for p in ps])).double()
-        wn = torch.stack(torch._foreach_norm([p.detach() for p in ps])).double().clamp_min(1e-3)
-        if self.floor:  # no smaller than a default-initialised layer of its shape: √(rows/3)
-            wn = torch.maximum(wn, torch.tensor([math.sqrt(p.shape[0] / 3) for p in ps], dtype=wn.dtype))
-        lr = max(float(g["lr"]) for g in self._optimizer.param_groups)
-        cap = self.eta * norm.double() / (lr * (gn / wn).max())
-        return torch.where(torch.isfinite(cap) & (cap > 0), cap, math.inf)
-
-    def _step_cap(self, norm: Tensor, first_cap: Tensor, n: Tensor) -> Tensor:
-        cap = super()._step_cap(norm, first_cap, n)
-        if self.adaptive or not self._mats:
-            return cap
-        return torch.minimum(cap, self._trust_cap(norm).reshape(cap.shape))
-
-
 def clipper(method: str) -> Any:
     """The clip= of a column; ``auto10`` is the ``"auto"`` spec with the cap divided by 1/(1 − 0.9);
-    ``trust:ETA`` is :class:`AutoTrust`."""
+    ``trust:ETA`` is the spec plus the per-layer trust cap ``Auto(trust=ETA)`` (session 13)."""
     if method == "auto10":
         return Auto(**{**Auto.SPEC, "polyak": Auto.SPEC["polyak"] * (1 - MOMENTUM)})
-    if method.startswith(("trust:", "trustf:")):
-        return AutoTrust(float(method.split(":")[1]), floor=method.startswith("trustf"))
+    if method.startswith("trust:"):
+        return Auto(**{**Auto.SPEC, "trust": float(method.split(":")[1])})
     return None if method == "none" else method
 
 

@@ -262,15 +262,13 @@ def lstm_group(*, lrs: list[float], steps: int, eval_every: int, hidden: int = 6
 
 def clipper_of(method: str) -> Any:
     """The ``clip=`` a user passes for ``method``; for comparison, ``auto-v1`` is the first auto (half
-    the first norm, blind to the learning rate) and ``auto-s11`` the Polyak auto without the warm-up ramp."""
+    the first norm, blind to the learning rate) ``auto-s11`` the Polyak auto without the warm-up ramp; ``trust:ETA`` auto with ``Auto(trust=ETA)``."""
     if method == "auto-v1":
         return Auto(first=0.5)
     if method == "auto-s11":
         return Auto(polyak=0.5, first=0.5)
-    if method.startswith("trust:"):  # the per-layer trust-ratio candidate (auto_momentum.py)
-        from auto_momentum import AutoTrust
-
-        return AutoTrust(float(method.split(":")[1]))
+    if method.startswith("trust:"):  # auto with the per-layer trust cap (session 13)
+        return Auto(**{**Auto.SPEC, "trust": float(method.split(":")[1])})
     return method
 
 

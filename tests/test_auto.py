@@ -313,3 +313,74 @@ def test_the_pascanu_benchmark_quick_mode_runs_and_auto_wins(tmp_path, capsys, m
     wins = {m: [r["success"] for r in runs if r["method"] == m] for m in ("none", "auto")}
     assert wins["auto"] == [True] * 4
     assert [r["success"] for r in runs if r["method"] == "none" and r["lr"] == 3.0] == [False, False]
+
+
+# ----------------------------------------------------------------------------- the per-layer trust cap
+def matrices(grad_scale: float = 1.0) -> list[nn.Parameter]:
+    """Two matrices: w1 = 2·I₃ (norm 2√3), w2 = ones(2, 2) (norm 2); their gradients of norms 3·s and 4·s."""
+    w1, w2 = nn.Parameter(2 * torch.eye(3)), nn.Parameter(torch.ones(2, 2))
+    w1.grad = torch.full((3, 3), grad_scale)  # norm 3·s
+    w2.grad = torch.full((2, 2), 2 * grad_scale)  # norm 4·s
+    return [w1, w2]
+
+
+def test_the_trust_cap_bounds_the_momentum_amplified_step_of_the_worst_matrix():
+    """τ = trust·‖g‖ / max_l(lr·(1 − d)/(1 − β)·‖g_l‖/‖w_l‖): here w2's ratio 4/2 beats w1's 3/(2√3),
+    at lr 0.1 and β 0.9 (gain 10); the Polyak cap (loss 100) does not bind."""
+    ps = matrices()
+    a = C.Auto(polyak=0.5, trust=0.1)
+    a.attach(torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    assert tau(a, 5.0, 100.0) == pytest.approx(0.1 * 5.0 / (0.1 * 10 * 4 / 2))
+    b = C.Auto(polyak=0.5, trust=0.1)
+    b.attach(torch.optim.SGD(ps, lr=0.1))  # no momentum: gain 1
+    assert tau(b, 5.0, 100.0) == pytest.approx(0.1 * 5.0 / (0.1 * 4 / 2))
+    c = C.Auto(polyak=0.5, trust=0.1)
+    c.attach(torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.5))
+    assert tau(c, 5.0, 100.0) == pytest.approx(0.1 * 5.0 / (0.1 * 5 * 4 / 2))
+
+
+def test_the_trust_cap_leaves_out_vectors_zero_matrices_and_adam():
+    ps = matrices()
+    bias = nn.Parameter(torch.zeros(3))
+    bias.grad = torch.full((3,), 100.0)  # a huge ratio on a rank-1 tensor: not a layer of the cap
+    zero = nn.Parameter(torch.zeros(2, 2))
+    zero.grad = torch.ones(2, 2)  # norm 0: no scale to be relative to
+    a = C.Auto(polyak=0.5, trust=0.1)
+    a.attach(torch.optim.SGD([*ps, bias, zero], lr=0.1))
+    assert tau(a, 5.0, 100.0) == pytest.approx(0.1 * 5.0 / (0.1 * 4 / 2))
+    adam = C.Auto(polyak=0.5, trust=0.1)
+    adam.attach(torch.optim.Adam(ps, lr=0.1))
+    assert tau(adam, 5.0, 100.0) == math.inf  # warm-up, no Polyak and no trust cap under Adam
+
+
+def test_the_trust_cap_is_off_on_non_finite_gradients_and_reads_handed_norms():
+    ps = matrices()
+    a = C.Auto(polyak=0.5, trust=0.1)
+    a.attach(torch.optim.SGD(ps, lr=0.1))
+    ps[1].grad = torch.full((2, 2), math.nan)
+    assert tau(a, 5.0, 100.0) == pytest.approx(0.5 * 100.0 / (0.1 * 5.0))  # the Polyak cap alone
+    ps[1].grad = torch.full((2, 2), 2.0)
+    a.observe_norms(ps, torch.tensor([3.0, 8.0]))  # the guard's norms win over the gradients
+    assert tau(a, 5.0, 100.0) == pytest.approx(0.1 * 5.0 / (0.1 * 8 / 2))
+    assert tau(a, 5.0, 100.0) == pytest.approx(0.1 * 5.0 / (0.1 * 4 / 2))  # handed for one step only
+
+
+def test_the_trust_cap_reads_nothing_on_the_host_and_round_trips():
+    ps = matrices()
+    opt = torch.optim.SGD(ps, lr=torch.tensor(0.1), momentum=0.9)
+    a = C.Auto(**{**C.Auto.SPEC, "trust": 0.1})
+    a.attach(opt)
+    with NoSync():
+        for _ in range(3):
+            a.observe_loss(torch.tensor(100.0))
+            a.clip_(ps)
+    b = C.from_spec(a.config())
+    assert isinstance(b, C.Auto) and b.trust == 0.1
+    state = a.state_dict()
+    b.load_state_dict(state)
+    assert b.trust == 0.1
+    state.pop("trust")  # a state saved before the trust cap: without it
+    b.load_state_dict(state)
+    assert b.trust is None
+    with pytest.raises(GradGuardError, match="trust"):
+        C.Auto(trust=0.0)

@@ -1431,16 +1431,18 @@ def test_nonfinite_units_are_not_counted_as_clipped():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_coefficient_with_the_nonfinite_flag_is_bit_identical(dtype):
     """The guard's shortcut (it knows whether the norm is finite): same coefficient for a number
-    threshold, for finite, tiny, huge, infinite and NaN norms; a tensor threshold ignores the flag."""
+    threshold or its 0-D constant, for finite, tiny, huge, infinite and NaN norms."""
     for n in [0.0, 1e-9, 0.5, 1.0, 3.0, 1e30, math.inf, -math.inf, math.nan]:
         norm = torch.tensor(n, dtype=dtype)
         flag = ~torch.isfinite(norm)
         for tau in [0.0, 0.5, 1.0, 1e10, math.inf]:
             want = C.coefficient(norm, tau)
             assert torch.equal(C.coefficient(norm, tau, norm_nonfinite=flag), want), (n, tau)
-            assert torch.equal(C.coefficient(norm, torch.tensor(tau, dtype=dtype)), want), (n, tau)
-    nan_tau = torch.tensor(math.nan)  # a tensor threshold is not validated: the full test stays
-    assert C.coefficient(torch.tensor(2.0), nan_tau, norm_nonfinite=torch.tensor(False)) == 1.0
+            constant = torch.tensor(tau, dtype=dtype)
+            assert torch.equal(C.coefficient(norm, constant), want), (n, tau)
+            assert torch.equal(C.coefficient(norm, constant, norm_nonfinite=flag), want), (n, tau)
+    nan_tau = torch.tensor(math.nan)  # a threshold that may be NaN goes without the flag: the full test
+    assert C.coefficient(torch.tensor(2.0), nan_tau) == 1.0
 
 
 @pytest.mark.parametrize("spec", [*SPECS, "norm:0"])
@@ -1540,6 +1542,7 @@ CONFIGS = {
         "first": 0.5,
         "polyak": 0.5,  # issue 15: the learning-rate-aware cap (tests/test_auto.py)
         "ramp": True,  # issue 15: the cap ramps up over the warm-up (tests/test_auto.py)
+        "trust": None,  # issue 15: the per-layer trust cap is opt-in (tests/test_auto.py)
     },
 }
 

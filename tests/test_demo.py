@@ -25,6 +25,8 @@ from gradguard.cli import main
 from gradguard.clip import Auto, from_spec
 from gradguard.demos import STEPS_ENV, Row, run_scenario, takeaways
 from gradguard.demos._common import RunConfig, RunResult, StepRecord
+from gradguard.diagnose import Finding
+from gradguard.diagnose.numbers import Ends
 from gradguard.errors import GradGuardError
 from gradguard.runlog import FINDINGS_FILE, REPORT_FILE, RunLog, is_run_dir, read_run
 from gradguard.runtable import clip_rate
@@ -207,6 +209,25 @@ def test_demo_run_result_clip_rate_is_the_run_tables() -> None:
     result = RunResult("x", RunConfig("norm:5", "norm:5"), 0, recs, 2, {}, 0.0, "steps")
     assert result.clip_rate == pytest.approx(2 / 3) == clip_rate([r.as_record() for r in recs])
     assert math.isnan(RunResult("x", RunConfig("none"), 0, recs[2:3], 2, {}, 0.0, "nonfinite").clip_rate)
+
+
+def _row(config: RunConfig, findings: list[Finding]) -> Row:
+    """A demo row of 20 clipped steps, with ``findings`` as its diagnosis (no training)."""
+    recs = [StepRecord(s, 3.0 - 0.1 * s, 9.0, 5.0, True, True) for s in range(20)]
+    result = RunResult("rnn", config, 0, recs, None, {}, 0.0, "steps")
+    log = RunLog(path=Path("synthetic"), meta={}, metrics=[r.as_record() for r in recs], events=[])
+    return Row("rnn", config, 0, Path("synthetic"), 20, result, log, findings, "bpc")
+
+
+def test_demo_says_over_clipping_s_loss_ends_are_medians_as_diagnose_does() -> None:
+    """The loss a takeaway quotes from ``over_clipping`` is diagnose's medians of the first and last k
+    steps, labelled by diagnose's own ``Ends.text()`` — not "loss X → Y", read as the first and last loss."""
+    ev = {"loss_start": 132.0, "loss_end": 59.0, "loss_ends_median_of": 50}
+    trained = Finding("over_clipping", "info", 0, "", ev, {"text": "Keep the threshold that trained."})
+    lines = takeaways("rnn", [_row(RunConfig("norm:5", "norm:5"), [trained])])
+    expected = "loss " + Ends(132.0, 59.0, 50).text()
+    assert expected == "loss 132 → 59 (medians of the first and last 50 steps)"
+    assert any(expected in x and "still trained" in x for x in lines), lines
 
 
 def test_demo_refuses_unknown_scenarios_and_used_folders(

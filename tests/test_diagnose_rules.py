@@ -377,7 +377,7 @@ def test_update_ratios_far_above_1e_3_are_a_learning_rate_too_high() -> None:
     high = conclude(run([1.0] * n, loss=[1.0] * n, **ratios), "lr_too_high")
     assert high is not None and high.evidence["update_ratio_median_by_layer"]["fc"] == 0.3
     assert high.severity == "warning" and high.recommendation["lr"] < 0.1
-    assert 0.1 not in high.recommendation["lr_candidates"]  # the run's own rate did not train
+    assert 0.1 in high.recommendation["lr_candidates"]  # not failed at: tune may keep the run's own rate
     assert conclude(run([1.0] * n, layer__fc__update_ratio=[1e-3] * n), "lr_too_high") is None
 
 
@@ -386,7 +386,7 @@ def test_high_update_ratios_in_a_run_that_trained_are_info_with_no_lower_rate_ad
     """Issue 15: advice never turns a run that trained into a failed one. The rnn demo's ``norm:5``
     recipe (lr 1, decoder ratio ~0.11, loss 132 → 59) trains better than the lower rate ``lr_too_high``
     used to send it to: the same "trained" test as ``over_clipping`` (falling loss, finite, no climb)
-    makes it an info with no ``lr``, and the rates to verify include the run's own (tune may keep it)."""
+    makes it an info with no ``lr`` and no lower rate sent to tune's few dozen steps to verify."""
     n = 80
     loss = [3.0 * 0.98**s + 0.01 * (s % 3) for s in range(n)]
     clipped = run([8.0] * n, loss=loss, clip={"kind": "norm", "max_norm": 5.0},
@@ -395,9 +395,8 @@ def test_high_update_ratios_in_a_run_that_trained_are_info_with_no_lower_rate_ad
     assert lr is not None and lr.severity == "info", lr
     assert "not a failure" in lr.message and "medians of the first and last" in lr.message
     rec = lr.recommendation
-    assert "lr" not in rec and rec["lr_verified"] is False and 0.1 in rec["lr_candidates"], rec
-    assert "Keep the learning rate" in rec["text"] and rec["lr_tune"] in rec["text"]
-    assert "0.1" in rec["lr_tune"].split("--lr ")[1].split()[0].split(",")
+    assert not {"lr", "lr_verified", "lr_candidates", "max_norm"} & set(rec), rec
+    assert rec["text"].startswith("Keep the learning rate that trained (lr=0.1)")
     stalled = conclude(
         run([8.0] * n, loss=[3.0] * n, layer__decoder__update_ratio=[ratio] * n), "lr_too_high"
     )
@@ -405,9 +404,9 @@ def test_high_update_ratios_in_a_run_that_trained_are_info_with_no_lower_rate_ad
 
 
 def test_tune_keeps_the_run_s_own_rate_only_when_it_trains_best(tmp_path: Path) -> None:
-    """The candidates a trained run's ``lr_too_high`` asks to verify include its own rate; tune's
-    verdict (``tunelog.choose``) keeps it when it trains as well as the lower ones, and picks a lower
-    one on evidence: the own rate past the valley (its loss fell ≥ 10% less)."""
+    """Where ``lr_too_high`` advises a rate (a run that stalled but did not fail), the candidates to
+    verify include the run's own rate; tune's verdict (``tunelog.choose``) keeps it when it trains as
+    well as the lower ones, and picks a lower one on evidence: the own rate past the valley."""
     from gradguard.tunelog import TuneResult, judge, write_tune
 
     n = 80
@@ -415,7 +414,7 @@ def test_tune_keeps_the_run_s_own_rate_only_when_it_trains_best(tmp_path: Path) 
     rows = [
         {
             "step": s,
-            "loss": 3.0 * 0.98**s,
+            "loss": 3.0 - 0.001 * s,
             "grad_norm": 1.0,
             "lr": 0.4,
             "layers": {"fc": {"update_ratio": 0.3}},
@@ -434,7 +433,7 @@ def test_tune_keeps_the_run_s_own_rate_only_when_it_trains_best(tmp_path: Path) 
 
     write_tune(path, TuneResult([judge(None, r, falls(0.5), flat, own_clip=True) for r in rates], 10))
     kept = next(f for f in diagnose(path) if f.id == "lr_too_high")
-    assert kept.severity == "info" and kept.recommendation["lr_keep"] is True, kept.recommendation
+    assert kept.severity == "warning" and kept.recommendation["lr_keep"] is True, kept.recommendation
     assert kept.recommendation["lr"] == 0.4 and "Keep the learning rate" in kept.recommendation["text"]
     falls_less = [judge(None, r, falls(0.5 if r < 0.4 else 0.2), flat, own_clip=True) for r in rates]
     write_tune(path, TuneResult(falls_less, 10))

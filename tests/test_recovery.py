@@ -170,10 +170,9 @@ def test_a_climb_the_clipper_holds_is_not_an_explosion(tmp_path: Path) -> None:
 
 
 def test_the_recovery_bound_follows_the_learning_rate(tmp_path: Path) -> None:
-    """SGD moves the weights by lr × the clipped gradient: after a recovery every step is held to
-    ``polyak`` × the Polyak step loss / ‖g‖ (ramped up over its first 25 steps from the restored
-    state), whatever the learning rate does — raised 4× (a warm-up still under way) or lowered 10×.
-    The runaway data explodes again: the second recovery halves the fraction."""
+    """SGD moves the weights by lr × the clipped gradient: after a recovery no step is longer than
+    ``polyak`` × the Polyak step loss / ‖g‖, whatever the learning rate does — raised 4× (a warm-up
+    still under way) or lowered 40×: the threshold moves with it (a fixed threshold would not)."""
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -187,15 +186,14 @@ def test_the_recovery_bound_follows_the_learning_rate(tmp_path: Path) -> None:
     guard.close()
     log = read_run(tmp_path / "r")
     explosions = log.events_of("explosion")
-    assert [e["polyak"] for e in explosions] == [0.5, 0.25]
-    checked = set()
-    for e, until in zip(explosions, [*(e["step"] for e in explosions[1:]), 32], strict=True):
-        taken = [r for r in log.metrics if e["step"] < r["step"] < until and not r["skipped"]]
-        for n, r in enumerate(taken):  # the n-th step under this bound: √((n+1)/25) of the cap
-            step_length = r["threshold"] * r["lr"] * r["grad_norm"]
-            assert step_length == pytest.approx(e["polyak"] * math.sqrt((n + 1) / 25) * r["loss"], rel=1e-5)
-            checked.add(r["lr"])
-    assert checked == {1e-3, 4e-3, 1e-4}
+    assert explosions[0]["polyak"] == 0.5 and explosions[0]["max_norm"] is None
+    taken = [r for r in log.metrics if r["step"] > explosions[0]["step"] and not r["skipped"]]
+    assert {r["lr"] for r in taken} == {1e-3, 4e-3, 1e-4}
+    for r in taken:
+        polyak = max(e["polyak"] for e in explosions if e["step"] < r["step"])
+        assert r["threshold"] * r["lr"] * r["grad_norm"] <= polyak * r["loss"] * (1 + 1e-5)
+    low = min(r["threshold"] for r in taken if r["lr"] == 1e-4)
+    assert low > 10 * max(r["threshold"] for r in taken if r["lr"] == 4e-3)
 
 
 def _records(steps: range, norm: float, loss: float, coef: float = math.nan) -> list[dict[str, Any]]:

@@ -123,9 +123,10 @@ def coefficient(norm: Tensor, threshold: float | Tensor, *, norm_nonfinite: Tens
     accident nor writes NaN. No host sync.
 
     ``norm_nonfinite``: a 0-D bool device tensor already saying whether ``norm`` is non-finite (the
-    guard has it). With a number threshold (checked ≥ 0 or inf) the coefficient is non-finite only
-    where the norm is, so the flag replaces the finiteness test: 4 device ops instead of 7, the same
-    result bit for bit. Ignored for a tensor threshold (it may be NaN).
+    guard has it). With a threshold that is never NaN (a checked number ≥ 0 or inf, or its cached
+    0-D constant: the caller's promise) the coefficient is non-finite only where the norm is, so
+    the flag replaces the finiteness test: 4 device ops instead of 7, the same result bit for bit.
+    Leave it out for a threshold that may be NaN (an adaptive clipper's, a spike's).
     """
     n = norm.to(torch.float32) if norm.dtype != torch.float64 else norm
     tau: float | Tensor = threshold
@@ -137,7 +138,7 @@ def coefficient(norm: Tensor, threshold: float | Tensor, *, norm_nonfinite: Tens
             tau = tau.reshape(())
     eps, zero, one = _coefficient_constants(n)
     coef = (tau / (n + eps)).clamp(zero, one)
-    if norm_nonfinite is not None and not isinstance(threshold, Tensor):
+    if norm_nonfinite is not None:
         return torch.where(norm_nonfinite, one, coef)
     # 1 where the norm or the coefficient is not finite: n·coef·0 is 0 exactly when both are finite
     # (7 small ops instead of 15: isfinite is 4 ops on CPU, and each costs ~5 µs of dispatch)
@@ -1157,30 +1158,27 @@ class Auto(ZClip):
     stalled loss, not a high rate); under Adam-like optimizers only spikes and growth are clipped,
     and the rate is that of outliers (1-2 % on healthy runs).
 
-    **Per-layer trust ratio** (``trust``, session 13). The Polyak cap bounds the step of the whole
-    network; one layer can still move too far. A matrix (rank ≥ 2 weight) whose SGD step
-    ``lr·‖g_l‖`` is large against its norm ``‖w_l‖`` changes its function by that fraction in one
-    step, whatever the loss says — the trust ratio of LARS (You, Gitman & Ginsburg 2017) and AGC
-    (Brock et al. 2021), used here as one more cap on the global threshold, not as a per-layer
-    learning rate. Momentum β (dampening d) lets aligned steps add up to ``(1 − d)/(1 − β)`` times
-    the gradient step (10× at β = 0.9), so the cap bounds that longest update::
+    **Per-layer trust ratio** (``trust``, opt-in, session 13; not in the ``"auto"`` spec). The Polyak
+    cap bounds the step of the whole network; one layer can still move too far. ``trust`` adds the
+    trust ratio of LARS (You, Gitman & Ginsburg 2017) and AGC (Brock et al. 2021) as one more cap on
+    the global threshold: no matrix (rank ≥ 2 weight; a zero-initialised one, of norm 0, is left out)
+    moves more than ``trust`` of its norm in a step, counting the momentum β (dampening d) that lets
+    aligned steps add up to ``(1 − d)/(1 − β)`` times the gradient step::
 
         lr·(1 − d)/(1 − β) · ‖g_l‖·(τ/‖g‖) ≤ trust · ‖w_l‖   for every matrix l
 
-    (lr·gain: the largest over the optimizer's groups; a matrix of norm 0 — zero-initialised — has no
-    scale to be relative to and is left out). ``trust`` = 0.1: no matrix moves more than 10 % of its
-    norm in a step even when momentum adds every step up; with β = 0.9 that is 1 % per gradient step.
-    Biases and norm gains (rank ≤ 1) are left out, as LARS and AGC do. The gradient norms are the
-    guard's per-tensor norms (:meth:`observe_norms`; measured here when not handed); the weight norms
-    cost one read of the matrices per step (one ``_foreach_norm``, as AGC's). Measured
-    (``benchmarks/auto_momentum.py``, ``benchmarks/pascanu.py``; see benchmarks/README.md): the char
-    transformer at SGD lr 1, momentum 0.9 trains 3/3 (0/3 without); the momentum classifiers 18/18
-    (15/18); temporal order at 20 20/20 (19/20), at 10 20/20 (20/20), adding at 10 15/20 (12/20).
-    A fixed 1 % without the momentum gain fails plain SGD (adding at 10: 0/20). Limit: a matrix
-    initialised at 0 under SGD is held to 10 % growth per step until it has a scale, and the whole
-    step with it.
+    (lr·gain: the largest over the optimizer's groups). The gradient norms come from
+    :meth:`observe_norms` where the caller hands them, else a second read of the gradients; the weight
+    norms cost one read of the matrices per step. Measured (session 13, ``benchmarks/auto_momentum.py``
+    and ``benchmarks/pascanu.py``; benchmarks/README.md): ``trust=0.1`` trains the char transformer
+    below at SGD lr 1, momentum 0.9 (3/3 against 0/3) and the momentum classifiers 18/18 (16/18),
+    temporal order at 20 20/20 (19/20), adding at 10 16/20 (12/20) — but stalls the char-LSTM recipe
+    (plain SGD, a loss summed over time: 0/15 against 12/15; the cap holds τ at 2-5 for norms of 5-19), and
+    looser values that let the LSTM through (``trust=0.3``: 4/6 against 5/6, ``1``: 6/6) are too loose
+    for the transformer (``trust=0.3``: 0/3, 3.86-3.93 bits/char). No single value serves both, so it
+    stays opt-in.
 
-    **Known limit (without ``trust``): a loss floor far above 0, with momentum.** The Polyak step takes the loss down
+    **Known limit: a loss floor far above 0, with momentum.** The Polyak step takes the loss down
     to 0; a language model's loss cannot go below the text's entropy, so the cap is
     ``f/(f − f*)`` times too long (3× at the unigram level), and momentum makes the update 1.5-2×
     the clipped gradient. On ``benchmarks/transformer_lr.py`` (post-LN, SGD lr 1, momentum 0.9, no
@@ -1188,7 +1186,8 @@ class Auto(ZClip):
     misses the target (0/3; ``tune``'s threshold 3/3). Dividing the cap by ``1/(1 − β)`` fixes that
     run (3/3) but over-clips healthy momentum classifiers (a CNN at lr 0.1: test accuracy 0.85-0.86
     against 0.93-0.94), and no single factor serves both (``benchmarks/auto_momentum.py``): the fix
-    needs an estimate of ``f*``. Use ``gradguard tune`` there.
+    needs an estimate of ``f*``; ``Auto(trust=0.1)`` (above) trains it at the char-LSTM's cost. Use
+    ``gradguard tune`` there.
 
     Measured (``benchmarks/pascanu.py``: adding and temporal-order problems with a tanh RNN at two
     lengths each and the textbook char-LSTM recipe; plain SGD over a grid of learning rates, 5
@@ -1219,8 +1218,8 @@ class Auto(ZClip):
             The ``"auto"`` spec uses True; False (the default here, and in states saved before it
             existed) is the session-11 ``auto``.
         trust: the longest momentum-amplified SGD step of one matrix, as a fraction of its norm
-            (> 0), or ``None`` for no such cap (the default here, and in states saved before it
-            existed). The ``"auto"`` spec uses 0.1 (see "Per-layer trust ratio").
+            (> 0), or ``None`` for no such cap (the default, the ``"auto"`` spec, and states saved
+            before it existed). Opt-in: see "Per-layer trust ratio".
         **zclip: :class:`ZClip`'s ``alpha``, ``z_thresh``, ``warmup``, ``eps``, ``max_norm``.
     """
 
@@ -1228,7 +1227,7 @@ class Auto(ZClip):
     takes_loss = True
     usage = "auto (SGD steps ≤ half the Polyak step f/|g|², ramped over the warm-up; ZClip spikes; 10x the warm-up norm)"
     #: what the ``"auto"`` spec builds
-    SPEC: ClassVar[dict[str, Any]] = {"polyak": 0.5, "first": 0.5, "ramp": True, "trust": 0.1}
+    SPEC: ClassVar[dict[str, Any]] = {"polyak": 0.5, "first": 0.5, "ramp": True}
 
     def __init__(
         self,
@@ -1248,10 +1247,11 @@ class Auto(ZClip):
             raise GradGuardError(f"growth must be ≥ 1, got {growth!r}. The default is 10.")
         self.first = _positive_or_none(first, "first", 'The "auto" spec uses 0.5.')
         self.polyak = _positive_or_none(polyak, "polyak", 'The "auto" spec uses 0.5.')
-        self.trust = _positive_or_none(trust, "trust", 'The "auto" spec uses 0.1.')
+        self.trust = _positive_or_none(trust, "trust", "0.1 is the value measured in benchmarks/README.md.")
         self._optimizer: torch.optim.Optimizer | None = None
         self._matrices: list[Tensor] = []  # the optimizer's rank ≥ 2 parameters (the trust cap's layers)
         self._grad_norms: tuple[Sequence[Tensor], Tensor] | None = None  # handed by the guard this step
+        self._index: tuple[Sequence[Tensor], list[Tensor], Tensor] | None = None  # (params, mats, where)
         self._loss: Tensor | None = None
         self._set_anchor(torch.full((), math.nan, dtype=torch.float64))
         self._set_first(torch.full((), math.nan, dtype=torch.float64))
@@ -1337,13 +1337,18 @@ class Auto(ZClip):
         return torch.where(torch.isfinite(cap) & (cap > 0), cap, math.inf)
 
     def _matrix_grad_norms(self, mats: list[Tensor], device: torch.device) -> Tensor:
-        """The gradient norms of ``mats``: from :meth:`observe_norms` where it handed them all, else measured."""
+        """The gradient norms of ``mats``: from :meth:`observe_norms` where it handed them all (the index
+        into them made once per list of parameters), else measured (a second read of the gradients)."""
         handed, self._grad_norms = self._grad_norms, None
         if handed is not None:
-            where = {id(p): i for i, p in enumerate(handed[0])}
-            if all(id(p) in where for p in mats):
-                index = torch.tensor([where[id(p)] for p in mats], device=handed[1].device)
-                return handed[1].index_select(0, index).to(device, torch.float64)
+            params, norms = handed
+            if self._index is None or self._index[0] is not params or self._index[2].device != norms.device:
+                where = {id(p): i for i, p in enumerate(params)}
+                found = [where[id(p)] for p in mats if id(p) in where]
+                index = torch.tensor(found, device=norms.device) if len(found) == len(mats) else None
+                self._index = (params, mats, index) if index is not None else None
+            if self._index is not None and _same(self._index[1], mats):
+                return norms.index_select(0, self._index[2]).to(device, torch.float64)
         grads = [g for p in mats if (g := p.grad) is not None]
         return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(grads)])
 
@@ -1445,6 +1450,11 @@ class Auto(ZClip):
             f"Auto(growth={self.growth}, z_thresh={self.z_thresh}, warmup={self.warmup}"
             f"{first}{polyak}{ramp}{trust})"
         )
+
+
+def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    """The same tensors (by identity, never by value) in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _longest_step(groups: list[dict[str, Any]], device: torch.device) -> float | Tensor | None:

@@ -24,10 +24,10 @@ does that inside the loop:
    the batches of the bad window are skipped, as in PaLM's procedure. Later climbs are measured
    from the norm the restored state gave;
 3. **tighten**: from the restored state on, every step is also bounded by ``auto``'s rule
-   (:class:`gradguard.clip.Auto`, fresh: under SGD-like optimizers, whose step is lr × the
-   gradient, no step longer than half the Polyak step f/‖g‖², ramped up over its first 25 steps,
-   and following the learning rate at every step — a warm-up still under way, a schedule; ZClip's
-   spike and growth caps), on top of the guard's own clipper (the smaller threshold wins). An
+   (:class:`gradguard.clip.Auto` with :data:`BOUND`, fresh: under SGD-like optimizers, whose step
+   is lr × the gradient, no step longer than half the Polyak step f/‖g‖², ramped up over its first
+   25 steps, and following the learning rate at every step — a warm-up still under way, a
+   schedule; ZClip's spike and growth caps), on top of the guard's own clipper (the smaller threshold wins). An
    unclipped run that explodes then trains like a clipped one: on ``benchmarks/recovery.py`` (the
    ``pascanu.py`` family, 5 seeds) it rescues 47 of the 58 unclipped runs that explode, where a
    clip at the healthy median norm (the previous rule) rescued 19: that bound is fixed, too loose
@@ -85,7 +85,7 @@ from gradguard.runtable import (
     post_clip_norm,
 )
 
-__all__ = ["PROBE", "SETTLE", "TIGHTEN", "Explosion", "ExplosionWatch", "Explosions", "read_step"]
+__all__ = ["BOUND", "PROBE", "SETTLE", "TIGHTEN", "Explosion", "ExplosionWatch", "Explosions", "read_step"]
 
 SETTLE = 50
 """A climb that held this many steps without rising :data:`~gradguard.runtable.EXPLOSION_FACTOR` ×
@@ -93,6 +93,11 @@ is a new level of the norm, not an explosion: the watch measures later climbs fr
 TIGHTEN = 0.5
 """Each recovery after the first multiplies the recovery's bound by this (``auto``'s Polyak fraction,
 or the clip threshold)."""
+BOUND: dict[str, Any] = {"polyak": 0.5, "first": 0.5, "ramp": True}
+"""The recovery's bound under SGD: :class:`~gradguard.clip.Auto` with these settings — ``auto``'s
+Polyak rule (half the Polyak step, ramped up over 25 steps; half the first norm without a loss), the
+configuration ``benchmarks/recovery.py`` measured. Pinned, not ``Auto.SPEC``: a change to ``auto``
+reaches the recovery only once it is measured there."""
 PROBE = SETTLE
 """Steps after a rewind whose losses say whether its bound holds (:meth:`Explosions._relapse`)."""
 _KEEP = 2 * ONSET_WINDOW  # norms the watch keeps while no climb is in sight (it trims to half)
@@ -442,7 +447,7 @@ class Explosions:
     def _new_bound(self, state: dict[str, Any] | None = None) -> Auto:
         """``auto``'s bound, fresh from the restored state (its Polyak fraction halved for each
         recovery after the first), or as saved in ``state``; bound to the optimizer."""
-        bound = Auto(**{**Auto.SPEC, "polyak": Auto.SPEC["polyak"] * TIGHTEN ** max(0, self.recoveries - 1)})
+        bound = Auto(**{**BOUND, "polyak": BOUND["polyak"] * TIGHTEN ** max(0, self.recoveries - 1)})
         if state is not None:
             bound.load_state_dict(state)
         bound.attach(self.recovery.optimizer)

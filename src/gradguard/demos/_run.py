@@ -41,6 +41,7 @@ from torch import Tensor
 from gradguard.clip import Norm, from_spec
 from gradguard.demos._common import RunConfig, RunResult, StepOutcome, StepRecord, train
 from gradguard.diagnose import Finding, diagnose, recommended_max_norm
+from gradguard.diagnose.numbers import Ends
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.guard import Guard
 from gradguard.record import COLUMN
@@ -654,8 +655,9 @@ def _clip_rate_line(r: Row) -> str | None:
     if over is None or r.config.recommend_from:
         return None
     ev = over.evidence
-    loss = (
-        f"loss {_fmt(ev['loss_start'])} → {_fmt(ev['loss_end'])}"
+    k = ev.get("loss_ends_median_of")
+    loss = (  # medians of the first and last k steps, labelled the way diagnose labels them
+        "loss " + Ends(ev["loss_start"], ev["loss_end"], k if isinstance(k, int) else 1).text()
         if _is_number(ev.get("loss_start")) and _is_number(ev.get("loss_end"))
         else ""
     )
@@ -691,19 +693,29 @@ def _verification_lines(r: Row) -> list[str]:
             f"({v.thresholds.steps} steps each, from the fresh start) — {verdict}."
         )
     if v.rates is not None:
-        estimate = f" (estimate lr={v.lr:g}, unverified)" if v.lr is not None else ""
+        asked = (  # no estimate: the run trained, and diagnose asked whether a lower rate does better
+            f"diagnose advised a lower learning rate (estimate lr={v.lr:g}, unverified)"
+            if v.lr is not None
+            else "diagnose asked whether a lower learning rate trains better than the run's own"
+        )
         clip = "no clipping" if _own_threshold(r.config)[1] is None else f"its {r.config.clip}"
         verified = verified_advice(r, "lr")
+        keep = ", the run's own rate: keep it" if _keeps_lr(r) else ""
         verdict = (
-            f"verified: lr={verified:g} ({_trained(v.rates, verified, 'lr')})"
+            f"verified: lr={verified:g}{keep} ({_trained(v.rates, verified, 'lr')})"
             if verified is not None
             else f"none of them trained: go below lr={min(v.rates.lr_candidates()):g}"
         )
         lines.append(
-            f"{r.name}: diagnose advised a lower learning rate{estimate}; gradguard tune tried "
+            f"{r.name}: {asked}; gradguard tune tried "
             f"{_tried(v.rates, 'lr')} with {clip} ({v.rates.steps} steps each) — {verdict}."
         )
     return lines
+
+
+def _keeps_lr(row: Row) -> bool:
+    """Whether ``row``'s verified rate is its own (diagnose's ``lr_keep``: tune kept it)."""
+    return any(f.recommendation.get("lr_keep") is True for f in row.findings)
 
 
 def _tried(result: TuneResult, key: str) -> str:

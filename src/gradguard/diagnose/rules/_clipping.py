@@ -329,7 +329,7 @@ def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
     Otherwise ``estimate`` (from ``why``), kept at most half the rate the run failed at
     (:func:`failed_lr`), marked ``lr_verified: False`` with the ``gradguard tune --lr`` command line
     that verifies it (``lr_tune``: the estimate and its neighbours below that rate as candidates, and
-    the run's own rate where the run trained, :func:`own_lr`, so tune can answer "keep it").
+    the run's own rate where the run did not fail at it, :func:`own_lr`, so tune can answer "keep it").
     ``text`` is a sentence without its final period, as :func:`threshold_advice`'s.
     """
     result = tuned(f)
@@ -357,15 +357,19 @@ def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
 
 
 def own_lr(f: Facts) -> float | None:
-    """The run's own learning rate where the run trained at it (:func:`trained`): its last one — a
-    candidate every verification of a rate includes; ``None`` where the run failed (or logs no rate)."""
-    return failed_lr(f) if trained(f) is not None else None
+    """The run's own learning rate where the run did not fail at it (finite to the end, no climb of
+    the norm, the loss no higher at the end than at the start): its last one — a candidate every
+    verification of a rate includes, so tune keeps it unless a lower one trains better; ``None``
+    where the run failed at it (or logs no rate)."""
+    loss = ends(f.loss_at(0, len(f.rows)))
+    failed = f.went_bad or f.healthy.onset_step is not None or not loss.end <= loss.start
+    return None if failed else failed_lr(f)
 
 
 def lr_candidates(f: Facts, estimate: float) -> list[float]:
     """The rates that verify ``estimate``: it and its neighbours (2×, ½×, ¼×) below the rate the run
-    failed at, and the run's own rate where the run trained (:func:`own_lr`): then tune keeps the
-    own rate unless a lower one trains better (:func:`gradguard.tunelog.choose`); low to high."""
+    failed at, and the run's own rate where it did not fail at it (:func:`own_lr`): then tune keeps
+    the own rate unless a lower one trains better (:func:`gradguard.tunelog.choose`); low to high."""
     failed, own = failed_lr(f), own_lr(f)
     rungs = {r for r in (sig(estimate * 2.0**k, 2) for k in (1, 0, -1, -2)) if failed is None or r < failed}
     return sorted(rungs | ({own} if own is not None else set()))
