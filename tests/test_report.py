@@ -136,7 +136,8 @@ def test_a_path_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_the_summary_marks_every_recommended_number_that_was_not_verified() -> None:
     """The "recommends" column: a threshold or a learning rate that ``gradguard tune`` did not verify
-    says so; a verified one does not."""
+    says so; a verified one does not; a threshold and a rate are alternatives (each verified with the
+    run's other setting unchanged), so they read "… or …"."""
     from gradguard.diagnose import Finding
     from gradguard.report import _short_rec
 
@@ -147,8 +148,8 @@ def test_the_summary_marks_every_recommended_number_that_was_not_verified() -> N
         _short_rec(Finding("explosion", "error", 3, "m", {}, rec)) for rec in (estimate, checked, only_lr)
     ]
     assert shown == [
-        "max_norm=0.5 (unverified), lr=0.01 (unverified)",
-        "max_norm=0.25, lr=0.02",
+        "max_norm=0.5 (unverified) or lr=0.01 (unverified)",
+        "max_norm=0.25 or lr=0.02",
         "lr=0.03 (unverified)",
     ]
 

@@ -813,11 +813,13 @@ def _short_rec(f: Finding) -> str:
     """The numbers a finding recommends, each marked unverified unless ``gradguard tune`` verified it."""
     rec = f.recommendation
     checked = {"max_norm": rec.get("verified"), "lr": rec.get("lr_verified", rec.get("verified"))}
-    parts = [
+    numbers = [
         f"{k}={rec[k]:g}" + ("" if checked[k] is not False else " (unverified)")
         for k in ("max_norm", "lr")
         if isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool)
     ]
+    # a threshold or a rate: alternatives, each verified with the run's other setting unchanged
+    parts = [" or ".join(numbers)] if numbers else []
     for k in ("on_nonfinite", "dtype", "op"):
         if rec.get(k):
             parts.append(f"{k}={rec[k]}")

@@ -664,11 +664,11 @@ def _clip_rate_line(r: Row) -> str | None:
     if over.severity == "info":
         return (
             f"{r.name}: clipped {_pct(r.clip_rate)} of the steps and still trained"
-            + (f" ({loss})" if loss else "")
+            + (f" — {loss}" if loss else "")
             + ": not over-clipping (diagnose notes the clip rate as info and recommends no threshold for it)."
         )
     text = f"{r.name}: clipped {_pct(r.clip_rate)} of the steps — diagnose: over_clipping" + (
-        f" ({loss})" if loss else ""
+        f" — {loss}" if loss else ""
     )
     rec = verified_advice(r, "max_norm")
     return text + (f"; verified by gradguard tune: max_norm={rec:g}." if rec is not None else ".")
