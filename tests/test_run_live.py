@@ -239,6 +239,53 @@ def test_a_killed_run_still_writes_its_summary_and_report_and_dies_by_the_signal
     assert (tmp_path / "run" / "report.html").exists()
 
 
+SWALLOWED = """
+import weakref
+
+class Batch:
+    pass
+
+def interrupted(ref):  # Ctrl-C arriving while Python runs a weakref callback (torch runs them every step)
+    raise KeyboardInterrupt
+
+for step in range(200):
+    x, y = data[step % 40]
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    if step == 20:
+        batch = Batch()
+        ref = weakref.ref(batch, interrupted)
+        del batch  # Python prints "Exception ignored in ..." and the loop goes on
+print("trained to the end")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_python_swallows_in_a_callback_stops_the_run_at_the_next_step(
+    tmp_path: Path, signum: int
+) -> None:
+    """The plain script loses such an interrupt (it trains to the end); under ``gradguard run`` the
+    next step raises it again, so the run stops as a Ctrl-C / SIGTERM stops it, summary and all."""
+    loop = (
+        SWALLOWED
+        if signum == signal.SIGINT
+        else SWALLOWED.replace("raise KeyboardInterrupt", "os.kill(os.getpid(), signal.SIGTERM)").replace(
+            "import weakref", "import os, signal, weakref"
+        )
+    )
+    script = _script(tmp_path, loop)
+    plain = _plain(tmp_path, script)
+    if signum == signal.SIGINT:
+        assert plain.returncode == 0 and "trained to the end" in plain.stdout  # lost: the loop went on
+    got = _run(tmp_path, script)
+    assert got.returncode == -signum, got.stderr[-2000:]
+    assert "trained to the end" not in got.stdout
+    assert "gradguard: SGD on Sequential: 21 steps" in got.stderr  # steps 0-20: stopped before step 21
+    assert read_run(tmp_path / "run").meta.get("end_time")
+
+
 def test_an_uncaught_exception_keeps_exit_code_1_with_the_summary(tmp_path: Path) -> None:
     script = _script(tmp_path, LONG.replace('print("ready", flush=True)', 'raise ValueError("bad config")'))
     got = _run(tmp_path, script)

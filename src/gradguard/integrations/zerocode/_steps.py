@@ -15,6 +15,7 @@ from torch import Tensor
 from gradguard._guard.callerclip import CallerClip
 from gradguard.integrations._common import drop_grads
 from gradguard.integrations.zerocode._lookup import session_of
+from gradguard.integrations.zerocode._signals import deliver_lost
 from gradguard.integrations.zerocode.sessions import ManualUpdate, Session
 
 
@@ -69,6 +70,7 @@ def measure_by_hand(
     """A hand-updated step, measured by its monitor-only guard (nothing skipped), which
     locates a non-finite step itself before the script's update (``Guard.last_step_nonfinite``).
     ``False``: the step was seen non-finite (the script updates its weights anyway)."""
+    deliver_lost()
     session.guard.before_step(loss, clip=clip, fields=fields)
     return not session.guard.last_step_nonfinite
 
@@ -92,6 +94,7 @@ def measure_step(zc: Any, session: Session, *, clip: CallerClip | None = None) -
 # ----------------------------------------------------------------------------- optimizer steps
 def on_step(zc: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
     """The global optimizer step pre-hook (``args[0]`` is the optimizer; a further argument is a closure)."""
+    deliver_lost()
     if isinstance(optimizer, ManualUpdate):
         return None
     zc.end_loss_code()
@@ -156,6 +159,7 @@ def on_scaler_step(zc: Any, scaler: torch.amp.GradScaler, optimizer: torch.optim
     """Before ``GradScaler.step``: unscale as it would, measure with the scaler. ``False``: skip it."""
     from torch.amp.grad_scaler import OptState
 
+    deliver_lost()
     zc.end_loss_code()
     session = session_of(zc, optimizer)
     if session is None or session.framework:

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from gradguard.guard import Guard
+from gradguard.integrations.zerocode._signals import Stopped, on_signal, watch
 from gradguard.integrations.zerocode.live import rank
 from gradguard.integrations.zerocode.runner import ZeroCode
 from gradguard.integrations.zerocode.sessions import ManualUpdate
@@ -21,18 +22,6 @@ __all__ = ["check_options", "run_script"]
 
 
 # ----------------------------------------------------------------------------- gradguard run
-class _Stopped(BaseException):
-    """Raised inside the script by a signal handler, so that the summary and report are written."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    raise _Stopped(signum)
-
-
 def run_script(path: str, argv: list[str], *, report: bool = True, **options: Any) -> int:
     """Run a script as ``__main__`` under :class:`ZeroCode`; its exit code, its output kept.
 
@@ -57,17 +46,18 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
     sys.path.insert(0, str(script.resolve().parent))
     previous = signal.getsignal(signal.SIGTERM)
     if previous == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
     code: int = 0
     killed_by: int | None = None
     zc = ZeroCode(name=script.stem, scan_existing=False, **options)
+    stop_watching = watch()  # a Ctrl-C Python swallowed in a callback is raised at the next step
     try:
         with zc:
             try:
                 runpy.run_path(str(script), run_name="__main__")
             except SystemExit as e:
                 code = _exit_code(e)
-            except _Stopped as e:
+            except Stopped as e:
                 killed_by = e.signum
             except KeyboardInterrupt:
                 traceback.print_exc()
@@ -76,8 +66,9 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
                 traceback.print_exc()
                 code = 1
     finally:
+        stop_watching()
         sys.argv, sys.path[:] = old_argv, old_path
-        if signal.getsignal(signal.SIGTERM) is _on_signal:
+        if signal.getsignal(signal.SIGTERM) is on_signal:
             signal.signal(signal.SIGTERM, previous)
     if rank() == 0:  # under torchrun rank 0 speaks and writes the report, as it writes the log
         print(zc.summary(), file=sys.stderr)
