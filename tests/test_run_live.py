@@ -218,6 +218,13 @@ for step in range(100000):
 """
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal. A test run started in the background (``make test &``,
+    ``nohup … &``) has SIGINT ignored, and a child inherits that: the plain script would not stop
+    either."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_killed_run_still_writes_its_summary_and_report_and_dies_by_the_signal(
     tmp_path: Path, signum: int
@@ -225,7 +232,13 @@ def test_a_killed_run_still_writes_its_summary_and_report_and_dies_by_the_signal
     script = _script(tmp_path, LONG)
     cmd = [sys.executable, "-m", "gradguard", "run", "--out", str(tmp_path / "run"), str(script)]
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"

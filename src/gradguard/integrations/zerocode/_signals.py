@@ -3,9 +3,8 @@
 Python raises a signal's exception (``KeyboardInterrupt``; :class:`Stopped` for SIGTERM) in whatever
 Python code runs when the signal arrives. When that is a weakref callback, a ``__del__`` or a GC
 callback — torch and gradguard run such code every step — Python cannot propagate it: it prints
-"Exception ignored in …" and the script goes on, so a Ctrl-C was lost now and then (a loaded
-machine: once in a full test run) and the run trained to its end instead of stopping. While the
-script runs, :func:`watch` keeps every such swallowed interrupt (``sys.unraisablehook``) and the
+"Exception ignored in …" and the script goes on, training to its end instead of stopping (the
+plain script loses such a Ctrl-C too). While the script runs, :func:`watch` keeps every such swallowed interrupt (``sys.unraisablehook``) and the
 next optimizer step raises it again (:func:`deliver_lost`), where it propagates. An interrupt the
 script catches itself is not swallowed, so it is never raised twice.
 """
