@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +43,7 @@ import torch
 import gradguard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pascanu import Group, groups
+from pascanu import Group, _pool, groups
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"on_explosion": "warn"},
@@ -119,15 +116,6 @@ def _run(cell: tuple[int, float, int, str, float]) -> Outcome:
     gi, lr, seed, variant, warmup = cell
     torch.set_num_threads(1)
     return train(_GROUPS[gi], lr, seed, variant, int(warmup * _GROUPS[gi].steps))
-
-
-@contextmanager
-def _pool(jobs: int) -> Iterator[Any]:
-    if jobs <= 1:
-        yield None
-        return
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        yield pool
 
 
 def main(argv: list[str] | None = None) -> int:
