@@ -1429,19 +1429,32 @@ def test_nonfinite_units_are_not_counted_as_clipped():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_coefficient_with_the_nonfinite_flag_is_bit_identical(dtype):
-    """The guard's shortcut (it knows whether the norm is finite): same coefficient for a number
-    threshold or its 0-D constant, for finite, tiny, huge, infinite and NaN norms."""
-    for n in [0.0, 1e-9, 0.5, 1.0, 3.0, 1e30, math.inf, -math.inf, math.nan]:
+def test_coefficient_is_the_clamped_formula_bit_for_bit(dtype):
+    """``min(1, τ / (‖g‖ + 1e-6))`` clamped at 0, 1 where the norm or τ is not finite (the formula
+    with ``clamp`` and ``where``), bit for bit: for number and tensor thresholds, with the guard's
+    shortcuts (its 1e-6-or-NaN ``finite_eps``, ``nonnegative`` for a checked threshold, ``out``),
+    on zero, tiny, huge, infinite, NaN and negative norms and thresholds, ±0 included."""
+    values = [0.0, -0.0, 1e-45, 1e-9, 0.5, 1.0, 3.0, 1e30, 3.4e38, math.inf, -math.inf, math.nan, -1.0]
+    eps, zero, one = (torch.tensor(v, dtype=dtype) for v in (1e-6, 0.0, 1.0))
+
+    def bits(t: torch.Tensor) -> int:
+        return int(t.view(torch.int32 if t.dtype == torch.float32 else torch.int64))
+
+    for n in values:
         norm = torch.tensor(n, dtype=dtype)
-        flag = ~torch.isfinite(norm)
-        for tau in [0.0, 0.5, 1.0, 1e10, math.inf]:
-            want = C.coefficient(norm, tau)
-            assert torch.equal(C.coefficient(norm, tau, norm_nonfinite=flag), want), (n, tau)
+        finite_eps = torch.where(torch.isfinite(norm), eps, torch.tensor(math.nan, dtype=dtype))
+        for tau in values:
             constant = torch.tensor(tau, dtype=dtype)
-            assert torch.equal(C.coefficient(norm, constant), want), (n, tau)
-            assert torch.equal(C.coefficient(norm, constant, norm_nonfinite=flag), want), (n, tau)
-    nan_tau = torch.tensor(math.nan)  # a threshold that may be NaN goes without the flag: the full test
+            for threshold in (tau, constant):  # (a number divides as torch's reciprocal · τ: its own bits)
+                raw = (threshold / (norm + eps)).clamp(zero, one)
+                want = bits(torch.where(norm * raw * zero == zero, raw, one))
+                assert bits(C.coefficient(norm, threshold)) == want, (n, tau)
+            assert bits(C.coefficient(norm, constant, finite_eps=finite_eps)) == want, (n, tau)
+            if n >= 0 and tau >= 0:  # (the promise: never negative; NaN passes)
+                into = torch.full((), -7.0, dtype=dtype)
+                got = C.coefficient(norm, constant, finite_eps=finite_eps, nonnegative=True, out=into)
+                assert got is into and bits(into) == want, (n, tau)
+    nan_tau = torch.tensor(math.nan)
     assert C.coefficient(torch.tensor(2.0), nan_tau) == 1.0
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import gradguard
+from gradguard._guard import apply as applying
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.runlog import read_run
 from nosync import HostSyncError, NoSync
@@ -283,7 +284,11 @@ def _reads_of_optimizer_step(opt_name: str) -> list[int]:
 
 @pytest.mark.parametrize("clip", ["auto", "norm:1", "autoclip", "zclip", "none"])
 @pytest.mark.parametrize("opt_name", ["adamw-fused", "sgd-momentum-wd-fused", "adam-fused", "adagrad-fused"])
-def test_fused_path_makes_no_host_read_and_reads_each_gradient_once(opt_name: str, clip: str) -> None:
+def test_fused_path_makes_no_host_read_and_reads_each_gradient_once(
+    opt_name: str, clip: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU protocol (``grad_scale`` / ``found_inf``), pinned on the CPU where the host branch is cheaper."""
+    monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", True)
     model = make_model()
     opt = OPTIMIZERS[opt_name](list(model.parameters()))
     guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite="skip", every=1000, weight_every=None)
@@ -302,7 +307,11 @@ def test_fused_path_makes_no_host_read_and_reads_each_gradient_once(opt_name: st
 
 @pytest.mark.parametrize("clip", ["auto", "norm:1", "none"])
 @pytest.mark.parametrize("opt_name", ["adamw-foreach", "sgd-momentum-wd-forloop", "adam-forloop"])
-def test_unfused_path_makes_exactly_one_named_host_read(opt_name: str, clip: str) -> None:
+def test_unfused_path_makes_exactly_one_named_host_read(
+    opt_name: str, clip: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device path (pinned on the CPU, where the coefficient of 1 would be read and not applied)."""
+    monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", True)
     model = make_model()
     opt = OPTIMIZERS[opt_name](list(model.parameters()))
     guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite="skip", every=1000, weight_every=None)
@@ -362,6 +371,49 @@ def test_the_one_host_read_is_real_an_unfused_skip_guard_refuses_meta() -> None:
     loss.backward()
     with pytest.raises((RuntimeError, NotImplementedError, HostSyncError)), NoSync():
         guard.step(loss)
+
+
+@pytest.mark.parametrize(
+    "opt_name",
+    ["adamw-fused", "sgd-momentum-wd-fused", "adam-fused", "adagrad-fused", "adamw-foreach", "adam-forloop"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cpu_host_reads_give_the_device_paths_bits(
+    opt_name: str, dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU a fused step is taken by a host branch (cheaper than the kernel's ``grad_scale`` /
+    ``found_inf``) and a clip coefficient of 1 is not applied: weights, gradients, optimizer state
+    and the log are those of the device path, through clipped, unclipped and skipped steps (the
+    first one too)."""
+
+    def run(pinned: bool, log_dir: Path) -> tuple[tuple[list[torch.Tensor], dict], list, list, str]:
+        monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", pinned)
+        model = make_model().to(dtype)
+        opt = OPTIMIZERS[opt_name](list(model.parameters()))
+        guard = gradguard.Guard(model, opt, clip="norm:1", every=3, weight_every=2, log_dir=log_dir)
+        assert guard._apply.on_cpu == (not pinned)  # type: ignore[union-attr]
+        assert isinstance(guard._apply, applying.Fused) == opt_name.endswith("fused")
+        grads = []
+        for step in range(10):
+            x, y = (t.to(dtype) for t in batch(step))
+            opt.zero_grad(set_to_none=True)
+            loss = (model(x) - y).pow(2).mean() * (math.nan if step in (0, 5) else 1.0)
+            loss.backward()
+            guard.step(loss)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        guard.close()
+        log = read_run(log_dir)
+        state = {i: dict(s) for i, s in opt.state_dict()["state"].items()}  # by index: two models
+        return (snapshot(model, opt)[0], state), grads, log.metrics, json.dumps(log.events, default=str)
+
+    device, host = run(True, tmp_path / "device"), run(False, tmp_path / "host")
+    assert_bit_identical(device[0], host[0])
+    for a, b in zip(device[1], host[1], strict=True):
+        assert all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(a, b, strict=True))
+    assert json.dumps(device[2], default=str) == json.dumps(host[2], default=str)
+    assert device[3].replace("device", "") == host[3].replace("host", "")
+    coefs = [r["clip_coef"] for r in host[2] if not r["skipped"]]
+    assert sum(r["skipped"] for r in host[2]) == 2 and min(coefs) < 1 and max(coefs) == 1
 
 
 def test_last_step_skipped_is_right_on_the_fused_path() -> None:

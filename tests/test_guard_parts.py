@@ -211,6 +211,7 @@ def test_a_guard_picks_its_strategies_at_construction() -> None:
     model = make_model()
     fused = gradguard.Guard(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True))
     assert isinstance(fused._apply, applying.Fused) and fused._sync_free()
+    assert fused._apply.on_cpu  # float32 CPU parameters: the host branch (apply._fused_step)
     plain = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert isinstance(plain._apply, applying.HostDecided) and plain._apply.steps and not plain._sync_free()
     external = plain._apply_external  # before_step: decided on the host, the caller steps
@@ -569,6 +570,33 @@ def test_on_explosion_is_a_checked_setting_and_recover_keeps_snapshots() -> None
 
 
 # ----------------------------------------------------------------------------- the row, the flush
+def test_the_host_derives_what_the_device_row_left_to_it() -> None:
+    """A usual step's row leaves to the host what follows from its own numbers
+    (:data:`record.DERIVED`): which of the loss and the norm is not finite, and a norm clipper's
+    clip fraction; a value written explicitly (a rescue, a caller's clip) is kept as it is."""
+    consts = Constants()
+    meter = Meter([torch.nn.Parameter(torch.ones(2))], 2.0, LayerIndex(["w"]), None)
+    clipping = Clipping(Norm(0.5), None, False, [], consts)
+    cases = [(1.0, 2.0), (math.nan, 2.0), (1.0, math.inf), (math.inf, math.nan), (1.0, 0.1)]
+    for loss, g in cases:
+        meter.params[0].grad = torch.full((2,), g)
+        into = torch.full((len(record.SCALARS),), 7.0)
+        m = meter.measure(torch.tensor(loss), lambda device, n, into=into: (into, None))
+        plan = clipping.plan(m)
+        row = device_row(m, plan, m.bad, consts.false(m.device), consts)
+        assert row is into and plan.coef is m.column("clip_coef")
+        vals = host_values(row)
+        norm = vals["grad_norm"]
+        loss_bad, grad_bad = not math.isfinite(loss), not math.isfinite(norm)
+        want = (float(loss_bad), float(grad_bad), float(math.isnan(norm)))
+        assert (vals["loss_nonfinite"], vals["grad_nonfinite"], vals["grad_nan"]) == want, (loss, g)
+        assert vals["nonfinite"] == vals["skipped"] == float(loss_bad or grad_bad)
+        assert vals["clip_fraction"] == float(vals["clip_coef"] < 1.0) and vals["threshold"] == 0.5
+    written = [1.0, 2.0, 1.0, 0.5, 1.0] + [record.DERIVED] * 3 + [0.0] * 3 + [math.nan, 0.25]
+    record.derive(written)
+    assert written[4:8] == [1.0, 0.0, 0.0, 0.0] and written[-1] == 0.25
+
+
 def test_the_device_row_is_in_record_column_order() -> None:
     consts = Constants()
     dev = torch.device("cpu")
@@ -837,13 +865,14 @@ _NOT_COUNTED = {"aten.detach.default", "aten.lift_fresh.default", "aten._local_s
     ],
 )
 def test_a_guarded_step_issues_few_device_ops(
-    fused: bool, clip: str | None, on_nonfinite: str, budget: int
+    fused: bool, clip: str | None, on_nonfinite: str, budget: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fixed cost of a step: each small device op costs ~3-5 µs of dispatch on a CPU and a kernel
     launch on a GPU. Counted in a warm layer step, outside the optimizer's own step: the norms and
     flags (10 ops: the float64 norms made in the record's row), the clip coefficient
     (``clip.coefficient``: 4 with the norm's own flag) and fraction (``coef < 1``: 1), the row (3, made in the record's row:
     no copy), the clip or ``grad_scale`` (1)."""
+    monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", True)  # fused: the GPU's grad_scale / found_inf
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None, foreach=None if fused else True)
     guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite=on_nonfinite, layer_every=1)  # type: ignore[arg-type]
@@ -913,36 +942,53 @@ def test_a_meter_uses_norms_its_caller_computed_only_where_they_are_its_own() ->
         assert torch.equal(m.norms, theirs)
 
 
-def test_the_coefficient_reuses_the_norms_flag_only_for_a_fixed_number_threshold(
+def test_the_coefficient_takes_the_steps_finiteness_test_and_a_fixed_thresholds_promise(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The guard's ``grad_nonfinite`` flag stands in for ``clip.coefficient``'s own finiteness test
-    only where it says exactly that the coefficient's norm is non-finite and the threshold cannot be
-    NaN: a fixed ``Norm`` number (its device constant), a float32 norm, flags of this rank alone."""
+    """``clip.coefficient`` gets the step's 1e-6-or-NaN (``finite_eps``, made by its one non-finite
+    test) where that test is of the very norm it reads (a float32 norm, this rank's flags alone),
+    whatever the threshold (a NaN one gives 1 either way); ``nonnegative`` only for a fixed ``Norm``
+    number's constant; ``out``, the row's ``clip_coef``, where the step's row is made in place. The
+    coefficient is the plain one's, bit for bit."""
     import gradguard._guard.clipping as clipping_mod
 
-    seen: list[Any] = []
+    seen: list[dict[str, Any]] = []
     real = clipping_mod.coefficient
 
-    def spy(norm: torch.Tensor, threshold: Any, *, norm_nonfinite: Any = None) -> torch.Tensor:
-        seen.append(norm_nonfinite)
-        return real(norm, threshold, norm_nonfinite=norm_nonfinite)
+    def spy(norm: torch.Tensor, threshold: Any, **kw: Any) -> torch.Tensor:
+        seen.append(kw)
+        return real(norm, threshold, **kw)
 
     monkeypatch.setattr(clipping_mod, "coefficient", spy)
 
-    def measured(total: torch.Tensor, **kw: Any) -> Measurement:
-        flags = torch.isnan(torch.stack([torch.tensor(1.0), total.float()]) * 0)
-        return Measurement(total.device, [], [], total.reshape(1), total, torch.tensor([1.0, 2.0]),
-                           flags, torch.tensor(False), flags.any(), **kw)  # fmt: skip
+    def measured(total: torch.Tensor, *, local: bool = True, row: torch.Tensor | None = None) -> Measurement:
+        values = torch.stack([torch.tensor(1.0), total.float()])
+        if row is not None:
+            values = row[:2].copy_(values)
+        base = torch.tensor([[0.0, 0.0], [0.0, 1e-6]])
+        probe = torch.addcmul(base, values, torch.tensor(0.0)) if local else None
+        flags = None if local else torch.isnan(values * 0)
+        return Measurement(total.device, [], [], total.reshape(1), total, values, flags, None,
+                           torch.isnan(values * 0).any(), row=row, local_flags=local, probe=probe,
+                           values_in_row=row is not None)  # fmt: skip
+
+    def check(clipping: Clipping, m: Measurement, finite_eps: bool, nonnegative: bool) -> None:
+        plan = clipping.plan(m)
+        kw = seen[-1]
+        assert (kw["finite_eps"] is not None, kw["nonnegative"]) == (finite_eps, nonnegative)
+        assert plan.coef is not None and plan.threshold is not None
+        assert torch.equal(plan.coef, real(m.total, plan.threshold))
 
     fixed = Clipping(Norm(0.5), None, False, [], Constants())
-    m = measured(torch.tensor(2.0))
-    fixed.plan(m)
-    assert seen[-1] is m.flags()[1]
-    fixed.plan(measured(torch.tensor(2.0, dtype=torch.float64)))  # flagged after a float32 cast
-    fixed.plan(measured(torch.tensor(2.0), local_flags=False))  # holds other ranks' copies too
+    for total in (2.0, 0.1, math.inf, math.nan):
+        check(fixed, measured(torch.tensor(total)), True, True)
+    wide = torch.tensor(2.0, dtype=torch.float64)
+    check(fixed, measured(wide), False, True)  # flagged after a float32 cast
+    check(fixed, measured(torch.tensor(2.0), local=False), False, True)  # holds other ranks' copies too
     spiky = Clipping(Norm(0.5), ZClip(), True, [], Constants())  # a spike threshold may be inf / NaN
-    spiky.plan(measured(torch.tensor(2.0)))
+    check(spiky, measured(torch.tensor(2.0)), True, False)
     auto = Clipping(from_spec("auto"), None, False, [], Constants())  # an adaptive threshold
-    auto.plan(measured(torch.tensor(2.0)))
-    assert seen[1:] == [None] * 4
+    check(auto, measured(torch.tensor(2.0)), True, False)
+    m = measured(torch.tensor(2.0), row=torch.zeros(len(record.SCALARS)))
+    assert fixed.plan(m).coef is m.column("clip_coef") and seen[-1]["out"] is m.column("clip_coef")
+    assert m.row is not None and float(m.row[record.COLUMN["clip_coef"]]) == pytest.approx(0.25)

@@ -115,20 +115,35 @@ def _check_threshold(value: float | Tensor, name: str, *, allow_inf: bool = True
     return v
 
 
-def coefficient(norm: Tensor, threshold: float | Tensor, *, norm_nonfinite: Tensor | None = None) -> Tensor:
+def coefficient(
+    norm: Tensor,
+    threshold: float | Tensor,
+    *,
+    finite_eps: Tensor | None = None,
+    nonnegative: bool = False,
+    out: Tensor | None = None,
+) -> Tensor:
     """The norm-clipping coefficient ``min(1, τ / (‖g‖ + 1e-6))`` as a float32 device tensor.
 
     1 (leave the gradients alone) where the norm or the threshold is non-finite, and clamped at 0
     for a negative tensor threshold, so the coefficient itself never zeroes finite gradients by
     accident nor writes NaN. No host sync.
 
-    ``norm_nonfinite``: a 0-D bool device tensor already saying whether ``norm`` is non-finite (the
-    guard has it). With a threshold that is never NaN (a checked number ≥ 0 or inf, or its cached
-    0-D constant: the caller's promise) the coefficient is non-finite only where the norm is, so
-    the flag replaces the finiteness test: 4 device ops instead of 7, the same result bit for bit.
-    Leave it out for a threshold that may be NaN (an adaptive clipper's, a spike's).
+    How, in 5 small ops with no Python number (each costs ~1.5 µs of dispatch on a CPU, a kernel
+    launch on a GPU): the 1e-6 becomes NaN where the norm is not finite (``‖g‖·0`` is 0 exactly
+    where ‖g‖ is finite), so τ / (‖g‖ + 1e-6) is NaN there, as it is for a NaN τ; ``fmin`` with 1
+    takes 1 for a NaN, ``fmax`` with 0 clamps a negative τ's.
+
+    ``finite_eps``: that 1e-6-or-NaN already made by the caller, a 0-D tensor of the norm's dtype
+    (the guard's finiteness test of the step makes it in the same op): 1 op fewer.
+    ``nonnegative``: the caller's promise that τ / (‖g‖ + 1e-6) is never negative (a norm ≥ 0 and a
+    checked number threshold ≥ 0, inf, or its 0-D constant): no clamp at 0, 1 op fewer.
+    ``out``: a 0-D tensor of the result's dtype to write the coefficient into (the guard's row).
+    Bit for bit the ``clamp`` and ``where`` of the formula (checked on norms and thresholds of every
+    kind: 0, tiny, huge, inf, NaN, negative, ±0).
     """
-    n = norm.to(torch.float32) if norm.dtype != torch.float64 else norm
+    # (no call for a float32 or float64 norm: a no-op ``to`` still costs ~1 µs on the host)
+    n = norm if norm.dtype is torch.float32 or norm.dtype is torch.float64 else norm.to(torch.float32)
     tau: float | Tensor = threshold
     if isinstance(threshold, Tensor) and (
         threshold.dim() != 0 or threshold.dtype != n.dtype or threshold.device != n.device
@@ -137,12 +152,17 @@ def coefficient(norm: Tensor, threshold: float | Tensor, *, norm_nonfinite: Tens
         if tau.numel() == 1:  # a (1,)-shaped max_norm scales like a scalar (foreach needs 0-D)
             tau = tau.reshape(())
     eps, zero, one = _coefficient_constants(n)
-    coef = (tau / (n + eps)).clamp(zero, one)
-    if norm_nonfinite is not None:
-        return torch.where(norm_nonfinite, one, coef)
-    # 1 where the norm or the coefficient is not finite: n·coef·0 is 0 exactly when both are finite
-    # (7 small ops instead of 15: isfinite is 4 ops on CPU, and each costs ~5 µs of dispatch)
-    return torch.where(n * coef * zero == zero, coef, one)
+    # ‖g‖ + 1e-6, NaN where ‖g‖ is not finite ((‖g‖ + 1e-6) + ‖g‖·0: the same bits where it is)
+    den = n + finite_eps if finite_eps is not None else torch.addcmul(n + eps, n, zero)
+    coef = tau / den
+    if nonnegative:
+        return torch.fmin(coef, one, out=out) if out is not None else torch.fmin(coef, one)
+    coef = torch.fmin(coef, one)
+    return torch.fmax(coef, zero, out=out) if out is not None else torch.fmax(coef, zero)
+
+
+#: The ``1e-6`` of :func:`coefficient` (torch's ``clip_grad_norm_``'s).
+COEF_EPS = 1e-6
 
 
 _CONSTANTS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
@@ -156,7 +176,7 @@ def _coefficient_constants(n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     key = (n.device, n.dtype)
     consts = _CONSTANTS.get(key)
     if consts is None:
-        eps, zero, one = (torch.tensor(v, dtype=n.dtype, device=n.device) for v in (1e-6, 0.0, 1.0))
+        eps, zero, one = (torch.tensor(v, dtype=n.dtype, device=n.device) for v in (COEF_EPS, 0.0, 1.0))
         consts = _CONSTANTS[key] = (eps, zero, one)
     return consts
 

@@ -28,6 +28,11 @@ and skipping (the cost :class:`torch.amp.GradScaler` pays on every unfused step)
 sync-free path the host learns about bad steps at the next flush (every ``every`` steps): their
 events are written then, and ``max_consecutive`` is checked then.
 
+Parameters on the CPU, where a read waits for no device, are the exception that costs nothing: a
+fused step the flag does not skip is taken by a host branch (cheaper there than the kernel's
+protocol), and a host-decided step leaves a clip coefficient of 1 unapplied, with the same bits
+and the same outcome as on a device (:mod:`gradguard._guard.apply`).
+
 Guarded from the step they join: every parameter the optimizer steps is measured, clipped and
 checked from the first step it has a gradient, also when it joins after construction (unfrozen
 with ``requires_grad_(True)``, or added with ``optimizer.add_param_group``). Finding those costs
@@ -409,10 +414,17 @@ class Guard:
         optimizer: at construction, and again when parameters join (a new group may not be fused)."""
         config, optimizer = self.config, self.optimizer
         self.fused = is_fused(optimizer)
+        on_cpu = applying.branches_on_host(self._params)
         self._apply = applying.choose(
-            config, optimizer, self._params, fused=self.fused, momentum_sgd=momentum_sgd(optimizer)
+            config,
+            optimizer,
+            self._params,
+            fused=self.fused,
+            momentum_sgd=momentum_sgd(optimizer),
+            on_cpu=on_cpu,
         )
-        self._apply_external = applying.choose_external(config, optimizer)  # before_step: the caller steps
+        self._kernel_flag = self.fused and not on_cpu  # the fused kernel reads the skip flag (found_inf)
+        self._apply_external = applying.choose_external(config, optimizer, on_cpu=on_cpu)  # the caller steps
 
     def _meta(self) -> dict[str, Any]:
         """The run's ``meta.json`` (see :func:`gradguard._guard.runmeta.run_meta`)."""
@@ -704,7 +716,7 @@ class Guard:
         see :meth:`before_step`.
         """
         check_loss(loss)
-        self._caller_clip, self._fields = clip, dict(fields or {})
+        self._caller_clip, self._fields = clip, dict(fields) if fields else {}
         self._after.drop()  # the caller did not step after the last before_step
         step = self.counters.step_count
         self._births.begin(step)  # under "warn": the optimizer step that follows is checked for a birth
@@ -725,7 +737,7 @@ class Guard:
         row = device_row(m, row_plan, skip, overflow, self._consts)
         weights = self._meter.copy_weights() if self._weight_step(step) else None
         clip_in_place = lambda: self._clip_in_place(row)  # noqa: E731
-        found_inf = column(row, "skipped") if self.fused else None  # the fused kernel's skip flag
+        found_inf = column(row, "skipped") if self._kernel_flag else None  # the fused kernel's skip flag
         planned = Planned(m.grads, plan.coef, skip, scaler, clip_in_place, closure, found_inf)
         outcome = apply(planned, lambda p: self._decide_on_host(p, m, row))
         self._last_skipped = outcome.skipped
@@ -792,7 +804,7 @@ class Guard:
         Under a GradScaler, non-finite gradients with a finite loss are an fp16 overflow: the
         scaler's normal business (skipped whatever the policy; the scaler lowers its scale).
         """
-        overflow = m.nonfinite[1] & ~m.nonfinite[0] if scaler is not None else self._consts.false(m.device)
+        overflow = m.flags()[1] & ~m.flags()[0] if scaler is not None else self._consts.false(m.device)
         skip = m.bad if self.config.on_nonfinite != "warn" else overflow
         if self.config.on_spike == "skip":
             skip = skip | spike
@@ -965,7 +977,9 @@ class Guard:
         extras = self._meter.weight_stats(weights) if weights is not None else {}
         layer_grads = self._meter.layer_record(m) if self.config.layer_step(step) else None
         lr = self.optimizer.param_groups[0].get("lr")
-        host: dict[str, Any] = {LR: float(lr) if isinstance(lr, (int, float)) else None, **self._fields}
+        host: dict[str, Any] = {LR: float(lr) if isinstance(lr, (int, float)) else None}
+        if self._fields:
+            host.update(self._fields)
         if loss is None:
             host["loss"] = None
         if outcome.on_host:
@@ -979,7 +993,8 @@ class Guard:
             raise err
 
     def _sync_free(self) -> bool:
-        """Whether ``step()`` usually decides without a host read (see :mod:`gradguard._guard.apply`)."""
+        """Whether ``step()`` usually decides on the device, without a read that waits for it: the host
+        learns of a skipped step at the flush (see :mod:`gradguard._guard.apply`)."""
         return self._apply.sync_free
 
     # ------------------------------------------------------------------ events

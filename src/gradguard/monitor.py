@@ -3,7 +3,8 @@
 The guard records a handful of device scalars (the columns of :data:`gradguard.record.SCALARS`,
 re-exported here) every step and the gradient norms on the steps of its per-layer cadence; nothing
 leaves the device until :meth:`Monitor.flush` (every ``every`` steps), which makes one host copy of
-the buffer and appends the records to the run log. With ``reduce`` a step records its per-tensor
+the buffer and appends the records to the run log (the columns a row left to the host,
+:data:`gradguard.record.DERIVED`, derived on the way). With ``reduce`` a step records its per-tensor
 norms with one copy, and the flush reduces every row to per-layer norms at once (a few ops per
 flush instead of a few per step). Device memory is ``every × scalars`` floats and ``every × layers``
 floats (or, with ``reduce``, ``every × tensors`` doubles), whatever the number of steps.
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gradguard.errors import GradGuardError
-from gradguard.record import COLUMN, FLAGS, SCALARS
+from gradguard.record import COLUMN, FLAGS, SCALARS, derive
 from gradguard.runlog import RunWriter, to_jsonable
 
 __all__ = ["SCALARS", "Monitor"]
@@ -244,6 +245,7 @@ class Monitor:
         records: list[dict[str, Any]] = []
         for r in range(n):
             columns = values[r * k : (r + 1) * k]
+            derive(columns)  # the columns the device left to the host (record.DERIVED)
             for j in _FLAG_COLUMNS:
                 columns[j] = bool(columns[j])
             rec: dict[str, Any] = {"step": self._steps[r]}

@@ -7,7 +7,8 @@ readers import it on machines without torch.
 A record holds
 
 * the device scalars of :data:`SCALARS`, measured every step and copied to the host once per
-  flush (the flags of :data:`FLAGS` come back as ``bool``);
+  flush (the flags of :data:`FLAGS` come back as ``bool``); a column the device left to the host
+  (:data:`DERIVED`) is filled in from the row's own numbers (:func:`derive`);
 * the host fields of :data:`HOST_FIELDS`: the step index, the learning rate and, on the steps
   that measure them, the per-layer numbers of :data:`LAYER_FIELDS` under ``layers``.
 
@@ -19,9 +20,12 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "COLUMN",
     "DECIDED",
+    "DERIVED",
     "FLAGS",
     "HOST_FIELDS",
     "LAYERS",
@@ -29,6 +33,7 @@ __all__ = [
     "LR",
     "SCALARS",
     "STEP",
+    "derive",
 ]
 
 #: The per-step device scalars, in the column order of the monitor's buffer. New columns go at the
@@ -56,6 +61,37 @@ FLAGS: frozenset[str] = frozenset(
 
 #: ``{column name: index}`` into a row of :data:`SCALARS`.
 COLUMN: dict[str, int] = {name: i for i, name in enumerate(SCALARS)}
+
+#: What a column holds where the device left its value to the host (never a flag's or a fraction's
+#: value): :func:`derive` computes it from the row's own numbers. The guard's device row does so
+#: for the non-finite flags of a bad step (functions of its loss and grad_norm) and for a norm
+#: clipper's clip_fraction (whether clip_coef < 1): device ops saved every step.
+DERIVED = -1.0
+
+_LOSS, _NORM, _COEF = COLUMN["loss"], COLUMN["grad_norm"], COLUMN["clip_coef"]
+_NONFINITE, _LOSS_NF, _GRAD_NF = COLUMN["nonfinite"], COLUMN["loss_nonfinite"], COLUMN["grad_nonfinite"]
+_NAN, _FRACTION = COLUMN["grad_nan"], COLUMN["clip_fraction"]
+
+
+def derive(row: list[float]) -> None:
+    """Fill in, in place, the columns of one host row (:data:`SCALARS` order) that hold
+    :data:`DERIVED`: ``loss_nonfinite`` / ``grad_nonfinite`` (the loss / grad_norm is not finite),
+    ``grad_nan`` (grad_norm is NaN), ``nonfinite`` (either), as 1.0 / 0.0; ``clip_fraction``
+    1.0 where ``clip_coef`` < 1, else 0.0 (what a norm clipper's one coefficient clipped)."""
+    if DERIVED not in row:
+        return
+    loss, norm = row[_LOSS], row[_NORM]
+    if row[_LOSS_NF] == DERIVED:
+        row[_LOSS_NF] = 0.0 if math.isfinite(loss) else 1.0
+    if row[_GRAD_NF] == DERIVED:
+        row[_GRAD_NF] = 0.0 if math.isfinite(norm) else 1.0
+    if row[_NAN] == DERIVED:
+        row[_NAN] = 1.0 if math.isnan(norm) else 0.0
+    if row[_NONFINITE] == DERIVED:
+        row[_NONFINITE] = 0.0 if math.isfinite(loss) and math.isfinite(norm) else 1.0
+    if row[_FRACTION] == DERIVED:
+        row[_FRACTION] = 1.0 if row[_COEF] < 1.0 else 0.0
+
 
 STEP = "step"  #: the step index (``Guard.step`` calls before this one)
 LR = "lr"  #: the first parameter group's learning rate (null when it is a tensor)

@@ -202,7 +202,9 @@ def uniform_norms(
     """For tensors of one device and one float dtype whose device runs foreach kernels (p < inf):
     a function that gives what :func:`tensor_norms` gives for them (or any of them, or tensors of
     that same device and dtype), without its per-call checks and grouping (~5 µs a call on a CPU:
-    a guarded step's norms are measured every step). ``None`` for any other set of tensors."""
+    a guarded step's norms are measured every step). ``None`` for any other set of tensors.
+    (A ``stack`` straight into a float64 ``out`` would save the conversion's op, but takes torch's
+    type-promotion path: ~11 µs against ~3.4 for the two ops on a CPU.)"""
     p = check_norm_type(norm_type)
     if not tensors or math.isinf(p):
         return None

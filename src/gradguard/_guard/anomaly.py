@@ -313,8 +313,11 @@ def _eager() -> Any:
 def _norms(rec: Mapping[str, Any]) -> tuple[int, float, dict[str, float]]:
     """A record's ``(step, global norm or NaN on a non-finite step, {layer: grad norm})`` (a layer
     without gradients that step, logged as null, is left out)."""
-    layers = {n: v.get("grad_norm", math.nan) for n, v in rec.get("layers", {}).items()}
-    layers = {n: v for n, v in layers.items() if v is not None}
+    layers = {
+        n: norm
+        for n, v in rec.get("layers", {}).items()
+        if (norm := v.get("grad_norm", math.nan)) is not None
+    }
     return rec["step"], rec["grad_norm"] if not rec["nonfinite"] else math.nan, layers
 
 

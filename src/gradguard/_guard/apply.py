@@ -15,6 +15,13 @@ and the anomaly handling around it), which a strategy calls only when it needs t
   GradScaler overflows are skipped, by its ``under_scaler`` strategy.
 * :class:`Observe`: monitor only, ``warn``: nothing is clipped, stepped or read.
 
+On the CPU (``on_cpu``: every parameter a float32/float64 CPU tensor, :func:`branches_on_host`) a
+host read waits for no device, and two strategies use it, with the same bits: a fused step the
+flag does not skip is taken by a host branch instead of the kernel's protocol, which costs more
+there (:func:`_fused_step`), and :class:`HostDecided`, which reads the skip flag anyway, leaves a
+clip coefficient of 1 unapplied (:func:`_clip`). An unfused :class:`NeverSkip` step, which reads
+nothing, stays so (saving one multiply is not worth the first read).
+
 :func:`choose` picks one from the guard's settings.
 """
 
@@ -38,6 +45,7 @@ __all__ = [
     "Observe",
     "Outcome",
     "Planned",
+    "branches_on_host",
     "choose",
     "reuse_first_call",
 ]
@@ -91,7 +99,9 @@ Decide = Callable[[Planned], bool]
 class Apply(Protocol):
     """How a step is applied."""
 
-    sync_free: bool  # the step makes no host read (the usual case; see each strategy)
+    # the step waits for no device value: the outcome stays on the device, the host learns it at the
+    # flush (a host read of a CPU value waits for nothing: ``on_cpu``)
+    sync_free: bool
 
     def __call__(self, step: Planned, decide: Decide) -> Outcome: ...
 
@@ -101,19 +111,60 @@ def _update(scaler: torch.amp.GradScaler | None) -> None:
         scaler.update()  # lowers the scale after an overflow
 
 
-def _clip(step: Planned) -> None:
-    """Clip in place: the in-place clipper, then the norm coefficient."""
+def _clip(step: Planned, *, on_cpu: bool = False) -> None:
+    """Clip in place: the in-place clipper, then the norm coefficient (``on_cpu``: a coefficient of 1,
+    read on the host where that waits for no device, scales nothing: multiplying by 1 changes no bit)."""
     step.clip_in_place()
-    if step.grads and step.coef is not None:
+    if step.grads and step.coef is not None and not (on_cpu and step.coef.is_cpu and float(step.coef) == 1.0):
         scale_grads_(step.grads, step.coef)  # CUDA: the Triton kernel where it reads them (_kernels)
 
 
-def _fused_step(optimizer: torch.optim.Optimizer, step: Planned) -> None:
-    """The GradScaler protocol: the kernel divides the gradients by ``grad_scale``, skips on ``found_inf``."""
+#: Tests set this to run the device path (no host read: the fused kernel's protocol, the coefficient
+#: always applied) on the CPU too, where :func:`branches_on_host` would read on the host: the path a
+#: GPU takes stays checked (its sync-freedom, its device ops) where the tests run.
+_PIN_DEVICE_PATH = False
+
+
+def branches_on_host(params: Sequence[Tensor]) -> bool:
+    """Whether a step over ``params`` may read its flag and coefficient on the host (``on_cpu``):
+    every parameter a float32/float64 CPU tensor (there :func:`_fused_step`'s division equals the
+    kernel's bit for bit; a reduced-precision gradient would be rounded before the kernel reads it).
+    Chosen at construction and when parameters join; each read also checks that its value is still
+    on the CPU (a model moved to a GPU since takes the device path: no host sync)."""
+    return (
+        not _PIN_DEVICE_PATH
+        and bool(params)
+        and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params)
+    )
+
+
+def _grad_scale(coef: Tensor) -> Tensor:
+    """The fused kernels' ``grad_scale`` of a clip coefficient: its float32 reciprocal."""
+    scale = coef.reciprocal()
+    return scale if scale.dtype is torch.float32 else scale.float()
+
+
+def _fused_step(optimizer: torch.optim.Optimizer, step: Planned, *, on_cpu: bool = False) -> None:
+    """The GradScaler protocol: the kernel divides the gradients by ``grad_scale``, skips on ``found_inf``.
+
+    ``on_cpu`` (:func:`branches_on_host`): a step the flag does not skip is taken by a host branch
+    instead, with the same result bit for bit: the gradients divided by the same ``grad_scale``
+    (not at all when the coefficient is 1), then a plain ``optimizer.step()``; a skipped step (rare)
+    goes through ``found_inf`` as on a GPU. On the CPU the read waits for no device, and the
+    kernel's protocol costs more than the branch (fused AdamW, one thread, min of 9×2000 steps,
+    coefficient 1: a 2×32 MLP 58 µs under the protocol, 47 plain, 53.5 with a multiply; 4×256: 227,
+    182, 207). The step's outcome stays the device flag: the host learns of a skipped step at the
+    flush, as with the kernel.
+    """
+    if on_cpu and step.skip.is_cpu and not bool(step.skip):  # a CPU value: no device to wait for
+        step.clip_in_place()
+        if step.grads and step.coef is not None and float(step.coef) != 1.0:
+            torch._foreach_div_(step.grads, _grad_scale(step.coef))  # what the kernel does with grad_scale
+        _step_optimizer(optimizer, step)
+        return
     step.clip_in_place()
     if step.coef is not None:
-        scale = step.coef.reciprocal()
-        optimizer.grad_scale = scale if scale.dtype is torch.float32 else scale.float()  # type: ignore[attr-defined]
+        optimizer.grad_scale = _grad_scale(step.coef)  # type: ignore[attr-defined]
     found_inf = step.found_inf if step.found_inf is not None else step.skip.to(torch.float32)
     optimizer.found_inf = found_inf  # type: ignore[attr-defined]
     try:
@@ -128,6 +179,7 @@ class HostDecided:
 
     ``steps=False``: the caller steps the optimizer (``Guard.before_step``). ``clips=False`` and
     ``updates_scaler=False``: monitor only, the caller clips, steps and updates its scaler itself.
+    ``on_cpu``: see :func:`_clip`.
     """
 
     sync_free = False
@@ -139,15 +191,17 @@ class HostDecided:
         steps: bool = True,
         clips: bool = True,
         updates_scaler: bool = True,
+        on_cpu: bool = False,
     ) -> None:
         self.optimizer = optimizer
         self.steps, self.clips, self.updates_scaler = steps, clips, updates_scaler
+        self.on_cpu = on_cpu
 
     def __call__(self, step: Planned, decide: Decide) -> Outcome:
         skipped = decide(step)  # the one host read (and, on a bad step, the anomaly path)
         if not skipped:
             if self.clips:
-                _clip(step)
+                _clip(step, on_cpu=self.on_cpu)
             if self.steps:
                 _step_optimizer(self.optimizer, step)
         if self.updates_scaler:
@@ -156,7 +210,8 @@ class HostDecided:
 
 
 class Fused:
-    """Sync-free: clip and skip go into the fused kernel (``grad_scale`` / ``found_inf``)."""
+    """Sync-free: clip and skip go into the fused kernel (``grad_scale`` / ``found_inf``); ``on_cpu``:
+    a step not skipped is taken by a host branch, same result (:func:`_fused_step`)."""
 
     sync_free = True
 
@@ -167,11 +222,13 @@ class Fused:
         *,
         momentum_sgd: bool,
         host: HostDecided,
+        on_cpu: bool = False,
     ) -> None:
         self.optimizer = optimizer
         self.params = params  # the guarded parameters (frozen ones never get a momentum buffer)
         self.momentum_sgd = momentum_sgd
         self.host = host
+        self.on_cpu = on_cpu  # the host branch of _fused_step
 
     def _first_momentum_step(self) -> bool:
         """Fused SGD skipping its first step leaves ``empty_like`` momentum buffers: that one goes to the host."""
@@ -182,31 +239,34 @@ class Fused:
     def __call__(self, step: Planned, decide: Decide) -> Outcome:
         if self._first_momentum_step():
             return self.host(step, decide)
-        _fused_step(self.optimizer, step)
+        _fused_step(self.optimizer, step, on_cpu=self.on_cpu)
         _update(step.scaler)
         return Outcome(step.skip, on_host=False)
 
 
 class NeverSkip:
-    """Sync-free: nothing is skipped, so every step is clipped and taken without a host read.
+    """Sync-free: nothing is skipped, so every step is clipped and taken without a device read.
 
     Under a GradScaler an overflow is skipped (the scaler's business): ``under_scaler`` applies it.
     """
 
     sync_free = True
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, fused: bool, under_scaler: Apply) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, fused: bool, under_scaler: Apply, on_cpu: bool = False
+    ) -> None:
         self.optimizer = optimizer
         self.fused = fused
         self.under_scaler = under_scaler
+        self.on_cpu = on_cpu  # the host branch of _fused_step
 
     def __call__(self, step: Planned, decide: Decide) -> Outcome:
         if step.scaler is not None:
             return self.under_scaler(step, decide)
         if self.fused:
-            _fused_step(self.optimizer, step)  # the coefficient folded into the kernel
+            _fused_step(self.optimizer, step, on_cpu=self.on_cpu)  # the coefficient folded into the kernel
         else:
-            _clip(step)
+            _clip(step)  # (no read here, where nothing else reads: see the module docstring)
             _step_optimizer(self.optimizer, step)
         return Outcome(step.skip, on_host=False)
 
@@ -227,24 +287,29 @@ def choose(
     *,
     fused: bool,
     momentum_sgd: bool,
+    on_cpu: bool = False,
 ) -> Apply:
-    """The strategy of ``Guard.step`` for these settings (:func:`choose_external`: of ``before_step``)."""
+    """The strategy of ``Guard.step`` for these settings (:func:`choose_external`: of ``before_step``);
+    ``on_cpu``: flag and coefficient may be read on the host (:func:`branches_on_host`)."""
     if config.monitor_only:
         return _monitor(config, optimizer)
-    host = HostDecided(optimizer)
+    host = HostDecided(optimizer, on_cpu=on_cpu)
     if config.on_nonfinite in ("rollback", "raise"):
         return host  # a bad step needs the host at once
-    fused_apply = Fused(optimizer, params, momentum_sgd=momentum_sgd, host=host) if fused else None
+    fused_apply = (
+        Fused(optimizer, params, momentum_sgd=momentum_sgd, host=host, on_cpu=on_cpu) if fused else None
+    )
     if config.on_nonfinite == "warn" and config.on_spike != "skip":
-        return NeverSkip(optimizer, fused=fused, under_scaler=fused_apply or host)
+        return NeverSkip(optimizer, fused=fused, under_scaler=fused_apply or host, on_cpu=on_cpu)
     return fused_apply or host
 
 
-def choose_external(config: GuardConfig, optimizer: torch.optim.Optimizer) -> Apply:
+def choose_external(config: GuardConfig, optimizer: torch.optim.Optimizer, *, on_cpu: bool = False) -> Apply:
     """The strategy of ``Guard.before_step``: decided on the host, clipped in place, stepped by the caller."""
     if config.monitor_only:
         return _monitor(config, optimizer)
-    return HostDecided(optimizer, steps=False, updates_scaler=False)  # the caller updates its scaler
+    # (the caller updates its scaler)
+    return HostDecided(optimizer, steps=False, updates_scaler=False, on_cpu=on_cpu)
 
 
 def _monitor(config: GuardConfig, optimizer: torch.optim.Optimizer) -> Apply:

@@ -165,17 +165,19 @@ class OptimizerBirths:
         self._seen = step
         if self._weights_bad or self._ratio_bad is not None:
             return  # the birth is at or before the step kept
-        layers = _weight_stats(rec)
-        if any(_nonfinite(v.get("weight_norm")) for v in layers.values()):
+        layers = _weight_stats(rec)  # {} on most steps: no weight norms there
+        if layers and any(_nonfinite(v.get("weight_norm")) for v in layers.values()):
             self._weights_bad = True  # non-finite before this step: the birth is the last step taken
             return
         if not _taken(rec):
             return
         self._taken = step
         self._taken_since_clean += 1
+        if not layers:
+            return
         if any(_nonfinite(v.get("update_ratio")) for v in layers.values()):
             self._ratio_bad = step  # this update wrote it: the exact step
-        elif layers:  # finite before and after this update: the window starts after it
+        else:  # finite before and after this update: the window starts after it
             self._clean, self._taken_since_clean = step, 0
 
     def _nonfinite(self) -> list[tuple[str, float]]:

@@ -5,9 +5,10 @@
 step (folded into the fused kernel or scaled in). Value, AGC and per-layer clippers act on the
 gradients themselves: :meth:`Clipping.in_place`, which the apply strategy runs on a step it takes.
 
-What the clipper did reaches the record as ``clip_fraction``: for norm clippers
-:func:`gradguard.clip.fraction_clipped` of the coefficient (in the plan, on the device), for the
-others the fraction their ``clip_`` returns, NaN without a clipper.
+What the clipper did reaches the record as ``clip_fraction``: for a norm clipper whether its one
+coefficient is < 1 (the host derives it from the row's ``clip_coef``: :attr:`ClipPlan.fraction_from_coef`),
+for the others the fraction their ``clip_`` returns, NaN without a clipper. The coefficient is
+written straight into the step's row where it has one (:meth:`Clipping.plan`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ class ClipPlan(NamedTuple):
     coef: Tensor | None  # the norm-clipping coefficient (None: no norm clipping this step)
     threshold: Tensor | None  # τ
     spike: Tensor  # the norm is a spike (device detector; False otherwise)
-    fraction: Tensor | None  # clip_fraction: 0-D bool coef < 1 (a norm clipper) or float; None: see in_place
+    fraction: Tensor | None  # clip_fraction as measured (a bool or a float); None: see below, or in_place
+    #: without a ``fraction``: the clip fraction is whether the one coefficient is < 1, which the
+    #: host derives from the row's ``clip_coef`` (no device op; :data:`gradguard.record.DERIVED`)
+    fraction_from_coef: bool = False
 
 
 def spike_detector(on_spike: str, spike_z: float) -> ZClip | HostZClip | None:
@@ -111,25 +115,18 @@ class Clipping:
                 self.norm_clipper.observe_loss(m.values[0])
             tau = self._threshold(m)
             threshold = tau if threshold is None else threshold.minimum(tau)
-        coef = (
-            coefficient(m.total, threshold, norm_nonfinite=self._norm_nonfinite(m, threshold))
-            if threshold is not None
-            else None
+        if threshold is None:
+            return ClipPlan(None, None, spike, self.fraction(None))
+        coef = coefficient(
+            m.total,
+            threshold,
+            finite_eps=m.finite_eps(),  # the step's finiteness test made it: 1 op fewer
+            nonnegative=threshold is self._fixed_constant,  # a checked number ≥ 0: no clamp at 0
+            out=m.column("clip_coef") if m.total.dtype == torch.float32 and threshold.numel() == 1 else None,
         )
+        if self.norm and coef.dim() == 0:  # the fraction is whether it is < 1: the host tells
+            return ClipPlan(coef, threshold, spike, None, fraction_from_coef=True)
         return ClipPlan(coef, threshold, spike, self.fraction(coef))
-
-    def _norm_nonfinite(self, m: Measurement, threshold: Tensor | None) -> Tensor | None:
-        """The flag that the norm is non-finite, where it may stand in for the coefficient's own
-        finiteness test (:func:`~gradguard.clip.coefficient`: 3 device ops fewer): the threshold is
-        the fixed number's constant (never NaN), not a spike's or an adaptive clipper's; and the
-        flag is of the norm the coefficient reads and of nothing else (float32: a float64 norm is
-        flagged after its float32 cast, which may overflow where the norm does not; under
-        torch.distributed the flag also holds each rank's own copies)."""
-        if threshold is None or threshold is not self._fixed_constant or m.total.dtype != torch.float32:
-            return None
-        if not m.local_flags:  # (a rank's own non-finite copy is flagged too: not the norm's finiteness)
-            return None
-        return m.flags()[1]
 
     def _threshold(self, m: Measurement) -> Tensor:
         """The norm clipper's τ for this step: a fixed ``Norm`` threshold is a device constant, made

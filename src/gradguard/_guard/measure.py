@@ -3,6 +3,13 @@
 The gradients are read once (one foreach norm pass); under torch.distributed one all-reduce makes
 the numbers the same on every rank. Nothing here reads a device value on the host, except
 :meth:`Meter.exact_total` and :meth:`Meter.weights_finite`, which run on the anomaly path only.
+
+Where the step has its record's rows (:meth:`gradguard.monitor.Monitor.next_rows`) the numbers are
+made there: the float64 per-tensor norms in the row for them, ``[loss, global norm]`` in the first
+two columns of the step's row. The non-finite test is one op, whose result the flags, the skip flag
+and the clip coefficient share (:attr:`Measurement.probe`); the per-flag bools are made only
+where something asks for them (:meth:`Measurement.flags`): the row leaves them to the host, which
+derives them from the row's loss and norm (:func:`gradguard.record.derive`).
 """
 
 from __future__ import annotations
@@ -10,15 +17,17 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from gradguard._distributed import Reducer, local
 from gradguard._kernels import grad_norms, usable
+from gradguard.clip import COEF_EPS
 from gradguard.errors import GradGuardError
+from gradguard.record import COLUMN
 from gradguard.stats import (
     LayerIndex,
     check_tensors,
@@ -36,6 +45,10 @@ __all__ = ["Constants", "Measurement", "Meter", "NextRows", "check_loss"]
 #: (:meth:`gradguard.monitor.Monitor.next_rows`); either may be ``None``.
 NextRows = Callable[[torch.device, int], tuple[Tensor | None, Tensor | None]]
 
+_VALUES = 2  # ``values`` are the row's first columns: loss, grad_norm
+assert (COLUMN["loss"], COLUMN["grad_norm"]) == (0, 1)
+_T = TypeVar("_T")
+_ROW_VIEWS = 4096  # rows whose views are kept (the monitor's buffer rows: ``every`` of them)
 _ABSENT_CACHE = 64  # patterns of missing gradients remembered (a model usually has one or two)
 _CONSTANTS = 64  # device constants kept (a handful in use)
 
@@ -44,15 +57,28 @@ class Constants:
     """Small device constants, made once per device (no allocation per step)."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[Any, torch.device], Tensor] = {}
+        self._cache: dict[tuple[Any, torch.device], Any] = {}
+        self._made: dict[int, Any] = {}  # id → constant (each held here: its id is not reused)
 
-    def _get(self, key: Any, device: torch.device, make: Callable[[], Tensor]) -> Tensor:
-        t = self._cache.get((key, device))
+    def _get(self, key: Any, device: torch.device, make: Callable[[], _T]) -> _T:
+        t: _T | None = self._cache.get((key, device))
         if t is None:
             if len(self._cache) >= _CONSTANTS:  # e.g. a norm threshold the user changes every step
                 self._cache.clear()
+                self._made.clear()
             t = self._cache[(key, device)] = make()
+            self._made[id(t)] = t
         return t
+
+    def made(self, t: Tensor) -> bool:
+        """Whether ``t`` is one of these constants (the same tensor, never written, each step that
+        asks for it): the row may bake it into its own constants."""
+        return self._made.get(id(t)) is t
+
+    def get(self, key: Any, device: torch.device, make: Callable[[], _T]) -> _T:
+        """What ``make()`` gives (device tensors), made once for ``key``. A key may name one of these
+        constants by ``id`` (:meth:`made`): both are kept, and dropped, together."""
+        return self._get(key, device, make)
 
     def false(self, device: torch.device) -> Tensor:
         """A 0-D ``False``."""
@@ -93,8 +119,8 @@ class Measurement:
     norms: Tensor  # per-tensor norms (full-tensor norms under FSDP2)
     total: Tensor  # the global norm
     values: Tensor  # [loss, global norm] as float32 (the loss 0 without one)
-    nonfinite: Tensor  # [loss non-finite, gradients non-finite]
-    grad_nan: Tensor  # a gradient holds a NaN
+    nonfinite: Tensor | None  # [loss non-finite, gradients non-finite]; None: made on first use (flags())
+    grad_nan: Tensor | None  # a gradient holds a NaN; None: made on first use (nan())
     bad: Tensor  # the loss or a gradient is non-finite
     absent: tuple[int, ...] = ()  # layers none of whose parameters has a gradient (logged as null)
     wide: Tensor | None = None  # ``norms`` in float64, where the global norm was summed from them
@@ -102,15 +128,69 @@ class Measurement:
     local_flags: bool = (
         True  # ``nonfinite`` says only whether the loss and the global norm are (no rank's own)
     )
+    #: ``[[loss·0, norm·0], [loss·0, 1e-6 + norm·0]]`` (float32) from ``values``: 0 where a value is
+    #: finite, NaN where not (x·0 is NaN exactly for ±inf and NaN): the step's one non-finite test.
+    #: ``probe[0]`` holds the flags, ``probe[1, 1]`` the clip coefficient's 1e-6-or-NaN.
+    #: ``None`` where the flags hold more than ``values`` say (a rank's own, under torch.distributed).
+    #: The meter's buffer: valid until its next measure (the step's own uses come before).
+    probe: Tensor | None = None
+    values_in_row: bool = False  # ``values`` is ``row[:2]`` (measured in place)
+    #: views of ``row`` (and ``probe``) by key, made once: the meter keeps them per row
+    views: dict[Any, Tensor] = field(default_factory=dict)
     _observed: Tensor | None = None
     _flags: tuple[Tensor, ...] | None = None
 
     def flags(self) -> tuple[Tensor, ...]:
-        """``nonfinite`` as two 0-D views ``(loss non-finite, gradients non-finite)``, made once (the
-        clip coefficient and the row both use them; each view costs ~1 µs on the host)."""
+        """``nonfinite`` as two 0-D bool views ``(loss non-finite, gradients non-finite)``, made on
+        first use (the usual step asks for none: its row leaves them to the host)."""
         if self._flags is None:
+            if self.nonfinite is None:
+                assert self.probe is not None
+                self.nonfinite = torch.isnan(self._probe_part("flags", 0))
             self._flags = self.nonfinite.unbind()
         return self._flags
+
+    def nan(self) -> Tensor:
+        """``grad_nan`` (a gradient holds a NaN, not only ±inf), made on first use."""
+        if self.grad_nan is None:
+            self.grad_nan = torch.isnan(self.total)
+        return self.grad_nan
+
+    @property
+    def flags_from_values(self) -> bool:
+        """Whether the flags are functions of ``values`` alone (no rank's own): the host may derive them."""
+        return self.probe is not None
+
+    def finite_eps(self) -> Tensor | None:
+        """The clip coefficient's 1e-6, NaN where the global norm is not finite
+        (:func:`gradguard.clip.coefficient`'s ``finite_eps``): where the norm is float32 (``values``
+        holds the very norm) and the flags are the step's own; else ``None``."""
+        if self.probe is None or self.total.dtype != torch.float32:
+            return None
+        return self._probe_part("eps", (1, 1))
+
+    def _probe_part(self, key: str, index: Any) -> Tensor:
+        assert self.probe is not None
+        found = self.views.get(key)
+        if found is None:
+            found = self.views[key] = self.probe[index]
+        return found
+
+    def column(self, name: str) -> Tensor | None:
+        """Column ``name`` of the step's row (a 0-D view, made once per row), for an op to write its
+        result straight there; ``None`` without a row made in place."""
+        return self.columns(COLUMN[name], COLUMN[name] + 1, 0)
+
+    def columns(self, start: int, stop: int, dim: int = 1) -> Tensor | None:
+        """Columns ``start:stop`` of the step's row (a 1-D view, or a 0-D one with ``dim=0``, made
+        once per row); ``None`` without a row made in place."""
+        if not self.values_in_row or self.row is None:
+            return None
+        key = (start, stop, dim)
+        found = self.views.get(key)
+        if found is None:
+            found = self.views[key] = self.row[start:stop] if dim else self.row[start]
+        return found
 
     def observed(self, consts: Constants) -> Tensor:
         """The global norm, NaN on a bad step: what adaptive state (an adaptive clipper, the spike
@@ -136,6 +216,8 @@ class Meter:
         self._uniform = _uniform(params, norm_type)
         # a layer step records its per-tensor norms, reduced to per-layer norms at the flush
         self.reduces_at_flush = LayerIndex.exact_in_rows(norm_type)
+        self._row_views: dict[int, tuple[Tensor, dict[Any, Tensor]]] = {}  # id(row) → (row, views)
+        self._probes: dict[torch.device, tuple[Tensor, Tensor, Tensor, dict[Any, Tensor]]] = {}
 
     def reindex(self, index: LayerIndex, reducer: Reducer | None) -> None:
         """Parameters joined: the new layer index (and the all-reduce that covers them)."""
@@ -191,6 +273,7 @@ class Meter:
         absent = self.absent_layers(present) if self.reducer is None else ()  # all ranks' norms: not local
         if self.reducer is not None:
             grads = [local(g) for g in grads]  # FSDP2: this rank's shards
+        row, into = rows(device, len(self.params)) if rows is not None else (None, None)
         norms = self._known_norms(grads, known) if known is not None else None
         if norms is None:
             norms = self.tensor_norms(grads)  # the one read of the gradients
@@ -203,17 +286,24 @@ class Meter:
                 )
                 present = list(range(len(self.params)))
             norms, loss_val, rank_flags = self.reducer.reduce(norms, loss_val, present)
-        row, into = rows(device, len(self.params)) if rows is not None else (None, None)
         wide = _wide(norms, into)  # the global norm sums these, and so do the per-layer norms
         total = _total(wide, p, norms.dtype)
-        # flags with few small ops (each costs ~5 µs of dispatch on a CPU): x - x is NaN iff x is not finite
-        values = torch.stack([loss_val, total if total.dtype is torch.float32 else total.float()])
-        nonfinite = torch.isnan(values - values)  # [loss, gradients]
-        grad_nan = torch.isnan(total)
-        if rank_flags is not None:  # a value on one rank only (its loss, or its copy of a gradient)
-            nonfinite = nonfinite | rank_flags[:2]
-            grad_nan = grad_nan | rank_flags[2]
-        bad = nonfinite.any()
+        total32 = total if total.dtype is torch.float32 else total.float()
+        probe, base, zero, parts = self._probe(device)
+        if row is not None and row.device == device:  # [loss, global norm] made in the row's first columns
+            views = self._views(row, parts)
+            values = torch.stack([loss_val, total32], out=views["values"])
+        else:
+            row, views = None, dict(parts)
+            values = torch.stack([loss_val, total32])
+        nonfinite = grad_nan = None
+        if rank_flags is None:  # one op: 0 where finite, NaN where not (see Measurement.probe)
+            torch.addcmul(base, values, zero, out=probe)
+            bad = views["flags"].any()  # (a NaN is true)
+        else:  # a value on one rank only (its loss, or its copy of a gradient) is flagged too
+            nonfinite = torch.isnan(values - values) | rank_flags[:2]
+            grad_nan = torch.isnan(total) | rank_flags[2]
+            bad = nonfinite.any()
         return Measurement(
             device,
             grads,
@@ -228,7 +318,32 @@ class Meter:
             wide,
             row,
             local_flags=rank_flags is None,
+            probe=probe if rank_flags is None else None,
+            values_in_row=row is not None,
+            views=views,
         )
+
+    def _views(self, row: Tensor, parts: dict[Any, Tensor]) -> dict[Any, Tensor]:
+        """The views of one of the monitor's rows, made once per row (each view costs ~1 µs on the
+        host): ``"values"`` (its first two columns) and the probe's ``parts``, more added on use."""
+        found = self._row_views.get(id(row))
+        if found is None or found[0] is not row:
+            if len(self._row_views) >= _ROW_VIEWS:  # (a monitor whose rows are not views made once)
+                self._row_views.clear()
+            found = self._row_views[id(row)] = (row, {"values": row[:_VALUES], **parts})
+        return found[1]
+
+    def _probe(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, dict[Any, Tensor]]:
+        """The buffer :attr:`Measurement.probe` is written into (one per device: it holds a step's
+        probe until the next measure, all a step needs of it), the ``[[0, 0], [0, 1e-6]]`` and the
+        0 it is made from, and its views (``"flags"``, ``"eps"``), all made once."""
+        found = self._probes.get(device)
+        if found is None:
+            out = torch.empty(2, 2, dtype=torch.float32, device=device)
+            base = torch.tensor([[0.0, 0.0], [0.0, COEF_EPS]], dtype=torch.float32).to(device)
+            zero = torch.zeros((), dtype=torch.float32, device=device)
+            found = self._probes[device] = (out, base, zero, {"flags": out[0], "eps": out[1, 1]})
+        return found
 
     def tensor_norms(self, grads: list[Tensor]) -> Tensor:
         """The per-tensor norms of the gradients present, as one 1-D tensor: the step's one read of
@@ -383,6 +498,8 @@ def _total(wide: Tensor, p: float, dtype: torch.dtype) -> Tensor:
     if wide.numel() == 0:
         return total_norm(wide, p).to(dtype)
     total = torch.linalg.vector_norm(wide, p)
+    if dtype is torch.float32:
+        return total.float()  # (the same op as ``to``, ~1 µs less on the host)
     return total if dtype == torch.float64 else total.to(dtype)
 
 

@@ -61,7 +61,10 @@ class GuardedParams:
         groups = self.optimizer.param_groups
         if len(groups) != len(self._groups):
             return True
-        return any(g["params"] is not seen or len(seen) != n for g, (seen, n) in zip(groups, self._groups))
+        for group, (seen, n) in zip(groups, self._groups):  # (a loop: cheaper than any() over a generator)
+            if group["params"] is not seen or len(seen) != n:
+                return True
+        return False
 
     def _rescan(self) -> None:
         """The optimizer changed (the rare path): its new parameters wait for their first gradient."""

@@ -117,8 +117,10 @@ class Recovery:
 
     def due(self, step: int) -> bool:
         """Whether a snapshot is due after ``step`` (the cadence, and the gate)."""
+        if not self.active:  # (the usual case: no snapshots kept)
+            return False
         every = max(self.every, MIN_GAP) if self.keep_earlier else self.every
-        return self.active and step - self.snapshot_step >= every and self.healthy()
+        return step - self.snapshot_step >= every and self.healthy()
 
     def after_good_step(self, step: int) -> None:
         """Take a snapshot if one is due (``step`` was taken and is good)."""

@@ -1,8 +1,17 @@
 """A step's device row: the columns of :data:`gradguard.record.SCALARS`, in buffer order
-(:func:`device_row` builds them in that order; ``tests/test_guard_parts.py`` holds it to it).
+(``tests/test_guard_parts.py`` holds :func:`device_row` to it).
 
-The row is assembled on the device with 3 ops (a few µs on a CPU) and copied into the monitor's buffer; the host
-reads it only on the anomaly path (:func:`host_values`).
+The row is made in place, in the monitor's next row, by the ops that compute its numbers: the
+measurement writes ``[loss, grad_norm]`` (:meth:`gradguard._guard.measure.Meter.measure`), the
+clip coefficient's last op writes ``clip_coef`` (:meth:`gradguard._guard.clipping.Clipping.plan`),
+and one ``where`` writes the rest from two constant rows, a good step's and a bad step's, picked by
+the step's bad flag: a fixed threshold, the flags, ``loss_scale`` (NaN until :func:`set_column`
+writes a GradScaler's scale). What the host can tell from the row's own numbers is left to it
+(:data:`gradguard.record.DERIVED`): which of the loss and the norm was not finite, and a norm
+clipper's clip fraction. Anything else — a skip flag other than the bad flag, a device spike, an AMP
+overflow, a measured clip fraction, an adaptive threshold, flags that hold more than the row's
+numbers (a rank's own, under torch.distributed) — is one small write more. The host reads the row
+only on the anomaly path (:func:`host_values`).
 """
 
 from __future__ import annotations
@@ -15,49 +24,95 @@ from torch import Tensor
 
 from gradguard._guard.clipping import ClipPlan
 from gradguard._guard.measure import Constants, Measurement
-from gradguard.record import COLUMN, SCALARS
+from gradguard.record import COLUMN, DERIVED, SCALARS, derive
 
 __all__ = ["column", "device_row", "host_values", "rescued", "set_column"]
 
-# the last 9 columns (the 7 flags, loss_scale, clip_fraction) are made from 9 device bools times
-# one of these (a bool times a float is that float or 0; times NaN it is NaN: loss_scale, which
-# set_column fills under a GradScaler, and the clip_fraction of a step without a norm clipper)
-_FLAGS_FRACTION = (1.0,) * 7 + (math.nan, 1.0)
-_FLAGS_NO_FRACTION = (1.0,) * 7 + (math.nan, math.nan)
+_COEF, _THRESHOLD, _FLAGS = COLUMN["clip_coef"], COLUMN["threshold"], COLUMN["nonfinite"]
+_NAN = math.nan
 
 
 def device_row(m: Measurement, plan: ClipPlan, skip: Tensor, overflow: Tensor, consts: Constants) -> Tensor:
-    """The step's row (float32, on the device), in 3 small ops: the 9 flag-like columns as one
-    ``stack`` of bools times a constant, then one ``cat`` of float32 pieces (a ``stack`` of mixed
-    dtypes takes torch's slow type-promotion path). ``loss_scale`` is NaN until :func:`set_column`
-    writes the scaler's scale; ``clip_fraction`` is the norm clipper's (see :class:`ClipPlan`) or
-    NaN until an in-place clipper's is written. Made in ``m.row`` (the monitor's next row) where
-    the measurement has one."""
-    loss_nonfinite, grad_nonfinite = m.flags()
-    fraction = plan.fraction
-    as_bit = fraction is not None and fraction.dtype == torch.bool  # a norm clipper's coef < 1
-    bits = [m.bad, loss_nonfinite, grad_nonfinite, m.grad_nan, skip, plan.spike, overflow, m.bad]
-    bits.append(fraction if fraction is not None and as_bit else m.bad)
-    mask = _FLAGS_FRACTION if as_bit else _FLAGS_NO_FRACTION
-    tail = torch.stack(bits) * consts.numbers(mask, m.device)
-    if plan.coef is None or plan.threshold is None:
-        clip = [consts.numbers((math.nan, math.inf), m.device)]
-    else:  # as views (a stack would be one more device op: a kernel launch on a GPU)
-        clip = [_float32(plan.coef).reshape(1), _float32(plan.threshold).reshape(1)]
-    # loss, grad_norm | clip_coef, threshold | the 7 flags, loss_scale, clip_fraction
-    out = m.row
-    if out is not None and out.device == m.device:
-        row = torch.cat([m.values, *clip, tail], out=out)
-    else:
-        row = torch.cat([m.values, *clip, tail])
-    if fraction is not None and not as_bit:  # a fraction measured otherwise (a float)
-        set_column(row, "clip_fraction", fraction)
+    """The step's row (float32, on the device): ``m.row`` (the monitor's next row) where the
+    measurement has one, else a new tensor. A usual step (a fixed norm threshold, the bad flag as
+    its skip flag) adds 1 op to the measurement's and the coefficient's: the ``where``."""
+    row = m.row if m.row is not None and m.row.device == m.device else _new_row(m.device)
+    if not m.values_in_row or row is not m.row:
+        row[:_COEF].copy_(m.values)
+    clips = plan.coef is not None and plan.threshold is not None
+    baked = clips and consts.made(plan.threshold)  # type: ignore[arg-type]
+    if clips:
+        assert plan.coef is not None and plan.threshold is not None
+        if plan.coef is not m.column("clip_coef"):  # (not made in the row: the recovery's, the caller's)
+            _put(row, _COEF, plan.coef)
+        if not baked:
+            _put(row, _THRESHOLD, plan.threshold)
+    start = _THRESHOLD if baked else _FLAGS if clips else _COEF
+    from_coef = clips and plan.fraction is None and plan.fraction_from_coef
+    derives = m.flags_from_values
+    bad, good = _constants(
+        consts, m.device, start, plan.threshold if baked else None, skip is m.bad, derives, from_coef
+    )
+    tail = m.columns(start, len(SCALARS)) if row is m.row else None
+    torch.where(m.bad, bad, good, out=tail if tail is not None else row[start:])
+    if not derives:  # flags that hold a rank's own values too (or were given)
+        loss_nonfinite, grad_nonfinite = m.flags()
+        torch.stack([m.bad, loss_nonfinite, grad_nonfinite, m.nan()], out=row[_FLAGS : _FLAGS + 4])
+    false = consts.false(m.device)
+    for name, flag in (("skipped", skip), ("spike", plan.spike), ("amp_overflow", overflow)):
+        if flag is not false and not (name == "skipped" and flag is m.bad):
+            set_column(row, name, flag)
+    if plan.fraction is not None:  # a fraction measured otherwise (a bool, a float)
+        set_column(row, "clip_fraction", plan.fraction)
     return row
 
 
-def _float32(t: Tensor) -> Tensor:
-    """``t`` as float32 (no call when it is: a no-op ``to`` still costs ~1 µs on the host)."""
-    return t if t.dtype == torch.float32 else t.float()
+def _new_row(device: torch.device) -> Tensor:
+    return torch.empty(len(SCALARS), dtype=torch.float32, device=device)
+
+
+def _put(row: Tensor, index: int, value: Tensor) -> None:
+    """Write a 0-D or 1-element tensor into one column (converted to float32)."""
+    row[index].copy_(value if value.dim() == 0 else value.reshape(()))
+
+
+def _constants(
+    consts: Constants,
+    device: torch.device,
+    start: int,
+    threshold: Tensor | None,
+    skip_is_bad: bool,
+    derives: bool,
+    from_coef: bool,
+) -> tuple[Tensor, Tensor]:
+    """The columns ``start:`` of a bad step's and of a good step's row (device constants, made once
+    per kind of step; ``threshold``: a device constant baked in as column ``threshold``)."""
+    key = ("row", start, None if threshold is None else id(threshold), skip_is_bad, derives, from_coef)
+    return consts.get(key, device, lambda: _make(device, start, threshold, skip_is_bad, derives, from_coef))
+
+
+def _make(
+    device: torch.device,
+    start: int,
+    threshold: Tensor | None,
+    skip_is_bad: bool,
+    derives: bool,
+    from_coef: bool,
+) -> tuple[Tensor, Tensor]:
+    """See :func:`_constants`."""
+    fraction = DERIVED if from_coef else _NAN
+    good = dict.fromkeys(SCALARS, 0.0) | {"clip_coef": _NAN, "threshold": math.inf}
+    good |= {"loss_scale": _NAN, "clip_fraction": fraction}
+    bad = good | {"nonfinite": 1.0, "skipped": 1.0 if skip_is_bad else 0.0}
+    if derives:  # which of the loss and the norm: the host tells from them
+        bad |= dict.fromkeys(("loss_nonfinite", "grad_nonfinite", "grad_nan"), DERIVED)
+    rows = []
+    for values in (bad, good):
+        row = torch.tensor([values[name] for name in SCALARS[start:]], dtype=torch.float32).to(device)
+        if threshold is not None:
+            row[0] = threshold.to(device=device, dtype=torch.float32).reshape(())
+        rows.append(row)
+    return rows[0], rows[1]
 
 
 def set_column(row: Tensor, name: str, value: Any) -> None:
@@ -66,7 +121,8 @@ def set_column(row: Tensor, name: str, value: Any) -> None:
 
 
 def rescued(row: Tensor, total: Tensor, coef: Tensor, fraction: Tensor | None) -> None:
-    """A bad step that was only a float32 norm overflow: its exact norm and coefficient, not bad."""
+    """A bad step that was only a float32 norm overflow: its exact norm and coefficient, not bad.
+    (``loss_nonfinite`` and ``grad_nan``, left to the host, follow from the loss and the new norm.)"""
     set_column(row, "grad_norm", total.float())
     set_column(row, "clip_coef", coef)
     for flag in ("nonfinite", "grad_nonfinite", "skipped"):
@@ -76,8 +132,11 @@ def rescued(row: Tensor, total: Tensor, coef: Tensor, fraction: Tensor | None) -
 
 
 def host_values(row: Tensor) -> dict[str, float]:
-    """The row on the host, by column name (a host read: the anomaly path only)."""
-    return dict(zip(SCALARS, row.tolist()))  # host sync: anomaly path
+    """The row on the host, by column name, the columns left to the host derived (a host read:
+    the anomaly path only)."""
+    values = row.tolist()  # host sync: anomaly path
+    derive(values)
+    return dict(zip(SCALARS, values))
 
 
 def column(row: Tensor, name: str) -> Tensor:

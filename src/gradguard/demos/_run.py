@@ -44,7 +44,7 @@ from gradguard.diagnose import Finding, diagnose, recommended_max_norm
 from gradguard.diagnose.numbers import Ends
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.guard import Guard
-from gradguard.record import COLUMN
+from gradguard.record import COLUMN, derive
 from gradguard.runlog import RunLog, default_run_dir, read_run
 from gradguard.runtable import RunTable, clipped
 from gradguard.tune import tune
@@ -106,6 +106,7 @@ class GuardUpdate:
         buffer = mon._scalars  # the row this step just wrote (a host read per step: fine on a CPU demo)
         assert buffer is not None
         row = buffer[(mon.pending - 1) % mon.every].tolist()
+        derive(row)  # the flags a healthy step leaves to the host (record.DERIVED)
         rec = {name: row[i] for name, i in COLUMN.items()}  # the step's record, by the record's columns
         skipped = bool(rec["skipped"])
         norm = rec["grad_norm"]
