@@ -263,6 +263,7 @@ def parts(case: str, opt_kind: str, clip: str, number: int = 200, repeat: int = 
     ``device_row``), the optimizer step under the fused protocol (``grad_scale`` / ``found_inf`` set,
     as the guard sets them), the forward and backward with locate's capture hooks; ``guard.step``
     is the whole call (of a typical step: no flush, no weight norms), its glue what the parts leave of it."""
+    from gradguard._guard import apply as applying
     from gradguard._guard.row import column, device_row
 
     twin = _Twin(case, opt_kind, clip, every=4000, weight_every=None)  # typical steps: no flush among them
@@ -281,8 +282,16 @@ def parts(case: str, opt_kind: str, clip: str, number: int = 200, repeat: int = 
         twin.backward(gm, go)
         g._anomaly.end_step()  # (the capture keeps the step's inputs until its step)
 
-    def protocol_step() -> None:  # the optimizer step as the guard calls it (fused: grad_scale, found_inf)
-        if twin.guard.fused and plan.coef is not None:
+    def protocol_step() -> (
+        None
+    ):  # the optimizer step as the guard calls it (fused on a GPU: grad_scale, found_inf)
+        planned = applying.Planned(m.grads, plan.coef, skip, None, lambda: None)
+        if applying.branches_on_host(g._params) and twin.guard.fused:  # the CPU's host branch
+            applying._fused_step(go, planned, on_cpu=True)
+        elif applying.branches_on_host(g._params):  # HostDecided's clip (a coefficient of 1: no multiply)
+            applying._clip(planned, on_cpu=True)
+            go.step()
+        elif twin.guard.fused and plan.coef is not None:
             go.grad_scale, go.found_inf = plan.coef.reciprocal(), column(row, "skipped")  # type: ignore[attr-defined]
             go.step()
             del go.grad_scale, go.found_inf  # type: ignore[attr-defined]

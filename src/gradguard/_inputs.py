@@ -107,9 +107,12 @@ class CarriedState:
 
     def note(self, inputs: list[Tensor], outputs: list[Tensor], step: int) -> None:
         """A forward at ``step`` took ``inputs`` and returned ``outputs`` (floating tensors)."""
-        ref = weakref.ref
-        seen = [(ref(t.untyped_storage()), t._version, step, "input") for t in inputs if _has_storage(t)]
-        seen += [(ref(t.untyped_storage()), t._version, step, "output") for t in outputs if _has_storage(t)]
+        ref, plain, strided = weakref.ref, _PLAIN, torch.strided  # (each forward: _has_storage inline)
+        seen: list[_Seen] = []
+        for role, tensors in (("input", inputs), ("output", outputs)):
+            for t in tensors:
+                if type(t) in plain and t.layout == strided:
+                    seen.append((ref(t.untyped_storage()), t._version, step, role))
         if seen:
             self._seen.append(seen)
 
@@ -130,6 +133,9 @@ class CarriedState:
         return None
 
 
+_PLAIN = (Tensor, Parameter)
+
+
 def _has_storage(t: Tensor) -> bool:
     """Whether ``t`` is a plain strided tensor (its storage names it; not sparse, not a subclass)."""
-    return type(t) in (Tensor, Parameter) and t.layout == torch.strided
+    return type(t) in _PLAIN and t.layout == torch.strided
