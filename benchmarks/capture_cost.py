@@ -35,7 +35,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fixed_cost import load_baseline
 
-CASES = {"mlp2x32": (2, 32), "mlp4x256": (4, 256)}
+CASES = {"mlp2x32": (2, 32), "mlp4x256": (4, 256), "lm7M": (10_000, 700)}
+#: ``lm7M``: a word-LM-shaped model (embedding 10,000 × 128 and a 128 → 10,000 head) on 700 tokens:
+#: a 7M-element output, above ``locate.RETAIN_MAX`` (its gradient is kept by reference, not copied);
+#: timed with ``--number`` / 400 calls a round.
 
 
 def _mlp(depth: int, width: int) -> nn.Module:
@@ -44,6 +47,22 @@ def _mlp(depth: int, width: int) -> nn.Module:
     for i in range(depth):
         layers += [nn.Linear(width if i else 32, width), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def _case(case: str, number: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
+    """The case's model, batch and calls a round."""
+    if case == "lm7M":
+        vocab, tokens = CASES[case]
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(vocab, 128), nn.Linear(128, vocab))
+        return (
+            model,
+            torch.randint(0, vocab, (tokens,)),
+            torch.randint(0, vocab, (tokens,)),
+            max(1, number // 400),
+        )
+    depth, width = CASES[case]
+    return _mlp(depth, width), torch.randn(32, 32), torch.randint(0, 10, (32,)), number
 
 
 def _step(model: nn.Module, capture: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -73,9 +92,7 @@ def _only(locate: Any, model: nn.Module, capture: Any) -> None:
 
 def measure(case: str, locates: dict[str, Any], rounds: int, number: int) -> dict[str, float]:
     """The fastest round of each variant, in µs per forward + backward."""
-    depth, width = CASES[case]
-    base = _mlp(depth, width)
-    x, y = torch.randn(32, 32), torch.randint(0, 10, (32,))
+    base, x, y, number = _case(case, number)
     variants: dict[str, tuple[Callable[[], None], Any, nn.Module, Any]] = {}
     for name, locate in {"plain": None, **locates}.items():
         model = copy.deepcopy(base)

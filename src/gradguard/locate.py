@@ -181,9 +181,16 @@ def _call_floats(args: Any, kwargs: Any) -> list[Tensor]:
 
 
 def _waiting(t: Tensor) -> bool:
-    """Whether ``t``, an output the capture keeps, still waits for its gradient (a leaf never
-    waits: its keeper is a hook)."""
-    return not t.is_leaf and t.grad is None
+    """Whether ``t``, an output the capture keeps, still waits for its gradient in ``.grad`` (a
+    leaf, or a large output, never does: its keeper is a hook)."""
+    return t.retains_grad and t.grad is None
+
+
+#: Outputs up to this many elements in all keep their gradient through ``retain_grad()`` (a C++
+#: hook, ~7 µs a step cheaper than a Python one on a CPU, but torch stores a *copy* of the
+#: gradient); larger ones through a Python pre-hook on their node (a reference, no copy: a 7M-element
+#: output's copy cost +2.6 ms a step against +0.17 for the hook, benchmarks/capture_cost.py).
+RETAIN_MAX = 2**14
 
 
 def _kinds(t: Tensor) -> list[str]:
@@ -1180,13 +1187,14 @@ class StepCapture:
 
         Each output that is not a leaf gets ``retain_grad()`` (a C++ hook: a Python hook on the
         output's node costs twice as much a step) and is held until then: its ``.grad`` is the
-        gradient (a copy torch makes; with the output itself, at most ``max_output`` elements each
-        are held until the optimizer step, where the gradient alone was). The rules, and what they
-        imply:
+        gradient (a copy torch makes). Outputs above :data:`RETAIN_MAX` elements in all get the
+        Python pre-hook on their node instead (the gradient by reference: a copy of a large output
+        costs more than the hook); they are held too (at most ``max_output`` elements, until the
+        optimizer step, with their gradient). The rules, and what they imply:
 
         * an output that several backwards reach (``retain_graph``, two losses on one output) holds
           the *sum* of what reached it: what the parameters accumulated, which the replay's
-          backward then reproduces;
+          backward then reproduces (a large output's pre-hook keeps the last one, as before);
         * with several forwards (two forwards, one loss), the gradient that arrives last wins, as
           it did when every output had a Python hook: a forward whose outputs are still waiting
           for their gradient when the next forward starts gets that hook then
@@ -1201,12 +1209,15 @@ class StepCapture:
           a tensor hook.
         """
         outs = [t for t in floats if t.requires_grad]
-        if not outs or sum(map(Tensor.numel, outs)) > self.max_output:
+        size = sum(map(Tensor.numel, outs))
+        if not outs or size > self.max_output:
             return
         self._kept = outs
         for i, t in enumerate(outs):
             if t.is_leaf:
                 t.register_hook(functools.partial(self._arrive_leaf, i))
+            elif size > RETAIN_MAX and not t.retains_grad:
+                self._keep_late(i, t, retained=False)  # a large output: its gradient by reference
             elif not t.retains_grad:
                 t.retain_grad()
                 self._retained.append(t)
@@ -1235,7 +1246,7 @@ class StepCapture:
         output. A read of references (no device work)."""
         grads: list[Tensor | None] = []
         for i, t in enumerate(self._kept):
-            own = None if t.is_leaf else t.grad
+            own = t.grad if t.retains_grad else None  # (a leaf's or a large output's: by its hook)
             late = self._arrived.get(i)
             grads.append(late[0] if late is not None and (own is None or late[1]) else own)
         return grads
