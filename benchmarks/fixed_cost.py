@@ -29,7 +29,7 @@ dispatch; on a GPU each is a kernel launch.
 
 Run ``python benchmarks/fixed_cost.py`` (about 2 minutes), ``--quick``, ``--ops`` (op counts only,
 seconds), ``--parts`` (where the µs of a step go: each part timed alone, the fastest of 7 rounds),
-``--json out.json``, ``--identical DIR`` (this tree logs bit for bit what an older one logs: 67 runs
+``--locate-off`` (plain / guard / guard with ``locate=False`` in one process: the capture's share), ``--json out.json``, ``--identical DIR`` (this tree logs bit for bit what an older one logs: 67 runs
 of 60 steps over the common settings; ~2 minutes). ``--baseline DIR`` (an older tree's ``src/gradguard``, e.g. from
 ``git archive HEAD src/gradguard | tar -x -C /tmp/base``): plain / that guard / this guard as
 interleaved triples in one process, with the median ratios guard / baseline (``--clock thread``:
@@ -325,6 +325,40 @@ def parts(case: str, opt_kind: str, clip: str, number: int = 200, repeat: int = 
     return found
 
 
+def locate_share(case: str, opt_kind: str, clip: str, rounds: int = 400) -> dict[str, tuple[float, float]]:
+    """The guard's extra over the plain step with and without locate's capture: plain, the guard and
+    the guard with ``locate=False`` interleaved in one process (thread CPU time, gc off); the median
+    ratio to plain and the median difference in µs of each."""
+    twins = {
+        "guard": _Twin(case, opt_kind, clip),
+        "guard, locate=False": _Twin(case, opt_kind, clip, locate=False),
+    }
+    runs = [("plain", twins["guard"].plain)] + [(k, t.guarded) for k, t in twins.items()]
+    for _ in range(30):
+        for _, fn in runs:
+            fn()
+    times: dict[str, list[float]] = {k: [] for k, _ in runs}
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for k, fn in runs if r % 2 else runs[::-1]:
+                t0 = time.thread_time()
+                fn()
+                times[k].append(time.thread_time() - t0)
+    finally:
+        gc.enable()
+    for t in twins.values():
+        t.guard.close()
+    plain = times.pop("plain")
+    return {
+        k: (
+            statistics.median(a / b for a, b in zip(v, plain)),
+            1e6 * statistics.median(a - b for a, b in zip(v, plain)),
+        )
+        for k, v in times.items()
+    }
+
+
 def print_parts(configs: list[tuple[str, str, str]]) -> None:
     for cfg in configs:
         found = parts(*cfg)
@@ -598,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matrix", action="store_true", help="also the op counts of the common settings")
     ap.add_argument("--parts", action="store_true", help="where the µs go: each part of the steps (timeit)")
     ap.add_argument(
+        "--locate-off",
+        action="store_true",
+        help="plain / guard / guard(locate=False) interleaved in one process (thread clock): the capture's share",
+    )
+    ap.add_argument(
         "--identical",
         default=None,
         metavar="DIR",
@@ -656,6 +695,10 @@ def main(argv: list[str] | None = None) -> int:
     vs_baseline: list[VsBaseline] = []
     if args.parts:
         pass
+    elif args.locate_off:
+        for case, opt_kind, clip in configs:
+            for name, (ratio, diff) in locate_share(case, opt_kind, clip).items():
+                print(f"{case}, AdamW {opt_kind}, `{clip}`: {name} {ratio:.3f}× plain, {diff:+.0f} µs")
     elif args.baseline and not args.ops:
         vs_baseline = print_vs_baseline(configs, load_baseline(args.baseline), args)
     elif not args.ops:
