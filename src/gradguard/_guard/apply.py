@@ -115,6 +115,7 @@ def _clip(step: Planned, *, on_cpu: bool = False) -> None:
     """Clip in place: the in-place clipper, then the norm coefficient (``on_cpu``: a coefficient of 1,
     read on the host where that waits for no device, scales nothing: multiplying by 1 changes no bit)."""
     step.clip_in_place()
+    # host sync: on_cpu only, a CPU value (no device to wait for)
     if step.grads and step.coef is not None and not (on_cpu and step.coef.is_cpu and float(step.coef) == 1.0):
         scale_grads_(step.grads, step.coef)  # CUDA: the Triton kernel where it reads them (_kernels)
 
@@ -156,9 +157,9 @@ def _fused_step(optimizer: torch.optim.Optimizer, step: Planned, *, on_cpu: bool
     182, 207). The step's outcome stays the device flag: the host learns of a skipped step at the
     flush, as with the kernel.
     """
-    if on_cpu and step.skip.is_cpu and not bool(step.skip):  # a CPU value: no device to wait for
+    if on_cpu and step.skip.is_cpu and not bool(step.skip):  # host sync: a CPU value, no device to wait for
         step.clip_in_place()
-        if step.grads and step.coef is not None and float(step.coef) != 1.0:
+        if step.grads and step.coef is not None and float(step.coef) != 1.0:  # host sync: a CPU value
             torch._foreach_div_(step.grads, _grad_scale(step.coef))  # what the kernel does with grad_scale
         _step_optimizer(optimizer, step)
         return
