@@ -20,6 +20,12 @@ and the CPU contention while timing (Linux PSI ``cpu some``: the % of the wall t
 of this machine waited for a core; and the load average) — timings on a shared machine move with
 it, so read a ratio with its contention.
 
+``--blocks N`` interleaves blocks of ``N`` consecutive steps of each model instead of single steps
+(the value of a block: the median of its steps): a training run's pattern, one model stepping back
+to back. Single-step pairs of twin models evict each other's working set from the caches at every
+step; from ``mlp4x256`` on (~4 MB of weights, gradients and AdamW state a model, against a 1 MB L2 a
+core here) that eviction moves the ratios more than the guard's fixed cost does.
+
 Op counts (deterministic, unlike the timings): the aten ops that launch a kernel (a
 ``TorchDispatchMode`` that counts them; views, metadata ops and host reads left out) inside one warm
 ``guard.step``, the guard's own apart from those of the optimizer step it calls, against those of
@@ -325,10 +331,13 @@ def parts(case: str, opt_kind: str, clip: str, number: int = 200, repeat: int = 
     return found
 
 
-def locate_share(case: str, opt_kind: str, clip: str, rounds: int = 400) -> dict[str, tuple[float, float]]:
+def locate_share(
+    case: str, opt_kind: str, clip: str, rounds: int = 400, block: int = 1
+) -> dict[str, tuple[float, float]]:
     """The guard's extra over the plain step with and without locate's capture: plain, the guard and
-    the guard with ``locate=False`` interleaved in one process (thread CPU time, gc off); the median
-    ratio to plain and the median difference in µs of each."""
+    the guard with ``locate=False`` interleaved in one process (thread CPU time, gc off; ``block``
+    steps of one model at a time, see :func:`interleaved`); the median ratio to plain and the median
+    difference in µs of each."""
     twins = {
         "guard": _Twin(case, opt_kind, clip),
         "guard, locate=False": _Twin(case, opt_kind, clip, locate=False),
@@ -337,16 +346,7 @@ def locate_share(case: str, opt_kind: str, clip: str, rounds: int = 400) -> dict
     for _ in range(30):
         for _, fn in runs:
             fn()
-    times: dict[str, list[float]] = {k: [] for k, _ in runs}
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for k, fn in runs if r % 2 else runs[::-1]:
-                t0 = time.thread_time()
-                fn()
-                times[k].append(time.thread_time() - t0)
-    finally:
-        gc.enable()
+    times = interleaved(runs, rounds, block, time.thread_time)
     for t in twins.values():
         t.guard.close()
     plain = times.pop("plain")
@@ -357,6 +357,33 @@ def locate_share(case: str, opt_kind: str, clip: str, rounds: int = 400) -> dict
         )
         for k, v in times.items()
     }
+
+
+def interleaved(
+    runs: list[tuple[str, Callable[[], None]]], rounds: int, block: int, now: Callable[[], float]
+) -> dict[str, list[float]]:
+    """Seconds a step of each run, round by round (the order reversed every other round, gc off).
+
+    ``block=1``: one step of each run a round (step pairs). ``block=N``: ``N`` consecutive steps of
+    each run a round, the round's value the median of its ``N``: the pattern of a training run,
+    whose model steps back to back and keeps its working set in the caches. Step pairs of twin models
+    evict each other's working set at every step (at ``mlp4x256``, ~4 MB of weights, gradients and
+    AdamW state a model against a 1 MB L2 a core): a cost a run that trains one model never pays,
+    and which moves with the placement more than the guard's fixed cost does."""
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for name, fn in runs if r % 2 == 0 else runs[::-1]:
+                steps = []
+                for _ in range(block):
+                    t0 = now()
+                    fn()
+                    steps.append(now() - t0)
+                times[name].append(statistics.median(steps))
+    finally:
+        gc.enable()
+    return times
 
 
 def print_parts(configs: list[tuple[str, str, str]]) -> None:
@@ -382,28 +409,32 @@ class Timing:
     ratio_q1: float
     ratio_q3: float
     diff_us: float  # median of the pair differences
-    pairs: int
+    pairs: int  # rounds: pairs of steps, or of blocks of ``block`` steps
+    block: int
+    clock: str
     contention_pct: float | None  # % of the wall time a task waited for a core (PSI)
     load: float  # 1-minute load average at the end
 
 
-def time_case(case: str, opt_kind: str, clip: str, pairs: int, warmup: int, **guard_kw: Any) -> Timing:
+def time_case(
+    case: str,
+    opt_kind: str,
+    clip: str,
+    pairs: int,
+    warmup: int,
+    block: int = 1,
+    clock: str = "wall",
+    **guard_kw: Any,
+) -> Timing:
+    """Plain and guarded steps of twin models, ``pairs`` interleaved pairs (of blocks of ``block``
+    steps: :func:`interleaved`), on the wall clock or the thread's CPU clock."""
     twin = _Twin(case, opt_kind, clip, **guard_kw)
     for _ in range(warmup):
         twin.plain()
         twin.guarded()
-    times: dict[str, list[float]] = {"plain": [], "guard": []}
     runs: list[tuple[str, Callable[[], None]]] = [("plain", twin.plain), ("guard", twin.guarded)]
     before, t_start = cpu_wait_us(), time.monotonic()
-    gc.disable()
-    try:
-        for i in range(pairs):
-            for name, fn in runs if i % 2 == 0 else runs[::-1]:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        gc.enable()
+    times = interleaved(runs, pairs, block, time.thread_time if clock == "thread" else time.perf_counter)
     contention = contention_pct(before, cpu_wait_us(), time.monotonic() - t_start)
     twin.guard.close()
     ratios = sorted(g / p for g, p in zip(times["guard"], times["plain"]))
@@ -422,6 +453,8 @@ def time_case(case: str, opt_kind: str, clip: str, pairs: int, warmup: int, **gu
         q[2],
         statistics.median(diffs),
         pairs,
+        block,
+        clock,
         contention,
         os.getloadavg()[0],
     )
@@ -637,6 +670,14 @@ def main(argv: list[str] | None = None) -> int:
         help="plain / guard / guard(locate=False) interleaved in one process (thread clock): the capture's share",
     )
     ap.add_argument(
+        "--blocks",
+        type=int,
+        default=1,
+        metavar="N",
+        help="interleave blocks of N consecutive steps of each model (a training run's pattern; "
+        "the timing table and --locate-off) instead of single steps; --pairs then counts blocks",
+    )
+    ap.add_argument(
         "--identical",
         default=None,
         metavar="DIR",
@@ -652,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         "triples (instead of the plain / guard pairs)",
     )
     ap.add_argument(
-        "--clock", default="wall", choices=["wall", "thread"], help="--baseline's clock (thread: CPU time)"
+        "--clock", default="wall", choices=["wall", "thread"], help="the timings' clock (thread: CPU time)"
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -662,7 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in differ:
             print("  differs:", line)
         return 1 if differ else 0
-    pairs = args.pairs or (100 if args.quick else 400)
+    if args.blocks < 1:
+        raise SystemExit(f"--blocks {args.blocks}: a block is at least 1 step (e.g. --blocks 100)")
+    pairs = args.pairs or max(8, (100 if args.quick else 400) // args.blocks)
     warmup = 20
     configs = [(c, o, k) for c in args.cases for o in args.optim for k in args.clip]
     ops = [count_ops(*cfg) for cfg in configs]
@@ -697,18 +740,19 @@ def main(argv: list[str] | None = None) -> int:
         pass
     elif args.locate_off:
         for case, opt_kind, clip in configs:
-            for name, (ratio, diff) in locate_share(case, opt_kind, clip).items():
+            for name, (ratio, diff) in locate_share(case, opt_kind, clip, pairs, args.blocks).items():
                 print(f"{case}, AdamW {opt_kind}, `{clip}`: {name} {ratio:.3f}× plain, {diff:+.0f} µs")
     elif args.baseline and not args.ops:
         vs_baseline = print_vs_baseline(configs, load_baseline(args.baseline), args)
     elif not args.ops:
+        unit = "pairs" if args.blocks == 1 else f"pairs of {args.blocks}-step blocks"
         print(
-            "\n| model | optimizer | clip | tensors | plain µs | guard µs | ratio (median of pairs) | IQR "
+            f"\n| model | optimizer | clip | tensors | plain µs | guard µs | ratio (median of {unit}) | IQR "
             "| diff µs | target | contention % | load |"
         )
         print("|---|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|")
         for cfg in configs:
-            t = time_case(*cfg, pairs=pairs, warmup=warmup)
+            t = time_case(*cfg, pairs=pairs, warmup=warmup, block=args.blocks, clock=args.clock)
             timings.append(t)
             target = TARGETS.get(t.case)
             cont = "—" if t.contention_pct is None else f"{t.contention_pct:.1f}"

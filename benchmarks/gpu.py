@@ -17,7 +17,8 @@ writes everything as JSON (``--out``).
    ``clip=1.0``) against a plain clipped one (``clip_grad_norm_(1.0)`` + the same optimizer):
    twin models, interleaved pairs, the median of the pair ratios.
 4. The fixed cost on a tiny model (a 2×32 MLP, batch 32, fused AdamW): µs per step, guarded − plain,
-   blocks of steps without a sync, interleaved.
+   blocks of steps without a sync, interleaved; and the same with ``locate=False`` (the share of
+   locate's per-step capture).
 5. Host syncs of a guarded step with a fused optimizer: ``torch.cuda.set_sync_debug_mode("error")``
    over steps between two flushes, and the syncs counted ("warn") over 60 steps (one flush).
 6. CUDA-graph capture: the guard's measure + clip alone, and a whole guarded step (success or the
@@ -456,10 +457,12 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def tiny_setup(device: torch.device) -> tuple[Callable[[], None], Callable[[], None], gradguard.Guard]:
+def tiny_setup(
+    device: torch.device, **guard_kw: Any
+) -> tuple[Callable[[], None], Callable[[], None], gradguard.Guard]:
     plain, model = twins(MLP, device)
     opt_plain, opt = adamw(plain), adamw(model)
-    guard = gradguard.Guard(model, opt, clip=1.0)
+    guard = gradguard.Guard(model, opt, clip=1.0, **guard_kw)
     x, y = torch.randn(32, 32, device=device), torch.randint(0, 10, (32,), device=device)
 
     def step_plain() -> None:
@@ -478,17 +481,20 @@ def tiny_setup(device: torch.device) -> tuple[Callable[[], None], Callable[[], N
 
 
 def fixed_cost(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    step_plain, step_guarded, _ = tiny_setup(device)
-    ratios, ta, tb = pairs(step_plain, step_guarded, sizes.tiny_blocks, device, steps=sizes.tiny_steps)
-    diffs = [(y - x) * 1e3 for x, y in zip(ta, tb)]
-    return {
-        "model": "MLP 2x32, batch 32, fused AdamW, clip 1.0",
-        "plain µs/step (median)": statistics.median(ta) * 1e3,
-        "guarded µs/step (median)": statistics.median(tb) * 1e3,
-        "guarded - plain µs/step (median of pair differences)": statistics.median(diffs),
-        "guarded / plain (median of pair ratios)": statistics.median(ratios),
-        "blocks": f"{len(ratios)} pairs of {sizes.tiny_steps} steps",
-    }
+    """The guard's fixed cost on a tiny model, and its split: the same with ``locate=False`` (no
+    per-step capture for a replay: on a CPU nearly all of what is left, benchmarks/fixed_cost.py
+    ``--locate-off``)."""
+    out: dict[str, Any] = {"model": "MLP 2x32, batch 32, fused AdamW, clip 1.0"}
+    for label, kw in (("guarded", {}), ("guarded, locate=False", {"locate": False})):
+        step_plain, step_guarded, _ = tiny_setup(device, **kw)
+        ratios, ta, tb = pairs(step_plain, step_guarded, sizes.tiny_blocks, device, steps=sizes.tiny_steps)
+        diffs = [(y - x) * 1e3 for x, y in zip(ta, tb)]
+        out["plain µs/step (median)"] = statistics.median(ta) * 1e3
+        out[f"{label} µs/step (median)"] = statistics.median(tb) * 1e3
+        out[f"{label} - plain µs/step (median of pair differences)"] = statistics.median(diffs)
+        out[f"{label} / plain (median of pair ratios)"] = statistics.median(ratios)
+    out["blocks"] = f"{sizes.tiny_blocks} pairs of {sizes.tiny_steps} steps, each variant"
+    return out
 
 
 def crossover(device: torch.device, totals: tuple[int, ...], calls: int) -> dict[str, Any]:

@@ -454,4 +454,5 @@ def test_the_gpu_benchmark_dry_run(tmp_path: Path) -> None:
             assert rows["kernel vs torch norms: max relative difference"] < 1e-4
     for name in ("GPT step", "fixed cost"):
         assert any("guarded / plain" in key for key in results[name]), results[name]
+    assert isinstance(results["fixed cost"]["guarded, locate=False / plain (median of pair ratios)"], float)
     assert results["host syncs"] == {"skipped": "skipped: needs CUDA (dry run)"}
