@@ -433,6 +433,22 @@ def test_the_monitor_grows_its_layers_after_flushing_the_pending_records() -> No
     assert mon.flush()[0]["layers"] == {"a": {"grad_norm": 2.0}, "b": {"grad_norm": None}}
 
 
+def test_the_monitors_last_row_is_the_step_recorded_last_also_on_its_flush_step() -> None:
+    """``Monitor.last_row()``: the row written last (the demos read each step's record through it),
+    also on the step whose record filled the buffer and flushed it, and after new layers none."""
+    mon = monitor.Monitor(["a"], every=2, on_flush=lambda rs: None)
+    assert mon.last_row() is None
+    loss = record.COLUMN["loss"]
+    for step in range(5):
+        row = torch.zeros(len(record.SCALARS))
+        row[loss] = 10.0 + step
+        mon.record(step, row, torch.tensor([1.0]))
+        last = mon.last_row()
+        assert last is not None and float(last[loss]) == 10.0 + step, (step, mon.pending)
+    mon.add_layers(["b"])
+    assert mon.last_row() is None
+
+
 def test_a_held_row_waits_for_what_is_measured_after_its_step() -> None:
     """``held``: a full buffer waits for :meth:`Monitor.complete` (the update ratios measured after
     the caller's step); a row never completed goes out as it is at the next record or flush."""

@@ -72,6 +72,7 @@ class Monitor:
         self._absent: list[tuple[int, ...]] = []  # per row: the layers without a gradient (null)
         self._sparse: list[tuple[int, str, Tensor]] = []  # (row, field, per-layer tensor) on cadence steps
         self._held: int | None = None  # the row waiting for measurements taken after its step (complete)
+        self._last: int | None = None  # the row record() wrote last (last_row)
 
     def _ensure(self, device: torch.device, width: int) -> None:
         """The buffers on ``device``, the gradient norms' ``width`` columns wide (per-tensor norms
@@ -80,6 +81,7 @@ class Monitor:
             self._scalars = torch.zeros(self.every, len(SCALARS), dtype=torch.float32, device=device)
             self._rows = _row_views(self._scalars)
             self._layer_grads = None
+            self._last = None
         grads = self._layer_grads
         if grads is None or grads.device != device or grads.shape[1] < width:
             dtype = torch.float32 if self.reduce is None else torch.float64
@@ -97,6 +99,7 @@ class Monitor:
         self.layers += layers
         self._scalars = self._layer_grads = None  # reallocated, one column per layer, at the next record
         self._rows, self._grad_rows = [], []
+        self._last = None
 
     @property
     def pending(self) -> int:
@@ -149,10 +152,20 @@ class Monitor:
             self._sparse.append((row, name, _detached(value)))
         self._steps.append(step)
         self._host.append(dict(host or {}))
+        self._last = row
         if held:
             self._held = row
         else:
             self._flush_if_full()
+
+    def last_row(self) -> Tensor | None:
+        """The scalar row :meth:`record` wrote last, in :data:`SCALARS` order (a device view, no
+        host read; valid until the next record), also when the flush it set off has written it;
+        ``None`` before the first. For a caller that reads each step's record (the demos:
+        ``gradguard._guard.row.host_values(row)``, one host read)."""
+        if self._last is None or self._scalars is None:
+            return None
+        return self._scalars[self._last]
 
     def next_rows(self, device: torch.device, tensors: int) -> tuple[Tensor | None, Tensor | None]:
         """Where the next :meth:`record` keeps its row, and (with ``reduce``) its per-tensor norms

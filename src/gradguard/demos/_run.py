@@ -38,13 +38,13 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from gradguard._guard.row import host_values
 from gradguard.clip import Norm, from_spec
 from gradguard.demos._common import RunConfig, RunResult, StepOutcome, StepRecord, train
 from gradguard.diagnose import Finding, diagnose, recommended_max_norm
 from gradguard.diagnose.numbers import Ends
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.guard import Guard
-from gradguard.record import COLUMN, derive
 from gradguard.runlog import RunLog, default_run_dir, read_run
 from gradguard.runtable import RunTable, clipped
 from gradguard.tune import tune
@@ -102,12 +102,9 @@ class GuardUpdate:
         except NonFiniteError as e:
             self.error = e
             return StepOutcome(math.nan, stepped=False, stop=True)
-        mon = self.guard.monitor
-        buffer = mon._scalars  # the row this step just wrote (a host read per step: fine on a CPU demo)
-        assert buffer is not None
-        row = buffer[(mon.pending - 1) % mon.every].tolist()
-        derive(row)  # the flags a healthy step leaves to the host (record.DERIVED)
-        rec = {name: row[i] for name, i in COLUMN.items()}  # the step's record, by the record's columns
+        row = self.guard.monitor.last_row()
+        assert row is not None  # (guard.step records every step)
+        rec = host_values(row)  # the step's record (a host read per step: fine on a CPU demo)
         skipped = bool(rec["skipped"])
         norm = rec["grad_norm"]
         return StepOutcome(
