@@ -107,12 +107,11 @@ class CarriedState:
 
     def note(self, inputs: list[Tensor], outputs: list[Tensor], step: int) -> None:
         """A forward at ``step`` took ``inputs`` and returned ``outputs`` (floating tensors)."""
-        ref, plain, strided = weakref.ref, _PLAIN, torch.strided  # (each forward: _has_storage inline)
         seen: list[_Seen] = []
         for role, tensors in (("input", inputs), ("output", outputs)):
             for t in tensors:
-                if type(t) in plain and t.layout == strided:
-                    seen.append((ref(t.untyped_storage()), t._version, step, role))
+                if type(t) in _PLAIN and t.layout is _STRIDED:  # (each forward: _has_storage inline)
+                    seen.append((_ref(t.untyped_storage()), t._version, step, role))
         if seen:
             self._seen.append(seen)
 
@@ -134,8 +133,10 @@ class CarriedState:
 
 
 _PLAIN = (Tensor, Parameter)
+_STRIDED = torch.strided  # (a layout is a singleton: compared by identity)
+_ref = weakref.ref
 
 
 def _has_storage(t: Tensor) -> bool:
     """Whether ``t`` is a plain strided tensor (its storage names it; not sparse, not a subclass)."""
-    return type(t) in _PLAIN and t.layout == torch.strided
+    return type(t) in _PLAIN and t.layout is _STRIDED

@@ -91,7 +91,9 @@ def rng_state() -> dict[str, Any]:
     """The CPU (and, where present, CUDA) RNG state, to replay a step with the same randomness."""
     state: dict[str, Any] = {"cpu": torch.default_generator.get_state()}
     if torch.cuda.is_initialized():  # (initialized implies available; the cheaper test, each forward)
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # torch.cuda.get_rng_state_all(), whose per-device Python (a lazy-init check, a device
+        # object) costs each forward: initialized, CUDA holds one default generator per device
+        state["cuda"] = [g.get_state() for g in torch.cuda.default_generators]
     return state
 
 

@@ -71,6 +71,8 @@ __all__ = [
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _is_compiling = torch.compiler.is_compiling  # looked up once: the capture's hooks ask at every forward
+_grad_enabled = torch.is_grad_enabled  # (likewise)
+_any_autocast = torch._C._is_any_autocast_enabled
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _USER_DIRS_IN_PKG = (os.path.join(_PKG_DIR, "demos"),)
 _STDLIB = sysconfig.get_paths()["stdlib"]
@@ -172,12 +174,6 @@ def _floats(tree: Any) -> list[Tensor]:
     if type(tree) is Tensor:  # the usual model output: no walk
         return [tree] if tree.is_floating_point() or tree.is_complex() else []
     return [t for t in _tensors(tree) if t.is_floating_point() or t.is_complex()]
-
-
-def _call_floats(args: Any, kwargs: Any) -> list[Tensor]:
-    """``_floats((args, kwargs))``: the floating arguments of a call (each forward; the usual
-    ``model(x)`` without a walk)."""
-    return _floats(args[0]) if len(args) == 1 and not kwargs else _floats((args, kwargs))
 
 
 def _waiting(t: Tensor) -> bool:
@@ -1063,8 +1059,11 @@ class StepCapture:
     :meth:`post_with_kwargs` and :meth:`before_backward` itself: nothing is put on the module at
     all, and the keepers wait for the backward (the last ``max_windows`` forwards before it).
 
-    A healthy step's cost (a 2×32 MLP, one thread): 16 Python calls and one C++ hook, ~30 µs
-    with torch's hooked ``Module.__call__`` (~6 of it) and the RNG read (~2).
+    A healthy step's cost (a 2×32 MLP, one thread, ``benchmarks/capture_cost.py``): 10 Python
+    calls and one C++ hook, ~28 µs in situ (~33 before issue 16's last pass): torch's hooked
+    ``Module.__call__`` with two hooks ~5–8, the keeper ~12 (``retain_grad``, torch's copy of the
+    gradient, the ``.grad`` reset), the carried-state note ~3–6, the RNG read ~1–2; the run's
+    only capture asks no weak set for its length and walks none.
 
     Args:
         root: the model (what a replay runs).
@@ -1129,11 +1128,12 @@ class StepCapture:
             return
         if self._active is not None or self._pending:
             self._stop_watch(compact=True)  # a new forward: the last window was not the step's last
-        if torch.is_grad_enabled():
+        if _grad_enabled():
             if self._kept and self._hooks:
                 self._next_forward()
             self.inputs = (args, kwargs, rng_state())
-            self.autocast = _replay.autocast_state()  # the replay's forward runs under the same
+            # the replay's forward runs under the same autocast state (off: no call)
+            self.autocast = _replay.autocast_state() if _any_autocast() else None
             self._forwards += 1
 
     def _pre_compiled(self, args: Any, kwargs: Any) -> None:
@@ -1146,11 +1146,17 @@ class StepCapture:
             self.autocast = None
 
     def post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self.replaying or not torch.is_grad_enabled() or _is_compiling():
+        if self.replaying or not _grad_enabled() or _is_compiling():
             return
         made = _floats(out)
         inputs = self.inputs
-        self.carried.note(_call_floats(inputs[0], inputs[1]) if inputs is not None else [], made, self.steps)
+        if inputs is None:
+            self.carried.note([], made, self.steps)
+        else:  # the call's floating arguments (the usual ``model(x)``: no walk)
+            took, named = inputs[0], inputs[1]
+            self.carried.note(
+                _floats(took[0] if len(took) == 1 and not named else (took, named)), made, self.steps
+            )
         if self._hooks:
             self._keep_grads_of(made)
         else:  # the gradient keepers wait for the backward (before_backward)
@@ -1208,8 +1214,12 @@ class StepCapture:
         * a leaf the model returns as it is (its ``.grad`` is its own, accumulated over steps) gets
           a tensor hook.
         """
-        outs = [t for t in floats if t.requires_grad]
-        size = sum(map(Tensor.numel, outs))
+        if len(floats) == 1:  # the usual model: one output (no walk)
+            outs = floats if floats[0].requires_grad else []
+            size = floats[0].numel() if outs else 0
+        else:
+            outs = [t for t in floats if t.requires_grad]
+            size = sum(map(Tensor.numel, outs))
         if not outs or size > self.max_output:
             return
         self._kept = outs
@@ -1331,9 +1341,10 @@ class StepCapture:
         it closes too, and :meth:`loss_watch_answer` reads it."""
         if self._active is not None or self._pending:
             self._stop_watch()
-        for other in _live_captures(self):
-            other._stop_watch()
-        return self.watch  # (its loss: this optimizer's, never another's)
+        if len(self._group.data) > 1 or len(_CAPTURES.data) > 1:  # type: ignore[attr-defined]
+            for other in _live_captures(self):  # (the usual run, one model, one capture: no call)
+                other._stop_watch()
+        return self.watches[-1] if self.watches else None  # self.watch (its loss: this optimizer's)
 
     def _siblings(self) -> list[StepCapture]:
         """The other live captures of the same model (one per optimizer that steps it)."""
@@ -1345,8 +1356,6 @@ class StepCapture:
         forward). The watching capture opens a new window for it — each optimizer's loss code has
         its own budget — that keeps only grad-mode ops (the optimizer's own step runs under
         ``no_grad``); the model's next forward or the next step closes it."""
-        if self._removed or len(self._group) < 2:
-            return  # the usual model: one optimizer, no sibling (no walk over a weak set per step)
         siblings = self._siblings()
         if not siblings:
             return
@@ -1390,7 +1399,8 @@ class StepCapture:
             self._outs = []
         self._last_forwards, self._forwards = self._forwards, 0
         self.steps += 1
-        self._continue_watching()
+        if not self._removed and len(self._group.data) > 1:  # type: ignore[attr-defined]
+            self._continue_watching()  # (the usual model, one optimizer: no sibling, no call)
 
     def remove(self) -> None:
         self._removed = True
@@ -1510,8 +1520,6 @@ _CAPTURES: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[StepCapture]] = 
 
 def _live_captures(but: StepCapture) -> list[StepCapture]:
     """Every live capture of every model, but ``but``."""
-    if len(but._group) == 1 and len(_CAPTURES) == 1:
-        return []  # the usual run: one model, one capture (no walk over weak sets per step)
     return [c for group in list(_CAPTURES.values()) for c in group if c is not but and not c._removed]
 
 
