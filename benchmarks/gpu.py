@@ -19,6 +19,9 @@ writes everything as JSON (``--out``).
 4. The fixed cost on a tiny model (a 2×32 MLP, batch 32, fused AdamW): µs per step, guarded − plain,
    blocks of steps without a sync, interleaved; and the same with ``locate=False`` (the share of
    locate's per-step capture).
+4b. Locate on the device: a forward failure whose place depends on the dropout mask (the replay
+   must draw the same mask: the CUDA RNG state the capture reads) and one born in the backward (the
+   output gradient kept on the device), each located by replay; the bad steps' time.
 5. Host syncs of a guarded step with a fused optimizer: ``torch.cuda.set_sync_debug_mode("error")``
    over steps between two flushes, and the syncs counted ("warn") over 60 steps (one flush).
 6. CUDA-graph capture: the guard's measure + clip alone, and a whole guarded step (success or the
@@ -46,6 +49,7 @@ import json
 import math
 import platform
 import statistics
+import tempfile
 import time
 import traceback
 import warnings
@@ -517,6 +521,77 @@ def crossover(device: torch.device, totals: tuple[int, ...], calls: int) -> dict
     return out
 
 
+# ----------------------------------------------------------------------------- 4b. locate on the device
+class FaultyNet(nn.Module):
+    """A small net with dropout whose forward can be made to fail: ``fault="log"`` takes the log of
+    the dropout output (-inf exactly where dropout dropped: the count tells whether a replay drew
+    the same mask), ``fault="norm"`` divides by the norm of a row that is exactly zero (a finite
+    forward, a NaN gradient: located in the backward from the output gradient the capture kept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop, self.head = nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 4)
+        self.fault: str | None = None
+        self.dropped: int | None = None  # the original forward's zeros after dropout (fault "log")
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(torch.relu(self.lin(x)) + 1.0)  # > 0, but exactly 0 where dropout dropped
+        if self.fault == "log":
+            if self.dropped is None:  # (the original forward; a replay leaves it)
+                self.dropped = int((h == 0).sum())
+            h = torch.log(h)
+        elif self.fault == "norm":
+            keep = torch.ones(x.shape[0], 1, device=x.device)
+            keep[0] = 0.0
+            h = self.lin(x) * keep
+            h = h / (torch.sqrt((h * h).sum(1, keepdim=True)) + 1.0)
+        return self.head(h)
+
+
+def locate_on(device: torch.device) -> dict[str, Any]:
+    """Locate's capture and replay on the device (the CUDA RNG state, the output-gradient keeper on
+    a device output): a forward failure whose place depends on the dropout mask, then a failure
+    born in the backward; each located by replay; the bad steps' wall time."""
+    torch.manual_seed(0)
+    model = FaultyNet().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    faults = {5: "log", 9: "norm"}
+    times: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as d:
+        guard = gradguard.Guard(model, opt, clip=1.0, log_dir=d)
+        for step in range(12):
+            x, y = torch.randn(64, 16, device=device), torch.randint(0, 4, (64,), device=device)
+            model.fault = faults.get(step)
+            sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            sync(device)
+            times[step] = (time.perf_counter() - t0) * 1e3
+        guard.close()
+        events = [
+            json.loads(line)
+            for path in Path(d).rglob("*events.jsonl")
+            for line in path.read_text().splitlines()
+        ]
+    found = {e["step"]: e for e in events if e.get("type") == "nonfinite"}
+    out: dict[str, Any] = {}
+    for step, fault in faults.items():
+        e = found.get(step, {})
+        out[f"{fault} fault (step {step}): located"] = " ".join(
+            str(e.get(k)) for k in ("phase", "op", "kind", "located_by")
+        )
+        out[f"{fault} fault: bad step ms"] = times[step]
+    zeros = [i.get("zeros") for i in found.get(5, {}).get("evidence", {}).get("inputs", [])]
+    out["replay drew the same dropout mask"] = zeros == [model.dropped]
+    out["healthy step ms (median)"] = statistics.median(
+        t for s, t in times.items() if s not in faults and s > 1
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------- 5. host syncs
 def host_syncs(device: torch.device) -> dict[str, Any]:
     """Syncs of guarded steps with fused AdamW, on the torch path and on the kernels."""
@@ -678,7 +753,15 @@ def markdown(results: dict[str, Any]) -> str:
                     cells += [str(v), ""]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
-    for section in ("correctness", "crossover", "GPT step", "fixed cost", "host syncs", "CUDA graphs"):
+    for section in (
+        "correctness",
+        "crossover",
+        "GPT step",
+        "fixed cost",
+        "locate",
+        "host syncs",
+        "CUDA graphs",
+    ):
         body = results.get(section)
         if not body:
             continue
@@ -741,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     section("GPT step", lambda: gpt_step(sizes, device))
     section("fixed cost", lambda: fixed_cost(sizes, device))
+    section("locate", lambda: locate_on(device))
     section("host syncs", lambda: host_syncs(device), needs_cuda=True)
     section("CUDA graphs", lambda: cuda_graphs(device), needs_cuda=True)
     results["seconds"] = time.perf_counter() - t0
