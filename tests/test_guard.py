@@ -3,6 +3,7 @@ no host sync and one pass, state round trip, a SIGKILLed run, bad input."""
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import math
@@ -179,6 +180,40 @@ def test_skipping_the_very_first_step_then_training_equals_a_fresh_optimizer(opt
     ref = make_model()
     ref_opt = OPTIMIZERS[opt_name](list(ref.parameters()))
     for step in (1, 2):
+        x, y = batch(step)
+        ref_opt.zero_grad(set_to_none=True)
+        (ref(x) - y).pow(2).mean().backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reset", ["each parameter's state", "the state dict"])
+def test_a_skipped_step_right_after_the_user_resets_fused_sgds_momentum_trains_as_torch(reset: str) -> None:
+    """A user resets the optimizer's state (``opt.state[p] = {}`` for each parameter: the same dict,
+    as many entries; or a new state dict), then the next step is non-finite and skipped: fused SGD's
+    next step is again a first momentum step, which the guard takes on the host (torch's fused kernel
+    would leave ``empty_like`` buffers behind a skipped first step). Then training equals torch's
+    plain loop with the same reset and the bad step left out."""
+
+    def reset_state(opt: torch.optim.Optimizer) -> None:
+        if reset == "the state dict":
+            opt.state = collections.defaultdict(dict)
+        else:
+            for p in list(opt.state):
+                opt.state[p] = {}
+
+    model, ref = make_model(), make_model()
+    opt = OPTIMIZERS["sgd-momentum-wd-fused"](list(model.parameters()))
+    ref_opt = OPTIMIZERS["sgd-momentum-wd-fused"](list(ref.parameters()))
+    guard = gradguard.Guard(model, opt, clip=None, on_nonfinite="skip", on_spike="ignore")
+    train(guard, model, opt, range(3))
+    reset_state(opt)
+    train(guard, model, opt, range(3, 6), fault=grad_fault(3, math.nan))
+    for step in (0, 1, 2, 4, 5):
+        if step == 4:
+            reset_state(ref_opt)
         x, y = batch(step)
         ref_opt.zero_grad(set_to_none=True)
         (ref(x) - y).pow(2).mean().backward()

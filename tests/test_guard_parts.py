@@ -203,7 +203,7 @@ def test_the_apply_strategy_is_chosen_once_from_the_settings(
     settings: dict[str, Any], fused: bool, expected: type
 ) -> None:
     opt = torch.optim.SGD(make_model().parameters(), lr=0.1)
-    chosen = applying.choose(config(**settings), opt, [], fused=fused, momentum_sgd=False)
+    chosen = applying.choose(config(**settings), opt, fused=fused, momentum_sgd=False)
     assert type(chosen) is expected
 
 
@@ -297,7 +297,7 @@ def test_fused_momentum_sgd_decides_its_first_step_on_the_host() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     params = list(model.parameters())
     decided: list[bool] = []
-    fused = applying.Fused(opt, params, momentum_sgd=True, host=applying.HostDecided(opt))
+    fused = applying.Fused(opt, momentum_sgd=True, host=applying.HostDecided(opt))
 
     def step() -> applying.Outcome:
         backward(model, opt, 0)

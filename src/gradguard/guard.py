@@ -418,7 +418,6 @@ class Guard:
         self._apply = applying.choose(
             config,
             optimizer,
-            self._params,
             fused=self.fused,
             momentum_sgd=momentum_sgd(optimizer),
             on_cpu=on_cpu,
