@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -179,11 +179,20 @@ def test_skipping_the_very_first_step_then_training_equals_a_fresh_optimizer(opt
     train(guard, model, opt, range(3), fault=grad_fault(0, math.nan))
     ref = make_model()
     ref_opt = OPTIMIZERS[opt_name](list(ref.parameters()))
-    for step in (1, 2):
+    plain_steps(ref, ref_opt, (1, 2))
+    assert_finite_and_equal(model, ref)
+
+
+def plain_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: Sequence[int]) -> None:
+    """torch's plain loop (no guard) over the batches of ``steps``: the reference a guarded run must equal."""
+    for step in steps:
         x, y = batch(step)
-        ref_opt.zero_grad(set_to_none=True)
-        (ref(x) - y).pow(2).mean().backward()
-        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+
+
+def assert_finite_and_equal(model: nn.Module, ref: nn.Module) -> None:
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -211,16 +220,10 @@ def test_a_skipped_step_right_after_the_user_resets_fused_sgds_momentum_trains_a
     train(guard, model, opt, range(3))
     reset_state(opt)
     train(guard, model, opt, range(3, 6), fault=grad_fault(3, math.nan))
-    for step in (0, 1, 2, 4, 5):
-        if step == 4:
-            reset_state(ref_opt)
-        x, y = batch(step)
-        ref_opt.zero_grad(set_to_none=True)
-        (ref(x) - y).pow(2).mean().backward()
-        ref_opt.step()
-    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    plain_steps(ref, ref_opt, (0, 1, 2))
+    reset_state(ref_opt)
+    plain_steps(ref, ref_opt, (4, 5))  # (step 3 was skipped)
+    assert_finite_and_equal(model, ref)
 
 
 @pytest.mark.parametrize("value", BAD, ids=BAD_IDS)
