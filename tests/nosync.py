@@ -43,6 +43,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import gradguard.clip
+
 __all__ = ["HostSyncError", "NoSync", "storage_key"]
 
 aten = torch.ops.aten
@@ -148,7 +150,15 @@ class NoSync(TorchDispatchMode):
         self.h2d.clear()
         self.syncs.clear()
 
+    def __enter__(self) -> NoSync:
+        # gradguard's rules run on host floats where a value is on the CPU (a free read there): inside
+        # NoSync they take the device path, the one whose sync-freedom this proves
+        self._pinned = gradguard.clip._PIN_DEVICE_PATH
+        gradguard.clip._PIN_DEVICE_PATH = True
+        return super().__enter__()
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        gradguard.clip._PIN_DEVICE_PATH = self._pinned
         super().__exit__(exc_type, exc, tb)
         if exc_type is None and self.syncs:
             raise HostSyncError(

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import gradguard
-from gradguard._guard import apply as applying
 from gradguard.runlog import read_run
 from nosync import NoSync
 
@@ -114,7 +113,7 @@ def test_a_nan_loss_under_a_scaler_is_an_anomaly_and_does_not_lower_the_scale(tm
 
 
 def test_fused_optimizer_with_a_scaler_never_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", True)  # the GPU protocol, also on the CPU
+    monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", True)  # the GPU protocol, also on the CPU
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)

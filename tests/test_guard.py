@@ -326,7 +326,7 @@ def test_fused_path_makes_no_host_read_and_reads_each_gradient_once(
     opt_name: str, clip: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The GPU protocol (``grad_scale`` / ``found_inf``), pinned on the CPU where the host branch is cheaper."""
-    monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", True)
+    monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", True)
     model = make_model()
     opt = OPTIMIZERS[opt_name](list(model.parameters()))
     guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite="skip", every=1000, weight_every=None)
@@ -349,7 +349,7 @@ def test_unfused_path_makes_exactly_one_named_host_read(
     opt_name: str, clip: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The device path (pinned on the CPU, where the coefficient of 1 would be read and not applied)."""
-    monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", True)
+    monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", True)
     model = make_model()
     opt = OPTIMIZERS[opt_name](list(model.parameters()))
     guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite="skip", every=1000, weight_every=None)
@@ -425,7 +425,7 @@ def test_the_cpu_host_reads_give_the_device_paths_bits(
     first one too)."""
 
     def run(pinned: bool, log_dir: Path) -> tuple[tuple[list[torch.Tensor], dict], list, list, str]:
-        monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", pinned)
+        monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", pinned)
         model = make_model().to(dtype)
         opt = OPTIMIZERS[opt_name](list(model.parameters()))
         guard = gradguard.Guard(model, opt, clip="norm:1", every=3, weight_every=2, log_dir=log_dir)

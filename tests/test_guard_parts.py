@@ -888,7 +888,7 @@ def test_a_guarded_step_issues_few_device_ops(
     flags (10 ops: the float64 norms made in the record's row), the clip coefficient
     (``clip.coefficient``: 4 with the norm's own flag) and fraction (``coef < 1``: 1), the row (3, made in the record's row:
     no copy), the clip or ``grad_scale`` (1)."""
-    monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", True)  # fused: the GPU's grad_scale / found_inf
+    monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", True)  # fused: the GPU's grad_scale / found_inf
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None, foreach=None if fused else True)
     guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite=on_nonfinite, layer_every=1)  # type: ignore[arg-type]

@@ -242,9 +242,8 @@ def check_guard_clips_with_the_kernel() -> None:
     whose optimizer is not fused clips them with the kernel's one pass (``_kernels.scale_``), and
     the run is bit for bit the run that clips with ``torch._foreach_mul_`` (float32)."""
     import gradguard
-    from gradguard._guard import apply as applying
 
-    applying._PIN_DEVICE_PATH = True  # a device's path (a CPU would not apply a coefficient of 1)
+    gradguard.clip._PIN_DEVICE_PATH = True  # a device's path (a CPU would not apply a coefficient of 1)
 
     def run(kernel: bool) -> tuple[list[torch.Tensor], int]:
         torch.manual_seed(0)
@@ -275,7 +274,7 @@ def check_guard_clips_with_the_kernel() -> None:
     try:
         (w_k, calls_k), (w_t, calls_t) = run(True), run(False)
     finally:
-        applying._PIN_DEVICE_PATH = False
+        gradguard.clip._PIN_DEVICE_PATH = False
     assert calls_k == 6 and calls_t == 0  # every taken step clipped through the kernel (coef 1: no write)
     assert all(torch.equal(a, b) for a, b in zip(w_k, w_t))
 

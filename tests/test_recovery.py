@@ -333,9 +333,10 @@ def _backward_of_step_3(guard: gradguard.Guard, model: nn.Module, opt: torch.opt
 def test_watching_adds_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """Host-decided path: the step's one read brings the norm with the skip flag; sync-free: none."""
     import gradguard.guard as guard_module
-    from gradguard._guard import apply as applying
 
-    monkeypatch.setattr(applying, "_PIN_DEVICE_PATH", True)  # a device's reads (a CPU also reads the coef)
+    monkeypatch.setattr(
+        gradguard.clip, "_PIN_DEVICE_PATH", True
+    )  # a device's reads (a CPU also reads the coef)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     guard = gradguard.Guard(model, opt, on_explosion="recover", every=1000, weight_every=None)

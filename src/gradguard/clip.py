@@ -868,6 +868,20 @@ class AutoClip(NormClipper):
         return f"AutoClip(percentile={self.percentile}, window={self.window})"
 
 
+#: Tests set this to run the device path (no host read) on the CPU too, where a CPU value would be
+#: read on the host (:func:`_reads_on_host`, and the guard's host branch on the CPU,
+#: :func:`gradguard._guard.apply.branches_on_host`): the path a GPU takes stays checked (its
+#: sync-freedom, its device ops) where the tests run.
+_PIN_DEVICE_PATH = False
+
+
+def _reads_on_host(t: Tensor) -> bool:
+    """Whether a rule may read ``t`` and go on in host floats: a CPU value (the read waits for no
+    device; on the CPU a small tensor op costs ~2–5 µs of dispatch, a float operation ~0.05), outside a
+    compiled region (where a read would break the graph), unless tests pin the device path."""
+    return t.device.type == "cpu" and not _PIN_DEVICE_PATH and not torch.compiler.is_compiling()
+
+
 # ----------------------------------------------------------------------------- ZClip's rule, written once
 def _zclip_params(alpha: float, z_thresh: float, warmup: int, eps: float) -> tuple[float, float, int, float]:
     """ZClip's parameters, checked: (alpha, z_thresh, warmup, eps)."""
@@ -897,11 +911,15 @@ def _zclip_rows(alpha: float, z_thresh: float, warmup: int) -> list[list[list[fl
 
 
 class _Arith(Protocol):
-    """The arithmetic :func:`_zclip_step` runs on: device tensors or host floats."""
+    """The arithmetic the rules of :class:`ZClip` and :class:`Auto` run on: device tensors
+    (:class:`_TensorArith`, no host read) or host floats (:class:`_FloatArith`, where the norm is a
+    CPU value: reading it waits for no device). Each rule is written once, over this."""
 
     eps: Any  # ZClip's eps
     zt2: Any  # z_thresh²
     inf: Any
+    nan: Any
+    device: torch.device  # where the tensors it reads are made
 
     def split(self, s: Any) -> tuple[Any, Any, Any]: ...  # the state → μ, σ², n (an index)
     def row(self, n: Any) -> tuple[Any, Any, Any]: ...  # the z threshold, A, B for n
@@ -909,6 +927,13 @@ class _Arith(Protocol):
     def where(self, c: Any, x: Any, y: Any) -> Any: ...
     def sqrt(self, x: Any) -> Any: ...
     def div(self, x: Any, y: Any) -> Any: ...  # IEEE: x/0 is ±inf or NaN
+    def minimum(self, x: Any, y: Any) -> Any: ...  # NaN if either is NaN
+    def isnan(self, x: Any) -> Any: ...
+    def isfinite(self, x: Any) -> Any: ...
+    def scale(self, x: Any, factors: tuple[float, ...]) -> Any: ...  # [x·f for f in factors]
+    def lookup(self, table: tuple[float, ...], n: Any) -> Any: ...  # table[n]
+    def scalar(self, x: Tensor) -> Any: ...  # a 0-D tensor (the loss, a learning rate) as a float64 value
+    def largest(self, xs: list[Any]) -> Any: ...  # the largest of numbers and tensors
 
 
 def _zclip_step(r: _Arith, s: Any, g: Any) -> tuple[Any, Any, Any, Any, Any]:
@@ -918,7 +943,8 @@ def _zclip_step(r: _Arith, s: Any, g: Any) -> tuple[Any, Any, Any, Any, Any]:
     threshold ``τ = μ + z_thresh²·σ/z``, and the state ``s`` = [μ, σ², n] moves by the row of
     :func:`_zclip_rows` for n with the clipped value ``g' = μ + Δ``. A non-finite norm is no spike and
     leaves the state as it is. Written without branches over ``r``'s arithmetic, so it runs on
-    device tensors (:class:`ZClip`: no host read) and on host floats (:class:`HostZClip`).
+    device tensors (:class:`ZClip`: no host read) and on host floats (:class:`ZClip` on a CPU norm,
+    :class:`HostZClip`).
 
     Returns (the new state, τ (inf when no spike), the spike flag, the finite flag, n before the step).
     """
@@ -939,15 +965,20 @@ def _zclip_step(r: _Arith, s: Any, g: Any) -> tuple[Any, Any, Any, Any, Any]:
 class _TensorArith:
     """:func:`_zclip_step` on device: the state is a (1, 3) float64 tensor, the rows a table indexed
     on device by n (spike, τ and Δ come out as (1, 3) with 3 equal values, so one ``addcmul`` updates
-    all three statistics); about 20 small ops, no host read."""
+    all three statistics); about 20 small ops, no host read. The constant tables of :class:`Auto`'s
+    caps are made on the device once (:meth:`scale`, :meth:`lookup`)."""
+
+    nan = math.nan
 
     def __init__(
         self, rows: list[list[list[float]]], eps: float, z_thresh: float, device: torch.device
     ) -> None:
+        self.device = device
         self.table = torch.tensor(rows, dtype=torch.float64).to(device)
         # Δ ** powers = [Δ, Δ², 1]; eps; z_thresh²; inf
         consts = torch.tensor([1.0, 2.0, 0.0, eps, z_thresh**2, math.inf], dtype=torch.float64).to(device)
         self.powers, self.eps, self.zt2, self.inf = consts.split((3, 1, 1, 1))
+        self._tables: dict[tuple[float, ...], Tensor] = {}
 
     @staticmethod
     def split(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -962,7 +993,7 @@ class _TensorArith:
         return torch.addcmul(a * s, b, delta.pow(self.powers))
 
     @staticmethod
-    def where(c: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def where(c: Tensor, x: Tensor, y: Tensor | float) -> Tensor:
         return torch.where(c, x, y)
 
     @staticmethod
@@ -973,11 +1004,44 @@ class _TensorArith:
     def div(x: Tensor, y: Tensor) -> Tensor:
         return torch.div(x, y)
 
+    @staticmethod
+    def minimum(x: Tensor, y: Tensor) -> Tensor:
+        return torch.minimum(x, y)
+
+    @staticmethod
+    def isnan(x: Tensor) -> Tensor:
+        return torch.isnan(x)
+
+    @staticmethod
+    def isfinite(x: Tensor) -> Tensor:
+        return torch.isfinite(x)
+
+    def _table(self, values: tuple[float, ...]) -> Tensor:
+        t = self._tables.get(values)
+        if t is None:
+            t = self._tables[values] = torch.tensor(values, dtype=torch.float64).to(self.device)
+        return t
+
+    def scale(self, x: Tensor, factors: tuple[float, ...]) -> Tensor:
+        return x * self._table(factors)
+
+    def lookup(self, table: tuple[float, ...], n: Tensor) -> Tensor:
+        return self._table(table).index_select(0, n)
+
+    def scalar(self, x: Tensor) -> Tensor:
+        return x.detach().to(device=self.device, dtype=torch.float64).reshape(())
+
+    def largest(self, xs: list[Any]) -> Tensor:
+        return torch.stack([self.scalar(torch.as_tensor(x)) for x in xs]).max()
+
 
 class _FloatArith:
-    """:func:`_zclip_step` on the host: the state is a tuple (μ, σ², n) of Python floats."""
+    """:func:`_zclip_step` and :class:`Auto`'s caps on the host: the state is a tuple (μ, σ², n) of
+    Python floats (float64, as the device state; each operation rounded once, IEEE)."""
 
     inf = math.inf
+    nan = math.nan
+    device = torch.device("cpu")  # where tensors it reads (the trust cap's ratios) are made
 
     def __init__(self, rows: list[list[list[float]]], eps: float, z_thresh: float) -> None:
         self.rows = [(zt[0], a, b) for zt, a, b in rows]
@@ -1008,6 +1072,34 @@ class _FloatArith:
             return x / y
         return math.nan if x == 0 or math.isnan(x) else math.copysign(math.inf, x) * math.copysign(1.0, y)
 
+    @staticmethod
+    def minimum(x: float, y: float) -> float:
+        return x if x != x or x < y else y  # NaN if either is (y < x is False for a NaN y: y)
+
+    @staticmethod
+    def isnan(x: float) -> bool:
+        return math.isnan(x)
+
+    @staticmethod
+    def isfinite(x: float) -> bool:
+        return math.isfinite(x)
+
+    @staticmethod
+    def scale(x: float, factors: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(x * f for f in factors)
+
+    @staticmethod
+    def lookup(table: tuple[float, ...], n: int) -> float:
+        return table[n]
+
+    @staticmethod
+    def scalar(x: Tensor) -> float:
+        return float(x)  # host sync: none, a CPU value (the host arithmetic runs on CPU norms only)
+
+    @staticmethod
+    def largest(xs: list[Any]) -> float:
+        return max(float(x) for x in xs)  # host sync: CPU values (a tensor learning rate on the CPU)
+
 
 class ZClip(NormClipper):
     """ZClip (Kumar, Owen, Roy Chowdhury, Güra 2025): z-score spike clipping with EMA statistics.
@@ -1022,6 +1114,11 @@ class ZClip(NormClipper):
     whose coefficients A, B (and the z threshold, inf during the warm-up) are looked up on
     device by the count n of finite norms seen: about 20 small ops per step, no host sync. The rule
     is :func:`_zclip_step`, shared with :class:`HostZClip`.
+
+    On a CPU norm (reading it waits for no device) the same rule runs on host floats instead: no
+    small tensor ops, a few µs a step (:func:`_reads_on_host`; the state moves between the two
+    forms when the norm's device changes, and is the same float64 numbers in both, up to the
+    rounding of a fused multiply-add where the device's ``addcmul`` uses one).
     """
 
     kind = "zclip"
@@ -1056,21 +1153,63 @@ class ZClip(NormClipper):
         }
 
     def _set_state(self, stats: Tensor) -> None:
-        """Take ``stats`` ([μ, σ², n]) as the state and build the rule's table on its device."""
+        """Take ``stats`` ([μ, σ², n]) as the state and build the rule's tables on its device and
+        for the host."""
+        self._host: tuple[tuple[float, ...], ...] | None = None  # the state as host floats, while it is there
         self._state = stats.detach().to(torch.float64).reshape(1, 3)
         rows = _zclip_rows(self.alpha, self.z_thresh, self.warmup)
         self._rule = _TensorArith(rows, self.eps, self.z_thresh, self._state.device)
+        self._host_rule = _FloatArith(rows, self.eps, self.z_thresh)
 
     def _to(self, device: torch.device) -> None:
+        self._on_device()
         self._set_state(self._state.to(device))
 
-    def _observe(self, norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Update the state with a finite ``norm``; return (τ, float64, shape (1, 3) with 3 equal
-        values; the finite flag; the count n before the update, shape (1,))."""
+    # The state is held in one of two forms at a time: device tensors (:meth:`_held`) or, after a
+    # step on a CPU norm, host floats (``_host``); each form is made from the other when needed.
+    def _held(self) -> tuple[Tensor, ...]:
+        """The state's device tensors, in the order :meth:`_rule_step` takes them."""
+        return (self._state,)
+
+    def _hold(self, parts: tuple[Tensor, ...]) -> None:
+        (self._state,) = parts
+
+    def _on_host(self) -> tuple[tuple[float, ...], ...]:
+        """The state as host floats (read from the device tensors once, after device steps)."""
+        if self._host is None:
+            self._host = tuple(tuple(t.reshape(-1).tolist()) for t in self._held())
+        return self._host
+
+    def _on_device(self) -> None:
+        """Write a state held as host floats back into the device tensors (before a device step or a read)."""
+        if self._host is not None:
+            host, self._host = self._host, None
+            held = self._held()
+            self._hold(
+                tuple(
+                    torch.tensor(h, dtype=t.dtype, device=t.device).reshape(t.shape)
+                    for t, h in zip(held, host)
+                )
+            )
+
+    def _rule_step(self, r: _Arith, parts: tuple[Any, ...], g: Any) -> tuple[tuple[Any, ...], Any, Any, Any]:
+        """The rule for one norm on ``r``'s arithmetic: (the new state, τ, the finite flag, n before)."""
+        new, tau, _, finite, n = _zclip_step(r, parts[0], g)
+        return (new,), tau, finite, n
+
+    def _observe(self, norm: Tensor) -> tuple[Any, Any, Any]:
+        """Update the state with a finite ``norm``; return (τ, the finite flag, the count n before the
+        update): on device, τ float64 of shape (1, 3) with 3 equal values, the others of shape (1,);
+        on a CPU norm (:func:`_reads_on_host`), host numbers."""
+        if _reads_on_host(norm):
+            self._host, tau, finite, n = self._rule_step(self._host_rule, self._on_host(), float(norm))
+            return tau, finite, n
+        self._on_device()
         if self._state.device != norm.device:
             self._to(norm.device)
         g = norm.detach() if norm.requires_grad else norm
-        self._state, tau, _, finite, n = _zclip_step(self._rule, self._state, g)
+        parts, tau, finite, n = self._rule_step(self._rule, self._held(), g)
+        self._hold(parts)
         return tau, finite, n
 
     def zeroes_every_gradient(self) -> bool:
@@ -1079,6 +1218,11 @@ class ZClip(NormClipper):
 
     def threshold(self, norm: Tensor) -> Tensor:
         tau = self._observe(norm)[0]
+        if isinstance(tau, float):  # on the host
+            cap = math.inf if self.max_norm is None else self.max_norm
+            return torch.scalar_tensor(
+                _FloatArith.minimum(tau, cap), dtype=torch.float32
+            )  # (≈1 µs; torch.tensor ≈2.5)
         if self.max_norm is not None:
             tau = tau.clamp_max(self.max_norm)
         return tau[0, 0].to(torch.float32)
@@ -1086,14 +1230,17 @@ class ZClip(NormClipper):
     @property
     def mean(self) -> Tensor:
         """EMA mean of the (clipped) norms, on device."""
+        self._on_device()
         return self._state[0, 0].clone()
 
     @property
     def std(self) -> Tensor:
         """EMA standard deviation of the (clipped) norms, on device."""
+        self._on_device()
         return self._state[0, 1].sqrt()
 
     def state_dict(self) -> dict[str, Any]:
+        self._on_device()
         return {
             **super().state_dict(),
             "alpha": self.alpha,
@@ -1320,41 +1467,40 @@ class Auto(ZClip):
         spike and growth caps apply."""
         return self._optimizer is not None and not isinstance(self._optimizer, PLAIN_UPDATE)
 
-    def polyak_cap(self, norm: Tensor) -> Tensor | None:
-        """This step's cap ``polyak·f/(lr·‖g‖)`` (0-D float64; NaN where the loss is not > 0 or either is
-        not finite), or None where it cannot apply (no ``polyak``, no plain-update optimizer, no
-        loss, every learning rate 0). No host read."""
+    def _polyak_cap(self, r: _Arith, g: Any) -> Any | None:
+        """This step's cap ``polyak·f/(lr·‖g‖)`` for the norm ``g`` (float64 on ``r``; NaN where the loss is
+        not > 0 or either is not finite), or None where it cannot apply (no ``polyak``, no plain-update
+        optimizer, no loss, every learning rate 0). On device: no host read."""
         if self.polyak is None or self._loss is None or not isinstance(self._optimizer, PLAIN_UPDATE):
             return None
-        lrs = [g["lr"] for g in self._optimizer.param_groups if g["params"]]
-        f = self._loss.detach().to(device=norm.device, dtype=torch.float64).reshape(())
-        g = norm.detach().to(torch.float64).reshape(())
+        lrs = [grp["lr"] for grp in self._optimizer.param_groups if grp["params"]]
+        f = r.scalar(self._loss)
         if any(isinstance(lr, Tensor) for lr in lrs):  # a tensor lr (capturable / fused): on device
-            lr_t = torch.stack([torch.as_tensor(lr).to(norm.device, torch.float64).reshape(()) for lr in lrs])
-            cap = f.mul(self.polyak).div(lr_t.max() * g)
+            cap = r.div(f * self.polyak, r.largest(lrs) * g)
         else:
             top = max((float(lr) for lr in lrs), default=0.0)
             if top <= 0:
                 return None
-            cap = f.mul(self.polyak / top).div(g)
-        return torch.where((f > 0) & torch.isfinite(cap), cap, math.nan)
+            cap = r.div(f * (self.polyak / top), g)
+        return r.where((f > 0) & r.isfinite(cap), cap, r.nan)
 
-    def trust_cap(self, norm: Tensor) -> Tensor | None:
-        """This step's per-layer cap ``trust·‖g‖ / max_l(lr·gain·‖g_l‖/‖w_l‖)`` over the matrices (0-D
-        float64; inf where no matrix has a finite positive ratio), or None where it cannot apply (no
-        ``trust``, no plain-update optimizer, no matrix with a gradient, every rate 0). No host read."""
+    def _trust_cap(self, r: _Arith, g: Any) -> Any | None:
+        """This step's per-layer cap ``trust·‖g‖ / max_l(lr·gain·‖g_l‖/‖w_l‖)`` over the matrices (float64
+        on ``r``; inf where no matrix has a finite positive ratio), or None where it cannot apply (no
+        ``trust``, no plain-update optimizer, no matrix with a gradient, every rate 0). The ratios are
+        device tensors (on device: no host read)."""
         if self.trust is None or not isinstance(self._optimizer, PLAIN_UPDATE):
             return None
-        step = _longest_step(self._optimizer.param_groups, norm.device)
+        dev = r.device
+        step = _longest_step(self._optimizer.param_groups, dev)
         mats = [p for p in self._matrices if p.grad is not None]
         if step is None or not mats:
             return None
-        dev = norm.device
         wn = torch.stack([n.to(dev, torch.float64) for n in torch._foreach_norm([p.detach() for p in mats])])
         ratio = torch.as_tensor(step).to(dev, torch.float64) * self._matrix_grad_norms(mats, dev) / wn
         worst = torch.where(wn > 0, ratio, 0.0).nan_to_num(nan=math.inf).max()  # (a norm-0 matrix: left out)
-        cap = norm.detach().to(torch.float64).reshape(()) * self.trust / worst
-        return torch.where(torch.isfinite(cap) & (cap > 0), cap, math.inf)
+        cap = r.div(g * self.trust, r.scalar(worst))
+        return r.where(r.isfinite(cap) & (cap > 0), cap, math.inf)
 
     def _matrix_grad_norms(self, mats: list[Tensor], device: torch.device) -> Tensor:
         """The gradient norms of ``mats``: from :meth:`observe_norms` where it handed them all (the index
@@ -1376,7 +1522,6 @@ class Auto(ZClip):
         """[anchor, cap]: the mean of the warm-up norms (NaN until the warm-up ends) and growth × it (inf until then)."""
         a = anchor.detach().to(device=self._state.device, dtype=torch.float64).reshape(())
         self._anchor_cap = torch.stack([a, torch.where(torch.isfinite(a), a * self.growth, math.inf)])
-        self._times = torch.tensor([1.0, self.growth], dtype=torch.float64).to(self._state.device)
 
     def _set_first(self, norm: Tensor) -> None:
         """[first norm, cap]: the first finite norm (NaN until seen) and ``first`` × it (inf until then or
@@ -1384,55 +1529,59 @@ class Auto(ZClip):
         g = norm.detach().to(device=self._state.device, dtype=torch.float64).reshape(())
         factor = math.inf if self.first is None else self.first
         self._first_cap = torch.stack([g, torch.where(torch.isfinite(g), g * factor, math.inf)])
-        self._first_times = torch.tensor([1.0, factor], dtype=torch.float64).to(self._state.device)
         self._set_ramp()
 
     def _set_ramp(self) -> None:
         """The Polyak fraction's factor for each count n of finite norms seen before the step:
         ``√min(1, (n + 1)/warmup)`` with ``ramp`` (1/√warmup on the first step, 1 from the end of
-        the warm-up on), else 1; a table indexed on device by n."""
+        the warm-up on), else 1; a table indexed by n (on device: made there once, :meth:`_TensorArith.lookup`)."""
         w = self.warmup
         n = torch.arange(w + 1, dtype=torch.float64)
         table = ((n + 1) / w).clamp(max=1.0).sqrt() if self.ramp else torch.ones_like(n)
-        self._ramp_table = table.to(self._state.device)
+        self._ramp: tuple[float, ...] = tuple(table.tolist())
 
     def _to(self, device: torch.device) -> None:
         super()._to(device)
-        self._ramp_table = self._ramp_table.to(device)
         self._anchor_cap = self._anchor_cap.to(device)
-        self._times = self._times.to(device)
         self._first_cap = self._first_cap.to(device)
-        self._first_times = self._first_times.to(device)
 
-    def _observe(self, norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _held(self) -> tuple[Tensor, ...]:
+        return (self._state, self._anchor_cap, self._first_cap)
+
+    def _hold(self, parts: tuple[Tensor, ...]) -> None:
+        self._state, self._anchor_cap, self._first_cap = parts
+
+    def _rule_step(self, r: _Arith, parts: tuple[Any, ...], g: Any) -> tuple[tuple[Any, ...], Any, Any, Any]:
         """ZClip's τ, capped by the growth cap, then by the Polyak cap or (where it is unavailable) the
-        first-norm cap."""
-        tau, finite, n = super()._observe(norm)
+        first-norm cap; the state is ZClip's, [anchor, growth cap] and [first norm, first-norm cap]."""
+        zs, anchor_cap, first_cap = parts
+        (zs,), tau, finite, n = super()._rule_step(r, (zs,), g)
         done = finite & (n == self.warmup - 1)  # this finite norm ended the warm-up: μ is the anchor
-        self._anchor_cap = ac = torch.where(done, self._state[0, 0] * self._times, self._anchor_cap)
-        tau = torch.minimum(tau, ac[1])
-        fc = self._first_cap  # from the norms before this one: the first step itself is not capped
+        anchor_cap = r.where(done, r.scale(r.split(zs)[0], (1.0, self.growth)), anchor_cap)
+        tau = r.minimum(tau, anchor_cap[1])
+        g = r.scalar(g)  # float64
+        fc = first_cap  # from the norms before this one: the first step itself is not capped
         if self.first is not None:
-            g = (norm.detach() if norm.requires_grad else norm).to(torch.float64).reshape(())
-            self._first_cap = torch.where(finite & torch.isnan(fc[0]), g * self._first_times, fc)
-        return torch.minimum(tau, self._step_cap(norm, fc[1], n)), finite, n
+            first_cap = r.where(finite & r.isnan(fc[0]), r.scale(g, (1.0, self.first)), fc)
+        cap = self._step_cap(r, g, fc[1], n)
+        return (zs, anchor_cap, first_cap), (tau if cap is None else r.minimum(tau, cap)), finite, n
 
-    def _step_cap(self, norm: Tensor, first_cap: Tensor, n: Tensor) -> Tensor:
+    def _step_cap(self, r: _Arith, g: Any, first_cap: Any, n: Any) -> Any | None:
         """The Polyak cap where it applies (ramped up over the warm-up with ``ramp``: ``n`` finite
         norms seen before this one), else the first-norm cap (inf without ``first``); an Adam-like
-        optimizer gets neither (inf). Float64, no host read."""
+        optimizer gets neither (None). Float64 on ``r`` (on device: no host read)."""
         if self.polyak is None:
             return first_cap  # the previous auto: the first-norm cap on every step
         if self.adaptive:
-            return torch.full_like(first_cap, math.inf)
-        cap = self.polyak_cap(norm)
+            return None
+        cap = self._polyak_cap(r, g)
         if cap is None:
             return first_cap
         if self.ramp:
-            cap = cap * self._ramp_table.index_select(0, n)
-        cap = torch.where(torch.isnan(cap), first_cap, cap)
-        trust = self.trust_cap(norm)
-        return cap if trust is None else torch.minimum(cap, trust)
+            cap = cap * r.lookup(self._ramp, n)
+        cap = r.where(r.isnan(cap), first_cap, cap)
+        trust = self._trust_cap(r, g)
+        return cap if trust is None else r.minimum(cap, trust)
 
     def state_dict(self) -> dict[str, Any]:
         return {

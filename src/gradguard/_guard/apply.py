@@ -34,6 +34,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from gradguard import clip
 from gradguard._guard.config import GuardConfig
 from gradguard._kernels import scale_grads_
 
@@ -120,12 +121,6 @@ def _clip(step: Planned, *, on_cpu: bool = False) -> None:
         scale_grads_(step.grads, step.coef)  # CUDA: the Triton kernel where it reads them (_kernels)
 
 
-#: Tests set this to run the device path (no host read: the fused kernel's protocol, the coefficient
-#: always applied) on the CPU too, where :func:`branches_on_host` would read on the host: the path a
-#: GPU takes stays checked (its sync-freedom, its device ops) where the tests run.
-_PIN_DEVICE_PATH = False
-
-
 def branches_on_host(params: Sequence[Tensor]) -> bool:
     """Whether a step over ``params`` may read its flag and coefficient on the host (``on_cpu``):
     every parameter a float32/float64 CPU tensor (there :func:`_fused_step`'s division equals the
@@ -133,7 +128,7 @@ def branches_on_host(params: Sequence[Tensor]) -> bool:
     Chosen at construction and when parameters join; each read also checks that its value is still
     on the CPU (a model moved to a GPU since takes the device path: no host sync)."""
     return (
-        not _PIN_DEVICE_PATH
+        not clip._PIN_DEVICE_PATH  # (tests: the device path on the CPU too)
         and bool(params)
         and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params)
     )
