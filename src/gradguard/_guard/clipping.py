@@ -21,7 +21,16 @@ import torch
 from torch import Tensor
 
 from gradguard._guard.measure import Constants, Measurement
-from gradguard.clip import Clipper, HostZClip, Norm, NormClipper, ZClip, coefficient, fraction_clipped
+from gradguard.clip import (
+    AutoClip,
+    Clipper,
+    HostZClip,
+    Norm,
+    NormClipper,
+    ZClip,
+    coefficient,
+    fraction_clipped,
+)
 
 __all__ = ["ClipPlan", "Clipping", "reports_fraction", "spike_detector"]
 
@@ -58,6 +67,17 @@ def _fixed_threshold(clipper: NormClipper) -> float | None:
             None if isinstance(max_norm, Tensor) else max_norm if type(max_norm) is float else float(max_norm)
         )
     return None
+
+
+def _nonnegative(clipper: NormClipper) -> bool:
+    """Whether the clipper's threshold is never negative by construction: ZClip's and auto's (a mean
+    of norms plus a positive offset, or caps made of norms, losses > 0 and rates; inf) and AutoClip's
+    (a percentile of norms), as these classes compute it (a subclass's own ``threshold`` promises
+    nothing). The coefficient then needs no clamp at 0: 1 op fewer."""
+    own = type(clipper).threshold
+    return (isinstance(clipper, ZClip) and own is ZClip.threshold) or (
+        isinstance(clipper, AutoClip) and own is AutoClip.threshold
+    )
 
 
 def reports_fraction(clipper: Clipper | None) -> bool:
@@ -99,6 +119,9 @@ class Clipping:
         self._fraction = reports_fraction(clipper)
         self._maybe_fixed = isinstance(clipper, Norm) and type(clipper).threshold is Norm.threshold
         self._fixed_constant: Tensor | None = None  # the device constant of the last fixed threshold
+        # every threshold that makes the step's is ≥ 0 by construction (see _nonnegative)
+        makers = [c for c in (self.norm_clipper, self.spike if clip_spikes else None) if c is not None]
+        self._nonnegative = bool(makers) and all(_nonnegative(c) for c in makers)
 
     def plan(self, m: Measurement) -> ClipPlan:
         """The threshold (the smaller of the clipper's and, under ``clip_spikes``, the spike's),
@@ -121,7 +144,7 @@ class Clipping:
             m.total,
             threshold,
             finite_eps=m.finite_eps(),  # the step's finiteness test made it: 1 op fewer
-            nonnegative=threshold is self._fixed_constant,  # a checked number ≥ 0: no clamp at 0
+            nonnegative=self._nonnegative or threshold is self._fixed_constant,  # ≥ 0: no clamp at 0
             out=m.column("clip_coef") if m.total.dtype == torch.float32 and threshold.numel() == 1 else None,
         )
         if self.norm and coef.dim() == 0:  # the fraction is whether it is < 1: the host tells
