@@ -963,8 +963,8 @@ def test_the_coefficient_takes_the_steps_finiteness_test_and_a_fixed_thresholds_
 ) -> None:
     """``clip.coefficient`` gets the step's 1e-6-or-NaN (``finite_eps``, made by its one non-finite
     test) where that test is of the very norm it reads (a float32 norm, this rank's flags alone),
-    whatever the threshold (a NaN one gives 1 either way); ``nonnegative`` only for a fixed ``Norm``
-    number's constant; ``out``, the row's ``clip_coef``, where the step's row is made in place. The
+    whatever the threshold (a NaN one gives 1 either way); ``nonnegative`` for a fixed ``Norm``
+    number's constant and the thresholds ≥ 0 by construction (ZClip's, auto's, AutoClip's); ``out``, the row's ``clip_coef``, where the step's row is made in place. The
     coefficient is the plain one's, bit for bit."""
     import gradguard._guard.clipping as clipping_mod
 
@@ -1003,8 +1003,15 @@ def test_the_coefficient_takes_the_steps_finiteness_test_and_a_fixed_thresholds_
     check(fixed, measured(torch.tensor(2.0), local=False), False, True)  # holds other ranks' copies too
     spiky = Clipping(Norm(0.5), ZClip(), True, [], Constants())  # a spike threshold may be inf / NaN
     check(spiky, measured(torch.tensor(2.0)), True, False)
-    auto = Clipping(from_spec("auto"), None, False, [], Constants())  # an adaptive threshold
-    check(auto, measured(torch.tensor(2.0)), True, False)
+    auto = Clipping(from_spec("auto"), None, False, [], Constants())  # ≥ 0 by construction
+    check(auto, measured(torch.tensor(2.0)), True, True)
+    check(Clipping(None, ZClip(), True, [], Constants()), measured(torch.tensor(2.0)), True, True)
+
+    class Shifted(ZClip):  # a subclass's own threshold promises nothing
+        def threshold(self, norm: torch.Tensor) -> torch.Tensor:
+            return super().threshold(norm) - 1.0
+
+    check(Clipping(Shifted(), None, False, [], Constants()), measured(torch.tensor(2.0)), True, False)
     m = measured(torch.tensor(2.0), row=torch.zeros(len(record.SCALARS)))
     assert fixed.plan(m).coef is m.column("clip_coef") and seen[-1]["out"] is m.column("clip_coef")
     assert m.row is not None and float(m.row[record.COLUMN["clip_coef"]]) == pytest.approx(0.25)
