@@ -195,3 +195,49 @@ def test_the_default_inductor_backend_trains_and_locates_a_nan_step() -> None:
     assert_close(compiled.params(), eager.params())
     event = next(e for e in compiled.events if e["type"] == "nonfinite")
     assert (event["phase"], event["located_by"]) == ("data", "replay")
+
+
+# ----------------------------------------------------------------------------- a clipper in a compiled step
+CLIPPERS: dict[str, Callable[[], gradguard.clip.Clipper]] = {
+    "norm": lambda: gradguard.clip.from_spec("norm:1"),
+    "value": lambda: gradguard.clip.from_spec("value:0.1"),
+    "agc": lambda: gradguard.clip.from_spec("agc:0.01"),
+    "autoclip": lambda: gradguard.clip.from_spec("autoclip:10"),
+    "zclip": lambda: gradguard.clip.ZClip(warmup=5),
+    "auto": lambda: gradguard.clip.Auto(**gradguard.clip.Auto.SPEC, warmup=5),
+    "auto-trust": lambda: gradguard.clip.Auto(**gradguard.clip.Auto.SPEC, warmup=5, trust=0.1),
+}
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize("name", list(CLIPPERS))
+def test_every_clipper_compiles_whole_in_a_users_step_and_clips_as_in_eager(
+    name: str, tensor_lr: bool
+) -> None:
+    """A clipper called inside the user's ``torch.compile(..., fullgraph=True)`` step traces with no
+    graph break (on the CPU the adaptive rules run on host floats in eager code; traced, on tensors)
+    and trains as the eager step does: SGD with momentum and a float or a tensor learning rate (the
+    Polyak and trust caps read it), a spike every 11 steps."""
+
+    def train(compiled: bool) -> list[torch.Tensor]:
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.05) if tensor_lr else 0.05, momentum=0.9)
+        clipper = CLIPPERS[name]()
+        clipper.attach(opt)
+
+        def clip(loss: torch.Tensor) -> torch.Tensor:
+            clipper.observe_loss(loss)
+            return clipper.clip_(list(model.parameters()))
+
+        step = torch.compile(clip, backend=BACKEND, fullgraph=True) if compiled else clip
+        for i in range(24):
+            x, y = batch(i)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x * (30.0 if i % 11 == 10 else 1.0)), y)
+            loss.backward()
+            step(loss.detach())
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert_close(train(True), train(False))
+    assert graph_breaks() == 0

@@ -1478,7 +1478,7 @@ class Auto(ZClip):
         if any(isinstance(lr, Tensor) for lr in lrs):  # a tensor lr (capturable / fused): on device
             cap = r.div(f * self.polyak, r.largest(lrs) * g)
         else:
-            top = max((float(lr) for lr in lrs), default=0.0)
+            top = max([float(lr) for lr in lrs]) if lrs else 0.0  # (no ``default=``: torch.compile refuses it)
             if top <= 0:
                 return None
             cap = r.div(f * (self.polyak / top), g)
@@ -1515,7 +1515,7 @@ class Auto(ZClip):
                 self._index = (params, mats, index) if index is not None else None
             if self._index is not None and _same(self._index[1], mats):
                 return norms.index_select(0, self._index[2]).to(device, torch.float64)
-        grads = [g for p in mats if (g := p.grad) is not None]
+        grads = [p.grad for p in mats if p.grad is not None]  # (no walrus: torch.compile refuses it here)
         return torch.stack([n.to(device, torch.float64) for n in torch._foreach_norm(grads)])
 
     def _set_anchor(self, anchor: Tensor) -> None:
@@ -1633,7 +1633,7 @@ def _longest_step(groups: list[dict[str, Any]], device: torch.device) -> float |
     steps = [g["lr"] * _momentum_gain(g) for g in groups if g["params"]]
     if any(isinstance(s, Tensor) for s in steps):
         return torch.stack([torch.as_tensor(s).to(device, torch.float64).reshape(()) for s in steps]).max()
-    top = max((float(s) for s in steps), default=0.0)
+    top = max([float(s) for s in steps]) if steps else 0.0  # (no ``default=``: torch.compile refuses it)
     return top if top > 0 else None
 
 
