@@ -466,7 +466,7 @@ def tiny_setup(
 ) -> tuple[Callable[[], None], Callable[[], None], gradguard.Guard]:
     plain, model = twins(MLP, device)
     opt_plain, opt = adamw(plain), adamw(model)
-    guard = gradguard.Guard(model, opt, clip=1.0, **guard_kw)
+    guard = gradguard.Guard(model, opt, **{"clip": 1.0, **guard_kw})
     x, y = torch.randn(32, 32, device=device), torch.randint(0, 10, (32,), device=device)
 
     def step_plain() -> None:
@@ -487,9 +487,15 @@ def tiny_setup(
 def fixed_cost(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """The guard's fixed cost on a tiny model, and its split: the same with ``locate=False`` (no
     per-step capture for a replay: on a CPU nearly all of what is left, benchmarks/fixed_cost.py
-    ``--locate-off``)."""
-    out: dict[str, Any] = {"model": "MLP 2x32, batch 32, fused AdamW, clip 1.0"}
-    for label, kw in (("guarded", {}), ("guarded, locate=False", {"locate": False})):
+    ``--locate-off``); and with the default clip, ``auto`` (its rule's ~30 small ops on the device,
+    where a CPU runs it on host floats)."""
+    out: dict[str, Any] = {"model": "MLP 2x32, batch 32, fused AdamW, clip 1.0 (and auto)"}
+    variants: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("guarded", {}),
+        ("guarded, locate=False", {"locate": False}),
+        ("guarded, clip auto", {"clip": "auto"}),
+    )
+    for label, kw in variants:
         step_plain, step_guarded, _ = tiny_setup(device, **kw)
         ratios, ta, tb = pairs(step_plain, step_guarded, sizes.tiny_blocks, device, steps=sizes.tiny_steps)
         diffs = [(y - x) * 1e3 for x, y in zip(ta, tb)]

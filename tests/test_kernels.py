@@ -453,7 +453,8 @@ def test_the_gpu_benchmark_dry_run(tmp_path: Path) -> None:
             assert rows["kernel vs torch norms: max relative difference"] < 1e-4
     for name in ("GPT step", "fixed cost"):
         assert any("guarded / plain" in key for key in results[name]), results[name]
-    assert isinstance(results["fixed cost"]["guarded, locate=False / plain (median of pair ratios)"], float)
+    for label in ("guarded, locate=False", "guarded, clip auto"):
+        assert isinstance(results["fixed cost"][f"{label} / plain (median of pair ratios)"], float)
     located = results["locate"]
     assert located["log fault (step 5): located"] == "forward log -inf replay", located
     assert located["norm fault (step 9): located"] == "backward sqrt nan replay", located
