@@ -1015,3 +1015,26 @@ def test_the_coefficient_takes_the_steps_finiteness_test_and_a_fixed_thresholds_
     m = measured(torch.tensor(2.0), row=torch.zeros(len(record.SCALARS)))
     assert fixed.plan(m).coef is m.column("clip_coef") and seen[-1]["out"] is m.column("clip_coef")
     assert m.row is not None and float(m.row[record.COLUMN["clip_coef"]]) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["host", "device-path"])
+def test_an_adaptive_clipper_learns_nothing_from_a_bad_step_with_finite_gradients(
+    pinned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step the guard finds bad reaches the clipper as a NaN norm (``Measurement.observed``), also
+    when its gradients are finite (here the loss handed to the step is NaN): ZClip's statistics do not
+    move — on the CPU, where the flag is read on the host, as on the device path."""
+    monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", pinned)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    zclip = ZClip(warmup=3)
+    guard = gradguard.Guard(model, opt, clip=zclip, on_nonfinite="skip", locate=False)
+    for i in range(5):
+        guard.step(backward(model, opt, i))
+    before = zclip.state_dict()["stats"]
+    backward(model, opt, 5)  # finite gradients
+    guard.step(torch.tensor(math.nan))
+    assert torch.equal(zclip.state_dict()["stats"], before)
+    guard.step(backward(model, opt, 6))  # a good step moves them
+    assert not torch.equal(zclip.state_dict()["stats"], before)
+    guard.close()

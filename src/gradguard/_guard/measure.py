@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from gradguard import clip
 from gradguard._distributed import Reducer, local
 from gradguard._kernels import grad_norms, usable
 from gradguard.clip import COEF_EPS
@@ -196,7 +197,11 @@ class Measurement:
         """The global norm, NaN on a bad step: what adaptive state (an adaptive clipper, the spike
         detector) may learn from. Made on first use (a step with a fixed threshold needs none)."""
         if self._observed is None:
-            self._observed = torch.where(self.bad, consts.number(math.nan, self.device), self.total)
+            nan = consts.number(math.nan, self.device)
+            if nan.dtype == self.total.dtype and clip._reads_on_host(self.bad):  # a CPU flag: no op
+                self._observed = nan if bool(self.bad) else self.total  # host sync: a CPU value
+            else:
+                self._observed = torch.where(self.bad, nan, self.total)
         return self._observed
 
 
