@@ -1084,27 +1084,13 @@ class _TensorArith:
 
     @staticmethod
     def where(c: Tensor, x: Tensor, y: Tensor | float) -> Tensor:
-        return torch.where(c, x, y)
+        return torch.where(c, x, y)  # (the three-argument form; torch.where's overloads begin with one)
 
-    @staticmethod
-    def sqrt(x: Tensor) -> Tensor:
-        return torch.sqrt(x)
-
-    @staticmethod
-    def div(x: Tensor, y: Tensor) -> Tensor:
-        return torch.div(x, y)
-
-    @staticmethod
-    def minimum(x: Tensor, y: Tensor) -> Tensor:
-        return torch.minimum(x, y)
-
-    @staticmethod
-    def isnan(x: Tensor) -> Tensor:
-        return torch.isnan(x)
-
-    @staticmethod
-    def isfinite(x: Tensor) -> Tensor:
-        return torch.isfinite(x)
+    sqrt = staticmethod(torch.sqrt)
+    div = staticmethod(torch.div)
+    minimum = staticmethod(torch.minimum)
+    isnan = staticmethod(torch.isnan)
+    isfinite = staticmethod(torch.isfinite)
 
     def _table(self, values: tuple[float, ...]) -> Tensor:
         t = self._tables.get(values)
@@ -1152,9 +1138,9 @@ class _FloatArith:
     def where(c: bool, x: Any, y: Any) -> Any:
         return x if c else y
 
-    @staticmethod
-    def sqrt(x: float) -> float:
-        return math.sqrt(x)
+    sqrt = staticmethod(math.sqrt)
+    isnan = staticmethod(math.isnan)
+    isfinite = staticmethod(math.isfinite)
 
     @staticmethod
     def div(x: float, y: float) -> float:
@@ -1165,14 +1151,6 @@ class _FloatArith:
     @staticmethod
     def minimum(x: float, y: float) -> float:
         return x if x != x or x < y else y  # NaN if either is (y < x is False for a NaN y: y)
-
-    @staticmethod
-    def isnan(x: float) -> bool:
-        return math.isnan(x)
-
-    @staticmethod
-    def isfinite(x: float) -> bool:
-        return math.isfinite(x)
 
     @staticmethod
     def scale(x: float, factors: tuple[float, ...]) -> tuple[float, ...]:
