@@ -23,7 +23,7 @@ writes everything as JSON (``--out``).
    must draw the same mask: the CUDA RNG state the capture reads) and one born in the backward (the
    output gradient kept on the device), each located by replay; the bad steps' time.
 5. Host syncs of a guarded step with a fused optimizer: ``torch.cuda.set_sync_debug_mode("error")``
-   over steps between two flushes, and the syncs counted ("warn") over 60 steps (one flush).
+   over steps between two flushes, and the syncs counted ("warn") over 50 steps (one flush).
 6. CUDA-graph capture: the guard's measure + clip alone, and a whole guarded step (success or the
    error, replayed 3 times).
 
@@ -259,7 +259,9 @@ def big_set(sizes: Sizes, dtype: torch.dtype, device: torch.device, reps: int, w
     flat = torch.cat([g.reshape(-1) for g in gs])
     rows["one read (half a copy of one flat buffer)"] = copy_ms(flat, time_ms, reps, warmup) / 2
     rows["vector_norm over one flat buffer"] = time_ms(lambda: torch.linalg.vector_norm(flat), reps, warmup)
-    rows["torch get_total_norm"] = time_ms(lambda: torch.nn.utils.get_total_norm(gs), reps, warmup)
+    rows["torch get_total_norm"] = guarded_time(  # (torch >= 2.6 only)
+        lambda: torch.nn.utils.get_total_norm(gs), time_ms, reps, warmup
+    )
     rows["torch clip_grad_norm_"] = time_ms(
         lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM), reps, warmup
     )
@@ -311,6 +313,8 @@ def big_set(sizes: Sizes, dtype: torch.dtype, device: torch.device, reps: int, w
     )
     rows["kernel scale_ (clipping)"] = guarded_time(lambda: K.scale_(gs, near), time_ms, reps, warmup)
     rows["torch _foreach_mul_ (clipping)"] = time_ms(lambda: torch._foreach_mul_(gs, near), reps, warmup)
+    for g in gs:  # fresh gradients: the clipping rows above shrank them (~1e-16 by now; the coefficient
+        g.normal_(0.0, 1e-3)  # τ/(‖g‖ + 1e-6) then collapses and the clipping row below scaled zeros by 0)
     with measure_path(kernel=True):
         rows["guard measure + flags (kernel)"] = guarded_time(
             lambda: meter.measure(None), time_ms, reps, warmup
@@ -412,8 +416,12 @@ def gpt_step(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     }
     paths = [("torch path", False)] + ([("kernel", True)] if kernels_here(device) is None else [])
     for label, kernel in paths:
-        with measure_path(kernel):
-            ratios, plain_ms, guard_ms = pairs(step_plain, step_guarded, sizes.pairs, device, steps=1)
+        try:
+            with measure_path(kernel):
+                ratios, plain_ms, guard_ms = pairs(step_plain, step_guarded, sizes.pairs, device, steps=1)
+        except Exception as exc:  # (one path's failure stays in its row)
+            out[f"{label}: error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+            continue
         out[f"plain clipped step ms (median; {label} pairs)"] = statistics.median(plain_ms)
         out[f"guarded step ms (median, {label})"] = statistics.median(guard_ms)
         out[f"guarded / plain ({label}; median of {len(ratios)} pair ratios)"] = statistics.median(ratios)
@@ -601,14 +609,23 @@ def locate_on(device: torch.device) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 5. host syncs
 def host_syncs(device: torch.device) -> dict[str, Any]:
     """Syncs of guarded steps with fused AdamW, on the torch path and on the kernels."""
-    out = {"torch path": _syncs(device, kernel=False)}
-    if kernels_here(device) is None:
-        out["kernel"] = _syncs(device, kernel=True)
+    out: dict[str, Any] = {}
+    paths = [("torch path", False)] + ([("kernel", True)] if kernels_here(device) is None else [])
+    for label, kernel in paths:
+        try:
+            out[label] = _syncs(device, kernel=kernel)
+        except Exception as exc:  # (one path's failure stays in its row)
+            out[label] = {
+                "error": f"{type(exc).__name__}: {str(exc)[:500]}",
+                "trace": traceback.format_exc()[-3000:],
+            }
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     return out
 
 
 def _syncs(device: torch.device, kernel: bool) -> dict[str, Any]:
-    """'error' mode over the steps before the first flush; syncs counted ('warn') over 60 more."""
+    """'error' mode over the steps before the first flush; syncs counted ('warn') over 50 more (one flush)."""
     out: dict[str, Any] = {}
     with measure_path(kernel):
         _, step_guarded, guard = tiny_setup(device)
@@ -621,7 +638,7 @@ def _syncs(device: torch.device, kernel: bool) -> dict[str, Any]:
             for _ in range(steps):
                 step_guarded()
             out['set_sync_debug_mode("error")'] = f"passed: {steps} guarded steps, no host sync"
-        except RuntimeError as exc:
+        except Exception as exc:  # (RuntimeError, or torch.AcceleratorError, or a guard error wrapping it)
             out['set_sync_debug_mode("error")'] = f"FAILED at step {guard.step_count}: {str(exc)[:500]}"
             out["trace"] = traceback.format_exc()[-3000:]
         finally:
@@ -632,12 +649,14 @@ def _syncs(device: torch.device, kernel: bool) -> dict[str, Any]:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                for _ in range(60):
+                for _ in range(50):  # 50 consecutive steps: exactly one flush (every=50)
                     step_guarded()
+            except Exception as exc:  # (the error mode above may have left the guard mid-step)
+                out["warn mode error"] = f"at step {guard.step_count}: {type(exc).__name__}: {str(exc)[:500]}"
             finally:
                 torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message)[:200] for w in caught if "synchroniz" in str(w.message).lower()]
-    out["syncs over 60 guarded steps (warn mode)"] = len(syncs)
+    out["syncs over 50 guarded steps (warn mode, one flush)"] = len(syncs)
     out["steps counted"] = f"{first + 1}..{guard.step_count} (a flush every 50)"
     out["first sync messages"] = syncs[:3]
     return out
@@ -665,6 +684,7 @@ def _capture_measure(device: torch.device, kernel: bool) -> str:
             (K.scale_ if kernel else torch_scale_)(m.grads, coefficient(m.total, 1.0))
         return m.bad
 
+    prev = torch.cuda.current_stream()
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -680,6 +700,7 @@ def _capture_measure(device: torch.device, kernel: bool) -> str:
         torch.cuda.synchronize()
         return f"captured and replayed 3 times (bad={bool(bad)})"
     except Exception as exc:
+        torch.cuda.set_stream(prev)  # (a raising capture_end leaves torch.cuda.graph's stream current)
         return f"FAILED: {type(exc).__name__}: {str(exc)[:500]}"
 
 
@@ -696,6 +717,7 @@ def _capture_step(device: torch.device) -> str:
         guard.step(loss)
         return loss
 
+    prev = torch.cuda.current_stream()
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -712,6 +734,7 @@ def _capture_step(device: torch.device) -> str:
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
         return f"captured and replayed 3 times (loss {float(loss):.4f}, weights finite: {finite})"
     except Exception as exc:
+        torch.cuda.set_stream(prev)  # (a raising capture_end leaves torch.cuda.graph's stream current)
         return f"FAILED: {type(exc).__name__}: {str(exc)[:500]}"
 
 
@@ -824,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(f"[1.3B set {dtype}] {time.perf_counter() - started:.1f} s", flush=True)
+        with open(args.out, "w") as f:  # (as after every section)
+            json.dump(results, f, indent=1, default=str)
     totals, calls = ((640,), 1) if args.dry_run else ((10_000, 100_000, 1_000_000, 4_000_000, 16_000_000), 50)
     section(
         "crossover", lambda: crossover(device, totals, calls) if why_not is None else {"skipped": why_not}
