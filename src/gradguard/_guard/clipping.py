@@ -135,7 +135,8 @@ class Clipping:
                 threshold = spike_tau
         if self.norm_clipper is not None:
             if self.norm_clipper.takes_loss:  # the loss as measured (0 without one: no loss-based cap)
-                self.norm_clipper.observe_loss(m.values[0])
+                loss = m.column("loss")  # (the row's view, made once per row; else a view of the values)
+                self.norm_clipper.observe_loss(m.values[0] if loss is None else loss)
             tau = self._threshold(m)
             threshold = tau if threshold is None else threshold.minimum(tau)
         if threshold is None:

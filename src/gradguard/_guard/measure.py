@@ -197,11 +197,11 @@ class Measurement:
         """The global norm, NaN on a bad step: what adaptive state (an adaptive clipper, the spike
         detector) may learn from. Made on first use (a step with a fixed threshold needs none)."""
         if self._observed is None:
-            nan = consts.number(math.nan, self.device)
-            if nan.dtype == self.total.dtype and clip._reads_on_host(self.bad):  # a CPU flag: no op
-                self._observed = nan if bool(self.bad) else self.total  # host sync: a CPU value
+            if self.total.dtype is torch.float32 and clip._reads_on_host(self.bad):  # a CPU flag: no op
+                bad = bool(self.bad)  # host sync: a CPU value
+                self._observed = consts.number(math.nan, self.device) if bad else self.total  # (float32 both)
             else:
-                self._observed = torch.where(self.bad, nan, self.total)
+                self._observed = torch.where(self.bad, consts.number(math.nan, self.device), self.total)
         return self._observed
 
 
