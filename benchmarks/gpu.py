@@ -65,6 +65,7 @@ from torch import Tensor, nn
 import gradguard
 import gradguard._guard.measure as measure_mod
 from gradguard import _kernels as K
+from gradguard import _rule_kernel as R
 from gradguard._guard.measure import Meter
 from gradguard.clip import coefficient
 from gradguard.clip import scale_ as torch_scale_
@@ -495,17 +496,24 @@ def tiny_setup(
 def fixed_cost(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """The guard's fixed cost on a tiny model, and its split: the same with ``locate=False`` (no
     per-step capture for a replay: on a CPU nearly all of what is left, benchmarks/fixed_cost.py
-    ``--locate-off``); and with the default clip, ``auto`` (its rule's ~30 small ops on the device,
-    where a CPU runs it on host floats)."""
+    ``--locate-off``); and with the default clip, ``auto``: its rule in one launch
+    (``gradguard._rule_kernel``) and as its ~30 small tensor ops (the kernel off), where a CPU runs it
+    on host floats."""
     out: dict[str, Any] = {"model": "MLP 2x32, batch 32, fused AdamW, clip 1.0 (and auto)"}
-    variants: tuple[tuple[str, dict[str, Any]], ...] = (
-        ("guarded", {}),
-        ("guarded, locate=False", {"locate": False}),
-        ("guarded, clip auto", {"clip": "auto"}),
+    variants: tuple[tuple[str, dict[str, Any], bool], ...] = (
+        ("guarded", {}, True),
+        ("guarded, locate=False", {"locate": False}, True),
+        ("guarded, clip auto", {"clip": "auto"}, True),
+        ("guarded, clip auto, rule as tensor ops", {"clip": "auto"}, False),
     )
-    for label, kw in variants:
-        step_plain, step_guarded, _ = tiny_setup(device, **kw)
-        ratios, ta, tb = pairs(step_plain, step_guarded, sizes.tiny_blocks, device, steps=sizes.tiny_steps)
+    for label, kw, rule_kernel in variants:
+        with contextlib.ExitStack() as stack:
+            if not rule_kernel:
+                stack.enter_context(_rule_kernel_off())
+            step_plain, step_guarded, _ = tiny_setup(device, **kw)
+            ratios, ta, tb = pairs(
+                step_plain, step_guarded, sizes.tiny_blocks, device, steps=sizes.tiny_steps
+            )
         diffs = [(y - x) * 1e3 for x, y in zip(ta, tb)]
         out["plain µs/step (median)"] = statistics.median(ta) * 1e3
         out[f"{label} µs/step (median)"] = statistics.median(tb) * 1e3
@@ -513,6 +521,17 @@ def fixed_cost(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         out[f"{label} / plain (median of pair ratios)"] = statistics.median(ratios)
     out["blocks"] = f"{sizes.tiny_blocks} pairs of {sizes.tiny_steps} steps, each variant"
     return out
+
+
+@contextlib.contextmanager
+def _rule_kernel_off() -> Iterator[None]:
+    """ZClip's / auto's rule as tensor ops (the path before its kernel), for the comparison."""
+    usable = R.usable
+    R.usable = lambda norm: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        R.usable = usable  # type: ignore[assignment]
 
 
 def crossover(device: torch.device, totals: tuple[int, ...], calls: int) -> dict[str, Any]:
@@ -608,12 +627,13 @@ def locate_on(device: torch.device) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- 5. host syncs
 def host_syncs(device: torch.device) -> dict[str, Any]:
-    """Syncs of guarded steps with fused AdamW, on the torch path and on the kernels."""
+    """Syncs of guarded steps with fused AdamW, on the torch path and on the kernels; and with the
+    default clip, ``auto`` (its rule's kernel, or its tensor ops where Triton is missing)."""
     out: dict[str, Any] = {}
-    paths = [("torch path", False)] + ([("kernel", True)] if kernels_here(device) is None else [])
-    for label, kernel in paths:
+    paths = [("torch path", False, 1.0)] + ([("kernel", True, 1.0)] if kernels_here(device) is None else [])
+    for label, kernel, clip in [*paths, ("torch path, clip auto", False, "auto")]:
         try:
-            out[label] = _syncs(device, kernel=kernel)
+            out[label] = _syncs(device, kernel=kernel, clip=clip)
         except Exception as exc:  # (one path's failure stays in its row)
             out[label] = {
                 "error": f"{type(exc).__name__}: {str(exc)[:500]}",
@@ -624,11 +644,11 @@ def host_syncs(device: torch.device) -> dict[str, Any]:
     return out
 
 
-def _syncs(device: torch.device, kernel: bool) -> dict[str, Any]:
+def _syncs(device: torch.device, kernel: bool, clip: float | str = 1.0) -> dict[str, Any]:
     """'error' mode over the steps before the first flush; syncs counted ('warn') over 50 more (one flush)."""
     out: dict[str, Any] = {}
     with measure_path(kernel):
-        _, step_guarded, guard = tiny_setup(device)
+        _, step_guarded, guard = tiny_setup(device, clip=clip)
         for _ in range(3):
             step_guarded()
         torch.cuda.synchronize()

@@ -96,6 +96,7 @@ RULES: dict[str, Rule] = {
             "gradguard._distributed",
             "gradguard.tune",
             "gradguard._kernels",  # the Triton norm/clip kernels (CUDA; triton loaded on first use)
+            "gradguard._rule_kernel",  # ZClip's / auto's rule in one Triton launch (CUDA; triton on first use)
         ),
         ("base", "contracts", "core", "torch"),
         lazily=("triton",),

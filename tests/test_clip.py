@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard
 import gradguard.clip as C
+from adaptive_cases import ADAPTIVE, assert_same_numbers, bound, norms_and_losses, params_with_grads, tau_of
 from gradguard.errors import GradGuardError, NonFiniteError
 from nosync import HostSyncError, NoSync
 
@@ -1738,70 +1739,6 @@ def test_host_zclip_state():
 
 
 # ----------------------------------------------------------------------------- the rules on host floats
-def _params_with_grads(seed: int) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((4, 3), (3,), (2, 4))]
-    for p in ps:
-        p.grad = torch.randn(p.shape, generator=g)
-    return ps
-
-
-#: adaptive norm clippers and the optimizer each is bound to (None: used on its own)
-ADAPTIVE: dict[str, tuple[Callable[[], C.NormClipper], Callable[[list], torch.optim.Optimizer] | None]] = {
-    "zclip": (lambda: C.ZClip(warmup=5), None),
-    "zclip-max_norm": (lambda: C.ZClip(warmup=5, max_norm=1.3), None),
-    "auto-sgd": (lambda: C.Auto(**C.Auto.SPEC, warmup=5), lambda ps: torch.optim.SGD(ps, lr=0.3)),
-    "auto-sgd-tensor-lr": (
-        lambda: C.Auto(**C.Auto.SPEC, warmup=5),
-        lambda ps: torch.optim.SGD(ps, lr=torch.tensor(0.3), momentum=0.9),
-    ),
-    "auto-adamw": (lambda: C.Auto(**C.Auto.SPEC, warmup=5), lambda ps: torch.optim.AdamW(ps)),
-    "auto-trust": (
-        lambda: C.Auto(**C.Auto.SPEC, trust=0.1, warmup=5),
-        lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9),
-    ),
-    "auto-first": (lambda: C.Auto(first=0.5, warmup=5), lambda ps: torch.optim.SGD(ps, lr=0.3)),
-    "auto-unbound": (lambda: C.Auto(**C.Auto.SPEC, warmup=5), None),
-    "autoclip": (lambda: C.AutoClip(percentile=10), None),
-    "autoclip-window-7": (lambda: C.AutoClip(percentile=35, window=7), None),  # the ring wraps
-}
-
-
-def _norms_and_losses(seed: int, n: int = 90) -> list[tuple[float, float]]:
-    """A run's norms (log-normal, with spikes, a NaN, an inf, a zero) and losses (one NaN, a zero,
-    a negative one)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        norm = math.exp(rng.gauss(0.0, 0.4)) * (25.0 if i % 17 == 16 else 1.0)
-        loss = rng.uniform(0.1, 3.0)
-        out.append((norm, loss))
-    out[7], out[11], out[13] = (math.nan, 1.0), (math.inf, 1.0), (0.0, 1.0)
-    out[20], out[21], out[22] = (1.0, math.nan), (1.0, 0.0), (1.0, -0.5)
-    return out
-
-
-def _bound(name: str, ps: list[torch.nn.Parameter]) -> C.NormClipper:
-    make, optimizer = ADAPTIVE[name]
-    clipper = make()
-    if optimizer is not None:
-        clipper.attach(optimizer(ps))
-    return clipper
-
-
-def _tau(clipper: C.NormClipper, norm: float, loss: float, *, device_path: bool) -> float:
-    C._PIN_DEVICE_PATH = device_path
-    try:
-        clipper.observe_loss(torch.tensor(loss))
-        return float(clipper.threshold(torch.tensor(norm)))
-    finally:
-        C._PIN_DEVICE_PATH = False
-
-
-def _assert_same_numbers(a: float, b: float) -> None:
-    assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-12, abs=0.0)
-
-
 @pytest.mark.parametrize("name", list(ADAPTIVE))
 def test_on_a_cpu_norm_the_rules_run_on_host_floats_with_the_device_rules_numbers(name):
     """ZClip's and auto's rules run on host floats on a CPU norm (no device op: a few µs against ~20-35
@@ -1809,14 +1746,14 @@ def test_on_a_cpu_norm_the_rules_run_on_host_floats_with_the_device_rules_number
     rounding of the device's fused multiply-add, 1e-12), for every cap (Polyak with a float or tensor
     learning rate, the ramp, the growth, first-norm and trust caps, ``max_norm``), non-finite norms
     and losses ≤ 0 or NaN. AutoClip's window on the host gives the device's thresholds bit for bit."""
-    ps = _params_with_grads(0)
-    host, device = _bound(name, ps), _bound(name, ps)
+    ps = params_with_grads(0)
+    host, device = bound(name, ps), bound(name, ps)
     taus = []
     exact = name.startswith("autoclip")
-    for norm, loss in _norms_and_losses(1):
-        a, b = _tau(host, norm, loss, device_path=False), _tau(device, norm, loss, device_path=True)
+    for norm, loss in norms_and_losses(1):
+        a, b = tau_of(host, norm, loss, device_path=False), tau_of(device, norm, loss, device_path=True)
         assert not exact or (math.isnan(a) and math.isnan(b)) or a == b
-        _assert_same_numbers(a, b)
+        assert_same_numbers(a, b)
         taus.append(a)
     clipped = sum(math.isfinite(t) for t in taus)
     assert clipped >= (
@@ -1828,7 +1765,7 @@ def test_on_a_cpu_norm_the_rules_run_on_host_floats_with_the_device_rules_number
     for k in ha:
         if isinstance(ha[k], torch.Tensor):
             for x, y in zip(ha[k].reshape(-1).tolist(), da[k].reshape(-1).tolist()):
-                _assert_same_numbers(x, y)
+                assert_same_numbers(x, y)
         else:
             assert ha[k] == da[k], k
 
@@ -1855,10 +1792,10 @@ class _DeviceOps(TorchDispatchMode):
 def test_on_a_cpu_norm_a_step_of_the_rules_issues_one_op(name):
     """The point of the host floats: one op a step on the CPU, the threshold made from the host
     number (the pinned device path of the same step issues 20-35)."""
-    ps = _params_with_grads(0)
-    clipper = _bound(name, ps)
-    for norm, loss in _norms_and_losses(2, 30):
-        _tau(clipper, norm, loss, device_path=False)
+    ps = params_with_grads(0)
+    clipper = bound(name, ps)
+    for norm, loss in norms_and_losses(2, 30):
+        tau_of(clipper, norm, loss, device_path=False)
     norm, loss = torch.tensor(1.5), torch.tensor(2.0)
     with _DeviceOps() as ops:
         clipper.observe_loss(loss)
@@ -1879,32 +1816,32 @@ def test_on_a_cpu_norm_a_step_of_the_rules_issues_one_op(name):
 def test_the_state_moves_between_host_floats_and_device_tensors_without_a_change(name):
     """Host steps, device steps, a save and a load in between, ``mean`` read on the way: the same
     thresholds and final state as a run on the device path alone."""
-    ps = _params_with_grads(3)
-    mixed, device = _bound(name, ps), _bound(name, ps)
-    for i, (norm, loss) in enumerate(_norms_and_losses(4, 60)):
+    ps = params_with_grads(3)
+    mixed, device = bound(name, ps), bound(name, ps)
+    for i, (norm, loss) in enumerate(norms_and_losses(4, 60)):
         on_device = (i // 7) % 2 == 1  # 7 steps on the host, 7 on the device, …
-        _assert_same_numbers(
-            _tau(mixed, norm, loss, device_path=on_device), _tau(device, norm, loss, device_path=True)
+        assert_same_numbers(
+            tau_of(mixed, norm, loss, device_path=on_device), tau_of(device, norm, loss, device_path=True)
         )
         if i == 30:  # saved while held on the host (a host step just ran), loaded into a fresh clipper
             state = mixed.state_dict()
-            mixed = _bound(name, ps)
+            mixed = bound(name, ps)
             mixed.load_state_dict(state)
         if i == 40 and isinstance(mixed, C.ZClip) and isinstance(device, C.ZClip):
-            _assert_same_numbers(float(mixed.mean), float(device.mean))
+            assert_same_numbers(float(mixed.mean), float(device.mean))
     ms, ds = mixed.state_dict(), device.state_dict()
     for key in ("stats", "history", "count"):
         if key in ms:
             for x, y in zip(ms[key].reshape(-1).tolist(), ds[key].reshape(-1).tolist()):
-                _assert_same_numbers(x, y)
+                assert_same_numbers(x, y)
 
 
 def test_in_a_compiled_region_the_rules_take_the_device_path():
     """Inside ``torch.compile`` a host read would break the graph: the rule runs on tensors there, and
     its thresholds are the eager (host) ones."""
     torch._dynamo.reset()
-    ps = _params_with_grads(5)
-    eager, compiled = _bound("auto-sgd", ps), _bound("auto-sgd", ps)
+    ps = params_with_grads(5)
+    eager, compiled = bound("auto-sgd", ps), bound("auto-sgd", ps)
     seen: list[bool] = []
 
     def threshold(c: C.NormClipper, norm: torch.Tensor) -> torch.Tensor:
@@ -1912,12 +1849,12 @@ def test_in_a_compiled_region_the_rules_take_the_device_path():
         return c.threshold(norm)
 
     step = torch.compile(threshold, backend="eager")
-    for norm, loss in _norms_and_losses(6, 30):
+    for norm, loss in norms_and_losses(6, 30):
         for c in (eager, compiled):
             c.observe_loss(torch.tensor(loss))
         a = float(threshold(eager, torch.tensor(norm)))
         b = float(step(compiled, torch.tensor(norm)))
-        _assert_same_numbers(a, b)
+        assert_same_numbers(a, b)
     assert seen[0] is True and False in seen  # eager on the host; traced: the device path
     torch._dynamo.reset()
 

@@ -355,6 +355,66 @@ def test_the_cpu_keeps_the_torch_path() -> None:
     assert all(torch.equal(a, b) for a, b in zip(ts, want))
 
 
+# ----------------------------------------------------------------------------- the clipping rule's kernel
+#: the configurations the kernel takes (the others — the trust cap, a tensor rate under SGD, AutoClip —
+#: keep the tensor path, checked to give the same numbers too)
+RULE_KERNEL_TAKES = {
+    "zclip", "zclip-max_norm", "auto-sgd", "auto-adamw", "auto-first", "auto-unbound",
+}  # fmt: skip
+
+
+def check_rule_kernel(name: str) -> None:
+    """The rule in one launch (``gradguard._rule_kernel``, interpreted here on CPU tensors) against
+    the same rule as device tensor ops (``_TensorArith``): thresholds and final state to 1e-12, over a
+    run's stream of norms (spikes, NaN, inf, 0) and losses (NaN, 0, negative)."""
+    import gradguard.clip as C
+    from adaptive_cases import assert_same_numbers, bound, norms_and_losses, params_with_grads, tau_of
+    from gradguard import _rule_kernel as R
+
+    launches = []
+    real_launch, real_usable = R._launch, R.usable
+
+    def launch(*args: Any) -> Any:
+        launches.append(1)
+        return real_launch(*args)
+
+    ps = params_with_grads(0)
+    kernel, tensors = bound(name, ps), bound(name, ps)
+    R._launch = launch  # type: ignore[assignment]
+    try:
+        for norm, loss in norms_and_losses(1):
+            want = tau_of(tensors, norm, loss, device_path=True)  # a CPU norm: the tensor ops
+            R.usable = lambda t: not R._BROKEN  # type: ignore[assignment]  # the kernel, on the CPU
+            try:
+                got = tau_of(kernel, norm, loss, device_path=True)
+            finally:
+                R.usable = real_usable  # type: ignore[assignment]
+            assert_same_numbers(got, want)
+    finally:
+        R._launch = real_launch  # type: ignore[assignment]
+    assert not R._BROKEN, R._BROKEN
+    assert len(launches) == (90 if name in RULE_KERNEL_TAKES else 0), name
+    ks, ts = kernel.state_dict(), tensors.state_dict()
+    for key, value in ts.items():
+        if isinstance(value, torch.Tensor):
+            for x, y in zip(ks[key].reshape(-1).tolist(), value.reshape(-1).tolist()):
+                assert_same_numbers(x, y)
+    assert isinstance(kernel, C.NormClipper)
+
+
+@pytest.mark.parametrize("name", ["zclip", "zclip-max_norm", "auto-sgd", "auto-sgd-tensor-lr", "auto-adamw",
+                                  "auto-trust", "auto-first", "auto-unbound"])  # fmt: skip
+def test_the_rule_kernel_gives_the_tensor_rules_numbers(run: Callable[..., Any], name: str) -> None:
+    run(check_rule_kernel, name)
+
+
+def test_the_rule_kernel_is_used_on_cuda_only_outside_compiling() -> None:
+    """On a CPU (and where Triton is missing, or inside torch.compile) the rule stays tensor ops."""
+    from gradguard import _rule_kernel as R
+
+    assert not R.usable(torch.ones(()))
+
+
 # ----------------------------------------------------------------------------- compiled for a GPU
 def test_the_kernels_compile_for_an_h100_with_vector_loads() -> None:
     """Every kernel variant compiled ahead of time for sm_90 (Triton's own ptxas; no GPU needed):
@@ -415,6 +475,41 @@ def test_the_kernels_compile_for_an_h100_with_vector_loads() -> None:
     assert tl.float32 in kernels.types.values()
 
 
+def test_the_rule_kernel_compiles_for_an_h100() -> None:
+    """The clipping rule's kernel, every variant (ZClip; auto with no step cap, the first-norm cap or
+    the Polyak cap, with and without the ramp and the first-norm factor), compiled ahead of time for
+    sm_90: the code generator takes the float64 bit casts, the NaN-propagating minima, and the
+    divisions and square root stay the IEEE ones (``div.rn.f64``, ``sqrt.rn.f64``)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set in this process: the kernels are jitted for the interpreter")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gradguard import _rule_kernel as R
+
+    kernel = R._build(False)
+    pointers = dict.fromkeys(("zs", "ac", "fc", "table", "eps", "zt2", "ramp"), "*fp64")
+    args = {"warmup": "i32", "max_norm": "i64", "growth": "i64", "first": "i64", "c": "i64"}
+    variants = [(False, False, R.NO_CAP, False)] + [
+        (True, first, cap, ramp)
+        for first in (False, True)
+        for cap in (R.NO_CAP, R.FIRST_CAP, R.POLYAK_CAP)
+        for ramp in ((False, True) if cap == R.POLYAK_CAP else (False,))
+    ]
+    for norm in ("*fp32", "*bf16", "*fp64"):
+        for auto, first, cap, ramp in variants:
+            constants = {"AUTO": auto, "FIRST": first, "CAP": cap, "RAMP": ramp}
+            signature = pointers | {"norm": norm, "loss": "*fp32", "out": "*fp32"} | args
+            source = ASTSource(kernel, signature | dict.fromkeys(constants, "constexpr"), constants)
+            options = {"num_warps": 1, "enable_fp_fusion": False}  # as _rule_kernel launches it
+            code = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+            assert "div.rn.f64" in code and "sqrt.rn.f64" in code, (norm, constants)
+            assert "div.approx" not in code and "div.full" not in code and "fma.rn.f64" not in code
+
+
 # ----------------------------------------------------------------------------- benchmarks/gpu.py
 def _gpu_benchmark() -> Any:
     spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
@@ -453,7 +548,7 @@ def test_the_gpu_benchmark_dry_run(tmp_path: Path) -> None:
             assert rows["kernel vs torch norms: max relative difference"] < 1e-4
     for name in ("GPT step", "fixed cost"):
         assert any("guarded / plain" in key for key in results[name]), results[name]
-    for label in ("guarded, locate=False", "guarded, clip auto"):
+    for label in ("guarded, locate=False", "guarded, clip auto", "guarded, clip auto, rule as tensor ops"):
         assert isinstance(results["fixed cost"][f"{label} / plain (median of pair ratios)"], float)
     located = results["locate"]
     assert located["log fault (step 5): located"] == "forward log -inf replay", located

@@ -54,6 +54,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from gradguard import _rule_kernel
+from gradguard._rule_kernel import FIRST_CAP, NO_CAP, POLYAK_CAP
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.stats import (
     _FOREACH_DEVICES,
@@ -764,7 +766,9 @@ def _reads_on_host(t: Tensor) -> bool:
     """Whether a rule may read ``t`` and go on in host floats: a CPU value (the read waits for no
     device; on the CPU a small tensor op costs ~2–5 µs of dispatch, a float operation ~0.05), outside a
     compiled region (where a read would break the graph), unless tests pin the device path."""
-    return t.is_cpu and not _PIN_DEVICE_PATH and not torch.compiler.is_compiling()  # (is_cpu: 0.05 µs, .device: 0.3)
+    return (
+        t.is_cpu and not _PIN_DEVICE_PATH and not torch.compiler.is_compiling()
+    )  # (is_cpu: 0.05 µs, .device: 0.3)
 
 
 class _TwoForms:
@@ -1092,17 +1096,18 @@ class _TensorArith:
     isnan = staticmethod(torch.isnan)
     isfinite = staticmethod(torch.isfinite)
 
-    def _table(self, values: tuple[float, ...]) -> Tensor:
+    def table_for(self, values: tuple[float, ...]) -> Tensor:
+        """``values`` as a float64 tensor on the device, made once."""
         t = self._tables.get(values)
         if t is None:
             t = self._tables[values] = torch.tensor(values, dtype=torch.float64).to(self.device)
         return t
 
     def scale(self, x: Tensor, factors: tuple[float, ...]) -> Tensor:
-        return x * self._table(factors)
+        return x * self.table_for(factors)
 
     def lookup(self, table: tuple[float, ...], n: Tensor) -> Tensor:
-        return self._table(table).index_select(0, n)
+        return self.table_for(table).index_select(0, n)
 
     def scalar(self, x: Tensor) -> Tensor:
         return x.detach().to(device=self.device, dtype=torch.float64).reshape(())
@@ -1278,6 +1283,10 @@ class ZClip(_TwoForms, NormClipper):
         return self.max_norm is not None and _is_zero(self.max_norm)
 
     def threshold(self, norm: Tensor) -> Tensor:
+        if _rule_kernel.usable(norm):  # a GPU: the rule in one launch, where the kernel knows the step
+            found = self._kernel_threshold(norm)
+            if found is not None:
+                return found
         tau = self._observe(norm)[0]
         if isinstance(tau, float):  # on the host
             cap = math.inf if self.max_norm is None else self.max_norm
@@ -1287,6 +1296,22 @@ class ZClip(_TwoForms, NormClipper):
         if self.max_norm is not None:
             tau = tau.clamp_max(self.max_norm)
         return tau[0, 0].to(torch.float32)
+
+    def _kernel_threshold(self, norm: Tensor) -> Tensor | None:
+        """:meth:`threshold` by :mod:`gradguard._rule_kernel` (the state updated in place), or None
+        where the kernel does not take this step (the tensor path then)."""
+        self._on_device()
+        if self._state.device != norm.device:
+            self._to(norm.device)
+        step = self._kernel_step(norm)
+        return None if step is None else _rule_kernel.threshold(self._held(), norm, step)
+
+    def _kernel_step(self, norm: Tensor) -> _rule_kernel.Step | None:
+        """What the kernel needs for this step besides the state (None: the tensor path)."""
+        r = self._rule
+        return _rule_kernel.Step(
+            r.table, r.eps, r.zt2, self.warmup, math.inf if self.max_norm is None else self.max_norm
+        )
 
     @property
     def mean(self) -> Tensor:
@@ -1528,23 +1553,32 @@ class Auto(ZClip):
         spike and growth caps apply."""
         return self._optimizer is not None and not isinstance(self._optimizer, PLAIN_UPDATE)
 
-    def _polyak_cap(self, r: _Arith, g: Any) -> Any | None:
-        """This step's cap ``polyak·f/(lr·‖g‖)`` for the norm ``g`` (float64 on ``r``; NaN where the loss is
-        not > 0 or either is not finite), or None where it cannot apply (no ``polyak``, no plain-update
-        optimizer, no loss, every learning rate 0). On device: no host read."""
-        if self.polyak is None or self._loss is None or not isinstance(self._optimizer, PLAIN_UPDATE):
-            return None
+    def _step_cap_kind(self) -> tuple[int, float | list[Any] | None]:
+        """Which step cap applies to this step: ``(NO_CAP, None)`` under an Adam-like optimizer;
+        ``(FIRST_CAP, None)`` without ``polyak``, or where the Polyak cap cannot apply (no loss, no
+        plain-update optimizer, every learning rate 0); ``(POLYAK_CAP, polyak / lr)`` with lr the largest
+        rate of the groups (read now: schedulers are followed), or ``(POLYAK_CAP, the rates)`` where a
+        rate is a tensor (capturable / fused: it stays on the device)."""
+        if self.polyak is None:
+            return FIRST_CAP, None  # the previous auto: the first-norm cap on every step
+        if self.adaptive:
+            return NO_CAP, None
+        if self._loss is None or not isinstance(self._optimizer, PLAIN_UPDATE):
+            return FIRST_CAP, None
         lrs = [grp["lr"] for grp in self._optimizer.param_groups if grp["params"]]
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            return POLYAK_CAP, lrs
+        top = max([float(lr) for lr in lrs]) if lrs else 0.0  # (no ``default=``: torch.compile refuses it)
+        return (POLYAK_CAP, self.polyak / top) if top > 0 else (FIRST_CAP, None)
+
+    def _polyak_cap(self, r: _Arith, g: Any, lr: float | list[Any]) -> Any:
+        """This step's cap ``polyak·f/(lr·‖g‖)`` for the norm ``g`` (float64 on ``r``; NaN where the loss is
+        not > 0 or either is not finite); ``lr``: :meth:`_step_cap_kind`'s ``polyak / lr``, or the rates.
+        On device: no host read."""
+        assert self._loss is not None and self.polyak is not None
         f = r.scalar(self._loss)
-        if any(isinstance(lr, Tensor) for lr in lrs):  # a tensor lr (capturable / fused): on device
-            cap = r.div(f * self.polyak, r.largest(lrs) * g)
-        else:
-            top = (
-                max([float(lr) for lr in lrs]) if lrs else 0.0
-            )  # (no ``default=``: torch.compile refuses it)
-            if top <= 0:
-                return None
-            cap = r.div(f * (self.polyak / top), g)
+        # (the rates, a tensor among them: their largest on the device)
+        cap = r.div(f * lr, g) if isinstance(lr, float) else r.div(f * self.polyak, r.largest(lr) * g)
         return r.where((f > 0) & r.isfinite(cap), cap, r.nan)
 
     def _trust_cap(self, r: _Arith, g: Any) -> Any | None:
@@ -1633,18 +1667,34 @@ class Auto(ZClip):
         """The Polyak cap where it applies (ramped up over the warm-up with ``ramp``: ``n`` finite
         norms seen before this one), else the first-norm cap (inf without ``first``); an Adam-like
         optimizer gets neither (None). Float64 on ``r`` (on device: no host read)."""
-        if self.polyak is None:
-            return first_cap  # the previous auto: the first-norm cap on every step
-        if self.adaptive:
+        kind, lr = self._step_cap_kind()
+        if kind == NO_CAP:
             return None
-        cap = self._polyak_cap(r, g)
-        if cap is None:
+        if kind == FIRST_CAP or lr is None:
             return first_cap
+        cap = self._polyak_cap(r, g, lr)
         if self.ramp:
             cap = cap * r.lookup(self._ramp, n)
         cap = r.where(r.isnan(cap), first_cap, cap)
         trust = self._trust_cap(r, g)
         return cap if trust is None else r.minimum(cap, trust)
+
+    def _kernel_step(self, norm: Tensor) -> _rule_kernel.Step | None:
+        """ZClip's, and auto's caps; None (the tensor path) for a tensor learning rate, the trust cap, or a
+        loss on another device."""
+        step = super()._kernel_step(norm)
+        kind, lr = self._step_cap_kind()
+        if kind != POLYAK_CAP:
+            return None if step is None else step._replace(growth=self.growth, first=self.first, cap=kind)
+        if step is None or not isinstance(lr, float) or self.trust is not None:
+            return None
+        loss = self._loss
+        if loss is None or loss.device != norm.device:
+            return None
+        ramp = self._rule.table_for(self._ramp) if self.ramp else None
+        return step._replace(
+            growth=self.growth, first=self.first, cap=kind, loss=loss, polyak_over_lr=lr, ramp=ramp
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
