@@ -402,6 +402,56 @@ def check_rule_kernel(name: str) -> None:
     assert isinstance(kernel, C.NormClipper)
 
 
+def check_guard_auto_on_the_rule_kernel() -> None:
+    """A guarded SGD run with the default clip, ``auto``, whose rule runs in the kernel equals the run
+    whose rule runs as tensor ops (the device path on the CPU): the same clipped weights and skipped
+    step (a NaN gradient), the threshold from the kernel on every step."""
+    import gradguard
+    import gradguard.clip as C
+    from gradguard import _rule_kernel as R
+
+    def run(kernel: bool) -> tuple[list[torch.Tensor], int, int]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        launches: list[int] = []
+        real_launch, real_usable = R._launch, R.usable
+
+        def launch(*args: Any) -> Any:
+            launches.append(1)
+            return real_launch(*args)
+
+        C._PIN_DEVICE_PATH = True  # (the device path: no host arithmetic on this CPU)
+        R._launch = launch  # type: ignore[assignment]
+        if kernel:
+            R.usable = lambda t: not R._BROKEN  # type: ignore[assignment]
+        try:
+            guard = gradguard.Guard(model, opt, clip="auto", locate=False)
+            for step in range(40):
+                x = torch.randn(16, 8) * (30.0 if step % 13 == 12 else 1.0)
+                loss = (model(x) - x[:, :3]).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                if step == 20:
+                    next(model.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
+                guard.step(loss)
+            guard.close()
+        finally:
+            C._PIN_DEVICE_PATH = False
+            R._launch, R.usable = real_launch, real_usable  # type: ignore[assignment]
+        return [p.detach().clone() for p in model.parameters()], guard.skipped_steps, len(launches)
+
+    (w_k, skipped_k, launches_k), (w_t, skipped_t, launches_t) = run(True), run(False)
+    assert not R._BROKEN, R._BROKEN
+    assert (skipped_k, skipped_t, launches_k, launches_t) == (1, 1, 40, 0)
+    for a, b in zip(w_k, w_t):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_a_guarded_auto_run_on_the_rule_kernel_is_the_run_on_tensor_ops(run: Callable[..., Any]) -> None:
+    run(check_guard_auto_on_the_rule_kernel)
+
+
 @pytest.mark.parametrize("name", ["zclip", "zclip-max_norm", "auto-sgd", "auto-sgd-tensor-lr", "auto-adamw",
                                   "auto-trust", "auto-first", "auto-unbound"])  # fmt: skip
 def test_the_rule_kernel_gives_the_tensor_rules_numbers(run: Callable[..., Any], name: str) -> None:
