@@ -35,7 +35,7 @@ dispatch; on a GPU each is a kernel launch.
 
 Run ``python benchmarks/fixed_cost.py`` (about 2 minutes), ``--quick``, ``--ops`` (op counts only,
 seconds), ``--parts`` (where the µs of a step go: each part timed alone, the fastest of 7 rounds),
-``--locate-off`` (plain / guard / guard with ``locate=False`` in one process: the capture's share), ``--json out.json``, ``--identical DIR`` (this tree logs bit for bit what an older one logs: 67 runs
+``--locate-off`` (plain / guard / guard with ``locate=False`` in one process: the capture's share), ``--json out.json``, ``--identical DIR`` (this tree logs bit for bit what an older one logs: 69 runs
 of 60 steps over the common settings; ~2 minutes). ``--baseline DIR`` (an older tree's ``src/gradguard``, e.g. from
 ``git archive HEAD src/gradguard | tar -x -C /tmp/base``): plain / that guard / this guard as
 interleaved triples in one process, with the median ratios guard / baseline (``--clock thread``:
@@ -628,6 +628,8 @@ IDENTITY_SETTINGS: list[tuple[str, str, str, torch.dtype, dict[str, Any]]] = [
     ("norm:1", "skip", "foreach", torch.float64, {}),
     ("auto", "skip", "fused", torch.float64, {}),
     ("norm:1", "skip", "sgd", torch.float32, {}),
+    ("auto", "skip", "sgd", torch.float32, {}),  # auto's Polyak cap (session 16: its rule on host floats)
+    ("autoclip:10", "skip", "fused", torch.float32, {}),  # (session 16: AutoClip's window on the host)
     ("norm:1", "skip", "foreach", torch.float32, {"layer_every": 3}),
     ("norm:1", "skip", "fused", torch.float32, {"norm_type": 1.0}),
     ("norm:1", "skip", "fused", torch.float32, {"norm_type": math.inf}),
