@@ -206,7 +206,84 @@ def correctness(device: torch.device) -> dict[str, Any]:
             "CPU dry run: torch's CPU mul_ keeps a float32 coefficient unrounded for 16-bit tensors, "
             "and the interpreter's bfloat16 cast truncates; on CUDA all four must be bitwise the same"
         )
+    out["clipping rule kernel"] = rule_kernel_vs_tensor_ops(device)
     return out
+
+
+def rule_kernel_vs_tensor_ops(device: torch.device) -> dict[str, Any]:
+    """ZClip's and auto's rule by its kernel (``gradguard._rule_kernel``, its first run on a GPU) and as
+    tensor ops on this device, over 90 steps of norms (log-normal, spikes, NaN, inf, 0) and losses
+    (NaN, 0, negative): the launches, and the largest relative difference of the thresholds (1e-12
+    expected: the rounding of a fused multiply-add in the tensor path's ``addcmul``)."""
+    import random
+
+    import gradguard.clip as C
+
+    rng = random.Random(1)
+    stream = [
+        (math.exp(rng.gauss(0, 0.4)) * (25.0 if i % 17 == 16 else 1.0), rng.uniform(0.1, 3))
+        for i in range(90)
+    ]
+    stream[7], stream[11], stream[13] = (math.nan, 1.0), (math.inf, 1.0), (0.0, 1.0)
+    stream[20], stream[21], stream[22] = (1.0, math.nan), (1.0, 0.0), (1.0, -0.5)
+    params = [nn.Parameter(torch.zeros(3, device=device))]
+    configs: dict[str, Callable[[], C.NormClipper]] = {
+        "zclip": lambda: C.ZClip(warmup=5),
+        "auto, SGD": lambda: _bound(C.Auto(**C.Auto.SPEC, warmup=5), torch.optim.SGD(params, lr=0.3)),
+        "auto, AdamW": lambda: _bound(C.Auto(**C.Auto.SPEC, warmup=5), torch.optim.AdamW(params)),
+    }
+    out: dict[str, Any] = {}
+    for name, make in configs.items():
+        launches: list[int] = []
+        kernel = _rule_taus(make, stream, device, launches, kernel=True)
+        tensors = _rule_taus(make, stream, device, [], kernel=False)
+        same_kind = all(math.isfinite(a) == math.isfinite(b) for a, b in zip(kernel, tensors))
+        rel = max(
+            (abs(a - b) / abs(b) for a, b in zip(kernel, tensors) if math.isfinite(b) and b), default=0.0
+        )
+        out[name] = {"kernel launches": len(launches), "same finiteness": same_kind, "max_rel_diff": rel}
+    out["fell back"] = list(R._BROKEN)
+    return out
+
+
+def _rule_taus(
+    make: Callable[[], Any],
+    stream: list[tuple[float, float]],
+    device: torch.device,
+    launches: list[int],
+    kernel: bool,
+) -> list[float]:
+    """The thresholds of a fresh clipper over ``stream``: its rule by the kernel (launches counted) or as
+    tensor ops (on a CPU, a dry run: the device path pinned, the kernel interpreted)."""
+    import gradguard.clip as C
+
+    real_launch, real_usable, pinned = R._launch, R.usable, C._PIN_DEVICE_PATH
+
+    def launch(*args: Any) -> Any:
+        launches.append(1)
+        return real_launch(*args)
+
+    R._launch = launch  # type: ignore[assignment]
+    C._PIN_DEVICE_PATH = True  # (a CPU: the device path, not the host floats)
+    if not kernel:
+        R.usable = lambda norm: False  # type: ignore[assignment]
+    elif device.type != "cuda":
+        R.usable = lambda norm: not R._BROKEN  # type: ignore[assignment]  # (the interpreter)
+    try:
+        clipper = make()
+        return [_tau(clipper, g, f, device) for g, f in stream]
+    finally:
+        R._launch, R.usable, C._PIN_DEVICE_PATH = real_launch, real_usable, pinned  # type: ignore[assignment]
+
+
+def _bound(clipper: Any, optimizer: torch.optim.Optimizer) -> Any:
+    clipper.attach(optimizer)
+    return clipper
+
+
+def _tau(clipper: Any, norm: float, loss: float, device: torch.device) -> float:
+    clipper.observe_loss(torch.tensor(loss, device=device))
+    return float(clipper.threshold(torch.tensor(norm, device=device)))
 
 
 # ----------------------------------------------------------------------------- 2. the 1.3B set

@@ -596,6 +596,14 @@ def test_the_gpu_benchmark_dry_run(tmp_path: Path) -> None:
         if importlib.util.find_spec("triton") is not None:
             assert isinstance(rows["guard measure + clip + flags (kernel)"], float), rows
             assert rows["kernel vs torch norms: max relative difference"] < 1e-4
+    if (
+        importlib.util.find_spec("triton") is not None
+    ):  # the rule's kernel, interpreted: the tensor ops' numbers
+        for rule in ("zclip", "auto, SGD", "auto, AdamW"):
+            row = results["correctness"]["clipping rule kernel"][rule]
+            assert row["kernel launches"] == 90 and row["same finiteness"] and row["max_rel_diff"] < 1e-12, (
+                row
+            )
     for name in ("GPT step", "fixed cost"):
         assert any("guarded / plain" in key for key in results[name]), results[name]
     for label in ("guarded, locate=False", "guarded, clip auto", "guarded, clip auto, rule as tensor ops"):
