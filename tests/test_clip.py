@@ -1901,3 +1901,38 @@ def test_autoclip_on_the_host_rounds_a_float64_norm_to_float32_as_the_device_pat
         got = float(host.threshold(torch.tensor(v, dtype=torch.float64)))
         assert (math.isnan(got) and math.isnan(want)) or got == want, v
     assert host.state_dict()["count"] == device.state_dict()["count"] == len(norms) - 3  # 3.5e38, 1e39, NaN
+
+
+def test_a_threshold_beyond_float32s_range_is_inf_on_the_host_as_on_the_device():
+    """The float64 rule can give a finite τ above float32's largest (a Polyak cap over a tiny norm, ZClip
+    over float64 norms): the threshold is then inf on both paths (the host once refused to make it)."""
+    for device_path in (False, True):
+        ps = params_with_grads(0)
+        auto = bound("auto-sgd", ps)
+        assert tau_of(auto, 1e-39, 1.0, device_path=device_path) == math.inf  # 0.5·1/(0.3·1e-39) > 3.4e38
+        zclip = C.ZClip(warmup=3)
+        C._PIN_DEVICE_PATH = device_path
+        try:
+            got = [
+                float(zclip.threshold(torch.tensor(v, dtype=torch.float64)))
+                for v in (1e39, 1.1e39, 0.9e39, 1e42)
+            ]
+        finally:
+            C._PIN_DEVICE_PATH = False
+        assert got == [math.inf] * 4, (device_path, got)
+
+
+def test_a_loaded_zclip_state_out_of_range_is_clamped_on_both_paths():
+    """A saved state with a negative mean, a negative or NaN count: clamped at load (a mean ≥ 0, a count
+    in [0, warmup], NaN → 0), so the host path (which would index the table from its end) and the
+    device path (which would fail) both run it, with the same thresholds."""
+    for stats in ([-1.0, 2.0, -3.0], [1.0, 0.5, math.nan], [1.0, 0.25, 99.0]):
+        taus = []
+        for device_path in (False, True):
+            z = C.ZClip(warmup=3)
+            state = z.state_dict() | {"stats": torch.tensor(stats, dtype=torch.float64)}
+            z.load_state_dict(state)
+            loaded = z.state_dict()["stats"].tolist()
+            assert loaded[0] >= 0 and 0 <= loaded[2] <= 3, loaded
+            taus.append([tau_of(z, v, 1.0, device_path=device_path) for v in (1.0, 1.2, 9.0, 1.1)])
+        assert taus[0] == taus[1], stats

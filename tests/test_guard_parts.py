@@ -1038,3 +1038,25 @@ def test_an_adaptive_clipper_learns_nothing_from_a_bad_step_with_finite_gradient
     guard.step(backward(model, opt, 6))  # a good step moves them
     assert not torch.equal(zclip.state_dict()["stats"], before)
     guard.close()
+
+
+def test_a_users_clipper_that_writes_into_its_norm_changes_nothing_the_guard_measured() -> None:
+    """A user's norm clipper gets a norm of its own (gradguard's own rules, which only read it, may get
+    the measured total itself on the CPU): writing into it leaves the step's logged norm alone."""
+
+    class Halving(gradguard.clip.NormClipper):
+        kind = "halving"
+
+        def threshold(self, norm: torch.Tensor) -> torch.Tensor:
+            norm.mul_(0.5)  # (a user's clipper may do anything with what it is handed)
+            return torch.tensor(1e9)
+
+    norms = {}
+    for clip in (Halving(), None):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gradguard.Guard(model, opt, clip=clip, locate=False)
+        guard.step(backward(model, opt, 0))
+        norms[clip is None] = float(guard.last_grad_norm)  # type: ignore[arg-type]
+        guard.close()
+    assert norms[False] == norms[True]

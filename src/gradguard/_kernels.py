@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 from gradguard import clip
+from gradguard._triton import module as triton_module
+from gradguard._triton import on_device_of
 from gradguard.stats import tensor_norms
 
 __all__ = [
@@ -128,6 +130,20 @@ def _measure(tensors: Sequence[Tensor], p: float) -> NormsAndCounts:
     out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     norms = torch.empty(len(tensors), dtype=out_dtype, device=device)
     counts = torch.empty(len(tensors), dtype=torch.int64, device=device)
+    with on_device_of(tensors[0]):
+        _measure_into(kernels, tensors, p, device, norms, counts)
+    return NormsAndCounts(norms, counts)
+
+
+def _measure_into(
+    kernels: _Kernels,
+    tensors: Sequence[Tensor],
+    p: float,
+    device: torch.device,
+    norms: Tensor,
+    counts: Tensor,
+) -> None:
+    """:func:`_measure`'s launches, on the tensors' device."""
     for dtype, idx in _by_dtype(tensors).items():
         group = [tensors[i] for i in idx]
         layout = _layout(group, idx, device)
@@ -145,7 +161,6 @@ def _measure(tensors: Sequence[Tensor], p: float) -> NormsAndCounts:
             part_sq, part_bad, layout.chunk_first, layout.position, norms, counts,
             ACC=kernels.types[acc], P=int(p), FBLOCK=FINISH_BLOCK, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
-    return NormsAndCounts(norms, counts)
 
 
 def scale_(tensors: Sequence[Tensor], coef: Tensor) -> None:
@@ -168,6 +183,12 @@ def _scale(tensors: Sequence[Tensor], coef: Tensor) -> None:
     """:func:`scale_` of checked tensors: one launch per dtype."""
     kernels = _kernels()
     device = tensors[0].device
+    with on_device_of(tensors[0]):
+        _scale_launches(kernels, tensors, coef, device)
+
+
+def _scale_launches(kernels: _Kernels, tensors: Sequence[Tensor], coef: Tensor, device: torch.device) -> None:
+    """:func:`_scale`'s launches, on the tensors' device."""
     for dtype, idx in _by_dtype(tensors).items():
         group = [tensors[i] for i in idx]
         layout = _layout(group, idx, device)
@@ -285,13 +306,7 @@ def _give_up(exc: Exception) -> None:
 # ----------------------------------------------------------------------------- the kernels
 def _triton() -> Any | None:
     """The ``triton`` module, or None where it is missing (or the kernels failed here once)."""
-    if _BROKEN:
-        return None
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton
+    return None if _BROKEN else triton_module()
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from gradguard._triton import module as triton_module
+from gradguard._triton import on_device_of
+
 __all__ = ["Step", "threshold", "usable"]
 
 #: the step cap: none (ZClip; ``auto`` under an Adam-like optimizer), the first-norm cap, or the
@@ -59,7 +62,7 @@ class Step(NamedTuple):
 def usable(norm: Tensor) -> bool:
     """Whether the kernel takes a step on ``norm``: a CUDA tensor, Triton importable, not inside
     ``torch.compile`` tracing, and no failure of the kernel before."""
-    return norm.is_cuda and not _BROKEN and not torch.compiler.is_compiling() and _triton() is not None
+    return norm.is_cuda and not _BROKEN and not torch.compiler.is_compiling() and triton_module() is not None
 
 
 def threshold(state: tuple[Tensor, ...], norm: Tensor, step: Step) -> Tensor | None:
@@ -93,6 +96,15 @@ def _launch(state: tuple[Tensor, ...], norm: Tensor, step: Step) -> Tensor:
     loss = step.loss if step.loss is not None else zs
     ramp = step.ramp if step.ramp is not None else zs
     kernel = _build(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    with on_device_of(norm):
+        _run(kernel, zs, anchor, first, norm, loss, ramp, out, step, auto)
+    return out
+
+
+def _run(
+    kernel: Any, zs: Tensor, anchor: Tensor, first: Tensor, norm: Tensor, loss: Tensor, ramp: Tensor,
+    out: Tensor, step: Step, auto: bool,
+) -> None:  # fmt: skip
     kernel[(1,)](
         zs, anchor, first, norm.detach(), loss.detach(), step.table, step.eps, step.zt2, ramp, out,
         step.warmup, _bits(step.max_norm), _bits(step.growth),
@@ -100,21 +112,12 @@ def _launch(state: tuple[Tensor, ...], norm: Tensor, step: Step) -> Tensor:
         AUTO=auto, FIRST=step.first is not None, CAP=step.cap, RAMP=step.ramp is not None,
         num_warps=1, enable_fp_fusion=False,  # one thread's scalar work; each operation rounded once
     )  # fmt: skip
-    return out
-
-
-def _triton() -> Any | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton
 
 
 @functools.lru_cache(maxsize=2)
 def _build(interpreted: bool) -> Any:
     """The jitted kernel (built on first use: Triton reads ``TRITON_INTERPRET`` when it jits)."""
-    triton = _triton()
+    triton = triton_module()
     assert triton is not None
     import triton.language as tl
 

@@ -1290,9 +1290,9 @@ class ZClip(_TwoForms, NormClipper):
         tau = self._observe(norm)[0]
         if isinstance(tau, float):  # on the host
             cap = math.inf if self.max_norm is None else self.max_norm
-            return torch.scalar_tensor(
-                _FloatArith.minimum(tau, cap), dtype=torch.float32
-            )  # (≈1 µs; torch.tensor ≈2.5)
+            # (scalar_tensor ≈1 µs, torch.tensor ≈2.5; rounded as the device path's .to(float32): a value
+            # beyond float32's range is inf, which scalar_tensor would refuse)
+            return torch.scalar_tensor(_float32(_FloatArith.minimum(tau, cap)), dtype=torch.float32)
         if self.max_norm is not None:
             tau = tau.clamp_max(self.max_norm)
         return tau[0, 0].to(torch.float32)
@@ -1345,8 +1345,8 @@ class ZClip(_TwoForms, NormClipper):
         self.eps = float(state["eps"])
         self.max_norm = None if state["max_norm"] is None else float(state["max_norm"])
         stats = state["stats"].detach().to(torch.float64).reshape(3).clone()
-        stats[1:].clamp_min_(0.0)  # a variance ≥ 0 (the update keeps it so)
-        stats[2:].clamp_max_(self.warmup)  # the count indexes the update table (no host read)
+        stats[:2].clamp_min_(0.0)  # a mean of norms and a variance ≥ 0 (the update keeps them so)
+        stats[2:].nan_to_num_(0.0).clamp_(0, self.warmup)  # the count indexes the update table (no host read)
         self._set_state(stats)
 
     def __repr__(self) -> str:

@@ -69,11 +69,13 @@ def _fixed_threshold(clipper: NormClipper) -> float | None:
     return None
 
 
-def _nonnegative(clipper: NormClipper) -> bool:
-    """Whether the clipper's threshold is never negative by construction: ZClip's and auto's (a mean
-    of norms plus a positive offset, or caps made of norms, losses > 0 and rates; inf) and AutoClip's
-    (a percentile of norms), as these classes compute it (a subclass's own ``threshold`` promises
-    nothing). The coefficient then needs no clamp at 0: 1 op fewer."""
+def _own_rule(clipper: NormClipper) -> bool:
+    """Whether the clipper's threshold is gradguard's own rule: never negative by construction, ZClip's and auto's (a mean
+    of norms plus a positive offset, or caps made of norms, losses > 0 and learning rates, which torch's
+    optimizers refuse below 0; inf) and AutoClip's (a percentile of norms), as these classes compute it
+    (a subclass's own ``threshold`` promises nothing; a loaded state's mean and count are clamped into
+    range) — the coefficient then needs no clamp at 0: 1 op fewer —, and the norm it is given is only
+    read (``Measurement.observed(read_only=True)`` may hand it the measured total itself)."""
     own = type(clipper).threshold
     return (isinstance(clipper, ZClip) and own is ZClip.threshold) or (
         isinstance(clipper, AutoClip) and own is AutoClip.threshold
@@ -121,7 +123,8 @@ class Clipping:
         self._fixed_constant: Tensor | None = None  # the device constant of the last fixed threshold
         # every threshold that makes the step's is ≥ 0 by construction (see _nonnegative)
         makers = [c for c in (self.norm_clipper, self.spike if clip_spikes else None) if c is not None]
-        self._nonnegative = bool(makers) and all(_nonnegative(c) for c in makers)
+        self._nonnegative = bool(makers) and all(_own_rule(c) for c in makers)
+        self._reads_only = self.norm_clipper is not None and _own_rule(self.norm_clipper)
 
     def plan(self, m: Measurement) -> ClipPlan:
         """The threshold (the smaller of the clipper's and, under ``clip_spikes``, the spike's),
@@ -129,7 +132,7 @@ class Clipping:
         threshold: Tensor | None = None
         spike = self.consts.false(m.device)
         if self.spike is not None:
-            spike_tau = self.spike.threshold(m.observed(self.consts))
+            spike_tau = self.spike.threshold(m.observed(self.consts, read_only=True))
             spike = spike_tau < math.inf
             if self.clip_spikes:
                 threshold = spike_tau
@@ -162,7 +165,7 @@ class Clipping:
             # (a NaN set by hand on the clipper is not a checked number: the coefficient tests it)
             self._fixed_constant = tau if fixed == fixed else None
             return tau
-        return self.norm_clipper.threshold(m.observed(self.consts)).to(m.device)
+        return self.norm_clipper.threshold(m.observed(self.consts, read_only=self._reads_only)).to(m.device)
 
     def fraction(self, coef: Tensor | None) -> Tensor | None:
         """A norm clipper's ``clip_fraction``: whether it scaled the gradients down, as the 0-D

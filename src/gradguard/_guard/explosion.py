@@ -295,7 +295,7 @@ class Explosions:
         cap = None if self.cap is None else consts.number(self.cap, m.device)
         if self.bound is not None:
             self.bound.observe_loss(m.values[0])  # the loss as measured (0 without one: the first-norm cap)
-            tau = self.bound.threshold(m.observed(consts)).to(m.device)
+            tau = self.bound.threshold(m.observed(consts, read_only=True)).to(m.device)  # (a clip.Auto)
             cap = tau if cap is None else cap.minimum(tau)
         assert cap is not None
         threshold = cap if plan.threshold is None else plan.threshold.minimum(cap)

@@ -193,15 +193,16 @@ class Measurement:
             found = self.views[key] = self.row[start:stop] if dim else self.row[start]
         return found
 
-    def observed(self, consts: Constants) -> Tensor:
+    def observed(self, consts: Constants, *, read_only: bool = False) -> Tensor:
         """The global norm, NaN on a bad step: what adaptive state (an adaptive clipper, the spike
-        detector) may learn from. Made on first use (a step with a fixed threshold needs none)."""
+        detector) may learn from. Made on first use (a step with a fixed threshold needs none).
+        ``read_only``: the caller only reads it (gradguard's own rules): on the CPU it is then the
+        measured total itself or a shared NaN constant, the bad flag read on the host (no op)."""
+        if read_only and self.total.dtype is torch.float32 and clip._reads_on_host(self.bad):
+            bad = bool(self.bad)  # host sync: a CPU value
+            return consts.number(math.nan, self.device) if bad else self.total  # (float32 both)
         if self._observed is None:
-            if self.total.dtype is torch.float32 and clip._reads_on_host(self.bad):  # a CPU flag: no op
-                bad = bool(self.bad)  # host sync: a CPU value
-                self._observed = consts.number(math.nan, self.device) if bad else self.total  # (float32 both)
-            else:
-                self._observed = torch.where(self.bad, consts.number(math.nan, self.device), self.total)
+            self._observed = torch.where(self.bad, consts.number(math.nan, self.device), self.total)
         return self._observed
 
 
