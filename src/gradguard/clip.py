@@ -897,6 +897,7 @@ class AutoClip(_TwoForms, NormClipper):
         take = torch.stack([below, above, k + torch.arange(w + 1)], 1)
         self._vals, self._take = vals.to(device), take.to(device)
         # the same lookup for the host form: for n norms, (rank below, rank above, float32 weight)
+        # host sync: none, CPU tables made at construction
         self._host_ranks = list(zip(below.tolist(), above.tolist(), (ranks - below).tolist()))
         self._topk_out = (self._vals[:k], torch.empty(k, dtype=torch.long, device=device))
         # the two values and the weight picked for this step, and 0-D views of them for the lerp
@@ -910,7 +911,7 @@ class AutoClip(_TwoForms, NormClipper):
         self._set_history(self._window_view.to(device))
 
     def _host_form(self) -> _Window:
-        ring = self._window_view.tolist()
+        ring = self._window_view.tolist()  # host sync: once, when the norm moves to the CPU
         return _Window(ring, sorted(x for x in ring if x == x), int(self._count))  # (unfilled slots: NaN)
 
     def _device_form(self, host: _Window) -> None:
@@ -945,7 +946,7 @@ class AutoClip(_TwoForms, NormClipper):
         """:meth:`threshold` with the window on the host: the same ring of finite norms (as float32),
         kept in order, and the same float32 ``lerp`` of the two values the ranks pick."""
         window = self._on_host()
-        window.add(_float32(float(norm)), self.window)
+        window.add(_float32(float(norm)), self.window)  # host sync: a CPU value
         below, above, weight = self._host_ranks[min(window.count, self.window)]
         ordered, nan = window.ordered, math.nan
         lo, hi = (
@@ -1248,7 +1249,9 @@ class ZClip(_TwoForms, NormClipper):
         (self._state,) = parts
 
     def _host_form(self) -> tuple[tuple[float, ...], ...]:
-        return tuple(tuple(t.reshape(-1).tolist()) for t in self._held())
+        return tuple(
+            tuple(t.reshape(-1).tolist()) for t in self._held()
+        )  # host sync: once, when the norm moves to the CPU
 
     def _device_form(self, host: tuple[tuple[float, ...], ...]) -> None:
         held = self._held()
@@ -1268,7 +1271,8 @@ class ZClip(_TwoForms, NormClipper):
         update): on device, τ float64 of shape (1, 3) with 3 equal values, the others of shape (1,);
         on a CPU norm (:func:`_reads_on_host`), host numbers."""
         if _reads_on_host(norm):
-            self._host, tau, finite, n = self._rule_step(self._host_rule, self._on_host(), float(norm))
+            host_g = float(norm)  # host sync: a CPU value
+            self._host, tau, finite, n = self._rule_step(self._host_rule, self._on_host(), host_g)
             return tau, finite, n
         self._on_device()
         if self._state.device != norm.device:
@@ -1635,7 +1639,7 @@ class Auto(ZClip):
         w = self.warmup
         n = torch.arange(w + 1, dtype=torch.float64)
         table = ((n + 1) / w).clamp(max=1.0).sqrt() if self.ramp else torch.ones_like(n)
-        self._ramp: tuple[float, ...] = tuple(table.tolist())
+        self._ramp: tuple[float, ...] = tuple(table.tolist())  # host sync: none, a CPU table
 
     def _to(self, device: torch.device) -> None:
         super()._to(device)
