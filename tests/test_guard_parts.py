@@ -911,6 +911,38 @@ def test_a_guarded_step_issues_few_device_ops(
     assert ops.count <= budget
 
 
+@pytest.mark.parametrize(
+    ("clip", "budget"), [("norm:1", 13), ("auto", 15), ("zclip", 15), ("autoclip:10", 15)]
+)
+@pytest.mark.parametrize("fused", [False, True])
+def test_on_the_cpu_an_adaptive_clipper_adds_two_ops_to_a_step(clip: str, budget: int, fused: bool) -> None:
+    """On the CPU (not pinned) the adaptive rules run on host numbers: a step with ``auto`` (the
+    default), ``zclip`` or AutoClip issues 2 ops more than one with a fixed threshold (here 14 against
+    12: the threshold made from the host number — AutoClip's lerp —, its write into the row), where
+    they issued 47, 35 and 26 before session 16; counted in a warm step past ZClip's warm-up, outside
+    the optimizer's own step (a budget of one more: a step whose coefficient is < 1 scales)."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None, foreach=None if fused else True)
+    guard = gradguard.Guard(model, opt, clip=clip, layer_every=1)
+    ops, step = _Ops(), opt.step
+
+    def optimizer_step(*args: Any, **kwargs: Any) -> Any:
+        ops.paused = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            ops.paused = False
+
+    opt.step = optimizer_step  # type: ignore[method-assign]
+    for i in range(30):  # past ZClip's warm-up (25): its rule's full row
+        guard.step(backward(model, opt, i))
+    loss = backward(model, opt, 30)
+    with ops:
+        guard.step(loss)
+    guard.close()
+    assert ops.count <= budget, ops.count
+
+
 def _meter(params: list[torch.Tensor], p: float = 2.0) -> Meter:
     return Meter(params, p, LayerIndex([f"l{i}.weight" for i in range(len(params))]), None)
 

@@ -766,9 +766,8 @@ def _reads_on_host(t: Tensor) -> bool:
     """Whether a rule may read ``t`` and go on in host floats: a CPU value (the read waits for no
     device; on the CPU a small tensor op costs ~2–5 µs of dispatch, a float operation ~0.05), outside a
     compiled region (where a read would break the graph), unless tests pin the device path."""
-    return (
-        t.is_cpu and not _PIN_DEVICE_PATH and not torch.compiler.is_compiling()
-    )  # (is_cpu: 0.05 µs, .device: 0.3)
+    # (Tensor.is_cpu: 0.05 µs; .device: 0.3)
+    return t.is_cpu and not _PIN_DEVICE_PATH and not torch.compiler.is_compiling()
 
 
 class _TwoForms:
