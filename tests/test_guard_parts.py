@@ -889,9 +889,15 @@ def test_a_guarded_step_issues_few_device_ops(
     (``clip.coefficient``: 4 with the norm's own flag) and fraction (``coef < 1``: 1), the row (3, made in the record's row:
     no copy), the clip or ``grad_scale`` (1)."""
     monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", True)  # fused: the GPU's grad_scale / found_inf
+    assert _guard_ops(fused, warm=3, clip=clip, on_nonfinite=on_nonfinite) <= budget
+
+
+def _guard_ops(fused: bool, warm: int, **guard_kw: Any) -> int:
+    """The device ops of one guarded AdamW step after ``warm`` steps (a layer step), outside the
+    optimizer's own step."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None, foreach=None if fused else True)
-    guard = gradguard.Guard(model, opt, clip=clip, on_nonfinite=on_nonfinite, layer_every=1)  # type: ignore[arg-type]
+    guard = gradguard.Guard(model, opt, layer_every=1, **guard_kw)
     ops, step = _Ops(), opt.step
 
     def optimizer_step(*args: Any, **kwargs: Any) -> Any:
@@ -902,13 +908,13 @@ def test_a_guarded_step_issues_few_device_ops(
             ops.paused = False
 
     opt.step = optimizer_step  # type: ignore[method-assign]
-    for i in range(3):
+    for i in range(warm):
         guard.step(backward(model, opt, i))
-    loss = backward(model, opt, 3)
+    loss = backward(model, opt, warm)
     with ops:
         guard.step(loss)
     guard.close()
-    assert ops.count <= budget
+    return ops.count
 
 
 @pytest.mark.parametrize(
@@ -921,26 +927,8 @@ def test_on_the_cpu_an_adaptive_clipper_adds_two_ops_to_a_step(clip: str, budget
     12: the threshold made from the host number — AutoClip's lerp —, its write into the row), where
     they issued 47, 35 and 26 before session 16; counted in a warm step past ZClip's warm-up, outside
     the optimizer's own step (a budget of one more: a step whose coefficient is < 1 scales)."""
-    model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None, foreach=None if fused else True)
-    guard = gradguard.Guard(model, opt, clip=clip, layer_every=1)
-    ops, step = _Ops(), opt.step
-
-    def optimizer_step(*args: Any, **kwargs: Any) -> Any:
-        ops.paused = True
-        try:
-            return step(*args, **kwargs)
-        finally:
-            ops.paused = False
-
-    opt.step = optimizer_step  # type: ignore[method-assign]
-    for i in range(30):  # past ZClip's warm-up (25): its rule's full row
-        guard.step(backward(model, opt, i))
-    loss = backward(model, opt, 30)
-    with ops:
-        guard.step(loss)
-    guard.close()
-    assert ops.count <= budget, ops.count
+    count = _guard_ops(fused, warm=30, clip=clip)  # past ZClip's warm-up (25): its rule's full row
+    assert count <= budget, count
 
 
 def _meter(params: list[torch.Tensor], p: float = 2.0) -> Meter:
