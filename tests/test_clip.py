@@ -1461,6 +1461,31 @@ def test_coefficient_is_the_clamped_formula_bit_for_bit(dtype):
     assert C.coefficient(torch.tensor(2.0), nan_tau) == 1.0
 
 
+def test_the_host_coefficient_is_the_float32_coefficient_bit_for_bit():
+    """A CPU step's coefficient on host floats (:func:`gradguard.clip.host_coefficient`) is bit for bit
+    the float32 tensor :func:`~gradguard.clip.coefficient` (with the guard's ``finite_eps``): on the
+    edge values above and on 20,000 random pairs of float32 norms and thresholds whose ratios span
+    the rounding of ``+`` and ``/`` (float64 thresholds too: rounded to float32 first)."""
+    edges = [0.0, -0.0, 1e-45, 1e-9, 0.5, 1.0, 3.0, 1e30, 3.4e38, math.inf, -math.inf, math.nan, -1.0]
+    g = torch.Generator().manual_seed(0)
+    norms = torch.exp(torch.empty(20_000).uniform_(-30, 30, generator=g)).tolist()
+    taus = (torch.tensor(norms) * torch.exp(torch.empty(20_000).uniform_(-3, 3, generator=g))).tolist()
+    eps = torch.tensor(1e-6)
+    pairs = [(n, t) for n in edges for t in edges] + list(zip(norms, taus))
+    pairs += [(n, t * (1 + 1e-9)) for n, t in zip(norms[:2000], taus[:2000])]  # not float32: rounded first
+    for n, t in pairs:
+        norm = torch.tensor(n, dtype=torch.float32)  # the norm as the row holds it
+        finite_eps = torch.where(torch.isfinite(norm), eps, torch.tensor(math.nan))
+        for nonnegative in (False, True) if n >= 0 and t >= 0 else (False,):
+            want = C.coefficient(
+                norm, torch.tensor(t, dtype=torch.float64), finite_eps=finite_eps, nonnegative=nonnegative
+            )
+            got = torch.tensor(
+                C.host_coefficient(float(norm), t, nonnegative=nonnegative), dtype=torch.float32
+            )
+            assert got.view(torch.int32) == want.view(torch.int32) or (got.isnan() and want.isnan()), (n, t)
+
+
 @pytest.mark.parametrize("spec", [*SPECS, "norm:0"])
 def test_clip_and_call_clip_the_same(spec):
     """clip_ clips exactly as the call does (and keeps the same state)."""

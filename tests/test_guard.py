@@ -21,6 +21,7 @@ from torch import nn
 
 import gradguard
 from gradguard._guard import apply as applying
+from gradguard._guard import measure as measuring
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.runlog import read_run
 from nosync import HostSyncError, NoSync
@@ -416,42 +417,51 @@ def test_the_one_host_read_is_real_an_unfused_skip_guard_refuses_meta() -> None:
     ["adamw-fused", "sgd-momentum-wd-fused", "adam-fused", "adagrad-fused", "adamw-foreach", "adam-forloop"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clip", ["norm:1", "auto"])
 def test_the_cpu_host_reads_give_the_device_paths_bits(
-    opt_name: str, dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    opt_name: str, dtype: torch.dtype, clip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On the CPU a fused step is taken by a host branch (cheaper than the kernel's ``grad_scale`` /
-    ``found_inf``) and a clip coefficient of 1 is not applied: weights, gradients, optimizer state
-    and the log are those of the device path, through clipped, unclipped and skipped steps (the
-    first one too)."""
+    ``found_inf``), a clip coefficient of 1 is not applied, and the step's flags, threshold and
+    coefficient are made on host numbers and written into its row (``Measurement.host``): weights,
+    gradients, optimizer state and the log are those of the device path, through clipped, unclipped
+    and skipped steps (the first one too; a NaN and an infinite loss, an infinite loss of finite
+    gradients)."""
 
     def run(pinned: bool, log_dir: Path) -> tuple[tuple[list[torch.Tensor], dict], list, list, str]:
         monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", pinned)
         model = make_model().to(dtype)
         opt = OPTIMIZERS[opt_name](list(model.parameters()))
-        guard = gradguard.Guard(model, opt, clip="norm:1", every=3, weight_every=2, log_dir=log_dir)
+        guard = gradguard.Guard(model, opt, clip=clip, every=3, weight_every=2, log_dir=log_dir)
         assert guard._apply.on_cpu == (not pinned)  # type: ignore[union-attr]
         assert isinstance(guard._apply, applying.Fused) == opt_name.endswith("fused")
         grads = []
-        for step in range(10):
+        for step in range(32):  # past auto's warm-up (25), to a spike it clips
             x, y = (t.to(dtype) for t in batch(step))
             opt.zero_grad(set_to_none=True)
-            loss = (model(x) - y).pow(2).mean() * (math.nan if step in (0, 5) else 1.0)
+            loss = (model(x) - y).pow(2).mean() * {0: math.nan, 5: math.inf, 30: 1e4}.get(step, 1.0)
             loss.backward()
-            guard.step(loss)
+            guard.step(loss if step != 9 else loss.detach() + math.inf)  # (9: only the loss is infinite)
             grads.append([p.grad.clone() for p in model.parameters()])
         guard.close()
         log = read_run(log_dir)
         state = {i: dict(s) for i, s in opt.state_dict()["state"].items()}  # by index: two models
         return (snapshot(model, opt)[0], state), grads, log.metrics, json.dumps(log.events, default=str)
 
+    tested, test_on_host = [], measuring._Probe.test_on_host
+    monkeypatch.setattr(
+        measuring._Probe, "test_on_host", lambda *a: tested.append(test_on_host(*a)) or tested[-1]
+    )
     device, host = run(True, tmp_path / "device"), run(False, tmp_path / "host")
+    assert [v is None for v in tested] == [True] * 32 + [False] * 32  # the host path taken (not pinned)
     assert_bit_identical(device[0], host[0])
     for a, b in zip(device[1], host[1], strict=True):
         assert all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(a, b, strict=True))
     assert json.dumps(device[2], default=str) == json.dumps(host[2], default=str)
     assert device[3].replace("device", "") == host[3].replace("host", "")
     coefs = [r["clip_coef"] for r in host[2] if not r["skipped"]]
-    assert sum(r["skipped"] for r in host[2]) == 2 and min(coefs) < 1 and max(coefs) == 1
+    assert sum(r["skipped"] for r in host[2]) == 3 and min(coefs) < 1 and max(coefs) == 1
+    assert len({r["threshold"] for r in host[2]}) > 2 or clip != "auto"  # (its rule ran)
 
 
 def test_last_step_skipped_is_right_on_the_fused_path() -> None:

@@ -165,8 +165,22 @@ def coefficient(
     return torch.fmax(coef, zero, out=out) if out is not None else torch.fmax(coef, zero)
 
 
+def host_coefficient(norm: float, threshold: float, *, nonnegative: bool = False) -> float:
+    """:func:`coefficient` for a float32 norm and threshold read on the host (a CPU step: no op), bit
+    for bit its float32 result: each float32 operation is the float64 one rounded to float32, which
+    is exact for one ``+`` or ``/`` (53 bits ≥ 2·24 + 2). ``threshold`` is rounded to float32 first,
+    as :func:`coefficient` converts a threshold tensor to the norm's dtype."""
+    if not math.isfinite(norm):
+        return 1.0  # (the 1e-6 is NaN there: τ / NaN is NaN, and ``fmin`` takes 1)
+    coef = _float32(_float32(threshold) / _float32(norm + _EPS32))
+    if coef != coef or coef >= 1.0:  # ``fmin`` with 1 (a NaN τ: 1)
+        return 1.0
+    return coef if nonnegative or coef >= 0.0 else 0.0  # ``fmax`` with 0 (-0.0 stays, as fmax's)
+
+
 #: The ``1e-6`` of :func:`coefficient` (torch's ``clip_grad_norm_``'s).
 COEF_EPS = 1e-6
+_EPS32 = struct.unpack("f", struct.pack("f", COEF_EPS))[0]  # as a float32 tensor holds it
 
 
 _CONSTANTS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
@@ -1286,6 +1300,14 @@ class ZClip(_TwoForms, NormClipper):
         return self.max_norm is not None and _is_zero(self.max_norm)
 
     def threshold(self, norm: Tensor) -> Tensor:
+        tau = self._threshold_value(norm)
+        # (scalar_tensor ≈1 µs, torch.tensor ≈2.5)
+        return torch.scalar_tensor(tau, dtype=torch.float32) if isinstance(tau, float) else tau
+
+    def _threshold_value(self, norm: Tensor) -> Tensor | float:
+        """:meth:`threshold`, as a host float where the rule ran on the host (a CPU norm), rounded as
+        the device path's ``.to(float32)`` (a value beyond float32's range is inf): the guard writes
+        it into the step's row itself, no op."""
         if _rule_kernel.usable(norm):  # a GPU: the rule in one launch, where the kernel knows the step
             found = self._kernel_threshold(norm)
             if found is not None:
@@ -1293,9 +1315,7 @@ class ZClip(_TwoForms, NormClipper):
         tau = self._observe(norm)[0]
         if isinstance(tau, float):  # on the host
             cap = math.inf if self.max_norm is None else self.max_norm
-            # (scalar_tensor ≈1 µs, torch.tensor ≈2.5; rounded as the device path's .to(float32): a value
-            # beyond float32's range is inf, which scalar_tensor would refuse)
-            return torch.scalar_tensor(_float32(_FloatArith.minimum(tau, cap)), dtype=torch.float32)
+            return _float32(_FloatArith.minimum(tau, cap))
         if self.max_norm is not None:
             tau = tau.clamp_max(self.max_norm)
         return tau[0, 0].to(torch.float32)

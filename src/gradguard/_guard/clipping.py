@@ -30,6 +30,7 @@ from gradguard.clip import (
     ZClip,
     coefficient,
     fraction_clipped,
+    host_coefficient,
 )
 
 __all__ = ["ClipPlan", "Clipping", "reports_fraction", "spike_detector"]
@@ -125,6 +126,7 @@ class Clipping:
         makers = [c for c in (self.norm_clipper, self.spike if clip_spikes else None) if c is not None]
         self._nonnegative = bool(makers) and all(_own_rule(c) for c in makers)
         self._reads_only = self.norm_clipper is not None and _own_rule(self.norm_clipper)
+        self._host_value = self._reads_only and isinstance(clipper, ZClip)  # its τ may be a host float
 
     def plan(self, m: Measurement) -> ClipPlan:
         """The threshold (the smaller of the clipper's and, under ``clip_spikes``, the spike's),
@@ -144,13 +146,19 @@ class Clipping:
             threshold = tau if threshold is None else threshold.minimum(tau)
         if threshold is None:
             return ClipPlan(None, None, spike, self.fraction(None))
-        coef = coefficient(
-            m.total,
-            threshold,
-            finite_eps=m.finite_eps(),  # the step's finiteness test made it: 1 op fewer
-            nonnegative=self._nonnegative or threshold is self._fixed_constant,  # ≥ 0: no clamp at 0
-            out=m.column("clip_coef") if m.total.dtype == torch.float32 and threshold.numel() == 1 else None,
-        )
+        nonnegative = self._nonnegative or threshold is self._fixed_constant  # ≥ 0: no clamp at 0
+        out = m.column("clip_coef") if m.total.dtype == torch.float32 and threshold.numel() == 1 else None
+        if out is not None and m.host is not None and threshold.is_cpu:  # a CPU step: on the host, no op
+            value = float(threshold)  # host sync: a CPU value
+            coef = m.put("clip_coef", host_coefficient(m.host[1], value, nonnegative=nonnegative))
+        else:
+            coef = coefficient(
+                m.total,
+                threshold,
+                finite_eps=m.finite_eps(),  # the step's finiteness test made it: 1 op fewer
+                nonnegative=nonnegative,
+                out=out,
+            )
         if self.norm and coef.dim() == 0:  # the fraction is whether it is < 1: the host tells
             return ClipPlan(coef, threshold, spike, None, fraction_from_coef=True)
         return ClipPlan(coef, threshold, spike, self.fraction(coef))
@@ -165,7 +173,11 @@ class Clipping:
             # (a NaN set by hand on the clipper is not a checked number: the coefficient tests it)
             self._fixed_constant = tau if fixed == fixed else None
             return tau
-        return self.norm_clipper.threshold(m.observed(self.consts, read_only=self._reads_only)).to(m.device)
+        observed = m.observed(self.consts, read_only=self._reads_only)
+        if self._host_value and m.host is not None:  # ZClip's or auto's rule: a float on a CPU step
+            tau = self.norm_clipper._threshold_value(observed)  # type: ignore[attr-defined]
+            return m.put("threshold", tau) if isinstance(tau, float) else tau.to(m.device)  # (no op)
+        return self.norm_clipper.threshold(observed).to(m.device)
 
     def fraction(self, coef: Tensor | None) -> Tensor | None:
         """A norm clipper's ``clip_fraction``: whether it scaled the gradients down, as the 0-D

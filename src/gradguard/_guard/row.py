@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from gradguard._guard.clipping import ClipPlan
-from gradguard._guard.measure import Constants, Measurement
+from gradguard._guard.measure import Constants, Measurement, host_view
 from gradguard.record import COLUMN, DERIVED, SCALARS, derive
 
 __all__ = ["column", "device_row", "host_values", "rescued", "set_column"]
@@ -45,7 +45,7 @@ def device_row(m: Measurement, plan: ClipPlan, skip: Tensor, overflow: Tensor, c
         assert plan.coef is not None and plan.threshold is not None
         if plan.coef is not m.column("clip_coef"):  # (not made in the row: the recovery's, the caller's)
             _put(row, _COEF, plan.coef)
-        if not baked:
+        if not baked and plan.threshold is not m.column("threshold"):  # (not written there: a CPU step's)
             _put(row, _THRESHOLD, plan.threshold)
     start = _THRESHOLD if baked else _FLAGS if clips else _COEF
     from_coef = clips and plan.fraction is None and plan.fraction_from_coef
@@ -54,7 +54,10 @@ def device_row(m: Measurement, plan: ClipPlan, skip: Tensor, overflow: Tensor, c
         consts, m.device, start, plan.threshold if baked else None, skip is m.bad, derives, from_coef
     )
     tail = m.columns(start, len(SCALARS)) if row is m.row else None
-    torch.where(m.bad, bad, good, out=tail if tail is not None else row[start:])
+    if tail is not None and m.host is not None:  # a CPU step: the constant row copied on the host
+        m.put_columns(start, _host_rows(consts, m.device, bad, good)[m.host_bad])
+    else:
+        torch.where(m.bad, bad, good, out=tail if tail is not None else row[start:])
     if not derives:  # flags that hold a rank's own values too (or were given)
         loss_nonfinite, grad_nonfinite = m.flags()
         torch.stack([m.bad, loss_nonfinite, grad_nonfinite, m.nan()], out=row[_FLAGS : _FLAGS + 4])
@@ -113,6 +116,11 @@ def _make(
             row[0] = threshold.to(device=device, dtype=torch.float32).reshape(())
         rows.append(row)
     return rows[0], rows[1]
+
+
+def _host_rows(consts: Constants, device: torch.device, bad: Tensor, good: Tensor) -> tuple[Any, Any]:
+    """A CPU step's constant rows as NumPy views ``(good, bad)`` (made once per pair)."""
+    return consts.get(("host rows", id(bad), id(good)), device, lambda: (host_view(good), host_view(bad)))
 
 
 def set_column(row: Tensor, name: str, value: Any) -> None:
