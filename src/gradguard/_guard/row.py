@@ -11,7 +11,9 @@ writes a GradScaler's scale). What the host can tell from the row's own numbers 
 clipper's clip fraction. Anything else — a skip flag other than the bad flag, a device spike, an AMP
 overflow, a measured clip fraction, an adaptive threshold, flags that hold more than the row's
 numbers (a rank's own, under torch.distributed) — is one small write more. The host reads the row
-only on the anomaly path (:func:`host_values`).
+only on the anomaly path (:func:`host_values`). On a CPU step the coefficient, an adaptive threshold
+and the constant tail are written into the row's memory on the host instead, no op
+(:attr:`gradguard._guard.measure.Measurement.host`).
 """
 
 from __future__ import annotations
