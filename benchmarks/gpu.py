@@ -66,6 +66,7 @@ import gradguard
 import gradguard._guard.measure as measure_mod
 from gradguard import _kernels as K
 from gradguard import _rule_kernel as R
+from gradguard import _step_kernel as S
 from gradguard._guard.measure import Meter
 from gradguard.clip import coefficient
 from gradguard.clip import scale_ as torch_scale_
@@ -207,7 +208,49 @@ def correctness(device: torch.device) -> dict[str, Any]:
             "and the interpreter's bfloat16 cast truncates; on CUDA all four must be bitwise the same"
         )
     out["clipping rule kernel"] = rule_kernel_vs_tensor_ops(device)
+    out["step kernel"] = step_kernel_vs_ops(device)
     return out
+
+
+def step_kernel_vs_ops(device: torch.device) -> dict[str, Any]:
+    """A step's measurement math by its kernel (``gradguard._step_kernel``, its first run on a GPU)
+    against the ops it replaces, on this device: norms of 1 to 3,000 tensors (log-normal; a 0, an inf,
+    a NaN; huge) and losses (finite, NaN, inf). Expected: the float64 norms, the loss and the probe's
+    pattern the same, the flag the same, the float32 global norm within an ulp (the float64 sum's order)."""
+    from gradguard._guard.measure import _Probe, _total, _wide
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    probe = _Probe(device)
+    same, rel, cases = True, 0.0, 0
+    for n in (1, 6, 1023, 1025, 3000):
+        base = torch.exp(torch.randn(n, generator=g) * 4)
+        variants = [base, base.clamp_max(1) * 3e38] + [base.index_fill(0, torch.tensor([n // 2]), v)
+                                                       for v in (0.0, math.inf, math.nan)]  # fmt: skip
+        for norms in (v.to(device) for v in variants):
+            for loss_value in (0.75, math.nan, math.inf):
+                loss, row = torch.tensor(loss_value, device=device), torch.empty(2, device=device)
+                got = (
+                    S.measure(norms, loss, None, row, probe.out, 2.0)
+                    if S.usable(norms, 2.0) or device.type != "cuda"
+                    else None
+                )
+                if got is None:
+                    return {"fell back": list(S._BROKEN) or ["not usable here"]}
+                kept = probe.out.clone()
+                wide = _wide(norms, None)
+                total = _total(wide, 2.0, torch.float32)
+                want = torch.addcmul(probe.base, torch.stack([loss, total]), probe.zero)
+                same &= (
+                    torch.equal(got.wide.nan_to_num(), wide.nan_to_num())
+                    and torch.equal(kept.isnan(), want.isnan())
+                    and bool(got.bad) == bool(want[0].isnan().any())
+                )
+                t, w = float(got.total), float(total)
+                if math.isfinite(w) and w:
+                    rel = max(rel, abs(t - w) / w)
+                cases += 1
+    return {"cases": cases, "same norms, probe and flag": same, "max_rel_diff of the global norm": rel,
+            "fell back": list(S._BROKEN)}  # fmt: skip
 
 
 def rule_kernel_vs_tensor_ops(device: torch.device) -> dict[str, Any]:
@@ -573,19 +616,21 @@ def tiny_setup(
 def fixed_cost(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """The guard's fixed cost on a tiny model, and its split: the same with ``locate=False`` (no
     per-step capture for a replay: on a CPU nearly all of what is left, benchmarks/fixed_cost.py
-    ``--locate-off``); and with the default clip, ``auto``: its rule in one launch
-    (``gradguard._rule_kernel``) and as its ~30 small tensor ops (the kernel off), where a CPU runs it
-    on host floats."""
+    ``--locate-off``); the step's measurement math after the norms in one launch
+    (``gradguard._step_kernel``) and as its 6 ops; and with the default clip, ``auto``: its rule in
+    one launch (``gradguard._rule_kernel``) and as its ~30 small tensor ops (both kernels off), where a
+    CPU runs both on host floats."""
     out: dict[str, Any] = {"model": "MLP 2x32, batch 32, fused AdamW, clip 1.0 (and auto)"}
     variants: tuple[tuple[str, dict[str, Any], bool], ...] = (
         ("guarded", {}, True),
+        ("guarded, step math as tensor ops", {}, False),
         ("guarded, locate=False", {"locate": False}, True),
         ("guarded, clip auto", {"clip": "auto"}, True),
-        ("guarded, clip auto, rule as tensor ops", {"clip": "auto"}, False),
+        ("guarded, clip auto, rule and step math as tensor ops", {"clip": "auto"}, False),
     )
-    for label, kw, rule_kernel in variants:
+    for label, kw, kernels in variants:
         with contextlib.ExitStack() as stack:
-            if not rule_kernel:
+            if not kernels:
                 stack.enter_context(_rule_kernel_off())
             step_plain, step_guarded, _ = tiny_setup(device, **kw)
             ratios, ta, tb = pairs(
@@ -602,13 +647,15 @@ def fixed_cost(sizes: Sizes, device: torch.device) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _rule_kernel_off() -> Iterator[None]:
-    """ZClip's / auto's rule as tensor ops (the path before its kernel), for the comparison."""
-    usable = R.usable
+    """ZClip's / auto's rule and the step's measurement math as tensor ops (the path before their
+    kernels), for the comparison."""
+    usable, step_usable = R.usable, S.usable
     R.usable = lambda norm: False  # type: ignore[assignment]
+    S.usable = lambda norms, p: False  # type: ignore[assignment]
     try:
         yield
     finally:
-        R.usable = usable  # type: ignore[assignment]
+        R.usable, S.usable = usable, step_usable  # type: ignore[assignment]
 
 
 def crossover(device: torch.device, totals: tuple[int, ...], calls: int) -> dict[str, Any]:

@@ -97,6 +97,7 @@ RULES: dict[str, Rule] = {
             "gradguard.tune",
             "gradguard._kernels",  # the Triton norm/clip kernels (CUDA; triton loaded on first use)
             "gradguard._rule_kernel",  # ZClip's / auto's rule in one Triton launch (CUDA; triton on first use)
+            "gradguard._step_kernel",  # a step's measurement math in one Triton launch (CUDA; triton on first use)
             "gradguard._triton",  # triton imported on first use, a launch's device
         ),
         ("base", "contracts", "core", "torch"),

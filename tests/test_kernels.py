@@ -465,6 +465,121 @@ def test_the_rule_kernel_is_used_on_cuda_only_outside_compiling() -> None:
     assert not R.usable(torch.ones(()))
 
 
+def check_step_kernel(p: float) -> None:
+    """A step's measurement math in one launch (``gradguard._step_kernel``, interpreted here on CPU
+    tensors) against the ops it replaces (``Meter.measure``'s: ``_wide``, ``_total``, ``stack``, the
+    probe's ``addcmul`` and ``any``): the float64 norms and ``values``' loss bit for bit, the global norm
+    (see below), the probe's NaN pattern and finite values, the flag;
+    over norms of 0 to 3,000 tensors (the block's edges), with 0, tiny, huge, inf and NaN norms and
+    finite, NaN, ±inf and -0.0 losses. (Under the interpreter the float64 sum comes out bit for bit
+    torch's here; on a GPU its order may move it by an ulp.)"""
+    from gradguard import _step_kernel as S
+    from gradguard._guard.measure import _Probe, _total, _wide
+
+    g = torch.Generator().manual_seed(0)
+    probe = _Probe(torch.device("cpu"))
+    cases = 0
+    for n in (0, 1, 6, S.BLOCK - 1, S.BLOCK, S.BLOCK + 1, 3000):
+        base = torch.exp(torch.randn(n, generator=g) * 4)
+        variants = [base, base * 1e-30, base.clamp_max(1) * 3e38]
+        if n:
+            for value in (0.0, math.inf, math.nan):
+                v = base.clone()
+                v[n // 2] = value
+                variants.append(v)
+        for norms in variants:
+            for loss_value in (0.75, -0.0, math.nan, math.inf, -math.inf):
+                loss = torch.tensor(loss_value)
+                row, into = torch.full((2,), -1.0), torch.full((n,), -1.0, dtype=torch.float64)
+                got = S.measure(norms, loss, into, row, probe.out, p)
+                assert got is not None and not S._BROKEN, S._BROKEN
+                kept_probe = probe.out.clone()
+                wide = _wide(norms, None)
+                total = _total(wide, p, norms.dtype)
+                values = torch.stack([loss, total])
+                want_probe = torch.addcmul(probe.base, values, probe.zero)
+                assert got.wide is into and torch.equal(into.isnan(), wide.isnan())
+                assert torch.equal(into.nan_to_num(), wide.nan_to_num())
+                assert row[0].view(torch.int32) == loss.view(torch.int32) or (row[0].isnan() and loss.isnan())
+                t, w = float(got.total), float(total)
+                assert (math.isnan(t) and math.isnan(w)) or t == w, (
+                    n,
+                    t,
+                    w,
+                )  # (here; a GPU's sum order may differ)
+                assert float(row[1]) == t or math.isnan(t)
+                assert torch.equal(kept_probe.isnan(), want_probe.isnan())
+                assert torch.equal(kept_probe.nan_to_num(), want_probe.nan_to_num())
+                assert bool(got.bad) == bool(want_probe[0].isnan().any())
+                cases += 1
+    assert cases == 5 * (3 + 6 * 6)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_the_step_kernel_gives_the_ops_numbers(run: Callable[..., Any], p: float) -> None:
+    run(check_step_kernel, p)
+
+
+def check_guard_on_the_step_kernel() -> None:
+    """A guarded run whose step math runs in the kernel (forced on the CPU, interpreted) equals the run
+    on the ops (the device path on the CPU): the same weights, log rows and skipped steps (a NaN
+    gradient, an infinite loss), one launch a step."""
+    import gradguard
+    import gradguard.clip as C
+    from gradguard import _step_kernel as S
+
+    def run(kernel: bool) -> tuple[list[torch.Tensor], list[list[float]], int, int]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        launches: list[int] = []
+        real_launch, real_usable = S._launch, S.usable
+
+        def launch(*args: Any) -> Any:
+            launches.append(1)
+            return real_launch(*args)
+
+        C._PIN_DEVICE_PATH = True  # (the device path: no host arithmetic on this CPU)
+        S._launch = launch  # type: ignore[assignment]
+        if kernel:
+            S.usable = lambda norms, p: not S._BROKEN and norms.dtype is torch.float32  # type: ignore[assignment]
+        rows: list[list[float]] = []
+        try:
+            guard = gradguard.Guard(model, opt, clip="norm:1", locate=False, every=1000)
+            for step in range(30):
+                x = torch.randn(16, 8) * (30.0 if step % 13 == 12 else 1.0)
+                loss = (model(x) - x[:, :3]).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                if step == 20:
+                    next(model.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
+                guard.step(loss if step != 25 else loss.detach() + math.inf)
+                rows.append(guard.monitor.last_row().nan_to_num(-7.0).tolist())  # type: ignore[union-attr]
+            guard.close()
+        finally:
+            C._PIN_DEVICE_PATH = False
+            S._launch, S.usable = real_launch, real_usable  # type: ignore[assignment]
+        return [p.detach().clone() for p in model.parameters()], rows, guard.skipped_steps, len(launches)
+
+    (w_k, rows_k, skipped_k, launches_k), (w_t, rows_t, skipped_t, launches_t) = run(True), run(False)
+    assert not S._BROKEN, S._BROKEN
+    assert (skipped_k, skipped_t, launches_k, launches_t) == (2, 2, 30, 0)
+    assert rows_k == rows_t
+    for a, b in zip(w_k, w_t):
+        assert torch.equal(a, b)
+
+
+def test_a_guarded_run_on_the_step_kernel_is_the_run_on_the_ops(run: Callable[..., Any]) -> None:
+    run(check_guard_on_the_step_kernel)
+
+
+def test_the_step_kernel_is_used_on_cuda_only() -> None:
+    """On a CPU (and where Triton is missing, or inside torch.compile) the step's math stays the ops."""
+    from gradguard import _step_kernel as S
+
+    assert not S.usable(torch.ones(3), 2.0)
+
+
 # ----------------------------------------------------------------------------- compiled for a GPU
 def test_the_kernels_compile_for_an_h100_with_vector_loads() -> None:
     """Every kernel variant compiled ahead of time for sm_90 (Triton's own ptxas; no GPU needed):
@@ -560,6 +675,29 @@ def test_the_rule_kernel_compiles_for_an_h100() -> None:
             assert "div.approx" not in code and "div.full" not in code and "fma.rn.f64" not in code
 
 
+def test_the_step_kernel_compiles_for_an_h100() -> None:
+    """The step's measurement kernel, p = 1 and 2, compiled ahead of time for sm_90: it takes the bool
+    flag's pointer, its float64 root is the IEEE one (``sqrt.rn.f64``) and it fuses no multiply-add."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton)")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set in this process: the kernels are jitted for the interpreter")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gradguard import _step_kernel as S
+
+    kernel = S._build(False)
+    signature = {"norms": "*fp32", "loss": "*fp32", "wide": "*fp64", "values": "*fp32", "probe": "*fp32",
+                 "bad": "*i1", "total": "*fp32", "n": "i32", "P": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
+    for p in (1, 2):
+        source = ASTSource(kernel, signature, {"P": p, "BLOCK": S.BLOCK})
+        options = {"num_warps": 4, "enable_fp_fusion": False}  # as _step_kernel launches it
+        code = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        assert ("sqrt.rn.f64" in code) == (p == 2) and "fma.rn.f64" not in code, p
+
+
 # ----------------------------------------------------------------------------- benchmarks/gpu.py
 def _gpu_benchmark() -> Any:
     spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
@@ -606,7 +744,12 @@ def test_the_gpu_benchmark_dry_run(tmp_path: Path) -> None:
             )
     for name in ("GPT step", "fixed cost"):
         assert any("guarded / plain" in key for key in results[name]), results[name]
-    for label in ("guarded, locate=False", "guarded, clip auto", "guarded, clip auto, rule as tensor ops"):
+    if importlib.util.find_spec("triton") is not None:  # the step's kernel, interpreted: the ops' numbers
+        row = results["correctness"]["step kernel"]
+        assert row["cases"] == 75 and row["same norms, probe and flag"] and not row["fell back"], row
+        assert row["max_rel_diff of the global norm"] == 0.0, row
+    labels = ("guarded, step math as tensor ops", "guarded, locate=False", "guarded, clip auto")
+    for label in (*labels, "guarded, clip auto, rule and step math as tensor ops"):
         assert isinstance(results["fixed cost"][f"{label} / plain (median of pair ratios)"], float)
     located = results["locate"]
     assert located["log fault (step 5): located"] == "forward log -inf replay", located

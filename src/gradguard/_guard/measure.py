@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from gradguard import clip
+from gradguard import _step_kernel, clip
 from gradguard._distributed import Reducer, local
 from gradguard._kernels import grad_norms, usable
 from gradguard.clip import COEF_EPS
@@ -370,25 +370,33 @@ class Meter:
                 )
                 present = list(range(len(self.params)))
             norms, loss_val, rank_flags = self.reducer.reduce(norms, loss_val, present)
-        wide = _wide(norms, into)  # the global norm sums these, and so do the per-layer norms
-        total = _total(wide, p, norms.dtype)
-        total32 = total if total.dtype is torch.float32 else total.float()
         pr = self._probe(device)
-        if row is not None and row.device == device:  # [loss, global norm] made in the row's first columns
-            views = self._views(row, pr.parts)
-            values = torch.stack([loss_val, total32], out=views["values"])
-        else:
-            row, views = None, dict(pr.parts)
-            values = torch.stack([loss_val, total32])
+        if row is not None and row.device != device:
+            row = None
+        views = self._views(row, pr.parts) if row is not None else dict(pr.parts)
         nonfinite = grad_nan = host = None
-        if rank_flags is None:
+        one_launch = row is not None and rank_flags is None
+        fused = self._in_one_launch(norms, loss_val, into, views, pr) if one_launch else None
+        if fused is not None:  # a GPU: wide, the global norm, values, the probe and the flag in one launch
+            wide, total, bad = fused
+            values = views["values"]
+        else:
+            wide = _wide(norms, into)  # the global norm sums these, and so do the per-layer norms
+            total = _total(wide, p, norms.dtype)
+            total32 = total if total.dtype is torch.float32 else total.float()
+            if row is not None:  # [loss, global norm] made in the row's first columns
+                values = torch.stack([loss_val, total32], out=views["values"])
+            else:
+                values = torch.stack([loss_val, total32])
+        if fused is None and rank_flags is None:
             host = pr.test_on_host(values) if row is not None else None
             if host is not None:  # a CPU step: tested on the host, the probe written there (no op)
                 bad = pr.true if _nonfinite(host) else pr.false
             else:  # one op: 0 where finite, NaN where not (see Measurement.probe)
                 torch.addcmul(pr.base, values, pr.zero, out=pr.out)
                 bad = views["flags"].any()  # (a NaN is true)
-        else:  # a value on one rank only (its loss, or its copy of a gradient) is flagged too
+        elif fused is None:  # a value on one rank only (its loss, or its copy of a gradient) is flagged too
+            assert rank_flags is not None
             nonfinite = torch.isnan(values - values) | rank_flags[:2]
             grad_nan = torch.isnan(total) | rank_flags[2]
             bad = nonfinite.any()
@@ -421,6 +429,18 @@ class Meter:
                 self._row_views.clear()
             found = self._row_views[id(row)] = (row, {"values": row[:_VALUES], **parts})
         return found[1]
+
+    def _in_one_launch(
+        self, norms: Tensor, loss: Tensor, into: Tensor | None, views: dict[Any, Tensor], pr: _Probe
+    ) -> _step_kernel.Measured | None:
+        """The step's numbers from its norms in one launch (:mod:`gradguard._step_kernel`) where it
+        takes them (a GPU); else ``None`` (the ops)."""
+        if not _step_kernel.usable(norms, self.norm_type):
+            return None
+        fits = into is not None and into.shape == norms.shape and into.device == norms.device
+        return _step_kernel.measure(
+            norms, loss, into if fits else None, views["values"], pr.out, self.norm_type
+        )
 
     def _probe(self, device: torch.device) -> _Probe:
         """The buffer :attr:`Measurement.probe` is written into (one per device: it holds a step's
