@@ -464,6 +464,29 @@ def test_the_cpu_host_reads_give_the_device_paths_bits(
     assert len({r["threshold"] for r in host[2]}) > 2 or clip != "auto"  # (its rule ran)
 
 
+@pytest.mark.parametrize("pinned", [False, True], ids=["host", "device-path"])
+def test_a_threshold_changed_every_step_is_logged_as_set(
+    pinned: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A norm threshold the script sets every step (a schedule) is each step's own in the log: the
+    row's constants, made per threshold and cached by its identity, never hand a later threshold an
+    earlier one's (the cache is cleared every 64 constants; found by review in session 17: 1–7 of
+    200–2,000 steps logged an older threshold)."""
+    monkeypatch.setattr(gradguard.clip, "_PIN_DEVICE_PATH", pinned)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, clip="norm:1", every=10, log_dir=tmp_path / "run", locate=False)
+    for step in range(300):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        guard.clipper.max_norm = 0.001 * (step + 1)  # type: ignore[union-attr]
+        guard.step()
+    guard.close()
+    logged = [(r["step"], r["threshold"]) for r in read_run(tmp_path / "run").metrics]
+    assert logged == [(i, torch.tensor(0.001 * (i + 1)).item()) for i in range(300)]
+
+
 def test_last_step_skipped_is_right_on_the_fused_path() -> None:
     model = make_model()
     opt = OPTIMIZERS["adamw-fused"](list(model.parameters()))

@@ -520,10 +520,11 @@ def test_the_step_kernel_gives_the_ops_numbers(run: Callable[..., Any], p: float
     run(check_step_kernel, p)
 
 
-def check_guard_on_the_step_kernel() -> None:
-    """A guarded run whose step math runs in the kernel (forced on the CPU, interpreted) equals the run
-    on the ops (the device path on the CPU): the same weights, log rows and skipped steps (a NaN
-    gradient, an infinite loss), one launch a step."""
+def check_guard_on_the_step_kernels(clip: str) -> None:
+    """A guarded run whose step math runs in the kernels (forced on the CPU, interpreted: the
+    measurement and the clip coefficient, an adaptive threshold written with it) equals the run on
+    the ops (the device path on the CPU): the same weights, log rows and skipped steps (a NaN
+    gradient, an infinite loss), one launch of each a step."""
     import gradguard
     import gradguard.clip as C
     from gradguard import _step_kernel as S
@@ -533,19 +534,24 @@ def check_guard_on_the_step_kernel() -> None:
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         launches: list[int] = []
-        real_launch, real_usable = S._launch, S.usable
+        real = S._launch, S.usable, S.coefficient, S.takes_coefficient
 
         def launch(*args: Any) -> Any:
             launches.append(1)
-            return real_launch(*args)
+            return real[0](*args)
+
+        def coefficient(*args: Any) -> Any:
+            launches.append(1)
+            return real[2](*args)
 
         C._PIN_DEVICE_PATH = True  # (the device path: no host arithmetic on this CPU)
-        S._launch = launch  # type: ignore[assignment]
+        S._launch, S.coefficient = launch, coefficient  # type: ignore[assignment]
         if kernel:
             S.usable = lambda norms, p: not S._BROKEN and norms.dtype is torch.float32  # type: ignore[assignment]
+            S.takes_coefficient = lambda total, tau: not S._BROKEN and tau.numel() == 1  # type: ignore[assignment]
         rows: list[list[float]] = []
         try:
-            guard = gradguard.Guard(model, opt, clip="norm:1", locate=False, every=1000)
+            guard = gradguard.Guard(model, opt, clip=clip, locate=False, every=1000)
             for step in range(30):
                 x = torch.randn(16, 8) * (30.0 if step % 13 == 12 else 1.0)
                 loss = (model(x) - x[:, :3]).pow(2).mean()
@@ -558,19 +564,57 @@ def check_guard_on_the_step_kernel() -> None:
             guard.close()
         finally:
             C._PIN_DEVICE_PATH = False
-            S._launch, S.usable = real_launch, real_usable  # type: ignore[assignment]
+            S._launch, S.usable, S.coefficient, S.takes_coefficient = real  # type: ignore[assignment]
         return [p.detach().clone() for p in model.parameters()], rows, guard.skipped_steps, len(launches)
 
     (w_k, rows_k, skipped_k, launches_k), (w_t, rows_t, skipped_t, launches_t) = run(True), run(False)
     assert not S._BROKEN, S._BROKEN
-    assert (skipped_k, skipped_t, launches_k, launches_t) == (2, 2, 30, 0)
+    assert (skipped_k, skipped_t, launches_k, launches_t) == (2, 2, 60, 0)
     assert rows_k == rows_t
+    assert (
+        len({r[3] for r in rows_k}) > 2 or clip == "norm:1"
+    )  # (an adaptive threshold, written by the kernel)
     for a, b in zip(w_k, w_t):
         assert torch.equal(a, b)
 
 
-def test_a_guarded_run_on_the_step_kernel_is_the_run_on_the_ops(run: Callable[..., Any]) -> None:
-    run(check_guard_on_the_step_kernel)
+@pytest.mark.parametrize("clip", ["norm:1", "auto", "autoclip:10"])
+def test_a_guarded_run_on_the_step_kernels_is_the_run_on_the_ops(run: Callable[..., Any], clip: str) -> None:
+    run(check_guard_on_the_step_kernels, clip)
+
+
+def check_coefficient_kernel() -> None:
+    """The clip coefficient in one launch (``_step_kernel.coefficient``, interpreted) is bit for bit
+    :func:`gradguard.clip.coefficient` with the guard's 1e-6-or-NaN: on zero, tiny, huge, infinite, NaN
+    and negative norms and thresholds (±0; float32 and float64 thresholds), with and without the clamp
+    at 0, and it writes the threshold as float32 where asked."""
+    import gradguard.clip as C
+    from gradguard import _step_kernel as S
+
+    values = [0.0, -0.0, 1e-45, 1e-9, 0.5, 1.0, 3.0, 1e30, 3.4e38, math.inf, -math.inf, math.nan, -1.0]
+    g = torch.Generator().manual_seed(0)
+    norms = values + torch.exp(torch.randn(40, generator=g) * 5).tolist()
+    eps = torch.tensor(1e-6)
+    for n in norms:
+        norm = torch.tensor(n)
+        finite_eps = torch.where(torch.isfinite(norm), eps, torch.tensor(math.nan))
+        for t in [*values, n * 0.3, n * 3.0]:
+            for dtype in (torch.float32, torch.float64):
+                tau = torch.tensor(t, dtype=dtype)
+                for nonnegative in (False, True) if n >= 0 and t >= 0 else (False,):
+                    want = C.coefficient(norm, tau, finite_eps=finite_eps, nonnegative=nonnegative)
+                    out, put = torch.full((), -7.0), torch.full((), -7.0)
+                    assert S.coefficient(norm, tau, finite_eps, out, put, nonnegative), S._BROKEN
+                    assert out.view(torch.int32) == want.view(torch.int32) or (
+                        out.isnan() and want.isnan()
+                    ), (n, t)
+                    assert put.view(torch.int32) == tau.float().view(torch.int32) or (
+                        put.isnan() and tau.isnan()
+                    )
+
+
+def test_the_coefficient_kernel_is_the_coefficient_bit_for_bit(run: Callable[..., Any]) -> None:
+    run(check_coefficient_kernel)
 
 
 def test_the_step_kernel_is_used_on_cuda_only() -> None:
@@ -677,7 +721,8 @@ def test_the_rule_kernel_compiles_for_an_h100() -> None:
 
 def test_the_step_kernel_compiles_for_an_h100() -> None:
     """The step's measurement kernel, p = 1 and 2, compiled ahead of time for sm_90: it takes the bool
-    flag's pointer, its float64 root is the IEEE one (``sqrt.rn.f64``) and it fuses no multiply-add."""
+    flag's pointer, its float64 root is the IEEE one (``sqrt.rn.f64``) and it fuses no multiply-add;
+    the coefficient kernel (every variant) divides as IEEE (``div.rn.f32``, not the approximate one)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install triton)")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -696,6 +741,18 @@ def test_the_step_kernel_compiles_for_an_h100() -> None:
         options = {"num_warps": 4, "enable_fp_fusion": False}  # as _step_kernel launches it
         code = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         assert ("sqrt.rn.f64" in code) == (p == 2) and "fma.rn.f64" not in code, p
+    coef = S._build_coefficient(False)
+    signature = dict.fromkeys(("total", "eps", "out", "threshold_out"), "*fp32") | {
+        "PUT": "constexpr",
+        "NONNEG": "constexpr",
+    }
+    for tau in ("*fp32", "*fp64", "*bf16"):
+        for put in (False, True):
+            for nonneg in (False, True):
+                source = ASTSource(coef, signature | {"threshold": tau}, {"PUT": put, "NONNEG": nonneg})
+                options = {"num_warps": 1, "enable_fp_fusion": False}
+                code = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+                assert "div.rn.f32" in code and "div.full" not in code and "div.approx" not in code, tau
 
 
 # ----------------------------------------------------------------------------- benchmarks/gpu.py

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from gradguard import _step_kernel
 from gradguard._guard.measure import Constants, Measurement
 from gradguard.clip import (
     AutoClip,
@@ -146,22 +147,27 @@ class Clipping:
             threshold = tau if threshold is None else threshold.minimum(tau)
         if threshold is None:
             return ClipPlan(None, None, spike, self.fraction(None))
+        coef, threshold = self._coefficient(m, threshold)
+        if self.norm and coef.dim() == 0:  # the fraction is whether it is < 1: the host tells
+            return ClipPlan(coef, threshold, spike, None, fraction_from_coef=True)
+        return ClipPlan(coef, threshold, spike, self.fraction(coef))
+
+    def _coefficient(self, m: Measurement, threshold: Tensor) -> tuple[Tensor, Tensor]:
+        """The clip coefficient, in the row's column where it has one: on the host (a CPU step, no op),
+        in one launch (a GPU, :mod:`gradguard._step_kernel`: an adaptive threshold written into the row
+        with it, and returned as the row's column), or as :func:`gradguard.clip.coefficient`'s ops."""
         nonnegative = self._nonnegative or threshold is self._fixed_constant  # ≥ 0: no clamp at 0
         out = m.column("clip_coef") if m.total.dtype == torch.float32 and threshold.numel() == 1 else None
         if out is not None and m.host is not None and threshold.is_cpu:  # a CPU step: on the host, no op
             value = float(threshold)  # host sync: a CPU value
-            coef = m.put("clip_coef", host_coefficient(m.host[1], value, nonnegative=nonnegative))
-        else:
-            coef = coefficient(
-                m.total,
-                threshold,
-                finite_eps=m.finite_eps(),  # the step's finiteness test made it: 1 op fewer
-                nonnegative=nonnegative,
-                out=out,
-            )
-        if self.norm and coef.dim() == 0:  # the fraction is whether it is < 1: the host tells
-            return ClipPlan(coef, threshold, spike, None, fraction_from_coef=True)
-        return ClipPlan(coef, threshold, spike, self.fraction(coef))
+            return m.put("clip_coef", host_coefficient(m.host[1], value, nonnegative=nonnegative)), threshold
+        eps = m.finite_eps()  # the step's finiteness test made it: 1 op fewer
+        if out is not None and eps is not None and _step_kernel.takes_coefficient(m.total, threshold):
+            into = m.column("threshold")
+            put = into if not self.consts.made(threshold) and threshold is not into else None
+            if _step_kernel.coefficient(m.total, threshold, eps, out, put, nonnegative):
+                return out, threshold if put is None else put
+        return coefficient(m.total, threshold, finite_eps=eps, nonnegative=nonnegative, out=out), threshold
 
     def _threshold(self, m: Measurement) -> Tensor:
         """The norm clipper's τ for this step: a fixed ``Norm`` threshold is a device constant, made

@@ -90,10 +90,15 @@ class Constants:
         asks for it): the row may bake it into its own constants."""
         return self._made.get(id(t)) is t
 
-    def get(self, key: Any, device: torch.device, make: Callable[[], _T]) -> _T:
-        """What ``make()`` gives (device tensors), made once for ``key``. A key may name one of these
-        constants by ``id`` (:meth:`made`): both are kept, and dropped, together."""
-        return self._get(key, device, make)
+    def get(self, key: Any, device: torch.device, make: Callable[[], _T], *, of: tuple[Any, ...] = ()) -> _T:
+        """What ``make()`` gives (device tensors), made once for ``key`` and the objects ``of`` (what
+        it is made from: named by identity). The entry holds them, so no other object takes their
+        ids while it lives (a cleared cache drops a constant that an entry made after it names: a
+        threshold the user changes every step; its id could then name the next one's entry)."""
+        if not of:
+            return self._get(key, device, make)
+        held: tuple[tuple[Any, ...], _T] = self._get((key, *map(id, of)), device, lambda: (of, make()))
+        return held[1]
 
     def false(self, device: torch.device) -> Tensor:
         """A 0-D ``False``."""

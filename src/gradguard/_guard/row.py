@@ -92,8 +92,9 @@ def _constants(
 ) -> tuple[Tensor, Tensor]:
     """The columns ``start:`` of a bad step's and of a good step's row (device constants, made once
     per kind of step; ``threshold``: a device constant baked in as column ``threshold``)."""
-    key = ("row", start, None if threshold is None else id(threshold), skip_is_bad, derives, from_coef)
-    return consts.get(key, device, lambda: _make(device, start, threshold, skip_is_bad, derives, from_coef))
+    key = ("row", start, skip_is_bad, derives, from_coef)
+    make = lambda: _make(device, start, threshold, skip_is_bad, derives, from_coef)  # noqa: E731
+    return consts.get(key, device, make, of=() if threshold is None else (threshold,))
 
 
 def _make(
@@ -122,7 +123,7 @@ def _make(
 
 def _host_rows(consts: Constants, device: torch.device, bad: Tensor, good: Tensor) -> tuple[Any, Any]:
     """A CPU step's constant rows as NumPy views ``(good, bad)`` (made once per pair)."""
-    return consts.get(("host rows", id(bad), id(good)), device, lambda: (host_view(good), host_view(bad)))
+    return consts.get("host rows", device, lambda: (host_view(good), host_view(bad)), of=(bad, good))
 
 
 def set_column(row: Tensor, name: str, value: Any) -> None:
