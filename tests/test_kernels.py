@@ -617,6 +617,52 @@ def test_the_coefficient_kernel_is_the_coefficient_bit_for_bit(run: Callable[...
     run(check_coefficient_kernel)
 
 
+def check_device_path_launches(clip: str) -> tuple[int, float]:
+    """A warm guarded step on a GPU's path (the device path pinned on the CPU, every kernel forced and
+    interpreted): its device ops outside the optimizer's own step and its kernel launches."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    import gradguard.clip as C
+    from gradguard import _rule_kernel as R
+    from gradguard import _step_kernel as S
+    from test_guard_parts import _guard_ops
+
+    real = S.usable, S.takes_coefficient, R.usable, S._launch, S.coefficient, R._launch
+    launches: list[int] = []
+
+    def one_launch(f: Callable[..., Any]) -> Callable[..., Any]:
+        def launch(*args: Any) -> Any:
+            launches.append(1)
+            with _disable_current_modes():  # (the interpreter's own tensor glue is not the launch's)
+                return f(*args)
+
+        return launch
+
+    C._PIN_DEVICE_PATH = True
+    S.usable = lambda norms, p: not S._BROKEN and norms.dtype is torch.float32  # type: ignore[assignment]
+    S.takes_coefficient = lambda total, tau: not S._BROKEN and tau.numel() == 1  # type: ignore[assignment]
+    R.usable = lambda t: not R._BROKEN  # type: ignore[assignment]
+    S._launch, S.coefficient, R._launch = one_launch(real[3]), one_launch(real[4]), one_launch(real[5])  # type: ignore[assignment]
+    try:
+        ops = _guard_ops(False, warm=30, clip=clip)
+    finally:
+        C._PIN_DEVICE_PATH = False
+        S.usable, S.takes_coefficient, R.usable, S._launch, S.coefficient, R._launch = real  # type: ignore[assignment]
+    assert not S._BROKEN and not R._BROKEN, (S._BROKEN, R._BROKEN)
+    return ops, len(launches) / 31
+
+
+@pytest.mark.parametrize(("clip", "ops", "launches"), [("norm:1", 4, 2), ("auto", 5, 3), ("zclip", 5, 3)])
+def test_on_a_gpus_path_a_guarded_step_is_a_few_launches(
+    run: Callable[..., Any], clip: str, ops: int, launches: int
+) -> None:
+    """A GPU's guarded step (warm, outside the optimizer's step): the norms, the row's tail and the
+    clip are ops; the measurement, the coefficient and ZClip's / auto's rule one launch each — 6
+    launches for ``norm:1`` and 8 for ``auto`` (13 and 16 before session 17's kernels, 46 for ``auto``
+    before session 16's)."""
+    assert run(check_device_path_launches, clip) == (ops, launches)
+
+
 def test_the_step_kernel_is_used_on_cuda_only() -> None:
     """On a CPU (and where Triton is missing, or inside torch.compile) the step's math stays the ops."""
     from gradguard import _step_kernel as S
