@@ -402,6 +402,24 @@ def check_rule_kernel(name: str) -> None:
     assert isinstance(kernel, C.NormClipper)
 
 
+def faulty_steps(
+    guard: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, *,
+    inf_loss_at: int | None = None, each: Callable[[], Any] | None = None,
+) -> None:  # fmt: skip
+    """Guarded steps of a small regression: a spiking batch every 13th step, a NaN gradient at step
+    20, an infinite loss of finite gradients at ``inf_loss_at``; ``each()`` after every step."""
+    for step in range(steps):
+        x = torch.randn(16, 8) * (30.0 if step % 13 == 12 else 1.0)
+        loss = (model(x) - x[:, :3]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if step == 20:
+            next(model.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
+        guard.step(loss if step != inf_loss_at else loss.detach() + math.inf)
+        if each is not None:
+            each()
+
+
 def check_guard_auto_on_the_rule_kernel() -> None:
     """A guarded SGD run with the default clip, ``auto``, whose rule runs in the kernel equals the run
     whose rule runs as tensor ops (the device path on the CPU): the same clipped weights and skipped
@@ -427,14 +445,7 @@ def check_guard_auto_on_the_rule_kernel() -> None:
             R.usable = lambda t: not R._BROKEN  # type: ignore[assignment]
         try:
             guard = gradguard.Guard(model, opt, clip="auto", locate=False)
-            for step in range(40):
-                x = torch.randn(16, 8) * (30.0 if step % 13 == 12 else 1.0)
-                loss = (model(x) - x[:, :3]).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                if step == 20:
-                    next(model.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
-                guard.step(loss)
+            faulty_steps(guard, model, opt, 40)
             guard.close()
         finally:
             C._PIN_DEVICE_PATH = False
@@ -552,15 +563,8 @@ def check_guard_on_the_step_kernels(clip: str) -> None:
         rows: list[list[float]] = []
         try:
             guard = gradguard.Guard(model, opt, clip=clip, locate=False, every=1000)
-            for step in range(30):
-                x = torch.randn(16, 8) * (30.0 if step % 13 == 12 else 1.0)
-                loss = (model(x) - x[:, :3]).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                if step == 20:
-                    next(model.parameters()).grad[0, 0] = math.nan  # type: ignore[index]
-                guard.step(loss if step != 25 else loss.detach() + math.inf)
-                rows.append(guard.monitor.last_row().nan_to_num(-7.0).tolist())  # type: ignore[union-attr]
+            last = lambda: rows.append(guard.monitor.last_row().nan_to_num(-7.0).tolist())  # type: ignore[union-attr]  # noqa: E731
+            faulty_steps(guard, model, opt, 30, inf_loss_at=25, each=last)
             guard.close()
         finally:
             C._PIN_DEVICE_PATH = False
