@@ -13,7 +13,8 @@ overflow, a measured clip fraction, an adaptive threshold, flags that hold more 
 numbers (a rank's own, under torch.distributed) — is one small write more. The host reads the row
 only on the anomaly path (:func:`host_values`). On a CPU step the coefficient, an adaptive threshold
 and the constant tail are written into the row's memory on the host instead, no op
-(:attr:`gradguard._guard.measure.Measurement.host`).
+(:attr:`gradguard._guard.measure.Measurement.host`); on a GPU the measurement's numbers and the
+coefficient (with an adaptive threshold) come from one launch each (:mod:`gradguard._step_kernel`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def device_row(m: Measurement, plan: ClipPlan, skip: Tensor, overflow: Tensor, c
         assert plan.coef is not None and plan.threshold is not None
         if plan.coef is not m.column("clip_coef"):  # (not made in the row: the recovery's, the caller's)
             _put(row, _COEF, plan.coef)
-        if not baked and plan.threshold is not m.column("threshold"):  # (not written there: a CPU step's)
+        if not baked and plan.threshold is not m.column("threshold"):  # (not written there with the coefficient)
             _put(row, _THRESHOLD, plan.threshold)
     start = _THRESHOLD if baked else _FLAGS if clips else _COEF
     from_coef = clips and plan.fraction is None and plan.fraction_from_coef
