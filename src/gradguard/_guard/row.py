@@ -48,7 +48,9 @@ def device_row(m: Measurement, plan: ClipPlan, skip: Tensor, overflow: Tensor, c
         assert plan.coef is not None and plan.threshold is not None
         if plan.coef is not m.column("clip_coef"):  # (not made in the row: the recovery's, the caller's)
             _put(row, _COEF, plan.coef)
-        if not baked and plan.threshold is not m.column("threshold"):  # (not written there with the coefficient)
+        if not baked and plan.threshold is not m.column(
+            "threshold"
+        ):  # (not written there with the coefficient)
             _put(row, _THRESHOLD, plan.threshold)
     start = _THRESHOLD if baked else _FLAGS if clips else _COEF
     from_coef = clips and plan.fraction is None and plan.fraction_from_coef
