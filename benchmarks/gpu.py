@@ -213,10 +213,13 @@ def correctness(device: torch.device) -> dict[str, Any]:
 
 
 def step_kernel_vs_ops(device: torch.device) -> dict[str, Any]:
-    """A step's measurement math by its kernel (``gradguard._step_kernel``, its first run on a GPU)
-    against the ops it replaces, on this device: norms of 1 to 3,000 tensors (log-normal; a 0, an inf,
-    a NaN; huge) and losses (finite, NaN, inf). Expected: the float64 norms, the loss and the probe's
-    pattern the same, the flag the same, the float32 global norm within an ulp (the float64 sum's order)."""
+    """A step's math by its kernels (``gradguard._step_kernel``, their first run on a GPU) against the
+    ops they replace, on this device. The measurement: norms of 1 to 3,000 tensors (log-normal; a 0,
+    an inf, a NaN; huge) and losses (finite, NaN, inf); expected: the float64 norms, the row's loss, the
+    probe (its NaNs and values) and the flag the same, the row's global norm the kernel's, which is
+    within an ulp of the ops' (the float64 sum's order). The coefficient: norms and thresholds of every
+    kind (0, tiny, huge, inf, NaN, negative; float32, float64 and bfloat16 thresholds); expected: bit
+    for bit :func:`gradguard.clip.coefficient`, the threshold written as float32."""
     from gradguard._guard.measure import _Probe, _total, _wide
 
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -243,14 +246,45 @@ def step_kernel_vs_ops(device: torch.device) -> dict[str, Any]:
                 same &= (
                     torch.equal(got.wide.nan_to_num(), wide.nan_to_num())
                     and torch.equal(kept.isnan(), want.isnan())
+                    and torch.equal(kept.nan_to_num(), want.nan_to_num())
                     and bool(got.bad) == bool(want[0].isnan().any())
+                    and _same_bits(row[0], loss)
+                    and _same_bits(row[1], got.total)
                 )
                 t, w = float(got.total), float(total)
                 if math.isfinite(w) and w:
                     rel = max(rel, abs(t - w) / w)
                 cases += 1
     return {"cases": cases, "same norms, probe and flag": same, "max_rel_diff of the global norm": rel,
-            "fell back": list(S._BROKEN)}  # fmt: skip
+            "coefficient": _coefficient_kernel_vs_ops(device), "fell back": list(S._BROKEN)}  # fmt: skip
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Two 0-D float32 tensors hold the same number (any NaN matches a NaN)."""
+    return bool(a.isnan() and b.isnan()) or bool(a.view(torch.int32) == b.view(torch.int32))
+
+
+def _coefficient_kernel_vs_ops(device: torch.device) -> dict[str, Any]:
+    """:func:`gradguard._step_kernel.coefficient` against :func:`gradguard.clip.coefficient` (see
+    :func:`step_kernel_vs_ops`)."""
+    values = [0.0, 1e-45, 1e-9, 0.5, 1.0, 3.0, 1e30, 3.4e38, math.inf, math.nan, -1.0]
+    eps = torch.tensor(1e-6, device=device)
+    same, cases = True, 0
+    for n in values[:-1]:
+        norm = torch.tensor(n, device=device)
+        finite_eps = torch.where(torch.isfinite(norm), eps, torch.tensor(math.nan, device=device))
+        for t in values:
+            for dtype in (torch.float32, torch.float64, torch.bfloat16):
+                tau = torch.tensor(t, dtype=dtype, device=device)
+                for nonnegative in (False, True) if t >= 0 else (False,):
+                    want = coefficient(norm, tau, finite_eps=finite_eps, nonnegative=nonnegative)
+                    out = torch.full((), -7.0, device=device)
+                    put = torch.full((), -7.0, device=device)
+                    if not S.coefficient(norm, tau, finite_eps, out, put, nonnegative):
+                        return {"fell back": list(S._BROKEN)}
+                    same &= _same_bits(out, want) and _same_bits(put, tau.float())
+                    cases += 1
+    return {"cases": cases, "bit for bit clip.coefficient": same}
 
 
 def rule_kernel_vs_tensor_ops(device: torch.device) -> dict[str, Any]:
@@ -642,6 +676,7 @@ def fixed_cost(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         out[f"{label} - plain µs/step (median of pair differences)"] = statistics.median(diffs)
         out[f"{label} / plain (median of pair ratios)"] = statistics.median(ratios)
     out["blocks"] = f"{sizes.tiny_blocks} pairs of {sizes.tiny_steps} steps, each variant"
+    out["kernels fell back (their rows then ran the ops)"] = list(S._BROKEN) + list(R._BROKEN)
     return out
 
 
@@ -649,13 +684,14 @@ def fixed_cost(sizes: Sizes, device: torch.device) -> dict[str, Any]:
 def _rule_kernel_off() -> Iterator[None]:
     """ZClip's / auto's rule and the step's measurement math as tensor ops (the path before their
     kernels), for the comparison."""
-    usable, step_usable = R.usable, S.usable
+    usable, step_usable, takes_coefficient = R.usable, S.usable, S.takes_coefficient
     R.usable = lambda norm: False  # type: ignore[assignment]
     S.usable = lambda norms, p: False  # type: ignore[assignment]
+    S.takes_coefficient = lambda total, tau: False  # type: ignore[assignment]
     try:
         yield
     finally:
-        R.usable, S.usable = usable, step_usable  # type: ignore[assignment]
+        R.usable, S.usable, S.takes_coefficient = usable, step_usable, takes_coefficient  # type: ignore[assignment]
 
 
 def crossover(device: torch.device, totals: tuple[int, ...], calls: int) -> dict[str, Any]:

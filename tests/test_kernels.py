@@ -855,6 +855,7 @@ def test_the_gpu_benchmark_dry_run(tmp_path: Path) -> None:
         row = results["correctness"]["step kernel"]
         assert row["cases"] == 75 and row["same norms, probe and flag"] and not row["fell back"], row
         assert row["max_rel_diff of the global norm"] == 0.0, row
+        assert row["coefficient"] == {"cases": 600, "bit for bit clip.coefficient": True}, row
     labels = ("guarded, step math as tensor ops", "guarded, locate=False", "guarded, clip auto")
     for label in (*labels, "guarded, clip auto, rule and step math as tensor ops"):
         assert isinstance(results["fixed cost"][f"{label} / plain (median of pair ratios)"], float)
