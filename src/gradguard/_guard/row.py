@@ -20,7 +20,7 @@ coefficient (with an adaptive threshold) come from one launch each (:mod:`gradgu
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,21 +48,20 @@ def device_row(m: Measurement, plan: ClipPlan, skip: Tensor, overflow: Tensor, c
         assert plan.coef is not None and plan.threshold is not None
         if plan.coef is not m.column("clip_coef"):  # (not made in the row: the recovery's, the caller's)
             _put(row, _COEF, plan.coef)
-        if not baked and plan.threshold is not m.column(
-            "threshold"
-        ):  # (not written there with the coefficient)
+        written = plan.threshold is m.column("threshold")  # (there with the coefficient)
+        if not baked and not written:
             _put(row, _THRESHOLD, plan.threshold)
     start = _THRESHOLD if baked else _FLAGS if clips else _COEF
     from_coef = clips and plan.fraction is None and plan.fraction_from_coef
     derives = m.flags_from_values
-    bad, good = _constants(
+    rows = _constants(
         consts, m.device, start, plan.threshold if baked else None, skip is m.bad, derives, from_coef
     )
     tail = m.columns(start, len(SCALARS)) if row is m.row else None
-    if tail is not None and m.host is not None:  # a CPU step: the constant row copied on the host
-        m.put_columns(start, _host_rows(consts, m.device, bad, good)[m.host_bad])
+    if tail is not None and m.host is not None and rows.host is not None:  # a CPU step: copied on the host
+        m.put_columns(start, rows.host[m.host_bad])
     else:
-        torch.where(m.bad, bad, good, out=tail if tail is not None else row[start:])
+        torch.where(m.bad, rows.bad, rows.good, out=tail if tail is not None else row[start:])
     if not derives:  # flags that hold a rank's own values too (or were given)
         loss_nonfinite, grad_nonfinite = m.flags()
         torch.stack([m.bad, loss_nonfinite, grad_nonfinite, m.nan()], out=row[_FLAGS : _FLAGS + 4])
@@ -92,7 +91,7 @@ def _constants(
     skip_is_bad: bool,
     derives: bool,
     from_coef: bool,
-) -> tuple[Tensor, Tensor]:
+) -> _Rows:
     """The columns ``start:`` of a bad step's and of a good step's row (device constants, made once
     per kind of step; ``threshold``: a device constant baked in as column ``threshold``)."""
     key = ("row", start, skip_is_bad, derives, from_coef)
@@ -107,7 +106,7 @@ def _make(
     skip_is_bad: bool,
     derives: bool,
     from_coef: bool,
-) -> tuple[Tensor, Tensor]:
+) -> _Rows:
     """See :func:`_constants`."""
     fraction = DERIVED if from_coef else _NAN
     good = dict.fromkeys(SCALARS, 0.0) | {"clip_coef": _NAN, "threshold": math.inf}
@@ -121,12 +120,17 @@ def _make(
         if threshold is not None:
             row[0] = threshold.to(device=device, dtype=torch.float32).reshape(())
         rows.append(row)
-    return rows[0], rows[1]
+    host = (host_view(rows[1]), host_view(rows[0])) if device.type == "cpu" else None
+    return _Rows(rows[0], rows[1], None if host is None or host[0] is None else host)
 
 
-def _host_rows(consts: Constants, device: torch.device, bad: Tensor, good: Tensor) -> tuple[Any, Any]:
-    """A CPU step's constant rows as NumPy views ``(good, bad)`` (made once per pair)."""
-    return consts.get("host rows", device, lambda: (host_view(good), host_view(bad)), of=(bad, good))
+class _Rows(NamedTuple):
+    """A bad step's and a good step's constant columns, and on a CPU their NumPy views ``(good, bad)``
+    (a CPU step copies them into its row on the host: :attr:`Measurement.host`)."""
+
+    bad: Tensor
+    good: Tensor
+    host: tuple[Any, Any] | None
 
 
 def set_column(row: Tensor, name: str, value: Any) -> None:
