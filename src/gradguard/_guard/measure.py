@@ -21,7 +21,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -262,6 +262,18 @@ class Measurement:
         return self._observed
 
 
+class _Numbers(NamedTuple):
+    """What :meth:`Meter.measure` makes from the norms (see :class:`Measurement`)."""
+
+    wide: Tensor
+    total: Tensor
+    values: Tensor
+    bad: Tensor
+    nonfinite: Tensor | None = None
+    grad_nan: Tensor | None = None
+    host: tuple[float, float] | None = None
+
+
 class _Probe:
     """The step's non-finite test on one device (see :attr:`Measurement.probe`): the buffer ``out``,
     the ``[[0, 0], [0, 1e-6]]`` and the 0 it is made from (``base + values·0``), its views
@@ -356,7 +368,6 @@ class Meter:
         run``): used instead of reading the gradients again where they are exactly what this meter
         computes (see :meth:`_known_norms`), else ignored.
         """
-        p = self.norm_type
         grads, present = self._gradients()
         device = grads[0].device if grads else self.params[0].device
         absent = self.absent_layers(present) if self.reducer is None else ()  # all ranks' norms: not local
@@ -379,49 +390,24 @@ class Meter:
         if row is not None and row.device != device:
             row = None
         views = self._views(row, pr.parts) if row is not None else dict(pr.parts)
-        nonfinite = grad_nan = host = None
-        one_launch = row is not None and rank_flags is None
-        fused = self._in_one_launch(norms, loss_val, into, views, pr) if one_launch else None
-        if fused is not None:  # a GPU: wide, the global norm, values, the probe and the flag in one launch
-            wide, total, bad = fused
-            values = views["values"]
-        else:
-            wide = _wide(norms, into)  # the global norm sums these, and so do the per-layer norms
-            total = _total(wide, p, norms.dtype)
-            total32 = total if total.dtype is torch.float32 else total.float()
-            if row is not None:  # [loss, global norm] made in the row's first columns
-                values = torch.stack([loss_val, total32], out=views["values"])
-            else:
-                values = torch.stack([loss_val, total32])
-        if fused is None and rank_flags is None:
-            host = pr.test_on_host(values) if row is not None else None
-            if host is not None:  # a CPU step: tested on the host, the probe written there (no op)
-                bad = pr.true if _nonfinite(host) else pr.false
-            else:  # one op: 0 where finite, NaN where not (see Measurement.probe)
-                torch.addcmul(pr.base, values, pr.zero, out=pr.out)
-                bad = views["flags"].any()  # (a NaN is true)
-        elif fused is None:  # a value on one rank only (its loss, or its copy of a gradient) is flagged too
-            assert rank_flags is not None
-            nonfinite = torch.isnan(values - values) | rank_flags[:2]
-            grad_nan = torch.isnan(total) | rank_flags[2]
-            bad = nonfinite.any()
+        n = self._numbers(norms, loss_val, into, row, views, pr, rank_flags)
         return Measurement(
             device,
             grads,
             present,
             norms,
-            total,
-            values,
-            nonfinite,
-            grad_nan,
-            bad,
+            n.total,
+            n.values,
+            n.nonfinite,
+            n.grad_nan,
+            n.bad,
             absent,
-            wide,
+            n.wide,
             row,
             local_flags=rank_flags is None,
             probe=pr.out if rank_flags is None else None,
             values_in_row=row is not None,
-            host=host,
+            host=n.host,
             views=views,
         )
 
@@ -434,6 +420,42 @@ class Meter:
                 self._row_views.clear()
             found = self._row_views[id(row)] = (row, {"values": row[:_VALUES], **parts})
         return found[1]
+
+    def _numbers(
+        self,
+        norms: Tensor,
+        loss: Tensor,
+        into: Tensor | None,
+        row: Tensor | None,
+        views: dict[Any, Tensor],
+        pr: _Probe,
+        rank_flags: Tensor | None,
+    ) -> _Numbers:
+        """The step's numbers from its norms: in one launch (a GPU); else by ops, the flags then
+        tested on the host (a CPU step), made with a rank's own (torch.distributed), or by one op."""
+        if row is not None and rank_flags is None:
+            fused = self._in_one_launch(norms, loss, into, views, pr)
+            if fused is not None:
+                return _Numbers(fused.wide, fused.total, views["values"], fused.bad)
+        wide = _wide(norms, into)  # the global norm sums these, and so do the per-layer norms
+        total = _total(wide, self.norm_type, norms.dtype)
+        total32 = total if total.dtype is torch.float32 else total.float()
+        if row is not None:  # [loss, global norm] made in the row's first columns
+            values = torch.stack([loss, total32], out=views["values"])
+        else:
+            values = torch.stack([loss, total32])
+        if (
+            rank_flags is not None
+        ):  # a value on one rank only (its loss, or its copy of a gradient) is flagged too
+            nonfinite = torch.isnan(values - values) | rank_flags[:2]
+            return _Numbers(
+                wide, total, values, nonfinite.any(), nonfinite, torch.isnan(total) | rank_flags[2]
+            )
+        host = pr.test_on_host(values) if row is not None else None
+        if host is not None:  # a CPU step: tested on the host, the probe written there (no op)
+            return _Numbers(wide, total, values, pr.true if _nonfinite(host) else pr.false, host=host)
+        torch.addcmul(pr.base, values, pr.zero, out=pr.out)  # one op: 0 where finite, NaN where not
+        return _Numbers(wide, total, values, views["flags"].any())  # (a NaN is true)
 
     def _in_one_launch(
         self, norms: Tensor, loss: Tensor, into: Tensor | None, views: dict[Any, Tensor], pr: _Probe
