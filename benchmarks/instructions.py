@@ -5,8 +5,8 @@ hour and a pair's IQR spans ±7 %, the size of the targets themselves (≤ 1.15 
 at ``mlp4x256``). This benchmark counts what the CPU executes instead: each part of a plain and a
 guarded step runs under Valgrind's callgrind, which counts instructions, not time
 (a whole process: two runs within ~3,000 of 10¹⁰; a part's mean: within ~0.3 % between runs).
-The count leaves out caches and branch misses, which make a small step's Python cost ~1.5–3× its
-share of instructions in time.
+The count leaves out caches and branch prediction: at ``mlp2x32`` the guard's share of a step's time
+is ~2–4× its share of the instructions (benchmarks/README.md, session 18).
 
 The parts (``fixed_cost.py``'s twins: ``depth`` hidden ``Linear`` + ReLU layers, a batch of 32,
 AdamW ``foreach``, the guard's defaults with ``clip``; a third twin guarded with ``locate=False``):
