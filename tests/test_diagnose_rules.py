@@ -220,6 +220,22 @@ def test_the_divergence_message_quotes_the_loss_the_run_started_at_not_a_rolling
     )
 
 
+def test_a_loss_that_climbs_in_its_first_steps_and_stays_there_is_divergence() -> None:
+    """A far too high learning rate: the loss climbs 2.8 → 8,144 in three steps, then stays in the
+    thousands. The first rolling median (289) holds the climb itself, so the run's first loss is
+    its start; the message names the step the loss itself crossed. A first loss that is only low
+    (46× under the rest) and a run that only plateaus are not divergence."""
+    loss = [2.8354, 289.08, 2015.3, 8144.1, 3916.2] + [2000.0 + 500.0 * (k % 3) for k in range(40)]
+    div = conclude(run([1.0] * len(loss), loss=loss), "divergence")
+    assert div is not None and div.step == 1, div
+    assert "from step 1 the loss climbed from its lowest 2.84 (step 0, the start of the run)" in div.message
+    assert div.evidence["loss_peak"] == pytest.approx(8144.1, rel=1e-3)
+    low_first = [0.05] + [2.3 + 0.1 * (k % 4) for k in range(40)]
+    assert conclude(run([1.0] * len(low_first), loss=low_first), "divergence") is None
+    plateau = [2.3, 2.2, 2.4] + [2.3 + 0.1 * (k % 4) for k in range(40)]
+    assert conclude(run([1.0] * len(plateau), loss=plateau), "divergence") is None
+
+
 def test_the_unbounded_loss_message_quotes_the_first_loss_and_labels_the_median() -> None:
     loss = [3.84, 2.0, 1.0, 0.5, 0.2] + [-(10.0**k) for k in range(1, 9)] + [NAN]
     found = conclude(run([1.0] * (len(loss) - 1) + [NAN], loss=loss), "unbounded_loss")

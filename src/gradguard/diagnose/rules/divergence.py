@@ -45,6 +45,7 @@ class Evidence:
     best: float
     best_at: int
     hit: int
+    onset: int  # the first loss itself above the line (near ``hit``): the step the message names
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -54,26 +55,41 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     moved = any(r >= WEIGHT_MOVED for r, _ in f.weight_ratios.values())
     factor = MOVED_FACTOR if moved else DIVERGENCE_FACTOR
     smooth = rolling_median([f.loss[i] for i in rows], _SMOOTH)
-    start, best, best_at = smooth[0], math.inf, 0
+    start = _start(f.loss[rows[0]], smooth[0])
+    best, best_at = start, 0
     for j, v in enumerate(smooth):
         if v < best:
             best, best_at = v, j
-        floor = max(abs(best), _TINY) if best > 0 else max(abs(start), _TINY)
-        above_best = v - best >= (factor - 1) * floor
-        if above_best and v >= DIVERGENCE_START_FACTOR * max(abs(start), _TINY):
+        if _climbed(v, best, start, factor):
             if any(f.bad[i] for i in range(rows[j], len(f.rows))):
                 return None  # it went non-finite after all: the explosion finding covers it
-            return Evidence(rows, smooth, best, best_at, j)
+            window = range(max(best_at, j - _SMOOTH // 2), min(len(rows), j + _SMOOTH // 2 + 1))
+            onset = next((k for k in window if _climbed(f.loss[rows[k]], best, start, factor)), j)
+            return Evidence(rows, smooth, best, best_at, j, onset)
     return None
+
+
+def _climbed(v: float, best: float, start: float, factor: float) -> bool:
+    """Whether a loss ``v`` is ``factor`` × above the best so far and 10× above the start."""
+    floor = max(abs(best), _TINY) if best > 0 else max(abs(start), _TINY)
+    return v - best >= (factor - 1) * floor and v >= DIVERGENCE_START_FACTOR * max(abs(start), _TINY)
+
+
+def _start(first: float, smoothed: float) -> float:
+    """Where the loss started: the smoothed first value, or the run's first loss where it is lower
+    and positive. The first smoothed value is the median of the first losses, which holds the climb
+    itself when the loss climbed in the first steps (a far too high learning rate: 2.8, 289, 2015,
+    8144, … gives 289): the first loss, taken before any update, is then where the run started."""
+    return first if 0 < first < smoothed else smoothed
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
     """The message quotes losses as the log holds them: the first (the start of the run), the lowest
     before the climb and the highest since (the smoothed loss only decides that it climbed)."""
     losses = [f.loss[i] for i in ev.rows]
-    low = min(range(ev.hit + 1), key=losses.__getitem__)
-    high = max(range(ev.hit, len(losses)), key=losses.__getitem__)
-    step = f.steps[ev.rows[ev.hit]]
+    low = min(range(ev.onset + 1), key=losses.__getitem__)
+    high = max(range(ev.onset, len(losses)), key=losses.__getitem__)
+    step = f.steps[ev.rows[ev.onset]]
     at = {j: f.steps[ev.rows[j]] for j in (0, low, high)}
     evidence: dict[str, Any] = {
         "loss_start": sig(losses[0], 4),
