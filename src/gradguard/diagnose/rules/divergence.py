@@ -36,16 +36,12 @@ _TINY = 1e-30
 
 @dataclasses.dataclass(frozen=True)
 class Evidence:
-    """The smoothed loss of the steps taken (``rows``: their indices; ``smooth``: the rolling median of
-    :data:`_SMOOTH` steps, which the climb is judged on), its best and where it diverged (``hit``, an
-    index of ``rows``)."""
+    """Where the loss diverged: ``rows``, the indices of the steps taken (a finite loss, not skipped),
+    and ``onset``, an index of ``rows``: the first loss itself above the line, near where the rolling
+    median of :data:`_SMOOTH` steps (which the climb is judged on) crossed it; the step the message names."""
 
     rows: list[int]
-    smooth: list[float]
-    best: float
-    best_at: int
-    hit: int
-    onset: int  # the first loss itself above the line (near ``hit``): the step the message names
+    onset: int
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -65,7 +61,7 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
                 return None  # it went non-finite after all: the explosion finding covers it
             window = range(max(best_at, j - _SMOOTH // 2), min(len(rows), j + _SMOOTH // 2 + 1))
             onset = next((k for k in window if _climbed(f.loss[rows[k]], best, start, factor)), j)
-            return Evidence(rows, smooth, best, best_at, j, onset)
+            return Evidence(rows, onset)
     return None
 
 
