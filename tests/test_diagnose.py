@@ -413,3 +413,20 @@ def test_a_clipper_that_zeroes_every_gradient_is_a_finding_not_a_healthy_run(
     over = by_id(findings, "over_clipping")
     assert over.severity == "error" and over.evidence["zeroed_rate"] == 1.0
     assert over.recommendation["max_norm"] > 0
+
+
+def test_a_run_resumed_past_steps_it_never_flushed_says_they_are_missing(tmp_path: Path) -> None:
+    """A crash lost steps 14–19 (flushed every 7); the checkpoint of step 20 resumed the run, which
+    then closed: the log is closed, but it still lacks those steps, and the finding says which."""
+    with RunWriter(tmp_path / "r") as w:
+        w.write_metrics([{"step": s, "loss": 1.0, "grad_norm": 1.0} for s in range(14)])
+        w.write_event({"type": "resume", "step": 20, "last_logged_step": 13, "metrics_offset": 0})
+        w.write_metrics([{"step": s, "loss": 1.0, "grad_norm": 1.0} for s in range(20, 40)])
+    found = by_id(diagnose(tmp_path / "r", write=False), "incomplete_log")
+    assert found.severity == "info" and found.evidence["missing_steps"] == [[14, 19]]
+    assert "Steps 14–19 are not in the log (6 steps)" in found.message
+    with RunWriter(tmp_path / "whole") as w:  # a resume from the last step logged: nothing missing
+        w.write_metrics([{"step": s, "loss": 1.0, "grad_norm": 1.0} for s in range(14)])
+        w.write_event({"type": "resume", "step": 14, "last_logged_step": 13, "metrics_offset": 0})
+        w.write_metrics([{"step": s, "loss": 1.0, "grad_norm": 1.0} for s in range(14, 40)])
+    assert "incomplete_log" not in ids(diagnose(tmp_path / "whole", write=False))

@@ -588,6 +588,35 @@ def test_abort_after_n_consecutive_bad_steps_with_the_log_flushed(tmp_path: Path
     assert [r["step"] for r in log.metrics] == list(range(abort["step"] + 1))
 
 
+class _LogOfZero(nn.Module):
+    """A model whose forward takes the log of a value that is 0: every step is non-finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.lin(x) * 0.0)
+
+
+def test_an_abort_names_the_located_op_and_its_fix_not_the_learning_rate(tmp_path: Path) -> None:
+    """Ten bad steps in a row from an op at its edge: the learning rate is not the cause, and the
+    error says what is (the op, its reason, its fix); a run stopped without a located op keeps
+    the usual advice (above)."""
+    model = _LogOfZero()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, clip=None, max_consecutive=3, log_dir=tmp_path / "r")
+    with pytest.raises(NonFiniteError) as raised:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).mean()
+            loss.backward()
+            guard.step(loss)
+    text = str(raised.value)
+    assert "came from `log`" in text and "log of 0" in text and "clamp" in text, text
+    assert "learning rate" not in text, text
+
+
 def test_spike_policies_skip_clip_and_warn(tmp_path: Path) -> None:
     def spike(step, model, loss):
         if loss is None and step == 40:
@@ -981,6 +1010,8 @@ def test_bad_input_gets_clear_errors() -> None:
         gradguard.Guard(model, opt, clip="norm5")
     with pytest.raises(GradGuardError, match="every must be a positive int; got 0"):
         gradguard.Guard(model, opt, every=0)
+    with pytest.raises(GradGuardError, match=r"spike_z must be a finite number > 0; got -1\. .*default is 6"):
+        gradguard.Guard(model, opt, spike_z=-1)
     with pytest.raises(GradGuardError, match="lr_backoff"):
         gradguard.Guard(model, opt, lr_backoff=2.0)
     other = nn.Linear(3, 3)
@@ -1032,3 +1063,16 @@ def test_the_spike_warnings_of_warn_are_the_steps_zclip_flags_on_device(tmp_path
     assert [r["spike"] for r in log.metrics] == dev_flags
     assert [e["step"] for e in log.events_of("spike")] == [s for s, f in enumerate(dev_flags) if f]
     assert sum(dev_flags) >= 3
+
+
+def test_a_step_without_any_gradient_is_said_once() -> None:
+    """``loss.backward()`` forgotten: the record's norm of 0 would read as a converged model."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt)
+    with pytest.warns(RuntimeWarning, match=r"step 0: no guarded parameter has a gradient") as caught:
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            guard.step(model(torch.randn(8, 6)).pow(2).mean())  # no backward
+    assert sum("no guarded parameter" in str(w.message) for w in caught) == 1
+    guard.close()

@@ -337,3 +337,78 @@ def test_update_ratio_measures_the_frameworks_step(tmp_path):
     _trainer(tmp_path, [cb], max_epochs=1).fit(Tiny(nan_step=None), _data())
     ratios = [r["layers"]["net.0"]["update_ratio"] for r in runlog.read_run(cb.run_dir).metrics]
     assert len(ratios) == STEPS_PER_EPOCH and all(r > 0 for r in ratios), ratios
+
+
+class GAN(L.LightningModule):
+    """A GAN the way Lightning's examples write one: manual optimization, the discriminator's step
+    then the generator's; the generator's loss (optimizer 0) is NaN at batch ``nan_batch``."""
+
+    def __init__(self, nan_batch: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.nan_batch = nan_batch
+        self.G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.D = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        real = torch.cat(batch, dim=1)[:, :8]
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(real.shape[0], 4)
+        fake = self.G(z).detach()
+        loss_d = nn.functional.softplus(-self.D(real)).mean() + nn.functional.softplus(self.D(fake)).mean()
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        loss_g = nn.functional.softplus(-self.D(self.G(z))).mean()
+        if batch_idx == self.nan_batch:
+            loss_g = loss_g * math.nan
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.Adam(self.G.parameters(), lr=1e-3),
+            torch.optim.Adam(self.D.parameters(), lr=1e-3),
+        ]
+
+
+def test_several_optimizers_are_one_run_that_diagnose_reads_whole(tmp_path):
+    """The layout of ``gradguard run``: the first optimizer's log in the run directory, the others'
+    in its optimizer<k>/, global steps in every record: diagnose on ``run_dir`` names the
+    generator (optimizer 0), which failed, not the newest run (the discriminator's)."""
+    from gradguard.diagnose import diagnose, first_nonfinite
+
+    cb = GradGuard(clip="none", every=4)
+    _trainer(tmp_path, [cb], max_epochs=1).fit(GAN(nan_batch=5), _data())
+
+    root = cb.run_dir
+    run = runlog.read_run(root)
+    assert run.meta["children"] == ["optimizer1"]
+    assert run.meta["optimizer"] == {"index": 0, "class": "Adam", "params": "GAN.G"}
+    assert runlog.read_run(root / "optimizer1").meta["optimizer"]["params"] == "GAN.D"
+    # the discriminator steps first: global steps 0, 2, 4, … are its, 1, 3, 5, … the generator's
+    assert [r["global_step"] for r in run.metrics] == list(range(1, 2 * STEPS_PER_EPOCH, 2))
+    first = first_nonfinite(root)
+    assert first is not None and first["step"] == 5 and first["global_step"] == 11
+    top = diagnose(root, write=False)[0]  # a lone NaN loss: a warning, the failing optimizer's first
+    assert top.step == 5 and "(optimizer 0), global step 11" in top.message, top.message
+
+
+class NetOnly(Tiny):
+    """``training_step`` calls ``self.net(x)``; the LightningModule defines no ``forward``."""
+
+
+def test_a_nan_in_the_batch_is_located_in_the_data_when_training_step_calls_a_submodule(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(STEPS_PER_EPOCH * 4, 8, generator=g), torch.randn(STEPS_PER_EPOCH * 4, 1, generator=g)
+    x[3 * 4 + 1, 2] = math.nan  # a NaN in batch 3
+    cb = GradGuard(clip="none", every=4)
+    _trainer(tmp_path, [cb], max_epochs=1).fit(
+        NetOnly(nan_step=None), DataLoader(TensorDataset(x, y), batch_size=4)
+    )
+
+    first = runlog.read_run(cb.run_dir).first_nonfinite()
+    assert first is not None and first["step"] == 3
+    assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay")

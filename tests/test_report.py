@@ -166,6 +166,52 @@ def test_the_terminal_summary(runs: Path) -> None:
     assert "No findings" in buf.getvalue()
 
 
+def test_a_run_that_ends_non_finite_shows_its_final_loss_as_such(tmp_path: Path) -> None:
+    """Monitor-only (the steps were taken): the losses of the last steps are NaN, and the summary's
+    final loss says so, not the mean of the last finite ones."""
+    rows = [{"step": s, "loss": 2.0 - s / 100, "grad_norm": 1.0} for s in range(30)]
+    rows += [{"step": s, "loss": math.nan, "grad_norm": math.nan, "nonfinite": True} for s in range(30, 40)]
+    with RunWriter(tmp_path / "r") as w:
+        w.write_metrics(rows)
+    log = read_run(tmp_path / "r")
+    buf = io.StringIO()
+    print_summary(log, diagnose(log), file=buf)
+    assert re.search(r"final loss\s+nan", buf.getvalue()), buf.getvalue()
+    with RunWriter(tmp_path / "ok") as w:  # one NaN step that training went on from: the finite mean
+        w.write_metrics(
+            [*rows[:30], {**rows[30], "step": 30}, *({**r, "step": 31 + i} for i, r in enumerate(rows[:5]))]
+        )
+    buf = io.StringIO()
+    print_summary(read_run(tmp_path / "ok"), [], file=buf)
+    assert re.search(r"final loss\s+1\.83", buf.getvalue()), buf.getvalue()
+
+
+def test_an_explosions_first_non_finite_shows_where_it_overflowed(tmp_path: Path) -> None:
+    """The explosion's event names its layer (phase backward, no op); the summary shows that and
+    where the values overflowed (the located op, in the event's evidence), not 'phase backward'."""
+    with RunWriter(tmp_path / "r") as w:
+        w.write_metrics([{"step": s, "loss": 1.0, "grad_norm": 1.0 * 10**s} for s in range(8)])
+        overflow = {
+            "phase": "loss",
+            "op": "exp",
+            "tensor": "output",
+            "source": "train.py:19",
+            "located_by": "watch",
+        }
+        w.write_event(
+            {"type": "nonfinite", "step": 7, "phase": "backward", "module": "0", "op": None, "tensor": "grad",
+             "kind": "inf", "located_by": "norm", "cause": "explosion",
+             "evidence": {"cause": "explosion", "first_spike_step": 6, "module": "0", "overflow": overflow}}
+        )  # fmt: skip
+    buf = io.StringIO()
+    print_summary(read_run(tmp_path / "r"), [], file=buf)
+    text = " ".join(buf.getvalue().split())
+    assert (
+        "step 7, an explosion from step 6 in layer 0, overflowing at phase loss, op exp, source train.py:19"
+        in text
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # A real browser
 # ------------------------------------------------------------------------------------------

@@ -230,3 +230,90 @@ def test_a_fused_optimizer_under_a_grad_scaler_is_measured_unscaled(tmp_path: Pa
     for rec, (_, norm) in zip(log.metrics, printed, strict=True):  # the true norm, not 1024 times it
         assert math.isclose(rec["grad_norm"], float(norm), rel_tol=1e-5)
     assert all(r["loss_scale"] == 1024.0 for r in log.metrics)
+
+
+CAUGHT = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(8):
+        x = torch.randn(4, 3 if step == 2 else 2)  # one malformed batch
+        try:
+            loss = model(x).pow(2).mean()
+        except RuntimeError:
+            print("skipping batch", step)
+            continue
+        if step == 5:
+            loss = loss * torch.log(torch.zeros(()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print("final weights finite:", all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+    """
+)
+
+
+def test_a_forward_that_raises_and_is_caught_leaves_the_run_guarded(tmp_path: Path) -> None:
+    """A model that raises on a bad batch (caught by the script: a shape error, an out-of-memory
+    retry): torch calls the global forward hook without the kwargs then; the run stays guarded, and
+    the later NaN step is skipped and located."""
+    script = tmp_path / "caught.py"
+    script.write_text(CAUGHT)
+    done = _run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    assert "internal error" not in done.stderr, done.stderr
+    assert "final weights finite: True" in done.stdout
+    run = read_run(tmp_path / "run")
+    assert [r["step"] for r in run.metrics if r["skipped"]] == [4]  # the script's 5th optimizer step
+    first = run.first_nonfinite()
+    assert first is not None and (first["phase"], first["op"]) == ("loss", "log")
+
+
+EXIT_ON_NAN = textwrap.dedent(
+    """
+    import math
+    import sys
+
+    import torch
+    from torch import nn
+
+    def train_one_epoch(model, criterion, optimizer, batches):
+        for step, (samples, targets) in enumerate(batches):
+            outputs = model(samples)
+            loss = criterion(outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                print(f"Loss is {loss_value}, stopping training")
+                sys.exit(1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(10)]
+    batches[4][0][2, 1] = float("nan")  # a corrupt sample
+    train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, batches)
+    """
+)
+
+
+def test_a_script_that_exits_on_its_nan_loss_before_backward_has_it_located(tmp_path: Path) -> None:
+    """The timm / DeiT / MAE check: a non-finite loss ends the script before ``backward()``, so no
+    optimizer step ever sees it. The forward of that step is located at the end all the same (its
+    batch held the NaN), and the script's exit status is kept."""
+    script = tmp_path / "engine.py"
+    script.write_text(EXIT_ON_NAN)
+    done = _run(tmp_path, script)
+    assert done.returncode == 1 and "Loss is nan, stopping training" in done.stdout, done.stderr
+    run = read_run(tmp_path / "run")
+    assert len(run.metrics) == 4
+    first = run.first_nonfinite()
+    assert first is not None and first["step"] == 4, first
+    assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay")
+    assert "first non-finite value at step 4: phase=data" in done.stderr

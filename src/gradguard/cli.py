@@ -33,6 +33,7 @@ candidate trained (the verified recommendation is printed); 1 — none of the ca
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -483,7 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if args.func not in (_demo, _diagnose, _report):  # run, tune: the script's own output, as it is
+        return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (
+        BrokenPipeError
+    ):  # `gradguard diagnose RUN | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit)
+        return 1
 
 
 if __name__ == "__main__":

@@ -99,8 +99,19 @@ _STATE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def _check_threshold(value: float | Tensor, name: str, *, allow_inf: bool = True) -> float | Tensor:
-    """A float threshold must be a number ≥ 0; a tensor one is left on device (not validated: that would sync)."""
+_NORM_HINT = "Pick one from the observed gradient norms (`gradguard diagnose` recommends one), e.g. 1.0."
+_AGC_HINT = (
+    "It is AGC's largest ratio of a unit's gradient norm to its weight norm, not a gradient norm: "
+    "the default is 0.01 (NFNets used 0.01–0.16)."
+)
+_AGC_EPS_HINT = "It is the floor of the weight norms AGC divides by: the default is 1e-3."
+
+
+def _check_threshold(
+    value: float | Tensor, name: str, *, allow_inf: bool = True, hint: str = _NORM_HINT
+) -> float | Tensor:
+    """A float threshold must be a number ≥ 0 (``hint``: what to pick instead, in the error); a
+    tensor one is left on device (not validated: that would sync)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise GradGuardError(
@@ -113,8 +124,7 @@ def _check_threshold(value: float | Tensor, name: str, *, allow_inf: bool = True
         raise GradGuardError(f"{name} must be a number, got {value!r}.") from None
     if math.isnan(v) or v < 0 or (math.isinf(v) and not allow_inf):
         raise GradGuardError(
-            f"{name} must be a finite number ≥ 0, got {value!r}. Pick one from the observed gradient norms "
-            "(`gradguard diagnose` recommends one), e.g. 1.0."
+            f"{name} must be {'a number' if allow_inf else 'a finite number'} ≥ 0, got {value!r}. {hint}"
         )
     return v
 
@@ -498,8 +508,8 @@ def _agc_(
     """AGC in place (see :func:`clip_grad_agc_`). Returns the pre-clip gradient norms of the units
     (then of the excluded tensors), the pieces of the global norm, and per group which units were
     clipped, the pieces of the clip fraction: the caller finishes the one it reports."""
-    lam = float(_check_threshold(clip_factor, "clip_factor", allow_inf=False))
-    e = float(_check_threshold(eps, "eps", allow_inf=False))
+    lam = float(_check_threshold(clip_factor, "clip_factor", allow_inf=False, hint=_AGC_HINT))
+    e = float(_check_threshold(eps, "eps", allow_inf=False, hint=_AGC_EPS_HINT))
     groups, others = _agc_groups(parameters, exclude)
     check_tensors([g for lists in groups.values() for g in lists[0] + lists[2]] + others, what="gradient")
     unit_norms: list[Tensor] = []
@@ -582,7 +592,7 @@ def spec_number(arg: str | None, default: float | None = None) -> float:
     """The number after the colon of a spec; ``default`` when there is none (None: it is required)."""
     if arg is None:
         if default is None:
-            raise SpecArgError()
+            raise SpecArgError("it needs a number after a colon")
         return default
     try:
         return float(arg)
@@ -991,16 +1001,20 @@ class AutoClip(_TwoForms, NormClipper):
 
 
 # ----------------------------------------------------------------------------- ZClip's rule, written once
+_Z_HINT = "It is a z-score: a norm this many standard deviations above its running mean is a spike (the paper uses 2.5)."
+_EPS_HINT = "It is a small positive floor, e.g. 1e-6."
+
+
 def _zclip_params(alpha: float, z_thresh: float, warmup: int, eps: float) -> tuple[float, float, int, float]:
     """ZClip's parameters, checked: (alpha, z_thresh, warmup, eps)."""
     if not 0.0 < float(alpha) < 1.0:
         raise GradGuardError(f"alpha must be in (0, 1), got {alpha!r}. The paper uses 0.97.")
-    zt = float(_check_threshold(z_thresh, "z_thresh", allow_inf=False))
+    zt = float(_check_threshold(z_thresh, "z_thresh", allow_inf=False, hint=_Z_HINT))
     if zt <= 0:
         raise GradGuardError(f"z_thresh must be > 0, got {z_thresh!r}. The paper uses 2.5.")
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
         raise GradGuardError(f"warmup must be a positive int, got {warmup!r}. The paper uses 25.")
-    return float(alpha), zt, warmup, float(_check_threshold(eps, "eps", allow_inf=False))
+    return float(alpha), zt, warmup, float(_check_threshold(eps, "eps", allow_inf=False, hint=_EPS_HINT))
 
 
 def _zclip_rows(alpha: float, z_thresh: float, warmup: int) -> list[list[list[float]]]:
@@ -1518,7 +1532,7 @@ class Auto(ZClip):
         if not isinstance(ramp, bool):
             raise GradGuardError(f'ramp must be True or False, got {ramp!r}. The "auto" spec uses True.')
         self.ramp = ramp
-        self.growth = float(_check_threshold(growth, "growth", allow_inf=False))
+        self.growth = float(_check_threshold(growth, "growth", allow_inf=False, hint="The default is 10."))
         if self.growth < 1:
             raise GradGuardError(f"growth must be ≥ 1, got {growth!r}. The default is 10.")
         self.first = _positive_or_none(first, "first", 'The "auto" spec uses 0.5.')
@@ -1786,7 +1800,7 @@ def _positive_or_none(value: float | None, name: str, hint: str) -> float | None
     """``value`` as a finite float > 0, or None."""
     if value is None:
         return None
-    v = float(_check_threshold(value, name, allow_inf=False))
+    v = float(_check_threshold(value, name, allow_inf=False, hint=hint))
     if v <= 0:
         raise GradGuardError(f"{name} must be > 0 or None, got {value!r}. {hint}")
     return v
@@ -1903,8 +1917,10 @@ class AGC(Clipper):
     def __init__(
         self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Iterable[Tensor | str] = ()
     ) -> None:
-        self.clip_factor = float(_check_threshold(clip_factor, "clip_factor", allow_inf=False))
-        self.eps = float(_check_threshold(eps, "eps", allow_inf=False))
+        self.clip_factor = float(
+            _check_threshold(clip_factor, "clip_factor", allow_inf=False, hint=_AGC_HINT)
+        )
+        self.eps = float(_check_threshold(eps, "eps", allow_inf=False, hint=_AGC_EPS_HINT))
         self.exclude = list(exclude)
 
     @classmethod

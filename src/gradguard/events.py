@@ -32,6 +32,7 @@ __all__ = [
     "loss_scale_collapse",
     "lr_backoff",
     "nonfinite",
+    "nonfinite_where",
     "overflow",
     "rollback",
     "skip",
@@ -107,6 +108,19 @@ def nonfinite(
         "located_by": located_by,
         **fields,
     }
+
+
+def nonfinite_where(event: Event) -> tuple[str, Event]:
+    """What a one-line summary of a ``nonfinite`` event shows: ``(lead, where)``. An explosion's
+    event names the layer whose norm took off (``phase: backward``, no op) and keeps where the
+    values finally overflowed (the located op) in ``evidence.overflow``: the lead names the
+    explosion, ``where`` is that overflow. Any other event: no lead, the event itself."""
+    evidence = event.get("evidence") or {}
+    overflow = evidence.get("overflow") if event.get("cause") == "explosion" else None
+    if not isinstance(overflow, dict):
+        return "", event
+    lead = f"an explosion from step {evidence.get('first_spike_step')} in layer {event.get('module')}, overflowing at"
+    return lead, overflow
 
 
 def skip(step: int, reason: str, *, grad_norm: float | None = None, loss_scale: float | None = None) -> Event:

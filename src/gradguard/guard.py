@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard import events
+from gradguard import events, optable
 from gradguard._distributed import Reducer, world
 from gradguard._guard import apply as applying
 from gradguard._guard.anomaly import Anomalies, flagged_nonfinite
@@ -404,6 +404,9 @@ class Guard:
         self._last_skipped: Tensor | bool = False
         self._last_norm: Tensor | None = None
         self._last_nonfinite: bool | None = None  # what the host saw of the last step (last_step_nonfinite)
+        # the first bad step's birth, an op or the data (what an abort tells the user to fix)
+        self._first_located: events.Event | None = None
+        self._warned_no_gradient = False
         self._stop: NonFiniteError | None = None  # raised once the step's record is in the log
         self._caller_clip: CallerClip | None = None  # before_step(clip=...): of the last step
         self._fields: dict[str, Any] = {}  # before_step(fields=...): the last step's host fields
@@ -616,6 +619,29 @@ class Guard:
             write_tune(self.run_dir, result)
         return result
 
+    def end_unfinished_step(self) -> None:
+        """The script ends after this step's forward, before its optimizer step (``gradguard run``
+        of timm-style code: ``if not math.isfinite(loss.item()): sys.exit(1)``): where that forward
+        or its loss code made a non-finite value, locate it and log the step's ``nonfinite`` event
+        (the anomaly path: host reads and a replay of the forward; nothing on a healthy end)."""
+        capture = self._anomaly.capture
+        if self._closed or capture is None or not capture.unfinished_nonfinite():
+            return
+        step = self.counters.step_count
+        located = self._anomaly.locate(step, True, self.monitor.peek) or {}
+        stopped = events.nonfinite(
+            step,
+            phase="loss",
+            tensor="output",
+            kind=None,
+            located_by="norm",
+            policy=self.config.on_nonfinite,
+            note="the script stopped after this step's forward, before its backward and optimizer step",
+        )
+        event = self._anomaly.report_once({**stopped, **located})
+        if event is not None:
+            self._event(event)
+
     def close(self) -> None:
         """Flush and close the run log. Safe to call twice."""
         self._close(at_exit=False)
@@ -729,6 +755,8 @@ class Guard:
             self._event(recurred)
         known = clip.known_norms(self.config.norm_type) if clip is not None else None  # the caller's norms
         m = self._meter.measure(loss, self.monitor.next_rows, known=known)  # in the record's rows: no copies
+        if not m.present:
+            self._warn_no_gradient(step)
         self._last_norm = m.total
         plan = self._explosions.tighten(self._clipping.plan(m), m, self._consts)
         skip, overflow = self._skip_flags(m, plan.spike, scaler)
@@ -952,6 +980,8 @@ class Guard:
         event = self._anomaly.report_once({**flagged, **(located or {})})
         if event is not None:
             self._event(event)
+            if self._first_located is None and (event.get("op") or event.get("phase") == "data"):
+                self._first_located = event
 
     def _record(
         self,
@@ -997,6 +1027,19 @@ class Guard:
         return self._apply.sync_free
 
     # ------------------------------------------------------------------ events
+    def _warn_no_gradient(self, step: int) -> None:
+        """A step with no gradient at all (``loss.backward()`` forgotten, or called on another loss):
+        it is recorded with a norm of 0, which a reader could take for a converged model; said once."""
+        if self._warned_no_gradient:
+            return
+        self._warned_no_gradient = True
+        warnings.warn(
+            f"gradguard: step {step}: no guarded parameter has a gradient; was loss.backward() called before "
+            "the optimizer step? The step is recorded with a gradient norm of 0 (said once per guard).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
     def _event(self, event: events.Event) -> None:
         """Write one event now (the step's path), with the step's host fields (``before_step(fields=)``)."""
         if self.writer is not None:
@@ -1021,8 +1064,9 @@ class Guard:
         msg = (
             f"{consecutive} consecutive skipped steps (last: step {step}); gradguard stopped the run."
             + (" The weights themselves are non-finite: use on_nonfinite='rollback'." if weights_bad else "")
-            + " Lower the learning rate or clip harder (`gradguard diagnose` recommends a threshold), or raise "
-            "max_consecutive." + (f" Run log: {self.run_dir}." if self.run_dir else "")
+            + _fix_of(self._first_located)
+            + " Or raise max_consecutive."
+            + (f" Run log: {self.run_dir}." if self.run_dir else "")
         )
         return self._aborted(step, msg, events.ABORT_CONSECUTIVE, weights_bad)
 
@@ -1084,6 +1128,26 @@ class Guard:
         elif self._explode(exploded, records[-1]["step"]) and self._stop is not None:
             err, self._stop = self._stop, None
             raise err
+
+
+def _fix_of(located: events.Event | None) -> str:
+    """What an abort tells the user to fix: the first bad step's birth where it was located (an op
+    at its numerical edge, a non-finite batch: the learning rate is not the cause), else the
+    usual causes of a run that keeps going non-finite."""
+    if located is None:
+        return " Lower the learning rate or clip harder (`gradguard diagnose` recommends a threshold)."
+    step, reason = located["step"], (located.get("evidence") or {}).get("reason")
+    if located.get("phase") == "data":
+        what = located.get("tensor") or "input"
+        return (
+            f" The first non-finite value (step {step}) was already in the {what}: check the data "
+            "(torch.isfinite(x).all() on each batch); the training itself is not the cause."
+        )
+    why, fix = optable.advice(located.get("op"), reason, located.get("cause"))
+    at = f" at {located['source']}" if located.get("source") else ""
+    return (
+        f" The first non-finite value (step {step}) came from `{located.get('op')}`{at}: {why}. Fix: {fix}."
+    )
 
 
 def _reducer(

@@ -367,13 +367,16 @@ class Locator:
     Costs a host read per op output and per autograd node: use it on anomalies only.
 
     Args:
-        model: the root module (its ``named_modules()`` name the modules in the answer).
+        model: the root module (the block calls it; its input is the step's data).
+        names: the module whose ``named_modules()`` and ``named_parameters()`` name the modules and
+            parameters in the answer: ``model`` or a module holding it (``None``: ``model``).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, names: nn.Module | None = None) -> None:
         self.model = model
-        self._names = {id(m): name for name, m in model.named_modules()}
-        self._params = {name: p for name, p in model.named_parameters()}
+        outer = model if names is None else names
+        self._names = {id(m): name for name, m in outer.named_modules()}
+        self._params = {name: p for name, p in outer.named_parameters()}
         self._reset()
 
     def _reset(self) -> None:
@@ -1420,6 +1423,16 @@ class StepCapture:
         self.inputs, self.watches, self._outs = None, [], []
         self._kept, self._retained, self._arrived = [], [], {}
 
+    def unfinished_nonfinite(self) -> bool:
+        """At the script's end, after a forward whose optimizer step never came (timm's ``if not
+        math.isfinite(loss.item()): sys.exit(1)``): close the loss-code window and say whether that
+        forward's outputs or its loss code hold a non-finite value (host reads: once, at the end)."""
+        if self.inputs is None or self._removed:
+            return False
+        self.end_step()
+        outs = [*self._kept, *(t for ref in self._made if (t := ref()) is not None)]
+        return any(not _finite(t) for t in outs) or self.loss_watch_answer() is not None
+
     def loss_watch_answer(self) -> dict[str, Any] | None:
         """The first non-finite birth any loss-code window of this step saw (host reads): this
         capture's, then those of the model's other captures (the watching one, when several
@@ -1480,6 +1493,7 @@ class StepCapture:
         finally:
             self.replaying = False
         if isinstance(birth, Birth) and birth.phase == "data" and birth.tensor == "input":
+            birth.source = None  # the line that called the replay, not where the script passed the batch
             self._name_carried_state(birth, args, kwargs)
         if birth is not None and birth.phase == "backward" and not grads_ok:
             birth = None  # no faithful backward was replayed

@@ -43,6 +43,7 @@ from gradguard.diagnose import (
     recommended_max_norm,
 )
 from gradguard.errors import GradGuardError
+from gradguard.events import nonfinite_where
 from gradguard.runlog import REPORT_FILE, RunLog, atomic_write_text, find_runs, is_run_dir, read_run
 from gradguard.runtable import ClipConfig, RunTable, clip_config
 from gradguard.safetext import safe_text
@@ -508,12 +509,20 @@ def _findings_html(findings: Sequence[Finding]) -> str:
     return "\n".join(out)
 
 
+def _final_loss(losses: Sequence[Any]) -> float | None:
+    """The mean of the last 20 finite losses; the last loss itself where it is not finite (a run
+    that ended non-finite ends so, whatever its last finite losses were)."""
+    recorded = [float(v) for v in losses if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if recorded and not math.isfinite(recorded[-1]):
+        return recorded[-1]
+    tail = [v for v in recorded if math.isfinite(v)][-20:]
+    return sum(tail) / len(tail) if tail else None
+
+
 def _run_facts(log: RunLog, findings: Sequence[Finding]) -> dict[str, Any]:
     """The numbers of a run's one-line summary (terminal and HTML tables)."""
     s = _Series(log)
     rate = s.table.clip_rate
-    losses = [v for v in s.col("loss") if v is not None]
-    tail = losses[-20:]
     event = first_nonfinite(log)
     return {
         "run": log.path.name,
@@ -522,7 +531,7 @@ def _run_facts(log: RunLog, findings: Sequence[Finding]) -> dict[str, Any]:
         "skipped": sum(s.table.skipped),
         "clip": _clip_name(clip_config(log.meta), s.col("threshold")),
         "clip_rate": rate if math.isfinite(rate) else None,
-        "final_loss": sum(tail) / len(tail) if tail else None,
+        "final_loss": _final_loss(s.table.column("loss")),
         "first_nonfinite": event,
         "findings": [f.id for f in findings],
         "max_norm": recommended_max_norm(findings),
@@ -540,12 +549,12 @@ def _clip_name(clip: ClipConfig, thr: Sequence[float | None]) -> str | None:
 def _where(event: dict[str, Any] | None) -> str:
     if not event:
         return "—"
-    parts = [f"step {event.get('step')}"]
-    for key in ("phase", "module", "op", "source"):
-        v = event.get(key)
-        if v not in (None, ""):
-            parts.append(f"{key} {v}")
-    return ", ".join(parts)
+    lead, where = nonfinite_where(event)
+    fields = ", ".join(
+        f"{k} {v}" for k in ("phase", "module", "op", "source") if (v := where.get(k)) not in (None, "")
+    )
+    shown = " ".join(x for x in (lead, fields) if x)
+    return f"step {event.get('step')}" + (f", {shown}" if shown else "")
 
 
 def _fmt(x: Any) -> str:

@@ -88,9 +88,11 @@ class Anomalies:
     """The guard's anomaly handling.
 
     Args:
-        root: the user's root module (replays and instrumentation run it).
+        root: the user's root module (its ``named_modules()`` name the modules in the answer).
         params: the guarded parameters (a closure replay checks their gradients).
-        capture: the step capture (``None``: ``locate=False``, nothing is captured or replayed).
+        capture: the step capture (``None``: ``locate=False``, nothing is captured or replayed);
+            replays and instrumentation run its root: ``root`` or a submodule of it (a
+            LightningModule's ``self.net``, which its ``training_step`` calls).
         max_replays: replay at most this many anomalous steps.
         can_replay: a replay is allowed (not under torch.distributed: ranks would diverge).
         applied: the caller applies every step, bad ones included (``monitor_only`` with
@@ -108,6 +110,7 @@ class Anomalies:
         applied: bool = False,
     ) -> None:
         self.root = root
+        self.called = capture.root if capture is not None else root  # the module the step calls
         self.params = params
         self.capture = capture
         self.max_replays = max_replays
@@ -228,7 +231,7 @@ class Anomalies:
         if self.replays >= self.max_replays or not self.can_replay:
             return None, "replay"
         self.replays += 1
-        loc = Locator(self.root)
+        loc = Locator(self.called, names=self.root)
         if self._closure is not None:
             with _eager():
                 replayed, _ = loc.replay(self._closure, self._closure_rng, grads=self.params)
@@ -251,7 +254,7 @@ class Anomalies:
         pre-hook and left in its forward hook, around exactly one forward call, so it never
         outlives that call (an unclosed guard cannot leave it on the mode stack).
         """
-        loc = Locator(self.root)
+        loc = Locator(self.called, names=self.root)
         state: dict[str, Any] = {}
         capture = self.capture
 
@@ -263,7 +266,7 @@ class Anomalies:
             state["ctx"].__enter__()
             loc._pre(module, args, kwargs)  # the watch's own pre-hook joins from the next call
             # registered after the watch's hooks, so it runs after them when this call ends
-            state["handles"].append(self.root.register_forward_hook(leave, always_call=True))
+            state["handles"].append(self.called.register_forward_hook(leave, always_call=True))
 
         def leave(module: nn.Module, args: Any, out: Any) -> None:
             ctx = state.pop("ctx", None)
@@ -276,7 +279,7 @@ class Anomalies:
             outs = [t for t in _tensors(out) if t.is_floating_point()]
             state["out"] = outs[0] if outs else None
 
-        state["handles"] = [self.root.register_forward_pre_hook(enter, with_kwargs=True)]
+        state["handles"] = [self.called.register_forward_pre_hook(enter, with_kwargs=True)]
         self._armed = (loc, state, step)
 
     def finish_armed(self, loss: Tensor | float | None, now: int) -> events.Event | None:

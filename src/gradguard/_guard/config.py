@@ -81,7 +81,7 @@ class GuardConfig:
         return cls(
             on_nonfinite=check_choice(settings["on_nonfinite"], "on_nonfinite", get_args(OnNonFinite)),
             on_spike=check_choice(settings["on_spike"], "on_spike", get_args(OnSpike)),
-            spike_z=settings["spike_z"],  # checked by the spike detector that uses it
+            spike_z=check_spike_z(settings["spike_z"]),
             norm_type=check_norm_type(settings["norm_type"]),
             every=positive_int(settings["every"], "every"),
             layer_every=optional_positive_int(settings["layer_every"], "layer_every"),
@@ -158,6 +158,19 @@ def check_lr_backoff(value: Any) -> float | None:
     if value is not None and not 0.0 < float(value) <= 1.0:
         raise GradGuardError(f"lr_backoff must be in (0, 1] or None; got {value!r}. 0.5 halves the LR.")
     return None if value is None else float(value)
+
+
+def check_spike_z(value: Any) -> float:
+    try:
+        z = float(value)
+    except (TypeError, ValueError):
+        z = math.nan
+    if isinstance(value, bool) or not (math.isfinite(z) and z > 0.0):
+        raise GradGuardError(
+            f"spike_z must be a finite number > 0; got {value!r}. A gradient norm more than spike_z "
+            "standard deviations above its running mean is a spike; the default is 6.0 (lower: more spikes)."
+        )
+    return z
 
 
 def check_min_lr(value: Any) -> float:

@@ -28,11 +28,14 @@ __all__ = [
     "StepGate",
     "add_flush_listener",
     "clip_rate",
+    "describe_optimizer",
     "drop_grads",
     "fresh_run_dir",
     "has_grads",
+    "optimizer_run_dir",
     "post_clip_norm",
     "scalars_of",
+    "stepped",
     "unwrap_optimizer",
     "write_report",
 ]
@@ -92,6 +95,36 @@ def scalars_of(rec: dict[str, Any], *, layers: bool = True) -> Iterator[tuple[st
 def fresh_run_dir(root: str | os.PathLike[str], name: str) -> Path:
     """A new ``<root>/<time>-<name>`` run directory path, named once on rank 0 under torch.distributed."""
     return Path(str(same_on_all_ranks(str(runlog.default_run_dir(name, root=root)))))
+
+
+# ----------------------------------------------------------------------------- several optimizers
+def optimizer_run_dir(base: str | os.PathLike[str], k: int) -> Path:
+    """Where the ``k``-th optimizer of a process (a GAN's, an actor-critic's) logs: ``base`` for the
+    first, ``base/optimizer<k>`` for the others, which the first's ``meta.json`` lists as its
+    ``children`` (:func:`describe_optimizer`): ``gradguard diagnose base`` reads them all and names
+    the optimizer that failed."""
+    return Path(base) if k == 0 else Path(base) / f"optimizer{k}"
+
+
+def describe_optimizer(guard: Guard, root: Guard, k: int, kind: str, params: str) -> None:
+    """``meta.json`` of the ``k``-th optimizer's run: which optimizer it is (``index``, ``class``
+    ``kind``, the ``params`` it steps); the ``root`` run's (the first optimizer's, in the directory
+    the user named) lists the others as ``children``, kept current."""
+    if guard.writer is not None:
+        guard.writer.update_meta(optimizer={"index": k, "class": kind, "params": params})
+    if k > 0 and root.writer is not None:
+        root.writer.update_meta(children=[optimizer_run_dir("", i).name for i in range(1, k + 1)])
+
+
+def stepped(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """What an optimizer steps, for meta.json: the model's class, or the submodules (by name) that
+    hold its parameters when it steps only part of the model."""
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    name = type(model).__name__
+    if all(id(p) in ids for p in model.parameters() if p.requires_grad):
+        return name
+    parts = [n for n, child in model.named_children() if any(id(p) in ids for p in child.parameters())]
+    return ", ".join(f"{name}.{n}" for n in parts) or name
 
 
 # ----------------------------------------------------------------------------- optimizers

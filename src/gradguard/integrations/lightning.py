@@ -37,8 +37,11 @@ and to any extra ``sinks`` (:mod:`gradguard.integrations.sinks`).
 
 Manual optimization works the same: ``self.manual_backward(loss)`` shows the loss to the callback
 and ``opt.step()`` calls the hook. With several optimizers (a GAN), each gets its own guard and run
-directory (``optimizer_0``, ``optimizer_1``…); the loss of the last ``manual_backward`` before an
-optimizer's step is that step's loss.
+directory, laid out as ``gradguard run`` lays them out: the first optimizer's in the run directory,
+the others' in its ``optimizer1/``, … (listed in its ``meta.json``), every record with the
+``global_step`` of the process's optimizer steps, so that ``gradguard diagnose`` on the run
+directory reads them all and names the optimizer that failed first. The loss of the last
+``manual_backward`` before an optimizer's step is that step's loss.
 """
 
 from __future__ import annotations
@@ -61,13 +64,17 @@ from gradguard.integrations._common import (
     StepGate,
     add_flush_listener,
     clip_rate,
+    describe_optimizer,
     fresh_run_dir,
     has_grads,
+    optimizer_run_dir,
     scalars_of,
+    stepped,
     unwrap_optimizer,
     write_report,
 )
 from gradguard.integrations._schedule import HeldScheduler, holds
+from gradguard.locate import StepCapture
 
 __all__ = ["GradGuard"]
 
@@ -186,6 +193,7 @@ class GradGuard(pl.Callback):
         self._loss: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
         self._active = False  # guards built and open (between fit start and teardown)
+        self._global_step = 0  # optimizer steps measured so far, all optimizers (several optimizers)
         # bad arguments fail here, not when fit starts
         from_spec(clip)  # type: ignore[arg-type]
         if on_nonfinite not in get_args(OnNonFinite):
@@ -203,7 +211,8 @@ class GradGuard(pl.Callback):
 
     @property
     def run_dir(self) -> Path | None:
-        """The run directory of the (first) optimizer's guard."""
+        """The run directory (of the first optimizer's guard; with several optimizers the others'
+        are in its ``optimizer<k>/``, and ``gradguard diagnose`` on it reads them all)."""
         return self.guards[0].run_dir if self.guards else None
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -241,11 +250,35 @@ class GradGuard(pl.Callback):
         resumed = self._pending_state is not None
         base = self._base_dir(trainer)
         for i, opt in enumerate(optimizers):
-            if base is None or str(base) == "auto":
-                log_dir: Any = base
-            else:
-                log_dir = Path(base) if len(optimizers) == 1 else Path(base) / f"optimizer_{i}"
-            guard = Guard(
+            log_dir: Any = (
+                base if i == 0 or base is None else optimizer_run_dir(self.guards[0].run_dir or base, i)
+            )
+            guard = self._guard(pl_module, opt, log_dir, resumed)
+            if self.log_to_logger:
+                add_flush_listener(guard, _LoggerSink(trainer, "gradguard/", self.log_layers))
+            for sink in self.sinks:
+                add_flush_listener(guard, sink)
+            self.guards.append(guard)
+            if len(optimizers) > 1:
+                describe_optimizer(guard, self.guards[0], i, type(opt).__name__, stepped(pl_module, opt))
+            self._by_optimizer[id(opt)] = guard
+            if not self.monitor_only:
+                self._gates[id(opt)] = StepGate.on(opt)
+        self._hold_schedulers(trainer)
+        self._active = True
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    def _guard(
+        self, pl_module: pl.LightningModule, opt: torch.optim.Optimizer, log_dir: Any, resumed: bool
+    ) -> Guard:
+        """The guard of one optimizer; its capture on the module the ``training_step`` calls."""
+        called = _called_module(pl_module, opt)
+        locate = called is not pl_module and self.guard_kwargs.get("locate", True)
+        capture = StepCapture(called) if locate else None
+        try:
+            return Guard(
                 pl_module,
                 opt,
                 clip=self.clip,
@@ -255,21 +288,13 @@ class GradGuard(pl.Callback):
                 every=self.every,
                 exist_ok=resumed,
                 monitor_only=self.monitor_only,
+                capture=capture,
                 **self.guard_kwargs,
             )
-            if self.log_to_logger:
-                add_flush_listener(guard, _LoggerSink(trainer, "gradguard/", self.log_layers))
-            for sink in self.sinks:
-                add_flush_listener(guard, sink)
-            self.guards.append(guard)
-            self._by_optimizer[id(opt)] = guard
-            if not self.monitor_only:
-                self._gates[id(opt)] = StepGate.on(opt)
-        self._hold_schedulers(trainer)
-        self._active = True
-        if self._pending_state is not None:
-            self._apply_state(self._pending_state)
-            self._pending_state = None
+        except BaseException:
+            if capture is not None:
+                capture.remove()
+            raise
 
     def _hold_schedulers(self, trainer: pl.Trainer) -> None:
         """Put a :class:`HeldScheduler` in place of each per-step LR scheduler of a gated optimizer:
@@ -335,7 +360,8 @@ class GradGuard(pl.Callback):
             return {}
         if not self._active:
             return dict(self._pending_state) if self._pending_state is not None else {}
-        return {"version": _STATE_VERSION, "guards": [g.state_dict() for g in self.guards]}
+        guards = [g.state_dict() for g in self.guards]
+        return {"version": _STATE_VERSION, "guards": guards, "global_step": self._global_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from a checkpoint; Lightning calls this before ``on_fit_start`` builds the guards."""
@@ -361,6 +387,7 @@ class GradGuard(pl.Callback):
             )
         for guard, s in zip(self.guards, states):
             guard.load_state_dict(s)
+        self._global_step = int(state.get("global_step", 0))
 
     def _base_dir(self, trainer: pl.Trainer) -> str | os.PathLike[str] | None:
         if self.log_dir is not None:
@@ -378,7 +405,11 @@ class GradGuard(pl.Callback):
         """Measure, clip and decide this step; whether the optimizer steps (always, under
         ``monitor_only``: then nothing is clipped, and a bad step is located before Lightning's
         step, see ``Guard(locate=...)``). The update ratio is measured after Lightning's own step."""
-        return guard.before_step(loss)
+        if len(self.guards) == 1:
+            return guard.before_step(loss)
+        fields = {"global_step": self._global_step}  # which optimizer failed first, by global step
+        self._global_step += 1
+        return guard.before_step(loss, fields=fields)
 
     def _close(self) -> None:
         """Flush and close the run logs and sinks; a later ``fit`` goes on from the same state."""
@@ -398,3 +429,18 @@ class GradGuard(pl.Callback):
             close: Callable[[], None] | None = getattr(sink, "close", None)
             if close is not None:
                 close()
+
+
+def _called_module(pl_module: pl.LightningModule, opt: torch.optim.Optimizer) -> torch.nn.Module:
+    """The module whose forward a ``training_step`` calls, where its inputs are the step's data
+    (what locate keeps and replays): the LightningModule itself when it defines ``forward``; else
+    (``self.net(x)``: the LightningModule has no forward to call) its one child that holds every
+    parameter ``opt`` steps. Without such a child, the LightningModule (a bad step is then located
+    by the norms only)."""
+    if type(pl_module).forward is not pl.LightningModule.forward:
+        return pl_module
+    stepped_ids = {id(p) for group in opt.param_groups for p in group["params"]}
+    for child in pl_module.children():
+        if stepped_ids <= {id(p) for p in child.parameters()}:
+            return child
+    return pl_module

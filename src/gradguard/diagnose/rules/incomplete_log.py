@@ -8,6 +8,9 @@
   it was killed.
 * **Lost** (``warning``): failed disk writes (a full disk, I/O errors) lost records or events;
   the writer counts them in ``meta.json``'s ``lost`` when it closes.
+* **Resumed over a gap** (``info``): a ``resume`` event (``Guard.load_state_dict`` from a
+  checkpoint) at a step after the last step the log had: the run stopped before those steps were
+  flushed, and the resumed run, closed since, does not have them either.
 
 The other rules judge the records that are there; this one says what may be missing.
 """
@@ -33,6 +36,7 @@ class Evidence:
     unclosed: bool
     age: float | None  # seconds since the run's files were last written (None: unknown)
     lost: dict[str, int]
+    gaps: tuple[tuple[int, int], ...] = ()  # (first, last) steps missing before a resume
 
     @property
     def maybe_running(self) -> bool:
@@ -41,10 +45,22 @@ class Evidence:
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
     unclosed = f.opened and not f.closed
-    if not unclosed and not f.lost:
+    gaps = _resumed_over(f)
+    if not unclosed and not f.lost and not gaps:
         return None
     age = max(0.0, time.time() - f.modified) if f.modified is not None else None
-    return Evidence(unclosed, age, dict(f.lost))
+    return Evidence(unclosed, age, dict(f.lost), gaps)
+
+
+def _resumed_over(f: Facts) -> tuple[tuple[int, int], ...]:
+    """The steps a resume skipped over: after the last step logged before it (``last_logged_step``,
+    none: -1), up to the step it resumed at."""
+    gaps = []
+    for e in f.events_of("resume"):
+        step, logged = e.get("step"), e.get("last_logged_step", -1)
+        if isinstance(step, int) and isinstance(logged, int) and step > logged + 1:
+            gaps.append((logged + 1, step - 1))
+    return tuple(gaps)
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
@@ -55,6 +71,12 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         advice.append(
             "Close the guard when training ends (guard.close(), or `with Guard(...)`) so the last records "
             "are written; after a kill, the records up to the last flush are all there is"
+        )
+    if ev.gaps:
+        parts.append(_gaps(ev.gaps))
+        advice.append(
+            "Close the guard (or save its state) before the process stops; after a kill, the records up "
+            "to the last flush are all there is (a smaller every= flushes more often)"
         )
     if ev.lost:
         parts.append(f"Failed disk writes lost {_counted(ev.lost)} (meta.json's lost): the log has gaps.")
@@ -70,6 +92,8 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "flush_every": f.flush_every,
     }
     evidence.update({f"lost_{k}": n for k, n in ev.lost.items()})
+    if ev.gaps:
+        evidence["missing_steps"] = [list(g) for g in ev.gaps]
     severity = "warning" if ev.lost else "info"
     rec = {"text": "; ".join(advice) + "."}
     message = " ".join(parts) + " The findings are about the records that were written."
@@ -89,6 +113,15 @@ def _unclosed(f: Facts, ev: Evidence, last: int | None) -> str:
     return (
         f"The run was not closed (meta.json has no end_time{when}): it was killed or crashed, or close() "
         f"was never called; the records {after} ({batch}) may be missing."
+    )
+
+
+def _gaps(gaps: tuple[tuple[int, int], ...]) -> str:
+    spans = ", ".join(f"{a}–{b}" if b > a else f"{a}" for a, b in gaps)
+    n = sum(b - a + 1 for a, b in gaps)
+    return (
+        f"Steps {spans} are not in the log ({n} step{'s' if n != 1 else ''}): the run stopped before they "
+        "were flushed and was resumed from a checkpoint after them (a resume event)."
     )
 
 

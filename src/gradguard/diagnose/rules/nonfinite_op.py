@@ -207,8 +207,13 @@ def _in_optimizer(event: dict[str, Any], step: int | None) -> tuple[str, dict[st
 
 def _unlocated(event: dict[str, Any], step: int | None, count: int) -> tuple[str, dict[str, Any]]:
     """No op named: what went non-finite, and how to have gradguard name the op."""
-    phase = event.get("phase")
-    what = "the loss" if phase == "loss" else ("the weights" if phase == "optimizer" else "the gradients")
+    phase, tensor = event.get("phase"), event.get("tensor")
+    if phase == "optimizer":
+        what = "the weights"
+    elif phase == "loss":  # the loss code: its forward made the loss, or its backward the gradients
+        what = "the gradients, in the loss code's backward," if tensor == "grad" else "the loss"
+    else:
+        what = "the gradients"
     message = (
         f"Step {step}: {what} became {event.get('kind', 'non-finite')} without a preceding explosion; "
         f"{count} step(s) non-finite in all. The always-on flags do not name the op."

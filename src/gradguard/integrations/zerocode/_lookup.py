@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.guard import Guard
+from gradguard.integrations._common import describe_optimizer, stepped
 from gradguard.integrations.zerocode.sessions import (
     ManualUpdate,
     Root,
     Session,
     all_optimizers,
     covers,
-    stepped,
 )
 from gradguard.locate import StepCapture
 
@@ -224,15 +224,10 @@ def new_guard(
 
 
 def describe(zc: Any, guard: Guard, k: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """meta.json of a new run dir: which optimizer it is (``index``, ``class``, the ``params`` it
-    steps); the root's lists its children (``optimizer<k>``), kept current."""
+    """meta.json of a new run dir: which optimizer it is; the root's lists its children."""
     kind = "manual update" if isinstance(optimizer, ManualUpdate) else type(optimizer).__name__
-    info = {"index": k, "class": kind, "params": stepped(model, optimizer)}
-    if guard.writer is not None:
-        guard.writer.update_meta(optimizer=info)
-    root = zc._order[0].guard.writer if zc._order else None
-    if k > 0 and root is not None:
-        root.update_meta(children=[f"optimizer{i}" for i in range(1, k + 1)])
+    root = zc._order[0].guard if zc._order else guard
+    describe_optimizer(guard, root, k, kind, stepped(model, optimizer))
 
 
 def add(zc: Any, key: int, session: Session) -> Session:

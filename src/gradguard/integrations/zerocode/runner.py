@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from gradguard import runlog
 from gradguard.guard import Guard
+from gradguard.integrations._common import optimizer_run_dir
 from gradguard.integrations.zerocode import _clip, _lookup, _steps
 from gradguard.integrations.zerocode.frameworks import Frameworks
 from gradguard.integrations.zerocode.live import Live
@@ -37,6 +38,9 @@ __all__ = ["ZeroCode"]
 
 
 # ----------------------------------------------------------------------------- the runner
+_RAISED: Any = object()  # on_return's ``out`` when the call raised (torch passes none)
+
+
 class ZeroCode:
     """Guards every optimizer that steps while active (see the module docstring).
 
@@ -116,6 +120,7 @@ class ZeroCode:
             self.patches.remove()
             self.frameworks.remove()
             ACTIVE.discard(self)
+            self._end_unfinished_steps()
         for root in self._roots.values():
             for capture in root.captures:
                 capture.remove()
@@ -128,6 +133,15 @@ class ZeroCode:
                 errors.append(e)
         if errors:
             self._say(f"could not close a run log ({errors[0]})")
+
+    def _end_unfinished_steps(self) -> None:
+        """The script ended: a forward whose step never came and that went non-finite is located
+        and logged (the script stopped on its NaN loss before ``backward()``)."""
+        for session in self._order:
+            try:
+                session.guard.end_unfinished_step()
+            except Exception as e:  # gradguard's own bug: said, the other logs still close
+                self._say(f"could not check the script's last forward ({type(e).__name__}: {e})")
 
     def forked(self) -> None:
         """In a forked child (a DataLoader worker): take off every hook, wrapper and mode, forget
@@ -162,12 +176,16 @@ class ZeroCode:
                     self._called[id(module)] = root
         self._depth += 1
 
-    def on_return(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        """The global forward hook: a root's call returned (start watching its loss code)."""
+    def on_return(self, module: nn.Module, args: Any, kwargs: Any, out: Any = _RAISED) -> None:
+        """The global forward hook: a root's call returned (start watching its loss code). A call
+        that raised comes here too (``always_call``: torch then passes ``(module, args, None)``,
+        without the kwargs): it is only unwound (the script may catch the error and go on)."""
         if self._depth > 1:  # a submodule's return
             self._depth -= 1
             return
         self._depth = 0
+        if out is _RAISED:
+            return
         root = self._roots.get(id(module))
         if root is None or root.ref() is not module or torch._C._current_graph_task_id() != -1:
             return
@@ -180,7 +198,7 @@ class ZeroCode:
     def next_run_dir(self) -> Path:
         """The run directory of the next guard: ``out``, then ``out/optimizer<k>``."""
         k, self._run_dirs = self._run_dirs, self._run_dirs + 1
-        return self.out if k == 0 else self.out / f"optimizer{k}"
+        return optimizer_run_dir(self.out, k)
 
     def on_param_group(self, optimizer: torch.optim.Optimizer) -> None:
         """``Optimizer.add_param_group`` (also how an optimizer is built): note the optimizer."""

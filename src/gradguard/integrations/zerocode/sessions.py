@@ -14,10 +14,11 @@ from torch import Tensor, nn
 
 from gradguard import runlog
 from gradguard.errors import GradGuardError
+from gradguard.events import nonfinite_where
 from gradguard.guard import Guard
 from gradguard.locate import StepCapture, keep_out_of_pickles
 
-__all__ = ["ManualUpdate", "Root", "Session", "all_optimizers", "covers", "stepped", "summary_lines"]
+__all__ = ["ManualUpdate", "Root", "Session", "all_optimizers", "covers", "summary_lines"]
 
 
 class ManualUpdate(torch.optim.Optimizer):
@@ -113,14 +114,15 @@ def summary_lines(session: Session) -> list[str]:
         return lines
     first = runlog.read_run(guard.run_dir).first_nonfinite()
     if first is not None:
+        lead, at = nonfinite_where(first)
         where = ", ".join(
-            f"{k}={first.get(k)}" for k in ("phase", "module", "op", "kind", "source") if first.get(k)
+            f"{k}={at.get(k)}" for k in ("phase", "module", "op", "kind", "source") if at.get(k)
         )
-        reason = (first.get("evidence") or {}).get("reason")
+        reason = (at.get("evidence") or {}).get("reason")
         lines.append(
-            f"  first non-finite value at step {first['step']}: {where}"
+            f"  first non-finite value at step {first['step']}: {f'{lead} ' if lead else ''}{where}"
             + (f" — {reason}" if reason else "")
-            + f" (located by {first.get('located_by')})"
+            + f" (located by {at.get('located_by') or first.get('located_by')})"
         )
     return lines
 
@@ -130,17 +132,6 @@ def covers(params: list[Tensor], optimizer: torch.optim.Optimizer) -> bool:
     mine = {id(p) for p in params if p.grad is not None}
     theirs = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
     return bool(mine) and mine == theirs
-
-
-def stepped(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    """What an optimizer steps, for meta.json: the model's class, or the submodules (by name) that
-    hold its parameters when it steps only part of the model."""
-    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    name = type(model).__name__
-    if all(id(p) in ids for p in model.parameters() if p.requires_grad):
-        return name
-    parts = [n for n, child in model.named_children() if any(id(p) in ids for p in child.parameters())]
-    return ", ".join(f"{name}.{n}" for n in parts) or name
 
 
 def all_optimizers() -> list[torch.optim.Optimizer]:
