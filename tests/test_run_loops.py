@@ -317,3 +317,42 @@ def test_a_script_that_exits_on_its_nan_loss_before_backward_has_it_located(tmp_
     assert first is not None and first["step"] == 4, first
     assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay")
     assert "first non-finite value at step 4: phase=data" in done.stderr
+
+
+TWO_PHASES = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+
+    def train(optimizer, steps, bad_step=-1):
+        for step in range(steps):
+            x, y = torch.randn(8, 3), torch.randn(8, 1)
+            resid = model(x) - y
+            scale = resid.std() if step != bad_step else (resid * 0).std()  # a zero std at bad_step
+            loss = (resid / scale).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    train(torch.optim.SGD(model.parameters(), lr=1e-2), 4)  # a warm-up phase
+    train(torch.optim.Adam(model.parameters(), lr=1e-2), 12, bad_step=9)  # then a new optimizer
+    """
+)
+
+
+def test_the_loss_code_of_a_second_training_phase_is_watched_for_all_its_steps(tmp_path: Path) -> None:
+    """The first phase's optimizer never steps again: the loss code's windows it watched for the
+    second phase's steps are let go (its budget ran out after 4 steps before): the zero std in
+    the second phase's 10th step is named, `div` at its line."""
+    script = tmp_path / "phases.py"
+    script.write_text(TWO_PHASES)
+    done = _run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    first = read_run(tmp_path / "run" / "optimizer1").first_nonfinite()
+    assert first is not None and first["step"] == 9, first
+    assert (first["op"], first["located_by"]) == ("div", "watch") and first["source"].endswith(
+        "phases.py:13"
+    ), first

@@ -1105,6 +1105,7 @@ class StepCapture:
         self._forwards = 0  # grad-enabled forwards this step
         self._last_forwards = 0  # ... and in the step before
         self.steps = 0  # steps released so far: the index of the step being captured
+        self._watcher_steps: int | None = None  # the watching sibling's steps at this one's last release
         self.carried = _inputs.CarriedState()  # last forwards' inputs and outputs, weakly (carried state)
         self._made: list[weakref.ref[Tensor]] = []  # the last watched forward's outputs
         self._removed = False
@@ -1365,8 +1366,11 @@ class StepCapture:
         watcher = self if self.watch_loss else next((c for c in siblings if c.watch_loss), None)
         if watcher is None or watcher._active is not None or watcher.replaying:
             return
-        if watcher is not self:  # its closed windows were read at this step: keep sums only
-            for w in watcher.watches:
+        if watcher is not self:  # its closed windows were read at this step
+            idle, self._watcher_steps = watcher.steps == self._watcher_steps, watcher.steps
+            if idle:  # its optimizer sat out a whole step of this one (a second training phase): let go
+                watcher.watches = []  # (else its window budget runs out, and no loss code is watched)
+            for w in watcher.watches:  # keep sums only: its own step may still read them
                 w.compact()
         made = [t for t in (r() for r in watcher._made) if t is not None]
         if made and watcher._may_watch() and not isinstance(_top_mode(), _OpWatch):
