@@ -26,7 +26,8 @@ warm-up of 30), with whole-step ratios.
 Run ``OMP_NUM_THREADS=1 python benchmarks/instructions.py`` (needs ``valgrind`` and
 ``callgrind_annotate``; about 3 minutes a case and clip on 2 cores, two at a time), ``--cases``,
 ``--clip``, ``--steps``, ``--baseline DIR`` (an older tree's ``src`` directory, the parent of its
-``gradguard``: the same parts counted for it, in a process of its own).
+``gradguard``: the same parts counted for it, in a process of its own), ``--log`` (the guards write
+a run log, as under ``gradguard run``: the flush then also encodes and writes its records).
 """
 
 from __future__ import annotations
@@ -79,16 +80,18 @@ def _under(c_function: str, fn: Callable[[], Any]) -> None:
         raise ValueError(c_function)
 
 
-def child(case: str, clip: str, steps: int) -> None:
-    """The counted process: the three twins' parts, ``steps`` rounds after a warm-up."""
+def child(case: str, clip: str, steps: int, log: bool = False) -> None:
+    """The counted process: the three twins' parts, ``steps`` rounds after a warm-up; ``log``: the
+    guards write a run log (what ``gradguard run`` and ``log_dir=`` pay at each flush)."""
     import torch
 
     sys.path.insert(0, HERE)
     from fixed_cost import _Twin
 
     torch.set_num_threads(1)
-    twin = _Twin(case, "foreach", clip)
-    off = _Twin(case, "foreach", clip, locate=False)
+    logs = [{"log_dir": tempfile.mkdtemp(prefix="instructions-")} if log else {} for _ in range(2)]
+    twin = _Twin(case, "foreach", clip, **logs[0])
+    off = _Twin(case, "foreach", clip, locate=False, **logs[1])
     for _ in range(30):
         twin.plain()
         twin.guarded()
@@ -112,13 +115,13 @@ def child(case: str, clip: str, steps: int) -> None:
             _under(PARTS[name], fn)
 
 
-def count(src: str, case: str, clip: str, steps: int) -> dict[str, float]:
+def count(src: str, case: str, clip: str, steps: int, log: bool = False) -> dict[str, float]:
     """Instructions per step of each part, for the tree whose package is under ``src``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         env = {**os.environ, "PYTHONPATH": src, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
-        cmd += [os.path.abspath(__file__), "--child", case, clip, str(steps)]
+        cmd += [os.path.abspath(__file__), "--child", case, clip, str(steps), "log" if log else "nolog"]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if run.returncode != 0:
             raise SystemExit(f"the counted run failed ({' '.join(cmd)}):\n{run.stderr[-2000:]}")
@@ -160,17 +163,20 @@ def summary(parts: dict[str, float]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", nargs=3, metavar=("CASE", "CLIP", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("CASE", "CLIP", "STEPS", "LOG"), help=argparse.SUPPRESS)
     ap.add_argument("--cases", nargs="+", default=["mlp2x32", "mlp4x256"])
     ap.add_argument("--clip", nargs="+", default=["norm:1", "auto"])
     ap.add_argument(
         "--steps", type=int, default=100, help="counted steps (the flush and weight-norm steps among them)"
     )
     ap.add_argument("--baseline", default=None, metavar="DIR", help="an older tree's src directory")
+    ap.add_argument(
+        "--log", action="store_true", help="the guards write a run log (its flush writes records)"
+    )
     args = ap.parse_args()
     if args.child:
-        case, clip, steps = args.child
-        child(case, clip, int(steps))
+        case, clip, steps, log = args.child
+        child(case, clip, int(steps), log == "log")
         return
     missing = [tool for tool in ("valgrind", "callgrind_annotate") if shutil.which(tool) is None]
     if missing:
@@ -182,8 +188,11 @@ def main() -> None:
     trees = {"this": SRC, **({"baseline": args.baseline} if args.baseline else {})}
     jobs = [(tree, case, clip) for case in args.cases for clip in args.clip for tree in trees]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        counted = dict(zip(jobs, pool.map(lambda j: count(trees[j[0]], j[1], j[2], args.steps), jobs)))
-    print(f"instructions per step (thousands), mean of {args.steps} steps; callgrind, one thread\n")
+        counted = dict(
+            zip(jobs, pool.map(lambda j: count(trees[j[0]], j[1], j[2], args.steps, args.log), jobs))
+        )
+    logged = ", the guards writing a run log" if args.log else ""
+    print(f"instructions per step (thousands), mean of {args.steps} steps; callgrind, one thread{logged}\n")
     names = list(PARTS) + list(summary(counted[jobs[0]]))
     header = [f"{case} `{clip}` {tree}" for tree, case, clip in jobs]
     print("| part | " + " | ".join(header) + " |")

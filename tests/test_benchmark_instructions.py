@@ -48,12 +48,13 @@ def test_the_report_is_read_part_by_part_per_step(bench: ModuleType) -> None:
         bench.parse("\n".join(lines[1:]), steps=10)
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["no-log", "run-log"])
 def test_the_counted_process_runs_the_parts_of_a_step(
-    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch, log: bool
 ) -> None:
     ran: list[str] = []
     under = bench._under
     monkeypatch.setattr(bench, "_under", lambda fn, call: (ran.append(fn), under(fn, call)))
     monkeypatch.setattr(sys, "path", list(sys.path))
-    bench.child("mlp2x32", "norm:1", 2)
+    bench.child("mlp2x32", "norm:1", 2, log)
     assert ran == list(bench.PARTS.values()) * 2

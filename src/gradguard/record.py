@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "COLUMN",
@@ -34,6 +36,8 @@ __all__ = [
     "SCALARS",
     "STEP",
     "derive",
+    "derive_columns",
+    "weight_stats",
 ]
 
 #: The per-step device scalars, in the column order of the monitor's buffer. New columns go at the
@@ -75,22 +79,36 @@ _NAN, _FRACTION = COLUMN["grad_nan"], COLUMN["clip_fraction"]
 
 def derive(row: list[float]) -> None:
     """Fill in, in place, the columns of one host row (:data:`SCALARS` order) that hold
-    :data:`DERIVED`: ``loss_nonfinite`` / ``grad_nonfinite`` (the loss / grad_norm is not finite),
-    ``grad_nan`` (grad_norm is NaN), ``nonfinite`` (either), as 1.0 / 0.0; ``clip_fraction``
-    1.0 where ``clip_coef`` < 1, else 0.0 (what a norm clipper's one coefficient clipped)."""
+    :data:`DERIVED` (see :func:`derive_columns`)."""
     if DERIVED not in row:
         return
-    loss, norm = row[_LOSS], row[_NORM]
-    if row[_LOSS_NF] == DERIVED:
-        row[_LOSS_NF] = 0.0 if math.isfinite(loss) else 1.0
-    if row[_GRAD_NF] == DERIVED:
-        row[_GRAD_NF] = 0.0 if math.isfinite(norm) else 1.0
-    if row[_NAN] == DERIVED:
-        row[_NAN] = 1.0 if math.isnan(norm) else 0.0
-    if row[_NONFINITE] == DERIVED:
-        row[_NONFINITE] = 0.0 if math.isfinite(loss) and math.isfinite(norm) else 1.0
-    if row[_FRACTION] == DERIVED:
-        row[_FRACTION] = 1.0 if row[_COEF] < 1.0 else 0.0
+    columns = [[v] for v in row]
+    derive_columns(columns)
+    row[:] = [c[0] for c in columns]
+
+
+def derive_columns(columns: list[list[float]]) -> None:
+    """Fill in, in place, the entries that hold :data:`DERIVED` in the columns of many host rows
+    (``columns[j]``: column ``j`` of :data:`SCALARS`, a value per row): ``loss_nonfinite`` /
+    ``grad_nonfinite`` (the row's loss / grad_norm is not finite), ``grad_nan`` (grad_norm is NaN),
+    ``nonfinite`` (either), as 1.0 / 0.0; ``clip_fraction`` 1.0 where ``clip_coef`` < 1, else 0.0
+    (what a norm clipper's one coefficient clipped). A column without one is left as it is."""
+    loss, norm, coef = columns[_LOSS], columns[_NORM], columns[_COEF]
+    for j, value in _DERIVATIONS:
+        column = columns[j]
+        if DERIVED in column:
+            columns[j] = [
+                value(loss[r], norm[r], coef[r]) if v == DERIVED else v for r, v in enumerate(column)
+            ]
+
+
+_DERIVATIONS = (  # (column, its value from the row's loss, grad_norm and clip_coef)
+    (_LOSS_NF, lambda loss, norm, coef: 0.0 if math.isfinite(loss) else 1.0),
+    (_GRAD_NF, lambda loss, norm, coef: 0.0 if math.isfinite(norm) else 1.0),
+    (_NAN, lambda loss, norm, coef: 1.0 if math.isnan(norm) else 0.0),
+    (_NONFINITE, lambda loss, norm, coef: 0.0 if math.isfinite(loss) and math.isfinite(norm) else 1.0),
+    (_FRACTION, lambda loss, norm, coef: 1.0 if coef < 1.0 else 0.0),
+)
 
 
 STEP = "step"  #: the step index (``Guard.step`` calls before this one)
@@ -102,6 +120,14 @@ HOST_FIELDS: tuple[str, ...] = (STEP, LR, LAYERS)
 #: layer none of whose parameters had a gradient that step), every ``weight_every`` steps the weight
 #: norms and update/weight ratios.
 LAYER_FIELDS: tuple[str, ...] = ("grad_norm", "weight_norm", "update_ratio")
+
+
+def weight_stats(rec: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    """A ``weight_every`` step's per-layer fields (every layer has its ``weight_norm`` there);
+    ``{}`` on the other steps, which have no weight norms."""
+    layers = rec.get(LAYERS) or {}
+    return layers if "weight_norm" in next(iter(layers.values()), {}) else {}
+
 
 #: A host-only marker (never written: fields starting with ``_`` are not): the guard already
 #: decided this step on the host (its counters and events are done).

@@ -38,7 +38,7 @@ __all__ = ["HISTORY", "Anomalies", "flagged_nonfinite"]
 HISTORY = 512  #: host copies of the last steps' norms, for telling an explosion from a single bad op
 _MAX_LAYERS_IN_EVENT = 20
 
-History = collections.deque[tuple[int, float, dict[str, float]]]
+History = collections.deque[Mapping[str, Any]]  # the flushed records, read only on the anomaly path
 
 
 def flagged_nonfinite(
@@ -151,7 +151,7 @@ class Anomalies:
 
     def remember(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Keep the host norms of flushed records (the explosion evidence)."""
-        self.history.extend(_norms(rec) for rec in records)
+        self.history.extend(records)  # (their norms are read out at a bad step: _norms)
 
     def report_once(self, event: events.Event) -> events.Event | None:
         """``event`` (a step's ``nonfinite`` event) unless that step's was written already."""
@@ -202,7 +202,7 @@ class Anomalies:
         """
         if self.capture is None:
             return None
-        exploded = explosion([*self.history, *(_norms(rec) for rec in pending())])
+        exploded = explosion([_norms(rec) for rec in (*self.history, *pending())])
         birth, how = self._replay(loss_bad)
         located: dict[str, Any] = {}
         if birth is not None:

@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradguard import events
 from gradguard.errors import GradGuardError
-from gradguard.record import DECIDED, LAYERS
+from gradguard.record import DECIDED, weight_stats
 from gradguard.stats import layer_name, tensor_norms
 
 __all__ = ["OptimizerBirths"]
@@ -165,7 +165,7 @@ class OptimizerBirths:
         self._seen = step
         if self._weights_bad or self._ratio_bad is not None:
             return  # the birth is at or before the step kept
-        layers = _weight_stats(rec)  # {} on most steps: no weight norms there
+        layers = weight_stats(rec)  # {} on most steps: no weight norms there
         if layers and any(_nonfinite(v.get("weight_norm")) for v in layers.values()):
             self._weights_bad = True  # non-finite before this step: the birth is the last step taken
             return
@@ -414,12 +414,6 @@ def _hyperparameters(births: OptimizerBirths, name: str) -> dict[str, Any]:
 def _taken(rec: Mapping[str, Any]) -> bool:
     """Whether a record's step was applied with finite gradients (its update reached the weights)."""
     return not rec.get("skipped") and not rec.get("nonfinite")
-
-
-def _weight_stats(rec: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
-    """A ``weight_every`` step's per-layer fields; ``{}`` on the other steps (no weight norms there)."""
-    layers = rec.get(LAYERS) or {}
-    return layers if "weight_norm" in next(iter(layers.values()), {}) else {}
 
 
 def _nonfinite(value: Any) -> bool:

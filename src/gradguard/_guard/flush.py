@@ -18,7 +18,7 @@ from gradguard._guard.anomaly import Anomalies, flagged_nonfinite, weights_nonfi
 from gradguard._guard.config import GuardConfig
 from gradguard._guard.counters import Counters
 from gradguard.clip import HostZClip
-from gradguard.record import DECIDED, LAYERS
+from gradguard.record import DECIDED, LAYERS, weight_stats
 
 __all__ = ["FlushEvents", "LossScaleWatch", "layer_field", "mark_host_spikes"]
 
@@ -108,7 +108,7 @@ class FlushEvents:
 
     def _weights(self, rec: dict[str, Any]) -> events.Event | None:
         """A weight that went non-finite without a non-finite loss or gradient (reported once)."""
-        if self._weights_reported:
+        if self._weights_reported or not weight_stats(rec):
             return None
         event = weights_nonfinite(rec["step"], layer_field(rec, "weight_norm"), self.policy)
         self._weights_reported = event is not None
