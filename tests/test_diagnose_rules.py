@@ -81,6 +81,19 @@ def test_explosion_names_the_onset_the_first_layer_and_the_first_nonfinite_step(
     assert boom.evidence["healthy_steps"] == [0, 29] and boom.recommendation["max_norm"] == 1.0
 
 
+def test_an_explosion_from_a_loss_already_huge_at_step_0_blames_the_scale_not_the_rate() -> None:
+    """Targets in raw dollars, or weights initialised 100× too large: the loss is ~1e11 before any
+    update, and a lower learning rate only delays the overflow. The same climb from a loss of 2 is
+    the learning rate's (no scale note)."""
+    n = len(CLIMB)
+    huge = conclude(run(CLIMB, loss=[9.07e10] + [1e11] * (n - 2) + [NAN]), "explosion")
+    assert huge is not None and huge.evidence["start_loss"] == 9.07e10
+    assert "the loss was already 9.07e+10 at step 0, before any update" in huge.message, huge.message
+    assert huge.recommendation["text"].startswith("Fix the scale first: standardize the regression targets")
+    usual = conclude(run(CLIMB, loss=[2.0] * (n - 1) + [NAN]), "explosion")
+    assert usual is not None and "start_loss" not in usual.evidence and "scale" not in usual.message
+
+
 def test_a_norm_rising_while_the_loss_falls_is_an_explosion_only_under_a_fixed_threshold() -> None:
     norms = [1.0] * 20 + [15.0] * 180
     assert conclude(run(norms, clip="None"), "explosion") is None

@@ -24,6 +24,9 @@ _LONE_BEFORE = 20  # healthy norms before a lone non-finite step that it is comp
 _LONE_AFTER = 6  # steps after it that must be healthy again
 WEIGHT_MOVED = 2.0
 """A layer whose weight norm grew by this factor moved: an unstable optimizer moves the weights far."""
+HUGE_START_LOSS = 1e6
+"""A loss this large at step 0 is a scale off by orders of magnitude: a cross-entropy starts near
+log(classes) (≤ ~12), a mean squared error on standardized targets near 1."""
 
 
 def fields(value: Any) -> dict[str, Any]:
@@ -155,6 +158,16 @@ class Facts:
             if i not in self.lone and i < first:
                 first, reason = i, "nonfinite" if e["type"] == "nonfinite" else "overflow"
         return first, reason
+
+    @functools.cached_property
+    def start_loss(self) -> float | None:
+        """The loss of step 0, before any update, where it is already :data:`HUGE_START_LOSS` or
+        more: the targets, the inputs or the initial weights are off by orders of magnitude, which
+        no learning rate fixes (the run then overflows in its first updates, whatever the rate)."""
+        if not self.steps or self.steps[0] != 0:
+            return None  # (a resumed run: its first record comes after updates)
+        loss = self.loss[0]
+        return loss if math.isfinite(loss) and abs(loss) >= HUGE_START_LOSS else None
 
     @property
     def went_bad(self) -> bool:

@@ -434,3 +434,22 @@ def _verified_lr(f: Facts, result: TuneResult) -> dict[str, Any]:
         f"{result.verdict().rstrip('.')} (gradguard tune, from learning rates {tried}; {TUNE_FILE} in the run directory)"
     )
     return out
+
+
+def scale_at_start(f: Facts) -> tuple[str, str] | None:
+    """Where the loss was already huge at step 0 (:attr:`Facts.start_loss`): what the explosion
+    rules say instead of blaming the learning rate — ``(cause, fix)`` — else ``None``."""
+    loss = f.start_loss
+    if loss is None:
+        return None
+    cause = (
+        f"the loss was already {fmt(loss)} at step 0, before any update: the scale of the targets, the "
+        "inputs or the initial weights is off by orders of magnitude, which no learning rate fixes"
+    )
+    fix = (
+        "Fix the scale first: standardize the regression targets and the inputs (subtract the mean, "
+        "divide by the std; predict in those units), and check the initialization (torch's defaults, "
+        "or std ~ 1/sqrt(fan_in)); a loss near 1 at step 0 is the usual start. A lower learning rate or "
+        "clipping only delays the overflow"
+    )
+    return cause, fix

@@ -43,6 +43,7 @@ from gradguard.diagnose.rules._clipping import (
     either,
     failed_levels,
     lower_lr,
+    scale_at_start,
     scale_free,
     threshold_advice,
     thresholds_tried,
@@ -141,9 +142,13 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     }
     if ev.settled_at is not None:
         return _surge_held(f, ev, ev.settled_at, onset, evidence)
-    return Finding(
-        "explosion", _severity(f, ev), onset, _message(f, ev, onset, evidence), evidence, _advice(f)
-    )
+    message, advice = _message(f, ev, onset, evidence), _advice(f)
+    scale = scale_at_start(f)
+    if scale:  # not the learning rate: the scale was wrong before the first update
+        evidence["start_loss"] = f.start_loss
+        message = f"{message[:-1]}; {scale[0]}."
+        advice["text"] = f"{scale[1]}. Then: {advice['text']}"
+    return Finding("explosion", _severity(f, ev), onset, message, evidence, advice)
 
 
 def _surge_held(f: Facts, ev: Evidence, level: float, onset: int | None, evidence: dict[str, Any]) -> Finding:

@@ -30,7 +30,7 @@ from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name, sig
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import either, lower_lr, threshold_advice, with_lr
+from gradguard.diagnose.rules._clipping import either, lower_lr, scale_at_start, threshold_advice, with_lr
 from gradguard.runtable import MIN_HISTORY
 
 WIDE = 1e38  # a dtype whose largest value is at least this has float32's range (float32, bfloat16)
@@ -116,11 +116,18 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         parts.append(
             f"the update of step {at} moved layer {layer_name(name)} {fmt(ratio)}× its own norm (~1e-3 is typical)"
         )
-    message = (
-        "Gradient explosion, too fast for the norms to show: " + "; ".join(parts) + ". The values grew: the "
-        "learning rate is far too high."
+    scale = scale_at_start(f)
+    blame = (
+        f"The values grew from the start: {scale[0]}."
+        if scale
+        else "The values grew: the learning rate is far too high."
     )
-    return Finding("explosion", "error", e["step"], message, evidence, _advice(f, lrs))
+    message = "Gradient explosion, too fast for the norms to show: " + "; ".join(parts) + f". {blame}"
+    advice = _advice(f, lrs)
+    if scale:
+        evidence["start_loss"] = f.start_loss
+        advice["text"] = f"{scale[1]}. Then: {advice['text']}"
+    return Finding("explosion", "error", e["step"], message, evidence, advice)
 
 
 def _advice(f: Facts, lrs: list[float]) -> dict[str, Any]:
