@@ -356,3 +356,6 @@ def test_the_loss_code_of_a_second_training_phase_is_watched_for_all_its_steps(t
     assert (first["op"], first["located_by"]) == ("div", "watch") and first["source"].endswith(
         "phases.py:13"
     ), first
+    cmd = [sys.executable, "-m", "gradguard", "diagnose", "--no-write", str(tmp_path / "run")]
+    shown = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300).stdout
+    assert "(of Adam over Linear, in optimizer1/)" in " ".join(shown.split()), shown  # whose step 9

@@ -554,7 +554,10 @@ def _where(event: dict[str, Any] | None) -> str:
         f"{k} {v}" for k in ("phase", "module", "op", "source") if (v := where.get(k)) not in (None, "")
     )
     shown = " ".join(x for x in (lead, fields) if x)
-    return f"step {event.get('step')}" + (f", {shown}" if shown else "")
+    where = f"step {event.get('step')}" + (f", {shown}" if shown else "")
+    if event.get("run_dir"):  # another optimizer's run (its own steps): which one
+        where += f" (of {_optimizer_text(event.get('optimizer'))}, in {event['run_dir']}/)"
+    return where
 
 
 def _fmt(x: Any) -> str:
