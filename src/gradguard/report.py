@@ -549,15 +549,15 @@ def _clip_name(clip: ClipConfig, thr: Sequence[float | None]) -> str | None:
 def _where(event: dict[str, Any] | None) -> str:
     if not event:
         return "—"
-    lead, where = nonfinite_where(event)
+    lead, at = nonfinite_where(event)
     fields = ", ".join(
-        f"{k} {v}" for k in ("phase", "module", "op", "source") if (v := where.get(k)) not in (None, "")
+        f"{k} {v}" for k in ("phase", "module", "op", "source") if (v := at.get(k)) not in (None, "")
     )
     shown = " ".join(x for x in (lead, fields) if x)
-    where = f"step {event.get('step')}" + (f", {shown}" if shown else "")
+    text = f"step {event.get('step')}" + (f", {shown}" if shown else "")
     if event.get("run_dir"):  # another optimizer's run (its own steps): which one
-        where += f" (of {_optimizer_text(event.get('optimizer'))}, in {event['run_dir']}/)"
-    return where
+        text += f" (of {_optimizer_text(event.get('optimizer'))}, in {event['run_dir']}/)"
+    return text
 
 
 def _fmt(x: Any) -> str:
