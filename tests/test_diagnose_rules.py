@@ -396,6 +396,20 @@ def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     assert (
         ids(lone) == ["bad_data"] and lone[0].severity == "warning" and lone[0].evidence["bad_steps"] == [50]
     )
+    assert "usual cause is a bad batch" in lone[0].message
+
+
+def test_a_lone_step_whose_replayed_model_output_was_finite_points_at_the_loss_code() -> None:
+    """guard.step(loss) cannot replay the loss code; its replay of the model found the output on that
+    batch finite: the inputs were fine, the loss code (or a target) is where to look."""
+    norms = [1.0] * 50 + [NAN] + [1.0] * 49
+    reason = "the model's output was finite: the loss code made the loss or its gradient non-finite"
+    replayed = {"type": "nonfinite", "step": 50, "phase": "loss", "tensor": "output", "kind": "inf",
+                "located_by": "replay", "evidence": {"reason": reason}}  # fmt: skip
+    lone = diagnose(run(norms, events=[replayed]))
+    assert ids(lone) == ["bad_data"] and lone[0].evidence["model_output_finite"] is True
+    assert "the model's output on that batch was finite: the loss code made it non-finite" in lone[0].message
+    assert "torch.isfinite(y)" in lone[0].recommendation["text"]
 
 
 # ----------------------------------------------------------------------------- learning rate, weights, layers

@@ -146,18 +146,41 @@ def _lone(f: Facts, ev: Evidence) -> Finding:
         "healthy_p50": sig(f.healthy.p50, 4),
         "located_by": "norm",
     }
-    message = (
+    lead = (
         f"Step {steps[0]}: a lone non-finite step ({len(steps)} in all, no op located) between healthy steps — the norms "
-        "before it were normal and training went on finite after it. The usual cause is a bad batch "
-        "(NaN/inf in the inputs or targets); otherwise an op at its numerical edge on that batch only."
+        "before it were normal and training went on finite after it."
     )
-    rec = {
-        "text": f"Check the batch of step {steps[0]} with torch.isfinite(x).all() (inputs and targets); "
-        "keep on_nonfinite='skip' meanwhile. guard.step(closure) lets gradguard replay the step and tell "
-        "the data from an op.",
-        "on_nonfinite": "skip",
-    }
-    return Finding("bad_data", "warning", steps[0], message, evidence, rec)
+    if _model_was_finite(f, steps[0]):  # the replay ran the model on that batch: the inputs were fine
+        evidence["model_output_finite"] = True
+        message = (
+            f"{lead} Replayed, the model's output on that batch was finite: the loss code made it non-finite — "
+            "an op at its numerical edge there (exp, log, a division) or a non-finite target."
+        )
+        text = (
+            f"Check the targets of step {steps[0]} with torch.isfinite(y).all(); to have the loss code's op "
+            "named, pass a closure (guard.step(closure)) or run the script under `gradguard run`, which watches "
+            "the loss code. Keep on_nonfinite='skip' meanwhile."
+        )
+    else:
+        message = (
+            f"{lead} The usual cause is a bad batch (NaN/inf in the inputs or targets); otherwise an op at its "
+            "numerical edge on that batch only."
+        )
+        text = (
+            f"Check the batch of step {steps[0]} with torch.isfinite(x).all() (inputs and targets); "
+            "keep on_nonfinite='skip' meanwhile. guard.step(closure) lets gradguard replay the step and tell "
+            "the data from an op."
+        )
+    return Finding("bad_data", "warning", steps[0], message, evidence, {"text": text, "on_nonfinite": "skip"})
+
+
+def _model_was_finite(f: Facts, step: int) -> bool:
+    """Whether the step's replay ran the model's forward on its batch and found the output finite
+    (the event of a loss-phase step the replay could not locate further)."""
+    return any(
+        e.get("step") == step and e.get("phase") == "loss" and e.get("located_by") == "replay"
+        for e in f.nonfinite_events
+    )
 
 
 RULE = Rule("bad_data", detect, explain)
