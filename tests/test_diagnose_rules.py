@@ -397,6 +397,11 @@ def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
         ids(lone) == ["bad_data"] and lone[0].severity == "warning" and lone[0].evidence["bad_steps"] == [50]
     )
     assert "usual cause is a bad batch" in lone[0].message
+    assert "guard.step(closure)" in lone[0].recommendation["text"]
+    ddp = run(norms)
+    ddp.meta["world_size"] = 2  # no replays across ranks: the closure would not help
+    text = diagnose(ddp)[0].recommendation["text"]
+    assert "guard.step(closure)" not in text and "rerun the failing step in one process" in text, text
 
 
 def test_a_lone_step_whose_replayed_model_output_was_finite_points_at_the_loss_code() -> None:

@@ -198,3 +198,26 @@ def test_the_captures_tensor_walk_matches_the_pytree_order_on_every_container() 
         assert len(got) == len(want) and all(a is b for a, b in zip(got, want)), tree
         floats = [x for x in want if x.is_floating_point()]
         assert [id(x) for x in _floats(tree)] == [id(x) for x in floats]
+
+
+def test_a_guard_over_gradient_accumulation_finds_the_nan_in_an_earlier_micro_batch(tmp_path: Path) -> None:
+    """guard.step after 3 micro-batches, the NaN in the first: the data, not an op of the last."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r")
+    for step in range(4):
+        opt.zero_grad()
+        total = torch.zeros(())
+        for micro in range(3):
+            x = torch.randn(16, 8)
+            if step == 2 and micro == 0:
+                x[3, 1] = math.nan
+            loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)) / 3
+            loss.backward()
+            total = total + loss.detach()
+        guard.step(total)
+    guard.close()
+    first = first_nonfinite(tmp_path / "r")
+    assert first is not None and first["step"] == 2 and first["phase"] == "data", first
+    assert first["evidence"]["micro_batch"] == "1 of 3", first

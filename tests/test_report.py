@@ -16,6 +16,7 @@ import pytest
 import guard_runs as G
 from gradguard.diagnose import diagnose
 from gradguard.errors import GradGuardError
+from gradguard.events import nonfinite_where
 from gradguard.report import MAX_POINTS, _figures, print_summary, render_html, write_report
 from gradguard.runlog import REPORT_FILE, RunWriter, read_run
 
@@ -210,6 +211,12 @@ def test_an_explosions_first_non_finite_shows_where_it_overflowed(tmp_path: Path
         "step 7, an explosion from step 6 in layer 0, overflowing at phase loss, op exp, source train.py:19"
         in text
     )
+    bare = {
+        "cause": "explosion",
+        "module": None,
+        "evidence": {"overflow": overflow},
+    }  # no spike step, no layer
+    assert nonfinite_where(bare) == ("an explosion, overflowing at", overflow)  # never "step None"
 
 
 # ------------------------------------------------------------------------------------------

@@ -359,3 +359,39 @@ def test_the_loss_code_of_a_second_training_phase_is_watched_for_all_its_steps(t
     cmd = [sys.executable, "-m", "gradguard", "diagnose", "--no-write", str(tmp_path / "run")]
     shown = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300).stdout
     assert "(of Adam over Linear, in optimizer1/)" in " ".join(shown.split()), shown  # whose step 9
+
+
+ACCUMULATION = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    accumulation_steps = 4
+    for step in range(6):
+        optimizer.zero_grad()
+        for micro in range(accumulation_steps):
+            x = torch.randn(16, 8)
+            y = x.sum(1, keepdim=True)
+            if step == 3 and micro == 1:
+                x[0, 0] = float("nan")  # a corrupt sample in the step's second micro-batch
+            loss = nn.functional.mse_loss(model(x), y) / accumulation_steps
+            loss.backward()
+        optimizer.step()
+    """
+)
+
+
+def test_a_nan_batch_in_an_earlier_micro_batch_of_gradient_accumulation_is_the_data(tmp_path: Path) -> None:
+    """Only the step's last forward was replayed: a NaN in its 2nd of 4 micro-batches read as
+    `mse_loss` making NaN from finite inputs. The earlier micro-batches' inputs are checked first."""
+    script = tmp_path / "accumulate.py"
+    script.write_text(ACCUMULATION)
+    done = _run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    first = read_run(tmp_path / "run").first_nonfinite()
+    assert first is not None and first["step"] == 3, first
+    assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay"), first
+    assert first["evidence"]["micro_batch"] == "2 of 4", first

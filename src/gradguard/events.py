@@ -119,8 +119,10 @@ def nonfinite_where(event: Event) -> tuple[str, Event]:
     overflow = evidence.get("overflow") if event.get("cause") == "explosion" else None
     if not isinstance(overflow, dict):
         return "", event
-    lead = f"an explosion from step {evidence.get('first_spike_step')} in layer {event.get('module')}, overflowing at"
-    return lead, overflow
+    step, layer = evidence.get("first_spike_step"), event.get("module")
+    since = f" from step {step}" if step is not None else ""
+    where = f" in layer {layer}" if layer not in (None, "") else ""
+    return f"an explosion{since}{where}, overflowing at", overflow
 
 
 def skip(step: int, reason: str, *, grad_norm: float | None = None, loss_scale: float | None = None) -> Event:

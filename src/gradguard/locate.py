@@ -1090,6 +1090,8 @@ class StepCapture:
         self.max_output = max_output
         self.max_windows = max_windows
         self.inputs: tuple[Any, Any, dict[str, Any] | None] | None = None  # (rng None: a compiled forward)
+        # the inputs of the step's earlier forwards (gradient accumulation: its first micro-batches)
+        self._earlier: list[tuple[tuple[Any, Any, dict[str, Any] | None], Any]] = []
         self.autocast: tuple[_replay.Autocast, ...] | None = None  # the forward's autocast state
         self._kept: list[Tensor] = []  # the last forward's outputs whose gradient is kept (out_grads)
         self._retained: list[Tensor] = []  # ... those whose retain_grad() the capture turned on
@@ -1135,6 +1137,8 @@ class StepCapture:
         if _grad_enabled():
             if self._kept and self._hooks:
                 self._next_forward()
+            if self._forwards and self.inputs is not None and len(self._earlier) < self.max_windows:
+                self._earlier.append((self.inputs, self.autocast))  # an earlier micro-batch of the step
             self.inputs = (args, kwargs, rng_state())
             # the replay's forward runs under the same autocast state (off: no call)
             self.autocast = _replay.autocast_state() if _any_autocast() else None
@@ -1398,6 +1402,8 @@ class StepCapture:
         if self._active is not None or self._pending:
             self._stop_watch()
         self.inputs = None
+        if self._earlier:
+            self._earlier = []
         if self._kept:
             self._drop_kept()
         if self.watches:
@@ -1476,6 +1482,9 @@ class StepCapture:
             ``(answer, how)``: a :class:`Birth`, the loss watch's answer (a dict), or ``None``.
         """
         assert self.inputs is not None
+        earlier = self._replay_earlier(loc)
+        if earlier is not None:
+            return earlier, "replay"
         args, kwargs, rng = self.inputs
         out_grads = list(self.out_grads)
         # an output the loss did not use (an RNN's final state) has no gradient: the others replay
@@ -1512,6 +1521,34 @@ class StepCapture:
                 "the model's output was finite: the loss code made the loss or its gradient non-finite",
             )
         return None, "replay"
+
+    def _replay_earlier(self, loc: Locator) -> Birth | None:
+        """Gradient accumulation: the step's earlier micro-batches are not the one replayed below. One
+        whose input holds a non-finite value (host reads: the anomaly path) has its forward replayed
+        instead: the answer is that input, named with its micro-batch."""
+        n = len(self._earlier) + 1
+        for k, ((args, kwargs, rng), autocast) in enumerate(self._earlier):
+            if all(_finite(t) for t in _floats((args, kwargs))):
+                continue
+
+            def forward(args: Any = args, kwargs: Any = kwargs, autocast: Any = autocast) -> Any:
+                with _replay.under(autocast):
+                    return self.root(*args, **kwargs)
+
+            self.replaying = True
+            try:
+                birth, _ = loc.replay(forward, rng)
+            finally:
+                self.replaying = False
+            if isinstance(birth, Birth) and birth.phase == "data":
+                birth.source = None  # (the replay's caller, not the script's line)
+                birth.evidence["micro_batch"] = f"{k + 1} of {n}"
+                birth.evidence["reason"] = (
+                    f"{birth.evidence.get('reason', 'the input batch holds non-finite values')} "
+                    f"(micro-batch {k + 1} of the step's {n}: gradient accumulation)"
+                )
+                return birth
+        return None
 
     def _name_carried_state(self, birth: Birth, args: Any, kwargs: Any) -> None:
         """A non-finite model input that is state carried from an earlier step (an output fed back,

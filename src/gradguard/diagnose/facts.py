@@ -77,6 +77,8 @@ class Facts:
         self.clip_spec = self._clip_label()
         self.trouble, self.trouble_reason = self._first_trouble()
         self.opened = isinstance(log.meta.get("start_time"), str)
+        world = log.meta.get("world_size")
+        self.distributed = isinstance(world, int) and world > 1  # replays are off across ranks
         self.closed, self.lost, self.modified = log.closed, log.lost, log.modified
         every = config.get("every") if isinstance(config := log.meta.get("config"), dict) else None
         self.flush_every = every if isinstance(every, int) and not isinstance(every, bool) else None

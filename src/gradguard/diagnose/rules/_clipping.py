@@ -453,3 +453,18 @@ def scale_at_start(f: Facts) -> tuple[str, str] | None:
         "clipping only delays the overflow"
     )
     return cause, fix
+
+
+def how_to_name_the_op(f: Facts) -> str:
+    """How to have gradguard name the op of a step it could not locate: a closure it can replay; under
+    torch.distributed (no replays: one rank's would desynchronize the others) one process."""
+    if f.distributed:
+        return (
+            "rerun the failing step in one process (the same checkpoint and batch, e.g. `gradguard run` "
+            "without torchrun): replays are off under torch.distributed, where one rank's replay would "
+            "desynchronize the others"
+        )
+    return (
+        "pass a closure, guard.step(closure), so gradguard replays the failed step op by op and names the "
+        "op, module and source line"
+    )

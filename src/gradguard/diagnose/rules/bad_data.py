@@ -18,6 +18,7 @@ from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import sig
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import how_to_name_the_op
 
 _EVENT_KEYS = ("step", "batch", "tensor", "kind", "source", "evidence", "cause")
 _MAX_LISTED = 50
@@ -168,8 +169,7 @@ def _lone(f: Facts, ev: Evidence) -> Finding:
         )
         text = (
             f"Check the batch of step {steps[0]} with torch.isfinite(x).all() (inputs and targets); "
-            "keep on_nonfinite='skip' meanwhile. guard.step(closure) lets gradguard replay the step and tell "
-            "the data from an op."
+            f"keep on_nonfinite='skip' meanwhile. To tell the data from an op: {how_to_name_the_op(f)}."
         )
     return Finding("bad_data", "warning", steps[0], message, evidence, {"text": text, "on_nonfinite": "skip"})
 

@@ -16,6 +16,7 @@ from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import how_to_name_the_op
 
 _EVENT_KEYS = (
     "phase",
@@ -93,7 +94,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     elif event.get("phase") == "optimizer":
         message, rec = _in_optimizer(event, step)
     else:
-        message, rec = _unlocated(event, step, ev.nonfinite_steps)
+        message, rec = _unlocated(f, event, step, ev.nonfinite_steps)
     rec["on_nonfinite"] = "skip"
     return Finding("nonfinite_op", "error", step, message, evidence, rec)
 
@@ -205,7 +206,7 @@ def _in_optimizer(event: dict[str, Any], step: int | None) -> tuple[str, dict[st
     return message, {"text": f"Fix: {fix}.", "optimizer": name, "parameters": params[:20]}
 
 
-def _unlocated(event: dict[str, Any], step: int | None, count: int) -> tuple[str, dict[str, Any]]:
+def _unlocated(f: Facts, event: dict[str, Any], step: int | None, count: int) -> tuple[str, dict[str, Any]]:
     """No op named: what went non-finite, and how to have gradguard name the op."""
     phase, tensor = event.get("phase"), event.get("tensor")
     if phase == "optimizer":
@@ -218,10 +219,8 @@ def _unlocated(event: dict[str, Any], step: int | None, count: int) -> tuple[str
         f"Step {step}: {what} became {event.get('kind', 'non-finite')} without a preceding explosion; "
         f"{count} step(s) non-finite in all. The always-on flags do not name the op."
     )
-    rec = {
-        "text": "Pass a closure, guard.step(closure), so gradguard replays the failed step op by op and "
-        "names the op, module and source line; meanwhile on_nonfinite='skip' keeps the weights finite.",
-    }
+    how = how_to_name_the_op(f)
+    rec = {"text": f"{how[0].upper()}{how[1:]}; meanwhile on_nonfinite='skip' keeps the weights finite."}
     return message, rec
 
 
