@@ -404,6 +404,29 @@ def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     assert "guard.step(closure)" not in text and "rerun the failing step in one process" in text, text
 
 
+def test_a_bad_batch_after_the_replays_ran_out_is_counted_with_the_others_not_an_op() -> None:
+    """max_replays=3 located three bad batches as data; the fourth only has the flags. It is one
+    more of them (counted in bad_data), not a separate error asking for a closure."""
+    bad = {10, 30, 50, 70}
+    norms = [NAN if s in bad else 1.0 for s in range(90)]
+    data = [{"type": "nonfinite", "step": s, "phase": "data", "kind": "nan", "tensor": "input",
+             "located_by": "replay"} for s in (10, 30, 50)]  # fmt: skip
+    flags = {
+        "type": "nonfinite",
+        "step": 70,
+        "phase": "loss",
+        "tensor": "output",
+        "kind": "nan",
+        "located_by": "norm",
+    }
+    found = diagnose(run(norms, events=[*data, flags]))
+    assert ids(found) == ["bad_data"], [(f.id, f.message) for f in found]
+    assert (
+        found[0].evidence["unreplayed_steps"] == 1
+        and "1 later non-finite step(s) not replayed" in found[0].message
+    )
+
+
 def test_a_lone_step_whose_replayed_model_output_was_finite_points_at_the_loss_code() -> None:
     """guard.step(loss) cannot replay the loss code; its replay of the model found the output on that
     batch finite: the inputs were fine, the loss code (or a target) is where to look."""

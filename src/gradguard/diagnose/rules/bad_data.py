@@ -89,10 +89,10 @@ def _passed_on(e: dict[str, Any]) -> bool:
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
-    return _confirmed(ev) if ev.event is not None else _lone(f, ev)
+    return _confirmed(f, ev) if ev.event is not None else _lone(f, ev)
 
 
-def _confirmed(ev: Evidence) -> Finding:
+def _confirmed(f: Facts, ev: Evidence) -> Finding:
     e0 = ev.event or {}
     evidence = {k: e0.get(k) for k in _EVENT_KEYS if e0.get(k) is not None}
     evidence["bad_batches"] = len(ev.steps)
@@ -104,9 +104,17 @@ def _confirmed(ev: Evidence) -> Finding:
         return _carried(ev, e0, details, evidence)
     words = _TENSOR_WORDS.get(tensor, f"the tensor {tensor!r}")
     consumer = f" (into `{details['consumer']}`)" if details.get("consumer") else ""
+    later = _unreplayed(f, ev.steps)
+    more = (
+        f"; {later} later non-finite step(s) not replayed (max_replays), most likely more of them"
+        if later
+        else ""
+    )
+    if later:
+        evidence["unreplayed_steps"] = later
     message = (
         f"Step {first if first is not None else '?'}: {words}{consumer} entering the step already held "
-        f"{e0.get('kind', 'non-finite values')} ({len(ev.steps)} bad batch(es) in all); the model is not at fault."
+        f"{e0.get('kind', 'non-finite values')} ({len(ev.steps)} bad batch(es) in all{more}); the model is not at fault."
     )
     x = "x" if tensor == "input" else "y"
     rec = {
@@ -115,6 +123,16 @@ def _confirmed(ev: Evidence) -> Finding:
         "code": f"assert torch.isfinite({x}).all(), 'non-finite {tensor}'",
     }
     return Finding("bad_data", "error", first, message, evidence, rec)
+
+
+def _unreplayed(f: Facts, data_steps: list[int]) -> int:
+    """The non-finite steps after the first bad batch that only the flags saw (no replay was left)."""
+    found = {
+        e["step"]
+        for e in f.nonfinite_events
+        if e.get("located_by") == "norm" and isinstance(e.get("step"), int) and e["step"] > data_steps[0]
+    }
+    return len(found - set(data_steps))
 
 
 def _carried(ev: Evidence, e0: dict[str, Any], details: dict[str, Any], evidence: dict[str, Any]) -> Finding:

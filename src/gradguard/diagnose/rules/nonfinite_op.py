@@ -53,11 +53,25 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     if event is not None:
         return Evidence(event, sum(f.bad))
     first = events[0] if events else None  # no birth located: what the flags (or an unlocated event) say
+    if first is not None and _unreplayed_after_data(first, data_steps):
+        return None
     i = f.index_of(first["step"]) if first is not None and isinstance(first.get("step"), int) else f.trouble
     if i >= len(f.rows) or f.steps[i] in data_steps or _continues(f, i):
         return None
     kind = "nan" if math.isnan(f.loss[i]) else "inf"
     return Evidence(first or {"step": f.steps[i], "phase": None, "kind": kind}, sum(f.bad))
+
+
+def _unreplayed_after_data(event: dict[str, Any], data_steps: set[int]) -> bool:
+    """An unlocated step (the flags only: ``max_replays`` were spent) after bad batches that the
+    replays found as data: most likely one more of them, not an op of its own (``bad_data`` counts it)."""
+    step = event.get("step")
+    return (
+        bool(data_steps)
+        and event.get("located_by") == "norm"
+        and isinstance(step, int)
+        and step > min(data_steps)
+    )
 
 
 def _continues(f: Facts, i: int) -> bool:
