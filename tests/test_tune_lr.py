@@ -203,3 +203,25 @@ def test_cli_tune_lr_refuses_bad_rates(capsys: pytest.CaptureFixture[str]) -> No
     assert "every learning rate must be a positive finite number" in err and "expected learning rates" in err
     with pytest.raises(Exception, match="positive finite"):
         ts.tune_script(str(SCRIPT), lrs=[0.1, -1.0])
+
+
+def test_the_rate_and_the_threshold_tunings_of_one_run_keep_each_other(tmp_path: Path) -> None:
+    """diagnose prints a `gradguard tune` command for a threshold and one for the rates; the second
+    run of either kept only its own trials in the run's tune.json, so diagnose asked for the first
+    again. Each keeps the other question's trials now (a threshold's run at the script's own rate)."""
+    thresholds = TuneResult([Trial(4.0, None, 10, 5.0, 1.0, 1.0, False, False, None, 0.5, 9.0)], 10, "script")
+    rates = TuneResult([trial(0.01), trial(0.02)], 10, "script")
+    both = ts.with_other_question(thresholds, rates)
+    assert [(t.max_norm, t.lr) for t in both.trials] == [(4.0, None), (None, 0.01), (None, 0.02)]
+    again = ts.with_other_question(
+        both, TuneResult([Trial(8.0, None, 10, 5.0, 1.0, 1.0, False, False, None, 0.5, 9.0)], 10, "script")
+    )
+    assert [(t.max_norm, t.lr) for t in again.trials] == [
+        (None, 0.01),
+        (None, 0.02),
+        (8.0, None),
+    ]  # a new threshold replaces the old
+    assert ts.with_other_question(None, rates) is rates
+    assert (
+        ts.with_other_question(TuneResult(thresholds.trials, 10, "memory"), rates) is rates
+    )  # another tuner's file

@@ -40,7 +40,7 @@ from typing import Any
 from gradguard import runlog
 from gradguard.errors import GradGuardError
 from gradguard.runtable import RunTable
-from gradguard.tunelog import Trial, TuneResult, candidates_around, judge, ladder, write_tune
+from gradguard.tunelog import Trial, TuneResult, candidates_around, judge, ladder, read_tune, write_tune
 
 __all__ = ["LR_RUNGS", "tune_script"]
 
@@ -110,8 +110,21 @@ def tune_script(
     result = TuneResult(trials, steps, source="script", command=command)
     write_tune(folder, result)
     if run is not None:
-        write_tune(runlog.read_run(run, records=False).path, result)
+        run_dir = runlog.read_run(run, records=False).path
+        write_tune(run_dir, with_other_question(read_tune(run_dir), result))
     return result
+
+
+def with_other_question(before: TuneResult | None, now: TuneResult) -> TuneResult:
+    """``now``, keeping the trials of ``before`` (the run directory's ``tune.json``) that answered
+    the other question: ``diagnose`` prints one command for a threshold and one for the rates, and
+    each would otherwise erase what the other verified (rate trials set ``lr``; threshold trials
+    run at the script's own rate)."""
+    if before is None or before.source != "script" or before.start_step != now.start_step:
+        return now
+    rates_now = all(t.lr is not None for t in now.trials)
+    kept = [t for t in before.trials if (t.lr is None) == rates_now]
+    return dataclasses.replace(now, trials=[*kept, *now.trials]) if kept else now
 
 
 @dataclasses.dataclass(frozen=True)
