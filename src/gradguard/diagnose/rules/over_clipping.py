@@ -16,10 +16,10 @@ grew (clipping slows a run, it does not make its loss grow: an RL loss summed ov
 nor for a run that went non-finite or whose norm climbed: a threshold that did not hold is not too
 tight, and raising it is the wrong advice (``explosion`` reports that run).
 
-Every threshold comes through :func:`~gradguard.diagnose.rules._clipping.threshold_advice` and the
-learning rate (the effective one the clipping gave) through
-:func:`~gradguard.diagnose.rules._clipping.lr_advice`: verified by ``tune.json`` when the run
-directory holds one, otherwise marked unverified with the ``gradguard tune`` command line that checks it.
+Every threshold comes through :func:`~gradguard.diagnose.rules._clipping.threshold_advice`: verified
+by ``tune.json`` when the run directory holds one, otherwise marked unverified with the ``gradguard
+tune`` command line that checks it. No learning rate is advised: with the threshold kept, a lower rate
+only shrinks steps that are already too small (``lr × threshold``).
 """
 
 from __future__ import annotations
@@ -35,14 +35,12 @@ from gradguard.diagnose.rules._clipping import (
     OVERCLIP_RATE,
     ClipWindow,
     clip_window,
-    lr_advice,
     optimizer_class,
     scale_free,
     threshold_advice,
     trained,
     tune_command,
     window_evidence,
-    with_lr,
 )
 
 OVERCLIP_ERROR_RATE = 0.9  # almost every step clipped: the effective LR is the threshold's
@@ -104,7 +102,7 @@ def _not_a_failure(f: Facts, w: ClipWindow, evidence: dict[str, Any]) -> Finding
 
 
 def _advice(f: Facts, w: ClipWindow, early: list[float]) -> dict[str, Any]:
-    """Raise the threshold to the healthy one (never below the first steps' median), or lower the LR.
+    """Raise the threshold to the healthy one (never below the first steps' median).
 
     The run's own norms follow a clipped trajectory; its first steps are the closest to the
     unclipped one (clipping has not moved the weights far yet).
@@ -125,13 +123,8 @@ def _advice(f: Facts, w: ClipWindow, early: list[float]) -> dict[str, Any]:
         rec["expected_clip_rate"] = round(would, 4)
         rec["text"] += f" (it would have clipped {would:.0%} of this run's steps)"
     rec["text"] += "."
-    if math.isfinite(w.lr) and "lr" not in rec:  # a verified threshold may come with its own rate
-        lr = lr_advice(f, sig(w.lr * w.scale, 2), "the effective learning rate the clipping gave")
-        rec["text"] += (
-            f" Or keep the threshold and lower the learning rate — more than 50% clipped is extremely aggressive. "
-            f"{lr['text']}."
-        )
-        rec = with_lr(rec, lr)
+    # (no learning-rate alternative: under a threshold that binds every step, the update is
+    # lr × threshold along the gradient's direction; a lower rate with it kept only stalls further)
     return rec
 
 
