@@ -276,6 +276,23 @@ def test_a_run_that_trained_is_never_over_clipped_beyond_an_info() -> None:
     assert stall.recommendation["max_norm"] > 1.0 and "gradguard tune" in stall.recommendation["text"]
 
 
+def test_an_over_clipping_info_quotes_the_threshold_tune_verified(tmp_path: Path) -> None:
+    """The info said "verify a looser one first" with the command; once tune.json verified one, the
+    same info quotes it (it repeated the unverified text before)."""
+    n = 200
+    norms = [10.0 * (1 + 0.1 * math.sin(s)) for s in range(n)]
+    falling = [5.0 * 0.99**s + 1.0 for s in range(n)]
+    with RunWriter(tmp_path / "r") as w:
+        w.write_metrics(log(norms, falling, 1.0).metrics)
+        w.update_meta(config={"clip": {"kind": "norm", "max_norm": 1.0}})
+    tight = judge(1.0, None, [5.0] + [3.0] * 19, [10.0] * 20)
+    loose = judge(12.0, None, [5.0] + [0.5] * 19, [10.0] * 20)
+    write_tune(tmp_path / "r", TuneResult([tight, loose], 20, "script"))
+    over = finding(diagnose(tmp_path / "r"), "over_clipping")
+    assert over is not None and over.severity == "info" and over.recommendation["verified"] is True
+    assert over.recommendation["max_norm"] == 12.0 and "Verified: max_norm=12" in over.recommendation["text"]
+
+
 @pytest.mark.parametrize("name", ["rl_episodic", "sparse_embeddings"])
 def test_healthy_rl_and_sparse_embedding_runs_under_a_tight_fixed_clip_are_not_over_clipped(
     tmp_path: Path, name: str

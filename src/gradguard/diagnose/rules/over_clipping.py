@@ -38,8 +38,10 @@ from gradguard.diagnose.rules._clipping import (
     optimizer_class,
     scale_free,
     threshold_advice,
+    thresholds_tried,
     trained,
     tune_command,
+    tuned,
     window_evidence,
 )
 
@@ -92,12 +94,17 @@ def _not_a_failure(f: Facts, w: ClipWindow, evidence: dict[str, Any]) -> Finding
         f"max_norm={fmt(w.threshold)} clipped {w.rate:.0%} of the last {len(w.window)} steps, but this is not "
         f"a failure: {why}."
     )
-    command = tune_command(f)
-    rec = {
-        "verified": False,
-        "tune": command,
-        "text": f"Keep the threshold that trained. A looser one may train faster; verify it first: {command}",
-    }
+    result = tuned(f)
+    if result is not None and thresholds_tried(result):  # tune.json answered it: quote that
+        rec = threshold_advice(f, None, "")
+        rec["text"] += "."
+    else:
+        command = tune_command(f)
+        rec = {
+            "verified": False,
+            "tune": command,
+            "text": f"Keep the threshold that trained. A looser one may train faster; verify it first: {command}",
+        }
     return Finding("over_clipping", "info", f.steps[w.window[0]], message, evidence, rec)
 
 
