@@ -395,3 +395,40 @@ def test_a_nan_batch_in_an_earlier_micro_batch_of_gradient_accumulation_is_the_d
     assert first is not None and first["step"] == 3, first
     assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay"), first
     assert first["evidence"]["micro_batch"] == "2 of 4", first
+
+
+DDP_ONE_PROCESS = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(8):
+        x, y = torch.randn(16, 8), torch.randn(16, 1)
+        if step == 5:
+            x[0, 0] = float("nan")
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_a_nan_batch_into_a_ddp_wrapped_model_on_one_process_is_the_data(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 1` (a debugging run): the step is replayed through the DDP wrapper,
+    whose modules name themselves (the guard's model is the wrapped one); the NaN is the input's."""
+    script = tmp_path / "ddp1.py"
+    script.write_text(DDP_ONE_PROCESS)
+    done = _run(tmp_path, script, str(tmp_path / "pg"))
+    assert done.returncode == 0, done.stderr
+    first = read_run(tmp_path / "run").first_nonfinite()
+    assert first is not None and first["step"] == 5, first
+    assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay"), first

@@ -369,12 +369,15 @@ class Locator:
     Args:
         model: the root module (the block calls it; its input is the step's data).
         names: the module whose ``named_modules()`` and ``named_parameters()`` name the modules and
-            parameters in the answer: ``model`` or a module holding it (``None``: ``model``).
+            parameters in the answer, where it holds ``model`` (a LightningModule holding the
+            ``self.net`` its step calls); else (``None``, or a module inside ``model``: DDP's
+            ``.module``) ``model`` itself.
     """
 
     def __init__(self, model: nn.Module, names: nn.Module | None = None) -> None:
         self.model = model
-        outer = model if names is None else names
+        # (a wrapper the guard's model sits inside, DDP's or torch.compile's, names itself)
+        outer = names if names is not None and any(m is model for m in names.modules()) else model
         self._names = {id(m): name for name, m in outer.named_modules()}
         self._params = {name: p for name, p in outer.named_parameters()}
         self._reset()
