@@ -621,7 +621,7 @@ class Guard:
 
     def end_unfinished_step(self) -> None:
         """The script ends after this step's forward, before its optimizer step (``gradguard run``
-        of timm-style code: ``if not math.isfinite(loss.item()): sys.exit(1)``): where that forward
+        of timm-style code: ``if not math.isfinite(loss_value): sys.exit(1)``): where that forward
         or its loss code made a non-finite value, locate it and log the step's ``nonfinite`` event
         (the anomaly path: host reads and a replay of the forward; nothing on a healthy end)."""
         capture = self._anomaly.capture

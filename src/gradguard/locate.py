@@ -1438,7 +1438,7 @@ class StepCapture:
 
     def unfinished_nonfinite(self) -> bool:
         """At the script's end, after a forward whose optimizer step never came (timm's ``if not
-        math.isfinite(loss.item()): sys.exit(1)``): close the loss-code window and say whether that
+        math.isfinite(loss_value): sys.exit(1)``): close the loss-code window and say whether that
         forward's outputs or its loss code hold a non-finite value (host reads: once, at the end)."""
         if self.inputs is None or self._removed:
             return False
