@@ -173,3 +173,28 @@ def test_float16_parameters_measure_norms_above_65504_and_clip_them() -> None:
     assert not guard.last_step_skipped
     step = (model.weight.detach().float() - before.float()).norm()
     assert float(step) == pytest.approx(1.0, rel=1e-2)  # lr × the clipped norm 1
+
+
+def test_a_scaler_started_far_too_high_is_named_as_the_start_not_float16s_range(tmp_path: Path) -> None:
+    """init_scale=1e30 overflows float16 on ordinary gradients: the finding names the start and its fix."""
+    from gradguard.diagnose import diagnose
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e30)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r", every=10)
+    for step in range(120):
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = (model(x).float() - y).pow(2).mean()
+        scaler.scale(loss).backward()
+        guard.step(loss, scaler=scaler)
+    guard.close()
+    log = read_run(tmp_path / "r")
+    overflows = sum(r["amp_overflow"] for r in log.metrics)
+    assert 60 < overflows < 120  # ~log2(1e30 / 65504): the scaler halved its way down, then steps got through
+    finding = next(f for f in diagnose(tmp_path / "r") if f.id == "loss_scale_collapse")
+    assert finding.severity == "warning" and finding.recommendation["init_scale"] == 2.0**16
+    assert "started at 1e+30" in finding.message and "then steps got through" in finding.message
+    assert "cannot hold" not in finding.message

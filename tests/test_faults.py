@@ -1394,6 +1394,23 @@ def test_guard_loss_that_is_not_a_number_is_refused_at_the_call() -> None:
     assert guard.step_count == 2
 
 
+def test_a_per_sample_loss_vector_is_said_once_and_logged_as_its_sum(tmp_path: Path) -> None:
+    import torch
+
+    model = _seq()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path, every=1)
+    _backward(model, opt, 0)
+    with pytest.warns(
+        UserWarning, match=r"a loss of shape \(3,\), not a scalar: it checks and logs the sum"
+    ) as said:
+        guard.step(torch.tensor([1.0, 2.0, 4.0]))
+    assert said[0].filename == __file__  # the user's line, not gradguard's
+    guard.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == 7.0
+
+
 def test_guard_param_without_gradient_is_logged_as_null(tmp_path: Path) -> None:
     import torch
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
@@ -600,6 +601,13 @@ def check_loss(loss: Any) -> None:
         raise GradGuardError(
             f"the loss is a complex tensor ({loss.dtype}); gradguard checks a real loss. Pass the real "
             "scalar you called backward() on (e.g. `loss.abs()` or `loss.real`)."
+        )
+    if loss.numel() > 1:
+        warnings.warn(
+            f"gradguard got a loss of shape {tuple(loss.shape)}, not a scalar: it checks and logs the "
+            "sum of its elements. Pass the scalar you called backward() on (e.g. `loss.mean()`) so the "
+            "run log shows your loss.",
+            stacklevel=4,
         )
 
 
