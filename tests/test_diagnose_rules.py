@@ -628,6 +628,32 @@ def test_weights_growing_tenfold_are_weight_growth() -> None:
     assert conclude(run([1.0] * n, layer__fc__weight_norm=[1.0] * n), "weight_growth") is None
 
 
+def test_a_first_step_that_scrambled_the_weights_of_a_run_that_stalled_is_lr_too_high() -> None:
+    """AdamW at 0.03 on a post-LN transformer: step 0 moves the layers 0.3–1.5× their norm, the later
+    updates are weight decay alone (3e-4), the loss stalls near uniform and the gradients of the
+    wrecked layers look vanishing. The rate is the finding, not the architecture."""
+    n, names = 120, ["emb", "enc", "mid", "head"]
+    stalled = [3.25, 2.95, 3.5] + [2.8 + 0.05 * (s % 3) for s in range(n - 3)]
+    cols = {f"layer__{m}__grad_norm": [10.0 ** (i - 4)] * n for i, m in enumerate(names)}
+    first = {
+        f"layer__{m}__update_ratio": [r] + [NAN] * 49 + [3e-4] + [NAN] * (n - 51)
+        for m, r in zip(names, (0.3, 0.4, 0.8, 1.5))
+    }
+    log = run([1.0] * n, loss=stalled, **cols, **first)
+    high = conclude(log, "lr_too_high")
+    assert high is not None and high.severity == "warning" and high.step == 0
+    assert (
+        "step 0 moved the layers by 0.6 of their weight norm" in high.message and "stalled at" in high.message
+    )
+    assert high.recommendation["lr"] == pytest.approx(0.002)  # 0.1 × 1e-2 / 0.6, unverified
+    found = {f.id for f in evaluate(Facts(log), REGISTRY)}
+    assert "lr_too_high" in found and "vanishing" not in found
+    trained = run([1.0] * n, **cols, **first)  # the same first step in a run whose loss fell: no finding
+    assert conclude(trained, "lr_too_high") is None and "vanishing" in {
+        f.id for f in evaluate(Facts(trained), REGISTRY)
+    }
+
+
 def test_grad_norms_decaying_toward_the_input_are_vanishing() -> None:
     n = 40
     cols = {f"layer__{i}__grad_norm": [10.0 ** (i - 4)] * n for i in range(5)}

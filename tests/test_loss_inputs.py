@@ -282,3 +282,90 @@ def test_the_second_optimizers_loss_code_is_watched(tmp_path: Path) -> None:
         "watch",
         "division by zero",
     )
+
+
+@pytest.mark.parametrize("step_of_fault", [3, 40])
+def test_a_loss_that_overflowed_before_the_backward_did_is_the_loss_codes(
+    step_of_fault: int, tmp_path: Path
+) -> None:
+    """mse_loss of a finite output overflows to inf; its finite gradient then overflows in the
+    model's backward. The first non-finite value is the loss's, not the backward's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r", on_nonfinite="skip")
+    for step in range(step_of_fault + 1):
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        if step == step_of_fault:
+            x = x * 1e21  # out ~1e20: finite; its square is not, nor its gradient times the hidden layer
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    (event,) = read_run(tmp_path / "r").events_of("nonfinite")
+    assert math.isinf(float(event["loss"])) and event["step"] == step_of_fault
+    assert event["phase"] == "loss", event
+    assert "in backward: the forward was finite" not in str(event.get("evidence"))
+
+
+class _WithLoss(nn.Module):
+    """A model that takes its labels and returns its loss: Hugging Face's ``labels=``, nanoGPT's ``targets``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+
+    def forward(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> dict:
+        y = targets if targets is not None else labels
+        return {"loss": nn.functional.mse_loss(self.net(x).squeeze(-1), y)}
+
+
+@pytest.mark.parametrize("passed", ["labels=", "positional targets"])
+def test_a_nan_label_passed_to_the_model_is_named_the_label_by_its_argument(
+    passed: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = _WithLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r", on_nonfinite="skip")
+    for step in range(6):
+        x, y = torch.randn(8, 4), torch.randn(8)
+        if step == 4:
+            y[3] = math.nan
+        opt.zero_grad(set_to_none=True)
+        loss = model(x, labels=y)["loss"] if passed == "labels=" else model(x, y)["loss"]
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    (event,) = read_run(tmp_path / "r").events_of("nonfinite")
+    name = "labels" if passed == "labels=" else "targets"
+    assert event["phase"] == "data" and event["step"] == 4
+    assert event["tensor"] == ("label" if name == "labels" else "target")
+    assert event["evidence"]["argument"] == name and event["evidence"]["input"]["shape"] == [8]
+    assert f"the `{name}` passed to the model hold non-finite values" == event["evidence"]["reason"]
+
+
+def test_a_replayed_forward_names_no_source_line_outside_the_model(tmp_path: Path) -> None:
+    """An ``nn.Sequential`` has no line of the user's inside: the replay's caller (here the line of
+    ``guard.step``; under Lightning, its hook dispatch) is not where the op ran, so no source."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[1].weight.fill_(1e3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    guard = gradguard.Guard(model, opt, on_nonfinite="skip", log_dir=tmp_path / "r")
+    for step in range(4):
+        x = torch.randn(8, 4) * (
+            1e36 if step == 3 else 1.0
+        )  # finite input and hidden; the second linear overflows
+        opt.zero_grad(set_to_none=True)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    (event,) = read_run(tmp_path / "r").events_of("nonfinite")
+    assert event["phase"] == "forward" and event["op"] == "linear" and event["module"] == "1", event
+    assert event["source"] is None

@@ -177,14 +177,14 @@ def test_a_run_that_ends_non_finite_shows_its_final_loss_as_such(tmp_path: Path)
     log = read_run(tmp_path / "r")
     buf = io.StringIO()
     print_summary(log, diagnose(log), file=buf)
-    assert re.search(r"final loss\s+nan", buf.getvalue()), buf.getvalue()
+    assert re.search(r"final loss \(last 20\)\s+nan", buf.getvalue()), buf.getvalue()
     with RunWriter(tmp_path / "ok") as w:  # one NaN step that training went on from: the finite mean
         w.write_metrics(
             [*rows[:30], {**rows[30], "step": 30}, *({**r, "step": 31 + i} for i, r in enumerate(rows[:5]))]
         )
     buf = io.StringIO()
     print_summary(read_run(tmp_path / "ok"), [], file=buf)
-    assert re.search(r"final loss\s+1\.83", buf.getvalue()), buf.getvalue()
+    assert re.search(r"final loss \(last 20\)\s+1\.83", buf.getvalue()), buf.getvalue()
 
 
 def test_an_explosions_first_non_finite_shows_where_it_overflowed(tmp_path: Path) -> None:
@@ -317,3 +317,12 @@ def test_the_report_renders_in_headless_chromium(runs: Path, tmp_path: Path) -> 
         data = png.read_bytes()
         assert len(data) > 10_000
         assert _png_colours(data) > 20, png
+
+
+def test_a_run_with_no_loss_recorded_shows_no_final_loss(tmp_path: Path) -> None:
+    """Per-sample gradients set by hand (no backward, no loss given): a dash, not ``nan``."""
+    with RunWriter(tmp_path / "r") as w:
+        w.write_metrics([{"step": s, "loss": None, "grad_norm": 1.0} for s in range(5)])
+    buf = io.StringIO()
+    print_summary(read_run(tmp_path / "r"), [], file=buf)
+    assert re.search(r"final loss \(last 20\)\s+—", buf.getvalue()), buf.getvalue()

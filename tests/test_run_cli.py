@@ -196,3 +196,31 @@ def test_a_bad_option_value_is_a_usage_error(tmp_path: Path) -> None:
         )
         assert got.returncode == 2, (bad, got.stderr)
         assert "gradguard" in got.stderr and "Traceback" not in got.stderr, got.stderr
+
+
+def test_an_out_that_holds_a_run_log_is_refused_before_the_script_runs(tmp_path: Path) -> None:
+    script = tmp_path / "tiny.py"
+    script.write_text("print('the script ran')\n" + TINY)
+
+    def run(*flags: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "gradguard",
+            "run",
+            "--no-report",
+            "--out",
+            str(tmp_path / "r"),
+            *flags,
+            str(script),
+        ]
+        return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+
+    first = run()
+    assert first.returncode == 0 and "the script ran" in first.stdout, first.stderr
+    again = run()
+    assert again.returncode == 2 and "the script ran" not in again.stdout  # refused before it ran
+    assert "already holds a run log" in again.stderr and "--exist-ok" in again.stderr, again.stderr
+    assert "exist_ok=True" not in again.stderr and "Traceback" not in again.stderr
+    appended = run("--exist-ok")
+    assert appended.returncode == 0 and "the script ran" in appended.stdout, appended.stderr

@@ -432,3 +432,47 @@ def test_a_nan_batch_into_a_ddp_wrapped_model_on_one_process_is_the_data(tmp_pat
     first = read_run(tmp_path / "run").first_nonfinite()
     assert first is not None and first["step"] == 5, first
     assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay"), first
+
+
+PER_SAMPLE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def sample_loss(params, x, t):
+        out = functional_call(model, params, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, t.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    for step in range(12):
+        x, t = torch.randn(32, 6), torch.randint(0, 2, (32,))
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        grads = per_sample(params, x, t)  # DP-SGD: clip each sample's gradient, then average
+        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
+        scale = (1.0 / (norms + 1e-6)).clamp(max=1.0)
+        for name, p in model.named_parameters():
+            p.grad = (grads[name] * scale.view(-1, *[1] * (grads[name].dim() - 1))).mean(0)
+        opt.step()
+        opt.zero_grad()
+        print(f"step {step} weight {model[0].weight.sum().item():.6f}")
+    """
+)
+
+
+def test_per_sample_gradients_with_torch_func_are_guarded_not_dropped(tmp_path: Path) -> None:
+    """A forward inside ``vmap(grad(...))`` sees wrapper tensors with no storage: the capture stands
+    aside there (it raised, and the run went unguarded with no run log), and the steps are logged."""
+    script = tmp_path / "dp_sgd.py"
+    script.write_text(PER_SAMPLE)
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert got.returncode == ref.returncode == 0, got.stderr
+    assert got.stdout == ref.stdout
+    assert "internal error" not in got.stderr and "nothing was guarded" not in got.stderr, got.stderr
+    log = read_run(tmp_path / "run")
+    assert [r["step"] for r in log.metrics] == list(range(12))
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in log.metrics)

@@ -196,6 +196,22 @@ def test_choose_stays_below_a_failure_and_none_when_nothing_trained() -> None:
     assert result.recommended is None and "None of the 1 candidates trained" in result.verdict()
 
 
+def test_a_loss_that_fell_by_less_than_its_batch_noise_did_not_train() -> None:
+    """A model that only learned the targets' mean: 4.94 → ~4.6 where one batch's loss varies by ~1."""
+    rng = random.Random(0)
+    noisy = [4.94] + [4.6 + rng.gauss(0.0, 1.0) for _ in range(59)]
+    flat = judge(1.0, None, noisy, [1.0] * 60)
+    assert flat.loss_final < flat.loss_start and flat.loss_noise > 0.5
+    assert not flat.trained and flat.outcome == "loss fell less than its noise"
+    learned = judge(1.0, None, [4.94] + [1.0 + rng.gauss(0.0, 0.1) for _ in range(59)], [1.0] * 60)
+    assert learned.trained
+    assert choose([flat]) is None
+    again = Trial.from_dict(json.loads(json.dumps(flat.as_dict())))
+    assert again == flat and not again.trained
+    old = {k: v for k, v in flat.as_dict().items() if k != "loss_noise"}  # a tune.json written before
+    assert Trial.from_dict(old).loss_noise == 0.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

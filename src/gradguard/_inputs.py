@@ -21,6 +21,7 @@ floating output and input tensor; per loss-code op, two attribute reads per floa
 
 from __future__ import annotations
 
+import inspect
 import re
 import weakref
 from collections import deque
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-__all__ = ["CarriedState", "entering_role", "is_mask_op", "target_description", "target_of"]
+__all__ = ["CarriedState", "entering_role", "is_mask_op", "model_argument", "target_description", "target_of"]
 
 #: Loss functions whose second argument (or ``target=``) is the target.
 _LOSS_OPS = re.compile(
@@ -50,6 +51,51 @@ _KEPT_FORWARDS = 32  # forwards whose outputs / inputs are remembered (about two
 def is_mask_op(op: str) -> bool:
     """Whether ``op`` commonly takes a ±inf mask on purpose (an infinite leaf there is not bad data)."""
     return op in _MASK_OPS
+
+
+#: Names of a model's forward arguments that carry the labels or the targets (the Hugging Face
+#: ``labels=`` convention, nanoGPT's ``targets``, ``y``). ``tgt`` is a decoder's input, not a target.
+_LABEL_ARGS = re.compile(r"^(labels?|\w+_labels|start_positions|end_positions)$")
+_TARGET_ARGS = re.compile(r"^(targets?|y|y_true|gt|ground_truth)$")
+
+
+def model_argument(
+    module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], t: Tensor
+) -> tuple[str, str | None]:
+    """What ``t``, a tensor passed to the model's forward, is: ``(role, argument name)``, the role
+    ``label`` or ``target`` by the argument's name, else ``input``; the name from ``kwargs`` or, for a
+    positional argument, from the forward's signature (``None`` when it has none). Host work: the
+    anomaly path only."""
+    name = next((k for k, v in kwargs.items() if _holds(v, t)), None)
+    if name is None:
+        position = next((i for i, v in enumerate(args) if _holds(v, t)), None)
+        name = None if position is None else _positional_name(module, position)
+    if name is None:
+        return "input", None
+    role = "label" if _LABEL_ARGS.match(name) else "target" if _TARGET_ARGS.match(name) else "input"
+    return role, name
+
+
+def _holds(value: Any, t: Tensor) -> bool:
+    """Whether ``value`` is ``t`` or a list / tuple / dict directly holding it."""
+    if value is t:
+        return True
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return any(v is t for v in items)
+
+
+def _positional_name(module: Any, position: int) -> str | None:
+    """The name of the forward's ``position``-th positional parameter (``None``: ``*args``, or no signature)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        return None
+    for i, param in enumerate(params[: position + 1]):
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            return None  # ``*args`` (a wrapper's ``forward(*inputs)``) or keyword-only: no name for it
+        if i == position:
+            return param.name
+    return None
 
 
 def entering_role(op: str, args: Any, kwargs: Any, t: Tensor) -> str:

@@ -143,6 +143,18 @@ def _run(args: argparse.Namespace) -> int:
     options = {dest: getattr(args, dest) for dest in RUN_GUARD_OPTIONS if hasattr(args, dest)}
     if args.out is not None:
         options["out"] = args.out
+        if not options.get("exist_ok"):  # before the script runs (its data may take long to load)
+            from pathlib import Path
+
+            from gradguard.runlog import refuse_existing
+
+            try:
+                refuse_existing(
+                    Path(args.out),
+                    "pass a new --out (or none: a new folder under gradguard-runs/), or --exist-ok",
+                )
+            except GradGuardError as e:
+                return _fail(str(e))
     if args.quiet:
         options["live"] = False
     try:

@@ -71,12 +71,14 @@ __all__ = [
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _is_compiling = torch.compiler.is_compiling  # looked up once: the capture's hooks ask at every forward
+_in_transform = torch._C._functorch.peek_interpreter_stack  # vmap / grad: wrapper tensors (no storage)
 _grad_enabled = torch.is_grad_enabled  # (likewise)
 _any_autocast = torch._C._is_any_autocast_enabled
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _USER_DIRS_IN_PKG = (os.path.join(_PKG_DIR, "demos"),)
 _STDLIB = sysconfig.get_paths()["stdlib"]
 _INTENTIONAL = "intentional"
+_REPLAYED = "_replayed_step"  # the function a capture's replay runs the model in: user_source stops there
 _MAX_RERUNS = 16  # births per replay whose op is rerun for evidence (inside a wrapper, in float32)
 _SKIP_FUNCS = frozenset(
     {"__get__", "__set__", "__repr__", "__format__", "__bool__", "__len__", "dim", "size"}
@@ -126,10 +128,15 @@ def node_op_name(node: Any) -> str:
 
 
 def user_source(skip: int = 2) -> str | None:
-    """``file:line`` of the innermost frame in the user's code (not torch, not gradguard's core, not the stdlib)."""
+    """``file:line`` of the innermost frame in the user's code (not torch, not gradguard's core, not the stdlib);
+    ``None`` past a capture's replay (:data:`_REPLAYED`): what called it is not where the script ran the model."""
     frame = sys._getframe(skip)
     while frame is not None:
         fn = frame.f_code.co_filename
+        if frame.f_code.co_name == _REPLAYED and fn.startswith(_PKG_DIR):
+            return (
+                None  # a replay of a captured forward: outside it is gradguard's caller (a framework's hook)
+            )
         internal = (
             fn.startswith(_TORCH_DIR)
             or (fn.startswith(_PKG_DIR) and not fn.startswith(_USER_DIRS_IN_PKG))
@@ -540,11 +547,18 @@ class Locator:
             self.phase = "forward"
             for t in _floats((args, kwargs)):
                 if self._taint_of(t) is None and not _finite(t):
-                    kind = _kinds(t)[0]
-                    ev = {"input": _describe(t), "reason": "the input batch holds non-finite values"}
-                    idx = self._birth("data", None, None, "input", kind, user_source(3), ev)
+                    idx = self._data_birth(module, args, kwargs, t)
                     self._set_taint(t, frozenset({idx}))
         self.stack.append(name)
+
+    def _data_birth(self, module: nn.Module, args: Any, kwargs: Any, t: Tensor) -> int:
+        """A non-finite tensor passed to the model: the data, named by its argument (``labels=``: the label)."""
+        role, name = _inputs.model_argument(module, args, kwargs, t)
+        what = f"the `{name}` passed to the model hold" if name is not None else "the input batch holds"
+        ev: dict[str, Any] = {"input": _describe(t), "reason": f"{what} non-finite values"}
+        if name is not None:
+            ev["argument"] = name
+        return self._birth("data", None, None, role, _kinds(t)[0], user_source(4), ev)
 
     def _post(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         if self._names.get(id(module)) is None:
@@ -1130,8 +1144,8 @@ class StepCapture:
         return self.watches[-1] if self.watches else None
 
     def pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self.replaying:
-            return
+        if self.replaying or _in_transform() is not None:
+            return  # (a forward inside vmap / grad is not the step's: its tensors are wrappers)
         if _is_compiling():  # traced into the user's compiled forward: what Dynamo traces, no more
             self._pre_compiled(args, kwargs)
             return
@@ -1157,7 +1171,7 @@ class StepCapture:
             self.autocast = None
 
     def post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self.replaying or not _grad_enabled() or _is_compiling():
+        if self.replaying or not _grad_enabled() or _is_compiling() or _in_transform() is not None:
             return
         made = _floats(out)
         inputs = self.inputs
@@ -1494,7 +1508,7 @@ class StepCapture:
         backward = any(g is not None for g in out_grads)
         grads_ok = backward and all(_finite(g) for g in out_grads if g is not None)
 
-        def forward_backward() -> Any:
+        def _replayed_step() -> Any:
             with _replay.under(self.autocast):  # the step's autocast state; the backward as it ran
                 out = self.root(*args, **kwargs)
             outs = [t for t in _tensors(out) if t.requires_grad]
@@ -1505,7 +1519,7 @@ class StepCapture:
 
         self.replaying = True
         try:
-            birth, _ = loc.replay(forward_backward, rng)
+            birth, _ = loc.replay(_replayed_step, rng)
         finally:
             self.replaying = False
         if isinstance(birth, Birth) and birth.phase == "data" and birth.tensor == "input":
@@ -1534,13 +1548,13 @@ class StepCapture:
             if all(_finite(t) for t in _floats((args, kwargs))):
                 continue
 
-            def forward(args: Any = args, kwargs: Any = kwargs, autocast: Any = autocast) -> Any:
+            def _replayed_step(args: Any = args, kwargs: Any = kwargs, autocast: Any = autocast) -> Any:
                 with _replay.under(autocast):
                     return self.root(*args, **kwargs)
 
             self.replaying = True
             try:
-                birth, _ = loc.replay(forward, rng)
+                birth, _ = loc.replay(_replayed_step, rng)
             finally:
                 self.replaying = False
             if isinstance(birth, Birth) and birth.phase == "data":

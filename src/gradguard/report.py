@@ -509,10 +509,11 @@ def _findings_html(findings: Sequence[Finding]) -> str:
     return "\n".join(out)
 
 
-def _final_loss(losses: Sequence[Any]) -> float | None:
+def _final_loss(losses: Sequence[float], nonfinite: Sequence[bool]) -> float | None:
     """The mean of the last 20 finite losses; the last loss itself where it is not finite (a run
-    that ended non-finite ends so, whatever its last finite losses were)."""
-    recorded = [float(v) for v in losses if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    that ended non-finite ends so, whatever its last finite losses were). ``nonfinite``: the record
+    held a non-finite loss (a NaN in ``losses`` without it: no loss was recorded, ``None``)."""
+    recorded = [v for v, bad in zip(losses, nonfinite, strict=True) if bad or math.isfinite(v)]
     if recorded and not math.isfinite(recorded[-1]):
         return recorded[-1]
     tail = [v for v in recorded if math.isfinite(v)][-20:]
@@ -531,7 +532,7 @@ def _run_facts(log: RunLog, findings: Sequence[Finding]) -> dict[str, Any]:
         "skipped": sum(s.table.skipped),
         "clip": _clip_name(clip_config(log.meta), s.col("threshold")),
         "clip_rate": rate if math.isfinite(rate) else None,
-        "final_loss": _final_loss(s.table.column("loss")),
+        "final_loss": _final_loss(s.table.column("loss"), s.table.nonfinite_loss),
         "first_nonfinite": event,
         "findings": [f.id for f in findings],
         "max_norm": recommended_max_norm(findings),
@@ -764,7 +765,7 @@ def _summary_rows(log: RunLog, facts: dict[str, Any]) -> list[tuple[str, str]]:
         ("run", str(log.path)),
         ("steps", f"{facts['steps']} recorded, {facts['skipped']} skipped"),
         ("clipping", f"{_fmt(facts['clip'])} (clip rate {_fmt(facts['clip_rate'])})"),
-        ("final loss", _fmt(facts["final_loss"])),
+        ("final loss (last 20)", _fmt(facts["final_loss"])),
         ("first non-finite", _where(facts["first_nonfinite"])),
     ]
 

@@ -13,7 +13,10 @@ directory per trial) judge alike:
 * **diverged**: finite, but the loss rose by more than its own first value (a learning rate too
   high for the step the threshold allows: finite is not healthy);
 * **trained**: none of these, and the loss fell: the mean of the last quarter of the trial's losses
-  is below its first loss (taken before any update, the same for every candidate).
+  is below its first loss (taken before any update, the same for every candidate) by more than the
+  batch-to-batch spread of those last losses (their standard deviation: one batch's loss, as the
+  first is, varies that much). A model that only learned the targets' mean from a start a little
+  above it falls by less than that spread.
 
 The **recommendation** (:func:`choose`): order the candidates from tight to loose (``max_norm``,
 then learning rate); the **edge** is the tightest one that went non-finite, exploded or diverged.
@@ -128,6 +131,7 @@ class Trial:
         climbing: the norm started a sustained 3× climb (short of an explosion).
         own_clip: the trial kept the training script's own clipping (``gradguard tune SCRIPT --lr``
             without ``--max-norm``): only its learning rate was a candidate.
+        loss_noise: the standard deviation of the last quarter's losses (0 with fewer than two).
     """
 
     max_norm: float | None
@@ -143,11 +147,12 @@ class Trial:
     peak_norm: float
     climbing: bool = False
     own_clip: bool = False
+    loss_noise: float = 0.0
 
     @property
     def trained(self) -> bool:
-        """Finite, no explosion, and the loss fell."""
-        return not (self.nonfinite or self.exploded) and self.loss_final < self.loss_start
+        """Finite, no explosion, and the loss fell by more than its batch-to-batch spread."""
+        return not (self.nonfinite or self.exploded) and self.loss_final < self.loss_start - self.loss_noise
 
     @property
     def diverged(self) -> bool:
@@ -176,7 +181,9 @@ class Trial:
             return "exploded"
         if self.diverged:
             return "diverged (loss rose)"
-        return "trained" if self.trained else "loss did not fall"
+        if self.trained:
+            return "trained"
+        return "loss fell less than its noise" if self.loss_final < self.loss_start else "loss did not fall"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -203,6 +210,7 @@ class Trial:
             peak_norm=_float_or(d.get("peak_norm")),
             climbing=bool(d.get("climbing")),
             own_clip=bool(d.get("own_clip")),
+            loss_noise=0.0 if math.isnan(noise := _float_or(d.get("loss_noise"))) else noise,
         )
 
 
@@ -260,6 +268,7 @@ def judge(
         clip_rate=sum(clipped) / len(clipped) if clipped else 0.0,
         peak_norm=max(finite_norms, default=math.nan),
         own_clip=own_clip,
+        loss_noise=statistics.stdev(tail) if len(tail) > 1 else 0.0,
     )
 
 
@@ -294,8 +303,10 @@ def _back(well: Sequence[Trial], rungs: int) -> Trial:
 
 def _overshoots(t: Trial) -> bool:
     """Finite, no explosion, and the loss did not fall (or rose): every step bounded, and still too
-    large — the learning rate overshoots at that step size."""
-    return not (t.trained or t.exploded or t.nonfinite)
+    large — the learning rate overshoots at that step size. (A loss that fell by less than its noise
+    did not train, but it did not overshoot either: Deep SAD's 75, next to the 150 that exploded,
+    is bounded by the edge's rule — at most half its step — not two rungs back, which over-clips.)"""
+    return not (t.exploded or t.nonfinite) and not t.loss_final < t.loss_start
 
 
 def choose(trials: Sequence[Trial]) -> Trial | None:

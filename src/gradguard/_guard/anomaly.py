@@ -241,8 +241,9 @@ class Anomalies:
         with _eager():
             found, how = self.capture.replay(loc)
         birth: Any = _Found(found) if isinstance(found, dict) else found
-        if birth is None and loss_bad and how == "replay":
-            how = "the model's output was finite: the loss code made the loss non-finite"
+        if loss_bad and how == "replay" and (birth is None or birth.phase == "backward"):
+            # the forward comes first: a birth in the model's backward is later than the loss's
+            birth, how = None, "the model's output was finite: the loss code made the loss non-finite"
         return birth, how
 
     # ------------------------------------------------------------------ arm the next forward

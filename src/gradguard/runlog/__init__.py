@@ -83,7 +83,7 @@ from gradguard.runlog._format import (
     TEXT_KEYS,
 )
 from gradguard.runlog._reader import RunLog, find_runs, is_run_dir, read_run
-from gradguard.runlog._writer import RunLogWarning, RunWriter
+from gradguard.runlog._writer import RunLogWarning, RunWriter, refuse_existing
 
 __all__ = [
     "EVENTS_FILE",
@@ -103,6 +103,7 @@ __all__ = [
     "from_jsonable",
     "is_run_dir",
     "read_run",
+    "refuse_existing",
     "to_jsonable",
 ]
 

@@ -199,11 +199,9 @@ class RunWriter:
         self._meta: dict[str, Any] = {}
         self.path = _checked_run_dir(run_dir)
         self.path.mkdir(parents=True, exist_ok=True)
-        existing = [n for n in (METRICS_FILE, EVENTS_FILE) if (self.path / n).exists()]
-        if existing and not exist_ok:
-            if _is_locked(self.path / METRICS_FILE):
-                raise _in_use_error(self.path)
-            raise _exists_error(self.path, existing)
+        existing = _existing_log(self.path)
+        if not exist_ok:
+            refuse_existing(self.path)
         try:
             self._open(meta, reopened=bool(existing))
         except BaseException:
@@ -480,11 +478,25 @@ def _checked_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _exists_error(run_dir: Path, existing: list[str]) -> GradGuardError:
-    return GradGuardError(
-        f"run directory {str(run_dir)!r} already holds a run log ({', '.join(existing)}); "
-        "pass a new directory (e.g. gradguard.runlog.default_run_dir()) for a new run, "
-        "or exist_ok=True to append to this one."
+def _existing_log(run_dir: Path) -> list[str]:
+    return [n for n in (METRICS_FILE, EVENTS_FILE) if (run_dir / n).exists()]
+
+
+_NEW_DIR_FIX = (
+    "pass a new directory (e.g. gradguard.runlog.default_run_dir()) for a new run, or exist_ok=True"
+)
+
+
+def refuse_existing(run_dir: Path, fix: str = _NEW_DIR_FIX) -> None:
+    """Refuse a directory that already holds a run log (in use by a live writer, or left by an
+    earlier run): ``fix`` says how to pass another one, or to append (``gradguard run``: its flags)."""
+    existing = _existing_log(run_dir)
+    if not existing:
+        return
+    if _is_locked(run_dir / METRICS_FILE):
+        raise _in_use_error(run_dir)
+    raise GradGuardError(
+        f"run directory {str(run_dir)!r} already holds a run log ({', '.join(existing)}); {fix} to append to this one."
     )
 
 

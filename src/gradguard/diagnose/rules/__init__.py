@@ -189,7 +189,8 @@ REGISTRY: list[Entry] = [
     entry("zeroed_gradients"),
     entry("lr_too_high"),
     entry("weight_growth"),
-    entry("vanishing"),
+    #    (gradients that look vanishing in a model a too-high first step wrecked are that rate's);
+    entry("vanishing", needs=("lr_too_high",)),
     entry("loss_scale_collapse"),
     entry("incomplete_log"),
 ]

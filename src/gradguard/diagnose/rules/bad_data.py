@@ -103,7 +103,9 @@ def _confirmed(f: Facts, ev: Evidence) -> Finding:
     if tensor in ("state", "carried state"):
         return _carried(ev, e0, details, evidence)
     words = _TENSOR_WORDS.get(tensor, f"the tensor {tensor!r}")
+    argument = details.get("argument") if isinstance(details.get("argument"), str) else None
     consumer = f" (into `{details['consumer']}`)" if details.get("consumer") else ""
+    consumer += f" (`{argument}=` of the model)" if argument else ""
     later = _unreplayed(f, ev.steps)
     more = (
         f"; {later} later non-finite step(s) not replayed (max_replays), most likely more of them"
@@ -116,7 +118,7 @@ def _confirmed(f: Facts, ev: Evidence) -> Finding:
         f"Step {first if first is not None else '?'}: {words}{consumer} entering the step already held "
         f"{e0.get('kind', 'non-finite values')} ({len(ev.steps)} bad batch(es) in all{more}); the model is not at fault."
     )
-    x = "x" if tensor == "input" else "y"
+    x = argument or ("x" if tensor == "input" else "y")
     rec = {
         "text": _CLEAN.format(x=x) + ("" if tensor == "input" else f" Check {words} as well as the inputs."),
         "on_nonfinite": "skip",

@@ -11,7 +11,8 @@ loss must climb depends on what else the log shows:
 * no weight norms in the log: the loss alone, 100× above its best and 10× above its start.
 
 Advice: lower the learning rate (the rate ``gradguard tune --lr`` verified, or a tenth of the
-run's, marked unverified); where the norms climbed, a fixed threshold from the healthy norms
+run's, marked unverified) — after fixing the scale where the loss was already huge at step 0
+(:func:`~gradguard.diagnose.rules._clipping.scale_at_start`: raw-unit targets); where the norms climbed, a fixed threshold from the healthy norms
 through :func:`~gradguard.diagnose.rules._clipping.threshold_advice` (verified, or marked unverified).
 """
 
@@ -25,7 +26,7 @@ from gradguard.diagnose.facts import WEIGHT_MOVED, Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import either, lower_lr, threshold_advice, with_lr
+from gradguard.diagnose.rules._clipping import either, lower_lr, scale_at_start, threshold_advice, with_lr
 
 DIVERGENCE_FACTOR = 100.0  # loss above its best by two orders of magnitude...
 DIVERGENCE_START_FACTOR = 10.0  # ...and above where it started by one
@@ -109,7 +110,13 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         f"Divergence without NaN: from step {step} the loss climbed from its lowest {fmt(losses[low])} {began} "
         f"to {fmt(losses[high])} (step {at[high]}) while every value stayed finite — finiteness is not health."
     )
-    return Finding("divergence", "error", step, message, evidence, _advice(f))
+    advice = _advice(f)
+    scale = scale_at_start(f)
+    if scale:  # not the learning rate: the scale was wrong before the first update
+        evidence["start_loss"] = f.start_loss
+        message = f"{message} But {scale[0]}."
+        advice["text"] = f"{scale[1]}. Then: {advice['text']}"
+    return Finding("divergence", "error", step, message, evidence, advice)
 
 
 def _advice(f: Facts) -> dict[str, Any]:

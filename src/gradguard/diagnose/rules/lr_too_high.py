@@ -1,6 +1,14 @@
 """``lr_too_high``: a layer's median update/weight ratio ≥ 0.1 while healthy (≈1e-3 is typical),
-the LR jumped ≥ 2× within the few steps before the norm started growing, or a warm-up that never
-stopped: the LR still rising when the loss turned up.
+the LR jumped ≥ 2× within the few steps before the norm started growing, a warm-up that never
+stopped: the LR still rising when the loss turned up, or a first step that scrambled the initial
+weights of a run that then did not train.
+
+The first step is its own evidence: the median ratio over healthy steps leaves out the warm-up
+steps, and a rate that wrecks the initial weights (AdamW's first steps move every weight by ≈ lr:
+at lr 0.03 a post-LN transformer's layers moved 0.34–1.5× their norm) leaves a model whose later
+updates are tiny (the layers stuck at ``lr × weight_decay``, 3e-4), with a loss stalled near
+uniform and gradients that look like vanishing. A median over the layers of the first recorded
+ratios ≥ :data:`FIRST_STEP_HIGH`, in a run that did not train, is that.
 
 By evidence, not by the schedule's name: an ordinary warm-up rises in a ramp and then holds, and
 its first steps double the LR from a tiny value; that is no jump. A jump is a step change from an
@@ -28,7 +36,7 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt, layer_name, median, rolling_median, sig
+from gradguard.diagnose.numbers import ends, fmt, layer_name, median, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import lr_advice, trained, tuned, with_lr
 
@@ -37,6 +45,7 @@ LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth
 _JUMP_LOOKBACK = 10  # steps before the onset an LR increase is looked for
 _RISING_MIN = 20  # fewest healthy steps to judge a warm-up that never stops
 _SMOOTH = 5  # rolling-median width for the loss
+FIRST_STEP_HIGH = 0.1  # the layers' median update ratio at the first recorded step of a run that stalled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +59,7 @@ class Evidence:
     end: int
     warm: int
     rising: tuple[int, float, float] | None = None
+    first: tuple[int, float, str, float] | None = None  # (step, median over layers, worst layer, its ratio)
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -66,9 +76,28 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     high = worst if worst is not None and worst[1] >= UPDATE_RATIO_HIGH else None
     jump = _lr_jump(f, end) if h.onset_step is not None else None
     rising = _still_rising(f)
-    if not (high or jump or rising):
+    first = _first_step_scramble(f, warm)
+    if not (high or jump or rising or first):
         return None
-    return Evidence(per_layer, high, jump, end, warm, rising)
+    return Evidence(per_layer, high, jump, end, warm, rising, first)
+
+
+def _first_step_scramble(f: Facts, warm: int) -> tuple[int, float, str, float] | None:
+    """The first recorded update ratios (within the warm-up rows), when their median over the layers
+    is ≥ :data:`FIRST_STEP_HIGH` and the run stalled (finite, no climb, and did not train; an explosion
+    has its own finding and rate): ``(step, median, worst layer, its ratio)``."""
+    if f.went_bad or f.healthy.onset_step is not None:
+        return None
+    for i in range(min(warm, len(f.rows))):
+        ratios = {n: r for n in f.layers if math.isfinite(r := f.layer(n, "update_ratio")[i]) and r > 0}
+        if not (ratios and f.ok[i]):
+            continue
+        med = median(list(ratios.values()))
+        if med < FIRST_STEP_HIGH or trained(f) is not None:
+            return None
+        worst = max(ratios.items(), key=lambda kv: kv[1])
+        return f.steps[i], med, worst[0], worst[1]
+    return None
 
 
 def _lr_jump(f: Facts, end: int) -> tuple[int, float, float] | None:
@@ -127,6 +156,19 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             lr_best,
             f"the rate where the loss was best, step {at}: stop the warm-up there",
         )
+    if ev.first is not None:
+        at, med, name, ratio = ev.first
+        stall = ends(f.loss_at(0, len(f.rows)))
+        start = next((x for x in f.loss if math.isfinite(x)), stall.start)
+        evidence.update({"first_step": at, "first_step_update_ratio_median": sig(med, 3)})
+        parts.append(
+            f"step {at} moved the layers by {fmt(med)} of their weight norm (median over layers; "
+            f"{layer_name(name)} {fmt(ratio)}), which scrambles the initial weights; the loss then stalled "
+            f"at {fmt(stall.end)} (from {fmt(start)} at step {f.steps[0]})"
+        )
+        step = step if step is not None else at
+        if math.isfinite(lr) and estimate is None:
+            estimate = (sig(lr * min(0.5, 1e-2 / med), 1), "a first-step update/weight ratio near 1e-2")
     if ev.worst is not None:
         name, ratio = ev.worst
         parts.append(

@@ -1,4 +1,8 @@
-"""``vanishing``: per-layer grad norms decaying toward the input by ≥ 100× (mostly monotone)."""
+"""``vanishing``: per-layer grad norms decaying toward the input by ≥ 100× (mostly monotone).
+
+Not in a run whose first step scrambled the initial weights and then stalled (``lr_too_high``'s
+first-step evidence): the wrecked layers' gradients look vanishing, and the rate is the cause.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ class Evidence:
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
+    wrecked = seen.evidence("lr_too_high")
+    if wrecked is not None and wrecked.first is not None:
+        return None  # a first step that scrambled the weights, then a stall: the rate's (lr_too_high)
     h = f.healthy
     if len(f.layers) < 3 or h.first_step is None or h.last_step is None:
         return None

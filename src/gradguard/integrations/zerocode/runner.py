@@ -73,6 +73,7 @@ class ZeroCode:
         self.sessions: dict[int, Session] = {}  # id(optimizer) → session
         self._order: list[Session] = []
         self._roots: dict[int, Root] = {}
+        self._stopped_in: str | None = None  # where an internal error stopped the guarding
         self._inner: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # submodules of roots (never roots)
         self._not_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # called, without parameters
         self._called: dict[int, Root] = {}  # roots called with grad since the last backward
@@ -289,11 +290,14 @@ class ZeroCode:
         )
         if self.active:
             self.active = False
+            self._stopped_in = where
             self.patches.remove()
             self.frameworks.remove()
 
     def summary(self) -> str:
         """What happened, in a few lines for the terminal."""
+        if not self._order and self._stopped_in is not None:
+            return f"gradguard: stopped guarding at an internal error in {self._stopped_in} (above), before any step; no run log."
         if not self._order:
             return "gradguard: no optimizer step was seen; nothing was guarded."
         return "\n".join(line for session in self._order for line in summary_lines(session))
