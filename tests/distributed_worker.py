@@ -2,7 +2,8 @@
 
 Usage: ``torchrun --nproc_per_node 2 distributed_worker.py MODE OUT_DIR`` with MODE one of
 ``ddp`` (SGD with momentum: the one-host-read path), ``ddp-fused`` (fused AdamW: the sync-free path),
-``fsdp`` (FSDP2 ``fully_shard``, SGD) and ``fsdp-fused``.
+``fsdp`` (FSDP2 ``fully_shard``, SGD) and ``fsdp-fused``; ``ddp-data`` and ``fsdp-data``: the NaN is
+in rank 1's batch instead (the data), not written into its gradient.
 
 Every rank trains the same small MLP for 6 steps under ``Guard(on_nonfinite="skip", clip="norm:0.05")``;
 at step 3, **after** the gradients were all-reduced (DDP) or reduce-scattered (FSDP2), rank 1 writes a
@@ -50,6 +51,7 @@ def main(mode: str, out: Path) -> None:
     base = make_model()
     reference = copy.deepcopy(base)
     fused = mode.endswith("fused")
+    data_fault = mode.endswith("-data")
     if mode.startswith("ddp"):
         model: nn.Module = nn.parallel.DistributedDataParallel(base)
     else:
@@ -77,10 +79,15 @@ def main(mode: str, out: Path) -> None:
     for step in range(STEPS):
         x, y = batch(step)
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        x = x[shard].clone()
+        if data_fault and step == BAD_STEP and rank == 1:  # a missing value in this rank's batch
+            x[2, 5] = math.nan
         opt.zero_grad(set_to_none=True)
-        loss = (model(x[shard]) - y[shard]).pow(2).mean()
+        loss = (model(x) - y[shard]).pow(2).mean()
         loss.backward()
-        if step == BAD_STEP and rank == 1:  # after the all-reduce: only this rank's copy is bad
+        if (
+            not data_fault and step == BAD_STEP and rank == 1
+        ):  # after the all-reduce: only this rank's copy is bad
             grad = base[2].weight.grad
             local = grad.to_local() if hasattr(grad, "to_local") else grad
             local.view(-1)[0] = math.nan

@@ -217,6 +217,22 @@ def test_a_finite_loss_climbing_by_orders_of_magnitude_is_divergence() -> None:
     assert conclude(then_nan, "divergence") is None  # the explosion tells that story
 
 
+def test_a_divergence_from_a_loss_already_huge_at_step_0_names_the_scale_first() -> None:
+    """Regression targets in raw dollars: 1.5e11 at step 0, 2e14 after one update. The scale is the
+    fix a user needs first (the explosion rules said so; divergence blamed the learning rate)."""
+    loss = [1.5e11, 2.09e14, 1.5e14] + [1e14 * 3.0**k for k in range(1, 10)]
+    div = conclude(run([1.0] * len(loss), loss=loss), "divergence")
+    assert div is not None and div.evidence["start_loss"] == 1.5e11
+    assert "already 1.5e+11 at step 0" in div.message
+    assert div.recommendation["text"].startswith("Fix the scale first: standardize the regression targets")
+    small = conclude(run([1.0] * len(loss), loss=[x / 1e11 for x in loss]), "divergence")
+    assert (
+        small is not None
+        and "start_loss" not in small.evidence
+        and "scale" not in small.recommendation["text"]
+    )
+
+
 def test_the_divergence_message_quotes_the_loss_the_run_started_at_not_a_rolling_median() -> None:
     """The climb is judged on a rolling median, but the numbers a user reads are the log's own: a
     run that starts at 3.84 and jumps to ~400 started at 3.84 (the rolling median there is 351)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradguard.diagnose import diagnose
 from gradguard.runlog import read_run
 from torchrun import torchrun
 
@@ -57,6 +58,26 @@ def test_a_nan_on_one_rank_after_the_reduction_makes_every_rank_skip_the_same_st
         assert ranks[0]["floats_per_step"] == 4 + 6  # the loss, three flags and six sharded tensors
     else:
         assert ranks[0]["floats_per_step"] == 4
+
+
+@pytest.mark.parametrize("mode", ["ddp-data", "fsdp-data"])
+def test_a_nan_in_one_ranks_batch_is_the_data_of_that_rank(tmp_path: Path, mode: str) -> None:
+    """Replays are off across ranks; each rank checks the inputs its step was given, and one gather
+    (every rank skips the same step) tells every rank whose batch it was."""
+    ranks = launch(mode, tmp_path)
+    for r in ranks:
+        assert r["skipped"] == [step == BAD_STEP for step in range(6)]
+    event = read_run(tmp_path / "run").first_event("nonfinite")
+    assert (event["step"], event["phase"], event["tensor"], event["rank"]) == (
+        BAD_STEP,
+        "data",
+        "input",
+        1,
+    ), event
+    assert event["located_by"] == "inputs" and event["evidence"]["ranks"] == [1]
+    assert event["evidence"]["input"]["nan"] == 1 and event["evidence"]["reason"].startswith("on rank 1,")
+    verdict = next(f for f in diagnose(tmp_path / "run") if f.id == "bad_data")
+    assert verdict.severity == "error" and "on rank 1" in verdict.message
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])

@@ -369,3 +369,36 @@ def test_a_replayed_forward_names_no_source_line_outside_the_model(tmp_path: Pat
     (event,) = read_run(tmp_path / "r").events_of("nonfinite")
     assert event["phase"] == "forward" and event["op"] == "linear" and event["module"] == "1", event
     assert event["source"] is None
+
+
+def test_a_loss_code_op_that_keeps_failing_is_located_in_code_and_the_abort_names_its_fix(
+    tmp_path: Path,
+) -> None:
+    """``guard.step(loss)`` cannot replay the loss code: after a step whose model replayed clean, the
+    next step runs with the loss code watched, and the recurring ``log(0)`` is named (event and abort)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1), nn.ReLU())  # a rate through a ReLU: 0s
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "r", on_nonfinite="skip", max_consecutive=4)
+    with pytest.raises(NonFiniteError) as stopped:
+        for _ in range(10):
+            x, y = torch.randn(32, 4), torch.poisson(torch.full((32, 1), 2.0))
+            rate = model(x)
+            loss = (rate - y * torch.log(rate)).mean()  # Poisson NLL by hand: log(0) where the ReLU is 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            guard.step(loss)
+    guard.close()
+    located = [e for e in read_run(tmp_path / "r").events_of("nonfinite") if e.get("op")]
+    assert located and located[0]["op"] == "log" and located[0]["phase"] == "loss", located
+    assert located[0]["located_by"] == "hooks" and located[0]["step"] == 0
+    assert located[0]["source"].endswith(f"test_loss_inputs.py:{_line_of('y * torch.log(rate)')}")
+    assert "came from `log`" in str(stopped.value) and "Lower the learning rate" not in str(stopped.value)
+    assert torch._C._len_torch_function_stack() == 0  # no watch left on the mode stack
+
+
+def _line_of(text: str) -> int:
+    lines = Path(__file__).read_text().splitlines()
+    return next(
+        i for i, line in enumerate(lines, 1) if text in line and "def " not in line and "_line_of" not in line
+    )

@@ -30,7 +30,7 @@ from gradguard.errors import GradGuardError
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["Reducer", "local", "rank", "same_on_all_ranks", "sharded", "world"]
+__all__ = ["Reducer", "gather", "local", "rank", "same_on_all_ranks", "sharded", "world"]
 
 
 def world(group: dist.ProcessGroup | None = None) -> int:
@@ -52,6 +52,14 @@ def same_on_all_ranks(value: object) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(value: object, group: dist.ProcessGroup | None = None) -> list[object]:
+    """Every rank's ``value``, in rank order: a collective, so every rank of ``group`` calls it at
+    the same point (the anomaly path of a step all ranks skipped: their flags are all-reduced)."""
+    out: list[object] = [None] * world(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
 
 
 def _dtensor() -> type[DTensor] | None:

@@ -57,6 +57,7 @@ def is_mask_op(op: str) -> bool:
 #: ``labels=`` convention, nanoGPT's ``targets``, ``y``). ``tgt`` is a decoder's input, not a target.
 _LABEL_ARGS = re.compile(r"^(labels?|\w+_labels|start_positions|end_positions)$")
 _TARGET_ARGS = re.compile(r"^(targets?|y|y_true|gt|ground_truth)$")
+_GENERIC_INPUTS = frozenset({"input", "inputs", "x", "args"})  # names that say no more than "the input"
 
 
 def model_argument(
@@ -64,13 +65,13 @@ def model_argument(
 ) -> tuple[str, str | None]:
     """What ``t``, a tensor passed to the model's forward, is: ``(role, argument name)``, the role
     ``label`` or ``target`` by the argument's name, else ``input``; the name from ``kwargs`` or, for a
-    positional argument, from the forward's signature (``None`` when it has none). Host work: the
-    anomaly path only."""
+    positional argument, from the forward's signature (``None`` when it has none, or one that says no
+    more than "the input": ``input``, ``x``). Host work: the anomaly path only."""
     name = next((k for k, v in kwargs.items() if _holds(v, t)), None)
     if name is None:
         position = next((i for i, v in enumerate(args) if _holds(v, t)), None)
         name = None if position is None else _positional_name(module, position)
-    if name is None:
+    if name is None or name in _GENERIC_INPUTS:
         return "input", None
     role = "label" if _LABEL_ARGS.match(name) else "target" if _TARGET_ARGS.match(name) else "input"
     return role, name

@@ -56,6 +56,7 @@ from __future__ import annotations
 import atexit
 import copy
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -68,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import events, optable
-from gradguard._distributed import Reducer, world
+from gradguard._distributed import Reducer, gather, world
 from gradguard._guard import apply as applying
 from gradguard._guard.anomaly import Anomalies, flagged_nonfinite
 from gradguard._guard.apply import Apply, Outcome, Planned, reuse_first_call
@@ -377,6 +378,7 @@ class Guard:
             max_replays=config.max_replays,
             can_replay=self._reducer is None,
             applied=config.monitor_only and config.on_nonfinite == "warn",  # the caller applies bad steps
+            gather=None if self._reducer is None else functools.partial(gather, group=self._reducer.group),
         )
         self._recovery = Recovery(
             self.model,
@@ -753,6 +755,7 @@ class Guard:
         loss, recurred = self._anomaly.begin(loss, step)
         if recurred is not None:
             self._event(recurred)
+            self._note_located(recurred)
         known = clip.known_norms(self.config.norm_type) if clip is not None else None  # the caller's norms
         m = self._meter.measure(loss, self.monitor.next_rows, known=known)  # in the record's rows: no copies
         if not m.present:
@@ -980,8 +983,12 @@ class Guard:
         event = self._anomaly.report_once({**flagged, **(located or {})})
         if event is not None:
             self._event(event)
-            if self._first_located is None and (event.get("op") or event.get("phase") == "data"):
-                self._first_located = event
+            self._note_located(event)
+
+    def _note_located(self, event: events.Event) -> None:
+        """The first located birth (an op, or the data): what an abort names as the fix."""
+        if self._first_located is None and (event.get("op") or event.get("phase") == "data"):
+            self._first_located = event
 
     def _record(
         self,
@@ -1139,6 +1146,7 @@ def _fix_of(located: events.Event | None) -> str:
     step, reason = located["step"], (located.get("evidence") or {}).get("reason")
     if located.get("phase") == "data":
         what = located.get("tensor") or "input"
+        what += f" of rank {located['rank']}" if isinstance(located.get("rank"), int) else ""
         return (
             f" The first non-finite value (step {step}) was already in the {what}: check the data "
             "(torch.isfinite(x).all() on each batch); the training itself is not the cause."

@@ -553,11 +553,7 @@ class Locator:
 
     def _data_birth(self, module: nn.Module, args: Any, kwargs: Any, t: Tensor) -> int:
         """A non-finite tensor passed to the model: the data, named by its argument (``labels=``: the label)."""
-        role, name = _inputs.model_argument(module, args, kwargs, t)
-        what = f"the `{name}` passed to the model hold" if name is not None else "the input batch holds"
-        ev: dict[str, Any] = {"input": _describe(t), "reason": f"{what} non-finite values"}
-        if name is not None:
-            ev["argument"] = name
+        role, ev = _data_evidence(module, args, kwargs, t)
         return self._birth("data", None, None, role, _kinds(t)[0], user_source(4), ev)
 
     def _post(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
@@ -618,10 +614,11 @@ class Locator:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
         mode = _Mode(self)
+        mode.__enter__()
         try:
-            with mode:
-                yield self
+            yield self
         finally:
+            _leave(mode)  # wherever it is: an armed window over the loss code may end under another mode
             for h in self._handles:
                 h.remove()
             self._handles.clear()
@@ -1144,11 +1141,13 @@ class StepCapture:
         return self.watches[-1] if self.watches else None
 
     def pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self.replaying or _in_transform() is not None:
-            return  # (a forward inside vmap / grad is not the step's: its tensors are wrappers)
+        if self.replaying:
+            return
         if _is_compiling():  # traced into the user's compiled forward: what Dynamo traces, no more
             self._pre_compiled(args, kwargs)
             return
+        if _in_transform() is not None:
+            return  # a forward inside vmap / grad (per-sample gradients) is not the step's: wrapper tensors
         if self._active is not None or self._pending:
             self._stop_watch(compact=True)  # a new forward: the last window was not the step's last
         if _grad_enabled():
@@ -1539,6 +1538,22 @@ class StepCapture:
             )
         return None, "replay"
 
+    def bad_input(self) -> dict[str, Any] | None:
+        """The first non-finite tensor the step's forwards were given (earlier micro-batches first),
+        as a ``data`` event's fields, without a replay: where replays are off (torch.distributed),
+        which rank's batch held it. Host reads: the anomaly path."""
+        batches = [inputs for inputs, _ in self._earlier] + ([self.inputs] if self.inputs is not None else [])
+        for k, (args, kwargs, _) in enumerate(batches):
+            t = next((t for t in _floats((args, kwargs)) if not _finite(t)), None)
+            if t is None:
+                continue
+            role, evidence = _data_evidence(self.root, args, kwargs, t)
+            if len(batches) > 1:
+                _in_micro_batch(evidence, k, len(batches))
+            return {"phase": "data", "module": None, "op": None, "tensor": role, "kind": _kinds(t)[0],
+                    "source": None, "evidence": evidence}  # fmt: skip
+        return None
+
     def _replay_earlier(self, loc: Locator) -> Birth | None:
         """Gradient accumulation: the step's earlier micro-batches are not the one replayed below. One
         whose input holds a non-finite value (host reads: the anomaly path) has its forward replayed
@@ -1559,11 +1574,7 @@ class StepCapture:
                 self.replaying = False
             if isinstance(birth, Birth) and birth.phase == "data":
                 birth.source = None  # (the replay's caller, not the script's line)
-                birth.evidence["micro_batch"] = f"{k + 1} of {n}"
-                birth.evidence["reason"] = (
-                    f"{birth.evidence.get('reason', 'the input batch holds non-finite values')} "
-                    f"(micro-batch {k + 1} of the step's {n}: gradient accumulation)"
-                )
+                _in_micro_batch(birth.evidence, k, n)
                 return birth
         return None
 
@@ -1593,6 +1604,25 @@ _CAPTURES: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[StepCapture]] = 
 def _live_captures(but: StepCapture) -> list[StepCapture]:
     """Every live capture of every model, but ``but``."""
     return [c for group in list(_CAPTURES.values()) for c in group if c is not but and not c._removed]
+
+
+def _data_evidence(module: nn.Module, args: Any, kwargs: Any, t: Tensor) -> tuple[str, dict[str, Any]]:
+    """A non-finite tensor passed to the model: its role (by its argument: ``labels=`` is the label)
+    and a ``data`` event's evidence (host reads: the anomaly path)."""
+    role, name = _inputs.model_argument(module, args, kwargs, t)
+    what = f"the `{name}` passed to the model hold" if name is not None else "the input batch holds"
+    evidence: dict[str, Any] = {"input": _describe(t), "reason": f"{what} non-finite values"}
+    if name is not None:
+        evidence["argument"] = name
+    return role, evidence
+
+
+def _in_micro_batch(evidence: dict[str, Any], k: int, n: int) -> None:
+    """Name the micro-batch (``k`` of ``n``, from 0) of gradient accumulation a data event's tensor came in."""
+    evidence["micro_batch"] = f"{k + 1} of {n}"
+    evidence["reason"] = (
+        f"{evidence['reason']} (micro-batch {k + 1} of the step's {n}: gradient accumulation)"
+    )
 
 
 def _top_mode() -> Any:

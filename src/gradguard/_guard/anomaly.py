@@ -95,6 +95,8 @@ class Anomalies:
             LightningModule's ``self.net``, which its ``training_step`` calls).
         max_replays: replay at most this many anomalous steps.
         can_replay: a replay is allowed (not under torch.distributed: ranks would diverge).
+        gather: under torch.distributed, every rank's value of an object (a collective): which
+            rank's batch held a non-finite value, checked without a replay.
         applied: the caller applies every step, bad ones included (``monitor_only`` with
             ``on_nonfinite="warn"``): see :attr:`reads_each_step`.
     """
@@ -108,6 +110,7 @@ class Anomalies:
         max_replays: int,
         can_replay: bool,
         applied: bool = False,
+        gather: Callable[[Any], list[Any]] | None = None,
     ) -> None:
         self.root = root
         self.called = capture.root if capture is not None else root  # the module the step calls
@@ -117,6 +120,8 @@ class Anomalies:
         self.can_replay = can_replay
         self.applied = applied
         self.replays = 0
+        self._gather = gather
+        self._rank_checks = 0  # steps whose inputs were checked on every rank (at most max_replays)
         self.history: History = collections.deque(maxlen=HISTORY)
         self._closure: Callable[[], Any] | None = None
         self._closure_rng: dict[str, Any] | None = None
@@ -204,14 +209,20 @@ class Anomalies:
             return None
         exploded = explosion([_norms(rec) for rec in (*self.history, *pending())])
         birth, how = self._replay(loss_bad)
+        if birth is None and self._gather is not None:
+            birth = self._data_on_ranks()
         located: dict[str, Any] = {}
         if birth is not None:
-            located = {**birth.event(), "located_by": "watch" if isinstance(birth, _Found) else "replay"}
+            how_found = "replay" if not isinstance(birth, _Found) else birth.fields.get("located_by", "watch")
+            located = {**birth.event(), "located_by": how_found}
         else:
             if how != "replay":
                 located = {"phase": "loss", "located_by": "replay", "evidence": {"reason": how}}
             if exploded is None and self._closure is None and self._armed is None:
-                self.arm(step)  # the next step runs under full instrumentation, in case it recurs
+                # the next step runs under full instrumentation, in case it recurs: the model's own
+                # forward and backward replayed clean, so over the loss code too (its backward: a
+                # gradient penalty's sqrt at 0 makes the gradients NaN from a finite loss)
+                self.arm(step, loss_code=True)
         if exploded is not None:  # the answer is the explosion, the op where it overflowed is evidence
             return {
                 "phase": "backward",
@@ -246,14 +257,35 @@ class Anomalies:
             birth, how = None, "the model's output was finite: the loss code made the loss non-finite"
         return birth, how
 
+    def _data_on_ranks(self) -> _Found | None:
+        """Under torch.distributed (no replays): each rank checks the inputs its step was given, and
+        every rank learns whose batch held the non-finite value (one gather; every rank is here, at
+        the same skipped step). The first such rank's tensor, with ``rank`` and every bad rank."""
+        if self.capture is None or self._gather is None or self._rank_checks >= self.max_replays:
+            return None
+        self._rank_checks += 1
+        found = self._gather(self.capture.bad_input())
+        bad = [(r, f) for r, f in enumerate(found) if isinstance(f, dict)]
+        if not bad:
+            return None
+        rank, fields = bad[0]
+        evidence = {**fields["evidence"], "ranks": [r for r, _ in bad]}
+        evidence["reason"] = f"on rank {rank}, {evidence['reason']}"
+        return _Found({**fields, "rank": rank, "evidence": evidence, "located_by": "inputs"})
+
     # ------------------------------------------------------------------ arm the next forward
-    def arm(self, step: int) -> None:
+    def arm(self, step: int, *, loss_code: bool = False) -> None:
         """Instrument the model's next forward call (and, through the autograd-node hooks it leaves,
         that forward's backward), in case the failure recurs.
 
         The instrumentation is a :class:`TorchFunctionMode`: it is entered in the root's forward
         pre-hook and left in its forward hook, around exactly one forward call, so it never
-        outlives that call (an unclosed guard cannot leave it on the mode stack).
+        outlives that call (an unclosed guard cannot leave it on the mode stack). With
+        ``loss_code`` (the failed step's model forward and backward replayed clean: its loss code,
+        which ``guard.step(loss)`` cannot replay, made the value) it stays on past the forward,
+        over the loss code, its backward and any further forward of the step, until the step
+        (:meth:`finish_armed`) or the guard's close. (Not ended inside a later forward: hooks
+        removed during a module's call break that call.)
         """
         loc = Locator(self.called, names=self.root)
         state: dict[str, Any] = {}
@@ -267,18 +299,18 @@ class Anomalies:
             state["ctx"].__enter__()
             loc._pre(module, args, kwargs)  # the watch's own pre-hook joins from the next call
             # registered after the watch's hooks, so it runs after them when this call ends
-            state["handles"].append(self.called.register_forward_hook(leave, always_call=True))
+            state["leave"] = self.called.register_forward_hook(leave, always_call=True)
 
         def leave(module: nn.Module, args: Any, out: Any) -> None:
-            ctx = state.pop("ctx", None)
-            if ctx is None:
+            if "ctx" not in state:
                 return
-            ctx.__exit__(None, None, None)
-            state.pop("eager").__exit__(None, None, None)
-            for h in state.pop("handles", ()):
-                h.remove()
+            state.pop("leave").remove()
             outs = [t for t in _tensors(out) if t.is_floating_point()]
             state["out"] = outs[0] if outs else None
+            if loss_code:
+                state["over_loss_code"] = True  # on over the loss code and its backward
+                return
+            _end_window(state)
 
         state["handles"] = [self.called.register_forward_pre_hook(enter, with_kwargs=True)]
         self._armed = (loc, state, step)
@@ -289,10 +321,7 @@ class Anomalies:
             return None
         loc, state, step = self._armed
         self._armed = None
-        for h in state.pop("handles", ()):  # the model never ran: nothing was instrumented
-            h.remove()
-        if "eager" in state:  # a forward entered and never left: compiled code runs compiled again
-            state.pop("eager").__exit__(None, None, None)
+        _end_window(state)  # (the model never ran, or its forward never left, or the loss code's window)
         target = loss if isinstance(loss, Tensor) else state.get("out")
         birth = loc.answer(target) if target is not None or loc.backward_birth is not None else None
         if birth is None:
@@ -305,6 +334,19 @@ class Anomalies:
             note=f"step {step} failed without a way to replay it; the failure recurred at step "
             f"{now}, whose forward ran instrumented",
         )
+
+
+def _end_window(state: dict[str, Any]) -> None:
+    """End an armed window, wherever it is: its hooks removed, the watch left, compiled code compiled again."""
+    for h in state.pop("handles", ()):
+        h.remove()
+    if "leave" in state:
+        state.pop("leave").remove()
+    if "ctx" in state:
+        state.pop("ctx").__exit__(None, None, None)
+    if "eager" in state:
+        state.pop("eager").__exit__(None, None, None)
+    state.pop("over_loss_code", None)
 
 
 def _eager() -> Any:

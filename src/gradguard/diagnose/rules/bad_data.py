@@ -106,6 +106,8 @@ def _confirmed(f: Facts, ev: Evidence) -> Finding:
     argument = details.get("argument") if isinstance(details.get("argument"), str) else None
     consumer = f" (into `{details['consumer']}`)" if details.get("consumer") else ""
     consumer += f" (`{argument}=` of the model)" if argument else ""
+    if isinstance(e0.get("rank"), int):  # torch.distributed: whose batch
+        consumer += f" on rank {e0['rank']}"
     later = _unreplayed(f, ev.steps)
     more = (
         f"; {later} later non-finite step(s) not replayed (max_replays), most likely more of them"
