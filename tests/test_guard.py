@@ -568,6 +568,22 @@ def test_warn_policy_takes_the_step_and_logs_it(tmp_path: Path) -> None:
     assert not log.events_of("skip")
 
 
+def test_an_abort_over_weights_that_are_huge_but_finite_does_not_call_them_non_finite() -> None:
+    """Weights of 1e28 (a run past its overflow): their norm overflows float32, the weights do not."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, on_nonfinite="skip", max_consecutive=3)
+    with torch.no_grad():
+        model[0].weight.fill_(1e28)
+
+    def bad(step, model, loss):
+        return loss if loss is None else loss * math.inf
+
+    with pytest.raises(NonFiniteError, match="consecutive skipped steps") as stopped:
+        train(guard, model, opt, range(5), fault=bad)
+    assert "non-finite: use on_nonfinite='rollback'" not in str(stopped.value)
+
+
 @pytest.mark.parametrize("opt_name", ["adam-forloop", "adamw-fused"])
 def test_abort_after_n_consecutive_bad_steps_with_the_log_flushed(tmp_path: Path, opt_name: str) -> None:
     model = make_model()
@@ -667,6 +683,12 @@ def test_finite_gradients_whose_float32_norm_overflows_are_clipped_not_skipped(t
     log = read_run(tmp_path / "r")
     assert log.metrics[1]["grad_norm"] == pytest.approx(3e30, rel=1e-5)
     assert log.first_event("overflow")["step"] == 1 and not log.events_of("nonfinite")
+    assert log.first_event("overflow")["note"].endswith("measured exactly and clipped")
+    unclipped = gradguard.Guard(model, opt, clip="none", log_dir=tmp_path / "none")
+    train(unclipped, model, opt, range(1, 2), fault=huge)
+    unclipped.close()
+    note = read_run(tmp_path / "none").first_event("overflow")["note"]
+    assert "not clipped (no threshold)" in note  # the note says what happened, not "clipped"
 
 
 def test_closure_form_recomputes_and_returns_the_loss() -> None:

@@ -476,3 +476,42 @@ def test_per_sample_gradients_with_torch_func_are_guarded_not_dropped(tmp_path: 
     log = read_run(tmp_path / "run")
     assert [r["step"] for r in log.metrics] == list(range(12))
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in log.metrics)
+
+
+def test_a_step_clipped_by_norm_then_by_value_is_counted_once(tmp_path: Path) -> None:
+    script = tmp_path / "two_clips.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            torch.manual_seed(0)
+            model = nn.Linear(4, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for step in range(6):
+                opt.zero_grad(set_to_none=False)
+                nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+                nn.utils.clip_grad_value_(model.parameters(), clip_value=0.5)
+                opt.step()
+            """
+        )
+    )
+    got = _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    assert "the script clipped the gradient norm to 1 itself on 6 steps" in got.stderr, got.stderr
+
+
+def test_an_uncaught_error_shows_the_traceback_python_shows_without_gradguards_frames(tmp_path: Path) -> None:
+    script = tmp_path / "crash.py"
+    script.write_text("import torch\n\n\ndef load():\n    raise ValueError('no such shard: 7')\n\n\nload()\n")
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert got.returncode == ref.returncode == 1
+
+    def traceback_of(stderr: str) -> list[str]:
+        lines = stderr[stderr.index("Traceback (most recent call last):") :].splitlines()
+        return [line for line in lines if not line.startswith("gradguard")]
+
+    assert traceback_of(got.stderr) == traceback_of(ref.stderr), got.stderr
+    assert "runpy" not in got.stderr and "gradguard/integrations" not in got.stderr

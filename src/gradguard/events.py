@@ -66,7 +66,7 @@ ABORT_CONSECUTIVE = "max_consecutive"  # too many skipped steps in a row
 ABORT_MAX_ROLLBACKS = "max_rollbacks"  # too many rollbacks within rollback_window steps
 ABORT_MIN_LR = "min_lr"  # one more LR back-off would take the learning rate below min_lr
 
-_OVERFLOW_NOTE = "finite gradients whose float32 norm overflows; measured exactly and clipped"
+_OVERFLOW_NOTE = "finite gradients whose float32 norm overflows; measured exactly"
 _COLLAPSE_MESSAGE = (
     "the GradScaler keeps overflowing: fp16 cannot hold these gradients. Lower the learning rate, "
     "clip harder, or train in bf16 (torch.autocast(dtype=torch.bfloat16))."
@@ -140,9 +140,11 @@ def spike(step: int, grad_norm: float, action: str) -> Event:
     return {"type": "spike", "step": step, "grad_norm": grad_norm, "action": action}
 
 
-def overflow(step: int, grad_norm: float) -> Event:
-    """Finite gradients whose float32 norm overflowed: measured exactly (``grad_norm``) and clipped."""
-    return {"type": "overflow", "step": step, "grad_norm": grad_norm, "note": _OVERFLOW_NOTE}
+def overflow(step: int, grad_norm: float, *, clipped: bool) -> Event:
+    """Finite gradients whose float32 norm overflowed: measured exactly (``grad_norm``), and clipped
+    when the guard has a threshold (the note says which)."""
+    note = f"{_OVERFLOW_NOTE} and clipped" if clipped else f"{_OVERFLOW_NOTE}; not clipped (no threshold)"
+    return {"type": "overflow", "step": step, "grad_norm": grad_norm, "note": note}
 
 
 def rollback(step: int, to_step: int) -> Event:

@@ -878,7 +878,8 @@ class Guard:
             return True
         planned.coef = coefficient(total, column(row, "threshold").to(torch.float64)).float()
         rescued(row, total, planned.coef, self._clipping.fraction(planned.coef))
-        self._event(events.overflow(self.counters.step_count, float(total)))
+        clipped = bool(planned.coef < 1)  # host read: the anomaly path
+        self._event(events.overflow(self.counters.step_count, float(total), clipped=clipped))
         return False
 
     def _decided(

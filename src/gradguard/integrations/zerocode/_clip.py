@@ -90,8 +90,7 @@ def script_clip(
     session.clips = True
     if session.framework:  # the callback measured this step: its row gets the Trainer's clip
         if further is not None and not zc.replace_clip:
-            session.script_clips += 1
-            session.script_threshold = threshold
+            _count_norm_clip(session, threshold)
             further(session)
         return not zc.replace_clip
     if zc.replace_clip:
@@ -99,9 +98,7 @@ def script_clip(
         if fresh(zc, session):
             measure_step(zc, session)
         return False
-    session.script_clips += 1
-    if threshold is not None:
-        session.script_threshold = threshold
+    _count_norm_clip(session, threshold)
     if fresh(zc, session):
         measure_step(zc, session, clip=first(session, params, covers_all))
     elif further is not None:
@@ -115,3 +112,15 @@ def replaced(zc: Any, call: str) -> None:
         f"--clip {zc.options['clip']} replaces the script's own {call}; the script's call "
         "returns the pre-clip norm and leaves the gradients to gradguard's clipper.",
     )
+
+
+def _count_norm_clip(session: Session, threshold: float | None) -> None:
+    """A norm clip of the script's (a value clip has no threshold): its step counted once, however
+    many clip calls it made (``clip_grad_norm_`` then ``clip_grad_value_``, or one per group)."""
+    if threshold is None:
+        return
+    session.script_threshold = threshold
+    step = session.guard.step_count
+    if session.script_clip_step != step:
+        session.script_clip_step = step
+        session.script_clips += 1

@@ -59,11 +59,11 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
                 code = _exit_code(e)
             except Stopped as e:
                 killed_by = e.signum
-            except KeyboardInterrupt:
-                traceback.print_exc()
+            except KeyboardInterrupt as e:
+                _print_script_error(e, script)
                 killed_by = signal.SIGINT
-            except BaseException:
-                traceback.print_exc()
+            except BaseException as e:
+                _print_script_error(e, script)
                 code = 1
     finally:
         stop_watching()
@@ -89,6 +89,16 @@ def check_options(options: dict[str, Any]) -> None:
     probe = nn.Linear(1, 1)
     guard = Guard(probe, ManualUpdate(probe.parameters()), log_dir=None, **guard_options)
     guard.close()
+
+
+def _print_script_error(error: BaseException, script: Path) -> None:
+    """The traceback Python prints for the script run plainly: from the script's first frame (the
+    frames of gradguard's runner and runpy above it left out); all of it if the script has none."""
+    target = os.path.realpath(script)
+    tb = error.__traceback__
+    while tb is not None and os.path.realpath(tb.tb_frame.f_code.co_filename) != target:
+        tb = tb.tb_next
+    traceback.print_exception(type(error), error, tb if tb is not None else error.__traceback__)
 
 
 def _exit_code(e: SystemExit) -> int:

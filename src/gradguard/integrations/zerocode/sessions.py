@@ -55,6 +55,7 @@ class Session:
         self.skip = False
         self.clips = False  # the script clips this model's gradients (its steps are measured there)
         self.script_clips = 0  # steps the script's own clip_grad_norm_ ran on
+        self.script_clip_step: int | None = None  # (the step counted last: several clip calls, one step)
         self.script_threshold: float | None = None
 
     def end_step(self) -> None:
