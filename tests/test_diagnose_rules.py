@@ -464,7 +464,9 @@ def test_update_ratios_far_above_1e_3_are_a_learning_rate_too_high() -> None:
     high = conclude(run([1.0] * n, loss=[1.0] * n, **ratios), "lr_too_high")
     assert high is not None and high.evidence["update_ratio_median_by_layer"]["fc"] == 0.3
     assert high.severity == "warning" and high.recommendation["lr"] < 0.1
-    assert 0.1 in high.recommendation["lr_candidates"]  # not failed at: tune may keep the run's own rate
+    # the run stalled at its rate: no candidate (a few dozen steps of tune cannot show a stall; a
+    # post-LN transformer at AdamW 0.03 "trained" 30 steps as well as 0.0018, then stalled)
+    assert 0.1 not in high.recommendation["lr_candidates"]
     assert conclude(run([1.0] * n, layer__fc__update_ratio=[1e-3] * n), "lr_too_high") is None
 
 
@@ -490,10 +492,12 @@ def test_high_update_ratios_in_a_run_that_trained_are_info_with_no_lower_rate_ad
     assert stalled is not None and stalled.severity == "warning" and stalled.recommendation["lr"] < 0.1
 
 
-def test_tune_keeps_the_run_s_own_rate_only_when_it_trains_best(tmp_path: Path) -> None:
-    """Where ``lr_too_high`` advises a rate (a run that stalled but did not fail), the candidates to
-    verify include the run's own rate; tune's verdict (``tunelog.choose``) keeps it when it trains as
-    well as the lower ones, and picks a lower one on evidence: the own rate past the valley."""
+def test_a_stalled_runs_own_rate_is_no_candidate_and_tune_picks_among_the_lower(tmp_path: Path) -> None:
+    """Where ``lr_too_high`` advises a rate, the run stalled at its own: the run itself is longer
+    evidence than tune's few dozen steps, which cannot show a stall (a post-LN transformer at AdamW
+    0.03 fell as fast as at 0.0018 for 30 steps, tune "verified" 0.03, and 0.03 stalled at 4.5
+    bits/char over the run where 0.0018 reached 3.1). The candidates are lower rates only; tune's
+    verdict (``tunelog.choose``) picks among them."""
     from gradguard.tunelog import TuneResult, judge, write_tune
 
     n = 80
@@ -512,20 +516,15 @@ def test_tune_keeps_the_run_s_own_rate_only_when_it_trains_best(tmp_path: Path) 
         w.write_metrics(rows)
     rec = next(f for f in diagnose(path) if f.id == "lr_too_high").recommendation
     rates = rec["lr_candidates"]
-    assert max(rates) == 0.4 and len(rates) >= 3, rates
+    assert max(rates) < 0.4 and len(rates) >= 3, rates
     flat = [1.0] * 10
 
     def falls(by: float) -> list[float]:
         return [1.0 - by * k / 9 for k in range(10)]
 
     write_tune(path, TuneResult([judge(None, r, falls(0.5), flat, own_clip=True) for r in rates], 10))
-    kept = next(f for f in diagnose(path) if f.id == "lr_too_high")
-    assert kept.severity == "warning" and kept.recommendation["lr_keep"] is True, kept.recommendation
-    assert kept.recommendation["lr"] == 0.4 and "Keep the learning rate" in kept.recommendation["text"]
-    falls_less = [judge(None, r, falls(0.5 if r < 0.4 else 0.2), flat, own_clip=True) for r in rates]
-    write_tune(path, TuneResult(falls_less, 10))
-    lower = next(f for f in diagnose(path) if f.id == "lr_too_high").recommendation
-    assert lower["lr_verified"] is True and lower["lr"] < 0.4 and "lr_keep" not in lower, lower
+    verified = next(f for f in diagnose(path) if f.id == "lr_too_high").recommendation
+    assert verified["lr_verified"] is True and verified["lr"] == max(rates) and "lr_keep" not in verified
 
 
 def _exploded_run(path: Path) -> Path:

@@ -415,3 +415,22 @@ def test_cli_tune_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "--steps must be" in capsys.readouterr().err
     assert main(["tune", "--run", str(tmp_path / "nope"), str(script)]) == 2
     assert not (tmp_path / TUNE_FILE).exists()
+
+
+def test_a_trial_by_default_runs_past_the_step_where_the_run_went_non_finite(tmp_path: Path) -> None:
+    """A run that failed at step 84 is not verified by 30-step trials (a threshold "verified" there
+    clipped 0 % of its steps and trained no better)."""
+    from gradguard.integrations.tune_script import MAX_DEFAULT_STEPS, STEPS, default_steps
+
+    def failed_at(step: int | None, name: str) -> Path:
+        with RunWriter(tmp_path / name) as w:
+            w.write_metrics([{"step": s, "loss": 1.0, "grad_norm": 1.0} for s in range(3)])
+            if step is not None:
+                w.write_event({"type": "nonfinite", "step": step, "phase": "forward", "kind": "nan"})
+        return tmp_path / name
+
+    assert default_steps(None) == STEPS
+    assert default_steps(failed_at(None, "healthy")) == STEPS
+    assert default_steps(failed_at(5, "early")) == STEPS
+    assert default_steps(failed_at(84, "late")) == 94
+    assert default_steps(failed_at(5000, "very_late")) == MAX_DEFAULT_STEPS

@@ -262,7 +262,12 @@ def _add_tune_parser(sub: Any) -> None:
         "each trial keeps the script's own clipping unless --max-norm is given too",
     )
     tune.add_argument(
-        "--steps", type=int, default=30, metavar="N", help="optimizer steps per trial (default 30)"
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="optimizer steps per trial (default 30; with --run, past the step where that run went "
+        "non-finite, at most 300)",
     )
     tune.add_argument(
         "--run",

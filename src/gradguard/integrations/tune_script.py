@@ -61,7 +61,7 @@ def tune_script(
     argv: Sequence[str] = (),
     *,
     max_norms: Sequence[float | None] | None = None,
-    steps: int = 30,
+    steps: int | None = None,
     run: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     timeout_s: float | None = None,
@@ -74,7 +74,9 @@ def tune_script(
         argv: its own arguments.
         max_norms: thresholds to try (``None``: unclipped). Default: see the module docstring.
         lrs: learning rates to try, or ``"auto"`` (see the module docstring); ``None``: thresholds only.
-        steps: optimizer steps per trial.
+        steps: optimizer steps per trial. Default: :data:`STEPS`; with ``run``, enough to pass the
+            step where that run went non-finite (a failure at step 84 is not in 30 steps), at most
+            :data:`MAX_DEFAULT_STEPS`.
         run: a run directory of the same script: candidates from its healthy norms, and
             ``tune.json`` written there.
         out: the folder of the trials' run directories (default ``gradguard-runs/<time>-tune-<script>``).
@@ -89,6 +91,8 @@ def tune_script(
         raise GradGuardError(
             f"gradguard tune: no such script {script!r}; pass the path of a Python training script."
         )
+    if steps is None:
+        steps = default_steps(run)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise GradGuardError(
             f"gradguard tune: --steps must be an int ≥ 2 (a few dozen is typical), got {steps!r}."
@@ -113,6 +117,23 @@ def tune_script(
         run_dir = runlog.read_run(run, records=False).path
         write_tune(run_dir, with_other_question(read_tune(run_dir), result))
     return result
+
+
+STEPS = 30  #: steps per trial by default
+MAX_DEFAULT_STEPS = 300  #: the most steps per trial a run's late failure sets by default
+_PAST = 10  #: steps past the run's first non-finite step
+
+
+def default_steps(run: str | os.PathLike[str] | None) -> int:
+    """Steps per trial when none are given: :data:`STEPS`, or enough to pass the step where ``run``
+    went non-finite (a trial that stops before the failure verifies nothing about it)."""
+    if run is None:
+        return STEPS
+    first = runlog.read_run(run, records=False).first_nonfinite()
+    step = first.get("step") if first is not None else None
+    if not isinstance(step, int):
+        return STEPS
+    return max(STEPS, min(step + _PAST, MAX_DEFAULT_STEPS))
 
 
 def with_other_question(before: TuneResult | None, now: TuneResult) -> TuneResult:

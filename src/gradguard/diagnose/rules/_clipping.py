@@ -26,6 +26,11 @@ from gradguard.tunelog import TUNE_FILE, TuneResult
 
 OVERCLIP_RATE = 0.5  # > 50% of steps clipped is aggressive (Tuning Playbook)
 STALLED = 0.2  # a loss that fell by less than this fraction of its start did not train (trained())
+UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
+UPDATE_RATIO_AIM = 1e-2  # the update/weight ratio a rate estimated from the ratios aims at
+# ... after a failure: tune's candidates (2×, ½×, ¼× the estimate) then span ratios 0.06–0.0075 (at 1e-2,
+# an SGD MLP at lr 1 was sent to rates that trained too slowly to reach its loss in 200 steps)
+_FAILED_AIM = 3e-2
 _MIN_STEPS = 10  # fewest thresholded steps to judge
 _MIN_DELTAS = 10  # fewest loss changes after clipped (and unclipped) steps to compare them
 
@@ -329,7 +334,7 @@ def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
     Otherwise ``estimate`` (from ``why``), kept at most half the rate the run failed at
     (:func:`failed_lr`), marked ``lr_verified: False`` with the ``gradguard tune --lr`` command line
     that verifies it (``lr_tune``: the estimate and its neighbours below that rate as candidates, and
-    the run's own rate where the run did not fail at it, :func:`own_lr`, so tune can answer "keep it").
+    the run's own rate where the run trained at it, :func:`own_lr`, so tune can answer "keep it").
     ``text`` is a sentence without its final period, as :func:`threshold_advice`'s.
     """
     result = tuned(f)
@@ -357,32 +362,64 @@ def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
 
 
 def own_lr(f: Facts) -> float | None:
-    """The run's own learning rate where the run did not fail at it (finite to the end, no climb of
-    the norm, the loss no higher at the end than at the start): its last one — a candidate every
+    """The run's own learning rate where the run trained at it (:func:`trained`: finite to a healthy
+    end, the loss fell by :data:`STALLED` of its start): its last one — a candidate every
     verification of a rate includes, so tune keeps it unless a lower one trains better; ``None``
-    where the run failed at it (or logs no rate)."""
-    loss = ends(f.loss_at(0, len(f.rows)))
-    failed = f.went_bad or f.healthy.onset_step is not None or not loss.end <= loss.start
-    return None if failed else failed_lr(f)
+    where the run failed or stalled at it (or logs no rate). A stalled run's rate is no candidate: a
+    few dozen steps cannot show the stall (a post-LN transformer at AdamW 0.03 falls as fast as at
+    0.0018 for 30 steps, then stalls at 4.5 bits/char where 0.0018 reaches 3.1)."""
+    return None if trained(f) is None else failed_lr(f)
 
 
 def lr_candidates(f: Facts, estimate: float) -> list[float]:
     """The rates that verify ``estimate``: it and its neighbours (2×, ½×, ¼×) below the rate the run
-    failed at, and the run's own rate where it did not fail at it (:func:`own_lr`): then tune keeps
+    failed at, and the run's own rate where the run trained at it (:func:`own_lr`): then tune keeps
     the own rate unless a lower one trains better (:func:`gradguard.tunelog.choose`); low to high."""
     failed, own = failed_lr(f), own_lr(f)
     rungs = {r for r in (sig(estimate * 2.0**k, 2) for k in (1, 0, -1, -2)) if failed is None or r < failed}
     return sorted(rungs | ({own} if own is not None else set()))
 
 
+def update_ratios(f: Facts, start: int, end: int) -> dict[str, float]:
+    """Each layer's median update/weight ratio over the healthy steps in rows ``[start, end)``."""
+    out: dict[str, float] = {}
+    for name in f.layers:
+        series = f.layer(name, "update_ratio")
+        vals = [
+            series[i] for i in range(start, end) if f.ok[i] and math.isfinite(series[i]) and series[i] > 0
+        ]
+        if vals:
+            out[name] = median(vals)
+    return out
+
+
+def ratio_lr(lr: float, ratio: float, aim: float = UPDATE_RATIO_AIM) -> float:
+    """The rate that moves a layer whose update/weight ratio is ``ratio`` at ``lr`` by about
+    ``aim`` a step (at most half of ``lr``)."""
+    return sig(lr * min(0.5, aim / ratio), 1)
+
+
 def lower_lr(f: Facts, factor: float = 10.0) -> dict[str, Any]:
-    """:func:`lr_advice` for "lower the learning rate": ``1/factor`` of the rate the run failed at."""
+    """:func:`lr_advice` for "lower the learning rate": ``1/factor`` of the rate the run failed at —
+    or lower, where the steps before the failure moved the layers (their median) by ≥
+    :data:`UPDATE_RATIO_HIGH` of their weights: the rate that moves them by ~3e-2. Measured on
+    failures nobody here wrote: a tenth of lr 5, whose steps moved the layers 6× their norm, still
+    diverged where 0.008 trained (the ratio's rate: 0.025, with 0.0125 and 0.006 among tune's
+    candidates); a VAE at 0.1 (2.7×): a tenth diverged, 0.001 trained (the ratio's rate)."""
     failed = failed_lr(f)
     if failed is None:
         return lr_advice(f, None, "")
-    return lr_advice(
-        f, sig(failed / factor, 1), f"1/{factor:g} of the rate this run failed at, {fmt(failed)}"
-    )
+    estimate, why = sig(failed / factor, 1), f"1/{factor:g} of the rate this run failed at, {fmt(failed)}"
+    end = f.index_of(f.healthy.onset_step) if f.healthy.onset_step is not None else f.trouble
+    ratios = list(update_ratios(f, 0, end).values())
+    moved = median(ratios) if ratios else 0.0
+    if moved >= UPDATE_RATIO_HIGH and ratio_lr(failed, moved, _FAILED_AIM) < estimate:
+        estimate = ratio_lr(failed, moved, _FAILED_AIM)
+        why = (
+            f"update/weight ratios near {_FAILED_AIM:g}: at {fmt(failed)} a step moved the layers "
+            f"{fmt(moved)} of their weights (median)"
+        )
+    return lr_advice(f, estimate, why)
 
 
 def with_lr(rec: dict[str, Any], lr: dict[str, Any]) -> dict[str, Any]:

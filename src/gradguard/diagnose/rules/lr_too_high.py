@@ -23,8 +23,8 @@ High update ratios in a run that trained (:func:`~gradguard.diagnose.rules._clip
 test ``over_clipping`` asks too) are an ``info``, not a failure, with no lower rate recommended that
 nothing backs: keep the rate (the rnn demo's ``norm:5`` recipe at lr 1, decoder ratio ~0.11, trains
 to 2.99–3.02 bits/char where the 0.18 it used to be told to try reaches 3.15–3.18). Where a rate is
-advised, tune's candidates include the run's own rate when the run did not fail at it, so tune can
-answer "keep it" (:func:`~gradguard.diagnose.rules._clipping.own_lr`).
+advised (the run did not train), tune's candidates are lower rates only: the run stalled at its own,
+which tune's few dozen steps cannot show (:func:`~gradguard.diagnose.rules._clipping.own_lr`).
 """
 
 from __future__ import annotations
@@ -38,9 +38,16 @@ from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import ends, fmt, layer_name, median, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import lr_advice, trained, tuned, with_lr
+from gradguard.diagnose.rules._clipping import (
+    UPDATE_RATIO_HIGH,
+    lr_advice,
+    ratio_lr,
+    trained,
+    tuned,
+    update_ratios,
+    with_lr,
+)
 
-UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth
 _JUMP_LOOKBACK = 10  # steps before the onset an LR increase is looked for
 _RISING_MIN = 20  # fewest healthy steps to judge a warm-up that never stops
@@ -66,12 +73,7 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     h = f.healthy
     end = f.index_of(h.onset_step) if h.onset_step is not None else f.trouble
     warm = max(3, len(f.rows) // 50)
-    per_layer: dict[str, float] = {}
-    for name in f.layers:
-        series = f.layer(name, "update_ratio")
-        vals = [series[i] for i in range(warm, end) if f.ok[i] and math.isfinite(series[i]) and series[i] > 0]
-        if vals:
-            per_layer[name] = median(vals)
+    per_layer = update_ratios(f, warm, end)
     worst = max(per_layer.items(), key=lambda kv: kv[1], default=None)
     high = worst if worst is not None and worst[1] >= UPDATE_RATIO_HIGH else None
     jump = _lr_jump(f, end) if h.onset_step is not None else None
@@ -168,7 +170,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         )
         step = step if step is not None else at
         if math.isfinite(lr) and estimate is None:
-            estimate = (sig(lr * min(0.5, 1e-2 / med), 1), "a first-step update/weight ratio near 1e-2")
+            estimate = (ratio_lr(lr, med), "a first-step update/weight ratio near 1e-2")
     if ev.worst is not None:
         name, ratio = ev.worst
         parts.append(
@@ -176,7 +178,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         )
         step = step if step is not None else f.steps[min(ev.warm, len(f.steps) - 1)]
         if math.isfinite(lr) and estimate is None:
-            estimate = (sig(lr * min(0.5, 1e-2 / ratio), 1), "an update/weight ratio near 1e-2")
+            estimate = (ratio_lr(lr, ratio), "an update/weight ratio near 1e-2")
     evidence["lr"] = lr if math.isfinite(lr) else None
     loss = trained(f) if ev.rising is None else None  # a loss climbing at the end did not train
     if loss is not None:
