@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import gradguard
 from gradguard.runlog import read_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
@@ -329,3 +331,27 @@ def test_a_gradient_norm_spike_is_on_stderr_by_the_next_flush(tmp_path: Path) ->
     assert got.returncode == 0, got.stderr
     spikes = [line for line in got.stderr.splitlines() if "gradient norm spike" in line]
     assert len(spikes) == 1 and "at step 45 of SGD on Sequential" in spikes[0], got.stderr
+    assert re.search(r"\d+× the median of the steps before", spikes[0]), spikes[0]
+
+
+def test_a_blip_the_spike_rule_flags_after_a_quiet_start_is_not_said_live(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A healthy run (an EMA-teacher script): the z-score rule flagged 1.14 against ~0.62 (1.8×) right
+    after its warm-up; the log keeps the flag, the terminal keeps quiet. 3× is said, with its ratio."""
+    import torch
+    from torch import nn
+
+    from gradguard.integrations.zerocode.live import Live
+
+    model = nn.Linear(2, 1)
+    guard = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    seen = Live(enabled=True).flushed(guard)
+    quiet = [{"step": s, "grad_norm": 0.62 + 0.01 * (s % 3), "spike": False} for s in range(26)]
+    seen([*quiet, {"step": 26, "grad_norm": 1.136, "spike": True}])
+    assert "gradient norm spike" not in capsys.readouterr().err
+    seen([{"step": 27, "grad_norm": 1.9, "spike": True}])
+    said = capsys.readouterr().err
+    assert (
+        "gradient norm spike at step 27 of SGD on Linear: 1.9, 3.02× the median of the steps before" in said
+    )

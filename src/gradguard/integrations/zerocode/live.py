@@ -4,8 +4,10 @@ while it lasts (rank 0 only under torchrun)."""
 
 from __future__ import annotations
 
+import collections
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +20,8 @@ from gradguard.integrations.zerocode.sessions import ManualUpdate
 __all__ = ["LIVE_EVERY_S", "Live", "rank"]
 
 LIVE_EVERY_S = 30.0  #: at most one live stderr line per this many seconds while a problem lasts
+SPIKE_SAID = 2.0  #: a spike is said live when its norm is at least this many times the recent median
+_RECENT = 50  # the norms the median of a spike's line is taken over
 
 
 # ----------------------------------------------------------------------------- live lines
@@ -28,6 +32,7 @@ class Live:
         self.enabled = enabled
         self._last: dict[str, float] = {}
         self._count: dict[str, int] = {}
+        self._recent: dict[int, collections.deque[float]] = {}  # each guard's last finite norms
 
     def _line(self, key: str, first: Callable[[], str], again: Callable[[int], str]) -> None:
         """The first occurrence of ``key`` at once; then a count at most every :data:`LIVE_EVERY_S`."""
@@ -61,12 +66,18 @@ class Live:
     def flushed(self, guard: Guard) -> Callable[[list[dict[str, Any]]], None]:
         """A flush callback: non-finite steps the host learns of at a flush, and norm spikes."""
 
+        recent = self._recent.setdefault(id(guard), collections.deque(maxlen=_RECENT))
+
         def seen(records: list[dict[str, Any]]) -> None:
             for rec in records:
                 if rec.get("nonfinite") and not rec.get("_decided"):
                     self._nonfinite_at_flush(guard, rec["step"])
-                if rec.get("spike") and _finite(rec.get("grad_norm")):
-                    self._spike(guard, rec["step"], rec["grad_norm"])
+                norm = rec.get("grad_norm")
+                if not isinstance(norm, float) or not _finite(norm):
+                    continue
+                if rec.get("spike") and recent:
+                    self._spike(guard, rec["step"], norm, norm / max(statistics.median(recent), 1e-30))
+                recent.append(norm)
 
         return seen
 
@@ -77,11 +88,20 @@ class Live:
             lambda n: f"{n} non-finite steps so far (last: step {step}).",
         )
 
-    def _spike(self, guard: Guard, step: int, norm: float) -> None:
+    def _spike(self, guard: Guard, step: int, norm: float, ratio: float) -> None:
+        """A norm the spike rule flagged: said when it is :data:`SPIKE_SAID` × the recent median or
+        more (the rule flags a 1.6× blip after a quiet start; the run log keeps every flag)."""
+        if ratio < SPIKE_SAID:
+            return
         self._line(
             f"spike{id(guard)}",
-            lambda: f"gradient norm spike at step {step} of {_name(guard)}: {norm:.4g}.",
-            lambda n: f"{n} gradient norm spikes so far (last: step {step}, {norm:.4g}).",
+            lambda: (
+                f"gradient norm spike at step {step} of {_name(guard)}: {norm:.4g}, {ratio:.3g}× the median "
+                "of the steps before."
+            ),
+            lambda n: (
+                f"{n} gradient norm spikes so far (last: step {step}, {norm:.4g}, {ratio:.3g}× the median)."
+            ),
         )
 
 
