@@ -224,3 +224,37 @@ def test_an_out_that_holds_a_run_log_is_refused_before_the_script_runs(tmp_path:
     assert "exist_ok=True" not in again.stderr and "Traceback" not in again.stderr
     appended = run("--exist-ok")
     assert appended.returncode == 0 and "the script ran" in appended.stdout, appended.stderr
+
+
+def test_a_module_of_a_package_runs_with_dash_m_as_python_runs_it(tmp_path: Path) -> None:
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model.py").write_text("from torch import nn\n\n\ndef make():\n    return nn.Linear(4, 1)\n")
+    (pkg / "train.py").write_text(
+        "import sys\nimport torch\nfrom .model import make\n\n"
+        "print('argv', sys.argv[1:], sys.argv[0].endswith('train.py'))\n"
+        "model = make()\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "for _ in range(int(sys.argv[2])):\n"
+        "    opt.zero_grad()\n    model(torch.randn(8, 4)).pow(2).mean().backward()\n    opt.step()\n"
+    )
+
+    def run(*words: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "gradguard", "run", "--no-report", *words]
+        return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+
+    plain = subprocess.run(
+        [sys.executable, "-m", "mypkg.train", "--steps", "5"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    got = run("--out", str(tmp_path / "r"), "-m", "mypkg.train", "--steps", "5")
+    assert got.returncode == plain.returncode == 0, got.stderr
+    assert got.stdout == plain.stdout == "argv ['--steps', '5'] True\n"
+    assert len(read_run(tmp_path / "r").metrics) == 5
+    missing = run("-m", "mypkg.nothing")
+    assert missing.returncode == 2 and "no module named 'mypkg.nothing'" in missing.stderr
+    as_file = run("--out", str(tmp_path / "f"), "mypkg/train.py", "--steps", "5")
+    assert as_file.returncode == 1 and "gradguard run -m package.module" in as_file.stderr, as_file.stderr

@@ -158,7 +158,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.quiet:
         options["live"] = False
     try:
-        return run_script(args.script, list(args.args), report=not args.no_report, **options)
+        return run_script(
+            args.script, list(args.args), report=not args.no_report, module=args.module, **options
+        )
     except GradGuardError as e:  # a bad option, refused when the first guard is made
         return _fail(str(e))
 
@@ -450,6 +452,12 @@ def _add_run_parser(sub: Any) -> None:
         run.add_argument(flag, dest=dest, default=default, **settings)  # type: ignore[arg-type]
     run.add_argument("--no-report", action="store_true", help="do not write report.html at exit")
     run.add_argument("--quiet", action="store_true", help="no live lines on stderr while the script runs")
+    run.add_argument(
+        "-m",
+        dest="module",
+        action="store_true",
+        help="SCRIPT is a module, run as `python -m SCRIPT` would (e.g. `gradguard run -m mypkg.train --epochs 1`)",
+    )
     _add_script_arguments(run, _run)
 
 

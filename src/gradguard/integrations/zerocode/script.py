@@ -22,39 +22,52 @@ __all__ = ["check_options", "run_script"]
 
 
 # ----------------------------------------------------------------------------- gradguard run
-def run_script(path: str, argv: list[str], *, report: bool = True, **options: Any) -> int:
+def run_script(
+    path: str, argv: list[str], *, report: bool = True, module: bool = False, **options: Any
+) -> int:
     """Run a script as ``__main__`` under :class:`ZeroCode`; its exit code, its output kept.
 
     gradguard's own messages go to stderr. With ``report`` (and plotly installed), ``report.html``
     is written into the run directory at exit — also after an uncaught exception, Ctrl-C or a
-    SIGTERM (the process then ends by that signal, as the plain script would).
+    SIGTERM (the process then ends by that signal, as the plain script would). With ``module``,
+    ``path`` is a module name run as ``python -m`` runs it (the current directory first on the path,
+    ``sys.argv[0]`` the module's file).
     """
     import runpy
 
-    script = Path(path)
-    if not script.is_file():
-        print(
-            f"gradguard run: no such script {path!r}; pass the path of a Python training script.",
-            file=sys.stderr,
+    found = _module_file(path) if module else Path(path)
+    if found is None or not found.is_file():
+        what = f"no module named {path!r} here" if module else f"no such script {path!r}"
+        how = (
+            "pass an importable module (run from the folder that holds its package)"
+            if module
+            else (
+                "pass the path of a Python training script (a package's module: gradguard run -m pkg.module)"
+            )
         )
+        print(f"gradguard run: {what}; {how}.", file=sys.stderr)
         return 2
+    script = found
     if options.get("monitor_only"):  # watching only: a bad step is reported, not skipped (as Lightning's)
         options.setdefault("on_nonfinite", "warn")
     check_options(options)  # a bad option is refused before the script starts, not at its first step
     old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [str(script), *argv]
-    sys.path.insert(0, str(script.resolve().parent))
+    sys.path.insert(0, os.getcwd() if module else str(script.resolve().parent))
     previous = signal.getsignal(signal.SIGTERM)
     if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, on_signal)
     code: int = 0
     killed_by: int | None = None
-    zc = ZeroCode(name=script.stem, scan_existing=False, **options)
+    zc = ZeroCode(name=path if module else script.stem, scan_existing=False, **options)
     stop_watching = watch()  # a Ctrl-C Python swallowed in a callback is raised at the next step
     try:
         with zc:
             try:
-                runpy.run_path(str(script), run_name="__main__")
+                if module:
+                    runpy.run_module(path, run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(str(script), run_name="__main__")
             except SystemExit as e:
                 code = _exit_code(e)
             except Stopped as e:
@@ -64,6 +77,12 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
                 killed_by = signal.SIGINT
             except BaseException as e:
                 _print_script_error(e, script)
+                if isinstance(e, ImportError) and "no known parent package" in str(e) and not module:
+                    print(
+                        f"gradguard run: {script} is a module of a package (relative imports): run it as "
+                        "`python -m` would, `gradguard run -m package.module ARGS` from the package's folder.",
+                        file=sys.stderr,
+                    )
                 code = 1
     finally:
         stop_watching()
@@ -79,6 +98,23 @@ def run_script(path: str, argv: list[str], *, report: bool = True, **options: An
         signal.signal(killed_by, signal.SIG_DFL)
         os.kill(os.getpid(), killed_by)
     return code
+
+
+def _module_file(name: str) -> Path | None:
+    """The file ``python -m name`` would run (a package's ``__main__``), found from the current
+    directory as ``python -m`` looks; ``None`` when there is no such module."""
+    import importlib.util
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations is not None:  # a package: its __main__
+            spec = importlib.util.find_spec(f"{name}.__main__")
+    except (ImportError, ValueError):
+        spec = None
+    finally:
+        sys.path.pop(0)
+    return Path(spec.origin) if spec is not None and spec.origin else None
 
 
 def check_options(options: dict[str, Any]) -> None:
