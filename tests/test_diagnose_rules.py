@@ -420,6 +420,25 @@ def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     assert "guard.step(closure)" not in text and "rerun the failing step in one process" in text, text
 
 
+def test_every_batch_bad_from_the_first_step_is_the_preprocessing_not_a_few_samples() -> None:
+    """A standardization over a constant column (std 0) makes every batch NaN: "drop the bad samples"
+    would drop them all. Three bad batches among healthy ones stay the samples' fault."""
+    data = [
+        {"type": "nonfinite", "step": s, "phase": "data", "kind": "nan", "tensor": "input"} for s in range(9)
+    ]
+    every = conclude(run([NAN] * 10, loss=[NAN] * 10, events=data), "bad_data")
+    assert every is not None and every.evidence["every_batch"] is True
+    assert "the preprocessing makes them" in every.message
+    assert every.recommendation["text"].startswith("Fix the preprocessing, not the samples")
+    some = [1.0] * 20 + [NAN] + [1.0] * 20
+    few = conclude(run(some, events=[{**data[0], "step": 20}]), "bad_data")
+    assert (
+        few is not None
+        and "every_batch" not in few.evidence
+        and "drop or repair" in few.recommendation["text"]
+    )
+
+
 def test_a_bad_batch_after_the_replays_ran_out_is_counted_with_the_others_not_an_op() -> None:
     """max_replays=3 located three bad batches as data; the fourth only has the flags. It is one
     more of them (counted in bad_data), not a separate error asking for a closure."""

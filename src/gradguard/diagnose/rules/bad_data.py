@@ -30,6 +30,14 @@ _TENSOR_WORDS = {
     "state": "the state carried from the previous step",
     "carried state": "the state carried from the previous step",
 }
+_MIN_EVERY = 3  # steps that all had a bad batch before "every batch" is said
+_PREPROCESSING = (
+    "Fix the preprocessing, not the samples (dropping them would drop every batch): a standardization "
+    "(x - mean) / std divides by 0 for a constant feature (use std.clamp_min(1e-8)), a mean or std over a "
+    "column with a missing value is NaN for the whole column (use torch.nanmean, or fill the missing values "
+    "first), log of 0 or of a negative value in a feature transform; check with torch.isfinite({x}).all(dim=0) "
+    "which features are non-finite."
+)
 _CLEAN = (
     "Clean the data: drop or repair samples with torch.isfinite({x}).all() in the dataset or collate_fn; "
     "meanwhile on_nonfinite='skip' drops those steps without touching the weights."
@@ -126,7 +134,19 @@ def _confirmed(f: Facts, ev: Evidence) -> Finding:
         "on_nonfinite": "skip",
         "code": f"assert torch.isfinite({x}).all(), 'non-finite {tensor}'",
     }
+    if _every_batch(f, ev.steps):
+        evidence["every_batch"] = True
+        message += (
+            " Every batch held them from the first step: the preprocessing makes them, not a few bad samples."
+        )
+        rec["text"] = _PREPROCESSING.format(x=x)
     return Finding("bad_data", "error", first, message, evidence, rec)
+
+
+def _every_batch(f: Facts, steps: list[int]) -> bool:
+    """Whether every recorded step (at least :data:`_MIN_EVERY` of them) went non-finite, the first
+    with a bad batch (later ones past ``max_replays`` are not replayed)."""
+    return len(f.steps) >= _MIN_EVERY and bool(steps) and steps[0] == f.steps[0] and all(f.bad)
 
 
 def _unreplayed(f: Facts, data_steps: list[int]) -> int:
