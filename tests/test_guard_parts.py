@@ -111,7 +111,7 @@ def test_each_event_type_has_one_constructor_with_todays_fields() -> None:
         "parameters": ["0.weight"],
         "added": ["0"],
     }
-    assert set(events.overflow(7, 1e39)) == {"type", "step", "grad_norm", "note"}
+    assert set(events.overflow(7, 1e39, clipped=True)) == {"type", "step", "grad_norm", "note"}
     collapse = events.loss_scale_collapse(8, 0.5, 1.0, 3, [(7, 1.0), (8, 0.5)])
     assert (collapse["type"], collapse["floor"], collapse["consecutive_overflows"]) == (
         "loss_scale_collapse",

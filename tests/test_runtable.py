@@ -131,6 +131,11 @@ def test_a_climb_starts_where_the_norm_triples_over_the_median_before_it_and_sta
     assert T.climb_onset(small, ends_in_trouble=False) is None
     assert T.climb_onset(small, ends_in_trouble=True) == 20
     assert T.climb_onset([1.0, 100.0, 100.0, 100.0], ends_in_trouble=True) is None  # no history before it
+    # ... unless the jump goes on climbing: a VAE at a far too high rate, from step 1 (was read at 4)
+    vae = [198.1, 80875.0, 230249.5, 99850.1, 429994.3, 1845108.9, 7915994.5, 3.4e7]
+    assert T.climb_onset(vae, ends_in_trouble=False) == T.climb_onset(vae, ends_in_trouble=True) == 1
+    zero_init = [0.01, *[1.0 + 0.1 * (k % 3) for k in range(30)]]  # a jump after step 0 that holds
+    assert T.climb_onset(zero_init, ends_in_trouble=True) is None
 
 
 def test_the_first_layer_to_grow() -> None:
@@ -153,7 +158,9 @@ def test_the_rnn_demo_onset_is_the_climb_and_the_layer_that_led_it() -> None:
     """The rnn demo's unclipped run (seed 0), steps 0-10 before its first non-finite step 11.
 
     locate used to say step 4 / embed (the embedding's norm fell to 0 after a blip at step 2),
-    diagnose step 3 / lstm; both now read this one definition.
+    diagnose step 3 / lstm; both now read this one definition. The climb starts at step 1 (9.92 →
+    210, 21×, and on to 1e20): with three norms required before a climb it read step 3, and the
+    "healthy" baseline held 210 and 3.65e5.
     """
     norms = [9.92, 209.7, 3.65e5, 3.46e6, 2.07e8, 2.77e10, 3.25e12, 1.09e15, 2.39e16, 2.71e18, 1.55e20]
     layers = {
@@ -162,8 +169,8 @@ def test_the_rnn_demo_onset_is_the_climb_and_the_layer_that_led_it() -> None:
         "decoder": [9.07, 104.5, 2.40e4, 1.05e6, 7.95e7, 2.29e9, 3.22e12, 8.32e13, 1.74e16, 5.06e17, INF],
     }
     onset = T.explosion_onset(list(range(11)), norms, layers)
-    assert onset.step == 3 and onset.healthy == range(0, 3)
-    assert onset.layer is not None and (onset.layer.name, onset.layer.index) == ("lstm", 3)
+    assert onset.step == 1 and onset.healthy == range(0, 1)
+    assert onset.layer is not None and (onset.layer.name, onset.layer.index) == ("lstm", 1)
 
 
 def test_the_readers_modules_import_without_torch() -> None:

@@ -490,16 +490,22 @@ def climb_onset(norms: Sequence[float], *, ends_in_trouble: bool) -> int | None:
     :data:`GROWTH_FACTOR` × the median of the (up to :data:`ONSET_WINDOW`) norms before it, and
     whose next :data:`SUSTAIN` norms stay that high (a lone spike is not a climb). It counts when
     the run then went wrong (``ends_in_trouble``) or the norm rose :data:`EXPLOSION_FACTOR` × over
-    that median. Sliding median: O(n·window).
+    that median. A climb may start sooner, after one norm, where it is :data:`EXPLOSION_FACTOR` ×
+    the norms before it, stays there, and goes on climbing another :data:`EXPLOSION_FACTOR` × (a
+    VAE at a far too high rate: 198, then 80,875, on to 1e10; with the usual three norms first, its
+    onset read step 4 and the "healthy" median 90,000). A jump that then holds is not one: a
+    zero-initialised layer's gradient can jump that much after step 0 of a healthy run (which may
+    go wrong much later, on a bad batch). Sliding median: O(n·window).
     """
     y = [math.log(v) for v in norms]
-    bar = math.log(GROWTH_FACTOR)
+    bar, early = math.log(GROWTH_FACTOR), math.log(EXPLOSION_FACTOR)
     past: list[float] = []  # sorted values of the sliding window
     for i, v in enumerate(y):
-        if len(past) >= MIN_HISTORY:
+        if len(past) >= MIN_HISTORY or (past and max(y[i:]) - v >= early):
+            need = bar if len(past) >= MIN_HISTORY else early
             m = len(past)
             med = past[m // 2] if m % 2 else 0.5 * (past[m // 2 - 1] + past[m // 2])
-            if v - med >= bar and all(w - med >= bar for w in y[i + 1 : i + 1 + SUSTAIN]):
+            if v - med >= need and all(w - med >= need for w in y[i + 1 : i + 1 + SUSTAIN]):
                 rise = max(y[i:]) - _median(y[max(0, i - ONSET_WINDOW) : i])
                 return i if ends_in_trouble or rise >= math.log(EXPLOSION_FACTOR) else None
         bisect.insort(past, v)
@@ -566,14 +572,14 @@ def explosion_onset(
 ) -> Onset:
     """The onset of an explosion in a history that ended in a non-finite step (the guard's).
 
-    Non-finite norms are not part of the climb; the first :data:`MIN_HISTORY` finite norms are the
-    healthy baseline at least. ``gradguard.diagnose`` applies the same :func:`climb_onset` and
+    Non-finite norms are not part of the climb; the finite norms before it are the healthy
+    baseline (one, for a climb from the second step). ``gradguard.diagnose`` applies the same :func:`climb_onset` and
     :func:`first_layer_to_grow` to a whole run, whose healthy window also leaves out spikes and
     lone bad batches.
     """
     idx = [i for i, g in enumerate(norms) if math.isfinite(g) and g > 0]
     k = climb_onset([norms[i] for i in idx], ends_in_trouble=True)
-    healthy_idx = idx[: max(k if k is not None else len(idx), MIN_HISTORY)]
+    healthy_idx = idx[:k] if k is not None else idx
     if not healthy_idx:
         return Onset(None, range(0), None)
     healthy = range(healthy_idx[0], healthy_idx[-1] + 1)
