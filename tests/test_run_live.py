@@ -355,3 +355,26 @@ def test_a_blip_the_spike_rule_flags_after_a_quiet_start_is_not_said_live(
     assert (
         "gradient norm spike at step 27 of SGD on Linear: 1.9, 3.02× the median of the steps before" in said
     )
+
+
+def test_the_live_line_of_an_explosion_says_where_it_overflowed_as_the_summary_does(tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        opt = torch.optim.SGD(model.parameters(), lr=5.0)  # far too high: the norms climb, then overflow
+        for step in range(20):
+            x, y = data[step % 40]
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y * 10).backward()
+            opt.step()
+        """,
+    )
+    got = _run(tmp_path, script, "--max-consecutive", "100")
+    live = next(line for line in got.stderr.splitlines() if "is not finite" in line)
+    summary = next(line for line in got.stderr.splitlines() if "first non-finite value at step" in line)
+    said = re.compile(r"an explosion from step \d+ in layer \S+, overflowing at phase=\w+")
+    found = said.search(live)
+    assert found is not None, (
+        got.stderr
+    )  # was "(phase=backward, module=0)": the explosion's layer, not its overflow
+    assert found.group(0) in summary, (live, summary)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gradguard import runlog
+from gradguard.events import nonfinite_where
 from gradguard.guard import Guard
 from gradguard.integrations.zerocode.sessions import ManualUpdate
 
@@ -137,8 +138,11 @@ def _where(guard: Guard) -> str:
         return ""
     if event is None:
         return ""
-    parts = [f"{k}={event[k]}" for k in ("phase", "module", "op", "source") if event.get(k)]
-    return f" ({', '.join(parts)})" if parts else ""
+    lead, at = nonfinite_where(event)  # an explosion: where it overflowed, as the summary says
+    parts = [f"{k}={at[k]}" for k in ("phase", "module", "op", "source") if at.get(k)]
+    if not parts:
+        return f" ({lead.removesuffix(', overflowing at')})" if lead else ""
+    return f" ({f'{lead} ' if lead else ''}{', '.join(parts)})"
 
 
 def rank() -> int:
