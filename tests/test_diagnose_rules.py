@@ -511,6 +511,18 @@ def test_high_update_ratios_in_a_run_that_trained_are_info_with_no_lower_rate_ad
     assert stalled is not None and stalled.severity == "warning" and stalled.recommendation["lr"] < 0.1
 
 
+def test_an_explosion_and_its_high_update_ratios_advise_one_rate_from_the_ratios() -> None:
+    """A far too high rate moved the layers 2× their weights a step, then the norm exploded: a tenth
+    of the rate still diverges (SGD at lr 5: 0.5 went NaN; 0.02 trained). Both findings advise the
+    rate the ratios give, one tune command."""
+    n = len(CLIMB)
+    log = run(CLIMB, loss=[1.0] * (n - 1) + [NAN], lr=[5.0] * n, layer__fc__update_ratio=[2.0] * n)
+    boom, high = conclude(log, "explosion"), conclude(log, "lr_too_high")
+    assert boom is not None and high is not None
+    assert boom.recommendation["lr"] == high.recommendation["lr"] == 0.07  # 5 × 3e-2 / 2 (one figure), not 0.5
+    assert boom.recommendation["lr_tune"] == high.recommendation["lr_tune"]
+
+
 def test_a_stalled_runs_own_rate_is_no_candidate_and_tune_picks_among_the_lower(tmp_path: Path) -> None:
     """Where ``lr_too_high`` advises a rate, the run stalled at its own: the run itself is longer
     evidence than tune's few dozen steps, which cannot show a stall (a post-LN transformer at AdamW

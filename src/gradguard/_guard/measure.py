@@ -593,7 +593,8 @@ def check_loss(loss: Any) -> None:
             f"the loss must be a tensor, a number or None; got {type(loss).__name__} {repr(loss)[:80]}. "
             "Pass the loss you called backward() on: guard.step(loss) (or a closure that returns it)."
         )
-    if loss.numel() == 0:
+    n = loss.numel()
+    if n == 0:
         raise GradGuardError(
             f"the loss is an empty tensor (shape {tuple(loss.shape)}): there is no value to check. Pass "
             "the scalar loss you called backward() on (a mean over an empty batch is NaN: skip the batch)."
@@ -603,7 +604,7 @@ def check_loss(loss: Any) -> None:
             f"the loss is a complex tensor ({loss.dtype}); gradguard checks a real loss. Pass the real "
             "scalar you called backward() on (e.g. `loss.abs()` or `loss.real`)."
         )
-    if loss.numel() > 1:
+    if n > 1:
         warnings.warn(
             f"gradguard got a loss of shape {tuple(loss.shape)}, not a scalar: it checks and logs the "
             "sum of its elements. Pass the scalar you called backward() on (e.g. `loss.mean()`) so the "

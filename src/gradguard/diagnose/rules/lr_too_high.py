@@ -40,6 +40,7 @@ from gradguard.diagnose.numbers import ends, fmt, layer_name, median, rolling_me
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import (
     UPDATE_RATIO_HIGH,
+    lower_lr,
     lr_advice,
     ratio_lr,
     trained,
@@ -188,7 +189,10 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         )
         return Finding("lr_too_high", "info", step, message, evidence, _keep(f, lr))
     message = "Learning rate too high: " + "; ".join(parts) + "."
-    return Finding("lr_too_high", "warning", step, message, evidence, _advice(f, estimate))
+    from_ratios = ev.jump is None and ev.rising is None
+    return Finding(
+        "lr_too_high", "warning", step, message, evidence, _advice(f, estimate, from_ratios=from_ratios)
+    )
 
 
 def _keep(f: Facts, lr: float) -> dict[str, Any]:
@@ -213,10 +217,15 @@ def _keep(f: Facts, lr: float) -> dict[str, Any]:
     return rec
 
 
-def _advice(f: Facts, estimate: tuple[float, str] | None) -> dict[str, Any]:
+def _advice(f: Facts, estimate: tuple[float, str] | None, *, from_ratios: bool) -> dict[str, Any]:
     """Lower the learning rate: the verified rate, or the estimate marked unverified
-    (:func:`~gradguard.diagnose.rules._clipping.lr_advice`)."""
-    lr = lr_advice(f, *(estimate or (None, "")))
+    (:func:`~gradguard.diagnose.rules._clipping.lr_advice`). An estimate from the update ratios in a
+    run that exploded or went non-finite is the rate the explosion advises
+    (:func:`~gradguard.diagnose.rules._clipping.lower_lr`, which reads the same ratios): one rate
+    and one tune command, not two (a heteroscedastic regression got 0.01 and 0.008). A jump's or a
+    warm-up's own rate stays."""
+    failed = f.went_bad or f.healthy.onset_step is not None
+    lr = lower_lr(f) if failed and from_ratios else lr_advice(f, *(estimate or (None, "")))
     rec = with_lr({}, lr)
     rec["text"] = (
         "Lower the learning rate (or warm it up); clipping bounds a step's size but not a learning rate that is "
