@@ -53,6 +53,7 @@ LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth
 _JUMP_LOOKBACK = 10  # steps before the onset an LR increase is looked for
 _RISING_MIN = 20  # fewest healthy steps to judge a warm-up that never stops
 _SMOOTH = 5  # rolling-median width for the loss
+_ZERO_INIT_RATIO = 1e3  # a first-step ratio this large is a tensor initialised at (near) zero
 FIRST_STEP_HIGH = 0.1  # the layers' median update ratio at the first recorded step of a run that stalled
 
 
@@ -98,7 +99,10 @@ def _first_step_scramble(f: Facts, warm: int) -> tuple[int, float, str, float] |
         med = median(list(ratios.values()))
         if med < FIRST_STEP_HIGH or trained(f) is not None:
             return None
-        worst = max(ratios.items(), key=lambda kv: kv[1])
+        # the layer quoted: the largest ratio of a layer that had weights (one initialised at 0 moves
+        # "1e11×" its norm at any rate)
+        shown = {n: r for n, r in ratios.items() if r < _ZERO_INIT_RATIO} or ratios
+        worst = max(shown.items(), key=lambda kv: kv[1])
         return f.steps[i], med, worst[0], worst[1]
     return None
 
