@@ -519,7 +519,9 @@ def test_an_explosion_and_its_high_update_ratios_advise_one_rate_from_the_ratios
     log = run(CLIMB, loss=[1.0] * (n - 1) + [NAN], lr=[5.0] * n, layer__fc__update_ratio=[2.0] * n)
     boom, high = conclude(log, "explosion"), conclude(log, "lr_too_high")
     assert boom is not None and high is not None
-    assert boom.recommendation["lr"] == high.recommendation["lr"] == 0.07  # 5 × 3e-2 / 2 (one figure), not 0.5
+    assert (
+        boom.recommendation["lr"] == high.recommendation["lr"] == 0.07
+    )  # 5 × 3e-2 / 2 (one figure), not 0.5
     assert boom.recommendation["lr_tune"] == high.recommendation["lr_tune"]
 
 

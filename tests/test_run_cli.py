@@ -222,8 +222,11 @@ def test_an_out_that_holds_a_run_log_is_refused_before_the_script_runs(tmp_path:
     assert again.returncode == 2 and "the script ran" not in again.stdout  # refused before it ran
     assert "already holds a run log" in again.stderr and "--exist-ok" in again.stderr, again.stderr
     assert "exist_ok=True" not in again.stderr and "Traceback" not in again.stderr
-    appended = run("--exist-ok")
+    n = len(read_run(tmp_path / "r").metrics)
+    appended = run("--exist-ok")  # a resumed script: its steps follow the first session's in the log
     assert appended.returncode == 0 and "the script ran" in appended.stdout, appended.stderr
+    log = read_run(tmp_path / "r")
+    assert [r["step"] for r in log.metrics] == list(range(2 * n)) and not log.superseded, log.skipped
 
 
 def test_a_module_of_a_package_runs_with_dash_m_as_python_runs_it(tmp_path: Path) -> None:

@@ -702,6 +702,14 @@ class Guard:
             "explosion": self._explosions.state_dict(pending) if self._explosions.active else None,
         }
 
+    def number_on_from_the_log(self) -> None:
+        """Before the first step: number this guard's steps on from the last step its run log holds.
+        A script resumed under ``gradguard run --exist-ok`` (its own checkpoint, not the guard's
+        state) then follows the first session in the log instead of superseding it from step 0."""
+        last = self.writer.last_logged_step() if self.writer is not None else None
+        if last is not None and self.counters.step_count == 0:
+            self.counters.step_count = last + 1
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next steps equal those of a guard that never stopped.
 

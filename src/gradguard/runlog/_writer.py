@@ -316,6 +316,14 @@ class RunWriter:
             if fsync:
                 self._sync(f)
 
+    def last_logged_step(self) -> int | None:
+        """The ``step`` of the last record in ``metrics.jsonl`` (this writer's, or an earlier run's
+        it appends to); ``None`` when there is none."""
+        with self._lock:
+            if self._last_step is not None:
+                return self._last_step
+        return _last_step_in(self.path / METRICS_FILE)
+
     def write_event(self, event: Mapping[str, Any]) -> None:
         """Append one event to ``events.jsonl`` and ``os.fsync`` it before returning.
 

@@ -218,6 +218,8 @@ def new_guard(
     model = root.model
     assert model is not None
     guard = Guard(model, optimizer, log_dir=log_dir, name=zc.name, capture=capture, locate=locate, **options)
+    if options.get("exist_ok"):  # --exist-ok: a resumed script's steps follow the log's
+        guard.number_on_from_the_log()
     guard.add_flush_callback(zc.live.flushed(guard))
     describe(zc, guard, k, model, optimizer)
     return guard, capture
