@@ -402,3 +402,32 @@ def _line_of(text: str) -> int:
     return next(
         i for i, line in enumerate(lines, 1) if text in line and "def " not in line and "_line_of" not in line
     )
+
+
+def test_a_gradient_penalty_sqrt_at_zero_is_located_in_code_after_its_nested_backward(tmp_path: Path) -> None:
+    """WGAN-GP: the penalty's ``torch.autograd.grad`` runs a backward inside the loss code; the
+    penalty's ``sqrt`` of a zero gradient (a critic input that is all masked) then makes the main
+    backward NaN. The loss code's ops after that nested backward are watched too."""
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-4)
+    guard = gradguard.Guard(critic, opt, log_dir=tmp_path / "r", on_nonfinite="skip")
+    for step in range(6):
+        real, fake = torch.randn(8, 6), torch.randn(8, 6)
+        mask = torch.ones(8, 6)
+        if step >= 3:
+            mask[2] = 0.0  # a sensor offline for the whole sample: its gradient is exactly 0
+        alpha = torch.rand(8, 1)
+        x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+        grads = torch.autograd.grad(critic(x_hat * mask).sum(), x_hat, create_graph=True)[0]
+        penalty = ((torch.sqrt(torch.sum(grads**2, dim=1)) - 1) ** 2).mean()
+        loss = critic(fake * mask).mean() - critic(real * mask).mean() + 10.0 * penalty
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    located = [e for e in read_run(tmp_path / "r").events_of("nonfinite") if e.get("op")]
+    assert located and located[0]["op"] == "sqrt" and located[0]["phase"] == "backward", located
+    assert located[0]["step"] == 3 and located[0]["source"].endswith(
+        f"test_loss_inputs.py:{_line_of('torch.sqrt(torch.sum(grads')}"
+    )

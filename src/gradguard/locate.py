@@ -72,6 +72,7 @@ __all__ = [
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _is_compiling = torch.compiler.is_compiling  # looked up once: the capture's hooks ask at every forward
 _in_transform = torch._C._functorch.peek_interpreter_stack  # vmap / grad: wrapper tensors (no storage)
+_graph_task = torch._C._current_graph_task_id  # -1 outside a backward
 _grad_enabled = torch.is_grad_enabled  # (likewise)
 _any_autocast = torch._C._is_any_autocast_enabled
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -432,7 +433,9 @@ class Locator:
         bad_outs = [o for o in outs if not _finite(o)]
         if bad_outs:
             self._classify(name, args, kwargs, bad_outs, func)
-        if self.phase != "backward":
+        if self.phase != "backward" or _graph_task() == -1:
+            # (outside any backward: also after a nested one, a gradient penalty's autograd.grad in
+            # the loss code, whose later ops — sqrt of the gradient's norm — the main backward runs)
             self._hook_graph(outs, name, None)
 
     def _hook_graph(self, outs: list[Tensor], name: str | None, source: str | None) -> None:
