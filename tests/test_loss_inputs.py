@@ -389,12 +389,17 @@ def test_a_loss_code_op_that_keeps_failing_is_located_in_code_and_the_abort_name
             loss.backward()
             guard.step(loss)
     guard.close()
-    located = [e for e in read_run(tmp_path / "r").events_of("nonfinite") if e.get("op")]
+    located = _located_ops(tmp_path / "r")
     assert located and located[0]["op"] == "log" and located[0]["phase"] == "loss", located
     assert located[0]["located_by"] == "hooks" and located[0]["step"] == 0
     assert located[0]["source"].endswith(f"test_loss_inputs.py:{_line_of('y * torch.log(rate)')}")
     assert "came from `log`" in str(stopped.value) and "Lower the learning rate" not in str(stopped.value)
     assert torch._C._len_torch_function_stack() == 0  # no watch left on the mode stack
+
+
+def _located_ops(run: Path) -> list[dict]:
+    """The ``nonfinite`` events of a run that name an op (located), in file order."""
+    return [e for e in read_run(run).events_of("nonfinite") if e.get("op")]
 
 
 def _line_of(text: str) -> int:
@@ -426,7 +431,7 @@ def test_a_gradient_penalty_sqrt_at_zero_is_located_in_code_after_its_nested_bac
         loss.backward()
         guard.step(loss)
     guard.close()
-    located = [e for e in read_run(tmp_path / "r").events_of("nonfinite") if e.get("op")]
+    located = _located_ops(tmp_path / "r")
     assert located and located[0]["op"] == "sqrt" and located[0]["phase"] == "backward", located
     assert located[0]["step"] == 3 and located[0]["source"].endswith(
         f"test_loss_inputs.py:{_line_of('torch.sqrt(torch.sum(grads')}"
