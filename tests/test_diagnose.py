@@ -34,6 +34,7 @@ ISSUE_IDS = {
     "loss_scale_collapse",
     "incomplete_log",  # issue 14: a run not closed, or records lost to failed disk writes
     "unbounded_loss",  # issue 12: a loss with no lower bound (a WGAN critic without its Lipschitz constraint)
+    "stalled",  # a finite run that did not train and that no other rule explains (the last resort)
 }
 
 

@@ -702,6 +702,65 @@ def test_a_first_step_that_scrambled_the_weights_of_a_run_that_stalled_is_lr_too
     }
 
 
+def _flat(n: int, level: float = 2.3) -> list[float]:
+    """A loss that bounces around ``level`` (a classifier at chance) without falling."""
+    return [level + 0.2 * ((s * 7) % 5 - 2) / 2 for s in range(n)]
+
+
+def test_a_finite_run_that_did_not_train_with_large_steps_is_stalled_and_told_a_lower_rate() -> None:
+    """The finding of last resort: no other rule explains a run that stayed at its start."""
+    n = 120
+    log = run(
+        [1.0] * n, loss=_flat(n), layer__fc__update_ratio=[0.01] * n, layer__out__update_ratio=[0.01] * n
+    )
+    found = evaluate(Facts(log), REGISTRY)
+    assert [f.id for f in found] == ["stalled"], [(f.id, f.message) for f in found]
+    stalled = found[0]
+    assert (
+        stalled.severity == "warning" and "did not train" in stalled.message and "too high" in stalled.message
+    )
+    assert stalled.recommendation["lr"] == pytest.approx(0.01)  # 0.1 × 1e-3 / 0.01
+    assert stalled.recommendation["lr_verified"] is False
+    assert max(stalled.recommendation["lr_candidates"]) < 0.1  # the run's own rate stalled: no candidate
+
+
+def test_a_run_whose_steps_were_too_small_to_train_is_told_a_higher_rate() -> None:
+    n = 120
+    stalled = conclude(run([1.0] * n, loss=_flat(n), layer__fc__update_ratio=[1e-6] * n), "stalled")
+    assert stalled is not None and "too low" in stalled.message
+    assert stalled.recommendation["lr"] == pytest.approx(100.0)  # 0.1 × 1e-3 / 1e-6
+    assert stalled.recommendation["text"].startswith("Raise the learning rate")
+    assert min(stalled.recommendation["lr_candidates"]) > 0.1
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["typical_ratios", "trained", "trained_fast", "still_learning", "short", "explains_itself"],
+)
+def test_a_run_is_called_stalled_only_when_it_did_not_train_and_nothing_else_explains_it(case: str) -> None:
+    """Not a run at typical update ratios (a fine-tune already at its floor looks the same), one whose
+    loss fell (however early: 2.3 → 0.1 within five steps, then flat), one still falling slowly in
+    its second half, a run too short to tell, nor one another rule explains (``lr_too_high``)."""
+    n, ratio = 120, 0.01
+    loss = _flat(n)
+    if case == "typical_ratios":
+        ratio = 1e-3
+    elif case == "trained":
+        loss = [2.3 * 0.98**s for s in range(n)]
+    elif case == "trained_fast":
+        loss = [2.3, 1.5, 0.8, 0.3] + [0.1 + 0.01 * (s % 3) for s in range(n - 4)]
+    elif case == "still_learning":
+        loss = [2.3 - 0.003 * s + 0.02 * (s % 2) for s in range(n)]  # 15 % over the run, still falling
+    elif case == "short":
+        n, loss = 40, loss[:40]
+    elif case == "explains_itself":
+        ratio = 0.3  # far above 1e-3: lr_too_high's warning, which stalled gives way to
+    log = run([1.0] * n, loss=loss, layer__fc__update_ratio=[ratio] * n)
+    found = {f.id for f in evaluate(Facts(log), REGISTRY)}
+    assert "stalled" not in found, found
+    assert ("lr_too_high" in found) == (case == "explains_itself")
+
+
 def test_grad_norms_decaying_toward_the_input_are_vanishing() -> None:
     n = 40
     cols = {f"layer__{i}__grad_norm": [10.0 ** (i - 4)] * n for i in range(5)}

@@ -17,8 +17,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
 
 from gradguard import runlog  # noqa: E402
+from gradguard.diagnose.facts import Facts  # noqa: E402
 from gradguard.errors import GradGuardError  # noqa: E402
 from gradguard.integrations.lightning import GradGuard  # noqa: E402
+from gradguard.runtable import clipped  # noqa: E402
 
 NAN_STEP = 5
 STEPS_PER_EPOCH = 8
@@ -204,6 +206,12 @@ def test_monitor_only_leaves_training_unchanged(tmp_path):
         v["update_ratio"] for r in run.metrics for v in r.get("layers", {}).values() if "update_ratio" in v
     ]
     assert ratios and min(ratios) > 0  # measured after Lightning's own step, not before it
+    # Lightning's clip is the run's clipper in the log (as under `gradguard run`): its threshold,
+    # and a coefficient that is torch's min(1, 0.05 / (norm + 1e-6)) of the pre-clip norm
+    assert all(r["threshold"] == pytest.approx(0.05) for r in run.metrics)
+    for r in run.metrics:
+        assert r["clip_coef"] == pytest.approx(min(1.0, 0.05 / (r["grad_norm"] + 1e-6)), rel=1e-5)
+    assert Facts(run).clip_kind == "fixed" and any(clipped(r) for r in run.metrics)
     with pytest.raises(GradGuardError, match=r"monitor_only=True\) only measures"):
         GradGuard(monitor_only=True, clip="norm:1")
     with pytest.raises(GradGuardError, match="'warn' or 'raise'"):

@@ -155,7 +155,7 @@ def test_the_first_bad_step_is_on_stderr_at_once_then_rate_limited(tmp_path: Pat
     lines = got.stderr.splitlines()
     live = [i for i, line in enumerate(lines) if "is not finite" in line]
     assert len(live) == 1 and live[0] < lines.index("after the first bad step")  # before the script goes on
-    assert "step 10 of SGD on Sequential is not finite (phase=data" in lines[live[0]]
+    assert "step 10 of SGD on model (Sequential) is not finite (phase=data" in lines[live[0]]
     assert "skipped" in lines[live[0]]
 
 
@@ -248,7 +248,7 @@ def test_a_killed_run_still_writes_its_summary_and_report_and_dies_by_the_signal
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signum, err  # as the plain script ends
-    assert "gradguard: SGD on Sequential:" in err and "report:" in err
+    assert "gradguard: SGD on model (Sequential):" in err and "report:" in err
     log = read_run(tmp_path / "run")
     assert len(log.metrics) >= 21 and log.meta.get("end_time")  # flushed and closed
     assert (tmp_path / "run" / "report.html").exists()
@@ -297,7 +297,9 @@ def test_an_interrupt_python_swallows_in_a_callback_stops_the_run_at_the_next_st
     got = _run(tmp_path, script)
     assert got.returncode == -signum, got.stderr[-2000:]
     assert "trained to the end" not in got.stdout
-    assert "gradguard: SGD on Sequential: 21 steps" in got.stderr  # steps 0-20: stopped before step 21
+    assert (
+        "gradguard: SGD on model (Sequential): 21 steps" in got.stderr
+    )  # steps 0-20: stopped before step 21
     assert read_run(tmp_path / "run").meta.get("end_time")
 
 
@@ -305,7 +307,10 @@ def test_an_uncaught_exception_keeps_exit_code_1_with_the_summary(tmp_path: Path
     script = _script(tmp_path, LONG.replace('print("ready", flush=True)', 'raise ValueError("bad config")'))
     got = _run(tmp_path, script)
     assert got.returncode == 1
-    assert "ValueError: bad config" in got.stderr and "gradguard: SGD on Sequential: 21 steps" in got.stderr
+    assert (
+        "ValueError: bad config" in got.stderr
+        and "gradguard: SGD on model (Sequential): 21 steps" in got.stderr
+    )
     assert (tmp_path / "run" / "report.html").exists()
 
 
@@ -330,7 +335,7 @@ def test_a_gradient_norm_spike_is_on_stderr_by_the_next_flush(tmp_path: Path) ->
     got = _run(tmp_path, script, "--every", "10")
     assert got.returncode == 0, got.stderr
     spikes = [line for line in got.stderr.splitlines() if "gradient norm spike" in line]
-    assert len(spikes) == 1 and "at step 45 of SGD on Sequential" in spikes[0], got.stderr
+    assert len(spikes) == 1 and "at step 45 of SGD on model (Sequential)" in spikes[0], got.stderr
     assert re.search(r"\d+× the median of the steps before", spikes[0]), spikes[0]
 
 

@@ -156,6 +156,59 @@ def test_two_optimizers_each_log_their_own_steps_loss(tmp_path: Path) -> None:
     assert all(r["global_step"] % 2 == 0 for r in d_log.metrics)  # D steps first, then G, every iteration
 
 
+SEQUENTIAL_GAN = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    def main():
+        torch.manual_seed(0)
+        netG = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        netD = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+        optG = torch.optim.Adam(netG.parameters(), lr=1e-3)
+        optD = torch.optim.Adam(netD.parameters(), lr=1e-3)
+        bce = nn.BCEWithLogitsLoss()
+        for step in range(12):
+            real = torch.randn(32, 2)
+            if step == 6:
+                real[3, 0] = float("nan")  # a bad sample reaches the discriminator
+            fake = netG(torch.randn(32, 4))
+            optD.zero_grad()
+            lossD = bce(netD(real), torch.ones(32, 1)) + bce(netD(fake.detach()), torch.zeros(32, 1))
+            lossD.backward()
+            optD.step()
+            optG.zero_grad()
+            lossG = bce(netD(fake), torch.ones(32, 1))
+            lossG.backward()
+            optG.step()
+
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+def test_two_sequential_models_are_named_by_the_scripts_variables(tmp_path: Path) -> None:
+    """A GAN of two ``nn.Sequential`` was "Adam on Sequential" twice (live lines, summary,
+    diagnose): the name the script gave each model (a local of ``main()``) tells them apart."""
+    script = tmp_path / "gan.py"
+    script.write_text(SEQUENTIAL_GAN)
+    got = _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    d_log, g_log = read_run(tmp_path / "run"), read_run(tmp_path / "run" / "optimizer1")
+    assert d_log.meta["optimizer"]["params"] == "netD (Sequential)"
+    assert g_log.meta["optimizer"]["params"] == "netG (Sequential)"
+    assert "step 6 of Adam on netD (Sequential) is not finite" in got.stderr, got.stderr
+    assert "gradguard: Adam on netG (Sequential):" in got.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "gradguard", "diagnose", str(tmp_path / "run")],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "[Adam over netD (Sequential) (optimizer 0)" in shown.stdout, shown.stdout
+
+
 TWO_CLIPS = textwrap.dedent(
     """
     import torch

@@ -81,6 +81,29 @@ def test_a_warmup_that_never_stops_is_blamed_an_ordinary_one_is_not(runs: dict[s
     assert lr.recommendation["lr"] < lr.evidence["lr_last"]
 
 
+def test_a_run_that_stalled_under_auto_is_said_and_the_rate_it_advises_trains(tmp_path: Path) -> None:
+    """A run that stays finite and does not train is a finding, not "No findings": a deep plain
+    classifier at SGD 0.3 (momentum 0.9) under Guard's defaults is held finite by ``auto`` and sits
+    at chance. The rate advised (the one that moves the layers ~1e-3 of their weights a step),
+    followed, trains; the run that trained at it has no finding."""
+    stalled = runs_of.deep_classifier(tmp_path / "stalled")
+    found = diagnose(stalled)
+    assert [f.id for f in found] == ["stalled"], [(f.id, f.message) for f in found]
+    (finding,) = found
+    assert finding.severity == "warning" and "did not train" in finding.message
+    assert "learning rate is too high" in finding.message
+    lr = finding.recommendation["lr"]
+    assert (
+        finding.recommendation["lr_verified"] is False
+        and lr <= 0.03
+        and "--lr" in finding.recommendation["tune"]
+    )
+    followed = runs_of.deep_classifier(tmp_path / "followed", lr=lr)
+    losses = [r["loss"] for r in read_run(followed).metrics]
+    assert sum(losses[-20:]) / 20 < 0.6 * losses[0]  # it trained: from ~2.8 to ~1.1
+    assert diagnose(followed) == []
+
+
 # ------------------------------------------------------------------ one headline, its precedence
 def _lone_run(path: Path, event: dict[str, object] | None) -> Path:
     """50 healthy steps, one non-finite step (50), 10 healthy again; ``event`` at step 50."""

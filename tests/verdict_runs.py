@@ -248,6 +248,31 @@ def explodes(path: Path) -> Path:
 DIVERGED = {"lm_diverges": lm_diverges, "regression_diverges": regression_diverges, "explodes": explodes}
 
 
+def deep_classifier(path: Path, lr: float = 0.3, steps: int = 200) -> Path:
+    """A 12-layer plain ReLU classifier (Kaiming init, no normalisation) under SGD with momentum 0.9
+    and Guard's defaults (``clip="auto"``): at lr 0.3 auto keeps it finite and the loss stays near
+    chance (ln 10); at 0.03 it trains."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 10, generator=g), torch.randn(2048, 32, generator=g)
+    y = (x @ w + 0.5 * torch.randn(2048, 10, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(32, 64), nn.ReLU()]
+    for _ in range(10):
+        layers += [nn.Linear(64, 64), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+    def loss_of(step: int) -> torch.Tensor:
+        i = torch.randint(0, 2048, (64,), generator=g)
+        return nn.functional.cross_entropy(model(x[i]), y[i])
+
+    return train(path, model, opt, loss_of, steps)
+
+
 def endless_warmup(path: Path) -> Path:
     """A warm-up that never stops (warmup_steps set past the run's end): the LR keeps rising after
     the loss was best, and the loss climbs."""

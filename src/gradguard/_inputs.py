@@ -22,6 +22,7 @@ floating output and input tensor; per loss-code op, two attribute reads per floa
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import weakref
 from collections import deque
@@ -31,7 +32,15 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-__all__ = ["CarriedState", "entering_role", "is_mask_op", "model_argument", "target_description", "target_of"]
+__all__ = [
+    "CarriedState",
+    "entering_role",
+    "is_mask_op",
+    "model_argument",
+    "number_operand",
+    "target_description",
+    "target_of",
+]
 
 #: Loss functions whose second argument (or ``target=``) is the target.
 _LOSS_OPS = re.compile(
@@ -107,6 +116,33 @@ def entering_role(op: str, args: Any, kwargs: Any, t: Tensor) -> str:
         if target is t:
             return "label" if op == "cross_entropy" else "target"
     return "loss input"
+
+
+#: Ops whose second operand may be a Python number that explains their failure (``logits / tau``).
+_NUMBER_OPERAND_OPS = frozenset({"div", "true_divide", "floor_divide", "remainder", "fmod"})
+
+
+def number_operand(op: str, args: Any) -> dict[str, Any] | None:
+    """A Python number as the second operand of a division (``logits / tau`` with ``tau`` a float
+    that reached 0), described as :mod:`gradguard.locate` describes a tensor (the op table's causes
+    read it as they read a tensor's description); ``None`` for any other call."""
+    if op not in _NUMBER_OPERAND_OPS or not isinstance(args, tuple) or len(args) < 2:
+        return None
+    x = args[1]
+    if type(x) not in (int, float):
+        return None
+    finite = math.isfinite(x)
+    return {
+        "shape": [],
+        "dtype": f"python {type(x).__name__}",
+        "nan": int(x != x),
+        "posinf": int(x == math.inf),
+        "neginf": int(x == -math.inf),
+        "zeros": int(x == 0),
+        "negative": int(x < 0),
+        "unit": int(abs(x) == 1),
+        **({"min": x, "max": x, "absmax": abs(x)} if finite else {}),
+    }
 
 
 def target_of(op: str, args: Any, kwargs: Any) -> tuple[Tensor, int] | None:

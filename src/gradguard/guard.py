@@ -766,6 +766,8 @@ class Guard:
             self._note_located(recurred)
         known = clip.known_norms(self.config.norm_type) if clip is not None else None  # the caller's norms
         m = self._meter.measure(loss, self.monitor.next_rows, known=known)  # in the record's rows: no copies
+        if clip is not None:
+            clip.measured(m.total)  # a caller's clip that comes after this measurement (Lightning's)
         if not m.present:
             self._warn_no_gradient(step)
         self._last_norm = m.total

@@ -138,14 +138,32 @@ def user_source(skip: int = 2) -> str | None:
             return (
                 None  # a replay of a captured forward: outside it is gradguard's caller (a framework's hook)
             )
-        internal = (
-            fn.startswith(_TORCH_DIR)
-            or (fn.startswith(_PKG_DIR) and not fn.startswith(_USER_DIRS_IN_PKG))
-            or fn.startswith(_STDLIB)
-            or fn.startswith("<frozen")
-        )
-        if not internal:
+        if users(fn):
             return f"{fn}:{frame.f_lineno}"
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def users(filename: str) -> bool:
+    """Whether a frame's file is the user's code: not torch, not gradguard's core, not the stdlib."""
+    return not (
+        filename.startswith(_TORCH_DIR)
+        or (filename.startswith(_PKG_DIR) and not filename.startswith(_USER_DIRS_IN_PKG))
+        or filename.startswith(_STDLIB)
+        or filename.startswith("<frozen")
+    )
+
+
+def user_name_of(value: object, skip: int = 2) -> str | None:
+    """The name the user's code gave ``value``: a local, else a global, of the innermost user frame
+    holding it (``netD`` for a GAN's discriminator built as an ``nn.Sequential``); ``None`` if none."""
+    frame = sys._getframe(skip)
+    while frame is not None:
+        if users(frame.f_code.co_filename):
+            for scope in (frame.f_locals, frame.f_globals):
+                name = next((k for k, v in scope.items() if v is value and not k.startswith("_")), None)
+                if name is not None and name != "self":
+                    return name
         frame = frame.f_back  # type: ignore[assignment]
     return None
 
@@ -500,6 +518,9 @@ class Locator:
             op = name if "loss" in inner.op else _replay.inner_name(inner.op, name)
             extra = {"inside": name, "inner_op": inner.op} if op != name else {"inner_op": inner.op}
         ev_inputs = [_describe(t) for t in inputs[:4]]
+        number = _inputs.number_operand(op, args)
+        if number is not None:  # ``x / self.temperature``: the number that reached 0
+            ev_inputs.append(number)
         dtype = bad_outs[0].dtype
         dmax = float(torch.finfo(dtype).max) if dtype.is_floating_point else None
         reason = explain(op, ev_inputs, kind, dmax)
@@ -857,6 +878,7 @@ class LossWatch(_OpWatch):
         entry.entering = self._entering(op, args, kwargs, ins)
         self._hook_functions(ins)
         entry.target = _inputs.target_of(op, args, kwargs)
+        entry.number = _inputs.number_operand(op, args)
         self.entries.append(entry)
         for o in outs:
             self._made.add(id(o))
@@ -955,8 +977,8 @@ class _Watched:
     """
 
     __slots__ = (
-        "_ins", "_outs", "entering", "forward", "function", "judged", "n_in", "n_out", "op", "phase", "source",
-        "target", "versions",
+        "_ins", "_outs", "entering", "forward", "function", "judged", "n_in", "n_out", "number", "op", "phase",
+        "source", "target", "versions",
     )  # fmt: skip
 
     def __init__(
@@ -969,6 +991,7 @@ class _Watched:
         self.judged = True
         self.entering: tuple[str | None, ...] | None = None
         self.target: tuple[Tensor, int] | None = None
+        self.number: dict[str, Any] | None = None  # a Python number operand (``logits / tau``), described
         self.forward: _Watched | None = None
         self.function: str | None = None  # a custom autograd Function's class (its backward is the op)
 
@@ -1024,6 +1047,8 @@ class _Watched:
         if (not op._ins and op.n_in) or not op.unchanged():
             return []
         described = [_describe(t) for t in op._ins[:4]]
+        if op.number is not None:
+            described.append(op.number)
         if op.target is not None:
             described.append(_inputs.target_description(*op.target))
         return described

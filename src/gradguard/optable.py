@@ -34,6 +34,7 @@ __all__ = [
     "Cause",
     "OpEntry",
     "advice",
+    "at_domain_edge",
     "lookup",
     "masked_nan",
     "reason",
@@ -73,11 +74,17 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
     "zero_denominator": lambda inputs: any(i.get("zeros") for i in inputs[1:] or inputs),
     "any_zero": lambda inputs: any(i.get("zeros") for i in inputs),
     "all_ignored": lambda inputs: any(i.get("numel") and i.get("ignored") == i.get("numel") for i in inputs),
+    # the first input has elements beyond ±1 (|x| > 1: outside atanh's domain) or at / below -1 (log1p)
+    "beyond_unit": lambda inputs: bool(inputs and inputs[0].get("absmax", 0.0) > 1.0),
+    "at_minus_one": lambda inputs: bool(
+        inputs and inputs[0].get("unit") and inputs[0].get("min", 0.0) <= -1.0
+    ),
+    "below_minus_one": lambda inputs: bool(inputs and inputs[0].get("min", 0.0) < -1.0),
     "always": lambda inputs: True,
 }
 
 
-_NAN_ONLY = {"negative_input"}
+_NAN_ONLY = {"negative_input", "beyond_unit", "below_minus_one"}
 """Conditions that can only explain a NaN (a negative number under a root, a log or a fractional power)."""
 
 
@@ -145,6 +152,15 @@ _EXP = (
     "clamp the argument before exp (e.g. logvar.clamp(max=20)), or work in log space (torch.logsumexp, "
     "log_softmax)",
 )
+_LOG1P_FIX = (
+    "log1p needs x > -1: find why a value reached -1 or below (a return or a rate below -100 %, a ratio "
+    "computed the wrong way round) and repair or drop it; only where -1 is a legitimate edge, clamp "
+    "it: torch.log1p(x.clamp_min(-1 + eps))"
+)
+_UNIT_FIX = (
+    "clamp the argument strictly inside (-1, 1): x.clamp(-1 + eps, 1 - eps) (a tanh-squashed action or a "
+    "correlation of exactly ±1 is common)"
+)
 _FRACTIONAL_NEGATIVE = (
     "a negative base to a fractional power is NaN: clamp the base first, x.clamp_min(0) ** p (or "
     "x.abs() ** p * x.sign() where the sign matters)"
@@ -198,7 +214,14 @@ OPS: tuple[OpEntry, ...] = (
             "positive, a missing abs or softplus), then clamp it, torch.log(x.clamp_min(eps))",
         ),
     ),
-    _entry(r"^log1p$|^xlogy$", *_LOG),
+    _entry(
+        r"^log1p$",
+        "log1p of -1 (-inf) or of a number below -1 (NaN): log(1 + x) needs x > -1",
+        _LOG1P_FIX,
+        Cause("below_minus_one", "log1p of a number below -1 (log of a negative 1 + x)", _LOG1P_FIX),
+        Cause("at_minus_one", "log1p of -1 (log of 0)", _LOG1P_FIX),
+    ),
+    _entry(r"^xlogy$", *_LOG),
     _entry(r"^(div|reciprocal|rsqrt)$", *_DIV, Cause("zero_denominator", "division by zero")),
     _entry(
         r"^(std|var)(_mean)?$",
@@ -268,9 +291,16 @@ OPS: tuple[OpEntry, ...] = (
         Cause("unit_input", "{op} of ±1 (infinite derivative at the edge of the domain)"),
     ),
     _entry(
-        r"^(atanh|acosh|erfinv)$",
-        "an argument outside the function's domain (e.g. |x| ≥ 1 for atanh)",
-        "clamp the argument into the domain, e.g. x.clamp(-1 + eps, 1 - eps)",
+        r"^(atanh|erfinv)$",
+        "an argument at ±1 (infinite) or beyond (NaN): the domain is (-1, 1)",
+        _UNIT_FIX,
+        Cause("unit_input", "{op} of ±1 (infinite at the edge of the domain)"),
+        Cause("beyond_unit", "{op} of a number beyond ±1 (outside the domain)"),
+    ),
+    _entry(
+        r"^acosh$",
+        "an argument below 1 (outside the function's domain), or at 1 (an infinite derivative)",
+        "clamp the argument into the domain: x.clamp_min(1 + eps)",
     ),
     _entry(
         r"^where$",
@@ -317,6 +347,15 @@ def reason(op: str, inputs: Inputs, kind: str, dtype_max: float | None = None) -
     if dtype_max is not None and kind in ("inf", "-inf"):
         return _DTYPE_MAX.format(dtype_max)
     return f"{op} produced {kind} from finite inputs"
+
+
+def at_domain_edge(op: str | None, why: str | None) -> bool:
+    """Whether a located op's reason (``evidence.reason``) names one of the op's own specific causes
+    other than an overflow: a division by zero, log of 0, an argument at ±1 — values no clipping or
+    learning rate keeps the op from (an exp overflow, a value above the dtype's max: they can)."""
+    entry = lookup(op)
+    found = entry.cause_of(str(why or ""), _base(op or "")) if entry is not None else None
+    return found is not None and "overflow" not in found.reason
 
 
 def advice(op: str | None, why: str | None = None, cause: str | None = None) -> tuple[str, str]:

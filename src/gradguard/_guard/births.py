@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard import events
+from gradguard._guard.runmeta import group_numbers
 from gradguard.errors import GradGuardError
 from gradguard.record import DECIDED, weight_stats
 from gradguard.stats import layer_name, tensor_norms
@@ -48,18 +49,6 @@ from gradguard.stats import layer_name, tensor_norms
 __all__ = ["OptimizerBirths"]
 
 _MAX_NAMED = 20  # parameters named in the event
-_HYPER = (
-    "lr",
-    "eps",
-    "betas",
-    "momentum",
-    "weight_decay",
-    "alpha",
-    "rho",
-    "lr_decay",
-    "initial_accumulator_value",
-)
-
 _TRIES = 3  # steps whose counters are read whole, looking for the optimizer's bump
 Records = Iterable[Mapping[str, Any]]
 
@@ -396,19 +385,7 @@ def _hyperparameters(births: OptimizerBirths, name: str) -> dict[str, Any]:
     """The numbers of the parameter group that holds ``name`` (lr, eps, betas…)."""
     param = dict(births.named).get(name)
     group = next((g for g in births.optimizer.param_groups if any(p is param for p in g["params"])), None)
-    if group is None:
-        return {}
-    out: dict[str, Any] = {}
-    for key, value in group.items():
-        if key == "params" or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)) or (
-            isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)
-        ):
-            out[key] = list(value) if isinstance(value, tuple) else value
-        elif isinstance(value, Tensor) and value.numel() == 1 and key in _HYPER:
-            out[key] = float(value)  # host read: at a birth only
-    return out
+    return {} if group is None else group_numbers(group)
 
 
 def _taken(rec: Mapping[str, Any]) -> bool:

@@ -42,6 +42,7 @@ class CallerClip:
     #: ``(grads, norms)``: the one call's per-tensor norms of these gradients (``stack`` of
     #: ``_foreach_norm``), where the caller has them: the guard's measurement may reuse them
     known: tuple[list[Tensor], Tensor] | None = None
+    pending: float | None = None  # a clip whose norm is the guard's own (:meth:`add_at_guards_norm`)
 
     def add(self, threshold: float, norm: Tensor, *, covers_all: bool = False) -> None:
         """One clip call: its threshold and torch's total norm of its gradients (before it clipped)."""
@@ -57,6 +58,19 @@ class CallerClip:
             norm = norm.float()
         self.norms.append(norm if norm.dim() == 0 else norm.reshape(()))
         self.covers_all = covers_all and len(self.norms) == 1
+
+    def add_at_guards_norm(self, threshold: float) -> CallerClip:
+        """One clip of every gradient the guard measures, made after the guard measured them
+        (Lightning's ``gradient_clip_val`` under ``GradGuard(monitor_only=True)``): its pre-clip norm
+        is the guard's own total norm, which joins at :meth:`measured` (no second read)."""
+        self.pending = float(threshold)
+        return self
+
+    def measured(self, norm: Tensor) -> None:
+        """The guard's total norm of the step, for a clip :meth:`add_at_guards_norm` left pending."""
+        if self.pending is not None:
+            threshold, self.pending = self.pending, None
+            self.add(threshold, norm, covers_all=True)
 
     def add_value(self, clip_value: float, grads: list[Tensor]) -> None:
         """A ``clip_grad_value_`` call (before it clamps): the fraction of elements it will clamp

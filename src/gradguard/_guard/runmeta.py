@@ -19,7 +19,22 @@ from gradguard._distributed import rank, same_on_all_ranks, world
 from gradguard._guard.config import GuardConfig
 from gradguard.clip import Clipper
 
-__all__ = ["clip_config", "open_run_log", "run_meta"]
+__all__ = ["clip_config", "group_numbers", "open_run_log", "run_meta"]
+
+#: Hyperparameters that may be held as 0-D tensors (a scheduler's tensor lr, a capturable Adam's).
+_HYPER = frozenset(
+    {
+        "lr",
+        "eps",
+        "betas",
+        "momentum",
+        "weight_decay",
+        "alpha",
+        "rho",
+        "lr_decay",
+        "initial_accumulator_value",
+    }
+)
 
 
 def clip_config(clipper: Clipper | None) -> dict[str, Any] | str | None:
@@ -28,6 +43,23 @@ def clip_config(clipper: Clipper | None) -> dict[str, Any] | str | None:
         return None
     config = getattr(clipper, "config", None)
     return config() if callable(config) else repr(clipper)
+
+
+def group_numbers(group: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of an optimizer's parameter group (lr, eps, betas, momentum, weight_decay…):
+    what ``meta.json`` keeps of each group and what an optimizer-step birth quotes. A 0-D tensor
+    hyperparameter is read on the host (at the guard's start, or at a birth)."""
+    out: dict[str, Any] = {}
+    for key, value in group.items():
+        if key == "params" or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)) or (
+            isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)
+        ):
+            out[key] = list(value) if isinstance(value, tuple) else value
+        elif isinstance(value, Tensor) and value.numel() == 1 and key in _HYPER:
+            out[key] = float(value)
+    return out
 
 
 def run_meta(
@@ -50,6 +82,7 @@ def run_meta(
         "parameters": {n: list(p.shape) for n, p in named},
         "layers": layers,
         "optimizer": type(optimizer).__name__,
+        "optimizer_groups": [group_numbers(g) for g in optimizer.param_groups],
         "fused": fused,
         "config": {"clip": clip_config(clipper), "clip_repr": repr(clipper), **config.as_meta()},
     }

@@ -28,6 +28,9 @@
                              the rate ``gradguard tune --lr`` verified, else an estimate marked unverified
 ``weight_growth``            a layer's weight norm growing by an order of magnitude
 ``loss_scale_collapse``      the AMP GradScaler's scale collapsing: fp16 cannot hold the gradients
+``stalled``                  a finite run that did not train and that no other rule explains (the loss
+                             stayed near its start, its second half flat), with the update ratios'
+                             cause: steps too large (lower the rate) or too small (raise it)
 ``incomplete_log``           the log may lack records: the run was not closed (killed, crashed, or still
                              going: said so when it was written recently), or disk writes lost some
 ============================ ========================================================================

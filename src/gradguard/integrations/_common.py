@@ -37,6 +37,7 @@ __all__ = [
     "scalars_of",
     "stepped",
     "unwrap_optimizer",
+    "what_it_steps",
     "write_report",
 ]
 
@@ -116,15 +117,29 @@ def describe_optimizer(guard: Guard, root: Guard, k: int, kind: str, params: str
         root.writer.update_meta(children=[optimizer_run_dir("", i).name for i in range(1, k + 1)])
 
 
-def stepped(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    """What an optimizer steps, for meta.json: the model's class, or the submodules (by name) that
-    hold its parameters when it steps only part of the model."""
+_CONTAINERS = frozenset({"Sequential", "ModuleList", "ModuleDict"})  # classes that say nothing of a model
+
+
+def stepped(model: torch.nn.Module, optimizer: torch.optim.Optimizer, variable: str | None = None) -> str:
+    """What an optimizer steps, for meta.json and messages: the model's class, or the submodules
+    (by name) that hold its parameters when it steps only part of the model. A container's class
+    says nothing (a GAN's two ``nn.Sequential``): with ``variable``, the name the script gave the
+    model comes first, ``netD (Sequential)``."""
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     name = type(model).__name__
+    base = variable if variable and name in _CONTAINERS else None
     if all(id(p) in ids for p in model.parameters() if p.requires_grad):
-        return name
+        return f"{base} ({name})" if base else name
     parts = [n for n, child in model.named_children() if any(id(p) in ids for p in child.parameters())]
-    return ", ".join(f"{name}.{n}" for n in parts) or name
+    return ", ".join(f"{base or name}.{n}" for n in parts) or name
+
+
+def what_it_steps(guard: Guard) -> str:
+    """What a guard's optimizer steps, as its run's meta.json says (:func:`stepped`), else the
+    model's class: the one wording of the live lines, the summary and diagnose."""
+    info = guard.writer.meta.get("optimizer") if guard.writer is not None else None
+    params = info.get("params") if isinstance(info, dict) else None
+    return str(params) if params else type(guard.model).__name__
 
 
 # ----------------------------------------------------------------------------- optimizers

@@ -56,6 +56,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from gradguard._guard.callerclip import CallerClip
 from gradguard.clip import Clipper, from_spec
 from gradguard.errors import GradGuardError
 from gradguard.guard import Guard, OnNonFinite, _unscale_once
@@ -113,7 +114,8 @@ class GradGuard(pl.Callback):
             ``monitor_only=True``.
         on_nonfinite: ``"skip"`` (default), ``"rollback"``, ``"raise"`` or ``"warn"``; with
             ``monitor_only=True`` only ``"warn"`` (default) or ``"raise"``.
-        monitor_only: only measure and log; Lightning (``gradient_clip_val``) clips and steps.
+        monitor_only: only measure and log; Lightning (``gradient_clip_val``) clips and steps (a
+            norm ``gradient_clip_val`` is logged as the run's clipper: threshold and clip rate).
         log_dir: the run directory; default ``<trainer.log_dir>/gradguard`` (beside the logger's
             files), or a new ``<default_root_dir>/gradguard-runs/<time>-lightning`` without a logger. With several optimizers, one
             folder per optimizer inside it.
@@ -337,7 +339,7 @@ class GradGuard(pl.Callback):
             scaler = self._scaler(trainer)
             if scaler is not None:  # Lightning unscaled, except a fused optimizer's (left to its kernel)
                 _unscale_once(scaler, opt)  # its found_inf still tells Lightning's scaler.step() to skip
-            take = self._measure(guard, loss)
+            take = self._measure(guard, loss, self._lightnings_clip(trainer, guard))
         if gate is not None:
             gate.decide(take)  # Lightning's optimizer.step() after the hooks steps, or not
         if not take:
@@ -401,15 +403,26 @@ class GradGuard(pl.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None
 
-    def _measure(self, guard: Guard, loss: Tensor | None) -> bool:
+    def _measure(self, guard: Guard, loss: Tensor | None, clip: CallerClip | None) -> bool:
         """Measure, clip and decide this step; whether the optimizer steps (always, under
         ``monitor_only``: then nothing is clipped, and a bad step is located before Lightning's
         step, see ``Guard(locate=...)``). The update ratio is measured after Lightning's own step."""
         if len(self.guards) == 1:
-            return guard.before_step(loss)
+            return guard.before_step(loss, clip=clip)
         fields = {"global_step": self._global_step}  # which optimizer failed first, by global step
         self._global_step += 1
-        return guard.before_step(loss, fields=fields)
+        return guard.before_step(loss, clip=clip, fields=fields)
+
+    def _lightnings_clip(self, trainer: pl.Trainer, guard: Guard) -> CallerClip | None:
+        """Under ``monitor_only``, Lightning's own norm clip (``gradient_clip_val``, which it applies
+        after this hook) as the step's clip: its threshold, coefficient and clip rate go into the row,
+        from the norm the guard measures (its norm type is Lightning's, 2). A value clip, or a guard
+        measuring another norm, is not logged (it would take a second read of the gradients)."""
+        value = trainer.gradient_clip_val
+        algorithm = str(trainer.gradient_clip_algorithm or "norm").lower()
+        if not (self.monitor_only and value and algorithm.endswith("norm") and guard.config.norm_type == 2.0):
+            return None
+        return CallerClip().add_at_guards_norm(float(value))
 
     def _close(self) -> None:
         """Flush and close the run logs and sinks; a later ``fit`` goes on from the same state."""

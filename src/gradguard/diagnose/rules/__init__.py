@@ -165,6 +165,24 @@ def _rank(finding: Finding, ids: Sequence[str]) -> tuple[int, int]:
 # The registry: every rule, in report order, and the precedence between them (the one place)
 # ============================================================================================
 
+_CAUSES = (
+    "bad_data",
+    "unbounded_loss",
+    "weight_decay",
+    "explosion",
+    "sudden_growth",
+    "nonfinite_op",
+    "divergence",
+    "over_clipping",
+    "adaptive_clipping",
+    "zeroed_gradients",
+    "lr_too_high",
+    "weight_growth",
+    "vanishing",
+    "loss_scale_collapse",
+)
+"""The rules whose warning or error explains a run that did not train (``stalled`` gives way to them)."""
+
 REGISTRY: list[Entry] = [
     # the headline (the first error of this list) is decided here, in this order:
     # 1. a tensor entering the step was non-finite: the data (or the carried state), not the model;
@@ -172,6 +190,9 @@ REGISTRY: list[Entry] = [
     # 2. an objective with no lower bound (a WGAN critic without its Lipschitz constraint) explains the
     #    explosion it drives;
     entry("unbounded_loss"),
+    #    (and a weight decay that multiplies the weights by a factor far from 1 at every step: a typo such
+    #    as 5e2 for 5e-4 drives an explosion no clipping stops);
+    entry("weight_decay"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     entry("explosion", needs=("divergence",)),
     #    (and growth too fast for the norms to show: a float32 overflow, an update as large as the weights);
@@ -192,6 +213,9 @@ REGISTRY: list[Entry] = [
     #    (gradients that look vanishing in a model a too-high first step wrecked are that rate's);
     entry("vanishing", needs=("lr_too_high",)),
     entry("loss_scale_collapse"),
+    # 6. a finite run that did not train and that no rule above explains (the last resort: a failed
+    #    run never reads "No findings").
+    entry("stalled", yields_to={name: ("error", "warning") for name in _CAUSES}),
     entry("incomplete_log"),
 ]
 """Every rule, in report order, with its dependencies (see the module docstring). The headline

@@ -326,7 +326,7 @@ def failed_lr(f: Facts) -> float | None:
     return rates[-1] if rates else None
 
 
-def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
+def lr_advice(f: Facts, estimate: float | None, why: str, *, higher: bool = False) -> dict[str, Any]:
     """The recommendation entries for a learning rate: the one way a rule recommends an ``lr``.
 
     With learning rates among ``tune.json``'s candidates: the rate that trained there
@@ -335,12 +335,14 @@ def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
     (:func:`failed_lr`), marked ``lr_verified: False`` with the ``gradguard tune --lr`` command line
     that verifies it (``lr_tune``: the estimate and its neighbours below that rate as candidates, and
     the run's own rate where the run trained at it, :func:`own_lr`, so tune can answer "keep it").
+    ``higher``: the estimate is a higher rate than the run's (a run whose steps were too small to
+    train): neither it nor its neighbours are held below the run's rate.
     ``text`` is a sentence without its final period, as :func:`threshold_advice`'s.
     """
     result = tuned(f)
     if result is not None and result.lr_candidates():
         return _verified_lr(f, rate_part(result))
-    failed = failed_lr(f)
+    failed = None if higher else failed_lr(f)
     if estimate is not None and failed is not None and estimate > failed / 2:
         estimate, why = sig(failed / 2, 1), f"half this run's learning rate, {fmt(failed)}"
     if estimate is None or not (math.isfinite(estimate) and estimate > 0):
@@ -350,7 +352,7 @@ def lr_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:
             "lr_tune": command,
             "text": f"Verify a lower learning rate first: {command}",
         }
-    rungs = lr_candidates(f, estimate)
+    rungs = lr_candidates(f, estimate, higher=higher)
     command = tune_command(f, "--lr " + ",".join(f"{r:g}" for r in rungs))
     return {
         "lr": estimate,
@@ -371,11 +373,11 @@ def own_lr(f: Facts) -> float | None:
     return None if trained(f) is None else failed_lr(f)
 
 
-def lr_candidates(f: Facts, estimate: float) -> list[float]:
+def lr_candidates(f: Facts, estimate: float, *, higher: bool = False) -> list[float]:
     """The rates that verify ``estimate``: it and its neighbours (2×, ½×, ¼×) below the rate the run
-    failed at, and the run's own rate where the run trained at it (:func:`own_lr`): then tune keeps
+    failed at (``higher``: whatever the run's rate), and the run's own rate where the run trained at it (:func:`own_lr`): then tune keeps
     the own rate unless a lower one trains better (:func:`gradguard.tunelog.choose`); low to high."""
-    failed, own = failed_lr(f), own_lr(f)
+    failed, own = None if higher else failed_lr(f), own_lr(f)
     rungs = {r for r in (sig(estimate * 2.0**k, 2) for k in (1, 0, -1, -2)) if failed is None or r < failed}
     return sorted(rungs | ({own} if own is not None else set()))
 

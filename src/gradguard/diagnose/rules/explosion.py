@@ -34,7 +34,8 @@ import math
 import statistics
 from typing import Any
 
-from gradguard.diagnose.facts import Facts
+from gradguard import optable
+from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.healthy import HealthyWindow
 from gradguard.diagnose.numbers import ends, fmt, layer_name, median, sig
@@ -230,16 +231,36 @@ def _end(f: Facts) -> dict[str, Any]:
     return out
 
 
+def _edge_birth(f: Facts) -> dict[str, Any] | None:
+    """The run's first located birth where it is an op at the edge of its domain (a division by a
+    temperature annealed to 0, log of 0), not an overflow: no growth of the norm explains that op,
+    and its own fix (``nonfinite_op``, then the headline) is what stops the NaN; ``None`` otherwise."""
+    located = f.first_located() if f.went_bad else None
+    if located is None:
+        return None
+    why = fields(located.get("evidence")).get("reason")
+    return located if optable.at_domain_edge(located.get("op"), why) else None
+
+
 def _severity(f: Facts, ev: Evidence) -> str:
-    if f.went_bad or ev.diverged:
+    if (f.went_bad and _edge_birth(f) is None) or ev.diverged:
         return "error"
+    if f.went_bad:
+        return "warning"  # the growth led up to an op at its domain's edge: that op is the headline
     return "info" if f.clip_kind == "fixed" and ev.falling else "warning"  # a fixed threshold caught it
 
 
 def _message(f: Facts, ev: Evidence, onset: int | None, evidence: dict[str, Any]) -> str:
     where = f" in layer {layer_name(evidence['first_layer'])} first" if "first_layer" in evidence else ""
     nonfinite = evidence["first_nonfinite_step"]
-    if nonfinite is not None:
+    edge = _edge_birth(f)
+    if nonfinite is not None and edge is not None:
+        why = fields(edge.get("evidence")).get("reason")
+        end = (
+            f"; the run went non-finite at step {nonfinite}, where {edge.get('op')} met the edge of its "
+            f"domain ({why}), which no threshold or rate keeps it from: fix that op first (nonfinite_op)"
+        )
+    elif nonfinite is not None:
         end = f"; the run went non-finite at step {nonfinite}"
     else:
         end = "; float32 could no longer hold the norm" if ev.overflows else ""

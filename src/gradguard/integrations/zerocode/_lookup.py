@@ -21,7 +21,7 @@ from gradguard.integrations.zerocode.sessions import (
     all_optimizers,
     covers,
 )
-from gradguard.locate import StepCapture
+from gradguard.locate import StepCapture, user_name_of
 
 
 # ----------------------------------------------------------------------------- roots
@@ -229,7 +229,7 @@ def describe(zc: Any, guard: Guard, k: int, model: nn.Module, optimizer: torch.o
     """meta.json of a new run dir: which optimizer it is; the root's lists its children."""
     kind = "manual update" if isinstance(optimizer, ManualUpdate) else type(optimizer).__name__
     root = zc._order[0].guard if zc._order else guard
-    describe_optimizer(guard, root, k, kind, stepped(model, optimizer))
+    describe_optimizer(guard, root, k, kind, stepped(model, optimizer, user_name_of(model)))
 
 
 def add(zc: Any, key: int, session: Session) -> Session:

@@ -16,6 +16,7 @@ from typing import Any
 from gradguard import runlog
 from gradguard.events import nonfinite_where
 from gradguard.guard import Guard
+from gradguard.integrations._common import what_it_steps
 from gradguard.integrations.zerocode.sessions import ManualUpdate
 
 __all__ = ["LIVE_EVERY_S", "Live", "rank"]
@@ -108,8 +109,8 @@ class Live:
 
 def _name(guard: Guard) -> str:
     if isinstance(guard.optimizer, ManualUpdate):
-        return f"{type(guard.model).__name__} (updated by hand)"
-    return f"{type(guard.optimizer).__name__} on {type(guard.model).__name__}"
+        return f"{what_it_steps(guard)} (updated by hand)"
+    return f"{type(guard.optimizer).__name__} on {what_it_steps(guard)}"
 
 
 _POLICY = {

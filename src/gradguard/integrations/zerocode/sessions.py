@@ -16,6 +16,7 @@ from gradguard import runlog
 from gradguard.errors import GradGuardError
 from gradguard.events import nonfinite_where
 from gradguard.guard import Guard
+from gradguard.integrations._common import what_it_steps
 from gradguard.locate import StepCapture, keep_out_of_pickles
 
 __all__ = ["ManualUpdate", "Root", "Session", "all_optimizers", "covers", "summary_lines"]
@@ -97,7 +98,7 @@ class Root:
 
 def summary_lines(session: Session) -> list[str]:
     guard = session.guard
-    model = type(guard.model).__name__
+    model = what_it_steps(guard)
     if session.manual:
         head = f"gradguard: hand-written update of {model}: {guard.step_count} steps measured (none can be skipped)"
     else:

@@ -1,0 +1,120 @@
+"""``stalled``: a run that stayed finite and did not train, which no other rule explains.
+
+The loss never got :data:`~gradguard.diagnose.rules._clipping.STALLED` below where it started (the
+lowest median of its ten spans is within 20 % of its first steps) and its second half is flat (fell by no
+more than the spread of its last quarter's losses: a run still learning slowly is not one), over
+at least :data:`MIN_STEPS` steps. What the layers' update/weight ratios say decides the advice:
+
+* steps large (median ≥ :data:`LARGE`, ~1e-3 is typical): the loss bounces instead of descending —
+  the learning rate is too high for the model (a 12-layer ReLU MLP at SGD 0.3 with momentum 0.9
+  under ``clip="auto"``: clipped on 23 % of steps, ratios 0.009, the loss at chance for 315 steps;
+  0.03, the rate that moves the layers ~1e-3 a step, trains to 0.73);
+* steps tiny (median ≤ :data:`TINY`): the rate is too low to move the weights in this run (SGD at
+  1e-5 on a freshly initialised model).
+
+Between the two the ratios give no cause (a fine-tune already at its floor looks the same as a
+model that cannot learn), and the rule says nothing. It gives way to every rule with a cause
+(the registry): it is the finding of last resort, the one that keeps a failed run from reading
+"No findings".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from typing import Any
+
+from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.numbers import fmt, median, sig
+from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import STALLED, failed_lr, lr_advice, ratio_lr, update_ratios, with_lr
+
+MIN_STEPS = 50  # fewest recorded steps to call a run stalled
+LARGE = 3e-3  # a median update/weight ratio this large or more: steps too large to settle
+TINY = 1e-5  # this small or less: steps too small to move the weights
+_AIM = 1e-3  # the update/weight ratio the advised rate aims at (the rule of thumb)
+_START = 5  # the losses whose median is where the run started
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """Where the loss started, its lowest level (the least median of ten spans) and where it ended; the median update
+    ratio over the layers; the share of clipped steps."""
+
+    start: float
+    low: float
+    end: float
+    noise: float
+    moved: float
+    clip_rate: float
+    steps: int
+
+
+def detect(f: Facts, seen: Seen) -> Evidence | None:
+    if f.went_bad or len(f.rows) < MIN_STEPS:  # (a climb the clipper held: the explosion rule's, or here)
+        return None
+    losses = f.loss_at(0, len(f.rows))
+    if len(losses) < MIN_STEPS:
+        return None
+    start = median(losses[:_START])
+    width = max(_START, len(losses) // 10)  # the lowest level: the least median of ten spans
+    low = min(median(losses[i : i + width]) for i in range(0, len(losses), width))
+    half, quarter = losses[len(losses) // 2 :], losses[-(len(losses) // 4) :]
+    noise = statistics.pstdev(quarter)
+    still_falling = median(half[: len(half) // 4]) - median(quarter) > noise
+    if not (start > 0 and low > (1 - STALLED) * start) or still_falling:
+        return None
+    warm = max(3, len(f.rows) // 50)
+    ratios = list(update_ratios(f, warm, len(f.rows)).values())
+    moved = median(ratios) if ratios else math.nan
+    if not (moved >= LARGE or moved <= TINY):
+        return None
+    rate = sum(f.clipped) / len(f.clipped) if f.clip_kind != "none" else 0.0
+    return Evidence(start, low, median(quarter), noise, moved, rate, len(f.rows))
+
+
+def explain(f: Facts, ev: Evidence) -> Finding:
+    lr = failed_lr(f)
+    large = ev.moved >= LARGE
+    clipped = f" while {f.clip_spec} clipped {ev.clip_rate:.0%} of them" if ev.clip_rate > 0 else ""
+    message = (
+        f"The run did not train: over {ev.steps} steps the loss stayed near where it started "
+        f"({fmt(ev.start)} at the start, {fmt(ev.end)} over the last quarter, never below {fmt(ev.low)}){clipped}. "
+        f"A step moved the layers by {fmt(ev.moved)} of their weight norm (median; ~1e-3 is typical): "
+        + (
+            "steps that large keep the loss bouncing instead of descending — the learning rate is too high "
+            "for this model."
+            if large
+            else "steps that small do not move the weights in this run — the learning rate is too low."
+        )
+    )
+    evidence: dict[str, Any] = {
+        "loss_start": sig(ev.start, 4),
+        "loss_lowest": sig(ev.low, 4),
+        "loss_end": sig(ev.end, 4),
+        "loss_noise": sig(ev.noise, 3),
+        "update_ratio_median": sig(ev.moved, 3),
+        "typical_update_ratio": _AIM,
+        "clip_rate": round(ev.clip_rate, 4),
+        "lr": lr,
+    }
+    return Finding("stalled", "warning", f.steps[0], message, evidence, _advice(f, lr, ev.moved, large))
+
+
+def _advice(f: Facts, lr: float | None, moved: float, large: bool) -> dict[str, Any]:
+    """The rate that moves the layers ~1e-3 of their weights a step: lower (verified or not, as
+    :func:`~gradguard.diagnose.rules._clipping.lr_advice` gives it), or higher."""
+    estimate = None
+    if lr is not None and math.isfinite(moved) and moved > 0:
+        estimate = ratio_lr(lr, moved, _AIM) if large else sig(lr * _AIM / moved, 1)
+    why = f"the rate that moves the layers ~{_AIM:g} of their weights a step"
+    advice = lr_advice(f, estimate, why, higher=not large)
+    verb = "Lower" if large else "Raise"
+    rec = with_lr({}, advice)
+    rec["text"] = f"{verb} the learning rate. {advice['text']}."
+    return rec
+
+
+RULE = Rule("stalled", detect, explain)
