@@ -209,6 +209,148 @@ def test_two_sequential_models_are_named_by_the_scripts_variables(tmp_path: Path
     assert "[Adam over netD (Sequential) (optimizer 0)" in shown.stdout, shown.stdout
 
 
+SPLIT_MODELS = textwrap.dedent(
+    """
+    import itertools
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    encoder, decoder = nn.Linear(4, 8), nn.Linear(8, 4)
+    log_scale = nn.Parameter(torch.zeros(4))  # a free parameter, as a policy's log_std
+    heads = nn.ModuleDict({"trunk": nn.Linear(4, 8), "out": nn.Linear(8, 1)})  # called piece by piece
+    opt = torch.optim.Adam(itertools.chain(encoder.parameters(), decoder.parameters(), [log_scale]), lr=1e-2)
+    opt_heads = torch.optim.SGD(heads.parameters(), lr=1e-2)
+    for step in range(12):
+        x = torch.randn(16, 4)
+        if step == 6:
+            x[0, 0] = float("nan")  # a bad sample
+        recon = decoder(torch.relu(encoder(x))) * log_scale.exp()
+        loss = (recon - x).pow(2).mean() + heads["out"](torch.relu(heads["trunk"](x))).pow(2).mean()
+        opt.zero_grad()
+        opt_heads.zero_grad()
+        loss.backward()
+        opt.step()
+        opt_heads.step()
+    print("finite:", all(torch.isfinite(p).all().item() for p in [*encoder.parameters(), *heads.parameters()]))
+    """
+)
+
+
+def test_an_optimizer_over_several_models_or_free_parameters_is_guarded(tmp_path: Path) -> None:
+    """One optimizer over two models the script calls apart (and a free parameter), another over an
+    ``nn.ModuleDict`` called piece by piece: no called model owns their parameters alone. Both were
+    left unguarded ("no optimizer step was seen"), the NaN batch reached the weights; each is now
+    guarded over the script's own models, named by the script's names."""
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT_MODELS)
+    got = _run(tmp_path, script)
+    assert got.returncode == 0 and "finite: True" in got.stdout, got.stderr  # the NaN step was skipped
+    first, second = read_run(tmp_path / "run"), read_run(tmp_path / "run" / "optimizer1")
+    assert first.meta["optimizer"]["params"] == "encoder, decoder, log_scale"
+    assert second.meta["optimizer"]["params"] == "heads (ModuleDict)"
+    assert [r["step"] for r in first.metrics if r["skipped"]] == [6]
+    assert [r["step"] for r in second.metrics if r["skipped"]] == [6]
+    assert "not guarded" not in got.stderr and "no optimizer step was seen" not in got.stderr
+
+
+LINE_SEARCH = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class LineSearchSGD(torch.optim.Optimizer):  # backtracking (Armijo): the closure is re-evaluated
+        def __init__(self, params, lr=1.0):
+            super().__init__(params, {"lr": lr})
+
+        def step(self, closure):
+            loss = closure()  # loss and gradients
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            grads = [p.grad.clone() for p in params]
+            t = self.param_groups[0]["lr"]
+            with torch.no_grad():
+                for _ in range(10):
+                    for p, g in zip(params, grads):
+                        p.sub_(t * g)
+                    if closure(backward=False) <= loss - 0.5 * t * sum(g.pow(2).sum() for g in grads):
+                        break
+                    for p, g in zip(params, grads):
+                        p.add_(t * g)
+                    t /= 2
+            return loss
+
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    opt = LineSearchSGD(model.parameters())
+    for step in range(5):
+        def closure(backward=True):
+            loss = nn.functional.mse_loss(model(x), y)
+            if backward:
+                opt.zero_grad()
+                loss.backward()
+            return loss
+
+        print(f"step {step} loss {opt.step(closure).item():.6f}")
+    """
+)
+
+
+def test_a_closure_that_takes_arguments_gets_them(tmp_path: Path) -> None:
+    """A line search calls ``closure(backward=False)``: the guarded closure passes it on (it was a
+    TypeError at the first step) and the run prints what plain python prints."""
+    script = tmp_path / "line_search.py"
+    script.write_text(LINE_SEARCH)
+    got, ref = _run(tmp_path, script), _plain(tmp_path, script)
+    assert got.returncode == ref.returncode == 0, got.stderr
+    assert got.stdout == ref.stdout
+    assert len(read_run(tmp_path / "run").metrics) == 5
+
+
+CHANGES_DIRECTORY = textwrap.dedent(
+    """
+    import json
+    import os
+
+    import torch
+    from torch import nn
+
+    here = os.path.dirname(__file__)
+    os.makedirs("outputs/exp1", exist_ok=True)
+    os.chdir("outputs/exp1")  # a Hydra-style run folder
+    config = json.load(open(os.path.join(here, "config.json")))
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"])
+    for step in range(4):
+        loss = model(torch.randn(8, 3)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print("file is absolute:", os.path.isabs(__file__))
+    """
+)
+
+
+def test_a_script_that_changes_directory_keeps_its_file_and_the_run_log_where_it_was_asked(
+    tmp_path: Path,
+) -> None:
+    """``__file__`` is absolute, as ``python script.py`` makes it (a script that changes directory
+    and reads a file beside itself crashed), and a relative ``--out`` is the launch directory's (the
+    log went into the script's new folder, where ``diagnose run`` could not find it)."""
+    (tmp_path / "config.json").write_text('{"lr": 0.1}')
+    script = tmp_path / "train.py"
+    script.write_text(CHANGES_DIRECTORY)
+    cmd = [sys.executable, "-m", "gradguard", "run", "--out", "run", "--no-report", "train.py"]
+    got = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0 and "file is absolute: True" in got.stdout, got.stderr
+    assert len(read_run(tmp_path / "run").metrics) == 4
+    assert not (tmp_path / "outputs" / "exp1" / "run").exists()
+
+
 TWO_CLIPS = textwrap.dedent(
     """
     import torch

@@ -154,18 +154,23 @@ def users(filename: str) -> bool:
     )
 
 
-def user_name_of(value: object, skip: int = 2) -> str | None:
-    """The name the user's code gave ``value``: a local, else a global, of the innermost user frame
-    holding it (``netD`` for a GAN's discriminator built as an ``nn.Sequential``); ``None`` if none."""
+def user_values(skip: int = 2) -> Iterator[tuple[str, Any]]:
+    """The ``(name, value)`` pairs of the user's frames, innermost first: each frame's locals, then its
+    globals (names starting with ``_`` and ``self`` left out)."""
     frame = sys._getframe(skip)
     while frame is not None:
         if users(frame.f_code.co_filename):
             for scope in (frame.f_locals, frame.f_globals):
-                name = next((k for k, v in scope.items() if v is value and not k.startswith("_")), None)
-                if name is not None and name != "self":
-                    return name
+                for name, value in list(scope.items()):
+                    if not name.startswith("_") and name != "self":
+                        yield name, value
         frame = frame.f_back  # type: ignore[assignment]
-    return None
+
+
+def user_name_of(value: object, skip: int = 2) -> str | None:
+    """The name the user's code gave ``value``: a local, else a global, of the innermost user frame
+    holding it (``netD`` for a GAN's discriminator built as an ``nn.Sequential``); ``None`` if none."""
+    return next((name for name, v in user_values(skip + 1) if v is value), None)
 
 
 #: Leaves that hold no tensor: skipped without asking the pytree registry.

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from gradguard.errors import GradGuardError
 from gradguard.guard import Guard
 from gradguard.integrations._common import describe_optimizer, stepped
 from gradguard.integrations.zerocode.sessions import (
@@ -21,7 +22,7 @@ from gradguard.integrations.zerocode.sessions import (
     all_optimizers,
     covers,
 )
-from gradguard.locate import StepCapture, user_name_of
+from gradguard.locate import StepCapture, user_name_of, user_values
 
 
 # ----------------------------------------------------------------------------- roots
@@ -82,7 +83,7 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
         framework.add_flush_callback(zc.live.flushed(framework))
         return add(zc, id(optimizer), Session(framework, manual=False, framework=True))
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    root = root_owning(zc, ids)
+    root = root_owning(zc, ids) or union_root(zc, optimizer)
     if root is None:
         zc._unguarded.add(id(optimizer))
         zc._say(
@@ -93,6 +94,69 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     root.kind = "optimizer"
     guard, _ = new_guard(zc, root, optimizer, dict(zc.options))
     return add(zc, id(optimizer), Session(guard, manual=False))
+
+
+class Union(nn.Module):
+    """The models (and free parameters) one optimizer steps where no model the script called owns
+    them all: ``Adam(chain(enc.parameters(), dec.parameters()))``, a policy's network and a bare
+    ``log_std``, the members of an ``nn.ModuleDict`` called one by one. Never called: it names the
+    layers (by the script's own names) and holds the parameters the guard measures."""
+
+    def forward(self, *args: Any) -> Any:
+        raise GradGuardError("gradguard's Union of a script's models is never called.")
+
+
+def union_root(zc: Any, optimizer: torch.optim.Optimizer) -> Root | None:
+    """A root for an optimizer whose parameters no called model owns alone: a module of the script
+    that holds them all (an ``nn.ModuleDict`` called piece by piece), else the called models that
+    hold some of them, and the rest as free parameters, in one :class:`Union` (kept among the
+    roots: alive, and found by later lookups). ``None`` when no called model holds any of them.
+    Its steps are measured, clipped and skipped like any; a bad step is located by the norms and
+    the data (no one forward of the union is replayed)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = {id(p) for p in params}
+    holder = _script_module_holding(ids)
+    if holder is not None:  # an nn.ModuleDict (or a wrapper) the script built but calls piece by piece
+        root = Root(holder)
+        root.union = holder
+        zc._roots[id(holder)] = root
+        return root
+    models = [m for r in zc._roots.values() if (m := r.model) is not None and ids & {id(p) for p in m.parameters()}]
+    models = [m for m in models if not any(m is not o and _inside(m, o) for o in models)]  # outermost only
+    if not models:
+        return None
+    union = Union()
+    for i, model in enumerate(models):
+        union.add_module(_free_name(union, user_name_of(model, skip=3), f"model{i}"), model)
+    owned = {id(p) for p in union.parameters()}
+    for i, p in enumerate(p for p in params if id(p) not in owned):
+        union.register_parameter(_free_name(union, user_name_of(p, skip=3), f"param{i}"), p)
+    root = Root(union)
+    root.union = union  # (the roots hold their modules weakly: this one nobody else holds)
+    zc._roots[id(union)] = root
+    return root
+
+
+def _script_module_holding(ids: set[int]) -> nn.Module | None:
+    """The smallest module among the script's variables that holds every parameter in ``ids``."""
+    best: tuple[int, nn.Module | None] = (0, None)
+    for _, value in user_values(skip=4):
+        if isinstance(value, nn.Module) and not isinstance(value, Union):
+            owned = {id(p) for p in value.parameters()}
+            if ids <= owned and (best[1] is None or len(owned) < best[0]):
+                best = (len(owned), value)
+    return best[1]
+
+
+def _inside(module: nn.Module, other: nn.Module) -> bool:
+    return any(m is module for m in other.modules())
+
+
+def _free_name(module: nn.Module, name: str | None, fallback: str) -> str:
+    """``name`` if it is a free attribute name of ``module``, else ``fallback``."""
+    if name and name.isidentifier() and not hasattr(module, name):
+        return name
+    return fallback
 
 
 def manual_session(zc: Any, root: Root) -> Session | None:
@@ -229,7 +293,11 @@ def describe(zc: Any, guard: Guard, k: int, model: nn.Module, optimizer: torch.o
     """meta.json of a new run dir: which optimizer it is; the root's lists its children."""
     kind = "manual update" if isinstance(optimizer, ManualUpdate) else type(optimizer).__name__
     root = zc._order[0].guard if zc._order else guard
-    describe_optimizer(guard, root, k, kind, stepped(model, optimizer, user_name_of(model)))
+    if isinstance(model, Union):  # the script's names of the models (and free parameters) it steps
+        what = ", ".join([n for n, _ in model.named_children()] + [n for n, _ in model.named_parameters(recurse=False)])
+    else:
+        what = stepped(model, optimizer, user_name_of(model))
+    describe_optimizer(guard, root, k, kind, what)
 
 
 def add(zc: Any, key: int, session: Session) -> Session:

@@ -66,7 +66,8 @@ class ZeroCode:
         scan_existing: bool = True,
         **guard: Any,
     ) -> None:
-        self.out = Path(out) if out is not None else runlog.default_run_dir(name)
+        # absolute now: a script that changes directory (os.chdir, Hydra) must not move the run log
+        self.out = (Path(out) if out is not None else runlog.default_run_dir(name)).absolute()
         self.name = name
         self.options = {"clip": "none", "on_nonfinite": "skip", **guard}
         self.replace_clip = self.options["clip"] not in (None, "none")

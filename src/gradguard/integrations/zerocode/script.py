@@ -67,7 +67,7 @@ def run_script(
                 if module:
                     runpy.run_module(path, run_name="__main__", alter_sys=True)
                 else:
-                    runpy.run_path(str(script), run_name="__main__")
+                    runpy.run_path(str(script.absolute()), run_name="__main__")  # __file__ as python gives it
             except SystemExit as e:
                 code = _exit_code(e)
             except Stopped as e:

@@ -76,6 +76,7 @@ class Root:
         self.unused: StepCapture | None = None  # the capture waiting for the first guard
         self.kind: str | None = None  # "optimizer" or "manual", once its first backward is seen
         self.session: Session | None = None  # "manual": its session, once made
+        self.union: nn.Module | None = None  # a Union of models (kept alive here: nobody else holds it)
         # the guard's own anomaly path may hook the model for one forward: never into a pickle
         self.kept_out = keep_out_of_pickles(type(module))
 
