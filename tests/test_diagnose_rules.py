@@ -604,6 +604,22 @@ def test_an_lr_jump_right_before_the_climb_is_blamed() -> None:
     assert jump is not None and jump.evidence["lr_jump_step"] == 28 and jump.recommendation["lr"] == 0.05
 
 
+def test_an_explosion_a_schedule_drove_advises_the_schedules_fix_and_the_rate_before_it() -> None:
+    """A LambdaLR that triples the rate every step from step 28 (0.05 → 0.4 and on): "a tenth of the
+    rate the run failed at" was a rate above the script's own, and a threshold does not hold a rate
+    that keeps growing. The explosion names the schedule and advises the rate before its jump, the
+    same rate and tune command as lr_too_high."""
+    lr = [0.05] * 28 + [0.05 * 3.0 ** (s - 27) for s in range(28, len(CLIMB))]
+    log = run(CLIMB, lr=lr)
+    boom, jump = conclude(log, "explosion"), conclude(log, "lr_too_high")
+    assert boom is not None and jump is not None and boom.severity == "error"
+    assert "the learning rate rose from 0.05 to 0.15 at step 28" in boom.message
+    assert boom.recommendation["text"].startswith("The learning-rate schedule drove it")
+    assert boom.recommendation["lr"] == jump.recommendation["lr"] == 0.05
+    assert boom.recommendation["lr_tune"] == jump.recommendation["lr_tune"]
+    assert "max_norm" not in boom.recommendation
+
+
 def _lr_case(path: Path, rule: str) -> Path:
     """A run directory at lr 0.4 that fails the way ``rule`` reports: after a jump from 0.05
     (``lr_too_high``), a finite climb of the loss (``divergence``), a climb while clipped at 0.5

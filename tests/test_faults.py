@@ -39,6 +39,7 @@ import pytest
 
 import gradguard
 from gradguard import runlog
+from gradguard.diagnose import diagnose
 from gradguard.errors import GradGuardError
 from gradguard.runlog import RunLogWarning, RunWriter, default_run_dir, read_run
 
@@ -1251,6 +1252,15 @@ def test_guard_log_flushes_at_exit_when_close_is_never_called(
     assert steps_of(log) == list(range(records_kept))  # not 100 of 120, not 50 of 75
     assert log.meta["closed_at_exit"] is True and log.meta["steps"] == records_kept
     assert "could not close" not in out.stderr
+    # a run that crashed does not read as a healthy one: diagnose says how it ended
+    (said,) = [f for f in diagnose(run) if f.id == "incomplete_log"]
+    if raise_at >= 0:
+        assert log.meta["ended_by"] == "RuntimeError: the training loop failed"
+        assert said.severity == "warning" and "ended early after step 74" in said.message
+        assert "RuntimeError: the training loop failed" in said.message
+    else:
+        assert "ended_by" not in log.meta
+        assert said.severity == "info" and "never closed its guard" in said.message
 
 
 def test_guard_log_flushes_when_a_with_block_raises(tmp_path: Path) -> None:

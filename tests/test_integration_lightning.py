@@ -192,6 +192,26 @@ def test_refuses_to_clip_twice(tmp_path):
         trainer.fit(Tiny(), _data())
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_refusing_to_clip_twice_names_the_clip_spec_that_does_what_lightning_did(tmp_path, algorithm):
+    trainer = _trainer(tmp_path, [GradGuard()], gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+    with pytest.raises(GradGuardError, match=rf"GradGuard\(clip='{algorithm}:0.5'\) does what Lightning did"):
+        trainer.fit(Tiny(), _data())
+
+
+def test_fast_dev_run_twice_writes_two_runs(tmp_path, monkeypatch):
+    """fast_dev_run puts in a DummyLogger whose folder is the same on every run: the second run
+    found the first one's log there and refused to start."""
+    monkeypatch.chdir(tmp_path)
+    dirs = []
+    for _ in range(2):
+        cb = GradGuard()
+        L.Trainer(fast_dev_run=3, callbacks=[cb], accelerator="cpu", enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path).fit(Tiny(nan_step=None), _data())  # fmt: skip
+        dirs.append(cb.run_dir)
+    assert dirs[0] != dirs[1] and all(len(runlog.read_run(d).metrics) == 3 for d in dirs)
+
+
 def test_monitor_only_leaves_training_unchanged(tmp_path):
     """Lightning clips and steps; gradguard measures the pre-clip norm and changes nothing."""
     plain = Tiny(nan_step=None)

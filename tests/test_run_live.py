@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import gradguard
+from gradguard.diagnose import diagnose
 from gradguard.runlog import read_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
@@ -312,6 +313,10 @@ def test_an_uncaught_exception_keeps_exit_code_1_with_the_summary(tmp_path: Path
         and "gradguard: SGD on model (Sequential): 21 steps" in got.stderr
     )
     assert (tmp_path / "run" / "report.html").exists()
+    # the run's log says how it ended: diagnose does not read a crashed run as a healthy one
+    assert read_run(tmp_path / "run").meta["ended_by"] == "ValueError: bad config"
+    (said,) = [f for f in diagnose(tmp_path / "run") if f.id == "incomplete_log"]
+    assert said.severity == "warning" and "ended early after step 20" in said.message
 
 
 def test_sys_exit_with_a_message_prints_it_and_exits_1(tmp_path: Path) -> None:

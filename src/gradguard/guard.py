@@ -58,6 +58,7 @@ import copy
 import dataclasses
 import functools
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -131,6 +132,19 @@ def _close_at_exit() -> None:
 
 
 atexit.register(_close_at_exit)
+
+
+def _uncaught() -> str | None:
+    """At interpreter exit: the uncaught exception that ended the script (Python keeps it in
+    ``sys.last_value`` once it printed the traceback), as ``"Type: message"``; ``None`` if none."""
+    error = getattr(sys, "last_value", None)
+    return None if error is None else ended_by(error)
+
+
+def ended_by(error: BaseException) -> str:
+    """An exception that ended a run, as ``meta.json``'s ``ended_by`` says it: ``"Type: message"``."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 class _Setting:
@@ -669,6 +683,7 @@ class Guard:
                     steps=self.step_count,
                     skipped_steps=self.skipped_steps,
                     **({"closed_at_exit": True} if at_exit else {}),
+                    **({"ended_by": ended} if at_exit and (ended := _uncaught()) else {}),
                 )
                 self.writer.close()
 

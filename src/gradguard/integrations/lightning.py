@@ -224,8 +224,7 @@ class GradGuard(pl.Callback):
         clip_val = trainer.gradient_clip_val
         clips = not self.monitor_only and from_spec(self.clip) is not None  # type: ignore[arg-type]
         if clip_val is not None and float(clip_val) > 0 and clips:
-            algo = trainer.gradient_clip_algorithm or "norm"
-            same = f"clip='{algo}:{float(clip_val):g}'"
+            same = f"clip='{_clip_algorithm(trainer)}:{float(clip_val):g}'"
             raise GradGuardError(
                 f"Trainer(gradient_clip_val={clip_val!r}) would clip the gradients again after GradGuard "
                 f"(clip={self.clip!r}) has clipped them. Remove gradient_clip_val and let gradguard clip "
@@ -394,7 +393,10 @@ class GradGuard(pl.Callback):
     def _base_dir(self, trainer: pl.Trainer) -> str | os.PathLike[str] | None:
         if self.log_dir is not None:
             return self.log_dir
-        if trainer.loggers:  # beside the logger's own files, in its new version folder
+        if trainer.loggers and not getattr(
+            trainer, "fast_dev_run", False
+        ):  # beside the logger's own files, in its new version
+            # folder (fast_dev_run puts a DummyLogger in, whose folder is the same on every run)
             return Path(trainer.log_dir or trainer.default_root_dir) / "gradguard"
         return fresh_run_dir(Path(trainer.default_root_dir) / "gradguard-runs", "lightning")
 
@@ -419,8 +421,12 @@ class GradGuard(pl.Callback):
         from the norm the guard measures (its norm type is Lightning's, 2). A value clip, or a guard
         measuring another norm, is not logged (it would take a second read of the gradients)."""
         value = trainer.gradient_clip_val
-        algorithm = str(trainer.gradient_clip_algorithm or "norm").lower()
-        if not (self.monitor_only and value and algorithm.endswith("norm") and guard.config.norm_type == 2.0):
+        if not (
+            self.monitor_only
+            and value
+            and _clip_algorithm(trainer) == "norm"
+            and guard.config.norm_type == 2.0
+        ):
             return None
         return CallerClip().add_at_guards_norm(float(value))
 
@@ -442,6 +448,13 @@ class GradGuard(pl.Callback):
             close: Callable[[], None] | None = getattr(sink, "close", None)
             if close is not None:
                 close()
+
+
+def _clip_algorithm(trainer: pl.Trainer) -> str:
+    """Lightning's ``gradient_clip_algorithm`` as gradguard's clip spec names it: ``"norm"`` (its
+    default) or ``"value"`` (Lightning holds an enum whose str() is ``GradClipAlgorithmType.VALUE``)."""
+    algorithm = trainer.gradient_clip_algorithm or "norm"
+    return str(getattr(algorithm, "value", algorithm)).lower()
 
 
 def _called_module(pl_module: pl.LightningModule, opt: torch.optim.Optimizer) -> torch.nn.Module:

@@ -194,7 +194,8 @@ REGISTRY: list[Entry] = [
     #    as 5e2 for 5e-4 drives an explosion no clipping stops);
     entry("weight_decay"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
-    entry("explosion", needs=("divergence",)),
+    #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
+    entry("explosion", needs=("divergence", "lr_too_high")),
     #    (and growth too fast for the norms to show: a float32 overflow, an update as large as the weights);
     entry("sudden_growth", yields_to={"explosion": ANY}),
     # 4. otherwise an op that made a NaN/inf from finite inputs is the fault, with that op's fix;

@@ -39,11 +39,12 @@ from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.healthy import HealthyWindow
 from gradguard.diagnose.numbers import ends, fmt, layer_name, median, sig
-from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules import Rule, Seen, lr_too_high
 from gradguard.diagnose.rules._clipping import (
     either,
     failed_levels,
     lower_lr,
+    lr_advice,
     scale_at_start,
     scale_free,
     threshold_advice,
@@ -72,6 +73,7 @@ class Evidence:
     diverged: bool = False
     falling: bool = False
     settled_at: float | None = None  # the norm's level after a surge that settled (see _settled)
+    schedule: tuple[float, str, str] | None = None  # the LR schedule drove it (lr_too_high.scheduled)
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -95,7 +97,10 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     if falling and (f.clip_kind != "fixed" or scale_free(f)):
         return None  # nothing bounded it, or clipping barely changes the step (Adam): it harmed nothing
     settled = _settled(f, peak_i) if falling and peak_i is not None else None
-    return Evidence(peak_i, peak, ratio, overflows, seen.finding("divergence") is not None, falling, settled)
+    rate = seen.evidence("lr_too_high")
+    schedule = lr_too_high.scheduled(f, rate) if rate is not None else None
+    diverged = seen.finding("divergence") is not None
+    return Evidence(peak_i, peak, ratio, overflows, diverged, falling, settled, schedule)
 
 
 def _falling(losses: list[float]) -> bool:
@@ -143,7 +148,13 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     }
     if ev.settled_at is not None:
         return _surge_held(f, ev, ev.settled_at, onset, evidence)
-    message, advice = _message(f, ev, onset, evidence), _advice(f)
+    still_rising = ev.schedule is not None and _rate_kept_rising(f, onset)
+    message = _message(f, ev, onset, evidence)
+    advice = (
+        _schedule(f, ev.schedule) if ev.schedule is not None and still_rising else _advice(f, ev.schedule)
+    )
+    if ev.schedule is not None:  # the schedule's doing: said first, with its own rate
+        message = f"{message[:-1]}; {ev.schedule[2]}."
     scale = scale_at_start(f)
     if scale:  # not the learning rate: the scale was wrong before the first update
         evidence["start_loss"] = f.start_loss
@@ -270,13 +281,14 @@ def _message(f: Facts, ev: Evidence, onset: int | None, evidence: dict[str, Any]
     )
 
 
-def _advice(f: Facts) -> dict[str, Any]:
+def _advice(f: Facts, schedule: tuple[float, str, str] | None = None) -> dict[str, Any]:
     """Clip at the healthy norms — or, where the run was clipped and still exploded, lower the LR.
 
     A threshold at or above a level this run was clipped to when it failed is never recommended:
     that level did not hold. Every threshold is verified by ``tune.json`` or marked unverified
     (:func:`~gradguard.diagnose.rules._clipping.threshold_advice`), and so is the learning rate
-    (:func:`~gradguard.diagnose.rules._clipping.lower_lr`).
+    (:func:`~gradguard.diagnose.rules._clipping.lower_lr`; after a jump of the rate that then held,
+    the rate before it, as ``lr_too_high`` says).
     """
     h = f.healthy
     failed = failed_levels(f)
@@ -284,12 +296,36 @@ def _advice(f: Facts) -> dict[str, Any]:
         return _clipped_and_exploded(f, min(failed))
     why = f"from {len(h.norms)} healthy norms, steps {h.first_step}–{h.last_step}"
     rec = threshold_advice(f, h.max_norm, why)
-    lr = lower_lr(f)
+    lr = (
+        lower_lr(f) if schedule is None else lr_advice(f, schedule[0], schedule[1])
+    )  # (the rate before a jump)
     text = either(rec["text"], lr["text"]) if "max_norm" in rec else f"{rec['text']}. {lr['text']}."
     if not rec.get("verified"):
         text += " Keep on_nonfinite='skip' so a bad step never reaches the weights."
     rec["text"] = text
     return with_lr(rec, lr)
+
+
+def _rate_kept_rising(f: Facts, onset: int | None) -> bool:
+    """Whether the learning rate kept rising after the climb's onset (to 1.5× or more of its rate
+    there): a schedule still raising it, which no threshold holds."""
+    at = f.index_of(onset) if onset is not None else 0
+    rates = [v for v in f.lr[at:] if math.isfinite(v) and v > 0]
+    return len(rates) > 1 and rates[-1] >= 1.5 * rates[0]
+
+
+def _schedule(f: Facts, schedule: tuple[float, str, str]) -> dict[str, Any]:
+    """The learning rate's schedule drove the climb: keep the rate where it still trained (the one
+    ``lr_too_high`` advises: one rate, one tune command); neither a threshold from the healthy norms
+    nor a tenth of the peak rate the schedule reached (a LambdaLR tripling the rate each step: the
+    peak was 2.43 where the script's rate was 0.01, "a tenth" 0.2) fixes a schedule that keeps raising it."""
+    rate, why, _ = schedule
+    lr = lr_advice(f, rate, why)
+    text = (
+        "The learning-rate schedule drove it: fix the schedule (cap it, or end the warm-up) so the rate stays "
+        f"at or below the one that trained; clipping only bounds each step while the rate keeps growing. {lr['text']}."
+    )
+    return with_lr({"text": text}, lr)
 
 
 def _clipped_and_exploded(f: Facts, level: float) -> dict[str, Any]:

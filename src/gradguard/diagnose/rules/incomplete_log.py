@@ -8,6 +8,10 @@
   it was killed.
 * **Lost** (``warning``): failed disk writes (a full disk, I/O errors) lost records or events;
   the writer counts them in ``meta.json``'s ``lost`` when it closes.
+* **Ended early** (``warning``): the script ended by an uncaught exception, a signal or a non-zero
+  ``sys.exit`` (``meta.json``'s ``ended_by``: the guard closed at interpreter exit, or ``gradguard
+  run`` saw it), or it never closed its guard (``closed_at_exit``, ``info``): every record was
+  written, but the run did not finish — a log that looks healthy is not a run that trained.
 * **Resumed over a gap** (``info``): a ``resume`` event (``Guard.load_state_dict`` from a
   checkpoint) at a step after the last step the log had: the run stopped before those steps were
   flushed, and the resumed run, closed since, does not have them either.
@@ -37,6 +41,8 @@ class Evidence:
     age: float | None  # seconds since the run's files were last written (None: unknown)
     lost: dict[str, int]
     gaps: tuple[tuple[int, int], ...] = ()  # (first, last) steps missing before a resume
+    ended_by: str | None = None  # the exception (or signal) that ended the script
+    at_exit: bool = False  # closed at interpreter exit: the script never closed the guard
 
     @property
     def maybe_running(self) -> bool:
@@ -46,10 +52,13 @@ class Evidence:
 def detect(f: Facts, seen: Seen) -> Evidence | None:
     unclosed = f.opened and not f.closed
     gaps = _resumed_over(f)
-    if not unclosed and not f.lost and not gaps:
+    ended = f.log.meta.get("ended_by")
+    ended = ended if isinstance(ended, str) and ended else None
+    at_exit = f.log.meta.get("closed_at_exit") is True
+    if not unclosed and not f.lost and not gaps and ended is None and not at_exit:
         return None
     age = max(0.0, time.time() - f.modified) if f.modified is not None else None
-    return Evidence(unclosed, age, dict(f.lost), gaps)
+    return Evidence(unclosed, age, dict(f.lost), gaps, ended, at_exit)
 
 
 def _resumed_over(f: Facts) -> tuple[tuple[int, int], ...]:
@@ -72,6 +81,17 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             "Close the guard when training ends (guard.close(), or `with Guard(...)`) so the last records "
             "are written; after a kill, the records up to the last flush are all there is"
         )
+    if ev.ended_by is not None:
+        after = f" after step {last} (the last one logged)" if last is not None else ""
+        parts.append(
+            f"The script ended early{after}: {ev.ended_by}. Every record was written; the run did not finish."
+        )
+        advice.append("Fix what ended it (the traceback the script printed) and run again")
+    elif ev.at_exit:
+        parts.append(
+            "The script never closed its guard: it was closed at interpreter exit (every record was written)."
+        )
+        advice.append("Close the guard when training ends (guard.close(), or `with Guard(...)`)")
     if ev.gaps:
         parts.append(_gaps(ev.gaps))
         advice.append(
@@ -94,10 +114,13 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     evidence.update({f"lost_{k}": n for k, n in ev.lost.items()})
     if ev.gaps:
         evidence["missing_steps"] = [list(g) for g in ev.gaps]
-    severity = "warning" if ev.lost else "info"
+    if ev.ended_by is not None:
+        evidence["ended_by"] = ev.ended_by
+    severity = "warning" if ev.lost or ev.ended_by is not None else "info"
     rec = {"text": "; ".join(advice) + "."}
     message = " ".join(parts) + " The findings are about the records that were written."
-    return Finding("incomplete_log", severity, last if ev.unclosed else None, message, evidence, rec)
+    step = last if ev.unclosed or ev.ended_by is not None else None
+    return Finding("incomplete_log", severity, step, message, evidence, rec)
 
 
 def _unclosed(f: Facts, ev: Evidence, last: int | None) -> str:

@@ -107,6 +107,27 @@ def _first_step_scramble(f: Facts, warm: int) -> tuple[int, float, str, float] |
     return None
 
 
+def scheduled(f: Facts, ev: Evidence) -> tuple[float, str, str] | None:
+    """Where the learning rate's own schedule drove the failure (a jump right before the climb, or a
+    warm-up that never stopped): ``(the rate to keep, why, what the schedule did)``; ``None``
+    otherwise. The one reading of it: this rule's advice and the explosion's."""
+    if ev.jump is not None:
+        at, before, after = ev.jump
+        did = (
+            f"the learning rate rose from {fmt(before)} to {fmt(after)} at step {at}, right before the norm "
+            f"started growing (step {f.healthy.onset_step})"
+        )
+        return sig(before, 2), f"the rate before its jump at step {at}", did
+    if ev.rising is not None:
+        at, lr_best, lr_last = ev.rising
+        did = (
+            f"the learning rate kept rising ({fmt(lr_best)} → {fmt(lr_last)}) after the loss was best at "
+            f"step {at}, and the loss climbed since: a warm-up that never stops"
+        )
+        return sig(lr_best, 2), f"the rate where the loss was best, step {at}: stop the warm-up there", did
+    return None
+
+
 def _lr_jump(f: Facts, end: int) -> tuple[int, float, float] | None:
     """A step change of the LR (≥ 2× from an LR that held) in the steps before the onset."""
     for i in range(max(1, end - _JUMP_LOOKBACK + 1), min(end + 2, len(f.rows))):
@@ -146,23 +167,16 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     if ev.jump is not None:
         at, before, after = ev.jump
         evidence.update({"lr_jump_step": at, "lr_before": before, "lr_after": after})
-        parts.append(
-            f"the learning rate rose from {fmt(before)} to {fmt(after)} at step {at}, "
-            f"right before the norm started growing (step {f.healthy.onset_step})"
-        )
-        step, estimate = at, (before, f"the rate before its jump at step {at}")
+        step = at
     if ev.rising is not None:
         at, lr_best, lr_last = ev.rising
         evidence.update({"lr_still_rising_from_step": at, "lr_at_best_loss": lr_best, "lr_last": lr_last})
-        parts.append(
-            f"the learning rate kept rising ({fmt(lr_best)} → {fmt(lr_last)}) after the loss was best at "
-            f"step {at}, and the loss climbed since: a warm-up that never stops"
-        )
         step = step if step is not None else at
-        estimate = estimate or (
-            lr_best,
-            f"the rate where the loss was best, step {at}: stop the warm-up there",
-        )
+    schedule = scheduled(f, ev)
+    if schedule is not None:
+        rate, why, did = schedule
+        parts.append(did)
+        estimate = (rate, why)
     if ev.first is not None:
         at, med, name, ratio = ev.first
         stall = ends(f.loss_at(0, len(f.rows)))

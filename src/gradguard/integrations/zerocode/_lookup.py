@@ -121,7 +121,9 @@ def union_root(zc: Any, optimizer: torch.optim.Optimizer) -> Root | None:
         root.union = holder
         zc._roots[id(holder)] = root
         return root
-    models = [m for r in zc._roots.values() if (m := r.model) is not None and ids & {id(p) for p in m.parameters()}]
+    models = [
+        m for r in zc._roots.values() if (m := r.model) is not None and ids & {id(p) for p in m.parameters()}
+    ]
     models = [m for m in models if not any(m is not o and _inside(m, o) for o in models)]  # outermost only
     if not models:
         return None
@@ -294,7 +296,9 @@ def describe(zc: Any, guard: Guard, k: int, model: nn.Module, optimizer: torch.o
     kind = "manual update" if isinstance(optimizer, ManualUpdate) else type(optimizer).__name__
     root = zc._order[0].guard if zc._order else guard
     if isinstance(model, Union):  # the script's names of the models (and free parameters) it steps
-        what = ", ".join([n for n, _ in model.named_children()] + [n for n, _ in model.named_parameters(recurse=False)])
+        what = ", ".join(
+            [n for n, _ in model.named_children()] + [n for n, _ in model.named_parameters(recurse=False)]
+        )
     else:
         what = stepped(model, optimizer, user_name_of(model))
     describe_optimizer(guard, root, k, kind, what)

@@ -122,7 +122,9 @@ def on_step(zc: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -
     return None
 
 
-def guarded_closure(zc: Any, optimizer: torch.optim.Optimizer, closure: Callable[..., Any]) -> Callable[..., Any]:
+def guarded_closure(
+    zc: Any, optimizer: torch.optim.Optimizer, closure: Callable[..., Any]
+) -> Callable[..., Any]:
     """The closure ``optimizer.step`` gets: its first evaluation (the step's loss and gradients)
     is measured; a bad one has its gradients dropped (LBFGS then stops with the weights as they
     were). Its arguments go to the script's closure as given (a line search's

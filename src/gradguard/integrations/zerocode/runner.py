@@ -136,6 +136,14 @@ class ZeroCode:
         if errors:
             self._say(f"could not close a run log ({errors[0]})")
 
+    def ended(self, how: str) -> None:
+        """The script ended early (``"ValueError: bad config"``, a signal, a non-zero exit): said in
+        every run's ``meta.json`` (``ended_by``), where diagnose reads it (``incomplete_log``)."""
+        for session in self._order:
+            writer = session.guard.writer
+            if writer is not None:
+                writer.update_meta(ended_by=how)
+
     def _end_unfinished_steps(self) -> None:
         """The script ended: a forward whose step never came and that went non-finite is located
         and logged (the script stopped on its NaN loss before ``backward()``)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from gradguard.guard import Guard
+from gradguard.guard import Guard, ended_by
 from gradguard.integrations.zerocode._signals import Stopped, on_signal, watch
 from gradguard.integrations.zerocode.live import rank
 from gradguard.integrations.zerocode.runner import ZeroCode
@@ -70,13 +70,18 @@ def run_script(
                     runpy.run_path(str(script.absolute()), run_name="__main__")  # __file__ as python gives it
             except SystemExit as e:
                 code = _exit_code(e)
+                if code:
+                    zc.ended(f"SystemExit: {e.code}")
             except Stopped as e:
                 killed_by = e.signum
+                zc.ended(f"killed by {signal.Signals(e.signum).name}")
             except KeyboardInterrupt as e:
                 _print_script_error(e, script)
                 killed_by = signal.SIGINT
+                zc.ended("KeyboardInterrupt")
             except BaseException as e:
                 _print_script_error(e, script)
+                zc.ended(ended_by(e))
                 if isinstance(e, ImportError) and "no known parent package" in str(e) and not module:
                     print(
                         f"gradguard run: {script} is a module of a package (relative imports): run it as "
