@@ -138,6 +138,51 @@ def test_locate_context_manager_names_op_module_and_line() -> None:
     assert event["evidence"]["reason"] == "log of 0"
 
 
+class _Held(torch.nn.Module):
+    """A forward reading a tensor it did not make: a buffer, a plain attribute, or a NaN number."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.how = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1), how
+        self.register_buffer("scale", torch.ones(8))
+        self.shift = torch.zeros(8)  # a plain attribute, not a buffer
+        if how == "buffer":
+            self.scale[3] = float("nan")
+        elif how == "attribute":
+            self.shift[2] = float("nan")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x) * self.scale + self.shift
+        if self.how == "number":
+            h = h + float("nan")  # a NaN number the code wrote (never a mask: those are ±inf)
+        return self.b(torch.relu(h))
+
+
+@pytest.mark.parametrize(
+    ("how", "tensor", "op", "said"),
+    [
+        ("buffer", "buffer", None, "the buffer scale already held nan"),
+        ("attribute", "state", None, "a tensor the forward did not make already held nan"),
+        ("number", "output", "add", "add was given a NaN number by the code"),
+    ],
+)
+def test_a_nan_the_forward_read_but_did_not_make_is_located_in_the_forward(
+    how: str, tensor: str, op: str | None, said: str
+) -> None:
+    """The model's output was NaN, yet the answer was "a NaN was already in the input (in backward: the
+    forward was finite)" in the next module's backward: a NaN that enters through a buffer, a plain
+    tensor attribute or a NaN number is the forward's, named."""
+    model = _Held(how)
+    with gradguard.locate(model) as loc:
+        model(torch.randn(3, 4)).sum().backward()
+    event = loc.event
+    assert event is not None and (event["phase"], event["tensor"], event["op"]) == ("forward", tensor, op), (
+        event
+    )
+    assert said in event["evidence"]["reason"]
+    assert "forward was finite" not in event["evidence"]["reason"]
+
+
 def test_without_a_replayable_backward_the_next_forward_is_instrumented() -> None:
     """No gradient of the output kept (a huge output): the failed step cannot replay its backward, so
     the guard instruments the model's next forward; the fault recurs there and is located by hooks."""

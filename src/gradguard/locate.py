@@ -411,6 +411,7 @@ class Locator:
         outer = names if names is not None and any(m is model for m in names.modules()) else model
         self._names = {id(m): name for name, m in outer.named_modules()}
         self._params = {name: p for name, p in outer.named_parameters()}
+        self._buffers = {name: b for name, b in outer.named_buffers() if b.is_floating_point()}
         self._reset()
 
     def _reset(self) -> None:
@@ -485,7 +486,8 @@ class Locator:
 
     def _classify(self, name: str, args: Any, kwargs: Any, bad_outs: list[Tensor], func: Any = None) -> None:
         leaves = tree_flatten((args, kwargs))[0]
-        scalar_written = any(isinstance(v, float) and not math.isfinite(v) for v in leaves)
+        scalar_written = any(isinstance(v, float) and math.isinf(v) for v in leaves)
+        nan_written = any(isinstance(v, float) and math.isnan(v) for v in leaves)
         inputs = [t for t in leaves if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
         bad_inputs = [t for t in inputs if not _finite(t)]
         in_taint: set[int] = set()
@@ -495,8 +497,16 @@ class Locator:
         out_kinds = sorted({k for o in bad_outs for k in _kinds(o)})
         in_nan = any("nan" in _kinds(t) for t in bad_inputs)
         kind = "nan" if "nan" in out_kinds else out_kinds[0]
-        if scalar_written and not bad_inputs:
+        if scalar_written and not nan_written and not bad_inputs:
             taint = frozenset({-1})  # written on purpose: masked_fill(-inf), full(-inf)
+        elif nan_written and not bad_inputs:  # the code wrote a NaN (h + nan, full(nan)): never a mask
+            ev = {
+                "inputs": [_describe(t) for t in inputs[:4]],
+                "reason": f"{name} was given a NaN number by the code",
+            }
+            taint = frozenset(
+                {self._birth(self.phase, self._module(), name, "output", kind, user_source(4), ev)}
+            )
         elif not bad_inputs or ("nan" in out_kinds and not in_nan and in_taint <= {-1}):
             source = user_source(4)
             op, evidence = self._evidence(name, func, args, kwargs, inputs, bad_outs, kind)
@@ -556,6 +566,14 @@ class Locator:
                 idx = self._birth("optimizer", owner, None, "param", kind, None, ev)
                 self._set_taint(t, frozenset({idx}))
                 return {idx}
+        for name, b in self._buffers.items():
+            if t is b or (t.data_ptr() == b.data_ptr() and t.shape == b.shape):
+                ev = {"buffer": name, **_describe(b), "reason": f"the buffer {name} already held {_kinds(b)[0]} "
+                      "before this forward (state kept across steps: a running statistic a bad batch updated, "
+                      "or a value the code set)"}  # fmt: skip
+                idx = self._birth("forward", name.rpartition(".")[0], None, "buffer", _kinds(b)[0], None, ev)
+                self._set_taint(t, frozenset({idx}))
+                return {idx}
         custom = _replay.function_class(t.grad_fn)
         if custom is not None:  # a custom Function's forward made it with no op the watch saw
             op = _replay.function_name(custom, "forward")
@@ -563,6 +581,14 @@ class Locator:
                   "reason": f"the custom autograd Function {custom.__name__}'s forward returned {_kinds(t)[0]}"}  # fmt: skip
             idx = self._birth(self.phase, self._module(), op, "output", _kinds(t)[0],
                               _replay.function_source(custom, "forward"), ev)  # fmt: skip
+            self._set_taint(t, frozenset({idx}))
+            return {idx}
+        if (
+            self.phase == "forward" and t.grad_fn is None
+        ):  # a constant or an attribute the forward did not make
+            ev = {"input": _describe(t), "reason": f"a tensor the forward did not make already held {_kinds(t)[0]} "
+                  "(a plain tensor attribute of a module, a global, or a constant built from a NaN)"}  # fmt: skip
+            idx = self._birth("forward", self._module(), None, "state", _kinds(t)[0], user_source(5), ev)
             self._set_taint(t, frozenset({idx}))
             return {idx}
         return set()

@@ -107,6 +107,8 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         message, rec = _after_growth(f, event, message, rec)
     elif event.get("phase") == "optimizer":
         message, rec = _in_optimizer(event, step)
+    elif event.get("tensor") in ("buffer", "state") and event.get("phase") == "forward":
+        message, rec = _held(event, step)
     else:
         message, rec = _unlocated(f, event, step, ev.nonfinite_steps)
     rec["on_nonfinite"] = "skip"
@@ -127,6 +129,30 @@ def _located(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, An
         f"({event.get('phase', '?')}){where}{at}: {why}."
     )
     return message, {"text": f"Fix: {fix}.", "op": event["op"]}
+
+
+def _held(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, Any]]:
+    """A tensor the forward read but did not make held the NaN: a buffer (named), or a plain tensor
+    attribute, a global, a constant built from a NaN."""
+    details = fields(event.get("evidence"))
+    kind = event.get("kind", "a non-finite value")
+    if event.get("tensor") == "buffer":
+        what = f"the buffer {details.get('buffer', '?')!r}"
+        fix = (
+            "find what wrote it — a running statistic a bad batch updated (BatchNorm's running_mean / running_var "
+            "are updated in the forward, before the step can be skipped), or a value the code set — and reset it "
+            "(model.load_state_dict from a good checkpoint, or re-initialise the buffer); check it with "
+            "torch.isfinite(buffer).all() after each step"
+        )
+    else:
+        what = "a tensor the forward did not make (a plain tensor attribute, a global, or a constant)"
+        fix = "find where that tensor was made or last written and keep NaN out of it (it is read on every step)"
+    at = f" at {event['source']}" if event.get("source") else ""
+    message = (
+        f"Step {step}: {what} already held {kind} when the forward read it{at}: the model's output was non-finite "
+        "from it, whatever the batch."
+    )
+    return message, {"text": f"Fix: {fix}."}
 
 
 GREW = 10.0  # a layer's weight norm this many times its first one, before the birth: the weights ran away
