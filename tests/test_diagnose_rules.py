@@ -718,8 +718,8 @@ def test_a_first_step_that_scrambled_the_weights_of_a_run_that_stalled_is_lr_too
     }
 
 
-def _flat(n: int, level: float = 2.3) -> list[float]:
-    """A loss that bounces around ``level`` (a classifier at chance) without falling."""
+def _flat(n: int, level: float = 2.0) -> list[float]:
+    """A loss that bounces around ``level`` (2.0: no class count's chance level) without falling."""
     return [level + 0.2 * ((s * 7) % 5 - 2) / 2 for s in range(n)]
 
 
@@ -747,6 +747,19 @@ def test_a_run_whose_steps_were_too_small_to_train_is_told_a_higher_rate() -> No
     assert stalled.recommendation["lr"] == pytest.approx(100.0)  # 0.1 × 1e-3 / 1e-6
     assert stalled.recommendation["text"].startswith("Raise the learning rate")
     assert min(stalled.recommendation["lr_candidates"]) > 0.1
+
+
+def test_a_run_stalled_at_the_loss_of_a_uniform_prediction_is_said_whatever_the_rate() -> None:
+    """A vanilla RNN on a copy task over a gap it cannot carry: the loss sits at ln 8, the cross-entropy
+    of a uniform guess over 8 symbols, at typical update ratios (no rate to blame): "No findings" was
+    the answer. Not at 2.0, which is no class count's chance level."""
+    n = 120
+    at_chance = [math.log(8) + 0.002 * ((s * 7) % 5 - 2) for s in range(n)]
+    stalled = conclude(run([1.0] * n, loss=at_chance, layer__rnn__update_ratio=[2e-3] * n), "stalled")
+    assert stalled is not None and stalled.evidence["chance_classes"] == 8
+    assert "ln 8 = 2.08" in stalled.message and "uniform prediction over 8 classes" in stalled.message
+    assert "lr" not in stalled.recommendation and "LSTM/GRU" in stalled.recommendation["text"]
+    assert conclude(run([1.0] * n, loss=_flat(n), layer__rnn__update_ratio=[2e-3] * n), "stalled") is None
 
 
 @pytest.mark.parametrize(

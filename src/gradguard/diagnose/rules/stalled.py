@@ -50,6 +50,7 @@ class Evidence:
     moved: float
     clip_rate: float
     steps: int
+    classes: int | None = None  # the loss sits at ln K: a uniform prediction over K classes
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -69,26 +70,51 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     warm = max(3, len(f.rows) // 50)
     ratios = list(update_ratios(f, warm, len(f.rows)).values())
     moved = median(ratios) if ratios else math.nan
-    if not (moved >= LARGE or moved <= TINY):
+    end = median(quarter)
+    classes = chance_level(end)
+    if not (moved >= LARGE or moved <= TINY or classes is not None):
         return None
     rate = sum(f.clipped) / len(f.clipped) if f.clip_kind != "none" else 0.0
-    return Evidence(start, low, median(quarter), noise, moved, rate, len(f.rows))
+    return Evidence(start, low, end, noise, moved, rate, len(f.rows), classes)
+
+
+def chance_level(loss: float) -> int | None:
+    """The number of classes ``K`` whose uniform prediction has this cross-entropy, ``ln K`` (within
+    1 % and a quarter of the gap to ``ln (K + 1)``: the levels are told apart up to large K), for
+    ``2 ≤ K ≤ 10⁶``; ``None`` when the loss is no such level."""
+    if not (math.isfinite(loss) and math.log(2) * 0.99 <= loss <= math.log(1e6)):
+        return None
+    k = max(2, round(math.exp(loss)))
+    for guess in (k - 1, k, k + 1):
+        if guess < 2:
+            continue
+        level = math.log(guess)
+        if abs(loss - level) <= min(0.01 * level, 0.25 * math.log((guess + 1) / guess)):
+            return guess
+    return None
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:
     lr = failed_lr(f)
-    large = ev.moved >= LARGE
+    large, tiny = ev.moved >= LARGE, ev.moved <= TINY
     clipped = f" while {f.clip_spec} clipped {ev.clip_rate:.0%} of them" if ev.clip_rate > 0 else ""
+    chance = (
+        f" It sits at ln {ev.classes} = {fmt(math.log(ev.classes))}, the cross-entropy of a uniform prediction "
+        f"over {ev.classes} classes: the model predicts nothing from its input."
+        if ev.classes is not None
+        else ""
+    )
+    moved = f"A step moved the layers by {fmt(ev.moved)} of their weight norm (median; ~1e-3 is typical)"
+    if large:
+        cause = f" {moved}: steps that large keep the loss bouncing instead of descending — the learning rate is too high for this model."
+    elif tiny:
+        cause = f" {moved}: steps that small do not move the weights in this run — the learning rate is too low."
+    else:
+        cause = f" {moved}: the rate is not the obvious cause."
     message = (
         f"The run did not train: over {ev.steps} steps the loss stayed near where it started "
-        f"({fmt(ev.start)} at the start, {fmt(ev.end)} over the last quarter, never below {fmt(ev.low)}){clipped}. "
-        f"A step moved the layers by {fmt(ev.moved)} of their weight norm (median; ~1e-3 is typical): "
-        + (
-            "steps that large keep the loss bouncing instead of descending — the learning rate is too high "
-            "for this model."
-            if large
-            else "steps that small do not move the weights in this run — the learning rate is too low."
-        )
+        f"({fmt(ev.start)} at the start, {fmt(ev.end)} over the last quarter, never below {fmt(ev.low)}){clipped}."
+        f"{chance}{cause}"
     )
     evidence: dict[str, Any] = {
         "loss_start": sig(ev.start, 4),
@@ -100,7 +126,19 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "clip_rate": round(ev.clip_rate, 4),
         "lr": lr,
     }
-    return Finding("stalled", "warning", f.steps[0], message, evidence, _advice(f, lr, ev.moved, large))
+    if ev.classes is not None:
+        evidence["chance_classes"] = ev.classes
+    rec = _advice(f, lr, ev.moved, large) if large or tiny else {"text": _NO_SIGNAL}
+    return Finding("stalled", "warning", f.steps[0], message, evidence, rec)
+
+
+_NO_SIGNAL = (
+    "Check that the signal reaches the output: each input paired with its own label (a shuffle applied to one "
+    "and not the other), no detach() or no_grad on the path, the right tensor fed to the loss; then that the "
+    "gradient reaches the early layers — a dependency longer than a vanilla RNN or a deep plain network "
+    "carries (use an LSTM/GRU, residual connections, normalisation); then the learning rate "
+    "(gradguard tune --lr)."
+)
 
 
 def _advice(f: Facts, lr: float | None, moved: float, large: bool) -> dict[str, Any]:
