@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
 
 from gradguard import runlog  # noqa: E402
+from gradguard.diagnose import diagnose  # noqa: E402
 from gradguard.diagnose.facts import Facts  # noqa: E402
 from gradguard.errors import GradGuardError  # noqa: E402
 from gradguard.integrations.lightning import GradGuard  # noqa: E402
@@ -197,6 +198,32 @@ def test_refusing_to_clip_twice_names_the_clip_spec_that_does_what_lightning_did
     trainer = _trainer(tmp_path, [GradGuard()], gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
     with pytest.raises(GradGuardError, match=rf"GradGuard\(clip='{algorithm}:0.5'\) does what Lightning did"):
         trainer.fit(Tiny(), _data())
+
+
+def test_detect_anomaly_stopping_the_fit_still_logs_the_step_it_stopped_at(tmp_path):
+    """Trainer(detect_anomaly=True) raises in the NaN step's backward, before the optimizer step the
+    callback measures: the log had only the healthy steps and diagnose said "No findings". The
+    stopped step's forward is now located and logged (as at the end of a plain script), and the
+    run's meta says how it ended."""
+
+    class NanBatch(Tiny):
+        def _loss(self, batch):
+            x, y = batch
+            if self.global_step == NAN_STEP:
+                x = x.clone()
+                x[0, 0] = math.nan  # a bad sample
+            return nn.functional.mse_loss(self.net(x), y)
+
+    cb = GradGuard(on_nonfinite="skip")
+    with pytest.raises(RuntimeError, match="returned nan"):
+        _trainer(tmp_path, [cb], detect_anomaly=True).fit(NanBatch(), _data())
+    run = runlog.read_run(cb.run_dir)
+    assert len(run.metrics) == NAN_STEP  # the healthy steps before it
+    event = run.first_nonfinite()
+    assert event is not None and (event["step"], event["phase"]) == (NAN_STEP, "data"), event
+    assert run.meta["ended_by"].startswith("RuntimeError")
+    found = {f.id for f in diagnose(cb.run_dir)}
+    assert {"bad_data", "incomplete_log"} <= found, found
 
 
 def test_fast_dev_run_twice_writes_two_runs(tmp_path, monkeypatch):

@@ -510,6 +510,7 @@ def test_a_script_that_exits_on_its_nan_loss_before_backward_has_it_located(tmp_
     assert len(run.metrics) == 4
     first = run.first_nonfinite()
     assert first is not None and first["step"] == 4, first
+    assert first["global_step"] == 4  # the stopped step's own (it was the step before's, 3)
     assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay")
     assert "first non-finite value at step 4: phase=data" in done.stderr
 

@@ -635,14 +635,18 @@ class Guard:
             write_tune(self.run_dir, result)
         return result
 
-    def end_unfinished_step(self) -> None:
+    def end_unfinished_step(self, fields: dict[str, Any] | None = None) -> None:
         """The script ends after this step's forward, before its optimizer step (``gradguard run``
-        of timm-style code: ``if not math.isfinite(loss_value): sys.exit(1)``): where that forward
-        or its loss code made a non-finite value, locate it and log the step's ``nonfinite`` event
-        (the anomaly path: host reads and a replay of the forward; nothing on a healthy end)."""
+        of timm-style code: ``if not math.isfinite(loss_value): sys.exit(1)``; a backward that raised
+        under ``detect_anomaly``): where that forward or its loss code made a non-finite value, locate
+        it and log the step's ``nonfinite`` event (the anomaly path: host reads and a replay of the
+        forward; nothing on a healthy end). ``fields``: the unfinished step's own host fields (its
+        ``global_step``), in place of the last step's."""
         capture = self._anomaly.capture
         if self._closed or capture is None or not capture.unfinished_nonfinite():
             return
+        if fields is not None:
+            self._fields = dict(fields)
         step = self.counters.step_count
         located = self._anomaly.locate(step, True, self.monitor.peek) or {}
         stopped = events.nonfinite(

@@ -59,7 +59,7 @@ from torch import Tensor
 from gradguard._guard.callerclip import CallerClip
 from gradguard.clip import Clipper, from_spec
 from gradguard.errors import GradGuardError
-from gradguard.guard import Guard, OnNonFinite, _unscale_once
+from gradguard.guard import Guard, OnNonFinite, _unscale_once, ended_by
 from gradguard.integrations._common import (
     FlushListener,
     StepGate,
@@ -347,6 +347,12 @@ class GradGuard(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        # a step that raised before its optimizer step (Trainer(detect_anomaly=True) on a NaN
+        # backward): its forward is located and logged, as at the end of a plain script
+        for guard in self.guards:
+            guard.end_unfinished_step({"global_step": self._global_step} if len(self.guards) > 1 else None)
+            if guard.writer is not None:  # how the run ended, for diagnose (incomplete_log)
+                guard.writer.update_meta(ended_by=ended_by(exception))
         self._close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

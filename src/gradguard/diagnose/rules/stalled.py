@@ -108,7 +108,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     if large:
         cause = f" {moved}: steps that large keep the loss bouncing instead of descending — the learning rate is too high for this model."
     elif tiny:
-        cause = f" {moved}: steps that small do not move the weights in this run — the learning rate is too low."
+        cause = (
+            f" {moved}: steps that small do not move the weights in this run — the learning rate is too low."
+        )
     else:
         cause = f" {moved}: the rate is not the obvious cause."
     message = (

@@ -149,7 +149,7 @@ class ZeroCode:
         and logged (the script stopped on its NaN loss before ``backward()``)."""
         for session in self._order:
             try:
-                session.guard.end_unfinished_step()
+                session.guard.end_unfinished_step({"global_step": self.global_step})
             except Exception as e:  # gradguard's own bug: said, the other logs still close
                 self._say(f"could not check the script's last forward ({type(e).__name__}: {e})")
 
