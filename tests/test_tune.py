@@ -403,6 +403,58 @@ def test_cli_tune_with_run_writes_tune_json_there_and_diagnose_quotes_the_verifi
     assert after.recommendation["verified"] is True and after.recommendation["max_norm"] in (0.25, 0.5)
 
 
+GUARDED_SCRIPT = textwrap.dedent(
+    """
+    import argparse
+
+    import torch
+    from torch import nn
+
+    import gradguard
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log-dir", default="runs/mine")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = x @ torch.randn(8, 1)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(model, optimizer, log_dir=args.log_dir)  # the README's own pattern
+    for step in range(40):
+        i = (step * 32) % 256
+        loss = nn.functional.mse_loss(model(x[i : i + 32]), y[i : i + 32])
+        optimizer.zero_grad()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    """
+)
+
+
+def test_tune_of_a_script_that_guards_itself_into_the_tuned_run_trains_in_every_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tune command diagnose prints repeats the script's own arguments, its ``--log-dir`` too:
+    every trial's Guard then found the tuned run's log there and stopped ("took no optimizer step").
+    A Guard the script makes writes into the trial's folder; the tuned run is left as it was."""
+    script = tmp_path / "train.py"
+    script.write_text(GUARDED_SCRIPT)
+    run = tmp_path / "run"
+    assert (
+        main(["run", "--out", str(run), "--quiet", "--no-report", str(script), "--log-dir", str(run / "own")])
+        == 0
+    )
+    before = sorted(p.name for p in (run / "own").iterdir())
+    capsys.readouterr()
+    code = main(["tune", "--run", str(run / "own"), "--lr", "0.025,0.05", "--steps", "10",
+                 "--out", str(tmp_path / "trials"), str(script), "--log-dir", str(run / "own")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "Verified: lr=" in out, out
+    assert "took no optimizer step" not in out
+    assert sorted(p.name for p in (run / "own").iterdir() if p.name != TUNE_FILE) == before  # left as it was
+
+
 def test_cli_tune_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tune", str(tmp_path / "missing.py")]) == 2
     assert "no such script" in capsys.readouterr().err

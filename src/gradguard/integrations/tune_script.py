@@ -318,6 +318,7 @@ def _trial_main(args: list[str]) -> int:
             raise _Done
 
     handle = register_optimizer_step_post_hook(after_step)
+    _keep_script_guards_in(Path(job["out"]) / "script-guard")
     if job.get("lr") is not None:
         _start_at_lr(float(job["lr"]))
     sys.argv = [str(script), *job["argv"]]
@@ -343,6 +344,27 @@ def _trial_main(args: list[str]) -> int:
     finally:
         handle.remove()
     return code
+
+
+def _keep_script_guards_in(folder: Path) -> None:
+    """A ``gradguard.Guard`` the script makes itself writes into the trial's ``folder`` (a new run
+    directory each), not where the script says: its ``log_dir`` is often the very run being tuned
+    (the script takes ``--log-dir`` and tune's command line repeats it), which holds a run log — every
+    trial stopped there ("already holds a run log") and tune read "took no optimizer step". The
+    child process only."""
+    from gradguard import guard as guard_module
+    from gradguard.locate import users
+
+    init = guard_module.Guard.__init__
+
+    def in_the_trial(self: Any, *args: Any, **kwargs: Any) -> None:
+        mine = not users(sys._getframe(1).f_code.co_filename)  # the trial's own guards (gradguard's code)
+        if not mine and kwargs.get("log_dir") not in (None, "auto"):
+            kwargs["log_dir"] = runlog.default_run_dir("script", root=folder, create=True)
+            kwargs.pop("exist_ok", None)
+        init(self, *args, **kwargs)
+
+    guard_module.Guard.__init__ = in_the_trial  # type: ignore[method-assign]
 
 
 def _start_at_lr(lr: float) -> None:
