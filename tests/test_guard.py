@@ -633,6 +633,26 @@ def test_an_abort_names_the_located_op_and_its_fix_not_the_learning_rate(tmp_pat
     assert "learning rate" not in text, text
 
 
+def test_an_abort_after_a_nan_born_in_the_optimizer_names_its_hyperparameter(tmp_path: Path) -> None:
+    """AdamW with eps=0 and a branch that never gets a gradient: its update is 0 / 0 from step 0, the
+    weights go NaN and every later step is skipped. The abort said "Lower the learning rate or clip
+    harder"; it names the optimizer's birth and eps."""
+    torch.manual_seed(0)
+    trunk, unused = nn.Linear(4, 8), nn.Linear(8, 1)
+    model = nn.ModuleDict({"trunk": trunk, "unused": unused})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=0.0)
+    guard = gradguard.Guard(model, opt, clip=None, max_consecutive=3, log_dir=tmp_path / "r")
+    with pytest.raises(NonFiniteError) as raised:
+        for _ in range(8):
+            opt.zero_grad()
+            loss = trunk(torch.randn(8, 4)).pow(2).mean() + 0.0 * unused(torch.randn(2, 8)).sum()
+            loss.backward()
+            guard.step(loss)
+    text = str(raised.value)
+    assert "born inside AdamW.step()" in text and "set eps > 0" in text, text
+    assert "Lower the learning rate" not in text, text
+
+
 def test_spike_policies_skip_clip_and_warn(tmp_path: Path) -> None:
     def spike(step, model, loss):
         if loss is None and step == 40:

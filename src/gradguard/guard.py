@@ -1003,6 +1003,7 @@ class Guard:
         self._last_nonfinite = True
         for born in self._births.at_bad_step(step, self.monitor.peek):
             self._event(born)
+            self._note_located(born)
         if self._anomaly.reported(step):
             return
         layer_norms = dict(zip(self._index.layers, self._meter.layer_norms(m).tolist()))  # host sync: anomaly
@@ -1017,7 +1018,7 @@ class Guard:
 
     def _note_located(self, event: events.Event) -> None:
         """The first located birth (an op, or the data): what an abort names as the fix."""
-        if self._first_located is None and (event.get("op") or event.get("phase") == "data"):
+        if self._first_located is None and (event.get("op") or event.get("phase") in ("data", "optimizer")):
             self._first_located = event
 
     def _record(
@@ -1141,7 +1142,10 @@ class Guard:
 
     def _handle_flush(self, records: list[dict[str, Any]]) -> None:
         """Events of the steps the host had not seen yet (the sync-free path), from one host copy."""
-        derived = [*self._births.found(records), *self._flush_events(records)]
+        born = self._births.found(records)
+        for event in born:
+            self._note_located(event)
+        derived = [*born, *self._flush_events(records)]
         found = _with_step_fields(derived, records, self._fields)
         if found and self.writer is not None:
             self.writer.write_events(found)
@@ -1180,6 +1184,14 @@ def _fix_of(located: events.Event | None) -> str:
         return (
             f" The first non-finite value (step {step}) was already in the {what}: check the data "
             "(torch.isfinite(x).all() on each batch); the training itself is not the cause."
+        )
+    if located.get("phase") == "optimizer":  # born inside optimizer.step(): its hyperparameters, not the rate
+        details = located.get("evidence") or {}
+        name = located.get("optimizer") or details.get("optimizer")
+        fix = optable.optimizer_fix(name, details.get("hyperparameters") or {})
+        return (
+            f" The first non-finite value (step {step}) was born inside {name or 'the optimizer'}.step() from "
+            f"finite gradients. Fix: {fix}."
         )
     why, fix = optable.advice(located.get("op"), reason, located.get("cause"))
     at = f" at {located['source']}" if located.get("source") else ""

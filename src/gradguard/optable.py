@@ -37,6 +37,7 @@ __all__ = [
     "at_domain_edge",
     "lookup",
     "masked_nan",
+    "optimizer_fix",
     "reason",
 ]
 
@@ -347,6 +348,34 @@ def reason(op: str, inputs: Inputs, kind: str, dtype_max: float | None = None) -
     if dtype_max is not None and kind in ("inf", "-inf"):
         return _DTYPE_MAX.format(dtype_max)
     return f"{op} produced {kind} from finite inputs"
+
+
+_TORCH_OPTIMIZERS = frozenset(
+    {"SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "Adafactor", "ASGD", "LBFGS", "NAdam", "RAdam",
+     "RMSprop", "Rprop", "SparseAdam", "Muon"}
+)  # fmt: skip
+
+
+def optimizer_fix(name: str | None, hyper: Mapping[str, Any]) -> str:
+    """The fix for a NaN born inside ``optimizer.step()`` from finite gradients, from what its
+    hyperparameters say (``hyper``: the group's numbers): ``eps = 0``; a hand-written optimizer;
+    otherwise its eps, then the learning rate."""
+    inside = f"{name}.step()" if name else "optimizer.step()"
+    if hyper.get("eps") == 0:
+        return (
+            f"set eps > 0 in {name or 'the optimizer'} (e.g. eps=1e-8): with eps=0 a parameter whose second "
+            "moment is still 0 (an embedding row no batch has used, a branch with no gradient) gets 0 / 0"
+        )
+    if name is not None and name not in _TORCH_OPTIMIZERS:
+        return (
+            f"{name} is not a torch.optim optimizer: guard the divisions and roots in its step "
+            "(norm.clamp_min(eps), sqrt(v) + eps) — a zero gradient or a zero norm gives 0 / 0 there"
+        )
+    shown = ", ".join(f"{k}={v}" for k, v in list(hyper.items())[:6])
+    return (
+        f"check {inside}'s hyperparameters{f' ({shown})' if shown else ''}: an eps of 0 or a tiny one "
+        "divides by zero; else lower the learning rate"
+    )
 
 
 def at_domain_edge(op: str | None, why: str | None) -> bool:

@@ -182,27 +182,6 @@ def _after_growth(
     return message, rec
 
 
-_TORCH_OPTIMIZERS = frozenset(
-    [
-        "SGD",
-        "Adam",
-        "AdamW",
-        "Adamax",
-        "Adagrad",
-        "Adadelta",
-        "Adafactor",
-        "ASGD",
-        "LBFGS",
-        "NAdam",
-        "RAdam",
-        "RMSprop",
-        "Rprop",
-        "SparseAdam",
-        "Muon",
-    ]
-)
-
-
 def _optimizer_of(event: dict[str, Any]) -> str | None:
     details = fields(event.get("evidence"))
     name = event.get("optimizer") or details.get("optimizer")
@@ -226,23 +205,7 @@ def _in_optimizer(event: dict[str, Any], step: int | None) -> tuple[str, dict[st
         f"Step {step}: {event.get('kind', 'a non-finite value')} was born inside {inside}, in {names}, from "
         f"finite gradients: {reason}. The model's ops did not make it."
     )
-    hyper = fields(details.get("hyperparameters"))
-    if hyper.get("eps") == 0:
-        fix = (
-            f"set eps > 0 in {name or 'the optimizer'} (e.g. eps=1e-8): with eps=0 a parameter whose second "
-            "moment is still 0 (an embedding row no batch has used, a branch with no gradient) gets 0 / 0"
-        )
-    elif name is not None and name not in _TORCH_OPTIMIZERS:
-        fix = (
-            f"{name} is not a torch.optim optimizer: guard the divisions and roots in its step "
-            "(norm.clamp_min(eps), sqrt(v) + eps) — a zero gradient or a zero norm gives 0 / 0 there"
-        )
-    else:
-        shown = ", ".join(f"{k}={v}" for k, v in list(hyper.items())[:6])
-        fix = (
-            f"check {inside}'s hyperparameters{f' ({shown})' if shown else ''}: an eps of 0 or a tiny one "
-            "divides by zero; else lower the learning rate"
-        )
+    fix = optable.optimizer_fix(name, fields(details.get("hyperparameters")))
     return message, {"text": f"Fix: {fix}.", "optimizer": name, "parameters": params[:20]}
 
 
