@@ -696,7 +696,12 @@ def test_a_step_clipped_by_norm_then_by_value_is_counted_once(tmp_path: Path) ->
     )
     got = _run(tmp_path, script)
     assert got.returncode == 0, got.stderr
-    assert "the script clipped the gradient norm to 1 itself on 6 steps" in got.stderr, got.stderr
+    bound = [
+        r["grad_norm"] > 1.0 for r in read_run(tmp_path / "run").metrics
+    ]  # the steps the norm clip bound
+    assert 0 < sum(bound) < 6, bound
+    said = f"the script called clip_grad_norm_(max_norm=1) on 6 steps; it clipped {sum(bound)} of them"
+    assert said in got.stderr, got.stderr
 
 
 def test_an_uncaught_error_shows_the_traceback_python_shows_without_gradguards_frames(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from gradguard.integrations.zerocode.sessions import ManualUpdate
 __all__ = ["LIVE_EVERY_S", "Live", "rank"]
 
 LIVE_EVERY_S = 30.0  #: at most one live stderr line per this many seconds while a problem lasts
-SPIKE_SAID = 2.0  #: a spike is said live when its norm is at least this many times the recent median
+SPIKE_SAID = 5.0  #: a spike is said live when its norm is at least this many times the recent median
 _RECENT = 50  # the norms the median of a spike's line is taken over
 
 

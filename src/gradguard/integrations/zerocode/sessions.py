@@ -18,6 +18,7 @@ from gradguard.events import nonfinite_where
 from gradguard.guard import Guard
 from gradguard.integrations._common import what_it_steps
 from gradguard.locate import StepCapture, keep_out_of_pickles
+from gradguard.runtable import clipped
 
 __all__ = ["ManualUpdate", "Root", "Session", "all_optimizers", "covers", "summary_lines"]
 
@@ -108,14 +109,17 @@ def summary_lines(session: Session) -> list[str]:
             f"{guard.skipped_steps} skipped"
         )
     lines = [f"{head}. Run log: {guard.run_dir}"]
+    log = runlog.read_run(guard.run_dir) if guard.run_dir is not None else None
     if session.script_clips and session.script_threshold is not None:
+        bound = sum(clipped(r) for r in log.metrics) if log is not None else None
+        of = f"; it clipped {bound} of them" if bound is not None else ""
         lines.append(
-            f"  the script clipped the gradient norm to {session.script_threshold:g} itself on "
-            f"{session.script_clips} steps (the log has the pre-clip norms)"
+            f"  the script called clip_grad_norm_(max_norm={session.script_threshold:g}) on "
+            f"{session.script_clips} steps{of} (the log has the pre-clip norms)"
         )
-    if guard.run_dir is None:
+    if log is None:
         return lines
-    first = runlog.read_run(guard.run_dir).first_nonfinite()
+    first = log.first_nonfinite()
     if first is not None:
         lead, at = nonfinite_where(first)
         where = ", ".join(
