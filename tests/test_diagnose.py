@@ -36,6 +36,7 @@ ISSUE_IDS = {
     "unbounded_loss",  # issue 12: a loss with no lower bound (a WGAN critic without its Lipschitz constraint)
     "stalled",  # a finite run that did not train and that no other rule explains (the last resort)
     "weight_decay",  # lr × weight_decay far from 0: the weights multiplied by a factor far from 1 each step
+    "gradients_not_zeroed",  # no zero_grad() between optimizer steps (gradguard run sees it)
 }
 
 

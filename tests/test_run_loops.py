@@ -351,6 +351,56 @@ def test_a_script_that_changes_directory_keeps_its_file_and_the_run_log_where_it
     assert not (tmp_path / "outputs" / "exp1" / "run").exists()
 
 
+NEVER_ZEROED = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    x, y = torch.randn(512, 20), torch.randint(0, 2, (512,))
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    accum, micro = 4, 0
+    for epoch in range(6):
+        for i in range(0, 512, 16):
+            if micro % accum == 0 and micro == 0:  # the bug: zeroes once, never again
+                opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16]) / accum
+            loss.backward()
+            micro += 1
+            if micro % accum == 0:
+                opt.step()
+    """
+)
+
+
+def test_gradients_never_zeroed_between_steps_are_said_and_are_the_verdict(tmp_path: Path) -> None:
+    """A gradient-accumulation loop whose zero_grad() sits under the wrong condition: each step applies
+    the sum of every gradient so far and the run blows up. The verdict was an explosion with a
+    threshold and a lower rate (neither trains); it is the missing zero_grad(), said live once."""
+    script = tmp_path / "accumulate.py"
+    script.write_text(NEVER_ZEROED)
+    got = _run(tmp_path, script)
+    said = [line for line in got.stderr.splitlines() if "have not been zeroed" in line]
+    assert len(said) == 1 and "since step 0 (steps 1–3" in said[0], got.stderr
+    assert read_run(tmp_path / "run").meta["gradients_not_zeroed"] == 1
+    shown = subprocess.run(
+        [sys.executable, "-m", "gradguard", "diagnose", str(tmp_path / "run")],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert shown.stdout.startswith("verdict: gradients_not_zeroed at step 1"), shown.stdout
+    fixed = tmp_path / "fixed.py"  # zeroing after each step: nothing said
+    fixed.write_text(NEVER_ZEROED.replace("micro % accum == 0 and micro == 0", "micro % accum == 0"))
+    got = subprocess.run(
+        [sys.executable, "-m", "gradguard", "run", "--out", str(tmp_path / "fixed"), "--no-report", str(fixed)],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (
+        "have not been zeroed" not in got.stderr
+        and "gradients_not_zeroed" not in read_run(tmp_path / "fixed").meta
+    )
+
+
 TWO_CLIPS = textwrap.dedent(
     """
     import torch

@@ -28,6 +28,10 @@
                              the rate ``gradguard tune --lr`` verified, else an estimate marked unverified
 ``weight_growth``            a layer's weight norm growing by an order of magnitude
 ``loss_scale_collapse``      the AMP GradScaler's scale collapsing: fp16 cannot hold the gradients
+``weight_decay``             SGD's / AdamW's ``lr × weight_decay`` ≥ 0.1: the weights multiplied by a factor
+                             far from 1 at every step (a typo such as 5e2 for 5e-4)
+``gradients_not_zeroed``     no ``zero_grad()`` between optimizer steps (``gradguard run`` sees it): each
+                             step applied the running sum of the gradients
 ``stalled``                  a finite run that did not train and that no other rule explains (the loss
                              stayed near its start, its second half flat), with the update ratios'
                              cause: steps too large (lower the rate) or too small (raise it)

@@ -169,6 +169,7 @@ _CAUSES = (
     "bad_data",
     "unbounded_loss",
     "weight_decay",
+    "gradients_not_zeroed",
     "explosion",
     "sudden_growth",
     "nonfinite_op",
@@ -193,6 +194,8 @@ REGISTRY: list[Entry] = [
     #    (and a weight decay that multiplies the weights by a factor far from 1 at every step: a typo such
     #    as 5e2 for 5e-4 drives an explosion no clipping stops);
     entry("weight_decay"),
+    #    (and gradients never zeroed between steps: each step applies the running sum);
+    entry("gradients_not_zeroed"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
     entry("explosion", needs=("divergence", "lr_too_high")),

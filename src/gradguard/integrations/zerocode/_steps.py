@@ -50,6 +50,8 @@ def measure(
         loss = take_loss(zc)
     fields = {"global_step": zc.global_step}
     zc.global_step += 1
+    if not session.manual:
+        watch_zeroing(zc, session)
     if session.manual:
         ok = measure_by_hand(session, loss, clip, fields)
     else:
@@ -59,6 +61,36 @@ def measure(
     if not ok:
         zc.live.bad_step(session.guard)
     return ok
+
+
+UNZEROED_STEPS = 3  # steps in a row with no zero_grad() and the same .grad tensors: the gradients add up
+
+
+def watch_zeroing(zc: Any, session: Session) -> None:
+    """Whether the script zeroes the gradients between optimizer steps: no ``zero_grad()`` call (of
+    any optimizer or module) since the session's last step, and its first gradient still the same
+    tensor (``p.grad = None`` would have made a new one), :data:`UNZEROED_STEPS` steps in a row, is
+    a script that never zeroes them — each step applies the sum of every gradient so far. Said once,
+    live and in ``meta.json`` (``gradients_not_zeroed``: the first step that did not zero), where
+    diagnose reads it. Host work only: a counter and an ``id``."""
+    grad = next(
+        (p.grad for g in session.guard.optimizer.param_groups for p in g["params"] if p.grad is not None),
+        None,
+    )
+    kept = grad is not None and id(grad) == session.grad_id and zc.zero_grads == session.zero_grads
+    session.grad_id, session.zero_grads = (id(grad) if grad is not None else None), zc.zero_grads
+    session.unzeroed = session.unzeroed + 1 if kept else 0
+    if session.unzeroed != UNZEROED_STEPS:
+        return
+    first = session.guard.step_count - UNZEROED_STEPS + 1  # the first step that did not zero before it
+    if session.guard.writer is not None:
+        session.guard.writer.update_meta(gradients_not_zeroed=first)
+    zc._say(
+        f"{type(session.guard.optimizer).__name__}'s gradients have not been zeroed since step {first - 1} "
+        f"(steps {first}–{first + UNZEROED_STEPS - 1}: "
+        "no zero_grad() between them): every step applies the sum of all the gradients so far. "
+        "Call optimizer.zero_grad() before each backward (or after each step)."
+    )
 
 
 def measure_by_hand(

@@ -67,6 +67,8 @@ class Patches:
         ]
         self._wrap(torch.autograd, "backward", self._backward)
         self._wrap(torch.optim.Optimizer, "add_param_group", self._add_param_group)
+        self._wrap(torch.optim.Optimizer, "zero_grad", self._zero_grad)
+        self._wrap(torch.nn.Module, "zero_grad", self._zero_grad)
         self._wrap(GradScaler, "scale", self._scale)
         self._wrap(GradScaler, "step", self._scaler_step)
         clip_norm = self._clip_norm(clip_grad.clip_grad_norm_)
@@ -131,6 +133,15 @@ class Patches:
         except Exception as e:
             self.zc.internal_error(where, e)
             return default
+
+    def _zero_grad(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        zc = self.zc
+
+        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+            zc.zero_grads += 1  # (a counter: whether the script zeroes between steps, _steps.watch_zeroing)
+            return original(*args, **kwargs)
+
+        return zero_grad
 
     def _backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:

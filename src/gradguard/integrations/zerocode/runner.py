@@ -87,6 +87,7 @@ class ZeroCode:
         self._scaler: weakref.ref[torch.amp.GradScaler] | None = None
         self._backwards = 0
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
+        self.zero_grads = 0  #: zero_grad() calls so far (of any optimizer or module)
         self.norm_type: float | None = None  # of the clip_grad_norm_ call under way
         self.script_norms: tuple[list[Tensor], Tensor] | None = None  # its tensors' norms (_clip)
         self._said: set[str] = set()

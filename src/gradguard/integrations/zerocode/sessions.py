@@ -59,6 +59,11 @@ class Session:
         self.script_clips = 0  # steps the script's own clip_grad_norm_ ran on
         self.script_clip_step: int | None = None  # (the step counted last: several clip calls, one step)
         self.script_threshold: float | None = None
+        self.grad_id: int | None = (
+            None  # id of the first gradient at the last step (zeroing: _steps.watch_zeroing)
+        )
+        self.zero_grads = 0  # the runner's zero_grad() count at the last step
+        self.unzeroed = 0  # steps in a row with no zero_grad() and the same gradient tensors
 
     def end_step(self) -> None:
         self.measured_at = None
