@@ -614,7 +614,9 @@ def test_an_explosion_a_schedule_drove_advises_the_schedules_fix_and_the_rate_be
     boom, jump = conclude(log, "explosion"), conclude(log, "lr_too_high")
     assert boom is not None and jump is not None and boom.severity == "error"
     assert "the learning rate rose from 0.05 to 0.15 at step 28" in boom.message
-    assert boom.recommendation["text"].startswith("The learning-rate schedule drove it")
+    assert boom.recommendation["text"].startswith(
+        "The learning-rate schedule drove it: lower the learning rate"
+    )
     assert boom.recommendation["lr"] == jump.recommendation["lr"] == 0.05
     assert boom.recommendation["lr_tune"] == jump.recommendation["lr_tune"]
     assert "max_norm" not in boom.recommendation

@@ -66,7 +66,7 @@ def test_a_hand_written_update_is_measured_and_located_but_not_skipped(tmp_path:
     assert got.returncode == ref.returncode == 0, got.stderr
     assert got.stdout == ref.stdout  # nothing skipped: the NaN reaches the weights, as without gradguard
     assert got.stderr.count("are updated by hand") == 1 and "cannot skip" in got.stderr
-    assert "step 3 of Sequential (updated by hand) is not finite" in got.stderr
+    assert "step 3 of model (Sequential) (updated by hand) is not finite" in got.stderr
     log = read_run(tmp_path / "run")
     assert [r["step"] for r in log.metrics] == list(range(8))
     assert log.metrics[2]["loss"] > 0 and not log.metrics[2]["nonfinite"]

@@ -322,8 +322,9 @@ def _schedule(f: Facts, schedule: tuple[float, str, str]) -> dict[str, Any]:
     rate, why, _ = schedule
     lr = lr_advice(f, rate, why)
     text = (
-        "The learning-rate schedule drove it: fix the schedule (cap it, or end the warm-up) so the rate stays "
-        f"at or below the one that trained; clipping only bounds each step while the rate keeps growing. {lr['text']}."
+        "The learning-rate schedule drove it: lower the learning rate it reaches (cap the schedule, or end the "
+        "warm-up) so the rate stays at or below the one that trained; clipping only bounds each step while the "
+        f"rate keeps growing. {lr['text']}."
     )
     return with_lr({"text": text}, lr)
 

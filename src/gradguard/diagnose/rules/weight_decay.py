@@ -10,8 +10,10 @@ flip sign and grow every step (SGD at lr 0.01 with ``weight_decay=5e2``, a typo 
 ``optimizer.step()``, after the gradients are clipped). The optimizer's groups are in ``meta.json``
 (``optimizer_groups``, written when the guard starts).
 
-Adam, RMSprop and Adagrad add the decay to the gradient before normalising it: no such product
-holds for them, and the rule says nothing there.
+Only a weight decay beyond its usual range (:data:`UNUSUAL`) is blamed: a usual one in a large product
+is the learning rate's doing (AdamW at lr 30 with ``weight_decay=0.1``), which ``lr_too_high`` and
+the explosion name. Adam, RMSprop and Adagrad add the decay to the gradient before normalising it: no
+such product holds for them, and the rule says nothing there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from gradguard.diagnose.rules._clipping import optimizer_class, trained
 PRODUCT_HIGH = 0.1  # lr × weight_decay: each step shrinks the weights by this fraction or more
 _MULTIPLIES = frozenset({"SGD", "AdamW"})  # w ← w (1 − lr × weight_decay) (SGD: before momentum)
 _USUAL = {"SGD": 5e-4, "AdamW": 0.01}
+#: a weight decay beyond its usual range (SGD 1e-5–5e-3, AdamW 0–0.3): below it, a large product is the
+#: learning rate's (AdamW at lr 30 with weight_decay 0.1: the rate is the typo, lr_too_high's)
+UNUSUAL = {"SGD": 0.01, "AdamW": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         if (
             math.isfinite(product)
             and product >= PRODUCT_HIGH
+            and float(wd) >= UNUSUAL.get(name, 1.0)
             and (found is None or product > found.lr * found.weight_decay)
         ):
             found = Evidence(i, float(lr), float(wd))
