@@ -762,6 +762,13 @@ def test_a_run_stalled_at_the_loss_of_a_uniform_prediction_is_said_whatever_the_
     assert "ln 8 = 2.08" in stalled.message and "uniform prediction over 8 classes" in stalled.message
     assert "lr" not in stalled.recommendation and "LSTM/GRU" in stalled.recommendation["text"]
     assert conclude(run([1.0] * n, loss=_flat(n), layer__rnn__update_ratio=[2e-3] * n), "stalled") is None
+    # labels shuffled apart from their inputs (Adam 1e-3, steps 3.5× the usual): the signal, not the rate;
+    # steps ten times the usual at chance: the rate
+    shuffled = conclude(run([1.0] * n, loss=at_chance, layer__fc__update_ratio=[3.5e-3] * n), "stalled")
+    assert shuffled is not None and "lr" not in shuffled.recommendation
+    assert "each input paired with its own label" in shuffled.recommendation["text"]
+    bouncing = conclude(run([1.0] * n, loss=at_chance, layer__fc__update_ratio=[2e-2] * n), "stalled")
+    assert bouncing is not None and bouncing.recommendation["lr"] < 0.1
 
 
 @pytest.mark.parametrize(

@@ -141,10 +141,16 @@ def _uncaught() -> str | None:
     return None if error is None else ended_by(error)
 
 
-def ended_by(error: BaseException) -> str:
-    """An exception that ended a run, as ``meta.json``'s ``ended_by`` says it: ``"Type: message"``."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+def ended_by(error: BaseException) -> str | None:
+    """An exception that ended a run, as ``meta.json``'s ``ended_by`` says it: ``"Type: message"``
+    (its first line, at most 200 characters); ``None`` for gradguard's own stop (a
+    :class:`NonFiniteError`: the run's ``abort`` event and ``meta.json``'s ``aborted`` say it)."""
+    if isinstance(error, NonFiniteError):
+        return None
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 200 else text[:199] + "…"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class _Setting:

@@ -351,8 +351,11 @@ class GradGuard(pl.Callback):
         # backward): its forward is located and logged, as at the end of a plain script
         for guard in self.guards:
             guard.end_unfinished_step({"global_step": self._global_step} if len(self.guards) > 1 else None)
-            if guard.writer is not None:  # how the run ended, for diagnose (incomplete_log)
-                guard.writer.update_meta(ended_by=ended_by(exception))
+            how = ended_by(exception)
+            if (
+                guard.writer is not None and how is not None
+            ):  # how the run ended, for diagnose (incomplete_log)
+                guard.writer.update_meta(ended_by=how)
         self._close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -184,6 +184,10 @@ _CAUSES = (
 )
 """The rules whose warning or error explains a run that did not train (``stalled`` gives way to them)."""
 
+_DRIVERS: dict[str, Sequence[str]] = {"weight_decay": ("error",), "gradients_not_zeroed": ("error",)}
+"""Settings that drive a run's growth whatever the learning rate or threshold: where one is the error,
+the growth it causes is not reported again (with a threshold's or a rate's advice that cannot fix it)."""
+
 REGISTRY: list[Entry] = [
     # the headline (the first error of this list) is decided here, in this order:
     # 1. a tensor entering the step was non-finite: the data (or the carried state), not the model;
@@ -198,17 +202,19 @@ REGISTRY: list[Entry] = [
     entry("gradients_not_zeroed"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
-    entry("explosion", needs=("divergence", "lr_too_high")),
+    #    (a weight decay or gradients that are never zeroed drive it: their advice, not a threshold's, is
+    #    the answer, and the climb they cause is not reported again as an explosion or a divergence);
+    entry("explosion", needs=("divergence", "lr_too_high"), yields_to=_DRIVERS),
     #    (and growth too fast for the norms to show: a float32 overflow, an update as large as the weights);
-    entry("sudden_growth", yields_to={"explosion": ANY}),
+    entry("sudden_growth", yields_to={"explosion": ANY, **_DRIVERS}),
     # 4. otherwise an op that made a NaN/inf from finite inputs is the fault, with that op's fix;
     entry(
         "nonfinite_op",
         needs=("bad_data",),
-        yields_to={"explosion": ("error",), "sudden_growth": ("error",)},
+        yields_to={"explosion": ("error",), "sudden_growth": ("error",), **_DRIVERS},
     ),
     # 5. then a run that diverged while finite, and the rest.
-    entry("divergence"),
+    entry("divergence", yields_to=_DRIVERS),
     entry("over_clipping"),
     entry("adaptive_clipping", yields_to={"explosion": ANY}),
     entry("zeroed_gradients"),

@@ -33,6 +33,7 @@ from gradguard.diagnose.rules._clipping import STALLED, failed_lr, lr_advice, ra
 
 MIN_STEPS = 50  # fewest recorded steps to call a run stalled
 LARGE = 3e-3  # a median update/weight ratio this large or more: steps too large to settle
+CHANCE_LARGE = 1e-2  # at a chance level, steps this large or more: the rate is blamed before the signal
 TINY = 1e-5  # this small or less: steps too small to move the weights
 _AIM = 1e-3  # the update/weight ratio the advised rate aims at (the rule of thumb)
 _START = 5  # the losses whose median is where the run started
@@ -96,7 +97,10 @@ def chance_level(loss: float) -> int | None:
 
 def explain(f: Facts, ev: Evidence) -> Finding:
     lr = failed_lr(f)
-    large, tiny = ev.moved >= LARGE, ev.moved <= TINY
+    # at chance with steps only a few times the usual size, the signal is the suspect (labels shuffled
+    # apart from their inputs, Adam 1e-3: ratio 3.5e-3, and 3e-4 stayed at chance), not the rate
+    large = ev.moved >= (CHANCE_LARGE if ev.classes is not None else LARGE)
+    tiny = ev.moved <= TINY
     clipped = f" while {f.clip_spec} clipped {ev.clip_rate:.0%} of them" if ev.clip_rate > 0 else ""
     chance = (
         f" It sits at ln {ev.classes} = {fmt(math.log(ev.classes))}, the cross-entropy of a uniform prediction "

@@ -137,10 +137,10 @@ class ZeroCode:
         if errors:
             self._say(f"could not close a run log ({errors[0]})")
 
-    def ended(self, how: str) -> None:
+    def ended(self, how: str | None) -> None:
         """The script ended early (``"ValueError: bad config"``, a signal, a non-zero exit): said in
         every run's ``meta.json`` (``ended_by``), where diagnose reads it (``incomplete_log``)."""
-        for session in self._order:
+        for session in self._order if how is not None else ():
             writer = session.guard.writer
             if writer is not None:
                 writer.update_meta(ended_by=how)
