@@ -22,6 +22,7 @@ from torch import nn
 import gradguard
 from gradguard._guard import apply as applying
 from gradguard._guard import measure as measuring
+from gradguard.diagnose import diagnose, headline
 from gradguard.errors import GradGuardError, NonFiniteError
 from gradguard.runlog import read_run
 from nosync import HostSyncError, NoSync
@@ -651,6 +652,34 @@ def test_an_abort_after_a_nan_born_in_the_optimizer_names_its_hyperparameter(tmp
     text = str(raised.value)
     assert "born inside AdamW.step()" in text and "set eps > 0" in text, text
     assert "Lower the learning rate" not in text, text
+
+
+def test_a_parameter_non_finite_before_the_first_step_is_said_at_once_and_is_the_verdict(
+    tmp_path: Path,
+) -> None:
+    """An embedding filled from a pretrained table with an off-by-one leaves one row NaN; it is first
+    read at step 4. The verdict was "nan was born inside optimizer.step() … lower the learning rate":
+    the guard says at its start which parameter already holds NaN, and the step that reads it is that
+    parameter's initialisation, not an optimizer step."""
+    torch.manual_seed(0)
+    table = torch.full((11, 4), float("nan"))
+    table[:10] = torch.randn(10, 4)  # row 10 never filled
+    emb, head = nn.Embedding.from_pretrained(table, freeze=False), nn.Linear(4, 1)
+    model = nn.Sequential(emb, nn.Flatten(), head)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.warns(RuntimeWarning, match=r"0.weight already holds NaN or inf before the first step"):
+        guard = gradguard.Guard(model, opt, clip=None, log_dir=tmp_path / "r")
+    assert read_run(tmp_path / "r").meta["nonfinite_at_start"] == ["0.weight"]
+    for step in range(6):
+        ids = torch.randint(0, 10, (8, 1)) if step != 4 else torch.full((8, 1), 10)
+        opt.zero_grad()
+        loss = model(ids).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    top = headline(diagnose(tmp_path / "r"))
+    assert top is not None and "non-finite before the first step" in top.message, top
+    assert "learning rate" not in top.message and "optimizer.step()" not in top.message
 
 
 def test_spike_policies_skip_clip_and_warn(tmp_path: Path) -> None:

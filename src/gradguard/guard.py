@@ -374,6 +374,7 @@ class Guard:
         )
         self._pid = os.getpid()
         _OPEN.add(self)  # closed at interpreter exit if the script never closes it
+        self._bad_at_start = self._check_initial_weights()
 
     def _build_parts(
         self,
@@ -1084,8 +1085,32 @@ class Guard:
             stacklevel=4,
         )
 
+    def _check_initial_weights(self) -> frozenset[str]:
+        """The parameters already non-finite when the guard starts (an initialisation or a loaded
+        matrix with a NaN row): said at once, kept in ``meta.json`` (``nonfinite_at_start``), and a
+        later event that finds one of them non-finite says so (not "an earlier optimizer step wrote
+        it"). One read of the weights, here only; not across ranks (a rank holds shards)."""
+        named = [(n, p) for n, p in self._guarded.named if p.is_floating_point() and not p.is_meta]
+        if not named or self._reducer is not None:
+            return frozenset()
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()  # host sync: once
+        bad = [n for (n, _), ok in zip(named, finite) if not ok]
+        if bad:
+            if self.writer is not None:
+                self.writer.update_meta(nonfinite_at_start=bad)
+            holds = "holds" if len(bad) == 1 else "hold"
+            warnings.warn(
+                f"gradguard: {', '.join(bad[:5])}{' and more' if len(bad) > 5 else ''} already {holds} NaN or inf "
+                "before the first step: the initialisation or the weights loaded. Training goes non-finite where "
+                "they are used; fix them before training (torch.isfinite(p).all()).",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        return frozenset(bad)
+
     def _event(self, event: events.Event) -> None:
         """Write one event now (the step's path), with the step's host fields (``before_step(fields=)``)."""
+        event = _from_the_start(event, self._bad_at_start)
         if self.writer is not None:
             self.writer.write_event({**event, **self._fields} if self._fields else event)
 
@@ -1152,7 +1177,9 @@ class Guard:
         for event in born:
             self._note_located(event)
         derived = [*born, *self._flush_events(records)]
-        found = _with_step_fields(derived, records, self._fields)
+        found = [
+            _from_the_start(e, self._bad_at_start) for e in _with_step_fields(derived, records, self._fields)
+        ]
         if found and self.writer is not None:
             self.writer.write_events(found)
         if self._explosions.active and records and not self._closed:
@@ -1204,6 +1231,37 @@ def _fix_of(located: events.Event | None) -> str:
     return (
         f" The first non-finite value (step {step}) came from `{located.get('op')}`{at}: {why}. Fix: {fix}."
     )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that points at the user's line (a ``Guard(...)`` in the script,
+    or the script's first optimizer step under ``gradguard run``), not at gradguard's."""
+    from gradguard.locate import users
+
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and not users(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _from_the_start(event: events.Event, bad_at_start: frozenset[str]) -> events.Event:
+    """A ``nonfinite`` event that found a parameter non-finite which already was when the guard started:
+    its birth is the initialisation (phase ``init``), not an optimizer step."""
+    if not bad_at_start or event.get("type") != "nonfinite" or event.get("phase") != "optimizer":
+        return event
+    details = dict(event.get("evidence") or {})
+    names = [details.get("parameter"), *(event.get("parameters") or details.get("parameters") or [])]
+    module = event.get("module")  # (an event from the records' weight norms names the layer only)
+    names += [n for n in sorted(bad_at_start) if module is not None and n.rpartition(".")[0] == module]
+    name = next((n for n in names if n in bad_at_start), None)
+    if name is None:
+        return event
+    details.setdefault("parameter", name)
+    details["reason"] = (
+        f"{name} already held {event.get('kind') or 'a non-finite value'} before the first step: its "
+        "initialisation or the weights loaded into it (no optimizer step wrote it)"
+    )
+    return {**event, "phase": "init", "evidence": details}
 
 
 def _reducer(

@@ -583,9 +583,9 @@ class Locator:
                               _replay.function_source(custom, "forward"), ev)  # fmt: skip
             self._set_taint(t, frozenset({idx}))
             return {idx}
-        if (
-            self.phase == "forward" and t.grad_fn is None
-        ):  # a constant or an attribute the forward did not make
+        # a constant or an attribute the forward did not make, holding NaN (±inf alone: a mask built before
+        # the forward, an attention mask, as masked_fill(-inf) inside it)
+        if self.phase == "forward" and t.grad_fn is None and "nan" in _kinds(t):
             ev = {"input": _describe(t), "reason": f"a tensor the forward did not make already held {_kinds(t)[0]} "
                   "(a plain tensor attribute of a module, a global, or a constant built from a NaN)"}  # fmt: skip
             idx = self._birth("forward", self._module(), None, "state", _kinds(t)[0], user_source(5), ev)

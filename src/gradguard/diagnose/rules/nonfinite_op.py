@@ -107,7 +107,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         message, rec = _after_growth(f, event, message, rec)
     elif event.get("phase") == "optimizer":
         message, rec = _in_optimizer(event, step)
-    elif event.get("tensor") in ("buffer", "state") and event.get("phase") == "forward":
+    elif (event.get("tensor") in ("buffer", "state") and event.get("phase") == "forward") or event.get(
+        "phase"
+    ) == "init":
         message, rec = _held(event, step)
     else:
         message, rec = _unlocated(f, event, step, ev.nonfinite_steps)
@@ -136,7 +138,14 @@ def _held(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, Any]]
     attribute, a global, a constant built from a NaN."""
     details = fields(event.get("evidence"))
     kind = event.get("kind", "a non-finite value")
-    if event.get("tensor") == "buffer":
+    if event.get("phase") == "init":
+        what = f"the parameter {details.get('parameter') or event.get('module')!r}, non-finite before the first step,"
+        fix = (
+            "repair the initialisation or the weights loaded into it (a row left unfilled by an off-by-one, a NaN in "
+            "the checkpoint or the pretrained table) and check every parameter with torch.isfinite(p).all() "
+            "before training; neither the learning rate nor clipping is the cause"
+        )
+    elif event.get("tensor") == "buffer":
         what = f"the buffer {details.get('buffer', '?')!r}"
         fix = (
             "find what wrote it — a running statistic a bad batch updated (BatchNorm's running_mean / running_var "
