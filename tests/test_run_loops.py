@@ -403,6 +403,44 @@ def test_gradients_never_zeroed_between_steps_are_said_and_are_the_verdict(tmp_p
     )
 
 
+OPTIMIZER_PER_EPOCH = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    for epoch in range(12):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2 * 0.9**epoch)  # a new optimizer each epoch
+        for i in range(0, 512, 32):
+            loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"epoch {epoch} loss {loss.item():.4f}")
+    """
+)
+
+
+def test_a_script_that_builds_a_new_optimizer_each_epoch_is_one_run(tmp_path: Path) -> None:
+    """Each new optimizer over the same model was a run of its own: a fresh one's first steps on a
+    trained model (per-batch losses 2e-4 to 0.6) read as a divergence and an explosion, errors with a
+    threshold of 1e-5 advised, on a run that trained. The new optimizer goes on with the run."""
+    script = tmp_path / "per_epoch.py"
+    script.write_text(OPTIMIZER_PER_EPOCH)
+    got, ref = _run(tmp_path, script), _plain(tmp_path, script)
+    assert got.returncode == 0 and got.stdout == ref.stdout, got.stderr
+    log = read_run(tmp_path / "run")
+    assert [r["step"] for r in log.metrics] == list(range(12 * 16))
+    assert not (tmp_path / "run" / "optimizer1").exists() and "children" not in log.meta
+    assert "gradguard: Adam on model (Sequential): 192 steps" in got.stderr
+    from gradguard.diagnose import diagnose, headline
+
+    assert headline(diagnose(tmp_path / "run")) is None
+
+
 TWO_CLIPS = textwrap.dedent(
     """
     import torch

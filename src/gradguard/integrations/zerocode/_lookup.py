@@ -92,8 +92,46 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
         )
         return None
     root.kind = "optimizer"
+    previous = _rebuilt(zc, optimizer, ids)
+    if previous is not None:
+        return add(zc, id(optimizer), _succeed(zc, root, optimizer, previous))
     guard, _ = new_guard(zc, root, optimizer, dict(zc.options))
     return add(zc, id(optimizer), Session(guard, manual=False))
+
+
+def _rebuilt(zc: Any, optimizer: torch.optim.Optimizer, ids: set[int]) -> Session | None:
+    """The session of an earlier optimizer over exactly these parameters: the script built a new
+    optimizer for the same model (one per epoch, a new learning rate, SGD after Adam)."""
+    return next(
+        (
+            s
+            for s in zc._order
+            if not s.manual and not s.framework and s.param_ids == ids and s.guard.optimizer is not optimizer
+        ),
+        None,
+    )
+
+
+def _succeed(zc: Any, root: Root, optimizer: torch.optim.Optimizer, previous: Session) -> Session:
+    """The new optimizer's session goes on with the earlier one's run: the same run directory, its
+    steps numbered on, the clipper's and the spike rule's state carried over (not the snapshots: they
+    hold the earlier optimizer's state). Each optimizer judged as a run of its own read the first
+    steps of a fresh one on a trained model (per-batch losses of 2e-4 to 0.6) as a divergence."""
+    old = previous.guard
+    state = {**old.state_dict(), "recovery": None}
+    old.close()
+    zc.sessions.pop(next(k for k, v in zc.sessions.items() if v is previous), None)
+    zc._order.remove(previous)
+    options = {**zc.options, "exist_ok": True}
+    guard, _ = new_guard(zc, root, optimizer, options, log_dir=old.run_dir, index=_index_of(old))
+    guard.load_state_dict(state)
+    return Session(guard, manual=False)
+
+
+def _index_of(guard: Guard) -> int:
+    info = guard.writer.meta.get("optimizer") if guard.writer is not None else None
+    index = info.get("index") if isinstance(info, dict) else None
+    return index if isinstance(index, int) else 0
 
 
 class Union(nn.Module):
@@ -274,11 +312,20 @@ def optimizers_holding(zc: Any, ids: set[int]) -> list[torch.optim.Optimizer]:
 
 # ----------------------------------------------------------------------------- guards
 def new_guard(
-    zc: Any, root: Root, optimizer: torch.optim.Optimizer, options: dict[str, Any]
+    zc: Any,
+    root: Root,
+    optimizer: torch.optim.Optimizer,
+    options: dict[str, Any],
+    *,
+    log_dir: Any = None,
+    index: int | None = None,
 ) -> tuple[Guard, StepCapture | None]:
-    """A guard of ``root``'s model for ``optimizer`` (its run directory, its capture)."""
-    k = zc._run_dirs
-    log_dir = zc.next_run_dir()
+    """A guard of ``root``'s model for ``optimizer`` (its run directory — the next one, or ``log_dir``
+    as the ``index``-th optimizer's —, its capture)."""
+    if log_dir is None:
+        k, log_dir = zc._run_dirs, zc.next_run_dir()
+    else:
+        k = index if index is not None else 0
     locate = options.pop("locate", True)
     capture = root.take_capture() if locate else None
     model = root.model
