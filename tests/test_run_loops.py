@@ -253,6 +253,13 @@ def test_an_optimizer_over_several_models_or_free_parameters_is_guarded(tmp_path
     assert [r["step"] for r in first.metrics if r["skipped"]] == [6]
     assert [r["step"] for r in second.metrics if r["skipped"]] == [6]
     assert "not guarded" not in got.stderr and "no optimizer step was seen" not in got.stderr
+    # the union's forward is not replayed: the advice is one a `gradguard run` user can follow
+    from gradguard.diagnose import diagnose
+
+    said = [f for f in diagnose(tmp_path / "run") if f.id == "bad_data"]
+    assert said and all(
+        "gradguard run could not replay this step's forward" in f.recommendation["text"] for f in said
+    )
 
 
 LINE_SEARCH = textwrap.dedent(
@@ -806,3 +813,11 @@ def test_an_uncaught_error_shows_the_traceback_python_shows_without_gradguards_f
 
     assert traceback_of(got.stderr) == traceback_of(ref.stderr), got.stderr
     assert "runpy" not in got.stderr and "gradguard/integrations" not in got.stderr
+    # also after the script changed directory (its relative path then names another file)
+    (tmp_path / "exp").mkdir()
+    script.write_text("import os\n\nos.chdir('exp')\nraise ValueError('no such shard: 7')\n")
+    got = subprocess.run(
+        [sys.executable, "-m", "gradguard", "run", "--out", "run2", "--no-report", "crash.py"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert got.returncode == 1 and "runpy" not in got.stderr and "gradguard/integrations" not in got.stderr

@@ -503,6 +503,13 @@ def how_to_name_the_op(f: Facts) -> str:
             "without torchrun): replays are off under torch.distributed, where one rank's replay would "
             "desynchronize the others"
         )
+    if f.log.meta.get("runner") == "gradguard run":
+        return (
+            "gradguard run could not replay this step's forward (one optimizer over several models, or a model "
+            "called several times in one step): run the failing batch through one model call, or in code pass "
+            "a closure, guard.step(closure), so gradguard replays the step op by op and names the op, module "
+            "and source line"
+        )
     return (
         "pass a closure, guard.step(closure), so gradguard replays the failed step op by op and names the "
         "op, module and source line"

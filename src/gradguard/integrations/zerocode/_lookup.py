@@ -349,6 +349,8 @@ def describe(zc: Any, guard: Guard, k: int, model: nn.Module, optimizer: torch.o
     else:
         what = stepped(model, optimizer, user_name_of(model))
     describe_optimizer(guard, root, k, kind, what)
+    if guard.writer is not None:  # (what diagnose tells the user to do differs: no closure to pass)
+        guard.writer.update_meta(runner="gradguard run")
 
 
 def add(zc: Any, key: int, session: Session) -> Session:

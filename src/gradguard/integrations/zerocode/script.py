@@ -48,6 +48,7 @@ def run_script(
         print(f"gradguard run: {what}; {how}.", file=sys.stderr)
         return 2
     script = found
+    script_file = script.absolute()  # before the script changes directory (its traceback, its __file__)
     if options.get("monitor_only"):  # watching only: a bad step is reported, not skipped (as Lightning's)
         options.setdefault("on_nonfinite", "warn")
     check_options(options)  # a bad option is refused before the script starts, not at its first step
@@ -67,7 +68,7 @@ def run_script(
                 if module:
                     runpy.run_module(path, run_name="__main__", alter_sys=True)
                 else:
-                    runpy.run_path(str(script.absolute()), run_name="__main__")  # __file__ as python gives it
+                    runpy.run_path(str(script_file), run_name="__main__")  # __file__ as python gives it
             except SystemExit as e:
                 code = _exit_code(e)
                 if code:
@@ -76,11 +77,11 @@ def run_script(
                 killed_by = e.signum
                 zc.ended(f"killed by {signal.Signals(e.signum).name}")
             except KeyboardInterrupt as e:
-                _print_script_error(e, script)
+                _print_script_error(e, script_file)
                 killed_by = signal.SIGINT
                 zc.ended("KeyboardInterrupt")
             except BaseException as e:
-                _print_script_error(e, script)
+                _print_script_error(e, script_file)
                 zc.ended(ended_by(e))
                 if isinstance(e, ImportError) and "no known parent package" in str(e) and not module:
                     print(
