@@ -682,6 +682,35 @@ def test_a_parameter_non_finite_before_the_first_step_is_said_at_once_and_is_the
     assert "learning rate" not in top.message and "optimizer.step()" not in top.message
 
 
+def test_a_skipped_step_that_poisoned_batchnorm_says_the_weights_were_kept_but_not_the_buffers(
+    tmp_path: Path,
+) -> None:
+    """A NaN batch through BatchNorm in train mode: the guard skips the step (the weights are kept),
+    but the forward already updated the running statistics with NaN, and every eval is NaN after.
+    "Skipped, parameters untouched" was the whole story; the buffers are named, with how to restore
+    them (rollback does: they are in the snapshot)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gradguard.Guard(model, opt, clip=None, log_dir=tmp_path / "r")
+    with pytest.warns(RuntimeWarning, match=r"wrote NaN/inf into the buffers 1.running_mean, 1.running_var"):
+        for step in range(6):
+            x = torch.randn(16, 4)
+            if step == 3:
+                x[2, 1] = float("nan")
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+    guard.close()
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the weights were kept
+    (said,) = [e for e in read_run(tmp_path / "r").events if e["type"] == "buffers"]
+    assert said["step"] == 3 and said["skipped"] is True
+    top = headline(diagnose(tmp_path / "r"))
+    assert top is not None and top.id == "bad_data" and "1.running_mean" in top.message
+    assert "on_nonfinite='rollback' restores them" in top.recommendation["text"]
+
+
 def test_spike_policies_skip_clip_and_warn(tmp_path: Path) -> None:
     def spike(step, model, loss):
         if loss is None and step == 40:

@@ -53,6 +53,7 @@ TYPES = (
     "loss_scale_collapse",
     "layers",
     "explosion",
+    "buffers",
 )
 
 #: The ``reason`` of a ``skip`` event.
@@ -211,3 +212,10 @@ def explosion(step: int, onset_step: int, *, action: str, **fields: Any) -> Even
     bound from now on under SGD; ``max_norm``: the clip threshold from now on (Adam-like, momentum); ``lr``;
     ``recoveries`` so far; or ``recovered`` false and a ``note``)."""
     return {"type": "explosion", "step": step, "onset_step": onset_step, "action": action, **fields}
+
+
+def buffers(step: int, names: list[str], *, skipped: bool) -> Event:
+    """Buffers found non-finite after the non-finite step ``step`` (``names``: BatchNorm's running
+    statistics, written by that step's forward in train mode): ``skipped``: the step was skipped, so
+    the weights are untouched but these buffers are not — the model's eval output is non-finite."""
+    return {"type": "buffers", "step": step, "buffers": list(names), "skipped": skipped}

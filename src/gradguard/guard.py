@@ -430,6 +430,7 @@ class Guard:
         # the first bad step's birth, an op or the data (what an abort tells the user to fix)
         self._first_located: events.Event | None = None
         self._warned_no_gradient = False
+        self._buffers_said = False  # buffers found non-finite after a bad step (said once)
         self._stop: NonFiniteError | None = None  # raised once the step's record is in the log
         self._caller_clip: CallerClip | None = None  # before_step(clip=...): of the last step
         self._fields: dict[str, Any] = {}  # before_step(fields=...): the last step's host fields
@@ -1022,6 +1023,32 @@ class Guard:
         if event is not None:
             self._event(event)
             self._note_located(event)
+        self._check_buffers(step)
+
+    def _check_buffers(self, step: int) -> None:
+        """After a non-finite step (the anomaly path: host reads): buffers the step's forward made
+        non-finite (BatchNorm's running statistics update in the forward, in train mode, before any
+        step is skipped). Said once, with its fix: skipping kept the weights, not these."""
+        if self._buffers_said:
+            return
+        bad = [
+            n
+            for n, b in self.model.named_buffers()
+            if b.is_floating_point() and not bool(torch.isfinite(b).all())
+        ]
+        if not bad:
+            return
+        self._buffers_said = True
+        skipped = self.config.on_nonfinite != "warn"
+        self._event(events.buffers(step, bad, skipped=skipped))
+        warnings.warn(
+            f"gradguard: step {step}'s forward wrote NaN/inf into the buffers {', '.join(bad[:4])}"
+            f"{' and more' if len(bad) > 4 else ''}{' (the step itself was skipped: the weights are untouched)' if skipped else ''}: "
+            "the model's eval output is non-finite from now on. on_nonfinite='rollback' restores them with the "
+            "weights; else reload them from a checkpoint (or reset BatchNorm's running stats) after training.",
+            RuntimeWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
     def _note_located(self, event: events.Event) -> None:
         """The first located birth (an op, or the data): what an abort names as the fix."""

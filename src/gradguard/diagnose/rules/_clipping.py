@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import Ends, clip_advice, ends, fmt, median, sig, sig_floor
 from gradguard.tunelog import TUNE_FILE, TuneResult
 
@@ -492,6 +494,31 @@ def scale_at_start(f: Facts) -> tuple[str, str] | None:
         "clipping only delays the overflow"
     )
     return cause, fix
+
+
+def with_buffers(explain: Callable[[Facts, Any], Finding]) -> Callable[[Facts, Any], Finding]:
+    """``explain`` whose finding also says which buffers the bad step's forward made non-finite (the
+    guard's ``buffers`` event: BatchNorm's running statistics, written in the forward before any step
+    is skipped): skipping kept the weights, not those, and the model's eval output is non-finite."""
+
+    def explained(f: Facts, evidence: Any) -> Finding:
+        found = explain(f, evidence)
+        said = f.events_of("buffers")
+        if not said:
+            return found
+        names = ", ".join(str(n) for n in (said[0].get("buffers") or [])[:4])
+        message = (
+            f"{found.message} Step {said[0].get('step')}'s forward also wrote NaN/inf into the buffers {names}: "
+            "the weights were kept, these were not — the model's eval output is non-finite from then on."
+        )
+        rec = dict(found.recommendation)
+        rec["text"] = (
+            f"{rec.get('text', '')} Restore those buffers: on_nonfinite='rollback' restores them with the weights; "
+            "or reload them from a checkpoint (or re-estimate BatchNorm's running statistics on clean data)."
+        ).strip()
+        return dataclasses.replace(found, message=message, recommendation=rec)
+
+    return explained
 
 
 def how_to_name_the_op(f: Facts) -> str:

@@ -18,7 +18,7 @@ from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import sig
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import how_to_name_the_op
+from gradguard.diagnose.rules._clipping import how_to_name_the_op, with_buffers
 
 _EVENT_KEYS = ("step", "batch", "tensor", "kind", "source", "evidence", "cause")
 _MAX_LISTED = 50
@@ -225,4 +225,4 @@ def _model_was_finite(f: Facts, step: int) -> bool:
     )
 
 
-RULE = Rule("bad_data", detect, explain)
+RULE = Rule("bad_data", detect, with_buffers(explain))

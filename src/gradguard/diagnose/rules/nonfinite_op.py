@@ -16,7 +16,7 @@ from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import how_to_name_the_op
+from gradguard.diagnose.rules._clipping import how_to_name_the_op, with_buffers
 
 _EVENT_KEYS = (
     "phase",
@@ -236,4 +236,4 @@ def _unlocated(f: Facts, event: dict[str, Any], step: int | None, count: int) ->
     return message, rec
 
 
-RULE = Rule("nonfinite_op", detect, explain)
+RULE = Rule("nonfinite_op", detect, with_buffers(explain))
