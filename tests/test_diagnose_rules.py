@@ -799,6 +799,24 @@ def test_a_run_is_called_stalled_only_when_it_did_not_train_and_nothing_else_exp
     assert ("lr_too_high" in found) == (case == "explains_itself")
 
 
+def test_a_nan_born_in_the_optimizer_at_a_nan_learning_rate_blames_the_schedule() -> None:
+    """A warm-up that divides by warmup_steps=0 gives lr NaN at step 0; SGD writes NaN into every
+    weight. The event's hyperparameters were read after the script set the rate again (0.05): "check
+    the hyperparameters … else lower the learning rate" was the fix. The rate the run logged at that
+    step says what it was."""
+    n = 6
+    event = {
+        "type": "nonfinite", "step": 0, "phase": "optimizer", "module": "0", "tensor": "param", "kind": "nan",
+        "located_by": "check", "optimizer": "SGD", "parameters": ["0.weight"],
+        "evidence": {"optimizer": "SGD", "hyperparameters": {"lr": 0.05, "momentum": 0.9}},
+    }  # fmt: skip
+    log = run([NAN] * n, loss=[NAN] * n, lr=[NAN] + [0.05] * (n - 1), events=[event])
+    found = conclude(log, "nonfinite_op")
+    assert found is not None and "the learning rate itself was nan" in found.recommendation["text"]
+    fine = run([NAN] * n, loss=[NAN] * n, lr=[0.05] * n, events=[event])
+    assert "learning rate itself" not in conclude(fine, "nonfinite_op").recommendation["text"]
+
+
 def test_grad_norms_decaying_toward_the_input_are_vanishing() -> None:
     n = 40
     cols = {f"layer__{i}__grad_norm": [10.0 ** (i - 4)] * n for i in range(5)}

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -356,11 +357,17 @@ _TORCH_OPTIMIZERS = frozenset(
 )  # fmt: skip
 
 
-def optimizer_fix(name: str | None, hyper: Mapping[str, Any]) -> str:
+def optimizer_fix(name: str | None, hyper: Mapping[str, Any], lr: float | None = None) -> str:
     """The fix for a NaN born inside ``optimizer.step()`` from finite gradients, from what its
-    hyperparameters say (``hyper``: the group's numbers): ``eps = 0``; a hand-written optimizer;
-    otherwise its eps, then the learning rate."""
+    hyperparameters say (``hyper``: the group's numbers; ``lr``: the rate logged at that step): a
+    non-finite learning rate (a schedule that divided by zero); ``eps = 0``; a hand-written
+    optimizer; otherwise its eps, then the learning rate."""
     inside = f"{name}.step()" if name else "optimizer.step()"
+    if lr is not None and not math.isfinite(lr):
+        return (
+            f"the learning rate itself was {lr} at that step: a schedule that divided by zero (warmup_steps=0, "
+            "a 0/0 in a LambdaLR) or a rate computed from a NaN; make the schedule finite at every step"
+        )
     if hyper.get("eps") == 0:
         return (
             f"set eps > 0 in {name or 'the optimizer'} (e.g. eps=1e-8): with eps=0 a parameter whose second "

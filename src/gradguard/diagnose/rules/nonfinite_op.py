@@ -106,7 +106,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         message, rec = _located(event, step)
         message, rec = _after_growth(f, event, message, rec)
     elif event.get("phase") == "optimizer":
-        message, rec = _in_optimizer(event, step)
+        message, rec = _in_optimizer(event, step, _logged_lr(f, step))
     elif (event.get("tensor") in ("buffer", "state") and event.get("phase") == "forward") or event.get(
         "phase"
     ) == "init":
@@ -197,7 +197,17 @@ def _optimizer_of(event: dict[str, Any]) -> str | None:
     return str(name) if name else None
 
 
-def _in_optimizer(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, Any]]:
+def _logged_lr(f: Facts, step: int | None) -> float | None:
+    """The learning rate the run logged at ``step`` (the one the step used; the hyperparameters an
+    event quotes were read later, after a schedule may have set the rate again); ``None``: not logged."""
+    if step is None or step not in f.steps:
+        return None
+    return f.lr[f.index_of(step)]
+
+
+def _in_optimizer(
+    event: dict[str, Any], step: int | None, lr: float | None = None
+) -> tuple[str, dict[str, Any]]:
     """A NaN born inside ``optimizer.step()``: the optimizer, the parameters it wrote, and the fix its
     hyperparameters point to (``eps = 0``; a hand-written optimizer; otherwise the LR)."""
     details = fields(event.get("evidence"))
@@ -214,7 +224,7 @@ def _in_optimizer(event: dict[str, Any], step: int | None) -> tuple[str, dict[st
         f"Step {step}: {event.get('kind', 'a non-finite value')} was born inside {inside}, in {names}, from "
         f"finite gradients: {reason}. The model's ops did not make it."
     )
-    fix = optable.optimizer_fix(name, fields(details.get("hyperparameters")))
+    fix = optable.optimizer_fix(name, fields(details.get("hyperparameters")), lr)
     return message, {"text": f"Fix: {fix}.", "optimizer": name, "parameters": params[:20]}
 
 
