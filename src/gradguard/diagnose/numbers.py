@@ -19,6 +19,7 @@ __all__ = [
     "rolling_median",
     "sig",
     "sig_floor",
+    "still_falling",
 ]
 
 
@@ -95,6 +96,16 @@ def ends(values: Sequence[float]) -> Ends:
     one and at most 50 (``nan`` when empty)."""
     k = max(1, min(len(values) // 10, 50))
     return Ends(median(values[:k]), median(values[-k:]), k)
+
+
+def still_falling(values: Sequence[float]) -> bool:
+    """Whether a loss is still falling at its end: its second half's start (median of its first quarter)
+    above its last quarter's median by more than that quarter's spread (a run learning slowly, not a
+    stall; eight or more values)."""
+    if len(values) < 8:
+        return False
+    half, quarter = values[len(values) // 2 :], values[-(len(values) // 4) :]
+    return median(half[: len(half) // 4]) - median(quarter) > statistics.pstdev(quarter)
 
 
 def clip_advice(max_norm: float) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt, median, sig, sig_floor
+from gradguard.diagnose.numbers import fmt, median, sig, sig_floor, still_falling
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import (
     OVERCLIP_RATE,
@@ -72,14 +72,19 @@ def explain(f: Facts, w: ClipWindow) -> Finding:
     evidence["early_median_norm"] = sig(median(early), 4)
     if not stalled(f, w):
         return _not_a_failure(f, w, evidence)
-    severity = "error" if w.rate >= OVERCLIP_ERROR_RATE else "warning"
+    falling = still_falling(f.loss_at(w.rows[0], w.rows[-1] + 1))  # learning slowly, not stalled
+    severity = "error" if w.rate >= OVERCLIP_ERROR_RATE and not falling else "warning"
     lr, scale = w.lr, w.scale
+    how = (
+        "The loss is still falling, slowly: the threshold slows training"
+        if falling
+        else "This stall looks like vanishing gradients"
+    )
     message = (
         f"Over-clipping: max_norm={fmt(w.threshold)} clipped {w.rate:.0%} of the last {len(w.window)} steps "
         f"({w.overall:.0%} of the run); the median pre-clip norm is {fmt(w.median_norm / w.threshold)}× the "
         f"threshold, so every step is scaled by ~{fmt(scale)} — an effective learning rate of {fmt(lr * scale)} "
-        f"instead of {fmt(lr)}. The loss went {w.loss.text()}. This stall looks like "
-        "vanishing gradients."
+        f"instead of {fmt(lr)}. The loss went {w.loss.text()}. {how}."
     )
     return Finding("over_clipping", severity, f.steps[w.window[0]], message, evidence, _advice(f, w, early))
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt, median, sig
+from gradguard.diagnose.numbers import fmt, median, sig, still_falling
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import STALLED, failed_lr, lr_advice, ratio_lr, update_ratios, with_lr
 
@@ -63,10 +63,9 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     start = median(losses[:_START])
     width = max(_START, len(losses) // 10)  # the lowest level: the least median of ten spans
     low = min(median(losses[i : i + width]) for i in range(0, len(losses), width))
-    half, quarter = losses[len(losses) // 2 :], losses[-(len(losses) // 4) :]
+    quarter = losses[-(len(losses) // 4) :]
     noise = statistics.pstdev(quarter)
-    still_falling = median(half[: len(half) // 4]) - median(quarter) > noise
-    if not (start > 0 and low > (1 - STALLED) * start) or still_falling:
+    if not (start > 0 and low > (1 - STALLED) * start) or still_falling(losses):
         return None
     warm = max(3, len(f.rows) // 50)
     ratios = list(update_ratios(f, warm, len(f.rows)).values())
