@@ -448,6 +448,20 @@ def test_a_script_that_builds_a_new_optimizer_each_epoch_is_one_run(tmp_path: Pa
     assert headline(diagnose(tmp_path / "run")) is None
 
 
+def test_an_optimizer_over_a_model_the_script_replaced_is_said(tmp_path: Path) -> None:
+    """The optimizer was built over a model the script then re-created: it steps parameters no called
+    model owns, and the trained model never changes. "not guarded" alone did not say why."""
+    script = tmp_path / "stale.py"
+    script.write_text(
+        "import torch\nfrom torch import nn\n\nmodel = nn.Linear(4, 1)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\nmodel = nn.Linear(4, 1)  # re-created\n"
+        "for step in range(5):\n    opt.zero_grad()\n    model(torch.randn(8, 4)).pow(2).mean().backward()\n"
+        "    opt.step()\n"
+    )
+    got = _run(tmp_path, script)
+    assert got.returncode == 0 and "holds other parameters than that model's" in got.stderr, got.stderr
+
+
 TWO_CLIPS = textwrap.dedent(
     """
     import torch

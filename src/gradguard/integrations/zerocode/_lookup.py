@@ -87,8 +87,9 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     if root is None:
         zc._unguarded.add(id(optimizer))
         zc._say(
-            f"{type(optimizer).__name__} steps parameters that no model called so far owns; "
-            "this optimizer is not guarded."
+            f"{type(optimizer).__name__} steps parameters that no model called so far owns, so it is not guarded: "
+            "if the script trains a model, this optimizer holds other parameters than that model's (built before "
+            "the model was re-created, or over a copy of it), and the model's weights never change."
         )
         return None
     root.kind = "optimizer"
