@@ -427,6 +427,12 @@ def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     ddp.meta["world_size"] = 2  # no replays across ranks: the closure would not help
     text = diagnose(ddp)[0].recommendation["text"]
     assert "guard.step(closure)" not in text and "rerun the failing step in one process" in text, text
+    hf = run(norms)  # a Trainer's step takes no closure: gradguard run watches its compute_loss
+    hf.meta["integration"] = "transformers.GradGuardTrainer"
+    assert "run the same script under `gradguard run`" in diagnose(hf)[0].recommendation["text"]
+    union = run(norms)  # gradguard run, whose step it could not replay: no closure to pass there either
+    union.meta["runner"] = "gradguard run"
+    assert "gradguard run could not replay" in diagnose(union)[0].recommendation["text"]
 
 
 def test_every_batch_bad_from_the_first_step_is_the_preprocessing_not_a_few_samples() -> None:

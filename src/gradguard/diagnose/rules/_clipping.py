@@ -530,6 +530,16 @@ def how_to_name_the_op(f: Facts) -> str:
             "without torchrun): replays are off under torch.distributed, where one rank's replay would "
             "desynchronize the others"
         )
+    integration = f.log.meta.get("integration")
+    if (
+        isinstance(integration, str)
+        and integration.startswith("transformers")
+        and f.log.meta.get("runner") is None
+    ):
+        return (
+            "a Trainer's step takes no closure to replay: run the same script under `gradguard run` (no code "
+            "change), which watches the loss code (a custom compute_loss) and names the op, module and line"
+        )
     if f.log.meta.get("runner") == "gradguard run":
         return (
             "gradguard run could not replay this step's forward (one optimizer over several models, or a model "
