@@ -711,6 +711,27 @@ def test_a_skipped_step_that_poisoned_batchnorm_says_the_weights_were_kept_but_n
     assert "on_nonfinite='rollback' restores them" in top.recommendation["text"]
 
 
+def test_an_abort_after_a_runaway_update_names_the_learning_rate_before_the_op(tmp_path: Path) -> None:
+    """SGD at lr 50: step 0's update moves the layer many times its own norm, the softmax saturates and
+    the hand-written log of its probability is -inf on every step. The abort named only the log's clamp,
+    which left a dead run; the update that made the values comes first."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 5)
+    opt = torch.optim.SGD(model.parameters(), lr=50.0)
+    guard = gradguard.Guard(model, opt, clip=None, max_consecutive=3, log_dir=tmp_path / "r", weight_every=1)
+    with pytest.raises(NonFiniteError) as raised:
+        for _ in range(8):
+            x, y = torch.randn(16, 8) * 3, torch.randint(0, 5, (16,))
+            probs = torch.softmax(model(x), dim=-1)
+            loss = -probs.gather(1, y[:, None]).log().mean()
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+    text = str(raised.value)
+    assert "The update of step 0 moved layer" in text and "learning rate is far too high" in text, text
+    assert text.index("learning rate is far too high") < text.index("came from `log`")
+
+
 def test_spike_policies_skip_clip_and_warn(tmp_path: Path) -> None:
     def spike(step, model, loss):
         if loss is None and step == 40:

@@ -57,6 +57,7 @@ import atexit
 import copy
 import dataclasses
 import functools
+import math
 import os
 import sys
 import time
@@ -1160,6 +1161,7 @@ class Guard:
         msg = (
             f"{consecutive} consecutive skipped steps (last: step {step}); gradguard stopped the run."
             + (" The weights themselves are non-finite: use on_nonfinite='rollback'." if weights_bad else "")
+            + self._runaway_update()
             + _fix_of(self._first_located)
             + " Or raise max_consecutive."
             + (f" Run log: {self.run_dir}." if self.run_dir else "")
@@ -1174,6 +1176,29 @@ class Guard:
             + (f" Run log: {self.run_dir}." if self.run_dir else "")
         )
         return self._aborted(step, msg, limit.reason, False, **limit.fields)
+
+    def _runaway_update(self) -> str:
+        """An abort's first words where an update before the first bad step moved a layer by its own
+        norm or more (the records still pending; update ratios are measured every ``weight_every``
+        steps): the learning rate is the cause, and the op then located is only where the values
+        overflowed (a log of a softmax saturated at 0 after a step at lr 20)."""
+        located = self._first_located
+        first = located.get("step") if located is not None else None
+        moved = [
+            (ratio, name, rec["step"])
+            for rec in self.monitor.peek()
+            if not isinstance(first, int) or rec["step"] < first
+            for name, stats in (rec.get("layers") or {}).items()
+            if isinstance(ratio := stats.get("update_ratio"), float) and math.isfinite(ratio)
+        ]
+        if not moved or max(moved)[0] < RUNAWAY_UPDATE:
+            return ""
+        ratio, name, at = max(moved)
+        return (
+            f" The update of step {at} moved layer {name!r} by {ratio:.3g}× its own norm (~1e-3 is typical): the "
+            "learning rate is far too high — lower it 10× or more first; the op below is where the values "
+            "it made overflowed."
+        )
 
     def _aborted(self, step: int, msg: str, reason: str, weights_bad: bool, **fields: Any) -> NonFiniteError:
         """Write the ``abort`` event (its ``reason`` and ``message``) and mark the run aborted."""
@@ -1269,6 +1294,9 @@ def _user_stacklevel() -> int:
     while frame.f_back is not None and not users(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level
+
+
+RUNAWAY_UPDATE = 1.0  # an update this many times the layer's own norm: the rate, whatever op then fails
 
 
 def _from_the_start(event: events.Event, bad_at_start: frozenset[str]) -> events.Event:
