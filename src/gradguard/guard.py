@@ -1032,11 +1032,12 @@ class Guard:
         step is skipped). Said once, with its fix: skipping kept the weights, not these."""
         if self._buffers_said:
             return
-        bad = [
-            n
-            for n, b in self.model.named_buffers()
-            if b.is_floating_point() and not bool(torch.isfinite(b).all())
-        ]
+        named = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point() and not b.is_meta]
+        if not named:
+            return
+        device = named[0][1].device
+        finite = torch.stack([torch.isfinite(b).all().to(device) for _, b in named]).tolist()  # one host read
+        bad = [n for (n, _), ok in zip(named, finite) if not ok]
         if not bad:
             return
         self._buffers_said = True
