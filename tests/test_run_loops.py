@@ -653,19 +653,22 @@ TWO_PHASES = textwrap.dedent(
 def test_the_loss_code_of_a_second_training_phase_is_watched_for_all_its_steps(tmp_path: Path) -> None:
     """The first phase's optimizer never steps again: the loss code's windows it watched for the
     second phase's steps are let go (its budget ran out after 4 steps before): the zero std in
-    the second phase's 10th step is named, `div` at its line."""
+    the second phase's 10th step is named, `div` at its line. The second phase's optimizer (over the
+    same model) goes on with the run: its 10th step is the run's 14th."""
     script = tmp_path / "phases.py"
     script.write_text(TWO_PHASES)
     done = _run(tmp_path, script)
     assert done.returncode == 0, done.stderr
-    first = read_run(tmp_path / "run" / "optimizer1").first_nonfinite()
-    assert first is not None and first["step"] == 9, first
+    log = read_run(tmp_path / "run")
+    first = log.first_nonfinite()
+    assert first is not None and first["step"] == 4 + 9, first
     assert (first["op"], first["located_by"]) == ("div", "watch") and first["source"].endswith(
         "phases.py:13"
     ), first
+    assert log.meta["optimizer"]["class"] == "Adam" and not (tmp_path / "run" / "optimizer1").exists()
     cmd = [sys.executable, "-m", "gradguard", "diagnose", "--no-write", str(tmp_path / "run")]
     shown = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300).stdout
-    assert "(of Adam over Linear, in optimizer1/)" in " ".join(shown.split()), shown  # whose step 9
+    assert shown.startswith("verdict: nonfinite_op at step 13") and "`div`" in shown, shown
 
 
 ACCUMULATION = textwrap.dedent(

@@ -328,7 +328,9 @@ def new_guard(
     else:
         k = index if index is not None else 0
     locate = options.pop("locate", True)
-    capture = root.take_capture() if locate else None
+    capture = (
+        root.take_capture(watch=index is not None) if locate else None
+    )  # (a successor watches the loss code)
     model = root.model
     assert model is not None
     guard = Guard(model, optimizer, log_dir=log_dir, name=zc.name, capture=capture, locate=locate, **options)

@@ -97,10 +97,12 @@ class Root:
         self.captures.append(capture)
         return capture
 
-    def take_capture(self) -> StepCapture:
-        """The capture for a new guard of this model: the one fed since its first call, else a new one."""
+    def take_capture(self, *, watch: bool = False) -> StepCapture:
+        """The capture for a new guard of this model: the one fed since its first call, else a new one
+        (``watch``: watching the loss code, as the first one does: a guard taking over the model's steps
+        from another, a new optimizer over the same model)."""
         capture, self.unused = self.unused, None
-        return capture if capture is not None else self.new_capture(watch=False)
+        return capture if capture is not None else self.new_capture(watch=watch)
 
 
 def summary_lines(session: Session) -> list[str]:
