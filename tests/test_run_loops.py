@@ -462,6 +462,55 @@ def test_an_optimizer_over_a_model_the_script_replaced_is_said(tmp_path: Path) -
     assert got.returncode == 0 and "holds other parameters than that model's" in got.stderr, got.stderr
 
 
+LOOKAHEAD = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Lookahead(torch.optim.Optimizer):  # wraps a base optimizer over the same parameter groups
+        def __init__(self, base, k=3, alpha=0.5):  # as timm's Lookahead builds itself
+            super().__init__(base.param_groups, {"lookahead_k": k, "lookahead_alpha": alpha})
+            self.base, self.k, self.alpha, self.count = base, k, alpha, 0
+            self.param_groups = base.param_groups  # shared with the base
+            self.slow = [p.detach().clone() for g in base.param_groups for p in g["params"]]
+
+        def step(self, closure=None):
+            self.base.step()
+            self.count += 1
+            if self.count % self.k == 0:
+                with torch.no_grad():
+                    for p, s in zip((p for g in self.param_groups for p in g["params"]), self.slow):
+                        s.add_(p - s, alpha=self.alpha)
+                        p.copy_(s)
+
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1))
+    for step in range(9):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+    print("done")
+    """
+)
+
+
+def test_a_wrapper_optimizer_and_its_base_stepping_together_are_not_taken_for_a_rebuilt_one(
+    tmp_path: Path,
+) -> None:
+    """A Lookahead wrapper steps its base optimizer inside its own step, over the same parameters:
+    built together, neither takes over the other's run (a new optimizer over a model whose steps began
+    before it was built does: one per epoch)."""
+    script = tmp_path / "lookahead.py"
+    script.write_text(LOOKAHEAD)
+    got = _run(tmp_path, script)
+    assert got.returncode == 0 and "done" in got.stdout, got.stderr
+    log = read_run(tmp_path / "run")
+    assert [r["step"] for r in log.metrics] == list(range(9)), [r["step"] for r in log.metrics]
+
+
 TWO_CLIPS = textwrap.dedent(
     """
     import torch

@@ -97,17 +97,24 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     if previous is not None:
         return add(zc, id(optimizer), _succeed(zc, root, optimizer, previous))
     guard, _ = new_guard(zc, root, optimizer, dict(zc.options))
-    return add(zc, id(optimizer), Session(guard, manual=False))
+    return add(zc, id(optimizer), Session(guard, manual=False, first_step=zc.global_step))
 
 
 def _rebuilt(zc: Any, optimizer: torch.optim.Optimizer, ids: set[int]) -> Session | None:
-    """The session of an earlier optimizer over exactly these parameters: the script built a new
-    optimizer for the same model (one per epoch, a new learning rate, SGD after Adam)."""
+    """The session of an earlier optimizer over exactly these parameters, whose steps began before this
+    optimizer was built: the script built a new optimizer for the same model (one per epoch, a new
+    learning rate, SGD after Adam). Not two optimizers built together over the same parameters (a
+    Lookahead wrapper and its base optimizer, which step together: each keeps its session)."""
+    built = zc._built_at.get(id(optimizer), 0)
     return next(
         (
             s
             for s in zc._order
-            if not s.manual and not s.framework and s.param_ids == ids and s.guard.optimizer is not optimizer
+            if not s.manual
+            and not s.framework
+            and s.param_ids == ids
+            and s.guard.optimizer is not optimizer
+            and s.first_step < built
         ),
         None,
     )
@@ -126,7 +133,7 @@ def _succeed(zc: Any, root: Root, optimizer: torch.optim.Optimizer, previous: Se
     options = {**zc.options, "exist_ok": True}
     guard, _ = new_guard(zc, root, optimizer, options, log_dir=old.run_dir, index=_index_of(old))
     guard.load_state_dict(state)
-    return Session(guard, manual=False)
+    return Session(guard, manual=False, first_step=zc.global_step)
 
 
 def _index_of(guard: Guard) -> int:

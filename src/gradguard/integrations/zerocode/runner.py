@@ -93,6 +93,9 @@ class ZeroCode:
         self._said: set[str] = set()
         self._clip_targets: dict[tuple[int, ...], _lookup.ClipTarget] = {}  # see _lookup.clip_target
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        #: the optimizer steps measured when each optimizer was built (by id; a new optimizer over a
+        #: model whose steps began before it exists takes over that model's run: _lookup._rebuilt)
+        self._built_at: dict[int, int] = {}
         self.scan_existing = scan_existing
         self.live = Live(enabled=live)
         self.patches = Patches(self)
@@ -215,6 +218,7 @@ class ZeroCode:
         """``Optimizer.add_param_group`` (also how an optimizer is built): note the optimizer."""
         if not isinstance(optimizer, ManualUpdate):
             self._optimizers.add(optimizer)
+            self._built_at.setdefault(id(optimizer), self.global_step)
 
     # ------------------------------------------------------------------ the loss
     def on_scale(self, scaler: torch.amp.GradScaler, outputs: Any, scaled: Any) -> None:

@@ -48,8 +48,9 @@ class ManualUpdate(torch.optim.Optimizer):
 class Session:
     """The guard of one optimizer (or one hand-updated model) and the state of its current step."""
 
-    def __init__(self, guard: Guard, *, manual: bool, framework: bool = False) -> None:
+    def __init__(self, guard: Guard, *, manual: bool, framework: bool = False, first_step: int = 0) -> None:
         self.guard = guard
+        self.first_step = first_step  # the process-wide optimizer step it began at (runner.global_step)
         self.manual = manual
         self.framework = framework  # a framework's callback measures and gates its steps (frameworks.py)
         self.param_ids = {id(p) for g in guard.optimizer.param_groups for p in g["params"]}
