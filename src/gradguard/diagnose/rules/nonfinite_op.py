@@ -200,8 +200,8 @@ def _optimizer_of(event: dict[str, Any]) -> str | None:
 def _logged_lr(f: Facts, step: int | None) -> float | None:
     """The learning rate the run logged at ``step`` (the one the step used; the hyperparameters an
     event quotes were read later, after a schedule may have set the rate again); ``None``: not logged."""
-    if step is None or step not in f.steps:
-        return None
+    if step is None or step not in f.steps or not any(math.isfinite(v) for v in f.lr):
+        return None  # (a log with no rate at all: NaN there means "not logged")
     return f.lr[f.index_of(step)]
 
 
