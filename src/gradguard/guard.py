@@ -1036,7 +1036,9 @@ class Guard:
         if not named:
             return
         device = named[0][1].device
-        finite = torch.stack([torch.isfinite(b).all().to(device) for _, b in named]).tolist()  # host sync: the anomaly path, once
+        finite = torch.stack(
+            [torch.isfinite(b).all().to(device) for _, b in named]
+        ).tolist()  # host sync: the anomaly path, once
         bad = [n for (n, _), ok in zip(named, finite) if not ok]
         if not bad:
             return
