@@ -13,7 +13,11 @@ at least :data:`MIN_STEPS` steps. What the layers' update/weight ratios say deci
   1e-5 on a freshly initialised model).
 
 Between the two the ratios give no cause (a fine-tune already at its floor looks the same as a
-model that cannot learn), and the rule says nothing. It gives way to every rule with a cause
+model that cannot learn), and the rule says nothing — unless the loss sits at ``ln K``, the
+cross-entropy of a uniform guess over K classes (:func:`chance_level`): a model that predicts nothing
+from its input (a vanilla RNN on a copy task over a gap it cannot carry: ln 8 for 300 steps), whose
+advice is the signal (inputs paired with their labels, no detach, a dependency the architecture can
+carry) before the rate — and the rate first only at ten times the usual steps (:data:`CHANCE_LARGE`). It gives way to every rule with a cause
 (the registry): it is the finding of last resort, the one that keeps a failed run from reading
 "No findings".
 """
