@@ -887,3 +887,26 @@ def test_an_uncaught_error_shows_the_traceback_python_shows_without_gradguards_f
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert got.returncode == 1 and "runpy" not in got.stderr and "gradguard/integrations" not in got.stderr
+
+
+def test_what_the_runner_notes_of_an_optimizer_goes_with_it(tmp_path: Path) -> None:
+    """When an optimizer was built (and that it is not guarded) was noted by ``id``: a new optimizer
+    that reused a freed one's id read as built when that one was, so it started a run of its own
+    (``optimizer1``, the first steps of a fresh run on a trained model) one time in six in the
+    per-epoch test above, or inherited "not guarded"."""
+    import gc
+
+    import torch
+    from torch import nn
+
+    from gradguard.integrations.zerocode import ZeroCode
+
+    model = nn.Linear(4, 2)
+    with ZeroCode(out=tmp_path / "run", live=False) as zc:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        stray = torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1)
+        zc._unguarded.add(stray)
+        assert opt in zc._built_at and stray in zc._unguarded
+        del opt, stray
+        gc.collect()
+        assert len(zc._built_at) == 0 and len(zc._unguarded) == 0

@@ -76,7 +76,7 @@ def kind_of(zc: Any, root: Root) -> str:
 def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     """The optimizer's session; made at its first step (or clip). ``None``: not guarded."""
     session = zc.sessions.get(id(optimizer))
-    if session is not None or id(optimizer) in zc._unguarded:
+    if session is not None or optimizer in zc._unguarded:
         return session
     framework = zc.frameworks.guard_of(optimizer)
     if framework is not None:  # a Trainer's callback guards it
@@ -85,7 +85,7 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     root = root_owning(zc, ids) or union_root(zc, optimizer)
     if root is None:
-        zc._unguarded.add(id(optimizer))
+        zc._unguarded.add(optimizer)
         zc._say(
             f"{type(optimizer).__name__} steps parameters that no model called so far owns, so it is not guarded: "
             "if the script trains a model, this optimizer holds other parameters than that model's (built before "
@@ -105,7 +105,7 @@ def _rebuilt(zc: Any, optimizer: torch.optim.Optimizer, ids: set[int]) -> Sessio
     optimizer was built: the script built a new optimizer for the same model (one per epoch, a new
     learning rate, SGD after Adam). Not two optimizers built together over the same parameters (a
     Lookahead wrapper and its base optimizer, which step together: each keeps its session)."""
-    built = zc._built_at.get(id(optimizer), 0)
+    built = zc._built_at.get(optimizer, 0)
     return next(
         (
             s

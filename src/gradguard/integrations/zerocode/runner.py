@@ -80,7 +80,8 @@ class ZeroCode:
         self._called: dict[int, Root] = {}  # roots called with grad since the last backward
         self._depth = 0
         self._watching: StepCapture | None = None
-        self._unguarded: set[int] = set()
+        #: optimizers judged not guarded (weakly: a new optimizer can reuse a freed one's id)
+        self._unguarded: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._losses: list[Tensor] = []
         self._last_loss: Tensor | None = None
         self._scaled: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
@@ -93,9 +94,10 @@ class ZeroCode:
         self._said: set[str] = set()
         self._clip_targets: dict[tuple[int, ...], _lookup.ClipTarget] = {}  # see _lookup.clip_target
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-        #: the optimizer steps measured when each optimizer was built (by id; a new optimizer over a
-        #: model whose steps began before it exists takes over that model's run: _lookup._rebuilt)
-        self._built_at: dict[int, int] = {}
+        #: the optimizer steps measured when each optimizer was built (a new optimizer over a model
+        #: whose steps began before it exists takes over that model's run: _lookup._rebuilt). Weakly
+        #: keyed: by id, a new optimizer that reused a freed one's id read as built at its time.
+        self._built_at: weakref.WeakKeyDictionary[torch.optim.Optimizer, int] = weakref.WeakKeyDictionary()
         self.scan_existing = scan_existing
         self.live = Live(enabled=live)
         self.patches = Patches(self)
@@ -218,7 +220,7 @@ class ZeroCode:
         """``Optimizer.add_param_group`` (also how an optimizer is built): note the optimizer."""
         if not isinstance(optimizer, ManualUpdate):
             self._optimizers.add(optimizer)
-            self._built_at.setdefault(id(optimizer), self.global_step)
+            self._built_at.setdefault(optimizer, self.global_step)
 
     # ------------------------------------------------------------------ the loss
     def on_scale(self, scaler: torch.amp.GradScaler, outputs: Any, scaled: Any) -> None:
