@@ -1663,3 +1663,44 @@ def test_clip_parity_documented_differences_nonfinite_untouched_and_half_norms_i
     for dtype_name in ["float16", "bfloat16"]:
         half = _clip_params(getattr(torch, dtype_name), [6e4, 6e4])
         assert C.clip_grad_norm_(half, 1.0).dtype == torch.float32  # torch: the gradients' dtype
+
+
+def test_a_sparse_embedding_is_measured_clipped_and_skipped_by_the_guard(tmp_path: Path) -> None:
+    """``nn.Embedding(sparse=True)`` (a recommender's tables, with SparseAdam or SGD): the guard
+    stopped the run at its first step ("measures dense gradients only"), under ``gradguard run``
+    too, where the plain script trained. Its gradient is measured by its values (duplicate rows
+    summed: the norm of the dense gradient), clipped where the optimizer reads it, and a NaN in it
+    skips the step."""
+    import torch
+    from torch import nn
+
+    from gradguard import Guard
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(50, 4, sparse=True), nn.Flatten(), nn.Linear(12, 1))
+
+    idx = torch.tensor([[3, 3, 7], [7, 9, 3]])  # repeated rows: an uncoalesced sparse gradient
+    ours, ref = model(), model()
+    opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    guard = Guard(ours, opt, clip="norm:0.01", log_dir=tmp_path / "run", every=1)
+    ours(idx).pow(2).mean().backward()
+    ref(idx).pow(2).mean().backward()
+    dense = [p.grad.to_dense() for p in ref.parameters()]
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in dense]))
+    guard.step(torch.tensor(1.0))
+    assert float(guard.last_grad_norm) == pytest.approx(float(total), rel=1e-5)
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), dense):
+            p -= 0.1 * g * (0.01 / float(total))  # clip_grad_norm_'s result, on the dense gradients
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+    opt.zero_grad()
+    before = [p.detach().clone() for p in ours.parameters()]
+    ours(idx).pow(2).mean().backward()
+    nan_row = torch.sparse_coo_tensor([[3]], [[math.nan] * 4], (50, 4), check_invariants=True)
+    ours[0].weight.grad = nan_row
+    guard.step(torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), before))
+    guard.close()
+    assert read_run(tmp_path / "run").metrics[-1]["skipped"]

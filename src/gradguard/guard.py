@@ -135,6 +135,12 @@ def _close_at_exit() -> None:
 atexit.register(_close_at_exit)
 
 
+def _sparse(root: nn.Module) -> bool:
+    """Whether a module of ``root`` makes sparse gradients (``nn.Embedding`` / ``nn.EmbeddingBag``
+    with ``sparse=True``): the meter then reads them as their values (:class:`Meter`)."""
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in root.modules())
+
+
 def _uncaught() -> str | None:
     """At interpreter exit: the uncaught exception that ended the script (Python keeps it in
     ``sys.last_value`` once it printed the traceback), as ``"Type: message"``; ``None`` if none."""
@@ -386,7 +392,7 @@ class Guard:
         """The parts the step runs over (see :mod:`gradguard._guard`), and the step's host state."""
         config, optimizer = self.config, self.optimizer
         self._consts = Constants()
-        self._meter = Meter(self._params, config.norm_type, self._index, self._reducer)
+        self._meter = Meter(self._params, config.norm_type, self._index, self._reducer, sparse=_sparse(root))
         named = self._guarded.named  # grows in place when parameters join
         self._clipping = Clipping(
             self.clipper, self._spike, config.on_spike == "clip", named, self._consts, optimizer

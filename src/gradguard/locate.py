@@ -220,11 +220,20 @@ def _waiting(t: Tensor) -> bool:
 RETAIN_MAX = 2**14
 
 
-def _kinds(t: Tensor) -> list[str]:
-    """Which non-finite kinds ``t`` holds (host reads; the anomaly path only)."""
+def _readable(t: Tensor) -> Tensor:
+    """``t``'s values as a dense tensor the checks below can read: detached; a DTensor gathered
+    whole; a sparse tensor (an ``nn.Embedding(sparse=True)`` gradient) as its coalesced values."""
     t = t.detach()
     if hasattr(t, "full_tensor"):
         t = t.full_tensor()
+    if t.layout is torch.sparse_coo:
+        t = t.coalesce()._values()
+    return t
+
+
+def _kinds(t: Tensor) -> list[str]:
+    """Which non-finite kinds ``t`` holds (host reads; the anomaly path only)."""
+    t = _readable(t)
     out = []
     if bool(torch.isnan(t).any()):
         out.append("nan")
@@ -236,19 +245,14 @@ def _kinds(t: Tensor) -> list[str]:
 
 
 def _finite(t: Tensor) -> bool:
-    t = t.detach()
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(_readable(t)).all())
 
 
 def _describe(t: Tensor) -> dict[str, Any]:
     """A few numbers that explain a tensor: shape, dtype, non-finite counts, zeros, range."""
-    d = t.detach()
-    if hasattr(d, "full_tensor"):
-        d = d.full_tensor()
+    d = _readable(t)
     d = d.float() if d.is_floating_point() else d
-    info: dict[str, Any] = {"shape": list(d.shape), "dtype": str(t.dtype).replace("torch.", "")}
+    info: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
     if d.numel() == 0 or not d.is_floating_point():
         return info
     finite = d[torch.isfinite(d)]
@@ -993,9 +997,7 @@ class LossWatch(_OpWatch):
 
 def _sum(t: Tensor) -> Tensor:
     """A float32 sum on the device: non-finite when ``t`` holds a NaN or an infinity (the kind tells which)."""
-    d = t.detach()
-    if hasattr(d, "full_tensor"):
-        d = d.full_tensor()
+    d = _readable(t)
     return d.sum(dtype=torch.float32) if d.is_floating_point() else d.abs().sum().float()
 
 

@@ -88,8 +88,9 @@ def check_tensors(tensors: Sequence[Tensor], what: str = "tensor") -> None:
         if t.layout != torch.strided:
             raise GradGuardError(
                 f"gradguard got a {t.layout} {what} of shape {tuple(t.shape)}; it measures dense "
-                f"{what}s only. Make it dense with `.to_dense()`, or use dense embeddings "
-                "(`nn.Embedding(..., sparse=False)`)."
+                f"{what}s here (a Guard reads the sparse gradients of its model's nn.Embedding / "
+                "nn.EmbeddingBag(sparse=True) modules). Make it dense with `.to_dense()`, or use dense "
+                "embeddings (`nn.Embedding(..., sparse=False)`)."
             )
         if not t.is_floating_point():
             raise GradGuardError(_not_real(t, what))

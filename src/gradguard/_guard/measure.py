@@ -306,9 +306,16 @@ class Meter:
     """Measures the guarded parameters' gradients (and, on cadence steps, their weights)."""
 
     def __init__(
-        self, params: Sequence[Tensor], norm_type: float, index: LayerIndex, reducer: Reducer | None
+        self,
+        params: Sequence[Tensor],
+        norm_type: float,
+        index: LayerIndex,
+        reducer: Reducer | None,
+        *,
+        sparse: bool = False,
     ) -> None:
         self.params = params
+        self.sparse = sparse  # the model has an nn.Embedding(sparse=True): see _sparse_gradients
         self.norm_type = norm_type
         self.index = index
         self.reducer = reducer
@@ -346,12 +353,34 @@ class Meter:
     def _gradients(self) -> tuple[list[Tensor], list[int]]:
         """The gradients present and their indices (one ``.grad`` read per parameter; the indices
         of a step where every parameter has one are made once)."""
+        if self.sparse:
+            return self._sparse_gradients()
         grads = [g for w in self.params if (g := w.grad) is not None]
         if len(grads) == len(self.params):
             if len(self._every) != len(grads):
                 self._every = list(range(len(grads)))
             return grads, self._every
         return grads, [i for i, w in enumerate(self.params) if w.grad is not None]
+
+    def _sparse_gradients(self) -> tuple[list[Tensor], list[int]]:
+        """:meth:`_gradients` where a gradient can be sparse (``nn.Embedding(sparse=True)``, whose
+        gradients ``clip_grad_norm_`` cannot read): a sparse one is coalesced (the parameter's ``.grad``
+        becomes the coalesced copy, which every optimizer steps alike: duplicate rows summed) and
+        stands as its values, a dense view of them. Its norm is the gradient's, its non-finite
+        values are the gradient's, and clipping scales the values the optimizer reads."""
+        grads: list[Tensor] = []
+        present: list[int] = []
+        for i, w in enumerate(self.params):
+            g = w.grad
+            if g is None:
+                continue
+            if g.layout is torch.sparse_coo:
+                if not g.is_coalesced():
+                    g = w.grad = g.coalesce()
+                g = g._values()
+            grads.append(g)
+            present.append(i)
+        return grads, present
 
     def measure(
         self,

@@ -137,7 +137,7 @@ def on_step(zc: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -
             return None
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
     if closure is not None:  # the model runs inside the closure: the session waits for it
-        if id(optimizer) in zc._unguarded:
+        if optimizer in zc._unguarded:
             return None
         wrapped = guarded_closure(zc, optimizer, closure)
         if len(args) > 1:
