@@ -37,6 +37,7 @@ ISSUE_IDS = {
     "stalled",  # a finite run that did not train and that no other rule explains (the last resort)
     "weight_decay",  # lr × weight_decay far from 0: the weights multiplied by a factor far from 1 each step
     "gradients_not_zeroed",  # no zero_grad() between optimizer steps (gradguard run sees it)
+    "lr_schedule",  # the learning rate went negative, or a schedule collapsed it to nothing mid-run
 }
 
 

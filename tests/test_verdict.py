@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import verdict_runs as runs_of
 from gradguard.diagnose import RULES, diagnose, first_nonfinite, headline
@@ -79,6 +80,34 @@ def test_a_warmup_that_never_stops_is_blamed_an_ordinary_one_is_not(runs: dict[s
     lr = next(f for f in diagnose(runs["endless_warmup"]) if f.id == "lr_too_high")
     assert "warm-up that never stops" in lr.message and lr.evidence["lr_still_rising_from_step"] > 20
     assert lr.recommendation["lr"] < lr.evidence["lr_last"]
+
+
+def test_a_schedule_that_collapsed_the_rate_mid_run_is_named_ordinary_schedules_are_not(
+    tmp_path: Path,
+) -> None:
+    """A StepLR sized in epochs and stepped every batch (γ 0.7 a step: the rate below 1e-4 of its peak
+    from step 26) read "stalled … raise the learning rate, try lr=3e-141". Cosine and linear decays to
+    0, OneCycle and warm restarts end near 0 too, and are not named."""
+    S = torch.optim.lr_scheduler
+    collapsed = runs_of.scheduled_classifier(
+        tmp_path / "steplr", lambda o: S.StepLR(o, step_size=1, gamma=0.7)
+    )
+    found = diagnose(collapsed)
+    top = headline(found)
+    assert top is not None and top.id == "lr_schedule", [(f.id, f.message) for f in found]
+    assert "collapsed" in top.message and "stepped every batch" in top.message
+    assert top.step == 26 and "once per epoch" in top.recommendation["text"]
+    assert "stalled" not in {f.id for f in found}
+    ordinary = {
+        "cosine": lambda o: S.CosineAnnealingLR(o, T_max=300),
+        "linear": lambda o: S.LambdaLR(o, lambda s: max(0.0, 1 - s / 300)),
+        "onecycle": lambda o: S.OneCycleLR(o, max_lr=0.1, total_steps=300),
+        "restarts": lambda o: S.CosineAnnealingWarmRestarts(o, T_0=60),
+        "exponential": lambda o: S.ExponentialLR(o, gamma=0.99),
+    }
+    for name, schedule in ordinary.items():
+        found = diagnose(runs_of.scheduled_classifier(tmp_path / name, schedule))
+        assert "lr_schedule" not in {f.id for f in found} and headline(found) is None, (name, found)
 
 
 def test_a_run_that_stalled_under_auto_is_said_and_the_rate_it_advises_trains(tmp_path: Path) -> None:

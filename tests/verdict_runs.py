@@ -273,6 +273,30 @@ def deep_classifier(path: Path, lr: float = 0.3, steps: int = 200) -> Path:
     return train(path, model, opt, loss_of, steps)
 
 
+def scheduled_classifier(
+    path: Path, schedule: Callable[[torch.optim.Optimizer], Any], steps: int = 300, lr: float = 0.1
+) -> Path:
+    """A small classifier (10 classes) under SGD with momentum 0.9 and a torch scheduler stepped
+    after every optimizer step, as a loop that steps it per batch does."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 10, generator=g), torch.randn(2048, 32, generator=g)
+    y = (x @ w + 0.5 * torch.randn(2048, 10, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    scheduler = schedule(opt)
+    guard = gradguard.Guard(model, opt, log_dir=path, clip="none")
+    for _ in range(steps):
+        i = torch.randint(0, 2048, (64,), generator=g)
+        loss = nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        guard.step(loss)
+        scheduler.step()
+    guard.close()
+    return path
+
+
 def endless_warmup(path: Path) -> Path:
     """A warm-up that never stops (warmup_steps set past the run's end): the LR keeps rising after
     the loss was best, and the loss climbs."""

@@ -170,6 +170,7 @@ _CAUSES = (
     "unbounded_loss",
     "weight_decay",
     "gradients_not_zeroed",
+    "lr_schedule",
     "explosion",
     "sudden_growth",
     "nonfinite_op",
@@ -184,7 +185,11 @@ _CAUSES = (
 )
 """The rules whose warning or error explains a run that did not train (``stalled`` gives way to them)."""
 
-_DRIVERS: dict[str, Sequence[str]] = {"weight_decay": ("error",), "gradients_not_zeroed": ("error",)}
+_DRIVERS: dict[str, Sequence[str]] = {
+    "weight_decay": ("error",),
+    "gradients_not_zeroed": ("error",),
+    "lr_schedule": ("error",),
+}
 """Settings that drive a run's growth whatever the learning rate or threshold: where one is the error,
 the growth it causes is not reported again (with a threshold's or a rate's advice that cannot fix it)."""
 
@@ -200,6 +205,8 @@ REGISTRY: list[Entry] = [
     entry("weight_decay"),
     #    (and gradients never zeroed between steps: each step applies the running sum);
     entry("gradients_not_zeroed"),
+    #    (and a learning rate that went negative, or a schedule that collapsed it to nothing mid-run);
+    entry("lr_schedule"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
     #    (a weight decay or gradients that are never zeroed drive it: their advice, not a threshold's, is

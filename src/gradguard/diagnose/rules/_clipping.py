@@ -320,12 +320,17 @@ def rate_part(result: TuneResult) -> TuneResult:
 
 def failed_lr(f: Facts) -> float | None:
     """The learning rate the run failed at: the last finite one up to where its norm started climbing
-    or, without a climb, its first non-finite step (a run that never failed: its last one); ``None``
-    when the run logs no learning rate."""
+    or, without a climb, its first non-finite step; ``None`` when the run logs no learning rate.
+    A run that never failed (a finite divergence, a stall): the largest rate it ran at — the
+    ``lr=`` a user set (a warm-up's and a decay's peak, OneCycle's ``max_lr``). Its last rate was
+    the schedule's end (a cosine's or OneCycle's ~0: "try lr=1e-06" for a run that diverged at 2.9,
+    "lr=5e-08" for one whose steps were measured at 1e-3)."""
     h = f.healthy
     end = f.index_of(h.onset_step) if h.onset_step is not None else f.trouble
     rates = [v for v in f.lr[: end + 1] if math.isfinite(v) and v > 0]
-    return rates[-1] if rates else None
+    if not rates:
+        return None
+    return max(rates) if end >= len(f.rows) else rates[-1]
 
 
 def lr_advice(f: Facts, estimate: float | None, why: str, *, higher: bool = False) -> dict[str, Any]:

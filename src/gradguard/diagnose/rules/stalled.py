@@ -5,7 +5,10 @@ lowest median of its ten spans is within 20 % of its first steps) and its second
 more than the spread of its last quarter's losses: a run still learning slowly is not one), over
 at least :data:`MIN_STEPS` steps. What the layers' update/weight ratios say decides the advice:
 
-* steps large (median ≥ :data:`LARGE`, ~1e-3 is typical): the loss bounces instead of descending —
+* steps large (median ≥ :data:`LARGE`, ~1e-3 is typical; under Adam and its kin ≥ :data:`CHANCE_LARGE`,
+  whose steps are ~lr per element, so ``lr / rms(w)``: a small BERT from scratch at AdamW 1e-3 moves its
+  0.02-initialised layers ~9e-3 a step while it learns, and its first 80 steps, on a plateau it
+  leaves by step 400, read "lower the rate"): the loss bounces instead of descending —
   the learning rate is too high for the model (a 12-layer ReLU MLP at SGD 0.3 with momentum 0.9
   under ``clip="auto"``: clipped on 23 % of steps, ratios 0.009, the loss at chance for 315 steps;
   0.03, the rate that moves the layers ~1e-3 a step, trains to 0.73);
@@ -33,7 +36,15 @@ from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, median, sig, still_falling
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import STALLED, failed_lr, lr_advice, ratio_lr, update_ratios, with_lr
+from gradguard.diagnose.rules._clipping import (
+    STALLED,
+    failed_lr,
+    lr_advice,
+    ratio_lr,
+    scale_free,
+    update_ratios,
+    with_lr,
+)
 
 MIN_STEPS = 50  # fewest recorded steps to call a run stalled
 LARGE = 3e-3  # a median update/weight ratio this large or more: steps too large to settle
@@ -76,10 +87,16 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     moved = median(ratios) if ratios else math.nan
     end = median(quarter)
     classes = chance_level(end)
-    if not (moved >= LARGE or moved <= TINY or classes is not None):
+    if not (moved >= _large(f) or moved <= TINY or classes is not None):
         return None
     rate = sum(f.clipped) / len(f.clipped) if f.clip_kind != "none" else 0.0
     return Evidence(start, low, end, noise, moved, rate, len(f.rows), classes)
+
+
+def _large(f: Facts) -> float:
+    """The median update ratio from which the steps are too large: :data:`LARGE`, or
+    :data:`CHANCE_LARGE` under an optimizer that normalizes its step."""
+    return CHANCE_LARGE if scale_free(f) else LARGE
 
 
 def chance_level(loss: float) -> int | None:
@@ -102,7 +119,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     lr = failed_lr(f)
     # at chance with steps only a few times the usual size, the signal is the suspect (labels shuffled
     # apart from their inputs, Adam 1e-3: ratio 3.5e-3, and 3e-4 stayed at chance), not the rate
-    large = ev.moved >= (CHANCE_LARGE if ev.classes is not None else LARGE)
+    large = ev.moved >= (CHANCE_LARGE if ev.classes is not None else _large(f))
     tiny = ev.moved <= TINY
     clipped = f" while {f.clip_spec} clipped {ev.clip_rate:.0%} of them" if ev.clip_rate > 0 else ""
     chance = (
