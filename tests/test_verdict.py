@@ -110,6 +110,23 @@ def test_a_schedule_that_collapsed_the_rate_mid_run_is_named_ordinary_schedules_
         assert "lr_schedule" not in {f.id for f in found} and headline(found) is None, (name, found)
 
 
+def test_weights_stored_in_bfloat16_whose_updates_round_away_are_named(tmp_path: Path) -> None:
+    """``model.to(torch.bfloat16)`` under AdamW 1e-4: most steps are below half an ulp of their
+    weight and round back; the loss sat near ln 20 and the run read "No findings". The fix named,
+    weights in float32 (the same run, the same rate), trains: its loss falls 3× as far."""
+    found = diagnose(runs_of.half_weights(tmp_path / "bf16"))
+    (stalled,) = [f for f in found if f.id == "stalled"]
+    assert stalled.evidence["parameter_dtype"] == "bfloat16" and "round back" in stalled.message
+    assert "float32" in stalled.recommendation["text"] and "autocast" in stalled.recommendation["text"]
+    fixed = runs_of.half_weights(tmp_path / "fp32", dtype=torch.float32)
+
+    def fell(path: Path) -> float:
+        losses = [r["loss"] for r in read_run(path).metrics]
+        return sum(losses[:5]) / 5 - sum(losses[-20:]) / 20
+
+    assert fell(fixed) > 3 * fell(tmp_path / "bf16") and not diagnose(fixed)
+
+
 def test_a_run_that_stalled_under_auto_is_said_and_the_rate_it_advises_trains(tmp_path: Path) -> None:
     """A run that stays finite and does not train is a finding, not "No findings": a deep plain
     classifier at SGD 0.3 (momentum 0.9) under Guard's defaults is held finite by ``auto`` and sits

@@ -297,6 +297,23 @@ def scheduled_classifier(
     return path
 
 
+def half_weights(path: Path, dtype: torch.dtype = torch.bfloat16, steps: int = 300) -> Path:
+    """A classifier whose parameters are cast to ``dtype`` (``model.to(torch.bfloat16)``, the input
+    too) under AdamW 1e-4: Adam's steps of ~lr per element are below half an ulp of most weights."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 20, generator=g), torch.randn(2048, 32, generator=g)
+    y = (x @ w).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 20)).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def loss_of(step: int) -> torch.Tensor:
+        i = torch.randint(0, 2048, (64,), generator=g)
+        return nn.functional.cross_entropy(model(x[i].to(dtype)).float(), y[i])
+
+    return train(path, model, opt, loss_of, steps)
+
+
 def endless_warmup(path: Path) -> Path:
     """A warm-up that never stops (warmup_steps set past the run's end): the LR keeps rising after
     the loss was best, and the loss climbs."""

@@ -62,6 +62,15 @@ def group_numbers(group: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _main_dtype(named: Sequence[tuple[str, Tensor]]) -> str | None:
+    """The dtype that holds most of the parameters' elements (``"bfloat16"`` for a model cast with
+    ``.to(torch.bfloat16)``): diagnose's ``stalled`` reads it (updates below half an ulp are lost)."""
+    count: dict[torch.dtype, int] = {}
+    for _, p in named:
+        count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return str(max(count, key=count.__getitem__)).replace("torch.", "") if count else None
+
+
 def run_meta(
     *,
     model: nn.Module,
@@ -80,6 +89,7 @@ def run_meta(
         "allreduce_floats_per_step": allreduce_floats,
         "model": type(model).__name__,
         "parameters": {n: list(p.shape) for n, p in named},
+        "parameter_dtype": _main_dtype(named),
         "layers": layers,
         "optimizer": type(optimizer).__name__,
         "optimizer_groups": [group_numbers(g) for g in optimizer.param_groups],

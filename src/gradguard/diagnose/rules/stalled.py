@@ -50,6 +50,9 @@ MIN_STEPS = 50  # fewest recorded steps to call a run stalled
 LARGE = 3e-3  # a median update/weight ratio this large or more: steps too large to settle
 CHANCE_LARGE = 1e-2  # at a chance level, steps this large or more: the rate is blamed before the signal
 TINY = 1e-5  # this small or less: steps too small to move the weights
+#: parameters stored in a half type: a step below half an ulp of a weight (2⁻⁹ of it in bfloat16's 8
+#: significant bits, 2⁻¹² in float16's 11) rounds back to the weight — a median ratio below it: lost
+ROUNDED_AWAY = {"bfloat16": 2.0**-9, "float16": 2.0**-12}
 _AIM = 1e-3  # the update/weight ratio the advised rate aims at (the rule of thumb)
 _START = 5  # the losses whose median is where the run started
 
@@ -87,10 +90,18 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     moved = median(ratios) if ratios else math.nan
     end = median(quarter)
     classes = chance_level(end)
-    if not (moved >= _large(f) or moved <= TINY or classes is not None):
+    if not (moved >= _large(f) or moved <= TINY or classes is not None or _rounded_away(f, moved)):
         return None
     rate = sum(f.clipped) / len(f.clipped) if f.clip_kind != "none" else 0.0
     return Evidence(start, low, end, noise, moved, rate, len(f.rows), classes)
+
+
+def _rounded_away(f: Facts, moved: float) -> str | None:
+    """The half type the parameters are stored in (``meta.json`` ``parameter_dtype``) where the
+    median step is below half an ulp of the weights (:data:`ROUNDED_AWAY`): most updates round
+    back to the weight they were added to. ``None`` otherwise."""
+    dtype = f.log.meta.get("parameter_dtype")
+    return dtype if isinstance(dtype, str) and moved < ROUNDED_AWAY.get(dtype, 0.0) else None
 
 
 def _large(f: Facts) -> float:
@@ -129,6 +140,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         else ""
     )
     moved = f"A step moved the layers by {fmt(ev.moved)} of their weight norm (median; ~1e-3 is typical)"
+    half = _rounded_away(f, ev.moved)
+    if half is not None and not large:
+        return _rounded(f, ev, half, chance, clipped)
     if large:
         cause = f" {moved}: steps that large keep the loss bouncing instead of descending — the learning rate is too high for this model."
     elif tiny:
@@ -156,6 +170,30 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["chance_classes"] = ev.classes
     rec = _advice(f, lr, ev.moved, large) if large or tiny else {"text": _NO_SIGNAL}
     return Finding("stalled", "warning", f.steps[0], message, evidence, rec)
+
+
+def _rounded(f: Facts, ev: Evidence, dtype: str, chance: str, clipped: str) -> Finding:
+    """The parameters are stored in a half type and the steps are below half an ulp of the weights."""
+    message = (
+        f"The run did not train: over {ev.steps} steps the loss stayed near where it started "
+        f"({fmt(ev.start)} at the start, {fmt(ev.end)} over the last quarter){clipped}.{chance} The parameters are "
+        f"stored in {dtype}, whose weights change only by steps of at least half an ulp (~{ROUNDED_AWAY[dtype]:.1g} "
+        f"of a weight): a step moved the layers by {fmt(ev.moved)} of their weight norm (median), so most updates "
+        f"round back to the weight they were added to."
+    )
+    evidence = {
+        "loss_start": sig(ev.start, 4),
+        "loss_end": sig(ev.end, 4),
+        "update_ratio_median": sig(ev.moved, 3),
+        "parameter_dtype": dtype,
+        "rounded_below": ROUNDED_AWAY[dtype],
+    }
+    text = (
+        f"Keep the weights in float32 and compute in {dtype}: model.float() and torch.autocast(device_type=..., "
+        f"dtype=torch.{dtype}) around the forward (mixed precision); or an optimizer that keeps float32 master "
+        "copies of the weights. A higher learning rate only lets the larger updates through."
+    )
+    return Finding("stalled", "warning", f.steps[0], message, evidence, {"verified": False, "text": text})
 
 
 _NO_SIGNAL = (
