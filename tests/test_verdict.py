@@ -127,6 +127,16 @@ def test_weights_stored_in_bfloat16_whose_updates_round_away_are_named(tmp_path:
     assert fell(fixed) > 3 * fell(tmp_path / "bf16") and not diagnose(fixed)
 
 
+def test_a_bce_with_targets_out_of_range_is_unbounded_under_the_scripts_clip_too(tmp_path: Path) -> None:
+    """Masks stored as 0/255 fed to a BCE: the loss fell to -2e5× its start, held finite by the
+    script's ``clip="norm:1.0"`` (the layers grew 6×, not the 10× of an unclipped run), and read
+    "No findings". The verdict names the unbounded loss and the targets' range."""
+    found = diagnose(runs_of.bce_targets_255(tmp_path / "bce"))
+    top = headline(found)
+    assert top is not None and top.id == "unbounded_loss", [(f.id, f.message) for f in found]
+    assert "[0, 1]" in top.recommendation["text"] and "/ 255" in top.recommendation["text"]
+
+
 def test_a_run_that_stalled_under_auto_is_said_and_the_rate_it_advises_trains(tmp_path: Path) -> None:
     """A run that stays finite and does not train is a finding, not "No findings": a deep plain
     classifier at SGD 0.3 (momentum 0.9) under Guard's defaults is held finite by ``auto`` and sits

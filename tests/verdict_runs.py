@@ -314,6 +314,24 @@ def half_weights(path: Path, dtype: torch.dtype = torch.bfloat16, steps: int = 3
     return train(path, model, opt, loss_of, steps)
 
 
+def bce_targets_255(path: Path, steps: int = 300, lr: float = 2e-3) -> Path:
+    """Binary masks stored as 0/255 fed to ``binary_cross_entropy_with_logits`` without ``/ 255``: a
+    target above 1 has no minimum (the loss falls as the logits grow), under AdamW and the script's
+    own ``clip="norm:1.0"``, which keeps the run finite."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 16, generator=g)
+    masks = (x[:, :8] > 0).float() * 255.0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def loss_of(step: int) -> torch.Tensor:
+        i = torch.randint(0, 1024, (64,), generator=g)
+        return nn.functional.binary_cross_entropy_with_logits(model(x[i]), masks[i])
+
+    return train(path, model, opt, loss_of, steps, clip="norm:1.0")
+
+
 def endless_warmup(path: Path) -> Path:
     """A warm-up that never stops (warmup_steps set past the run's end): the LR keeps rising after
     the loss was best, and the loss climbs."""

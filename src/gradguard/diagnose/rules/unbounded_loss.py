@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Any
 
-from gradguard.diagnose.facts import Facts
+from gradguard.diagnose.facts import WEIGHT_MOVED, Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, median, sig
 from gradguard.diagnose.rules import Rule, Seen
@@ -52,7 +52,11 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     low = f.loss[rows[at]]
     if not low < 0 or at < (1 - _LATE) * (len(rows) - 1):
         return None
-    ran_away = any(r >= _RAN_AWAY for r, _ in f.weight_ratios.values())
+    # (a clipped run's weights grow slower: AdamW under clip 1.0 drove a BCE with 0/255 targets to -7e6
+    # while its layers grew 2-7x, and read "No findings")
+    ran_away = any(
+        r >= (WEIGHT_MOVED if f.clip_kind != "none" else _RAN_AWAY) for r, _ in f.weight_ratios.values()
+    )
     factor = FALL_FACTOR if f.went_bad else FINITE_FALL_FACTOR
     if -low < factor * scale or not (f.went_bad or ran_away):
         return None
@@ -80,7 +84,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "the model lowers it by scaling its outputs up, and the gradients explode with them."
     )
     rec = {
-        "text": "Bound the objective. A WGAN critic needs its Lipschitz constraint: a gradient penalty (WGAN-GP, "
+        "text": "Bound the objective. A loss that is ≥ 0 for valid targets (cross-entropy, BCE, MSE) that goes "
+        "negative has targets outside its range: BCE's must lie in [0, 1] (masks stored as 0/255 need / 255, "
+        "labels as -1/1 need (y + 1) / 2). A WGAN critic needs its Lipschitz constraint: a gradient penalty (WGAN-GP, "
         "λ·(‖∇D(x̂)‖ − 1)² on interpolates) or torch.nn.utils.parametrizations.spectral_norm on its layers. "
         "Other losses: a floor on a learned variance (log_var.clamp(min=-10)), a margin, or weight decay. "
         "Clipping the gradient norm only slows the drift.",
