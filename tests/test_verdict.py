@@ -137,6 +137,19 @@ def test_a_bce_with_targets_out_of_range_is_unbounded_under_the_scripts_clip_too
     assert "[0, 1]" in top.recommendation["text"] and "/ 255" in top.recommendation["text"]
 
 
+def test_gradients_already_huge_at_step_0_name_the_scale_not_only_the_rate(tmp_path: Path) -> None:
+    """Features in raw units (1e3-1e4): the gradient norm at step 0 was 1.7e6 and the run exploded at
+    step 1; the verdict read "clip at 1.7e6 (from 1 healthy norm) or lr 3e-8" (in the field neither
+    trained: R² 0.08-0.18). It now says the scale was off before any update and to standardize the
+    inputs first; standardized, the same run trains (loss 1.8 → 0.01) with no finding."""
+    top = headline(diagnose(runs_of.raw_features(tmp_path / "raw")))
+    assert top is not None and top.id == "explosion"
+    assert "before any update" in top.message and top.evidence["start_grad_norm"] > 1e5
+    assert top.recommendation["text"].startswith("Fix the scale first: standardize the inputs")
+    fixed = runs_of.raw_features(tmp_path / "standardized", standardize=True)
+    assert read_run(fixed).metrics[-1]["loss"] < 0.05 and not diagnose(fixed)
+
+
 def test_a_run_that_stalled_under_auto_is_said_and_the_rate_it_advises_trains(tmp_path: Path) -> None:
     """A run that stays finite and does not train is a finding, not "No findings": a deep plain
     classifier at SGD 0.3 (momentum 0.9) under Guard's defaults is held finite by ``auto`` and sits

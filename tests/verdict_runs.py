@@ -332,6 +332,33 @@ def bce_targets_255(path: Path, steps: int = 300, lr: float = 2e-3) -> Path:
     return train(path, model, opt, loss_of, steps, clip="norm:1.0")
 
 
+def raw_features(path: Path, standardize: bool = False, steps: int = 100) -> Path:
+    """A regression on tabular features in raw units (areas ~1e3-1e4, counts ~1-10) under SGD 0.01
+    with momentum, as a tutorial trains a normalized one: the gradient norm at step 0 is ~1e6 and
+    the run explodes at its first updates. ``standardize``: the fix (each feature's mean and std)."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([3000.0, 8000.0, 5.0, 2.0, 40.0, 1200.0])
+    z = torch.randn(512, 6, generator=g)
+    x = z * scales + 2 * scales
+    y = (z @ torch.tensor([[1.0], [0.5], [-0.3], [0.2], [0.8], [-0.6]])) + 0.1 * torch.randn(
+        512, 1, generator=g
+    )
+    if standardize:
+        x = (x - x.mean(0)) / x.std(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def loss_of(step: int) -> torch.Tensor:
+        i = (step * 32) % 512
+        return nn.functional.mse_loss(model(x[i : i + 32]), y[i : i + 32])
+
+    try:
+        return train(path, model, opt, loss_of, steps, clip="none")
+    except gradguard.NonFiniteError:  # the guard stopped the run after 10 skipped steps in a row
+        return path
+
+
 def endless_warmup(path: Path) -> Path:
     """A warm-up that never stops (warmup_steps set past the run's end): the LR keeps rising after
     the loss was best, and the loss climbs."""

@@ -25,6 +25,10 @@ _LONE_AFTER = 6  # steps after it that must be healthy again
 WEIGHT_MOVED = 2.0
 """A layer whose weight norm grew by this factor moved: an unstable optimizer moves the weights far."""
 HUGE_START_LOSS = 1e6
+#: a gradient norm at step 0 this large or more: its scale is off before any update (initial norms of
+#: standard models on standardized data with a mean loss are ~0.1-10; features in raw units ~1e4 gave
+#: 7e6, a loss summed and multiplied by the accumulation steps 2.8e3)
+HUGE_START_GRAD = 1e3
 """A loss this large at step 0 is a scale off by orders of magnitude: a cross-entropy starts near
 log(classes) (≤ ~12), a mean squared error on standardized targets near 1."""
 
@@ -170,6 +174,15 @@ class Facts:
             return None  # (a resumed run: its first record comes after updates)
         loss = self.loss[0]
         return loss if math.isfinite(loss) and abs(loss) >= HUGE_START_LOSS else None
+
+    @functools.cached_property
+    def start_grad(self) -> float | None:
+        """The gradient norm of step 0, before any update, where it is already :data:`HUGE_START_GRAD`
+        or more (and the loss is not :attr:`start_loss`-huge): the inputs or the loss's scale is off."""
+        if not self.steps or self.steps[0] != 0 or self.start_loss is not None:
+            return None
+        norm = self.norm[0]
+        return norm if math.isfinite(norm) and norm >= HUGE_START_GRAD else None
 
     @property
     def went_bad(self) -> bool:

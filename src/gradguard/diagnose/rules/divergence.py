@@ -113,7 +113,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     advice = _advice(f)
     scale = scale_at_start(f)
     if scale:  # not the learning rate: the scale was wrong before the first update
-        evidence["start_loss"] = f.start_loss
+        evidence.update(scale[2])
         message = f"{message} But {scale[0]}."
         advice["text"] = f"{scale[1]}. Then: {advice['text']}"
     return Finding("divergence", "error", step, message, evidence, advice)

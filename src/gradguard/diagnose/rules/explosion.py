@@ -157,7 +157,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         message = f"{message[:-1]}; {ev.schedule[2]}."
     scale = scale_at_start(f)
     if scale:  # not the learning rate: the scale was wrong before the first update
-        evidence["start_loss"] = f.start_loss
+        evidence.update(scale[2])
         message = f"{message[:-1]}; {scale[0]}."
         advice["text"] = f"{scale[1]}. Then: {advice['text']}"
     return Finding("explosion", _severity(f, ev), onset, message, evidence, advice)

@@ -125,7 +125,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     message = "Gradient explosion, too fast for the norms to show: " + "; ".join(parts) + f". {blame}"
     advice = _advice(f, lrs)
     if scale:
-        evidence["start_loss"] = f.start_loss
+        evidence.update(scale[2])
         advice["text"] = f"{scale[1]}. Then: {advice['text']}"
     return Finding("explosion", "error", e["step"], message, evidence, advice)
 
