@@ -867,6 +867,39 @@ def test_a_step_clipped_by_norm_then_by_value_is_counted_once(tmp_path: Path) ->
     assert said in got.stderr, got.stderr
 
 
+def test_a_scripts_value_clip_is_said_and_named_in_the_summary(tmp_path: Path) -> None:
+    """``clip_grad_value_`` alone: the end of the run said nothing of it, and diagnose's summary read
+    "clipping none (clip rate 1)"."""
+    script = tmp_path / "value_clip.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            torch.manual_seed(0)
+            model = nn.Linear(4, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for step in range(6):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+                nn.utils.clip_grad_value_(model.parameters(), clip_value=0.01)
+                opt.step()
+            """
+        )
+    )
+    got = _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    assert (
+        "the script called clip_grad_value_(clip_value=0.01) on 6 steps; it clipped 6 of them" in got.stderr
+    )
+    shown = subprocess.run(
+        [sys.executable, "-m", "gradguard", "diagnose", str(tmp_path / "run")],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "the caller's value clip (in the log)" in shown.stdout and "none (clip rate" not in shown.stdout
+
+
 def test_an_uncaught_error_shows_the_traceback_python_shows_without_gradguards_frames(tmp_path: Path) -> None:
     script = tmp_path / "crash.py"
     script.write_text("import torch\n\n\ndef load():\n    raise ValueError('no such shard: 7')\n\n\nload()\n")

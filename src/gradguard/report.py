@@ -530,7 +530,7 @@ def _run_facts(log: RunLog, findings: Sequence[Finding]) -> dict[str, Any]:
         "steps": s.n,
         "last_step": s.steps[-1] if s.steps else None,
         "skipped": sum(s.table.skipped),
-        "clip": _clip_name(clip_config(log.meta), s.col("threshold")),
+        "clip": _clip_name(clip_config(log.meta), s.col("threshold"), rate),
         "clip_rate": rate if math.isfinite(rate) else None,
         "final_loss": _final_loss(s.table.column("loss"), s.table.nonfinite_loss),
         "first_nonfinite": event,
@@ -539,11 +539,16 @@ def _run_facts(log: RunLog, findings: Sequence[Finding]) -> dict[str, Any]:
     }
 
 
-def _clip_name(clip: ClipConfig, thr: Sequence[float | None]) -> str | None:
+def _clip_name(clip: ClipConfig, thr: Sequence[float | None], rate: float) -> str | None:
+    """The clipper as the summary names it: the guard's; else the caller's, as the log holds it (a
+    threshold: a norm clip; clipped steps without one: a value clip, whose row holds the fraction of
+    elements it clamped — "none (clip rate 1)" contradicted itself)."""
     if clip.kind not in ("", "none"):
         return clip.label
     if any(t is not None for t in thr):
         return "threshold in the log"
+    if math.isfinite(rate) and rate > 0:
+        return "the caller's value clip (in the log)"
     return "none" if clip.kind == "none" else None
 
 

@@ -34,8 +34,8 @@ def on_clip_norm(zc: Any, parameters: Any, max_norm: float, total_norm: Tensor) 
     def further(session: Session) -> None:  # another group of a measured step
         session.guard.record_clip(max_norm, total_norm, norm_type=norm_type)
 
-    call = f"clip_grad_norm_(max_norm={max_norm})"
-    return script_clip(zc, parameters, call, first, further, threshold=float(max_norm))
+    call = f"clip_grad_norm_(max_norm={float(max_norm):g})"
+    return script_clip(zc, parameters, call, first, further)
 
 
 def total_norm(zc: Any, grads: Any, norm_type: float) -> Tensor | None:
@@ -67,7 +67,7 @@ def on_clip_value(zc: Any, parameters: Any, clip_value: float) -> bool:
         clip.add_value(clip_value, [p.grad for p in params if p.grad is not None])
         return clip
 
-    return script_clip(zc, parameters, f"clip_grad_value_(clip_value={clip_value})", first, None)
+    return script_clip(zc, parameters, f"clip_grad_value_(clip_value={float(clip_value):g})", first, None)
 
 
 def script_clip(
@@ -76,8 +76,6 @@ def script_clip(
     call: str,
     first: Callable[[Session, list[Tensor], bool], CallerClip],
     further: Callable[[Session], None] | None,
-    *,
-    threshold: float | None = None,
 ) -> bool:
     """The script's own clip call, before it touches the gradients: the step is measured here,
     on the pre-clip gradients, with what ``first`` says of the clip; a later clip call of the
@@ -90,7 +88,7 @@ def script_clip(
     session.clips = True
     if session.framework:  # the callback measured this step: its row gets the Trainer's clip
         if further is not None and not zc.replace_clip:
-            _count_norm_clip(session, threshold)
+            _count_clip(session, call)
             further(session)
         return not zc.replace_clip
     if zc.replace_clip:
@@ -98,8 +96,8 @@ def script_clip(
         if fresh(zc, session):
             measure_step(zc, session)
         return False
-    _count_norm_clip(session, threshold)
-    if fresh(zc, session):
+    if fresh(zc, session):  # the step's first clip call: its row holds this clip
+        _count_clip(session, call)
         measure_step(zc, session, clip=first(session, params, covers_all))
     elif further is not None:
         further(session)
@@ -114,13 +112,12 @@ def replaced(zc: Any, call: str) -> None:
     )
 
 
-def _count_norm_clip(session: Session, threshold: float | None) -> None:
-    """A norm clip of the script's (a value clip has no threshold): its step counted once, however
-    many clip calls it made (``clip_grad_norm_`` then ``clip_grad_value_``, or one per group)."""
-    if threshold is None:
-        return
-    session.script_threshold = threshold
+def _count_clip(session: Session, call: str) -> None:
+    """A clip of the script's (``clip_grad_norm_(max_norm=1)``, ``clip_grad_value_(clip_value=0.5)``): its
+    step counted once, however many clip calls it made (one per group, a norm clip then a value clip);
+    the summary names the step's first call, whose clip the step's row holds."""
     step = session.guard.step_count
     if session.script_clip_step != step:
         session.script_clip_step = step
         session.script_clips += 1
+        session.script_clip = call

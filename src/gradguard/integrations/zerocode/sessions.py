@@ -57,9 +57,9 @@ class Session:
         self.measured_at: int | None = None  # the backward count when this step was measured
         self.skip = False
         self.clips = False  # the script clips this model's gradients (its steps are measured there)
-        self.script_clips = 0  # steps the script's own clip_grad_norm_ ran on
+        self.script_clips = 0  # steps the script's own clip_grad_norm_ / clip_grad_value_ ran on
         self.script_clip_step: int | None = None  # (the step counted last: several clip calls, one step)
-        self.script_threshold: float | None = None
+        self.script_clip: str | None = None  # the call, as the summary says it
         self.grad_id: int | None = (
             None  # id of the first gradient at the last step (zeroing: _steps.watch_zeroing)
         )
@@ -118,12 +118,12 @@ def summary_lines(session: Session) -> list[str]:
         )
     lines = [f"{head}. Run log: {guard.run_dir}"]
     log = runlog.read_run(guard.run_dir) if guard.run_dir is not None else None
-    if session.script_clips and session.script_threshold is not None:
+    if session.script_clips and session.script_clip is not None:
         bound = sum(clipped(r) for r in log.metrics) if log is not None else None
         of = f"; it clipped {bound} of them" if bound is not None else ""
         lines.append(
-            f"  the script called clip_grad_norm_(max_norm={session.script_threshold:g}) on "
-            f"{session.script_clips} steps{of} (the log has the pre-clip norms)"
+            f"  the script called {session.script_clip} on {session.script_clips} steps{of} "
+            "(the log has the pre-clip norms)"
         )
     if log is None:
         return lines
