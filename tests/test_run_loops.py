@@ -900,6 +900,45 @@ def test_a_scripts_value_clip_is_said_and_named_in_the_summary(tmp_path: Path) -
     assert "the caller's value clip (in the log)" in shown.stdout and "none (clip rate" not in shown.stdout
 
 
+def test_a_torch_warning_of_the_loss_code_names_the_scripts_line_as_without_gradguard(tmp_path: Path) -> None:
+    """``F.mse_loss`` warns of a broadcast (``stacklevel=2``). Called through the loss-code watch it
+    warned at gradguard's line, and the "once per location" filter then hid the same warning from the
+    script's other line: one warning, in gradguard's file, where Python prints two in the script's."""
+    script = tmp_path / "broadcast.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            torch.manual_seed(0)
+            model = nn.Linear(4, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            crit = nn.MSELoss()
+            for step in range(3):
+                x, y = torch.randn(8, 4), torch.randn(8)
+                loss = crit(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                check = nn.functional.mse_loss(model(x), y)
+            """
+        )
+    )
+    env = {**ENV, "PYTHONWARNINGS": "default"}
+
+    def warned(cmd: list[str]) -> list[str]:
+        got = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return [line.split(": UserWarning")[0] for line in got.stderr.splitlines() if "UserWarning" in line]
+
+    plain = warned([sys.executable, str(script)])
+    run = warned(
+        [sys.executable, "-m", "gradguard", "run", "--out", str(tmp_path / "run"), "--no-report", str(script)]
+    )
+    assert len(plain) == 2 and plain[1].endswith("broadcast.py:15"), plain
+    assert run == plain
+
+
 def test_an_uncaught_error_shows_the_traceback_python_shows_without_gradguards_frames(tmp_path: Path) -> None:
     script = tmp_path / "crash.py"
     script.write_text("import torch\n\n\ndef load():\n    raise ValueError('no such shard: 7')\n\n\nload()\n")

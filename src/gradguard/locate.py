@@ -44,6 +44,7 @@ import os
 import re
 import sys
 import sysconfig
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -348,6 +349,10 @@ class Birth:
 class _OpWatch(TorchFunctionMode):
     """Sees every torch-level call: ``on_backward(args)`` for ``backward()``, ``on_op`` after the others."""
 
+    def __enter__(self) -> Any:
+        _warn_from_the_caller()
+        return super().__enter__()
+
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
@@ -370,6 +375,44 @@ class _OpWatch(TorchFunctionMode):
 
     def on_op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- warnings of watched calls
+_WATCH_CODES: set[Any] = set()  # the watches' __torch_function__ code objects (filled below)
+_OVERRIDES = os.path.normcase(torch.overrides.__file__)
+_ORIGINAL_WARN = warnings.warn
+
+
+def _warn(message: Any, category: Any = None, stacklevel: int = 1, source: Any = None) -> None:
+    """``warnings.warn`` whose ``stacklevel`` skips a watch's call: a torch function called through
+    a watch (``F.mse_loss`` warning of a broadcast, ``stacklevel=2``) warned at the watch's line, in
+    gradguard's file, and its "once per location" then hid the same warning from every other line.
+    The frames of the watch, torch's dispatch to it and the function's first entry are skipped, so
+    the warning names the line it names without gradguard (and its registry is that line's module)."""
+    level = max(1, int(stacklevel))
+    here = sys._getframe(1)  # the function that warned
+    target: Any = here
+    inner = set()
+    for _ in range(level - 1):
+        if target is None:
+            break
+        inner.add(target.f_code)
+        target = target.f_back
+    skip = 0
+    if target is not None and target.f_code in _WATCH_CODES:
+        while target is not None and target.f_code in _WATCH_CODES:
+            target, skip = target.f_back, skip + 1
+        while target is not None and os.path.normcase(target.f_code.co_filename) == _OVERRIDES:
+            target, skip = target.f_back, skip + 1
+        if target is not None and target.f_code in inner:  # the function's first entry (which dispatched)
+            skip += 1
+    _ORIGINAL_WARN(message, category, level + 1 + skip, source)
+
+
+def _warn_from_the_caller() -> None:
+    """Route ``warnings.warn`` through :func:`_warn` (once; a pass-through outside a watch's call)."""
+    if warnings.warn is _ORIGINAL_WARN:
+        warnings.warn = _warn  # type: ignore[assignment]
 
 
 class _Mode(_OpWatch):
@@ -993,6 +1036,13 @@ class LossWatch(_OpWatch):
             return torch.stack([_sum(t) for t in tensors]).tolist()  # host sync: anomaly path
         sums = self._sums
         return sums.tolist() if isinstance(sums, Tensor) else list(sums)  # host sync: anomaly path
+
+
+_WATCH_CODES.update(
+    cls.__dict__["__torch_function__"].__code__
+    for cls in (_OpWatch, _Mode, LossWatch)
+    if "__torch_function__" in cls.__dict__
+)
 
 
 def _sum(t: Tensor) -> Tensor:
