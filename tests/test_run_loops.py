@@ -939,6 +939,22 @@ def test_a_torch_warning_of_the_loss_code_names_the_scripts_line_as_without_grad
     assert run == plain
 
 
+def test_the_guards_stop_ends_its_traceback_at_the_scripts_step_and_names_a_negative_rate(
+    tmp_path: Path,
+) -> None:
+    """The guard's stop (10 skipped steps in a row) printed eight frames of torch's dispatch and of
+    gradguard under the script's ``optimizer.step()``; and where a schedule had made the rate
+    negative it advised "lower the learning rate or clip harder", which cannot help."""
+    script = HERE / "faults" / "lr_schedule_past_its_end.py"
+    got = _run(tmp_path, script)
+    assert got.returncode == 1
+    trace = got.stderr[got.stderr.index("Traceback (most recent call last):") :]
+    files = re.findall(r'File "([^"]+)"', trace.split("NonFiniteError")[0])
+    assert files and all(f.endswith("lr_schedule_past_its_end.py") for f in files), files
+    assert "    optimizer.step()\ngradguard.errors.NonFiniteError" in trace
+    assert "The learning rate is negative (lr=-" in trace and "clip harder" not in trace
+
+
 def test_an_uncaught_error_shows_the_traceback_python_shows_without_gradguards_frames(tmp_path: Path) -> None:
     script = tmp_path / "crash.py"
     script.write_text("import torch\n\n\ndef load():\n    raise ValueError('no such shard: 7')\n\n\nload()\n")

@@ -1170,8 +1170,7 @@ class Guard:
         msg = (
             f"{consecutive} consecutive skipped steps (last: step {step}); gradguard stopped the run."
             + (" The weights themselves are non-finite: use on_nonfinite='rollback'." if weights_bad else "")
-            + self._runaway_update()
-            + _fix_of(self._first_located)
+            + (self._negative_lr() or self._runaway_update() + _fix_of(self._first_located))
             + " Or raise max_consecutive."
             + (f" Run log: {self.run_dir}." if self.run_dir else "")
         )
@@ -1185,6 +1184,18 @@ class Guard:
             + (f" Run log: {self.run_dir}." if self.run_dir else "")
         )
         return self._aborted(step, msg, limit.reason, False, **limit.fields)
+
+    def _negative_lr(self) -> str:
+        """An abort's cause where the optimizer's learning rate is negative now (a schedule run past
+        its end: every step climbs the loss, and neither the rate's size nor clipping is the fix);
+        ``""`` otherwise. The same cause as diagnose's ``lr_schedule``."""
+        rates = [g["lr"] for g in self.optimizer.param_groups if isinstance(g.get("lr"), float)]
+        if not rates or min(rates) >= 0:
+            return ""
+        return (
+            f" The learning rate is negative (lr={min(rates):.3g} now): every step climbs the loss. The schedule "
+            "ran past its end — size it to the run (total steps = epochs × steps per epoch) and keep its factor ≥ 0."
+        )
 
     def _runaway_update(self) -> str:
         """An abort's first words where an update before the first bad step moved a layer by its own

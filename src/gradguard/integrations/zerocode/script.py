@@ -10,8 +10,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+import gradguard
+from gradguard.errors import GradGuardError
 from gradguard.guard import Guard, ended_by
 from gradguard.integrations.zerocode._signals import Stopped, on_signal, watch
 from gradguard.integrations.zerocode.live import rank
@@ -135,12 +138,33 @@ def check_options(options: dict[str, Any]) -> None:
 
 def _print_script_error(error: BaseException, script: Path) -> None:
     """The traceback Python prints for the script run plainly: from the script's first frame (the
-    frames of gradguard's runner and runpy above it left out); all of it if the script has none."""
+    frames of gradguard's runner and runpy above it left out); all of it if the script has none.
+    gradguard's own stop (a :class:`GradGuardError` raised in the step, e.g. 10 skipped steps in a
+    row) ends at the script's call that stepped (``optimizer.step()``): the frames of torch's
+    dispatch and of gradguard below it say nothing the message does not."""
     target = os.path.realpath(script)
     tb = error.__traceback__
     while tb is not None and os.path.realpath(tb.tb_frame.f_code.co_filename) != target:
         tb = tb.tb_next
-    traceback.print_exception(type(error), error, tb if tb is not None else error.__traceback__)
+    tb = tb if tb is not None else error.__traceback__
+    if not isinstance(error, GradGuardError):
+        traceback.print_exception(type(error), error, tb)
+        return
+    frames = traceback.extract_tb(tb)
+    while len(frames) > 1 and _inside_torch_or_gradguard(frames[-1].filename):
+        frames = traceback.StackSummary.from_list(frames[:-1])
+    print("Traceback (most recent call last):", file=sys.stderr)
+    print("".join(frames.format()), end="", file=sys.stderr)
+    print("".join(traceback.format_exception_only(type(error), error)), end="", file=sys.stderr)
+
+
+_LIBRARIES = tuple(
+    os.path.realpath(os.path.dirname(m.__file__)) + os.sep for m in (torch, gradguard) if m.__file__
+)
+
+
+def _inside_torch_or_gradguard(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(_LIBRARIES)
 
 
 def _exit_code(e: SystemExit) -> int:
