@@ -1023,7 +1023,30 @@ class LossWatch(_OpWatch):
                 return e.data_event(entered, ins[entered])
             bad = [s for s in outs if not math.isfinite(s)]
             if bad and (all(math.isfinite(s) for s in ins) or e.nan_from_infinities(bad[0], ins)):
-                return e.event(bad[0])
+                return e.event(bad[0], underflow=self._underflow_origin(e))
+        return None
+
+    def _underflow_origin(self, e: _Watched) -> str | None:
+        """Where a division's zero denominator came from, where it is an ``exp`` (or ``exp2``) of the loss
+        code whose output holds zeros, a few ops up (``K = exp(-C / eps)`` then ``a / (K @ v)``: a plain-domain
+        Sinkhorn, a softmax written by hand): ``"exp at train.py:31"``; ``None`` otherwise. The fix is then the
+        exp's (log space), not an eps on the denominator (which left that run finite and untrained).
+        Host reads: the anomaly path only."""
+        if e.phase != "loss" or e.op not in _DIVISIONS or not e._ins:
+            return None
+        made = {id(o): w for w in self.entries if w is not e for o in w._outs}
+        todo, seen = [e._ins[-1] if e.op in ("div", "true_divide") else e._ins[0]], set()
+        for _ in range(8):  # a few ops up: a matmul, a sum, a squeeze between the exp and the division
+            if not todo:
+                return None
+            t = todo.pop(0)
+            w = made.get(id(t))
+            if w is None or id(w) in seen or not w.unchanged():
+                continue
+            seen.add(id(w))
+            if w.op in ("exp", "exp2") and any(bool((o == 0).any()) for o in w._outs):
+                return f"{w.op} at {w.source}" if w.source else w.op
+            todo.extend(w._ins)
         return None
 
     def _host_sums(self) -> list[float]:
@@ -1037,6 +1060,8 @@ class LossWatch(_OpWatch):
         sums = self._sums
         return sums.tolist() if isinstance(sums, Tensor) else list(sums)  # host sync: anomaly path
 
+
+_DIVISIONS = frozenset({"div", "true_divide", "reciprocal", "rsqrt"})
 
 _WATCH_CODES.update(
     cls.__dict__["__torch_function__"].__code__
@@ -1136,10 +1161,16 @@ class _Watched:
             described.append(_inputs.target_description(*op.target))
         return described
 
-    def event(self, total: float) -> dict[str, Any]:
+    def event(self, total: float, *, underflow: str | None = None) -> dict[str, Any]:
+        """The ``nonfinite`` event's fields; ``underflow``: where the division's zero denominator came
+        from (:meth:`LossWatch._underflow_origin`), said in its input's description."""
         suffix = " (in backward: the forward was finite)" if self.phase == "backward" else ""
         kind = events.kind_of(total)
         inputs = self.describe()
+        if underflow is not None and inputs:
+            inputs[-1 if self.op in ("div", "true_divide") and len(inputs) > 1 else 0]["underflow"] = (
+                underflow
+            )
         function = self.forward.function if self.forward is not None else self.function
         if function is not None:  # a custom Function's backward: named by class, its saved tensors
             evidence: dict[str, Any] = {"saved": inputs, "function": function}
@@ -1150,6 +1181,8 @@ class _Watched:
             dtype = self._outs[0].dtype if self._outs and self.phase == "loss" else None
             dmax = float(torch.finfo(dtype).max) if dtype in (torch.float16, torch.bfloat16) else None
             why = explain(self.op, inputs, kind, dmax)
+            if underflow is not None and "underflow" in why:
+                why = f"{why} ({underflow})"
             evidence = {"inputs": inputs, "reason": why + suffix}
         else:
             why = f"{self.op} in the loss code made a non-finite value from finite inputs"

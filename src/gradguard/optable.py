@@ -74,6 +74,7 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
     "negative_input": lambda inputs: bool(inputs and inputs[0].get("negative")),
     "unit_input": lambda inputs: bool(inputs and inputs[0].get("unit")),
     "zero_denominator": lambda inputs: any(i.get("zeros") for i in inputs[1:] or inputs),
+    "underflowed_denominator": lambda inputs: any(i.get("zeros") and i.get("underflow") for i in inputs),
     "any_zero": lambda inputs: any(i.get("zeros") for i in inputs),
     "all_ignored": lambda inputs: any(i.get("numel") and i.get("ignored") == i.get("numel") for i in inputs),
     # the first input has elements beyond ±1 (|x| > 1: outside atanh's domain) or at / below -1 (log1p)
@@ -224,7 +225,18 @@ OPS: tuple[OpEntry, ...] = (
         Cause("at_minus_one", "log1p of -1 (log of 0)", _LOG1P_FIX),
     ),
     _entry(r"^xlogy$", *_LOG),
-    _entry(r"^(div|reciprocal|rsqrt)$", *_DIV, Cause("zero_denominator", "division by zero")),
+    _entry(
+        r"^(div|reciprocal|rsqrt)$",
+        *_DIV,
+        Cause(
+            "underflowed_denominator",
+            "division by zero: the denominator is 0 because an exp underflowed to 0",
+            "work in log space (torch.logsumexp, log_softmax; a log-domain Sinkhorn): exp of an argument below "
+            "about -103 is 0 in float32 (-C / eps with a small eps), and an eps on the denominator only "
+            "hides it; or make the argument's scale smaller (a larger eps or temperature)",
+        ),
+        Cause("zero_denominator", "division by zero"),
+    ),
     _entry(
         r"^(std|var)(_mean)?$",
         "the unbiased std or var of a single value (n - 1 = 0 degrees of freedom) is 0 / 0: a batch or a "
