@@ -84,3 +84,23 @@ def test_a_diverging_ddp_run_is_located_and_diagnosed(tmp_path: Path) -> None:
     )
     assert diag.returncode == 1
     assert {f["id"] for f in json.loads(diag.stdout)["findings"]} & {"explosion", "nonfinite", "divergence"}
+
+
+def test_an_fsdp2_scripts_own_clip_is_logged_not_an_internal_error(tmp_path: Path) -> None:
+    """FSDP2: torch's ``clip_grad_norm_`` returns the total norm of sharded gradients as a DTensor;
+    writing it into the step's row raised inside the hook: "internal error in clip_grad_norm_;
+    gradguard stops guarding this run", 0 steps logged, and diagnose read "No findings"."""
+    script = Path(__file__).parent / "run_scripts" / "fsdp2_clip.py"
+    plain = torchrun(str(script), cwd=tmp_path, env=ENV)
+    got = torchrun(
+        "-m", "gradguard", "run", "--out", str(tmp_path / "run"), "--no-report", str(script),
+        cwd=tmp_path, env=ENV, fresh=[tmp_path / "run"],
+    )  # fmt: skip
+    assert got.returncode == plain.returncode == 0, got.stderr
+    assert "internal error" not in got.stderr and got.stdout == plain.stdout
+    log = read_run(tmp_path / "run")
+    assert len(log.metrics) == 12
+    printed = [float(v) for v in re.findall(r"grad norm ([0-9.]+)", plain.stdout)]
+    logged = [log.metrics[s]["grad_norm"] for s in (0, 4, 8)]
+    assert logged == pytest.approx(printed, abs=1e-4)  # the script's own total norm, pre-clip
+    assert "the script called clip_grad_norm_(max_norm=1) on 12 steps" in got.stderr

@@ -54,6 +54,10 @@ class CallerClip:
         self.thresholds.append(threshold)
         if norm.requires_grad:  # (torch's clip computes it under no_grad: no call then)
             norm = norm.detach()
+        if hasattr(
+            norm, "full_tensor"
+        ):  # FSDP2: torch's total norm of sharded gradients is a DTensor, partial
+            norm = norm.full_tensor()  # on each rank: the all-reduce its clip makes too (every rank calls it)
         if norm.dtype != torch.float32:  # (each no-op call still costs ~1 µs on the host)
             norm = norm.float()
         self.norms.append(norm if norm.dim() == 0 else norm.reshape(()))
