@@ -104,3 +104,18 @@ def test_an_fsdp2_scripts_own_clip_is_logged_not_an_internal_error(tmp_path: Pat
     logged = [log.metrics[s]["grad_norm"] for s in (0, 4, 8)]
     assert logged == pytest.approx(printed, abs=1e-4)  # the script's own total norm, pre-clip
     assert "the script called clip_grad_norm_(max_norm=1) on 12 steps" in got.stderr
+
+
+def test_fsdp2_in_one_process_is_guarded_and_a_bad_batch_skipped(tmp_path: Path) -> None:
+    """FSDP2 launched as one process (``torchrun --nproc-per-node 1``, the single-process rerun
+    diagnose advises): the guard read the sharded parameters as plain tensors and raised at its
+    start (".tolist() is not supported for tensor subclasses, got DTensor"), killing the script."""
+    script = Path(__file__).parent / "run_scripts" / "fsdp2_clip.py"
+    got = torchrun(
+        "-m", "gradguard", "run", "--out", str(tmp_path / "run"), "--no-report", str(script), "--nan-step", "6",
+        cwd=tmp_path, env=ENV, fresh=[tmp_path / "run"], nproc=1,
+    )  # fmt: skip
+    assert got.returncode == 0 and "internal error" not in got.stderr, got.stderr
+    assert "weights finite: True" in got.stdout
+    log = read_run(tmp_path / "run")
+    assert [r["step"] for r in log.metrics if r["skipped"]] == [6]

@@ -43,6 +43,7 @@ def torchrun(
     env: dict[str, str] | None = None,
     timeout: float = 600,
     fresh: Sequence[Path] = (),
+    nproc: int = 2,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m torch.distributed.run --nproc-per-node 2 ARGS`` on 127.0.0.1 and a free port;
     the folders in ``fresh`` are emptied before each try (a retry starts from nothing)."""
@@ -52,7 +53,7 @@ def torchrun(
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args,
         ]  # fmt: skip
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1130,7 +1130,10 @@ class Guard:
         named = [(n, p) for n, p in self._guarded.named if p.is_floating_point() and not p.is_meta]
         if not named or self._reducer is not None:
             return frozenset()
-        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()  # host sync: once
+        local = [
+            p.to_local() if hasattr(p, "to_local") else p for _, p in named
+        ]  # (FSDP2 in one process: its shard)
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in local]).tolist()  # host sync: once
         bad = [n for (n, _), ok in zip(named, finite) if not ok]
         if bad:
             if self.writer is not None:

@@ -1,6 +1,9 @@
 """A small FSDP2 training script as the PyTorch tutorial writes one: ``fully_shard`` on each block and
 the root, AdamW, and its own ``clip_grad_norm_`` (whose total norm, over sharded gradients, is a
-DTensor). Run with ``torchrun --nproc-per-node 2`` (gloo, CPU)."""
+DTensor). Run with ``torchrun --nproc-per-node 2`` (gloo, CPU); ``--nan-step K``: a NaN in rank 0's batch
+of step K."""
+
+import argparse
 
 import torch
 import torch.distributed as dist
@@ -9,6 +12,9 @@ from torch.distributed.fsdp import fully_shard
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nan-step", type=int, default=None)
+    args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -22,6 +28,8 @@ def main() -> None:
     w = torch.randn(16, 1, generator=torch.Generator().manual_seed(1))
     for step in range(12):
         x = torch.randn(32, 16, generator=g)
+        if step == args.nan_step and rank == 0:
+            x[3, 5] = float("nan")  # a bad row in the data
         loss = nn.functional.mse_loss(model(x), x @ w)
         optimizer.zero_grad()
         loss.backward()
@@ -29,6 +37,11 @@ def main() -> None:
         optimizer.step()
         if rank == 0 and step % 4 == 0:
             print(f"step {step} loss {loss.item():.4f} grad norm {norm.full_tensor().item():.4f}", flush=True)
+    finite = all(
+        bool(p.full_tensor().isfinite().all()) for p in model.parameters()
+    )  # (a collective: every rank)
+    if rank == 0:
+        print("weights finite:", finite)
     dist.destroy_process_group()
 
 

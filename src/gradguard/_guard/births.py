@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gradguard import events
+from gradguard._distributed import local
 from gradguard._guard.runmeta import group_numbers
 from gradguard.errors import GradGuardError
 from gradguard.record import DECIDED, weight_stats
@@ -171,7 +172,7 @@ class OptimizerBirths:
 
     def _nonfinite(self) -> list[tuple[str, float]]:
         """The guarded parameters holding a non-finite value now, with their L2 norm (host reads)."""
-        params = [p for _, p in self.named]
+        params = [local(p) for _, p in self.named]  # (FSDP2: this rank's shards)
         with torch.no_grad():
             try:
                 norms = tensor_norms(params, 2.0).double().tolist()  # host sync: anomaly path
@@ -179,7 +180,9 @@ class OptimizerBirths:
                 norms = [float(tensor_norms([p], 2.0)) for p in params]  # host sync: anomaly path
         # a finite weight above ~1e19 overflows the L2 norm: confirmed on the weight itself
         return [
-            (name, x) for (name, p), x in zip(self.named, norms) if not math.isfinite(x) and not _finite(p)
+            (name, x)
+            for (name, _), p, x in zip(self.named, params, norms)
+            if not math.isfinite(x) and not _finite(p)
         ]
 
 

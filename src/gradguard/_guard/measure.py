@@ -302,6 +302,10 @@ class _Probe:
         return loss, total
 
 
+def _any_dtensor(params: Sequence[Tensor]) -> bool:
+    return any(hasattr(p, "to_local") for p in params)
+
+
 class Meter:
     """Measures the guarded parameters' gradients (and, on cadence steps, their weights)."""
 
@@ -316,6 +320,7 @@ class Meter:
     ) -> None:
         self.params = params
         self.sparse = sparse  # the model has an nn.Embedding(sparse=True): see _sparse_gradients
+        self._dtensors = _any_dtensor(params)  # FSDP2: its gradients are read by their local shards
         self.norm_type = norm_type
         self.index = index
         self.reducer = reducer
@@ -331,6 +336,7 @@ class Meter:
     def reindex(self, index: LayerIndex, reducer: Reducer | None) -> None:
         """Parameters joined: the new layer index (and the all-reduce that covers them)."""
         self.index, self.reducer = index, reducer
+        self._dtensors = _any_dtensor(self.params)
         self._uniform = _uniform(self.params, self.norm_type)
         self._absent.clear()
         self._positions.clear()
@@ -401,8 +407,8 @@ class Meter:
         grads, present = self._gradients()
         device = grads[0].device if grads else self.params[0].device
         absent = self.absent_layers(present) if self.reducer is None else ()  # all ranks' norms: not local
-        if self.reducer is not None:
-            grads = [local(g) for g in grads]  # FSDP2: this rank's shards
+        if self.reducer is not None or self._dtensors:
+            grads = [local(g) for g in grads]  # FSDP2: this rank's shards (the whole tensor in one process)
         row, into = rows(device, len(self.params)) if rows is not None else (None, None)
         norms = self._known_norms(grads, known) if known is not None else None
         if norms is None:
