@@ -83,3 +83,52 @@ def test_a_skipped_hf_trainer_step_does_not_advance_its_lr_schedule(tmp_path: Pa
     log = read_run(tmp_path / "run")
     assert [r["step"] for r in log.metrics if r["skipped"]] == [5]
     assert [r["lr"] for r in log.metrics] == pytest.approx(lrs)  # the guard logs the LR each step used
+
+
+LIGHTNING_DDP = """
+import lightning as L
+import torch
+from torch import nn
+
+
+class Regressor(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    trainer = L.Trainer(
+        strategy="ddp", devices=2, accelerator="cpu", max_epochs=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(Regressor(), torch.utils.data.DataLoader(data, batch_size=16))
+    print("fit done on rank", trainer.global_rank)
+"""
+
+
+@pytest.mark.usefixtures("lightning")
+def test_a_trainer_that_starts_its_own_ranks_is_not_guarded_half_and_does_not_hang(tmp_path: Path) -> None:
+    """``Trainer(strategy="ddp", devices=2)`` run as ``gradguard run train.py`` (no torchrun): Lightning
+    starts rank 1 as a plain ``python train.py``; rank 0's guard waited in a broadcast for a rank that
+    has no guard while rank 1 waited in Lightning's barrier: a silent hang. Now gradguard says so,
+    names the torchrun command, and the script runs to its end unguarded."""
+    script = tmp_path / "train.py"
+    script.write_text(LIGHTNING_DDP)
+    got = _run(tmp_path, str(script))
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert "fit done on rank 0" in got.stdout
+    assert (
+        "starts its other 1 process(es) itself" in got.stderr
+        and "torchrun --nproc-per-node 2 -m gradguard run" in got.stderr
+    )

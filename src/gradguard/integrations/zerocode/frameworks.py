@@ -124,6 +124,16 @@ class Frameworks:
         if any(isinstance(cb, GradGuard) for cb in trainer.callbacks):
             return  # the script attached its own
         zc = self.zc
+        if _starts_its_own_processes(trainer):
+            zc.stop(
+                "lightning.Trainer",
+                f"this Trainer starts its other {trainer.num_devices * trainer.num_nodes - 1} process(es) itself, as "
+                "plain `python` runs of the script, without gradguard: guarding only this one would wait for them "
+                "forever, so gradguard stops here and the script runs unguarded. Launch every process under "
+                f"gradguard with torchrun: `torchrun --nproc-per-node {trainer.num_devices} -m gradguard run "
+                "SCRIPT ARGS` (Lightning then uses torchrun's processes).",
+            )
+            return
         if zc.replace_clip and trainer.gradient_clip_val:
             zc.say_once(
                 "clip",
@@ -142,6 +152,19 @@ class Frameworks:
         )
         trainer.callbacks.append(callback)
         self.callbacks.append(callback)
+
+
+def _starts_its_own_processes(trainer: Any) -> bool:
+    """Whether Lightning will start the other ranks itself by running the script again
+    (``strategy="ddp"`` with several devices outside torchrun: its subprocess launcher)."""
+    strategy = getattr(trainer, "strategy", None)
+    launcher = getattr(strategy, "launcher", None)
+    environment = getattr(strategy, "cluster_environment", None)
+    return (
+        type(launcher).__name__ == "_SubprocessScriptLauncher"
+        and environment is not None
+        and not environment.creates_processes_externally
+    )
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

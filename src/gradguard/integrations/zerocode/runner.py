@@ -299,11 +299,15 @@ class ZeroCode:
 
     def internal_error(self, where: str, error: BaseException) -> None:
         """A bug in gradguard's own hooks: say so once and stop guarding; the script goes on."""
-        self.say_once(
-            "internal",
+        self.stop(
+            where,
             f"internal error in {where}; gradguard stops guarding this run, the script goes on:\n"
             + "".join(traceback.format_exception(error)).rstrip(),
         )
+
+    def stop(self, where: str, message: str) -> None:
+        """Say ``message`` once and stop guarding (every hook and wrapper removed); the script goes on."""
+        self.say_once("internal", message)
         if self.active:
             self.active = False
             self._stopped_in = where
@@ -313,7 +317,7 @@ class ZeroCode:
     def summary(self) -> str:
         """What happened, in a few lines for the terminal."""
         if not self._order and self._stopped_in is not None:
-            return f"gradguard: stopped guarding at an internal error in {self._stopped_in} (above), before any step; no run log."
+            return f"gradguard: stopped guarding in {self._stopped_in} (above), before any step; no run log."
         if not self._order:
             return "gradguard: no optimizer step was seen; nothing was guarded."
         return "\n".join(line for session in self._order for line in summary_lines(session))
