@@ -389,3 +389,29 @@ def test_the_live_line_of_an_explosion_says_where_it_overflowed_as_the_summary_d
         got.stderr
     )  # was "(phase=backward, module=0)": the explosion's layer, not its overflow
     assert found.group(0) in summary, (live, summary)
+
+
+def test_an_explosion_rolled_back_is_not_said_to_be_non_finite(tmp_path: Path) -> None:
+    """Under ``--on-explosion recover`` the guard rolls back a finite step whose norm took off; the
+    live line said "step 34 … is not finite: skipped", of a step whose every value was finite."""
+    script = _script(
+        tmp_path,
+        """
+        x = torch.randn(256, 8)
+        y = x @ torch.randn(8, 1)
+        net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        sgd = torch.optim.SGD(net.parameters(), lr=0.05)
+        for step in range(60):
+            i = (step * 32) % 256
+            if step == 30:
+                sgd.param_groups[0]["lr"] = 3.0  # the rate jumps: the norm takes off, finite
+            loss = nn.functional.mse_loss(net(x[i : i + 32]), y[i : i + 32])
+            sgd.zero_grad()
+            loss.backward()
+            sgd.step()
+        """,
+    )
+    got = _run(tmp_path, script, "--no-report", "--on-explosion", "recover")
+    assert got.returncode == 0, got.stderr
+    assert "was not taken: its gradient norm took off (on_explosion='recover')" in got.stderr
+    assert "is not finite" not in got.stderr

@@ -54,6 +54,20 @@ class Live:
     def bad_step(self, guard: Guard) -> None:
         """A step the guard decided on the host was bad (skipped, rolled back, or not skippable)."""
         step = guard.step_count - 1
+        norm = guard.last_grad_norm
+        if norm is not None and math.isfinite(float(norm)):  # host sync: a bad step (decided on the host)
+            # finite, not taken: an explosion's onset, rolled back (on_explosion="recover")
+            self._line(
+                f"explosion{id(guard)}",
+                lambda: (
+                    f"step {step} of {_name(guard)} was not taken: its gradient norm took off (on_explosion="
+                    f"{guard.on_explosion!r}); its values were finite."
+                ),
+                lambda n: (
+                    f"{n} steps not taken so far (last: step {step}); `gradguard diagnose {guard.run_dir}`."
+                ),
+            )
+            return
         self._line(
             f"bad{id(guard)}",
             lambda: (
