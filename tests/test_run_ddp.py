@@ -83,7 +83,12 @@ def test_a_diverging_ddp_run_is_located_and_diagnosed(tmp_path: Path) -> None:
         env=ENV,
     )
     assert diag.returncode == 1
-    assert {f["id"] for f in json.loads(diag.stdout)["findings"]} & {"explosion", "nonfinite", "divergence"}
+    findings = json.loads(diag.stdout)["findings"]
+    assert {f["id"] for f in findings} & {"explosion", "nonfinite", "divergence"}
+    # the check it advises runs the script as it ran: under torchrun (the tune line failed, "RANK expected")
+    texts = " ".join(f["recommendation"].get("text", "") for f in findings)
+    assert "unverified" not in texts or "torchrun --nproc-per-node 2 -m gradguard run" in texts, texts
+    assert "gradguard tune --run" not in texts
 
 
 def test_an_fsdp2_scripts_own_clip_is_logged_not_an_internal_error(tmp_path: Path) -> None:

@@ -198,6 +198,19 @@ def tune_command(f: Facts, options: str = "") -> str:
     return " ".join(w for w in line if w)
 
 
+def check_with(f: Facts, command: str) -> str:
+    """How to check unverified advice before a long run: the ``gradguard tune`` line — which runs the
+    script in one process, so a run under torchrun (``meta.json`` ``world_size`` > 1; its script
+    needs the ranks: the tune line failed "RANK expected") is checked by a short run under torchrun."""
+    if not f.distributed:
+        return f"check it trains before a long run with `{command}`"
+    world = f.log.meta.get("world_size")
+    return (
+        f"check it trains in a short run under `torchrun --nproc-per-node {world} -m gradguard run` first "
+        f"(gradguard tune runs the script in one process; this run had {world})"
+    )
+
+
 def _a_script(path: str) -> bool:
     """Whether ``argv[0]`` is the user's training script: a ``.py`` file, not a package's
     ``__main__`` (``python -m``) nor an installed launcher (a notebook kernel's, pytest's)."""
@@ -260,7 +273,7 @@ def threshold_advice(f: Facts, estimate: float | None, why: str) -> dict[str, An
     rec.update(
         verified=False,
         tune=command,
-        text=f"Try max_norm={estimate:g} ({why}) — unverified: check it trains before a long run with `{command}`",
+        text=f"Try max_norm={estimate:g} ({why}) — unverified: {check_with(f, command)}",
     )
     return rec
 
@@ -366,7 +379,7 @@ def lr_advice(f: Facts, estimate: float | None, why: str, *, higher: bool = Fals
         "lr_verified": False,
         "lr_tune": command,
         "lr_candidates": rungs,  # what the command tries (the demo verifies these in memory)
-        "text": f"Try lr={estimate:g} ({why}) — unverified: check it trains before a long run with `{command}`",
+        "text": f"Try lr={estimate:g} ({why}) — unverified: {check_with(f, command)}",
     }
 
 
