@@ -38,6 +38,7 @@ ISSUE_IDS = {
     "weight_decay",  # lr × weight_decay far from 0: the weights multiplied by a factor far from 1 each step
     "gradients_not_zeroed",  # no zero_grad() between optimizer steps (gradguard run sees it)
     "lr_schedule",  # the learning rate went negative, or a schedule collapsed it to nothing mid-run
+    "loss_code_warning",  # torch warned in the loss code (gradguard run): a broadcast, an implicit dim
 }
 
 

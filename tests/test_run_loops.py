@@ -937,6 +937,12 @@ def test_a_torch_warning_of_the_loss_code_names_the_scripts_line_as_without_grad
     )
     assert len(plain) == 2 and plain[1].endswith("broadcast.py:15"), plain
     assert run == plain
+    # and the verdict says it: the loss broadcast (N, 1) against (N,), at the script's line
+    from gradguard.diagnose import diagnose
+
+    (found,) = [f for f in diagnose(tmp_path / "run") if f.id == "loss_code_warning"]
+    assert found.evidence["warnings"][0]["source"].endswith("broadcast.py:11")
+    assert "target size" in found.message and "out.squeeze(-1)" in found.recommendation["text"]
 
 
 def test_the_guards_stop_ends_its_traceback_at_the_scripts_step_and_names_a_negative_rate(

@@ -380,6 +380,7 @@ class _OpWatch(TorchFunctionMode):
 # ----------------------------------------------------------------------------- warnings of watched calls
 _WATCH_CODES: set[Any] = set()  # the watches' __torch_function__ code objects (filled below)
 _OVERRIDES = os.path.normcase(torch.overrides.__file__)
+_TORCH_DIR = os.path.normcase(os.path.dirname(torch.__file__)) + os.sep
 _ORIGINAL_WARN = warnings.warn
 
 
@@ -405,8 +406,30 @@ def _warn(message: Any, category: Any = None, stacklevel: int = 1, source: Any =
         while target is not None and os.path.normcase(target.f_code.co_filename) == _OVERRIDES:
             target, skip = target.f_back, skip + 1
         if target is not None and target.f_code in inner:  # the function's first entry (which dispatched)
-            skip += 1
+            target, skip = target.f_back, skip + 1
+        _note(message, category, target)
     _ORIGINAL_WARN(message, category, level + 1 + skip, source)
+
+
+#: the torch warnings raised in watched calls (the loss code), by text: ``{text: "file:line"}``, at most
+#: :data:`_NOTED_MAX` (a broadcast in ``mse_loss``, an implicit softmax dim: often the bug of a run that
+#: does not train). The zero-code runner writes them into ``meta.json`` (``loss_code_warnings``).
+WATCHED_WARNINGS: dict[str, str] = {}
+_NOTED_MAX = 8
+
+
+def _note(message: Any, category: Any, frame: Any) -> None:
+    """Keep a watched call's warning, with the script's line that made it (the first frame above
+    ``frame`` outside torch: ``criterion(out, y)``, not ``torch/nn/modules/loss.py``)."""
+    if len(WATCHED_WARNINGS) >= _NOTED_MAX:
+        return
+    kind = type(message) if isinstance(message, Warning) else (category or UserWarning)
+    text = f"{kind.__name__}: {message}"[:300]
+    while frame is not None and os.path.normcase(frame.f_code.co_filename).startswith(_TORCH_DIR):
+        frame = frame.f_back
+    WATCHED_WARNINGS.setdefault(
+        text, f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else ""
+    )
 
 
 def _warn_from_the_caller() -> None:

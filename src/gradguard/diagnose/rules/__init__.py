@@ -182,6 +182,7 @@ _CAUSES = (
     "weight_growth",
     "vanishing",
     "loss_scale_collapse",
+    "loss_code_warning",
 )
 """The rules whose warning or error explains a run that did not train (``stalled`` gives way to them)."""
 
@@ -230,6 +231,8 @@ REGISTRY: list[Entry] = [
     #    (gradients that look vanishing in a model a too-high first step wrecked are that rate's);
     entry("vanishing", needs=("lr_too_high",)),
     entry("loss_scale_collapse"),
+    #    (torch warned in the loss code: a broadcast, an implicit dim — what was computed is not the loss meant);
+    entry("loss_code_warning"),
     # 6. a finite run that did not train and that no rule above explains (the last resort: a failed
     #    run never reads "No findings").
     entry("stalled", yields_to={name: ("error", "warning") for name in _CAUSES}),

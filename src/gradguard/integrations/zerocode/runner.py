@@ -32,7 +32,7 @@ from gradguard.integrations.zerocode.sessions import (
     Session,
     summary_lines,
 )
-from gradguard.locate import StepCapture
+from gradguard.locate import WATCHED_WARNINGS, StepCapture
 
 __all__ = ["ZeroCode"]
 
@@ -112,6 +112,7 @@ class ZeroCode:
 
     # ------------------------------------------------------------------ lifetime
     def __enter__(self) -> ZeroCode:
+        WATCHED_WARNINGS.clear()  # (the process's last run's)
         self.patches.install()
         self.frameworks.install()
         self.active = True
@@ -133,6 +134,7 @@ class ZeroCode:
             for capture in root.captures:
                 capture.remove()
             root.kept_out.remove()
+        self._note_warnings()
         errors = []
         for session in self._order:
             try:
@@ -141,6 +143,15 @@ class ZeroCode:
                 errors.append(e)
         if errors:
             self._say(f"could not close a run log ({errors[0]})")
+
+    def _note_warnings(self) -> None:
+        """The torch warnings the script's loss code raised (:data:`gradguard.locate.WATCHED_WARNINGS`),
+        in every run's ``meta.json`` (``loss_code_warnings``), where diagnose reads them."""
+        noted = [{"warning": text, "source": where} for text, where in WATCHED_WARNINGS.items()]
+        for session in self._order if noted else ():
+            writer = session.guard.writer
+            if writer is not None and not session.guard.closed:
+                writer.update_meta(loss_code_warnings=noted)
 
     def ended(self, how: str | None) -> None:
         """The script ended early (``"ValueError: bad config"``, a signal, a non-zero exit): said in
