@@ -124,3 +124,14 @@ def test_fsdp2_in_one_process_is_guarded_and_a_bad_batch_skipped(tmp_path: Path)
     assert "weights finite: True" in got.stdout
     log = read_run(tmp_path / "run")
     assert [r["step"] for r in log.metrics if r["skipped"]] == [6]
+
+
+def test_a_loss_code_fault_on_one_rank_is_located_there(tmp_path: Path) -> None:
+    """A per-rank ``sum / count`` whose count is 0 on rank 1 only (finite inputs): replays are off
+    under DDP, and the verdict was "a lone non-finite step, no op located" naming no rank. Each rank's
+    loss-code watch now joins the gather that checks the inputs: the division, on rank 1."""
+    _runs(tmp_path, "--labeled-only")
+    event = read_run(tmp_path / "run").first_nonfinite()
+    assert event is not None and event["step"] == 3, event
+    assert (event["op"], event["phase"], event.get("rank")) == ("div", "loss", 1), event
+    assert "on rank 1" in event["evidence"]["reason"] and event["source"].endswith("ddp_regression.py:73")

@@ -7,6 +7,8 @@ Run: ``torchrun --nproc-per-node 2 ddp_regression.py``.
 
 ``--diverge``: a learning rate far too high for SGD with momentum and no clipping: the weights
 oscillate with a growing amplitude until the loss overflows to inf and then NaN.
+``--labeled-only``: the loss is the mean over the "labeled" samples of the batch (``y > 0.5``), as
+``sum / count``; at step 3 rank 1's batch has none: 0 / 0 on that rank only.
 """
 
 import argparse
@@ -44,6 +46,7 @@ def main():
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--max-norm", type=float, default=0.3)
     parser.add_argument("--diverge", action="store_true")
+    parser.add_argument("--labeled-only", action="store_true")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -62,7 +65,14 @@ def main():
         sampler.set_epoch(epoch)
         for x, y in loader:
             optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
+            if args.labeled_only:
+                labeled = y > 0.5
+                if step == 3 and rank == 1:
+                    labeled = torch.zeros_like(labeled)  # a batch with no labeled sample
+                out = model(x)
+                loss = ((out - y) ** 2 * labeled).sum() / labeled.sum()
+            else:
+                loss = loss_fn(model(x), y)
             loss.backward()
             if max_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)

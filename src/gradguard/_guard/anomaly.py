@@ -258,14 +258,16 @@ class Anomalies:
         return birth, how
 
     def _data_on_ranks(self) -> _Found | None:
-        """Under torch.distributed (no replays): each rank checks the inputs its step was given, and
-        every rank learns whose batch held the non-finite value (one gather; every rank is here, at
-        the same skipped step). The first such rank's tensor, with ``rank`` and every bad rank."""
+        """Under torch.distributed (no replays): each rank checks the inputs its step was given and
+        what its loss-code watch saw, and every rank learns whose batch held the non-finite value or
+        whose loss code made it (one gather; every rank is here, at the same skipped step). The
+        first such rank's answer, with ``rank`` and every bad rank (a per-rank count of 0 in
+        ``sum / count`` read "a lone non-finite step, no op located" and named no rank)."""
         if self.capture is None or self._gather is None or self._rank_checks >= self.max_replays:
             return None
         self._rank_checks += 1
         try:
-            mine = self.capture.bad_input()
+            mine = self.capture.bad_input() or self.capture.loss_watch_answer()
         except Exception:  # this rank must still join the gather, or the others wait for it forever
             mine = None
         found = self._gather(mine)
@@ -275,7 +277,8 @@ class Anomalies:
         rank, fields = bad[0]
         evidence = {**fields["evidence"], "ranks": [r for r, _ in bad]}
         evidence["reason"] = f"on rank {rank}, {evidence['reason']}"
-        return _Found({**fields, "rank": rank, "evidence": evidence, "located_by": "inputs"})
+        how = "inputs" if fields.get("phase") == "data" else "watch"
+        return _Found({**fields, "rank": rank, "evidence": evidence, "located_by": how})
 
     # ------------------------------------------------------------------ arm the next forward
     def arm(self, step: int, *, loss_code: bool = False) -> None:
