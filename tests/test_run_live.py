@@ -415,3 +415,28 @@ def test_an_explosion_rolled_back_is_not_said_to_be_non_finite(tmp_path: Path) -
     assert got.returncode == 0, got.stderr
     assert "was not taken: its gradient norm took off (on_explosion='recover')" in got.stderr
     assert "is not finite" not in got.stderr
+
+
+def test_a_nan_loss_with_finite_gradients_is_said_non_finite(tmp_path: Path) -> None:
+    """A loss made NaN by a term with no gradient (``kl_div`` of a negative target: its ``t·log t``):
+    the gradients are finite, and the first version of the explosion line said "was not taken: its
+    gradient norm took off … its values were finite" of a NaN loss."""
+    script = _script(
+        tmp_path,
+        """
+        for step in range(4):
+            x, y = data[step]
+            loss = nn.functional.mse_loss(model(x), y)
+            if step == 2:
+                loss = loss + torch.tensor(float("nan"))  # a term without gradient
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        """,
+    )
+    got = _run(tmp_path, script, "--no-report")
+    assert got.returncode == 0, got.stderr
+    assert (
+        "step 2 of SGD on model (Sequential) is not finite" in got.stderr
+        and "was not taken" not in got.stderr
+    )

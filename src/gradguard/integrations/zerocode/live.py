@@ -55,8 +55,10 @@ class Live:
         """A step the guard decided on the host was bad (skipped, rolled back, or not skippable)."""
         step = guard.step_count - 1
         norm = guard.last_grad_norm
-        if norm is not None and math.isfinite(float(norm)):  # host sync: a bad step (decided on the host)
-            # finite, not taken: an explosion's onset, rolled back (on_explosion="recover")
+        finite = guard.last_step_nonfinite is not True and norm is not None and math.isfinite(float(norm))
+        if (
+            finite
+        ):  # (host sync: a bad step, decided on the host) not taken: an explosion's onset, rolled back
             self._line(
                 f"explosion{id(guard)}",
                 lambda: (
