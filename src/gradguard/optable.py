@@ -83,6 +83,9 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
         inputs and inputs[0].get("unit") and inputs[0].get("min", 0.0) <= -1.0
     ),
     "below_minus_one": lambda inputs: bool(inputs and inputs[0].get("min", 0.0) < -1.0),
+    # the second input (a target) holds negative values: kl_div's target is a probability (log-probabilities
+    # given as the target: t·log t of a negative t is NaN)
+    "negative_target": lambda inputs: len(inputs) > 1 and bool(inputs[1].get("negative")),
     "always": lambda inputs: True,
 }
 
@@ -225,6 +228,18 @@ OPS: tuple[OpEntry, ...] = (
         Cause("at_minus_one", "log1p of -1 (log of 0)", _LOG1P_FIX),
     ),
     _entry(r"^xlogy$", *_LOG),
+    _entry(
+        r"^kl_div$",
+        "kl_div of a target with negative values (t · log t of t < 0 is NaN) or exactly 0 with log_target=True",
+        "give kl_div what it expects: kl_div(log_probs, probs), or kl_div(log_probs, log_probs_teacher, "
+        "log_target=True) when the target is a log-probability",
+        Cause(
+            "negative_target",
+            "kl_div's target holds negative values: log-probabilities passed as probabilities",
+            "pass log_target=True when the target is a log-probability (F.kl_div(F.log_softmax(s, -1), "
+            "F.log_softmax(t, -1), log_target=True, reduction='batchmean')), or softmax the teacher's logits",
+        ),
+    ),
     _entry(
         r"^(div|reciprocal|rsqrt)$",
         *_DIV,
