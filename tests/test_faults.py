@@ -1704,3 +1704,35 @@ def test_a_sparse_embedding_is_measured_clipped_and_skipped_by_the_guard(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), before))
     guard.close()
     assert read_run(tmp_path / "run").metrics[-1]["skipped"]
+
+
+def test_buffers_already_nan_at_start_are_said_then_not_blamed_on_a_step(tmp_path: Path) -> None:
+    """A fine-tune from a checkpoint whose BatchNorm running statistics hold NaN (BatchNorm frozen in
+    eval mode): every forward is NaN. It read "step 0's forward also wrote NaN into the buffers … a
+    rollback restores them" (the snapshot holds them too), and the abort said "lower the learning
+    rate or clip harder". Said when the guard starts; the abort names the state."""
+    import torch
+    from torch import nn
+
+    from gradguard import Guard, NonFiniteError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    model[1].running_var[3] = math.nan  # as loaded from the checkpoint
+    model[1].eval()  # frozen statistics: the fine-tune's usual choice
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(
+        RuntimeWarning, match=r"the buffers 1.running_var already hold NaN or inf before the first step"
+    ):
+        guard = Guard(model, opt, log_dir=tmp_path / "run", max_consecutive=3)
+    with pytest.raises(NonFiniteError, match="already in the model's state") as stop:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(torch.randn(16, 6)), torch.randint(0, 2, (16,)))
+            loss.backward()
+            guard.step(loss)
+    assert "Lower the learning rate" not in str(stop.value)
+    guard.close()
+    log = read_run(tmp_path / "run")
+    assert log.meta["nonfinite_buffers_at_start"] == ["1.running_var"]
+    assert not [e for e in log.events if e["type"] == "buffers"]

@@ -135,6 +135,29 @@ def _close_at_exit() -> None:
 atexit.register(_close_at_exit)
 
 
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _bad_buffers_at_start(guard: Guard, bad: list[str]) -> frozenset[str]:
+    """Buffers already non-finite when the guard starts (BatchNorm running statistics loaded from a
+    checkpoint with a NaN): said at once and kept in ``meta.json`` (``nonfinite_buffers_at_start``); a
+    bad step's forward did not write them (its ``buffers`` event leaves them out), and a rollback's
+    snapshot holds them too."""
+    if bad:
+        if guard.writer is not None:
+            guard.writer.update_meta(nonfinite_buffers_at_start=bad)
+        warnings.warn(
+            f"gradguard: the buffers {', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''} already hold NaN or "
+            "inf before the first step (a checkpoint loaded with them): every forward that reads them is "
+            "non-finite. Load clean ones, or re-estimate BatchNorm's running statistics (reset_running_stats() "
+            "and a few forwards in train mode).",
+            RuntimeWarning,
+            stacklevel=_user_stacklevel() + 1,
+        )
+    return frozenset(bad)
+
+
 def _sparse(root: nn.Module) -> bool:
     """Whether a module of ``root`` makes sparse gradients (``nn.Embedding`` / ``nn.EmbeddingBag``
     with ``sparse=True``): the meter then reads them as their values (:class:`Meter`)."""
@@ -438,6 +461,7 @@ class Guard:
         self._first_located: events.Event | None = None
         self._warned_no_gradient = False
         self._buffers_said = False  # buffers found non-finite after a bad step (said once)
+        self._buffers_bad_at_start: frozenset[str] = frozenset()  # (set by _check_initial_weights)
         self._stop: NonFiniteError | None = None  # raised once the step's record is in the log
         self._caller_clip: CallerClip | None = None  # before_step(clip=...): of the last step
         self._fields: dict[str, Any] = {}  # before_step(fields=...): the last step's host fields
@@ -1045,7 +1069,7 @@ class Guard:
         finite = torch.stack(
             [torch.isfinite(b).all().to(device) for _, b in named]
         ).tolist()  # host sync: the anomaly path, once
-        bad = [n for (n, _), ok in zip(named, finite) if not ok]
+        bad = [n for (n, _), ok in zip(named, finite) if not ok and n not in self._buffers_bad_at_start]
         if not bad:
             return
         self._buffers_said = True
@@ -1062,7 +1086,9 @@ class Guard:
 
     def _note_located(self, event: events.Event) -> None:
         """The first located birth (an op, or the data): what an abort names as the fix."""
-        if self._first_located is None and (event.get("op") or event.get("phase") in ("data", "optimizer")):
+        if self._first_located is None and (
+            event.get("op") or event.get("phase") in ("data", "optimizer") or event.get("tensor") in _STATE
+        ):
             self._first_located = event
 
     def _record(
@@ -1128,13 +1154,17 @@ class Guard:
         later event that finds one of them non-finite says so (not "an earlier optimizer step wrote
         it"). One read of the weights, here only; not across ranks (a rank holds shards)."""
         named = [(n, p) for n, p in self._guarded.named if p.is_floating_point() and not p.is_meta]
+        buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point() and not b.is_meta]
         if not named or self._reducer is not None:
             return frozenset()
-        local = [
-            p.to_local() if hasattr(p, "to_local") else p for _, p in named
-        ]  # (FSDP2 in one process: its shard)
-        finite = torch.stack([torch.isfinite(p.detach()).all() for p in local]).tolist()  # host sync: once
+        local = [_local(t) for _, t in (*named, *buffers)]  # (FSDP2 in one process: its shard)
+        device = local[0].device
+        finite = torch.stack(
+            [torch.isfinite(t.detach()).all().to(device) for t in local]
+        ).tolist()  # host sync: once
         bad = [n for (n, _), ok in zip(named, finite) if not ok]
+        held = [n for (n, _), ok in zip(buffers, finite[len(named) :]) if not ok]
+        self._buffers_bad_at_start = _bad_buffers_at_start(self, held)
         if bad:
             if self.writer is not None:
                 self.writer.update_meta(nonfinite_at_start=bad)
@@ -1279,6 +1309,9 @@ class Guard:
             raise err
 
 
+_STATE = ("buffer", "state")  # a located birth's tensor that the forward read but did not make
+
+
 def _fix_of(located: events.Event | None) -> str:
     """What an abort tells the user to fix: the first bad step's birth where it was located (an op
     at its numerical edge, a non-finite batch: the learning rate is not the cause), else the
@@ -1292,6 +1325,11 @@ def _fix_of(located: events.Event | None) -> str:
         return (
             f" The first non-finite value (step {step}) was already in the {what}: check the data "
             "(torch.isfinite(x).all() on each batch); the training itself is not the cause."
+        )
+    if located.get("tensor") in _STATE:  # a buffer (a checkpoint's BatchNorm stats) or state the forward read
+        return (
+            f" The first non-finite value (step {step}) was already in the model's state: {reason}. Reset it (clean "
+            "buffers from a checkpoint, or BatchNorm's running statistics re-estimated); the training is not the cause."
         )
     if located.get("phase") == "optimizer":  # born inside optimizer.step(): its hyperparameters, not the rate
         details = located.get("evidence") or {}
