@@ -150,6 +150,26 @@ def test_gradients_already_huge_at_step_0_name_the_scale_not_only_the_rate(tmp_p
     assert read_run(fixed).metrics[-1]["loss"] < 0.05 and not diagnose(fixed)
 
 
+def test_an_explosion_the_guard_recovered_from_is_still_said_with_the_rates_fix(tmp_path: Path) -> None:
+    """``on_explosion="recover"`` rolled a climb back and the run trained on: "No findings", though
+    the rate that made it (3.0, from 0.05) was still the run's. A warning names the recovery and the
+    lower rate."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    path = runs_of.train(
+        tmp_path / "run", model, opt,
+        lambda s: torch.nn.functional.mse_loss(model(x[(s * 32) % 256 :][:32]), y[(s * 32) % 256 :][:32]),
+        60, lr_of=lambda s: 0.05 if s < 30 else 3.0, clip="none", on_explosion="recover",
+    )  # fmt: skip
+    found = [f for f in diagnose(path) if f.id == "explosion"]
+    assert found and "rolled the model back" in found[0].message and found[0].severity == "warning"
+    assert found[0].recommendation["lr"] <= 0.3
+
+
 def test_a_run_that_stalled_under_auto_is_said_and_the_rate_it_advises_trains(tmp_path: Path) -> None:
     """A run that stays finite and does not train is a finding, not "No findings": a deep plain
     classifier at SGD 0.3 (momentum 0.9) under Guard's defaults is held finite by ``auto`` and sits

@@ -213,6 +213,9 @@ REGISTRY: list[Entry] = [
     #    (a weight decay or gradients that are never zeroed drive it: their advice, not a threshold's, is
     #    the answer, and the climb they cause is not reported again as an explosion or a divergence);
     entry("explosion", needs=("divergence", "lr_too_high"), yields_to=_DRIVERS),
+    #    (an explosion the guard caught and rolled back, on_explosion="recover": the rate that made it is
+    #    still the run's);
+    entry("recovered_explosion", yields_to={"explosion": ANY, **_DRIVERS}),
     #    (and growth too fast for the norms to show: a float32 overflow, an update as large as the weights);
     entry("sudden_growth", yields_to={"explosion": ANY, **_DRIVERS}),
     # 4. otherwise an op that made a NaN/inf from finite inputs is the fault, with that op's fix;
