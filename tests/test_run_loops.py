@@ -1004,3 +1004,42 @@ def test_what_the_runner_notes_of_an_optimizer_goes_with_it(tmp_path: Path) -> N
         del opt, stray
         gc.collect()
         assert len(zc._built_at) == 0 and len(zc._unguarded) == 0
+
+
+STALE_HEAD = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 100))  # "pretrained", 100 classes
+    for p in model[0].parameters():
+        p.requires_grad = False  # the backbone is frozen
+    optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)  # built over the old head...
+    model[2] = nn.Linear(32, 4)  # ...then the head is replaced for the new task
+    x = torch.randn(256, 8)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    for step in range(60):
+        i = (step * 32) % 256
+        loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"loss {loss.item():.4f}")
+    """
+)
+
+
+def test_a_model_whose_parameters_no_optimizer_steps_is_said_and_diagnosed(tmp_path: Path) -> None:
+    """An optimizer built before the head was replaced steps the old head; the new one never changes.
+    It read "Net's parameters are updated by hand" and, in diagnose, "stalled at ln K: check the
+    signal". Said after a few steps, and the verdict names the parameters that never changed."""
+    script = tmp_path / "stale_head.py"
+    script.write_text(STALE_HEAD)
+    got = _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    assert "trainable parameters (2.weight, 2.bias) have not changed in 4 steps" in got.stderr
+    from gradguard.diagnose import diagnose
+
+    (stalled,) = [f for f in diagnose(tmp_path / "run") if f.id == "stalled"]
+    assert "never changed" in stalled.message and "after the model is final" in stalled.recommendation["text"]

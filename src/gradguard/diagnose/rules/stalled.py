@@ -90,7 +90,8 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     moved = median(ratios) if ratios else math.nan
     end = median(quarter)
     classes = chance_level(end)
-    if not (moved >= _large(f) or moved <= TINY or classes is not None or _rounded_away(f, moved)):
+    never = isinstance(f.log.meta.get("never_updated"), str)
+    if not (moved >= _large(f) or moved <= TINY or classes is not None or _rounded_away(f, moved) or never):
         return None
     rate = sum(f.clipped) / len(f.clipped) if f.clip_kind != "none" else 0.0
     return Evidence(start, low, end, noise, moved, rate, len(f.rows), classes)
@@ -140,6 +141,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         else ""
     )
     moved = f"A step moved the layers by {fmt(ev.moved)} of their weight norm (median; ~1e-3 is typical)"
+    never = f.log.meta.get("never_updated")
+    if isinstance(never, str):
+        return _never_updated(f, ev, never, chance)
     half = _rounded_away(f, ev.moved)
     if half is not None and not large:
         return _rounded(f, ev, half, chance, clipped)
@@ -170,6 +174,23 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["chance_classes"] = ev.classes
     rec = _advice(f, lr, ev.moved, large) if large or tiny else {"text": _NO_SIGNAL}
     return Finding("stalled", "warning", f.steps[0], message, evidence, rec)
+
+
+def _never_updated(f: Facts, ev: Evidence, names: str, chance: str) -> Finding:
+    """The model's trainable parameters never changed (``meta.json`` ``never_updated``, from
+    ``gradguard run``): no optimizer steps them — one built before the model or its head was replaced."""
+    message = (
+        f"The run did not train: over {ev.steps} steps the loss stayed near where it started "
+        f"({fmt(ev.start)} at the start, {fmt(ev.end)} over the last quarter).{chance} The model's trainable "
+        f"parameters ({names}) never changed: no optimizer steps them, and the script does not update them."
+    )
+    text = (
+        "Build the optimizer over the model's parameters after the model is final: an optimizer made before "
+        "the head was replaced (model.fc = nn.Linear(...)) or the model re-created holds the old parameters. "
+        "Check with set(map(id, model.parameters())) & {id(p) for g in optimizer.param_groups for p in g['params']}."
+    )
+    evidence = {"loss_start": sig(ev.start, 4), "loss_end": sig(ev.end, 4), "never_updated": names}
+    return Finding("stalled", "warning", f.steps[0], message, evidence, {"verified": False, "text": text})
 
 
 def _rounded(f: Facts, ev: Evidence, dtype: str, chance: str, clipped: str) -> Finding:

@@ -6,6 +6,7 @@ Each function takes the runner (``zc``, typed ``Any``: runner.py imports this mo
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gradguard._guard.callerclip import CallerClip
-from gradguard.integrations._common import drop_grads
+from gradguard.integrations._common import drop_grads, what_it_steps
 from gradguard.integrations.zerocode._lookup import session_of
 from gradguard.integrations.zerocode._signals import deliver_lost
 from gradguard.integrations.zerocode.sessions import ManualUpdate, Session
@@ -104,7 +105,42 @@ def measure_by_hand(
     ``False``: the step was seen non-finite (the script updates its weights anyway)."""
     deliver_lost()
     session.guard.before_step(loss, clip=clip, fields=fields)
+    _check_updated(session)
     return not session.guard.last_step_nonfinite
+
+
+NEVER_UPDATED_AT = 5  # the hand-updated step at which parameters still as at the first are said
+
+
+def _check_updated(session: Session) -> None:
+    """Whether a "hand-updated" model is updated at all: its parameters' sums at its first measured step
+    and at step :data:`NEVER_UPDATED_AT` (two host reads in the run). Unchanged: no optimizer steps them
+    and the script does not either (an optimizer built before the model's head was replaced holds the old
+    head: the run sat at ln 10 and read "stalled … check the signal"). Said once, in ``meta.json``
+    (``never_updated``), where diagnose's ``stalled`` reads it."""
+    guard = session.guard
+    if guard.step_count not in (1, NEVER_UPDATED_AT):
+        return
+    params = list(guard.optimizer.param_groups[0]["params"])
+    with torch.no_grad():
+        sums = torch.stack(
+            [p.detach().double().sum().cpu() for p in params]
+        ).tolist()  # host sync: twice a run
+    if guard.step_count == 1:
+        session.sums = sums
+        return
+    if session.sums != sums:
+        return
+    ids = {id(p) for p in params}
+    names = ", ".join([n for n, p in guard.model.named_parameters() if id(p) in ids][:4])
+    if guard.writer is not None:
+        guard.writer.update_meta(never_updated=names)
+    print(
+        f"gradguard: {what_it_steps(guard)}'s trainable parameters ({names}) have not changed in "
+        f"{NEVER_UPDATED_AT - 1} steps: no optimizer steps them and the script does not update them. An optimizer "
+        "built before the model (or its head) was replaced holds the old parameters: build it after the change.",
+        file=sys.stderr,
+    )
 
 
 def scaler_of(zc: Any, optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:

@@ -65,6 +65,7 @@ class Session:
         )
         self.zero_grads = 0  # the runner's zero_grad() count at the last step
         self.unzeroed = 0  # steps in a row with no zero_grad() and the same gradient tensors
+        self.sums: list[float] | None = None  # a hand-updated model's parameter sums at its first step
 
     def end_step(self) -> None:
         self.measured_at = None
