@@ -30,7 +30,7 @@ from gradguard.errors import GradGuardError
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["Reducer", "gather", "local", "rank", "same_on_all_ranks", "sharded", "world"]
+__all__ = ["Reducer", "any_dtensor", "gather", "local", "rank", "same_on_all_ranks", "sharded", "world"]
 
 
 def world(group: dist.ProcessGroup | None = None) -> int:
@@ -74,6 +74,12 @@ def local(t: Tensor) -> Tensor:
     """The part of ``t`` this rank holds (the local shard of a DTensor; ``t`` itself otherwise)."""
     dtensor = _dtensor()
     return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def any_dtensor(tensors: Sequence[Tensor]) -> bool:
+    """Whether some of ``tensors`` are DTensors (FSDP2), in one process too (their local shards are read)."""
+    dtensor = _dtensor()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
 
 
 def sharded(tensors: Sequence[Tensor]) -> list[bool]:

@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import events, optable
-from gradguard._distributed import Reducer, gather, world
+from gradguard._distributed import Reducer, gather, local, world
 from gradguard._guard import apply as applying
 from gradguard._guard.anomaly import Anomalies, flagged_nonfinite
 from gradguard._guard.apply import Apply, Outcome, Planned, reuse_first_call
@@ -133,10 +133,6 @@ def _close_at_exit() -> None:
 
 
 atexit.register(_close_at_exit)
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _bad_buffers_at_start(guard: Guard, bad: list[str]) -> frozenset[str]:
@@ -1157,10 +1153,10 @@ class Guard:
         buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point() and not b.is_meta]
         if not named or self._reducer is not None:
             return frozenset()
-        local = [_local(t) for _, t in (*named, *buffers)]  # (FSDP2 in one process: its shard)
-        device = local[0].device
+        shards = [local(t) for _, t in (*named, *buffers)]  # (FSDP2 in one process: its shard)
+        device = shards[0].device
         finite = torch.stack(
-            [torch.isfinite(t.detach()).all().to(device) for t in local]
+            [torch.isfinite(t.detach()).all().to(device) for t in shards]
         ).tolist()  # host sync: once
         bad = [n for (n, _), ok in zip(named, finite) if not ok]
         held = [n for (n, _), ok in zip(buffers, finite[len(named) :]) if not ok]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from gradguard import _step_kernel, clip
-from gradguard._distributed import Reducer, local
+from gradguard._distributed import Reducer, any_dtensor, local
 from gradguard._kernels import grad_norms, usable
 from gradguard.clip import COEF_EPS
 from gradguard.errors import GradGuardError
@@ -302,10 +302,6 @@ class _Probe:
         return loss, total
 
 
-def _any_dtensor(params: Sequence[Tensor]) -> bool:
-    return any(hasattr(p, "to_local") for p in params)
-
-
 class Meter:
     """Measures the guarded parameters' gradients (and, on cadence steps, their weights)."""
 
@@ -320,7 +316,7 @@ class Meter:
     ) -> None:
         self.params = params
         self.sparse = sparse  # the model has an nn.Embedding(sparse=True): see _sparse_gradients
-        self._dtensors = _any_dtensor(params)  # FSDP2: its gradients are read by their local shards
+        self._dtensors = any_dtensor(params)  # FSDP2: its gradients are read by their local shards
         self.norm_type = norm_type
         self.index = index
         self.reducer = reducer
@@ -336,7 +332,7 @@ class Meter:
     def reindex(self, index: LayerIndex, reducer: Reducer | None) -> None:
         """Parameters joined: the new layer index (and the all-reduce that covers them)."""
         self.index, self.reducer = index, reducer
-        self._dtensors = _any_dtensor(self.params)
+        self._dtensors = any_dtensor(self.params)
         self._uniform = _uniform(self.params, self.norm_type)
         self._absent.clear()
         self._positions.clear()
