@@ -384,7 +384,7 @@ _TORCH_DIR = os.path.normcase(os.path.dirname(torch.__file__)) + os.sep
 _ORIGINAL_WARN = warnings.warn
 
 
-def _warn(message: Any, category: Any = None, stacklevel: int = 1, source: Any = None) -> None:
+def _warn(message: Any, category: Any = None, stacklevel: int = 1, source: Any = None, **kwargs: Any) -> None:
     """``warnings.warn`` whose ``stacklevel`` skips a watch's call: a torch function called through
     a watch (``F.mse_loss`` warning of a broadcast, ``stacklevel=2``) warned at the watch's line, in
     gradguard's file, and its "once per location" then hid the same warning from every other line.
@@ -408,7 +408,7 @@ def _warn(message: Any, category: Any = None, stacklevel: int = 1, source: Any =
         if target is not None and target.f_code in inner:  # the function's first entry (which dispatched)
             target, skip = target.f_back, skip + 1
         _note(message, category, target)
-    _ORIGINAL_WARN(message, category, level + 1 + skip, source)
+    _ORIGINAL_WARN(message, category, level + 1 + skip, source, **kwargs)  # (3.12's skip_file_prefixes)
 
 
 #: the torch warnings raised in watched calls (the loss code), by text: ``{text: "file:line"}``, at most
