@@ -89,6 +89,7 @@ RULES: dict[str, Rule] = {
             "gradguard.locate",
             "gradguard._replay",  # what a replay needs beyond the inputs: autocast, custom Functions, wrappers
             "gradguard._inputs",  # what enters a step besides the batch: targets, labels, carried state
+            "gradguard._backcheck",  # custom autograd Functions whose backward is not linear in its gradient
             "gradguard.guard",
             "gradguard.guard.*",
             "gradguard._guard",  # the guard's parts

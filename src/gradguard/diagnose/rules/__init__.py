@@ -171,6 +171,7 @@ _CAUSES = (
     "weight_decay",
     "gradients_not_zeroed",
     "lr_schedule",
+    "custom_backward",
     "explosion",
     "sudden_growth",
     "nonfinite_op",
@@ -190,6 +191,7 @@ _DRIVERS: dict[str, Sequence[str]] = {
     "weight_decay": ("error",),
     "gradients_not_zeroed": ("error",),
     "lr_schedule": ("error",),
+    "custom_backward": ("error",),
 }
 """Settings that drive a run's growth whatever the learning rate or threshold: where one is the error,
 the growth it causes is not reported again (with a threshold's or a rate's advice that cannot fix it)."""
@@ -208,6 +210,9 @@ REGISTRY: list[Entry] = [
     entry("gradients_not_zeroed"),
     #    (and a learning rate that went negative, or a schedule that collapsed it to nothing mid-run);
     entry("lr_schedule"),
+    #    (and a custom autograd Function whose backward is not linear in its gradient: the chain rule
+    #    forgotten, the layers below follow a "gradient" that is not the loss's);
+    entry("custom_backward"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
     #    (a weight decay or gradients that are never zeroed drive it: their advice, not a threshold's, is

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import runlog
+from gradguard._backcheck import BackwardCheck
 from gradguard.guard import Guard
 from gradguard.integrations._common import optimizer_run_dir
 from gradguard.integrations.zerocode import _clip, _lookup, _steps
@@ -87,6 +88,7 @@ class ZeroCode:
         self._scaled: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
         self._scaler: weakref.ref[torch.amp.GradScaler] | None = None
         self._backwards = 0
+        self._backcheck = BackwardCheck()  # custom Functions' backward, checked once each
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
         self.zero_grads = 0  #: zero_grad() calls so far (of any optimizer or module)
         self.norm_type: float | None = None  # of the clip_grad_norm_ call under way
@@ -135,6 +137,7 @@ class ZeroCode:
                 capture.remove()
             root.kept_out.remove()
         self._note_warnings()
+        self._note_backwards()
         errors = []
         for session in self._order:
             try:
@@ -152,6 +155,20 @@ class ZeroCode:
             writer = session.guard.writer
             if writer is not None and not session.guard.closed:
                 writer.update_meta(loss_code_warnings=noted)
+
+    def _note_backwards(self) -> None:
+        """The custom autograd Functions whose backward is not linear in its incoming gradient
+        (:class:`gradguard._backcheck.BackwardCheck`), in every run's ``meta.json``
+        (``nonlinear_backward``), where diagnose's ``custom_backward`` reads them."""
+        try:
+            found = self._backcheck.report()
+        except Exception as e:  # gradguard's own bug: said, the logs still close
+            self._say(f"could not check the custom autograd Functions ({type(e).__name__}: {e})")
+            return
+        for session in self._order if found else ():
+            writer = session.guard.writer
+            if writer is not None and not session.guard.closed:
+                writer.update_meta(nonlinear_backward=found)
 
     def ended(self, how: str | None) -> None:
         """The script ended early (``"ValueError: bad config"``, a signal, a non-zero exit): said in
@@ -252,6 +269,7 @@ class ZeroCode:
         for root in self._called.values():
             for capture in root.captures:
                 capture.before_backward()
+        self._backcheck.watch(tensors)
         if isinstance(tensors, Tensor) and tensors.numel() == 1:
             entry = self._scaled.pop(id(tensors), None)
             loss = entry[1] if entry is not None and entry[0]() is tensors else tensors.detach()
