@@ -38,6 +38,7 @@ __all__ = [
     "is_mask_op",
     "model_argument",
     "number_operand",
+    "scale_operand",
     "target_description",
     "target_of",
 ]
@@ -143,6 +144,22 @@ def number_operand(op: str, args: Any) -> dict[str, Any] | None:
         "unit": int(abs(x) == 1),
         **({"min": x, "max": x, "absmax": abs(x)} if finite else {}),
     }
+
+
+_SCALING_OPS = frozenset({"mul", "div", "true_divide"})
+
+
+def scale_operand(op: str, args: Any) -> float | None:
+    """The factor a multiplication or division by a Python number applies (``gp_weight * penalty``:
+    ``1e4``; ``loss / 4``: ``0.25``), or ``None`` (no Python number operand; a division by 0)."""
+    if op not in _SCALING_OPS or not isinstance(args, tuple) or len(args) != 2:
+        return None
+    x = args[1]
+    if type(x) not in (int, float) or not math.isfinite(x):
+        return None
+    if op == "mul":
+        return float(x)
+    return 1.0 / x if x != 0 else None
 
 
 def target_of(op: str, args: Any, kwargs: Any) -> tuple[Tensor, int] | None:

@@ -980,12 +980,43 @@ class LossWatch(_OpWatch):
         self._hook_functions(ins)
         entry.target = _inputs.target_of(op, args, kwargs)
         entry.number = _inputs.number_operand(op, args)
+        entry.scale = _inputs.scale_operand(op, args)
         self.entries.append(entry)
         for o in outs:
             self._made.add(id(o))
             node = o.grad_fn
             if node is not None and o.requires_grad:
                 self._handles.append(node.register_hook(self._node_hook(entry)))
+
+    def terms(self, loss: Tensor) -> dict[str, Any] | None:
+        """The additive terms of ``loss`` (``ce + gp_weight * penalty``), from the ops that made it:
+        ``{"source": the sum's line, "terms": [...]}``, each term's value (a detached device scalar:
+        nothing is read), the Python number it was multiplied by (``weight``), its op and line; ``None``
+        when the loss is not a sum of scalar terms the watch saw."""
+        made = {id(o): e for e in self.entries if e.phase == "loss" and e.unchanged() for o in e._outs}
+        top = made.get(id(loss))
+        if top is None or top.op not in _ADDITIONS or top.n_in != 2:
+            return None
+        found: list[dict[str, Any]] = []
+        todo, sums = list(top._ins), 1
+        while todo and len(found) < _TERMS_MAX:
+            t = todo.pop(0)
+            e = made.get(id(t))
+            if e is not None and e.op in _ADDITIONS and e.n_in == 2 and sums < _TERMS_MAX:
+                todo[:0], sums = list(e._ins), sums + 1
+            elif t.numel() == 1:
+                inner = made.get(id(e._ins[0])) if e is not None and e.scale is not None and e._ins else None
+                found.append(
+                    {
+                        "value": t.detach().reshape(()),
+                        "weight": e.scale if e is not None else None,
+                        "op": (inner or e).op if e is not None else "input",
+                        "source": (inner or e).source if e is not None else None,
+                    }
+                )
+            else:
+                return None
+        return {"source": top.source, "terms": found} if len(found) >= 2 and not todo else None
 
     def leaves(self) -> list[Tensor]:
         """The floating tensors that entered the loss code (while the references are kept)."""
@@ -1085,6 +1116,8 @@ class LossWatch(_OpWatch):
 
 
 _DIVISIONS = frozenset({"div", "true_divide", "reciprocal", "rsqrt"})
+_ADDITIONS = frozenset({"add", "sub"})  # (``a + b``, ``a - b``, ``sum([a, b])``, ``torch.add``)
+_TERMS_MAX = 8  # the terms of a loss followed (LossWatch.terms)
 
 _WATCH_CODES.update(
     cls.__dict__["__torch_function__"].__code__
@@ -1109,7 +1142,7 @@ class _Watched:
 
     __slots__ = (
         "_ins", "_outs", "entering", "forward", "function", "judged", "n_in", "n_out", "number", "op", "phase",
-        "source", "target", "versions",
+        "scale", "source", "target", "versions",
     )  # fmt: skip
 
     def __init__(
@@ -1123,6 +1156,7 @@ class _Watched:
         self.entering: tuple[str | None, ...] | None = None
         self.target: tuple[Tensor, int] | None = None
         self.number: dict[str, Any] | None = None  # a Python number operand (``logits / tau``), described
+        self.scale: float | None = None  # the factor of a multiplication or division by a Python number
         self.forward: _Watched | None = None
         self.function: str | None = None  # a custom autograd Function's class (its backward is the op)
 
@@ -1514,6 +1548,10 @@ class StepCapture:
     def loss_code_over(self) -> bool:
         """Whether the open window saw its ``backward()`` (the loss code is over)."""
         return self._active is not None and self._active.done
+
+    def loss_terms(self, loss: Tensor) -> dict[str, Any] | None:
+        """The additive terms of ``loss`` as the open loss-code window saw them (:meth:`LossWatch.terms`)."""
+        return self._active.terms(loss) if self._active is not None else None
 
     def loss_code_done(self) -> None:
         """``backward()`` was called: the open window keeps no more ops (its backward nodes still report)."""

@@ -172,6 +172,7 @@ _CAUSES = (
     "gradients_not_zeroed",
     "lr_schedule",
     "custom_backward",
+    "loss_weight",
     "explosion",
     "sudden_growth",
     "nonfinite_op",
@@ -192,6 +193,7 @@ _DRIVERS: dict[str, Sequence[str]] = {
     "gradients_not_zeroed": ("error",),
     "lr_schedule": ("error",),
     "custom_backward": ("error",),
+    "loss_weight": ("error",),
 }
 """Settings that drive a run's growth whatever the learning rate or threshold: where one is the error,
 the growth it causes is not reported again (with a threshold's or a rate's advice that cannot fix it)."""
@@ -213,6 +215,8 @@ REGISTRY: list[Entry] = [
     #    (and a custom autograd Function whose backward is not linear in its gradient: the chain rule
     #    forgotten, the layers below follow a "gradient" that is not the loss's);
     entry("custom_backward"),
+    #    (and a term of the loss weighted to outweigh the rest of it: a penalty at 1e4 for 1e-4);
+    entry("loss_weight"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
     #    (a weight decay or gradients that are never zeroed drive it: their advice, not a threshold's, is

@@ -89,6 +89,7 @@ class ZeroCode:
         self._scaler: weakref.ref[torch.amp.GradScaler] | None = None
         self._backwards = 0
         self._backcheck = BackwardCheck()  # custom Functions' backward, checked once each
+        self._loss_terms: dict[str, Any] | None = None  # the first loss's additive terms (LossWatch.terms)
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
         self.zero_grads = 0  #: zero_grad() calls so far (of any optimizer or module)
         self.norm_type: float | None = None  # of the clip_grad_norm_ call under way
@@ -138,6 +139,7 @@ class ZeroCode:
             root.kept_out.remove()
         self._note_warnings()
         self._note_backwards()
+        self._note_loss_terms()
         errors = []
         for session in self._order:
             try:
@@ -169,6 +171,19 @@ class ZeroCode:
             writer = session.guard.writer
             if writer is not None and not session.guard.closed:
                 writer.update_meta(nonlinear_backward=found)
+
+    def _note_loss_terms(self) -> None:
+        """The first loss's additive terms, their values read now (one host read at the end of the run),
+        in every run's ``meta.json`` (``loss_terms``), where diagnose's ``loss_weight`` reads them."""
+        found = self._loss_terms
+        if not found:
+            return
+        terms = [{**term, "value": float(f"{float(term['value']):.4g}")} for term in found["terms"]]
+        noted = {"source": found["source"], "terms": terms}
+        for session in self._order:
+            writer = session.guard.writer
+            if writer is not None and not session.guard.closed:
+                writer.update_meta(loss_terms=noted)
 
     def ended(self, how: str | None) -> None:
         """The script ended early (``"ValueError: bad config"``, a signal, a non-zero exit): said in
@@ -264,15 +279,18 @@ class ZeroCode:
     def on_backward(self, tensors: Any) -> None:
         """``torch.autograd.backward``: a loss (a one-element tensor) joins the step's loss; the
         captures of the models called since the last backward keep the gradient of their output."""
+        entry = self._scaled.pop(id(tensors), None) if isinstance(tensors, Tensor) else None
+        unscaled = entry[1] if entry is not None and entry[0]() is tensors else tensors
         if self._watching is not None:
+            if self._loss_terms is None and isinstance(unscaled, Tensor):
+                self._loss_terms = self._watching.loss_terms(unscaled) or {}
             self._watching.loss_code_done()
         for root in self._called.values():
             for capture in root.captures:
                 capture.before_backward()
         self._backcheck.watch(tensors)
         if isinstance(tensors, Tensor) and tensors.numel() == 1:
-            entry = self._scaled.pop(id(tensors), None)
-            loss = entry[1] if entry is not None and entry[0]() is tensors else tensors.detach()
+            loss = unscaled.detach()
             self._losses.append(loss if loss.dim() == 0 else loss.reshape(()))
 
     def end_loss_code(self) -> None:

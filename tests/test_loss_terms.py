@@ -1,0 +1,97 @@
+"""The terms of a loss (``ce + gp_weight * penalty``) as ``gradguard run``'s loss-code watch sees them
+(:meth:`gradguard.locate.LossWatch.terms`, ``meta.json`` ``loss_terms``), and ``gradguard diagnose``'s
+``loss_weight``: a term weighted to outweigh the rest of the loss in a run that did not train."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradguard.diagnose import diagnose, headline
+from gradguard.locate import LossWatch
+from gradguard.runlog import read_run
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "run_scripts" / "input_grad_penalty.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _terms(code: str) -> dict | None:
+    torch.manual_seed(0)
+    out = torch.randn(8, 3, requires_grad=True) * 1
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    scope = {"torch": torch, "F": F, "out": out, "y": y}
+    with LossWatch(made=[out]) as watch:
+        exec(code, scope)
+    return watch.terms(scope["loss"])
+
+
+@pytest.mark.parametrize(
+    ("code", "weights"),
+    [
+        ("ce = F.cross_entropy(out, y)\npen = out.pow(2).mean()\nloss = ce + 1e4 * pen", [None, 1e4]),
+        (
+            "loss = F.cross_entropy(out, y) + out.pow(2).mean() * 0.5 - out.abs().mean() / 4",
+            [None, 0.5, 0.25],
+        ),
+        ("loss = sum([F.cross_entropy(out, y), out.pow(2).mean(), out.abs().mean()])", [None, None, None]),
+    ],
+)
+def test_the_terms_of_a_sum_are_read_with_their_weights(code: str, weights: list) -> None:
+    found = _terms(code)
+    assert found is not None and [t["weight"] for t in found["terms"]] == weights
+    assert all(t["value"].dim() == 0 for t in found["terms"])
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "loss = F.cross_entropy(out, y)",  # one term
+        "loss = F.cross_entropy(out, y) / 4",  # an accumulation's scaling: one term
+        "loss = (out + out.pow(2)).mean()",  # a sum of tensors before the reduction: not terms of the loss
+    ],
+)
+def test_a_loss_that_is_not_a_sum_of_terms_has_none(code: str) -> None:
+    assert _terms(code) is None
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradguard",
+        "run",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-report",
+        str(SCRIPT),
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_a_penalty_weighted_1e4_for_1e_4_is_named_not_the_explosion_it_drives(tmp_path: Path) -> None:
+    """Before: "explosion: clip at 680 or lr 5e-4", and every threshold and rate left the model at chance."""
+    _run(tmp_path)
+    top = headline(diagnose(tmp_path / "run"))
+    assert top is not None and top.id == "loss_weight", top
+    line = next(i for i, s in enumerate(SCRIPT.read_text().splitlines(), 1) if "penalty = grad_x" in s)
+    assert f"1e+04 × the mean at {SCRIPT}:{line}" in top.message and "(98%)" in top.message
+    assert "10 or less" in top.recommendation["text"]
+    assert "explosion" not in {
+        f.id for f in diagnose(tmp_path / "run")
+    }  # a driver: its climb is not the rate's
+
+
+def test_the_advised_weight_trains_and_reads_clean(tmp_path: Path) -> None:
+    got = _run(tmp_path, "--gp-weight", "10")
+    assert got.returncode == 0 and float(got.stdout.split()[-1].split("val_acc")[-1]) > 0.85, got.stdout
+    terms = read_run(tmp_path / "run").meta["loss_terms"]["terms"]
+    assert [t["weight"] for t in terms] == [None, 10.0]
+    assert headline(diagnose(tmp_path / "run")) is None
