@@ -37,7 +37,7 @@ def detect(f: Facts, seen: Seen) -> dict[str, Any] | None:
     top = max(terms, key=lambda t: abs(t["value"]))
     rest = sum(abs(t["value"]) for t in terms if t is not top)
     weight = top.get("weight")
-    if not _number(weight) or abs(float(weight)) < LARGE_WEIGHT:
+    if not isinstance(weight, (int, float)) or not _number(weight) or abs(weight) < LARGE_WEIGHT:
         return None
     if not (rest > 0 and abs(top["value"]) >= DOMINANT * rest):
         return None
