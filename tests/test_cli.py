@@ -121,6 +121,19 @@ def test_report_writes_replaces_and_honours_out(
     assert "20250101-000001-healthy" in page and "20250101-000002-too-high-lr" in page
 
 
+def test_report_never_replaces_a_file_that_is_not_a_report(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``-o`` naming the run's own log or the user's script replaced it with HTML, exit 0."""
+    run = runs / "20250101-000002-too-high-lr"
+    script = tmp_path / "train.py"
+    script.write_text("print('train')\n")
+    for target in (run / "metrics.jsonl", script):
+        before = target.read_bytes()
+        assert main(["report", str(run), "-o", str(target)]) == EXIT_USAGE
+        assert "refusing to replace" in capsys.readouterr().err and target.read_bytes() == before
+
+
 def test_report_without_a_run_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "nope")]) == EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err

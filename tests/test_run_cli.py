@@ -229,6 +229,35 @@ def test_an_out_that_holds_a_run_log_is_refused_before_the_script_runs(tmp_path:
     assert [r["step"] for r in log.metrics] == list(range(2 * n)) and not log.superseded, log.skipped
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_the_script_runs(tmp_path: Path) -> None:
+    """An ``--out`` below a file, or a file: the script ran unguarded after an "internal error" (exit 0),
+    or died at its first clip with gradguard's error."""
+    script = tmp_path / "tiny.py"
+    script.write_text("print('the script ran')\n" + TINY)
+    (tmp_path / "afile").write_text("keep me")
+    for out in ("afile", "afile/run"):
+        cmd = [sys.executable, "-m", "gradguard", "run", "--no-report", "--out", out, str(script)]
+        got = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+        assert got.returncode == 2 and "the script ran" not in got.stdout, got.stderr
+        assert "is a file" in got.stderr and "Traceback" not in got.stderr, got.stderr
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_guard_whose_log_dir_cannot_be_made_says_so(tmp_path: Path) -> None:
+    import pytest
+    import torch
+
+    from gradguard import Guard
+    from gradguard.errors import GradGuardError
+
+    (tmp_path / "afile").write_text("")
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(
+        GradGuardError, match=r"cannot write the run log in .*afile/run.*pass a run directory"
+    ):
+        Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log_dir=tmp_path / "afile" / "run")
+
+
 def test_a_module_of_a_package_runs_with_dash_m_as_python_runs_it(tmp_path: Path) -> None:
     pkg = tmp_path / "mypkg"
     pkg.mkdir()

@@ -124,6 +124,11 @@ def _report(args: argparse.Namespace) -> int:
     else:
         planned = None  # a folder holding one run: its run directory decides
     existed = planned is not None and planned.exists()
+    if existed and planned is not None and not _html_file(planned):
+        return _fail(
+            f"refusing to replace {safe_text(planned)}: it exists and is not an HTML report (a run's log, a "
+            "script?); pass -o a new file, e.g. -o report.html, or remove that file first."
+        )
     try:
         path = write_report(src, args.out)
     except GradGuardError as e:
@@ -132,6 +137,16 @@ def _report(args: argparse.Namespace) -> int:
         return _fail(f"could not write the report ({e}); pass -o FILE in a folder you can write to.")
     print(f"report: {safe_text(path)}" + (" (replaced the existing file)" if existed else ""))
     return EXIT_OK
+
+
+def _html_file(path: os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file whose start reads as HTML (an earlier report, replaced freely)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512).lstrip().lower()
+    except OSError:
+        return False
+    return head.startswith((b"<!doctype html", b"<html"))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -143,18 +158,19 @@ def _run(args: argparse.Namespace) -> int:
     options = {dest: getattr(args, dest) for dest in RUN_GUARD_OPTIONS if hasattr(args, dest)}
     if args.out is not None:
         options["out"] = args.out
-        if not options.get("exist_ok"):  # before the script runs (its data may take long to load)
-            from pathlib import Path
+        from pathlib import Path
 
-            from gradguard.runlog import refuse_existing
+        from gradguard.runlog import check_run_dir, refuse_existing
 
-            try:
+        try:  # before the script runs (its data may take long to load)
+            check_run_dir(args.out)
+            if not options.get("exist_ok"):
                 refuse_existing(
                     Path(args.out),
                     "pass a new --out (or none: a new folder under gradguard-runs/), or --exist-ok",
                 )
-            except GradGuardError as e:
-                return _fail(str(e))
+        except GradGuardError as e:
+            return _fail(str(e))
     if args.quiet:
         options["live"] = False
     try:

@@ -100,12 +100,14 @@ from gradguard._guard.poststep import AfterStep
 from gradguard._guard.recovery import Limit, Recovery
 from gradguard._guard.row import column, device_row, host_values, rescued, set_column
 from gradguard._guard.runmeta import open_run_log, run_meta
+from gradguard._guard.usage import Usage
 from gradguard.clip import Clipper, HostZClip, coefficient, from_spec
 from gradguard.errors import GradGuardError, NonFiniteError, check_state_version
 from gradguard.locate import StepCapture
 from gradguard.monitor import Monitor
 from gradguard.record import DECIDED, LR
 from gradguard.runlog import RunWriter
+from gradguard.safetext import safe_text
 from gradguard.stats import LayerIndex, check_tensors
 from gradguard.tunelog import TuneResult, write_tune
 
@@ -442,6 +444,9 @@ class Guard:
         )
         self._explosions = Explosions(config.on_explosion, self._recovery)
         self._after = AfterStep(optimizer)  # before_step: the work that waits for the caller's step
+        self._usage = Usage(
+            optimizer, _warn_at_user
+        )  # step(): the loop's own optimizer.step() kept, a loss stepped twice
         self._births = OptimizerBirths(
             optimizer,
             self._guarded.named,
@@ -563,6 +568,7 @@ class Guard:
             The loss (what the closure returned, or what was passed).
         """
         self._check_open()
+        _check_scaler(scaler)
         closure = None
         if callable(loss_or_closure) and not isinstance(loss_or_closure, Tensor):
             loss = self._anomaly.run_closure(loss_or_closure)
@@ -573,9 +579,11 @@ class Guard:
             scaler = None
         if scaler is not None:
             _unscale_once(scaler, self.optimizer)
+        self._usage.enter(loss_or_closure)
         try:
             self._step(loss, scaler, external=False, closure=closure)
         finally:
+            self._usage.leave()
             self._anomaly.end_step()
         return loss
 
@@ -664,7 +672,8 @@ class Guard:
         from gradguard.tune import tune
 
         self._check_open()
-        result = tune(self.model, self.optimizer, loss_fn, batches, **options)
+        with self._usage.stepping():  # the trials' own optimizer steps are not the loop's
+            result = tune(self.model, self.optimizer, loss_fn, batches, **options)
         result = dataclasses.replace(result, start_step=self.step_count)
         if self.run_dir is not None:
             write_tune(self.run_dir, result)
@@ -709,6 +718,7 @@ class Guard:
         self._closed = True
         _OPEN.discard(self)
         self._after.close()  # a step after close is not the guard's
+        self._usage.close()
         try:
             recurred = self._anomaly.close(self.counters.step_count)
             if recurred is not None:
@@ -1342,6 +1352,10 @@ def _fix_of(located: events.Event | None) -> str:
     )
 
 
+def _warn_at_user(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
+
+
 def _user_stacklevel() -> int:
     """The ``stacklevel`` of a warning that points at the user's line (a ``Guard(...)`` in the script,
     or the script's first optimizer step under ``gradguard run``), not at gradguard's."""
@@ -1399,6 +1413,19 @@ def _caller_steps(outcome: Outcome) -> bool:
     """``before_step``'s answer: whether the caller steps. Its strategies decide on the host
     (``HostDecided``) or never skip (``Observe``: monitor only, ``"warn"``): no device value is read."""
     return not outcome.skipped if outcome.on_host else True
+
+
+def _check_scaler(scaler: Any) -> None:
+    """Refuse a ``scaler`` that is not a GradScaler (``scaler=True``, the scale factor, the optimizer)."""
+    if scaler is None or all(
+        callable(getattr(scaler, a, None)) for a in ("is_enabled", "unscale_", "update")
+    ):
+        return
+    raise GradGuardError(
+        f"scaler must be the torch.amp.GradScaler that scaled the loss, got {type(scaler).__name__}: "
+        f"{safe_text(repr(scaler))[:80]}; pass guard.step(loss, scaler=scaler) with scaler = "
+        "torch.amp.GradScaler(), or no scaler."
+    )
 
 
 def _unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:

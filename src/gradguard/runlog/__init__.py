@@ -83,7 +83,7 @@ from gradguard.runlog._format import (
     TEXT_KEYS,
 )
 from gradguard.runlog._reader import RunLog, find_runs, is_run_dir, read_run
-from gradguard.runlog._writer import RunLogWarning, RunWriter, refuse_existing
+from gradguard.runlog._writer import RunLogWarning, RunWriter, check_run_dir, refuse_existing
 
 __all__ = [
     "EVENTS_FILE",
@@ -98,6 +98,7 @@ __all__ = [
     "RunWriter",
     "atomic_write_json",
     "atomic_write_text",
+    "check_run_dir",
     "default_run_dir",
     "find_runs",
     "from_jsonable",

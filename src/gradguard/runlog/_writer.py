@@ -198,12 +198,18 @@ class RunWriter:
         self._last_step: int | None = None
         self._meta: dict[str, Any] = {}
         self.path = _checked_run_dir(run_dir)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _unwritable(self.path, e) from e
         existing = _existing_log(self.path)
         if not exist_ok:
             refuse_existing(self.path)
         try:
             self._open(meta, reopened=bool(existing))
+        except OSError as e:
+            self._release()
+            raise _unwritable(self.path, e) from e
         except BaseException:
             self._release()
             raise
@@ -484,6 +490,31 @@ def _checked_run_dir(run_dir: str | os.PathLike[str]) -> Path:
             "pass a directory path (it is created if missing)."
         )
     return path
+
+
+def _unwritable(path: Path, e: OSError) -> GradGuardError:
+    return GradGuardError(
+        f"cannot write the run log in {str(path)!r}: {e.strerror or e}; pass a run directory in a folder you can "
+        "write to."
+    )
+
+
+def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
+    """Refuse, before a run starts, a run directory that cannot be created or written (a path below a file, a
+    read-only folder): the run would otherwise go on unguarded, or end at its first step. Nothing is created."""
+    path = _checked_run_dir(run_dir)
+    folder = path.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise GradGuardError(
+            f"run directory {str(path)!r} cannot be created: {str(folder)!r} is a file; pass a directory path."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise GradGuardError(
+            f"run directory {str(path)!r} cannot be written: {str(folder)!r} is not writable (a read-only "
+            "folder or file system); pass a run directory in a folder you can write to."
+        )
 
 
 def _existing_log(run_dir: Path) -> list[str]:
