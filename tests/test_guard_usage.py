@@ -22,7 +22,9 @@ def _setup(opt: type = torch.optim.Adam) -> tuple[nn.Module, torch.optim.Optimiz
 
 
 def _slips(caught: list[warnings.WarningMessage]) -> list[warnings.WarningMessage]:
-    return [w for w in caught if "outside guard.step()" in str(w.message) or "already stepped" in str(w.message)]
+    return [
+        w for w in caught if "outside guard.step()" in str(w.message) or "already stepped" in str(w.message)
+    ]
 
 
 def test_the_loops_own_optimizer_step_kept_is_said_once_at_its_line() -> None:
@@ -90,5 +92,5 @@ def test_a_scaler_that_is_not_a_grad_scaler_is_refused_with_the_fix(bad: object)
     model, _, guard = _setup()
     loss = model(torch.randn(8, 4)).pow(2).mean()
     loss.backward()
-    with pytest.raises(GradGuardError, match="scaler must be the torch.amp.GradScaler"):
+    with pytest.raises(GradGuardError, match=r"scaler must be the torch\.amp\.GradScaler"):
         guard.step(loss, scaler=bad)  # type: ignore[arg-type]

@@ -580,3 +580,32 @@ def test_the_verdict_a_user_reads_names_the_fault_its_cause_and_its_fix(tmp_path
         assert top.step == event["step"]
     shown = cli("diagnose", str(tmp_path / "run"), cwd=tmp_path)
     assert shown.returncode == 1 and shown.stdout.startswith(f"verdict: {verdict['id']}")
+
+
+def test_a_nan_regression_target_in_two_batches_is_the_data_not_a_masked_op(tmp_path: Path) -> None:
+    """A regression with a missing value in the target at steps 12 and 13, Guard in code: step 12 is not
+    replayed (no model output was bad), step 13's instrumented backward finds ``mse_loss``'s saved target
+    NaN. It read "nan came out of mse_loss (backward) … torch.where or a mask", with the torch.where fix."""
+    from torch import nn
+
+    import gradguard
+
+    for loss_fn in (nn.functional.mse_loss, nn.functional.huber_loss):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        run = tmp_path / loss_fn.__name__
+        guard = gradguard.Guard(model, optimizer, clip="norm:1.0", on_nonfinite="skip", log_dir=run)
+        for step in range(30):
+            x = torch.randn(16, 8)
+            y = x[:, :1].sin()
+            if step in (12, 13):
+                y[3, 0] = float("nan")
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x).squeeze(-1), y.squeeze(-1))
+            loss.backward()
+            guard.step(loss)
+        guard.close()
+        top = headline(diagnose(run))
+        assert top is not None and top.id == "bad_data", top
+        assert f"the target (into `{loss_fn.__name__}`)" in top.message and "(2 bad batch(es)" in top.message

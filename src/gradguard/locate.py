@@ -290,6 +290,18 @@ def _saved(node: Any) -> dict[str, dict[str, Any]]:
     }
 
 
+def _target_birth(op: str, target: dict[str, Any], source: str | None, order: int) -> Birth:
+    """A loss op's saved target held NaN/±inf (a missing value in a regression target, a NaN label): the
+    data entering the loss code, as the loss-code watch names it, not the op that received it."""
+    kind = "nan" if target.get("nan") else "inf" if target.get("posinf") else "-inf"
+    evidence = {
+        "consumer": op,
+        "input": target,
+        "reason": f"the target entering the loss code (at {op}) already held {kind}",
+    }
+    return Birth("data", None, None, "target", kind, source, order, evidence)
+
+
 def _custom_reason(cls: str, kind: str, saved: list[dict[str, Any]]) -> str:
     """Why a custom Function's backward is blamed, with what its saved tensors held."""
     zeros = sum(d.get("zeros", 0) for d in saved)
@@ -712,6 +724,12 @@ class Locator:
             ev_inputs = list(saved.values())
             kind = "nan" if "nan" in kinds else kinds[0]
             op = name if name else node_op_name(node)
+            target = saved.get("target")
+            if target is not None and any(target.get(k) for k in ("nan", "posinf", "neginf")):
+                self.backward_birth = _target_birth(
+                    op, target, source, self.order
+                )  # the data's, not the op's
+                return
             dtype = next(g.dtype for g in returned if not _finite(g))
             dmax = float(torch.finfo(dtype).max) if _replay.reduced(dtype) else None
             why = explain(op, ev_inputs, kind, dmax)

@@ -56,7 +56,9 @@ class Evidence:
 def detect(f: Facts, seen: Seen) -> Evidence | None:
     data_events = _entering(f)
     if data_events:
-        steps = sorted({e["step"] for e in data_events if isinstance(e.get("step"), int)})
+        steps = sorted(
+            {s for e in data_events for s in (e.get("step"), e.get("seen_at_step")) if isinstance(s, int)}
+        )  # (a recurrence located at a later step had that step's bad batch too)
         return Evidence(steps, data_events[0], len(steps))
     bad = sum(f.bad)
     located = _op_fault_steps(f)
