@@ -1043,3 +1043,36 @@ def test_a_model_whose_parameters_no_optimizer_steps_is_said_and_diagnosed(tmp_p
 
     (stalled,) = [f for f in diagnose(tmp_path / "run") if f.id == "stalled"]
     assert "never changed" in stalled.message and "after the model is final" in stalled.recommendation["text"]
+
+
+def test_a_clip_called_before_backward_is_said_and_is_the_verdict_not_the_rate(tmp_path: Path) -> None:
+    """``clip_grad_norm_`` right after ``zero_grad()``: it clips nothing. The runner measured a step at the
+    clip (no gradients: norm 0) and another at the optimizer's step — phantom rows — and diagnose read "the
+    norm was already clipped at 1 and still exploded: lower the learning rate"."""
+    from gradguard.diagnose import diagnose, headline
+
+    script = HERE / "run_scripts" / "returns_forecaster.py"
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert "mean loss nan" in ref.stdout  # it really explodes (under gradguard: stopped after 10 skips)
+    line = next(i for i, s in enumerate(script.read_text().splitlines(), 1) if "clip_grad_norm_(model" in s)
+    assert (
+        got.stderr.count("runs before loss.backward()") == 1 and f"returns_forecaster.py:{line}" in got.stderr
+    )
+    log = read_run(tmp_path / "run")
+    steps = [r["step"] for r in log.metrics]
+    assert steps == list(range(len(steps))) and all(
+        r["grad_norm"] != 0 for r in log.metrics
+    )  # no phantom rows
+    top = headline(diagnose(tmp_path / "run"))
+    assert top is not None and top.id == "clip_before_backward", top
+    assert (
+        "Move clip_grad_norm_(...) between loss.backward() and optimizer.step()" in top.recommendation["text"]
+    )
+    (tmp_path / "after").mkdir()
+    fixed = _run(tmp_path / "after", script, "--clip-where", "after")
+    assert (
+        fixed.returncode == 0
+        and "mean loss nan" not in fixed.stdout
+        and "before loss.backward()" not in fixed.stderr
+    )
+    assert "clip_before_backward" not in read_run(tmp_path / "after" / "run").meta

@@ -173,6 +173,7 @@ _CAUSES = (
     "lr_schedule",
     "custom_backward",
     "loss_weight",
+    "clip_before_backward",
     "explosion",
     "sudden_growth",
     "nonfinite_op",
@@ -194,6 +195,7 @@ _DRIVERS: dict[str, Sequence[str]] = {
     "lr_schedule": ("error",),
     "custom_backward": ("error",),
     "loss_weight": ("error",),
+    "clip_before_backward": ("error",),
 }
 """Settings that drive a run's growth whatever the learning rate or threshold: where one is the error,
 the growth it causes is not reported again (with a threshold's or a rate's advice that cannot fix it)."""
@@ -217,6 +219,8 @@ REGISTRY: list[Entry] = [
     entry("custom_backward"),
     #    (and a term of the loss weighted to outweigh the rest of it: a penalty at 1e4 for 1e-4);
     entry("loss_weight"),
+    #    (and the script's clip_grad_norm_ called before backward(): it clipped nothing);
+    entry("clip_before_backward"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
     #    (a weight decay or gradients that are never zeroed drive it: their advice, not a threshold's, is

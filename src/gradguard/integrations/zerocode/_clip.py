@@ -17,6 +17,7 @@ from gradguard._guard.callerclip import CallerClip
 from gradguard.integrations.zerocode._lookup import clip_target
 from gradguard.integrations.zerocode._steps import fresh, measure_step
 from gradguard.integrations.zerocode.sessions import Session
+from gradguard.locate import user_source
 
 
 def on_clip_norm(zc: Any, parameters: Any, max_norm: float, total_norm: Tensor) -> bool:
@@ -91,6 +92,9 @@ def script_clip(
             _count_clip(session, call)
             further(session)
         return not zc.replace_clip
+    if fresh(zc, session) and _before_backward(zc, session, params):
+        _misplaced(zc, session, call)
+        return True
     if zc.replace_clip:
         replaced(zc, call)
         if fresh(zc, session):
@@ -102,6 +106,30 @@ def script_clip(
     elif further is not None:
         further(session)
     return True
+
+
+def _before_backward(zc: Any, session: Session, params: list[Tensor]) -> bool:
+    """Whether the clip call comes before this step's ``backward()``: no gradient yet (zeroed to None),
+    or no backward since the last measured step (zeroed in place)."""
+    return session.backwards_seen == zc._backwards or all(
+        p.grad is None for p in params if isinstance(p, Tensor)
+    )
+
+
+def _misplaced(zc: Any, session: Session, call: str) -> None:
+    """The script clips before ``backward()``: nothing to clip; said once, in ``meta.json``
+    (``clip_before_backward``, where diagnose reads it); the step is measured at the optimizer's step."""
+    where = user_source(3)
+    noted = {"call": call, "source": where or ""}
+    at = f" at {where}" if where else ""
+    zc.say_once(
+        "clip before backward",
+        f"the script's {call}{at} runs before loss.backward(): there are no new gradients to clip, so it "
+        "clips nothing. Move it between loss.backward() and optimizer.step().",
+    )
+    writer = session.guard.writer
+    if writer is not None and writer.meta.get("clip_before_backward") != noted:
+        writer.update_meta(clip_before_backward=noted)
 
 
 def replaced(zc: Any, call: str) -> None:

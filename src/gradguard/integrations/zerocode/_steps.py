@@ -57,7 +57,7 @@ def measure(
         ok = measure_by_hand(session, loss, clip, fields)
     else:
         ok = session.guard.before_step(loss, scaler=scaler, clip=clip, fields=fields)
-    session.measured_at = zc._backwards
+    session.measured_at = session.backwards_seen = zc._backwards
     session.skip = not ok and not session.manual
     if not ok:
         zc.live.bad_step(session.guard)
