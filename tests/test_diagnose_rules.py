@@ -908,3 +908,38 @@ def test_adding_a_rule_is_one_new_file_and_one_registry_line(
     assert "loss_plateau" not in ids(diagnose(run([1.0] * 30)))  # the loss fell
     exploded = diagnose(run([*CLIMB[:-1], 1e12], loss=[0.7] * len(CLIMB)))
     assert "explosion" in ids(exploded) and "loss_plateau" not in ids(exploded)  # it gave way
+
+
+def test_the_meta_notes_of_gradguard_run_are_errors_only_in_a_run_that_did_not_train() -> None:
+    """``loss_on_probabilities``, ``clip_before_backward``, ``custom_backward``, ``loss_weight``: what
+    ``gradguard run`` noted is an error (and the headline) where the loss never fell, a warning or nothing
+    where it trained."""
+    notes = {
+        "loss_on_probabilities": [{"op": "cross_entropy", "source": "train.py:41"}],
+        "clip_before_backward": {"call": "clip_grad_norm_(max_norm=1)", "source": "train.py:41"},
+        "nonlinear_backward": [{"function": "Swish.backward", "source": "train.py:20", "deviation": 0.5}],
+        "loss_terms": {
+            "source": "train.py:49",
+            "terms": [
+                {"value": 0.7, "weight": None, "op": "mean", "source": "train.py:46"},
+                {"value": 60.0, "weight": 1e4, "op": "mean", "source": "train.py:48"},
+            ],
+        },
+    }
+    rule_of = {
+        "loss_on_probabilities": "loss_on_probabilities",
+        "clip_before_backward": "clip_before_backward",
+        "nonlinear_backward": "custom_backward",
+        "loss_terms": "loss_weight",
+    }
+    flat = [4.6 + 0.001 * (s % 3) for s in range(200)]
+    for key, note in notes.items():
+        stuck = run([1.0] * 200, loss=flat)
+        stuck.meta[key] = note
+        found = diagnose(stuck)
+        assert found and found[0].id == rule_of[key] and found[0].severity == "error", (key, found)
+        trained = run([1.0] * 200)
+        trained.meta[key] = note
+        after = [f for f in diagnose(trained) if f.id == rule_of[key]]
+        expected = {"loss_on_probabilities": ["warning"], "clip_before_backward": ["warning"]}.get(key, [])
+        assert [f.severity for f in after] == expected, (key, after)

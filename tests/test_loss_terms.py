@@ -95,3 +95,40 @@ def test_the_advised_weight_trains_and_reads_clean(tmp_path: Path) -> None:
     terms = read_run(tmp_path / "run").meta["loss_terms"]["terms"]
     assert [t["weight"] for t in terms] == [None, 10.0]
     assert headline(diagnose(tmp_path / "run")) is None
+
+
+PRODUCTS = HERE / "run_scripts" / "product_classifier.py"
+
+
+@pytest.mark.parametrize(
+    ("args", "op", "severity"),
+    [
+        # (its loss fell 0.9 → 0.70 toward the one-vs-rest prior while the accuracy stayed at chance: a warning)
+        (("--head", "sigmoid", "--loss", "bce"), "binary_cross_entropy_with_logits", "warning"),
+        (("--head", "softmax"), "cross_entropy", "warning"),  # learns the easy task, its loss stuck at 2.08
+        (("--head", "logits"), None, None),
+    ],
+)
+def test_a_logits_loss_given_probabilities_is_named(
+    tmp_path: Path, args: tuple[str, ...], op: str | None, severity: str | None
+) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradguard",
+        "run",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-report",
+        str(PRODUCTS),
+        *args,
+    ]
+    got = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr
+    found = [f for f in diagnose(tmp_path / "run") if f.id == "loss_on_probabilities"]
+    if op is None:
+        assert found == [] and "loss_on_probabilities" not in read_run(tmp_path / "run").meta
+        return
+    (finding,) = found
+    assert finding.severity == severity and f"`{op}` at {PRODUCTS}:" in finding.message
+    assert "Remove the s" in finding.recommendation["text"]

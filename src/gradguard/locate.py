@@ -1036,6 +1036,28 @@ class LossWatch(_OpWatch):
                 return None
         return {"source": top.source, "terms": found} if len(found) >= 2 and not todo else None
 
+    def probability_inputs(self) -> list[dict[str, Any]]:
+        """The logits losses of the loss code given probabilities: per ``cross_entropy`` (rows in [0, 1]
+        summing to 1: a softmax before it), ``binary_cross_entropy_with_logits`` (all in [0, 1]: a
+        sigmoid before it) and ``nll_loss`` (all ≥ 0: probabilities, not log-probabilities), its op,
+        line and a device flag (nothing is read: :class:`~gradguard.integrations.zerocode.runner.ZeroCode`
+        reads the flags at the end of the run)."""
+        found = []
+        for e in self.entries:
+            check = _PROBABILITY_CHECKS.get(e.op)
+            if (
+                e.phase != "loss"
+                or check is None
+                or not e._ins
+                or not e.unchanged()
+                or e._ins[0].numel() == 0
+            ):
+                continue
+            with torch.no_grad():
+                flag = check(e._ins[0].detach())
+            found.append({"op": e.op, "source": e.source, "flag": flag})
+        return found
+
     def leaves(self) -> list[Tensor]:
         """The floating tensors that entered the loss code (while the references are kept)."""
         return [t for e in self.entries if e.entering for t, r in zip(e._ins, e.entering) if r is not None]
@@ -1134,6 +1156,24 @@ class LossWatch(_OpWatch):
 
 
 _DIVISIONS = frozenset({"div", "true_divide", "reciprocal", "rsqrt"})
+
+
+def _unit_interval(x: Tensor) -> Tensor:
+    return ((x >= 0) & (x <= 1)).all()
+
+
+def _distributions(x: Tensor) -> Tensor:
+    """Rows (the class dimension, 1; 0 for one unbatched row) in [0, 1] that sum to 1."""
+    rows = x.float().sum(dim=1 if x.dim() > 1 else 0)
+    return _unit_interval(x) & ((rows - 1).abs() <= 1e-3).all()
+
+
+#: the device check of each logits loss whose input reads as probabilities (LossWatch.probability_inputs)
+_PROBABILITY_CHECKS: dict[str, Callable[[Tensor], Tensor]] = {
+    "cross_entropy": _distributions,
+    "binary_cross_entropy_with_logits": _unit_interval,
+    "nll_loss": lambda x: (x >= 0).all(),
+}
 _ADDITIONS = frozenset({"add", "sub"})  # (``a + b``, ``a - b``, ``sum([a, b])``, ``torch.add``)
 _TERMS_MAX = 8  # the terms of a loss followed (LossWatch.terms)
 
@@ -1570,6 +1610,10 @@ class StepCapture:
     def loss_terms(self, loss: Tensor) -> dict[str, Any] | None:
         """The additive terms of ``loss`` as the open loss-code window saw them (:meth:`LossWatch.terms`)."""
         return self._active.terms(loss) if self._active is not None else None
+
+    def probability_inputs(self) -> list[dict[str, Any]]:
+        """The open loss-code window's logits losses given probabilities (:meth:`LossWatch.probability_inputs`)."""
+        return self._active.probability_inputs() if self._active is not None else []
 
     def loss_code_done(self) -> None:
         """``backward()`` was called: the open window keeps no more ops (its backward nodes still report)."""

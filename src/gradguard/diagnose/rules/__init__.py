@@ -174,6 +174,7 @@ _CAUSES = (
     "custom_backward",
     "loss_weight",
     "clip_before_backward",
+    "loss_on_probabilities",
     "explosion",
     "sudden_growth",
     "nonfinite_op",
@@ -196,6 +197,7 @@ _DRIVERS: dict[str, Sequence[str]] = {
     "custom_backward": ("error",),
     "loss_weight": ("error",),
     "clip_before_backward": ("error",),
+    "loss_on_probabilities": ("error",),
 }
 """Settings that drive a run's growth whatever the learning rate or threshold: where one is the error,
 the growth it causes is not reported again (with a threshold's or a rate's advice that cannot fix it)."""
@@ -221,6 +223,8 @@ REGISTRY: list[Entry] = [
     entry("loss_weight"),
     #    (and the script's clip_grad_norm_ called before backward(): it clipped nothing);
     entry("clip_before_backward"),
+    #    (and a loss that takes logits given probabilities: a softmax before CrossEntropyLoss);
+    entry("loss_on_probabilities"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
     #    (a weight decay or gradients that are never zeroed drive it: their advice, not a threshold's, is

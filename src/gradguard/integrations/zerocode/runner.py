@@ -40,6 +40,7 @@ __all__ = ["ZeroCode"]
 
 # ----------------------------------------------------------------------------- the runner
 _RAISED: Any = object()  # on_return's ``out`` when the call raised (torch passes none)
+_PROBABILITY_STEPS = 3  # the backwards whose logits losses are checked for probabilities given
 
 
 class ZeroCode:
@@ -90,6 +91,8 @@ class ZeroCode:
         self._backwards = 0
         self._backcheck = BackwardCheck()  # custom Functions' backward, checked once each
         self._loss_terms: dict[str, Any] | None = None  # the first loss's additive terms (LossWatch.terms)
+        #: (op, line) → a device flag per early backward: a logits loss given probabilities
+        self._probabilities: dict[tuple[str, str | None], list[Tensor]] = {}
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
         self.zero_grads = 0  #: zero_grad() calls so far (of any optimizer or module)
         self.norm_type: float | None = None  # of the clip_grad_norm_ call under way
@@ -140,6 +143,7 @@ class ZeroCode:
         self._note_warnings()
         self._note_backwards()
         self._note_loss_terms()
+        self._note_probabilities()
         errors = []
         for session in self._order:
             try:
@@ -184,6 +188,20 @@ class ZeroCode:
             writer = session.guard.writer
             if writer is not None and not session.guard.closed:
                 writer.update_meta(loss_terms=noted)
+
+    def _note_probabilities(self) -> None:
+        """The logits losses given probabilities on every early step (a softmax before CrossEntropyLoss, a
+        sigmoid before BCEWithLogitsLoss, NLLLoss without the log), read now, in every run's ``meta.json``
+        (``loss_on_probabilities``), where diagnose's ``loss_on_probabilities`` reads them."""
+        found = [
+            {"op": op, "source": source or ""}
+            for (op, source), flags in self._probabilities.items()
+            if all(bool(flag) for flag in flags)
+        ]
+        for session in self._order if found else ():
+            writer = session.guard.writer
+            if writer is not None and not session.guard.closed:
+                writer.update_meta(loss_on_probabilities=found)
 
     def ended(self, how: str | None) -> None:
         """The script ended early (``"ValueError: bad config"``, a signal, a non-zero exit): said in
@@ -284,6 +302,9 @@ class ZeroCode:
         if self._watching is not None:
             if self._loss_terms is None and isinstance(unscaled, Tensor):
                 self._loss_terms = self._watching.loss_terms(unscaled) or {}
+            if self._backwards < _PROBABILITY_STEPS:
+                for found in self._watching.probability_inputs():
+                    self._probabilities.setdefault((found["op"], found["source"]), []).append(found["flag"])
             self._watching.loss_code_done()
         for root in self._called.values():
             for capture in root.captures:
