@@ -1076,3 +1076,43 @@ def test_a_clip_called_before_backward_is_said_and_is_the_verdict_not_the_rate(t
         and "before loss.backward()" not in fixed.stderr
     )
     assert "clip_before_backward" not in read_run(tmp_path / "after" / "run").meta
+
+
+ZERO_GRAD_BETWEEN = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 12)
+    y = (x[:, :5].argmax(1))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    model = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 5))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for epoch in range(2):
+        for xb, yb in loader:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            optimizer.zero_grad()  # 'tidied up': clears the gradients the next line needs
+            optimizer.step()
+        print(f"epoch {epoch} loss {loss.item():.4f}")
+    """
+)
+
+
+def test_zero_grad_between_backward_and_step_is_the_error_not_a_signal_problem(tmp_path: Path) -> None:
+    """Every step saw no gradient; it read "stalled at ln 5 … check the signal … moved by nan"."""
+    from gradguard.diagnose import diagnose, headline
+
+    script = tmp_path / "tidy.py"
+    script.write_text(ZERO_GRAD_BETWEEN)
+    got = _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    top = headline(diagnose(tmp_path / "run"))
+    assert (
+        top is not None
+        and top.id == "stalled"
+        and "128 of its 128 optimizer steps had no gradient" in top.message
+    )
+    assert "never between backward() and step()" in top.recommendation["text"] and "nan" not in top.message

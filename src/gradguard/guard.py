@@ -1149,9 +1149,10 @@ class Guard:
         self._warned_no_gradient = True
         warnings.warn(
             f"gradguard: step {step}: no guarded parameter has a gradient; was loss.backward() called before "
-            "the optimizer step? The step is recorded with a gradient norm of 0 (said once per guard).",
+            "the optimizer step (optimizer.zero_grad() between backward() and step() clears them)? The step is "
+            "recorded with a gradient norm of 0 (said once per guard).",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
 
     def _check_initial_weights(self) -> frozenset[str]:

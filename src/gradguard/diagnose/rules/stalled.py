@@ -55,6 +55,7 @@ TINY = 1e-5  # this small or less: steps too small to move the weights
 ROUNDED_AWAY = {"bfloat16": 2.0**-9, "float16": 2.0**-12}
 _AIM = 1e-3  # the update/weight ratio the advised rate aims at (the rule of thumb)
 _START = 5  # the losses whose median is where the run started
+_NO_GRADIENT = 0.9  # this share of the steps with a gradient norm of 0: no step had a gradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     moved = median(ratios) if ratios else math.nan
     end = median(quarter)
     classes = chance_level(end)
-    never = isinstance(f.log.meta.get("never_updated"), str)
+    never = isinstance(f.log.meta.get("never_updated"), str) or _no_gradient(f)
     if not (moved >= _large(f) or moved <= TINY or classes is not None or _rounded_away(f, moved) or never):
         return None
     rate = sum(f.clipped) / len(f.clipped) if f.clip_kind != "none" else 0.0
@@ -141,6 +142,8 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         else ""
     )
     moved = f"A step moved the layers by {fmt(ev.moved)} of their weight norm (median; ~1e-3 is typical)"
+    if _no_gradient(f):
+        return _without_gradients(f, ev, chance)
     never = f.log.meta.get("never_updated")
     if isinstance(never, str):
         return _never_updated(f, ev, never, chance)
@@ -174,6 +177,31 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["chance_classes"] = ev.classes
     rec = _advice(f, lr, ev.moved, large) if large or tiny else {"text": _NO_SIGNAL}
     return Finding("stalled", "warning", f.steps[0], message, evidence, rec)
+
+
+def _no_gradient(f: Facts) -> bool:
+    """Whether (nearly) every step was taken without a gradient: a global norm of 0 on at least
+    :data:`_NO_GRADIENT` of the steps — ``zero_grad()`` between ``backward()`` and ``step()``."""
+    norms = [f.norm[i] for i in f.rows if math.isfinite(f.norm[i])]
+    return bool(norms) and sum(1 for g in norms if g == 0) >= _NO_GRADIENT * len(norms)
+
+
+def _without_gradients(f: Facts, ev: Evidence, chance: str) -> Finding:
+    """No step had a gradient when the optimizer stepped: the weights never moved."""
+    zero = sum(1 for i in f.rows if f.norm[i] == 0)
+    message = (
+        f"The run did not train: over {ev.steps} steps the loss stayed near where it started "
+        f"({fmt(ev.start)} at the start, {fmt(ev.end)} over the last quarter).{chance} {zero} of its {ev.steps} "
+        "optimizer steps had no gradient (a norm of 0, no layer with a gradient): the optimizer stepped on "
+        "gradients that were already cleared, so the weights never moved."
+    )
+    text = (
+        "Call optimizer.zero_grad() before loss.backward() (at the top of the step, or after optimizer.step()), "
+        "never between backward() and step(); and check that the loss is computed from the model's output "
+        "without detach() or torch.no_grad()."
+    )
+    evidence = {"loss_start": sig(ev.start, 4), "loss_end": sig(ev.end, 4), "steps_without_gradient": zero}
+    return Finding("stalled", "error", f.steps[0], message, evidence, {"verified": False, "text": text})
 
 
 def _never_updated(f: Facts, ev: Evidence, names: str, chance: str) -> Finding:
