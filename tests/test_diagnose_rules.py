@@ -943,3 +943,18 @@ def test_the_meta_notes_of_gradguard_run_are_errors_only_in_a_run_that_did_not_t
         after = [f for f in diagnose(trained) if f.id == rule_of[key]]
         expected = {"loss_on_probabilities": ["warning"], "clip_before_backward": ["warning"]}.get(key, [])
         assert [f.severity for f in after] == expected, (key, after)
+
+
+def test_a_loss_that_blew_up_at_once_and_settled_above_its_first_value_did_not_train() -> None:
+    """A GPT-2 from scratch at AdamW lr 1.0 (HF Trainer): step 0 moved the layers 50× their norm, the
+    loss went 4.67 → 25–60 and settled near 5.6. The first tenth's median (38) read as its start, so
+    the run "trained" (38 → 5.6) and no lr_too_high was said; and a rate from the decayed schedule's
+    last value was quoted (3e-6 for the 2e-4 the first step's rate gives)."""
+    loss = [4.67, 25.4, 33.8, 59.7, 54.0, 43.1] + [5.6 + 0.1 * (s % 3) for s in range(54)]
+    ratios = [50.0] + [1e-3] * 59
+    log = run([1.0] * 60, loss=loss, layer__a__update_ratio=ratios, layer__b__update_ratio=ratios)
+    for r, lr in zip(log.metrics, [1.0 - s / 60 for s in range(60)], strict=True):
+        r["lr"] = lr
+    found = conclude(log, "lr_too_high")
+    assert found is not None and "scrambles the initial weights" in found.message, found
+    assert "from 4.67 at step 0" in found.message and found.recommendation["lr"] == 0.0002

@@ -28,6 +28,7 @@ from gradguard.tunelog import TUNE_FILE, TuneResult
 
 OVERCLIP_RATE = 0.5  # > 50% of steps clipped is aggressive (Tuning Playbook)
 STALLED = 0.2  # a loss that fell by less than this fraction of its start did not train (trained())
+_BLEW_UP = 2.0  # the first steps' median this many times the first loss: it blew up at once (trained())
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 UPDATE_RATIO_AIM = 1e-2  # the update/weight ratio a rate estimated from the ratios aims at
 # ... after a failure: tune's candidates (2×, ½×, ¼× the estimate) then span ratios 0.06–0.0075 (at 1e-2,
@@ -107,7 +108,11 @@ def trained(f: Facts, loss: Ends | None = None) -> Ends | None:
     """
     if f.went_bad or f.healthy.onset_step is not None:
         return None
-    loss = loss if loss is not None else ends(f.loss_at(0, len(f.rows)))
+    if loss is None:
+        losses = f.loss_at(0, len(f.rows))
+        loss = ends(losses)
+        if losses and losses[0] > 0 and loss.start >= _BLEW_UP * losses[0]:  # judged from before the blow-up
+            loss = dataclasses.replace(loss, start=losses[0])
     fell = progress(loss)
     return loss if math.isfinite(fell) and fell >= STALLED else None
 

@@ -188,8 +188,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             f"at {fmt(stall.end)} (from {fmt(start)} at step {f.steps[0]})"
         )
         step = step if step is not None else at
-        if math.isfinite(lr) and estimate is None:
-            estimate = (ratio_lr(lr, med), "a first-step update/weight ratio near 1e-2")
+        first_lr = f.lr[f.index_of(at)]  # (the rate of that step: a schedule may have decayed it since)
+        if math.isfinite(first_lr) and estimate is None:
+            estimate = (ratio_lr(first_lr, med), "a first-step update/weight ratio near 1e-2")
     if ev.worst is not None:
         name, ratio = ev.worst
         parts.append(
