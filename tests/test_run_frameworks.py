@@ -57,6 +57,20 @@ def test_clip_on_the_command_line_replaces_gradient_clip_val(tmp_path: Path) -> 
     assert sum(r["clip_fraction"] for r in log.metrics) > 0
 
 
+@pytest.mark.usefixtures("lightning")
+def test_lightnings_value_clip_is_logged_too(tmp_path: Path) -> None:
+    """``gradient_clip_algorithm="value"``: the summary read "clipping none (clip rate 0)" while Lightning
+    clamped every step; the row now holds the fraction of elements it clamped."""
+    got = _run(tmp_path, str(SCRIPT), "--epochs", "1", "--clip", "0.01", "--clip-algorithm", "value")
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert "the script called clip_grad_value_(clip_value=0.01)" in got.stderr
+    log = read_run(tmp_path / "run")
+    fractions = [r["clip_fraction"] for r in log.metrics]
+    assert all(0 < f <= 1 for f in fractions) and all(
+        r["threshold"] is None or r["threshold"] == float("inf") for r in log.metrics
+    )
+
+
 def _lrs(stdout: str) -> list[float]:
     """The learning rate hf_trainer.py printed for each step (the one that step used)."""
     return [float(x) for x in re.findall(r" lr (\S+)$", stdout, re.MULTILINE)]

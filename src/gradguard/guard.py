@@ -647,6 +647,16 @@ class Guard:
         clip.add(threshold, norm)
         return self.monitor.amend(self.counters.step_count - 1, clip.columns(self.norm_type))
 
+    def record_clip_value(self, clip_value: float, grads: list[Tensor]) -> bool:
+        """A value clip by the caller of the step :meth:`before_step` just measured (Lightning's
+        ``gradient_clip_algorithm="value"``, after its hook): the fraction of elements it clamps joins the
+        step's row as its ``clip_fraction``. ``False`` when the row was flushed already (``every=1``)."""
+        clip = self._caller_clip
+        if clip is None:
+            clip = self._caller_clip = CallerClip()
+        clip.add_value(clip_value, grads)
+        return self.monitor.amend(self.counters.step_count - 1, clip.columns(self.norm_type))
+
     def add_flush_callback(self, fn: Callable[[list[dict[str, Any]]], None]) -> Any:
         """Call ``fn(records)`` at every flush, after the guard's own handling (even if that raises).
 

@@ -86,6 +86,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--clip", type=float, default=0.46)
+    parser.add_argument("--clip-algorithm", choices=["norm", "value"], default="norm")
     parser.add_argument("--csv-logs", default=None, help="log the metrics with a CSVLogger into this folder")
     parser.add_argument("--diverge", action="store_true")
     args = parser.parse_args()
@@ -104,6 +105,7 @@ def main():
         accelerator="cpu",
         devices=1,
         gradient_clip_val=clip,
+        gradient_clip_algorithm=args.clip_algorithm,
         logger=CSVLogger(args.csv_logs, name="spiral") if args.csv_logs else False,
         log_every_n_steps=1,
         enable_checkpointing=False,

@@ -63,12 +63,19 @@ def on_clip_value(zc: Any, parameters: Any, clip_value: float) -> bool:
     """Before ``clip_grad_value_`` (see :func:`script_clip`); the row gets the fraction of
     elements the script's clip will clamp."""
 
+    def grads() -> list[Tensor]:
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        return [p.grad for p in params if p.grad is not None]
+
     def first(session: Session, params: list[Tensor], covers_all: bool) -> CallerClip:
         clip = CallerClip()
         clip.add_value(clip_value, [p.grad for p in params if p.grad is not None])
         return clip
 
-    return script_clip(zc, parameters, f"clip_grad_value_(clip_value={float(clip_value):g})", first, None)
+    def further(session: Session) -> None:  # a framework's value clip of the step its callback measured
+        session.guard.record_clip_value(float(clip_value), grads())
+
+    return script_clip(zc, parameters, f"clip_grad_value_(clip_value={float(clip_value):g})", first, further)
 
 
 def script_clip(
