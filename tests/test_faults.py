@@ -1736,3 +1736,28 @@ def test_buffers_already_nan_at_start_are_said_then_not_blamed_on_a_step(tmp_pat
     log = read_run(tmp_path / "run")
     assert log.meta["nonfinite_buffers_at_start"] == ["1.running_var"]
     assert not [e for e in log.events if e["type"] == "buffers"]
+
+
+def test_a_closed_run_whose_records_were_cut_is_an_error_not_a_clean_verdict(tmp_path: Path) -> None:
+    """metrics.jsonl emptied or cut after the run closed (meta.json counts 32 steps): "No findings", exit 0."""
+    import torch
+
+    import gradguard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradguard.Guard(model, optimizer, log_dir=tmp_path / "run") as guard:
+        for _ in range(32):
+            optimizer.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+    assert incomplete(tmp_path / "run") is None  # whole: nothing to say
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    for kept in (lines[:6], []):
+        metrics.write_text("".join(kept))
+        finding = incomplete(tmp_path / "run")
+        assert finding is not None and finding.severity == "error", finding
+        assert f"meta.json counts 32 steps but the log holds {len(kept)}" in finding.message

@@ -12,6 +12,9 @@
   ``sys.exit`` (``meta.json``'s ``ended_by``: the guard closed at interpreter exit, or ``gradguard
   run`` saw it), or it never closed its guard (``closed_at_exit``, ``info``): every record was
   written, but the run did not finish — a log that looks healthy is not a run that trained.
+* **Records missing** (``error``): a closed run whose ``meta.json`` counts more steps than its log
+  holds, beyond what failed writes and resumes explain: ``metrics.jsonl`` was truncated, emptied or
+  replaced (a copy cut short, a report written over it); "No findings" on what is left would pass a CI gate.
 * **Resumed over a gap** (``info``): a ``resume`` event (``Guard.load_state_dict`` from a
   checkpoint) at a step after the last step the log had: the run stopped before those steps were
   flushed, and the resumed run, closed since, does not have them either.
@@ -43,6 +46,7 @@ class Evidence:
     gaps: tuple[tuple[int, int], ...] = ()  # (first, last) steps missing before a resume
     ended_by: str | None = None  # the exception (or signal) that ended the script
     at_exit: bool = False  # closed at interpreter exit: the script never closed the guard
+    missing: tuple[int, int] | None = None  # (steps meta.json counts, steps the log holds): records gone
 
     @property
     def maybe_running(self) -> bool:
@@ -55,10 +59,22 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     ended = f.log.meta.get("ended_by")
     ended = ended if isinstance(ended, str) and ended else None
     at_exit = f.log.meta.get("closed_at_exit") is True
-    if not unclosed and not f.lost and not gaps and ended is None and not at_exit:
+    missing = _missing(f, gaps)
+    if not unclosed and not f.lost and not gaps and ended is None and not at_exit and missing is None:
         return None
     age = max(0.0, time.time() - f.modified) if f.modified is not None else None
-    return Evidence(unclosed, age, dict(f.lost), gaps, ended, at_exit)
+    return Evidence(unclosed, age, dict(f.lost), gaps, ended, at_exit, missing)
+
+
+def _missing(f: Facts, gaps: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
+    """A closed run whose ``meta.json`` counts more steps than its log holds, beyond what failed writes
+    and resumes explain (a truncated, emptied or replaced ``metrics.jsonl``): ``(counted, held)``."""
+    counted = f.log.meta.get("steps")
+    if not f.closed or not isinstance(counted, int) or isinstance(counted, bool):
+        return None
+    held = len(set(f.steps))
+    explained = f.lost.get("records", 0) + sum(b - a + 1 for a, b in gaps)
+    return (counted, held) if counted > held + explained else None
 
 
 def _resumed_over(f: Facts) -> tuple[tuple[int, int], ...]:
@@ -98,6 +114,13 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             "Close the guard (or save its state) before the process stops; after a kill, the records up "
             "to the last flush are all there is (a smaller every= flushes more often)"
         )
+    if ev.missing is not None:
+        counted, held = ev.missing
+        parts.append(
+            f"meta.json counts {counted} steps but the log holds {held}: records are missing (metrics.jsonl "
+            "truncated, emptied or replaced after the run closed), so this verdict covers part of the run at most."
+        )
+        advice.append("Diagnose the run directory as the run wrote it (a copy that kept metrics.jsonl whole)")
     if ev.lost:
         parts.append(f"Failed disk writes lost {_counted(ev.lost)} (meta.json's lost): the log has gaps.")
         advice.append(
@@ -116,7 +139,11 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["missing_steps"] = [list(g) for g in ev.gaps]
     if ev.ended_by is not None:
         evidence["ended_by"] = ev.ended_by
-    severity = "warning" if ev.lost or ev.ended_by is not None else "info"
+    if ev.missing is not None:
+        evidence["steps_counted"], evidence["steps_held"] = ev.missing
+    severity = (
+        "error" if ev.missing is not None else "warning" if ev.lost or ev.ended_by is not None else "info"
+    )
     rec = {"text": "; ".join(advice) + "."}
     message = " ".join(parts) + " The findings are about the records that were written."
     step = last if ev.unclosed or ev.ended_by is not None else None
