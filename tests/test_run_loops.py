@@ -1116,3 +1116,98 @@ def test_zero_grad_between_backward_and_step_is_the_error_not_a_signal_problem(t
         and "128 of its 128 optimizer steps had no gradient" in top.message
     )
     assert "never between backward() and step()" in top.recommendation["text"] and "nan" not in top.message
+
+
+TORCH_FUNC_SCRIPTS = {
+    # per-sample gradients (DP-SGD style) written into .grad, then optimizer.step(); a NaN row at step 5
+    "per_sample": textwrap.dedent(
+        """
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+        from torch.func import functional_call, grad, vmap
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def sample_loss(params, x, y):
+            return F.cross_entropy(functional_call(model, params, (x[None],)), y[None])
+
+        per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        for step in range(12):
+            x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+            if step == 5:
+                x[0, 0] = float("nan")
+            grads = per_sample_grads({k: v.detach() for k, v in model.named_parameters()}, x, y)
+            for name, p in model.named_parameters():
+                p.grad = grads[name].mean(0)
+            optimizer.step()
+            optimizer.zero_grad()
+        print("finite", all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+        """
+    ),
+    # model ensembling as the torch.func tutorial does it: stacked weights, a meta-device skeleton
+    "ensemble": textwrap.dedent(
+        """
+        import copy
+        import torch
+        from torch import nn
+        from torch.func import functional_call, stack_module_state
+
+        torch.manual_seed(0)
+        members = [nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1)) for _ in range(3)]
+        params, buffers = stack_module_state(members)
+        skeleton = copy.deepcopy(members[0]).to("meta")
+        optimizer = torch.optim.Adam(params.values(), lr=1e-2)
+        x, y = torch.randn(3, 64, 2), torch.randn(3, 64, 1)
+        for step in range(10):
+            out = torch.vmap(lambda p, b, xx: functional_call(skeleton, (p, b), (xx,)))(params, buffers, x)
+            loss = ((out - y) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print("loss", round(loss.item(), 6))
+        """
+    ),
+    # a TorchScript model; a NaN row at step 5
+    "scripted": textwrap.dedent(
+        """
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        torch.manual_seed(0)
+        model = torch.jit.script(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(12):
+            x, y = torch.randn(12, 4), torch.randn(12, 1)
+            if step == 5:
+                x[0, 0] = float("nan")
+            loss = F.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print("finite", all(bool(torch.isfinite(p).all()) for p in model.parameters()))
+        """
+    ),
+}
+
+
+def test_torch_func_and_torchscript_models_run_on_and_a_bad_step_is_skipped(tmp_path: Path) -> None:
+    """Per-sample gradients after a skipped NaN step: the next vmap raised inside gradguard's watch and
+    killed the script. A TorchScript model: its NaN step stopped the guarding (no hooks on a
+    ScriptModule) and reached the weights, "No findings". An ensemble over stacked weights: an internal
+    error, 0 steps and "No findings"; now said not guarded, the script untouched."""
+    for name, code in TORCH_FUNC_SCRIPTS.items():
+        script = tmp_path / f"{name}.py"
+        script.write_text(code)
+        (tmp_path / name).mkdir()
+        got = _run(tmp_path / name, script)
+        assert got.returncode == 0 and "internal error" not in got.stderr, (name, got.stderr)
+        if name == "ensemble":
+            assert got.stdout == _plain(tmp_path, script).stdout and "torch.func calls a model" in got.stderr
+            continue
+        assert got.stdout == "finite True\n", (name, got.stdout)  # the NaN step was skipped
+        log = read_run(tmp_path / name / "run")
+        assert len(log.metrics) == 12 and [r["step"] for r in log.metrics if r["skipped"]] == [5], name

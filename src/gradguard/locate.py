@@ -64,6 +64,7 @@ __all__ = [
     "LossWatch",
     "StepCapture",
     "explosion",
+    "in_transform",
     "keep_out_of_pickles",
     "locate",
     "rng_state",
@@ -72,7 +73,7 @@ __all__ = [
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _is_compiling = torch.compiler.is_compiling  # looked up once: the capture's hooks ask at every forward
-_in_transform = torch._C._functorch.peek_interpreter_stack  # vmap / grad: wrapper tensors (no storage)
+in_transform = torch._C._functorch.peek_interpreter_stack  # vmap / grad: wrapper tensors (no storage)
 _graph_task = torch._C._current_graph_task_id  # -1 outside a backward
 _grad_enabled = torch.is_grad_enabled  # (likewise)
 _any_autocast = torch._C._is_any_autocast_enabled
@@ -368,7 +369,9 @@ class _OpWatch(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _SKIP_FUNCS:
+        if (
+            name in _SKIP_FUNCS or in_transform() is not None
+        ):  # (inside vmap / grad: wrapper tensors, not read)
             return func(*args, **kwargs)
         if name in _BACKWARD_FUNCS or func is torch.autograd.backward:
             self.on_backward(args)
@@ -678,7 +681,7 @@ class Locator:
     # ------------------------------------------------------------------ module hooks
     def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         name = self._names.get(id(module))
-        if name is None:
+        if name is None or in_transform() is not None:  # a forward inside vmap / grad: left alone
             return
         if module is self.model:
             self.phase = "forward"
@@ -694,7 +697,7 @@ class Locator:
         return self._birth("data", None, None, role, _kinds(t)[0], user_source(4), ev)
 
     def _post(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        if self._names.get(id(module)) is None:
+        if self._names.get(id(module)) is None or in_transform() is not None:
             return
         if self.phase != "backward":  # nodes made in this module by no watched call: a custom Function's
             outs = _floats(out)
@@ -754,6 +757,8 @@ class Locator:
         self._reset()
         self._first_node = _replay.sequence_now()
         for module in self.model.modules():
+            if isinstance(module, torch.jit.ScriptModule):  # no Python hooks: its ops are opaque to the watch
+                continue
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
         mode = _Mode(self)
@@ -1405,7 +1410,7 @@ class StepCapture:
         if _is_compiling():  # traced into the user's compiled forward: what Dynamo traces, no more
             self._pre_compiled(args, kwargs)
             return
-        if _in_transform() is not None:
+        if in_transform() is not None:
             return  # a forward inside vmap / grad (per-sample gradients) is not the step's: wrapper tensors
         if self._active is not None or self._pending:
             self._stop_watch(compact=True)  # a new forward: the last window was not the step's last
@@ -1429,7 +1434,7 @@ class StepCapture:
             self.autocast = None
 
     def post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self.replaying or not _grad_enabled() or _is_compiling() or _in_transform() is not None:
+        if self.replaying or not _grad_enabled() or _is_compiling() or in_transform() is not None:
             return
         made = _floats(out)
         inputs = self.inputs

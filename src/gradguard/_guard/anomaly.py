@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import events
-from gradguard.locate import Locator, LossWatch, StepCapture, explosion, rng_state
+from gradguard.locate import Locator, LossWatch, StepCapture, explosion, in_transform, rng_state
 
 __all__ = ["HISTORY", "Anomalies", "flagged_nonfinite"]
 
@@ -301,6 +301,9 @@ class Anomalies:
         def enter(module: nn.Module, args: Any, kwargs: Any) -> None:
             if "ctx" in state or (capture is not None and capture.replaying) or torch.compiler.is_compiling():
                 return  # a forward inside the user's compiled region is not instrumented (no graph break)
+            if in_transform() is not None:
+                return  # a forward inside vmap / grad (torch.func): wrapper tensors, nothing to read
+
             state["eager"] = _eager()  # a compiled forward of the root runs eagerly under the watch
             state["ctx"] = loc.watch()
             state["ctx"].__enter__()

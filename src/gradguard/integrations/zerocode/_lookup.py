@@ -64,10 +64,14 @@ def root_owning(zc: Any, ids: set[int]) -> Root | None:
 
 
 def kind_of(zc: Any, root: Root) -> str:
-    """``"optimizer"`` when an optimizer holds the root's parameters, else ``"manual"``."""
+    """``"optimizer"`` when an optimizer holds the root's parameters, ``"none"`` when they are on the meta
+    device (torch.func's skeleton, called with stacked weights: nothing of its own to measure), else
+    ``"manual"``."""
     model = root.model
     if model is None:
         return "optimizer"
+    if any(p.is_meta for p in model.parameters()):
+        return "none"
     ids = {id(p) for p in model.parameters()}
     return "optimizer" if optimizers_holding(zc, ids) else "manual"
 
@@ -86,6 +90,13 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     root = root_owning(zc, ids) or union_root(zc, optimizer)
     if root is None:
         zc._unguarded.add(optimizer)
+        if zc.transformed_calls:
+            zc._say(
+                f"{type(optimizer).__name__} steps tensors that torch.func calls a model with (functional_call "
+                "inside vmap / grad: stacked ensemble weights), not the parameters of a model called directly, "
+                "so it is not guarded; the script runs as without gradguard."
+            )
+            return None
         zc._say(
             f"{type(optimizer).__name__} steps parameters that no model called so far owns, so it is not guarded: "
             "if the script trains a model, this optimizer holds other parameters than that model's (built before "

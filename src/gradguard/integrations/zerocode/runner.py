@@ -33,7 +33,7 @@ from gradguard.integrations.zerocode.sessions import (
     Session,
     summary_lines,
 )
-from gradguard.locate import WATCHED_WARNINGS, StepCapture
+from gradguard.locate import WATCHED_WARNINGS, StepCapture, in_transform
 
 __all__ = ["ZeroCode"]
 
@@ -89,6 +89,7 @@ class ZeroCode:
         self._scaled: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
         self._scaler: weakref.ref[torch.amp.GradScaler] | None = None
         self._backwards = 0
+        self.transformed_calls = 0  #: top-level model calls seen inside vmap / grad (torch.func)
         self._backcheck = BackwardCheck()  # custom Functions' backward, checked once each
         self._loss_terms: dict[str, Any] | None = None  # the first loss's additive terms (LossWatch.terms)
         #: (op, line) → a device flag per early backward: a logits loss given probabilities
@@ -241,6 +242,8 @@ class ZeroCode:
         if self._depth:  # a submodule inside a call (the usual call: a counter, nothing else)
             self._depth += 1
             return
+        if in_transform() is not None:  # torch.func's call (functional_call inside vmap / grad)
+            self.transformed_calls += 1
         if module not in self._inner and torch._C._current_graph_task_id() == -1:
             root = _lookup.root_of(self, module)
             if root is not None:
