@@ -1211,3 +1211,37 @@ def test_torch_func_and_torchscript_models_run_on_and_a_bad_step_is_skipped(tmp_
         assert got.stdout == "finite True\n", (name, got.stdout)  # the NaN step was skipped
         log = read_run(tmp_path / name / "run")
         assert len(log.metrics) == 12 and [r["step"] for r in log.metrics if r["skipped"]] == [5], name
+
+
+HAND_UPDATE_BLOWUP = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    lr = 0.01
+    for step in range(60):
+        x = torch.randn(64, 8)
+        y = x[:, :1] * 3
+        loss = nn.functional.mse_loss(model(x), y)
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= (lr * 1000 if step >= 30 else lr) * p.grad  # a schedule bug: x1000 from step 30
+    print("done", step)
+    """
+)
+
+
+def test_a_hand_updated_models_replays_are_not_counted_as_steps(tmp_path: Path) -> None:
+    """The replay that locates a non-finite step ran the model and backward() through the runner's
+    hooks: each counted as a hand update (one step logged four times, 63 steps for 60)."""
+    script = tmp_path / "hand.py"
+    script.write_text(HAND_UPDATE_BLOWUP)
+    got = _run(tmp_path, script)
+    assert got.returncode == 0 and "60 steps measured" in got.stderr, got.stderr
+    steps = [r["step"] for r in read_run(tmp_path / "run").metrics]
+    assert steps == list(range(60))
+    assert any(r["nonfinite"] for r in read_run(tmp_path / "run").metrics)  # (a replay ran)

@@ -67,6 +67,7 @@ __all__ = [
     "in_transform",
     "keep_out_of_pickles",
     "locate",
+    "replaying",
     "rng_state",
     "set_rng_state",
 ]
@@ -74,6 +75,15 @@ __all__ = [
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _is_compiling = torch.compiler.is_compiling  # looked up once: the capture's hooks ask at every forward
 in_transform = torch._C._functorch.peek_interpreter_stack  # vmap / grad: wrapper tensors (no storage)
+_REPLAYS = [0]  # replays under way (Locator.replay): their model calls and backward are not the script's
+
+
+def replaying() -> bool:
+    """Whether a replay (:meth:`Locator.replay`) is running: the zero-code runner's hooks ignore its
+    model calls and its ``backward()`` (a hand-updated model counted each replay as a step)."""
+    return _REPLAYS[0] > 0
+
+
 _graph_task = torch._C._current_graph_task_id  # -1 outside a backward
 _grad_enabled = torch.is_grad_enabled  # (likewise)
 _any_autocast = torch._C._is_any_autocast_enabled
@@ -818,6 +828,7 @@ class Locator:
         saved_grads = [p.grad for p in params]
         rng_after = rng_state()
         result: Any = None
+        _REPLAYS[0] += 1
         try:
             if rng is not None:
                 set_rng_state(rng)
@@ -839,6 +850,7 @@ class Locator:
             for p, g in zip(params, saved_grads):
                 p.grad = g
             set_rng_state(rng_after)
+            _REPLAYS[0] -= 1
         return birth, result
 
     @property

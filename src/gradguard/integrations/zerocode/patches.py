@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from gradguard.errors import GradGuardError
+from gradguard.locate import replaying
 
 __all__ = ["ACTIVE", "Patches"]
 
@@ -101,7 +102,7 @@ class Patches:
         setattr(owner, name, make(original))
 
     def _on(self) -> bool:
-        return self.zc.active and not _is_compiling()
+        return self.zc.active and not _is_compiling() and not replaying()
 
     def _guarded(self, where: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` as a hook: off while torch.compile traces or the runner is off; gradguard's own
@@ -110,7 +111,7 @@ class Patches:
         zc = self.zc  # (every module call of the script runs this: no attribute chain, no method call)
 
         def hook(*args: Any, **kwargs: Any) -> Any:
-            if not zc.active or _is_compiling():
+            if not zc.active or _is_compiling() or replaying():
                 return None
             try:
                 return fn(*args, **kwargs)
