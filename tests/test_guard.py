@@ -557,6 +557,27 @@ def test_raise_policy_flushes_the_log_then_raises(tmp_path: Path) -> None:
     assert log.first_event("nonfinite")["step"] == 5
 
 
+def test_the_raised_error_carries_where_the_first_non_finite_value_was_born(tmp_path: Path) -> None:
+    """It said "step 4: the loss is nan" while its run log already named the op and the line."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, on_nonfinite="raise", log_dir=tmp_path / "r")
+    with pytest.raises(NonFiniteError) as raised:
+        for step in range(8):
+            x = torch.randn(8, 6)
+            if step == 4:
+                x[2, 1] = math.nan  # a missing feature
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,)))
+            loss.backward()
+            guard.step(loss)
+    assert raised.value.located is not None and raised.value.located["phase"] == "data"
+    assert "step 4: the loss is nan. The first non-finite value (step 4) was already in the input" in str(
+        raised.value
+    )
+
+
 def test_warn_policy_takes_the_step_and_logs_it(tmp_path: Path) -> None:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

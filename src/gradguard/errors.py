@@ -20,7 +20,15 @@ class NonFiniteError(GradGuardError, RuntimeError):
 
     Raised by :class:`gradguard.Guard` with ``on_nonfinite="raise"`` (after the run log is
     flushed) and by ``clip_grad_norm_(..., error_if_nonfinite=True)``.
+
+    Attributes:
+        located: where the first non-finite value of the run was born, as its ``nonfinite`` event
+            holds it (``phase``, ``module``, ``op``, ``source``, ``kind``…), or ``None`` (not located).
     """
+
+    def __init__(self, *args: object, located: dict[str, object] | None = None) -> None:
+        super().__init__(*args)
+        self.located = located
 
 
 def check_state_version(state: Any, version: int, what: str, fix: str) -> None:

@@ -1002,7 +1002,7 @@ class Guard:
         if self.counters.consecutive >= self.config.max_consecutive:
             self._stop = self._abort(step)
         elif bad and self.config.on_nonfinite == "raise":
-            self._stop = NonFiniteError(self._nonfinite_message(step, vals))
+            self._stop = NonFiniteError(self._nonfinite_message(step, vals), located=self._first_located)
         elif bad and self.config.on_nonfinite == "rollback":
             self._roll_back(step)
         else:
@@ -1208,9 +1208,10 @@ class Guard:
             else f"the gradient norm is {vals['grad_norm']}"
         )
         where = f" Run log: {self.run_dir}." if self.run_dir else ""
+        fix = _fix_of(self._first_located) if self._first_located is not None else ""
         return (
-            f"step {step}: {what}.{where} Use on_nonfinite='skip' to drop such steps, 'rollback' to restore "
-            "the last good state, or look at the run with `gradguard diagnose`."
+            f"step {step}: {what}.{fix}{where} Use on_nonfinite='skip' to drop such steps, 'rollback' to "
+            "restore the last good state, or look at the run with `gradguard diagnose`."
         )
 
     def _abort(self, step: int) -> NonFiniteError:
