@@ -39,6 +39,10 @@ ISSUE_IDS = {
     "gradients_not_zeroed",  # no zero_grad() between optimizer steps (gradguard run sees it)
     "lr_schedule",  # the learning rate went negative, or a schedule collapsed it to nothing mid-run
     "loss_code_warning",  # torch warned in the loss code (gradguard run): a broadcast, an implicit dim
+    "custom_backward",  # a custom autograd Function whose backward is not linear in its gradient (gradguard run)
+    "loss_weight",  # a term of the loss weighted to outweigh the rest of it (gradguard run)
+    "clip_before_backward",  # the script's clip_grad_norm_ called before backward(): it clipped nothing
+    "loss_on_probabilities",  # a logits loss given probabilities: a softmax before CrossEntropyLoss
 }
 
 
