@@ -958,3 +958,17 @@ def test_a_loss_that_blew_up_at_once_and_settled_above_its_first_value_did_not_t
     found = conclude(log, "lr_too_high")
     assert found is not None and "scrambles the initial weights" in found.message, found
     assert "from 4.67 at step 0" in found.message and found.recommendation["lr"] == 0.0002
+
+
+def test_a_lone_loss_code_failure_under_gradguard_run_does_not_advise_gradguard_run() -> None:
+    """A DQN's NaN reward at update 300 under `gradguard run`: the advice was "run the script under
+    `gradguard run`, which watches the loss code" — the run it was reading."""
+    norms = [1.0] * 300 + [NAN] + [1.0] * 40
+    event = {"type": "nonfinite", "step": 300, "phase": "loss", "tensor": "output", "located_by": "replay"}
+    for runner, says in ((None, "run the script under `gradguard run`"), ("gradguard run", "named no op")):
+        log = run(norms, events=[event])
+        if runner is not None:
+            log.meta["runner"] = runner
+        found = conclude(log, "bad_data")
+        assert found is not None and says in found.recommendation["text"], (runner, found)
+        assert "rewards" in found.recommendation["text"]

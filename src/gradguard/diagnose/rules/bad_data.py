@@ -201,10 +201,19 @@ def _lone(f: Facts, ev: Evidence) -> Finding:
             f"{lead} Replayed, the model's output on that batch was finite: the loss code made it non-finite — "
             "an op at its numerical edge there (exp, log, a division) or a non-finite target."
         )
+        if f.log.meta.get("runner") == "gradguard run":  # its loss-code watch ran and named no op
+            how = (
+                "gradguard run's loss-code watch named no op: the value came from code it does not watch (a target "
+                "built under torch.no_grad, e.g. from a target network or a reward)"
+            )
+        else:
+            how = (
+                "to have the loss code's op named, pass a closure (guard.step(closure)) or run the script under "
+                "`gradguard run`, which watches the loss code"
+            )
         text = (
-            f"Check the targets of step {steps[0]} with torch.isfinite(y).all(); to have the loss code's op "
-            "named, pass a closure (guard.step(closure)) or run the script under `gradguard run`, which watches "
-            "the loss code. Keep on_nonfinite='skip' meanwhile."
+            f"Check the targets of step {steps[0]} with torch.isfinite(y).all() (rewards, labels, anything the loss "
+            f"reads besides the model's output); {how}. Keep on_nonfinite='skip' meanwhile."
         )
     else:
         message = (
