@@ -972,3 +972,12 @@ def test_a_lone_loss_code_failure_under_gradguard_run_does_not_advise_gradguard_
         found = conclude(log, "bad_data")
         assert found is not None and says in found.recommendation["text"], (runner, found)
         assert "rewards" in found.recommendation["text"]
+
+
+def test_a_script_that_stopped_itself_is_not_told_to_fix_a_traceback() -> None:
+    """A script that caught Ctrl-C and called sys.exit(130) printed no traceback."""
+    for ended, says in (("SystemExit: 130", "Run it to the end"), ("ValueError: bad shard", "traceback")):
+        log = run([1.0] * 40)
+        log.meta.update(start_time="2026-01-01T00:00:00Z", end_time="2026-01-01T00:01:00Z", ended_by=ended)
+        found = conclude(log, "incomplete_log")
+        assert found is not None and says in found.recommendation["text"], (ended, found)

@@ -102,7 +102,12 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         parts.append(
             f"The script ended early{after}: {ev.ended_by}. Every record was written; the run did not finish."
         )
-        advice.append("Fix what ended it (the traceback the script printed) and run again")
+        stopped = ev.ended_by.startswith(("SystemExit", "KeyboardInterrupt", "killed by"))
+        advice.append(
+            "Run it to the end (it was stopped, or stopped itself, before it finished)"
+            if stopped
+            else "Fix what ended it (the traceback the script printed) and run again"
+        )
     elif ev.at_exit:
         parts.append(
             "The script never closed its guard: it was closed at interpreter exit (every record was written)."
