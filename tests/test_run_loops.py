@@ -983,6 +983,17 @@ def test_an_uncaught_error_shows_the_traceback_python_shows_without_gradguards_f
     assert got.returncode == 1 and "runpy" not in got.stderr and "gradguard/integrations" not in got.stderr
 
 
+def test_a_script_that_does_not_compile_shows_what_python_shows(tmp_path: Path) -> None:
+    """A SyntaxError was shown under gradguard's runner frame and runpy's."""
+    script = tmp_path / "broken.py"
+    script.write_text("import torch\nbatch = (1,\nprint(batch)\n")
+    ref, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert got.returncode == ref.returncode == 1
+    assert [
+        line for line in got.stderr.splitlines() if not line.startswith("gradguard")
+    ] == ref.stderr.splitlines()
+
+
 def test_what_the_runner_notes_of_an_optimizer_goes_with_it(tmp_path: Path) -> None:
     """When an optimizer was built (and that it is not guarded) was noted by ``id``: a new optimizer
     that reused a freed one's id read as built when that one was, so it started a run of its own

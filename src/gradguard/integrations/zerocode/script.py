@@ -146,6 +146,9 @@ def _print_script_error(error: BaseException, script: Path) -> None:
     tb = error.__traceback__
     while tb is not None and os.path.realpath(tb.tb_frame.f_code.co_filename) != target:
         tb = tb.tb_next
+    if tb is None and isinstance(error, SyntaxError) and os.path.realpath(error.filename or "") == target:
+        print("".join(traceback.format_exception_only(type(error), error)), end="", file=sys.stderr)
+        return  # the script does not compile: Python prints the error alone, with no frame of its own
     tb = tb if tb is not None else error.__traceback__
     if not isinstance(error, GradGuardError):
         traceback.print_exception(type(error), error, tb)
