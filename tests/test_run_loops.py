@@ -994,6 +994,17 @@ def test_a_script_that_does_not_compile_shows_what_python_shows(tmp_path: Path) 
     ] == ref.stderr.splitlines()
 
 
+def test_the_interpreter_passed_as_the_script_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """``gradguard run python train.py`` read the interpreter as source: "source code string cannot contain
+    null bytes", then "no optimizer step was seen"."""
+    script = tmp_path / "train.py"
+    script.write_text("print('ran')\n")
+    got = _run(tmp_path, Path(sys.executable), str(script))
+    assert (
+        got.returncode == 2 and "is a program, not a Python script" in got.stderr and "ran" not in got.stdout
+    )
+
+
 def test_what_the_runner_notes_of_an_optimizer_goes_with_it(tmp_path: Path) -> None:
     """When an optimizer was built (and that it is not guarded) was noted by ``id``: a new optimizer
     that reused a freed one's id read as built when that one was, so it started a run of its own

@@ -50,6 +50,13 @@ def run_script(
         )
         print(f"gradguard run: {what}; {how}.", file=sys.stderr)
         return 2
+    if not module and _binary(found):
+        print(
+            f"gradguard run: {path!r} is a program, not a Python script; pass the script itself: "
+            f"gradguard run train.py ARGS (not gradguard run {os.path.basename(path)} train.py).",
+            file=sys.stderr,
+        )
+        return 2
     script = found
     script_file = script.absolute()  # before the script changes directory (its traceback, its __file__)
     if options.get("monitor_only"):  # watching only: a bad step is reported, not skipped (as Lightning's)
@@ -107,6 +114,16 @@ def run_script(
         signal.signal(killed_by, signal.SIG_DFL)
         os.kill(os.getpid(), killed_by)
     return code
+
+
+def _binary(path: Path) -> bool:
+    """Whether ``path`` is a compiled program (the Python interpreter passed as the script), not source."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith((b"\x7fELF", b"MZ", b"\xcf\xfa\xed\xfe")) or b"\x00" in head
 
 
 def _module_file(name: str) -> Path | None:
