@@ -1000,6 +1000,27 @@ def test_monitor_only_refuses_settings_that_touch_the_step() -> None:
 
 
 # ----------------------------------------------------------------------------- state
+def test_a_state_saved_over_another_architecture_is_refused_before_anything_is_loaded() -> None:
+    """A checkpoint from before a Dropout was added (the Sequential's indices shifted): loaded silently, it
+    failed with torch's "Missing key(s)" at the first rollback, mid-training."""
+    torch.manual_seed(0)
+    old = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(old.parameters(), lr=0.1)
+    guard = gradguard.Guard(old, opt, on_nonfinite="rollback", snapshot_every=1)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = old(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    state = guard.state_dict()
+    new = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 1))
+    resumed = gradguard.Guard(new, torch.optim.SGD(new.parameters(), lr=0.1), on_nonfinite="rollback")
+    before = resumed.state_dict()
+    with pytest.raises(GradGuardError, match=r"another model \(missing 3.bias, 3.weight; unexpected 2.bias"):
+        resumed.load_state_dict(state)
+    assert resumed.state_dict()["step_count"] == before["step_count"] == 0  # nothing was loaded
+
+
 def test_state_dict_round_trip_resumes_exactly(tmp_path: Path) -> None:
     def run(stop_at: int | None) -> list[torch.Tensor]:
         model = make_model()

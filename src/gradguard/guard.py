@@ -791,6 +791,8 @@ class Guard:
         of the steps from the checkpoint's on, logged before, are superseded by the new ones.
         """
         check_state_version(state, _STATE_VERSION, "Guard", "Pass what Guard.state_dict() returned.")
+        if self._recovery.active and state.get("recovery") is not None:
+            self._recovery.check_fits(state["recovery"])  # before anything is loaded
         self._after.drop()  # the post-step work of a step from before the checkpoint
         self.flush()  # this guard's own pending steps, before the step count moves
         self.counters.load_state_dict(state)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import events
-from gradguard.errors import check_state_version
+from gradguard.errors import GradGuardError, check_state_version
 from gradguard.runtable import SUSTAIN
 
 __all__ = ["MIN_GAP", "Limit", "Recovery", "Stateful"]
@@ -236,8 +236,42 @@ class Recovery:
             "rollbacks": list(self.rollbacks),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_fits(self, state: dict[str, Any]) -> None:
+        """Refuse (before anything is loaded) a state whose rollback snapshots are of another model (keys
+        or shapes differ): it would fail only at the first rollback, mid-training, when the guard should
+        protect the run."""
         check_state_version(state, _STATE_VERSION, "recovery", "Pass what Recovery.state_dict() returned.")
+        for snapshot in (state["snapshot"], state.get("earlier")):
+            self._fits(snapshot)
+
+    def _fits(self, snapshot: Any) -> None:
+        saved = snapshot.get("model") if isinstance(snapshot, dict) else None
+        if not isinstance(saved, dict):
+            return
+        now = self.model.state_dict()
+        missing, extra = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
+        shapes = [
+            k for k in set(now) & set(saved) if tuple(now[k].shape) != tuple(getattr(saved[k], "shape", ()))
+        ]
+        if not (missing or extra or shapes):
+            return
+        what = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:4])}" if missing else "",
+                f"unexpected {', '.join(extra[:4])}" if extra else "",
+                f"other shapes for {', '.join(sorted(shapes)[:4])}" if shapes else "",
+            )
+            if part
+        )
+        raise GradGuardError(
+            f"the Guard state holds a rollback snapshot of another model ({what}): a rollback would fail. Load "
+            "the Guard state saved with this model's architecture, or start a new Guard (its first snapshot is "
+            "taken at its first steps)."
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_fits(state)
         self.snapshot_step = int(state["snapshot_step"])
         self.snapshot = state["snapshot"]
         self.earlier = state.get("earlier")
