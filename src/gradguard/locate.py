@@ -1143,7 +1143,8 @@ class LossWatch(_OpWatch):
         Sinkhorn, a softmax written by hand): ``"exp at train.py:31"``; ``None`` otherwise. The fix is then the
         exp's (log space), not an eps on the denominator (which left that run finite and untrained).
         Host reads: the anomaly path only."""
-        if e.phase != "loss" or e.op not in _DIVISIONS or not e._ins:
+        producers = _UNDERFLOWING.get("div" if e.op in _DIVISIONS else e.op)
+        if e.phase != "loss" or producers is None or not e._ins:
             return None
         made = {id(o): w for w in self.entries if w is not e for o in w._outs}
         todo, seen = [e._ins[-1] if e.op in ("div", "true_divide") else e._ins[0]], set()
@@ -1155,7 +1156,7 @@ class LossWatch(_OpWatch):
             if w is None or id(w) in seen or not w.unchanged():
                 continue
             seen.add(id(w))
-            if w.op in ("exp", "exp2") and any(bool((o == 0).any()) for o in w._outs):
+            if w.op in producers and any(bool((o == 0).any()) for o in w._outs):
                 return f"{w.op} at {w.source}" if w.source else w.op
             todo.extend(w._ins)
         return None
@@ -1173,6 +1174,14 @@ class LossWatch(_OpWatch):
 
 
 _DIVISIONS = frozenset({"div", "true_divide", "reciprocal", "rsqrt"})
+#: an op whose zero input may come from an op that underflowed to 0 a few ops up: those ops
+#: (LossWatch._underflow_origin; "div" stands for every division)
+_UNDERFLOWING = {
+    "div": ("exp", "exp2"),
+    "log": ("softmax", "_softmax", "sigmoid"),
+    "log2": ("softmax", "_softmax", "sigmoid"),
+    "log10": ("softmax", "_softmax", "sigmoid"),
+}
 
 
 def _unit_interval(x: Tensor) -> Tensor:

@@ -75,6 +75,9 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
     "unit_input": lambda inputs: bool(inputs and inputs[0].get("unit")),
     "zero_denominator": lambda inputs: any(i.get("zeros") for i in inputs[1:] or inputs),
     "underflowed_denominator": lambda inputs: any(i.get("zeros") and i.get("underflow") for i in inputs),
+    "underflowed_input": lambda inputs: bool(
+        inputs and inputs[0].get("zeros") and inputs[0].get("underflow")
+    ),
     "any_zero": lambda inputs: any(i.get("zeros") for i in inputs),
     "all_ignored": lambda inputs: any(i.get("numel") and i.get("ignored") == i.get("numel") for i in inputs),
     # the first input has elements beyond ±1 (|x| > 1: outside atanh's domain) or at / below -1 (log1p)
@@ -212,6 +215,13 @@ OPS: tuple[OpEntry, ...] = (
     _entry(
         r"^log(2|10)?$",
         *_LOG,
+        Cause(
+            "underflowed_input",
+            "log of 0: a softmax (or sigmoid) output that underflowed to 0",
+            "take the log in log space: F.log_softmax(logits, dim) for torch.log(torch.softmax(logits, dim)) "
+            "(F.logsigmoid for a sigmoid, or BCEWithLogitsLoss / CrossEntropyLoss on the logits); a clamp keeps "
+            "it finite but its gradient stays 0 where the probability underflowed",
+        ),
         Cause("zero_input", "log of 0"),
         Cause(
             "negative_input",
