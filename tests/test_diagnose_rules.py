@@ -981,3 +981,22 @@ def test_a_script_that_stopped_itself_is_not_told_to_fix_a_traceback() -> None:
         log.meta.update(start_time="2026-01-01T00:00:00Z", end_time="2026-01-01T00:01:00Z", ended_by=ended)
         found = conclude(log, "incomplete_log")
         assert found is not None and says in found.recommendation["text"], (ended, found)
+
+
+def test_a_loss_sits_at_ln_k_only_where_its_loss_function_has_k_classes() -> None:
+    """An InfoNCE over 256 candidates resting at 4.03 read "ln 56, a uniform guess over 56 classes"; a
+    GAN's BCE at 1.1, "ln 3"."""
+    flat = [math.log(56) + 0.001 * (s % 3) for s in range(200)]
+    ratios = [1e-6] * 200  # (tiny steps: stalled either way)
+    cases = [
+        (None, 56),  # no record of the loss functions (in code, Lightning): as before
+        ([{"op": "cross_entropy", "source": "t.py:3", "classes": 56}], 56),
+        ([{"op": "cross_entropy", "source": "t.py:3", "classes": 256}], None),
+        ([{"op": "binary_cross_entropy_with_logits", "source": "t.py:3", "classes": None}], None),
+    ]
+    for noted, classes in cases:
+        log = run([1.0] * 200, loss=flat, layer__a__update_ratio=ratios)
+        if noted is not None:
+            log.meta["loss_functions"] = noted
+        found = conclude(log, "stalled")
+        assert found is not None and found.evidence.get("chance_classes") == classes, (noted, found)

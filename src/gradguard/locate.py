@@ -1075,6 +1075,20 @@ class LossWatch(_OpWatch):
             found.append({"op": e.op, "source": e.source, "flag": flag})
         return found
 
+    def criteria(self) -> list[dict[str, Any]]:
+        """The loss functions of the loss code (``cross_entropy``, ``mse_loss``…): each op, its line and,
+        for a classification loss, its number of classes (the input's class dimension); attribute reads only."""
+        found = []
+        for e in self.entries:
+            if e.phase != "loss" or e.op not in _CRITERIA or not e._ins:
+                continue
+            x = e._ins[0]
+            classes = (
+                (x.shape[1] if x.dim() > 1 else x.shape[0]) if e.op in _CLASSIFIERS and x.dim() else None
+            )
+            found.append({"op": e.op, "source": e.source, "classes": classes})
+        return found
+
     def leaves(self) -> list[Tensor]:
         """The floating tensors that entered the loss code (while the references are kept)."""
         return [t for e in self.entries if e.entering for t, r in zip(e._ins, e.entering) if r is not None]
@@ -1200,6 +1214,14 @@ _PROBABILITY_CHECKS: dict[str, Callable[[Tensor], Tensor]] = {
     "binary_cross_entropy_with_logits": _unit_interval,
     "nll_loss": lambda x: (x >= 0).all(),
 }
+_CLASSIFIERS = frozenset({"cross_entropy", "nll_loss", "nll_loss_nd", "nll_loss2d"})
+_CRITERIA = _CLASSIFIERS | frozenset(
+    {
+        "binary_cross_entropy", "binary_cross_entropy_with_logits", "mse_loss", "l1_loss", "smooth_l1_loss",
+        "huber_loss", "kl_div", "ctc_loss", "poisson_nll_loss", "gaussian_nll_loss", "cosine_embedding_loss",
+        "margin_ranking_loss", "triplet_margin_loss", "hinge_embedding_loss", "multilabel_soft_margin_loss",
+    }
+)  # fmt: skip
 _ADDITIONS = frozenset({"add", "sub"})  # (``a + b``, ``a - b``, ``sum([a, b])``, ``torch.add``)
 _TERMS_MAX = 8  # the terms of a loss followed (LossWatch.terms)
 
@@ -1640,6 +1662,10 @@ class StepCapture:
     def probability_inputs(self) -> list[dict[str, Any]]:
         """The open loss-code window's logits losses given probabilities (:meth:`LossWatch.probability_inputs`)."""
         return self._active.probability_inputs() if self._active is not None else []
+
+    def criteria(self) -> list[dict[str, Any]]:
+        """The open loss-code window's loss functions (:meth:`LossWatch.criteria`)."""
+        return self._active.criteria() if self._active is not None else []
 
     def loss_code_done(self) -> None:
         """``backward()`` was called: the open window keeps no more ops (its backward nodes still report)."""

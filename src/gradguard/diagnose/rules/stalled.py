@@ -90,7 +90,7 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     ratios = list(update_ratios(f, warm, len(f.rows)).values())
     moved = median(ratios) if ratios else math.nan
     end = median(quarter)
-    classes = chance_level(end)
+    classes = _chance(f, end)
     never = isinstance(f.log.meta.get("never_updated"), str) or _no_gradient(f)
     if not (moved >= _large(f) or moved <= TINY or classes is not None or _rounded_away(f, moved) or never):
         return None
@@ -110,6 +110,17 @@ def _large(f: Facts) -> float:
     """The median update ratio from which the steps are too large: :data:`LARGE`, or
     :data:`CHANCE_LARGE` under an optimizer that normalizes its step."""
     return CHANCE_LARGE if scale_free(f) else LARGE
+
+
+def _chance(f: Facts, loss: float) -> int | None:
+    """:func:`chance_level` of ``loss``, where the run's loss can sit there: under ``gradguard run``
+    (``meta.json`` ``loss_functions``) only a classification loss over that many classes (a GAN's BCE at
+    1.1 is no "uniform guess over 3 classes", nor an InfoNCE over 255 candidates at ln 56)."""
+    k = chance_level(loss)
+    noted = f.log.meta.get("loss_functions")
+    if k is None or not isinstance(noted, list):
+        return k
+    return k if k in {n.get("classes") for n in noted if isinstance(n, dict)} else None
 
 
 def chance_level(loss: float) -> int | None:

@@ -92,6 +92,7 @@ class ZeroCode:
         self.transformed_calls = 0  #: top-level model calls seen inside vmap / grad (torch.func)
         self._backcheck = BackwardCheck()  # custom Functions' backward, checked once each
         self._loss_terms: dict[str, Any] | None = None  # the first loss's additive terms (LossWatch.terms)
+        self._criteria: list[dict[str, Any]] = []  # the first loss code's loss functions (LossWatch.criteria)
         #: (op, line) → a device flag per early backward: a logits loss given probabilities
         self._probabilities: dict[tuple[str, str | None], list[Tensor]] = {}
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
@@ -179,16 +180,20 @@ class ZeroCode:
 
     def _note_loss_terms(self) -> None:
         """The first loss's additive terms, their values read now (one host read at the end of the run),
-        in every run's ``meta.json`` (``loss_terms``), where diagnose's ``loss_weight`` reads them."""
+        in every run's ``meta.json`` (``loss_terms``), where diagnose's ``loss_weight`` reads them; and the
+        first loss code's loss functions (``loss_functions``: op, line, classes), where ``stalled`` reads
+        which chance level a loss can sit at."""
         found = self._loss_terms
-        if not found:
-            return
-        terms = [{**term, "value": float(f"{float(term['value']):.4g}")} for term in found["terms"]]
-        noted = {"source": found["source"], "terms": terms}
-        for session in self._order:
+        noted: dict[str, Any] = {}
+        if found:
+            terms = [{**term, "value": float(f"{float(term['value']):.4g}")} for term in found["terms"]]
+            noted["loss_terms"] = {"source": found["source"], "terms": terms}
+        if self._loss_terms is not None:  # the loss code was watched: its loss functions, none included
+            noted["loss_functions"] = self._criteria
+        for session in self._order if noted else ():
             writer = session.guard.writer
             if writer is not None and not session.guard.closed:
-                writer.update_meta(loss_terms=noted)
+                writer.update_meta(**noted)
 
     def _note_probabilities(self) -> None:
         """The logits losses given probabilities on every early step (a softmax before CrossEntropyLoss, a
@@ -305,6 +310,7 @@ class ZeroCode:
         if self._watching is not None:
             if self._loss_terms is None and isinstance(unscaled, Tensor):
                 self._loss_terms = self._watching.loss_terms(unscaled) or {}
+                self._criteria = self._watching.criteria()
             if self._backwards < _PROBABILITY_STEPS:
                 for found in self._watching.probability_inputs():
                     self._probabilities.setdefault((found["op"], found["source"]), []).append(found["flag"])
