@@ -1000,3 +1000,17 @@ def test_a_loss_sits_at_ln_k_only_where_its_loss_function_has_k_classes() -> Non
             log.meta["loss_functions"] = noted
         found = conclude(log, "stalled")
         assert found is not None and found.evidence.get("chance_classes") == classes, (noted, found)
+
+
+def test_a_huge_first_gradient_from_an_oversized_init_names_the_init_not_the_inputs() -> None:
+    """A 20-layer ReLU MLP initialised with std 0.2 at width 128 (standardized inputs): "the scale of the
+    inputs is off: standardize", which it was; He's init trains it (accuracy 1.0)."""
+    norms = [9.8e4, 3e8, 1e14, 3e23, NAN]
+    for std, cause in ((0.2, "initial weights amplify the signal"), (1 / math.sqrt(3 * 128), "scale of")):
+        weight_norm = std * 128  # ‖W‖ of a 128×128 matrix of that std
+        columns = {f"layer__l{i}__weight_norm": [weight_norm] * 5 for i in range(20)}
+        log = run(norms, loss=[2.3] * 4 + [NAN], **columns)
+        log.meta["parameters"] = {f"l{i}.weight": [128, 128] for i in range(20)}
+        found = conclude(log, "explosion")
+        assert found is not None and cause in found.message, (std, found.message)
+        assert ("kaiming_normal_" in found.recommendation["text"]) == (std == 0.2)

@@ -28,6 +28,7 @@ HUGE_START_LOSS = 1e6
 #: a gradient norm at step 0 this large or more: its scale is off before any update (initial norms of
 #: standard models on standardized data with a mean loss are ~0.1-10; features in raw units ~1e4 gave
 #: 7e6, a loss summed and multiplied by the accumulation steps 2.8e3)
+_INIT_LAYERS = 3  # weight matrices needed to judge the initialization (Facts.init_gain)
 HUGE_START_GRAD = 1e3
 """A loss this large at step 0 is a scale off by orders of magnitude: a cross-entropy starts near
 log(classes) (≤ ~12), a mean squared error on standardized targets near 1."""
@@ -183,6 +184,33 @@ class Facts:
             return None
         norm = self.norm[0]
         return norm if math.isfinite(norm) and norm >= HUGE_START_GRAD else None
+
+    @functools.cached_property
+    def init_gain(self) -> tuple[float, int, float] | None:
+        """How much the initial weights amplify the signal, from step 0's layer weight norms and
+        ``meta.json``'s parameter shapes: ``(median gain, layers, amplification)`` where a layer's gain is
+        ‖W‖ / √fan_out (a row's RMS norm: std·√fan_in; He's init gives √2, torch's default 0.58) and the
+        amplification is the product of gain / √2 over the layers (1 at He's init through ReLUs); ``None``
+        without step 0's weight norms or the shapes of at least :data:`_INIT_LAYERS` weight matrices."""
+        shapes = self.log.meta.get("parameters")
+        if not self.steps or self.steps[0] != 0 or not isinstance(shapes, dict):
+            return None
+        gains = []
+        for name in self.layers:
+            shape = shapes.get(f"{name}.weight")
+            norm = self.layer(name, "weight_norm")[0]
+            if (
+                isinstance(shape, list)
+                and len(shape) >= 2
+                and shape[0] > 0
+                and math.isfinite(norm)
+                and norm > 0
+            ):
+                gains.append(norm / math.sqrt(shape[0]))
+        if len(gains) < _INIT_LAYERS:
+            return None
+        amplification = math.prod(g / math.sqrt(2) for g in gains)
+        return statistics.median(gains), len(gains), amplification
 
     @property
     def went_bad(self) -> bool:

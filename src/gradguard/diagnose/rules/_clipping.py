@@ -28,6 +28,10 @@ from gradguard.tunelog import TUNE_FILE, TuneResult
 
 OVERCLIP_RATE = 0.5  # > 50% of steps clipped is aggressive (Tuning Playbook)
 STALLED = 0.2  # a loss that fell by less than this fraction of its start did not train (trained())
+INIT_GAIN_HIGH = (
+    2.0  # a layer's median row RMS norm (std·√fan_in) this large: above He's √2 (Facts.init_gain)
+)
+INIT_AMPLIFIED = 100.0  # the product of gain / √2 over the layers this large: the init amplifies the signal
 _BLEW_UP = 2.0  # the first steps' median this many times the first loss: it blew up at once (trained())
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 UPDATE_RATIO_AIM = 1e-2  # the update/weight ratio a rate estimated from the ratios aims at
@@ -522,6 +526,29 @@ def scale_at_start(f: Facts) -> tuple[str, str, dict[str, Any]] | None:
     grad = f.start_grad
     if grad is None:
         return None
+    init = f.init_gain
+    if init is not None and init[0] >= INIT_GAIN_HIGH and init[2] >= INIT_AMPLIFIED:
+        gain, layers, amplified = init
+        cause = (
+            f"the gradient norm was already {fmt(grad)} at step 0, before any update (~0.1-10 is usual), and the "
+            f"initial weights amplify the signal: a row of a layer's weights has an RMS norm of {fmt(gain)} (median "
+            f"over {layers} layers; He's init gives 1.41, torch's default 0.58), ~{fmt(amplified)}× through the "
+            "depth — an initialization too large for this depth, which no learning rate fixes well"
+        )
+        fix = (
+            "Fix the initialization: torch's default init, or nn.init.kaiming_normal_(layer.weight, "
+            "nonlinearity='relu') (std = sqrt(2 / fan_in)) for ReLU layers, nn.init.xavier_normal_ for tanh; "
+            "for a deep plain stack add normalization (LayerNorm / BatchNorm) or residual connections"
+        )
+        return (
+            cause,
+            fix,
+            {
+                "start_grad_norm": sig(grad, 3),
+                "init_gain": sig(gain, 3),
+                "init_amplification": sig(amplified, 2),
+            },
+        )
     evidence: dict[str, Any] = {"start_grad_norm": sig(grad, 3)}
     cause = (
         f"the gradient norm was already {fmt(grad)} at step 0, before any update (~0.1-10 is usual): the scale of "
