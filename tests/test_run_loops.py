@@ -1267,3 +1267,53 @@ def test_a_hand_updated_models_replays_are_not_counted_as_steps(tmp_path: Path) 
     steps = [r["step"] for r in read_run(tmp_path / "run").metrics]
     assert steps == list(range(60))
     assert any(r["nonfinite"] for r in read_run(tmp_path / "run").metrics)  # (a replay ran)
+
+
+ACCUMULATION = textwrap.dedent(
+    """
+    import argparse
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--accumulate", type=int, default=16)
+    parser.add_argument("--divide", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(4096, 16)
+    y = x @ torch.randn(16, 1) + 0.1 * torch.randn(4096, 1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for epoch in range(2):
+        for i, (xb, yb) in enumerate(loader):
+            loss = nn.functional.mse_loss(model(xb), yb)
+            if args.divide:
+                loss = loss / args.accumulate
+            loss.backward()
+            if (i + 1) % args.accumulate == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+        print(f"epoch {epoch} loss {loss.item():.4f}")
+    """
+)
+
+
+def test_accumulated_losses_that_are_summed_not_averaged_are_the_cause(tmp_path: Path) -> None:
+    """16 micro-batches a step, the loss not divided: an explosion that read "clip at 74 or lr 0.005"."""
+    from gradguard.diagnose import diagnose, headline
+
+    script = tmp_path / "accumulate.py"
+    script.write_text(ACCUMULATION)
+    _run(tmp_path, script)
+    assert read_run(tmp_path / "run").meta["accumulation"] == {"micro_batches": 16, "loss_scale": 1.0}
+    top = headline(diagnose(tmp_path / "run"))
+    assert top is not None and "16 backward() calls whose losses are not divided by 16" in top.message, top
+    assert "loss = loss / 16" in top.recommendation["text"]
+    (tmp_path / "divided").mkdir()
+    got = _run(tmp_path / "divided", script, "--divide")
+    assert got.returncode == 0 and "nan" not in got.stdout
+    meta = read_run(tmp_path / "divided" / "run").meta
+    assert meta["accumulation"] == {"micro_batches": 16, "loss_scale": 0.0625}
+    assert headline(diagnose(tmp_path / "divided" / "run")) is None

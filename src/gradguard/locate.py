@@ -1075,6 +1075,14 @@ class LossWatch(_OpWatch):
             found.append({"op": e.op, "source": e.source, "flag": flag})
         return found
 
+    def scale_of(self, loss: Tensor) -> float | None:
+        """The Python-number factor the last op applied to ``loss`` (``loss / accumulation_steps``: 0.25),
+        1.0 for any other op, ``None`` when the watch did not see ``loss`` made."""
+        made = next((e for e in self.entries if e.phase == "loss" and any(o is loss for o in e._outs)), None)
+        if made is None:
+            return None
+        return made.scale if made.scale is not None else 1.0
+
     def criteria(self) -> list[dict[str, Any]]:
         """The loss functions of the loss code (``cross_entropy``, ``mse_loss``…): each op, its line and,
         for a classification loss, its number of classes (the input's class dimension); attribute reads only."""
@@ -1666,6 +1674,10 @@ class StepCapture:
     def criteria(self) -> list[dict[str, Any]]:
         """The open loss-code window's loss functions (:meth:`LossWatch.criteria`)."""
         return self._active.criteria() if self._active is not None else []
+
+    def loss_scale(self, loss: Tensor) -> float | None:
+        """The factor the open loss-code window's last op applied to ``loss`` (:meth:`LossWatch.scale_of`)."""
+        return self._active.scale_of(loss) if self._active is not None else None
 
     def loss_code_done(self) -> None:
         """``backward()`` was called: the open window keeps no more ops (its backward nodes still report)."""

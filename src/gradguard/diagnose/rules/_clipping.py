@@ -32,6 +32,9 @@ INIT_GAIN_HIGH = (
     2.0  # a layer's median row RMS norm (std·√fan_in) this large: above He's √2 (Facts.init_gain)
 )
 INIT_AMPLIFIED = 100.0  # the product of gain / √2 over the layers this large: the init amplifies the signal
+_SUMMED = (
+    1.5  # micro-batches × the loss's factor this large: the accumulated losses were summed, not averaged
+)
 _BLEW_UP = 2.0  # the first steps' median this many times the first loss: it blew up at once (trained())
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 UPDATE_RATIO_AIM = 1e-2  # the update/weight ratio a rate estimated from the ratios aims at
@@ -523,6 +526,9 @@ def scale_at_start(f: Facts) -> tuple[str, str, dict[str, Any]] | None:
             "clipping only delays the overflow"
         )
         return cause, fix, {"start_loss": loss}
+    summed = _summed_accumulation(f)
+    if summed is not None:
+        return summed
     grad = f.start_grad
     if grad is None:
         return None
@@ -562,6 +568,30 @@ def scale_at_start(f: Facts) -> tuple[str, str, dict[str, Any]] | None:
         "not multiply)"
     )
     return cause, fix, evidence
+
+
+def _summed_accumulation(f: Facts) -> tuple[str, str, dict[str, Any]] | None:
+    """Gradient accumulation whose loss is not divided by its micro-batches (``meta.json`` ``accumulation``,
+    from ``gradguard run``: the backward() calls per step and the factor the loss was multiplied by): each
+    step applies the sum of k micro-batches' gradients, k× their mean — k× the learning rate. A field
+    script over 32 micro-batches exploded and read "clip at 74 or lr 0.005"; clipping at 74 did not train,
+    dividing the loss by 32 did (0.21)."""
+    noted = f.log.meta.get("accumulation")
+    if not isinstance(noted, dict):
+        return None
+    k, scale = noted.get("micro_batches"), noted.get("loss_scale")
+    if not (isinstance(k, int) and k >= 2 and isinstance(scale, (int, float)) and abs(scale) * k >= _SUMMED):
+        return None
+    cause = (
+        f"each optimizer step follows {k} backward() calls whose losses are not divided by {k}: the step "
+        f"applies the sum of {k} micro-batches' gradients, {k}× their mean, as if the learning rate were {k}× "
+        "larger"
+    )
+    fix = (
+        f"Divide each micro-batch's loss by the accumulation steps before backward() (loss = loss / {k}), "
+        f"or lower the learning rate {k}× if the sum is meant"
+    )
+    return cause, fix, {"micro_batches": k, "loss_scale": scale}
 
 
 def with_buffers(explain: Callable[[Facts, Any], Finding]) -> Callable[[Facts, Any], Finding]:

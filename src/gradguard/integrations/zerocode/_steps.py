@@ -57,6 +57,8 @@ def measure(
         ok = measure_by_hand(session, loss, clip, fields)
     else:
         ok = session.guard.before_step(loss, scaler=scaler, clip=clip, fields=fields)
+    if not session.manual and len(zc._order) == 1 and session.guard.step_count <= _ACCUMULATION_STEPS:
+        session.micro_batches = max(session.micro_batches, zc._backwards - (session.backwards_seen or 0))
     session.measured_at = session.backwards_seen = zc._backwards
     session.skip = not ok and not session.manual
     if not ok:
@@ -64,6 +66,7 @@ def measure(
     return ok
 
 
+_ACCUMULATION_STEPS = 3  # the first steps whose backward() calls are counted (gradient accumulation)
 UNZEROED_STEPS = 3  # steps in a row with no zero_grad() and the same .grad tensors: the gradients add up
 
 

@@ -93,6 +93,9 @@ class ZeroCode:
         self._backcheck = BackwardCheck()  # custom Functions' backward, checked once each
         self._loss_terms: dict[str, Any] | None = None  # the first loss's additive terms (LossWatch.terms)
         self._criteria: list[dict[str, Any]] = []  # the first loss code's loss functions (LossWatch.criteria)
+        self._loss_scale: float | None = (
+            None  # the factor the first loss was multiplied by (LossWatch.scale_of)
+        )
         #: (op, line) → a device flag per early backward: a logits loss given probabilities
         self._probabilities: dict[tuple[str, str | None], list[Tensor]] = {}
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
@@ -190,10 +193,16 @@ class ZeroCode:
             noted["loss_terms"] = {"source": found["source"], "terms": terms}
         if self._loss_terms is not None:  # the loss code was watched: its loss functions, none included
             noted["loss_functions"] = self._criteria
-        for session in self._order if noted else ():
+        for session in self._order if noted or self._loss_scale is not None else ():
             writer = session.guard.writer
-            if writer is not None and not session.guard.closed:
-                writer.update_meta(**noted)
+            if writer is None or session.guard.closed:
+                continue
+            accumulation = (
+                {"accumulation": {"micro_batches": session.micro_batches, "loss_scale": self._loss_scale}}
+                if session.micro_batches >= 2 and self._loss_scale is not None
+                else {}
+            )
+            writer.update_meta(**noted, **accumulation)
 
     def _note_probabilities(self) -> None:
         """The logits losses given probabilities on every early step (a softmax before CrossEntropyLoss, a
@@ -311,6 +320,7 @@ class ZeroCode:
             if self._loss_terms is None and isinstance(unscaled, Tensor):
                 self._loss_terms = self._watching.loss_terms(unscaled) or {}
                 self._criteria = self._watching.criteria()
+                self._loss_scale = self._watching.loss_scale(unscaled)
             if self._backwards < _PROBABILITY_STEPS:
                 for found in self._watching.probability_inputs():
                     self._probabilities.setdefault((found["op"], found["source"]), []).append(found["flag"])

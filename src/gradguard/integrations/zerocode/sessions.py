@@ -56,6 +56,7 @@ class Session:
         self.param_ids = {id(p) for g in guard.optimizer.param_groups for p in g["params"]}
         self.measured_at: int | None = None  # the backward count when this step was measured
         self.backwards_seen: int | None = None  # the backward count when the last step was measured
+        self.micro_batches = 0  # backward() calls per optimizer step on its first steps (accumulation)
         self.skip = False
         self.clips = False  # the script clips this model's gradients (its steps are measured there)
         self.script_clips = 0  # steps the script's own clip_grad_norm_ / clip_grad_value_ ran on
