@@ -1077,10 +1077,11 @@ class LossWatch(_OpWatch):
 
     def scale_of(self, loss: Tensor) -> float | None:
         """The Python-number factor the last op applied to ``loss`` (``loss / accumulation_steps``: 0.25),
-        1.0 for any other op, ``None`` when the watch did not see ``loss`` made."""
+        1.0 for an op that scales nothing, ``None`` when the watch did not see ``loss`` made or a tensor
+        scaled it."""
         made = next((e for e in self.entries if e.phase == "loss" and any(o is loss for o in e._outs)), None)
-        if made is None:
-            return None
+        if made is None or (made.scale is None and made.op in ("mul", "div", "true_divide")):
+            return None  # (not seen, or scaled by a tensor: a token count, a mask's sum — unknown)
         return made.scale if made.scale is not None else 1.0
 
     def criteria(self) -> list[dict[str, Any]]:
