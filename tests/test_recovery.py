@@ -398,3 +398,31 @@ def test_every_rank_sees_the_same_onset_and_rewinds_alike(tmp_path: Path, mode: 
         assert all(torch.allclose(x, y, rtol=0, atol=0, equal_nan=True) for x, y in zip(a, b, strict=True))
     explosions = read_run(tmp_path / "run").events_of("explosion")  # rank 0's log
     assert len(explosions) == ranks[0]["recoveries"] and all(e["action"] == "recover" for e in explosions)
+
+
+def test_a_scheduler_that_undoes_the_lr_backoff_is_said_one_that_keeps_it_is_not() -> None:
+    """LambdaLR / OneCycleLR compute the rate from their base rates: the back-off lasted one step, silently."""
+    import warnings
+
+    for make, undone in (
+        (lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0), True),
+        (lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=100), False),
+    ):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        schedule = make(opt)
+        guard = gradguard.Guard(model, opt, on_nonfinite="rollback", snapshot_every=1, lr_backoff=0.5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(8):
+                x = torch.randn(8, 4)
+                if step == 4:
+                    x[0, 0] = float("nan")
+                opt.zero_grad()
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                guard.step(loss)
+                schedule.step()
+        said = [w for w in caught if "set the rate back" in str(w.message)]
+        assert len(said) == int(undone) and (not said or said[0].filename == __file__), (undone, said)

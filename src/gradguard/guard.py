@@ -830,6 +830,9 @@ class Guard:
         self._caller_clip, self._fields = clip, dict(fields) if fields else {}
         self._after.drop()  # the caller did not step after the last before_step
         step = self.counters.step_count
+        undone = self._recovery.undone()  # a scheduler that set a backed-off rate back up (host floats)
+        if undone is not None:
+            _warn_at_user(f"gradguard: {undone}")
         self._births.begin(step)  # under "warn": the optimizer step that follows is checked for a birth
         joined = self._guarded.joining()
         if joined:

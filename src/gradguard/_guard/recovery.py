@@ -43,6 +43,8 @@ from gradguard.runtable import SUSTAIN
 __all__ = ["MIN_GAP", "Limit", "Recovery", "Stateful"]
 
 _STATE_VERSION = 1
+_UNDONE_STEPS = 3  # steps after a back-off at which a rate set back up is said (Recovery.undone)
+_UNDONE = 1.5  # a group's rate this many times its backed-off value: a scheduler undid the back-off
 
 MIN_GAP = SUSTAIN + 2
 """The fewest steps between the two snapshots an explosion recovery keeps: an onset is confirmed
@@ -103,6 +105,7 @@ class Recovery:
         self.parts = parts
         self.every = every
         self.lr_backoff = lr_backoff
+        self._backed: tuple[int, list[Any]] | None = None  # (steps left to check, the rates after a back-off)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self.active = active
         self.min_lr = min_lr
@@ -223,7 +226,32 @@ class Recovery:
     def _back_off(self, step: int, factor: float) -> events.Event:
         for g in self.optimizer.param_groups:
             g["lr"] = g["lr"].mul_(factor) if isinstance(g["lr"], Tensor) else g["lr"] * factor
+        rates = [g["lr"] for g in self.optimizer.param_groups]
+        self._backed = (_UNDONE_STEPS, rates) if not any(isinstance(r, Tensor) for r in rates) else None
         return events.lr_backoff(step, factor, float(self.optimizer.param_groups[0]["lr"]))
+
+    def undone(self) -> str | None:
+        """Where an LR scheduler set a backed-off rate back up within :data:`_UNDONE_STEPS` steps (LambdaLR,
+        OneCycleLR and their kin compute the rate from their own base rates, not from the group's): what to
+        say, once; ``None`` otherwise. Host floats only."""
+        if self._backed is None:
+            return None
+        left, rates = self._backed
+        now = [g["lr"] for g in self.optimizer.param_groups]
+        if len(now) == len(rates) and any(
+            isinstance(n, float) and n > _UNDONE * r for n, r in zip(now, rates, strict=True)
+        ):
+            self._backed = None
+            return (
+                f"the learning rate scheduler set the rate back to {now[0]:.3g} right after gradguard's lr_backoff "
+                f"lowered it to {rates[0]:.3g}: schedulers that compute the rate from their own base rates "
+                "(LambdaLR, OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts) undo a back-off. Scale "
+                "the scheduler's base rates with it (scheduler.base_lrs = [lr * lr_backoff for lr in "
+                "scheduler.base_lrs]), use a scheduler that multiplies the current rate (StepLR, ExponentialLR, "
+                "ReduceLROnPlateau), or lr_backoff=None."
+            )
+        self._backed = (left - 1, rates) if left > 1 else None
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """The snapshots held (host tensors and Python scalars), the cadence's step and the recent
