@@ -97,11 +97,27 @@ def _diagnose(args: argparse.Namespace) -> int:
     else:
         from gradguard.report import print_summary
 
-        print_summary(log, findings)
+        print_summary(_run_of(log, findings), findings)
         if not args.no_write and (log.path / FINDINGS_FILE).exists():
             where = safe_text(log.path)
             print(f"findings: {safe_text(log.path / FINDINGS_FILE)}; HTML report: gradguard report {where}")
     return EXIT_FINDINGS if any(f.severity == "error" for f in findings) else EXIT_OK
+
+
+def _run_of(log: Any, findings: Sequence[Any]) -> Any:
+    """The run whose numbers the summary shows: the leading finding's optimizer's (several optimizers: the
+    one that failed first leads; its steps, clipping and first non-finite step, not the first optimizer's)."""
+    from pathlib import Path
+
+    from gradguard.runlog import read_run
+
+    run_dir = findings[0].evidence.get("run_dir") if findings else None
+    if not isinstance(run_dir, str) or Path(run_dir).resolve() == log.path.resolve():
+        return log
+    try:
+        return read_run(run_dir, records=False)
+    except GradGuardError:
+        return log
 
 
 def _report(args: argparse.Namespace) -> int:
