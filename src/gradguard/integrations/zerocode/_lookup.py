@@ -84,7 +84,7 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
         return session
     framework = zc.frameworks.guard_of(optimizer)
     if framework is not None:  # a Trainer's callback guards it
-        framework.add_flush_callback(zc.live.flushed(framework))
+        framework.add_flush_callback(zc.live.flushed(framework, framework=True))
         return add(zc, id(optimizer), Session(framework, manual=False, framework=True))
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     root = root_owning(zc, ids) or union_root(zc, optimizer)

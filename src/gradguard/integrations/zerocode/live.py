@@ -81,14 +81,16 @@ class Live:
             ),
         )
 
-    def flushed(self, guard: Guard) -> Callable[[list[dict[str, Any]]], None]:
-        """A flush callback: non-finite steps the host learns of at a flush, and norm spikes."""
+    def flushed(self, guard: Guard, *, framework: bool = False) -> Callable[[list[dict[str, Any]]], None]:
+        """A flush callback: non-finite steps the host learns of at a flush, and norm spikes. A framework's
+        guard (its Trainer's callback decides each step, and the runner never sees it: :meth:`bad_step` is
+        not called) has its decided bad steps said here too."""
 
         recent = self._recent.setdefault(id(guard), collections.deque(maxlen=_RECENT))
 
         def seen(records: list[dict[str, Any]]) -> None:
             for rec in records:
-                if rec.get("nonfinite") and not rec.get("_decided"):
+                if rec.get("nonfinite") and (framework or not rec.get("_decided")):
                     self._nonfinite_at_flush(guard, rec["step"])
                 norm = rec.get("grad_norm")
                 if not isinstance(norm, float) or not _finite(norm):
