@@ -43,6 +43,7 @@ ISSUE_IDS = {
     "loss_weight",  # a term of the loss weighted to outweigh the rest of it (gradguard run)
     "clip_before_backward",  # the script's clip_grad_norm_ called before backward(): it clipped nothing
     "loss_on_probabilities",  # a logits loss given probabilities: a softmax before CrossEntropyLoss
+    "optimizer_setting",  # momentum 1, RMSprop alpha 1, Adam with an AdamW config's weight_decay
 }
 
 

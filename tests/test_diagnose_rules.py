@@ -1014,3 +1014,24 @@ def test_a_huge_first_gradient_from_an_oversized_init_names_the_init_not_the_inp
         found = conclude(log, "explosion")
         assert found is not None and cause in found.message, (std, found.message)
         assert ("kaiming_normal_" in found.recommendation["text"]) == (std == 0.2)
+
+
+def test_an_optimizer_setting_outside_its_range_is_the_cause_of_a_failed_run() -> None:
+    """SGD momentum 1.0 (NaN by epoch 2: "clip at 0.88 or lr 0.05"), RMSprop alpha 1.0 ("lr=1e-09"), Adam
+    given an AdamW config's weight_decay=1 (at chance: "lr_too_high … lr=4e-5"); not in a run that trained."""
+    cases = [
+        ("SGD", {"lr": 0.1, "momentum": 1.0}, "momentum=1", CLIMB),
+        ("RMSprop", {"lr": 0.01, "alpha": 1.0}, "alpha=1", CLIMB),
+        ("Adam", {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 1.0}, "weight_decay=1", None),
+    ]
+    for name, group, setting, norms in cases:
+        stuck = norms is None
+        log = run(norms or [1.0] * 200, loss=[1.6 + 0.001 * (s % 3) for s in range(200)] if stuck else None)
+        log.meta.update(optimizer={"class": name}, optimizer_groups=[group])
+        top = diagnose(log)[0]
+        assert top.id == "optimizer_setting" and setting in top.message, (name, top)
+        assert top.severity == ("warning" if stuck else "error")
+        assert not {"lr_too_high", "explosion", "vanishing"} & {f.id for f in diagnose(log)}, name
+    healthy = run([1.0] * 200)
+    healthy.meta.update(optimizer={"class": "Adam"}, optimizer_groups=[{"lr": 1e-3, "weight_decay": 0.5}])
+    assert "optimizer_setting" not in {f.id for f in diagnose(healthy)}

@@ -237,7 +237,9 @@ def test_a_diverging_variant_is_located_and_diagnosed(tmp_path: Path, case_id: s
         assert nonfinite.get("located_by") and nonfinite.get("phase"), nonfinite
         assert f"first non-finite value at step {nonfinite['step']}" in got.stderr
         # said live too, as it happens (a Lightning Trainer's steps were said only in the end summary)
-        assert re.search(rf"gradguard: step {nonfinite['step']} of .* is not finite", got.stderr), got.stderr[-2000:]
+        assert re.search(rf"gradguard: step {nonfinite['step']} of .* is not finite", got.stderr), got.stderr[
+            -2000:
+        ]
     else:  # a divergence that stays finite: diagnosed from the norms and the loss
         assert findings & {"explosion", "divergence"}, (findings, got.stderr[-2000:])
     if case.verdict:

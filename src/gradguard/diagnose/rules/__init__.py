@@ -169,6 +169,8 @@ _CAUSES = (
     "bad_data",
     "unbounded_loss",
     "weight_decay",
+    "optimizer_setting",
+    "optimizer_setting",
     "gradients_not_zeroed",
     "lr_schedule",
     "custom_backward",
@@ -192,6 +194,7 @@ _CAUSES = (
 
 _DRIVERS: dict[str, Sequence[str]] = {
     "weight_decay": ("error",),
+    "optimizer_setting": ("error",),
     "gradients_not_zeroed": ("error",),
     "lr_schedule": ("error",),
     "custom_backward": ("error",),
@@ -212,6 +215,9 @@ REGISTRY: list[Entry] = [
     #    (and a weight decay that multiplies the weights by a factor far from 1 at every step: a typo such
     #    as 5e2 for 5e-4 drives an explosion no clipping stops);
     entry("weight_decay"),
+    #    (and an optimizer hyperparameter outside its working range: momentum 1, RMSprop alpha 1, Adam with an
+    #    AdamW config's weight_decay);
+    entry("optimizer_setting"),
     #    (and gradients never zeroed between steps: each step applies the running sum);
     entry("gradients_not_zeroed"),
     #    (and a learning rate that went negative, or a schedule that collapsed it to nothing mid-run);
@@ -246,10 +252,10 @@ REGISTRY: list[Entry] = [
     entry("over_clipping"),
     entry("adaptive_clipping", yields_to={"explosion": ANY}),
     entry("zeroed_gradients"),
-    entry("lr_too_high"),
+    entry("lr_too_high", yields_to={"optimizer_setting": ANY}),
     entry("weight_growth"),
     #    (gradients that look vanishing in a model a too-high first step wrecked are that rate's);
-    entry("vanishing", needs=("lr_too_high",)),
+    entry("vanishing", needs=("lr_too_high",), yields_to={"optimizer_setting": ANY}),
     entry("loss_scale_collapse"),
     #    (torch warned in the loss code: a broadcast, an implicit dim — what was computed is not the loss meant);
     entry("loss_code_warning"),
