@@ -19,7 +19,7 @@ where it trained; a driver: the climb it causes is not the rate's or a threshold
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
@@ -79,7 +79,7 @@ def _unusual(name: str, g: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _number(x: Any) -> bool:
+def _number(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
