@@ -155,3 +155,59 @@ def test_a_deliberately_clamped_gradient_in_a_run_that_trained_is_noted_not_blam
     assert [n["function"] for n in noted] == ["ClampGrad.backward"]
     found = diagnose(tmp_path / "run")
     assert headline(found) is None and "custom_backward" not in {f.id for f in found}, found
+
+
+class FreesItsCache(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.cache = (x, torch.sigmoid(x))
+        return x * ctx.cache[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s = ctx.cache
+        ctx.cache = None  # frees what the forward kept: a second call would fail
+        return g * s * (1 + x * (1 - s))
+
+
+class Counts(torch.autograd.Function):
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        Counts.calls += 1
+        return g
+
+
+class Adjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.enable_grad():
+            y = torch.zeros_like(g, requires_grad=True)
+            (solved,) = torch.autograd.grad((y * 2 - g).pow(2).sum(), y)
+        return g * 2 + 0 * solved
+
+
+def test_a_backward_with_side_effects_is_never_called_again() -> None:
+    """A backward that frees its cache crashed the run (TypeError on the second call); one that counts its
+    calls, logs, or solves an adjoint with autograd.grad changed the script's output or crashed it."""
+    from gradguard._backcheck import pure
+
+    assert pure(Right) and pure(NoChainRule)
+    assert not any(pure(fn) for fn in (FreesItsCache, Counts, Adjoint, Noisy, Recomputes))
+    for fn in (FreesItsCache, Counts, Adjoint):
+        x = torch.randn(6, requires_grad=True)
+        loss = fn.apply(x * 1).sum()
+        checker = BackwardCheck()
+        checker.watch(loss)
+        loss.backward()  # (FreesItsCache: a TypeError if the check had called it first)
+        assert checker.report() == []
+    assert Counts.calls == 1

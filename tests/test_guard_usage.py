@@ -12,6 +12,7 @@ from torch import nn
 
 from gradguard import Guard
 from gradguard.errors import GradGuardError
+from gradguard.tune import tune
 
 
 def _setup(opt: type = torch.optim.Adam) -> tuple[nn.Module, torch.optim.Optimizer, Guard]:
@@ -73,6 +74,7 @@ def test_ordinary_loops_are_not_warned() -> None:
                 optimizer.zero_grad()
         batches = [torch.randn(8, 4) for _ in range(4)]
         guard.tune(lambda x: model(x).pow(2).mean(), batches, steps=4)
+        tune(model, optimizer, lambda x: model(x).pow(2).mean(), batches, steps=4)  # (the guard open)
         model, optimizer, guard = _setup(torch.optim.LBFGS)
         x = torch.randn(8, 4)
 

@@ -17,8 +17,11 @@ is read until :meth:`BackwardCheck.report`, at the end of the run. A deliberatel
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import inspect
 import io
+import textwrap
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,7 +64,10 @@ class BackwardCheck:
             if cls is None or cls in self._seen or cls.__module__.split(".")[0] == "torch":
                 continue
             self._seen.add(cls)
-            self._hook(found, cls)
+            if pure(
+                cls
+            ):  # (a backward with side effects is never called again: the script's run comes first)
+                self._hook(found, cls)
 
     def _hook(self, node: Any, cls: type) -> None:
         """A pre-hook on ``node`` that checks its backward the first time it runs, then removes itself."""
@@ -97,6 +103,81 @@ class BackwardCheck:
                     }
                 )
         return found
+
+
+#: modules whose functions a pure backward may call (tensor math, no state)
+_PURE_MODULES = frozenset({"torch", "F", "nn", "math", "np", "numpy", "functional"})
+#: builtins a pure backward may call
+_PURE_BUILTINS = frozenset({"len", "range", "zip", "enumerate", "tuple", "list", "isinstance", "min", "max", "abs",
+                            "float", "int", "bool", "any", "all", "sum", "reversed", "getattr", "hasattr"})  # fmt: skip
+_IMPURE_CALLS = frozenset(
+    {"backward", "grad", "print", "append", "extend", "update", "add", "insert", "pop", "write"}
+)
+
+
+def pure(cls: type) -> bool:
+    """Whether ``cls.backward`` can be called again without changing the script's run, read from its source:
+    no assignment to an attribute or an element of anything but a local variable (``ctx.cache = None`` frees
+    what the real call needs; a counter, a buffer, a list), no ``global`` / ``nonlocal``, no ``print`` or
+    logging, no ``autograd.grad`` / ``backward()`` (an implicit layer's adjoint solve), no in-place method or
+    call on anything but a local variable or torch, no call of a function of the script's (unknown effects).
+    ``False`` when the source cannot be read."""
+    backward = getattr(cls, "backward", None)
+    if not callable(backward):
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(backward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    fn = tree.body[0] if tree.body else None
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    local = {a.arg for a in (*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs)}
+    local |= {fn.args.vararg.arg} if fn.args.vararg else set()
+    ctx = fn.args.args[0].arg if fn.args.args else "ctx"
+    local |= {t.id for node in ast.walk(fn) for t in _targets(node) if isinstance(t, ast.Name)}
+    local.discard(ctx)  # ctx is the real call's: its attributes are read, never written
+    return all(_pure_node(node, local) for node in ast.walk(fn))
+
+
+def _targets(node: ast.AST) -> list[ast.expr]:
+    if isinstance(node, ast.Assign):
+        return [
+            t for target in node.targets for t in (target.elts if isinstance(target, ast.Tuple) else [target])
+        ]
+    if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        return [node.target]
+    if isinstance(node, (ast.For, ast.comprehension)):
+        return list(node.target.elts) if isinstance(node.target, ast.Tuple) else [node.target]
+    return []
+
+
+def _base(node: ast.expr) -> str | None:
+    """The name an attribute / subscript chain starts from (``ctx.buf[0].data`` → ``ctx``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _pure_node(node: ast.AST, local: set[str]) -> bool:
+    if isinstance(node, (ast.Global, ast.Nonlocal, ast.Delete)):
+        return False
+    for target in _targets(node):
+        if isinstance(target, (ast.Attribute, ast.Subscript)) and _base(target) not in local:
+            return False
+    if not isinstance(node, ast.Call):
+        return True
+    func = node.func
+    if isinstance(func, ast.Name):
+        return func.id in _PURE_BUILTINS or func.id in local
+    if isinstance(func, ast.Attribute):
+        if func.attr in _IMPURE_CALLS:
+            return False
+        base = _base(func)
+        if base in _PURE_MODULES:
+            return True
+        return base in local
+    return False
 
 
 def _nodes(roots: list[Any]) -> Iterator[Any]:

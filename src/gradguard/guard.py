@@ -682,8 +682,7 @@ class Guard:
         from gradguard.tune import tune
 
         self._check_open()
-        with self._usage.stepping():  # the trials' own optimizer steps are not the loop's
-            result = tune(self.model, self.optimizer, loss_fn, batches, **options)
+        result = tune(self.model, self.optimizer, loss_fn, batches, **options)
         result = dataclasses.replace(result, start_step=self.step_count)
         if self.run_dir is not None:
             write_tune(self.run_dir, result)

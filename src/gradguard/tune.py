@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradguard._guard.usage import stepping
 from gradguard.clip import clip_grad_norm_, get_total_norm
 from gradguard.errors import GradGuardError
 from gradguard.tunelog import Trial, TuneResult, candidates_around, explosion_onset, judge
@@ -244,5 +245,6 @@ def _trial(
             break  # never step on a non-finite gradient: the trial has failed
         if explosion_onset([g for g in norms if g > 0]) is not None:
             break  # exploded: the verdict is in
-        optimizer.step()
+        with stepping(optimizer):  # (a trial's step: not a loop's step outside an open guard's)
+            optimizer.step()
     return judge(max_norm, lr, losses, norms)

@@ -22,10 +22,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Usage"]
+__all__ = ["Usage", "stepping"]
 
-#: the optimizers a guard is stepping now (by id; two guards over one optimizer see each other's steps)
+#: the optimizers gradguard is stepping now (by id; two guards over one optimizer see each other's steps,
+#: tune's trials step the guarded optimizer)
 _STEPPING: dict[int, int] = {}
+
+
+@contextlib.contextmanager
+def stepping(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """gradguard's own steps of ``optimizer`` (a guard's, a tuning trial's): not the loop's."""
+    key = id(optimizer)
+    _STEPPING[key] = _STEPPING.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        _STEPPING[key] -= 1
+        if not _STEPPING[key]:
+            del _STEPPING[key]
 
 
 class Usage:
@@ -36,6 +50,7 @@ class Usage:
         self.optimizer = optimizer
         self._warn = warn
         self._handle: Any = None
+        self._stepping: contextlib.AbstractContextManager[None] | None = None
         self._said: set[str] = set()
         self._last: weakref.ref[Tensor] | None = None
 
@@ -51,23 +66,13 @@ class Usage:
                     "between: the same gradients are applied twice. Call guard.step(loss) once per backward().",
                 )
             self._last = weakref.ref(loss)
-        key = id(self.optimizer)
-        _STEPPING[key] = _STEPPING.get(key, 0) + 1
+        self._stepping = stepping(self.optimizer)
+        self._stepping.__enter__()
 
     def leave(self) -> None:
-        key = id(self.optimizer)
-        _STEPPING[key] -= 1
-        if not _STEPPING[key]:
-            del _STEPPING[key]
-
-    @contextlib.contextmanager
-    def stepping(self) -> Iterator[None]:
-        """The guard's own optimizer steps (``Guard.tune``'s trials): not the loop's."""
-        self.enter(None)
-        try:
-            yield
-        finally:
-            self.leave()
+        if self._stepping is not None:
+            self._stepping.__exit__(None, None, None)
+            self._stepping = None
 
     def close(self) -> None:
         if self._handle is not None:

@@ -18,13 +18,23 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.numbers import median
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import trained
+from gradguard.diagnose.rules._clipping import trained, update_ratios
+
+_STILL = (
+    1e-5  # a median update ratio this small: the weights did not move (a deliberate clamp is then not blamed)
+)
 
 
 def detect(f: Facts, seen: Seen) -> list[dict[str, Any]] | None:
     noted = f.log.meta.get("nonlinear_backward")
     if not isinstance(noted, list) or not f.rows or trained(f) is not None:
+        return None
+    ratios = list(update_ratios(f, 0, len(f.rows)).values())
+    if (
+        ratios and median(ratios) <= _STILL
+    ):  # the weights did not move: the rate is the obvious cause (stalled's)
         return None
     found = [n for n in noted if isinstance(n, dict) and isinstance(n.get("function"), str)]
     return found or None

@@ -63,6 +63,8 @@ def detect(f: Facts, seen: Seen) -> ClipWindow | None:
 def stalled(f: Facts, w: ClipWindow) -> bool:
     """Whether training stalled under the clipping: an SGD-like optimizer, and the run did not train
     (:func:`~gradguard.diagnose.rules._clipping.trained` over the clipped steps)."""
+    if not math.isfinite(w.progress):  # no loss recorded (gradients from torch.autograd.grad): not judged
+        return False
     return not scale_free(f) and trained(f, w.loss) is None
 
 
@@ -92,13 +94,12 @@ def explain(f: Facts, w: ClipWindow) -> Finding:
 def _not_a_failure(f: Facts, w: ClipWindow, evidence: dict[str, Any]) -> Finding:
     """An ``info``: most steps clipped, but the run trained (or Adam-like steps ignore the scale)."""
     if scale_free(f):
-        why = f"{optimizer_class(f)} normalizes its step, so clipping the norm barely changes it"
+        why = f"but this is not a failure: {optimizer_class(f)} normalizes its step, so clipping the norm barely changes it"
+    elif not math.isfinite(w.progress):
+        why = "and no loss was recorded (gradients computed without backward()): whether it slowed training is not judged"
     else:
-        why = f"the loss fell {w.loss.text()} and stayed finite to a healthy end"
-    message = (
-        f"max_norm={fmt(w.threshold)} clipped {w.rate:.0%} of the last {len(w.window)} steps, but this is not "
-        f"a failure: {why}."
-    )
+        why = f"but this is not a failure: the loss fell {w.loss.text()} and stayed finite to a healthy end"
+    message = f"max_norm={fmt(w.threshold)} clipped {w.rate:.0%} of the last {len(w.window)} steps, {why}."
     result = tuned(f)
     if result is not None and thresholds_tried(result):  # tune.json answered it: quote that
         rec = threshold_advice(f, None, "")

@@ -36,7 +36,8 @@ def on_clip_norm(zc: Any, parameters: Any, max_norm: float, total_norm: Tensor) 
         session.guard.record_clip(max_norm, total_norm, norm_type=norm_type)
 
     call = f"clip_grad_norm_(max_norm={float(max_norm):g})"
-    return script_clip(zc, parameters, call, first, further)
+    clips = math.isfinite(float(max_norm))  # (max_norm=inf: a norm read for logging, after the step too)
+    return script_clip(zc, parameters, call, first, further, clips=clips)
 
 
 def total_norm(zc: Any, grads: Any, norm_type: float) -> Tensor | None:
@@ -84,6 +85,8 @@ def script_clip(
     call: str,
     first: Callable[[Session, list[Tensor], bool], CallerClip],
     further: Callable[[Session], None] | None,
+    *,
+    clips: bool = True,
 ) -> bool:
     """The script's own clip call, before it touches the gradients: the step is measured here,
     on the pre-clip gradients, with what ``first`` says of the clip; a later clip call of the
@@ -99,7 +102,7 @@ def script_clip(
             _count_clip(session, call)
             further(session)
         return not zc.replace_clip
-    if fresh(zc, session) and _before_backward(zc, session, params):
+    if clips and fresh(zc, session) and _before_backward(zc, session, params):
         _misplaced(zc, session, call)
         return True
     if zc.replace_clip:
@@ -118,9 +121,11 @@ def script_clip(
 def _before_backward(zc: Any, session: Session, params: list[Tensor]) -> bool:
     """Whether the clip call comes before this step's ``backward()``: no gradient yet (zeroed to None),
     or no backward since the last measured step (zeroed in place)."""
-    return session.backwards_seen == zc._backwards or all(
-        p.grad is None for p in params if isinstance(p, Tensor)
-    )
+    if all(p.grad is None for p in params if isinstance(p, Tensor)):
+        return True
+    # gradients there, and no backward() since the last step: zeroed in place (a script that never calls
+    # backward(), writing .grad itself — torch.autograd.grad, evolution strategies — clips what it wrote)
+    return zc._backwards > 0 and session.backwards_seen == zc._backwards
 
 
 def _misplaced(zc: Any, session: Session, call: str) -> None:

@@ -41,6 +41,7 @@ __all__ = ["ZeroCode"]
 # ----------------------------------------------------------------------------- the runner
 _RAISED: Any = object()  # on_return's ``out`` when the call raised (torch passes none)
 _PROBABILITY_STEPS = 3  # the backwards whose logits losses are checked for probabilities given
+_PROBABILITY_LATE = (25, 100)  # and these, once training moved the outputs (BCEWithLogits needs one)
 
 
 class ZeroCode:
@@ -96,8 +97,8 @@ class ZeroCode:
         self._loss_scale: float | None = (
             None  # the factor the first loss was multiplied by (LossWatch.scale_of)
         )
-        #: (op, line) → a device flag per early backward: a logits loss given probabilities
-        self._probabilities: dict[tuple[str, str | None], list[Tensor]] = {}
+        #: (op, line) → (backward, device flag) per checked backward: a logits loss given probabilities
+        self._probabilities: dict[tuple[str, str | None], list[tuple[int, Tensor]]] = {}
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
         self.zero_grads = 0  #: zero_grad() calls so far (of any optimizer or module)
         self.norm_type: float | None = None  # of the clip_grad_norm_ call under way
@@ -210,8 +211,13 @@ class ZeroCode:
         (``loss_on_probabilities``), where diagnose's ``loss_on_probabilities`` reads them."""
         found = [
             {"op": op, "source": source or ""}
-            for (op, source), flags in self._probabilities.items()
-            if all(bool(flag) for flag in flags)
+            for (op, source), checked in self._probabilities.items()
+            if all(bool(flag) for _, flag in checked)
+            # logits in [0, 1] are a sigmoid's only once training moved them (a prior-bias init starts at 0.85)
+            and (
+                op != "binary_cross_entropy_with_logits"
+                or max(at for at, _ in checked) >= _PROBABILITY_LATE[0]
+            )
         ]
         for session in self._order if found else ():
             writer = session.guard.writer
@@ -321,9 +327,10 @@ class ZeroCode:
                 self._loss_terms = self._watching.loss_terms(unscaled) or {}
                 self._criteria = self._watching.criteria()
                 self._loss_scale = self._watching.loss_scale(unscaled)
-            if self._backwards < _PROBABILITY_STEPS:
+            if self._backwards < _PROBABILITY_STEPS or self._backwards in _PROBABILITY_LATE:
                 for found in self._watching.probability_inputs():
-                    self._probabilities.setdefault((found["op"], found["source"]), []).append(found["flag"])
+                    checked = self._probabilities.setdefault((found["op"], found["source"]), [])
+                    checked.append((self._backwards, found["flag"]))
             self._watching.loss_code_done()
         for root in self._called.values():
             for capture in root.captures:
