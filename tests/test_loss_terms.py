@@ -132,3 +132,22 @@ def test_a_logits_loss_given_probabilities_is_named(
     (finding,) = found
     assert finding.severity == severity and f"`{op}` at {PRODUCTS}:" in finding.message
     assert "Remove the s" in finding.recommendation["text"]
+
+
+def test_a_regression_that_predicts_its_targets_mean_is_said_with_the_inputs_scale(tmp_path: Path) -> None:
+    """Load curves in raw MW into an LSTM: MSE at Var(y) for the whole run, "No findings"."""
+    script = HERE / "run_scripts" / "load_forecaster.py"
+    for args, said in (((), True), (("--scale-inputs",), False)):
+        out = tmp_path / ("scaled" if args else "raw")
+        cmd = [sys.executable, "-m", "gradguard", "run", "--out", str(out), "--no-report", str(script), *args]
+        assert (
+            subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300).returncode
+            == 0
+        )
+        (mse,) = read_run(out).meta["loss_functions"]
+        assert mse["op"] == "mse_loss" and 0.8 < mse["target_variance"] < 1.25
+        found = [f for f in diagnose(out) if f.id == "stalled"]
+        assert bool(found) == said, found
+        if said:
+            assert "the variance of its targets" in found[0].message
+            assert "standardize each input feature" in found[0].recommendation["text"]

@@ -1086,7 +1086,8 @@ class LossWatch(_OpWatch):
 
     def criteria(self) -> list[dict[str, Any]]:
         """The loss functions of the loss code (``cross_entropy``, ``mse_loss``…): each op, its line and,
-        for a classification loss, its number of classes (the input's class dimension); attribute reads only."""
+        for a classification loss, its number of classes (the input's class dimension); for ``mse_loss``, the
+        variance of its target (a device scalar, read at the end of the run)."""
         found = []
         for e in self.entries:
             if e.phase != "loss" or e.op not in _CRITERIA or not e._ins:
@@ -1095,7 +1096,14 @@ class LossWatch(_OpWatch):
             classes = (
                 (x.shape[1] if x.dim() > 1 else x.shape[0]) if e.op in _CLASSIFIERS and x.dim() else None
             )
-            found.append({"op": e.op, "source": e.source, "classes": classes})
+            entry: dict[str, Any] = {"op": e.op, "source": e.source, "classes": classes}
+            if e.op == "mse_loss" and len(e._ins) > 1 and e._ins[1].numel() > 1:
+                with (
+                    torch.no_grad()
+                ):  # the targets' variance: the loss of predicting their mean (a device scalar)
+                    target = e._ins[1].detach().float()
+                    entry["target_variance"] = (target - target.mean()).pow(2).mean()
+            found.append(entry)
         return found
 
     def leaves(self) -> list[Tensor]:

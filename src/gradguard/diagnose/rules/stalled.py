@@ -55,6 +55,7 @@ TINY = 1e-5  # this small or less: steps too small to move the weights
 ROUNDED_AWAY = {"bfloat16": 2.0**-9, "float16": 2.0**-12}
 _AIM = 1e-3  # the update/weight ratio the advised rate aims at (the rule of thumb)
 _START = 5  # the losses whose median is where the run started
+_MEAN_LEVEL = 0.15  # an MSE within this fraction of its targets' variance sits at the mean's loss
 _NO_GRADIENT = 0.9  # this share of the steps with a gradient norm of 0: no step had a gradient
 
 
@@ -71,6 +72,7 @@ class Evidence:
     clip_rate: float
     steps: int
     classes: int | None = None  # the loss sits at ln K: a uniform prediction over K classes
+    variance: float | None = None  # an MSE sitting at its targets' variance: the targets' mean predicted
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -91,11 +93,26 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     moved = median(ratios) if ratios else math.nan
     end = median(quarter)
     classes = _chance(f, end)
+    variance = _mean_level(f, end)
     never = isinstance(f.log.meta.get("never_updated"), str) or _no_gradient(f)
-    if not (moved >= _large(f) or moved <= TINY or classes is not None or _rounded_away(f, moved) or never):
+    chance = classes is not None or variance is not None
+    if not (moved >= _large(f) or moved <= TINY or chance or _rounded_away(f, moved) or never):
         return None
     rate = sum(f.clipped) / len(f.clipped) if f.clip_kind != "none" else 0.0
-    return Evidence(start, low, end, noise, moved, rate, len(f.rows), classes)
+    return Evidence(start, low, end, noise, moved, rate, len(f.rows), classes, variance)
+
+
+def _mean_level(f: Facts, loss: float) -> float | None:
+    """The variance of the targets of the run's ``mse_loss`` (``meta.json`` ``loss_functions``, from
+    ``gradguard run``) where the loss sits within :data:`_MEAN_LEVEL` of it: the loss of predicting the
+    targets' mean (an LSTM fed load curves in raw MW, targets standardized: MSE 0.99 for the whole run,
+    "No findings"; inputs scaled, 0.0009); ``None`` otherwise."""
+    noted = f.log.meta.get("loss_functions")
+    for entry in noted if isinstance(noted, list) else ():
+        v = entry.get("target_variance") if isinstance(entry, dict) else None
+        if isinstance(v, (int, float)) and v > 0 and abs(loss - v) <= _MEAN_LEVEL * v:
+            return float(v)
+    return None
 
 
 def _rounded_away(f: Facts, moved: float) -> str | None:
@@ -143,13 +160,17 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     lr = failed_lr(f)
     # at chance with steps only a few times the usual size, the signal is the suspect (labels shuffled
     # apart from their inputs, Adam 1e-3: ratio 3.5e-3, and 3e-4 stayed at chance), not the rate
-    large = ev.moved >= (CHANCE_LARGE if ev.classes is not None else _large(f))
+    at_chance = ev.classes is not None or ev.variance is not None
+    large = ev.moved >= (CHANCE_LARGE if at_chance else _large(f))
     tiny = ev.moved <= TINY
     clipped = f" while {f.clip_spec} clipped {ev.clip_rate:.0%} of them" if ev.clip_rate > 0 else ""
     chance = (
         f" It sits at ln {ev.classes} = {fmt(math.log(ev.classes))}, the cross-entropy of a uniform prediction "
         f"over {ev.classes} classes: the model predicts nothing from its input."
         if ev.classes is not None
+        else f" It sits at the variance of its targets ({fmt(ev.variance)}), the error of predicting their mean: "
+        "the model predicts nothing from its input."
+        if ev.variance is not None
         else ""
     )
     moved = f"A step moved the layers by {fmt(ev.moved)} of their weight norm (median; ~1e-3 is typical)"
@@ -186,7 +207,10 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     }
     if ev.classes is not None:
         evidence["chance_classes"] = ev.classes
-    rec = _advice(f, lr, ev.moved, large) if large or tiny else {"text": _NO_SIGNAL}
+    if ev.variance is not None:
+        evidence["target_variance"] = sig(ev.variance, 4)
+    signal = _NO_SIGNAL_REGRESSION if ev.variance is not None else _NO_SIGNAL
+    rec = _advice(f, lr, ev.moved, large) if large or tiny else {"text": signal}
     return Finding("stalled", "warning", f.steps[0], message, evidence, rec)
 
 
@@ -261,6 +285,15 @@ _NO_SIGNAL = (
     "and not the other), no detach() or no_grad on the path, the right tensor fed to the loss; then that the "
     "gradient reaches the early layers — a dependency longer than a vanilla RNN or a deep plain network "
     "carries (use an LSTM/GRU, residual connections, normalisation); then the learning rate "
+    "(gradguard tune --lr)."
+)
+
+
+_NO_SIGNAL_REGRESSION = (
+    "Check the inputs' scale first: features in raw units (thousands: a load in MW, a price, pixel values "
+    "0–255) saturate tanh / sigmoid units and LSTM gates, and the model falls back on the targets' mean — "
+    "standardize each input feature (its mean and std from the training set). Then that the signal reaches "
+    "the output: inputs paired with their targets, no detach() or no_grad on the path; then the learning rate "
     "(gradguard tune --lr)."
 )
 

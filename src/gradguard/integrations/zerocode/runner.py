@@ -193,7 +193,10 @@ class ZeroCode:
             terms = [{**term, "value": float(f"{float(term['value']):.4g}")} for term in found["terms"]]
             noted["loss_terms"] = {"source": found["source"], "terms": terms}
         if self._loss_terms is not None:  # the loss code was watched: its loss functions, none included
-            noted["loss_functions"] = self._criteria
+            noted["loss_functions"] = [
+                {k: float(f"{float(v):.4g}") if isinstance(v, Tensor) else v for k, v in entry.items()}
+                for entry in self._criteria
+            ]
         for session in self._order if noted or self._loss_scale is not None else ():
             writer = session.guard.writer
             if writer is None or session.guard.closed:
