@@ -1035,3 +1035,16 @@ def test_an_optimizer_setting_outside_its_range_is_the_cause_of_a_failed_run() -
     healthy = run([1.0] * 200)
     healthy.meta.update(optimizer={"class": "Adam"}, optimizer_groups=[{"lr": 1e-3, "weight_decay": 0.5}])
     assert "optimizer_setting" not in {f.id for f in diagnose(healthy)}
+
+
+def test_a_classifier_whose_loss_fell_from_ln_k_before_its_first_records_trained() -> None:
+    """A healthy InfoNCE over 256 candidates: 5.5 → 4.9 in its first 5 steps, then its floor near 4.1
+    (set by the augmentations): "did not train … lower the rate" was a false alarm."""
+    loss = [4.9, 4.85, 4.8, 4.75, 4.7] + [4.14 + 0.01 * (s % 3) for s in range(195)]
+    ratios = [2e-2] * 200  # (large steps: the rate would be blamed)
+    for classes, stalled in ((256, False), (None, True)):
+        log = run([1.0] * 200, loss=loss, layer__a__update_ratio=ratios)
+        log.meta["optimizer"] = {"class": "SGD"}
+        if classes is not None:
+            log.meta["loss_functions"] = [{"op": "cross_entropy", "source": "t.py:9", "classes": classes}]
+        assert (conclude(log, "stalled") is not None) == stalled, classes

@@ -81,7 +81,8 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     losses = f.loss_at(0, len(f.rows))
     if len(losses) < MIN_STEPS:
         return None
-    start = median(losses[:_START])
+    start = max(median(losses[:_START]), _uniform(f))  # (a classifier starts from ln K at most: its first
+    # steps may fall fast — an InfoNCE over 256 candidates, 5.5 → 4.9 in 5 steps, then its augmentations' floor)
     width = max(_START, len(losses) // 10)  # the lowest level: the least median of ten spans
     low = min(median(losses[i : i + width]) for i in range(0, len(losses), width))
     quarter = losses[-(len(losses) // 4) :]
@@ -100,6 +101,15 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         return None
     rate = sum(f.clipped) / len(f.clipped) if f.clip_kind != "none" else 0.0
     return Evidence(start, low, end, noise, moved, rate, len(f.rows), classes, variance)
+
+
+def _uniform(f: Facts) -> float:
+    """``ln K`` of the run's classification loss over K classes (``meta.json`` ``loss_functions``), the
+    loss of a uniform guess where a model starts; 0 when none is known."""
+    noted = f.log.meta.get("loss_functions")
+    ks = [e.get("classes") for e in noted if isinstance(e, dict)] if isinstance(noted, list) else []
+    ks = [k for k in ks if isinstance(k, int) and k >= 2]
+    return math.log(max(ks)) if ks else 0.0
 
 
 def _mean_level(f: Facts, loss: float) -> float | None:
