@@ -107,8 +107,8 @@ def _uniform(f: Facts) -> float:
     """``ln K`` of the run's classification loss over K classes (``meta.json`` ``loss_functions``), the
     loss of a uniform guess where a model starts; 0 when none is known."""
     noted = f.log.meta.get("loss_functions")
-    ks = [e.get("classes") for e in noted if isinstance(e, dict)] if isinstance(noted, list) else []
-    ks = [k for k in ks if isinstance(k, int) and k >= 2]
+    found = [e.get("classes") for e in noted if isinstance(e, dict)] if isinstance(noted, list) else []
+    ks = [k for k in found if isinstance(k, int) and k >= 2]
     return math.log(max(ks)) if ks else 0.0
 
 
