@@ -1048,3 +1048,19 @@ def test_a_classifier_whose_loss_fell_from_ln_k_before_its_first_records_trained
         if classes is not None:
             log.meta["loss_functions"] = [{"op": "cross_entropy", "source": "t.py:9", "classes": classes}]
         assert (conclude(log, "stalled") is not None) == stalled, classes
+
+
+def test_a_warm_up_written_upside_down_is_named_with_its_schedule() -> None:
+    """LambdaLR(warmup / (step + 1)): step 0 at 100× the base rate, the loss blown up to 40 and back to ln 4.
+    It read "trained" (the first tenth's median 2.55 → 1.39) with only a weight_growth warning."""
+    loss = [1.383, 6.9, 1.7, 39.9, 1.97, 2.56, 1.44, 11.5, 2.0, 1.6, 1.5, 1.45] + [math.log(4)] * 116
+    ratios = [0.455] + [1e-3] * 127
+    log = run([1.0] * 128, loss=loss, layer__a__update_ratio=ratios, layer__b__update_ratio=ratios)
+    for r, s in zip(log.metrics, range(128), strict=True):
+        r["lr"] = 5.0 / (s + 1)
+    log.meta["optimizer_groups"] = [{"lr": 5.0, "momentum": 0.9, "initial_lr": 0.05}]
+    assert conclude(log, "lr_too_high") is None  # without the loss functions: read as trained
+    log.meta["loss_functions"] = [{"op": "cross_entropy", "source": "t.py:9", "classes": 4}]
+    found = conclude(log, "lr_too_high")
+    assert found is not None and "100× its base rate 0.05" in found.message, found
+    assert "warm-up rises to it" in found.recommendation["text"] and "lr" not in found.recommendation

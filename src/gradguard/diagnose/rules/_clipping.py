@@ -121,7 +121,18 @@ def trained(f: Facts, loss: Ends | None = None) -> Ends | None:
         if losses and losses[0] > 0 and loss.start >= _BLEW_UP * losses[0]:  # judged from before the blow-up
             loss = dataclasses.replace(loss, start=losses[0])
     fell = progress(loss)
+    if at_uniform(f, loss.end):  # it ended where a uniform guess over its classes is: it learned nothing
+        return None
     return loss if math.isfinite(fell) and fell >= STALLED else None
+
+
+def at_uniform(f: Facts, loss: float) -> bool:
+    """Whether ``loss`` is ``ln K`` (within 1 %) for a classification loss over K classes the run used
+    (``meta.json`` ``loss_functions``, from ``gradguard run``): a uniform guess, whatever it fell from (a
+    warm-up written upside down blew the loss up to 40 at its first steps, then it settled at ln 4)."""
+    noted = f.log.meta.get("loss_functions")
+    ks = [e.get("classes") for e in noted if isinstance(e, dict)] if isinstance(noted, list) else []
+    return any(isinstance(k, int) and k >= 2 and abs(loss - math.log(k)) <= 0.01 * math.log(k) for k in ks)
 
 
 def window_evidence(f: Facts, w: ClipWindow) -> dict[str, Any]:

@@ -209,9 +209,36 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         return Finding("lr_too_high", "info", step, message, evidence, _keep(f, lr))
     message = "Learning rate too high: " + "; ".join(parts) + "."
     from_ratios = ev.jump is None and ev.rising is None
-    return Finding(
-        "lr_too_high", "warning", step, message, evidence, _advice(f, estimate, from_ratios=from_ratios)
+    rec = _advice(f, estimate, from_ratios=from_ratios)
+    above = _above_base(f) if ev.first is not None else None
+    if above is not None:  # the schedule, not the base rate, made the first step's rate
+        first_lr, base = above
+        message += (
+            f" The schedule started the rate at {fmt(first_lr)}, {fmt(first_lr / base)}× its base rate {fmt(base)} "
+            "(a warm-up written the wrong way round, or a factor meant for the end)."
+        )
+        rec = {
+            "verified": False,
+            "text": "Fix the schedule so that the first steps run at or below the base rate: a warm-up rises to it "
+            "(LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps))); then the base rate, if still too "
+            "high (gradguard tune --lr).",
+        }
+    return Finding("lr_too_high", "warning", step, message, evidence, rec)
+
+
+def _above_base(f: Facts) -> tuple[float, float] | None:
+    """``(the first step's rate, the base rate)`` where an LR schedule started the rate at ≥ 10× the base
+    rate it holds (``initial_lr``, set by torch's schedulers, in ``meta.json``'s optimizer groups)."""
+    groups = f.log.meta.get("optimizer_groups")
+    base = (
+        groups[0].get("initial_lr")
+        if isinstance(groups, list) and groups and isinstance(groups[0], dict)
+        else None
     )
+    first = f.lr[0] if f.rows else math.nan
+    if isinstance(base, (int, float)) and base > 0 and math.isfinite(first) and first >= 10 * base:
+        return first, float(base)
+    return None
 
 
 def _keep(f: Facts, lr: float) -> dict[str, Any]:
