@@ -44,6 +44,7 @@ ISSUE_IDS = {
     "clip_before_backward",  # the script's clip_grad_norm_ called before backward(): it clipped nothing
     "loss_on_probabilities",  # a logits loss given probabilities: a softmax before CrossEntropyLoss
     "optimizer_setting",  # momentum 1, RMSprop alpha 1, Adam with an AdamW config's weight_decay
+    "logit_scale",  # logits divided by a temperature of 0.02 or less before a classification loss
 }
 
 

@@ -1064,3 +1064,24 @@ def test_a_warm_up_written_upside_down_is_named_with_its_schedule() -> None:
     found = conclude(log, "lr_too_high")
     assert found is not None and "100× its base rate 0.05" in found.message, found
     assert "warm-up rises to it" in found.recommendation["text"] and "lr" not in found.recommendation
+
+
+def test_logits_divided_by_a_tiny_temperature_are_named_in_a_run_that_did_not_train() -> None:
+    """An InfoNCE at temperature 0.001 sat at ln 255 and read "lr_too_high … lr=3e-4"."""
+    noted = [
+        {
+            "op": "cross_entropy",
+            "source": "t.py:42",
+            "classes": 256,
+            "logit_scale": 1000.0,
+            "scaled_at": "t.py:38",
+        }
+    ]
+    stuck = run([1.0] * 200, loss=[5.534] * 200, layer__a__update_ratio=[0.5] + [1e-3] * 199)
+    stuck.meta["loss_functions"] = noted
+    found = diagnose(stuck)
+    assert found[0].id == "logit_scale" and "temperature of 0.001" in found[0].message, found
+    assert "lr_too_high" not in {f.id for f in found}
+    healthy = run([1.0] * 200)
+    healthy.meta["loss_functions"] = noted
+    assert "logit_scale" not in {f.id for f in diagnose(healthy)}

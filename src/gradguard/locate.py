@@ -1097,6 +1097,12 @@ class LossWatch(_OpWatch):
                 (x.shape[1] if x.dim() > 1 else x.shape[0]) if e.op in _CLASSIFIERS and x.dim() else None
             )
             entry: dict[str, Any] = {"op": e.op, "source": e.source, "classes": classes}
+            scaled = next(
+                (w for w in self.entries if w.scale is not None and any(o is x for o in w._outs)), None
+            )
+            if e.op in _CLASSIFIERS and scaled is not None and abs(scaled.scale or 0) >= _LOGIT_SCALE:
+                entry["logit_scale"] = scaled.scale  # (logits / temperature: 1000 for 0.001)
+                entry["scaled_at"] = scaled.source
             if e.op == "mse_loss" and len(e._ins) > 1 and e._ins[1].numel() > 1:
                 with (
                     torch.no_grad()
@@ -1239,6 +1245,7 @@ _CRITERIA = _CLASSIFIERS | frozenset(
         "margin_ranking_loss", "triplet_margin_loss", "hinge_embedding_loss", "multilabel_soft_margin_loss",
     }
 )  # fmt: skip
+_LOGIT_SCALE = 50.0  # a classification loss's logits multiplied by this much or more (÷ a temperature ≤ 0.02)
 _ADDITIONS = frozenset({"add", "sub"})  # (``a + b``, ``a - b``, ``sum([a, b])``, ``torch.add``)
 _TERMS_MAX = 8  # the terms of a loss followed (LossWatch.terms)
 

@@ -170,6 +170,7 @@ _CAUSES = (
     "unbounded_loss",
     "weight_decay",
     "optimizer_setting",
+    "logit_scale",
     "optimizer_setting",
     "gradients_not_zeroed",
     "lr_schedule",
@@ -177,6 +178,7 @@ _CAUSES = (
     "loss_weight",
     "clip_before_backward",
     "loss_on_probabilities",
+    "logit_scale",
     "explosion",
     "sudden_growth",
     "nonfinite_op",
@@ -201,6 +203,7 @@ _DRIVERS: dict[str, Sequence[str]] = {
     "loss_weight": ("error",),
     "clip_before_backward": ("error",),
     "loss_on_probabilities": ("error",),
+    "logit_scale": ("error",),
 }
 """Settings that drive a run's growth whatever the learning rate or threshold: where one is the error,
 the growth it causes is not reported again (with a threshold's or a rate's advice that cannot fix it)."""
@@ -231,6 +234,8 @@ REGISTRY: list[Entry] = [
     entry("clip_before_backward"),
     #    (and a loss that takes logits given probabilities: a softmax before CrossEntropyLoss);
     entry("loss_on_probabilities"),
+    #    (and logits divided by a temperature of 0.02 or less before a classification loss);
+    entry("logit_scale"),
     # 3. an explosion (norms growing over steps) explains the overflow it ends in;
     #    (a schedule that raised the rate right before the climb is its cause: lr_too_high reads it);
     #    (a weight decay or gradients that are never zeroed drive it: their advice, not a threshold's, is
@@ -252,7 +257,7 @@ REGISTRY: list[Entry] = [
     entry("over_clipping"),
     entry("adaptive_clipping", yields_to={"explosion": ANY}),
     entry("zeroed_gradients"),
-    entry("lr_too_high", yields_to={"optimizer_setting": ANY}),
+    entry("lr_too_high", yields_to={"optimizer_setting": ANY, "logit_scale": ANY}),
     entry("weight_growth"),
     #    (gradients that look vanishing in a model a too-high first step wrecked are that rate's);
     entry("vanishing", needs=("lr_too_high",), yields_to={"optimizer_setting": ANY}),
