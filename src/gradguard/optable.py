@@ -237,6 +237,19 @@ OPS: tuple[OpEntry, ...] = (
         Cause("below_minus_one", "log1p of a number below -1 (log of a negative 1 + x)", _LOG1P_FIX),
         Cause("at_minus_one", "log1p of -1 (log of 0)", _LOG1P_FIX),
     ),
+    _entry(
+        r"^poisson_nll_loss$",
+        "log of a non-positive predicted rate: with log_input=False the loss takes log(input + eps) of the "
+        "prediction itself, and raw outputs go negative",
+        "give it log-rates: PoissonNLLLoss(log_input=True) (the default) on the raw output, or keep "
+        "log_input=False and make the rate positive (F.softplus(output), output.exp())",
+        Cause(
+            "negative_input",
+            "log of a negative predicted rate (log_input=False on an output that goes below 0)",
+            "give it log-rates: PoissonNLLLoss(log_input=True) (the default) on the raw output, or keep "
+            "log_input=False and make the rate positive (F.softplus(output), output.exp())",
+        ),
+    ),
     _entry(r"^xlogy$", *_LOG),
     _entry(
         r"^kl_div$",
