@@ -1085,3 +1085,16 @@ def test_logits_divided_by_a_tiny_temperature_are_named_in_a_run_that_did_not_tr
     healthy = run([1.0] * 200)
     healthy.meta["loss_functions"] = noted
     assert "logit_scale" not in {f.id for f in diagnose(healthy)}
+
+
+def test_a_birth_inside_adam_over_float16_weights_names_the_eps_that_rounds_to_zero() -> None:
+    """``model.half()`` with Adam's default eps=1e-8 (0 in float16): "an eps of 0 or a tiny one"."""
+    event = {
+        "type": "nonfinite", "step": 0, "phase": "optimizer", "tensor": "parameter", "kind": "inf",
+        "evidence": {"optimizer": "Adam", "hyperparameters": {"lr": 1e-3, "eps": 1e-8}, "parameters": ["gru.weight_ih_l0"]},
+    }  # fmt: skip
+    for dtype, says in (("float16", "rounds to 0"), ("float32", "eps of 0 or a tiny one")):
+        log = run([1.0, NAN, NAN], events=[event])
+        log.meta["parameter_dtype"] = dtype
+        found = conclude(log, "nonfinite_op")
+        assert found is not None and says in found.recommendation["text"], (dtype, found)

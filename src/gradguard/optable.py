@@ -407,7 +407,12 @@ _TORCH_OPTIMIZERS = frozenset(
 )  # fmt: skip
 
 
-def optimizer_fix(name: str | None, hyper: Mapping[str, Any], lr: float | None = None) -> str:
+_FP16_TINY = 2.0**-24  # float16's smallest subnormal (~6e-8): an eps below half of it rounds to 0
+
+
+def optimizer_fix(
+    name: str | None, hyper: Mapping[str, Any], lr: float | None = None, dtype: str | None = None
+) -> str:
     """The fix for a NaN born inside ``optimizer.step()`` from finite gradients, from what its
     hyperparameters say (``hyper``: the group's numbers; ``lr``: the rate logged at that step): a
     non-finite learning rate (a schedule that divided by zero); ``eps = 0``; a hand-written
@@ -418,7 +423,14 @@ def optimizer_fix(name: str | None, hyper: Mapping[str, Any], lr: float | None =
             f"the learning rate itself was {lr} at that step: a schedule that divided by zero (warmup_steps=0, "
             "a 0/0 in a LambdaLR) or a rate computed from a NaN; make the schedule finite at every step"
         )
-    if hyper.get("eps") == 0:
+    eps = hyper.get("eps")
+    if dtype == "float16" and isinstance(eps, (int, float)) and 0 < eps < _FP16_TINY / 2:
+        return (
+            f"the parameters are stored in float16, where {name or 'the optimizer'}'s eps={eps:g} rounds to 0 (float16 "
+            "holds nothing below ~6e-8): keep the weights in float32 and compute in float16 under torch.autocast "
+            "with a GradScaler (mixed precision), or, for a model kept in float16, eps=1e-4 or more"
+        )
+    if eps == 0:
         return (
             f"set eps > 0 in {name or 'the optimizer'} (e.g. eps=1e-8): with eps=0 a parameter whose second "
             "moment is still 0 (an embedding row no batch has used, a branch with no gradient) gets 0 / 0"

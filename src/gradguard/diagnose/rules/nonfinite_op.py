@@ -106,7 +106,10 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         message, rec = _located(event, step)
         message, rec = _after_growth(f, event, message, rec)
     elif event.get("phase") == "optimizer":
-        message, rec = _in_optimizer(event, step, _logged_lr(f, step))
+        dtype = f.log.meta.get("parameter_dtype")
+        message, rec = _in_optimizer(
+            event, step, _logged_lr(f, step), dtype if isinstance(dtype, str) else None
+        )
     elif (event.get("tensor") in ("buffer", "state") and event.get("phase") == "forward") or event.get(
         "phase"
     ) == "init":
@@ -206,7 +209,7 @@ def _logged_lr(f: Facts, step: int | None) -> float | None:
 
 
 def _in_optimizer(
-    event: dict[str, Any], step: int | None, lr: float | None = None
+    event: dict[str, Any], step: int | None, lr: float | None = None, dtype: str | None = None
 ) -> tuple[str, dict[str, Any]]:
     """A NaN born inside ``optimizer.step()``: the optimizer, the parameters it wrote, and the fix its
     hyperparameters point to (``eps = 0``; a hand-written optimizer; otherwise the LR)."""
@@ -224,7 +227,7 @@ def _in_optimizer(
         f"Step {step}: {event.get('kind', 'a non-finite value')} was born inside {inside}, in {names}, from "
         f"finite gradients: {reason}. The model's ops did not make it."
     )
-    fix = optable.optimizer_fix(name, fields(details.get("hyperparameters")), lr)
+    fix = optable.optimizer_fix(name, fields(details.get("hyperparameters")), lr, dtype)
     return message, {"text": f"Fix: {fix}.", "optimizer": name, "parameters": params[:20]}
 
 
