@@ -1098,3 +1098,50 @@ def test_a_birth_inside_adam_over_float16_weights_names_the_eps_that_rounds_to_z
         log.meta["parameter_dtype"] = dtype
         found = conclude(log, "nonfinite_op")
         assert found is not None and says in found.recommendation["text"], (dtype, found)
+
+
+def test_an_unbounded_loss_that_started_at_minus_ln_k_names_the_sign_first() -> None:
+    """A hand-written NLL without its minus sign: -2.05 (≈ -ln 8) at step 0, then -2e12 and NaN."""
+    for first, sign in ((-2.05, True), (0.01, False)):
+        losses = [first * 2.0 ** (s / 3) if first < 0 else first - (2.0 ** (s / 3) - 1) for s in range(59)]
+        log = run([1.0] * 59 + [NAN], loss=[*losses, NAN])
+        found = conclude(log, "unbounded_loss")
+        assert found is not None and ("check its sign first" in found.recommendation["text"]) == sign, (
+            first,
+            found,
+        )
+
+
+def test_layers_whose_gradient_was_always_zero_are_the_stalls_cause() -> None:
+    """A TF keep_prob=1.0 given to nn.Dropout(p): every activation dropped, the layers before it at a gradient
+    of exactly 0 ("stalled … check the signal", generic); every weight initialised to 0 ("lr_too_high … moved
+    the layers 1.36e10 of their weight norm … try lr=4e-14")."""
+    flat = [math.log(10) + 0.001 * (s % 3) for s in range(200)]
+    for weight, says in ((5.0, "Dropout(p) takes the probability to DROP"), (0.0, "away from 0")):
+        log = run(
+            [1.0] * 200,
+            loss=flat,
+            layer__a__grad_norm=[0.0] * 200,
+            layer__a__weight_norm=[weight] * 200,
+            layer__a__update_ratio=[1.36e10 if weight == 0 else 1e-3] + [0.0] * 199,
+            layer__head__grad_norm=[0.5] * 200,
+            layer__head__weight_norm=[1.0] * 200,
+            layer__head__update_ratio=[1e-3] * 200,
+        )
+        found = diagnose(log)
+        assert found and found[0].id == "stalled" and found[0].severity == "error", found
+        assert (
+            "'a' were exactly 0 on every step" in found[0].message and says in found[0].recommendation["text"]
+        )
+        assert "lr_too_high" not in {f.id for f in found}
+
+
+def test_an_mse_above_its_targets_variance_says_the_output_cannot_reach_them() -> None:
+    """A sigmoid head on targets in [0, 100]: MSE 2945 against a variance of 541 — "No findings"."""
+    log = run([1.0] * 400, loss=[3355 - s for s in range(20)] + [2945 + (s % 3) for s in range(380)])
+    log.meta["loss_functions"] = [
+        {"op": "mse_loss", "source": "t.py:39", "classes": None, "target_variance": 541.3}
+    ]
+    found = conclude(log, "stalled")
+    assert found is not None and "worse than predicting their mean" in found.message
+    assert "drop a sigmoid / tanh head" in found.recommendation["text"]

@@ -89,6 +89,8 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
     # the second input (a target) holds negative values: kl_div's target is a probability (log-probabilities
     # given as the target: t·log t of a negative t is NaN)
     "negative_target": lambda inputs: len(inputs) > 1 and bool(inputs[1].get("negative")),
+    # an input with no elements: a mean over an empty selection (no positive anchor, no valid token) is 0/0
+    "empty_input": lambda inputs: any(0 in (i.get("shape") or [1]) for i in inputs),
     "always": lambda inputs: True,
 }
 
@@ -160,6 +162,12 @@ _EXP = (
     "exp of a large argument overflows",
     "clamp the argument before exp (e.g. logvar.clamp(max=20)), or work in log space (torch.logsumexp, "
     "log_softmax)",
+)
+_EMPTY_MEAN = (
+    "a mean over no elements (an empty selection: a batch with no positive anchor, no valid token, an empty "
+    "mask) is 0 / 0",
+    "skip the term when the selection is empty (if mask.any(): ...), or average by a count that cannot be 0: "
+    "loss(pred[mask], target[mask], reduction='sum') / mask.sum().clamp_min(1)",
 )
 _LOG1P_FIX = (
     "log1p needs x > -1: find why a value reached -1 or below (a return or a rate below -100 %, a ratio "
@@ -236,6 +244,13 @@ OPS: tuple[OpEntry, ...] = (
         _LOG1P_FIX,
         Cause("below_minus_one", "log1p of a number below -1 (log of a negative 1 + x)", _LOG1P_FIX),
         Cause("at_minus_one", "log1p of -1 (log of 0)", _LOG1P_FIX),
+    ),
+    _entry(
+        r"^(mse_loss|l1_loss|smooth_l1_loss|huber_loss|binary_cross_entropy(_with_logits)?|mean|nanmean|"
+        r"cosine_embedding_loss|soft_margin_loss)$",
+        _EMPTY_MEAN[0],
+        _EMPTY_MEAN[1],
+        Cause("empty_input", *_EMPTY_MEAN),
     ),
     _entry(
         r"^poisson_nll_loss$",

@@ -97,7 +97,8 @@ def _first_step_scramble(f: Facts, warm: int) -> tuple[int, float, str, float] |
         if not (ratios and f.ok[i]):
             continue
         med = median(list(ratios.values()))
-        if med < FIRST_STEP_HIGH or trained(f) is not None:
+        if med < FIRST_STEP_HIGH or med >= _ZERO_INIT_RATIO or trained(f) is not None:
+            # (a median ratio of 1e3 or more: the weights started at 0 — stalled names the init, not the rate)
             return None
         # the layer quoted: the largest ratio of a layer that had weights (one initialised at 0 moves
         # "1e11×" its norm at any rate)

@@ -34,7 +34,7 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt, median, sig, still_falling
+from gradguard.diagnose.numbers import fmt, layer_name, median, sig, still_falling
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import (
     STALLED,
@@ -95,7 +95,7 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     end = median(quarter)
     classes = _chance(f, end)
     variance = _mean_level(f, end)
-    never = isinstance(f.log.meta.get("never_updated"), str) or _no_gradient(f)
+    never = isinstance(f.log.meta.get("never_updated"), str) or _no_gradient(f) or bool(_dead_layers(f))
     chance = classes is not None or variance is not None
     if not (moved >= _large(f) or moved <= TINY or chance or _rounded_away(f, moved) or never):
         return None
@@ -120,8 +120,8 @@ def _mean_level(f: Facts, loss: float) -> float | None:
     noted = f.log.meta.get("loss_functions")
     for entry in noted if isinstance(noted, list) else ():
         v = entry.get("target_variance") if isinstance(entry, dict) else None
-        if isinstance(v, (int, float)) and v > 0 and abs(loss - v) <= _MEAN_LEVEL * v:
-            return float(v)
+        if isinstance(v, (int, float)) and v > 0 and loss >= (1 - _MEAN_LEVEL) * v:
+            return float(v)  # (at it: the mean predicted; above it: worse than the mean)
     return None
 
 
@@ -180,12 +180,19 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         if ev.classes is not None
         else f" It sits at the variance of its targets ({fmt(ev.variance)}), the error of predicting their mean: "
         "the model predicts nothing from its input."
+        if ev.variance is not None and ev.end <= (1 + _MEAN_LEVEL) * ev.variance
+        else f" It sits at {fmt(ev.end / ev.variance)}× the variance of its targets ({fmt(ev.variance)}): worse than "
+        "predicting their mean — the output cannot reach the targets' range (a sigmoid or tanh head on targets "
+        "outside [0, 1] / [-1, 1], targets in other units than the output)."
         if ev.variance is not None
         else ""
     )
     moved = f"A step moved the layers by {fmt(ev.moved)} of their weight norm (median; ~1e-3 is typical)"
     if _no_gradient(f):
         return _without_gradients(f, ev, chance)
+    dead = _dead_layers(f)
+    if dead:
+        return _cut_off(f, ev, dead, chance)
     never = f.log.meta.get("never_updated")
     if isinstance(never, str):
         return _never_updated(f, ev, never, chance)
@@ -219,9 +226,59 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["chance_classes"] = ev.classes
     if ev.variance is not None:
         evidence["target_variance"] = sig(ev.variance, 4)
-    signal = _NO_SIGNAL_REGRESSION if ev.variance is not None else _NO_SIGNAL
+    signal = _NO_SIGNAL if ev.variance is None else _NO_SIGNAL_REGRESSION
+    if ev.variance is not None and ev.end > (1 + _MEAN_LEVEL) * ev.variance:
+        signal = _OUT_OF_RANGE
     rec = _advice(f, lr, ev.moved, large) if large or tiny else {"text": signal}
     return Finding("stalled", "warning", f.steps[0], message, evidence, rec)
+
+
+def _dead_layers(f: Facts) -> list[str]:
+    """The layers whose gradient norm was exactly 0 on every recorded step while others' were not (a
+    Dropout(p=1.0) — TF's keep_prob=1.0 — zeroing every activation after them, a multiplication by 0, weights
+    that all started at 0): the signal never reached them."""
+    zero, live = [], False
+    for name in f.layers:
+        norms = [g for g in f.layer(name, "grad_norm") if math.isfinite(g)]
+        if len(norms) >= MIN_STEPS // 2 and all(g == 0 for g in norms):
+            zero.append(name)
+        elif any(g > 0 for g in norms):
+            live = True
+    return zero if live else []
+
+
+def _cut_off(f: Facts, ev: Evidence, dead: list[str], chance: str) -> Finding:
+    """Some layers' gradients were exactly 0 on every step: nothing reached them, they never learned."""
+    names = ", ".join(layer_name(n) for n in dead[:5]) + (
+        f" and {len(dead) - 5} more" if len(dead) > 5 else ""
+    )
+    zero_init = [n for n in dead if f.layer(n, "weight_norm")[0] == 0]
+    if zero_init:
+        why = (
+            f"their weights were all 0 at the start ({', '.join(layer_name(n) for n in zero_init[:5])}: a weight norm "
+            "of 0), so every unit computes the same and gets the same gradient — 0 here — and they never differ"
+        )
+        text = (
+            "Initialise the weights, not only the biases, away from 0: torch's default init, or "
+            "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') (nn.init.zeros_ is for biases)."
+        )
+    else:
+        why = (
+            "the signal is cut between them and the loss: a Dropout(p=1.0) (TF's keep_prob=1.0 passed as PyTorch's "
+            "drop probability p) zeroing every activation, a multiplication by 0, a detach(), ReLUs that are all dead"
+        )
+        text = (
+            "Find what zeroes the signal after these layers: nn.Dropout(p) takes the probability to DROP (keep_prob=0.9 "
+            "is p=0.1); a mask or a factor that is 0; a .detach() or torch.no_grad() on the path; ReLUs whose inputs "
+            "are all negative (a bias or a normalisation off)."
+        )
+    message = (
+        f"The run did not train: over {ev.steps} steps the loss stayed near where it started ({fmt(ev.start)} at the "
+        f"start, {fmt(ev.end)} over the last quarter).{chance} The gradients of {names} were exactly 0 on every step: "
+        f"{why}."
+    )
+    evidence = {"loss_start": sig(ev.start, 4), "loss_end": sig(ev.end, 4), "zero_gradient_layers": dead[:20]}
+    return Finding("stalled", "error", f.steps[0], message, evidence, {"verified": False, "text": text})
 
 
 def _no_gradient(f: Facts) -> bool:
@@ -299,6 +356,11 @@ _NO_SIGNAL = (
 )
 
 
+_OUT_OF_RANGE = (
+    "Make the output able to reach the targets: drop a sigmoid / tanh head for a regression (a linear output), "
+    "or rescale the targets into the head's range (y / y.max() for a sigmoid); standardize the targets "
+    "(predict (y - mean) / std, and map back)."
+)
 _NO_SIGNAL_REGRESSION = (
     "Check the inputs' scale first: features in raw units (thousands: a load in MW, a price, pixel values "
     "0–255) saturate tanh / sigmoid units and LSTM gates, and the model falls back on the targets' mean — "

@@ -63,6 +63,9 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     return Evidence(scale, low, f.steps[rows[at]], median(first), first[0], f.steps[rows[0]])
 
 
+_NEGATIVE_START = -0.5  # a first loss this negative: a log-likelihood of a few classes (-ln 8 = -2.1), not ~0
+
+
 def explain(f: Facts, ev: Evidence) -> Finding:
     evidence: dict[str, Any] = {
         "loss_start": sig(ev.first, 4),
@@ -83,8 +86,16 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         f"(their median), still falling{end}. The objective has no lower bound: "
         "the model lowers it by scaling its outputs up, and the gradients explode with them."
     )
+    sign = (
+        "The loss was already negative at its first step: a log-likelihood (or a reward, an accuracy) minimised "
+        "instead of maximised — check its sign first (loss = -log_probs.gather(1, y[:, None]).mean(), or "
+        "F.nll_loss / F.cross_entropy, which carry the minus). "
+        if ev.first <= _NEGATIVE_START  # (a WGAN critic starts near 0, of either sign)
+        else ""
+    )
     rec = {
-        "text": "Bound the objective. A loss that is ≥ 0 for valid targets (cross-entropy, BCE, MSE) that goes "
+        "text": sign
+        + "Bound the objective. A loss that is ≥ 0 for valid targets (cross-entropy, BCE, MSE) that goes "
         "negative has targets outside its range: BCE's must lie in [0, 1] (masks stored as 0/255 need / 255, "
         "labels as -1/1 need (y + 1) / 2). A WGAN critic needs its Lipschitz constraint: a gradient penalty (WGAN-GP, "
         "λ·(‖∇D(x̂)‖ − 1)² on interpolates) or torch.nn.utils.parametrizations.spectral_norm on its layers. "
