@@ -998,8 +998,9 @@ def test_a_loss_sits_at_ln_k_only_where_its_loss_function_has_k_classes() -> Non
         log = run([1.0] * 200, loss=flat, layer__a__update_ratio=ratios)
         if noted is not None:
             log.meta["loss_functions"] = noted
-        found = conclude(log, "stalled")
-        assert found is not None and found.evidence.get("chance_classes") == classes, (noted, found)
+        found = conclude(log, "stalled")  # (over 256 classes it fell from ln 256: not stalled at all)
+        said = found.evidence.get("chance_classes") if found is not None else None
+        assert said == classes and (found is not None or classes is None), (noted, found)
 
 
 def test_a_huge_first_gradient_from_an_oversized_init_names_the_init_not_the_inputs() -> None:
