@@ -6,7 +6,7 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
     "Ends",
@@ -116,3 +116,8 @@ def clip_advice(max_norm: float) -> dict[str, Any]:
         "code": f'gradguard.Guard(model, optimizer, clip="norm:{max_norm:g}")  '
         f"# or torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={max_norm:g})",
     }
+
+
+def finite_number(x: Any) -> TypeGuard[float]:
+    """Whether ``x`` (read from a run log) is a finite int or float, not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -128,11 +128,17 @@ def trained(f: Facts, loss: Ends | None = None) -> Ends | None:
 
 def at_uniform(f: Facts, loss: float) -> bool:
     """Whether ``loss`` is ``ln K`` (within 1 %) for a classification loss over K classes the run used
-    (``meta.json`` ``loss_functions``, from ``gradguard run``): a uniform guess, whatever it fell from (a
-    warm-up written upside down blew the loss up to 40 at its first steps, then it settled at ln 4)."""
+    (:func:`classes_used`): a uniform guess, whatever it fell from (a warm-up written upside down blew the
+    loss up to 40 at its first steps, then it settled at ln 4)."""
+    return any(abs(loss - math.log(k)) <= 0.01 * math.log(k) for k in classes_used(f))
+
+
+def classes_used(f: Facts) -> list[int]:
+    """The class counts of the run's classification losses (``meta.json`` ``loss_functions``, from
+    ``gradguard run``'s loss-code watch); ``[]`` where none is known."""
     noted = f.log.meta.get("loss_functions")
-    ks = [e.get("classes") for e in noted if isinstance(e, dict)] if isinstance(noted, list) else []
-    return any(isinstance(k, int) and k >= 2 and abs(loss - math.log(k)) <= 0.01 * math.log(k) for k in ks)
+    found = [e.get("classes") for e in noted if isinstance(e, dict)] if isinstance(noted, list) else []
+    return [k for k in found if isinstance(k, int) and not isinstance(k, bool) and k >= 2]
 
 
 def window_evidence(f: Facts, w: ClipWindow) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt
+from gradguard.diagnose.numbers import finite_number, fmt
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import trained
 
@@ -31,21 +31,17 @@ def detect(f: Facts, seen: Seen) -> dict[str, Any] | None:
     noted = f.log.meta.get("loss_terms")
     if not isinstance(noted, dict) or not f.rows or trained(f) is not None:
         return None
-    terms = [t for t in noted.get("terms") or () if isinstance(t, dict) and _number(t.get("value"))]
+    terms = [t for t in noted.get("terms") or () if isinstance(t, dict) and finite_number(t.get("value"))]
     if len(terms) < 2:
         return None
     top = max(terms, key=lambda t: abs(t["value"]))
     rest = sum(abs(t["value"]) for t in terms if t is not top)
     weight = top.get("weight")
-    if not isinstance(weight, (int, float)) or not _number(weight) or abs(weight) < LARGE_WEIGHT:
+    if not finite_number(weight) or abs(weight) < LARGE_WEIGHT:
         return None
     if not (rest > 0 and abs(top["value"]) >= DOMINANT * rest):
         return None
     return {"term": top, "rest": rest, "source": noted.get("source"), "terms": terms}
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def explain(f: Facts, ev: dict[str, Any]) -> Finding:

@@ -18,11 +18,11 @@ where it trained; a driver: the climb it causes is not the rate's or a threshold
 
 from __future__ import annotations
 
-import math
-from typing import Any, TypeGuard
+from typing import Any
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
+from gradguard.diagnose.numbers import finite_number
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import optimizer_class, trained
 
@@ -47,27 +47,27 @@ def detect(f: Facts, seen: Seen) -> dict[str, Any] | None:
 
 def _unusual(name: str, g: dict[str, Any]) -> dict[str, Any] | None:
     momentum, betas, alpha, wd = g.get("momentum"), g.get("betas"), g.get("alpha"), g.get("weight_decay")
-    if name == "SGD" and _number(momentum) and momentum >= 1:
+    if name == "SGD" and finite_number(momentum) and momentum >= 1:
         return {
             "setting": f"momentum={momentum:g}",
             "why": "the velocity then sums every gradient ever seen instead of a running average of the recent ones, "
             "so the steps grow without bound",
             "fix": "Use momentum below 1 (0.9 is the usual value; nesterov=True if wanted)",
         }
-    if isinstance(betas, list) and any(_number(b) and b >= 1 for b in betas):
+    if isinstance(betas, list) and any(finite_number(b) and b >= 1 for b in betas):
         return {
             "setting": f"betas=({', '.join(f'{b:g}' for b in betas)})",
             "why": "a beta of 1 or more keeps the moment estimate at its start (0) or lets it grow: the step's "
             "numerator or denominator never tracks the gradients",
             "fix": "Use betas below 1 (the usual (0.9, 0.999))",
         }
-    if name == "RMSprop" and _number(alpha) and alpha >= 1:
+    if name == "RMSprop" and finite_number(alpha) and alpha >= 1:
         return {
             "setting": f"alpha={alpha:g}",
             "why": "the square average then stays at its initial 0, so every step divides the gradient by eps",
             "fix": "Use alpha below 1 (the usual 0.99)",
         }
-    if name in _COUPLED and not g.get("decoupled_weight_decay") and _number(wd) and wd >= COUPLED_HIGH:
+    if name in _COUPLED and not g.get("decoupled_weight_decay") and finite_number(wd) and wd >= COUPLED_HIGH:
         return {
             "setting": f"weight_decay={wd:g}",
             "why": f"{name} adds weight_decay × w to the gradient before normalising it (L2, coupled): that term "
@@ -77,10 +77,6 @@ def _unusual(name: str, g: dict[str, Any]) -> dict[str, Any] | None:
             f"config), or a weight_decay near 1e-5–1e-4 with {name}",
         }
     return None
-
-
-def _number(x: Any) -> TypeGuard[float]:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def explain(f: Facts, ev: dict[str, Any]) -> Finding:

@@ -38,6 +38,7 @@ from gradguard.diagnose.numbers import fmt, layer_name, median, sig, still_falli
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import (
     STALLED,
+    classes_used,
     failed_lr,
     lr_advice,
     ratio_lr,
@@ -104,11 +105,9 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
 
 
 def _uniform(f: Facts) -> float:
-    """``ln K`` of the run's classification loss over K classes (``meta.json`` ``loss_functions``), the
-    loss of a uniform guess where a model starts; 0 when none is known."""
-    noted = f.log.meta.get("loss_functions")
-    found = [e.get("classes") for e in noted if isinstance(e, dict)] if isinstance(noted, list) else []
-    ks = [k for k in found if isinstance(k, int) and k >= 2]
+    """``ln K`` of the run's classification loss over K classes (:func:`classes_used`), the loss of a
+    uniform guess where a model starts; 0 when none is known."""
+    ks = classes_used(f)
     return math.log(max(ks)) if ks else 0.0
 
 
@@ -144,10 +143,9 @@ def _chance(f: Facts, loss: float) -> int | None:
     (``meta.json`` ``loss_functions``) only a classification loss over that many classes (a GAN's BCE at
     1.1 is no "uniform guess over 3 classes", nor an InfoNCE over 255 candidates at ln 56)."""
     k = chance_level(loss)
-    noted = f.log.meta.get("loss_functions")
-    if k is None or not isinstance(noted, list):
+    if k is None or not isinstance(f.log.meta.get("loss_functions"), list):
         return k
-    return k if k in {n.get("classes") for n in noted if isinstance(n, dict)} else None
+    return k if k in classes_used(f) else None
 
 
 def chance_level(loss: float) -> int | None:
