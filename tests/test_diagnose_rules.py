@@ -1146,3 +1146,23 @@ def test_an_mse_above_its_targets_variance_says_the_output_cannot_reach_them() -
     found = conclude(log, "stalled")
     assert found is not None and "worse than predicting their mean" in found.message
     assert "drop a sigmoid / tanh head" in found.recommendation["text"]
+
+
+def test_a_loss_divided_by_the_dataset_size_is_named_not_only_the_rate() -> None:
+    """``mse_loss(...) / n_train``: steps 1e4× too small, "the learning rate is too low, try lr=9"."""
+    flat = [9.9e-5 + 1e-7 * (s % 3) for s in range(200)]
+    for meta, named in (
+        ({"loss_scale": {"factor": 1e-4, "source": "t.py:39"}}, True),
+        ({"loss_scale": {"factor": 0.25, "source": "t.py:39"}}, False),  # (not ≤ 1e-2)
+        (
+            {"loss_scale": {"factor": 1 / 128, "source": "t.py:39"}, "accumulation": {"micro_batches": 128}},
+            False,
+        ),
+    ):
+        log = run([1.0] * 200, loss=flat, layer__a__update_ratio=[1e-6] * 200)
+        log.meta.update(meta)
+        found = conclude(log, "stalled")
+        assert found is not None and ("Remove the factor" in found.recommendation["text"]) == named, (
+            meta,
+            found,
+        )

@@ -1075,14 +1075,14 @@ class LossWatch(_OpWatch):
             found.append({"op": e.op, "source": e.source, "flag": flag})
         return found
 
-    def scale_of(self, loss: Tensor) -> float | None:
-        """The Python-number factor the last op applied to ``loss`` (``loss / accumulation_steps``: 0.25),
-        1.0 for an op that scales nothing, ``None`` when the watch did not see ``loss`` made or a tensor
-        scaled it."""
+    def scale_of(self, loss: Tensor) -> tuple[float, str | None] | None:
+        """The Python-number factor the last op applied to ``loss`` (``loss / accumulation_steps``: 0.25)
+        and that op's line; 1.0 for an op that scales nothing; ``None`` when the watch did not see ``loss``
+        made or a tensor scaled it."""
         made = next((e for e in self.entries if e.phase == "loss" and any(o is loss for o in e._outs)), None)
         if made is None or (made.scale is None and made.op in ("mul", "div", "true_divide")):
             return None  # (not seen, or scaled by a tensor: a token count, a mask's sum — unknown)
-        return made.scale if made.scale is not None else 1.0
+        return (made.scale, made.source) if made.scale is not None else (1.0, None)
 
     def criteria(self) -> list[dict[str, Any]]:
         """The loss functions of the loss code (``cross_entropy``, ``mse_loss``…): each op, its line and,
@@ -1691,7 +1691,7 @@ class StepCapture:
         """The open loss-code window's loss functions (:meth:`LossWatch.criteria`)."""
         return self._active.criteria() if self._active is not None else []
 
-    def loss_scale(self, loss: Tensor) -> float | None:
+    def loss_scale(self, loss: Tensor) -> tuple[float, str | None] | None:
         """The factor the open loss-code window's last op applied to ``loss`` (:meth:`LossWatch.scale_of`)."""
         return self._active.scale_of(loss) if self._active is not None else None
 

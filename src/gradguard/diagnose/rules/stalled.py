@@ -56,6 +56,7 @@ TINY = 1e-5  # this small or less: steps too small to move the weights
 ROUNDED_AWAY = {"bfloat16": 2.0**-9, "float16": 2.0**-12}
 _AIM = 1e-3  # the update/weight ratio the advised rate aims at (the rule of thumb)
 _START = 5  # the losses whose median is where the run started
+_SHRUNK = 1e-2  # a loss multiplied by this or less before backward(): its steps are that much smaller
 _MEAN_LEVEL = 0.15  # an MSE within this fraction of its targets' variance sits at the mean's loss
 _NO_GRADIENT = 0.9  # this share of the steps with a gradient norm of 0: no step had a gradient
 
@@ -199,6 +200,12 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         return _rounded(f, ev, half, chance, clipped)
     if large:
         cause = f" {moved}: steps that large keep the loss bouncing instead of descending — the learning rate is too high for this model."
+    elif tiny and _shrunk(f) is not None:
+        factor, where = _shrunk(f) or (1.0, "")
+        cause = (
+            f" {moved}: steps that small do not move the weights — and the loss is multiplied by {fmt(factor)} "
+            f"before backward(){where}: its gradients, and every step, are {fmt(1 / factor)}× smaller."
+        )
     elif tiny:
         cause = (
             f" {moved}: steps that small do not move the weights in this run — the learning rate is too low."
@@ -228,6 +235,14 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     if ev.variance is not None and ev.end > (1 + _MEAN_LEVEL) * ev.variance:
         signal = _OUT_OF_RANGE
     rec = _advice(f, lr, ev.moved, large) if large or tiny else {"text": signal}
+    shrunk = _shrunk(f) if tiny else None
+    if shrunk is not None:
+        rec = {
+            "verified": False,
+            "text": f"Remove the factor {fmt(shrunk[0])} from the loss (MSELoss and CrossEntropyLoss already average "
+            "over the batch: dividing by the dataset size again makes the gradients that much smaller); raising the "
+            "learning rate by the same factor is equivalent under SGD only.",
+        }
     return Finding("stalled", "warning", f.steps[0], message, evidence, rec)
 
 
@@ -277,6 +292,24 @@ def _cut_off(f: Facts, ev: Evidence, dead: list[str], chance: str) -> Finding:
     )
     evidence = {"loss_start": sig(ev.start, 4), "loss_end": sig(ev.end, 4), "zero_gradient_layers": dead[:20]}
     return Finding("stalled", "error", f.steps[0], message, evidence, {"verified": False, "text": text})
+
+
+def _shrunk(f: Facts) -> tuple[float, str] | None:
+    """The factor ≤ :data:`_SHRUNK` the loss was multiplied by before ``backward()`` (``meta.json``
+    ``loss_scale``, from ``gradguard run``: ``loss / n_train``), and ``" (at line)"``; not an accumulation's
+    ``1 / k`` (``accumulation``). ``None`` otherwise."""
+    noted = f.log.meta.get("loss_scale")
+    if not isinstance(noted, dict):
+        return None
+    factor = noted.get("factor")
+    if not (isinstance(factor, (int, float)) and 0 < factor <= _SHRUNK):
+        return None
+    accumulation = f.log.meta.get("accumulation")
+    k = accumulation.get("micro_batches") if isinstance(accumulation, dict) else None
+    if isinstance(k, int) and abs(factor * k - 1) < 0.5:
+        return None
+    where = f" (at {noted['source']})" if noted.get("source") else ""
+    return float(factor), where
 
 
 def _no_gradient(f: Facts) -> bool:

@@ -94,9 +94,8 @@ class ZeroCode:
         self._backcheck = BackwardCheck()  # custom Functions' backward, checked once each
         self._loss_terms: dict[str, Any] | None = None  # the first loss's additive terms (LossWatch.terms)
         self._criteria: list[dict[str, Any]] = []  # the first loss code's loss functions (LossWatch.criteria)
-        self._loss_scale: float | None = (
-            None  # the factor the first loss was multiplied by (LossWatch.scale_of)
-        )
+        #: the factor the first loss was multiplied by, and where (LossWatch.scale_of)
+        self._loss_scale: tuple[float, str | None] | None = None
         #: (op, line) → (backward, device flag) per checked backward: a logits loss given probabilities
         self._probabilities: dict[tuple[str, str | None], list[tuple[int, Tensor]]] = {}
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
@@ -197,12 +196,14 @@ class ZeroCode:
                 {k: float(f"{float(v):.4g}") if isinstance(v, Tensor) else v for k, v in entry.items()}
                 for entry in self._criteria
             ]
+        if self._loss_scale is not None and self._loss_scale[0] != 1.0:  # the loss multiplied by a number
+            noted["loss_scale"] = {"factor": self._loss_scale[0], "source": self._loss_scale[1] or ""}
         for session in self._order if noted or self._loss_scale is not None else ():
             writer = session.guard.writer
             if writer is None or session.guard.closed:
                 continue
             accumulation = (
-                {"accumulation": {"micro_batches": session.micro_batches, "loss_scale": self._loss_scale}}
+                {"accumulation": {"micro_batches": session.micro_batches, "loss_scale": self._loss_scale[0]}}
                 if session.micro_batches >= 2 and self._loss_scale is not None
                 else {}
             )
