@@ -32,14 +32,23 @@ _STEPPING: dict[int, int] = {}
 @contextlib.contextmanager
 def stepping(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """gradguard's own steps of ``optimizer`` (a guard's, a tuning trial's): not the loop's."""
-    key = id(optimizer)
-    _STEPPING[key] = _STEPPING.get(key, 0) + 1
+    _begin(id(optimizer))
     try:
         yield
     finally:
-        _STEPPING[key] -= 1
-        if not _STEPPING[key]:
-            del _STEPPING[key]
+        _end(id(optimizer))
+
+
+def _begin(key: int) -> None:
+    _STEPPING[key] = _STEPPING.get(key, 0) + 1
+
+
+def _end(key: int) -> None:
+    left = _STEPPING.get(key, 0) - 1
+    if left > 0:
+        _STEPPING[key] = left
+    else:
+        _STEPPING.pop(key, None)
 
 
 class Usage:
@@ -50,7 +59,6 @@ class Usage:
         self.optimizer = optimizer
         self._warn = warn
         self._handle: Any = None
-        self._stepping: contextlib.AbstractContextManager[None] | None = None
         self._said: set[str] = set()
         self._last: weakref.ref[Tensor] | None = None
 
@@ -66,13 +74,10 @@ class Usage:
                     "between: the same gradients are applied twice. Call guard.step(loss) once per backward().",
                 )
             self._last = weakref.ref(loss)
-        self._stepping = stepping(self.optimizer)
-        self._stepping.__enter__()
+        _begin(id(self.optimizer))  # (two dict writes a step: no context-manager object on the hot path)
 
     def leave(self) -> None:
-        if self._stepping is not None:
-            self._stepping.__exit__(None, None, None)
-            self._stepping = None
+        _end(id(self.optimizer))
 
     def close(self) -> None:
         if self._handle is not None:
