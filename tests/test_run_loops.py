@@ -1269,7 +1269,7 @@ def test_a_hand_updated_models_replays_are_not_counted_as_steps(tmp_path: Path) 
     assert any(r["nonfinite"] for r in read_run(tmp_path / "run").metrics)  # (a replay ran)
 
 
-ACCUMULATION = textwrap.dedent(
+SUMMED_ACCUMULATION = textwrap.dedent(
     """
     import argparse
     import torch
@@ -1305,7 +1305,7 @@ def test_accumulated_losses_that_are_summed_not_averaged_are_the_cause(tmp_path:
     from gradguard.diagnose import diagnose, headline
 
     script = tmp_path / "accumulate.py"
-    script.write_text(ACCUMULATION)
+    script.write_text(SUMMED_ACCUMULATION)
     _run(tmp_path, script)
     assert read_run(tmp_path / "run").meta["accumulation"] == {"micro_batches": 16, "loss_scale": 1.0}
     top = headline(diagnose(tmp_path / "run"))
