@@ -89,6 +89,23 @@ def test_ordinary_loops_are_not_warned() -> None:
     assert _slips(caught) == []
 
 
+def test_monitor_only_whose_loop_steps_the_optimizer_is_not_warned() -> None:
+    """``monitor_only=True``: guard.step measures, the loop steps (documented); it read "called outside"."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = Guard(model, optimizer, monitor_only=True, clip=None, on_nonfinite="warn", log_dir=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            optimizer.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+            optimizer.step()  # the caller steps
+    assert _slips(caught) == []
+
+
 @pytest.mark.parametrize("bad", ["yes", True, 2.0**16])
 def test_a_scaler_that_is_not_a_grad_scaler_is_refused_with_the_fix(bad: object) -> None:
     model, _, guard = _setup()

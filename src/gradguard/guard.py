@@ -579,11 +579,14 @@ class Guard:
             scaler = None
         if scaler is not None:
             _unscale_once(scaler, self.optimizer)
-        self._usage.enter(loss_or_closure)
+        watching = not self.config.monitor_only  # (monitor_only: the loop steps the optimizer itself)
+        if watching:
+            self._usage.enter(loss_or_closure)
         try:
             self._step(loss, scaler, external=False, closure=closure)
         finally:
-            self._usage.leave()
+            if watching:
+                self._usage.leave()
             self._anomaly.end_step()
         return loss
 
