@@ -32,6 +32,17 @@
                              far from 1 at every step (a typo such as 5e2 for 5e-4)
 ``gradients_not_zeroed``     no ``zero_grad()`` between optimizer steps (``gradguard run`` sees it): each
                              step applied the running sum of the gradients
+``optimizer_setting``        momentum / betas / RMSprop alpha ≥ 1, or Adam's kin with an AdamW config's
+                             weight_decay, in a run that failed or did not train
+``custom_backward``          (``gradguard run``) a custom autograd Function whose backward is not linear
+                             in its incoming gradient (the chain rule forgotten), in a run that did not train
+``loss_weight``              (``gradguard run``) a loss term weighted ≥ 100 that outweighs the rest ≥ 30×
+``clip_before_backward``     (``gradguard run``) the script's clip called before ``backward()``: it clipped nothing
+``loss_on_probabilities``    (``gradguard run``) a logits loss given probabilities (a softmax before
+                             CrossEntropyLoss, a sigmoid before BCEWithLogitsLoss, NLLLoss without the log)
+``logit_scale``              (``gradguard run``) logits ÷ a temperature ≤ 0.02 before a classification loss
+``lr_schedule``              the learning rate went negative, or a schedule collapsed it mid-run
+``loss_code_warning``        (``gradguard run``) torch warned in the loss code (a broadcast, an implicit dim)
 ``stalled``                  a finite run that did not train and that no other rule explains (the loss
                              stayed near its start, its second half flat), with the update ratios'
                              cause: steps too large (lower the rate) or too small (raise it)
