@@ -5,21 +5,19 @@ script computes or prints changes."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_runs import gradguard_run, plain_run
 from gradguard._backcheck import BackwardCheck
 from gradguard.diagnose import diagnose, headline
 from gradguard.runlog import read_run
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "run_scripts" / "swish_regression.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 class Right(torch.autograd.Function):
@@ -114,21 +112,7 @@ def test_a_backward_that_forgets_the_chain_rule_is_reported_a_linear_one_is_not(
 def _run(
     tmp_path: Path, *args: str
 ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
-    plain = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=ENV, capture_output=True, text=True, timeout=300
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "gradguard",
-        "run",
-        "--out",
-        str(tmp_path / "run"),
-        "--no-report",
-        str(SCRIPT),
-        *args,
-    ]
-    run = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    plain, run = plain_run(tmp_path, SCRIPT, *args), gradguard_run(tmp_path, SCRIPT, *args)
     assert run.returncode == plain.returncode == 0, run.stderr
     assert run.stdout == plain.stdout
     return plain, run

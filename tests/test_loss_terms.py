@@ -4,22 +4,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_runs import gradguard_run
 from gradguard.diagnose import diagnose, headline
 from gradguard.locate import LossWatch
 from gradguard.runlog import read_run
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "run_scripts" / "input_grad_penalty.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _terms(code: str) -> dict | None:
@@ -62,18 +60,7 @@ def test_a_loss_that_is_not_a_sum_of_terms_has_none(code: str) -> None:
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "gradguard",
-        "run",
-        "--out",
-        str(tmp_path / "run"),
-        "--no-report",
-        str(SCRIPT),
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    return gradguard_run(tmp_path, SCRIPT, *args)
 
 
 def test_a_penalty_weighted_1e4_for_1e_4_is_named_not_the_explosion_it_drives(tmp_path: Path) -> None:
@@ -112,18 +99,7 @@ PRODUCTS = HERE / "run_scripts" / "product_classifier.py"
 def test_a_logits_loss_given_probabilities_is_named(
     tmp_path: Path, args: tuple[str, ...], op: str | None, severity: str | None
 ) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "gradguard",
-        "run",
-        "--out",
-        str(tmp_path / "run"),
-        "--no-report",
-        str(PRODUCTS),
-        *args,
-    ]
-    got = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    got = gradguard_run(tmp_path, PRODUCTS, *args)
     assert got.returncode == 0, got.stderr
     found = [f for f in diagnose(tmp_path / "run") if f.id == "loss_on_probabilities"]
     if op is None:
@@ -139,11 +115,7 @@ def test_a_regression_that_predicts_its_targets_mean_is_said_with_the_inputs_sca
     script = HERE / "run_scripts" / "load_forecaster.py"
     for args, said in (((), True), (("--scale-inputs",), False)):
         out = tmp_path / ("scaled" if args else "raw")
-        cmd = [sys.executable, "-m", "gradguard", "run", "--out", str(out), "--no-report", str(script), *args]
-        assert (
-            subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300).returncode
-            == 0
-        )
+        assert gradguard_run(tmp_path, script, *args, out=out).returncode == 0
         (mse,) = read_run(out).meta["loss_functions"]
         assert mse["op"] == "mse_loss" and 0.8 < mse["target_variance"] < 1.25
         found = [f for f in diagnose(out) if f.id == "stalled"]

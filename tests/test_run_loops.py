@@ -5,37 +5,24 @@ an LBFGS closure (a bad evaluation ends the step with the weights as they were),
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+from cli_runs import ENV, gradguard_run, plain_run
 from gradguard.runlog import read_run
 
 HERE = Path(__file__).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _run(tmp_path: Path, script: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "gradguard",
-        "run",
-        "--out",
-        str(tmp_path / "run"),
-        "--no-report",
-        str(script),
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    return gradguard_run(tmp_path, script, *args)
 
 
 def _plain(tmp_path: Path, script: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(script), *args]
-    return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    return plain_run(tmp_path, script, *args)
 
 
 MANUAL = textwrap.dedent(
