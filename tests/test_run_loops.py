@@ -741,6 +741,41 @@ def test_a_nan_batch_in_an_earlier_micro_batch_of_gradient_accumulation_is_the_d
     assert first is not None and first["step"] == 3, first
     assert (first["phase"], first["tensor"], first["located_by"]) == ("data", "input", "replay"), first
     assert first["evidence"]["micro_batch"] == "2 of 4", first
+    assert "gradient accumulation" in first["evidence"]["reason"], first
+
+
+TWO_VIEWS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(6):
+        x = torch.randn(16, 8)
+        if step == 3:
+            x[0, 0] = float("nan")  # a corrupt sample
+        noisy = x + 0.1 * torch.randn_like(x)
+        loss = nn.functional.mse_loss(model(noisy), model(x).detach())  # two views, one loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    """
+)
+
+
+def test_a_nan_in_one_of_two_model_calls_of_one_loss_is_not_called_gradient_accumulation(tmp_path: Path) -> None:
+    """Two views of a batch through the model, one backward(): the NaN input was "micro-batch 1 of the
+    step's 2: gradient accumulation", which the script does not do."""
+    script = tmp_path / "views.py"
+    script.write_text(TWO_VIEWS)
+    done = _run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    first = read_run(tmp_path / "run").first_nonfinite()
+    assert first is not None and (first["step"], first["phase"]) == (3, "data"), first
+    reason = first["evidence"]["reason"]
+    assert "accumulation" not in reason and "model call 1 of the step's 2" in reason, reason
 
 
 DDP_ONE_PROCESS = textwrap.dedent(

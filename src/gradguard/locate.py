@@ -1450,6 +1450,7 @@ class StepCapture:
         self._pins = 0  # pinned(): a release waits
         self._release_due = False
         self._forwards = 0  # grad-enabled forwards this step
+        self._backwards: int | None = None  # backward() calls this step (None: not told, Guard in code)
         self._last_forwards = 0  # ... and in the step before
         self.steps = 0  # steps released so far: the index of the step being captured
         self._watcher_steps: int | None = None  # the watching sibling's steps at this one's last release
@@ -1533,6 +1534,7 @@ class StepCapture:
         """A backward starts (the zero-code runner): keep the gradient that reaches the outputs of
         the root's last forwards since the last backward (at most ``max_windows``; an RL rollout
         calls the model hundreds of times a step, and only its last calls get a keeper)."""
+        self._backwards = (self._backwards or 0) + 1
         outs, self._outs = self._outs, []
         if not outs:
             return
@@ -1774,6 +1776,8 @@ class StepCapture:
         if self._outs:
             self._outs = []
         self._last_forwards, self._forwards = self._forwards, 0
+        if self._backwards is not None:
+            self._backwards = 0
         self.steps += 1
         if not self._removed and len(self._group.data) > 1:  # type: ignore[attr-defined]
             self._continue_watching()  # (the usual model, one optimizer: no sibling, no call)
@@ -1896,7 +1900,7 @@ class StepCapture:
                 continue
             role, evidence = _data_evidence(self.root, args, kwargs, t)
             if len(batches) > 1:
-                _in_micro_batch(evidence, k, len(batches))
+                _in_micro_batch(evidence, k, len(batches), self._backwards)
             return {"phase": "data", "module": None, "op": None, "tensor": role, "kind": _kinds(t)[0],
                     "source": None, "evidence": evidence}  # fmt: skip
         return None
@@ -1921,7 +1925,7 @@ class StepCapture:
                 self.replaying = False
             if isinstance(birth, Birth) and birth.phase == "data":
                 birth.source = None  # (the replay's caller, not the script's line)
-                _in_micro_batch(birth.evidence, k, n)
+                _in_micro_batch(birth.evidence, k, n, self._backwards)
                 return birth
         return None
 
@@ -1964,12 +1968,18 @@ def _data_evidence(module: nn.Module, args: Any, kwargs: Any, t: Tensor) -> tupl
     return role, evidence
 
 
-def _in_micro_batch(evidence: dict[str, Any], k: int, n: int) -> None:
-    """Name the micro-batch (``k`` of ``n``, from 0) of gradient accumulation a data event's tensor came in."""
+def _in_micro_batch(evidence: dict[str, Any], k: int, n: int, backwards: int | None) -> None:
+    """Name the forward (``k`` of the step's ``n``, from 0) a data event's tensor came in: a micro-batch
+    of gradient accumulation where the step had several ``backward()`` calls, one of several model
+    calls of one loss where it had one (two views of a batch), either where that was not counted."""
     evidence["micro_batch"] = f"{k + 1} of {n}"
-    evidence["reason"] = (
-        f"{evidence['reason']} (micro-batch {k + 1} of the step's {n}: gradient accumulation)"
-    )
+    if backwards is not None and backwards >= 2:
+        what = f"micro-batch {k + 1} of the step's {n}: gradient accumulation"
+    elif backwards == 1:
+        what = f"model call {k + 1} of the step's {n}"
+    else:
+        what = f"forward {k + 1} of the step's {n}: a micro-batch of gradient accumulation or one of several model calls"
+    evidence["reason"] = f"{evidence['reason']} ({what})"
 
 
 def _top_mode() -> Any:

@@ -55,7 +55,9 @@ the run directory the user named and the others' in its ``children``, ``optimize
 :func:`diagnose` on that root reads every child too. Each finding's message starts with its
 optimizer (class, what it steps) and the global step (the process-wide optimizer step), its
 evidence holds them and the run directory, and the run that went non-finite first (by global step)
-leads, so the headline is the failing optimizer's.
+leads, so the headline is the failing optimizer's. A run whose forward wrote NaN into buffers (a
+BatchNorm's running statistics) that another optimizer's model then read (a linear probe over the
+encoder) leads too: the other run's ``bad_data`` is said as its consequence, a warning.
 
 How it is built: the facts layer (:mod:`gradguard.diagnose.facts`, over the run table of
 :mod:`gradguard.runtable`) reads the run once; each rule is a module of
@@ -173,16 +175,109 @@ def _children(log: RunLog) -> list[RunLog]:
 
 def _of_every_optimizer(root: RunLog, children: list[RunLog]) -> list[Finding]:
     """Several optimizers in one process: every run directory's findings, each naming its optimizer
-    and the global step; the run that went wrong first (by global step) leads, so the headline is its."""
-    per_run: list[tuple[bool, float, int, list[Finding]]] = []
+    and the global step; the run that went wrong first (by global step) leads, so the headline is its.
+    A run whose bad data is another run's poisoned buffers says so, and that run's finding leads."""
+    runs = []
     for log in (root, *children):
         facts = Facts(log)
         bad_at = _first_bad_global_step(facts)
-        found = [_tagged(x, log, facts, bad_at) for x in rules.evaluate(facts)]
+        runs.append((log, bad_at, [_tagged(x, log, facts, bad_at) for x in rules.evaluate(facts)], facts))
+    runs = _with_poisoned_buffers(runs)
+    per_run = []
+    for i, (_, bad_at, found, _) in enumerate(runs):
         failed = rules.headline(found) is not None
-        per_run.append((not failed, bad_at if bad_at is not None else math.inf, len(per_run), found))
+        per_run.append((not failed, bad_at if bad_at is not None else math.inf, i, found))
     ordered = [x for *_, found in sorted(per_run, key=lambda r: r[:3]) for x in found]
     return sorted(ordered, key=lambda x: SEVERITIES.index(x.severity) if x.severity in SEVERITIES else 9)
+
+
+_Run = tuple[RunLog, "int | None", list[Finding], Facts]
+
+
+def _with_poisoned_buffers(runs: list[_Run]) -> list[_Run]:
+    """``runs`` where one run's forward wrote NaN/inf into buffers (the guard's ``buffers`` event: a
+    BatchNorm's running statistics, kept by a skipped step) before another run's data went
+    non-finite: the buffers stay NaN, and what the other optimizer's model reads from that model
+    later (a linear probe over the encoder, a generator's output fed to a critic) is NaN. The
+    first run's finding naming the buffers becomes the error that leads; the later run's
+    ``bad_data`` errors become warnings that point to it (not preprocessing to fix)."""
+    poisoned = [
+        (e["global_step"], i, e)
+        for i, (_, _, _, facts) in enumerate(runs)
+        for e in facts.events_of("buffers")
+        if isinstance(e.get("global_step"), int)
+    ]
+    if not poisoned:
+        return runs
+    at, source, event = min(poisoned, key=lambda x: x[:2])
+    names = ", ".join(str(n) for n in (event.get("buffers") or [])[:4])
+    hit = [
+        i
+        for i, (_, bad_at, found, _) in enumerate(runs)
+        if i != source and bad_at is not None and bad_at > at and any(_is_bad_data_error(x) for x in found)
+    ]
+    if not hit:
+        return runs
+    origin = fields(runs[source][0].meta.get("optimizer"))
+    who = str(origin.get("class") or "the optimizer") + (
+        f" over {origin['params']}" if origin.get("params") else ""
+    )
+    out = list(runs)
+    log, bad_at, found, facts = runs[source]
+    out[source] = (
+        log,
+        bad_at,
+        [_as_root(x, names) if x.id == "bad_data" and names in x.message else x for x in found],
+        facts,
+    )
+    for i in hit:
+        log, bad_at, found, facts = runs[i]
+        out[i] = (
+            log,
+            bad_at,
+            [
+                _as_consequence(x, at, who, names, runs[source][0]) if _is_bad_data_error(x) else x
+                for x in found
+            ],
+            facts,
+        )
+    return out
+
+
+def _is_bad_data_error(finding: Finding) -> bool:
+    return finding.id == "bad_data" and finding.severity == "error"
+
+
+def _as_root(finding: Finding, names: str) -> Finding:
+    """The finding that named the poisoned buffers, as the root cause of another run's failure."""
+    return dataclasses.replace(
+        finding,
+        severity="error",
+        message=f"{finding.message} Another optimizer's model read them later and got NaN.",
+    )
+
+
+def _as_consequence(finding: Finding, at: int, who: str, names: str, source: RunLog) -> Finding:
+    """A ``bad_data`` error caused by ``source``'s poisoned buffers: a warning that points there, said
+    first (after the optimizer's tag)."""
+    tag, _, rest = finding.message.partition("] ")
+    cause = (
+        f"A consequence of global step {at}, not of the preprocessing: {who}'s forward wrote NaN/inf into "
+        f"{names}, which stay NaN and feed this model (the finding above)."
+    )
+    return dataclasses.replace(
+        finding,
+        severity="warning",
+        message=f"{tag}] {cause} {rest}" if rest else f"{cause} {finding.message}",
+        recommendation={
+            **finding.recommendation,
+            "text": f"Fix global step {at} of {who} (the finding above): this data is its output.",
+        },
+        evidence={
+            **finding.evidence,
+            "consequence_of": {"global_step": at, "run_dir": str(source.path), "buffers": names},
+        },
+    )
 
 
 def _tagged(finding: Finding, log: RunLog, facts: Facts, bad_at: int | None) -> Finding:
