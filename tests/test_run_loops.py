@@ -765,7 +765,9 @@ TWO_VIEWS = textwrap.dedent(
 )
 
 
-def test_a_nan_in_one_of_two_model_calls_of_one_loss_is_not_called_gradient_accumulation(tmp_path: Path) -> None:
+def test_a_nan_in_one_of_two_model_calls_of_one_loss_is_not_called_gradient_accumulation(
+    tmp_path: Path,
+) -> None:
     """Two views of a batch through the model, one backward(): the NaN input was "micro-batch 1 of the
     step's 2: gradient accumulation", which the script does not do."""
     script = tmp_path / "views.py"
