@@ -887,7 +887,37 @@ def test_a_step_clipped_by_norm_then_by_value_is_counted_once(tmp_path: Path) ->
         r["grad_norm"] > 1.0 for r in read_run(tmp_path / "run").metrics
     ]  # the steps the norm clip bound
     assert 0 < sum(bound) < 6, bound
-    said = f"the script called clip_grad_norm_(max_norm=1) on 6 steps; it clipped {sum(bound)} of them"
+    calls = "clip_grad_norm_(max_norm=1) and clip_grad_value_(clip_value=0.5)"
+    said = f"the script called {calls} on 6 steps; it clipped {sum(bound)} of them"
+    assert said in got.stderr, got.stderr
+
+
+def test_every_distinct_clip_call_of_a_step_is_named_in_the_summary(tmp_path: Path) -> None:
+    """A backbone clipped at 1 and a head at 5, one optimizer: the summary read "the script called
+    clip_grad_norm_(max_norm=1) on 6 steps", as if one threshold covered the model."""
+    script = tmp_path / "two_clips.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            torch.manual_seed(0)
+            backbone, head = nn.Linear(4, 8), nn.Linear(8, 1)
+            opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.01)
+            for step in range(6):
+                opt.zero_grad()
+                x = torch.randn(8, 4)
+                nn.functional.mse_loss(head(torch.relu(backbone(x))), 10 * x.sum(1, keepdim=True)).backward()
+                nn.utils.clip_grad_norm_(backbone.parameters(), max_norm=1.0)
+                nn.utils.clip_grad_norm_(head.parameters(), max_norm=5.0)
+                opt.step()
+            """
+        )
+    )
+    got = _run(tmp_path, script)
+    assert got.returncode == 0, got.stderr
+    said = "the script called clip_grad_norm_(max_norm=1) and clip_grad_norm_(max_norm=5) on 6 steps"
     assert said in got.stderr, got.stderr
 
 

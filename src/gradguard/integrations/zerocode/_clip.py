@@ -114,6 +114,7 @@ def script_clip(
         _count_clip(session, call)
         measure_step(zc, session, clip=first(session, params, covers_all))
     elif further is not None:
+        _name_call(session, call)  # (the step is counted: its first call measured it)
         further(session)
     return True
 
@@ -155,9 +156,17 @@ def replaced(zc: Any, call: str) -> None:
 def _count_clip(session: Session, call: str) -> None:
     """A clip of the script's (``clip_grad_norm_(max_norm=1)``, ``clip_grad_value_(clip_value=0.5)``): its
     step counted once, however many clip calls it made (one per group, a norm clip then a value clip);
-    the summary names the step's first call, whose clip the step's row holds."""
+    the summary names each distinct call (at most :data:`_CALLS_SAID`), the step's first first."""
     step = session.guard.step_count
     if session.script_clip_step != step:
         session.script_clip_step = step
         session.script_clips += 1
-        session.script_clip = call
+    _name_call(session, call)
+
+
+def _name_call(session: Session, call: str) -> None:
+    if call not in session.script_calls and len(session.script_calls) < _CALLS_SAID:
+        session.script_calls.append(call)
+
+
+_CALLS_SAID = 3

@@ -61,7 +61,7 @@ class Session:
         self.clips = False  # the script clips this model's gradients (its steps are measured there)
         self.script_clips = 0  # steps the script's own clip_grad_norm_ / clip_grad_value_ ran on
         self.script_clip_step: int | None = None  # (the step counted last: several clip calls, one step)
-        self.script_clip: str | None = None  # the call, as the summary says it
+        self.script_calls: list[str] = []  # the distinct clip calls, as the summary says them
         self.grad_id: int | None = (
             None  # id of the first gradient at the last step (zeroing: _steps.watch_zeroing)
         )
@@ -121,11 +121,11 @@ def summary_lines(session: Session) -> list[str]:
         )
     lines = [f"{head}. Run log: {guard.run_dir}"]
     log = runlog.read_run(guard.run_dir) if guard.run_dir is not None else None
-    if session.script_clips and session.script_clip is not None:
+    if session.script_clips and session.script_calls:
         bound = sum(clipped(r) for r in log.metrics) if log is not None else None
         of = f"; it clipped {bound} of them" if bound is not None else ""
         lines.append(
-            f"  the script called {session.script_clip} on {session.script_clips} steps{of} "
+            f"  the script called {' and '.join(session.script_calls)} on {session.script_clips} steps{of} "
             "(the log has the pre-clip norms)"
         )
     if log is None:
