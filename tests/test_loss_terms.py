@@ -123,3 +123,48 @@ def test_a_regression_that_predicts_its_targets_mean_is_said_with_the_inputs_sca
         if said:
             assert "the variance of its targets" in found[0].message
             assert "standardize each input feature" in found[0].recommendation["text"]
+
+
+TWO_LOSSES = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+D = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999))
+opt_d = torch.optim.Adam(D.parameters(), lr=1e-3, betas=(0.5, 0.999))
+bce = nn.BCEWithLogitsLoss()
+for step in range(12):
+    real = torch.randn(32, 2) * 0.5 + 2
+    fake = G(torch.randn(32, 4))
+    d_loss = bce(D(real), torch.ones(32, 1)) + bce(D(fake.detach()), torch.zeros(32, 1))
+    opt_d.zero_grad(); d_loss.backward(); opt_d.step()
+    g_loss = bce(D(fake), torch.ones(32, 1)) + 0.1 * (fake ** 2).mean()  # the generator's own loss
+    opt_g.zero_grad(); g_loss.backward(); opt_g.step()
+
+probe = nn.Linear(2, 5)  # then a classifier over the generator's samples, a third optimizer
+opt_p = torch.optim.SGD(probe.parameters(), lr=0.1)
+for step in range(6):
+    x = G(torch.randn(32, 4)).detach()
+    loss = nn.functional.cross_entropy(probe(x), torch.randint(0, 5, (32,)))
+    opt_p.zero_grad(); loss.backward(); opt_p.step()
+"""
+
+
+def test_each_optimizer_of_a_run_is_described_by_its_own_loss(tmp_path: Path) -> None:
+    """A GAN's generator and a later probe were described by the discriminator's loss (the run's first
+    backward): the generator's penalty weight and the probe's 5 classes were not in their meta.json."""
+    script = tmp_path / "gan.py"
+    script.write_text(TWO_LOSSES)
+    done = gradguard_run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    d, g, p = (read_run(path, records=False).meta for path in (run, run / "optimizer1", run / "optimizer2"))
+    assert d["loss_terms"]["source"].endswith("gan.py:14"), d["loss_terms"]
+    assert g["loss_terms"]["source"].endswith("gan.py:16") and 0.1 in [
+        t["weight"] for t in g["loss_terms"]["terms"]
+    ]
+    assert [(f["op"], f["classes"]) for f in p["loss_functions"]] == [("cross_entropy", 5)], p[
+        "loss_functions"
+    ]

@@ -51,6 +51,7 @@ def measure(
         loss = take_loss(zc)
     fields = {"global_step": zc.global_step}
     zc.global_step += 1
+    zc.take_loss_description(session)
     if not session.manual:
         watch_zeroing(zc, session)
     if session.manual:
@@ -173,6 +174,7 @@ def on_step(zc: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -
         session = session_of(zc, optimizer)
         if session is not None and session.framework:  # the Trainer's callback measured, gates it
             zc._losses = []
+            zc.take_loss_description(session)
             return None
     closure = args[1] if len(args) > 1 else kwargs.get("closure")
     if closure is not None:  # the model runs inside the closure: the session waits for it

@@ -28,6 +28,8 @@ from gradguard.integrations.zerocode.frameworks import Frameworks
 from gradguard.integrations.zerocode.live import Live
 from gradguard.integrations.zerocode.patches import ACTIVE, Patches
 from gradguard.integrations.zerocode.sessions import (
+    DESCRIBE_TRIES,
+    LossDescription,
     ManualUpdate,
     Root,
     Session,
@@ -42,6 +44,21 @@ __all__ = ["ZeroCode"]
 _RAISED: Any = object()  # on_return's ``out`` when the call raised (torch passes none)
 _PROBABILITY_STEPS = 3  # the backwards whose logits losses are checked for probabilities given
 _PROBABILITY_LATE = (25, 100)  # and these, once training moved the outputs (BCEWithLogits needs one)
+
+
+def _meta_of(loss: LossDescription) -> dict[str, Any]:
+    """``meta.json``'s fields of a loss code (see :meth:`ZeroCode._note_loss_terms`)."""
+    noted: dict[str, Any] = {}
+    if loss.terms:
+        terms = [{**term, "value": float(f"{float(term['value']):.4g}")} for term in loss.terms["terms"]]
+        noted["loss_terms"] = {"source": loss.terms["source"], "terms": terms}
+    noted["loss_functions"] = [  # the loss code was watched: its loss functions, none included
+        {k: float(f"{float(v):.4g}") if isinstance(v, Tensor) else v for k, v in entry.items()}
+        for entry in loss.criteria
+    ]
+    if loss.scale is not None and loss.scale[0] != 1.0:  # the loss multiplied by a number
+        noted["loss_scale"] = {"factor": loss.scale[0], "source": loss.scale[1] or ""}
+    return noted
 
 
 class ZeroCode:
@@ -92,10 +109,9 @@ class ZeroCode:
         self._backwards = 0
         self.transformed_calls = 0  #: top-level model calls seen inside vmap / grad (torch.func)
         self._backcheck = BackwardCheck()  # custom Functions' backward, checked once each
-        self._loss_terms: dict[str, Any] | None = None  # the first loss's additive terms (LossWatch.terms)
-        self._criteria: list[dict[str, Any]] = []  # the first loss code's loss functions (LossWatch.criteria)
-        #: the factor the first loss was multiplied by, and where (LossWatch.scale_of)
-        self._loss_scale: tuple[float, str | None] | None = None
+        #: the loss code of the backward() since the last measured step, until a step takes it
+        self._described: LossDescription | None = None
+        self._first_loss: LossDescription | None = None  # the run's first (for a session never watched)
         #: (op, line) → (backward, device flag) per checked backward: a logits loss given probabilities
         self._probabilities: dict[tuple[str, str | None], list[tuple[int, Tensor]]] = {}
         self.global_step = 0  #: optimizer steps measured so far in the process (all optimizers)
@@ -181,33 +197,41 @@ class ZeroCode:
             if writer is not None and not session.guard.closed:
                 writer.update_meta(nonlinear_backward=found)
 
+    def _describing(self) -> bool:
+        """Whether a backward's loss code is still to be described: a session (optimizer) has none yet."""
+        return not self._order or any(
+            s.loss is None and s.describe_tries < DESCRIBE_TRIES for s in self._order
+        )
+
+    def take_loss_description(self, session: Session) -> None:
+        """A step of ``session`` is measured: the loss code described since the last step is its
+        (a GAN's generator steps after its own loss, not the discriminator's)."""
+        described, self._described = self._described, None
+        if session.loss is None:
+            if described is not None:
+                session.loss = described
+            else:
+                session.describe_tries += 1
+
     def _note_loss_terms(self) -> None:
-        """The first loss's additive terms, their values read now (one host read at the end of the run),
-        in every run's ``meta.json`` (``loss_terms``), where diagnose's ``loss_weight`` reads them; and the
-        first loss code's loss functions (``loss_functions``: op, line, classes), where ``stalled`` reads
-        which chance level a loss can sit at."""
-        found = self._loss_terms
-        noted: dict[str, Any] = {}
-        if found:
-            terms = [{**term, "value": float(f"{float(term['value']):.4g}")} for term in found["terms"]]
-            noted["loss_terms"] = {"source": found["source"], "terms": terms}
-        if self._loss_terms is not None:  # the loss code was watched: its loss functions, none included
-            noted["loss_functions"] = [
-                {k: float(f"{float(v):.4g}") if isinstance(v, Tensor) else v for k, v in entry.items()}
-                for entry in self._criteria
-            ]
-        if self._loss_scale is not None and self._loss_scale[0] != 1.0:  # the loss multiplied by a number
-            noted["loss_scale"] = {"factor": self._loss_scale[0], "source": self._loss_scale[1] or ""}
-        for session in self._order if noted or self._loss_scale is not None else ():
+        """Each optimizer's loss code (its first watched step's; the run's first where none was), in its
+        run's ``meta.json``: the loss's additive terms, their values read now (one host read at the end
+        of the run: ``loss_terms``), where diagnose's ``loss_weight`` reads them; its loss functions
+        (``loss_functions``: op, line, classes), where ``stalled`` reads which chance level a loss can
+        sit at; the number it was multiplied by (``loss_scale``) and gradient accumulation."""
+        for session in self._order:
             writer = session.guard.writer
-            if writer is None or session.guard.closed:
+            described = session.loss or self._first_loss
+            if writer is None or session.guard.closed or described is None:
                 continue
-            accumulation = (
-                {"accumulation": {"micro_batches": session.micro_batches, "loss_scale": self._loss_scale[0]}}
-                if session.micro_batches >= 2 and self._loss_scale is not None
-                else {}
-            )
-            writer.update_meta(**noted, **accumulation)
+            noted = _meta_of(described)
+            if session.micro_batches >= 2 and described.scale is not None:
+                noted["accumulation"] = {
+                    "micro_batches": session.micro_batches,
+                    "loss_scale": described.scale[0],
+                }
+            if noted:
+                writer.update_meta(**noted)
 
     def _note_probabilities(self) -> None:
         """The logits losses given probabilities on every early step (a softmax before CrossEntropyLoss, a
@@ -327,10 +351,13 @@ class ZeroCode:
         entry = self._scaled.pop(id(tensors), None) if isinstance(tensors, Tensor) else None
         unscaled = entry[1] if entry is not None and entry[0]() is tensors else tensors
         if self._watching is not None:
-            if self._loss_terms is None and isinstance(unscaled, Tensor):
-                self._loss_terms = self._watching.loss_terms(unscaled) or {}
-                self._criteria = self._watching.criteria()
-                self._loss_scale = self._watching.loss_scale(unscaled)
+            if self._described is None and isinstance(unscaled, Tensor) and self._describing():
+                self._described = LossDescription(
+                    self._watching.loss_terms(unscaled) or {},
+                    self._watching.criteria(),
+                    self._watching.loss_scale(unscaled),
+                )
+                self._first_loss = self._first_loss or self._described
             if self._backwards < _PROBABILITY_STEPS or self._backwards in _PROBABILITY_LATE:
                 for found in self._watching.probability_inputs():
                     checked = self._probabilities.setdefault((found["op"], found["source"]), [])

@@ -4,6 +4,7 @@ optimizer of a hand-written update; the summary lines and the optimizer facts fo
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from collections.abc import Iterable
@@ -45,6 +46,20 @@ class ManualUpdate(torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------- one optimizer's guard
+@dataclasses.dataclass(frozen=True)
+class LossDescription:
+    """What the loss code of a step was, as its watch saw it at ``backward()``: the loss's additive
+    terms (:meth:`LossWatch.terms`), its loss functions (:meth:`LossWatch.criteria`) and the number
+    it was multiplied by (:meth:`LossWatch.scale_of`)."""
+
+    terms: dict[str, Any]
+    criteria: list[dict[str, Any]]
+    scale: tuple[float, str | None] | None
+
+
+DESCRIBE_TRIES = 3  # a session's steps whose loss code is looked for, before it goes without
+
+
 class Session:
     """The guard of one optimizer (or one hand-updated model) and the state of its current step."""
 
@@ -68,6 +83,8 @@ class Session:
         self.zero_grads = 0  # the runner's zero_grad() count at the last step
         self.unzeroed = 0  # steps in a row with no zero_grad() and the same gradient tensors
         self.sums: list[float] | None = None  # a hand-updated model's parameter sums at its first step
+        self.loss: LossDescription | None = None  # its loss code, from the first step it was watched
+        self.describe_tries = 0  # its steps measured with no loss code watched since the last step
 
     def end_step(self) -> None:
         self.measured_at = None
