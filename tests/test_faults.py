@@ -755,7 +755,7 @@ def test_deeply_nested_meta_json_falls_back_to_empty_with_a_note(tmp_path: Path)
     run = tmp_path / "runs" / "run"
     with RunWriter(run) as w:
         w.write_metrics(records(range(2)))
-    (run / "meta.json").write_text('{"layers": ' + "[" * DEEP + "]" * DEEP + "}")
+    (run / "meta.json").write_text('{"schema_version": 1, "layers": ' + "[" * DEEP + "]" * DEEP + "}")
     log = read_run(tmp_path / "runs")  # find_runs reads meta.json's start_time too
     assert log.meta == {} and steps_of(log) == [0, 1]
     assert log.skipped == ["meta.json: nested too deeply to read; run metadata is empty"]
@@ -772,7 +772,7 @@ def test_deeply_nested_lines_do_not_crash_diagnose_or_report(tmp_path: Path) -> 
         w.write_metrics(records(range(20)))
     with open(run / "metrics.jsonl", "a") as f:
         f.write("[" * DEEP + "]" * DEEP + "\n")
-    (run / "meta.json").write_text("[" * DEEP + "]" * DEEP)
+    (run / "meta.json").write_text('{"schema_version": 1, "x": ' + "[" * DEEP + "]" * DEEP + "}")
     findings = diagnose(run)
     assert "nested too deeply" in report.render_html(run)
     out = io.StringIO()

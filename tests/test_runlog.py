@@ -30,6 +30,7 @@ from gradguard.runlog import (
     _reader,
     atomic_write_json,
     atomic_write_text,
+    check_run_dir,
     default_run_dir,
     find_runs,
     read_run,
@@ -262,6 +263,34 @@ def test_exist_ok_false_refuses_an_existing_run_log(tmp_path: Path) -> None:
         RunWriter(f)
     with pytest.raises(GradGuardError, match="must be a dict"):
         RunWriter(tmp_path / "r2", ["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("exist_ok", [False, True])
+def test_a_folder_with_another_tools_meta_json_is_refused_and_left_as_it_was(
+    tmp_path: Path, exist_ok: bool
+) -> None:
+    """A data folder (its own meta.json) given as the log dir: the writer replaced the user's file."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"dataset": "houses", "rows": 20640}\n')
+    with pytest.raises(GradGuardError, match="not a gradguard run's meta.json") as info:
+        RunWriter(folder, exist_ok=exist_ok)
+    assert "new directory" in str(info.value)
+    with pytest.raises(GradGuardError, match="not a gradguard run's meta.json"):
+        check_run_dir(folder)  # gradguard run --out: before the script runs
+    (folder / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')  # that tool's own log
+    with pytest.raises(GradGuardError, match="not a gradguard run directory"):
+        read_run(folder)  # gradguard diagnose / report: it read "No findings" and wrote findings.json there
+    assert (folder / "meta.json").read_text() == '{"dataset": "houses", "rows": 20640}\n'
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "metrics.jsonl"]
+
+
+def test_a_run_dir_holding_only_a_meta_json_is_a_run_log(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    RunWriter(run).close()
+    with pytest.raises(GradGuardError, match="already holds a run log"):
+        RunWriter(run)
+    RunWriter(run, exist_ok=True).close()
 
 
 def test_exist_ok_true_appends_and_keeps_first_start(tmp_path: Path) -> None:

@@ -56,3 +56,16 @@ def _read_json_quiet(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
+
+
+def is_foreign(path: Path) -> bool:
+    """Whether ``path`` (a ``meta.json``) exists and is not gradguard's: a JSON object without
+    ``schema_version`` and ``gradguard_version``, or text that does not name ``schema_version``."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    meta = _read_json_quiet(path)
+    if isinstance(meta, dict):
+        return "schema_version" not in meta and "gradguard_version" not in meta
+    return '"schema_version"' not in text

@@ -31,6 +31,7 @@ from gradguard.runlog._format import (
     _is_step,
     _read_json_quiet,
     _step,
+    is_foreign,
 )
 from gradguard.runtable import RunTable, TableBuilder
 
@@ -520,7 +521,8 @@ def read_run(path: str | os.PathLike[str], *, records: bool = True) -> RunLog:
         The :class:`RunLog`.
 
     Raises:
-        GradGuardError: ``path`` does not exist, or holds no run directory.
+        GradGuardError: ``path`` does not exist, holds no run directory, or holds another tool's
+            ``meta.json``.
 
     Example:
         >>> log = read_run("gradguard-runs")  # doctest: +SKIP
@@ -548,6 +550,11 @@ def read_run(path: str | os.PathLike[str], *, records: bool = True) -> RunLog:
                 "or events.jsonl, or a folder of such run directories (gradguard-runs/<timestamp>-<name>/)."
             )
         p = runs[0]
+    if is_foreign(p / META_FILE):
+        raise GradGuardError(
+            f"{str(p)!r} is not a gradguard run directory: its meta.json is another tool's (no schema_version); "
+            "pass the directory gradguard wrote (Guard(log_dir=...), `gradguard run --out`, or gradguard-runs/)."
+        )
     notes: list[str] = []
     meta = _read_meta(p, notes)
     event_notes: list[str] = []

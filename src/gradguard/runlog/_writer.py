@@ -41,6 +41,7 @@ from gradguard.runlog._format import (
     _as_step,
     _read_json_quiet,
     _step,
+    is_foreign,
 )
 
 
@@ -202,6 +203,7 @@ class RunWriter:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _unwritable(self.path, e) from e
+        refuse_foreign(self.path)
         existing = _existing_log(self.path)
         if not exist_ok:
             refuse_existing(self.path)
@@ -501,7 +503,8 @@ def _unwritable(path: Path, e: OSError) -> GradGuardError:
 
 def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
     """Refuse, before a run starts, a run directory that cannot be created or written (a path below a file, a
-    read-only folder): the run would otherwise go on unguarded, or end at its first step. Nothing is created."""
+    read-only folder), or whose ``meta.json`` is another tool's: the run would otherwise go on unguarded,
+    end at its first step, or replace that file. Nothing is created."""
     path = _checked_run_dir(run_dir)
     folder = path.absolute()
     while not folder.exists() and folder != folder.parent:
@@ -515,10 +518,24 @@ def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
             f"run directory {str(path)!r} cannot be written: {str(folder)!r} is not writable (a read-only "
             "folder or file system); pass a run directory in a folder you can write to."
         )
+    if path.is_dir():
+        refuse_foreign(path)
 
 
 def _existing_log(run_dir: Path) -> list[str]:
-    return [n for n in (METRICS_FILE, EVENTS_FILE) if (run_dir / n).exists()]
+    return [n for n in (META_FILE, METRICS_FILE, EVENTS_FILE) if (run_dir / n).exists()]
+
+
+def refuse_foreign(run_dir: Path) -> None:
+    """Refuse a directory whose ``meta.json`` is not a gradguard run's (another tool's, a dataset's):
+    a writer would replace it, ``exist_ok`` or not. A gradguard ``meta.json`` cut or damaged still
+    names its ``schema_version`` (its first key)."""
+    if is_foreign(run_dir / META_FILE):
+        raise GradGuardError(
+            f"{str(run_dir / META_FILE)!r} is not a gradguard run's meta.json (another tool's file); gradguard "
+            "would overwrite it. Pass a new directory for the run log (e.g. gradguard.runlog.default_run_dir(), "
+            "or `gradguard run --out runs/NAME`)."
+        )
 
 
 _NEW_DIR_FIX = (
