@@ -285,14 +285,6 @@ def test_a_folder_with_another_tools_meta_json_is_refused_and_left_as_it_was(
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "metrics.jsonl"]
 
 
-def test_a_run_dir_holding_only_a_meta_json_is_a_run_log(tmp_path: Path) -> None:
-    run = tmp_path / "r"
-    RunWriter(run).close()
-    with pytest.raises(GradGuardError, match="already holds a run log"):
-        RunWriter(run)
-    RunWriter(run, exist_ok=True).close()
-
-
 def test_exist_ok_true_appends_and_keeps_first_start(tmp_path: Path) -> None:
     run = tmp_path / "r"
     with RunWriter(run, {"torch_version": "2.13.0", "start_time": "2025-01-01T00:00:00+00:00"}) as w:
