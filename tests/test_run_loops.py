@@ -1371,3 +1371,40 @@ def test_accumulated_losses_that_are_summed_not_averaged_are_the_cause(tmp_path:
     meta = read_run(tmp_path / "divided" / "run").meta
     assert meta["accumulation"] == {"micro_batches": 16, "loss_scale": 0.0625}
     assert headline(diagnose(tmp_path / "divided" / "run")) is None
+
+
+COMPLEX = textwrap.dedent(
+    """
+    import torch
+
+    torch.manual_seed(0)
+
+    class SpectralFilter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lift = torch.nn.Linear(32, 32)
+            self.spec = torch.nn.Parameter(torch.ones(17, dtype=torch.cfloat))  # FNO / GFNet style
+
+        def forward(self, x):
+            return torch.fft.irfft(torch.fft.rfft(self.lift(x)) * self.spec, n=32)
+
+    model = SpectralFilter()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(20):
+        x = torch.randn(8, 32)
+        loss = torch.nn.functional.mse_loss(model(x), x.roll(1, -1))
+        opt.zero_grad(); loss.backward(); opt.step()
+    print("final", round(loss.item(), 6))
+    """
+)
+
+
+def test_an_optimizer_over_complex_parameters_is_left_unguarded_and_the_script_runs(tmp_path: Path) -> None:
+    """Complex parameters (the guard measures real tensors): the script was killed by the guard's refusal
+    ("GradGuardError: parameter 'spec' is complex"), then "no optimizer step was seen"."""
+    script = tmp_path / "spectral.py"
+    script.write_text(COMPLEX)
+    plain, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert (got.returncode, got.stdout) == (0, plain.stdout), got.stderr
+    assert "Adam steps complex parameters (torch.complex64, shape (17,))" in got.stderr
+    assert "view_as_real" in got.stderr and "no optimizer step was seen" not in got.stderr

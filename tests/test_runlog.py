@@ -273,10 +273,10 @@ def test_a_folder_with_another_tools_meta_json_is_refused_and_left_as_it_was(
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "meta.json").write_text('{"dataset": "houses", "rows": 20640}\n')
-    with pytest.raises(GradGuardError, match="not a gradguard run's meta.json") as info:
+    with pytest.raises(GradGuardError, match=r"not a gradguard run's meta\.json") as info:
         RunWriter(folder, exist_ok=exist_ok)
     assert "new directory" in str(info.value)
-    with pytest.raises(GradGuardError, match="not a gradguard run's meta.json"):
+    with pytest.raises(GradGuardError, match=r"not a gradguard run's meta\.json"):
         check_run_dir(folder)  # gradguard run --out: before the script runs
     (folder / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')  # that tool's own log
     with pytest.raises(GradGuardError, match="not a gradguard run directory"):

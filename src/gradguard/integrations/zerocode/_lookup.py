@@ -86,6 +86,8 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     if framework is not None:  # a Trainer's callback guards it
         framework.add_flush_callback(zc.live.flushed(framework, framework=True))
         return add(zc, id(optimizer), Session(framework, manual=False, framework=True))
+    if _steps_complex(zc, optimizer):
+        return None
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     root = root_owning(zc, ids) or union_root(zc, optimizer)
     if root is None:
@@ -109,6 +111,22 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
         return add(zc, id(optimizer), _succeed(zc, root, optimizer, previous))
     guard, _ = new_guard(zc, root, optimizer, dict(zc.options))
     return add(zc, id(optimizer), Session(guard, manual=False, first_step=zc.global_step))
+
+
+def _steps_complex(zc: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer steps complex parameters (an FFT filter's, a complex layer's): the guard
+    measures real tensors only (``Guard`` refuses them), so it is left unguarded, said once."""
+    found = next((p for g in optimizer.param_groups for p in g["params"] if p.is_complex()), None)
+    if found is None:
+        return False
+    zc._unguarded.add(optimizer)
+    zc._say(
+        f"{type(optimizer).__name__} steps complex parameters ({found.dtype}, shape {tuple(found.shape)}); "
+        "gradguard measures real tensors only, so this optimizer is not guarded and its steps run as without "
+        "gradguard. To guard it, store them as real tensors: nn.Parameter(torch.view_as_real(w)), viewed back "
+        "with torch.view_as_complex in forward."
+    )
+    return True
 
 
 def _rebuilt(zc: Any, optimizer: torch.optim.Optimizer, ids: set[int]) -> Session | None:

@@ -443,6 +443,10 @@ class ZeroCode:
         """What happened, in a few lines for the terminal."""
         if not self._order and self._stopped_in is not None:
             return f"gradguard: stopped guarding in {self._stopped_in} (above), before any step; no run log."
+        if not self._order and len(self._unguarded):
+            return (
+                "gradguard: no optimizer was guarded (said above why); the script ran as without gradguard."
+            )
         if not self._order:
             return "gradguard: no optimizer step was seen; nothing was guarded."
         return "\n".join(line for session in self._order for line in summary_lines(session))
