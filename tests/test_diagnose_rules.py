@@ -1166,3 +1166,14 @@ def test_a_loss_divided_by_the_dataset_size_is_named_not_only_the_rate() -> None
             meta,
             found,
         )
+
+
+def test_a_run_whose_guarding_stopped_on_an_internal_error_is_not_a_clean_run(tmp_path: Path) -> None:
+    """gradguard run stopped guarding at step 0 (its own error); the script went on unguarded and diagnose
+    read "No findings: the rules saw nothing wrong in this run" on 0 steps."""
+    stopped = {"where": "loss.backward()", "error": "RuntimeError: boom", "after_steps": 0}
+    with RunWriter(tmp_path / "run", meta={"guarding_stopped": stopped}) as w:
+        w.write_metrics([])
+    found = [f for f in diagnose(tmp_path / "run") if f.id == "incomplete_log"]
+    assert found and found[0].severity == "error", found
+    assert "stopped guarding after 0 step(s)" in found[0].message and "RuntimeError: boom" in found[0].message

@@ -1240,3 +1240,22 @@ def test_a_step_without_any_gradient_is_said_once() -> None:
     said = [w for w in caught if "no guarded parameter" in str(w.message)]
     assert len(said) == 1 and said[0].filename == __file__  # at the user's line, not gradguard's
     guard.close()
+
+
+def test_a_guard_measures_and_clips_gradients_made_with_create_graph(tmp_path: Path) -> None:
+    """``loss.backward(create_graph=True)`` then ``guard.step``: the measurement raised inside the user's
+    loop ("a view was created in no_grad mode and is being modified inplace")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, clip="norm:1", log_dir=tmp_path / "r")
+    for _ in range(3):
+        x = torch.randn(16, 4)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+        loss.backward(create_graph=True)
+        guard.step(loss)
+        for p in model.parameters():
+            p.grad = None
+    guard.close()
+    assert guard.step_count == 3 and guard.last_step_skipped is False

@@ -1408,3 +1408,35 @@ def test_an_optimizer_over_complex_parameters_is_left_unguarded_and_the_script_r
     assert (got.returncode, got.stdout) == (0, plain.stdout), got.stderr
     assert "Adam steps complex parameters (torch.complex64, shape (17,))" in got.stderr
     assert "view_as_real" in got.stderr and "no optimizer step was seen" not in got.stderr
+
+
+CREATE_GRAPH = textwrap.dedent(
+    """
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(12):
+        x = torch.randn(16, 4)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+        loss.backward(create_graph=True)  # a second-order method's gradients (AdaHessian style)
+        opt.step()
+        for p in model.parameters():
+            p.grad = None  # break the reference cycle create_graph makes
+    print("final", loss.item())
+    """
+)
+
+
+def test_gradients_made_with_create_graph_are_measured_and_the_script_unchanged(tmp_path: Path) -> None:
+    """backward(create_graph=True): the measurement's in-place copy of the norms raised "a view was created
+    in no_grad mode and is being modified inplace", guarding stopped at step 0 and diagnose read "No findings"."""
+    script = tmp_path / "hessian.py"
+    script.write_text(CREATE_GRAPH)
+    plain, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert (got.returncode, got.stdout) == (0, plain.stdout), got.stderr
+    assert "internal error" not in got.stderr, got.stderr
+    log = read_run(tmp_path / "run")
+    assert len(log.metrics) == 12 and all(r["grad_norm"] > 0 for r in log.metrics)

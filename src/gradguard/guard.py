@@ -846,7 +846,10 @@ class Guard:
             self._event(recurred)
             self._note_located(recurred)
         known = clip.known_norms(self.config.norm_type) if clip is not None else None  # the caller's norms
-        m = self._meter.measure(loss, self.monitor.next_rows, known=known)  # in the record's rows: no copies
+        with torch.no_grad():  # gradients made by backward(create_graph=True) require grad themselves
+            m = self._meter.measure(
+                loss, self.monitor.next_rows, known=known
+            )  # in the record's rows: no copies
         if clip is not None:
             clip.measured(m.total)  # a caller's clip that comes after this measurement (Lightning's)
         if not m.present:

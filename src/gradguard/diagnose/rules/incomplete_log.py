@@ -12,6 +12,9 @@
   ``sys.exit`` (``meta.json``'s ``ended_by``: the guard closed at interpreter exit, or ``gradguard
   run`` saw it), or it never closed its guard (``closed_at_exit``, ``info``): every record was
   written, but the run did not finish — a log that looks healthy is not a run that trained.
+* **Guarding stopped** (``error``): ``gradguard run`` hit an internal error in its own hooks and stopped
+  guarding (``meta.json``'s ``guarding_stopped``): the script went on, unmeasured and unguarded —
+  "No findings" on the steps before it would say nothing of the rest.
 * **Records missing** (``error``): a closed run whose ``meta.json`` counts more steps than its log
   holds, beyond what failed writes and resumes explain: ``metrics.jsonl`` was truncated, emptied or
   replaced (a copy cut short, a report written over it); "No findings" on what is left would pass a CI gate.
@@ -47,6 +50,7 @@ class Evidence:
     ended_by: str | None = None  # the exception (or signal) that ended the script
     at_exit: bool = False  # closed at interpreter exit: the script never closed the guard
     missing: tuple[int, int] | None = None  # (steps meta.json counts, steps the log holds): records gone
+    stopped: dict[str, Any] | None = None  # gradguard run stopped guarding (its internal error)
 
     @property
     def maybe_running(self) -> bool:
@@ -60,10 +64,12 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     ended = ended if isinstance(ended, str) and ended else None
     at_exit = f.log.meta.get("closed_at_exit") is True
     missing = _missing(f, gaps)
-    if not unclosed and not f.lost and not gaps and ended is None and not at_exit and missing is None:
+    stopped = f.log.meta.get("guarding_stopped")
+    stopped = stopped if isinstance(stopped, dict) else None
+    if not (unclosed or f.lost or gaps or ended or at_exit or missing or stopped):
         return None
     age = max(0.0, time.time() - f.modified) if f.modified is not None else None
-    return Evidence(unclosed, age, dict(f.lost), gaps, ended, at_exit, missing)
+    return Evidence(unclosed, age, dict(f.lost), gaps, ended, at_exit, missing, stopped)
 
 
 def _missing(f: Facts, gaps: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
@@ -119,6 +125,16 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             "Close the guard (or save its state) before the process stops; after a kill, the records up "
             "to the last flush are all there is (a smaller every= flushes more often)"
         )
+    if ev.stopped is not None:
+        parts.append(
+            f"gradguard stopped guarding after {ev.stopped.get('after_steps')} step(s): an internal error in "
+            f"{ev.stopped.get('where')} ({ev.stopped.get('error')}). The script went on unmeasured and unguarded: "
+            "this log covers the steps before it only."
+        )
+        advice.append(
+            "Report the error (gradguard's bug: the traceback it printed), and meanwhile guard the loop in code "
+            "(gradguard.Guard) or run without gradguard"
+        )
     if ev.missing is not None:
         counted, held = ev.missing
         parts.append(
@@ -146,8 +162,14 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["ended_by"] = ev.ended_by
     if ev.missing is not None:
         evidence["steps_counted"], evidence["steps_held"] = ev.missing
+    if ev.stopped is not None:
+        evidence["guarding_stopped"] = ev.stopped
     severity = (
-        "error" if ev.missing is not None else "warning" if ev.lost or ev.ended_by is not None else "info"
+        "error"
+        if ev.missing is not None or ev.stopped is not None
+        else "warning"
+        if ev.lost or ev.ended_by is not None
+        else "info"
     )
     rec = {"text": "; ".join(advice) + "."}
     message = " ".join(parts) + " The findings are about the records that were written."

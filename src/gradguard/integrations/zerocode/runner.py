@@ -423,12 +423,18 @@ class ZeroCode:
             self._say(message)
 
     def internal_error(self, where: str, error: BaseException) -> None:
-        """A bug in gradguard's own hooks: say so once and stop guarding; the script goes on."""
+        """A bug in gradguard's own hooks: say so once and stop guarding; the script goes on. Every run's
+        ``meta.json`` keeps it (``guarding_stopped``), where diagnose's ``incomplete_log`` says it."""
         self.stop(
             where,
             f"internal error in {where}; gradguard stops guarding this run, the script goes on:\n"
             + "".join(traceback.format_exception(error)).rstrip(),
         )
+        noted = {"where": where, "error": f"{type(error).__name__}: {error}"[:500]}
+        for session in self._order:
+            writer = session.guard.writer
+            if writer is not None and not session.guard.closed and "guarding_stopped" not in writer.meta:
+                writer.update_meta(guarding_stopped={**noted, "after_steps": session.guard.step_count})
 
     def stop(self, where: str, message: str) -> None:
         """Say ``message`` once and stop guarding (every hook and wrapper removed); the script goes on."""
