@@ -394,6 +394,33 @@ def test_growth_too_fast_for_the_norms_is_an_explosion_an_edge_is_the_op(
         assert "Lower the learning rate" not in text
 
 
+def test_a_float32_overflow_before_any_update_is_the_ops_not_the_learning_rate(tmp_path: Path) -> None:
+    """A CRF's hand-written ``log(exp(scores).sum(1))``: the sum overflows float32 at step 0 and every step
+    after (all skipped: the weights never moved). It read "the values grew: the learning rate is far too
+    high, try lr=0.001", and at 0.001 the same, one rate lower each time; then "compute it in float32"."""
+    rows = [
+        {
+            "step": s,
+            "loss": float("inf"),
+            "grad_norm": float("nan"),
+            "nonfinite": True,
+            "skipped": True,
+            "lr": 0.01,
+        }
+        for s in range(10)
+    ]
+    event = {"type": "nonfinite", "step": 0, "phase": "forward", "module": "crf", "op": "sum", "kind": "inf"}
+    with RunWriter(tmp_path / "run") as w:
+        w.write_metrics(rows)
+        w.write_events([{**event, "evidence": {"reason": "a value above the dtype's max (3.40282e+38)"}}])
+    top = headline(diagnose(tmp_path / "run"))
+    assert top is not None and top.id == "nonfinite_op", top
+    text = top.recommendation["text"]
+    assert (
+        "torch.logsumexp" in text and "learning rate" not in text and "compute this op in float32" not in text
+    )
+
+
 @pytest.mark.parametrize(("growth", "lr_first"), [(1.03, False), (1.15, True)])
 def test_an_overflow_after_the_weights_grew_asks_for_the_learning_rate_first(
     tmp_path: Path, growth: float, lr_first: bool
