@@ -111,11 +111,15 @@ def _positional_name(module: Any, position: int) -> str | None:
 
 def entering_role(op: str, args: Any, kwargs: Any, t: Tensor) -> str:
     """What ``t``, a tensor entering the loss code at ``op``, is: the ``target`` of a loss function,
-    a floating ``label`` of a cross-entropy (soft labels), or another ``loss input``."""
+    a floating ``label`` of a cross-entropy (soft labels), its ``class weights`` (``weight=``,
+    ``pos_weight=``), or another ``loss input``."""
     if _LOSS_OPS.search(op):
         target = args[1] if len(args) > 1 else (kwargs or {}).get("target")
         if target is t:
             return "label" if op == "cross_entropy" else "target"
+        weight = args[2] if len(args) > 2 else (kwargs or {}).get("weight")
+        if weight is t or (kwargs or {}).get("pos_weight") is t:
+            return "class weights"
     return "loss input"
 
 

@@ -27,6 +27,7 @@ _TENSOR_WORDS = {
     "target": "the target",
     "label": "the label",
     "loss input": "a tensor entering the loss code (a target or label)",
+    "class weights": "the loss's class weights (its weight= / pos_weight= argument)",
     "state": "the state carried from the previous step",
     "carried state": "the state carried from the previous step",
 }
@@ -112,6 +113,8 @@ def _confirmed(f: Facts, ev: Evidence) -> Finding:
     details = fields(e0.get("evidence"))
     if tensor in ("state", "carried state"):
         return _carried(ev, e0, details, evidence)
+    if tensor == "class weights":
+        return _class_weights(ev, e0, details, evidence)
     words = _TENSOR_WORDS.get(tensor, f"the tensor {tensor!r}")
     argument = details.get("argument") if isinstance(details.get("argument"), str) else None
     consumer = f" (into `{details['consumer']}`)" if details.get("consumer") else ""
@@ -178,6 +181,29 @@ def _carried(ev: Evidence, e0: dict[str, Any], details: dict[str, Any], evidence
         "torch.isfinite(h).all()) or at each sequence/episode boundary.",
         "on_nonfinite": "skip",
         "code": "if not torch.isfinite(h).all(): h = torch.zeros_like(h)",
+    }
+    return Finding("bad_data", "error", first, message, evidence, rec)
+
+
+def _class_weights(
+    ev: Evidence, e0: dict[str, Any], details: dict[str, Any], evidence: dict[str, Any]
+) -> Finding:
+    """The loss's class weights were non-finite: computed from class counts (1 / count, n / (k·count))
+    with a class that has no sample in the split — the data is fine, the weighting is not."""
+    first = ev.steps[0] if ev.steps else None
+    consumer = f" of `{details['consumer']}`" if details.get("consumer") else ""
+    message = (
+        f"Step {first if first is not None else '?'}: the class weights{consumer} (its weight= argument) held "
+        f"{e0.get('kind', 'non-finite values')} from the start: weights computed from class counts (1 / count, "
+        "normalised by their sum) are inf or NaN for a class with no sample in the training split. The inputs "
+        "and labels are not at fault."
+    )
+    rec = {
+        "text": "Compute the weights from counts clamped to at least 1 (counts.clamp_min(1), np.maximum(counts, 1)) "
+        "or give a class absent from the split weight 0; check with torch.isfinite(weight).all() before building "
+        "the loss.",
+        "on_nonfinite": "skip",
+        "code": "weight = 1.0 / counts.clamp_min(1); weight = weight / weight.sum()",
     }
     return Finding("bad_data", "error", first, message, evidence, rec)
 

@@ -48,7 +48,10 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         return None
     if events and _is_explosion_event(events[0]):
         return None
-    births = [e for e in f.births() if e.get("step") not in data_steps]
+    fed = _fed_bad_data(bad_data.event if bad_data is not None else None)
+    births = [
+        e for e in f.births() if e.get("step") not in data_steps and (e.get("op"), e.get("source")) != fed
+    ]
     event = _most_precise(births)
     if event is not None:
         return Evidence(event, sum(f.bad))
@@ -60,6 +63,15 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         return None
     kind = "nan" if math.isnan(f.loss[i]) else "inf"
     return Evidence(first or {"step": f.steps[i], "phase": None, "kind": kind}, sum(f.bad))
+
+
+def _fed_bad_data(event: dict[str, Any] | None) -> tuple[Any, Any] | None:
+    """The loss op (and its line) a non-finite tensor entered the loss code at (``bad_data``'s event: a
+    NaN class weight of ``cross_entropy``): a later step's birth there is that tensor again, not the op."""
+    if event is None:
+        return None
+    consumer = fields(event.get("evidence")).get("consumer")
+    return (consumer, event.get("source")) if isinstance(consumer, str) else None
 
 
 def _unreplayed_after_data(event: dict[str, Any], data_steps: set[int]) -> bool:
