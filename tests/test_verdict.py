@@ -231,6 +231,32 @@ def test_a_lone_step_whose_op_was_given_a_nan_stays_a_possible_bad_batch(tmp_pat
     assert any(f.id == "bad_data" and f.severity == "warning" for f in findings)
 
 
+def test_unlocated_lone_steps_after_a_located_op_are_that_op_not_bad_batches(tmp_path: Path) -> None:
+    """A Min-SNR weight's 0/0 located at step 3, then 20 more lone non-finite steps the replays no longer
+    reached (max_replays): they read as a second finding, "a lone non-finite step (20 in all) … a bad batch"."""
+    rows = [{"step": s, "loss": 1.0, "grad_norm": 1.0 + 0.01 * (s % 3)} for s in range(200)]
+    bad = [3, *range(10, 200, 9)]
+    for s in bad:
+        rows[s].update(loss=float("nan"), grad_norm=float("nan"), nonfinite=True, skipped=True)
+    birth = {
+        "type": "nonfinite",
+        "step": 3,
+        "phase": "loss",
+        "op": "div",
+        "kind": "nan",
+        "located_by": "replay",
+    }
+    later = [
+        {"type": "nonfinite", "step": s, "phase": "loss", "kind": "nan", "located_by": "norm"}
+        for s in bad[1:]
+    ]
+    with RunWriter(tmp_path / "run") as w:
+        w.write_metrics(rows)
+        w.write_events([{**birth, "evidence": {"reason": "division by zero"}}, *later])
+    findings = diagnose(tmp_path / "run")
+    assert [f.id for f in findings if f.severity != "info"] == ["nonfinite_op"], findings
+
+
 def test_bad_data_names_the_tensor_and_heads_the_verdict(tmp_path: Path) -> None:
     event = {"phase": "data", "tensor": "input", "kind": "nan", "located_by": "replay"}
     findings = diagnose(_lone_run(tmp_path / "data", event))

@@ -11,6 +11,7 @@ a softmax over a fully masked row or a division by a zero count is isolated too,
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from gradguard import optable
@@ -63,7 +64,10 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         return Evidence(steps, data_events[0], len(steps))
     bad = sum(f.bad)
     located = _op_fault_steps(f)
-    lone = sorted(i for i in f.lone if f.steps[i] not in located)
+    # after an op's located failure, an unlocated lone step is most likely that op again (the replays
+    # were spent: max_replays), not a bad batch (87 such steps of a located 0/0 read "a bad batch")
+    after = min(located, default=math.inf)
+    lone = sorted(i for i in f.lone if f.steps[i] not in located and f.steps[i] < after)
     if not lone or len(lone) < bad / 2:
         return None
     return Evidence([f.steps[i] for i in lone], None, bad)
