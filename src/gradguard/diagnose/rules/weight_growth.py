@@ -1,4 +1,6 @@
-"""``weight_growth``: a layer's weight norm grew ≥ 10× over its first measured value."""
+"""``weight_growth``: a layer's weight norm grew ≥ 10× over its first measured value — a warning where the
+run failed or did not train; in a run that trained (finite to a healthy end, its loss fell) an info: a
+layer initialised small (a CRF's transitions at 0.1, embeddings at 1e-3) grows while it learns."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name, sig
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import trained
 
 WEIGHT_GROWTH_FACTOR = 10.0  # a layer's weight norm over its first measured value
 
@@ -45,6 +48,16 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "text": "Weights growing by orders of magnitude go with a too-large learning rate and precede "
         "explosions: lower the LR, add weight decay (AdamW), and clip the global norm.",
     }
+    loss = trained(f)
+    if loss is not None:
+        message += (
+            f" The run trained (loss {fmt(loss.start)} → {fmt(loss.end)}) and stayed finite: a layer that started "
+            "small grows while it learns."
+        )
+        rec = {
+            "text": "Nothing to fix while the loss falls; if the norm keeps climbing on a longer run, add weight decay."
+        }
+        return Finding("weight_growth", "info", step, message, evidence, rec)
     return Finding("weight_growth", "warning", step, message, evidence, rec)
 
 
