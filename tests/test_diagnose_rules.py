@@ -960,6 +960,17 @@ def test_a_loss_that_blew_up_at_once_and_settled_above_its_first_value_did_not_t
     assert "from 4.67 at step 0" in found.message and found.recommendation["lr"] == 0.0002
 
 
+def test_a_loss_that_rose_at_the_start_and_came_back_to_its_first_value_did_not_train() -> None:
+    """A tiny GPT-2 at AdamW lr 0.5 with a 5-step warm-up (HF Trainer): the loss went 4.05 → 6.4 and
+    back to 4.04 (the healthy run reaches 3.64). The first steps' median (5.85, below 2× the first loss)
+    read as its start: "High update ratios, not a failure … Keep the learning rate that trained"."""
+    loss = [4.05, 4.6, 5.4, 6.4, 6.3, 6.1, 5.9, 5.85, 5.7, 5.6] + [4.04 + 0.01 * (s % 3) for s in range(140)]
+    ratios = [0.23] * 150
+    log = run([1.0] * 150, loss=loss, layer__a__update_ratio=ratios, layer__b__update_ratio=ratios)
+    found = conclude(log, "lr_too_high")
+    assert found is not None and found.severity == "warning", found
+
+
 def test_a_lone_loss_code_failure_under_gradguard_run_does_not_advise_gradguard_run() -> None:
     """A DQN's NaN reward at update 300 under `gradguard run`: the advice was "run the script under
     `gradguard run`, which watches the loss code" — the run it was reading."""

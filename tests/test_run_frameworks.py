@@ -146,3 +146,15 @@ def test_a_trainer_that_starts_its_own_ranks_is_not_guarded_half_and_does_not_ha
         "starts its other 1 process(es) itself" in got.stderr
         and "torchrun --nproc-per-node 2 -m gradguard run" in got.stderr
     )
+
+
+@pytest.mark.usefixtures("lightning")
+def test_hf_trainers_gradient_accumulation_is_not_called_summed(tmp_path: Path) -> None:
+    """HF Trainer (gradient_accumulation_steps=2) normalises its micro-batch losses itself (the token
+    count of the whole batch, or loss / steps in its backward): the loss code shows no factor, and a
+    diverging run read "each optimizer step follows 2 backward() calls whose losses are not divided by 2"."""
+    pytest.importorskip("transformers")
+    got = _run(tmp_path, str(SCRIPTS / "hf_trainer.py"), "--max-steps", "4")
+    assert got.returncode == 0, got.stderr[-3000:]
+    meta = read_run(tmp_path / "run", records=False).meta
+    assert meta["steps"] == 4 and "accumulation" not in meta, meta.get("accumulation")

@@ -35,7 +35,6 @@ INIT_AMPLIFIED = 100.0  # the product of gain / √2 over the layers this large:
 _SUMMED = (
     1.5  # micro-batches × the loss's factor this large: the accumulated losses were summed, not averaged
 )
-_BLEW_UP = 2.0  # the first steps' median this many times the first loss: it blew up at once (trained())
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 UPDATE_RATIO_AIM = 1e-2  # the update/weight ratio a rate estimated from the ratios aims at
 # ... after a failure: tune's candidates (2×, ½×, ¼× the estimate) then span ratios 0.06–0.0075 (at 1e-2,
@@ -118,8 +117,8 @@ def trained(f: Facts, loss: Ends | None = None) -> Ends | None:
     if loss is None:
         losses = f.loss_at(0, len(f.rows))
         loss = ends(losses)
-        if losses and losses[0] > 0 and loss.start >= _BLEW_UP * losses[0]:  # judged from before the blow-up
-            loss = dataclasses.replace(loss, start=losses[0])
+        if losses and 0 < losses[0] < loss.start:  # it rose at once (a warm-up to a rate too high): judged
+            loss = dataclasses.replace(loss, start=losses[0])  # from before the rise, not from its top
     fell = progress(loss)
     if at_uniform(f, loss.end):  # it ended where a uniform guess over its classes is: it learned nothing
         return None

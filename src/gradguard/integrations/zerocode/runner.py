@@ -14,6 +14,7 @@ import sys
 import traceback
 import weakref
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -44,6 +45,25 @@ __all__ = ["ZeroCode"]
 _RAISED: Any = object()  # on_return's ``out`` when the call raised (torch passes none)
 _PROBABILITY_STEPS = 3  # the backwards whose logits losses are checked for probabilities given
 _PROBABILITY_LATE = (25, 100)  # and these, once training moved the outputs (BCEWithLogits needs one)
+
+
+_FRAMEWORKS = ("accelerate.", "transformers.", "lightning.", "pytorch_lightning.")
+
+
+def _framework_caller() -> str | None:
+    """The trainer module that called ``backward()`` (HF Trainer, Accelerate, Lightning), if any: it
+    averages gradient accumulation's micro-batch losses itself (a loss normalised by the batch's token
+    count, ``loss / accumulation_steps`` in its ``backward``), where the loss code shows no factor.
+    A walk up the stack, at a step's first backward only."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return None
+        name = frame.f_globals.get("__name__", "")
+        if isinstance(name, str) and name.startswith(_FRAMEWORKS):
+            return name
+        frame = frame.f_back
+    return None
 
 
 def _meta_of(loss: LossDescription) -> dict[str, Any]:
@@ -225,7 +245,7 @@ class ZeroCode:
             if writer is None or session.guard.closed or described is None:
                 continue
             noted = _meta_of(described)
-            if session.micro_batches >= 2 and described.scale is not None:
+            if session.micro_batches >= 2 and described.scale is not None and described.framework is None:
                 noted["accumulation"] = {
                     "micro_batches": session.micro_batches,
                     "loss_scale": described.scale[0],
@@ -356,6 +376,7 @@ class ZeroCode:
                     self._watching.loss_terms(unscaled) or {},
                     self._watching.criteria(),
                     self._watching.loss_scale(unscaled),
+                    _framework_caller(),
                 )
                 self._first_loss = self._first_loss or self._described
             if self._backwards < _PROBABILITY_STEPS or self._backwards in _PROBABILITY_LATE:

@@ -55,6 +55,7 @@ class LossDescription:
     terms: dict[str, Any]
     criteria: list[dict[str, Any]]
     scale: tuple[float, str | None] | None
+    framework: str | None = None  # the trainer whose code called backward() (it averages accumulated losses)
 
 
 DESCRIBE_TRIES = 3  # a session's steps whose loss code is looked for, before it goes without
