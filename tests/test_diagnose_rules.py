@@ -1206,3 +1206,20 @@ def test_a_small_layer_that_grows_in_a_run_that_trained_is_not_a_warning(tmp_pat
         w.write_metrics(rows)
     found = [f for f in diagnose(tmp_path / "run") if f.id == "weight_growth"]
     assert [f.severity for f in found] == ["info"], found
+
+
+def test_a_divergence_after_a_jump_of_the_rate_advises_the_rate_before_it() -> None:
+    """A GAN's discriminator at Adam 1e-3 for 64 steps, then 2 (a ×2000 jump at an epoch boundary): its
+    loss climbed to 3e5 with the norm flat (Adam). The divergence advised "lr=0.2 (1/10 of the rate this
+    run failed at)", 200× the rate that trained; lr_too_high called the jump "a warm-up that never stops"."""
+    n = 120
+    loss = [0.7 - 0.001 * s for s in range(64)] + [0.64 * 1.25 ** (s - 63) for s in range(64, n)]
+    lr = [1e-3] * 64 + [2.0] * (n - 64)
+    log = run([1.0] * n, loss=loss, lr=lr, layer__d__update_ratio=[1e-3] * 64 + [0.3] * (n - 64))
+    diverged = conclude(log, "divergence")
+    assert diverged is not None and diverged.recommendation["lr"] == 0.001, diverged
+    assert "the rate before its jump at step 64" in diverged.recommendation["text"]
+    high = conclude(log, "lr_too_high")
+    assert (
+        high is not None and "rose from 0.001 to 2 at step 64, right before the loss climbed" in high.message
+    )

@@ -63,6 +63,12 @@ _DTYPE_FIX = (
     "compute this op in float32 (or autocast to bfloat16, whose range is float32's), or scale its input "
     "down (normalise the data; keep a GradScaler for fp16 gradients)"
 )
+_WIDE_FIX = (
+    "float32 (or bfloat16: the same range) is already the widest range here, so a wider dtype cannot help: the op's "
+    "inputs are near 3.4e38 — a sum or product of exponentials: compute it in log space "
+    "(torch.logsumexp(x, dim) for log(exp(x).sum(dim)), log_softmax, log-probabilities added instead of "
+    "probabilities multiplied), or scale its inputs down"
+)
 _DTYPE_MAX = "a value above the dtype's max ({:g})"
 _AT_ZERO = "{op} at 0 (infinite or undefined derivative)"
 _NEGATIVE = "{op} of a negative number"
@@ -485,7 +491,7 @@ def advice(op: str | None, why: str | None = None, cause: str | None = None) -> 
     """
     text = f"{why or ''} {cause or ''}".lower()
     if "dtype's max" in text or "65504" in text or "float16" in text:
-        fix = _AUTOCAST_FIX if "under autocast" in text else _DTYPE_FIX
+        fix = _AUTOCAST_FIX if "under autocast" in text else _WIDE_FIX if "e+38)" in text else _DTYPE_FIX
         return (str(why or "a value above float16's largest (65504)"), fix)
     if MASKED_NAN.lower() in text:
         return str(why), _WHERE_FIX

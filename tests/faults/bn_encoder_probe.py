@@ -40,14 +40,14 @@ for step in range(30):
 encoder.eval()
 for p in encoder.parameters():
     p.requires_grad_(False)
-probe = nn.Linear(8, 3)
-probe_opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+model = nn.Linear(8, 3)  # the probe
+probe_opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 for step in range(8):
     x = torch.randn(64, 16)
     y = torch.randint(0, 3, (64,))
     with torch.no_grad():
         features = encoder(x)
-    loss = nn.functional.cross_entropy(probe(features), y)
+    loss = nn.functional.cross_entropy(model(features), y)
     probe_opt.zero_grad()
     loss.backward()
     probe_opt.step()

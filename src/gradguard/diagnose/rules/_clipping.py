@@ -35,6 +35,8 @@ INIT_AMPLIFIED = 100.0  # the product of gain / √2 over the layers this large:
 _SUMMED = (
     1.5  # micro-batches × the loss's factor this large: the accumulated losses were summed, not averaged
 )
+LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth (lr_jump)
+_JUMP_LOOKBACK = 10  # steps before the onset an LR increase is looked for
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 UPDATE_RATIO_AIM = 1e-2  # the update/weight ratio a rate estimated from the ratios aims at
 # ... after a failure: tune's candidates (2×, ½×, ¼× the estimate) then span ratios 0.06–0.0075 (at 1e-2,
@@ -449,6 +451,17 @@ def ratio_lr(lr: float, ratio: float, aim: float = UPDATE_RATIO_AIM) -> float:
     return sig(lr * min(0.5, aim / ratio), 1)
 
 
+def lr_jump(f: Facts, end: int, lookback: int = _JUMP_LOOKBACK) -> tuple[int, float, float] | None:
+    """A step change of the LR (≥ 2× from an LR that held) in the ``lookback`` steps before row ``end``
+    (the onset of the climb): ``(step, rate before, rate after)``."""
+    for i in range(max(1, end - lookback + 1), min(end + 2, len(f.rows))):
+        before, prev, now = f.lr[i - 2] if i >= 2 else math.nan, f.lr[i - 1], f.lr[i]
+        held = math.isfinite(before) and math.isclose(before, prev, rel_tol=1e-6)
+        if held and prev > 0 and math.isfinite(now) and now >= LR_JUMP * prev:
+            return f.steps[i], prev, now
+    return None
+
+
 def lower_lr(f: Facts, factor: float = 10.0) -> dict[str, Any]:
     """:func:`lr_advice` for "lower the learning rate": ``1/factor`` of the rate the run failed at —
     or lower, where the steps before the failure moved the layers (their median) by ≥
@@ -459,8 +472,11 @@ def lower_lr(f: Facts, factor: float = 10.0) -> dict[str, Any]:
     failed = failed_lr(f)
     if failed is None:
         return lr_advice(f, None, "")
-    estimate, why = sig(failed / factor, 1), f"1/{factor:g} of the rate this run failed at, {fmt(failed)}"
     end = f.index_of(f.healthy.onset_step) if f.healthy.onset_step is not None else f.trouble
+    jump = lr_jump(f, end, lookback=end + 1 if f.healthy.onset_step is None else _JUMP_LOOKBACK)
+    if jump is not None:  # the rate that held before it jumped trained: a tenth of the jump's rate may not
+        return lr_advice(f, sig(jump[1], 2), f"the rate before its jump at step {jump[0]}")
+    estimate, why = sig(failed / factor, 1), f"1/{factor:g} of the rate this run failed at, {fmt(failed)}"
     ratios = list(update_ratios(f, 0, end).values())
     moved = median(ratios) if ratios else 0.0
     if moved >= UPDATE_RATIO_HIGH and ratio_lr(failed, moved, _FAILED_AIM) < estimate:

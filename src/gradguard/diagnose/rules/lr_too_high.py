@@ -39,9 +39,11 @@ from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import ends, fmt, layer_name, median, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import (
+    LR_JUMP,
     UPDATE_RATIO_HIGH,
     lower_lr,
     lr_advice,
+    lr_jump,
     ratio_lr,
     trained,
     tuned,
@@ -49,8 +51,6 @@ from gradguard.diagnose.rules._clipping import (
     with_lr,
 )
 
-LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth
-_JUMP_LOOKBACK = 10  # steps before the onset an LR increase is looked for
 _RISING_MIN = 20  # fewest healthy steps to judge a warm-up that never stops
 _SMOOTH = 5  # rolling-median width for the loss
 _ZERO_INIT_RATIO = 1e3  # a first-step ratio this large is a tensor initialised at (near) zero
@@ -78,7 +78,10 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     per_layer = update_ratios(f, warm, end)
     worst = max(per_layer.items(), key=lambda kv: kv[1], default=None)
     high = worst if worst is not None and worst[1] >= UPDATE_RATIO_HIGH else None
-    jump = _lr_jump(f, end) if h.onset_step is not None else None
+    if h.onset_step is not None:
+        jump = lr_jump(f, end)
+    else:  # no climb of the norm (a finite divergence under Adam): a jump anywhere, in a run that did not train
+        jump = lr_jump(f, end, lookback=end + 1) if trained(f) is None else None
     rising = _still_rising(f)
     first = _first_step_scramble(f, warm)
     if not (high or jump or rising or first):
@@ -114,10 +117,9 @@ def scheduled(f: Facts, ev: Evidence) -> tuple[float, str, str] | None:
     otherwise. The one reading of it: this rule's advice and the explosion's."""
     if ev.jump is not None:
         at, before, after = ev.jump
-        did = (
-            f"the learning rate rose from {fmt(before)} to {fmt(after)} at step {at}, right before the norm "
-            f"started growing (step {f.healthy.onset_step})"
-        )
+        onset = f.healthy.onset_step
+        then = f"the norm started growing (step {onset})" if onset is not None else "the loss climbed"
+        did = f"the learning rate rose from {fmt(before)} to {fmt(after)} at step {at}, right before {then}"
         return sig(before, 2), f"the rate before its jump at step {at}", did
     if ev.rising is not None:
         at, lr_best, lr_last = ev.rising
@@ -126,16 +128,6 @@ def scheduled(f: Facts, ev: Evidence) -> tuple[float, str, str] | None:
             f"step {at}, and the loss climbed since: a warm-up that never stops"
         )
         return sig(lr_best, 2), f"the rate where the loss was best, step {at}: stop the warm-up there", did
-    return None
-
-
-def _lr_jump(f: Facts, end: int) -> tuple[int, float, float] | None:
-    """A step change of the LR (≥ 2× from an LR that held) in the steps before the onset."""
-    for i in range(max(1, end - _JUMP_LOOKBACK + 1), min(end + 2, len(f.rows))):
-        before, prev, now = f.lr[i - 2] if i >= 2 else math.nan, f.lr[i - 1], f.lr[i]
-        held = math.isfinite(before) and math.isclose(before, prev, rel_tol=1e-6)
-        if held and prev > 0 and math.isfinite(now) and now >= LR_JUMP * prev:
-            return f.steps[i], prev, now
     return None
 
 

@@ -60,7 +60,14 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     huge = update is not None and update[1] >= HUGE_UPDATE and update[2] >= event["step"] - LOOKBACK
     if wide is None and not huge:
         return None
+    if not huge and not _updated_before(f, event["step"]):
+        return None  # no step had changed the weights: the forward overflows at its start (nonfinite_op's)
     return Evidence(event, wide, update)
+
+
+def _updated_before(f: Facts, step: int) -> bool:
+    """Whether a finite (taken) step came before ``step``: the weights had moved since the start."""
+    return any(f.steps[i] < step and f.ok[i] for i in f.rows)
 
 
 def _wide_overflow(event: dict[str, Any]) -> float | None:
