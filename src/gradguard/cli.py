@@ -226,15 +226,22 @@ def _tune(args: argparse.Namespace) -> int:
     return EXIT_OK if result.recommended is not None else EXIT_FINDINGS
 
 
-def _positive(part: str, expected: str, what: str) -> float:
-    """One item of a comma-separated list (``_thresholds``, ``_rates``): a positive finite number."""
+def _positive(part: str, expected: str, what: str, fix: str = "") -> float:
+    """A positive finite number (one item of ``_thresholds``, ``_rates``; ``_seconds``); ``what`` names
+    it in the error, ``fix`` ends the error."""
     try:
         value = float(part)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {part!r}") from None
     if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"every {what} must be a positive finite number, got {part!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be a positive finite number, got {part!r}{fix}")
     return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: ``--timeout`` seconds, a positive finite number."""
+    fix = "; it is how long one trial may run (e.g. 600), leave --timeout out for no limit"
+    return _positive(text.strip(), "a number of seconds, e.g. 600", "the timeout", fix)
 
 
 def _thresholds(text: str) -> list[float | None]:
@@ -245,7 +252,7 @@ def _thresholds(text: str) -> list[float | None]:
         if part.lower() == "none":
             out.append(None)
             continue
-        out.append(_positive(part, "numbers or none separated by commas", "threshold"))
+        out.append(_positive(part, "numbers or none separated by commas", "every threshold"))
     return out
 
 
@@ -256,7 +263,7 @@ def _rates(text: str) -> list[float] | str:
     out: list[float] = []
     for part in text.split(","):
         expected = "learning rates separated by commas (e.g. 1e-3,3e-4) or auto"
-        out.append(_positive(part.strip(), expected, "learning rate"))
+        out.append(_positive(part.strip(), expected, "every learning rate"))
     return out
 
 
@@ -311,7 +318,11 @@ def _add_tune_parser(sub: Any) -> None:
     )
     tune.add_argument("--out", default=None, metavar="DIR", help="the folder of the trials' run directories")
     tune.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="give up on a trial after S seconds"
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="give up on a trial after S seconds; a trial that timed out is not judged (default: no limit)",
     )
     _add_script_arguments(tune, _tune)
 
