@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -504,8 +505,18 @@ def _add_run_parser(sub: Any) -> None:
     _add_script_arguments(run, _run)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, reading every word that starts with a minus and a digit (``-1e-3``, ``-0.5,1``) as a
+    value, not an unknown flag (argparse's own rule takes only ``-1`` and ``-1.5``): a negative
+    ``--lr`` then gets gradguard's own refusal, not "expected one argument" (Python 3.13's rule)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradguard", description="Find, explain and stop exploding gradients and NaN losses."
     )
     sub = parser.add_subparsers(dest="command", required=True)
