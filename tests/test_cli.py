@@ -165,3 +165,28 @@ def test_run_and_demo_report_only_a_missing_torch_as_such(
     monkeypatch.setitem(sys.modules, "gradguard.demos", None)  # import gradguard.demos → ModuleNotFoundError
     with pytest.raises(ModuleNotFoundError, match=r"gradguard\.demos"):
         main(["demo", "rnn", "--out", str(tmp_path / "demo")])
+
+
+def _help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
+    """The exit code of a command that argparse ends, and what it printed (lines joined)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, " ".join((out.out + out.err).split())
+
+
+def test_help_shows_what_is_optional_the_version_and_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """Field test: `gradguard run` said ARGS was required, there was no --version, `demo --help` had no
+    description, and `tune --help` did not give the defaults of --timeout and --out."""
+    from gradguard import __version__
+
+    code, text = _help(["run"], capsys)
+    assert code == 2 and "required: SCRIPT" in text and "ARGS" not in text.split("error:")[1], text
+    for command in ("run", "tune"):
+        assert "SCRIPT [ARGS ...]" in _help([command, "--help"], capsys)[1]
+    assert _help(["--version"], capsys) == (0, f"gradguard {__version__}")
+    code, text = _help(["demo", "--help"], capsys)
+    assert code == 0 and "really diverge" in text and "Exit codes" in text
+    text = _help(["tune", "--help"], capsys)[1]
+    assert "--timeout S give up on a trial after S seconds" in text and "(default: no limit)" in text
+    assert "(default: gradguard-runs/<time>-tune-<script>)" in text

@@ -39,6 +39,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gradguard._version import __version__
 from gradguard.errors import GradGuardError
 from gradguard.safetext import safe_text
 
@@ -272,7 +273,10 @@ def _add_script_arguments(parser: argparse.ArgumentParser, func: Callable[[argpa
     """What ``run`` and ``tune`` end with: ``SCRIPT [ARGS...]`` (the script's arguments kept as they
     are) and the command's function."""
     parser.add_argument("script", metavar="SCRIPT", help="the training script")
-    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    rest = parser.add_argument(
+        "args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments (optional)"
+    )
+    rest.required = False  # argparse requires a positional REMAINDER: "required: SCRIPT, ARGS"
     parser.set_defaults(func=func)
 
 
@@ -317,7 +321,12 @@ def _add_tune_parser(sub: Any) -> None:
         metavar="RUN_DIR",
         help="a run directory of this script: candidates from its healthy norms; tune.json written there",
     )
-    tune.add_argument("--out", default=None, metavar="DIR", help="the folder of the trials' run directories")
+    tune.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="the folder of the trials' run directories (default: gradguard-runs/<time>-tune-<script>)",
+    )
     tune.add_argument(
         "--timeout",
         type=_seconds,
@@ -511,20 +520,40 @@ class _Parser(argparse.ArgumentParser):
     ``--lr`` then gets gradguard's own refusal, not "expected one argument" (Python 3.13's rule)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, the script's own arguments shown optional: ``SCRIPT [ARGS ...]``."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == argparse.REMAINDER:
+            return f"[{self._metavar_formatter(action, default_metavar)(1)[0]} ...]"
+        return super()._format_args(action, default_metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gradguard", description="Find, explain and stop exploding gradients and NaN losses."
     )
+    parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded scenarios that really diverge")
+    demo = sub.add_parser(
+        "demo",
+        help="run the embedded scenarios that really diverge",
+        description="Train two small problems that really diverge (rnn, deepsad), each in several "
+        "configurations side by side (unclipped, over-clipped, the recommended threshold...), under "
+        "gradguard.Guard; diagnose every run, print a summary table and write one report.html. Exit codes: "
+        "0 every configuration ran and the report was written, 1 the report could not be written (plotly "
+        "missing), 2 an unknown scenario, an --out that is a file or a folder that is not empty, or no PyTorch.",
+    )
     demo.add_argument("name", nargs="?", default=None, help="one scenario: rnn or deepsad (default: both)")
     demo.add_argument(
         "--out",
         default=None,
+        metavar="DIR",
         help="a new folder for the demo's run directories (default gradguard-runs/<time>-demo)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and data order (default 0)")
