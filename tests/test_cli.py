@@ -134,6 +134,21 @@ def test_report_never_replaces_a_file_that_is_not_a_report(
         assert "refusing to replace" in capsys.readouterr().err and target.read_bytes() == before
 
 
+def test_report_refuses_an_out_that_is_not_an_html_file(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test: `report RUN -o plot.png` (or `-o myreport`) wrote HTML under that name, exit 0."""
+    run = runs / "20250101-000002-too-high-lr"
+    for name, ends in (("plot.png", "ends in '.png'"), ("myreport", "has no suffix")):
+        assert main(["report", str(run), "-o", str(tmp_path / name)]) == EXIT_USAGE
+        err = " ".join(capsys.readouterr().err.split())
+        assert ends in err and "pass a file ending in .html" in err, err
+        assert not (tmp_path / name).exists() and not (run / REPORT_FILE).exists()
+    for name in ("r.HTML", "r.htm"):
+        assert main(["report", str(run), "-o", str(tmp_path / name)]) == EXIT_OK
+        assert (tmp_path / name).exists()
+
+
 def test_report_without_a_run_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "nope")]) == EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err

@@ -708,8 +708,10 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
         The path written.
 
     Raises:
-        GradGuardError: ``run`` holds no run, or plotly is missing.
+        GradGuardError: ``run`` holds no run, ``out`` is neither a folder nor a ``.html`` /
+            ``.htm`` file, or plotly is missing.
     """
+    _check_out(out)
     _plotly()
     src = Path(run)
     if src.is_dir() and not is_run_dir(src):
@@ -728,6 +730,21 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, text)
     return target
+
+
+def _check_out(out: str | os.PathLike[str] | None) -> None:
+    """Refuse an ``out`` that would hold HTML under another kind's name (``-o plot.png``): a file
+    must end in ``.html`` / ``.htm``; an existing folder gets its ``report.html``."""
+    if out is None or Path(out).is_dir():
+        return
+    path = Path(out)
+    if path.suffix.lower() in (".html", ".htm"):
+        return
+    ends = f"ends in {path.suffix!r}" if path.suffix else "has no suffix"
+    raise GradGuardError(
+        f"the report is an HTML page, but the output file {str(out)!r} {ends}: pass a file ending in .html "
+        f"(e.g. -o {path.with_suffix('.html')}) or an existing folder (its report.html is written)."
+    )
 
 
 # ============================================================================================
