@@ -14,6 +14,8 @@ import sys
 import typing
 from pathlib import Path
 
+import pytest
+
 from gradguard.cli import RUN_GUARD_OPTIONS, build_parser
 from gradguard.runlog import read_run
 
@@ -290,3 +292,38 @@ def test_a_module_of_a_package_runs_with_dash_m_as_python_runs_it(tmp_path: Path
     assert missing.returncode == 2 and "no module named 'mypkg.nothing'" in missing.stderr
     as_file = run("--out", str(tmp_path / "f"), "mypkg/train.py", "--steps", "5")
     assert as_file.returncode == 1 and "gradguard run -m package.module" in as_file.stderr, as_file.stderr
+
+
+def _refused(tmp_path: Path, *words: str) -> None:
+    """``gradguard run WORDS`` (in this process) exits 2 before the script ran (its stderr: the caller's capsys)."""
+    from gradguard.cli import main
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "tiny.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n" + TINY)
+    code = main(["run", "--out", str(tmp_path / "r"), "--no-report", *words, str(script)])
+    assert code == 2 and not marker.exists() and not (tmp_path / "r").exists()
+
+
+def test_run_refusals_name_the_flags_not_the_python_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test: `--monitor-only --clip norm:1` was told to pass `Guard(..., clip=None)`, and `--every 0`
+    read "every must be a positive int"."""
+    for words, fix in (
+        (("--monitor-only", "--clip", "norm:1"), "--clip none"),
+        (("--monitor-only", "--on-nonfinite", "skip"), "--on-nonfinite warn"),
+        (("--monitor-only", "--on-explosion", "recover"), "--on-explosion warn"),
+        (("--monitor-only", "--on-spike", "skip"), "--on-spike warn"),
+    ):
+        _refused(tmp_path, *words)
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"got {' '.join(words[1:])}" in err and fix in err and "drop --monitor-only" in err, err
+        assert "Guard(" not in err and "monitor_only" not in err and "clip=None" not in err, err
+    for words, said in (
+        (("--every", "0"), "--every must be a positive int; got 0."),
+        (("--max-rollbacks", "0"), "--max-rollbacks must be a positive int; got 0."),
+        (("--spike-z", "-1"), "--spike-z must be a finite number > 0; got -1.0."),
+    ):
+        _refused(tmp_path, *words)
+        assert f"gradguard: error: {said}" in capsys.readouterr().err

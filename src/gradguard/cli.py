@@ -174,6 +174,9 @@ def _run(args: argparse.Namespace) -> int:
         return _no_torch("run", e)
 
     options = {dest: getattr(args, dest) for dest in RUN_GUARD_OPTIONS if hasattr(args, dest)}
+    problem = _monitor_only_conflict(options)
+    if problem is not None:
+        return _fail(problem)
     if args.out is not None:
         options["out"] = args.out
         from pathlib import Path
@@ -195,8 +198,47 @@ def _run(args: argparse.Namespace) -> int:
         return run_script(
             args.script, list(args.args), report=not args.no_report, module=args.module, **options
         )
-    except GradGuardError as e:  # a bad option, refused when the first guard is made
-        return _fail(str(e))
+    except GradGuardError as e:  # a bad option, refused before the script starts
+        return _fail(_with_flag(str(e)))
+
+
+#: What ``--monitor-only`` leaves each flag that acts on a step (the Guard's rule, said with run's flags).
+_MONITOR_ONLY_ALLOWS: dict[str, tuple[str, ...]] = {
+    "clip": ("none",),
+    "on_nonfinite": ("warn", "raise"),
+    "on_spike": ("warn", "ignore"),
+    "on_explosion": ("warn", "ignore"),
+}
+
+
+def _flag(dest: str) -> str:
+    """The ``gradguard run`` flag of a Guard setting: ``on_nonfinite`` → ``--on-nonfinite``."""
+    return next(flag for flag, name, _ in _RUN_GUARD_FLAGS if name == dest)
+
+
+def _monitor_only_conflict(options: dict[str, Any]) -> str | None:
+    """Why ``--monitor-only`` cannot go with a flag given that acts on a step, said with the flags
+    (the Guard's own refusal names its Python arguments); ``None`` when nothing conflicts."""
+    if not options.get("monitor_only"):
+        return None
+    for dest, allowed in _MONITOR_ONLY_ALLOWS.items():
+        value = options.get(dest)
+        if value is not None and str(value).strip().lower() not in allowed:
+            flag = _flag(dest)
+            return (
+                f"--monitor-only never touches a step, so {flag} must be {' or '.join(allowed)} with it; got "
+                f"{flag} {value}. Drop {flag} {value} (or pass {flag} {allowed[0]}), or drop --monitor-only "
+                "to let gradguard act on the steps."
+            )
+    return None
+
+
+def _with_flag(message: str) -> str:
+    """A Guard's refusal of one setting, said with its ``run`` flag: "every must be …" → "--every must be …"."""
+    for flag, dest, _ in _RUN_GUARD_FLAGS:
+        if message.startswith(f"{dest} must "):
+            return flag + message[len(dest) :]
+    return message
 
 
 def _tune(args: argparse.Namespace) -> int:
