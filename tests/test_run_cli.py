@@ -322,8 +322,27 @@ def test_run_refusals_name_the_flags_not_the_python_arguments(
         assert "Guard(" not in err and "monitor_only" not in err and "clip=None" not in err, err
     for words, said in (
         (("--every", "0"), "--every must be a positive int; got 0."),
-        (("--max-rollbacks", "0"), "--max-rollbacks must be a positive int; got 0."),
+        (
+            ("--max-rollbacks", "0", "--on-nonfinite", "rollback"),
+            "--max-rollbacks must be a positive int; got 0.",
+        ),
         (("--spike-z", "-1"), "--spike-z must be a finite number > 0; got -1.0."),
     ):
         _refused(tmp_path, *words)
         assert f"gradguard: error: {said}" in capsys.readouterr().err
+
+
+def test_run_refuses_flags_that_would_be_ignored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Field test: `--lr-backoff 0.5` and `--snapshot-dir snaps` without a rollback policy, and
+    `--no-locate --max-replays 5`, were accepted and silently did nothing (no snaps/ written)."""
+    for words, said in (
+        (("--lr-backoff", "0.5"), "--lr-backoff acts only when gradguard rolls back"),
+        (("--snapshot-dir", str(tmp_path / "snaps"), "--on-nonfinite", "raise"), "--snapshot-dir acts only"),
+        (("--snapshot-every", "5", "--max-rollbacks", "2"), "--snapshot-every, --max-rollbacks act only"),
+        (("--no-locate", "--max-replays", "5"), "--no-locate turns locating off"),
+    ):
+        _refused(tmp_path, *words)
+        err = " ".join(capsys.readouterr().err.split())
+        assert said in err, err
+        assert ("add --on-nonfinite rollback" in err) != ("--no-locate" in words), err
+    assert not (tmp_path / "snaps").exists()

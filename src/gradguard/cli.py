@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         return _no_torch("run", e)
 
     options = {dest: getattr(args, dest) for dest in RUN_GUARD_OPTIONS if hasattr(args, dest)}
-    problem = _monitor_only_conflict(options)
+    problem = _monitor_only_conflict(options) or _flags_without_effect(options)
     if problem is not None:
         return _fail(problem)
     if args.out is not None:
@@ -230,6 +230,37 @@ def _monitor_only_conflict(options: dict[str, Any]) -> str | None:
                 f"{flag} {value}. Drop {flag} {value} (or pass {flag} {allowed[0]}), or drop --monitor-only "
                 "to let gradguard act on the steps."
             )
+    return None
+
+
+#: The settings of rollback snapshots: they act only where the guard keeps snapshots to restore.
+_ROLLBACK_SETTINGS = (
+    "snapshot_every",
+    "snapshot_dir",
+    "lr_backoff",
+    "min_lr",
+    "max_rollbacks",
+    "rollback_window",
+)
+
+
+def _flags_without_effect(options: dict[str, Any]) -> str | None:
+    """Why flags given would be ignored (rollback settings with no rollback, ``--max-replays`` with
+    ``--no-locate``), with the flag they need; ``None`` when each flag given acts."""
+    given = [_flag(dest) for dest in _ROLLBACK_SETTINGS if dest in options]
+    rolls_back = options.get("on_nonfinite") == "rollback" or options.get("on_explosion") == "recover"
+    if given and not rolls_back:
+        flags = ", ".join(given)
+        return (
+            f"{flags} {'acts' if len(given) == 1 else 'act'} only when gradguard rolls back, and this run never "
+            "does (neither --on-nonfinite rollback nor --on-explosion recover was given): add --on-nonfinite "
+            f"rollback (or --on-explosion recover), or drop {flags}."
+        )
+    if "max_replays" in options and options.get("locate") is False:
+        return (
+            "--max-replays bounds the replays that locate a bad step, and --no-locate turns locating off: "
+            "drop --no-locate to locate, or drop --max-replays."
+        )
     return None
 
 
