@@ -346,3 +346,40 @@ def test_run_refuses_flags_that_would_be_ignored(tmp_path: Path, capsys: pytest.
         assert said in err, err
         assert ("add --on-nonfinite rollback" in err) != ("--no-locate" in words), err
     assert not (tmp_path / "snaps").exists()
+
+
+def test_a_launcher_given_as_the_script_is_refused_with_the_command_that_guards_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test (distributed, 1d): `gradguard run torchrun --nproc_per_node=2 train.py` ran torchrun's
+    workers unguarded and only said "no optimizer step was seen"."""
+    from gradguard.cli import main
+
+    torchrun = tmp_path / "bin" / "torchrun"  # a launcher by its path, as `which torchrun` gives it
+    torchrun.parent.mkdir()
+    torchrun.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    out = str(tmp_path / "r")
+    for words, command in (
+        (
+            ["--clip", "auto", str(torchrun), "--nproc_per_node=2", "train.py", "--epochs", "1"],
+            f"{torchrun} --nproc_per_node=2 -m gradguard run --out {out} --clip auto train.py --epochs 1",
+        ),
+        (
+            ["torchrun", "--standalone", "train.py"],
+            f"torchrun --standalone -m gradguard run --out {out} train.py",
+        ),
+        (
+            ["accelerate", "launch", "--num_processes", "2", "train.py"],
+            f"accelerate launch --num_processes 2 -m gradguard run --out {out} train.py",
+        ),
+        (["deepspeed", "train.py"], f"deepspeed --module gradguard run --out {out} train.py"),
+        (
+            ["python", "train.py", "--lr", "1"],
+            f"gradguard run --out {out} train.py --lr 1",
+        ),  # the interpreter
+    ):
+        assert main(["run", "--out", out, *words]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert err.endswith(f": {command}"), err
+        assert "launcher" in err or "interpreter" in err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "r").exists()

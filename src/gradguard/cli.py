@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -168,6 +169,9 @@ def _html_file(path: os.PathLike[str]) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    launcher = None if args.module else _launcher(args)
+    if launcher is not None:  # before torch is imported: nothing of the launcher is run
+        return _fail(launcher)
     try:
         from gradguard.integrations.zerocode import run_script
     except ModuleNotFoundError as e:
@@ -200,6 +204,44 @@ def _run(args: argparse.Namespace) -> int:
         )
     except GradGuardError as e:  # a bad option, refused before the script starts
         return _fail(_with_flag(str(e)))
+
+
+#: Programs given as ``gradguard run``'s SCRIPT that start the script themselves: their name → (the words
+#: of the program before its options, the words that make it run a module). gradguard goes inside them.
+_LAUNCHERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "torchrun": ((), ("-m",)),
+    "accelerate": (("launch",), ("-m",)),
+    "deepspeed": ((), ("--module",)),
+}
+
+
+def _launcher(args: argparse.Namespace) -> str | None:
+    """Why SCRIPT is a launcher (``torchrun``, ``accelerate launch``, ``deepspeed``) or the Python
+    interpreter, not a training script, with the command that guards the run; ``None`` otherwise.
+    Under ``gradguard run`` a launcher starts the script in processes of its own, unguarded."""
+    name = os.path.basename(args.script)
+    words = list(args.args)
+    if re.fullmatch(r"python[0-9.]*(\.exe)?", name):
+        how, words = ["gradguard", "run"], words[words[:1] == ["-u"] :]
+        what = f"{name!r} is the Python interpreter, not a training script (gradguard run is Python); pass the script"
+    elif name in _LAUNCHERS and tuple(words[: len(head := _LAUNCHERS[name][0])]) == head:
+        module = _LAUNCHERS[name][1]
+        k = next((i for i, w in enumerate(words) if w.endswith(".py")), len(words))
+        how, words = [args.script, *words[:k], *module, "gradguard", "run"], words[k:]
+        what = (
+            f"{name} is a launcher, not a training script: under gradguard run its workers would train "
+            "unguarded; put gradguard inside the launcher"
+        )
+    else:
+        return None
+    return f"{what}: {shlex.join([*how, *_run_options(args), *(words or ['SCRIPT'])])}"
+
+
+def _run_options(args: argparse.Namespace) -> list[str]:
+    """The words of ``gradguard run``'s own options as typed (those before SCRIPT)."""
+    typed: list[str] = args.typed
+    end = len(typed) - len(args.args) - 1  # SCRIPT, then its REMAINDER
+    return typed[typed.index("run") + 1 : end]
 
 
 #: What ``--monitor-only`` leaves each flag that acts on a step (the Guard's rule, said with run's flags).
@@ -664,7 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    typed = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(typed)
+    args.typed = typed  # the words as typed: a refusal can spell the command to run instead
     if args.func not in (_demo, _diagnose, _report):  # run, tune: the script's own output, as it is
         return int(args.func(args) or 0)
     try:
