@@ -383,3 +383,34 @@ def test_a_launcher_given_as_the_script_is_refused_with_the_command_that_guards_
         assert err.endswith(f": {command}"), err
         assert "launcher" in err or "interpreter" in err
     assert not (tmp_path / "ran").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_folder_and_a_package_are_run_or_refused_as_python_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Field test: `gradguard run DIR` (DIR/__main__.py, which `python DIR` runs) said "no such script";
+    `-m pkg` (a package, no __main__) said "no module named 'pkg'"; `-m train.py` gave no hint."""
+    from gradguard.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__main__.py").write_text(TINY)
+    assert main(["run", "--out", str(tmp_path / "r"), "--no-report", "app"]) == 0, capsys.readouterr().err
+    assert len(read_run(tmp_path / "r").metrics) == 12
+    (tmp_path / "data").mkdir()
+    (tmp_path / "gg_nomain_pkg").mkdir()
+    (tmp_path / "gg_nomain_pkg" / "__init__.py").write_text("")
+    marker = tmp_path / "ran"
+    (tmp_path / "train.py").write_text(f"open({str(marker)!r}, 'w').close()\n")  # no __main__ guard
+    for words, said in (
+        (["data"], "'data' is a folder with no __main__.py, not a script; pass the training script in it"),
+        (["-m", "gg_nomain_pkg"], "'gg_nomain_pkg' is a package and cannot be directly executed"),
+        (
+            ["-m", "train.py"],
+            "pass -m train (the name without .py), or the file without -m: gradguard run train.py",
+        ),
+    ):
+        capsys.readouterr()
+        assert main(["run", "--out", str(tmp_path / "r2"), *words]) == 2
+        assert said in " ".join(capsys.readouterr().err.split())
+    assert not marker.exists() and not (tmp_path / "r2").exists()  # train.py was not imported to look

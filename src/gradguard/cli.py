@@ -178,7 +178,12 @@ def _run(args: argparse.Namespace) -> int:
         return _no_torch("run", e)
 
     options = {dest: getattr(args, dest) for dest in RUN_GUARD_OPTIONS if hasattr(args, dest)}
-    problem = _monitor_only_conflict(options) or _flags_without_effect(options)
+    script = _folder_main(args.script) if not args.module else args.script
+    problem = (
+        (_module_problem(script) if args.module else _folder_problem(script))
+        or _monitor_only_conflict(options)
+        or _flags_without_effect(options)
+    )
     if problem is not None:
         return _fail(problem)
     if args.out is not None:
@@ -199,11 +204,53 @@ def _run(args: argparse.Namespace) -> int:
     if args.quiet:
         options["live"] = False
     try:
-        return run_script(
-            args.script, list(args.args), report=not args.no_report, module=args.module, **options
-        )
+        return run_script(script, list(args.args), report=not args.no_report, module=args.module, **options)
     except GradGuardError as e:  # a bad option, refused before the script starts
         return _fail(_with_flag(str(e)))
+
+
+def _folder_main(script: str) -> str:
+    """A folder's ``__main__.py``, which ``python FOLDER`` runs (with the folder first on the path, as
+    gradguard run puts a script's folder); any other SCRIPT as it is."""
+    main = os.path.join(script, "__main__.py")
+    return main if os.path.isdir(script) and os.path.isfile(main) else script
+
+
+def _folder_problem(script: str) -> str | None:
+    """Why SCRIPT, a folder with no ``__main__.py``, is no script; ``None`` otherwise."""
+    if not os.path.isdir(script):
+        return None
+    return (
+        f"{script!r} is a folder with no __main__.py, not a script; pass the training script in it "
+        f"(gradguard run {os.path.join(script, 'train.py')} ARGS), or its package's module with -m."
+    )
+
+
+def _module_problem(name: str) -> str | None:
+    """Why ``-m NAME`` names no module ``python -m`` runs, where Python says more than "no module":
+    a file name (``train.py``: not imported, it would run unguarded) or a package with no ``__main__``."""
+    if name.endswith(".py"):
+        return (
+            f"-m takes a module name, not a file: {name!r}; pass -m {name[:-3].replace(os.sep, '.')} "
+            f"(the name without .py), or the file without -m: gradguard run {name}"
+        )
+    import importlib.util
+
+    sys.path.insert(0, os.getcwd())  # where python -m looks first
+    try:
+        spec = importlib.util.find_spec(name)
+        package = spec is not None and spec.submodule_search_locations is not None
+        runnable = not package or importlib.util.find_spec(f"{name}.__main__") is not None
+    except (ImportError, ValueError):
+        return None  # gradguard run says there is no such module
+    finally:
+        sys.path.pop(0)
+    if runnable:
+        return None
+    return (
+        f"{name!r} is a package and cannot be directly executed: it has no __main__.py (python -m {name} "
+        f"says the same); pass the module of it that trains, e.g. gradguard run -m {name}.train ARGS."
+    )
 
 
 #: Programs given as ``gradguard run``'s SCRIPT that start the script themselves: their name → (the words
