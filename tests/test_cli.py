@@ -134,6 +134,21 @@ def test_report_never_replaces_a_file_that_is_not_a_report(
         assert "refusing to replace" in capsys.readouterr().err and target.read_bytes() == before
 
 
+def test_report_refuses_an_out_that_is_not_an_html_file(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test: `report RUN -o plot.png` (or `-o myreport`) wrote HTML under that name, exit 0."""
+    run = runs / "20250101-000002-too-high-lr"
+    for name, ends in (("plot.png", "ends in '.png'"), ("myreport", "has no suffix")):
+        assert main(["report", str(run), "-o", str(tmp_path / name)]) == EXIT_USAGE
+        err = " ".join(capsys.readouterr().err.split())
+        assert ends in err and "pass a file ending in .html" in err, err
+        assert not (tmp_path / name).exists() and not (run / REPORT_FILE).exists()
+    for name in ("r.HTML", "r.htm"):
+        assert main(["report", str(run), "-o", str(tmp_path / name)]) == EXIT_OK
+        assert (tmp_path / name).exists()
+
+
 def test_report_without_a_run_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "nope")]) == EXIT_USAGE
     assert "does not exist" in capsys.readouterr().err
@@ -165,3 +180,28 @@ def test_run_and_demo_report_only_a_missing_torch_as_such(
     monkeypatch.setitem(sys.modules, "gradguard.demos", None)  # import gradguard.demos → ModuleNotFoundError
     with pytest.raises(ModuleNotFoundError, match=r"gradguard\.demos"):
         main(["demo", "rnn", "--out", str(tmp_path / "demo")])
+
+
+def _help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str]:
+    """The exit code of a command that argparse ends, and what it printed (lines joined)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, " ".join((out.out + out.err).split())
+
+
+def test_help_shows_what_is_optional_the_version_and_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """Field test: `gradguard run` said ARGS was required, there was no --version, `demo --help` had no
+    description, and `tune --help` did not give the defaults of --timeout and --out."""
+    from gradguard import __version__
+
+    code, text = _help(["run"], capsys)
+    assert code == 2 and "required: SCRIPT" in text and "ARGS" not in text.split("error:")[1], text
+    for command in ("run", "tune"):
+        assert "SCRIPT [ARGS ...]" in _help([command, "--help"], capsys)[1]
+    assert _help(["--version"], capsys) == (0, f"gradguard {__version__}")
+    code, text = _help(["demo", "--help"], capsys)
+    assert code == 0 and "really diverge" in text and "Exit codes" in text
+    text = _help(["tune", "--help"], capsys)[1]
+    assert "--timeout S give up on a trial after S seconds" in text and "(default: no limit)" in text
+    assert "(default: gradguard-runs/<time>-tune-<script>)" in text

@@ -14,6 +14,8 @@ import sys
 import typing
 from pathlib import Path
 
+import pytest
+
 from gradguard.cli import RUN_GUARD_OPTIONS, build_parser
 from gradguard.runlog import read_run
 
@@ -290,3 +292,125 @@ def test_a_module_of_a_package_runs_with_dash_m_as_python_runs_it(tmp_path: Path
     assert missing.returncode == 2 and "no module named 'mypkg.nothing'" in missing.stderr
     as_file = run("--out", str(tmp_path / "f"), "mypkg/train.py", "--steps", "5")
     assert as_file.returncode == 1 and "gradguard run -m package.module" in as_file.stderr, as_file.stderr
+
+
+def _refused(tmp_path: Path, *words: str) -> None:
+    """``gradguard run WORDS`` (in this process) exits 2 before the script ran (its stderr: the caller's capsys)."""
+    from gradguard.cli import main
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "tiny.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n" + TINY)
+    code = main(["run", "--out", str(tmp_path / "r"), "--no-report", *words, str(script)])
+    assert code == 2 and not marker.exists() and not (tmp_path / "r").exists()
+
+
+def test_run_refusals_name_the_flags_not_the_python_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test: `--monitor-only --clip norm:1` was told to pass `Guard(..., clip=None)`, and `--every 0`
+    read "every must be a positive int"."""
+    for words, fix in (
+        (("--monitor-only", "--clip", "norm:1"), "--clip none"),
+        (("--monitor-only", "--on-nonfinite", "skip"), "--on-nonfinite warn"),
+        (("--monitor-only", "--on-explosion", "recover"), "--on-explosion warn"),
+        (("--monitor-only", "--on-spike", "skip"), "--on-spike warn"),
+    ):
+        _refused(tmp_path, *words)
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"got {' '.join(words[1:])}" in err and fix in err and "drop --monitor-only" in err, err
+        assert "Guard(" not in err and "monitor_only" not in err and "clip=None" not in err, err
+    for words, said in (
+        (("--every", "0"), "--every must be a positive int; got 0."),
+        (
+            ("--max-rollbacks", "0", "--on-nonfinite", "rollback"),
+            "--max-rollbacks must be a positive int; got 0.",
+        ),
+        (("--spike-z", "-1"), "--spike-z must be a finite number > 0; got -1.0."),
+    ):
+        _refused(tmp_path, *words)
+        assert f"gradguard: error: {said}" in capsys.readouterr().err
+
+
+def test_run_refuses_flags_that_would_be_ignored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Field test: `--lr-backoff 0.5` and `--snapshot-dir snaps` without a rollback policy, and
+    `--no-locate --max-replays 5`, were accepted and silently did nothing (no snaps/ written)."""
+    for words, said in (
+        (("--lr-backoff", "0.5"), "--lr-backoff acts only when gradguard rolls back"),
+        (("--snapshot-dir", str(tmp_path / "snaps"), "--on-nonfinite", "raise"), "--snapshot-dir acts only"),
+        (("--snapshot-every", "5", "--max-rollbacks", "2"), "--snapshot-every, --max-rollbacks act only"),
+        (("--no-locate", "--max-replays", "5"), "--no-locate turns locating off"),
+    ):
+        _refused(tmp_path, *words)
+        err = " ".join(capsys.readouterr().err.split())
+        assert said in err, err
+        assert ("add --on-nonfinite rollback" in err) != ("--no-locate" in words), err
+    assert not (tmp_path / "snaps").exists()
+
+
+def test_a_launcher_given_as_the_script_is_refused_with_the_command_that_guards_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test (distributed, 1d): `gradguard run torchrun --nproc_per_node=2 train.py` ran torchrun's
+    workers unguarded and only said "no optimizer step was seen"."""
+    from gradguard.cli import main
+
+    torchrun = tmp_path / "bin" / "torchrun"  # a launcher by its path, as `which torchrun` gives it
+    torchrun.parent.mkdir()
+    torchrun.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    out = str(tmp_path / "r")
+    for words, command in (
+        (
+            ["--clip", "auto", str(torchrun), "--nproc_per_node=2", "train.py", "--epochs", "1"],
+            f"{torchrun} --nproc_per_node=2 -m gradguard run --out {out} --clip auto train.py --epochs 1",
+        ),
+        (
+            ["torchrun", "--standalone", "train.py"],
+            f"torchrun --standalone -m gradguard run --out {out} train.py",
+        ),
+        (
+            ["accelerate", "launch", "--num_processes", "2", "train.py"],
+            f"accelerate launch --num_processes 2 -m gradguard run --out {out} train.py",
+        ),
+        (["deepspeed", "train.py"], f"deepspeed --module gradguard run --out {out} train.py"),
+        (
+            ["python", "train.py", "--lr", "1"],
+            f"gradguard run --out {out} train.py --lr 1",
+        ),  # the interpreter
+    ):
+        assert main(["run", "--out", out, *words]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert err.endswith(f": {command}"), err
+        assert "launcher" in err or "interpreter" in err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "r").exists()
+
+
+def test_a_folder_and_a_package_are_run_or_refused_as_python_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Field test: `gradguard run DIR` (DIR/__main__.py, which `python DIR` runs) said "no such script";
+    `-m pkg` (a package, no __main__) said "no module named 'pkg'"; `-m train.py` gave no hint."""
+    from gradguard.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__main__.py").write_text(TINY)
+    assert main(["run", "--out", str(tmp_path / "r"), "--no-report", "app"]) == 0, capsys.readouterr().err
+    assert len(read_run(tmp_path / "r").metrics) == 12
+    (tmp_path / "data").mkdir()
+    (tmp_path / "gg_nomain_pkg").mkdir()
+    (tmp_path / "gg_nomain_pkg" / "__init__.py").write_text("")
+    marker = tmp_path / "ran"
+    (tmp_path / "train.py").write_text(f"open({str(marker)!r}, 'w').close()\n")  # no __main__ guard
+    for words, said in (
+        (["data"], "'data' is a folder with no __main__.py, not a script; pass the training script in it"),
+        (["-m", "gg_nomain_pkg"], "'gg_nomain_pkg' is a package and cannot be directly executed"),
+        (
+            ["-m", "train.py"],
+            "pass -m train (the name without .py), or the file without -m: gradguard run train.py",
+        ),
+    ):
+        capsys.readouterr()
+        assert main(["run", "--out", str(tmp_path / "r2"), *words]) == 2
+        assert said in " ".join(capsys.readouterr().err.split())
+    assert not marker.exists() and not (tmp_path / "r2").exists()  # train.py was not imported to look

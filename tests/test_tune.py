@@ -196,6 +196,42 @@ def test_choose_stays_below_a_failure_and_none_when_nothing_trained() -> None:
     assert result.recommended is None and "None of the 1 candidates trained" in result.verdict()
 
 
+def test_a_trial_that_timed_out_is_said_so_and_drives_no_advice() -> None:
+    """``gradguard tune --timeout``: a trial killed before it recorded a step read "0 steps … loss did not
+    fall", counted as a rate that did not train ("lower the learning rate"), and as one that overshot."""
+    late = judge(4.0, None, [], [])  # what the script tuner judges a trial its timeout stopped
+    assert late.timed_out and not late.trained and late.outcome == "timed out (no step recorded)"
+    assert not judge(1.0, None, [math.nan], [1.0]).timed_out  # non-finite at step 0 is judged
+    assert Trial.from_dict(json.loads(json.dumps(late.as_dict()))).timed_out  # as tune.json keeps it
+    every = TuneResult([late, judge(2.0, None, [], [])], 20, source="script")
+    assert every.recommended is None
+    assert "2 of the 2 trials timed out" in every.verdict() and "--timeout" in every.verdict()
+    assert "learning rate" not in every.verdict()
+    assert "timed out (no step recorded)" in every.summary()
+    # below an explosion at 8, a timed-out 4 is no overshoot: 2 (within the edge) stays the advice
+    fell = [2.0] + [1.0] * 19
+    trained = [judge(m, None, fell, [1.0] * 20) for m in (1.0, 2.0)]
+    blown = judge(8.0, None, [2.0] * 5 + [math.nan], [1.0] * 6)
+    assert choose([*trained, late, blown]) == trained[1]
+    some = TuneResult([*trained, late, blown], 20, source="script")
+    assert (
+        some.verdict().startswith("Verified: max_norm=2") and "1 of the 4 trials timed out" in some.verdict()
+    )
+
+
+def test_cli_tune_refuses_a_timeout_that_is_not_positive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(SystemExit) as e:
+            main(["tune", "--timeout", bad, "--out", str(tmp_path / "trials"), str(script)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "argument --timeout" in err and repr(bad) in err, err
+    assert not (tmp_path / "trials").exists()  # refused before any trial ran
+
+
 def test_a_loss_that_fell_by_less_than_its_batch_noise_did_not_train() -> None:
     """A model that only learned the targets' mean: 4.94 → ~4.6 where one batch's loss varies by ~1."""
     rng = random.Random(0)

@@ -205,6 +205,23 @@ def test_cli_tune_lr_refuses_bad_rates(capsys: pytest.CaptureFixture[str]) -> No
         ts.tune_script(str(SCRIPT), lrs=[0.1, -1.0])
 
 
+def test_cli_tune_reads_a_negative_number_as_a_value_and_refuses_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--lr -1e-3`` was argparse's "expected one argument" (a word starting with a minus read as a flag)."""
+    for flag, bad, what in (
+        ("--lr", "-1e-3", "every learning rate"),
+        ("--lr", "1e-3,-1e-4", "every learning rate"),
+        ("--max-norm", "-1e-1", "every threshold"),
+        ("--timeout", "-1e3", "the timeout"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["tune", flag, bad, str(SCRIPT)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "expected one argument" not in err, err
+        assert f"argument {flag}: {what} must be a positive finite number, got '{bad.split(',')[-1]}'" in err
+
+
 def test_the_rate_and_the_threshold_tunings_of_one_run_keep_each_other(tmp_path: Path) -> None:
     """diagnose prints a `gradguard tune` command for a threshold and one for the rates; the second
     run of either kept only its own trials in the run's tune.json, so diagnose asked for the first

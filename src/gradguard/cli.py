@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gradguard._version import __version__
 from gradguard.errors import GradGuardError
 from gradguard.safetext import safe_text
 
@@ -166,12 +169,23 @@ def _html_file(path: os.PathLike[str]) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    launcher = None if args.module else _launcher(args)
+    if launcher is not None:  # before torch is imported: nothing of the launcher is run
+        return _fail(launcher)
     try:
         from gradguard.integrations.zerocode import run_script
     except ModuleNotFoundError as e:
         return _no_torch("run", e)
 
     options = {dest: getattr(args, dest) for dest in RUN_GUARD_OPTIONS if hasattr(args, dest)}
+    script = _folder_main(args.script) if not args.module else args.script
+    problem = (
+        (_module_problem(script) if args.module else _folder_problem(script))
+        or _monitor_only_conflict(options)
+        or _flags_without_effect(options)
+    )
+    if problem is not None:
+        return _fail(problem)
     if args.out is not None:
         options["out"] = args.out
         from pathlib import Path
@@ -190,11 +204,161 @@ def _run(args: argparse.Namespace) -> int:
     if args.quiet:
         options["live"] = False
     try:
-        return run_script(
-            args.script, list(args.args), report=not args.no_report, module=args.module, **options
+        return run_script(script, list(args.args), report=not args.no_report, module=args.module, **options)
+    except GradGuardError as e:  # a bad option, refused before the script starts
+        return _fail(_with_flag(str(e)))
+
+
+def _folder_main(script: str) -> str:
+    """A folder's ``__main__.py``, which ``python FOLDER`` runs (with the folder first on the path, as
+    gradguard run puts a script's folder); any other SCRIPT as it is."""
+    main = os.path.join(script, "__main__.py")
+    return main if os.path.isdir(script) and os.path.isfile(main) else script
+
+
+def _folder_problem(script: str) -> str | None:
+    """Why SCRIPT, a folder with no ``__main__.py``, is no script; ``None`` otherwise."""
+    if not os.path.isdir(script):
+        return None
+    return (
+        f"{script!r} is a folder with no __main__.py, not a script; pass the training script in it "
+        f"(gradguard run {os.path.join(script, 'train.py')} ARGS), or its package's module with -m."
+    )
+
+
+def _module_problem(name: str) -> str | None:
+    """Why ``-m NAME`` names no module ``python -m`` runs, where Python says more than "no module":
+    a file name (``train.py``: not imported, it would run unguarded) or a package with no ``__main__``."""
+    if name.endswith(".py"):
+        return (
+            f"-m takes a module name, not a file: {name!r}; pass -m {name[:-3].replace(os.sep, '.')} "
+            f"(the name without .py), or the file without -m: gradguard run {name}"
         )
-    except GradGuardError as e:  # a bad option, refused when the first guard is made
-        return _fail(str(e))
+    import importlib.util
+
+    sys.path.insert(0, os.getcwd())  # where python -m looks first
+    try:
+        spec = importlib.util.find_spec(name)
+        package = spec is not None and spec.submodule_search_locations is not None
+        runnable = not package or importlib.util.find_spec(f"{name}.__main__") is not None
+    except (ImportError, ValueError):
+        return None  # gradguard run says there is no such module
+    finally:
+        sys.path.pop(0)
+    if runnable:
+        return None
+    return (
+        f"{name!r} is a package and cannot be directly executed: it has no __main__.py (python -m {name} "
+        f"says the same); pass the module of it that trains, e.g. gradguard run -m {name}.train ARGS."
+    )
+
+
+#: Programs given as ``gradguard run``'s SCRIPT that start the script themselves: their name → (the words
+#: of the program before its options, the words that make it run a module). gradguard goes inside them.
+_LAUNCHERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "torchrun": ((), ("-m",)),
+    "accelerate": (("launch",), ("-m",)),
+    "deepspeed": ((), ("--module",)),
+}
+
+
+def _launcher(args: argparse.Namespace) -> str | None:
+    """Why SCRIPT is a launcher (``torchrun``, ``accelerate launch``, ``deepspeed``) or the Python
+    interpreter, not a training script, with the command that guards the run; ``None`` otherwise.
+    Under ``gradguard run`` a launcher starts the script in processes of its own, unguarded."""
+    name = os.path.basename(args.script)
+    words = list(args.args)
+    if re.fullmatch(r"python[0-9.]*(\.exe)?", name):
+        how, words = ["gradguard", "run"], words[words[:1] == ["-u"] :]
+        what = f"{name!r} is the Python interpreter, not a training script (gradguard run is Python); pass the script"
+    elif name in _LAUNCHERS and tuple(words[: len(head := _LAUNCHERS[name][0])]) == head:
+        module = _LAUNCHERS[name][1]
+        k = next((i for i, w in enumerate(words) if w.endswith(".py")), len(words))
+        how, words = [args.script, *words[:k], *module, "gradguard", "run"], words[k:]
+        what = (
+            f"{name} is a launcher, not a training script: under gradguard run its workers would train "
+            "unguarded; put gradguard inside the launcher"
+        )
+    else:
+        return None
+    return f"{what}: {shlex.join([*how, *_run_options(args), *(words or ['SCRIPT'])])}"
+
+
+def _run_options(args: argparse.Namespace) -> list[str]:
+    """The words of ``gradguard run``'s own options as typed (those before SCRIPT)."""
+    typed: list[str] = args.typed
+    end = len(typed) - len(args.args) - 1  # SCRIPT, then its REMAINDER
+    return typed[typed.index("run") + 1 : end]
+
+
+#: What ``--monitor-only`` leaves each flag that acts on a step (the Guard's rule, said with run's flags).
+_MONITOR_ONLY_ALLOWS: dict[str, tuple[str, ...]] = {
+    "clip": ("none",),
+    "on_nonfinite": ("warn", "raise"),
+    "on_spike": ("warn", "ignore"),
+    "on_explosion": ("warn", "ignore"),
+}
+
+
+def _flag(dest: str) -> str:
+    """The ``gradguard run`` flag of a Guard setting: ``on_nonfinite`` → ``--on-nonfinite``."""
+    return next(flag for flag, name, _ in _RUN_GUARD_FLAGS if name == dest)
+
+
+def _monitor_only_conflict(options: dict[str, Any]) -> str | None:
+    """Why ``--monitor-only`` cannot go with a flag given that acts on a step, said with the flags
+    (the Guard's own refusal names its Python arguments); ``None`` when nothing conflicts."""
+    if not options.get("monitor_only"):
+        return None
+    for dest, allowed in _MONITOR_ONLY_ALLOWS.items():
+        value = options.get(dest)
+        if value is not None and str(value).strip().lower() not in allowed:
+            flag = _flag(dest)
+            return (
+                f"--monitor-only never touches a step, so {flag} must be {' or '.join(allowed)} with it; got "
+                f"{flag} {value}. Drop {flag} {value} (or pass {flag} {allowed[0]}), or drop --monitor-only "
+                "to let gradguard act on the steps."
+            )
+    return None
+
+
+#: The settings of rollback snapshots: they act only where the guard keeps snapshots to restore.
+_ROLLBACK_SETTINGS = (
+    "snapshot_every",
+    "snapshot_dir",
+    "lr_backoff",
+    "min_lr",
+    "max_rollbacks",
+    "rollback_window",
+)
+
+
+def _flags_without_effect(options: dict[str, Any]) -> str | None:
+    """Why flags given would be ignored (rollback settings with no rollback, ``--max-replays`` with
+    ``--no-locate``), with the flag they need; ``None`` when each flag given acts."""
+    given = [_flag(dest) for dest in _ROLLBACK_SETTINGS if dest in options]
+    rolls_back = options.get("on_nonfinite") == "rollback" or options.get("on_explosion") == "recover"
+    if given and not rolls_back:
+        flags = ", ".join(given)
+        return (
+            f"{flags} {'acts' if len(given) == 1 else 'act'} only when gradguard rolls back, and this run never "
+            "does (neither --on-nonfinite rollback nor --on-explosion recover was given): add --on-nonfinite "
+            f"rollback (or --on-explosion recover), or drop {flags}."
+        )
+    if "max_replays" in options and options.get("locate") is False:
+        return (
+            "--max-replays bounds the replays that locate a bad step, and --no-locate turns locating off: "
+            "drop --no-locate to locate, or drop --max-replays."
+        )
+    return None
+
+
+def _with_flag(message: str) -> str:
+    """A Guard's refusal of one setting, said with its ``run`` flag: "every must be …" → "--every must be …"."""
+    for flag, dest, _ in _RUN_GUARD_FLAGS:
+        if message.startswith(f"{dest} must "):
+            return flag + message[len(dest) :]
+    return message
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -226,15 +390,22 @@ def _tune(args: argparse.Namespace) -> int:
     return EXIT_OK if result.recommended is not None else EXIT_FINDINGS
 
 
-def _positive(part: str, expected: str, what: str) -> float:
-    """One item of a comma-separated list (``_thresholds``, ``_rates``): a positive finite number."""
+def _positive(part: str, expected: str, what: str, fix: str = "") -> float:
+    """A positive finite number (one item of ``_thresholds``, ``_rates``; ``_seconds``); ``what`` names
+    it in the error, ``fix`` ends the error."""
     try:
         value = float(part)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {part!r}") from None
     if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"every {what} must be a positive finite number, got {part!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be a positive finite number, got {part!r}{fix}")
     return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: ``--timeout`` seconds, a positive finite number."""
+    fix = "; it is how long one trial may run (e.g. 600), leave --timeout out for no limit"
+    return _positive(text.strip(), "a number of seconds, e.g. 600", "the timeout", fix)
 
 
 def _thresholds(text: str) -> list[float | None]:
@@ -245,7 +416,7 @@ def _thresholds(text: str) -> list[float | None]:
         if part.lower() == "none":
             out.append(None)
             continue
-        out.append(_positive(part, "numbers or none separated by commas", "threshold"))
+        out.append(_positive(part, "numbers or none separated by commas", "every threshold"))
     return out
 
 
@@ -256,7 +427,7 @@ def _rates(text: str) -> list[float] | str:
     out: list[float] = []
     for part in text.split(","):
         expected = "learning rates separated by commas (e.g. 1e-3,3e-4) or auto"
-        out.append(_positive(part.strip(), expected, "learning rate"))
+        out.append(_positive(part.strip(), expected, "every learning rate"))
     return out
 
 
@@ -264,7 +435,10 @@ def _add_script_arguments(parser: argparse.ArgumentParser, func: Callable[[argpa
     """What ``run`` and ``tune`` end with: ``SCRIPT [ARGS...]`` (the script's arguments kept as they
     are) and the command's function."""
     parser.add_argument("script", metavar="SCRIPT", help="the training script")
-    parser.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments")
+    rest = parser.add_argument(
+        "args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's own arguments (optional)"
+    )
+    rest.required = False  # argparse requires a positional REMAINDER: "required: SCRIPT, ARGS"
     parser.set_defaults(func=func)
 
 
@@ -309,9 +483,18 @@ def _add_tune_parser(sub: Any) -> None:
         metavar="RUN_DIR",
         help="a run directory of this script: candidates from its healthy norms; tune.json written there",
     )
-    tune.add_argument("--out", default=None, metavar="DIR", help="the folder of the trials' run directories")
     tune.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="give up on a trial after S seconds"
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="the folder of the trials' run directories (default: gradguard-runs/<time>-tune-<script>)",
+    )
+    tune.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="give up on a trial after S seconds; a trial that timed out is not judged (default: no limit)",
     )
     _add_script_arguments(tune, _tune)
 
@@ -493,16 +676,46 @@ def _add_run_parser(sub: Any) -> None:
     _add_script_arguments(run, _run)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, reading every word that starts with a minus and a digit (``-1e-3``, ``-0.5,1``) as a
+    value, not an unknown flag (argparse's own rule takes only ``-1`` and ``-1.5``): a negative
+    ``--lr`` then gets gradguard's own refusal, not "expected one argument" (Python 3.13's rule)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, the script's own arguments shown optional: ``SCRIPT [ARGS ...]``."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.nargs == argparse.REMAINDER:
+            return f"[{self._metavar_formatter(action, default_metavar)(1)[0]} ...]"
+        return super()._format_args(action, default_metavar)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradguard", description="Find, explain and stop exploding gradients and NaN losses."
     )
+    parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded scenarios that really diverge")
+    demo = sub.add_parser(
+        "demo",
+        help="run the embedded scenarios that really diverge",
+        description="Train two small problems that really diverge (rnn, deepsad), each in several "
+        "configurations side by side (unclipped, over-clipped, the recommended threshold...), under "
+        "gradguard.Guard; diagnose every run, print a summary table and write one report.html. Exit codes: "
+        "0 every configuration ran and the report was written, 1 the report could not be written (plotly "
+        "missing), 2 an unknown scenario, an --out that is a file or a folder that is not empty, or no PyTorch.",
+    )
     demo.add_argument("name", nargs="?", default=None, help="one scenario: rnn or deepsad (default: both)")
     demo.add_argument(
         "--out",
         default=None,
+        metavar="DIR",
         help="a new folder for the demo's run directories (default gradguard-runs/<time>-demo)",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and data order (default 0)")
@@ -540,7 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    typed = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(typed)
+    args.typed = typed  # the words as typed: a refusal can spell the command to run instead
     if args.func not in (_demo, _diagnose, _report):  # run, tune: the script's own output, as it is
         return int(args.func(args) or 0)
     try:

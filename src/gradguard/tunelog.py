@@ -120,7 +120,7 @@ class Trial:
     Attributes:
         max_norm: the global-norm threshold tried (``None``: no clipping).
         lr: the learning rate tried (``None``: the optimizer's own).
-        steps: steps trained (fewer than planned when the trial went non-finite).
+        steps: steps trained (fewer than planned when the trial went non-finite; 0 when it timed out).
         loss_start: the first loss (before any update; the same for every candidate).
         loss_final: the mean of the last quarter of the finite losses.
         loss_min: the smallest finite loss.
@@ -160,6 +160,12 @@ class Trial:
         return not self.nonfinite and self.loss_final - self.loss_start > abs(self.loss_start)
 
     @property
+    def timed_out(self) -> bool:
+        """No step recorded and none non-finite: the script tuner's trial stopped by its timeout
+        (``gradguard tune --timeout``) before it was judged. It says nothing about its candidate."""
+        return self.steps == 0 and not self.nonfinite
+
+    @property
     def failed(self) -> bool:
         """Non-finite, exploded or diverged: looser candidates than this one are not safe."""
         return self.nonfinite or self.exploded or self.diverged
@@ -174,7 +180,9 @@ class Trial:
 
     @property
     def outcome(self) -> str:
-        """``trained``, ``non-finite at step N``, ``exploded`` or ``loss did not fall``."""
+        """``trained``, ``non-finite at step N``, ``exploded``, ``loss did not fall`` or ``timed out``."""
+        if self.timed_out:
+            return "timed out (no step recorded)"
         if self.nonfinite:
             return f"non-finite at step {self.nonfinite_step}"
         if self.exploded:
@@ -310,7 +318,9 @@ def _overshoots(t: Trial) -> bool:
 
 
 def choose(trials: Sequence[Trial]) -> Trial | None:
-    """The verified recommendation (see the module docstring); ``None`` when no trial trained."""
+    """The verified recommendation (see the module docstring); ``None`` when no trial trained.
+    A trial that timed out is no evidence either way: it is left out."""
+    trials = [t for t in trials if not t.timed_out]
     past = _past_valley(trials)  # learning rates past the valley count as overshooting
     ordered = sorted(trials, key=_looseness)
     k = next((i for i, t in enumerate(ordered) if t.failed or id(t) in past), len(ordered))
@@ -449,11 +459,15 @@ class TuneResult:
     def verdict(self) -> str:
         """One sentence: the verified recommendation, or that none of the candidates trained."""
         rec = self.recommended
+        late = self._timed_out()
         if rec is None:
+            ran = len(self.trials) - sum(t.timed_out for t in self.trials)
+            if not ran:
+                return late
             return (
-                f"None of the {len(self.trials)} candidates trained in {self.steps} steps (each went non-finite, "
+                f"None of the {ran} candidates trained in {self.steps} steps (each went non-finite, "
                 "exploded, diverged or its loss did not fall): lower the learning rate, then tune again."
-            )
+            ) + (f" {late}" if late else "")
         what = "no clipping" if rec.max_norm is None else f"max_norm={rec.max_norm:g}"
         lr = "" if rec.lr is None else f" at lr={rec.lr:g}"
         if rec.own_clip:  # only the learning rate was a candidate
@@ -464,6 +478,16 @@ class TuneResult:
         return (
             f"Verified: {what}{lr} trained for {rec.steps} steps (loss {rec.loss_start:.4g} → {rec.loss_final:.4g}, "
             f"clipped {rec.clip_rate:.0%}, no explosion, no non-finite step)."
+        ) + (f" {late}" if late else "")
+
+    def _timed_out(self) -> str:
+        """The sentence on the trials that timed out (not judged), or ``""``."""
+        late = sum(t.timed_out for t in self.trials)
+        if not late:
+            return ""
+        return (
+            f"{late} of the {len(self.trials)} trials timed out before they recorded a step, so they were not "
+            "judged: raise the timeout (gradguard tune --timeout S; none by default), then tune again."
         )
 
     def as_dict(self) -> dict[str, Any]:
