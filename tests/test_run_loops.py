@@ -1440,3 +1440,42 @@ def test_gradients_made_with_create_graph_are_measured_and_the_script_unchanged(
     assert "internal error" not in got.stderr, got.stderr
     log = read_run(tmp_path / "run")
     assert len(log.metrics) == 12 and all(r["grad_norm"] > 0 for r in log.metrics)
+
+
+INPUT_OPTIMISED = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)  # a frozen, pretrained network
+    x = torch.randn(1, 16).requires_grad_()  # the input is what is trained (style transfer, attacks)
+    opt = torch.optim.Adam([x], lr=0.05)
+    target = torch.tensor([2])
+    for step in range(30):
+        loss = nn.functional.cross_entropy(net(x), target)
+        if step == 10 and "--nan" in sys.argv:
+            loss = loss * float("nan")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print("final", round(loss.item(), 6), x.isfinite().all().item())
+    """
+)
+
+
+def test_an_optimizer_over_an_input_tensor_of_a_frozen_network_is_guarded(tmp_path: Path) -> None:
+    """Adam over a plain tensor (the image of a style transfer) through a frozen network: "internal error …
+    optimizer got an empty parameter list" (a hand-update session of the frozen model), then "cannot assign
+    'torch.FloatTensor' object to parameter 'x'"; gradguard stopped guarding, no run log."""
+    script = tmp_path / "attack.py"
+    script.write_text(INPUT_OPTIMISED)
+    plain, got = _plain(tmp_path, script), _run(tmp_path, script)
+    assert (got.returncode, got.stdout) == (0, plain.stdout), got.stderr
+    assert "internal error" not in got.stderr and "Adam on x: 30 steps, 0 skipped" in got.stderr, got.stderr
+    bad = gradguard_run(tmp_path, script, "--nan", out=tmp_path / "bad")
+    assert "Adam on x: 30 steps, 1 skipped" in bad.stderr and bad.stdout.endswith("True\n"), bad.stderr

@@ -7,6 +7,7 @@ Each function takes the runner (``zc``, typed ``Any``: runner.py imports this mo
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -177,15 +178,38 @@ class Union(nn.Module):
     ``log_std``, the members of an ``nn.ModuleDict`` called one by one. Never called: it names the
     layers (by the script's own names) and holds the parameters the guard measures."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._free: dict[str, Tensor] = {}  # plain tensors an optimizer steps (an input image), by name
+
     def forward(self, *args: Any) -> Any:
         raise GradGuardError("gradguard's Union of a script's models is never called.")
+
+    def add_free(self, name: str, t: Tensor) -> None:
+        """A tensor the optimizer steps that no model holds: a parameter is registered; a plain tensor
+        that requires grad (``x = img.clone().requires_grad_()``) is kept and named as one (wrapping it
+        in ``nn.Parameter`` would make another tensor, which never gets its gradient)."""
+        if isinstance(t, nn.Parameter):
+            self.register_parameter(name, t)
+        else:
+            self._free[name] = t
+
+    def named_parameters(  # type: ignore[override]
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, Any]]:
+        yield from super().named_parameters(prefix, recurse, remove_duplicate)
+        for name, t in self._free.items():
+            yield (f"{prefix}.{name}" if prefix else name), t
 
 
 def union_root(zc: Any, optimizer: torch.optim.Optimizer) -> Root | None:
     """A root for an optimizer whose parameters no called model owns alone: a module of the script
     that holds them all (an ``nn.ModuleDict`` called piece by piece), else the called models that
     hold some of them, and the rest as free parameters, in one :class:`Union` (kept among the
-    roots: alive, and found by later lookups). ``None`` when no called model holds any of them.
+    roots: alive, and found by later lookups); free parameters alone where they have gradients (an
+    input image optimised through a frozen network: style transfer, adversarial examples). ``None``
+    when no called model holds any of them and they have no gradient (an optimizer over the
+    parameters of a model the script replaced since).
     Its steps are measured, clipped and skipped like any; a bad step is located by the norms and
     the data (no one forward of the union is replayed)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -200,14 +224,14 @@ def union_root(zc: Any, optimizer: torch.optim.Optimizer) -> Root | None:
         m for r in zc._roots.values() if (m := r.model) is not None and ids & {id(p) for p in m.parameters()}
     ]
     models = [m for m in models if not any(m is not o and _inside(m, o) for o in models)]  # outermost only
-    if not models:
-        return None
+    if not models and not any(p.grad is not None for p in params):
+        return None  # (parameters of no model the script called, and no gradient: a stale optimizer)
     union = Union()
     for i, model in enumerate(models):
         union.add_module(_free_name(union, user_name_of(model, skip=3), f"model{i}"), model)
     owned = {id(p) for p in union.parameters()}
     for i, p in enumerate(p for p in params if id(p) not in owned):
-        union.register_parameter(_free_name(union, user_name_of(p, skip=3), f"param{i}"), p)
+        union.add_free(_free_name(union, user_name_of(p, skip=3), f"param{i}"), p)
     root = Root(union)
     root.union = union  # (the roots hold their modules weakly: this one nobody else holds)
     zc._roots[id(union)] = root
@@ -242,6 +266,8 @@ def manual_session(zc: Any, root: Root) -> Session | None:
     if model is None:
         return None
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return None  # a frozen model (its input is what an optimizer trains: style transfer)
     options = {**zc.options, "clip": None, "monitor_only": True}
     if options.get("on_nonfinite") != "raise":
         options["on_nonfinite"] = "warn"
