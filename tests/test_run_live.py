@@ -368,6 +368,24 @@ def test_a_blip_the_spike_rule_flags_after_a_quiet_start_is_not_said_live(
     assert "gradient norm spike at step 28 of SGD on Linear: 3.8, 6" in said and "× the median" in said, said
 
 
+def test_a_norm_after_steps_with_no_gradient_is_not_said_as_a_spike(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A triplet-margin loss met on most batches (gradient exactly 0): an ordinary 0.19 read "gradient norm
+    spike … 1.91e+29× the median of the steps before" — a median of 0 gives no scale."""
+    import torch
+    from torch import nn
+
+    from gradguard.integrations.zerocode.live import Live
+
+    model = nn.Linear(2, 1)
+    guard = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    seen = Live(enabled=True).flushed(guard)
+    met = [{"step": s, "grad_norm": 0.0 if s % 7 else 0.2, "spike": False} for s in range(40)]
+    seen([*met, {"step": 40, "grad_norm": 0.19, "spike": True}])
+    assert "gradient norm spike" not in capsys.readouterr().err
+
+
 def test_the_live_line_of_an_explosion_says_where_it_overflowed_as_the_summary_does(tmp_path: Path) -> None:
     script = _script(
         tmp_path,

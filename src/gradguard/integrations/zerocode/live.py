@@ -95,8 +95,9 @@ class Live:
                 norm = rec.get("grad_norm")
                 if not isinstance(norm, float) or not _finite(norm):
                     continue
-                if rec.get("spike") and recent:
-                    self._spike(guard, rec["step"], norm, norm / max(statistics.median(recent), 1e-30))
+                typical = statistics.median(recent) if recent else 0.0
+                if rec.get("spike") and typical > 0:  # (a median of 0: most steps had no gradient — a
+                    self._spike(guard, rec["step"], norm, norm / typical)  # hinge loss met — no scale to say)
                 recent.append(norm)
 
         return seen
