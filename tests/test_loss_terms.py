@@ -168,3 +168,38 @@ def test_each_optimizer_of_a_run_is_described_by_its_own_loss(tmp_path: Path) ->
     assert [(f["op"], f["classes"]) for f in p["loss_functions"]] == [("cross_entropy", 5)], p[
         "loss_functions"
     ]
+
+
+GAN_NEAR_ZERO = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+G = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
+D = nn.Sequential(nn.Linear(2, 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
+with torch.no_grad():
+    D[2].weight.mul_(0.02)
+    D[2].bias.fill_(0.05)  # the critic's logits start a little above 0: inside [0, 1] for a while
+opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+bce = nn.BCEWithLogitsLoss()
+for it in range(40):
+    real = torch.randn(64, 2) + 2
+    fake = G(torch.randn(64, 8))
+    d_loss = bce(D(real), torch.ones(64, 1)) + bce(D(fake.detach()), torch.zeros(64, 1))
+    opt_d.zero_grad(); d_loss.backward(); opt_d.step()
+    g_loss = bce(D(fake), torch.ones(64, 1))
+    opt_g.zero_grad(); g_loss.backward(); opt_g.step()
+"""
+
+
+def test_a_gans_logits_near_zero_early_are_not_called_probabilities(tmp_path: Path) -> None:
+    """BCEWithLogits on a discriminator's raw outputs, still in [0, 1] at iteration 12: the late check meant
+    for step 25 counted backward() calls (two per iteration) and came at iteration 12 — "given probabilities
+    on every step checked … remove the sigmoid" (there is none), an error on a healthy GAN."""
+    script = tmp_path / "gan.py"
+    script.write_text(GAN_NEAR_ZERO)
+    done = gradguard_run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    for path in (tmp_path / "run", tmp_path / "run" / "optimizer1"):
+        assert "loss_on_probabilities" not in read_run(path, records=False).meta

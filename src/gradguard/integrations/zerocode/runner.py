@@ -43,7 +43,9 @@ __all__ = ["ZeroCode"]
 
 # ----------------------------------------------------------------------------- the runner
 _RAISED: Any = object()  # on_return's ``out`` when the call raised (torch passes none)
-_PROBABILITY_STEPS = 3  # the backwards whose logits losses are checked for probabilities given
+_PROBABILITY_STEPS = (
+    3  # the steps (of each optimizer) whose logits losses are checked for probabilities given
+)
 _PROBABILITY_LATE = (25, 100)  # and these, once training moved the outputs (BCEWithLogits needs one)
 
 
@@ -261,10 +263,11 @@ class ZeroCode:
             {"op": op, "source": source or ""}
             for (op, source), checked in self._probabilities.items()
             if all(bool(flag) for _, flag in checked)
-            # logits in [0, 1] are a sigmoid's only once training moved them (a prior-bias init starts at 0.85)
+            # logits in [0, 1] are a sigmoid's only once 100 steps of training moved them (a prior-bias init
+            # starts at 0.85; a GAN critic at Adam 2e-4 was still in [0.03, 0.07] at its step 25)
             and (
                 op != "binary_cross_entropy_with_logits"
-                or max(at for at, _ in checked) >= _PROBABILITY_LATE[0]
+                or max(at for at, _ in checked) >= _PROBABILITY_LATE[-1]
             )
         ]
         for session in self._order if found else ():
@@ -379,10 +382,11 @@ class ZeroCode:
                     _framework_caller(),
                 )
                 self._first_loss = self._first_loss or self._described
-            if self._backwards < _PROBABILITY_STEPS or self._backwards in _PROBABILITY_LATE:
+            at = self.global_step // max(1, len(self._order))  # each optimizer's steps (a GAN steps two)
+            if at < _PROBABILITY_STEPS or at in _PROBABILITY_LATE:
                 for found in self._watching.probability_inputs():
                     checked = self._probabilities.setdefault((found["op"], found["source"]), [])
-                    checked.append((self._backwards, found["flag"]))
+                    checked.append((at, found["flag"]))
             self._watching.loss_code_done()
         for root in self._called.values():
             for capture in root.captures:
