@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -1019,6 +1020,43 @@ def test_a_state_saved_over_another_architecture_is_refused_before_anything_is_l
     with pytest.raises(GradGuardError, match=r"another model \(missing 3.bias, 3.weight; unexpected 2.bias"):
         resumed.load_state_dict(state)
     assert resumed.state_dict()["step_count"] == before["step_count"] == 0  # nothing was loaded
+
+
+def _state_after_three_steps(model: nn.Module, opt: torch.optim.Optimizer, **options: Any) -> dict[str, Any]:
+    guard = gradguard.Guard(model, opt, **options)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    return guard.state_dict()
+
+
+def test_a_state_of_another_optimizer_or_clipper_is_refused_before_anything_is_loaded() -> None:
+    """An AdamW-era rollback state loaded into a guard over SGD was accepted; the first rollback loaded
+    AdamW's groups into SGD and the next step died in torch's sgd.py ("KeyError: 'momentum'"). An
+    AutoClip's state in a ZClip guard raised a bare KeyError: 'alpha' after the step count was loaded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    adamw = _state_after_three_steps(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-3), on_nonfinite="rollback", snapshot_every=1
+    )
+    sgd = gradguard.Guard(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), on_nonfinite="rollback"
+    )
+    with pytest.raises(GradGuardError, match=r"rollback snapshot of another optimizer .*this SGD"):
+        sgd.load_state_dict(adamw)
+    assert sgd.state_dict()["step_count"] == 0
+    autoclip = _state_after_three_steps(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), clip="autoclip:10"
+    )
+    zclip = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip="zclip")
+    with pytest.raises(GradGuardError, match="saved by a AutoClip clipper; this guard clips with ZClip"):
+        zclip.load_state_dict(autoclip)
+    assert zclip.state_dict()["step_count"] == 0  # nothing was loaded (it was 3, then KeyError)
+    same = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip="autoclip:10")
+    same.load_state_dict(autoclip)
+    assert same.state_dict()["step_count"] == 3
 
 
 def test_state_dict_round_trip_resumes_exactly(tmp_path: Path) -> None:

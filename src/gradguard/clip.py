@@ -702,16 +702,33 @@ class Clipper:
         return torch.full((), math.nan, device=None if norm is None else norm.device)
 
     def state_dict(self) -> dict[str, Any]:
-        """Tensors and Python scalars only (``torch.load(weights_only=True)`` loads it)."""
-        return {"version": _STATE_VERSION}
+        """Tensors and Python scalars only (``torch.load(weights_only=True)`` loads it); ``kind``: the
+        clipper's class, checked on loading."""
+        return {"version": _STATE_VERSION, "kind": type(self).__name__}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: Any) -> None:
+        """Refuse, before anything is loaded, a state that is not this clipper's: another version, or
+        another kind of clipper (an AutoClip's percentile state in a ZClip: a KeyError half-way)."""
+        if not isinstance(state, dict):
+            raise GradGuardError(
+                f"{type(self).__name__} state must be the dict state_dict() returned, not {type(state).__name__}."
+            )
         version = state.get("version")
         if version != _STATE_VERSION:
             raise GradGuardError(
                 f"{type(self).__name__} state has version {version!r}; this gradguard reads version "
                 f"{_STATE_VERSION}. Save it again with this version or start the clipper fresh."
             )
+        kind = state.get("kind")
+        if kind is not None and kind != type(self).__name__:
+            raise GradGuardError(
+                f"the clipper state was saved by a {kind} clipper; this guard clips with {type(self).__name__}. "
+                f"Build the guard with the clip= it was saved with, or start this clipper fresh (load the rest "
+                "of the state with state['clipper'] = None)."
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

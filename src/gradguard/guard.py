@@ -793,8 +793,10 @@ class Guard:
         of the steps from the checkpoint's on, logged before, are superseded by the new ones.
         """
         check_state_version(state, _STATE_VERSION, "Guard", "Pass what Guard.state_dict() returned.")
+        if self.clipper is not None and state.get("clipper") is not None:
+            self.clipper.check_state(state["clipper"])  # before anything is loaded
         if self._recovery.active and state.get("recovery") is not None:
-            self._recovery.check_fits(state["recovery"])  # before anything is loaded
+            self._recovery.check_fits(state["recovery"])
         self._after.drop()  # the post-step work of a step from before the checkpoint
         self.flush()  # this guard's own pending steps, before the step count moves
         self.counters.load_state_dict(state)

@@ -271,6 +271,27 @@ class Recovery:
         check_state_version(state, _STATE_VERSION, "recovery", "Pass what Recovery.state_dict() returned.")
         for snapshot in (state["snapshot"], state.get("earlier")):
             self._fits(snapshot)
+            self._fits_optimizer(snapshot)
+
+    def _fits_optimizer(self, snapshot: Any) -> None:
+        """A snapshot's optimizer state must be this optimizer's kind: the same groups, of the same sizes
+        and hyperparameter names (an AdamW state rolled back into SGD died in torch's sgd.py: 'momentum')."""
+        saved = snapshot.get("optimizer") if isinstance(snapshot, dict) else None
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list):
+            return
+        now = self.optimizer.state_dict()["param_groups"]
+        shape = [(sorted(_DEFINING.intersection(g)), len(g.get("params", ()))) for g in groups]
+        here = [(sorted(_DEFINING.intersection(g)), len(g["params"])) for g in now]
+        if shape == here:
+            return
+        keys = ", ".join(shape[0][0]) if shape else "none"
+        raise GradGuardError(
+            f"the Guard state holds a rollback snapshot of another optimizer ({len(groups)} group(s) with "
+            f"{keys or 'lr'}; this {type(self.optimizer).__name__} has {len(now)} with "
+            f"{', '.join(here[0][0]) if here else 'none'}): a rollback would load it into this optimizer and fail. "
+            "Load the Guard state saved with this optimizer, or start a new Guard."
+        )
 
     def _fits(self, snapshot: Any) -> None:
         saved = snapshot.get("model") if isinstance(snapshot, dict) else None
@@ -304,6 +325,13 @@ class Recovery:
         self.snapshot = state["snapshot"]
         self.earlier = state.get("earlier")
         self.rollbacks = [int(s) for s in state.get("rollbacks", ())]
+
+
+#: The hyperparameters that tell torch's optimizers apart (keys a scheduler adds, ``initial_lr``, are not)
+_DEFINING = frozenset(
+    {"momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "alpha", "centered", "rho", "lr_decay",
+     "lambd", "t0", "etas", "step_sizes", "momentum_decay", "decoupled_weight_decay", "initial_accumulator_value"}
+)  # fmt: skip
 
 
 def _save_atomically(state: dict[str, Any], target: Path) -> None:
