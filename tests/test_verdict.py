@@ -98,7 +98,18 @@ def test_a_schedule_that_collapsed_the_rate_mid_run_is_named_ordinary_schedules_
     assert "collapsed" in top.message and "stepped every batch" in top.message
     assert top.step == 26 and "once per epoch" in top.recommendation["text"]
     assert "stalled" not in {f.id for f in found}
+
+    class Plateau:  # ReduceLROnPlateau stepped per epoch of 30 batches on a validation loss that stopped falling
+        def __init__(self, o: torch.optim.Optimizer) -> None:
+            self.scheduler, self.batches = S.ReduceLROnPlateau(o, factor=0.1, patience=0), 0
+
+        def step(self) -> None:
+            self.batches += 1
+            if self.batches % 30 == 0:
+                self.scheduler.step(1.0)
+
     ordinary = {
+        "plateau": Plateau,  # (the rate below 1e-4 of its peak from step 150: it did what it was set to do)
         "cosine": lambda o: S.CosineAnnealingLR(o, T_max=300),
         "linear": lambda o: S.LambdaLR(o, lambda s: max(0.0, 1 - s / 300)),
         "onecycle": lambda o: S.OneCycleLR(o, max_lr=0.1, total_steps=300),
