@@ -1479,3 +1479,39 @@ def test_an_optimizer_over_an_input_tensor_of_a_frozen_network_is_guarded(tmp_pa
     assert "internal error" not in got.stderr and "Adam on x: 30 steps, 0 skipped" in got.stderr, got.stderr
     bad = gradguard_run(tmp_path, script, "--nan", out=tmp_path / "bad")
     assert "Adam on x: 30 steps, 1 skipped" in bad.stderr and bad.stdout.endswith("True\n"), bad.stderr
+
+
+ZEROED_BY_HAND = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(10):
+        x = torch.randn(32, 4)
+        loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+        loss.backward()
+        opt.step()
+        for p in model.parameters():  # zeroed by hand, in place (an old tutorial's way)
+            if p.grad is not None:
+                p.grad.detach_()
+                p.grad.zero_()
+    print("final", round(loss.item(), 6))
+    """
+)
+
+
+def test_gradients_zeroed_in_place_by_hand_are_not_said_unzeroed(tmp_path: Path) -> None:
+    """p.grad.zero_() by hand (no zero_grad() call, the same .grad tensors): said live "SGD's gradients have
+    not been zeroed since step 0 … every step applies the sum of all the gradients so far"."""
+    script = tmp_path / "manual_zero.py"
+    script.write_text(ZEROED_BY_HAND)
+    got = _run(tmp_path, script)
+    assert got.returncode == 0 and "have not been zeroed" not in got.stderr, got.stderr
+    assert "gradients_not_zeroed" not in read_run(tmp_path / "run", records=False).meta
+    never = tmp_path / "never.py"
+    never.write_text(ZEROED_BY_HAND.replace("p.grad.zero_()", "pass"))
+    got = gradguard_run(tmp_path, never, out=tmp_path / "never")
+    assert "have not been zeroed since step 0" in got.stderr, got.stderr

@@ -66,7 +66,9 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     if any(rates[i] >= STAYED * peak for i in known if i > at):
         return None  # it came back (a warm restart)
     if trained(f) is not None:
-        return None  # the loss fell and stayed finite: a ReduceLROnPlateau that cut the rate after it converged
+        return (
+            None  # the loss fell and stayed finite: a ReduceLROnPlateau that cut the rate after it converged
+        )
     return Evidence("collapsed", at, peak_at, _lowest(rates, known, at))
 
 

@@ -75,15 +75,22 @@ def watch_zeroing(zc: Any, session: Session) -> None:
     """Whether the script zeroes the gradients between optimizer steps: no ``zero_grad()`` call (of
     any optimizer or module) since the session's last step, and its first gradient still the same
     tensor (``p.grad = None`` would have made a new one), :data:`UNZEROED_STEPS` steps in a row, is
-    a script that never zeroes them — each step applies the sum of every gradient so far. Said once,
-    live and in ``meta.json`` (``gradients_not_zeroed``: the first step that did not zero), where
-    diagnose reads it. Host work only: a counter and an ``id``."""
+    a script that never zeroes them — each step applies the sum of every gradient so far; unless
+    the gradient tensor was written in place more often than ``backward()`` accumulated into it with
+    no clip to explain it (zeroed by hand: ``p.grad.zero_()``). Said once, live and in ``meta.json``
+    (``gradients_not_zeroed``: the first step that did not zero), where diagnose reads it. Host work
+    only: a counter, an ``id`` and a version counter."""
     grad = next(
         (p.grad for g in session.guard.optimizer.param_groups for p in g["params"] if p.grad is not None),
         None,
     )
     kept = grad is not None and id(grad) == session.grad_id and zc.zero_grads == session.zero_grads
+    if kept and grad is not None and not (session.clips or session.guard.clipper is not None):
+        # written in place more often than the backward() calls since the last step: zeroed by hand
+        # (p.grad.zero_(), p.grad.mul_(0)), as no clip wrote it either
+        kept = grad._version - session.grad_version <= zc._backwards - (session.backwards_seen or 0)
     session.grad_id, session.zero_grads = (id(grad) if grad is not None else None), zc.zero_grads
+    session.grad_version = grad._version if grad is not None else 0
     session.unzeroed = session.unzeroed + 1 if kept else 0
     if session.unzeroed != UNZEROED_STEPS:
         return

@@ -82,6 +82,7 @@ class Session:
             None  # id of the first gradient at the last step (zeroing: _steps.watch_zeroing)
         )
         self.zero_grads = 0  # the runner's zero_grad() count at the last step
+        self.grad_version = 0  # that first gradient's version counter at the last step (in-place writes)
         self.unzeroed = 0  # steps in a row with no zero_grad() and the same gradient tensors
         self.sums: list[float] | None = None  # a hand-updated model's parameter sums at its first step
         self.loss: LossDescription | None = None  # its loss code, from the first step it was watched
