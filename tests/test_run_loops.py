@@ -1515,3 +1515,45 @@ def test_gradients_zeroed_in_place_by_hand_are_not_said_unzeroed(tmp_path: Path)
     never.write_text(ZEROED_BY_HAND.replace("p.grad.zero_()", "pass"))
     got = gradguard_run(tmp_path, never, out=tmp_path / "never")
     assert "have not been zeroed since step 0" in got.stderr, got.stderr
+
+
+def test_a_warning_torch_raises_in_c_names_the_scripts_line_as_without_gradguard(tmp_path: Path) -> None:
+    """``torch.tensor(t)`` in the loss code warns from C++ ("To copy construct from a tensor…"): Python names
+    the innermost Python frame, which under the loss-code watch was gradguard's locate.py."""
+    script = tmp_path / "weighted_ce.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            torch.manual_seed(0)
+            model = nn.Linear(4, 3)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            weights = torch.tensor([1.0, 2.0, 1.0])
+            for step in range(3):
+                x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+                logits = model(x)
+                w = torch.tensor(weights)  # (in the loss code, after the model's forward)
+                loss = nn.functional.cross_entropy(logits, y, weight=w)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            """
+        )
+    )
+    env = {**ENV, "PYTHONWARNINGS": "default"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradguard",
+        "run",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-report",
+        str(script),
+    ]
+    for argv in ([sys.executable, str(script)], cmd):
+        got = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        lines = [line for line in got.stderr.splitlines() if "To copy construct" in line]
+        assert lines and all(line.startswith(f"{script}:12: UserWarning") for line in lines), got.stderr

@@ -457,10 +457,38 @@ def _note(message: Any, category: Any, frame: Any) -> None:
     )
 
 
+_THIS_FILE = os.path.normcase(__file__)
+_ORIGINAL_SHOW = warnings.showwarning
+
+
+def _show(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """``warnings.showwarning`` for a warning torch raised in C++ (``TORCH_WARN``: ``torch.tensor(t)``'s
+    "To copy construct…") during a watched call: Python names the innermost Python frame, a watch's
+    ``__torch_function__`` in this file. It is shown (and kept, as :func:`_warn` keeps a Python one)
+    at the script's line that called torch, as without gradguard."""
+    if os.path.normcase(filename) == _THIS_FILE:
+        frame = sys._getframe(1)
+        while frame is not None and (
+            os.path.normcase(frame.f_code.co_filename) in (_THIS_FILE, _OVERRIDES)
+            or os.path.normcase(frame.f_code.co_filename).startswith(_TORCH_DIR)
+            or frame.f_code.co_filename == warnings.__file__
+        ):
+            frame = frame.f_back  # type: ignore[assignment]
+        if frame is not None:
+            _note(message, category, frame)
+            filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
+    _ORIGINAL_SHOW(message, category, filename, lineno, file, line)
+
+
 def _warn_from_the_caller() -> None:
-    """Route ``warnings.warn`` through :func:`_warn` (once; a pass-through outside a watch's call)."""
+    """Route ``warnings.warn`` through :func:`_warn` and the C++ warnings' display through :func:`_show`
+    (once each, unless the script replaced them; pass-throughs outside a watch's call)."""
     if warnings.warn is _ORIGINAL_WARN:
         warnings.warn = _warn  # type: ignore[assignment]
+    if warnings.showwarning is _ORIGINAL_SHOW:
+        warnings.showwarning = _show
 
 
 class _Mode(_OpWatch):

@@ -16,6 +16,7 @@ from typing import Any
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.rules import Rule, Seen
+from gradguard.diagnose.rules._clipping import trained
 
 _BROADCAST = "different to the input size"
 
@@ -45,7 +46,11 @@ def explain(f: Facts, noted: list[dict[str, str]]) -> Finding:
     else:
         text = "Fix what torch warns of at that line, then run again."
     evidence: dict[str, Any] = {"warnings": noted}
-    return Finding("loss_code_warning", "warning", None, message, evidence, {"verified": False, "text": text})
+    severity = "warning"
+    if trained(f) is not None:  # the loss fell as it should: a warning torch gives of harmless code too
+        severity = "info"
+        message += " The run trained, so it may be harmless here."
+    return Finding("loss_code_warning", severity, None, message, evidence, {"verified": False, "text": text})
 
 
 RULE = Rule("loss_code_warning", detect, explain)
