@@ -1224,3 +1224,24 @@ def test_a_divergence_after_a_jump_of_the_rate_advises_the_rate_before_it() -> N
     assert (
         high is not None and "rose from 0.001 to 2 at step 64, right before the loss climbed" in high.message
     )
+
+
+def test_a_run_under_torchrun_that_trained_clipped_is_not_told_to_run_gradguard_tune() -> None:
+    """DDP, every step clipped, the loss fell: the info advised `gradguard tune --run … ddp_train.py`, which
+    fails in one process ("environment variable RANK expected")."""
+    n = 120
+    falling = [2.0 / (1 + s / 10) for s in range(n)]
+    log = run(
+        [1.0] * n,
+        loss=falling,
+        clip={"kind": "norm", "max_norm": 0.1},
+        threshold=[0.1] * n,
+        clip_coef=[0.1] * n,
+    )
+    log.meta["world_size"] = 2
+    found = conclude(log, "over_clipping")
+    assert found is not None and found.severity == "info", found
+    assert (
+        "gradguard tune --run" not in found.recommendation["text"]
+        and "torchrun" in found.recommendation["text"]
+    )

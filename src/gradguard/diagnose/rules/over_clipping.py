@@ -34,6 +34,7 @@ from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import (
     OVERCLIP_RATE,
     ClipWindow,
+    check_with,
     clip_window,
     optimizer_class,
     scale_free,
@@ -109,7 +110,7 @@ def _not_a_failure(f: Facts, w: ClipWindow, evidence: dict[str, Any]) -> Finding
         rec = {
             "verified": False,
             "tune": command,
-            "text": f"Keep the threshold that trained. A looser one may train faster; verify it first: {command}",
+            "text": f"Keep the threshold that trained. A looser one may train faster: {check_with(f, command)}",
         }
     return Finding("over_clipping", "info", f.steps[w.window[0]], message, evidence, rec)
 
