@@ -414,3 +414,36 @@ def test_a_folder_and_a_package_are_run_or_refused_as_python_does(
         assert main(["run", "--out", str(tmp_path / "r2"), *words]) == 2
         assert said in " ".join(capsys.readouterr().err.split())
     assert not marker.exists() and not (tmp_path / "r2").exists()  # train.py was not imported to look
+
+
+CLIPPED = """
+import sys
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+for step in range(int(sys.argv[1])):
+    opt.zero_grad()
+    nn.functional.mse_loss(model(torch.randn(8, 4)), 100 * torch.randn(8, 1)).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)  # clips every step
+    opt.step()
+"""
+
+
+def test_an_appended_run_counts_its_own_clipped_steps_and_keeps_the_first_commands(tmp_path: Path) -> None:
+    """--exist-ok after a first run: the summary read "the script called clip_grad_norm_(max_norm=0.1) on 4
+    steps; it clipped 10 of them" (the first run's counted too), and meta.json's argv lost the first command."""
+    script = tmp_path / "clipped.py"
+    script.write_text(CLIPPED)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "gradguard", "run", "--no-report", "--out", str(tmp_path / "r"), *args]
+        return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+
+    assert run(str(script), "6").returncode == 0
+    appended = run("--exist-ok", str(script), "4")
+    assert "on 4 steps; it clipped 4 of them" in appended.stderr, appended.stderr
+    sessions = read_run(tmp_path / "r", records=False).meta["sessions"]
+    assert [s["argv"][1:] for s in sessions] == [["6"], ["4"]], sessions

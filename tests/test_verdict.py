@@ -676,3 +676,32 @@ def test_a_nan_regression_target_in_two_batches_is_the_data_not_a_masked_op(tmp_
         top = headline(diagnose(run))
         assert top is not None and top.id == "bad_data", top
         assert f"the target (into `{loss_fn.__name__}`)" in top.message and "(2 bad batch(es)" in top.message
+
+
+def test_a_weight_the_script_wrote_inf_into_is_not_blamed_on_the_optimizer(tmp_path: Path) -> None:
+    """The script writes inf into a weight between steps (weight surgery, a bad partial load): the verdict
+    read "inf was born inside optimizer.step() … an earlier optimizer step wrote it — check eps, lower the
+    learning rate", and the abort said the same."""
+    from torch import nn
+
+    import gradguard
+    from gradguard.errors import NonFiniteError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path / "run", max_consecutive=3)
+    with pytest.raises(NonFiniteError, match="the script wrote it between optimizer steps"):
+        for step in range(40):
+            if step == 30:
+                with torch.no_grad():
+                    model[2].weight[0, 3] = float("inf")
+            x = torch.randn(8, 4)
+            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+    guard.close()
+    top = headline(diagnose(tmp_path / "run"))
+    assert top is not None and top.id == "nonfinite_op" and top.step == 30, top
+    assert "written between steps by the script" in top.message and "optimizer.step()" not in top.message

@@ -1114,8 +1114,11 @@ class Guard:
 
     def _note_located(self, event: events.Event) -> None:
         """The first located birth (an op, or the data): what an abort names as the fix."""
+        event = self._births.attribute(event)
         if self._first_located is None and (
-            event.get("op") or event.get("phase") in ("data", "optimizer") or event.get("tensor") in _STATE
+            event.get("op")
+            or event.get("phase") in ("data", "optimizer", "script")
+            or event.get("tensor") in _STATE
         ):
             self._first_located = event
 
@@ -1209,7 +1212,7 @@ class Guard:
 
     def _event(self, event: events.Event) -> None:
         """Write one event now (the step's path), with the step's host fields (``before_step(fields=)``)."""
-        event = _from_the_start(event, self._bad_at_start)
+        event = self._births.attribute(_from_the_start(event, self._bad_at_start))
         if self.writer is not None:
             self.writer.write_event({**event, **self._fields} if self._fields else event)
 
@@ -1313,7 +1316,8 @@ class Guard:
             self._note_located(event)
         derived = [*born, *self._flush_events(records)]
         found = [
-            _from_the_start(e, self._bad_at_start) for e in _with_step_fields(derived, records, self._fields)
+            self._births.attribute(_from_the_start(e, self._bad_at_start))
+            for e in _with_step_fields(derived, records, self._fields)
         ]
         if found and self.writer is not None:
             self.writer.write_events(found)
@@ -1360,6 +1364,11 @@ def _fix_of(located: events.Event | None) -> str:
         return (
             f" The first non-finite value (step {step}) was already in the model's state: {reason}. Reset it (clean "
             "buffers from a checkpoint, or BatchNorm's running statistics re-estimated); the training is not the cause."
+        )
+    if located.get("phase") == "script":  # a weight the script wrote between steps
+        return (
+            f" The first non-finite value (step {step}) was in the weight {(located.get('evidence') or {}).get('parameter')}"
+            f": {reason}. Check where the script writes it (torch.isfinite(p).all() after each write)."
         )
     if located.get("phase") == "optimizer":  # born inside optimizer.step(): its hyperparameters, not the rate
         details = located.get("evidence") or {}

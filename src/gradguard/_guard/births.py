@@ -125,6 +125,8 @@ class OptimizerBirths:
         bad = self._nonfinite()  # host sync: anomaly path
         if bad and (self._writes is None or self._writes.outside([name for name, _ in bad])):
             self._done = True  # the script (not the optimizer) wrote it: not a birth; stop
+            if self._writes is not None and self._writes.steps > 0:  # (measured: not "cannot be told")
+                self.written_outside = frozenset(name for name, _ in bad)
             return []
         if not bad:  # (a non-finite value seen in a weight_every step's record was written over since)
             self._clean, self._taken_since_clean = self._taken, 0
@@ -137,6 +139,26 @@ class OptimizerBirths:
         )
         names = [name for name, _ in bad]
         return [_event(self, born, names, bad[0][1], window=window)]
+
+    written_outside: frozenset[str] = frozenset()  # parameters the script wrote non-finite between steps
+
+    def attribute(self, event: events.Event) -> events.Event:
+        """A located ``nonfinite`` event that found a weight already non-finite before the forward (phase
+        ``optimizer``, tensor ``param``): where the version counters said the script wrote that weight
+        between optimizer steps, its phase is ``script`` (a weight set or loaded by hand), not the
+        optimizer's."""
+        details = dict(event.get("evidence") or {})
+        if not (
+            event.get("phase") == "optimizer"
+            and event.get("tensor") == "param"
+            and details.get("parameter") in self.written_outside
+        ):
+            return event
+        details["reason"] = (
+            "the script wrote it between optimizer steps (its version counter moved more than the optimizer's "
+            "steps explain): a weight set, edited or loaded by hand; no optimizer step made it"
+        )
+        return {**event, "phase": "script", "evidence": details}
 
     def close(self) -> None:
         """Take the hook off the optimizer (the per-step mode's checks were read by the last flush)."""

@@ -118,7 +118,7 @@ class Facts:
             for e in self.nonfinite_events
             if isinstance(e.get("step"), int)
             and e.get("phase") != "data"
-            and (e.get("op") or e.get("phase") == "optimizer")
+            and (e.get("op") or e.get("phase") in ("optimizer", "script"))
         ]
         return sorted(found, key=lambda e: e["step"])
 

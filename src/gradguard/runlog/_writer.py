@@ -576,4 +576,11 @@ def _start_meta(run_dir: Path, meta: Mapping[str, Any] | None, *, reopened: bool
     merged["start_time"] = old.get("start_time", fresh["start_time"])
     resumed = old.get("resumed_at")
     merged["resumed_at"] = [*(resumed if isinstance(resumed, list) else []), now]
+    if old.get("argv") != fresh.get("argv"):  # another command appended: the earlier ones are kept
+        before = old.get("sessions")
+        first = [{"start_time": old.get("start_time"), "argv": old.get("argv")}]
+        merged["sessions"] = [
+            *(before if isinstance(before, list) else first),
+            {"start_time": now, "argv": fresh["argv"]},
+        ]
     return merged

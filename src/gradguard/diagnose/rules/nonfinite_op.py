@@ -124,7 +124,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         )
     elif (event.get("tensor") in ("buffer", "state") and event.get("phase") == "forward") or event.get(
         "phase"
-    ) == "init":
+    ) in ("init", "script"):
         message, rec = _held(event, step)
     else:
         message, rec = _unlocated(f, event, step, ev.nonfinite_steps)
@@ -159,6 +159,14 @@ def _held(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, Any]]
             "repair the initialisation or the weights loaded into it (a row left unfilled by an off-by-one, a NaN in "
             "the checkpoint or the pretrained table) and check every parameter with torch.isfinite(p).all() "
             "before training; neither the learning rate nor clipping is the cause"
+        )
+    elif event.get("phase") == "script":
+        what = f"the weight {details.get('parameter') or event.get('module')!r}, written between steps by the script,"
+        fix = (
+            "find where the script writes that weight between optimizer steps (weight surgery, a partial "
+            "load_state_dict, an EMA or SWA copy, a hand-written clamp or update) and keep NaN/inf out of it: check "
+            "torch.isfinite(p).all() right after the write; neither the optimizer, the learning rate nor clipping "
+            "is the cause"
         )
     elif event.get("tensor") == "buffer":
         what = f"the buffer {details.get('buffer', '?')!r}"

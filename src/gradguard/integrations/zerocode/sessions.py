@@ -67,6 +67,7 @@ class Session:
     def __init__(self, guard: Guard, *, manual: bool, framework: bool = False, first_step: int = 0) -> None:
         self.guard = guard
         self.first_step = first_step  # the process-wide optimizer step it began at (runner.global_step)
+        self.first_logged = guard.step_count  # its first step's number in the log (--exist-ok numbers on)
         self.manual = manual
         self.framework = framework  # a framework's callback measures and gates its steps (frameworks.py)
         self.param_ids = {id(p) for g in guard.optimizer.param_groups for p in g["params"]}
@@ -141,7 +142,10 @@ def summary_lines(session: Session) -> list[str]:
     lines = [f"{head}. Run log: {guard.run_dir}"]
     log = runlog.read_run(guard.run_dir) if guard.run_dir is not None else None
     if session.script_clips and session.script_calls:
-        bound = sum(clipped(r) for r in log.metrics) if log is not None else None
+        mine = [r for r in log.metrics if r["step"] >= session.first_logged] if log is not None else None
+        bound = (
+            sum(clipped(r) for r in mine) if mine is not None else None
+        )  # (not an appended log's earlier run)
         of = f"; it clipped {bound} of them" if bound is not None else ""
         lines.append(
             f"  the script called {' and '.join(session.script_calls)} on {session.script_clips} steps{of} "
