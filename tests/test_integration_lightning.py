@@ -193,6 +193,29 @@ def test_refuses_to_clip_twice(tmp_path):
         trainer.fit(Tiny(), _data())
 
 
+class ClipsByHand(Tiny):
+    """Manual optimization that clips in its training_step, as Lightning's GAN examples do."""
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self._loss(batch))
+        self.clip_gradients(opt, gradient_clip_val=5.0, gradient_clip_algorithm="norm")
+        opt.step()
+        return None
+
+
+def test_manual_optimization_that_clips_by_hand_is_refused_not_clipped_twice(tmp_path):
+    """GradGuard()'s default clip="auto" clipped on top of the module's self.clip_gradients(opt, 5.0), silently
+    (the automatic path refuses Trainer(gradient_clip_val=...))."""
+    trainer = _trainer(tmp_path, [GradGuard()], max_epochs=1)
+    with pytest.raises(GradGuardError, match=r"gradient_clip_val=5\.0.*GradGuard\(clip='norm:5'\)"):
+        trainer.fit(ClipsByHand(manual=True, nan_step=None), _data())
+    measured = ClipsByHand(manual=True, nan_step=None)
+    _trainer(tmp_path / "m", [GradGuard(monitor_only=True)], max_epochs=1).fit(measured, _data())
+    assert measured.after and "clip_gradients" not in measured.__dict__  # trained; the module left as it was
+
+
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_refusing_to_clip_twice_names_the_clip_spec_that_does_what_lightning_did(tmp_path, algorithm):
     trainer = _trainer(tmp_path, [GradGuard()], gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)

@@ -192,6 +192,7 @@ class GradGuard(pl.Callback):
         self._gates: dict[int, StepGate] = {}  # the gate on each optimizer's step (not when monitoring)
         self._held: set[int] = set()  # optimizers with a step skipped since their scheduler stepped
         self._held_configs: list[Any] = []  # Lightning's scheduler configs holding a HeldScheduler
+        self._unpatch: Callable[[], Any] = lambda: None  # undoes _refuse_manual_clip
         self._loss: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
         self._active = False  # guards built and open (between fit start and teardown)
@@ -266,6 +267,12 @@ class GradGuard(pl.Callback):
             if not self.monitor_only:
                 self._gates[id(opt)] = StepGate.on(opt)
         self._hold_schedulers(trainer)
+        if (
+            not self.monitor_only
+            and from_spec(self.clip) is not None
+            and not pl_module.automatic_optimization
+        ):  # type: ignore[arg-type]
+            self._refuse_manual_clip(pl_module)
         self._active = True
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
@@ -296,6 +303,27 @@ class GradGuard(pl.Callback):
             if capture is not None:
                 capture.remove()
             raise
+
+    def _refuse_manual_clip(self, pl_module: pl.LightningModule) -> None:
+        """Manual optimization that clips in its ``training_step`` (``self.clip_gradients(opt,
+        gradient_clip_val=5.0)``) while GradGuard clips too: refused at that call, as
+        ``Trainer(gradient_clip_val=...)`` is at setup — the guard would clip the clipped gradients
+        again (a GAN's generator read "over_clipping" under the default ``clip="auto"``)."""
+        original = pl_module.clip_gradients
+
+        def clip_gradients(optimizer: Any, gradient_clip_val: Any = None, *args: Any, **kwargs: Any) -> None:
+            if gradient_clip_val is not None and float(gradient_clip_val) > 0:
+                algorithm = kwargs.get("gradient_clip_algorithm") or (args[0] if args else None) or "norm"
+                raise GradGuardError(
+                    f"self.clip_gradients(..., gradient_clip_val={gradient_clip_val!r}) clips the gradients and "
+                    f"GradGuard (clip={self.clip!r}) would clip them again. Drop the call and let gradguard clip "
+                    f"(GradGuard(clip='{algorithm}:{float(gradient_clip_val):g}') does what it did), or use "
+                    "GradGuard(monitor_only=True) to only measure."
+                )
+            original(optimizer, gradient_clip_val, *args, **kwargs)
+
+        pl_module.clip_gradients = clip_gradients  # type: ignore[method-assign]
+        self._unpatch = lambda: pl_module.__dict__.pop("clip_gradients", None)
 
     def _hold_schedulers(self, trainer: pl.Trainer) -> None:
         """Put a :class:`HeldScheduler` in place of each per-step LR scheduler of a gated optimizer:
@@ -452,6 +480,7 @@ class GradGuard(pl.Callback):
         for config in self._held_configs:
             config.scheduler = config.scheduler.scheduler
         self._held_configs, self._held = [], set()
+        self._unpatch()
         self._active, self._by_optimizer, self._gates, self._loss = False, {}, {}, None
         for sink in self.sinks:
             close: Callable[[], None] | None = getattr(sink, "close", None)
