@@ -193,6 +193,22 @@ def test_callback_only_monitors(tmp_path):
     assert "clip_grad_norm_(max_norm=1)" in run.meta["measured"]
 
 
+def test_callback_logs_the_steps_loss_under_gradient_accumulation(tmp_path):
+    """gradient_accumulation_steps=2: the Trainer passes the step's token count to the model
+    (num_items_in_batch), so each micro-batch's loss is its share of the step's; the callback took their
+    mean and logged half the loss (2.03 against the Trainer's 4.05), off by the accumulation for any rule
+    that reads the loss's level (ln K)."""
+    first = []
+    for name, batch, steps in (("one", 8, 1), ("two", 4, 2)):
+        cb = GradGuardCallback(every=1)
+        args = _args(
+            tmp_path / name, max_steps=2, per_device_train_batch_size=batch, gradient_accumulation_steps=steps
+        )
+        Trainer(model=_model(), args=args, train_dataset=_data(), callbacks=[cb]).train()
+        first.append(runlog.read_run(cb.guard.run_dir).metrics[0]["loss"])
+    assert first[1] == pytest.approx(first[0], rel=2e-3), first  # (dropout draws differ)
+
+
 def test_resume_continues_the_guard_exactly(tmp_path):
     """train 24 steps saving at 12; a new trainer resumed from checkpoint-12 ends where the first did."""
     spec = {"clip": "zclip", "spike_z": 3.0}

@@ -427,6 +427,7 @@ class GradGuardCallback(TrainerCallback):
         self.guard: Guard | None = None
         self._hook: Any = None
         self._losses: list[Tensor] = []
+        self._shares = False  # the micro-batches' losses are shares of the step's (num_items_in_batch)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model: nn.Module = kwargs["model"]
@@ -462,9 +463,9 @@ class GradGuardCallback(TrainerCallback):
             self.guard.writer.update_meta(integration="transformers.GradGuardCallback", measured=measured)
         for sink in self.sinks:
             add_flush_listener(self.guard, sink)
-        self._hook = model.register_forward_hook(self._capture_loss)
+        self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
 
-    def _capture_loss(self, module: nn.Module, inputs: Any, output: Any) -> None:
+    def _capture_loss(self, module: nn.Module, inputs: Any, kwargs: dict[str, Any], output: Any) -> None:
         if not module.training or not torch.is_grad_enabled():
             return
         loss = getattr(output, "loss", None)
@@ -472,6 +473,9 @@ class GradGuardCallback(TrainerCallback):
             loss = output.get("loss")
         if isinstance(loss, Tensor) and loss.numel() == 1:
             self._losses.append(loss.detach().reshape(()))
+            # the Trainer passed the whole step's token count: each micro-batch's loss is its share of the
+            # step's mean, and the step's loss is their sum (their mean read half of it at 2 micro-batches)
+            self._shares = kwargs.get("num_items_in_batch") is not None
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.guard is None:
@@ -479,7 +483,8 @@ class GradGuardCallback(TrainerCallback):
         losses, self._losses = self._losses, []
         if not has_grads(self.guard.optimizer):
             return
-        loss = torch.stack(losses).mean() if losses else None  # the model returned no loss: grads only
+        stacked = torch.stack(losses) if losses else None  # (none: the model returned no loss, grads only)
+        loss = None if stacked is None else stacked.sum() if self._shares else stacked.mean()
         self.guard.before_step(loss)  # monitor_only: measures, logs, locates a bad step; the Trainer steps
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
