@@ -245,9 +245,10 @@ def test_a_nonfinite_weight_makes_the_loss_nonfinite_and_the_step_is_skipped(
     guard.close()
     ev = read_run(tmp_path / "run").first_event("nonfinite")
     assert ev is not None and ev["step"] == 3
-    # located by replaying the step: the weight was non-finite before the forward
+    # located by replaying the step: the weight was non-finite before the forward, and the script wrote it
+    # there (its version counter moved between optimizer steps): not the optimizer's birth
     assert (ev["phase"], ev["module"], ev["tensor"], ev["located_by"]) == (
-        "optimizer",
+        "script",
         "4",
         "param",
         "replay",
