@@ -52,6 +52,7 @@ def main(mode: str, out: Path) -> None:
     reference = copy.deepcopy(base)
     fused = mode.endswith("fused")
     data_fault = mode.endswith("-data")
+    loss_fault = mode.endswith("-loss")  # the loss code of one rank makes NaN from finite inputs
     if mode.startswith("ddp"):
         model: nn.Module = nn.parallel.DistributedDataParallel(base)
     else:
@@ -84,9 +85,14 @@ def main(mode: str, out: Path) -> None:
             x[2, 5] = math.nan
         opt.zero_grad(set_to_none=True)
         loss = (model(x) - y[shard]).pow(2).mean()
+        if (
+            loss_fault and step == BAD_STEP and rank == 1
+        ):  # a mean over an empty selection on this rank: 0 / 0
+            kept = y[shard][y[shard] > 1e9]
+            loss = loss + kept.sum() / kept.numel()
         loss.backward()
         if (
-            not data_fault and step == BAD_STEP and rank == 1
+            not data_fault and not loss_fault and step == BAD_STEP and rank == 1
         ):  # after the all-reduce: only this rank's copy is bad
             grad = base[2].weight.grad
             local = grad.to_local() if hasattr(grad, "to_local") else grad

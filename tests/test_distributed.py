@@ -80,6 +80,18 @@ def test_a_nan_in_one_ranks_batch_is_the_data_of_that_rank(tmp_path: Path, mode:
     assert verdict.severity == "error" and "on rank 1" in verdict.message
 
 
+def test_a_nan_loss_on_one_rank_with_finite_inputs_names_that_rank(tmp_path: Path) -> None:
+    """FSDP2, Guard in code: rank 1's loss code divides by an empty selection's count (0 / 0) at step 3. Every
+    rank skipped the step, and the verdict read "a lone non-finite step (no op located)", naming no rank."""
+    ranks = launch("fsdp-loss", tmp_path)
+    for r in ranks:
+        assert r["skipped"] == [step == BAD_STEP for step in range(6)]
+    event = read_run(tmp_path / "run").first_event("nonfinite")
+    assert (event["step"], event["phase"], event["rank"]) == (BAD_STEP, "loss", 1), event
+    verdict = next(f for f in diagnose(tmp_path / "run") if f.id == "bad_data")
+    assert "On rank 1 only, the loss was nan" in verdict.message, verdict.message
+
+
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_the_guarded_global_norm_and_clipped_gradients_equal_the_single_process_ones(
     tmp_path: Path, mode: str

@@ -122,6 +122,7 @@ class Anomalies:
         self.replays = 0
         self._gather = gather
         self._rank_checks = 0  # steps whose inputs were checked on every rank (at most max_replays)
+        self._loss: Tensor | float | None = None  # the step's loss on this rank (begin)
         self.history: History = collections.deque(maxlen=HISTORY)
         self._closure: Callable[[], Any] | None = None
         self._closure_rng: dict[str, Any] | None = None
@@ -146,11 +147,13 @@ class Anomalies:
         watch: LossWatch | None = self.capture.end_step() if self.capture is not None else None
         if loss is None and watch is not None and watch.loss is not None:
             loss = watch.loss
+        self._loss = loss  # (this rank's: whose loss went non-finite, on the anomaly path)
         return loss, self.finish_armed(loss, step)
 
     def end_step(self) -> None:
-        """Hold the batch and the closure no longer than their step."""
+        """Hold the batch, the closure and the loss no longer than their step."""
         self._closure = None
+        self._loss = None
         if self.capture is not None:
             self.capture.release()
 
@@ -267,7 +270,7 @@ class Anomalies:
             return None
         self._rank_checks += 1
         try:
-            mine = self.capture.bad_input() or self.capture.loss_watch_answer()
+            mine = self.capture.bad_input() or self.capture.loss_watch_answer() or self._own_loss()
         except Exception:  # this rank must still join the gather, or the others wait for it forever
             mine = None
         found = self._gather(mine)
@@ -279,6 +282,24 @@ class Anomalies:
         evidence["reason"] = f"on rank {rank}, {evidence['reason']}"
         how = "inputs" if fields.get("phase") == "data" else "watch"
         return _Found({**fields, "rank": rank, "evidence": evidence, "located_by": how})
+
+    def _own_loss(self) -> dict[str, Any] | None:
+        """This rank's loss, non-finite where no input and no watched loss code says why (a Guard in code
+        does not watch the loss code): the rank is known, the op is not (host read: anomaly path)."""
+        loss = self._loss
+        value = float(loss.detach().float()) if isinstance(loss, Tensor) else loss
+        if not isinstance(value, float) or math.isfinite(value):
+            return None
+        kind = events.kind_of(value)
+        return {
+            "phase": "loss",
+            "module": None,
+            "op": None,
+            "tensor": "output",
+            "kind": kind,
+            "source": None,
+            "evidence": {"reason": f"the loss was {kind} on this rank's batch (its inputs were finite)"},
+        }
 
     # ------------------------------------------------------------------ arm the next forward
     def arm(self, step: int, *, loss_code: bool = False) -> None:

@@ -225,6 +225,23 @@ def _lone(f: Facts, ev: Evidence) -> Finding:
         f"Step {steps[0]}: a lone non-finite step ({len(steps)} in all, no op located) between healthy steps — the norms "
         "before it were normal and training went on finite after it."
     )
+    on_rank = _loss_on_rank(f, steps[0])
+    if on_rank is not None:  # torch.distributed: every rank said whose loss went non-finite
+        rank, kind = on_rank
+        evidence.update(rank=rank, located_by="watch")
+        message = (
+            f"{lead} On rank {rank} only, the loss was {kind} while that rank's inputs were finite: its loss code "
+            "made it on that rank's batch (an op at its numerical edge there: a log of 0, a division by a count "
+            "of 0, a non-finite target)."
+        )
+        text = (
+            f"Check rank {rank}'s batch of step {steps[0]}: its targets (torch.isfinite(y).all()) and the loss code's "
+            f"divisions and logs on it; keep on_nonfinite='skip' meanwhile. To have the op named: "
+            f"{how_to_name_the_op(f)}."
+        )
+        return Finding(
+            "bad_data", "warning", steps[0], message, evidence, {"text": text, "on_nonfinite": "skip"}
+        )
     if _model_was_finite(f, steps[0]):  # the replay ran the model on that batch: the inputs were fine
         evidence["model_output_finite"] = True
         message = (
@@ -255,6 +272,15 @@ def _lone(f: Facts, ev: Evidence) -> Finding:
             f"keep on_nonfinite='skip' meanwhile. To tell the data from an op: {how_to_name_the_op(f)}."
         )
     return Finding("bad_data", "warning", steps[0], message, evidence, {"text": text, "on_nonfinite": "skip"})
+
+
+def _loss_on_rank(f: Facts, step: int) -> tuple[int, str] | None:
+    """The rank whose loss went non-finite at ``step`` with finite inputs (a ``loss``-phase event with
+    ``rank``, from the ranks' gather), and the kind."""
+    for e in f.nonfinite_events:
+        if e.get("step") == step and e.get("phase") == "loss" and isinstance(e.get("rank"), int):
+            return e["rank"], str(e.get("kind") or "non-finite")
+    return None
 
 
 def _model_was_finite(f: Facts, step: int) -> bool:
