@@ -1245,3 +1245,18 @@ def test_a_run_under_torchrun_that_trained_clipped_is_not_told_to_run_gradguard_
         "gradguard tune --run" not in found.recommendation["text"]
         and "torchrun" in found.recommendation["text"]
     )
+
+
+def test_a_jump_of_a_hand_set_rate_that_moved_every_step_is_named() -> None:
+    """A warm-up written by hand (param_group['lr'] set every step, rising 1e-4 → 2.45e-3), then a typo
+    multiplies it 1000× at step 60: the climb read "1/10 of the rate this run failed at" (lr=0.2, 80× the
+    rate that trained) and "add warm-up"; the jump was not seen (no rate held before it)."""
+    n = 110
+    lr = [2.45e-3 * min(1.0, (s + 1) / 100) for s in range(60)] + [
+        2.45 * min(1.0, (s + 1) / 100) for s in range(60, n)
+    ]
+    norms = [1.0] * 61 + [3.0 * 1.5 ** (s - 61) for s in range(61, n)]
+    log = run(norms, lr=lr)
+    high = conclude(log, "lr_too_high")
+    assert high is not None and "at step 60" in high.message, high
+    assert high.recommendation["lr"] == pytest.approx(0.0015, rel=0.01), high.recommendation

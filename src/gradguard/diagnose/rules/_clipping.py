@@ -36,6 +36,7 @@ _SUMMED = (
     1.5  # micro-batches × the loss's factor this large: the accumulated losses were summed, not averaged
 )
 LR_JUMP = 2.0  # an LR increase by this factor shortly before the growth (lr_jump)
+_LR_LEAP = 10.0  # ... or by this factor from a rate that did not hold (a hand-set schedule)
 _JUMP_LOOKBACK = 10  # steps before the onset an LR increase is looked for
 UPDATE_RATIO_HIGH = 0.1  # a layer's median ‖Δw‖/‖w‖ (≈1e-3 is the rule of thumb)
 UPDATE_RATIO_AIM = 1e-2  # the update/weight ratio a rate estimated from the ratios aims at
@@ -457,7 +458,10 @@ def lr_jump(f: Facts, end: int, lookback: int = _JUMP_LOOKBACK) -> tuple[int, fl
     for i in range(max(1, end - lookback + 1), min(end + 2, len(f.rows))):
         before, prev, now = f.lr[i - 2] if i >= 2 else math.nan, f.lr[i - 1], f.lr[i]
         held = math.isfinite(before) and math.isclose(before, prev, rel_tol=1e-6)
-        if held and prev > 0 and math.isfinite(now) and now >= LR_JUMP * prev:
+        # ≥ 2× from a rate that held, or ≥ 10× from any (a hand-set warm-up moves every step; its
+        # steps multiply the rate by 2 at most after the first)
+        jumped = now >= (LR_JUMP if held else _LR_LEAP) * prev
+        if prev > 0 and math.isfinite(now) and jumped and (held or i >= 2):
             return f.steps[i], prev, now
     return None
 
