@@ -242,3 +242,31 @@ def test_the_rate_and_the_threshold_tunings_of_one_run_keep_each_other(tmp_path:
     assert (
         ts.with_other_question(TuneResult(thresholds.trials, 10, "memory"), rates) is rates
     )  # another tuner's file
+
+
+HAND_SET_RATE = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+for step in range(40):
+    for group in opt.param_groups:
+        group["lr"] = 0.05 * min(1.0, (step + 1) / 10)  # a warm-up written by hand: the script sets the rate
+    x = torch.randn(32, 4)
+    loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_candidate_rates_the_script_overwrites_are_not_verified(tmp_path: Path) -> None:
+    """A script that sets param_group['lr'] every step: the four trials of `gradguard tune --lr` ran at its
+    rate, bit-identical, and tune printed "Verified: lr=0.4 … trained", which diagnose then quoted."""
+    script = tmp_path / "hand_rate.py"
+    script.write_text(HAND_SET_RATE)
+    result = ts.tune_script(str(script), lrs=[0.01, 0.1], steps=12, out=tmp_path / "tune")
+    assert result.recommended is None and all(t.lr_ignored for t in result.trials), result.trials
+    assert "sets the learning rate itself" in result.verdict() and "never took effect" in result.verdict()

@@ -148,6 +148,13 @@ class Trial:
     climbing: bool = False
     own_clip: bool = False
     loss_noise: float = 0.0
+    lr_used: float | None = None  # the rate the trial's first step ran at (its log's)
+    lr_ignored: bool = False  # the script set its own rate: the candidate never took effect
+
+    @property
+    def judged(self) -> bool:
+        """Evidence about its candidate: not timed out, and its rate took effect."""
+        return not (self.timed_out or self.lr_ignored)
 
     @property
     def trained(self) -> bool:
@@ -183,6 +190,8 @@ class Trial:
         """``trained``, ``non-finite at step N``, ``exploded``, ``loss did not fall`` or ``timed out``."""
         if self.timed_out:
             return "timed out (no step recorded)"
+        if self.lr_ignored:
+            return "its rate never took effect (the script sets its own)"
         if self.nonfinite:
             return f"non-finite at step {self.nonfinite_step}"
         if self.exploded:
@@ -219,6 +228,8 @@ class Trial:
             climbing=bool(d.get("climbing")),
             own_clip=bool(d.get("own_clip")),
             loss_noise=0.0 if math.isnan(noise := _float_or(d.get("loss_noise"))) else noise,
+            lr_used=_number_or_none(d.get("lr_used")),
+            lr_ignored=bool(d.get("lr_ignored")),
         )
 
 
@@ -320,7 +331,7 @@ def _overshoots(t: Trial) -> bool:
 def choose(trials: Sequence[Trial]) -> Trial | None:
     """The verified recommendation (see the module docstring); ``None`` when no trial trained.
     A trial that timed out is no evidence either way: it is left out."""
-    trials = [t for t in trials if not t.timed_out]
+    trials = [t for t in trials if t.judged]
     past = _past_valley(trials)  # learning rates past the valley count as overshooting
     ordered = sorted(trials, key=_looseness)
     k = next((i for i, t in enumerate(ordered) if t.failed or id(t) in past), len(ordered))
@@ -461,7 +472,7 @@ class TuneResult:
         rec = self.recommended
         late = self._timed_out()
         if rec is None:
-            ran = len(self.trials) - sum(t.timed_out for t in self.trials)
+            ran = sum(t.judged for t in self.trials)
             if not ran:
                 return late
             return (
@@ -481,8 +492,15 @@ class TuneResult:
         ) + (f" {late}" if late else "")
 
     def _timed_out(self) -> str:
-        """The sentence on the trials that timed out (not judged), or ``""``."""
+        """The sentence on the trials that timed out, or whose rate never took effect (not judged), or ``""``."""
         late = sum(t.timed_out for t in self.trials)
+        ignored = sum(t.lr_ignored for t in self.trials)
+        if ignored:
+            return (
+                f"The script sets the learning rate itself (every trial ran at lr={self.trials[-1].lr_used:g}, whatever "
+                f"the candidate): the {ignored} candidate rates never took effect, so none was verified. Change the "
+                "rate where the script sets it (its param_group['lr'] = … or its schedule), then run it."
+            )
         if not late:
             return ""
         return (

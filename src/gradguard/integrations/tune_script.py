@@ -195,7 +195,17 @@ def _lr_trials(
     for max_norm in thresholds:
         for lr in rates:
             trials.append(job.trial(len(trials), max_norm, lr))
-    return trials
+    return _overridden(trials)
+
+
+def _overridden(trials: list[Trial]) -> list[Trial]:
+    """``trials`` with ``lr_ignored`` where the candidate rates never took effect: trials of different
+    rates all ran at one rate (the script sets ``param_group['lr']`` itself every step), so each verified
+    nothing ("Verified: lr=0.4" was quoted from four bit-identical trials)."""
+    rated = [t for t in trials if t.lr is not None and t.lr_used is not None]
+    if len({t.lr for t in rated}) < 2 or len({t.lr_used for t in rated}) != 1:
+        return trials
+    return [dataclasses.replace(t, lr_ignored=True) if t in rated else t for t in trials]
 
 
 def _check_lrs(lrs: Sequence[float] | str | None) -> None:
@@ -285,7 +295,9 @@ def _trial(
             f"check that it trains under `gradguard run --clip {clip} {script}`. Its last output: {tail}"
         )
     table = RunTable.from_log(runlog.read_run(run_dir, records=False))
-    return judge(threshold, lr, list(table.loss), list(table.grad_norm), own_clip=own)
+    trial = judge(threshold, lr, list(table.loss), list(table.grad_norm), own_clip=own)
+    used = next((float(x) for x in table.lr if math.isfinite(x)), None)
+    return dataclasses.replace(trial, lr_used=used)
 
 
 def _seed_everything() -> None:
