@@ -158,7 +158,9 @@ _LOG = (
 _DIV = (
     "a zero denominator (a zero count, a zero standard deviation, an all-zero row's norm)",
     "divide by y.clamp_min(eps) (or y + eps) and guard empty counts (a batch with nothing to average); "
-    "for x / x.norm() use F.normalize(x, dim=-1, eps=1e-12)",
+    "for x / x.norm() use F.normalize(x, dim=-1, eps=1e-12); where the denominator is the target (a relative "
+    "error such as MAPE on days with 0 sales) mask those samples (y != 0) or use a bounded error (WAPE, sMAPE): "
+    "an eps makes them dominate the loss",
 )
 _SQRT = (
     "sqrt (or a fractional power) at exactly 0: its gradient is infinite there",
