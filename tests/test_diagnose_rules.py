@@ -1269,3 +1269,27 @@ def test_a_division_by_the_target_is_told_to_mask_not_to_add_eps() -> None:
 
     _, fix = optable.advice("div", "division by zero")
     assert "mask those samples (y != 0)" in fix and "WAPE" in fix
+
+
+def test_a_penalty_added_with_a_negative_weight_is_named_by_its_sign() -> None:
+    """A commitment loss weighted −0.25 (for 0.25): the loss maximises a distance; it read "explosion: clip at
+    4.7 or lower the rate", both of which failed."""
+    terms = {
+        "source": "vq.py:69",
+        "terms": [
+            {"value": 0.47, "weight": None, "op": "mse_loss", "source": "vq.py:67"},
+            {"value": 0.009, "weight": -0.25, "op": "mse_loss", "source": "vq.py:68"},
+        ],
+    }
+    norms = [1.0] * 56 + [3.0 * 2.0 ** (s - 56) for s in range(56, 80)]
+    log = run(norms, loss=[0.5] * 80)
+    log.meta["loss_terms"] = terms
+    found = conclude(log, "loss_weight")
+    assert (
+        found is not None
+        and found.severity == "error"
+        and "subtracts a term that is never negative" in found.message
+    )
+    assert "a typo for 0.25" in found.recommendation["text"], found.recommendation
+    log.meta["loss_terms"] = {**terms, "terms": [terms["terms"][0], {**terms["terms"][1], "op": "mean"}]}
+    assert conclude(log, "loss_weight") is None  # a negative weight on a term of any sign (an entropy bonus)
