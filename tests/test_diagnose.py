@@ -45,6 +45,7 @@ ISSUE_IDS = {
     "loss_on_probabilities",  # a logits loss given probabilities: a softmax before CrossEntropyLoss
     "optimizer_setting",  # momentum 1, RMSprop alpha 1, Adam with an AdamW config's weight_decay
     "logit_scale",  # logits divided by a temperature of 0.02 or less before a classification loss
+    "target_network",  # a model no optimizer steps (a target network, an EMA teacher) whose update blew it up
 }
 
 

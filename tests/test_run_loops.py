@@ -1557,3 +1557,52 @@ def test_a_warning_torch_raises_in_c_names_the_scripts_line_as_without_gradguard
         got = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         lines = [line for line in got.stderr.splitlines() if "To copy construct" in line]
         assert lines and all(line.startswith(f"{script}:12: UserWarning") for line in lines), got.stderr
+
+
+EMA_TEACHER = textwrap.dedent(
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    decay = 99.6  # the paper's table gives it in percent
+    for step in range(30):
+        x = torch.randn(64, 16)
+        with torch.no_grad():
+            target = teacher(x + 0.1 * torch.randn_like(x))
+        loss = nn.functional.mse_loss(student(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for t, s in zip(teacher.parameters(), student.parameters()):
+                t.mul_(decay).add_(s, alpha=1 - decay)
+    """
+)
+
+
+def test_a_target_from_a_hand_updated_teacher_that_blew_up_is_named(tmp_path: Path) -> None:
+    """An EMA teacher with decay 99.6 (a percent): its weights grow ~99x a step and its targets go
+    non-finite; the verdict read "a tensor entering the loss code … clean the data"."""
+    script = tmp_path / "ema.py"
+    script.write_text(EMA_TEACHER)
+    got = _run(tmp_path, script)
+    assert (
+        "the model teacher (Sequential), which no optimizer steps, holds non-finite or huge weights"
+        in got.stderr
+    )
+    from gradguard.diagnose import diagnose, headline
+
+    top = headline(diagnose(tmp_path / "run"))
+    assert (
+        top is not None and top.id == "target_network" and top.message.startswith("teacher (Sequential)")
+    ), top
+    assert "0.996, not 99.6" in top.recommendation["text"]
+    assert {f.id for f in diagnose(tmp_path / "run")}.isdisjoint({"explosion", "divergence", "bad_data"})

@@ -22,6 +22,9 @@
                              evidence points to (a zero denominator, a masked row, …; a custom Function's
                              backward by name; a NaN born inside ``optimizer.step()`` with the optimizer,
                              its parameters and hyperparameters)
+``target_network``           (``gradguard run``) a model the script calls but no optimizer steps (a target
+                             network, an EMA teacher) whose hand-written update made its weights non-finite
+                             or huge: the targets it feeds blew up with it
 ``bad_data``                 a non-finite tensor entering the step, named (input, target, label, state
                              carried from an earlier step); a lone unlocated step: warning
 ``lr_too_high``              update/weight ratios far above ~1e-3, or an LR increase right before growth;

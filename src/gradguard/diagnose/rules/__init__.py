@@ -166,6 +166,7 @@ def _rank(finding: Finding, ids: Sequence[str]) -> tuple[int, int]:
 # ============================================================================================
 
 _CAUSES = (
+    "target_network",
     "bad_data",
     "unbounded_loss",
     "weight_decay",
@@ -205,6 +206,7 @@ _DRIVERS: dict[str, Sequence[str]] = {
     "loss_on_probabilities": ("error",),
     "logit_scale": ("error",),
     "unbounded_loss": ("error",),
+    "target_network": ("error",),
 }
 """Settings that drive a run's growth whatever the learning rate or threshold (and an objective with no
 lower bound): where one is the error, the growth it causes is not reported again (with a threshold's or
@@ -213,8 +215,11 @@ lr=0.005" beside the headline both failed)."""
 
 REGISTRY: list[Entry] = [
     # the headline (the first error of this list) is decided here, in this order:
-    # 1. a tensor entering the step was non-finite: the data (or the carried state), not the model;
-    entry("bad_data"),
+    # 1. a model no optimizer steps (a target network, an EMA teacher) whose hand-written update blew it up:
+    #    the targets it feeds are not the dataset's;
+    entry("target_network"),
+    #    a tensor entering the step was non-finite: the data (or the carried state), not the model;
+    entry("bad_data", yields_to={"target_network": ("error",)}),
     # 2. an objective with no lower bound (a WGAN critic without its Lipschitz constraint) explains the
     #    explosion it drives;
     entry("unbounded_loss"),

@@ -64,6 +64,7 @@ def measure(
     session.skip = not ok and not session.manual
     if not ok:
         zc.live.bad_step(session.guard)
+        zc.check_models_outside_optimizers()
     return ok
 
 

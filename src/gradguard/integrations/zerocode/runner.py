@@ -36,7 +36,7 @@ from gradguard.integrations.zerocode.sessions import (
     Session,
     summary_lines,
 )
-from gradguard.locate import WATCHED_WARNINGS, StepCapture, in_transform
+from gradguard.locate import WATCHED_WARNINGS, StepCapture, in_transform, user_name_of, user_values
 
 __all__ = ["ZeroCode"]
 
@@ -47,6 +47,27 @@ _PROBABILITY_STEPS = (
     3  # the steps (of each optimizer) whose logits losses are checked for probabilities given
 )
 _PROBABILITY_LATE = (25, 100)  # and these, once training moved the outputs (BCEWithLogits needs one)
+
+
+def _attribute_path(model: nn.Module) -> str | None:
+    """``target.encoder``: the script's variable that holds ``model`` as a submodule, and its path there."""
+    for var, value in user_values(skip=3):
+        if isinstance(value, nn.Module) and value is not model:
+            path = next((n for n, m in value.named_modules() if m is model), None)
+            if path:
+                return f"{var}.{path}"
+    return None
+
+
+_HUGE_RMS = 1e3  # a weight tensor whose root-mean-square is this large did not come from training
+
+
+def _sane(p: Tensor) -> bool:
+    """Finite, and of a trained network's size (RMS below :data:`_HUGE_RMS`): an EMA whose decay was 99.6
+    multiplied the weights by ~99 a step, inf only a few steps after its outputs were."""
+    with torch.no_grad():
+        rms = p.detach().double().pow(2).mean().sqrt() if p.numel() else torch.zeros(())
+    return bool(torch.isfinite(rms)) and float(rms) < _HUGE_RMS
 
 
 _FRAMEWORKS = ("accelerate.", "transformers.", "lightning.", "pytorch_lightning.")
@@ -116,6 +137,7 @@ class ZeroCode:
         self.sessions: dict[int, Session] = {}  # id(optimizer) → session
         self._order: list[Session] = []
         self._roots: dict[int, Root] = {}
+        self._models_checked = False  # check_models_outside_optimizers ran (once a run)
         self._stopped_in: str | None = None  # where an internal error stopped the guarding
         self._inner: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # submodules of roots (never roots)
         self._not_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # called, without parameters
@@ -254,6 +276,39 @@ class ZeroCode:
                 }
             if noted:
                 writer.update_meta(**noted)
+
+    def check_models_outside_optimizers(self) -> None:
+        """A bad step (the anomaly path; once a run): a model the script calls whose parameters no
+        optimizer steps (a target network, an EMA teacher, updated by hand) and that holds non-finite
+        weights is what fed the step its non-finite targets — said live and in every run's
+        ``meta.json`` (``nonfinite_model``), where diagnose's ``bad_data`` reads it (an EMA decay of
+        99.6 for 0.996 read "clean the data")."""
+        if self._models_checked:
+            return
+        self._models_checked = True
+        stepped = {id(p) for s in self._order for g in s.guard.optimizer.param_groups for p in g["params"]}
+        for root in list(self._roots.values()):
+            model = root.model
+            if model is None or root.union is not None:
+                continue
+            named = [
+                (n, p) for n, p in model.named_parameters() if id(p) not in stepped and p.is_floating_point()
+            ]
+            bad = [n for n, p in named if not _sane(p)]  # host reads: the anomaly path
+            if not bad or len(named) < len(list(model.parameters())):
+                continue  # (finite, or partly trained by an optimizer: the guard's own check covers those)
+            name = user_name_of(model, skip=2) or _attribute_path(model) or type(model).__name__
+            noted = {"model": name, "class": type(model).__name__, "parameters": bad[:8]}
+            self._say(
+                f"the model {name} ({type(model).__name__}), which no optimizer steps, holds non-finite or huge weights "
+                f"({', '.join(bad[:3])}): it is updated by hand (a target network, an EMA teacher), and its "
+                "output feeds the loss. Check that update (an EMA decay must be in [0, 1]: 0.996, not 99.6)."
+            )
+            for session in self._order:
+                writer = session.guard.writer
+                if writer is not None and not session.guard.closed:
+                    writer.update_meta(nonfinite_model=noted)
+            return
 
     def _note_probabilities(self) -> None:
         """The logits losses given probabilities on every early step (a softmax before CrossEntropyLoss, a
