@@ -706,3 +706,21 @@ def test_a_weight_the_script_wrote_inf_into_is_not_blamed_on_the_optimizer(tmp_p
     top = headline(diagnose(tmp_path / "run"))
     assert top is not None and top.id == "nonfinite_op" and top.step == 30, top
     assert "written between steps by the script" in top.message and "optimizer.step()" not in top.message
+
+
+def test_a_stall_beside_another_optimizers_failure_is_its_consequence(tmp_path: Path) -> None:
+    """A GAN whose discriminator diverged: the generator's flat loss read "WARNING stalled … lower the rate
+    to 7e-05", a second cause beside the real one."""
+    root = tmp_path / "gan"
+    _optimizer_run(root, 0, "Adam", "Discriminator", 40, 0, children=("optimizer1",))
+    child = root / "optimizer1"
+    rows = [
+        {"step": s, "loss": 0.69 + 0.001 * (s % 3), "grad_norm": 1.0, "global_step": 2 * s + 1, "lr": 1e-3,
+         "layers": {"g": {"update_ratio": 3e-2, "weight_norm": 5.0, "grad_norm": 1.0}}}
+        for s in range(60)
+    ]  # fmt: skip
+    with RunWriter(child, meta={"optimizer": {"index": 1, "class": "Adam", "params": "Generator"}}) as w:
+        w.write_metrics(rows)
+    alone = [f.severity for f in diagnose(child) if f.id == "stalled"]
+    together = [f.severity for f in diagnose(root) if f.id == "stalled"]
+    assert alone == ["warning"] and together == ["info"], (alone, together)

@@ -186,6 +186,7 @@ def _of_every_optimizer(root: RunLog, children: list[RunLog]) -> list[Finding]:
         bad_at = _first_bad_global_step(facts)
         runs.append((log, bad_at, [_tagged(x, log, facts, bad_at) for x in rules.evaluate(facts)], facts))
     runs = _with_poisoned_buffers(runs)
+    runs = _stalled_beside_a_failure(runs)
     per_run = []
     for i, (_, bad_at, found, _) in enumerate(runs):
         failed = rules.headline(found) is not None
@@ -244,6 +245,31 @@ def _with_poisoned_buffers(runs: list[_Run]) -> list[_Run]:
             ],
             facts,
         )
+    return out
+
+
+def _stalled_beside_a_failure(runs: list[_Run]) -> list[_Run]:
+    """Where one optimizer's run failed (an error), another's ``stalled`` is its consequence, not a
+    cause of its own: the optimizers train one model or play one game (a GAN's generator stalls while
+    its discriminator diverges, and read "lower lr to 7e-05"). It stays, as an info that says so."""
+    failed = [i for i, (_, _, found, _) in enumerate(runs) if rules.headline(found) is not None]
+    if not failed:
+        return runs
+    out = list(runs)
+    for i, (log, bad_at, found, facts) in enumerate(runs):
+        if i in failed:
+            continue
+        quiet = [
+            dataclasses.replace(
+                x,
+                severity="info",
+                message=f"{x.message} Another optimizer of this run failed (the error above): this stall follows it.",
+            )
+            if x.id == "stalled" and x.severity == "warning"
+            else x
+            for x in found
+        ]
+        out[i] = (log, bad_at, quiet, facts)
     return out
 
 
