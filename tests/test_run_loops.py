@@ -1543,18 +1543,7 @@ def test_a_warning_torch_raises_in_c_names_the_scripts_line_as_without_gradguard
         )
     )
     env = {**ENV, "PYTHONWARNINGS": "default"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "gradguard",
-        "run",
-        "--out",
-        str(tmp_path / "run"),
-        "--no-report",
-        str(script),
-    ]
-    for argv in ([sys.executable, str(script)], cmd):
-        got = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    for got in (plain_run(tmp_path, script, env=env), gradguard_run(tmp_path, script, env=env)):
         lines = [line for line in got.stderr.splitlines() if "To copy construct" in line]
         assert lines and all(line.startswith(f"{script}:12: UserWarning") for line in lines), got.stderr
 
