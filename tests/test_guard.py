@@ -1052,7 +1052,7 @@ def test_a_state_of_another_optimizer_or_clipper_is_refused_before_anything_is_l
         model, torch.optim.SGD(model.parameters(), lr=0.1), clip="autoclip:10"
     )
     zclip = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip="zclip")
-    with pytest.raises(GradGuardError, match="saved by a AutoClip clipper; this guard clips with ZClip"):
+    with pytest.raises(GradGuardError, match="saved by the AutoClip clipper; this guard clips with ZClip"):
         zclip.load_state_dict(autoclip)
     assert zclip.state_dict()["step_count"] == 0  # nothing was loaded (it was 3, then KeyError)
     same = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip="autoclip:10")

@@ -722,7 +722,7 @@ class Clipper:
         kind = state.get("kind")
         if kind is not None and kind != type(self).__name__:
             raise GradGuardError(
-                f"the clipper state was saved by a {kind} clipper; this guard clips with {type(self).__name__}. "
+                f"the clipper state was saved by the {kind} clipper; this guard clips with {type(self).__name__}. "
                 f"Build the guard with the clip= it was saved with, or start this clipper fresh (load the rest "
                 "of the state with state['clipper'] = None)."
             )
