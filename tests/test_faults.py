@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1398,10 +1399,75 @@ def test_guard_loss_that_is_not_a_number_is_refused_at_the_call() -> None:
         guard.step(torch.zeros(0))
     with pytest.raises(GradGuardError, match="the loss is a complex tensor"):
         guard.before_step(torch.ones((), dtype=torch.complex64))
+    with pytest.raises(GradGuardError, match=r"the loss is a torch.bool tensor \(a comparison\?\)"):
+        guard.step(torch.tensor(1.5) > 0)
+    with pytest.raises(GradGuardError, match=r"the loss is a torch\.int64 tensor"):
+        guard.step(torch.tensor(3))
     assert guard.step_count == 0  # nothing was stepped or recorded
     guard.step(torch.tensor(1.5))
     guard.step(2)
     assert guard.step_count == 2
+
+
+def test_a_closure_that_returns_nothing_is_said_once(tmp_path: Path) -> None:
+    import torch
+
+    model = _seq()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, log_dir=tmp_path, every=1)
+
+    def closure() -> None:  # forgot `return loss`
+        _backward(model, opt, 0)
+
+    with pytest.warns(RuntimeWarning, match=r"the closure passed to guard.step\(\) returned None") as said:
+        for _ in range(3):
+            guard.step(closure)
+    guard.close()
+    assert len([w for w in said if "returned None" in str(w.message)]) == 1
+    assert said[0].filename == __file__
+
+
+@pytest.mark.parametrize("floor", [-1, math.nan, "low", True])
+def test_a_bad_loss_scale_floor_is_refused_at_construction(floor: Any) -> None:
+    import torch
+
+    model = _seq()
+    with pytest.raises(
+        GradGuardError, match=f"loss_scale_floor must be a number >= 0; got {re.escape(repr(floor))}"
+    ):
+        gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_scale_floor=floor)
+
+
+def test_one_stateful_clipper_in_two_open_guards_is_refused() -> None:
+    import torch
+
+    g_model, d_model = _seq(), _seq()
+    shared = gradguard.AutoClip()
+    first = gradguard.Guard(g_model, torch.optim.SGD(g_model.parameters(), lr=0.1), clip=shared)
+    with pytest.raises(GradGuardError, match=r"this AutoClip clipper is already used by another open Guard"):
+        gradguard.Guard(d_model, torch.optim.SGD(d_model.parameters(), lr=0.1), clip=shared)
+    fixed = gradguard.Norm(1.0)  # no state: as good shared
+    gradguard.Guard(g_model, torch.optim.SGD(g_model.parameters(), lr=0.1), clip=fixed)
+    gradguard.Guard(d_model, torch.optim.SGD(d_model.parameters(), lr=0.1), clip=fixed)
+    first.close()  # a closed guard's clipper is taken over
+    gradguard.Guard(d_model, torch.optim.SGD(d_model.parameters(), lr=0.1), clip=shared).close()
+
+
+def test_a_guard_state_with_keys_it_never_writes_is_refused_before_loading() -> None:
+    import torch
+
+    model = _seq()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt)
+    state = guard.state_dict()
+    checkpoint = {**state, "model": model.state_dict(), "epoch": 3}  # the whole checkpoint
+    with pytest.raises(GradGuardError, match=r"never writes: 'epoch', 'model'. Pass the guard's own part"):
+        guard.load_state_dict(checkpoint)
+    with pytest.raises(GradGuardError, match=r"'step_count' must be a count \(an int >= 0\); got 'abc'"):
+        guard.load_state_dict({**state, "step_count": "abc"})
+    assert guard.step_count == 0
+    guard.load_state_dict({**state, "step_count": 5})
+    assert guard.step_count == 5
 
 
 def test_a_per_sample_loss_vector_is_said_once_and_logged_as_its_sum(tmp_path: Path) -> None:

@@ -368,6 +368,7 @@ class Guard:
             on_explosion=on_explosion,
         )
         self.clipper = from_spec(clip)  # type: ignore[arg-type]  # a number means norm clipping
+        _claim_clipper(self.clipper, self, optimizer)
         check_monitor_only(config, self.clipper)
         self._guarded = GuardedParams(model, optimizer, on_change=lambda: self._recovery.forget())
         self._params = self._guarded.params  # grows in place when parameters join
@@ -461,6 +462,7 @@ class Guard:
         # the first bad step's birth, an op or the data (what an abort tells the user to fix)
         self._first_located: events.Event | None = None
         self._warned_no_gradient = False
+        self._warned_closure_none = False
         self._buffers_said = False  # buffers found non-finite after a bad step (said once)
         self._buffers_bad_at_start: frozenset[str] = frozenset()  # (set by _check_initial_weights)
         self._stop: NonFiniteError | None = None  # raised once the step's record is in the log
@@ -573,6 +575,8 @@ class Guard:
         if callable(loss_or_closure) and not isinstance(loss_or_closure, Tensor):
             loss = self._anomaly.run_closure(loss_or_closure)
             closure = reuse_first_call(loss_or_closure, loss)
+            if loss is None:
+                self._warn_closure_without_loss()
         else:
             loss = loss_or_closure
         if scaler is not None and not scaler.is_enabled():
@@ -793,6 +797,8 @@ class Guard:
         of the steps from the checkpoint's on, logged before, are superseded by the new ones.
         """
         check_state_version(state, _STATE_VERSION, "Guard", "Pass what Guard.state_dict() returned.")
+        _check_state_keys(state)
+        Counters.check_state(state)
         if self.clipper is not None and state.get("clipper") is not None:
             self.clipper.check_state(state["clipper"])  # before anything is loaded
         if self._recovery.active and state.get("recovery") is not None:
@@ -1166,6 +1172,19 @@ class Guard:
         return self._apply.sync_free
 
     # ------------------------------------------------------------------ events
+    def _warn_closure_without_loss(self) -> None:
+        """A closure that returns nothing: the loss is neither checked nor logged; said once."""
+        if self._warned_closure_none:
+            return
+        self._warned_closure_none = True
+        warnings.warn(
+            "gradguard: the closure passed to guard.step() returned None, so the loss is not checked for "
+            "NaN/inf nor logged (the run log's loss is null). End the closure with `return loss` (as "
+            "optimizer.step(closure) expects; LBFGS needs it). Said once per guard.",
+            RuntimeWarning,
+            stacklevel=_user_stacklevel(),
+        )
+
     def _warn_no_gradient(self, step: int) -> None:
         """A step with no gradient at all (``loss.backward()`` forgotten, or called on another loss):
         it is recorded with a norm of 0, which a reader could take for a converged model; said once."""
@@ -1446,6 +1465,56 @@ def _caller_steps(outcome: Outcome) -> bool:
     """``before_step``'s answer: whether the caller steps. Its strategies decide on the host
     (``HostDecided``) or never skip (``Observe``: monitor only, ``"warn"``): no device value is read."""
     return not outcome.skipped if outcome.on_host else True
+
+
+#: Each clipper instance's guard: one clipper's state (a norm history, a running mean) is one run's.
+_CLIPPER_OWNERS: weakref.WeakKeyDictionary[Clipper, weakref.ref[Guard]] = weakref.WeakKeyDictionary()
+
+
+def _claim_clipper(clipper: Clipper | None, guard: Guard, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse one clipper instance in two open guards of different optimizers: an AutoClip's
+    percentile or a ZClip's mean would mix the norms of both (each step of one moving the other's
+    threshold). A closed guard's clipper, or the same optimizer's (a guard made again), is taken over."""
+    if clipper is None or not set(clipper.state_dict()) - {"version", "kind"}:
+        return  # (a stateless clipper, a fixed threshold, is as good shared)
+    ref = _CLIPPER_OWNERS.get(clipper)
+    owner = ref() if ref is not None else None
+    if owner is not None and not owner.closed and owner.optimizer is not optimizer:
+        raise GradGuardError(
+            f"this {type(clipper).__name__} clipper is already used by another open Guard (its optimizer: "
+            f"{type(owner.optimizer).__name__}): one clipper keeps one run's norms, and two guards would mix "
+            f"theirs. Give each Guard its own: a new {type(clipper).__name__}(...) each (or a spec such as "
+            f"clip={getattr(clipper, 'kind', 'norm')!r}), or close() the other guard first."
+        )
+    _CLIPPER_OWNERS[clipper] = weakref.ref(guard)
+
+
+#: The keys of :meth:`Guard.state_dict` (``anomaly`` and ``explosion`` absent from older states).
+_STATE_KEYS = frozenset(
+    {
+        "version",
+        "step_count",
+        "skipped_steps",
+        "consecutive",
+        "clipper",
+        "spike",
+        "recovery",
+        "anomaly",
+        "explosion",
+    }
+)
+
+
+def _check_state_keys(state: dict[str, Any]) -> None:
+    """Refuse a state with keys :meth:`Guard.state_dict` never writes (like ``strict=True`` in
+    ``nn.Module.load_state_dict``): a whole checkpoint passed for the guard's part, or an edited one."""
+    extra = sorted(str(k) for k in state if k not in _STATE_KEYS)
+    if extra:
+        raise GradGuardError(
+            f"Guard state has keys Guard.state_dict() never writes: {', '.join(map(repr, extra[:8]))}. Pass "
+            "the guard's own part of your checkpoint (e.g. checkpoint['guard'], saved from "
+            "guard.state_dict()), not the whole checkpoint or an edited copy."
+        )
 
 
 def _check_scaler(scaler: Any) -> None:

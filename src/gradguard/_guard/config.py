@@ -89,7 +89,7 @@ class GuardConfig:
             snapshot_every=positive_int(settings["snapshot_every"], "snapshot_every"),
             max_consecutive=positive_int(settings["max_consecutive"], "max_consecutive"),
             lr_backoff=check_lr_backoff(settings["lr_backoff"]),
-            loss_scale_floor=float(settings["loss_scale_floor"]),
+            loss_scale_floor=check_loss_scale_floor(settings["loss_scale_floor"]),
             max_replays=positive_int(settings["max_replays"], "max_replays"),
             monitor_only=bool(settings["monitor_only"]),
             min_lr=check_min_lr(settings["min_lr"]),
@@ -184,6 +184,19 @@ def check_min_lr(value: Any) -> float:
             "rollback loop stops the run (the default 1e-8; 0 never stops it)."
         )
     return lr
+
+
+def check_loss_scale_floor(value: Any) -> float:
+    try:
+        floor = float(value)
+    except (TypeError, ValueError):
+        floor = math.nan
+    if isinstance(value, bool) or not (math.isfinite(floor) and floor >= 0.0):
+        raise GradGuardError(
+            f"loss_scale_floor must be a number >= 0; got {value!r}. Under a GradScaler, a scale below it "
+            "is a loss_scale_collapse event (the default 1.0; 0 reports only overflows in a row)."
+        )
+    return floor
 
 
 def check_log_dir(value: Any) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gradguard.errors import GradGuardError
 from gradguard.record import DECIDED
 
 __all__ = ["Counters"]
@@ -68,6 +69,18 @@ class Counters:
             "skipped_steps": self.skipped_steps,
             "consecutive": self.consecutive,
         }
+
+    @staticmethod
+    def check_state(state: Mapping[str, Any]) -> None:
+        """Refuse, before anything is loaded, counters that are missing or not counts (a hand-edited or
+        foreign checkpoint: ``int("abc")`` half-way through loading)."""
+        for name in ("step_count", "skipped_steps", "consecutive"):
+            value = state.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise GradGuardError(
+                    f"Guard state's {name!r} must be a count (an int >= 0); got {value!r}. Pass what "
+                    "Guard.state_dict() returned, unchanged."
+                )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step_count = int(state["step_count"])

@@ -630,6 +630,12 @@ def check_loss(loss: Any) -> None:
             f"the loss is an empty tensor (shape {tuple(loss.shape)}): there is no value to check. Pass "
             "the scalar loss you called backward() on (a mean over an empty batch is NaN: skip the batch)."
         )
+    if not loss.is_floating_point() and not loss.is_complex():
+        raise GradGuardError(
+            f"the loss is a {loss.dtype} tensor{' (a comparison?)' if loss.dtype is torch.bool else ''}: there "
+            "is no loss value to check. Pass the floating-point loss you called backward() on (guard.step(loss)), "
+            "not a flag or a count made from it."
+        )
     if loss.is_complex():
         raise GradGuardError(
             f"the loss is a complex tensor ({loss.dtype}); gradguard checks a real loss. Pass the real "

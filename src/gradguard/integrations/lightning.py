@@ -46,6 +46,7 @@ directory reads them all and names the optimizer that failed first. The loss of 
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -103,6 +104,13 @@ class _LoggerSink:
         for logger in self.trainer.loggers:
             for step, metrics in rows:
                 logger.log_metrics(metrics, step=step)
+
+
+def _own_clipper(clip: Any, *, first: bool) -> Any:
+    """Each optimizer's guard its own clipper: a clipper instance given to the callback goes to the
+    first optimizer's guard, a copy of it to each other's (a GAN's two optimizers would otherwise
+    share one norm history, which :class:`gradguard.Guard` refuses)."""
+    return clip if first or not isinstance(clip, Clipper) else copy.deepcopy(clip)
 
 
 class GradGuard(pl.Callback):
@@ -289,7 +297,7 @@ class GradGuard(pl.Callback):
             return Guard(
                 pl_module,
                 opt,
-                clip=self.clip,
+                clip=_own_clipper(self.clip, first=not self.guards),
                 on_nonfinite=self.on_nonfinite,
                 log_dir=log_dir,
                 name="lightning",
