@@ -205,3 +205,12 @@ def test_help_shows_what_is_optional_the_version_and_the_defaults(capsys: pytest
     text = _help(["tune", "--help"], capsys)[1]
     assert "--timeout S give up on a trial after S seconds" in text and "(default: no limit)" in text
     assert "(default: gradguard-runs/<time>-tune-<script>)" in text
+
+
+def test_diagnose_a_file_of_a_run_reads_that_run(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`gradguard diagnose run/metrics.jsonl` is that run, not "the newest of N runs" beside it."""
+    run = runs / "20250101-000001-healthy"
+    assert main(["diagnose", str(run / "metrics.jsonl"), "--json", "--no-write"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["run"].endswith("20250101-000001-healthy")
+    assert "newest of" not in captured.err

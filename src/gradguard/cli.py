@@ -84,7 +84,11 @@ def _diagnose(args: argparse.Namespace) -> int:
         log = read_run(args.run_dir, records=False)  # the run table only: memory bounded by its columns
     except GradGuardError as e:
         return _fail(str(e))
-    if not is_run_dir(args.run_dir) and log.path.parent.resolve() != log.path.resolve():
+    if (
+        not is_run_dir(args.run_dir)
+        and not os.path.isfile(args.run_dir)
+        and log.path.parent.resolve() != log.path.resolve()
+    ):
         count = len(find_runs(log.path.parent))
         if count > 1:
             print(f"gradguard: reading the newest of {count} runs: {safe_text(log.path)}", file=sys.stderr)

@@ -35,6 +35,7 @@ from gradguard.runlog._format import (
 )
 from gradguard.runtable import RunTable, TableBuilder
 
+_META_EMPTY = "run metadata is empty"  # the end of every note on an unread meta.json
 _MAX_NOTES_PER_FILE = 20  # skipped-line notes per file before they are summarised
 
 
@@ -70,6 +71,14 @@ class RunLog:
     modified: float | None = None
     _table: RunTable | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
     _streamed: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
+
+    @property
+    def meta_unread(self) -> str | None:
+        """Why ``meta.json`` could not be read (the reader's note: missing, cut off, not an object),
+        ``None`` when it was: the run's settings are then unknown to every rule."""
+        return next(
+            (n for n in self.skipped if n.startswith(f"{META_FILE}:") and n.endswith(_META_EMPTY)), None
+        )
 
     @property
     def table(self) -> RunTable:
@@ -411,22 +420,22 @@ def _read_meta(path: Path, notes: list[str]) -> dict[str, Any]:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        notes.append(f"{META_FILE}: missing; run metadata is empty")
+        notes.append(f"{META_FILE}: missing; {_META_EMPTY}")
         return {}
     except (OSError, UnicodeDecodeError) as e:
-        notes.append(f"{META_FILE}: cannot be read ({e}); run metadata is empty")
+        notes.append(f"{META_FILE}: cannot be read ({e}); {_META_EMPTY}")
         return {}
     try:
         meta = json.loads(text)
         decoded = from_jsonable(meta) if isinstance(meta, dict) else meta
     except RecursionError:
-        notes.append(f"{META_FILE}: nested too deeply to read; run metadata is empty")
+        notes.append(f"{META_FILE}: nested too deeply to read; {_META_EMPTY}")
         return {}
     except ValueError as e:
-        notes.append(f"{META_FILE}: not valid JSON ({e}); run metadata is empty")
+        notes.append(f"{META_FILE}: not valid JSON ({e}); {_META_EMPTY}")
         return {}
     if not isinstance(decoded, dict):
-        notes.append(f"{META_FILE}: a JSON {type(decoded).__name__}, not an object; run metadata is empty")
+        notes.append(f"{META_FILE}: a JSON {type(decoded).__name__}, not an object; {_META_EMPTY}")
         return {}
     version = decoded.get("schema_version")
     if isinstance(version, int) and version > SCHEMA_VERSION:

@@ -18,6 +18,9 @@
 * **Records missing** (``error``): a closed run whose ``meta.json`` counts more steps than its log
   holds, beyond what failed writes and resumes explain: ``metrics.jsonl`` was truncated, emptied or
   replaced (a copy cut short, a report written over it); "No findings" on what is left would pass a CI gate.
+* **Settings unknown** (``warning``): ``meta.json`` is missing, cut off or not JSON (a copy made
+  while the run wrote it, an edit): the clipper, optimizer, rate and loss code are unknown, so the
+  rules that need them said nothing — "No findings" would be a partial verdict read as a clean one.
 * **Resumed over a gap** (``info``): a ``resume`` event (``Guard.load_state_dict`` from a
   checkpoint) at a step after the last step the log had: the run stopped before those steps were
   flushed, and the resumed run, closed since, does not have them either.
@@ -51,6 +54,7 @@ class Evidence:
     at_exit: bool = False  # closed at interpreter exit: the script never closed the guard
     missing: tuple[int, int] | None = None  # (steps meta.json counts, steps the log holds): records gone
     stopped: dict[str, Any] | None = None  # gradguard run stopped guarding (its internal error)
+    meta_unread: str | None = None  # why meta.json could not be read (the reader's note)
 
     @property
     def maybe_running(self) -> bool:
@@ -66,10 +70,11 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     missing = _missing(f, gaps)
     stopped = f.log.meta.get("guarding_stopped")
     stopped = stopped if isinstance(stopped, dict) else None
-    if not (unclosed or f.lost or gaps or ended or at_exit or missing or stopped):
+    meta_unread = f.log.meta_unread
+    if not (unclosed or f.lost or gaps or ended or at_exit or missing or stopped or meta_unread):
         return None
     age = max(0.0, time.time() - f.modified) if f.modified is not None else None
-    return Evidence(unclosed, age, dict(f.lost), gaps, ended, at_exit, missing, stopped)
+    return Evidence(unclosed, age, dict(f.lost), gaps, ended, at_exit, missing, stopped, meta_unread)
 
 
 def _missing(f: Facts, gaps: tuple[tuple[int, int], ...]) -> tuple[int, int] | None:
@@ -142,6 +147,14 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             "truncated, emptied or replaced after the run closed), so this verdict covers part of the run at most."
         )
         advice.append("Diagnose the run directory as the run wrote it (a copy that kept metrics.jsonl whole)")
+    if ev.meta_unread is not None:
+        parts.append(
+            f"The run's settings are unknown ({ev.meta_unread}): the clipper, optimizer, learning rate and "
+            "loss code the rules read from it are missing, so those rules said nothing — this verdict is partial."
+        )
+        advice.append(
+            "Diagnose the run directory as the run wrote it (meta.json whole: copy it after the run ends)"
+        )
     if ev.lost:
         parts.append(f"Failed disk writes lost {_counted(ev.lost)} (meta.json's lost): the log has gaps.")
         advice.append(
@@ -164,11 +177,13 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["steps_counted"], evidence["steps_held"] = ev.missing
     if ev.stopped is not None:
         evidence["guarding_stopped"] = ev.stopped
+    if ev.meta_unread is not None:
+        evidence["meta_unread"] = ev.meta_unread
     severity = (
         "error"
         if ev.missing is not None or ev.stopped is not None
         else "warning"
-        if ev.lost or ev.ended_by is not None
+        if ev.lost or ev.ended_by is not None or ev.meta_unread is not None
         else "info"
     )
     rec = {"text": "; ".join(advice) + "."}
