@@ -402,7 +402,12 @@ def test_a_folder_and_a_package_are_run_or_refused_as_python_does(
     (tmp_path / "gg_nomain_pkg" / "__init__.py").write_text("")
     marker = tmp_path / "ran"
     (tmp_path / "train.py").write_text(f"open({str(marker)!r}, 'w').close()\n")  # no __main__ guard
+    (tmp_path / "Train.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
     for words, said in (
+        (
+            ["Train.ipynb"],
+            "'Train.ipynb' is a Jupyter notebook, not a Python script",
+        ),  # (ran: NameError 'null')
         (["data"], "'data' is a folder with no __main__.py, not a script; pass the training script in it"),
         (["-m", "gg_nomain_pkg"], "'gg_nomain_pkg' is a package and cannot be directly executed"),
         (

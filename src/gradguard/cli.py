@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace) -> int:
     options = {dest: getattr(args, dest) for dest in RUN_GUARD_OPTIONS if hasattr(args, dest)}
     script = _folder_main(args.script) if not args.module else args.script
     problem = (
-        (_module_problem(script) if args.module else _folder_problem(script))
+        (_module_problem(script) if args.module else _script_problem(script))
         or _monitor_only_conflict(options)
         or _flags_without_effect(options)
     )
@@ -220,14 +220,23 @@ def _folder_main(script: str) -> str:
     return main if os.path.isdir(script) and os.path.isfile(main) else script
 
 
-def _folder_problem(script: str) -> str | None:
-    """Why SCRIPT, a folder with no ``__main__.py``, is no script; ``None`` otherwise."""
-    if not os.path.isdir(script):
-        return None
-    return (
-        f"{script!r} is a folder with no __main__.py, not a script; pass the training script in it "
-        f"(gradguard run {os.path.join(script, 'train.py')} ARGS), or its package's module with -m."
-    )
+def _script_problem(script: str) -> str | None:
+    """Why SCRIPT is no script Python runs (a folder with no ``__main__.py``, a Jupyter notebook);
+    ``None`` otherwise."""
+    if os.path.isdir(script):
+        return (
+            f"{script!r} is a folder with no __main__.py, not a script; pass the training script in it "
+            f"(gradguard run {os.path.join(script, 'train.py')} ARGS), or its package's module with -m."
+        )
+    if script.lower().endswith(".ipynb"):
+        exported = os.path.splitext(script)[0] + ".py"
+        return (
+            f"{script!r} is a Jupyter notebook, not a Python script (python cannot run it, nor can gradguard "
+            f"run). Export it: jupyter nbconvert --to script {shlex.quote(script)}, then gradguard run "
+            f"{shlex.quote(exported)} ARGS; or guard the loop in the notebook itself with gradguard.Guard "
+            "(README: Use)."
+        )
+    return None
 
 
 def _module_problem(name: str) -> str | None:
