@@ -435,6 +435,19 @@ def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     assert "gradguard run could not replay" in diagnose(union)[0].recommendation["text"]
 
 
+def test_isolated_nonfinite_steps_that_recur_are_counted_all_not_a_lone_step() -> None:
+    """Six isolated non-finite steps, the last at the run's end (no step after it to show training went
+    on: not "lone"), read "a lone non-finite step (5 in all)": they are six, a failure that recurs."""
+    bad = (88, 101, 114, 117, 125, 127)
+    norms = [NAN if s in bad else 1.0 for s in range(128)]
+    found = conclude(run(norms), "bad_data")
+    assert found is not None and found.evidence["nonfinite_steps"] == 6
+    assert found.message.startswith("Step 88: 6 non-finite steps (88, 101, 114, 117, 125, 127), none located")
+    assert "a lone non-finite step" not in found.message and "recurs" in found.message
+    one = conclude(run([1.0] * 50 + [NAN] + [1.0] * 49), "bad_data")
+    assert one is not None and one.message.startswith("Step 50: a lone non-finite step (no op located)")
+
+
 def test_every_batch_bad_from_the_first_step_is_the_preprocessing_not_a_few_samples() -> None:
     """A standardization over a constant column (std 0) makes every batch NaN: "drop the bad samples"
     would drop them all. Three bad batches among healthy ones stay the samples' fault."""
@@ -1269,6 +1282,22 @@ def test_a_division_by_the_target_is_told_to_mask_not_to_add_eps() -> None:
 
     _, fix = optable.advice("div", "division by zero")
     assert "mask those samples (y != 0)" in fix and "WAPE" in fix
+
+
+def test_a_zero_a_low_precision_dtype_rounded_to_is_said_with_the_ops_own_fix() -> None:
+    """A bf16 `log(1 - sigmoid(x))`: p rounds to exactly 1, 1 - p to 0 (finite in float32). The reason
+    says so; the fix stays the op's (logsigmoid), not "autocast to bfloat16" (the overflow fix, which
+    the word "bfloat16" in the reason used to pick)."""
+    from gradguard import optable
+
+    held = {"shape": [64], "dtype": "bfloat16", "nan": 0, "zeros": 2, "negative": 0, "min": 0.0, "max": 0.73}
+    why = optable.reason("log", [held], "-inf")
+    assert why.startswith("log of 0 — a bfloat16 input, whose 8-bit mantissa rounds"), why
+    _, fix = optable.advice("log", why)
+    assert "F.logsigmoid" in fix and "autocast to bfloat16" not in fix
+    assert optable.reason("log", [{**held, "dtype": "float32"}], "-inf") == "log of 0"
+    underflow = {**held, "underflow": True}  # exp(-200) is 0: not a rounding of near-equal values
+    assert "mantissa" not in optable.reason("log", [underflow], "-inf")
 
 
 def test_a_penalty_added_with_a_negative_weight_is_named_by_its_sign() -> None:

@@ -213,6 +213,31 @@ def test_without_a_replayable_backward_the_next_forward_is_instrumented() -> Non
     assert torch._C._len_torch_function_stack() == 0  # the instrumentation never outlives its forward
 
 
+def test_a_loss_code_failure_that_recurs_steps_later_is_located_by_the_window_kept_on(tmp_path: Path) -> None:
+    """Guard in code, a loss code that divides by 0 on every 7th batch (a bf16 `log(1 - sigmoid)` fails
+    every 10-15 steps): the model replays clean, so the loss code's window is armed; the next step is
+    clean, and a window of one step never saw the op (6 skipped steps read "a lone non-finite step")."""
+    from gradguard.diagnose import diagnose
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gradguard.Guard(model, opt, on_nonfinite="skip", log_dir=tmp_path / "r", every=4)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    for step in range(30):
+        opt.zero_grad(set_to_none=True)
+        spread = y.std() * float(step % 7 != 3)  # 0 on steps 3, 10, 17, 24
+        loss = ((model(x) - y) ** 2).mean() / spread
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    findings = diagnose(tmp_path / "r", write=False)
+    op = next(f for f in findings if f.id == "nonfinite_op")
+    assert op.step == 3 and op.evidence["op"] == "div", op.evidence
+    assert "bad_data" not in [f.id for f in findings]
+    assert torch._C._len_torch_function_stack() == 0
+
+
 # ----------------------------------------------------------------------------- the capture's tree walk
 def test_the_captures_tensor_walk_matches_the_pytree_order_on_every_container() -> None:
     """The step capture walks outputs and arguments with its own fast walk (plain tuples, lists,

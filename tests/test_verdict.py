@@ -279,6 +279,19 @@ def test_bad_data_names_the_tensor_and_heads_the_verdict(tmp_path: Path) -> None
     assert first.startswith("verdict: bad_data at step 50") and fix.startswith("fix: Clean the data")
 
 
+def test_the_printed_fix_line_does_not_say_fix_twice(tmp_path: Path) -> None:
+    """An op's recommendation begins "Fix: clamp the input…": the summary printed "fix: Fix: clamp…"."""
+    event = {"phase": "loss", "op": "log", "tensor": "output", "kind": "-inf", "source": "train.py:25",
+             "located_by": "hooks", "evidence": {"reason": "log of 0"}}  # fmt: skip
+    findings = diagnose(_lone_run(tmp_path / "op", event))
+    top = headline(findings)
+    assert top is not None and top.recommendation["text"].startswith("Fix: ")
+    out = io.StringIO()
+    print_summary(read_run(tmp_path / "op"), findings, file=out)
+    fix = out.getvalue().splitlines()[1]
+    assert fix.startswith("fix: clamp the input") and "Fix:" not in fix, fix
+
+
 def test_a_healthy_run_has_no_headline_and_prints_none() -> None:
     assert headline([]) is None
 

@@ -414,7 +414,7 @@ def reason(op: str, inputs: Inputs, kind: str, dtype_max: float | None = None) -
         if cause.condition in _NAN_ONLY and kind != "nan":
             continue
         if _HOLDS[cause.condition](inputs):
-            return cause.reason.format(op=_base(op))
+            return cause.reason.format(op=_base(op)) + _rounded_to_zero(cause.condition, inputs)
     if entry is not None and entry.otherwise is not None:
         return (
             entry.otherwise
@@ -422,6 +422,26 @@ def reason(op: str, inputs: Inputs, kind: str, dtype_max: float | None = None) -
     if dtype_max is not None and kind in ("inf", "-inf"):
         return _DTYPE_MAX.format(dtype_max)
     return f"{op} produced {kind} from finite inputs"
+
+
+_ROUNDED = "mantissa rounds"
+_MANTISSA = {"bfloat16": (8, "0.4%"), "float16": (11, "0.05%")}  # bits, and how close to 1 rounds to 1
+
+
+def _rounded_to_zero(condition: str, inputs: Inputs) -> str:
+    """For a 0 in a low-precision input that did not underflow (a bf16 ``1 - sigmoid(x)``: ``p`` rounds
+    to exactly 1): why the 0 is there, which float32 would not have made."""
+    if condition not in ("zero_input", "zero_denominator") or not inputs:
+        return ""
+    held = [i for i in inputs if i.get("zeros") and not i.get("underflow")]
+    dtype = next((str(i.get("dtype")) for i in held if str(i.get("dtype")) in _MANTISSA), None)
+    if dtype is None:
+        return ""
+    bits, close = _MANTISSA[dtype]
+    return (
+        f" — a {dtype} input, whose {bits}-bit {_ROUNDED} a difference of near-equal values to exactly 0 "
+        f"(1 - p for p within {close} of 1): compute this in float32 (outside autocast) or in log space"
+    )
 
 
 _TORCH_OPTIMIZERS = frozenset(
@@ -492,7 +512,8 @@ def advice(op: str | None, why: str | None = None, cause: str | None = None) -> 
             input that was already NaN (in the reason or the cause) get their own fix, whatever the op.
     """
     text = f"{why or ''} {cause or ''}".lower()
-    if "dtype's max" in text or "65504" in text or "float16" in text:
+    overflow = "dtype's max" in text or "65504" in text or "float16" in text
+    if overflow and _ROUNDED not in text:  # (a 0 that a low-precision dtype rounded to is not an overflow)
         fix = _AUTOCAST_FIX if "under autocast" in text else _WIDE_FIX if "e+38)" in text else _DTYPE_FIX
         return (str(why or "a value above float16's largest (65504)"), fix)
     if MASKED_NAN.lower() in text:

@@ -776,8 +776,11 @@ def _headline_lines(findings: Sequence[Finding]) -> list[str]:
     if top is None:
         return []
     lines = [f"verdict: {top.id} at step {_fmt(top.step)}: {top.message}"]
-    if top.recommendation.get("text"):
-        lines.append(f"fix: {top.recommendation['text']}")
+    text = str(top.recommendation.get("text") or "")
+    if text:
+        lines.append(
+            f"fix: {text[4:].lstrip() if text.lower().startswith('fix:') else text}"
+        )  # (not "fix: Fix:")
     return lines
 
 

@@ -36,6 +36,10 @@ from gradguard.locate import Locator, LossWatch, StepCapture, explosion, in_tran
 __all__ = ["HISTORY", "Anomalies", "flagged_nonfinite"]
 
 HISTORY = 512  #: host copies of the last steps' norms, for telling an explosion from a single bad op
+#: Steps (per guard, in all) an armed window over the loss code stays on after a failure that no replay
+#: could locate, waiting for it to recur: a bf16 ``log(1 - sigmoid)`` that fails every 10–15 steps is
+#: missed by a window of one step. Each such step runs instrumented (host reads: the anomaly path).
+ARMED_STEPS = 32
 _MAX_LAYERS_IN_EVENT = 20
 
 History = collections.deque[Mapping[str, Any]]  # the flushed records, read only on the anomaly path
@@ -127,6 +131,7 @@ class Anomalies:
         self._closure: Callable[[], Any] | None = None
         self._closure_rng: dict[str, Any] | None = None
         self._armed: tuple[Locator, dict[str, Any], int] | None = None
+        self._armed_left = ARMED_STEPS  # steps a loss-code window may still stay on, waiting for a recurrence
         self._last_reported = -1  # the last step whose nonfinite event was written
 
     # ------------------------------------------------------------------ per step
@@ -180,7 +185,7 @@ class Anomalies:
         """Remove the capture's hooks; end an armed window (its event, if the failure recurred)."""
         if self.capture is not None:
             self.capture.remove()
-        return self.finish_armed(None, now)
+        return self.finish_armed(None, now, again=False)
 
     # ------------------------------------------------------------------ locate
     @property
@@ -344,18 +349,27 @@ class Anomalies:
             _end_window(state)
 
         state["handles"] = [self.called.register_forward_pre_hook(enter, with_kwargs=True)]
+        state["loss_code"] = loss_code
         self._armed = (loc, state, step)
 
-    def finish_armed(self, loss: Tensor | float | None, now: int) -> events.Event | None:
-        """End the armed window; if the failure recurred, where it was born (``located_by="hooks"``)."""
+    def finish_armed(
+        self, loss: Tensor | float | None, now: int, *, again: bool = True
+    ) -> events.Event | None:
+        """End the armed window; if the failure recurred, where it was born (``located_by="hooks"``).
+        A window over the loss code whose failure did not recur is armed ``again`` for the next step
+        while :data:`ARMED_STEPS` last."""
         if self._armed is None:
             return None
         loc, state, step = self._armed
         self._armed = None
+        over_loss_code = bool(state.get("loss_code"))
         _end_window(state)  # (the model never ran, or its forward never left, or the loss code's window)
         target = loss if isinstance(loss, Tensor) else state.get("out")
         birth = loc.answer(target) if target is not None or loc.backward_birth is not None else None
         if birth is None:
+            if again and over_loss_code and self._armed_left > 0:
+                self._armed_left -= 1
+                self.arm(step, loss_code=True)
             return None
         return events.nonfinite(
             step,

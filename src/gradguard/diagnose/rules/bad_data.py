@@ -23,6 +23,7 @@ from gradguard.diagnose.rules._clipping import how_to_name_the_op, with_buffers
 
 _EVENT_KEYS = ("step", "batch", "tensor", "kind", "source", "evidence", "cause")
 _MAX_LISTED = 50
+_IN_TEXT = 8  # bad steps named in a finding's text
 _TENSOR_WORDS = {
     "input": "the model's input",
     "target": "the target",
@@ -221,10 +222,7 @@ def _lone(f: Facts, ev: Evidence) -> Finding:
         "healthy_p50": sig(f.healthy.p50, 4),
         "located_by": "norm",
     }
-    lead = (
-        f"Step {steps[0]}: a lone non-finite step ({len(steps)} in all, no op located) between healthy steps — the norms "
-        "before it were normal and training went on finite after it."
-    )
+    lead = _lone_lead(f, steps, ev.nonfinite_steps)
     on_rank = _loss_on_rank(f, steps[0])
     if on_rank is not None:  # torch.distributed: every rank said whose loss went non-finite
         rank, kind = on_rank
@@ -272,6 +270,24 @@ def _lone(f: Facts, ev: Evidence) -> Finding:
             f"keep on_nonfinite='skip' meanwhile. To tell the data from an op: {how_to_name_the_op(f)}."
         )
     return Finding("bad_data", "warning", steps[0], message, evidence, {"text": text, "on_nonfinite": "skip"})
+
+
+def _lone_lead(f: Facts, steps: list[int], nonfinite: int) -> str:
+    """The finding's first sentence: one lone step, or a failure that recurs on some batches (six
+    isolated steps read "a lone non-finite step (5 in all)": the last one, with no step after it to
+    show training went on, was not counted)."""
+    if len(steps) == 1 and nonfinite <= 1:
+        return (
+            f"Step {steps[0]}: a lone non-finite step (no op located) between healthy steps — the norms before it "
+            "were normal and training went on finite after it."
+        )
+    bad = [s for s, b in zip(f.steps, f.bad) if b]
+    listed = ", ".join(map(str, bad[:_IN_TEXT])) + (", …" if len(bad) > _IN_TEXT else "")
+    return (
+        f"Step {steps[0]}: {nonfinite} non-finite steps ({listed}), none located, each between healthy steps — the "
+        "norms before them were normal and training went on finite after them: a failure that recurs on some "
+        "batches, not a growth of the model."
+    )
 
 
 def _loss_on_rank(f: Facts, step: int) -> tuple[int, str] | None:
