@@ -1600,3 +1600,57 @@ def test_a_target_from_a_hand_updated_teacher_that_blew_up_is_named(tmp_path: Pa
     ), top
     assert "0.996, not 99.6" in top.recommendation["text"]
     assert {f.id for f in diagnose(tmp_path / "run")}.isdisjoint({"explosion", "divergence", "bad_data"})
+
+
+REENTRANT = """
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU()) for _ in range(3))
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + checkpoint(block, h, use_reentrant=True)
+        return self.out(h)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(12):
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        if step == 7:
+            x[2, 1] = float("nan")  # a bad batch
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # (no_grad: the replay starts inside it)
+        opt.step()
+"""
+
+
+def test_a_replay_through_a_reentrant_checkpoint_prints_no_torch_warning(tmp_path: Path) -> None:
+    """`checkpoint(..., use_reentrant=True)`, a bad batch, the script's clip_grad_norm_: the replay, started
+    inside that no_grad function, ran the forward without gradients, and torch printed "None of the inputs
+    have requires_grad=True. Gradients will be None" on the user's stderr, which the script never prints."""
+    script = tmp_path / "ckpt_train.py"
+    script.write_text(REENTRANT)
+    env = {
+        k: v for k, v in ENV.items() if k != "PYTHONWARNINGS"
+    }  # torch's warnings shown, as a user sees them
+    plain = plain_run(tmp_path, script, env=env)
+    assert plain.returncode == 0 and "requires_grad" not in plain.stderr, plain.stderr
+    guarded = gradguard_run(tmp_path, script, env=env)
+    assert guarded.returncode == 0, guarded.stderr
+    assert "requires_grad" not in guarded.stderr, guarded.stderr
+    event = next(e for e in read_run(tmp_path / "run").events if e["type"] == "nonfinite")
+    assert (event["step"], event["phase"]) == (7, "data")

@@ -1887,7 +1887,10 @@ class StepCapture:
         grads_ok = backward and all(_finite(g) for g in out_grads if g is not None)
 
         def _replayed_step() -> Any:
-            with _replay.under(self.autocast):  # the step's autocast state; the backward as it ran
+            # the step's autocast state, and gradients on as its forward had them: a replay started in
+            # the script's clip_grad_norm_ (a no_grad function) ran the forward without a graph, so no
+            # backward was replayed (and a reentrant checkpoint said "Gradients will be None")
+            with torch.enable_grad(), _replay.under(self.autocast):
                 out = self.root(*args, **kwargs)
             outs = [t for t in _tensors(out) if t.requires_grad]
             if grads_ok and len(outs) == len(out_grads):
@@ -1943,7 +1946,7 @@ class StepCapture:
                 continue
 
             def _replayed_step(args: Any = args, kwargs: Any = kwargs, autocast: Any = autocast) -> Any:
-                with _replay.under(autocast):
+                with torch.enable_grad(), _replay.under(autocast):  # (as the step's forward ran)
                     return self.root(*args, **kwargs)
 
             self.replaying = True
