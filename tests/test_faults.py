@@ -1827,3 +1827,96 @@ def test_a_closed_run_whose_records_were_cut_is_an_error_not_a_clean_verdict(tmp
         finding = incomplete(tmp_path / "run")
         assert finding is not None and finding.severity == "error", finding
         assert f"meta.json counts 32 steps but the log holds {len(kept)}" in finding.message
+
+
+@pytest.mark.parametrize("name", ["exist_ok", "locate", "rank_logs", "monitor_only"])
+def test_a_yes_no_setting_that_is_not_a_bool_is_refused(name: str) -> None:
+    """`exist_ok="no"` is truthy: it appended a new run to an existing log."""
+    import torch
+
+    model = _seq()
+    with pytest.raises(GradGuardError, match=f"{name} must be True or False; got str 'no'"):
+        gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), **{name: "no"})
+
+
+def test_a_home_relative_log_dir_is_expanded_not_a_folder_named_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = _seq()
+    gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log_dir="~/runs/a").close()
+    assert (tmp_path / "home" / "runs" / "a" / "meta.json").exists() and not (tmp_path / "~").exists()
+
+
+def test_a_snapshot_dir_that_is_a_file_is_refused_and_a_failed_write_does_not_stop_training(
+    tmp_path: Path,
+) -> None:
+    """`snapshot_dir` a file: accepted, then FileExistsError at the first step killed the loop; an unwritable
+    one (read-only, full disk) killed it too, leaving a half-written temp file."""
+    import torch
+
+    model = _seq()
+    taken = tmp_path / "snap.txt"
+    taken.write_text("mine")
+    with pytest.raises(GradGuardError, match=r"snapshot_dir .*snap.txt' is a file, not a directory"):
+        gradguard.Guard(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), on_nonfinite="rollback", snapshot_dir=taken
+        )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, on_nonfinite="rollback", snapshot_every=1, snapshot_dir=taken / "sub")
+    with pytest.warns(RuntimeWarning, match="cannot write the rollback snapshot into") as said:
+        for step in range(4):
+            _backward(model, opt, step)
+            guard.step()
+    guard.close()
+    assert guard.step_count == 4 and taken.read_text() == "mine"
+    assert len([w for w in said if "rollback snapshot" in str(w.message)]) == 1
+
+
+def test_a_state_part_that_cannot_be_loaded_leaves_the_guard_as_it_was() -> None:
+    """`anomaly="garbage"`: a raw TypeError, and the guard half-loaded (step count and clipper history applied)."""
+    import torch
+
+    model = _seq()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    source = gradguard.Guard(model, opt, clip="autoclip")
+    for step in range(5):
+        _backward(model, opt, step)
+        source.step()
+    state = source.state_dict()
+    source.close()
+    fresh = gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip="autoclip")
+    clean = fresh.state_dict()
+    with pytest.raises(
+        GradGuardError, match=r"Guard state's 'anomaly' part cannot be loaded .*nothing was loaded"
+    ):
+        fresh.load_state_dict({**state, "anomaly": "garbage"})
+    assert fresh.step_count == 0 and str(fresh.state_dict()["clipper"]) == str(clean["clipper"])
+    for bad in (None, "ckpt/guard.pt", model.state_dict()):
+        with pytest.raises(GradGuardError, match=r"takes the dict state_dict|has no version"):
+            fresh.load_state_dict(bad)  # type: ignore[arg-type]
+
+
+def test_a_second_open_guard_on_one_optimizer_and_a_parameter_in_two_groups_are_said() -> None:
+    """Both silently stepped the weights twice a step."""
+    import torch
+
+    model = _seq()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = gradguard.Guard(model, opt)
+    with pytest.warns(UserWarning, match="already has an open Guard: stepping both guards") as said:
+        gradguard.Guard(model, opt)
+    assert said[0].filename == __file__
+    first.close()
+    weight = next(model.parameters())
+    rest = list(model.parameters())[1:]
+    twice = torch.optim.SGD([{"params": rest}, {"params": [weight]}], lr=0.1)
+    twice.param_groups[0]["params"].append(weight)  # by hand (torch refuses it in the constructor)
+    with pytest.warns(
+        UserWarning,
+        match=r"1 parameter\(s\) appear more than once in the optimizer's param_groups \(0.weight\)",
+    ):
+        gradguard.Guard(model, twice)

@@ -5,6 +5,7 @@ Every message says what went wrong, the offending value, and how to fix it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,5 +37,23 @@ def check_state_version(state: Any, version: int, what: str, fix: str) -> None:
     gradguard reads, and ``fix`` (how to get a state it reads). One check for every ``load_state_dict``."""
     if isinstance(state, Mapping) and state.get("version") == version:
         return
-    got = state.get("version") if isinstance(state, Mapping) else type(state).__name__
-    raise GradGuardError(f"{what} state has version {got!r}; this gradguard reads {version}. {fix}")
+    if hasattr(state, "__fspath__") or (
+        isinstance(state, str) and re.search(r"[/\\]|\.(pt|pth|ckpt|bin)$", state)
+    ):
+        raise GradGuardError(
+            f"{what}.load_state_dict takes the dict state_dict() returned, not a path ({state!r}): load the file "
+            f"first, e.g. {what.lower()}.load_state_dict(torch.load(path)['{what.lower()}']). {fix}"
+        )
+    if not isinstance(state, Mapping):
+        raise GradGuardError(
+            f"{what}.load_state_dict takes the dict state_dict() returned, not {type(state).__name__}. {fix}"
+        )
+    if "version" not in state:
+        keys = ", ".join(repr(k) for k in list(state)[:3])
+        raise GradGuardError(
+            f"{what} state has no version: its keys ({keys}{', …' if len(state) > 3 else ''}) are not what "
+            f"{what}.state_dict() writes (a model's or an optimizer's state_dict?). {fix}"
+        )
+    raise GradGuardError(
+        f"{what} state has version {state.get('version')!r}; this gradguard reads {version}. {fix}"
+    )

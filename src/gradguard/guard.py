@@ -84,10 +84,12 @@ from gradguard._guard.config import (
     OnNonFinite,
     OnSpike,
     check_distributed,
+    check_flag,
     check_log_dir,
     check_model,
     check_monitor_only,
     check_optimizer,
+    check_snapshot_dir,
     is_fused,
     momentum_sgd,
 )
@@ -347,7 +349,10 @@ class Guard:
     ) -> None:
         self.model = check_model(model)
         self.optimizer = check_optimizer(optimizer)
-        check_log_dir(log_dir)
+        log_dir = check_log_dir(log_dir)
+        snapshot_dir = check_snapshot_dir(snapshot_dir)
+        for flag, name_ in ((exist_ok, "exist_ok"), (rank_logs, "rank_logs"), (locate, "locate")):
+            check_flag(flag, name_)
         config = GuardConfig.checked(
             on_nonfinite=on_nonfinite,
             on_spike=on_spike,
@@ -369,6 +374,8 @@ class Guard:
         )
         self.clipper = from_spec(clip)  # type: ignore[arg-type]  # a number means norm clipping
         _claim_clipper(self.clipper, self, optimizer)
+        _warn_if_guarded(self, optimizer)
+        _warn_duplicates(model, optimizer)
         check_monitor_only(config, self.clipper)
         self._guarded = GuardedParams(model, optimizer, on_change=lambda: self._recovery.forget())
         self._params = self._guarded.params  # grows in place when parameters join
@@ -782,6 +789,26 @@ class Guard:
             "explosion": self._explosions.state_dict(pending) if self._explosions.active else None,
         }
 
+    def _load_parts(self, state: dict[str, Any]) -> None:
+        """Load each part of ``state`` (checked already as a whole); :class:`_PartError` names the one
+        whose values cannot be read."""
+        loaders: list[tuple[str, Callable[[Any], None] | None]] = [
+            ("step_count", lambda _: self.counters.load_state_dict(state)),
+            ("clipper", self.clipper.load_state_dict if self.clipper is not None else None),
+            ("spike", self._spike.load_state_dict if self._spike is not None else None),
+            ("recovery", self._recovery.load_state_dict if self._recovery.active else None),
+            ("anomaly", self._anomaly.load_state_dict),
+            ("explosion", self._explosions.load_state_dict if self._explosions.active else None),
+        ]
+        for key, load in loaders:
+            part = state.get(key)
+            if load is None or part is None:
+                continue
+            try:
+                load(part)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+                raise _PartError(key, e) from e
+
     def number_on_from_the_log(self) -> None:
         """Before the first step: number this guard's steps on from the last step its run log holds.
         A script resumed under ``gradguard run --exist-ok`` (its own checkpoint, not the guard's
@@ -805,17 +832,15 @@ class Guard:
             self._recovery.check_fits(state["recovery"])
         self._after.drop()  # the post-step work of a step from before the checkpoint
         self.flush()  # this guard's own pending steps, before the step count moves
-        self.counters.load_state_dict(state)
-        if self.clipper is not None and state["clipper"] is not None:
-            self.clipper.load_state_dict(state["clipper"])
-        if self._spike is not None and state["spike"] is not None:
-            self._spike.load_state_dict(state["spike"])
-        if self._recovery.active and state.get("recovery") is not None:
-            self._recovery.load_state_dict(state["recovery"])
-        if state.get("anomaly") is not None:
-            self._anomaly.load_state_dict(state["anomaly"])
-        if self._explosions.active and state.get("explosion") is not None:
-            self._explosions.load_state_dict(state["explosion"])
+        before = self.state_dict()
+        try:
+            self._load_parts(state)
+        except _PartError as e:  # a part that cannot be read: the guard is put back as it was
+            self._load_parts(before)
+            raise GradGuardError(
+                f"Guard state's {e.part!r} part cannot be loaded ({type(e.error).__name__}: {e.error}); nothing was "
+                "loaded. Pass what Guard.state_dict() returned, unchanged (or set that part to None to start it fresh)."
+            ) from e.error
         if self.writer is not None:
             self.writer.resume(self.counters.step_count)
 
@@ -1193,8 +1218,9 @@ class Guard:
         self._warned_no_gradient = True
         warnings.warn(
             f"gradguard: step {step}: no guarded parameter has a gradient; was loss.backward() called before "
-            "the optimizer step (optimizer.zero_grad() between backward() and step() clears them)? The step is "
-            "recorded with a gradient norm of 0 (said once per guard).",
+            "the optimizer step (optimizer.zero_grad() between backward() and step() clears them), on a loss "
+            "computed from this model (a loss of another model, or of detached outputs, reaches none of its "
+            "weights)? The step is recorded with a gradient norm of 0 (said once per guard).",
             RuntimeWarning,
             stacklevel=_user_stacklevel(),
         )
@@ -1465,6 +1491,52 @@ def _caller_steps(outcome: Outcome) -> bool:
     """``before_step``'s answer: whether the caller steps. Its strategies decide on the host
     (``HostDecided``) or never skip (``Observe``: monitor only, ``"warn"``): no device value is read."""
     return not outcome.skipped if outcome.on_host else True
+
+
+class _PartError(Exception):
+    """A part of a saved Guard state whose values could not be loaded (``part``: its key)."""
+
+    def __init__(self, part: str, error: BaseException) -> None:
+        super().__init__(part)
+        self.part, self.error = part, error
+
+
+#: Each optimizer's newest guard: a second open guard on it steps it twice per backward.
+_OPTIMIZER_GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref[Guard]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _warn_if_guarded(guard: Guard, optimizer: torch.optim.Optimizer) -> None:
+    """Say when ``optimizer`` already has an open guard (a notebook cell run again, a second Guard made
+    by mistake): calling both ``step``s steps it twice per backward. The new guard is then its guard."""
+    ref = _OPTIMIZER_GUARDS.get(optimizer)
+    owner = ref() if ref is not None else None
+    if owner is not None and not owner.closed:
+        _warn_at_user(
+            f"gradguard: this {type(optimizer).__name__} already has an open Guard: stepping both guards steps "
+            "the optimizer twice per backward. Close the first (guard.close()) before making a new one, or keep "
+            "one Guard per optimizer."
+        )
+    _OPTIMIZER_GUARDS[optimizer] = weakref.ref(guard)
+
+
+def _warn_duplicates(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Say when a parameter is in the optimizer more than once (appended to a second group by hand):
+    torch steps it once per appearance, the guard measures it once."""
+    seen: dict[int, int] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    twice = {i for i, n in seen.items() if n > 1}
+    if not twice:
+        return
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in twice] or ["(unnamed)"]
+    _warn_at_user(
+        f"gradguard: {len(twice)} parameter(s) appear more than once in the optimizer's param_groups "
+        f"({', '.join(sorted(set(names))[:5])}): optimizer.step() updates each once per appearance, so they move "
+        "two or more times a step. Put each parameter in one group only."
+    )
 
 
 #: Each clipper instance's guard: one clipper's state (a norm history, a running mean) is one run's.

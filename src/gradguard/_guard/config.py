@@ -24,11 +24,13 @@ __all__ = [
     "OnSpike",
     "check_choice",
     "check_distributed",
+    "check_flag",
     "check_log_dir",
     "check_model",
     "check_monitor_only",
     "check_optimizer",
     "check_parameters",
+    "check_snapshot_dir",
     "guarded_parameters",
     "is_fused",
     "layer_cadence",
@@ -91,7 +93,7 @@ class GuardConfig:
             lr_backoff=check_lr_backoff(settings["lr_backoff"]),
             loss_scale_floor=check_loss_scale_floor(settings["loss_scale_floor"]),
             max_replays=positive_int(settings["max_replays"], "max_replays"),
-            monitor_only=bool(settings["monitor_only"]),
+            monitor_only=check_flag(settings["monitor_only"], "monitor_only"),
             min_lr=check_min_lr(settings["min_lr"]),
             max_rollbacks=optional_positive_int(settings["max_rollbacks"], "max_rollbacks"),
             rollback_window=positive_int(settings["rollback_window"], "rollback_window"),
@@ -199,11 +201,36 @@ def check_loss_scale_floor(value: Any) -> float:
     return floor
 
 
-def check_log_dir(value: Any) -> None:
-    """``log_dir`` is ``None``, ``"auto"`` or a directory path (not empty text: that would write into
-    the current directory)."""
+def check_flag(value: Any, name: str) -> bool:
+    """A yes/no setting is a bool: ``exist_ok="no"`` is truthy, and appended a new run to an old log."""
+    if not isinstance(value, bool):
+        raise GradGuardError(f"{name} must be True or False; got {type(value).__name__} {value!r}.")
+    return value
+
+
+def check_snapshot_dir(value: Any) -> str | os.PathLike[str] | None:
+    """``snapshot_dir`` is ``None`` or a directory path (``~`` expanded) that is not a file: checked at
+    construction, not at the first snapshot, which would stop the training loop."""
     if value is None:
-        return
+        return None
+    if not isinstance(value, (str, os.PathLike)) or (isinstance(value, str) and not value.strip()):
+        raise GradGuardError(
+            f"snapshot_dir must be a directory path or None; got {type(value).__name__} {value!r}."
+        )
+    path = os.path.expanduser(value)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise GradGuardError(
+            f"snapshot_dir {str(value)!r} is a file, not a directory: the rollback snapshot is written into "
+            "snapshot_dir/snapshot.pt. Pass a directory (new or existing)."
+        )
+    return path
+
+
+def check_log_dir(value: Any) -> Any:
+    """``log_dir`` is ``None``, ``"auto"`` or a directory path (not empty text: that would write into
+    the current directory); returned with a leading ``~`` expanded (``open`` does not: a ``./~`` folder)."""
+    if value is None:
+        return None
     if not isinstance(value, (str, os.PathLike)):
         raise GradGuardError(
             f"log_dir must be a directory path, 'auto' or None; got {type(value).__name__} {value!r}."
@@ -213,6 +240,7 @@ def check_log_dir(value: Any) -> None:
             f"log_dir={value!r} is empty: it would write the run log into the current directory. Pass "
             "a directory path, log_dir='auto' (gradguard-runs/<time>-<name>), or None for no files."
         )
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
 def check_model(model: Any) -> nn.Module:

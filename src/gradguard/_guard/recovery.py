@@ -26,8 +26,10 @@ at the same steps as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +119,7 @@ class Recovery:
         self.snapshot_step = -every  # the first good step takes a snapshot
         self.rollbacks: list[int] = []  # the steps of the rollbacks within the window
         self.healthy: Callable[[], bool] = lambda: True  # a due snapshot waits while this is False
+        self._disk_failed = False  # a snapshot_dir write failed: memory only from then on (said once)
 
     def due(self, step: int) -> bool:
         """Whether a snapshot is due after ``step`` (the cadence, and the gate)."""
@@ -141,8 +144,19 @@ class Recovery:
             "step": step,
         }
         self.snapshot, self.snapshot_step = state, step
-        if self.snapshot_dir is not None:
-            _save_atomically(state, self.snapshot_dir / "snapshot.pt")
+        if self.snapshot_dir is not None and not self._disk_failed:
+            try:
+                _save_atomically(state, self.snapshot_dir / "snapshot.pt")
+            except (OSError, RuntimeError) as e:  # (torch.save reports a full disk as a RuntimeError)
+                self._disk_failed = True
+                warnings.warn(
+                    f"gradguard: cannot write the rollback snapshot into {str(self.snapshot_dir)!r} ({e}); "
+                    "training goes on with the snapshot kept in memory only (rollbacks still work; a "
+                    "restart cannot use it). Pass a snapshot_dir on a disk with room that you can write to. "
+                    "Said once.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def _recent(self, step: int) -> list[int]:
         """The rollbacks within ``window`` steps of ``step``."""
@@ -337,10 +351,15 @@ _DEFINING = frozenset(
 def _save_atomically(state: dict[str, Any], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # no half-written file left behind (a full disk)
+        raise
 
 
 def _to_cpu(obj: Any) -> Any:
