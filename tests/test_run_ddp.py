@@ -135,3 +135,22 @@ def test_a_loss_code_fault_on_one_rank_is_located_there(tmp_path: Path) -> None:
     assert event is not None and event["step"] == 3, event
     assert (event["op"], event["phase"], event.get("rank")) == ("div", "loss", 1), event
     assert "on rank 1" in event["evidence"]["reason"] and event["source"].endswith("ddp_regression.py:73")
+
+
+def test_ddp_join_with_uneven_inputs_trains_as_the_plain_run(tmp_path: Path) -> None:
+    """`with model.join():` (uneven inputs): a rank that ran out of data only shadows DDP's collectives,
+    so the guard's per-step all-reduce had no partner — gloo's "collective mismatch" aborted both ranks,
+    under `gradguard run` and with a Guard in code alike. Under Join the guard does not all-reduce."""
+    script = Path(__file__).parent / "run_scripts" / "ddp_uneven_join.py"
+    plain = torchrun(str(script), cwd=tmp_path, env=ENV)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    weights = re.search(r"rank 0 ran 14 steps; weights (\w+)", plain.stdout)
+    assert weights is not None, plain.stdout
+    run_dir, code_dir = tmp_path / "run", tmp_path / "code"
+    guarded = torchrun("-m", "gradguard", "run", "--out", str(run_dir), str(script), cwd=tmp_path, env=ENV)
+    in_code = torchrun(str(script), "--guard", str(code_dir), cwd=tmp_path, env=ENV)
+    for proc in (guarded, in_code):
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"weights {weights.group(1)}" in proc.stdout  # bit-identical to the plain run
+    for folder in (run_dir, code_dir):
+        assert len(read_run(folder).metrics) == 14

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -122,6 +122,24 @@ class Reducer:
         self.world = world(group)
         self._mask = list(sharded)
         self._index: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+        self._joinables: list[Any] = []  # DDP modules whose Join context (uneven inputs) pauses the reduce
+
+    def watch_join(self, module: Any) -> None:
+        """Pause while ``module`` (a ``DistributedDataParallel``) runs under its ``join()`` context:
+        a rank that ran out of data only shadows DDP's own collectives there, so a further per-step
+        all-reduce has no partner (gloo: "collective mismatch"). DDP has averaged the gradients on
+        the ranks still training, so their norms and flags agree without it; the loss is each rank's."""
+        if hasattr(module, "_join_config"):
+            self._joinables.append(module)
+
+    @property
+    def paused(self) -> bool:
+        """Whether a DDP Join context is on: no collective of the guard's may run."""
+        return any(getattr(getattr(m, "_join_config", None), "enable", False) for m in self._joinables)
+
+    def gather(self, value: object) -> list[object] | None:
+        """Every rank's ``value`` (:func:`gather` over this group), or ``None`` while :attr:`paused`."""
+        return None if self.paused else gather(value, self.group)
 
     @property
     def floats_per_step(self) -> int:

@@ -56,7 +56,6 @@ from __future__ import annotations
 import atexit
 import copy
 import dataclasses
-import functools
 import math
 import os
 import sys
@@ -71,7 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import events, optable
-from gradguard._distributed import Reducer, gather, local, world
+from gradguard._distributed import Reducer, local, world
 from gradguard._guard import apply as applying
 from gradguard._guard.anomaly import Anomalies, flagged_nonfinite
 from gradguard._guard.apply import Apply, Outcome, Planned, reuse_first_call
@@ -383,7 +382,7 @@ class Guard:
         self._index = LayerIndex(self._guarded.names)
         self.config = config.for_layers(len(self._index.layers))
         self._process_group = process_group
-        self._reducer = _reducer(self._params, config, self.clipper, process_group)
+        self._reducer = _reducer(self._params, config, self.clipper, process_group, model)
         self._spike = spike_detector(config.on_spike, spike_z)
         root = self._guarded.root
         self._build_parts(root, (capture or StepCapture(root)) if locate else None, snapshot_dir)
@@ -435,7 +434,7 @@ class Guard:
             max_replays=config.max_replays,
             can_replay=self._reducer is None,
             applied=config.monitor_only and config.on_nonfinite == "warn",  # the caller applies bad steps
-            gather=None if self._reducer is None else functools.partial(gather, group=self._reducer.group),
+            gather=None if self._reducer is None else self._reducer.gather,
         )
         self._recovery = Recovery(
             self.model,
@@ -922,7 +921,7 @@ class Guard:
         self.monitor.add_layers(added)  # the pending records are flushed over the layers they measured
         self._index = index
         if self._reducer is not None:
-            self._reducer = _reducer(self._params, self.config, self.clipper, self._process_group)
+            self._reducer = _reducer(self._params, self.config, self.clipper, self._process_group, self.model)
         self._meter.reindex(self._index, self._reducer)
         self.config = self.config.for_layers(len(self._index.layers))
         self._choose_apply()
@@ -1469,12 +1468,19 @@ def _from_the_start(event: events.Event, bad_at_start: frozenset[str]) -> events
 
 
 def _reducer(
-    params: Sequence[Tensor], config: GuardConfig, clipper: Clipper | None, process_group: Any
+    params: Sequence[Tensor],
+    config: GuardConfig,
+    clipper: Clipper | None,
+    process_group: Any,
+    model: nn.Module,
 ) -> Reducer | None:
-    """Under torch.distributed: the one all-reduce a step that makes every rank see the same numbers."""
+    """Under torch.distributed: the one all-reduce a step that makes every rank see the same numbers
+    (paused while ``model``, a DDP module, runs under its ``join()`` context)."""
     if world(process_group) <= 1:
         return None
-    return Reducer(check_distributed(params, config, clipper), config.norm_type, process_group)
+    reducer = Reducer(check_distributed(params, config, clipper), config.norm_type, process_group)
+    reducer.watch_join(model)
+    return reducer
 
 
 def _with_step_fields(found: list[Any], records: list[dict[str, Any]], names: Iterable[str]) -> list[Any]:

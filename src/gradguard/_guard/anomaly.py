@@ -114,7 +114,7 @@ class Anomalies:
         max_replays: int,
         can_replay: bool,
         applied: bool = False,
-        gather: Callable[[Any], list[Any]] | None = None,
+        gather: Callable[[Any], list[Any] | None] | None = None,
     ) -> None:
         self.root = root
         self.called = capture.root if capture is not None else root  # the module the step calls
@@ -279,6 +279,8 @@ class Anomalies:
         except Exception:  # this rank must still join the gather, or the others wait for it forever
             mine = None
         found = self._gather(mine)
+        if found is None:  # (no collective now: a DDP Join context)
+            return None
         bad = [(r, f) for r, f in enumerate(found) if isinstance(f, dict)]
         if not bad:
             return None

@@ -411,7 +411,9 @@ class Meter:
             norms = self.tensor_norms(grads)  # the one read of the gradients
         loss_val = _loss_value(loss, device)
         rank_flags = None
-        if self.reducer is not None:  # the same numbers on every rank: one all-reduce
+        if (
+            self.reducer is not None and not self.reducer.paused
+        ):  # the same numbers on every rank: one all-reduce
             if len(present) != len(self.params):  # same vector on every rank: a missing grad has norm 0
                 norms = torch.zeros(len(self.params), dtype=norms.dtype, device=device).index_copy(
                     0, torch.tensor(present, device=device), norms
