@@ -412,6 +412,21 @@ def test_the_nonfinite_op_gives_way_to_an_explosion_error() -> None:
     assert "explosion" in ids(findings) and "nonfinite_op" not in ids(findings)
 
 
+def test_a_loss_that_jumps_with_new_data_and_falls_again_is_not_a_divergence() -> None:
+    """A curriculum (sequence length 2 → 8 → 32): the loss fell to 0.02, jumped ×2000 in one step at the
+    next stage, after a step of usual size (the weights barely moved), and fell back to 0.3: it read
+    "Divergence … lower the rate 10×". The same jump after a step whose norm had climbed 20×, or one that
+    never came back down, stays a divergence."""
+    n = 200
+    loss = [1.0 / (1 + s) + 0.02 for s in range(100)] + [150.0 / (1 + 3 * s) + 0.3 for s in range(n - 100)]
+    norms = [1.0] * n
+    assert conclude(run(norms, loss=loss), "divergence") is None
+    stormy = [*norms[:99], 20.0, *norms[100:]]  # the step before the jump was itself huge: the model's doing
+    assert conclude(run(stormy, loss=loss), "divergence") is not None
+    stays = [*loss[:100], *[150.0 + s for s in range(n - 100)]]  # it never came back down
+    assert conclude(run(norms, loss=stays), "divergence") is not None
+
+
 def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     norms = [1.0] * 50 + [NAN] + [1.0] * 49
     data = {"type": "nonfinite", "step": 50, "phase": "data", "kind": "nan", "tensor": "input"}

@@ -24,7 +24,7 @@ from typing import Any
 
 from gradguard.diagnose.facts import WEIGHT_MOVED, Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt, rolling_median, sig
+from gradguard.diagnose.numbers import fmt, median, rolling_median, sig
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import either, lower_lr, scale_at_start, threshold_advice, with_lr
 
@@ -62,8 +62,36 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
                 return None  # it went non-finite after all: the explosion finding covers it
             window = range(max(best_at, j - _SMOOTH // 2), min(len(rows), j + _SMOOTH // 2 + 1))
             onset = next((k for k in window if _climbed(f.loss[rows[k]], best, start, factor)), j)
+            if _new_data(f, rows, onset):
+                return None
             return Evidence(rows, onset)
     return None
+
+
+_JUMP = 10.0  # a loss this many times its last value in one step...
+_CALM = 3.0  # ...after a step whose gradient norm was within this many times the median before it
+
+
+def _new_data(f: Facts, rows: list[int], onset: int) -> bool:
+    """Whether the climb is the data's, not the model's: the loss jumped ≥ :data:`_JUMP`× in one step
+    after a step of usual size (its gradient norm within :data:`_CALM`× the median before it: the
+    weights barely moved, so the loss rose with what it was given — a curriculum's next stage, a
+    heavy-tailed batch), and it has fallen since to a tenth of its peak or less, not climbing again.
+    A curriculum (sequence length 2 → 8 → 32, the loss 0.07 → 154 at the stage, 0.33 at the end)
+    read "Divergence … lower the rate 10×"."""
+    if onset < 2:
+        return False
+    before, at = f.loss[rows[onset - 1]], f.loss[rows[onset]]
+    if not (before > 0 and at >= _JUMP * before):
+        return False
+    norms = [f.norm[rows[k]] for k in range(onset - 1)]
+    norms = [n for n in norms if math.isfinite(n)]
+    last = f.norm[rows[onset - 1]]
+    if not norms or not (math.isfinite(last) and last <= _CALM * median(norms)):
+        return False
+    after = [f.loss[i] for i in rows[onset:]]
+    tail = after[-max(1, len(after) // 4) :]
+    return len(after) >= 8 and median(tail) <= max(after) / 10 and median(tail) <= median(after)
 
 
 def _climbed(v: float, best: float, start: float, factor: float) -> bool:
