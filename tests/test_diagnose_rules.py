@@ -1177,6 +1177,26 @@ def test_layers_whose_gradient_was_always_zero_are_the_stalls_cause() -> None:
         assert "lr_too_high" not in {f.id for f in found}
 
 
+def test_a_layer_of_only_a_bias_whose_gradient_is_zero_by_construction_is_not_cut_off() -> None:
+    """A hinge GAN critic under spectral_norm: 'net.4' holds only the output bias (the weight moved to
+    'net.4.parametrizations.weight'), whose gradient is −1 + 1 = 0 while every sample is inside the margin;
+    it read "stalled (error): … exactly 0 on every step … a Dropout(p=1.0)"."""
+    flat = [2.0 + 0.001 * (s % 3) for s in range(200)]
+    log = run(
+        [1.0] * 200,
+        loss=flat,
+        **{"layer__net.4__grad_norm": [0.0] * 200, "layer__net.4__weight_norm": [0.3] * 200},
+        **{"layer__net.2__grad_norm": [0.5] * 200, "layer__net.2__weight_norm": [4.0] * 200},
+    )
+    log.meta["parameters"] = {"net.4.bias": [1], "net.4.parametrizations.weight.original": [1, 64],
+                              "net.2.weight": [64, 64], "net.2.bias": [64]}  # fmt: skip
+    found = conclude(log, "stalled")
+    assert found is None or "exactly 0 on every step" not in found.message, found
+    log.meta["parameters"]["net.4.weight"] = [1, 64]  # a layer with a weight matrix: cut off indeed
+    cut = conclude(log, "stalled")
+    assert cut is not None and "'net.4' were exactly 0 on every step" in cut.message, cut
+
+
 def test_an_mse_above_its_targets_variance_says_the_output_cannot_reach_them() -> None:
     """A sigmoid head on targets in [0, 100]: MSE 2945 against a variance of 541 — "No findings"."""
     log = run([1.0] * 400, loss=[3355 - s for s in range(20)] + [2945 + (s % 3) for s in range(380)])

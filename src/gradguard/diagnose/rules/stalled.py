@@ -254,10 +254,23 @@ def _dead_layers(f: Facts) -> list[str]:
     for name in f.layers:
         norms = [g for g in f.layer(name, "grad_norm") if math.isfinite(g)]
         if len(norms) >= MIN_STEPS // 2 and all(g == 0 for g in norms):
-            zero.append(name)
+            if not _bias_only(f, name):
+                zero.append(name)
         elif any(g > 0 for g in norms):
             live = True
     return zero if live else []
+
+
+def _bias_only(f: Facts, layer: str) -> bool:
+    """Whether a layer's parameters (``meta.json`` ``parameters``: name → shape) are all vectors: a bias
+    whose gradient is 0 by construction is healthy — a Linear's bias before a BatchNorm (the mean is
+    subtracted), a hinge GAN critic's output bias while every sample is inside the margin (−1 + 1), the
+    bias left in a layer whose weight spectral_norm moved to ``weight_orig``."""
+    shapes = f.log.meta.get("parameters")
+    if not isinstance(shapes, dict):
+        return False
+    own = [shape for n, shape in shapes.items() if n.rsplit(".", 1)[0] == layer]
+    return bool(own) and all(isinstance(shape, list) and len(shape) <= 1 for shape in own)
 
 
 def _cut_off(f: Facts, ev: Evidence, dead: list[str], chance: str) -> Finding:
