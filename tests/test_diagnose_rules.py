@@ -1197,6 +1197,25 @@ def test_a_layer_of_only_a_bias_whose_gradient_is_zero_by_construction_is_not_cu
     assert cut is not None and "'net.4' were exactly 0 on every step" in cut.message, cut
 
 
+def test_a_run_that_converged_in_its_first_steps_or_whose_loss_is_negative_trained() -> None:
+    """Full-batch least squares (reduction='sum') reaches its noise floor at step 2 (5e6 → 198): it read
+    "stalled: steps tiny" and "lr_too_high: try lr=9e-09". A mixture density network's NLL falls −1.2 → −2.4:
+    over_clipping read "no loss was recorded"."""
+    from gradguard.diagnose.rules._clipping import trained
+
+    n = 100
+    floor = [5e6, 4e4, 350.0] + [198.0 + 0.5 * (s % 3) for s in range(n - 3)]
+    log = run([1.0] * n, loss=floor)
+    assert trained(Facts(log)) is not None
+    assert conclude(log, "stalled") is None
+    negative = [-1.2 - 1.2 * s / n for s in range(n)]
+    assert trained(Facts(run([1.0] * n, loss=negative))) is not None
+    at_chance = [20.0, 5.0, 2.4] + [math.log(10) + 0.001 * (s % 3) for s in range(n - 3)]
+    still = conclude(run([1.0] * n, loss=at_chance, layer__a__grad_norm=[0.0] * n,
+                         layer__b__grad_norm=[0.5] * n), "stalled")  # fmt: skip
+    assert still is not None  # a fast fall that ends at a uniform guess is no training
+
+
 def test_an_mse_above_its_targets_variance_says_the_output_cannot_reach_them() -> None:
     """A sigmoid head on targets in [0, 100]: MSE 2945 against a variance of 541 — "No findings"."""
     log = run([1.0] * 400, loss=[3355 - s for s in range(20)] + [2945 + (s % 3) for s in range(380)])

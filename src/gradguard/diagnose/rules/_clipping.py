@@ -102,9 +102,14 @@ def clip_window(f: Facts) -> ClipWindow | None:
 
 
 def progress(loss: Ends) -> float:
-    """How far the loss fell: 1 − its end over its start (``nan`` without a positive finite start)."""
-    start = loss.start
-    return 1 - loss.end / start if math.isfinite(start) and start > 0 else math.nan
+    """How far the loss fell, as a share of its start's size: 1 − end / start for a positive start;
+    for a loss at or below 0 by design (a negative log-likelihood of a density, an ELBO, a negative
+    Pearson) the fall over ``|start|`` (``|end|`` from a start of 0). ``nan`` without finite ends."""
+    start, end = loss.start, loss.end
+    size = abs(start) or abs(end)
+    if not (math.isfinite(start) and math.isfinite(end)) or size == 0:
+        return math.nan
+    return (start - end) / size
 
 
 def trained(f: Facts, loss: Ends | None = None) -> Ends | None:
@@ -122,6 +127,8 @@ def trained(f: Facts, loss: Ends | None = None) -> Ends | None:
         loss = ends(losses)
         if losses and 0 < losses[0] < loss.start:  # it rose at once (a warm-up to a rate too high): judged
             loss = dataclasses.replace(loss, start=losses[0])  # from before the rise, not from its top
+        elif len(losses) >= 3 and median(losses[:3]) > loss.start:  # it fell within its first tenth (least
+            loss = dataclasses.replace(loss, start=median(losses[:3]))  # squares: 5e6 → 198): from its start
     fell = progress(loss)
     if at_uniform(f, loss.end):  # it ended where a uniform guess over its classes is: it learned nothing
         return None

@@ -97,6 +97,9 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     end = median(quarter)
     classes = _chance(f, end)
     variance = _mean_level(f, end)
+    if classes is None and variance is None and 0 < (1 - STALLED) * losses[0] >= low:
+        return None  # it fell from its very first loss within the first steps (least squares: 5e6 → 198 at
+        # step 2, the noise floor), then had nothing left to learn: not a stall
     never = isinstance(f.log.meta.get("never_updated"), str) or _no_gradient(f) or bool(_dead_layers(f))
     chance = classes is not None or variance is not None
     if not (moved >= _large(f) or moved <= TINY or chance or _rounded_away(f, moved) or never):
