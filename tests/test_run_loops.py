@@ -1654,3 +1654,41 @@ def test_a_replay_through_a_reentrant_checkpoint_prints_no_torch_warning(tmp_pat
     assert "requires_grad" not in guarded.stderr, guarded.stderr
     event = next(e for e in read_run(tmp_path / "run").events if e["type"] == "nonfinite")
     assert (event["step"], event["phase"]) == (7, "data")
+
+
+DISTILL = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+torch.manual_seed(0)
+teacher = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+teacher.eval()  # "pretrained"; its parameters keep requires_grad
+student = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 10))
+opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+T = 4.0
+for step in range(30):
+    x = torch.randn(64, 20)
+    t_logits = teacher(x)
+    s_logits = student(x)
+    loss = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits.detach() / T, 1), reduction="batchmean") * T * T
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+print("done")
+"""
+
+
+def test_a_trainable_teacher_whose_output_is_detached_is_not_updated_by_hand(tmp_path: Path) -> None:
+    """Distillation with the teacher left trainable, its output detached: the teacher read "updated by hand",
+    "no guarded parameter has a gradient" and "an optimizer built before the model was replaced", and became
+    the run's main log (the student's went to optimizer1/)."""
+    script = tmp_path / "distill.py"
+    script.write_text(DISTILL)
+    guarded = gradguard_run(tmp_path, script)
+    assert guarded.returncode == 0, guarded.stderr
+    for wrong in ("updated by hand", "no guarded parameter has a gradient", "have not changed"):
+        assert wrong not in guarded.stderr, guarded.stderr
+    log = read_run(tmp_path / "run")
+    assert len(log.metrics) == 30 and not (tmp_path / "run" / "optimizer1").exists()
+    assert log.meta["optimizer"]["class"] == "Adam", log.meta["optimizer"]

@@ -77,6 +77,15 @@ def kind_of(zc: Any, root: Root) -> str:
     return "optimizer" if optimizers_holding(zc, ids) else "manual"
 
 
+def has_gradients(root: Root) -> bool:
+    """Whether a backward reached the root's model: a model no optimizer holds is updated by hand only
+    where its parameters get gradients (a distillation teacher left trainable, its output detached, gets
+    none: it read "updated by hand", "no gradient: was backward() called?" and "an optimizer built before
+    the model was replaced", and became the run's main log)."""
+    model = root.model
+    return model is not None and any(p.grad is not None for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- sessions
 def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     """The optimizer's session; made at its first step (or clip). ``None``: not guarded."""

@@ -465,6 +465,8 @@ class ZeroCode:
         for root in called.values():
             if root.kind is None:
                 root.kind = _lookup.kind_of(self, root)
+                if root.kind == "manual" and not _lookup.has_gradients(root):
+                    root.kind = "none"  # no optimizer and no gradient: a teacher whose output is detached
             if root.kind != "manual":
                 continue
             session = _lookup.manual_session_of(self, root)
