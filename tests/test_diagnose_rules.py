@@ -869,6 +869,20 @@ def test_grad_norms_decaying_toward_the_input_are_vanishing() -> None:
     assert conclude(run([1.0] * n, **flat), "vanishing") is None
 
 
+def test_a_scale_collapse_in_a_bfloat16_run_is_the_nonfinite_ops_not_float16s_range() -> None:
+    """A GradScaler kept beside bf16 autocast halved its scale at each step of a recurring log(0): it read
+    "float16 cannot hold these gradients … Train in bfloat16" to a run already in bfloat16."""
+    scale = [2.0 ** (10 - s) for s in range(12)]
+    located = {"type": "nonfinite", "step": 2, "phase": "loss", "op": "log", "kind": "-inf", "located_by": "hooks",
+               "evidence": {"reason": "log of 0", "inputs": [{"dtype": "bfloat16", "zeros": 1}]}}  # fmt: skip
+    found = conclude(run([1.0] * 12, loss_scale=scale, events=[located]), "loss_scale_collapse")
+    assert found is not None and found.severity == "warning"
+    assert "computes in bfloat16" in found.message and "Train in bfloat16" not in found.recommendation["text"]
+    fp16 = {**located, "evidence": {"reason": "log of 0", "inputs": [{"dtype": "float16", "zeros": 1}]}}
+    same = conclude(run([1.0] * 12, loss_scale=scale, events=[fp16]), "loss_scale_collapse")
+    assert same is not None and "Train in bfloat16" in same.recommendation["text"]
+
+
 def test_a_loss_scale_below_one_is_a_collapse() -> None:
     scale = [2.0**8 / 2**s for s in range(12)]
     collapse = conclude(run([1.0] * 12, loss_scale=scale), "loss_scale_collapse")

@@ -54,6 +54,8 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     if start is not None:
         evidence["initial_loss_scale"] = start
         return _started_too_high(f, start, step, evidence)
+    if _bfloat16(f):
+        return _under_bfloat16(f, step, evidence)
     message = (
         f"AMP loss-scale collapse at step {step}: the GradScaler's scale fell to {fmt(num(event.get('loss_scale')))} "
         "after repeated overflows — float16 cannot hold these gradients, and every overflow is a skipped step."
@@ -64,6 +66,37 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "dtype": "bfloat16",
     }
     return Finding("loss_scale_collapse", "error", step, message, evidence, rec)
+
+
+def _bfloat16(f: Facts) -> bool:
+    """Whether the run computed in bfloat16, not float16: the located ops' inputs were bfloat16 (a
+    GradScaler kept beside ``autocast(dtype=torch.bfloat16)`` counts any NaN/inf as an overflow)."""
+    dtypes = {
+        str(i.get("dtype"))
+        for e in f.nonfinite_events
+        for i in (e.get("evidence") or {}).get("inputs") or ()
+        if isinstance(i, dict)
+    }
+    return "bfloat16" in dtypes and "float16" not in dtypes
+
+
+def _under_bfloat16(f: Facts, step: int | None, evidence: dict[str, Any]) -> Finding:
+    """The scale collapsed in a bfloat16 run: not float16's range (bfloat16 has float32's) — the scaler
+    halved its scale at each non-finite step the run made (a log of 0 recurring). "Train in bfloat16" was
+    said to a run already in bfloat16."""
+    first = next((f.steps[i] for i, b in enumerate(f.bad) if b), None)
+    message = (
+        f"AMP loss-scale collapse at step {step}: the GradScaler halved its scale at every non-finite step"
+        + (f" (the first at step {first})" if first is not None else "")
+        + ". The run computes in bfloat16, whose range is float32's: these were no float16 overflows but the "
+        "non-finite values the run made (see the finding that locates them)."
+    )
+    rec = {
+        "text": "Fix the op that made the non-finite values (the located finding); under bfloat16 autocast a "
+        "GradScaler is not needed (drop it: it only turns each non-finite step into a skipped one).",
+    }
+    evidence["autocast_dtype"] = "bfloat16"
+    return Finding("loss_scale_collapse", "warning", step, message, evidence, rec)
 
 
 def _high_start(f: Facts) -> float | None:
