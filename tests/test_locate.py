@@ -238,6 +238,35 @@ def test_a_loss_code_failure_that_recurs_steps_later_is_located_by_the_window_ke
     assert torch._C._len_torch_function_stack() == 0
 
 
+def test_a_target_whose_logit_was_masked_to_minus_inf_is_the_cross_entropys_birth() -> None:
+    """Rare tokens masked to -inf in the output, yet kept as targets: the loss is +inf. The -inf was written
+    on purpose, so nothing was "born" and the verdict read "gradguard run could not replay this step"."""
+
+    class LM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = torch.nn.Linear(8, 20)
+            allowed = torch.ones(20, dtype=torch.bool)
+            allowed[15:] = False
+            self.register_buffer("allowed", allowed)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(x).masked_fill(~self.allowed, float("-inf"))
+
+    model = LM()
+    with gradguard.locate(model) as loc:
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(6, 8)), torch.tensor([1, 2, 3, 4, 17, 5]))
+        loss.backward()
+    event = loc.event
+    assert event is not None and (event["op"], event["kind"]) == ("cross_entropy", "inf"), event
+    assert "a target's logit is -inf" in event["evidence"]["reason"]
+    with gradguard.locate(model) as fine:  # every target allowed: the masked -inf stays harmless
+        torch.nn.functional.cross_entropy(
+            model(torch.randn(6, 8)), torch.tensor([1, 2, 3, 4, 5, 6])
+        ).backward()
+    assert fine.event is None
+
+
 # ----------------------------------------------------------------------------- the capture's tree walk
 def test_the_captures_tensor_walk_matches_the_pytree_order_on_every_container() -> None:
     """The step capture walks outputs and arguments with its own fast walk (plain tuples, lists,

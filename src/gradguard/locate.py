@@ -260,6 +260,16 @@ def _finite(t: Tensor) -> bool:
     return bool(torch.isfinite(_readable(t)).all())
 
 
+_PICKING_LOSSES = frozenset({"cross_entropy", "nll_loss", "nll_loss_nd", "nll_loss2d"})
+
+
+def _picked_masked(name: str, out_kinds: list[str]) -> bool:
+    """A classification loss that came out +inf from logits masked to -inf on purpose: it picked a
+    target whose class the mask excludes (rare tokens masked, yet kept as targets) — the loss's own
+    birth, not the mask's (the intentional -inf passes through a softmax finite, never to +inf)."""
+    return name in _PICKING_LOSSES and "inf" in out_kinds
+
+
 def _describe(t: Tensor) -> dict[str, Any]:
     """A few numbers that explain a tensor: shape, dtype, non-finite counts, zeros, range."""
     d = _readable(t)
@@ -630,7 +640,9 @@ class Locator:
             taint = frozenset(
                 {self._birth(self.phase, self._module(), name, "output", kind, user_source(4), ev)}
             )
-        elif not bad_inputs or ("nan" in out_kinds and not in_nan and in_taint <= {-1}):
+        elif not bad_inputs or (
+            in_taint <= {-1} and (("nan" in out_kinds and not in_nan) or _picked_masked(name, out_kinds))
+        ):
             source = user_source(4)
             op, evidence = self._evidence(name, func, args, kwargs, inputs, bad_outs, kind)
             phase = self.phase if self.phase != "backward" else "backward"

@@ -85,6 +85,7 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
         inputs and inputs[0].get("zeros") and inputs[0].get("underflow")
     ),
     "any_zero": lambda inputs: any(i.get("zeros") for i in inputs),
+    "neginf_input": lambda inputs: bool(inputs and inputs[0].get("neginf")),
     "all_ignored": lambda inputs: any(i.get("numel") and i.get("ignored") == i.get("numel") for i in inputs),
     # the first input has elements beyond ±1 (|x| > 1: outside atanh's domain) or at / below -1 (log1p)
     "beyond_unit": lambda inputs: bool(inputs and inputs[0].get("absmax", 0.0) > 1.0),
@@ -227,6 +228,13 @@ OPS: tuple[OpEntry, ...] = (
         "skip a batch with no valid target (if (target != ignore_index).any()), or average with "
         "reduction='sum' / (target != ignore_index).sum().clamp_min(1)",
         Cause("all_ignored", "every target is ignored (ignore_index): the mean over zero targets is 0 / 0"),
+        Cause(
+            "neginf_input",
+            "a target's logit is -inf (masked out on purpose): the loss of a class the mask excludes is +inf",
+            "keep every class that can be a target unmasked: map the excluded classes to <unk> (or to "
+            "ignore_index) in the targets, or mask with a large finite negative (torch.finfo(logits.dtype).min) "
+            "instead of -inf",
+        ),
     ),
     _entry(
         r"^log(2|10)?$",
