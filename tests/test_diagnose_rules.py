@@ -447,7 +447,8 @@ def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     assert "run the same script under `gradguard run`" in diagnose(hf)[0].recommendation["text"]
     union = run(norms)  # gradguard run, whose step it could not replay: no closure to pass there either
     union.meta["runner"] = "gradguard run"
-    assert "gradguard run could not replay" in diagnose(union)[0].recommendation["text"]
+    said = diagnose(union)[0].recommendation["text"]
+    assert "gradguard run could not replay" in said and "model.nll(x, y)" in said, said
 
 
 def test_isolated_nonfinite_steps_that_recur_are_counted_all_not_a_lone_step() -> None:

@@ -683,10 +683,11 @@ def how_to_name_the_op(f: Facts) -> str:
         )
     if f.log.meta.get("runner") == "gradguard run":
         return (
-            "gradguard run could not replay this step's forward (one optimizer over several models, or a model "
-            "called several times in one step): run the failing batch through one model call, or in code pass "
-            "a closure, guard.step(closure), so gradguard replays the step op by op and names the op, module "
-            "and source line"
+            "gradguard run could not replay this step's forward: it saw no single call of the model that made "
+            "the loss (a loss computed by another method — model.nll(x, y), model.loss(batch) — or from the "
+            "parameters directly; one optimizer over several models; a model called several times in one step). "
+            "Compute the loss from one call of the model's forward, or in code pass a closure, "
+            "guard.step(closure), so gradguard replays the step op by op and names the op, module and source line"
         )
     return (
         "pass a closure, guard.step(closure), so gradguard replays the failed step op by op and names the "
