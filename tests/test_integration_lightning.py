@@ -262,12 +262,15 @@ def test_fast_dev_run_twice_writes_two_runs(tmp_path, monkeypatch):
     assert dirs[0] != dirs[1] and all(len(runlog.read_run(d).metrics) == 3 for d in dirs)
 
 
-def test_monitor_only_leaves_training_unchanged(tmp_path):
-    """Lightning clips and steps; gradguard measures the pre-clip norm and changes nothing."""
+@pytest.mark.parametrize("how", ["monitor_only", "clip_none"])
+def test_monitor_only_leaves_training_unchanged(tmp_path, how):
+    """Lightning clips and steps; gradguard measures the pre-clip norm and changes nothing. With
+    clip="none" (gradguard guards, Lightning clips) the log said "clipping none (clip rate 0)" while
+    Lightning clipped most steps."""
     plain = Tiny(nan_step=None)
     _trainer(tmp_path / "a", [], gradient_clip_val=0.05, max_epochs=1).fit(plain, _data())
     watched = Tiny(nan_step=None)
-    cb = GradGuard(monitor_only=True, every=4)
+    cb = GradGuard(monitor_only=True, every=4) if how == "monitor_only" else GradGuard(clip="none", every=4)
     _trainer(tmp_path / "b", [cb], gradient_clip_val=0.05, max_epochs=1).fit(watched, _data())
     assert _same(plain.after[-1][0], watched.after[-1][0])
     run = runlog.read_run(cb.run_dir)

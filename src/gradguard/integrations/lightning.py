@@ -461,13 +461,15 @@ class GradGuard(pl.Callback):
         return guard.before_step(loss, clip=clip, fields=fields)
 
     def _lightnings_clip(self, trainer: pl.Trainer, guard: Guard) -> CallerClip | None:
-        """Under ``monitor_only``, Lightning's own norm clip (``gradient_clip_val``, which it applies
-        after this hook) as the step's clip: its threshold, coefficient and clip rate go into the row,
-        from the norm the guard measures (its norm type is Lightning's, 2). A value clip, or a guard
-        measuring another norm, is not logged (it would take a second read of the gradients)."""
+        """Where gradguard does not clip (``monitor_only``, or ``clip="none"``), Lightning's own norm clip
+        (``gradient_clip_val``, which it applies after this hook) as the step's clip: its threshold,
+        coefficient and clip rate go into the row, from the norm the guard measures (its norm type is
+        Lightning's, 2) — ``clip="none"`` beside ``gradient_clip_val=0.5`` logged "clipping none (clip rate
+        0)" while Lightning clipped 40 of 64 steps. A value clip, or a guard measuring another norm, is not
+        logged (it would take a second read of the gradients)."""
         value = trainer.gradient_clip_val
         if not (
-            self.monitor_only
+            (self.monitor_only or from_spec(self.clip) is None)  # type: ignore[arg-type]
             and value
             and _clip_algorithm(trainer) == "norm"
             and guard.config.norm_type == 2.0
