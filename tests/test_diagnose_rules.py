@@ -648,6 +648,15 @@ def test_an_lr_jump_right_before_the_climb_is_blamed() -> None:
     assert jump is not None and jump.evidence["lr_jump_step"] == 28 and jump.recommendation["lr"] == 0.05
 
 
+def test_an_lr_jump_from_a_rate_annealed_to_zero_advises_the_rate_that_trained() -> None:
+    """SWA: cosine annealing to eta_min=0, then SWALR at 2.5 (meant 5e-2). A jump from 0 was no jump (the
+    ratio to 0 is not a number): it read "explosion: max_norm=0.034 or lr=0.2" with no word of the schedule."""
+    lr = [0.1] * 16 + [0.0] * 12 + [2.5] * (len(CLIMB) - 28)
+    jump = conclude(run(CLIMB, lr=lr), "lr_too_high")
+    assert jump is not None and jump.evidence["lr_jump_step"] == 28 and jump.recommendation["lr"] == 0.1
+    assert "rose from 0 to 2.5 at step 28 (it had trained at up to 0.1" in jump.message, jump.message
+
+
 def test_an_explosion_a_schedule_drove_advises_the_schedules_fix_and_the_rate_before_it() -> None:
     """A LambdaLR that triples the rate every step from step 28 (0.05 → 0.4 and on): "a tenth of the
     rate the run failed at" was a rate above the script's own, and a threshold does not hold a rate

@@ -470,6 +470,13 @@ def lr_jump(f: Facts, end: int, lookback: int = _JUMP_LOOKBACK) -> tuple[int, fl
         jumped = now >= (LR_JUMP if held else _LR_LEAP) * prev
         if prev > 0 and math.isfinite(now) and jumped and (held or i >= 2):
             return f.steps[i], prev, now
+        if (
+            prev == 0 and held and math.isfinite(now) and now > 0
+        ):  # from a rate annealed to 0 (cosine's eta_min=0,
+            # then SWALR's 2.5 for 5e-2): the rate that trained is the highest before it, not 0
+            trained_at = max((r for r in f.lr[:i] if math.isfinite(r) and r > 0), default=0.0)
+            if trained_at > 0 and now >= LR_JUMP * trained_at:
+                return f.steps[i], trained_at, now
     return None
 
 

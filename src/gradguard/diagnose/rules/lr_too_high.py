@@ -119,6 +119,13 @@ def scheduled(f: Facts, ev: Evidence) -> tuple[float, str, str] | None:
         at, before, after = ev.jump
         onset = f.healthy.onset_step
         then = f"the norm started growing (step {onset})" if onset is not None else "the loss climbed"
+        row = f.index_of(at)
+        if row > 0 and f.lr[row - 1] == 0:  # annealed to 0 first: the rate that trained was before that
+            did = (
+                f"the learning rate rose from 0 to {fmt(after)} at step {at} (it had trained at up to {fmt(before)} "
+                f"before its schedule annealed it to 0), right before {then}"
+            )
+            return sig(before, 2), f"the highest rate that trained before its jump at step {at}", did
         did = f"the learning rate rose from {fmt(before)} to {fmt(after)} at step {at}, right before {then}"
         return sig(before, 2), f"the rate before its jump at step {at}", did
     if ev.rising is not None:
