@@ -427,6 +427,22 @@ def test_a_loss_that_jumps_with_new_data_and_falls_again_is_not_a_divergence() -
     assert conclude(run(norms, loss=stays), "divergence") is not None
 
 
+def test_an_overflow_in_a_run_huge_from_its_first_step_is_a_finding_not_no_findings() -> None:
+    """MAML with an inner rate of 0.3: the loss was 3.7e35 at step 0 and steps overflowed from step 31 (events
+    with cause "explosion"); the explosion rule has no healthy norms to grow from, nonfinite_op stood down for
+    the explosion cause, and the run read "No findings"."""
+    n = 60
+    loss = [3.7e35] + [1e23 * (1 + s % 5) for s in range(1, n)]
+    norms = [2.4e38] + [3e25 * (1 + s % 5) for s in range(1, n)]
+    for s in (31, 32, 33, 34):  # (in a row: not a lone bad batch)
+        loss[s], norms[s] = math.inf, math.inf
+    boom = {"type": "nonfinite", "step": 31, "phase": "loss", "kind": "inf", "cause": "explosion",
+            "located_by": "norm"}  # fmt: skip
+    found = diagnose(run(norms, loss=loss, events=[boom]))
+    assert found and found[0].severity == "error", [(f.id, f.message) for f in found]
+    assert "already 3.7e+35 at step 0" in found[0].message, found[0].message
+
+
 def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     norms = [1.0] * 50 + [NAN] + [1.0] * 49
     data = {"type": "nonfinite", "step": 50, "phase": "data", "kind": "nan", "tensor": "input"}

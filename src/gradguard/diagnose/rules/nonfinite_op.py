@@ -16,7 +16,7 @@ from gradguard.diagnose.facts import Facts, fields
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name
 from gradguard.diagnose.rules import Rule, Seen
-from gradguard.diagnose.rules._clipping import how_to_name_the_op, with_buffers
+from gradguard.diagnose.rules._clipping import how_to_name_the_op, scale_at_start, with_buffers
 
 _EVENT_KEYS = (
     "phase",
@@ -46,8 +46,8 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     events = [e for e in f.nonfinite_events if e.get("phase") != "data" and e.get("step") not in data_steps]
     if not events and f.trouble_reason != "nonfinite":
         return None
-    if events and _is_explosion_event(events[0]):
-        return None
+    if events and _is_explosion_event(events[0]) and scale_at_start(f) is None:
+        return None  # (the explosion rule's; one huge from step 0 has no healthy norms to grow from: here)
     fed = _fed_bad_data(bad_data.event if bad_data is not None else None)
     births = [
         e for e in f.births() if e.get("step") not in data_steps and (e.get("op"), e.get("source")) != fed
@@ -126,6 +126,8 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "phase"
     ) in ("init", "script"):
         message, rec = _held(event, step)
+    elif _is_explosion_event(event):
+        message, rec = _huge_from_the_start(f, step, ev.nonfinite_steps, evidence)
     else:
         message, rec = _unlocated(f, event, step, ev.nonfinite_steps)
     rec["on_nonfinite"] = "skip"
@@ -249,6 +251,24 @@ def _in_optimizer(
     )
     fix = optable.optimizer_fix(name, fields(details.get("hyperparameters")), lr, dtype)
     return message, {"text": f"Fix: {fix}.", "optimizer": name, "parameters": params[:20]}
+
+
+def _huge_from_the_start(
+    f: Facts, step: int | None, count: int, evidence: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """Values that overflowed where the loss or the gradients were already huge at step 0, before any
+    update (no healthy norms for an explosion to grow from): a MAML inner loop at lr 0.3 made the loss
+    3.7e35 at step 0 and read "No findings"."""
+    scale = scale_at_start(f)
+    assert scale is not None  # (detect checked it)
+    cause, fix, more = scale
+    evidence.update(more)
+    message = (
+        f"Step {step}: the values overflowed ({count} step(s) non-finite in all), and {cause}. A loss computed "
+        "through an inner loop (a meta-learning inner update, an unrolled solver) is huge from the start when "
+        "that loop's own step size is too large."
+    )
+    return message, {"text": f"{fix}; check any inner update of the loss code (its step size) the same way."}
 
 
 def _unlocated(f: Facts, event: dict[str, Any], step: int | None, count: int) -> tuple[str, dict[str, Any]]:
