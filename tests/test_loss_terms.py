@@ -203,3 +203,37 @@ def test_a_gans_logits_near_zero_early_are_not_called_probabilities(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     for path in (tmp_path / "run", tmp_path / "run" / "optimizer1"):
         assert "loss_on_probabilities" not in read_run(path, records=False).meta
+
+
+LOW_SIGNAL_CLICKS = """
+import math
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+n, d = 4096, 12
+x = torch.randn(n, d)
+clicked = (torch.rand(n) < torch.sigmoid(0.62 + 0.08 * x[:, 0])).float()  # prior 0.65, a weak feature
+model = nn.Linear(d, 1)
+with torch.no_grad():
+    model.weight.mul_(0.01)
+    model.bias.fill_(math.log(0.65 / 0.35))  # the bias starts at the prior's logit (0.62)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+loss_fn = nn.BCEWithLogitsLoss()
+for step in range(120):
+    i = torch.randint(0, n, (256,))
+    loss = loss_fn(model(x[i]).squeeze(1), clicked[i])  # raw logits: no sigmoid
+    opt.zero_grad(); loss.backward(); opt.step()
+"""
+
+
+def test_raw_logits_of_a_weak_signal_inside_zero_one_are_not_probabilities(tmp_path: Path) -> None:
+    """A click model on weak features, its bias at the prior's logit: every raw logit stays in 0.55–0.85,
+    inside [0, 1] by chance; it read "given probabilities … Remove the sigmoid" (an error, exit 1) though
+    there is none. A sigmoid's outputs, pushed by training, reach an edge of [0, 1] (the product
+    classifier's one-vs-rest head, above, is still named)."""
+    script = tmp_path / "clicks.py"
+    script.write_text(LOW_SIGNAL_CLICKS)
+    done = gradguard_run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    assert "loss_on_probabilities" not in read_run(tmp_path / "run", records=False).meta

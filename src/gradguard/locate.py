@@ -1272,9 +1272,20 @@ def _distributions(x: Tensor) -> Tensor:
 
 
 #: the device check of each logits loss whose input reads as probabilities (LossWatch.probability_inputs)
+def _sigmoid_outputs(x: Tensor) -> Tensor:
+    """``[all in [0, 1], some at an edge of it]``: a sigmoid's outputs once training pushed them (the bug's
+    model drives its inner logits toward ±inf, its outputs to 0 or 1: a one-vs-rest head's negatives near
+    0); raw logits of a weak signal sit in a band inside [0, 1] by chance, away from both edges (a click
+    model's prior bias: 0.55–0.85)."""
+    flat = x.float().reshape(-1)
+    edge = (flat.min() <= _SIGMOID_EDGE) | (flat.max() >= 1 - _SIGMOID_EDGE)
+    return torch.stack([_unit_interval(flat), edge])
+
+
+_SIGMOID_EDGE = 0.05
 _PROBABILITY_CHECKS: dict[str, Callable[[Tensor], Tensor]] = {
     "cross_entropy": _distributions,
-    "binary_cross_entropy_with_logits": _unit_interval,
+    "binary_cross_entropy_with_logits": _sigmoid_outputs,
     "nll_loss": lambda x: (x >= 0).all(),
 }
 _CLASSIFIERS = frozenset({"cross_entropy", "nll_loss", "nll_loss_nd", "nll_loss2d"})

@@ -317,12 +317,16 @@ class ZeroCode:
         found = [
             {"op": op, "source": source or ""}
             for (op, source), checked in self._probabilities.items()
-            if all(bool(flag) for _, flag in checked)
+            if all(bool(flag.reshape(-1)[0]) for _, flag in checked)
             # logits in [0, 1] are a sigmoid's only once 100 steps of training moved them (a prior-bias init
-            # starts at 0.85; a GAN critic at Adam 2e-4 was still in [0.03, 0.07] at its step 25)
+            # starts at 0.85; a GAN critic at Adam 2e-4 was still in [0.03, 0.07] at its step 25), and spread
+            # over [0, 1] by then (a low-signal click model's raw logits stayed in 0.55–0.85: "remove the sigmoid")
             and (
                 op != "binary_cross_entropy_with_logits"
-                or max(at for at, _ in checked) >= _PROBABILITY_LATE[-1]
+                or (
+                    max(at for at, _ in checked) >= _PROBABILITY_LATE[-1]
+                    and bool(checked[-1][1].reshape(-1)[-1])
+                )
             )
         ]
         for session in self._order if found else ():
