@@ -154,3 +154,18 @@ def test_ddp_join_with_uneven_inputs_trains_as_the_plain_run(tmp_path: Path) -> 
         assert f"weights {weights.group(1)}" in proc.stdout  # bit-identical to the plain run
     for folder in (run_dir, code_dir):
         assert len(read_run(folder).metrics) == 14
+
+
+def test_a_bad_sample_under_ddp_accumulation_is_named_on_its_rank(tmp_path: Path) -> None:
+    """Sample 100 (a NaN feature) is dealt to rank 1, batch 6: step 1, micro-batch 3 of 4. Rank 0's loss-code
+    watch saw its DataLoader index the dataset tensor that holds the NaN row (a finite batch came out) and
+    answered "a loss input that held nan" first: the verdict named rank 0, "a target or label"."""
+    script = Path(__file__).parent / "run_scripts" / "ddp_accumulation.py"
+    run_dir = tmp_path / "run"
+    done = torchrun(
+        "-m", "gradguard", "run", "--out", str(run_dir), str(script), "--bad-sample", "100", cwd=tmp_path, env=ENV
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    event = next(e for e in read_run(run_dir).events if e["type"] == "nonfinite")
+    assert (event["step"], event["rank"], event["tensor"]) == (1, 1, "input"), event
+    assert "micro-batch 3 of the step's 4" in event["evidence"]["reason"], event

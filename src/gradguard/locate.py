@@ -1205,7 +1205,10 @@ class LossWatch(_OpWatch):
                 continue
             outs, ins = sums[i : i + e.n_out], sums[i + e.n_out : i + e.n_out + e.n_in]
             i += e.n_out + e.n_in
-            entered = e.bad_entering(ins)
+            # a non-finite input entered only where it went on into the op's output: a DataLoader indexing a
+            # dataset tensor that holds one NaN row made every rank's batch "a loss input that held nan"
+            passed_on = not outs or any(not math.isfinite(s) for s in outs)
+            entered = e.bad_entering(ins) if passed_on else None
             if entered is not None:
                 self.entered = e._ins[entered] if entered < len(e._ins) else None
                 return e.data_event(entered, ins[entered])
