@@ -1394,6 +1394,23 @@ def test_a_zero_a_low_precision_dtype_rounded_to_is_said_with_the_ops_own_fix() 
     assert "mantissa" not in optable.reason("log", [underflow], "-inf")
 
 
+def test_linear_algebra_ops_get_their_own_fix_as_a_nan_or_as_the_exception_that_ended_the_run() -> None:
+    """A Glow flow's logdet of a weight whose determinant turned negative read "clamp_min(eps), log-space"
+    (which a matrix cannot take); a GP whose noise went negative ended in linalg.cholesky's LinAlgError and
+    read only "fix what ended it" beside an explosion's clip advice (which left the same crash)."""
+    from gradguard import optable
+
+    _, fix = optable.advice("logdet", "logdet produced nan from finite inputs")
+    assert "slogdet" in fix
+    log = run([1.0] * 12)
+    log.meta.update(start_time="2026-01-01T00:00:00", end_time="2026-01-01T00:01:00", ended_by=(
+        "_LinAlgError: linalg.cholesky: The factorization could not be completed because the input is not "
+        "positive-definite (the leading minor of order 7 is not positive-definite)."))  # fmt: skip
+    found = conclude(log, "incomplete_log")
+    assert found is not None and "softplus(raw) + 1e-4" in found.recommendation["text"], found
+    assert "positive-definite).." not in found.message
+
+
 def test_a_penalty_added_with_a_negative_weight_is_named_by_its_sign() -> None:
     """A commitment loss weighted −0.25 (for 0.25): the loss maximises a distance; it read "explosion: clip at
     4.7 or lower the rate", both of which failed."""

@@ -390,6 +390,25 @@ OPS: tuple[OpEntry, ...] = (
         "torch.where evaluates both branches: the unselected one's NaN gradient still flows",
         _WHERE_FIX,
     ),
+    _entry(
+        r"^(logdet|linalg_logdet)$",
+        "logdet of a matrix whose determinant is negative (NaN) or 0 (-inf): a weight matrix (a normalizing "
+        "flow's 1×1 convolution, an invertible linear layer) that changed sign or became singular",
+        "take torch.linalg.slogdet(W) (sign and log|det|: use log|det| as the flow's log-determinant), or "
+        "parametrize W so it stays invertible (Glow's LU form W = P·L·(U + diag(s)) with log|det| = sum(log|s|))",
+    ),
+    _entry(
+        r"^(cholesky|linalg_cholesky|linalg_cholesky_ex|cholesky_solve|cholesky_inverse)$",
+        "a matrix that is not positive-definite (a GP kernel matrix whose noise or jitter went to 0 or below)",
+        "keep it positive-definite: a positive noise term, softplus(raw) + 1e-4 (not a raw parameter that can "
+        "go negative), plus jitter on the diagonal, K + 1e-6·I",
+    ),
+    _entry(
+        r"^(inverse|linalg_inv|linalg_solve|det|linalg_det)$",
+        "a singular (or nearly singular) matrix: its inverse or solution overflows",
+        "keep the matrix invertible (add λ·I, a parametrization that stays invertible), or solve a least-squares "
+        "problem with torch.linalg.lstsq / pinv instead of inverting",
+    ),
 )
 """The table, first match wins."""
 

@@ -31,9 +31,11 @@ The other rules judge the records that are there; this one says what may be miss
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any
 
+from gradguard import optable
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.rules import Rule, Seen
@@ -111,13 +113,15 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     if ev.ended_by is not None:
         after = f" after step {last} (the last one logged)" if last is not None else ""
         parts.append(
-            f"The script ended early{after}: {ev.ended_by}. Every record was written; the run did not finish."
+            f"The script ended early{after}: {ev.ended_by.rstrip('.')}. Every record was written; the run did not "
+            "finish."
         )
         stopped = ev.ended_by.startswith(("SystemExit", "KeyboardInterrupt", "killed by"))
         advice.append(
             "Run it to the end (it was stopped, or stopped itself, before it finished)"
             if stopped
-            else "Fix what ended it (the traceback the script printed) and run again"
+            else _exception_fix(ev.ended_by)
+            or "Fix what ended it (the traceback the script printed) and run again"
         )
     elif ev.at_exit:
         parts.append(
@@ -206,6 +210,17 @@ def _unclosed(f: Facts, ev: Evidence, last: int | None) -> str:
         f"The run was not closed (meta.json has no end_time{when}): it was killed or crashed, or close() "
         f"was never called; the records {after} ({batch}) may be missing."
     )
+
+
+def _exception_fix(ended_by: str) -> str | None:
+    """The fix for an exception a torch op raised on its numbers (``linalg.cholesky``: "the input is not
+    positive-definite", a GP's noise gone negative): the op table's, not only "fix what ended it" (the
+    run's explosion finding beside it advised clipping, which left the same crash)."""
+    found = re.search(r"\blinalg[._](\w+)", ended_by)
+    entry = optable.lookup(f"linalg_{found.group(1)}") if found else None
+    if entry is None:
+        return None
+    return f"It ended in torch.linalg.{found.group(1)} on its numbers — {entry.why}: {entry.fix}"  # type: ignore[union-attr]
 
 
 def _gaps(gaps: tuple[tuple[int, int], ...]) -> str:
