@@ -74,10 +74,17 @@ class RunLog:
 
     @property
     def meta_unread(self) -> str | None:
-        """Why ``meta.json`` could not be read (the reader's note: missing, cut off, not an object),
-        ``None`` when it was: the run's settings are then unknown to every rule."""
+        """Why a ``meta.json`` that is there could not be read (the reader's note: cut off, not JSON, not an
+        object), ``None`` when it was read or is absent (a log written without one, by hand or by another
+        tool: nothing says it had settings): the run's settings are then unknown to every rule."""
+        missing = f"{META_FILE}: missing"
         return next(
-            (n for n in self.skipped if n.startswith(f"{META_FILE}:") and n.endswith(_META_EMPTY)), None
+            (
+                n
+                for n in self.skipped
+                if n.startswith(f"{META_FILE}:") and n.endswith(_META_EMPTY) and not n.startswith(missing)
+            ),
+            None,
         )
 
     @property
