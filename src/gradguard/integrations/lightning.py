@@ -204,6 +204,8 @@ class GradGuard(pl.Callback):
         self._loss: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
         self._active = False  # guards built and open (between fit start and teardown)
+        #: ``gradguard run``'s callback: the runner logs Lightning's clip from its clip_grad_norm_ call itself
+        self._clip_logged_by_runner = False
         self._global_step = 0  # optimizer steps measured so far, all optimizers (several optimizers)
         # bad arguments fail here, not when fit starts
         from_spec(clip)  # type: ignore[arg-type]
@@ -470,6 +472,7 @@ class GradGuard(pl.Callback):
         value = trainer.gradient_clip_val
         if not (
             (self.monitor_only or from_spec(self.clip) is None)  # type: ignore[arg-type]
+            and not self._clip_logged_by_runner
             and value
             and _clip_algorithm(trainer) == "norm"
             and guard.config.norm_type == 2.0

@@ -150,6 +150,7 @@ class Frameworks:
             save_state=False,  # the script's checkpoints stay what a plain run writes
             **options,
         )
+        callback._clip_logged_by_runner = True  # (its clip_grad_norm_ patch sees Lightning's clip)
         trainer.callbacks.append(callback)
         self.callbacks.append(callback)
 
