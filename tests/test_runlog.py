@@ -744,7 +744,9 @@ def test_a_folder_holding_the_users_report_or_findings_is_refused_and_left_as_it
             refuse()
         message = str(info.value)
         assert "report.html" in message and "findings.json" in message and "new directory" in message
-    assert (folder / "report.html").read_text() == page and (folder / "findings.json").read_text() == '{"audit": "ok"}\n'
+    assert (folder / "report.html").read_text() == page and (
+        folder / "findings.json"
+    ).read_text() == '{"audit": "ok"}\n'
     assert sorted(p.name for p in folder.iterdir()) == ["findings.json", "report.html"]
 
 
@@ -753,7 +755,9 @@ def test_gradguards_own_report_and_findings_in_a_run_directory_are_not_foreign(t
     with RunWriter(run) as w:
         w.write_metrics([{"step": 0, "loss": 1.0}])
     (run / "findings.json").write_text('[{"id": "explosion", "severity": "error", "step": 3}]\n')
-    (run / "report.html").write_text(f"<!DOCTYPE html>\n<html><head>{runlog.REPORT_GENERATOR}</head></html>\n")
+    (run / "report.html").write_text(
+        f"<!DOCTYPE html>\n<html><head>{runlog.REPORT_GENERATOR}</head></html>\n"
+    )
     with RunWriter(run, exist_ok=True) as w:  # appends: nothing refused
         w.write_metrics([{"step": 1, "loss": 1.0}])
     (run / "findings.json").write_text("[]\n")
@@ -761,7 +765,9 @@ def test_gradguards_own_report_and_findings_in_a_run_directory_are_not_foreign(t
 
 
 @pytest.mark.parametrize("exist_ok", [False, True])
-def test_another_loggers_metrics_jsonl_is_called_so_and_never_appended_to(tmp_path: Path, exist_ok: bool) -> None:
+def test_another_loggers_metrics_jsonl_is_called_so_and_never_appended_to(
+    tmp_path: Path, exist_ok: bool
+) -> None:
     """Field test N12: a ``metrics.jsonl`` of another logger got "already holds a run log … or --exist-ok to
     append", and --exist-ok then appended gradguard's records into that tool's file."""
     folder = tmp_path / "proj"
