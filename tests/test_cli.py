@@ -214,3 +214,66 @@ def test_diagnose_a_file_of_a_run_reads_that_run(runs: Path, capsys: pytest.Capt
     captured = capsys.readouterr()
     assert json.loads(captured.out)["run"].endswith("20250101-000001-healthy")
     assert "newest of" not in captured.err
+
+
+def test_report_o_never_replaces_the_users_own_html_page(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N13: ``report RUN -o mydash.html`` (the user's hand-written page) said "replaced the
+    existing file" though the README promises -o never replaces a file that is not gradguard's report."""
+    run = runs / "20250101-000002-too-high-lr"
+    mine = tmp_path / "mydash.html"
+    page = "<!DOCTYPE html>\n<html><head><title>My dashboard</title></head><body>mine</body></html>\n"
+    mine.write_text(page)
+    assert main(["report", str(run), "-o", str(mine)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "refusing to replace" in err and "not a report gradguard wrote" in err and mine.read_text() == page
+    (run / REPORT_FILE).write_text(page)  # in the run directory too (RUN/report.html, the default)
+    assert main(["report", str(run)]) == EXIT_USAGE and (run / REPORT_FILE).read_text() == page
+
+
+def test_diagnose_of_a_run_still_being_written_writes_no_findings_json(
+    runs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test K1: a diagnose while the run went on wrote findings.json ("it may still be running"),
+    and nothing rewrote it when the run closed: the run directory kept a stale diagnosis."""
+    from gradguard.runlog import RunWriter, fcntl
+
+    if fcntl is None:
+        pytest.skip("needs fcntl.flock (POSIX)")
+    run = runs / "live"
+    with RunWriter(run) as w:
+        w.write_metrics([{"step": s, "loss": 1.0, "grad_norm": 1.0} for s in range(5)])
+        assert main(["diagnose", str(run)]) == EXIT_OK
+        captured = capsys.readouterr()
+        assert not (run / FINDINGS_FILE).exists()
+        assert "findings.json not written" in captured.err and "still being written" in captured.err
+        assert "findings: " not in captured.out
+    assert main(["diagnose", str(run)]) == EXIT_OK  # closed: written
+    assert (run / FINDINGS_FILE).exists() and "findings: " in capsys.readouterr().out
+
+
+def test_diagnose_names_no_findings_file_it_could_not_write(
+    runs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N28: on a read-only run directory, diagnose warned that it could not write findings.json
+    and still printed ``findings: RUN/findings.json`` (an older file)."""
+    run = runs / "20250101-000002-too-high-lr"
+    (run / FINDINGS_FILE).mkdir()  # unwritable even for root (a read-only copy behaves the same)
+    assert main(["diagnose", str(run)]) == EXIT_FINDINGS
+    captured = capsys.readouterr()
+    assert "could not write findings.json" in captured.err
+    assert "findings: " not in captured.out and "HTML report: gradguard report" in captured.out
+
+
+def test_the_commands_diagnose_prints_are_quoted_to_paste(
+    runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N27: ``HTML report: gradguard report runs/essai 1 ✓``, unquoted: pasted, it fails."""
+    import shlex
+
+    run = shutil.copytree(runs / "20250101-000001-healthy", tmp_path / "essai 1 ✓")
+    assert main(["diagnose", str(run)]) == EXIT_OK
+    line = next(x for x in capsys.readouterr().out.splitlines() if "HTML report:" in x)
+    command = line.split("HTML report: ", 1)[1]
+    assert shlex.split(command) == ["gradguard", "report", str(run)], line

@@ -369,3 +369,15 @@ def test_auto_loads_a_state_saved_before_first_existed() -> None:
     new = Auto(warmup=5)
     new.load_state_dict(state)
     assert new.first is None and taus(new, norms()[10:]) == taus(old, norms()[10:])
+
+
+def test_demo_out_that_cannot_be_written_is_a_clean_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N19: ``demo --out <read-only place>`` printed a raw OSError traceback (``run --out`` and
+    ``report -o`` give a clean message). A path below a file fails the same way for root too."""
+    (tmp_path / "afile").write_text("keep")
+    assert main(["demo", "deepsad", "--out", str(tmp_path / "afile" / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "afile" in err and "pass --out" in err
+    assert (tmp_path / "afile").read_text() == "keep"

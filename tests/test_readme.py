@@ -44,9 +44,9 @@ def test_a_readme_python_block_runs_as_written(block: str, tmp_path: Path) -> No
         [sys.executable, "sample.py"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
     )
     assert got.returncode == 0, got.stderr[-3000:]
-    if (tmp_path / "runs" / "exp1").is_dir():  # the samples that train: a learnable task, read as healthy
+    for run in _log_dirs(block):  # the samples that train: a learnable task, read as healthy
         diag = subprocess.run(
-            [sys.executable, "-m", "gradguard", "diagnose", "--json", "--no-write", "runs/exp1"],
+            [sys.executable, "-m", "gradguard", "diagnose", "--json", "--no-write", run],
             cwd=tmp_path,
             env=ENV,
             capture_output=True,
@@ -55,6 +55,18 @@ def test_a_readme_python_block_runs_as_written(block: str, tmp_path: Path) -> No
         )
         findings = json.loads(diag.stdout)["findings"]
         assert not [f["id"] for f in findings if f["severity"] != "info"], findings
+
+
+def _log_dirs(block: str) -> list[str]:
+    """The ``log_dir="runs/..."`` folders a sample writes its run log to."""
+    return re.findall(r'log_dir="(runs/[^"]+)"', block)
+
+
+def test_no_two_readme_samples_write_the_same_run_directory() -> None:
+    """Field test: the "Use" sample and the TensorBoard one both wrote ``runs/exp1``; run one after the
+    other in one folder, the second was refused ("already holds a run log")."""
+    dirs = [d for block in _blocks() for d in set(_log_dirs(block))]
+    assert dirs and len(dirs) == len(set(dirs)), dirs
 
 
 def test_the_readme_has_python_blocks_to_run() -> None:

@@ -326,3 +326,22 @@ def test_a_run_with_no_loss_recorded_shows_no_final_loss(tmp_path: Path) -> None
     buf = io.StringIO()
     print_summary(read_run(tmp_path / "r"), [], file=buf)
     assert re.search(r"final loss \(last 20\)\s+—", buf.getvalue()), buf.getvalue()
+
+
+def test_write_report_marks_its_page_and_never_replaces_a_page_it_did_not_write(
+    runs: Path, tmp_path: Path
+) -> None:
+    """Field test N13: ``gradguard report RUN -o mydash.html`` replaced the user's own page ("replaced the
+    existing file"): any file that started as HTML passed for a report. gradguard's page carries a mark."""
+    from gradguard.runlog import REPORT_GENERATOR, is_gradguard_report
+
+    run = next(p for p in runs.iterdir() if p.is_dir())
+    mine = tmp_path / "mydash.html"
+    page = "<!DOCTYPE html>\n<html><head><title>My dashboard</title></head><body>mine</body></html>\n"
+    mine.write_text(page)
+    with pytest.raises(GradGuardError, match="refusing to replace"):
+        write_report(run, mine)
+    assert mine.read_text() == page
+    written = write_report(run, tmp_path / "r.html")
+    assert REPORT_GENERATOR in written.read_text(encoding="utf-8")[:4096] and is_gradguard_report(written)
+    assert write_report(run, written) == written  # an earlier report is replaced

@@ -452,3 +452,74 @@ def test_an_appended_run_counts_its_own_clipped_steps_and_keeps_the_first_comman
     assert "on 4 steps; it clipped 4 of them" in appended.stderr, appended.stderr
     sessions = read_run(tmp_path / "r", records=False).meta["sessions"]
     assert [s["argv"][1:] for s in sessions] == [["6"], ["4"]], sessions
+
+
+def test_an_out_holding_files_gradguard_did_not_write_is_refused_before_the_script_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N11 / N12: ``run --out .`` in a project replaced its ``report.html`` and ``findings.json``
+    silently; another logger's ``metrics.jsonl`` got "or --exist-ok to append", which mixed the two logs."""
+    from gradguard.cli import main
+
+    script = tmp_path / "tiny.py"
+    script.write_text("print('the script ran')\n")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "report.html").write_text("<!DOCTYPE html><html><body>42 passed</body></html>\n")
+    (proj / "findings.json").write_text('{"audit": "ok"}\n')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"epoch": 1, "acc": 0.9}\n')
+    for out, flags, names in (
+        (proj, [], ["report.html", "findings.json"]),
+        (other, ["--exist-ok"], ["metrics.jsonl"]),
+    ):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert main(["run", "--out", str(out), *flags, str(script)]) == 2
+        captured = capsys.readouterr()
+        assert "the script ran" not in captured.out and all(n in captured.err for n in names), captured.err
+        assert "another tool's" in captured.err and "--exist-ok" not in captured.err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_snapshot_dir_that_cannot_hold_snapshots_is_refused_before_the_script_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N7: ``--snapshot-dir`` a file (or on a read-only file system) killed the script at its
+    first step with gradguard's OSError; ``--out`` is checked before the script starts."""
+    from gradguard.cli import main
+
+    script = tmp_path / "tiny.py"
+    script.write_text("print('the script ran')\n")
+    (tmp_path / "afile").write_text("keep")
+    for snap, says in (("afile", "is a file, not a folder"), ("afile/snaps", "cannot be created")):
+        words = ["run", "--out", str(tmp_path / "r"), "--on-nonfinite", "rollback"]
+        words += ["--snapshot-dir", str(tmp_path / snap)]
+        assert main([*words, str(script)]) == 2
+        captured = capsys.readouterr()
+        assert (
+            "the script ran" not in captured.out and "--snapshot-dir" in captured.err and says in captured.err
+        )
+    assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "r").exists()
+
+
+def test_a_ctrl_c_while_the_report_is_written_says_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Field test N22: a second Ctrl-C while ``gradguard run`` wrote the report printed a 16-line traceback
+    through cli.py and script.py; one line says the report was not written and the command that writes it."""
+    import shlex
+
+    pytest.importorskip("plotly")
+    import gradguard.report
+    from gradguard.integrations.zerocode import script
+
+    def interrupted(*args: object, **kwargs: object) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradguard.report, "write_report", interrupted)
+    run = tmp_path / "runs" / "essai 1"
+    assert script._write_report(run) is False
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "report not written (interrupted)" in err, err
+    assert shlex.split(err.split(": ", 2)[2]) == ["gradguard", "report", str(run)]

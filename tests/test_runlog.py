@@ -721,3 +721,96 @@ def test_reader_streams_and_reports_offsets_of_whole_lines(tmp_path: Path) -> No
     got = list(_reader._read_jsonl(run / "metrics.jsonl", []))
     assert got == [(0, {"step": 0}), (13, {"step": 1})]
     assert body[13:].startswith(b'{"step": 1}')
+
+
+# ------------------------------------------------------------------------------------------
+# Files of a run directory that gradguard did not write (field test N11, N12, K2)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exist_ok", [False, True])
+def test_a_folder_holding_the_users_report_or_findings_is_refused_and_left_as_it_was(
+    tmp_path: Path, exist_ok: bool
+) -> None:
+    """Field test N11: ``gradguard run --out .`` in a project holding a pytest-html ``report.html`` and a
+    ``findings.json`` of its own replaced both silently (by gradguard's report and ``[]``)."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    page = "<!DOCTYPE html>\n<html><head><title>Test report</title></head><body>42 passed</body></html>\n"
+    (folder / "report.html").write_text(page)
+    (folder / "findings.json").write_text('{"audit": "ok"}\n')
+    for refuse in (lambda: RunWriter(folder, exist_ok=exist_ok), lambda: check_run_dir(folder)):
+        with pytest.raises(GradGuardError) as info:
+            refuse()
+        message = str(info.value)
+        assert "report.html" in message and "findings.json" in message and "new directory" in message
+    assert (folder / "report.html").read_text() == page and (
+        folder / "findings.json"
+    ).read_text() == '{"audit": "ok"}\n'
+    assert sorted(p.name for p in folder.iterdir()) == ["findings.json", "report.html"]
+
+
+def test_gradguards_own_report_and_findings_in_a_run_directory_are_not_foreign(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    with RunWriter(run) as w:
+        w.write_metrics([{"step": 0, "loss": 1.0}])
+    (run / "findings.json").write_text('[{"id": "explosion", "severity": "error", "step": 3}]\n')
+    (run / "report.html").write_text(
+        f"<!DOCTYPE html>\n<html><head>{runlog.REPORT_GENERATOR}</head></html>\n"
+    )
+    with RunWriter(run, exist_ok=True) as w:  # appends: nothing refused
+        w.write_metrics([{"step": 1, "loss": 1.0}])
+    (run / "findings.json").write_text("[]\n")
+    check_run_dir(run)
+
+
+@pytest.mark.parametrize("exist_ok", [False, True])
+def test_another_loggers_metrics_jsonl_is_called_so_and_never_appended_to(
+    tmp_path: Path, exist_ok: bool
+) -> None:
+    """Field test N12: a ``metrics.jsonl`` of another logger got "already holds a run log … or --exist-ok to
+    append", and --exist-ok then appended gradguard's records into that tool's file."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    lines = '{"epoch": 1, "acc": 0.9}\n{"epoch": 2, "acc": 0.93}\n'
+    (folder / "metrics.jsonl").write_text(lines)
+    for refuse in (lambda: RunWriter(folder, exist_ok=exist_ok), lambda: check_run_dir(folder)):
+        with pytest.raises(GradGuardError) as info:
+            refuse()
+        message = str(info.value)
+        assert "not a gradguard run's metrics.jsonl" in message and "another tool's" in message
+        assert "exist" not in message.lower()  # no --exist-ok / exist_ok hint: it would mix the two logs
+    assert (folder / "metrics.jsonl").read_text() == lines and not (folder / "meta.json").exists()
+
+
+@pytest.mark.parametrize("text", ["", "\n", "{", '{\n  "sch'])
+def test_an_empty_or_cut_meta_json_beside_gradguards_log_is_gradguards_damaged_file(
+    tmp_path: Path, text: str
+) -> None:
+    """Field test K2: a meta.json of 0 or 1 bytes was "another tool's (no schema_version)": diagnose refused
+    the run (exit 2) though its metrics.jsonl and events.jsonl were gradguard's."""
+    run = tmp_path / "r"
+    with RunWriter(run) as w:
+        w.write_metrics([{"step": s, "loss": 1.0, "grad_norm": 1.0} for s in range(3)])
+        w.write_event({"type": "spike", "step": 1})
+    (run / "meta.json").write_text(text)
+    log = read_run(run)  # read, with the damage said
+    assert [r["step"] for r in log.metrics] == [0, 1, 2] and log.meta == {}
+    check_run_dir(run)
+    with RunWriter(run, exist_ok=True) as w:  # appended to: a fresh meta.json
+        w.write_metrics([{"step": 3, "loss": 1.0, "grad_norm": 1.0}])
+    assert read_run(run).meta["schema_version"] == SCHEMA_VERSION
+    other = tmp_path / "other"  # text of another tool, with no gradguard log beside it, stays another tool's
+    other.mkdir()
+    (other / "meta.json").write_text("name: houses\n")
+    with pytest.raises(GradGuardError, match="not a gradguard run's meta"):
+        check_run_dir(other)
+
+
+@pytest.mark.skipif(runlog.fcntl is None, reason="needs fcntl.flock (POSIX)")
+def test_in_use_says_whether_a_live_writer_holds_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    w = RunWriter(run)
+    assert runlog.in_use(run)
+    w.close()
+    assert not runlog.in_use(run) and not runlog.in_use(tmp_path / "missing")

@@ -522,3 +522,109 @@ def test_a_trial_by_default_runs_past_the_step_where_the_run_went_non_finite(tmp
     assert default_steps(failed_at(5, "early")) == STEPS
     assert default_steps(failed_at(84, "late")) == 94
     assert default_steps(failed_at(5000, "very_late")) == MAX_DEFAULT_STEPS
+
+
+def test_cli_tune_refuses_an_out_that_is_another_runs_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N15: ``tune --out runs/base`` (an existing run) wrote its trials there and replaced that
+    run's tune.json, which diagnose reads as the verification of that run's advice."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    run = tmp_path / "base"
+    with RunWriter(run) as w:
+        w.write_metrics([{"step": 0, "loss": 1.0, "grad_norm": 1.0}])
+    write_tune(run, TuneResult([], 5, source="script", command="gradguard tune --run base train.py"))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["tune", "--out", str(run), "--max-norm", "1", "--steps", "5", str(script)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run log" in err and "tune.json" in err and f"--run {run}" in err and "new --out" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_cli_tune_names_the_run_directory_it_wrote_tune_json_into(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N32: ``tune --run RUN/metrics.jsonl`` said "tune.json written into RUN/metrics.jsonl"."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    run = tmp_path / "run"
+    main(["run", "--out", str(run), "--quiet", "--no-report", str(script)])
+    capsys.readouterr()
+    words = ["tune", "--run", str(run / "metrics.jsonl"), "--max-norm", "0.5", "--steps", "5"]
+    main([*words, "--out", str(tmp_path / "trials"), str(script)])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "tune.json written into" in x)
+    assert f"written into {run}:" in line and f"gradguard diagnose {run}`" in line, line
+    assert (run / TUNE_FILE).is_file()
+
+
+def test_cli_tune_of_a_script_that_takes_no_step_shows_what_it_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Field test N30: "took no optimizer step … Its last output: " followed by nothing, though the script
+    printed a line (on stdout: only stderr was shown)."""
+    script = tmp_path / "evaluate.py"
+    script.write_text("import torch\nprint(f'mean prediction {torch.zeros(3).mean().item():.3f}')\n")
+    assert main(["tune", "--lr", "1e-3", "--steps", "5", "--out", str(tmp_path / "t"), str(script)]) == 2
+    err = capsys.readouterr().err
+    assert "took no optimizer step" in err and "mean prediction 0.000" in err, err
+
+
+CHECKPOINTING_SCRIPT = textwrap.dedent(
+    """
+    import os
+
+    import torch
+    from torch import nn
+
+    x = torch.tensor([[float(v) for v in line.split()] for line in open("data/train.txt")])  # relative read
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    os.makedirs("checkpoints", exist_ok=True)
+    for step in range(100):
+        loss = (model(x) - 1).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        torch.save({"step": step}, "checkpoints/last.pt")  # in place, over the user's own checkpoint
+        with open("train.log", "a") as f:
+            f.write(f"step {step}\\n")
+        with open("outputs/new.txt", "w") as f:  # a file below a folder of the user's
+            f.write("trial")
+    """
+)
+
+
+def test_tune_trials_never_write_over_the_scripts_files_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Field test N14: every trial ran the script in the user's working directory, so a trial overwrote its
+    ``checkpoints/last.pt`` (step 96 became step 8), and a script that resumes would have started each
+    trial from another state.
+
+    What a careful user expects: the trials may read what the script reads (``data/`` relative to the
+    working directory) but write nothing of the user's. Each trial works in ``<trial>/workdir``, a
+    copy-on-write view of the working directory (links to the user's files; a write first makes the
+    path the trial's own): the user's checkpoint, log and folders are byte for byte as they were, and
+    what the trial wrote is in its own folder."""
+    from gradguard.integrations.tune_script import WORKDIR, tune_script
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.txt").write_text("1 2\n3 4\n0.5 1\n")
+    (project / "checkpoints").mkdir()
+    torch.save({"step": 96}, project / "checkpoints" / "last.pt")
+    (project / "train.log").write_text("step 96\n")
+    (project / "outputs").mkdir()
+    (project / "train.py").write_text(CHECKPOINTING_SCRIPT)
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    monkeypatch.chdir(project)
+    result = tune_script("train.py", max_norms=[1.0, 5.0], steps=4, out=tmp_path / "trials")
+    assert len(result.trials) == 2 and all(t.steps == 4 for t in result.trials)  # the relative read worked
+    assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
+    for trial in sorted((tmp_path / "trials").glob("trial*")):
+        work = trial / WORKDIR
+        # the trial's own checkpoint and log (the 4th step ends the trial inside optimizer.step())
+        assert torch.load(work / "checkpoints" / "last.pt")["step"] == 2
+        assert (work / "train.log").read_text() == "step 96\n" + "".join(f"step {s}\n" for s in range(3))
+        assert (work / "outputs" / "new.txt").read_text() == "trial"

@@ -15,9 +15,10 @@ Exit codes of ``gradguard diagnose RUN_DIR [--json]``:
   heavy over-clipping, a loss-scale collapse): scripts and CI can stop on it;
 * 2 — bad usage, or no run at ``RUN_DIR`` (the message says what was expected).
 
-Exit codes of ``gradguard report RUN_DIR [-o FILE]``: 0 — the report was written (an existing
-file there is replaced atomically, and the command says so); 2 — bad usage, no run at
-``RUN_DIR``, or plotly missing (``pip install 'gradguard[report]'``).
+Exit codes of ``gradguard report RUN_DIR [-o FILE]``: 0 — the report was written (an earlier
+gradguard report there is replaced atomically, and the command says so); 2 — bad usage, no run at
+``RUN_DIR``, a file there that is not gradguard's report (never replaced), or plotly missing
+(``pip install 'gradguard[report]'``).
 
 ``RUN_DIR`` is a run directory, or a folder of runs: ``diagnose`` then reads the newest run
 (``runlog.find_runs``); ``report`` writes one page holding every run of the folder.
@@ -78,7 +79,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
     from gradguard.diagnose import diagnose, to_json, write_findings
     from gradguard.errors import GradGuardError
-    from gradguard.runlog import FINDINGS_FILE, find_runs, is_run_dir, read_run, to_jsonable
+    from gradguard.runlog import FINDINGS_FILE, find_runs, in_use, is_run_dir, read_run, to_jsonable
 
     try:
         log = read_run(args.run_dir, records=False)  # the run table only: memory bounded by its columns
@@ -93,22 +94,38 @@ def _diagnose(args: argparse.Namespace) -> int:
         if count > 1:
             print(f"gradguard: reading the newest of {count} runs: {safe_text(log.path)}", file=sys.stderr)
     findings = diagnose(log)
-    if not args.no_write:
+    written = False
+    if not args.no_write and in_use(log.path):  # a snapshot: its findings.json would stay stale after the run
+        print(
+            f"gradguard: {FINDINGS_FILE} not written: the run is still being written (a live writer holds "
+            f"{safe_text(log.path)}), so these findings are a snapshot; diagnose it again once it has ended.",
+            file=sys.stderr,
+        )
+    elif not args.no_write:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             write_findings(log, findings)
         for w in caught:
             print(f"gradguard: warning: {safe_text(w.message)}", file=sys.stderr)
+        written = not caught
     if args.json:
         print(json.dumps(to_jsonable(to_json(findings, log)), indent=2, allow_nan=False))
     else:
         from gradguard.report import print_summary
 
         print_summary(_run_of(log, findings), findings)
-        if not args.no_write and (log.path / FINDINGS_FILE).exists():
-            where = safe_text(log.path)
-            print(f"findings: {safe_text(log.path / FINDINGS_FILE)}; HTML report: gradguard report {where}")
+        report = f"HTML report: {_command('gradguard', 'report', log.path)}"
+        if written:
+            print(f"findings: {safe_text(log.path / FINDINGS_FILE)}; {report}")
+        elif not args.no_write:  # not written (a live run, a read-only folder): no path claimed
+            print(report)
     return EXIT_FINDINGS if any(f.severity == "error" for f in findings) else EXIT_OK
+
+
+def _command(*words: object) -> str:
+    """A command to print as a hint, quoted so that it pastes into a shell (a path with a space, a
+    quote, a non-ASCII letter) and made safe to show (:func:`safe_text`)."""
+    return safe_text(shlex.join(str(w) for w in words))
 
 
 def _run_of(log: Any, findings: Sequence[Any]) -> Any:
@@ -131,7 +148,7 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gradguard.errors import GradGuardError
-    from gradguard.report import write_report
+    from gradguard.report import refuse_to_replace, write_report
     from gradguard.runlog import REPORT_FILE, find_runs, is_run_dir
 
     src = Path(args.run_dir)
@@ -147,12 +164,9 @@ def _report(args: argparse.Namespace) -> int:
     else:
         planned = None  # a folder holding one run: its run directory decides
     existed = planned is not None and planned.exists()
-    if existed and planned is not None and not _html_file(planned):
-        return _fail(
-            f"refusing to replace {safe_text(planned)}: it exists and is not an HTML report (a run's log, a "
-            "script?); pass -o a new file, e.g. -o report.html, or remove that file first."
-        )
     try:
+        if planned is not None:
+            refuse_to_replace(planned)  # before the work of the report
         path = write_report(src, args.out)
     except GradGuardError as e:
         return _fail(str(e))
@@ -160,16 +174,6 @@ def _report(args: argparse.Namespace) -> int:
         return _fail(f"could not write the report ({e}); pass -o FILE in a folder you can write to.")
     print(f"report: {safe_text(path)}" + (" (replaced the existing file)" if existed else ""))
     return EXIT_OK
-
-
-def _html_file(path: os.PathLike[str]) -> bool:
-    """Whether ``path`` is a file whose start reads as HTML (an earlier report, replaced freely)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512).lstrip().lower()
-    except OSError:
-        return False
-    return head.startswith((b"<!doctype html", b"<html"))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -187,6 +191,7 @@ def _run(args: argparse.Namespace) -> int:
         (_module_problem(script) if args.module else _script_problem(script))
         or _monitor_only_conflict(options)
         or _flags_without_effect(options)
+        or _snapshot_dir_problem(options.get("snapshot_dir"))
     )
     if problem is not None:
         return _fail(problem)
@@ -211,6 +216,27 @@ def _run(args: argparse.Namespace) -> int:
         return run_script(script, list(args.args), report=not args.no_report, module=args.module, **options)
     except GradGuardError as e:  # a bad option, refused before the script starts
         return _fail(_with_flag(str(e)))
+
+
+def _snapshot_dir_problem(folder: str | None) -> str | None:
+    """Why ``--snapshot-dir DIR`` cannot hold the rollback snapshot (a file, a path below a file, a folder
+    that cannot be written), said before the script starts: the guard's first snapshot would otherwise
+    end the run at its first step. ``None`` when DIR can be made and written (or is not given)."""
+    if folder is None:
+        return None
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"--snapshot-dir {shlex.quote(folder)} is a file, not a folder; pass a folder (it is created if missing)."
+    above = os.path.abspath(folder)
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        return f"--snapshot-dir {shlex.quote(folder)} cannot be created: {above!r} is a file; pass a folder path."
+    if not os.access(above, os.W_OK | os.X_OK):
+        return (
+            f"--snapshot-dir {shlex.quote(folder)} cannot be written: {above!r} is not writable (a read-only "
+            "folder or file system); pass a --snapshot-dir in a folder you can write to."
+        )
+    return None
 
 
 def _folder_main(script: str) -> str:
@@ -381,6 +407,9 @@ def _tune(args: argparse.Namespace) -> int:
         from gradguard.integrations.tune_script import tune_script
     except ModuleNotFoundError as e:
         return _no_torch("tune", e)
+    problem = _tune_out_problem(args)
+    if problem is not None:
+        return _fail(problem)
     try:
         result = tune_script(
             args.script,
@@ -397,10 +426,39 @@ def _tune(args: argparse.Namespace) -> int:
     for line in result.summary().splitlines():
         print(safe_text(line))
     if args.run is not None:
+        where = _run_dir_of(args.run)
         print(
-            f"tune.json written into {safe_text(args.run)}: `gradguard diagnose {safe_text(args.run)}` now quotes it"
+            f"tune.json written into {safe_text(where)}: `{_command('gradguard', 'diagnose', where)}` now quotes it"
         )
     return EXIT_OK if result.recommended is not None else EXIT_FINDINGS
+
+
+def _run_dir_of(path: str) -> str:
+    """The run directory ``path`` names, as the reader takes it: a file of a run → its folder; a folder
+    of runs → the newest run in it."""
+    from gradguard.runlog import find_runs, is_run_dir
+
+    where = (os.path.dirname(path) or ".") if os.path.isfile(path) else path
+    if not is_run_dir(where) and (runs := find_runs(where)):
+        return str(runs[0])
+    return where
+
+
+def _tune_out_problem(args: argparse.Namespace) -> str | None:
+    """Why ``tune --out DIR`` cannot take DIR: it holds a run log that ``--run`` does not name (tune
+    would replace its ``tune.json``, which ``gradguard diagnose`` reads as that run's verification)."""
+    from gradguard.runlog import is_run_dir
+
+    if args.out is None or not is_run_dir(args.out):
+        return None
+    if args.run is not None and os.path.realpath(_run_dir_of(args.run)) == os.path.realpath(args.out):
+        return None  # the run being tuned: its tune.json is what --run writes anyway
+    return (
+        f"--out {shlex.quote(args.out)} holds a run log (a run directory): tune would write its trials there and "
+        "replace its tune.json, which `gradguard diagnose` reads as the verification of that run's advice. Pass "
+        "a new --out folder for the trials (or none: gradguard-runs/<time>-tune-<script>); to verify that "
+        f"run's advice, pass --run {shlex.quote(args.out)} instead."
+    )
 
 
 def _positive(part: str, expected: str, what: str, fix: str = "") -> float:
@@ -750,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="write the self-contained HTML report of a run (or of a folder of runs)",
         description="Write one HTML file that opens offline: findings, then interactive plots. "
-        "An existing report file is replaced. Exit codes: 0 written, 2 bad usage, no run, or plotly missing.",
+        "An earlier gradguard report there is replaced; any other file is not. Exit codes: 0 written, 2 bad usage, no run, or plotly missing.",
     )
     rep.add_argument(
         "run_dir", metavar="RUN_DIR", help="a run directory, or a folder of runs (one page for all)"

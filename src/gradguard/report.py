@@ -44,7 +44,16 @@ from gradguard.diagnose import (
 )
 from gradguard.errors import GradGuardError
 from gradguard.events import nonfinite_where
-from gradguard.runlog import REPORT_FILE, RunLog, atomic_write_text, find_runs, is_run_dir, read_run
+from gradguard.runlog import (
+    REPORT_FILE,
+    REPORT_GENERATOR,
+    RunLog,
+    atomic_write_text,
+    find_runs,
+    is_gradguard_report,
+    is_run_dir,
+    read_run,
+)
 from gradguard.runtable import ClipConfig, RunTable, clip_config
 from gradguard.safetext import safe_text
 
@@ -634,6 +643,7 @@ def _page(title: str, body: str) -> str:
 
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"{REPORT_GENERATOR}"  # gradguard's page: `report -o` and `run --out` replace it, and no other
         f"<title>{_e(title)}</title>"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<style>{_CSS}</style>"
@@ -696,8 +706,8 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
 
     ``run`` may be a run directory (its report) or a folder whose subfolders are runs (one page:
     a table of every run, then each run's findings and plots, the newest :data:`MAX_RUNS` drawn).
-    An existing file at the output path is replaced atomically (the report is derived data; a
-    reader never sees half a file).
+    An earlier report at the output path is replaced atomically (the report is derived data; a
+    reader never sees half a file); any other file there is refused.
 
     Args:
         run: a run directory or a folder of runs.
@@ -709,7 +719,8 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
 
     Raises:
         GradGuardError: ``run`` holds no run, ``out`` is neither a folder nor a ``.html`` /
-            ``.htm`` file, or plotly is missing.
+            ``.htm`` file, the file there is not a report gradguard wrote (:func:`refuse_to_replace`),
+            or plotly is missing.
     """
     _check_out(out)
     _plotly()
@@ -727,9 +738,22 @@ def write_report(run: str | os.PathLike[str], out: str | os.PathLike[str] | None
     target = Path(out) if out is not None else base / REPORT_FILE
     if target.is_dir():
         target = target / REPORT_FILE
+    refuse_to_replace(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, text)
     return target
+
+
+def refuse_to_replace(target: Path) -> None:
+    """Refuse to write over ``target`` when it is a file gradguard's report did not write (the user's own
+    page, a run's log, a script): an earlier report (:data:`REPORT_GENERATOR` in its head) or an empty
+    file is replaced freely."""
+    if not target.is_file() or target.stat().st_size == 0 or is_gradguard_report(target):
+        return
+    raise GradGuardError(
+        f"refusing to replace {str(target)!r}: it exists and is not a report gradguard wrote (your own page, a "
+        "run's log, a script?); pass -o a new file, e.g. -o report.html, or move that file away first."
+    )
 
 
 def _check_out(out: str | os.PathLike[str] | None) -> None:

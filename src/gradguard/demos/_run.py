@@ -24,6 +24,7 @@ library's hot path does not.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -821,18 +822,29 @@ def run_demo(
     except GradGuardError as e:
         print(f"gradguard demo: {e}", file=sys.stderr)
         return 2
-    if out is None:
-        folder = default_run_dir("demo", create=True)
-    else:
-        folder = Path(out)
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            print(
-                f"gradguard demo: {str(folder)!r} exists and is not an empty folder; pass a new folder to --out "
-                "(the demo writes one run directory per configuration into it).",
-                file=sys.stderr,
-            )
-            return 2
-        folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(out) if out is not None else None
+    if folder is not None and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        print(
+            f"gradguard demo: {str(folder)!r} exists and is not an empty folder; pass a new folder to --out "
+            "(the demo writes one run directory per configuration into it).",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if folder is None:
+            folder = default_run_dir("demo", create=True)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", str(folder))
+    except OSError as e:  # a read-only file system or folder, a path below a file
+        where = str(folder) if folder is not None else "gradguard-runs/"
+        print(
+            f"gradguard demo: cannot write {where!r}: {e.strerror or e}; pass --out a new folder in a place you "
+            "can write to (e.g. --out /tmp/gradguard-demo).",
+            file=sys.stderr,
+        )
+        return 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is as fast, never oversubscribed, and reproducible
     try:

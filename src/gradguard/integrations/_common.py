@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import shlex
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -264,7 +265,7 @@ def write_report(run_dir: Path | None, mode: bool | None) -> Path | None:
         if mode or not isinstance(e, ImportError):
             warnings.warn(
                 f"gradguard could not write the HTML report of {run_dir}: {e}. Install the report extra "
-                f'(pip install "gradguard[report]") or run `gradguard report {run_dir}` later.',
+                f'(pip install "gradguard[report]") or run `gradguard report {shlex.quote(str(run_dir))}` later.',
                 UserWarning,
                 stacklevel=3,
             )

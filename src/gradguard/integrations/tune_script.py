@@ -5,7 +5,10 @@ process under the zero-code runner (:class:`gradguard.integrations.zerocode.Zero
 ``clip="norm:<max_norm>"`` replacing the script's own clipping; ``None`` runs it unclipped,
 ``norm:inf``), with Python's and torch's RNGs seeded to 0 first (so a script that does not seed
 itself sees the same batches in every trial), and stops after ``steps`` optimizer steps or at
-its first non-finite step. Each trial writes its own run directory; the trial is judged from it by
+its first non-finite step. Each trial writes its own run directory and works in a folder of its own there
+(``<trial>/workdir``: a copy-on-write view of the current directory, :func:`_copy_on_write`), so the
+script's relative reads find the user's files and what it writes (checkpoints, outputs) never
+replaces them. The trial is judged from its run directory by
 :func:`gradguard.tunelog.judge` (the definition the in-memory :func:`gradguard.tune.tune` uses) and
 the recommendation is :func:`gradguard.tunelog.choose`'s.
 
@@ -100,7 +103,8 @@ def tune_script(
     _check_lrs(lrs)
     folder = Path(out) if out is not None else runlog.default_run_dir(f"tune-{path.stem}", create=True)
     folder.mkdir(parents=True, exist_ok=True)
-    job = _Job(path, list(argv), steps, folder, timeout_s)
+    folder = folder.absolute()  # a trial works in a folder of its own (_copy_on_write): no relative path
+    job = _Job(path.absolute(), list(argv), steps, folder, timeout_s)
     trials = (
         _lr_trials(job, max_norms, lrs, run) if lrs is not None else _threshold_trials(job, max_norms, run)
     )
@@ -282,6 +286,8 @@ def _trial(
         "steps": steps,
         "out": str(run_dir),
         "lr": lr,
+        "cwd": os.getcwd(),
+        "workdir": str(run_dir / WORKDIR),
     }
     cmd = [sys.executable, "-m", "gradguard.integrations.tune_script", json.dumps(job)]
     try:
@@ -289,15 +295,128 @@ def _trial(
     except subprocess.TimeoutExpired:
         return judge(threshold, lr, [], [], own_clip=own)  # no step finished in time: not trained
     if not runlog.is_run_dir(run_dir):
-        tail = " | ".join(line.strip() for line in (done.stderr or "").strip().splitlines()[-3:])
         raise GradGuardError(
             f"gradguard tune: {script} took no optimizer step under clip={clip} (exit code {done.returncode}); "
-            f"check that it trains under `gradguard run --clip {clip} {script}`. Its last output: {tail}"
+            f"check that it trains under `{shlex.join(['gradguard', 'run', '--clip', clip, str(script)])}`. "
+            f"Its last output: {_last_output(done)}"
         )
     table = RunTable.from_log(runlog.read_run(run_dir, records=False))
     trial = judge(threshold, lr, list(table.loss), list(table.grad_norm), own_clip=own)
     used = next((float(x) for x in table.lr if math.isfinite(x)), None)
     return dataclasses.replace(trial, lr_used=used)
+
+
+def _last_output(done: subprocess.CompletedProcess[str]) -> str:
+    """The last lines the trial printed, on stdout (the script's ``print``) and on stderr (a traceback,
+    gradguard's message), each stream's last 3 non-blank lines; ``(nothing)`` where it printed none."""
+    parts = []
+    for name, text in (("stdout", done.stdout), ("stderr", done.stderr)):
+        lines = [line.strip() for line in (text or "").splitlines() if line.strip()][-3:]
+        if lines:
+            parts.append(f"{name}: " + " | ".join(lines))
+    return "; ".join(parts) or "(nothing)"
+
+
+WORKDIR = "workdir"
+"""The working directory of a trial, in its run directory: see :func:`_copy_on_write`."""
+
+
+def _copy_on_write(user_cwd: Path, workdir: Path) -> None:
+    """Make the trial work in ``workdir``, a copy-on-write view of the user's working directory: it
+    shows the user's files (symbolic links, made folder by folder as the script goes down), so the
+    script's relative reads (``data/train.csv``, ``--resume checkpoints/last.pt``) find them; a write
+    into it (``open``, ``os.open``, ``torch.save``, a rename, a new folder) first turns the linked
+    folders above the path into folders of the trial's own and removes the linked file (copied first
+    where the write keeps its content: append, update). The user's files are never written: a trial
+    does not overwrite ``checkpoints/last.pt``, and every trial starts from the same files. Paths
+    outside the working directory (absolute ones) are the script's own business, as under plain
+    Python. The child process only (an audit hook lasts as long as the process)."""
+    import shutil
+
+    root = os.path.abspath(workdir)
+    linked: set[str] = set()  # the links this view made (a link the script makes is its own)
+    busy = [False]  # the hook's own file operations raise audit events too
+
+    def holds_root(target: str) -> bool:
+        real = os.path.realpath(target)
+        return root == real or root.startswith(real.rstrip(os.sep) + os.sep)
+
+    def link_children(source: str, folder: str) -> None:
+        for entry in os.scandir(source):
+            if not holds_root(entry.path):  # the folder that holds the trial (gradguard-runs/): no loop
+                os.symlink(os.path.abspath(entry.path), os.path.join(folder, entry.name))
+                linked.add(os.path.join(folder, entry.name))
+
+    def own(path: Any, *, last: bool, keep: bool) -> None:
+        if isinstance(path, int) or path is None:
+            return
+        p = os.path.abspath(os.fsdecode(path))
+        if not p.startswith(root + os.sep):
+            return
+        parts = os.path.relpath(p, root).split(os.sep)
+        here = root
+        for part in parts[:-1]:
+            here = os.path.join(here, part)
+            if here in linked and os.path.isdir(here):  # a folder of the user's: the trial's own, of links
+                source = os.readlink(here)
+                os.unlink(here)
+                linked.discard(here)
+                os.mkdir(here)
+                link_children(source, here)
+        here = os.path.join(here, parts[-1])
+        if last and here in linked:
+            source = os.readlink(here)
+            os.unlink(here)
+            linked.discard(here)
+            if keep and os.path.isfile(source):
+                shutil.copy2(source, here)
+
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if busy[0] or event not in _WRITE_EVENTS:
+            return
+        busy[0] = True
+        try:
+            if event == "open":
+                path, mode, flags = args
+                if mode is not None:
+                    if any(c in mode for c in "wax+"):
+                        own(path, last=True, keep="w" not in mode)
+                elif flags & writes:
+                    own(path, last=True, keep=not flags & os.O_TRUNC)
+            elif event in ("os.rename", "os.replace"):
+                own(args[0], last=False, keep=False)
+                own(args[1], last=True, keep=False)
+            elif event == "os.truncate":
+                own(args[0], last=True, keep=True)
+            else:  # os.mkdir, os.remove, os.rmdir: the folder above is the trial's own
+                own(args[0], last=False, keep=False)
+        except OSError:
+            pass  # the operation itself then says what is wrong
+        finally:
+            busy[0] = False
+
+    os.makedirs(root, exist_ok=True)
+    link_children(str(user_cwd), root)
+    os.chdir(root)
+    sys.addaudithook(hook)
+
+    import torch
+
+    save = torch.save
+
+    def saved(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:  # writes from C++: no audit event
+        if isinstance(f, (str, os.PathLike)):
+            hook("open", (f, "wb", 0))
+        return save(obj, f, *args, **kwargs)
+
+    torch.save = saved  # type: ignore[assignment]
+
+
+_WRITE_EVENTS = frozenset(
+    {"open", "os.rename", "os.replace", "os.truncate", "os.mkdir", "os.remove", "os.rmdir"}
+)
 
 
 def _seed_everything() -> None:
@@ -333,6 +452,8 @@ def _trial_main(args: list[str]) -> int:
     _keep_script_guards_in(Path(job["out"]) / "script-guard")
     if job.get("lr") is not None:
         _start_at_lr(float(job["lr"]))
+    if job.get("workdir") is not None:
+        _copy_on_write(Path(job["cwd"]), Path(job["workdir"]))
     sys.argv = [str(script), *job["argv"]]
     sys.path.insert(0, str(script.resolve().parent))
     _seed_everything()

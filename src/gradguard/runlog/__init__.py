@@ -79,11 +79,13 @@ from gradguard.runlog._format import (
     META_FILE,
     METRICS_FILE,
     REPORT_FILE,
+    REPORT_GENERATOR,
     SCHEMA_VERSION,
     TEXT_KEYS,
+    is_gradguard_report,
 )
 from gradguard.runlog._reader import RunLog, find_runs, is_run_dir, read_run
-from gradguard.runlog._writer import RunLogWarning, RunWriter, check_run_dir, refuse_existing
+from gradguard.runlog._writer import RunLogWarning, RunWriter, check_run_dir, in_use, refuse_existing
 
 __all__ = [
     "EVENTS_FILE",
@@ -91,6 +93,7 @@ __all__ = [
     "META_FILE",
     "METRICS_FILE",
     "REPORT_FILE",
+    "REPORT_GENERATOR",
     "SCHEMA_VERSION",
     "TEXT_KEYS",
     "RunLog",
@@ -102,6 +105,8 @@ __all__ = [
     "default_run_dir",
     "find_runs",
     "from_jsonable",
+    "in_use",
+    "is_gradguard_report",
     "is_run_dir",
     "read_run",
     "refuse_existing",

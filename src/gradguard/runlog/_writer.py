@@ -41,7 +41,7 @@ from gradguard.runlog._format import (
     _as_step,
     _read_json_quiet,
     _step,
-    is_foreign,
+    foreign_files,
 )
 
 
@@ -527,20 +527,35 @@ def _existing_log(run_dir: Path) -> list[str]:
 
 
 def refuse_foreign(run_dir: Path) -> None:
-    """Refuse a directory whose ``meta.json`` is not a gradguard run's (another tool's, a dataset's):
-    a writer would replace it, ``exist_ok`` or not. A gradguard ``meta.json`` cut or damaged still
-    names its ``schema_version`` (its first key)."""
-    if is_foreign(run_dir / META_FILE):
-        raise GradGuardError(
-            f"{str(run_dir / META_FILE)!r} is not a gradguard run's meta.json (another tool's file); gradguard "
-            "would overwrite it. Pass a new directory for the run log (e.g. gradguard.runlog.default_run_dir(), "
-            "or `gradguard run --out runs/NAME`)."
-        )
+    """Refuse a directory holding a file gradguard would write that is not gradguard's (another tool's
+    ``meta.json`` or ``metrics.jsonl``, the user's own ``report.html`` or ``findings.json``:
+    :func:`foreign_files`): a writer, a run's report or a diagnosis would replace it or append into it,
+    ``exist_ok`` or not. A gradguard ``meta.json`` cut or damaged still names its ``schema_version``
+    (its first key), or is empty, or sits beside gradguard's own log lines."""
+    found = foreign_files(run_dir)
+    if not found:
+        return
+    what = "; ".join(
+        f"{str(run_dir / name)!r} is not a gradguard run's {name} ({why})" for name, why in found
+    )
+    verb = "append to" if all(name in (METRICS_FILE, EVENTS_FILE) for name, _ in found) else "overwrite"
+    raise GradGuardError(
+        f"{what}: another tool's or your own file{'s' if len(found) > 1 else ''}, and a gradguard "
+        f"run there would {verb} {'it' if len(found) == 1 else 'them'}. Pass a new directory for the run log "
+        "(e.g. `gradguard run --out runs/NAME`, or gradguard.runlog.default_run_dir()), or move those files away."
+    )
 
 
 _NEW_DIR_FIX = (
     "pass a new directory (e.g. gradguard.runlog.default_run_dir()) for a new run, or exist_ok=True"
 )
+
+
+def in_use(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a live writer (a run still going, in this or another process) holds ``run_dir``'s lock:
+    what is read there now is a snapshot, and a file derived from it (``findings.json``) would be stale
+    once the run ends. ``False`` where locks are unknown (no ``flock``)."""
+    return _is_locked(Path(run_dir) / METRICS_FILE)
 
 
 def refuse_existing(run_dir: Path, fix: str = _NEW_DIR_FIX) -> None:

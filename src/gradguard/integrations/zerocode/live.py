@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -66,7 +67,7 @@ class Live:
                     f"{guard.on_explosion!r}); its values were finite."
                 ),
                 lambda n: (
-                    f"{n} steps not taken so far (last: step {step}); `gradguard diagnose {guard.run_dir}`."
+                    f"{n} steps not taken so far (last: step {step}); `gradguard diagnose {shlex.quote(str(guard.run_dir))}`."
                 ),
             )
             return
@@ -77,7 +78,7 @@ class Live:
                 + ("measured only." if isinstance(guard.optimizer, ManualUpdate) else f"{_policy(guard)}.")
             ),
             lambda n: (
-                f"{n} bad steps so far (last: step {step}); `gradguard diagnose {guard.run_dir}` explains."
+                f"{n} bad steps so far (last: step {step}); `gradguard diagnose {shlex.quote(str(guard.run_dir))}` explains."
             ),
         )
 

@@ -4,6 +4,7 @@ exit code kept; the summary and the report also after Ctrl-C, SIGTERM or an unca
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -107,8 +108,8 @@ def run_script(
             signal.signal(signal.SIGTERM, previous)
     if rank() == 0:  # under torchrun rank 0 speaks and writes the report, as it writes the log
         print(zc.summary(), file=sys.stderr)
-        if report and zc.sessions:
-            _write_report(zc.out)
+        if report and zc.sessions and not _write_report(zc.out) and killed_by is None:
+            killed_by = signal.SIGINT  # a Ctrl-C during the report: the run ends by it, as Python's would
     if killed_by is not None:  # end the way the plain script would have: by that signal
         sys.stderr.flush()
         signal.signal(killed_by, signal.SIG_DFL)
@@ -197,14 +198,23 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _write_report(run_dir: Path) -> None:
+def _write_report(run_dir: Path) -> bool:
+    """Write the run's report; ``False`` where a Ctrl-C (a second one, after the script's) stopped it:
+    one line says so, with the command that writes it later (the run log is whole), no traceback."""
     try:
         from gradguard.report import write_report
     except ImportError:  # the report extra is optional
-        return
+        return True
     try:
         path = write_report(run_dir)
+    except KeyboardInterrupt:
+        print(
+            f"gradguard: report not written (interrupted): {shlex.join(['gradguard', 'report', str(run_dir)])}",
+            file=sys.stderr,
+        )
+        return False
     except Exception as e:  # a report must never turn a finished run into a failure
         print(f"gradguard: could not write the report ({e}).", file=sys.stderr)
-        return
+        return True
     print(f"gradguard: report: {path}", file=sys.stderr)
+    return True
