@@ -1692,3 +1692,40 @@ def test_a_trainable_teacher_whose_output_is_detached_is_not_updated_by_hand(tmp
     log = read_run(tmp_path / "run")
     assert len(log.metrics) == 30 and not (tmp_path / "run" / "optimizer1").exists()
     assert log.meta["optimizer"]["class"] == "Adam", log.meta["optimizer"]
+
+
+GUARDED_IN_SCRIPT = """
+import sys
+import torch
+from torch import nn
+
+import gradguard
+
+torch.manual_seed(0)
+model = nn.Linear(8, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+guard = gradguard.Guard(model, opt, clip="norm:1", log_dir=sys.argv[1])
+for step in range(12):
+    x, y = torch.randn(32, 8), 10 * torch.randn(32, 1)
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    guard.step(loss)
+guard.close()
+print("weights", float(model.weight.sum()))
+"""
+
+
+def test_a_script_that_guards_its_optimizer_itself_is_left_to_its_guard(tmp_path: Path) -> None:
+    """The script's own Guard(clip="norm:1") under `gradguard run --clip norm:5`: the outer log claimed norm:5,
+    clip rate 0 and "No findings", recording the inner guard's post-clip norms (0.99999) as pre-clip ones."""
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED_IN_SCRIPT)
+    inner = tmp_path / "inner"
+    plain = plain_run(tmp_path, script, str(inner))
+    guarded = gradguard_run(tmp_path, script, str(tmp_path / "inner2"))
+    assert guarded.returncode == 0, guarded.stderr
+    assert "the script guards its SGD itself with gradguard.Guard" in guarded.stderr, guarded.stderr
+    assert plain.stdout == guarded.stdout  # its own guard clipped, as without gradguard run
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert len(read_run(tmp_path / "inner2").metrics) == 12

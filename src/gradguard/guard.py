@@ -1513,12 +1513,17 @@ _OPTIMIZER_GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref[
 )
 
 
+def open_guard_of(optimizer: torch.optim.Optimizer) -> Guard | None:
+    """The open :class:`Guard` made last on ``optimizer`` (``None``: none, or it was closed)."""
+    ref = _OPTIMIZER_GUARDS.get(optimizer)
+    owner = ref() if ref is not None else None
+    return owner if owner is not None and not owner.closed else None
+
+
 def _warn_if_guarded(guard: Guard, optimizer: torch.optim.Optimizer) -> None:
     """Say when ``optimizer`` already has an open guard (a notebook cell run again, a second Guard made
     by mistake): calling both ``step``s steps it twice per backward. The new guard is then its guard."""
-    ref = _OPTIMIZER_GUARDS.get(optimizer)
-    owner = ref() if ref is not None else None
-    if owner is not None and not owner.closed:
+    if open_guard_of(optimizer) is not None:
         _warn_at_user(
             f"gradguard: this {type(optimizer).__name__} already has an open Guard: stepping both guards steps "
             "the optimizer twice per backward. Close the first (guard.close()) before making a new one, or keep "

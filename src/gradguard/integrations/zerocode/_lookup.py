@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.errors import GradGuardError
-from gradguard.guard import Guard
+from gradguard.guard import Guard, open_guard_of
 from gradguard.integrations._common import describe_optimizer, stepped
 from gradguard.integrations.zerocode.sessions import (
     ManualUpdate,
@@ -96,7 +96,7 @@ def session_of(zc: Any, optimizer: torch.optim.Optimizer) -> Session | None:
     if framework is not None:  # a Trainer's callback guards it
         framework.add_flush_callback(zc.live.flushed(framework, framework=True))
         return add(zc, id(optimizer), Session(framework, manual=False, framework=True))
-    if _steps_complex(zc, optimizer):
+    if _steps_complex(zc, optimizer) or _guarded_by_the_script(zc, optimizer):
         return None
     ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
     root = root_owning(zc, ids) or union_root(zc, optimizer)
@@ -135,6 +135,23 @@ def _steps_complex(zc: Any, optimizer: torch.optim.Optimizer) -> bool:
         "gradguard measures real tensors only, so this optimizer is not guarded and its steps run as without "
         "gradguard. To guard it, store them as real tensors: nn.Parameter(torch.view_as_real(w)), viewed back "
         "with torch.view_as_complex in forward."
+    )
+    return True
+
+
+def _guarded_by_the_script(zc: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the script guards the optimizer itself (its own ``gradguard.Guard``): gradguard run leaves
+    it to that guard, said once — guarding it again logged the script's guard's post-clip norms as the
+    pre-clip ones, under a clipper (``--clip norm:5``) that never clipped."""
+    script_guard = open_guard_of(optimizer)
+    if script_guard is None:
+        return False
+    zc._unguarded.add(optimizer)
+    where = f" (its run log: {script_guard.run_dir})" if script_guard.run_dir is not None else ""
+    zc._say(
+        f"the script guards its {type(optimizer).__name__} itself with gradguard.Guard{where}: gradguard run "
+        "leaves that optimizer to it (its clip, its policy, its log); run the script without gradguard run, or "
+        "drop its Guard to let gradguard run guard it."
     )
     return True
 
