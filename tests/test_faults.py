@@ -1920,3 +1920,23 @@ def test_a_second_open_guard_on_one_optimizer_and_a_parameter_in_two_groups_are_
         match=r"1 parameter\(s\) appear more than once in the optimizer's param_groups \(0.weight\)",
     ):
         gradguard.Guard(model, twice)
+
+
+def test_lbfgs_without_a_closure_and_a_scaler_that_scaled_nothing_are_refused_with_the_fix() -> None:
+    """torch's own errors surfaced: "LBFGS.step() missing 1 required positional argument: 'closure'",
+    "Attempted unscale_ but _scale is None"."""
+    import torch
+
+    model = _seq()
+    opt = torch.optim.LBFGS(model.parameters())
+    guard = gradguard.Guard(model, opt)
+    loss = _backward(model, opt, 0)
+    with pytest.raises(GradGuardError, match=r"LBFGS .* needs a closure: guard.step\(closure\)"):
+        guard.step(loss)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaled = gradguard.Guard(model, sgd)
+    loss = _backward(model, sgd, 0)
+    with pytest.raises(
+        GradGuardError, match=r"has not scaled any loss yet: call scaler.scale\(loss\).backward\(\)"
+    ):
+        scaled.step(loss, scaler=torch.amp.GradScaler("cpu"))

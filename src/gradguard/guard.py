@@ -578,6 +578,12 @@ class Guard:
         self._check_open()
         _check_scaler(scaler)
         closure = None
+        if isinstance(self.optimizer, torch.optim.LBFGS) and not callable(loss_or_closure):
+            raise GradGuardError(
+                "LBFGS re-evaluates the loss during its step, so it needs a closure: "
+                "guard.step(closure), with closure() zeroing the gradients, computing the loss, calling "
+                "backward() and returning the loss (as optimizer.step(closure) takes it)."
+            )
         if callable(loss_or_closure) and not isinstance(loss_or_closure, Tensor):
             loss = self._anomaly.run_closure(loss_or_closure)
             closure = reuse_first_call(loss_or_closure, loss)
@@ -1618,8 +1624,15 @@ def _unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
     from torch.amp.grad_scaler import OptState
 
     state = scaler._per_optimizer_states[id(optimizer)]  # GradScaler's own bookkeeping
-    if state["stage"] is OptState.READY:
-        scaler.unscale_(optimizer)
+    if state["stage"] is not OptState.READY:
+        return
+    if getattr(scaler, "_scale", True) is None:  # (torch: "Attempted unscale_ but _scale is None")
+        raise GradGuardError(
+            "the GradScaler passed to guard.step(..., scaler=scaler) has not scaled any loss yet: call "
+            "scaler.scale(loss).backward() instead of loss.backward() (the scaler then knows its scale), or "
+            "leave scaler= out if this loop does not use one."
+        )
+    scaler.unscale_(optimizer)
 
 
 class _Handle:
