@@ -260,6 +260,17 @@ def test_configuration_is_checked(tmp_path):
         GradGuardCallback(clip="norm:1")
     with pytest.raises(GradGuardError, match="'warn' or 'raise'"):
         GradGuardCallback(on_nonfinite="skip")
+    # field test: "dictionary update sequence element #0 …" and Guard's bare TypeError at train()
+    with pytest.raises(GradGuardError, match=r"gradguard= takes a dict .*got str 'skip'"):
+        GradGuardTrainer(model=_model(), args=_args(tmp_path), train_dataset=_data(), gradguard="skip")
+    with pytest.raises(
+        GradGuardError, match=r"unknown gradguard option 'on_nonfinte' \(did you mean 'on_nonfinite'\?\)"
+    ):
+        GradGuardTrainer(
+            model=_model(), args=_args(tmp_path), train_dataset=_data(), gradguard={"on_nonfinte": "skip"}
+        )
+    with pytest.raises(GradGuardError, match="unknown gradguard option 'evrey'"):
+        GradGuardCallback(evrey=10)
 
 
 class StepWatch(TrainerCallback):

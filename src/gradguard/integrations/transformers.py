@@ -51,6 +51,8 @@ folder; ``train(resume_from_checkpoint=...)`` restores it, and the adaptive clip
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 import warnings
@@ -101,6 +103,18 @@ def _check_guard_kwargs(kwargs: dict[str, Any], who: str) -> None:
     for key in _NOT_FOR_GUARD:
         if key in kwargs:
             raise GradGuardError(f"{who} sets {key!r} itself (from the Trainer); do not pass it.")
+    known = set(inspect.signature(Guard.__init__).parameters) - {"self", "model", "optimizer"} | _OWN_OPTIONS
+    for key in kwargs:
+        if key not in known:  # (a typo surfaced at train() as Guard's bare TypeError)
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise GradGuardError(
+                f"{who}: unknown gradguard option {key!r}{hint}; the options are gradguard.Guard's arguments "
+                f"({', '.join(sorted(known - set(_NOT_FOR_GUARD)))})."
+            )
+
+
+_OWN_OPTIONS = frozenset({"sinks", "report"})  # taken by the integration itself, not by Guard
 
 
 def _close_sinks(sinks: Sequence[Any]) -> None:
@@ -152,12 +166,13 @@ class GradGuardMixin:
     state: Any
 
     def __init__(self, *args: Any, gradguard: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not isinstance(gradguard, (dict, type(None))):  # (dict("skip"): "dictionary update sequence …")
+            raise GradGuardError(
+                f"gradguard= takes a dict of gradguard.Guard arguments, e.g. {{'clip': 'auto', 'on_nonfinite': "
+                f"'skip'}}; got {type(gradguard).__name__} {gradguard!r}."
+            )
         super().__init__(*args, **kwargs)
         config = dict(gradguard or {})
-        if not isinstance(gradguard, (dict, type(None))):
-            raise GradGuardError(
-                f"gradguard= takes a dict of gradguard.Guard arguments, e.g. {{'clip': 'auto'}}; got {gradguard!r}."
-            )
         _check_guard_kwargs(config, type(self).__name__)
         self._gg_sinks: list[FlushListener] = list(config.pop("sinks", ()))
         self._gg_report: bool | None = config.pop("report", None)
