@@ -673,6 +673,28 @@ def test_an_lr_jump_from_a_rate_annealed_to_zero_advises_the_rate_that_trained()
     assert "rose from 0 to 2.5 at step 28 (it had trained at up to 0.1" in jump.message, jump.message
 
 
+def test_a_param_group_added_at_a_far_higher_rate_right_before_the_climb_is_named() -> None:
+    """A gradual unfreeze whose per-layer decay was typed 0.026 for 2.6: the group added at step 27 steps at
+    4.44 against the logged (group 0's) 0.003; it read "lower the rate to 0.0003 or clip at 0.27"."""
+    lr = [0.003] * len(CLIMB)
+    added = {
+        "type": "layers",
+        "step": 27,
+        "parameters": ["blocks.1.weight"],
+        "added": ["blocks.1"],
+        "lr": 4.44,
+    }
+    log = run(CLIMB, lr=lr, events=[added])
+    boom, high = conclude(log, "explosion"), conclude(log, "lr_too_high")
+    assert high is not None and high.evidence["joined_step"] == 27, high
+    assert "in a param group at lr 4.44, 1.48e+03× the logged rate 0.003" in high.message, high.message
+    assert boom is not None and "param group added right before the climb" in boom.recommendation["text"]
+    quiet = run(CLIMB, lr=lr, events=[{**added, "lr": 0.003}])  # a group at the same rate: not it
+    assert (
+        conclude(quiet, "lr_too_high") is None or "param group" not in conclude(quiet, "lr_too_high").message
+    )
+
+
 def test_an_explosion_a_schedule_drove_advises_the_schedules_fix_and_the_rate_before_it() -> None:
     """A LambdaLR that triples the rate every step from step 28 (0.05 → 0.4 and on): "a tenth of the
     rate the run failed at" was a rate above the script's own, and a threshold does not hold a rate

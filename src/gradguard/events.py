@@ -197,11 +197,15 @@ def loss_scale_collapse(
     }
 
 
-def layers(step: int, parameters: list[str], added: list[str]) -> Event:
+def layers(step: int, parameters: list[str], added: list[str], lr: float | None = None) -> Event:
     """Parameters joined the guard at ``step`` (unfrozen, or added with ``add_param_group``): from
     this step on they are measured, clipped and checked. ``added``: the layers new to the log
-    (``meta.json``'s ``layers`` lists them too); a parameter of a known layer adds none."""
-    return {"type": "layers", "step": step, "parameters": list(parameters), "added": list(added)}
+    (``meta.json``'s ``layers`` lists them too); a parameter of a known layer adds none. ``lr``: the
+    highest learning rate of the param groups that hold them (the step's logged rate is group 0's)."""
+    event: Event = {"type": "layers", "step": step, "parameters": list(parameters), "added": list(added)}
+    if lr is not None:
+        event["lr"] = lr
+    return event
 
 
 def explosion(step: int, onset_step: int, *, action: str, **fields: Any) -> Event:

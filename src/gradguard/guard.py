@@ -933,7 +933,7 @@ class Guard:
         self._choose_apply()
         if self.writer is not None:  # what the new parameters change; the optimizer entry stays as written
             self.writer.update_meta(**{k: v for k, v in self._meta().items() if k != "optimizer"})
-        self._event(events.layers(step, [n for n, _ in joined], added))
+        self._event(events.layers(step, [n for n, _ in joined], added, _group_lr(self.optimizer, joined)))
 
     def _caller_clip_in_row(
         self, plan: ClipPlan, clip: CallerClip | None, apply: Apply
@@ -1497,6 +1497,17 @@ def _with_step_fields(found: list[Any], records: list[dict[str, Any]], names: It
         return found
     extra = {rec["step"]: {k: rec[k] for k in names if k in rec} for rec in records}
     return [{**e, **extra.get(e.get("step"), {})} for e in found]
+
+
+def _group_lr(optimizer: torch.optim.Optimizer, joined: Sequence[tuple[str, Tensor]]) -> float | None:
+    """The highest learning rate of the param groups holding the ``joined`` parameters (host floats)."""
+    ids = {id(p) for _, p in joined}
+    rates = [
+        float(g["lr"])
+        for g in optimizer.param_groups
+        if isinstance(g.get("lr"), (int, float)) and any(id(p) in ids for p in g["params"])
+    ]
+    return max(rates, default=None)
 
 
 def _caller_steps(outcome: Outcome) -> bool:

@@ -151,7 +151,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     still_rising = ev.schedule is not None and _rate_kept_rising(f, onset)
     message = _message(f, ev, onset, evidence)
     advice = (
-        _schedule(f, ev.schedule) if ev.schedule is not None and still_rising else _advice(f, ev.schedule)
+        _schedule(f, ev.schedule)
+        if ev.schedule is not None and (still_rising or lr_too_high.joined(ev.schedule))
+        else _advice(f, ev.schedule)
     )
     if ev.schedule is not None:  # the schedule's doing: said first, with its own rate
         message = f"{message[:-1]}; {ev.schedule[2]}."
@@ -321,11 +323,17 @@ def _schedule(f: Facts, schedule: tuple[float, str, str]) -> dict[str, Any]:
     peak was 2.43 where the script's rate was 0.01, "a tenth" 0.2) fixes a schedule that keeps raising it."""
     rate, why, _ = schedule
     lr = lr_advice(f, rate, why)
-    text = (
-        "The learning-rate schedule drove it: lower the learning rate it reaches (cap the schedule, or end the "
-        "warm-up) so the rate stays at or below the one that trained; clipping only bounds each step while the "
-        f"rate keeps growing. {lr['text']}."
-    )
+    if lr_too_high.joined(schedule):  # a group added at a rate far above the others'
+        text = (
+            "The rate of the param group added right before the climb drove it: give that group a rate like the "
+            f"others' (the rate passed to add_param_group, a per-layer decay); clipping cannot hold it. {lr['text']}."
+        )
+    else:
+        text = (
+            "The learning-rate schedule drove it: lower the learning rate it reaches (cap the schedule, or end the "
+            "warm-up) so the rate stays at or below the one that trained; clipping only bounds each step while the "
+            f"rate keeps growing. {lr['text']}."
+        )
     return with_lr({"text": text}, lr)
 
 

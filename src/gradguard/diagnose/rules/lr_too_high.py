@@ -69,6 +69,9 @@ class Evidence:
     warm: int
     rising: tuple[int, float, float] | None = None
     first: tuple[int, float, str, float] | None = None  # (step, median over layers, worst layer, its ratio)
+    joined: tuple[int, float, float, list[str]] | None = (
+        None  # (step, its group's rate, the logged rate, layers)
+    )
 
 
 def detect(f: Facts, seen: Seen) -> Evidence | None:
@@ -84,9 +87,41 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         jump = lr_jump(f, end, lookback=end + 1) if trained(f) is None else None
     rising = _still_rising(f)
     first = _first_step_scramble(f, warm)
-    if not (high or jump or rising or first):
+    joined = joined_group(f, end) if h.onset_step is not None else None
+    if not (high or jump or rising or first or joined):
         return None
-    return Evidence(per_layer, high, jump, end, warm, rising, first)
+    return Evidence(per_layer, high, jump, end, warm, rising, first, joined)
+
+
+_GROUP_JUMP = 10.0  # an added param group's rate this many times the logged (group 0's) rate or more
+JOINED_GROUP = "in a param group at lr"  # how scheduled() says a group added at a far higher rate drove it
+
+
+def joined(schedule: tuple[float, str, str] | None) -> bool:
+    """Whether :func:`scheduled`'s reading is an added param group's rate (not the schedule's)."""
+    return schedule is not None and JOINED_GROUP in schedule[2]
+
+
+def joined_group(f: Facts, end: int) -> tuple[int, float, float, list[str]] | None:
+    """Parameters that joined (``add_param_group``, an unfrozen stage: a ``layers`` event with its
+    groups' rate) in the few steps before the climb began at row ``end``, in a group whose rate is
+    ≥ :data:`_GROUP_JUMP`× the logged one (group 0's): ``(step, that rate, the logged rate, layers)``.
+    A gradual unfreeze whose decay factor was typed 0.026 for 2.6 gave the groups 0.115, 4.44, 171,
+    6565 against 0.003, and read "lower the rate to 0.0003" (group 0's, which was fine)."""
+    lo = f.steps[max(0, end - _JOIN_LOOKBACK)] if f.steps else 0
+    hi = f.steps[min(end, len(f.steps) - 1)] if f.steps else 0
+    for e in f.events_of("layers"):
+        at, rate = e.get("step"), e.get("lr")
+        if not (isinstance(at, int) and isinstance(rate, (int, float)) and lo <= at <= hi):
+            continue
+        logged = f.lr[f.index_of(at)]
+        if math.isfinite(logged) and logged > 0 and rate >= _GROUP_JUMP * logged:
+            names = [str(n) for n in e.get("added") or e.get("parameters") or []]
+            return at, float(rate), float(logged), names
+    return None
+
+
+_JOIN_LOOKBACK = 5  # rows before the climb's onset where a join counts
 
 
 def _first_step_scramble(f: Facts, warm: int) -> tuple[int, float, str, float] | None:
@@ -115,6 +150,17 @@ def scheduled(f: Facts, ev: Evidence) -> tuple[float, str, str] | None:
     """Where the learning rate's own schedule drove the failure (a jump right before the climb, or a
     warm-up that never stopped): ``(the rate to keep, why, what the schedule did)``; ``None``
     otherwise. The one reading of it: this rule's advice and the explosion's."""
+    if ev.joined is not None:
+        at, rate, logged, names = ev.joined
+        onset = f.healthy.onset_step
+        then = f"the norm started growing (step {onset})" if onset is not None else "the loss climbed"
+        shown = ", ".join(layer_name(n) for n in names[:3]) + (" …" if len(names) > 3 else "")
+        did = (
+            f"parameters joined the optimizer at step {at} ({shown}) {JOINED_GROUP} {fmt(rate)}, "
+            f"{fmt(rate / logged)}× the logged rate {fmt(logged)} (group 0's), right before {then}: check the rate "
+            "given to that group (add_param_group, a per-layer decay)"
+        )
+        return sig(logged, 2), f"the other groups' rate, for the group added at step {at}", did
     if ev.jump is not None:
         at, before, after = ev.jump
         onset = f.healthy.onset_step
@@ -177,6 +223,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         rate, why, did = schedule
         parts.append(did)
         estimate = (rate, why)
+    if ev.joined is not None:
+        evidence.update({"joined_step": ev.joined[0], "joined_group_lr": ev.joined[1]})
+        step = step if step is not None else ev.joined[0]
     if ev.first is not None:
         at, med, name, ratio = ev.first
         stall = ends(f.loss_at(0, len(f.rows)))
@@ -208,7 +257,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         )
         return Finding("lr_too_high", "info", step, message, evidence, _keep(f, lr))
     message = "Learning rate too high: " + "; ".join(parts) + "."
-    from_ratios = ev.jump is None and ev.rising is None
+    from_ratios = ev.jump is None and ev.rising is None and ev.joined is None
     rec = _advice(f, estimate, from_ratios=from_ratios)
     above = _above_base(f) if ev.first is not None else None
     if above is not None:  # the schedule, not the base rate, made the first step's rate
