@@ -1278,6 +1278,21 @@ def test_a_run_that_converged_in_its_first_steps_or_whose_loss_is_negative_train
     assert still is not None  # a fast fall that ends at a uniform guess is no training
 
 
+def test_a_clip_that_held_every_step_while_the_objective_grew_is_over_clipping() -> None:
+    """A PINN whose boundary-loss weight grows ×1.5 every epoch, clipped at 0.12 (the advice gradguard gave): every
+    step clipped, the pre-clip norm climbing 400× with the weights still, the loss 50 → 41, and "No findings" —
+    a norm climb excluded over_clipping, and the climb's level counted as a threshold "that failed"."""
+    n = 1000
+    norms = [10.0] * 724 + [10.0 * 1.022 ** (s - 723) for s in range(724, n)]
+    loss = [50.0 - 9.0 * s / n for s in range(n)]
+    log = run(norms, loss=loss, threshold=[0.12] * n, clip_coef=[0.12 / g for g in norms],
+              layer__a__weight_norm=[3.0] * n, layer__a__grad_norm=norms)  # fmt: skip
+    log.meta["config"] = {"clip": {"kind": "norm", "max_norm": 0.12}}
+    found = conclude(log, "over_clipping")
+    assert found is not None and "the loss itself grew its gradients" in found.message, found
+    assert found.recommendation["max_norm"] > 0.12, found.recommendation
+
+
 def test_an_mse_above_its_targets_variance_says_the_output_cannot_reach_them() -> None:
     """A sigmoid head on targets in [0, 100]: MSE 2945 against a variance of 541 — "No findings"."""
     log = run([1.0] * 400, loss=[3355 - s for s in range(20)] + [2945 + (s % 3) for s in range(380)])

@@ -266,6 +266,8 @@ def failed_levels(f: Facts) -> list[float]:
     """The clip levels the run was clipped to when it failed (went non-finite or its norm climbed):
     thresholds the run itself showed not to hold."""
     h = f.healthy
+    if h.onset_step is not None and not f.went_bad and f.weights_still:
+        return []  # the objective grew its gradients (the weights stayed put): the threshold held every step
     start = f.index_of(h.onset_step) if h.onset_step is not None else f.trouble
     if start >= len(f.steps):
         return []

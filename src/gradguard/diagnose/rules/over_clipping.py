@@ -51,8 +51,8 @@ GREW = -0.1  # the loss grew by more than this fraction: not a stall clipping co
 
 
 def detect(f: Facts, seen: Seen) -> ClipWindow | None:
-    if f.clip_kind != "fixed" or f.went_bad or f.healthy.onset_step is not None:
-        return None
+    if f.clip_kind != "fixed" or f.went_bad or (f.healthy.onset_step is not None and not f.weights_still):
+        return None  # (a climb with the weights still: the objective grew, and the clip held every step)
     w = clip_window(f)
     if w is None or not w.rate > OVERCLIP_RATE:
         return None
@@ -89,6 +89,12 @@ def explain(f: Facts, w: ClipWindow) -> Finding:
         f"threshold, so every step is scaled by ~{fmt(scale)} — an effective learning rate of {fmt(lr * scale)} "
         f"instead of {fmt(lr)}. The loss went {w.loss.text()}. {how}."
     )
+    if f.healthy.onset_step is not None:  # (detect: the weights stayed put)
+        message += (
+            f" The pre-clip norm climbed from step {f.healthy.onset_step} while the weights stayed put: the loss "
+            "itself grew its gradients (a loss term's weight raised during training, a sum over a growing count) "
+            "— check the loss's terms before raising the threshold."
+        )
     return Finding("over_clipping", severity, f.steps[w.window[0]], message, evidence, _advice(f, w, early))
 
 
