@@ -176,29 +176,31 @@ def check_spike_z(value: Any) -> float:
 
 
 def check_min_lr(value: Any) -> float:
-    try:
-        lr = float(value)
-    except (TypeError, ValueError):
-        lr = math.nan
-    if isinstance(value, bool) or not (math.isfinite(lr) and lr >= 0.0):
-        raise GradGuardError(
-            f"min_lr must be a number >= 0; got {value!r}. It is the learning rate below which a "
-            "rollback loop stops the run (the default 1e-8; 0 never stops it)."
-        )
-    return lr
+    return _nonnegative(
+        value,
+        "min_lr",
+        "It is the learning rate below which a rollback loop stops the run (the default 1e-8; 0 never stops it).",
+    )
 
 
 def check_loss_scale_floor(value: Any) -> float:
+    return _nonnegative(
+        value,
+        "loss_scale_floor",
+        "Under a GradScaler, a scale below it is a loss_scale_collapse event (the default 1.0; 0 reports only "
+        "overflows in a row).",
+    )
+
+
+def _nonnegative(value: Any, name: str, meaning: str) -> float:
+    """A finite number ≥ 0 (not a bool), or a ``GradGuardError`` naming the setting, the value and what it is."""
     try:
-        floor = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        floor = math.nan
-    if isinstance(value, bool) or not (math.isfinite(floor) and floor >= 0.0):
-        raise GradGuardError(
-            f"loss_scale_floor must be a number >= 0; got {value!r}. Under a GradScaler, a scale below it "
-            "is a loss_scale_collapse event (the default 1.0; 0 reports only overflows in a row)."
-        )
-    return floor
+        number = math.nan
+    if isinstance(value, bool) or not (math.isfinite(number) and number >= 0.0):
+        raise GradGuardError(f"{name} must be a number >= 0; got {value!r}. {meaning}")
+    return number
 
 
 def check_flag(value: Any, name: str) -> bool:
