@@ -480,6 +480,21 @@ def test_isolated_nonfinite_steps_that_recur_are_counted_all_not_a_lone_step() -
     assert one is not None and one.message.startswith("Step 50: a lone non-finite step (no op located)")
 
 
+def test_a_lookup_table_the_loss_code_indexes_is_named_not_a_target() -> None:
+    """A logQ correction `log_q[items]` from item counts with zeros: -inf in 853 of 3000 entries; it read "a
+    tensor entering the loss code (a target or label) … drop or repair samples"."""
+    table = {"shape": [3000], "dtype": "float32", "nan": 0, "posinf": 0, "neginf": 853}
+    event = {"type": "nonfinite", "step": 0, "phase": "data", "tensor": "loss input", "kind": "-inf",
+             "source": "train.py:57", "located_by": "watch",
+             "evidence": {"consumer": "index", "argument": 0, "input": table}}  # fmt: skip
+    found = conclude(run([NAN] * 10, loss=[NAN] * 10, events=[event]), "bad_data")
+    assert found is not None and "a table the loss code looks values up in" in found.message, found
+    assert (
+        "-inf in 853 of its 3000 entries" in found.message
+        and "torch.log(counts + 1)" in found.recommendation["text"]
+    )
+
+
 def test_every_batch_bad_from_the_first_step_is_the_preprocessing_not_a_few_samples() -> None:
     """A standardization over a constant column (std 0) makes every batch NaN: "drop the bad samples"
     would drop them all. Three bad batches among healthy ones stay the samples' fault."""

@@ -120,6 +120,8 @@ def _confirmed(f: Facts, ev: Evidence) -> Finding:
         return _carried(ev, e0, details, evidence)
     if tensor == "class weights":
         return _class_weights(ev, e0, details, evidence)
+    if tensor == "loss input" and details.get("consumer") in _LOOKUPS:
+        return _lookup_table(ev, e0, details, evidence)
     words = _TENSOR_WORDS.get(tensor, f"the tensor {tensor!r}")
     argument = details.get("argument") if isinstance(details.get("argument"), str) else None
     consumer = f" (into `{details['consumer']}`)" if details.get("consumer") else ""
@@ -150,6 +152,41 @@ def _confirmed(f: Facts, ev: Evidence) -> Finding:
             " Every batch held them from the first step: the preprocessing makes them, not a few bad samples."
         )
         rec["text"] = _PREPROCESSING.format(x=x)
+    return Finding("bad_data", "error", first, message, evidence, rec)
+
+
+_LOOKUPS = frozenset({"index", "__getitem__", "index_select", "embedding", "gather", "take"})
+
+
+def _lookup_table(
+    ev: Evidence, e0: dict[str, Any], details: dict[str, Any], evidence: dict[str, Any]
+) -> Finding:
+    """A table the loss code looks values up in (``log_q[items]``: a logQ correction from item counts) held
+    non-finite entries: made before the loop (a log of a zero count), not a bad sample — it read "a target or
+    label … drop the bad samples"."""
+    first = ev.steps[0] if ev.steps else None
+    held = fields(details.get("input"))
+    kind = str(e0.get("kind", "non-finite values"))
+    count = held.get({"-inf": "neginf", "inf": "posinf"}.get(kind, "nan"))
+    shape = held.get("shape")
+    how_many = (
+        f" in {count} of its {shape[0] if isinstance(shape, list) and len(shape) == 1 else '?'} entries"
+        if count
+        else ""
+    )
+    at = f" at {e0['source']}" if e0.get("source") else ""
+    message = (
+        f"Step {first if first is not None else '?'}: a table the loss code looks values up in (`{details['consumer']}`{at}) "
+        f"held {kind}{how_many}: it was made before the loop (a log of a count or a frequency that is 0, a division by a "
+        "count of 0), so every batch that picks those entries fails; the model and the samples are not at fault."
+    )
+    rec = {
+        "text": "Fix the table where it is computed: add a pseudo-count before the log (torch.log(counts + 1), or "
+        "counts.clamp_min(1)), or give the missing entries a finite value; check it once with "
+        "torch.isfinite(table).all() before training.",
+        "on_nonfinite": "skip",
+        "code": "table = torch.log(counts.float() + 1.0)",
+    }
     return Finding("bad_data", "error", first, message, evidence, rec)
 
 
