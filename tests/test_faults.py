@@ -1788,7 +1788,7 @@ def test_buffers_already_nan_at_start_are_said_then_not_blamed_on_a_step(tmp_pat
     model[1].eval()  # frozen statistics: the fine-tune's usual choice
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.warns(
-        RuntimeWarning, match=r"the buffers 1.running_var already hold NaN or inf before the first step"
+        RuntimeWarning, match=r"the buffers 1.running_var already hold NaN before the first step"
     ):
         guard = Guard(model, opt, log_dir=tmp_path / "run", max_consecutive=3)
     with pytest.raises(NonFiniteError, match="already in the model's state") as stop:
@@ -1940,3 +1940,36 @@ def test_lbfgs_without_a_closure_and_a_scaler_that_scaled_nothing_are_refused_wi
         GradGuardError, match=r"has not scaled any loss yet: call scaler.scale\(loss\).backward\(\)"
     ):
         scaled.step(loss, scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_a_buffer_holding_a_minus_inf_mask_is_not_a_bad_buffer_at_start(tmp_path: Path) -> None:
+    """A causal attention mask registered as a buffer (-inf above the diagonal, what
+    nn.Transformer.generate_square_subsequent_mask returns): it read "the buffers … already hold NaN or inf
+    before the first step (a checkpoint loaded with them)", and under warnings.filterwarnings("error")
+    gradguard run stopped guarding. A mask built as triu(ones) * -inf holds NaN (0 * -inf): still said."""
+    import torch
+    from torch import nn
+
+    class Causal(nn.Module):
+        def __init__(self, nan: bool) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            mask = (
+                torch.triu(torch.ones(5, 5), 1) * float("-inf")
+                if nan
+                else torch.full((5, 5), -math.inf).triu(1)
+            )
+            self.register_buffer("mask", mask)
+
+        def forward(self, x: Any) -> Any:
+            return torch.softmax(self.proj(x) @ self.proj(x).transpose(-1, -2) + self.mask, -1).sum(-1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = Causal(nan=False)
+        gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1)).close()
+    model = Causal(nan=True)
+    with pytest.warns(
+        RuntimeWarning, match=r"the buffers mask already hold NaN .*torch.triu\(ones\) \* float\('-inf'\)"
+    ):
+        gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1)).close()

@@ -138,6 +138,11 @@ def _close_at_exit() -> None:
 atexit.register(_close_at_exit)
 
 
+def local_of(named: Sequence[tuple[str, Tensor]]) -> list[Tensor]:
+    """This rank's shard of each named tensor (FSDP2 in one process: its shard), detached."""
+    return [local(t) for _, t in named]
+
+
 def _bad_buffers_at_start(guard: Guard, bad: list[str]) -> frozenset[str]:
     """Buffers already non-finite when the guard starts (BatchNorm running statistics loaded from a
     checkpoint with a NaN): said at once and kept in ``meta.json`` (``nonfinite_buffers_at_start``); a
@@ -147,10 +152,12 @@ def _bad_buffers_at_start(guard: Guard, bad: list[str]) -> frozenset[str]:
         if guard.writer is not None:
             guard.writer.update_meta(nonfinite_buffers_at_start=bad)
         warnings.warn(
-            f"gradguard: the buffers {', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''} already hold NaN or "
-            "inf before the first step (a checkpoint loaded with them): every forward that reads them is "
-            "non-finite. Load clean ones, or re-estimate BatchNorm's running statistics (reset_running_stats() "
-            "and a few forwards in train mode).",
+            f"gradguard: the buffers {', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''} already hold NaN "
+            "before the first step — made so when they were built (a mask written as torch.triu(ones) * "
+            "float('-inf'), where 0 * -inf is NaN; a statistic of an empty set) or loaded from a checkpoint: every "
+            "forward that reads them is non-finite. Build them finite (torch.full((n, n), float('-inf')).triu(1), "
+            "or masked_fill), load clean ones, or re-estimate BatchNorm's running statistics "
+            "(reset_running_stats() and a few forwards in train mode).",
             RuntimeWarning,
             stacklevel=_user_stacklevel() + 1,
         )
@@ -1239,11 +1246,13 @@ class Guard:
         buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point() and not b.is_meta]
         if not named or self._reducer is not None:
             return frozenset()
-        shards = [local(t) for _, t in (*named, *buffers)]  # (FSDP2 in one process: its shard)
-        device = shards[0].device
-        finite = torch.stack(
-            [torch.isfinite(t.detach()).all().to(device) for t in shards]
-        ).tolist()  # host sync: once
+        device = local(named[0][1]).device
+        # a weight must be finite; a buffer only NaN-free: ±inf there is a mask (a causal attention mask of
+        # -inf above the diagonal) that a softmax reads as "excluded", not a fault
+        ok_of = [torch.isfinite(t.detach()).all() for t in local_of(named)] + [
+            ~torch.isnan(t.detach()).any() for t in local_of(buffers)
+        ]
+        finite = torch.stack([flag.to(device) for flag in ok_of]).tolist()  # host sync: once
         bad = [n for (n, _), ok in zip(named, finite) if not ok]
         held = [n for (n, _), ok in zip(buffers, finite[len(named) :]) if not ok]
         self._buffers_bad_at_start = _bad_buffers_at_start(self, held)
