@@ -495,6 +495,18 @@ def test_a_lookup_table_the_loss_code_indexes_is_named_not_a_target() -> None:
     )
 
 
+def test_a_buffer_non_finite_before_the_first_step_was_built_so_not_written_by_a_batch() -> None:
+    """A causal mask built as triu(ones) * -inf (0 * -inf = NaN below the diagonal): it read "find what wrote it —
+    a running statistic a bad batch updated … reset it from a good checkpoint", which rebuilt the same NaN."""
+    held = {"type": "nonfinite", "step": 0, "phase": "forward", "tensor": "buffer", "kind": "nan",
+            "module": "attn", "located_by": "replay", "evidence": {"buffer": "attn.mask"}}  # fmt: skip
+    log = run([NAN] * 10, loss=[NAN] * 10, events=[held])
+    log.meta["nonfinite_buffers_at_start"] = ["attn.mask"]
+    found = conclude(log, "nonfinite_op")
+    assert found is not None and "'attn.mask', non-finite before the first step" in found.message, found
+    assert "torch.full((n, n), float('-inf')).triu(1)" in found.recommendation["text"]
+
+
 def test_every_batch_bad_from_the_first_step_is_the_preprocessing_not_a_few_samples() -> None:
     """A standardization over a constant column (std 0) makes every batch NaN: "drop the bad samples"
     would drop them all. Three bad batches among healthy ones stay the samples' fault."""

@@ -1282,7 +1282,11 @@ class Guard:
             else f"the gradient norm is {vals['grad_norm']}"
         )
         where = f" Run log: {self.run_dir}." if self.run_dir else ""
-        fix = _fix_of(self._first_located) if self._first_located is not None else ""
+        fix = (
+            _fix_of(self._first_located, self._buffers_bad_at_start)
+            if self._first_located is not None
+            else ""
+        )
         return (
             f"step {step}: {what}.{fix}{where} Use on_nonfinite='skip' to drop such steps, 'rollback' to "
             "restore the last good state, or look at the run with `gradguard diagnose`."
@@ -1295,7 +1299,10 @@ class Guard:
         msg = (
             f"{consecutive} consecutive skipped steps (last: step {step}); gradguard stopped the run."
             + (" The weights themselves are non-finite: use on_nonfinite='rollback'." if weights_bad else "")
-            + (self._negative_lr() or self._runaway_update() + _fix_of(self._first_located))
+            + (
+                self._negative_lr()
+                or self._runaway_update() + _fix_of(self._first_located, self._buffers_bad_at_start)
+            )
             + " Or raise max_consecutive."
             + (f" Run log: {self.run_dir}." if self.run_dir else "")
         )
@@ -1405,7 +1412,7 @@ class Guard:
 _STATE = ("buffer", "state")  # a located birth's tensor that the forward read but did not make
 
 
-def _fix_of(located: events.Event | None) -> str:
+def _fix_of(located: events.Event | None, at_start: frozenset[str] = frozenset()) -> str:
     """What an abort tells the user to fix: the first bad step's birth where it was located (an op
     at its numerical edge, a non-finite batch: the learning rate is not the cause), else the
     usual causes of a run that keeps going non-finite."""
@@ -1418,6 +1425,14 @@ def _fix_of(located: events.Event | None) -> str:
         return (
             f" The first non-finite value (step {step}) was already in the {what}: check the data "
             "(torch.isfinite(x).all() on each batch); the training itself is not the cause."
+        )
+    buffer = (located.get("evidence") or {}).get("buffer")
+    if located.get("tensor") == "buffer" and buffer in at_start:  # non-finite before the first step
+        return (
+            f" The first non-finite value (step {step}) was in the buffer {buffer!r}, non-finite before the first "
+            "step: build it finite where it is made (a mask as torch.full((n, n), float('-inf')).triu(1); "
+            "torch.triu(ones) * float('-inf') holds 0 * -inf = NaN) or load clean values (BatchNorm statistics: "
+            "reset_running_stats() and a few forwards in train mode); the training is not the cause."
         )
     if located.get("tensor") in _STATE:  # a buffer (a checkpoint's BatchNorm stats) or state the forward read
         return (

@@ -125,7 +125,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
     elif (event.get("tensor") in ("buffer", "state") and event.get("phase") == "forward") or event.get(
         "phase"
     ) in ("init", "script"):
-        message, rec = _held(event, step)
+        message, rec = _held(event, step, _at_start(f))
     elif _is_explosion_event(event):
         message, rec = _huge_from_the_start(f, step, ev.nonfinite_steps, evidence)
     else:
@@ -150,9 +150,18 @@ def _located(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, An
     return message, {"text": f"Fix: {fix}.", "op": event["op"]}
 
 
-def _held(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, Any]]:
+def _at_start(f: Facts) -> frozenset[str]:
+    """The buffers ``meta.json`` says were non-finite before the first step (``nonfinite_buffers_at_start``)."""
+    noted = f.log.meta.get("nonfinite_buffers_at_start")
+    return frozenset(str(n) for n in noted) if isinstance(noted, list) else frozenset()
+
+
+def _held(
+    event: dict[str, Any], step: int | None, at_start: frozenset[str] = frozenset()
+) -> tuple[str, dict[str, Any]]:
     """A tensor the forward read but did not make held the NaN: a buffer (named), or a plain tensor
-    attribute, a global, a constant built from a NaN."""
+    attribute, a global, a constant built from a NaN. A buffer that held it before the first step was
+    built so (a causal mask written ``triu(ones) * -inf``: 0 · -inf) or loaded so: no batch wrote it."""
     details = fields(event.get("evidence"))
     kind = event.get("kind", "a non-finite value")
     if event.get("phase") == "init":
@@ -169,6 +178,13 @@ def _held(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, Any]]
             "load_state_dict, an EMA or SWA copy, a hand-written clamp or update) and keep NaN/inf out of it: check "
             "torch.isfinite(p).all() right after the write; neither the optimizer, the learning rate nor clipping "
             "is the cause"
+        )
+    elif event.get("tensor") == "buffer" and details.get("buffer") in at_start:
+        what = f"the buffer {details.get('buffer')!r}, non-finite before the first step,"
+        fix = (
+            "build it finite where it is made (a mask as torch.full((n, n), float('-inf')).triu(1) or with "
+            "masked_fill: torch.triu(ones) * float('-inf') puts 0 * -inf = NaN below the diagonal), or load clean "
+            "values into it; no batch wrote it, and neither the learning rate nor clipping is the cause"
         )
     elif event.get("tensor") == "buffer":
         what = f"the buffer {details.get('buffer', '?')!r}"
