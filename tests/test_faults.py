@@ -1792,7 +1792,7 @@ def test_buffers_already_nan_at_start_are_said_then_not_blamed_on_a_step(tmp_pat
     ):
         guard = Guard(model, opt, log_dir=tmp_path / "run", max_consecutive=3)
     with pytest.raises(
-        NonFiniteError, match="in the buffer '1.running_var', non-finite before the first step"
+        NonFiniteError, match=r"in the buffer '1\.running_var', non-finite before the first step"
     ) as stop:
         for _ in range(5):
             opt.zero_grad()
