@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from cli_runs import ENV, gradguard_run, plain_run
 from gradguard.runlog import read_run
 
@@ -1729,3 +1731,38 @@ def test_a_script_that_guards_its_optimizer_itself_is_left_to_its_guard(tmp_path
     assert plain.stdout == guarded.stdout  # its own guard clipped, as without gradguard run
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert len(read_run(tmp_path / "inner2").metrics) == 12
+
+
+DROPPED_BATCHES = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Linear(6, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+for i in range(12):
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    try:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if i % 3 == 1:
+            raise ValueError("a metric failed on this batch")
+        opt.step()
+        print(f"loss {loss.item():.6f}")
+    except ValueError:
+        continue
+"""
+
+
+def test_the_loss_of_a_batch_the_script_dropped_is_not_added_to_the_next_steps(tmp_path: Path) -> None:
+    """A loop that catches an exception raised after backward() and goes on (zero_grad() at the top of the next
+    batch): the dropped batch's loss was summed into the next step's as a micro-batch (logged 2.79 for 0.688)."""
+    script = tmp_path / "dropped.py"
+    script.write_text(DROPPED_BATCHES)
+    done = gradguard_run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    printed = [float(m) for m in re.findall(r"loss (\S+)", done.stdout)]
+    logged = [r["loss"] for r in read_run(tmp_path / "run").metrics]
+    assert len(printed) == len(logged) == 8
+    assert logged == pytest.approx(printed, abs=1e-5)

@@ -462,6 +462,21 @@ class ZeroCode:
             self._watching.stop_watching(compact=False)  # the step's last window: read or released soon
             self._watching = None
 
+    def on_zero_grad(self, owner: Any) -> None:
+        """``zero_grad()`` with losses back-propagated since the last step: where it clears gradients those
+        backward() calls made (an optimizer's or a module's parameters holding gradients), the script
+        dropped that batch (an exception caught after backward(), the loop going on): its loss is not the
+        next step's — it was added to it (a logged 2.79 for a step whose loss was 0.688)."""
+        params = (
+            [p for g in owner.param_groups for p in g["params"]]
+            if isinstance(owner, torch.optim.Optimizer)
+            else list(owner.parameters())
+            if isinstance(owner, nn.Module)
+            else []
+        )
+        if any(p.grad is not None for p in params):
+            self._losses = []
+
     def after_backward(self) -> None:
         """A backward ended: measure the models updated by hand (unless their clip comes next)."""
         self._backwards += 1
