@@ -443,6 +443,22 @@ def test_an_overflow_in_a_run_huge_from_its_first_step_is_a_finding_not_no_findi
     assert "already 3.7e+35 at step 0" in found[0].message, found[0].message
 
 
+def test_a_run_non_finite_before_its_loss_could_fall_is_not_an_unbounded_objective() -> None:
+    """REINFORCE normalising one 1-step episode's returns by their std (NaN at step 0, located at `std`): the
+    policy loss, ~0 at first, then drifts negative as such losses do; it read "Unbounded loss … BCE targets …
+    WGAN critic" (an error leading the std finding away)."""
+    n = 120
+    loss = [math.nan, math.nan] + [-1e-4 * s if s < 8 else -0.04 * s for s in range(n - 2)]  # (~0 at first)
+    norms = [math.nan, math.nan] + [1.0 + 0.5 * s for s in range(n - 2)]
+    for s in range(10, n, 3):
+        loss[s], norms[s] = math.nan, math.nan
+    std = {"type": "nonfinite", "step": 0, "phase": "loss", "op": "std", "kind": "nan", "source": "pg.py:86",
+           "located_by": "watch", "evidence": {"reason": "std produced nan from finite inputs"}}  # fmt: skip
+    found = diagnose(run(norms, loss=loss, events=[std], layer__a__weight_norm=[1.0 + s for s in range(n)]))
+    assert found and found[0].id == "nonfinite_op", [(f.id, f.severity) for f in found]
+    assert "unbounded_loss" not in [f.id for f in found]
+
+
 def test_bad_data_from_a_data_event_or_a_lone_nonfinite_step() -> None:
     norms = [1.0] * 50 + [NAN] + [1.0] * 49
     data = {"type": "nonfinite", "step": 50, "phase": "data", "kind": "nan", "tensor": "input"}

@@ -46,6 +46,10 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     rows = [i for i in f.rows if math.isfinite(f.loss[i]) and not f.skipped[i]]
     if len(rows) < _START + 1:
         return None
+    if (
+        f.went_bad and f.trouble <= rows[0]
+    ):  # non-finite before the loss could fall (a REINFORCE return's std of
+        return None  # one value at step 0): the objective's fall since drove nothing, the op did
     first = [f.loss[i] for i in rows[:_START]]
     scale = max(median([abs(v) for v in first]), _TINY)
     at = min(range(len(rows)), key=lambda j: f.loss[rows[j]])
