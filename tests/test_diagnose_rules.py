@@ -1488,6 +1488,9 @@ def test_linear_algebra_ops_get_their_own_fix_as_a_nan_or_as_the_exception_that_
         "positive-definite (the leading minor of order 7 is not positive-definite)."))  # fmt: skip
     found = conclude(log, "incomplete_log")
     assert found is not None and "softplus(raw) + 1e-4" in found.recommendation["text"], found
+    assert (
+        found.severity == "error"
+    )  # a numerical failure ended the run (it exited 0 beside an explosion warning)
     assert "positive-definite).." not in found.message
 
 

@@ -183,9 +183,12 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         evidence["guarding_stopped"] = ev.stopped
     if ev.meta_unread is not None:
         evidence["meta_unread"] = ev.meta_unread
+    numeric = (
+        ev.ended_by is not None and _exception_fix(ev.ended_by) is not None
+    )  # a torch.linalg op's failure
     severity = (
         "error"
-        if ev.missing is not None or ev.stopped is not None
+        if ev.missing is not None or ev.stopped is not None or numeric
         else "warning"
         if ev.lost or ev.ended_by is not None or ev.meta_unread is not None
         else "info"
