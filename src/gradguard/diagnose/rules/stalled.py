@@ -181,7 +181,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         f"over {ev.classes} classes: the model predicts nothing from its input."
         if ev.classes is not None
         else f" It sits at the variance of its targets ({fmt(ev.variance)}), the error of predicting their mean: "
-        "the model predicts nothing from its input."
+        f"the model explains {max(0.0, 1 - ev.end / ev.variance):.1%} of it — little or nothing from its input "
+        "(unless the targets are mostly noise, a low signal-to-noise regression such as returns: then this is "
+        "their floor)."
         if ev.variance is not None and ev.end <= (1 + _MEAN_LEVEL) * ev.variance
         else f" It sits at {fmt(ev.end / ev.variance)}× the variance of its targets ({fmt(ev.variance)}): worse than "
         "predicting their mean — the output cannot reach the targets' range (a sigmoid or tanh head on targets "
