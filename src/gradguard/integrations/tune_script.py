@@ -462,6 +462,7 @@ def _trial_main(args: list[str]) -> int:
         name=script.stem,
         live=False,
         scan_existing=False,
+        defer=False,  # a trial is judged from its own run log, even where the script guards itself
         clip=job["clip"],
         on_nonfinite="raise",
     )

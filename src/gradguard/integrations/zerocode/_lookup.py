@@ -143,7 +143,7 @@ def _guarded_by_the_script(zc: Any, optimizer: torch.optim.Optimizer) -> bool:
     """Whether the script guards the optimizer itself (its own ``gradguard.Guard``): gradguard run leaves
     it to that guard, said once — guarding it again logged the script's guard's post-clip norms as the
     pre-clip ones, under a clipper (``--clip norm:5``) that never clipped."""
-    script_guard = open_guard_of(optimizer)
+    script_guard = open_guard_of(optimizer) if zc.defer else None
     if script_guard is None:
         return False
     zc._unguarded.add(optimizer)

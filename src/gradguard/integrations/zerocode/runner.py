@@ -115,6 +115,9 @@ class ZeroCode:
         scan_existing: optimizers may exist before the runner starts (it looks for them once, when
             a model's first backward needs to know whether an optimizer or a hand-written update
             trains it); ``gradguard run`` starts before the script, so it passes ``False``.
+        defer: leave an optimizer the script guards itself (its own :class:`gradguard.Guard`) to that
+            guard (``gradguard run``); ``False``: guard it too (a ``gradguard tune`` trial measures and
+            judges every trial itself, whatever the script does).
         **guard: :class:`gradguard.Guard` options (``clip``, ``on_nonfinite``, ``every``…).
             Defaults here: ``clip="none"`` (measure only), ``on_nonfinite="skip"``; the others are
             the guard's. A ``clip`` other than ``"none"`` replaces the script's own clipping.
@@ -127,8 +130,10 @@ class ZeroCode:
         *,
         live: bool = True,
         scan_existing: bool = True,
+        defer: bool = True,
         **guard: Any,
     ) -> None:
+        self.defer = defer
         # absolute now: a script that changes directory (os.chdir, Hydra) must not move the run log
         self.out = (Path(out) if out is not None else runlog.default_run_dir(name)).absolute()
         self.name = name
