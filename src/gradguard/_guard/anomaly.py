@@ -373,6 +373,16 @@ class Anomalies:
                 self._armed_left -= 1
                 self.arm(step, loss_code=True)
             return None
+        if (
+            now > step + 1
+        ):  # a window kept on (ARMED_STEPS): a later failure may be another one — its own step's
+            return events.nonfinite(
+                now,
+                **birth.event(),
+                located_by="hooks",
+                note=f"step {step} failed without a way to replay it; the loss code has been watched since, and "
+                f"step {now} failed under the watch",
+            )
         return events.nonfinite(
             step,
             **birth.event(),
