@@ -1975,3 +1975,34 @@ def test_a_buffer_holding_a_minus_inf_mask_is_not_a_bad_buffer_at_start(tmp_path
         RuntimeWarning, match=r"the buffers mask already hold NaN .*torch.triu\(ones\) \* float\('-inf'\)"
     ):
         gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1)).close()
+
+
+def test_a_users_unhashable_stateful_clipper_is_accepted() -> None:
+    """A clipper that defines __eq__ (a dataclass) is unhashable: the registry of clipper owners must not
+    make Guard() raise a TypeError for it."""
+    import torch
+
+    from gradguard.clip import NormClipper
+
+    class Halving(NormClipper):
+        kind = "halving-test"
+
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def __eq__(self, other: object) -> bool:  # (no __hash__: unhashable)
+            return isinstance(other, Halving) and other.seen == self.seen
+
+        def threshold(self, norm: Any) -> Any:
+            self.seen += 1
+            return norm / 2
+
+        def state_dict(self) -> dict[str, Any]:
+            return {**super().state_dict(), "seen": self.seen}
+
+    model = _seq()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gradguard.Guard(model, opt, clip=Halving())
+    _backward(model, opt, 0)
+    guard.step()
+    guard.close()

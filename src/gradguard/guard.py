@@ -1554,8 +1554,20 @@ _OPTIMIZER_GUARDS: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref[
 )
 
 
+def _weakly_keyable(obj: Any) -> bool:
+    """Whether ``obj`` can key a ``WeakKeyDictionary`` (hashable and weakly referenced)."""
+    try:
+        weakref.ref(obj)
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
 def open_guard_of(optimizer: torch.optim.Optimizer) -> Guard | None:
     """The open :class:`Guard` made last on ``optimizer`` (``None``: none, or it was closed)."""
+    if not _weakly_keyable(optimizer):
+        return None
     ref = _OPTIMIZER_GUARDS.get(optimizer)
     owner = ref() if ref is not None else None
     return owner if owner is not None and not owner.closed else None
@@ -1564,6 +1576,8 @@ def open_guard_of(optimizer: torch.optim.Optimizer) -> Guard | None:
 def _warn_if_guarded(guard: Guard, optimizer: torch.optim.Optimizer) -> None:
     """Say when ``optimizer`` already has an open guard (a notebook cell run again, a second Guard made
     by mistake): calling both ``step``s steps it twice per backward. The new guard is then its guard."""
+    if not _weakly_keyable(optimizer):
+        return
     if open_guard_of(optimizer) is not None:
         _warn_at_user(
             f"gradguard: this {type(optimizer).__name__} already has an open Guard: stepping both guards steps "
@@ -1601,6 +1615,8 @@ def _claim_clipper(clipper: Clipper | None, guard: Guard, optimizer: torch.optim
     threshold). A closed guard's clipper, or the same optimizer's (a guard made again), is taken over."""
     if clipper is None or not set(clipper.state_dict()) - {"version", "kind"}:
         return  # (a stateless clipper, a fixed threshold, is as good shared)
+    if not _weakly_keyable(clipper):
+        return  # (a user's clipper that defines __eq__ without __hash__: not tracked)
     ref = _CLIPPER_OWNERS.get(clipper)
     owner = ref() if ref is not None else None
     if owner is not None and not owner.closed and owner.optimizer is not optimizer:
