@@ -1766,3 +1766,33 @@ def test_the_loss_of_a_batch_the_script_dropped_is_not_added_to_the_next_steps(t
     logged = [r["loss"] for r in read_run(tmp_path / "run").metrics]
     assert len(printed) == len(logged) == 8
     assert logged == pytest.approx(printed, abs=1e-5)
+
+
+FROZEN_PART = """
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+for i in range(8):
+    x, y = torch.randn(16, 6), torch.randn(16, 1)
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    model[0].zero_grad()  # the first layer stays frozen this epoch: its gradients cleared before the step
+    opt.step()
+    print(f"loss {loss.item():.6f}")
+"""
+
+
+def test_gradients_of_part_of_the_model_cleared_before_the_step_keep_the_steps_loss(tmp_path: Path) -> None:
+    """The other side of a dropped batch: zero_grad() of a submodule between backward() and step() drops no
+    loss (no backward follows before the step)."""
+    script = tmp_path / "frozen_part.py"
+    script.write_text(FROZEN_PART)
+    done = gradguard_run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    printed = [float(m) for m in re.findall(r"loss (\S+)", done.stdout)]
+    logged = [r["loss"] for r in read_run(tmp_path / "run").metrics]
+    assert logged == pytest.approx(printed, abs=1e-5) and len(logged) == 8

@@ -24,6 +24,7 @@ from gradguard.integrations.zerocode.sessions import ManualUpdate, Session
 def take_loss(zc: Any) -> Tensor | None:
     """The step's loss: the sum of what was back-propagated since the last step."""
     losses, zc._losses = zc._losses, []
+    zc._zeroed_since = False
     zc._scaled.clear()
     if losses:
         zc._last_loss = losses[0] if len(losses) == 1 else torch.stack([x.float() for x in losses]).sum()

@@ -140,8 +140,8 @@ class Patches:
 
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
             zc.zero_grads += 1  # (a counter: whether the script zeroes between steps, _steps.watch_zeroing)
-            if zc._losses and args:  # (rare: a backward with no step yet) a batch the script dropped
-                self.call("zero_grad()", zc.on_zero_grad, args[0])
+            if zc._losses:  # (rare: a backward with no step yet) maybe a batch the script dropped
+                zc.on_zero_grad()
             return original(*args, **kwargs)
 
         return zero_grad

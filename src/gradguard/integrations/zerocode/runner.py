@@ -152,6 +152,8 @@ class ZeroCode:
         #: optimizers judged not guarded (weakly: a new optimizer can reuse a freed one's id)
         self._unguarded: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._losses: list[Tensor] = []
+        #: zero_grad() ran while losses were pending: the next backward starts over (the script dropped them)
+        self._zeroed_since = False
         self._last_loss: Tensor | None = None
         self._scaled: dict[int, tuple[weakref.ref[Tensor], Tensor]] = {}
         self._scaler: weakref.ref[torch.amp.GradScaler] | None = None
@@ -458,6 +460,11 @@ class ZeroCode:
         self._backcheck.watch(tensors)
         if isinstance(tensors, Tensor) and tensors.numel() == 1:
             loss = unscaled.detach()
+            if (
+                self._zeroed_since
+            ):  # gradients were zeroed after the pending losses' backward: dropped batches
+                self._losses = []
+            self._zeroed_since = False
             self._losses.append(loss if loss.dim() == 0 else loss.reshape(()))
 
     def end_loss_code(self) -> None:
@@ -467,20 +474,13 @@ class ZeroCode:
             self._watching.stop_watching(compact=False)  # the step's last window: read or released soon
             self._watching = None
 
-    def on_zero_grad(self, owner: Any) -> None:
-        """``zero_grad()`` with losses back-propagated since the last step: where it clears gradients those
-        backward() calls made (an optimizer's or a module's parameters holding gradients), the script
-        dropped that batch (an exception caught after backward(), the loop going on): its loss is not the
-        next step's — it was added to it (a logged 2.79 for a step whose loss was 0.688)."""
-        params = (
-            [p for g in owner.param_groups for p in g["params"]]
-            if isinstance(owner, torch.optim.Optimizer)
-            else list(owner.parameters())
-            if isinstance(owner, nn.Module)
-            else []
-        )
-        if any(p.grad is not None for p in params):
-            self._losses = []
+    def on_zero_grad(self) -> None:
+        """``zero_grad()`` with losses back-propagated since the last step: if another backward() follows
+        before a step, the script dropped those batches (an exception caught after backward(), the loop going
+        on) and their losses are not that step's — they were added to it (a logged 2.79 for a step whose loss
+        was 0.688). A zero_grad() of part of the model before the step (a frozen encoder's gradients cleared)
+        keeps them: no backward follows."""
+        self._zeroed_since = True
 
     def after_backward(self) -> None:
         """A backward ended: measure the models updated by hand (unless their clip comes next)."""
