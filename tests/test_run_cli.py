@@ -523,3 +523,22 @@ def test_a_ctrl_c_while_the_report_is_written_says_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "report not written (interrupted)" in err, err
     assert shlex.split(err.split(": ", 2)[2]) == ["gradguard", "report", str(run)]
+
+
+def test_a_ctrl_c_while_the_summary_is_made_says_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Field recheck of N22: a second Ctrl-C during the exit summary (it reads the run log) printed 31 lines of
+    gradguard's traceback; one line says what was not written and the commands that write it."""
+    from gradguard.integrations.zerocode import script
+
+    class Interrupted:
+        out = tmp_path / "runs" / "essai 1"
+
+        def summary(self) -> str:
+            raise KeyboardInterrupt
+
+    assert script._print_summary(Interrupted()) is False
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "summary and report not written (interrupted)" in err, err
+    assert "gradguard diagnose 'PLACEHOLDER'".replace("PLACEHOLDER", str(Interrupted.out)) in err

@@ -107,7 +107,9 @@ def run_script(
         if signal.getsignal(signal.SIGTERM) is on_signal:
             signal.signal(signal.SIGTERM, previous)
     if rank() == 0:  # under torchrun rank 0 speaks and writes the report, as it writes the log
-        print(zc.summary(), file=sys.stderr)
+        if not _print_summary(zc):
+            killed_by = signal.SIGINT  # a Ctrl-C during the summary: the run ends by it
+            report = False
         if report and zc.sessions and not _write_report(zc.out) and killed_by is None:
             killed_by = signal.SIGINT  # a Ctrl-C during the report: the run ends by it, as Python's would
     if killed_by is not None:  # end the way the plain script would have: by that signal
@@ -115,6 +117,22 @@ def run_script(
         signal.signal(killed_by, signal.SIG_DFL)
         os.kill(os.getpid(), killed_by)
     return code
+
+
+def _print_summary(zc: Any) -> bool:
+    """Print the run's summary on stderr; ``False`` when a Ctrl-C came while it was made (a second one after
+    the script's): one line with the commands that say the rest, not gradguard's traceback."""
+    try:
+        print(zc.summary(), file=sys.stderr)
+    except KeyboardInterrupt:
+        out = shlex.quote(str(zc.out))
+        print(
+            f"\ngradguard: summary and report not written (interrupted): gradguard diagnose {out}; "
+            f"gradguard report {out}",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def _binary(path: Path) -> bool:
