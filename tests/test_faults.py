@@ -1399,6 +1399,8 @@ def test_guard_loss_that_is_not_a_number_is_refused_at_the_call() -> None:
         guard.step(torch.zeros(0))
     with pytest.raises(GradGuardError, match="the loss is a complex tensor"):
         guard.before_step(torch.ones((), dtype=torch.complex64))
+    with pytest.raises(GradGuardError, match=r"the loss must be a tensor, a number or None; got SGD\. Pass"):
+        guard.step(opt)  # (its repr is many lines: not pasted into the message)
     with pytest.raises(GradGuardError, match=r"the loss is a torch.bool tensor \(a comparison\?\)"):
         guard.step(torch.tensor(1.5) > 0)
     with pytest.raises(GradGuardError, match=r"the loss is a torch\.int64 tensor"):

@@ -622,8 +622,12 @@ def check_loss(loss: Any) -> None:
     if not isinstance(loss, Tensor):  # (a tensor first: an ABC check costs ~1 µs a step)
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
             return
+        shown = repr(loss)
+        shown = (
+            f" {shown}" if len(shown) <= 80 and "\n" not in shown else ""
+        )  # (an optimizer's repr: many lines)
         raise GradGuardError(
-            f"the loss must be a tensor, a number or None; got {type(loss).__name__} {repr(loss)[:80]}. "
+            f"the loss must be a tensor, a number or None; got {type(loss).__name__}{shown}. "
             "Pass the loss you called backward() on: guard.step(loss) (or a closure that returns it)."
         )
     n = loss.numel()
