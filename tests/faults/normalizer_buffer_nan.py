@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 EXPECTED = {"phase": "forward", "tensor": "buffer", "kind": "nan"}
-VERDICT = {"id": "nonfinite_op", "cause": "the buffer 'norm.mean' already held nan", "fix": "reset it"}
+VERDICT = {
+    "id": "nonfinite_op",
+    "cause": "the buffer 'norm.mean', non-finite before the first step, already held nan",
+    "fix": "statistics of a table with a missing value (torch.nanmean",
+}
 
 
 class Standardize(nn.Module):

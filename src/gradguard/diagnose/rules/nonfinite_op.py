@@ -182,9 +182,10 @@ def _held(
     elif event.get("tensor") == "buffer" and details.get("buffer") in at_start:
         what = f"the buffer {details.get('buffer')!r}, non-finite before the first step,"
         fix = (
-            "build it finite where it is made (a mask as torch.full((n, n), float('-inf')).triu(1) or with "
-            "masked_fill: torch.triu(ones) * float('-inf') puts 0 * -inf = NaN below the diagonal), or load clean "
-            "values into it; no batch wrote it, and neither the learning rate nor clipping is the cause"
+            "build it finite where it is made — statistics of a table with a missing value (torch.nanmean, or "
+            "clean the table first), a mask as torch.full((n, n), float('-inf')).triu(1) or with masked_fill "
+            "(torch.triu(ones) * float('-inf') puts 0 * -inf = NaN below the diagonal) — or load clean values "
+            "into it; no batch wrote it, and neither the learning rate nor clipping is the cause"
         )
     elif event.get("tensor") == "buffer":
         what = f"the buffer {details.get('buffer', '?')!r}"
