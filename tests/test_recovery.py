@@ -320,6 +320,7 @@ def test_the_setting_is_checked() -> None:
         gradguard.Guard(model, opt, clip=None, on_nonfinite="warn", monitor_only=True, on_explosion="recover")
     guard = gradguard.Guard(model, opt, on_explosion="warn")
     assert guard.on_explosion == "warn" and guard.state_dict()["explosion"]["cap"] is None
+    guard.close()  # (one open guard per optimizer)
     assert gradguard.Guard(model, opt).on_explosion == "ignore"
 
 
@@ -353,6 +354,7 @@ def test_watching_adds_no_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
         guard.step()
     assert len(reads) == 1  # and no other host read (NoSync raises on any)
 
+    guard.close()  # (one open guard per optimizer)
     free = gradguard.Guard(
         model, opt, on_explosion="recover", on_nonfinite="warn", every=1000, weight_every=None
     )
