@@ -1758,14 +1758,19 @@ for i in range(12):
 def test_the_loss_of_a_batch_the_script_dropped_is_not_added_to_the_next_steps(tmp_path: Path) -> None:
     """A loop that catches an exception raised after backward() and goes on (zero_grad() at the top of the next
     batch): the dropped batch's loss was summed into the next step's as a micro-batch (logged 2.79 for 0.688)."""
-    script = tmp_path / "dropped.py"
-    script.write_text(DROPPED_BATCHES)
+    printed, logged = _printed_and_logged_losses(tmp_path, DROPPED_BATCHES)
+    assert len(printed) == len(logged) == 8
+    assert logged == pytest.approx(printed, abs=1e-5)
+
+
+def _printed_and_logged_losses(tmp_path: Path, text: str) -> tuple[list[float], list[float]]:
+    """The script ``text`` under ``gradguard run``: the losses it printed (``loss X``), and the run log's."""
+    script = tmp_path / "train_losses.py"
+    script.write_text(text)
     done = gradguard_run(tmp_path, script)
     assert done.returncode == 0, done.stderr
     printed = [float(m) for m in re.findall(r"loss (\S+)", done.stdout)]
-    logged = [r["loss"] for r in read_run(tmp_path / "run").metrics]
-    assert len(printed) == len(logged) == 8
-    assert logged == pytest.approx(printed, abs=1e-5)
+    return printed, [r["loss"] for r in read_run(tmp_path / "run").metrics]
 
 
 FROZEN_PART = """
@@ -1789,10 +1794,5 @@ for i in range(8):
 def test_gradients_of_part_of_the_model_cleared_before_the_step_keep_the_steps_loss(tmp_path: Path) -> None:
     """The other side of a dropped batch: zero_grad() of a submodule between backward() and step() drops no
     loss (no backward follows before the step)."""
-    script = tmp_path / "frozen_part.py"
-    script.write_text(FROZEN_PART)
-    done = gradguard_run(tmp_path, script)
-    assert done.returncode == 0, done.stderr
-    printed = [float(m) for m in re.findall(r"loss (\S+)", done.stdout)]
-    logged = [r["loss"] for r in read_run(tmp_path / "run").metrics]
+    printed, logged = _printed_and_logged_losses(tmp_path, FROZEN_PART)
     assert logged == pytest.approx(printed, abs=1e-5) and len(logged) == 8
