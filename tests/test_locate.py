@@ -320,3 +320,66 @@ def test_a_guard_over_gradient_accumulation_finds_the_nan_in_an_earlier_micro_ba
     first = first_nonfinite(tmp_path / "r")
     assert first is not None and first["step"] == 2 and first["phase"] == "data", first
     assert first["evidence"]["micro_batch"] == "1 of 3", first
+
+
+class _Embedder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.proj(x)
+        return e / e.norm(dim=-1, keepdim=True)  # an all-zero row after the ReLU: 0/0
+
+
+def test_a_container_root_never_called_puts_its_members_forwards_in_the_forward_phase() -> None:
+    """The root a guard was given may be a ``ModuleDict`` holding the models the step calls one by one
+    (the error for an optimizer over several models asks for it): their forwards are the forward, not
+    the data — a 0/0 in the embedder read "bad_data … the model is not at fault"."""
+    embedder, head = _Embedder(), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        embedder.proj[0].weight.fill_(-1.0)
+        embedder.proj[0].bias.fill_(-1.0)
+    root = torch.nn.ModuleDict({"embedder": embedder, "head": head})
+    with gradguard.locate(root) as loc:
+        loss = torch.nn.functional.cross_entropy(
+            head(embedder(torch.rand(5, 4))), torch.zeros(5, dtype=torch.long)
+        )
+        loss.backward()
+    event = loc.event
+    assert event is not None
+    assert (event["phase"], event["module"], event["op"], event["kind"]) == (
+        "forward",
+        "embedder",
+        "div",
+        "nan",
+    )
+
+
+class _Gumbel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor, tau: float) -> torch.Tensor:
+        return torch.nn.functional.gumbel_softmax(self.lin(x), tau=tau)
+
+
+def test_a_python_number_divisor_at_zero_inside_a_functional_call_is_named_not_its_scratch_memory() -> None:
+    """``F.gumbel_softmax(logits, tau=0)``: the division by the number 0 inside it, not the
+    ``empty_like`` whose uninitialised memory (a NaN an earlier rerun freed) it fills next."""
+    torch.manual_seed(0)
+    model, x = _Gumbel(), torch.randn(100, 8)
+    with gradguard.locate(model) as loc:
+        model(x, 0.5).sum().backward()
+    assert loc.event is None
+    for _ in range(2):  # the second time the freed memory of the first one's NaN is there to pick up
+        with gradguard.locate(model) as loc:
+            model(x, 0.0).sum().backward()
+        event = loc.event
+        assert event is not None
+        assert (event["op"], event["evidence"]["inside"]) == ("div", "gumbel_softmax")
+        assert "Python number that reached 0" in event["evidence"]["reason"]
+    _why, fix = gradguard.optable.advice(event["op"], event["evidence"]["reason"], event.get("cause"))
+    assert "max(0.5" in fix, fix
+    assert gradguard.events.op_called(event) == "`div` inside `gumbel_softmax`"

@@ -297,6 +297,14 @@ class Inner:
     op: str
     inputs: list[Tensor]
     outputs: list[Tensor]
+    args: tuple[Any, ...] = ()  # its positional arguments (a Python number divisor: ``logits / tau``)
+
+
+# ops that allocate without writing: their memory holds what the last tensor there left (a NaN the
+# rerun's own earlier ops freed), filled by the op after them (``F.gumbel_softmax``'s ``exponential_``)
+_ALLOCATIONS = frozenset(
+    {"empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided", "empty_permuted"}
+)
 
 
 class _Births(TorchDispatchMode):
@@ -316,6 +324,10 @@ class _Births(TorchDispatchMode):
         return out
 
     def _judge(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        if (
+            func.overloadpacket.__name__ in _ALLOCATIONS
+        ):  # uninitialised memory: whatever it holds is no birth
+            return
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor) and o.is_floating_point()]
         bad = [o for o in outs if not bool(torch.isfinite(o).all())]
         if not bad:
@@ -328,7 +340,7 @@ class _Births(TorchDispatchMode):
         if (written and not bad_ins) or (bad_ins and all_intentional and not _has_nan(bad)):
             self.intentional.update((id(o), o) for o in bad)
         elif not bad_ins or (all_intentional and not any(_has_nan([t]) for t in bad_ins)):
-            self.first = Inner(func.overloadpacket.__name__, ins, bad)
+            self.first = Inner(func.overloadpacket.__name__, ins, bad, tuple(args))
 
 
 def _has_nan(ts: list[Tensor]) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "lr_backoff",
     "nonfinite",
     "nonfinite_where",
+    "op_called",
     "overflow",
     "rollback",
     "skip",
@@ -109,6 +110,14 @@ def nonfinite(
         "located_by": located_by,
         **fields,
     }
+
+
+def op_called(event: Event) -> str:
+    """The located op as the messages name it: ```div``` — or ```div`` inside ``gumbel_softmax```
+    where the op was found inside the functional call the user's line made (``evidence.inside``)."""
+    evidence = event.get("evidence")
+    inside = evidence.get("inside") if isinstance(evidence, dict) else None
+    return f"`{event.get('op')}`" + (f" inside `{inside}`" if inside else "")
 
 
 def nonfinite_where(event: Event) -> tuple[str, Event]:

@@ -1454,9 +1454,7 @@ def _fix_of(located: events.Event | None, at_start: frozenset[str] = frozenset()
         )
     why, fix = optable.advice(located.get("op"), reason, located.get("cause"))
     at = f" at {located['source']}" if located.get("source") else ""
-    return (
-        f" The first non-finite value (step {step}) came from `{located.get('op')}`{at}: {why}. Fix: {fix}."
-    )
+    return f" The first non-finite value (step {step}) came from {events.op_called(located)}{at}: {why}. Fix: {fix}."
 
 
 def _warn_at_user(message: str) -> None:

@@ -28,8 +28,9 @@ How an answer is found:
   module and source line of that forward call and the node's saved inputs as evidence.
 * **Data** and **optimizer**: a non-finite model input, or a non-finite parameter before the
   forward (born in an earlier optimizer step), is the root of everything it touches.
-* ``phase`` follows the root module: before its forward ``data``, inside it ``forward``, after
-  it ``loss``, then ``backward``. NaN and ±inf are checked separately (``kind``).
+* ``phase`` follows the root module (or, for a root never called itself — a ``ModuleDict`` of the
+  models a step calls — its members' outermost calls): before its forward ``data``, inside it
+  ``forward``, after it ``loss``, then ``backward``. NaN and ±inf are checked separately (``kind``).
 
 Replay leaves no trace: :meth:`Locator.replay` restores buffers, RNG streams and ``.grad``.
 """
@@ -660,15 +661,15 @@ class Locator:
         (with the wrapper as evidence), its inputs, the reason; a 16-bit float result that is
         finite in float32 is a precision overflow (the dtype's range is the fault). Only the first
         :data:`_MAX_RERUNS` births are rerun (the answer is the earliest; the replay stays bounded)."""
-        op, extra = name, dict[str, Any]()
+        op, extra, operands = name, dict[str, Any](), args
         func = func if len(self.births) < _MAX_RERUNS else None
         inner = self._inner(func, name, args, kwargs)
         if inner is not None:
-            inputs = inner.inputs
+            inputs, operands = inner.inputs, inner.args
             op = name if "loss" in inner.op else _replay.inner_name(inner.op, name)
             extra = {"inside": name, "inner_op": inner.op} if op != name else {"inner_op": inner.op}
         ev_inputs = [_describe(t) for t in inputs[:4]]
-        number = _inputs.number_operand(op, args)
+        number = _inputs.number_operand(_replay.inner_name(inner.op, name) if inner else op, operands)
         if number is not None:  # ``x / self.temperature``: the number that reached 0
             ev_inputs.append(number)
         dtype = bad_outs[0].dtype
@@ -733,7 +734,7 @@ class Locator:
         name = self._names.get(id(module))
         if name is None or in_transform() is not None:  # a forward inside vmap / grad: left alone
             return
-        if module is self.model:
+        if self._outermost(module):
             self.phase = "forward"
             for t in _floats((args, kwargs)):
                 if self._taint_of(t) is None and not _finite(t):
@@ -759,8 +760,14 @@ class Locator:
                     self._set_taint(o, frozenset(self._untracked(o)))
         if self.stack:
             self.stack.pop()
-        if module is self.model:
+        if self._outermost(module):
             self.phase = "loss"
+
+    def _outermost(self, module: nn.Module) -> bool:
+        """Whether ``module`` is the forward's outermost call: the root, or a member called while no
+        watched module is (a ``ModuleDict`` root that is never called itself: the embedder and the
+        head the step calls one after the other are both the forward, not the data)."""
+        return module is self.model or not self.stack
 
     # ------------------------------------------------------------------ backward
     def _hook_node(self, node: Any, name: str, module: str | None, source: str | None, phase: str) -> None:

@@ -85,6 +85,10 @@ _HOLDS: dict[str, Callable[[Inputs], bool]] = {
         inputs and inputs[0].get("zeros") and inputs[0].get("underflow")
     ),
     "any_zero": lambda inputs: any(i.get("zeros") for i in inputs),
+    # the divisor is a Python number the code passed, and it was 0 (``logits / tau``, ``tau=0``)
+    "zero_number": lambda inputs: any(
+        str(i.get("dtype", "")).startswith("python") and i.get("zeros") for i in inputs[1:]
+    ),
     "neginf_input": lambda inputs: bool(inputs and inputs[0].get("neginf")),
     "all_ignored": lambda inputs: any(i.get("numel") and i.get("ignored") == i.get("numel") for i in inputs),
     # the first input has elements beyond ±1 (|x| > 1: outside atanh's domain) or at / below -1 (log1p)
@@ -303,6 +307,15 @@ OPS: tuple[OpEntry, ...] = (
             "work in log space (torch.logsumexp, log_softmax; a log-domain Sinkhorn): exp of an argument below "
             "about -103 is 0 in float32 (-C / eps with a small eps), and an eps on the denominator only "
             "hides it; or make the argument's scale smaller (a larger eps or temperature)",
+        ),
+        Cause(
+            "zero_number",
+            "division by zero: the divisor is a Python number that reached 0 (a temperature annealed to 0, a range "
+            "or a count read with .item())",
+            "keep the number away from 0 — a range or std read with .item(): max(span, 1e-8), or keep it a tensor "
+            "and divide by span.clamp_min(eps); a temperature or tau annealed to a floor: max(0.5, tau0 * exp(-r * "
+            "step)) for Gumbel-softmax (Jang et al. stop at 0.5: far below it the samples are one-hot and the "
+            "gradient vanishes), max(T, 0.05) for a softmax temperature, exp(log_t) for a learned one",
         ),
         Cause("zero_denominator", "division by zero"),
     ),

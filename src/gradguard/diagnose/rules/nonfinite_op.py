@@ -17,6 +17,7 @@ from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import fmt, layer_name
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import how_to_name_the_op, scale_at_start, with_buffers
+from gradguard.events import op_called
 
 _EVENT_KEYS = (
     "phase",
@@ -144,7 +145,7 @@ def _located(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, An
     where = f" in module {event['module']!r}" if event.get("module") not in (None, "") else ""
     at = f" at {event['source']}" if event.get("source") else ""
     message = (
-        f"Step {step}: {event.get('kind', 'a non-finite value')} first came out of `{event['op']}` "
+        f"Step {step}: {event.get('kind', 'a non-finite value')} first came out of {op_called(event)} "
         f"({event.get('phase', '?')}){where}{at}: {why}."
     )
     return message, {"text": f"Fix: {fix}.", "op": event["op"]}
