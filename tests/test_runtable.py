@@ -136,6 +136,12 @@ def test_a_climb_starts_where_the_norm_triples_over_the_median_before_it_and_sta
     assert T.climb_onset(vae, ends_in_trouble=False) == T.climb_onset(vae, ends_in_trouble=True) == 1
     zero_init = [0.01, *[1.0 + 0.1 * (k % 3) for k in range(30)]]  # a jump after step 0 that holds
     assert T.climb_onset(zero_init, ends_in_trouble=True) is None
+    # norms scattering over two decades at a loss floor (a linear head on separable data): four high ones
+    # in a row, then the scatter as before, one of them 19x the median: no climb in a run that stayed finite
+    scatter = [0.007 * 10 ** (0.9 * math.sin(2.7 * k)) for k in range(120)]
+    floor = [*scatter, 0.03, 0.05, 0.04, 0.13, *scatter]
+    assert T.climb_onset(floor, ends_in_trouble=False) is None
+    assert T.climb_onset(floor, ends_in_trouble=True) is not None  # (it went wrong after: counted)
 
 
 def test_the_first_layer_to_grow() -> None:

@@ -495,7 +495,11 @@ def climb_onset(norms: Sequence[float], *, ends_in_trouble: bool) -> int | None:
     VAE at a far too high rate: 198, then 80,875, on to 1e10; with the usual three norms first, its
     onset read step 4 and the "healthy" median 90,000). A jump that then holds is not one: a
     zero-initialised layer's gradient can jump that much after step 0 of a healthy run (which may
-    go wrong much later, on a bad batch). Sliding median: O(n·window).
+    go wrong much later, on a bad batch). In a run that stayed finite the norms must also hold the
+    rise: the median of the (up to :data:`ONSET_WINDOW`) norms from the start of the climb on stays
+    that high. Norms that scatter over two decades at a loss floor (a linear head on separable data:
+    1e-4 to 0.13 around 0.007) pass four high in a row by chance and read as an explosion the run then
+    "survived" — every finding of it a warning. Sliding median: O(n·window).
     """
     y = [math.log(v) for v in norms]
     bar, early = math.log(GROWTH_FACTOR), math.log(EXPLOSION_FACTOR)
@@ -505,7 +509,12 @@ def climb_onset(norms: Sequence[float], *, ends_in_trouble: bool) -> int | None:
             need = bar if len(past) >= MIN_HISTORY else early
             m = len(past)
             med = past[m // 2] if m % 2 else 0.5 * (past[m // 2 - 1] + past[m // 2])
-            if v - med >= need and all(w - med >= need for w in y[i + 1 : i + 1 + SUSTAIN]):
+            sustained = all(w - med >= need for w in y[i + 1 : i + 1 + SUSTAIN])
+            if (
+                v - med >= need
+                and sustained
+                and (ends_in_trouble or _median(y[i : i + ONSET_WINDOW]) - med >= need)
+            ):
                 rise = max(y[i:]) - _median(y[max(0, i - ONSET_WINDOW) : i])
                 return i if ends_in_trouble or rise >= math.log(EXPLOSION_FACTOR) else None
         bisect.insort(past, v)

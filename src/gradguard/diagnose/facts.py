@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradguard.diagnose.healthy import HealthyWindow, window
+from gradguard.diagnose.numbers import layer_name
 from gradguard.runlog import RunLog
 from gradguard.runtable import EXPLOSION_FACTOR, RunTable, clip_config
 from gradguard.tunelog import TuneResult, read_tune
@@ -184,6 +185,17 @@ class Facts:
             return None
         norm = self.norm[0]
         return norm if math.isfinite(norm) and norm >= HUGE_START_GRAD else None
+
+    def layer_label(self, layer: str) -> str:
+        """A layer for a message: its name, or for the root module (the layer ``""``: the parameters set
+        directly on the model) those parameters' names from ``meta.json`` — a learned ``temperature`` or
+        ``log_scale``, not "(the root module)"."""
+        shapes = self.log.meta.get("parameters")
+        own = [n for n in shapes if "." not in n] if isinstance(shapes, dict) and not layer else []
+        if not own:
+            return layer_name(layer)
+        listed = ", ".join(repr(n) for n in own[:3]) + (", …" if len(own) > 3 else "")
+        return f"{listed} (on the root module)"
 
     @functools.cached_property
     def init_gain(self) -> tuple[float, int, float] | None:

@@ -24,6 +24,7 @@ from typing import Any
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
 from gradguard.diagnose.numbers import Ends, clip_advice, ends, fmt, median, sig, sig_floor
+from gradguard.runtable import GROWTH_FACTOR
 from gradguard.tunelog import TUNE_FILE, TuneResult
 
 OVERCLIP_RATE = 0.5  # > 50% of steps clipped is aggressive (Tuning Playbook)
@@ -263,27 +264,37 @@ def _quote(text: str) -> str:
 
 
 def failed_levels(f: Facts) -> list[float]:
-    """The clip levels the run was clipped to when it failed (went non-finite or its norm climbed):
+    """The clip levels the run was clipped to when it failed (went non-finite, or over its climb):
     thresholds the run itself showed not to hold."""
     h = f.healthy
     if h.onset_step is not None and not f.went_bad and f.weights_still:
         return []  # the objective grew its gradients (the weights stayed put): the threshold held every step
-    start = f.index_of(h.onset_step) if h.onset_step is not None else f.trouble
-    if start >= len(f.steps):
-        return []
-    stop = min(len(f.steps), f.trouble + 1)
-    return sorted({f.thr[i] for i in range(start, stop) if math.isfinite(f.thr[i]) and f.thr[i] > 0})
+    rows = _climb(f) if h.onset_step is not None else range(f.trouble, min(len(f.steps), f.trouble + 1))
+    return sorted({f.thr[i] for i in rows if math.isfinite(f.thr[i]) and f.thr[i] > 0})
 
 
 def exploding_norm(f: Facts) -> float | None:
-    """The smallest pre-clip norm of the run's climb (from the onset to the first non-finite step):
-    a norm the run showed to be exploding at; ``None`` without a climb."""
+    """The smallest pre-clip norm of the run's climb (:func:`_climb`): a norm the run showed to be
+    exploding at; ``None`` without a climb."""
+    climb = [f.norm[i] for i in _climb(f) if f.ok[i] and f.norm[i] > 0]
+    return min(climb) if climb else None
+
+
+def _climb(f: Facts) -> list[int]:
+    """The rows of the run's climb: from the onset to the first non-finite step (itself included), or
+    in a run that stayed finite while the norm stayed above the climb's line (:data:`~gradguard.runtable.GROWTH_FACTOR` ×
+    the healthy median). A finite run's steps after its norm came back down are not the climb: a
+    curriculum's harder stage raised the norm 55×, and the levels of its converged end (0.009) read
+    "half the lowest level this run failed at: max_norm=0.0044" (accuracy 0.58; 0.987 unclipped)."""
     h = f.healthy
     if h.onset_step is None:
-        return None
-    lo = f.index_of(h.onset_step)
-    climb = [f.norm[i] for i in range(lo, f.trouble) if f.ok[i] and f.norm[i] > 0]
-    return min(climb) if climb else None
+        return []
+    rows = list(range(f.index_of(h.onset_step), min(len(f.steps), f.trouble + 1)))
+    if f.went_bad:
+        return rows
+    line = GROWTH_FACTOR * h.p50
+    back = next((k for k, i in enumerate(rows) if f.ok[i] and f.norm[i] < line), len(rows))
+    return rows[:back]
 
 
 def threshold_advice(f: Facts, estimate: float | None, why: str) -> dict[str, Any]:

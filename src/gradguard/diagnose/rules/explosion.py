@@ -93,7 +93,7 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
     finite = not f.went_bad and not overflows
     if finite and f.weights_still:
         return None
-    falling = finite and _falling(f.loss_at(0, len(f.rows)))
+    falling = finite and (_falling(f.loss_at(0, len(f.rows))) or _fell_since(f, h.onset_step))
     if falling and (f.clip_kind != "fixed" or scale_free(f)):
         return None  # nothing bounded it, or clipping barely changes the step (Adam): it harmed nothing
     settled = _settled(f, peak_i) if falling and peak_i is not None else None
@@ -110,6 +110,13 @@ def _falling(losses: list[float]) -> bool:
         return False
     loss = ends(losses)
     return loss.end < loss.start - FELL * abs(loss.start)
+
+
+def _fell_since(f: Facts, onset_step: int | None) -> bool:
+    """Whether the loss fell from the climb's onset to the end: a curriculum's harder stage raises the
+    norm and the loss together, then both come down; over the whole run its loss rose (the first
+    stage's was near 0), yet nothing exploded (a 55× rise read "Gradient explosion")."""
+    return onset_step is not None and _falling(f.loss_at(f.index_of(onset_step), len(f.rows)))
 
 
 def _settled(f: Facts, peak_i: int) -> float | None:

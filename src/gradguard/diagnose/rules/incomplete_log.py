@@ -8,8 +8,8 @@
   it was killed.
 * **Lost** (``warning``): failed disk writes (a full disk, I/O errors) lost records or events;
   the writer counts them in ``meta.json``'s ``lost`` when it closes.
-* **Ended early** (``warning``): the script ended by an uncaught exception, a signal or a non-zero
-  ``sys.exit`` (``meta.json``'s ``ended_by``: the guard closed at interpreter exit, or ``gradguard
+* **Ended early** (``warning``): the script ended by an uncaught exception or a signal; a non-zero
+  ``sys.exit`` is an ``info`` (it may follow the last step: a CI gate) (``meta.json``'s ``ended_by``: the guard closed at interpreter exit, or ``gradguard
   run`` saw it), or it never closed its guard (``closed_at_exit``, ``info``): every record was
   written, but the run did not finish — a log that looks healthy is not a run that trained.
 * **Guarding stopped** (``error``): ``gradguard run`` hit an internal error in its own hooks and stopped
@@ -101,6 +101,15 @@ def _resumed_over(f: Facts) -> tuple[tuple[int, int], ...]:
     return tuple(gaps)
 
 
+def _exited(ended_by: str) -> bool:
+    """Whether the script ended itself by a non-zero ``sys.exit`` (``SystemExit: 1``): on purpose, maybe
+    after its last step (a CI gate on its own metric), which the log cannot tell from an early exit — an
+    info, not "ended early … run it to the end" after a run of all its 400 steps. A code of 128 + a
+    signal's number (130 after a Ctrl-C the script caught) is a stop, as the signal itself is."""
+    code = ended_by.removeprefix("SystemExit: ")
+    return ended_by.startswith("SystemExit") and not (code.isdigit() and 128 < int(code) < 160)  # 130: Ctrl-C
+
+
 def explain(f: Facts, ev: Evidence) -> Finding:
     last = f.steps[-1] if f.steps else None
     parts, advice = [], []
@@ -110,7 +119,15 @@ def explain(f: Facts, ev: Evidence) -> Finding:
             "Close the guard when training ends (guard.close(), or `with Guard(...)`) so the last records "
             "are written; after a kill, the records up to the last flush are all there is"
         )
-    if ev.ended_by is not None:
+    if ev.ended_by is not None and _exited(ev.ended_by):
+        after = f" after step {last} (the last one logged)" if last is not None else ""
+        parts.append(
+            f"The script exited with sys.exit({ev.ended_by.removeprefix('SystemExit: ')}){after}. Every record "
+            "was written: a script that exits non-zero after training (a check of its own metric, a CI gate) "
+            "left nothing out; one that exited before its last step stopped the log there."
+        )
+        advice.append("If it exited before training finished, fix what made it exit and run again")
+    elif ev.ended_by is not None:
         after = f" after step {last} (the last one logged)" if last is not None else ""
         parts.append(
             f"The script ended early{after}: {ev.ended_by.rstrip('.')}. Every record was written; the run did not "
@@ -190,7 +207,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "error"
         if ev.missing is not None or ev.stopped is not None or numeric
         else "warning"
-        if ev.lost or ev.ended_by is not None or ev.meta_unread is not None
+        if ev.lost or (ev.ended_by is not None and not _exited(ev.ended_by)) or ev.meta_unread is not None
         else "info"
     )
     rec = {"text": "; ".join(advice) + "."}

@@ -17,6 +17,7 @@ from gradguard.diagnose.rules import Rule, Seen
 
 VANISHING_RATIO = 100.0  # output-side layer's median grad norm over the input side's
 MONOTONE = 0.75  # this share of neighbouring layers must grow toward the output
+WITHIN = 10.0  # ...and one top-level module at least must see a fall of this much along its own layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +47,23 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         return None
     ratio = meds[-1][1] / meds[0][1]
     rising = sum(1 for a, b in itertools.pairwise(meds) if b[1] > a[1]) / (len(meds) - 1)
-    if ratio < VANISHING_RATIO or rising < MONOTONE:
+    if ratio < VANISHING_RATIO or rising < MONOTONE or _between_modules(meds):
         return None
     return Evidence(meds, ratio, rising)
+
+
+def _between_modules(meds: list[tuple[str, float]]) -> bool:
+    """Whether the fall lies between the model's top-level modules, not along any of them: each of its
+    modules (``pi.*``, ``v.*``) keeps its gradient within :data:`WITHIN` × from its input side to its
+    output side. Separate towers on separate losses (PPO's policy and value networks, a value loss's
+    gradients 500× the policy's) are not a chain: the registration order put one after the other."""
+    groups: dict[str, list[float]] = {}
+    for name, value in meds:
+        groups.setdefault(name.split(".")[0], []).append(value)
+    chains = [
+        values for values in groups.values() if len(values) >= 2
+    ]  # (a Sequential's "0", "2": no modules)
+    return len(chains) >= 2 and all(values[-1] / values[0] < WITHIN for values in chains)
 
 
 def explain(f: Facts, ev: Evidence) -> Finding:

@@ -9,7 +9,7 @@ import math
 
 from gradguard.diagnose.facts import Facts
 from gradguard.diagnose.finding import Finding
-from gradguard.diagnose.numbers import fmt, layer_name, sig
+from gradguard.diagnose.numbers import fmt, sig
 from gradguard.diagnose.rules import Rule, Seen
 from gradguard.diagnose.rules._clipping import trained
 
@@ -41,7 +41,7 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "peak_step": at,
     }
     message = (
-        f"Weight growth: the weights of layer {layer_name(name)} grew {fmt(ratio)}× (norm {fmt(start)} → "
+        f"Weight growth: the weights of layer {f.layer_label(name)} grew {fmt(ratio)}× (norm {fmt(start)} → "
         f"{fmt(start * ratio)}); {len(ev.grown)} layer(s) grew by 10× or more."
     )
     rec = {
