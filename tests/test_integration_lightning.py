@@ -193,6 +193,20 @@ def test_refuses_to_clip_twice(tmp_path):
         trainer.fit(Tiny(), _data())
 
 
+def test_an_unknown_guard_option_is_refused_when_the_callback_is_built():
+    """GradGuard(spike={...}) was taken silently and failed as Guard's bare TypeError when fit started."""
+    with pytest.raises(
+        GradGuardError, match=r"GradGuard: unknown gradguard option 'spike'.*; the options are .*on_spike, "
+    ):
+        GradGuard(spike={"version": 1})
+    with pytest.raises(
+        GradGuardError, match=r"unknown gradguard option 'spike_zz' \(did you mean 'spike_z'\?\)"
+    ):
+        GradGuard(spike_zz=3.0)
+    with pytest.raises(GradGuardError, match=r"GradGuard sets 'optimizer' itself"):
+        GradGuard(optimizer=None)
+
+
 class ClipsByHand(Tiny):
     """Manual optimization that clips in its training_step, as Lightning's GAN examples do."""
 

@@ -65,6 +65,7 @@ from gradguard.integrations._common import (
     FlushListener,
     StepGate,
     add_flush_listener,
+    check_guard_kwargs,
     clip_rate,
     describe_optimizer,
     fresh_run_dir,
@@ -137,7 +138,8 @@ class GradGuard(pl.Callback):
         save_state: put the guards' state into Lightning checkpoints (``gradguard run`` attaches the
             callback with ``False``: the script's checkpoints stay what a plain run writes).
         guard_kwargs: any other :class:`gradguard.Guard` argument (``on_spike``, ``spike_z``,
-            ``weight_every``, ``max_consecutive``, ``snapshot_every``, ``lr_backoff``…).
+            ``weight_every``, ``max_consecutive``, ``snapshot_every``, ``lr_backoff``…); another key is
+            refused here, with the valid ones named.
 
     Raises:
         GradGuardError: at ``fit`` start, for a ``Trainer(gradient_clip_val=...)`` without
@@ -181,9 +183,7 @@ class GradGuard(pl.Callback):
         else:
             clip = "auto" if clip is _UNSET else clip
             on_nonfinite = on_nonfinite or "skip"
-        for bad in ("model", "optimizer", "exist_ok"):
-            if bad in guard_kwargs:
-                raise GradGuardError(f"GradGuard sets {bad!r} itself (from the Trainer); do not pass it.")
+        check_guard_kwargs(guard_kwargs, "GradGuard", set_here=("model", "optimizer", "exist_ok"))
         self.clip = clip
         self.on_nonfinite: OnNonFinite = on_nonfinite
         self.monitor_only = bool(monitor_only)
