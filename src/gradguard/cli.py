@@ -34,11 +34,12 @@ candidate trained (the verified recommendation is printed); 1 — none of the ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from gradguard._version import __version__
@@ -213,9 +214,81 @@ def _run(args: argparse.Namespace) -> int:
     if args.quiet:
         options["live"] = False
     try:
-        return run_script(script, list(args.args), report=not args.no_report, module=args.module, **options)
+        with _argparse_leftovers() as parses:
+            code = run_script(
+                script, list(args.args), report=not args.no_report, module=args.module, **options
+            )
     except GradGuardError as e:  # a bad option, refused before the script starts
         return _fail(_with_flag(str(e)))
+    said = _misplaced(args, parses)
+    if said is not None:
+        print(f"gradguard: warning: {safe_text(said)}", file=sys.stderr)
+    return code
+
+
+def _options_after_script(args: argparse.Namespace) -> list[tuple[int, list[str]]]:
+    """``gradguard run``'s own options typed after SCRIPT (up to a ``--``), each with its value, by where
+    it starts in the script's arguments: they went to the script, and ``gradguard run`` never reads those."""
+    flags: dict[str, bool] = args.own_flags
+    words: list[str] = list(args.args)
+    found, i = [], 0
+    while i < len(words) and words[i] != "--":
+        flag = words[i].partition("=")[0]
+        if flag not in flags:
+            i += 1
+            continue
+        end = i + 1 + (flags[flag] and "=" not in words[i] and i + 1 < len(words))
+        found.append((i, words[i:end]))
+        i = end
+    return found
+
+
+@contextlib.contextmanager
+def _argparse_leftovers() -> Iterator[list[list[str]]]:
+    """While ``gradguard run`` runs the script: what each argparse parse of the script's command line left
+    over (``parse_known_args`` returns it, ``parse_args`` stops on it), one list a parse."""
+    parses: list[list[str]] = []
+    original = argparse.ArgumentParser.parse_known_args
+
+    def parse_known_args(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        found = original(self, args, namespace)
+        if args is None or list(args) == sys.argv[1:]:
+            parses.append(list(found[1]))
+        return found
+
+    argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    try:
+        yield parses
+    finally:
+        argparse.ArgumentParser.parse_known_args = original  # type: ignore[method-assign]
+
+
+def _misplaced(args: argparse.Namespace, parses: list[list[str]]) -> str | None:
+    """Why gradguard's options typed after SCRIPT were not applied, with the command that applies them;
+    ``None`` where there are none, or where the script's argparse took them (its own ``--out``).
+    ``parses``: what each argparse parse of the script's command line left over."""
+
+    def left_over(flag: str) -> bool:
+        return all(flag in {w.partition("=")[0] for w in p} for p in parses)
+
+    left = [(i, words) for i, words in _options_after_script(args) if left_over(words[0].partition("=")[0])]
+    if not left:
+        return None
+    flags = ", ".join(words[0].partition("=")[0] for _, words in left)
+    them = "it" if len(left) == 1 else "them"
+    why = (
+        f"its argparse left {them} over (parse_known_args): neither the script nor gradguard applied {them}"
+        if parses
+        else f"gradguard did not apply {them} (if the script takes {flags} itself, ignore this)"
+    )
+    skip = {i + k for i, words in left for k in range(len(words))}
+    rest = [w for k, w in enumerate(args.args) if k not in skip]
+    moved = [w for _, words in left for w in words]
+    command = shlex.join(["gradguard", "run", *_run_options(args), *moved, args.script, *rest])
+    return (
+        f"{flags} came after the script, so {them} went to the script as its own argument{'s' * (len(left) > 1)}, "
+        f"and {why}. gradguard's options go before the script: {command}"
+    )
 
 
 def _snapshot_dir_problem(folder: str | None) -> str | None:
@@ -745,6 +818,17 @@ def _add_run_parser(sub: Any) -> None:
         help="SCRIPT is a module, run as `python -m SCRIPT` would (e.g. `gradguard run -m mypkg.train --epochs 1`)",
     )
     _add_script_arguments(run, _run)
+    run.set_defaults(own_flags=_long_flags(run))
+
+
+def _long_flags(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """The parser's own ``--flags`` (not ``--help``), each with whether it takes a value."""
+    return {
+        flag: action.nargs != 0
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help"
+    }
 
 
 class _Parser(argparse.ArgumentParser):
