@@ -6,6 +6,7 @@ Each function takes the runner (``zc``, typed ``Any``: runner.py imports this mo
 
 from __future__ import annotations
 
+import shlex
 import weakref
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -147,11 +148,16 @@ def _guarded_by_the_script(zc: Any, optimizer: torch.optim.Optimizer) -> bool:
     if script_guard is None:
         return False
     zc._unguarded.add(optimizer)
-    where = f" (its run log: {script_guard.run_dir})" if script_guard.run_dir is not None else ""
+    log = script_guard.run_dir
+    where = (
+        f"its run log is {log} (gradguard diagnose {shlex.quote(str(log))})"
+        if log is not None
+        else "it writes no run log (its log_dir is None: give it one to keep its log)"
+    )
     zc._say(
-        f"the script guards its {type(optimizer).__name__} itself with gradguard.Guard{where}: gradguard run "
-        "leaves that optimizer to it (its clip, its policy, its log); run the script without gradguard run, or "
-        "drop its Guard to let gradguard run guard it."
+        f"the script guards its {type(optimizer).__name__} itself with gradguard.Guard: gradguard run leaves "
+        f"that optimizer to it (its clip, its policy, its log) and writes no log of it into {zc.out}; {where}. "
+        "Run the script without gradguard run, or drop its Guard to let gradguard run guard it there."
     )
     return True
 
