@@ -348,6 +348,22 @@ def test_run_refuses_flags_that_would_be_ignored(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "snaps").exists()
 
 
+def test_the_rollback_settings_are_one_list_the_guard_owns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The names were written twice (the command line's refusal, the runner's hand-updated guards): the
+    guard's config owns them, and `gradguard run` refuses each one given without a rollback policy."""
+    from gradguard._guard.config import ROLLBACK_SETTINGS
+    from gradguard.integrations.zerocode import ROLLBACK_SETTINGS as read_by_run
+
+    assert read_by_run is ROLLBACK_SETTINGS and set(ROLLBACK_SETTINGS) <= set(_guard_parameters())
+    values = {"snapshot_dir": str(tmp_path / "snaps"), "lr_backoff": "0.5", "min_lr": "1e-6"}
+    for dest in ROLLBACK_SETTINGS:
+        flag = "--" + dest.replace("_", "-")
+        _refused(tmp_path, flag, values.get(dest, "5"))
+        assert f"{flag} acts only when gradguard rolls back" in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_launcher_given_as_the_script_is_refused_with_the_command_that_guards_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

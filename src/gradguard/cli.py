@@ -434,21 +434,12 @@ def _monitor_only_conflict(options: dict[str, Any]) -> str | None:
     return None
 
 
-#: The settings of rollback snapshots: they act only where the guard keeps snapshots to restore.
-_ROLLBACK_SETTINGS = (
-    "snapshot_every",
-    "snapshot_dir",
-    "lr_backoff",
-    "min_lr",
-    "max_rollbacks",
-    "rollback_window",
-)
-
-
 def _flags_without_effect(options: dict[str, Any]) -> str | None:
     """Why flags given would be ignored (rollback settings with no rollback, ``--max-replays`` with
     ``--no-locate``), with the flag they need; ``None`` when each flag given acts."""
-    given = [_flag(dest) for dest in _ROLLBACK_SETTINGS if dest in options]
+    from gradguard.integrations.zerocode import ROLLBACK_SETTINGS  # (run only: the guard's own list)
+
+    given = [_flag(dest) for dest in ROLLBACK_SETTINGS if dest in options]
     rolls_back = options.get("on_nonfinite") == "rollback" or options.get("on_explosion") == "recover"
     if given and not rolls_back:
         flags = ", ".join(given)

@@ -18,6 +18,7 @@ from gradguard.errors import GradGuardError
 from gradguard.stats import check_norm_type
 
 __all__ = [
+    "ROLLBACK_SETTINGS",
     "GuardConfig",
     "OnExplosion",
     "OnNonFinite",
@@ -37,6 +38,18 @@ __all__ = [
     "momentum_sgd",
     "positive_int",
 ]
+
+#: The settings of rollback snapshots: they act only where the guard keeps snapshots to restore
+#: (:attr:`GuardConfig.snapshots`). ``gradguard run`` refuses them without a rollback policy, and leaves
+#: them out of a monitor-only guard.
+ROLLBACK_SETTINGS = (
+    "snapshot_every",
+    "snapshot_dir",
+    "lr_backoff",
+    "min_lr",
+    "max_rollbacks",
+    "rollback_window",
+)
 
 OnNonFinite = Literal["skip", "rollback", "raise", "warn"]
 OnSpike = Literal["ignore", "warn", "clip", "skip"]

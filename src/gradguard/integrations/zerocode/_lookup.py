@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from gradguard._guard.config import ROLLBACK_SETTINGS
 from gradguard.errors import GradGuardError
 from gradguard.guard import Guard, open_guard_of
 from gradguard.integrations._common import describe_optimizer, stepped
@@ -305,14 +306,7 @@ def manual_session(zc: Any, root: Root) -> Session | None:
         options["on_nonfinite"] = "warn"
     if options.get("on_spike") in ("clip", "skip"):
         options["on_spike"] = "warn"
-    for unused in (
-        "snapshot_every",
-        "snapshot_dir",
-        "lr_backoff",
-        "min_lr",
-        "max_rollbacks",
-        "rollback_window",
-    ):
+    for unused in ROLLBACK_SETTINGS:  # (a monitor-only guard never rolls back)
         options.pop(unused, None)
     stand_in = ManualUpdate(params)
     guard, _ = new_guard(zc, root, stand_in, options)
