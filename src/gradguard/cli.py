@@ -39,6 +39,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -76,7 +77,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _diagnose(args: argparse.Namespace) -> int:
     import json
-    import warnings
 
     from gradguard.diagnose import diagnose, to_json, write_findings
     from gradguard.errors import GradGuardError
@@ -103,11 +103,8 @@ def _diagnose(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     elif not args.no_write:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _warnings_said() as caught:
             write_findings(log, findings)
-        for w in caught:
-            print(f"gradguard: warning: {safe_text(w.message)}", file=sys.stderr)
         written = not caught
     if args.json:
         print(json.dumps(to_jsonable(to_json(findings, log)), indent=2, allow_nan=False))
@@ -121,6 +118,17 @@ def _diagnose(args: argparse.Namespace) -> int:
         elif not args.no_write:  # not written (a live run, a read-only folder): no path claimed
             print(report)
     return EXIT_FINDINGS if any(f.severity == "error" for f in findings) else EXIT_OK
+
+
+@contextlib.contextmanager
+def _warnings_said() -> Iterator[list[warnings.WarningMessage]]:
+    """The Python warnings raised inside, each said on stderr as a line of gradguard's own
+    (``gradguard: warning: …``, no file and line of gradguard's source) once the block ends."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+    for w in caught:
+        print(f"gradguard: warning: {safe_text(w.message)}", file=sys.stderr)
 
 
 def _command(*words: object) -> str:
@@ -475,16 +483,17 @@ def _tune(args: argparse.Namespace) -> int:
     if problem is not None:
         return _fail(problem)
     try:
-        result = tune_script(
-            args.script,
-            list(args.args),
-            max_norms=args.max_norm,
-            steps=args.steps,
-            run=args.run,
-            out=args.out,
-            timeout_s=args.timeout,
-            lrs=args.lr,
-        )
+        with _warnings_said():
+            result = tune_script(
+                args.script,
+                list(args.args),
+                max_norms=args.max_norm,
+                steps=args.steps,
+                run=args.run,
+                out=args.out,
+                timeout_s=args.timeout,
+                lrs=args.lr,
+            )
     except GradGuardError as e:
         return _fail(str(e))
     for line in result.summary().splitlines():
