@@ -1622,6 +1622,27 @@ def test_config_of_options_and_of_what_is_not_data():
         C.from_spec({"kind": "bogus"})
 
 
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        # a key no constructor takes: ZClip's (the spike clipper's) bare TypeError before
+        (
+            {"kind": "zclip", "version": 1},
+            r"unknown key 'version'\. The zclip clipper's keys are 'kind', 'alpha'",
+        ),
+        # auto's keys include ZClip's (its **zclip), and a misspelt one is named
+        ({"kind": "auto", "z_thres": 2.0}, r"unknown key 'z_thres' \(did you mean 'z_thresh'\?\).*'growth'"),
+        ({"kind": "norm"}, r"no 'max_norm', which the norm clipper needs.*e\.g\. norm:5"),
+    ],
+)
+def test_a_config_dict_with_a_key_the_clipper_does_not_take_is_refused_with_its_keys(config, match):
+    with pytest.raises(GradGuardError, match=match):
+        C.from_spec(config)
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(GradGuardError, match=match):
+        gradguard.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), clip=config)
+
+
 class TensorNorm(C.Clipper):
     """A clipper as a new file would define it: each tensor's gradient norm clipped to ``max_norm``."""
 

@@ -193,6 +193,35 @@ def test_refuses_to_clip_twice(tmp_path):
         trainer.fit(Tiny(), _data())
 
 
+def test_an_unknown_guard_option_is_refused_when_the_callback_is_built():
+    """GradGuard(spike={...}) was taken silently and failed as Guard's bare TypeError when fit started."""
+    with pytest.raises(
+        GradGuardError, match=r"GradGuard: unknown gradguard option 'spike'.*; the options are .*on_spike, "
+    ):
+        GradGuard(spike={"version": 1})
+    with pytest.raises(
+        GradGuardError, match=r"unknown gradguard option 'spike_zz' \(did you mean 'spike_z'\?\)"
+    ):
+        GradGuard(spike_zz=3.0)
+    with pytest.raises(GradGuardError, match=r"GradGuard sets 'optimizer' itself"):
+        GradGuard(optimizer=None)
+
+
+def test_a_second_gradguard_in_one_trainer_is_refused_with_gradguards_reason(tmp_path):
+    """Two GradGuard callbacks ended in Lightning's own error about a duplicate callback.state_key."""
+    guard = GradGuard()
+    for callbacks in ([GradGuard(), GradGuard()], [guard, guard]):
+        with pytest.raises(
+            GradGuardError, match=r"the Trainer has 2 GradGuard callbacks; one GradGuard guards every"
+        ):
+            _trainer(tmp_path, callbacks)
+    trainer = _trainer(tmp_path, [GradGuard()], max_epochs=1)
+    trainer.callbacks.append(GradGuard())  # after Lightning's check of the callbacks: refused when fit starts
+    with pytest.raises(GradGuardError, match=r"the Trainer has 2 GradGuard callbacks"):
+        trainer.fit(Tiny(nan_step=None), _data())
+    assert GradGuard().state_key == "GradGuard"  # the checkpoint key stays Lightning's default
+
+
 class ClipsByHand(Tiny):
     """Manual optimization that clips in its training_step, as Lightning's GAN examples do."""
 

@@ -348,6 +348,22 @@ def test_run_refuses_flags_that_would_be_ignored(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "snaps").exists()
 
 
+def test_the_rollback_settings_are_one_list_the_guard_owns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The names were written twice (the command line's refusal, the runner's hand-updated guards): the
+    guard's config owns them, and `gradguard run` refuses each one given without a rollback policy."""
+    from gradguard._guard.config import ROLLBACK_SETTINGS
+    from gradguard.integrations.zerocode import ROLLBACK_SETTINGS as read_by_run
+
+    assert read_by_run is ROLLBACK_SETTINGS and set(ROLLBACK_SETTINGS) <= set(_guard_parameters())
+    values = {"snapshot_dir": str(tmp_path / "snaps"), "lr_backoff": "0.5", "min_lr": "1e-6"}
+    for dest in ROLLBACK_SETTINGS:
+        flag = "--" + dest.replace("_", "-")
+        _refused(tmp_path, flag, values.get(dest, "5"))
+        assert f"{flag} acts only when gradguard rolls back" in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_launcher_given_as_the_script_is_refused_with_the_command_that_guards_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -542,3 +558,71 @@ def test_a_ctrl_c_while_the_summary_is_made_says_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "summary and report not written (interrupted)" in err, err
     assert "gradguard diagnose 'PLACEHOLDER'".replace("PLACEHOLDER", str(Interrupted.out)) in err
+
+
+KNOWN_ARGS = (
+    """
+import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument("--lr", type=float, default=0.05)
+parser.add_argument("--out", default=None)
+args, _ = parser.parse_known_args()  # what it does not know, it leaves over silently
+"""
+    + TINY
+)
+
+
+def test_a_gradguard_option_after_the_script_is_said_not_applied_with_the_command_that_applies_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gradguard run train.py --lr 0.1 --on-nonfinite rollback`: the option went to the script, whose
+    parse_known_args dropped it, and the run went on under the default policy without a word."""
+    from gradguard.cli import main
+
+    script = tmp_path / "train.py"
+    script.write_text(KNOWN_ARGS)
+    out = str(tmp_path / "run")
+    code = main(
+        [
+            "run",
+            "--out",
+            out,
+            "--no-report",
+            "--quiet",
+            str(script),
+            "--lr",
+            "0.1",
+            "--on-nonfinite",
+            "rollback",
+        ]
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 0, err
+    assert read_run(out).meta["config"]["on_nonfinite"] == "skip"  # not applied: it was the script's argument
+    command = f"gradguard run --out {out} --no-report --quiet --on-nonfinite rollback {script} --lr 0.1"
+    said = (
+        "gradguard: warning: --on-nonfinite came after the script, so it went to the script as its own argument, "
+        f"and its argparse left it over (parse_known_args): neither the script nor gradguard applied it. "
+        f"gradguard's options go before the script: {command}"
+    )
+    assert said in err, err
+    # the script's own --out (its argparse takes it): nothing to say
+    assert (
+        main(["run", "--out", str(tmp_path / "run2"), "--no-report", "--quiet", str(script), "--out", "res"])
+        == 0
+    )
+    assert "came after the script" not in capsys.readouterr().err
+    # a script that reads no command line: said, in case the script takes it some other way
+    plain = tmp_path / "plain.py"
+    plain.write_text(TINY)
+    assert (
+        main(["run", "--out", str(tmp_path / "run3"), "--no-report", "--quiet", str(plain), "--every=5"]) == 0
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "--every came after the script" in err and "if the script takes --every itself, ignore this" in err
+    ), err
+    assert (
+        f"before the script: gradguard run --out {tmp_path / 'run3'} --no-report --quiet --every=5 {plain}"
+        in err
+    )

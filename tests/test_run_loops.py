@@ -1706,7 +1706,7 @@ import gradguard
 torch.manual_seed(0)
 model = nn.Linear(8, 1)
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
-guard = gradguard.Guard(model, opt, clip="norm:1", log_dir=sys.argv[1])
+guard = gradguard.Guard(model, opt, clip="norm:1", log_dir=(sys.argv[1:] or [None])[0])  # no argument: no log
 for step in range(12):
     x, y = torch.randn(32, 8), 10 * torch.randn(32, 1)
     opt.zero_grad()
@@ -1731,6 +1731,30 @@ def test_a_script_that_guards_its_optimizer_itself_is_left_to_its_guard(tmp_path
     assert plain.stdout == guarded.stdout  # its own guard clipped, as without gradguard run
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert len(read_run(tmp_path / "inner2").metrics) == 12
+
+
+def test_a_script_that_guards_itself_is_told_where_its_log_went_not_into_out(tmp_path: Path) -> None:
+    """`gradguard run --out X` over a script with its own Guard: X was never made, and nothing said so
+    (nor, for a Guard with no log_dir, that there was no log at all)."""
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED_IN_SCRIPT)
+    out = tmp_path / "X"
+    for args, where in (
+        (
+            (str(tmp_path / "inner"),),
+            f"its run log is {tmp_path / 'inner'} (gradguard diagnose {tmp_path / 'inner'})",
+        ),
+        ((), "it writes no run log (its log_dir is None: give it one to keep its log)"),
+    ):
+        guarded = gradguard_run(tmp_path, script, *args, out=out)
+        err = " ".join(guarded.stderr.split())
+        assert guarded.returncode == 0, err
+        assert (
+            f"leaves that optimizer to it (its clip, its policy, its log) and writes no log of it into {out}; {where}"
+            in err
+        )
+        assert f"no run log was written into {out}." in err, err
+        assert not out.exists()
 
 
 DROPPED_BATCHES = """

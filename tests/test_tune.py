@@ -628,3 +628,31 @@ def test_tune_trials_never_write_over_the_scripts_files_in_the_working_directory
         assert torch.load(work / "checkpoints" / "last.pt")["step"] == 2
         assert (work / "train.log").read_text() == "step 96\n" + "".join(f"step {s}\n" for s in range(3))
         assert (work / "outputs" / "new.txt").read_text() == "trial"
+
+
+def test_tune_says_which_files_of_the_working_directory_a_trial_wrote_by_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A path built from ``__file__`` (or passed absolute) names the user's own file: the copy-on-write view
+    cannot keep it apart (an audit hook cannot move a write), and tune said nothing while every trial wrote
+    over the user's checkpoint. Now tune names the files; what the script wrote by relative path stays apart."""
+    import os
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "train.txt").write_text("1 2\n3 4\n0.5 1\n")
+    (project / "outputs").mkdir()
+    (project / "checkpoints").mkdir()
+    mine = project / "checkpoints" / "last.pt"
+    torch.save({"step": 96}, mine)
+    here = 'os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "last.pt")'
+    (project / "train.py").write_text(CHECKPOINTING_SCRIPT.replace('"checkpoints/last.pt"', here))
+    monkeypatch.chdir(project)
+    main(["tune", "--max-norm", "1,5", "--steps", "4", "--out", str(tmp_path / "trials"), "train.py"])
+    err = " ".join(capsys.readouterr().err.split())
+    said = f"gradguard: warning: gradguard tune: the trials wrote into your working directory by absolute path: {os.path.realpath(mine)}. "
+    assert said in err, err
+    assert (
+        "train.log" not in err and "new.txt" not in err
+    )  # relative writes: the trials' own, in their workdir
+    assert torch.load(mine)["step"] == 2  # the last trial's, as the warning says

@@ -34,11 +34,13 @@ candidate trained (the verified recommendation is printed); 1 — none of the ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from gradguard._version import __version__
@@ -75,7 +77,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _diagnose(args: argparse.Namespace) -> int:
     import json
-    import warnings
 
     from gradguard.diagnose import diagnose, to_json, write_findings
     from gradguard.errors import GradGuardError
@@ -102,11 +103,8 @@ def _diagnose(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     elif not args.no_write:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _warnings_said() as caught:
             write_findings(log, findings)
-        for w in caught:
-            print(f"gradguard: warning: {safe_text(w.message)}", file=sys.stderr)
         written = not caught
     if args.json:
         print(json.dumps(to_jsonable(to_json(findings, log)), indent=2, allow_nan=False))
@@ -120,6 +118,17 @@ def _diagnose(args: argparse.Namespace) -> int:
         elif not args.no_write:  # not written (a live run, a read-only folder): no path claimed
             print(report)
     return EXIT_FINDINGS if any(f.severity == "error" for f in findings) else EXIT_OK
+
+
+@contextlib.contextmanager
+def _warnings_said() -> Iterator[list[warnings.WarningMessage]]:
+    """The Python warnings raised inside, each said on stderr as a line of gradguard's own
+    (``gradguard: warning: …``, no file and line of gradguard's source) once the block ends."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+    for w in caught:
+        print(f"gradguard: warning: {safe_text(w.message)}", file=sys.stderr)
 
 
 def _command(*words: object) -> str:
@@ -213,9 +222,81 @@ def _run(args: argparse.Namespace) -> int:
     if args.quiet:
         options["live"] = False
     try:
-        return run_script(script, list(args.args), report=not args.no_report, module=args.module, **options)
+        with _argparse_leftovers() as parses:
+            code = run_script(
+                script, list(args.args), report=not args.no_report, module=args.module, **options
+            )
     except GradGuardError as e:  # a bad option, refused before the script starts
         return _fail(_with_flag(str(e)))
+    said = _misplaced(args, parses)
+    if said is not None:
+        print(f"gradguard: warning: {safe_text(said)}", file=sys.stderr)
+    return code
+
+
+def _options_after_script(args: argparse.Namespace) -> list[tuple[int, list[str]]]:
+    """``gradguard run``'s own options typed after SCRIPT (up to a ``--``), each with its value, by where
+    it starts in the script's arguments: they went to the script, and ``gradguard run`` never reads those."""
+    flags: dict[str, bool] = args.own_flags
+    words: list[str] = list(args.args)
+    found, i = [], 0
+    while i < len(words) and words[i] != "--":
+        flag = words[i].partition("=")[0]
+        if flag not in flags:
+            i += 1
+            continue
+        end = i + 1 + (flags[flag] and "=" not in words[i] and i + 1 < len(words))
+        found.append((i, words[i:end]))
+        i = end
+    return found
+
+
+@contextlib.contextmanager
+def _argparse_leftovers() -> Iterator[list[list[str]]]:
+    """While ``gradguard run`` runs the script: what each argparse parse of the script's command line left
+    over (``parse_known_args`` returns it, ``parse_args`` stops on it), one list a parse."""
+    parses: list[list[str]] = []
+    original = argparse.ArgumentParser.parse_known_args
+
+    def parse_known_args(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        found = original(self, args, namespace)
+        if args is None or list(args) == sys.argv[1:]:
+            parses.append(list(found[1]))
+        return found
+
+    argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    try:
+        yield parses
+    finally:
+        argparse.ArgumentParser.parse_known_args = original  # type: ignore[method-assign]
+
+
+def _misplaced(args: argparse.Namespace, parses: list[list[str]]) -> str | None:
+    """Why gradguard's options typed after SCRIPT were not applied, with the command that applies them;
+    ``None`` where there are none, or where the script's argparse took them (its own ``--out``).
+    ``parses``: what each argparse parse of the script's command line left over."""
+
+    def left_over(flag: str) -> bool:
+        return all(flag in {w.partition("=")[0] for w in p} for p in parses)
+
+    left = [(i, words) for i, words in _options_after_script(args) if left_over(words[0].partition("=")[0])]
+    if not left:
+        return None
+    flags = ", ".join(words[0].partition("=")[0] for _, words in left)
+    them = "it" if len(left) == 1 else "them"
+    why = (
+        f"its argparse left {them} over (parse_known_args): neither the script nor gradguard applied {them}"
+        if parses
+        else f"gradguard did not apply {them} (if the script takes {flags} itself, ignore this)"
+    )
+    skip = {i + k for i, words in left for k in range(len(words))}
+    rest = [w for k, w in enumerate(args.args) if k not in skip]
+    moved = [w for _, words in left for w in words]
+    command = shlex.join(["gradguard", "run", *_run_options(args), *moved, args.script, *rest])
+    return (
+        f"{flags} came after the script, so {them} went to the script as its own argument{'s' * (len(left) > 1)}, "
+        f"and {why}. gradguard's options go before the script: {command}"
+    )
 
 
 def _snapshot_dir_problem(folder: str | None) -> str | None:
@@ -361,21 +442,12 @@ def _monitor_only_conflict(options: dict[str, Any]) -> str | None:
     return None
 
 
-#: The settings of rollback snapshots: they act only where the guard keeps snapshots to restore.
-_ROLLBACK_SETTINGS = (
-    "snapshot_every",
-    "snapshot_dir",
-    "lr_backoff",
-    "min_lr",
-    "max_rollbacks",
-    "rollback_window",
-)
-
-
 def _flags_without_effect(options: dict[str, Any]) -> str | None:
     """Why flags given would be ignored (rollback settings with no rollback, ``--max-replays`` with
     ``--no-locate``), with the flag they need; ``None`` when each flag given acts."""
-    given = [_flag(dest) for dest in _ROLLBACK_SETTINGS if dest in options]
+    from gradguard.integrations.zerocode import ROLLBACK_SETTINGS  # (run only: the guard's own list)
+
+    given = [_flag(dest) for dest in ROLLBACK_SETTINGS if dest in options]
     rolls_back = options.get("on_nonfinite") == "rollback" or options.get("on_explosion") == "recover"
     if given and not rolls_back:
         flags = ", ".join(given)
@@ -411,16 +483,17 @@ def _tune(args: argparse.Namespace) -> int:
     if problem is not None:
         return _fail(problem)
     try:
-        result = tune_script(
-            args.script,
-            list(args.args),
-            max_norms=args.max_norm,
-            steps=args.steps,
-            run=args.run,
-            out=args.out,
-            timeout_s=args.timeout,
-            lrs=args.lr,
-        )
+        with _warnings_said():
+            result = tune_script(
+                args.script,
+                list(args.args),
+                max_norms=args.max_norm,
+                steps=args.steps,
+                run=args.run,
+                out=args.out,
+                timeout_s=args.timeout,
+                lrs=args.lr,
+            )
     except GradGuardError as e:
         return _fail(str(e))
     for line in result.summary().splitlines():
@@ -745,6 +818,17 @@ def _add_run_parser(sub: Any) -> None:
         help="SCRIPT is a module, run as `python -m SCRIPT` would (e.g. `gradguard run -m mypkg.train --epochs 1`)",
     )
     _add_script_arguments(run, _run)
+    run.set_defaults(own_flags=_long_flags(run))
+
+
+def _long_flags(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """The parser's own ``--flags`` (not ``--help``), each with whether it takes a value."""
+    return {
+        flag: action.nargs != 0
+        for action in parser._actions
+        for flag in action.option_strings
+        if flag.startswith("--") and flag != "--help"
+    }
 
 
 class _Parser(argparse.ArgumentParser):

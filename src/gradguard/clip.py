@@ -43,6 +43,7 @@ empty-generator warning, ``error_if_nonfinite``'s message). What they do differe
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 import struct
 import sys
@@ -56,7 +57,7 @@ from torch import Tensor
 
 from gradguard import _rule_kernel
 from gradguard._rule_kernel import FIRST_CAP, NO_CAP, POLYAK_CAP
-from gradguard.errors import GradGuardError, NonFiniteError
+from gradguard.errors import GradGuardError, NonFiniteError, did_you_mean
 from gradguard.stats import (
     _FOREACH_DEVICES,
     LayerIndex,
@@ -662,8 +663,11 @@ class Clipper:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Clipper:
-        """The clipper that :meth:`config` describes: the constructor called with its parameters."""
-        return cls(**{k: v for k, v in config.items() if k != "kind"})
+        """The clipper that :meth:`config` describes: the constructor called with its parameters (a key
+        it does not take, or one it needs and is not there, refused with its keys named)."""
+        params = {k: v for k, v in config.items() if k != "kind"}
+        _check_config_keys(cls, config, params)
+        return cls(**params)
 
     def config(self) -> dict[str, Any]:
         """The clipper as data: ``{"kind": ..., **constructor parameters}``, JSON-able (for ``meta.json``)."""
@@ -801,6 +805,50 @@ class Norm(NormClipper):
 #: :func:`gradguard._guard.apply.branches_on_host`): the path a GPU takes stays checked (its
 #: sync-freedom, its device ops) where the tests run.
 _PIN_DEVICE_PATH = False
+
+
+def _check_config_keys(cls: type[Clipper], config: dict[str, Any], params: dict[str, Any]) -> None:
+    """Refuse a config dict whose keys ``cls``'s constructor does not take (``{"kind": "zclip",
+    "version": 1}``: a bare TypeError, or worse a key dropped) or that lacks one it needs."""
+    keys = _constructor_keys(cls)
+    if keys is None:
+        return
+    names, required = keys
+    unknown = [k for k in params if k not in names]
+    missing = [k for k in required if k not in params]
+    if not unknown and not missing:
+        return
+    kind = getattr(cls, "kind", cls.__name__)
+    what = (
+        f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], names)}"
+        if unknown
+        else f"no {', '.join(map(repr, missing))}, which the {kind} clipper needs"
+    )
+    raise GradGuardError(
+        f"clip config {config!r}: {what}. The {kind} clipper's keys are 'kind', {', '.join(map(repr, names))}. "
+        f"Pass the dict a clipper's config() returns, or a spec string: {cls.usage or kind}."
+    )
+
+
+def _constructor_keys(cls: type) -> tuple[list[str], list[str]] | None:
+    """The keyword arguments a clipper's constructor takes and those it needs, a ``**kwargs`` followed
+    to the next constructor up (:class:`Auto`'s ``**zclip``: :class:`ZClip`'s); ``None`` when it ends
+    open (a ``**kwargs`` that no constructor up names: what it takes cannot be known)."""
+    names: list[str] = []
+    required: list[str] = []
+    open_end = False
+    for klass in cls.__mro__[:-1]:  # (object's constructor takes nothing)
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        names += [p.name for p in named]
+        required += [p.name for p in named if p.default is p.empty]
+        open_end = any(p.kind is p.VAR_KEYWORD for p in params)
+        if not open_end:
+            break
+    return None if open_end else (names, required)
 
 
 def _reads_on_host(t: Tensor) -> bool:

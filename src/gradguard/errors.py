@@ -5,11 +5,12 @@ Every message says what went wrong, the offending value, and how to fix it.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["GradGuardError", "NonFiniteError", "check_state_version"]
+__all__ = ["GradGuardError", "NonFiniteError", "check_state_version", "did_you_mean"]
 
 
 class GradGuardError(ValueError):
@@ -30,6 +31,12 @@ class NonFiniteError(GradGuardError, RuntimeError):
     def __init__(self, *args: object, located: dict[str, object] | None = None) -> None:
         super().__init__(*args)
         self.located = located
+
+
+def did_you_mean(key: object, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to a misspelt ``key``; ``""`` when none is close."""
+    near = difflib.get_close_matches(str(key), sorted(known), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 def check_state_version(state: Any, version: int, what: str, fix: str) -> None:

@@ -18,6 +18,7 @@ from gradguard.errors import GradGuardError
 from gradguard.stats import check_norm_type
 
 __all__ = [
+    "ROLLBACK_SETTINGS",
     "GuardConfig",
     "OnExplosion",
     "OnNonFinite",
@@ -37,6 +38,18 @@ __all__ = [
     "momentum_sgd",
     "positive_int",
 ]
+
+#: The settings of rollback snapshots: they act only where the guard keeps snapshots to restore
+#: (:attr:`GuardConfig.snapshots`). ``gradguard run`` refuses them without a rollback policy, and leaves
+#: them out of a monitor-only guard.
+ROLLBACK_SETTINGS = (
+    "snapshot_every",
+    "snapshot_dir",
+    "lr_backoff",
+    "min_lr",
+    "max_rollbacks",
+    "rollback_window",
+)
 
 OnNonFinite = Literal["skip", "rollback", "raise", "warn"]
 OnSpike = Literal["ignore", "warn", "clip", "skip"]
@@ -304,8 +317,8 @@ def guarded_parameters(
 
 
 def check_parameters(root: nn.Module, held: Iterable[Tensor]) -> set[int]:
-    """The ids of ``held`` (the optimizer's parameters), refused where one is not ``root``'s or is
-    complex (the guard measures real tensors)."""
+    """The ids of ``held`` (the optimizer's parameters), refused where one is not ``root``'s, is on
+    the meta device (no values) or is complex (the guard measures real tensors)."""
     names = {id(p): n for n, p in root.named_parameters()}
     params = list(held)
     foreign = [p for p in params if id(p) not in names]
@@ -316,6 +329,7 @@ def check_parameters(root: nn.Module, held: Iterable[Tensor]) -> set[int]:
             "Pass the model the optimizer trains (build it as `optimizer = Opt(model.parameters())`), "
             "or the root module that owns all of them."
         )
+    _check_materialized(names, params)
     complex_ = [p for p in params if p.is_complex()]
     if complex_:
         p = complex_[0]
@@ -326,6 +340,22 @@ def check_parameters(root: nn.Module, held: Iterable[Tensor]) -> set[int]:
             "or leave complex parameters out of the guarded optimizer."
         )
     return {id(p) for p in params}
+
+
+def _check_materialized(names: dict[int, str], params: list[Tensor]) -> None:
+    """Refuse parameters on the meta device: shapes without values (a model built under
+    ``with torch.device("meta"):`` and never materialized), which no step can measure."""
+    meta = [p for p in params if p.is_meta]
+    if meta:
+        p = meta[0]
+        raise GradGuardError(
+            f"parameter {names[id(p)]!r} is on the meta device (shape {tuple(p.shape)}; {len(meta)} meta "
+            "parameter(s)): it has a shape but no values (a model built under `with torch.device('meta'):` "
+            "and not materialized), so there is nothing to train or measure. Materialize the model first, "
+            "`model.to_empty(device='cpu')` (or 'cuda') then initialize it (`model.load_state_dict(state, "
+            "assign=True)`, or each module's `reset_parameters()`), and build the optimizer and the Guard over "
+            "the materialized parameters (to_empty makes new ones)."
+        )
 
 
 def check_distributed(params: Sequence[Tensor], config: GuardConfig, clipper: Clipper | None) -> list[bool]:

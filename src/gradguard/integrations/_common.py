@@ -6,12 +6,13 @@ Stdlib and torch only; no framework is imported here.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import shlex
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from gradguard import runlog
 from gradguard._distributed import same_on_all_ranks
-from gradguard.errors import GradGuardError
+from gradguard.errors import GradGuardError, did_you_mean
 from gradguard.guard import Guard
 from gradguard.runtable import clip_rate, post_clip_norm  # the one definition (re-exported)
 
@@ -28,6 +29,7 @@ __all__ = [
     "FlushListener",
     "StepGate",
     "add_flush_listener",
+    "check_guard_kwargs",
     "clip_rate",
     "describe_optimizer",
     "drop_grads",
@@ -60,6 +62,27 @@ def add_flush_listener(guard: Guard, listener: FlushListener) -> ListenerHandle:
     if not isinstance(guard, Guard):
         raise GradGuardError(f"expected a gradguard.Guard, got {type(guard).__name__}.")
     return guard.add_flush_callback(listener)
+
+
+def check_guard_kwargs(
+    kwargs: Mapping[str, Any], who: str, *, set_here: Sequence[str], own: Iterable[str] = ()
+) -> None:
+    """Refuse, when an integration is built, the :class:`gradguard.Guard` options it cannot pass on: one
+    it sets itself (``set_here``: the model, the optimizer…), or a key that is no Guard argument nor one
+    of the integration's ``own`` (a typo, ``spike={...}``), with the valid keys named — not Guard's bare
+    ``TypeError`` once training starts."""
+    for key in set_here:
+        if key in kwargs:
+            raise GradGuardError(f"{who} sets {key!r} itself (from the Trainer); do not pass it.")
+    known = (
+        set(inspect.signature(Guard.__init__).parameters) - {"self", "model", "optimizer"} | set(own)
+    ) - set(set_here)
+    for key in kwargs:
+        if key not in known:
+            raise GradGuardError(
+                f"{who}: unknown gradguard option {key!r}{did_you_mean(key, known)}; the options are "
+                f"gradguard.Guard's arguments ({', '.join(sorted(known))})."
+            )
 
 
 # ----------------------------------------------------------------------------- records → scalars

@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -65,6 +66,7 @@ from gradguard.integrations._common import (
     FlushListener,
     StepGate,
     add_flush_listener,
+    check_guard_kwargs,
     clip_rate,
     describe_optimizer,
     fresh_run_dir,
@@ -113,6 +115,18 @@ def _own_clipper(clip: Any, *, first: bool) -> Any:
     return clip if first or not isinstance(clip, Clipper) else copy.deepcopy(clip)
 
 
+def _one_per_trainer(callbacks: Sequence[Any]) -> None:
+    """Refuse a Trainer with several GradGuard callbacks (or one passed twice): one guards every optimizer."""
+    count = sum(isinstance(cb, GradGuard) for cb in callbacks)
+    if count > 1:
+        raise GradGuardError(
+            f"the Trainer has {count} GradGuard callbacks; one GradGuard guards every optimizer of the "
+            "LightningModule (several optimizers each get their own guard and run directory), and a second one "
+            "would measure, clip and skip the same steps again. Pass one GradGuard, with the settings you want: "
+            "Trainer(callbacks=[GradGuard(...)])."
+        )
+
+
 class GradGuard(pl.Callback):
     """Measure, clip and guard every optimizer step of a Lightning run.
 
@@ -137,11 +151,13 @@ class GradGuard(pl.Callback):
         save_state: put the guards' state into Lightning checkpoints (``gradguard run`` attaches the
             callback with ``False``: the script's checkpoints stay what a plain run writes).
         guard_kwargs: any other :class:`gradguard.Guard` argument (``on_spike``, ``spike_z``,
-            ``weight_every``, ``max_consecutive``, ``snapshot_every``, ``lr_backoff``…).
+            ``weight_every``, ``max_consecutive``, ``snapshot_every``, ``lr_backoff``…); another key is
+            refused here, with the valid ones named.
 
     Raises:
         GradGuardError: at ``fit`` start, for a ``Trainer(gradient_clip_val=...)`` without
-            ``monitor_only=True`` (clipping twice), an LBFGS optimizer, or bad arguments.
+            ``monitor_only=True`` (clipping twice), an LBFGS optimizer, or bad arguments; at
+            ``Trainer(callbacks=...)``, for a second GradGuard (one guards every optimizer).
     """
 
     def __init__(
@@ -181,9 +197,7 @@ class GradGuard(pl.Callback):
         else:
             clip = "auto" if clip is _UNSET else clip
             on_nonfinite = on_nonfinite or "skip"
-        for bad in ("model", "optimizer", "exist_ok"):
-            if bad in guard_kwargs:
-                raise GradGuardError(f"GradGuard sets {bad!r} itself (from the Trainer); do not pass it.")
+        check_guard_kwargs(guard_kwargs, "GradGuard", set_here=("model", "optimizer", "exist_ok"))
         self.clip = clip
         self.on_nonfinite: OnNonFinite = on_nonfinite
         self.monitor_only = bool(monitor_only)
@@ -228,10 +242,24 @@ class GradGuard(pl.Callback):
         are in its ``optimizer<k>/``, and ``gradguard diagnose`` on it reads them all)."""
         return self.guards[0].run_dir if self.guards else None
 
+    @property
+    def state_key(self) -> str:
+        """Where Lightning keeps the callback's checkpoint state: the class name (Lightning's default:
+        one instance a Trainer). Lightning reads it when ``Trainer(callbacks=...)`` checks its callbacks:
+        a second GradGuard is refused there with gradguard's reason (:func:`_one_per_trainer`), before
+        Lightning's own error about duplicate state keys."""
+        caller = sys._getframe(1)
+        if (
+            caller.f_code.co_name == "_validate_callbacks_list"
+        ):  # Lightning's check of the Trainer's callbacks
+            _one_per_trainer(caller.f_locals.get("callbacks") or ())
+        return super().state_key
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        _one_per_trainer(trainer.callbacks)  # type: ignore[attr-defined]  # (one added after the Trainer was made)
         clip_val = trainer.gradient_clip_val
         clips = not self.monitor_only and from_spec(self.clip) is not None  # type: ignore[arg-type]
         if clip_val is not None and float(clip_val) > 0 and clips:

@@ -51,8 +51,6 @@ folder; ``train(resume_from_checkpoint=...)`` restores it, and the adaptive clip
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import os
 import warnings
@@ -71,6 +69,7 @@ from gradguard.integrations._common import (
     FlushListener,
     StepGate,
     add_flush_listener,
+    check_guard_kwargs,
     clip_rate,
     fresh_run_dir,
     has_grads,
@@ -96,25 +95,9 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - 
         'pip install -U "gradguard[transformers]".'
     )
 
-_NOT_FOR_GUARD = ("model", "optimizer", "exist_ok", "monitor_only")
 
-
-def _check_guard_kwargs(kwargs: dict[str, Any], who: str) -> None:
-    for key in _NOT_FOR_GUARD:
-        if key in kwargs:
-            raise GradGuardError(f"{who} sets {key!r} itself (from the Trainer); do not pass it.")
-    known = set(inspect.signature(Guard.__init__).parameters) - {"self", "model", "optimizer"} | _OWN_OPTIONS
-    for key in kwargs:
-        if key not in known:  # (a typo surfaced at train() as Guard's bare TypeError)
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise GradGuardError(
-                f"{who}: unknown gradguard option {key!r}{hint}; the options are gradguard.Guard's arguments "
-                f"({', '.join(sorted(known - set(_NOT_FOR_GUARD)))})."
-            )
-
-
-_OWN_OPTIONS = frozenset({"sinks", "report"})  # taken by the integration itself, not by Guard
+_NOT_FOR_GUARD = ("model", "optimizer", "exist_ok", "monitor_only")  # set from the Trainer
+_OWN_OPTIONS = ("sinks", "report")  # taken by the integration itself, not by Guard
 
 
 def _close_sinks(sinks: Sequence[Any]) -> None:
@@ -173,7 +156,7 @@ class GradGuardMixin:
             )
         super().__init__(*args, **kwargs)
         config = dict(gradguard or {})
-        _check_guard_kwargs(config, type(self).__name__)
+        check_guard_kwargs(config, type(self).__name__, set_here=_NOT_FOR_GUARD, own=_OWN_OPTIONS)
         self._gg_sinks: list[FlushListener] = list(config.pop("sinks", ()))
         self._gg_report: bool | None = config.pop("report", None)
         max_norm = float(self.args.max_grad_norm or 0.0)
@@ -432,7 +415,7 @@ class GradGuardCallback(TrainerCallback):
                 f"GradGuardCallback cannot act on spikes; got on_spike={guard_kwargs['on_spike']!r}. "
                 "Use 'warn' or 'ignore', or GradGuardTrainer."
             )
-        _check_guard_kwargs(guard_kwargs, "GradGuardCallback")
+        check_guard_kwargs(guard_kwargs, "GradGuardCallback", set_here=_NOT_FOR_GUARD, own=_OWN_OPTIONS)
         self.on_nonfinite = on_nonfinite
         self.log_dir = log_dir
         self.every = every

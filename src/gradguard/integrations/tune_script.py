@@ -8,7 +8,8 @@ itself sees the same batches in every trial), and stops after ``steps`` optimize
 its first non-finite step. Each trial writes its own run directory and works in a folder of its own there
 (``<trial>/workdir``: a copy-on-write view of the current directory, :func:`_copy_on_write`), so the
 script's relative reads find the user's files and what it writes (checkpoints, outputs) never
-replaces them. The trial is judged from its run directory by
+replaces them; a file of the user's working directory written by absolute path (built from ``__file__``)
+is the user's own, and tune names it in a warning. The trial is judged from its run directory by
 :func:`gradguard.tunelog.judge` (the definition the in-memory :func:`gradguard.tune.tune` uses) and
 the recommendation is :func:`gradguard.tunelog.choose`'s.
 
@@ -36,7 +37,8 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ from gradguard.errors import GradGuardError
 from gradguard.runtable import RunTable
 from gradguard.tunelog import Trial, TuneResult, candidates_around, judge, ladder, read_tune, write_tune
 
-__all__ = ["LR_RUNGS", "tune_script"]
+__all__ = ["ABSOLUTE_WRITES", "LR_RUNGS", "tune_script"]
 
 LR_RUNGS = 8
 """Learning-rate candidates of ``lrs="auto"``: the script's own rate and 7 halvings below it (128× lower)."""
@@ -115,6 +117,7 @@ def tune_script(
         # tune's options before the script: what follows the script is the script's own
         ["gradguard", "tune", *(["--run", str(run)] if run is not None else []), *lr_flag, str(path), *argv]
     )
+    _warn_absolute_writes(folder)
     result = TuneResult(trials, steps, source="script", command=command)
     write_tune(folder, result)
     if run is not None:
@@ -321,21 +324,29 @@ WORKDIR = "workdir"
 """The working directory of a trial, in its run directory: see :func:`_copy_on_write`."""
 
 
-def _copy_on_write(user_cwd: Path, workdir: Path) -> None:
+ABSOLUTE_WRITES = "absolute-writes.txt"
+"""The paths in the user's working directory a trial wrote by their absolute path, one a line, in its
+run directory: the view cannot keep those apart (see :func:`_copy_on_write`); :func:`tune_script` says so."""
+
+
+def _copy_on_write(user_cwd: Path, workdir: Path, noted: Path) -> None:
     """Make the trial work in ``workdir``, a copy-on-write view of the user's working directory: it
     shows the user's files (symbolic links, made folder by folder as the script goes down), so the
     script's relative reads (``data/train.csv``, ``--resume checkpoints/last.pt``) find them; a write
     into it (``open``, ``os.open``, ``torch.save``, a rename, a new folder) first turns the linked
     folders above the path into folders of the trial's own and removes the linked file (copied first
     where the write keeps its content: append, update). The user's files are never written: a trial
-    does not overwrite ``checkpoints/last.pt``, and every trial starts from the same files. Paths
-    outside the working directory (absolute ones) are the script's own business, as under plain
-    Python. The child process only (an audit hook lasts as long as the process)."""
+    does not overwrite ``checkpoints/last.pt``, and every trial starts from the same files. A path
+    written by its absolute name is the script's own business, as under plain Python (an audit hook
+    cannot change where a write goes): one in the user's working directory (built from ``__file__``,
+    passed absolute) is written there, and listed in ``noted`` (:data:`ABSOLUTE_WRITES`) for tune to
+    say. The child process only (an audit hook lasts as long as the process)."""
     import shutil
 
     root = os.path.abspath(workdir)
     linked: set[str] = set()  # the links this view made (a link the script makes is its own)
     busy = [False]  # the hook's own file operations raise audit events too
+    escaped = _absolute_writes(user_cwd, noted)
 
     def holds_root(target: str) -> bool:
         real = os.path.realpath(target)
@@ -352,6 +363,7 @@ def _copy_on_write(user_cwd: Path, workdir: Path) -> None:
             return
         p = os.path.abspath(os.fsdecode(path))
         if not p.startswith(root + os.sep):
+            escaped(p)
             return
         parts = os.path.relpath(p, root).split(os.sep)
         here = root
@@ -414,6 +426,57 @@ def _copy_on_write(user_cwd: Path, workdir: Path) -> None:
     torch.save = saved  # type: ignore[assignment]
 
 
+def _absolute_writes(user_cwd: Path, noted: Path) -> Callable[[str], None]:
+    """What a trial's view calls with each path written outside it: one inside the user's working
+    directory is appended to ``noted`` the first time — not in the trial's own run directory (where
+    ``noted`` is), Python's bytecode cache or a hidden folder (``~/.cache`` when the working directory
+    is the home folder: the libraries' caches)."""
+    user, trial = os.path.realpath(user_cwd), os.path.realpath(noted.parent)
+    seen: set[str] = set()
+
+    def escaped(path: str) -> None:
+        real = os.path.realpath(path)
+        if real in seen or not _within(real, user) or _within(real, trial):
+            return
+        if any(
+            part.startswith(".") or part == "__pycache__"
+            for part in os.path.relpath(real, user).split(os.sep)
+        ):
+            return
+        seen.add(real)
+        with open(noted, "a", encoding="utf-8") as f:
+            f.write(real + "\n")
+
+    return escaped
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _warn_absolute_writes(folder: Path) -> None:
+    """Say which files of the user's working directory the trials wrote by absolute path (see
+    :data:`ABSOLUTE_WRITES`): the copy-on-write view did not keep them apart."""
+    written = sorted(
+        {
+            line
+            for f in folder.glob(f"*/{ABSOLUTE_WRITES}")
+            for line in f.read_text(encoding="utf-8").splitlines()
+        }
+    )
+    if not written:
+        return
+    shown = ", ".join(written[:5]) + (f" and {len(written) - 5} more" if len(written) > 5 else "")
+    warnings.warn(
+        f"gradguard tune: the trials wrote into your working directory by absolute path: {shown}. A trial's "
+        f"copy-on-write view (<trial>/{WORKDIR}) keeps apart only what the script writes by relative path, so "
+        "these files are the trials' now (each trial wrote over the last; restore them if they mattered). Have "
+        "the script write by relative path (not one built from __file__, nor passed absolute), then tune again.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 _WRITE_EVENTS = frozenset(
     {"open", "os.rename", "os.replace", "os.truncate", "os.mkdir", "os.remove", "os.rmdir"}
 )
@@ -453,7 +516,7 @@ def _trial_main(args: list[str]) -> int:
     if job.get("lr") is not None:
         _start_at_lr(float(job["lr"]))
     if job.get("workdir") is not None:
-        _copy_on_write(Path(job["cwd"]), Path(job["workdir"]))
+        _copy_on_write(Path(job["cwd"]), Path(job["workdir"]), Path(job["out"]) / ABSOLUTE_WRITES)
     sys.argv = [str(script), *job["argv"]]
     sys.path.insert(0, str(script.resolve().parent))
     _seed_everything()

@@ -59,9 +59,10 @@ The package: :mod:`.script` (``gradguard run``), :mod:`.runner` (:class:`ZeroCod
 :mod:`.live` (stderr while the script runs), :mod:`.frameworks` (Lightning's Trainer).
 """
 
+from gradguard._guard.config import ROLLBACK_SETTINGS  # (for the command line, which imports no core module)
 from gradguard.integrations.zerocode.live import LIVE_EVERY_S
 from gradguard.integrations.zerocode.runner import ZeroCode
 from gradguard.integrations.zerocode.script import check_options, run_script
 from gradguard.integrations.zerocode.sessions import ManualUpdate
 
-__all__ = ["LIVE_EVERY_S", "ManualUpdate", "ZeroCode", "check_options", "run_script"]
+__all__ = ["LIVE_EVERY_S", "ROLLBACK_SETTINGS", "ManualUpdate", "ZeroCode", "check_options", "run_script"]

@@ -6,6 +6,7 @@ Each function takes the runner (``zc``, typed ``Any``: runner.py imports this mo
 
 from __future__ import annotations
 
+import shlex
 import weakref
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from gradguard._guard.config import ROLLBACK_SETTINGS
 from gradguard.errors import GradGuardError
 from gradguard.guard import Guard, open_guard_of
 from gradguard.integrations._common import describe_optimizer, stepped
@@ -147,11 +149,16 @@ def _guarded_by_the_script(zc: Any, optimizer: torch.optim.Optimizer) -> bool:
     if script_guard is None:
         return False
     zc._unguarded.add(optimizer)
-    where = f" (its run log: {script_guard.run_dir})" if script_guard.run_dir is not None else ""
+    log = script_guard.run_dir
+    where = (
+        f"its run log is {log} (gradguard diagnose {shlex.quote(str(log))})"
+        if log is not None
+        else "it writes no run log (its log_dir is None: give it one to keep its log)"
+    )
     zc._say(
-        f"the script guards its {type(optimizer).__name__} itself with gradguard.Guard{where}: gradguard run "
-        "leaves that optimizer to it (its clip, its policy, its log); run the script without gradguard run, or "
-        "drop its Guard to let gradguard run guard it."
+        f"the script guards its {type(optimizer).__name__} itself with gradguard.Guard: gradguard run leaves "
+        f"that optimizer to it (its clip, its policy, its log) and writes no log of it into {zc.out}; {where}. "
+        "Run the script without gradguard run, or drop its Guard to let gradguard run guard it there."
     )
     return True
 
@@ -299,14 +306,7 @@ def manual_session(zc: Any, root: Root) -> Session | None:
         options["on_nonfinite"] = "warn"
     if options.get("on_spike") in ("clip", "skip"):
         options["on_spike"] = "warn"
-    for unused in (
-        "snapshot_every",
-        "snapshot_dir",
-        "lr_backoff",
-        "min_lr",
-        "max_rollbacks",
-        "rollback_window",
-    ):
+    for unused in ROLLBACK_SETTINGS:  # (a monitor-only guard never rolls back)
         options.pop(unused, None)
     stand_in = ManualUpdate(params)
     guard, _ = new_guard(zc, root, stand_in, options)

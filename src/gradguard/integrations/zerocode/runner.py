@@ -557,7 +557,8 @@ class ZeroCode:
             return f"gradguard: stopped guarding in {self._stopped_in} (above), before any step; no run log."
         if not self._order and len(self._unguarded):
             return (
-                "gradguard: no optimizer was guarded (said above why); the script ran as without gradguard."
+                "gradguard: no optimizer was guarded (said above why); the script ran as without gradguard, and "
+                f"no run log was written into {self.out}."
             )
         if not self._order:
             return "gradguard: no optimizer step was seen; nothing was guarded."
