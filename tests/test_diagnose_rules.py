@@ -1571,3 +1571,14 @@ def test_a_layer_of_parameters_set_on_the_root_module_is_named_by_them() -> None
     log.meta["parameters"] = {"temperature": [], "fc.weight": [10, 4], "fc.bias": [10]}
     found = conclude(log, "weight_growth")
     assert found is not None and "'temperature' (on the root module)" in found.message, found
+
+
+def test_a_climb_from_the_first_steps_advises_the_rate_before_a_threshold() -> None:
+    """FSDP2 char-LM at SGD lr 5: the norm climbed from step 2 and the advice led with "clip at 3.2 (from 2
+    healthy norms)", which, followed, ended at loss 1,359; lr 0.5 trained."""
+    norms = [3.2, 3.3, 3.1, 40.0, 900.0, 2e4, 5e5, NAN, NAN, NAN]
+    found = conclude(run(norms, loss=[4.3, 4.2, 4.2, 9.0, 50.0, 400.0, 3e3, NAN, NAN, NAN]), "explosion")
+    assert found is not None and found.recommendation["text"].startswith("Lower the learning rate first"), (
+        found
+    )
+    assert "max_norm" in found.recommendation and "lr" in found.recommendation

@@ -383,3 +383,48 @@ def test_a_python_number_divisor_at_zero_inside_a_functional_call_is_named_not_i
     _why, fix = gradguard.optable.advice(event["op"], event["evidence"]["reason"], event.get("cause"))
     assert "max(0.5" in fix, fix
     assert gradguard.events.op_called(event) == "`div` inside `gumbel_softmax`"
+
+
+class _HandSoftmax(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.q(x) @ x.T
+        return torch.exp(s) / torch.exp(s).sum(-1, keepdim=True)
+
+
+def test_a_line_that_computes_a_softmax_by_hand_is_told_to_use_torch_softmax() -> None:
+    """Attention over raw-unit inputs with ``exp(s) / exp(s).sum()``: the exp's general fix, "clamp the
+    argument before exp", left it NaN (rows of exp underflowed: 0 / 0); the event keeps the line's code,
+    and the fix follows what the line does."""
+    torch.manual_seed(0)
+    model = _HandSoftmax()
+    with gradguard.locate(model) as loc:
+        model(torch.randn(6, 4) * 300).sum().backward()
+    event = loc.event
+    assert event is not None and event["evidence"]["code"].startswith(
+        "return torch.exp(s) / torch.exp(s).sum("
+    )
+    _why, fix = gradguard.optable.advice(
+        event["op"], event["evidence"]["reason"], None, event["evidence"]["code"]
+    )
+    assert "torch.softmax" in fix and "clamp" not in fix.split(";")[0], fix
+    for line, said in (
+        ("return torch.mean(torch.log(torch.cosh(pred - target)))", "torch.logaddexp(r, -r)"),
+        ("log_risk_set = torch.log(torch.cumsum(torch.exp(risk), dim=0))", "torch.logcumsumexp"),
+        ("var = torch.exp(logvar)", None),
+    ):
+        hand = gradguard.optable.by_hand(line)
+        assert said in hand if hand is not None and said else hand is said, (line, hand)
+
+
+def test_a_number_divided_by_a_tensor_holding_zero_is_a_division_by_zero() -> None:
+    """``1.0 / r`` (a pair potential with r = 0 on the diagonal) calls ``r.__rdiv__(1.0)``: the number
+    was read as the divisor, and the zero in ``r`` as "a value above the dtype's max"."""
+    r = torch.tensor([0.0, 1.0])
+    with gradguard.locate(torch.nn.Identity()) as loc:
+        _ = 1.0 / r
+    assert loc.event is not None and loc.event["evidence"]["reason"] == "division by zero", loc.event
+    assert gradguard._inputs.scale_operand("div", (r, 2.0), reflected=True) is None  # 2 / r scales nothing

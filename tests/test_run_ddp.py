@@ -156,6 +156,18 @@ def test_ddp_join_with_uneven_inputs_trains_as_the_plain_run(tmp_path: Path) -> 
         assert len(read_run(folder).metrics) == 14
 
 
+def test_a_bad_sample_under_ddp_join_is_named_on_its_rank(tmp_path: Path) -> None:
+    """Row 300 of rank 0's shard (step 12, after rank 1 ran out of data) holds a NaN: under Join the guard
+    gathers nothing, and it dropped rank 0's own answer too — "nonfinite_op … the flags do not name the op",
+    an error beside nothing that named the batch."""
+    script = Path(__file__).parent / "run_scripts" / "ddp_uneven_join.py"
+    code_dir = tmp_path / "code"
+    done = torchrun(str(script), "--guard", str(code_dir), "--bad-row", "300", cwd=tmp_path, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    event = next(e for e in read_run(code_dir).events if e["type"] == "nonfinite")
+    assert (event["step"], event.get("rank"), event["tensor"]) == (12, 0, "input"), event
+
+
 def test_a_bad_sample_under_ddp_accumulation_is_named_on_its_rank(tmp_path: Path) -> None:
     """Sample 100 (a NaN feature) is dealt to rank 1, batch 6: step 1, micro-batch 3 of 4. Rank 0's loss-code
     watch saw its DataLoader index the dataset tensor that holds the NaN row (a finite batch came out) and

@@ -923,6 +923,34 @@ def test_every_distinct_clip_call_of_a_step_is_named_in_the_summary(tmp_path: Pa
     assert said in got.stderr, got.stderr
 
 
+def test_a_scripts_clip_at_zero_runs_as_torch_runs_it(tmp_path: Path) -> None:
+    """``clip_grad_norm_(params, args.clip)`` with ``--clip 0`` meant as "off": torch takes 0 (it scales
+    every gradient to 0); under gradguard run the script stopped with a GradGuardError in its place."""
+    script = tmp_path / "clip_zero.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            torch.manual_seed(0)
+            model = nn.Linear(4, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for step in range(3):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 0.0)
+                nn.utils.clip_grad_norm_(model.parameters(), -1.0)  # (torch takes it too: not gradguard's to refuse)
+                opt.step()
+            print(model.weight.sum().item())
+            """
+        )
+    )
+    got, plain = _run(tmp_path, script), _plain(tmp_path, script)
+    assert got.returncode == 0 and got.stdout == plain.stdout, got.stderr
+    assert "clip_grad_norm_(max_norm=0) on 3 steps; it clipped 3 of them" in got.stderr, got.stderr
+
+
 def test_a_scripts_value_clip_is_said_and_named_in_the_summary(tmp_path: Path) -> None:
     """``clip_grad_value_`` alone: the end of the run said nothing of it, and diagnose's summary read
     "clipping none (clip rate 1)"."""

@@ -41,6 +41,7 @@ __all__ = [
     "scale_operand",
     "target_description",
     "target_of",
+    "with_number",
 ]
 
 #: Loss functions whose second argument (or ``target=``) is the target.
@@ -127,10 +128,11 @@ def entering_role(op: str, args: Any, kwargs: Any, t: Tensor) -> str:
 _NUMBER_OPERAND_OPS = frozenset({"div", "true_divide", "floor_divide", "remainder", "fmod"})
 
 
-def number_operand(op: str, args: Any) -> dict[str, Any] | None:
-    """A Python number as the second operand of a division (``logits / tau`` with ``tau`` a float
-    that reached 0), described as :mod:`gradguard.locate` describes a tensor (the op table's causes
-    read it as they read a tensor's description); ``None`` for any other call."""
+def number_operand(op: str, args: Any, *, reflected: bool = False) -> dict[str, Any] | None:
+    """A Python number as an operand of a division (``logits / tau`` with ``tau`` a float that reached
+    0; ``reflected``: ``1.0 / r``, the number the numerator, ``__rtruediv__(r, 1.0)``), described as
+    :mod:`gradguard.locate` describes a tensor (the op table's causes read it as they read a tensor's
+    description; :func:`with_number` puts it in its place); ``None`` for any other call."""
     if op not in _NUMBER_OPERAND_OPS or not isinstance(args, tuple) or len(args) < 2:
         return None
     x = args[1]
@@ -138,6 +140,7 @@ def number_operand(op: str, args: Any) -> dict[str, Any] | None:
         return None
     finite = math.isfinite(x)
     return {
+        **({"numerator": 1} if reflected else {}),
         "shape": [],
         "dtype": f"python {type(x).__name__}",
         "nan": int(x != x),
@@ -150,13 +153,23 @@ def number_operand(op: str, args: Any) -> dict[str, Any] | None:
     }
 
 
+def with_number(described: list[dict[str, Any]], number: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The op's inputs' descriptions with its Python number operand (:func:`number_operand`) in its
+    place: first where it is the numerator (``1.0 / r``: then the tensor is the denominator the causes
+    look for — it read "a value above the dtype's max"), else last (the divisor)."""
+    if number is None:
+        return described
+    return [number, *described] if number.get("numerator") else [*described, number]
+
+
 _SCALING_OPS = frozenset({"mul", "div", "true_divide"})
 
 
-def scale_operand(op: str, args: Any) -> float | None:
+def scale_operand(op: str, args: Any, *, reflected: bool = False) -> float | None:
     """The factor a multiplication or division by a Python number applies (``gp_weight * penalty``:
-    ``1e4``; ``loss / 4``: ``0.25``), or ``None`` (no Python number operand; a division by 0)."""
-    if op not in _SCALING_OPS or not isinstance(args, tuple) or len(args) != 2:
+    ``1e4``; ``loss / 4``: ``0.25``), or ``None`` (no Python number operand; a division by 0; a number
+    divided by the tensor, ``reflected``: ``2.0 / x`` scales nothing)."""
+    if op not in _SCALING_OPS or not isinstance(args, tuple) or len(args) != 2 or (reflected and op != "mul"):
         return None
     x = args[1]
     if type(x) not in (int, float) or not math.isfinite(x):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copyreg
 import functools
+import linecache
 import math
 import os
 import re
@@ -118,6 +119,14 @@ def op_name(func: Any) -> str:
     return name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
 
 
+_REFLECTED = re.compile(r"^__r[a-z]+__$")
+
+
+def reflected(func: Any) -> bool:
+    """Whether ``func`` is a reflected operator (``__rtruediv__``: ``1.0 / r`` calls it as ``(r, 1.0)``)."""
+    return bool(_REFLECTED.match(getattr(func, "__name__", "") or ""))
+
+
 _OP_NAMES: dict[Any, str] = {}  # func → op_name(func), for the loss watch's per-op path
 
 
@@ -155,6 +164,18 @@ def user_source(skip: int = 2) -> str | None:
             return f"{fn}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return None
+
+
+_CODE_CHARS = 160
+
+
+def with_code(evidence: dict[str, Any], source: str | None) -> dict[str, Any]:
+    """``evidence`` with ``code``: the text of the ``file:line`` the op ran at (at most
+    :data:`_CODE_CHARS` characters), where it can be read — the fix can then follow what the line
+    does (a hand-written softmax, a log of a cumsum of exps), and the log says it without the script."""
+    file, _, line = (source or "").rpartition(":")
+    text = linecache.getline(file, int(line)).strip() if file and line.isdigit() else ""
+    return {**evidence, "code": text[:_CODE_CHARS]} if text else evidence
 
 
 def users(filename: str) -> bool:
@@ -376,7 +397,7 @@ class Birth:
             "tensor": self.tensor,
             "kind": self.kind,
             "source": self.source,
-            "evidence": self.evidence,
+            "evidence": with_code(self.evidence, self.source),
         }
 
 
@@ -668,10 +689,12 @@ class Locator:
             inputs, operands = inner.inputs, inner.args
             op = name if "loss" in inner.op else _replay.inner_name(inner.op, name)
             extra = {"inside": name, "inner_op": inner.op} if op != name else {"inner_op": inner.op}
-        ev_inputs = [_describe(t) for t in inputs[:4]]
-        number = _inputs.number_operand(_replay.inner_name(inner.op, name) if inner else op, operands)
-        if number is not None:  # ``x / self.temperature``: the number that reached 0
-            ev_inputs.append(number)
+        number = _inputs.number_operand(  # ``x / self.temperature``: the number that reached 0
+            _replay.inner_name(inner.op, name) if inner else op,
+            operands,
+            reflected=inner is None and reflected(func),
+        )
+        ev_inputs = _inputs.with_number([_describe(t) for t in inputs[:4]], number)
         dtype = bad_outs[0].dtype
         dmax = float(torch.finfo(dtype).max) if dtype.is_floating_point else None
         reason = explain(op, ev_inputs, kind, dmax)
@@ -1061,8 +1084,8 @@ class LossWatch(_OpWatch):
         entry.entering = self._entering(op, args, kwargs, ins)
         self._hook_functions(ins)
         entry.target = _inputs.target_of(op, args, kwargs)
-        entry.number = _inputs.number_operand(op, args)
-        entry.scale = _inputs.scale_operand(op, args)
+        entry.number = _inputs.number_operand(op, args, reflected=reflected(func))
+        entry.scale = _inputs.scale_operand(op, args, reflected=reflected(func))
         self.entries.append(entry)
         for o in outs:
             self._made.add(id(o))
@@ -1402,9 +1425,7 @@ class _Watched:
         op = self.forward if self.forward is not None else self
         if (not op._ins and op.n_in) or not op.unchanged():
             return []
-        described = [_describe(t) for t in op._ins[:4]]
-        if op.number is not None:
-            described.append(op.number)
+        described = _inputs.with_number([_describe(t) for t in op._ins[:4]], op.number)
         if op.target is not None:
             described.append(_inputs.target_description(*op.target))
         return described
@@ -1442,7 +1463,7 @@ class _Watched:
             "tensor": "output" if self.phase == "loss" else "grad",
             "kind": kind,
             "source": self.source,
-            "evidence": evidence,
+            "evidence": with_code(evidence, self.source),
         }
 
 

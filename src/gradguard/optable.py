@@ -173,8 +173,11 @@ _SQRT = (
 )
 _EXP = (
     "exp of a large argument overflows",
-    "clamp the argument before exp (e.g. logvar.clamp(max=20)), or work in log space (torch.logsumexp, "
-    "log_softmax)",
+    "clamp the argument before exp where its value itself is used (a variance: logvar.clamp(max=20)); where the "
+    "exp feeds a normalisation work in log space instead — torch.softmax / log_softmax for exp(x) / "
+    "exp(x).sum() (they subtract the max; a clamp leaves rows of 0 / 0), torch.logsumexp for "
+    "log(exp(x).sum()), torch.logcumsumexp for log(cumsum(exp(x))); and check the inputs' scale (features "
+    "in raw units, thousands, make huge scores)",
 )
 _EMPTY_MEAN = (
     "a mean over no elements (an empty selection: a batch with no positive anchor, no valid token, an empty "
@@ -358,7 +361,8 @@ OPS: tuple[OpEntry, ...] = (
     ),
     _entry(r"^(norm|linalg_vector_norm|cdist|_cdist_backward)$", *_SQRT, Cause("any_zero", _AT_ZERO)),
     _entry(r"^exp(m1|2)?$", *_EXP, Cause("always", "exp overflow")),
-    _entry(r"^(sinh|cosh|softplus)$", *_EXP),
+    _entry(r"^(sinh|cosh)$", *_EXP, Cause("always", "{op} overflow")),
+    _entry(r"^softplus$", *_EXP),
     _entry(
         r"^(lgamma|digamma|polygamma|mvlgamma)$",
         "lgamma / digamma at 0 (or a negative integer) are infinite: a Gamma, Beta or Dirichlet parameter "
@@ -539,7 +543,41 @@ def at_domain_edge(op: str | None, why: str | None) -> bool:
     return found is not None and "overflow" not in found.reason
 
 
-def advice(op: str | None, why: str | None = None, cause: str | None = None) -> tuple[str, str]:
+# lines that compute by hand what torch computes in log space: (what the line does, its fix). Matched on
+# the located op's line (a nonfinite event's ``evidence.code``): the exp family's general fix, "clamp the
+# argument before exp", leaves these NaN (rows of exp underflowed to 0: 0 / 0, log(0)) or unable to learn.
+_BY_HAND = (
+    (
+        re.compile(r"\blog\w*\(.*cumsum\(.*exp\(|\blog\w*\(.*exp\(.*\)\.cumsum\("),
+        "compute the log of a cumulative sum of exps in log space: torch.logcumsumexp(x, dim) (a Cox partial "
+        "likelihood's risk sets: logcumsumexp over the risk scores sorted by time); a clamp before exp "
+        "still underflows to log(0)",
+    ),
+    (
+        re.compile(r"\blog\w*\(.*cosh\("),
+        "log(cosh(r)) overflows for |r| > 89: use torch.logaddexp(r, -r) - math.log(2), the same value and "
+        "finite for any r (and scale the targets: residuals in the thousands are large for any loss)",
+    ),
+    (
+        re.compile(r"\blog\w*\(.*exp\(.*\)\.sum\(|\blog\w*\(\s*torch\.sum\(\s*torch\.exp\("),
+        "compute the log of a sum of exps in log space: torch.logsumexp(x, dim)",
+    ),
+    (
+        re.compile(r"exp\(.*\)\s*/.*\bsum\("),
+        "this line is a hand-written softmax: use torch.softmax(x, dim) (or F.log_softmax for a log): it "
+        "subtracts each row's max first; a clamp before exp still leaves rows of 0 / 0",
+    ),
+)
+
+
+def by_hand(code: str | None) -> str | None:
+    """The fix for a line that computes by hand what torch has in log space (:data:`_BY_HAND`), or ``None``."""
+    return next((fix for pattern, fix in _BY_HAND if code and pattern.search(code)), None)
+
+
+def advice(
+    op: str | None, why: str | None = None, cause: str | None = None, code: str | None = None
+) -> tuple[str, str]:
     """Why ``op`` produced a non-finite value, and the specific fix.
 
     Args:
@@ -550,6 +588,8 @@ def advice(op: str | None, why: str | None = None, cause: str | None = None) -> 
             usual cause added, so the user reads what to look for.
         cause: the event's ``cause``, if any. An overflow, a NaN masked out in the forward, or an
             input that was already NaN (in the reason or the cause) get their own fix, whatever the op.
+        code: the text of the op's line (``evidence.code``): a line that computes by hand what torch
+            has in log space (:func:`by_hand`) gets that function as its fix.
     """
     text = f"{why or ''} {cause or ''}".lower()
     overflow = "dtype's max" in text or "65504" in text or "float16" in text
@@ -566,6 +606,9 @@ def advice(op: str | None, why: str | None = None, cause: str | None = None) -> 
     if op is not None and CUSTOM_FUNCTION.match(op):
         return str(why or f"the custom autograd Function {op} made a non-finite value"), _custom_fix(op)
     entry = lookup(op)
+    hand = by_hand(code)
+    if hand is not None:
+        return str(why or (entry.why if entry is not None else f"{op} made a non-finite value")), hand
     if entry is not None:
         found = entry.cause_of(str(why or ""), _base(op or ""))
         if found is not None:

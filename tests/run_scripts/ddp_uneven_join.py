@@ -11,10 +11,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def load_shard(rank: int, rows: int) -> TensorDataset:
+def load_shard(rank: int, rows: int, bad_row: int | None = None) -> TensorDataset:
     g = torch.Generator().manual_seed(10 + rank)
     x = torch.randn(rows, 8, generator=g)
-    return TensorDataset(x, (x[:, 0] * x[:, 1] - x[:, 2]).unsqueeze(1))
+    y = (x[:, 0] * x[:, 1] - x[:, 2]).unsqueeze(1)
+    if rank == 0 and bad_row is not None:
+        x[bad_row, 5:] = float("nan")  # a dropped-out sensor stretch in the long shard
+    return TensorDataset(x, y)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -23,7 +26,7 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = DDP(nn.Sequential(nn.Linear(8, 32), nn.SiLU(), nn.Linear(32, 1)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    loader = DataLoader(load_shard(rank, 330 if rank == 0 else 250), batch_size=24)
+    loader = DataLoader(load_shard(rank, 330 if rank == 0 else 250, args.bad_row), batch_size=24)
     guard = None
     if args.guard:
         import gradguard
@@ -52,4 +55,5 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--guard", default=None, help="guard the loop in code, logging into this folder")
+    parser.add_argument("--bad-row", type=int, default=None, help="a NaN in this row of rank 0's shard")
     main(parser.parse_args())

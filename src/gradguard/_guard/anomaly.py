@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard import events
+from gradguard import _distributed, events
 from gradguard.locate import Locator, LossWatch, StepCapture, explosion, in_transform, rng_state
 
 __all__ = ["HISTORY", "Anomalies", "flagged_nonfinite"]
@@ -279,8 +279,8 @@ class Anomalies:
         except Exception:  # this rank must still join the gather, or the others wait for it forever
             mine = None
         found = self._gather(mine)
-        if found is None:  # (no collective now: a DDP Join context)
-            return None
+        if found is None:  # no collective now (a DDP Join context): this rank's own answer, if it has one
+            found = [None] * _distributed.rank() + [mine]  # (the others' batches unseen: it reads "rank N")
         bad = [(r, f) for r, f in enumerate(found) if isinstance(f, dict)]
         if not bad:
             return None

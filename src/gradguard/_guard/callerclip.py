@@ -47,9 +47,9 @@ class CallerClip:
     def add(self, threshold: float, norm: Tensor, *, covers_all: bool = False) -> None:
         """One clip call: its threshold and torch's total norm of its gradients (before it clipped)."""
         threshold = float(threshold)
-        if not threshold > 0 or math.isnan(threshold):
+        if not threshold >= 0:  # (0 as in torch: every gradient scaled to 0 — a script's "--clip 0")
             raise GradGuardError(
-                f"a clip threshold must be a positive number, got {threshold!r}; pass the max_norm of the clip."
+                f"a clip threshold must be a number ≥ 0, got {threshold!r}; pass the max_norm of the clip."
             )
         self.thresholds.append(threshold)
         if norm.requires_grad:  # (torch's clip computes it under no_grad: no call then)

@@ -57,6 +57,10 @@ from gradguard.runtable import EXPLOSION_FACTOR, GROWTH_FACTOR, climb_onset, fir
 _LOSS_SAMPLES = 20  # fewest finite losses (and norms after a peak) that can show a trend
 FELL = 0.05
 """The loss fell when its end is below its start by at least this fraction of the start's size."""
+FEW_HEALTHY = 10
+"""Fewer healthy norms than this before the climb: the learning rate's advice leads the threshold's (an
+FSDP2 char-LM at SGD lr 5 climbed from step 2: "clip at 3.2 (from 2 healthy norms)", followed, ended at
+loss 1,359; lr 0.5 trained)."""
 SETTLE = 2.0
 """A surge settled when the median of the last quarter of the norms after its peak is at most this
 many times the median of all of them (and no new climb started): the norm stopped growing."""
@@ -309,6 +313,12 @@ def _advice(f: Facts, schedule: tuple[float, str, str] | None = None) -> dict[st
         lower_lr(f) if schedule is None else lr_advice(f, schedule[0], schedule[1])
     )  # (the rate before a jump)
     text = either(rec["text"], lr["text"]) if "max_norm" in rec else f"{rec['text']}. {lr['text']}."
+    if "max_norm" in rec and not rec.get("verified") and len(h.norms) < FEW_HEALTHY:
+        text = (  # a climb from the first steps: the rate first, a threshold from a handful of norms second
+            f"Lower the learning rate first: the norm climbed from step {h.onset_step}, after {len(h.norms)} "
+            f"healthy step(s) — a rate that explodes a run that early is too high, and that few norms are no "
+            f"ground for a threshold. {lr['text']}. Or, second, clip the global norm. {rec['text']}."
+        )
     if not rec.get("verified"):
         text += " Keep on_nonfinite='skip' so a bad step never reaches the weights."
     rec["text"] = text

@@ -24,6 +24,8 @@ def on_clip_norm(zc: Any, parameters: Any, max_norm: float, total_norm: Tensor) 
     """Inside ``clip_grad_norm_``, after torch computed the total norm and before it clips (see
     :func:`script_clip`); the row gets the script's threshold and coefficient, and torch's own
     total norm (to the last bit) when the call covered the whole optimizer."""
+    if not float(max_norm) >= 0:  # a negative or NaN max_norm, which torch takes too: the script's own
+        return True  # business — not recorded, never refused in its place (the step is measured at step())
     norm_type = zc.norm_type if zc.norm_type is not None else math.nan  # nan: not known
 
     def first(session: Session, params: list[Tensor], covers_all: bool) -> CallerClip:
