@@ -975,6 +975,13 @@ def test_a_nan_born_in_the_optimizer_at_a_nan_learning_rate_blames_the_schedule(
     assert found is not None and "the learning rate itself was nan" in found.recommendation["text"]
     fine = run([NAN] * n, loss=[NAN] * n, lr=[0.05] * n, events=[event])
     assert "learning rate itself" not in conclude(fine, "nonfinite_op").recommendation["text"]
+    # L-BFGS at lr 1 without a line search on minibatches: "an eps of 0 … else lower the rate" (it has no eps;
+    # 10× lower still diverged); with strong Wolfe, the general fix
+    for search, said in ((None, "line_search_fn='strong_wolfe'"), ("strong_wolfe", "check LBFGS.step()")):
+        hyper = {"lr": 1.0, "history_size": 10, "line_search_fn": search}
+        lbfgs = {**event, "optimizer": "LBFGS", "evidence": {"optimizer": "LBFGS", "hyperparameters": hyper}}
+        found = conclude(run([NAN] * n, loss=[NAN] * n, lr=[1.0] * n, events=[lbfgs]), "nonfinite_op")
+        assert found is not None and said in found.recommendation["text"], (search, found)
 
 
 def test_grad_norms_decaying_toward_the_input_are_vanishing() -> None:
@@ -1582,3 +1589,18 @@ def test_a_climb_from_the_first_steps_advises_the_rate_before_a_threshold() -> N
         found
     )
     assert "max_norm" in found.recommendation and "lr" in found.recommendation
+
+
+def test_a_loss_falling_by_orders_of_magnitude_without_a_floor_is_unbounded_with_weights_that_only_moved() -> (
+    None
+):
+    """An energy-based model whose Langevin sampler climbs the energy: the negative samples run off, the
+    loss falls from -0.015 to -5e9 while the layers grow 3× (not the 10× of a runaway): "No findings"."""
+    n = 200
+    loss = [-0.015 * 10 ** (11 * s / (n - 1)) for s in range(n)]
+    found = conclude(run([1.0] * n, loss=loss, layer__a__weight_norm=[1.0 + 2.0 * s / n for s in range(n)]),
+                     "unbounded_loss")  # fmt: skip
+    assert found is not None and "energy-based model" in found.recommendation["text"], found
+    healthy = [-0.7 - 1.6 * s / n for s in range(n)]  # a flow's NLL: -0.7 to -2.3, the layers moved too
+    assert conclude(run([1.0] * n, loss=healthy, layer__a__weight_norm=[1.0 + 2.0 * s / n for s in range(n)]),
+                    "unbounded_loss") is None  # fmt: skip

@@ -923,29 +923,37 @@ def test_every_distinct_clip_call_of_a_step_is_named_in_the_summary(tmp_path: Pa
     assert said in got.stderr, got.stderr
 
 
+def _self_clipping(tmp_path: Path, clips: list[str], steps: int) -> Path:
+    """A linear regression under SGD whose script clips its gradients itself (``clips``: the lines it
+    runs after ``backward()``) and prints its final weights."""
+    script = tmp_path / "self_clipping.py"
+    loop = textwrap.dedent(
+        f"""
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range({steps}):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+        """
+    )
+    tail = "    opt.step()\nprint(model.weight.sum().item())\n"
+    script.write_text(loop + "".join(f"    {line}\n" for line in clips) + tail)
+    return script
+
+
 def test_a_scripts_clip_at_zero_runs_as_torch_runs_it(tmp_path: Path) -> None:
     """``clip_grad_norm_(params, args.clip)`` with ``--clip 0`` meant as "off": torch takes 0 (it scales
-    every gradient to 0); under gradguard run the script stopped with a GradGuardError in its place."""
-    script = tmp_path / "clip_zero.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import torch
-            from torch import nn
-
-            torch.manual_seed(0)
-            model = nn.Linear(4, 1)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            for step in range(3):
-                opt.zero_grad()
-                nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 0.0)
-                nn.utils.clip_grad_norm_(model.parameters(), -1.0)  # (torch takes it too: not gradguard's to refuse)
-                opt.step()
-            print(model.weight.sum().item())
-            """
-        )
-    )
+    every gradient to 0); under gradguard run the script stopped with a GradGuardError in its place. A
+    negative one, which torch takes too, is not gradguard's to refuse either."""
+    clips = [
+        "nn.utils.clip_grad_norm_(model.parameters(), 0.0)",
+        "nn.utils.clip_grad_norm_(model.parameters(), -1.0)",
+    ]
+    script = _self_clipping(tmp_path, clips, 3)
     got, plain = _run(tmp_path, script), _plain(tmp_path, script)
     assert got.returncode == 0 and got.stdout == plain.stdout, got.stderr
     assert "clip_grad_norm_(max_norm=0) on 3 steps; it clipped 3 of them" in got.stderr, got.stderr
@@ -954,24 +962,7 @@ def test_a_scripts_clip_at_zero_runs_as_torch_runs_it(tmp_path: Path) -> None:
 def test_a_scripts_value_clip_is_said_and_named_in_the_summary(tmp_path: Path) -> None:
     """``clip_grad_value_`` alone: the end of the run said nothing of it, and diagnose's summary read
     "clipping none (clip rate 1)"."""
-    script = tmp_path / "value_clip.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import torch
-            from torch import nn
-
-            torch.manual_seed(0)
-            model = nn.Linear(4, 1)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            for step in range(6):
-                opt.zero_grad()
-                nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
-                nn.utils.clip_grad_value_(model.parameters(), clip_value=0.01)
-                opt.step()
-            """
-        )
-    )
+    script = _self_clipping(tmp_path, ["nn.utils.clip_grad_value_(model.parameters(), clip_value=0.01)"], 6)
     got = _run(tmp_path, script)
     assert got.returncode == 0, got.stderr
     assert (

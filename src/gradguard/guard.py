@@ -1452,9 +1452,7 @@ def _fix_of(located: events.Event | None, at_start: frozenset[str] = frozenset()
             f" The first non-finite value (step {step}) was born inside {name or 'the optimizer'}.step() from "
             f"finite gradients. Fix: {fix}."
         )
-    why, fix = optable.advice(
-        located.get("op"), reason, located.get("cause"), (located.get("evidence") or {}).get("code")
-    )
+    why, fix = optable.advice(located.get("op"), reason, located.get("cause"), located.get("evidence"))
     at = f" at {located['source']}" if located.get("source") else ""
     return f" The first non-finite value (step {step}) came from {events.op_called(located)}{at}: {why}. Fix: {fix}."
 

@@ -1453,6 +1453,9 @@ class _Watched:
             if underflow is not None and "underflow" in why:
                 why = f"{why} ({underflow})"
             evidence = {"inputs": inputs, "reason": why + suffix}
+            entering = (self.forward or self).entering
+            if entering and entering[0] is not None:  # its input came into the step from outside (a target)
+                evidence["input_entering"] = entering[0]
         else:
             why = f"{self.op} in the loss code made a non-finite value from finite inputs"
             evidence = {"reason": why + suffix}

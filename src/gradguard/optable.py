@@ -502,8 +502,8 @@ def optimizer_fix(
 ) -> str:
     """The fix for a NaN born inside ``optimizer.step()`` from finite gradients, from what its
     hyperparameters say (``hyper``: the group's numbers; ``lr``: the rate logged at that step): a
-    non-finite learning rate (a schedule that divided by zero); ``eps = 0``; a hand-written
-    optimizer; otherwise its eps, then the learning rate."""
+    non-finite learning rate (a schedule that divided by zero); ``eps = 0``; LBFGS without a line
+    search; a hand-written optimizer; otherwise its eps, then the learning rate."""
     inside = f"{name}.step()" if name else "optimizer.step()"
     if lr is not None and not math.isfinite(lr):
         return (
@@ -521,6 +521,12 @@ def optimizer_fix(
         return (
             f"set eps > 0 in {name or 'the optimizer'} (e.g. eps=1e-8): with eps=0 a parameter whose second "
             "moment is still 0 (an embedding row no batch has used, a branch with no gradient) gets 0 / 0"
+        )
+    if name == "LBFGS" and "line_search_fn" in hyper and hyper["line_search_fn"] is None:
+        return (
+            "LBFGS without a line search takes its full quasi-Newton step at lr, whatever the curvature it "
+            "estimated; on a minibatch loss that estimate is noise: use line_search_fn='strong_wolfe' on full "
+            "batches (LBFGS is a full-batch method), or a much lower lr (100× lower, not 10×)"
         )
     if name is not None and name not in _TORCH_OPTIMIZERS:
         return (
@@ -570,13 +576,30 @@ _BY_HAND = (
 )
 
 
+_LOG_OF_DATA = (
+    "a log of the data's own zeros (a target of 0: an MSLE, log-counts, log-durations) — use torch.log1p(y) "
+    "(and log1p of the predictions: MSLE is (log1p(p) - log1p(y))²); a clamp_min(eps) makes those samples "
+    "dominate the loss (log(1e-8) = -18)"
+)
+
+
+def _data_log(op: str | None, why: str | None, evidence: Mapping[str, Any]) -> str | None:
+    """The fix for a log of 0 whose input came into the step from outside it (``input_entering``: a
+    target the loss code logs), or ``None``."""
+    at_zero = _base(op or "") in ("log", "log2", "log10") and "log of 0" in str(why or "")
+    return _LOG_OF_DATA if at_zero and evidence.get("input_entering") else None
+
+
 def by_hand(code: str | None) -> str | None:
     """The fix for a line that computes by hand what torch has in log space (:data:`_BY_HAND`), or ``None``."""
     return next((fix for pattern, fix in _BY_HAND if code and pattern.search(code)), None)
 
 
 def advice(
-    op: str | None, why: str | None = None, cause: str | None = None, code: str | None = None
+    op: str | None,
+    why: str | None = None,
+    cause: str | None = None,
+    evidence: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
     """Why ``op`` produced a non-finite value, and the specific fix.
 
@@ -588,8 +611,10 @@ def advice(
             usual cause added, so the user reads what to look for.
         cause: the event's ``cause``, if any. An overflow, a NaN masked out in the forward, or an
             input that was already NaN (in the reason or the cause) get their own fix, whatever the op.
-        code: the text of the op's line (``evidence.code``): a line that computes by hand what torch
-            has in log space (:func:`by_hand`) gets that function as its fix.
+        evidence: the event's ``evidence``: its ``code`` (the op's line) where the line computes by hand
+            what torch has in log space (:func:`by_hand`) gives that function as the fix; its
+            ``input_entering`` (the op's input came into the step from outside it: a target, data) makes
+            a log of 0 a log of the data's zeros (``log1p``), not of a value the model made.
     """
     text = f"{why or ''} {cause or ''}".lower()
     overflow = "dtype's max" in text or "65504" in text or "float16" in text
@@ -606,7 +631,8 @@ def advice(
     if op is not None and CUSTOM_FUNCTION.match(op):
         return str(why or f"the custom autograd Function {op} made a non-finite value"), _custom_fix(op)
     entry = lookup(op)
-    hand = by_hand(code)
+    evidence = evidence or {}
+    hand = by_hand(evidence.get("code")) or _data_log(op, why, evidence)
     if hand is not None:
         return str(why or (entry.why if entry is not None else f"{op} made a non-finite value")), hand
     if entry is not None:

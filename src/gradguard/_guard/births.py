@@ -410,7 +410,10 @@ def _hyperparameters(births: OptimizerBirths, name: str) -> dict[str, Any]:
     """The numbers of the parameter group that holds ``name`` (lr, eps, betas…)."""
     param = dict(births.named).get(name)
     group = next((g for g in births.optimizer.param_groups if any(p is param for p in g["params"])), None)
-    return {} if group is None else group_numbers(group)
+    if group is None:
+        return {}
+    searched = {"line_search_fn": group["line_search_fn"]} if "line_search_fn" in group else {}  # (LBFGS)
+    return {**group_numbers(group), **searched}
 
 
 def _taken(rec: Mapping[str, Any]) -> bool:

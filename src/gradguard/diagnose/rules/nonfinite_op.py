@@ -141,9 +141,7 @@ def _located(event: dict[str, Any], step: int | None) -> tuple[str, dict[str, An
     reason = details.get("reason") if isinstance(details, dict) else None
     if optable.masked_nan(event.get("phase"), details if isinstance(details, dict) else None):
         reason = optable.MASKED_NAN  # "already in the input" of a backward node: its own forward's NaN
-    why, fix = optable.advice(
-        str(event.get("op") or ""), reason, event.get("cause"), fields(details).get("code")
-    )
+    why, fix = optable.advice(str(event.get("op") or ""), reason, event.get("cause"), fields(details))
     where = f" in module {event['module']!r}" if event.get("module") not in (None, "") else ""
     at = f" at {event['source']}" if event.get("source") else ""
     message = (

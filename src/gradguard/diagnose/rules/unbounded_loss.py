@@ -26,6 +26,7 @@ _START = 5  # first finite losses that give the loss's scale
 _LATE = 0.2  # the most negative loss lies in this last share of the finite losses: still falling
 _TINY = 1e-3  # a floor on the scale of losses that start at about 0
 _RAN_AWAY = 10.0  # a layer's weight norm grew this much
+_FAR = 1e6  # a fall this far over the scale needs a layer only to have moved (WEIGHT_MOVED), not run away
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +59,12 @@ def detect(f: Facts, seen: Seen) -> Evidence | None:
         return None
     # (a clipped run's weights grow slower: AdamW under clip 1.0 drove a BCE with 0/255 targets to -7e6
     # while its layers grew 2-7x, and read "No findings")
+    # (nor need they, where the loss fell by orders of magnitude more: an energy-based model whose Langevin
+    # sampler climbed the energy walked its negative samples, not its weights, to E = -5e9 — "No findings")
+    far = -low >= _FAR * scale
     ran_away = any(
-        r >= (WEIGHT_MOVED if f.clip_kind != "none" else _RAN_AWAY) for r, _ in f.weight_ratios.values()
+        r >= (WEIGHT_MOVED if f.clip_kind != "none" or far else _RAN_AWAY)
+        for r, _ in f.weight_ratios.values()
     )
     factor = FALL_FACTOR if f.went_bad else FINITE_FALL_FACTOR
     if -low < factor * scale or not (f.went_bad or ran_away):
@@ -103,7 +108,9 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "negative has targets outside its range: BCE's must lie in [0, 1] (masks stored as 0/255 need / 255, "
         "labels as -1/1 need (y + 1) / 2). A WGAN critic needs its Lipschitz constraint: a gradient penalty (WGAN-GP, "
         "λ·(‖∇D(x̂)‖ − 1)² on interpolates) or torch.nn.utils.parametrizations.spectral_norm on its layers. "
-        "Other losses: a floor on a learned variance (log_var.clamp(min=-10)), a margin, or weight decay. "
+        "Other losses: a floor on a learned variance (log_var.clamp(min=-10)), a margin, or weight decay; an "
+        "energy-based model's negative samples must descend the energy (Langevin: x - step * grad_x E(x) + noise; "
+        "a flipped sign walks them off to ever lower energy), plus a penalty on E's size (α·(E⁺² + E⁻²)). "
         "Clipping the gradient norm only slows the drift.",
     }
     return Finding("unbounded_loss", "error", ev.low_step, message, evidence, rec)
