@@ -900,6 +900,12 @@ def test_a_finite_run_that_did_not_train_with_large_steps_is_stalled_and_told_a_
     assert stalled.recommendation["lr"] == pytest.approx(0.01)  # 0.1 × 1e-3 / 0.01
     assert stalled.recommendation["lr_verified"] is False
     assert max(stalled.recommendation["lr_candidates"]) < 0.1  # the run's own rate stalled: no candidate
+    # 80 % label noise: the loss fell 2.41 → 2.14 at once and settled at that floor (0.4 % above it), under
+    # the same large steps; "the learning rate is too high", followed (4e-3), left it where it was
+    floor = [2.41 - 0.27 * min(1.0, s / 20) + 0.01 * (s % 3) for s in range(n)]
+    ratios = {"layer__fc__update_ratio": [0.01] * n, "layer__out__update_ratio": [0.01] * n}
+    settled = conclude(run([1.0] * n, loss=floor, **ratios), "stalled")
+    assert settled is not None and settled.severity == "info" and "a floor" in settled.message, settled
 
 
 def test_a_run_whose_steps_were_too_small_to_train_is_told_a_higher_rate() -> None:
