@@ -412,6 +412,7 @@ def test_a_line_that_computes_a_softmax_by_hand_is_told_to_use_torch_softmax() -
     for line, said in (
         ("return torch.mean(torch.log(torch.cosh(pred - target)))", "torch.logaddexp(r, -r)"),
         ("log_risk_set = torch.log(torch.cumsum(torch.exp(risk), dim=0))", "torch.logcumsumexp"),
+        ("loss = -Beta(a, b).log_prob(yb).mean()", "a Beta target of exactly 0"),
         ("var = torch.exp(logvar)", None),
     ):
         hand = gradguard.optable.by_hand(line)

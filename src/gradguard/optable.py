@@ -569,6 +569,13 @@ _BY_HAND = (
         "compute the log of a sum of exps in log space: torch.logsumexp(x, dim)",
     ),
     (
+        re.compile(r"\.log_prob\("),
+        "a value on the edge of the distribution's support, or a parameter at its edge: a Beta target of exactly 0 "
+        "or 1 (squeeze the targets inside, (y * (n - 1) + 0.5) / n, or y.clamp(1e-4, 1 - 1e-4)), a Gamma, "
+        "LogNormal or Exponential target of 0, a scale or concentration that reached 0 (F.softplus(raw) + 1e-4 "
+        "for the parameters); torch.distributions' validate_args=True names which",
+    ),
+    (
         re.compile(r"exp\(.*\)\s*/.*\bsum\("),
         "this line is a hand-written softmax: use torch.softmax(x, dim) (or F.log_softmax for a log): it "
         "subtracts each row's max first; a clamp before exp still leaves rows of 0 / 0",
