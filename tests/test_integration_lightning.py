@@ -245,6 +245,31 @@ def test_manual_optimization_that_clips_by_hand_is_refused_not_clipped_twice(tmp
     assert measured.after and "clip_gradients" not in measured.__dict__  # trained; the module left as it was
 
 
+class ClipsTight(Tiny):
+    """Manual optimization whose own clip binds on most steps (0.05)."""
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self._loss(batch))
+        self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        opt.step()
+        return None
+
+
+def test_monitoring_manual_optimization_that_clips_by_hand_logs_the_norms_before_its_clip(tmp_path):
+    """``on_before_optimizer_step`` runs inside ``opt.step()``, after the module's ``self.clip_gradients``: the
+    log held the clipped norms (none above the threshold) with each clip's coefficient on the row before."""
+    callback = GradGuard(monitor_only=True)
+    module = ClipsTight(manual=True, nan_step=None)
+    _trainer(tmp_path, [callback], max_epochs=1).fit(module, _data())
+    rows = [r for r in runlog.read_run(callback.run_dir).metrics if r["threshold"] == pytest.approx(0.05)]
+    assert len(rows) == STEPS_PER_EPOCH and "clip_gradients" not in module.__dict__
+    clipped = [r for r in rows if r["clip_coef"] < 1]
+    assert clipped and max(r["grad_norm"] for r in rows) > 0.05  # the norms before the clip
+    assert all(r["grad_norm"] * r["clip_coef"] == pytest.approx(0.05, rel=1e-4) for r in clipped)
+
+
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_refusing_to_clip_twice_names_the_clip_spec_that_does_what_lightning_did(tmp_path, algorithm):
     trainer = _trainer(tmp_path, [GradGuard()], gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)

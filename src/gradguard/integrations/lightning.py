@@ -214,7 +214,12 @@ class GradGuard(pl.Callback):
         self._gates: dict[int, StepGate] = {}  # the gate on each optimizer's step (not when monitoring)
         self._held: set[int] = set()  # optimizers with a step skipped since their scheduler stepped
         self._held_configs: list[Any] = []  # Lightning's scheduler configs holding a HeldScheduler
-        self._unpatch: Callable[[], Any] = lambda: None  # undoes _refuse_manual_clip
+        self._unpatch: Callable[[], Any] = lambda: (
+            None
+        )  # undoes _refuse_manual_clip / _measure_at_manual_clip
+        #: optimizers whose step was measured at the module's own clip call (manual optimization), and
+        #: whether they step: their ``on_before_optimizer_step`` comes after the clip
+        self._measured_early: dict[int, bool] = {}
         self._loss: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
         self._active = False  # guards built and open (between fit start and teardown)
@@ -305,12 +310,11 @@ class GradGuard(pl.Callback):
             if not self.monitor_only:
                 self._gates[id(opt)] = StepGate.on(opt)
         self._hold_schedulers(trainer)
-        if (
-            not self.monitor_only
-            and from_spec(self.clip) is not None
-            and not pl_module.automatic_optimization
-        ):  # type: ignore[arg-type]
-            self._refuse_manual_clip(pl_module)
+        if not pl_module.automatic_optimization:
+            if not self.monitor_only and from_spec(self.clip) is not None:  # type: ignore[arg-type]
+                self._refuse_manual_clip(pl_module)
+            else:
+                self._measure_at_manual_clip(pl_module)
         self._active = True
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
@@ -363,6 +367,35 @@ class GradGuard(pl.Callback):
         pl_module.clip_gradients = clip_gradients  # type: ignore[method-assign]
         self._unpatch = lambda: pl_module.__dict__.pop("clip_gradients", None)
 
+    def _measure_at_manual_clip(self, pl_module: pl.LightningModule) -> None:
+        """Manual optimization that clips in its ``training_step`` while gradguard only measures: the
+        step is measured at that call, on the gradients before the clip (``on_before_optimizer_step``
+        comes inside ``opt.step()``, after it: the log held the clipped norms, capped at the threshold,
+        with each clip's coefficient on the row before)."""
+        original = pl_module.clip_gradients
+
+        def clip_gradients(optimizer: Any, gradient_clip_val: Any = None, *args: Any, **kwargs: Any) -> None:
+            algorithm = kwargs.get("gradient_clip_algorithm") or (args[0] if args else None) or "norm"
+            self._measure_before_clip(pl_module.trainer, optimizer, gradient_clip_val, str(algorithm))
+            original(optimizer, gradient_clip_val, *args, **kwargs)
+
+        pl_module.clip_gradients = clip_gradients  # type: ignore[method-assign]
+        self._unpatch = lambda: pl_module.__dict__.pop("clip_gradients", None)
+
+    def _measure_before_clip(self, trainer: pl.Trainer, optimizer: Any, value: Any, algorithm: str) -> None:
+        """The step of ``optimizer`` measured now, before the module's clip of ``value`` (its threshold
+        and coefficient in the row where the clip is a norm clip gradguard's norm measures)."""
+        opt = unwrap_optimizer(optimizer)
+        guard = self._by_optimizer.get(id(opt))
+        if guard is None or not value or id(opt) in self._measured_early or not has_grads(opt):
+            return
+        if self._scaler(trainer) is not None:
+            return  # (fp16: the gradients are unscaled inside the step; measured there, as before)
+        logged = algorithm == "norm" and guard.config.norm_type == 2.0 and not self._clip_logged_by_runner
+        clip = CallerClip().add_at_guards_norm(float(value)) if logged else None
+        loss, self._loss = self._loss, None
+        self._measured_early[id(opt)] = self._measure(guard, loss, clip)
+
     def _hold_schedulers(self, trainer: pl.Trainer) -> None:
         """Put a :class:`HeldScheduler` in place of each per-step LR scheduler of a gated optimizer:
         its next ``step()`` after a skipped step does nothing (undone when the fit ends). An
@@ -400,7 +433,9 @@ class GradGuard(pl.Callback):
             return
         gate = self._gates.get(id(opt))
         take = True
-        if has_grads(opt):  # none: training_step returned None, nothing to guard
+        if id(opt) in self._measured_early:  # measured at the module's own clip, before it clipped
+            take = self._measured_early.pop(id(opt))
+        elif has_grads(opt):  # none: training_step returned None, nothing to guard
             scaler = self._scaler(trainer)
             if scaler is not None:  # Lightning unscaled, except a fused optimizer's (left to its kernel)
                 _unscale_once(scaler, opt)  # its found_inf still tells Lightning's scaler.step() to skip
