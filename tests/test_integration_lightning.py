@@ -509,6 +509,25 @@ class GAN(L.LightningModule):
         ]
 
 
+class ClipsTheCritic(GAN):
+    """The GAN clipping its discriminator's gradients only (before ``opt_d.step()``)."""
+
+    def training_step(self, batch, batch_idx):
+        real = torch.cat(batch, dim=1)[:, :8]
+        _, opt_d = self.optimizers()
+        loss_d = nn.functional.softplus(-self.D(real)).mean()
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        self.clip_gradients(opt_d, gradient_clip_val=1.0)
+        opt_d.step()
+
+
+def test_refusing_a_manual_clip_of_one_optimizer_of_several_says_gradguard_would_clip_them_all(tmp_path):
+    """ "GradGuard(clip='norm:1') does what it did" — but it clips the generator's steps too."""
+    with pytest.raises(GradGuardError, match=r"it clips all 2 optimizers' steps, where the call clipped one"):
+        _trainer(tmp_path, [GradGuard(clip="norm:1")], max_epochs=1).fit(ClipsTheCritic(), _data())
+
+
 def test_several_optimizers_are_one_run_that_diagnose_reads_whole(tmp_path):
     """The layout of ``gradguard run``: the first optimizer's log in the run directory, the others'
     in its optimizer<k>/, global steps in every record: diagnose on ``run_dir`` names the

@@ -356,10 +356,16 @@ class GradGuard(pl.Callback):
         def clip_gradients(optimizer: Any, gradient_clip_val: Any = None, *args: Any, **kwargs: Any) -> None:
             if gradient_clip_val is not None and float(gradient_clip_val) > 0:
                 algorithm = kwargs.get("gradient_clip_algorithm") or (args[0] if args else None) or "norm"
+                several = (
+                    f" for this optimizer; it clips all {len(self.guards)} optimizers' steps, where the call clipped "
+                    "one: keep the call and use GradGuard(monitor_only=True) to clip only that one"
+                    if len(self.guards) > 1
+                    else ""
+                )
                 raise GradGuardError(
                     f"self.clip_gradients(..., gradient_clip_val={gradient_clip_val!r}) clips the gradients and "
                     f"GradGuard (clip={self.clip!r}) would clip them again. Drop the call and let gradguard clip "
-                    f"(GradGuard(clip='{algorithm}:{float(gradient_clip_val):g}') does what it did), or use "
+                    f"(GradGuard(clip='{algorithm}:{float(gradient_clip_val):g}') does what it did{several}), or use "
                     "GradGuard(monitor_only=True) to only measure."
                 )
             original(optimizer, gradient_clip_val, *args, **kwargs)
