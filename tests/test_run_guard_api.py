@@ -111,8 +111,10 @@ def test_one_clip_call_over_every_gradient_logs_torchs_own_norm(tmp_path: Path) 
 
 
 def test_a_bad_clip_threshold_is_refused() -> None:
-    with pytest.raises(Exception, match="positive number"):
-        CallerClip().add(-1.0, torch.tensor(1.0))
+    for bad in (-1.0, math.nan):
+        with pytest.raises(Exception, match="a number ≥ 0"):
+            CallerClip().add(bad, torch.tensor(1.0))
+    CallerClip().add(0.0, torch.tensor(1.0))  # (torch's clip_grad_norm_ takes 0: every gradient scaled to 0)
 
 
 class _Log1p(nn.Module):
