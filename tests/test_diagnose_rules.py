@@ -1584,6 +1584,12 @@ def test_a_layer_of_parameters_set_on_the_root_module_is_named_by_them() -> None
     log.meta["parameters"] = {"temperature": [], "fc.weight": [10, 4], "fc.bias": [10]}
     found = conclude(log, "weight_growth")
     assert found is not None and "'temperature' (on the root module)" in found.message, found
+    # at chance for 1,300 steps while the temperature drifted to 27: "lower the LR" left it drifting (10× lower:
+    # T = 6.2, acc 0.22); a bounded parametrization is the fix
+    stuck = run([1.0] * n, loss=[2.485] * n, layer____weight_norm=[1.0 + 0.5 * s for s in range(n)])
+    stuck.meta["parameters"] = {"temperature": [], "fc.weight": [12, 4], "fc.bias": [12]}
+    found = conclude(stuck, "weight_growth")
+    assert found is not None and "learned scalar with no bound" in found.recommendation["text"], found
 
 
 def test_a_climb_from_the_first_steps_advises_the_rate_before_a_threshold() -> None:

@@ -427,3 +427,7 @@ def test_a_number_divided_by_a_tensor_holding_zero_is_a_division_by_zero() -> No
         _ = 1.0 / r
     assert loc.event is not None and loc.event["evidence"]["reason"] == "division by zero", loc.event
     assert gradguard._inputs.scale_operand("div", (r, 2.0), reflected=True) is None  # 2 / r scales nothing
+    # a pair potential masks the diagonal after dividing (1 / r * (1 - eye)): a clamp_min(1e-6) left r**-6 to
+    # blow up in the backward; the fix says to select before dividing
+    _why, fix = gradguard.optable.advice("div", loc.event["evidence"]["reason"])
+    assert "select before dividing" in fix, fix

@@ -165,7 +165,9 @@ _DIV = (
     "divide by y.clamp_min(eps) (or y + eps) and guard empty counts (a batch with nothing to average); "
     "for x / x.norm() use F.normalize(x, dim=-1, eps=1e-12); where the denominator is the target (a relative "
     "error such as MAPE on days with 0 sales) mask those samples (y != 0) or use a bounded error (WAPE, sMAPE): "
-    "an eps makes them dominate the loss",
+    "an eps makes them dominate the loss; where a mask multiplies the result afterwards (1 / r * (1 - eye)), "
+    "select before dividing (the valid pairs only, torch.triu_indices; or torch.where(mask, r, 1) as the "
+    "denominator): 0 · inf is NaN, and a clamped 1 / eps still blows up its powers and gradients",
 )
 _SQRT = (
     "sqrt (or a fractional power) at exactly 0: its gradient is infinite there",

@@ -186,6 +186,18 @@ class Facts:
         norm = self.norm[0]
         return norm if math.isfinite(norm) and norm >= HUGE_START_GRAD else None
 
+    def root_scalars(self, layer: str) -> list[str]:
+        """The parameters of the layer ``layer`` when it is the root module's own and every one is a
+        scalar (shape ``[]`` or ``[1]`` in ``meta.json``): a learned temperature, a scale, a log-variance."""
+        shapes = self.log.meta.get("parameters")
+        own = (
+            {n: v for n, v in shapes.items() if "." not in n}
+            if isinstance(shapes, dict) and not layer
+            else {}
+        )
+        scalar = all(isinstance(v, list) and (v == [] or v == [1]) for v in own.values())
+        return sorted(own) if own and scalar else []
+
     def layer_label(self, layer: str) -> str:
         """A layer for a message: its name, or for the root module (the layer ``""``: the parameters set
         directly on the model) those parameters' names from ``meta.json`` — a learned ``temperature`` or

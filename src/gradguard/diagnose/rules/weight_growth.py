@@ -48,6 +48,14 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "text": "Weights growing by orders of magnitude go with a too-large learning rate and precede "
         "explosions: lower the LR, add weight decay (AdamW), and clip the global norm.",
     }
+    scalars = f.root_scalars(name)
+    if scalars:  # a learned temperature or scale: unbounded, and free to cross 0 (its norm hides the sign)
+        rec = {
+            "text": f"{', '.join(scalars)} is a learned scalar with no bound: its size is its value (a temperature "
+            "of 27 flattens every softmax; a negative one inverts them), so a lower rate only slows its drift. "
+            "Parametrize it positive and bounded (t = log_t.exp().clamp(0.05, 10), or softplus), fit it after "
+            "training on held-out data (temperature scaling), or fix it.",
+        }
     loss = trained(f)
     if loss is not None:
         message += (
