@@ -225,11 +225,13 @@ def test_a_second_gradguard_in_one_trainer_is_refused_with_gradguards_reason(tmp
 class ClipsByHand(Tiny):
     """Manual optimization that clips in its training_step, as Lightning's GAN examples do."""
 
+    clip_val = 5.0
+
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(self._loss(batch))
-        self.clip_gradients(opt, gradient_clip_val=5.0, gradient_clip_algorithm="norm")
+        self.clip_gradients(opt, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
         opt.step()
         return None
 
@@ -245,16 +247,10 @@ def test_manual_optimization_that_clips_by_hand_is_refused_not_clipped_twice(tmp
     assert measured.after and "clip_gradients" not in measured.__dict__  # trained; the module left as it was
 
 
-class ClipsTight(Tiny):
+class ClipsTight(ClipsByHand):
     """Manual optimization whose own clip binds on most steps (0.05)."""
 
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(self._loss(batch))
-        self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
-        opt.step()
-        return None
+    clip_val = 0.05
 
 
 def test_monitoring_manual_optimization_that_clips_by_hand_logs_the_norms_before_its_clip(tmp_path):
