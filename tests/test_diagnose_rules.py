@@ -1613,6 +1613,9 @@ def test_a_loss_falling_by_orders_of_magnitude_without_a_floor_is_unbounded_with
     found = conclude(run([1.0] * n, loss=loss, layer__a__weight_norm=[1.0 + 2.0 * s / n for s in range(n)]),
                      "unbounded_loss")  # fmt: skip
     assert found is not None and "energy-based model" in found.recommendation["text"], found
+    assert (
+        "added with the wrong sign" in found.recommendation["text"]
+    )  # (a MAP prior: its weights doubled each epoch)
     healthy = [-0.7 - 1.6 * s / n for s in range(n)]  # a flow's NLL: -0.7 to -2.3, the layers moved too
     assert conclude(run([1.0] * n, loss=healthy, layer__a__weight_norm=[1.0 + 2.0 * s / n for s in range(n)]),
                     "unbounded_loss") is None  # fmt: skip

@@ -108,6 +108,8 @@ def explain(f: Facts, ev: Evidence) -> Finding:
         "negative has targets outside its range: BCE's must lie in [0, 1] (masks stored as 0/255 need / 255, "
         "labels as -1/1 need (y + 1) / 2). A WGAN critic needs its Lipschitz constraint: a gradient penalty (WGAN-GP, "
         "λ·(‖∇D(x̂)‖ − 1)² on interpolates) or torch.nn.utils.parametrizations.spectral_norm on its layers. "
+        "A penalty or log-prior added with the wrong sign (loss - λ·‖w‖² where + was meant, a MAP objective "
+        "minimising +log p(w)) rewards growing weights: check each term's sign. "
         "Other losses: a floor on a learned variance (log_var.clamp(min=-10)), a margin, or weight decay; an "
         "energy-based model's negative samples must descend the energy (Langevin: x - step * grad_x E(x) + noise; "
         "a flipped sign walks them off to ever lower energy), plus a penalty on E's size (α·(E⁺² + E⁻²)). "
