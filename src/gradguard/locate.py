@@ -124,7 +124,12 @@ _REFLECTED = re.compile(r"^__r[a-z]+__$")
 
 def reflected(func: Any) -> bool:
     """Whether ``func`` is a reflected operator (``__rtruediv__``: ``1.0 / r`` calls it as ``(r, 1.0)``)."""
-    return bool(_REFLECTED.match(getattr(func, "__name__", "") or ""))
+    return _reflected_name(getattr(func, "__name__", "") or "")
+
+
+@functools.lru_cache(maxsize=1024)
+def _reflected_name(name: str) -> bool:  # (the loss-code watch asks at every op it sees: once per name)
+    return bool(_REFLECTED.match(name))
 
 
 _OP_NAMES: dict[Any, str] = {}  # func → op_name(func), for the loss watch's per-op path
@@ -1084,8 +1089,9 @@ class LossWatch(_OpWatch):
         entry.entering = self._entering(op, args, kwargs, ins)
         self._hook_functions(ins)
         entry.target = _inputs.target_of(op, args, kwargs)
-        entry.number = _inputs.number_operand(op, args, reflected=reflected(func))
-        entry.scale = _inputs.scale_operand(op, args, reflected=reflected(func))
+        back = reflected(func)
+        entry.number = _inputs.number_operand(op, args, reflected=back)
+        entry.scale = _inputs.scale_operand(op, args, reflected=back)
         self.entries.append(entry)
         for o in outs:
             self._made.add(id(o))
